@@ -1,0 +1,121 @@
+import { isIP } from "node:net";
+import { LeaseholdError } from "./errors.js";
+
+/** Log levels pino understands, quietest last. */
+export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal", "silent"] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+/**
+ * Everything `leasehold serve` needs, parsed once from flags and environment
+ * in `main.ts` and passed down frozen. Nothing else reads `process.env`.
+ */
+export interface ServerConfig {
+  /** host:port to listen on. Default `127.0.0.1:50051`; port 0 picks a free one. */
+  readonly listen: string;
+  /** PostgreSQL URL; when unset the embedded PGlite in `dataDir` is used. */
+  readonly databaseUrl: string | undefined;
+  /** PGlite data directory (`memory://` for a throw-away one). Default `./.leasehold/data`. */
+  readonly dataDir: string;
+  /** How long a silent session is trusted before it is reaped. Default 10 s, at least 2 s. */
+  readonly gracePeriodMs: number;
+  /** How often agents heartbeat. Default 2 s; must be below a third of the grace period. */
+  readonly heartbeatIntervalMs: number;
+  /** pino level. Default `info`. */
+  readonly logLevel: LogLevel;
+  /** Allow listening beyond loopback without credentials. Default false. */
+  readonly insecure: boolean;
+}
+
+/** Defaults, as `--help` shows them. */
+export const DEFAULTS = {
+  listen: "127.0.0.1:50051",
+  dataDir: "./.leasehold/data",
+  gracePeriod: "10s",
+  heartbeatInterval: "2s",
+  logLevel: "info",
+} as const;
+
+/** Raw option values, as strings from flags or environment. */
+export interface RawServerOptions {
+  readonly listen?: string | undefined;
+  readonly databaseUrl?: string | undefined;
+  readonly dataDir?: string | undefined;
+  readonly gracePeriod?: string | undefined;
+  readonly heartbeatInterval?: string | undefined;
+  readonly logLevel?: string | undefined;
+  readonly insecure?: boolean | undefined;
+}
+
+const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** Parses `500ms`, `10s`, `1.5m`, `2h` (a bare number means seconds) into milliseconds. */
+export function parseDuration(option: string, text: string): number {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  if (!match)
+    throw configError(option, `must be a duration like 500ms, 10s or 2m (got ${JSON.stringify(text)})`);
+  return Math.round(Number(match[1]) * (UNITS[match[2] ?? "s"] ?? 1000));
+}
+
+/** Splits `host:port` (or `[v6]:port`); throws naming the option on anything else. */
+export function parseListen(text: string): { host: string; port: number } {
+  const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
+  const port = Number(match?.[3]);
+  const host = match?.[1] ?? match?.[2];
+  if (!host || !(port >= 0 && port <= 65535)) {
+    throw configError(
+      "--listen",
+      `must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (got ${JSON.stringify(text)})`,
+    );
+  }
+  return { host, port };
+}
+
+/** Whether a host only accepts connections from this machine. */
+export function isLoopback(host: string): boolean {
+  if (host === "localhost") return true;
+  if (isIP(host) === 4) return host.startsWith("127.");
+  return host === "::1";
+}
+
+function configError(option: string, message: string): LeaseholdError {
+  return LeaseholdError.invalidArgument(option, message);
+}
+
+/** Validates raw options and fills in defaults. Throws an error naming the option to fix. */
+export function parseServerConfig(raw: RawServerOptions): ServerConfig {
+  const listen = raw.listen ?? DEFAULTS.listen;
+  const { host } = parseListen(listen);
+  const insecure = raw.insecure ?? false;
+  if (!isLoopback(host) && !insecure) {
+    throw configError(
+      "--listen",
+      `${host} accepts connections from other machines, and no credentials are configured; ` +
+        "listen on 127.0.0.1, or pass --insecure to accept unauthenticated clients from the network",
+    );
+  }
+  const gracePeriodMs = parseDuration("--grace-period", raw.gracePeriod ?? DEFAULTS.gracePeriod);
+  if (gracePeriodMs < 2000) throw configError("--grace-period", "must be at least 2s");
+  const heartbeatIntervalMs = parseDuration(
+    "--heartbeat-interval",
+    raw.heartbeatInterval ?? DEFAULTS.heartbeatInterval,
+  );
+  if (heartbeatIntervalMs < 100) throw configError("--heartbeat-interval", "must be at least 100ms");
+  if (heartbeatIntervalMs * 3 > gracePeriodMs) {
+    throw configError(
+      "--heartbeat-interval",
+      `must be at most a third of --grace-period (${gracePeriodMs}ms), so one lost heartbeat never expires a lease`,
+    );
+  }
+  const logLevel = (raw.logLevel ?? DEFAULTS.logLevel) as LogLevel;
+  if (!LOG_LEVELS.includes(logLevel))
+    throw configError("--log-level", `must be one of ${LOG_LEVELS.join(", ")}`);
+  return Object.freeze({
+    listen,
+    databaseUrl: raw.databaseUrl || undefined,
+    dataDir: raw.dataDir ?? DEFAULTS.dataDir,
+    gracePeriodMs,
+    heartbeatIntervalMs,
+    logLevel,
+    insecure,
+  });
+}

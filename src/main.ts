@@ -1,0 +1,122 @@
+import { Command, CommanderError, Option } from "commander";
+import { pino } from "pino";
+import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "./config.js";
+import { LeaseholdError } from "./errors.js";
+import { startServer } from "./server.js";
+
+/**
+ * The `leasehold` command line. This file is the only place that reads
+ * process.env and argv; everything below receives a frozen config.
+ */
+export function createProgram(): Command {
+  const program = new Command("leasehold")
+    .description("Leasehold: a gRPC control plane that hands work to cluster agents under leases.")
+    .showHelpAfterError("(run with --help for usage)");
+
+  program
+    .command("serve")
+    .description("Run the control plane: gRPC API, health and reflection on one port.")
+    .addOption(
+      new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")
+        .env("LEASEHOLD_LISTEN")
+        .default(DEFAULTS.listen),
+    )
+    .addOption(
+      new Option(
+        "--database-url <url>",
+        "PostgreSQL URL (postgres://user@host:port/db); unset: embedded PGlite in --data-dir",
+      ).env("DATABASE_URL"),
+    )
+    .addOption(
+      new Option("--data-dir <dir>", "PGlite data directory (memory:// for a throw-away database)")
+        .env("LEASEHOLD_DATA_DIR")
+        .default(DEFAULTS.dataDir),
+    )
+    .addOption(
+      new Option(
+        "--grace-period <duration>",
+        "how long a silent worker session is trusted before it is reaped (≥ 2s)",
+      )
+        .env("LEASEHOLD_GRACE_PERIOD")
+        .default(DEFAULTS.gracePeriod),
+    )
+    .addOption(
+      new Option(
+        "--heartbeat-interval <duration>",
+        "how often agents heartbeat (≤ a third of the grace period)",
+      )
+        .env("LEASEHOLD_HEARTBEAT_INTERVAL")
+        .default(DEFAULTS.heartbeatInterval),
+    )
+    .addOption(
+      new Option("--log-level <level>", "log level")
+        .choices(LOG_LEVELS)
+        .env("LEASEHOLD_LOG_LEVEL")
+        .default(DEFAULTS.logLevel),
+    )
+    .addOption(
+      new Option(
+        "--insecure",
+        "allow listening beyond loopback without credentials (anyone who can reach the port can call every method)",
+      ).env("LEASEHOLD_INSECURE"),
+    )
+    .action(async (options: Record<string, string | boolean | undefined>) => {
+      let config: ReturnType<typeof parseServerConfig>;
+      try {
+        config = parseServerConfig({
+          listen: options.listen as string,
+          databaseUrl: options.databaseUrl as string | undefined,
+          dataDir: options.dataDir as string,
+          gracePeriod: options.gracePeriod as string,
+          heartbeatInterval: options.heartbeatInterval as string,
+          logLevel: options.logLevel as string,
+          insecure: Boolean(options.insecure),
+        });
+      } catch (error) {
+        // A bad option: say which and how to fix it, and exit 2 like other usage errors.
+        if (error instanceof LeaseholdError) throw new UsageError(error.message);
+        throw error;
+      }
+      await serve(config);
+    });
+  return program;
+}
+
+async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
+  const log = pino({ level: config.logLevel, base: { service: "leasehold" } });
+  const server = await startServer(config, log);
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, "shutting down");
+    server.close().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        log.error({ err: error }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.once("SIGTERM", stop);
+  process.once("SIGINT", stop);
+}
+
+/** A usage error found after commander's own parsing (a bad option value). */
+class UsageError extends Error {}
+
+export async function main(argv: readonly string[]): Promise<void> {
+  const program = createProgram();
+  program.exitOverride((err) => {
+    process.exitCode = err.exitCode;
+    throw err;
+  });
+  try {
+    await program.parseAsync([...argv]);
+  } catch (error) {
+    // Commander has already printed its own errors (and --help / --version).
+    if (error instanceof CommanderError) process.exit(error.exitCode);
+    console.error(`leasehold: ${error instanceof Error ? error.message : String(error)}`);
+    process.exit(error instanceof UsageError ? 2 : 1);
+  }
+}

@@ -1,0 +1,269 @@
+import {
+  create,
+  type DescMessage,
+  type DescMethod,
+  type DescService,
+  fromBinary,
+  type MessageInitShape,
+  type MessageShape,
+  toBinary,
+} from "@bufbuild/protobuf";
+import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
+import type * as grpc from "@grpc/grpc-js";
+import type { Logger } from "pino";
+import { Code, LeaseholdError } from "../errors.js";
+import { toStatusObject } from "./status.js";
+
+/** What every handler gets besides its request. */
+export interface HandlerContext {
+  /** Aborts when the client cancels, the deadline passes, or the call ends. */
+  readonly signal: AbortSignal;
+  /** The client's deadline, if it set one. */
+  readonly deadline: Date | undefined;
+  /** The client's address. */
+  readonly peer: string;
+  /** The request metadata (headers). */
+  readonly metadata: grpc.Metadata;
+}
+
+/** A bidirectional stream as a handler sees it. */
+export interface BidiStream<I extends DescMessage, O extends DescMessage> {
+  /** The client's messages, in order; ends when the client half-closes. */
+  readonly requests: AsyncIterable<MessageShape<I>>;
+  /** Queues one message to the client; false means the transport buffer is full. */
+  send(message: MessageInitShape<O>): boolean;
+}
+
+type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
+type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
+
+/** The handler type of one method, by its kind. */
+export type MethodImpl<M> = M extends { methodKind: "unary" }
+  ? (request: MessageShape<Input<M>>, ctx: HandlerContext) => Promise<MessageInitShape<Output<M>>>
+  : M extends { methodKind: "server_streaming" }
+    ? (request: MessageShape<Input<M>>, ctx: HandlerContext) => AsyncIterable<MessageInitShape<Output<M>>>
+    : M extends { methodKind: "bidi_streaming" }
+      ? (stream: BidiStream<Input<M>, Output<M>>, ctx: HandlerContext) => Promise<void>
+      : never;
+
+/**
+ * A service implementation keyed by method localName. Methods left out answer
+ * UNIMPLEMENTED with a message that says so.
+ */
+export type ServiceImpl<S extends GenServiceMethods> = { [K in keyof S]?: MethodImpl<S[K]> };
+
+const encoder = (desc: DescMessage) => (value: unknown) => {
+  const bytes = toBinary(desc, value as MessageShape<DescMessage>);
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+};
+const decoder = (desc: DescMessage) => (bytes: Buffer) => fromBinary(desc, bytes);
+
+/**
+ * The grpc-js ServiceDefinition of a protobuf-es service: paths, stream flags
+ * and binary codecs all come from the descriptor.
+ */
+export function createServiceDefinition(service: DescService): grpc.ServiceDefinition {
+  const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const method of service.methods) {
+    const kind = method.methodKind;
+    definition[method.localName] = {
+      path: `/${service.typeName}/${method.name}`,
+      requestStream: kind === "client_streaming" || kind === "bidi_streaming",
+      responseStream: kind === "server_streaming" || kind === "bidi_streaming",
+      requestSerialize: encoder(method.input),
+      requestDeserialize: decoder(method.input),
+      responseSerialize: encoder(method.output),
+      responseDeserialize: decoder(method.output),
+      originalName: method.name,
+    };
+  }
+  return definition;
+}
+
+interface CallLike {
+  getDeadline(): grpc.Deadline;
+  getPeer(): string;
+  metadata: grpc.Metadata;
+  on(event: "cancelled", listener: () => void): unknown;
+  off(event: "cancelled", listener: () => void): unknown;
+}
+
+/**
+ * A context whose signal follows the call and the server's shutdown; `done()`
+ * releases its timer and listeners.
+ */
+function createContext(call: CallLike, shutdown: AbortSignal): HandlerContext & { done(): void } {
+  const controller = new AbortController();
+  const onCancelled = () =>
+    controller.abort(new LeaseholdError(Code.Canceled, "the client cancelled the call"));
+  const onShutdown = () => controller.abort(shutdown.reason);
+  call.on("cancelled", onCancelled);
+  shutdown.addEventListener("abort", onShutdown);
+  const rawDeadline = call.getDeadline();
+  const deadlineMs = rawDeadline instanceof Date ? rawDeadline.getTime() : rawDeadline;
+  let timer: NodeJS.Timeout | undefined;
+  let deadline: Date | undefined;
+  if (Number.isFinite(deadlineMs)) {
+    deadline = new Date(deadlineMs);
+    // setTimeout takes at most 2^31-1 ms; longer deadlines never fire in practice.
+    const delay = Math.min(Math.max(deadlineMs - Date.now(), 0), 2 ** 31 - 1);
+    timer = setTimeout(
+      () => controller.abort(new LeaseholdError(Code.DeadlineExceeded, "the call's deadline passed")),
+      delay,
+    );
+  }
+  return {
+    signal: controller.signal,
+    deadline,
+    peer: call.getPeer(),
+    metadata: call.metadata,
+    done() {
+      clearTimeout(timer);
+      call.off("cancelled", onCancelled);
+      shutdown.removeEventListener("abort", onShutdown);
+      if (!controller.signal.aborted) controller.abort(new LeaseholdError(Code.Canceled, "the call ended"));
+    },
+  };
+}
+
+/** Resolves once a writable stream can take more, or the call ends. */
+function drained(call: grpc.ServerWritableStream<unknown, unknown>, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const finish = () => {
+      call.off("drain", finish);
+      signal.removeEventListener("abort", finish);
+      resolve();
+    };
+    call.on("drain", finish);
+    signal.addEventListener("abort", finish);
+  });
+}
+
+function unimplemented(method: DescMethod): () => never {
+  return () => {
+    throw new LeaseholdError(
+      Code.Unimplemented,
+      `${method.parent.typeName}.${method.name} is not implemented by this server yet`,
+      { reason: "NOT_IMPLEMENTED" },
+    );
+  };
+}
+
+/**
+ * Wraps a typed implementation into grpc-js handlers. Every handler runs
+ * inside try/catch: grpc-js only catches synchronous throws, so a rejected
+ * promise would otherwise never answer the call. Errors become statuses in
+ * one place (`toStatusObject`).
+ */
+export function createServiceHandlers<S extends GenServiceMethods>(
+  service: GenService<S>,
+  impl: ServiceImpl<S>,
+  deps: HandlerDeps,
+): grpc.UntypedServiceImplementation {
+  const handlers: grpc.UntypedServiceImplementation = {};
+  for (const method of service.methods) {
+    const path = `${service.typeName}/${method.name}`;
+    const fn: unknown = (impl as Record<string, unknown>)[method.localName] ?? unimplemented(method);
+    switch (method.methodKind) {
+      case "unary":
+        handlers[method.localName] = unaryHandler(method, fn as UnaryFn, deps, path);
+        break;
+      case "server_streaming":
+        handlers[method.localName] = serverStreamHandler(method, fn as ServerStreamFn, deps, path);
+        break;
+      case "bidi_streaming":
+        handlers[method.localName] = bidiHandler(method, fn as BidiFn, deps, path);
+        break;
+      case "client_streaming":
+        throw new Error(`client-streaming method ${path} is not supported by the adapter`);
+    }
+  }
+  return handlers;
+}
+
+/** What the wrapped handlers need from the server. */
+export interface HandlerDeps {
+  readonly log: Logger;
+  /**
+   * Aborted when the server shuts down: every handler's signal aborts, and
+   * open streams end with this signal's reason (UNAVAILABLE) so that clients
+   * reconnect elsewhere.
+   */
+  readonly shutdown: AbortSignal;
+}
+
+/** How a stream ends: OK, or the shutdown's status if the server is going away. */
+function endStream(
+  call: { emit(event: "error", status: grpc.StatusObject): unknown; end(): unknown },
+  deps: HandlerDeps,
+  path: string,
+): void {
+  if (deps.shutdown.aborted) call.emit("error", toStatusObject(deps.shutdown.reason, deps.log, path));
+  else call.end();
+}
+
+type UnaryFn = (request: unknown, ctx: HandlerContext) => Promise<unknown>;
+type ServerStreamFn = (request: unknown, ctx: HandlerContext) => AsyncIterable<unknown>;
+type BidiFn = (stream: BidiStream<DescMessage, DescMessage>, ctx: HandlerContext) => Promise<void>;
+
+function unaryHandler(
+  method: DescMethod,
+  fn: UnaryFn,
+  deps: HandlerDeps,
+  path: string,
+): grpc.handleUnaryCall<unknown, unknown> {
+  return (call, callback) => {
+    const ctx = createContext(call, deps.shutdown);
+    (async () => fn(call.request, ctx))()
+      .then(
+        (response) => callback(null, create(method.output, response as MessageInitShape<DescMessage>)),
+        (error: unknown) => callback(toStatusObject(error, deps.log, path)),
+      )
+      .finally(() => ctx.done());
+  };
+}
+
+function serverStreamHandler(
+  method: DescMethod,
+  fn: ServerStreamFn,
+  deps: HandlerDeps,
+  path: string,
+): grpc.handleServerStreamingCall<unknown, unknown> {
+  return (call) => {
+    const ctx = createContext(call, deps.shutdown);
+    (async () => {
+      for await (const message of fn(call.request, ctx)) {
+        if (ctx.signal.aborted) break;
+        if (!call.write(create(method.output, message as MessageInitShape<DescMessage>))) {
+          await drained(call, ctx.signal);
+        }
+      }
+    })()
+      .then(
+        () => endStream(call, deps, path),
+        (error: unknown) => call.emit("error", toStatusObject(error, deps.log, path)),
+      )
+      .finally(() => ctx.done());
+  };
+}
+
+function bidiHandler(
+  method: DescMethod,
+  fn: BidiFn,
+  deps: HandlerDeps,
+  path: string,
+): grpc.handleBidiStreamingCall<unknown, unknown> {
+  return (call) => {
+    const ctx = createContext(call, deps.shutdown);
+    const stream: BidiStream<DescMessage, DescMessage> = {
+      requests: call as AsyncIterable<MessageShape<DescMessage>>,
+      send: (message) => call.write(create(method.output, message)),
+    };
+    (async () => fn(stream, ctx))()
+      .then(
+        () => endStream(call, deps, path),
+        (error: unknown) => call.emit("error", toStatusObject(error, deps.log, path)),
+      )
+      .finally(() => ctx.done());
+  };
+}

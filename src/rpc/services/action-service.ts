@@ -1,0 +1,217 @@
+import { createHash } from "node:crypto";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { LeaseholdError } from "../../errors.js";
+import {
+  type ActionSchema,
+  ActionService,
+  ActionState,
+  AttemptOutcome,
+  type AttemptSchema,
+  type SubmitActionRequest,
+} from "../../gen/leasehold/v1/action_pb.js";
+import {
+  ACTION_DEFAULTS,
+  type ActionRecord,
+  type AttemptRecord,
+  type ActionState as DomainState,
+  type JsonObject,
+  type NewAction,
+} from "../../work/action.js";
+import type { ActionService as Actions } from "../../work/action-service.js";
+import { pageSize } from "../../work/page-token.js";
+import { bind, type ServiceBinding } from "../server.js";
+import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
+
+/** Largest payload accepted, as JSON text. */
+const MAX_PAYLOAD_BYTES = 1024 * 1024;
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/** The ActionService handlers over the domain's action service. */
+export function actionServiceBinding(actions: Actions): ServiceBinding {
+  return bind(ActionService, {
+    async submitAction(request) {
+      const { action, created } = await actions.submit(toNewAction(request));
+      return { action: toProtoAction(action), created };
+    },
+    async getAction(request) {
+      const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
+      return { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
+    },
+    async listActions(request) {
+      const state = request.state === ActionState.UNSPECIFIED ? undefined : stateName(request.state);
+      const filter = { state, cluster: request.cluster || undefined, runId: request.runId || undefined };
+      const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken);
+      return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
+    },
+    async cancelAction(request) {
+      const v = new Violations();
+      checkLength(v, "reason", request.reason, 1024);
+      v.throwIfAny();
+      const action = await actions.cancel(requireId("action_id", request.actionId), request.reason);
+      return { action: toProtoAction(action) };
+    },
+    async *watchAction(request, ctx) {
+      for await (const action of actions.watch(requireId("action_id", request.actionId), ctx.signal)) {
+        yield { action: toProtoAction(action) };
+      }
+    },
+  });
+}
+
+function stateName(state: ActionState): DomainState {
+  const name = ActionState[state];
+  if (name === undefined)
+    throw LeaseholdError.invalidArgument("state", `is not a known ActionState (${state})`);
+  return name as DomainState;
+}
+
+/** Validates a submission (every violation at once) and fills in defaults. */
+export function toNewAction(request: SubmitActionRequest): NewAction {
+  const v = new Violations();
+  checkLength(v, "request_id", request.requestId, 128);
+  checkName(v, "cluster", request.cluster);
+  checkLength(v, "run_id", request.runId, 128);
+  checkLabels(v, "label_selector", request.labelSelector);
+  if (request.payload !== undefined) {
+    const size = Buffer.byteLength(JSON.stringify(request.payload));
+    if (size > MAX_PAYLOAD_BYTES) v.add("payload", `must be at most 1 MiB as JSON (got ${size} bytes)`);
+  }
+  if (request.priority < -1000 || request.priority > 1000) {
+    v.add("priority", `must be between -1000 and 1000 (got ${request.priority})`);
+  }
+  const defaults = ACTION_DEFAULTS.retryPolicy;
+  const rp = request.retryPolicy;
+  const maxAttempts = rp?.maxAttempts || defaults.maxAttempts;
+  if (maxAttempts > 100) v.add("retry_policy.max_attempts", `must be at most 100 (got ${maxAttempts})`);
+  const initialBackoffMs = durationField(
+    v,
+    "retry_policy.initial_backoff",
+    rp?.initialBackoff,
+    defaults.initialBackoffMs,
+    DAY_MS,
+  );
+  const maxBackoffMs = durationField(
+    v,
+    "retry_policy.max_backoff",
+    rp?.maxBackoff,
+    defaults.maxBackoffMs,
+    DAY_MS,
+  );
+  const multiplier = rp?.backoffMultiplier || defaults.backoffMultiplier;
+  if (!Number.isFinite(multiplier) || multiplier < 1 || multiplier > 100) {
+    v.add(
+      "retry_policy.backoff_multiplier",
+      `must be between 1 and 100, or 0 for the default 2 (got ${multiplier})`,
+    );
+  }
+  if (rp?.maxBackoff !== undefined && maxBackoffMs < initialBackoffMs) {
+    v.add("retry_policy.max_backoff", "must not be shorter than retry_policy.initial_backoff");
+  }
+  const maxSystemRetries = request.maxSystemRetries || ACTION_DEFAULTS.maxSystemRetries;
+  if (maxSystemRetries > 100) v.add("max_system_retries", `must be at most 100 (got ${maxSystemRetries})`);
+  v.throwIfAny();
+
+  const action: Omit<NewAction, "requestHash"> = {
+    requestId: request.requestId || undefined,
+    runId: request.runId,
+    cluster: request.cluster,
+    labelSelector: { ...request.labelSelector },
+    payload: request.payload as JsonObject | undefined,
+    priority: request.priority,
+    retryPolicy: { maxAttempts, initialBackoffMs, backoffMultiplier: multiplier, maxBackoffMs },
+    maxSystemRetries,
+  };
+  return { ...action, requestHash: action.requestId ? hashOf(action) : undefined };
+}
+
+/** A hash of the normalized request, independent of map and key order. */
+function hashOf(value: unknown): string {
+  const canonical = (x: unknown): unknown =>
+    Array.isArray(x)
+      ? x.map(canonical)
+      : x !== null && typeof x === "object"
+        ? Object.fromEntries(
+            Object.keys(x)
+              .sort()
+              .map((k) => [k, canonical((x as Record<string, unknown>)[k])]),
+          )
+        : x;
+  return createHash("sha256")
+    .update(JSON.stringify(canonical(value)))
+    .digest("hex");
+}
+
+const ts = (date: Date | null) => (date ? timestampFromDate(date) : undefined);
+
+export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
+  return {
+    id: a.id,
+    requestId: a.requestId ?? "",
+    runId: a.runId,
+    cluster: a.cluster,
+    labelSelector: { ...a.labelSelector },
+    ...(a.payload ? { payload: a.payload as MessageInitShape<typeof ActionSchema>["payload"] } : {}),
+    priority: a.priority,
+    retryPolicy: {
+      maxAttempts: a.retryPolicy.maxAttempts,
+      initialBackoff: durationFromMs(a.retryPolicy.initialBackoffMs),
+      backoffMultiplier: a.retryPolicy.backoffMultiplier,
+      maxBackoff: durationFromMs(a.retryPolicy.maxBackoffMs),
+    },
+    maxSystemRetries: a.maxSystemRetries,
+    state: ActionState[a.state],
+    epoch: BigInt(a.epoch),
+    attemptCount: a.attemptCount,
+    failureCount: a.failureCount,
+    systemRetryCount: a.systemRetryCount,
+    ...(a.state === "LEASED" && a.workerId && a.sessionId
+      ? {
+          lease: {
+            workerId: a.workerId,
+            sessionId: a.sessionId,
+            epoch: BigInt(a.epoch),
+            grantTime: ts(a.grantedAt),
+          },
+        }
+      : {}),
+    cancelRequested: a.cancelRequested,
+    ...(a.output ? { output: a.output as MessageInitShape<typeof ActionSchema>["output"] } : {}),
+    ...(a.lastError
+      ? {
+          lastError: {
+            message: a.lastError.message,
+            retryable: a.lastError.retryable,
+            ...(a.lastError.details ? { details: a.lastError.details as never } : {}),
+          },
+        }
+      : {}),
+    failureReason: a.failureReason,
+    phase: a.phase,
+    createTime: ts(a.createdAt),
+    updateTime: ts(a.updatedAt),
+    notBefore: ts(a.notBefore),
+    finishTime: ts(a.finishedAt),
+  };
+}
+
+function toProtoAttempt(a: AttemptRecord): MessageInitShape<typeof AttemptSchema> {
+  return {
+    actionId: a.actionId,
+    epoch: BigInt(a.epoch),
+    workerId: a.workerId,
+    sessionId: a.sessionId,
+    outcome: AttemptOutcome[a.outcome],
+    ...(a.error
+      ? {
+          error: {
+            message: a.error.message,
+            retryable: a.error.retryable,
+            ...(a.error.details ? { details: a.error.details as never } : {}),
+          },
+        }
+      : {}),
+    startTime: ts(a.startedAt),
+    endTime: ts(a.endedAt),
+  };
+}

@@ -1,0 +1,81 @@
+import { type Duration, durationMs } from "@bufbuild/protobuf/wkt";
+import { type FieldViolation, LeaseholdError } from "../errors.js";
+
+/**
+ * Collects every violation of a request, so the caller fixes them all in one
+ * round trip; `throwIfAny()` raises INVALID_ARGUMENT naming each field.
+ */
+export class Violations {
+  readonly #list: FieldViolation[] = [];
+
+  add(field: string, description: string): void {
+    this.#list.push({ field, description });
+  }
+
+  throwIfAny(): void {
+    if (this.#list.length > 0) throw LeaseholdError.invalidFields(this.#list);
+  }
+}
+
+/** Names: clusters, worker ids. Letters, digits and `.`, `_`, `-`, `:`. */
+const NAME = /^[A-Za-z0-9._:-]+$/;
+
+/** Checks a required name field. */
+export function checkName(v: Violations, field: string, value: string, max = 128): void {
+  if (value === "") v.add(field, "is required");
+  else if (value.length > max) v.add(field, `must be at most ${max} characters (got ${value.length})`);
+  else if (!NAME.test(value)) v.add(field, "may contain only letters, digits, '.', '_', '-' and ':'");
+}
+
+/** Checks an optional free-form string's length. */
+export function checkLength(v: Violations, field: string, value: string, max: number): void {
+  if (value.length > max) v.add(field, `must be at most ${max} characters (got ${value.length})`);
+}
+
+/** Checks a required id field. */
+export function requireId(field: string, value: string): string {
+  if (value === "") throw LeaseholdError.invalidArgument(field, "is required");
+  if (value.length > 128) throw LeaseholdError.invalidArgument(field, "must be at most 128 characters");
+  return value;
+}
+
+/** Checks a string map's keys and values. */
+export function checkLabels(v: Violations, field: string, labels: Record<string, string>): void {
+  const keys = Object.keys(labels);
+  if (keys.length > 64) v.add(field, `must have at most 64 entries (got ${keys.length})`);
+  for (const key of keys) {
+    if (key === "" || key.length > 128 || !NAME.test(key)) {
+      v.add(`${field}[${JSON.stringify(key)}]`, "keys must be 1–128 letters, digits, '.', '_', '-' or ':'");
+    } else if ((labels[key] ?? "").length > 256) {
+      v.add(`${field}[${JSON.stringify(key)}]`, "values must be at most 256 characters");
+    }
+  }
+}
+
+/**
+ * A duration field in milliseconds, or `fallback` when unset. Negative,
+ * malformed (nanos out of range, mixed signs) or too long is a violation.
+ */
+export function durationField(
+  v: Violations,
+  field: string,
+  value: Duration | undefined,
+  fallback: number,
+  maxMs: number,
+): number {
+  if (value === undefined) return fallback;
+  const seconds = Number(value.seconds);
+  if (
+    value.nanos < -999_999_999 ||
+    value.nanos > 999_999_999 ||
+    (seconds > 0 && value.nanos < 0) ||
+    (seconds < 0 && value.nanos > 0)
+  ) {
+    v.add(field, "is not a valid duration (nanos out of range or of the wrong sign)");
+    return fallback;
+  }
+  const ms = durationMs(value);
+  if (ms < 0) v.add(field, "must not be negative");
+  else if (ms > maxMs) v.add(field, `must be at most ${maxMs / 1000}s`);
+  return ms;
+}

@@ -1,0 +1,101 @@
+import { type SQL, sql } from "drizzle-orm";
+import type { ActionFilter, ActionRecord, AttemptRecord } from "../work/action.js";
+import { type ActionRow, type AttemptRow, actionFromRow, attemptFromRow } from "./action-rows.js";
+import type { Db } from "./database.js";
+import { queryRows } from "./rows.js";
+
+/** Reads one action; undefined if unknown. */
+export async function findAction(db: Db, id: string): Promise<ActionRecord | undefined> {
+  const [row] = await queryRows<ActionRow>(db, sql`select * from actions where id = ${id}`);
+  return row && actionFromRow(row);
+}
+
+/** Reads actions by client request id, with the stored request hashes. */
+export async function findActionsByRequestId(
+  db: Db,
+  requestIds: readonly string[],
+): Promise<Map<string, { action: ActionRecord; requestHash: string | null }>> {
+  const rows = await queryRows<ActionRow & { request_hash: string | null }>(
+    db,
+    sql`select * from actions where request_id in (select jsonb_array_elements_text(${JSON.stringify(requestIds)}::jsonb))`,
+  );
+  return new Map(
+    rows.map((r) => [r.request_id as string, { action: actionFromRow(r), requestHash: r.request_hash }]),
+  );
+}
+
+/** One page of actions in id (= submission) order, after `afterId`. */
+export async function listActions(
+  db: Db,
+  filter: ActionFilter,
+  afterId: string | undefined,
+  limit: number,
+): Promise<ActionRecord[]> {
+  const conditions: SQL[] = [];
+  if (filter.state) conditions.push(sql`state = ${filter.state}`);
+  if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
+  if (filter.runId) conditions.push(sql`run_id = ${filter.runId}`);
+  if (afterId) conditions.push(sql`id > ${afterId}`);
+  const where = conditions.length > 0 ? sql`where ${sql.join(conditions, sql` and `)}` : sql``;
+  const rows = await queryRows<ActionRow>(db, sql`select * from actions ${where} order by id limit ${limit}`);
+  return rows.map(actionFromRow);
+}
+
+/** Attempts of an action, oldest first. */
+export async function listAttempts(db: Db, actionId: string): Promise<AttemptRecord[]> {
+  const rows = await queryRows<AttemptRow>(
+    db,
+    sql`select * from attempts where action_id = ${actionId} order by epoch`,
+  );
+  return rows.map(attemptFromRow);
+}
+
+/** What a cancel did. */
+export type CancelOutcome =
+  | { readonly kind: "cancelled"; readonly action: ActionRecord }
+  | { readonly kind: "revoke_requested"; readonly action: ActionRecord }
+  | { readonly kind: "unchanged"; readonly action: ActionRecord }
+  | { readonly kind: "not_found" };
+
+/**
+ * Cancels an action in one transaction. The row lock (`for update`) orders
+ * the cancel against a concurrent grant or completion: a QUEUED action
+ * becomes CANCELLED; a LEASED one is marked cancel_requested (its owner gets
+ * a revoke); a finished one is left as it is.
+ */
+export async function cancelAction(db: Db, id: string, reason: string): Promise<CancelOutcome> {
+  return db.transaction(async (tx) => {
+    const txDb = tx as unknown as Db;
+    const [row] = await queryRows<ActionRow>(txDb, sql`select * from actions where id = ${id} for update`);
+    if (!row) return { kind: "not_found" };
+    const current = actionFromRow(row);
+    const message = reason ? `action cancelled: ${reason}` : "action cancelled";
+    if (current.state === "QUEUED") {
+      const [updated] = await queryRows<ActionRow>(
+        txDb,
+        sql`update actions set state = 'CANCELLED', failure_reason = ${message},
+              finished_at = now(), updated_at = now()
+            where id = ${id} returning *`,
+      );
+      await txDb.execute(
+        sql`insert into events (kind, action_id, cluster, message)
+            values ('action_cancelled', ${id}, ${current.cluster}, ${message})`,
+      );
+      return { kind: "cancelled", action: actionFromRow(updated as ActionRow) };
+    }
+    if (current.state === "LEASED" && !current.cancelRequested) {
+      const [updated] = await queryRows<ActionRow>(
+        txDb,
+        sql`update actions set cancel_requested = true, failure_reason = ${message}, updated_at = now()
+            where id = ${id} returning *`,
+      );
+      await txDb.execute(
+        sql`insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
+            values ('action_cancel_requested', ${id}, ${current.cluster}, ${current.workerId},
+                    ${current.sessionId}, ${current.epoch}, ${message})`,
+      );
+      return { kind: "revoke_requested", action: actionFromRow(updated as ActionRow) };
+    }
+    return { kind: "unchanged", action: current };
+  });
+}

@@ -1,0 +1,86 @@
+import { mkdirSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { PGlite } from "@electric-sql/pglite";
+import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
+import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
+import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
+import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
+import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
+import postgres from "postgres";
+import * as schema from "./schema.js";
+
+/** The drizzle database type both drivers share; repositories take only this. */
+export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
+
+/** An open database with the schema migrated. */
+export interface Database extends AsyncDisposable {
+  readonly db: Db;
+  /** Which driver is behind `db`. */
+  readonly driver: "pglite" | "postgres";
+  /** Closes the pool (postgres) or the embedded database (PGlite). Idempotent. */
+  close(): Promise<void>;
+}
+
+/** Options of {@link openDatabase}. */
+export interface DatabaseOptions {
+  /** PostgreSQL URL; when absent, PGlite in `dataDir` is used. */
+  readonly url?: string | undefined;
+  /** PGlite data directory, or `memory://` for a throw-away in-memory database. */
+  readonly dataDir: string;
+  /** Pool size for postgres.js. Default 10. */
+  readonly poolSize?: number;
+}
+
+const MIGRATIONS_FOLDER = fileURLToPath(new URL("./migrations", import.meta.url));
+
+/**
+ * Key of the advisory lock held while migrating, so that several servers
+ * starting at once on one empty database apply the migrations exactly once.
+ * ASCII "lsehold" packed into a bigint: an arbitrary but fixed number.
+ */
+export const MIGRATION_LOCK_KEY = 0x6c7365686f6c64n;
+
+/** Opens the database, applying pending migrations first. */
+export async function openDatabase(options: DatabaseOptions): Promise<Database> {
+  return options.url ? openPostgres(options.url, options.poolSize ?? 10) : openPglite(options.dataDir);
+}
+
+async function openPglite(dataDir: string): Promise<Database> {
+  if (!dataDir.startsWith("memory://")) mkdirSync(dataDir, { recursive: true });
+  const client = await PGlite.create(dataDir);
+  try {
+    const db = drizzlePglite(client, { schema });
+    // PGlite is a single session in a single process: no concurrent migrator.
+    await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
+    return handle(db as unknown as Db, "pglite", () => client.close());
+  } catch (error) {
+    await client.close();
+    throw error;
+  }
+}
+
+async function openPostgres(url: string, poolSize: number): Promise<Database> {
+  const quiet = { onnotice: () => {} };
+  // One dedicated session holds the advisory lock and runs the DDL; ending it
+  // releases the lock even if migration fails half-way.
+  const migrator = postgres(url, { ...quiet, max: 1 });
+  try {
+    await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
+    await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER });
+  } finally {
+    await migrator.end({ timeout: 5 });
+  }
+  const client = postgres(url, { ...quiet, max: poolSize });
+  return handle(drizzlePostgres(client, { schema }) as unknown as Db, "postgres", () =>
+    client.end({ timeout: 5 }),
+  );
+}
+
+function handle(db: Db, driver: Database["driver"], end: () => Promise<void>): Database {
+  let closing: Promise<void> | undefined;
+  const close = () => {
+    closing ??= end();
+    return closing;
+  };
+  return { db, driver, close, [Symbol.asyncDispose]: close };
+}

@@ -1,0 +1,61 @@
+import { type SQL, sql } from "drizzle-orm";
+import type { JsonObject } from "../work/action.js";
+import type { EventFilter, EventKind, EventRecord } from "../work/event.js";
+import type { Db } from "./database.js";
+import { queryRows, toDate, toNumber } from "./rows.js";
+
+interface EventRow {
+  sequence: unknown;
+  kind: string;
+  at: unknown;
+  action_id: string | null;
+  worker_id: string | null;
+  cluster: string | null;
+  session_id: string | null;
+  epoch: unknown;
+  lease_id: string | null;
+  message: string;
+  details: JsonObject | null;
+}
+
+const eventFromRow = (r: EventRow): EventRecord => ({
+  sequence: toNumber(r.sequence),
+  kind: r.kind as EventKind,
+  at: toDate(r.at),
+  actionId: r.action_id,
+  workerId: r.worker_id,
+  cluster: r.cluster,
+  sessionId: r.session_id,
+  epoch: r.epoch === null ? null : toNumber(r.epoch),
+  leaseId: r.lease_id,
+  message: r.message,
+  details: r.details,
+});
+
+/** Events matching `filter` with a sequence above `afterSequence`, oldest first. */
+export async function listEvents(
+  db: Db,
+  filter: EventFilter,
+  afterSequence: number,
+  limit: number,
+): Promise<EventRecord[]> {
+  const conditions: SQL[] = [sql`sequence > ${afterSequence}`];
+  if (filter.actionId) conditions.push(sql`action_id = ${filter.actionId}`);
+  if (filter.workerId) conditions.push(sql`worker_id = ${filter.workerId}`);
+  if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
+  if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  const rows = await queryRows<EventRow>(
+    db,
+    sql`select * from events where ${sql.join(conditions, sql` and `)} order by sequence limit ${limit}`,
+  );
+  return rows.map(eventFromRow);
+}
+
+/** The highest event sequence so far (0 when there are none). */
+export async function lastEventSequence(db: Db): Promise<number> {
+  const [row] = await queryRows<{ max: unknown }>(
+    db,
+    sql`select coalesce(max(sequence), 0) as max from events`,
+  );
+  return toNumber(row?.max ?? 0);
+}

@@ -1,0 +1,171 @@
+import { sql } from "drizzle-orm";
+import {
+  bigint,
+  bigserial,
+  boolean,
+  doublePrecision,
+  index,
+  integer,
+  jsonb,
+  pgTable,
+  primaryKey,
+  text,
+  timestamp,
+  uniqueIndex,
+} from "drizzle-orm/pg-core";
+
+/**
+ * The Leasehold schema. Migrations in `src/store/migrations` are generated
+ * from this file by `npm run db:generate` (drizzle-kit) and applied at start.
+ * Every timestamp comes from the database clock (`now()`), the one clock for
+ * deadlines when several server processes share a database.
+ */
+
+const tstz = (name: string) => timestamp(name, { withTimezone: true, mode: "date" });
+
+/** Named groups of workers. A row appears on the first worker hello or action submit. */
+export const clusters = pgTable("clusters", {
+  name: text("name").primaryKey(),
+  createdAt: tstz("created_at").notNull().defaultNow(),
+});
+
+/** Agent processes, by their stable worker id. */
+export const workers = pgTable(
+  "workers",
+  {
+    workerId: text("worker_id").primaryKey(),
+    cluster: text("cluster").notNull(),
+    capacity: integer("capacity").notNull(),
+    labels: jsonb("labels").$type<Record<string, string>>().notNull().default({}),
+    agentVersion: text("agent_version").notNull().default(""),
+    /** No new grants while true. */
+    draining: boolean("draining").notNull().default(false),
+    createdAt: tstz("created_at").notNull().defaultNow(),
+    lastSeenAt: tstz("last_seen_at").notNull().defaultNow(),
+  },
+  (t) => [index("workers_cluster_idx").on(t.cluster)],
+);
+
+/**
+ * Worker sessions. A session lives until `deadline` (last contact + grace);
+ * the server renews deadlines of the streams it hosts in one statement per
+ * tick. At most one live (not ended) session per worker.
+ */
+export const sessions = pgTable(
+  "sessions",
+  {
+    id: text("id").primaryKey(),
+    workerId: text("worker_id")
+      .notNull()
+      .references(() => workers.workerId),
+    /** The server process hosting the stream, if any. */
+    serverId: text("server_id"),
+    startedAt: tstz("started_at").notNull().defaultNow(),
+    deadline: tstz("deadline").notNull(),
+    /** Set when the stream is lost; cleared when the worker reconnects. */
+    streamLostAt: tstz("stream_lost_at"),
+    endedAt: tstz("ended_at"),
+    /** reaped | goodbye | taken_over */
+    endReason: text("end_reason"),
+  },
+  (t) => [
+    uniqueIndex("sessions_one_live_per_worker").on(t.workerId).where(sql`${t.endedAt} is null`),
+    index("sessions_live_deadline_idx").on(t.deadline).where(sql`${t.endedAt} is null`),
+  ],
+);
+
+/** Units of work. `epoch` increases by one per grant; (id, epoch) is the fencing token. */
+export const actions = pgTable(
+  "actions",
+  {
+    id: text("id").primaryKey(),
+    /** Client idempotency key; unique when set. */
+    requestId: text("request_id"),
+    /** Hash of the submitted request, to tell a retry from a conflicting reuse of request_id. */
+    requestHash: text("request_hash"),
+    runId: text("run_id").notNull().default(""),
+    cluster: text("cluster").notNull(),
+    labelSelector: jsonb("label_selector").$type<Record<string, string>>().notNull().default({}),
+    payload: jsonb("payload").$type<Record<string, unknown>>(),
+    priority: integer("priority").notNull().default(0),
+    maxAttempts: integer("max_attempts").notNull(),
+    initialBackoffMs: integer("initial_backoff_ms").notNull(),
+    backoffMultiplier: doublePrecision("backoff_multiplier").notNull(),
+    maxBackoffMs: integer("max_backoff_ms").notNull(),
+    maxSystemRetries: integer("max_system_retries").notNull(),
+    /** QUEUED | LEASED | SUCCEEDED | FAILED | CANCELLED */
+    state: text("state").notNull(),
+    epoch: bigint("epoch", { mode: "number" }).notNull().default(0),
+    attemptCount: integer("attempt_count").notNull().default(0),
+    failureCount: integer("failure_count").notNull().default(0),
+    systemRetryCount: integer("system_retry_count").notNull().default(0),
+    /** The session holding the current lease, while LEASED. */
+    sessionId: text("session_id"),
+    workerId: text("worker_id"),
+    grantedAt: tstz("granted_at"),
+    cancelRequested: boolean("cancel_requested").notNull().default(false),
+    output: jsonb("output").$type<Record<string, unknown>>(),
+    lastError: jsonb("last_error").$type<{ message: string; retryable: boolean; details?: unknown }>(),
+    failureReason: text("failure_reason").notNull().default(""),
+    phase: text("phase").notNull().default(""),
+    /** Last checkpoint reported, handed to the next attempt. */
+    checkpoint: jsonb("checkpoint").$type<Record<string, unknown>>(),
+    createdAt: tstz("created_at").notNull().defaultNow(),
+    updatedAt: tstz("updated_at").notNull().defaultNow(),
+    notBefore: tstz("not_before").notNull().defaultNow(),
+    finishedAt: tstz("finished_at"),
+  },
+  (t) => [
+    uniqueIndex("actions_request_id_key").on(t.requestId),
+    // The claim path: queued actions of a cluster, by priority then age.
+    index("actions_claim_idx")
+      .on(t.cluster, t.priority.desc(), t.createdAt)
+      .where(sql`${t.state} = 'QUEUED'`),
+    index("actions_session_idx").on(t.sessionId).where(sql`${t.state} = 'LEASED'`),
+    index("actions_run_idx").on(t.runId),
+    index("actions_state_idx").on(t.state, t.cluster),
+  ],
+);
+
+/** One row per grant: (action id, epoch). */
+export const attempts = pgTable(
+  "attempts",
+  {
+    actionId: text("action_id")
+      .notNull()
+      .references(() => actions.id, { onDelete: "cascade" }),
+    epoch: bigint("epoch", { mode: "number" }).notNull(),
+    workerId: text("worker_id").notNull(),
+    sessionId: text("session_id").notNull(),
+    /** RUNNING | SUCCEEDED | FAILED | LEASE_EXPIRED | RELEASED | CANCELLED */
+    outcome: text("outcome").notNull(),
+    error: jsonb("error").$type<{ message: string; retryable: boolean; details?: unknown }>(),
+    startedAt: tstz("started_at").notNull().defaultNow(),
+    endedAt: tstz("ended_at"),
+  },
+  (t) => [primaryKey({ columns: [t.actionId, t.epoch] })],
+);
+
+/** The audit trail: every lease and action event, in sequence order. */
+export const events = pgTable(
+  "events",
+  {
+    sequence: bigserial("sequence", { mode: "number" }).primaryKey(),
+    /** Snake-case event kind, e.g. `lease_expired`. */
+    kind: text("kind").notNull(),
+    at: tstz("at").notNull().defaultNow(),
+    actionId: text("action_id"),
+    workerId: text("worker_id"),
+    cluster: text("cluster"),
+    sessionId: text("session_id"),
+    epoch: bigint("epoch", { mode: "number" }),
+    leaseId: text("lease_id"),
+    message: text("message").notNull().default(""),
+    details: jsonb("details").$type<Record<string, unknown>>(),
+  },
+  (t) => [
+    index("events_action_idx").on(t.actionId, t.sequence),
+    index("events_worker_idx").on(t.workerId, t.sequence),
+    index("events_cluster_idx").on(t.cluster, t.sequence),
+  ],
+);

@@ -1,0 +1,148 @@
+import { uuidv7 } from "uuidv7";
+import { Code, LeaseholdError } from "../errors.js";
+import {
+  cancelAction,
+  findAction,
+  findActionsByRequestId,
+  listActions,
+  listAttempts,
+} from "../store/actions.js";
+import { createBatcher } from "../store/batcher.js";
+import type { Db } from "../store/database.js";
+import { insertActions } from "../store/queries/insert-actions.js";
+import {
+  type ActionFilter,
+  type ActionRecord,
+  type AttemptRecord,
+  type NewAction,
+  TERMINAL_STATES,
+} from "./action.js";
+import { actionTopic, type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
+import { decodePageToken, encodePageToken } from "./page-token.js";
+
+/** Result of a submit. */
+export interface SubmitResult {
+  readonly action: ActionRecord;
+  /** False when the request id matched an earlier submission. */
+  readonly created: boolean;
+}
+
+/** One page of a listing. */
+export interface Page<T> {
+  readonly items: readonly T[];
+  /** Empty on the last page. */
+  readonly nextPageToken: string;
+}
+
+/** Submitting, reading, listing, cancelling and watching actions. */
+export interface ActionService extends AsyncDisposable {
+  submit(action: NewAction): Promise<SubmitResult>;
+  get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
+  list(filter: ActionFilter, pageSize: number, pageToken: string): Promise<Page<ActionRecord>>;
+  cancel(id: string, reason: string): Promise<ActionRecord>;
+  /** The action now, then after every change; ends after a terminal state. */
+  watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
+  /** Flushes pending submits. */
+  close(): Promise<void>;
+}
+
+/** Dependencies of {@link createActionService}. */
+export interface ActionServiceDeps {
+  readonly db: Db;
+  readonly feed: ChangeFeed;
+}
+
+export function createActionService({ db, feed }: ActionServiceDeps): ActionService {
+  // Submits are group-committed: concurrent calls share one insert statement.
+  const submits = createBatcher<NewAction, ActionRecord | undefined>(async (batch) => {
+    const items = batch.map((action) => ({ id: uuidv7(), action }));
+    const inserted = new Map((await insertActions(db, items)).map((a) => [a.id, a]));
+    return items.map((item) => inserted.get(item.id));
+  });
+
+  const notFound = (id: string) => LeaseholdError.notFound("action", id);
+
+  async function submit(action: NewAction): Promise<SubmitResult> {
+    const inserted = await submits.add(action);
+    if (inserted) {
+      feed.publish(EVENTS_TOPIC);
+      return { action: inserted, created: true };
+    }
+    // Not inserted: its request id exists already (from before, or from this batch).
+    const requestId = action.requestId as string;
+    const existing = (await findActionsByRequestId(db, [requestId])).get(requestId);
+    if (!existing) {
+      throw new LeaseholdError(
+        Code.Aborted,
+        "the submission conflicted with a concurrent one; retry the call",
+      );
+    }
+    if (existing.requestHash !== action.requestHash) {
+      throw new LeaseholdError(
+        Code.AlreadyExists,
+        `request_id ${JSON.stringify(requestId)} was already used for a different request (action ${existing.action.id}); use a new request_id for a new action`,
+        { reason: "REQUEST_ID_REUSED", metadata: { action_id: existing.action.id, request_id: requestId } },
+      );
+    }
+    return { action: existing.action, created: false };
+  }
+
+  async function get(id: string) {
+    const action = await findAction(db, id);
+    if (!action) throw notFound(id);
+    return { action, attempts: await listAttempts(db, id) };
+  }
+
+  async function list(filter: ActionFilter, size: number, pageToken: string): Promise<Page<ActionRecord>> {
+    const cursor = decodePageToken(pageToken, filter);
+    // One row more than asked tells whether another page exists.
+    const rows = await listActions(db, filter, cursor?.after, size + 1);
+    const items = rows.slice(0, size);
+    const last = items.at(-1);
+    return { items, nextPageToken: rows.length > size && last ? encodePageToken(last.id, filter) : "" };
+  }
+
+  async function cancel(id: string, reason: string): Promise<ActionRecord> {
+    const outcome = await cancelAction(db, id, reason);
+    switch (outcome.kind) {
+      case "not_found":
+        throw notFound(id);
+      case "unchanged":
+        if (outcome.action.state === "CANCELLED" || outcome.action.cancelRequested) return outcome.action;
+        throw LeaseholdError.failedPrecondition(
+          "ACTION_FINISHED",
+          `action ${id} already finished as ${outcome.action.state}; only queued or leased actions can be cancelled`,
+          { type: "ACTION_STATE", subject: `actions/${id}`, description: `state is ${outcome.action.state}` },
+        );
+      default:
+        feed.publish(actionTopic(id));
+        feed.publish(EVENTS_TOPIC);
+        return outcome.action;
+    }
+  }
+
+  async function* watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord> {
+    // Subscribe before the first read so no change can slip in between.
+    const wakeups = wakeupsOf(feed, actionTopic(id));
+    try {
+      let last = await findAction(db, id);
+      if (!last) throw notFound(id);
+      yield last;
+      while (!TERMINAL_STATES.has(last.state) && !signal.aborted) {
+        await wakeups.next(signal);
+        if (signal.aborted) return;
+        const current = await findAction(db, id);
+        if (!current) return;
+        if (current.updatedAt.getTime() !== last.updatedAt.getTime() || current.state !== last.state) {
+          yield current;
+        }
+        last = current;
+      }
+    } finally {
+      wakeups[Symbol.dispose]();
+    }
+  }
+
+  const close = () => submits.close();
+  return { submit, get, list, cancel, watch, close, [Symbol.asyncDispose]: close };
+}

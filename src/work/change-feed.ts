@@ -1,0 +1,75 @@
+/**
+ * Process-local wake-ups: "something about this topic changed, look again".
+ * Watchers re-read the database on a wake-up instead of trusting a payload,
+ * so a missed or merged wake-up never loses a change, and the same watchers
+ * work when wake-ups come from other processes (LISTEN/NOTIFY).
+ */
+export interface ChangeFeed {
+  /** Wakes every subscriber of the topic. */
+  publish(topic: string): void;
+  /** Calls `listener` on every publish to the topic; returns its `off`. */
+  subscribe(topic: string, listener: () => void): () => void;
+}
+
+/** Topic of changes to one action. */
+export const actionTopic = (actionId: string) => `action:${actionId}`;
+/** Topic of new events. */
+export const EVENTS_TOPIC = "events";
+
+export function createChangeFeed(): ChangeFeed {
+  const listeners = new Map<string, Set<() => void>>();
+  return {
+    publish(topic) {
+      const set = listeners.get(topic);
+      if (set) for (const listener of [...set]) listener();
+    },
+    subscribe(topic, listener) {
+      let set = listeners.get(topic);
+      if (!set) {
+        set = new Set();
+        listeners.set(topic, set);
+      }
+      set.add(listener);
+      return () => {
+        set.delete(listener);
+        if (set.size === 0) listeners.delete(topic);
+      };
+    },
+  };
+}
+
+/**
+ * A subscription as an awaitable: `next()` resolves at the next publish after
+ * the previous `next()` (publishes in between are merged, never lost).
+ */
+export interface Wakeups extends Disposable {
+  next(signal: AbortSignal): Promise<void>;
+}
+
+export function wakeupsOf(feed: ChangeFeed, topic: string): Wakeups {
+  let pending = false;
+  let resolve: (() => void) | undefined;
+  const off = feed.subscribe(topic, () => {
+    pending = true;
+    resolve?.();
+  });
+  return {
+    next(signal) {
+      if (pending || signal.aborted) {
+        pending = false;
+        return Promise.resolve();
+      }
+      return new Promise<void>((done) => {
+        const finish = () => {
+          signal.removeEventListener("abort", finish);
+          resolve = undefined;
+          pending = false;
+          done();
+        };
+        resolve = finish;
+        signal.addEventListener("abort", finish);
+      });
+    },
+    [Symbol.dispose]: off,
+  };
+}

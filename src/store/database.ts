@@ -7,6 +7,7 @@ import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
+import { lockDataDir } from "./data-dir-lock.js";
 import * as schema from "./schema.js";
 
 /** The drizzle database type both drivers share; repositories take only this. */
@@ -46,15 +47,27 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
 }
 
 async function openPglite(dataDir: string): Promise<Database> {
-  if (!dataDir.startsWith("memory://")) mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir);
+  let unlock = () => {};
+  if (!dataDir.startsWith("memory://")) {
+    mkdirSync(dataDir, { recursive: true });
+    unlock = lockDataDir(dataDir);
+  }
   try {
-    const db = drizzlePglite(client, { schema });
-    // PGlite is a single session in a single process: no concurrent migrator.
-    await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
-    return handle(db as unknown as Db, "pglite", () => client.close());
+    const client = await PGlite.create(dataDir);
+    try {
+      const db = drizzlePglite(client, { schema });
+      // PGlite is a single session in a single process: no concurrent migrator.
+      await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
+      return handle(db as unknown as Db, "pglite", async () => {
+        await client.close();
+        unlock();
+      });
+    } catch (error) {
+      await client.close();
+      throw error;
+    }
   } catch (error) {
-    await client.close();
+    unlock();
     throw error;
   }
 }

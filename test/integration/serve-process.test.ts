@@ -2,7 +2,7 @@ import { describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { createClient } from "../../src/rpc/client.js";
-import { freshStore } from "../helpers/database.js";
+import { freshPgliteDirectory, freshStore } from "../helpers/database.js";
 import { healthClient } from "../helpers/grpc-peers.js";
 import { runLeasehold } from "../helpers/process.js";
 import { expectStatus } from "../helpers/status.js";
@@ -44,5 +44,28 @@ describe("leasehold serve as a process", () => {
     });
     expect(await server.exited).toBe(2);
     expect(stderr).toMatch(/--listen: 0\.0\.0\.0 accepts connections from other machines.*--insecure/);
+  });
+});
+
+describe("the embedded PGlite data directory", () => {
+  it("is refused to a second server while the first one runs", async () => {
+    await using store = freshPgliteDirectory();
+    const first = runLeasehold(["serve", "--listen", "127.0.0.1:0", "--data-dir", store.dataDir], undefined);
+    try {
+      await first.waitForLog((l) => l.msg === "leasehold serving");
+      const second = runLeasehold(
+        ["serve", "--listen", "127.0.0.1:0", "--data-dir", store.dataDir],
+        undefined,
+      );
+      let stderr = "";
+      second.child.stderr?.on("data", (d) => {
+        stderr += d;
+      });
+      expect(await second.exited).toBe(1);
+      expect(stderr).toMatch(/data directory .* is in use by process \d+/);
+    } finally {
+      first.child.kill("SIGTERM");
+      await first.exited;
+    }
   });
 });

@@ -20,6 +20,10 @@ export interface ServerConfig {
   readonly gracePeriodMs: number;
   /** How often agents heartbeat. Default 2 s; must be below a third of the grace period. */
   readonly heartbeatIntervalMs: number;
+  /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
+  readonly maxSilenceMs: number;
+  /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */
+  readonly metricsListen: string | undefined;
   /** pino level. Default `info`. */
   readonly logLevel: LogLevel;
   /** Allow listening beyond loopback without credentials. Default false. */
@@ -32,6 +36,7 @@ export const DEFAULTS = {
   dataDir: "./.leasehold/data",
   gracePeriod: "10s",
   heartbeatInterval: "2s",
+  metricsListen: "127.0.0.1:9464",
   logLevel: "info",
 } as const;
 
@@ -42,6 +47,8 @@ export interface RawServerOptions {
   readonly dataDir?: string | undefined;
   readonly gracePeriod?: string | undefined;
   readonly heartbeatInterval?: string | undefined;
+  readonly maxSilence?: string | undefined;
+  readonly metricsListen?: string | undefined;
   readonly logLevel?: string | undefined;
   readonly insecure?: boolean | undefined;
 }
@@ -57,13 +64,13 @@ export function parseDuration(option: string, text: string): number {
 }
 
 /** Splits `host:port` (or `[v6]:port`); throws naming the option on anything else. */
-export function parseListen(text: string): { host: string; port: number } {
+export function parseListen(text: string, option = "--listen"): { host: string; port: number } {
   const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
   const port = Number(match?.[3]);
   const host = match?.[1] ?? match?.[2];
   if (!host || !(port >= 0 && port <= 65535)) {
     throw configError(
-      "--listen",
+      option,
       `must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (got ${JSON.stringify(text)})`,
     );
   }
@@ -106,6 +113,20 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
       `must be at most a third of --grace-period (${gracePeriodMs}ms), so one lost heartbeat never expires a lease`,
     );
   }
+  const maxSilenceMs = raw.maxSilence ? parseDuration("--max-silence", raw.maxSilence) : 10 * gracePeriodMs;
+  if (maxSilenceMs < gracePeriodMs)
+    throw configError("--max-silence", "must not be shorter than --grace-period");
+  const metricsText = raw.metricsListen ?? DEFAULTS.metricsListen;
+  const metricsListen = metricsText === "off" ? undefined : metricsText;
+  if (metricsListen) {
+    const { host: metricsHost } = parseListen(metricsListen, "--metrics-listen");
+    if (!isLoopback(metricsHost) && !insecure) {
+      throw configError(
+        "--metrics-listen",
+        `${metricsHost} is beyond loopback; pass --insecure to allow it, or "off"`,
+      );
+    }
+  }
   const logLevel = (raw.logLevel ?? DEFAULTS.logLevel) as LogLevel;
   if (!LOG_LEVELS.includes(logLevel))
     throw configError("--log-level", `must be one of ${LOG_LEVELS.join(", ")}`);
@@ -115,6 +136,8 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     dataDir: raw.dataDir ?? DEFAULTS.dataDir,
     gracePeriodMs,
     heartbeatIntervalMs,
+    maxSilenceMs,
+    metricsListen,
     logLevel,
     insecure,
   });

@@ -49,6 +49,17 @@ export function createProgram(): Command {
         .default(DEFAULTS.heartbeatInterval),
     )
     .addOption(
+      new Option(
+        "--max-silence <duration>",
+        "sessions silent longer than this get no grace extension when the server restarts (default: 10 × grace period)",
+      ).env("LEASEHOLD_MAX_SILENCE"),
+    )
+    .addOption(
+      new Option("--metrics-listen <host:port>", 'Prometheus /metrics address, or "off"')
+        .env("LEASEHOLD_METRICS_LISTEN")
+        .default(DEFAULTS.metricsListen),
+    )
+    .addOption(
       new Option("--log-level <level>", "log level")
         .choices(LOG_LEVELS)
         .env("LEASEHOLD_LOG_LEVEL")
@@ -69,6 +80,8 @@ export function createProgram(): Command {
           dataDir: options.dataDir as string,
           gracePeriod: options.gracePeriod as string,
           heartbeatInterval: options.heartbeatInterval as string,
+          maxSilence: options.maxSilence as string | undefined,
+          metricsListen: options.metricsListen as string,
           logLevel: options.logLevel as string,
           insecure: Boolean(options.insecure),
         });

@@ -1,25 +1,35 @@
 import { randomUUID } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
+import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
-import type { ServerConfig } from "./config.js";
-import { ClusterService } from "./gen/leasehold/v1/cluster_pb.js";
+import { parseListen, type ServerConfig } from "./config.js";
 import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
-import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
+import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
 import { bind, createRpcServer } from "./rpc/server.js";
 import { actionServiceBinding } from "./rpc/services/action-service.js";
+import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
-import { openDatabase } from "./store/database.js";
+import { workerServiceBinding } from "./rpc/services/worker-service.js";
+import { type Clock, databaseClock } from "./store/clock.js";
+import { type DatabaseOptions, openDatabase } from "./store/database.js";
+import { queryRows, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed } from "./work/change-feed.js";
 import { createEventService } from "./work/event-service.js";
+import { createLeaseManager, type LeaseManager } from "./work/lease-manager.js";
 
 /** A running Leasehold server process. */
 export interface LeaseholdServer extends AsyncDisposable {
   /** The port the gRPC server listens on. */
   readonly port: number;
+  /** The port of `/metrics`, if served. */
+  readonly metricsPort: number | undefined;
   /** This process's id, shown on the sessions it hosts. */
   readonly serverId: string;
+  /** The work-lease machinery (tests drive its loops by hand with a fake clock). */
+  readonly leases: LeaseManager;
+  readonly metrics: Metrics;
   /**
    * Health NOT_SERVING, stop accepting calls, end open streams, flush
    * pending writes, close the database. Idempotent.
@@ -27,53 +37,132 @@ export interface LeaseholdServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+/** Test seams; production uses the defaults. */
+export interface ServerOverrides {
+  /** Clock for lease arithmetic. Default: the database clock. */
+  readonly clock?: Clock;
+  /** Run the lease loops on timers. Default true. */
+  readonly timers?: boolean;
+  /** Observes every SQL statement (tests count them). */
+  readonly onQuery?: DatabaseOptions["onQuery"];
+}
+
 /**
  * The composition root: opens the database (migrating it), builds the
  * services and starts the gRPC server. Health turns SERVING once all of it is
- * up.
+ * up, after live sessions got their restart extension.
  */
-export async function startServer(config: ServerConfig, log: Logger): Promise<LeaseholdServer> {
+export async function startServer(
+  config: ServerConfig,
+  log: Logger,
+  overrides: ServerOverrides = {},
+): Promise<LeaseholdServer> {
   const serverId = randomUUID();
-  const database = await openDatabase({ url: config.databaseUrl, dataDir: config.dataDir });
-  log.info(
-    { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
-    "database ready",
-  );
-  const feed = createChangeFeed();
-  const actions = createActionService({ db: database.db, feed });
-  const events = createEventService({ db: database.db, feed });
-  let rpc: Awaited<ReturnType<typeof createRpcServer>>;
+  const clock = overrides.clock ?? databaseClock;
+  const database = await openDatabase({
+    url: config.databaseUrl,
+    dataDir: config.dataDir,
+    ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
+  });
+  const cleanup: (() => Promise<void>)[] = [() => database.close()];
+  const unwind = async () => {
+    for (const fn of cleanup.reverse()) await fn().catch(() => {});
+  };
   try {
-    rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
+    log.info(
+      { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
+      "database ready",
+    );
+    const db = database.db;
+    const feed = createChangeFeed();
+    let leases: LeaseManager | undefined;
+    const metrics = createMetrics({
+      hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0 },
+      inGrace: async () => {
+        const [row] = await queryRows<{ n: unknown }>(
+          db,
+          sql`select count(*) as n from sessions where ended_at is null and stream_lost_at is not null`,
+        );
+        return toNumber(row?.n ?? 0);
+      },
+    });
+    const manager = createLeaseManager({
+      db,
+      clock,
+      feed,
+      log,
+      metrics,
+      serverId,
+      gracePeriodMs: config.gracePeriodMs,
+      heartbeatIntervalMs: config.heartbeatIntervalMs,
+      maxSilenceMs: config.maxSilenceMs,
+      timers: overrides.timers ?? true,
+    });
+    leases = manager;
+    cleanup.push(() => manager.close());
+    const actions = createActionService({
+      db,
+      feed,
+      onCancelRequested: (action) => {
+        if (action.sessionId) {
+          manager.revoke(
+            action.sessionId,
+            { actionId: action.id, epoch: action.epoch },
+            "CANCELLED",
+            action.failureReason,
+          );
+        }
+      },
+    });
+    cleanup.push(() => actions.close());
+    const events = createEventService({ db, feed });
+    await manager.start();
+
+    let metricsPort: number | undefined;
+    if (config.metricsListen) {
+      const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
+      const served = await serveMetrics(metrics.registry, host, port);
+      metricsPort = served.port;
+      cleanup.push(() => served.close());
+    }
+
+    const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
       log,
       services: [
         actionServiceBinding(actions),
         eventServiceBinding(events),
-        // Work leases and scope leases are answered UNIMPLEMENTED until their
-        // behaviour lands; the contract is whole so clients can be generated.
-        bind(WorkerService, {}),
-        bind(ClusterService, {}),
+        workerServiceBinding(manager),
+        clusterServiceBinding({ db, clock, leases: manager }),
+        // Scope leases answer UNIMPLEMENTED until their behaviour lands; the
+        // contract is whole so clients can be generated.
         bind(LeaseService, {}),
         bind(ResourceService, {}),
       ],
     });
+    cleanup.push(() => rpc.close());
+    rpc.markServing();
+    log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
+
+    let closing: Promise<void> | undefined;
+    const close = () => {
+      closing ??= (async () => {
+        // Reverse order of start: the front door first, the database last.
+        await unwind();
+        log.info("leasehold stopped");
+      })();
+      return closing;
+    };
+    return {
+      port: rpc.port,
+      metricsPort,
+      serverId,
+      leases: manager,
+      metrics,
+      close,
+      [Symbol.asyncDispose]: close,
+    };
   } catch (error) {
-    await database.close();
+    await unwind();
     throw error;
   }
-  rpc.markServing();
-  log.info({ port: rpc.port, listen: config.listen, serverId }, "leasehold serving");
-
-  let closing: Promise<void> | undefined;
-  const close = () => {
-    closing ??= (async () => {
-      // Reverse order of start: stop the front door first, the database last.
-      await rpc.close();
-      await actions.close();
-      await database.close();
-      log.info("leasehold stopped");
-    })();
-    return closing;
-  };
-  return { port: rpc.port, serverId, close, [Symbol.asyncDispose]: close };
 }

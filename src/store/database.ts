@@ -30,6 +30,8 @@ export interface DatabaseOptions {
   readonly dataDir: string;
   /** Pool size for postgres.js. Default 10. */
   readonly poolSize?: number;
+  /** Called with every SQL statement run through drizzle (tests count statements). */
+  readonly onQuery?: (query: string) => void;
 }
 
 const MIGRATIONS_FOLDER = fileURLToPath(new URL("./migrations", import.meta.url));
@@ -43,10 +45,15 @@ export const MIGRATION_LOCK_KEY = 0x6c7365686f6c64n;
 
 /** Opens the database, applying pending migrations first. */
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
-  return options.url ? openPostgres(options.url, options.poolSize ?? 10) : openPglite(options.dataDir);
+  const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
+  return options.url
+    ? openPostgres(options.url, options.poolSize ?? 10, logger)
+    : openPglite(options.dataDir, logger);
 }
 
-async function openPglite(dataDir: string): Promise<Database> {
+type QueryLogger = { logQuery(query: string): void } | undefined;
+
+async function openPglite(dataDir: string, logger: QueryLogger): Promise<Database> {
   let unlock = () => {};
   if (!dataDir.startsWith("memory://")) {
     mkdirSync(dataDir, { recursive: true });
@@ -55,7 +62,7 @@ async function openPglite(dataDir: string): Promise<Database> {
   try {
     const client = await PGlite.create(dataDir);
     try {
-      const db = drizzlePglite(client, { schema });
+      const db = drizzlePglite(client, { schema, ...(logger ? { logger } : {}) });
       // PGlite is a single session in a single process: no concurrent migrator.
       await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
       return handle(db as unknown as Db, "pglite", async () => {
@@ -72,7 +79,7 @@ async function openPglite(dataDir: string): Promise<Database> {
   }
 }
 
-async function openPostgres(url: string, poolSize: number): Promise<Database> {
+async function openPostgres(url: string, poolSize: number, logger: QueryLogger): Promise<Database> {
   const quiet = { onnotice: () => {} };
   // One dedicated session holds the advisory lock and runs the DDL; ending it
   // releases the lock even if migration fails half-way.
@@ -84,8 +91,10 @@ async function openPostgres(url: string, poolSize: number): Promise<Database> {
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
-  return handle(drizzlePostgres(client, { schema }) as unknown as Db, "postgres", () =>
-    client.end({ timeout: 5 }),
+  return handle(
+    drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db,
+    "postgres",
+    () => client.end({ timeout: 5 }),
   );
 }
 

@@ -27,6 +27,9 @@ const tstz = (name: string) => timestamp(name, { withTimezone: true, mode: "date
 export const clusters = pgTable("clusters", {
   name: text("name").primaryKey(),
   createdAt: tstz("created_at").notNull().defaultNow(),
+  /** HEALTHY | DEGRADED | UNHEALTHY, as last computed from recent expiries. */
+  health: text("health").notNull().default("HEALTHY"),
+  healthReason: text("health_reason").notNull().default(""),
 });
 
 /** Agent processes, by their stable worker id. */
@@ -62,6 +65,11 @@ export const sessions = pgTable(
     serverId: text("server_id"),
     startedAt: tstz("started_at").notNull().defaultNow(),
     deadline: tstz("deadline").notNull(),
+    /**
+     * When the server last heard from the worker. Restarts extend deadlines
+     * (SPEC rule 6) only for sessions heard from within the maximum silence.
+     */
+    lastHeardAt: tstz("last_heard_at").notNull().defaultNow(),
     /** Set when the stream is lost; cleared when the worker reconnects. */
     streamLostAt: tstz("stream_lost_at"),
     endedAt: tstz("ended_at"),

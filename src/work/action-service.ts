@@ -17,7 +17,7 @@ import {
   type NewAction,
   TERMINAL_STATES,
 } from "./action.js";
-import { actionTopic, type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
+import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { decodePageToken, encodePageToken } from "./page-token.js";
 
 /** Result of a submit. */
@@ -50,9 +50,11 @@ export interface ActionService extends AsyncDisposable {
 export interface ActionServiceDeps {
   readonly db: Db;
   readonly feed: ChangeFeed;
+  /** Called after a leased action is marked for cancellation: revoke it from its owner. */
+  readonly onCancelRequested?: (action: ActionRecord) => void;
 }
 
-export function createActionService({ db, feed }: ActionServiceDeps): ActionService {
+export function createActionService({ db, feed, onCancelRequested }: ActionServiceDeps): ActionService {
   // Submits are group-committed: concurrent calls share one insert statement.
   const submits = createBatcher<NewAction, ActionRecord | undefined>(async (batch) => {
     const items = batch.map((action) => ({ id: uuidv7(), action }));
@@ -66,6 +68,7 @@ export function createActionService({ db, feed }: ActionServiceDeps): ActionServ
     const inserted = await submits.add(action);
     if (inserted) {
       feed.publish(EVENTS_TOPIC);
+      feed.publish(QUEUE_TOPIC);
       return { action: inserted, created: true };
     }
     // Not inserted: its request id exists already (from before, or from this batch).
@@ -114,7 +117,12 @@ export function createActionService({ db, feed }: ActionServiceDeps): ActionServ
           `action ${id} already finished as ${outcome.action.state}; only queued or leased actions can be cancelled`,
           { type: "ACTION_STATE", subject: `actions/${id}`, description: `state is ${outcome.action.state}` },
         );
-      default:
+      case "revoke_requested":
+        onCancelRequested?.(outcome.action);
+        feed.publish(actionTopic(id));
+        feed.publish(EVENTS_TOPIC);
+        return outcome.action;
+      case "cancelled":
         feed.publish(actionTopic(id));
         feed.publish(EVENTS_TOPIC);
         return outcome.action;

@@ -15,6 +15,8 @@ export interface ChangeFeed {
 export const actionTopic = (actionId: string) => `action:${actionId}`;
 /** Topic of new events. */
 export const EVENTS_TOPIC = "events";
+/** Topic of newly queued actions: wakes the dispatcher. */
+export const QUEUE_TOPIC = "queue";
 
 export function createChangeFeed(): ChangeFeed {
   const listeners = new Map<string, Set<() => void>>();

@@ -2,7 +2,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import { pino } from "pino";
 import { parseServerConfig, type RawServerOptions } from "../../src/config.js";
 import { type Client, createClient } from "../../src/rpc/client.js";
-import { type LeaseholdServer, startServer } from "../../src/server.js";
+import { type LeaseholdServer, type ServerOverrides, startServer } from "../../src/server.js";
 import { freshStore, type TestStore } from "./database.js";
 
 /** A server on an ephemeral port with a fresh store, and clients for it. */
@@ -20,7 +20,7 @@ export interface TestServer extends AsyncDisposable {
 
 /** Starts a server; pass `store` to reuse one (restart tests). */
 export async function startTestServer(
-  options: { store?: TestStore; config?: RawServerOptions } = {},
+  options: { store?: TestStore; config?: RawServerOptions; overrides?: ServerOverrides } = {},
 ): Promise<TestServer> {
   const store = options.store ?? (await freshStore());
   const config = parseServerConfig({
@@ -28,9 +28,10 @@ export async function startTestServer(
     databaseUrl: store.url,
     dataDir: store.dataDir,
     logLevel: process.env.LEASEHOLD_TEST_LOG ?? "silent",
+    metricsListen: "127.0.0.1:0",
     ...options.config,
   });
-  const server = await startServer(config, pino({ level: config.logLevel }));
+  const server = await startServer(config, pino({ level: config.logLevel }), options.overrides);
   const address = `127.0.0.1:${server.port}`;
   const clients: Client<GenServiceMethods>[] = [];
   const stop = async () => {

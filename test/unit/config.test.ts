@@ -10,6 +10,8 @@ describe("server config", () => {
       dataDir: "./.leasehold/data",
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
+      maxSilenceMs: 100_000,
+      metricsListen: "127.0.0.1:9464",
       logLevel: "info",
       insecure: false,
     });

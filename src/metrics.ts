@@ -1,0 +1,95 @@
+import { createServer, type Server } from "node:http";
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
+
+/** The Prometheus metrics of one server process, in a registry of its own. */
+export interface Metrics extends LeaseMetrics {
+  readonly registry: Registry;
+}
+
+/**
+ * Creates the metrics. Gauges are read when scraped: `hosted` gives what this
+ * process holds, `inGrace` asks the database for sessions in grace.
+ */
+export function createMetrics(sources: {
+  hosted: () => HostedStats;
+  inGrace: () => Promise<number>;
+}): Metrics {
+  const registry = new Registry();
+  const prefix = "leasehold_";
+  new Gauge({
+    name: `${prefix}connected_workers`,
+    help: "Workers with an open stream to this process.",
+    registers: [registry],
+    collect() {
+      this.set(sources.hosted().connectedWorkers);
+    },
+  });
+  new Gauge({
+    name: `${prefix}leases_held`,
+    help: "Work leases held by the workers connected to this process.",
+    registers: [registry],
+    collect() {
+      this.set(sources.hosted().leasesHeld);
+    },
+  });
+  new Gauge({
+    name: `${prefix}sessions_in_grace`,
+    help: "Worker sessions whose stream is lost and whose deadline has not passed (all processes).",
+    registers: [registry],
+    async collect() {
+      this.set(await sources.inGrace());
+    },
+  });
+  return {
+    registry,
+    grants: new Counter({
+      name: `${prefix}grants_total`,
+      help: "Work leases granted.",
+      registers: [registry],
+    }),
+    expiries: new Counter({
+      name: `${prefix}lease_expiries_total`,
+      help: "Work leases expired at their session's deadline.",
+      registers: [registry],
+    }),
+    fencedReports: new Counter({
+      name: `${prefix}fenced_reports_total`,
+      help: "Worker reports rejected because their (action, epoch) was not the current lease.",
+      registers: [registry],
+    }),
+    heartbeatAckSeconds: new Histogram({
+      name: `${prefix}heartbeat_ack_seconds`,
+      help: "Time from receiving a heartbeat to queuing its ack.",
+      buckets: [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
+      registers: [registry],
+    }),
+  };
+}
+
+/** Serves `GET /metrics` on its own HTTP port. */
+export async function serveMetrics(
+  registry: Registry,
+  host: string,
+  port: number,
+): Promise<{ port: number; close(): Promise<void> }> {
+  const server: Server = createServer((request, response) => {
+    if (request.url !== "/metrics") {
+      response.writeHead(404).end("only /metrics is served here\n");
+      return;
+    }
+    registry.metrics().then(
+      (text) => response.writeHead(200, { "content-type": registry.contentType }).end(text),
+      (error: unknown) => response.writeHead(500).end(`metrics failed: ${String(error)}\n`),
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve());
+  });
+  const address = server.address();
+  return {
+    port: typeof address === "object" && address ? address.port : port,
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}

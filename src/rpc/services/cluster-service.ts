@@ -1,0 +1,99 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { LeaseholdError } from "../../errors.js";
+import {
+  ClusterHealth,
+  ClusterService,
+  type WorkerSchema,
+  WorkerState,
+} from "../../gen/leasehold/v1/cluster_pb.js";
+import type { Clock } from "../../store/clock.js";
+import { listClusters } from "../../store/clusters.js";
+import type { Db } from "../../store/database.js";
+import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "../../store/workers.js";
+import type { LeaseManager } from "../../work/lease-manager.js";
+import { decodePageToken, encodePageToken, pageSize } from "../../work/page-token.js";
+import { bind, type ServiceBinding } from "../server.js";
+import { checkLength, requireId, Violations } from "../validate.js";
+
+/** The ClusterService handlers: what the database says about clusters and workers. */
+export function clusterServiceBinding(deps: { db: Db; clock: Clock; leases: LeaseManager }): ServiceBinding {
+  const { db, clock, leases } = deps;
+  const getWorker = async (workerId: string) => {
+    const [worker] = await listWorkers(db, { workerId }, undefined, 1);
+    if (!worker) throw LeaseholdError.notFound("worker", workerId);
+    return worker;
+  };
+  return bind(ClusterService, {
+    async listClusters() {
+      const clusters = await listClusters(db, clock);
+      return {
+        clusters: clusters.map((c) => ({
+          name: c.name,
+          health: ClusterHealth[c.health],
+          healthReason: c.healthReason,
+          connectedWorkers: c.connectedWorkers,
+          workersInGrace: c.workersInGrace,
+          queuedActions: c.queuedActions,
+          leasedActions: c.leasedActions,
+          recentExpiries: c.recentExpiries,
+        })),
+      };
+    },
+    async listWorkers(request) {
+      let state: StoreState | undefined;
+      if (request.state !== WorkerState.UNSPECIFIED) {
+        const name = WorkerState[request.state];
+        if (name === undefined)
+          throw LeaseholdError.invalidArgument("state", `is not a known WorkerState (${request.state})`);
+        state = name as StoreState;
+      }
+      const filter = { cluster: request.cluster || undefined, state };
+      const size = pageSize(request.pageSize);
+      const cursor = decodePageToken(request.pageToken, filter);
+      const rows = await listWorkers(db, filter, cursor?.after, size + 1);
+      const page = rows.slice(0, size);
+      const last = page.at(-1);
+      return {
+        workers: page.map(toProtoWorker),
+        nextPageToken: rows.length > size && last ? encodePageToken(last.workerId, filter) : "",
+      };
+    },
+    async getWorker(request) {
+      return { worker: toProtoWorker(await getWorker(requireId("worker_id", request.workerId))) };
+    },
+    async drainWorker(request) {
+      const workerId = requireId("worker_id", request.workerId);
+      const v = new Violations();
+      checkLength(v, "reason", request.reason, 1024);
+      v.throwIfAny();
+      if (!(await leases.drain(workerId, request.reason))) throw LeaseholdError.notFound("worker", workerId);
+      return { worker: toProtoWorker(await getWorker(workerId)) };
+    },
+  });
+}
+
+function toProtoWorker(w: WorkerRecord): MessageInitShape<typeof WorkerSchema> {
+  return {
+    workerId: w.workerId,
+    cluster: w.cluster,
+    capacity: w.capacity,
+    labels: { ...w.labels },
+    state: WorkerState[w.state],
+    ...(w.session
+      ? {
+          session: {
+            sessionId: w.session.sessionId,
+            startTime: timestampFromDate(w.session.startedAt),
+            deadline: timestampFromDate(w.session.deadline),
+            ...(w.session.streamLostAt ? { streamLostTime: timestampFromDate(w.session.streamLostAt) } : {}),
+            serverId: w.session.serverId ?? "",
+          },
+          lastSeenTime: timestampFromDate(w.session.lastHeardAt),
+        }
+      : { lastSeenTime: timestampFromDate(w.lastSeenAt) }),
+    heldLeases: w.heldLeases.map((l) => ({ actionId: l.actionId, epoch: BigInt(l.epoch) })),
+    draining: w.draining,
+    agentVersion: w.agentVersion,
+  };
+}

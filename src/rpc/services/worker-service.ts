@@ -1,0 +1,288 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { LeaseholdError } from "../../errors.js";
+import {
+  type ConnectRequest,
+  type ConnectResponseSchema,
+  type Hello,
+  RejectReason,
+  RevokeReason,
+  WorkerService,
+} from "../../gen/leasehold/v1/worker_pb.js";
+import type { HelloInput } from "../../store/queries/open-session.js";
+import type { JsonObject } from "../../work/action.js";
+import type { LeaseManager } from "../../work/lease-manager.js";
+import type { ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
+import { bind, type ServiceBinding } from "../server.js";
+import { checkLabels, checkName, Violations } from "../validate.js";
+
+/** The WorkerService.Connect handler over the lease manager. */
+export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
+  return bind(WorkerService, {
+    async connect(stream, ctx) {
+      const requests = stream.requests[Symbol.asyncIterator]();
+      const first = await requests.next();
+      if (first.done || first.value.message.case !== "hello") {
+        throw LeaseholdError.invalidArgument(
+          "message",
+          `the first message on Connect must be a hello (got ${first.done ? "end of stream" : (first.value.message.case ?? "an empty message")})`,
+        );
+      }
+      const hello = toHelloInput(first.value.message.value);
+
+      // The lease manager closes the stream on takeover, reap or goodbye.
+      let closeError: Error | undefined;
+      let closeRequested: () => void = () => {};
+      const closed = new Promise<IteratorResult<ConnectRequest>>((resolve) => {
+        closeRequested = () => resolve({ done: true, value: undefined });
+      });
+      const cancelled = new Promise<IteratorResult<ConnectRequest>>((resolve) => {
+        if (ctx.signal.aborted) resolve({ done: true, value: undefined });
+        ctx.signal.addEventListener("abort", () => resolve({ done: true, value: undefined }), { once: true });
+      });
+      const link: WorkerLink = {
+        send: (message) => {
+          stream.send(toConnectResponse(message));
+        },
+        close: (error) => {
+          closeError = error;
+          closeRequested();
+        },
+      };
+
+      const session = await leases.open(hello, link);
+      try {
+        for (;;) {
+          const next = await Promise.race([requests.next(), closed, cancelled]);
+          if (next.done) break;
+          const message = toWorkerMessage(next.value);
+          if (message.type === "invalid") {
+            link.send({
+              type: "report_result",
+              reportId: message.reportId,
+              actionId: message.actionId,
+              epoch: 0,
+              accepted: false,
+              rejectReason: "INVALID",
+              message: message.message,
+            });
+            continue;
+          }
+          session.receive(message);
+        }
+      } finally {
+        await session.streamEnded();
+      }
+      if (closeError) throw closeError;
+    },
+  });
+}
+
+const MAX_CAPACITY = 10_000;
+
+/** Validates a hello (every violation at once). */
+export function toHelloInput(hello: Hello): HelloInput {
+  const v = new Violations();
+  checkName(v, "hello.worker_id", hello.workerId);
+  checkName(v, "hello.cluster", hello.cluster);
+  const capacity = hello.capacity === 0 ? 1 : hello.capacity;
+  if (capacity > MAX_CAPACITY) v.add("hello.capacity", `must be at most ${MAX_CAPACITY} (got ${capacity})`);
+  checkLabels(v, "hello.labels", hello.labels);
+  hello.heldLeases.forEach((l, i) => {
+    if (l.actionId === "") v.add(`hello.held_leases[${i}].action_id`, "is required");
+    if (l.epoch === 0n) v.add(`hello.held_leases[${i}].epoch`, "must be the epoch of the grant (at least 1)");
+  });
+  if (hello.agentVersion.length > 256) v.add("hello.agent_version", "must be at most 256 characters");
+  v.throwIfAny();
+  return {
+    workerId: hello.workerId,
+    cluster: hello.cluster,
+    capacity,
+    labels: { ...hello.labels },
+    agentVersion: hello.agentVersion,
+    heldLeases: hello.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
+  };
+}
+
+type Invalid = { type: "invalid"; reportId: bigint; actionId: string; message: string };
+
+/** A report must name its action and the epoch of its grant. */
+function checkReport(
+  field: string,
+  report: { reportId: bigint; actionId: string; epoch: bigint },
+): Invalid | undefined {
+  if (report.actionId === "") {
+    return {
+      type: "invalid",
+      reportId: report.reportId,
+      actionId: "",
+      message: `${field}.action_id: is required`,
+    };
+  }
+  if (report.epoch === 0n) {
+    return {
+      type: "invalid",
+      reportId: report.reportId,
+      actionId: report.actionId,
+      message: `${field}.epoch: must be the epoch of the grant (at least 1)`,
+    };
+  }
+  return undefined;
+}
+
+function toWorkerMessage(request: ConnectRequest): WorkerMessage | Invalid {
+  const m = request.message;
+  switch (m.case) {
+    case "heartbeat":
+      return {
+        type: "heartbeat",
+        sequence: m.value.sequence,
+        held: m.value.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
+      };
+    case "grantAck":
+      return (
+        checkReport("grant_ack", m.value) ?? {
+          type: "grant_ack",
+          reportId: m.value.reportId,
+          actionId: m.value.actionId,
+          epoch: Number(m.value.epoch),
+        }
+      );
+    case "progress":
+      return (
+        checkReport("progress", m.value) ?? {
+          type: "progress",
+          reportId: m.value.reportId,
+          actionId: m.value.actionId,
+          epoch: Number(m.value.epoch),
+          phase: m.value.phase,
+          checkpoint: m.value.checkpoint as JsonObject | undefined,
+        }
+      );
+    case "completion": {
+      const invalid = checkReport("completion", m.value);
+      if (invalid) return invalid;
+      const outcome = m.value.outcome;
+      if (outcome.case === undefined) {
+        return {
+          type: "invalid",
+          reportId: m.value.reportId,
+          actionId: m.value.actionId,
+          message: "completion.outcome: set succeeded or failed",
+        };
+      }
+      return {
+        type: "completion",
+        reportId: m.value.reportId,
+        actionId: m.value.actionId,
+        epoch: Number(m.value.epoch),
+        outcome:
+          outcome.case === "succeeded"
+            ? { kind: "succeeded", output: outcome.value.output as JsonObject | undefined }
+            : {
+                kind: "failed",
+                message: outcome.value.message,
+                retryable: outcome.value.retryable,
+                details: outcome.value.details as JsonObject | undefined,
+              },
+      };
+    }
+    case "release":
+      return (
+        checkReport("release", m.value) ?? {
+          type: "release",
+          reportId: m.value.reportId,
+          actionId: m.value.actionId,
+          epoch: Number(m.value.epoch),
+          reason: m.value.reason,
+        }
+      );
+    case "goodbye":
+      return { type: "goodbye", reason: m.value.reason };
+    case "hello":
+      return {
+        type: "invalid",
+        reportId: 0n,
+        actionId: "",
+        message: "hello: send it only as the first message",
+      };
+    default:
+      return {
+        type: "invalid",
+        reportId: 0n,
+        actionId: "",
+        message: "message: set one of the ConnectRequest fields",
+      };
+  }
+}
+
+type Response = MessageInitShape<typeof ConnectResponseSchema>;
+
+function toConnectResponse(m: ServerMessage): Response {
+  switch (m.type) {
+    case "welcome":
+      return {
+        message: {
+          case: "welcome",
+          value: {
+            sessionId: m.sessionId,
+            heartbeatInterval: durationFromMs(m.heartbeatIntervalMs),
+            gracePeriod: durationFromMs(m.gracePeriodMs),
+            resumed: m.resumed.map((l) => ({ actionId: l.actionId, epoch: BigInt(l.epoch) })),
+            revoked: m.revoked.map((l) => ({ actionId: l.actionId, epoch: BigInt(l.epoch) })),
+            sessionResumed: m.sessionResumed,
+            serverId: m.serverId,
+          },
+        },
+      };
+    case "grant":
+      return {
+        message: {
+          case: "grant",
+          value: {
+            actionId: m.actionId,
+            epoch: BigInt(m.epoch),
+            attempt: m.attempt,
+            ...(m.payload ? { payload: m.payload as never } : {}),
+            runId: m.runId,
+            ...(m.checkpoint ? { checkpoint: m.checkpoint as never } : {}),
+          },
+        },
+      };
+    case "heartbeat_ack":
+      return {
+        message: {
+          case: "heartbeatAck",
+          value: { sequence: m.sequence, remaining: durationFromMs(m.remainingMs) },
+        },
+      };
+    case "revoke":
+      return {
+        message: {
+          case: "revoke",
+          value: {
+            actionId: m.actionId,
+            epoch: BigInt(m.epoch),
+            reason: RevokeReason[m.reason],
+            message: m.message,
+          },
+        },
+      };
+    case "report_result":
+      return {
+        message: {
+          case: "reportResult",
+          value: {
+            reportId: m.reportId,
+            actionId: m.actionId,
+            epoch: BigInt(m.epoch),
+            accepted: m.accepted,
+            rejectReason: m.rejectReason ? RejectReason[m.rejectReason] : RejectReason.UNSPECIFIED,
+            message: m.message,
+          },
+        },
+      };
+    case "drain":
+      return { message: { case: "drain", value: { reason: m.reason } } };
+  }
+}

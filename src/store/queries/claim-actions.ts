@@ -1,0 +1,131 @@
+import { sql } from "drizzle-orm";
+import type { JsonObject } from "../../work/action.js";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows, toNumber } from "../rows.js";
+
+/** A queued action locked for granting. */
+export interface Claimable {
+  readonly id: string;
+  readonly labelSelector: Readonly<Record<string, string>>;
+}
+
+/**
+ * Locks up to `limit` queued actions of `cluster` that some free worker can
+ * take, by priority then age. Run inside the transaction that grants them.
+ *
+ * Locking: `for update skip locked`, so processes sharing the database claim
+ * disjoint batches and never wait on each other. `labelSets` are the label
+ * maps of this process's workers with free slots: an action is claimable only
+ * if one of them carries all its selector labels (`<@`), so actions no worker
+ * here can take never block the head of the queue. Served by the partial
+ * index actions_claim_idx (cluster, priority desc, created_at) where QUEUED.
+ */
+export async function claimActions(
+  tx: Db,
+  clock: Clock,
+  cluster: string,
+  labelSets: readonly Readonly<Record<string, string>>[],
+  limit: number,
+): Promise<Claimable[]> {
+  const rows = await queryRows<{ id: string; label_selector: Record<string, string> }>(
+    tx,
+    sql`
+      select id, label_selector from actions
+      where state = 'QUEUED' and cluster = ${cluster} and not_before <= ${clock.now()}
+        and (label_selector = '{}'::jsonb
+             or exists (select 1 from jsonb_array_elements(${JSON.stringify(labelSets)}::jsonb) l
+                        where actions.label_selector <@ l))
+      order by priority desc, created_at
+      limit ${limit}
+      for update skip locked`,
+  );
+  return rows.map((r) => ({ id: r.id, labelSelector: r.label_selector }));
+}
+
+/** One action assigned to one session. */
+export interface Assignment {
+  readonly actionId: string;
+  readonly sessionId: string;
+  readonly workerId: string;
+}
+
+/** A grant as it is sent to the worker. */
+export interface GrantRecord {
+  readonly actionId: string;
+  readonly sessionId: string;
+  readonly workerId: string;
+  readonly cluster: string;
+  readonly epoch: number;
+  readonly attempt: number;
+  readonly payload: JsonObject | null;
+  readonly runId: string;
+  readonly checkpoint: JsonObject | null;
+}
+
+/**
+ * Grants claimed actions (locked by {@link claimActions} in the same
+ * transaction) in one statement: epoch + 1, attempt row, `lease_granted`
+ * event. Conditional on the action still being QUEUED and the session still
+ * live, so a session reaped meanwhile gets nothing.
+ */
+export async function grantActions(
+  tx: Db,
+  clock: Clock,
+  assignments: readonly Assignment[],
+): Promise<GrantRecord[]> {
+  if (assignments.length === 0) return [];
+  const now = clock.now();
+  const input = JSON.stringify(
+    assignments.map((a) => ({ id: a.actionId, session_id: a.sessionId, worker_id: a.workerId })),
+  );
+  const rows = await queryRows<{
+    id: string;
+    session_id: string;
+    worker_id: string;
+    cluster: string;
+    epoch: unknown;
+    attempt_count: number;
+    payload: JsonObject | null;
+    run_id: string;
+    checkpoint: JsonObject | null;
+  }>(
+    tx,
+    sql`
+      with input as (
+        select * from jsonb_to_recordset(${input}::jsonb) as x(id text, session_id text, worker_id text)
+      ),
+      granted as (
+        update actions a set
+          state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,
+          session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
+        from input i
+        where a.id = i.id and a.state = 'QUEUED'
+          and exists (select 1 from sessions s where s.id = i.session_id and s.ended_at is null)
+        returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
+                  i.session_id, i.worker_id
+      ),
+      attempt_rows as (
+        insert into attempts (action_id, epoch, worker_id, session_id, outcome, started_at)
+        select id, epoch, worker_id, session_id, 'RUNNING', ${now} from granted
+      ),
+      grant_events as (
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        select 'lease_granted', id, worker_id, cluster, session_id, epoch,
+          'lease granted to worker ' || worker_id || ' (epoch ' || epoch || ', attempt ' || attempt_count || ')'
+        from granted
+      )
+      select * from granted`,
+  );
+  return rows.map((r) => ({
+    actionId: r.id,
+    sessionId: r.session_id,
+    workerId: r.worker_id,
+    cluster: r.cluster,
+    epoch: toNumber(r.epoch),
+    attempt: r.attempt_count,
+    payload: r.payload,
+    runId: r.run_id,
+    checkpoint: r.checkpoint,
+  }));
+}

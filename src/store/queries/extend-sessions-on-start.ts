@@ -1,0 +1,33 @@
+import { sql } from "drizzle-orm";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows } from "../rows.js";
+
+/**
+ * SPEC rule 6, run once when a server process starts: every live session's
+ * deadline becomes at least now + grace, so a control-plane restart never
+ * causes an expiry. The extension is capped: a session not heard from for
+ * longer than `maxSilenceMs` gets none (a crash-looping server cannot keep
+ * sessions alive forever). Sessions nobody renewed for two heartbeat
+ * intervals lost their server with it: they are marked in grace.
+ */
+export async function extendSessionsOnStart(
+  db: Db,
+  clock: Clock,
+  options: { graceMs: number; maxSilenceMs: number; staleMs: number },
+): Promise<number> {
+  const now = clock.now();
+  const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
+  const rows = await queryRows<{ id: string }>(
+    db,
+    sql`
+      update sessions set
+        deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
+        stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
+                              then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
+        server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end
+      where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+      returning id`,
+  );
+  return rows.length;
+}

@@ -1,0 +1,146 @@
+import { sql } from "drizzle-orm";
+import type { ActionErrorInfo, JsonObject } from "../../work/action.js";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows } from "../rows.js";
+
+/** A report that ends an attempt: success, failure or release. */
+export interface FinishReport {
+  /** Index of the report in its batch, returned for the accepted ones. */
+  readonly key: number;
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly sessionId: string;
+  readonly kind: "succeeded" | "failed" | "released";
+  readonly output?: JsonObject | undefined;
+  readonly error?: ActionErrorInfo | undefined;
+  readonly reason?: string | undefined;
+}
+
+/** An accepted report and the state it moved the action to. */
+export interface Finished {
+  readonly key: number;
+  readonly actionId: string;
+  readonly state: "SUCCEEDED" | "FAILED" | "QUEUED" | "CANCELLED";
+}
+
+/**
+ * Applies a batch of finishing reports in one statement (group commit: the
+ * reports of many streams within a few milliseconds share it).
+ *
+ * Fencing (SPEC rule 4): a report applies only if (action id, epoch) is the
+ * current lease AND the action is LEASED to the reporting session; the join
+ * below is that condition, with the row locked (`for update`). A report that
+ * does not come back was fenced and left no trace. Action ids must be unique
+ * within one batch.
+ *
+ * Outcomes: success → SUCCEEDED; release → QUEUED with no retry used;
+ * retryable failure with attempts left → QUEUED after the policy's backoff;
+ * other failures → FAILED; any report of an action whose cancel was
+ * requested → CANCELLED.
+ */
+export async function finishActions(
+  db: Db,
+  clock: Clock,
+  reports: readonly FinishReport[],
+): Promise<Finished[]> {
+  if (reports.length === 0) return [];
+  const now = clock.now();
+  const input = JSON.stringify(
+    reports.map((r) => ({
+      k: r.key,
+      action_id: r.actionId,
+      epoch: r.epoch,
+      session_id: r.sessionId,
+      kind: r.kind,
+      output: r.output ?? null,
+      error: r.error ?? null,
+      retryable: r.error?.retryable ?? false,
+      reason: r.reason ?? "",
+    })),
+  );
+  const rows = await queryRows<{ k: number; id: string; state: Finished["state"] }>(
+    db,
+    sql`
+      with input as (
+        select * from jsonb_to_recordset(${input}::jsonb) as x(
+          k int, action_id text, epoch bigint, session_id text, kind text,
+          output jsonb, error jsonb, retryable bool, reason text)
+      ),
+      current as (
+        select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,
+               a.initial_backoff_ms, a.backoff_multiplier, a.max_backoff_ms, a.cancel_requested,
+               a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason
+        from actions a join input i
+          on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
+        for update of a
+      ),
+      decided as (
+        select c.*,
+          case
+            when c.cancel_requested then 'CANCELLED'
+            when c.kind = 'succeeded' then 'SUCCEEDED'
+            when c.kind = 'released' then 'QUEUED'
+            when c.retryable and c.failure_count + 1 < c.max_attempts then 'QUEUED'
+            else 'FAILED' end as next_state
+        from current c
+      ),
+      updated as (
+        update actions a set
+          state = d.next_state,
+          output = case when d.next_state = 'SUCCEEDED' then d.output else a.output end,
+          last_error = case when d.kind = 'failed' then d.error else a.last_error end,
+          failure_count = a.failure_count + case when d.kind = 'failed' then 1 else 0 end,
+          failure_reason = case
+            when d.next_state = 'FAILED' and d.retryable then
+              'failed after ' || (d.failure_count + 1) || ' attempts (max_attempts ' || d.max_attempts || '): '
+              || coalesce(d.error->>'message', '')
+            when d.next_state = 'FAILED' then 'failed (not retryable): ' || coalesce(d.error->>'message', '')
+            else a.failure_reason end,
+          not_before = case
+            when d.next_state = 'QUEUED' and d.kind = 'failed' then ${now} + make_interval(secs =>
+              least(d.max_backoff_ms, d.initial_backoff_ms * power(d.backoff_multiplier, d.failure_count)) / 1000.0)
+            else ${now} end,
+          finished_at = case when d.next_state in ('SUCCEEDED', 'FAILED', 'CANCELLED') then ${now} else null end,
+          session_id = null, worker_id = null, granted_at = null, updated_at = ${now}
+        from decided d
+        where a.id = d.id
+        returning a.id, a.state, d.k, d.kind, d.epoch, d.cluster, d.worker_id, d.session_id, d.error, d.reason,
+                  a.not_before
+      ),
+      attempts_ended as (
+        update attempts t set
+          outcome = case
+            when u.state = 'CANCELLED' then 'CANCELLED'
+            when u.kind = 'succeeded' then 'SUCCEEDED'
+            when u.kind = 'failed' then 'FAILED'
+            else 'RELEASED' end,
+          error = case when u.kind = 'failed' then u.error else null end,
+          ended_at = ${now}
+        from updated u where t.action_id = u.id and t.epoch = u.epoch
+      ),
+      report_events as (
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        select
+          case
+            when u.state = 'CANCELLED' then 'action_cancelled'
+            when u.state = 'SUCCEEDED' then 'action_succeeded'
+            when u.state = 'FAILED' then 'action_failed'
+            when u.kind = 'released' then 'lease_released'
+            else 'action_retry_scheduled' end,
+          u.id, u.worker_id, u.cluster, u.session_id, u.epoch,
+          case
+            when u.state = 'CANCELLED' then 'action cancelled; worker ' || u.worker_id || ' stopped it'
+            when u.state = 'SUCCEEDED' then 'action succeeded on worker ' || u.worker_id
+            when u.state = 'FAILED' then 'action failed on worker ' || u.worker_id || ': '
+              || coalesce(u.error->>'message', '')
+            when u.kind = 'released' then 'worker ' || u.worker_id || ' released the lease'
+              || case when u.reason <> '' then ': ' || u.reason else '' end
+            else 'attempt failed on worker ' || u.worker_id || '; retry after '
+              || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end
+        from updated u
+      )
+      select k, id, state from updated`,
+  );
+  return rows.map((r) => ({ key: r.k, actionId: r.id, state: r.state }));
+}

@@ -1,0 +1,211 @@
+import { sql } from "drizzle-orm";
+import { uuidv7 } from "uuidv7";
+import { Code, LeaseholdError } from "../../errors.js";
+import type { JsonObject } from "../../work/action.js";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows, toDate, toNumber } from "../rows.js";
+import { reapSessions } from "./reap-sessions.js";
+
+/** A hello, validated. */
+export interface HelloInput {
+  readonly workerId: string;
+  readonly cluster: string;
+  readonly capacity: number;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly agentVersion: string;
+  readonly heldLeases: readonly { actionId: string; epoch: number }[];
+}
+
+/** A lease the session holds that the worker did not list: sent to it again. */
+export interface HeldGrant {
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly attempt: number;
+  readonly payload: JsonObject | null;
+  readonly runId: string;
+  readonly checkpoint: JsonObject | null;
+  readonly cancelRequested: boolean;
+}
+
+/** What a hello opened. */
+export interface OpenedSession {
+  readonly sessionId: string;
+  /** An existing session continued (within its deadline). */
+  readonly resumed: boolean;
+  /** The continued session's stream was still believed open: this stream takes it over. */
+  readonly tookOver: boolean;
+  /** The server that hosted the session's previous stream, if any. */
+  readonly previousServerId: string | null;
+  readonly deadline: Date;
+  readonly dbNow: Date;
+  readonly draining: boolean;
+  /** Listed leases that continue with the same epoch. */
+  readonly resumedLeases: readonly HeldGrant[];
+  /** Listed leases that are no longer the worker's. */
+  readonly revokedLeases: readonly { actionId: string; epoch: number }[];
+  /** Leases of the session the worker did not list (it never received their grant). */
+  readonly unlistedLeases: readonly HeldGrant[];
+}
+
+/**
+ * Registers the cluster and worker and opens or resumes the worker's session,
+ * in one transaction holding the worker's live-session row lock:
+ * - a live session within its deadline is resumed (SPEC rule 2), or taken
+ *   over if its stream was still open (rule 8);
+ * - a live session already past its deadline is reaped first (its leases
+ *   expire as at any deadline), then a new session starts;
+ * - listed leases are resumed if (action, epoch) is still this session's
+ *   lease, and revoked otherwise.
+ */
+export async function openSession(
+  db: Db,
+  clock: Clock,
+  serverId: string,
+  graceMs: number,
+  hello: HelloInput,
+): Promise<OpenedSession> {
+  const now = clock.now();
+  const grace = sql`make_interval(secs => ${graceMs} / 1000.0)`;
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    await tx.execute(
+      sql`insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing`,
+    );
+    const [worker] = await queryRows<{ cluster: string; draining: boolean }>(
+      tx,
+      sql`select cluster, draining from workers where worker_id = ${hello.workerId} for update`,
+    );
+    let [live] = await queryRows<{
+      id: string;
+      deadline: unknown;
+      stream_lost_at: unknown;
+      server_id: string | null;
+      expired: boolean;
+    }>(
+      tx,
+      sql`select id, deadline, stream_lost_at, server_id, deadline < ${now} as expired
+          from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
+    );
+    if (live && worker && worker.cluster !== hello.cluster && !live.expired) {
+      throw new LeaseholdError(
+        Code.FailedPrecondition,
+        `worker ${hello.workerId} has a live session in cluster ${worker.cluster}; ` +
+          `say goodbye there first, or use another worker_id for cluster ${hello.cluster}`,
+        { reason: "WORKER_IN_OTHER_CLUSTER" },
+      );
+    }
+    if (live?.expired) {
+      await reapSessions(tx, clock, { limit: 1, sessionIds: [live.id] });
+      live = undefined;
+    }
+    const resumed = live !== undefined;
+    const draining = resumed ? (worker?.draining ?? false) : false;
+    await tx.execute(sql`
+      insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, last_seen_at)
+      values (${hello.workerId}, ${hello.cluster}, ${hello.capacity}, ${JSON.stringify(hello.labels)}::jsonb,
+              ${hello.agentVersion}, false, ${now})
+      on conflict (worker_id) do update set
+        cluster = excluded.cluster, capacity = excluded.capacity, labels = excluded.labels,
+        agent_version = excluded.agent_version, last_seen_at = excluded.last_seen_at,
+        draining = ${draining}`);
+
+    let sessionId: string;
+    let row: { deadline: unknown; db_now: unknown } | undefined;
+    if (live) {
+      sessionId = live.id;
+      [row] = await queryRows(
+        tx,
+        sql`update sessions set deadline = greatest(deadline, ${now} + ${grace}), last_heard_at = ${now},
+              stream_lost_at = null, server_id = ${serverId}
+            where id = ${sessionId} returning deadline, ${now} as db_now`,
+      );
+    } else {
+      sessionId = uuidv7();
+      [row] = await queryRows(
+        tx,
+        sql`insert into sessions (id, worker_id, server_id, started_at, deadline, last_heard_at)
+            values (${sessionId}, ${hello.workerId}, ${serverId}, ${now}, ${now} + ${grace}, ${now})
+            returning deadline, ${now} as db_now`,
+      );
+    }
+    const tookOver = live !== undefined && live.stream_lost_at === null;
+
+    const held = await queryRows<{
+      id: string;
+      epoch: unknown;
+      attempt_count: number;
+      payload: JsonObject | null;
+      run_id: string;
+      checkpoint: JsonObject | null;
+      cancel_requested: boolean;
+    }>(
+      tx,
+      sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested
+          from actions where session_id = ${sessionId} and state = 'LEASED'`,
+    );
+    const heldById = new Map(
+      held.map((h) => [
+        h.id,
+        {
+          actionId: h.id,
+          epoch: toNumber(h.epoch),
+          attempt: h.attempt_count,
+          payload: h.payload,
+          runId: h.run_id,
+          checkpoint: h.checkpoint,
+          cancelRequested: h.cancel_requested,
+        },
+      ]),
+    );
+    const resumedLeases: HeldGrant[] = [];
+    const revokedLeases: { actionId: string; epoch: number }[] = [];
+    const listed = new Set<string>();
+    for (const lease of hello.heldLeases) {
+      listed.add(lease.actionId);
+      const current = heldById.get(lease.actionId);
+      if (current && current.epoch === lease.epoch) resumedLeases.push(current);
+      else revokedLeases.push(lease);
+    }
+    const unlistedLeases = [...heldById.values()].filter((h) => !listed.has(h.actionId));
+
+    const kind = !resumed ? "session_started" : tookOver ? "session_taken_over" : "session_resumed";
+    const message = !resumed
+      ? `worker ${hello.workerId} started a session (capacity ${hello.capacity})`
+      : tookOver
+        ? `a new stream of worker ${hello.workerId} took the session over; the older stream is closed`
+        : `worker ${hello.workerId} reconnected within grace and resumed its session`;
+    const events = [
+      { kind, action_id: null, epoch: null, message },
+      ...resumedLeases.map((l) => ({
+        kind: "lease_resumed",
+        action_id: l.actionId,
+        epoch: l.epoch,
+        message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
+      })),
+      ...revokedLeases.map((l) => ({
+        kind: "lease_revoked",
+        action_id: l.actionId,
+        epoch: l.epoch,
+        message: `worker ${hello.workerId} listed a lease it no longer holds (epoch ${l.epoch}); revoked`,
+      })),
+    ];
+    await tx.execute(sql`
+      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+      select kind, action_id, ${hello.workerId}, ${hello.cluster}, ${sessionId}, epoch, message
+      from jsonb_to_recordset(${JSON.stringify(events)}::jsonb) as x(kind text, action_id text, epoch bigint, message text)`);
+
+    return {
+      sessionId,
+      resumed,
+      tookOver,
+      previousServerId: live?.server_id ?? null,
+      deadline: toDate(row?.deadline),
+      dbNow: toDate(row?.db_now),
+      draining,
+      resumedLeases,
+      revokedLeases,
+      unlistedLeases,
+    };
+  });
+}

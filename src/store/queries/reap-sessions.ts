@@ -1,0 +1,137 @@
+import { type SQL, sql } from "drizzle-orm";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows, toNumber } from "../rows.js";
+
+/** A lease that expired with its session. */
+export interface ExpiredLease {
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly workerId: string;
+  readonly sessionId: string;
+  readonly cluster: string;
+  /** QUEUED (re-queued), FAILED (system-retry budget exhausted) or CANCELLED (cancel was requested). */
+  readonly state: "QUEUED" | "FAILED" | "CANCELLED";
+}
+
+/** What one reap did. */
+export interface ReapResult {
+  readonly sessions: readonly { sessionId: string; workerId: string }[];
+  readonly expired: readonly ExpiredLease[];
+}
+
+/**
+ * Reaps sessions past their deadline (SPEC rule 3), in one statement: the
+ * sessions end, each lease they hold expires (attempt LEASE_EXPIRED, event
+ * `lease_expired` with the documented text), and each action goes back to
+ * QUEUED, or FAILED once its system-retry budget is spent, or CANCELLED if a
+ * cancel was pending.
+ *
+ * Locking: `for update skip locked` on the due sessions, so several processes
+ * may reap at once without reaping a session twice; a session another process
+ * is renewing at this instant is either renewed first (then not due) or
+ * reaped first (then its renewal finds it ended and closes the stream).
+ * `which` limits the reap to named sessions (used when a hello finds its own
+ * session already past its deadline).
+ */
+export async function reapSessions(
+  db: Db,
+  clock: Clock,
+  options: { limit: number; sessionIds?: readonly string[] },
+): Promise<ReapResult> {
+  const now = clock.now();
+  const which: SQL = options.sessionIds
+    ? sql`and id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
+    : sql``;
+  const rows = await queryRows<{
+    kind: "session" | "lease";
+    session_id: string;
+    worker_id: string;
+    action_id: string | null;
+    epoch: unknown;
+    cluster: string | null;
+    state: ExpiredLease["state"] | null;
+  }>(
+    db,
+    sql`
+      with due as (
+        select id from sessions
+        where ended_at is null and deadline < ${now} ${which}
+        order by deadline
+        limit ${options.limit}
+        for update skip locked
+      ),
+      ended as (
+        update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null
+        from due where s.id = due.id
+        returning s.id, s.worker_id
+      ),
+      expired as (
+        update actions a set
+          state = case
+            when a.cancel_requested then 'CANCELLED'
+            when a.system_retry_count + 1 > a.max_system_retries then 'FAILED'
+            else 'QUEUED' end,
+          system_retry_count = a.system_retry_count + case when a.cancel_requested then 0 else 1 end,
+          failure_reason = case
+            when a.cancel_requested then a.failure_reason
+            when a.system_retry_count + 1 > a.max_system_retries then
+              'lease expired ' || (a.system_retry_count + 1) || ' times (last: worker ' || ended.worker_id
+              || ', cluster ' || a.cluster || ', epoch ' || a.epoch || '); the system-retry budget of '
+              || a.max_system_retries || ' is exhausted'
+            else a.failure_reason end,
+          finished_at = case
+            when a.cancel_requested or a.system_retry_count + 1 > a.max_system_retries then ${now}
+            else null end,
+          session_id = null, worker_id = null, granted_at = null, not_before = ${now}, updated_at = ${now}
+        from ended
+        where a.session_id = ended.id and a.state = 'LEASED'
+        returning a.id, a.epoch, a.cluster, a.state, ended.id as session_id, ended.worker_id
+      ),
+      attempts_ended as (
+        update attempts t set outcome = 'LEASE_EXPIRED', ended_at = ${now}
+        from expired e where t.action_id = e.id and t.epoch = e.epoch
+      ),
+      expiry_events as (
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        select 'lease_expired', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
+          'lease expired for action ' || e.id || ' (worker ' || e.worker_id || ', cluster ' || e.cluster
+          || ', epoch ' || e.epoch || ')'
+        from expired e
+        union all
+        select 'action_failed', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
+          'action failed: system-retry budget exhausted'
+        from expired e where e.state = 'FAILED'
+        union all
+        select 'action_cancelled', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
+          'action cancelled (its lease expired while the cancel was pending)'
+        from expired e where e.state = 'CANCELLED'
+      ),
+      session_events as (
+        insert into events (kind, worker_id, cluster, session_id, message)
+        select 'session_reaped', ended.worker_id, w.cluster, ended.id,
+          'session of worker ' || ended.worker_id || ' reaped at its deadline'
+        from ended join workers w on w.worker_id = ended.worker_id
+      )
+      select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,
+             null as cluster, null as state
+      from ended
+      union all
+      select 'lease', session_id, worker_id, id, epoch, cluster, state from expired`,
+  );
+  return {
+    sessions: rows
+      .filter((r) => r.kind === "session")
+      .map((r) => ({ sessionId: r.session_id, workerId: r.worker_id })),
+    expired: rows
+      .filter((r) => r.kind === "lease")
+      .map((r) => ({
+        actionId: r.action_id as string,
+        epoch: toNumber(r.epoch),
+        workerId: r.worker_id,
+        sessionId: r.session_id,
+        cluster: r.cluster as string,
+        state: r.state as ExpiredLease["state"],
+      })),
+  };
+}

@@ -1,0 +1,55 @@
+import { sql } from "drizzle-orm";
+import type { JsonObject } from "../../work/action.js";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows } from "../rows.js";
+
+/** A progress report: phase and optional checkpoint. */
+export interface ProgressReport {
+  readonly key: number;
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly sessionId: string;
+  readonly phase: string;
+  readonly checkpoint?: JsonObject | undefined;
+}
+
+/**
+ * Applies a batch of progress reports in one statement, fenced like
+ * completions: only the current lease of the reporting session applies.
+ * Returns the keys of the accepted reports. Progress is frequent, so it
+ * writes no event; WatchAction shows the phase.
+ */
+export async function recordProgress(
+  db: Db,
+  clock: Clock,
+  reports: readonly ProgressReport[],
+): Promise<number[]> {
+  if (reports.length === 0) return [];
+  const input = JSON.stringify(
+    reports.map((r) => ({
+      k: r.key,
+      action_id: r.actionId,
+      epoch: r.epoch,
+      session_id: r.sessionId,
+      phase: r.phase,
+      checkpoint: r.checkpoint ?? null,
+    })),
+  );
+  const rows = await queryRows<{ k: number }>(
+    db,
+    sql`
+      with input as (
+        select * from jsonb_to_recordset(${input}::jsonb) as x(
+          k int, action_id text, epoch bigint, session_id text, phase text, checkpoint jsonb)
+      )
+      update actions a set
+        phase = case when i.phase <> '' then i.phase else a.phase end,
+        checkpoint = coalesce(i.checkpoint, a.checkpoint),
+        updated_at = ${clock.now()}
+      from input i
+      where a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
+      returning i.k`,
+  );
+  return rows.map((r) => r.k);
+}

@@ -1,0 +1,652 @@
+import type { Logger } from "pino";
+import { Code, LeaseholdError } from "../errors.js";
+import { createBatcher } from "../store/batcher.js";
+import type { Clock } from "../store/clock.js";
+import { refreshClusterHealth } from "../store/clusters.js";
+import type { Db } from "../store/database.js";
+import { claimActions, type GrantRecord, grantActions } from "../store/queries/claim-actions.js";
+import { endSession } from "../store/queries/end-session.js";
+import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
+import { type Finished, type FinishReport, finishActions } from "../store/queries/finish-actions.js";
+import { markStreamLost } from "../store/queries/mark-stream-lost.js";
+import { type HelloInput, openSession } from "../store/queries/open-session.js";
+import { reapSessions } from "../store/queries/reap-sessions.js";
+import { recordFencedReports } from "../store/queries/record-fenced.js";
+import { type ProgressReport, recordProgress } from "../store/queries/record-progress.js";
+import { renewSessions } from "../store/queries/renew-sessions.js";
+import { setWorkerDraining } from "../store/workers.js";
+import type { JsonObject } from "./action.js";
+import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
+import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
+
+/** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
+export interface LeaseMetrics {
+  readonly grants: { inc(n?: number): void };
+  readonly expiries: { inc(n?: number): void };
+  readonly fencedReports: { inc(n?: number): void };
+  readonly heartbeatAckSeconds: { observe(seconds: number): void };
+}
+
+/** Options of {@link createLeaseManager}. */
+export interface LeaseManagerOptions {
+  readonly db: Db;
+  readonly clock: Clock;
+  readonly feed: ChangeFeed;
+  readonly log: Logger;
+  readonly metrics: LeaseMetrics;
+  /** This process's id, written on the sessions it hosts. */
+  readonly serverId: string;
+  readonly gracePeriodMs: number;
+  readonly heartbeatIntervalMs: number;
+  /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
+  readonly maxSilenceMs?: number;
+  /**
+   * Run the renewal, reap and dispatch loops on timers. Default true; tests
+   * with a fake clock turn it off and call `tick` themselves.
+   */
+  readonly timers?: boolean;
+}
+
+/** A worker's open stream, as the rpc layer drives it. */
+export interface SessionHandle {
+  readonly sessionId: string;
+  /** Handles one message from the worker. Never throws; replies go through the link. */
+  receive(message: WorkerMessage): void;
+  /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
+  streamEnded(): Promise<void>;
+}
+
+/** Snapshot of what this process hosts, for metrics. */
+export interface HostedStats {
+  readonly connectedWorkers: number;
+  readonly leasesHeld: number;
+}
+
+/** The work-lease protocol of one server process (SPEC §2). */
+export interface LeaseManager extends AsyncDisposable {
+  /** Opens or resumes a session for a validated hello. */
+  open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle>;
+  /** Extends live sessions for the restart (rule 6) and starts the loops. */
+  start(): Promise<void>;
+  /** Stops the loops and flushes pending reports. Open streams are ended by the rpc server. */
+  close(): Promise<void>;
+  /** Sends a revoke to the session holding a lease, if this process hosts it. */
+  revoke(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
+  /** Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker). */
+  drain(workerId: string, reason: string): Promise<boolean>;
+  /** One round of each loop, for tests that drive time by hand. */
+  readonly tick: { renew(): Promise<void>; reap(): Promise<void>; dispatch(): Promise<void> };
+  stats(): HostedStats;
+}
+
+interface Hosted {
+  readonly sessionId: string;
+  readonly workerId: string;
+  readonly cluster: string;
+  readonly capacity: number;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly link: WorkerLink;
+  /** Leases this stream holds: action id → epoch. */
+  readonly held: Map<string, number>;
+  draining: boolean;
+  /** Slots reserved by a dispatch in flight. */
+  reserved: number;
+  /** performance.now() of the last message from the worker. */
+  heardAt: number;
+  heardSinceRenewal: boolean;
+  /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
+  deadlineMs: number;
+  dbOffsetMs: number;
+  ended: boolean;
+}
+
+/** Largest number of actions granted per claim statement. */
+const CLAIM_BATCH = 256;
+/** Sessions reaped per statement. */
+const REAP_BATCH = 500;
+
+export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
+  const { db, clock, feed, log, metrics, serverId } = options;
+  const graceMs = options.gracePeriodMs;
+  const maxSilenceMs = options.maxSilenceMs ?? 10 * graceMs;
+  const hosted = new Map<string, Hosted>();
+  const timers: NodeJS.Timeout[] = [];
+  let closed = false;
+
+  const remainingMs = (s: Hosted) => Math.max(0, s.deadlineMs - (Date.now() + s.dbOffsetMs));
+  const persisted = (s: Hosted, deadline: Date, dbNow: Date) => {
+    s.deadlineMs = deadline.getTime();
+    s.dbOffsetMs = dbNow.getTime() - Date.now();
+  };
+
+  const publishActions = (ids: Iterable<string>) => {
+    for (const id of ids) feed.publish(actionTopic(id));
+    feed.publish(EVENTS_TOPIC);
+  };
+
+  // ---- reports: group-committed, fenced in SQL --------------------------------------------------
+
+  /** Splits a batch into rounds with unique action ids (one statement may touch an action once). */
+  function rounds<T extends { actionId: string }>(items: readonly T[]): T[][] {
+    const result: T[][] = [];
+    for (const item of items) {
+      let round = result.find((r) => !r.some((x) => x.actionId === item.actionId));
+      if (!round) {
+        round = [];
+        result.push(round);
+      }
+      round.push(item);
+    }
+    return result;
+  }
+
+  const finishes = createBatcher<Omit<FinishReport, "key">, Finished | undefined>(async (batch) => {
+    const results = new Array<Finished | undefined>(batch.length);
+    const keyed = batch.map((r, key) => ({ ...r, key }));
+    for (const round of rounds(keyed)) {
+      for (const f of await finishActions(db, clock, round)) results[f.key] = f;
+    }
+    return results;
+  });
+
+  const progress = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
+    const accepted = new Set<number>();
+    const keyed = batch.map((r, key) => ({ ...r, key }));
+    for (const round of rounds(keyed)) {
+      for (const key of await recordProgress(db, clock, round)) accepted.add(key);
+    }
+    return batch.map((_, i) => accepted.has(i));
+  });
+
+  function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
+    metrics.fencedReports.inc();
+    const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
+    s.link.send({
+      type: "report_result",
+      reportId,
+      ...token,
+      accepted: false,
+      rejectReason: "FENCED",
+      message,
+    });
+    s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
+    if (s.held.get(token.actionId) === token.epoch) s.held.delete(token.actionId);
+    recordFencedReports(db, [{ ...token, workerId: s.workerId, sessionId: s.sessionId, what }]).then(
+      () => feed.publish(EVENTS_TOPIC),
+      (error: unknown) => log.warn({ err: error }, "could not record a fenced report"),
+    );
+  }
+
+  function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
+    log.warn({ err: error, actionId: token.actionId }, "could not apply a report; the worker may retry it");
+    s.link.send({
+      type: "report_result",
+      reportId,
+      ...token,
+      accepted: false,
+      rejectReason: "UNAVAILABLE",
+      message: "the server could not apply the report now (database unavailable); send it again",
+    });
+  }
+
+  function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
+    s.link.send({ type: "report_result", reportId, ...token, accepted: true, message });
+  }
+
+  function onFinish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void {
+    const token = { actionId: m.actionId, epoch: m.epoch };
+    const report: Omit<FinishReport, "key"> =
+      m.type === "release"
+        ? { ...token, sessionId: s.sessionId, kind: "released", reason: m.reason }
+        : m.outcome.kind === "succeeded"
+          ? { ...token, sessionId: s.sessionId, kind: "succeeded", output: m.outcome.output }
+          : {
+              ...token,
+              sessionId: s.sessionId,
+              kind: "failed",
+              error: {
+                message: m.outcome.message,
+                retryable: m.outcome.retryable,
+                details: m.outcome.details,
+              },
+            };
+    finishes.add(report).then(
+      (finished) => {
+        if (!finished) return fenced(s, m.reportId, token, m.type);
+        if (s.held.get(token.actionId) === token.epoch) s.held.delete(token.actionId);
+        accept(s, m.reportId, token, `action is now ${finished.state}`);
+        publishActions([token.actionId]);
+        scheduleDispatch();
+      },
+      (error: unknown) => unavailable(s, m.reportId, token, error),
+    );
+  }
+
+  function onProgress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
+    const token = { actionId: m.actionId, epoch: m.epoch };
+    progress.add({ ...token, sessionId: s.sessionId, phase: m.phase, checkpoint: m.checkpoint }).then(
+      (ok) => {
+        if (!ok) return fenced(s, m.reportId, token, "progress");
+        accept(s, m.reportId, token, "progress recorded");
+        feed.publish(actionTopic(token.actionId));
+      },
+      (error: unknown) => unavailable(s, m.reportId, token, error),
+    );
+  }
+
+  // ---- sessions ------------------------------------------------------------------------------------
+
+  function removeHosted(s: Hosted): void {
+    s.ended = true;
+    if (hosted.get(s.sessionId) === s) hosted.delete(s.sessionId);
+  }
+
+  function sendGrant(s: Hosted, g: Omit<GrantRecord, "sessionId" | "workerId" | "cluster">): void {
+    s.held.set(g.actionId, g.epoch);
+    s.link.send({
+      type: "grant",
+      actionId: g.actionId,
+      epoch: g.epoch,
+      attempt: g.attempt,
+      payload: g.payload,
+      runId: g.runId,
+      checkpoint: g.checkpoint as JsonObject | null,
+    });
+  }
+
+  async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
+    if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
+    const opened = await openSession(db, clock, serverId, graceMs, hello);
+    const previous = hosted.get(opened.sessionId);
+    if (previous) {
+      // Takeover on this process (rule 8): the older stream is closed.
+      removeHosted(previous);
+      previous.link.close(
+        new LeaseholdError(Code.Aborted, "a newer stream of this worker took the session over", {
+          reason: "SESSION_TAKEN_OVER",
+        }),
+      );
+    }
+    const s: Hosted = {
+      sessionId: opened.sessionId,
+      workerId: hello.workerId,
+      cluster: hello.cluster,
+      capacity: hello.capacity,
+      labels: hello.labels,
+      link,
+      held: new Map(),
+      draining: opened.draining,
+      reserved: 0,
+      heardAt: performance.now(),
+      heardSinceRenewal: false,
+      deadlineMs: 0,
+      dbOffsetMs: 0,
+      ended: false,
+    };
+    persisted(s, opened.deadline, opened.dbNow);
+    hosted.set(s.sessionId, s);
+    for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
+    link.send({
+      type: "welcome",
+      sessionId: s.sessionId,
+      heartbeatIntervalMs: options.heartbeatIntervalMs,
+      gracePeriodMs: graceMs,
+      resumed: opened.resumedLeases.map((l) => ({ actionId: l.actionId, epoch: l.epoch })),
+      revoked: opened.revokedLeases,
+      sessionResumed: opened.resumed,
+      serverId,
+    });
+    // Grants the worker never received (it did not list them) are sent again, same epoch.
+    for (const l of opened.unlistedLeases) sendGrant(s, l);
+    for (const l of [...opened.resumedLeases, ...opened.unlistedLeases]) {
+      if (l.cancelRequested) {
+        link.send({
+          type: "revoke",
+          actionId: l.actionId,
+          epoch: l.epoch,
+          reason: "CANCELLED",
+          message: "action cancelled",
+        });
+      }
+    }
+    if (s.draining) link.send({ type: "drain", reason: "the worker is being drained" });
+    log.info(
+      {
+        workerId: s.workerId,
+        cluster: s.cluster,
+        sessionId: s.sessionId,
+        resumed: opened.resumed,
+        tookOver: opened.tookOver,
+      },
+      opened.resumed ? "worker session resumed" : "worker session started",
+    );
+    publishActions([...opened.resumedLeases, ...opened.revokedLeases].map((l) => l.actionId));
+    scheduleDispatch();
+
+    let goodbye = false;
+    return {
+      sessionId: s.sessionId,
+      receive(message) {
+        if (s.ended) return;
+        s.heardAt = performance.now();
+        s.heardSinceRenewal = true;
+        switch (message.type) {
+          case "heartbeat": {
+            const started = s.heardAt;
+            s.link.send({ type: "heartbeat_ack", sequence: message.sequence, remainingMs: remainingMs(s) });
+            for (const token of message.held) {
+              if (s.held.get(token.actionId) !== token.epoch) {
+                s.link.send({
+                  type: "revoke",
+                  ...token,
+                  reason: "SUPERSEDED",
+                  message: `action ${token.actionId} epoch ${token.epoch} is not a lease of this session`,
+                });
+              }
+            }
+            metrics.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
+            return;
+          }
+          case "grant_ack": {
+            const token = { actionId: message.actionId, epoch: message.epoch };
+            if (s.held.get(token.actionId) === token.epoch)
+              accept(s, message.reportId, token, "grant acknowledged");
+            else fenced(s, message.reportId, token, "grant acknowledgement");
+            return;
+          }
+          case "progress":
+            return onProgress(s, message);
+          case "completion":
+          case "release":
+            return onFinish(s, message);
+          case "goodbye":
+            goodbye = true;
+            removeHosted(s);
+            void endSession(db, clock, s.sessionId, message.reason).then(
+              ({ releasedActionIds }) => {
+                log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
+                publishActions(releasedActionIds);
+                scheduleDispatch();
+                s.link.close();
+              },
+              (error: unknown) => {
+                log.error({ err: error, sessionId: s.sessionId }, "could not end the session on goodbye");
+                s.link.close(error instanceof Error ? error : undefined);
+              },
+            );
+            return;
+        }
+      },
+      async streamEnded() {
+        if (goodbye || s.ended) return;
+        removeHosted(s);
+        try {
+          const lost = await markStreamLost(
+            db,
+            clock,
+            serverId,
+            s.sessionId,
+            performance.now() - s.heardAt,
+            graceMs,
+          );
+          if (lost) {
+            log.info(
+              { workerId: s.workerId, sessionId: s.sessionId, deadline: lost.deadline },
+              "worker stream lost",
+            );
+            feed.publish(EVENTS_TOPIC);
+          }
+        } catch (error) {
+          // The deadline stands as last renewed; the reaper acts on it either way.
+          log.warn({ err: error, sessionId: s.sessionId }, "could not record a lost stream");
+        }
+      },
+    };
+  }
+
+  // ---- loops ---------------------------------------------------------------------------------------
+
+  async function renew(): Promise<void> {
+    const heard: Hosted[] = [];
+    for (const s of hosted.values()) {
+      if (s.heardSinceRenewal) {
+        s.heardSinceRenewal = false;
+        heard.push(s);
+      }
+    }
+    if (heard.length === 0) return;
+    const now = performance.now();
+    let renewed: Awaited<ReturnType<typeof renewSessions>>;
+    try {
+      renewed = await renewSessions(
+        db,
+        clock,
+        serverId,
+        graceMs,
+        heard.map((s) => ({ sessionId: s.sessionId, agoMs: now - s.heardAt })),
+      );
+    } catch (error) {
+      for (const s of heard) s.heardSinceRenewal = true;
+      throw error;
+    }
+    const byId = new Map(renewed.map((r) => [r.sessionId, r]));
+    for (const s of heard) {
+      const r = byId.get(s.sessionId);
+      if (r) {
+        persisted(s, r.deadline, r.dbNow);
+      } else if (!s.ended) {
+        // Reaped, or taken over by a stream on another process.
+        removeHosted(s);
+        s.link.close(
+          new LeaseholdError(Code.Aborted, "this session ended (reaped or taken over); reconnect", {
+            reason: "SESSION_ENDED",
+          }),
+        );
+      }
+    }
+  }
+
+  async function reap(): Promise<void> {
+    for (;;) {
+      const result = await reapSessions(db, clock, { limit: REAP_BATCH });
+      for (const { sessionId } of result.sessions) {
+        const s = hosted.get(sessionId);
+        if (s) {
+          removeHosted(s);
+          s.link.close(
+            new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
+              reason: "SESSION_REAPED",
+            }),
+          );
+        }
+      }
+      for (const e of result.expired) {
+        // The documented line (SPEC rule 3); operators grep for it.
+        log.warn(
+          { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
+          `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
+        );
+      }
+      if (result.expired.length > 0) {
+        metrics.expiries.inc(result.expired.length);
+        const clusters = [...new Set(result.expired.map((e) => e.cluster))];
+        await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
+          log.warn({ err: error }, "could not refresh cluster health"),
+        );
+        publishActions(result.expired.map((e) => e.actionId));
+        scheduleDispatch();
+      } else if (result.sessions.length > 0) {
+        feed.publish(EVENTS_TOPIC);
+      }
+      if (result.sessions.length < REAP_BATCH) return;
+    }
+  }
+
+  async function dispatch(): Promise<void> {
+    const byCluster = new Map<string, Hosted[]>();
+    for (const s of hosted.values()) {
+      if (s.ended || s.draining || s.capacity - s.held.size - s.reserved <= 0) continue;
+      const list = byCluster.get(s.cluster) ?? [];
+      list.push(s);
+      byCluster.set(s.cluster, list);
+    }
+    for (const [cluster, sessions] of byCluster) {
+      for (;;) {
+        const free = (s: Hosted) => s.capacity - s.held.size - s.reserved;
+        const total = sessions.reduce((n, s) => n + Math.max(0, free(s)), 0);
+        if (total <= 0) break;
+        const limit = Math.min(total, CLAIM_BATCH);
+        const labelSets = sessions.filter((s) => free(s) > 0).map((s) => s.labels);
+        const reservations = new Map<Hosted, number>();
+        let grants: GrantRecord[] = [];
+        let claimed = 0;
+        try {
+          grants = await db.transaction(async (t) => {
+            const tx = t as unknown as Db;
+            const candidates = await claimActions(tx, clock, cluster, labelSets, limit);
+            claimed = candidates.length;
+            const assignments = [];
+            for (const action of candidates) {
+              let best: Hosted | undefined;
+              for (const s of sessions) {
+                const f = free(s) - (reservations.get(s) ?? 0);
+                if (f <= 0 || s.ended || !matches(s.labels, action.labelSelector)) continue;
+                if (!best || f > free(best) - (reservations.get(best) ?? 0)) best = s;
+              }
+              if (!best) continue;
+              reservations.set(best, (reservations.get(best) ?? 0) + 1);
+              assignments.push({ actionId: action.id, sessionId: best.sessionId, workerId: best.workerId });
+            }
+            for (const [s, n] of reservations) s.reserved += n;
+            return grantActions(tx, clock, assignments);
+          });
+        } finally {
+          for (const [s, n] of reservations) s.reserved -= n;
+        }
+        for (const g of grants) {
+          const s = hosted.get(g.sessionId);
+          // A stream that closed meanwhile keeps the lease in its session; a resume re-sends it.
+          if (s && !s.ended) sendGrant(s, g);
+        }
+        if (grants.length > 0) {
+          metrics.grants.inc(grants.length);
+          publishActions(grants.map((g) => g.actionId));
+        }
+        if (claimed < limit || grants.length === 0) break;
+      }
+    }
+  }
+
+  // Dispatch is single-flight: a request while one runs schedules exactly one more.
+  let dispatching: Promise<void> | undefined;
+  let dispatchAgain = false;
+  function scheduleDispatch(): void {
+    if (closed) return;
+    if (dispatching) {
+      dispatchAgain = true;
+      return;
+    }
+    dispatching = (async () => {
+      do {
+        dispatchAgain = false;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        await dispatch().catch((error: unknown) =>
+          log.warn({ err: error }, "dispatch failed; retrying on the next tick"),
+        );
+      } while (dispatchAgain && !closed);
+      dispatching = undefined;
+    })();
+  }
+  const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
+
+  /** Runs `fn` every `ms`, never overlapping itself, logging failures. */
+  function every(ms: number, name: string, fn: () => Promise<void>): void {
+    let running = false;
+    const timer = setInterval(() => {
+      if (running || closed) return;
+      running = true;
+      fn()
+        .catch((error: unknown) => log.warn({ err: error }, `${name} failed; retrying on the next tick`))
+        .finally(() => {
+          running = false;
+        });
+    }, ms);
+    timer.unref();
+    timers.push(timer);
+  }
+
+  async function start(): Promise<void> {
+    const extended = await extendSessionsOnStart(db, clock, {
+      graceMs,
+      maxSilenceMs,
+      staleMs: 2 * options.heartbeatIntervalMs,
+    });
+    if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
+    if (options.timers ?? true) {
+      every(options.heartbeatIntervalMs, "session renewal", renew);
+      every(Math.min(1000, Math.max(100, graceMs / 10)), "reaper", reap);
+      // A poll for actions queued by other processes or waiting out a retry backoff.
+      every(1000, "dispatch poll", async () => scheduleDispatch());
+    }
+  }
+
+  let closing: Promise<void> | undefined;
+  const close = () => {
+    closing ??= (async () => {
+      closed = true;
+      offQueue();
+      for (const t of timers) clearInterval(t);
+      await dispatching;
+      await Promise.all([finishes.close(), progress.close()]);
+      // Record what this process heard last, so the sessions' grace counts from it.
+      await renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
+    })();
+    return closing;
+  };
+
+  return {
+    open,
+    start,
+    close,
+    [Symbol.asyncDispose]: close,
+    revoke(sessionId, token, reason, message) {
+      const s = hosted.get(sessionId);
+      if (s && s.held.get(token.actionId) === token.epoch)
+        s.link.send({ type: "revoke", ...token, reason, message });
+    },
+    async drain(workerId, reason) {
+      const found = await setWorkerDraining(db, workerId, reason);
+      if (!found) return false;
+      for (const s of hosted.values()) {
+        if (s.workerId === workerId) {
+          s.draining = true;
+          s.link.send({ type: "drain", reason });
+        }
+      }
+      feed.publish(EVENTS_TOPIC);
+      return true;
+    },
+    tick: {
+      renew,
+      reap,
+      dispatch: async () => {
+        scheduleDispatch();
+        while (dispatching) await dispatching;
+      },
+    },
+    stats() {
+      let leasesHeld = 0;
+      for (const s of hosted.values()) leasesHeld += s.held.size;
+      return { connectedWorkers: hosted.size, leasesHeld };
+    },
+  };
+}
+
+/** Whether a worker's labels carry every selector label with the same value. */
+export function matches(
+  labels: Readonly<Record<string, string>>,
+  selector: Readonly<Record<string, string>>,
+): boolean {
+  for (const key in selector) if (labels[key] !== selector[key]) return false;
+  return true;
+}

@@ -102,6 +102,7 @@ export async function startServer(
     cleanup.push(() => manager.close());
     const actions = createActionService({
       db,
+      clock,
       feed,
       onCancelRequested: (action) => {
         if (action.sessionId) {

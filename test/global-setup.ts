@@ -4,6 +4,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
+import { openDatabase } from "../src/store/database.js";
 import { loadEmbeddedPostgres } from "./embedded-postgres.js";
 
 declare module "vitest" {
@@ -12,6 +13,8 @@ declare module "vitest" {
     postgresAdminUrl: string;
     /** The driver the shared suites run on: PGlite unless DATABASE_URL is set. */
     driver: "pglite" | "postgres";
+    /** A migrated PGlite data directory that fresh PGlite stores are copied from. */
+    pgliteTemplate: string;
   }
 }
 
@@ -34,9 +37,15 @@ async function freePort(): Promise<number> {
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const url = process.env.DATABASE_URL;
   project.provide("driver", url ? "postgres" : "pglite");
+  // Creating and migrating a PGlite directory takes seconds; copying one is instant.
+  const template = join(tmpdir(), `leasehold-pglite-template-${randomBytes(6).toString("hex")}`);
+  const database = await openDatabase({ dataDir: template });
+  await database.close();
+  project.provide("pgliteTemplate", template);
+  const dropTemplate = () => rmSync(template, { recursive: true, force: true });
   if (url) {
     project.provide("postgresAdminUrl", url);
-    return async () => {};
+    return async () => dropTemplate();
   }
   const EmbeddedPostgres = await loadEmbeddedPostgres();
   // Not created here: embedded-postgres creates it and hands it to its own OS
@@ -60,5 +69,6 @@ export default async function setup(project: TestProject): Promise<() => Promise
   return async () => {
     await pg.stop();
     rmSync(dir, { recursive: true, force: true });
+    dropTemplate();
   };
 }

@@ -51,6 +51,29 @@ export async function listEvents(
   return rows.map(eventFromRow);
 }
 
+/**
+ * Every event after `afterSequence` (matching or not, so gaps in the sequence
+ * are visible), with whether each matches `filter`. Used by watches.
+ */
+export async function readEventsAfter(
+  db: Db,
+  filter: EventFilter,
+  afterSequence: number,
+  limit: number,
+): Promise<{ event: EventRecord; matches: boolean }[]> {
+  const conditions: SQL[] = [sql`true`];
+  if (filter.actionId) conditions.push(sql`action_id is not distinct from ${filter.actionId}`);
+  if (filter.workerId) conditions.push(sql`worker_id is not distinct from ${filter.workerId}`);
+  if (filter.cluster) conditions.push(sql`cluster is not distinct from ${filter.cluster}`);
+  if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  const rows = await queryRows<EventRow & { matches: boolean }>(
+    db,
+    sql`select *, (${sql.join(conditions, sql` and `)}) as matches from events
+        where sequence > ${afterSequence} order by sequence limit ${limit}`,
+  );
+  return rows.map((r) => ({ event: eventFromRow(r), matches: r.matches }));
+}
+
 /** The highest event sequence so far (0 when there are none). */
 export async function lastEventSequence(db: Db): Promise<number> {
   const [row] = await queryRows<{ max: unknown }>(

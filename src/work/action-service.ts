@@ -8,6 +8,7 @@ import {
   listAttempts,
 } from "../store/actions.js";
 import { createBatcher } from "../store/batcher.js";
+import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { insertActions } from "../store/queries/insert-actions.js";
 import {
@@ -49,16 +50,23 @@ export interface ActionService extends AsyncDisposable {
 /** Dependencies of {@link createActionService}. */
 export interface ActionServiceDeps {
   readonly db: Db;
+  /** Clock for `not_before` (the database clock in production). */
+  readonly clock: Clock;
   readonly feed: ChangeFeed;
   /** Called after a leased action is marked for cancellation: revoke it from its owner. */
   readonly onCancelRequested?: (action: ActionRecord) => void;
 }
 
-export function createActionService({ db, feed, onCancelRequested }: ActionServiceDeps): ActionService {
+export function createActionService({
+  db,
+  clock,
+  feed,
+  onCancelRequested,
+}: ActionServiceDeps): ActionService {
   // Submits are group-committed: concurrent calls share one insert statement.
   const submits = createBatcher<NewAction, ActionRecord | undefined>(async (batch) => {
     const items = batch.map((action) => ({ id: uuidv7(), action }));
-    const inserted = new Map((await insertActions(db, items)).map((a) => [a.id, a]));
+    const inserted = new Map((await insertActions(db, clock, items)).map((a) => [a.id, a]));
     return items.map((item) => inserted.get(item.id));
   });
 

@@ -1,5 +1,6 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Db } from "../store/database.js";
-import { lastEventSequence, listEvents } from "../store/events.js";
+import { lastEventSequence, listEvents, readEventsAfter } from "../store/events.js";
 import type { Page } from "./action-service.js";
 import { type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
@@ -21,6 +22,13 @@ export interface EventService {
 
 /** How many stored events one read of a watch fetches. */
 const WATCH_BATCH = 500;
+/**
+ * How long a watch waits for a missing sequence number. Sequence numbers are
+ * taken at insert but become visible at commit, so under concurrent writers
+ * event 13 can appear after event 14; a watch that moved past the hole would
+ * never send 13. A hole that outlasts this wait was a rolled-back insert.
+ */
+const GAP_WAIT_MS = 2000;
 
 export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): EventService {
   async function list(filter: EventFilter, size: number, pageToken: string): Promise<Page<EventRecord>> {
@@ -39,13 +47,24 @@ export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): 
     const wakeups = wakeupsOf(feed, EVENTS_TOPIC);
     try {
       let cursor = afterSequence ?? (await lastEventSequence(db));
+      let gapSince: number | undefined;
       while (!signal.aborted) {
-        const batch = await listEvents(db, filter, cursor, WATCH_BATCH);
-        for (const event of batch) {
+        const batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
+        let blocked = false;
+        for (const { event, matches } of batch) {
+          if (event.sequence !== cursor + 1) {
+            gapSince ??= performance.now();
+            if (performance.now() - gapSince < GAP_WAIT_MS) {
+              blocked = true;
+              break;
+            }
+          }
+          gapSince = undefined;
           cursor = event.sequence;
-          yield event;
+          if (matches) yield event;
         }
-        if (batch.length < WATCH_BATCH) await wakeups.next(signal);
+        if (blocked) await Promise.race([wakeups.next(signal), sleep(50)]);
+        else if (batch.length < WATCH_BATCH) await wakeups.next(signal);
       }
     } finally {
       wakeups[Symbol.dispose]();

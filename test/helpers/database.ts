@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { cpSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -38,9 +38,10 @@ export async function freshPostgresDatabase(): Promise<TestStore> {
   return { url: url.toString(), dataDir: "", drop, [Symbol.asyncDispose]: drop };
 }
 
-/** A brand-new PGlite data directory. */
+/** A brand-new PGlite data directory, already migrated (a copy of the run's template). */
 export function freshPgliteDirectory(): TestStore {
   const dir = mkdtempSync(join(tmpdir(), "leasehold-pglite-"));
+  cpSync(inject("pgliteTemplate"), join(dir, "data"), { recursive: true });
   const drop = async () => rmSync(dir, { recursive: true, force: true });
   return { url: undefined, dataDir: join(dir, "data"), drop, [Symbol.asyncDispose]: drop };
 }

@@ -8,6 +8,8 @@ import { freshStore, type TestStore } from "./database.js";
 /** A server on an ephemeral port with a fresh store, and clients for it. */
 export interface TestServer extends AsyncDisposable {
   readonly server: LeaseholdServer;
+  /** Log lines at info and above, parsed. */
+  readonly logs: Record<string, unknown>[];
   readonly store: TestStore;
   readonly address: string;
   /** A client of `service`, closed with the server. */
@@ -27,11 +29,22 @@ export async function startTestServer(
     listen: "127.0.0.1:0",
     databaseUrl: store.url,
     dataDir: store.dataDir,
-    logLevel: process.env.LEASEHOLD_TEST_LOG ?? "silent",
     metricsListen: "127.0.0.1:0",
     ...options.config,
   });
-  const server = await startServer(config, pino({ level: config.logLevel }), options.overrides);
+  // Logs are kept for assertions; LEASEHOLD_TEST_LOG=info also prints them.
+  const logs: Record<string, unknown>[] = [];
+  const echo = process.env.LEASEHOLD_TEST_LOG !== undefined;
+  const log = pino(
+    { level: "info" },
+    {
+      write(line: string) {
+        logs.push(JSON.parse(line));
+        if (echo) process.stdout.write(line);
+      },
+    },
+  );
+  const server = await startServer(config, log, options.overrides);
   const address = `127.0.0.1:${server.port}`;
   const clients: Client<GenServiceMethods>[] = [];
   const stop = async () => {
@@ -40,6 +53,7 @@ export async function startTestServer(
   };
   return {
     server,
+    logs,
     store,
     address,
     client(service) {

@@ -10,7 +10,10 @@ import { expectStatus } from "../helpers/status.js";
 describe("leasehold serve as a process", () => {
   it("serves, then on SIGTERM ends open streams with UNAVAILABLE and exits 0", async () => {
     await using store = await freshStore();
-    const server = runLeasehold(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", store.dataDir], store.url);
+    const server = runLeasehold(
+      ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", store.dataDir],
+      store.url,
+    );
     try {
       const ready = await server.waitForLog((l) => l.msg === "leasehold serving");
       const address = `127.0.0.1:${ready.port}`;
@@ -50,7 +53,10 @@ describe("leasehold serve as a process", () => {
 describe("the embedded PGlite data directory", () => {
   it("is refused to a second server while the first one runs", async () => {
     await using store = freshPgliteDirectory();
-    const first = runLeasehold(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", store.dataDir], undefined);
+    const first = runLeasehold(
+      ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", store.dataDir],
+      undefined,
+    );
     try {
       await first.waitForLog((l) => l.msg === "leasehold serving");
       const second = runLeasehold(

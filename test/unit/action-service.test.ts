@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code, LeaseholdError } from "../../src/errors.js";
+import { databaseClock } from "../../src/store/clock.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { ACTION_DEFAULTS, type NewAction } from "../../src/work/action.js";
 import { type ActionService, createActionService } from "../../src/work/action-service.js";
@@ -23,7 +24,7 @@ describe("the action service on PGlite", () => {
   let actions: ActionService;
   beforeAll(async () => {
     database = await openDatabase({ dataDir: "memory://" });
-    actions = createActionService({ db: database.db, feed: createChangeFeed() });
+    actions = createActionService({ db: database.db, clock: databaseClock, feed: createChangeFeed() });
   });
   afterAll(async () => {
     await actions?.close();

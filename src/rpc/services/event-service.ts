@@ -15,7 +15,7 @@ export function eventServiceBinding(events: Events): ServiceBinding {
       return { events: page.items.map(toProtoEvent), nextPageToken: page.nextPageToken };
     },
     async *watchEvents(request, ctx) {
-      const after = request.afterSequence === 0n ? undefined : Number(request.afterSequence);
+      const after = request.afterSequence === undefined ? undefined : Number(request.afterSequence);
       for await (const event of events.watch(toFilter(request), after, ctx.signal)) {
         yield { event: toProtoEvent(event) };
       }

@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import type { ActionRecord, NewAction } from "../../work/action.js";
 import { type ActionRow, actionFromRow } from "../action-rows.js";
+import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
 
@@ -18,6 +19,7 @@ import { queryRows } from "../rows.js";
  */
 export async function insertActions(
   db: Db,
+  clock: Clock,
   items: readonly { readonly id: string; readonly action: NewAction }[],
 ): Promise<ActionRecord[]> {
   const input = JSON.stringify(
@@ -50,10 +52,10 @@ export async function insertActions(
       inserted as (
         insert into actions (id, request_id, request_hash, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
-          max_system_retries, state)
+          max_system_retries, state, not_before)
         select id, request_id, request_hash, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
-          max_system_retries, 'QUEUED'
+          max_system_retries, 'QUEUED', ${clock.now()}
         from input
         on conflict (request_id) do nothing
         returning *

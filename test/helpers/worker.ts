@@ -1,0 +1,143 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import type * as grpc from "@grpc/grpc-js";
+import {
+  type ConnectRequestSchema,
+  type ConnectResponse,
+  type HelloSchema,
+  WorkerService,
+} from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+
+type Case = NonNullable<ConnectResponse["message"]["case"]>;
+type ValueOf<C extends Case> = Extract<ConnectResponse["message"], { case: C }>["value"];
+
+/** A worker speaking the raw Connect protocol, for protocol tests. */
+export interface TestWorker {
+  readonly welcome: ValueOf<"welcome">;
+  /** Every message received so far. */
+  readonly received: ConnectResponse[];
+  send(request: MessageInitShape<typeof ConnectRequestSchema>): void;
+  /** The next unconsumed message of a kind (optionally matching `test`), waiting for it if needed. */
+  next<C extends Case>(kind: C, test?: (value: ValueOf<C>) => boolean): Promise<ValueOf<C>>;
+  heartbeat(sequence: number, held?: { actionId: string; epoch: bigint }[]): Promise<ValueOf<"heartbeatAck">>;
+  /** Sends a completion and waits for its result. */
+  complete(
+    grant: { actionId: string; epoch: bigint },
+    outcome: { output?: Record<string, unknown> } | { error: string; retryable: boolean },
+  ): Promise<ValueOf<"reportResult">>;
+  release(grant: { actionId: string; epoch: bigint }, reason?: string): Promise<ValueOf<"reportResult">>;
+  goodbye(reason?: string): void;
+  /** Drops the stream as a crash or network loss would (the client cancels). */
+  drop(): void;
+  /** Resolves with the stream's final status. */
+  readonly ended: Promise<{ code: number; details: string }>;
+}
+
+/** Connects, sends the hello, and waits for the welcome (or the stream's error). */
+export async function connectWorker(
+  address: string,
+  hello: MessageInitShape<typeof HelloSchema>,
+): Promise<TestWorker> {
+  const client = createClient(WorkerService, address);
+  const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+  const received: ConnectResponse[] = [];
+  const consumed = new Set<ConnectResponse>();
+  const waiters = new Set<() => void>();
+  let reportId = 0n;
+  const ended = new Promise<{ code: number; details: string }>((resolve) => {
+    call.on("status", (s: grpc.StatusObject) => resolve({ code: s.code, details: s.details }));
+  });
+  call.on("error", () => {});
+  call.on("data", (message: ConnectResponse) => {
+    received.push(message);
+    for (const w of [...waiters]) w();
+  });
+  void ended.then(() => {
+    client.close();
+    for (const w of [...waiters]) w();
+  });
+
+  let finished = false;
+  void ended.then(() => {
+    finished = true;
+  });
+  const next = <C extends Case>(kind: C, test?: (value: ValueOf<C>) => boolean) =>
+    new Promise<ValueOf<C>>((resolve, reject) => {
+      const look = () => {
+        const found = received.find(
+          (m) =>
+            !consumed.has(m) &&
+            m.message.case === kind &&
+            (!test || test(m.message.value as unknown as ValueOf<C>)),
+        );
+        if (found) {
+          consumed.add(found);
+          waiters.delete(look);
+          resolve(found.message.value as never);
+        } else if (finished) {
+          waiters.delete(look);
+          reject(new Error(`the stream ended before a ${kind} arrived`));
+        }
+      };
+      waiters.add(look);
+      look();
+    });
+  const send = (request: MessageInitShape<typeof ConnectRequestSchema>) => {
+    call.write(create(WorkerService.method.connect.input, request));
+  };
+
+  send({ message: { case: "hello", value: hello } });
+  const welcome = await Promise.race([
+    next("welcome"),
+    ended.then((s) => {
+      throw Object.assign(new Error(s.details), s);
+    }),
+  ]);
+  const report = (message: (id: bigint) => MessageInitShape<typeof ConnectRequestSchema>) => {
+    reportId += 1n;
+    const id = reportId;
+    send(message(id));
+    return next("reportResult", (r) => r.reportId === id);
+  };
+  return {
+    welcome,
+    received,
+    send,
+    next,
+    heartbeat(sequence, held = []) {
+      send({ message: { case: "heartbeat", value: { sequence: BigInt(sequence), heldLeases: held } } });
+      return next("heartbeatAck", (a) => a.sequence === BigInt(sequence));
+    },
+    complete(grant, outcome) {
+      return report((id) => ({
+        message: {
+          case: "completion",
+          value: {
+            reportId: id,
+            actionId: grant.actionId,
+            epoch: grant.epoch,
+            outcome:
+              "error" in outcome
+                ? { case: "failed", value: { message: outcome.error, retryable: outcome.retryable } }
+                : { case: "succeeded", value: { output: outcome.output as never } },
+          },
+        },
+      }));
+    },
+    release(grant, reason = "") {
+      return report((id) => ({
+        message: {
+          case: "release",
+          value: { reportId: id, actionId: grant.actionId, epoch: grant.epoch, reason },
+        },
+      }));
+    },
+    goodbye(reason = "") {
+      send({ message: { case: "goodbye", value: { reason } } });
+    },
+    drop() {
+      call.cancel();
+    },
+    ended,
+  };
+}

@@ -1,0 +1,507 @@
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterHealth, ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus } from "../helpers/status.js";
+import { connectWorker, type TestWorker } from "../helpers/worker.js";
+
+const GRACE_MS = 10_000;
+
+/**
+ * SPEC §2 rules, one behaviour each, on a real server and real streams. Time
+ * is a fake clock and the loops (renew, reap, dispatch) run when the test says.
+ */
+describe("work leases", () => {
+  let clock: FakeClock;
+  let t: TestServer;
+  let workers: TestWorker[];
+
+  const start = async (store?: TestServer["store"]) =>
+    startTestServer({
+      ...(store ? { store } : {}),
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { clock, timers: false },
+    });
+  const worker = async (
+    workerId: string,
+    extra: {
+      capacity?: number;
+      held?: { actionId: string; epoch: bigint }[];
+      labels?: Record<string, string>;
+    } = {},
+  ) => {
+    const w = await connectWorker(t.address, {
+      workerId,
+      cluster: "east",
+      capacity: extra.capacity ?? 1,
+      labels: extra.labels ?? {},
+      heldLeases: extra.held ?? [],
+    });
+    workers.push(w);
+    return w;
+  };
+  const api = () => t.client(ActionService);
+  const submit = async (request: Parameters<ReturnType<typeof api>["submitAction"]>[0] = {}) =>
+    (await api().submitAction({ cluster: "east", ...request })).action?.id ?? "";
+  const getAction = async (id: string) => api().getAction({ actionId: id });
+  const events = async (actionId: string) =>
+    (await t.client(EventService).listEvents({ actionId, pageSize: 1000 })).events;
+  const { tick } = { tick: () => t.server.leases.tick };
+  /** Heartbeats from each worker, then one renewal tick: they stay alive across a clock jump. */
+  const keepAlive = async (...alive: TestWorker[]) => {
+    for (const w of alive) await w.heartbeat(Date.now());
+    await tick().renew();
+  };
+
+  beforeEach(async () => {
+    clock = createFakeClock();
+    workers = [];
+    t = await start();
+  });
+  afterEach(async () => {
+    for (const w of workers) w.drop();
+    await t[Symbol.asyncDispose]();
+  });
+
+  it("ends a stream whose first message is not a hello with INVALID_ARGUMENT", async () => {
+    const { connectWorker: _ } = await import("../helpers/worker.js");
+    const { createClient } = await import("../../src/rpc/client.js");
+    const { WorkerService } = await import("../../src/gen/leasehold/v1/worker_pb.js");
+    const { create } = await import("@bufbuild/protobuf");
+    const client = createClient(WorkerService, t.address);
+    const call = client.connect();
+    const status = new Promise<{ code: number; details: string }>((resolve) => call.on("status", resolve));
+    call.on("error", () => {});
+    call.write(
+      create(WorkerService.method.connect.input, { message: { case: "heartbeat", value: { sequence: 1n } } }),
+    );
+    expect(await status).toMatchObject({
+      code: Code.InvalidArgument,
+      details: expect.stringMatching(
+        /^message: the first message on Connect must be a hello \(got heartbeat\)/,
+      ),
+    });
+    client.close();
+  });
+
+  it("rejects a hello with invalid fields, naming each", async () => {
+    await expect(
+      connectWorker(t.address, { workerId: "", cluster: "bad cluster", capacity: 20_000 }),
+    ).rejects.toMatchObject({
+      code: Code.InvalidArgument,
+      details: expect.stringMatching(
+        /hello\.worker_id: is required; hello\.cluster: may contain only.*hello\.capacity: must be at most 10000/,
+      ),
+    });
+  });
+
+  it("welcomes a worker, registers it and its cluster, and shows it connected with its deadline", async () => {
+    const w = await worker("w1", { capacity: 4, labels: { gpu: "a100" } });
+    expect(w.welcome).toMatchObject({
+      sessionResumed: false,
+      heartbeatInterval: { seconds: 2n },
+      gracePeriod: { seconds: 10n },
+    });
+    const listed = await t.client(ClusterService).getWorker({ workerId: "w1" });
+    expect(listed.worker).toMatchObject({
+      workerId: "w1",
+      cluster: "east",
+      capacity: 4,
+      labels: { gpu: "a100" },
+      state: WorkerState.CONNECTED,
+      session: { sessionId: w.welcome.sessionId },
+    });
+    const deadline = Number(listed.worker?.session?.deadline?.seconds) * 1000;
+    expect(deadline - clock.current().getTime()).toBeGreaterThan(GRACE_MS - 1000);
+    const clusters = await t.client(ClusterService).listClusters({});
+    expect(clusters.clusters).toEqual([
+      expect.objectContaining({ name: "east", connectedWorkers: 1, health: ClusterHealth.HEALTHY }),
+    ]);
+  });
+
+  it("acks heartbeats with the sequence and the time left on the persisted deadline", async () => {
+    const w = await worker("w1");
+    const ack = await w.heartbeat(7);
+    expect(ack.sequence).toBe(7n);
+    const remainingMs = Number(ack.remaining?.seconds) * 1000 + (ack.remaining?.nanos ?? 0) / 1e6;
+    expect(remainingMs).toBeGreaterThan(GRACE_MS - 2000);
+    expect(remainingMs).toBeLessThanOrEqual(GRACE_MS);
+  });
+
+  it("grants a queued action with epoch 1 and accepts its completion once", async () => {
+    const w = await worker("w1");
+    const id = await submit({ payload: { argv: ["true"] } });
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1, payload: { argv: ["true"] } });
+    const done = await w.complete(grant, { output: { exit: 0 } });
+    expect(done).toMatchObject({ accepted: true, epoch: 1n });
+    const again = await w.complete(grant, { output: { exit: 1 } });
+    expect(again).toMatchObject({ accepted: false, rejectReason: RejectReason.FENCED });
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, output: { exit: 0 }, epoch: 1n });
+    expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+  });
+
+  it("records a lost stream at once and keeps the deadline (rule 1)", async () => {
+    const w = await worker("w1");
+    const before = (await t.client(ClusterService).getWorker({ workerId: "w1" })).worker?.session?.deadline;
+    w.drop();
+    await waitFor(
+      async () =>
+        (await t.client(ClusterService).getWorker({ workerId: "w1" })).worker?.state === WorkerState.IN_GRACE,
+    );
+    const after = (await t.client(ClusterService).getWorker({ workerId: "w1" })).worker;
+    expect(after?.session?.streamLostTime).toBeDefined();
+    expect(Number(after?.session?.deadline?.seconds)).toBeGreaterThanOrEqual(Number(before?.seconds));
+    const lost = await t.client(EventService).listEvents({ workerId: "w1", kind: EventKind.STREAM_LOST });
+    expect(lost.events).toHaveLength(1);
+  });
+
+  it("resumes a worker that reconnects within grace with the same epoch, and the work finishes once (rule 2)", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    w.drop();
+    await w.ended;
+    await waitForEvent(t, id, "w1", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS / 2);
+    await tick().reap();
+    const back = await worker("w1", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(back.welcome).toMatchObject({
+      sessionResumed: true,
+      sessionId: w.welcome.sessionId,
+      resumed: [{ actionId: id, epoch: 1n }],
+      revoked: [],
+    });
+    await tick().dispatch();
+    expect(back.received.filter((m) => m.message.case === "grant")).toHaveLength(0);
+    expect(await back.complete(grant, { output: { ok: true } })).toMatchObject({ accepted: true });
+    const got = await getAction(id);
+    expect(got.action?.state).toBe(ActionState.SUCCEEDED);
+    expect(got.attempts).toHaveLength(1);
+    expect((await events(id)).map((e) => e.kind)).not.toContain(EventKind.LEASE_EXPIRED);
+  });
+
+  it("expires the lease at the deadline with the documented line and re-grants it with epoch + 1 (rule 3)", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    const b = await worker("wb");
+    a.drop();
+    await waitForEvent(t, id, "wa", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS - 500);
+    await keepAlive(b);
+    await tick().reap();
+    expect((await getAction(id)).action?.state).toBe(ActionState.LEASED);
+    clock.advance(1000);
+    await keepAlive(b);
+    await tick().reap();
+    const line = `lease expired for action ${id} (worker wa, cluster east, epoch 1)`;
+    const expired = (await events(id)).filter((e) => e.kind === EventKind.LEASE_EXPIRED);
+    expect(expired.map((e) => e.message)).toEqual([line]);
+    expect(t.logs.map((l) => l.msg)).toContain(line);
+    // The reap wakes the dispatcher, which hands the action to the healthy worker.
+    await tick().dispatch();
+    const regrant = await b.next("grant");
+    expect(regrant).toMatchObject({ actionId: id, epoch: grant.epoch + 1n, attempt: 2 });
+    const got = await getAction(id);
+    expect(got.attempts.map((a) => [a.workerId, a.epoch, a.outcome])).toEqual([
+      ["wa", 1n, AttemptOutcome.LEASE_EXPIRED],
+      ["wb", 2n, AttemptOutcome.RUNNING],
+    ]);
+    expect(got.action).toMatchObject({
+      state: ActionState.LEASED,
+      systemRetryCount: 1,
+      lease: { workerId: "wb", epoch: 2n },
+    });
+  });
+
+  it("rejects the stale owner's late completion and keeps the new owner's result (rule 4)", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const stale = await a.next("grant");
+    const b = await worker("wb");
+    a.drop();
+    await waitForEvent(t, id, "wa", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1);
+    await keepAlive(b);
+    await tick().reap();
+    await tick().dispatch();
+    const current = await b.next("grant");
+    // The stale worker comes back too late: its lease is revoked in the welcome.
+    const late = await worker("wa", { held: [{ actionId: id, epoch: stale.epoch }] });
+    expect(late.welcome).toMatchObject({ sessionResumed: false, revoked: [{ actionId: id, epoch: 1n }] });
+    const rejected = await late.complete(stale, { output: { from: "stale" } });
+    expect(rejected).toMatchObject({ accepted: false, rejectReason: RejectReason.FENCED });
+    expect(await late.next("revoke")).toMatchObject({
+      actionId: id,
+      epoch: 1n,
+      reason: RevokeReason.SUPERSEDED,
+    });
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.LEASED, epoch: 2n });
+    expect(await b.complete(current, { output: { from: "new owner" } })).toMatchObject({ accepted: true });
+    expect((await getAction(id)).action).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { from: "new owner" },
+    });
+    expect((await events(id)).map((e) => e.kind)).toContain(EventKind.REPORT_FENCED);
+  });
+
+  it("fails the action with a reason once expiries exhaust its system-retry budget", async () => {
+    const id = await submit({ maxSystemRetries: 1 });
+    for (const name of ["w1", "w2"]) {
+      const w = await worker(name);
+      await tick().dispatch();
+      await w.next("grant");
+      w.drop();
+      await waitForEvent(t, id, name, EventKind.STREAM_LOST);
+      clock.advance(GRACE_MS + 1);
+      await tick().reap();
+    }
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.FAILED, systemRetryCount: 2 });
+    expect(got.action?.failureReason).toMatch(
+      /^lease expired 2 times .*the system-retry budget of 1 is exhausted$/,
+    );
+  });
+
+  it("retries a retryable failure after its backoff, and fails when attempts run out", async () => {
+    const w = await worker("w1");
+    const id = await submit({ retryPolicy: { maxAttempts: 2, initialBackoff: { seconds: 30n } } });
+    await tick().dispatch();
+    const first = await w.next("grant");
+    expect(await w.complete(first, { error: "flaky", retryable: true })).toMatchObject({ accepted: true });
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.QUEUED, failureCount: 1 });
+    await tick().dispatch();
+    expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
+    clock.advance(31_000);
+    await tick().dispatch();
+    const second = await w.next("grant");
+    expect(second.epoch).toBe(2n);
+    await w.complete(second, { error: "still flaky", retryable: true });
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.FAILED, failureCount: 2 });
+    expect(got.action?.failureReason).toBe("failed after 2 attempts (max_attempts 2): still flaky");
+    expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.FAILED, AttemptOutcome.FAILED]);
+  });
+
+  it("fails a non-retryable failure at once", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    await w.complete(await w.next("grant"), { error: "bad input", retryable: false });
+    expect((await getAction(id)).action).toMatchObject({
+      state: ActionState.FAILED,
+      failureReason: "failed (not retryable): bad input",
+    });
+  });
+
+  it("causes no expiry when the server restarts with live sessions (rule 6)", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    const store = t.store;
+    await t.stop();
+    await w.ended;
+    clock.advance(GRACE_MS - 1000);
+    t = await start(store);
+    clock.advance(GRACE_MS - 1000);
+    await tick().reap();
+    expect((await getAction(id)).action?.state).toBe(ActionState.LEASED);
+    const back = await worker("w1", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(back.welcome).toMatchObject({ sessionResumed: true, resumed: [{ actionId: id, epoch: 1n }] });
+    expect((await events(id)).map((e) => e.kind)).not.toContain(EventKind.LEASE_EXPIRED);
+  });
+
+  it("gives no restart extension to a session silent longer than the maximum silence", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    await w.next("grant");
+    const store = t.store;
+    await t.stop();
+    clock.advance(10 * GRACE_MS + 1000);
+    t = await start(store);
+    await tick().reap();
+    expect((await getAction(id)).action?.state).toBe(ActionState.QUEUED);
+  });
+
+  it("lets a second stream take the session over and closes the older one (rule 8)", async () => {
+    const first = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await first.next("grant");
+    const second = await worker("w1", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(second.welcome).toMatchObject({
+      sessionResumed: true,
+      sessionId: first.welcome.sessionId,
+      resumed: [{ actionId: id }],
+    });
+    expect(await first.ended).toMatchObject({
+      code: Code.Aborted,
+      details: expect.stringMatching(/took the session over/),
+    });
+    expect(await second.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+    const kinds = (await t.client(EventService).listEvents({ workerId: "w1" })).events.map((e) => e.kind);
+    expect(kinds).toContain(EventKind.SESSION_TAKEN_OVER);
+  });
+
+  it("revokes a cancelled leased action from its owner, and cancels it when the owner lets go (rule 9)", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    const { action } = await api().cancelAction({ actionId: id, reason: "user asked" });
+    expect(action).toMatchObject({ state: ActionState.LEASED, cancelRequested: true });
+    expect(await w.next("revoke")).toMatchObject({ actionId: id, epoch: 1n, reason: RevokeReason.CANCELLED });
+    expect(await w.release(grant, "revoked")).toMatchObject({ accepted: true });
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({
+      state: ActionState.CANCELLED,
+      failureReason: "action cancelled: user asked",
+    });
+    expect(got.attempts[0]?.outcome).toBe(AttemptOutcome.CANCELLED);
+  });
+
+  it("stops new grants to a drained worker and asks it to finish", async () => {
+    const w = await worker("w1", { capacity: 2 });
+    const first = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    const drained = await t.client(ClusterService).drainWorker({ workerId: "w1", reason: "maintenance" });
+    expect(drained.worker).toMatchObject({ draining: true, heldLeases: [{ actionId: first, epoch: 1n }] });
+    expect(await w.next("drain")).toMatchObject({ reason: "maintenance" });
+    const second = await submit();
+    await tick().dispatch();
+    expect((await getAction(second)).action?.state).toBe(ActionState.QUEUED);
+    expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+    await expectStatus(
+      t.client(ClusterService).drainWorker({ workerId: "nobody" }),
+      Code.NotFound,
+      /worker "nobody" not found/,
+    );
+  });
+
+  it("releases every lease at once on goodbye, and another worker takes them with epoch + 1", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    await a.next("grant");
+    a.goodbye("deploying a new version");
+    expect((await a.ended).code).toBe(0);
+    const got = await getAction(id);
+    expect(got.action?.state).toBe(ActionState.QUEUED);
+    expect(got.attempts[0]?.outcome).toBe(AttemptOutcome.RELEASED);
+    expect(got.action?.systemRetryCount).toBe(0);
+    const b = await worker("wb");
+    await tick().dispatch();
+    expect(await b.next("grant")).toMatchObject({ actionId: id, epoch: 2n });
+    expect((await t.client(ClusterService).getWorker({ workerId: "wa" })).worker?.state).toBe(
+      WorkerState.OFFLINE,
+    );
+  });
+
+  it("grants by priority then age, only to workers whose labels match", async () => {
+    const low = await submit({ priority: -1 });
+    const gpu = await submit({ labelSelector: { gpu: "yes" } });
+    const high = await submit({ priority: 5 });
+    const normal = await submit();
+    // Connecting wakes the dispatcher, which sees all four at once.
+    const plain = await worker("plain", { capacity: 5 });
+    await tick().dispatch();
+    const grants = [await plain.next("grant"), await plain.next("grant"), await plain.next("grant")];
+    expect(grants.map((g) => g.actionId)).toEqual([high, normal, low]);
+    expect((await getAction(gpu)).action?.state).toBe(ActionState.QUEUED);
+    const withGpu = await worker("gpu-box", { labels: { gpu: "yes", zone: "a" } });
+    await tick().dispatch();
+    expect((await withGpu.next("grant")).actionId).toBe(gpu);
+  });
+
+  it("renews the deadlines of every heartbeating session in one statement per tick (rule 7)", async () => {
+    await t.stop();
+    const statements: string[] = [];
+    t = await startTestServer({
+      store: t.store,
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { clock, timers: false, onQuery: (q) => statements.push(q) },
+    });
+    const fleet = await Promise.all(Array.from({ length: 20 }, (_, i) => worker(`hb-${i}`)));
+    await Promise.all(fleet.map((w) => w.heartbeat(1)));
+    await Promise.all(fleet.map((w) => w.heartbeat(2)));
+    await tick().dispatch(); // let the dispatch the hellos woke finish first
+    statements.length = 0;
+    await tick().renew();
+    expect(statements, statements.join("\n---\n")).toHaveLength(1);
+    expect(statements[0]).toMatch(/update sessions s set\s+last_heard_at/);
+  });
+
+  it("turns a cluster DEGRADED after repeated expiries, with an event", async () => {
+    for (let i = 0; i < 3; i++) {
+      const w = await worker(`flaky-${i}`);
+      const id = await submit();
+      await tick().dispatch();
+      await w.next("grant");
+      w.drop();
+      await waitForEvent(t, id, `flaky-${i}`, EventKind.STREAM_LOST);
+      clock.advance(GRACE_MS + 1);
+      await tick().reap();
+      await api().cancelAction({ actionId: id });
+    }
+    const [cluster] = (await t.client(ClusterService).listClusters({})).clusters;
+    expect(cluster).toMatchObject({ name: "east", health: ClusterHealth.DEGRADED, recentExpiries: 3 });
+    const changed = await t
+      .client(EventService)
+      .listEvents({ cluster: "east", kind: EventKind.CLUSTER_HEALTH_CHANGED });
+    expect(changed.events.map((e) => e.message)).toEqual([
+      expect.stringMatching(/^cluster east is now DEGRADED: 3 lease expiries/),
+    ]);
+  });
+
+  it("streams every change of a watched action and counts it in the metrics", async () => {
+    const id = await submit();
+    const states: ActionState[] = [];
+    const watching = (async () => {
+      for await (const m of api().watchAction({ actionId: id }))
+        states.push(m.action?.state ?? ActionState.UNSPECIFIED);
+    })();
+    await waitFor(async () => states.length === 1);
+    const w = await worker("w1");
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    await w.complete(grant, { output: {} });
+    await watching;
+    expect(states).toEqual([ActionState.QUEUED, ActionState.LEASED, ActionState.SUCCEEDED]);
+    const text = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+    expect(text).toMatch(/^leasehold_grants_total 1$/m);
+    expect(text).toMatch(/^leasehold_connected_workers 1$/m);
+    expect(text).toMatch(/^leasehold_lease_expiries_total 0$/m);
+  });
+});
+
+/** Polls a condition the server reaches asynchronously (used for stream-loss bookkeeping). */
+async function waitFor(condition: () => Promise<boolean>, timeoutMs = 5000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > until) throw new Error("condition not reached in time");
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** Waits for an event about a worker, via WatchEvents replaying from the start (no polling, no race). */
+async function waitForEvent(
+  t: TestServer,
+  _actionId: string,
+  workerId: string,
+  kind: EventKind,
+): Promise<void> {
+  for await (const _ of t.client(EventService).watchEvents({ workerId, kind, afterSequence: 0n })) return;
+}

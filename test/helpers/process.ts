@@ -58,3 +58,46 @@ export function runLeasehold(args: string[], databaseUrl: string | undefined): L
     },
   };
 }
+
+/** A fixture agent process (test/fixtures/raw-agent.ts) with its JSON output lines. */
+export interface AgentProcess {
+  readonly child: ChildProcess;
+  readonly lines: Record<string, unknown>[];
+  waitForLine(test: (line: Record<string, unknown>) => boolean): Promise<Record<string, unknown>>;
+}
+
+const RAW_AGENT = fileURLToPath(new URL("../fixtures/raw-agent.ts", import.meta.url));
+
+/** Starts the raw fixture agent: `<address> <cluster> <worker-id> <hold|complete>`. */
+export function runAgent(args: string[]): AgentProcess {
+  const child = spawn(process.execPath, ["--import", "tsx", RAW_AGENT, ...args], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines: Record<string, unknown>[] = [];
+  const waiters = new Set<() => void>();
+  createInterface({ input: child.stdout as NodeJS.ReadableStream }).on("line", (text) => {
+    lines.push(JSON.parse(text));
+    for (const w of [...waiters]) w();
+  });
+  return {
+    child,
+    lines,
+    waitForLine(test) {
+      return new Promise((resolve, reject) => {
+        const look = () => {
+          const found = lines.find(test);
+          if (found) {
+            waiters.delete(look);
+            resolve(found);
+          }
+        };
+        waiters.add(look);
+        child.once("exit", (code) => {
+          waiters.delete(look);
+          reject(new Error(`agent exited (${code}) before the expected line`));
+        });
+        look();
+      });
+    },
+  };
+}

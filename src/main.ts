@@ -1,135 +1,61 @@
 import { Command, CommanderError, Option } from "commander";
-import { pino } from "pino";
-import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "./config.js";
-import { LeaseholdError } from "./errors.js";
-import { startServer } from "./server.js";
+import { actionCommands } from "./cli/action-commands.js";
+import { agentCommand } from "./cli/agent-command.js";
+import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
+import { eventCommand } from "./cli/event-commands.js";
+import { CliError, EXIT } from "./cli/output.js";
+import { serveCommand } from "./cli/serve-command.js";
 
 /**
- * The `leasehold` command line. This file is the only place that reads
- * process.env and argv; everything below receives a frozen config.
+ * The `leasehold` command line. Flags and environment are read here and in
+ * the command definitions of src/cli; everything below receives parsed values.
  */
 export function createProgram(): Command {
   const program = new Command("leasehold")
     .description("Leasehold: a gRPC control plane that hands work to cluster agents under leases.")
-    .showHelpAfterError("(run with --help for usage)");
-
-  program
-    .command("serve")
-    .description("Run the control plane: gRPC API, health and reflection on one port.")
     .addOption(
-      new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")
-        .env("LEASEHOLD_LISTEN")
-        .default(DEFAULTS.listen),
+      new Option("--server <host:port>", "server address for client commands (comma-separated for several)")
+        .env("LEASEHOLD_SERVER")
+        .default("127.0.0.1:50051"),
     )
-    .addOption(
-      new Option(
-        "--database-url <url>",
-        "PostgreSQL URL (postgres://user@host:port/db); unset: embedded PGlite in --data-dir",
-      ).env("DATABASE_URL"),
-    )
-    .addOption(
-      new Option("--data-dir <dir>", "PGlite data directory (memory:// for a throw-away database)")
-        .env("LEASEHOLD_DATA_DIR")
-        .default(DEFAULTS.dataDir),
-    )
-    .addOption(
-      new Option(
-        "--grace-period <duration>",
-        "how long a silent worker session is trusted before it is reaped (≥ 2s)",
-      )
-        .env("LEASEHOLD_GRACE_PERIOD")
-        .default(DEFAULTS.gracePeriod),
-    )
-    .addOption(
-      new Option(
-        "--heartbeat-interval <duration>",
-        "how often agents heartbeat (≤ a third of the grace period)",
-      )
-        .env("LEASEHOLD_HEARTBEAT_INTERVAL")
-        .default(DEFAULTS.heartbeatInterval),
-    )
-    .addOption(
-      new Option(
-        "--max-silence <duration>",
-        "sessions silent longer than this get no grace extension when the server restarts (default: 10 × grace period)",
-      ).env("LEASEHOLD_MAX_SILENCE"),
-    )
-    .addOption(
-      new Option("--metrics-listen <host:port>", 'Prometheus /metrics address, or "off"')
-        .env("LEASEHOLD_METRICS_LISTEN")
-        .default(DEFAULTS.metricsListen),
-    )
-    .addOption(
-      new Option("--log-level <level>", "log level")
-        .choices(LOG_LEVELS)
-        .env("LEASEHOLD_LOG_LEVEL")
-        .default(DEFAULTS.logLevel),
-    )
-    .addOption(
-      new Option(
-        "--insecure",
-        "allow listening beyond loopback without credentials (anyone who can reach the port can call every method)",
-      ).env("LEASEHOLD_INSECURE"),
-    )
-    .action(async (options: Record<string, string | boolean | undefined>) => {
-      let config: ReturnType<typeof parseServerConfig>;
-      try {
-        config = parseServerConfig({
-          listen: options.listen as string,
-          databaseUrl: options.databaseUrl as string | undefined,
-          dataDir: options.dataDir as string,
-          gracePeriod: options.gracePeriod as string,
-          heartbeatInterval: options.heartbeatInterval as string,
-          maxSilence: options.maxSilence as string | undefined,
-          metricsListen: options.metricsListen as string,
-          logLevel: options.logLevel as string,
-          insecure: Boolean(options.insecure),
-        });
-      } catch (error) {
-        // A bad option: say which and how to fix it, and exit 2 like other usage errors.
-        if (error instanceof LeaseholdError) throw new UsageError(error.message);
-        throw error;
-      }
-      await serve(config);
-    });
+    .option("--json", "machine-readable output: JSON, or NDJSON for streams")
+    .showHelpAfterError("(run with --help for usage)")
+    .addHelpText(
+      "after",
+      "\nExit codes: 0 success, 1 the operation failed, 2 bad usage, 3 server unreachable, 4 not found.",
+    );
+  for (const command of [
+    serveCommand(),
+    agentCommand(),
+    actionCommands(),
+    workerCommands(),
+    clusterCommands(),
+    eventCommand(),
+  ]) {
+    program.addCommand(command);
+  }
   return program;
 }
 
-async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
-  const log = pino({ level: config.logLevel, base: { service: "leasehold" } });
-  const server = await startServer(config, log);
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, "shutting down");
-    server.close().then(
-      () => process.exit(0),
-      (error: unknown) => {
-        log.error({ err: error }, "shutdown failed");
-        process.exit(1);
-      },
-    );
-  };
-  process.once("SIGTERM", stop);
-  process.once("SIGINT", stop);
-}
-
-/** A usage error found after commander's own parsing (a bad option value). */
-class UsageError extends Error {}
-
 export async function main(argv: readonly string[]): Promise<void> {
   const program = createProgram();
-  program.exitOverride((err) => {
-    process.exitCode = err.exitCode;
-    throw err;
-  });
+  // Every subcommand reports usage errors through the same path.
+  const override = (command: Command) => {
+    command.exitOverride();
+    for (const sub of command.commands) override(sub);
+  };
+  override(program);
   try {
     await program.parseAsync([...argv]);
   } catch (error) {
-    // Commander has already printed its own errors (and --help / --version).
-    if (error instanceof CommanderError) process.exit(error.exitCode);
+    if (error instanceof CommanderError) {
+      // Commander printed the message already; help and version are successes.
+      const helpOrVersion = ["commander.helpDisplayed", "commander.help", "commander.version"].includes(
+        error.code,
+      );
+      process.exit(helpOrVersion ? EXIT.ok : EXIT.usage);
+    }
     console.error(`leasehold: ${error instanceof Error ? error.message : String(error)}`);
-    process.exit(error instanceof UsageError ? 2 : 1);
+    process.exit(error instanceof CliError ? error.exitCode : EXIT.failed);
   }
 }

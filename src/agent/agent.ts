@@ -1,0 +1,566 @@
+import { create } from "@bufbuild/protobuf";
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import {
+  type ConnectRequestSchema,
+  type ConnectResponse,
+  RevokeReason,
+  WorkerService,
+} from "../gen/leasehold/v1/worker_pb.js";
+import { createClient } from "../rpc/client.js";
+import type { JsonObject } from "../work/action.js";
+
+/** What a handler gets for one granted action (Temporal's activity context, for work leases). */
+export interface ActionContext {
+  readonly actionId: string;
+  /** The fencing epoch of this grant. */
+  readonly epoch: number;
+  /** 1 for the first attempt, then increasing. */
+  readonly attempt: number;
+  /** What to run. */
+  readonly payload: JsonObject;
+  readonly runId: string;
+  /** The last checkpoint an earlier attempt reported, if any. */
+  readonly checkpoint: JsonObject | undefined;
+  /**
+   * Aborts when the lease is revoked (cancel, drain, superseded), when the
+   * agent self-fences (no heartbeat ack before the local deadline) or when
+   * the agent closes without waiting. `signal.reason` says which.
+   */
+  readonly signal: AbortSignal;
+  /** Reports a phase, optional details, and optionally a checkpoint for the next attempt. */
+  progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
+}
+
+/** Throw this from a handler to fail the action with control over retries. */
+export class ActionFailure extends Error {
+  readonly retryable: boolean;
+  readonly details: JsonObject | undefined;
+  constructor(message: string, options: { retryable?: boolean; details?: JsonObject } = {}) {
+    super(message);
+    this.name = "ActionFailure";
+    this.retryable = options.retryable ?? true;
+    this.details = options.details;
+  }
+}
+
+/** Why a handler's signal aborted. */
+export class LeaseLost extends Error {
+  constructor(
+    /** expired | cancelled | superseded | rolled_back | collect_outputs | drained | self_fenced | closing */
+    readonly reason: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "LeaseLost";
+  }
+}
+
+/** Things an agent reports, for logs and tests. */
+export type AgentEvent =
+  | { type: "connected"; sessionId: string; resumed: string[]; revoked: string[]; address: string }
+  | { type: "disconnected"; error: string; retryInMs: number }
+  | { type: "grant"; actionId: string; epoch: number; attempt: number }
+  | {
+      type: "finished";
+      actionId: string;
+      epoch: number;
+      outcome: "succeeded" | "failed" | "released";
+      accepted: boolean;
+      message: string;
+    }
+  | { type: "revoked"; actionId: string; epoch: number; reason: string }
+  | { type: "self_fenced"; actionIds: string[]; silentMs: number }
+  | { type: "drain"; reason: string };
+
+/** Options of {@link createAgent}. */
+export interface AgentOptions {
+  /** Server address(es) as host:port; on failure the agent moves to the next one. */
+  readonly address: string | readonly string[];
+  readonly cluster: string;
+  readonly workerId: string;
+  /** Slots: actions run at once. Default 1. */
+  readonly capacity?: number;
+  readonly labels?: Readonly<Record<string, string>>;
+  /** Channel credentials. Default insecure (loopback). */
+  readonly credentials?: grpc.ChannelCredentials;
+  /** Runs one action; resolves with its output or throws (an {@link ActionFailure} to choose retries). */
+  readonly handler: (ctx: ActionContext) => Promise<JsonObject | undefined>;
+  /**
+   * Subtracted from the server's guarantee when computing the local deadline,
+   * so the work stops before the server may hand it to someone else. Default
+   * 500 ms (clock drift and delivery delay).
+   */
+  readonly selfFenceMarginMs?: number;
+  /** First reconnect delay (doubling, with jitter, up to maxBackoffMs). Default 200 ms. */
+  readonly initialBackoffMs?: number;
+  /** Largest reconnect delay. Default 5000 ms. */
+  readonly maxBackoffMs?: number;
+  /** Free-form agent description sent in the hello. */
+  readonly agentVersion?: string;
+  /** Observer of agent events. */
+  readonly onEvent?: (event: AgentEvent) => void;
+}
+
+/** A running agent. */
+export interface Agent extends AsyncDisposable {
+  /** The current session id, once connected. */
+  readonly sessionId: string | undefined;
+  /** Actions running now. */
+  readonly running: number;
+  /**
+   * Drains: takes no more work, waits up to `timeoutMs` (default 30 s) for
+   * running actions and reports them, releases any still running (aborting
+   * them), says goodbye and closes the stream.
+   */
+  close(options?: { timeoutMs?: number }): Promise<void>;
+}
+
+interface Running {
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly controller: AbortController;
+  /** The report to (re)send until the server answers it; set when the handler settles. */
+  report: PendingReport | undefined;
+  settled: Promise<void>;
+}
+
+type PendingReport =
+  | { kind: "succeeded"; output: JsonObject | undefined }
+  | { kind: "failed"; message: string; retryable: boolean; details: JsonObject | undefined }
+  | { kind: "released"; reason: string }
+  | { kind: "dropped" };
+
+const REVOKE_NAMES: Record<number, string> = {
+  [RevokeReason.EXPIRED]: "expired",
+  [RevokeReason.CANCELLED]: "cancelled",
+  [RevokeReason.SUPERSEDED]: "superseded",
+  [RevokeReason.ROLLED_BACK]: "rolled_back",
+  [RevokeReason.COLLECT_OUTPUTS]: "collect_outputs",
+  [RevokeReason.DRAINED]: "drained",
+};
+
+/**
+ * Starts an agent: one stream to the server, heartbeats, grants run by
+ * `handler` within `capacity` slots, reports answered by the server, and
+ * reconnection with exponential backoff and jitter that lists the held
+ * leases so they resume (SPEC rule 2). Self-fences (rule 5): when no
+ * heartbeat ack arrives before the local deadline, every handler's signal
+ * aborts before the server could hand the work to another worker.
+ */
+export function createAgent(options: AgentOptions): Agent {
+  const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
+  if (addresses.length === 0) throw new Error("createAgent: address must name at least one server");
+  const margin = options.selfFenceMarginMs ?? 500;
+  const initialBackoff = options.initialBackoffMs ?? 200;
+  const maxBackoff = options.maxBackoffMs ?? 5000;
+  const emit = (event: AgentEvent) => options.onEvent?.(event);
+
+  const running = new Map<string, Running>();
+  let closing = false;
+  let closed = false;
+  let sessionId: string | undefined;
+  let addressIndex = 0;
+  let attemptsWithoutWelcome = 0;
+  let reconnectTimer: NodeJS.Timeout | undefined;
+  let current: Connection | undefined;
+  let nextReportId = 0n;
+  /**
+   * Local time after which held leases are no longer guaranteed: send time of
+   * the last acknowledged heartbeat + its `remaining` − margin. Kept across
+   * reconnections: a broken stream does not extend the guarantee.
+   */
+  let deadline = Number.POSITIVE_INFINITY;
+  let fenceTimer: NodeJS.Timeout | undefined;
+
+  interface Connection {
+    readonly call: grpc.ClientDuplexStream<unknown, ConnectResponse>;
+    readonly client: { close(): void };
+    send(message: Parameters<typeof create<typeof ConnectRequestSchema>>[1]): void;
+    welcomed: boolean;
+    heartbeatTimer: NodeJS.Timeout | undefined;
+    /** Local send time of each unacknowledged heartbeat, by sequence. */
+    readonly sent: Map<bigint, number>;
+    sequence: bigint;
+    /** Reports waiting for their result, by report id. */
+    readonly pending: Map<bigint, Running>;
+    ended: boolean;
+  }
+
+  const heldLeases = () =>
+    [...running.values()]
+      .filter((r) => r.report?.kind !== "dropped")
+      .map((r) => ({ actionId: r.actionId, epoch: BigInt(r.epoch) }));
+
+  function sendReport(conn: Connection, r: Running): void {
+    const report = r.report;
+    if (!report || report.kind === "dropped" || conn.ended || !conn.welcomed) return;
+    nextReportId += 1n;
+    const reportId = nextReportId;
+    conn.pending.set(reportId, r);
+    const base = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
+    if (report.kind === "released") {
+      conn.send({ message: { case: "release", value: { ...base, reason: report.reason } } });
+    } else if (report.kind === "succeeded") {
+      conn.send({
+        message: {
+          case: "completion",
+          value: {
+            ...base,
+            outcome: { case: "succeeded", value: report.output ? { output: report.output as never } : {} },
+          },
+        },
+      });
+    } else {
+      conn.send({
+        message: {
+          case: "completion",
+          value: {
+            ...base,
+            outcome: {
+              case: "failed",
+              value: {
+                message: report.message,
+                retryable: report.retryable,
+                ...(report.details ? { details: report.details as never } : {}),
+              },
+            },
+          },
+        },
+      });
+    }
+  }
+
+  function startAction(
+    conn: Connection,
+    grant: Extract<ConnectResponse["message"], { case: "grant" }>["value"],
+  ): void {
+    const actionId = grant.actionId;
+    const epoch = Number(grant.epoch);
+    const existing = running.get(actionId);
+    if (existing && existing.epoch === epoch) return; // a grant sent again after a reconnect
+    if (existing)
+      existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
+    const controller = new AbortController();
+    const r: Running = { actionId, epoch, controller, report: undefined, settled: Promise.resolve() };
+    running.set(actionId, r);
+    emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
+    nextReportId += 1n;
+    conn.send({
+      message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
+    });
+    if (closing) {
+      // Draining: take no new work.
+      r.report = { kind: "released", reason: "the agent is shutting down" };
+      sendReport(conn, r);
+      return;
+    }
+    const ctx: ActionContext = {
+      actionId,
+      epoch,
+      attempt: grant.attempt,
+      payload: (grant.payload ?? {}) as JsonObject,
+      runId: grant.runId,
+      checkpoint: grant.checkpoint as JsonObject | undefined,
+      signal: controller.signal,
+      progress(phase, details, checkpoint) {
+        const c = current;
+        if (!c || c.ended || !c.welcomed || controller.signal.aborted) return;
+        nextReportId += 1n;
+        c.send({
+          message: {
+            case: "progress",
+            value: {
+              reportId: nextReportId,
+              actionId,
+              epoch: BigInt(epoch),
+              phase,
+              ...(details ? { details: details as never } : {}),
+              ...(checkpoint ? { checkpoint: checkpoint as never } : {}),
+            },
+          },
+        });
+      },
+    };
+    r.settled = (async () => {
+      try {
+        const output = await options.handler(ctx);
+        r.report = controller.signal.aborted
+          ? afterAbort(controller.signal)
+          : { kind: "succeeded", output: output ?? undefined };
+      } catch (error) {
+        if (controller.signal.aborted) r.report = afterAbort(controller.signal);
+        else if (error instanceof ActionFailure) {
+          r.report = {
+            kind: "failed",
+            message: error.message,
+            retryable: error.retryable,
+            details: error.details,
+          };
+        } else {
+          r.report = {
+            kind: "failed",
+            message: error instanceof Error ? error.message : String(error),
+            retryable: true,
+            details: undefined,
+          };
+        }
+      }
+      if (r.report.kind === "dropped") running.delete(actionId);
+      else if (current) sendReport(current, r);
+    })();
+  }
+
+  /** What to tell the server about an action whose handler was aborted. */
+  function afterAbort(signal: AbortSignal): PendingReport {
+    const reason = signal.reason instanceof LeaseLost ? signal.reason.reason : "closing";
+    // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
+    if (reason === "expired" || reason === "superseded" || reason === "rolled_back")
+      return { kind: "dropped" };
+    return { kind: "released", reason: signal.reason instanceof Error ? signal.reason.message : reason };
+  }
+
+  function selfFence(): void {
+    if (closed) return;
+    if (Date.now() < deadline) {
+      armFence();
+      return;
+    }
+    const silentMs = Date.now() - (deadline - margin);
+    const affected = [...running.values()].filter((r) => !r.controller.signal.aborted);
+    if (affected.length > 0) {
+      for (const r of affected) {
+        r.controller.abort(
+          new LeaseLost(
+            "self_fenced",
+            "no heartbeat ack from the server before the lease's guaranteed time ran out; stopping so the server can hand the action to another worker",
+          ),
+        );
+      }
+      emit({ type: "self_fenced", actionIds: affected.map((r) => r.actionId), silentMs });
+    }
+  }
+
+  function armFence(): void {
+    clearTimeout(fenceTimer);
+    if (!Number.isFinite(deadline)) return;
+    fenceTimer = setTimeout(selfFence, Math.max(0, deadline - Date.now()));
+    fenceTimer.unref();
+  }
+
+  function connect(): void {
+    if (closed) return;
+    const address = addresses[addressIndex % addresses.length] as string;
+    const client = createClient(
+      WorkerService,
+      address,
+      options.credentials ?? grpc.credentials.createInsecure(),
+      {
+        "grpc.keepalive_time_ms": 10_000,
+        "grpc.keepalive_timeout_ms": 5_000,
+        "grpc.keepalive_permit_without_calls": 1,
+      },
+    );
+    const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+    const conn: Connection = {
+      call,
+      client,
+      send: (message) => {
+        if (!conn.ended) call.write(create(WorkerService.method.connect.input, message));
+      },
+      welcomed: false,
+      heartbeatTimer: undefined,
+      sent: new Map(),
+      sequence: 0n,
+      pending: new Map(),
+      ended: false,
+    };
+    current = conn;
+
+    call.on("data", (response: ConnectResponse) => {
+      const m = response.message;
+      switch (m.case) {
+        case "welcome": {
+          conn.welcomed = true;
+          attemptsWithoutWelcome = 0;
+          sessionId = m.value.sessionId;
+          for (const l of m.value.revoked) {
+            const r = running.get(l.actionId);
+            if (r && r.epoch === Number(l.epoch)) {
+              r.controller.abort(
+                new LeaseLost("superseded", "the server revoked this lease when the agent reconnected"),
+              );
+              if (r.report) running.delete(l.actionId);
+            }
+          }
+          emit({
+            type: "connected",
+            sessionId: m.value.sessionId,
+            resumed: m.value.resumed.map((l) => l.actionId),
+            revoked: m.value.revoked.map((l) => l.actionId),
+            address,
+          });
+          const every = m.value.heartbeatInterval ? durationMs(m.value.heartbeatInterval) : 2000;
+          const beat = () => {
+            conn.sequence += 1n;
+            conn.sent.set(conn.sequence, Date.now());
+            conn.send({
+              message: { case: "heartbeat", value: { sequence: conn.sequence, heldLeases: heldLeases() } },
+            });
+          };
+          beat();
+          conn.heartbeatTimer = setInterval(beat, every);
+          // Reports that could not be answered on the previous stream.
+          for (const r of running.values()) if (r.report) sendReport(conn, r);
+          if (closing) finishClose(conn);
+          break;
+        }
+        case "heartbeatAck": {
+          const sentAt = conn.sent.get(m.value.sequence);
+          if (sentAt === undefined) break;
+          for (const seq of conn.sent.keys()) if (seq <= m.value.sequence) conn.sent.delete(seq);
+          const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
+          deadline = sentAt + remaining - margin;
+          armFence();
+          break;
+        }
+        case "grant":
+          startAction(conn, m.value);
+          break;
+        case "revoke": {
+          const r = running.get(m.value.actionId);
+          if (r && r.epoch === Number(m.value.epoch)) {
+            const reason = REVOKE_NAMES[m.value.reason] ?? "revoked";
+            emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason });
+            if (!r.controller.signal.aborted)
+              r.controller.abort(new LeaseLost(reason, m.value.message || `lease revoked (${reason})`));
+            else if (r.report && reason !== "cancelled") running.delete(r.actionId);
+          }
+          break;
+        }
+        case "reportResult": {
+          const r = conn.pending.get(m.value.reportId);
+          if (!r) break;
+          conn.pending.delete(m.value.reportId);
+          const report = r.report;
+          if (
+            m.value.rejectReason === 2 /* INVALID */ ||
+            m.value.accepted ||
+            m.value.rejectReason === 1 /* FENCED */
+          ) {
+            if (running.get(r.actionId) === r) running.delete(r.actionId);
+            if (report && report.kind !== "dropped") {
+              emit({
+                type: "finished",
+                actionId: r.actionId,
+                epoch: r.epoch,
+                outcome: report.kind,
+                accepted: m.value.accepted,
+                message: m.value.message,
+              });
+            }
+            if (closing) finishClose(conn);
+          } else {
+            // UNAVAILABLE: the server could not apply it now; send it again shortly.
+            setTimeout(() => current && sendReport(current, r), 500).unref();
+          }
+          break;
+        }
+        case "drain":
+          emit({ type: "drain", reason: m.value.reason });
+          break;
+        default:
+          break;
+      }
+    });
+    const onEnd = (error: Error | undefined) => {
+      if (conn.ended) return;
+      conn.ended = true;
+      clearInterval(conn.heartbeatTimer);
+      client.close();
+      if (!conn.welcomed) attemptsWithoutWelcome += 1;
+      if (closed) return;
+      // The fence timer keeps running: the deadline from the last ack still applies.
+      addressIndex += 1;
+      const base = Math.min(maxBackoff, initialBackoff * 2 ** Math.min(attemptsWithoutWelcome, 16));
+      const retryInMs = Math.round(base / 2 + Math.random() * (base / 2));
+      emit({ type: "disconnected", error: error?.message ?? "stream ended", retryInMs });
+      reconnectTimer = setTimeout(connect, retryInMs);
+    };
+    call.on("error", (error) => onEnd(error));
+    call.on("end", () => onEnd(undefined));
+    conn.send({
+      message: {
+        case: "hello",
+        value: {
+          workerId: options.workerId,
+          cluster: options.cluster,
+          capacity: options.capacity ?? 1,
+          labels: { ...(options.labels ?? {}) },
+          heldLeases: heldLeases(),
+          agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
+        },
+      },
+    });
+  }
+
+  let closeDone: (() => void) | undefined;
+  /** Says goodbye once nothing is left to report. */
+  function finishClose(conn: Connection): void {
+    if (!closing || conn.ended || !conn.welcomed) return;
+    if ([...running.values()].some((r) => r.report?.kind !== "dropped")) return;
+    conn.send({ message: { case: "goodbye", value: { reason: "agent shutting down" } } });
+    conn.call.end();
+    closeDone?.();
+  }
+
+  connect();
+
+  let closingPromise: Promise<void> | undefined;
+  const close = (closeOptions: { timeoutMs?: number } = {}) => {
+    closingPromise ??= (async () => {
+      closing = true;
+      const timeoutMs = closeOptions.timeoutMs ?? 30_000;
+      const allSettled = Promise.all([...running.values()].map((r) => r.settled));
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([allSettled, new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
+      clearTimeout(timer);
+      for (const r of running.values()) {
+        if (!r.controller.signal.aborted)
+          r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
+      }
+      await Promise.all([...running.values()].map((r) => r.settled));
+      // Wait (bounded) for the server to answer the final reports, then goodbye.
+      await new Promise<void>((resolve) => {
+        closeDone = resolve;
+        const conn = current;
+        if (conn) finishClose(conn);
+        setTimeout(resolve, 5000).unref();
+      });
+      closed = true;
+      clearTimeout(reconnectTimer);
+      const conn = current;
+      if (conn) {
+        clearInterval(conn.heartbeatTimer);
+        clearTimeout(fenceTimer);
+        if (!conn.ended) {
+          conn.ended = true;
+          conn.call.end();
+          conn.client.close();
+        }
+      }
+    })();
+    return closingPromise;
+  };
+
+  return {
+    get sessionId() {
+      return sessionId;
+    },
+    get running() {
+      return running.size;
+    },
+    close,
+    [Symbol.asyncDispose]: () => close(),
+  };
+}

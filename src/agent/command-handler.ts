@@ -1,0 +1,162 @@
+import { spawn } from "node:child_process";
+import type { JsonObject } from "../work/action.js";
+import { type ActionContext, ActionFailure } from "./agent.js";
+
+/** The payload the reference agent runs: a command. */
+export interface CommandPayload {
+  /** Program and arguments; argv[0] is looked up in PATH. */
+  readonly argv: readonly string[];
+  /** Extra environment variables. */
+  readonly env: Readonly<Record<string, string>>;
+  /** Working directory; default the agent's. */
+  readonly cwd: string | undefined;
+  /** Seconds before the command is killed and the action fails (retryable). Default: none. */
+  readonly timeoutSeconds: number | undefined;
+  /** Whether a non-zero exit may be retried. Default true. */
+  readonly retryable: boolean;
+}
+
+/** Bytes of stdout and stderr kept for the result. */
+const TAIL_BYTES = 4096;
+/** How long a killed command gets between SIGTERM and SIGKILL. */
+const KILL_GRACE_MS = 2000;
+/** Least time between two progress reports of output. */
+const PROGRESS_EVERY_MS = 1000;
+
+/** Validates a payload; the error says which field to fix (and is not retryable). */
+export function parseCommandPayload(payload: JsonObject): CommandPayload {
+  const fail = (message: string) => new ActionFailure(`payload.${message}`, { retryable: false });
+  const { argv, env = {}, cwd, timeout, retryable = true } = payload as Record<string, unknown>;
+  if (!Array.isArray(argv) || argv.length === 0 || !argv.every((a) => typeof a === "string")) {
+    throw fail('argv: must be a non-empty list of strings, e.g. ["make", "test"]');
+  }
+  if (typeof env !== "object" || env === null || !Object.values(env).every((v) => typeof v === "string")) {
+    throw fail("env: must map names to string values");
+  }
+  if (cwd !== undefined && typeof cwd !== "string") throw fail("cwd: must be a string");
+  if (timeout !== undefined && (typeof timeout !== "number" || !(timeout > 0))) {
+    throw fail("timeout: must be a positive number of seconds");
+  }
+  if (typeof retryable !== "boolean") throw fail("retryable: must be true or false");
+  return {
+    argv: argv as string[],
+    env: env as Record<string, string>,
+    cwd,
+    timeoutSeconds: timeout as number | undefined,
+    retryable,
+  };
+}
+
+/** Keeps the last `TAIL_BYTES` of a stream. */
+function tail() {
+  let buffer = Buffer.alloc(0);
+  return {
+    push(chunk: Buffer) {
+      buffer = Buffer.concat([buffer, chunk]);
+      if (buffer.length > TAIL_BYTES) buffer = buffer.subarray(buffer.length - TAIL_BYTES);
+    },
+    text: () => buffer.toString("utf8"),
+  };
+}
+
+/** Sends `signal` to a whole process group, ignoring one that is already gone. */
+function killGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch {
+    // ESRCH: nothing left in the group.
+  }
+}
+
+/**
+ * The reference agent's handler: runs the payload's command in its own
+ * process group, reports progress (start, then the latest output line at most
+ * once a second), and resolves with the exit code and the tails of stdout and
+ * stderr. A non-zero exit or a timeout fails the action. When the lease is
+ * revoked or the agent self-fences, the whole process group is killed
+ * (SIGTERM, then SIGKILL) before the handler returns: no orphans.
+ */
+export async function commandHandler(ctx: ActionContext): Promise<JsonObject> {
+  const command = parseCommandPayload(ctx.payload);
+  const [program, ...args] = command.argv as [string, ...string[]];
+  const stdout = tail();
+  const stderr = tail();
+  const child = spawn(program, args, {
+    cwd: command.cwd,
+    env: {
+      ...process.env,
+      ...command.env,
+      LEASEHOLD_ACTION_ID: ctx.actionId,
+      LEASEHOLD_EPOCH: String(ctx.epoch),
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+    detached: true, // its own process group, so the whole tree can be killed
+  });
+  let lastProgress = 0;
+  let lastLine = "";
+  const onOutput = (sink: ReturnType<typeof tail>) => (chunk: Buffer) => {
+    sink.push(chunk);
+    const lines = chunk.toString("utf8").trimEnd().split("\n");
+    lastLine = lines.at(-1) ?? lastLine;
+    if (Date.now() - lastProgress >= PROGRESS_EVERY_MS) {
+      lastProgress = Date.now();
+      ctx.progress("running", { pid: child.pid ?? 0, line: lastLine.slice(0, 512) });
+    }
+  };
+  child.stdout?.on("data", onOutput(stdout));
+  child.stderr?.on("data", onOutput(stderr));
+
+  let stopReason: string | undefined;
+  let killTimer: NodeJS.Timeout | undefined;
+  const stop = (reason: string) => {
+    if (stopReason !== undefined || child.pid === undefined) return;
+    stopReason = reason;
+    killGroup(child.pid, "SIGTERM");
+    killTimer = setTimeout(() => child.pid !== undefined && killGroup(child.pid, "SIGKILL"), KILL_GRACE_MS);
+  };
+  const onAbort = () => stop(ctx.signal.reason instanceof Error ? ctx.signal.reason.message : "aborted");
+  ctx.signal.addEventListener("abort", onAbort);
+  const timeout =
+    command.timeoutSeconds !== undefined
+      ? setTimeout(() => stop(`timed out after ${command.timeoutSeconds}s`), command.timeoutSeconds * 1000)
+      : undefined;
+
+  try {
+    const exit = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>(
+      (resolve, reject) => {
+        child.once("error", reject);
+        child.once("close", (code, signal) => resolve({ code, signal }));
+      },
+    ).catch((error: NodeJS.ErrnoException) => {
+      throw new ActionFailure(`could not start ${program}: ${error.message}`, {
+        retryable: error.code !== "ENOENT",
+      });
+    });
+    ctx.progress("exited", { code: exit.code ?? -1 });
+    const result: JsonObject = {
+      exitCode: exit.code ?? -1,
+      ...(exit.signal ? { signal: exit.signal } : {}),
+      stdoutTail: stdout.text(),
+      stderrTail: stderr.text(),
+    };
+    if (stopReason !== undefined) {
+      throw new ActionFailure(`command stopped: ${stopReason}`, { retryable: true, details: result });
+    }
+    if (exit.code !== 0) {
+      throw new ActionFailure(
+        `command exited with ${exit.signal ? `signal ${exit.signal}` : `code ${exit.code}`}`,
+        {
+          retryable: command.retryable,
+          details: result,
+        },
+      );
+    }
+    return result;
+  } finally {
+    clearTimeout(timeout);
+    clearTimeout(killTimer);
+    ctx.signal.removeEventListener("abort", onAbort);
+    // The leader is gone; make sure nothing it started outlives it.
+    if (child.pid !== undefined) killGroup(child.pid, "SIGKILL");
+  }
+}

@@ -1,0 +1,18 @@
+/**
+ * The Leasehold agent SDK: what a cluster agent imports.
+ *
+ * ```ts
+ * import { createAgent } from "leasehold/agent";
+ * const agent = createAgent({ address: "127.0.0.1:50051", cluster: "east", workerId: "w1", handler });
+ * ```
+ */
+export {
+  type ActionContext,
+  ActionFailure,
+  type Agent,
+  type AgentEvent,
+  type AgentOptions,
+  createAgent,
+  LeaseLost,
+} from "./agent.js";
+export { type CommandPayload, commandHandler, parseCommandPayload } from "./command-handler.js";

@@ -1,0 +1,99 @@
+import { Command, Option } from "commander";
+import { ClusterHealth, ClusterService, WorkerState } from "../gen/leasehold/v1/cluster_pb.js";
+import { createClient } from "../rpc/client.js";
+import { CliError, cliErrorFrom, enumName, globals, printTable, time, toJson } from "./output.js";
+
+async function withClient(
+  command: Command,
+  fn: (
+    api: ReturnType<typeof createClient<(typeof ClusterService)["method"]>>,
+    json: boolean,
+  ) => Promise<void>,
+) {
+  const g = globals(command);
+  const api = createClient(ClusterService, g.server);
+  try {
+    await fn(api, g.json);
+  } catch (error) {
+    throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
+  } finally {
+    api.close();
+  }
+}
+
+/** `leasehold workers …`: list and drain. */
+export function workerCommands(): Command {
+  const workers = new Command("workers").description("Show and drain workers.");
+  workers
+    .command("list")
+    .description("List workers with their session, state, deadline and held leases.")
+    .option("--cluster <name>", "only of this cluster")
+    .addOption(
+      new Option("--state <state>", "only in this state").choices(["connected", "in_grace", "offline"]),
+    )
+    .action(async (o: Record<string, string | undefined>, command: Command) =>
+      withClient(command, async (api, json) => {
+        const state = o.state
+          ? WorkerState[o.state.toUpperCase() as keyof typeof WorkerState]
+          : WorkerState.UNSPECIFIED;
+        const { workers: list } = await api.listWorkers({ cluster: o.cluster ?? "", state, pageSize: 1000 });
+        if (json) return void process.stdout.write(`${toJson({ workers: list })}\n`);
+        printTable(
+          ["WORKER", "CLUSTER", "STATE", "SLOTS", "HELD", "DEADLINE", "DRAINING"],
+          list.map((w) => [
+            w.workerId,
+            w.cluster,
+            enumName(WorkerState, w.state),
+            String(w.capacity),
+            w.heldLeases.map((l) => `${l.actionId}@${l.epoch}`).join(",") || "-",
+            time(w.session?.deadline),
+            w.draining ? "yes" : "no",
+          ]),
+        );
+      }),
+    );
+  workers
+    .command("drain")
+    .description("Stop new grants to a worker and ask it to finish what it holds.")
+    .argument("<worker-id>")
+    .option("--reason <text>", "why, sent to the worker")
+    .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
+      withClient(command, async (api, json) => {
+        const { worker } = await api.drainWorker({ workerId, reason: o.reason ?? "" });
+        if (json) process.stdout.write(`${toJson({ worker })}\n`);
+        else
+          process.stdout.write(
+            `${workerId} is draining (${worker?.heldLeases.length ?? 0} leases still held)\n`,
+          );
+      }),
+    );
+  return workers;
+}
+
+/** `leasehold clusters list`. */
+export function clusterCommands(): Command {
+  const clusters = new Command("clusters").description("Show clusters and their health.");
+  clusters
+    .command("list")
+    .description("List clusters with health and counts.")
+    .action(async (_o: unknown, command: Command) =>
+      withClient(command, async (api, json) => {
+        const { clusters: list } = await api.listClusters({});
+        if (json) return void process.stdout.write(`${toJson({ clusters: list })}\n`);
+        printTable(
+          ["CLUSTER", "HEALTH", "CONNECTED", "IN GRACE", "QUEUED", "LEASED", "EXPIRIES(5m)", "WHY"],
+          list.map((c) => [
+            c.name,
+            enumName(ClusterHealth, c.health),
+            String(c.connectedWorkers),
+            String(c.workersInGrace),
+            String(c.queuedActions),
+            String(c.leasedActions),
+            String(c.recentExpiries),
+            c.healthReason || "-",
+          ]),
+        );
+      }),
+    );
+  return clusters;
+}

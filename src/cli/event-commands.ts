@@ -1,0 +1,59 @@
+import { Command, Option } from "commander";
+import { type Event, EventKind, EventService } from "../gen/leasehold/v1/event_pb.js";
+import { createClient } from "../rpc/client.js";
+import { CliError, cliErrorFrom, enumName, globals, intFlag, time, toJson } from "./output.js";
+
+const KINDS = Object.keys(EventKind)
+  .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
+  .map((k) => k.toLowerCase());
+
+/** `leasehold events [--follow]`. */
+export function eventCommand(): Command {
+  return new Command("events")
+    .description("List events oldest first; with --follow, keep streaming new ones (NDJSON with --json).")
+    .option("--action <id>", "only about this action")
+    .option("--worker <id>", "only about this worker")
+    .option("--cluster <name>", "only about this cluster")
+    .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
+    .option("--limit <n>", "without --follow: at most this many (default 100)", intFlag)
+    .option("-f, --follow", "after the stored events, stream new ones until interrupted")
+    .action(async (o: Record<string, unknown>, command: Command) => {
+      const g = globals(command);
+      const api = createClient(EventService, g.server);
+      const filter = {
+        actionId: (o.action as string | undefined) ?? "",
+        workerId: (o.worker as string | undefined) ?? "",
+        cluster: (o.cluster as string | undefined) ?? "",
+        kind: o.kind
+          ? EventKind[(o.kind as string).toUpperCase() as keyof typeof EventKind]
+          : EventKind.UNSPECIFIED,
+      };
+      const print = (e: Event) => {
+        if (g.json) process.stdout.write(`${toJson(e)}\n`);
+        else {
+          const kind = enumName(EventKind, e.kind).toLowerCase();
+          process.stdout.write(
+            `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${e.message}\n`,
+          );
+        }
+      };
+      try {
+        if (o.follow) {
+          // Replays stored events, then follows, with no gap in between.
+          for await (const m of api.watchEvents({ ...filter, afterSequence: 0n }))
+            if (m.event) print(m.event);
+        } else {
+          const { events } = await api.listEvents({
+            ...filter,
+            pageSize: (o.limit as number | undefined) ?? 100,
+          });
+          if (g.json) process.stdout.write(`${toJson({ events })}\n`);
+          else for (const e of events) print(e);
+        }
+      } catch (error) {
+        throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
+      } finally {
+        api.close();
+      }
+    });
+}

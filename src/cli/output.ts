@@ -1,0 +1,96 @@
+import { type Command, InvalidArgumentError } from "commander";
+
+/**
+ * Exit codes of every `leasehold` command (also in `leasehold --help`):
+ * 0 success; 1 the operation failed (server refused it, action failed);
+ * 2 bad usage (flags, arguments); 3 the server is unreachable; 4 not found.
+ */
+export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4 } as const;
+
+/** Global options every client command takes. */
+export interface GlobalOptions {
+  readonly server: string;
+  readonly json: boolean;
+}
+
+export function globals(command: Command): GlobalOptions {
+  const o = command.optsWithGlobals() as { server: string; json?: boolean };
+  return { server: o.server, json: Boolean(o.json) };
+}
+
+/** JSON with bigints as strings (protobuf int64 fields). */
+export function toJson(value: unknown): string {
+  return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? v.toString() : v));
+}
+
+/** Prints rows as an aligned table with a header. */
+export function printTable(headers: readonly string[], rows: readonly (readonly string[])[]): void {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const line = (cells: readonly string[]) =>
+    cells
+      .map((c, i) => c.padEnd(widths[i] ?? 0))
+      .join("  ")
+      .trimEnd();
+  process.stdout.write(`${line(headers)}\n`);
+  for (const row of rows) process.stdout.write(`${line(row)}\n`);
+}
+
+/** An error that ends a command with a specific exit code and message. */
+export class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number,
+  ) {
+    super(message);
+  }
+}
+
+/** Maps a failed gRPC call to an exit code and a message that says what to do. */
+export function cliErrorFrom(error: unknown, server: string): CliError {
+  const e = error as { code?: number; details?: string; message?: string };
+  switch (e.code) {
+    case 14:
+    case 4:
+      return new CliError(
+        `cannot reach the server at ${server} (${e.details ?? e.message}); is it running? (--server)`,
+        EXIT.unreachable,
+      );
+    case 5:
+      return new CliError(e.details ?? "not found", EXIT.notFound);
+    case 3:
+      return new CliError(e.details ?? "invalid argument", EXIT.usage);
+    default:
+      return new CliError(e.details ?? e.message ?? String(error), EXIT.failed);
+  }
+}
+
+/** Short enum names: ACTION_STATE_QUEUED → QUEUED, given the generated enum. */
+export function enumName(enumObject: Record<number, string>, value: number): string {
+  return enumObject[value] ?? String(value);
+}
+
+/** RFC 3339 for a protobuf Timestamp, or "-". */
+export function time(ts: { seconds: bigint; nanos: number } | undefined): string {
+  return ts ? new Date(Number(ts.seconds) * 1000 + Math.floor(ts.nanos / 1e6)).toISOString() : "-";
+}
+
+/** Parses repeated `k=v` flags into a map. */
+export function parseLabels(values: readonly string[] | undefined, flag: string): Record<string, string> {
+  const labels: Record<string, string> = {};
+  for (const item of values ?? []) {
+    const at = item.indexOf("=");
+    if (at <= 0) throw new CliError(`${flag} ${JSON.stringify(item)}: expected key=value`, EXIT.usage);
+    labels[item.slice(0, at)] = item.slice(at + 1);
+  }
+  return labels;
+}
+
+/** Collects a repeatable option's values. */
+export const collect = (value: string, previous: string[] = []) => [...previous, value];
+
+/** Parses an integer flag; commander reports a bad value as a usage error. */
+export function intFlag(value: string): number {
+  const n = Number(value);
+  if (value.trim() === "" || !Number.isInteger(n)) throw new InvalidArgumentError("expected a whole number");
+  return n;
+}

@@ -1,0 +1,108 @@
+import { Command, Option } from "commander";
+import { pino } from "pino";
+import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
+import { LeaseholdError } from "../errors.js";
+import { startServer } from "../server.js";
+import { CliError, EXIT } from "./output.js";
+
+/** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
+export function serveCommand(): Command {
+  return new Command("serve")
+    .description("Run the control plane: gRPC API, health and reflection on one port.")
+    .addOption(
+      new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")
+        .env("LEASEHOLD_LISTEN")
+        .default(DEFAULTS.listen),
+    )
+    .addOption(
+      new Option(
+        "--database-url <url>",
+        "PostgreSQL URL (postgres://user@host:port/db); unset: embedded PGlite in --data-dir",
+      ).env("DATABASE_URL"),
+    )
+    .addOption(
+      new Option("--data-dir <dir>", "PGlite data directory (memory:// for a throw-away database)")
+        .env("LEASEHOLD_DATA_DIR")
+        .default(DEFAULTS.dataDir),
+    )
+    .addOption(
+      new Option(
+        "--grace-period <duration>",
+        "how long a silent worker session is trusted before it is reaped (≥ 2s)",
+      )
+        .env("LEASEHOLD_GRACE_PERIOD")
+        .default(DEFAULTS.gracePeriod),
+    )
+    .addOption(
+      new Option(
+        "--heartbeat-interval <duration>",
+        "how often agents heartbeat (≤ a third of the grace period)",
+      )
+        .env("LEASEHOLD_HEARTBEAT_INTERVAL")
+        .default(DEFAULTS.heartbeatInterval),
+    )
+    .addOption(
+      new Option(
+        "--max-silence <duration>",
+        "sessions silent longer than this get no grace extension when the server restarts (default: 10 × grace period)",
+      ).env("LEASEHOLD_MAX_SILENCE"),
+    )
+    .addOption(
+      new Option("--metrics-listen <host:port>", 'Prometheus /metrics address, or "off"')
+        .env("LEASEHOLD_METRICS_LISTEN")
+        .default(DEFAULTS.metricsListen),
+    )
+    .addOption(
+      new Option("--log-level <level>", "log level")
+        .choices(LOG_LEVELS)
+        .env("LEASEHOLD_LOG_LEVEL")
+        .default(DEFAULTS.logLevel),
+    )
+    .addOption(
+      new Option(
+        "--insecure",
+        "allow listening beyond loopback without credentials (anyone who can reach the port can call every method)",
+      ).env("LEASEHOLD_INSECURE"),
+    )
+    .action(async (options: Record<string, string | boolean | undefined>) => {
+      let config: ReturnType<typeof parseServerConfig>;
+      try {
+        config = parseServerConfig({
+          listen: options.listen as string,
+          databaseUrl: options.databaseUrl as string | undefined,
+          dataDir: options.dataDir as string,
+          gracePeriod: options.gracePeriod as string,
+          heartbeatInterval: options.heartbeatInterval as string,
+          maxSilence: options.maxSilence as string | undefined,
+          metricsListen: options.metricsListen as string,
+          logLevel: options.logLevel as string,
+          insecure: Boolean(options.insecure),
+        });
+      } catch (error) {
+        // A bad option: say which and how to fix it, and exit 2 like other usage errors.
+        if (error instanceof LeaseholdError) throw new CliError(error.message, EXIT.usage);
+        throw error;
+      }
+      await serve(config);
+    });
+}
+
+async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
+  const log = pino({ level: config.logLevel, base: { service: "leasehold" } });
+  const server = await startServer(config, log);
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, "shutting down");
+    server.close().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        log.error({ err: error }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.once("SIGTERM", stop);
+  process.once("SIGINT", stop);
+}

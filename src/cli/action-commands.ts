@@ -1,6 +1,13 @@
 import type { MessageShape } from "@bufbuild/protobuf";
 import { Command, Option } from "commander";
-import { type ActionSchema, ActionService, ActionState } from "../gen/leasehold/v1/action_pb.js";
+import {
+  ActionSchema,
+  ActionService,
+  ActionState,
+  AttemptOutcome,
+  GetActionResponseSchema,
+  SubmitActionResponseSchema,
+} from "../gen/leasehold/v1/action_pb.js";
 import { createClient } from "../rpc/client.js";
 import {
   CliError,
@@ -10,6 +17,7 @@ import {
   enumName,
   globals,
   intFlag,
+  messageJson,
   parseLabels,
   printTable,
   time,
@@ -93,7 +101,7 @@ export function actionCommands(): Command {
         );
       }
       await run(command, async (api, json) => {
-        const { action: a, created } = await api.submitAction({
+        const response = await api.submitAction({
           cluster: o.cluster as string,
           payload: payload as never,
           labelSelector: parseLabels(o.label as string[] | undefined, "--label"),
@@ -102,7 +110,8 @@ export function actionCommands(): Command {
           requestId: (o.requestId as string | undefined) ?? "",
           ...(o.maxAttempts !== undefined ? { retryPolicy: { maxAttempts: o.maxAttempts as number } } : {}),
         });
-        if (json) process.stdout.write(`${toJson({ action: a, created })}\n`);
+        const { action: a, created } = response;
+        if (json) process.stdout.write(`${toJson(messageJson(SubmitActionResponseSchema, response))}\n`);
         else
           process.stdout.write(
             `${created ? "submitted" : "already submitted"} ${a?.id} (${enumName(ActionState, a?.state ?? 0)})\n`,
@@ -117,9 +126,10 @@ export function actionCommands(): Command {
     .argument("<action-id>")
     .action(async (id: string, _o: unknown, command: Command) =>
       run(command, async (api, json) => {
-        const { action: a, attempts } = await api.getAction({ actionId: id });
+        const response = await api.getAction({ actionId: id });
+        const { action: a, attempts } = response;
         if (json) {
-          process.stdout.write(`${toJson({ action: a, attempts })}\n`);
+          process.stdout.write(`${toJson(messageJson(GetActionResponseSchema, response))}\n`);
           return undefined;
         }
         if (a) printTable(ACTION_HEADERS, [actionRow(a)]);
@@ -131,7 +141,7 @@ export function actionCommands(): Command {
             attempts.map((t) => [
               String(t.epoch),
               t.workerId,
-              String(t.outcome),
+              enumName(AttemptOutcome, t.outcome),
               time(t.startTime),
               time(t.endTime),
             ]),
@@ -167,7 +177,8 @@ export function actionCommands(): Command {
           actions.push(...page.actions);
           pageToken = page.nextPageToken;
         } while (pageToken && actions.length < limit);
-        if (json) process.stdout.write(`${toJson({ actions })}\n`);
+        if (json)
+          process.stdout.write(`${toJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) })}\n`);
         else printTable(ACTION_HEADERS, actions.map(actionRow));
         return undefined;
       }),
@@ -184,7 +195,7 @@ export function actionCommands(): Command {
           actionId: id,
           reason: (o.reason as string | undefined) ?? "",
         });
-        if (json) process.stdout.write(`${toJson({ action: a })}\n`);
+        if (json) process.stdout.write(`${toJson({ action: a && messageJson(ActionSchema, a) })}\n`);
         else
           process.stdout.write(
             `${a?.id} ${a?.cancelRequested && a.state === ActionState.LEASED ? "cancel requested (revoking from its worker)" : enumName(ActionState, a?.state ?? 0)}\n`,
@@ -206,7 +217,7 @@ export function actionCommands(): Command {
           const a = m.action;
           if (!a) continue;
           last = a;
-          if (json) process.stdout.write(`${toJson(a)}\n`);
+          if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
           else {
             const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";
             const why = a.failureReason && a.state !== ActionState.LEASED ? `: ${a.failureReason}` : "";

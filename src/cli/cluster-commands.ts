@@ -1,7 +1,22 @@
 import { Command, Option } from "commander";
-import { ClusterHealth, ClusterService, WorkerState } from "../gen/leasehold/v1/cluster_pb.js";
+import {
+  ClusterHealth,
+  ClusterSchema,
+  ClusterService,
+  WorkerSchema,
+  WorkerState,
+} from "../gen/leasehold/v1/cluster_pb.js";
 import { createClient } from "../rpc/client.js";
-import { CliError, cliErrorFrom, enumName, globals, printTable, time, toJson } from "./output.js";
+import {
+  CliError,
+  cliErrorFrom,
+  enumName,
+  globals,
+  messageJson,
+  printTable,
+  time,
+  toJson,
+} from "./output.js";
 
 async function withClient(
   command: Command,
@@ -37,7 +52,10 @@ export function workerCommands(): Command {
           ? WorkerState[o.state.toUpperCase() as keyof typeof WorkerState]
           : WorkerState.UNSPECIFIED;
         const { workers: list } = await api.listWorkers({ cluster: o.cluster ?? "", state, pageSize: 1000 });
-        if (json) return void process.stdout.write(`${toJson({ workers: list })}\n`);
+        if (json)
+          return void process.stdout.write(
+            `${toJson({ workers: list.map((w) => messageJson(WorkerSchema, w)) })}\n`,
+          );
         printTable(
           ["WORKER", "CLUSTER", "STATE", "SLOTS", "HELD", "DEADLINE", "DRAINING"],
           list.map((w) => [
@@ -60,7 +78,8 @@ export function workerCommands(): Command {
     .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
       withClient(command, async (api, json) => {
         const { worker } = await api.drainWorker({ workerId, reason: o.reason ?? "" });
-        if (json) process.stdout.write(`${toJson({ worker })}\n`);
+        if (json)
+          process.stdout.write(`${toJson({ worker: worker && messageJson(WorkerSchema, worker) })}\n`);
         else
           process.stdout.write(
             `${workerId} is draining (${worker?.heldLeases.length ?? 0} leases still held)\n`,
@@ -79,7 +98,10 @@ export function clusterCommands(): Command {
     .action(async (_o: unknown, command: Command) =>
       withClient(command, async (api, json) => {
         const { clusters: list } = await api.listClusters({});
-        if (json) return void process.stdout.write(`${toJson({ clusters: list })}\n`);
+        if (json)
+          return void process.stdout.write(
+            `${toJson({ clusters: list.map((c) => messageJson(ClusterSchema, c)) })}\n`,
+          );
         printTable(
           ["CLUSTER", "HEALTH", "CONNECTED", "IN GRACE", "QUEUED", "LEASED", "EXPIRIES(5m)", "WHY"],
           list.map((c) => [

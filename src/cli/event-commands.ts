@@ -1,7 +1,7 @@
 import { Command, Option } from "commander";
-import { type Event, EventKind, EventService } from "../gen/leasehold/v1/event_pb.js";
+import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
 import { createClient } from "../rpc/client.js";
-import { CliError, cliErrorFrom, enumName, globals, intFlag, time, toJson } from "./output.js";
+import { CliError, cliErrorFrom, enumName, globals, intFlag, messageJson, time, toJson } from "./output.js";
 
 const KINDS = Object.keys(EventKind)
   .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
@@ -29,7 +29,7 @@ export function eventCommand(): Command {
           : EventKind.UNSPECIFIED,
       };
       const print = (e: Event) => {
-        if (g.json) process.stdout.write(`${toJson(e)}\n`);
+        if (g.json) process.stdout.write(`${toJson(messageJson(EventSchema, e))}\n`);
         else {
           const kind = enumName(EventKind, e.kind).toLowerCase();
           process.stdout.write(
@@ -47,7 +47,8 @@ export function eventCommand(): Command {
             ...filter,
             pageSize: (o.limit as number | undefined) ?? 100,
           });
-          if (g.json) process.stdout.write(`${toJson({ events })}\n`);
+          if (g.json)
+            process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
           else for (const e of events) print(e);
         }
       } catch (error) {

@@ -1,3 +1,9 @@
+import {
+  type DescMessage,
+  type JsonValue,
+  type MessageShape,
+  toJson as protoToJson,
+} from "@bufbuild/protobuf";
 import { type Command, InvalidArgumentError } from "commander";
 
 /**
@@ -18,9 +24,14 @@ export function globals(command: Command): GlobalOptions {
   return { server: o.server, json: Boolean(o.json) };
 }
 
-/** JSON with bigints as strings (protobuf int64 fields). */
+/** JSON with bigints as strings (for values that are not protobuf messages). */
 export function toJson(value: unknown): string {
   return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? v.toString() : v));
+}
+
+/** One protobuf message in the proto3 JSON mapping (what grpcurl prints, and other languages parse). */
+export function messageJson<D extends DescMessage>(schema: D, message: MessageShape<D>): JsonValue {
+  return protoToJson(schema, message);
 }
 
 /** Prints rows as an aligned table with a header. */

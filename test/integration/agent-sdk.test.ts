@@ -1,0 +1,190 @@
+import { afterEach, describe, expect, it } from "vitest";
+import { type AgentEvent, createAgent, LeaseLost } from "../../src/agent/index.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+import { freshStore } from "../helpers/database.js";
+import { freePort } from "../helpers/ports.js";
+import { runLeasehold } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/** Resolves when `test` holds for an agent event (events are pushed, not polled). */
+function eventsOf() {
+  const seen: AgentEvent[] = [];
+  const waiters = new Set<() => void>();
+  return {
+    seen,
+    onEvent(event: AgentEvent) {
+      seen.push(event);
+      for (const w of [...waiters]) w();
+    },
+    until<T extends AgentEvent>(test: (e: AgentEvent) => e is T): Promise<T> {
+      return new Promise((resolve) => {
+        const look = () => {
+          const found = seen.find(test);
+          if (found) {
+            waiters.delete(look);
+            resolve(found as T);
+          }
+        };
+        waiters.add(look);
+        look();
+      });
+    },
+  };
+}
+
+/** A promise with its resolver. */
+function deferred<T = void>() {
+  let resolve!: (value: T) => void;
+  const promise = new Promise<T>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
+describe("the agent SDK against a real server", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+
+  async function server(port?: number, store?: TestServer["store"]) {
+    const t = await startTestServer({
+      ...(store ? { store } : {}),
+      config: { listen: `127.0.0.1:${port ?? 0}`, gracePeriod: "3s", heartbeatInterval: "500ms" },
+    });
+    return t;
+  }
+
+  it("resumes its lease after the server restarts within grace, without calling the handler again", async () => {
+    const port = await freePort();
+    let t = await server(port);
+    cleanups.push(() => t.stop().then(() => t.store.drop()));
+    const calls: number[] = [];
+    const finish = deferred<Record<string, unknown>>();
+    const events = eventsOf();
+    const agent = createAgent({
+      address: `127.0.0.1:${port}`,
+      cluster: "east",
+      workerId: "sdk-1",
+      onEvent: events.onEvent,
+      initialBackoffMs: 50,
+      handler: async (ctx) => {
+        calls.push(ctx.epoch);
+        return finish.promise;
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
+    await events.until((e): e is AgentEvent => e.type === "grant");
+
+    t = await t.restart();
+    const resumed = await events.until(
+      (e): e is Extract<AgentEvent, { type: "connected" }> => e.type === "connected" && e.resumed.length > 0,
+    );
+    expect(resumed.resumed).toEqual([action?.id]);
+    finish.resolve({ done: true });
+    await events.until((e): e is AgentEvent => e.type === "finished");
+    const got = await t.client(ActionService).getAction({ actionId: action?.id ?? "" });
+    expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n, output: { done: true } });
+    expect(calls).toEqual([1]);
+  });
+
+  it("self-fences: aborts the handler when the server stops answering, before the grace period ends", async () => {
+    await using store = await freshStore();
+    const graceMs = 3000;
+    const serve = runLeasehold(
+      ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir", store.dataDir, "--grace-period", "3s", "--heartbeat-interval", "500ms"],
+      store.url,
+    );
+    cleanups.push(() => {
+      serve.child.kill("SIGCONT");
+      serve.child.kill("SIGKILL");
+    });
+    const ready = await serve.waitForLog((l) => l.msg === "leasehold serving");
+    const address = `127.0.0.1:${ready.port}`;
+    const aborted = deferred<{ at: number; reason: unknown }>();
+    const events = eventsOf();
+    const agent = createAgent({
+      address,
+      cluster: "east",
+      workerId: "fencer",
+      onEvent: events.onEvent,
+      handler: (ctx) =>
+        new Promise((_, reject) => {
+          ctx.signal.addEventListener("abort", () => {
+            aborted.resolve({ at: Date.now(), reason: ctx.signal.reason });
+            reject(ctx.signal.reason);
+          });
+        }),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const api = createClient(ActionService, address);
+    cleanups.push(() => api.close());
+    await api.submitAction({ cluster: "east" });
+    await events.until((e): e is AgentEvent => e.type === "grant");
+    // Let a few heartbeats be acknowledged, then freeze the server.
+    await new Promise((r) => setTimeout(r, 1200));
+    const stoppedAt = Date.now();
+    serve.child.kill("SIGSTOP");
+    const { at, reason } = await aborted.promise;
+    expect(reason).toBeInstanceOf(LeaseLost);
+    expect((reason as LeaseLost).reason).toBe("self_fenced");
+    // The server heard from the agent at most one heartbeat before it froze, so
+    // it cannot reap before stoppedAt - heartbeat + grace; the agent stopped first.
+    expect(at).toBeLessThan(stoppedAt - 500 + graceMs);
+    expect(events.seen.some((e) => e.type === "self_fenced")).toBe(true);
+  });
+
+  it("aborts the handler on a revoke and reports the cancel", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "revokee",
+      onEvent: events.onEvent,
+      handler: (ctx) =>
+        new Promise((_, reject) => ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason))),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "east" });
+    await events.until((e): e is AgentEvent => e.type === "grant");
+    await api.cancelAction({ actionId: action?.id ?? "", reason: "no longer needed" });
+    const revoked = await events.until((e): e is Extract<AgentEvent, { type: "revoked" }> => e.type === "revoked");
+    expect(revoked.reason).toBe("cancelled");
+    await events.until((e): e is AgentEvent => e.type === "finished");
+    expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);
+  });
+
+  it("drains on close: finishes the running action, reports it, says goodbye", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const started = deferred();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "drainer",
+      onEvent: events.onEvent,
+      handler: async () => {
+        started.resolve();
+        await new Promise((r) => setTimeout(r, 300));
+        return { finished: "during close" };
+      },
+    });
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "east" });
+    await started.promise;
+    await agent.close();
+    expect((await api.getAction({ actionId: action?.id ?? "" })).action).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { finished: "during close" },
+    });
+    const worker = (await t.client(ClusterService).getWorker({ workerId: "drainer" })).worker;
+    expect(worker?.state).toBe(WorkerState.OFFLINE);
+  });
+});

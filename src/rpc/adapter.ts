@@ -28,10 +28,70 @@ export interface HandlerContext {
 
 /** A bidirectional stream as a handler sees it. */
 export interface BidiStream<I extends DescMessage, O extends DescMessage> {
-  /** The client's messages, in order; ends when the client half-closes. */
+  /** The client's messages, in order; ends when the client half-closes, the call ends, or `stop()`. */
   readonly requests: AsyncIterable<MessageShape<I>>;
   /** Queues one message to the client; false means the transport buffer is full. */
   send(message: MessageInitShape<O>): boolean;
+  /** Ends `requests` now (a pending read resolves as done), e.g. when the server closes the stream. */
+  stop(): void;
+}
+
+/** Past this many unread messages the call is paused until the handler catches up. */
+const HIGH_WATER = 64;
+
+/**
+ * The client's messages as an async iterable that can be ended from the
+ * server side. Built on 'data' events with one pending read at a time, so a
+ * stream that lives for days allocates nothing per message beyond the
+ * message itself (racing each read against a "stop" promise would leak a
+ * reaction per message).
+ */
+function requestQueue<T>(call: grpc.ServerDuplexStream<T, unknown>): {
+  iterable: AsyncIterable<T>;
+  stop(): void;
+} {
+  const buffer: T[] = [];
+  let pending: ((result: IteratorResult<T>) => void) | undefined;
+  let done = false;
+  const finish = () => {
+    done = true;
+    buffer.length = 0;
+    const resolve = pending;
+    pending = undefined;
+    resolve?.({ done: true, value: undefined });
+  };
+  call.on("data", (message: T) => {
+    if (done) return;
+    if (pending) {
+      const resolve = pending;
+      pending = undefined;
+      resolve({ done: false, value: message });
+      return;
+    }
+    buffer.push(message);
+    if (buffer.length >= HIGH_WATER) call.pause();
+  });
+  call.on("end", finish);
+  call.on("error", finish);
+  call.on("cancelled", finish);
+  const iterator: AsyncIterator<T> = {
+    next() {
+      if (buffer.length > 0) {
+        const value = buffer.shift() as T;
+        if (buffer.length === HIGH_WATER / 4) call.resume();
+        return Promise.resolve({ done: false, value });
+      }
+      if (done) return Promise.resolve({ done: true, value: undefined });
+      return new Promise((resolve) => {
+        pending = resolve;
+      });
+    },
+    return() {
+      finish();
+      return Promise.resolve({ done: true, value: undefined });
+    },
+  };
+  return { iterable: { [Symbol.asyncIterator]: () => iterator }, stop: finish };
 }
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
@@ -255,10 +315,13 @@ function bidiHandler(
 ): grpc.handleBidiStreamingCall<unknown, unknown> {
   return (call) => {
     const ctx = createContext(call, deps.shutdown);
+    const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
     const stream: BidiStream<DescMessage, DescMessage> = {
-      requests: call as AsyncIterable<MessageShape<DescMessage>>,
+      requests: queue.iterable,
       send: (message) => call.write(create(method.output, message)),
+      stop: queue.stop,
     };
+    ctx.signal.addEventListener("abort", queue.stop, { once: true });
     (async () => fn(stream, ctx))()
       .then(
         () => endStream(call, deps, path),

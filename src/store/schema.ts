@@ -63,6 +63,13 @@ export const sessions = pgTable(
       .references(() => workers.workerId),
     /** The server process hosting the stream, if any. */
     serverId: text("server_id"),
+    /**
+     * Identifies the stream currently attached to the session (new on every
+     * hello). Writes made on behalf of a stream (renewal, stream loss,
+     * goodbye, grants) are conditional on it, so a stale stream, even on
+     * another process, can never act for a session that moved on.
+     */
+    streamToken: text("stream_token"),
     startedAt: tstz("started_at").notNull().defaultNow(),
     deadline: tstz("deadline").notNull(),
     /**

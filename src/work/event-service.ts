@@ -1,4 +1,3 @@
-import { setTimeout as sleep } from "node:timers/promises";
 import type { Db } from "../store/database.js";
 import { lastEventSequence, listEvents, readEventsAfter } from "../store/events.js";
 import type { Page } from "./action-service.js";
@@ -63,7 +62,8 @@ export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): 
           cursor = event.sequence;
           if (matches) yield event;
         }
-        if (blocked) await Promise.race([wakeups.next(signal), sleep(50)]);
+        // At a hole, look again soon; the timeout signal's listener goes with the wait.
+        if (blocked) await wakeups.next(AbortSignal.any([signal, AbortSignal.timeout(50)]));
         else if (batch.length < WATCH_BATCH) await wakeups.next(signal);
       }
     } finally {

@@ -81,6 +81,8 @@ export interface LeaseManager extends AsyncDisposable {
 
 interface Hosted {
   readonly sessionId: string;
+  /** The token of this stream on the session row; fences every write made for it. */
+  readonly streamToken: string;
   readonly workerId: string;
   readonly cluster: string;
   readonly capacity: number;
@@ -93,7 +95,6 @@ interface Hosted {
   reserved: number;
   /** performance.now() of the last message from the worker. */
   heardAt: number;
-  heardSinceRenewal: boolean;
   /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
   deadlineMs: number;
   dbOffsetMs: number;
@@ -269,6 +270,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
     const s: Hosted = {
       sessionId: opened.sessionId,
+      streamToken: opened.streamToken,
       workerId: hello.workerId,
       cluster: hello.cluster,
       capacity: hello.capacity,
@@ -278,7 +280,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       draining: opened.draining,
       reserved: 0,
       heardAt: performance.now(),
-      heardSinceRenewal: false,
       deadlineMs: 0,
       dbOffsetMs: 0,
       ended: false,
@@ -329,7 +330,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       receive(message) {
         if (s.ended) return;
         s.heardAt = performance.now();
-        s.heardSinceRenewal = true;
         switch (message.type) {
           case "heartbeat": {
             const started = s.heardAt;
@@ -362,7 +362,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           case "goodbye":
             goodbye = true;
             removeHosted(s);
-            void endSession(db, clock, s.sessionId, message.reason).then(
+            void endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
               ({ releasedActionIds }) => {
                 log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
                 publishActions(releasedActionIds);
@@ -384,7 +384,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           const lost = await markStreamLost(
             db,
             clock,
-            serverId,
+            s.streamToken,
             s.sessionId,
             performance.now() - s.heardAt,
             graceMs,
@@ -406,29 +406,22 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   // ---- loops ---------------------------------------------------------------------------------------
 
+  /**
+   * Every hosted stream takes part in every tick, heard from or not: the
+   * deadline only ever becomes last heard + grace, so a silent stream gains
+   * nothing, and a session that moved to another stream (even on another
+   * process) is noticed within one tick and its stale stream closed.
+   */
   async function renew(): Promise<void> {
-    const heard: Hosted[] = [];
-    for (const s of hosted.values()) {
-      if (s.heardSinceRenewal) {
-        s.heardSinceRenewal = false;
-        heard.push(s);
-      }
-    }
+    const heard = [...hosted.values()].filter((s) => !s.ended);
     if (heard.length === 0) return;
     const now = performance.now();
-    let renewed: Awaited<ReturnType<typeof renewSessions>>;
-    try {
-      renewed = await renewSessions(
-        db,
-        clock,
-        serverId,
-        graceMs,
-        heard.map((s) => ({ sessionId: s.sessionId, agoMs: now - s.heardAt })),
-      );
-    } catch (error) {
-      for (const s of heard) s.heardSinceRenewal = true;
-      throw error;
-    }
+    const renewed = await renewSessions(
+      db,
+      clock,
+      graceMs,
+      heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
+    );
     const byId = new Map(renewed.map((r) => [r.sessionId, r]));
     for (const s of heard) {
       const r = byId.get(s.sessionId);
@@ -515,7 +508,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
               }
               if (!best) continue;
               reservations.set(best, (reservations.get(best) ?? 0) + 1);
-              assignments.push({ actionId: action.id, sessionId: best.sessionId, workerId: best.workerId });
+              assignments.push({
+                actionId: action.id,
+                sessionId: best.sessionId,
+                streamToken: best.streamToken,
+                workerId: best.workerId,
+              });
             }
             for (const [s, n] of reservations) s.reserved += n;
             return grantActions(tx, clock, assignments);
@@ -527,6 +525,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           const s = hosted.get(g.sessionId);
           // A stream that closed meanwhile keeps the lease in its session; a resume re-sends it.
           if (s && !s.ended) sendGrant(s, g);
+          else if (s === undefined)
+            log.info(
+              { actionId: g.actionId, sessionId: g.sessionId },
+              "granted to a session whose stream just closed; a reconnect receives it",
+            );
         }
         if (grants.length > 0) {
           metrics.grants.inc(grants.length);
@@ -579,7 +582,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     const extended = await extendSessionsOnStart(db, clock, {
       graceMs,
       maxSilenceMs,
-      staleMs: 2 * options.heartbeatIntervalMs,
+      // Well above a healthy peer's renewal lag (up to two ticks), so a
+      // starting process never detaches another process's live streams.
+      staleMs: Math.max(4 * options.heartbeatIntervalMs, graceMs / 2),
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (options.timers ?? true) {

@@ -95,7 +95,19 @@ describe("the agent SDK against a real server", () => {
     await using store = await freshStore();
     const graceMs = 3000;
     const serve = runLeasehold(
-      ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir", store.dataDir, "--grace-period", "3s", "--heartbeat-interval", "500ms"],
+      [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--data-dir",
+        store.dataDir,
+        "--grace-period",
+        "3s",
+        "--heartbeat-interval",
+        "500ms",
+      ],
       store.url,
     );
     cleanups.push(() => {
@@ -154,7 +166,9 @@ describe("the agent SDK against a real server", () => {
     const { action } = await api.submitAction({ cluster: "east" });
     await events.until((e): e is AgentEvent => e.type === "grant");
     await api.cancelAction({ actionId: action?.id ?? "", reason: "no longer needed" });
-    const revoked = await events.until((e): e is Extract<AgentEvent, { type: "revoked" }> => e.type === "revoked");
+    const revoked = await events.until(
+      (e): e is Extract<AgentEvent, { type: "revoked" }> => e.type === "revoked",
+    );
     expect(revoked.reason).toBe("cancelled");
     await events.until((e): e is AgentEvent => e.type === "finished");
     expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);

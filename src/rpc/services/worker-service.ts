@@ -30,31 +30,24 @@ export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
       }
       const hello = toHelloInput(first.value.message.value);
 
-      // The lease manager closes the stream on takeover, reap or goodbye.
+      // The lease manager closes the stream on takeover, reap or goodbye;
+      // the adapter ends `requests` when the client goes or the server stops.
       let closeError: Error | undefined;
-      let closeRequested: () => void = () => {};
-      const closed = new Promise<IteratorResult<ConnectRequest>>((resolve) => {
-        closeRequested = () => resolve({ done: true, value: undefined });
-      });
-      const cancelled = new Promise<IteratorResult<ConnectRequest>>((resolve) => {
-        if (ctx.signal.aborted) resolve({ done: true, value: undefined });
-        ctx.signal.addEventListener("abort", () => resolve({ done: true, value: undefined }), { once: true });
-      });
       const link: WorkerLink = {
         send: (message) => {
           stream.send(toConnectResponse(message));
         },
         close: (error) => {
           closeError = error;
-          closeRequested();
+          stream.stop();
         },
       };
 
       const session = await leases.open(hello, link);
       try {
         for (;;) {
-          const next = await Promise.race([requests.next(), closed, cancelled]);
-          if (next.done) break;
+          const next = await requests.next();
+          if (next.done || ctx.signal.aborted) break;
           const message = toWorkerMessage(next.value);
           if (message.type === "invalid") {
             link.send({

@@ -43,10 +43,11 @@ export async function claimActions(
   return rows.map((r) => ({ id: r.id, labelSelector: r.label_selector }));
 }
 
-/** One action assigned to one session. */
+/** One action assigned to one session's current stream. */
 export interface Assignment {
   readonly actionId: string;
   readonly sessionId: string;
+  readonly streamToken: string;
   readonly workerId: string;
 }
 
@@ -67,7 +68,12 @@ export interface GrantRecord {
  * Grants claimed actions (locked by {@link claimActions} in the same
  * transaction) in one statement: epoch + 1, attempt row, `lease_granted`
  * event. Conditional on the action still being QUEUED and the session still
- * live, so a session reaped meanwhile gets nothing.
+ * live on the same stream.
+ *
+ * Locking: the target sessions are locked `for share` first. A reaper
+ * (`for update skip locked`) skips them until this commits, and a goodbye
+ * waits for it, so no grant can land on a session that is ending; a session
+ * ended or taken over before the lock is re-checked and excluded.
  */
 export async function grantActions(
   tx: Db,
@@ -77,7 +83,12 @@ export async function grantActions(
   if (assignments.length === 0) return [];
   const now = clock.now();
   const input = JSON.stringify(
-    assignments.map((a) => ({ id: a.actionId, session_id: a.sessionId, worker_id: a.workerId })),
+    assignments.map((a) => ({
+      id: a.actionId,
+      session_id: a.sessionId,
+      token: a.streamToken,
+      worker_id: a.workerId,
+    })),
   );
   const rows = await queryRows<{
     id: string;
@@ -93,15 +104,20 @@ export async function grantActions(
     tx,
     sql`
       with input as (
-        select * from jsonb_to_recordset(${input}::jsonb) as x(id text, session_id text, worker_id text)
+        select * from jsonb_to_recordset(${input}::jsonb) as x(id text, session_id text, token text, worker_id text)
+      ),
+      live as (
+        select s.id from sessions s
+        where s.id in (select session_id from input) and s.ended_at is null
+          and s.stream_token in (select token from input)
+        for share of s
       ),
       granted as (
         update actions a set
           state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,
           session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
-        from input i
+        from input i join live on live.id = i.session_id
         where a.id = i.id and a.state = 'QUEUED'
-          and exists (select 1 from sessions s where s.id = i.session_id and s.ended_at is null)
         returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
                   i.session_id, i.worker_id
       ),

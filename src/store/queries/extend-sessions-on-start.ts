@@ -8,8 +8,10 @@ import { queryRows } from "../rows.js";
  * deadline becomes at least now + grace, so a control-plane restart never
  * causes an expiry. The extension is capped: a session not heard from for
  * longer than `maxSilenceMs` gets none (a crash-looping server cannot keep
- * sessions alive forever). Sessions nobody renewed for two heartbeat
- * intervals lost their server with it: they are marked in grace.
+ * sessions alive forever). Sessions nobody renewed for `staleMs` lost their
+ * server with it: they are marked in grace. `staleMs` must comfortably exceed
+ * the renewal lag of a healthy process, or a starting process would detach
+ * the live streams of its peers.
  */
 export async function extendSessionsOnStart(
   db: Db,
@@ -25,7 +27,8 @@ export async function extendSessionsOnStart(
         deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
         stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
                               then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
-        server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end
+        server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
+        stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
       where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
       returning id`,
   );

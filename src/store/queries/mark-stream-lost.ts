@@ -8,13 +8,14 @@ import { queryRows, toDate } from "../rows.js";
  * at once (stream_lost_at, event `stream_lost`) but the deadline keeps what
  * the worker earned: last heard (`agoMs` before now) + grace, never less.
  *
- * Conditional on the session being live and hosted by this server, so a
- * stream that was already taken over elsewhere records nothing.
+ * Conditional on the session being live and still attached to this stream
+ * (its token), so a stream that was already taken over, here or elsewhere,
+ * records nothing.
  */
 export async function markStreamLost(
   db: Db,
   clock: Clock,
-  serverId: string,
+  streamToken: string,
   sessionId: string,
   agoMs: number,
   graceMs: number,
@@ -27,10 +28,11 @@ export async function markStreamLost(
         update sessions s set
           stream_lost_at = ${now},
           server_id = null,
+          stream_token = null,
           last_heard_at = greatest(s.last_heard_at, ${now} - make_interval(secs => ${agoMs} / 1000.0)),
           deadline = greatest(s.deadline, ${now} - make_interval(secs => ${agoMs} / 1000.0)
                                            + make_interval(secs => ${graceMs} / 1000.0))
-        where s.id = ${sessionId} and s.ended_at is null and s.server_id = ${serverId}
+        where s.id = ${sessionId} and s.ended_at is null and s.stream_token = ${streamToken}
         returning s.id, s.worker_id, s.deadline
       ),
       event as (

@@ -31,6 +31,8 @@ export interface HeldGrant {
 /** What a hello opened. */
 export interface OpenedSession {
   readonly sessionId: string;
+  /** New for this stream: fences every later write made on its behalf. */
+  readonly streamToken: string;
   /** An existing session continued (within its deadline). */
   readonly resumed: boolean;
   /** The continued session's stream was still believed open: this stream takes it over. */
@@ -111,21 +113,22 @@ export async function openSession(
         draining = ${draining}`);
 
     let sessionId: string;
+    const streamToken = uuidv7();
     let row: { deadline: unknown; db_now: unknown } | undefined;
     if (live) {
       sessionId = live.id;
       [row] = await queryRows(
         tx,
         sql`update sessions set deadline = greatest(deadline, ${now} + ${grace}), last_heard_at = ${now},
-              stream_lost_at = null, server_id = ${serverId}
+              stream_lost_at = null, server_id = ${serverId}, stream_token = ${streamToken}
             where id = ${sessionId} returning deadline, ${now} as db_now`,
       );
     } else {
       sessionId = uuidv7();
       [row] = await queryRows(
         tx,
-        sql`insert into sessions (id, worker_id, server_id, started_at, deadline, last_heard_at)
-            values (${sessionId}, ${hello.workerId}, ${serverId}, ${now}, ${now} + ${grace}, ${now})
+        sql`insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at)
+            values (${sessionId}, ${hello.workerId}, ${serverId}, ${streamToken}, ${now}, ${now} + ${grace}, ${now})
             returning deadline, ${now} as db_now`,
       );
     }
@@ -197,6 +200,7 @@ export async function openSession(
 
     return {
       sessionId,
+      streamToken,
       resumed,
       tookOver,
       previousServerId: live?.server_id ?? null,

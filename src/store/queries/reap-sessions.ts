@@ -62,7 +62,7 @@ export async function reapSessions(
         for update skip locked
       ),
       ended as (
-        update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null
+        update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null, stream_token = null
         from due where s.id = due.id
         returning s.id, s.worker_id
       ),

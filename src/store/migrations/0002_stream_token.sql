@@ -1,0 +1,1 @@
+ALTER TABLE "sessions" ADD COLUMN "stream_token" text;

@@ -1,0 +1,120 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Agent, type AgentEvent, commandHandler, createAgent } from "../../src/agent/index.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import type { Client } from "../../src/rpc/client.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/** Whether a process is running: it exists and is not a zombie (dead, waiting to be reaped by init). */
+const alive = (pid: number) => {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+  } catch {
+    return false;
+  }
+};
+
+describe("the reference command agent", () => {
+  let t: TestServer;
+  let agent: Agent;
+  let api: Client<(typeof ActionService)["method"]>;
+  const events: AgentEvent[] = [];
+  const dir = mkdtempSync(join(tmpdir(), "leasehold-cmd-"));
+
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "3s", heartbeatInterval: "500ms" } });
+    api = t.client(ActionService);
+    agent = createAgent({
+      address: t.address,
+      cluster: "cmd",
+      workerId: "cmd-agent",
+      capacity: 4,
+      handler: commandHandler,
+      onEvent: (e) => events.push(e),
+    });
+  });
+  afterAll(async () => {
+    await agent?.close({ timeoutMs: 1000 });
+    await t?.[Symbol.asyncDispose]();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Submits a payload and follows the action until it finishes. */
+  async function run(payload: Record<string, unknown>, maxAttempts = 1) {
+    const { action } = await api.submitAction({
+      cluster: "cmd",
+      payload: payload as never,
+      retryPolicy: { maxAttempts },
+    });
+    let last = action;
+    for await (const m of api.watchAction({ actionId: action?.id ?? "" })) last = m.action;
+    return last;
+  }
+
+  it("returns the exit code and the tails of stdout and stderr of a command that succeeds", async () => {
+    const done = await run({ argv: ["sh", "-c", "echo out; echo err >&2"], env: { GREETING: "hi" } });
+    expect(done).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { exitCode: 0, stdoutTail: "out\n", stderrTail: "err\n" },
+    });
+  });
+
+  it("passes env and cwd to the command", async () => {
+    const done = await run({
+      argv: ["sh", "-c", 'echo "$GREETING from $(pwd)"'],
+      env: { GREETING: "hello" },
+      cwd: dir,
+    });
+    expect(done?.output).toMatchObject({ stdoutTail: `hello from ${dir}\n` });
+  });
+
+  it("fails with the exit code when the command exits non-zero", async () => {
+    const done = await run({ argv: ["sh", "-c", "echo broken >&2; exit 7"], retryable: false });
+    expect(done).toMatchObject({
+      state: ActionState.FAILED,
+      failureReason: "failed (not retryable): command exited with code 7",
+      lastError: { retryable: false, details: { exitCode: 7, stderrTail: "broken\n" } },
+    });
+  });
+
+  it("kills a command that runs past its timeout and fails the attempt", async () => {
+    const done = await run({ argv: ["sleep", "30"], timeout: 0.5 });
+    expect(done?.state).toBe(ActionState.FAILED);
+    expect(done?.failureReason).toMatch(/command stopped: timed out after 0\.5s/);
+  });
+
+  it("refuses a payload without argv, naming the field", async () => {
+    const done = await run({ cmd: "ls" });
+    expect(done).toMatchObject({
+      state: ActionState.FAILED,
+      failureReason: expect.stringMatching(/payload\.argv: must be a non-empty list/),
+    });
+  });
+
+  it("kills the whole process group when the lease is revoked, leaving no orphans", async () => {
+    const pids = join(dir, "pids");
+    const script = `sleep 300 & echo $! > ${pids}.1; sleep 300 & echo $! > ${pids}.2; echo $$ > ${pids}.0; wait`;
+    const { action } = await api.submitAction({
+      cluster: "cmd",
+      payload: { argv: ["sh", "-c", script] } as never,
+    });
+    const id = action?.id ?? "";
+    const read = () =>
+      [0, 1, 2].map((i) => (existsSync(`${pids}.${i}`) ? Number(readFileSync(`${pids}.${i}`, "utf8")) : 0));
+    // The pid files are the command's own doing; wait for all three.
+    while (!read().every((p) => p > 0)) await new Promise((r) => setTimeout(r, 20));
+    const processes = read();
+    expect(processes.every(alive)).toBe(true);
+    await api.cancelAction({ actionId: id, reason: "stop it" });
+    let last: Awaited<ReturnType<typeof run>>;
+    for await (const m of api.watchAction({ actionId: id })) last = m.action;
+    expect(last?.state).toBe(ActionState.CANCELLED);
+    expect(processes.filter(alive)).toEqual([]);
+    expect(events.some((e) => e.type === "revoked" && e.actionId === id && e.reason === "cancelled")).toBe(
+      true,
+    );
+  });
+});

@@ -1,0 +1,214 @@
+import { execFile, spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import { toJson } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ActionService, ActionState, GetActionResponseSchema } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { BIN } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker } from "../helpers/worker.js";
+
+/** Runs `leasehold <args>` to completion. */
+function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [BIN, ...args],
+      { env: { ...process.env, LEASEHOLD_SERVER: "" } },
+      (error, stdout, stderr) =>
+        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+describe("the leasehold CLI", () => {
+  let t: TestServer;
+  let server: string[];
+  beforeAll(async () => {
+    t = await startTestServer();
+    server = ["--server", t.address];
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  it("submits an action from a command after --, and get --json matches the server", async () => {
+    const submitted = await cli([
+      ...server,
+      "--json",
+      "action",
+      "submit",
+      "--cluster",
+      "cli",
+      "--label",
+      "gpu=yes",
+      "--priority",
+      "3",
+      "--",
+      "echo",
+      "hi",
+    ]);
+    expect(submitted.code).toBe(0);
+    const { action, created } = JSON.parse(submitted.stdout);
+    expect(created).toBe(true);
+    expect(action).toMatchObject({
+      cluster: "cli",
+      state: "ACTION_STATE_QUEUED",
+      payload: { argv: ["echo", "hi"] },
+      labelSelector: { gpu: "yes" },
+      priority: 3,
+    });
+    const got = await cli([...server, "--json", "action", "get", action.id]);
+    const fromServer = await t.client(ActionService).getAction({ actionId: action.id });
+    expect(JSON.parse(got.stdout)).toEqual(toJson(GetActionResponseSchema, fromServer));
+    const human = await cli([...server, "action", "get", action.id]);
+    expect(human.stdout).toMatch(new RegExp(`^ID\\s+STATE.*\\n${action.id}\\s+QUEUED\\s+cli`));
+  });
+
+  it("lists, cancels and watches actions with --json output the server agrees with", async () => {
+    const { action } = await t
+      .client(ActionService)
+      .submitAction({ cluster: "cli-list", payload: { argv: ["true"] } as never });
+    const listed = JSON.parse(
+      (await cli([...server, "--json", "action", "list", "--cluster", "cli-list"])).stdout,
+    );
+    expect(listed.actions.map((a: { id: string }) => a.id)).toEqual([action?.id]);
+    const cancelled = await cli([
+      ...server,
+      "--json",
+      "action",
+      "cancel",
+      action?.id ?? "",
+      "--reason",
+      "test",
+    ]);
+    expect(JSON.parse(cancelled.stdout).action).toMatchObject({
+      state: "ACTION_STATE_CANCELLED",
+      failureReason: "action cancelled: test",
+    });
+    const watched = await cli([...server, "--json", "action", "watch", action?.id ?? ""]);
+    expect(watched.code).toBe(1); // cancelled is not success
+    const lines = watched.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l));
+    expect(lines.at(-1)).toMatchObject({ id: action?.id, state: "ACTION_STATE_CANCELLED" });
+    expect((await t.client(ActionService).getAction({ actionId: action?.id ?? "" })).action?.state).toBe(
+      ActionState.CANCELLED,
+    );
+  });
+
+  it("lists workers and clusters, drains a worker, and shows events", async () => {
+    const worker = await connectWorker(t.address, { workerId: "cli-w", cluster: "cli-c", capacity: 2 });
+    try {
+      const workers = JSON.parse(
+        (await cli([...server, "--json", "workers", "list", "--cluster", "cli-c"])).stdout,
+      );
+      expect(workers.workers).toEqual([
+        expect.objectContaining({ workerId: "cli-w", state: "WORKER_STATE_CONNECTED", capacity: 2 }),
+      ]);
+      const clusters = JSON.parse((await cli([...server, "--json", "clusters", "list"])).stdout);
+      expect(clusters.clusters).toEqual(
+        expect.arrayContaining([expect.objectContaining({ name: "cli-c", connectedWorkers: 1 })]),
+      );
+      const drained = JSON.parse(
+        (await cli([...server, "--json", "workers", "drain", "cli-w", "--reason", "patching"])).stdout,
+      );
+      expect(drained.worker).toMatchObject({ workerId: "cli-w", draining: true });
+      expect((await t.client(ClusterService).getWorker({ workerId: "cli-w" })).worker?.draining).toBe(true);
+      const events = JSON.parse((await cli([...server, "--json", "events", "--worker", "cli-w"])).stdout);
+      expect(events.events.map((e: { kind: string }) => e.kind)).toEqual([
+        "EVENT_KIND_SESSION_STARTED",
+        "EVENT_KIND_WORKER_DRAINING",
+      ]);
+    } finally {
+      worker.drop();
+    }
+  });
+
+  it("follows events as NDJSON with events --follow", async () => {
+    const child = spawn(process.execPath, [
+      BIN,
+      ...server,
+      "--json",
+      "events",
+      "--follow",
+      "--cluster",
+      "cli-follow",
+    ]);
+    const lines: Record<string, unknown>[] = [];
+    const got = new Promise<void>((resolve) => {
+      createInterface({ input: child.stdout }).on("line", (line) => {
+        lines.push(JSON.parse(line));
+        if (lines.length === 2) resolve();
+      });
+    });
+    try {
+      // Stored events are replayed first, then new ones follow.
+      await t
+        .client(ActionService)
+        .submitAction({ cluster: "cli-follow", payload: { argv: ["true"] } as never });
+      await t
+        .client(ActionService)
+        .submitAction({ cluster: "cli-follow", payload: { argv: ["true"] } as never });
+      await got;
+      expect(lines.map((l) => l.kind)).toEqual([
+        "EVENT_KIND_ACTION_SUBMITTED",
+        "EVENT_KIND_ACTION_SUBMITTED",
+      ]);
+      const stored = await t.client(EventService).listEvents({ cluster: "cli-follow" });
+      expect(lines.map((l) => l.sequence)).toEqual(stored.events.map((e) => String(e.sequence)));
+    } finally {
+      child.kill();
+    }
+  });
+
+  it("exits non-zero with a message that says what to fix", async () => {
+    const missing = await cli([...server, "action", "submit", "--", "true"]);
+    expect(missing).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/required option '--cluster <name>' not specified/),
+    });
+    const badNumber = await cli([
+      ...server,
+      "action",
+      "submit",
+      "--cluster",
+      "c",
+      "--priority",
+      "high",
+      "--",
+      "true",
+    ]);
+    expect(badNumber).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--priority <n>' argument 'high' is invalid\. expected a whole number/),
+    });
+    const nothing = await cli([...server, "action", "submit", "--cluster", "c"]);
+    expect(nothing).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/nothing to run: give a command after --/),
+    });
+    const badJson = await cli([...server, "action", "submit", "--cluster", "c", "--payload", "{nope"]);
+    expect(badJson).toMatchObject({ code: 2, stderr: expect.stringMatching(/--payload: not valid JSON/) });
+    const serverSide = await cli([...server, "action", "submit", "--cluster", "bad name", "--", "true"]);
+    expect(serverSide).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/cluster: may contain only letters/),
+    });
+    const unknown = await cli([...server, "action", "get", "01900000-0000-7000-8000-000000000000"]);
+    expect(unknown).toMatchObject({
+      code: 4,
+      stderr: expect.stringMatching(/action "01900000-.*" not found/),
+    });
+    const unreachable = await cli(["--server", "127.0.0.1:1", "clusters", "list"]);
+    expect(unreachable).toMatchObject({
+      code: 3,
+      stderr: expect.stringMatching(/cannot reach the server at 127\.0\.0\.1:1/),
+    });
+    const unknownCommand = await cli(["frobnicate"]);
+    expect(unknownCommand.code).toBe(2);
+    expect((await cli(["--help"])).code).toBe(0);
+  });
+});

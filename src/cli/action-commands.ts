@@ -15,6 +15,7 @@ import {
   collect,
   EXIT,
   enumName,
+  followThroughRestarts,
   globals,
   intFlag,
   messageJson,
@@ -213,19 +214,25 @@ export function actionCommands(): Command {
     .action(async (id: string, _o: unknown, command: Command) =>
       run(command, async (api, json) => {
         let last: Action | undefined;
-        for await (const m of api.watchAction({ actionId: id })) {
-          const a = m.action;
-          if (!a) continue;
-          last = a;
-          if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
-          else {
-            const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";
-            const why = a.failureReason && a.state !== ActionState.LEASED ? `: ${a.failureReason}` : "";
-            process.stdout.write(
-              `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${a.phase ? ` [${a.phase}]` : ""}${why}\n`,
-            );
+        const terminal = (a: Action | undefined) =>
+          a !== undefined && a.state !== ActionState.QUEUED && a.state !== ActionState.LEASED;
+        // Rides through server restarts: the watch starts again with the current state.
+        await followThroughRestarts(async () => {
+          for await (const m of api.watchAction({ actionId: id })) {
+            const a = m.action;
+            if (!a) continue;
+            last = a;
+            if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
+            else {
+              const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";
+              const why = a.failureReason && a.state !== ActionState.LEASED ? `: ${a.failureReason}` : "";
+              process.stdout.write(
+                `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${a.phase ? ` [${a.phase}]` : ""}${why}\n`,
+              );
+            }
           }
-        }
+          return terminal(last) ? "done" : "again";
+        });
         return last?.state === ActionState.SUCCEEDED ? EXIT.ok : EXIT.failed;
       }),
     );

@@ -1,7 +1,17 @@
 import { Command, Option } from "commander";
 import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
 import { createClient } from "../rpc/client.js";
-import { CliError, cliErrorFrom, enumName, globals, intFlag, messageJson, time, toJson } from "./output.js";
+import {
+  CliError,
+  cliErrorFrom,
+  enumName,
+  followThroughRestarts,
+  globals,
+  intFlag,
+  messageJson,
+  time,
+  toJson,
+} from "./output.js";
 
 const KINDS = Object.keys(EventKind)
   .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
@@ -39,9 +49,17 @@ export function eventCommand(): Command {
       };
       try {
         if (o.follow) {
-          // Replays stored events, then follows, with no gap in between.
-          for await (const m of api.watchEvents({ ...filter, afterSequence: 0n }))
-            if (m.event) print(m.event);
+          // Replays stored events, then follows with no gap; after a server
+          // restart it continues after the last sequence it printed.
+          let after = 0n;
+          await followThroughRestarts(async () => {
+            for await (const m of api.watchEvents({ ...filter, afterSequence: after })) {
+              if (!m.event) continue;
+              after = m.event.sequence;
+              print(m.event);
+            }
+            return "again";
+          });
         } else {
           const { events } = await api.listEvents({
             ...filter,

@@ -105,3 +105,23 @@ export function intFlag(value: string): number {
   if (value.trim() === "" || !Number.isInteger(n)) throw new InvalidArgumentError("expected a whole number");
   return n;
 }
+
+/**
+ * Runs a stream-following call again whenever the server becomes unreachable
+ * (a restart, a failover to another replica), waiting `delayMs` between
+ * tries and saying so on stderr. Other errors end it.
+ */
+export async function followThroughRestarts(
+  follow: () => Promise<"done" | "again">,
+  delayMs = 1000,
+): Promise<void> {
+  for (;;) {
+    try {
+      if ((await follow()) === "done") return;
+    } catch (error) {
+      if ((error as { code?: number }).code !== 14) throw error;
+      process.stderr.write(`leasehold: server unavailable (${(error as Error).message}); reconnecting\n`);
+    }
+    await new Promise((r) => setTimeout(r, delayMs));
+  }
+}

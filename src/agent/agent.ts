@@ -249,9 +249,13 @@ export function createAgent(options: AgentOptions): Agent {
     conn.send({
       message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
     });
-    if (closing) {
-      // Draining: take no new work.
-      r.report = { kind: "released", reason: "the agent is shutting down" };
+    const busy = [...running.values()].filter((x) => x !== r && !x.report).length;
+    if (closing || busy >= (options.capacity ?? 1)) {
+      // Draining, or more grants than slots (the server should never do that): give it back.
+      r.report = {
+        kind: "released",
+        reason: closing ? "the agent is shutting down" : "no free slot on this agent",
+      };
       sendReport(conn, r);
       return;
     }

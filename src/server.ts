@@ -3,14 +3,14 @@ import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import { parseListen, type ServerConfig } from "./config.js";
-import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
-import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
-import { bind, createRpcServer } from "./rpc/server.js";
+import { createRpcServer } from "./rpc/server.js";
 import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
+import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
 import { workerServiceBinding } from "./rpc/services/worker-service.js";
+import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import { type DatabaseOptions, openDatabase } from "./store/database.js";
 import { queryRows, toNumber } from "./store/rows.js";
@@ -29,6 +29,8 @@ export interface LeaseholdServer extends AsyncDisposable {
   readonly serverId: string;
   /** The work-lease machinery (tests drive its loops by hand with a fake clock). */
   readonly leases: LeaseManager;
+  /** Scope leases (tests run their expiry by hand with a fake clock). */
+  readonly scope: ScopeLeaseService;
   readonly metrics: Metrics;
   /**
    * Health NOT_SERVING, stop accepting calls, end open streams, flush
@@ -117,7 +119,12 @@ export async function startServer(
     });
     cleanup.push(() => actions.close());
     const events = createEventService({ db, feed });
+    const scope = createScopeLeaseService({ db, clock, feed, log });
+    cleanup.push(() => scope.close());
     await manager.start();
+    // Leases whose TTL passed while no server ran are rolled back now, then every second.
+    await scope.expireDue();
+    if (overrides.timers ?? true) scope.start();
 
     let metricsPort: number | undefined;
     if (config.metricsListen) {
@@ -134,10 +141,8 @@ export async function startServer(
         eventServiceBinding(events),
         workerServiceBinding(manager),
         clusterServiceBinding({ db, clock, leases: manager }),
-        // Scope leases answer UNIMPLEMENTED until their behaviour lands; the
-        // contract is whole so clients can be generated.
-        bind(LeaseService, {}),
-        bind(ResourceService, {}),
+        leaseServiceBinding(scope, events),
+        resourceServiceBinding(scope),
       ],
     });
     cleanup.push(() => rpc.close());
@@ -158,6 +163,7 @@ export async function startServer(
       metricsPort,
       serverId,
       leases: manager,
+      scope,
       metrics,
       close,
       [Symbol.asyncDispose]: close,

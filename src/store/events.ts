@@ -44,6 +44,7 @@ export async function listEvents(
   if (filter.workerId) conditions.push(sql`worker_id = ${filter.workerId}`);
   if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
   if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
   const rows = await queryRows<EventRow>(
     db,
     sql`select * from events where ${sql.join(conditions, sql` and `)} order by sequence limit ${limit}`,
@@ -66,6 +67,7 @@ export async function readEventsAfter(
   if (filter.workerId) conditions.push(sql`worker_id is not distinct from ${filter.workerId}`);
   if (filter.cluster) conditions.push(sql`cluster is not distinct from ${filter.cluster}`);
   if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  if (filter.leaseId) conditions.push(sql`lease_id is not distinct from ${filter.leaseId}`);
   const rows = await queryRows<EventRow & { matches: boolean }>(
     db,
     sql`select *, (${sql.join(conditions, sql` and `)}) as matches from events

@@ -3,6 +3,7 @@ import {
   bigint,
   bigserial,
   boolean,
+  customType,
   doublePrecision,
   index,
   integer,
@@ -22,6 +23,9 @@ import {
  */
 
 const tstz = (name: string) => timestamp(name, { withTimezone: true, mode: "date" });
+
+/** PostgreSQL bytea (file contents). */
+const bytea = customType<{ data: Uint8Array; driverData: Uint8Array }>({ dataType: () => "bytea" });
 
 /** Named groups of workers. A row appears on the first worker hello or action submit. */
 export const clusters = pgTable("clusters", {
@@ -183,4 +187,62 @@ export const events = pgTable(
     index("events_worker_idx").on(t.workerId, t.sequence),
     index("events_cluster_idx").on(t.cluster, t.sequence),
   ],
+);
+
+/**
+ * Scope leases: transaction boundaries around resources. OPEN until a commit,
+ * a rollback, or the TTL passing (rolled back, close reason EXPIRED).
+ */
+export const scopeLeases = pgTable(
+  "scope_leases",
+  {
+    id: text("id").primaryKey(),
+    /** The cluster its deployments run on. */
+    runtime: text("runtime").notNull(),
+    label: text("label").notNull().default(""),
+    requestId: text("request_id"),
+    /** OPEN | COMMITTED | ROLLED_BACK */
+    state: text("state").notNull(),
+    /** COMMITTED | ROLLED_BACK | EXPIRED, once closed. */
+    closeReason: text("close_reason"),
+    ttlMs: bigint("ttl_ms", { mode: "number" }).notNull(),
+    createdAt: tstz("created_at").notNull().defaultNow(),
+    expiresAt: tstz("expires_at").notNull(),
+    closedAt: tstz("closed_at"),
+    /** Set with SetResult; survives the close. */
+    result: jsonb("result").$type<Record<string, unknown>>(),
+  },
+  (t) => [
+    uniqueIndex("scope_leases_request_id_key").on(t.requestId),
+    index("scope_leases_open_expiry_idx").on(t.expiresAt).where(sql`${t.state} = 'OPEN'`),
+    index("scope_leases_label_idx").on(t.label),
+  ],
+);
+
+/**
+ * Resources runs create. Exactly two ownership states: WORKSPACE (permanent)
+ * or LEASE (inside the open lease `lease_id`). `lease_id` is set only at
+ * creation, the one way into a lease, and kept after a promote or commit as
+ * the lease the resource was made in.
+ */
+export const resources = pgTable(
+  "resources",
+  {
+    id: text("id").primaryKey(),
+    /** file | deployment | a user-given object kind */
+    kind: text("kind").notNull(),
+    /** WORKSPACE | LEASE */
+    ownership: text("ownership").notNull(),
+    leaseId: text("lease_id"),
+    createdAt: tstz("created_at").notNull().defaultNow(),
+    /** Files: name, size, hash, media type and content. */
+    name: text("name"),
+    sizeBytes: bigint("size_bytes", { mode: "number" }),
+    sha256: text("sha256"),
+    contentType: text("content_type"),
+    content: bytea("content"),
+    /** Objects: the user's JSON body. Deployments: the spec. */
+    body: jsonb("body").$type<Record<string, unknown>>(),
+  },
+  (t) => [index("resources_lease_idx").on(t.leaseId, t.ownership), index("resources_kind_idx").on(t.kind)],
 );

@@ -48,4 +48,6 @@ export interface EventFilter {
   readonly workerId?: string | undefined;
   readonly cluster?: string | undefined;
   readonly kind?: EventKind | undefined;
+  /** Only events about this scope lease. */
+  readonly leaseId?: string | undefined;
 }

@@ -1,0 +1,425 @@
+import { type SQL, sql } from "drizzle-orm";
+import { uuidv7 } from "uuidv7";
+import type { JsonObject } from "../work/action.js";
+import type { Clock } from "./clock.js";
+import type { Db } from "./database.js";
+import { queryRows, toDate, toDateOrNull, toNumber } from "./rows.js";
+
+/** OPEN, or closed by commit or rollback. */
+export type ScopeLeaseState = "OPEN" | "COMMITTED" | "ROLLED_BACK";
+/** Why a lease closed. EXPIRED is a rollback done by the TTL. */
+export type CloseReason = "COMMITTED" | "ROLLED_BACK" | "EXPIRED";
+
+export interface ScopeLeaseRecord {
+  readonly id: string;
+  readonly runtime: string;
+  readonly label: string;
+  readonly state: ScopeLeaseState;
+  readonly closeReason: CloseReason | null;
+  readonly ttlMs: number;
+  readonly createdAt: Date;
+  readonly expiresAt: Date;
+  readonly closedAt: Date | null;
+  readonly result: JsonObject | null;
+  /** Resources it still owns. */
+  readonly ownedResources: number;
+}
+
+export type Ownership = "WORKSPACE" | "LEASE";
+
+export interface ResourceRecord {
+  readonly id: string;
+  readonly kind: string;
+  readonly ownership: Ownership;
+  readonly leaseId: string | null;
+  readonly createdAt: Date;
+  readonly name: string | null;
+  readonly sizeBytes: number | null;
+  readonly sha256: string | null;
+  readonly contentType: string | null;
+  readonly body: JsonObject | null;
+}
+
+interface LeaseRow {
+  id: string;
+  runtime: string;
+  label: string;
+  state: ScopeLeaseState;
+  close_reason: CloseReason | null;
+  ttl_ms: unknown;
+  created_at: unknown;
+  expires_at: unknown;
+  closed_at: unknown;
+  result: JsonObject | null;
+  owned: unknown;
+}
+
+const leaseFromRow = (r: LeaseRow): ScopeLeaseRecord => ({
+  id: r.id,
+  runtime: r.runtime,
+  label: r.label,
+  state: r.state,
+  closeReason: r.close_reason,
+  ttlMs: toNumber(r.ttl_ms),
+  createdAt: toDate(r.created_at),
+  expiresAt: toDate(r.expires_at),
+  closedAt: toDateOrNull(r.closed_at),
+  result: r.result,
+  ownedResources: toNumber(r.owned ?? 0),
+});
+
+interface ResourceRow {
+  id: string;
+  kind: string;
+  ownership: Ownership;
+  lease_id: string | null;
+  created_at: unknown;
+  name: string | null;
+  size_bytes: unknown;
+  sha256: string | null;
+  content_type: string | null;
+  body: JsonObject | null;
+}
+
+const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
+  id: r.id,
+  kind: r.kind,
+  ownership: r.ownership,
+  leaseId: r.lease_id,
+  createdAt: toDate(r.created_at),
+  name: r.name,
+  sizeBytes: r.size_bytes === null ? null : toNumber(r.size_bytes),
+  sha256: r.sha256,
+  contentType: r.content_type,
+  body: r.body,
+});
+
+/** Every column but the file content. */
+const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body`;
+const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
+
+export async function insertScopeLease(
+  db: Db,
+  clock: Clock,
+  input: { runtime: string; label: string; ttlMs: number; requestId: string | undefined },
+): Promise<{ lease: ScopeLeaseRecord; created: boolean }> {
+  const now = clock.now();
+  const id = uuidv7();
+  const [row] = await queryRows<LeaseRow>(
+    db,
+    sql`
+      with inserted as (
+        insert into scope_leases (id, runtime, label, request_id, state, ttl_ms, created_at, expires_at)
+        values (${id}, ${input.runtime}, ${input.label}, ${input.requestId ?? null}, 'OPEN', ${input.ttlMs},
+                ${now}, ${now} + make_interval(secs => ${input.ttlMs} / 1000.0))
+        on conflict (request_id) do nothing
+        returning *
+      ),
+      event as (
+        insert into events (kind, lease_id, cluster, message)
+        select 'scope_lease_created', id, runtime,
+          'scope lease created on ' || runtime || ' (ttl ' || (ttl_ms / 1000) || 's)' from inserted
+      )
+      select *, 0 as owned from inserted`,
+  );
+  if (row) return { lease: leaseFromRow(row), created: true };
+  const existing = await queryRows<LeaseRow>(
+    db,
+    sql`select ${LEASE_COLUMNS} from scope_leases l where l.request_id = ${input.requestId ?? null}`,
+  );
+  return { lease: leaseFromRow(existing[0] as LeaseRow), created: false };
+}
+
+export async function findScopeLease(db: Db, id: string): Promise<ScopeLeaseRecord | undefined> {
+  const [row] = await queryRows<LeaseRow>(
+    db,
+    sql`select ${LEASE_COLUMNS} from scope_leases l where l.id = ${id}`,
+  );
+  return row && leaseFromRow(row);
+}
+
+export async function listScopeLeases(
+  db: Db,
+  filter: { state?: ScopeLeaseState | undefined; label?: string | undefined; runtime?: string | undefined },
+  afterId: string | undefined,
+  limit: number,
+): Promise<ScopeLeaseRecord[]> {
+  const conditions: SQL[] = [sql`true`];
+  if (filter.state) conditions.push(sql`l.state = ${filter.state}`);
+  if (filter.label) conditions.push(sql`l.label = ${filter.label}`);
+  if (filter.runtime) conditions.push(sql`l.runtime = ${filter.runtime}`);
+  if (afterId) conditions.push(sql`l.id > ${afterId}`);
+  const rows = await queryRows<LeaseRow>(
+    db,
+    sql`select ${LEASE_COLUMNS} from scope_leases l where ${sql.join(conditions, sql` and `)} order by l.id limit ${limit}`,
+  );
+  return rows.map(leaseFromRow);
+}
+
+/** Why an operation on a lease could not happen. */
+export type LeaseRefusal =
+  | { readonly refused: "not_found" }
+  | { readonly refused: "closed"; readonly lease: ScopeLeaseRecord };
+
+/**
+ * Locks an open lease against closing (`for share`) inside `tx`; a lease
+ * whose TTL has passed counts as closed even before the expiry loop rolls it
+ * back. Commit, rollback and expiry take the row `for update`, so whichever
+ * comes first wins and the other sees the outcome.
+ */
+async function lockOpen(tx: Db, clock: Clock, leaseId: string): Promise<LeaseRefusal | undefined> {
+  const [row] = await queryRows<{ state: string; expired: boolean }>(
+    tx,
+    sql`select state, expires_at <= ${clock.now()} as expired from scope_leases where id = ${leaseId} for share`,
+  );
+  if (!row) return { refused: "not_found" };
+  if (row.state !== "OPEN" || row.expired) {
+    return { refused: "closed", lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord };
+  }
+  return undefined;
+}
+
+/** A new resource, inside an open lease or workspace-owned. */
+export interface NewResource {
+  readonly kind: string;
+  readonly leaseId: string | undefined;
+  readonly name?: string;
+  readonly content?: Uint8Array;
+  readonly sha256?: string;
+  readonly contentType?: string;
+  readonly body?: JsonObject;
+}
+
+/**
+ * Creates a resource. With a lease id this is the only way a resource enters
+ * a lease, and it happens atomically with a check that the lease is open.
+ */
+export async function insertResource(
+  db: Db,
+  clock: Clock,
+  input: NewResource,
+): Promise<ResourceRecord | LeaseRefusal> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    if (input.leaseId) {
+      const refusal = await lockOpen(tx, clock, input.leaseId);
+      if (refusal) return refusal;
+    }
+    const content = input.content ? Buffer.from(input.content).toString("base64") : null;
+    const [row] = await queryRows<ResourceRow>(
+      tx,
+      sql`
+        insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body)
+        values (${uuidv7()}, ${input.kind}, ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
+                ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
+                ${input.sha256 ?? null}, ${input.contentType ?? null},
+                case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
+                ${input.body ? JSON.stringify(input.body) : null}::jsonb)
+        returning ${RESOURCE_COLUMNS}`,
+    );
+    return resourceFromRow(row as ResourceRow);
+  });
+}
+
+export async function findResource(db: Db, id: string): Promise<ResourceRecord | undefined> {
+  const [row] = await queryRows<ResourceRow>(
+    db,
+    sql`select ${RESOURCE_COLUMNS} from resources where id = ${id}`,
+  );
+  return row && resourceFromRow(row);
+}
+
+/** A file's content, or undefined if there is no such file. */
+export async function readFileContent(db: Db, id: string): Promise<Uint8Array | undefined> {
+  const [row] = await queryRows<{ content: string | null }>(
+    db,
+    sql`select encode(content, 'base64') as content from resources where id = ${id} and kind = 'file'`,
+  );
+  return row?.content === null || row === undefined ? undefined : Buffer.from(row.content, "base64");
+}
+
+export async function listResources(
+  db: Db,
+  filter: { leaseId?: string | undefined; kind?: string | undefined; ownership?: Ownership | undefined },
+  afterId: string | undefined,
+  limit: number,
+): Promise<ResourceRecord[]> {
+  const conditions: SQL[] = [sql`true`];
+  if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
+  if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  if (filter.ownership) conditions.push(sql`ownership = ${filter.ownership}`);
+  if (afterId) conditions.push(sql`id > ${afterId}`);
+  const rows = await queryRows<ResourceRow>(
+    db,
+    sql`select ${RESOURCE_COLUMNS} from resources where ${sql.join(conditions, sql` and `)} order by id limit ${limit}`,
+  );
+  return rows.map(resourceFromRow);
+}
+
+/** Makes one lease-owned resource workspace-owned, while the lease is open. */
+export async function promoteResource(
+  db: Db,
+  clock: Clock,
+  leaseId: string,
+  kind: string,
+  resourceId: string,
+): Promise<ResourceRecord | LeaseRefusal | { refused: "no_resource" }> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const refusal = await lockOpen(tx, clock, leaseId);
+    if (refusal) return refusal;
+    const [row] = await queryRows<ResourceRow>(
+      tx,
+      sql`
+        with promoted as (
+          update resources set ownership = 'WORKSPACE'
+          where id = ${resourceId} and kind = ${kind} and lease_id = ${leaseId} and ownership = 'LEASE'
+          returning ${RESOURCE_COLUMNS}
+        ),
+        event as (
+          insert into events (kind, lease_id, message)
+          select 'resource_promoted', lease_id, kind || ' ' || id || ' promoted out of the lease' from promoted
+        )
+        select * from promoted`,
+    );
+    return row ? resourceFromRow(row) : { refused: "no_resource" as const };
+  });
+}
+
+/** What a close did. */
+export interface Closed {
+  readonly lease: ScopeLeaseRecord;
+  /** Resources kept (commit) or destroyed (rollback). */
+  readonly resources: readonly { id: string; kind: string }[];
+}
+
+/**
+ * Closes a lease: commit keeps everything it still owns (workspace-owned from
+ * now on), rollback destroys it. Exactly one close wins: the first statement
+ * closes the row only if it is still OPEN (waiting out any creation or
+ * promotion holding it `for share`); the second runs with a fresh snapshot,
+ * so a resource created just before the close is kept or destroyed with the
+ * rest, never left behind in a closed lease.
+ */
+export async function closeScopeLease(
+  db: Db,
+  clock: Clock,
+  leaseId: string,
+  how: "COMMITTED" | "ROLLED_BACK",
+): Promise<Closed | LeaseRefusal> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const now = clock.now();
+    const [closed] = await queryRows<{ id: string }>(
+      tx,
+      sql`update scope_leases set state = ${how}, close_reason = ${how}, closed_at = ${now}
+          where id = ${leaseId} and state = 'OPEN' and expires_at > ${now} returning id`,
+    );
+    if (!closed) {
+      const lease = await findScopeLease(tx, leaseId);
+      return lease ? { refused: "closed" as const, lease } : { refused: "not_found" as const };
+    }
+    const touched = await settleResources(tx, [leaseId], how === "COMMITTED" ? "keep" : "destroy");
+    await recordClose(tx, [leaseId], how);
+    return { lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord, resources: touched };
+  });
+}
+
+async function settleResources(
+  tx: Db,
+  leaseIds: readonly string[],
+  what: "keep" | "destroy",
+): Promise<{ id: string; kind: string }[]> {
+  const ids = sql`(select jsonb_array_elements_text(${JSON.stringify(leaseIds)}::jsonb))`;
+  return queryRows<{ id: string; kind: string }>(
+    tx,
+    what === "keep"
+      ? sql`update resources set ownership = 'WORKSPACE' where lease_id in ${ids} and ownership = 'LEASE' returning id, kind`
+      : sql`delete from resources where lease_id in ${ids} and ownership = 'LEASE' returning id, kind`,
+  );
+}
+
+async function recordClose(tx: Db, leaseIds: readonly string[], reason: CloseReason): Promise<void> {
+  const kind = reason === "COMMITTED" ? "scope_lease_committed" : "scope_lease_rolled_back";
+  const words = {
+    COMMITTED: "committed",
+    ROLLED_BACK: "rolled back",
+    EXPIRED: "rolled back: its TTL passed",
+  }[reason];
+  await tx.execute(sql`
+    insert into events (kind, lease_id, cluster, message)
+    select ${kind}, id, runtime, 'scope lease ' || ${words} from scope_leases
+    where id in (select jsonb_array_elements_text(${JSON.stringify(leaseIds)}::jsonb))`);
+}
+
+/**
+ * Rolls back every open lease whose TTL has passed (close reason EXPIRED).
+ * Locking: `for update skip locked`, so several processes can run it; a lease
+ * being created into or promoted from is skipped until the next round. Runs
+ * from the database clock, so it also catches leases that expired while no
+ * server was running.
+ */
+export async function expireScopeLeases(db: Db, clock: Clock, limit: number): Promise<string[]> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const now = clock.now();
+    const expired = await queryRows<{ id: string }>(
+      tx,
+      sql`
+        with due as (
+          select id from scope_leases where state = 'OPEN' and expires_at <= ${now}
+          order by expires_at limit ${limit} for update skip locked
+        )
+        update scope_leases l set state = 'ROLLED_BACK', close_reason = 'EXPIRED', closed_at = ${now}
+        from due where l.id = due.id returning l.id`,
+    );
+    const ids = expired.map((r) => r.id);
+    if (ids.length > 0) {
+      await settleResources(tx, ids, "destroy");
+      await recordClose(tx, ids, "EXPIRED");
+    }
+    return ids;
+  });
+}
+
+export async function setScopeLeaseResult(db: Db, leaseId: string, result: JsonObject): Promise<boolean> {
+  const rows = await queryRows<{ id: string }>(
+    db,
+    sql`update scope_leases set result = ${JSON.stringify(result)}::jsonb where id = ${leaseId} returning id`,
+  );
+  return rows.length > 0;
+}
+
+/** Deletes closed lease records (housekeeping); open ones are never deleted here. */
+export async function deleteClosedScopeLeases(
+  db: Db,
+  filter: { id?: string; label?: string | undefined; closedBefore?: Date | undefined },
+): Promise<number> {
+  const conditions: SQL[] = [sql`state <> 'OPEN'`];
+  if (filter.id) conditions.push(sql`id = ${filter.id}`);
+  if (filter.label) conditions.push(sql`label = ${filter.label}`);
+  if (filter.closedBefore)
+    conditions.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
+  const rows = await queryRows<{ id: string }>(
+    db,
+    sql`delete from scope_leases where ${sql.join(conditions, sql` and `)} returning id`,
+  );
+  return rows.length;
+}
+
+/** Deletes a workspace-owned resource; lease-owned ones go with their lease. */
+export async function deleteWorkspaceResource(
+  db: Db,
+  id: string,
+): Promise<"deleted" | "lease_owned" | "not_found"> {
+  const rows = await queryRows<{ ownership: Ownership; deleted: boolean }>(
+    db,
+    sql`
+      with target as (select id, ownership from resources where id = ${id}),
+      deleted as (delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE' returning r.id)
+      select ownership, exists (select 1 from deleted) as deleted from target`,
+  );
+  const [row] = rows;
+  if (!row) return "not_found";
+  return row.deleted ? "deleted" : "lease_owned";
+}

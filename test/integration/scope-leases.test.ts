@@ -1,0 +1,301 @@
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
+import { CloseReason, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus, failure } from "../helpers/status.js";
+
+/** SPEC §3 rules, one behaviour each, on a real server with a fake clock. */
+describe("scope leases", () => {
+  let clock: FakeClock;
+  let t: TestServer;
+  const leases = () => t.client(LeaseService);
+  const resources = () => t.client(ResourceService);
+  const start = (store?: TestServer["store"]) =>
+    startTestServer({ ...(store ? { store } : {}), overrides: { clock, timers: false } });
+  const open = async (ttlSeconds = 600, label = "") =>
+    (await leases().createLease({ runtime: "east", label, ttl: { seconds: BigInt(ttlSeconds) } })).lease
+      ?.id ?? "";
+  const file = async (leaseId: string, name = "f.txt", content = "hello") =>
+    (await resources().createFile({ leaseId, name, content: new TextEncoder().encode(content) })).resource
+      ?.id ?? "";
+
+  beforeEach(async () => {
+    clock = createFakeClock();
+    t = await start();
+  });
+  afterEach(async () => {
+    await t[Symbol.asyncDispose]();
+  });
+
+  it("opens a lease with a TTL and shows it", async () => {
+    const id = await open(90, "ci-run-7");
+    const { lease } = await leases().getLease({ leaseId: id });
+    expect(lease).toMatchObject({
+      id,
+      runtime: "east",
+      label: "ci-run-7",
+      state: LeaseState.OPEN,
+      ttl: { seconds: 90n },
+      ownedResources: 0,
+    });
+    const listed = await leases().listLeases({ label: "ci-run-7" });
+    expect(listed.leases.map((l) => l.id)).toEqual([id]);
+  });
+
+  it("puts a resource in a lease only when it is created with the lease id", async () => {
+    const id = await open();
+    const inLease = await resources().createFile({
+      leaseId: id,
+      name: "a.txt",
+      content: new Uint8Array([1, 2, 3]),
+    });
+    const outside = await resources().createObject({ kind: "dataset", body: { rows: 3 } });
+    expect(inLease.resource).toMatchObject({ ownership: Ownership.LEASE, leaseId: id, kind: "file" });
+    expect(inLease.resource?.body).toMatchObject({ case: "file", value: { name: "a.txt", sizeBytes: 3n } });
+    expect(outside.resource).toMatchObject({ ownership: Ownership.WORKSPACE, leaseId: "", kind: "dataset" });
+    expect((await leases().getLease({ leaseId: id })).lease?.ownedResources).toBe(1);
+  });
+
+  it("refuses to create into an unknown or closed lease, naming its state", async () => {
+    await expectStatus(
+      file("01900000-0000-7000-8000-000000000000"),
+      Code.NotFound,
+      /lease "01900000-.*" not found/,
+    );
+    const id = await open();
+    await leases().commitLease({ leaseId: id });
+    const f = await expectStatus(
+      file(id),
+      Code.FailedPrecondition,
+      new RegExp(`cannot create a file in it: lease ${id} is COMMITTED`),
+    );
+    expect(f.reason).toBe("LEASE_CLOSED");
+  });
+
+  it("promotes one resource out at once; it survives the rollback, the rest is destroyed", async () => {
+    const id = await open();
+    const keep = await file(id, "keep.txt");
+    const drop = await file(id, "drop.txt");
+    const promoted = await leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep });
+    expect(promoted.resource?.ownership).toBe(Ownership.WORKSPACE);
+    await expectStatus(
+      leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep }),
+      Code.NotFound,
+      /owns no file/,
+    );
+    const rolled = await leases().rollbackLease({ leaseId: id });
+    expect(rolled).toMatchObject({
+      destroyedResources: 1,
+      lease: { state: LeaseState.ROLLED_BACK, closeReason: CloseReason.ROLLED_BACK },
+    });
+    expect((await resources().getResource({ resourceId: keep })).resource?.ownership).toBe(
+      Ownership.WORKSPACE,
+    );
+    await expectStatus(resources().getResource({ resourceId: drop }), Code.NotFound, /not found/);
+  });
+
+  it("keeps everything on commit, and a second close is refused naming the state", async () => {
+    const id = await open();
+    const a = await file(id, "a");
+    const b =
+      (await resources().createObject({ leaseId: id, kind: "model", body: { v: 1 } })).resource?.id ?? "";
+    const committed = await leases().commitLease({ leaseId: id });
+    expect(committed).toMatchObject({
+      keptResources: 2,
+      lease: { state: LeaseState.COMMITTED, closeReason: CloseReason.COMMITTED },
+    });
+    for (const r of [a, b])
+      expect((await resources().getResource({ resourceId: r })).resource?.ownership).toBe(
+        Ownership.WORKSPACE,
+      );
+    await expectStatus(
+      leases().commitLease({ leaseId: id }),
+      Code.FailedPrecondition,
+      /lease .* is COMMITTED/,
+    );
+    await expectStatus(
+      leases().rollbackLease({ leaseId: id }),
+      Code.FailedPrecondition,
+      /cannot roll back: lease .* is COMMITTED/,
+    );
+  });
+
+  it("rolls a lease back when its TTL passes without a close (reason expired)", async () => {
+    const id = await open(60);
+    const f = await file(id);
+    clock.advance(59_000);
+    expect(await t.server.scope.expireDue()).toEqual([]);
+    clock.advance(2_000);
+    expect(await t.server.scope.expireDue()).toEqual([id]);
+    const { lease } = await leases().getLease({ leaseId: id });
+    expect(lease).toMatchObject({ state: LeaseState.ROLLED_BACK, closeReason: CloseReason.EXPIRED });
+    await expectStatus(resources().getResource({ resourceId: f }), Code.NotFound, /not found/);
+    await expectStatus(
+      leases().commitLease({ leaseId: id }),
+      Code.FailedPrecondition,
+      /ROLLED_BACK \(its TTL passed\)/,
+    );
+  });
+
+  it("refuses to commit a lease past its TTL even before the expiry loop ran, and rolls it back", async () => {
+    const id = await open(5);
+    await file(id);
+    clock.advance(6_000);
+    await expectStatus(
+      leases().commitLease({ leaseId: id }),
+      Code.FailedPrecondition,
+      /ROLLED_BACK \(its TTL passed\)/,
+    );
+    expect((await leases().getLease({ leaseId: id })).lease).toMatchObject({
+      state: LeaseState.ROLLED_BACK,
+      ownedResources: 0,
+    });
+  });
+
+  it("rolls back a lease whose TTL passed while the server was down, when it starts", async () => {
+    const id = await open(30);
+    const f = await file(id);
+    const store = t.store;
+    await t.stop();
+    clock.advance(31_000);
+    t = await start(store);
+    expect((await leases().getLease({ leaseId: id })).lease).toMatchObject({
+      state: LeaseState.ROLLED_BACK,
+      closeReason: CloseReason.EXPIRED,
+    });
+    await expectStatus(resources().getResource({ resourceId: f }), Code.NotFound, /not found/);
+  });
+
+  it("lets exactly one of a racing commit and rollback win, with nothing half-done", async () => {
+    for (let round = 0; round < 6; round++) {
+      const id = await open();
+      const owned = await Promise.all([file(id, "1"), file(id, "2"), file(id, "3")]);
+      const outcomes = await Promise.allSettled([
+        leases().commitLease({ leaseId: id }),
+        leases().rollbackLease({ leaseId: id }),
+      ]);
+      const won = outcomes.filter((o) => o.status === "fulfilled");
+      expect(won).toHaveLength(1);
+      const lost = outcomes.find((o) => o.status === "rejected") as PromiseRejectedResult;
+      expect(lost.reason).toMatchObject({
+        code: Code.FailedPrecondition,
+        details: expect.stringMatching(/is (COMMITTED|ROLLED_BACK)/),
+      });
+      const state = (await leases().getLease({ leaseId: id })).lease?.state;
+      const left = await resources().listResources({ leaseId: id });
+      if (state === LeaseState.COMMITTED) {
+        expect(left.resources.map((r) => r.ownership)).toEqual([
+          Ownership.WORKSPACE,
+          Ownership.WORKSPACE,
+          Ownership.WORKSPACE,
+        ]);
+      } else {
+        expect(left.resources).toEqual([]);
+      }
+      expect(owned).toHaveLength(3);
+    }
+  });
+
+  it("never leaves a resource in a closed lease when creation races the close", async () => {
+    const id = await open();
+    const creations = Array.from({ length: 8 }, (_, i) =>
+      file(id, `late-${i}`).then(
+        () => "created",
+        (e) => e,
+      ),
+    );
+    const [rolled, ...created] = await Promise.all([leases().rollbackLease({ leaseId: id }), ...creations]);
+    expect(rolled.lease?.state).toBe(LeaseState.ROLLED_BACK);
+    for (const outcome of created) {
+      if (outcome !== "created") expect(outcome).toMatchObject({ code: Code.FailedPrecondition });
+    }
+    expect((await resources().listResources({ leaseId: id, ownership: Ownership.LEASE })).resources).toEqual(
+      [],
+    );
+  });
+
+  it("stores file content, serves it back in chunks, and refuses files over the limit", async () => {
+    const content = new Uint8Array(200 * 1024).map((_, i) => i % 251);
+    const { resource } = await resources().createFile({
+      name: "blob.bin",
+      content,
+      contentType: "application/octet-stream",
+    });
+    expect(resource?.body).toMatchObject({ case: "file", value: { sizeBytes: BigInt(content.length) } });
+    const chunks: Uint8Array[] = [];
+    for await (const m of resources().downloadFile({ resourceId: resource?.id ?? "" })) chunks.push(m.chunk);
+    expect(chunks.length).toBeGreaterThan(1);
+    expect(Buffer.concat(chunks).equals(Buffer.from(content))).toBe(true);
+    const f = await failure(
+      resources().createFile({ name: "huge", content: new Uint8Array(3 * 1024 * 1024 + 1) }),
+    );
+    expect(f).toMatchObject({
+      code: Code.ResourceExhausted,
+      message: expect.stringMatching(/over the server's file limit/),
+    });
+  });
+
+  it("deletes workspace-owned resources only, and closed lease records only", async () => {
+    const id = await open();
+    const owned = await file(id);
+    await expectStatus(
+      resources().deleteResource({ resourceId: owned }),
+      Code.FailedPrecondition,
+      /belongs to an open lease/,
+    );
+    await expectStatus(
+      leases().deleteLease({ leaseId: id }),
+      Code.FailedPrecondition,
+      /is OPEN; commit or roll it back first/,
+    );
+    await leases().commitLease({ leaseId: id });
+    await resources().deleteResource({ resourceId: owned });
+    await expectStatus(resources().getResource({ resourceId: owned }), Code.NotFound, /not found/);
+    await leases().deleteLease({ leaseId: id });
+    await expectStatus(leases().getLease({ leaseId: id }), Code.NotFound, /not found/);
+    const a = await open(600, "bulk");
+    const b = await open(600, "bulk");
+    await open(600, "bulk");
+    await leases().rollbackLease({ leaseId: a });
+    await leases().rollbackLease({ leaseId: b });
+    expect((await leases().deleteLeases({ label: "bulk" })).deleted).toBe(2);
+    expect((await leases().listLeases({ label: "bulk" })).leases).toHaveLength(1);
+  });
+
+  it("keeps a result set on the lease after it closes, and shows it all in debug", async () => {
+    const id = await open();
+    await file(id);
+    await leases().setResult({ leaseId: id, result: { passed: 12, failed: 0 } });
+    await leases().rollbackLease({ leaseId: id });
+    expect((await leases().getLease({ leaseId: id })).lease?.result).toEqual({ passed: 12, failed: 0 });
+    const debug = await leases().debugLease({ leaseId: id });
+    expect(debug.lease?.state).toBe(LeaseState.ROLLED_BACK);
+    expect(debug.events.map((e) => e.kind)).toEqual([
+      EventKind.SCOPE_LEASE_CREATED,
+      EventKind.SCOPE_LEASE_ROLLED_BACK,
+    ]);
+  });
+
+  it("rejects bad requests with the field to fix, and leaves the deployment verbs UNIMPLEMENTED for now", async () => {
+    await expectStatus(leases().createLease({ runtime: "" }), Code.InvalidArgument, /^runtime: is required/);
+    await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 10n * 86400n } }),
+      Code.InvalidArgument,
+      /^ttl: must be at most 86400s/,
+    );
+    await expectStatus(
+      resources().createObject({ kind: "file" }),
+      Code.InvalidArgument,
+      /^kind: "file" has its own create call/,
+    );
+    await expectStatus(leases().setResult({ leaseId: "x" }), Code.InvalidArgument, /^result: is required/);
+    await expectStatus(
+      leases().collectOutputs({ leaseId: "x" }),
+      Code.Unimplemented,
+      /CollectOutputs is not implemented/,
+    );
+  });
+});

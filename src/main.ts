@@ -3,6 +3,7 @@ import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
 import { eventCommand } from "./cli/event-commands.js";
+import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
 import { CliError, EXIT } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 
@@ -31,6 +32,8 @@ export function createProgram(): Command {
     workerCommands(),
     clusterCommands(),
     eventCommand(),
+    leaseCommands(),
+    ...resourceCommands(),
   ]) {
     program.addCommand(command);
   }

@@ -1,10 +1,14 @@
 import { execFile, spawn } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { toJson } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState, GetActionResponseSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { LeaseSchema, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { BIN } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -210,5 +214,91 @@ describe("the leasehold CLI", () => {
     const unknownCommand = await cli(["frobnicate"]);
     expect(unknownCommand.code).toBe(2);
     expect((await cli(["--help"])).code).toBe(0);
+  });
+
+  it("runs a scope lease through create, file upload, promote, rollback and housekeeping", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-cli-"));
+    try {
+      const lease = JSON.parse(
+        (
+          await cli([
+            ...server,
+            "--json",
+            "lease",
+            "create",
+            "--runtime",
+            "east",
+            "--ttl",
+            "10m",
+            "--label",
+            "cli",
+          ])
+        ).stdout,
+      );
+      expect(lease).toMatchObject({ runtime: "east", state: "LEASE_STATE_OPEN", ttl: "600s", label: "cli" });
+      const path = join(dir, "fixture.txt");
+      writeFileSync(path, "fixture content\n");
+      const kept = JSON.parse(
+        (await cli([...server, "--json", "file", "create", path, "--lease", lease.id])).stdout,
+      );
+      expect(kept).toMatchObject({
+        kind: "file",
+        ownership: "OWNERSHIP_LEASE",
+        leaseId: lease.id,
+        file: { name: "fixture.txt" },
+      });
+      const scratch = JSON.parse(
+        (
+          await cli([
+            ...server,
+            "--json",
+            "resource",
+            "create",
+            "--kind",
+            "scratch",
+            "--lease",
+            lease.id,
+            "--body",
+            '{"n":1}',
+          ])
+        ).stdout,
+      );
+      expect(scratch).toMatchObject({ kind: "scratch", object: { n: 1 } });
+      const promoted = JSON.parse(
+        (await cli([...server, "--json", "lease", "promote", lease.id, "--kind", "file", "--id", kept.id]))
+          .stdout,
+      );
+      expect(promoted.ownership).toBe("OWNERSHIP_WORKSPACE");
+      await cli([...server, "lease", "set-result", lease.id, "--result", '{"passed":true}']);
+      const rolled = JSON.parse((await cli([...server, "--json", "lease", "rollback", lease.id])).stdout);
+      expect(rolled).toMatchObject({
+        destroyedResources: 1,
+        lease: { state: "LEASE_STATE_ROLLED_BACK", result: { passed: true } },
+      });
+      const fromServer = await t.client(LeaseService).getLease({ leaseId: lease.id });
+      expect(JSON.parse((await cli([...server, "--json", "lease", "get", lease.id])).stdout)).toEqual(
+        toJson(LeaseSchema, fromServer.lease as never),
+      );
+      const downloaded = await cli([...server, "file", "download", kept.id]);
+      expect(downloaded.stdout).toBe("fixture content\n");
+      const debug = JSON.parse((await cli([...server, "--json", "lease", "debug", lease.id])).stdout);
+      expect(debug.resources.map((r: { id: string }) => r.id)).toEqual([kept.id]);
+      expect((await cli([...server, "lease", "delete", lease.id])).code).toBe(0);
+      expect((await cli([...server, "lease", "get", lease.id])).code).toBe(4);
+      const again = await cli([...server, "lease", "rollback", lease.id]);
+      expect(again).toMatchObject({ code: 4 });
+      const noRuntime = await cli([...server, "lease", "create"]);
+      expect(noRuntime).toMatchObject({
+        code: 2,
+        stderr: expect.stringMatching(/required option '--runtime <cluster>'/),
+      });
+      const badTtl = await cli([...server, "lease", "create", "--runtime", "east", "--ttl", "soon"]);
+      expect(badTtl).toMatchObject({
+        code: 2,
+        stderr: expect.stringMatching(/--ttl: must be a duration like/),
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

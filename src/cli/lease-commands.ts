@@ -1,0 +1,380 @@
+import { readFileSync, writeFileSync } from "node:fs";
+import { basename } from "node:path";
+import type { MessageShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import { Command, Option } from "commander";
+import { parseDuration } from "../config.js";
+import { LeaseholdError } from "../errors.js";
+import {
+  CloseReason,
+  DebugLeaseResponseSchema,
+  type Lease,
+  LeaseSchema,
+  LeaseService,
+  LeaseState,
+} from "../gen/leasehold/v1/lease_pb.js";
+import {
+  Ownership,
+  type Resource,
+  ResourceSchema,
+  ResourceService,
+} from "../gen/leasehold/v1/resource_pb.js";
+import { createClient } from "../rpc/client.js";
+import {
+  CliError,
+  cliErrorFrom,
+  EXIT,
+  enumName,
+  globals,
+  messageJson,
+  printTable,
+  time,
+  toJson,
+} from "./output.js";
+
+type Clients = {
+  leases: ReturnType<typeof createClient<(typeof LeaseService)["method"]>>;
+  resources: ReturnType<typeof createClient<(typeof ResourceService)["method"]>>;
+};
+
+async function withClients(
+  command: Command,
+  fn: (c: Clients, json: boolean) => Promise<void>,
+): Promise<void> {
+  const g = globals(command);
+  const c = {
+    leases: createClient(LeaseService, g.server),
+    resources: createClient(ResourceService, g.server),
+  };
+  try {
+    await fn(c, g.json);
+  } catch (error) {
+    throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
+  } finally {
+    c.leases.close();
+    c.resources.close();
+  }
+}
+
+const out = (text: string): void => {
+  process.stdout.write(`${text}\n`);
+};
+const printLease = (l: Lease | undefined, json: boolean) => {
+  if (!l) return;
+  if (json) return out(toJson(messageJson(LeaseSchema, l)));
+  printTable(
+    ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES", "CLOSED"],
+    [
+      [
+        l.id,
+        enumName(LeaseState, l.state),
+        l.runtime,
+        l.label || "-",
+        String(l.ownedResources),
+        time(l.expireTime),
+        l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-",
+      ],
+    ],
+  );
+};
+const resourceRow = (r: Resource) => [
+  r.id,
+  r.kind,
+  enumName(Ownership, r.ownership),
+  r.leaseId || "-",
+  r.body.case === "file" ? `${r.body.value.name} (${r.body.value.sizeBytes} B)` : "-",
+];
+const RESOURCE_HEADERS = ["RESOURCE", "KIND", "OWNER", "LEASE", "FILE"];
+const printResource = (r: Resource | undefined, json: boolean) => {
+  if (!r) return;
+  if (json) out(toJson(messageJson(ResourceSchema, r)));
+  else printTable(RESOURCE_HEADERS, [resourceRow(r)]);
+};
+const jsonObject = (flag: string, text: string) => {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    throw new CliError(`${flag}: not valid JSON (${(error as Error).message})`, EXIT.usage);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value))
+    throw new CliError(`${flag}: must be a JSON object`, EXIT.usage);
+  return value as Record<string, unknown>;
+};
+const durationFlag = (flag: string, text: string) => {
+  try {
+    return durationFromMs(parseDuration(flag, text));
+  } catch (error) {
+    throw new CliError(error instanceof LeaseholdError ? error.message : String(error), EXIT.usage);
+  }
+};
+
+/** `leasehold lease …`: scope leases. */
+export function leaseCommands(): Command {
+  const lease = new Command("lease").description(
+    "Scope leases: a transaction boundary around the resources a run creates.",
+  );
+  lease
+    .command("create")
+    .description("Open a lease; create resources into it with --lease <id>.")
+    .requiredOption("--runtime <cluster>", "the runtime (cluster) its deployments run on")
+    .option("--ttl <duration>", "roll back automatically after this long (default: the server's, 1h)")
+    .option("--label <label>", "free-form label")
+    .option("--request-id <id>", "idempotency key")
+    .action(async (o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        const { lease: l } = await c.leases.createLease({
+          runtime: o.runtime ?? "",
+          label: o.label ?? "",
+          requestId: o.requestId ?? "",
+          ...(o.ttl ? { ttl: durationFlag("--ttl", o.ttl) } : {}),
+        });
+        if (json) printLease(l, true);
+        else out(`${l?.id} (open until ${time(l?.expireTime)})`);
+      }),
+    );
+  lease
+    .command("get")
+    .argument("<lease-id>")
+    .description("Show one lease.")
+    .action(async (id: string, _o: unknown, command: Command) =>
+      withClients(command, async (c, json) =>
+        printLease((await c.leases.getLease({ leaseId: id })).lease, json),
+      ),
+    );
+  lease
+    .command("list")
+    .description("List leases.")
+    .addOption(
+      new Option("--state <state>", "only in this state").choices(["open", "committed", "rolled_back"]),
+    )
+    .option("--label <label>", "only with this label")
+    .option("--runtime <cluster>", "only on this runtime")
+    .action(async (o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        const state = o.state
+          ? LeaseState[o.state.toUpperCase() as keyof typeof LeaseState]
+          : LeaseState.UNSPECIFIED;
+        const { leases } = await c.leases.listLeases({
+          state,
+          label: o.label ?? "",
+          runtime: o.runtime ?? "",
+          pageSize: 1000,
+        });
+        if (json) return out(toJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) }));
+        printTable(
+          ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES"],
+          leases.map((l) => [
+            l.id,
+            enumName(LeaseState, l.state),
+            l.runtime,
+            l.label || "-",
+            String(l.ownedResources),
+            time(l.expireTime),
+          ]),
+        );
+      }),
+    );
+  lease
+    .command("promote")
+    .argument("<lease-id>")
+    .requiredOption("--kind <kind>", "the resource's kind (file, or an object kind)")
+    .requiredOption("--id <resource-id>", "the resource to keep")
+    .description("Make one resource of the lease workspace-owned now; it survives a rollback.")
+    .action(async (id: string, o: Record<string, string>, command: Command) =>
+      withClients(command, async (c, json) =>
+        printResource(
+          (await c.leases.promoteResource({ leaseId: id, kind: o.kind ?? "", resourceId: o.id ?? "" }))
+            .resource,
+          json,
+        ),
+      ),
+    );
+  for (const [name, verb] of [
+    ["commit", "Close the lease keeping everything it owns."],
+    ["rollback", "Close the lease destroying everything it still owns."],
+  ] as const) {
+    lease
+      .command(name)
+      .argument("<lease-id>")
+      .description(verb)
+      .action(async (id: string, _o: unknown, command: Command) =>
+        withClients(command, async (c, json) => {
+          if (name === "commit") {
+            const r = await c.leases.commitLease({ leaseId: id });
+            if (json)
+              out(
+                toJson({
+                  lease: r.lease && messageJson(LeaseSchema, r.lease),
+                  keptResources: r.keptResources,
+                }),
+              );
+            else out(`${id} committed: ${r.keptResources} resources kept`);
+          } else {
+            const r = await c.leases.rollbackLease({ leaseId: id });
+            if (json)
+              out(
+                toJson({
+                  lease: r.lease && messageJson(LeaseSchema, r.lease),
+                  destroyedResources: r.destroyedResources,
+                }),
+              );
+            else out(`${id} rolled back: ${r.destroyedResources} resources destroyed`);
+          }
+        }),
+      );
+  }
+  lease
+    .command("delete")
+    .argument("[lease-id]")
+    .option("--label <label>", "instead of one id: every closed lease with this label")
+    .description("Forget closed leases (housekeeping); open ones are refused.")
+    .action(async (id: string | undefined, o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        if (id) {
+          await c.leases.deleteLease({ leaseId: id });
+          return json ? out(toJson({ deleted: 1 })) : out(`${id} deleted`);
+        }
+        if (!o.label) throw new CliError("give a lease id, or --label to delete many", EXIT.usage);
+        const { deleted } = await c.leases.deleteLeases({ label: o.label });
+        json ? out(toJson({ deleted })) : out(`${deleted} closed leases deleted`);
+      }),
+    );
+  lease
+    .command("set-result")
+    .argument("<lease-id>")
+    .requiredOption("--result <json>", "a JSON object kept on the lease after it closes")
+    .description("Record a structured result on the lease.")
+    .action(async (id: string, o: Record<string, string>, command: Command) =>
+      withClients(command, async (c, json) =>
+        printLease(
+          (await c.leases.setResult({ leaseId: id, result: jsonObject("--result", o.result ?? "") as never }))
+            .lease,
+          json,
+        ),
+      ),
+    );
+  lease
+    .command("debug")
+    .argument("<lease-id>")
+    .description("One snapshot of the lease: its resources and recent events.")
+    .action(async (id: string, _o: unknown, command: Command) =>
+      withClients(command, async (c, json) => {
+        const debug = await c.leases.debugLease({ leaseId: id });
+        if (json) return out(toJson(messageJson(DebugLeaseResponseSchema, debug)));
+        printLease(debug.lease, false);
+        out("");
+        printTable(RESOURCE_HEADERS, debug.resources.map(resourceRow));
+        out("");
+        for (const e of debug.events) out(`${time(e.time)} ${e.message}`);
+      }),
+    );
+  return lease;
+}
+
+/** `leasehold file …` and `leasehold resource …`. */
+export function resourceCommands(): Command[] {
+  const file = new Command("file").description("Files stored by the server.");
+  file
+    .command("create")
+    .argument("<path>", "local file to upload")
+    .option("--lease <id>", "create it inside this open lease")
+    .option("--name <name>", "name to store (default: the file's base name)")
+    .option("--content-type <type>", "media type")
+    .description("Upload a file as a resource.")
+    .action(async (path: string, o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        let content: Buffer;
+        try {
+          content = readFileSync(path);
+        } catch (error) {
+          throw new CliError(`cannot read ${path}: ${(error as Error).message}`, EXIT.usage);
+        }
+        const { resource } = await c.resources.createFile({
+          leaseId: o.lease ?? "",
+          name: o.name ?? basename(path),
+          content,
+          contentType: o.contentType ?? "",
+        });
+        printResource(resource, json);
+      }),
+    );
+  file
+    .command("download")
+    .argument("<resource-id>")
+    .option("-o, --output <path>", "write here instead of stdout")
+    .description("Download a file's content.")
+    .action(async (id: string, o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c) => {
+        const chunks: Uint8Array[] = [];
+        for await (const m of c.resources.downloadFile({ resourceId: id })) chunks.push(m.chunk);
+        if (o.output) writeFileSync(o.output, Buffer.concat(chunks));
+        else process.stdout.write(Buffer.concat(chunks));
+      }),
+    );
+
+  const resource = new Command("resource").description("Resources of any kind.");
+  resource
+    .command("create")
+    .requiredOption("--kind <kind>", "object kind (not file or deployment)")
+    .option("--lease <id>", "create it inside this open lease")
+    .option("--body <json>", "the object's JSON body", "{}")
+    .description("Create a generic object resource.")
+    .action(async (o: Record<string, string>, command: Command) =>
+      withClients(command, async (c, json) =>
+        printResource(
+          (
+            await c.resources.createObject({
+              kind: o.kind ?? "",
+              leaseId: o.lease ?? "",
+              body: jsonObject("--body", o.body ?? "{}") as never,
+            })
+          ).resource,
+          json,
+        ),
+      ),
+    );
+  resource
+    .command("get")
+    .argument("<resource-id>")
+    .description("Show one resource.")
+    .action(async (id: string, _o: unknown, command: Command) =>
+      withClients(command, async (c, json) =>
+        printResource((await c.resources.getResource({ resourceId: id })).resource, json),
+      ),
+    );
+  resource
+    .command("list")
+    .option("--lease <id>", "only created in this lease")
+    .option("--kind <kind>", "only of this kind")
+    .description("List resources.")
+    .action(async (o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        const { resources } = await c.resources.listResources({
+          leaseId: o.lease ?? "",
+          kind: o.kind ?? "",
+          pageSize: 1000,
+        });
+        if (json)
+          out(
+            toJson({
+              resources: resources.map((r: MessageShape<typeof ResourceSchema>) =>
+                messageJson(ResourceSchema, r),
+              ),
+            }),
+          );
+        else printTable(RESOURCE_HEADERS, resources.map(resourceRow));
+      }),
+    );
+  resource
+    .command("delete")
+    .argument("<resource-id>")
+    .description("Delete a workspace-owned resource (lease-owned ones go with their lease).")
+    .action(async (id: string, _o: unknown, command: Command) =>
+      withClients(command, async (c, json) => {
+        await c.resources.deleteResource({ resourceId: id });
+        json ? out(toJson({ deleted: id })) : out(`${id} deleted`);
+      }),
+    );
+  return [file, resource];
+}

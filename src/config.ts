@@ -24,6 +24,12 @@ export interface ServerConfig {
   readonly maxSilenceMs: number;
   /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */
   readonly metricsListen: string | undefined;
+  /** TTL of a scope lease created without one. Default 1 h. */
+  readonly leaseDefaultTtlMs: number;
+  /** Longest TTL a scope lease may ask for. Default 24 h. */
+  readonly leaseMaxTtlMs: number;
+  /** Largest file resource accepted, in bytes. Default 3 MiB. */
+  readonly maxFileBytes: number;
   /** pino level. Default `info`. */
   readonly logLevel: LogLevel;
   /** Allow listening beyond loopback without credentials. Default false. */
@@ -37,6 +43,9 @@ export const DEFAULTS = {
   gracePeriod: "10s",
   heartbeatInterval: "2s",
   metricsListen: "127.0.0.1:9464",
+  leaseDefaultTtl: "1h",
+  leaseMaxTtl: "24h",
+  maxFileSize: "3145728",
   logLevel: "info",
 } as const;
 
@@ -49,6 +58,9 @@ export interface RawServerOptions {
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
   readonly metricsListen?: string | undefined;
+  readonly leaseDefaultTtl?: string | undefined;
+  readonly leaseMaxTtl?: string | undefined;
+  readonly maxFileSize?: string | undefined;
   readonly logLevel?: string | undefined;
   readonly insecure?: boolean | undefined;
 }
@@ -127,6 +139,18 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
       );
     }
   }
+  const leaseDefaultTtlMs = parseDuration(
+    "--lease-default-ttl",
+    raw.leaseDefaultTtl ?? DEFAULTS.leaseDefaultTtl,
+  );
+  const leaseMaxTtlMs = parseDuration("--lease-max-ttl", raw.leaseMaxTtl ?? DEFAULTS.leaseMaxTtl);
+  if (leaseDefaultTtlMs < 1000) throw configError("--lease-default-ttl", "must be at least 1s");
+  if (leaseMaxTtlMs < leaseDefaultTtlMs)
+    throw configError("--lease-max-ttl", "must not be shorter than --lease-default-ttl");
+  const maxFileBytes = Number(raw.maxFileSize ?? DEFAULTS.maxFileSize);
+  if (!Number.isInteger(maxFileBytes) || maxFileBytes < 1 || maxFileBytes > 64 * 1024 * 1024) {
+    throw configError("--max-file-size", "must be a whole number of bytes between 1 and 67108864 (64 MiB)");
+  }
   const logLevel = (raw.logLevel ?? DEFAULTS.logLevel) as LogLevel;
   if (!LOG_LEVELS.includes(logLevel))
     throw configError("--log-level", `must be one of ${LOG_LEVELS.join(", ")}`);
@@ -138,6 +162,9 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     heartbeatIntervalMs,
     maxSilenceMs,
     metricsListen,
+    leaseDefaultTtlMs,
+    leaseMaxTtlMs,
+    maxFileBytes,
     logLevel,
     insecure,
   });

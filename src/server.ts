@@ -119,7 +119,17 @@ export async function startServer(
     });
     cleanup.push(() => actions.close());
     const events = createEventService({ db, feed });
-    const scope = createScopeLeaseService({ db, clock, feed, log });
+    const scope = createScopeLeaseService({
+      db,
+      clock,
+      feed,
+      log,
+      limits: {
+        defaultTtlMs: config.leaseDefaultTtlMs,
+        maxTtlMs: config.leaseMaxTtlMs,
+        maxFileBytes: config.maxFileBytes,
+      },
+    });
     cleanup.push(() => scope.close());
     await manager.start();
     // Leases whose TTL passed while no server ran are rolled back now, then every second.
@@ -136,6 +146,8 @@ export async function startServer(
 
     const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
       log,
+      // Room for the largest file plus the rest of its request.
+      maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
       services: [
         actionServiceBinding(actions),
         eventServiceBinding(events),

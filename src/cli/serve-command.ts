@@ -53,6 +53,21 @@ export function serveCommand(): Command {
         .default(DEFAULTS.metricsListen),
     )
     .addOption(
+      new Option("--lease-default-ttl <duration>", "TTL of a scope lease created without one")
+        .env("LEASEHOLD_LEASE_DEFAULT_TTL")
+        .default(DEFAULTS.leaseDefaultTtl),
+    )
+    .addOption(
+      new Option("--lease-max-ttl <duration>", "longest TTL a scope lease may ask for")
+        .env("LEASEHOLD_LEASE_MAX_TTL")
+        .default(DEFAULTS.leaseMaxTtl),
+    )
+    .addOption(
+      new Option("--max-file-size <bytes>", "largest file resource accepted (up to 64 MiB)")
+        .env("LEASEHOLD_MAX_FILE_SIZE")
+        .default(DEFAULTS.maxFileSize),
+    )
+    .addOption(
       new Option("--log-level <level>", "log level")
         .choices(LOG_LEVELS)
         .env("LEASEHOLD_LOG_LEVEL")
@@ -75,6 +90,9 @@ export function serveCommand(): Command {
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
           metricsListen: options.metricsListen as string,
+          leaseDefaultTtl: options.leaseDefaultTtl as string,
+          leaseMaxTtl: options.leaseMaxTtl as string,
+          maxFileSize: options.maxFileSize as string,
           logLevel: options.logLevel as string,
           insecure: Boolean(options.insecure),
         });

@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
@@ -27,6 +28,8 @@ export interface RpcServerOptions {
   readonly log: Logger;
   /** How long `close()` waits for calls to finish before cutting them. Default 5000 ms. */
   readonly shutdownTimeoutMs?: number;
+  /** Largest request message accepted. Default grpc-js's 4 MiB. */
+  readonly maxReceiveMessageBytes?: number;
 }
 
 /** A running gRPC server. */
@@ -63,9 +66,15 @@ export async function createRpcServer(
     "grpc.keepalive_timeout_ms": 10_000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 5_000,
+    ...(options.maxReceiveMessageBytes
+      ? { "grpc.max_receive_message_length": options.maxReceiveMessageBytes }
+      : {}),
   });
   const names = healthNames(options.services);
   const shutdown = new AbortController();
+  // Every open call listens here until it ends (10,000 agent streams is the
+  // target), so Node's default warning at 11 listeners would be a false alarm.
+  setMaxListeners(0, shutdown.signal);
   const deps = { log: options.log, shutdown: shutdown.signal };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl } of options.services) {

@@ -12,6 +12,9 @@ describe("server config", () => {
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
       metricsListen: "127.0.0.1:9464",
+      leaseDefaultTtlMs: 3_600_000,
+      leaseMaxTtlMs: 86_400_000,
+      maxFileBytes: 3_145_728,
       logLevel: "info",
       insecure: false,
     });
@@ -42,6 +45,12 @@ describe("server config", () => {
       /^--heartbeat-interval: must be at most a third of --grace-period/,
     );
     expect(() => parseServerConfig({ logLevel: "loud" })).toThrow(/^--log-level: must be one of/);
+    expect(() => parseServerConfig({ leaseDefaultTtl: "2h", leaseMaxTtl: "1h" })).toThrow(
+      /^--lease-max-ttl: must not be shorter than --lease-default-ttl/,
+    );
+    expect(() => parseServerConfig({ maxFileSize: "lots" })).toThrow(
+      /^--max-file-size: must be a whole number of bytes/,
+    );
   });
 
   it("knows which hosts are loopback", () => {

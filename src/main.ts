@@ -52,10 +52,9 @@ export async function main(argv: readonly string[]): Promise<void> {
     await program.parseAsync([...argv]);
   } catch (error) {
     if (error instanceof CommanderError) {
-      // Commander printed the message already; help and version are successes.
-      const helpOrVersion = ["commander.helpDisplayed", "commander.help", "commander.version"].includes(
-        error.code,
-      );
+      // Commander printed the message already; help and version are successes (a group
+      // command run without a subcommand prints help too, but that is a usage error).
+      const helpOrVersion = ["commander.helpDisplayed", "commander.version"].includes(error.code);
       process.exit(helpOrVersion ? EXIT.ok : EXIT.usage);
     }
     console.error(`leasehold: ${error instanceof Error ? error.message : String(error)}`);

@@ -172,6 +172,8 @@ export function createAgent(options: AgentOptions): Agent {
    */
   let deadline = Number.POSITIVE_INFINITY;
   let fenceTimer: NodeJS.Timeout | undefined;
+  /** Report resends waiting to fire, cleared on close. */
+  const retries = new Set<NodeJS.Timeout>();
 
   interface Connection {
     readonly call: grpc.ClientDuplexStream<unknown, ConnectResponse>;
@@ -186,6 +188,11 @@ export function createAgent(options: AgentOptions): Agent {
     readonly pending: Map<bigint, Running>;
     ended: boolean;
   }
+
+  /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
+  const forget = (r: Running) => {
+    if (running.get(r.actionId) === r) running.delete(r.actionId);
+  };
 
   const heldLeases = () =>
     [...running.values()]
@@ -259,6 +266,14 @@ export function createAgent(options: AgentOptions): Agent {
       sendReport(conn, r);
       return;
     }
+    // The guarantee of the last ack covers this grant too: past it, do not start.
+    if (Date.now() >= deadline) {
+      controller.abort(
+        new LeaseLost("self_fenced", "the lease guarantee had already run out when the grant arrived"),
+      );
+    } else {
+      armFence();
+    }
     const ctx: ActionContext = {
       actionId,
       epoch,
@@ -310,7 +325,7 @@ export function createAgent(options: AgentOptions): Agent {
           };
         }
       }
-      if (r.report.kind === "dropped") running.delete(actionId);
+      if (r.report.kind === "dropped") forget(r);
       else if (current) sendReport(current, r);
     })();
   }
@@ -394,7 +409,7 @@ export function createAgent(options: AgentOptions): Agent {
               r.controller.abort(
                 new LeaseLost("superseded", "the server revoked this lease when the agent reconnected"),
               );
-              if (r.report) running.delete(l.actionId);
+              if (r.report) forget(r);
             }
           }
           emit({
@@ -438,7 +453,7 @@ export function createAgent(options: AgentOptions): Agent {
             emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason });
             if (!r.controller.signal.aborted)
               r.controller.abort(new LeaseLost(reason, m.value.message || `lease revoked (${reason})`));
-            else if (r.report && reason !== "cancelled") running.delete(r.actionId);
+            else if (r.report && reason !== "cancelled") forget(r);
           }
           break;
         }
@@ -447,12 +462,9 @@ export function createAgent(options: AgentOptions): Agent {
           if (!r) break;
           conn.pending.delete(m.value.reportId);
           const report = r.report;
-          if (
-            m.value.rejectReason === 2 /* INVALID */ ||
-            m.value.accepted ||
-            m.value.rejectReason === 1 /* FENCED */
-          ) {
-            if (running.get(r.actionId) === r) running.delete(r.actionId);
+          if (m.value.rejectReason !== 4 /* UNAVAILABLE */) {
+            // Accepted, fenced, invalid or not found: nothing more to say about this grant.
+            forget(r);
             if (report && report.kind !== "dropped") {
               emit({
                 type: "finished",
@@ -466,7 +478,16 @@ export function createAgent(options: AgentOptions): Agent {
             if (closing) finishClose(conn);
           } else {
             // UNAVAILABLE: the server could not apply it now; send it again shortly.
-            setTimeout(() => current && sendReport(current, r), 500).unref();
+            // Unless a reconnect re-sent it already or the entry was replaced.
+            const retry = setTimeout(() => {
+              retries.delete(retry);
+              const c = current;
+              if (c && c === conn && running.get(r.actionId) === r && ![...c.pending.values()].includes(r)) {
+                sendReport(c, r);
+              }
+            }, 500);
+            retry.unref();
+            retries.add(retry);
           }
           break;
         }
@@ -533,7 +554,24 @@ export function createAgent(options: AgentOptions): Agent {
         if (!r.controller.signal.aborted)
           r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
       }
-      await Promise.all([...running.values()].map((r) => r.settled));
+      // Handlers that ignore their signal do not hold the agent hostage: release their leases anyway.
+      let graceTimer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        Promise.all([...running.values()].map((r) => r.settled)),
+        new Promise<void>((r) => {
+          graceTimer = setTimeout(r, 5000);
+        }),
+      ]);
+      clearTimeout(graceTimer);
+      for (const r of running.values()) {
+        if (!r.report) {
+          r.report = {
+            kind: "released",
+            reason: "the agent shut down while the handler ignored its abort signal",
+          };
+          if (current) sendReport(current, r);
+        }
+      }
       // Wait (bounded) for the server to answer the final reports, then goodbye.
       await new Promise<void>((resolve) => {
         closeDone = resolve;
@@ -543,6 +581,7 @@ export function createAgent(options: AgentOptions): Agent {
       });
       closed = true;
       clearTimeout(reconnectTimer);
+      for (const t of retries) clearTimeout(t);
       const conn = current;
       if (conn) {
         clearInterval(conn.heartbeatTimer);

@@ -122,16 +122,23 @@ export async function commandHandler(ctx: ActionContext): Promise<JsonObject> {
       : undefined;
 
   try {
+    // Settle when the leader exits, not when its pipes close: a backgrounded
+    // grandchild can hold stdout open forever. Whatever the leader left in its
+    // group is killed, and the output already written is drained briefly.
     const exit = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>(
       (resolve, reject) => {
         child.once("error", reject);
-        child.once("close", (code, signal) => resolve({ code, signal }));
+        child.once("exit", (code, signal) => resolve({ code, signal }));
       },
     ).catch((error: NodeJS.ErrnoException) => {
       throw new ActionFailure(`could not start ${program}: ${error.message}`, {
         retryable: error.code !== "ENOENT",
       });
     });
+    if (child.pid !== undefined) killGroup(child.pid, "SIGKILL");
+    await Promise.race([new Promise((r) => child.once("close", r)), new Promise((r) => setTimeout(r, 500))]);
+    child.stdout?.destroy();
+    child.stderr?.destroy();
     ctx.progress("exited", { code: exit.code ?? -1 });
     const result: JsonObject = {
       exitCode: exit.code ?? -1,

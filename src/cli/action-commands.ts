@@ -20,6 +20,7 @@ import {
   intFlag,
   messageJson,
   parseLabels,
+  positiveIntFlag,
   printTable,
   time,
   toJson,
@@ -158,7 +159,7 @@ export function actionCommands(): Command {
     .addOption(new Option("--state <state>", "only in this state").choices(STATES))
     .option("--cluster <name>", "only of this cluster")
     .option("--run-id <id>", "only of this run")
-    .option("--limit <n>", "at most this many (default 100)", intFlag)
+    .option("--limit <n>", "at most this many (default 100)", positiveIntFlag)
     .action(async (o: Record<string, unknown>, command: Command) =>
       run(command, async (api, json) => {
         const limit = (o.limit as number | undefined) ?? 100;

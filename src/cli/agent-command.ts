@@ -2,7 +2,7 @@ import { hostname } from "node:os";
 import { Command } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
-import { collect, globals, intFlag, parseLabels, toJson } from "./output.js";
+import { collect, globals, parseLabels, positiveIntFlag, toJson } from "./output.js";
 
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
 export function agentCommand(): Command {
@@ -13,7 +13,7 @@ export function agentCommand(): Command {
     )
     .requiredOption("--cluster <name>", "the cluster this worker belongs to")
     .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
-    .option("--slots <n>", "actions run at once", intFlag, 1)
+    .option("--slots <n>", "actions run at once", positiveIntFlag, 1)
     .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
     .action(async (o: Record<string, unknown>, command: Command) => {
       const g = globals(command);

@@ -7,8 +7,8 @@ import {
   enumName,
   followThroughRestarts,
   globals,
-  intFlag,
   messageJson,
+  positiveIntFlag,
   time,
   toJson,
 } from "./output.js";
@@ -25,7 +25,7 @@ export function eventCommand(): Command {
     .option("--worker <id>", "only about this worker")
     .option("--cluster <name>", "only about this cluster")
     .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
-    .option("--limit <n>", "without --follow: at most this many (default 100)", intFlag)
+    .option("--limit <n>", "without --follow: at most this many (default 100)", positiveIntFlag)
     .option("-f, --follow", "after the stored events, stream new ones until interrupted")
     .action(async (o: Record<string, unknown>, command: Command) => {
       const g = globals(command);

@@ -99,6 +99,13 @@ export function parseLabels(values: readonly string[] | undefined, flag: string)
 /** Collects a repeatable option's values. */
 export const collect = (value: string, previous: string[] = []) => [...previous, value];
 
+/** Parses a whole number of at least 1; commander reports a bad value as a usage error. */
+export function positiveIntFlag(value: string): number {
+  const n = intFlag(value);
+  if (n < 1) throw new InvalidArgumentError("expected a whole number of at least 1");
+  return n;
+}
+
 /** Parses an integer flag; commander reports a bad value as a usage error. */
 export function intFlag(value: string): number {
   const n = Number(value);
@@ -119,7 +126,9 @@ export async function followThroughRestarts(
     try {
       if ((await follow()) === "done") return;
     } catch (error) {
-      if ((error as { code?: number }).code !== 14) throw error;
+      const e = error as { code?: number; details?: string };
+      // UNAVAILABLE, or a stream reset by a server going down mid-call.
+      if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
       process.stderr.write(`leasehold: server unavailable (${(error as Error).message}); reconnecting\n`);
     }
     await new Promise((r) => setTimeout(r, delayMs));

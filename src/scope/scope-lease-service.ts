@@ -146,8 +146,18 @@ export function createScopeLeaseService(deps: {
           `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum)`,
         );
       }
-      const { lease } = await insertScopeLease(db, clock, { ...input, ttlMs });
-      feed.publish(EVENTS_TOPIC);
+      const { lease, created } = await insertScopeLease(db, clock, { ...input, ttlMs });
+      if (
+        !created &&
+        (lease.runtime !== input.runtime || lease.label !== input.label || lease.ttlMs !== ttlMs)
+      ) {
+        throw new LeaseholdError(
+          Code.AlreadyExists,
+          `request_id ${JSON.stringify(input.requestId)} was already used for a different lease (${lease.id}); use a new request_id for a new lease`,
+          { reason: "REQUEST_ID_REUSED", metadata: { lease_id: lease.id } },
+        );
+      }
+      if (created) feed.publish(EVENTS_TOPIC);
       return lease;
     },
     async get(id) {

@@ -1,5 +1,6 @@
 import { type SQL, sql } from "drizzle-orm";
 import { uuidv7 } from "uuidv7";
+import { Code, LeaseholdError } from "../errors.js";
 import type { JsonObject } from "../work/action.js";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
@@ -127,7 +128,14 @@ export async function insertScopeLease(
     db,
     sql`select ${LEASE_COLUMNS} from scope_leases l where l.request_id = ${input.requestId ?? null}`,
   );
-  return { lease: leaseFromRow(existing[0] as LeaseRow), created: false };
+  const [first] = existing;
+  // Deleted between the insert and this read (lease delete frees its request id): rare, and safe to retry.
+  if (!first)
+    throw new LeaseholdError(
+      Code.Aborted,
+      "the lease with this request_id changed concurrently; retry the call",
+    );
+  return { lease: leaseFromRow(first), created: false };
 }
 
 export async function findScopeLease(db: Db, id: string): Promise<ScopeLeaseRecord | undefined> {

@@ -86,6 +86,16 @@ describe("the reference command agent", () => {
     expect(done?.failureReason).toMatch(/command stopped: timed out after 0\.5s/);
   });
 
+  it("finishes when the command exits even if a background child still holds its output, and kills that child", async () => {
+    const pidFile = join(dir, "bg.pid");
+    const done = await run({ argv: ["sh", "-c", `sleep 300 & echo $! > ${pidFile}; echo started`] });
+    expect(done).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { exitCode: 0, stdoutTail: "started\n" },
+    });
+    expect(alive(Number(readFileSync(pidFile, "utf8")))).toBe(false);
+  });
+
   it("refuses a payload without argv, naming the field", async () => {
     const done = await run({ cmd: "ls" });
     expect(done).toMatchObject({

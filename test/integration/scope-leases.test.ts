@@ -45,6 +45,19 @@ describe("scope leases", () => {
     expect(listed.leases.map((l) => l.id)).toEqual([id]);
   });
 
+  it("returns the same lease for a retried request id, and refuses it for a different lease", async () => {
+    const request = { runtime: "east", requestId: "run-42", ttl: { seconds: 120n } };
+    const first = await leases().createLease(request);
+    const again = await leases().createLease(request);
+    expect(again.lease?.id).toBe(first.lease?.id);
+    const f = await expectStatus(
+      leases().createLease({ ...request, runtime: "west" }),
+      Code.AlreadyExists,
+      /request_id "run-42" was already used for a different lease/,
+    );
+    expect(f.reason).toBe("REQUEST_ID_REUSED");
+  });
+
   it("puts a resource in a lease only when it is created with the lease id", async () => {
     const id = await open();
     const inLease = await resources().createFile({

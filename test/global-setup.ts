@@ -1,11 +1,11 @@
 import { randomBytes } from "node:crypto";
 import { rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
 import { openDatabase } from "../src/store/database.js";
 import { loadEmbeddedPostgres } from "./embedded-postgres.js";
+import { freePort } from "./helpers/ports.js";
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -16,17 +16,6 @@ declare module "vitest" {
     /** A migrated PGlite data directory that fresh PGlite stores are copied from. */
     pgliteTemplate: string;
   }
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address();
-      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
-    });
-  });
 }
 
 /**

@@ -28,7 +28,7 @@ import {
 import type { JsonObject } from "../work/action.js";
 import type { Page } from "../work/action-service.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../work/change-feed.js";
-import { decodePageToken, encodePageToken } from "../work/page-token.js";
+import { decodePageToken, toPage } from "../work/page-token.js";
 
 /** Limits of scope leases and resources. */
 export interface ScopeLimits {
@@ -168,9 +168,7 @@ export function createScopeLeaseService(deps: {
     async list(filter, size, pageToken) {
       const cursor = decodePageToken(pageToken, filter);
       const rows = await listScopeLeases(db, filter, cursor?.after, size + 1);
-      const items = rows.slice(0, size);
-      const last = items.at(-1);
-      return { items, nextPageToken: rows.length > size && last ? encodePageToken(last.id, filter) : "" };
+      return toPage(rows, size, (l) => l.id, filter);
     },
     async promote(leaseId, kind, resourceId) {
       const result = await promoteResource(db, clock, leaseId, kind, resourceId);
@@ -227,9 +225,7 @@ export function createScopeLeaseService(deps: {
     async listResources(filter, size, pageToken) {
       const cursor = decodePageToken(pageToken, filter);
       const rows = await listResources(db, filter, cursor?.after, size + 1);
-      const items = rows.slice(0, size);
-      const last = items.at(-1);
-      return { items, nextPageToken: rows.length > size && last ? encodePageToken(last.id, filter) : "" };
+      return toPage(rows, size, (l) => l.id, filter);
     },
     async readFile(id) {
       const content = await readFileContent(db, id);

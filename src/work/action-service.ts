@@ -19,7 +19,7 @@ import {
   TERMINAL_STATES,
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
-import { decodePageToken, encodePageToken } from "./page-token.js";
+import { decodePageToken, toPage } from "./page-token.js";
 
 /** Result of a submit. */
 export interface SubmitResult {
@@ -108,9 +108,7 @@ export function createActionService({
     const cursor = decodePageToken(pageToken, filter);
     // One row more than asked tells whether another page exists.
     const rows = await listActions(db, filter, cursor?.after, size + 1);
-    const items = rows.slice(0, size);
-    const last = items.at(-1);
-    return { items, nextPageToken: rows.length > size && last ? encodePageToken(last.id, filter) : "" };
+    return toPage(rows, size, (a) => a.id, filter);
   }
 
   async function cancel(id: string, reason: string): Promise<ActionRecord> {

@@ -3,7 +3,7 @@ import { lastEventSequence, listEvents, readEventsAfter } from "../store/events.
 import type { Page } from "./action-service.js";
 import { type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
-import { decodePageToken, encodePageToken } from "./page-token.js";
+import { decodePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {
@@ -33,12 +33,7 @@ export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): 
   async function list(filter: EventFilter, size: number, pageToken: string): Promise<Page<EventRecord>> {
     const cursor = decodePageToken(pageToken, filter);
     const rows = await listEvents(db, filter, cursor ? Number(cursor.after) : 0, size + 1);
-    const items = rows.slice(0, size);
-    const last = items.at(-1);
-    return {
-      items,
-      nextPageToken: rows.length > size && last ? encodePageToken(String(last.sequence), filter) : "",
-    };
+    return toPage(rows, size, (e) => String(e.sequence), filter);
   }
 
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {

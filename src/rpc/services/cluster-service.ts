@@ -12,7 +12,7 @@ import { listClusters } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
 import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "../../store/workers.js";
 import type { LeaseManager } from "../../work/lease-manager.js";
-import { decodePageToken, encodePageToken, pageSize } from "../../work/page-token.js";
+import { decodePageToken, pageSize, toPage } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLength, requireId, Violations } from "../validate.js";
 
@@ -52,12 +52,8 @@ export function clusterServiceBinding(deps: { db: Db; clock: Clock; leases: Leas
       const size = pageSize(request.pageSize);
       const cursor = decodePageToken(request.pageToken, filter);
       const rows = await listWorkers(db, filter, cursor?.after, size + 1);
-      const page = rows.slice(0, size);
-      const last = page.at(-1);
-      return {
-        workers: page.map(toProtoWorker),
-        nextPageToken: rows.length > size && last ? encodePageToken(last.workerId, filter) : "",
-      };
+      const page = toPage(rows, size, (w) => w.workerId, filter);
+      return { workers: page.items.map(toProtoWorker), nextPageToken: page.nextPageToken };
     },
     async getWorker(request) {
       return { worker: toProtoWorker(await getWorker(requireId("worker_id", request.workerId))) };

@@ -11,12 +11,10 @@ import {
 import { createClient } from "../rpc/client.js";
 import {
   CliError,
-  cliErrorFrom,
   collect,
   EXIT,
   enumName,
   followThroughRestarts,
-  globals,
   intFlag,
   messageJson,
   parseLabels,
@@ -24,6 +22,7 @@ import {
   printTable,
   time,
   toJson,
+  withServer,
 } from "./output.js";
 
 type Action = MessageShape<typeof ActionSchema>;
@@ -47,25 +46,18 @@ const ACTION_HEADERS = ["ID", "STATE", "CLUSTER", "WORKER", "EPOCH", "ATTEMPTS",
 /** `leasehold action …`: submit, get, list, cancel, watch. */
 export function actionCommands(): Command {
   const action = new Command("action").description("Submit and follow actions.");
-  const client = (command: Command) => {
-    const g = globals(command);
-    return { g, api: createClient(ActionService, g.server) };
-  };
-  const run = async (
+  const run = (
     command: Command,
-    fn: (api: ReturnType<typeof client>["api"], json: boolean) => Promise<number | undefined>,
-  ) => {
-    const { g, api } = client(command);
-    try {
-      const code = await fn(api, g.json);
-      if (code) process.exitCode = code;
-    } catch (error) {
-      if (error instanceof CliError) throw error;
-      throw cliErrorFrom(error, g.server);
-    } finally {
-      api.close();
-    }
-  };
+    fn: (
+      api: ReturnType<typeof createClient<(typeof ActionService)["method"]>>,
+      json: boolean,
+    ) => Promise<number | undefined>,
+  ) =>
+    withServer(
+      command,
+      (server) => ({ api: createClient(ActionService, server) }),
+      ({ api }, g) => fn(api, g.json),
+    );
 
   action
     .command("submit")

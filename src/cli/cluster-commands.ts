@@ -7,34 +7,16 @@ import {
   WorkerState,
 } from "../gen/leasehold/v1/cluster_pb.js";
 import { createClient } from "../rpc/client.js";
-import {
-  CliError,
-  cliErrorFrom,
-  enumName,
-  globals,
-  messageJson,
-  printTable,
-  time,
-  toJson,
-} from "./output.js";
+import { enumName, messageJson, printTable, time, toJson, withServer } from "./output.js";
 
-async function withClient(
-  command: Command,
-  fn: (
-    api: ReturnType<typeof createClient<(typeof ClusterService)["method"]>>,
-    json: boolean,
-  ) => Promise<void>,
-) {
-  const g = globals(command);
-  const api = createClient(ClusterService, g.server);
-  try {
-    await fn(api, g.json);
-  } catch (error) {
-    throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
-  } finally {
-    api.close();
-  }
-}
+type ClusterClient = ReturnType<typeof createClient<(typeof ClusterService)["method"]>>;
+
+const withClient = (command: Command, fn: (api: ClusterClient, json: boolean) => Promise<void>) =>
+  withServer(
+    command,
+    (server) => ({ api: createClient(ClusterService, server) }),
+    ({ api }, g) => fn(api, g.json),
+  );
 
 /** `leasehold workers …`: list and drain. */
 export function workerCommands(): Command {

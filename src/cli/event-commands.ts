@@ -2,15 +2,13 @@ import { Command, Option } from "commander";
 import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
 import { createClient } from "../rpc/client.js";
 import {
-  CliError,
-  cliErrorFrom,
   enumName,
   followThroughRestarts,
-  globals,
   messageJson,
   positiveIntFlag,
   time,
   toJson,
+  withServer,
 } from "./output.js";
 
 const KINDS = Object.keys(EventKind)
@@ -27,52 +25,50 @@ export function eventCommand(): Command {
     .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
     .option("--limit <n>", "without --follow: at most this many (default 100)", positiveIntFlag)
     .option("-f, --follow", "after the stored events, stream new ones until interrupted")
-    .action(async (o: Record<string, unknown>, command: Command) => {
-      const g = globals(command);
-      const api = createClient(EventService, g.server);
-      const filter = {
-        actionId: (o.action as string | undefined) ?? "",
-        workerId: (o.worker as string | undefined) ?? "",
-        cluster: (o.cluster as string | undefined) ?? "",
-        kind: o.kind
-          ? EventKind[(o.kind as string).toUpperCase() as keyof typeof EventKind]
-          : EventKind.UNSPECIFIED,
-      };
-      const print = (e: Event) => {
-        if (g.json) process.stdout.write(`${toJson(messageJson(EventSchema, e))}\n`);
-        else {
-          const kind = enumName(EventKind, e.kind).toLowerCase();
-          process.stdout.write(
-            `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${e.message}\n`,
-          );
-        }
-      };
-      try {
-        if (o.follow) {
-          // Replays stored events, then follows with no gap; after a server
-          // restart it continues after the last sequence it printed.
-          let after = 0n;
-          await followThroughRestarts(async () => {
-            for await (const m of api.watchEvents({ ...filter, afterSequence: after })) {
-              if (!m.event) continue;
-              after = m.event.sequence;
-              print(m.event);
+    .action(async (o: Record<string, unknown>, command: Command) =>
+      withServer(
+        command,
+        (server) => ({ api: createClient(EventService, server) }),
+        async ({ api }, g) => {
+          const filter = {
+            actionId: (o.action as string | undefined) ?? "",
+            workerId: (o.worker as string | undefined) ?? "",
+            cluster: (o.cluster as string | undefined) ?? "",
+            kind: o.kind
+              ? EventKind[(o.kind as string).toUpperCase() as keyof typeof EventKind]
+              : EventKind.UNSPECIFIED,
+          };
+          const print = (e: Event) => {
+            if (g.json) process.stdout.write(`${toJson(messageJson(EventSchema, e))}\n`);
+            else {
+              const kind = enumName(EventKind, e.kind).toLowerCase();
+              process.stdout.write(
+                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${e.message}\n`,
+              );
             }
-            return "again";
-          });
-        } else {
-          const { events } = await api.listEvents({
-            ...filter,
-            pageSize: (o.limit as number | undefined) ?? 100,
-          });
-          if (g.json)
-            process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
-          else for (const e of events) print(e);
-        }
-      } catch (error) {
-        throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
-      } finally {
-        api.close();
-      }
-    });
+          };
+          if (o.follow) {
+            // Replays stored events, then follows with no gap; after a server
+            // restart it continues after the last sequence it printed.
+            let after = 0n;
+            await followThroughRestarts(async () => {
+              for await (const m of api.watchEvents({ ...filter, afterSequence: after })) {
+                if (!m.event) continue;
+                after = m.event.sequence;
+                print(m.event);
+              }
+              return "again";
+            });
+          } else {
+            const { events } = await api.listEvents({
+              ...filter,
+              pageSize: (o.limit as number | undefined) ?? 100,
+            });
+            if (g.json)
+              process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
+            else for (const e of events) print(e);
+          }
+        },
+      ),
+    );
 }

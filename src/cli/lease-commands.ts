@@ -20,41 +20,22 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../rpc/client.js";
-import {
-  CliError,
-  cliErrorFrom,
-  EXIT,
-  enumName,
-  globals,
-  messageJson,
-  printTable,
-  time,
-  toJson,
-} from "./output.js";
+import { CliError, EXIT, enumName, messageJson, printTable, time, toJson, withServer } from "./output.js";
 
 type Clients = {
   leases: ReturnType<typeof createClient<(typeof LeaseService)["method"]>>;
   resources: ReturnType<typeof createClient<(typeof ResourceService)["method"]>>;
 };
 
-async function withClients(
-  command: Command,
-  fn: (c: Clients, json: boolean) => Promise<void>,
-): Promise<void> {
-  const g = globals(command);
-  const c = {
-    leases: createClient(LeaseService, g.server),
-    resources: createClient(ResourceService, g.server),
-  };
-  try {
-    await fn(c, g.json);
-  } catch (error) {
-    throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
-  } finally {
-    c.leases.close();
-    c.resources.close();
-  }
-}
+const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promise<void>) =>
+  withServer(
+    command,
+    (server) => ({
+      leases: createClient(LeaseService, server),
+      resources: createClient(ResourceService, server),
+    }),
+    (c, g) => fn(c, g.json),
+  );
 
 const out = (text: string): void => {
   process.stdout.write(`${text}\n`);

@@ -134,3 +134,26 @@ export async function followThroughRestarts(
     await new Promise((r) => setTimeout(r, delayMs));
   }
 }
+
+/**
+ * The frame of every client command: opens the clients for `--server`, runs
+ * `fn`, turns a failed call into the exit code and message of
+ * {@link cliErrorFrom}, and closes the clients. A number `fn` returns
+ * becomes the exit code.
+ */
+export async function withServer<C extends Record<string, { close(): void }>>(
+  command: Command,
+  open: (server: string) => C,
+  fn: (clients: C, options: GlobalOptions) => Promise<unknown>,
+): Promise<void> {
+  const g = globals(command);
+  const clients = open(g.server);
+  try {
+    const code = await fn(clients, g);
+    if (typeof code === "number" && code !== EXIT.ok) process.exitCode = code;
+  } catch (error) {
+    throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
+  } finally {
+    for (const client of Object.values(clients)) client.close();
+  }
+}

@@ -73,16 +73,34 @@ export function runAgent(args: string[]): AgentProcess {
   const child = spawn(process.execPath, ["--import", "tsx", RAW_AGENT, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
   });
+  const { lines, waitFor } = collectLines(child);
+  return { child, lines, waitForLine: waitFor };
+}
+
+/**
+ * The stdout lines of a child process (parsed as JSON, or `{ text }` when not
+ * JSON), with `waitFor`, which resolves with the first line matching `test`,
+ * now or later, and rejects if the process exits first.
+ */
+export function collectLines(child: ChildProcess): {
+  lines: Record<string, unknown>[];
+  waitFor(test: (line: Record<string, unknown>) => boolean): Promise<Record<string, unknown>>;
+} {
   const lines: Record<string, unknown>[] = [];
   const waiters = new Set<() => void>();
   createInterface({ input: child.stdout as NodeJS.ReadableStream }).on("line", (text) => {
-    lines.push(JSON.parse(text));
+    let line: Record<string, unknown>;
+    try {
+      line = JSON.parse(text);
+    } catch {
+      line = { text };
+    }
+    lines.push(line);
     for (const w of [...waiters]) w();
   });
   return {
-    child,
     lines,
-    waitForLine(test) {
+    waitFor(test) {
       return new Promise((resolve, reject) => {
         const look = () => {
           const found = lines.find(test);
@@ -94,7 +112,7 @@ export function runAgent(args: string[]): AgentProcess {
         waiters.add(look);
         child.once("exit", (code) => {
           waiters.delete(look);
-          reject(new Error(`agent exited (${code}) before the expected line`));
+          reject(new Error(`process exited (${code}) before the expected line`));
         });
         look();
       });

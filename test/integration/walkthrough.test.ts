@@ -1,42 +1,14 @@
 import { execFile, spawn } from "node:child_process";
-import { createInterface } from "node:readline";
 import { describe, expect, it } from "vitest";
 import { freshStore } from "../helpers/database.js";
 import { freePort } from "../helpers/ports.js";
-import { BIN, type LeaseholdProcess, runLeasehold } from "../helpers/process.js";
+import { BIN, collectLines, type LeaseholdProcess, runLeasehold } from "../helpers/process.js";
 
 /** A long-running `leasehold` child whose stdout lines are kept (JSON when parseable). */
 function follow(args: string[]) {
   const child = spawn(process.execPath, [BIN, ...args], { stdio: ["ignore", "pipe", "pipe"] });
-  const lines: Record<string, unknown>[] = [];
-  const waiters = new Set<() => void>();
-  createInterface({ input: child.stdout }).on("line", (text) => {
-    let line: Record<string, unknown>;
-    try {
-      line = JSON.parse(text);
-    } catch {
-      line = { text };
-    }
-    lines.push(line);
-    for (const w of [...waiters]) w();
-  });
-  return {
-    child,
-    lines,
-    until(test: (line: Record<string, unknown>) => boolean): Promise<Record<string, unknown>> {
-      return new Promise((resolve) => {
-        const look = () => {
-          const found = lines.find(test);
-          if (found) {
-            waiters.delete(look);
-            resolve(found);
-          }
-        };
-        waiters.add(look);
-        look();
-      });
-    },
-  };
+  const { lines, waitFor } = collectLines(child);
+  return { child, lines, until: waitFor };
 }
 
 /** Runs `leasehold <args>` to completion and returns stdout. */

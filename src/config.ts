@@ -22,6 +22,12 @@ export interface ServerConfig {
   readonly heartbeatIntervalMs: number;
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs: number;
+  /**
+   * How often each process looks for what no notification told it: queued
+   * actions (retry backoffs ending), and revokes, drains and lease ends whose
+   * notice from another process was lost. Default 1 s.
+   */
+  readonly dispatchPollMs: number;
   /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */
   readonly metricsListen: string | undefined;
   /** TTL of a scope lease created without one. Default 1 h. */
@@ -42,6 +48,7 @@ export const DEFAULTS = {
   dataDir: "./.leasehold/data",
   gracePeriod: "10s",
   heartbeatInterval: "2s",
+  dispatchPoll: "1s",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -57,6 +64,7 @@ export interface RawServerOptions {
   readonly gracePeriod?: string | undefined;
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
+  readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
   readonly leaseDefaultTtl?: string | undefined;
   readonly leaseMaxTtl?: string | undefined;
@@ -128,6 +136,8 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const maxSilenceMs = raw.maxSilence ? parseDuration("--max-silence", raw.maxSilence) : 10 * gracePeriodMs;
   if (maxSilenceMs < gracePeriodMs)
     throw configError("--max-silence", "must not be shorter than --grace-period");
+  const dispatchPollMs = parseDuration("--dispatch-poll", raw.dispatchPoll ?? DEFAULTS.dispatchPoll);
+  if (dispatchPollMs < 100) throw configError("--dispatch-poll", "must be at least 100ms");
   const metricsText = raw.metricsListen ?? DEFAULTS.metricsListen;
   const metricsListen = metricsText === "off" ? undefined : metricsText;
   if (metricsListen) {
@@ -161,6 +171,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     gracePeriodMs,
     heartbeatIntervalMs,
     maxSilenceMs,
+    dispatchPollMs,
     metricsListen,
     leaseDefaultTtlMs,
     leaseMaxTtlMs,

@@ -15,7 +15,10 @@ export function createProgram(): Command {
   const program = new Command("leasehold")
     .description("Leasehold: a gRPC control plane that hands work to cluster agents under leases.")
     .addOption(
-      new Option("--server <host:port>", "server address for client commands (comma-separated for several)")
+      new Option(
+        "--server <host:port>",
+        "server address(es): comma-separated for several replicas, or a name with several DNS records; the first that answers is used",
+      )
         .env("LEASEHOLD_SERVER")
         .default("127.0.0.1:50051"),
     )

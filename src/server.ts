@@ -12,10 +12,11 @@ import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scop
 import { workerServiceBinding } from "./rpc/services/worker-service.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
-import { type DatabaseOptions, openDatabase } from "./store/database.js";
+import { type DatabaseOptions, type Db, openDatabase } from "./store/database.js";
 import { queryRows, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
-import { createChangeFeed } from "./work/change-feed.js";
+import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
+import { createPostgresBus } from "./work/cluster-bus.js";
 import { createEventService } from "./work/event-service.js";
 import { createLeaseManager, type LeaseManager } from "./work/lease-manager.js";
 
@@ -76,7 +77,13 @@ export async function startServer(
       "database ready",
     );
     const db = database.db;
-    const feed = createChangeFeed();
+    // The other processes on this database hear of every change over LISTEN/NOTIFY.
+    // PGlite serves one process: there is nobody to tell.
+    const bus = database.listen
+      ? await createPostgresBus({ db, listen: database.listen, serverId, log })
+      : undefined;
+    if (bus) cleanup.push(() => bus.close());
+    const feed = createChangeFeed(bus);
     let leases: LeaseManager | undefined;
     const metrics = createMetrics({
       hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0 },
@@ -98,6 +105,8 @@ export async function startServer(
       gracePeriodMs: config.gracePeriodMs,
       heartbeatIntervalMs: config.heartbeatIntervalMs,
       maxSilenceMs: config.maxSilenceMs,
+      dispatchPollMs: config.dispatchPollMs,
+      ...(bus ? { bus } : {}),
       timers: overrides.timers ?? true,
     });
     leases = manager;
@@ -124,6 +133,7 @@ export async function startServer(
       clock,
       feed,
       log,
+      holders: manager,
       limits: {
         defaultTtlMs: config.leaseDefaultTtlMs,
         maxTtlMs: config.leaseMaxTtlMs,
@@ -160,6 +170,19 @@ export async function startServer(
     cleanup.push(() => rpc.close());
     rpc.markServing();
     log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
+    // PGlite runs in this process: it cannot become unreachable, only busy.
+    if ((overrides.timers ?? true) && database.driver === "postgres") {
+      const watch = watchDatabase(db, config.heartbeatIntervalMs, log, {
+        lost: () => rpc.markNotServing(),
+        back: () => {
+          rpc.markServing();
+          // Whatever was missed while it was gone: look again.
+          feed.publish(QUEUE_TOPIC);
+          feed.publish(EVENTS_TOPIC);
+        },
+      });
+      cleanup.push(async () => watch.stop());
+    }
 
     let closing: Promise<void> | undefined;
     const close = () => {
@@ -184,4 +207,59 @@ export async function startServer(
     await unwind();
     throw error;
   }
+}
+
+/**
+ * Checks the database every `everyMs`. While it cannot be reached (two
+ * checks in a row fail or get no answer within `everyMs`) the process
+ * reports NOT_SERVING (its heartbeat acks already stop extending:
+ * they count down from the last persisted deadline, so agents self-fence in
+ * time); when it answers again, SERVING. Both changes are logged once.
+ */
+function watchDatabase(
+  db: Db,
+  everyMs: number,
+  log: Logger,
+  on: { lost(): void; back(): void },
+): { stop(): void } {
+  let healthy = true;
+  let running = false;
+  /** Consecutive failed checks: one slow answer under load is not an outage. */
+  let failures = 0;
+  const timer = setInterval(() => {
+    if (running) return;
+    running = true;
+    let timeout: NodeJS.Timeout | undefined;
+    Promise.race([
+      db.execute(sql`select 1`),
+      new Promise((_, reject) => {
+        timeout = setTimeout(() => reject(new Error(`no answer within ${everyMs}ms`)), everyMs);
+        timeout.unref();
+      }),
+    ])
+      .then(
+        () => {
+          failures = 0;
+          if (!healthy) {
+            healthy = true;
+            log.info("database reachable again; serving");
+            on.back();
+          }
+        },
+        (error: unknown) => {
+          failures += 1;
+          if (healthy && failures >= 2) {
+            healthy = false;
+            log.error({ err: error }, "database unreachable; NOT_SERVING until it answers again");
+            on.lost();
+          }
+        },
+      )
+      .finally(() => {
+        clearTimeout(timeout);
+        running = false;
+      });
+  }, everyMs);
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
 }

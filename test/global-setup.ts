@@ -4,8 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestProject } from "vitest/node";
 import { openDatabase } from "../src/store/database.js";
-import { loadEmbeddedPostgres } from "./embedded-postgres.js";
-import { freePort } from "./helpers/ports.js";
+import { startOwnPostgres } from "./embedded-postgres.js";
 
 declare module "vitest" {
   export interface ProvidedContext {
@@ -36,28 +35,10 @@ export default async function setup(project: TestProject): Promise<() => Promise
     project.provide("postgresAdminUrl", url);
     return async () => dropTemplate();
   }
-  const EmbeddedPostgres = await loadEmbeddedPostgres();
-  // Not created here: embedded-postgres creates it and hands it to its own OS
-  // user when running as root (a root-owned 0700 directory would lock it out).
-  const dir = join(tmpdir(), `leasehold-pg-${randomBytes(6).toString("hex")}`);
-  const port = await freePort();
-  const pg = new EmbeddedPostgres({
-    databaseDir: dir,
-    user: "postgres",
-    password: "postgres",
-    port,
-    persistent: false,
-    // Running as root needs a separate OS user for postgres; harmless otherwise.
-    createPostgresUser: true,
-    onLog: () => {},
-    onError: () => {},
-  });
-  await pg.initialise();
-  await pg.start();
-  project.provide("postgresAdminUrl", `postgres://postgres:postgres@127.0.0.1:${port}/postgres`);
+  const pg = await startOwnPostgres();
+  project.provide("postgresAdminUrl", pg.url);
   return async () => {
-    await pg.stop();
-    rmSync(dir, { recursive: true, force: true });
+    await pg.destroy();
     dropTemplate();
   };
 }

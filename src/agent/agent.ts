@@ -8,6 +8,7 @@ import {
   WorkerService,
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
+import { expandAddresses } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
 
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
@@ -28,6 +29,12 @@ export interface ActionContext {
    * the agent closes without waiting. `signal.reason` says which.
    */
   readonly signal: AbortSignal;
+  /**
+   * Aborts when the server asks the action to stop gracefully and keep what
+   * it made (CollectOutputs on a deployment). The lease stays valid: save the
+   * outputs, then return normally; the result is reported as usual.
+   */
+  readonly stopRequested: AbortSignal;
   /** Reports a phase, optional details, and optionally a checkpoint for the next attempt. */
   progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
 }
@@ -75,7 +82,11 @@ export type AgentEvent =
 
 /** Options of {@link createAgent}. */
 export interface AgentOptions {
-  /** Server address(es) as host:port; on failure the agent moves to the next one. */
+  /**
+   * Server address(es) as host:port. A name with several DNS records counts
+   * as one address per record. The agent starts at a random one (spreading
+   * agents over replicas) and moves to the next whenever its stream ends.
+   */
   readonly address: string | readonly string[];
   readonly cluster: string;
   readonly workerId: string;
@@ -120,6 +131,8 @@ interface Running {
   readonly actionId: string;
   readonly epoch: number;
   readonly controller: AbortController;
+  /** Aborted on a graceful stop request (revoke reason COLLECT_OUTPUTS). */
+  readonly stop: AbortController;
   /** The report to (re)send until the server answers it; set when the handler settles. */
   report: PendingReport | undefined;
   settled: Promise<void>;
@@ -160,7 +173,9 @@ export function createAgent(options: AgentOptions): Agent {
   let closing = false;
   let closed = false;
   let sessionId: string | undefined;
-  let addressIndex = 0;
+  let addressIndex = Math.floor(Math.random() * 1024);
+  /** The addresses with names expanded, refreshed before every connection. */
+  let targets: string[] = addresses;
   let attemptsWithoutWelcome = 0;
   let reconnectTimer: NodeJS.Timeout | undefined;
   let current: Connection | undefined;
@@ -187,6 +202,8 @@ export function createAgent(options: AgentOptions): Agent {
     /** Reports waiting for their result, by report id. */
     readonly pending: Map<bigint, Running>;
     ended: boolean;
+    /** Goodbye was sent: the server ends the stream once the session is closed. */
+    saidGoodbye: boolean;
   }
 
   /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
@@ -249,7 +266,8 @@ export function createAgent(options: AgentOptions): Agent {
     if (existing)
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
     const controller = new AbortController();
-    const r: Running = { actionId, epoch, controller, report: undefined, settled: Promise.resolve() };
+    const stop = new AbortController();
+    const r: Running = { actionId, epoch, controller, stop, report: undefined, settled: Promise.resolve() };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
     nextReportId += 1n;
@@ -282,6 +300,7 @@ export function createAgent(options: AgentOptions): Agent {
       runId: grant.runId,
       checkpoint: grant.checkpoint as JsonObject | undefined,
       signal: controller.signal,
+      stopRequested: stop.signal,
       progress(phase, details, checkpoint) {
         const c = current;
         if (!c || c.ended || !c.welcomed || controller.signal.aborted) return;
@@ -369,7 +388,18 @@ export function createAgent(options: AgentOptions): Agent {
 
   function connect(): void {
     if (closed) return;
-    const address = addresses[addressIndex % addresses.length] as string;
+    expandAddresses(addresses).then(
+      (expanded) => {
+        if (expanded.length > 0) targets = expanded;
+        openStream();
+      },
+      () => openStream(),
+    );
+  }
+
+  function openStream(): void {
+    if (closed) return;
+    const address = targets[addressIndex % targets.length] as string;
     const client = createClient(
       WorkerService,
       address,
@@ -393,6 +423,7 @@ export function createAgent(options: AgentOptions): Agent {
       sequence: 0n,
       pending: new Map(),
       ended: false,
+      saidGoodbye: false,
     };
     current = conn;
 
@@ -406,10 +437,13 @@ export function createAgent(options: AgentOptions): Agent {
           for (const l of m.value.revoked) {
             const r = running.get(l.actionId);
             if (r && r.epoch === Number(l.epoch)) {
+              // Finished here already: the report is sent again below. If the server applied it
+              // before the old stream broke (and so no longer counts the lease as held), it
+              // accepts the repeat; otherwise it is fenced. Either way the agent learns which.
+              if (r.report) continue;
               r.controller.abort(
                 new LeaseLost("superseded", "the server revoked this lease when the agent reconnected"),
               );
-              if (r.report) forget(r);
             }
           }
           emit({
@@ -451,7 +485,11 @@ export function createAgent(options: AgentOptions): Agent {
           if (r && r.epoch === Number(m.value.epoch)) {
             const reason = REVOKE_NAMES[m.value.reason] ?? "revoked";
             emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason });
-            if (!r.controller.signal.aborted)
+            if (reason === "collect_outputs") {
+              // Not a loss: the lease stays valid while the handler saves its outputs.
+              if (!r.stop.signal.aborted)
+                r.stop.abort(new LeaseLost(reason, m.value.message || "stop and save"));
+            } else if (!r.controller.signal.aborted)
               r.controller.abort(new LeaseLost(reason, m.value.message || `lease revoked (${reason})`));
             else if (r.report && reason !== "cancelled") forget(r);
           }
@@ -504,7 +542,8 @@ export function createAgent(options: AgentOptions): Agent {
       clearInterval(conn.heartbeatTimer);
       client.close();
       if (!conn.welcomed) attemptsWithoutWelcome += 1;
-      if (closed) return;
+      if (conn.saidGoodbye) closeDone?.();
+      if (closed || conn.saidGoodbye) return;
       // The fence timer keeps running: the deadline from the last ack still applies.
       addressIndex += 1;
       const base = Math.min(maxBackoff, initialBackoff * 2 ** Math.min(attemptsWithoutWelcome, 16));
@@ -535,8 +574,8 @@ export function createAgent(options: AgentOptions): Agent {
     if (!closing || conn.ended || !conn.welcomed) return;
     if ([...running.values()].some((r) => r.report?.kind !== "dropped")) return;
     conn.send({ message: { case: "goodbye", value: { reason: "agent shutting down" } } });
+    conn.saidGoodbye = true;
     conn.call.end();
-    closeDone?.();
   }
 
   connect();
@@ -572,7 +611,8 @@ export function createAgent(options: AgentOptions): Agent {
           if (current) sendReport(current, r);
         }
       }
-      // Wait (bounded) for the server to answer the final reports, then goodbye.
+      // Wait (bounded) for the server to answer the final reports, then for it to end the session
+      // on our goodbye.
       await new Promise<void>((resolve) => {
         closeDone = resolve;
         const conn = current;

@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
+import type { ProcessRegistry } from "./process-registry.js";
 
 /** The payload the reference agent runs: a command. */
 export interface CommandPayload {
@@ -48,7 +49,7 @@ export function parseCommandPayload(payload: JsonObject): CommandPayload {
 }
 
 /** Keeps the last `TAIL_BYTES` of a stream. */
-function tail() {
+export function tail() {
   let buffer = Buffer.alloc(0);
   return {
     push(chunk: Buffer) {
@@ -60,7 +61,7 @@ function tail() {
 }
 
 /** Sends `signal` to a whole process group, ignoring one that is already gone. */
-function killGroup(pid: number, signal: NodeJS.Signals): void {
+export function killGroup(pid: number, signal: NodeJS.Signals): void {
   try {
     process.kill(-pid, signal);
   } catch {
@@ -76,7 +77,10 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
  * revoked or the agent self-fences, the whole process group is killed
  * (SIGTERM, then SIGKILL) before the handler returns: no orphans.
  */
-export async function commandHandler(ctx: ActionContext): Promise<JsonObject> {
+export async function commandHandler(
+  ctx: ActionContext,
+  options: { registry?: ProcessRegistry } = {},
+): Promise<JsonObject> {
   const command = parseCommandPayload(ctx.payload);
   const [program, ...args] = command.argv as [string, ...string[]];
   const stdout = tail();
@@ -92,6 +96,7 @@ export async function commandHandler(ctx: ActionContext): Promise<JsonObject> {
     stdio: ["ignore", "pipe", "pipe"],
     detached: true, // its own process group, so the whole tree can be killed
   });
+  if (child.pid !== undefined) options.registry?.add(child.pid, `action ${ctx.actionId}`);
   let lastProgress = 0;
   let lastLine = "";
   const onOutput = (sink: ReturnType<typeof tail>) => (chunk: Buffer) => {
@@ -164,6 +169,9 @@ export async function commandHandler(ctx: ActionContext): Promise<JsonObject> {
     clearTimeout(killTimer);
     ctx.signal.removeEventListener("abort", onAbort);
     // The leader is gone; make sure nothing it started outlives it.
-    if (child.pid !== undefined) killGroup(child.pid, "SIGKILL");
+    if (child.pid !== undefined) {
+      killGroup(child.pid, "SIGKILL");
+      options.registry?.remove(child.pid);
+    }
   }
 }

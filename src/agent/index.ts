@@ -16,3 +16,8 @@ export {
   LeaseLost,
 } from "./agent.js";
 export { type CommandPayload, commandHandler, parseCommandPayload } from "./command-handler.js";
+export {
+  createDeploymentHandler,
+  type DeploymentHandlerOptions,
+  isDeploymentPayload,
+} from "./deployment-handler.js";

@@ -1,7 +1,11 @@
-import { hostname } from "node:os";
+import { hostname, tmpdir } from "node:os";
+import { join } from "node:path";
 import { Command } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
+import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
+import { createProcessRegistry } from "../agent/process-registry.js";
+import { splitAddresses } from "../rpc/targets.js";
 import { collect, globals, parseLabels, positiveIntFlag, toJson } from "./output.js";
 
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
@@ -9,26 +13,48 @@ export function agentCommand(): Command {
   return new Command("agent")
     .description(
       "Run the reference agent: actions whose payload is {argv, env, cwd, timeout} run as commands in their own " +
-        "process group; the whole group is killed when the lease is revoked or the agent self-fences.",
+        "process group; the whole group is killed when the lease is revoked or the agent self-fences. " +
+        "Deployments of scope leases run here too: their containers start in a work directory of their own, " +
+        "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
+        "of the lease when their outputs are collected.",
     )
     .requiredOption("--cluster <name>", "the cluster this worker belongs to")
     .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
     .option("--slots <n>", "actions run at once", positiveIntFlag, 1)
     .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
+    .option(
+      "--work-dir <dir>",
+      "where deployments get their work directories, and the record of started processes that the next agent " +
+        "with the same directory stops if this one was killed (default: <tmp>/leasehold-agent-<worker id>)",
+    )
     .action(async (o: Record<string, unknown>, command: Command) => {
       const g = globals(command);
       const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
+      const servers = splitAddresses(g.server);
+      const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
+      // What an earlier run of this worker (same work directory) left running when it was killed.
+      const registry = createProcessRegistry(join(workDir, ".processes", workerId));
+      const leftovers = registry.sweep();
+      const deployments = createDeploymentHandler({ address: servers, workDir, registry });
       const log = (event: AgentEvent) => {
         if (g.json) process.stdout.write(`${toJson({ time: new Date().toISOString(), ...event })}\n`);
         else process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
       };
+      if (leftovers > 0) {
+        const at = new Date().toISOString();
+        if (g.json)
+          process.stdout.write(`${toJson({ time: at, type: "leftovers_stopped", count: leftovers })}\n`);
+        else
+          process.stdout.write(`${at} stopped ${leftovers} process group(s) an earlier run left running\n`);
+      }
       const agent = createAgent({
-        address: g.server.split(","),
+        address: servers,
         cluster: o.cluster as string,
         workerId,
         capacity: o.slots as number,
         labels: parseLabels(o.labels as string[] | undefined, "--labels"),
-        handler: commandHandler,
+        handler: (ctx) =>
+          isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry }),
         agentVersion: "leasehold-agent",
         onEvent: log,
       });

@@ -12,6 +12,7 @@ import {
   LeaseSchema,
   LeaseService,
   LeaseState,
+  WaitLeaseResponseSchema,
 } from "../gen/leasehold/v1/lease_pb.js";
 import {
   Ownership,
@@ -20,14 +21,33 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../rpc/client.js";
-import { CliError, EXIT, enumName, messageJson, printTable, time, toJson, withServer } from "./output.js";
+import {
+  describeDeployment,
+  type LiveTestEvent,
+  runLiveTest,
+  SIGNAL_EXIT,
+  waitForLease,
+} from "./lease-run.js";
+import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
+import {
+  CliError,
+  EXIT,
+  enumName,
+  globals,
+  messageJson,
+  printTable,
+  time,
+  toJson,
+  withServer,
+} from "./output.js";
 
 type Clients = {
   leases: ReturnType<typeof createClient<(typeof LeaseService)["method"]>>;
   resources: ReturnType<typeof createClient<(typeof ResourceService)["method"]>>;
 };
 
-const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promise<void>) =>
+/** Runs `fn` with lease and resource clients; a number it returns is the exit code. */
+const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promise<unknown>) =>
   withServer(
     command,
     (server) => ({
@@ -65,6 +85,13 @@ const resourceRow = (r: Resource) => [
   r.leaseId || "-",
   r.body.case === "file" ? `${r.body.value.name} (${r.body.value.sizeBytes} B)` : "-",
 ];
+const durationMsFlag = (flag: string, text: string) => {
+  try {
+    return parseDuration(flag, text);
+  } catch (error) {
+    throw new CliError(error instanceof LeaseholdError ? error.message : String(error), EXIT.usage);
+  }
+};
 const RESOURCE_HEADERS = ["RESOURCE", "KIND", "OWNER", "LEASE", "FILE"];
 const printResource = (r: Resource | undefined, json: boolean) => {
   if (!r) return;
@@ -82,13 +109,7 @@ const jsonObject = (flag: string, text: string) => {
     throw new CliError(`${flag}: must be a JSON object`, EXIT.usage);
   return value as Record<string, unknown>;
 };
-const durationFlag = (flag: string, text: string) => {
-  try {
-    return durationFromMs(parseDuration(flag, text));
-  } catch (error) {
-    throw new CliError(error instanceof LeaseholdError ? error.message : String(error), EXIT.usage);
-  }
-};
+const durationFlag = (flag: string, text: string) => durationFromMs(durationMsFlag(flag, text));
 
 /** `leasehold lease …`: scope leases. */
 export function leaseCommands(): Command {
@@ -238,7 +259,9 @@ export function leaseCommands(): Command {
   lease
     .command("debug")
     .argument("<lease-id>")
-    .description("One snapshot of the lease: its resources and recent events.")
+    .description(
+      "One snapshot of the lease: its resources, its deployments' phases and containers, and recent events.",
+    )
     .action(async (id: string, _o: unknown, command: Command) =>
       withClients(command, async (c, json) => {
         const debug = await c.leases.debugLease({ leaseId: id });
@@ -247,13 +270,124 @@ export function leaseCommands(): Command {
         out("");
         printTable(RESOURCE_HEADERS, debug.resources.map(resourceRow));
         out("");
+        if (debug.deployments.length > 0) {
+          for (const d of debug.deployments) out(describeDeployment(d));
+          out("");
+        }
         for (const e of debug.events) out(`${time(e.time)} ${e.message}`);
+      }),
+    );
+  lease
+    .command("wait")
+    .argument("<lease-id>")
+    .option("--timeout <duration>", "give up after this long", "5m")
+    .description(
+      "Follow the lease's deployments until they are ready, one line per change. " +
+        "Exit 0 when ready, 1 when failed or timed out.",
+    )
+    .action(async (id: string, o: Record<string, string>, command: Command) =>
+      withClients(command, async (c, json) => {
+        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "5m");
+        const waited = await waitForLease(
+          c.leases,
+          id,
+          timeoutMs,
+          (m) => {
+            if (json) out(toJson(messageJson(WaitLeaseResponseSchema, m)));
+            else out(`${new Date().toISOString()} ${describeDeployment(m.deployment)}`);
+          },
+          {
+            onReconnect: (error) =>
+              process.stderr.write(`leasehold: server unavailable (${error.message}); reconnecting\n`),
+          },
+        );
+        if (!json && !waited.ready) out(`not ready: ${waited.reason}`);
+        return waited.ready ? EXIT.ok : EXIT.failed;
+      }),
+    );
+  lease
+    .command("collect-outputs")
+    .argument("<lease-id>")
+    .option("--timeout <duration>", "how long the deployment may take to save its files", "60s")
+    .description(
+      "Stop the lease's deployment, saving the files of its outputs_dir as file resources in the lease; " +
+        "print their ids.",
+    )
+    .action(async (id: string, o: Record<string, string>, command: Command) =>
+      withClients(command, async (c, json) => {
+        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "60s");
+        const { fileIds } = await c.leases.collectOutputs(
+          { leaseId: id, timeout: durationFromMs(timeoutMs) },
+          // The server waits up to the timeout; the deadline only guards against a silent one.
+          { deadline: new Date(Date.now() + timeoutMs + 30_000) },
+        );
+        // Proto3 JSON would drop an empty list; a script should always find the key.
+        if (json) return out(toJson({ fileIds }));
+        const files = await Promise.all(
+          fileIds.map(async (fileId) => (await c.resources.getResource({ resourceId: fileId })).resource),
+        );
+        printTable(
+          ["FILE", "NAME", "SIZE"],
+          files.map((r, i) => [
+            r?.id ?? fileIds[i] ?? "",
+            r?.body.case === "file" ? r.body.value.name : "-",
+            r?.body.case === "file" ? `${r.body.value.sizeBytes} B` : "-",
+          ]),
+        );
+      }),
+    );
+  lease
+    .command("run")
+    .requiredOption("--test <manifest>", "the live-test manifest (YAML; see the README)")
+    .option("--keep-lease", "leave the lease open at the end for debugging (its TTL still applies)")
+    .description(
+      "Run a live test: lease, fixtures, deployment, wait until ready, checks, result, outputs, rollback. " +
+        "Every step is one NDJSON event on stdout. Exit 0 when it passed, 1 when it failed, 2 for a bad " +
+        "manifest, 3 when the server is unreachable, 130/143 when interrupted (the lease is rolled back).",
+    )
+    .action(async (o: { test: string; keepLease?: boolean }, command: Command) =>
+      withClients(command, async (c) => {
+        const emit = (event: LiveTestEvent) => out(toJson(event));
+        let manifest: ReturnType<typeof loadManifest>;
+        try {
+          manifest = loadManifest(o.test);
+        } catch (error) {
+          if (!(error instanceof ManifestError)) throw error;
+          const at = new Date().toISOString();
+          emit({ event: "manifest_invalid", time: at, file: error.file, problems: [...error.problems] });
+          emit({ event: "done", time: at, passed: false, exit_code: EXIT.usage });
+          throw new CliError(error.message, EXIT.usage);
+        }
+        // An interrupt rolls the lease back before exiting; a second one gives up at once
+        // (the lease's TTL still rolls it back).
+        const controller = new AbortController();
+        const handlers = (["SIGINT", "SIGTERM"] as const).map((name) => {
+          const handler = () => {
+            if (controller.signal.aborted) process.exit(SIGNAL_EXIT[name]);
+            controller.abort(name);
+          };
+          process.on(name, handler);
+          return () => process.off(name, handler);
+        });
+        try {
+          const outcome = await runLiveTest(c, {
+            manifest,
+            keepLease: Boolean(o.keepLease),
+            emit,
+            signal: controller.signal,
+            server: globals(command).server,
+          });
+          if (outcome.error) process.stderr.write(`leasehold: ${outcome.error}\n`);
+          return outcome.exitCode;
+        } finally {
+          for (const off of handlers) off();
+        }
       }),
     );
   return lease;
 }
 
-/** `leasehold file …` and `leasehold resource …`. */
+/** `leasehold file …`, `leasehold resource …` and `leasehold deployment …`. */
 export function resourceCommands(): Command[] {
   const file = new Command("file").description("Files stored by the server.");
   file
@@ -357,5 +491,32 @@ export function resourceCommands(): Command[] {
         json ? out(toJson({ deleted: id })) : out(`${id} deleted`);
       }),
     );
-  return [file, resource];
+  const deployment = new Command("deployment").description(
+    "Deployments: long-running commands run by an agent of the lease's runtime.",
+  );
+  deployment
+    .command("create")
+    .requiredOption("--spec <path>", "the DeploymentSpec, in its proto3 JSON form, as a .json or .yaml file")
+    .option("--lease <id>", "create it inside this open lease (it runs on the lease's runtime)")
+    .option("--runtime <cluster>", "where it runs when created without --lease")
+    .description("Create a deployment; follow it with `lease wait`.")
+    .action(async (o: Record<string, string | undefined>, command: Command) =>
+      withClients(command, async (c, json) => {
+        let spec: ReturnType<typeof loadDeploymentSpec>;
+        try {
+          spec = loadDeploymentSpec(o.spec ?? "");
+        } catch (error) {
+          throw error instanceof ManifestError ? new CliError(error.message, EXIT.usage) : error;
+        }
+        const { resource: r } = await c.resources.createDeployment({
+          leaseId: o.lease ?? "",
+          runtime: o.runtime ?? "",
+          spec,
+        });
+        if (json || !r) return printResource(r, json);
+        printTable(RESOURCE_HEADERS, [resourceRow(r)]);
+        if (r.body.case === "deployment") out(describeDeployment(r.body.value));
+      }),
+    );
+  return [file, resource, deployment];
 }

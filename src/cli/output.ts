@@ -5,6 +5,7 @@ import {
   toJson as protoToJson,
 } from "@bufbuild/protobuf";
 import { type Command, InvalidArgumentError } from "commander";
+import { grpcTarget } from "../rpc/targets.js";
 
 /**
  * Exit codes of every `leasehold` command (also in `leasehold --help`):
@@ -147,7 +148,7 @@ export async function withServer<C extends Record<string, { close(): void }>>(
   fn: (clients: C, options: GlobalOptions) => Promise<unknown>,
 ): Promise<void> {
   const g = globals(command);
-  const clients = open(g.server);
+  const clients = open(await grpcTarget(g.server));
   try {
     const code = await fn(clients, g);
     if (typeof code === "number" && code !== EXIT.ok) process.exitCode = code;

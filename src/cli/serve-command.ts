@@ -48,6 +48,14 @@ export function serveCommand(): Command {
       ).env("LEASEHOLD_MAX_SILENCE"),
     )
     .addOption(
+      new Option(
+        "--dispatch-poll <duration>",
+        "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains and lease ends another process's lost notice carried",
+      )
+        .env("LEASEHOLD_DISPATCH_POLL")
+        .default(DEFAULTS.dispatchPoll),
+    )
+    .addOption(
       new Option("--metrics-listen <host:port>", 'Prometheus /metrics address, or "off"')
         .env("LEASEHOLD_METRICS_LISTEN")
         .default(DEFAULTS.metricsListen),
@@ -89,6 +97,7 @@ export function serveCommand(): Command {
           gracePeriod: options.gracePeriod as string,
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
+          dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,
           leaseDefaultTtl: options.leaseDefaultTtl as string,
           leaseMaxTtl: options.leaseMaxTtl as string,

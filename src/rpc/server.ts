@@ -59,7 +59,7 @@ export async function createRpcServer(
   address: string,
   credentials: grpc.ServerCredentials,
   options: RpcServerOptions,
-): Promise<RpcServer & { markServing(): void }> {
+): Promise<RpcServer & { markServing(): void; markNotServing(): void }> {
   const server = new grpc.Server({
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,
@@ -117,7 +117,11 @@ export async function createRpcServer(
     port,
     health,
     markServing: () => {
+      if (closing) return;
       for (const n of names) health.setStatus(n, "SERVING");
+    },
+    markNotServing: () => {
+      for (const n of names) health.setStatus(n, "NOT_SERVING");
     },
     close,
     [Symbol.asyncDispose]: close,

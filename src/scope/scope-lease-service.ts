@@ -1,8 +1,10 @@
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
+import { findActions } from "../store/actions.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
+import { cancelDeploymentActions, type HeldToken, requestOutputs } from "../store/deployments.js";
 import {
   type Closed,
   closeScopeLease,
@@ -11,6 +13,7 @@ import {
   expireScopeLeases,
   findResource,
   findScopeLease,
+  insertDeployment,
   insertResource,
   insertScopeLease,
   type LeaseRefusal,
@@ -25,10 +28,12 @@ import {
   type ScopeLeaseState,
   setScopeLeaseResult,
 } from "../store/scope-leases.js";
-import type { JsonObject } from "../work/action.js";
+import { ACTION_DEFAULTS, type JsonObject } from "../work/action.js";
 import type { Page } from "../work/action-service.js";
-import { type ChangeFeed, EVENTS_TOPIC } from "../work/change-feed.js";
+import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../work/change-feed.js";
 import { decodePageToken, toPage } from "../work/page-token.js";
+import type { RevokeReason } from "../work/worker-messages.js";
+import { type DeploymentPayload, type DeploymentView, deploymentView, FINAL_PHASES } from "./deployment.js";
 
 /** Limits of scope leases and resources. */
 export interface ScopeLimits {
@@ -75,6 +80,24 @@ export interface ScopeLeaseService extends AsyncDisposable {
   ): Promise<Page<ResourceRecord>>;
   readFile(id: string): Promise<Uint8Array>;
   deleteResource(id: string): Promise<void>;
+  /** Creates a deployment and queues the action that runs it on an agent of its runtime. */
+  createDeployment(input: {
+    leaseId: string | undefined;
+    runtime: string | undefined;
+    spec: JsonObject;
+  }): Promise<ResourceRecord>;
+  /** The deployments among `resources`, with their observed state, by resource id. */
+  deploymentsOf(resources: readonly ResourceRecord[]): Promise<Map<string, DeploymentView>>;
+  /**
+   * The lease's deployments after every change until all are READY, one
+   * stopped or failed, or `timeoutMs` passed. The last item has `done`.
+   */
+  wait(leaseId: string, timeoutMs: number, signal: AbortSignal): AsyncIterable<WaitUpdate>;
+  /**
+   * Asks the lease's deployments to save their outputs and stop, waits up to
+   * `timeoutMs` for them to finish, and returns the ids of the files saved.
+   */
+  collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal): Promise<string[]>;
   /** Rolls back leases past their TTL now (the loop does it every second). */
   expireDue(): Promise<string[]>;
   /** Starts the expiry loop. */
@@ -82,14 +105,43 @@ export interface ScopeLeaseService extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+/** One message of {@link ScopeLeaseService.wait}. */
+export interface WaitUpdate {
+  readonly deployment: DeploymentView;
+  readonly done: boolean;
+  readonly timedOut: boolean;
+}
+
+/** How the scope-lease service reaches the agents holding deployments' work leases. */
+export interface LeaseHolders {
+  /** The lease stays valid; the holder is asked to do something (COLLECT_OUTPUTS). */
+  revoke(
+    sessionId: string,
+    token: { actionId: string; epoch: number },
+    reason: RevokeReason,
+    message: string,
+  ): void;
+  /** The lease ended on the server; the holder must stop. */
+  ended(
+    sessionId: string,
+    token: { actionId: string; epoch: number },
+    reason: RevokeReason,
+    message: string,
+  ): void;
+}
+
+/** How often waiters look again without a wake-up (changes made by other processes). */
+const POLL_MS = 1000;
+
 export function createScopeLeaseService(deps: {
   db: Db;
   clock: Clock;
   feed: ChangeFeed;
   log: Logger;
   limits?: ScopeLimits;
+  holders?: LeaseHolders;
 }): ScopeLeaseService {
-  const { db, clock, feed, log } = deps;
+  const { db, clock, feed, log, holders } = deps;
   const limits = deps.limits ?? SCOPE_DEFAULTS;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<unknown> | undefined;
@@ -112,13 +164,22 @@ export function createScopeLeaseService(deps: {
   };
   const isRefusal = (value: object): value is LeaseRefusal => "refused" in value;
 
+  /** Tells the holders of destroyed deployments' leases to stop, once the destroy committed. */
+  function revokeEnded(revokes: readonly HeldToken[], reason: RevokeReason, message: string): void {
+    for (const r of revokes) {
+      holders?.ended(r.sessionId, { actionId: r.actionId, epoch: r.epoch }, reason, message);
+      feed.publish(actionTopic(r.actionId));
+    }
+  }
+
   async function expireDue(): Promise<string[]> {
-    const expired = await expireScopeLeases(db, clock, 100);
-    if (expired.length > 0) {
-      log.info({ leases: expired }, "scope leases rolled back: their TTL passed");
+    const { ids, revokes } = await expireScopeLeases(db, clock, 100);
+    if (ids.length > 0) {
+      log.info({ leases: ids }, "scope leases rolled back: their TTL passed");
+      revokeEnded(revokes, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
       feed.publish(EVENTS_TOPIC);
     }
-    return expired;
+    return ids;
   }
 
   async function close(leaseId: string, how: "COMMITTED" | "ROLLED_BACK"): Promise<Closed> {
@@ -133,8 +194,140 @@ export function createScopeLeaseService(deps: {
       }
       throw refused(leaseId, result, how === "COMMITTED" ? "commit" : "roll back");
     }
+    revokeEnded(result.revokes, "ROLLED_BACK", `the deployment's scope lease ${leaseId} was rolled back`);
     feed.publish(EVENTS_TOPIC);
     return result;
+  }
+
+  async function deploymentsOf(resources: readonly ResourceRecord[]): Promise<Map<string, DeploymentView>> {
+    const deployments = resources.filter((r) => r.kind === "deployment" && r.actionId);
+    const actions = await findActions(
+      db,
+      deployments.map((r) => r.actionId as string),
+    );
+    return new Map(deployments.map((r) => [r.id, deploymentView(r, actions.get(r.actionId as string))]));
+  }
+
+  /** The lease's deployments; FAILED_PRECONDITION unless it has one and is open. */
+  async function openDeployments(leaseId: string, what: string): Promise<ResourceRecord[]> {
+    const lease = await findScopeLease(db, leaseId);
+    if (!lease) throw notFound(leaseId);
+    if (lease.state !== "OPEN") throw refused(leaseId, { refused: "closed", lease }, what);
+    const found = await listResources(
+      db,
+      { leaseId, kind: "deployment", ownership: "LEASE" },
+      undefined,
+      1000,
+    );
+    if (found.length === 0) {
+      throw LeaseholdError.failedPrecondition(
+        "NO_DEPLOYMENT",
+        `cannot ${what}: lease ${leaseId} owns no deployment; create one with CreateDeployment first`,
+        { type: "LEASE_CONTENT", subject: `leases/${leaseId}`, description: "no deployment" },
+      );
+    }
+    return found;
+  }
+
+  /**
+   * Resolves at the next change of any of `actionIds` (this process's
+   * wake-ups), after POLL_MS at most (other processes' changes), or on abort.
+   */
+  function nextChange(actionIds: readonly string[], signal: AbortSignal, untilMs: number): Promise<void> {
+    return new Promise((resolve) => {
+      const offs: (() => void)[] = [];
+      let timer: NodeJS.Timeout | undefined;
+      const done = () => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", done);
+        for (const off of offs) off();
+        resolve();
+      };
+      timer = setTimeout(done, Math.max(0, Math.min(POLL_MS, untilMs - Date.now())));
+      signal.addEventListener("abort", done);
+      for (const id of actionIds) offs.push(feed.subscribe(actionTopic(id), done));
+      if (signal.aborted) done();
+    });
+  }
+
+  async function* wait(leaseId: string, timeoutMs: number, signal: AbortSignal): AsyncIterable<WaitUpdate> {
+    const resources = await openDeployments(leaseId, "wait for it");
+    const actionIds = resources.map((r) => r.actionId as string);
+    const until = Date.now() + timeoutMs;
+    const seen = new Map<string, string>();
+    for (;;) {
+      const actions = await findActions(db, actionIds);
+      const views = resources.map((r) => deploymentView(r, actions.get(r.actionId as string)));
+      const ended = views.find((v) => FINAL_PHASES.has(v.phase));
+      const allReady = views.every((v) => v.phase === "READY");
+      const timedOut = !ended && !allReady && Date.now() >= until;
+      const last =
+        ended ?? (timedOut ? views.find((v) => v.phase !== "READY") : allReady ? views.at(-1) : undefined);
+      for (const view of views) {
+        const signature = JSON.stringify([view.phase, view.containers, view.message]);
+        if (view === last || seen.get(view.id) === signature) continue;
+        seen.set(view.id, signature);
+        yield { deployment: view, done: false, timedOut: false };
+      }
+      if (last) {
+        yield { deployment: last, done: true, timedOut };
+        return;
+      }
+      if (signal.aborted) return;
+      await nextChange(actionIds, signal, until);
+    }
+  }
+
+  async function collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal): Promise<string[]> {
+    const resources = await openDeployments(leaseId, "collect outputs");
+    const actionIds = resources.map((r) => r.actionId as string);
+    /** Asks the holders of these (leased) actions to save and stop. */
+    const ask = async (ids: readonly string[]) => {
+      const asked = await requestOutputs(db, ids);
+      for (const r of asked) {
+        holders?.revoke(
+          r.sessionId,
+          { actionId: r.actionId, epoch: r.epoch },
+          "COLLECT_OUTPUTS",
+          "save the outputs, then stop",
+        );
+        feed.publish(actionTopic(r.actionId));
+      }
+      if (asked.length > 0) feed.publish(EVENTS_TOPIC);
+    };
+    await ask(actionIds);
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const actions = await findActions(db, actionIds);
+      // Not running (never started, or its agent was lost): it has nothing to save. Only a
+      // still-queued one is cancelled; one granted meanwhile (a new attempt clears the
+      // request) is asked like the others.
+      const queued = [...actions.values()].filter((a) => a.state === "QUEUED").map((a) => a.id);
+      if (queued.length > 0) {
+        await db.transaction((tx) =>
+          cancelDeploymentActions(
+            tx as unknown as Db,
+            queued,
+            "outputs were collected before it ran",
+            "queued",
+          ),
+        );
+        for (const id of queued) feed.publish(actionTopic(id));
+      }
+      const unasked = [...actions.values()].filter((a) => a.state === "LEASED" && a.stopReason === null);
+      if (unasked.length > 0) await ask(unasked.map((a) => a.id));
+      const views = resources.map((r) => deploymentView(r, actions.get(r.actionId as string)));
+      if (views.every((v) => FINAL_PHASES.has(v.phase))) return views.flatMap((v) => v.outputFileIds);
+      if (Date.now() >= until || signal.aborted) {
+        const pending = views.filter((v) => !FINAL_PHASES.has(v.phase)).map((v) => `${v.id} (${v.phase})`);
+        throw new LeaseholdError(
+          Code.DeadlineExceeded,
+          `deployments ${pending.join(", ")} did not save their outputs within ${timeoutMs / 1000}s; ` +
+            "check the agent running them (DebugLease), or call again with a longer timeout",
+        );
+      }
+      await nextChange(actionIds, signal, until);
+    }
   }
 
   return {
@@ -233,7 +426,13 @@ export function createScopeLeaseService(deps: {
       return content;
     },
     async deleteResource(id) {
-      const outcome = await deleteWorkspaceResource(db, id);
+      const deleted = await deleteWorkspaceResource(db, id);
+      const outcome = deleted.outcome;
+      if (deleted.outcome === "deleted") {
+        // The lease is over, not to be confirmed: the agent stops and reports nothing.
+        revokeEnded(deleted.revokes, "SUPERSEDED", `deployment ${id} was deleted`);
+        feed.publish(EVENTS_TOPIC);
+      }
       if (outcome === "not_found") throw LeaseholdError.notFound("resource", id);
       if (outcome === "lease_owned") {
         throw LeaseholdError.failedPrecondition(
@@ -243,12 +442,49 @@ export function createScopeLeaseService(deps: {
         );
       }
     },
+    async createDeployment(input) {
+      const result = await insertDeployment(db, clock, {
+        ...input,
+        action: (deploymentId, runtime) => ({
+          requestId: undefined,
+          requestHash: undefined,
+          runId: input.leaseId ?? "",
+          cluster: runtime,
+          labelSelector: {},
+          payload: {
+            deployment: { id: deploymentId, leaseId: input.leaseId ?? "", spec: input.spec },
+          } satisfies DeploymentPayload,
+          priority: 0,
+          // A deployment that fails stays failed; a lost agent's deployment is started again elsewhere.
+          retryPolicy: { ...ACTION_DEFAULTS.retryPolicy, maxAttempts: 1 },
+          maxSystemRetries: ACTION_DEFAULTS.maxSystemRetries,
+        }),
+      });
+      if ("refused" in result) throw refused(input.leaseId ?? "", result, "create a deployment in it");
+      feed.publish(QUEUE_TOPIC);
+      feed.publish(EVENTS_TOPIC);
+      return result;
+    },
+    deploymentsOf,
+    wait,
+    collectOutputs,
     expireDue,
     start() {
+      let failing = false;
       timer = setInterval(() => {
         if (running) return;
         running = expireDue()
-          .catch((error: unknown) => log.warn({ err: error }, "scope lease expiry failed; retrying"))
+          .then(
+            () => {
+              if (failing) log.info("scope lease expiry works again");
+              failing = false;
+            },
+            (error: unknown) => {
+              // Logged once per outage, not every second.
+              if (!failing) log.warn({ err: error }, "scope lease expiry failed; retrying every second");
+              failing = true;
+            },
+          )
           .finally(() => {
             running = undefined;
           });

@@ -35,6 +35,8 @@ export interface ActionRow {
   last_error: ActionErrorInfo | null;
   failure_reason: string;
   phase: string;
+  phase_details: JsonObject | null;
+  stop_reason: string | null;
   created_at: unknown;
   updated_at: unknown;
   not_before: unknown;
@@ -70,6 +72,8 @@ export function actionFromRow(row: ActionRow): ActionRecord {
     lastError: row.last_error,
     failureReason: row.failure_reason,
     phase: row.phase,
+    phaseDetails: row.phase_details ?? null,
+    stopReason: row.stop_reason ?? null,
     createdAt: toDate(row.created_at),
     updatedAt: toDate(row.updated_at),
     notBefore: toDate(row.not_before),

@@ -10,6 +10,16 @@ export async function findAction(db: Db, id: string): Promise<ActionRecord | und
   return row && actionFromRow(row);
 }
 
+/** Reads several actions by id, in one query. */
+export async function findActions(db: Db, ids: readonly string[]): Promise<Map<string, ActionRecord>> {
+  if (ids.length === 0) return new Map();
+  const rows = await queryRows<ActionRow>(
+    db,
+    sql`select * from actions where id in (select jsonb_array_elements_text(${JSON.stringify(ids)}::jsonb))`,
+  );
+  return new Map(rows.map((r) => [r.id, actionFromRow(r)]));
+}
+
 /** Reads actions by client request id, with the stored request hashes. */
 export async function findActionsByRequestId(
   db: Db,

@@ -18,6 +18,15 @@ export interface Database extends AsyncDisposable {
   readonly db: Db;
   /** Which driver is behind `db`. */
   readonly driver: "pglite" | "postgres";
+  /**
+   * PostgreSQL only: LISTEN on a dedicated connection that reconnects by
+   * itself; `onListen` runs after the first LISTEN and after every reconnect.
+   */
+  readonly listen?: (
+    channel: string,
+    onNotify: (payload: string) => void,
+    onListen: () => void,
+  ) => Promise<{ unlisten(): Promise<void> }>;
   /** Closes the pool (postgres) or the embedded database (PGlite). Idempotent. */
   close(): Promise<void>;
 }
@@ -91,11 +100,17 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
-  return handle(
-    drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db,
-    "postgres",
-    () => client.end({ timeout: 5 }),
-  );
+  return {
+    ...handle(
+      drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db,
+      "postgres",
+      () => client.end({ timeout: 5 }),
+    ),
+    listen: async (channel, onNotify, onListen) => {
+      const { unlisten } = await client.listen(channel, onNotify, onListen);
+      return { unlisten };
+    },
+  };
 }
 
 function handle(db: Db, driver: Database["driver"], end: () => Promise<void>): Database {

@@ -127,6 +127,13 @@ export const actions = pgTable(
     lastError: jsonb("last_error").$type<{ message: string; retryable: boolean; details?: unknown }>(),
     failureReason: text("failure_reason").notNull().default(""),
     phase: text("phase").notNull().default(""),
+    /** Details of the last progress report (deployments: their container states). */
+    phaseDetails: jsonb("phase_details").$type<Record<string, unknown>>(),
+    /**
+     * A graceful stop asked of the holder while the lease stays valid:
+     * COLLECT_OUTPUTS (save the outputs, then finish). Sent again on reconnect.
+     */
+    stopReason: text("stop_reason"),
     /** Last checkpoint reported, handed to the next attempt. */
     checkpoint: jsonb("checkpoint").$type<Record<string, unknown>>(),
     createdAt: tstz("created_at").notNull().defaultNow(),
@@ -243,6 +250,8 @@ export const resources = pgTable(
     content: bytea("content"),
     /** Objects: the user's JSON body. Deployments: the spec. */
     body: jsonb("body").$type<Record<string, unknown>>(),
+    /** Deployments: the long-running action that runs it on an agent. */
+    actionId: text("action_id"),
   },
   (t) => [index("resources_lease_idx").on(t.leaseId, t.ownership), index("resources_kind_idx").on(t.kind)],
 );

@@ -1,9 +1,11 @@
 import { type SQL, sql } from "drizzle-orm";
 import { uuidv7 } from "uuidv7";
 import { Code, LeaseholdError } from "../errors.js";
-import type { JsonObject } from "../work/action.js";
+import type { JsonObject, NewAction } from "../work/action.js";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
+import { cancelDeploymentActions, type HeldToken } from "./deployments.js";
+import { insertActions } from "./queries/insert-actions.js";
 import { queryRows, toDate, toDateOrNull, toNumber } from "./rows.js";
 
 /** OPEN, or closed by commit or rollback. */
@@ -39,6 +41,8 @@ export interface ResourceRecord {
   readonly sha256: string | null;
   readonly contentType: string | null;
   readonly body: JsonObject | null;
+  /** Deployments: the action that runs it. */
+  readonly actionId: string | null;
 }
 
 interface LeaseRow {
@@ -80,6 +84,7 @@ interface ResourceRow {
   sha256: string | null;
   content_type: string | null;
   body: JsonObject | null;
+  action_id: string | null;
 }
 
 const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
@@ -93,10 +98,11 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
   sha256: r.sha256,
   contentType: r.content_type,
   body: r.body,
+  actionId: r.action_id,
 });
 
 /** Every column but the file content. */
-const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body`;
+const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 
 export async function insertScopeLease(
@@ -229,6 +235,58 @@ export async function insertResource(
   });
 }
 
+/**
+ * Creates a deployment and the long-running action that runs it on an agent
+ * of its runtime (the lease's runtime when it has a lease), atomically with
+ * the check that the lease is open.
+ */
+export async function insertDeployment(
+  db: Db,
+  clock: Clock,
+  input: {
+    readonly leaseId: string | undefined;
+    /** The runtime of a deployment created without a lease. */
+    readonly runtime: string | undefined;
+    readonly spec: JsonObject;
+    /** The action to run it, given the deployment's id and runtime. */
+    readonly action: (deploymentId: string, runtime: string) => NewAction;
+  },
+): Promise<ResourceRecord | LeaseRefusal> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    let runtime = input.runtime ?? "";
+    if (input.leaseId) {
+      const refusal = await lockOpen(tx, clock, input.leaseId);
+      if (refusal) return refusal;
+      const [lease] = await queryRows<{ runtime: string }>(
+        tx,
+        sql`select runtime from scope_leases where id = ${input.leaseId}`,
+      );
+      runtime = (lease as { runtime: string }).runtime;
+    }
+    const id = uuidv7();
+    const actionId = uuidv7();
+    await insertActions(tx, clock, [{ id: actionId, action: input.action(id, runtime) }]);
+    const [row] = await queryRows<ResourceRow>(
+      tx,
+      sql`
+        with inserted as (
+          insert into resources (id, kind, ownership, lease_id, created_at, body, action_id)
+          values (${id}, 'deployment', ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
+                  ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId})
+          returning ${RESOURCE_COLUMNS}
+        ),
+        event as (
+          insert into events (kind, lease_id, action_id, cluster, message)
+          select 'deployment_created', lease_id, action_id, ${runtime},
+            'deployment ' || id || ' created; action ' || action_id || ' runs it' from inserted
+        )
+        select * from inserted`,
+    );
+    return resourceFromRow(row as ResourceRow);
+  });
+}
+
 export async function findResource(db: Db, id: string): Promise<ResourceRecord | undefined> {
   const [row] = await queryRows<ResourceRow>(
     db,
@@ -299,6 +357,8 @@ export interface Closed {
   readonly lease: ScopeLeaseRecord;
   /** Resources kept (commit) or destroyed (rollback). */
   readonly resources: readonly { id: string; kind: string }[];
+  /** Leases of destroyed deployments' actions, to revoke from their holders. */
+  readonly revokes: readonly HeldToken[];
 }
 
 /**
@@ -329,21 +389,42 @@ export async function closeScopeLease(
     }
     const touched = await settleResources(tx, [leaseId], how === "COMMITTED" ? "keep" : "destroy");
     await recordClose(tx, [leaseId], how);
-    return { lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord, resources: touched };
+    const revokes = await cancelDeploymentActions(
+      tx,
+      deploymentActions(touched),
+      `scope lease ${leaseId} was ${how === "COMMITTED" ? "committed" : "rolled back"}`,
+    );
+    return {
+      lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord,
+      resources: touched.map(({ id, kind }) => ({ id, kind })),
+      revokes,
+    };
   });
 }
+
+type Settled = { id: string; kind: string; action_id: string | null };
+
+/** The actions of the destroyed deployments among `settled` (commit destroys none). */
+const deploymentActions = (settled: readonly Settled[]) =>
+  settled.flatMap((r) => (r.kind === "deployment" && r.action_id ? [r.action_id] : []));
 
 async function settleResources(
   tx: Db,
   leaseIds: readonly string[],
   what: "keep" | "destroy",
-): Promise<{ id: string; kind: string }[]> {
+): Promise<Settled[]> {
   const ids = sql`(select jsonb_array_elements_text(${JSON.stringify(leaseIds)}::jsonb))`;
-  return queryRows<{ id: string; kind: string }>(
+  if (what === "keep") {
+    // Kept deployments keep running: their actions are not reported.
+    return queryRows<Settled>(
+      tx,
+      sql`update resources set ownership = 'WORKSPACE' where lease_id in ${ids} and ownership = 'LEASE'
+          returning id, kind, null as action_id`,
+    );
+  }
+  return queryRows<Settled>(
     tx,
-    what === "keep"
-      ? sql`update resources set ownership = 'WORKSPACE' where lease_id in ${ids} and ownership = 'LEASE' returning id, kind`
-      : sql`delete from resources where lease_id in ${ids} and ownership = 'LEASE' returning id, kind`,
+    sql`delete from resources where lease_id in ${ids} and ownership = 'LEASE' returning id, kind, action_id`,
   );
 }
 
@@ -367,7 +448,11 @@ async function recordClose(tx: Db, leaseIds: readonly string[], reason: CloseRea
  * from the database clock, so it also catches leases that expired while no
  * server was running.
  */
-export async function expireScopeLeases(db: Db, clock: Clock, limit: number): Promise<string[]> {
+export async function expireScopeLeases(
+  db: Db,
+  clock: Clock,
+  limit: number,
+): Promise<{ ids: string[]; revokes: HeldToken[] }> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const now = clock.now();
@@ -382,11 +467,15 @@ export async function expireScopeLeases(db: Db, clock: Clock, limit: number): Pr
         from due where l.id = due.id returning l.id`,
     );
     const ids = expired.map((r) => r.id);
-    if (ids.length > 0) {
-      await settleResources(tx, ids, "destroy");
-      await recordClose(tx, ids, "EXPIRED");
-    }
-    return ids;
+    if (ids.length === 0) return { ids, revokes: [] };
+    const destroyed = await settleResources(tx, ids, "destroy");
+    await recordClose(tx, ids, "EXPIRED");
+    const revokes = await cancelDeploymentActions(
+      tx,
+      deploymentActions(destroyed),
+      "its scope lease was rolled back: the TTL passed",
+    );
+    return { ids, revokes };
   });
 }
 
@@ -419,15 +508,21 @@ export async function deleteClosedScopeLeases(
 export async function deleteWorkspaceResource(
   db: Db,
   id: string,
-): Promise<"deleted" | "lease_owned" | "not_found"> {
-  const rows = await queryRows<{ ownership: Ownership; deleted: boolean }>(
-    db,
-    sql`
-      with target as (select id, ownership from resources where id = ${id}),
-      deleted as (delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE' returning r.id)
-      select ownership, exists (select 1 from deleted) as deleted from target`,
-  );
-  const [row] = rows;
-  if (!row) return "not_found";
-  return row.deleted ? "deleted" : "lease_owned";
+): Promise<{ outcome: "deleted"; revokes: HeldToken[] } | { outcome: "lease_owned" | "not_found" }> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const [row] = await queryRows<{ ownership: Ownership; deleted: boolean; action_id: string | null }>(
+      tx,
+      sql`
+        with target as (select id, ownership, action_id from resources where id = ${id}),
+        deleted as (delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE' returning r.id)
+        select ownership, action_id, exists (select 1 from deleted) as deleted from target`,
+    );
+    if (!row) return { outcome: "not_found" as const };
+    if (!row.deleted) return { outcome: "lease_owned" as const };
+    const revokes = row.action_id
+      ? await cancelDeploymentActions(tx, [row.action_id], `deployment ${id} was deleted`)
+      : [];
+    return { outcome: "deleted" as const, revokes };
+  });
 }

@@ -74,6 +74,10 @@ export interface ActionRecord {
   readonly lastError: ActionErrorInfo | null;
   readonly failureReason: string;
   readonly phase: string;
+  /** Details of the last progress report. */
+  readonly phaseDetails: JsonObject | null;
+  /** A graceful stop asked of the holder (COLLECT_OUTPUTS), if any. */
+  readonly stopReason: string | null;
   readonly createdAt: Date;
   readonly updatedAt: Date;
   readonly notBefore: Date;

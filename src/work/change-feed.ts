@@ -1,11 +1,14 @@
+import type { ClusterBus } from "./cluster-bus.js";
+
 /**
- * Process-local wake-ups: "something about this topic changed, look again".
- * Watchers re-read the database on a wake-up instead of trusting a payload,
- * so a missed or merged wake-up never loses a change, and the same watchers
- * work when wake-ups come from other processes (LISTEN/NOTIFY).
+ * Wake-ups: "something about this topic changed, look again". Watchers
+ * re-read the database on a wake-up instead of trusting a payload, so a
+ * missed or merged wake-up never loses a change. With a cluster bus, every
+ * publish also wakes the subscribers of the other processes sharing the
+ * database (LISTEN/NOTIFY).
  */
 export interface ChangeFeed {
-  /** Wakes every subscriber of the topic. */
+  /** Wakes every subscriber of the topic, here and in the other processes. */
   publish(topic: string): void;
   /** Calls `listener` on every publish to the topic; returns its `off`. */
   subscribe(topic: string, listener: () => void): () => void;
@@ -18,12 +21,23 @@ export const EVENTS_TOPIC = "events";
 /** Topic of newly queued actions: wakes the dispatcher. */
 export const QUEUE_TOPIC = "queue";
 
-export function createChangeFeed(): ChangeFeed {
+export function createChangeFeed(bus?: ClusterBus): ChangeFeed {
   const listeners = new Map<string, Set<() => void>>();
+  const wake = (topic: string) => {
+    const set = listeners.get(topic);
+    if (set) for (const listener of [...set]) listener();
+  };
+  bus?.subscribe((message) => {
+    if (message.kind === "wake") for (const topic of message.topics) wake(topic);
+  });
+  // Wake-ups sent while the listener was reconnecting were lost: everyone looks again.
+  bus?.onReconnect(() => {
+    for (const topic of [...listeners.keys()]) wake(topic);
+  });
   return {
     publish(topic) {
-      const set = listeners.get(topic);
-      if (set) for (const listener of [...set]) listener();
+      wake(topic);
+      bus?.send({ kind: "wake", topics: [topic] });
     },
     subscribe(topic, listener) {
       let set = listeners.get(topic);

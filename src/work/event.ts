@@ -25,7 +25,9 @@ export type EventKind =
   | "scope_lease_created"
   | "scope_lease_committed"
   | "scope_lease_rolled_back"
-  | "resource_promoted";
+  | "resource_promoted"
+  | "deployment_created"
+  | "outputs_requested";
 
 /** One stored event. */
 export interface EventRecord {

@@ -4,10 +4,12 @@ import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import { refreshClusterHealth } from "../store/clusters.js";
 import type { Db } from "../store/database.js";
+import { auditLeases, type HeldLease } from "../store/queries/audit-leases.js";
 import { claimActions, type GrantRecord, grantActions } from "../store/queries/claim-actions.js";
 import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
 import { type Finished, type FinishReport, finishActions } from "../store/queries/finish-actions.js";
+import { leasedActions } from "../store/queries/leased-actions.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, openSession } from "../store/queries/open-session.js";
 import { reapSessions } from "../store/queries/reap-sessions.js";
@@ -17,6 +19,7 @@ import { renewSessions } from "../store/queries/renew-sessions.js";
 import { setWorkerDraining } from "../store/workers.js";
 import type { JsonObject } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
+import type { ClusterBus } from "./cluster-bus.js";
 import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
@@ -40,6 +43,13 @@ export interface LeaseManagerOptions {
   readonly heartbeatIntervalMs: number;
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs?: number;
+  /** How often to look for queued actions nobody woke this process for. Default 1 s. */
+  readonly dispatchPollMs?: number;
+  /**
+   * The other processes sharing the database: revokes, drains and takeovers
+   * for streams this process does not host go through it. Default: none.
+   */
+  readonly bus?: ClusterBus;
   /**
    * Run the renewal, reap and dispatch loops on timers. Default true; tests
    * with a fake clock turn it off and call `tick` themselves.
@@ -72,10 +82,20 @@ export interface LeaseManager extends AsyncDisposable {
   close(): Promise<void>;
   /** Sends a revoke to the session holding a lease, if this process hosts it. */
   revoke(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
+  /**
+   * Tells the holder that a lease ended on the server (the action was
+   * finished without it, e.g. its scope lease rolled back) and frees the slot.
+   */
+  ended(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
   /** Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker). */
   drain(workerId: string, reason: string): Promise<boolean>;
   /** One round of each loop, for tests that drive time by hand. */
-  readonly tick: { renew(): Promise<void>; reap(): Promise<void>; dispatch(): Promise<void> };
+  readonly tick: {
+    renew(): Promise<void>;
+    reap(): Promise<void>;
+    audit(): Promise<void>;
+    dispatch(): Promise<void>;
+  };
   stats(): HostedStats;
 }
 
@@ -90,6 +110,8 @@ interface Hosted {
   readonly link: WorkerLink;
   /** Leases this stream holds: action id → epoch. */
   readonly held: Map<string, number>;
+  /** Stop requests (cancel, collect) already sent, as action:epoch:kind, so an audit sends each once. */
+  readonly noticed: Set<string>;
   draining: boolean;
   /** Slots reserved by a dispatch in flight. */
   reserved: number;
@@ -112,6 +134,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const maxSilenceMs = options.maxSilenceMs ?? 10 * graceMs;
   const hosted = new Map<string, Hosted>();
   const timers: NodeJS.Timeout[] = [];
+  const bus = options.bus;
   let closed = false;
 
   const remainingMs = (s: Hosted) => Math.max(0, s.deadlineMs - (Date.now() + s.dbOffsetMs));
@@ -225,17 +248,28 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   function onProgress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
-    progress.add({ ...token, sessionId: s.sessionId, phase: m.phase, checkpoint: m.checkpoint }).then(
-      (ok) => {
-        if (!ok) return fenced(s, m.reportId, token, "progress");
-        accept(s, m.reportId, token, "progress recorded");
-        feed.publish(actionTopic(token.actionId));
-      },
-      (error: unknown) => unavailable(s, m.reportId, token, error),
-    );
+    progress
+      .add({ ...token, sessionId: s.sessionId, phase: m.phase, details: m.details, checkpoint: m.checkpoint })
+      .then(
+        (ok) => {
+          if (!ok) return fenced(s, m.reportId, token, "progress");
+          accept(s, m.reportId, token, "progress recorded");
+          feed.publish(actionTopic(token.actionId));
+        },
+        (error: unknown) => unavailable(s, m.reportId, token, error),
+      );
   }
 
   // ---- sessions ------------------------------------------------------------------------------------
+
+  function closeTakenOver(s: Hosted): void {
+    removeHosted(s);
+    s.link.close(
+      new LeaseholdError(Code.Aborted, "a newer stream of this worker took the session over", {
+        reason: "SESSION_TAKEN_OVER",
+      }),
+    );
+  }
 
   function removeHosted(s: Hosted): void {
     s.ended = true;
@@ -259,15 +293,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
     const opened = await openSession(db, clock, serverId, graceMs, hello);
     const previous = hosted.get(opened.sessionId);
-    if (previous) {
-      // Takeover on this process (rule 8): the older stream is closed.
-      removeHosted(previous);
-      previous.link.close(
-        new LeaseholdError(Code.Aborted, "a newer stream of this worker took the session over", {
-          reason: "SESSION_TAKEN_OVER",
-        }),
-      );
-    }
+    // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
+    if (previous) closeTakenOver(previous);
+    else if (opened.tookOver)
+      bus?.send({ kind: "takeover", sessionId: opened.sessionId, streamToken: opened.streamToken });
     const s: Hosted = {
       sessionId: opened.sessionId,
       streamToken: opened.streamToken,
@@ -277,6 +306,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       labels: hello.labels,
       link,
       held: new Map(),
+      noticed: new Set(),
       draining: opened.draining,
       reserved: 0,
       heardAt: performance.now(),
@@ -300,15 +330,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     // Grants the worker never received (it did not list them) are sent again, same epoch.
     for (const l of opened.unlistedLeases) sendGrant(s, l);
     for (const l of [...opened.resumedLeases, ...opened.unlistedLeases]) {
-      if (l.cancelRequested) {
-        link.send({
-          type: "revoke",
-          actionId: l.actionId,
-          epoch: l.epoch,
-          reason: "CANCELLED",
-          message: "action cancelled",
-        });
-      }
+      const token = { actionId: l.actionId, epoch: l.epoch };
+      if (l.cancelRequested) revokeHosted(s.sessionId, token, "CANCELLED", "action cancelled", false);
+      else if (l.stopReason === "COLLECT_OUTPUTS")
+        revokeHosted(s.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
     }
     if (s.draining) link.send({ type: "drain", reason: "the worker is being drained" });
     log.info(
@@ -324,7 +349,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     publishActions([...opened.resumedLeases, ...opened.revokedLeases].map((l) => l.actionId));
     scheduleDispatch();
 
-    let goodbye = false;
+    // Set on goodbye: the stream ends only after the session's end has committed, so the
+    // worker's close returns with the session already over.
+    let goodbye: Promise<void> | undefined;
     return {
       sessionId: s.sessionId,
       receive(message) {
@@ -360,9 +387,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           case "release":
             return onFinish(s, message);
           case "goodbye":
-            goodbye = true;
             removeHosted(s);
-            void endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
+            goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
               ({ releasedActionIds }) => {
                 log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
                 publishActions(releasedActionIds);
@@ -378,7 +404,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         }
       },
       async streamEnded() {
-        if (goodbye || s.ended) return;
+        if (goodbye) return goodbye;
+        if (s.ended) return;
         removeHosted(s);
         try {
           const lost = await markStreamLost(
@@ -475,7 +502,84 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
   }
 
+  /**
+   * The catch-up for notices lost between processes (a NOTIFY that failed,
+   * a listener reconnecting, a process dying between its commit and its
+   * notice): tells this process's streams about leases that ended elsewhere,
+   * stops still pending, and drains. Runs every dispatch poll.
+   */
+  async function audit(): Promise<void> {
+    const held: HeldLease[] = [];
+    const workers = new Set<string>();
+    for (const s of hosted.values()) {
+      if (s.ended) continue;
+      workers.add(s.workerId);
+      for (const [actionId, epoch] of s.held) held.push({ sessionId: s.sessionId, actionId, epoch });
+    }
+    if (workers.size === 0) return;
+    const { notices, draining } = await auditLeases(db, held, [...workers]);
+    for (const n of notices) {
+      const s = hosted.get(n.sessionId);
+      const token = { actionId: n.actionId, epoch: n.epoch };
+      if (!s || s.held.get(n.actionId) !== n.epoch) continue;
+      if (n.notice === "ended") {
+        revokeHosted(
+          n.sessionId,
+          token,
+          "SUPERSEDED",
+          `this lease ended on the server (the action is ${n.state})`,
+          true,
+        );
+        continue;
+      }
+      const key = `${n.actionId}:${n.epoch}:${n.notice}`;
+      if (s.noticed.has(key)) continue;
+      s.noticed.add(key);
+      if (n.notice === "cancel") revokeHosted(n.sessionId, token, "CANCELLED", "action cancelled", false);
+      else revokeHosted(n.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
+    }
+    for (const workerId of draining) {
+      for (const s of hosted.values()) {
+        if (s.workerId === workerId && !s.draining) {
+          s.draining = true;
+          s.link.send({ type: "drain", reason: "the worker is being drained" });
+        }
+      }
+    }
+  }
+
+  /**
+   * Grants of transactions whose outcome is unknown (the connection broke
+   * around the commit): action id → the session it was for, and until when
+   * to keep looking (a commit can still land late).
+   */
+  const inDoubt = new Map<string, { sessionId: string; untilMs: number }>();
+
+  /**
+   * Sends the in-doubt grants that did commit, same epoch: without this they
+   * would sit leased to a worker that never heard of them. Only those
+   * actions are looked at; their workers cannot have started them, so
+   * nothing runs twice.
+   */
+  async function reconcile(): Promise<void> {
+    const leased = await leasedActions(db, [...inDoubt.keys()]);
+    for (const g of leased) {
+      if (inDoubt.get(g.actionId)?.sessionId !== g.sessionId) continue;
+      inDoubt.delete(g.actionId);
+      const s = hosted.get(g.sessionId);
+      if (!s || s.ended || s.held.get(g.actionId) === g.epoch) continue;
+      log.info(
+        { actionId: g.actionId, sessionId: g.sessionId, epoch: g.epoch },
+        "sending a grant again whose commit was in doubt",
+      );
+      sendGrant(s, g);
+    }
+    const now = Date.now();
+    for (const [id, doubt] of inDoubt) if (doubt.untilMs < now) inDoubt.delete(id);
+  }
+
   async function dispatch(): Promise<void> {
+    if (inDoubt.size > 0) await reconcile();
     const byCluster = new Map<string, Hosted[]>();
     for (const s of hosted.values()) {
       if (s.ended || s.draining || s.capacity - s.held.size - s.reserved <= 0) continue;
@@ -491,6 +595,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         const limit = Math.min(total, CLAIM_BATCH);
         const labelSets = sessions.filter((s) => free(s) > 0).map((s) => s.labels);
         const reservations = new Map<Hosted, number>();
+        let attempted: { actionId: string; sessionId: string }[] = [];
         let grants: GrantRecord[] = [];
         let claimed = 0;
         try {
@@ -516,8 +621,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
               });
             }
             for (const [s, n] of reservations) s.reserved += n;
+            attempted = assignments;
             return grantActions(tx, clock, assignments);
           });
+        } catch (error) {
+          // Committed or not is unknown: look again until a late commit could no longer land.
+          const untilMs = Date.now() + 2 * graceMs;
+          for (const a of attempted) inDoubt.set(a.actionId, { sessionId: a.sessionId, untilMs });
+          throw error;
         } finally {
           for (const [s, n] of reservations) s.reserved -= n;
         }
@@ -562,14 +673,28 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   }
   const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
 
-  /** Runs `fn` every `ms`, never overlapping itself, logging failures. */
+  /**
+   * Runs `fn` every `ms`, never overlapping itself. A failure is logged once
+   * (not on every tick of a database outage), and so is the recovery.
+   */
   function every(ms: number, name: string, fn: () => Promise<void>): void {
     let running = false;
+    let failing = false;
     const timer = setInterval(() => {
       if (running || closed) return;
       running = true;
       fn()
-        .catch((error: unknown) => log.warn({ err: error }, `${name} failed; retrying on the next tick`))
+        .then(
+          () => {
+            if (failing) log.info(`${name} works again`);
+            failing = false;
+          },
+          (error: unknown) => {
+            if (failing) log.debug({ err: error }, `${name} still failing`);
+            else log.warn({ err: error }, `${name} failed; retrying on every tick`);
+            failing = true;
+          },
+        )
         .finally(() => {
           running = false;
         });
@@ -591,15 +716,59 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       every(options.heartbeatIntervalMs, "session renewal", renew);
       every(Math.min(1000, Math.max(100, graceMs / 10)), "reaper", reap);
       // A poll for actions queued by other processes or waiting out a retry backoff.
-      every(1000, "dispatch poll", async () => scheduleDispatch());
+      every(options.dispatchPollMs ?? 1000, "dispatch poll", async () => scheduleDispatch());
+      // Only notices from other processes can be lost; alone there is nothing to catch up on.
+      if (bus) every(options.dispatchPollMs ?? 1000, "lease audit", audit);
     }
   }
+
+  /** Sends a revoke if this process hosts the stream holding the lease. */
+  function revokeHosted(
+    sessionId: string,
+    token: LeaseToken,
+    reason: RevokeReason,
+    message: string,
+    ended: boolean,
+  ): void {
+    const s = hosted.get(sessionId);
+    if (!s || s.held.get(token.actionId) !== token.epoch) return;
+    if (ended) s.held.delete(token.actionId);
+    else if (reason === "CANCELLED" || reason === "COLLECT_OUTPUTS") {
+      // The audit need not send it again.
+      s.noticed.add(`${token.actionId}:${token.epoch}:${reason === "CANCELLED" ? "cancel" : "collect"}`);
+    }
+    s.link.send({ type: "revoke", ...token, reason, message });
+    if (ended) scheduleDispatch();
+  }
+
+  function drainHosted(workerId: string, reason: string): void {
+    for (const s of hosted.values()) {
+      if (s.workerId === workerId) {
+        s.draining = true;
+        s.link.send({ type: "drain", reason });
+      }
+    }
+  }
+
+  // What other processes ask of the streams this one hosts.
+  const offBus = bus?.subscribe((m) => {
+    if (m.kind === "revoke") {
+      revokeHosted(m.sessionId, { actionId: m.actionId, epoch: m.epoch }, m.reason, m.message, m.ended);
+    } else if (m.kind === "drain") {
+      drainHosted(m.workerId, m.reason);
+    } else if (m.kind === "takeover") {
+      const s = hosted.get(m.sessionId);
+      // Tokens are UUIDv7, ordered by creation: a late notice never closes a newer stream.
+      if (s && s.streamToken < m.streamToken) closeTakenOver(s);
+    }
+  });
 
   let closing: Promise<void> | undefined;
   const close = () => {
     closing ??= (async () => {
       closed = true;
       offQueue();
+      offBus?.();
       for (const t of timers) clearInterval(t);
       await dispatching;
       await Promise.all([finishes.close(), progress.close()]);
@@ -614,26 +783,28 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     start,
     close,
     [Symbol.asyncDispose]: close,
+    // Sent here and to the other processes either way: this process may still
+    // host a stream the session has already left for another process.
     revoke(sessionId, token, reason, message) {
-      const s = hosted.get(sessionId);
-      if (s && s.held.get(token.actionId) === token.epoch)
-        s.link.send({ type: "revoke", ...token, reason, message });
+      revokeHosted(sessionId, token, reason, message, false);
+      bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: false });
+    },
+    ended(sessionId, token, reason, message) {
+      revokeHosted(sessionId, token, reason, message, true);
+      bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
     },
     async drain(workerId, reason) {
       const found = await setWorkerDraining(db, workerId, reason);
       if (!found) return false;
-      for (const s of hosted.values()) {
-        if (s.workerId === workerId) {
-          s.draining = true;
-          s.link.send({ type: "drain", reason });
-        }
-      }
+      drainHosted(workerId, reason);
+      bus?.send({ kind: "drain", workerId, reason });
       feed.publish(EVENTS_TOPIC);
       return true;
     },
     tick: {
       renew,
       reap,
+      audit,
       dispatch: async () => {
         scheduleDispatch();
         while (dispatching) await dispatching;

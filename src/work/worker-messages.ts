@@ -26,6 +26,7 @@ export type WorkerMessage =
       readonly actionId: string;
       readonly epoch: number;
       readonly phase: string;
+      readonly details?: JsonObject | undefined;
       readonly checkpoint?: JsonObject | undefined;
     }
   | {

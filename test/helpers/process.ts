@@ -22,6 +22,11 @@ export function runLeasehold(args: string[], databaseUrl: string | undefined): L
   if (databaseUrl) env.DATABASE_URL = databaseUrl;
   const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
   const logs: Record<string, unknown>[] = [];
+  // The end of stderr, for the error when it exits unexpectedly.
+  let stderr = "";
+  child.stderr?.on("data", (chunk: Buffer) => {
+    stderr = (stderr + chunk.toString("utf8")).slice(-4000);
+  });
   const waiters: {
     test: (l: Record<string, unknown>) => boolean;
     resolve: (l: Record<string, unknown>) => void;
@@ -53,7 +58,9 @@ export function runLeasehold(args: string[], databaseUrl: string | undefined): L
       if (found) return Promise.resolve(found);
       return new Promise((resolve, reject) => {
         waiters.push({ test, resolve });
-        exited.then((code) => reject(new Error(`leasehold exited (${code}) before the expected log line`)));
+        exited.then((code) =>
+          reject(new Error(`leasehold exited (${code}) before the expected log line; stderr:\n${stderr}`)),
+        );
       });
     },
   };
@@ -70,7 +77,18 @@ const RAW_AGENT = fileURLToPath(new URL("../fixtures/raw-agent.ts", import.meta.
 
 /** Starts the raw fixture agent: `<address> <cluster> <worker-id> <hold|complete>`. */
 export function runAgent(args: string[]): AgentProcess {
-  const child = spawn(process.execPath, ["--import", "tsx", RAW_AGENT, ...args], {
+  return runFixture(RAW_AGENT, args);
+}
+
+const SDK_AGENT = fileURLToPath(new URL("../fixtures/sdk-agent.ts", import.meta.url));
+
+/** Starts the SDK fixture agent: `<addresses,...> <cluster> <worker-id> [slots]`. */
+export function runSdkAgent(args: string[]): AgentProcess {
+  return runFixture(SDK_AGENT, args);
+}
+
+function runFixture(file: string, args: string[]): AgentProcess {
+  const child = spawn(process.execPath, ["--import", "tsx", file, ...args], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   const { lines, waitFor } = collectLines(child);
@@ -118,4 +136,37 @@ export function collectLines(child: ChildProcess): {
       });
     },
   };
+}
+
+/**
+ * Runs the reference agent (`leasehold agent`) with JSON event lines,
+ * `slots` slots and its deployments under `workDir`, and waits until it is
+ * connected.
+ */
+export async function runReferenceAgent(options: {
+  server: string;
+  cluster: string;
+  workerId: string;
+  workDir: string;
+  slots?: number;
+}): Promise<LeaseholdProcess> {
+  const agent = runLeasehold(
+    [
+      "--server",
+      options.server,
+      "--json",
+      "agent",
+      "--cluster",
+      options.cluster,
+      "--worker-id",
+      options.workerId,
+      "--slots",
+      String(options.slots ?? 4),
+      "--work-dir",
+      options.workDir,
+    ],
+    undefined,
+  );
+  await agent.waitForLog((l) => l.type === "connected");
+  return agent;
 }

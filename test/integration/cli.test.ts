@@ -211,6 +211,12 @@ describe("the leasehold CLI", () => {
       code: 3,
       stderr: expect.stringMatching(/cannot reach the server at 127\.0\.0\.1:1/),
     });
+    // Several addresses: a dead one first, then the server; and a name that resolves to it.
+    const port = t.address.split(":")[1];
+    const failover = await cli(["--server", `127.0.0.1:1,${t.address}`, "--json", "clusters", "list"]);
+    expect(failover.code).toBe(0);
+    const byName = await cli(["--server", `127.0.0.1:1,localhost:${port}`, "--json", "clusters", "list"]);
+    expect(byName.code).toBe(0);
     const unknownCommand = await cli(["frobnicate"]);
     expect(unknownCommand.code).toBe(2);
     expect((await cli(["--help"])).code).toBe(0);

@@ -292,7 +292,7 @@ describe("scope leases", () => {
     ]);
   });
 
-  it("rejects bad requests with the field to fix, and leaves the deployment verbs UNIMPLEMENTED for now", async () => {
+  it("rejects bad requests with the field to fix", async () => {
     await expectStatus(leases().createLease({ runtime: "" }), Code.InvalidArgument, /^runtime: is required/);
     await expectStatus(
       leases().createLease({ runtime: "east", ttl: { seconds: 10n * 86400n } }),
@@ -306,9 +306,9 @@ describe("scope leases", () => {
     );
     await expectStatus(leases().setResult({ leaseId: "x" }), Code.InvalidArgument, /^result: is required/);
     await expectStatus(
-      leases().collectOutputs({ leaseId: "x" }),
-      Code.Unimplemented,
-      /CollectOutputs is not implemented/,
+      leases().collectOutputs({ leaseId: "x", timeout: { seconds: -1n } }),
+      Code.InvalidArgument,
+      /^timeout: must not be negative/,
     );
   });
 });

@@ -132,7 +132,7 @@ describe("work leases", () => {
     expect(remainingMs).toBeLessThanOrEqual(GRACE_MS);
   });
 
-  it("grants a queued action with epoch 1 and accepts its completion once", async () => {
+  it("grants a queued action with epoch 1 and accepts its completion once (a resent copy too)", async () => {
     const w = await worker("w1");
     const id = await submit({ payload: { argv: ["true"] } });
     await tick().dispatch();
@@ -140,6 +140,9 @@ describe("work leases", () => {
     expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1, payload: { argv: ["true"] } });
     const done = await w.complete(grant, { output: { exit: 0 } });
     expect(done).toMatchObject({ accepted: true, epoch: 1n });
+    // The same report sent again (its answer lost on a broken connection) is accepted again, changing nothing.
+    const resent = await w.complete(grant, { output: { exit: 0 } });
+    expect(resent).toMatchObject({ accepted: true, epoch: 1n });
     const again = await w.complete(grant, { output: { exit: 1 } });
     expect(again).toMatchObject({ accepted: false, rejectReason: RejectReason.FENCED });
     const got = await getAction(id);

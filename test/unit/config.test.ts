@@ -11,6 +11,7 @@ describe("server config", () => {
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
+      dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
       leaseDefaultTtlMs: 3_600_000,
       leaseMaxTtlMs: 86_400_000,

@@ -1,8 +1,17 @@
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { LeaseholdError } from "../../errors.js";
 import { CloseReason, type LeaseSchema, LeaseService, LeaseState } from "../../gen/leasehold/v1/lease_pb.js";
-import { Ownership, type ResourceSchema, ResourceService } from "../../gen/leasehold/v1/resource_pb.js";
+import {
+  DeploymentPhase,
+  type DeploymentSchema,
+  type DeploymentSpec,
+  DeploymentSpecSchema,
+  Ownership,
+  type ResourceSchema,
+  ResourceService,
+} from "../../gen/leasehold/v1/resource_pb.js";
+import type { DeploymentView } from "../../scope/deployment.js";
 import type { ScopeLeaseService } from "../../scope/scope-lease-service.js";
 import type { ResourceRecord, ScopeLeaseRecord, ScopeLeaseState } from "../../store/scope-leases.js";
 import type { JsonObject } from "../../work/action.js";
@@ -16,11 +25,7 @@ const DAY_MS = 24 * 60 * 60_000;
 /** Bytes per DownloadFile message. */
 const CHUNK_BYTES = 64 * 1024;
 
-/**
- * LeaseService over the scope-lease service. WaitLease and CollectOutputs
- * need deployments run by agents, which are not built yet: they answer
- * UNIMPLEMENTED.
- */
+/** LeaseService over the scope-lease service. */
 export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): ServiceBinding {
   return bind(LeaseService, {
     async createLease(request) {
@@ -60,9 +65,9 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       if (request.kind === "") v.add("kind", "is required");
       if (request.resourceId === "") v.add("resource_id", "is required");
       v.throwIfAny();
-      return {
-        resource: toProtoResource(await scope.promote(request.leaseId, request.kind, request.resourceId)),
-      };
+      const resource = await scope.promote(request.leaseId, request.kind, request.resourceId);
+      const deployments = await scope.deploymentsOf([resource]);
+      return { resource: toProtoResource(resource, deployments.get(resource.id)) };
     },
     async commitLease(request) {
       const closed = await scope.commit(requireId("lease_id", request.leaseId));
@@ -96,21 +101,70 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       }
       const lease = await scope.get(leaseId);
       const resources = await scope.listResources({ leaseId }, 1000, "");
+      const deployments = await scope.deploymentsOf(resources.items);
       const page = await events.list({ leaseId }, 1000, "");
       const recent = page.items.slice(-(request.eventLimit || 50));
       return {
         lease: toProtoLease(lease),
-        resources: resources.items.map(toProtoResource),
-        deployments: [],
+        resources: resources.items.map((r) => toProtoResource(r, deployments.get(r.id))),
+        deployments: [...deployments.values()].map(toProtoDeployment),
         events: recent.map(toProtoEvent),
       };
+    },
+    async *waitLease(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      const v = new Violations();
+      const timeoutMs = durationField(v, "timeout", request.timeout, 5 * 60_000, DAY_MS);
+      v.throwIfAny();
+      for await (const update of scope.wait(leaseId, timeoutMs, ctx.signal)) {
+        yield {
+          deployment: toProtoDeployment(update.deployment),
+          done: update.done,
+          timedOut: update.timedOut,
+        };
+      }
+    },
+    async collectOutputs(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      const v = new Violations();
+      const timeoutMs = durationField(v, "timeout", request.timeout, 60_000, 60 * 60_000);
+      v.throwIfAny();
+      return { fileIds: await scope.collectOutputs(leaseId, timeoutMs, ctx.signal) };
     },
   });
 }
 
-/** ResourceService over the scope-lease service. CreateDeployment awaits deployments on agents: UNIMPLEMENTED. */
+/** ResourceService over the scope-lease service. */
 export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding {
+  const withDeployments = async (resources: readonly ResourceRecord[]) => {
+    const deployments = await scope.deploymentsOf(resources);
+    return resources.map((r) => toProtoResource(r, deployments.get(r.id)));
+  };
   return bind(ResourceService, {
+    async createDeployment(request) {
+      const v = new Violations();
+      if (request.leaseId && request.runtime) {
+        v.add("runtime", "must be empty when lease_id is set (the deployment runs on the lease's runtime)");
+      } else if (!request.leaseId) {
+        checkName(v, "runtime", request.runtime);
+      }
+      checkDeploymentSpec(v, request.spec);
+      v.throwIfAny();
+      const spec = request.spec as DeploymentSpec;
+      for (const [i, input] of spec.inputs.entries()) {
+        const file = await scope.getResource(input.fileId).catch(() => undefined);
+        if (file?.kind !== "file")
+          v.add(`spec.inputs[${i}].file_id`, `no file resource ${JSON.stringify(input.fileId)}`);
+      }
+      v.throwIfAny();
+      const resource = await scope.createDeployment({
+        leaseId: request.leaseId || undefined,
+        runtime: request.runtime || undefined,
+        spec: toJson(DeploymentSpecSchema, spec) as JsonObject,
+      });
+      const [created] = await withDeployments([resource]);
+      return { resource: created };
+    },
     async createFile(request) {
       const v = new Violations();
       if (request.name === "") v.add("name", "is required");
@@ -141,9 +195,9 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       return { resource: toProtoResource(resource) };
     },
     async getResource(request) {
-      return {
-        resource: toProtoResource(await scope.getResource(requireId("resource_id", request.resourceId))),
-      };
+      const resource = await scope.getResource(requireId("resource_id", request.resourceId));
+      const [found] = await withDeployments([resource]);
+      return { resource: found };
     },
     async listResources(request) {
       const ownership =
@@ -158,7 +212,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
             })());
       const filter = { leaseId: request.leaseId || undefined, kind: request.kind || undefined, ownership };
       const page = await scope.listResources(filter, pageSize(request.pageSize), request.pageToken);
-      return { resources: page.items.map(toProtoResource), nextPageToken: page.nextPageToken };
+      return { resources: await withDeployments(page.items), nextPageToken: page.nextPageToken };
     },
     async *downloadFile(request) {
       const content = await scope.readFile(requireId("resource_id", request.resourceId));
@@ -191,9 +245,99 @@ function toProtoLease(l: ScopeLeaseRecord): MessageInitShape<typeof LeaseSchema>
   };
 }
 
-function toProtoResource(r: ResourceRecord): MessageInitShape<typeof ResourceSchema> {
-  const body: MessageInitShape<typeof ResourceSchema>["body"] =
-    r.kind === "file"
+function toProtoDeployment(d: DeploymentView): MessageInitShape<typeof DeploymentSchema> {
+  return {
+    id: d.id,
+    spec: fromJson(DeploymentSpecSchema, d.spec as never, { ignoreUnknownFields: true }),
+    phase: DeploymentPhase[d.phase],
+    containers: d.containers.map((c) => ({ ...c })),
+    actionId: d.actionId,
+    message: d.message,
+    outputFileIds: [...d.outputFileIds],
+  };
+}
+
+/** Longest readiness period or check timeout. */
+const PROBE_MAX_MS = 10 * 60_000;
+
+/** A path inside the deployment's work directory: relative, without "..". */
+function checkRelativePath(v: Violations, field: string, path: string, required: boolean): void {
+  if (path === "") {
+    if (required) v.add(field, "is required");
+  } else if (path.startsWith("/") || path.split(/[\\/]/).includes("..")) {
+    v.add(field, "must be a relative path inside the deployment's work directory (no leading '/', no '..')");
+  } else checkLength(v, field, path, 1024);
+}
+
+function checkCommand(
+  v: Violations,
+  field: string,
+  command: DeploymentSpec["containers"][number]["command"],
+): void {
+  if (!command || command.argv.length === 0 || command.argv[0] === "") {
+    v.add(
+      `${field}.argv`,
+      'is required: the program and its arguments, e.g. ["python3", "-m", "http.server"]',
+    );
+    return;
+  }
+  for (const key of Object.keys(command.env)) {
+    if (key === "" || key.includes("="))
+      v.add(`${field}.env`, `${JSON.stringify(key)} is not a variable name`);
+  }
+}
+
+/** Every violation of a DeploymentSpec, named by its field path. */
+function checkDeploymentSpec(v: Violations, spec: DeploymentSpec | undefined): void {
+  if (!spec) {
+    v.add("spec", "is required: the containers to run");
+    return;
+  }
+  if (spec.containers.length === 0) v.add("spec.containers", "must list at least one container");
+  if (spec.containers.length > 32) v.add("spec.containers", "must list at most 32 containers");
+  const names = new Set<string>();
+  for (const [i, c] of spec.containers.entries()) {
+    checkName(v, `spec.containers[${i}].name`, c.name, 63);
+    if (names.has(c.name)) v.add(`spec.containers[${i}].name`, `${JSON.stringify(c.name)} is used twice`);
+    names.add(c.name);
+    checkCommand(v, `spec.containers[${i}].command`, c.command);
+  }
+  const probe = spec.readinessProbe;
+  if (probe) {
+    const check = probe.check;
+    if (check.case === undefined) v.add("spec.readiness_probe", "must set one of exec, tcp_port or http_get");
+    else if (check.case === "exec") checkCommand(v, "spec.readiness_probe.exec", check.value);
+    else if (check.case === "tcpPort" && (check.value < 1 || check.value > 65535)) {
+      v.add("spec.readiness_probe.tcp_port", "must be a port number, 1–65535");
+    } else if (check.case === "httpGet" && !/^https?:\/\/[^/]/.test(check.value)) {
+      v.add("spec.readiness_probe.http_get", "must be an http:// or https:// URL");
+    }
+    if (probe.period && durationField(v, "spec.readiness_probe.period", probe.period, 0, PROBE_MAX_MS) < 100)
+      v.add("spec.readiness_probe.period", "must be at least 100ms");
+    if (
+      probe.timeout &&
+      durationField(v, "spec.readiness_probe.timeout", probe.timeout, 0, PROBE_MAX_MS) < 100
+    )
+      v.add("spec.readiness_probe.timeout", "must be at least 100ms");
+  }
+  checkRelativePath(v, "spec.outputs_dir", spec.outputsDir, false);
+  if (spec.inputs.length > 256) v.add("spec.inputs", "must list at most 256 files");
+  const paths = new Set<string>();
+  for (const [i, input] of spec.inputs.entries()) {
+    if (input.fileId === "") v.add(`spec.inputs[${i}].file_id`, "is required");
+    checkRelativePath(v, `spec.inputs[${i}].path`, input.path, true);
+    if (paths.has(input.path)) v.add(`spec.inputs[${i}].path`, `${JSON.stringify(input.path)} is used twice`);
+    paths.add(input.path);
+  }
+}
+
+function toProtoResource(
+  r: ResourceRecord,
+  deployment?: DeploymentView,
+): MessageInitShape<typeof ResourceSchema> {
+  const body: MessageInitShape<typeof ResourceSchema>["body"] = deployment
+    ? { case: "deployment", value: toProtoDeployment(deployment) }
+    : r.kind === "file"
       ? {
           case: "file",
           value: {

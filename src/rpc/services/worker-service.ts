@@ -149,6 +149,7 @@ function toWorkerMessage(request: ConnectRequest): WorkerMessage | Invalid {
           actionId: m.value.actionId,
           epoch: Number(m.value.epoch),
           phase: m.value.phase,
+          details: m.value.details as JsonObject | undefined,
           checkpoint: m.value.checkpoint as JsonObject | undefined,
         }
       );

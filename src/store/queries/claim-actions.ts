@@ -90,17 +90,7 @@ export async function grantActions(
       worker_id: a.workerId,
     })),
   );
-  const rows = await queryRows<{
-    id: string;
-    session_id: string;
-    worker_id: string;
-    cluster: string;
-    epoch: unknown;
-    attempt_count: number;
-    payload: JsonObject | null;
-    run_id: string;
-    checkpoint: JsonObject | null;
-  }>(
+  const rows = await queryRows<GrantRow>(
     tx,
     sql`
       with input as (
@@ -115,6 +105,8 @@ export async function grantActions(
       granted as (
         update actions a set
           state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,
+          -- A new attempt starts from nothing: no phase, details or stop request of the last one.
+          phase = '', phase_details = null, stop_reason = null,
           session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
         from input i join live on live.id = i.session_id
         where a.id = i.id and a.state = 'QUEUED'
@@ -133,15 +125,30 @@ export async function grantActions(
       )
       select * from granted`,
   );
-  return rows.map((r) => ({
-    actionId: r.id,
-    sessionId: r.session_id,
-    workerId: r.worker_id,
-    cluster: r.cluster,
-    epoch: toNumber(r.epoch),
-    attempt: r.attempt_count,
-    payload: r.payload,
-    runId: r.run_id,
-    checkpoint: r.checkpoint,
-  }));
+  return rows.map(grantFromRow);
 }
+
+/** The columns a grant is read from (a leased action's row). */
+export interface GrantRow {
+  id: string;
+  session_id: string;
+  worker_id: string;
+  cluster: string;
+  epoch: unknown;
+  attempt_count: number;
+  payload: JsonObject | null;
+  run_id: string;
+  checkpoint: JsonObject | null;
+}
+
+export const grantFromRow = (r: GrantRow): GrantRecord => ({
+  actionId: r.id,
+  sessionId: r.session_id,
+  workerId: r.worker_id,
+  cluster: r.cluster,
+  epoch: toNumber(r.epoch),
+  attempt: r.attempt_count,
+  payload: r.payload,
+  runId: r.run_id,
+  checkpoint: r.checkpoint,
+});

@@ -34,6 +34,9 @@ export interface Finished {
  * does not come back was fenced and left no trace. Action ids must be unique
  * within one batch.
  *
+ * A report sent again after its first copy was applied (its answer lost) is
+ * accepted again without changing anything, so reports are idempotent.
+ *
  * Outcomes: success → SUCCEEDED; release → QUEUED with no retry used;
  * retryable failure with attempts left → QUEUED after the policy's backoff;
  * other failures → FAILED; any report of an action whose cancel was
@@ -139,8 +142,24 @@ export async function finishActions(
             else 'attempt failed on worker ' || u.worker_id || '; retry after '
               || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end
         from updated u
+      ),
+      -- A report sent again after its first copy was applied but not answered
+      -- (the connection broke): the same attempt already ended the same way.
+      repeated as (
+        select i.k, a.id, a.state from input i
+        join attempts t on t.action_id = i.action_id and t.epoch = i.epoch and t.session_id = i.session_id
+        join actions a on a.id = i.action_id
+        where i.k not in (select k from current)
+          and case i.kind
+            when 'succeeded' then t.outcome = 'SUCCEEDED' and a.epoch = i.epoch and a.output is not distinct from i.output
+            when 'failed' then t.outcome = 'FAILED' and t.error is not distinct from i.error
+            else t.outcome = 'RELEASED' end
+        -- Waits for a first copy still committing, then sees how it ended.
+        for share of t
       )
-      select k, id, state from updated`,
+      select k, id, state from updated
+      union all
+      select k, id, state from repeated`,
   );
   return rows.map((r) => ({ key: r.k, actionId: r.id, state: r.state }));
 }

@@ -5,6 +5,7 @@ import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows, toDate, toNumber } from "../rows.js";
+import type { GrantRecord } from "./claim-actions.js";
 import { reapSessions } from "./reap-sessions.js";
 
 /** A hello, validated. */
@@ -18,14 +19,10 @@ export interface HelloInput {
 }
 
 /** A lease the session holds that the worker did not list: sent to it again. */
-export interface HeldGrant {
-  readonly actionId: string;
-  readonly epoch: number;
-  readonly attempt: number;
-  readonly payload: JsonObject | null;
-  readonly runId: string;
-  readonly checkpoint: JsonObject | null;
+export interface HeldGrant extends Omit<GrantRecord, "sessionId" | "workerId" | "cluster"> {
   readonly cancelRequested: boolean;
+  /** A graceful stop asked of the holder (COLLECT_OUTPUTS), sent again on reconnect. */
+  readonly stopReason: string | null;
 }
 
 /** What a hello opened. */
@@ -142,9 +139,10 @@ export async function openSession(
       run_id: string;
       checkpoint: JsonObject | null;
       cancel_requested: boolean;
+      stop_reason: string | null;
     }>(
       tx,
-      sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested
+      sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
           from actions where session_id = ${sessionId} and state = 'LEASED'`,
     );
     const heldById = new Map(
@@ -158,6 +156,7 @@ export async function openSession(
           runId: h.run_id,
           checkpoint: h.checkpoint,
           cancelRequested: h.cancel_requested,
+          stopReason: h.stop_reason,
         },
       ]),
     );

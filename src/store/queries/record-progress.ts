@@ -11,12 +11,14 @@ export interface ProgressReport {
   readonly epoch: number;
   readonly sessionId: string;
   readonly phase: string;
+  readonly details?: JsonObject | undefined;
   readonly checkpoint?: JsonObject | undefined;
 }
 
 /**
  * Applies a batch of progress reports in one statement, fenced like
  * completions: only the current lease of the reporting session applies.
+ * A report with a phase or details replaces the previous one's details.
  * Returns the keys of the accepted reports. Progress is frequent, so it
  * writes no event; WatchAction shows the phase.
  */
@@ -33,6 +35,7 @@ export async function recordProgress(
       epoch: r.epoch,
       session_id: r.sessionId,
       phase: r.phase,
+      details: r.details ?? null,
       checkpoint: r.checkpoint ?? null,
     })),
   );
@@ -41,10 +44,11 @@ export async function recordProgress(
     sql`
       with input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
-          k int, action_id text, epoch bigint, session_id text, phase text, checkpoint jsonb)
+          k int, action_id text, epoch bigint, session_id text, phase text, details jsonb, checkpoint jsonb)
       )
       update actions a set
         phase = case when i.phase <> '' then i.phase else a.phase end,
+        phase_details = case when i.phase <> '' or i.details is not null then i.details else a.phase_details end,
         checkpoint = coalesce(i.checkpoint, a.checkpoint),
         updated_at = ${clock.now()}
       from input i

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/resource.proto.
  */
 export const file_leasehold_v1_resource: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZWFzZWhvbGQvdjEvcmVzb3VyY2UucHJvdG8SDGxlYXNlaG9sZC52MSJSCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGc2hhMjU2GAMgASgJEhQKDGNvbnRlbnRfdHlwZRgEIAEoCSK/AQoOUmVhZGluZXNzUHJvYmUSJQoEZXhlYxgBIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kSAASEgoIdGNwX3BvcnQYAiABKA1IABISCghodHRwX2dldBgDIAEoCUgAEikKBnBlcmlvZBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgcKBWNoZWNrIn0KB0NvbW1hbmQSDAoEYXJndhgBIAMoCRIrCgNlbnYYAiADKAsyHi5sZWFzZWhvbGQudjEuQ29tbWFuZC5FbnZFbnRyeRILCgNjd2QYAyABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJFCg1Db250YWluZXJTcGVjEgwKBG5hbWUYASABKAkSJgoHY29tbWFuZBgCIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kIo0BCg5EZXBsb3ltZW50U3BlYxIvCgpjb250YWluZXJzGAEgAygLMhsubGVhc2Vob2xkLnYxLkNvbnRhaW5lclNwZWMSNQoPcmVhZGluZXNzX3Byb2JlGAIgASgLMhwubGVhc2Vob2xkLnYxLlJlYWRpbmVzc1Byb2JlEhMKC291dHB1dHNfZGlyGAMgASgJIlEKDkNvbnRhaW5lclN0YXRlEgwKBG5hbWUYASABKAkSDQoFc3RhdGUYAiABKAkSEQoJZXhpdF9jb2RlGAMgASgFEg8KB21lc3NhZ2UYBCABKAkiyAEKCkRlcGxveW1lbnQSCgoCaWQYASABKAkSKgoEc3BlYxgCIAEoCzIcLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50U3BlYxIsCgVwaGFzZRgDIAEoDjIdLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50UGhhc2USMAoKY29udGFpbmVycxgEIAMoCzIcLmxlYXNlaG9sZC52MS5Db250YWluZXJTdGF0ZRIRCglhY3Rpb25faWQYBSABKAkSDwoHbWVzc2FnZRgGIAEoCSKeAgoIUmVzb3VyY2USCgoCaWQYASABKAkSDAoEa2luZBgCIAEoCRIqCglvd25lcnNoaXAYAyABKA4yFy5sZWFzZWhvbGQudjEuT3duZXJzaGlwEhAKCGxlYXNlX2lkGAQgASgJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBImCgRmaWxlGAYgASgLMhYubGVhc2Vob2xkLnYxLkZpbGVJbmZvSAASLgoKZGVwbG95bWVudBgHIAEoCzIYLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50SAASKQoGb2JqZWN0GAggASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdEgAQgYKBGJvZHkiWgoRQ3JlYXRlRmlsZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIPCgdjb250ZW50GAMgASgMEhQKDGNvbnRlbnRfdHlwZRgEIAEoCSI+ChJDcmVhdGVGaWxlUmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiaAoXQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSKgoEc3BlYxgCIAEoCzIcLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50U3BlYxIPCgdydW50aW1lGAMgASgJIkQKGENyZWF0ZURlcGxveW1lbnRSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSJcChNDcmVhdGVPYmplY3RSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSJQoEYm9keRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiQAoUQ3JlYXRlT2JqZWN0UmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiKQoSR2V0UmVzb3VyY2VSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJIj8KE0dldFJlc291cmNlUmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiiQEKFExpc3RSZXNvdXJjZXNSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSKgoJb3duZXJzaGlwGAMgASgOMhcubGVhc2Vob2xkLnYxLk93bmVyc2hpcBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJbChVMaXN0UmVzb3VyY2VzUmVzcG9uc2USKQoJcmVzb3VyY2VzGAEgAygLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIqChNEb3dubG9hZEZpbGVSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJIiUKFERvd25sb2FkRmlsZVJlc3BvbnNlEg0KBWNodW5rGAEgASgMIiwKFURlbGV0ZVJlc291cmNlUmVxdWVzdBITCgtyZXNvdXJjZV9pZBgBIAEoCSIYChZEZWxldGVSZXNvdXJjZVJlc3BvbnNlKlQKCU93bmVyc2hpcBIZChVPV05FUlNISVBfVU5TUEVDSUZJRUQQABIXChNPV05FUlNISVBfV09SS1NQQUNFEAESEwoPT1dORVJTSElQX0xFQVNFEAIqxwEKD0RlcGxveW1lbnRQaGFzZRIgChxERVBMT1lNRU5UX1BIQVNFX1VOU1BFQ0lGSUVEEAASHAoYREVQTE9ZTUVOVF9QSEFTRV9QRU5ESU5HEAESHQoZREVQTE9ZTUVOVF9QSEFTRV9TVEFSVElORxACEhoKFkRFUExPWU1FTlRfUEhBU0VfUkVBRFkQAxIcChhERVBMT1lNRU5UX1BIQVNFX1NUT1BQRUQQBBIbChdERVBMT1lNRU5UX1BIQVNFX0ZBSUxFRBAFMoAFCg9SZXNvdXJjZVNlcnZpY2USTwoKQ3JlYXRlRmlsZRIfLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVxdWVzdBogLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVzcG9uc2USYQoQQ3JlYXRlRGVwbG95bWVudBIlLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBomLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USVQoMQ3JlYXRlT2JqZWN0EiEubGVhc2Vob2xkLnYxLkNyZWF0ZU9iamVjdFJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ3JlYXRlT2JqZWN0UmVzcG9uc2USUgoLR2V0UmVzb3VyY2USIC5sZWFzZWhvbGQudjEuR2V0UmVzb3VyY2VSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkdldFJlc291cmNlUmVzcG9uc2USWAoNTGlzdFJlc291cmNlcxIiLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVxdWVzdBojLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVzcG9uc2USVwoMRG93bmxvYWRGaWxlEiEubGVhc2Vob2xkLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaIi5sZWFzZWhvbGQudjEuRG93bmxvYWRGaWxlUmVzcG9uc2UwARJbCg5EZWxldGVSZXNvdXJjZRIjLmxlYXNlaG9sZC52MS5EZWxldGVSZXNvdXJjZVJlcXVlc3QaJC5sZWFzZWhvbGQudjEuRGVsZXRlUmVzb3VyY2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChtsZWFzZWhvbGQvdjEvcmVzb3VyY2UucHJvdG8SDGxlYXNlaG9sZC52MSJSCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGc2hhMjU2GAMgASgJEhQKDGNvbnRlbnRfdHlwZRgEIAEoCSK/AQoOUmVhZGluZXNzUHJvYmUSJQoEZXhlYxgBIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kSAASEgoIdGNwX3BvcnQYAiABKA1IABISCghodHRwX2dldBgDIAEoCUgAEikKBnBlcmlvZBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgcKBWNoZWNrIn0KB0NvbW1hbmQSDAoEYXJndhgBIAMoCRIrCgNlbnYYAiADKAsyHi5sZWFzZWhvbGQudjEuQ29tbWFuZC5FbnZFbnRyeRILCgNjd2QYAyABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJFCg1Db250YWluZXJTcGVjEgwKBG5hbWUYASABKAkSJgoHY29tbWFuZBgCIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kIrYBCg5EZXBsb3ltZW50U3BlYxIvCgpjb250YWluZXJzGAEgAygLMhsubGVhc2Vob2xkLnYxLkNvbnRhaW5lclNwZWMSNQoPcmVhZGluZXNzX3Byb2JlGAIgASgLMhwubGVhc2Vob2xkLnYxLlJlYWRpbmVzc1Byb2JlEhMKC291dHB1dHNfZGlyGAMgASgJEicKBmlucHV0cxgEIAMoCzIXLmxlYXNlaG9sZC52MS5GaWxlTW91bnQiKgoJRmlsZU1vdW50Eg8KB2ZpbGVfaWQYASABKAkSDAoEcGF0aBgCIAEoCSJRCg5Db250YWluZXJTdGF0ZRIMCgRuYW1lGAEgASgJEg0KBXN0YXRlGAIgASgJEhEKCWV4aXRfY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJIuEBCgpEZXBsb3ltZW50EgoKAmlkGAEgASgJEioKBHNwZWMYAiABKAsyHC5sZWFzZWhvbGQudjEuRGVwbG95bWVudFNwZWMSLAoFcGhhc2UYAyABKA4yHS5sZWFzZWhvbGQudjEuRGVwbG95bWVudFBoYXNlEjAKCmNvbnRhaW5lcnMYBCADKAsyHC5sZWFzZWhvbGQudjEuQ29udGFpbmVyU3RhdGUSEQoJYWN0aW9uX2lkGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFwoPb3V0cHV0X2ZpbGVfaWRzGAcgAygJIp4CCghSZXNvdXJjZRIKCgJpZBgBIAEoCRIMCgRraW5kGAIgASgJEioKCW93bmVyc2hpcBgDIAEoDjIXLmxlYXNlaG9sZC52MS5Pd25lcnNoaXASEAoIbGVhc2VfaWQYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBGZpbGUYBiABKAsyFi5sZWFzZWhvbGQudjEuRmlsZUluZm9IABIuCgpkZXBsb3ltZW50GAcgASgLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnRIABIpCgZvYmplY3QYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0SABCBgoEYm9keSJaChFDcmVhdGVGaWxlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJIj4KEkNyZWF0ZUZpbGVSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSJoChdDcmVhdGVEZXBsb3ltZW50UmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIqCgRzcGVjGAIgASgLMhwubGVhc2Vob2xkLnYxLkRlcGxveW1lbnRTcGVjEg8KB3J1bnRpbWUYAyABKAkiRAoYQ3JlYXRlRGVwbG95bWVudFJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlIlwKE0NyZWF0ZU9iamVjdFJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEa2luZBgCIAEoCRIlCgRib2R5GAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCJAChRDcmVhdGVPYmplY3RSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSIpChJHZXRSZXNvdXJjZVJlcXVlc3QSEwoLcmVzb3VyY2VfaWQYASABKAkiPwoTR2V0UmVzb3VyY2VSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSKJAQoUTGlzdFJlc291cmNlc1JlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEa2luZBgCIAEoCRIqCglvd25lcnNoaXAYAyABKA4yFy5sZWFzZWhvbGQudjEuT3duZXJzaGlwEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIlsKFUxpc3RSZXNvdXJjZXNSZXNwb25zZRIpCglyZXNvdXJjZXMYASADKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKE0Rvd25sb2FkRmlsZVJlcXVlc3QSEwoLcmVzb3VyY2VfaWQYASABKAkiJQoURG93bmxvYWRGaWxlUmVzcG9uc2USDQoFY2h1bmsYASABKAwiLAoVRGVsZXRlUmVzb3VyY2VSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJIhgKFkRlbGV0ZVJlc291cmNlUmVzcG9uc2UqVAoJT3duZXJzaGlwEhkKFU9XTkVSU0hJUF9VTlNQRUNJRklFRBAAEhcKE09XTkVSU0hJUF9XT1JLU1BBQ0UQARITCg9PV05FUlNISVBfTEVBU0UQAirmAQoPRGVwbG95bWVudFBoYXNlEiAKHERFUExPWU1FTlRfUEhBU0VfVU5TUEVDSUZJRUQQABIcChhERVBMT1lNRU5UX1BIQVNFX1BFTkRJTkcQARIdChlERVBMT1lNRU5UX1BIQVNFX1NUQVJUSU5HEAISGgoWREVQTE9ZTUVOVF9QSEFTRV9SRUFEWRADEhwKGERFUExPWU1FTlRfUEhBU0VfU1RPUFBFRBAEEhsKF0RFUExPWU1FTlRfUEhBU0VfRkFJTEVEEAUSHQoZREVQTE9ZTUVOVF9QSEFTRV9TVE9QUElORxAGMoAFCg9SZXNvdXJjZVNlcnZpY2USTwoKQ3JlYXRlRmlsZRIfLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVxdWVzdBogLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVzcG9uc2USYQoQQ3JlYXRlRGVwbG95bWVudBIlLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBomLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USVQoMQ3JlYXRlT2JqZWN0EiEubGVhc2Vob2xkLnYxLkNyZWF0ZU9iamVjdFJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ3JlYXRlT2JqZWN0UmVzcG9uc2USUgoLR2V0UmVzb3VyY2USIC5sZWFzZWhvbGQudjEuR2V0UmVzb3VyY2VSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkdldFJlc291cmNlUmVzcG9uc2USWAoNTGlzdFJlc291cmNlcxIiLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVxdWVzdBojLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVzcG9uc2USVwoMRG93bmxvYWRGaWxlEiEubGVhc2Vob2xkLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaIi5sZWFzZWhvbGQudjEuRG93bmxvYWRGaWxlUmVzcG9uc2UwARJbCg5EZWxldGVSZXNvdXJjZRIjLmxlYXNlaG9sZC52MS5EZWxldGVSZXNvdXJjZVJlcXVlc3QaJC5sZWFzZWhvbGQudjEuRGVsZXRlUmVzb3VyY2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A file's metadata.
@@ -199,11 +199,20 @@ export type DeploymentSpec = Message<"leasehold.v1.DeploymentSpec"> & {
   readinessProbe?: ReadinessProbe | undefined;
 
   /**
-   * Directory whose files are saved as file resources by CollectOutputs.
+   * Directory whose files are saved as file resources when the deployment
+   * stops (CollectOutputs, or its containers exiting). Relative paths are
+   * resolved in the deployment's work directory on the agent.
    *
    * @generated from field: string outputs_dir = 3;
    */
   outputsDir: string;
+
+  /**
+   * Files placed in the deployment's work directory before it starts.
+   *
+   * @generated from field: repeated leasehold.v1.FileMount inputs = 4;
+   */
+  inputs: FileMount[];
 };
 
 /**
@@ -212,6 +221,35 @@ export type DeploymentSpec = Message<"leasehold.v1.DeploymentSpec"> & {
  */
 export const DeploymentSpecSchema: GenMessage<DeploymentSpec> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_resource, 4);
+
+/**
+ * A file resource placed on the agent before a deployment starts.
+ *
+ * @generated from message leasehold.v1.FileMount
+ */
+export type FileMount = Message<"leasehold.v1.FileMount"> & {
+  /**
+   * Required: the file resource's id.
+   *
+   * @generated from field: string file_id = 1;
+   */
+  fileId: string;
+
+  /**
+   * Required: where to put it, relative to the deployment's work directory
+   * (no "..", not absolute).
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+};
+
+/**
+ * Describes the message leasehold.v1.FileMount.
+ * Use `create(FileMountSchema)` to create a new message.
+ */
+export const FileMountSchema: GenMessage<FileMount> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_resource, 5);
 
 /**
  * The observed state of one container.
@@ -253,7 +291,7 @@ export type ContainerState = Message<"leasehold.v1.ContainerState"> & {
  * Use `create(ContainerStateSchema)` to create a new message.
  */
 export const ContainerStateSchema: GenMessage<ContainerState> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 5);
+  messageDesc(file_leasehold_v1_resource, 6);
 
 /**
  * A deployment and its observed state.
@@ -302,6 +340,13 @@ export type Deployment = Message<"leasehold.v1.Deployment"> & {
    * @generated from field: string message = 6;
    */
   message: string;
+
+  /**
+   * The file resources its outputs were saved as, once it stopped.
+   *
+   * @generated from field: repeated string output_file_ids = 7;
+   */
+  outputFileIds: string[];
 };
 
 /**
@@ -309,7 +354,7 @@ export type Deployment = Message<"leasehold.v1.Deployment"> & {
  * Use `create(DeploymentSchema)` to create a new message.
  */
 export const DeploymentSchema: GenMessage<Deployment> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 6);
+  messageDesc(file_leasehold_v1_resource, 7);
 
 /**
  * A resource.
@@ -390,7 +435,7 @@ export type Resource = Message<"leasehold.v1.Resource"> & {
  * Use `create(ResourceSchema)` to create a new message.
  */
 export const ResourceSchema: GenMessage<Resource> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 7);
+  messageDesc(file_leasehold_v1_resource, 8);
 
 /**
  * Request of ResourceService.CreateFile.
@@ -432,7 +477,7 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
  * Use `create(CreateFileRequestSchema)` to create a new message.
  */
 export const CreateFileRequestSchema: GenMessage<CreateFileRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 8);
+  messageDesc(file_leasehold_v1_resource, 9);
 
 /**
  * Response of ResourceService.CreateFile.
@@ -453,7 +498,7 @@ export type CreateFileResponse = Message<"leasehold.v1.CreateFileResponse"> & {
  * Use `create(CreateFileResponseSchema)` to create a new message.
  */
 export const CreateFileResponseSchema: GenMessage<CreateFileResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 9);
+  messageDesc(file_leasehold_v1_resource, 10);
 
 /**
  * Request of ResourceService.CreateDeployment.
@@ -489,7 +534,7 @@ export type CreateDeploymentRequest = Message<"leasehold.v1.CreateDeploymentRequ
  * Use `create(CreateDeploymentRequestSchema)` to create a new message.
  */
 export const CreateDeploymentRequestSchema: GenMessage<CreateDeploymentRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 10);
+  messageDesc(file_leasehold_v1_resource, 11);
 
 /**
  * Response of ResourceService.CreateDeployment.
@@ -510,7 +555,7 @@ export type CreateDeploymentResponse = Message<"leasehold.v1.CreateDeploymentRes
  * Use `create(CreateDeploymentResponseSchema)` to create a new message.
  */
 export const CreateDeploymentResponseSchema: GenMessage<CreateDeploymentResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 11);
+  messageDesc(file_leasehold_v1_resource, 12);
 
 /**
  * Request of ResourceService.CreateObject.
@@ -545,7 +590,7 @@ export type CreateObjectRequest = Message<"leasehold.v1.CreateObjectRequest"> & 
  * Use `create(CreateObjectRequestSchema)` to create a new message.
  */
 export const CreateObjectRequestSchema: GenMessage<CreateObjectRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 12);
+  messageDesc(file_leasehold_v1_resource, 13);
 
 /**
  * Response of ResourceService.CreateObject.
@@ -566,7 +611,7 @@ export type CreateObjectResponse = Message<"leasehold.v1.CreateObjectResponse"> 
  * Use `create(CreateObjectResponseSchema)` to create a new message.
  */
 export const CreateObjectResponseSchema: GenMessage<CreateObjectResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 13);
+  messageDesc(file_leasehold_v1_resource, 14);
 
 /**
  * Request of ResourceService.GetResource.
@@ -587,7 +632,7 @@ export type GetResourceRequest = Message<"leasehold.v1.GetResourceRequest"> & {
  * Use `create(GetResourceRequestSchema)` to create a new message.
  */
 export const GetResourceRequestSchema: GenMessage<GetResourceRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 14);
+  messageDesc(file_leasehold_v1_resource, 15);
 
 /**
  * Response of ResourceService.GetResource.
@@ -608,7 +653,7 @@ export type GetResourceResponse = Message<"leasehold.v1.GetResourceResponse"> & 
  * Use `create(GetResourceResponseSchema)` to create a new message.
  */
 export const GetResourceResponseSchema: GenMessage<GetResourceResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 15);
+  messageDesc(file_leasehold_v1_resource, 16);
 
 /**
  * Request of ResourceService.ListResources. Filters combine with AND.
@@ -657,7 +702,7 @@ export type ListResourcesRequest = Message<"leasehold.v1.ListResourcesRequest"> 
  * Use `create(ListResourcesRequestSchema)` to create a new message.
  */
 export const ListResourcesRequestSchema: GenMessage<ListResourcesRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 16);
+  messageDesc(file_leasehold_v1_resource, 17);
 
 /**
  * Response of ResourceService.ListResources.
@@ -685,7 +730,7 @@ export type ListResourcesResponse = Message<"leasehold.v1.ListResourcesResponse"
  * Use `create(ListResourcesResponseSchema)` to create a new message.
  */
 export const ListResourcesResponseSchema: GenMessage<ListResourcesResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 17);
+  messageDesc(file_leasehold_v1_resource, 18);
 
 /**
  * Request of ResourceService.DownloadFile.
@@ -706,7 +751,7 @@ export type DownloadFileRequest = Message<"leasehold.v1.DownloadFileRequest"> & 
  * Use `create(DownloadFileRequestSchema)` to create a new message.
  */
 export const DownloadFileRequestSchema: GenMessage<DownloadFileRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 18);
+  messageDesc(file_leasehold_v1_resource, 19);
 
 /**
  * One chunk of ResourceService.DownloadFile.
@@ -727,7 +772,7 @@ export type DownloadFileResponse = Message<"leasehold.v1.DownloadFileResponse"> 
  * Use `create(DownloadFileResponseSchema)` to create a new message.
  */
 export const DownloadFileResponseSchema: GenMessage<DownloadFileResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 19);
+  messageDesc(file_leasehold_v1_resource, 20);
 
 /**
  * Request of ResourceService.DeleteResource.
@@ -748,7 +793,7 @@ export type DeleteResourceRequest = Message<"leasehold.v1.DeleteResourceRequest"
  * Use `create(DeleteResourceRequestSchema)` to create a new message.
  */
 export const DeleteResourceRequestSchema: GenMessage<DeleteResourceRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 20);
+  messageDesc(file_leasehold_v1_resource, 21);
 
 /**
  * Response of ResourceService.DeleteResource.
@@ -763,7 +808,7 @@ export type DeleteResourceResponse = Message<"leasehold.v1.DeleteResourceRespons
  * Use `create(DeleteResourceResponseSchema)` to create a new message.
  */
 export const DeleteResourceResponseSchema: GenMessage<DeleteResourceResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 21);
+  messageDesc(file_leasehold_v1_resource, 22);
 
 /**
  * Who owns a resource.
@@ -846,6 +891,13 @@ export enum DeploymentPhase {
    * @generated from enum value: DEPLOYMENT_PHASE_FAILED = 5;
    */
   FAILED = 5,
+
+  /**
+   * Stopping: saving its outputs, then stopping (CollectOutputs).
+   *
+   * @generated from enum value: DEPLOYMENT_PHASE_STOPPING = 6;
+   */
+  STOPPING = 6,
 }
 
 /**

@@ -1,0 +1,390 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdir, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { connect } from "node:net";
+import { dirname, join, relative, resolve, sep } from "node:path";
+import { fromJson } from "@bufbuild/protobuf";
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import {
+  type Command,
+  type DeploymentSpec,
+  DeploymentSpecSchema,
+  type ReadinessProbe,
+  ResourceService,
+} from "../gen/leasehold/v1/resource_pb.js";
+import { createClient } from "../rpc/client.js";
+import type { DeploymentPayload } from "../scope/deployment.js";
+import type { JsonObject } from "../work/action.js";
+import { type ActionContext, ActionFailure } from "./agent.js";
+import { killGroup, tail } from "./command-handler.js";
+import type { ProcessRegistry } from "./process-registry.js";
+
+/** Options of {@link createDeploymentHandler}. */
+export interface DeploymentHandlerOptions {
+  /** Server address(es) for file downloads (inputs) and uploads (outputs). */
+  readonly address: string | readonly string[];
+  /** Each deployment runs in its own directory under this one (removed when it ends). */
+  readonly workDir: string;
+  readonly credentials?: grpc.ChannelCredentials;
+  /** How long containers get between SIGTERM and SIGKILL when stopped. Default 10 s. */
+  readonly stopGraceMs?: number;
+  /** Records the containers' process groups, for a later agent to stop if this one is killed. */
+  readonly registry?: ProcessRegistry;
+}
+
+/** One running container. */
+interface Container {
+  readonly name: string;
+  readonly child: ChildProcess | undefined;
+  state: "waiting" | "running" | "exited";
+  exitCode: number;
+  message: string;
+  readonly stderr: ReturnType<typeof tail>;
+  /** Resolves once the container's leader exited (or could not start). */
+  exited: Promise<void>;
+}
+
+/** Whether an action's payload is a deployment (rather than a command). */
+export const isDeploymentPayload = (payload: JsonObject): boolean =>
+  typeof payload.deployment === "object" && payload.deployment !== null;
+
+/**
+ * The reference agent's deployment runner. For a deployment action it
+ * places the input files in a fresh work directory, starts every container in
+ * its own process group, reports `starting`, runs the readiness probe, reports
+ * `ready` (with per-container states each time), and then keeps it running:
+ *
+ * - lease revoked (rollback, cancel, expiry, self-fence): every process group
+ *   is killed at once; nothing is saved;
+ * - stop requested (CollectOutputs): `stopping`, SIGTERM then SIGKILL after
+ *   the grace, the files of `outputs_dir` uploaded as file resources into the
+ *   lease, and their ids returned;
+ * - containers ending on their own: outputs are saved the same way; all
+ *   exiting 0 succeeds (stopped), any other exit fails the deployment.
+ */
+export function createDeploymentHandler(options: DeploymentHandlerOptions) {
+  const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
+  const credentials = options.credentials ?? grpc.credentials.createInsecure();
+  const stopGraceMs = options.stopGraceMs ?? 10_000;
+
+  /** Calls the ResourceService on each address in turn until one answers. */
+  type Resources = ReturnType<typeof createClient<(typeof ResourceService)["method"]>>;
+  /** One client (channel) per address, opened on first use and kept: uploads come in bursts. */
+  const clients = new Map<string, Resources>();
+  async function withResources<T>(fn: (client: Resources) => Promise<T>): Promise<T> {
+    let lastError: unknown;
+    for (const address of addresses) {
+      let client = clients.get(address);
+      if (!client) {
+        client = createClient(ResourceService, address, credentials);
+        clients.set(address, client);
+      }
+      try {
+        return await fn(client);
+      } catch (error) {
+        lastError = error;
+        if ((error as { code?: number }).code !== grpc.status.UNAVAILABLE) throw error;
+      }
+    }
+    throw lastError;
+  }
+
+  return async function deploymentHandler(ctx: ActionContext): Promise<JsonObject> {
+    const { id, leaseId, spec } = parsePayload(ctx.payload);
+    // One directory per attempt: a superseded attempt's cleanup never touches a newer one's.
+    const dir = resolve(options.workDir, `${id}.${ctx.epoch}`);
+    const containers: Container[] = [];
+    const states = () =>
+      containers.map((c) => ({ name: c.name, state: c.state, exitCode: c.exitCode, message: c.message }));
+    const report = (phase: string) => ctx.progress(phase, { containers: states() });
+    let stopping = false;
+
+    try {
+      await rm(dir, { recursive: true, force: true });
+      await mkdir(dir, { recursive: true });
+      ctx.progress("starting", {
+        containers: spec.containers.map((c) => ({
+          name: c.name,
+          state: "waiting",
+          exitCode: 0,
+          message: "",
+        })),
+      });
+      for (const input of spec.inputs) {
+        const content = await withResources(async (client) => {
+          const chunks: Uint8Array[] = [];
+          for await (const part of client.downloadFile({ resourceId: input.fileId })) chunks.push(part.chunk);
+          return Buffer.concat(chunks);
+        }).catch((error: Error) => {
+          throw new ActionFailure(
+            `could not fetch input ${input.path} (file ${input.fileId}): ${error.message}`,
+            {
+              retryable: false,
+            },
+          );
+        });
+        const target = inside(dir, input.path);
+        await mkdir(dirname(target), { recursive: true });
+        await writeFile(target, content);
+      }
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+
+      const outputsDir = spec.outputsDir ? inside(dir, spec.outputsDir) : undefined;
+      if (outputsDir) await mkdir(outputsDir, { recursive: true });
+      for (const c of spec.containers) {
+        containers.push(
+          start(c.name, c.command as Command, dir, options.registry, {
+            LEASEHOLD_DEPLOYMENT_ID: id,
+            LEASEHOLD_LEASE_ID: leaseId,
+            LEASEHOLD_WORK_DIR: dir,
+            ...(outputsDir ? { LEASEHOLD_OUTPUTS_DIR: outputsDir } : {}),
+          }),
+        );
+      }
+      report("starting");
+
+      // Something a container does, the server asks, or the lease loses ends the wait.
+      const anyExit = () => Promise.race(containers.map((c) => c.exited.then(() => c)));
+      const stopAsked = abortPromise(ctx.stopRequested);
+      const lost = abortPromise(ctx.signal);
+      const exitsAfter = (c: Container) => c.state === "exited";
+
+      if (spec.readinessProbe) {
+        const probe = spec.readinessProbe;
+        const periodMs = probe.period ? durationMs(probe.period) : 1000;
+        const timeoutMs = probe.timeout ? durationMs(probe.timeout) : 5000;
+        for (;;) {
+          if (containers.some(exitsAfter)) break;
+          if (await check(probe, dir, timeoutMs)) break;
+          const woke = await Promise.race([delay(periodMs), anyExit(), stopAsked, lost]);
+          if (woke === "aborted") break;
+        }
+      }
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+      if (!containers.some(exitsAfter) && !ctx.stopRequested.aborted) report("ready");
+
+      // Running: until every container exited, a stop request, or the lease is lost.
+      while (!containers.every(exitsAfter) && !ctx.stopRequested.aborted && !ctx.signal.aborted) {
+        const failed = containers.find((c) => c.state === "exited" && c.exitCode !== 0);
+        if (failed) break;
+        const running = containers.filter((c) => !exitsAfter(c));
+        await Promise.race([...running.map((c) => c.exited), stopAsked, lost]);
+        if (!ctx.signal.aborted) report(ctx.stopRequested.aborted ? "stopping" : "ready");
+      }
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+
+      // Stopping, on request or because a container ended: the others are stopped, the outputs saved.
+      stopping = true;
+      const failed = ctx.stopRequested.aborted
+        ? undefined
+        : containers.find((c) => c.state === "exited" && c.exitCode !== 0);
+      if (ctx.stopRequested.aborted) report("stopping");
+      await stopAll(containers, stopGraceMs, ctx.signal);
+      const saved = outputsDir ? await saveOutputs(outputsDir, leaseId) : { outputFileIds: [], skipped: [] };
+      const result: JsonObject = { containers: states(), ...saved };
+      if (failed) {
+        throw new ActionFailure(`container ${failed.name} ${failed.message}`, {
+          retryable: false,
+          details: result,
+        });
+      }
+      return result;
+    } finally {
+      if (!stopping)
+        for (const c of containers) if (c.child?.pid !== undefined) killGroup(c.child.pid, "SIGKILL");
+      await Promise.all(containers.map((c) => c.exited));
+      await rm(dir, { recursive: true, force: true }).catch(() => {});
+    }
+  };
+
+  /** Uploads every regular file under `outputsDir` into the lease, named by its relative path. */
+  async function saveOutputs(
+    outputsDir: string,
+    leaseId: string,
+  ): Promise<{ outputFileIds: string[]; skipped: JsonObject[] }> {
+    const outputFileIds: string[] = [];
+    const skipped: JsonObject[] = [];
+    for (const path of await walk(outputsDir)) {
+      const name = relative(outputsDir, path).split(sep).join("/");
+      try {
+        const content = await readFile(path);
+        const response = await withResources((client) =>
+          client.createFile({ leaseId, name, content, contentType: "" }),
+        );
+        if (response.resource) outputFileIds.push(response.resource.id);
+      } catch (error) {
+        skipped.push({ name, reason: error instanceof Error ? error.message : String(error) });
+      }
+    }
+    return { outputFileIds, skipped };
+  }
+}
+
+function parsePayload(payload: JsonObject): { id: string; leaseId: string; spec: DeploymentSpec } {
+  const d = (payload as unknown as DeploymentPayload).deployment;
+  if (typeof d?.id !== "string" || typeof d.spec !== "object") {
+    throw new ActionFailure("payload.deployment: must have an id and a spec", { retryable: false });
+  }
+  try {
+    const spec = fromJson(DeploymentSpecSchema, d.spec as never, { ignoreUnknownFields: true });
+    return { id: d.id, leaseId: typeof d.leaseId === "string" ? d.leaseId : "", spec };
+  } catch (error) {
+    throw new ActionFailure(`payload.deployment.spec: ${(error as Error).message}`, { retryable: false });
+  }
+}
+
+/** `path` resolved inside `dir`; the server refuses paths that leave it, this makes sure. */
+function inside(dir: string, path: string): string {
+  const target = resolve(dir, path);
+  if (target !== dir && !target.startsWith(dir + sep)) {
+    throw new ActionFailure(`path ${JSON.stringify(path)} leaves the work directory`, { retryable: false });
+  }
+  return target;
+}
+
+function start(
+  name: string,
+  command: Command,
+  dir: string,
+  registry: ProcessRegistry | undefined,
+  env: Record<string, string>,
+): Container {
+  const [program, ...args] = command.argv as [string, ...string[]];
+  const stderr = tail();
+  let child: ChildProcess | undefined;
+  let startError: Error | undefined;
+  try {
+    child = spawn(program, args, {
+      cwd: command.cwd ? inside(dir, command.cwd) : dir,
+      env: { ...process.env, ...command.env, ...env },
+      stdio: ["ignore", "ignore", "pipe"],
+      detached: true, // its own process group: the whole tree is stopped with it
+    });
+  } catch (error) {
+    startError = error as Error;
+  }
+  if (child?.pid !== undefined) registry?.add(child.pid, `container ${name} in ${dir}`);
+  const container: Container = {
+    name,
+    child,
+    state: "running",
+    exitCode: 0,
+    message: "",
+    stderr,
+    exited: Promise.resolve(),
+  };
+  const exited = new Promise<void>((done) => {
+    const finish = (code: number, message: string) => {
+      container.state = "exited";
+      container.exitCode = code;
+      container.message = message;
+      done();
+    };
+    if (!child) return finish(127, `could not start ${program}: ${startError?.message}`);
+    child.stderr?.on("data", (chunk: Buffer) => stderr.push(chunk));
+    child.once("error", (error) => finish(127, `could not start ${program}: ${error.message}`));
+    child.once("exit", (code, signal) => {
+      const last = stderr.text().trimEnd().split("\n").at(-1) ?? "";
+      if (signal) finish(128, `stopped by ${signal}`);
+      else
+        finish(code ?? 1, code === 0 ? "exited 0" : `exited ${code}${last ? `: ${last.slice(0, 300)}` : ""}`);
+      // A backgrounded grandchild may still hold the group: it goes with the leader.
+      if (child?.pid !== undefined) {
+        killGroup(child.pid, "SIGKILL");
+        registry?.remove(child.pid);
+      }
+    });
+  });
+  container.exited = exited;
+  return container;
+}
+
+/**
+ * SIGTERM to every container's group, SIGKILL to what is left after
+ * `graceMs`, or at once if the lease is lost meanwhile (`lost` aborts).
+ */
+async function stopAll(containers: readonly Container[], graceMs: number, lost: AbortSignal): Promise<void> {
+  const alive = containers.filter((c) => c.state !== "exited" && c.child?.pid !== undefined);
+  for (const c of alive) killGroup(c.child?.pid as number, "SIGTERM");
+  const kill = () => {
+    for (const c of alive) if (c.state !== "exited") killGroup(c.child?.pid as number, "SIGKILL");
+  };
+  const timer = setTimeout(kill, graceMs);
+  lost.addEventListener("abort", kill);
+  if (lost.aborted) kill();
+  await Promise.all(alive.map((c) => c.exited));
+  clearTimeout(timer);
+  lost.removeEventListener("abort", kill);
+}
+
+/** One readiness check: true when it passes within `timeoutMs`. */
+async function check(probe: ReadinessProbe, dir: string, timeoutMs: number): Promise<boolean> {
+  const c = probe.check;
+  switch (c.case) {
+    case "tcpPort":
+      return new Promise((done) => {
+        const socket = connect({ host: "127.0.0.1", port: c.value });
+        const finish = (ok: boolean) => {
+          socket.destroy();
+          done(ok);
+        };
+        socket.setTimeout(timeoutMs, () => finish(false));
+        // A connection to itself (TCP simultaneous open: the kernel picked the probed port as
+        // the source port while nothing listened) is not a listener.
+        socket.once("connect", () =>
+          finish(socket.localPort !== socket.remotePort || socket.localAddress !== socket.remoteAddress),
+        );
+        socket.once("error", () => finish(false));
+      });
+    case "httpGet":
+      try {
+        const response = await fetch(c.value, { signal: AbortSignal.timeout(timeoutMs) });
+        await response.body?.cancel();
+        return response.ok;
+      } catch {
+        return false;
+      }
+    case "exec": {
+      const [program, ...args] = c.value.argv as [string, ...string[]];
+      return new Promise((done) => {
+        const child = spawn(program, args, {
+          cwd: c.value.cwd ? inside(dir, c.value.cwd) : dir,
+          env: { ...process.env, ...c.value.env },
+          stdio: "ignore",
+          detached: true,
+        });
+        const timer = setTimeout(() => child.pid !== undefined && killGroup(child.pid, "SIGKILL"), timeoutMs);
+        child.once("error", () => {
+          clearTimeout(timer);
+          done(false);
+        });
+        child.once("exit", (code) => {
+          clearTimeout(timer);
+          done(code === 0);
+        });
+      });
+    }
+    default:
+      return true;
+  }
+}
+
+async function walk(dir: string): Promise<string[]> {
+  const found: string[] = [];
+  const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+  for (const entry of entries.sort((a, b) => a.name.localeCompare(b.name))) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) found.push(...(await walk(path)));
+    else if (entry.isFile() && (await stat(path)).isFile()) found.push(path);
+  }
+  return found;
+}
+
+const delay = (ms: number) => new Promise<"slept">((done) => setTimeout(() => done("slept"), ms));
+
+/** Resolves "aborted" when `signal` aborts (never otherwise). */
+const abortPromise = (signal: AbortSignal) =>
+  new Promise<"aborted">((done) => {
+    if (signal.aborted) done("aborted");
+    else signal.addEventListener("abort", () => done("aborted"), { once: true });
+  });

@@ -1,0 +1,698 @@
+import { spawn } from "node:child_process";
+import { connect } from "node:net";
+import { resolve } from "node:path";
+import type { JsonObject, MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import type { LeaseService, WaitLeaseResponse } from "../gen/leasehold/v1/lease_pb.js";
+import {
+  type ContainerState,
+  type Deployment,
+  DeploymentPhase,
+  type DeploymentSpecSchema,
+  type ResourceService,
+} from "../gen/leasehold/v1/resource_pb.js";
+import type { Client } from "../rpc/client.js";
+import type { Check, CommandSpec, DeploymentPlan, Manifest } from "./manifest.js";
+import { cliErrorFrom, EXIT, enumName, time } from "./output.js";
+
+/*
+ * `leasehold lease run --test`: the whole life of a live test in one command,
+ * each step one NDJSON event. The lease is the safety net: whatever the run
+ * created lives in it, so one rollback (or, after a hard crash, the TTL)
+ * removes it all.
+ */
+
+/** The clients a live test needs. */
+export interface LiveTestClients {
+  readonly leases: Client<(typeof LeaseService)["method"]>;
+  readonly resources: Client<(typeof ResourceService)["method"]>;
+}
+
+/** Every event a live test emits, in the order they can happen. */
+export type LiveTestEventName =
+  /** The manifest is unusable; `problems` lists every one. Exit 2. */
+  | "manifest_invalid"
+  /** `lease_id`, `runtime`, `label`, `expire_time`. */
+  | "lease_created"
+  /** `name`, `file_id`, `mount`, `size_bytes`. */
+  | "fixture_uploaded"
+  /** `deployment_id`. */
+  | "deployment_created"
+  /** One WaitLease message: `deployment_id`, `phase`, `containers`, `message`. */
+  | "deployment_phase"
+  /** `deployment_id`. */
+  | "deployment_ready"
+  /** `deployment_id`, `phase`, `message`, `timed_out`. */
+  | "deployment_failed"
+  /** `name`, `kind`, `message`, `duration_ms`. */
+  | "check_passed"
+  /** `name`, `kind`, `message`, `duration_ms`, and `skipped: true` when the deployment never got ready. */
+  | "check_failed"
+  /** `files`: [{`file_id`, `name`}]. */
+  | "outputs_collected"
+  /** `message`: CollectOutputs failed; the run goes on. */
+  | "outputs_collect_failed"
+  /** `name`, `file_id`: the output survives the rollback. */
+  | "output_promoted"
+  /** `name`: an output the manifest names was not produced; the run fails. */
+  | "output_missing"
+  /** `passed`: the result recorded on the lease with SetResult. */
+  | "result_recorded"
+  /** `signal`: SIGINT or SIGTERM; the lease is rolled back. */
+  | "interrupted"
+  /** `message`, `step`: a call failed; the lease is rolled back (or kept with --keep-lease). */
+  | "error"
+  /** `lease_id`, `destroyed_resources`. */
+  | "lease_rolled_back"
+  /** `message`: the rollback failed; the lease's TTL will roll it back. */
+  | "rollback_failed"
+  /** `lease_id`, `expire_time`: --keep-lease left it open for debugging. */
+  | "lease_kept"
+  /** Always last: `passed`, `exit_code`, `lease_id` when one was created. */
+  | "done";
+
+/** One NDJSON line of a live test. */
+export type LiveTestEvent = { readonly event: LiveTestEventName; readonly time: string } & Readonly<
+  Record<string, unknown>
+>;
+
+/** Options of {@link runLiveTest}. */
+export interface LiveTestOptions {
+  readonly manifest: Manifest;
+  /** Leave the lease open at the end (its TTL still applies) instead of rolling it back. */
+  readonly keepLease: boolean;
+  /** Receives every event. */
+  readonly emit: (event: LiveTestEvent) => void;
+  /** Aborted with the signal's name ("SIGINT", "SIGTERM") to interrupt: the lease is rolled back. */
+  readonly signal: AbortSignal;
+  /** The server address, for messages. */
+  readonly server: string;
+  /** Clock for event times. Default `new Date()`. */
+  readonly now?: () => Date;
+}
+
+/** How a live test ended. */
+export interface LiveTestOutcome {
+  /** Every check passed, the deployment got ready, and every named output was promoted. */
+  readonly passed: boolean;
+  /** 0 passed; 1 failed; 2 bad manifest or request; 3 server unreachable; 130/143 interrupted. */
+  readonly exitCode: number;
+  /** Set when a call failed: what to tell the user. */
+  readonly error?: string;
+}
+
+/** Exit codes of an interrupted run: 128 + the signal's number, as shells report it. */
+export const SIGNAL_EXIT: Readonly<Record<"SIGINT" | "SIGTERM", number>> = { SIGINT: 130, SIGTERM: 143 };
+/** How long the final rollback may take; beyond it the TTL does the job. */
+const ROLLBACK_TIMEOUT_MS = 30_000;
+/** Slack added to gRPC deadlines of calls that wait server-side for their own timeout. */
+const CALL_SLACK_MS = 30_000;
+
+/** One check's outcome, as recorded in the lease's result. */
+export interface CheckOutcome {
+  readonly name: string;
+  readonly kind: Check["kind"];
+  readonly passed: boolean;
+  readonly message: string;
+  readonly durationMs: number;
+  readonly skipped?: boolean;
+}
+
+/**
+ * Runs a live test: create the lease, upload fixtures, create the deployment,
+ * wait until ready, run the checks, collect outputs, promote the named ones,
+ * record the result, then roll back (or keep the lease). A thrown error or an
+ * interrupt after the lease exists rolls it back before returning.
+ */
+export async function runLiveTest(
+  clients: LiveTestClients,
+  options: LiveTestOptions,
+): Promise<LiveTestOutcome> {
+  const { manifest: m, signal } = options;
+  const now = options.now ?? (() => new Date());
+  const emit = (event: LiveTestEventName, fields: Record<string, unknown> = {}) =>
+    options.emit({ event, time: now().toISOString(), ...fields });
+  const finish = (outcome: LiveTestOutcome, leaseId?: string): LiveTestOutcome => {
+    emit("done", {
+      passed: outcome.passed,
+      exit_code: outcome.exitCode,
+      ...(leaseId ? { lease_id: leaseId } : {}),
+    });
+    return outcome;
+  };
+  const interrupted = (): LiveTestOutcome => {
+    const name = String(signal.reason);
+    emit("interrupted", { signal: name });
+    return { passed: false, exitCode: SIGNAL_EXIT[name as keyof typeof SIGNAL_EXIT] ?? EXIT.failed };
+  };
+
+  if (signal.aborted) return finish(interrupted());
+  let leaseId: string;
+  try {
+    // Deliberately not cancellable: a lease answered after we gave up would be left to its TTL;
+    // one we receive is rolled back below when an interrupt arrived meanwhile.
+    const { lease } = await clients.leases.createLease({
+      runtime: m.runtime,
+      label: m.label,
+      ttl: durationFromMs(m.ttlMs),
+    });
+    if (!lease) throw new Error("the server answered CreateLease without a lease");
+    leaseId = lease.id;
+    emit("lease_created", {
+      lease_id: lease.id,
+      runtime: lease.runtime,
+      label: lease.label,
+      expire_time: time(lease.expireTime),
+    });
+  } catch (error) {
+    const e = cliErrorFrom(error, options.server);
+    emit("error", { step: "create_lease", message: e.message });
+    return finish({ passed: false, exitCode: e.exitCode, error: e.message });
+  }
+
+  let outcome: LiveTestOutcome;
+  let rollBack = !options.keepLease;
+  const step = { name: "upload_fixtures" };
+  try {
+    const passed = await runInLease(clients, leaseId, m, { signal, server: options.server }, emit, step);
+    outcome = { passed, exitCode: passed ? EXIT.ok : EXIT.failed };
+  } catch (error) {
+    if (signal.aborted) {
+      // Ctrl-C means "stop and clean up", even with --keep-lease.
+      outcome = interrupted();
+      rollBack = true;
+    } else {
+      const e = cliErrorFrom(error, options.server);
+      emit("error", { step: step.name, message: e.message });
+      outcome = { passed: false, exitCode: e.exitCode, error: e.message };
+      // Best effort, so that the lease's record says why it closed; the rollback matters more.
+      await clients.leases
+        .setResult(
+          { leaseId, result: { passed: false, error: `${step.name}: ${e.message}` } },
+          { deadline: new Date(Date.now() + 10_000) },
+        )
+        .catch(() => {});
+    }
+  }
+
+  if (!rollBack) {
+    const lease = await clients.leases.getLease({ leaseId }).then(
+      (r) => r.lease,
+      () => undefined,
+    );
+    emit("lease_kept", { lease_id: leaseId, expire_time: time(lease?.expireTime) });
+    return finish(outcome, leaseId);
+  }
+  try {
+    // Not tied to `signal`: an interrupt is exactly when the rollback must still happen.
+    const r = await clients.leases.rollbackLease(
+      { leaseId },
+      { deadline: new Date(Date.now() + ROLLBACK_TIMEOUT_MS) },
+    );
+    emit("lease_rolled_back", { lease_id: leaseId, destroyed_resources: r.destroyedResources });
+  } catch (error) {
+    const e = cliErrorFrom(error, options.server);
+    emit("rollback_failed", {
+      lease_id: leaseId,
+      message: `${e.message}; the lease rolls back by itself when its TTL passes`,
+    });
+    // Something may be left behind until the TTL: never report that as a clean success.
+    if (outcome.exitCode === EXIT.ok) outcome = { ...outcome, exitCode: e.exitCode, error: e.message };
+  }
+  return finish(outcome, leaseId);
+}
+
+/** The steps inside the lease; returns whether the test passed. `step.name` tracks where an error came from. */
+async function runInLease(
+  clients: LiveTestClients,
+  leaseId: string,
+  m: Manifest,
+  { signal, server }: { signal: AbortSignal; server: string },
+  emit: (event: LiveTestEventName, fields?: Record<string, unknown>) => void,
+  step: { name: string },
+): Promise<boolean> {
+  const inputs: { fileId: string; path: string }[] = [];
+  for (const fixture of m.fixtures) {
+    signal.throwIfAborted();
+    const { resource } = await clients.resources.createFile(
+      { leaseId, name: fixture.name, content: fixture.content },
+      { signal },
+    );
+    const fileId = resource?.id ?? "";
+    inputs.push({ fileId, path: fixture.mount });
+    emit("fixture_uploaded", {
+      name: fixture.name,
+      file_id: fileId,
+      mount: fixture.mount,
+      size_bytes: fixture.content.byteLength,
+    });
+  }
+
+  step.name = "create_deployment";
+  signal.throwIfAborted();
+  const { resource } = await clients.resources.createDeployment(
+    { leaseId, spec: deploymentSpec(m.deployment, inputs) },
+    { signal },
+  );
+  const deploymentId = resource?.id ?? "";
+  emit("deployment_created", { deployment_id: deploymentId });
+
+  step.name = "wait_ready";
+  const waited = await waitForLease(
+    clients.leases,
+    leaseId,
+    m.deployment.readyTimeoutMs,
+    (message) => {
+      const d = message.deployment;
+      emit("deployment_phase", {
+        deployment_id: d?.id ?? deploymentId,
+        phase: phaseName(d?.phase),
+        containers: (d?.containers ?? []).map(containerJson),
+        message: d?.message ?? "",
+      });
+    },
+    { signal },
+  );
+  const last = waited.last?.deployment;
+  if (waited.ready) emit("deployment_ready", { deployment_id: last?.id ?? deploymentId });
+  else
+    emit("deployment_failed", {
+      deployment_id: last?.id ?? deploymentId,
+      phase: phaseName(last?.phase),
+      message: waited.reason,
+      timed_out: waited.timedOut,
+    });
+
+  step.name = "checks";
+  const checks: CheckOutcome[] = [];
+  for (const check of m.checks) {
+    signal.throwIfAborted();
+    const outcome: CheckOutcome = waited.ready
+      ? await runCheck(check, m.dir, signal)
+      : {
+          name: check.name,
+          kind: check.kind,
+          passed: false,
+          message: "skipped: the deployment did not become ready",
+          durationMs: 0,
+          skipped: true,
+        };
+    signal.throwIfAborted();
+    checks.push(outcome);
+    emit(outcome.passed ? "check_passed" : "check_failed", {
+      name: outcome.name,
+      kind: outcome.kind,
+      message: outcome.message,
+      duration_ms: outcome.durationMs,
+      ...(outcome.skipped ? { skipped: true } : {}),
+    });
+  }
+
+  // Outputs are collected and promoted whatever the verdict: after a failure they are what one looks at.
+  step.name = "collect_outputs";
+  signal.throwIfAborted();
+  const files = new Map<string, string>(); // name → file id
+  try {
+    const { fileIds } = await clients.leases.collectOutputs(
+      { leaseId, timeout: durationFromMs(m.collectTimeoutMs) },
+      { signal, deadline: new Date(Date.now() + m.collectTimeoutMs + CALL_SLACK_MS) },
+    );
+    for (const id of fileIds) {
+      const { resource: r } = await clients.resources.getResource({ resourceId: id }, { signal });
+      files.set(r?.body.case === "file" ? r.body.value.name : id, id);
+    }
+    emit("outputs_collected", { files: [...files].map(([name, fileId]) => ({ file_id: fileId, name })) });
+  } catch (error) {
+    if (signal.aborted) throw error;
+    emit("outputs_collect_failed", { message: cliErrorFrom(error, server).message });
+  }
+
+  step.name = "promote_outputs";
+  const promoted: { name: string; file_id: string }[] = [];
+  const missing: string[] = [];
+  for (const name of m.promote) {
+    signal.throwIfAborted();
+    const fileId = files.get(name);
+    if (fileId === undefined) {
+      missing.push(name);
+      emit("output_missing", {
+        name,
+        message: `the deployment saved no file ${JSON.stringify(name)} in ${m.deployment.outputsDir}`,
+      });
+      continue;
+    }
+    await clients.leases.promoteResource({ leaseId, kind: "file", resourceId: fileId }, { signal });
+    promoted.push({ name, file_id: fileId });
+    emit("output_promoted", { name, file_id: fileId });
+  }
+
+  // Recorded last, so that the result also reflects missing outputs and names the promoted files.
+  step.name = "record_result";
+  const passed = waited.ready && checks.every((c) => c.passed) && missing.length === 0;
+  const result: JsonObject = {
+    passed,
+    checks: checks.map((c) => ({
+      name: c.name,
+      passed: c.passed,
+      message: c.message,
+      duration_ms: c.durationMs,
+    })),
+    deployment: {
+      id: last?.id ?? deploymentId,
+      ready: waited.ready,
+      phase: phaseName(last?.phase),
+      message: waited.ready ? (last?.message ?? "") : waited.reason,
+    },
+    outputs: promoted,
+    ...(missing.length > 0 ? { missing_outputs: missing } : {}),
+  };
+  signal.throwIfAborted();
+  await clients.leases.setResult({ leaseId, result }, { signal });
+  emit("result_recorded", { passed });
+  return passed;
+}
+
+/** The DeploymentSpec for a manifest's deployment, with the uploaded fixtures as inputs. */
+export function deploymentSpec(
+  plan: DeploymentPlan,
+  inputs: readonly { fileId: string; path: string }[],
+): MessageInitShape<typeof DeploymentSpecSchema> {
+  const r = plan.readiness;
+  return {
+    containers: plan.containers.map((c) => ({
+      name: c.name,
+      command: { argv: [...c.argv], env: { ...c.env }, cwd: c.cwd },
+    })),
+    ...(r
+      ? {
+          readinessProbe: {
+            check:
+              r.kind === "http"
+                ? { case: "httpGet", value: r.url }
+                : r.kind === "tcp"
+                  ? { case: "tcpPort", value: r.port }
+                  : {
+                      case: "exec",
+                      value: { argv: [...r.command.argv], env: { ...r.command.env }, cwd: r.command.cwd },
+                    },
+            ...(r.periodMs === undefined ? {} : { period: durationFromMs(r.periodMs) }),
+            ...(r.timeoutMs === undefined ? {} : { timeout: durationFromMs(r.timeoutMs) }),
+          },
+        }
+      : {}),
+    outputsDir: plan.outputsDir,
+    inputs: inputs.map((i) => ({ fileId: i.fileId, path: i.path })),
+  };
+}
+
+/** How a WaitLease ended. */
+export interface WaitOutcome {
+  /** Every deployment of the lease is READY. */
+  readonly ready: boolean;
+  /** The timeout passed first. */
+  readonly timedOut: boolean;
+  /** The last message received. */
+  readonly last: WaitLeaseResponse | undefined;
+  /** Why it is not ready, for people ("" when ready). */
+  readonly reason: string;
+}
+
+/**
+ * Follows LeaseService.WaitLease until its last message (done), calling
+ * `onChange` for every message. Once the stream has answered, a server
+ * restart is ridden through: the wait is asked again with the time left. A
+ * server unreachable from the start, or any other error, is thrown.
+ */
+export async function waitForLease(
+  leases: LiveTestClients["leases"],
+  leaseId: string,
+  timeoutMs: number,
+  onChange: (message: WaitLeaseResponse) => void,
+  options: { signal?: AbortSignal; onReconnect?: (error: Error) => void; now?: () => number } = {},
+): Promise<WaitOutcome> {
+  const now = options.now ?? Date.now;
+  const deadline = now() + timeoutMs;
+  let last: WaitLeaseResponse | undefined;
+  let answered = false;
+  for (;;) {
+    const left = deadline - now();
+    if (left <= 0) return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
+    try {
+      for await (const message of leases.waitLease(
+        { leaseId, timeout: durationFromMs(left) },
+        {
+          ...(options.signal ? { signal: options.signal } : {}),
+          deadline: new Date(now() + left + CALL_SLACK_MS),
+        },
+      )) {
+        answered = true;
+        last = message;
+        onChange(message);
+        if (message.done) return verdict(message, timeoutMs);
+      }
+      return {
+        ready: false,
+        timedOut: false,
+        last,
+        reason: "the server ended the wait without a verdict",
+      };
+    } catch (error) {
+      if (!answered || options.signal?.aborted || !serverRestarting(error)) throw error;
+      options.onReconnect?.(error as Error);
+      await sleep(1000, options.signal);
+    }
+  }
+}
+
+function verdict(message: WaitLeaseResponse, timeoutMs: number): WaitOutcome {
+  const d = message.deployment;
+  const ready = !message.timedOut && d?.phase === DeploymentPhase.READY;
+  const reason = ready
+    ? ""
+    : message.timedOut
+      ? timeoutReason(timeoutMs)
+      : `the deployment is ${phaseName(d?.phase)}${d?.message ? `: ${d.message}` : ""}`;
+  return { ready, timedOut: message.timedOut, last: message, reason };
+}
+
+const timeoutReason = (ms: number) => `not ready within ${ms / 1000}s`;
+
+/** UNAVAILABLE, or a stream reset by a server going down mid-call (as in followThroughRestarts). */
+function serverRestarting(error: unknown): boolean {
+  const e = error as { code?: number; details?: string };
+  return e.code === 14 || (e.code === 13 && /RST_STREAM/.test(e.details ?? ""));
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** READY for DEPLOYMENT_PHASE_READY; "UNKNOWN" when absent. */
+export function phaseName(phase: DeploymentPhase | undefined): string {
+  return phase === undefined ? "UNKNOWN" : enumName(DeploymentPhase, phase);
+}
+
+/** A container state as event JSON. */
+function containerJson(c: ContainerState) {
+  return { name: c.name, state: c.state, exit_code: c.exitCode, message: c.message };
+}
+
+/** One line for people: `web=running api=exited(1): message`. */
+export function describeDeployment(d: Deployment | undefined): string {
+  if (!d) return "(no deployment)";
+  const containers = d.containers
+    .map((c) => `${c.name}=${c.state || "?"}${c.state === "exited" ? `(${c.exitCode})` : ""}`)
+    .join(" ");
+  return [d.id, phaseName(d.phase), containers, d.message ? `- ${d.message}` : ""]
+    .filter((part) => part !== "")
+    .join(" ");
+}
+
+/** Bytes of a command's output kept for stdout_contains and messages. */
+const MAX_OUTPUT_BYTES = 1024 * 1024;
+
+/**
+ * Runs one check from this machine with its timeout. Never throws: a failure
+ * (or an interrupt, which the caller notices on `signal`) is a failed outcome.
+ */
+export async function runCheck(check: Check, dir: string, signal: AbortSignal): Promise<CheckOutcome> {
+  const started = performance.now();
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort("timeout"), check.timeoutMs);
+  const forward = () => controller.abort(signal.reason);
+  signal.addEventListener("abort", forward, { once: true });
+  if (signal.aborted) forward();
+  let result: { passed: boolean; message: string };
+  try {
+    result = await checkOnce(check, dir, controller.signal);
+  } catch (error) {
+    result = {
+      passed: false,
+      message:
+        controller.signal.reason === "timeout"
+          ? `timed out after ${check.timeoutMs / 1000}s`
+          : signal.aborted
+            ? "interrupted"
+            : errorMessage(error),
+    };
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener("abort", forward);
+  }
+  return {
+    name: check.name,
+    kind: check.kind,
+    ...result,
+    durationMs: Math.round(performance.now() - started),
+  };
+}
+
+async function checkOnce(
+  check: Check,
+  dir: string,
+  signal: AbortSignal,
+): Promise<{ passed: boolean; message: string }> {
+  switch (check.kind) {
+    case "http": {
+      let response: Response;
+      let body: string;
+      try {
+        response = await fetch(check.url, { signal });
+        body = await response.text();
+      } catch (error) {
+        if (signal.aborted) throw error;
+        throw new Error(`GET ${check.url} failed: ${errorMessage(error)}`);
+      }
+      const answered = `GET ${check.url} answered ${response.status}`;
+      if (response.status !== check.status)
+        return { passed: false, message: `${answered}, expected ${check.status}` };
+      if (check.bodyContains !== undefined && !body.includes(check.bodyContains)) {
+        return {
+          passed: false,
+          message: `${answered} but the body does not contain ${JSON.stringify(check.bodyContains)} (body: ${excerpt(body)})`,
+        };
+      }
+      return {
+        passed: true,
+        message:
+          check.bodyContains === undefined
+            ? answered
+            : `${answered} with ${JSON.stringify(check.bodyContains)} in the body`,
+      };
+    }
+    case "tcp": {
+      await new Promise<void>((done, fail) => {
+        const socket = connect({ host: check.host, port: check.port });
+        const onAbort = () => socket.destroy(new Error(String(signal.reason)));
+        signal.addEventListener("abort", onAbort, { once: true });
+        socket.once("connect", () => {
+          signal.removeEventListener("abort", onAbort);
+          // Connected to itself (TCP simultaneous open while nothing listened): not a listener.
+          const self = socket.localPort === socket.remotePort && socket.localAddress === socket.remoteAddress;
+          socket.destroy();
+          if (self) fail(new Error(`nothing listens on ${check.host}:${check.port}`));
+          else done();
+        });
+        socket.once("error", (error) => {
+          signal.removeEventListener("abort", onAbort);
+          fail(new Error(`cannot connect to ${check.host}:${check.port}: ${error.message}`));
+        });
+      });
+      return { passed: true, message: `connected to ${check.host}:${check.port}` };
+    }
+    case "exec": {
+      const { code, stdout, stderr } = await execute(check.command, dir, signal);
+      const exited = code === null ? "was killed" : `exited ${code}`;
+      if (code !== check.exitCode) {
+        return {
+          passed: false,
+          message: `${exited}, expected ${check.exitCode}${stderr ? ` (stderr: ${excerpt(stderr, true)})` : ""}`,
+        };
+      }
+      if (check.stdoutContains !== undefined && !stdout.includes(check.stdoutContains)) {
+        return {
+          passed: false,
+          message: `${exited} but stdout does not contain ${JSON.stringify(check.stdoutContains)} (stdout: ${excerpt(stdout, true)})`,
+        };
+      }
+      return { passed: true, message: exited };
+    }
+  }
+}
+
+/**
+ * Runs a command in its own process group (cwd relative to the manifest's
+ * directory, the environment of this process plus `env`); the whole group is
+ * killed when `signal` aborts.
+ */
+function execute(
+  command: CommandSpec,
+  dir: string,
+  signal: AbortSignal,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((done, fail) => {
+    const [program = "", ...args] = command.argv;
+    const child = spawn(program, args, {
+      cwd: resolve(dir, command.cwd || "."),
+      // A check runs like a command typed next to the manifest: with this process's environment.
+      env: { ...process.env, ...command.env },
+      stdio: ["ignore", "pipe", "pipe"],
+      detached: true,
+    });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let kept = 0;
+    const keep = (into: Buffer[]) => (chunk: Buffer) => {
+      if (kept >= MAX_OUTPUT_BYTES) return;
+      into.push(chunk);
+      kept += chunk.length;
+    };
+    child.stdout.on("data", keep(out));
+    child.stderr.on("data", keep(err));
+    const kill = () => {
+      if (child.pid !== undefined) {
+        try {
+          process.kill(-child.pid, "SIGKILL");
+        } catch {
+          // Already gone.
+        }
+      }
+    };
+    signal.addEventListener("abort", kill, { once: true });
+    // A backgrounded grandchild would hold the pipes open: it goes with the leader.
+    child.once("exit", kill);
+    child.once("error", (error) => {
+      signal.removeEventListener("abort", kill);
+      fail(new Error(`cannot run ${JSON.stringify(program)}: ${error.message}`));
+    });
+    child.once("close", (code) => {
+      signal.removeEventListener("abort", kill);
+      if (signal.aborted) fail(new Error(String(signal.reason)));
+      else done({ code, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() });
+    });
+  });
+}
+
+/** At most 200 characters of `text`, from its start (or its end with `tail`), quoted. */
+function excerpt(text: string, tail = false): string {
+  const trimmed = text.trim();
+  if (trimmed.length <= 200) return JSON.stringify(trimmed);
+  return JSON.stringify(tail ? `…${trimmed.slice(-200)}` : `${trimmed.slice(0, 200)}…`);
+}
+
+/** An error's message; for fetch, the cause it hides behind "fetch failed" (e.g. ECONNREFUSED). */
+function errorMessage(error: unknown): string {
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause as { message?: string } | undefined;
+  return cause?.message ?? error.message;
+}

@@ -1,0 +1,79 @@
+import { sql } from "drizzle-orm";
+import type { Db } from "./database.js";
+import { queryRows, toNumber } from "./rows.js";
+
+/** A lease held by a worker session: where to send a revoke. */
+export interface HeldToken {
+  readonly actionId: string;
+  readonly epoch: number;
+  readonly sessionId: string;
+}
+
+/**
+ * Finishes the actions of destroyed deployments as CANCELLED, in the caller's
+ * transaction (a rollback, an expiry, a delete). Queued ones never start; a
+ * leased one's lease ends here, so any later report of its holder is fenced.
+ * Returns the leases that were held, to revoke from their holders once the
+ * transaction commits.
+ */
+export async function cancelDeploymentActions(
+  tx: Db,
+  actionIds: readonly string[],
+  message: string,
+  only: "queued" | "queued or leased" = "queued or leased",
+): Promise<HeldToken[]> {
+  if (actionIds.length === 0) return [];
+  const rows = await queryRows<{ id: string; epoch: unknown; session_id: string | null }>(
+    tx,
+    sql`
+      with target as (
+        select id, epoch, state, cluster, worker_id, session_id from actions
+        where id in (select jsonb_array_elements_text(${JSON.stringify(actionIds)}::jsonb))
+          and state in ('QUEUED', ${only === "queued" ? "QUEUED" : "LEASED"})
+        for update
+      ),
+      cancelled as (
+        update actions a set state = 'CANCELLED', failure_reason = ${message}, finished_at = now(),
+          updated_at = now(), session_id = null, worker_id = null, granted_at = null
+        from target t where a.id = t.id
+        returning t.*
+      ),
+      attempts_ended as (
+        update attempts t set outcome = 'CANCELLED', ended_at = now()
+        from cancelled c where t.action_id = c.id and t.epoch = c.epoch and c.state = 'LEASED'
+      ),
+      event as (
+        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
+        select 'action_cancelled', id, cluster, worker_id, session_id, epoch, ${message} from cancelled
+      )
+      select id, epoch, session_id from cancelled where state = 'LEASED'`,
+  );
+  return rows.map((r) => ({ actionId: r.id, epoch: toNumber(r.epoch), sessionId: r.session_id as string }));
+}
+
+/**
+ * Asks the holders of deployment actions to save their outputs and stop
+ * (stop_reason COLLECT_OUTPUTS; the lease stays valid so the holder can report
+ * its files). Returns the leases to send the request to. Queued actions are
+ * not touched: the caller cancels them.
+ */
+export async function requestOutputs(db: Db, actionIds: readonly string[]): Promise<HeldToken[]> {
+  if (actionIds.length === 0) return [];
+  const rows = await queryRows<{ id: string; epoch: unknown; session_id: string }>(
+    db,
+    sql`
+      with asked as (
+        update actions set stop_reason = 'COLLECT_OUTPUTS', updated_at = now()
+        where id in (select jsonb_array_elements_text(${JSON.stringify(actionIds)}::jsonb))
+          and state = 'LEASED'
+        returning id, epoch, session_id, cluster, worker_id
+      ),
+      event as (
+        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
+        select 'outputs_requested', id, cluster, worker_id, session_id, epoch,
+          'asked the agent to save the outputs and stop' from asked
+      )
+      select id, epoch, session_id from asked`,
+  );
+  return rows.map((r) => ({ actionId: r.id, epoch: toNumber(r.epoch), sessionId: r.session_id }));
+}

@@ -1,0 +1,80 @@
+import { sql } from "drizzle-orm";
+import type { Db } from "../database.js";
+import { queryRows, toNumber } from "../rows.js";
+
+/** A lease a hosted stream holds in memory. */
+export interface HeldLease {
+  readonly sessionId: string;
+  readonly actionId: string;
+  readonly epoch: number;
+}
+
+/** What the database says about a held lease that needs telling its holder. */
+export interface LeaseNotice {
+  readonly sessionId: string;
+  readonly actionId: string;
+  readonly epoch: number;
+  /** ended: no longer this session's lease; cancel / collect: a stop was asked and is still pending. */
+  readonly notice: "ended" | "cancel" | "collect";
+  readonly state: string;
+}
+
+/**
+ * The catch-up for lost notices between processes: compares the leases this
+ * process's streams hold in memory with the database, and returns only the
+ * ones a stream must hear about (ended elsewhere, a cancel or an outputs
+ * request pending), plus the hosted workers that are draining. One
+ * statement per audit round, a fallback: the notices themselves travel
+ * over LISTEN/NOTIFY at once.
+ */
+export async function auditLeases(
+  db: Db,
+  held: readonly HeldLease[],
+  workerIds: readonly string[],
+): Promise<{ notices: LeaseNotice[]; draining: string[] }> {
+  const notices =
+    held.length === 0
+      ? []
+      : await queryRows<{
+          session_id: string;
+          action_id: string;
+          epoch: unknown;
+          notice: LeaseNotice["notice"];
+          state: string | null;
+        }>(
+          db,
+          sql`
+            with input as (
+              select * from jsonb_to_recordset(${JSON.stringify(
+                held.map((h) => ({ s: h.sessionId, a: h.actionId, e: h.epoch })),
+              )}::jsonb) as x(s text, a text, e bigint)
+            )
+            select i.s as session_id, i.a as action_id, i.e as epoch, a.state,
+              case
+                when a.id is null or a.state <> 'LEASED' or a.session_id is distinct from i.s or a.epoch <> i.e
+                  then 'ended'
+                when a.cancel_requested then 'cancel'
+                else 'collect' end as notice
+            from input i left join actions a on a.id = i.a
+            where a.id is null or a.state <> 'LEASED' or a.session_id is distinct from i.s or a.epoch <> i.e
+               or a.cancel_requested or a.stop_reason = 'COLLECT_OUTPUTS'`,
+        );
+  const draining =
+    workerIds.length === 0
+      ? []
+      : await queryRows<{ worker_id: string }>(
+          db,
+          sql`select worker_id from workers where draining
+              and worker_id in (select jsonb_array_elements_text(${JSON.stringify(workerIds)}::jsonb))`,
+        );
+  return {
+    notices: notices.map((n) => ({
+      sessionId: n.session_id,
+      actionId: n.action_id,
+      epoch: toNumber(n.epoch),
+      notice: n.notice,
+      state: n.state ?? "gone",
+    })),
+    draining: draining.map((d) => d.worker_id),
+  };
+}

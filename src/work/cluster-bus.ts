@@ -1,0 +1,164 @@
+import { sql } from "drizzle-orm";
+import type { Logger } from "pino";
+import type { Db } from "../store/database.js";
+import type { RevokeReason } from "./worker-messages.js";
+
+/**
+ * What one server process tells the others sharing its database. Every
+ * message is a hint that the receiver checks against its own state: losing
+ * one costs latency (the loops' polls catch up), never correctness.
+ */
+export type BusMessage =
+  /** Something about these change-feed topics changed: look again. */
+  | { readonly kind: "wake"; readonly topics: readonly string[] }
+  /** Send a revoke to the stream of this session, if you host it. */
+  | {
+      readonly kind: "revoke";
+      readonly sessionId: string;
+      readonly actionId: string;
+      readonly epoch: number;
+      readonly reason: RevokeReason;
+      readonly message: string;
+      /** The lease already ended on the server: also free the slot. */
+      readonly ended: boolean;
+    }
+  /** Tell this worker's streams to drain. */
+  | { readonly kind: "drain"; readonly workerId: string; readonly reason: string }
+  /** This session now belongs to the stream with this token: close any other. */
+  | { readonly kind: "takeover"; readonly sessionId: string; readonly streamToken: string };
+
+/** The processes sharing one database, as one broadcast channel. */
+export interface ClusterBus {
+  /** Broadcasts to every other process (best effort, batched). */
+  send(message: BusMessage): void;
+  /** Calls `handler` for every message from another process; returns its `off`. */
+  subscribe(handler: (message: BusMessage) => void): () => void;
+  /** Calls `fn` after the listener reconnected (messages sent meanwhile were lost). */
+  onReconnect(fn: () => void): void;
+  close(): Promise<void>;
+}
+
+/** LISTEN on a dedicated connection that reconnects by itself; `onListen` runs after every (re)connect. */
+export type Listen = (
+  channel: string,
+  onNotify: (payload: string) => void,
+  onListen: () => void,
+) => Promise<{ unlisten(): Promise<void> }>;
+
+/** The PostgreSQL channel every Leasehold process listens on. */
+export const BUS_CHANNEL = "leasehold";
+/** NOTIFY payloads must stay under 8000 bytes. */
+const MAX_PAYLOAD = 7000;
+
+/**
+ * The bus over PostgreSQL LISTEN/NOTIFY. Sends are batched: everything sent
+ * while a NOTIFY statement is in flight goes out in the next one, wake-up
+ * topics deduplicated and packed into as few payloads as fit.
+ */
+export async function createPostgresBus(deps: {
+  db: Db;
+  listen: Listen;
+  serverId: string;
+  log: Logger;
+}): Promise<ClusterBus> {
+  const { db, listen, serverId, log } = deps;
+  const handlers = new Set<(message: BusMessage) => void>();
+  const reconnects: (() => void)[] = [];
+  let listenedOnce = false;
+
+  const subscription = await listen(
+    BUS_CHANNEL,
+    (payload) => {
+      let parsed: BusMessage & { from?: string };
+      try {
+        parsed = JSON.parse(payload);
+      } catch {
+        return;
+      }
+      if (parsed.from === serverId) return;
+      for (const handler of handlers) handler(parsed);
+    },
+    () => {
+      if (listenedOnce) {
+        log.info("listening for other processes again; catching up on what was missed");
+        for (const fn of reconnects) fn();
+      }
+      listenedOnce = true;
+    },
+  );
+
+  let topics = new Set<string>();
+  let others: BusMessage[] = [];
+  let flushing: Promise<void> | undefined;
+  let again = false;
+  let failing = false;
+  let closed = false;
+
+  function payloads(): string[] {
+    const out = others.map((m) => JSON.stringify({ from: serverId, ...m }));
+    let batch: string[] = [];
+    let size = 0;
+    for (const topic of topics) {
+      if (size + topic.length + 3 > MAX_PAYLOAD && batch.length > 0) {
+        out.push(JSON.stringify({ from: serverId, kind: "wake", topics: batch }));
+        batch = [];
+        size = 0;
+      }
+      batch.push(topic);
+      size += topic.length + 3;
+    }
+    if (batch.length > 0) out.push(JSON.stringify({ from: serverId, kind: "wake", topics: batch }));
+    topics = new Set();
+    others = [];
+    return out;
+  }
+
+  function flush(): void {
+    if (flushing) {
+      again = true;
+      return;
+    }
+    flushing = (async () => {
+      do {
+        again = false;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        const batch = payloads();
+        if (batch.length === 0) continue;
+        try {
+          await db.execute(
+            sql`select pg_notify(${BUS_CHANNEL}, p) from jsonb_array_elements_text(${JSON.stringify(batch)}::jsonb) as p`,
+          );
+          if (failing) log.info("notifying other processes again");
+          failing = false;
+        } catch (error) {
+          // Lost hints cost latency only: the other processes' polls catch up.
+          if (!failing)
+            log.warn({ err: error }, "could not notify other processes; they will catch up by polling");
+          failing = true;
+        }
+      } while (again && !closed);
+      flushing = undefined;
+    })();
+  }
+
+  return {
+    send(message) {
+      if (closed) return;
+      if (message.kind === "wake") for (const t of message.topics) topics.add(t);
+      else others.push(message);
+      flush();
+    },
+    subscribe(handler) {
+      handlers.add(handler);
+      return () => handlers.delete(handler);
+    },
+    onReconnect(fn) {
+      reconnects.push(fn);
+    },
+    async close() {
+      closed = true;
+      await flushing;
+      await subscription.unlisten().catch(() => {});
+    },
+  };
+}

@@ -1,0 +1,319 @@
+import { readFileSync } from "node:fs";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { connect } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import {
+  DeploymentPhase,
+  type DeploymentSpecSchema,
+  type Resource,
+  ResourceService,
+} from "../../src/gen/leasehold/v1/resource_pb.js";
+import { freePort } from "../helpers/ports.js";
+import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus } from "../helpers/status.js";
+
+/**
+ * Deployments of scope leases run by a real `leasehold agent` process: the
+ * containers are real processes, readiness is probed for real, a rollback or
+ * TTL expiry kills them, and collected outputs come back as files.
+ */
+describe("deployments", () => {
+  let t: TestServer;
+  let agent: LeaseholdProcess;
+  let workDir: string;
+  const leases = () => t.client(LeaseService);
+  const resources = () => t.client(ResourceService);
+
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
+    workDir = await mkdtemp(join(tmpdir(), "leasehold-deployments-"));
+    agent = await runReferenceAgent({ server: t.address, cluster: "east", workerId: "dep-agent", workDir });
+  });
+  afterAll(async () => {
+    agent.child.kill("SIGKILL");
+    await t[Symbol.asyncDispose]();
+    await rm(workDir, { recursive: true, force: true });
+  });
+
+  const open = async (ttlSeconds = 600) =>
+    (await leases().createLease({ runtime: "east", ttl: { seconds: BigInt(ttlSeconds) } })).lease?.id ?? "";
+
+  /** A node program as a container: `script` runs with the deployment's work directory as cwd. */
+  const node = (name: string, script: string, env: Record<string, string> = {}) => ({
+    name,
+    command: { argv: [process.execPath, "-e", script], env },
+  });
+
+  /** A server on `port` that writes its pid, serves greeting.txt, and saves its outputs on SIGTERM. */
+  const webScript = `
+    const fs = require("node:fs");
+    fs.writeFileSync("pid", String(process.pid));
+    fs.writeFileSync("out/started.txt", "started " + fs.readFileSync("greeting.txt", "utf8"));
+    require("node:net").createServer((s) => s.end(fs.readFileSync("greeting.txt"))).listen(Number(process.env.PORT), "127.0.0.1");
+    process.on("SIGTERM", () => {
+      fs.mkdirSync("out/nested", { recursive: true });
+      fs.writeFileSync("out/nested/final.json", JSON.stringify({ stoppedBy: "SIGTERM" }));
+      process.exit(0);
+    });`;
+
+  async function deployWeb(leaseId: string): Promise<{ resource: Resource; port: number }> {
+    const greeting = await resources().createFile({
+      leaseId,
+      name: "greeting.txt",
+      content: new TextEncoder().encode("hello from a fixture"),
+    });
+    const port = await freePort();
+    const spec: MessageInitShape<typeof DeploymentSpecSchema> = {
+      containers: [node("web", webScript, { PORT: String(port) })],
+      readinessProbe: { check: { case: "tcpPort", value: port }, period: { nanos: 100_000_000 } },
+      outputsDir: "out",
+      inputs: [{ fileId: greeting.resource?.id ?? "", path: "greeting.txt" }],
+    };
+    const created = await resources().createDeployment({ leaseId, spec });
+    return { resource: created.resource as Resource, port };
+  }
+
+  const waitReady = async (leaseId: string) => {
+    const updates = [];
+    for await (const u of leases().waitLease({ leaseId, timeout: { seconds: 60n } })) updates.push(u);
+    return updates;
+  };
+
+  /** Whether the process runs: a zombie (dead, waiting to be reaped by whoever adopted it) does not. */
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return false;
+    }
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
+    } catch {
+      return false;
+    }
+  };
+
+  /** Waits for the agent to report a revoke of `actionId`, then for `pid` to be gone. */
+  async function torndown(actionId: string, reason: string, pid: number): Promise<void> {
+    await agent.waitForLog((l) => l.type === "revoked" && l.actionId === actionId && l.reason === reason);
+    // The agent kills the group right after the revoke; its exit is not an event we can subscribe to.
+    for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+    expect(alive(pid)).toBe(false);
+  }
+
+  it("runs a deployment on the agent until ready, and a rollback kills its processes", async () => {
+    const leaseId = await open();
+    const { resource, port } = await deployWeb(leaseId);
+    const deploymentId = resource.id;
+    expect(resource.body.case).toBe("deployment");
+
+    const updates = await waitReady(leaseId);
+    const last = updates.at(-1);
+    expect(last).toMatchObject({ done: true, timedOut: false });
+    expect(last?.deployment?.phase).toBe(DeploymentPhase.READY);
+    expect(last?.deployment?.containers).toMatchObject([{ name: "web", state: "running" }]);
+    expect(updates.slice(0, -1).every((u) => !u.done)).toBe(true);
+
+    // It really runs: the fixture was placed next to it and it serves it.
+    const served = await new Promise<string>((resolve, reject) => {
+      const socket = connect({ host: "127.0.0.1", port });
+      let text = "";
+      socket.on("data", (d: Buffer) => (text += d));
+      socket.on("end", () => resolve(text));
+      socket.on("error", reject);
+    });
+    expect(served).toBe("hello from a fixture");
+    const pid = Number(await readFile(join(workDir, `${deploymentId}.1`, "pid"), "utf8"));
+    expect(alive(pid)).toBe(true);
+
+    const debug = await leases().debugLease({ leaseId });
+    expect(debug.deployments).toMatchObject([{ id: deploymentId, phase: DeploymentPhase.READY }]);
+    const actionId = debug.deployments[0]?.actionId ?? "";
+
+    const rolled = await leases().rollbackLease({ leaseId });
+    expect(rolled.destroyedResources).toBe(2); // the fixture and the deployment
+    await torndown(actionId, "rolled_back", pid);
+    const { action } = await t.client(ActionService).getAction({ actionId });
+    expect(action?.state).toBe(ActionState.CANCELLED);
+    expect(action?.failureReason).toMatch(/rolled back/);
+    // Its work directory goes with it.
+    for (let i = 0; i < 100; i++) {
+      if (!(await stat(join(workDir, `${deploymentId}.1`)).catch(() => undefined))) break;
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    expect(await stat(join(workDir, `${deploymentId}.1`)).catch(() => undefined)).toBeUndefined();
+  });
+
+  it("collects outputs: the agent stops the deployment, saves its files into the lease, and returns them", async () => {
+    const leaseId = await open();
+    const { resource } = await deployWeb(leaseId);
+    await waitReady(leaseId);
+
+    const { fileIds } = await leases().collectOutputs({ leaseId, timeout: { seconds: 30n } });
+    expect(fileIds).toHaveLength(2);
+    const files = new Map<string, string>();
+    for (const id of fileIds) {
+      const { resource: file } = await resources().getResource({ resourceId: id });
+      expect(file).toMatchObject({ kind: "file", leaseId });
+      const chunks: Uint8Array[] = [];
+      for await (const part of resources().downloadFile({ resourceId: id })) chunks.push(part.chunk);
+      files.set(
+        file?.body.case === "file" ? file.body.value.name : "",
+        Buffer.concat(chunks).toString("utf8"),
+      );
+    }
+    expect(Object.fromEntries(files)).toEqual({
+      "started.txt": "started hello from a fixture",
+      "nested/final.json": JSON.stringify({ stoppedBy: "SIGTERM" }),
+    });
+
+    const { resource: stopped } = await resources().getResource({ resourceId: resource.id });
+    expect(stopped?.body.case === "deployment" && stopped.body.value).toMatchObject({
+      phase: DeploymentPhase.STOPPED,
+      outputFileIds: fileIds,
+      containers: [{ name: "web", state: "exited" }],
+    });
+    // The lease is still open and owns fixture, deployment and both outputs; a second collect returns the same files.
+    expect((await leases().getLease({ leaseId })).lease?.ownedResources).toBe(4);
+    expect((await leases().collectOutputs({ leaseId })).fileIds).toEqual(fileIds);
+    await leases().rollbackLease({ leaseId });
+  });
+
+  it("reports a container that fails as FAILED with its exit code and last words", async () => {
+    const leaseId = await open();
+    await resources().createDeployment({
+      leaseId,
+      spec: {
+        containers: [
+          node("crash", 'setTimeout(() => { console.error("config missing"); process.exit(3) }, 200)'),
+        ],
+        // Never ready: without a probe it would be READY as soon as it started.
+        readinessProbe: { check: { case: "tcpPort", value: await freePort() } },
+      },
+    });
+    const last = (await waitReady(leaseId)).at(-1);
+    expect(last).toMatchObject({ done: true, timedOut: false });
+    expect(last?.deployment?.phase).toBe(DeploymentPhase.FAILED);
+    expect(last?.deployment?.containers).toMatchObject([{ name: "crash", state: "exited", exitCode: 3 }]);
+    expect(last?.deployment?.message).toMatch(/container crash exited 3: config missing/);
+    await leases().rollbackLease({ leaseId });
+  });
+
+  it("rolls a deployment back when its lease's TTL passes, killing it", async () => {
+    const leaseId = await open(3);
+    const { resource } = await deployWeb(leaseId);
+    await waitReady(leaseId);
+    const pid = Number(await readFile(join(workDir, `${resource.id}.1`, "pid"), "utf8"));
+    const actionId = resource.body.case === "deployment" ? resource.body.value.actionId : "";
+    await torndown(actionId, "rolled_back", pid);
+    const { lease } = await leases().getLease({ leaseId });
+    expect(lease?.ownedResources).toBe(0);
+  });
+
+  it("ends WaitLease with timed_out while no agent of the runtime takes the deployment", async () => {
+    const { lease } = await leases().createLease({ runtime: "nowhere" });
+    const leaseId = lease?.id ?? "";
+    await resources().createDeployment({ leaseId, spec: { containers: [node("idle", "")] } });
+    const updates = [];
+    for await (const u of leases().waitLease({ leaseId, timeout: { nanos: 300_000_000 } })) updates.push(u);
+    expect(updates.at(-1)).toMatchObject({ done: true, timedOut: true });
+    expect(updates.at(-1)?.deployment?.phase).toBe(DeploymentPhase.PENDING);
+    // Collecting a deployment that never started cancels it and returns no files.
+    expect((await leases().collectOutputs({ leaseId })).fileIds).toEqual([]);
+    await leases().rollbackLease({ leaseId });
+  });
+
+  it("stops what a SIGKILLed agent left running when the agent starts again with the same work directory", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "leasehold-orphans-"));
+    const start = () =>
+      runReferenceAgent({ server: t.address, cluster: "orphans", workerId: "phoenix", workDir: dir });
+    let first: LeaseholdProcess | undefined = await start();
+    let second: LeaseholdProcess | undefined;
+    try {
+      const { lease } = await leases().createLease({ runtime: "orphans" });
+      const leaseId = lease?.id ?? "";
+      const { resource } = await deployWeb(leaseId);
+      await waitReady(leaseId);
+      const pid = Number(await readFile(join(dir, `${resource.id}.1`, "pid"), "utf8"));
+      first.child.kill("SIGKILL");
+      await new Promise((resolve) => first?.child.once("exit", resolve));
+      first = undefined;
+      expect(alive(pid)).toBe(true); // nothing stopped it: the agent could not
+      second = await start();
+      const stopped = await second.waitForLog((l) => l.type === "leftovers_stopped");
+      expect(stopped.count).toBe(1);
+      // SIGKILL was sent; the exit of a process we are not the parent of is not an event we can await.
+      for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+      expect(alive(pid)).toBe(false);
+      await leases().rollbackLease({ leaseId });
+    } finally {
+      first?.child.kill("SIGKILL");
+      second?.child.kill("SIGKILL");
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("rejects bad deployments with every field to fix, and closed or empty leases by state", async () => {
+    const leaseId = await open();
+    const bad: MessageInitShape<typeof DeploymentSpecSchema> = {
+      containers: [
+        { name: "a", command: { argv: [] } },
+        { name: "a", command: { argv: ["true"] } },
+      ],
+      readinessProbe: { check: { case: "tcpPort", value: 70000 } },
+      outputsDir: "../escape",
+      inputs: [{ fileId: "", path: "/etc/passwd" }],
+    };
+    const f = await expectStatus(
+      resources().createDeployment({ leaseId, spec: bad }),
+      Code.InvalidArgument,
+      /spec\.containers\[0\]\.command\.argv: is required/,
+    );
+    expect(f.fields).toEqual([
+      "spec.containers[0].command.argv",
+      "spec.containers[1].name",
+      "spec.readiness_probe.tcp_port",
+      "spec.outputs_dir",
+      "spec.inputs[0].file_id",
+      "spec.inputs[0].path",
+    ]);
+    await expectStatus(
+      resources().createDeployment({ leaseId, spec: { containers: [node("x", "")] }, runtime: "west" }),
+      Code.InvalidArgument,
+      /^runtime: must be empty when lease_id is set/,
+    );
+    await expectStatus(
+      resources().createDeployment({
+        leaseId,
+        spec: { containers: [node("x", "")], inputs: [{ fileId: "missing", path: "a" }] },
+      }),
+      Code.InvalidArgument,
+      /spec\.inputs\[0\]\.file_id: no file resource "missing"/,
+    );
+    await expectStatus(
+      leases().collectOutputs({ leaseId }),
+      Code.FailedPrecondition,
+      /owns no deployment; create one with CreateDeployment first/,
+    );
+    await leases().commitLease({ leaseId });
+    await expectStatus(
+      resources().createDeployment({ leaseId, spec: { containers: [node("x", "")] } }),
+      Code.FailedPrecondition,
+      /cannot create a deployment in it: lease .* is COMMITTED/,
+    );
+    const waiting = async () => {
+      for await (const _ of leases().waitLease({ leaseId })) {
+        // nothing arrives: the call fails first
+      }
+    };
+    await expectStatus(waiting(), Code.FailedPrecondition, /cannot wait for it: lease .* is COMMITTED/);
+  });
+});

@@ -1,0 +1,482 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { freePort } from "../helpers/ports.js";
+import { BIN, collectLines, type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+const EXAMPLE = fileURLToPath(new URL("../../examples/http-smoke", import.meta.url));
+/** The port the example manifest uses; each test swaps in a free one. */
+const EXAMPLE_PORT = "8765";
+/** The example's runtime: the agent of this file serves it. */
+const RUNTIME = "local";
+
+type Event = Record<string, unknown> & { event: string; time: string };
+
+/** A `leasehold` process: stdout as parsed lines, stderr as text, and how it ended. */
+interface Cli {
+  readonly child: ChildProcess;
+  readonly events: Event[];
+  waitFor(test: (e: Event) => boolean): Promise<Event>;
+  /** Exit code, or 128 + signal number when killed by a signal. */
+  readonly exited: Promise<number>;
+  stderr(): string;
+}
+
+/**
+ * `leasehold lease run --test`, and the commands it is built from, run for
+ * real: a server, a `leasehold agent` process that runs the deployments, and
+ * the CLI as a child process, as a user or CI would run them.
+ */
+describe("leasehold lease run --test", () => {
+  let t: TestServer;
+  let agent: LeaseholdProcess;
+  let workDir: string;
+  let scratch: string;
+  const leases = () => t.client(LeaseService);
+  const resources = () => t.client(ResourceService);
+
+  beforeAll(async () => {
+    t = await startTestServer();
+    workDir = mkdtempSync(join(tmpdir(), "leasehold-run-agent-"));
+    scratch = mkdtempSync(join(tmpdir(), "leasehold-run-manifests-"));
+    agent = await runReferenceAgent({ server: t.address, cluster: RUNTIME, workerId: "run-agent", workDir });
+  });
+  afterAll(async () => {
+    agent?.child.kill("SIGKILL");
+    await t?.[Symbol.asyncDispose]();
+    rmSync(workDir, { recursive: true, force: true });
+    rmSync(scratch, { recursive: true, force: true });
+  });
+
+  /** Runs `leasehold --server <server> <args>`, by default against the test server. */
+  function cli(args: string[], server = t.address): Cli {
+    const child = spawn(process.execPath, [BIN, "--server", server, ...args], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const { lines, waitFor } = collectLines(child);
+    let stderr = "";
+    child.stderr?.on("data", (chunk: Buffer) => {
+      stderr += chunk.toString();
+    });
+    const exited = new Promise<number>((resolve) =>
+      child.once("close", (code, signal) =>
+        resolve(code ?? 128 + (signal === "SIGINT" ? 2 : signal === "SIGTERM" ? 15 : 9)),
+      ),
+    );
+    return {
+      child,
+      events: lines as Event[],
+      waitFor: waitFor as Cli["waitFor"],
+      exited,
+      stderr: () => stderr,
+    };
+  }
+
+  /** The example directory copied to a fresh place, its port swapped for a free one. */
+  async function exampleCopy(): Promise<{ manifest: string; port: number }> {
+    const dir = mkdtempSync(join(scratch, "http-smoke-"));
+    cpSync(EXAMPLE, dir, { recursive: true });
+    const port = await freePort();
+    const manifest = join(dir, "manifest.yaml");
+    writeFileSync(manifest, readFileSync(manifest, "utf8").replaceAll(EXAMPLE_PORT, String(port)));
+    return { manifest, port };
+  }
+
+  /** Writes a manifest into its own directory and returns its path. */
+  function manifestFile(text: string): string {
+    const dir = mkdtempSync(join(scratch, "manifest-"));
+    writeFileSync(join(dir, "manifest.yaml"), text);
+    return join(dir, "manifest.yaml");
+  }
+
+  /** A deployment of the example's server on `port`, with its fixtures. */
+  const exampleDeployment = (port: number) => `
+fixtures:
+  - path: ${join(EXAMPLE, "fixtures/server.mjs")}
+  - path: ${join(EXAMPLE, "fixtures/hello.txt")}
+deployment:
+  containers:
+    - name: web
+      argv: [${process.execPath}, server.mjs]
+      env: {PORT: ${port}}
+  readiness: {tcp: ${port}, period: 100ms}
+  outputs_dir: out
+  ready_timeout: 30s
+`;
+
+  const names = (events: readonly Event[]) =>
+    events.map((e) => e.event).filter((name) => name !== "deployment_phase");
+
+  async function download(fileId: string): Promise<string> {
+    const chunks: Uint8Array[] = [];
+    for await (const m of resources().downloadFile({ resourceId: fileId })) chunks.push(m.chunk);
+    return Buffer.concat(chunks).toString();
+  }
+
+  /** The lease is closed by rollback and owns nothing any more. */
+  async function expectRolledBack(leaseId: string) {
+    const { lease } = await leases().getLease({ leaseId });
+    expect(lease?.state).toBe(LeaseState.ROLLED_BACK);
+    expect(lease?.ownedResources).toBe(0);
+    const { resources: left } = await resources().listResources({ leaseId });
+    expect(left.filter((r) => r.ownership !== Ownership.WORKSPACE)).toEqual([]);
+    return lease;
+  }
+
+  it("runs the README example: ready, every check passes, the result is recorded, the output outlives the rollback", async () => {
+    const { manifest } = await exampleCopy();
+    const run = cli(["lease", "run", `--test=${manifest}`]);
+    expect(await run.exited).toBe(0);
+    const events = run.events;
+    expect(names(events)).toEqual([
+      "lease_created",
+      "fixture_uploaded",
+      "fixture_uploaded",
+      "fixture_uploaded",
+      "deployment_created",
+      "deployment_ready",
+      "check_passed",
+      "check_passed",
+      "check_passed",
+      "check_passed",
+      "outputs_collected",
+      "output_promoted",
+      "result_recorded",
+      "lease_rolled_back",
+      "done",
+    ]);
+    for (const e of events) expect(new Date(e.time).toISOString()).toBe(e.time);
+
+    // The phases WaitLease streamed sit between the deployment's creation and its readiness.
+    const created = events.findIndex((e) => e.event === "deployment_created");
+    const ready = events.findIndex((e) => e.event === "deployment_ready");
+    const phases = events.filter((e) => e.event === "deployment_phase");
+    expect(phases.length).toBeGreaterThan(0);
+    expect(events.indexOf(phases[0] as Event)).toBeGreaterThan(created);
+    expect(phases.at(-1)).toMatchObject({ phase: "READY", containers: [{ name: "web", state: "running" }] });
+    expect(events.indexOf(phases.at(-1) as Event)).toBe(ready - 1);
+
+    const leaseId = events[0]?.lease_id as string;
+    expect(events[0]).toMatchObject({ runtime: RUNTIME, label: "http-smoke" });
+    expect(events.filter((e) => e.event === "fixture_uploaded").map((e) => [e.name, e.mount])).toEqual([
+      ["server.mjs", "server.mjs"],
+      ["hello.txt", "hello.txt"],
+      ["config.json", "config.json"],
+    ]);
+    expect(events.filter((e) => e.event === "check_passed").map((e) => e.name)).toEqual([
+      "serves a fixture file",
+      "answers 404 for a missing file",
+      "port is open",
+      "inline fixture is served as JSON",
+    ]);
+    const promoted = events.find((e) => e.event === "output_promoted");
+    expect(promoted).toMatchObject({ name: "requests.log" });
+    expect(events.at(-1)).toMatchObject({ event: "done", passed: true, exit_code: 0, lease_id: leaseId });
+
+    const lease = await expectRolledBack(leaseId);
+    expect(lease?.result).toMatchObject({
+      passed: true,
+      checks: [
+        { name: "serves a fixture file", passed: true },
+        { name: "answers 404 for a missing file", passed: true },
+        { name: "port is open", passed: true },
+        { name: "inline fixture is served as JSON", passed: true },
+      ],
+      deployment: { ready: true, phase: "READY" },
+      outputs: [{ name: "requests.log", file_id: promoted?.file_id }],
+    });
+    // The promoted output survived the rollback, with what the container wrote while the checks ran.
+    const { resource } = await resources().getResource({ resourceId: promoted?.file_id as string });
+    expect(resource?.ownership).toBe(Ownership.WORKSPACE);
+    expect(resource?.body.case === "file" && resource.body.value.name).toBe("requests.log");
+    expect((await download(promoted?.file_id as string)).split("\n")).toEqual([
+      "GET /hello.txt 200",
+      "GET /missing.txt 404",
+      "GET /config.json 200",
+      "",
+    ]);
+  });
+
+  it("a failing check fails the run (exit 1): the result says which and why, and the lease is rolled back", async () => {
+    const port = await freePort();
+    const run = cli([
+      "lease",
+      "run",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+label: failing-check
+${exampleDeployment(port)}
+checks:
+  - name: serves hello
+    http: {url: "http://127.0.0.1:${port}/hello.txt"}
+  - name: says goodbye
+    http: {url: "http://127.0.0.1:${port}/hello.txt", body_contains: goodbye}
+  - name: exits 0
+    exec: {argv: [${process.execPath}, -e, "process.exit(4)"]}
+`),
+    ]);
+    expect(await run.exited).toBe(1);
+    expect(names(run.events)).toEqual([
+      "lease_created",
+      "fixture_uploaded",
+      "fixture_uploaded",
+      "deployment_created",
+      "deployment_ready",
+      "check_passed",
+      "check_failed",
+      "check_failed",
+      "outputs_collected",
+      "result_recorded",
+      "lease_rolled_back",
+      "done",
+    ]);
+    const failed = run.events.filter((e) => e.event === "check_failed");
+    expect(failed.map((e) => [e.name, e.message])).toEqual([
+      [
+        "says goodbye",
+        `GET http://127.0.0.1:${port}/hello.txt answered 200 but the body does not contain "goodbye" (body: "hello from a fixture")`,
+      ],
+      ["exits 0", "exited 4, expected 0"],
+    ]);
+    expect(run.events.at(-1)).toMatchObject({ event: "done", passed: false, exit_code: 1 });
+    const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+    expect(lease?.result).toMatchObject({
+      passed: false,
+      checks: [
+        { name: "serves hello", passed: true },
+        { name: "says goodbye", passed: false },
+        { name: "exits 0", passed: false, message: "exited 4, expected 0" },
+      ],
+    });
+  });
+
+  it("an output the manifest names but the deployment did not write fails the run even when every check passed", async () => {
+    const port = await freePort();
+    const run = cli([
+      "lease",
+      "run",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+${exampleDeployment(port)}
+checks:
+  - http: {url: "http://127.0.0.1:${port}/hello.txt"}
+outputs:
+  promote: [requests.log, report.html]
+`),
+    ]);
+    expect(await run.exited).toBe(1);
+    expect(names(run.events)).toEqual([
+      "lease_created",
+      "fixture_uploaded",
+      "fixture_uploaded",
+      "deployment_created",
+      "deployment_ready",
+      "check_passed",
+      "outputs_collected",
+      "output_promoted",
+      "output_missing",
+      "result_recorded",
+      "lease_rolled_back",
+      "done",
+    ]);
+    expect(run.events.find((e) => e.event === "output_missing")).toMatchObject({ name: "report.html" });
+    const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+    expect(lease?.result).toMatchObject({ passed: false, missing_outputs: ["report.html"] });
+  });
+
+  it("a deployment that fails skips the checks, still records the result and keeps its outputs, then rolls back", async () => {
+    const run = cli([
+      "lease",
+      "run",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+deployment:
+  containers:
+    - name: crash
+      argv:
+        - ${process.execPath}
+        - -e
+        - 'require("fs").writeFileSync("out/why.txt", "no config"); console.error("boom: no config"); process.exit(3)'
+  readiness: {tcp: 1}
+  outputs_dir: out
+checks:
+  - tcp: {port: 1}
+outputs:
+  promote: [why.txt]
+`),
+    ]);
+    expect(await run.exited).toBe(1);
+    expect(names(run.events)).toEqual([
+      "lease_created",
+      "deployment_created",
+      "deployment_failed",
+      "check_failed",
+      "outputs_collected",
+      "output_promoted",
+      "result_recorded",
+      "lease_rolled_back",
+      "done",
+    ]);
+    expect(run.events.find((e) => e.event === "deployment_failed")).toMatchObject({
+      phase: "FAILED",
+      timed_out: false,
+      message: expect.stringContaining("boom: no config"),
+    });
+    expect(run.events.find((e) => e.event === "check_failed")).toMatchObject({ skipped: true });
+    const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+    expect(lease?.result).toMatchObject({
+      passed: false,
+      deployment: { ready: false, phase: "FAILED" },
+      checks: [{ name: "tcp 127.0.0.1:1", passed: false }],
+    });
+    const promoted = run.events.find((e) => e.event === "output_promoted");
+    expect(await download(promoted?.file_id as string)).toBe("no config");
+  });
+
+  it("a bad manifest exits 2 naming every field to fix, before any lease exists", async () => {
+    const before = (await leases().listLeases({ pageSize: 1000 })).leases.length;
+    const run = cli([
+      "lease",
+      "run",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+deployment:
+  containers: [{name: web, argv: [sleep, 60], image: busybox}]
+checks:
+  - tcp: {port: 80}
+  - http: {status: 200}
+`),
+    ]);
+    expect(await run.exited).toBe(2);
+    expect(run.stderr()).toContain("deployment.containers[0].image: unknown key");
+    expect(run.stderr()).toContain("checks[1].http.url: is required");
+    expect(run.events.map((e) => e.event)).toEqual(["manifest_invalid", "done"]);
+    expect(run.events[0]?.problems).toHaveLength(2);
+    expect(run.events[1]).toMatchObject({ passed: false, exit_code: 2 });
+    expect((await leases().listLeases({ pageSize: 1000 })).leases).toHaveLength(before);
+  });
+
+  it("a server that cannot be reached exits 3 and says so", async () => {
+    const unused = await freePort();
+    const { manifest } = await exampleCopy();
+    const run = cli(["lease", "run", "--test", manifest], `127.0.0.1:${unused}`);
+    expect(await run.exited).toBe(3);
+    expect(run.events.map((e) => e.event)).toEqual(["error", "done"]);
+    expect(run.events[0]).toMatchObject({ step: "create_lease" });
+    expect(run.stderr()).toContain(`cannot reach the server at 127.0.0.1:${unused}`);
+  });
+
+  it.each([
+    ["SIGINT", 130],
+    ["SIGTERM", 143],
+  ] as const)(
+    "%s while waiting for the deployment rolls the lease back and exits %i",
+    async (signal, code) => {
+      const run = cli([
+        "lease",
+        "run",
+        "--test",
+        manifestFile(`runtime: ${RUNTIME}
+deployment:
+  containers:
+    - name: idle
+      argv: [${process.execPath}, -e, "setInterval(() => {}, 1000)"]
+  readiness: {tcp: 1}
+checks:
+  - tcp: {port: 1}
+`),
+      ]);
+      await run.waitFor((e) => e.event === "deployment_phase");
+      run.child.kill(signal);
+      expect(await run.exited).toBe(code);
+      expect(names(run.events).slice(-3)).toEqual(["interrupted", "lease_rolled_back", "done"]);
+      expect(run.events.find((e) => e.event === "interrupted")).toMatchObject({ signal });
+      expect(run.events.at(-1)).toMatchObject({ passed: false, exit_code: code });
+      await expectRolledBack(run.events[0]?.lease_id as string);
+    },
+  );
+
+  it("--keep-lease leaves the lease open with everything in it, and says so", async () => {
+    const port = await freePort();
+    const run = cli([
+      "lease",
+      "run",
+      "--keep-lease",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+${exampleDeployment(port)}
+checks:
+  - tcp: {port: ${port}}
+`),
+    ]);
+    expect(await run.exited).toBe(0);
+    expect(names(run.events).slice(-2)).toEqual(["lease_kept", "done"]);
+    const leaseId = run.events[0]?.lease_id as string;
+    const { lease } = await leases().getLease({ leaseId });
+    expect(lease?.state).toBe(LeaseState.OPEN);
+    expect(lease?.ownedResources).toBeGreaterThan(0);
+    expect(run.events.find((e) => e.event === "lease_kept")?.expire_time).toBe(
+      new Date(
+        Number(lease?.expireTime?.seconds) * 1000 + (lease?.expireTime?.nanos ?? 0) / 1e6,
+      ).toISOString(),
+    );
+    await leases().rollbackLease({ leaseId });
+  });
+
+  it("deployment create, lease wait and lease collect-outputs do the same steps one at a time", async () => {
+    const port = await freePort();
+    const { lease } = await leases().createLease({ runtime: RUNTIME, label: "by-hand" });
+    const leaseId = lease?.id ?? "";
+    const dir = mkdtempSync(join(scratch, "spec-"));
+    const spec = join(dir, "spec.yaml");
+    writeFileSync(
+      spec,
+      `containers:
+  - name: web
+    command:
+      argv: [${process.execPath}, -e, 'require("fs").writeFileSync("out/a.txt", "A"); require("net").createServer().listen(${port}, "127.0.0.1")']
+readiness_probe: {tcp_port: ${port}, period: 0.1s}
+outputs_dir: out
+`,
+    );
+    const created = cli(["--json", "deployment", "create", "--lease", leaseId, "--spec", spec]);
+    expect(await created.exited).toBe(0);
+    expect(created.events[0]).toMatchObject({
+      kind: "deployment",
+      leaseId,
+      deployment: { spec: { outputsDir: "out" }, phase: "DEPLOYMENT_PHASE_PENDING" },
+    });
+
+    const wait = cli(["--json", "lease", "wait", leaseId, "--timeout", "30s"]);
+    expect(await wait.exited).toBe(0);
+    expect(wait.events.at(-1)).toMatchObject({
+      done: true,
+      deployment: { phase: "DEPLOYMENT_PHASE_READY", containers: [{ name: "web", state: "running" }] },
+    });
+    expect(wait.events.slice(0, -1).every((e) => e.done === undefined)).toBe(true);
+
+    const collected = cli(["--json", "lease", "collect-outputs", leaseId]);
+    expect(await collected.exited).toBe(0);
+    const fileIds = collected.events[0]?.fileIds as string[];
+    expect(fileIds).toHaveLength(1);
+    expect(await download(fileIds[0] as string)).toBe("A");
+
+    // Stopped now: waiting again reports it and fails.
+    const again = cli(["lease", "wait", leaseId, "--timeout", "5s"]);
+    expect(await again.exited).toBe(1);
+    expect(again.events.at(-1)?.text).toMatch(/^not ready: the deployment is STOPPED/);
+
+    const badSpec = join(dir, "bad.yaml");
+    writeFileSync(badSpec, "containers: [{name: web, command: {argv: ls}}]\n");
+    const bad = cli(["deployment", "create", "--lease", leaseId, "--spec", badSpec]);
+    expect(await bad.exited).toBe(2);
+    expect(bad.stderr()).toContain("leasehold.v1.Command.argv");
+    await leases().rollbackLease({ leaseId });
+  });
+});

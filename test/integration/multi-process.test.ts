@@ -1,0 +1,331 @@
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+import { type OwnPostgres, startOwnPostgres } from "../embedded-postgres.js";
+import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freePort } from "../helpers/ports.js";
+import { type AgentProcess, type LeaseholdProcess, runLeasehold, runSdkAgent } from "../helpers/process.js";
+import { connectWorker } from "../helpers/worker.js";
+
+/** Starts `leasehold serve` processes on one PostgreSQL database and waits until each serves. */
+async function startServers(
+  databaseUrl: string,
+  count: number,
+  extra: string[] = [],
+): Promise<{ processes: LeaseholdProcess[]; addresses: string[] }> {
+  const addresses: string[] = [];
+  const processes: LeaseholdProcess[] = [];
+  for (let i = 0; i < count; i++) {
+    const address = `127.0.0.1:${await freePort()}`;
+    const args = ["serve", "--listen", address, "--metrics-listen", "off", ...extra];
+    addresses.push(address);
+    processes.push(runLeasehold(args, databaseUrl));
+  }
+  await Promise.all(processes.map((p) => p.waitForLog((l) => l.msg === "leasehold serving")));
+  return { processes, addresses };
+}
+
+const TIMING = ["--grace-period", "6s", "--heartbeat-interval", "1s"];
+
+/** Lines an SDK agent printed about accepted completions, by action id. */
+function acceptedCompletions(agents: readonly AgentProcess[]): Map<string, number> {
+  const counts = new Map<string, number>();
+  for (const agent of agents) {
+    for (const line of agent.lines) {
+      if (line.type === "finished" && line.outcome === "succeeded" && line.accepted === true) {
+        const id = line.actionId as string;
+        counts.set(id, (counts.get(id) ?? 0) + 1);
+      }
+    }
+  }
+  return counts;
+}
+
+/**
+ * Resolves once `test` holds, checked after every line any of the agents
+ * prints; after `limitMs` fails saying what it waited for and what the
+ * agents said last (the test's own timeout says nothing).
+ */
+function until(
+  agents: readonly AgentProcess[],
+  test: () => boolean,
+  what: string,
+  limitMs = 60_000,
+): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const stop = () => {
+      clearTimeout(timer);
+      for (const agent of agents) agent.child.stdout?.off("data", later);
+    };
+    const check = () => {
+      if (!test()) return;
+      stop();
+      resolve();
+    };
+    // After the line reader's own listener has parsed the chunk.
+    const later = () => setImmediate(check);
+    const timer = setTimeout(() => {
+      stop();
+      const recent = agents.map((a) => a.lines.filter((l) => l.type !== "finished").slice(-4));
+      reject(
+        new Error(
+          `still waiting for ${what} after ${limitMs}ms; agents' last events: ${JSON.stringify(recent)}`,
+        ),
+      );
+    }, limitMs);
+    for (const agent of agents) agent.child.stdout?.on("data", later);
+    check();
+  });
+}
+
+/** Resolves once every action in `ids` has an accepted completion; fails saying which have none. */
+async function allCompleted(
+  agents: readonly AgentProcess[],
+  ids: readonly string[],
+  server: string,
+): Promise<void> {
+  try {
+    await until(
+      agents,
+      () => {
+        const done = acceptedCompletions(agents);
+        return ids.every((id) => done.has(id));
+      },
+      "every action's accepted completion",
+    );
+  } catch (error) {
+    const done = acceptedCompletions(agents);
+    const missing = ids.filter((id) => !done.has(id));
+    const client = createClient(ActionService, server);
+    const states = await Promise.all(
+      missing.slice(0, 5).map(async (id) => (await client.getAction({ actionId: id })).action),
+    );
+    const summary = states.map((a) => ({
+      id: a?.id,
+      state: a?.state,
+      worker: a?.lease?.workerId,
+      epoch: String(a?.epoch),
+    }));
+    throw new Error(
+      `${missing.length} actions unfinished, first ones: ${JSON.stringify(summary)}; ${(error as Error).message}`,
+    );
+  }
+}
+
+// Real PostgreSQL, real `leasehold serve` processes; clients and workers talk to different ones.
+describe("several server processes on one PostgreSQL", () => {
+  describe("wake-ups and notices between processes", () => {
+    let store: TestStore;
+    let servers: Awaited<ReturnType<typeof startServers>>;
+    beforeAll(async () => {
+      store = await freshPostgresDatabase();
+      // A minute between fallback polls: whatever happens within a test came over LISTEN/NOTIFY.
+      servers = await startServers(store.url as string, 2, [...TIMING, "--dispatch-poll", "60s"]);
+    }, 60_000);
+    afterAll(async () => {
+      for (const p of servers?.processes ?? []) p.child.kill("SIGKILL");
+      await store?.drop();
+    });
+    const [a, b] = [0, 1];
+    const actionsOn = (i: number) => createClient(ActionService, servers.addresses[i] as string);
+
+    it("grants on process B an action submitted on process A at once", async () => {
+      const worker = await connectWorker(servers.addresses[b] as string, {
+        workerId: "wake-b",
+        cluster: "wake",
+        capacity: 1,
+      });
+      const { action } = await actionsOn(a).submitAction({ cluster: "wake", payload: { n: 1 } });
+      const grant = await worker.next("grant");
+      expect(grant.actionId).toBe(action?.id);
+      await worker.complete(grant, { output: {} });
+      worker.goodbye();
+    });
+
+    it("revokes on B's stream an action cancelled on A", async () => {
+      const worker = await connectWorker(servers.addresses[b] as string, {
+        workerId: "cancel-b",
+        cluster: "cancel",
+        capacity: 1,
+      });
+      const { action } = await actionsOn(a).submitAction({ cluster: "cancel" });
+      const grant = await worker.next("grant");
+      await actionsOn(a).cancelAction({ actionId: action?.id ?? "", reason: "not needed" });
+      const revoke = await worker.next("revoke");
+      expect(revoke).toMatchObject({
+        actionId: grant.actionId,
+        epoch: grant.epoch,
+        reason: RevokeReason.CANCELLED,
+      });
+      await worker.release(grant, "cancelled");
+      const { action: after } = await actionsOn(a).getAction({ actionId: grant.actionId });
+      expect(after?.state).toBe(ActionState.CANCELLED);
+      worker.goodbye();
+    });
+
+    it("closes the old stream on A when the worker takes its session over on B", async () => {
+      const first = await connectWorker(servers.addresses[a] as string, {
+        workerId: "mover",
+        cluster: "t",
+        capacity: 1,
+      });
+      const second = await connectWorker(servers.addresses[b] as string, {
+        workerId: "mover",
+        cluster: "t",
+        capacity: 1,
+      });
+      expect(second.welcome.sessionId).toBe(first.welcome.sessionId);
+      const ended = await first.ended;
+      // The notice, not the renewal tick's fallback ("this session ended"), closed it.
+      expect(ended).toMatchObject({
+        code: Code.Aborted,
+        details: expect.stringMatching(/took the session over/),
+      });
+      second.goodbye();
+    });
+
+    it("drains on B a worker drained through A", async () => {
+      const worker = await connectWorker(servers.addresses[b] as string, {
+        workerId: "drained",
+        cluster: "d",
+        capacity: 1,
+      });
+      await createClient(ClusterService, servers.addresses[a] as string).drainWorker({
+        workerId: "drained",
+        reason: "maintenance",
+      });
+      expect(await worker.next("drain")).toMatchObject({ reason: "maintenance" });
+      worker.goodbye();
+    });
+  });
+
+  it("survives kill -9 of a server process: its agents resume elsewhere within grace, every action completes once", async () => {
+    await using store = await freshPostgresDatabase();
+    const { processes, addresses } = await startServers(store.url as string, 3, TIMING);
+    const agents = ["a1", "a2", "a3", "a4"].map((id) => runSdkAgent([addresses.join(","), "fleet", id, "4"]));
+    try {
+      const firstConnections = await Promise.all(
+        agents.map((agent) => agent.waitForLine((l) => l.type === "connected")),
+      );
+      const actions = createClient(ActionService, addresses[0] as string);
+      const ids: string[] = [];
+      for (let i = 0; i < 300; i++) {
+        const { action } = await actions.submitAction({ cluster: "fleet", payload: { sleepMs: 150 } });
+        ids.push(action?.id ?? "");
+      }
+      // Kill the process most agents are on, a third of the way through.
+      const perAddress = new Map<string, number>();
+      for (const c of firstConnections)
+        perAddress.set(c.address as string, (perAddress.get(c.address as string) ?? 0) + 1);
+      const victim = [...perAddress].sort((x, y) => y[1] - x[1])[0]?.[0] as string;
+      const survivor = addresses.find((x) => x !== victim) as string;
+      await until(agents, () => acceptedCompletions(agents).size >= 100, "a third of the actions");
+      const moved = agents.filter((_, i) => firstConnections[i]?.address === victim);
+      const victimIndex = addresses.indexOf(victim);
+      processes[victimIndex]?.child.kill("SIGKILL");
+
+      // Its agents come back on another process, to the same session.
+      for (const agent of moved) {
+        const before = firstConnections[agents.indexOf(agent)];
+        const after = await agent.waitForLine((l) => l.type === "connected" && l.address !== victim);
+        expect(after.sessionId).toBe(before?.sessionId);
+      }
+      // Every action finishes, each accepted exactly once, and nothing expired.
+      const survivorClient = createClient(ActionService, survivor);
+      await allCompleted(agents, ids, survivor);
+      const counts = acceptedCompletions(agents);
+      expect(ids.filter((id) => counts.get(id) !== 1)).toEqual([]);
+      const { actions: finished } = await survivorClient.listActions({ cluster: "fleet", pageSize: 1000 });
+      expect(finished.filter((x) => x.state !== ActionState.SUCCEEDED)).toEqual([]);
+      const expired = await createClient(EventService, survivor).listEvents({
+        kind: EventKind.LEASE_EXPIRED,
+      });
+      expect(expired.events).toEqual([]);
+      expect(moved.length).toBeGreaterThan(0);
+    } finally {
+      for (const agent of agents) agent.child.kill("SIGKILL");
+      for (const p of processes) p.child.kill("SIGKILL");
+    }
+  }, 120_000);
+
+  describe("PostgreSQL restarted during a run", () => {
+    let pg: OwnPostgres;
+    beforeAll(async () => {
+      pg = await startOwnPostgres();
+    }, 60_000);
+    afterAll(async () => {
+      await pg?.destroy();
+    });
+
+    it("expires nothing for connected workers, reports NOT_SERVING meanwhile, and finishes every action", async () => {
+      const url = pg.url.replace(/\/postgres$/, "/leasehold");
+      const admin = postgres(pg.url, { onnotice: () => {} });
+      await admin`create database leasehold`;
+      await admin.end();
+      const { processes, addresses } = await startServers(url, 2, [
+        "--grace-period",
+        "20s",
+        "--heartbeat-interval",
+        "1s",
+      ]);
+      const agents = ["p1", "p2"].map((id) => runSdkAgent([addresses.join(","), "outage", id, "4"]));
+      try {
+        await Promise.all(agents.map((agent) => agent.waitForLine((l) => l.type === "connected")));
+        const actions = createClient(ActionService, addresses[0] as string);
+        const ids: string[] = [];
+        for (let i = 0; i < 120; i++) {
+          const { action } = await actions.submitAction({ cluster: "outage", payload: { sleepMs: 100 } });
+          ids.push(action?.id ?? "");
+        }
+        await until(agents, () => acceptedCompletions(agents).size >= 20, "the first actions");
+        const outageStarted = Date.now();
+        await pg.stop();
+        await Promise.all(
+          processes.map((p) =>
+            p.waitForLog((l) => l.msg === "database unreachable; NOT_SERVING until it answers again"),
+          ),
+        );
+        await pg.start();
+        await Promise.all(
+          processes.map((p) => p.waitForLog((l) => l.msg === "database reachable again; serving")),
+        );
+        // The grace period is well above the outage (a few seconds), however slow stopping and starting is.
+        expect(Date.now() - outageStarted).toBeLessThan(20_000);
+        await allCompleted(agents, ids, addresses[1] as string);
+        const counts = acceptedCompletions(agents);
+        expect(ids.filter((id) => counts.get(id) !== 1)).toEqual([]);
+        const expired = await createClient(EventService, addresses[1] as string).listEvents({
+          kind: EventKind.LEASE_EXPIRED,
+        });
+        // On failure, what the servers and agents said (times in ms since the outage began).
+        const story = [
+          ...processes.flatMap((p, i) =>
+            p.logs.map(
+              (l) =>
+                `${Number(l.time) - outageStarted} server${i} ${l.msg} ${l.err ? JSON.stringify(l.err).slice(0, 160) : ""}`,
+            ),
+          ),
+          ...agents.flatMap((a) =>
+            a.lines
+              .filter((l) => l.type !== "finished" && l.type !== "grant")
+              .map((l) => `agent ${JSON.stringify(l)}`),
+          ),
+        ].join("\n");
+        expect(
+          expired.events.map((e) => e.message),
+          story,
+        ).toEqual([]);
+        // The agents never lost their sessions.
+        for (const agent of agents) expect(agent.lines.filter((l) => l.type === "self_fenced")).toEqual([]);
+      } finally {
+        for (const agent of agents) agent.child.kill("SIGKILL");
+        for (const p of processes) p.child.kill("SIGKILL");
+      }
+    }, 120_000);
+  });
+});

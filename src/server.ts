@@ -48,6 +48,8 @@ export interface ServerOverrides {
   readonly timers?: boolean;
   /** Observes every SQL statement (tests count them). */
   readonly onQuery?: DatabaseOptions["onQuery"];
+  /** Wraps the handle every part of the server uses (tests inject faults such as a lost commit). */
+  readonly wrapDb?: (db: Db) => Db;
 }
 
 /**
@@ -76,7 +78,7 @@ export async function startServer(
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",
     );
-    const db = database.db;
+    const db = overrides.wrapDb ? overrides.wrapDb(database.db) : database.db;
     // The other processes on this database hear of every change over LISTEN/NOTIFY.
     // PGlite serves one process: there is nobody to tell.
     const bus = database.listen

@@ -150,6 +150,85 @@ describe("work leases", () => {
     expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
   });
 
+  /**
+   * A server whose next grant transaction fails in one of two ways: its commit lands but the
+   * answer is lost (the connection breaks around COMMIT), or it fails before COMMIT and rolls back.
+   */
+  async function serverLosingAGrant(when: "after commit" | "before commit") {
+    await t[Symbol.asyncDispose]();
+    let granting = false;
+    let armed = true;
+    let fired!: () => void;
+    const faulted = new Promise<void>((r) => {
+      fired = r;
+    });
+    const injected = () => {
+      armed = false;
+      fired();
+      return new Error(`connection lost ${when} (injected)`);
+    };
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: {
+        clock,
+        timers: false,
+        onQuery: (query) => {
+          if (query.includes("insert into attempts")) granting = true;
+        },
+        wrapDb: (db) =>
+          new Proxy(db, {
+            get(target, property, receiver) {
+              if (property !== "transaction") return Reflect.get(target, property, receiver);
+              return async (fn: (tx: unknown) => Promise<unknown>) => {
+                granting = false;
+                const result = await target.transaction(async (tx) => {
+                  const value = await fn(tx);
+                  if (armed && granting && when === "before commit") throw injected();
+                  return value;
+                });
+                if (armed && granting && when === "after commit") throw injected();
+                return result;
+              };
+            },
+          }),
+      },
+    });
+    return { faulted };
+  }
+
+  it("sends a grant whose commit landed but whose answer was lost, with the same epoch, once", async () => {
+    const { faulted } = await serverLosingAGrant("after commit");
+    const w = await worker("w1");
+    const id = await submit(); // its wake-up runs the dispatch that fails
+    await faulted;
+    // Leased to a worker that was told nothing: only the in-doubt check can tell it.
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.LEASED, epoch: 1n });
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1 });
+    expect(t.logs.some((l) => l.msg === "sending a grant again whose commit was in doubt")).toBe(true);
+    expect(await w.complete(grant, { output: { ok: true } })).toMatchObject({ accepted: true });
+    await tick().dispatch();
+    expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n });
+    expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+  });
+
+  it("grants again normally when a grant transaction failed before its commit, sending it once", async () => {
+    const { faulted } = await serverLosingAGrant("before commit");
+    const w = await worker("w1");
+    const id = await submit(); // its wake-up runs the dispatch that fails
+    await faulted;
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1 });
+    await tick().dispatch();
+    expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
+    expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+    expect((await getAction(id)).attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+  });
+
   it("records a lost stream at once and keeps the deadline (rule 1)", async () => {
     const w = await worker("w1");
     const before = (await t.client(ClusterService).getWorker({ workerId: "w1" })).worker?.session?.deadline;

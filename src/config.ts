@@ -23,6 +23,12 @@ export interface ServerConfig {
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs: number;
   /**
+   * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
+   * have lost their streams, the cluster is partitioned and its expiries pause. Default 0.5;
+   * 1 turns the valve off.
+   */
+  readonly partitionShare: number;
+  /**
    * How often each process looks for what no notification told it: queued
    * actions (retry backoffs ending), and revokes, drains and lease ends whose
    * notice from another process was lost. Default 1 s.
@@ -49,6 +55,7 @@ export const DEFAULTS = {
   gracePeriod: "10s",
   heartbeatInterval: "2s",
   dispatchPoll: "1s",
+  partitionShare: "0.5",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -64,6 +71,7 @@ export interface RawServerOptions {
   readonly gracePeriod?: string | undefined;
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
+  readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
   readonly leaseDefaultTtl?: string | undefined;
@@ -136,6 +144,14 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const maxSilenceMs = raw.maxSilence ? parseDuration("--max-silence", raw.maxSilence) : 10 * gracePeriodMs;
   if (maxSilenceMs < gracePeriodMs)
     throw configError("--max-silence", "must not be shorter than --grace-period");
+  const shareText = raw.partitionShare ?? DEFAULTS.partitionShare;
+  const partitionShare = Number(shareText);
+  if (!/^\d+(\.\d+)?$/.test(shareText.trim()) || !(partitionShare > 0 && partitionShare <= 1)) {
+    throw configError(
+      "--partition-share",
+      `must be a fraction above 0 and at most 1, e.g. 0.5; 1 turns the valve off (got ${JSON.stringify(shareText)})`,
+    );
+  }
   const dispatchPollMs = parseDuration("--dispatch-poll", raw.dispatchPoll ?? DEFAULTS.dispatchPoll);
   if (dispatchPollMs < 100) throw configError("--dispatch-poll", "must be at least 100ms");
   const metricsText = raw.metricsListen ?? DEFAULTS.metricsListen;
@@ -171,6 +187,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     gracePeriodMs,
     heartbeatIntervalMs,
     maxSilenceMs,
+    partitionShare,
     dispatchPollMs,
     metricsListen,
     leaseDefaultTtlMs,

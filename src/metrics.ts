@@ -9,11 +9,12 @@ export interface Metrics extends LeaseMetrics {
 
 /**
  * Creates the metrics. Gauges are read when scraped: `hosted` gives what this
- * process holds, `inGrace` asks the database for sessions in grace.
+ * process holds, `inGrace` and `pausedClusters` ask the database.
  */
 export function createMetrics(sources: {
   hosted: () => HostedStats;
   inGrace: () => Promise<number>;
+  pausedClusters: () => Promise<number>;
 }): Metrics {
   const registry = new Registry();
   const prefix = "leasehold_";
@@ -39,6 +40,14 @@ export function createMetrics(sources: {
     registers: [registry],
     async collect() {
       this.set(await sources.inGrace());
+    },
+  });
+  new Gauge({
+    name: `${prefix}clusters_expiries_paused`,
+    help: "Clusters marked partitioned whose lease expiries are paused (SPEC rule 10; all processes).",
+    registers: [registry],
+    async collect() {
+      this.set(await sources.pausedClusters());
     },
   });
   return {

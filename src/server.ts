@@ -96,6 +96,13 @@ export async function startServer(
         );
         return toNumber(row?.n ?? 0);
       },
+      pausedClusters: async () => {
+        const [row] = await queryRows<{ n: unknown }>(
+          db,
+          sql`select count(*) as n from clusters where partitioned_at is not null and expiries_resumed_at is null`,
+        );
+        return toNumber(row?.n ?? 0);
+      },
     });
     const manager = createLeaseManager({
       db,
@@ -107,6 +114,7 @@ export async function startServer(
       gracePeriodMs: config.gracePeriodMs,
       heartbeatIntervalMs: config.heartbeatIntervalMs,
       maxSilenceMs: config.maxSilenceMs,
+      partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
       ...(bus ? { bus } : {}),
       timers: overrides.timers ?? true,
@@ -164,7 +172,7 @@ export async function startServer(
         actionServiceBinding(actions),
         eventServiceBinding(events),
         workerServiceBinding(manager),
-        clusterServiceBinding({ db, clock, leases: manager }),
+        clusterServiceBinding({ db, clock, leases: manager, feed }),
         leaseServiceBinding(scope, events),
         resourceServiceBinding(scope),
       ],

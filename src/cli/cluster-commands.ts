@@ -71,9 +71,11 @@ export function workerCommands(): Command {
   return workers;
 }
 
-/** `leasehold clusters list`. */
+/** `leasehold clusters list|resume-expiries`. */
 export function clusterCommands(): Command {
-  const clusters = new Command("clusters").description("Show clusters and their health.");
+  const clusters = new Command("clusters").description(
+    "Show clusters and their health; resume the expiries of a partitioned one.",
+  );
   clusters
     .command("list")
     .description("List clusters with health and counts.")
@@ -97,6 +99,25 @@ export function clusterCommands(): Command {
             c.healthReason || "-",
           ]),
         );
+      }),
+    );
+  clusters
+    .command("resume-expiries")
+    .description(
+      "Let the lease expiries of a partitioned cluster go on: its lost workers are really gone, so their work should move.",
+    )
+    .argument("<cluster>")
+    .option("--reason <text>", "why, recorded in the event")
+    .action(async (name: string, o: Record<string, string | undefined>, command: Command) =>
+      withClient(command, async (api, json) => {
+        const { cluster } = await api.resumeExpiries({ cluster: name, reason: o.reason ?? "" });
+        if (json)
+          process.stdout.write(`${toJson({ cluster: cluster && messageJson(ClusterSchema, cluster) })}
+`);
+        else
+          process.stdout.write(
+            `${name}: lease expiries resume (${cluster?.workersInGrace ?? 0} workers without a stream are reaped at their deadline)\n`,
+          );
       }),
     );
   return clusters;

@@ -49,6 +49,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--partition-share <fraction>",
+        "when more than this share of a cluster's sessions (and at least two) lose their streams, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them; 1 turns this off",
+      )
+        .env("LEASEHOLD_PARTITION_SHARE")
+        .default(DEFAULTS.partitionShare),
+    )
+    .addOption(
+      new Option(
         "--dispatch-poll <duration>",
         "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains and lease ends another process's lost notice carried",
       )
@@ -97,6 +105,7 @@ export function serveCommand(): Command {
           gracePeriod: options.gracePeriod as string,
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
+          partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,
           leaseDefaultTtl: options.leaseDefaultTtl as string,

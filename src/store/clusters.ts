@@ -1,10 +1,10 @@
 import { sql } from "drizzle-orm";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
-import { queryRows, toNumber } from "./rows.js";
+import { queryRows, toDate, toNumber } from "./rows.js";
 
-/** HEALTHY, DEGRADED or UNHEALTHY. */
-export type ClusterHealth = "HEALTHY" | "DEGRADED" | "UNHEALTHY";
+/** HEALTHY, DEGRADED or UNHEALTHY from recent expiries; PARTITIONED while the valve holds (SPEC rule 10). */
+export type ClusterHealth = "HEALTHY" | "DEGRADED" | "UNHEALTHY" | "PARTITIONED";
 
 /**
  * Health from lease expiries in a sliding window: the same cluster seeing
@@ -37,6 +37,10 @@ export interface ClusterRecord {
   readonly queuedActions: number;
   readonly leasedActions: number;
   readonly recentExpiries: number;
+  /** Since when most of its sessions are without a stream (SPEC rule 10); undefined when not partitioned. */
+  readonly partitionedAt: Date | undefined;
+  /** True while partitioned and no operator resumed its expiries. */
+  readonly expiriesPaused: boolean;
 }
 
 const recentExpiries = (clock: Clock) => sql`
@@ -44,8 +48,8 @@ const recentExpiries = (clock: Clock) => sql`
    where e.cluster = c.name and e.kind = 'lease_expired'
      and e.at > ${clock.now()} - make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0))`;
 
-/** Every cluster with live counts, health computed now. */
-export async function listClusters(db: Db, clock: Clock): Promise<ClusterRecord[]> {
+/** Every cluster (or the one named) with live counts, health computed now. */
+export async function listClusters(db: Db, clock: Clock, name?: string): Promise<ClusterRecord[]> {
   const rows = await queryRows<{
     name: string;
     connected: unknown;
@@ -53,10 +57,12 @@ export async function listClusters(db: Db, clock: Clock): Promise<ClusterRecord[
     queued: unknown;
     leased: unknown;
     expiries: unknown;
+    partitioned_at: unknown;
+    expiries_resumed_at: unknown;
   }>(
     db,
     sql`
-      select c.name,
+      select c.name, c.partitioned_at, c.expiries_resumed_at,
         (select count(*) from sessions s join workers w on w.worker_id = s.worker_id
           where w.cluster = c.name and s.ended_at is null and s.stream_lost_at is null) as connected,
         (select count(*) from sessions s join workers w on w.worker_id = s.worker_id
@@ -64,22 +70,81 @@ export async function listClusters(db: Db, clock: Clock): Promise<ClusterRecord[
         (select count(*) from actions a where a.cluster = c.name and a.state = 'QUEUED') as queued,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'LEASED') as leased,
         ${recentExpiries(clock)} as expiries
-      from clusters c order by c.name`,
+      from clusters c ${name === undefined ? sql`` : sql`where c.name = ${name}`} order by c.name`,
   );
   return rows.map((r) => {
     const expiries = toNumber(r.expiries);
-    const { health, reason } = healthOf(expiries);
+    const connectedWorkers = toNumber(r.connected);
+    const workersInGrace = toNumber(r.in_grace);
+    const partitionedAt = r.partitioned_at == null ? undefined : toDate(r.partitioned_at);
+    const resumedAt = r.expiries_resumed_at == null ? undefined : toDate(r.expiries_resumed_at);
+    const { health, reason } = partitionedAt
+      ? {
+          health: "PARTITIONED" as const,
+          reason:
+            `${workersInGrace} of ${connectedWorkers + workersInGrace} sessions without a stream since ` +
+            `${partitionedAt.toISOString()}; ` +
+            (resumedAt
+              ? `an operator resumed lease expiries at ${resumedAt.toISOString()}`
+              : "lease expiries are paused until they reconnect or an operator resumes them"),
+        }
+      : healthOf(expiries);
     return {
       name: r.name,
       health,
       healthReason: reason,
-      connectedWorkers: toNumber(r.connected),
-      workersInGrace: toNumber(r.in_grace),
+      connectedWorkers,
+      workersInGrace,
       queuedActions: toNumber(r.queued),
       leasedActions: toNumber(r.leased),
       recentExpiries: expiries,
+      partitionedAt,
+      expiriesPaused: partitionedAt !== undefined && resumedAt === undefined,
     };
   });
+}
+
+/** What {@link resumeExpiries} found. */
+export type ResumeOutcome = "resumed" | "already resumed" | "not partitioned" | "not found";
+
+/**
+ * An operator's word that a partitioned cluster's lost sessions are really
+ * gone (SPEC rule 10): its expiries go on for the rest of this partition.
+ * Records a `cluster_expiries_resumed` event when it changes anything.
+ */
+export async function resumeExpiries(
+  db: Db,
+  clock: Clock,
+  cluster: string,
+  reason: string,
+): Promise<ResumeOutcome> {
+  const suffix = reason ? `: ${reason}` : "";
+  const [row] = await queryRows<{ partitioned: boolean; resumed: boolean; changed: boolean }>(
+    db,
+    sql`
+      with target as (
+        select name, partitioned_at, expiries_resumed_at from clusters where name = ${cluster} for update
+      ),
+      changed as (
+        update clusters c set expiries_resumed_at = ${clock.now()}
+        from target t
+        where c.name = t.name and t.partitioned_at is not null and t.expiries_resumed_at is null
+        returning c.name
+      ),
+      resumed_event as (
+        insert into events (kind, cluster, message, details)
+        select 'cluster_expiries_resumed', name,
+          'an operator resumed lease expiries of partitioned cluster ' || name || ${suffix},
+          jsonb_build_object('reason', ${reason}::text)
+        from changed
+      )
+      select t.partitioned_at is not null as partitioned, t.expiries_resumed_at is not null as resumed,
+             exists (select 1 from changed) as changed
+      from target t`,
+  );
+  if (!row) return "not found";
+  if (!row.partitioned) return "not partitioned";
+  return row.changed ? "resumed" : "already resumed";
 }
 
 /**

@@ -34,6 +34,13 @@ export const clusters = pgTable("clusters", {
   /** HEALTHY | DEGRADED | UNHEALTHY, as last computed from recent expiries. */
   health: text("health").notNull().default("HEALTHY"),
   healthReason: text("health_reason").notNull().default(""),
+  /**
+   * SPEC rule 10: set while more than the partition share of the cluster's live sessions have
+   * lost their streams. Expiries of its sessions pause until it clears, unless an operator
+   * resumed them for this partition (`expiries_resumed_at`).
+   */
+  partitionedAt: tstz("partitioned_at"),
+  expiriesResumedAt: tstz("expiries_resumed_at"),
 });
 
 /** Agent processes, by their stable worker id. */

@@ -27,7 +27,10 @@ export type EventKind =
   | "scope_lease_rolled_back"
   | "resource_promoted"
   | "deployment_created"
-  | "outputs_requested";
+  | "outputs_requested"
+  | "cluster_partitioned"
+  | "cluster_recovered"
+  | "cluster_expiries_resumed";
 
 /** One stored event. */
 export interface EventRecord {

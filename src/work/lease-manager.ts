@@ -43,6 +43,8 @@ export interface LeaseManagerOptions {
   readonly heartbeatIntervalMs: number;
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs?: number;
+  /** The mass-disconnect valve's share (SPEC rule 10); see `ServerConfig.partitionShare`. Default 0.5. */
+  readonly partitionShare?: number;
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
   readonly dispatchPollMs?: number;
   /**
@@ -132,6 +134,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const { db, clock, feed, log, metrics, serverId } = options;
   const graceMs = options.gracePeriodMs;
   const maxSilenceMs = options.maxSilenceMs ?? 10 * graceMs;
+  const partitionShare = options.partitionShare ?? 0.5;
   const hosted = new Map<string, Hosted>();
   const timers: NodeJS.Timeout[] = [];
   const bus = options.bus;
@@ -291,7 +294,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
-    const opened = await openSession(db, clock, serverId, graceMs, hello);
+    const opened = await openSession(db, clock, serverId, { graceMs, partitionShare }, hello);
     const previous = hosted.get(opened.sessionId);
     // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
     if (previous) closeTakenOver(previous);
@@ -468,7 +471,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function reap(): Promise<void> {
     for (;;) {
-      const result = await reapSessions(db, clock, { limit: REAP_BATCH });
+      const result = await reapSessions(db, clock, { limit: REAP_BATCH, partitionShare });
       for (const { sessionId } of result.sessions) {
         const s = hosted.get(sessionId);
         if (s) {
@@ -487,6 +490,16 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
         );
       }
+      for (const p of result.partitions) {
+        const counts = { cluster: p.cluster, lostSessions: p.lost, liveSessions: p.live };
+        if (p.partitioned)
+          log.warn(
+            counts,
+            `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost their streams; lease expiries are paused`,
+          );
+        else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
+      }
+      if (result.partitions.length > 0) feed.publish(EVENTS_TOPIC);
       if (result.expired.length > 0) {
         metrics.expiries.inc(result.expired.length);
         const clusters = [...new Set(result.expired.map((e) => e.cluster))];

@@ -548,6 +548,131 @@ describe("work leases", () => {
     ]);
   });
 
+  /** Workers that each hold one lease; returns them with their grants. */
+  const holders = async (...ids: string[]) => {
+    const ws = [];
+    for (const id of ids) ws.push(await worker(id));
+    for (const _ of ids) await submit();
+    await tick().dispatch();
+    return Promise.all(ws.map(async (w) => ({ w, grant: await w.next("grant") })));
+  };
+  const clusterEast = async () =>
+    (await t.client(ClusterService).listClusters({})).clusters.find((c) => c.name === "east");
+  const clusterEvents = async (kind: EventKind) =>
+    (await t.client(EventService).listEvents({ cluster: "east", kind })).events.map((e) => e.message);
+  const expiredActions = async () =>
+    (await t.client(EventService).listEvents({ kind: EventKind.LEASE_EXPIRED })).events.map(
+      (e) => e.actionId,
+    );
+
+  it("pauses expiries when most of a cluster's sessions lose their streams, and goes on once they come back (rule 10)", async () => {
+    const [a, b, c] = await holders("pa", "pb", "pc");
+    if (!a || !b || !c) throw new Error("three holders expected");
+    a.w.drop();
+    b.w.drop();
+    await waitForEvent(t, "", "pa", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "pb", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(c.w);
+    await tick().reap();
+    // Two of three sessions without a stream: the network, not the workers. Nothing expires.
+    expect(await expiredActions()).toEqual([]);
+    expect(await clusterEast()).toMatchObject({
+      health: ClusterHealth.PARTITIONED,
+      healthReason: expect.stringMatching(
+        /^2 of 3 sessions without a stream since .*; lease expiries are paused/,
+      ),
+      expiriesPaused: true,
+      partitionedTime: expect.anything(),
+    });
+    const line =
+      "cluster east is partitioned: 2 of 3 sessions lost their streams; lease expiries are paused until they reconnect or an operator resumes them";
+    expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([line]);
+    const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/^leasehold_clusters_expiries_paused 1$/m);
+    expect(t.logs.map((l) => l.msg)).toContain(
+      "cluster east is partitioned: 2 of 3 sessions lost their streams; lease expiries are paused",
+    );
+    // Past its deadline, pa comes back and loses nothing: same session, same epoch.
+    clock.advance(GRACE_MS);
+    await keepAlive(c.w);
+    await tick().reap();
+    const back = await worker("pa", { held: [{ actionId: a.grant.actionId, epoch: a.grant.epoch }] });
+    expect(back.welcome).toMatchObject({
+      sessionResumed: true,
+      resumed: [{ actionId: a.grant.actionId, epoch: 1n }],
+    });
+    // One of three is no partition: pb, still gone, expires now.
+    await keepAlive(back, c.w);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([b.grant.actionId]);
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toEqual([
+      "cluster east is no longer partitioned (1 of 3 sessions without a stream); lease expiries go on",
+    ]);
+    expect(await clusterEast()).toMatchObject({ expiriesPaused: false });
+    expect((await clusterEast())?.health).not.toBe(ClusterHealth.PARTITIONED);
+    expect(await back.complete(a.grant, { output: { done: true } })).toMatchObject({ accepted: true });
+  });
+
+  it("expires as usual when only half of a cluster's sessions lose their streams, or only one", async () => {
+    const [a, b] = await holders("ha", "hb");
+    if (!a || !b) throw new Error("two holders expected");
+    a.w.drop();
+    await waitForEvent(t, "", "ha", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(b.w);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([a.grant.actionId]);
+    expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([]);
+  });
+
+  it("lets an operator resume the expiries of a partitioned cluster, and refuses a cluster that is not", async () => {
+    const clusters = t.client(ClusterService);
+    await expectStatus(
+      clusters.resumeExpiries({ cluster: "nowhere" }),
+      Code.NotFound,
+      /^cluster "nowhere" not found/,
+    );
+    await expectStatus(
+      clusters.resumeExpiries({ cluster: "" }),
+      Code.InvalidArgument,
+      /^cluster: is required/,
+    );
+    const [a, b] = await holders("oa", "ob");
+    if (!a || !b) throw new Error("two holders expected");
+    await expectStatus(
+      clusters.resumeExpiries({ cluster: "east" }),
+      Code.FailedPrecondition,
+      /^cluster east is not partitioned: its lease expiries are not paused/,
+    );
+    a.w.drop();
+    b.w.drop();
+    await waitForEvent(t, "", "oa", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "ob", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    const resumed = await clusters.resumeExpiries({ cluster: "east", reason: "rack 4 is gone" });
+    expect(resumed.cluster).toMatchObject({
+      health: ClusterHealth.PARTITIONED,
+      expiriesPaused: false,
+      healthReason: expect.stringMatching(/an operator resumed lease expiries at /),
+    });
+    expect(await clusterEvents(EventKind.CLUSTER_EXPIRIES_RESUMED)).toEqual([
+      "an operator resumed lease expiries of partitioned cluster east: rack 4 is gone",
+    ]);
+    // Again is harmless and records nothing more.
+    await clusters.resumeExpiries({ cluster: "east" });
+    expect(await clusterEvents(EventKind.CLUSTER_EXPIRIES_RESUMED)).toHaveLength(1);
+    await tick().reap();
+    expect((await expiredActions()).sort()).toEqual([a.grant.actionId, b.grant.actionId].sort());
+    // With the lost sessions reaped, the partition is over.
+    await tick().reap();
+    expect(await clusterEast()).toMatchObject({ expiriesPaused: false });
+    expect((await clusterEast())?.health).not.toBe(ClusterHealth.PARTITIONED);
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toHaveLength(1);
+  });
+
   it("streams every change of a watched action and counts it in the metrics", async () => {
     const id = await submit();
     const states: ActionState[] = [];

@@ -11,6 +11,7 @@ describe("server config", () => {
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
+      partitionShare: 0.5,
       dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
       leaseDefaultTtlMs: 3_600_000,
@@ -52,6 +53,12 @@ describe("server config", () => {
     expect(() => parseServerConfig({ maxFileSize: "lots" })).toThrow(
       /^--max-file-size: must be a whole number of bytes/,
     );
+    for (const share of ["0", "1.5", "half", "-0.5"]) {
+      expect(() => parseServerConfig({ partitionShare: share })).toThrow(
+        /^--partition-share: must be a fraction above 0 and at most 1/,
+      );
+    }
+    expect(parseServerConfig({ partitionShare: "1" }).partitionShare).toBe(1);
   });
 
   it("knows which hosts are loopback", () => {

@@ -3,22 +3,29 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { LeaseholdError } from "../../errors.js";
 import {
   ClusterHealth,
+  type ClusterSchema,
   ClusterService,
   type WorkerSchema,
   WorkerState,
 } from "../../gen/leasehold/v1/cluster_pb.js";
 import type { Clock } from "../../store/clock.js";
-import { listClusters } from "../../store/clusters.js";
+import { type ClusterRecord, listClusters, resumeExpiries } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
 import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "../../store/workers.js";
+import { type ChangeFeed, EVENTS_TOPIC } from "../../work/change-feed.js";
 import type { LeaseManager } from "../../work/lease-manager.js";
 import { decodePageToken, pageSize, toPage } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
-import { checkLength, requireId, Violations } from "../validate.js";
+import { checkLength, checkName, requireId, Violations } from "../validate.js";
 
 /** The ClusterService handlers: what the database says about clusters and workers. */
-export function clusterServiceBinding(deps: { db: Db; clock: Clock; leases: LeaseManager }): ServiceBinding {
-  const { db, clock, leases } = deps;
+export function clusterServiceBinding(deps: {
+  db: Db;
+  clock: Clock;
+  leases: LeaseManager;
+  feed: ChangeFeed;
+}): ServiceBinding {
+  const { db, clock, leases, feed } = deps;
   const getWorker = async (workerId: string) => {
     const [worker] = await listWorkers(db, { workerId }, undefined, 1);
     if (!worker) throw LeaseholdError.notFound("worker", workerId);
@@ -26,19 +33,7 @@ export function clusterServiceBinding(deps: { db: Db; clock: Clock; leases: Leas
   };
   return bind(ClusterService, {
     async listClusters() {
-      const clusters = await listClusters(db, clock);
-      return {
-        clusters: clusters.map((c) => ({
-          name: c.name,
-          health: ClusterHealth[c.health],
-          healthReason: c.healthReason,
-          connectedWorkers: c.connectedWorkers,
-          workersInGrace: c.workersInGrace,
-          queuedActions: c.queuedActions,
-          leasedActions: c.leasedActions,
-          recentExpiries: c.recentExpiries,
-        })),
-      };
+      return { clusters: (await listClusters(db, clock)).map(toProtoCluster) };
     },
     async listWorkers(request) {
       let state: StoreState | undefined;
@@ -66,7 +61,40 @@ export function clusterServiceBinding(deps: { db: Db; clock: Clock; leases: Leas
       if (!(await leases.drain(workerId, request.reason))) throw LeaseholdError.notFound("worker", workerId);
       return { worker: toProtoWorker(await getWorker(workerId)) };
     },
+    async resumeExpiries(request) {
+      const v = new Violations();
+      checkName(v, "cluster", request.cluster);
+      checkLength(v, "reason", request.reason, 1024);
+      v.throwIfAny();
+      const outcome = await resumeExpiries(db, clock, request.cluster, request.reason);
+      if (outcome === "not found") throw LeaseholdError.notFound("cluster", request.cluster);
+      if (outcome === "not partitioned") {
+        throw LeaseholdError.failedPrecondition(
+          "CLUSTER_NOT_PARTITIONED",
+          `cluster ${request.cluster} is not partitioned: its lease expiries are not paused`,
+          { type: "CLUSTER_STATE", subject: `clusters/${request.cluster}`, description: "not partitioned" },
+        );
+      }
+      if (outcome === "resumed") feed.publish(EVENTS_TOPIC);
+      const [cluster] = await listClusters(db, clock, request.cluster);
+      return { cluster: cluster ? toProtoCluster(cluster) : { name: request.cluster } };
+    },
   });
+}
+
+function toProtoCluster(c: ClusterRecord): MessageInitShape<typeof ClusterSchema> {
+  return {
+    name: c.name,
+    health: ClusterHealth[c.health],
+    healthReason: c.healthReason,
+    connectedWorkers: c.connectedWorkers,
+    workersInGrace: c.workersInGrace,
+    queuedActions: c.queuedActions,
+    leasedActions: c.leasedActions,
+    recentExpiries: c.recentExpiries,
+    ...(c.partitionedAt ? { partitionedTime: timestampFromDate(c.partitionedAt) } : {}),
+    expiriesPaused: c.expiriesPaused,
+  };
 }
 
 function toProtoWorker(w: WorkerRecord): MessageInitShape<typeof WorkerSchema> {

@@ -61,11 +61,11 @@ export async function openSession(
   db: Db,
   clock: Clock,
   serverId: string,
-  graceMs: number,
+  limits: { graceMs: number; partitionShare: number },
   hello: HelloInput,
 ): Promise<OpenedSession> {
   const now = clock.now();
-  const grace = sql`make_interval(secs => ${graceMs} / 1000.0)`;
+  const grace = sql`make_interval(secs => ${limits.graceMs} / 1000.0)`;
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     await tx.execute(
@@ -86,17 +86,23 @@ export async function openSession(
       sql`select id, deadline, stream_lost_at, server_id, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
-    if (live && worker && worker.cluster !== hello.cluster && !live.expired) {
+    if (live?.expired) {
+      // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10),
+      // in which case the worker is back in time after all and resumes.
+      const reaped = await reapSessions(tx, clock, {
+        limit: 1,
+        partitionShare: limits.partitionShare,
+        sessionIds: [live.id],
+      });
+      if (reaped.sessions.length > 0) live = undefined;
+    }
+    if (live && worker && worker.cluster !== hello.cluster) {
       throw new LeaseholdError(
         Code.FailedPrecondition,
         `worker ${hello.workerId} has a live session in cluster ${worker.cluster}; ` +
           `say goodbye there first, or use another worker_id for cluster ${hello.cluster}`,
         { reason: "WORKER_IN_OTHER_CLUSTER" },
       );
-    }
-    if (live?.expired) {
-      await reapSessions(tx, clock, { limit: 1, sessionIds: [live.id] });
-      live = undefined;
     }
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;

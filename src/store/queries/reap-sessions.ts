@@ -14,11 +14,25 @@ export interface ExpiredLease {
   readonly state: "QUEUED" | "FAILED" | "CANCELLED";
 }
 
+/** A cluster that entered or left the partitioned state (SPEC rule 10), with the counts that decided. */
+export interface PartitionChange {
+  readonly cluster: string;
+  readonly partitioned: boolean;
+  /** Live sessions of the cluster without a stream. */
+  readonly lost: number;
+  /** Live sessions of the cluster. */
+  readonly live: number;
+}
+
 /** What one reap did. */
 export interface ReapResult {
   readonly sessions: readonly { sessionId: string; workerId: string }[];
   readonly expired: readonly ExpiredLease[];
+  readonly partitions: readonly PartitionChange[];
 }
+
+/** Fewer lost sessions than this never partition a cluster: one lost worker is just a lost worker. */
+export const PARTITION_MIN_LOST = 2;
 
 /**
  * Reaps sessions past their deadline (SPEC rule 3), in one statement: the
@@ -33,33 +47,89 @@ export interface ReapResult {
  * reaped first (then its renewal finds it ended and closes the stream).
  * `which` limits the reap to named sessions (used when a hello finds its own
  * session already past its deadline).
+ *
+ * The mass-disconnect valve (SPEC rule 10) is decided in the same statement:
+ * for each cluster with a session due (or already partitioned), when more
+ * than `partitionShare` of its live sessions, and at least
+ * {@link PARTITION_MIN_LOST}, have no stream, the cluster is marked
+ * partitioned and none of its sessions is reaped; once the share drops, the
+ * mark clears and reaping goes on. An operator's resume (expiries_resumed_at)
+ * lets reaping go on while the mark stays. Lost sessions stay counted while
+ * paused, so a long partition does not release itself by ageing.
  */
 export async function reapSessions(
   db: Db,
   clock: Clock,
-  options: { limit: number; sessionIds?: readonly string[] },
+  options: { limit: number; partitionShare: number; sessionIds?: readonly string[] },
 ): Promise<ReapResult> {
   const now = clock.now();
   const which: SQL = options.sessionIds
-    ? sql`and id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
+    ? sql`and s.id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
     : sql``;
   const rows = await queryRows<{
-    kind: "session" | "lease";
+    kind: "session" | "lease" | "partitioned" | "recovered";
     session_id: string;
     worker_id: string;
     action_id: string | null;
     epoch: unknown;
     cluster: string | null;
     state: ExpiredLease["state"] | null;
+    lost: unknown;
+    live: unknown;
   }>(
     db,
     sql`
-      with due as (
-        select id from sessions
-        where ended_at is null and deadline < ${now} ${which}
-        order by deadline
+      with watched as (
+        select w.cluster as name from sessions s join workers w on w.worker_id = s.worker_id
+        where s.ended_at is null and s.deadline < ${now} ${which}
+        union
+        select name from clusters where partitioned_at is not null
+      ),
+      verdict as (
+        select c.name, c.partitioned_at, c.expiries_resumed_at, n.lost, n.live,
+          n.lost >= ${PARTITION_MIN_LOST} and n.lost > n.live * ${options.partitionShare}::float8 as over
+        from watched
+        join clusters c on c.name = watched.name
+        cross join lateral (
+          select count(*) filter (where s.stream_lost_at is not null) as lost, count(*) as live
+          from sessions s join workers w on w.worker_id = s.worker_id
+          where w.cluster = c.name and s.ended_at is null
+        ) n
+      ),
+      entered as (
+        update clusters c set partitioned_at = ${now}, expiries_resumed_at = null
+        from verdict v where c.name = v.name and v.over and c.partitioned_at is null
+        returning c.name, v.lost, v.live
+      ),
+      recovered as (
+        update clusters c set partitioned_at = null, expiries_resumed_at = null
+        from verdict v where c.name = v.name and not v.over and c.partitioned_at is not null
+        returning c.name, v.lost, v.live
+      ),
+      partition_events as (
+        insert into events (kind, cluster, message, details)
+        select 'cluster_partitioned', name,
+          'cluster ' || name || ' is partitioned: ' || lost || ' of ' || live
+          || ' sessions lost their streams; lease expiries are paused until they reconnect or an operator resumes them',
+          jsonb_build_object('lost', lost, 'live', live)
+        from entered
+        union all
+        select 'cluster_recovered', name,
+          'cluster ' || name || ' is no longer partitioned (' || lost || ' of ' || live
+          || ' sessions without a stream); lease expiries go on',
+          jsonb_build_object('lost', lost, 'live', live)
+        from recovered
+      ),
+      due as (
+        select s.id from sessions s
+        where s.ended_at is null and s.deadline < ${now} ${which}
+          and not exists (
+            select 1 from workers w join verdict v on v.name = w.cluster
+            where w.worker_id = s.worker_id and v.over and v.expiries_resumed_at is null
+          )
+        order by s.deadline
         limit ${options.limit}
-        for update skip locked
+        for update of s skip locked
       ),
       ended as (
         update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null, stream_token = null
@@ -114,10 +184,14 @@ export async function reapSessions(
         from ended join workers w on w.worker_id = ended.worker_id
       )
       select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,
-             null as cluster, null as state
+             null as cluster, null as state, null::bigint as lost, null::bigint as live
       from ended
       union all
-      select 'lease', session_id, worker_id, id, epoch, cluster, state from expired`,
+      select 'lease', session_id, worker_id, id, epoch, cluster, state, null, null from expired
+      union all
+      select 'partitioned', null, null, null, null, name, null, lost, live from entered
+      union all
+      select 'recovered', null, null, null, null, name, null, lost, live from recovered`,
   );
   return {
     sessions: rows
@@ -132,6 +206,14 @@ export async function reapSessions(
         sessionId: r.session_id,
         cluster: r.cluster as string,
         state: r.state as ExpiredLease["state"],
+      })),
+    partitions: rows
+      .filter((r) => r.kind === "partitioned" || r.kind === "recovered")
+      .map((r) => ({
+        cluster: r.cluster as string,
+        partitioned: r.kind === "partitioned",
+        lost: toNumber(r.lost),
+        live: toNumber(r.live),
       })),
   };
 }

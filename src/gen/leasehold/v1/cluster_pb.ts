@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/cluster.proto.
  */
 export const file_leasehold_v1_cluster: GenFile = /*@__PURE__*/
-  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxItkBCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDSLKAQoNV29ya2VyU2Vzc2lvbhISCgpzZXNzaW9uX2lkGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGRlYWRsaW5lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBzdHJlYW1fbG9zdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglzZXJ2ZXJfaWQYBSABKAkiggMKBldvcmtlchIRCgl3b3JrZXJfaWQYASABKAkSDwoHY2x1c3RlchgCIAEoCRIQCghjYXBhY2l0eRgDIAEoDRIwCgZsYWJlbHMYBCADKAsyIC5sZWFzZWhvbGQudjEuV29ya2VyLkxhYmVsc0VudHJ5EigKBXN0YXRlGAUgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEiwKB3Nlc3Npb24YBiABKAsyGy5sZWFzZWhvbGQudjEuV29ya2VyU2Vzc2lvbhIsCgtoZWxkX2xlYXNlcxgHIAMoCzIXLmxlYXNlaG9sZC52MS5IZWxkTGVhc2USEAoIZHJhaW5pbmcYCCABKAgSMgoObGFzdF9zZWVuX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDWFnZW50X3ZlcnNpb24YCiABKAkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASIVChNMaXN0Q2x1c3RlcnNSZXF1ZXN0Ij8KFExpc3RDbHVzdGVyc1Jlc3BvbnNlEicKCGNsdXN0ZXJzGAEgAygLMhUubGVhc2Vob2xkLnYxLkNsdXN0ZXIidgoSTGlzdFdvcmtlcnNSZXF1ZXN0Eg8KB2NsdXN0ZXIYASABKAkSKAoFc3RhdGUYAiABKA4yGS5sZWFzZWhvbGQudjEuV29ya2VyU3RhdGUSEQoJcGFnZV9zaXplGAMgASgFEhIKCnBhZ2VfdG9rZW4YBCABKAkiVQoTTGlzdFdvcmtlcnNSZXNwb25zZRIlCgd3b3JrZXJzGAEgAygLMhQubGVhc2Vob2xkLnYxLldvcmtlchIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJQoQR2V0V29ya2VyUmVxdWVzdBIRCgl3b3JrZXJfaWQYASABKAkiOQoRR2V0V29ya2VyUmVzcG9uc2USJAoGd29ya2VyGAEgASgLMhQubGVhc2Vob2xkLnYxLldvcmtlciI3ChJEcmFpbldvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI7ChNEcmFpbldvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIqpgEKDUNsdXN0ZXJIZWFsdGgSHgoaQ0xVU1RFUl9IRUFMVEhfVU5TUEVDSUZJRUQQABIaChZDTFVTVEVSX0hFQUxUSF9IRUFMVEhZEAESGwoXQ0xVU1RFUl9IRUFMVEhfREVHUkFERUQQAhIcChhDTFVTVEVSX0hFQUxUSF9VTkhFQUxUSFkQAxIeChpDTFVTVEVSX0hFQUxUSF9QQVJUSVRJT05FRBAEKnwKC1dvcmtlclN0YXRlEhwKGFdPUktFUl9TVEFURV9VTlNQRUNJRklFRBAAEhoKFldPUktFUl9TVEFURV9DT05ORUNURUQQARIZChVXT1JLRVJfU1RBVEVfSU5fR1JBQ0UQAhIYChRXT1JLRVJfU1RBVEVfT0ZGTElORRADMt0CCg5DbHVzdGVyU2VydmljZRJVCgxMaXN0Q2x1c3RlcnMSIS5sZWFzZWhvbGQudjEuTGlzdENsdXN0ZXJzUmVxdWVzdBoiLmxlYXNlaG9sZC52MS5MaXN0Q2x1c3RlcnNSZXNwb25zZRJSCgtMaXN0V29ya2VycxIgLmxlYXNlaG9sZC52MS5MaXN0V29ya2Vyc1JlcXVlc3QaIS5sZWFzZWhvbGQudjEuTGlzdFdvcmtlcnNSZXNwb25zZRJMCglHZXRXb3JrZXISHi5sZWFzZWhvbGQudjEuR2V0V29ya2VyUmVxdWVzdBofLmxlYXNlaG9sZC52MS5HZXRXb3JrZXJSZXNwb25zZRJSCgtEcmFpbldvcmtlchIgLmxlYXNlaG9sZC52MS5EcmFpbldvcmtlclJlcXVlc3QaIS5sZWFzZWhvbGQudjEuRHJhaW5Xb3JrZXJSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
+  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxIqgCCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDRI0ChBwYXJ0aXRpb25lZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9leHBpcmllc19wYXVzZWQYCiABKAgiygEKDVdvcmtlclNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQc3RyZWFtX2xvc3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJc2VydmVyX2lkGAUgASgJIoIDCgZXb3JrZXISEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SMAoGbGFiZWxzGAQgAygLMiAubGVhc2Vob2xkLnYxLldvcmtlci5MYWJlbHNFbnRyeRIoCgVzdGF0ZRgFIAEoDjIZLmxlYXNlaG9sZC52MS5Xb3JrZXJTdGF0ZRIsCgdzZXNzaW9uGAYgASgLMhsubGVhc2Vob2xkLnYxLldvcmtlclNlc3Npb24SLAoLaGVsZF9sZWFzZXMYByADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhAKCGRyYWluaW5nGAggASgIEjIKDmxhc3Rfc2Vlbl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hZ2VudF92ZXJzaW9uGAogASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFQoTTGlzdENsdXN0ZXJzUmVxdWVzdCI/ChRMaXN0Q2x1c3RlcnNSZXNwb25zZRInCghjbHVzdGVycxgBIAMoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyInYKEkxpc3RXb3JrZXJzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEigKBXN0YXRlGAIgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RXb3JrZXJzUmVzcG9uc2USJQoHd29ya2VycxgBIAMoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEEdldFdvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJIjkKEUdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiNwoSRHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOwoTRHJhaW5Xb3JrZXJSZXNwb25zZRIkCgZ3b3JrZXIYASABKAsyFC5sZWFzZWhvbGQudjEuV29ya2VyIjgKFVJlc3VtZUV4cGlyaWVzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJAChZSZXN1bWVFeHBpcmllc1Jlc3BvbnNlEiYKB2NsdXN0ZXIYASABKAsyFS5sZWFzZWhvbGQudjEuQ2x1c3RlciqmAQoNQ2x1c3RlckhlYWx0aBIeChpDTFVTVEVSX0hFQUxUSF9VTlNQRUNJRklFRBAAEhoKFkNMVVNURVJfSEVBTFRIX0hFQUxUSFkQARIbChdDTFVTVEVSX0hFQUxUSF9ERUdSQURFRBACEhwKGENMVVNURVJfSEVBTFRIX1VOSEVBTFRIWRADEh4KGkNMVVNURVJfSEVBTFRIX1BBUlRJVElPTkVEEAQqfAoLV29ya2VyU3RhdGUSHAoYV09SS0VSX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWV09SS0VSX1NUQVRFX0NPTk5FQ1RFRBABEhkKFVdPUktFUl9TVEFURV9JTl9HUkFDRRACEhgKFFdPUktFUl9TVEFURV9PRkZMSU5FEAMyugMKDkNsdXN0ZXJTZXJ2aWNlElUKDExpc3RDbHVzdGVycxIhLmxlYXNlaG9sZC52MS5MaXN0Q2x1c3RlcnNSZXF1ZXN0GiIubGVhc2Vob2xkLnYxLkxpc3RDbHVzdGVyc1Jlc3BvbnNlElIKC0xpc3RXb3JrZXJzEiAubGVhc2Vob2xkLnYxLkxpc3RXb3JrZXJzUmVxdWVzdBohLmxlYXNlaG9sZC52MS5MaXN0V29ya2Vyc1Jlc3BvbnNlEkwKCUdldFdvcmtlchIeLmxlYXNlaG9sZC52MS5HZXRXb3JrZXJSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLkdldFdvcmtlclJlc3BvbnNlElIKC0RyYWluV29ya2VyEiAubGVhc2Vob2xkLnYxLkRyYWluV29ya2VyUmVxdWVzdBohLmxlYXNlaG9sZC52MS5EcmFpbldvcmtlclJlc3BvbnNlElsKDlJlc3VtZUV4cGlyaWVzEiMubGVhc2Vob2xkLnYxLlJlc3VtZUV4cGlyaWVzUmVxdWVzdBokLmxlYXNlaG9sZC52MS5SZXN1bWVFeHBpcmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
 
 /**
  * A named group of workers (a runtime).
@@ -77,6 +77,21 @@ export type Cluster = Message<"leasehold.v1.Cluster"> & {
    * @generated from field: uint32 recent_expiries = 8;
    */
   recentExpiries: number;
+
+  /**
+   * Since when the cluster is partitioned; unset when it is not.
+   *
+   * @generated from field: google.protobuf.Timestamp partitioned_time = 9;
+   */
+  partitionedTime?: Timestamp | undefined;
+
+  /**
+   * True while partitioned and no operator resumed its expiries: sessions
+   * past their deadline are kept, not reaped.
+   *
+   * @generated from field: bool expiries_paused = 10;
+   */
+  expiriesPaused: boolean;
 };
 
 /**
@@ -417,6 +432,55 @@ export const DrainWorkerResponseSchema: GenMessage<DrainWorkerResponse> = /*@__P
   messageDesc(file_leasehold_v1_cluster, 10);
 
 /**
+ * Request of ClusterService.ResumeExpiries.
+ *
+ * @generated from message leasehold.v1.ResumeExpiriesRequest
+ */
+export type ResumeExpiriesRequest = Message<"leasehold.v1.ResumeExpiriesRequest"> & {
+  /**
+   * Required: the cluster's name.
+   *
+   * @generated from field: string cluster = 1;
+   */
+  cluster: string;
+
+  /**
+   * Optional reason, recorded in the event.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message leasehold.v1.ResumeExpiriesRequest.
+ * Use `create(ResumeExpiriesRequestSchema)` to create a new message.
+ */
+export const ResumeExpiriesRequestSchema: GenMessage<ResumeExpiriesRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 11);
+
+/**
+ * Response of ClusterService.ResumeExpiries.
+ *
+ * @generated from message leasehold.v1.ResumeExpiriesResponse
+ */
+export type ResumeExpiriesResponse = Message<"leasehold.v1.ResumeExpiriesResponse"> & {
+  /**
+   * The cluster after the call.
+   *
+   * @generated from field: leasehold.v1.Cluster cluster = 1;
+   */
+  cluster?: Cluster | undefined;
+};
+
+/**
+ * Describes the message leasehold.v1.ResumeExpiriesResponse.
+ * Use `create(ResumeExpiriesResponseSchema)` to create a new message.
+ */
+export const ResumeExpiriesResponseSchema: GenMessage<ResumeExpiriesResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 12);
+
+/**
  * A cluster's health, from its recent lease expiries and stream losses.
  *
  * @generated from enum leasehold.v1.ClusterHealth
@@ -451,7 +515,10 @@ export enum ClusterHealth {
   UNHEALTHY = 3,
 
   /**
-   * Most sessions lost their streams at once: expiries are paused.
+   * More than the partition share (--partition-share, default half) of the
+   * cluster's live sessions, and at least two, are without a stream: the
+   * network or the control plane is the likelier cause, so lease expiries are
+   * paused until the share drops or an operator resumes them (SPEC rule 10).
    *
    * @generated from enum value: CLUSTER_HEALTH_PARTITIONED = 4;
    */
@@ -552,6 +619,19 @@ export const ClusterService: GenService<{
     methodKind: "unary";
     input: typeof DrainWorkerRequestSchema;
     output: typeof DrainWorkerResponseSchema;
+  },
+  /**
+   * Lets the lease expiries of a partitioned cluster go on (SPEC rule 10): the
+   * operator says its lost workers are really gone. Holds until the cluster is
+   * no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
+   * when the cluster is not partitioned. Calling it again is harmless.
+   *
+   * @generated from rpc leasehold.v1.ClusterService.ResumeExpiries
+   */
+  resumeExpiries: {
+    methodKind: "unary";
+    input: typeof ResumeExpiriesRequestSchema;
+    output: typeof ResumeExpiriesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_leasehold_v1_cluster, 0);

@@ -24,8 +24,8 @@ export interface ServerConfig {
   readonly maxSilenceMs: number;
   /**
    * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
-   * have lost their streams, the cluster is partitioned and its expiries pause. Default 0.5;
-   * 1 turns the valve off.
+   * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
+   * expiries pause, never past `maxSilenceMs`. Default 0.5; 1 turns the valve off.
    */
   readonly partitionShare: number;
   /**

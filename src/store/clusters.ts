@@ -57,6 +57,8 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
     queued: unknown;
     leased: unknown;
     expiries: unknown;
+    live: unknown;
+    lost: unknown;
     partitioned_at: unknown;
     expiries_resumed_at: unknown;
   }>(
@@ -69,8 +71,16 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
           where w.cluster = c.name and s.ended_at is null and s.stream_lost_at is not null) as in_grace,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'QUEUED') as queued,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'LEASED') as leased,
-        ${recentExpiries(clock)} as expiries
-      from clusters c ${name === undefined ? sql`` : sql`where c.name = ${name}`} order by c.name`,
+        ${recentExpiries(clock)} as expiries,
+        n.live, n.lost
+      from clusters c
+      cross join lateral (
+        select count(*) as live,
+               count(*) filter (where s.stream_lost_at is not null or s.deadline < ${clock.now()}) as lost
+        from sessions s join workers w on w.worker_id = s.worker_id
+        where w.cluster = c.name and s.ended_at is null
+      ) n
+      ${name === undefined ? sql`` : sql`where c.name = ${name}`} order by c.name`,
   );
   return rows.map((r) => {
     const expiries = toNumber(r.expiries);
@@ -82,7 +92,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
       ? {
           health: "PARTITIONED" as const,
           reason:
-            `${workersInGrace} of ${connectedWorkers + workersInGrace} sessions without a stream since ` +
+            `${toNumber(r.lost)} of ${toNumber(r.live)} sessions lost; partitioned since ` +
             `${partitionedAt.toISOString()}; ` +
             (resumedAt
               ? `an operator resumed lease expiries at ${resumedAt.toISOString()}`

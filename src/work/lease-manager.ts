@@ -294,7 +294,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
-    const opened = await openSession(db, clock, serverId, { graceMs, partitionShare }, hello);
+    const opened = await openSession(db, clock, serverId, { graceMs, partitionShare, maxSilenceMs }, hello);
     const previous = hosted.get(opened.sessionId);
     // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
     if (previous) closeTakenOver(previous);
@@ -471,7 +471,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function reap(): Promise<void> {
     for (;;) {
-      const result = await reapSessions(db, clock, { limit: REAP_BATCH, partitionShare });
+      const result = await reapSessions(db, clock, { limit: REAP_BATCH, partitionShare, maxSilenceMs });
       for (const { sessionId } of result.sessions) {
         const s = hosted.get(sessionId);
         if (s) {
@@ -495,7 +495,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         if (p.partitioned)
           log.warn(
             counts,
-            `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost their streams; lease expiries are paused`,
+            `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
           );
         else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
       }

@@ -80,9 +80,11 @@ describe("grants racing session ends on PostgreSQL", () => {
     )[0]?.n;
 
   it("a reap during an uncommitted grant leaves no lease on the ended session", async () => {
-    await grantWhile(() => reapSessions(db, clock, { limit: 10, partitionShare: 0.5 }));
+    await grantWhile(() =>
+      reapSessions(db, clock, { limit: 10, partitionShare: 0.5, maxSilenceMs: 100_000 }),
+    );
     // The reaper skipped the locked session; the next reap expires it with its new lease.
-    await reapSessions(db, clock, { limit: 10, partitionShare: 0.5 });
+    await reapSessions(db, clock, { limit: 10, partitionShare: 0.5, maxSilenceMs: 100_000 });
     expect(await leasedToEndedSessions()).toBe(0);
     const [z] = await queryRows<{ state: string; system_retry_count: number }>(
       db,

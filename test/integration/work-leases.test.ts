@@ -580,18 +580,18 @@ describe("work leases", () => {
     expect(await clusterEast()).toMatchObject({
       health: ClusterHealth.PARTITIONED,
       healthReason: expect.stringMatching(
-        /^2 of 3 sessions without a stream since .*; lease expiries are paused/,
+        /^2 of 3 sessions lost; partitioned since .*; lease expiries are paused/,
       ),
       expiriesPaused: true,
       partitionedTime: expect.anything(),
     });
     const line =
-      "cluster east is partitioned: 2 of 3 sessions lost their streams; lease expiries are paused until they reconnect or an operator resumes them";
+      "cluster east is partitioned: 2 of 3 sessions lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them";
     expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([line]);
     const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
     expect(metrics).toMatch(/^leasehold_clusters_expiries_paused 1$/m);
     expect(t.logs.map((l) => l.msg)).toContain(
-      "cluster east is partitioned: 2 of 3 sessions lost their streams; lease expiries are paused",
+      "cluster east is partitioned: 2 of 3 sessions lost; lease expiries are paused",
     );
     // Past its deadline, pa comes back and loses nothing: same session, same epoch.
     clock.advance(GRACE_MS);
@@ -607,22 +607,95 @@ describe("work leases", () => {
     await tick().reap();
     expect(await expiredActions()).toEqual([b.grant.actionId]);
     expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toEqual([
-      "cluster east is no longer partitioned (1 of 3 sessions without a stream); lease expiries go on",
+      "cluster east is no longer partitioned (1 of 3 sessions lost); lease expiries go on",
     ]);
     expect(await clusterEast()).toMatchObject({ expiriesPaused: false });
     expect((await clusterEast())?.health).not.toBe(ClusterHealth.PARTITIONED);
     expect(await back.complete(a.grant, { output: { done: true } })).toMatchObject({ accepted: true });
   });
 
-  it("expires as usual when only half of a cluster's sessions lose their streams, or only one", async () => {
-    const [a, b] = await holders("ha", "hb");
+  it("expires as usual when only half of a cluster's sessions are lost", async () => {
+    const [a, b, c, d] = await holders("ha", "hb", "hc", "hd");
+    if (!a || !b || !c || !d) throw new Error("four holders expected");
+    a.w.drop();
+    b.w.drop();
+    await waitForEvent(t, "", "ha", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "hb", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(c.w, d.w);
+    await tick().reap();
+    expect((await expiredActions()).sort()).toEqual([a.grant.actionId, b.grant.actionId].sort());
+    expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([]);
+  });
+
+  it("counts sessions past their deadline as lost though their streams never closed (silent streams, a database outage)", async () => {
+    const held = await holders("sa", "sb", "sc");
+    // Nothing is renewed for longer than the grace period: every deadline passes, no stream closed.
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([
+      expect.stringMatching(/^cluster east is partitioned: 3 of 3 sessions lost/),
+    ]);
+    // The streams were fine all along: the next renewal brings every deadline back, and the mark clears.
+    await keepAlive(...held.map((h) => h.w));
+    await tick().reap();
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toHaveLength(1);
+    expect(await expiredActions()).toEqual([]);
+  });
+
+  it("keeps no session silent longer than the maximum silence, partition or not", async () => {
+    const [a, b] = await holders("ma", "mb");
     if (!a || !b) throw new Error("two holders expected");
     a.w.drop();
-    await waitForEvent(t, "", "ha", EventKind.STREAM_LOST);
+    b.w.drop();
+    await waitForEvent(t, "", "ma", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "mb", EventKind.STREAM_LOST);
     clock.advance(GRACE_MS + 1000);
-    await keepAlive(b.w);
     await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    clock.advance(10 * GRACE_MS);
+    await tick().reap();
+    expect((await expiredActions()).sort()).toEqual([a.grant.actionId, b.grant.actionId].sort());
+    await tick().reap();
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toHaveLength(1);
+  });
+
+  it("ends the paused session of a worker that comes back in another cluster", async () => {
+    const [a, b] = await holders("va", "vb");
+    if (!a || !b) throw new Error("two holders expected");
+    a.w.drop();
+    b.w.drop();
+    await waitForEvent(t, "", "va", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "vb", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    const moved = await connectWorker(t.address, { workerId: "va", cluster: "west", capacity: 1 });
+    workers.push(moved);
+    expect(moved.welcome).toMatchObject({ sessionResumed: false });
     expect(await expiredActions()).toEqual([a.grant.actionId]);
+    // vb, still lost in east, stays paused.
+    expect((await getAction(b.grant.actionId)).action).toMatchObject({
+      state: ActionState.LEASED,
+      epoch: 1n,
+    });
+  });
+
+  it("turns the valve off with --partition-share 1", async () => {
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s", partitionShare: "1" },
+      overrides: { clock, timers: false },
+    });
+    const [a, b] = await holders("xa", "xb");
+    if (!a || !b) throw new Error("two holders expected");
+    a.w.drop();
+    b.w.drop();
+    await waitForEvent(t, "", "xa", EventKind.STREAM_LOST);
+    await waitForEvent(t, "", "xb", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect((await expiredActions()).sort()).toEqual([a.grant.actionId, b.grant.actionId].sort());
     expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([]);
   });
 

@@ -61,7 +61,7 @@ export async function openSession(
   db: Db,
   clock: Clock,
   serverId: string,
-  limits: { graceMs: number; partitionShare: number },
+  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
   hello: HelloInput,
 ): Promise<OpenedSession> {
   const now = clock.now();
@@ -86,17 +86,21 @@ export async function openSession(
       sql`select id, deadline, stream_lost_at, server_id, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
+    const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
     if (live?.expired) {
       // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10),
-      // in which case the worker is back in time after all and resumes.
+      // in which case the worker is back in time after all and resumes. A worker that moved to
+      // another cluster cannot resume, so its old session ends either way.
       const reaped = await reapSessions(tx, clock, {
         limit: 1,
         partitionShare: limits.partitionShare,
+        maxSilenceMs: limits.maxSilenceMs,
         sessionIds: [live.id],
+        obeyValve: !movingCluster,
       });
       if (reaped.sessions.length > 0) live = undefined;
     }
-    if (live && worker && worker.cluster !== hello.cluster) {
+    if (live && movingCluster) {
       throw new LeaseholdError(
         Code.FailedPrecondition,
         `worker ${hello.workerId} has a live session in cluster ${worker.cluster}; ` +

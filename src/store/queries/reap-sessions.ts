@@ -45,27 +45,43 @@ export const PARTITION_MIN_LOST = 2;
  * may reap at once without reaping a session twice; a session another process
  * is renewing at this instant is either renewed first (then not due) or
  * reaped first (then its renewal finds it ended and closes the stream).
- * `which` limits the reap to named sessions (used when a hello finds its own
- * session already past its deadline).
  *
- * The mass-disconnect valve (SPEC rule 10) is decided in the same statement:
- * for each cluster with a session due (or already partitioned), when more
- * than `partitionShare` of its live sessions, and at least
- * {@link PARTITION_MIN_LOST}, have no stream, the cluster is marked
- * partitioned and none of its sessions is reaped; once the share drops, the
- * mark clears and reaping goes on. An operator's resume (expiries_resumed_at)
- * lets reaping go on while the mark stays. Lost sessions stay counted while
- * paused, so a long partition does not release itself by ageing.
+ * The mass-disconnect valve (SPEC rule 10) is decided in the same statement.
+ * A session counts as lost when its stream is known lost or its deadline has
+ * passed (a stream that went silent without closing, or a database outage,
+ * looks like that), unless it has been silent longer than `maxSilenceMs`:
+ * such a session is neither counted nor kept, as rule 6 bounds restarts. For
+ * each cluster with a session due (or already partitioned), when more than
+ * `partitionShare` of its live sessions, and at least
+ * {@link PARTITION_MIN_LOST}, are lost, the cluster is marked partitioned
+ * and none of its sessions is reaped; once the share drops, the mark clears
+ * and reaping goes on. An operator's resume (expiries_resumed_at) lets
+ * reaping go on while the mark stays.
+ *
+ * `sessionIds` limits the reap to named sessions: a hello that finds its own
+ * session past its deadline. That reap obeys the valve (the worker is back in
+ * time after all) unless `obeyValve` is false (the worker moved to another
+ * cluster, so its old session must end), and it never marks or clears a
+ * partition: the periodic reap does that, and logs it.
  */
 export async function reapSessions(
   db: Db,
   clock: Clock,
-  options: { limit: number; partitionShare: number; sessionIds?: readonly string[] },
+  options: {
+    limit: number;
+    partitionShare: number;
+    maxSilenceMs: number;
+    sessionIds?: readonly string[];
+    obeyValve?: boolean;
+  },
 ): Promise<ReapResult> {
   const now = clock.now();
   const which: SQL = options.sessionIds
     ? sql`and s.id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
     : sql``;
+  const periodic = options.sessionIds === undefined;
+  const obeyValve = options.obeyValve ?? true;
+  const silentSince = sql`${now} - make_interval(secs => ${options.maxSilenceMs} / 1000.0)`;
   const rows = await queryRows<{
     kind: "session" | "lease" | "partitioned" | "recovered";
     session_id: string;
@@ -82,51 +98,52 @@ export async function reapSessions(
       with watched as (
         select w.cluster as name from sessions s join workers w on w.worker_id = s.worker_id
         where s.ended_at is null and s.deadline < ${now} ${which}
-        union
-        select name from clusters where partitioned_at is not null
+        ${periodic ? sql`union select name from clusters where partitioned_at is not null` : sql``}
       ),
       verdict as (
         select c.name, c.partitioned_at, c.expiries_resumed_at, n.lost, n.live,
-          n.lost >= ${PARTITION_MIN_LOST} and n.lost > n.live * ${options.partitionShare}::float8 as over
+          ${obeyValve}::boolean and n.lost >= ${PARTITION_MIN_LOST}
+            and n.lost > n.live * ${options.partitionShare}::float8 as over
         from watched
         join clusters c on c.name = watched.name
         cross join lateral (
-          select count(*) filter (where s.stream_lost_at is not null) as lost, count(*) as live
+          select count(*) filter (where s.stream_lost_at is not null or s.deadline < ${now}) as lost,
+                 count(*) as live
           from sessions s join workers w on w.worker_id = s.worker_id
-          where w.cluster = c.name and s.ended_at is null
+          where w.cluster = c.name and s.ended_at is null and s.last_heard_at >= ${silentSince}
         ) n
       ),
       entered as (
         update clusters c set partitioned_at = ${now}, expiries_resumed_at = null
-        from verdict v where c.name = v.name and v.over and c.partitioned_at is null
+        from verdict v where c.name = v.name and v.over and c.partitioned_at is null and ${periodic}::boolean
         returning c.name, v.lost, v.live
       ),
       recovered as (
         update clusters c set partitioned_at = null, expiries_resumed_at = null
-        from verdict v where c.name = v.name and not v.over and c.partitioned_at is not null
+        from verdict v where c.name = v.name and not v.over and c.partitioned_at is not null and ${periodic}::boolean
         returning c.name, v.lost, v.live
       ),
       partition_events as (
         insert into events (kind, cluster, message, details)
         select 'cluster_partitioned', name,
           'cluster ' || name || ' is partitioned: ' || lost || ' of ' || live
-          || ' sessions lost their streams; lease expiries are paused until they reconnect or an operator resumes them',
+          || ' sessions lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them',
           jsonb_build_object('lost', lost, 'live', live)
         from entered
         union all
         select 'cluster_recovered', name,
           'cluster ' || name || ' is no longer partitioned (' || lost || ' of ' || live
-          || ' sessions without a stream); lease expiries go on',
+          || ' sessions lost); lease expiries go on',
           jsonb_build_object('lost', lost, 'live', live)
         from recovered
       ),
       due as (
         select s.id from sessions s
         where s.ended_at is null and s.deadline < ${now} ${which}
-          and not exists (
+          and (s.last_heard_at < ${silentSince} or not exists (
             select 1 from workers w join verdict v on v.name = w.cluster
             where w.worker_id = s.worker_id and v.over and v.expiries_resumed_at is null
-          )
+          ))
         order by s.deadline
         limit ${options.limit}
         for update of s skip locked

@@ -515,10 +515,13 @@ export enum ClusterHealth {
   UNHEALTHY = 3,
 
   /**
-   * More than the partition share (--partition-share, default half) of the
-   * cluster's live sessions, and at least two, are without a stream: the
-   * network or the control plane is the likelier cause, so lease expiries are
-   * paused until the share drops or an operator resumes them (SPEC rule 10).
+   * A session reached its deadline while more than the partition share
+   * (--partition-share, default half) of the cluster's live sessions, and at
+   * least two, were lost (stream closed, or silent past the deadline): the
+   * network or the control plane is the likelier cause. Lease expiries are
+   * paused (see Cluster.expiries_paused) until the share drops or an operator
+   * resumes them (SPEC rule 10); a session silent longer than --max-silence is
+   * reaped all the same.
    *
    * @generated from enum value: CLUSTER_HEALTH_PARTITIONED = 4;
    */

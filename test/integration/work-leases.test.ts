@@ -554,7 +554,12 @@ describe("work leases", () => {
     for (const id of ids) ws.push(await worker(id));
     for (const _ of ids) await submit();
     await tick().dispatch();
-    return Promise.all(ws.map(async (w) => ({ w, grant: await w.next("grant") })));
+    return Promise.all(ws.map(async (w, i) => ({ w, workerId: ids[i] ?? "", grant: await w.next("grant") })));
+  };
+  /** Drops each holder's stream and waits until the server recorded every loss. */
+  const loseStreams = async (...lost: { w: TestWorker; workerId: string }[]) => {
+    for (const { w } of lost) w.drop();
+    for (const { workerId } of lost) await waitForEvent(t, "", workerId, EventKind.STREAM_LOST);
   };
   const clusterEast = async () =>
     (await t.client(ClusterService).listClusters({})).clusters.find((c) => c.name === "east");
@@ -568,10 +573,7 @@ describe("work leases", () => {
   it("pauses expiries when most of a cluster's sessions lose their streams, and goes on once they come back (rule 10)", async () => {
     const [a, b, c] = await holders("pa", "pb", "pc");
     if (!a || !b || !c) throw new Error("three holders expected");
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "pa", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "pb", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await keepAlive(c.w);
     await tick().reap();
@@ -617,10 +619,7 @@ describe("work leases", () => {
   it("expires as usual when only half of a cluster's sessions are lost", async () => {
     const [a, b, c, d] = await holders("ha", "hb", "hc", "hd");
     if (!a || !b || !c || !d) throw new Error("four holders expected");
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "ha", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "hb", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await keepAlive(c.w, d.w);
     await tick().reap();
@@ -647,10 +646,7 @@ describe("work leases", () => {
   it("keeps no session silent longer than the maximum silence, partition or not", async () => {
     const [a, b] = await holders("ma", "mb");
     if (!a || !b) throw new Error("two holders expected");
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "ma", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "mb", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([]);
@@ -664,10 +660,7 @@ describe("work leases", () => {
   it("ends the paused session of a worker that comes back in another cluster", async () => {
     const [a, b] = await holders("va", "vb");
     if (!a || !b) throw new Error("two holders expected");
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "va", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "vb", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     const moved = await connectWorker(t.address, { workerId: "va", cluster: "west", capacity: 1 });
@@ -689,10 +682,7 @@ describe("work leases", () => {
     });
     const [a, b] = await holders("xa", "xb");
     if (!a || !b) throw new Error("two holders expected");
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "xa", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "xb", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect((await expiredActions()).sort()).toEqual([a.grant.actionId, b.grant.actionId].sort());
@@ -718,10 +708,7 @@ describe("work leases", () => {
       Code.FailedPrecondition,
       /^cluster east is not partitioned: its lease expiries are not paused/,
     );
-    a.w.drop();
-    b.w.drop();
-    await waitForEvent(t, "", "oa", EventKind.STREAM_LOST);
-    await waitForEvent(t, "", "ob", EventKind.STREAM_LOST);
+    await loseStreams(a, b);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([]);

@@ -181,8 +181,8 @@ export async function startServer(
     rpc.markServing();
     log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
     // PGlite runs in this process: it cannot become unreachable, only busy.
-    if ((overrides.timers ?? true) && database.driver === "postgres") {
-      const watch = watchDatabase(db, config.heartbeatIntervalMs, log, {
+    if ((overrides.timers ?? true) && database.ping) {
+      const watch = watchDatabase(database.ping, config.heartbeatIntervalMs, log, {
         lost: () => rpc.markNotServing(),
         back: () => {
           rpc.markServing();
@@ -227,7 +227,7 @@ export async function startServer(
  * time); when it answers again, SERVING. Both changes are logged once.
  */
 function watchDatabase(
-  db: Db,
+  ping: () => Promise<void>,
   everyMs: number,
   log: Logger,
   on: { lost(): void; back(): void },
@@ -241,7 +241,7 @@ function watchDatabase(
     running = true;
     let timeout: NodeJS.Timeout | undefined;
     Promise.race([
-      db.execute(sql`select 1`),
+      ping(),
       new Promise((_, reject) => {
         timeout = setTimeout(() => reject(new Error(`no answer within ${everyMs}ms`)), everyMs);
         timeout.unref();

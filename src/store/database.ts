@@ -27,6 +27,12 @@ export interface Database extends AsyncDisposable {
     onNotify: (payload: string) => void,
     onListen: () => void,
   ) => Promise<{ unlisten(): Promise<void> }>;
+  /**
+   * PostgreSQL only: one round trip on a connection of its own, so that a pool
+   * busy with long statements (thousands of sessions renewed at once) is not
+   * mistaken for an unreachable database.
+   */
+  readonly ping?: () => Promise<void>;
   /** Closes the pool (postgres) or the embedded database (PGlite). Idempotent. */
   close(): Promise<void>;
 }
@@ -100,12 +106,18 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
+  const pinger = postgres(url, { ...quiet, max: 1 });
   return {
     ...handle(
       drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db,
       "postgres",
-      () => client.end({ timeout: 5 }),
+      async () => {
+        await Promise.all([client.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
+      },
     ),
+    ping: async () => {
+      await pinger`select 1`;
+    },
     listen: async (channel, onNotify, onListen) => {
       const { unlisten } = await client.listen(channel, onNotify, onListen);
       return { unlisten };

@@ -1,0 +1,212 @@
+/**
+ * Worker streams per process and heartbeat ack latency (SPEC §6: 10,000
+ * streams, 1 s heartbeats, p99 ack < 20 ms, RSS < 1 GiB).
+ *
+ *   node --import tsx bench/heartbeats.ts [--streams 10000] [--connections 100]
+ *     [--interval 1000] [--seconds 20] [--database-url URL] [--profile-dir DIR]
+ *
+ * The server is a real `leasehold serve` child process (one JavaScript
+ * thread, as in production); this process plays the workers: raw
+ * WorkerService.Connect streams spread over `--connections` HTTP/2
+ * connections, each heartbeating every `--interval` ms at a random phase.
+ * Ack latency is measured here, from the write of a heartbeat to its ack,
+ * so it includes this process's own event loop: on a 2-core machine the
+ * workers and the server share the cores. Prints one JSON line.
+ * `--profile-dir` writes a CPU profile of the server there (node --cpu-prof).
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { create } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import { type ConnectResponse, WorkerService } from "../src/gen/leasehold/v1/worker_pb.js";
+import { createClient } from "../src/rpc/client.js";
+import { freePort } from "../test/helpers/ports.js";
+
+const { values } = parseArgs({
+  options: {
+    streams: { type: "string", default: "10000" },
+    connections: { type: "string", default: "100" },
+    interval: { type: "string", default: "1000" },
+    seconds: { type: "string", default: "20" },
+    "database-url": { type: "string" },
+    "profile-dir": { type: "string" },
+  },
+});
+const streams = Number(values.streams);
+const connections = Math.min(Number(values.connections), streams);
+const intervalMs = Number(values.interval);
+const measureMs = Number(values.seconds) * 1000;
+
+const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
+const port = await freePort();
+const address = `127.0.0.1:${port}`;
+const server = startServer();
+
+/** `leasehold serve` on `port`, resolved once it accepts connections. */
+function startServer(): ChildProcess {
+  const profile = values["profile-dir"];
+  const args = [
+    ...(profile ? ["--cpu-prof", `--cpu-prof-dir=${profile}`] : []),
+    join(import.meta.dirname, "..", "bin", "leasehold.js"),
+    "serve",
+    "--listen",
+    address,
+    "--metrics-listen",
+    "off",
+    "--heartbeat-interval",
+    `${intervalMs}ms`,
+    "--grace-period",
+    `${Math.max(10_000, intervalMs * 3)}ms`,
+    "--log-level",
+    "warn",
+    ...(values["database-url"]
+      ? ["--database-url", values["database-url"]]
+      : ["--data-dir", join(dir, "data")]),
+  ];
+  const child = spawn(process.execPath, args, { stdio: ["ignore", "inherit", "inherit"] });
+  child.on("exit", (code) => {
+    if (!stopping) {
+      console.error(`the server exited early (${code})`);
+      process.exit(1);
+    }
+  });
+  return child;
+}
+let stopping = false;
+
+/** The server's resident memory and CPU seconds so far, from /proc (Linux). */
+function serverUsage(): { rssMiB: number; cpuSeconds: number } {
+  const status = readFileSync(`/proc/${server.pid}/status`, "utf8");
+  const rssKiB = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+  const stat = readFileSync(`/proc/${server.pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime, in clock ticks (100 Hz)
+  return { rssMiB: Math.round(rssKiB / 1024), cpuSeconds: ticks / 100 };
+}
+
+type Call = grpc.ClientDuplexStream<unknown, ConnectResponse>;
+
+// Separate subchannel pools: each client is its own TCP connection, as separate agents would be.
+const clients = Array.from({ length: connections }, () =>
+  createClient(WorkerService, address, grpc.credentials.createInsecure(), {
+    "grpc.use_local_subchannel_pool": 1,
+  }),
+);
+await waitForServer();
+
+async function waitForServer(): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    const ready = await new Promise<boolean>((resolve) => {
+      const probe = new grpc.Client(address, grpc.credentials.createInsecure());
+      probe.waitForReady(Date.now() + 200, (error) => {
+        probe.close();
+        resolve(!error);
+      });
+    });
+    if (ready) return;
+  }
+  throw new Error(`the server did not listen on ${address}`);
+}
+
+const latencies: number[] = [];
+let measuring = false;
+let failures = 0;
+const calls: Call[] = [];
+
+/** Opens stream `i`: hello, welcome, then heartbeats at a random phase of the interval. */
+function open(i: number): Promise<void> {
+  const client = clients[i % connections] as (typeof clients)[number];
+  const call = client.connect() as unknown as Call;
+  calls.push(call);
+  const sent = new Map<bigint, number>();
+  let sequence = 0n;
+  return new Promise((welcomed, failed) => {
+    call.on("error", (error) => {
+      if (!stopping) failures += 1;
+      failed(error);
+    });
+    call.on("data", (response: ConnectResponse) => {
+      const m = response.message;
+      if (m.case === "welcome") {
+        welcomed();
+        const beat = () => {
+          sequence += 1n;
+          sent.set(sequence, performance.now());
+          call.write(
+            create(WorkerService.method.connect.input, {
+              message: { case: "heartbeat", value: { sequence } },
+            }),
+          );
+        };
+        setTimeout(() => {
+          beat();
+          const timer = setInterval(beat, intervalMs);
+          call.on("close", () => clearInterval(timer));
+        }, Math.random() * intervalMs);
+      } else if (m.case === "heartbeatAck") {
+        const at = sent.get(m.value.sequence);
+        sent.delete(m.value.sequence);
+        if (at !== undefined && measuring) latencies.push(performance.now() - at);
+      }
+    });
+    call.write(
+      create(WorkerService.method.connect.input, {
+        message: { case: "hello", value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1 } },
+      }),
+    );
+  });
+}
+
+const openStarted = performance.now();
+const OPEN_CONCURRENCY = 200;
+let nextStream = 0;
+await Promise.all(
+  Array.from({ length: OPEN_CONCURRENCY }, async () => {
+    while (nextStream < streams) await open(nextStream++);
+  }),
+);
+const openSeconds = (performance.now() - openStarted) / 1000;
+
+// Two intervals to settle, then measure.
+await new Promise((r) => setTimeout(r, 2 * intervalMs));
+let maxRss = 0;
+const sampler = setInterval(() => {
+  maxRss = Math.max(maxRss, serverUsage().rssMiB);
+}, 500);
+const before = serverUsage();
+measuring = true;
+await new Promise((r) => setTimeout(r, measureMs));
+measuring = false;
+const after = serverUsage();
+clearInterval(sampler);
+
+latencies.sort((a, b) => a - b);
+const at = (q: number) =>
+  Number((latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] ?? 0).toFixed(2));
+console.log(
+  JSON.stringify({
+    driver: values["database-url"] ? "postgres" : "pglite",
+    streams,
+    connections,
+    intervalMs,
+    openSeconds: Number(openSeconds.toFixed(2)),
+    acks: latencies.length,
+    acksPerSecond: Math.round(latencies.length / (measureMs / 1000)),
+    p50Ms: at(0.5),
+    p99Ms: at(0.99),
+    maxMs: Number((latencies.at(-1) ?? 0).toFixed(2)),
+    serverRssMiB: Math.max(maxRss, after.rssMiB),
+    serverCpuPercent: Math.round(((after.cpuSeconds - before.cpuSeconds) / (measureMs / 1000)) * 100),
+    streamErrors: failures,
+  }),
+);
+
+stopping = true;
+for (const call of calls) call.cancel();
+for (const c of clients) c.close();
+server.kill("SIGTERM");
+await new Promise((r) => server.once("exit", r));
+rmSync(dir, { recursive: true, force: true });

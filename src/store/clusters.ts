@@ -65,17 +65,16 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
     db,
     sql`
       select c.name, c.partitioned_at, c.expiries_resumed_at,
-        (select count(*) from sessions s join workers w on w.worker_id = s.worker_id
-          where w.cluster = c.name and s.ended_at is null and s.stream_lost_at is null) as connected,
-        (select count(*) from sessions s join workers w on w.worker_id = s.worker_id
-          where w.cluster = c.name and s.ended_at is null and s.stream_lost_at is not null) as in_grace,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'QUEUED') as queued,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'LEASED') as leased,
         ${recentExpiries(clock)} as expiries,
-        n.live, n.lost
+        n.live, n.lost, n.connected, n.in_grace
       from clusters c
+      -- One pass over the cluster's live sessions for every count.
       cross join lateral (
         select count(*) as live,
+               count(*) filter (where s.stream_lost_at is null) as connected,
+               count(*) filter (where s.stream_lost_at is not null) as in_grace,
                count(*) filter (where s.stream_lost_at is not null or s.deadline < ${clock.now()}) as lost
         from sessions s join workers w on w.worker_id = s.worker_id
         where w.cluster = c.name and s.ended_at is null

@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import type { Db } from "../store/database.js";
+import { coalesced } from "./coalesced.js";
 import type { RevokeReason } from "./worker-messages.js";
 
 /**
@@ -89,8 +90,6 @@ export async function createPostgresBus(deps: {
 
   let topics = new Set<string>();
   let others: BusMessage[] = [];
-  let flushing: Promise<void> | undefined;
-  let again = false;
   let failing = false;
   let closed = false;
 
@@ -113,40 +112,32 @@ export async function createPostgresBus(deps: {
     return out;
   }
 
-  function flush(): void {
-    if (flushing) {
-      again = true;
-      return;
-    }
-    flushing = (async () => {
-      do {
-        again = false;
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        const batch = payloads();
-        if (batch.length === 0) continue;
-        try {
-          await db.execute(
-            sql`select pg_notify(${BUS_CHANNEL}, p) from jsonb_array_elements_text(${JSON.stringify(batch)}::jsonb) as p`,
-          );
-          if (failing) log.info("notifying other processes again");
-          failing = false;
-        } catch (error) {
-          // Lost hints cost latency only: the other processes' polls catch up.
-          if (!failing)
-            log.warn({ err: error }, "could not notify other processes; they will catch up by polling");
-          failing = true;
-        }
-      } while (again && !closed);
-      flushing = undefined;
-    })();
-  }
+  const flusher = coalesced(
+    async () => {
+      const batch = payloads();
+      if (batch.length === 0) return;
+      try {
+        await db.execute(
+          sql`select pg_notify(${BUS_CHANNEL}, p) from jsonb_array_elements_text(${JSON.stringify(batch)}::jsonb) as p`,
+        );
+        if (failing) log.info("notifying other processes again");
+        failing = false;
+      } catch (error) {
+        // Lost hints cost latency only: the other processes' polls catch up.
+        if (!failing)
+          log.warn({ err: error }, "could not notify other processes; they will catch up by polling");
+        failing = true;
+      }
+    },
+    () => closed,
+  );
 
   return {
     send(message) {
       if (closed) return;
       if (message.kind === "wake") for (const t of message.topics) topics.add(t);
       else others.push(message);
-      flush();
+      flusher.request();
     },
     subscribe(handler) {
       handlers.add(handler);
@@ -157,7 +148,7 @@ export async function createPostgresBus(deps: {
     },
     async close() {
       closed = true;
-      await flushing;
+      await flusher.idle();
       await subscription.unlisten().catch(() => {});
     },
   };

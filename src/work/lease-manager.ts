@@ -20,6 +20,7 @@ import { setWorkerDraining } from "../store/workers.js";
 import type { JsonObject } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
+import { coalesced } from "./coalesced.js";
 import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
@@ -665,25 +666,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   }
 
   // Dispatch is single-flight: a request while one runs schedules exactly one more.
-  let dispatching: Promise<void> | undefined;
-  let dispatchAgain = false;
-  function scheduleDispatch(): void {
-    if (closed) return;
-    if (dispatching) {
-      dispatchAgain = true;
-      return;
-    }
-    dispatching = (async () => {
-      do {
-        dispatchAgain = false;
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        await dispatch().catch((error: unknown) =>
-          log.warn({ err: error }, "dispatch failed; retrying on the next tick"),
-        );
-      } while (dispatchAgain && !closed);
-      dispatching = undefined;
-    })();
-  }
+  const dispatcher = coalesced(
+    () =>
+      dispatch().catch((error: unknown) =>
+        log.warn({ err: error }, "dispatch failed; retrying on the next tick"),
+      ),
+    () => closed,
+  );
+  const scheduleDispatch = () => dispatcher.request();
   const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
 
   /**
@@ -783,7 +773,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offQueue();
       offBus?.();
       for (const t of timers) clearInterval(t);
-      await dispatching;
+      await dispatcher.idle();
       await Promise.all([finishes.close(), progress.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
@@ -820,7 +810,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       audit,
       dispatch: async () => {
         scheduleDispatch();
-        while (dispatching) await dispatching;
+        await dispatcher.idle();
       },
     },
     stats() {

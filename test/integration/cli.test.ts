@@ -26,11 +26,15 @@ function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: st
   });
 }
 
-describe("the leasehold CLI", () => {
+// Every step spawns a CLI process (a second or more each on a loaded machine): the timeout is a
+// hang guard sized for that, not a speed check.
+describe("the leasehold CLI", { timeout: 120_000 }, () => {
   let t: TestServer;
   let server: string[];
   beforeAll(async () => {
-    t = await startTestServer();
+    // The raw workers here do not heartbeat: a long grace keeps their sessions live however
+    // slowly the CLI processes start.
+    t = await startTestServer({ config: { gracePeriod: "10m" } });
     server = ["--server", t.address];
   });
   afterAll(async () => {

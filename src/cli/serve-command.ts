@@ -1,9 +1,10 @@
+import { constants } from "node:os";
 import { Command, Option } from "commander";
 import { pino } from "pino";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
-import { LeaseholdError } from "../errors.js";
-import { startServer } from "../server.js";
-import { CliError, EXIT } from "./output.js";
+import { Code, LeaseholdError } from "../errors.js";
+import { type LeaseholdServer, startServer } from "../server.js";
+import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
@@ -124,21 +125,48 @@ export function serveCommand(): Command {
 }
 
 async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
-  const log = pino({ level: config.logLevel, base: { service: "leasehold" } });
-  const server = await startServer(config, log);
+  // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
+  guardOutput("drop");
+  const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
+  const stopBeforeReady = new AbortController();
+  let server: LeaseholdServer | undefined;
   let stopping = false;
-  const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, "shutting down");
-    server.close().then(
-      () => process.exit(0),
+  const closeAndExit = (running: LeaseholdServer) => {
+    running.close().then(
+      () => process.exit(EXIT.ok),
       (error: unknown) => {
         log.error({ err: error }, "shutdown failed");
-        process.exit(1);
+        process.exit(EXIT.failed);
       },
     );
   };
-  process.once("SIGTERM", stop);
-  process.once("SIGINT", stop);
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      // A second signal: the operator will not wait for streams to drain or the final renewal.
+      log.warn({ signal }, "second signal; exiting without finishing the shutdown");
+      process.exit(128 + (constants.signals[signal] ?? 0));
+    }
+    stopping = true;
+    log.info({ signal }, "shutting down");
+    if (server) closeAndExit(server);
+    else {
+      // Still starting (e.g. waiting for the database): stop waiting, close the port.
+      stopBeforeReady.abort(
+        new LeaseholdError(Code.Unavailable, `stopped by ${signal} before it was ready`, {
+          reason: "SHUTTING_DOWN",
+        }),
+      );
+    }
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+  try {
+    server = await startServer(config, log, { signal: stopBeforeReady.signal });
+  } catch (error) {
+    if (error !== stopBeforeReady.signal.reason) throw error;
+    log.info("leasehold stopped");
+    process.exit(EXIT.ok);
+  }
+  // A signal that came after the database answered: the start finished first.
+  if (stopping) closeAndExit(server);
 }

@@ -9,7 +9,9 @@ import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
   return new Command("serve")
-    .description("Run the control plane: gRPC API, health and reflection on one port.")
+    .description(
+      "Run the control plane: gRPC API, health and reflection on one port. The port answers NOT_SERVING until the database is ready; an unreachable PostgreSQL is waited for, a misconfigured one exits 1.",
+    )
     .addOption(
       new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")
         .env("LEASEHOLD_LISTEN")

@@ -19,28 +19,27 @@ let guarded = false;
 let stdoutOpen = true;
 
 /**
- * What happens when stdout or stderr is closed under us (EPIPE:
+ * What happens when stdout is closed under us (EPIPE:
  * `leasehold events | head -1`, `… | grep -q X`, a log reader that died).
  * `"exit"` (commands): exit 0 quietly, like any Unix tool whose reader took
  * what it wanted. `"drop"` (`serve`): keep running and drop what would have
  * been written, so that a dead log pipe never wedges the server or its
- * shutdown. Any other write error exits 1 (commands) or is dropped (serve).
- * Idempotent; the last mode wins.
+ * shutdown. Any other stdout error exits 1 (commands) or is dropped (serve);
+ * stderr errors are always dropped. Idempotent; the last mode wins.
  */
 export function guardOutput(mode: "exit" | "drop"): void {
   closedOutput = mode;
   if (guarded) return;
   guarded = true;
-  for (const stream of [process.stdout, process.stderr]) {
-    stream.on("error", (error: NodeJS.ErrnoException) => {
-      if (stream === process.stdout) stdoutOpen = false;
-      if (closedOutput === "drop") return;
-      if (error.code === "EPIPE") process.exit(EXIT.ok);
-      if (stream === process.stdout)
-        process.stderr.write(`leasehold: cannot write output: ${error.message}\n`);
-      process.exit(EXIT.failed);
-    });
-  }
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    stdoutOpen = false;
+    if (closedOutput === "drop") return;
+    if (error.code === "EPIPE") process.exit(EXIT.ok);
+    process.stderr.write(`leasehold: cannot write output: ${error.message}\n`);
+    process.exit(EXIT.failed);
+  });
+  // Messages on a closed stderr are lost; the command still ends with its own exit code.
+  process.stderr.on("error", () => {});
 }
 
 /**

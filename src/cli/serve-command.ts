@@ -126,13 +126,17 @@ export function serveCommand(): Command {
     });
 }
 
+/** Signals this close to the first are the same one delivered twice. */
+const SAME_SIGNAL_MS = 1000;
+
 async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
   // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
   guardOutput("drop");
   const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
   const stopBeforeReady = new AbortController();
   let server: LeaseholdServer | undefined;
-  let stopping = false;
+  /** When the first signal came; undefined while running. */
+  let stoppingSince: number | undefined;
   const closeAndExit = (running: LeaseholdServer) => {
     running.close().then(
       () => process.exit(EXIT.ok),
@@ -143,12 +147,15 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     );
   };
   const stop = (signal: NodeJS.Signals) => {
-    if (stopping) {
-      // A second signal: the operator will not wait for streams to drain or the final renewal.
+    if (stoppingSince !== undefined) {
+      // Ctrl-C under `npm start` arrives twice at once (from the terminal and
+      // forwarded by npm): only a signal sent later is a second one.
+      if (Date.now() - stoppingSince < SAME_SIGNAL_MS) return;
+      // The operator will not wait for streams to drain or the final renewal.
       log.warn({ signal }, "second signal; exiting without finishing the shutdown");
       process.exit(128 + (constants.signals[signal] ?? 0));
     }
-    stopping = true;
+    stoppingSince = Date.now();
     log.info({ signal }, "shutting down");
     if (server) closeAndExit(server);
     else {
@@ -170,5 +177,5 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     process.exit(EXIT.ok);
   }
   // A signal that came after the database answered: the start finished first.
-  if (stopping) closeAndExit(server);
+  if (stoppingSince !== undefined) closeAndExit(server);
 }

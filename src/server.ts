@@ -64,8 +64,6 @@ export interface ServerOverrides {
    * `startServer` closes the port and rejects with the signal's reason.
    */
   readonly signal?: AbortSignal;
-  /** Called once the gRPC port accepts connections, before the database is opened. */
-  readonly onListening?: (port: number) => void;
 }
 
 /** Every service the port answers; bound before their implementations exist (see StartupGate). */
@@ -103,7 +101,6 @@ export async function startServer(
     services: SERVICES.map((service) => gate.defer(service)),
   });
   log.info({ port: rpc.port, listen: config.listen, serverId }, "listening; NOT_SERVING until ready");
-  overrides.onListening?.(rpc.port);
   // Everything behind the port, closed in reverse order after the port.
   const cleanup: (() => Promise<void>)[] = [];
   const unwind = async () => {

@@ -121,9 +121,14 @@ export function createStartupGate(): StartupGate {
     },
     open(bindings) {
       const map = new Map(bindings.map((b) => [b.service.typeName, b.impl as unknown as Impl]));
+      // Both lists are written by hand in the composition root: a mismatch is a bug.
       const missing = deferred.filter((name) => !map.has(name));
-      if (missing.length > 0)
-        throw new Error(`no implementation for deferred services ${missing.join(", ")}`);
+      const extra = [...map.keys()].filter((name) => !deferred.includes(name));
+      if (missing.length > 0 || extra.length > 0) {
+        throw new Error(
+          `deferred services and implementations differ: missing [${missing}], extra [${extra}]`,
+        );
+      }
       impls = map;
       blocked = undefined;
       for (const w of waiters) w.resolve();

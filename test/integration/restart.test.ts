@@ -4,7 +4,8 @@ import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { startTestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
 
-describe("a restart on the same store", () => {
+// Each test opens the store twice (PGlite: seconds each on a busy machine).
+describe("a restart on the same store", { timeout: 120_000 }, () => {
   it("keeps every action, its state and its request id", async () => {
     let t = await startTestServer();
     try {

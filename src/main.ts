@@ -4,7 +4,7 @@ import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
 import { eventCommand } from "./cli/event-commands.js";
 import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
-import { CliError, EXIT } from "./cli/output.js";
+import { CliError, EXIT, guardOutput } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 
 /**
@@ -44,6 +44,8 @@ export function createProgram(): Command {
 }
 
 export async function main(argv: readonly string[]): Promise<void> {
+  // `leasehold events | head -1` ends quietly; `serve` switches this to dropping its logs.
+  guardOutput("exit");
   const program = createProgram();
   // Every subcommand reports usage errors through the same path.
   const override = (command: Command) => {

@@ -1,8 +1,16 @@
 import { randomUUID } from "node:crypto";
+import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import { parseListen, type ServerConfig } from "./config.js";
+import { Code, LeaseholdError } from "./errors.js";
+import { ActionService } from "./gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "./gen/leasehold/v1/cluster_pb.js";
+import { EventService } from "./gen/leasehold/v1/event_pb.js";
+import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
+import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
 import { createRpcServer } from "./rpc/server.js";
 import { actionServiceBinding } from "./rpc/services/action-service.js";
@@ -10,9 +18,10 @@ import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
 import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
 import { workerServiceBinding } from "./rpc/services/worker-service.js";
+import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
-import { type DatabaseOptions, type Db, openDatabase } from "./store/database.js";
+import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } from "./store/database.js";
 import { queryRows, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
@@ -40,7 +49,7 @@ export interface LeaseholdServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
-/** Test seams; production uses the defaults. */
+/** Test seams (production uses the defaults), and a way to stop a server still starting. */
 export interface ServerOverrides {
   /** Clock for lease arithmetic. Default: the database clock. */
   readonly clock?: Clock;
@@ -50,12 +59,31 @@ export interface ServerOverrides {
   readonly onQuery?: DatabaseOptions["onQuery"];
   /** Wraps the handle every part of the server uses (tests inject faults such as a lost commit). */
   readonly wrapDb?: (db: Db) => Db;
+  /**
+   * Aborting it while the server waits for its database stops the waiting:
+   * `startServer` closes the port and rejects with the signal's reason.
+   */
+  readonly signal?: AbortSignal;
 }
 
+/** Every service the port answers; bound before their implementations exist (see StartupGate). */
+const SERVICES = [
+  ActionService,
+  EventService,
+  WorkerService,
+  ClusterService,
+  LeaseService,
+  ResourceService,
+] as unknown as readonly GenService<GenServiceMethods>[];
+
 /**
- * The composition root: opens the database (migrating it), builds the
- * services and starts the gRPC server. Health turns SERVING once all of it is
- * up, after live sessions got their restart extension.
+ * The composition root. Startup order matters for SPEC rule 6: the gRPC port
+ * is bound first (health NOT_SERVING, calls held by a {@link StartupGate}),
+ * then the database is opened (waiting with backoff while PostgreSQL cannot
+ * be reached yet, failing at once on a configuration error), migrated, the
+ * services built, and live sessions get their restart extension: so the
+ * extension counts from a moment agents could already connect. Health turns
+ * SERVING, and held calls proceed, once all of it is up.
  */
 export async function startServer(
   config: ServerConfig,
@@ -64,16 +92,47 @@ export async function startServer(
 ): Promise<LeaseholdServer> {
   const serverId = randomUUID();
   const clock = overrides.clock ?? databaseClock;
-  const database = await openDatabase({
-    url: config.databaseUrl,
-    dataDir: config.dataDir,
-    ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
+  const timers = overrides.timers ?? true;
+  const gate = createStartupGate();
+  const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
+    log,
+    // Room for the largest file plus the rest of its request.
+    maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
+    services: SERVICES.map((service) => gate.defer(service)),
   });
-  const cleanup: (() => Promise<void>)[] = [() => database.close()];
+  log.info({ port: rpc.port, listen: config.listen, serverId }, "listening; NOT_SERVING until ready");
+  // Everything behind the port, closed in reverse order after the port.
+  const cleanup: (() => Promise<void>)[] = [];
   const unwind = async () => {
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
   };
   try {
+    const database = await openDatabaseWhenReachable(
+      {
+        url: config.databaseUrl,
+        dataDir: config.dataDir,
+        ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
+      },
+      {
+        ...(overrides.signal ? { signal: overrides.signal } : {}),
+        // One line when an outage starts and one when it ends, not one per attempt.
+        onWaiting: (error) => {
+          gate.block(errorText(error));
+          log.warn(
+            { err: error, database: redactUrl(config.databaseUrl ?? "") },
+            "database not reachable; waiting for it (health NOT_SERVING, calls UNAVAILABLE)",
+          );
+        },
+        onRetry: (error, attempt) => log.debug({ err: error, attempt }, "database still not reachable"),
+        onReachable: (attempts, waitedMs) => {
+          gate.unblock();
+          log.info({ attempts, waitedMs }, "database reachable; starting");
+        },
+      },
+    ).catch((error: unknown) => {
+      throw overrides.signal?.aborted || !config.databaseUrl ? error : openFailure(config.databaseUrl, error);
+    });
+    cleanup.push(() => database.close());
     log.info(
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",
@@ -117,7 +176,7 @@ export async function startServer(
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
       ...(bus ? { bus } : {}),
-      timers: overrides.timers ?? true,
+      timers,
     });
     leases = manager;
     cleanup.push(() => manager.close());
@@ -151,10 +210,11 @@ export async function startServer(
       },
     });
     cleanup.push(() => scope.close());
+    // The restart extension (rule 6): now + grace, where now is after the bind above.
     await manager.start();
     // Leases whose TTL passed while no server ran are rolled back now, then every second.
     await scope.expireDue();
-    if (overrides.timers ?? true) scope.start();
+    if (timers) scope.start();
 
     let metricsPort: number | undefined;
     if (config.metricsListen) {
@@ -164,24 +224,18 @@ export async function startServer(
       cleanup.push(() => served.close());
     }
 
-    const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
-      log,
-      // Room for the largest file plus the rest of its request.
-      maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
-      services: [
-        actionServiceBinding(actions),
-        eventServiceBinding(events),
-        workerServiceBinding(manager),
-        clusterServiceBinding({ db, clock, leases: manager, feed }),
-        leaseServiceBinding(scope, events),
-        resourceServiceBinding(scope),
-      ],
-    });
-    cleanup.push(() => rpc.close());
+    gate.open([
+      actionServiceBinding(actions),
+      eventServiceBinding(events),
+      workerServiceBinding(manager),
+      clusterServiceBinding({ db, clock, leases: manager, feed }),
+      leaseServiceBinding(scope, events),
+      resourceServiceBinding(scope),
+    ]);
     rpc.markServing();
     log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
     // PGlite runs in this process: it cannot become unreachable, only busy.
-    if ((overrides.timers ?? true) && database.ping) {
+    if (timers && database.ping) {
       const watch = watchDatabase(database.ping, config.heartbeatIntervalMs, log, {
         lost: () => rpc.markNotServing(),
         back: () => {
@@ -197,7 +251,9 @@ export async function startServer(
     let closing: Promise<void> | undefined;
     const close = () => {
       closing ??= (async () => {
-        // Reverse order of start: the front door first, the database last.
+        // Reverse order of start, except that the front door closes first
+        // (it was bound first only so that agents can reconnect early).
+        await rpc.close();
         await unwind();
         log.info("leasehold stopped");
       })();
@@ -214,9 +270,31 @@ export async function startServer(
       [Symbol.asyncDispose]: close,
     };
   } catch (error) {
+    gate.close(
+      new LeaseholdError(Code.Unavailable, "the server stopped before it was ready; retry", {
+        reason: "SHUTTING_DOWN",
+      }),
+    );
+    await rpc.close();
     await unwind();
     throw error;
   }
+}
+
+/** An error's message with its code, e.g. `connect ECONNREFUSED 127.0.0.1:5432 (ECONNREFUSED)`. */
+function errorText(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && !message.includes(code) ? `${message} (${code})` : message;
+}
+
+/** A permanent error opening the database: what failed, where, and that waiting will not fix it. */
+function openFailure(url: string, error: unknown): LeaseholdError {
+  return new LeaseholdError(
+    Code.FailedPrecondition,
+    `cannot use the database at ${redactUrl(url)}: ${errorText(error)}; check --database-url (not retrying: this is not an outage)`,
+    { cause: error },
+  );
 }
 
 /**

@@ -14,6 +14,45 @@ import { grpcTarget } from "../rpc/targets.js";
  */
 export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4 } as const;
 
+let closedOutput: "exit" | "drop" = "exit";
+let guarded = false;
+let stdoutOpen = true;
+
+/**
+ * What happens when stdout is closed under us (EPIPE:
+ * `leasehold events | head -1`, `… | grep -q X`, a log reader that died).
+ * `"exit"` (commands): exit 0 quietly, like any Unix tool whose reader took
+ * what it wanted. `"drop"` (`serve`): keep running and drop what would have
+ * been written, so that a dead log pipe never wedges the server or its
+ * shutdown. Any other stdout error exits 1 (commands) or is dropped (serve);
+ * stderr errors are always dropped. Idempotent; the last mode wins.
+ */
+export function guardOutput(mode: "exit" | "drop"): void {
+  closedOutput = mode;
+  if (guarded) return;
+  guarded = true;
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    stdoutOpen = false;
+    if (closedOutput === "drop") return;
+    if (error.code === "EPIPE") process.exit(EXIT.ok);
+    process.stderr.write(`leasehold: cannot write output: ${error.message}\n`);
+    process.exit(EXIT.failed);
+  });
+  // Messages on a closed stderr are lost; the command still ends with its own exit code.
+  process.stderr.on("error", () => {});
+}
+
+/**
+ * A log destination (for pino) that writes to stdout until stdout is closed
+ * and drops lines from then on. Writes are synchronous for pipes and files
+ * (Node's stdout), so nothing is left to flush at exit.
+ */
+export const stdoutLines = {
+  write(line: string): void {
+    if (stdoutOpen) process.stdout.write(line);
+  },
+};
+
 /** Global options every client command takes. */
 export interface GlobalOptions {
   readonly server: string;

@@ -1,14 +1,17 @@
+import { constants } from "node:os";
 import { Command, Option } from "commander";
 import { pino } from "pino";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
-import { LeaseholdError } from "../errors.js";
-import { startServer } from "../server.js";
-import { CliError, EXIT } from "./output.js";
+import { Code, LeaseholdError } from "../errors.js";
+import { type LeaseholdServer, startServer } from "../server.js";
+import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
   return new Command("serve")
-    .description("Run the control plane: gRPC API, health and reflection on one port.")
+    .description(
+      "Run the control plane: gRPC API, health and reflection on one port. The port answers NOT_SERVING until the database is ready; an unreachable PostgreSQL is waited for, a misconfigured one exits 1.",
+    )
     .addOption(
       new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")
         .env("LEASEHOLD_LISTEN")
@@ -123,22 +126,56 @@ export function serveCommand(): Command {
     });
 }
 
+/** Signals this close to the first are the same one delivered twice. */
+const SAME_SIGNAL_MS = 1000;
+
 async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
-  const log = pino({ level: config.logLevel, base: { service: "leasehold" } });
-  const server = await startServer(config, log);
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, "shutting down");
-    server.close().then(
-      () => process.exit(0),
+  // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
+  guardOutput("drop");
+  const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
+  const stopBeforeReady = new AbortController();
+  let server: LeaseholdServer | undefined;
+  /** When the first signal came; undefined while running. */
+  let stoppingSince: number | undefined;
+  const closeAndExit = (running: LeaseholdServer) => {
+    running.close().then(
+      () => process.exit(EXIT.ok),
       (error: unknown) => {
         log.error({ err: error }, "shutdown failed");
-        process.exit(1);
+        process.exit(EXIT.failed);
       },
     );
   };
-  process.once("SIGTERM", stop);
-  process.once("SIGINT", stop);
+  const stop = (signal: NodeJS.Signals) => {
+    if (stoppingSince !== undefined) {
+      // Ctrl-C under `npm start` arrives twice at once (from the terminal and
+      // forwarded by npm): only a signal sent later is a second one.
+      if (Date.now() - stoppingSince < SAME_SIGNAL_MS) return;
+      // The operator will not wait for streams to drain or the final renewal.
+      log.warn({ signal }, "second signal; exiting without finishing the shutdown");
+      process.exit(128 + (constants.signals[signal] ?? 0));
+    }
+    stoppingSince = Date.now();
+    log.info({ signal }, "shutting down");
+    if (server) closeAndExit(server);
+    else {
+      // Still starting (e.g. waiting for the database): stop waiting, close the port.
+      stopBeforeReady.abort(
+        new LeaseholdError(Code.Unavailable, `stopped by ${signal} before it was ready`, {
+          reason: "SHUTTING_DOWN",
+        }),
+      );
+    }
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+  try {
+    server = await startServer(config, log, { signal: stopBeforeReady.signal });
+  } catch (error) {
+    if (error !== stopBeforeReady.signal.reason) throw error;
+    log.info("leasehold stopped");
+    process.exit(EXIT.ok);
+  }
+  // A signal that came after the database answered: the start finished first.
+  if (stoppingSince !== undefined) closeAndExit(server);
 }

@@ -58,6 +58,161 @@ const MIGRATIONS_FOLDER = fileURLToPath(new URL("./migrations", import.meta.url)
  */
 export const MIGRATION_LOCK_KEY = 0x6c7365686f6c64n;
 
+/**
+ * Driver and SQLSTATE codes of a database that is not reachable *yet*: down,
+ * restarting, recovering from a crash, out of connection slots, or a name
+ * that does not resolve yet (a database container still starting). Anything
+ * else at connect time (28P01 wrong password, 28000 no pg_hba entry, 3D000
+ * no such database, a malformed URL) is configuration: waiting would not fix it.
+ */
+const TRANSIENT_CONNECT_CODES: ReadonlyArray<(code: string) => boolean> = [
+  (c) =>
+    [
+      "ECONNREFUSED",
+      "ECONNRESET",
+      "ETIMEDOUT",
+      "EPIPE",
+      "EHOSTUNREACH",
+      "ENETUNREACH",
+      "EHOSTDOWN",
+      "ENOTFOUND",
+      "EAI_AGAIN",
+      // A Unix socket path that the server has not created yet.
+      "ENOENT",
+      "CONNECT_TIMEOUT",
+      "CONNECTION_CLOSED",
+      "CONNECTION_ENDED",
+      "CONNECTION_DESTROYED",
+    ].includes(c),
+  // connection_exception
+  (c) => c.startsWith("08"),
+  // admin_shutdown, crash_shutdown, cannot_connect_now ("the database system is starting up")
+  (c) => c === "57P01" || c === "57P02" || c === "57P03",
+  // insufficient_resources, e.g. 53300 too_many_connections
+  (c) => c.startsWith("53"),
+];
+
+/** True when opening the database failed only because it cannot be reached yet. */
+export function isTransientConnectError(error: unknown): boolean {
+  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 8; depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string" && TRANSIENT_CONNECT_CODES.some((test) => test(code))) return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
+/** The URL without its password, for messages and logs. */
+export function redactUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.password) parsed.password = "***";
+    return parsed.toString();
+  } catch {
+    return "(unparsable URL)";
+  }
+}
+
+/** Options of {@link openDatabaseWhenReachable}. */
+export interface RetryOptions {
+  /** Aborting stops the waiting: the promise rejects with the signal's reason. */
+  readonly signal?: AbortSignal;
+  /** First delay between attempts, doubling (with jitter) up to `maxDelayMs`. Default 100 ms. */
+  readonly initialDelayMs?: number;
+  /** Largest delay between attempts. Default 5000 ms. */
+  readonly maxDelayMs?: number;
+  /** Called once when an attempt failed transiently and the waiting starts. */
+  onWaiting?(error: unknown): void;
+  /** Called after every further failed attempt (for debug logs). */
+  onRetry?(error: unknown, attempt: number): void;
+  /** Called once when the database answered after `onWaiting`. */
+  onReachable?(attempts: number, waitedMs: number): void;
+}
+
+/**
+ * {@link openDatabase}, tried again with backoff while the database cannot be
+ * reached yet (see {@link isTransientConnectError}); a permanent error
+ * rejects at once. PGlite is never retried: it runs in this process.
+ */
+export async function openDatabaseWhenReachable(
+  options: DatabaseOptions,
+  retry: RetryOptions = {},
+): Promise<Database> {
+  const initial = retry.initialDelayMs ?? 100;
+  const max = retry.maxDelayMs ?? 5000;
+  const started = Date.now();
+  for (let attempt = 1; ; attempt++) {
+    retry.signal?.throwIfAborted();
+    try {
+      const database = await untilAborted(openDatabase(options), retry.signal, (late) => late.close());
+      if (attempt > 1) retry.onReachable?.(attempt, Date.now() - started);
+      return database;
+    } catch (error) {
+      if (retry.signal?.aborted) throw retry.signal.reason;
+      if (!options.url || !isTransientConnectError(error)) throw error;
+      if (attempt === 1) retry.onWaiting?.(error);
+      else retry.onRetry?.(error, attempt);
+      // Doubling, capped, with "equal jitter": never less than half the step,
+      // so that servers restarted together do not hammer the database in step.
+      const step = Math.min(max, initial * 2 ** Math.min(attempt - 1, 30));
+      await abortableDelay(step / 2 + Math.random() * (step / 2), retry.signal);
+    }
+  }
+}
+
+/**
+ * `promise`, or the signal's reason as soon as it aborts (a connect attempt
+ * can hang for the driver's whole connect timeout). What the abandoned
+ * promise still yields is handed to `discard`.
+ */
+function untilAborted<T>(
+  promise: Promise<T>,
+  signal: AbortSignal | undefined,
+  discard: (late: T) => Promise<void>,
+): Promise<T> {
+  if (!signal) return promise;
+  return new Promise((resolve, reject) => {
+    const onAbort = () => {
+      reject(signal.reason);
+      promise.then(discard).catch(() => {});
+    };
+    if (signal.aborted) {
+      onAbort();
+      return;
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(
+      (value) => {
+        // After an abort this is a no-op: `onAbort` rejected and discards the value.
+        signal.removeEventListener("abort", onAbort);
+        resolve(value);
+      },
+      (error: unknown) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(error);
+      },
+    );
+  });
+}
+
+function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
 /** Opens the database, applying pending migrations first. */
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;

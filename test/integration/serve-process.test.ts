@@ -7,7 +7,10 @@ import { healthClient } from "../helpers/grpc-peers.js";
 import { runLeasehold } from "../helpers/process.js";
 import { expectStatus } from "../helpers/status.js";
 
-describe("leasehold serve as a process", () => {
+/** Each test starts `leasehold` processes (tsx, PGlite): seconds each on a busy machine. */
+const PROCESS_TIMEOUT_MS = 120_000;
+
+describe("leasehold serve as a process", { timeout: PROCESS_TIMEOUT_MS }, () => {
   it("serves, then on SIGTERM ends open streams with UNAVAILABLE and exits 0", async () => {
     await using store = await freshStore();
     const server = runLeasehold(
@@ -50,7 +53,7 @@ describe("leasehold serve as a process", () => {
   });
 });
 
-describe("the embedded PGlite data directory", () => {
+describe("the embedded PGlite data directory", { timeout: PROCESS_TIMEOUT_MS }, () => {
   it("is refused to a second server while the first one runs", async () => {
     await using store = freshPgliteDirectory();
     const first = runLeasehold(

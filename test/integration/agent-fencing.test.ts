@@ -47,7 +47,6 @@ describe("the reference agent across server freezes and restarts", () => {
       store.url,
     );
     cleanups.push(() => {
-      if (process.env.DUMP) console.log(server.logs.map((l) => `${new Date(l.time as number).toISOString()} ${l.msg} ${JSON.stringify(l)}`).join("\n"));
       server.child.kill("SIGCONT");
       server.child.kill("SIGKILL");
       return server.exited;
@@ -66,7 +65,6 @@ describe("the reference agent across server freezes and restarts", () => {
       slots: 1,
     });
     cleanups.push(() => {
-      if (process.env.DUMP) console.log(a.logs.map((l) => JSON.stringify(l)).join("\n"));
       a.child.kill("SIGKILL");
       return a.exited;
     });
@@ -80,7 +78,11 @@ describe("the reference agent across server freezes and restarts", () => {
    */
   function command(starts: string, done: string): string[] {
     const tick = `0.1${Math.floor(Math.random() * 1e9)}`;
-    cleanups.push(() => new Promise((r) => execFile("pkill", ["-f", `^sleep ${tick}$`], () => r(undefined))));
+    cleanups.push(() => {
+      // Ends the loop of a command an agent killed with SIGKILL left behind, then its last sleep.
+      writeFileSync(done, "");
+      return new Promise((r) => execFile("pkill", ["-f", `^sleep ${tick}$`], () => r(undefined)));
+    });
     return [
       "sh",
       "-c",
@@ -138,32 +140,39 @@ describe("the reference agent across server freezes and restarts", () => {
     const id = action?.id ?? "";
     const isFence = (l: Record<string, unknown>) =>
       l.type === "self_fenced" && (l.actionIds as string[]).includes(id);
-    await started(starts, 1);
 
-    // Freeze the server: no ack comes, and the agent stops the command before the grace ends.
-    const beforeFirstFreeze = worker.logs.length;
-    server.child.kill("SIGSTOP");
-    const fenced = await lineAfter(worker, beforeFirstFreeze, isFence);
-    server.child.kill("SIGCONT");
+    /**
+     * Waits for the command's `n`th start, freezes the server, and resolves once
+     * the agent has fenced that attempt (a fence after its grant; on a busy
+     * machine it may come even before the freeze, from an ack that guaranteed
+     * too little), then thaws the server.
+     */
+    async function freezeAndAwaitFence(n: number): Promise<number> {
+      const epoch = (await started(starts, n))[n - 1] as number;
+      const granted = await lineAfter(
+        worker,
+        0,
+        (l) => l.type === "grant" && l.actionId === id && l.epoch === epoch,
+      );
+      server.child.kill("SIGSTOP");
+      await lineAfter(worker, granted, isFence);
+      server.child.kill("SIGCONT");
+      return epoch;
+    }
 
-    // Thawed: the released (or expired) action is granted again and the command starts again,
-    // under a fresh guarantee.
-    const [, second] = await started(starts, 2);
-    expect(second).toBeGreaterThan(1);
-    expect(worker.logs.findIndex((l, i) => i > fenced && isFence(l))).toBe(-1);
-
-    // Freeze it a second time: the agent fences this attempt too.
-    const beforeSecondFreeze = worker.logs.length;
-    server.child.kill("SIGSTOP");
-    await lineAfter(worker, beforeSecondFreeze, isFence);
-    server.child.kill("SIGCONT");
-  }, 60_000);
+    expect(await freezeAndAwaitFence(1)).toBe(1);
+    // Thawed: the action is granted again (released by the fence, or expired) and the command
+    // starts again; a second freeze must fence that attempt as well.
+    expect(await freezeAndAwaitFence(2)).toBeGreaterThan(1);
+  }, 120_000);
 
   it("resumes its lease across a server restart shorter than the grace, without starting the work again", async () => {
     await using store = await freshStore();
     const port = await freePort();
     const address = `127.0.0.1:${port}`;
-    let server = await serve(port, store, "10s");
+    // Far longer than a restart takes even on a busy machine: the agent's own guarantee is
+    // shorter than the grace by up to two heartbeats and its margin.
+    let server = await serve(port, store, "30s");
     const worker = await agent(address, "survivor");
     const dir = tempDir();
     const starts = join(dir, "starts");
@@ -181,7 +190,7 @@ describe("the reference agent across server freezes and restarts", () => {
     const beforeCrash = worker.logs.length;
     server.child.kill("SIGKILL");
     await server.exited;
-    server = await serve(port, store, "10s");
+    server = await serve(port, store, "30s");
     await lineAfter(
       worker,
       beforeCrash,
@@ -200,5 +209,5 @@ describe("the reference agent across server freezes and restarts", () => {
     expect(agentEvents).not.toContain("self_fenced");
     expect(agentEvents.filter((t) => t === "grant")).toHaveLength(1);
     expect(server.logs.some((l) => String(l.msg).startsWith("lease expired"))).toBe(false);
-  }, 60_000);
+  }, 120_000);
 });

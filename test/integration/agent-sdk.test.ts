@@ -49,10 +49,10 @@ describe("the agent SDK against a real server", () => {
     for (const fn of cleanups.splice(0).reverse()) await fn();
   });
 
-  async function server(port?: number, store?: TestServer["store"]) {
+  async function server(port?: number, store?: TestServer["store"], grace = "3s") {
     const t = await startTestServer({
       ...(store ? { store } : {}),
-      config: { listen: `127.0.0.1:${port ?? 0}`, gracePeriod: "3s", heartbeatInterval: "500ms" },
+      config: { listen: `127.0.0.1:${port ?? 0}`, gracePeriod: grace, heartbeatInterval: "500ms" },
     });
     return t;
   }
@@ -147,6 +147,33 @@ describe("the agent SDK against a real server", () => {
     // it cannot reap before stoppedAt - heartbeat + grace; the agent stopped first.
     expect(at).toBeLessThan(stoppedAt - 500 + graceMs);
     expect(events.seen.some((e) => e.type === "self_fenced")).toBe(true);
+  });
+
+  it("keeps every reconnect delay within an eighth of the welcome's grace period, jittered", async () => {
+    // A 2 s grace (the least the server allows): no delay may exceed 250 ms, even with an
+    // explicit maxBackoffMs far above it and the server gone for good.
+    const t = await server(undefined, undefined, "2s");
+    const events = eventsOf();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "backoff",
+      onEvent: events.onEvent,
+      maxBackoffMs: 60_000,
+      handler: async () => undefined,
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await events.until((e): e is AgentEvent => e.type === "connected");
+    await t[Symbol.asyncDispose]();
+    const retries = () =>
+      events.seen.filter(
+        (e): e is Extract<AgentEvent, { type: "disconnected" }> => e.type === "disconnected",
+      );
+    // Enough failed attempts for an unbounded doubling from 200 ms to pass 250 ms several times over.
+    await events.until((e): e is AgentEvent => e.type === "disconnected" && retries().length >= 8);
+    const delays = retries().map((e) => e.retryInMs);
+    for (const delay of delays) expect(delay).toBeLessThanOrEqual(250);
+    expect(new Set(delays).size).toBeGreaterThan(1);
   });
 
   it("aborts the handler on a revoke and reports the cancel", async () => {

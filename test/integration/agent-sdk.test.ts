@@ -117,6 +117,7 @@ describe("the agent SDK against a real server", () => {
     const ready = await serve.waitForLog((l) => l.msg === "leasehold serving");
     const address = `127.0.0.1:${ready.port}`;
     const aborted = deferred<{ at: number; reason: unknown }>();
+    const started = deferred();
     const events = eventsOf();
     const agent = createAgent({
       address,
@@ -125,6 +126,7 @@ describe("the agent SDK against a real server", () => {
       onEvent: events.onEvent,
       handler: (ctx) =>
         new Promise((_, reject) => {
+          started.resolve();
           ctx.signal.addEventListener("abort", () => {
             aborted.resolve({ at: Date.now(), reason: ctx.signal.reason });
             reject(ctx.signal.reason);
@@ -135,7 +137,8 @@ describe("the agent SDK against a real server", () => {
     const api = createClient(ActionService, address);
     cleanups.push(() => api.close());
     await api.submitAction({ cluster: "east" });
-    await events.until((e): e is AgentEvent => e.type === "grant");
+    // The handler, not just the grant: a grant waits for a guarantee from an ack before it starts.
+    await started.promise;
     // Let a few heartbeats be acknowledged, then freeze the server.
     await new Promise((r) => setTimeout(r, 1200));
     const stoppedAt = Date.now();
@@ -147,7 +150,7 @@ describe("the agent SDK against a real server", () => {
     // it cannot reap before stoppedAt - heartbeat + grace; the agent stopped first.
     expect(at).toBeLessThan(stoppedAt - 500 + graceMs);
     expect(events.seen.some((e) => e.type === "self_fenced")).toBe(true);
-  });
+  }, 60_000);
 
   it("keeps every reconnect delay within an eighth of the welcome's grace period, jittered", async () => {
     // A 2 s grace (the least the server allows): no delay may exceed 250 ms, even with an

@@ -10,6 +10,7 @@ import {
 import { createClient } from "../rpc/client.js";
 import { expandAddresses } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
+import { reconnectDelayMs } from "./backoff.js";
 
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
 export interface ActionContext {
@@ -77,6 +78,10 @@ export type AgentEvent =
       message: string;
     }
   | { type: "revoked"; actionId: string; epoch: number; reason: string }
+  /**
+   * The local deadline passed without a fresh heartbeat ack: the handlers of
+   * `actionIds` were aborted. `silentMs`: time since the last ack arrived.
+   */
   | { type: "self_fenced"; actionIds: string[]; silentMs: number }
   | { type: "drain"; reason: string };
 
@@ -103,9 +108,18 @@ export interface AgentOptions {
    * 500 ms (clock drift and delivery delay).
    */
   readonly selfFenceMarginMs?: number;
-  /** First reconnect delay (doubling, with jitter, up to maxBackoffMs). Default 200 ms. */
+  /**
+   * Ceiling of the first reconnect delay; it doubles with every failed
+   * attempt, and each delay is drawn uniformly below it (full jitter).
+   * Default 200 ms.
+   */
   readonly initialBackoffMs?: number;
-  /** Largest reconnect delay. Default 5000 ms. */
+  /**
+   * Largest reconnect delay. Whatever is set here, the delay never exceeds an
+   * eighth of the grace period of the last welcome (SPEC rule 11), or 1 s
+   * before any welcome, so a server back within the grace finds the agent
+   * again before its leases' guarantee runs out. Default: that bound.
+   */
   readonly maxBackoffMs?: number;
   /** Free-form agent description sent in the hello. */
   readonly agentVersion?: string;
@@ -130,6 +144,12 @@ export interface Agent extends AsyncDisposable {
 interface Running {
   readonly actionId: string;
   readonly epoch: number;
+  /**
+   * Set while the grant waits for a guarantee (it arrived when the last ack's
+   * guarantee had run out, e.g. right after the server thawed or the agent
+   * reconnected): calls the handler. Undefined once started or given back.
+   */
+  start: (() => void) | undefined;
   readonly controller: AbortController;
   /** Aborted on a graceful stop request (revoke reason COLLECT_OUTPUTS). */
   readonly stop: AbortController;
@@ -166,7 +186,6 @@ export function createAgent(options: AgentOptions): Agent {
   if (addresses.length === 0) throw new Error("createAgent: address must name at least one server");
   const margin = options.selfFenceMarginMs ?? 500;
   const initialBackoff = options.initialBackoffMs ?? 200;
-  const maxBackoff = options.maxBackoffMs ?? 5000;
   const emit = (event: AgentEvent) => options.onEvent?.(event);
 
   const running = new Map<string, Running>();
@@ -177,16 +196,36 @@ export function createAgent(options: AgentOptions): Agent {
   /** The addresses with names expanded, refreshed before every connection. */
   let targets: string[] = addresses;
   let attemptsWithoutWelcome = 0;
+  /** The grace period of the last welcome: bounds the reconnect backoff. */
+  let graceMs: number | undefined;
   let reconnectTimer: NodeJS.Timeout | undefined;
   let current: Connection | undefined;
   let nextReportId = 0n;
   /**
-   * Local time after which held leases are no longer guaranteed: send time of
-   * the last acknowledged heartbeat + its `remaining` − margin. Kept across
-   * reconnections: a broken stream does not extend the guarantee.
+   * Local time after which held leases are no longer guaranteed: the latest of
+   * (send time of an acknowledged heartbeat + its `remaining` − margin). Every
+   * ack is a lower bound of the session's persisted deadline, which only
+   * grows, so the latest bound holds (a stale ack processed late never
+   * shortens it). Kept across reconnections: a broken stream does not extend
+   * the guarantee. Minus infinity until the first ack: a grant that arrives
+   * before any guarantee waits for one instead of running unfenced.
    */
-  let deadline = Number.POSITIVE_INFINITY;
+  let deadline = Number.NEGATIVE_INFINITY;
+  /** Local time the last heartbeat ack arrived, for the self_fenced event. */
+  let lastAckAt = Date.now();
   let fenceTimer: NodeJS.Timeout | undefined;
+  /** The heartbeat interval of the last welcome: when the next ack is due. */
+  let heartbeatMs = 0;
+  /** Whether held leases are guaranteed now (see `deadline`). */
+  const guaranteed = () => Date.now() < deadline;
+  /**
+   * Whether a grant may start now: the guarantee outlasts the next heartbeat,
+   * so a healthy stream renews it before the fence could stop the new work.
+   * Right after a server thaws or restarts, acks can carry a guarantee that is
+   * nearly spent until the server's next renewal; starting then would only
+   * fence the work a moment later and give the action back for a re-run.
+   */
+  const mayStart = () => Date.now() + heartbeatMs < deadline;
   /** Report resends waiting to fire, cleared on close. */
   const retries = new Set<NodeJS.Timeout>();
 
@@ -199,6 +238,8 @@ export function createAgent(options: AgentOptions): Agent {
     /** Local send time of each unacknowledged heartbeat, by sequence. */
     readonly sent: Map<bigint, number>;
     sequence: bigint;
+    /** Sends a heartbeat now (after the welcome; a no-op before). */
+    beat(): void;
     /** Reports waiting for their result, by report id. */
     readonly pending: Map<bigint, Running>;
     ended: boolean;
@@ -267,7 +308,15 @@ export function createAgent(options: AgentOptions): Agent {
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
     const controller = new AbortController();
     const stop = new AbortController();
-    const r: Running = { actionId, epoch, controller, stop, report: undefined, settled: Promise.resolve() };
+    const r: Running = {
+      actionId,
+      epoch,
+      start: undefined,
+      controller,
+      stop,
+      report: undefined,
+      settled: Promise.resolve(),
+    };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
     nextReportId += 1n;
@@ -277,20 +326,11 @@ export function createAgent(options: AgentOptions): Agent {
     const busy = [...running.values()].filter((x) => x !== r && !x.report).length;
     if (closing || busy >= (options.capacity ?? 1)) {
       // Draining, or more grants than slots (the server should never do that): give it back.
-      r.report = {
+      settle(r, {
         kind: "released",
         reason: closing ? "the agent is shutting down" : "no free slot on this agent",
-      };
-      sendReport(conn, r);
+      });
       return;
-    }
-    // The guarantee of the last ack covers this grant too: past it, do not start.
-    if (Date.now() >= deadline) {
-      controller.abort(
-        new LeaseLost("self_fenced", "the lease guarantee had already run out when the grant arrived"),
-      );
-    } else {
-      armFence();
     }
     const ctx: ActionContext = {
       actionId,
@@ -320,33 +360,74 @@ export function createAgent(options: AgentOptions): Agent {
         });
       },
     };
-    r.settled = (async () => {
-      try {
-        const output = await options.handler(ctx);
-        r.report = controller.signal.aborted
-          ? afterAbort(controller.signal)
-          : { kind: "succeeded", output: output ?? undefined };
-      } catch (error) {
-        if (controller.signal.aborted) r.report = afterAbort(controller.signal);
-        else if (error instanceof ActionFailure) {
-          r.report = {
-            kind: "failed",
-            message: error.message,
-            retryable: error.retryable,
-            details: error.details,
-          };
-        } else {
-          r.report = {
-            kind: "failed",
-            message: error instanceof Error ? error.message : String(error),
-            retryable: true,
-            details: undefined,
-          };
+    const run = () => {
+      r.start = undefined;
+      // The handler always starts under a live guarantee, and the fence timer
+      // covers it from its first moment.
+      armFence();
+      r.settled = (async () => {
+        let report: PendingReport;
+        try {
+          const output = await options.handler(ctx);
+          report = controller.signal.aborted
+            ? afterAbort(controller.signal)
+            : { kind: "succeeded", output: output ?? undefined };
+        } catch (error) {
+          if (controller.signal.aborted) report = afterAbort(controller.signal);
+          else if (error instanceof ActionFailure) {
+            report = {
+              kind: "failed",
+              message: error.message,
+              retryable: error.retryable,
+              details: error.details,
+            };
+          } else {
+            report = {
+              kind: "failed",
+              message: error instanceof Error ? error.message : String(error),
+              retryable: true,
+              details: undefined,
+            };
+          }
         }
-      }
-      if (r.report.kind === "dropped") forget(r);
-      else if (current) sendReport(current, r);
-    })();
+        settle(r, report);
+      })();
+    };
+    if (mayStart()) {
+      run();
+      return;
+    }
+    // The guarantee of the last ack has run out or is about to (or none came yet
+    // on this agent): the server may already count this session as silent.
+    // Running the handler now would run it unfenced or only until the fence;
+    // aborting it at once would give back a grant the server may still stand
+    // behind. So it waits, held and listed in heartbeats, until an ack brings a
+    // fresh guarantee (asked for right away), and is given back without running
+    // if its signal aborts first (revoke, a reconnect that revokes it, close).
+    r.start = run;
+    controller.signal.addEventListener(
+      "abort",
+      () => {
+        if (!r.start) return;
+        r.start = undefined;
+        settle(r, afterAbort(controller.signal));
+      },
+      { once: true },
+    );
+    conn.beat();
+  }
+
+  /** Records how a grant ended and reports it (or forgets it, when it is no longer ours). */
+  function settle(r: Running, report: PendingReport): void {
+    r.report = report;
+    if (report.kind === "dropped") forget(r);
+    else if (current) sendReport(current, r);
+  }
+
+  /** Starts the grants that waited for a guarantee, once there is one. */
+  function startWaiting(): void {
+    if (!mayStart() || closing) return;
+    for (const r of [...running.values()]) if (r.start && !r.controller.signal.aborted) r.start();
   }
 
   /** What to tell the server about an action whose handler was aborted. */
@@ -358,14 +439,24 @@ export function createAgent(options: AgentOptions): Agent {
     return { kind: "released", reason: signal.reason instanceof Error ? signal.reason.message : reason };
   }
 
+  /**
+   * Runs when the local deadline passes: aborts every handler that is still
+   * running. The fence is not a state the agent stays in: it is re-armed by
+   * the next ack, and grants that come before that wait for one, so it holds
+   * for every lease however many times the agent fenced or reconnected.
+   */
   function selfFence(): void {
     if (closed) return;
-    if (Date.now() < deadline) {
+    if (guaranteed()) {
       armFence();
       return;
     }
-    const silentMs = Date.now() - (deadline - margin);
-    const affected = [...running.values()].filter((r) => !r.controller.signal.aborted);
+    const silentMs = Date.now() - lastAckAt;
+    // Started, still running handlers. A grant waiting for a guarantee runs nothing, and a
+    // finished one only has a report left to deliver.
+    const affected = [...running.values()].filter(
+      (r) => !r.start && !r.report && !r.controller.signal.aborted,
+    );
     if (affected.length > 0) {
       for (const r of affected) {
         r.controller.abort(
@@ -421,6 +512,14 @@ export function createAgent(options: AgentOptions): Agent {
       heartbeatTimer: undefined,
       sent: new Map(),
       sequence: 0n,
+      beat: () => {
+        if (conn.ended || !conn.welcomed) return;
+        conn.sequence += 1n;
+        conn.sent.set(conn.sequence, Date.now());
+        conn.send({
+          message: { case: "heartbeat", value: { sequence: conn.sequence, heldLeases: heldLeases() } },
+        });
+      },
       pending: new Map(),
       ended: false,
       saidGoodbye: false,
@@ -433,6 +532,7 @@ export function createAgent(options: AgentOptions): Agent {
         case "welcome": {
           conn.welcomed = true;
           attemptsWithoutWelcome = 0;
+          if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
           sessionId = m.value.sessionId;
           for (const l of m.value.revoked) {
             const r = running.get(l.actionId);
@@ -454,15 +554,11 @@ export function createAgent(options: AgentOptions): Agent {
             address,
           });
           const every = m.value.heartbeatInterval ? durationMs(m.value.heartbeatInterval) : 2000;
-          const beat = () => {
-            conn.sequence += 1n;
-            conn.sent.set(conn.sequence, Date.now());
-            conn.send({
-              message: { case: "heartbeat", value: { sequence: conn.sequence, heldLeases: heldLeases() } },
-            });
-          };
-          beat();
-          conn.heartbeatTimer = setInterval(beat, every);
+          heartbeatMs = every;
+          // The first heartbeat goes out at once: its ack renews the guarantee that
+          // may have run low while the stream was down.
+          conn.beat();
+          conn.heartbeatTimer = setInterval(conn.beat, every);
           // Reports that could not be answered on the previous stream.
           for (const r of running.values()) if (r.report) sendReport(conn, r);
           if (closing) finishClose(conn);
@@ -472,9 +568,11 @@ export function createAgent(options: AgentOptions): Agent {
           const sentAt = conn.sent.get(m.value.sequence);
           if (sentAt === undefined) break;
           for (const seq of conn.sent.keys()) if (seq <= m.value.sequence) conn.sent.delete(seq);
+          lastAckAt = Date.now();
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
-          deadline = sentAt + remaining - margin;
+          deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
+          startWaiting();
           break;
         }
         case "grant":
@@ -546,8 +644,12 @@ export function createAgent(options: AgentOptions): Agent {
       if (closed || conn.saidGoodbye) return;
       // The fence timer keeps running: the deadline from the last ack still applies.
       addressIndex += 1;
-      const base = Math.min(maxBackoff, initialBackoff * 2 ** Math.min(attemptsWithoutWelcome, 16));
-      const retryInMs = Math.round(base / 2 + Math.random() * (base / 2));
+      const retryInMs = reconnectDelayMs({
+        attempt: attemptsWithoutWelcome,
+        initialMs: initialBackoff,
+        maxMs: options.maxBackoffMs,
+        graceMs,
+      });
       emit({ type: "disconnected", error: error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };
@@ -584,6 +686,10 @@ export function createAgent(options: AgentOptions): Agent {
   const close = (closeOptions: { timeoutMs?: number } = {}) => {
     closingPromise ??= (async () => {
       closing = true;
+      // Grants still waiting for a guarantee are given back without running.
+      for (const r of [...running.values()]) {
+        if (r.start) r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
+      }
       const timeoutMs = closeOptions.timeoutMs ?? 30_000;
       const allSettled = Promise.all([...running.values()].map((r) => r.settled));
       let timer: NodeJS.Timeout | undefined;

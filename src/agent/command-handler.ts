@@ -82,6 +82,9 @@ export async function commandHandler(
   options: { registry?: ProcessRegistry } = {},
 ): Promise<JsonObject> {
   const command = parseCommandPayload(ctx.payload);
+  // An abort listener added to an already aborted signal never fires: a command
+  // started now would run with nothing left to stop it.
+  if (ctx.signal.aborted) throw ctx.signal.reason;
   const [program, ...args] = command.argv as [string, ...string[]];
   const stdout = tail();
   const stderr = tail();

@@ -49,17 +49,19 @@ describe("the agent SDK against a real server", () => {
     for (const fn of cleanups.splice(0).reverse()) await fn();
   });
 
-  async function server(port?: number, store?: TestServer["store"]) {
+  async function server(port?: number, store?: TestServer["store"], grace = "3s") {
     const t = await startTestServer({
       ...(store ? { store } : {}),
-      config: { listen: `127.0.0.1:${port ?? 0}`, gracePeriod: "3s", heartbeatInterval: "500ms" },
+      config: { listen: `127.0.0.1:${port ?? 0}`, gracePeriod: grace, heartbeatInterval: "500ms" },
     });
     return t;
   }
 
   it("resumes its lease after the server restarts within grace, without calling the handler again", async () => {
     const port = await freePort();
-    let t = await server(port);
+    // A grace far longer than an in-process restart takes on a busy machine: the agent's own
+    // guarantee is shorter than the grace by up to two heartbeats and its margin.
+    let t = await server(port, undefined, "15s");
     cleanups.push(() => t.stop().then(() => t.store.drop()));
     const calls: number[] = [];
     const finish = deferred<Record<string, unknown>>();
@@ -117,6 +119,7 @@ describe("the agent SDK against a real server", () => {
     const ready = await serve.waitForLog((l) => l.msg === "leasehold serving");
     const address = `127.0.0.1:${ready.port}`;
     const aborted = deferred<{ at: number; reason: unknown }>();
+    const started = deferred();
     const events = eventsOf();
     const agent = createAgent({
       address,
@@ -125,6 +128,7 @@ describe("the agent SDK against a real server", () => {
       onEvent: events.onEvent,
       handler: (ctx) =>
         new Promise((_, reject) => {
+          started.resolve();
           ctx.signal.addEventListener("abort", () => {
             aborted.resolve({ at: Date.now(), reason: ctx.signal.reason });
             reject(ctx.signal.reason);
@@ -135,7 +139,8 @@ describe("the agent SDK against a real server", () => {
     const api = createClient(ActionService, address);
     cleanups.push(() => api.close());
     await api.submitAction({ cluster: "east" });
-    await events.until((e): e is AgentEvent => e.type === "grant");
+    // The handler, not just the grant: a grant waits for a guarantee from an ack before it starts.
+    await started.promise;
     // Let a few heartbeats be acknowledged, then freeze the server.
     await new Promise((r) => setTimeout(r, 1200));
     const stoppedAt = Date.now();
@@ -147,6 +152,33 @@ describe("the agent SDK against a real server", () => {
     // it cannot reap before stoppedAt - heartbeat + grace; the agent stopped first.
     expect(at).toBeLessThan(stoppedAt - 500 + graceMs);
     expect(events.seen.some((e) => e.type === "self_fenced")).toBe(true);
+  }, 60_000);
+
+  it("keeps every reconnect delay within an eighth of the welcome's grace period, jittered", async () => {
+    // A 2 s grace (the least the server allows): no delay may exceed 250 ms, even with an
+    // explicit maxBackoffMs far above it and the server gone for good.
+    const t = await server(undefined, undefined, "2s");
+    const events = eventsOf();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "backoff",
+      onEvent: events.onEvent,
+      maxBackoffMs: 60_000,
+      handler: async () => undefined,
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await events.until((e): e is AgentEvent => e.type === "connected");
+    await t[Symbol.asyncDispose]();
+    const retries = () =>
+      events.seen.filter(
+        (e): e is Extract<AgentEvent, { type: "disconnected" }> => e.type === "disconnected",
+      );
+    // Enough failed attempts for an unbounded doubling from 200 ms to pass 250 ms several times over.
+    await events.until((e): e is AgentEvent => e.type === "disconnected" && retries().length >= 8);
+    const delays = retries().map((e) => e.retryInMs);
+    for (const delay of delays) expect(delay).toBeLessThanOrEqual(250);
+    expect(new Set(delays).size).toBeGreaterThan(1);
   });
 
   it("aborts the handler on a revoke and reports the cancel", async () => {

@@ -110,6 +110,12 @@ describe("the README walkthrough", () => {
       processes.push(server.child);
       await server.waitForLog((l) => l.msg === "leasehold serving");
       await agents.get(other)?.until((l) => l.type === "connected" && (l.resumed as string[]).includes(id));
+      // Had the restart outlasted the agent's guarantee (the grace minus up to two heartbeats and
+      // its margin), it would have stopped the command and given the action back for a re-run.
+      expect(
+        agents.get(other)?.lines.filter((l) => l.type === "self_fenced"),
+        "the surviving agent self-fenced: the restart took longer than its guarantee",
+      ).toEqual([]);
       await new Promise((r) => setTimeout(r, 9000)); // longer than the grace period
       const expiries = JSON.parse(
         await run(["--server", address, "--json", "events", "--kind", "lease_expired"]),

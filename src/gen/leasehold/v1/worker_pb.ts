@@ -224,7 +224,9 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
   labels: { [key: string]: string };
 
   /**
-   * On reconnection: the leases the worker still holds, to be resumed.
+   * On reconnection: every lease the worker still holds, to be resumed
+   * (running, finished but unanswered, or granted and not yet started). See
+   * Connect for what happens to the ones listed and the ones left out.
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 5;
    */
@@ -267,6 +269,7 @@ export type Welcome = Message<"leasehold.v1.Welcome"> & {
 
   /**
    * How long the server keeps trusting a silent session before reaping it.
+   * Workers bound their reconnect backoff by an eighth of it (see Connect).
    *
    * @generated from field: google.protobuf.Duration grace_period = 3;
    */
@@ -350,8 +353,11 @@ export type HeartbeatAck = Message<"leasehold.v1.HeartbeatAck"> & {
   sequence: bigint;
 
   /**
-   * How long the session is still guaranteed, from the persisted deadline.
-   * The agent stops its work when this runs out without a fresh ack.
+   * How long the session is still guaranteed, from the persisted deadline,
+   * measured when the ack was sent. Apply it from the local send time of the
+   * acknowledged heartbeat (never from the ack's arrival), minus a margin:
+   * that is the self-fence deadline of all the session's leases (see Connect).
+   * The worker stops its work when it passes without a fresh ack.
    *
    * @generated from field: google.protobuf.Duration remaining = 2;
    */
@@ -944,6 +950,45 @@ export const WorkerService: GenService<{
    * session and its leases with the same epochs. A second stream for a worker
    * whose stream is still open takes the session over; the older stream is
    * closed.
+   *
+   * What a client written without the TypeScript agent SDK must do (the SDK
+   * does all of it):
+   *
+   * Reconnect fast. When the stream ends for any reason other than a goodbye,
+   * open a new one after a delay drawn uniformly between zero and a ceiling
+   * (full jitter). The ceiling starts small (100–200 ms), doubles after every
+   * attempt that got no welcome, resets on a welcome, and never exceeds an
+   * eighth of the grace_period of the last welcome (1 s before the first
+   * welcome). A server that is back within the grace period then finds the
+   * worker again while its leases are still guaranteed, so a control-plane
+   * restart re-runs nothing; a longer backoff turns every restart into
+   * self-fenced and re-run work. With several server addresses, move to the
+   * next one on every reconnect.
+   *
+   * List held leases in the hello. On every reconnection, Hello.held_leases
+   * lists every (action_id, epoch) the worker still holds: running, finished
+   * but not yet answered by a ReportResult, or granted and not yet started.
+   * Listed leases that are still valid come back in Welcome.resumed with the
+   * same epoch and keep running; the ones in Welcome.revoked must be stopped
+   * at once. A grant the worker did not list is sent again, same epoch.
+   *
+   * Self-fence. Keep one local deadline per session: for each HeartbeatAck,
+   * candidate = local send time of the acknowledged heartbeat + remaining −
+   * a safety margin (the SDK uses 500 ms: the time the work needs to stop),
+   * and deadline = the latest candidate so far (the persisted deadline only
+   * grows, so an ack processed late never shortens it). The deadline survives
+   * reconnections: a new stream does not extend it, only a fresh ack does.
+   * When the local clock passes the deadline without a fresh ack, stop all
+   * running work and report it released (or drop it if the server revoked
+   * it). This holds for every lease, however often the worker fenced or
+   * reconnected before: do not start a grant while the deadline has passed
+   * (or will pass before the next heartbeat is answered); hold it, listed in
+   * heartbeats, send a heartbeat at once, and start it when an ack brings a
+   * fresh deadline. The server may hand a lease to another worker only after
+   * the session's persisted deadline, so a worker that fences this way has
+   * always stopped first. Expect the local deadline to fall short of the last
+   * heartbeat + grace by up to two heartbeat intervals plus the margin: the
+   * server persists renewals once per heartbeat interval, not per heartbeat.
    *
    * @generated from rpc leasehold.v1.WorkerService.Connect
    */

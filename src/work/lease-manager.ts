@@ -95,7 +95,8 @@ export interface LeaseManager extends AsyncDisposable {
   /**
    * When the reaper is due next (database clock): the earliest session
    * deadline this process knows of, or sooner for its fallback poll. With
-   * timers on, one timer is armed for it. Undefined before the first reap.
+   * timers on, one timer is armed for it. Undefined until the first reap or
+   * lost stream when the loops are driven by hand.
    */
   nextReap(): Date | undefined;
   /** One round of each loop, for tests that drive time by hand. */

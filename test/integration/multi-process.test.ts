@@ -202,11 +202,22 @@ describe("several server processes on one PostgreSQL", () => {
         cluster: "expire",
         capacity: 1,
       });
-      holder.drop();
-      // Both reapers wake at the deadline; the one that wins wakes every dispatcher.
-      const regrant = await taker.next("grant");
-      expect(regrant).toMatchObject({ actionId: action?.id, epoch: first.epoch + 1n });
-      await taker.complete(regrant, { output: {} });
+      // The taker stays alive as an agent would; alone, its deadline could pass with the holder's
+      // and the safety valve would (rightly) pause both expiries.
+      let sequence = 0;
+      const beating = setInterval(() => {
+        sequence += 1;
+        taker.heartbeat(sequence).catch(() => {});
+      }, 500);
+      try {
+        holder.drop();
+        // Both reapers wake at the deadline; the one that wins wakes every dispatcher.
+        const regrant = await taker.next("grant");
+        expect(regrant).toMatchObject({ actionId: action?.id, epoch: first.epoch + 1n });
+        await taker.complete(regrant, { output: {} });
+      } finally {
+        clearInterval(beating);
+      }
       taker.goodbye();
     });
 

@@ -249,8 +249,25 @@ async function openPglite(dataDir: string, logger: QueryLogger): Promise<Databas
   }
 }
 
+/**
+ * How long a pooled connection that closed with an error waits before it
+ * connects again, in seconds (postgres.js's `backoff`). postgres.js's default,
+ * `(0.5..1) × min(3^retries / 100, 20)`, counts retries across the whole pool
+ * and fixes a connection's delay when it closes: a few seconds of outage with
+ * ten connections failing over and over push it to its 20 s cap, so after the
+ * database is back, a query handed to such a connection waited up to 20 s
+ * while other queries ran (CI saw session renewal fail for 18 s after a
+ * restart and a connected worker's leases expire). Capped at half a second,
+ * broken connections are replaced within ~0.5 s of the database answering
+ * again; the jitter still spreads reconnects, and a refused connection costs
+ * the database nothing.
+ */
+export function reconnectBackoffSeconds(retries: number): number {
+  return (0.5 + Math.random() / 2) * Math.min(0.05 * 2 ** retries, 0.5);
+}
+
 async function openPostgres(url: string, poolSize: number, logger: QueryLogger): Promise<Database> {
-  const quiet = { onnotice: () => {} };
+  const quiet = { onnotice: () => {}, backoff: reconnectBackoffSeconds };
   // One dedicated session holds the advisory lock and runs the DDL; ending it
   // releases the lock even if migration fails half-way.
   const migrator = postgres(url, { ...quiet, max: 1 });

@@ -12,7 +12,7 @@ import { type Finished, type FinishReport, finishActions } from "../store/querie
 import { leasedActions } from "../store/queries/leased-actions.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, openSession } from "../store/queries/open-session.js";
-import { reapSessions } from "../store/queries/reap-sessions.js";
+import { type KeepHosted, type ReapResult, reapSessions } from "../store/queries/reap-sessions.js";
 import { recordFencedReports } from "../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../store/queries/record-progress.js";
 import { renewSessions } from "../store/queries/renew-sessions.js";
@@ -92,6 +92,13 @@ export interface LeaseManager extends AsyncDisposable {
   ended(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
   /** Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker). */
   drain(workerId: string, reason: string): Promise<boolean>;
+  /**
+   * When the reaper is due next (database clock): the earliest session
+   * deadline this process knows of, or sooner for its fallback poll. With
+   * timers on, one timer is armed for it. Undefined until the first reap or
+   * lost stream when the loops are driven by hand.
+   */
+  nextReap(): Date | undefined;
   /** One round of each loop, for tests that drive time by hand. */
   readonly tick: {
     renew(): Promise<void>;
@@ -115,6 +122,14 @@ interface Hosted {
   readonly held: Map<string, number>;
   /** Stop requests (cancel, collect) already sent, as action:epoch:kind, so an audit sends each once. */
   readonly noticed: Set<string>;
+  /** The held leases of the last heartbeat (or of the hello): what the worker last said it works on. */
+  lastHeld: readonly LeaseToken[];
+  /**
+   * Leases asked to stop (cancel, collect outputs) and not yet let go, by
+   * action id; undefined while there are none, so heartbeats do no work for
+   * them. See {@link releaseOmitted}.
+   */
+  revoked: Map<string, RevokedLease> | undefined;
   draining: boolean;
   /** Slots reserved by a dispatch in flight. */
   reserved: number;
@@ -124,6 +139,21 @@ interface Hosted {
   deadlineMs: number;
   dbOffsetMs: number;
   ended: boolean;
+}
+
+/** A lease this stream was asked to stop, waiting for the worker to let go (SPEC rule 9). */
+interface RevokedLease {
+  readonly epoch: number;
+  readonly reason: RevokeReason;
+  /**
+   * The worker showed it has the lease: listed it in its last heartbeat (or
+   * hello) before the revoke, or in a heartbeat or report since. Until then
+   * a heartbeat without it proves nothing: it may have been composed before
+   * the grant arrived.
+   */
+  known: boolean;
+  /** A release for it is being committed. */
+  releasing: boolean;
 }
 
 /** Largest number of actions granted per claim statement. */
@@ -138,6 +168,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const partitionShare = options.partitionShare ?? 0.5;
   const hosted = new Map<string, Hosted>();
   const timers: NodeJS.Timeout[] = [];
+  const timersOn = options.timers ?? true;
   const bus = options.bus;
   let closed = false;
 
@@ -264,6 +295,87 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       );
   }
 
+  // ---- revoked leases let go by omission (SPEC rule 9) -------------------------------------------
+
+  /** Whether `held` lists the lease (action id, epoch). */
+  function lists(held: readonly LeaseToken[], actionId: string, epoch: number): boolean {
+    for (const l of held) if (l.actionId === actionId && l.epoch === epoch) return true;
+    return false;
+  }
+
+  /** A report about a lease proves the worker has it (its grant arrived). */
+  function sawLease(s: Hosted, token: LeaseToken): void {
+    const r = s.revoked?.get(token.actionId);
+    if (r && r.epoch === token.epoch) r.known = true;
+  }
+
+  /** Remembers a stop request sent to the holder, until the worker lets the lease go. */
+  function trackRevoke(s: Hosted, token: LeaseToken, reason: RevokeReason): void {
+    const prior = s.revoked?.get(token.actionId);
+    if (prior && prior.epoch === token.epoch) return;
+    s.revoked ??= new Map();
+    s.revoked.set(token.actionId, {
+      epoch: token.epoch,
+      reason,
+      known: lists(s.lastHeld, token.actionId, token.epoch),
+      releasing: false,
+    });
+  }
+
+  /**
+   * SPEC rule 9: a revoked lease the worker no longer lists in its heartbeat's
+   * held leases counts as released, exactly as if it had sent a ReleaseReport
+   * (same group commit, fenced on action, epoch and session; a cancelled
+   * action becomes CANCELLED). Only leases already asked to stop count, and
+   * only once the worker showed it had the lease (see {@link RevokedLease}):
+   * a grant still on its way is never mistaken for a release. A report the
+   * worker sent before this heartbeat is applied first (same batcher, in
+   * order), so a completion that raced the revoke keeps its result. Runs only
+   * while the session has a revoked lease pending.
+   */
+  function releaseOmitted(s: Hosted, held: readonly LeaseToken[]): void {
+    const revoked = s.revoked;
+    if (!revoked) return;
+    for (const [actionId, r] of revoked) {
+      if (s.held.get(actionId) !== r.epoch) {
+        // Finished or ended some other way meanwhile.
+        if (!r.releasing) revoked.delete(actionId);
+        continue;
+      }
+      if (r.releasing) continue;
+      if (lists(held, actionId, r.epoch)) {
+        r.known = true;
+        continue;
+      }
+      if (!r.known) continue;
+      r.releasing = true;
+      const token = { actionId, epoch: r.epoch };
+      finishes
+        .add({
+          ...token,
+          sessionId: s.sessionId,
+          kind: "released",
+          reason: `no longer listed in held_leases after a ${r.reason.toLowerCase()} revoke`,
+        })
+        .then(
+          (finished) => {
+            if (revoked.get(actionId) === r) revoked.delete(actionId);
+            if (s.revoked === revoked && revoked.size === 0) s.revoked = undefined;
+            // Not applied means the lease had already ended on the server: it is not held either way.
+            if (s.held.get(actionId) === r.epoch) s.held.delete(actionId);
+            if (finished) publishActions([actionId]);
+            scheduleDispatch();
+          },
+          (error: unknown) => {
+            // Tried again on the next heartbeat that still omits it.
+            r.releasing = false;
+            log.warn({ err: error, actionId }, "could not release a lease the worker let go of; will retry");
+          },
+        );
+    }
+    if (revoked.size === 0 && s.revoked === revoked) s.revoked = undefined;
+  }
+
   // ---- sessions ------------------------------------------------------------------------------------
 
   function closeTakenOver(s: Hosted): void {
@@ -295,7 +407,16 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
-    const opened = await openSession(db, clock, serverId, { graceMs, partitionShare, maxSilenceMs }, hello);
+    const opened = await openSession(
+      db,
+      clock,
+      serverId,
+      { graceMs, partitionShare, maxSilenceMs },
+      hello,
+      keepHosted(),
+    );
+    // The worker's previous session expired with this hello: reported as the reaper reports.
+    if (opened.reaped) void reportReap(opened.reaped);
     const previous = hosted.get(opened.sessionId);
     // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
     if (previous) closeTakenOver(previous);
@@ -311,6 +432,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       link,
       held: new Map(),
       noticed: new Set(),
+      lastHeld: hello.heldLeases,
+      revoked: undefined,
       draining: opened.draining,
       reserved: 0,
       heardAt: performance.now(),
@@ -375,17 +498,21 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
                 });
               }
             }
+            s.lastHeld = message.held;
+            if (s.revoked !== undefined) releaseOmitted(s, message.held);
             metrics.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
             return;
           }
           case "grant_ack": {
             const token = { actionId: message.actionId, epoch: message.epoch };
+            if (s.revoked !== undefined) sawLease(s, token);
             if (s.held.get(token.actionId) === token.epoch)
               accept(s, message.reportId, token, "grant acknowledged");
             else fenced(s, message.reportId, token, "grant acknowledgement");
             return;
           }
           case "progress":
+            if (s.revoked !== undefined) sawLease(s, message);
             return onProgress(s, message);
           case "completion":
           case "release":
@@ -426,6 +553,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
               "worker stream lost",
             );
             feed.publish(EVENTS_TOPIC);
+            planReap(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now(), false);
           }
         } catch (error) {
           // The deadline stands as last renewed; the reaper acts on it either way.
@@ -447,12 +575,22 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     const heard = [...hosted.values()].filter((s) => !s.ended);
     if (heard.length === 0) return;
     const now = performance.now();
-    const renewed = await renewSessions(
-      db,
-      clock,
-      graceMs,
-      heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
-    );
+    renewStartedAt = now;
+    let renewed: Awaited<ReturnType<typeof renewSessions>>;
+    try {
+      renewed = await renewSessions(
+        db,
+        clock,
+        graceMs,
+        heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
+      );
+      renewalFailed = false;
+    } catch (error) {
+      renewalFailed = true;
+      throw error;
+    } finally {
+      if (renewStartedAt === now) renewStartedAt = undefined;
+    }
     const byId = new Map(renewed.map((r) => [r.sessionId, r]));
     for (const s of heard) {
       const r = byId.get(s.sessionId);
@@ -470,50 +608,162 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
   }
 
+  /**
+   * SPEC rule 7: a process never reaps a session it hosts whose renewal it
+   * failed to write. While the last renewal failed, or one has been running
+   * for longer than a tick (a connection stuck after a database restart),
+   * the deadlines of this process's streams in the database may be stale
+   * though their workers kept heartbeating; the reap statement then leaves
+   * the sessions of streams still open here alone. Other processes still
+   * reap them at the stored deadline, as they must if this process is dead:
+   * a process that cannot renew is indistinguishable from one that died.
+   */
+  let renewalFailed = false;
+  /** performance.now() at the start of the renewal in flight. */
+  let renewStartedAt: number | undefined;
+  function keepHosted(): KeepHosted | undefined {
+    const stuck =
+      renewStartedAt !== undefined && performance.now() - renewStartedAt > options.heartbeatIntervalMs;
+    if (!renewalFailed && !stuck) return undefined;
+    const streamTokens: string[] = [];
+    for (const s of hosted.values()) if (!s.ended) streamTokens.push(s.streamToken);
+    return streamTokens.length > 0 ? { serverId, streamTokens } : undefined;
+  }
+
+  /**
+   * Reports what a reap did, wherever it ran (the reaper, or a hello that
+   * found its worker's previous session past its deadline): closes the
+   * reaped sessions' streams hosted here, writes the documented line per
+   * expiry, counts expiries, refreshes cluster health, and wakes watchers
+   * and the dispatchers of every process for the re-queued actions.
+   */
+  async function reportReap(result: ReapResult): Promise<void> {
+    for (const { sessionId } of result.sessions) {
+      const s = hosted.get(sessionId);
+      if (s) {
+        removeHosted(s);
+        s.link.close(
+          new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
+            reason: "SESSION_REAPED",
+          }),
+        );
+      }
+    }
+    for (const e of result.expired) {
+      // The documented line (SPEC rule 3); operators grep for it.
+      log.warn(
+        { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
+        `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
+      );
+    }
+    for (const p of result.partitions) {
+      const counts = { cluster: p.cluster, lostSessions: p.lost, liveSessions: p.live };
+      if (p.partitioned)
+        log.warn(
+          counts,
+          `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
+        );
+      else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
+    }
+    if (result.partitions.length > 0) feed.publish(EVENTS_TOPIC);
+    if (result.expired.length > 0) {
+      metrics.expiries.inc(result.expired.length);
+      publishActions(result.expired.map((e) => e.actionId));
+      // Any process may host the worker that takes a re-queued action next.
+      if (result.expired.some((e) => e.state === "QUEUED")) feed.publish(QUEUE_TOPIC);
+      const clusters = [...new Set(result.expired.map((e) => e.cluster))];
+      await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
+        log.warn({ err: error }, "could not refresh cluster health"),
+      );
+    } else if (result.sessions.length > 0) {
+      feed.publish(EVENTS_TOPIC);
+    }
+  }
+
   async function reap(): Promise<void> {
     for (;;) {
-      const result = await reapSessions(db, clock, { limit: REAP_BATCH, partitionShare, maxSilenceMs });
-      for (const { sessionId } of result.sessions) {
-        const s = hosted.get(sessionId);
-        if (s) {
-          removeHosted(s);
-          s.link.close(
-            new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
-              reason: "SESSION_REAPED",
-            }),
-          );
-        }
-      }
-      for (const e of result.expired) {
-        // The documented line (SPEC rule 3); operators grep for it.
-        log.warn(
-          { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
-          `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
+      const result = await reapSessions(db, clock, {
+        limit: REAP_BATCH,
+        partitionShare,
+        maxSilenceMs,
+        keep: keepHosted(),
+      });
+      await reportReap(result);
+      if (result.sessions.length < REAP_BATCH) {
+        const dbNowMs = result.dbNow.getTime();
+        const next = Math.min(
+          result.nextDeadline?.getTime() ?? Number.POSITIVE_INFINITY,
+          dbNowMs + reapPollMs,
         );
+        planReap(next, dbNowMs - Date.now(), true);
+        return;
       }
-      for (const p of result.partitions) {
-        const counts = { cluster: p.cluster, lostSessions: p.lost, liveSessions: p.live };
-        if (p.partitioned)
-          log.warn(
-            counts,
-            `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
-          );
-        else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
-      }
-      if (result.partitions.length > 0) feed.publish(EVENTS_TOPIC);
-      if (result.expired.length > 0) {
-        metrics.expiries.inc(result.expired.length);
-        const clusters = [...new Set(result.expired.map((e) => e.cluster))];
-        await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
-          log.warn({ err: error }, "could not refresh cluster health"),
-        );
-        publishActions(result.expired.map((e) => e.actionId));
-        scheduleDispatch();
-      } else if (result.sessions.length > 0) {
-        feed.publish(EVENTS_TOPIC);
-      }
-      if (result.sessions.length < REAP_BATCH) return;
     }
+  }
+
+  // ---- reaper wake-ups ------------------------------------------------------------------------------
+  //
+  // SPEC §6: failover within grace + 100 ms. The reaper is woken at the
+  // earliest deadline this process knows of (one timer, re-armed), not on a
+  // fixed tick: each reap returns the earliest live deadline in the database
+  // (any process's sessions), and a stream lost here brings its deadline.
+  // Deadlines only move later, so waking early costs one reap that finds
+  // nothing; the fallback poll bounds the wait for what no deadline
+  // announces (a valve that clears, a session past the maximum silence, a
+  // reap that failed).
+
+  /** The fallback poll. */
+  const reapPollMs = Math.min(1000, Math.max(100, graceMs / 10));
+  /** When the reaper is due (database clock, epoch ms); +∞ before the first plan. */
+  let reapAtDbMs = Number.POSITIVE_INFINITY;
+  let reapTimer: NodeJS.Timeout | undefined;
+  let reaping = false;
+  let reapAgain = false;
+  let reapFailing = false;
+
+  /**
+   * Wakes the reaper at `atDbMs` (database clock; `dbOffsetMs` is the
+   * database clock minus ours). `replace` sets the plan after a reap;
+   * otherwise only an earlier time moves it.
+   */
+  function planReap(atDbMs: number, dbOffsetMs: number, replace: boolean): void {
+    if (!replace && atDbMs >= reapAtDbMs) return;
+    reapAtDbMs = atDbMs;
+    if (!timersOn || closed) return;
+    if (reapTimer) clearTimeout(reapTimer);
+    // One millisecond past: the reap takes sessions whose deadline is strictly before now.
+    reapTimer = setTimeout(runReaper, Math.max(0, atDbMs - dbOffsetMs - Date.now() + 1));
+    reapTimer.unref();
+  }
+
+  function runReaper(): void {
+    reapTimer = undefined;
+    if (closed) return;
+    if (reaping) {
+      reapAgain = true;
+      return;
+    }
+    reaping = true;
+    reap()
+      .then(
+        () => {
+          if (reapFailing) log.info("reaper works again");
+          reapFailing = false;
+        },
+        (error: unknown) => {
+          if (reapFailing) log.debug({ err: error }, "reaper still failing");
+          else log.warn({ err: error }, "reaper failed; retrying on every poll");
+          reapFailing = true;
+          planReap(Date.now() + reapPollMs, 0, true);
+        },
+      )
+      .finally(() => {
+        reaping = false;
+        if (reapAgain) {
+          reapAgain = false;
+          planReap(Date.now(), 0, false);
+        }
+      });
   }
 
   /**
@@ -715,9 +965,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       staleMs: Math.max(4 * options.heartbeatIntervalMs, graceMs / 2),
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
-    if (options.timers ?? true) {
+    if (timersOn) {
       every(options.heartbeatIntervalMs, "session renewal", renew);
-      every(Math.min(1000, Math.max(100, graceMs / 10)), "reaper", reap);
+      planReap(Date.now() + reapPollMs, 0, true);
       // A poll for actions queued by other processes or waiting out a retry backoff.
       every(options.dispatchPollMs ?? 1000, "dispatch poll", async () => scheduleDispatch());
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
@@ -739,6 +989,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     else if (reason === "CANCELLED" || reason === "COLLECT_OUTPUTS") {
       // The audit need not send it again.
       s.noticed.add(`${token.actionId}:${token.epoch}:${reason === "CANCELLED" ? "cancel" : "collect"}`);
+      trackRevoke(s, token, reason);
     }
     s.link.send({ type: "revoke", ...token, reason, message });
     if (ended) scheduleDispatch();
@@ -773,6 +1024,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offQueue();
       offBus?.();
       for (const t of timers) clearInterval(t);
+      if (reapTimer) clearTimeout(reapTimer);
       await dispatcher.idle();
       await Promise.all([finishes.close(), progress.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
@@ -804,6 +1056,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       feed.publish(EVENTS_TOPIC);
       return true;
     },
+    nextReap: () => (reapAtDbMs === Number.POSITIVE_INFINITY ? undefined : new Date(reapAtDbMs)),
     tick: {
       renew,
       reap,

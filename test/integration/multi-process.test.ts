@@ -189,6 +189,38 @@ describe("several server processes on one PostgreSQL", () => {
       second.goodbye();
     });
 
+    it("grants on A at once an action whose lease expired, whichever process reaped it", async () => {
+      const holder = await connectWorker(servers.addresses[b] as string, {
+        workerId: "expire-b",
+        cluster: "expire",
+        capacity: 1,
+      });
+      const { action } = await actionsOn(a).submitAction({ cluster: "expire" });
+      const first = await holder.next("grant");
+      const taker = await connectWorker(servers.addresses[a] as string, {
+        workerId: "expire-a",
+        cluster: "expire",
+        capacity: 1,
+      });
+      // The taker stays alive as an agent would; alone, its deadline could pass with the holder's
+      // and the safety valve would (rightly) pause both expiries.
+      let sequence = 0;
+      const beating = setInterval(() => {
+        sequence += 1;
+        taker.heartbeat(sequence).catch(() => {});
+      }, 500);
+      try {
+        holder.drop();
+        // Both reapers wake at the deadline; the one that wins wakes every dispatcher.
+        const regrant = await taker.next("grant");
+        expect(regrant).toMatchObject({ actionId: action?.id, epoch: first.epoch + 1n });
+        await taker.complete(regrant, { output: {} });
+      } finally {
+        clearInterval(beating);
+      }
+      taker.goodbye();
+    });
+
     it("drains on B a worker drained through A", async () => {
       const worker = await connectWorker(servers.addresses[b] as string, {
         workerId: "drained",

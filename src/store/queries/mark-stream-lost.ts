@@ -10,7 +10,8 @@ import { queryRows, toDate } from "../rows.js";
  *
  * Conditional on the session being live and still attached to this stream
  * (its token), so a stream that was already taken over, here or elsewhere,
- * records nothing.
+ * records nothing. Returns the deadline with the database time, so the
+ * caller can wake its reaper then.
  */
 export async function markStreamLost(
   db: Db,
@@ -19,9 +20,9 @@ export async function markStreamLost(
   sessionId: string,
   agoMs: number,
   graceMs: number,
-): Promise<{ deadline: Date; workerId: string } | undefined> {
+): Promise<{ deadline: Date; workerId: string; dbNow: Date } | undefined> {
   const now = clock.now();
-  const [row] = await queryRows<{ deadline: unknown; worker_id: string }>(
+  const [row] = await queryRows<{ deadline: unknown; worker_id: string; db_now: unknown }>(
     db,
     sql`
       with lost as (
@@ -43,7 +44,7 @@ export async function markStreamLost(
           jsonb_build_object('deadline', lost.deadline)
         from lost join workers w on w.worker_id = lost.worker_id
       )
-      select deadline, worker_id from lost`,
+      select deadline, worker_id, ${now} as db_now from lost`,
   );
-  return row && { deadline: toDate(row.deadline), workerId: row.worker_id };
+  return row && { deadline: toDate(row.deadline), workerId: row.worker_id, dbNow: toDate(row.db_now) };
 }

@@ -6,7 +6,7 @@ import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows, toDate, toNumber } from "../rows.js";
 import type { GrantRecord } from "./claim-actions.js";
-import { reapSessions } from "./reap-sessions.js";
+import { type KeepHosted, type ReapResult, reapSessions } from "./reap-sessions.js";
 
 /** A hello, validated. */
 export interface HelloInput {
@@ -45,6 +45,12 @@ export interface OpenedSession {
   readonly revokedLeases: readonly { actionId: string; epoch: number }[];
   /** Leases of the session the worker did not list (it never received their grant). */
   readonly unlistedLeases: readonly HeldGrant[];
+  /**
+   * The reap of the worker's previous session, found past its deadline, if
+   * one ran: committed with the hello, and reported (log line, metric,
+   * wake-ups) by the caller exactly as the reaper reports its own.
+   */
+  readonly reaped: ReapResult | undefined;
 }
 
 /**
@@ -56,6 +62,9 @@ export interface OpenedSession {
  *   expire as at any deadline), then a new session starts;
  * - listed leases are resumed if (action, epoch) is still this session's
  *   lease, and revoked otherwise.
+ *
+ * `keep` is passed to that reap: a session this process hosts whose renewal
+ * it failed to write is resumed, not reaped (SPEC rule 7).
  */
 export async function openSession(
   db: Db,
@@ -63,6 +72,7 @@ export async function openSession(
   serverId: string,
   limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
   hello: HelloInput,
+  keep?: KeepHosted,
 ): Promise<OpenedSession> {
   const now = clock.now();
   const grace = sql`make_interval(secs => ${limits.graceMs} / 1000.0)`;
@@ -87,16 +97,18 @@ export async function openSession(
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
+    let reaped: ReapResult | undefined;
     if (live?.expired) {
       // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10),
       // in which case the worker is back in time after all and resumes. A worker that moved to
       // another cluster cannot resume, so its old session ends either way.
-      const reaped = await reapSessions(tx, clock, {
+      reaped = await reapSessions(tx, clock, {
         limit: 1,
         partitionShare: limits.partitionShare,
         maxSilenceMs: limits.maxSilenceMs,
         sessionIds: [live.id],
         obeyValve: !movingCluster,
+        keep,
       });
       if (reaped.sessions.length > 0) live = undefined;
     }
@@ -219,6 +231,7 @@ export async function openSession(
       resumedLeases,
       revokedLeases,
       unlistedLeases,
+      reaped,
     };
   });
 }

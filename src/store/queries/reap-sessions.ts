@@ -1,7 +1,7 @@
 import { type SQL, sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { queryRows, toNumber } from "../rows.js";
+import { queryRows, toDate, toNumber } from "../rows.js";
 
 /** A lease that expired with its session. */
 export interface ExpiredLease {
@@ -29,6 +29,28 @@ export interface ReapResult {
   readonly sessions: readonly { sessionId: string; workerId: string }[];
   readonly expired: readonly ExpiredLease[];
   readonly partitions: readonly PartitionChange[];
+  /**
+   * The earliest deadline of a live session not yet passed (database clock),
+   * from any process: when the reaper has something to do next. Null when no
+   * session is live. Deadlines only ever move later (renewals, reconnects,
+   * restarts), so nothing can become due before it except sessions created
+   * later, whose deadline is a whole grace period away.
+   */
+  readonly nextDeadline: Date | null;
+  /** The database time the statement ran at, to convert `nextDeadline` to a local time. */
+  readonly dbNow: Date;
+}
+
+/**
+ * Sessions this process hosts whose renewal it could not write (SPEC rule 7):
+ * their deadlines in the database are stale, not the workers' silence, so
+ * this process's reaper leaves them alone. Other processes still reap them at
+ * the stored deadline: a process that cannot renew may be dead.
+ */
+export interface KeepHosted {
+  readonly serverId: string;
+  /** The stream tokens of the streams still open on this process. */
+  readonly streamTokens: readonly string[];
 }
 
 /** Fewer lost sessions than this never partition a cluster: one lost worker is just a lost worker. */
@@ -63,6 +85,9 @@ export const PARTITION_MIN_LOST = 2;
  * time after all) unless `obeyValve` is false (the worker moved to another
  * cluster, so its old session must end), and it never marks or clears a
  * partition: the periodic reap does that, and logs it.
+ *
+ * `keep` names the sessions this process hosts whose renewal it failed to
+ * write; they are never reaped here (see {@link KeepHosted}).
  */
 export async function reapSessions(
   db: Db,
@@ -73,6 +98,7 @@ export async function reapSessions(
     maxSilenceMs: number;
     sessionIds?: readonly string[];
     obeyValve?: boolean;
+    keep?: KeepHosted | undefined;
   },
 ): Promise<ReapResult> {
   const now = clock.now();
@@ -81,9 +107,13 @@ export async function reapSessions(
     : sql``;
   const periodic = options.sessionIds === undefined;
   const obeyValve = options.obeyValve ?? true;
+  const kept: SQL = options.keep
+    ? sql`and not (s.server_id = ${options.keep.serverId} and s.stream_token in
+          (select jsonb_array_elements_text(${JSON.stringify(options.keep.streamTokens)}::jsonb)))`
+    : sql``;
   const silentSince = sql`${now} - make_interval(secs => ${options.maxSilenceMs} / 1000.0)`;
   const rows = await queryRows<{
-    kind: "session" | "lease" | "partitioned" | "recovered";
+    kind: "session" | "lease" | "partitioned" | "recovered" | "next";
     session_id: string;
     worker_id: string;
     action_id: string | null;
@@ -92,6 +122,8 @@ export async function reapSessions(
     state: ExpiredLease["state"] | null;
     lost: unknown;
     live: unknown;
+    next_deadline: unknown;
+    db_now: unknown;
   }>(
     db,
     sql`
@@ -139,7 +171,7 @@ export async function reapSessions(
       ),
       due as (
         select s.id from sessions s
-        where s.ended_at is null and s.deadline < ${now} ${which}
+        where s.ended_at is null and s.deadline < ${now} ${which} ${kept}
           and (s.last_heard_at < ${silentSince} or not exists (
             select 1 from workers w join verdict v on v.name = w.cluster
             where w.worker_id = s.worker_id and v.over and v.expiries_resumed_at is null
@@ -201,16 +233,24 @@ export async function reapSessions(
         from ended join workers w on w.worker_id = ended.worker_id
       )
       select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,
-             null as cluster, null as state, null::bigint as lost, null::bigint as live
+             null as cluster, null as state, null::bigint as lost, null::bigint as live,
+             null::timestamptz as next_deadline, null::timestamptz as db_now
       from ended
       union all
-      select 'lease', session_id, worker_id, id, epoch, cluster, state, null, null from expired
+      select 'lease', session_id, worker_id, id, epoch, cluster, state, null, null, null, null from expired
       union all
-      select 'partitioned', null, null, null, null, name, null, lost, live from entered
+      select 'partitioned', null, null, null, null, name, null, lost, live, null, null from entered
       union all
-      select 'recovered', null, null, null, null, name, null, lost, live from recovered`,
+      select 'recovered', null, null, null, null, name, null, lost, live, null, null from recovered
+      union all
+      -- The partial index sessions_live_deadline_idx answers this with its first entry past now.
+      select 'next', null, null, null, null, null, null, null, null,
+        (select min(deadline) from sessions where ended_at is null and deadline >= ${now}), ${now}`,
   );
+  const next = rows.find((r) => r.kind === "next");
   return {
+    nextDeadline: next?.next_deadline == null ? null : toDate(next.next_deadline),
+    dbNow: toDate(next?.db_now),
     sessions: rows
       .filter((r) => r.kind === "session")
       .map((r) => ({ sessionId: r.session_id, workerId: r.worker_id })),

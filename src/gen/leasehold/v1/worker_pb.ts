@@ -325,7 +325,18 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
   sequence: bigint;
 
   /**
-   * The leases the worker believes it holds.
+   * The complete set of leases the worker is still working on. Keep listing
+   * a lease until the server has answered its completion or release (a
+   * ReportResult): a lease the worker was asked to stop (a Revoke with reason
+   * CANCELLED or COLLECT_OUTPUTS) and that a heartbeat no longer lists counts
+   * as released, as if a ReleaseReport had been sent (a cancelled action
+   * becomes CANCELLED and the slot is free). The omission counts only once
+   * the server has seen that the worker has the lease on this stream: listed
+   * in the hello or in the last heartbeat before the revoke, or in a
+   * heartbeat, GrantAck or ProgressReport since. A heartbeat that never
+   * listed a lease proves nothing, as it may have been sent before the grant
+   * arrived. A listed lease that is not the session's is answered with a
+   * Revoke (SUPERSEDED).
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 2;
    */
@@ -633,7 +644,12 @@ export const CompletionReportSchema: GenMessage<CompletionReport> = /*@__PURE__*
   messageDesc(file_leasehold_v1_worker, 12);
 
 /**
- * The worker gives one action back; it is queued again without using a retry.
+ * The worker gives one action back; it is queued again without using a
+ * retry (or becomes CANCELLED if a cancel was requested). This is the
+ * recommended answer to a Revoke with reason CANCELLED or COLLECT_OUTPUTS
+ * once the work has stopped (for COLLECT_OUTPUTS, a CompletionReport with the
+ * outputs is the usual answer); dropping the lease from the heartbeats'
+ * held_leases also counts as a release (see Heartbeat.held_leases).
  *
  * @generated from message leasehold.v1.ReleaseReport
  */
@@ -696,7 +712,12 @@ export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 14);
 
 /**
- * The worker must stop one action.
+ * The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
+ * the lease is already gone: stop, report nothing more about it, and stop
+ * listing it. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
+ * the worker lets go: stop (for COLLECT_OUTPUTS, save the outputs first), then
+ * send a ReleaseReport or CompletionReport, or stop listing the lease in
+ * held_leases, which counts as a release (see Heartbeat.held_leases).
  *
  * @generated from message leasehold.v1.Revoke
  */

@@ -1,0 +1,245 @@
+import { PgDialect } from "drizzle-orm/pg-core";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import type { ServerOverrides } from "../../src/server.js";
+import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker, type TestWorker } from "../helpers/worker.js";
+
+const GRACE_MS = 10_000;
+/** The reaper's fallback poll with a 10 s grace: min(1 s, grace / 10). */
+const REAP_POLL_MS = 1000;
+
+/**
+ * How the server keeps leases accounted for between reports: revoked leases
+ * let go by omission (rule 9), expiries wherever they are decided (rule 3),
+ * the reaper's wake-ups (§6) and renewal failures (rule 7). Fake clock; the
+ * loops run when the test says.
+ */
+describe("lease upkeep", () => {
+  let clock: FakeClock;
+  let t: TestServer;
+  let workers: TestWorker[];
+
+  const start = async (overrides: ServerOverrides = {}) =>
+    startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { clock, timers: false, ...overrides },
+    });
+  const worker = async (
+    workerId: string,
+    extra: {
+      capacity?: number;
+      held?: { actionId: string; epoch: bigint }[];
+      labels?: Record<string, string>;
+    } = {},
+  ) => {
+    const w = await connectWorker(t.address, {
+      workerId,
+      cluster: "east",
+      capacity: extra.capacity ?? 1,
+      labels: extra.labels ?? {},
+      heldLeases: extra.held ?? [],
+    });
+    workers.push(w);
+    return w;
+  };
+  const api = () => t.client(ActionService);
+  const submit = async (request: Parameters<ReturnType<typeof api>["submitAction"]>[0] = {}) =>
+    (await api().submitAction({ cluster: "east", ...request })).action?.id ?? "";
+  const getAction = async (id: string) => api().getAction({ actionId: id });
+  const tick = () => t.server.leases.tick;
+  /** The fencing token of a grant, as a heartbeat or hello lists it. */
+  const lease = (g: { actionId: string; epoch: bigint }) => ({ actionId: g.actionId, epoch: g.epoch });
+  const expiredActions = async () =>
+    (await t.client(EventService).listEvents({ kind: EventKind.LEASE_EXPIRED })).events.map(
+      (e) => e.actionId,
+    );
+  /** Waits for an event about an action, via WatchEvents replaying from the start. */
+  const eventOf = async (actionId: string, kind: EventKind) => {
+    for await (const m of t.client(EventService).watchEvents({ actionId, kind, afterSequence: 0n }))
+      return m.event;
+    throw new Error("the event stream ended");
+  };
+  const waitForLog = async (msg: string) => {
+    const until = Date.now() + 10_000;
+    while (!t.logs.some((l) => l.msg === msg)) {
+      if (Date.now() > until) throw new Error(`no log line "${msg}"`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+
+  beforeEach(async () => {
+    clock = createFakeClock();
+    workers = [];
+    t = await start();
+  });
+  afterEach(async () => {
+    for (const w of workers) w.drop();
+    await t[Symbol.asyncDispose]();
+  });
+
+  describe("a revoked lease the worker stops listing counts as released (rule 9)", () => {
+    it("cancels the action and frees the slot when the worker obeys a cancel without a release", async () => {
+      const w = await worker("w1");
+      const id = await submit();
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      await w.heartbeat(1, [lease(grant)]);
+      await api().cancelAction({ actionId: id, reason: "user asked" });
+      expect(await w.next("revoke")).toMatchObject({ actionId: id, reason: RevokeReason.CANCELLED });
+      // The worker stops the work and says so only by no longer listing the lease.
+      await w.heartbeat(2, []);
+      await eventOf(id, EventKind.ACTION_CANCELLED);
+      const got = await getAction(id);
+      expect(got.action).toMatchObject({
+        state: ActionState.CANCELLED,
+        failureReason: "action cancelled: user asked",
+      });
+      expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.CANCELLED]);
+      // Its only slot is free again.
+      const next = await submit();
+      await tick().dispatch();
+      expect(await w.next("grant")).toMatchObject({ actionId: next, epoch: 1n });
+    });
+
+    it("does not take a grant still on its way for a release, until the worker has listed it", async () => {
+      const w = await worker("w1", { capacity: 2 });
+      const first = await submit();
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      const other = await submit();
+      await tick().dispatch();
+      const otherGrant = await w.next("grant");
+      expect(otherGrant.actionId).toBe(other);
+      await api().cancelAction({ actionId: first });
+      await w.next("revoke");
+      // A heartbeat composed before the grant arrived lists nothing: no proof of anything.
+      await w.heartbeat(1, [lease(otherGrant)]);
+      // A report queued after that heartbeat is answered only once everything before it committed.
+      expect(await w.complete(otherGrant, { output: {} })).toMatchObject({ accepted: true });
+      expect((await getAction(first)).action).toMatchObject({
+        state: ActionState.LEASED,
+        cancelRequested: true,
+      });
+      // Once listed, the worker has it; dropping it from the next heartbeat lets it go.
+      await w.heartbeat(2, [lease(grant)]);
+      await w.heartbeat(3, []);
+      await eventOf(first, EventKind.ACTION_CANCELLED);
+      expect((await getAction(first)).action?.state).toBe(ActionState.CANCELLED);
+    });
+
+    it("keeps a lease the worker still lists after a cancel, and takes its release report as ever", async () => {
+      const w = await worker("w1");
+      const id = await submit();
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      await w.heartbeat(1, [lease(grant)]);
+      await api().cancelAction({ actionId: id });
+      await w.next("revoke");
+      await w.heartbeat(2, [lease(grant)]);
+      await w.heartbeat(3, [lease(grant)]);
+      expect((await getAction(id)).action?.state).toBe(ActionState.LEASED);
+      expect(await w.release(grant, "stopped")).toMatchObject({ accepted: true });
+      expect((await getAction(id)).action?.state).toBe(ActionState.CANCELLED);
+      // Not listing it any more changes nothing now.
+      await w.heartbeat(4, []);
+      expect((await getAction(id)).attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.CANCELLED]);
+    });
+  });
+
+  it("reports an expiry decided when the worker reconnects like any other: line, metric, prompt re-grant (rule 3)", async () => {
+    const a = await worker("wa", { labels: { pool: "x" } });
+    const id = await submit({ labelSelector: { pool: "x" } });
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    const b = await worker("wb", { labels: { pool: "x" } });
+    a.drop();
+    await waitForLog("worker stream lost");
+    clock.advance(GRACE_MS + 1000);
+    await b.heartbeat(1);
+    await tick().renew();
+    // No reaper tick: wa's hello finds its own session past the deadline and reaps it.
+    const back = await worker("wa", { held: [lease(grant)] });
+    expect(back.welcome).toMatchObject({ sessionResumed: false, revoked: [{ actionId: id, epoch: 1n }] });
+    // The other worker gets it from the expiry's wake-up alone (the test runs no dispatch poll).
+    expect(await b.next("grant")).toMatchObject({ actionId: id, epoch: 2n, attempt: 2 });
+    expect(await expiredActions()).toEqual([id]);
+    expect(t.logs.map((l) => l.msg)).toContain(
+      `lease expired for action ${id} (worker wa, cluster east, epoch 1)`,
+    );
+    const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/^leasehold_lease_expiries_total 1$/m);
+  });
+
+  it("wakes the reaper at the earliest deadline it knows, bounded by its poll (SPEC §6)", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    await a.next("grant");
+    a.drop();
+    await waitForLog("worker stream lost");
+    const deadline = (await t.client(ClusterService).getWorker({ workerId: "wa" })).worker?.session?.deadline;
+    const deadlineMs = Number(deadline?.seconds) * 1000 + Math.floor((deadline?.nanos ?? 0) / 1e6);
+    // The lost stream brought its deadline.
+    expect(t.server.leases.nextReap()?.getTime()).toBe(deadlineMs);
+    // A reap finds nothing due yet; the deadline is further than the poll, which bounds the wait.
+    await tick().reap();
+    expect(t.server.leases.nextReap()?.getTime()).toBe(clock.current().getTime() + REAP_POLL_MS);
+    // Within a poll of the deadline, the reaper is due exactly at it.
+    clock.advance(deadlineMs - clock.current().getTime() - REAP_POLL_MS / 2);
+    await tick().reap();
+    expect(t.server.leases.nextReap()?.getTime()).toBe(deadlineMs);
+    expect(await expiredActions()).toEqual([]);
+    clock.advance(REAP_POLL_MS / 2 + 1);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([id]);
+  });
+
+  it("never reaps a session it hosts while it cannot write its renewal, but reaps it once its stream is gone (rule 7)", async () => {
+    await t[Symbol.asyncDispose]();
+    let renewalBroken = false;
+    const dialect = new PgDialect();
+    t = await start({
+      wrapDb: (db) =>
+        new Proxy(db, {
+          get(target, property, receiver) {
+            if (property !== "execute") return Reflect.get(target, property, receiver);
+            return (query: Parameters<typeof target.execute>[0]) => {
+              const text = typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql;
+              if (renewalBroken && /update sessions s set\s+last_heard_at/.test(text))
+                return Promise.reject(new Error("connection lost (injected)"));
+              return target.execute(query);
+            };
+          },
+        }),
+    });
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    renewalBroken = true;
+    await w.heartbeat(1, [lease(grant)]);
+    await expect(tick().renew()).rejects.toThrow(/injected/);
+    clock.advance(GRACE_MS + 1000);
+    await w.heartbeat(2, [lease(grant)]);
+    await expect(tick().renew()).rejects.toThrow(/injected/);
+    // Past the stored deadline, but the worker is here: its silence is this process's failure.
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.LEASED, epoch: 1n });
+    expect(await w.complete(grant, { output: { ok: true } })).toMatchObject({ accepted: true });
+    // A stream that is gone is no longer this process's to vouch for: its session is reaped as usual.
+    const second = await submit();
+    await tick().dispatch();
+    await w.next("grant", (g) => g.actionId === second);
+    w.drop();
+    await waitForLog("worker stream lost");
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([second]);
+  });
+});

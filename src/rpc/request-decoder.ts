@@ -78,7 +78,11 @@ function decodeError(desc: DescMessage, bytes: Uint8Array, error: unknown): Leas
   ]);
 }
 
-const PAYLOAD_TYPES = new Set(["google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"]);
+const PAYLOAD_TYPES = new Set([
+  "google.protobuf.Struct",
+  "google.protobuf.Value",
+  "google.protobuf.ListValue",
+]);
 
 const isString = (field: DescField) =>
   (field.fieldKind === "scalar" || (field.fieldKind === "list" && field.listKind === "scalar")) &&

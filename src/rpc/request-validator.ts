@@ -212,7 +212,8 @@ const payloadCheck: Check = (value) => {
   walkJson(value, 1);
 };
 
-const limitOf = (field: DescField): FieldLimit => FIELD_LIMITS[`${field.parent.typeName}.${field.name}`] ?? {};
+const limitOf = (field: DescField): FieldLimit =>
+  FIELD_LIMITS[`${field.parent.typeName}.${field.name}`] ?? {};
 
 function scalarCheck(type: ScalarType, field: DescField): Check | undefined {
   const limit = limitOf(field);
@@ -239,7 +240,11 @@ function scalarCheck(type: ScalarType, field: DescField): Check | undefined {
 }
 
 /** The check of one message-typed value (not a list or map), or undefined if nothing can be wrong. */
-function messageValueCheck(desc: DescMessage, field: DescField, compiling: Set<DescMessage>): Check | undefined {
+function messageValueCheck(
+  desc: DescMessage,
+  field: DescField,
+  compiling: Set<DescMessage>,
+): Check | undefined {
   switch (desc.typeName) {
     case "google.protobuf.Timestamp":
       return timestampCheck;

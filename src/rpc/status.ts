@@ -87,7 +87,10 @@ const cut = (text: string, max: number) => (text.length <= max ? text : `${text.
  */
 const LOG_WINDOW_MS = 60_000;
 const LOG_BURST = 10;
-const logBudgets = new WeakMap<Logger, Map<string, { windowStart: number; logged: number; suppressed: number }>>();
+const logBudgets = new WeakMap<
+  Logger,
+  Map<string, { windowStart: number; logged: number; suppressed: number }>
+>();
 
 function logUnexpected(log: Logger, method: string, error: LeaseholdError): void {
   let budgets = logBudgets.get(log);

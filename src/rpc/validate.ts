@@ -1,15 +1,19 @@
 import { type Duration, durationMs } from "@bufbuild/protobuf/wkt";
 import { type FieldViolation, LeaseholdError, quote } from "../errors.js";
 
+/** Violations kept per request: enough to fix a request in a round or two, bounded whatever it holds. */
+const MAX_VIOLATIONS = 16;
+
 /**
- * Collects every violation of a request, so the caller fixes them all in one
- * round trip; `throwIfAny()` raises INVALID_ARGUMENT naming each field.
+ * Collects every violation of a request (the first {@link MAX_VIOLATIONS}),
+ * so the caller fixes them all in one round trip; `throwIfAny()` raises
+ * INVALID_ARGUMENT naming each field.
  */
 export class Violations {
   readonly #list: FieldViolation[] = [];
 
   add(field: string, description: string): void {
-    this.#list.push({ field, description });
+    if (this.#list.length < MAX_VIOLATIONS) this.#list.push({ field, description });
   }
 
   throwIfAny(): void {

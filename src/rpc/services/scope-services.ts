@@ -282,8 +282,7 @@ function checkCommand(
     return;
   }
   for (const key of Object.keys(command.env)) {
-    if (key === "" || key.includes("="))
-      v.add(`${field}.env`, `${quote(key)} is not a variable name`);
+    if (key === "" || key.includes("=")) v.add(`${field}.env`, `${quote(key)} is not a variable name`);
   }
 }
 

@@ -2,6 +2,7 @@ import { isUtf8 } from "node:buffer";
 import { type DescField, type DescMessage, fromBinary, ScalarType } from "@bufbuild/protobuf";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { type LeaseholdError, quote } from "../errors.js";
+import { PAYLOAD_LIMITS } from "./limits.js";
 import { requestValidator, violationError } from "./request-validator.js";
 
 /**
@@ -51,24 +52,24 @@ export function requestDecoder(desc: DescMessage): (bytes: Buffer) => unknown {
 
 /** Why a request could not be decoded, naming the field where that can be found. */
 function decodeError(desc: DescMessage, bytes: Uint8Array, error: unknown): LeaseholdError {
+  let found: Problem | undefined;
+  try {
+    found = locateProblem(desc, bytes, "", false, 1);
+  } catch {
+    found = undefined;
+  }
   const text = error instanceof Error ? error.message : String(error);
-  if (text.includes("maximum recursion depth")) {
+  if (found?.kind === "depth" || text.includes("maximum recursion depth")) {
     return violationError([
       {
-        field: "request",
-        description: `nests messages deeper than ${RECURSION_LIMIT} levels (payloads may nest at most 32 levels)`,
+        field: found?.field || "request",
+        description: `nests messages deeper than ${RECURSION_LIMIT} levels (payloads may nest at most ${PAYLOAD_LIMITS.depth} levels)`,
         size: true,
       },
     ]);
   }
-  let field: string | undefined;
-  try {
-    field = findInvalidUtf8(desc, bytes, "", false, 0);
-  } catch {
-    field = undefined;
-  }
-  if (field !== undefined) {
-    return violationError([{ field: field || "request", description: "is not valid UTF-8" }]);
+  if (found?.kind === "utf8") {
+    return violationError([{ field: found.field || "request", description: "is not valid UTF-8" }]);
   }
   return violationError([
     {
@@ -88,20 +89,27 @@ const isString = (field: DescField) =>
   (field.fieldKind === "scalar" || (field.fieldKind === "list" && field.listKind === "scalar")) &&
   field.scalar === ScalarType.STRING;
 
+/** A field that made decoding fail: a string of invalid UTF-8, or messages nested too deep. */
+interface Problem {
+  readonly kind: "utf8" | "depth";
+  /** Its path; inside a Struct payload, the payload's field. */
+  readonly field: string;
+}
+
 /**
- * The path of the first string field holding invalid UTF-8, found by walking
- * the wire format with the descriptor (protobuf-es only says that some string
- * was invalid). Runs only for a request that failed to decode. Inside a
- * Struct payload the path stops at the payload's field.
+ * The first field that made decoding fail, found by walking the wire format
+ * with the descriptor (protobuf-es only says that some string was invalid,
+ * or that some message was too deep). Runs only for a request that failed to
+ * decode. Inside a Struct payload the path stops at the payload's field.
  */
-function findInvalidUtf8(
+function locateProblem(
   desc: DescMessage,
   bytes: Uint8Array,
   path: string,
   inPayload: boolean,
   depth: number,
-): string | undefined {
-  if (depth > RECURSION_LIMIT) return undefined;
+): Problem | undefined {
+  if (depth > RECURSION_LIMIT) return { kind: "depth", field: path };
   const reader = new BinaryReader(bytes);
   const seen = new Map<number, number>();
   while (reader.pos < reader.len) {
@@ -121,38 +129,37 @@ function findInvalidUtf8(
         fieldPath += `[${index}]`;
       }
     }
+    let found: Problem | undefined;
     if (isString(field)) {
-      if (!isUtf8(data)) return fieldPath;
-      continue;
-    }
-    if (field.fieldKind === "map") {
-      const found = findInMapEntry(field, data, fieldPath, inPayload, depth);
-      if (found !== undefined) return found;
-      continue;
-    }
-    if (field.fieldKind === "message" || (field.fieldKind === "list" && field.listKind === "message")) {
+      if (!isUtf8(data)) found = { kind: "utf8", field: fieldPath };
+    } else if (field.fieldKind === "map") {
+      found = locateInMapEntry(field, data, fieldPath, inPayload, depth);
+    } else if (
+      field.fieldKind === "message" ||
+      (field.fieldKind === "list" && field.listKind === "message")
+    ) {
       const child = field.message;
-      const found = findInvalidUtf8(
+      found = locateProblem(
         child,
         data,
         fieldPath,
         inPayload || PAYLOAD_TYPES.has(child.typeName),
         depth + 1,
       );
-      if (found !== undefined) return found;
     }
+    if (found) return found;
   }
   return undefined;
 }
 
 /** One map entry on the wire: key = 1, value = 2. */
-function findInMapEntry(
+function locateInMapEntry(
   field: DescField & { fieldKind: "map" },
   bytes: Uint8Array,
   path: string,
   inPayload: boolean,
   depth: number,
-): string | undefined {
+): Problem | undefined {
   const reader = new BinaryReader(bytes);
   let keyPath = path;
   while (reader.pos < reader.len) {
@@ -163,21 +170,21 @@ function findInMapEntry(
     }
     const data = reader.bytes();
     if (number === 1 && field.mapKey === ScalarType.STRING) {
-      if (!isUtf8(data)) return path;
+      if (!isUtf8(data)) return { kind: "utf8", field: path };
       if (!inPayload) keyPath = `${path}[${quote(Buffer.from(data).toString("utf8"))}]`;
     } else if (number === 2) {
       if (field.mapKind === "scalar" && field.scalar === ScalarType.STRING) {
-        if (!isUtf8(data)) return keyPath;
+        if (!isUtf8(data)) return { kind: "utf8", field: keyPath };
       } else if (field.mapKind === "message") {
         const child = field.message;
-        const found = findInvalidUtf8(
+        const found = locateProblem(
           child,
           data,
           keyPath,
           inPayload || PAYLOAD_TYPES.has(child.typeName),
           depth + 1,
         );
-        if (found !== undefined) return found;
+        if (found) return found;
       }
     }
   }

@@ -70,6 +70,18 @@ export interface LeaseholdErrorOptions {
   readonly cause?: unknown;
 }
 
+/** Characters of a caller's value that a message may echo. */
+export const ECHO_CHARS = 64;
+
+/**
+ * A caller's value as messages echo it: JSON-quoted, and cut to its first
+ * `max` characters with "…" when longer, so that no error message (or log
+ * line, or trailer) grows with what a caller sent.
+ */
+export function quote(value: string, max = ECHO_CHARS): string {
+  return value.length <= max ? JSON.stringify(value) : `${JSON.stringify(value.slice(0, max))}…`;
+}
+
 const brand = Symbol.for("leasehold.LeaseholdError");
 
 /**
@@ -117,9 +129,9 @@ export class LeaseholdError extends Error {
 
   /** NOT_FOUND for an entity of the given kind. */
   static notFound(kind: string, id: string): LeaseholdError {
-    return new LeaseholdError(Code.NotFound, `${kind} ${JSON.stringify(id)} not found`, {
+    return new LeaseholdError(Code.NotFound, `${kind} ${quote(id)} not found`, {
       reason: `${kind.toUpperCase().replaceAll(" ", "_")}_NOT_FOUND`,
-      metadata: { [kind.replaceAll(" ", "_")]: id },
+      metadata: { [kind.replaceAll(" ", "_")]: id.length <= ECHO_CHARS ? id : `${id.slice(0, ECHO_CHARS)}…` },
     });
   }
 

@@ -12,6 +12,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import type * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
+import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
 
 /** What every handler gets besides its request. */
@@ -44,28 +45,38 @@ const HIGH_WATER = 64;
  * server side. Built on 'data' events with one pending read at a time, so a
  * stream that lives for days allocates nothing per message beyond the
  * message itself (racing each read against a "stop" promise would leak a
- * reaction per message).
+ * reaction per message). A message that failed decoding or validation
+ * (a {@link RejectedRequest}) makes its read reject with the rejection's
+ * error, in order, and ends the iterable: unless the handler catches it, the
+ * stream ends with that status.
  */
-function requestQueue<T>(call: grpc.ServerDuplexStream<T, unknown>): {
+function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unknown>): {
   iterable: AsyncIterable<T>;
   stop(): void;
 } {
-  const buffer: T[] = [];
+  const buffer: (T | RejectedRequest)[] = [];
   let pending: ((result: IteratorResult<T>) => void) | undefined;
+  let pendingReject: ((error: unknown) => void) | undefined;
   let done = false;
   const finish = () => {
     done = true;
     buffer.length = 0;
     const resolve = pending;
     pending = undefined;
+    pendingReject = undefined;
     resolve?.({ done: true, value: undefined });
   };
-  call.on("data", (message: T) => {
+  call.on("data", (message: T | RejectedRequest) => {
     if (done) return;
     if (pending) {
       const resolve = pending;
+      const reject = pendingReject;
       pending = undefined;
-      resolve({ done: false, value: message });
+      pendingReject = undefined;
+      if (message instanceof RejectedRequest) {
+        finish();
+        reject?.(message.error);
+      } else resolve({ done: false, value: message });
       return;
     }
     buffer.push(message);
@@ -77,13 +88,18 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T, unknown>): {
   const iterator: AsyncIterator<T> = {
     next() {
       if (buffer.length > 0) {
-        const value = buffer.shift() as T;
+        const value = buffer.shift() as T | RejectedRequest;
+        if (value instanceof RejectedRequest) {
+          finish();
+          return Promise.reject(value.error);
+        }
         if (buffer.length === HIGH_WATER / 4) call.resume();
         return Promise.resolve({ done: false, value });
       }
       if (done) return Promise.resolve({ done: true, value: undefined });
-      return new Promise((resolve) => {
+      return new Promise((resolve, reject) => {
         pending = resolve;
+        pendingReject = reject;
       });
     },
     return() {
@@ -120,7 +136,10 @@ const decoder = (desc: DescMessage) => (bytes: Buffer) => fromBinary(desc, bytes
 
 /**
  * The grpc-js ServiceDefinition of a protobuf-es service: paths, stream flags
- * and binary codecs all come from the descriptor.
+ * and binary codecs all come from the descriptor. Requests are decoded and
+ * validated in one step (`requestDecoder`): every request of every method,
+ * each message of a stream included, is checked against `limits.ts` before a
+ * handler sees it, and a bad one arrives as a {@link RejectedRequest}.
  */
 export function createServiceDefinition(service: DescService): grpc.ServiceDefinition {
   const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
@@ -131,7 +150,7 @@ export function createServiceDefinition(service: DescService): grpc.ServiceDefin
       requestStream: kind === "client_streaming" || kind === "bidi_streaming",
       responseStream: kind === "server_streaming" || kind === "bidi_streaming",
       requestSerialize: encoder(method.input),
-      requestDeserialize: decoder(method.input),
+      requestDeserialize: requestDecoder(method.input),
       responseSerialize: encoder(method.output),
       responseDeserialize: decoder(method.output),
       originalName: method.name,
@@ -273,6 +292,10 @@ function unaryHandler(
   path: string,
 ): grpc.handleUnaryCall<unknown, unknown> {
   return (call, callback) => {
+    if (call.request instanceof RejectedRequest) {
+      callback(toStatusObject(call.request.error, deps.log, path));
+      return;
+    }
     const ctx = createContext(call, deps.shutdown);
     (async () => fn(call.request, ctx))()
       .then(
@@ -290,6 +313,10 @@ function serverStreamHandler(
   path: string,
 ): grpc.handleServerStreamingCall<unknown, unknown> {
   return (call) => {
+    if (call.request instanceof RejectedRequest) {
+      call.emit("error", toStatusObject(call.request.error, deps.log, path));
+      return;
+    }
     const ctx = createContext(call, deps.shutdown);
     (async () => {
       for await (const message of fn(call.request, ctx)) {

@@ -70,42 +70,112 @@ export function toLeaseholdError(error: unknown): LeaseholdError {
   });
 }
 
+/** Longest status message sent; the rest is cut. Statuses travel in HTTP/2 trailers, which must stay small. */
+const MAX_MESSAGE_CHARS = 1024;
+/** Most field violations sent in a BadRequest, and the longest field path and description. */
+const MAX_VIOLATIONS = 16;
+const MAX_FIELD_CHARS = 256;
+const MAX_DESCRIPTION_CHARS = 512;
+
+const cut = (text: string, max: number) => (text.length <= max ? text : `${text.slice(0, max)}…`);
+
+/**
+ * Unexpected errors are logged with their stack, but at most
+ * {@link LOG_BURST} per method in each {@link LOG_WINDOW_MS}: a bug that
+ * every call hits must not flood the log at the call rate. The rest are
+ * counted, and the count goes with the next error logged.
+ */
+const LOG_WINDOW_MS = 60_000;
+const LOG_BURST = 10;
+const logBudgets = new WeakMap<
+  Logger,
+  Map<string, { windowStart: number; logged: number; suppressed: number }>
+>();
+
+function logUnexpected(log: Logger, method: string, error: LeaseholdError): void {
+  let budgets = logBudgets.get(log);
+  if (!budgets) {
+    budgets = new Map();
+    logBudgets.set(log, budgets);
+  }
+  const now = Date.now();
+  let budget = budgets.get(method);
+  if (!budget || now - budget.windowStart >= LOG_WINDOW_MS) {
+    budget = { windowStart: now, logged: 0, suppressed: budget?.suppressed ?? 0 };
+    budgets.set(method, budget);
+  }
+  if (budget.logged < LOG_BURST) {
+    budget.logged += 1;
+    const suppressed = budget.suppressed;
+    budget.suppressed = 0;
+    log.error(
+      { err: error.cause ?? error, method, ...(suppressed > 0 ? { suppressed } : {}) },
+      "handler failed with an unexpected error",
+    );
+    return;
+  }
+  if (budget.suppressed === 0) {
+    log.error(
+      { method, limit: LOG_BURST, windowMs: LOG_WINDOW_MS },
+      "more unexpected errors of this method; counting them instead of logging each until the window ends",
+    );
+  }
+  budget.suppressed += 1;
+}
+
 /**
  * The grpc-js status for an error, with a google.rpc.Status in
- * `grpc-status-details-bin`. INTERNAL errors are logged with their cause;
- * other errors are the caller's business and are not logged.
+ * `grpc-status-details-bin`. INTERNAL errors are logged with their cause
+ * (rate-limited per method); other errors are the caller's business and are
+ * not logged. Messages and details are cut to a bounded size whatever the
+ * error holds.
  */
 export function toStatusObject(error: unknown, log: Logger, method: string): StatusObject {
   const e = toLeaseholdError(error);
-  if (e.code === Code.Internal || e.code === Code.Unknown) {
-    log.error({ err: e.cause ?? e, method }, "handler failed with an unexpected error");
-  }
+  if (e.code === Code.Internal || e.code === Code.Unknown) logUnexpected(log, method, e);
+  const message = cut(e.message, MAX_MESSAGE_CHARS);
   const details: Any[] = [
     anyPack(
       ErrorInfoSchema,
       create(ErrorInfoSchema, {
         reason: e.reason ?? Code[e.code] ?? "UNKNOWN",
         domain: ERROR_DOMAIN,
-        metadata: { ...e.metadata },
+        metadata: Object.fromEntries(
+          Object.entries(e.metadata).map(([k, v]) => [cut(k, MAX_FIELD_CHARS), cut(v, MAX_FIELD_CHARS)]),
+        ),
       }),
     ),
   ];
   if (e.fieldViolations.length > 0) {
     details.push(
-      anyPack(BadRequestSchema, create(BadRequestSchema, { fieldViolations: [...e.fieldViolations] })),
+      anyPack(
+        BadRequestSchema,
+        create(BadRequestSchema, {
+          fieldViolations: e.fieldViolations.slice(0, MAX_VIOLATIONS).map((v) => ({
+            field: cut(v.field, MAX_FIELD_CHARS),
+            description: cut(v.description, MAX_DESCRIPTION_CHARS),
+          })),
+        }),
+      ),
     );
   }
   if (e.preconditionViolations.length > 0) {
     details.push(
       anyPack(
         PreconditionFailureSchema,
-        create(PreconditionFailureSchema, { violations: [...e.preconditionViolations] }),
+        create(PreconditionFailureSchema, {
+          violations: e.preconditionViolations.slice(0, MAX_VIOLATIONS).map((v) => ({
+            type: cut(v.type, MAX_FIELD_CHARS),
+            subject: cut(v.subject, MAX_FIELD_CHARS),
+            description: cut(v.description, MAX_DESCRIPTION_CHARS),
+          })),
+        }),
       ),
     );
   }
   const metadata = new Metadata();
-  const status = create(StatusSchema, { code: e.code, message: e.message, details });
+  const status = create(StatusSchema, { code: e.code, message, details });
   metadata.set("grpc-status-details-bin", Buffer.from(toBinary(StatusSchema, status)));
   // Code mirrors the wire numbers, so it is a valid grpc-js Status.
-  return { code: e.code as number as status, details: e.message, metadata };
+  return { code: e.code as number as status, details: message, metadata };
 }

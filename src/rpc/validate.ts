@@ -1,15 +1,19 @@
 import { type Duration, durationMs } from "@bufbuild/protobuf/wkt";
-import { type FieldViolation, LeaseholdError } from "../errors.js";
+import { type FieldViolation, LeaseholdError, quote } from "../errors.js";
+
+/** Violations kept per request: enough to fix a request in a round or two, bounded whatever it holds. */
+const MAX_VIOLATIONS = 16;
 
 /**
- * Collects every violation of a request, so the caller fixes them all in one
- * round trip; `throwIfAny()` raises INVALID_ARGUMENT naming each field.
+ * Collects every violation of a request (the first {@link MAX_VIOLATIONS}),
+ * so the caller fixes them all in one round trip; `throwIfAny()` raises
+ * INVALID_ARGUMENT naming each field.
  */
 export class Violations {
   readonly #list: FieldViolation[] = [];
 
   add(field: string, description: string): void {
-    this.#list.push({ field, description });
+    if (this.#list.length < MAX_VIOLATIONS) this.#list.push({ field, description });
   }
 
   throwIfAny(): void {
@@ -45,9 +49,9 @@ export function checkLabels(v: Violations, field: string, labels: Record<string,
   if (keys.length > 64) v.add(field, `must have at most 64 entries (got ${keys.length})`);
   for (const key of keys) {
     if (key === "" || key.length > 128 || !NAME.test(key)) {
-      v.add(`${field}[${JSON.stringify(key)}]`, "keys must be 1–128 letters, digits, '.', '_', '-' or ':'");
+      v.add(`${field}[${quote(key)}]`, "keys must be 1–128 letters, digits, '.', '_', '-' or ':'");
     } else if ((labels[key] ?? "").length > 256) {
-      v.add(`${field}[${JSON.stringify(key)}]`, "values must be at most 256 characters");
+      v.add(`${field}[${quote(key)}]`, "values must be at most 256 characters");
     }
   }
 }

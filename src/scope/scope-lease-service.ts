@@ -399,11 +399,11 @@ export function createScopeLeaseService(deps: {
     deleteMany: (filter) => deleteClosedScopeLeases(db, filter),
     async createResource(input) {
       if (input.content && input.content.byteLength > limits.maxFileBytes) {
-        throw new LeaseholdError(
-          Code.ResourceExhausted,
-          `content: ${input.content.byteLength} bytes is over the server's file limit of ${limits.maxFileBytes} bytes`,
-          { reason: "FILE_TOO_LARGE" },
-        );
+        const description = `${input.content.byteLength} bytes is over the server's file limit of ${limits.maxFileBytes} bytes`;
+        throw new LeaseholdError(Code.ResourceExhausted, `content: ${description}`, {
+          reason: "FILE_TOO_LARGE",
+          fieldViolations: [{ field: "content", description }],
+        });
       }
       const sha256 = input.content ? createHash("sha256").update(input.content).digest("hex") : undefined;
       const result = await insertResource(db, clock, { ...input, ...(sha256 ? { sha256 } : {}) });

@@ -3,7 +3,7 @@ import { lastEventSequence, listEvents, readEventsAfter } from "../store/events.
 import type { Page } from "./action-service.js";
 import { type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
-import { decodePageToken, toPage } from "./page-token.js";
+import { decodeSequencePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {
@@ -31,8 +31,8 @@ const GAP_WAIT_MS = 2000;
 
 export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): EventService {
   async function list(filter: EventFilter, size: number, pageToken: string): Promise<Page<EventRecord>> {
-    const cursor = decodePageToken(pageToken, filter);
-    const rows = await listEvents(db, filter, cursor ? Number(cursor.after) : 0, size + 1);
+    const after = decodeSequencePageToken(pageToken, filter);
+    const rows = await listEvents(db, filter, after, size + 1);
     return toPage(rows, size, (e) => String(e.sequence), filter);
   }
 

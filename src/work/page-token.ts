@@ -19,6 +19,15 @@ export function encodePageToken(lastKey: string, filter: unknown): string {
   return Buffer.from(JSON.stringify({ a: lastKey, f: fingerprint(filter) })).toString("base64url");
 }
 
+const notIssued = () =>
+  LeaseholdError.invalidArgument(
+    "page_token",
+    "is not a token this server issued; pass next_page_token from the previous page, or empty for the first page",
+  );
+
+/** Longest key a token may carry: keys are ids, names or sequence numbers. */
+const MAX_KEY_LENGTH = 256;
+
 /** Decodes a page token; empty means the first page. INVALID_ARGUMENT on a bad or mismatched token. */
 export function decodePageToken(token: string, filter: unknown): PageCursor | undefined {
   if (token === "") return undefined;
@@ -29,11 +38,15 @@ export function decodePageToken(token: string, filter: unknown): PageCursor | un
     parsed = undefined;
   }
   const p = parsed as { a?: unknown; f?: unknown } | undefined;
-  if (typeof p?.a !== "string" || typeof p.f !== "string") {
-    throw LeaseholdError.invalidArgument(
-      "page_token",
-      "is not a token this server issued; pass next_page_token from the previous page, or empty for the first page",
-    );
+  // The key goes into SQL: a forged token must not carry what no key holds.
+  if (
+    typeof p?.a !== "string" ||
+    typeof p.f !== "string" ||
+    p.a.length > MAX_KEY_LENGTH ||
+    p.a.includes("\u0000") ||
+    Buffer.from(p.a, "utf8").toString("utf8") !== p.a // a lone surrogate from a JSON escape
+  ) {
+    throw notIssued();
   }
   if (p.f !== fingerprint(filter)) {
     throw LeaseholdError.invalidArgument(
@@ -42,6 +55,15 @@ export function decodePageToken(token: string, filter: unknown): PageCursor | un
     );
   }
   return { after: p.a };
+}
+
+/** Decodes a page token whose key is a sequence number (0 for the first page). */
+export function decodeSequencePageToken(token: string, filter: unknown): number {
+  const cursor = decodePageToken(token, filter);
+  if (!cursor) return 0;
+  const after = Number(cursor.after);
+  if (!/^\d{1,16}$/.test(cursor.after) || !Number.isSafeInteger(after)) throw notIssued();
+  return after;
 }
 
 /** Page size with the default (100) and bounds (1–1000) of every List call. */

@@ -62,3 +62,113 @@ export function healthClient(address: string) {
     );
   return { check, close: () => client.close() };
 }
+
+/** How a call ended, as a raw client sees it. */
+export interface RawOutcome {
+  readonly status: grpc.StatusObject;
+  /** Messages received before the status. */
+  readonly messages: Buffer[];
+}
+
+const identity = (bytes: Buffer) => bytes;
+
+/**
+ * A client that sends and receives raw bytes on any method path, all on one
+ * channel (one HTTP/2 connection): for requests our own encoder cannot build
+ * (invalid UTF-8, truncated messages) and for statuses read without decoding.
+ */
+export function rawClient(address: string) {
+  const client = new grpc.Client(address, grpc.credentials.createInsecure(), {
+    "grpc.max_receive_message_length": -1,
+  });
+  const options = (deadlineMs: number) => ({ deadline: Date.now() + deadlineMs });
+  const collect = (call: grpc.ClientReadableStream<Buffer>) => {
+    const messages: Buffer[] = [];
+    call.on("data", (m: Buffer) => messages.push(m));
+    call.on("error", () => {});
+    return new Promise<RawOutcome>((resolve) => call.on("status", (status) => resolve({ status, messages })));
+  };
+  return {
+    /** A unary call. */
+    unary(path: string, request: Buffer, deadlineMs: number): Promise<RawOutcome> {
+      return new Promise((resolve) => {
+        const messages: Buffer[] = [];
+        const call = client.makeUnaryRequest(
+          path,
+          identity,
+          identity,
+          request,
+          new grpc.Metadata(),
+          options(deadlineMs),
+          (_error, response) => {
+            if (response) messages.push(response);
+          },
+        );
+        call.on("status", (status) => resolve({ status, messages }));
+      });
+    },
+    /** A server-streaming call, read to its end. */
+    serverStream(path: string, request: Buffer, deadlineMs: number): Promise<RawOutcome> {
+      return collect(
+        client.makeServerStreamRequest(
+          path,
+          identity,
+          identity,
+          request,
+          new grpc.Metadata(),
+          options(deadlineMs),
+        ),
+      );
+    },
+    /** A bidi call: write raw messages, wait for each message received, and for the end. */
+    bidi(path: string, deadlineMs: number) {
+      const call = client.makeBidiStreamRequest(
+        path,
+        identity,
+        identity,
+        new grpc.Metadata(),
+        options(deadlineMs),
+      );
+      const received: Buffer[] = [];
+      let finished = false;
+      const waiters = new Set<() => void>();
+      const wake = () => {
+        for (const w of [...waiters]) w();
+      };
+      call.on("data", (m: Buffer) => {
+        received.push(m);
+        wake();
+      });
+      call.on("error", () => {});
+      const ended = new Promise<RawOutcome>((resolve) =>
+        call.on("status", (status) => {
+          finished = true;
+          resolve({ status, messages: received });
+          wake();
+        }),
+      );
+      let taken = 0;
+      return {
+        write: (bytes: Buffer) => call.write(bytes),
+        /** The next message not taken yet, or undefined once the call ended without one. */
+        next: () =>
+          new Promise<Buffer | undefined>((resolve) => {
+            const look = () => {
+              if (taken < received.length) {
+                waiters.delete(look);
+                resolve(received[taken++]);
+              } else if (finished) {
+                waiters.delete(look);
+                resolve(undefined);
+              }
+            };
+            waiters.add(look);
+            look();
+          }),
+        ended,
+        cancel: () => call.cancel(),
+      };
+    },
+    close: () => client.close(),
+  };
+}

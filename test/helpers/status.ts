@@ -1,6 +1,6 @@
 import { fromBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
-import type { ServiceError } from "@grpc/grpc-js";
+import type { Metadata, ServiceError } from "@grpc/grpc-js";
 import { expect } from "vitest";
 import type { Code } from "../../src/errors.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../../src/gen/google/rpc/error_details_pb.js";
@@ -16,17 +16,12 @@ export interface CallFailure {
   readonly fields: string[];
 }
 
-/** Awaits a call expected to fail; returns its status and decoded details. */
-export async function failure(call: Promise<unknown> | (() => Promise<unknown>)): Promise<CallFailure> {
-  let error: ServiceError | undefined;
-  try {
-    await (typeof call === "function" ? call() : call);
-  } catch (e) {
-    error = e as ServiceError;
-  }
-  expect(error, "the call should have failed").toBeDefined();
-  const e = error as ServiceError;
-  const bin = e.metadata?.get("grpc-status-details-bin")[0];
+/** ErrorInfo.reason and BadRequest field names from a status's `grpc-status-details-bin`. */
+export function statusDetails(metadata: Metadata | undefined): {
+  reason: string | undefined;
+  fields: string[];
+} {
+  const bin = metadata?.get("grpc-status-details-bin")[0];
   let reason: string | undefined;
   const fields: string[] = [];
   if (bin instanceof Buffer) {
@@ -38,7 +33,20 @@ export async function failure(call: Promise<unknown> | (() => Promise<unknown>))
       if (bad) fields.push(...bad.fieldViolations.map((v) => v.field));
     }
   }
-  return { code: e.code, message: e.details, reason, fields };
+  return { reason, fields };
+}
+
+/** Awaits a call expected to fail; returns its status and decoded details. */
+export async function failure(call: Promise<unknown> | (() => Promise<unknown>)): Promise<CallFailure> {
+  let error: ServiceError | undefined;
+  try {
+    await (typeof call === "function" ? call() : call);
+  } catch (e) {
+    error = e as ServiceError;
+  }
+  expect(error, "the call should have failed").toBeDefined();
+  const e = error as ServiceError;
+  return { code: e.code, message: e.details, ...statusDetails(e.metadata) };
 }
 
 /** Expects a call to fail with `code` and a message matching `message`. */

@@ -223,15 +223,19 @@ describe("ActionService", () => {
         { cluster: "c", maxSystemRetries: 101 },
         /^max_system_retries: must be at most 100/,
       ],
-      [
-        "a payload over 1 MiB",
-        { cluster: "c", payload: { blob: "x".repeat(1024 * 1024) } },
-        /^payload: must be at most 1 MiB as JSON/,
-      ],
     ];
     it.each(cases)("%s", async (_name, request, message) => {
       const f = await expectStatus(api.submitAction(request), Code.InvalidArgument, message);
       expect(f.fields.length).toBeGreaterThan(0);
+    });
+
+    it("a payload over 1 MiB is RESOURCE_EXHAUSTED, naming the field", async () => {
+      const f = await expectStatus(
+        api.submitAction({ cluster: "c", payload: { blob: "x".repeat(1024 * 1024) } }),
+        Code.ResourceExhausted,
+        /^payload: must be at most 1 MiB as JSON/,
+      );
+      expect(f).toMatchObject({ reason: "PAYLOAD_TOO_LARGE", fields: ["payload"] });
     });
 
     it("lists every violation of a request at once", async () => {

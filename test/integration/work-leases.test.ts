@@ -99,6 +99,22 @@ describe("work leases", () => {
     });
   });
 
+  it("refuses a hello with capacity 0, or listing more held leases than twice its capacity", async () => {
+    await expect(
+      connectWorker(t.address, { workerId: "w0", cluster: "east", capacity: 0 }),
+    ).rejects.toMatchObject({
+      code: Code.InvalidArgument,
+      details: "hello.capacity: must be at least 1 (got 0)",
+    });
+    const held = Array.from({ length: 5 }, (_, i) => ({ actionId: `a${i}`, epoch: 1n }));
+    await expect(
+      connectWorker(t.address, { workerId: "w0", cluster: "east", capacity: 2, heldLeases: held }),
+    ).rejects.toMatchObject({
+      code: Code.InvalidArgument,
+      details: "hello.held_leases: must list at most 4 leases (twice the capacity; got 5)",
+    });
+  });
+
   it("welcomes a worker, registers it and its cluster, and shows it connected with its deadline", async () => {
     const w = await worker("w1", { capacity: 4, labels: { gpu: "a100" } });
     expect(w.welcome).toMatchObject({

@@ -23,8 +23,6 @@ import { pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
 
-/** Largest payload accepted, as JSON text. */
-const MAX_PAYLOAD_BYTES = 1024 * 1024;
 const DAY_MS = 24 * 60 * 60 * 1000;
 
 /** The ActionService handlers over the domain's action service. */
@@ -73,10 +71,7 @@ export function toNewAction(request: SubmitActionRequest): NewAction {
   checkName(v, "cluster", request.cluster);
   checkLength(v, "run_id", request.runId, 128);
   checkLabels(v, "label_selector", request.labelSelector);
-  if (request.payload !== undefined) {
-    const size = Buffer.byteLength(JSON.stringify(request.payload));
-    if (size > MAX_PAYLOAD_BYTES) v.add("payload", `must be at most 1 MiB as JSON (got ${size} bytes)`);
-  }
+  // The payload's depth and size were checked with every request (limits.ts).
   if (request.priority < -1000 || request.priority > 1000) {
     v.add("priority", `must be between -1000 and 1000 (got ${request.priority})`);
   }

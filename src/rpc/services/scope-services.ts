@@ -1,6 +1,6 @@
 import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import { LeaseholdError } from "../../errors.js";
+import { LeaseholdError, quote } from "../../errors.js";
 import { CloseReason, type LeaseSchema, LeaseService, LeaseState } from "../../gen/leasehold/v1/lease_pb.js";
 import {
   DeploymentPhase,
@@ -154,7 +154,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       for (const [i, input] of spec.inputs.entries()) {
         const file = await scope.getResource(input.fileId).catch(() => undefined);
         if (file?.kind !== "file")
-          v.add(`spec.inputs[${i}].file_id`, `no file resource ${JSON.stringify(input.fileId)}`);
+          v.add(`spec.inputs[${i}].file_id`, `no file resource ${quote(input.fileId)}`);
       }
       v.throwIfAny();
       const resource = await scope.createDeployment({
@@ -282,8 +282,7 @@ function checkCommand(
     return;
   }
   for (const key of Object.keys(command.env)) {
-    if (key === "" || key.includes("="))
-      v.add(`${field}.env`, `${JSON.stringify(key)} is not a variable name`);
+    if (key === "" || key.includes("=")) v.add(`${field}.env`, `${quote(key)} is not a variable name`);
   }
 }
 
@@ -298,7 +297,7 @@ function checkDeploymentSpec(v: Violations, spec: DeploymentSpec | undefined): v
   const names = new Set<string>();
   for (const [i, c] of spec.containers.entries()) {
     checkName(v, `spec.containers[${i}].name`, c.name, 63);
-    if (names.has(c.name)) v.add(`spec.containers[${i}].name`, `${JSON.stringify(c.name)} is used twice`);
+    if (names.has(c.name)) v.add(`spec.containers[${i}].name`, `${quote(c.name)} is used twice`);
     names.add(c.name);
     checkCommand(v, `spec.containers[${i}].command`, c.command);
   }
@@ -326,7 +325,7 @@ function checkDeploymentSpec(v: Violations, spec: DeploymentSpec | undefined): v
   for (const [i, input] of spec.inputs.entries()) {
     if (input.fileId === "") v.add(`spec.inputs[${i}].file_id`, "is required");
     checkRelativePath(v, `spec.inputs[${i}].path`, input.path, true);
-    if (paths.has(input.path)) v.add(`spec.inputs[${i}].path`, `${JSON.stringify(input.path)} is used twice`);
+    if (paths.has(input.path)) v.add(`spec.inputs[${i}].path`, `${quote(input.path)} is used twice`);
     paths.add(input.path);
   }
 }

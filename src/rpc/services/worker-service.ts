@@ -48,7 +48,7 @@ export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
         for (;;) {
           const next = await requests.next();
           if (next.done || ctx.signal.aborted) break;
-          const message = toWorkerMessage(next.value);
+          const message = toWorkerMessage(next.value, maxHeldLeases(hello.capacity));
           if (message.type === "invalid") {
             link.send({
               type: "report_result",
@@ -73,13 +73,30 @@ export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
 
 const MAX_CAPACITY = 10_000;
 
+/**
+ * Most leases a worker may list in a hello or heartbeat: twice its capacity,
+ * because a lease still stopping after a revoke may overlap the grant that
+ * took its slot. Bounds the work a hello costs (each held lease is looked up
+ * to be resumed or revoked). limits.ts bounds the list before this, at twice
+ * the largest capacity.
+ */
+const maxHeldLeases = (capacity: number) => 2 * capacity;
+
 /** Validates a hello (every violation at once). */
 export function toHelloInput(hello: Hello): HelloInput {
   const v = new Violations();
   checkName(v, "hello.worker_id", hello.workerId);
   checkName(v, "hello.cluster", hello.cluster);
-  const capacity = hello.capacity === 0 ? 1 : hello.capacity;
-  if (capacity > MAX_CAPACITY) v.add("hello.capacity", `must be at most ${MAX_CAPACITY} (got ${capacity})`);
+  const capacity = hello.capacity;
+  if (capacity < 1) v.add("hello.capacity", `must be at least 1 (got ${capacity})`);
+  else if (capacity > MAX_CAPACITY)
+    v.add("hello.capacity", `must be at most ${MAX_CAPACITY} (got ${capacity})`);
+  else if (hello.heldLeases.length > maxHeldLeases(capacity)) {
+    v.add(
+      "hello.held_leases",
+      `must list at most ${maxHeldLeases(capacity)} leases (twice the capacity; got ${hello.heldLeases.length})`,
+    );
+  }
   checkLabels(v, "hello.labels", hello.labels);
   hello.heldLeases.forEach((l, i) => {
     if (l.actionId === "") v.add(`hello.held_leases[${i}].action_id`, "is required");
@@ -123,10 +140,17 @@ function checkReport(
   return undefined;
 }
 
-function toWorkerMessage(request: ConnectRequest): WorkerMessage | Invalid {
+/** A worker message from a request; a heartbeat listing more than `maxHeld` leases ends the stream. */
+function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessage | Invalid {
   const m = request.message;
   switch (m.case) {
     case "heartbeat":
+      if (m.value.heldLeases.length > maxHeld) {
+        throw LeaseholdError.invalidArgument(
+          "heartbeat.held_leases",
+          `must list at most ${maxHeld} leases (twice the capacity; got ${m.value.heldLeases.length})`,
+        );
+      }
       return {
         type: "heartbeat",
         sequence: m.value.sequence,

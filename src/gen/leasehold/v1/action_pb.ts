@@ -23,28 +23,28 @@ export const file_leasehold_v1_action: GenFile = /*@__PURE__*/
 export type RetryPolicy = Message<"leasehold.v1.RetryPolicy"> & {
   /**
    * Total attempts allowed for retryable failures, including the first.
-   * 0 means the server default (3); 1 means never retry.
+   * 0 means the server default (3); 1 means never retry. At most 100.
    *
    * @generated from field: uint32 max_attempts = 1;
    */
   maxAttempts: number;
 
   /**
-   * Delay before the first retry. Default 1s.
+   * Delay before the first retry, 0 to 24h. Default 1s.
    *
    * @generated from field: google.protobuf.Duration initial_backoff = 2;
    */
   initialBackoff?: Duration | undefined;
 
   /**
-   * Factor applied to the delay after each retry, at least 1. Default 2.
+   * Factor applied to the delay after each retry, 1–100. 0 means the default 2.
    *
    * @generated from field: double backoff_multiplier = 3;
    */
   backoffMultiplier: number;
 
   /**
-   * Upper bound of the delay. Default 60s.
+   * Upper bound of the delay, at most 24h and not below initial_backoff. Default 60s.
    *
    * @generated from field: google.protobuf.Duration max_backoff = 4;
    */
@@ -417,14 +417,16 @@ export type SubmitActionRequest = Message<"leasehold.v1.SubmitActionRequest"> & 
   runId: string;
 
   /**
-   * Optional labels a worker must carry.
+   * Optional labels a worker must carry: at most 64, keys of 1–128 letters,
+   * digits, '.', '_', '-', ':', values of at most 256 characters.
    *
    * @generated from field: map<string, string> label_selector = 4;
    */
   labelSelector: { [key: string]: string };
 
   /**
-   * What to run; interpreted by the agent. At most 1 MiB encoded.
+   * What to run; interpreted by the agent. At most 1 MiB as JSON, 32 levels
+   * and 10,000 values and keys (RESOURCE_EXHAUSTED beyond).
    *
    * @generated from field: google.protobuf.Struct payload = 5;
    */
@@ -573,7 +575,7 @@ export type ListActionsRequest = Message<"leasehold.v1.ListActionsRequest"> & {
 
   /**
    * next_page_token of the previous page; empty for the first page. The
-   * filters must be the same as for the first page.
+   * filters must be the same as for the first page. At most 1024 characters.
    *
    * @generated from field: string page_token = 5;
    */
@@ -629,7 +631,8 @@ export type CancelActionRequest = Message<"leasehold.v1.CancelActionRequest"> & 
   actionId: string;
 
   /**
-   * Optional reason, recorded in the action's failure_reason and events.
+   * Optional reason, recorded in the action's failure_reason and events. At
+   * most 1024 characters.
    *
    * @generated from field: string reason = 2;
    */
@@ -836,6 +839,17 @@ export const AttemptOutcomeSchema: GenEnum<AttemptOutcome> = /*@__PURE__*/
  * field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
  * for unknown actions, FAILED_PRECONDITION for a transition the action's state
  * does not allow, UNAVAILABLE when the database cannot be reached.
+ *
+ * Every request is checked before it runs; a violation is INVALID_ARGUMENT
+ * with a google.rpc.BadRequest naming each field. Unless a field says
+ * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
+ * (U+0000); repeated fields hold at most 1000 elements, maps at most 64
+ * entries with keys of at most 128 characters; 64-bit integers are at most
+ * 2^53 - 1; enums take only their declared values; Timestamps lie in years
+ * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
+ * nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
+ * JSON, with finite numbers and no NUL in keys or strings; a larger one is
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
  *
  * @generated from service leasehold.v1.ActionService
  */

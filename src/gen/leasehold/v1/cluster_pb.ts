@@ -298,7 +298,8 @@ export type ListWorkersRequest = Message<"leasehold.v1.ListWorkersRequest"> & {
   pageSize: number;
 
   /**
-   * next_page_token of the previous page; empty for the first page.
+   * next_page_token of the previous page; empty for the first page. At most
+   * 1024 characters.
    *
    * @generated from field: string page_token = 4;
    */
@@ -396,7 +397,8 @@ export type DrainWorkerRequest = Message<"leasehold.v1.DrainWorkerRequest"> & {
   workerId: string;
 
   /**
-   * Optional reason, sent to the worker and recorded in events.
+   * Optional reason, sent to the worker and recorded in events. At most 1024
+   * characters.
    *
    * @generated from field: string reason = 2;
    */
@@ -445,7 +447,7 @@ export type ResumeExpiriesRequest = Message<"leasehold.v1.ResumeExpiriesRequest"
   cluster: string;
 
   /**
-   * Optional reason, recorded in the event.
+   * Optional reason, recorded in the event. At most 1024 characters.
    *
    * @generated from field: string reason = 2;
    */
@@ -578,6 +580,17 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
 /**
  * ClusterService shows clusters and workers as the server sees them, and
  * drains workers.
+ *
+ * Every request is checked before it runs; a violation is INVALID_ARGUMENT
+ * with a google.rpc.BadRequest naming each field. Unless a field says
+ * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
+ * (U+0000); repeated fields hold at most 1000 elements, maps at most 64
+ * entries with keys of at most 128 characters; 64-bit integers are at most
+ * 2^53 - 1; enums take only their declared values; Timestamps lie in years
+ * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
+ * nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
+ * JSON, with finite numbers and no NUL in keys or strings; a larger one is
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
  *
  * @generated from service leasehold.v1.ClusterService
  */

@@ -147,7 +147,8 @@ export type ListEventsRequest = Message<"leasehold.v1.ListEventsRequest"> & {
   pageSize: number;
 
   /**
-   * next_page_token of the previous page; empty for the first page.
+   * next_page_token of the previous page; empty for the first page. At most
+   * 1024 characters.
    *
    * @generated from field: string page_token = 6;
    */
@@ -226,7 +227,8 @@ export type WatchEventsRequest = Message<"leasehold.v1.WatchEventsRequest"> & {
   /**
    * When set, first replays the stored events with a sequence greater than
    * this (0 replays from the beginning), then follows new ones without a gap.
-   * When unset, only events committed after the call started are sent.
+   * When unset, only events committed after the call started are sent. At
+   * most 2^53 - 1.
    *
    * @generated from field: optional uint64 after_sequence = 5;
    */
@@ -488,6 +490,17 @@ export const EventKindSchema: GenEnum<EventKind> = /*@__PURE__*/
 /**
  * EventService lists and follows what happened to actions, workers, clusters
  * and scope leases: the audit trail operators read during a failover.
+ *
+ * Every request is checked before it runs; a violation is INVALID_ARGUMENT
+ * with a google.rpc.BadRequest naming each field. Unless a field says
+ * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
+ * (U+0000); repeated fields hold at most 1000 elements, maps at most 64
+ * entries with keys of at most 128 characters; 64-bit integers are at most
+ * 2^53 - 1; enums take only their declared values; Timestamps lie in years
+ * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
+ * nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
+ * JSON, with finite numbers and no NUL in keys or strings; a larger one is
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
  *
  * @generated from service leasehold.v1.EventService
  */

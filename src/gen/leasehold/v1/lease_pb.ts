@@ -123,21 +123,21 @@ export type CreateLeaseRequest = Message<"leasehold.v1.CreateLeaseRequest"> & {
   runtime: string;
 
   /**
-   * Optional TTL; default and maximum are server settings.
+   * Optional TTL, at least 1s; default and maximum are server settings.
    *
    * @generated from field: google.protobuf.Duration ttl = 2;
    */
   ttl?: Duration | undefined;
 
   /**
-   * Optional label.
+   * Optional label, at most 128 characters.
    *
    * @generated from field: string label = 3;
    */
   label: string;
 
   /**
-   * Optional idempotency key.
+   * Optional idempotency key, at most 128 characters.
    *
    * @generated from field: string request_id = 4;
    */
@@ -249,7 +249,8 @@ export type ListLeasesRequest = Message<"leasehold.v1.ListLeasesRequest"> & {
   pageSize: number;
 
   /**
-   * next_page_token of the previous page; empty for the first page.
+   * next_page_token of the previous page; empty for the first page. At most
+   * 1024 characters.
    *
    * @generated from field: string page_token = 5;
    */
@@ -495,7 +496,7 @@ export type DeleteLeasesRequest = Message<"leasehold.v1.DeleteLeasesRequest"> & 
   label: string;
 
   /**
-   * Only leases closed before this time; unset for any.
+   * Only leases closed before this time (years 1–9999); unset for any.
    *
    * @generated from field: google.protobuf.Timestamp closed_before = 2;
    */
@@ -544,7 +545,8 @@ export type SetResultRequest = Message<"leasehold.v1.SetResultRequest"> & {
   leaseId: string;
 
   /**
-   * Required: the result to record (replaces an earlier one).
+   * Required: the result to record (replaces an earlier one). At most 1 MiB
+   * as JSON, 32 levels and 10,000 values and keys (RESOURCE_EXHAUSTED beyond).
    *
    * @generated from field: google.protobuf.Struct result = 2;
    */
@@ -663,7 +665,7 @@ export type WaitLeaseRequest = Message<"leasehold.v1.WaitLeaseRequest"> & {
   leaseId: string;
 
   /**
-   * How long to wait for the deployment to become ready. Default 5m.
+   * How long to wait for the deployment to become ready, at most 24h. Default 5m.
    *
    * @generated from field: google.protobuf.Duration timeout = 2;
    */
@@ -726,7 +728,7 @@ export type CollectOutputsRequest = Message<"leasehold.v1.CollectOutputsRequest"
   leaseId: string;
 
   /**
-   * How long to wait for the deployment to save its files. Default 60s.
+   * How long to wait for the deployment to save its files, at most 1h. Default 60s.
    *
    * @generated from field: google.protobuf.Duration timeout = 2;
    */
@@ -852,6 +854,17 @@ export const CloseReasonSchema: GenEnum<CloseReason> = /*@__PURE__*/
  *
  * Racing closes resolve to exactly one winner; the others get
  * FAILED_PRECONDITION naming the lease's state.
+ *
+ * Every request is checked before it runs; a violation is INVALID_ARGUMENT
+ * with a google.rpc.BadRequest naming each field. Unless a field says
+ * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
+ * (U+0000); repeated fields hold at most 1000 elements, maps at most 64
+ * entries with keys of at most 128 characters; 64-bit integers are at most
+ * 2^53 - 1; enums take only their declared values; Timestamps lie in years
+ * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
+ * nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
+ * JSON, with finite numbers and no NUL in keys or strings; a larger one is
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
  *
  * @generated from service leasehold.v1.LeaseService
  */

@@ -85,7 +85,8 @@ export type ReadinessProbe = Message<"leasehold.v1.ReadinessProbe"> & {
     case: "tcpPort";
   } | {
     /**
-     * Ready when GET on this URL (on the agent's host) answers 2xx.
+     * Ready when GET on this URL (on the agent's host) answers 2xx. At most
+     * 2048 characters.
      *
      * @generated from field: string http_get = 3;
      */
@@ -94,14 +95,14 @@ export type ReadinessProbe = Message<"leasehold.v1.ReadinessProbe"> & {
   } | { case: undefined; value?: undefined };
 
   /**
-   * Time between checks. Default 1s.
+   * Time between checks, 100ms to 10m. Default 1s.
    *
    * @generated from field: google.protobuf.Duration period = 4;
    */
   period?: Duration | undefined;
 
   /**
-   * How long one check may take. Default 5s.
+   * How long one check may take, 100ms to 10m. Default 5s.
    *
    * @generated from field: google.protobuf.Duration timeout = 5;
    */
@@ -122,21 +123,24 @@ export const ReadinessProbeSchema: GenMessage<ReadinessProbe> = /*@__PURE__*/
  */
 export type Command = Message<"leasehold.v1.Command"> & {
   /**
-   * The program and its arguments; argv[0] is looked up in PATH.
+   * The program and its arguments; argv[0] is looked up in PATH. At most
+   * 1024 arguments of at most 65,536 characters each.
    *
    * @generated from field: repeated string argv = 1;
    */
   argv: string[];
 
   /**
-   * Extra environment variables.
+   * Extra environment variables: at most 256, names of at most 256
+   * characters, values of at most 65,536.
    *
    * @generated from field: map<string, string> env = 2;
    */
   env: { [key: string]: string };
 
   /**
-   * Working directory; default the agent's work directory.
+   * Working directory; default the agent's work directory. At most 1024
+   * characters.
    *
    * @generated from field: string cwd = 3;
    */
@@ -157,7 +161,7 @@ export const CommandSchema: GenMessage<Command> = /*@__PURE__*/
  */
 export type ContainerSpec = Message<"leasehold.v1.ContainerSpec"> & {
   /**
-   * Unique name within the deployment.
+   * Unique name within the deployment, 1–63 letters, digits, '.', '_', '-', ':'.
    *
    * @generated from field: string name = 1;
    */
@@ -185,7 +189,7 @@ export const ContainerSpecSchema: GenMessage<ContainerSpec> = /*@__PURE__*/
  */
 export type DeploymentSpec = Message<"leasehold.v1.DeploymentSpec"> & {
   /**
-   * The containers; at least one.
+   * The containers; at least one, at most 32.
    *
    * @generated from field: repeated leasehold.v1.ContainerSpec containers = 1;
    */
@@ -201,14 +205,15 @@ export type DeploymentSpec = Message<"leasehold.v1.DeploymentSpec"> & {
   /**
    * Directory whose files are saved as file resources when the deployment
    * stops (CollectOutputs, or its containers exiting). Relative paths are
-   * resolved in the deployment's work directory on the agent.
+   * resolved in the deployment's work directory on the agent. At most 1024
+   * characters.
    *
    * @generated from field: string outputs_dir = 3;
    */
   outputsDir: string;
 
   /**
-   * Files placed in the deployment's work directory before it starts.
+   * Files placed in the deployment's work directory before it starts; at most 256.
    *
    * @generated from field: repeated leasehold.v1.FileMount inputs = 4;
    */
@@ -237,7 +242,7 @@ export type FileMount = Message<"leasehold.v1.FileMount"> & {
 
   /**
    * Required: where to put it, relative to the deployment's work directory
-   * (no "..", not absolute).
+   * (no "..", not absolute), at most 1024 characters.
    *
    * @generated from field: string path = 2;
    */
@@ -451,7 +456,7 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
   leaseId: string;
 
   /**
-   * Required: file name.
+   * Required: file name, at most 512 characters.
    *
    * @generated from field: string name = 2;
    */
@@ -465,7 +470,7 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
   content: Uint8Array;
 
   /**
-   * Optional media type.
+   * Optional media type, at most 256 characters.
    *
    * @generated from field: string content_type = 4;
    */
@@ -578,7 +583,8 @@ export type CreateObjectRequest = Message<"leasehold.v1.CreateObjectRequest"> & 
   kind: string;
 
   /**
-   * The object's JSON body.
+   * The object's JSON body. At most 1 MiB as JSON, 32 levels and 10,000
+   * values and keys (RESOURCE_EXHAUSTED beyond).
    *
    * @generated from field: google.protobuf.Struct body = 3;
    */
@@ -690,7 +696,8 @@ export type ListResourcesRequest = Message<"leasehold.v1.ListResourcesRequest"> 
   pageSize: number;
 
   /**
-   * next_page_token of the previous page; empty for the first page.
+   * next_page_token of the previous page; empty for the first page. At most
+   * 1024 characters.
    *
    * @generated from field: string page_token = 5;
    */
@@ -912,6 +919,17 @@ export const DeploymentPhaseSchema: GenEnum<DeploymentPhase> = /*@__PURE__*/
  * and generic objects. A resource created with a lease_id is owned by that
  * open lease; without one it is workspace-owned. That is the only way a
  * resource enters a lease.
+ *
+ * Every request is checked before it runs; a violation is INVALID_ARGUMENT
+ * with a google.rpc.BadRequest naming each field. Unless a field says
+ * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
+ * (U+0000); repeated fields hold at most 1000 elements, maps at most 64
+ * entries with keys of at most 128 characters; 64-bit integers are at most
+ * 2^53 - 1; enums take only their declared values; Timestamps lie in years
+ * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
+ * nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
+ * JSON, with finite numbers and no NUL in keys or strings; a larger one is
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
  *
  * @generated from service leasehold.v1.ResourceService
  */

@@ -45,6 +45,14 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
 /**
  * Worker → server.
  *
+ * Every message is checked when it arrives; one that fails ends the stream
+ * with INVALID_ARGUMENT (RESOURCE_EXHAUSTED for a payload over its limits)
+ * naming the field. Unless a field says otherwise: strings are valid UTF-8 of
+ * at most 128 characters without NUL (U+0000); 64-bit integers are at most
+ * 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
+ * values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
+ * or strings.
+ *
  * @generated from message leasehold.v1.ConnectRequest
  */
 export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
@@ -217,7 +225,8 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
   capacity: number;
 
   /**
-   * Labels matched against actions' label selectors.
+   * Labels matched against actions' label selectors: at most 64, keys of
+   * 1–128 letters, digits, '.', '_', '-', ':', values of at most 256 characters.
    *
    * @generated from field: map<string, string> labels = 4;
    */
@@ -227,13 +236,14 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * On reconnection: every lease the worker still holds, to be resumed
    * (running, finished but unanswered, or granted and not yet started). See
    * Connect for what happens to the ones listed and the ones left out.
+   * At most twice the capacity.
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 5;
    */
   heldLeases: HeldLease[];
 
   /**
-   * Free-form agent name and version, for operators.
+   * Free-form agent name and version, for operators. At most 256 characters.
    *
    * @generated from field: string agent_version = 6;
    */
@@ -318,7 +328,7 @@ export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
  */
 export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
   /**
-   * Increasing number chosen by the worker, echoed in the ack.
+   * Increasing number chosen by the worker, echoed in the ack. Any value.
    *
    * @generated from field: uint64 sequence = 1;
    */
@@ -337,6 +347,7 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
    * listed a lease proves nothing, as it may have been sent before the grant
    * arrived. A listed lease that is not the session's is answered with a
    * Revoke (SUPERSEDED).
+   * At most twice the hello's capacity.
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 2;
    */
@@ -445,7 +456,7 @@ export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
  */
 export type GrantAck = Message<"leasehold.v1.GrantAck"> & {
   /**
-   * Worker-chosen id echoed in the ReportResult.
+   * Worker-chosen id echoed in the ReportResult. Any value.
    *
    * @generated from field: uint64 report_id = 1;
    */
@@ -480,7 +491,7 @@ export const GrantAckSchema: GenMessage<GrantAck> = /*@__PURE__*/
  */
 export type ProgressReport = Message<"leasehold.v1.ProgressReport"> & {
   /**
-   * Worker-chosen id echoed in the ReportResult.
+   * Worker-chosen id echoed in the ReportResult. Any value.
    *
    * @generated from field: uint64 report_id = 1;
    */
@@ -501,7 +512,7 @@ export type ProgressReport = Message<"leasehold.v1.ProgressReport"> & {
   epoch: bigint;
 
   /**
-   * Short phase name, e.g. "downloading", "ready".
+   * Short phase name, e.g. "downloading", "ready". At most 1024 characters.
    *
    * @generated from field: string phase = 4;
    */
@@ -557,7 +568,7 @@ export const ActionSuccessSchema: GenMessage<ActionSuccess> = /*@__PURE__*/
  */
 export type ActionFailure = Message<"leasehold.v1.ActionFailure"> & {
   /**
-   * What went wrong.
+   * What went wrong. At most 65,536 characters.
    *
    * @generated from field: string message = 1;
    */
@@ -592,7 +603,7 @@ export const ActionFailureSchema: GenMessage<ActionFailure> = /*@__PURE__*/
  */
 export type CompletionReport = Message<"leasehold.v1.CompletionReport"> & {
   /**
-   * Worker-chosen id echoed in the ReportResult.
+   * Worker-chosen id echoed in the ReportResult. Any value.
    *
    * @generated from field: uint64 report_id = 1;
    */
@@ -655,7 +666,7 @@ export const CompletionReportSchema: GenMessage<CompletionReport> = /*@__PURE__*
  */
 export type ReleaseReport = Message<"leasehold.v1.ReleaseReport"> & {
   /**
-   * Worker-chosen id echoed in the ReportResult.
+   * Worker-chosen id echoed in the ReportResult. Any value.
    *
    * @generated from field: uint64 report_id = 1;
    */
@@ -676,7 +687,7 @@ export type ReleaseReport = Message<"leasehold.v1.ReleaseReport"> & {
   epoch: bigint;
 
   /**
-   * Why, in words.
+   * Why, in words. At most 1024 characters.
    *
    * @generated from field: string reason = 4;
    */
@@ -697,7 +708,7 @@ export const ReleaseReportSchema: GenMessage<ReleaseReport> = /*@__PURE__*/
  */
 export type Goodbye = Message<"leasehold.v1.Goodbye"> & {
   /**
-   * Why, in words.
+   * Why, in words. At most 1024 characters.
    *
    * @generated from field: string reason = 1;
    */

@@ -1,0 +1,192 @@
+import { isUtf8 } from "node:buffer";
+import { type DescField, type DescMessage, fromBinary, ScalarType } from "@bufbuild/protobuf";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
+import { type LeaseholdError, quote } from "../errors.js";
+import { PAYLOAD_LIMITS } from "./limits.js";
+import { requestValidator, violationError } from "./request-validator.js";
+
+/**
+ * A request message that failed to decode or to validate. The deserializer
+ * returns it instead of throwing, because grpc-js answers a throwing
+ * deserializer with INTERNAL "Error deserializing request"; the adapter
+ * answers it with `error` before any handler runs.
+ */
+export class RejectedRequest {
+  constructor(
+    /** The status to answer with: INVALID_ARGUMENT or RESOURCE_EXHAUSTED, naming the field. */
+    readonly error: LeaseholdError,
+    /** The decoded message, when only validation failed. */
+    readonly message?: unknown,
+  ) {}
+}
+
+/**
+ * Nesting of messages the decoder follows. Struct payloads nest two messages
+ * per level (Struct, Value), so this leaves room for {@link PAYLOAD_LIMITS}
+ * depth to be reported by the validator, naming the field; deeper than this
+ * fails while decoding.
+ */
+const RECURSION_LIMIT = 256;
+
+/** Unknown fields (from a newer client) are skipped, not kept: a request is never re-encoded. */
+const READ_OPTIONS = { readUnknownFields: false, recursionLimit: RECURSION_LIMIT } as const;
+
+/**
+ * The request deserializer of a method: decodes with protobuf-es, then runs
+ * the request validator. Never throws: failures come back as a
+ * {@link RejectedRequest}.
+ */
+export function requestDecoder(desc: DescMessage): (bytes: Buffer) => unknown {
+  const validate = requestValidator(desc);
+  return (bytes) => {
+    let message: object;
+    try {
+      message = fromBinary(desc, bytes, READ_OPTIONS);
+    } catch (error) {
+      return new RejectedRequest(decodeError(desc, bytes, error));
+    }
+    const invalid = validate(message);
+    return invalid ? new RejectedRequest(invalid, message) : message;
+  };
+}
+
+/** Why a request could not be decoded, naming the field where that can be found. */
+function decodeError(desc: DescMessage, bytes: Uint8Array, error: unknown): LeaseholdError {
+  let found: Problem | undefined;
+  try {
+    found = locateProblem(desc, bytes, "", false, 1);
+  } catch {
+    found = undefined;
+  }
+  const text = error instanceof Error ? error.message : String(error);
+  if (found?.kind === "depth" || text.includes("maximum recursion depth")) {
+    return violationError([
+      {
+        field: found?.field || "request",
+        description: `nests messages deeper than ${RECURSION_LIMIT} levels (payloads may nest at most ${PAYLOAD_LIMITS.depth} levels)`,
+        size: true,
+      },
+    ]);
+  }
+  if (found?.kind === "utf8") {
+    return violationError([{ field: found.field || "request", description: "is not valid UTF-8" }]);
+  }
+  return violationError([
+    {
+      field: "request",
+      description: `is not a valid ${desc.typeName} in the protobuf binary format (${quote(text, 120)})`,
+    },
+  ]);
+}
+
+const PAYLOAD_TYPES = new Set([
+  "google.protobuf.Struct",
+  "google.protobuf.Value",
+  "google.protobuf.ListValue",
+]);
+
+const isString = (field: DescField) =>
+  (field.fieldKind === "scalar" || (field.fieldKind === "list" && field.listKind === "scalar")) &&
+  field.scalar === ScalarType.STRING;
+
+/** A field that made decoding fail: a string of invalid UTF-8, or messages nested too deep. */
+interface Problem {
+  readonly kind: "utf8" | "depth";
+  /** Its path; inside a Struct payload, the payload's field. */
+  readonly field: string;
+}
+
+/**
+ * The first field that made decoding fail, found by walking the wire format
+ * with the descriptor (protobuf-es only says that some string was invalid,
+ * or that some message was too deep). Runs only for a request that failed to
+ * decode. Inside a Struct payload the path stops at the payload's field.
+ */
+function locateProblem(
+  desc: DescMessage,
+  bytes: Uint8Array,
+  path: string,
+  inPayload: boolean,
+  depth: number,
+): Problem | undefined {
+  if (depth > RECURSION_LIMIT) return { kind: "depth", field: path };
+  const reader = new BinaryReader(bytes);
+  const seen = new Map<number, number>();
+  while (reader.pos < reader.len) {
+    const [number, wireType] = reader.tag();
+    const field = desc.fields.find((f) => f.number === number);
+    if (!field || wireType !== WireType.LengthDelimited) {
+      reader.skip(wireType, number);
+      continue;
+    }
+    const data = reader.bytes();
+    let fieldPath = path;
+    if (!inPayload) {
+      fieldPath = path === "" ? field.name : `${path}.${field.name}`;
+      if (field.fieldKind === "list") {
+        const index = seen.get(number) ?? 0;
+        seen.set(number, index + 1);
+        fieldPath += `[${index}]`;
+      }
+    }
+    let found: Problem | undefined;
+    if (isString(field)) {
+      if (!isUtf8(data)) found = { kind: "utf8", field: fieldPath };
+    } else if (field.fieldKind === "map") {
+      found = locateInMapEntry(field, data, fieldPath, inPayload, depth);
+    } else if (
+      field.fieldKind === "message" ||
+      (field.fieldKind === "list" && field.listKind === "message")
+    ) {
+      const child = field.message;
+      found = locateProblem(
+        child,
+        data,
+        fieldPath,
+        inPayload || PAYLOAD_TYPES.has(child.typeName),
+        depth + 1,
+      );
+    }
+    if (found) return found;
+  }
+  return undefined;
+}
+
+/** One map entry on the wire: key = 1, value = 2. */
+function locateInMapEntry(
+  field: DescField & { fieldKind: "map" },
+  bytes: Uint8Array,
+  path: string,
+  inPayload: boolean,
+  depth: number,
+): Problem | undefined {
+  const reader = new BinaryReader(bytes);
+  let keyPath = path;
+  while (reader.pos < reader.len) {
+    const [number, wireType] = reader.tag();
+    if (wireType !== WireType.LengthDelimited) {
+      reader.skip(wireType, number);
+      continue;
+    }
+    const data = reader.bytes();
+    if (number === 1 && field.mapKey === ScalarType.STRING) {
+      if (!isUtf8(data)) return { kind: "utf8", field: path };
+      if (!inPayload) keyPath = `${path}[${quote(Buffer.from(data).toString("utf8"))}]`;
+    } else if (number === 2) {
+      if (field.mapKind === "scalar" && field.scalar === ScalarType.STRING) {
+        if (!isUtf8(data)) return { kind: "utf8", field: keyPath };
+      } else if (field.mapKind === "message") {
+        const child = field.message;
+        const found = locateProblem(
+          child,
+          data,
+          keyPath,
+          inPayload || PAYLOAD_TYPES.has(child.typeName),
+          depth + 1,
+        );
+        if (found) return found;
+      }
+    }
+  }
+  return undefined;
+}

@@ -1,0 +1,45 @@
+import { pino } from "pino";
+import { afterEach, describe, expect, it, vi } from "vitest";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { toStatusObject } from "../../src/rpc/status.js";
+import { statusDetails } from "../helpers/status.js";
+
+describe("statuses", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("cut messages and details to a bounded size whatever the error holds", () => {
+    const long = "x".repeat(1024 * 1024);
+    const status = toStatusObject(
+      new LeaseholdError(Code.InvalidArgument, long, {
+        fieldViolations: Array.from({ length: 100 }, () => ({ field: long, description: long })),
+      }),
+      pino({ level: "silent" }),
+      "m",
+    );
+    expect(status.details.length).toBeLessThanOrEqual(1025);
+    expect(statusDetails(status.metadata).fields).toHaveLength(16);
+    const bin = status.metadata?.get("grpc-status-details-bin")[0] as Buffer;
+    expect(bin.byteLength).toBeLessThan(16 * 1024);
+  });
+
+  it("log unexpected errors of a method at most ten times a minute, then count them", () => {
+    vi.useFakeTimers();
+    vi.setSystemTime(new Date("2026-12-02T12:00:00Z"));
+    const lines: { msg: string; suppressed?: number; err?: { message: string } }[] = [];
+    const log = pino({ level: "error" }, { write: (line: string) => lines.push(JSON.parse(line)) });
+    for (let i = 0; i < 25; i++) toStatusObject(new Error(`boom ${i}`), log, "svc/M");
+    expect(lines.filter((l) => l.err)).toHaveLength(10);
+    expect(lines.filter((l) => !l.err)).toEqual([
+      expect.objectContaining({ msg: expect.stringMatching(/^more unexpected errors of this method/) }),
+    ]);
+    // Another method has a budget of its own.
+    toStatusObject(new Error("other"), log, "svc/Other");
+    expect(lines.at(-1)?.err?.message).toBe("other");
+    // A minute later the next one is logged with the count of those not logged.
+    vi.setSystemTime(new Date("2026-12-02T12:01:00Z"));
+    toStatusObject(new Error("later"), log, "svc/M");
+    expect(lines.at(-1)).toMatchObject({ suppressed: 15, err: { message: "later" } });
+  });
+});

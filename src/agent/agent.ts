@@ -11,6 +11,7 @@ import { createClient } from "../rpc/client.js";
 import { expandAddresses } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs } from "./backoff.js";
+import { reportViolation, scrubNul } from "./report-limits.js";
 
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
 export interface ActionContext {
@@ -36,7 +37,11 @@ export interface ActionContext {
    * outputs, then return normally; the result is reported as usual.
    */
   readonly stopRequested: AbortSignal;
-  /** Reports a phase, optional details, and optionally a checkpoint for the next attempt. */
+  /**
+   * Reports a phase, optional details, and optionally a checkpoint for the next attempt.
+   * NULs in strings become U+FFFD; throws a RangeError when the report breaks a server
+   * limit (see worker.proto: depth, size), rather than sending what would end the stream.
+   */
   progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
 }
 
@@ -263,11 +268,20 @@ export function createAgent(options: AgentOptions): Agent {
     nextReportId += 1n;
     const reportId = nextReportId;
     conn.pending.set(reportId, r);
+    conn.send(reportMessage(reportId, r, report));
+  }
+
+  function reportMessage(
+    reportId: bigint,
+    r: Running,
+    report: Exclude<PendingReport, { kind: "dropped" }>,
+  ): Parameters<Connection["send"]>[0] {
     const base = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
     if (report.kind === "released") {
-      conn.send({ message: { case: "release", value: { ...base, reason: report.reason } } });
-    } else if (report.kind === "succeeded") {
-      conn.send({
+      return { message: { case: "release", value: { ...base, reason: report.reason } } };
+    }
+    if (report.kind === "succeeded") {
+      return {
         message: {
           case: "completion",
           value: {
@@ -275,25 +289,42 @@ export function createAgent(options: AgentOptions): Agent {
             outcome: { case: "succeeded", value: report.output ? { output: report.output as never } : {} },
           },
         },
-      });
-    } else {
-      conn.send({
-        message: {
-          case: "completion",
-          value: {
-            ...base,
-            outcome: {
-              case: "failed",
-              value: {
-                message: report.message,
-                retryable: report.retryable,
-                ...(report.details ? { details: report.details as never } : {}),
-              },
+      };
+    }
+    return {
+      message: {
+        case: "completion",
+        value: {
+          ...base,
+          outcome: {
+            case: "failed",
+            value: {
+              message: report.message,
+              retryable: report.retryable,
+              ...(report.details ? { details: report.details as never } : {}),
             },
           },
         },
-      });
-    }
+      },
+    };
+  }
+
+  /**
+   * A report as it can be sent: NULs replaced, and a result that breaks a
+   * server limit (too deep, too large) turned into a non-retryable failure
+   * that says so, since the server would end the stream on it.
+   */
+  function fitted(r: Running, report: PendingReport): PendingReport {
+    if (report.kind !== "succeeded" && report.kind !== "failed") return report;
+    const scrubbed = scrubNul(report);
+    const violation = reportViolation(reportMessage(0n, r, scrubbed));
+    if (violation === undefined) return scrubbed;
+    return {
+      kind: "failed",
+      message: `the handler's ${report.kind === "succeeded" ? "output" : "failure"} breaks a server limit, so it was not reported: ${violation.slice(0, 1024)}`,
+      retryable: false,
+      details: undefined,
+    };
   }
 
   function startAction(
@@ -344,20 +375,24 @@ export function createAgent(options: AgentOptions): Agent {
       progress(phase, details, checkpoint) {
         const c = current;
         if (!c || c.ended || !c.welcomed || controller.signal.aborted) return;
-        nextReportId += 1n;
-        c.send({
+        const message = {
           message: {
-            case: "progress",
+            case: "progress" as const,
             value: {
-              reportId: nextReportId,
+              reportId: nextReportId + 1n,
               actionId,
               epoch: BigInt(epoch),
-              phase,
-              ...(details ? { details: details as never } : {}),
-              ...(checkpoint ? { checkpoint: checkpoint as never } : {}),
+              phase: scrubNul(phase),
+              ...(details ? { details: scrubNul(details) as never } : {}),
+              ...(checkpoint ? { checkpoint: scrubNul(checkpoint) as never } : {}),
             },
           },
-        });
+        };
+        // The server would end the stream on it: the handler hears of it instead.
+        const violation = reportViolation(message);
+        if (violation !== undefined) throw new RangeError(`progress breaks a server limit: ${violation}`);
+        nextReportId += 1n;
+        c.send(message);
       },
     };
     const run = () => {
@@ -419,7 +454,7 @@ export function createAgent(options: AgentOptions): Agent {
 
   /** Records how a grant ended and reports it (or forgets it, when it is no longer ours). */
   function settle(r: Running, report: PendingReport): void {
-    r.report = report;
+    r.report = fitted(r, report);
     if (report.kind === "dropped") forget(r);
     else if (current) sendReport(current, r);
   }

@@ -233,4 +233,40 @@ describe("the agent SDK against a real server", () => {
     const worker = (await t.client(ClusterService).getWorker({ workerId: "drainer" })).worker;
     expect(worker?.state).toBe(WorkerState.OFFLINE);
   });
+
+  it("reports output with NUL bytes cleaned, and a result over the server's limits as a failure, on the same stream", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const deep: Record<string, unknown> = {};
+    let node = deep;
+    for (let i = 0; i < 40; i++) node = node.next = {} as Record<string, unknown>;
+    const agent = createAgent({
+      address: t.address,
+      cluster: "limits",
+      workerId: "sdk-limits",
+      onEvent: events.onEvent,
+      handler: async (ctx) => {
+        if ((ctx.payload as { deep?: boolean }).deep) return deep;
+        expect(() => ctx.progress("a\u0000b", { nested: deep })).toThrow(RangeError);
+        return { stdoutTail: "before\u0000after" };
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const api = t.client(ActionService);
+    const clean = (await api.submitAction({ cluster: "limits", payload: {} })).action?.id ?? "";
+    const overLimit =
+      (await api.submitAction({ cluster: "limits", payload: { deep: true } })).action?.id ?? "";
+    for (const id of [clean, overLimit]) {
+      await events.until((e): e is AgentEvent => e.type === "finished" && e.actionId === id && e.accepted);
+    }
+    const cleaned = (await api.getAction({ actionId: clean })).action;
+    expect(cleaned?.state).toBe(ActionState.SUCCEEDED);
+    expect(cleaned?.output).toEqual({ stdoutTail: "before\uFFFDafter" });
+    const failed = (await api.getAction({ actionId: overLimit })).action;
+    expect(failed?.state).toBe(ActionState.FAILED);
+    expect(failed?.failureReason).toMatch(/breaks a server limit/);
+    // Neither report ended the stream: the agent connected once.
+    expect(events.seen.filter((e) => e.type === "connected")).toHaveLength(1);
+  });
 });

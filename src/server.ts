@@ -9,7 +9,7 @@ import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
 import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
-import { workerServiceBinding } from "./rpc/services/worker-service.js";
+import { type WorkerStreamLimits, workerServiceBinding } from "./rpc/services/worker-service.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import { type DatabaseOptions, type Db, openDatabase } from "./store/database.js";
@@ -18,7 +18,7 @@ import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
 import { createEventService } from "./work/event-service.js";
-import { createLeaseManager, type LeaseManager } from "./work/lease-manager.js";
+import { createLeaseManager, type LeaseManager, type LeaseManagerOptions } from "./work/lease-manager.js";
 
 /** A running Leasehold server process. */
 export interface LeaseholdServer extends AsyncDisposable {
@@ -50,6 +50,16 @@ export interface ServerOverrides {
   readonly onQuery?: DatabaseOptions["onQuery"];
   /** Wraps the handle every part of the server uses (tests inject faults such as a lost commit). */
   readonly wrapDb?: (db: Db) => Db;
+  /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
+  readonly limits?: StreamLimits;
+}
+
+/** Flow control and stream limits, each defaulted where it is used. */
+export interface StreamLimits
+  extends Partial<WorkerStreamLimits>,
+    Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes"> {
+  /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
+  readonly maxConcurrentStreams?: number;
 }
 
 /**
@@ -64,6 +74,7 @@ export async function startServer(
 ): Promise<LeaseholdServer> {
   const serverId = randomUUID();
   const clock = overrides.clock ?? databaseClock;
+  const limits = overrides.limits ?? {};
   const database = await openDatabase({
     url: config.databaseUrl,
     dataDir: config.dataDir,
@@ -116,6 +127,8 @@ export async function startServer(
       maxSilenceMs: config.maxSilenceMs,
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
+      ...(limits.grantWindow ? { grantWindow: limits.grantWindow } : {}),
+      ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
       ...(bus ? { bus } : {}),
       timers: overrides.timers ?? true,
     });
@@ -168,10 +181,11 @@ export async function startServer(
       log,
       // Room for the largest file plus the rest of its request.
       maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
+      ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
       services: [
         actionServiceBinding(actions),
         eventServiceBinding(events),
-        workerServiceBinding(manager),
+        workerServiceBinding(manager, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
         clusterServiceBinding({ db, clock, leases: manager, feed }),
         leaseServiceBinding(scope, events),
         resourceServiceBinding(scope),

@@ -41,7 +41,7 @@ export interface RpcServerOptions {
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
-export const DEFAULT_MAX_CONCURRENT_STREAMS = 1000;
+export const DEFAULT_MAX_CONCURRENT_STREAMS = 256;
 
 /** A running gRPC server. */
 export interface RpcServer extends AsyncDisposable {

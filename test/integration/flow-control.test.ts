@@ -1,3 +1,4 @@
+import { connect as http2Connect } from "node:http2";
 import { create } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
@@ -5,8 +6,10 @@ import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { type ConnectResponse, WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
-import type { StreamLimits } from "../../src/server.js";
+import type { ServerOverrides, StreamLimits } from "../../src/server.js";
+import type { Db } from "../../src/store/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
+import { failure } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 /**
@@ -21,10 +24,10 @@ describe("worker stream flow control", () => {
   let workers: TestWorker[] = [];
   const closers: (() => void)[] = [];
 
-  const start = async (limits: StreamLimits) => {
+  const start = async (limits: StreamLimits, extra: ServerOverrides = {}) => {
     t = await startTestServer({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
-      overrides: { timers: false, limits },
+      overrides: { timers: false, limits, ...extra },
     });
     return t;
   };
@@ -88,7 +91,9 @@ describe("worker stream flow control", () => {
     const g1 = await w.next("grant");
     const g2 = await w.next("grant");
     // An acknowledgement reopens the window: a dispatch follows without being asked for.
-    w.send({ message: { case: "grantAck", value: { reportId: 1n, actionId: g1.actionId, epoch: g1.epoch } } });
+    w.send({
+      message: { case: "grantAck", value: { reportId: 1n, actionId: g1.actionId, epoch: g1.epoch } },
+    });
     const g3 = await w.next("grant");
     // Any report on the lease acknowledges it too.
     await w.complete(g2, { output: {} });
@@ -153,5 +158,89 @@ describe("worker stream flow control", () => {
     });
     workers.push(back);
     expect(back.welcome.sessionResumed).toBe(true);
+  });
+
+  it("announces the per-connection stream limit in its HTTP/2 settings", async () => {
+    await start({ maxConcurrentStreams: 6 });
+    const session = http2Connect(`http://${t.address}`);
+    closers.push(() => session.close());
+    session.on("error", () => {});
+    const settings = await new Promise<{ maxConcurrentStreams?: number | undefined }>((resolve) =>
+      session.once("remoteSettings", resolve),
+    );
+    expect(settings.maxConcurrentStreams).toBe(6);
+  });
+
+  it("refuses hellos past the open queue with RESOURCE_EXHAUSTED while open sessions keep their heartbeat acks", async () => {
+    // While `held` is set, every transaction (each hello's session open) waits for it.
+    let held: Promise<void> | undefined;
+    let release = () => {};
+    const wrapDb = (db: Db) =>
+      new Proxy(db, {
+        get(target, property, receiver) {
+          if (property !== "transaction") return Reflect.get(target, property, receiver);
+          return async (fn: (tx: unknown) => Promise<unknown>) => {
+            if (held) await held;
+            return target.transaction(fn as never);
+          };
+        },
+      }) as Db;
+    await start({ maxConcurrentStreams: 6, maxConcurrentOpens: 1, maxQueuedOpens: 1 }, { wrapDb });
+    const steady = await worker("steady", 1);
+    await dispatch();
+    held = new Promise((resolve) => {
+      release = resolve;
+    });
+
+    // Ten streams on one connection of their own: six at a time reach the server.
+    const storm = createClient(WorkerService, t.address, undefined, { "grpc.use_local_subchannel_pool": 1 });
+    closers.push(() => storm.close());
+    const outcomes = Array.from({ length: 10 }, (_, i) => {
+      const call = storm.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+      closers.push(() => call.cancel());
+      call.on("error", () => {});
+      const outcome = new Promise<{ welcome: boolean; status?: grpc.StatusObject }>((resolve) => {
+        call.on("data", (m: ConnectResponse) => {
+          if (m.message.case === "welcome") resolve({ welcome: true });
+        });
+        call.on("status", (s: grpc.StatusObject) => {
+          resolve({ welcome: false, status: s });
+        });
+      });
+      call.write(
+        create(WorkerService.method.connect.input, {
+          message: { case: "hello", value: { workerId: `storm-${i}`, cluster: "east", capacity: 1 } },
+        }),
+      );
+      return outcome;
+    });
+    // One hello opens (held), one waits, the other eight are refused at once.
+    const refused = outcomes.map((o) => o.then((r) => (r.welcome ? undefined : r)));
+    let settled = 0;
+    await new Promise<void>((resolve) => {
+      for (const r of refused)
+        void r.then((x) => {
+          if (x && ++settled === 8) resolve();
+        });
+    });
+    // The open session is answered from memory meanwhile.
+    const ack = await steady.heartbeat(1);
+    expect(ack.sequence).toBe(1n);
+
+    release();
+    held = undefined;
+    const results = await Promise.all(outcomes);
+    expect(results.filter((r) => r.welcome)).toHaveLength(2);
+    const failures = await Promise.all(
+      results.filter((r) => !r.welcome).map((r) => failure(Promise.reject(r.status))),
+    );
+    expect(failures.map((f) => [f.code, f.reason])).toEqual(
+      Array(8).fill([Code.ResourceExhausted, "TOO_MANY_HELLOS"]),
+    );
+
+    // Refused hellos opened no session, so nothing was lost and no cluster is partitioned.
+    await t.server.leases.tick.reap();
+    expect(t.logs.filter((l) => l.msg === "worker session started")).toHaveLength(3);
+    expect(t.logs.some((l) => String(l.msg).includes("partitioned"))).toBe(false);
   });
 });

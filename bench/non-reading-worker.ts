@@ -89,12 +89,16 @@ async function waitForServer(): Promise<void> {
 }
 
 await waitForServer();
-const api = createClient(ActionService, address);
+// Listing the actions carries their payloads: no 4 MiB cap on answers.
+const api = createClient(ActionService, address, grpc.credentials.createInsecure(), {
+  "grpc.max_receive_message_length": -1,
+});
 const blob = "x".repeat(payloadKiB * 1024);
 for (let i = 0; i < actions; i++) {
   await api.submitAction({ cluster: "bench", payload: { blob, i } as never });
 }
 const rssBeforeMiB = serverRssMiB();
+console.error("submitted");
 
 // The worker: its own connection; reads the welcome, then nothing.
 const workers = createClient(WorkerService, address, grpc.credentials.createInsecure(), {
@@ -122,6 +126,7 @@ await new Promise<void>((resolve) => {
   );
 });
 
+console.error("welcomed");
 let rssPeakMiB = rssBeforeMiB;
 const started = performance.now();
 while (performance.now() - started < measureMs) {
@@ -129,6 +134,7 @@ while (performance.now() - started < measureMs) {
   await new Promise((resolve) => setTimeout(resolve, 100));
 }
 const rssEndMiB = serverRssMiB();
+console.error("measured");
 
 const listed = await api.listActions({ cluster: "bench", pageSize: 1000 });
 const granted = listed.actions.filter((a) => a.lease?.workerId === "deaf").length;

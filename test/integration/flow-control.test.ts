@@ -158,7 +158,7 @@ describe("worker stream flow control", () => {
     });
     workers.push(back);
     expect(back.welcome.sessionResumed).toBe(true);
-  });
+  }, 90_000); // large payloads through a busy machine: slow, not timed
 
   it("announces the per-connection stream limit in its HTTP/2 settings", async () => {
     await start({ maxConcurrentStreams: 6 });

@@ -104,7 +104,8 @@ describe("worker stream flow control", () => {
   });
 
   it("stops granting to a worker that does not read, then ends its stream RESOURCE_EXHAUSTED and keeps its session in grace", async () => {
-    const stalledStreamMs = 300;
+    // Long enough that the second batch meets a stalled (not yet ended) stream on a busy machine.
+    const stalledStreamMs = 2000;
     await start({ grantHighWaterBytes: 128 * 1024, stalledStreamMs });
     const big = { blob: "x".repeat(200 * 1024) };
     const first = [];

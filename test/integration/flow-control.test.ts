@@ -103,7 +103,7 @@ describe("worker stream flow control", () => {
     expect(ack.accepted).toBe(true);
   });
 
-  // Skipped on PostgreSQL for now: there it hangs in 3 of 5 runs (passes on PGlite 4 of 4); not yet
+  // Skipped on PostgreSQL for now: there it hangs in 3 of 5 runs (it passed all 3 PGlite runs); not yet
   // found which step waits forever. See the helper's report (issue 11).
   it.skipIf(inject("driver") === "postgres")(
     "stops granting to a worker that does not read, then ends its stream RESOURCE_EXHAUSTED and keeps its session in grace",

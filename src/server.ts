@@ -17,7 +17,7 @@ import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
 import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
-import { workerServiceBinding } from "./rpc/services/worker-service.js";
+import { type WorkerStreamLimits, workerServiceBinding } from "./rpc/services/worker-service.js";
 import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
@@ -27,7 +27,7 @@ import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
 import { createEventService } from "./work/event-service.js";
-import { createLeaseManager, type LeaseManager } from "./work/lease-manager.js";
+import { createLeaseManager, type LeaseManager, type LeaseManagerOptions } from "./work/lease-manager.js";
 
 /** A running Leasehold server process. */
 export interface LeaseholdServer extends AsyncDisposable {
@@ -64,6 +64,16 @@ export interface ServerOverrides {
    * `startServer` closes the port and rejects with the signal's reason.
    */
   readonly signal?: AbortSignal;
+  /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
+  readonly limits?: StreamLimits;
+}
+
+/** Flow control and stream limits, each defaulted where it is used. */
+export interface StreamLimits
+  extends Partial<WorkerStreamLimits>,
+    Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes"> {
+  /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
+  readonly maxConcurrentStreams?: number;
 }
 
 /** Every service the port answers; bound before their implementations exist (see StartupGate). */
@@ -92,12 +102,14 @@ export async function startServer(
 ): Promise<LeaseholdServer> {
   const serverId = randomUUID();
   const clock = overrides.clock ?? databaseClock;
+  const limits = overrides.limits ?? {};
   const timers = overrides.timers ?? true;
   const gate = createStartupGate();
   const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
     log,
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
+    ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
     services: SERVICES.map((service) => gate.defer(service)),
   });
   log.info({ port: rpc.port, listen: config.listen, serverId }, "listening; NOT_SERVING until ready");
@@ -175,6 +187,8 @@ export async function startServer(
       maxSilenceMs: config.maxSilenceMs,
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
+      ...(limits.grantWindow ? { grantWindow: limits.grantWindow } : {}),
+      ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
       ...(bus ? { bus } : {}),
       timers,
     });
@@ -227,7 +241,7 @@ export async function startServer(
     gate.open([
       actionServiceBinding(actions),
       eventServiceBinding(events),
-      workerServiceBinding(manager),
+      workerServiceBinding(manager, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
       clusterServiceBinding({ db, clock, leases: manager, feed }),
       leaseServiceBinding(scope, events),
       resourceServiceBinding(scope),

@@ -1,3 +1,4 @@
+import { constants as http2 } from "node:http2";
 import {
   create,
   type DescMessage,
@@ -35,6 +36,20 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
   send(message: MessageInitShape<O>): boolean;
   /** Ends `requests` now (a pending read resolves as done), e.g. when the server closes the stream. */
   stop(): void;
+  /**
+   * Serialized bytes of sent messages that the transport has not taken yet:
+   * what a client that stops reading makes this process hold (HTTP/2 flow
+   * control stops the transport once the client's window is full).
+   */
+  readonly bufferedBytes: number;
+  /** Calls `listener` each time the transport takes a message (`bufferedBytes` shrank). Returns its off. */
+  onFlushed(listener: () => void): () => void;
+  /**
+   * Ends the call at once with RESOURCE_EXHAUSTED and drops what is buffered
+   * (a status sent the ordinary way would wait behind the buffered messages
+   * forever when the client does not read). Ends `requests` too.
+   */
+  reset(): void;
 }
 
 /** Past this many unread messages the call is paused until the handler catches up. */
@@ -129,6 +144,8 @@ export type MethodImpl<M> = M extends { methodKind: "unary" }
 export type ServiceImpl<S extends GenServiceMethods> = { [K in keyof S]?: MethodImpl<S[K]> };
 
 const encoder = (desc: DescMessage) => (value: unknown) => {
+  // Bidi streams serialize in `send` to count the bytes they buffer; no message is a Buffer.
+  if (Buffer.isBuffer(value)) return value;
   const bytes = toBinary(desc, value as MessageShape<DescMessage>);
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 };
@@ -343,16 +360,53 @@ function bidiHandler(
   return (call) => {
     const ctx = createContext(call, deps.shutdown);
     const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
+    const encode = encoder(method.output);
+    const flushed = new Set<() => void>();
+    let bufferedBytes = 0;
+    let reset = false;
     const stream: BidiStream<DescMessage, DescMessage> = {
       requests: queue.iterable,
-      send: (message) => call.write(create(method.output, message)),
+      send: (message) => {
+        const bytes = encode(create(method.output, message));
+        bufferedBytes += bytes.length;
+        // The callback runs once HTTP/2 took the message (or the call failed).
+        return call.write(bytes, () => {
+          bufferedBytes -= bytes.length;
+          for (const listener of flushed) listener();
+        });
+      },
       stop: queue.stop,
+      get bufferedBytes() {
+        return bufferedBytes;
+      },
+      onFlushed(listener) {
+        flushed.add(listener);
+        return () => flushed.delete(listener);
+      },
+      reset() {
+        if (reset) return;
+        reset = true;
+        queue.stop();
+        flushed.clear();
+        // grpc-js has no public way to reset a server stream with a code: its
+        // HTTP/2 stream is reached through the call's internals, checked here.
+        // ENHANCE_YOUR_CALM reaches grpc-js clients as RESOURCE_EXHAUSTED.
+        const h2 = (call as unknown as { call?: { stream?: { close?: unknown } } }).call?.stream;
+        if (typeof h2?.close === "function") h2.close(http2.NGHTTP2_ENHANCE_YOUR_CALM);
+        else deps.log.warn({ path }, "could not reset a stream; it ends when its client goes");
+        // Frees the buffered messages now.
+        call.destroy();
+      },
     };
     ctx.signal.addEventListener("abort", queue.stop, { once: true });
     (async () => fn(stream, ctx))()
       .then(
-        () => endStream(call, deps, path),
-        (error: unknown) => call.emit("error", toStatusObject(error, deps.log, path)),
+        () => {
+          if (!reset) endStream(call, deps, path);
+        },
+        (error: unknown) => {
+          if (!reset) call.emit("error", toStatusObject(error, deps.log, path));
+        },
       )
       .finally(() => ctx.done());
   };

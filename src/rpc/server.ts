@@ -30,7 +30,18 @@ export interface RpcServerOptions {
   readonly shutdownTimeoutMs?: number;
   /** Largest request message accepted. Default grpc-js's 4 MiB. */
   readonly maxReceiveMessageBytes?: number;
+  /**
+   * HTTP/2 streams (calls) one client connection may have open at once,
+   * announced in SETTINGS_MAX_CONCURRENT_STREAMS: a conforming client queues
+   * the calls past it until one ends, and a stream opened past it anyway is
+   * refused (REFUSED_STREAM, which clients see as UNAVAILABLE). Default
+   * {@link DEFAULT_MAX_CONCURRENT_STREAMS}.
+   */
+  readonly maxConcurrentStreams?: number;
 }
+
+/** Default of `RpcServerOptions.maxConcurrentStreams`. */
+export const DEFAULT_MAX_CONCURRENT_STREAMS = 256;
 
 /** A running gRPC server. */
 export interface RpcServer extends AsyncDisposable {
@@ -66,6 +77,7 @@ export async function createRpcServer(
     "grpc.keepalive_timeout_ms": 10_000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 5_000,
+    "grpc.max_concurrent_streams": options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
     ...(options.maxReceiveMessageBytes
       ? { "grpc.max_receive_message_length": options.maxReceiveMessageBytes }
       : {}),

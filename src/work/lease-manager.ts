@@ -49,6 +49,18 @@ export interface LeaseManagerOptions {
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
   readonly dispatchPollMs?: number;
   /**
+   * Most grants one stream may hold unacknowledged (no GrantAck, nor any
+   * report on the lease, yet): a worker that stops reading or acknowledging
+   * gets no more than this. Default {@link DEFAULT_GRANT_WINDOW}.
+   */
+  readonly grantWindow?: number;
+  /**
+   * No grants go to a stream while this many bytes or more wait in its
+   * outbound buffer (its worker reads slowly or not at all); they go to
+   * other workers. Default {@link DEFAULT_GRANT_HIGH_WATER_BYTES}.
+   */
+  readonly grantHighWaterBytes?: number;
+  /**
    * The other processes sharing the database: revokes, drains and takeovers
    * for streams this process does not host go through it. Default: none.
    */
@@ -67,6 +79,8 @@ export interface SessionHandle {
   receive(message: WorkerMessage): void;
   /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
   streamEnded(): Promise<void>;
+  /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
+  writable(): void;
 }
 
 /** Snapshot of what this process hosts, for metrics. */
@@ -133,6 +147,10 @@ interface Hosted {
   draining: boolean;
   /** Slots reserved by a dispatch in flight. */
   reserved: number;
+  /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
+  readonly unacked: Map<string, number>;
+  /** A dispatch passed this stream over for its full outbound buffer; `writable` dispatches again. */
+  blocked: boolean;
   /** performance.now() of the last message from the worker. */
   heardAt: number;
   /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
@@ -156,6 +174,11 @@ interface RevokedLease {
   releasing: boolean;
 }
 
+/** Default of `LeaseManagerOptions.grantWindow`. */
+export const DEFAULT_GRANT_WINDOW = 32;
+/** Default of `LeaseManagerOptions.grantHighWaterBytes`: 1 MiB. */
+export const DEFAULT_GRANT_HIGH_WATER_BYTES = 1024 * 1024;
+
 /** Largest number of actions granted per claim statement. */
 const CLAIM_BATCH = 256;
 /** Sessions reaped per statement. */
@@ -166,6 +189,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const graceMs = options.gracePeriodMs;
   const maxSilenceMs = options.maxSilenceMs ?? 10 * graceMs;
   const partitionShare = options.partitionShare ?? 0.5;
+  const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
+  const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
   const hosted = new Map<string, Hosted>();
   const timers: NodeJS.Timeout[] = [];
   const timersOn = options.timers ?? true;
@@ -394,6 +419,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   function sendGrant(s: Hosted, g: Omit<GrantRecord, "sessionId" | "workerId" | "cluster">): void {
     s.held.set(g.actionId, g.epoch);
+    s.unacked.set(g.actionId, g.epoch);
     s.link.send({
       type: "grant",
       actionId: g.actionId,
@@ -403,6 +429,31 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       runId: g.runId,
       checkpoint: g.checkpoint as JsonObject | null,
     });
+  }
+
+  /**
+   * The worker has the grant (a GrantAck, or any report on the lease): it no
+   * longer counts against the grant window. Opens the window again if full.
+   */
+  function acknowledged(s: Hosted, token: LeaseToken): void {
+    if (s.unacked.get(token.actionId) !== token.epoch) return;
+    s.unacked.delete(token.actionId);
+    if (s.unacked.size === grantWindow - 1) scheduleDispatch();
+  }
+
+  /**
+   * How many more grants a stream may take now: free slots, within the
+   * grant window, none while its outbound buffer is at the high-water mark.
+   */
+  function grantable(s: Hosted): number {
+    if (s.ended || s.draining) return 0;
+    if (s.link.bufferedBytes() >= grantHighWaterBytes) {
+      s.blocked = true;
+      return 0;
+    }
+    // Leases that left `held` (finished, revoked, fenced) no longer wait for an ack.
+    for (const [id, epoch] of s.unacked) if (s.held.get(id) !== epoch) s.unacked.delete(id);
+    return Math.min(s.capacity - s.held.size, grantWindow - s.unacked.size) - s.reserved;
   }
 
   async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
@@ -436,6 +487,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       revoked: undefined,
       draining: opened.draining,
       reserved: 0,
+      unacked: new Map(),
+      blocked: false,
       heardAt: performance.now(),
       deadlineMs: 0,
       dbOffsetMs: 0,
@@ -496,6 +549,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
                   reason: "SUPERSEDED",
                   message: `action ${token.actionId} epoch ${token.epoch} is not a lease of this session`,
                 });
+              } else if (s.unacked.size > 0) {
+                // Listing a grant shows the worker has it, as a GrantAck does.
+                acknowledged(s, token);
               }
             }
             s.lastHeld = message.held;
@@ -506,16 +562,19 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
           case "grant_ack": {
             const token = { actionId: message.actionId, epoch: message.epoch };
             if (s.revoked !== undefined) sawLease(s, token);
-            if (s.held.get(token.actionId) === token.epoch)
+            if (s.held.get(token.actionId) === token.epoch) {
+              acknowledged(s, token);
               accept(s, message.reportId, token, "grant acknowledged");
-            else fenced(s, message.reportId, token, "grant acknowledgement");
+            } else fenced(s, message.reportId, token, "grant acknowledgement");
             return;
           }
           case "progress":
             if (s.revoked !== undefined) sawLease(s, message);
+            acknowledged(s, message);
             return onProgress(s, message);
           case "completion":
           case "release":
+            acknowledged(s, message);
             return onFinish(s, message);
           case "goodbye":
             removeHosted(s);
@@ -533,6 +592,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
             );
             return;
         }
+      },
+      writable() {
+        if (!s.blocked) return;
+        s.blocked = false;
+        scheduleDispatch();
       },
       async streamEnded() {
         if (goodbye) return goodbye;
@@ -846,14 +910,16 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     if (inDoubt.size > 0) await reconcile();
     const byCluster = new Map<string, Hosted[]>();
     for (const s of hosted.values()) {
-      if (s.ended || s.draining || s.capacity - s.held.size - s.reserved <= 0) continue;
+      if (grantable(s) <= 0) continue;
       const list = byCluster.get(s.cluster) ?? [];
       list.push(s);
       byCluster.set(s.cluster, list);
     }
     for (const [cluster, sessions] of byCluster) {
       for (;;) {
-        const free = (s: Hosted) => s.capacity - s.held.size - s.reserved;
+        // One look per round: `grantable` walks each stream's unacknowledged grants.
+        const room = new Map(sessions.map((s) => [s, grantable(s)]));
+        const free = (s: Hosted) => room.get(s) ?? 0;
         const total = sessions.reduce((n, s) => n + Math.max(0, free(s)), 0);
         if (total <= 0) break;
         const limit = Math.min(total, CLAIM_BATCH);

@@ -110,4 +110,9 @@ export interface WorkerLink {
   send(message: ServerMessage): void;
   /** Ends the stream from the server side, with an error status if given. */
   close(error?: Error): void;
+  /**
+   * Bytes sent and not yet taken by the transport (the worker reads slowly or
+   * not at all). Grants wait while it is at the high-water mark.
+   */
+  bufferedBytes(): number;
 }

@@ -1,6 +1,7 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { LeaseholdError } from "../../errors.js";
+import type { Logger } from "pino";
+import { Code, LeaseholdError } from "../../errors.js";
 import {
   type ConnectRequest,
   type ConnectResponseSchema,
@@ -11,13 +12,71 @@ import {
 } from "../../gen/leasehold/v1/worker_pb.js";
 import type { HelloInput } from "../../store/queries/open-session.js";
 import type { JsonObject } from "../../work/action.js";
-import type { LeaseManager } from "../../work/lease-manager.js";
+import {
+  DEFAULT_GRANT_HIGH_WATER_BYTES,
+  type LeaseManager,
+  type SessionHandle,
+} from "../../work/lease-manager.js";
 import type { ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
 
+/** Flow-control and admission limits of worker streams; every field has a default. */
+export interface WorkerStreamLimits {
+  /**
+   * The lease manager's grant high-water mark (`grantHighWaterBytes`): when a
+   * stream's outbound buffer falls under it, grants to it go on. Default 1 MiB.
+   */
+  readonly grantHighWaterBytes?: number;
+  /**
+   * A stream whose outbound buffer stays at or above the grant high-water
+   * mark this long (its worker does not read) is ended with
+   * RESOURCE_EXHAUSTED and counts as a lost stream: its session enters grace
+   * and the worker may reconnect and resume it. The server passes its grace
+   * period unless told otherwise.
+   */
+  readonly stalledStreamMs: number;
+  /**
+   * A stream whose outbound buffer passes this many bytes is ended at once,
+   * the same way (a worker that sends requests and reads none of the
+   * answers). Default {@link DEFAULT_MAX_BUFFERED_BYTES}.
+   */
+  readonly maxBufferedBytes?: number;
+  /**
+   * Hellos processed at once: each opens or resumes a session in the
+   * database. Heartbeats of open streams never wait for them (they are
+   * answered from memory). Default {@link DEFAULT_MAX_CONCURRENT_OPENS}.
+   */
+  readonly maxConcurrentOpens?: number;
+  /**
+   * Hellos waiting for one of those; past it a hello is answered
+   * RESOURCE_EXHAUSTED (reason TOO_MANY_HELLOS) and its worker retries with
+   * backoff. Default {@link DEFAULT_MAX_QUEUED_OPENS}.
+   */
+  readonly maxQueuedOpens?: number;
+}
+
+/** Default of `WorkerStreamLimits.maxBufferedBytes`: 16 MiB. */
+export const DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
+/** Default of `WorkerStreamLimits.maxConcurrentOpens`. */
+export const DEFAULT_MAX_CONCURRENT_OPENS = 8;
+/** Default of `WorkerStreamLimits.maxQueuedOpens`. */
+export const DEFAULT_MAX_QUEUED_OPENS = 256;
+/** How long a refused hello is told to wait before it tries again. */
+const RETRY_HELLO_MS = 1000;
+
 /** The WorkerService.Connect handler over the lease manager. */
-export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
+export function workerServiceBinding(
+  leases: LeaseManager,
+  log: Logger,
+  limits: WorkerStreamLimits,
+): ServiceBinding {
+  const highWater = limits.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
+  const maxBuffered = limits.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
+  const opens = createGate(
+    limits.maxConcurrentOpens ?? DEFAULT_MAX_CONCURRENT_OPENS,
+    limits.maxQueuedOpens ?? DEFAULT_MAX_QUEUED_OPENS,
+  );
   return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
@@ -33,42 +92,147 @@ export function workerServiceBinding(leases: LeaseManager): ServiceBinding {
       // The lease manager closes the stream on takeover, reap or goodbye;
       // the adapter ends `requests` when the client goes or the server stops.
       let closeError: Error | undefined;
+      let session: SessionHandle | undefined;
+      let stalled: NodeJS.Timeout | undefined;
+      /** Ends a stream whose worker does not read: RESOURCE_EXHAUSTED, and the session enters grace. */
+      let reset = false;
+      const exhausted = (why: string) => {
+        if (reset) return;
+        reset = true;
+        clearTimeout(stalled);
+        closeError = new LeaseholdError(Code.ResourceExhausted, why, { reason: "STREAM_NOT_READ" });
+        log.warn(
+          { workerId: hello.workerId, sessionId: session?.sessionId, bufferedBytes: stream.bufferedBytes },
+          `ending the stream of worker ${hello.workerId}: ${why}`,
+        );
+        stream.reset();
+      };
+      /** Runs after every send and every flush: the buffer's size decides. */
+      const watch = () => {
+        if (reset) return;
+        const bytes = stream.bufferedBytes;
+        if (bytes > maxBuffered) {
+          exhausted(`its outbound buffer passed ${maxBuffered} bytes; the worker is not reading`);
+        } else if (bytes >= highWater) {
+          stalled ??= setTimeout(
+            () =>
+              exhausted(
+                `its outbound buffer stayed over ${highWater} bytes for ${limits.stalledStreamMs} ms; the worker is not reading`,
+              ),
+            limits.stalledStreamMs,
+          );
+        } else {
+          clearTimeout(stalled);
+          stalled = undefined;
+          session?.writable();
+        }
+      };
+      const offFlushed = stream.onFlushed(watch);
       const link: WorkerLink = {
         send: (message) => {
           stream.send(toConnectResponse(message));
+          watch();
         },
         close: (error) => {
           closeError = error;
           stream.stop();
         },
+        bufferedBytes: () => stream.bufferedBytes,
       };
 
-      const session = await leases.open(hello, link);
       try {
-        for (;;) {
-          const next = await requests.next();
-          if (next.done || ctx.signal.aborted) break;
-          const message = toWorkerMessage(next.value, maxHeldLeases(hello.capacity));
-          if (message.type === "invalid") {
-            link.send({
-              type: "report_result",
-              reportId: message.reportId,
-              actionId: message.actionId,
-              epoch: 0,
-              accepted: false,
-              rejectReason: "INVALID",
-              message: message.message,
-            });
-            continue;
+        const release = await opens.enter(ctx.signal);
+        try {
+          session = await leases.open(hello, link);
+        } finally {
+          release();
+        }
+        try {
+          for (;;) {
+            const next = await requests.next();
+            if (next.done || ctx.signal.aborted) break;
+            const message = toWorkerMessage(next.value, maxHeldLeases(hello.capacity));
+            if (message.type === "invalid") {
+              link.send({
+                type: "report_result",
+                reportId: message.reportId,
+                actionId: message.actionId,
+                epoch: 0,
+                accepted: false,
+                rejectReason: "INVALID",
+                message: message.message,
+              });
+              continue;
+            }
+            session.receive(message);
           }
-          session.receive(message);
+        } finally {
+          await session.streamEnded();
         }
       } finally {
-        await session.streamEnded();
+        offFlushed();
+        clearTimeout(stalled);
+        // A status sent the ordinary way waits behind the buffer; a worker not reading never gets it.
+        if (!reset && stream.bufferedBytes >= highWater) stream.reset();
       }
       if (closeError) throw closeError;
     },
   });
+}
+
+/**
+ * A counting semaphore with a bounded queue. `enter` resolves with the
+ * release function once a slot is free; it throws RESOURCE_EXHAUSTED when the
+ * queue is full, and CANCELLED when `signal` aborts while waiting.
+ */
+function createGate(slots: number, queueLimit: number) {
+  let busy = 0;
+  const waiting: (() => void)[] = [];
+  const release = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else busy -= 1;
+  };
+  return {
+    enter(signal: AbortSignal): Promise<() => void> {
+      if (busy < slots) {
+        busy += 1;
+        return Promise.resolve(once(release));
+      }
+      if (waiting.length >= queueLimit) {
+        return Promise.reject(
+          new LeaseholdError(
+            Code.ResourceExhausted,
+            `too many workers are connecting at once; try again in ${RETRY_HELLO_MS} ms`,
+            { reason: "TOO_MANY_HELLOS", metadata: { retry_after_ms: String(RETRY_HELLO_MS) } },
+          ),
+        );
+      }
+      return new Promise((resolve, reject) => {
+        const go = () => {
+          signal.removeEventListener("abort", abort);
+          resolve(once(release));
+        };
+        const abort = () => {
+          const i = waiting.indexOf(go);
+          if (i >= 0) waiting.splice(i, 1);
+          reject(new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"));
+        };
+        signal.addEventListener("abort", abort, { once: true });
+        waiting.push(go);
+      });
+    },
+  };
+}
+
+/** `fn`, callable once. */
+function once(fn: () => void): () => void {
+  let called = false;
+  return () => {
+    if (called) return;
+    called = true;
+    fn();
+  };
 }
 
 const MAX_CAPACITY = 10_000;

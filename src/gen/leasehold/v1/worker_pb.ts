@@ -79,7 +79,8 @@ export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
     case: "heartbeat";
   } | {
     /**
-     * The worker received a grant and started it.
+     * The worker received a grant and started it. Required for more grants
+     * beyond the window of unacknowledged grants (see GrantAck).
      *
      * @generated from field: leasehold.v1.GrantAck grant_ack = 3;
      */
@@ -394,7 +395,8 @@ export const HeartbeatAckSchema: GenMessage<HeartbeatAck> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 6);
 
 /**
- * An action granted to the worker.
+ * An action granted to the worker. Acknowledge it with a GrantAck (the
+ * window of unacknowledged grants is 32 per stream).
  *
  * @generated from message leasehold.v1.Grant
  */
@@ -450,7 +452,12 @@ export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 7);
 
 /**
- * The worker received a grant.
+ * The worker received a grant. Required: grants a stream has not
+ * acknowledged (by a GrantAck, by listing the lease in a heartbeat's
+ * held_leases, or by any progress, completion or release report on the
+ * lease) count against a window of 32 per stream, and a full
+ * window gets no more grants. Answered by a ReportResult; FENCED when the
+ * (action, epoch) is not a current lease of this session.
  *
  * @generated from message leasehold.v1.GrantAck
  */
@@ -1021,6 +1028,20 @@ export const WorkerService: GenService<{
    * always stopped first. Expect the local deadline to fall short of the last
    * heartbeat + grace by up to two heartbeat intervals plus the margin: the
    * server persists renewals once per heartbeat interval, not per heartbeat.
+   *
+   * Flow control: a stream gets at most 32 grants it has not acknowledged
+   * (see GrantAck), and none while the server holds 1 MiB or more of
+   * messages the worker has not read. A stream whose unread messages stay
+   * over that mark for a grace period, or pass 16 MiB, is ended with
+   * RESOURCE_EXHAUSTED; like any lost stream its session enters grace and the
+   * worker may reconnect and resume it. Read the stream promptly, heartbeat
+   * acks included.
+   *
+   * Limits: one connection holds at most 256 streams (HTTP/2
+   * SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
+   * UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
+   * with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
+   * retry_after_ms) without opening a session: retry with backoff.
    *
    * @generated from rpc leasehold.v1.WorkerService.Connect
    */

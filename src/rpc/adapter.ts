@@ -12,6 +12,7 @@ import {
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import type * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
+import { type Access, OPEN_ACCESS } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
@@ -26,6 +27,12 @@ export interface HandlerContext {
   readonly peer: string;
   /** The request metadata (headers). */
   readonly metadata: grpc.Metadata;
+  /**
+   * What the caller may do, and the actor recorded on what it changes. The
+   * adapter has checked the method's right already; handlers check the
+   * cluster (and owner) of what the call touches.
+   */
+  readonly access: Access;
 }
 
 /** A bidirectional stream as a handler sees it. */
@@ -213,6 +220,7 @@ function createContext(call: CallLike, shutdown: AbortSignal): HandlerContext & 
     deadline,
     peer: call.getPeer(),
     metadata: call.metadata,
+    access: OPEN_ACCESS,
     done() {
       clearTimeout(timer);
       call.off("cancelled", onCancelled);

@@ -1,0 +1,223 @@
+import { Code, LeaseholdError, quote } from "../errors.js";
+
+/**
+ * Roles a policy grants (README, "Securing Leasehold"):
+ * - `agent`: run a worker (`WorkerService.Connect`) in its clusters, with a
+ *   worker id matching its pattern; and upload the files its deployments
+ *   produce (`CreateFile` in leases of its clusters).
+ * - `reader`: get, list and watch everything in its clusters, events included.
+ * - `submitter`: what a reader may, plus submit and cancel its own actions,
+ *   create scope leases and use its own (promote, commit, roll back, set a
+ *   result, wait, collect outputs, create and delete their resources).
+ * - `operator`: everything in its clusters, others' work included: drain,
+ *   resume expiries, delete and debug leases, cancel any action, and run a
+ *   worker.
+ */
+export const ROLES = ["agent", "reader", "submitter", "operator"] as const;
+export type Role = (typeof ROLES)[number];
+
+/**
+ * One right an RPC needs. Each is held per cluster (a scope lease's runtime
+ * counts as its cluster). `*.own` rights are limited to what the caller
+ * created; the matching `*.any` right (operators) covers everyone's.
+ */
+export const RIGHTS = [
+  "worker.connect",
+  "worker.read",
+  "worker.drain",
+  "cluster.read",
+  "cluster.resume_expiries",
+  "action.submit",
+  "action.read",
+  "action.cancel.own",
+  "action.cancel.any",
+  "lease.create",
+  "lease.read",
+  "lease.use.own",
+  "lease.use.any",
+  "lease.debug",
+  "lease.delete",
+  "resource.create",
+  "resource.read",
+  "event.read",
+] as const;
+export type Right = (typeof RIGHTS)[number];
+
+const READER: readonly Right[] = [
+  "worker.read",
+  "cluster.read",
+  "action.read",
+  "lease.read",
+  "resource.read",
+  "event.read",
+];
+
+/** What each role holds, in the clusters of its binding. */
+export const ROLE_RIGHTS: Readonly<Record<Role, readonly Right[]>> = {
+  agent: ["worker.connect", "resource.create"],
+  reader: READER,
+  submitter: [
+    ...READER,
+    "action.submit",
+    "action.cancel.own",
+    "lease.create",
+    "lease.use.own",
+    "resource.create",
+  ],
+  operator: RIGHTS,
+};
+
+/** Where a role applies. Globs: `*` matches any run of characters, `?` one character. */
+export interface RoleBinding {
+  readonly role: Role;
+  /** Cluster (runtime) globs; `["*"]` is every cluster. */
+  readonly clusters: readonly string[];
+  /** Worker-id glob an agent must use in its hello; `*` by default. */
+  readonly workerIds: string;
+}
+
+/** Who a caller proved to be, and how. */
+export interface Identity {
+  /** The principal: a certificate's SAN, a JWT's subject, a static token's principal. */
+  readonly principal: string;
+  /** How it was proved. */
+  readonly via: "mtls" | "jwt" | "static-token";
+  /** Roles that come with the credential itself (static tokens created with `--role`). */
+  readonly bindings?: readonly RoleBinding[];
+  /** When the credential stops being valid (epoch ms), if it does. Caches must not outlive it. */
+  readonly expiresAtMs?: number;
+}
+
+/**
+ * What one caller may do. Handlers check the cluster-scoped rights of what a
+ * call touches (`require`); the adapter has already checked that the caller
+ * holds the method's right somewhere (`holdsAnywhere`).
+ */
+export interface Access {
+  /**
+   * The principal recorded as the actor of what this call changes. When
+   * authentication is off it is `anonymous`.
+   */
+  readonly actor: string;
+  /** False when no credentials are configured: every call is allowed. */
+  readonly enforced: boolean;
+  /** Whether the caller holds `right` in `cluster`. */
+  can(right: Right, cluster: string): boolean;
+  /** Whether the caller holds `right` in at least one cluster. */
+  holdsAnywhere(right: Right): boolean;
+  /** Throws PERMISSION_DENIED naming the right and cluster unless `can(right, cluster)`. */
+  require(right: Right, cluster: string): void;
+  /**
+   * For a change to something `owner` created: passes with `<right>.any` in
+   * the cluster, or with `<right>.own` when the caller is the owner; throws
+   * PERMISSION_DENIED otherwise.
+   */
+  requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string): void;
+  /**
+   * For a list: undefined when the caller holds `right` in every cluster;
+   * otherwise throws PERMISSION_DENIED unless `cluster` (the request's filter)
+   * is set and allowed. Scoped callers must name the cluster they list.
+   */
+  requireListScope(right: Right, cluster: string): void;
+  /** For a hello: whether an agent may use `workerId` in `cluster`. */
+  mayRunWorker(cluster: string, workerId: string): boolean;
+}
+
+/** The reason of ErrorInfo on PERMISSION_DENIED. */
+export const PERMISSION_DENIED_REASON = "PERMISSION_DENIED";
+/** The reason of ErrorInfo on UNAUTHENTICATED. */
+export const UNAUTHENTICATED_REASON = "UNAUTHENTICATED";
+
+/** The actor of calls when authentication is off. */
+export const ANONYMOUS = "anonymous";
+
+/** Access when no credentials are configured: everything, as `anonymous`. */
+export const OPEN_ACCESS: Access = Object.freeze({
+  actor: ANONYMOUS,
+  enforced: false,
+  can: () => true,
+  holdsAnywhere: () => true,
+  require: () => {},
+  requireOwned: () => {},
+  requireListScope: () => {},
+  mayRunWorker: () => true,
+});
+
+/** A glob (`*`, `?`) as an anchored regular expression. */
+export function globRegExp(glob: string): RegExp {
+  const body = glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+  return new RegExp(`^${body}$`, "s");
+}
+
+/** Whether `value` matches `glob`. */
+export function matchesGlob(glob: string, value: string): boolean {
+  if (glob === "*") return true;
+  if (!glob.includes("*") && !glob.includes("?")) return glob === value;
+  return globRegExp(glob).test(value);
+}
+
+/** PERMISSION_DENIED with ErrorInfo naming the principal and the right. */
+export function permissionDenied(
+  actor: string,
+  right: string,
+  where: string,
+  extra: Record<string, string> = {},
+): LeaseholdError {
+  return new LeaseholdError(Code.PermissionDenied, `${quote(actor)} lacks the right ${right} ${where}`, {
+    reason: PERMISSION_DENIED_REASON,
+    metadata: { principal: actor, right, ...extra },
+  });
+}
+
+/**
+ * The access of one identity under the bindings the policy (and the
+ * credential) give it.
+ */
+export function accessOf(actor: string, bindings: readonly RoleBinding[]): Access {
+  const holds = (right: Right, binding: RoleBinding) => ROLE_RIGHTS[binding.role].includes(right);
+  const can = (right: Right, cluster: string) =>
+    bindings.some((b) => holds(right, b) && b.clusters.some((g) => matchesGlob(g, cluster)));
+  const everywhere = (right: Right) => bindings.some((b) => holds(right, b) && b.clusters.includes("*"));
+  const require = (right: Right, cluster: string) => {
+    if (!can(right, cluster)) throw permissionDenied(actor, right, `in cluster ${quote(cluster)}`, { cluster });
+  };
+  return Object.freeze({
+    actor,
+    enforced: true,
+    can,
+    holdsAnywhere: (right: Right) => bindings.some((b) => holds(right, b)),
+    require,
+    requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string) {
+      if (can(`${right}.any`, cluster)) return;
+      if (owner !== "" && owner === actor && can(`${right}.own`, cluster)) return;
+      if (can(`${right}.own`, cluster)) {
+        throw permissionDenied(
+          actor,
+          `${right}.any`,
+          `in cluster ${quote(cluster)}: it may change only what it created, and this was created by ${quote(owner || "nobody known")}`,
+          { cluster, owner },
+        );
+      }
+      throw permissionDenied(actor, `${right}.own`, `in cluster ${quote(cluster)}`, { cluster });
+    },
+    requireListScope(right: Right, cluster: string) {
+      if (everywhere(right)) return;
+      if (cluster === "") {
+        throw permissionDenied(
+          actor,
+          right,
+          "in every cluster; name one of its clusters in the request's cluster (or runtime) filter",
+        );
+      }
+      require(right, cluster);
+    },
+    mayRunWorker(cluster: string, workerId: string) {
+      return bindings.some(
+        (b) =>
+          holds("worker.connect", b) &&
+          b.clusters.some((g) => matchesGlob(g, cluster)) &&
+          matchesGlob(b.workerIds, workerId),
+      );
+    },
+  });
+}

@@ -145,7 +145,10 @@ export const OPEN_ACCESS: Access = Object.freeze({
 
 /** A glob (`*`, `?`) as an anchored regular expression. */
 export function globRegExp(glob: string): RegExp {
-  const body = glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".");
+  const body = glob
+    .replace(/[.+^${}()|[\]\\]/g, "\\$&")
+    .replace(/\*/g, ".*")
+    .replace(/\?/g, ".");
   return new RegExp(`^${body}$`, "s");
 }
 
@@ -179,7 +182,8 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
     bindings.some((b) => holds(right, b) && b.clusters.some((g) => matchesGlob(g, cluster)));
   const everywhere = (right: Right) => bindings.some((b) => holds(right, b) && b.clusters.includes("*"));
   const require = (right: Right, cluster: string) => {
-    if (!can(right, cluster)) throw permissionDenied(actor, right, `in cluster ${quote(cluster)}`, { cluster });
+    if (!can(right, cluster))
+      throw permissionDenied(actor, right, `in cluster ${quote(cluster)}`, { cluster });
   };
   return Object.freeze({
     actor,

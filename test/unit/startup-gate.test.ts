@@ -1,5 +1,6 @@
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { describe, expect, it } from "vitest";
+import { OPEN_ACCESS } from "../../src/auth/access.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import type { HandlerContext } from "../../src/rpc/adapter.js";
@@ -12,7 +13,13 @@ const service = ActionService as unknown as GenService<GenServiceMethods>;
 function context(): { ctx: HandlerContext; cancel(): void } {
   const controller = new AbortController();
   return {
-    ctx: { signal: controller.signal, deadline: undefined, peer: "test", metadata: {} as never },
+    ctx: {
+      signal: controller.signal,
+      deadline: undefined,
+      peer: "test",
+      metadata: {} as never,
+      access: OPEN_ACCESS,
+    },
     cancel: () => controller.abort(new LeaseholdError(Code.Canceled, "cancelled by the client")),
   };
 }

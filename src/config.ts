@@ -46,6 +46,45 @@ export interface ServerConfig {
   readonly logLevel: LogLevel;
   /** Allow listening beyond loopback without credentials. Default false. */
   readonly insecure: boolean;
+  /** TLS on the gRPC port; undefined: plaintext. */
+  readonly tls: TlsConfig | undefined;
+  /** Authentication and authorization; `enabled` false means every call is allowed. */
+  readonly auth: AuthConfig;
+}
+
+/** TLS of the gRPC port (`--tls-*`). Files are re-read when they change. */
+export interface TlsConfig {
+  readonly certFile: string;
+  readonly keyFile: string;
+  /** CA bundle that client certificates must chain to (mTLS). */
+  readonly clientCaFile: string | undefined;
+  /** `require`: no connection without a valid client certificate; `optional`: token callers may connect without one. */
+  readonly clientAuth: "require" | "optional";
+}
+
+/** JWT checks (`--jwt-*`). */
+export interface JwtConfig {
+  /** JWKS file path or http(s) URL. */
+  readonly jwks: string;
+  readonly issuer: string;
+  readonly audience: string;
+  /** Tolerated clock skew. Default 30 s, at most 5 min. */
+  readonly clockSkewMs: number;
+  /** Claim naming the principal. Default `sub`. */
+  readonly principalClaim: string;
+}
+
+/** Who may call (`--auth-*`, `--jwt-*`, `--tls-client-ca`, `--reflection`). */
+export interface AuthConfig {
+  /** True once any credential is configured: then every call is denied unless the policy allows it. */
+  readonly enabled: boolean;
+  /** The policy file (`--auth-policy`). */
+  readonly policyFile: string | undefined;
+  /** The static tokens file (`--auth-tokens`). */
+  readonly tokensFile: string | undefined;
+  readonly jwt: JwtConfig | undefined;
+  /** Who may use reflection: anyone (`open`, default) or authenticated callers. */
+  readonly reflection: "open" | "authenticated";
 }
 
 /** Defaults, as `--help` shows them. */
@@ -61,6 +100,10 @@ export const DEFAULTS = {
   leaseMaxTtl: "24h",
   maxFileSize: "3145728",
   logLevel: "info",
+  tlsClientAuth: "require",
+  jwtClockSkew: "30s",
+  jwtPrincipalClaim: "sub",
+  reflection: "open",
 } as const;
 
 /** Raw option values, as strings from flags or environment. */
@@ -79,6 +122,18 @@ export interface RawServerOptions {
   readonly maxFileSize?: string | undefined;
   readonly logLevel?: string | undefined;
   readonly insecure?: boolean | undefined;
+  readonly tlsCert?: string | undefined;
+  readonly tlsKey?: string | undefined;
+  readonly tlsClientCa?: string | undefined;
+  readonly tlsClientAuth?: string | undefined;
+  readonly authPolicy?: string | undefined;
+  readonly authTokens?: string | undefined;
+  readonly jwtJwks?: string | undefined;
+  readonly jwtIssuer?: string | undefined;
+  readonly jwtAudience?: string | undefined;
+  readonly jwtClockSkew?: string | undefined;
+  readonly jwtPrincipalClaim?: string | undefined;
+  readonly reflection?: string | undefined;
 }
 
 const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
@@ -121,12 +176,23 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const listen = raw.listen ?? DEFAULTS.listen;
   const { host } = parseListen(listen);
   const insecure = raw.insecure ?? false;
-  if (!isLoopback(host) && !insecure) {
-    throw configError(
-      "--listen",
-      `${host} accepts connections from other machines, and no credentials are configured; ` +
-        "listen on 127.0.0.1, or pass --insecure to accept unauthenticated clients from the network",
-    );
+  const tls = parseTls(raw);
+  const auth = parseAuth(raw, tls);
+  if (!isLoopback(host)) {
+    if ((auth.tokensFile || auth.jwt) && !tls) {
+      // Even with --insecure: a token sent in plaintext is a token given away.
+      throw configError(
+        "--listen",
+        `${host} is beyond loopback and bearer tokens are configured without TLS, so tokens would cross the network in plaintext; add --tls-cert and --tls-key`,
+      );
+    }
+    if (!insecure && !(tls && auth.enabled)) {
+      throw configError(
+        "--listen",
+        `${host} accepts connections from other machines, so it needs TLS (--tls-cert, --tls-key) and credentials ` +
+          "(--tls-client-ca, --auth-tokens or --jwt-jwks, with --auth-policy); or listen on 127.0.0.1, or pass --insecure to accept unauthenticated clients from the network",
+      );
+    }
   }
   const gracePeriodMs = parseDuration("--grace-period", raw.gracePeriod ?? DEFAULTS.gracePeriod);
   if (gracePeriodMs < 2000) throw configError("--grace-period", "must be at least 2s");
@@ -195,5 +261,77 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     maxFileBytes,
     logLevel,
     insecure,
+    tls,
+    auth,
   });
+}
+
+function parseTls(raw: RawServerOptions): TlsConfig | undefined {
+  const certFile = raw.tlsCert || undefined;
+  const keyFile = raw.tlsKey || undefined;
+  const clientCaFile = raw.tlsClientCa || undefined;
+  if (!certFile !== !keyFile) {
+    throw configError(certFile ? "--tls-key" : "--tls-cert", "--tls-cert and --tls-key go together");
+  }
+  if (clientCaFile && !certFile) {
+    throw configError("--tls-client-ca", "client certificates need TLS: add --tls-cert and --tls-key");
+  }
+  const clientAuth = raw.tlsClientAuth ?? DEFAULTS.tlsClientAuth;
+  if (clientAuth !== "require" && clientAuth !== "optional") {
+    throw configError("--tls-client-auth", `must be require or optional (got ${JSON.stringify(clientAuth)})`);
+  }
+  if (raw.tlsClientAuth && !clientCaFile) {
+    throw configError("--tls-client-auth", "applies only with --tls-client-ca");
+  }
+  if (!certFile || !keyFile) return undefined;
+  return Object.freeze({ certFile, keyFile, clientCaFile, clientAuth });
+}
+
+function parseAuth(raw: RawServerOptions, tls: TlsConfig | undefined): AuthConfig {
+  const jwks = raw.jwtJwks || undefined;
+  let jwt: JwtConfig | undefined;
+  if (jwks) {
+    if (!raw.jwtIssuer)
+      throw configError("--jwt-issuer", "is required with --jwt-jwks (the iss every token must carry)");
+    if (!raw.jwtAudience)
+      throw configError("--jwt-audience", "is required with --jwt-jwks (the aud every token must carry)");
+    const clockSkewMs = parseDuration("--jwt-clock-skew", raw.jwtClockSkew ?? DEFAULTS.jwtClockSkew);
+    if (clockSkewMs > 5 * 60_000) throw configError("--jwt-clock-skew", "must be at most 5m");
+    jwt = Object.freeze({
+      jwks,
+      issuer: raw.jwtIssuer,
+      audience: raw.jwtAudience,
+      clockSkewMs,
+      principalClaim: raw.jwtPrincipalClaim || DEFAULTS.jwtPrincipalClaim,
+    });
+  } else {
+    for (const [flag, value] of [
+      ["--jwt-issuer", raw.jwtIssuer],
+      ["--jwt-audience", raw.jwtAudience],
+      ["--jwt-clock-skew", raw.jwtClockSkew],
+      ["--jwt-principal-claim", raw.jwtPrincipalClaim],
+    ] as const) {
+      if (value) throw configError(flag, "applies only with --jwt-jwks");
+    }
+  }
+  const tokensFile = raw.authTokens || undefined;
+  const enabled = Boolean(tls?.clientCaFile || tokensFile || jwt);
+  const policyFile = raw.authPolicy || undefined;
+  if (policyFile && !enabled) {
+    throw configError(
+      "--auth-policy",
+      "nothing authenticates callers yet: add --tls-client-ca, --auth-tokens or --jwt-jwks",
+    );
+  }
+  const reflection = raw.reflection ?? DEFAULTS.reflection;
+  if (reflection !== "open" && reflection !== "authenticated") {
+    throw configError("--reflection", `must be open or authenticated (got ${JSON.stringify(reflection)})`);
+  }
+  if (reflection === "authenticated" && !enabled) {
+    throw configError(
+      "--reflection",
+      "authenticated needs credentials configured (--tls-client-ca, --auth-tokens or --jwt-jwks)",
+    );
+  }
+  return Object.freeze({ enabled, policyFile, tokensFile, jwt, reflection });
 }

@@ -1,6 +1,5 @@
 import { randomUUID } from "node:crypto";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
-import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import { parseListen, type ServerConfig } from "./config.js";
@@ -12,6 +11,7 @@ import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
+import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
 import { createRpcServer } from "./rpc/server.js";
 import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
@@ -42,6 +42,8 @@ export interface LeaseholdServer extends AsyncDisposable {
   /** Scope leases (tests run their expiry by hand with a fake clock). */
   readonly scope: ScopeLeaseService;
   readonly metrics: Metrics;
+  /** TLS and authentication of the port (tests rotate certificates through `security.tls.reload()`). */
+  readonly security: ServerSecurity;
   /**
    * Health NOT_SERVING, stop accepting calls, end open streams, flush
    * pending writes, close the database. Idempotent.
@@ -105,16 +107,26 @@ export async function startServer(
   const limits = overrides.limits ?? {};
   const timers = overrides.timers ?? true;
   const gate = createStartupGate();
-  const rpc = await createRpcServer(config.listen, grpc.ServerCredentials.createInsecure(), {
+  // Certificates, tokens and policy are read before anything else: a bad file stops the start.
+  const security = createServerSecurity(config, log);
+  const rpc = await createRpcServer(config.listen, security.credentials, {
     log,
+    authenticator: security.authenticator,
+    reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
     ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
     services: SERVICES.map((service) => gate.defer(service)),
+  }).catch((error: unknown) => {
+    security.close();
+    throw error;
   });
-  log.info({ port: rpc.port, listen: config.listen, serverId }, "listening; NOT_SERVING until ready");
+  log.info(
+    { port: rpc.port, listen: config.listen, serverId, tls: Boolean(config.tls), auth: config.auth.enabled },
+    "listening; NOT_SERVING until ready",
+  );
   // Everything behind the port, closed in reverse order after the port.
-  const cleanup: (() => Promise<void>)[] = [];
+  const cleanup: (() => Promise<void>)[] = [async () => security.close()];
   const unwind = async () => {
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
   };
@@ -280,6 +292,7 @@ export async function startServer(
       leases: manager,
       scope,
       metrics,
+      security,
       close,
       [Symbol.asyncDispose]: close,
     };

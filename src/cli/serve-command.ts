@@ -98,6 +98,69 @@ export function serveCommand(): Command {
         "allow listening beyond loopback without credentials (anyone who can reach the port can call every method)",
       ).env("LEASEHOLD_INSECURE"),
     )
+    .addOption(
+      new Option(
+        "--tls-cert <file>",
+        "PEM certificate (chain) of the gRPC port; turns TLS on. Re-read when it changes: open streams keep going, new connections get the new certificate",
+      ).env("LEASEHOLD_TLS_CERT"),
+    )
+    .addOption(new Option("--tls-key <file>", "PEM private key of --tls-cert").env("LEASEHOLD_TLS_KEY"))
+    .addOption(
+      new Option(
+        "--tls-client-ca <file>",
+        "PEM CA bundle that client certificates must chain to (mTLS); a client's principal is its certificate's first URI SAN, else its first DNS SAN",
+      ).env("LEASEHOLD_TLS_CLIENT_CA"),
+    )
+    .addOption(
+      new Option(
+        "--tls-client-auth <mode>",
+        "with --tls-client-ca: require a client certificate on every connection, or make it optional so that token callers connect without one (default: require)",
+      )
+        .choices(["require", "optional"])
+        .env("LEASEHOLD_TLS_CLIENT_AUTH"),
+    )
+    .addOption(
+      new Option(
+        "--auth-policy <file>",
+        "YAML policy binding principals (exact or globs) to roles (agent, reader, submitter, operator) in clusters; with credentials configured, whatever it does not allow is refused",
+      ).env("LEASEHOLD_AUTH_POLICY"),
+    )
+    .addOption(
+      new Option(
+        "--auth-tokens <file>",
+        "static bearer tokens, stored as SHA-256 hashes (add with `leasehold token create`); re-read when it changes",
+      ).env("LEASEHOLD_AUTH_TOKENS"),
+    )
+    .addOption(
+      new Option(
+        "--jwt-jwks <file|url>",
+        "JWKS (file or http(s) URL) whose keys sign accepted JWT bearer tokens",
+      ).env("LEASEHOLD_JWT_JWKS"),
+    )
+    .addOption(new Option("--jwt-issuer <iss>", "the iss every JWT must carry").env("LEASEHOLD_JWT_ISSUER"))
+    .addOption(
+      new Option("--jwt-audience <aud>", "the aud every JWT must carry").env("LEASEHOLD_JWT_AUDIENCE"),
+    )
+    .addOption(
+      new Option(
+        "--jwt-clock-skew <duration>",
+        "clock skew tolerated on exp and nbf (at most 5m; default 30s)",
+      ).env("LEASEHOLD_JWT_CLOCK_SKEW"),
+    )
+    .addOption(
+      new Option("--jwt-principal-claim <claim>", "JWT claim naming the principal (default: sub)").env(
+        "LEASEHOLD_JWT_PRINCIPAL_CLAIM",
+      ),
+    )
+    .addOption(
+      new Option(
+        "--reflection <who>",
+        "who may use server reflection: open (anyone) or authenticated (callers with valid credentials); health is always open",
+      )
+        .choices(["open", "authenticated"])
+        .env("LEASEHOLD_REFLECTION")
+        .default(DEFAULTS.reflection),
+    )
     .action(async (options: Record<string, string | boolean | undefined>) => {
       let config: ReturnType<typeof parseServerConfig>;
       try {
@@ -116,6 +179,18 @@ export function serveCommand(): Command {
           maxFileSize: options.maxFileSize as string,
           logLevel: options.logLevel as string,
           insecure: Boolean(options.insecure),
+          tlsCert: options.tlsCert as string | undefined,
+          tlsKey: options.tlsKey as string | undefined,
+          tlsClientCa: options.tlsClientCa as string | undefined,
+          tlsClientAuth: options.tlsClientAuth as string | undefined,
+          authPolicy: options.authPolicy as string | undefined,
+          authTokens: options.authTokens as string | undefined,
+          jwtJwks: options.jwtJwks as string | undefined,
+          jwtIssuer: options.jwtIssuer as string | undefined,
+          jwtAudience: options.jwtAudience as string | undefined,
+          jwtClockSkew: options.jwtClockSkew as string | undefined,
+          jwtPrincipalClaim: options.jwtPrincipalClaim as string | undefined,
+          reflection: options.reflection as string,
         });
       } catch (error) {
         // A bad option: say which and how to fix it, and exit 2 like other usage errors.
@@ -172,6 +247,9 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   try {
     server = await startServer(config, log, { signal: stopBeforeReady.signal });
   } catch (error) {
+    // A certificate, key, token or policy file that cannot be used: a usage error naming its flag.
+    if (error instanceof LeaseholdError && error.code === Code.InvalidArgument)
+      throw new CliError(error.message, EXIT.usage);
     if (error !== stopBeforeReady.signal.reason) throw error;
     log.info("leasehold stopped");
     process.exit(EXIT.ok);

@@ -12,8 +12,10 @@ import {
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import type * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
-import { type Access, OPEN_ACCESS } from "../auth/access.js";
+import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
+import type { Authenticator, CallCredentials } from "./authenticator.js";
+import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
 
@@ -183,7 +185,7 @@ export function createServiceDefinition(service: DescService): grpc.ServiceDefin
   return definition;
 }
 
-interface CallLike {
+interface CallLike extends CallCredentials {
   getDeadline(): grpc.Deadline;
   getPeer(): string;
   metadata: grpc.Metadata;
@@ -195,7 +197,10 @@ interface CallLike {
  * A context whose signal follows the call and the server's shutdown; `done()`
  * releases its timer and listeners.
  */
-function createContext(call: CallLike, shutdown: AbortSignal): HandlerContext & { done(): void } {
+function createContext(
+  call: CallLike,
+  shutdown: AbortSignal,
+): HandlerContext & { access: Access; done(): void } {
   const controller = new AbortController();
   const onCancelled = () =>
     controller.abort(new LeaseholdError(Code.Canceled, "the client cancelled the call"));
@@ -294,6 +299,63 @@ export interface HandlerDeps {
    * reconnect elsewhere.
    */
   readonly shutdown: AbortSignal;
+  /**
+   * Authentication; without it every call gets {@link OPEN_ACCESS} (no
+   * credentials configured).
+   */
+  readonly authenticator?: Authenticator | undefined;
+  /** Logs one refused call (UNAUTHENTICATED or PERMISSION_DENIED). */
+  readonly onRefused?: ((refusal: Refusal) => void) | undefined;
+}
+
+/** A call refused for want of credentials or rights, as the log line names it. */
+export interface Refusal {
+  readonly principal: string;
+  readonly method: string;
+  readonly code: Code;
+  readonly reason: string;
+  readonly message: string;
+  readonly peer: string;
+}
+
+/**
+ * The caller's access, checked against the method's right: UNAUTHENTICATED
+ * without valid credentials, PERMISSION_DENIED when the principal holds the
+ * method's right in no cluster. Runs before the request is validated, so an
+ * anonymous caller learns nothing from the shape of its request.
+ */
+async function authorize(call: CallLike, deps: HandlerDeps, path: string): Promise<Access> {
+  if (!deps.authenticator) return OPEN_ACCESS;
+  const access = await deps.authenticator.authenticate(call);
+  const right = METHOD_RIGHTS[path];
+  if (right === undefined) throw permissionDenied(access.actor, `to call ${path}`, "(no right grants it)");
+  if (!access.holdsAnywhere(right)) throw permissionDenied(access.actor, right, "in any cluster");
+  return access;
+}
+
+/** The status of a failed call; refusals are reported to `onRefused` first. */
+function failure(
+  error: unknown,
+  deps: HandlerDeps,
+  path: string,
+  call: CallLike,
+  access: Access | undefined,
+) {
+  if (
+    deps.onRefused &&
+    error instanceof LeaseholdError &&
+    (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied)
+  ) {
+    deps.onRefused({
+      principal: access?.actor ?? error.metadata.principal ?? "",
+      method: path,
+      code: error.code,
+      reason: error.reason ?? "",
+      message: error.message,
+      peer: call.getPeer(),
+    });
+  }
+  return toStatusObject(error, deps.log, path);
 }
 
 /** How a stream ends: OK, or the shutdown's status if the server is going away. */
@@ -317,15 +379,16 @@ function unaryHandler(
   path: string,
 ): grpc.handleUnaryCall<unknown, unknown> {
   return (call, callback) => {
-    if (call.request instanceof RejectedRequest) {
-      callback(toStatusObject(call.request.error, deps.log, path));
-      return;
-    }
     const ctx = createContext(call, deps.shutdown);
-    (async () => fn(call.request, ctx))()
+    let access: Access | undefined;
+    (async () => {
+      access = ctx.access = await authorize(call, deps, path);
+      if (call.request instanceof RejectedRequest) throw call.request.error;
+      return fn(call.request, ctx);
+    })()
       .then(
         (response) => callback(null, create(method.output, response as MessageInitShape<DescMessage>)),
-        (error: unknown) => callback(toStatusObject(error, deps.log, path)),
+        (error: unknown) => callback(failure(error, deps, path, call, access)),
       )
       .finally(() => ctx.done());
   };
@@ -338,12 +401,11 @@ function serverStreamHandler(
   path: string,
 ): grpc.handleServerStreamingCall<unknown, unknown> {
   return (call) => {
-    if (call.request instanceof RejectedRequest) {
-      call.emit("error", toStatusObject(call.request.error, deps.log, path));
-      return;
-    }
     const ctx = createContext(call, deps.shutdown);
+    let access: Access | undefined;
     (async () => {
+      access = ctx.access = await authorize(call, deps, path);
+      if (call.request instanceof RejectedRequest) throw call.request.error;
       for await (const message of fn(call.request, ctx)) {
         if (ctx.signal.aborted) break;
         if (!call.write(create(method.output, message as MessageInitShape<DescMessage>))) {
@@ -353,7 +415,7 @@ function serverStreamHandler(
     })()
       .then(
         () => endStream(call, deps, path),
-        (error: unknown) => call.emit("error", toStatusObject(error, deps.log, path)),
+        (error: unknown) => call.emit("error", failure(error, deps, path, call, access)),
       )
       .finally(() => ctx.done());
   };
@@ -407,13 +469,18 @@ function bidiHandler(
       },
     };
     ctx.signal.addEventListener("abort", queue.stop, { once: true });
-    (async () => fn(stream, ctx))()
+    let access: Access | undefined;
+    (async () => {
+      // Once per stream: what the stream may do is decided when it opens.
+      access = ctx.access = await authorize(call, deps, path);
+      return fn(stream, ctx);
+    })()
       .then(
         () => {
           if (!reset) endStream(call, deps, path);
         },
         (error: unknown) => {
-          if (!reset) call.emit("error", toStatusObject(error, deps.log, path));
+          if (!reset) call.emit("error", failure(error, deps, path, call, access));
         },
       )
       .finally(() => ctx.done());

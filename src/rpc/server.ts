@@ -4,8 +4,10 @@ import * as grpc from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
-import { createServiceDefinition, createServiceHandlers, type ServiceImpl } from "./adapter.js";
+import { createServiceDefinition, createServiceHandlers, type Refusal, type ServiceImpl } from "./adapter.js";
+import type { Authenticator } from "./authenticator.js";
 import { addReflection } from "./reflection.js";
+import { toStatusObject } from "./status.js";
 
 /** A service and its implementation, ready to register. */
 export interface ServiceBinding {
@@ -38,6 +40,13 @@ export interface RpcServerOptions {
    * {@link DEFAULT_MAX_CONCURRENT_STREAMS}.
    */
   readonly maxConcurrentStreams?: number;
+  /** Authentication of every call of `services`; none: every call is allowed (no credentials configured). */
+  readonly authenticator?: Authenticator | undefined;
+  /**
+   * Who may use server reflection: `open` (anyone, the default, as grpcurl
+   * users expect) or `authenticated` (any caller the authenticator accepts).
+   */
+  readonly reflection?: "open" | "authenticated";
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
@@ -87,13 +96,24 @@ export async function createRpcServer(
   // Every open call listens here until it ends (10,000 agent streams is the
   // target), so Node's default warning at 11 listeners would be a false alarm.
   setMaxListeners(0, shutdown.signal);
-  const deps = { log: options.log, shutdown: shutdown.signal };
+  const deps = {
+    log: options.log,
+    shutdown: shutdown.signal,
+    authenticator: options.authenticator,
+    onRefused: refusalLogger(options.log),
+  };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl } of options.services) {
     server.addService(createServiceDefinition(service), createServiceHandlers(service, impl, deps));
   }
   health.addToServer(server);
-  addReflection(server, [...options.services.map((s) => s.service.typeName), "grpc.health.v1.Health"]);
+  const authenticator = options.authenticator;
+  addReflection(
+    options.reflection === "authenticated" && authenticator
+      ? authenticatedRegistry(server, authenticator, deps.log, deps.onRefused)
+      : server,
+    [...options.services.map((s) => s.service.typeName), "grpc.health.v1.Health"],
+  );
 
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(address, credentials, (error, boundPort) =>
@@ -137,5 +157,85 @@ export async function createRpcServer(
     },
     close,
     [Symbol.asyncDispose]: close,
+  };
+}
+
+/** Refused calls logged per second at most; the rest are counted in the next line. */
+const REFUSALS_PER_SECOND = 20;
+
+/**
+ * One warning per refused call, naming principal, method and reason, at most
+ * {@link REFUSALS_PER_SECOND} a second so that a hostile client cannot flood
+ * the log; the lines it would have cost are counted in the next one.
+ */
+function refusalLogger(log: Logger): (refusal: Refusal) => void {
+  let second = 0;
+  let logged = 0;
+  let suppressed = 0;
+  return (refusal) => {
+    const now = Math.floor(Date.now() / 1000);
+    if (now !== second) {
+      second = now;
+      logged = 0;
+    }
+    if (logged >= REFUSALS_PER_SECOND) {
+      suppressed += 1;
+      return;
+    }
+    logged += 1;
+    log.warn(
+      {
+        principal: refusal.principal || undefined,
+        method: refusal.method,
+        code: refusal.code === Code.Unauthenticated ? "UNAUTHENTICATED" : "PERMISSION_DENIED",
+        reason: refusal.reason,
+        peer: refusal.peer,
+        ...(suppressed > 0 ? { suppressedBefore: suppressed } : {}),
+      },
+      `refused ${refusal.method}: ${refusal.message}`,
+    );
+    suppressed = 0;
+  };
+}
+
+/**
+ * A stand-in for `server.addService` that makes every handler of the added
+ * service authenticate its caller first (reflection with
+ * `--reflection=authenticated`). Any authenticated principal may use it.
+ */
+function authenticatedRegistry(
+  server: grpc.Server,
+  authenticator: Authenticator,
+  log: Logger,
+  onRefused: (refusal: Refusal) => void,
+): Pick<grpc.Server, "addService"> {
+  return {
+    addService(definition, implementation) {
+      const wrapped: grpc.UntypedServiceImplementation = {};
+      for (const [name, handler] of Object.entries(implementation)) {
+        const path = definition[name]?.path ?? name;
+        wrapped[name] = ((call: grpc.ServerDuplexStream<unknown, unknown>, ...rest: unknown[]) => {
+          Promise.resolve()
+            .then(() => authenticator.authenticate(call))
+            .then(
+              () => (handler as (...args: unknown[]) => void)(call, ...rest),
+              (error: unknown) => {
+                if (error instanceof LeaseholdError) {
+                  onRefused({
+                    principal: "",
+                    method: path,
+                    code: error.code,
+                    reason: error.reason ?? "",
+                    message: error.message,
+                    peer: call.getPeer(),
+                  });
+                }
+                call.emit("error", toStatusObject(error, log, path));
+              },
+            );
+        }) as grpc.UntypedHandleCall;
+      }
+      server.addService(definition, wrapped);
+    },
   };
 }

@@ -1,0 +1,120 @@
+import { readFileSync } from "node:fs";
+import { parse } from "yaml";
+import { LeaseholdError } from "../errors.js";
+import { matchesGlob, ROLES, type Role, type RoleBinding } from "./access.js";
+
+/**
+ * Who may do what: principals (exact, or globs with `*` and `?`) bound to
+ * roles in clusters. Loaded from `--auth-policy`:
+ *
+ * ```yaml
+ * bindings:
+ *   - principals: ["spiffe://example.org/agent/*"]
+ *     role: agent
+ *     clusters: ["gpu-*"]       # default ["*"]: every cluster
+ *     worker_ids: "gpu-*"       # agents only; default "*"
+ *   - principals: [ci-bot]
+ *     role: submitter
+ *     clusters: [staging]
+ * ```
+ *
+ * A principal no binding names may do nothing (deny by default); one that
+ * several bindings name holds the union of their rights.
+ */
+export interface Policy {
+  /** The bindings that apply to `principal`. */
+  bindingsOf(principal: string): readonly RoleBinding[];
+  /** How many bindings the policy has (for the start-up log line). */
+  readonly size: number;
+}
+
+interface PolicyBinding extends RoleBinding {
+  readonly principals: readonly string[];
+}
+
+/** A policy with no bindings: with credentials configured, nobody may do anything it does not grant. */
+export const EMPTY_POLICY: Policy = { bindingsOf: () => [], size: 0 };
+
+/** Reads and checks a policy file; throws INVALID_ARGUMENT naming `--auth-policy` and the field to fix. */
+export function loadPolicy(path: string): Policy {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (error) {
+    throw policyError(`cannot read ${path}: ${(error as Error).message}`);
+  }
+  return parsePolicy(text, path);
+}
+
+/** Parses policy YAML (see {@link Policy}). */
+export function parsePolicy(text: string, source = "the policy"): Policy {
+  let document: unknown;
+  try {
+    document = parse(text);
+  } catch (error) {
+    throw policyError(`${source} is not valid YAML: ${(error as Error).message}`);
+  }
+  const problems: string[] = [];
+  const bindings: PolicyBinding[] = [];
+  const root = (document ?? {}) as Record<string, unknown>;
+  if (typeof root !== "object" || Array.isArray(root))
+    problems.push("the file must be a mapping with a bindings list");
+  else {
+    for (const key of Object.keys(root))
+      if (key !== "bindings") problems.push(`${key}: unknown field (expected bindings)`);
+    const list = root.bindings ?? [];
+    if (!Array.isArray(list)) problems.push("bindings: must be a list");
+    else
+      list.forEach((item, i) => {
+        const binding = parseBinding(item, `bindings[${i}]`, problems);
+        if (binding) bindings.push(binding);
+      });
+  }
+  if (problems.length > 0) throw policyError(`${source}: ${problems.join("; ")}`);
+  return {
+    size: bindings.length,
+    bindingsOf: (principal) => bindings.filter((b) => b.principals.some((p) => matchesGlob(p, principal))),
+  };
+}
+
+function parseBinding(item: unknown, at: string, problems: string[]): PolicyBinding | undefined {
+  if (item === null || typeof item !== "object" || Array.isArray(item)) {
+    problems.push(`${at}: must be a mapping with principals, role and clusters`);
+    return undefined;
+  }
+  const b = item as Record<string, unknown>;
+  const before = problems.length;
+  for (const key of Object.keys(b)) {
+    if (!["principals", "role", "clusters", "worker_ids"].includes(key))
+      problems.push(`${at}.${key}: unknown field (expected principals, role, clusters, worker_ids)`);
+  }
+  const principals = stringList(b.principals, `${at}.principals`, problems, false);
+  const role = b.role;
+  if (typeof role !== "string" || !(ROLES as readonly string[]).includes(role))
+    problems.push(`${at}.role: must be one of ${ROLES.join(", ")} (got ${JSON.stringify(role ?? null)})`);
+  const clusters =
+    b.clusters === undefined ? ["*"] : stringList(b.clusters, `${at}.clusters`, problems, false);
+  const workerIds = b.worker_ids ?? "*";
+  if (typeof workerIds !== "string" || workerIds === "")
+    problems.push(`${at}.worker_ids: must be a non-empty glob`);
+  else if (role !== "agent" && role !== "operator" && workerIds !== "*")
+    problems.push(`${at}.worker_ids: applies only to the agent and operator roles`);
+  if (problems.length > before) return undefined;
+  return { principals, role: role as Role, clusters, workerIds: workerIds as string };
+}
+
+function stringList(value: unknown, at: string, problems: string[], emptyOk: boolean): string[] {
+  const list = typeof value === "string" ? [value] : value;
+  if (!Array.isArray(list) || (!emptyOk && list.length === 0)) {
+    problems.push(`${at}: must be a non-empty list of strings`);
+    return [];
+  }
+  list.forEach((v, i) => {
+    if (typeof v !== "string" || v === "") problems.push(`${at}[${i}]: must be a non-empty string`);
+  });
+  return list as string[];
+}
+
+function policyError(message: string): LeaseholdError {
+  return LeaseholdError.invalidArgument("--auth-policy", message);
+}

@@ -1,0 +1,132 @@
+import type { PeerCertificate } from "node:tls";
+import type * as grpc from "@grpc/grpc-js";
+import type { Logger } from "pino";
+import { type Access, accessOf, type Identity, UNAUTHENTICATED_REASON } from "../auth/access.js";
+import type { JwtVerifier } from "../auth/jwt.js";
+import { looksLikeJwt } from "../auth/jwt.js";
+import type { Policy } from "../auth/policy.js";
+import type { StaticTokens } from "../auth/static-tokens.js";
+import { Code, LeaseholdError } from "../errors.js";
+import { principalOfCertificate } from "./tls.js";
+
+/** What authentication reads of a call. */
+export interface CallCredentials {
+  readonly metadata: grpc.Metadata;
+  /** grpc-js's auth context: the client certificate, only when it verified against the client CA. */
+  getAuthContext(): { readonly sslPeerCertificate?: PeerCertificate | undefined };
+}
+
+/** Turns a call's credentials into what the caller may do. */
+export interface Authenticator {
+  /** The caller's access; throws UNAUTHENTICATED when it proved nothing (or something invalid). */
+  authenticate(call: CallCredentials): Access | Promise<Access>;
+}
+
+/** Options of {@link createAuthenticator}. */
+export interface AuthenticatorOptions {
+  readonly policy: Policy;
+  /** Static tokens (`--auth-tokens`), if configured. */
+  readonly staticTokens?: StaticTokens | undefined;
+  /** JWT verification (`--jwt-jwks`), if configured. */
+  readonly jwt?: JwtVerifier | undefined;
+  readonly log: Logger;
+  /** Clock for cache expiry (tests). Default Date.now. */
+  readonly now?: () => number;
+}
+
+/** Entries of the token cache; past it the cache starts over (a flood of distinct tokens costs verification, not memory). */
+const CACHE_ENTRIES = 10_000;
+/** Longest a verified JWT is trusted without verifying it again, even when it expires later. */
+const CACHE_MS = 5 * 60_000;
+
+function unauthenticated(message: string, reason = UNAUTHENTICATED_REASON): LeaseholdError {
+  return new LeaseholdError(Code.Unauthenticated, message, { reason });
+}
+
+/**
+ * Authentication in the order a caller's proofs are trusted:
+ * 1. `authorization: Bearer <token>` metadata: a static token (`lh_…`,
+ *    looked up by hash) or a JWT (signature, issuer, audience, expiry). A bad
+ *    token is refused even when a client certificate came with it: a caller
+ *    that sends one means to be its principal.
+ * 2. Otherwise the verified client certificate (mTLS): its first URI SAN,
+ *    else its first DNS SAN.
+ * 3. Otherwise UNAUTHENTICATED.
+ * The principal's rights are the policy's bindings for it plus the roles a
+ * static token carries. Streams authenticate once, when they open; unary
+ * calls hit a cache keyed by the token (or the certificate's fingerprint),
+ * kept no longer than the credential's expiry.
+ */
+export function createAuthenticator(options: AuthenticatorOptions): Authenticator {
+  const now = options.now ?? Date.now;
+  const cache = new Map<string, { access: Access; untilMs: number }>();
+  const remember = (key: string, access: Access, untilMs: number) => {
+    if (cache.size >= CACHE_ENTRIES) cache.clear();
+    cache.set(key, { access, untilMs });
+    return access;
+  };
+  const accessFor = (identity: Identity) =>
+    accessOf(identity.principal, [
+      ...options.policy.bindingsOf(identity.principal),
+      ...(identity.bindings ?? []),
+    ]);
+
+  const fromToken = (token: string): Access | Promise<Access> => {
+    const hit = cache.get(token);
+    if (hit && hit.untilMs > now()) return hit.access;
+    if (token.startsWith("lh_") && options.staticTokens) {
+      const identity = options.staticTokens.verify(token);
+      if (!identity) throw unauthenticated("the bearer token is not known to this server", "TOKEN_UNKNOWN");
+      // Static tokens do not expire; a short cache lets a removed token stop working soon.
+      return remember(token, accessFor(identity), now() + 10_000);
+    }
+    if (options.jwt && looksLikeJwt(token)) {
+      return options.jwt.verify(token).then((identity) => {
+        const untilMs = Math.min(identity.expiresAtMs ?? Number.POSITIVE_INFINITY, now() + CACHE_MS);
+        return remember(token, accessFor(identity), untilMs);
+      });
+    }
+    throw unauthenticated(
+      options.staticTokens || options.jwt
+        ? "the bearer token is neither a known static token nor a JWT this server checks"
+        : "this server takes no bearer tokens; authenticate with a client certificate",
+      "TOKEN_UNKNOWN",
+    );
+  };
+
+  return {
+    authenticate(call) {
+      const header = call.metadata.get("authorization");
+      if (header.length > 1)
+        throw unauthenticated("send one authorization header, not several", "BAD_AUTHORIZATION");
+      const value = header[0];
+      if (value !== undefined) {
+        const match = /^Bearer +(\S+)\s*$/i.exec(String(value));
+        if (!match?.[1])
+          throw unauthenticated('the authorization header must be "Bearer <token>"', "BAD_AUTHORIZATION");
+        return fromToken(match[1]);
+      }
+      const certificate = call.getAuthContext().sslPeerCertificate;
+      if (certificate) {
+        const key = `cert:${certificate.fingerprint256}`;
+        const hit = cache.get(key);
+        if (hit && hit.untilMs > now()) return hit.access;
+        const principal = principalOfCertificate(certificate);
+        if (!principal)
+          throw unauthenticated(
+            "the client certificate has no URI or DNS subject alternative name",
+            "CERT_NO_SAN",
+          );
+        const validTo = Date.parse(certificate.valid_to);
+        return remember(
+          key,
+          accessFor({ principal, via: "mtls" }),
+          Math.min(Number.isFinite(validTo) ? validTo : Number.POSITIVE_INFINITY, now() + CACHE_MS),
+        );
+      }
+      throw unauthenticated(
+        "this server needs credentials: send `authorization: Bearer <token>` or connect with a client certificate",
+      );
+    },
+  };
+}

@@ -4,7 +4,8 @@ import { Code, LeaseholdError, quote } from "../errors.js";
  * Roles a policy grants (README, "Securing Leasehold"):
  * - `agent`: run a worker (`WorkerService.Connect`) in its clusters, with a
  *   worker id matching its pattern; and upload the files its deployments
- *   produce (`CreateFile` in leases of its clusters).
+ *   produce (`CreateFile` in leases of its clusters; no other resource, so
+ *   that an agent cannot make other agents run anything).
  * - `reader`: get, list and watch everything in its clusters, events included.
  * - `submitter`: what a reader may, plus submit and cancel its own actions,
  *   create scope leases and use its own (promote, commit, roll back, set a
@@ -39,6 +40,7 @@ export const RIGHTS = [
   "lease.delete",
   "resource.create",
   "resource.read",
+  "file.upload",
   "event.read",
 ] as const;
 export type Right = (typeof RIGHTS)[number];
@@ -54,7 +56,7 @@ const READER: readonly Right[] = [
 
 /** What each role holds, in the clusters of its binding. */
 export const ROLE_RIGHTS: Readonly<Record<Role, readonly Right[]>> = {
-  agent: ["worker.connect", "resource.create"],
+  agent: ["worker.connect", "file.upload"],
   reader: READER,
   submitter: [
     ...READER,

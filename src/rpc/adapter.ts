@@ -329,7 +329,9 @@ async function authorize(call: CallLike, deps: HandlerDeps, path: string): Promi
   const access = await deps.authenticator.authenticate(call);
   const right = METHOD_RIGHTS[path];
   if (right === undefined) throw permissionDenied(access.actor, `to call ${path}`, "(no right grants it)");
-  if (!access.holdsAnywhere(right)) throw permissionDenied(access.actor, right, "in any cluster");
+  const rights = typeof right === "string" ? [right] : right;
+  if (!rights.some((r) => access.holdsAnywhere(r)))
+    throw permissionDenied(access.actor, rights.join(" or "), "in any cluster");
   return access;
 }
 

@@ -3,11 +3,12 @@ import type { Right } from "../auth/access.js";
 /**
  * The right each method needs in at least one cluster before its handler
  * runs; the handler then checks the cluster (and owner) of what the call
- * touches. Keyed `package.Service/Method`. A method missing here is refused
+ * touches. Keyed `package.Service/Method`; a list means any one of its
+ * rights will do. A method missing here is refused
  * for every authenticated caller (deny by default), and the authorization
  * test fails for it.
  */
-export const METHOD_RIGHTS: Readonly<Record<string, Right>> = {
+export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> = {
   "leasehold.v1.ActionService/SubmitAction": "action.submit",
   "leasehold.v1.ActionService/GetAction": "action.read",
   "leasehold.v1.ActionService/ListActions": "action.read",
@@ -32,7 +33,7 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right>> = {
   "leasehold.v1.LeaseService/DebugLease": "lease.debug",
   "leasehold.v1.LeaseService/WaitLease": "lease.read",
   "leasehold.v1.LeaseService/CollectOutputs": "lease.use.own",
-  "leasehold.v1.ResourceService/CreateFile": "resource.create",
+  "leasehold.v1.ResourceService/CreateFile": ["resource.create", "file.upload"],
   "leasehold.v1.ResourceService/CreateDeployment": "resource.create",
   "leasehold.v1.ResourceService/CreateObject": "resource.create",
   "leasehold.v1.ResourceService/GetResource": "resource.read",

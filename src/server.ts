@@ -3,6 +3,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
+import type { Access } from "./auth/access.js";
 import { parseListen, type ServerConfig } from "./config.js";
 import { Code, LeaseholdError } from "./errors.js";
 import { ActionService } from "./gen/leasehold/v1/action_pb.js";
@@ -66,6 +67,11 @@ export interface ServerOverrides {
   readonly signal?: AbortSignal;
   /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
   readonly limits?: StreamLimits;
+  /**
+   * TEST-ONLY: the Access of each call from its metadata, in place of the
+   * adapter's own (open until authentication is configured).
+   */
+  readonly accessOf?: (metadata: grpc.Metadata) => Access;
 }
 
 /** Flow control and stream limits, each defaulted where it is used. */
@@ -110,6 +116,7 @@ export async function startServer(
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
     ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
+    ...(overrides.accessOf ? { accessOf: overrides.accessOf } : {}),
     services: SERVICES.map((service) => gate.defer(service)),
   });
   log.info({ port: rpc.port, listen: config.listen, serverId }, "listening; NOT_SERVING until ready");

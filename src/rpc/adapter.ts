@@ -195,7 +195,8 @@ interface CallLike {
  * A context whose signal follows the call and the server's shutdown; `done()`
  * releases its timer and listeners.
  */
-function createContext(call: CallLike, shutdown: AbortSignal): HandlerContext & { done(): void } {
+function createContext(call: CallLike, deps: HandlerDeps): HandlerContext & { done(): void } {
+  const shutdown = deps.shutdown;
   const controller = new AbortController();
   const onCancelled = () =>
     controller.abort(new LeaseholdError(Code.Canceled, "the client cancelled the call"));
@@ -220,7 +221,7 @@ function createContext(call: CallLike, shutdown: AbortSignal): HandlerContext & 
     deadline,
     peer: call.getPeer(),
     metadata: call.metadata,
-    access: OPEN_ACCESS,
+    access: deps.accessOf ? deps.accessOf(call.metadata) : OPEN_ACCESS,
     done() {
       clearTimeout(timer);
       call.off("cancelled", onCancelled);
@@ -294,6 +295,8 @@ export interface HandlerDeps {
    * reconnect elsewhere.
    */
   readonly shutdown: AbortSignal;
+  /** TEST-ONLY seam until authentication lands here: the Access of a call from its metadata. */
+  readonly accessOf?: ((metadata: grpc.Metadata) => Access) | undefined;
 }
 
 /** How a stream ends: OK, or the shutdown's status if the server is going away. */
@@ -321,7 +324,7 @@ function unaryHandler(
       callback(toStatusObject(call.request.error, deps.log, path));
       return;
     }
-    const ctx = createContext(call, deps.shutdown);
+    const ctx = createContext(call, deps);
     (async () => fn(call.request, ctx))()
       .then(
         (response) => callback(null, create(method.output, response as MessageInitShape<DescMessage>)),
@@ -342,7 +345,7 @@ function serverStreamHandler(
       call.emit("error", toStatusObject(call.request.error, deps.log, path));
       return;
     }
-    const ctx = createContext(call, deps.shutdown);
+    const ctx = createContext(call, deps);
     (async () => {
       for await (const message of fn(call.request, ctx)) {
         if (ctx.signal.aborted) break;
@@ -366,7 +369,7 @@ function bidiHandler(
   path: string,
 ): grpc.handleBidiStreamingCall<unknown, unknown> {
   return (call) => {
-    const ctx = createContext(call, deps.shutdown);
+    const ctx = createContext(call, deps);
     const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
     const encode = encoder(method.output);
     const flushed = new Set<() => void>();

@@ -3,6 +3,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import * as grpc from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
 import type { Logger } from "pino";
+import type { Access } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { createServiceDefinition, createServiceHandlers, type ServiceImpl } from "./adapter.js";
 import { addReflection } from "./reflection.js";
@@ -38,6 +39,8 @@ export interface RpcServerOptions {
    * {@link DEFAULT_MAX_CONCURRENT_STREAMS}.
    */
   readonly maxConcurrentStreams?: number;
+  /** TEST-ONLY seam (see `HandlerDeps.accessOf`): the Access of a call from its metadata. */
+  readonly accessOf?: (metadata: grpc.Metadata) => Access;
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
@@ -87,7 +90,7 @@ export async function createRpcServer(
   // Every open call listens here until it ends (10,000 agent streams is the
   // target), so Node's default warning at 11 listeners would be a false alarm.
   setMaxListeners(0, shutdown.signal);
-  const deps = { log: options.log, shutdown: shutdown.signal };
+  const deps = { log: options.log, shutdown: shutdown.signal, accessOf: options.accessOf };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl } of options.services) {
     server.addService(createServiceDefinition(service), createServiceHandlers(service, impl, deps));

@@ -1,7 +1,9 @@
 import { randomUUID } from "node:crypto";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
+import type * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
+import type { Access } from "./auth/access.js";
 import { parseListen, type ServerConfig } from "./config.js";
 import { Code, LeaseholdError } from "./errors.js";
 import { ActionService } from "./gen/leasehold/v1/action_pb.js";
@@ -68,6 +70,11 @@ export interface ServerOverrides {
   readonly signal?: AbortSignal;
   /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
   readonly limits?: StreamLimits;
+  /**
+   * The Access of each call from its metadata, in place of the configured
+   * authentication (tests of handler-level checks that need no credentials).
+   */
+  readonly accessOf?: (metadata: grpc.Metadata) => Access;
 }
 
 /** Flow control and stream limits, each defaulted where it is used. */
@@ -111,7 +118,9 @@ export async function startServer(
   const security = createServerSecurity(config, log);
   const rpc = await createRpcServer(config.listen, security.credentials, {
     log,
-    authenticator: security.authenticator,
+    authenticator: overrides.accessOf
+      ? { authenticate: (call) => (overrides.accessOf as (m: grpc.Metadata) => Access)(call.metadata) }
+      : security.authenticator,
     reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,

@@ -127,6 +127,7 @@ export function actionCommands(): Command {
           return undefined;
         }
         if (a) printTable(ACTION_HEADERS, [actionRow(a)]);
+        if (a?.createdBy) process.stdout.write(`created by: ${a.createdBy}\n`);
         if (a?.failureReason) process.stdout.write(`reason: ${a.failureReason}\n`);
         if (attempts.length > 0) {
           process.stdout.write("\n");

@@ -38,12 +38,15 @@ export function eventCommand(): Command {
               ? EventKind[(o.kind as string).toUpperCase() as keyof typeof EventKind]
               : EventKind.UNSPECIFIED,
           };
+          // Columns: TIME SEQUENCE KIND ACTOR MESSAGE. The actor is the principal whose call caused
+          // the event, "-" for the server's own decisions (expiries, TTL rollbacks).
           const print = (e: Event) => {
             if (g.json) process.stdout.write(`${toJson(messageJson(EventSchema, e))}\n`);
             else {
               const kind = enumName(EventKind, e.kind).toLowerCase();
+              const actor = e.actor || "-";
               process.stdout.write(
-                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${e.message}\n`,
+                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${actor.padEnd(16)} ${e.message}\n`,
               );
             }
           };

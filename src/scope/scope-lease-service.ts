@@ -51,13 +51,18 @@ export const SCOPE_DEFAULTS: ScopeLimits = {
   maxFileBytes: 3 * 1024 * 1024,
 };
 
-/** Scope leases (SPEC §3): the transaction boundary around the resources of a run. */
+/**
+ * Scope leases (SPEC §3): the transaction boundary around the resources of a
+ * run. `actor` arguments name the principal whose call it is: recorded as the
+ * creator (`createdBy`) and on the events the change writes.
+ */
 export interface ScopeLeaseService extends AsyncDisposable {
   create(input: {
     runtime: string;
     label: string;
     ttlMs: number | undefined;
     requestId: string | undefined;
+    actor: string;
   }): Promise<ScopeLeaseRecord>;
   get(id: string): Promise<ScopeLeaseRecord>;
   list(
@@ -65,12 +70,16 @@ export interface ScopeLeaseService extends AsyncDisposable {
     pageSize: number,
     pageToken: string,
   ): Promise<Page<ScopeLeaseRecord>>;
-  promote(leaseId: string, kind: string, resourceId: string): Promise<ResourceRecord>;
-  commit(leaseId: string): Promise<Closed>;
-  rollback(leaseId: string): Promise<Closed>;
+  promote(leaseId: string, kind: string, resourceId: string, actor: string): Promise<ResourceRecord>;
+  commit(leaseId: string, actor: string): Promise<Closed>;
+  rollback(leaseId: string, actor: string): Promise<Closed>;
   setResult(leaseId: string, result: JsonObject): Promise<ScopeLeaseRecord>;
   delete(leaseId: string): Promise<void>;
-  deleteMany(filter: { label?: string | undefined; closedBefore?: Date | undefined }): Promise<number>;
+  deleteMany(filter: {
+    label?: string | undefined;
+    runtime?: string | undefined;
+    closedBefore?: Date | undefined;
+  }): Promise<number>;
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
   listResources(
@@ -79,12 +88,13 @@ export interface ScopeLeaseService extends AsyncDisposable {
     pageToken: string,
   ): Promise<Page<ResourceRecord>>;
   readFile(id: string): Promise<Uint8Array>;
-  deleteResource(id: string): Promise<void>;
+  deleteResource(id: string, actor: string): Promise<void>;
   /** Creates a deployment and queues the action that runs it on an agent of its runtime. */
   createDeployment(input: {
     leaseId: string | undefined;
     runtime: string | undefined;
     spec: JsonObject;
+    actor: string;
   }): Promise<ResourceRecord>;
   /** The deployments among `resources`, with their observed state, by resource id. */
   deploymentsOf(resources: readonly ResourceRecord[]): Promise<Map<string, DeploymentView>>;
@@ -97,7 +107,7 @@ export interface ScopeLeaseService extends AsyncDisposable {
    * Asks the lease's deployments to save their outputs and stop, waits up to
    * `timeoutMs` for them to finish, and returns the ids of the files saved.
    */
-  collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal): Promise<string[]>;
+  collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal, actor: string): Promise<string[]>;
   /** Rolls back leases past their TTL now (the loop does it every second). */
   expireDue(): Promise<string[]>;
   /** Starts the expiry loop. */
@@ -182,8 +192,8 @@ export function createScopeLeaseService(deps: {
     return ids;
   }
 
-  async function close(leaseId: string, how: "COMMITTED" | "ROLLED_BACK"): Promise<Closed> {
-    const result = await closeScopeLease(db, clock, leaseId, how);
+  async function close(leaseId: string, how: "COMMITTED" | "ROLLED_BACK", actor: string): Promise<Closed> {
+    const result = await closeScopeLease(db, clock, leaseId, how, actor);
     if (isRefusal(result)) {
       // An open lease past its TTL: roll it back now, then report that.
       if (result.refused === "closed" && result.lease.state === "OPEN") {
@@ -278,12 +288,17 @@ export function createScopeLeaseService(deps: {
     }
   }
 
-  async function collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal): Promise<string[]> {
+  async function collectOutputs(
+    leaseId: string,
+    timeoutMs: number,
+    signal: AbortSignal,
+    actor: string,
+  ): Promise<string[]> {
     const resources = await openDeployments(leaseId, "collect outputs");
     const actionIds = resources.map((r) => r.actionId as string);
     /** Asks the holders of these (leased) actions to save and stop. */
     const ask = async (ids: readonly string[]) => {
-      const asked = await requestOutputs(db, ids);
+      const asked = await requestOutputs(db, ids, actor);
       for (const r of asked) {
         holders?.revoke(
           r.sessionId,
@@ -309,6 +324,7 @@ export function createScopeLeaseService(deps: {
             tx as unknown as Db,
             queued,
             "outputs were collected before it ran",
+            actor,
             "queued",
           ),
         );
@@ -363,8 +379,8 @@ export function createScopeLeaseService(deps: {
       const rows = await listScopeLeases(db, filter, cursor?.after, size + 1);
       return toPage(rows, size, (l) => l.id, filter);
     },
-    async promote(leaseId, kind, resourceId) {
-      const result = await promoteResource(db, clock, leaseId, kind, resourceId);
+    async promote(leaseId, kind, resourceId, actor) {
+      const result = await promoteResource(db, clock, leaseId, kind, resourceId, actor);
       if ("refused" in result) {
         if (result.refused === "no_resource") {
           throw new LeaseholdError(
@@ -378,8 +394,8 @@ export function createScopeLeaseService(deps: {
       feed.publish(EVENTS_TOPIC);
       return result;
     },
-    commit: (leaseId) => close(leaseId, "COMMITTED"),
-    rollback: (leaseId) => close(leaseId, "ROLLED_BACK"),
+    commit: (leaseId, actor) => close(leaseId, "COMMITTED", actor),
+    rollback: (leaseId, actor) => close(leaseId, "ROLLED_BACK", actor),
     async setResult(leaseId, result) {
       if (!(await setScopeLeaseResult(db, leaseId, result))) throw notFound(leaseId);
       return (await findScopeLease(db, leaseId)) as ScopeLeaseRecord;
@@ -425,8 +441,8 @@ export function createScopeLeaseService(deps: {
       if (!content) throw LeaseholdError.notFound("file", id);
       return content;
     },
-    async deleteResource(id) {
-      const deleted = await deleteWorkspaceResource(db, id);
+    async deleteResource(id, actor) {
+      const deleted = await deleteWorkspaceResource(db, id, actor);
       const outcome = deleted.outcome;
       if (deleted.outcome === "deleted") {
         // The lease is over, not to be confirmed: the agent stops and reports nothing.

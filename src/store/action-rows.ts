@@ -41,6 +41,7 @@ export interface ActionRow {
   updated_at: unknown;
   not_before: unknown;
   finished_at: unknown;
+  created_by: string;
 }
 
 export function actionFromRow(row: ActionRow): ActionRecord {
@@ -78,6 +79,7 @@ export function actionFromRow(row: ActionRow): ActionRecord {
     updatedAt: toDate(row.updated_at),
     notBefore: toDate(row.not_before),
     finishedAt: toDateOrNull(row.finished_at),
+    createdBy: row.created_by,
   };
 }
 

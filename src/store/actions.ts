@@ -71,9 +71,15 @@ export type CancelOutcome =
  * Cancels an action in one transaction. The row lock (`for update`) orders
  * the cancel against a concurrent grant or completion: a QUEUED action
  * becomes CANCELLED; a LEASED one is marked cancel_requested (its owner gets
- * a revoke); a finished one is left as it is.
+ * a revoke); a finished one is left as it is. `actor` is the principal
+ * cancelling, recorded on the event.
  */
-export async function cancelAction(db: Db, id: string, reason: string): Promise<CancelOutcome> {
+export async function cancelAction(
+  db: Db,
+  id: string,
+  reason: string,
+  actor: string,
+): Promise<CancelOutcome> {
   return db.transaction(async (tx) => {
     const txDb = tx as unknown as Db;
     const [row] = await queryRows<ActionRow>(txDb, sql`select * from actions where id = ${id} for update`);
@@ -88,8 +94,8 @@ export async function cancelAction(db: Db, id: string, reason: string): Promise<
             where id = ${id} returning *`,
       );
       await txDb.execute(
-        sql`insert into events (kind, action_id, cluster, message)
-            values ('action_cancelled', ${id}, ${current.cluster}, ${message})`,
+        sql`insert into events (kind, action_id, cluster, message, actor)
+            values ('action_cancelled', ${id}, ${current.cluster}, ${message}, ${actor})`,
       );
       return { kind: "cancelled", action: actionFromRow(updated as ActionRow) };
     }
@@ -100,9 +106,9 @@ export async function cancelAction(db: Db, id: string, reason: string): Promise<
             where id = ${id} returning *`,
       );
       await txDb.execute(
-        sql`insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
+        sql`insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
             values ('action_cancel_requested', ${id}, ${current.cluster}, ${current.workerId},
-                    ${current.sessionId}, ${current.epoch}, ${message})`,
+                    ${current.sessionId}, ${current.epoch}, ${message}, ${actor})`,
       );
       return { kind: "revoke_requested", action: actionFromRow(updated as ActionRow) };
     }

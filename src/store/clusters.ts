@@ -119,13 +119,15 @@ export type ResumeOutcome = "resumed" | "already resumed" | "not partitioned" | 
 /**
  * An operator's word that a partitioned cluster's lost sessions are really
  * gone (SPEC rule 10): its expiries go on for the rest of this partition.
- * Records a `cluster_expiries_resumed` event when it changes anything.
+ * Records a `cluster_expiries_resumed` event (with `actor`, the operator)
+ * when it changes anything.
  */
 export async function resumeExpiries(
   db: Db,
   clock: Clock,
   cluster: string,
   reason: string,
+  actor: string,
 ): Promise<ResumeOutcome> {
   const suffix = reason ? `: ${reason}` : "";
   const [row] = await queryRows<{ partitioned: boolean; resumed: boolean; changed: boolean }>(
@@ -141,10 +143,10 @@ export async function resumeExpiries(
         returning c.name
       ),
       resumed_event as (
-        insert into events (kind, cluster, message, details)
+        insert into events (kind, cluster, message, details, actor)
         select 'cluster_expiries_resumed', name,
           'an operator resumed lease expiries of partitioned cluster ' || name || ${suffix},
-          jsonb_build_object('reason', ${reason}::text)
+          jsonb_build_object('reason', ${reason}::text), ${actor}
         from changed
       )
       select t.partitioned_at is not null as partitioned, t.expiries_resumed_at is not null as resumed,

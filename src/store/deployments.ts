@@ -14,12 +14,14 @@ export interface HeldToken {
  * transaction (a rollback, an expiry, a delete). Queued ones never start; a
  * leased one's lease ends here, so any later report of its holder is fenced.
  * Returns the leases that were held, to revoke from their holders once the
- * transaction commits.
+ * transaction commits. `actor` is the principal whose call destroyed them
+ * (empty for a TTL rollback): the events' actor.
  */
 export async function cancelDeploymentActions(
   tx: Db,
   actionIds: readonly string[],
   message: string,
+  actor: string,
   only: "queued" | "queued or leased" = "queued or leased",
 ): Promise<HeldToken[]> {
   if (actionIds.length === 0) return [];
@@ -43,8 +45,8 @@ export async function cancelDeploymentActions(
         from cancelled c where t.action_id = c.id and t.epoch = c.epoch and c.state = 'LEASED'
       ),
       event as (
-        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
-        select 'action_cancelled', id, cluster, worker_id, session_id, epoch, ${message} from cancelled
+        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
+        select 'action_cancelled', id, cluster, worker_id, session_id, epoch, ${message}, ${actor} from cancelled
       )
       select id, epoch, session_id from cancelled where state = 'LEASED'`,
   );
@@ -55,9 +57,13 @@ export async function cancelDeploymentActions(
  * Asks the holders of deployment actions to save their outputs and stop
  * (stop_reason COLLECT_OUTPUTS; the lease stays valid so the holder can report
  * its files). Returns the leases to send the request to. Queued actions are
- * not touched: the caller cancels them.
+ * not touched: the caller cancels them. `actor` is who asked (the events' actor).
  */
-export async function requestOutputs(db: Db, actionIds: readonly string[]): Promise<HeldToken[]> {
+export async function requestOutputs(
+  db: Db,
+  actionIds: readonly string[],
+  actor: string,
+): Promise<HeldToken[]> {
   if (actionIds.length === 0) return [];
   const rows = await queryRows<{ id: string; epoch: unknown; session_id: string }>(
     db,
@@ -69,9 +75,9 @@ export async function requestOutputs(db: Db, actionIds: readonly string[]): Prom
         returning id, epoch, session_id, cluster, worker_id
       ),
       event as (
-        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message)
+        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
         select 'outputs_requested', id, cluster, worker_id, session_id, epoch,
-          'asked the agent to save the outputs and stop' from asked
+          'asked the agent to save the outputs and stop', ${actor} from asked
       )
       select id, epoch, session_id from asked`,
   );

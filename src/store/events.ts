@@ -16,6 +16,7 @@ interface EventRow {
   lease_id: string | null;
   message: string;
   details: JsonObject | null;
+  actor: string;
 }
 
 const eventFromRow = (r: EventRow): EventRecord => ({
@@ -30,6 +31,7 @@ const eventFromRow = (r: EventRow): EventRecord => ({
   leaseId: r.lease_id,
   message: r.message,
   details: r.details,
+  actor: r.actor,
 });
 
 /** Events matching `filter` with a sequence above `afterSequence`, oldest first. */

@@ -93,6 +93,12 @@ export const sessions = pgTable(
     endedAt: tstz("ended_at"),
     /** reaped | goodbye | taken_over */
     endReason: text("end_reason"),
+    /**
+     * The principal whose hello opened the session; only it may take the
+     * session over or resume it (SPEC §2 rule 8). `anonymous` when
+     * authentication is off.
+     */
+    principal: text("principal").notNull().default(""),
   },
   (t) => [
     uniqueIndex("sessions_one_live_per_worker").on(t.workerId).where(sql`${t.endedAt} is null`),
@@ -147,6 +153,8 @@ export const actions = pgTable(
     updatedAt: tstz("updated_at").notNull().defaultNow(),
     notBefore: tstz("not_before").notNull().defaultNow(),
     finishedAt: tstz("finished_at"),
+    /** The principal that submitted it (for deployments: that created the deployment). */
+    createdBy: text("created_by").notNull().default(""),
   },
   (t) => [
     uniqueIndex("actions_request_id_key").on(t.requestId),
@@ -195,6 +203,11 @@ export const events = pgTable(
     leaseId: text("lease_id"),
     message: text("message").notNull().default(""),
     details: jsonb("details").$type<Record<string, unknown>>(),
+    /**
+     * The principal whose call caused the event; empty for the server's own
+     * decisions (expiries, TTL rollbacks, re-grants).
+     */
+    actor: text("actor").notNull().default(""),
   },
   (t) => [
     index("events_action_idx").on(t.actionId, t.sequence),
@@ -225,6 +238,8 @@ export const scopeLeases = pgTable(
     closedAt: tstz("closed_at"),
     /** Set with SetResult; survives the close. */
     result: jsonb("result").$type<Record<string, unknown>>(),
+    /** The principal that created it: with `lease.use.own` only it may use the lease. */
+    createdBy: text("created_by").notNull().default(""),
   },
   (t) => [
     uniqueIndex("scope_leases_request_id_key").on(t.requestId),

@@ -26,6 +26,8 @@ export interface ScopeLeaseRecord {
   readonly result: JsonObject | null;
   /** Resources it still owns. */
   readonly ownedResources: number;
+  /** The principal that created it; with `lease.use.own` only it may use the lease. */
+  readonly createdBy: string;
 }
 
 export type Ownership = "WORKSPACE" | "LEASE";
@@ -57,6 +59,7 @@ interface LeaseRow {
   closed_at: unknown;
   result: JsonObject | null;
   owned: unknown;
+  created_by: string;
 }
 
 const leaseFromRow = (r: LeaseRow): ScopeLeaseRecord => ({
@@ -71,6 +74,7 @@ const leaseFromRow = (r: LeaseRow): ScopeLeaseRecord => ({
   closedAt: toDateOrNull(r.closed_at),
   result: r.result,
   ownedResources: toNumber(r.owned ?? 0),
+  createdBy: r.created_by,
 });
 
 interface ResourceRow {
@@ -105,10 +109,15 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
 const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 
+/**
+ * Opens a lease, or finds the one an earlier call with the same request id
+ * opened. `actor` (the creating principal) becomes its `created_by` and the
+ * actor of its `scope_lease_created` event.
+ */
 export async function insertScopeLease(
   db: Db,
   clock: Clock,
-  input: { runtime: string; label: string; ttlMs: number; requestId: string | undefined },
+  input: { runtime: string; label: string; ttlMs: number; requestId: string | undefined; actor: string },
 ): Promise<{ lease: ScopeLeaseRecord; created: boolean }> {
   const now = clock.now();
   const id = uuidv7();
@@ -116,16 +125,16 @@ export async function insertScopeLease(
     db,
     sql`
       with inserted as (
-        insert into scope_leases (id, runtime, label, request_id, state, ttl_ms, created_at, expires_at)
+        insert into scope_leases (id, runtime, label, request_id, state, ttl_ms, created_at, expires_at, created_by)
         values (${id}, ${input.runtime}, ${input.label}, ${input.requestId ?? null}, 'OPEN', ${input.ttlMs},
-                ${now}, ${now} + make_interval(secs => ${input.ttlMs} / 1000.0))
+                ${now}, ${now} + make_interval(secs => ${input.ttlMs} / 1000.0), ${input.actor})
         on conflict (request_id) do nothing
         returning *
       ),
       event as (
-        insert into events (kind, lease_id, cluster, message)
+        insert into events (kind, lease_id, cluster, message, actor)
         select 'scope_lease_created', id, runtime,
-          'scope lease created on ' || runtime || ' (ttl ' || (ttl_ms / 1000) || 's)' from inserted
+          'scope lease created on ' || runtime || ' (ttl ' || (ttl_ms / 1000) || 's)', created_by from inserted
       )
       select *, 0 as owned from inserted`,
   );
@@ -250,6 +259,8 @@ export async function insertDeployment(
     readonly spec: JsonObject;
     /** The action to run it, given the deployment's id and runtime. */
     readonly action: (deploymentId: string, runtime: string) => NewAction;
+    /** The creating principal: its action's `created_by` and the event's actor. */
+    readonly actor: string;
   },
 ): Promise<ResourceRecord | LeaseRefusal> {
   return db.transaction(async (t) => {
@@ -266,7 +277,7 @@ export async function insertDeployment(
     }
     const id = uuidv7();
     const actionId = uuidv7();
-    await insertActions(tx, clock, [{ id: actionId, action: input.action(id, runtime) }]);
+    await insertActions(tx, clock, [{ id: actionId, action: input.action(id, runtime), actor: input.actor }]);
     const [row] = await queryRows<ResourceRow>(
       tx,
       sql`
@@ -277,9 +288,9 @@ export async function insertDeployment(
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
-          insert into events (kind, lease_id, action_id, cluster, message)
+          insert into events (kind, lease_id, action_id, cluster, message, actor)
           select 'deployment_created', lease_id, action_id, ${runtime},
-            'deployment ' || id || ' created; action ' || action_id || ' runs it' from inserted
+            'deployment ' || id || ' created; action ' || action_id || ' runs it', ${input.actor} from inserted
         )
         select * from inserted`,
     );
@@ -322,13 +333,17 @@ export async function listResources(
   return rows.map(resourceFromRow);
 }
 
-/** Makes one lease-owned resource workspace-owned, while the lease is open. */
+/**
+ * Makes one lease-owned resource workspace-owned, while the lease is open.
+ * The event carries the lease's runtime as its cluster and `actor`.
+ */
 export async function promoteResource(
   db: Db,
   clock: Clock,
   leaseId: string,
   kind: string,
   resourceId: string,
+  actor: string,
 ): Promise<ResourceRecord | LeaseRefusal | { refused: "no_resource" }> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
@@ -343,8 +358,10 @@ export async function promoteResource(
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
-          insert into events (kind, lease_id, message)
-          select 'resource_promoted', lease_id, kind || ' ' || id || ' promoted out of the lease' from promoted
+          insert into events (kind, lease_id, cluster, message, actor)
+          select 'resource_promoted', p.lease_id, l.runtime, p.kind || ' ' || p.id || ' promoted out of the lease',
+            ${actor}
+          from promoted p join scope_leases l on l.id = p.lease_id
         )
         select * from promoted`,
     );
@@ -367,13 +384,14 @@ export interface Closed {
  * closes the row only if it is still OPEN (waiting out any creation or
  * promotion holding it `for share`); the second runs with a fresh snapshot,
  * so a resource created just before the close is kept or destroyed with the
- * rest, never left behind in a closed lease.
+ * rest, never left behind in a closed lease. `actor` is the closing principal.
  */
 export async function closeScopeLease(
   db: Db,
   clock: Clock,
   leaseId: string,
   how: "COMMITTED" | "ROLLED_BACK",
+  actor: string,
 ): Promise<Closed | LeaseRefusal> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
@@ -388,11 +406,12 @@ export async function closeScopeLease(
       return lease ? { refused: "closed" as const, lease } : { refused: "not_found" as const };
     }
     const touched = await settleResources(tx, [leaseId], how === "COMMITTED" ? "keep" : "destroy");
-    await recordClose(tx, [leaseId], how);
+    await recordClose(tx, [leaseId], how, actor);
     const revokes = await cancelDeploymentActions(
       tx,
       deploymentActions(touched),
       `scope lease ${leaseId} was ${how === "COMMITTED" ? "committed" : "rolled back"}`,
+      actor,
     );
     return {
       lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord,
@@ -428,7 +447,13 @@ async function settleResources(
   );
 }
 
-async function recordClose(tx: Db, leaseIds: readonly string[], reason: CloseReason): Promise<void> {
+/** Records the close events; `actor` is empty for an expiry (the server's own decision). */
+async function recordClose(
+  tx: Db,
+  leaseIds: readonly string[],
+  reason: CloseReason,
+  actor: string,
+): Promise<void> {
   const kind = reason === "COMMITTED" ? "scope_lease_committed" : "scope_lease_rolled_back";
   const words = {
     COMMITTED: "committed",
@@ -436,8 +461,8 @@ async function recordClose(tx: Db, leaseIds: readonly string[], reason: CloseRea
     EXPIRED: "rolled back: its TTL passed",
   }[reason];
   await tx.execute(sql`
-    insert into events (kind, lease_id, cluster, message)
-    select ${kind}, id, runtime, 'scope lease ' || ${words} from scope_leases
+    insert into events (kind, lease_id, cluster, message, actor)
+    select ${kind}, id, runtime, 'scope lease ' || ${words}, ${actor} from scope_leases
     where id in (select jsonb_array_elements_text(${JSON.stringify(leaseIds)}::jsonb))`);
 }
 
@@ -469,11 +494,12 @@ export async function expireScopeLeases(
     const ids = expired.map((r) => r.id);
     if (ids.length === 0) return { ids, revokes: [] };
     const destroyed = await settleResources(tx, ids, "destroy");
-    await recordClose(tx, ids, "EXPIRED");
+    await recordClose(tx, ids, "EXPIRED", "");
     const revokes = await cancelDeploymentActions(
       tx,
       deploymentActions(destroyed),
       "its scope lease was rolled back: the TTL passed",
+      "",
     );
     return { ids, revokes };
   });
@@ -490,10 +516,16 @@ export async function setScopeLeaseResult(db: Db, leaseId: string, result: JsonO
 /** Deletes closed lease records (housekeeping); open ones are never deleted here. */
 export async function deleteClosedScopeLeases(
   db: Db,
-  filter: { id?: string; label?: string | undefined; closedBefore?: Date | undefined },
+  filter: {
+    id?: string;
+    label?: string | undefined;
+    runtime?: string | undefined;
+    closedBefore?: Date | undefined;
+  },
 ): Promise<number> {
   const conditions: SQL[] = [sql`state <> 'OPEN'`];
   if (filter.id) conditions.push(sql`id = ${filter.id}`);
+  if (filter.runtime) conditions.push(sql`runtime = ${filter.runtime}`);
   if (filter.label) conditions.push(sql`label = ${filter.label}`);
   if (filter.closedBefore)
     conditions.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
@@ -504,10 +536,14 @@ export async function deleteClosedScopeLeases(
   return rows.length;
 }
 
-/** Deletes a workspace-owned resource; lease-owned ones go with their lease. */
+/**
+ * Deletes a workspace-owned resource; lease-owned ones go with their lease.
+ * `actor` is the deleting principal (the actor of a deployment's cancel event).
+ */
 export async function deleteWorkspaceResource(
   db: Db,
   id: string,
+  actor: string,
 ): Promise<{ outcome: "deleted"; revokes: HeldToken[] } | { outcome: "lease_owned" | "not_found" }> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
@@ -521,7 +557,7 @@ export async function deleteWorkspaceResource(
     if (!row) return { outcome: "not_found" as const };
     if (!row.deleted) return { outcome: "lease_owned" as const };
     const revokes = row.action_id
-      ? await cancelDeploymentActions(tx, [row.action_id], `deployment ${id} was deleted`)
+      ? await cancelDeploymentActions(tx, [row.action_id], `deployment ${id} was deleted`, actor)
       : [];
     return { outcome: "deleted" as const, revokes };
   });

@@ -103,8 +103,16 @@ export async function listWorkers(
   return rows.map(workerFromRow);
 }
 
-/** Marks a worker as draining (no new grants) and records the event. False if unknown. */
-export async function setWorkerDraining(db: Db, workerId: string, reason: string): Promise<boolean> {
+/**
+ * Marks a worker as draining (no new grants) and records the event, with
+ * `actor` (who asked). False if unknown.
+ */
+export async function setWorkerDraining(
+  db: Db,
+  workerId: string,
+  reason: string,
+  actor: string,
+): Promise<boolean> {
   const rows = await queryRows<{ worker_id: string }>(
     db,
     sql`
@@ -112,9 +120,10 @@ export async function setWorkerDraining(db: Db, workerId: string, reason: string
         update workers set draining = true where worker_id = ${workerId} returning worker_id, cluster
       ),
       event as (
-        insert into events (kind, worker_id, cluster, message)
+        insert into events (kind, worker_id, cluster, message, actor)
         select 'worker_draining', worker_id, cluster,
-          'worker ' || worker_id || ' is draining' || case when ${reason} <> '' then ': ' || ${reason} else '' end
+          'worker ' || worker_id || ' is draining' || case when ${reason} <> '' then ': ' || ${reason} else '' end,
+          ${actor}
         from drained
       )
       select worker_id from drained`,

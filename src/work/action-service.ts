@@ -37,10 +37,12 @@ export interface Page<T> {
 
 /** Submitting, reading, listing, cancelling and watching actions. */
 export interface ActionService extends AsyncDisposable {
-  submit(action: NewAction): Promise<SubmitResult>;
+  /** Queues `action` submitted by `actor` (its `created_by`, and the actor of its event). */
+  submit(action: NewAction, actor: string): Promise<SubmitResult>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
   list(filter: ActionFilter, pageSize: number, pageToken: string): Promise<Page<ActionRecord>>;
-  cancel(id: string, reason: string): Promise<ActionRecord>;
+  /** Cancels an action; `actor` is who asked, recorded on the event. */
+  cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
   /** The action now, then after every change; ends after a terminal state. */
   watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
   /** Flushes pending submits. */
@@ -64,16 +66,18 @@ export function createActionService({
   onCancelRequested,
 }: ActionServiceDeps): ActionService {
   // Submits are group-committed: concurrent calls share one insert statement.
-  const submits = createBatcher<NewAction, ActionRecord | undefined>(async (batch) => {
-    const items = batch.map((action) => ({ id: uuidv7(), action }));
-    const inserted = new Map((await insertActions(db, clock, items)).map((a) => [a.id, a]));
-    return items.map((item) => inserted.get(item.id));
-  });
+  const submits = createBatcher<{ action: NewAction; actor: string }, ActionRecord | undefined>(
+    async (batch) => {
+      const items = batch.map(({ action, actor }) => ({ id: uuidv7(), action, actor }));
+      const inserted = new Map((await insertActions(db, clock, items)).map((a) => [a.id, a]));
+      return items.map((item) => inserted.get(item.id));
+    },
+  );
 
   const notFound = (id: string) => LeaseholdError.notFound("action", id);
 
-  async function submit(action: NewAction): Promise<SubmitResult> {
-    const inserted = await submits.add(action);
+  async function submit(action: NewAction, actor: string): Promise<SubmitResult> {
+    const inserted = await submits.add({ action, actor });
     if (inserted) {
       feed.publish(EVENTS_TOPIC);
       feed.publish(QUEUE_TOPIC);
@@ -111,8 +115,8 @@ export function createActionService({
     return toPage(rows, size, (a) => a.id, filter);
   }
 
-  async function cancel(id: string, reason: string): Promise<ActionRecord> {
-    const outcome = await cancelAction(db, id, reason);
+  async function cancel(id: string, reason: string, actor: string): Promise<ActionRecord> {
+    const outcome = await cancelAction(db, id, reason, actor);
     switch (outcome.kind) {
       case "not_found":
         throw notFound(id);

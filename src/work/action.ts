@@ -82,6 +82,8 @@ export interface ActionRecord {
   readonly updatedAt: Date;
   readonly notBefore: Date;
   readonly finishedAt: Date | null;
+  /** The principal that submitted it (a deployment's: the one that created the deployment). */
+  readonly createdBy: string;
 }
 
 /** One grant of an action. */

@@ -45,6 +45,11 @@ export interface EventRecord {
   readonly leaseId: string | null;
   readonly message: string;
   readonly details: JsonObject | null;
+  /**
+   * The principal whose call caused it; empty for the server's own decisions
+   * (expiries, TTL rollbacks, re-grants).
+   */
+  readonly actor: string;
 }
 
 /** Event filters, combined with AND. */

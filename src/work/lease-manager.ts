@@ -91,8 +91,13 @@ export interface HostedStats {
 
 /** The work-lease protocol of one server process (SPEC §2). */
 export interface LeaseManager extends AsyncDisposable {
-  /** Opens or resumes a session for a validated hello. */
-  open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle>;
+  /**
+   * Opens or resumes a session for a validated hello sent by `principal`
+   * (the caller the rpc layer authenticated). A session this would resume or
+   * take over that another principal opened is refused with PERMISSION_DENIED
+   * (reason SESSION_OWNED_BY_OTHER) and left untouched, its stream included.
+   */
+  open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle>;
   /** Extends live sessions for the restart (rule 6) and starts the loops. */
   start(): Promise<void>;
   /** Stops the loops and flushes pending reports. Open streams are ended by the rpc server. */
@@ -104,8 +109,11 @@ export interface LeaseManager extends AsyncDisposable {
    * finished without it, e.g. its scope lease rolled back) and frees the slot.
    */
   ended(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
-  /** Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker). */
-  drain(workerId: string, reason: string): Promise<boolean>;
+  /**
+   * Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker);
+   * `actor` is who asked, recorded on the event.
+   */
+  drain(workerId: string, reason: string, actor: string): Promise<boolean>;
   /**
    * When the reaper is due next (database clock): the earliest session
    * deadline this process knows of, or sooner for its fallback poll. With
@@ -129,6 +137,12 @@ interface Hosted {
   readonly streamToken: string;
   readonly workerId: string;
   readonly cluster: string;
+  /**
+   * The principal whose hello opened the stream: the actor of its reports.
+   * The stream belongs to one session and the session to this principal
+   * (checked at the hello), so its reports need no check of their own.
+   */
+  readonly principal: string;
   readonly capacity: number;
   readonly labels: Readonly<Record<string, string>>;
   readonly link: WorkerLink;
@@ -255,7 +269,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     });
     s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
     if (s.held.get(token.actionId) === token.epoch) s.held.delete(token.actionId);
-    recordFencedReports(db, [{ ...token, workerId: s.workerId, sessionId: s.sessionId, what }]).then(
+    recordFencedReports(db, [
+      { ...token, workerId: s.workerId, sessionId: s.sessionId, what, actor: s.principal },
+    ]).then(
       () => feed.publish(EVENTS_TOPIC),
       (error: unknown) => log.warn({ err: error }, "could not record a fenced report"),
     );
@@ -279,14 +295,17 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   function onFinish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
+    // Fenced in SQL by (action, epoch, session). The session is this stream's, and the hello
+    // checked that its principal owns the session, so the report needs no principal check.
+    const session = { sessionId: s.sessionId, actor: s.principal };
     const report: Omit<FinishReport, "key"> =
       m.type === "release"
-        ? { ...token, sessionId: s.sessionId, kind: "released", reason: m.reason }
+        ? { ...token, ...session, kind: "released", reason: m.reason }
         : m.outcome.kind === "succeeded"
-          ? { ...token, sessionId: s.sessionId, kind: "succeeded", output: m.outcome.output }
+          ? { ...token, ...session, kind: "succeeded", output: m.outcome.output }
           : {
               ...token,
-              sessionId: s.sessionId,
+              ...session,
               kind: "failed",
               error: {
                 message: m.outcome.message,
@@ -379,6 +398,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         .add({
           ...token,
           sessionId: s.sessionId,
+          actor: s.principal,
           kind: "released",
           reason: `no longer listed in held_leases after a ${r.reason.toLowerCase()} revoke`,
         })
@@ -456,7 +476,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     return Math.min(s.capacity - s.held.size, grantWindow - s.unacked.size) - s.reserved;
   }
 
-  async function open(hello: HelloInput, link: WorkerLink): Promise<SessionHandle> {
+  async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
     const opened = await openSession(
       db,
@@ -464,6 +484,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       serverId,
       { graceMs, partitionShare, maxSilenceMs },
       hello,
+      principal,
       keepHosted(),
     );
     // The worker's previous session expired with this hello: reported as the reaper reports.
@@ -478,6 +499,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       streamToken: opened.streamToken,
       workerId: hello.workerId,
       cluster: hello.cluster,
+      principal,
       capacity: hello.capacity,
       labels: hello.labels,
       link,
@@ -1114,8 +1136,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       revokeHosted(sessionId, token, reason, message, true);
       bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
     },
-    async drain(workerId, reason) {
-      const found = await setWorkerDraining(db, workerId, reason);
+    async drain(workerId, reason, actor) {
+      const found = await setWorkerDraining(db, workerId, reason, actor);
       if (!found) return false;
       drainHosted(workerId, reason);
       bus?.send({ kind: "drain", workerId, reason });

@@ -30,22 +30,27 @@ export interface TestWorker {
   /** Drops the stream as a crash or network loss would (the client cancels). */
   drop(): void;
   /** Resolves with the stream's final status. */
-  readonly ended: Promise<{ code: number; details: string }>;
+  readonly ended: Promise<{ code: number; details: string; metadata: grpc.Metadata }>;
 }
 
 /** Connects, sends the hello, and waits for the welcome (or the stream's error). */
 export async function connectWorker(
   address: string,
   hello: MessageInitShape<typeof HelloSchema>,
+  options: { metadata?: grpc.Metadata } = {},
 ): Promise<TestWorker> {
   const client = createClient(WorkerService, address);
-  const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+  const call = client.connect(
+    options.metadata ? { metadata: options.metadata } : {},
+  ) as grpc.ClientDuplexStream<unknown, ConnectResponse>;
   const received: ConnectResponse[] = [];
   const consumed = new Set<ConnectResponse>();
   const waiters = new Set<() => void>();
   let reportId = 0n;
-  const ended = new Promise<{ code: number; details: string }>((resolve) => {
-    call.on("status", (s: grpc.StatusObject) => resolve({ code: s.code, details: s.details }));
+  const ended = new Promise<{ code: number; details: string; metadata: grpc.Metadata }>((resolve) => {
+    call.on("status", (s: grpc.StatusObject) =>
+      resolve({ code: s.code, details: s.details, metadata: s.metadata }),
+    );
   });
   call.on("error", () => {});
   call.on("data", (message: ConnectResponse) => {

@@ -15,7 +15,11 @@ import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
-import { type ConnectResponse, ConnectRequestSchema, WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
+import {
+  ConnectRequestSchema,
+  type ConnectResponse,
+  WorkerService,
+} from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { createCa, issueCertificate } from "../helpers/pki.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -79,7 +83,10 @@ const MATRIX: Record<string, Row> = {
   "ClusterService/ListWorkers": { request: () => ({ cluster: "a" }), expect: [D, D, K, K, K] },
   "ClusterService/GetWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, K, K, K] },
   "EventService/ListEvents": { request: () => ({ cluster: "a" }), expect: [D, D, K, K, K] },
-  "EventService/WatchEvents": { request: () => ({ cluster: "a", afterSequence: 0n }), expect: [D, D, K, K, K] },
+  "EventService/WatchEvents": {
+    request: () => ({ cluster: "a", afterSequence: 0n }),
+    expect: [D, D, K, K, K],
+  },
   "LeaseService/CreateLease": { request: () => ({ runtime: "a" }), expect: [D, D, K, D, K] },
   "LeaseService/GetLease": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, K, K] },
   "LeaseService/ListLeases": { request: () => ({ runtime: "a" }), expect: [D, D, K, K, K] },
@@ -104,7 +111,10 @@ const MATRIX: Record<string, Row> = {
   "ResourceService/GetResource": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, K, K] },
   "ResourceService/ListResources": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, K, K] },
   "ResourceService/DownloadFile": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, K, K] },
-  "LeaseService/SetResult": { request: (f) => ({ leaseId: f.leaseId, result: { ok: true } }), expect: [D, D, K, D, K] },
+  "LeaseService/SetResult": {
+    request: (f) => ({ leaseId: f.leaseId, result: { ok: true } }),
+    expect: [D, D, K, D, K],
+  },
   "LeaseService/PromoteResource": {
     request: (f) => ({ leaseId: f.leaseId, kind: "file", resourceId: f.fileId }),
     expect: [D, D, K, D, K],
@@ -167,12 +177,25 @@ describe("authorization", () => {
     dir = mkdtempSync(join(tmpdir(), "leasehold-authz-"));
     const ca = createCa(dir, "ca");
     const serverCert = issueCertificate(ca, { dir, name: "server", dns: ["localhost"], ips: ["127.0.0.1"] });
-    const agentA = issueCertificate(ca, { dir, name: "agent-a", uris: ["spiffe://test/agent/a"], client: true });
-    const operator = issueCertificate(ca, { dir, name: "operator", uris: ["spiffe://test/operator"], client: true });
+    const agentA = issueCertificate(ca, {
+      dir,
+      name: "agent-a",
+      uris: ["spiffe://test/agent/a"],
+      client: true,
+    });
+    const operator = issueCertificate(ca, {
+      dir,
+      name: "operator",
+      uris: ["spiffe://test/operator"],
+      client: true,
+    });
 
     const { publicKey, privateKey } = await generateKeyPair("ES256");
     const jwksFile = join(dir, "jwks.json");
-    writeFileSync(jwksFile, JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: "k1", alg: "ES256" }] }));
+    writeFileSync(
+      jwksFile,
+      JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: "k1", alg: "ES256" }] }),
+    );
     const now = Math.floor(Date.now() / 1000);
     const jwt = (sub: string, audience: string, exp: number) =>
       new SignJWT({})
@@ -228,12 +251,24 @@ describe("authorization", () => {
     const withCert = (pair: { certFile: string; keyFile: string }) =>
       grpc.credentials.createSsl(caPem, readFileSync(pair.keyFile), readFileSync(pair.certFile));
     credentials.set("anonymous", { channel: tlsOnly });
-    credentials.set("expiredJwt", { channel: tlsOnly, token: await jwt("submitter-a", "leasehold", now - 600) });
-    credentials.set("wrongAudienceJwt", { channel: tlsOnly, token: await jwt("submitter-a", "other", now + 600) });
-    credentials.set("unknownStaticToken", { channel: tlsOnly, token: `lh_${randomBytes(32).toString("base64url")}` });
+    credentials.set("expiredJwt", {
+      channel: tlsOnly,
+      token: await jwt("submitter-a", "leasehold", now - 600),
+    });
+    credentials.set("wrongAudienceJwt", {
+      channel: tlsOnly,
+      token: await jwt("submitter-a", "other", now + 600),
+    });
+    credentials.set("unknownStaticToken", {
+      channel: tlsOnly,
+      token: `lh_${randomBytes(32).toString("base64url")}`,
+    });
     credentials.set("agentA", { channel: withCert(agentA) });
     credentials.set("agentB", { channel: tlsOnly, token: agentBToken });
-    credentials.set("submitterA", { channel: tlsOnly, token: await jwt("submitter-a", "leasehold", now + 600) });
+    credentials.set("submitterA", {
+      channel: tlsOnly,
+      token: await jwt("submitter-a", "leasehold", now + 600),
+    });
     credentials.set("reader", { channel: tlsOnly, token: readerToken });
     credentials.set("operator", { channel: withCert(operator) });
 
@@ -247,7 +282,8 @@ describe("authorization", () => {
     fixtures.actionId = submitted.action?.id ?? "";
     const leases = client(LeaseService, "submitterA");
     fixtures.leaseId = (await leases.createLease({ runtime: "a" }, { metadata: subMeta })).lease?.id ?? "";
-    fixtures.spareLeaseId = (await leases.createLease({ runtime: "a" }, { metadata: subMeta })).lease?.id ?? "";
+    fixtures.spareLeaseId =
+      (await leases.createLease({ runtime: "a" }, { metadata: subMeta })).lease?.id ?? "";
     const file = await client(ResourceService, "submitterA").createFile(
       { leaseId: fixtures.leaseId, name: "f.txt", content: Buffer.from("hello") },
       { metadata: subMeta },
@@ -267,14 +303,19 @@ describe("authorization", () => {
   /** Opens Connect as `caller`, sends the hello, and returns OK at the welcome or the stream's status. */
   function connect(caller: Caller, hello: Record<string, unknown>, keepOpen = false) {
     const api = client(WorkerService, caller);
-    const call = api.connect({ metadata: metadataOf(caller) }) as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+    const call = api.connect({ metadata: metadataOf(caller) }) as grpc.ClientDuplexStream<
+      unknown,
+      ConnectResponse
+    >;
     return new Promise<{ code: number; reason?: string | undefined }>((resolve) => {
       call.on("data", (m: ConnectResponse) => {
         if (m.message.case !== "welcome") return;
         resolve({ code: OK });
         if (!keepOpen) call.cancel();
       });
-      call.on("error", (e: grpc.ServiceError) => resolve({ code: e.code, reason: statusDetails(e.metadata).reason }));
+      call.on("error", (e: grpc.ServiceError) =>
+        resolve({ code: e.code, reason: statusDetails(e.metadata).reason }),
+      );
       call.write(create(ConnectRequestSchema, { message: { case: "hello", value: hello as never } }));
     });
   }
@@ -328,10 +369,17 @@ describe("authorization", () => {
         const got: Outcome =
           code === Code.Unauthenticated ? "unauth" : code === Code.PermissionDenied ? "deny" : "ok";
         // A refusal always says why, for programs as well as people.
-        if (got === "deny") expect(reason, `${key} as ${caller}`).toMatch(/PERMISSION_DENIED|SESSION_OWNED_BY_OTHER/);
-        if (got === "unauth") expect(reason, `${key} as ${caller}`).toMatch(/^(UNAUTHENTICATED|TOKEN_[A-Z_]+)$/);
+        if (got === "deny")
+          expect(reason, `${key} as ${caller}`).toMatch(/PERMISSION_DENIED|SESSION_OWNED_BY_OTHER/);
+        if (got === "unauth")
+          expect(reason, `${key} as ${caller}`).toMatch(/^(UNAUTHENTICATED|TOKEN_[A-Z_]+)$/);
         seen[key][caller] = got === "ok" ? `ok(${Code[code] ?? code})` : got;
-        wanted[key][caller] = expected[i] === "ok" ? seen[key][caller].startsWith("ok") ? seen[key][caller] : "ok" : (expected[i] as string);
+        wanted[key][caller] =
+          expected[i] === "ok"
+            ? seen[key][caller].startsWith("ok")
+              ? seen[key][caller]
+              : "ok"
+            : (expected[i] as string);
       }
     }
     expect(seen).toEqual(wanted);

@@ -32,22 +32,22 @@ describe("the action service on PGlite", () => {
   });
 
   it("refuses to cancel a finished action with FAILED_PRECONDITION naming its state", async () => {
-    const { action } = await actions.submit(newAction("fin"));
+    const { action } = await actions.submit(newAction("fin"), "alice");
     await database.db.execute(
       sql`update actions set state = 'SUCCEEDED', finished_at = now() where id = ${action.id}`,
     );
-    const error = await actions.cancel(action.id, "").catch((e: unknown) => e);
+    const error = await actions.cancel(action.id, "", "alice").catch((e: unknown) => e);
     expect(error).toBeInstanceOf(LeaseholdError);
     expect(error).toMatchObject({ code: Code.FailedPrecondition, reason: "ACTION_FINISHED" });
     expect((error as Error).message).toMatch(/already finished as SUCCEEDED/);
   });
 
   it("marks a leased action for revocation instead of cancelling it outright", async () => {
-    const { action } = await actions.submit(newAction("leased"));
+    const { action } = await actions.submit(newAction("leased"), "alice");
     await database.db.execute(
       sql`update actions set state = 'LEASED', epoch = 1, worker_id = 'w1', session_id = 's1' where id = ${action.id}`,
     );
-    const cancelled = await actions.cancel(action.id, "stop");
+    const cancelled = await actions.cancel(action.id, "stop", "alice");
     expect(cancelled).toMatchObject({
       state: "LEASED",
       cancelRequested: true,
@@ -56,7 +56,9 @@ describe("the action service on PGlite", () => {
   });
 
   it("gives a burst of concurrent submits distinct ids in submission order", async () => {
-    const results = await Promise.all(Array.from({ length: 50 }, () => actions.submit(newAction("burst"))));
+    const results = await Promise.all(
+      Array.from({ length: 50 }, () => actions.submit(newAction("burst"), "alice")),
+    );
     const ids = results.map((r) => r.action.id);
     expect(new Set(ids).size).toBe(50);
     expect([...ids].sort()).toEqual(ids);

@@ -25,32 +25,48 @@ import { checkLabels, checkLength, checkName, durationField, requireId, Violatio
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 
-/** The ActionService handlers over the domain's action service. */
+/**
+ * The ActionService handlers over the domain's action service. Rights are
+ * checked in the cluster of the action a call touches (loaded first where the
+ * request names only its id); the adapter checked the method's right exists
+ * somewhere already.
+ */
 export function actionServiceBinding(actions: Actions): ServiceBinding {
   return bind(ActionService, {
-    async submitAction(request) {
-      const { action, created } = await actions.submit(toNewAction(request));
-      return { action: toProtoAction(action), created };
+    async submitAction(request, ctx) {
+      const action = toNewAction(request);
+      ctx.access.require("action.submit", action.cluster);
+      const { action: submitted, created } = await actions.submit(action, ctx.access.actor);
+      return { action: toProtoAction(submitted), created };
     },
-    async getAction(request) {
+    async getAction(request, ctx) {
       const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
+      ctx.access.require("action.read", action.cluster);
       return { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
     },
-    async listActions(request) {
+    async listActions(request, ctx) {
+      ctx.access.requireListScope("action.read", request.cluster);
       const state = request.state === ActionState.UNSPECIFIED ? undefined : stateName(request.state);
       const filter = { state, cluster: request.cluster || undefined, runId: request.runId || undefined };
       const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken);
       return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
     },
-    async cancelAction(request) {
+    async cancelAction(request, ctx) {
+      const actionId = requireId("action_id", request.actionId);
       const v = new Violations();
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
-      const action = await actions.cancel(requireId("action_id", request.actionId), request.reason);
+      const { action: current } = await actions.get(actionId);
+      ctx.access.requireOwned("action.cancel", current.cluster, current.createdBy);
+      const action = await actions.cancel(actionId, request.reason, ctx.access.actor);
       return { action: toProtoAction(action) };
     },
     async *watchAction(request, ctx) {
+      let checked = false;
       for await (const action of actions.watch(requireId("action_id", request.actionId), ctx.signal)) {
+        // The first item is the action as it is now: checked before anything is sent.
+        if (!checked) ctx.access.require("action.read", action.cluster);
+        checked = true;
         yield { action: toProtoAction(action) };
       }
     },
@@ -187,6 +203,7 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
     updateTime: ts(a.updatedAt),
     notBefore: ts(a.notBefore),
     finishTime: ts(a.finishedAt),
+    createdBy: a.createdBy,
   };
 }
 

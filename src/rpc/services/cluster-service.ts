@@ -18,7 +18,11 @@ import { decodePageToken, pageSize, toPage } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLength, checkName, requireId, Violations } from "../validate.js";
 
-/** The ClusterService handlers: what the database says about clusters and workers. */
+/**
+ * The ClusterService handlers: what the database says about clusters and
+ * workers. Rights are checked in the cluster of the worker or cluster a call
+ * touches.
+ */
 export function clusterServiceBinding(deps: {
   db: Db;
   clock: Clock;
@@ -32,10 +36,12 @@ export function clusterServiceBinding(deps: {
     return worker;
   };
   return bind(ClusterService, {
-    async listClusters() {
-      return { clusters: (await listClusters(db, clock)).map(toProtoCluster) };
+    async listClusters(_request, ctx) {
+      const readable = (await listClusters(db, clock)).filter((c) => ctx.access.can("cluster.read", c.name));
+      return { clusters: readable.map(toProtoCluster) };
     },
-    async listWorkers(request) {
+    async listWorkers(request, ctx) {
+      ctx.access.requireListScope("worker.read", request.cluster);
       let state: StoreState | undefined;
       if (request.state !== WorkerState.UNSPECIFIED) {
         const name = WorkerState[request.state];
@@ -50,23 +56,29 @@ export function clusterServiceBinding(deps: {
       const page = toPage(rows, size, (w) => w.workerId, filter);
       return { workers: page.items.map(toProtoWorker), nextPageToken: page.nextPageToken };
     },
-    async getWorker(request) {
-      return { worker: toProtoWorker(await getWorker(requireId("worker_id", request.workerId))) };
+    async getWorker(request, ctx) {
+      const worker = await getWorker(requireId("worker_id", request.workerId));
+      ctx.access.require("worker.read", worker.cluster);
+      return { worker: toProtoWorker(worker) };
     },
-    async drainWorker(request) {
+    async drainWorker(request, ctx) {
       const workerId = requireId("worker_id", request.workerId);
       const v = new Violations();
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
-      if (!(await leases.drain(workerId, request.reason))) throw LeaseholdError.notFound("worker", workerId);
+      ctx.access.require("worker.drain", (await getWorker(workerId)).cluster);
+      if (!(await leases.drain(workerId, request.reason, ctx.access.actor))) {
+        throw LeaseholdError.notFound("worker", workerId);
+      }
       return { worker: toProtoWorker(await getWorker(workerId)) };
     },
-    async resumeExpiries(request) {
+    async resumeExpiries(request, ctx) {
       const v = new Violations();
       checkName(v, "cluster", request.cluster);
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
-      const outcome = await resumeExpiries(db, clock, request.cluster, request.reason);
+      ctx.access.require("cluster.resume_expiries", request.cluster);
+      const outcome = await resumeExpiries(db, clock, request.cluster, request.reason, ctx.access.actor);
       if (outcome === "not found") throw LeaseholdError.notFound("cluster", request.cluster);
       if (outcome === "not partitioned") {
         throw LeaseholdError.failedPrecondition(

@@ -7,14 +7,20 @@ import type { EventService as Events } from "../../work/event-service.js";
 import { pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 
-/** The EventService handlers over the domain's event service. */
+/**
+ * The EventService handlers over the domain's event service. A caller that
+ * may read events only in some clusters must filter by one of them; events
+ * of a scope lease carry its runtime as their cluster, so they are found by it.
+ */
 export function eventServiceBinding(events: Events): ServiceBinding {
   return bind(EventService, {
-    async listEvents(request) {
+    async listEvents(request, ctx) {
+      ctx.access.requireListScope("event.read", request.cluster);
       const page = await events.list(toFilter(request), pageSize(request.pageSize), request.pageToken);
       return { events: page.items.map(toProtoEvent), nextPageToken: page.nextPageToken };
     },
     async *watchEvents(request, ctx) {
+      ctx.access.requireListScope("event.read", request.cluster);
       const after = request.afterSequence === undefined ? undefined : Number(request.afterSequence);
       for await (const event of events.watch(toFilter(request), after, ctx.signal)) {
         yield { event: toProtoEvent(event) };
@@ -57,5 +63,6 @@ export function toProtoEvent(e: EventRecord): MessageInitShape<typeof EventSchem
     leaseId: e.leaseId ?? "",
     message: e.message,
     ...(e.details ? { details: e.details as never } : {}),
+    actor: e.actor,
   };
 }

@@ -1,5 +1,6 @@
 import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Access, Right } from "../../auth/access.js";
 import { LeaseholdError, quote } from "../../errors.js";
 import { CloseReason, type LeaseSchema, LeaseService, LeaseState } from "../../gen/leasehold/v1/lease_pb.js";
 import {
@@ -25,10 +26,79 @@ const DAY_MS = 24 * 60 * 60_000;
 /** Bytes per DownloadFile message. */
 const CHUNK_BYTES = 64 * 1024;
 
-/** LeaseService over the scope-lease service. */
+/**
+ * The lease `leaseId` once `access` may use it: `lease.use.own` if the caller
+ * created it, `lease.use.any` otherwise, in its runtime. NOT_FOUND first if
+ * there is no such lease.
+ */
+async function usableLease(scope: ScopeLeaseService, access: Access, leaseId: string) {
+  const lease = await scope.get(leaseId);
+  access.requireOwned("lease.use", lease.runtime, lease.createdBy);
+  return lease;
+}
+
+/** The lease `leaseId` once `access` holds `right` in its runtime. */
+async function leaseWith(scope: ScopeLeaseService, access: Access, right: Right, leaseId: string) {
+  const lease = await scope.get(leaseId);
+  access.require(right, lease.runtime);
+  return lease;
+}
+
+/**
+ * The lease a resource was created in, if it still exists: its runtime is the
+ * resource's cluster. Promoted and committed resources keep their lease id, so
+ * they stay in that cluster; a resource created without a lease (or whose
+ * lease record was deleted) has none.
+ */
+async function leaseOf(
+  scope: ScopeLeaseService,
+  leaseId: string | null,
+): Promise<ScopeLeaseRecord | undefined> {
+  if (!leaseId) return undefined;
+  return scope.get(leaseId).catch((error: unknown) => {
+    if (error instanceof LeaseholdError && error.reason === "LEASE_NOT_FOUND") return undefined;
+    throw error;
+  });
+}
+
+/** `right` in the cluster of a resource created in `leaseId`; in every cluster when it has none. */
+async function requireOnResource(
+  scope: ScopeLeaseService,
+  access: Access,
+  right: Right,
+  leaseId: string | null,
+): Promise<void> {
+  const lease = await leaseOf(scope, leaseId);
+  if (lease) access.require(right, lease.runtime);
+  else access.requireListScope(right, "");
+}
+
+/**
+ * Checks a resource creation: `resource.create` in the lease's runtime, and
+ * the right to use the lease (its creator, or `lease.use.any`), except for
+ * agents of that runtime, which upload the output files of the deployments
+ * they run into any of its leases. A workspace-owned resource has no cluster:
+ * `resource.create` must be held in every cluster.
+ */
+async function requireCreate(scope: ScopeLeaseService, access: Access, leaseId: string): Promise<void> {
+  if (!leaseId) {
+    access.requireListScope("resource.create", "");
+    return;
+  }
+  const lease = await scope.get(leaseId);
+  access.require("resource.create", lease.runtime);
+  if (!access.can("worker.connect", lease.runtime))
+    access.requireOwned("lease.use", lease.runtime, lease.createdBy);
+}
+
+/**
+ * LeaseService over the scope-lease service. A lease's runtime is its cluster
+ * for every right; using a lease (promote, commit, roll back, set a result,
+ * collect outputs) needs `lease.use.own` on one's own leases or `lease.use.any`.
+ */
 export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): ServiceBinding {
   return bind(LeaseService, {
-    async createLease(request) {
+    async createLease(request, ctx) {
       const v = new Violations();
       checkName(v, "runtime", request.runtime);
       checkLength(v, "label", request.label, 128);
@@ -36,18 +106,22 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const ttlMs = request.ttl ? durationField(v, "ttl", request.ttl, 0, 365 * DAY_MS) : undefined;
       if (ttlMs !== undefined && ttlMs < 1000) v.add("ttl", "must be at least 1s");
       v.throwIfAny();
+      ctx.access.require("lease.create", request.runtime);
       const lease = await scope.create({
         runtime: request.runtime,
         label: request.label,
         ttlMs,
         requestId: request.requestId || undefined,
+        actor: ctx.access.actor,
       });
       return { lease: toProtoLease(lease) };
     },
-    async getLease(request) {
-      return { lease: toProtoLease(await scope.get(requireId("lease_id", request.leaseId))) };
+    async getLease(request, ctx) {
+      const lease = await leaseWith(scope, ctx.access, "lease.read", requireId("lease_id", request.leaseId));
+      return { lease: toProtoLease(lease) };
     },
-    async listLeases(request) {
+    async listLeases(request, ctx) {
+      ctx.access.requireListScope("lease.read", request.runtime);
       let state: ScopeLeaseState | undefined;
       if (request.state !== LeaseState.UNSPECIFIED) {
         const name = LeaseState[request.state];
@@ -59,47 +133,67 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const page = await scope.list(filter, pageSize(request.pageSize), request.pageToken);
       return { leases: page.items.map(toProtoLease), nextPageToken: page.nextPageToken };
     },
-    async promoteResource(request) {
+    async promoteResource(request, ctx) {
       const v = new Violations();
       if (request.leaseId === "") v.add("lease_id", "is required");
       if (request.kind === "") v.add("kind", "is required");
       if (request.resourceId === "") v.add("resource_id", "is required");
       v.throwIfAny();
-      const resource = await scope.promote(request.leaseId, request.kind, request.resourceId);
+      await usableLease(scope, ctx.access, request.leaseId);
+      const resource = await scope.promote(
+        request.leaseId,
+        request.kind,
+        request.resourceId,
+        ctx.access.actor,
+      );
       const deployments = await scope.deploymentsOf([resource]);
       return { resource: toProtoResource(resource, deployments.get(resource.id)) };
     },
-    async commitLease(request) {
-      const closed = await scope.commit(requireId("lease_id", request.leaseId));
+    async commitLease(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      await usableLease(scope, ctx.access, leaseId);
+      const closed = await scope.commit(leaseId, ctx.access.actor);
       return { lease: toProtoLease(closed.lease), keptResources: closed.resources.length };
     },
-    async rollbackLease(request) {
-      const closed = await scope.rollback(requireId("lease_id", request.leaseId));
+    async rollbackLease(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      await usableLease(scope, ctx.access, leaseId);
+      const closed = await scope.rollback(leaseId, ctx.access.actor);
       return { lease: toProtoLease(closed.lease), destroyedResources: closed.resources.length };
     },
-    async deleteLease(request) {
-      await scope.delete(requireId("lease_id", request.leaseId));
+    async deleteLease(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      await leaseWith(scope, ctx.access, "lease.delete", leaseId);
+      await scope.delete(leaseId);
       return {};
     },
-    async deleteLeases(request) {
+    async deleteLeases(request, ctx) {
+      if (request.runtime) {
+        const v = new Violations();
+        checkName(v, "runtime", request.runtime);
+        v.throwIfAny();
+      }
+      ctx.access.requireListScope("lease.delete", request.runtime);
       const deleted = await scope.deleteMany({
         label: request.label || undefined,
+        runtime: request.runtime || undefined,
         closedBefore: request.closedBefore ? timestampDate(request.closedBefore) : undefined,
       });
       return { deleted };
     },
-    async setResult(request) {
+    async setResult(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
       if (request.result === undefined)
         throw LeaseholdError.invalidArgument("result", "is required (a JSON object)");
+      await usableLease(scope, ctx.access, leaseId);
       return { lease: toProtoLease(await scope.setResult(leaseId, request.result as JsonObject)) };
     },
-    async debugLease(request) {
+    async debugLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
       if (request.eventLimit < 0 || request.eventLimit > 1000) {
         throw LeaseholdError.invalidArgument("event_limit", "must be between 0 and 1000 (0 means 50)");
       }
-      const lease = await scope.get(leaseId);
+      const lease = await leaseWith(scope, ctx.access, "lease.debug", leaseId);
       const resources = await scope.listResources({ leaseId }, 1000, "");
       const deployments = await scope.deploymentsOf(resources.items);
       const page = await events.list({ leaseId }, 1000, "");
@@ -116,6 +210,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const v = new Violations();
       const timeoutMs = durationField(v, "timeout", request.timeout, 5 * 60_000, DAY_MS);
       v.throwIfAny();
+      await leaseWith(scope, ctx.access, "lease.read", leaseId);
       for await (const update of scope.wait(leaseId, timeoutMs, ctx.signal)) {
         yield {
           deployment: toProtoDeployment(update.deployment),
@@ -129,19 +224,25 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const v = new Violations();
       const timeoutMs = durationField(v, "timeout", request.timeout, 60_000, 60 * 60_000);
       v.throwIfAny();
-      return { fileIds: await scope.collectOutputs(leaseId, timeoutMs, ctx.signal) };
+      await usableLease(scope, ctx.access, leaseId);
+      return { fileIds: await scope.collectOutputs(leaseId, timeoutMs, ctx.signal, ctx.access.actor) };
     },
   });
 }
 
-/** ResourceService over the scope-lease service. */
+/**
+ * ResourceService over the scope-lease service. A resource's cluster is the
+ * runtime of the lease it was created in (kept after a promote or commit);
+ * one without (workspace-owned from the start) needs the right in every
+ * cluster.
+ */
 export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding {
   const withDeployments = async (resources: readonly ResourceRecord[]) => {
     const deployments = await scope.deploymentsOf(resources);
     return resources.map((r) => toProtoResource(r, deployments.get(r.id)));
   };
   return bind(ResourceService, {
-    async createDeployment(request) {
+    async createDeployment(request, ctx) {
       const v = new Violations();
       if (request.leaseId && request.runtime) {
         v.add("runtime", "must be empty when lease_id is set (the deployment runs on the lease's runtime)");
@@ -150,27 +251,34 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       }
       checkDeploymentSpec(v, request.spec);
       v.throwIfAny();
+      await requireCreate(scope, ctx.access, request.leaseId);
       const spec = request.spec as DeploymentSpec;
+      const inputs: ResourceRecord[] = [];
       for (const [i, input] of spec.inputs.entries()) {
         const file = await scope.getResource(input.fileId).catch(() => undefined);
         if (file?.kind !== "file")
           v.add(`spec.inputs[${i}].file_id`, `no file resource ${quote(input.fileId)}`);
+        else inputs.push(file);
       }
       v.throwIfAny();
+      // The deployment's agent downloads its inputs: the caller must be allowed to read them.
+      for (const file of inputs) await requireOnResource(scope, ctx.access, "resource.read", file.leaseId);
       const resource = await scope.createDeployment({
         leaseId: request.leaseId || undefined,
         runtime: request.runtime || undefined,
         spec: toJson(DeploymentSpecSchema, spec) as JsonObject,
+        actor: ctx.access.actor,
       });
       const [created] = await withDeployments([resource]);
       return { resource: created };
     },
-    async createFile(request) {
+    async createFile(request, ctx) {
       const v = new Violations();
       if (request.name === "") v.add("name", "is required");
       checkLength(v, "name", request.name, 512);
       checkLength(v, "content_type", request.contentType, 256);
       v.throwIfAny();
+      await requireCreate(scope, ctx.access, request.leaseId);
       const resource = await scope.createResource({
         kind: "file",
         leaseId: request.leaseId || undefined,
@@ -180,13 +288,14 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       });
       return { resource: toProtoResource(resource) };
     },
-    async createObject(request) {
+    async createObject(request, ctx) {
       const v = new Violations();
       checkName(v, "kind", request.kind);
       if (request.kind === "file" || request.kind === "deployment") {
         v.add("kind", `"${request.kind}" has its own create call; pick another kind for a generic object`);
       }
       v.throwIfAny();
+      await requireCreate(scope, ctx.access, request.leaseId);
       const resource = await scope.createResource({
         kind: request.kind,
         leaseId: request.leaseId || undefined,
@@ -194,12 +303,14 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       });
       return { resource: toProtoResource(resource) };
     },
-    async getResource(request) {
+    async getResource(request, ctx) {
       const resource = await scope.getResource(requireId("resource_id", request.resourceId));
+      await requireOnResource(scope, ctx.access, "resource.read", resource.leaseId);
       const [found] = await withDeployments([resource]);
       return { resource: found };
     },
-    async listResources(request) {
+    async listResources(request, ctx) {
+      await requireOnResource(scope, ctx.access, "resource.read", request.leaseId || null);
       const ownership =
         request.ownership === Ownership.UNSPECIFIED
           ? undefined
@@ -214,14 +325,21 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       const page = await scope.listResources(filter, pageSize(request.pageSize), request.pageToken);
       return { resources: await withDeployments(page.items), nextPageToken: page.nextPageToken };
     },
-    async *downloadFile(request) {
-      const content = await scope.readFile(requireId("resource_id", request.resourceId));
+    async *downloadFile(request, ctx) {
+      const resourceId = requireId("resource_id", request.resourceId);
+      const resource = await scope.getResource(resourceId);
+      await requireOnResource(scope, ctx.access, "resource.read", resource.leaseId);
+      const content = await scope.readFile(resourceId);
       for (let at = 0; at < content.byteLength; at += CHUNK_BYTES) {
         yield { chunk: content.subarray(at, at + CHUNK_BYTES) };
       }
     },
-    async deleteResource(request) {
-      await scope.deleteResource(requireId("resource_id", request.resourceId));
+    async deleteResource(request, ctx) {
+      const resourceId = requireId("resource_id", request.resourceId);
+      const lease = await leaseOf(scope, (await scope.getResource(resourceId)).leaseId);
+      if (lease) ctx.access.requireOwned("lease.use", lease.runtime, lease.createdBy);
+      else ctx.access.requireListScope("lease.use.any", "");
+      await scope.deleteResource(resourceId, ctx.access.actor);
       return {};
     },
   });
@@ -242,6 +360,7 @@ function toProtoLease(l: ScopeLeaseRecord): MessageInitShape<typeof LeaseSchema>
     closeTime: ts(l.closedAt),
     ...(l.result ? { result: l.result as never } : {}),
     ownedResources: l.ownedResources,
+    createdBy: l.createdBy,
   };
 }
 

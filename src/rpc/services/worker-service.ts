@@ -1,7 +1,8 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "pino";
-import { Code, LeaseholdError } from "../../errors.js";
+import { permissionDenied } from "../../auth/access.js";
+import { Code, LeaseholdError, quote } from "../../errors.js";
 import {
   type ConnectRequest,
   type ConnectResponseSchema,
@@ -88,6 +89,15 @@ export function workerServiceBinding(
         );
       }
       const hello = toHelloInput(first.value.message.value);
+      if (!ctx.access.mayRunWorker(hello.cluster, hello.workerId)) {
+        throw permissionDenied(
+          ctx.access.actor,
+          "worker.connect",
+          `for worker ${quote(hello.workerId)} in cluster ${quote(hello.cluster)} ` +
+            "(the cluster or the worker id is outside what its role bindings allow)",
+          { cluster: hello.cluster, worker_id: hello.workerId },
+        );
+      }
 
       // The lease manager closes the stream on takeover, reap or goodbye;
       // the adapter ends `requests` when the client goes or the server stops.
@@ -143,7 +153,9 @@ export function workerServiceBinding(
       try {
         const release = await opens.enter(ctx.signal);
         try {
-          session = await leases.open(hello, link);
+          // The session belongs to this principal; another's session for the same worker id is
+          // refused inside the open (SESSION_OWNED_BY_OTHER), atomically with the takeover.
+          session = await leases.open(hello, link, ctx.access.actor);
         } finally {
           release();
         }
@@ -164,6 +176,8 @@ export function workerServiceBinding(
               });
               continue;
             }
+            // Reports need no principal check: this stream's session is the principal's (the hello
+            // checked it), and reports are fenced by (action, epoch, session).
             session.receive(message);
           }
         } finally {

@@ -25,21 +25,22 @@ export async function endSession(
   const now = clock.now();
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
-    const [ended] = await queryRows<{ id: string; worker_id: string }>(
+    const [ended] = await queryRows<{ id: string; worker_id: string; principal: string }>(
       tx,
       sql`
         with ended as (
           update sessions s set ended_at = ${now}, end_reason = 'goodbye', server_id = null, stream_token = null
           where s.id = ${sessionId} and s.ended_at is null and s.stream_token = ${streamToken}
-          returning s.id, s.worker_id
+          returning s.id, s.worker_id, s.principal
         ),
         session_events as (
-          insert into events (kind, worker_id, cluster, session_id, message)
+          insert into events (kind, worker_id, cluster, session_id, message, actor)
           select 'session_closed', e.worker_id, w.cluster, e.id,
-            'worker ' || e.worker_id || ' said goodbye' || case when ${reason} <> '' then ': ' || ${reason} else '' end
+            'worker ' || e.worker_id || ' said goodbye' || case when ${reason} <> '' then ': ' || ${reason} else '' end,
+            e.principal
           from ended e join workers w on w.worker_id = e.worker_id
         )
-        select id, worker_id from ended`,
+        select id, worker_id, principal from ended`,
     );
     if (!ended) return { releasedActionIds: [] };
     const rows = await queryRows<{ id: string }>(
@@ -59,10 +60,10 @@ export async function endSession(
           from released r where t.action_id = r.id and t.epoch = r.epoch
         ),
         lease_events as (
-          insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+          insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
           select case when r.state = 'CANCELLED' then 'action_cancelled' else 'lease_released' end,
             r.id, ${ended.worker_id}, r.cluster, ${sessionId}, r.epoch,
-            'worker ' || ${ended.worker_id} || ' said goodbye; lease released'
+            'worker ' || ${ended.worker_id} || ' said goodbye; lease released', ${ended.principal}
           from released r
         )
         select id from released`,

@@ -15,6 +15,8 @@ export interface FinishReport {
   readonly output?: JsonObject | undefined;
   readonly error?: ActionErrorInfo | undefined;
   readonly reason?: string | undefined;
+  /** The principal of the reporting session (whose hello opened it): the events' actor. */
+  readonly actor: string;
 }
 
 /** An accepted report and the state it moved the action to. */
@@ -60,6 +62,7 @@ export async function finishActions(
       error: r.error ?? null,
       retryable: r.error?.retryable ?? false,
       reason: r.reason ?? "",
+      actor: r.actor,
     })),
   );
   const rows = await queryRows<{ k: number; id: string; state: Finished["state"] }>(
@@ -68,12 +71,12 @@ export async function finishActions(
       with input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
           k int, action_id text, epoch bigint, session_id text, kind text,
-          output jsonb, error jsonb, retryable bool, reason text)
+          output jsonb, error jsonb, retryable bool, reason text, actor text)
       ),
       current as (
         select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,
                a.initial_backoff_ms, a.backoff_multiplier, a.max_backoff_ms, a.cancel_requested,
-               a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason
+               a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason, i.actor
         from actions a join input i
           on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
         for update of a
@@ -109,7 +112,7 @@ export async function finishActions(
         from decided d
         where a.id = d.id
         returning a.id, a.state, d.k, d.kind, d.epoch, d.cluster, d.worker_id, d.session_id, d.error, d.reason,
-                  a.not_before
+                  a.not_before, d.actor
       ),
       attempts_ended as (
         update attempts t set
@@ -123,7 +126,7 @@ export async function finishActions(
         from updated u where t.action_id = u.id and t.epoch = u.epoch
       ),
       report_events as (
-        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
         select
           case
             when u.state = 'CANCELLED' then 'action_cancelled'
@@ -140,7 +143,8 @@ export async function finishActions(
             when u.kind = 'released' then 'worker ' || u.worker_id || ' released the lease'
               || case when u.reason <> '' then ': ' || u.reason else '' end
             else 'attempt failed on worker ' || u.worker_id || '; retry after '
-              || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end
+              || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end,
+          u.actor
         from updated u
       ),
       -- A report sent again after its first copy was applied but not answered

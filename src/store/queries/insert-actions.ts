@@ -16,15 +16,19 @@ import { queryRows } from "../rows.js";
  * Locking: plain inserts. A request_id that already exists (or repeats inside
  * the batch) is skipped by `on conflict do nothing`; the caller looks the
  * existing action up. Rows returned are only the ones inserted.
+ *
+ * `actor` is the submitting principal: the action's `created_by` and the
+ * actor of its `action_submitted` event.
  */
 export async function insertActions(
   db: Db,
   clock: Clock,
-  items: readonly { readonly id: string; readonly action: NewAction }[],
+  items: readonly { readonly id: string; readonly action: NewAction; readonly actor: string }[],
 ): Promise<ActionRecord[]> {
   const input = JSON.stringify(
-    items.map(({ id, action: a }) => ({
+    items.map(({ id, action: a, actor }) => ({
       id,
+      actor,
       request_id: a.requestId ?? null,
       request_hash: a.requestHash ?? null,
       run_id: a.runId,
@@ -47,22 +51,22 @@ export async function insertActions(
           id text, request_id text, request_hash text, run_id text, cluster text,
           label_selector jsonb, payload jsonb, priority int, max_attempts int,
           initial_backoff_ms int, backoff_multiplier float8, max_backoff_ms int,
-          max_system_retries int)
+          max_system_retries int, actor text)
       ),
       inserted as (
         insert into actions (id, request_id, request_hash, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
-          max_system_retries, state, not_before)
+          max_system_retries, state, not_before, created_by)
         select id, request_id, request_hash, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
-          max_system_retries, 'QUEUED', ${clock.now()}
+          max_system_retries, 'QUEUED', ${clock.now()}, actor
         from input
         on conflict (request_id) do nothing
         returning *
       ),
       submitted as (
-        insert into events (kind, action_id, cluster, message)
-        select 'action_submitted', id, cluster, 'action submitted' from inserted
+        insert into events (kind, action_id, cluster, message, actor)
+        select 'action_submitted', id, cluster, 'action submitted', created_by from inserted
       ),
       new_clusters as (
         insert into clusters (name) select distinct cluster from inserted

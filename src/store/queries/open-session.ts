@@ -1,6 +1,6 @@
 import { sql } from "drizzle-orm";
 import { uuidv7 } from "uuidv7";
-import { Code, LeaseholdError } from "../../errors.js";
+import { Code, LeaseholdError, quote } from "../../errors.js";
 import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
@@ -17,6 +17,9 @@ export interface HelloInput {
   readonly agentVersion: string;
   readonly heldLeases: readonly { actionId: string; epoch: number }[];
 }
+
+/** The ErrorInfo reason of a hello refused because another principal's session holds the worker id. */
+export const SESSION_OWNED_BY_OTHER = "SESSION_OWNED_BY_OTHER";
 
 /** A lease the session holds that the worker did not list: sent to it again. */
 export interface HeldGrant extends Omit<GrantRecord, "sessionId" | "workerId" | "cluster"> {
@@ -65,6 +68,16 @@ export interface OpenedSession {
  *
  * `keep` is passed to that reap: a session this process hosts whose renewal
  * it failed to write is resumed, not reaped (SPEC rule 7).
+ *
+ * `principal` is who sent the hello. A session belongs to the principal whose
+ * hello opened it: only that principal resumes it or takes it over. A hello
+ * from another principal for a session this call would resume or take over
+ * is refused with PERMISSION_DENIED (reason SESSION_OWNED_BY_OTHER) inside
+ * the same transaction, under the session's row lock, so the check cannot
+ * race a takeover; nothing is written, and the session, its leases and its
+ * stream stay as they were. A session past its deadline that the reap above
+ * ends is not resumed, so the worker id is free for a new session by anyone
+ * allowed to use it.
  */
 export async function openSession(
   db: Db,
@@ -72,6 +85,7 @@ export async function openSession(
   serverId: string,
   limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
   hello: HelloInput,
+  principal: string,
   keep?: KeepHosted,
 ): Promise<OpenedSession> {
   const now = clock.now();
@@ -90,10 +104,11 @@ export async function openSession(
       deadline: unknown;
       stream_lost_at: unknown;
       server_id: string | null;
+      principal: string;
       expired: boolean;
     }>(
       tx,
-      sql`select id, deadline, stream_lost_at, server_id, deadline < ${now} as expired
+      sql`select id, deadline, stream_lost_at, server_id, principal, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
@@ -111,6 +126,18 @@ export async function openSession(
         keep,
       });
       if (reaped.sessions.length > 0) live = undefined;
+    }
+    if (live && live.principal !== principal) {
+      // Thrown before any write: the transaction rolls back and the owner's session is untouched.
+      throw new LeaseholdError(
+        Code.PermissionDenied,
+        `${quote(principal)} may not take over worker ${quote(hello.workerId)}: its session (live or in grace) ` +
+          "was opened by another principal; use another worker_id, or wait until that session ends",
+        {
+          reason: SESSION_OWNED_BY_OTHER,
+          metadata: { principal, right: "worker.connect", cluster: hello.cluster, worker_id: hello.workerId },
+        },
+      );
     }
     if (live && movingCluster) {
       throw new LeaseholdError(
@@ -146,8 +173,9 @@ export async function openSession(
       sessionId = uuidv7();
       [row] = await queryRows(
         tx,
-        sql`insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at)
-            values (${sessionId}, ${hello.workerId}, ${serverId}, ${streamToken}, ${now}, ${now} + ${grace}, ${now})
+        sql`insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal)
+            values (${sessionId}, ${hello.workerId}, ${serverId}, ${streamToken}, ${now}, ${now} + ${grace}, ${now},
+                    ${principal})
             returning deadline, ${now} as db_now`,
       );
     }
@@ -215,8 +243,8 @@ export async function openSession(
       })),
     ];
     await tx.execute(sql`
-      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
-      select kind, action_id, ${hello.workerId}, ${hello.cluster}, ${sessionId}, epoch, message
+      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
+      select kind, action_id, ${hello.workerId}, ${hello.cluster}, ${sessionId}, epoch, message, ${principal}
       from jsonb_to_recordset(${JSON.stringify(events)}::jsonb) as x(kind text, action_id text, epoch bigint, message text)`);
 
     return {

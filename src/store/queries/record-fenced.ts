@@ -9,6 +9,8 @@ export interface FencedReport {
   readonly sessionId: string;
   /** What was reported: completion, release, progress, grant acknowledgement. */
   readonly what: string;
+  /** The principal of the reporting session: the event's actor. */
+  readonly actor: string;
 }
 
 /**
@@ -23,12 +25,14 @@ export async function recordFencedReports(db: Db, reports: readonly FencedReport
       epoch: r.epoch,
       worker_id: r.workerId,
       session_id: r.sessionId,
+      actor: r.actor,
       message: `${r.what} from worker ${r.workerId} rejected: epoch ${r.epoch} is not the current lease`,
     })),
   );
   await db.execute(sql`
-    insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
-    select 'report_fenced', x.action_id, x.worker_id, w.cluster, x.session_id, x.epoch, x.message
-    from jsonb_to_recordset(${input}::jsonb) as x(action_id text, epoch bigint, worker_id text, session_id text, message text)
+    insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
+    select 'report_fenced', x.action_id, x.worker_id, w.cluster, x.session_id, x.epoch, x.message, x.actor
+    from jsonb_to_recordset(${input}::jsonb)
+      as x(action_id text, epoch bigint, worker_id text, session_id text, message text, actor text)
     left join workers w on w.worker_id = x.worker_id`);
 }

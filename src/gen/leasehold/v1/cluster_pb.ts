@@ -581,6 +581,13 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
  * ClusterService shows clusters and workers as the server sees them, and
  * drains workers.
  *
+ * Calls need credentials when the server has them configured: UNAUTHENTICATED
+ * without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
+ * (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
+ * when the principal lacks the right a method names below in the cluster the
+ * call touches. A principal that holds a list's right only in some clusters
+ * must name one of them in the request's cluster (or runtime) filter.
+ *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says
  * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
@@ -597,6 +604,7 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
 export const ClusterService: GenService<{
   /**
    * Lists the clusters that have ever had a worker or an action, with health.
+   * Right: cluster.read; only the clusters the caller may read are listed.
    *
    * @generated from rpc leasehold.v1.ClusterService.ListClusters
    */
@@ -607,6 +615,7 @@ export const ClusterService: GenService<{
   },
   /**
    * Lists workers with their sessions and held leases.
+   * Right: worker.read (in the cluster filter, unless held in every cluster).
    *
    * @generated from rpc leasehold.v1.ClusterService.ListWorkers
    */
@@ -617,6 +626,7 @@ export const ClusterService: GenService<{
   },
   /**
    * Returns one worker. NOT_FOUND if it never connected.
+   * Right: worker.read in the worker's cluster.
    *
    * @generated from rpc leasehold.v1.ClusterService.GetWorker
    */
@@ -628,6 +638,7 @@ export const ClusterService: GenService<{
   /**
    * Stops new grants to a worker and asks it to finish what it holds.
    * NOT_FOUND if the worker never connected.
+   * Right: worker.drain in the worker's cluster.
    *
    * @generated from rpc leasehold.v1.ClusterService.DrainWorker
    */
@@ -641,6 +652,7 @@ export const ClusterService: GenService<{
    * operator says its lost workers are really gone. Holds until the cluster is
    * no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
    * when the cluster is not partitioned. Calling it again is harmless.
+   * Right: cluster.resume_expiries in the cluster.
    *
    * @generated from rpc leasehold.v1.ClusterService.ResumeExpiries
    */

@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/lease.proto.
  */
 export const file_leasehold_v1_lease: GenFile = /*@__PURE__*/
-  fileDesc("ChhsZWFzZWhvbGQvdjEvbGVhc2UucHJvdG8SDGxlYXNlaG9sZC52MSKJAwoFTGVhc2USCgoCaWQYASABKAkSDwoHcnVudGltZRgCIAEoCRINCgVsYWJlbBgDIAEoCRInCgVzdGF0ZRgEIAEoDjIYLmxlYXNlaG9sZC52MS5MZWFzZVN0YXRlEi8KDGNsb3NlX3JlYXNvbhgFIAEoDjIZLmxlYXNlaG9sZC52MS5DbG9zZVJlYXNvbhImCgN0dGwYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjbG9zZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKD293bmVkX3Jlc291cmNlcxgLIAEoDSJwChJDcmVhdGVMZWFzZVJlcXVlc3QSDwoHcnVudGltZRgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SDQoFbGFiZWwYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSI5ChNDcmVhdGVMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlIiMKD0dldExlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCSI2ChBHZXRMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlIoMBChFMaXN0TGVhc2VzUmVxdWVzdBInCgVzdGF0ZRgBIAEoDjIYLmxlYXNlaG9sZC52MS5MZWFzZVN0YXRlEg0KBWxhYmVsGAIgASgJEg8KB3J1bnRpbWUYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiUgoSTGlzdExlYXNlc1Jlc3BvbnNlEiMKBmxlYXNlcxgBIAMoCzITLmxlYXNlaG9sZC52MS5MZWFzZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiTQoWUHJvbW90ZVJlc291cmNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIMCgRraW5kGAIgASgJEhMKC3Jlc291cmNlX2lkGAMgASgJIkMKF1Byb21vdGVSZXNvdXJjZVJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlIiYKEkNvbW1pdExlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCSJRChNDb21taXRMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhYKDmtlcHRfcmVzb3VyY2VzGAIgASgNIigKFFJvbGxiYWNrTGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIlgKFVJvbGxiYWNrTGVhc2VSZXNwb25zZRIiCgVsZWFzZRgBIAEoCzITLmxlYXNlaG9sZC52MS5MZWFzZRIbChNkZXN0cm95ZWRfcmVzb3VyY2VzGAIgASgNIiYKEkRlbGV0ZUxlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCSIVChNEZWxldGVMZWFzZVJlc3BvbnNlIlcKE0RlbGV0ZUxlYXNlc1JlcXVlc3QSDQoFbGFiZWwYASABKAkSMQoNY2xvc2VkX2JlZm9yZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJwoURGVsZXRlTGVhc2VzUmVzcG9uc2USDwoHZGVsZXRlZBgBIAEoDSJNChBTZXRSZXN1bHRSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEicKBnJlc3VsdBgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiNwoRU2V0UmVzdWx0UmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UiOgoRRGVidWdMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSEwoLZXZlbnRfbGltaXQYAiABKAUitwEKEkRlYnVnTGVhc2VSZXNwb25zZRIiCgVsZWFzZRgBIAEoCzITLmxlYXNlaG9sZC52MS5MZWFzZRIpCglyZXNvdXJjZXMYAiADKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2USLQoLZGVwbG95bWVudHMYAyADKAsyGC5sZWFzZWhvbGQudjEuRGVwbG95bWVudBIjCgZldmVudHMYBCADKAsyEy5sZWFzZWhvbGQudjEuRXZlbnQiUAoQV2FpdExlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIqCgd0aW1lb3V0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uImIKEVdhaXRMZWFzZVJlc3BvbnNlEiwKCmRlcGxveW1lbnQYASABKAsyGC5sZWFzZWhvbGQudjEuRGVwbG95bWVudBIMCgRkb25lGAIgASgIEhEKCXRpbWVkX291dBgDIAEoCCJVChVDb2xsZWN0T3V0cHV0c1JlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIqChZDb2xsZWN0T3V0cHV0c1Jlc3BvbnNlEhAKCGZpbGVfaWRzGAEgAygJKncKCkxlYXNlU3RhdGUSGwoXTEVBU0VfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBMRUFTRV9TVEFURV9PUEVOEAESGQoVTEVBU0VfU1RBVEVfQ09NTUlUVEVEEAISGwoXTEVBU0VfU1RBVEVfUk9MTEVEX0JBQ0sQAyp/CgtDbG9zZVJlYXNvbhIcChhDTE9TRV9SRUFTT05fVU5TUEVDSUZJRUQQABIaChZDTE9TRV9SRUFTT05fQ09NTUlUVEVEEAESHAoYQ0xPU0VfUkVBU09OX1JPTExFRF9CQUNLEAISGAoUQ0xPU0VfUkVBU09OX0VYUElSRUQQAzKDCAoMTGVhc2VTZXJ2aWNlElIKC0NyZWF0ZUxlYXNlEiAubGVhc2Vob2xkLnYxLkNyZWF0ZUxlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5DcmVhdGVMZWFzZVJlc3BvbnNlEkkKCEdldExlYXNlEh0ubGVhc2Vob2xkLnYxLkdldExlYXNlUmVxdWVzdBoeLmxlYXNlaG9sZC52MS5HZXRMZWFzZVJlc3BvbnNlEk8KCkxpc3RMZWFzZXMSHy5sZWFzZWhvbGQudjEuTGlzdExlYXNlc1JlcXVlc3QaIC5sZWFzZWhvbGQudjEuTGlzdExlYXNlc1Jlc3BvbnNlEl4KD1Byb21vdGVSZXNvdXJjZRIkLmxlYXNlaG9sZC52MS5Qcm9tb3RlUmVzb3VyY2VSZXF1ZXN0GiUubGVhc2Vob2xkLnYxLlByb21vdGVSZXNvdXJjZVJlc3BvbnNlElIKC0NvbW1pdExlYXNlEiAubGVhc2Vob2xkLnYxLkNvbW1pdExlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5Db21taXRMZWFzZVJlc3BvbnNlElgKDVJvbGxiYWNrTGVhc2USIi5sZWFzZWhvbGQudjEuUm9sbGJhY2tMZWFzZVJlcXVlc3QaIy5sZWFzZWhvbGQudjEuUm9sbGJhY2tMZWFzZVJlc3BvbnNlElIKC0RlbGV0ZUxlYXNlEiAubGVhc2Vob2xkLnYxLkRlbGV0ZUxlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZVJlc3BvbnNlElUKDERlbGV0ZUxlYXNlcxIhLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZXNSZXF1ZXN0GiIubGVhc2Vob2xkLnYxLkRlbGV0ZUxlYXNlc1Jlc3BvbnNlEkwKCVNldFJlc3VsdBIeLmxlYXNlaG9sZC52MS5TZXRSZXN1bHRSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLlNldFJlc3VsdFJlc3BvbnNlEk8KCkRlYnVnTGVhc2USHy5sZWFzZWhvbGQudjEuRGVidWdMZWFzZVJlcXVlc3QaIC5sZWFzZWhvbGQudjEuRGVidWdMZWFzZVJlc3BvbnNlEk4KCVdhaXRMZWFzZRIeLmxlYXNlaG9sZC52MS5XYWl0TGVhc2VSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLldhaXRMZWFzZVJlc3BvbnNlMAESWwoOQ29sbGVjdE91dHB1dHMSIy5sZWFzZWhvbGQudjEuQ29sbGVjdE91dHB1dHNSZXF1ZXN0GiQubGVhc2Vob2xkLnYxLkNvbGxlY3RPdXRwdXRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_leasehold_v1_event, file_leasehold_v1_resource]);
+  fileDesc("ChhsZWFzZWhvbGQvdjEvbGVhc2UucHJvdG8SDGxlYXNlaG9sZC52MSKdAwoFTGVhc2USCgoCaWQYASABKAkSDwoHcnVudGltZRgCIAEoCRINCgVsYWJlbBgDIAEoCRInCgVzdGF0ZRgEIAEoDjIYLmxlYXNlaG9sZC52MS5MZWFzZVN0YXRlEi8KDGNsb3NlX3JlYXNvbhgFIAEoDjIZLmxlYXNlaG9sZC52MS5DbG9zZVJlYXNvbhImCgN0dGwYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjbG9zZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKD293bmVkX3Jlc291cmNlcxgLIAEoDRISCgpjcmVhdGVkX2J5GAwgASgJInAKEkNyZWF0ZUxlYXNlUmVxdWVzdBIPCgdydW50aW1lGAEgASgJEiYKA3R0bBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVsYWJlbBgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIjkKE0NyZWF0ZUxlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UiIwoPR2V0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIjYKEEdldExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UigwEKEUxpc3RMZWFzZXNSZXF1ZXN0EicKBXN0YXRlGAEgASgOMhgubGVhc2Vob2xkLnYxLkxlYXNlU3RhdGUSDQoFbGFiZWwYAiABKAkSDwoHcnVudGltZRgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJSChJMaXN0TGVhc2VzUmVzcG9uc2USIwoGbGVhc2VzGAEgAygLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJNChZQcm9tb3RlUmVzb3VyY2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSEwoLcmVzb3VyY2VfaWQYAyABKAkiQwoXUHJvbW90ZVJlc291cmNlUmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiJgoSQ29tbWl0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIlEKE0NvbW1pdExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2USFgoOa2VwdF9yZXNvdXJjZXMYAiABKA0iKAoUUm9sbGJhY2tMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkiWAoVUm9sbGJhY2tMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhsKE2Rlc3Ryb3llZF9yZXNvdXJjZXMYAiABKA0iJgoSRGVsZXRlTGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIhUKE0RlbGV0ZUxlYXNlUmVzcG9uc2UiaAoTRGVsZXRlTGVhc2VzUmVxdWVzdBINCgVsYWJlbBgBIAEoCRIxCg1jbG9zZWRfYmVmb3JlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGAMgASgJIicKFERlbGV0ZUxlYXNlc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0iTQoQU2V0UmVzdWx0UmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRInCgZyZXN1bHQYAiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IjcKEVNldFJlc3VsdFJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlIjoKEURlYnVnTGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEhMKC2V2ZW50X2xpbWl0GAIgASgFIrcBChJEZWJ1Z0xlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2USKQoJcmVzb3VyY2VzGAIgAygLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlEi0KC2RlcGxveW1lbnRzGAMgAygLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnQSIwoGZXZlbnRzGAQgAygLMhMubGVhc2Vob2xkLnYxLkV2ZW50IlAKEFdhaXRMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJiChFXYWl0TGVhc2VSZXNwb25zZRIsCgpkZXBsb3ltZW50GAEgASgLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnQSDAoEZG9uZRgCIAEoCBIRCgl0aW1lZF9vdXQYAyABKAgiVQoVQ29sbGVjdE91dHB1dHNSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEioKB3RpbWVvdXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iKgoWQ29sbGVjdE91dHB1dHNSZXNwb25zZRIQCghmaWxlX2lkcxgBIAMoCSp3CgpMZWFzZVN0YXRlEhsKF0xFQVNFX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQTEVBU0VfU1RBVEVfT1BFThABEhkKFUxFQVNFX1NUQVRFX0NPTU1JVFRFRBACEhsKF0xFQVNFX1NUQVRFX1JPTExFRF9CQUNLEAMqfwoLQ2xvc2VSZWFzb24SHAoYQ0xPU0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGgoWQ0xPU0VfUkVBU09OX0NPTU1JVFRFRBABEhwKGENMT1NFX1JFQVNPTl9ST0xMRURfQkFDSxACEhgKFENMT1NFX1JFQVNPTl9FWFBJUkVEEAMygwgKDExlYXNlU2VydmljZRJSCgtDcmVhdGVMZWFzZRIgLmxlYXNlaG9sZC52MS5DcmVhdGVMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuQ3JlYXRlTGVhc2VSZXNwb25zZRJJCghHZXRMZWFzZRIdLmxlYXNlaG9sZC52MS5HZXRMZWFzZVJlcXVlc3QaHi5sZWFzZWhvbGQudjEuR2V0TGVhc2VSZXNwb25zZRJPCgpMaXN0TGVhc2VzEh8ubGVhc2Vob2xkLnYxLkxpc3RMZWFzZXNSZXF1ZXN0GiAubGVhc2Vob2xkLnYxLkxpc3RMZWFzZXNSZXNwb25zZRJeCg9Qcm9tb3RlUmVzb3VyY2USJC5sZWFzZWhvbGQudjEuUHJvbW90ZVJlc291cmNlUmVxdWVzdBolLmxlYXNlaG9sZC52MS5Qcm9tb3RlUmVzb3VyY2VSZXNwb25zZRJSCgtDb21taXRMZWFzZRIgLmxlYXNlaG9sZC52MS5Db21taXRMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuQ29tbWl0TGVhc2VSZXNwb25zZRJYCg1Sb2xsYmFja0xlYXNlEiIubGVhc2Vob2xkLnYxLlJvbGxiYWNrTGVhc2VSZXF1ZXN0GiMubGVhc2Vob2xkLnYxLlJvbGxiYWNrTGVhc2VSZXNwb25zZRJSCgtEZWxldGVMZWFzZRIgLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuRGVsZXRlTGVhc2VSZXNwb25zZRJVCgxEZWxldGVMZWFzZXMSIS5sZWFzZWhvbGQudjEuRGVsZXRlTGVhc2VzUmVxdWVzdBoiLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZXNSZXNwb25zZRJMCglTZXRSZXN1bHQSHi5sZWFzZWhvbGQudjEuU2V0UmVzdWx0UmVxdWVzdBofLmxlYXNlaG9sZC52MS5TZXRSZXN1bHRSZXNwb25zZRJPCgpEZWJ1Z0xlYXNlEh8ubGVhc2Vob2xkLnYxLkRlYnVnTGVhc2VSZXF1ZXN0GiAubGVhc2Vob2xkLnYxLkRlYnVnTGVhc2VSZXNwb25zZRJOCglXYWl0TGVhc2USHi5sZWFzZWhvbGQudjEuV2FpdExlYXNlUmVxdWVzdBofLmxlYXNlaG9sZC52MS5XYWl0TGVhc2VSZXNwb25zZTABElsKDkNvbGxlY3RPdXRwdXRzEiMubGVhc2Vob2xkLnYxLkNvbGxlY3RPdXRwdXRzUmVxdWVzdBokLmxlYXNlaG9sZC52MS5Db2xsZWN0T3V0cHV0c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_leasehold_v1_event, file_leasehold_v1_resource]);
 
 /**
  * A scope lease.
@@ -100,6 +100,15 @@ export type Lease = Message<"leasehold.v1.Lease"> & {
    * @generated from field: uint32 owned_resources = 11;
    */
   ownedResources: number;
+
+  /**
+   * The principal that created the lease: with lease.use.own only it may
+   * use the lease. "anonymous" when authentication was off; empty for
+   * leases older than authentication.
+   *
+   * @generated from field: string created_by = 12;
+   */
+  createdBy: string;
 };
 
 /**
@@ -501,6 +510,14 @@ export type DeleteLeasesRequest = Message<"leasehold.v1.DeleteLeasesRequest"> & 
    * @generated from field: google.protobuf.Timestamp closed_before = 2;
    */
   closedBefore?: Timestamp | undefined;
+
+  /**
+   * Only leases on this runtime (cluster). A caller holding lease.delete only
+   * in some clusters must set it to one of them.
+   *
+   * @generated from field: string runtime = 3;
+   */
+  runtime: string;
 };
 
 /**
@@ -855,6 +872,13 @@ export const CloseReasonSchema: GenEnum<CloseReason> = /*@__PURE__*/
  * Racing closes resolve to exactly one winner; the others get
  * FAILED_PRECONDITION naming the lease's state.
  *
+ * Calls need credentials when the server has them configured: UNAUTHENTICATED
+ * without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
+ * (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
+ * when the principal lacks the right a method names below in the cluster the
+ * call touches. A principal that holds a list's right only in some clusters
+ * must name one of them in the request's cluster (or runtime) filter.
+ *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says
  * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
@@ -871,6 +895,7 @@ export const CloseReasonSchema: GenEnum<CloseReason> = /*@__PURE__*/
 export const LeaseService: GenService<{
   /**
    * Opens a lease on a runtime (cluster).
+   * Right: lease.create in the runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.CreateLease
    */
@@ -881,6 +906,7 @@ export const LeaseService: GenService<{
   },
   /**
    * Returns one lease. NOT_FOUND if unknown.
+   * Right: lease.read in the lease's runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.GetLease
    */
@@ -891,6 +917,7 @@ export const LeaseService: GenService<{
   },
   /**
    * Lists leases, filtered and paginated.
+   * Right: lease.read (in the runtime filter, unless held in every cluster).
    *
    * @generated from rpc leasehold.v1.LeaseService.ListLeases
    */
@@ -901,6 +928,9 @@ export const LeaseService: GenService<{
   },
   /**
    * Makes one lease-owned resource workspace-owned at once.
+   * Right: lease.use.own on a lease the caller created, lease.use.any on
+   * anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
+   * SetResult and CollectOutputs).
    *
    * @generated from rpc leasehold.v1.LeaseService.PromoteResource
    */
@@ -932,6 +962,7 @@ export const LeaseService: GenService<{
   /**
    * Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
    * if the lease is still open.
+   * Right: lease.delete in the lease's runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.DeleteLease
    */
@@ -942,6 +973,7 @@ export const LeaseService: GenService<{
   },
   /**
    * Deletes the records of many closed leases (housekeeping).
+   * Right: lease.delete (in the runtime filter, unless held in every cluster).
    *
    * @generated from rpc leasehold.v1.LeaseService.DeleteLeases
    */
@@ -962,6 +994,7 @@ export const LeaseService: GenService<{
   },
   /**
    * Returns one structured snapshot of the lease for troubleshooting.
+   * Right: lease.debug in the lease's runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.DebugLease
    */
@@ -973,6 +1006,7 @@ export const LeaseService: GenService<{
   /**
    * Streams the lease's deployment lifecycle until it is ready, failed, or
    * the timeout passes.
+   * Right: lease.read in the lease's runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.WaitLease
    */

@@ -920,6 +920,13 @@ export const DeploymentPhaseSchema: GenEnum<DeploymentPhase> = /*@__PURE__*/
  * open lease; without one it is workspace-owned. That is the only way a
  * resource enters a lease.
  *
+ * Calls need credentials when the server has them configured: UNAUTHENTICATED
+ * without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
+ * (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
+ * when the principal lacks the right a method names below in the cluster the
+ * call touches. A principal that holds a list's right only in some clusters
+ * must name one of them in the request's cluster (or runtime) filter.
+ *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says
  * otherwise: strings are valid UTF-8 of at most 128 characters without NUL
@@ -936,6 +943,10 @@ export const DeploymentPhaseSchema: GenEnum<DeploymentPhase> = /*@__PURE__*/
 export const ResourceService: GenService<{
   /**
    * Stores a file. RESOURCE_EXHAUSTED above the server's size limit.
+   * Rights (for CreateDeployment and CreateObject too): resource.create in the
+   * lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
+   * the runtime (worker.connect there) may add files to any lease of it.
+   * Without a lease_id: resource.create in every cluster.
    *
    * @generated from rpc leasehold.v1.ResourceService.CreateFile
    */
@@ -966,6 +977,8 @@ export const ResourceService: GenService<{
   },
   /**
    * Returns one resource. NOT_FOUND if unknown.
+   * Right: resource.read in the runtime of the lease it was created in
+   * (in every cluster for a resource created without a lease).
    *
    * @generated from rpc leasehold.v1.ResourceService.GetResource
    */
@@ -976,6 +989,8 @@ export const ResourceService: GenService<{
   },
   /**
    * Lists resources, filtered and paginated.
+   * Right: resource.read in the lease_id filter's runtime, or in every
+   * cluster without a lease_id.
    *
    * @generated from rpc leasehold.v1.ResourceService.ListResources
    */
@@ -986,6 +1001,7 @@ export const ResourceService: GenService<{
   },
   /**
    * Streams a file's content in chunks.
+   * Right: resource.read, as for GetResource.
    *
    * @generated from rpc leasehold.v1.ResourceService.DownloadFile
    */
@@ -997,6 +1013,9 @@ export const ResourceService: GenService<{
   /**
    * Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
    * it (roll the lease back instead).
+   * Right: lease.use.own (a resource of the caller's lease) or lease.use.any
+   * in the runtime of the lease it was created in; in every cluster for one
+   * created without a lease.
    *
    * @generated from rpc leasehold.v1.ResourceService.DeleteResource
    */

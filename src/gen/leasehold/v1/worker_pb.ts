@@ -975,6 +975,13 @@ export const RejectReasonSchema: GenEnum<RejectReason> = /*@__PURE__*/
  * bidirectional stream per worker carrying heartbeats, lease grants and
  * reports.
  *
+ * Calls need credentials when the server has them configured: UNAUTHENTICATED
+ * without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
+ * (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
+ * when the principal may not run a worker in the hello's cluster with the
+ * hello's worker_id (right worker.connect, and the worker-id pattern of its
+ * role binding).
+ *
  * @generated from service leasehold.v1.WorkerService
  */
 export const WorkerService: GenService<{
@@ -989,6 +996,11 @@ export const WorkerService: GenService<{
    * session and its leases with the same epochs. A second stream for a worker
    * whose stream is still open takes the session over; the older stream is
    * closed.
+   *
+   * A session belongs to the principal whose hello opened it: a hello for a
+   * worker whose session (live, or in grace) another principal opened ends
+   * with PERMISSION_DENIED (ErrorInfo reason SESSION_OWNED_BY_OTHER) and
+   * leaves that session, its leases and its stream untouched.
    *
    * What a client written without the TypeScript agent SDK must do (the SDK
    * does all of it):

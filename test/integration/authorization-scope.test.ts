@@ -1,0 +1,256 @@
+import * as grpc from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { accessOf, type RoleBinding } from "../../src/auth/access.js";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus, statusDetails } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
+
+const binding = (role: RoleBinding["role"], clusters: string[], workerIds = "*"): RoleBinding => ({
+  role,
+  clusters,
+  workerIds,
+});
+
+/** Who each test principal is; the server's test seam maps `x-test-principal` to these. */
+const POLICY: Record<string, RoleBinding[]> = {
+  alice: [binding("submitter", ["cluster-a"])],
+  bob: [binding("submitter", ["cluster-a"])],
+  ops: [binding("operator", ["cluster-a"])],
+  reader: [binding("reader", ["cluster-a"])],
+  "agent-p": [binding("agent", ["cluster-a"], "wa-*")],
+  "agent-q": [binding("agent", ["cluster-a"], "wa-*")],
+  admin: [binding("operator", ["*"])],
+};
+
+const as = (principal: string) => {
+  const metadata = new grpc.Metadata();
+  metadata.set("x-test-principal", principal);
+  return { metadata };
+};
+
+describe("authorization by cluster, owner and session", () => {
+  let t: TestServer;
+  beforeAll(async () => {
+    t = await startTestServer({
+      overrides: {
+        accessOf: (metadata) => {
+          const principal = String(metadata.get("x-test-principal")[0] ?? "nobody");
+          return accessOf(principal, POLICY[principal] ?? []);
+        },
+      },
+    });
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  it("keeps a submitter of cluster A out of cluster B: submit, get and cancel are PERMISSION_DENIED naming the right and cluster", async () => {
+    const actions = t.client(ActionService);
+    const denied = await expectStatus(
+      actions.submitAction({ cluster: "cluster-b" }, as("alice")),
+      Code.PermissionDenied,
+      /"alice" lacks the right action\.submit in cluster "cluster-b"/,
+    );
+    expect(denied.reason).toBe("PERMISSION_DENIED");
+
+    const { action } = await actions.submitAction({ cluster: "cluster-b" }, as("admin"));
+    const id = action?.id ?? "";
+    await expectStatus(
+      actions.getAction({ actionId: id }, as("alice")),
+      Code.PermissionDenied,
+      /action\.read in cluster "cluster-b"/,
+    );
+    await expectStatus(
+      actions.cancelAction({ actionId: id }, as("alice")),
+      Code.PermissionDenied,
+      /action\.cancel\.own in cluster "cluster-b"/,
+    );
+    const watch = async () => {
+      for await (const _ of actions.watchAction({ actionId: id }, as("alice"))) return;
+    };
+    await expectStatus(watch, Code.PermissionDenied, /action\.read in cluster "cluster-b"/);
+  });
+
+  it("lets a submitter cancel only its own actions, and an operator anyone's; events name the actor", async () => {
+    const actions = t.client(ActionService);
+    const { action } = await actions.submitAction({ cluster: "cluster-a" }, as("alice"));
+    const id = action?.id ?? "";
+    expect(action?.createdBy).toBe("alice");
+
+    await expectStatus(
+      actions.cancelAction({ actionId: id }, as("bob")),
+      Code.PermissionDenied,
+      /"bob" lacks the right action\.cancel\.any in cluster "cluster-a".*created by "alice"/,
+    );
+    const cancelled = await actions.cancelAction({ actionId: id, reason: "ops says no" }, as("ops"));
+    expect(cancelled.action?.state).toBe(ActionState.CANCELLED);
+
+    const { events } = await t
+      .client(EventService)
+      .listEvents({ actionId: id, cluster: "cluster-a" }, as("reader"));
+    expect(events.map((e) => [e.kind, e.actor])).toEqual([
+      [EventKind.ACTION_SUBMITTED, "alice"],
+      [EventKind.ACTION_CANCELLED, "ops"],
+    ]);
+
+    // The owner itself may cancel its own.
+    const own = await actions.submitAction({ cluster: "cluster-a" }, as("bob"));
+    const mine = await actions.cancelAction({ actionId: own.action?.id ?? "" }, as("bob"));
+    expect(mine.action?.state).toBe(ActionState.CANCELLED);
+  });
+
+  it("makes a reader scoped to some clusters name one when it lists", async () => {
+    const actions = t.client(ActionService);
+    const events = t.client(EventService);
+    const clusters = t.client(ClusterService);
+    await expectStatus(
+      actions.listActions({}, as("reader")),
+      Code.PermissionDenied,
+      /action\.read in every cluster; name one of its clusters/,
+    );
+    await expectStatus(
+      actions.listActions({ cluster: "cluster-b" }, as("reader")),
+      Code.PermissionDenied,
+      /action\.read in cluster "cluster-b"/,
+    );
+    const listed = await actions.listActions({ cluster: "cluster-a" }, as("reader"));
+    expect(listed.actions.every((a) => a.cluster === "cluster-a")).toBe(true);
+    await expectStatus(events.listEvents({}, as("reader")), Code.PermissionDenied, /event\.read in every/);
+    await expectStatus(
+      clusters.listWorkers({}, as("reader")),
+      Code.PermissionDenied,
+      /worker\.read in every/,
+    );
+    // An operator of every cluster lists without a filter; ListClusters shows a scoped reader its own only.
+    expect((await actions.listActions({}, as("admin"))).actions.length).toBeGreaterThan(0);
+    const seen = (await clusters.listClusters({}, as("reader"))).clusters.map((c) => c.name);
+    expect(seen).toContain("cluster-a");
+    expect(seen).not.toContain("cluster-b");
+  });
+
+  it("keeps an agent to its clusters and worker-id pattern", async () => {
+    await expect(
+      connectWorker(t.address, { workerId: "wa-x", cluster: "cluster-b", capacity: 1 }, as("agent-p")),
+    ).rejects.toMatchObject({
+      code: Code.PermissionDenied,
+      message: expect.stringMatching(/worker\.connect for worker "wa-x" in cluster "cluster-b"/),
+    });
+    await expect(
+      connectWorker(t.address, { workerId: "other-1", cluster: "cluster-a", capacity: 1 }, as("agent-p")),
+    ).rejects.toMatchObject({
+      code: Code.PermissionDenied,
+      message: expect.stringMatching(/worker "other-1" in cluster "cluster-a"/),
+    });
+    // A submitter is not an agent at all.
+    await expect(
+      connectWorker(t.address, { workerId: "wa-s", cluster: "cluster-a", capacity: 1 }, as("alice")),
+    ).rejects.toMatchObject({ code: Code.PermissionDenied });
+  });
+
+  it("refuses a hello from another principal for a worker's session and leaves the session, lease, epoch and stream untouched", async () => {
+    const hello = { workerId: "wa-1", cluster: "cluster-a", capacity: 1 };
+    const real = await connectWorker(t.address, hello, as("agent-p"));
+    const { action } = await t.client(ActionService).submitAction({ cluster: "cluster-a" }, as("alice"));
+    const id = action?.id ?? "";
+    const grant = await real.next("grant", (g) => g.actionId === id);
+    await real.heartbeat(1, [{ actionId: id, epoch: grant.epoch }]);
+    const clusters = t.client(ClusterService);
+    const before = (await clusters.getWorker({ workerId: "wa-1" }, as("ops"))).worker;
+
+    // Same worker id, cluster and held leases, another principal with the same rights.
+    const intruder = connectWorker(
+      t.address,
+      { ...hello, heldLeases: [{ actionId: id, epoch: grant.epoch }] },
+      as("agent-q"),
+    );
+    const refused = await intruder.then(
+      () => undefined,
+      (error: { code: number; message: string; metadata: grpc.Metadata }) => error,
+    );
+    expect(refused).toMatchObject({
+      code: Code.PermissionDenied,
+      message: expect.stringMatching(/opened by another principal/),
+    });
+    expect(statusDetails(refused?.metadata).reason).toBe("SESSION_OWNED_BY_OTHER");
+
+    // The real worker's stream still works, with the same session, lease and epoch.
+    await real.heartbeat(2, [{ actionId: id, epoch: grant.epoch }]);
+    expect(real.received.some((m) => m.message.case === "revoke")).toBe(false);
+    const after = (await clusters.getWorker({ workerId: "wa-1" }, as("ops"))).worker;
+    expect(after?.session?.sessionId).toBe(before?.session?.sessionId);
+    expect(after?.state).toBe(before?.state);
+    expect(after?.heldLeases).toEqual([{ ...before?.heldLeases[0] }]);
+    const current = (await t.client(ActionService).getAction({ actionId: id }, as("ops"))).action;
+    expect(current).toMatchObject({ state: ActionState.LEASED, epoch: grant.epoch });
+
+    const result = await real.complete(grant, { output: { ok: true } });
+    expect(result.accepted).toBe(true);
+    const events = await t
+      .client(EventService)
+      .listEvents({ workerId: "wa-1", cluster: "cluster-a" }, as("reader"));
+    const kinds = events.events.map((e) => [EventKind[e.kind], e.actor]);
+    expect(kinds).toContainEqual(["SESSION_STARTED", "agent-p"]);
+    expect(kinds).toContainEqual(["ACTION_SUCCEEDED", "agent-p"]);
+    // Nothing of the refused hello was recorded.
+    expect(events.events.some((e) => e.actor === "agent-q")).toBe(false);
+    expect(kinds).not.toContainEqual(["SESSION_TAKEN_OVER", "agent-p"]);
+
+    // The owning principal still takes its session over.
+    const again = await connectWorker(t.address, hello, as("agent-p"));
+    expect(again.welcome.sessionResumed).toBe(true);
+    expect(again.welcome.sessionId).toBe(before?.session?.sessionId);
+    expect((await real.ended).code).toBe(Code.Aborted);
+    again.goodbye();
+    await again.ended;
+  });
+
+  it("checks scope leases by runtime and creator, and records who changed them", async () => {
+    const leases = t.client(LeaseService);
+    const resources = t.client(ResourceService);
+    await expectStatus(
+      leases.createLease({ runtime: "cluster-b" }, as("alice")),
+      Code.PermissionDenied,
+      /lease\.create in cluster "cluster-b"/,
+    );
+    const { lease } = await leases.createLease({ runtime: "cluster-a" }, as("alice"));
+    const leaseId = lease?.id ?? "";
+    expect(lease?.createdBy).toBe("alice");
+    await expectStatus(
+      resources.createObject({ leaseId, kind: "note" }, as("bob")),
+      Code.PermissionDenied,
+      /lease\.use\.any in cluster "cluster-a"/,
+    );
+    const { resource } = await resources.createObject({ leaseId, kind: "note" }, as("alice"));
+    expect((await resources.getResource({ resourceId: resource?.id ?? "" }, as("reader"))).resource?.id).toBe(
+      resource?.id,
+    );
+    await expectStatus(
+      leases.commitLease({ leaseId }, as("bob")),
+      Code.PermissionDenied,
+      /lease\.use\.any in cluster "cluster-a"/,
+    );
+    await leases.promoteResource({ leaseId, kind: "note", resourceId: resource?.id ?? "" }, as("alice"));
+    await leases.commitLease({ leaseId }, as("alice"));
+    await expectStatus(
+      leases.deleteLease({ leaseId }, as("alice")),
+      Code.PermissionDenied,
+      /lease\.delete in cluster "cluster-a"/,
+    );
+    await leases.deleteLeases({ runtime: "cluster-a" }, as("ops"));
+
+    // Scope lease events carry the runtime as their cluster: a scoped reader finds them by it.
+    const { events } = await t.client(EventService).listEvents({ cluster: "cluster-a" }, as("reader"));
+    const ofLease = events.filter((e) => e.leaseId === leaseId).map((e) => [EventKind[e.kind], e.actor]);
+    expect(ofLease).toEqual([
+      ["SCOPE_LEASE_CREATED", "alice"],
+      ["RESOURCE_PROMOTED", "alice"],
+      ["SCOPE_LEASE_COMMITTED", "alice"],
+    ]);
+  });
+});

@@ -1,0 +1,153 @@
+import { readFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import type { Logger } from "pino";
+import { LeaseholdError } from "../errors.js";
+
+/**
+ * What a reload did: `applied` new contents, found nothing new
+ * (`unchanged`), or found new contents it refused (`rejected`: the old ones
+ * stay in force).
+ */
+export type ReloadOutcome = "applied" | "unchanged" | "rejected";
+
+/**
+ * Credential files are small (PEMs, a JWKS, a token list); a bigger file is
+ * the wrong file, and reading it every poll would cost.
+ */
+export const MAX_CREDENTIAL_FILE_BYTES = 1024 * 1024;
+
+/** How often credential files are looked at by default. */
+export const DEFAULT_POLL_MS = 1000;
+
+/**
+ * Reads a credential file at start; a missing, unreadable or oversized file
+ * is INVALID_ARGUMENT naming `flag` and the path.
+ */
+export function readCredentialFileSync(path: string, flag: string): Buffer {
+  let content: Buffer;
+  try {
+    content = readFileSync(path);
+  } catch (error) {
+    throw LeaseholdError.invalidArgument(flag, `cannot read ${path}: ${(error as Error).message}`);
+  }
+  if (content.length > MAX_CREDENTIAL_FILE_BYTES)
+    throw LeaseholdError.invalidArgument(flag, tooBig(path, content.length));
+  return content;
+}
+
+const tooBig = (path: string, bytes: number) =>
+  `${path} has ${bytes} bytes, more than the ${MAX_CREDENTIAL_FILE_BYTES} a credential file may have; is it the right file?`;
+
+/** Options of {@link createFileReloader}. */
+export interface FileReloaderOptions<T> {
+  /** The files, read together; `parse` gets their contents in this order. */
+  readonly files: readonly string[];
+  /** What was read at start (and is in force), in the order of `files`. */
+  readonly initial: readonly Buffer[];
+  /**
+   * Builds the new value from all contents, or throws with a message that
+   * names the bad file. Must not have side effects: a throw keeps the old value.
+   */
+  readonly parse: (contents: readonly Buffer[]) => T;
+  /** Puts a parsed value in force. */
+  readonly apply: (value: T, contents: readonly Buffer[]) => void;
+  readonly log: Logger;
+  /** What the files hold, for log lines ("TLS certificate", "static tokens"). */
+  readonly what: string;
+  /** Poll interval; {@link DEFAULT_POLL_MS} by default; 0 turns polling off. */
+  readonly pollMs?: number | undefined;
+}
+
+/** Re-reads a set of files on demand and on a poll. */
+export interface FileReloader {
+  /** Reads the files now and applies them if they changed and are valid. */
+  reload(): Promise<ReloadOutcome>;
+  /** Stops polling; later reloads do nothing. */
+  close(): void;
+}
+
+const sameContents = (a: readonly Buffer[], b: readonly Buffer[]) =>
+  a.length === b.length && a.every((buffer, i) => b[i]?.equals(buffer));
+
+/**
+ * Polls `files` and applies their contents when they change.
+ *
+ * Changes are found by comparing contents, not modification times: the files
+ * are small, mtime can be coarse, and rotations by rename or by a symlink
+ * swap (Kubernetes secret volumes) can leave an old mtime behind.
+ *
+ * A change that fails to read or to parse (a half-written file, a key that
+ * does not match its certificate yet) is logged once and the old value stays;
+ * the next change is tried again, so a rotation written in several steps is
+ * applied once it is complete. Reloads run one at a time.
+ */
+export function createFileReloader<T>(options: FileReloaderOptions<T>): FileReloader {
+  const { files, log, what } = options;
+  let applied: readonly Buffer[] = options.initial;
+  // What the last look saw (contents, or a read error): a state already
+  // judged is not judged (nor warned about) again.
+  let seen: readonly Buffer[] | string = options.initial;
+  let closed = false;
+  let queue: Promise<unknown> = Promise.resolve();
+
+  const look = async (): Promise<ReloadOutcome> => {
+    if (closed) return "unchanged";
+    let contents: Buffer[];
+    try {
+      contents = await Promise.all(
+        files.map(async (file) => {
+          const content = await readFile(file);
+          if (content.length > MAX_CREDENTIAL_FILE_BYTES) throw new Error(tooBig(file, content.length));
+          return content;
+        }),
+      );
+    } catch (error) {
+      const message = (error as Error).message;
+      if (seen === message) return "unchanged";
+      seen = message;
+      log.warn({ files }, `${what}: cannot read the files (${message}); keeping the current one`);
+      return "rejected";
+    }
+    if (closed) return "unchanged";
+    if (typeof seen !== "string" && sameContents(seen, contents)) return "unchanged";
+    seen = contents;
+    if (sameContents(applied, contents)) return "unchanged";
+    let value: T;
+    try {
+      value = options.parse(contents);
+    } catch (error) {
+      log.warn(
+        { files },
+        `${what}: the changed files are not valid, keeping the current one (${(error as Error).message})`,
+      );
+      return "rejected";
+    }
+    options.apply(value, contents);
+    applied = contents;
+    return "applied";
+  };
+
+  const reload = () => {
+    const run = queue.then(look);
+    queue = run.catch(() => {});
+    return run;
+  };
+
+  const pollMs = options.pollMs ?? DEFAULT_POLL_MS;
+  const timer =
+    pollMs > 0
+      ? setInterval(() => {
+          reload().catch((error: unknown) => log.error({ err: error }, `${what}: reload failed`));
+        }, pollMs)
+      : undefined;
+  // The poll never keeps the process alive on its own.
+  timer?.unref();
+
+  return {
+    reload,
+    close() {
+      closed = true;
+      if (timer) clearInterval(timer);
+    },
+  };
+}

@@ -6,6 +6,7 @@ import { eventCommand } from "./cli/event-commands.js";
 import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
 import { CliError, EXIT, guardOutput } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
+import { tokenCommand } from "./cli/token-command.js";
 
 /**
  * The `leasehold` command line. Flags and environment are read here and in
@@ -37,6 +38,7 @@ export function createProgram(): Command {
     eventCommand(),
     leaseCommands(),
     ...resourceCommands(),
+    tokenCommand(),
   ]) {
     program.addCommand(command);
   }

@@ -74,21 +74,28 @@ async function requireOnResource(
 }
 
 /**
- * Checks a resource creation: `resource.create` in the lease's runtime, and
- * the right to use the lease (its creator, or `lease.use.any`), except for
- * agents of that runtime, which upload the output files of the deployments
- * they run into any of its leases. A workspace-owned resource has no cluster:
- * `resource.create` must be held in every cluster.
+ * Checks a resource creation: `resource.create` in the lease's runtime and
+ * the right to use the lease (its creator, or `lease.use.any`). Agents
+ * instead upload files (`file.upload`, `upload`) into any lease of their
+ * clusters: the outputs of the deployments they run. A resource without a
+ * lease belongs to `runtime` when it has one (a deployment), else to no
+ * cluster: then `resource.create` must be held in every cluster.
  */
-async function requireCreate(scope: ScopeLeaseService, access: Access, leaseId: string): Promise<void> {
+async function requireCreate(
+  scope: ScopeLeaseService,
+  access: Access,
+  leaseId: string,
+  options: { readonly upload?: boolean; readonly runtime?: string } = {},
+): Promise<void> {
   if (!leaseId) {
-    access.requireListScope("resource.create", "");
+    if (options.runtime) access.require("resource.create", options.runtime);
+    else access.requireListScope("resource.create", "");
     return;
   }
   const lease = await scope.get(leaseId);
+  if (options.upload && access.can("file.upload", lease.runtime)) return;
   access.require("resource.create", lease.runtime);
-  if (!access.can("worker.connect", lease.runtime))
-    access.requireOwned("lease.use", lease.runtime, lease.createdBy);
+  access.requireOwned("lease.use", lease.runtime, lease.createdBy);
 }
 
 /**
@@ -251,7 +258,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       }
       checkDeploymentSpec(v, request.spec);
       v.throwIfAny();
-      await requireCreate(scope, ctx.access, request.leaseId);
+      await requireCreate(scope, ctx.access, request.leaseId, { runtime: request.runtime });
       const spec = request.spec as DeploymentSpec;
       const inputs: ResourceRecord[] = [];
       for (const [i, input] of spec.inputs.entries()) {
@@ -278,7 +285,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       checkLength(v, "name", request.name, 512);
       checkLength(v, "content_type", request.contentType, 256);
       v.throwIfAny();
-      await requireCreate(scope, ctx.access, request.leaseId);
+      await requireCreate(scope, ctx.access, request.leaseId, { upload: true });
       const resource = await scope.createResource({
         kind: "file",
         leaseId: request.leaseId || undefined,

@@ -1,0 +1,162 @@
+import { copyFileSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+import { type CertificateFiles, createCa, issueCertificate } from "../helpers/pki.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/** No connection sharing between test clients: each one shows what a new connection sees. */
+const OWN_CONNECTION = { "grpc.use_local_subchannel_pool": 1 };
+
+describe("TLS and mTLS on a live server", () => {
+  let dir: string;
+  let server: TestServer;
+  let serverCa1: CertificateFiles;
+  let serverCa2: CertificateFiles;
+  let clientCa: CertificateFiles;
+  let foreignCa: CertificateFiles;
+  let serverCert2: CertificateFiles;
+  let operator: CertificateFiles;
+  let agentCert: CertificateFiles;
+  const tlsFiles = { certFile: "", keyFile: "" };
+  const closers: (() => void)[] = [];
+
+  const pem = (f: string) => readFileSync(f);
+  function credentialsFor(trust: readonly CertificateFiles[], client: CertificateFiles | undefined) {
+    const roots = Buffer.concat(trust.map((c) => pem(c.certFile)));
+    return client
+      ? grpc.credentials.createSsl(roots, pem(client.keyFile), pem(client.certFile))
+      : grpc.credentials.createSsl(roots);
+  }
+  function clusters(trust: readonly CertificateFiles[], client: CertificateFiles | undefined) {
+    const c = createClient(ClusterService, server.address, credentialsFor(trust, client), OWN_CONNECTION);
+    closers.push(() => c.close());
+    return c;
+  }
+  /** Replaces a file the way an operator should: write aside, then rename into place. */
+  function replace(target: string, source: string) {
+    const aside = `${target}.new`;
+    copyFileSync(source, aside);
+    renameSync(aside, target);
+  }
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "leasehold-tls-"));
+    serverCa1 = createCa(dir, "server-ca-1");
+    serverCa2 = createCa(dir, "server-ca-2");
+    clientCa = createCa(dir, "client-ca");
+    foreignCa = createCa(dir, "foreign-ca");
+    const serverCert1 = issueCertificate(serverCa1, { dir, name: "server-1", ips: ["127.0.0.1"] });
+    serverCert2 = issueCertificate(serverCa2, { dir, name: "server-2", ips: ["127.0.0.1"] });
+    operator = issueCertificate(clientCa, { dir, name: "op", uris: ["spiffe://t/op"], client: true });
+    agentCert = issueCertificate(clientCa, { dir, name: "agent", uris: ["spiffe://t/agent"], client: true });
+    tlsFiles.certFile = join(dir, "server.crt");
+    tlsFiles.keyFile = join(dir, "server.key");
+    copyFileSync(serverCert1.certFile, tlsFiles.certFile);
+    copyFileSync(serverCert1.keyFile, tlsFiles.keyFile);
+    const policy = join(dir, "policy.yaml");
+    writeFileSync(
+      policy,
+      "bindings:\n  - principals: [spiffe://t/agent]\n    role: agent\n    clusters: [tls]\n" +
+        "  - principals: [spiffe://t/op]\n    role: operator\n",
+    );
+    server = await startTestServer({
+      config: {
+        tlsCert: tlsFiles.certFile,
+        tlsKey: tlsFiles.keyFile,
+        tlsClientCa: clientCa.certFile,
+        authPolicy: policy,
+      },
+    });
+  }, 60_000);
+
+  afterAll(async () => {
+    for (const close of closers) close();
+    await server?.[Symbol.asyncDispose]();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("refuses a client certificate from another CA, and a client without one", async () => {
+    const impostor = issueCertificate(foreignCa, {
+      dir,
+      name: "impostor",
+      uris: ["spiffe://t/op"],
+      client: true,
+    });
+    const refused = (trust: CertificateFiles[], client: CertificateFiles | undefined) =>
+      clusters(trust, client)
+        .listClusters({}, { deadline: new Date(Date.now() + 30_000) })
+        .then(
+          () => Code.Unknown + 100,
+          (e: grpc.ServiceError) => e.code,
+        );
+    // The handshake fails: no call reaches a handler.
+    expect(await refused([serverCa1], impostor)).toBe(Code.Unavailable);
+    expect(await refused([serverCa1], undefined)).toBe(Code.Unavailable);
+    expect((await clusters([serverCa1], operator).listClusters({})).clusters).toBeDefined();
+  });
+
+  it("rotates the server certificate under a connected agent: its stream survives, new connections see the new one", async () => {
+    const events: AgentEvent[] = [];
+    let connected: () => void = () => {};
+    const firstConnect = new Promise<void>((resolve) => {
+      connected = resolve;
+    });
+    const finished = new Map<string, () => void>();
+    const agent = createAgent({
+      address: server.address,
+      cluster: "tls",
+      workerId: "tls-agent",
+      capacity: 1,
+      // Trusts both server CAs, as a fleet does during a CA rotation.
+      credentials: credentialsFor([serverCa1, serverCa2], agentCert),
+      handler: async () => ({ ok: true }),
+      onEvent: (e) => {
+        events.push(e);
+        if (e.type === "connected") connected();
+        if (e.type === "finished") finished.get(e.actionId)?.();
+      },
+    });
+    closers.push(() => void agent.close());
+    await firstConnect;
+    const runOne = async (trust: CertificateFiles[]) => {
+      const actions = createClient(
+        ActionService,
+        server.address,
+        credentialsFor(trust, operator),
+        OWN_CONNECTION,
+      );
+      closers.push(() => actions.close());
+      const { action } = await actions.submitAction({ cluster: "tls", payload: {} });
+      const id = action?.id ?? "";
+      await new Promise<void>((resolve) => finished.set(id, resolve));
+      const { action: done } = await actions.getAction({ actionId: id });
+      return done;
+    };
+    expect((await runOne([serverCa1]))?.state).toBe(ActionState.SUCCEEDED);
+    const before = await clusters([serverCa1], operator).getWorker({ workerId: "tls-agent" });
+
+    replace(tlsFiles.keyFile, serverCert2.keyFile);
+    replace(tlsFiles.certFile, serverCert2.certFile);
+    expect(await server.server.security.tls?.reload()).toBe("applied");
+
+    // A new connection that trusts only the old CA is refused; one that trusts the new CA gets in.
+    await expect(clusters([serverCa1], operator).listClusters({})).rejects.toMatchObject({
+      code: Code.Unavailable,
+    });
+    const after = await clusters([serverCa2], operator).getWorker({ workerId: "tls-agent" });
+    // The agent's stream rode through: same session, and it still takes and finishes work.
+    expect(before.worker?.session?.sessionId).toBeTruthy();
+    expect(after.worker?.session?.sessionId).toBe(before.worker?.session?.sessionId);
+    const done = await runOne([serverCa2]);
+    expect(done?.state).toBe(ActionState.SUCCEEDED);
+    expect(events.filter((e) => e.type === "connected")).toHaveLength(1);
+    expect(events.filter((e) => e.type === "disconnected")).toHaveLength(0);
+  });
+});

@@ -19,6 +19,14 @@ describe("server config", () => {
       maxFileBytes: 3_145_728,
       logLevel: "info",
       insecure: false,
+      tls: undefined,
+      auth: {
+        enabled: false,
+        policyFile: undefined,
+        tokensFile: undefined,
+        jwt: undefined,
+        reflection: "open",
+      },
     });
     expect(Object.isFrozen(config)).toBe(true);
   });
@@ -59,6 +67,40 @@ describe("server config", () => {
       );
     }
     expect(parseServerConfig({ partitionShare: "1" }).partitionShare).toBe(1);
+  });
+
+  it("needs TLS and credentials beyond loopback, and never sends tokens in plaintext there", () => {
+    const tls = { tlsCert: "s.crt", tlsKey: "s.key" };
+    expect(() => parseServerConfig({ listen: "0.0.0.0:1", ...tls })).toThrow(/needs TLS .* and credentials/);
+    expect(parseServerConfig({ listen: "0.0.0.0:1", ...tls, tlsClientCa: "ca.crt" }).auth.enabled).toBe(true);
+    expect(() => parseServerConfig({ listen: "0.0.0.0:1", authTokens: "t.yaml", insecure: true })).toThrow(
+      /tokens would cross the network in plaintext/,
+    );
+    expect(parseServerConfig({ listen: "127.0.0.1:1", authTokens: "t.yaml" }).auth.tokensFile).toBe("t.yaml");
+  });
+
+  it("names the flag of a TLS or auth option that cannot work", () => {
+    expect(() => parseServerConfig({ tlsCert: "s.crt" })).toThrow(
+      /^--tls-key: --tls-cert and --tls-key go together/,
+    );
+    expect(() => parseServerConfig({ tlsClientCa: "ca.crt" })).toThrow(
+      /^--tls-client-ca: client certificates need TLS/,
+    );
+    expect(() => parseServerConfig({ authPolicy: "p.yaml" })).toThrow(
+      /^--auth-policy: nothing authenticates/,
+    );
+    expect(() => parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i" })).toThrow(
+      /^--jwt-audience: is required/,
+    );
+    expect(() => parseServerConfig({ jwtIssuer: "i" })).toThrow(
+      /^--jwt-issuer: applies only with --jwt-jwks/,
+    );
+    expect(() => parseServerConfig({ reflection: "authenticated" })).toThrow(
+      /^--reflection: authenticated needs/,
+    );
+    expect(() =>
+      parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i", jwtAudience: "a", jwtClockSkew: "10m" }),
+    ).toThrow(/^--jwt-clock-skew: must be at most 5m/);
   });
 
   it("knows which hosts are loopback", () => {

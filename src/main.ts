@@ -1,3 +1,4 @@
+import type { EventEmitter } from "node:events";
 import { Command, CommanderError, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
@@ -24,6 +25,45 @@ export function createProgram(): Command {
         .default("127.0.0.1:50051"),
     )
     .option("--json", "machine-readable output: JSON, or NDJSON for streams")
+    .addOption(
+      new Option(
+        "--tls-ca <file>",
+        "PEM file of the CA(s) that signed the server's certificate; turns TLS on",
+      ).env("LEASEHOLD_TLS_CA"),
+    )
+    .addOption(
+      new Option(
+        "--tls-cert <file>",
+        "PEM client certificate for mTLS (with --tls-key); turns TLS on (for `serve`: its own option)",
+      ).env("LEASEHOLD_TLS_CERT"),
+    )
+    .addOption(
+      new Option("--tls-key <file>", "PEM private key of --tls-cert (unencrypted)").env("LEASEHOLD_TLS_KEY"),
+    )
+    .addOption(
+      new Option(
+        "--tls",
+        "use TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert); the variable turns it on when not empty",
+      ).env("LEASEHOLD_TLS"),
+    )
+    .addOption(
+      new Option(
+        "--tls-server-name <name>",
+        "name to verify in the server's certificate instead of the --server host (e.g. when connecting by IP)",
+      ).env("LEASEHOLD_TLS_SERVER_NAME"),
+    )
+    .addOption(
+      new Option(
+        "--token <token>",
+        "bearer token sent as `authorization: Bearer <token>` on every call; only over TLS or to a loopback --server",
+      ).env("LEASEHOLD_TOKEN"),
+    )
+    .addOption(
+      new Option(
+        "--token-file <file>",
+        "file holding the bearer token, read again whenever it changes (rotated tokens); instead of --token",
+      ).env("LEASEHOLD_TOKEN_FILE"),
+    )
     .showHelpAfterError("(run with --help for usage)")
     .addHelpText(
       "after",
@@ -42,7 +82,37 @@ export function createProgram(): Command {
   ]) {
     program.addCommand(command);
   }
+  routeSharedOptions(program);
   return program;
+}
+
+/**
+ * Commander lets the program take its options anywhere on the line, so a
+ * subcommand's option with the same flag as a global one (serve's own
+ * `--tls-cert`/`--tls-key`, the server's certificate) would be taken by the
+ * program: `leasehold serve --tls-cert x` would set the client's global.
+ * Before a subcommand runs, every global value given on the command line
+ * whose flag the subcommand also defines is moved to the subcommand (through
+ * its own parser), and the global is cleared. Values from the environment
+ * stay where they are: the subcommand reads its own variables.
+ */
+function routeSharedOptions(program: Command): void {
+  program.hook("preSubcommand", (_program, subcommand) => {
+    for (const global of program.options) {
+      const key = global.attributeName();
+      if (program.getOptionValueSource(key) !== "cli" || global.long === undefined) continue;
+      const own = subcommand.options.find((o) => o.long === global.long);
+      if (!own) continue;
+      const value = program.getOptionValue(key) as unknown;
+      program.setOptionValueWithSource(key, undefined, "default");
+      // What commander's own parser does for an option it reads (Command is an EventEmitter):
+      // the subcommand's parser runs and the value's source is "cli".
+      (subcommand as unknown as EventEmitter).emit(
+        `option:${own.name()}`,
+        own.required || own.optional ? value : undefined,
+      );
+    }
+  });
 }
 
 export async function main(argv: readonly string[]): Promise<void> {

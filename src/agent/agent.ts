@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
-import * as grpc from "@grpc/grpc-js";
+import type * as grpc from "@grpc/grpc-js";
 import {
   type ConnectRequestSchema,
   type ConnectResponse,
@@ -8,6 +8,7 @@ import {
   WorkerService,
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
+import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { expandAddresses } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs } from "./backoff.js";
@@ -103,8 +104,19 @@ export interface AgentOptions {
   /** Slots: actions run at once. Default 1. */
   readonly capacity?: number;
   readonly labels?: Readonly<Record<string, string>>;
-  /** Channel credentials. Default insecure (loopback). */
+  /** Channel credentials. Default insecure (loopback). Exclusive with `security`. */
   readonly credentials?: grpc.ChannelCredentials;
+  /**
+   * TLS, mTLS and a bearer token, applied to every address (see
+   * {@link ClientSecurity}): e.g. `{ tlsCa: "/etc/leasehold/ca.pem",
+   * tokenFile: "/var/run/secrets/tokens/leasehold" }`. Certificate and key
+   * files are read once, when the agent is created; a token file again
+   * whenever it changes. A token without TLS goes only to loopback
+   * addresses. `createAgent` throws INVALID_ARGUMENT naming the flag
+   * (`--tls-ca`, `--token`, …) on a bad combination or an unreadable file.
+   * Exclusive with `credentials`.
+   */
+  readonly security?: ClientSecurity;
   /** Runs one action; resolves with its output or throws (an {@link ActionFailure} to choose retries). */
   readonly handler: (ctx: ActionContext) => Promise<JsonObject | undefined>;
   /**
@@ -189,6 +201,7 @@ const REVOKE_NAMES: Record<number, string> = {
 export function createAgent(options: AgentOptions): Agent {
   const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
   if (addresses.length === 0) throw new Error("createAgent: address must name at least one server");
+  const channel = channelOf(options, addresses);
   const margin = options.selfFenceMarginMs ?? 500;
   const initialBackoff = options.initialBackoffMs ?? 200;
   const emit = (event: AgentEvent) => options.onEvent?.(event);
@@ -529,12 +542,14 @@ export function createAgent(options: AgentOptions): Agent {
     const client = createClient(
       WorkerService,
       address,
-      options.credentials ?? grpc.credentials.createInsecure(),
+      channel.credentials,
       {
+        ...channel.options,
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,
       },
+      channel.interceptors,
     );
     const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
     const conn: Connection = {

@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
+import { type CommandAllowList, requireAllowedCommand } from "./command-policy.js";
 import type { ProcessRegistry } from "./process-registry.js";
 
 /** The payload the reference agent runs: a command. */
@@ -76,12 +77,18 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  * stderr. A non-zero exit or a timeout fails the action. When the lease is
  * revoked or the agent self-fences, the whole process group is killed
  * (SIGTERM, then SIGKILL) before the handler returns: no orphans.
+ *
+ * A command that `options.allow` does not allow fails the action without
+ * running, not retryable (see {@link CommandAllowList}). Without `allow`,
+ * any command runs: an agent that takes payloads from callers it does not
+ * fully trust should always pass a list.
  */
 export async function commandHandler(
   ctx: ActionContext,
-  options: { registry?: ProcessRegistry } = {},
+  options: { registry?: ProcessRegistry; allow?: CommandAllowList } = {},
 ): Promise<JsonObject> {
   const command = parseCommandPayload(ctx.payload);
+  requireAllowedCommand(command.argv, options.allow ?? "any");
   // An abort listener added to an already aborted signal never fires: a command
   // started now would run with nothing left to stop it.
   if (ctx.signal.aborted) throw ctx.signal.reason;

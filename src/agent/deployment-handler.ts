@@ -13,10 +13,12 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../rpc/client.js";
+import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import type { DeploymentPayload } from "../scope/deployment.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
 import { killGroup, tail } from "./command-handler.js";
+import { type CommandAllowList, requireAllowedCommand } from "./command-policy.js";
 import type { ProcessRegistry } from "./process-registry.js";
 
 /** Options of {@link createDeploymentHandler}. */
@@ -25,7 +27,22 @@ export interface DeploymentHandlerOptions {
   readonly address: string | readonly string[];
   /** Each deployment runs in its own directory under this one (removed when it ends). */
   readonly workDir: string;
+  /** Channel credentials. Default insecure (loopback). Exclusive with `security`. */
   readonly credentials?: grpc.ChannelCredentials;
+  /**
+   * TLS, mTLS and a bearer token for the file calls, as in `createAgent`
+   * (see {@link ClientSecurity}); files are read once, here. Throws
+   * INVALID_ARGUMENT naming the flag on a bad combination. Exclusive with
+   * `credentials`.
+   */
+  readonly security?: ClientSecurity;
+  /**
+   * Which container commands (and `exec` readiness probes) may run, matched
+   * against their argv joined with single spaces (see
+   * {@link CommandAllowList}). A deployment with any command outside it
+   * fails before anything starts, not retryable. Default `"any"`.
+   */
+  readonly allow?: CommandAllowList;
   /** How long containers get between SIGTERM and SIGKILL when stopped. Default 10 s. */
   readonly stopGraceMs?: number;
   /** Records the containers' process groups, for a later agent to stop if this one is killed. */
@@ -64,7 +81,8 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
  */
 export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
-  const credentials = options.credentials ?? grpc.credentials.createInsecure();
+  const channel = channelOf(options, addresses);
+  const allow = options.allow ?? "any";
   const stopGraceMs = options.stopGraceMs ?? 10_000;
 
   /** Calls the ResourceService on each address in turn until one answers. */
@@ -76,7 +94,13 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
     for (const address of addresses) {
       let client = clients.get(address);
       if (!client) {
-        client = createClient(ResourceService, address, credentials);
+        client = createClient(
+          ResourceService,
+          address,
+          channel.credentials,
+          channel.options,
+          channel.interceptors,
+        );
         clients.set(address, client);
       }
       try {
@@ -91,6 +115,10 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
 
   return async function deploymentHandler(ctx: ActionContext): Promise<JsonObject> {
     const { id, leaseId, spec } = parsePayload(ctx.payload);
+    // Before anything is fetched or started: a refused deployment leaves nothing behind.
+    for (const c of spec.containers) requireAllowedCommand(c.command?.argv ?? [], allow);
+    const probe = spec.readinessProbe?.check;
+    if (probe?.case === "exec") requireAllowedCommand(probe.value.argv, allow);
     // One directory per attempt: a superseded attempt's cleanup never touches a newer one's.
     const dir = resolve(options.workDir, `${id}.${ctx.epoch}`);
     const containers: Container[] = [];

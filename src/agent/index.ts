@@ -6,6 +6,8 @@
  * const agent = createAgent({ address: "127.0.0.1:50051", cluster: "east", workerId: "w1", handler });
  * ```
  */
+
+export type { ClientSecurity } from "../rpc/client-security.js";
 export {
   type ActionContext,
   ActionFailure,
@@ -16,6 +18,7 @@ export {
   LeaseLost,
 } from "./agent.js";
 export { type CommandPayload, commandHandler, parseCommandPayload } from "./command-handler.js";
+export { type CommandAllowList, commandLine, isCommandAllowed } from "./command-policy.js";
 export {
   createDeploymentHandler,
   type DeploymentHandlerOptions,

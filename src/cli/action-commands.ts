@@ -8,7 +8,7 @@ import {
   GetActionResponseSchema,
   SubmitActionResponseSchema,
 } from "../gen/leasehold/v1/action_pb.js";
-import { createClient } from "../rpc/client.js";
+import type { createClient } from "../rpc/client.js";
 import {
   CliError,
   collect,
@@ -55,7 +55,7 @@ export function actionCommands(): Command {
   ) =>
     withServer(
       command,
-      (server) => ({ api: createClient(ActionService, server) }),
+      (connect) => ({ api: connect(ActionService) }),
       ({ api }, g) => fn(api, g.json),
     );
 

@@ -6,7 +6,7 @@ import {
   WorkerSchema,
   WorkerState,
 } from "../gen/leasehold/v1/cluster_pb.js";
-import { createClient } from "../rpc/client.js";
+import type { createClient } from "../rpc/client.js";
 import { enumName, messageJson, printTable, time, toJson, withServer } from "./output.js";
 
 type ClusterClient = ReturnType<typeof createClient<(typeof ClusterService)["method"]>>;
@@ -14,7 +14,7 @@ type ClusterClient = ReturnType<typeof createClient<(typeof ClusterService)["met
 const withClient = (command: Command, fn: (api: ClusterClient, json: boolean) => Promise<void>) =>
   withServer(
     command,
-    (server) => ({ api: createClient(ClusterService, server) }),
+    (connect) => ({ api: connect(ClusterService) }),
     ({ api }, g) => fn(api, g.json),
   );
 

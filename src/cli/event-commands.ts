@@ -1,6 +1,5 @@
 import { Command, Option } from "commander";
 import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
-import { createClient } from "../rpc/client.js";
 import {
   enumName,
   followThroughRestarts,
@@ -28,7 +27,7 @@ export function eventCommand(): Command {
     .action(async (o: Record<string, unknown>, command: Command) =>
       withServer(
         command,
-        (server) => ({ api: createClient(EventService, server) }),
+        (connect) => ({ api: connect(EventService) }),
         async ({ api }, g) => {
           const filter = {
             actionId: (o.action as string | undefined) ?? "",

@@ -20,7 +20,7 @@ import {
   ResourceSchema,
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
-import { createClient } from "../rpc/client.js";
+import type { createClient } from "../rpc/client.js";
 import {
   describeDeployment,
   type LiveTestEvent,
@@ -50,9 +50,9 @@ type Clients = {
 const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promise<unknown>) =>
   withServer(
     command,
-    (server) => ({
-      leases: createClient(LeaseService, server),
-      resources: createClient(ResourceService, server),
+    (connect) => ({
+      leases: connect(LeaseService),
+      resources: connect(ResourceService),
     }),
     (c, g) => fn(c, g.json),
   );

@@ -4,8 +4,12 @@ import {
   type MessageShape,
   toJson as protoToJson,
 } from "@bufbuild/protobuf";
+import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { type Command, InvalidArgumentError } from "commander";
-import { grpcTarget } from "../rpc/targets.js";
+import { Code, LeaseholdError } from "../errors.js";
+import { type Client, createClient } from "../rpc/client.js";
+import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
+import { grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
  * Exit codes of every `leasehold` command (also in `leasehold --help`):
@@ -57,12 +61,53 @@ export const stdoutLines = {
 export interface GlobalOptions {
   readonly server: string;
   readonly json: boolean;
+  /** `--tls*`, `--token`, `--token-file` (or their LEASEHOLD_* variables); empty values count as unset. */
+  readonly security: ClientSecurity;
 }
 
 export function globals(command: Command): GlobalOptions {
-  const o = command.optsWithGlobals() as { server: string; json?: boolean };
-  return { server: o.server, json: Boolean(o.json) };
+  const o = command.optsWithGlobals() as Record<string, string | boolean | undefined> & { server: string };
+  const text = (v: string | boolean | undefined) => (typeof v === "string" && v !== "" ? v : undefined);
+  // Commander turns a boolean on whenever its variable is set; LEASEHOLD_TLS="" means off.
+  const tlsFromEmptyEnv =
+    command.getOptionValueSourceWithGlobals("tls") === "env" && process.env.LEASEHOLD_TLS === "";
+  return {
+    server: o.server,
+    json: Boolean(o.json),
+    security: {
+      tlsCa: text(o.tlsCa),
+      tlsCert: text(o.tlsCert),
+      tlsKey: text(o.tlsKey),
+      tls: o.tls === true && !tlsFromEmptyEnv,
+      serverName: text(o.tlsServerName),
+      token: text(o.token),
+      tokenFile: text(o.tokenFile),
+    },
+  };
 }
+
+/**
+ * The channel of the global security options for the `--server` addresses;
+ * a bad combination or an unreadable file is a usage error (exit 2) naming
+ * the flag.
+ */
+export function channelFor(options: GlobalOptions): ClientChannel {
+  try {
+    return clientChannel(options.security, splitAddresses(options.server));
+  } catch (error) {
+    throw usageError(error);
+  }
+}
+
+/** An INVALID_ARGUMENT from option checks as a usage error (exit 2); anything else as it is. */
+function usageError(error: unknown): unknown {
+  return error instanceof LeaseholdError && error.code === Code.InvalidArgument
+    ? new CliError(error.message, EXIT.usage)
+    : error;
+}
+
+/** Opens a client of one service on the command's server, with its security. */
+export type Connect = <S extends GenServiceMethods>(service: GenService<S>) => Client<S>;
 
 /** JSON with bigints as strings (for values that are not protobuf messages). */
 export function toJson(value: unknown): string {
@@ -176,18 +221,22 @@ export async function followThroughRestarts(
 }
 
 /**
- * The frame of every client command: opens the clients for `--server`, runs
- * `fn`, turns a failed call into the exit code and message of
- * {@link cliErrorFrom}, and closes the clients. A number `fn` returns
- * becomes the exit code.
+ * The frame of every client command: opens the clients for `--server` (with
+ * `connect`, which applies the TLS and token options), runs `fn`, turns a
+ * failed call into the exit code and message of {@link cliErrorFrom}, and
+ * closes the clients. A number `fn` returns becomes the exit code.
  */
 export async function withServer<C extends Record<string, { close(): void }>>(
   command: Command,
-  open: (server: string) => C,
+  open: (connect: Connect) => C,
   fn: (clients: C, options: GlobalOptions) => Promise<unknown>,
 ): Promise<void> {
   const g = globals(command);
-  const clients = open(await grpcTarget(g.server));
+  const channel = channelFor(g);
+  const target = await grpcTarget(g.server);
+  const clients = open((service) =>
+    createClient(service, target, channel.credentials, channel.options, channel.interceptors),
+  );
   try {
     const code = await fn(clients, g);
     if (typeof code === "number" && code !== EXIT.ok) process.exitCode = code;

@@ -140,8 +140,8 @@ export function collectLines(child: ChildProcess): {
 
 /**
  * Runs the reference agent (`leasehold agent`) with JSON event lines,
- * `slots` slots and its deployments under `workDir`, and waits until it is
- * connected.
+ * `slots` slots, its deployments under `workDir` and `allow` as its command
+ * flags, and waits until it is connected.
  */
 export async function runReferenceAgent(options: {
   server: string;
@@ -149,6 +149,8 @@ export async function runReferenceAgent(options: {
   workerId: string;
   workDir: string;
   slots?: number;
+  /** The agent's command flags; default `--allow-any-command`. */
+  allow?: readonly string[];
 }): Promise<LeaseholdProcess> {
   const agent = runLeasehold(
     [
@@ -164,6 +166,7 @@ export async function runReferenceAgent(options: {
       String(options.slots ?? 4),
       "--work-dir",
       options.workDir,
+      ...(options.allow ?? ["--allow-any-command"]),
     ],
     undefined,
   );

@@ -63,6 +63,8 @@ describe("the README walkthrough", () => {
             "east",
             "--worker-id",
             id,
+            "--allow-command",
+            "sleep *",
           ]);
           processes.push(agent.child);
           return [id, agent];

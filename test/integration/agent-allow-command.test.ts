@@ -1,0 +1,169 @@
+import { execFile } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { LeaseService, type WaitLeaseResponse } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { DeploymentPhase, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { BIN, type LeaseholdProcess, runLeasehold, runReferenceAgent } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/** Runs `leasehold <args>` to completion, without any LEASEHOLD_* variable of the caller. */
+function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("LEASEHOLD_")));
+  return new Promise((resolve) => {
+    execFile(process.execPath, [BIN, ...args], { env }, (error, stdout, stderr) =>
+      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+/**
+ * `leasehold agent` runs only the commands it is told to: a real agent
+ * process with `--allow-command '/bin/echo *'` against a real server.
+ */
+describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
+  let t: TestServer;
+  let agent: LeaseholdProcess;
+  let workDir: string;
+
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
+    workDir = await mkdtemp(join(tmpdir(), "leasehold-allow-"));
+    agent = await runReferenceAgent({
+      server: t.address,
+      cluster: "allow",
+      workerId: "allow-agent",
+      workDir,
+      allow: ["--allow-command", "/bin/echo *"],
+    });
+  });
+  afterAll(async () => {
+    agent?.child.kill("SIGKILL");
+    await t?.[Symbol.asyncDispose]();
+    if (workDir) await rm(workDir, { recursive: true, force: true });
+  });
+
+  /** Submits `argv` (up to `maxAttempts` attempts) and follows the action until it finishes. */
+  async function run(argv: string[], maxAttempts = 3) {
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({
+      cluster: "allow",
+      payload: { argv } as never,
+      retryPolicy: { maxAttempts },
+    });
+    let last = action;
+    for await (const m of api.watchAction({ actionId: action?.id ?? "" })) last = m.action;
+    return last;
+  }
+
+  it("runs a command that matches --allow-command", async () => {
+    const done = await run(["/bin/echo", "hello", "there"]);
+    expect(done).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { exitCode: 0, stdoutTail: "hello there\n" },
+    });
+  });
+
+  it("fails a command that does not match, once and for all, saying what is allowed", async () => {
+    const done = await run(["sh", "-c", "echo pwned"]);
+    const message =
+      'command "sh -c echo pwned" is not allowed on this agent (allowed: "/bin/echo *"; see --allow-command)';
+    expect(done).toMatchObject({
+      state: ActionState.FAILED,
+      attemptCount: 1, // not retried, though three attempts were allowed
+      failureReason: `failed (not retryable): ${message}`,
+      lastError: { message, retryable: false },
+    });
+    // `/bin/echo` alone is not `/bin/echo <something>`; `echo x` is not `/bin/echo x`.
+    expect((await run(["/bin/echo"]))?.state).toBe(ActionState.FAILED);
+    expect((await run(["echo", "x"]))?.state).toBe(ActionState.FAILED);
+  });
+
+  it("fails a deployment whose container is not allowed, before starting anything", async () => {
+    const leases = t.client(LeaseService);
+    const { lease } = await leases.createLease({ runtime: "allow", ttl: { seconds: 600n } });
+    const leaseId = lease?.id ?? "";
+    await t.client(ResourceService).createDeployment({
+      leaseId,
+      spec: {
+        containers: [
+          { name: "ok", command: { argv: ["/bin/echo", "fine"] } },
+          { name: "web", command: { argv: ["python3", "-m", "http.server", "8080"] } },
+        ],
+      },
+    });
+    let last: WaitLeaseResponse | undefined;
+    for await (const u of leases.waitLease({ leaseId, timeout: { seconds: 60n } })) last = u;
+    expect(last?.deployment?.phase).toBe(DeploymentPhase.FAILED);
+    expect(last?.deployment?.message).toMatch(
+      /command "python3 -m http\.server 8080" is not allowed on this agent \(allowed: "\/bin\/echo \*"; see --allow-command\)/,
+    );
+    await leases.rollbackLease({ leaseId });
+  });
+
+  it("refuses to start without --allow-command or --allow-any-command (exit 2), or with both", async () => {
+    const neither = await cli(["--server", t.address, "agent", "--cluster", "allow"]);
+    expect(neither.code).toBe(2);
+    expect(neither.stderr).toMatch(/pass --allow-command <glob> \(repeatable\).*or --allow-any-command/);
+    const both = await cli([
+      "--server",
+      t.address,
+      "agent",
+      "--cluster",
+      "allow",
+      "--allow-any-command",
+      "--allow-command",
+      "x",
+    ]);
+    expect(both.code).toBe(2);
+    expect(both.stderr).toMatch(/--allow-any-command and --allow-command exclude each other/);
+  });
+
+  it("refuses to send a token in plaintext beyond loopback (exit 2), and sends it to loopback", async () => {
+    const remote = await cli(["--server", "10.0.0.7:50051", "--token", "s3cret", "action", "list"]);
+    expect(remote.code).toBe(2);
+    expect(remote.stderr).toContain(
+      "--token: refusing to send a token in plaintext to 10.0.0.7; use TLS (--tls-ca) or a loopback address",
+    );
+    const agentToo = await cli([
+      "--server",
+      "10.0.0.7:50051",
+      "--token",
+      "s3cret",
+      "agent",
+      "--cluster",
+      "allow",
+      "--allow-any-command",
+    ]);
+    expect(agentToo.code).toBe(2);
+    expect(agentToo.stderr).toContain("--token: refusing to send a token in plaintext to 10.0.0.7");
+    const local = await cli(["--server", t.address, "--token", "s3cret", "--json", "clusters", "list"]);
+    expect(local).toMatchObject({ code: 0 });
+    // The agent's stream carries it too (the server here checks nothing; the token must not stop it).
+    const withToken = runLeasehold(
+      [
+        "--server",
+        t.address,
+        "--token",
+        "s3cret",
+        "--json",
+        "agent",
+        "--cluster",
+        "allow-token",
+        "--worker-id",
+        "token-agent",
+        "--work-dir",
+        workDir,
+        "--allow-any-command",
+      ],
+      undefined,
+    );
+    try {
+      await withToken.waitForLog((l) => l.type === "connected");
+    } finally {
+      withToken.child.kill("SIGKILL");
+    }
+  });
+});

@@ -9,7 +9,7 @@ import {
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
-import { expandAddresses } from "../rpc/targets.js";
+import { expandTargets, type Target } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs } from "./backoff.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
@@ -212,7 +212,7 @@ export function createAgent(options: AgentOptions): Agent {
   let sessionId: string | undefined;
   let addressIndex = Math.floor(Math.random() * 1024);
   /** The addresses with names expanded, refreshed before every connection. */
-  let targets: string[] = addresses;
+  let targets: Target[] = addresses.map((address) => ({ address, name: undefined }));
   let attemptsWithoutWelcome = 0;
   /** The grace period of the last welcome: bounds the reconnect backoff. */
   let graceMs: number | undefined;
@@ -527,7 +527,7 @@ export function createAgent(options: AgentOptions): Agent {
 
   function connect(): void {
     if (closed) return;
-    expandAddresses(addresses).then(
+    expandTargets(addresses).then(
       (expanded) => {
         if (expanded.length > 0) targets = expanded;
         openStream();
@@ -538,13 +538,18 @@ export function createAgent(options: AgentOptions): Agent {
 
   function openStream(): void {
     if (closed) return;
-    const address = targets[addressIndex % targets.length] as string;
+    const target = targets[addressIndex % targets.length] as Target;
+    const address = target.address;
     const client = createClient(
       WorkerService,
       address,
       channel.credentials,
       {
         ...channel.options,
+        // An IP expanded from a name: the server's certificate names the name.
+        ...(channel.tls && !channel.serverNameFixed && target.name
+          ? { "grpc.ssl_target_name_override": target.name }
+          : {}),
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,

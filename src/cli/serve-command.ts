@@ -104,7 +104,9 @@ export function serveCommand(): Command {
         "PEM certificate (chain) of the gRPC port; turns TLS on. Re-read when it changes: open streams keep going, new connections get the new certificate",
       ).env("LEASEHOLD_SERVER_TLS_CERT"),
     )
-    .addOption(new Option("--tls-key <file>", "PEM private key of --tls-cert").env("LEASEHOLD_SERVER_TLS_KEY"))
+    .addOption(
+      new Option("--tls-key <file>", "PEM private key of --tls-cert").env("LEASEHOLD_SERVER_TLS_KEY"),
+    )
     .addOption(
       new Option(
         "--tls-client-ca <file>",

@@ -5,6 +5,7 @@ import { createSecureContext } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { isLoopback } from "../config.js";
 import { LeaseholdError, quote } from "../errors.js";
+import { singleHostName } from "./targets.js";
 
 /** How a client proves itself and checks the server. */
 export interface ClientSecurity {
@@ -37,6 +38,10 @@ export interface ClientChannel {
   readonly options: grpc.ChannelOptions;
   /** Interceptors that add the token where call credentials cannot be used (plaintext to loopback). */
   readonly interceptors: grpc.Interceptor[];
+  /** Whether the channel uses TLS. */
+  readonly tls: boolean;
+  /** Whether the name to verify was given (`serverName`); otherwise it follows the address dialed. */
+  readonly serverNameFixed: boolean;
 }
 
 /** The flag (and environment) name of each field, for messages: the CLI is where most of them come from. */
@@ -97,7 +102,13 @@ export function clientChannel(security: ClientSecurity, addresses: readonly stri
       }
       interceptors.push(tokenInterceptor(token));
     }
-    return { credentials: grpc.credentials.createInsecure(), options: {}, interceptors };
+    return {
+      credentials: grpc.credentials.createInsecure(),
+      options: {},
+      interceptors,
+      tls: false,
+      serverNameFixed: false,
+    };
   }
 
   const ca = s.tlsCa ? readPem("tlsCa", s.tlsCa) : null;
@@ -117,10 +128,15 @@ export function clientChannel(security: ClientSecurity, addresses: readonly stri
         ),
       )
     : ssl;
+  // Several addresses become one list of IPs (or the agent dials a name's IPs one by one): the
+  // certificate is still checked against the name they were given with, when there is one.
+  const name = s.serverName ?? (addresses.length > 1 ? singleHostName(addresses) : undefined);
   const options: grpc.ChannelOptions = s.serverName
     ? { "grpc.ssl_target_name_override": s.serverName, "grpc.default_authority": s.serverName }
-    : {};
-  return { credentials, options, interceptors: [] };
+    : name
+      ? { "grpc.ssl_target_name_override": name }
+      : {};
+  return { credentials, options, interceptors: [], tls: true, serverNameFixed: Boolean(s.serverName) };
 }
 
 /**
@@ -136,11 +152,8 @@ export function channelOf(
     throw LeaseholdError.invalidArgument("security", "give either credentials or security, not both");
   }
   if (given.security) return clientChannel(given.security, addresses);
-  return {
-    credentials: given.credentials ?? grpc.credentials.createInsecure(),
-    options: {},
-    interceptors: [],
-  };
+  const credentials = given.credentials ?? grpc.credentials.createInsecure();
+  return { credentials, options: {}, interceptors: [], tls: credentials._isSecure(), serverNameFixed: false };
 }
 
 function readPem(field: "tlsCa" | "tlsCert" | "tlsKey", path: string): Buffer {

@@ -15,18 +15,27 @@ function hostPort(address: string): [string, string] | undefined {
   return match ? [match[1] as string, match[2] as string] : undefined;
 }
 
+/** One address to dial, and the host name it was resolved from (what a TLS certificate names). */
+export interface Target {
+  readonly address: string;
+  /** The DNS name the address came from; undefined when it was given as an IP. */
+  readonly name: string | undefined;
+}
+
 /**
  * Expands every address whose host is a DNS name into one address per
  * record (DNS round-robin: several replicas behind one name), keeping the
- * given order. Names that do not resolve are kept as they are, so the
- * connection attempt reports the error.
+ * given order and the name each came from, so that TLS still verifies the
+ * server's certificate against the name rather than the IP. Names that do
+ * not resolve are kept as they are, so the connection attempt reports the
+ * error.
  */
-export async function expandAddresses(addresses: readonly string[]): Promise<string[]> {
-  const expanded: string[] = [];
+export async function expandTargets(addresses: readonly string[]): Promise<Target[]> {
+  const expanded = new Map<string, Target>();
   for (const address of addresses) {
     const parts = hostPort(address);
     if (!parts || isIP(parts[0]) !== 0) {
-      expanded.push(address);
+      if (!expanded.has(address)) expanded.set(address, { address, name: undefined });
       continue;
     }
     const [host, port] = parts;
@@ -34,11 +43,30 @@ export async function expandAddresses(addresses: readonly string[]): Promise<str
     const records = (await lookup(host, { all: true }).catch(() => [])).sort((a, b) =>
       a.address.localeCompare(b.address),
     );
-    if (records.length === 0) expanded.push(address);
-    for (const r of records)
-      expanded.push(r.family === 6 ? `[${r.address}]:${port}` : `${r.address}:${port}`);
+    if (records.length === 0 && !expanded.has(address)) expanded.set(address, { address, name: host });
+    for (const r of records) {
+      const ip = r.family === 6 ? `[${r.address}]:${port}` : `${r.address}:${port}`;
+      if (!expanded.has(ip)) expanded.set(ip, { address: ip, name: host });
+    }
   }
-  return [...new Set(expanded)];
+  return [...expanded.values()];
+}
+
+/** {@link expandTargets} without the names. */
+export async function expandAddresses(addresses: readonly string[]): Promise<string[]> {
+  return (await expandTargets(addresses)).map((t) => t.address);
+}
+
+/**
+ * The one DNS name the addresses were given with, if there is exactly one
+ * (a name, possibly with several records): what TLS verifies when the
+ * client dials the name's IPs. Undefined when they are IPs or several names.
+ */
+export function singleHostName(addresses: readonly string[]): string | undefined {
+  const names = new Set(
+    addresses.map((a) => hostPort(a)?.[0]).filter((h): h is string => h !== undefined && isIP(h) === 0),
+  );
+  return names.size === 1 ? [...names][0] : undefined;
 }
 
 /**

@@ -159,4 +159,36 @@ describe("TLS and mTLS on a live server", () => {
     expect(events.filter((e) => e.type === "connected")).toHaveLength(1);
     expect(events.filter((e) => e.type === "disconnected")).toHaveLength(0);
   });
+
+  it("verifies the name an agent was given, not the IPs it resolves to", async () => {
+    // A certificate for the name only: dialing 127.0.0.1 must still check "localhost".
+    const named = issueCertificate(serverCa1, { dir, name: "named", dns: ["localhost"] });
+    const policy = join(dir, "policy-named.yaml");
+    writeFileSync(policy, "bindings:\n  - principals: [spiffe://t/agent]\n    role: agent\n");
+    await using other = await startTestServer({
+      config: {
+        tlsCert: named.certFile,
+        tlsKey: named.keyFile,
+        tlsClientCa: clientCa.certFile,
+        authPolicy: policy,
+      },
+    });
+    const port = other.address.split(":")[1];
+    const connected = new Promise<string>((resolve, reject) => {
+      const agent = createAgent({
+        address: `localhost:${port}`,
+        cluster: "named",
+        workerId: "named-agent",
+        capacity: 1,
+        security: { tlsCa: serverCa1.certFile, tlsCert: agentCert.certFile, tlsKey: agentCert.keyFile },
+        handler: async () => ({}),
+        onEvent: (e) => {
+          if (e.type === "connected") resolve(e.address);
+          if (e.type === "disconnected") reject(new Error(e.error));
+        },
+      });
+      closers.push(() => void agent.close());
+    });
+    expect(await connected).toMatch(/^(127\.0\.0\.1|\[::1\]):/);
+  });
 });

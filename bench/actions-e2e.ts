@@ -3,21 +3,33 @@
  * completion committed, with agents built on the SDK and 16 slots in all.
  *
  *   node --import tsx bench/actions-e2e.ts [--actions 5000] [--agents 2] [--slots 8] [--database-url URL]
+ *     [--auth none|tls|mtls|token]
+ *
+ * --auth (default none): `tls` puts TLS on the port and nothing else; `mtls`
+ * also requires client certificates (agents and the submitter authenticate
+ * with them, under a policy); `token` is TLS plus static bearer tokens (no
+ * client certificates). Certificates are made with openssl in a temporary
+ * directory.
  *
  * Without --database-url it runs on PGlite in a temporary directory. The
  * server runs in this process (one JavaScript thread, as in production),
  * the agents in this process too; submits go through gRPC, 64 at a time.
  */
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import * as grpc from "@grpc/grpc-js";
 import { pino } from "pino";
 import { createAgent } from "../src/agent/agent.js";
-import { parseServerConfig } from "../src/config.js";
+import { addStaticToken } from "../src/auth/static-tokens.js";
+import { parseServerConfig, type RawServerOptions } from "../src/config.js";
 import { ActionService } from "../src/gen/leasehold/v1/action_pb.js";
 import { createClient } from "../src/rpc/client.js";
+import type { ClientSecurity } from "../src/rpc/client-security.js";
+import { clientChannel } from "../src/rpc/client-security.js";
 import { startServer } from "../src/server.js";
+import { createCa, issueCertificate } from "../test/helpers/pki.js";
 
 const { values } = parseArgs({
   options: {
@@ -25,16 +37,56 @@ const { values } = parseArgs({
     agents: { type: "string", default: "2" },
     slots: { type: "string", default: "8" },
     "database-url": { type: "string" },
+    auth: { type: "string", default: "none" },
   },
 });
 const total = Number(values.actions);
 const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
+const auth = values.auth as "none" | "tls" | "mtls" | "token";
+if (!["none", "tls", "mtls", "token"].includes(auth)) throw new Error("--auth: none, tls, mtls or token");
+
+/** Server options, and the security of the agents and of the submitter, for --auth. */
+function security(): { server: RawServerOptions; agent?: ClientSecurity; submitter?: ClientSecurity } {
+  if (auth === "none") return { server: {} };
+  const ca = createCa(dir, "ca");
+  const serverCert = issueCertificate(ca, { dir, name: "server", ips: ["127.0.0.1"] });
+  const tls = { tlsCert: serverCert.certFile, tlsKey: serverCert.keyFile };
+  const policy = join(dir, "policy.yaml");
+  writeFileSync(
+    policy,
+    "bindings:\n  - principals: [bench-agent]\n    role: agent\n    clusters: [bench]\n" +
+      "  - principals: [bench-submitter]\n    role: submitter\n    clusters: [bench]\n",
+  );
+  if (auth === "tls")
+    return { server: tls, agent: { tlsCa: ca.certFile }, submitter: { tlsCa: ca.certFile } };
+  if (auth === "mtls") {
+    const pair = (name: string) => {
+      const c = issueCertificate(ca, { dir, name, dns: [name], client: true });
+      return { tlsCa: ca.certFile, tlsCert: c.certFile, tlsKey: c.keyFile };
+    };
+    return {
+      server: { ...tls, tlsClientCa: ca.certFile, authPolicy: policy },
+      agent: pair("bench-agent"),
+      submitter: pair("bench-submitter"),
+    };
+  }
+  const tokens = join(dir, "tokens.yaml");
+  const agentToken = addStaticToken(tokens, { principal: "bench-agent", bindings: [] });
+  const submitterToken = addStaticToken(tokens, { principal: "bench-submitter", bindings: [] });
+  return {
+    server: { ...tls, authTokens: tokens, authPolicy: policy },
+    agent: { tlsCa: ca.certFile, token: agentToken },
+    submitter: { tlsCa: ca.certFile, token: submitterToken },
+  };
+}
+const secured = security();
 const config = parseServerConfig({
   listen: "127.0.0.1:0",
   metricsListen: "off",
   databaseUrl: values["database-url"],
   dataDir: join(dir, "data"),
   logLevel: "warn",
+  ...secured.server,
 });
 const server = await startServer(config, pino({ level: "warn" }));
 const address = `127.0.0.1:${server.port}`;
@@ -50,13 +102,23 @@ const agents = Array.from({ length: Number(values.agents) }, (_, i) =>
     cluster: "bench",
     workerId: `bench-${i}`,
     capacity: Number(values.slots),
+    ...(secured.agent ? { security: secured.agent } : {}),
     handler: async () => ({ ok: true }),
     onEvent: (e) => {
       if (e.type === "finished" && e.accepted && ++completed === total) resolveAll();
     },
   }),
 );
-const api = createClient(ActionService, address);
+const submitChannel = secured.submitter
+  ? clientChannel(secured.submitter, [address])
+  : { credentials: grpc.credentials.createInsecure(), options: {}, interceptors: [] };
+const api = createClient(
+  ActionService,
+  address,
+  submitChannel.credentials,
+  submitChannel.options,
+  submitChannel.interceptors,
+);
 await new Promise((r) => setTimeout(r, 500)); // let the agents connect
 
 const started = performance.now();
@@ -77,6 +139,7 @@ const rss = process.memoryUsage().rss / 1024 / 1024;
 console.log(
   JSON.stringify({
     driver: values["database-url"] ? "postgres" : "pglite",
+    auth,
     actions: total,
     agents: agents.length,
     slotsTotal: agents.length * Number(values.slots),

@@ -24,8 +24,8 @@ function load(protoFile: string, includeDir: string): grpc.GrpcObject {
 type Method = (...args: any[]) => any;
 type Ctor = new (address: string, creds: grpc.ChannelCredentials) => grpc.Client & Record<string, Method>;
 
-/** A grpc.reflection.v1 client. */
-export function reflectionClient(address: string) {
+/** A grpc.reflection.v1 client; `metadata` goes with every stream (e.g. a bearer token). */
+export function reflectionClient(address: string, metadata?: grpc.Metadata) {
   const root = join(dirname(require.resolve("@grpc/reflection/package.json")), "build", "proto");
   const pkg = load("grpc/reflection/v1/reflection.proto", root) as unknown as {
     grpc: { reflection: { v1: { ServerReflection: Ctor } } };
@@ -35,8 +35,10 @@ export function reflectionClient(address: string) {
   const ask = (request: Record<string, string>) =>
     new Promise<Record<string, unknown>>((resolve, reject) => {
       const call = (
-        client.ServerReflectionInfo as () => grpc.ClientDuplexStream<unknown, Record<string, unknown>>
-      )();
+        client.ServerReflectionInfo as (
+          metadata?: grpc.Metadata,
+        ) => grpc.ClientDuplexStream<unknown, Record<string, unknown>>
+      )(metadata ?? new grpc.Metadata());
       call.once("data", (response) => {
         resolve(response);
         call.end();

@@ -982,6 +982,17 @@ export const RejectReasonSchema: GenEnum<RejectReason> = /*@__PURE__*/
  * hello's worker_id (right worker.connect, and the worker-id pattern of its
  * role binding).
  *
+ * An agent proves who it is when it opens the stream, once: with a client
+ * certificate (mTLS; its principal is the certificate's first URI SAN, else
+ * its first DNS SAN), or with `authorization: Bearer <token>` in the call's
+ * metadata (a JWT or a static token; over TLS, or to a loopback address).
+ * Refusals at open are final for those credentials: do not retry them in a
+ * loop (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, … mean "get a
+ * new credential"). UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
+ * could not fetch its signing keys yet) is retried with the reconnect backoff
+ * below. A token that expires while the stream is open does not end the
+ * stream; the next stream needs a fresh one.
+ *
  * @generated from service leasehold.v1.WorkerService
  */
 export const WorkerService: GenService<{
@@ -1000,7 +1011,9 @@ export const WorkerService: GenService<{
    * A session belongs to the principal whose hello opened it: a hello for a
    * worker whose session (live, or in grace) another principal opened ends
    * with PERMISSION_DENIED (ErrorInfo reason SESSION_OWNED_BY_OTHER) and
-   * leaves that session, its leases and its stream untouched.
+   * leaves that session, its leases and its stream untouched. The worker id
+   * is free for another principal once that session ends (goodbye, or reaped
+   * at its deadline).
    *
    * What a client written without the TypeScript agent SDK must do (the SDK
    * does all of it):

@@ -1,6 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
-import type * as grpc from "@grpc/grpc-js";
+import * as grpc from "@grpc/grpc-js";
 import {
   type ConnectRequestSchema,
   type ConnectResponse,
@@ -11,7 +11,7 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
 import type { JsonObject } from "../work/action.js";
-import { reconnectDelayMs } from "./backoff.js";
+import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
 
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
@@ -214,6 +214,8 @@ export function createAgent(options: AgentOptions): Agent {
   /** The addresses with names expanded, refreshed before every connection. */
   let targets: Target[] = addresses.map((address) => ({ address, name: undefined }));
   let attemptsWithoutWelcome = 0;
+  /** Refusals of this agent's credentials in a row (they pace retries: `refusedDelayMs`). */
+  let refusals = 0;
   /** The grace period of the last welcome: bounds the reconnect backoff. */
   let graceMs: number | undefined;
   let reconnectTimer: NodeJS.Timeout | undefined;
@@ -699,12 +701,17 @@ export function createAgent(options: AgentOptions): Agent {
       if (closed || conn.saidGoodbye) return;
       // The fence timer keeps running: the deadline from the last ack still applies.
       addressIndex += 1;
-      const retryInMs = reconnectDelayMs({
-        attempt: attemptsWithoutWelcome,
-        initialMs: initialBackoff,
-        maxMs: options.maxBackoffMs,
-        graceMs,
-      });
+      const code = (error as { code?: unknown } | undefined)?.code;
+      const refused = code === grpc.status.UNAUTHENTICATED || code === grpc.status.PERMISSION_DENIED;
+      refusals = refused ? refusals + 1 : 0;
+      const retryInMs = refused
+        ? refusedDelayMs(refusals)
+        : reconnectDelayMs({
+            attempt: attemptsWithoutWelcome,
+            initialMs: initialBackoff,
+            maxMs: options.maxBackoffMs,
+            graceMs,
+          });
       emit({ type: "disconnected", error: error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };

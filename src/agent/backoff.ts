@@ -44,3 +44,18 @@ export function reconnectCeilingMs(b: Omit<ReconnectBackoff, "random">): number 
 export function reconnectDelayMs(b: ReconnectBackoff): number {
   return Math.floor((b.random ?? Math.random)() * reconnectCeilingMs(b));
 }
+
+/** The longest wait between attempts whose credentials the server refused. */
+export const REFUSED_BACKOFF_CAP_MS = 30_000;
+
+/**
+ * The delay before trying again after the server refused the agent's
+ * credentials (UNAUTHENTICATED, PERMISSION_DENIED): such a refusal is not
+ * an outage, and retrying at the reconnect pace would only flood the
+ * server's log. 2 s doubling per refusal up to 30 s, between half and all of
+ * that (a rotated token file or policy may fix it, so the agent keeps trying).
+ */
+export function refusedDelayMs(refusals: number, random: () => number = Math.random): number {
+  const ceiling = Math.min(REFUSED_BACKOFF_CAP_MS, 2000 * 2 ** Math.min(Math.max(refusals - 1, 0), 30));
+  return Math.floor(ceiling / 2 + (random() * ceiling) / 2);
+}

@@ -1,8 +1,10 @@
 import { describe, expect, it } from "vitest";
 import {
   BACKOFF_CAP_BEFORE_WELCOME_MS,
+  REFUSED_BACKOFF_CAP_MS,
   reconnectCeilingMs,
   reconnectDelayMs,
+  refusedDelayMs,
 } from "../../src/agent/backoff.js";
 
 /** A deterministic stand-in for Math.random cycling through `values`. */
@@ -58,5 +60,15 @@ describe("the agent's reconnect backoff", () => {
       reconnectDelayMs({ attempt: 10, initialMs: 200, maxMs: undefined, graceMs: 8000, random }),
     );
     expect(delays).toEqual([0, 250, 500, 750]);
+  });
+});
+
+describe("refused credentials", () => {
+  it("wait 1–2 s after the first refusal, doubling to at most 30 s, never at the reconnect pace", () => {
+    expect(refusedDelayMs(1, () => 0)).toBe(1000);
+    expect(refusedDelayMs(1, () => 0.999)).toBeLessThan(2000);
+    expect(refusedDelayMs(3, () => 0)).toBe(4000);
+    expect(refusedDelayMs(50, () => 0.999)).toBeLessThanOrEqual(REFUSED_BACKOFF_CAP_MS);
+    expect(refusedDelayMs(50, () => 0)).toBe(REFUSED_BACKOFF_CAP_MS / 2);
   });
 });

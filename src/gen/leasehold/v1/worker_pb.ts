@@ -986,9 +986,10 @@ export const RejectReasonSchema: GenEnum<RejectReason> = /*@__PURE__*/
  * certificate (mTLS; its principal is the certificate's first URI SAN, else
  * its first DNS SAN), or with `authorization: Bearer <token>` in the call's
  * metadata (a JWT or a static token; over TLS, or to a loopback address).
- * Refusals at open are final for those credentials: do not retry them in a
- * loop (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, … mean "get a
- * new credential"). UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
+ * Refusals at open are final for those credentials: do not retry them at the
+ * reconnect pace (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, …
+ * mean "get a new credential"); the SDK waits 1–2 s after the first refusal,
+ * doubling up to 15–30 s. UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
  * could not fetch its signing keys yet) is retried with the reconnect backoff
  * below. A token that expires while the stream is open does not end the
  * stream; the next stream needs a fresh one.

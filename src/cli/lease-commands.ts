@@ -138,11 +138,13 @@ export function leaseCommands(): Command {
   lease
     .command("get")
     .argument("<lease-id>")
-    .description("Show one lease.")
+    .description("Show one lease and who created it.")
     .action(async (id: string, _o: unknown, command: Command) =>
-      withClients(command, async (c, json) =>
-        printLease((await c.leases.getLease({ leaseId: id })).lease, json),
-      ),
+      withClients(command, async (c, json) => {
+        const { lease: l } = await c.leases.getLease({ leaseId: id });
+        printLease(l, json);
+        if (!json && l?.createdBy) out(`created by: ${l.createdBy}`);
+      }),
     );
   lease
     .command("list")
@@ -230,15 +232,22 @@ export function leaseCommands(): Command {
     .command("delete")
     .argument("[lease-id]")
     .option("--label <label>", "instead of one id: every closed lease with this label")
+    .option(
+      "--runtime <cluster>",
+      "instead of one id: every closed lease on this runtime (with --label: both must match)",
+    )
     .description("Forget closed leases (housekeeping); open ones are refused.")
     .action(async (id: string | undefined, o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
+        if (id && (o.label || o.runtime))
+          throw new CliError("give either a lease id or --label/--runtime, not both", EXIT.usage);
         if (id) {
           await c.leases.deleteLease({ leaseId: id });
           return json ? out(toJson({ deleted: 1 })) : out(`${id} deleted`);
         }
-        if (!o.label) throw new CliError("give a lease id, or --label to delete many", EXIT.usage);
-        const { deleted } = await c.leases.deleteLeases({ label: o.label });
+        if (!o.label && !o.runtime)
+          throw new CliError("give a lease id, or --label and/or --runtime to delete many", EXIT.usage);
+        const { deleted } = await c.leases.deleteLeases({ label: o.label ?? "", runtime: o.runtime ?? "" });
         json ? out(toJson({ deleted })) : out(`${deleted} closed leases deleted`);
       }),
     );

@@ -73,13 +73,19 @@ export interface ScopeLeaseService extends AsyncDisposable {
   promote(leaseId: string, kind: string, resourceId: string, actor: string): Promise<ResourceRecord>;
   commit(leaseId: string, actor: string): Promise<Closed>;
   rollback(leaseId: string, actor: string): Promise<Closed>;
-  setResult(leaseId: string, result: JsonObject): Promise<ScopeLeaseRecord>;
-  delete(leaseId: string): Promise<void>;
-  deleteMany(filter: {
-    label?: string | undefined;
-    runtime?: string | undefined;
-    closedBefore?: Date | undefined;
-  }): Promise<number>;
+  setResult(leaseId: string, result: JsonObject, actor: string): Promise<ScopeLeaseRecord>;
+  /** Forgets a closed lease; FAILED_PRECONDITION if it is open. */
+  delete(leaseId: string, actor: string): Promise<void>;
+  /** Forgets every closed lease matching `filter`; returns how many. */
+  deleteMany(
+    filter: {
+      label?: string | undefined;
+      runtime?: string | undefined;
+      closedBefore?: Date | undefined;
+    },
+    actor: string,
+  ): Promise<number>;
+  /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
   listResources(
@@ -396,11 +402,12 @@ export function createScopeLeaseService(deps: {
     },
     commit: (leaseId, actor) => close(leaseId, "COMMITTED", actor),
     rollback: (leaseId, actor) => close(leaseId, "ROLLED_BACK", actor),
-    async setResult(leaseId, result) {
-      if (!(await setScopeLeaseResult(db, leaseId, result))) throw notFound(leaseId);
+    async setResult(leaseId, result, actor) {
+      if (!(await setScopeLeaseResult(db, leaseId, result, actor))) throw notFound(leaseId);
+      feed.publish(EVENTS_TOPIC);
       return (await findScopeLease(db, leaseId)) as ScopeLeaseRecord;
     },
-    async delete(leaseId) {
+    async delete(leaseId, actor) {
       const lease = await findScopeLease(db, leaseId);
       if (!lease) throw notFound(leaseId);
       if (lease.state === "OPEN") {
@@ -410,9 +417,13 @@ export function createScopeLeaseService(deps: {
           { type: "LEASE_STATE", subject: `leases/${leaseId}`, description: "state is OPEN" },
         );
       }
-      await deleteClosedScopeLeases(db, { id: leaseId });
+      if ((await deleteClosedScopeLeases(db, { id: leaseId }, actor)) > 0) feed.publish(EVENTS_TOPIC);
     },
-    deleteMany: (filter) => deleteClosedScopeLeases(db, filter),
+    async deleteMany(filter, actor) {
+      const deleted = await deleteClosedScopeLeases(db, filter, actor);
+      if (deleted > 0) feed.publish(EVENTS_TOPIC);
+      return deleted;
+    },
     async createResource(input) {
       if (input.content && input.content.byteLength > limits.maxFileBytes) {
         const description = `${input.content.byteLength} bytes is over the server's file limit of ${limits.maxFileBytes} bytes`;
@@ -424,6 +435,7 @@ export function createScopeLeaseService(deps: {
       const sha256 = input.content ? createHash("sha256").update(input.content).digest("hex") : undefined;
       const result = await insertResource(db, clock, { ...input, ...(sha256 ? { sha256 } : {}) });
       if ("refused" in result) throw refused(input.leaseId ?? "", result, `create a ${input.kind} in it`);
+      feed.publish(EVENTS_TOPIC);
       return result;
     },
     async getResource(id) {

@@ -211,11 +211,15 @@ export interface NewResource {
   readonly sha256?: string;
   readonly contentType?: string;
   readonly body?: JsonObject;
+  /** The creating principal: the actor of its `resource_created` event. */
+  readonly actor: string;
 }
 
 /**
  * Creates a resource. With a lease id this is the only way a resource enters
  * a lease, and it happens atomically with a check that the lease is open.
+ * The same statement records `resource_created` with the lease's runtime as
+ * its cluster (none for a resource created without a lease) and `actor`.
  */
 export async function insertResource(
   db: Db,
@@ -232,13 +236,24 @@ export async function insertResource(
     const [row] = await queryRows<ResourceRow>(
       tx,
       sql`
-        insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body)
-        values (${uuidv7()}, ${input.kind}, ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
-                ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
-                ${input.sha256 ?? null}, ${input.contentType ?? null},
-                case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
-                ${input.body ? JSON.stringify(input.body) : null}::jsonb)
-        returning ${RESOURCE_COLUMNS}`,
+        with inserted as (
+          insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body)
+          values (${uuidv7()}, ${input.kind}, ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
+                  ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
+                  ${input.sha256 ?? null}, ${input.contentType ?? null},
+                  case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
+                  ${input.body ? JSON.stringify(input.body) : null}::jsonb)
+          returning ${RESOURCE_COLUMNS}
+        ),
+        event as (
+          insert into events (kind, lease_id, cluster, message, details, actor)
+          select 'resource_created', i.lease_id, l.runtime,
+            i.kind || ' ' || i.id || ' created ' || coalesce('in lease ' || i.lease_id, 'workspace-owned'),
+            jsonb_strip_nulls(jsonb_build_object('resource_id', i.id, 'kind', i.kind, 'name', i.name)),
+            ${input.actor}
+          from inserted i left join scope_leases l on l.id = i.lease_id
+        )
+        select * from inserted`,
     );
     return resourceFromRow(row as ResourceRow);
   });
@@ -288,9 +303,10 @@ export async function insertDeployment(
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
-          insert into events (kind, lease_id, action_id, cluster, message, actor)
+          insert into events (kind, lease_id, action_id, cluster, message, details, actor)
           select 'deployment_created', lease_id, action_id, ${runtime},
-            'deployment ' || id || ' created; action ' || action_id || ' runs it', ${input.actor} from inserted
+            'deployment ' || id || ' created; action ' || action_id || ' runs it',
+            jsonb_build_object('resource_id', id, 'kind', kind), ${input.actor} from inserted
         )
         select * from inserted`,
     );
@@ -505,15 +521,39 @@ export async function expireScopeLeases(
   });
 }
 
-export async function setScopeLeaseResult(db: Db, leaseId: string, result: JsonObject): Promise<boolean> {
+/**
+ * Records a lease's result (replacing an earlier one) and, in the same
+ * statement, a `scope_lease_result_set` event with `actor`. False if there is
+ * no such lease.
+ */
+export async function setScopeLeaseResult(
+  db: Db,
+  leaseId: string,
+  result: JsonObject,
+  actor: string,
+): Promise<boolean> {
   const rows = await queryRows<{ id: string }>(
     db,
-    sql`update scope_leases set result = ${JSON.stringify(result)}::jsonb where id = ${leaseId} returning id`,
+    sql`
+      with updated as (
+        update scope_leases set result = ${JSON.stringify(result)}::jsonb where id = ${leaseId}
+        returning id, runtime
+      ),
+      event as (
+        insert into events (kind, lease_id, cluster, message, actor)
+        select 'scope_lease_result_set', id, runtime, 'scope lease result set', ${actor} from updated
+      )
+      select id from updated`,
   );
   return rows.length > 0;
 }
 
-/** Deletes closed lease records (housekeeping); open ones are never deleted here. */
+/**
+ * Deletes closed lease records (housekeeping); open ones are never deleted
+ * here. One set-based statement deletes them and records a
+ * `scope_lease_deleted` event per lease (its runtime as cluster, `actor`).
+ * Returns how many were deleted.
+ */
 export async function deleteClosedScopeLeases(
   db: Db,
   filter: {
@@ -522,6 +562,7 @@ export async function deleteClosedScopeLeases(
     runtime?: string | undefined;
     closedBefore?: Date | undefined;
   },
+  actor: string,
 ): Promise<number> {
   const conditions: SQL[] = [sql`state <> 'OPEN'`];
   if (filter.id) conditions.push(sql`id = ${filter.id}`);
@@ -529,16 +570,29 @@ export async function deleteClosedScopeLeases(
   if (filter.label) conditions.push(sql`label = ${filter.label}`);
   if (filter.closedBefore)
     conditions.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
-  const rows = await queryRows<{ id: string }>(
+  const [row] = await queryRows<{ deleted: unknown }>(
     db,
-    sql`delete from scope_leases where ${sql.join(conditions, sql` and `)} returning id`,
+    sql`
+      with deleted as (
+        delete from scope_leases where ${sql.join(conditions, sql` and `)}
+        returning id, runtime, label, state
+      ),
+      event as (
+        insert into events (kind, lease_id, cluster, message, details, actor)
+        select 'scope_lease_deleted', id, runtime, 'scope lease record deleted (it was ' || lower(state) || ')',
+          jsonb_build_object('label', label, 'state', state), ${actor}
+        from deleted order by id
+      )
+      select count(*) as deleted from deleted`,
   );
-  return rows.length;
+  return toNumber(row?.deleted ?? 0);
 }
 
 /**
  * Deletes a workspace-owned resource; lease-owned ones go with their lease.
- * `actor` is the deleting principal (the actor of a deployment's cancel event).
+ * The same statement records `resource_deleted` with `actor` (the deleting
+ * principal, also the actor of a deployment's cancel event) and as cluster
+ * the runtime of the lease it was created in, or a deployment's runtime.
  */
 export async function deleteWorkspaceResource(
   db: Db,
@@ -551,7 +605,17 @@ export async function deleteWorkspaceResource(
       tx,
       sql`
         with target as (select id, ownership, action_id from resources where id = ${id}),
-        deleted as (delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE' returning r.id)
+        deleted as (
+          delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE'
+          returning r.id, r.kind, r.lease_id, r.action_id
+        ),
+        event as (
+          insert into events (kind, lease_id, action_id, cluster, message, details, actor)
+          select 'resource_deleted', d.lease_id, d.action_id,
+            coalesce(l.runtime, (select a.cluster from actions a where a.id = d.action_id)),
+            d.kind || ' ' || d.id || ' deleted', jsonb_build_object('resource_id', d.id, 'kind', d.kind), ${actor}
+          from deleted d left join scope_leases l on l.id = d.lease_id
+        )
         select ownership, action_id, exists (select 1 from deleted) as deleted from target`,
     );
     if (!row) return { outcome: "not_found" as const };

@@ -30,7 +30,11 @@ export type EventKind =
   | "outputs_requested"
   | "cluster_partitioned"
   | "cluster_recovered"
-  | "cluster_expiries_resumed";
+  | "cluster_expiries_resumed"
+  | "scope_lease_result_set"
+  | "scope_lease_deleted"
+  | "resource_created"
+  | "resource_deleted";
 
 /** One stored event. */
 export interface EventRecord {

@@ -227,31 +227,114 @@ describe("authorization by cluster, owner and session", () => {
       /lease\.use\.any in cluster "cluster-a"/,
     );
     const { resource } = await resources.createObject({ leaseId, kind: "note" }, as("alice"));
-    expect((await resources.getResource({ resourceId: resource?.id ?? "" }, as("reader"))).resource?.id).toBe(
-      resource?.id,
+    const noteId = resource?.id ?? "";
+    expect((await resources.getResource({ resourceId: noteId }, as("reader"))).resource?.id).toBe(noteId);
+    const { resource: file } = await resources.createFile(
+      { leaseId, name: "log.txt", content: new TextEncoder().encode("hi") },
+      as("alice"),
     );
+    await expectStatus(
+      leases.setResult({ leaseId, result: { passed: true } }, as("bob")),
+      Code.PermissionDenied,
+      /lease\.use\.any in cluster "cluster-a"/,
+    );
+    await leases.setResult({ leaseId, result: { passed: true } }, as("alice"));
     await expectStatus(
       leases.commitLease({ leaseId }, as("bob")),
       Code.PermissionDenied,
       /lease\.use\.any in cluster "cluster-a"/,
     );
-    await leases.promoteResource({ leaseId, kind: "note", resourceId: resource?.id ?? "" }, as("alice"));
+    await leases.promoteResource({ leaseId, kind: "note", resourceId: noteId }, as("alice"));
     await leases.commitLease({ leaseId }, as("alice"));
+    // Committed, the note is workspace-owned but still in cluster-a: its creator deletes it.
+    await resources.deleteResource({ resourceId: noteId }, as("alice"));
     await expectStatus(
       leases.deleteLease({ leaseId }, as("alice")),
       Code.PermissionDenied,
       // alice holds lease.delete nowhere: the adapter refuses before the handler looks.
       /lease\.delete in any cluster/,
     );
-    await leases.deleteLeases({ runtime: "cluster-a" }, as("ops"));
+    await leases.deleteLease({ leaseId }, as("ops"));
+    // Two more closed leases go at once with DeleteLeases: one event each.
+    const others: string[] = [];
+    for (const _ of [1, 2]) {
+      const other = (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "";
+      await leases.rollbackLease({ leaseId: other }, as("alice"));
+      others.push(other);
+    }
+    expect((await leases.deleteLeases({ runtime: "cluster-a" }, as("ops"))).deleted).toBe(2);
 
-    // Scope lease events carry the runtime as their cluster: a scoped reader finds them by it.
-    const { events } = await t.client(EventService).listEvents({ cluster: "cluster-a" }, as("reader"));
-    const ofLease = events.filter((e) => e.leaseId === leaseId).map((e) => [EventKind[e.kind], e.actor]);
-    expect(ofLease).toEqual([
+    // Scope lease and resource events carry the runtime as their cluster: a scoped reader finds them by it.
+    const { events } = await t
+      .client(EventService)
+      .listEvents({ cluster: "cluster-a", pageSize: 1000 }, as("reader"));
+    const ofLease = events.filter((e) => e.leaseId === leaseId);
+    expect(ofLease.map((e) => [EventKind[e.kind], e.actor])).toEqual([
       ["SCOPE_LEASE_CREATED", "alice"],
+      ["RESOURCE_CREATED", "alice"],
+      ["RESOURCE_CREATED", "alice"],
+      ["SCOPE_LEASE_RESULT_SET", "alice"],
       ["RESOURCE_PROMOTED", "alice"],
       ["SCOPE_LEASE_COMMITTED", "alice"],
+      ["RESOURCE_DELETED", "alice"],
+      ["SCOPE_LEASE_DELETED", "ops"],
     ]);
+    expect(ofLease.filter((e) => e.kind === EventKind.RESOURCE_CREATED).map((e) => e.details)).toEqual([
+      { resource_id: noteId, kind: "note" },
+      { resource_id: file?.id, kind: "file", name: "log.txt" },
+    ]);
+    expect(ofLease.find((e) => e.kind === EventKind.RESOURCE_DELETED)?.details).toEqual({
+      resource_id: noteId,
+      kind: "note",
+    });
+    const bulk = events.filter((e) => e.kind === EventKind.SCOPE_LEASE_DELETED && others.includes(e.leaseId));
+    expect(bulk.map((e) => [e.leaseId, e.actor, e.details])).toEqual(
+      others.map((id) => [id, "ops", { label: "", state: "ROLLED_BACK" }]),
+    );
+  });
+
+  it("records who created and deleted resources outside a lease; a deployment's event carries its runtime", async () => {
+    const resources = t.client(ResourceService);
+    const events = t.client(EventService);
+    // Without a lease an object belongs to no cluster: creating it takes resource.create everywhere.
+    await expectStatus(
+      resources.createObject({ kind: "note" }, as("alice")),
+      Code.PermissionDenied,
+      /resource\.create in every cluster/,
+    );
+    const note = (await resources.createObject({ kind: "note" }, as("admin"))).resource?.id ?? "";
+    const deployment =
+      (
+        await resources.createDeployment(
+          { runtime: "cluster-a", spec: { containers: [{ name: "c", command: { argv: ["true"] } }] } },
+          as("alice"),
+        )
+      ).resource?.id ?? "";
+    await resources.deleteResource({ resourceId: note }, as("admin"));
+    await resources.deleteResource({ resourceId: deployment }, as("admin"));
+
+    const created = await events.listEvents(
+      { kind: EventKind.RESOURCE_CREATED, pageSize: 1000 },
+      as("admin"),
+    );
+    expect(created.events.find((e) => e.details?.resource_id === note)).toMatchObject({
+      actor: "admin",
+      cluster: "",
+      leaseId: "",
+    });
+    const { events: inA } = await events.listEvents({ cluster: "cluster-a", pageSize: 1000 }, as("reader"));
+    const ofDeployment = inA.filter((e) => e.details?.resource_id === deployment);
+    expect(ofDeployment.map((e) => [EventKind[e.kind], e.actor])).toEqual([
+      ["DEPLOYMENT_CREATED", "alice"],
+      ["RESOURCE_DELETED", "admin"],
+    ]);
+    const deleted = await events.listEvents(
+      { kind: EventKind.RESOURCE_DELETED, pageSize: 1000 },
+      as("admin"),
+    );
+    expect(deleted.events.find((e) => e.details?.resource_id === note)).toMatchObject({
+      actor: "admin",
+      cluster: "",
+    });
   });
 });

@@ -293,8 +293,27 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       expect(downloaded.stdout).toBe("fixture content\n");
       const debug = JSON.parse((await cli([...server, "--json", "lease", "debug", lease.id])).stdout);
       expect(debug.resources.map((r: { id: string }) => r.id)).toEqual([kept.id]);
+      expect((await cli([...server, "lease", "get", lease.id])).stdout).toContain("created by: anonymous\n");
       expect((await cli([...server, "lease", "delete", lease.id])).code).toBe(0);
       expect((await cli([...server, "lease", "get", lease.id])).code).toBe(4);
+      // Many at once by runtime; the event names who deleted it.
+      const other = JSON.parse(
+        (await cli([...server, "--json", "lease", "create", "--runtime", "cli-west"])).stdout,
+      );
+      await t.client(LeaseService).commitLease({ leaseId: other.id });
+      const byRuntime = await cli([...server, "lease", "delete", "--runtime", "cli-west"]);
+      expect(byRuntime).toMatchObject({ code: 0, stdout: "1 closed leases deleted\n" });
+      const deletedEvents = await cli([
+        ...server,
+        "events",
+        "--cluster",
+        "cli-west",
+        "--kind",
+        "scope_lease_deleted",
+      ]);
+      expect(deletedEvents.stdout).toMatch(/scope_lease_deleted\s+anonymous\s+scope lease record deleted/);
+      const both = await cli([...server, "lease", "delete", other.id, "--runtime", "cli-west"]);
+      expect(both).toMatchObject({ code: 2, stderr: expect.stringMatching(/not both/) });
       const again = await cli([...server, "lease", "rollback", lease.id]);
       expect(again).toMatchObject({ code: 4 });
       const noRuntime = await cli([...server, "lease", "create"]);

@@ -288,6 +288,8 @@ describe("scope leases", () => {
     expect(debug.lease?.state).toBe(LeaseState.ROLLED_BACK);
     expect(debug.events.map((e) => e.kind)).toEqual([
       EventKind.SCOPE_LEASE_CREATED,
+      EventKind.RESOURCE_CREATED,
+      EventKind.SCOPE_LEASE_RESULT_SET,
       EventKind.SCOPE_LEASE_ROLLED_BACK,
     ]);
   });

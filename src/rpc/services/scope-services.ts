@@ -171,7 +171,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
     async deleteLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
       await leaseWith(scope, ctx.access, "lease.delete", leaseId);
-      await scope.delete(leaseId);
+      await scope.delete(leaseId, ctx.access.actor);
       return {};
     },
     async deleteLeases(request, ctx) {
@@ -181,11 +181,14 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
         v.throwIfAny();
       }
       ctx.access.requireListScope("lease.delete", request.runtime);
-      const deleted = await scope.deleteMany({
-        label: request.label || undefined,
-        runtime: request.runtime || undefined,
-        closedBefore: request.closedBefore ? timestampDate(request.closedBefore) : undefined,
-      });
+      const deleted = await scope.deleteMany(
+        {
+          label: request.label || undefined,
+          runtime: request.runtime || undefined,
+          closedBefore: request.closedBefore ? timestampDate(request.closedBefore) : undefined,
+        },
+        ctx.access.actor,
+      );
       return { deleted };
     },
     async setResult(request, ctx) {
@@ -193,7 +196,8 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       if (request.result === undefined)
         throw LeaseholdError.invalidArgument("result", "is required (a JSON object)");
       await usableLease(scope, ctx.access, leaseId);
-      return { lease: toProtoLease(await scope.setResult(leaseId, request.result as JsonObject)) };
+      const lease = await scope.setResult(leaseId, request.result as JsonObject, ctx.access.actor);
+      return { lease: toProtoLease(lease) };
     },
     async debugLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
@@ -292,6 +296,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         name: request.name,
         content: request.content,
         ...(request.contentType ? { contentType: request.contentType } : {}),
+        actor: ctx.access.actor,
       });
       return { resource: toProtoResource(resource) };
     },
@@ -307,6 +312,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         kind: request.kind,
         leaseId: request.leaseId || undefined,
         body: (request.body ?? {}) as JsonObject,
+        actor: ctx.access.actor,
       });
       return { resource: toProtoResource(resource) };
     },

@@ -157,6 +157,8 @@ describe("authorization", () => {
   let server: TestServer;
   const credentials = new Map<Caller, { channel: grpc.ChannelCredentials; token?: string }>();
   const fixtures = {} as Fixtures;
+  /** Another principal the policy lets run workers in cluster a. */
+  let secondAgent: grpc.ChannelCredentials;
   const closers: (() => void)[] = [];
 
   function client<S extends GenServiceMethods>(service: GenService<S>, caller: Caller) {
@@ -264,6 +266,9 @@ describe("authorization", () => {
       token: `lh_${randomBytes(32).toString("base64url")}`,
     });
     credentials.set("agentA", { channel: withCert(agentA) });
+    secondAgent = withCert(
+      issueCertificate(ca, { dir, name: "agent-a2", uris: ["spiffe://test/agent/a2"], client: true }),
+    );
     credentials.set("agentB", { channel: tlsOnly, token: agentBToken });
     credentials.set("submitterA", {
       channel: tlsOnly,
@@ -392,5 +397,62 @@ describe("authorization", () => {
       (l) => l.principal === "reader-bot" && l.method === "leasehold.v1.ActionService/SubmitAction",
     );
     expect(line).toMatchObject({ code: "PERMISSION_DENIED", reason: "PERMISSION_DENIED" });
+  });
+
+  it("lets only the principal that opened a session take it over", async () => {
+    const open = (channel: grpc.ChannelCredentials) => {
+      const api = createClient(WorkerService, server.address, channel, {
+        "grpc.use_local_subchannel_pool": 1,
+      });
+      closers.push(() => api.close());
+      const call = api.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
+      const received: ConnectResponse[] = [];
+      const waiters: (() => void)[] = [];
+      let status: { code: number; reason: string | undefined } | undefined;
+      call.on("data", (m: ConnectResponse) => {
+        received.push(m);
+        for (const w of waiters.splice(0)) w();
+      });
+      call.on("error", (e: grpc.ServiceError) => {
+        status = { code: e.code, reason: statusDetails(e.metadata).reason };
+        for (const w of waiters.splice(0)) w();
+      });
+      const until = (test: () => boolean) =>
+        new Promise<void>((resolve) => {
+          const look = () => (test() ? resolve() : waiters.push(look));
+          look();
+        });
+      const send = (message: Record<string, unknown>) =>
+        call.write(create(ConnectRequestSchema, { message: message as never }));
+      send({ case: "hello", value: { workerId: "a-owned", cluster: "a", capacity: 1 } });
+      return { received, send, until, status: () => status, cancel: () => call.cancel() };
+    };
+    const welcomed = (s: ReturnType<typeof open>) =>
+      s.until(() => s.received.some((m) => m.message.case === "welcome") || s.status() !== undefined);
+
+    const owner = open(credentials.get("agentA")?.channel as grpc.ChannelCredentials);
+    await welcomed(owner);
+    expect(owner.status()).toBeUndefined();
+
+    // Another principal, allowed to run workers in cluster a, tries the same worker id.
+    const impostor = open(secondAgent);
+    await welcomed(impostor);
+    expect(impostor.status()).toEqual({ code: Code.PermissionDenied, reason: "SESSION_OWNED_BY_OTHER" });
+    // The owner's stream is untouched: still open and still acknowledged.
+    owner.send({ case: "heartbeat", value: { sequence: 7n, heldLeases: [] } });
+    await owner.until(
+      () =>
+        owner.received.some((m) => m.message.case === "heartbeatAck" && m.message.value.sequence === 7n) ||
+        owner.status() !== undefined,
+    );
+    expect(owner.status()).toBeUndefined();
+
+    // The same principal (a restarted agent) takes its session over; the old stream is closed.
+    const restarted = open(credentials.get("agentA")?.channel as grpc.ChannelCredentials);
+    await welcomed(restarted);
+    expect(restarted.status()).toBeUndefined();
+    await owner.until(() => owner.status() !== undefined);
+    expect(owner.status()?.code).not.toBe(Code.PermissionDenied);
+    restarted.cancel();
   });
 });

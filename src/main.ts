@@ -115,7 +115,24 @@ function routeSharedOptions(program: Command): void {
   });
 }
 
+/**
+ * Node warns (DEP0123) when a TLS client sends an IP address as the server
+ * name, which grpc-js does whenever `--server` is an IP and no
+ * `--tls-server-name` is given. The connection is fine (the certificate is
+ * still checked against the IP), so a user would only see noise on stderr.
+ */
+function silenceIpServerNameWarning(): void {
+  const emit = process.emitWarning.bind(process);
+  process.emitWarning = ((warning: string | Error, ...rest: unknown[]) => {
+    const code =
+      typeof rest[0] === "object" && rest[0] !== null ? (rest[0] as { code?: string }).code : rest[1];
+    if (code === "DEP0123") return;
+    (emit as (...args: unknown[]) => void)(warning, ...rest);
+  }) as typeof process.emitWarning;
+}
+
 export async function main(argv: readonly string[]): Promise<void> {
+  silenceIpServerNameWarning();
   // `leasehold events | head -1` ends quietly; `serve` switches this to dropping its logs.
   guardOutput("exit");
   const program = createProgram();

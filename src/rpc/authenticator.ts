@@ -59,8 +59,17 @@ function unauthenticated(message: string, reason = UNAUTHENTICATED_REASON): Leas
  */
 export function createAuthenticator(options: AuthenticatorOptions): Authenticator {
   const now = options.now ?? Date.now;
-  const cache = new Map<string, { access: Access; untilMs: number }>();
-  const remember = (key: string, access: Access, untilMs: number) => {
+  // One cache per kind of credential: a key of one kind must never be
+  // presentable as the other (a bearer token "cert:<fingerprint>" would
+  // otherwise hit a certificate's entry: fingerprints are public).
+  const tokens = new Map<string, { access: Access; untilMs: number }>();
+  const certificates = new Map<string, { access: Access; untilMs: number }>();
+  const remember = (
+    cache: Map<string, { access: Access; untilMs: number }>,
+    key: string,
+    access: Access,
+    untilMs: number,
+  ) => {
     if (cache.size >= CACHE_ENTRIES) cache.clear();
     cache.set(key, { access, untilMs });
     return access;
@@ -72,18 +81,18 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
     ]);
 
   const fromToken = (token: string): Access | Promise<Access> => {
-    const hit = cache.get(token);
+    const hit = tokens.get(token);
     if (hit && hit.untilMs > now()) return hit.access;
     if (token.startsWith("lh_") && options.staticTokens) {
       const identity = options.staticTokens.verify(token);
       if (!identity) throw unauthenticated("the bearer token is not known to this server", "TOKEN_UNKNOWN");
       // Static tokens do not expire; a short cache lets a removed token stop working soon.
-      return remember(token, accessFor(identity), now() + 10_000);
+      return remember(tokens, token, accessFor(identity), now() + 10_000);
     }
     if (options.jwt && looksLikeJwt(token)) {
       return options.jwt.verify(token).then((identity) => {
         const untilMs = Math.min(identity.expiresAtMs ?? Number.POSITIVE_INFINITY, now() + CACHE_MS);
-        return remember(token, accessFor(identity), untilMs);
+        return remember(tokens, token, accessFor(identity), untilMs);
       });
     }
     throw unauthenticated(
@@ -108,8 +117,8 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
       }
       const certificate = call.getAuthContext().sslPeerCertificate;
       if (certificate) {
-        const key = `cert:${certificate.fingerprint256}`;
-        const hit = cache.get(key);
+        const key = certificate.fingerprint256;
+        const hit = certificates.get(key);
         if (hit && hit.untilMs > now()) return hit.access;
         const principal = principalOfCertificate(certificate);
         if (!principal)
@@ -119,6 +128,7 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
           );
         const validTo = Date.parse(certificate.valid_to);
         return remember(
+          certificates,
           key,
           accessFor({ principal, via: "mtls" }),
           Math.min(Number.isFinite(validTo) ? validTo : Number.POSITIVE_INFINITY, now() + CACHE_MS),

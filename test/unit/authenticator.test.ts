@@ -1,0 +1,87 @@
+import type { PeerCertificate } from "node:tls";
+import * as grpc from "@grpc/grpc-js";
+import { pino } from "pino";
+import { describe, expect, it } from "vitest";
+import type { Identity } from "../../src/auth/access.js";
+import { parsePolicy } from "../../src/auth/policy.js";
+import type { StaticTokens } from "../../src/auth/static-tokens.js";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { createAuthenticator } from "../../src/rpc/authenticator.js";
+
+const policy = parsePolicy(`
+bindings:
+  - principals: ["spiffe://demo/operator"]
+    role: operator
+  - principals: [ci-bot]
+    role: submitter
+    clusters: [demo]
+`);
+const staticTokens: StaticTokens = {
+  verify: (token: string): Identity | undefined =>
+    token === "lh_good" ? { principal: "ci-bot", via: "static-token" } : undefined,
+  reload: async () => "unchanged",
+  close: () => {},
+};
+const operatorCertificate = {
+  subjectaltname: "URI:spiffe://demo/operator",
+  fingerprint256: "AA:BB:CC",
+  valid_to: "Jan  1 00:00:00 2099 GMT",
+} as unknown as PeerCertificate;
+
+function call(headers: Record<string, string>, certificate?: PeerCertificate) {
+  const metadata = new grpc.Metadata();
+  for (const [k, v] of Object.entries(headers)) metadata.add(k, v);
+  return { metadata, getAuthContext: () => (certificate ? { sslPeerCertificate: certificate } : {}) };
+}
+
+async function refusal(fn: () => unknown): Promise<LeaseholdError> {
+  try {
+    await fn();
+  } catch (error) {
+    if (error instanceof LeaseholdError) return error;
+    throw error;
+  }
+  throw new Error("expected a refusal");
+}
+
+describe("authenticator", () => {
+  const authenticator = () => createAuthenticator({ policy, staticTokens, log: pino({ level: "silent" }) });
+
+  it("takes a client certificate's URI SAN as the principal", async () => {
+    const access = await authenticator().authenticate(call({}, operatorCertificate));
+    expect(access.actor).toBe("spiffe://demo/operator");
+    expect(access.can("lease.delete", "any")).toBe(true);
+  });
+
+  it("never lets a bearer token reach a certificate's cached access", async () => {
+    const auth = authenticator();
+    await auth.authenticate(call({}, operatorCertificate));
+    for (const token of ["AA:BB:CC", "cert:AA:BB:CC"]) {
+      const error = await refusal(() => auth.authenticate(call({ authorization: `Bearer ${token}` })));
+      expect(error.code).toBe(Code.Unauthenticated);
+    }
+  });
+
+  it("judges a call by its token even when a certificate came with it", async () => {
+    const auth = authenticator();
+    const access = await auth.authenticate(call({ authorization: "Bearer lh_good" }, operatorCertificate));
+    expect(access.actor).toBe("ci-bot");
+    const error = await refusal(() =>
+      auth.authenticate(call({ authorization: "Bearer lh_bad" }, operatorCertificate)),
+    );
+    expect({ code: error.code, reason: error.reason }).toEqual({
+      code: Code.Unauthenticated,
+      reason: "TOKEN_UNKNOWN",
+    });
+  });
+
+  it("says what is missing or malformed", async () => {
+    const auth = authenticator();
+    expect((await refusal(() => auth.authenticate(call({})))).message).toMatch(/needs credentials/);
+    expect((await refusal(() => auth.authenticate(call({ authorization: "Basic abc" })))).reason).toBe(
+      "BAD_AUTHORIZATION",
+    );
+    const noSan = { ...operatorCertificate, subjectaltname: "", fingerprint256: "DD" } as PeerCertificate;
+    expect((await refusal(() => auth.authenticate(call({}, noSan)))).reason).toBe("CERT_NO_SAN");
+  });
+});

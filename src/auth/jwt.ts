@@ -132,10 +132,11 @@ export function createJwtVerifier(
     } catch (error) {
       throw LeaseholdError.invalidArgument("--jwt-jwks", `not a valid URL (${(error as Error).message})`);
     }
+    // Keys fetched in plaintext could be swapped by anyone on the path, who could then mint tokens.
     if (url.protocol === "http:" && !["localhost", "127.0.0.1", "[::1]"].includes(url.hostname))
-      log.warn(
-        { jwks: url.href },
-        "the JWKS is fetched over plain http: anyone on the path can swap the keys",
+      throw LeaseholdError.invalidArgument(
+        "--jwt-jwks",
+        `must be https:// (or http:// to this machine): over plain http anyone on the path to ${url.hostname} could swap the keys`,
       );
     const set = createRemoteJWKSet(url, {
       cacheMaxAge: REMOTE_JWKS_MAX_AGE_MS,

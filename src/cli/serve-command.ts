@@ -163,7 +163,7 @@ export function serveCommand(): Command {
         .env("LEASEHOLD_REFLECTION")
         .default(DEFAULTS.reflection),
     )
-    .action(async (options: Record<string, string | boolean | undefined>) => {
+    .action(async (options: Record<string, string | boolean | undefined>, command: Command) => {
       let config: ReturnType<typeof parseServerConfig>;
       try {
         config = parseServerConfig({
@@ -180,7 +180,8 @@ export function serveCommand(): Command {
           leaseMaxTtl: options.leaseMaxTtl as string,
           maxFileSize: options.maxFileSize as string,
           logLevel: options.logLevel as string,
-          insecure: Boolean(options.insecure),
+          // Commander turns a boolean on whenever its variable is set; LEASEHOLD_INSECURE="" or "false" is off.
+          insecure: Boolean(options.insecure) && !insecureVariableOff(command),
           tlsCert: options.tlsCert as string | undefined,
           tlsKey: options.tlsKey as string | undefined,
           tlsClientCa: options.tlsClientCa as string | undefined,
@@ -201,6 +202,12 @@ export function serveCommand(): Command {
       }
       await serve(config);
     });
+}
+
+/** Whether --insecure came from LEASEHOLD_INSECURE set to "", "0", "false" or "no" (which mean off). */
+function insecureVariableOff(command: Command): boolean {
+  if (command.getOptionValueSource("insecure") !== "env") return false;
+  return ["", "0", "false", "no"].includes((process.env.LEASEHOLD_INSECURE ?? "").trim().toLowerCase());
 }
 
 /** Signals this close to the first are the same one delivered twice. */

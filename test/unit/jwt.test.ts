@@ -260,4 +260,10 @@ describe("JWT verifier with a JWKS URL", () => {
     expect(error.reason).toBe("JWKS_UNAVAILABLE");
     expect(error.message).toMatch(/^cannot get the JWKS from http:\/\/127\.0\.0\.1:1\/jwks\.json/);
   });
+
+  it("refuse a JWKS URL in plain http beyond this machine", () => {
+    expect(() => createJwtVerifier(options({ jwks: "http://idp.example/jwks.json" }), log)).toThrow(
+      /^--jwt-jwks: must be https:\/\/ \(or http:\/\/ to this machine\)/,
+    );
+  });
 });

@@ -5,7 +5,9 @@ import { Code, LeaseholdError, quote } from "../errors.js";
  * - `agent`: run a worker (`WorkerService.Connect`) in its clusters, with a
  *   worker id matching its pattern; and upload the files its deployments
  *   produce (`CreateFile` in leases of its clusters; no other resource, so
- *   that an agent cannot make other agents run anything).
+ *   that an agent cannot make other agents run anything); and download the
+ *   input files of the deployments its own sessions hold leased
+ *   (`file.download.input`; no other file: an agent is no reader).
  * - `reader`: get, list and watch everything in its clusters, events included.
  * - `submitter`: what a reader may, plus submit and cancel its own actions,
  *   create scope leases and use its own (promote, commit, roll back, set a
@@ -41,6 +43,13 @@ export const RIGHTS = [
   "resource.create",
   "resource.read",
   "file.upload",
+  /**
+   * DownloadFile of a file that is an input of a deployment whose action is
+   * leased right now to a session the caller's principal opened, in a cluster
+   * where it holds this right. Not a read right: what an agent may fetch is
+   * what the deployment's creator (who had `resource.read` on it) gave it.
+   */
+  "file.download.input",
   "event.read",
 ] as const;
 export type Right = (typeof RIGHTS)[number];
@@ -56,7 +65,7 @@ const READER: readonly Right[] = [
 
 /** What each role holds, in the clusters of its binding. */
 export const ROLE_RIGHTS: Readonly<Record<Role, readonly Right[]>> = {
-  agent: ["worker.connect", "file.upload"],
+  agent: ["worker.connect", "file.upload", "file.download.input"],
   reader: READER,
   submitter: [
     ...READER,

@@ -38,7 +38,8 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> =
   "leasehold.v1.ResourceService/CreateObject": "resource.create",
   "leasehold.v1.ResourceService/GetResource": "resource.read",
   "leasehold.v1.ResourceService/ListResources": "resource.read",
-  "leasehold.v1.ResourceService/DownloadFile": "resource.read",
+  // Agents: only the inputs of deployments their sessions hold (checked in the handler).
+  "leasehold.v1.ResourceService/DownloadFile": ["resource.read", "file.download.input"],
   "leasehold.v1.ResourceService/DeleteResource": "lease.use.own",
   "leasehold.v1.WorkerService/Connect": "worker.connect",
 };

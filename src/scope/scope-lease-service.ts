@@ -5,6 +5,7 @@ import { findActions } from "../store/actions.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { cancelDeploymentActions, type HeldToken, requestOutputs } from "../store/deployments.js";
+import { leasedInputClusters } from "../store/queries/leased-input-clusters.js";
 import {
   type Closed,
   closeScopeLease,
@@ -94,6 +95,11 @@ export interface ScopeLeaseService extends AsyncDisposable {
     pageToken: string,
   ): Promise<Page<ResourceRecord>>;
   readFile(id: string): Promise<Uint8Array>;
+  /**
+   * The clusters where file `fileId` is an input of a deployment whose action
+   * is leased right now to a live session `principal` opened; empty if none.
+   */
+  inputLeasedTo(fileId: string, principal: string): Promise<string[]>;
   deleteResource(id: string, actor: string): Promise<void>;
   /** Creates a deployment and queues the action that runs it on an agent of its runtime. */
   createDeployment(input: {
@@ -452,6 +458,9 @@ export function createScopeLeaseService(deps: {
       const content = await readFileContent(db, id);
       if (!content) throw LeaseholdError.notFound("file", id);
       return content;
+    },
+    inputLeasedTo(fileId, principal) {
+      return leasedInputClusters(db, fileId, principal);
     },
     async deleteResource(id, actor) {
       const deleted = await deleteWorkspaceResource(db, id, actor);

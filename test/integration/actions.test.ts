@@ -238,6 +238,28 @@ describe("ActionService", () => {
       expect(f).toMatchObject({ reason: "PAYLOAD_TOO_LARGE", fields: ["payload"] });
     });
 
+    it("a payload shaped like a deployment: the key is reserved for CreateDeployment, nothing is queued", async () => {
+      const payload = {
+        deployment: { id: "fake", leaseId: "", spec: { inputs: [{ fileId: "someone-elses", path: "x" }] } },
+      };
+      const f = await expectStatus(
+        api.submitAction({ cluster: "reserved", payload }),
+        Code.InvalidArgument,
+        /^payload\.deployment: is reserved for deployments of scope leases; create them with ResourceService\.CreateDeployment/,
+      );
+      expect(f.fields).toEqual(["payload.deployment"]);
+      // Whatever its value: the key alone is refused.
+      await expectStatus(
+        api.submitAction({ cluster: "reserved", payload: { deployment: null } }),
+        Code.InvalidArgument,
+        /^payload\.deployment: is reserved/,
+      );
+      expect((await api.listActions({ cluster: "reserved" })).actions).toEqual([]);
+      // Nested deeper, the key is an ordinary payload field.
+      const { action } = await api.submitAction({ cluster: "reserved", payload: { job: { deployment: 1 } } });
+      expect(action?.payload).toEqual({ job: { deployment: 1 } });
+    });
+
     it("lists every violation of a request at once", async () => {
       const f = await expectStatus(
         api.submitAction({ cluster: "", priority: -5000 }),

@@ -293,6 +293,90 @@ describe("authorization by cluster, owner and session", () => {
     );
   });
 
+  it("lets an agent download the inputs of a deployment its session holds leased, and no other file", async () => {
+    const leases = t.client(LeaseService);
+    const resources = t.client(ResourceService);
+    const leaseId = (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "";
+    const upload = async (name: string, text: string) =>
+      (await resources.createFile({ leaseId, name, content: new TextEncoder().encode(text) }, as("alice")))
+        .resource?.id ?? "";
+    const input = await upload("input.txt", "the input");
+    const other = await upload("other.txt", "not an input");
+    const { resource } = await resources.createDeployment(
+      {
+        leaseId,
+        spec: {
+          containers: [{ name: "c", command: { argv: ["true"] } }],
+          inputs: [{ fileId: input, path: "in/input.txt" }],
+        },
+      },
+      as("alice"),
+    );
+    const actionId = resource?.body.case === "deployment" ? resource.body.value.actionId : "";
+    expect(actionId).not.toBe("");
+    const download = async (principal: string, resourceId: string) => {
+      const chunks: Uint8Array[] = [];
+      for await (const m of resources.downloadFile({ resourceId }, as(principal))) chunks.push(m.chunk);
+      return Buffer.concat(chunks).toString();
+    };
+    const notAnInput = (principal: string, file: string) =>
+      new RegExp(
+        `"${principal}" lacks the right file\\.download\\.input for file "${file}": it is not an input of a deployment whose action is leased to a session "${principal}" opened`,
+      );
+
+    // Queued, the deployment is nobody's yet.
+    const queued = await expectStatus(
+      download("agent-p", input),
+      Code.PermissionDenied,
+      notAnInput("agent-p", input),
+    );
+    expect(queued.reason).toBe("PERMISSION_DENIED");
+
+    const p = await connectWorker(
+      t.address,
+      { workerId: "wa-dl-p", cluster: "cluster-a", capacity: 1 },
+      as("agent-p"),
+    );
+    const grant = await p.next("grant", (g) => g.actionId === actionId);
+    expect(await download("agent-p", input)).toBe("the input");
+    // Not a reader: the lease's other file stays closed to it.
+    await expectStatus(download("agent-p", other), Code.PermissionDenied, notAnInput("agent-p", other));
+
+    // Another agent principal of the same cluster, with a live session of its own but not this lease.
+    const q = await connectWorker(
+      t.address,
+      { workerId: "wa-dl-q", cluster: "cluster-a", capacity: 1 },
+      as("agent-q"),
+    );
+    await expectStatus(download("agent-q", input), Code.PermissionDenied, notAnInput("agent-q", input));
+    // A reader of the cluster reads either file, as before.
+    expect(await download("reader", other)).toBe("not an input");
+
+    // A submitter cannot hand an agent a deployment of its own making that names other files.
+    await expectStatus(
+      t.client(ActionService).submitAction(
+        {
+          cluster: "cluster-a",
+          payload: {
+            deployment: { id: "forged", leaseId, spec: { inputs: [{ fileId: other, path: "x" }] } },
+          },
+        },
+        as("alice"),
+      ),
+      Code.InvalidArgument,
+      /^payload\.deployment: is reserved for deployments of scope leases; create them with ResourceService\.CreateDeployment/,
+    );
+
+    // Once the lease is over, so is the agent's access to its input.
+    expect((await p.complete(grant, { output: {} })).accepted).toBe(true);
+    await expectStatus(download("agent-p", input), Code.PermissionDenied, notAnInput("agent-p", input));
+
+    p.goodbye();
+    q.goodbye();
+    await Promise.all([p.ended, q.ended]);
+    await leases.rollbackLease({ leaseId }, as("alice"));
+  });
+
   it("records who created and deleted resources outside a lease; a deployment's event carries its runtime", async () => {
     const resources = t.client(ResourceService);
     const events = t.client(EventService);

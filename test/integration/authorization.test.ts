@@ -110,6 +110,8 @@ const MATRIX: Record<string, Row> = {
   },
   "ResourceService/GetResource": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, K, K] },
   "ResourceService/ListResources": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, K, K] },
+  // Agents hold file.download.input, not resource.read: the fixture file is no input of a deployment
+  // they hold (authorization-scope.test.ts shows one that is).
   "ResourceService/DownloadFile": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, K, K] },
   "LeaseService/SetResult": {
     request: (f) => ({ leaseId: f.leaseId, result: { ok: true } }),

@@ -88,6 +88,17 @@ export function toNewAction(request: SubmitActionRequest): NewAction {
   checkLength(v, "run_id", request.runId, 128);
   checkLabels(v, "label_selector", request.labelSelector);
   // The payload's depth and size were checked with every request (limits.ts).
+  // A deployment's action is made by CreateDeployment, after its checks (the
+  // lease, the caller's right to read each input); the reference agent runs a
+  // `deployment` payload as one, and an agent may download a deployment's
+  // inputs only through a server-made deployment. A hand-made one would skip
+  // every check, so the key is reserved.
+  if (request.payload !== undefined && Object.hasOwn(request.payload, "deployment")) {
+    v.add(
+      "payload.deployment",
+      "is reserved for deployments of scope leases; create them with ResourceService.CreateDeployment",
+    );
+  }
   if (request.priority < -1000 || request.priority > 1000) {
     v.add("priority", `must be between -1000 and 1000 (got ${request.priority})`);
   }

@@ -1,7 +1,7 @@
 import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
-import type { Access, Right } from "../../auth/access.js";
-import { LeaseholdError, quote } from "../../errors.js";
+import { type Access, permissionDenied, type Right } from "../../auth/access.js";
+import { Code, LeaseholdError, quote } from "../../errors.js";
 import { CloseReason, type LeaseSchema, LeaseService, LeaseState } from "../../gen/leasehold/v1/lease_pb.js";
 import {
   DeploymentPhase,
@@ -71,6 +71,37 @@ async function requireOnResource(
   const lease = await leaseOf(scope, leaseId);
   if (lease) access.require(right, lease.runtime);
   else access.requireListScope(right, "");
+}
+
+/**
+ * DownloadFile's check: `resource.read` in the file's cluster, as for
+ * GetResource; otherwise `file.download.input`, which lets an agent fetch a
+ * file only while it is an input of a deployment whose action is leased to a
+ * live session the caller's principal opened (in a cluster where it holds the
+ * right). Not any file of its clusters: an agent reads only what a
+ * deployment's creator, checked by CreateDeployment for `resource.read` on
+ * it, gave its deployment. PERMISSION_DENIED names the right otherwise.
+ */
+async function requireDownload(
+  scope: ScopeLeaseService,
+  access: Access,
+  file: ResourceRecord,
+): Promise<void> {
+  try {
+    await requireOnResource(scope, access, "resource.read", file.leaseId);
+    return;
+  } catch (error) {
+    const denied = error instanceof LeaseholdError && error.code === Code.PermissionDenied;
+    if (!denied || !access.holdsAnywhere("file.download.input")) throw error;
+  }
+  const clusters = await scope.inputLeasedTo(file.id, access.actor);
+  if (clusters.some((cluster) => access.can("file.download.input", cluster))) return;
+  throw permissionDenied(
+    access.actor,
+    "file.download.input",
+    `for file ${quote(file.id)}: it is not an input of a deployment whose action is leased to a session ${quote(access.actor)} opened, in a cluster where it holds that right (nor does it hold resource.read on the file)`,
+    { resource_id: file.id },
+  );
 }
 
 /**
@@ -340,8 +371,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
     },
     async *downloadFile(request, ctx) {
       const resourceId = requireId("resource_id", request.resourceId);
-      const resource = await scope.getResource(resourceId);
-      await requireOnResource(scope, ctx.access, "resource.read", resource.leaseId);
+      await requireDownload(scope, ctx.access, await scope.getResource(resourceId));
       const content = await scope.readFile(resourceId);
       for (let at = 0; at < content.byteLength; at += CHUNK_BYTES) {
         yield { chunk: content.subarray(at, at + CHUNK_BYTES) };

@@ -435,7 +435,11 @@ export type SubmitActionRequest = Message<"leasehold.v1.SubmitActionRequest"> & 
 
   /**
    * What to run; interpreted by the agent. At most 1 MiB as JSON, 32 levels
-   * and 10,000 values and keys (RESOURCE_EXHAUSTED beyond).
+   * and 10,000 values and keys (RESOURCE_EXHAUSTED beyond). The top-level key
+   * `deployment` is reserved (INVALID_ARGUMENT on payload.deployment): the
+   * reference agent runs such a payload as a deployment, which only
+   * ResourceService.CreateDeployment makes, after checking the lease and the
+   * caller's right to read every input.
    *
    * @generated from field: google.protobuf.Struct payload = 5;
    */
@@ -873,7 +877,9 @@ export const ActionService: GenService<{
   /**
    * Queues a new action. Retrying with the same request_id returns the action
    * that the first call created (and `created` false) instead of a duplicate;
-   * reusing a request_id with a different request is ALREADY_EXISTS.
+   * reusing a request_id with a different request is ALREADY_EXISTS. A
+   * payload with a top-level `deployment` key is INVALID_ARGUMENT (reserved
+   * for CreateDeployment).
    * Right: action.submit in the action's cluster.
    *
    * @generated from rpc leasehold.v1.ActionService.SubmitAction

@@ -214,6 +214,8 @@ export type DeploymentSpec = Message<"leasehold.v1.DeploymentSpec"> & {
 
   /**
    * Files placed in the deployment's work directory before it starts; at most 256.
+   * The creator needs resource.read on each; the agent running the deployment
+   * downloads them with file.download.input while it holds the lease.
    *
    * @generated from field: repeated leasehold.v1.FileMount inputs = 4;
    */
@@ -1001,7 +1003,12 @@ export const ResourceService: GenService<{
   },
   /**
    * Streams a file's content in chunks.
-   * Right: resource.read, as for GetResource.
+   * Right: resource.read, as for GetResource; or file.download.input (agents)
+   * when the file is an input of a deployment whose action is leased right
+   * now to a live session opened by the caller's principal, in a cluster
+   * where it holds that right. An agent reads no other file: not the files
+   * of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
+   * names file.download.input otherwise.
    *
    * @generated from rpc leasehold.v1.ResourceService.DownloadFile
    */

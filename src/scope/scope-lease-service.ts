@@ -58,6 +58,11 @@ export const SCOPE_DEFAULTS: ScopeLimits = {
  * creator (`createdBy`) and on the events the change writes.
  */
 export interface ScopeLeaseService extends AsyncDisposable {
+  /**
+   * Opens a lease on `runtime`. `requestId` is the actor's own idempotency
+   * key: the same request again returns the lease it opened, a different one
+   * is ALREADY_EXISTS, and another principal's use of the id opens a new lease.
+   */
   create(input: {
     runtime: string;
     label: string;

@@ -20,14 +20,20 @@ export async function findActions(db: Db, ids: readonly string[]): Promise<Map<s
   return new Map(rows.map((r) => [r.id, actionFromRow(r)]));
 }
 
-/** Reads actions by client request id, with the stored request hashes. */
+/**
+ * Reads the actions `createdBy` submitted with these client request ids, with
+ * the stored request hashes. Request ids are per principal: another
+ * principal's action with the same id is never returned.
+ */
 export async function findActionsByRequestId(
   db: Db,
+  createdBy: string,
   requestIds: readonly string[],
 ): Promise<Map<string, { action: ActionRecord; requestHash: string | null }>> {
   const rows = await queryRows<ActionRow & { request_hash: string | null }>(
     db,
-    sql`select * from actions where request_id in (select jsonb_array_elements_text(${JSON.stringify(requestIds)}::jsonb))`,
+    sql`select * from actions where created_by = ${createdBy}
+          and request_id in (select jsonb_array_elements_text(${JSON.stringify(requestIds)}::jsonb))`,
   );
   return new Map(
     rows.map((r) => [r.request_id as string, { action: actionFromRow(r), requestHash: r.request_hash }]),

@@ -111,7 +111,11 @@ export const actions = pgTable(
   "actions",
   {
     id: text("id").primaryKey(),
-    /** Client idempotency key; unique when set. */
+    /**
+     * Client idempotency key, scoped to the submitting principal: unique per
+     * (created_by, request_id) when set, so one principal's keys can neither
+     * find nor block another's.
+     */
     requestId: text("request_id"),
     /** Hash of the submitted request, to tell a retry from a conflicting reuse of request_id. */
     requestHash: text("request_hash"),
@@ -157,7 +161,7 @@ export const actions = pgTable(
     createdBy: text("created_by").notNull().default(""),
   },
   (t) => [
-    uniqueIndex("actions_request_id_key").on(t.requestId),
+    uniqueIndex("actions_created_by_request_id_key").on(t.createdBy, t.requestId),
     // The claim path: queued actions of a cluster, by priority then age.
     index("actions_claim_idx")
       .on(t.cluster, t.priority.desc(), t.createdAt)
@@ -227,6 +231,7 @@ export const scopeLeases = pgTable(
     /** The cluster its deployments run on. */
     runtime: text("runtime").notNull(),
     label: text("label").notNull().default(""),
+    /** Client idempotency key, unique per (created_by, request_id) when set, like actions'. */
     requestId: text("request_id"),
     /** OPEN | COMMITTED | ROLLED_BACK */
     state: text("state").notNull(),
@@ -242,7 +247,7 @@ export const scopeLeases = pgTable(
     createdBy: text("created_by").notNull().default(""),
   },
   (t) => [
-    uniqueIndex("scope_leases_request_id_key").on(t.requestId),
+    uniqueIndex("scope_leases_created_by_request_id_key").on(t.createdBy, t.requestId),
     index("scope_leases_open_expiry_idx").on(t.expiresAt).where(sql`${t.state} = 'OPEN'`),
     index("scope_leases_label_idx").on(t.label),
   ],

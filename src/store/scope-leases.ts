@@ -45,6 +45,14 @@ export interface ResourceRecord {
   readonly body: JsonObject | null;
   /** Deployments: the action that runs it. */
   readonly actionId: string | null;
+  /**
+   * Deployments: the cluster it runs on (its action's; the lease's runtime
+   * when created in a lease). It is what places a deployment created without
+   * a lease in a cluster. Null for files and objects.
+   */
+  readonly runtime: string | null;
+  /** Deployments: the principal that created it (its action's creator). Null for files and objects. */
+  readonly createdBy: string | null;
 }
 
 interface LeaseRow {
@@ -89,6 +97,8 @@ interface ResourceRow {
   content_type: string | null;
   body: JsonObject | null;
   action_id: string | null;
+  runtime: string | null;
+  created_by: string | null;
 }
 
 const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
@@ -103,15 +113,24 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
   contentType: r.content_type,
   body: r.body,
   actionId: r.action_id,
+  runtime: r.runtime,
+  createdBy: r.created_by,
 });
 
-/** Every column but the file content. */
-const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id`;
+/**
+ * Every column but the file content, and a deployment's runtime and creator
+ * from its action (where they live; actions are never deleted). Also valid in
+ * `returning` of an insert or update of `resources` (unaliased).
+ */
+const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id,
+  (select a.cluster from actions a where a.id = resources.action_id) as runtime,
+  (select a.created_by from actions a where a.id = resources.action_id) as created_by`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 
 /**
- * Opens a lease, or finds the one an earlier call with the same request id
- * opened. `actor` (the creating principal) becomes its `created_by` and the
+ * Opens a lease, or finds the one an earlier call of the same `actor` with
+ * the same request id opened (request ids are per principal: another's never
+ * matches). `actor` (the creating principal) becomes its `created_by` and the
  * actor of its `scope_lease_created` event.
  */
 export async function insertScopeLease(
@@ -128,7 +147,7 @@ export async function insertScopeLease(
         insert into scope_leases (id, runtime, label, request_id, state, ttl_ms, created_at, expires_at, created_by)
         values (${id}, ${input.runtime}, ${input.label}, ${input.requestId ?? null}, 'OPEN', ${input.ttlMs},
                 ${now}, ${now} + make_interval(secs => ${input.ttlMs} / 1000.0), ${input.actor})
-        on conflict (request_id) do nothing
+        on conflict (created_by, request_id) do nothing
         returning *
       ),
       event as (
@@ -141,7 +160,8 @@ export async function insertScopeLease(
   if (row) return { lease: leaseFromRow(row), created: true };
   const existing = await queryRows<LeaseRow>(
     db,
-    sql`select ${LEASE_COLUMNS} from scope_leases l where l.request_id = ${input.requestId ?? null}`,
+    sql`select ${LEASE_COLUMNS} from scope_leases l
+        where l.created_by = ${input.actor} and l.request_id = ${input.requestId ?? null}`,
   );
   const [first] = existing;
   // Deleted between the insert and this read (lease delete frees its request id): rare, and safe to retry.

@@ -37,7 +37,12 @@ export interface Page<T> {
 
 /** Submitting, reading, listing, cancelling and watching actions. */
 export interface ActionService extends AsyncDisposable {
-  /** Queues `action` submitted by `actor` (its `created_by`, and the actor of its event). */
+  /**
+   * Queues `action` submitted by `actor` (its `created_by`, and the actor of
+   * its event). A request id is `actor`'s own: a repeat of the same request
+   * returns its action (created false), a different one is ALREADY_EXISTS,
+   * and another principal's use of the same id is a new action.
+   */
   submit(action: NewAction, actor: string): Promise<SubmitResult>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
   list(filter: ActionFilter, pageSize: number, pageToken: string): Promise<Page<ActionRecord>>;
@@ -83,9 +88,9 @@ export function createActionService({
       feed.publish(QUEUE_TOPIC);
       return { action: inserted, created: true };
     }
-    // Not inserted: its request id exists already (from before, or from this batch).
+    // Not inserted: the actor used its request id already (before, or in this batch).
     const requestId = action.requestId as string;
-    const existing = (await findActionsByRequestId(db, [requestId])).get(requestId);
+    const existing = (await findActionsByRequestId(db, actor, [requestId])).get(requestId);
     if (!existing) {
       throw new LeaseholdError(
         Code.Aborted,

@@ -21,6 +21,7 @@ const binding = (role: RoleBinding["role"], clusters: string[], workerIds = "*")
 const POLICY: Record<string, RoleBinding[]> = {
   alice: [binding("submitter", ["cluster-a"])],
   bob: [binding("submitter", ["cluster-a"])],
+  carol: [binding("submitter", ["cluster-b"])],
   ops: [binding("operator", ["cluster-a"])],
   reader: [binding("reader", ["cluster-a"])],
   "agent-p": [binding("agent", ["cluster-a"], "wa-*")],
@@ -420,5 +421,109 @@ describe("authorization by cluster, owner and session", () => {
       actor: "admin",
       cluster: "",
     });
+  });
+
+  it("keeps request ids per principal: the same id gives each principal its own action, and a retry its own one back", async () => {
+    const actions = t.client(ActionService);
+    const request = { requestId: "shared-rid-1", cluster: "cluster-a", payload: { step: "build" } };
+    // carol (cluster-b) uses the id first: it claims nothing for anyone else.
+    const carols = await actions.submitAction({ ...request, cluster: "cluster-b" }, as("carol"));
+    expect(carols).toMatchObject({ created: true, action: { createdBy: "carol", cluster: "cluster-b" } });
+    const alices = await actions.submitAction(request, as("alice"));
+    expect(alices).toMatchObject({ created: true, action: { createdBy: "alice", cluster: "cluster-a" } });
+    // bob sends the very same request as alice: a new action of his own, not hers.
+    const bobs = await actions.submitAction(request, as("bob"));
+    expect(bobs).toMatchObject({ created: true, action: { createdBy: "bob", requestId: "shared-rid-1" } });
+    const ids = new Set([carols.action?.id, alices.action?.id, bobs.action?.id]);
+    expect(ids.size).toBe(3);
+
+    // Each principal's retry finds its own action.
+    const retried = await actions.submitAction(request, as("alice"));
+    expect({ created: retried.created, id: retried.action?.id }).toEqual({
+      created: false,
+      id: alices.action?.id,
+    });
+    expect((await actions.submitAction(request, as("bob"))).action?.id).toBe(bobs.action?.id);
+    // bob can cancel the action his submission returned: it is his.
+    const cancelled = await actions.cancelAction({ actionId: bobs.action?.id ?? "" }, as("bob"));
+    expect(cancelled.action?.state).toBe(ActionState.CANCELLED);
+
+    // Reusing the id for a different request names only the caller's own action.
+    const reused = await expectStatus(
+      actions.submitAction({ ...request, priority: 5 }, as("alice")),
+      Code.AlreadyExists,
+      new RegExp(`already used for a different request \\(action ${alices.action?.id}\\)`),
+    );
+    expect(reused.reason).toBe("REQUEST_ID_REUSED");
+    expect(reused.message).not.toContain(carols.action?.id);
+    expect(reused.message).not.toContain(bobs.action?.id);
+  });
+
+  it("keeps lease request ids per principal: two principals with one id get two leases, neither learns the other's", async () => {
+    const leases = t.client(LeaseService);
+    const request = { runtime: "cluster-a", label: "nightly", requestId: "shared-lease-rid" };
+    const carols = (await leases.createLease({ ...request, runtime: "cluster-b" }, as("carol"))).lease;
+    const alices = (await leases.createLease(request, as("alice"))).lease;
+    const bobs = (await leases.createLease(request, as("bob"))).lease;
+    expect([carols?.createdBy, alices?.createdBy, bobs?.createdBy]).toEqual(["carol", "alice", "bob"]);
+    expect(new Set([carols?.id, alices?.id, bobs?.id]).size).toBe(3);
+
+    expect((await leases.createLease(request, as("alice"))).lease?.id).toBe(alices?.id);
+    expect((await leases.createLease(request, as("bob"))).lease?.id).toBe(bobs?.id);
+    // bob uses the lease he got back: it is his own.
+    await leases.rollbackLease({ leaseId: bobs?.id ?? "" }, as("bob"));
+
+    const reused = await expectStatus(
+      leases.createLease({ ...request, label: "other" }, as("alice")),
+      Code.AlreadyExists,
+      new RegExp(`already used for a different lease \\(${alices?.id}\\)`),
+    );
+    expect(reused.reason).toBe("REQUEST_ID_REUSED");
+    expect(reused.message).not.toContain(carols?.id);
+    expect(reused.message).not.toContain(bobs?.id);
+    await leases.rollbackLease({ leaseId: alices?.id ?? "" }, as("alice"));
+    await leases.rollbackLease({ leaseId: carols?.id ?? "" }, as("carol"));
+  });
+
+  it("places a deployment created without a lease in its runtime: its scoped creator gets and deletes it there, not one elsewhere", async () => {
+    const resources = t.client(ResourceService);
+    const spec = { containers: [{ name: "c", command: { argv: ["true"] } }] };
+    const inA = (await resources.createDeployment({ runtime: "cluster-a", spec }, as("alice"))).resource;
+    const inB = (await resources.createDeployment({ runtime: "cluster-b", spec }, as("carol"))).resource;
+    const aId = inA?.id ?? "";
+    const bId = inB?.id ?? "";
+
+    expect((await resources.getResource({ resourceId: aId }, as("alice"))).resource?.id).toBe(aId);
+    expect((await resources.getResource({ resourceId: aId }, as("reader"))).resource?.id).toBe(aId);
+    await expectStatus(
+      resources.getResource({ resourceId: bId }, as("alice")),
+      Code.PermissionDenied,
+      /"alice" lacks the right resource\.read in cluster "cluster-b"/,
+    );
+    await expectStatus(
+      resources.deleteResource({ resourceId: bId }, as("alice")),
+      Code.PermissionDenied,
+      /lease\.use\.own in cluster "cluster-b"/,
+    );
+    // In its runtime, another submitter may not delete what alice created; an operator there may.
+    await expectStatus(
+      resources.deleteResource({ resourceId: aId }, as("bob")),
+      Code.PermissionDenied,
+      /"bob" lacks the right lease\.use\.any in cluster "cluster-a".*created by "alice"/,
+    );
+
+    await resources.deleteResource({ resourceId: aId }, as("alice"));
+    await expectStatus(
+      resources.getResource({ resourceId: aId }, as("alice")),
+      Code.NotFound,
+      new RegExp(aId),
+    );
+    // carol, scoped to cluster-b, does the same with hers.
+    expect((await resources.getResource({ resourceId: bId }, as("carol"))).resource?.id).toBe(bId);
+    await resources.deleteResource({ resourceId: bId }, as("carol"));
+    const { events } = await t
+      .client(EventService)
+      .listEvents({ cluster: "cluster-b", kind: EventKind.RESOURCE_DELETED, pageSize: 1000 }, as("admin"));
+    expect(events.find((e) => e.details?.resource_id === bId)).toMatchObject({ actor: "carol" });
   });
 });

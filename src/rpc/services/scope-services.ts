@@ -45,10 +45,8 @@ async function leaseWith(scope: ScopeLeaseService, access: Access, right: Right,
 }
 
 /**
- * The lease a resource was created in, if it still exists: its runtime is the
- * resource's cluster. Promoted and committed resources keep their lease id, so
- * they stay in that cluster; a resource created without a lease (or whose
- * lease record was deleted) has none.
+ * The lease a resource was created in, if it still exists. Promoted and
+ * committed resources keep their lease id, so they stay in its cluster.
  */
 async function leaseOf(
   scope: ScopeLeaseService,
@@ -61,15 +59,38 @@ async function leaseOf(
   });
 }
 
-/** `right` in the cluster of a resource created in `leaseId`; in every cluster when it has none. */
+/** Where a resource belongs, for rights: its cluster, and who may use it as its own. */
+interface ResourceHome {
+  readonly runtime: string;
+  readonly createdBy: string;
+}
+
+/**
+ * Where a resource belongs: the lease it was created in while that lease's
+ * record exists (its runtime, its creator); else, for a deployment, the
+ * deployment's own runtime and creator (a deployment created without a lease
+ * runs on the runtime it was created for). A file or object without a lease
+ * (or whose lease record was deleted) belongs to no cluster: undefined.
+ */
+async function homeOf(
+  scope: ScopeLeaseService,
+  resource: Pick<ResourceRecord, "leaseId"> & Partial<Pick<ResourceRecord, "runtime" | "createdBy">>,
+): Promise<ResourceHome | undefined> {
+  const lease = await leaseOf(scope, resource.leaseId);
+  if (lease) return lease;
+  if (resource.runtime) return { runtime: resource.runtime, createdBy: resource.createdBy ?? "" };
+  return undefined;
+}
+
+/** `right` in the cluster a resource belongs to ({@link homeOf}); in every cluster when none. */
 async function requireOnResource(
   scope: ScopeLeaseService,
   access: Access,
   right: Right,
-  leaseId: string | null,
+  resource: Parameters<typeof homeOf>[1],
 ): Promise<void> {
-  const lease = await leaseOf(scope, leaseId);
-  if (lease) access.require(right, lease.runtime);
+  const home = await homeOf(scope, resource);
+  if (home) access.require(right, home.runtime);
   else access.requireListScope(right, "");
 }
 
@@ -88,7 +109,7 @@ async function requireDownload(
   file: ResourceRecord,
 ): Promise<void> {
   try {
-    await requireOnResource(scope, access, "resource.read", file.leaseId);
+    await requireOnResource(scope, access, "resource.read", file);
     return;
   } catch (error) {
     const denied = error instanceof LeaseholdError && error.code === Code.PermissionDenied;
@@ -274,9 +295,9 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
 
 /**
  * ResourceService over the scope-lease service. A resource's cluster is the
- * runtime of the lease it was created in (kept after a promote or commit);
- * one without (workspace-owned from the start) needs the right in every
- * cluster.
+ * runtime of the lease it was created in (kept after a promote or commit), or
+ * a lease-less deployment's own runtime; a file or object without a lease
+ * (workspace-owned from the start) needs the right in every cluster.
  */
 export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding {
   const withDeployments = async (resources: readonly ResourceRecord[]) => {
@@ -304,7 +325,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       }
       v.throwIfAny();
       // The deployment's agent downloads its inputs: the caller must be allowed to read them.
-      for (const file of inputs) await requireOnResource(scope, ctx.access, "resource.read", file.leaseId);
+      for (const file of inputs) await requireOnResource(scope, ctx.access, "resource.read", file);
       const resource = await scope.createDeployment({
         leaseId: request.leaseId || undefined,
         runtime: request.runtime || undefined,
@@ -349,12 +370,12 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
     },
     async getResource(request, ctx) {
       const resource = await scope.getResource(requireId("resource_id", request.resourceId));
-      await requireOnResource(scope, ctx.access, "resource.read", resource.leaseId);
+      await requireOnResource(scope, ctx.access, "resource.read", resource);
       const [found] = await withDeployments([resource]);
       return { resource: found };
     },
     async listResources(request, ctx) {
-      await requireOnResource(scope, ctx.access, "resource.read", request.leaseId || null);
+      await requireOnResource(scope, ctx.access, "resource.read", { leaseId: request.leaseId || null });
       const ownership =
         request.ownership === Ownership.UNSPECIFIED
           ? undefined
@@ -379,8 +400,9 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
     },
     async deleteResource(request, ctx) {
       const resourceId = requireId("resource_id", request.resourceId);
-      const lease = await leaseOf(scope, (await scope.getResource(resourceId)).leaseId);
-      if (lease) ctx.access.requireOwned("lease.use", lease.runtime, lease.createdBy);
+      // The lease's creator owns what was made in it; a lease-less deployment, whoever created it.
+      const home = await homeOf(scope, await scope.getResource(resourceId));
+      if (home) ctx.access.requireOwned("lease.use", home.runtime, home.createdBy);
       else ctx.access.requireListScope("lease.use.any", "");
       await scope.deleteResource(resourceId, ctx.access.actor);
       return {};

@@ -13,9 +13,11 @@ import { queryRows } from "../rows.js";
  * the batch travels as one JSON parameter expanded by jsonb_to_recordset,
  * which is far cheaper per row than one statement per action.
  *
- * Locking: plain inserts. A request_id that already exists (or repeats inside
- * the batch) is skipped by `on conflict do nothing`; the caller looks the
- * existing action up. Rows returned are only the ones inserted.
+ * Locking: plain inserts. A request_id the same actor already used (or that
+ * repeats for one actor inside the batch) is skipped by `on conflict do
+ * nothing`; the caller looks the existing action up. Request ids are per
+ * principal: another actor's use of the same id never conflicts. Rows
+ * returned are only the ones inserted.
  *
  * `actor` is the submitting principal: the action's `created_by` and the
  * actor of its `action_submitted` event.
@@ -61,7 +63,7 @@ export async function insertActions(
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
           max_system_retries, 'QUEUED', ${clock.now()}, actor
         from input
-        on conflict (request_id) do nothing
+        on conflict (created_by, request_id) do nothing
         returning *
       ),
       submitted as (

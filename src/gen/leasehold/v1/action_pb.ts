@@ -149,7 +149,8 @@ export type Action = Message<"leasehold.v1.Action"> & {
   id: string;
 
   /**
-   * The client's idempotency key given at submission, if any.
+   * The client's idempotency key given at submission, if any (unique per
+   * principal, see created_by).
    *
    * @generated from field: string request_id = 2;
    */
@@ -403,8 +404,10 @@ export const AttemptSchema: GenMessage<Attempt> = /*@__PURE__*/
  */
 export type SubmitActionRequest = Message<"leasehold.v1.SubmitActionRequest"> & {
   /**
-   * Optional idempotency key (1–128 characters). A retry with the same key
-   * returns the first call's action.
+   * Optional idempotency key (1–128 characters), scoped to the calling
+   * principal: a retry by the same principal with the same key and request
+   * returns the first call's action; the same key with a different request is
+   * ALREADY_EXISTS. Another principal using the same key gets its own action.
    *
    * @generated from field: string request_id = 1;
    */
@@ -489,7 +492,7 @@ export type SubmitActionResponse = Message<"leasehold.v1.SubmitActionResponse"> 
   action?: Action | undefined;
 
   /**
-   * False when request_id matched an earlier submission.
+   * False when request_id matched an earlier submission of the same principal.
    *
    * @generated from field: bool created = 2;
    */
@@ -877,7 +880,9 @@ export const ActionService: GenService<{
   /**
    * Queues a new action. Retrying with the same request_id returns the action
    * that the first call created (and `created` false) instead of a duplicate;
-   * reusing a request_id with a different request is ALREADY_EXISTS. A
+   * reusing a request_id with a different request is ALREADY_EXISTS. Request
+   * ids are per principal: another principal's use of the same id is an
+   * independent action, never found, matched or blocked by this one. A
    * payload with a top-level `deployment` key is INVALID_ARGUMENT (reserved
    * for CreateDeployment).
    * Right: action.submit in the action's cluster.

@@ -146,7 +146,9 @@ export type CreateLeaseRequest = Message<"leasehold.v1.CreateLeaseRequest"> & {
   label: string;
 
   /**
-   * Optional idempotency key, at most 128 characters.
+   * Optional idempotency key, at most 128 characters, scoped to the calling
+   * principal: a retry by the same principal returns the lease it opened;
+   * another principal using the same key opens its own lease.
    *
    * @generated from field: string request_id = 4;
    */
@@ -894,7 +896,9 @@ export const CloseReasonSchema: GenEnum<CloseReason> = /*@__PURE__*/
  */
 export const LeaseService: GenService<{
   /**
-   * Opens a lease on a runtime (cluster).
+   * Opens a lease on a runtime (cluster). Retrying with the same request_id
+   * returns the lease the first call opened; reusing it with a different
+   * runtime, label or ttl is ALREADY_EXISTS. Request ids are per principal.
    * Right: lease.create in the runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.CreateLease

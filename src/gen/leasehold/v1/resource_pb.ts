@@ -958,7 +958,8 @@ export const ResourceService: GenService<{
     output: typeof CreateFileResponseSchema;
   },
   /**
-   * Creates a deployment, run by an agent of the lease's runtime.
+   * Creates a deployment, run by an agent of the lease's runtime (or, without
+   * a lease, of the request's runtime: resource.create there suffices).
    *
    * @generated from rpc leasehold.v1.ResourceService.CreateDeployment
    */
@@ -979,8 +980,9 @@ export const ResourceService: GenService<{
   },
   /**
    * Returns one resource. NOT_FOUND if unknown.
-   * Right: resource.read in the runtime of the lease it was created in
-   * (in every cluster for a resource created without a lease).
+   * Right: resource.read in the runtime of the lease it was created in; for a
+   * deployment created without a lease, in its runtime; in every cluster for
+   * a file or object created without a lease.
    *
    * @generated from rpc leasehold.v1.ResourceService.GetResource
    */
@@ -1021,8 +1023,10 @@ export const ResourceService: GenService<{
    * Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
    * it (roll the lease back instead).
    * Right: lease.use.own (a resource of the caller's lease) or lease.use.any
-   * in the runtime of the lease it was created in; in every cluster for one
-   * created without a lease.
+   * in the runtime of the lease it was created in; for a deployment created
+   * without a lease, lease.use.own (the caller created it) or lease.use.any in
+   * its runtime; lease.use.any in every cluster for a file or object created
+   * without a lease.
    *
    * @generated from rpc leasehold.v1.ResourceService.DeleteResource
    */

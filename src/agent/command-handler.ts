@@ -1,12 +1,15 @@
 import { spawn } from "node:child_process";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
-import { type CommandAllowList, requireAllowedCommand } from "./command-policy.js";
+import { type CommandAllowList, type CommandPolicy, requireAllowedCommand } from "./command-policy.js";
 import type { ProcessRegistry } from "./process-registry.js";
 
 /** The payload the reference agent runs: a command. */
 export interface CommandPayload {
-  /** Program and arguments; argv[0] is looked up in PATH. */
+  /**
+   * Program and arguments; a bare argv[0] is looked up in PATH (under an
+   * allow-list, the agent's own PATH: see {@link CommandPolicy}).
+   */
   readonly argv: readonly string[];
   /** Extra environment variables. */
   readonly env: Readonly<Record<string, string>>;
@@ -78,24 +81,26 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  * revoked or the agent self-fences, the whole process group is killed
  * (SIGTERM, then SIGKILL) before the handler returns: no orphans.
  *
- * A command that `options.allow` does not allow fails the action without
- * running, not retryable (see {@link CommandAllowList}). Without `allow`,
- * any command runs: an agent that takes payloads from callers it does not
- * fully trust should always pass a list.
+ * A command, environment variable or working directory that `options.allow`
+ * does not allow fails the action without running, not retryable (see
+ * {@link CommandPolicy}; a bare {@link CommandAllowList} allows no variables
+ * and no `cwd`). Under a list, a bare argv[0] runs as the agent's own PATH
+ * resolves it. Without `allow`, anything runs: an agent that takes payloads
+ * from callers it does not fully trust should always pass a list.
  */
 export async function commandHandler(
   ctx: ActionContext,
-  options: { registry?: ProcessRegistry; allow?: CommandAllowList } = {},
+  options: { registry?: ProcessRegistry; allow?: CommandPolicy | CommandAllowList } = {},
 ): Promise<JsonObject> {
   const command = parseCommandPayload(ctx.payload);
-  requireAllowedCommand(command.argv, options.allow ?? "any");
+  const { program, args, argv0 } = requireAllowedCommand(command, options.allow ?? "any");
   // An abort listener added to an already aborted signal never fires: a command
   // started now would run with nothing left to stop it.
   if (ctx.signal.aborted) throw ctx.signal.reason;
-  const [program, ...args] = command.argv as [string, ...string[]];
   const stdout = tail();
   const stderr = tail();
   const child = spawn(program, args, {
+    argv0,
     cwd: command.cwd,
     env: {
       ...process.env,
@@ -146,7 +151,7 @@ export async function commandHandler(
         child.once("exit", (code, signal) => resolve({ code, signal }));
       },
     ).catch((error: NodeJS.ErrnoException) => {
-      throw new ActionFailure(`could not start ${program}: ${error.message}`, {
+      throw new ActionFailure(`could not start ${argv0}: ${error.message}`, {
         retryable: error.code !== "ENOENT",
       });
     });

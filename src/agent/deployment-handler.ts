@@ -18,7 +18,13 @@ import type { DeploymentPayload } from "../scope/deployment.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
 import { killGroup, tail } from "./command-handler.js";
-import { type CommandAllowList, requireAllowedCommand } from "./command-policy.js";
+import {
+  type AllowedCommand,
+  type CommandAllowList,
+  type CommandPolicy,
+  commandPolicy,
+  requireAllowedCommand,
+} from "./command-policy.js";
 import type { ProcessRegistry } from "./process-registry.js";
 
 /** Options of {@link createDeploymentHandler}. */
@@ -37,12 +43,15 @@ export interface DeploymentHandlerOptions {
    */
   readonly security?: ClientSecurity;
   /**
-   * Which container commands (and `exec` readiness probes) may run, matched
-   * against their argv joined with single spaces (see
-   * {@link CommandAllowList}). A deployment with any command outside it
-   * fails before anything starts, not retryable. Default `"any"`.
+   * Which container commands (and `exec` readiness probes) may run, and which
+   * environment variables they may set (see {@link CommandPolicy}; a bare
+   * {@link CommandAllowList} allows no variables). Under a list, a bare
+   * argv[0] runs as the agent's own PATH resolves it. Containers always run
+   * in the deployment's work directory (their `cwd` is relative to it), so
+   * the policy's `cwd` globs do not apply. A deployment with anything outside
+   * it fails before anything starts, not retryable. Default `"any"`.
    */
-  readonly allow?: CommandAllowList;
+  readonly allow?: CommandPolicy | CommandAllowList;
   /** How long containers get between SIGTERM and SIGKILL when stopped. Default 10 s. */
   readonly stopGraceMs?: number;
   /** Records the containers' process groups, for a later agent to stop if this one is killed. */
@@ -82,7 +91,7 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
 export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
   const channel = channelOf(options, addresses);
-  const allow = options.allow ?? "any";
+  const policy = commandPolicy(options.allow);
   const stopGraceMs = options.stopGraceMs ?? 10_000;
 
   /** Calls the ResourceService on each address in turn until one answers. */
@@ -116,9 +125,15 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   return async function deploymentHandler(ctx: ActionContext): Promise<JsonObject> {
     const { id, leaseId, spec } = parsePayload(ctx.payload);
     // Before anything is fetched or started: a refused deployment leaves nothing behind.
-    for (const c of spec.containers) requireAllowedCommand(c.command?.argv ?? [], allow);
+    // The container's cwd is not the policy's: it is kept inside the work directory (see `inside`).
+    const programs = spec.containers.map((c) =>
+      requireAllowedCommand({ argv: c.command?.argv ?? [], env: c.command?.env ?? {} }, policy),
+    );
     const probe = spec.readinessProbe?.check;
-    if (probe?.case === "exec") requireAllowedCommand(probe.value.argv, allow);
+    const probeProgram =
+      probe?.case === "exec"
+        ? requireAllowedCommand({ argv: probe.value.argv, env: probe.value.env }, policy)
+        : undefined;
     // One directory per attempt: a superseded attempt's cleanup never touches a newer one's.
     const dir = resolve(options.workDir, `${id}.${ctx.epoch}`);
     const containers: Container[] = [];
@@ -159,9 +174,9 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
 
       const outputsDir = spec.outputsDir ? inside(dir, spec.outputsDir) : undefined;
       if (outputsDir) await mkdir(outputsDir, { recursive: true });
-      for (const c of spec.containers) {
+      for (const [i, c] of spec.containers.entries()) {
         containers.push(
-          start(c.name, c.command as Command, dir, options.registry, {
+          start(c.name, c.command as Command, programs[i] as AllowedCommand, dir, options.registry, {
             LEASEHOLD_DEPLOYMENT_ID: id,
             LEASEHOLD_LEASE_ID: leaseId,
             LEASEHOLD_WORK_DIR: dir,
@@ -183,7 +198,7 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         const timeoutMs = probe.timeout ? durationMs(probe.timeout) : 5000;
         for (;;) {
           if (containers.some(exitsAfter)) break;
-          if (await check(probe, dir, timeoutMs)) break;
+          if (await check(probe, probeProgram, dir, timeoutMs)) break;
           const woke = await Promise.race([delay(periodMs), anyExit(), stopAsked, lost]);
           if (woke === "aborted") break;
         }
@@ -273,16 +288,17 @@ function inside(dir: string, path: string): string {
 function start(
   name: string,
   command: Command,
+  { program, args, argv0 }: AllowedCommand,
   dir: string,
   registry: ProcessRegistry | undefined,
   env: Record<string, string>,
 ): Container {
-  const [program, ...args] = command.argv as [string, ...string[]];
   const stderr = tail();
   let child: ChildProcess | undefined;
   let startError: Error | undefined;
   try {
     child = spawn(program, args, {
+      argv0,
       cwd: command.cwd ? inside(dir, command.cwd) : dir,
       env: { ...process.env, ...command.env, ...env },
       stdio: ["ignore", "ignore", "pipe"],
@@ -308,9 +324,9 @@ function start(
       container.message = message;
       done();
     };
-    if (!child) return finish(127, `could not start ${program}: ${startError?.message}`);
+    if (!child) return finish(127, `could not start ${argv0}: ${startError?.message}`);
     child.stderr?.on("data", (chunk: Buffer) => stderr.push(chunk));
-    child.once("error", (error) => finish(127, `could not start ${program}: ${error.message}`));
+    child.once("error", (error) => finish(127, `could not start ${argv0}: ${error.message}`));
     child.once("exit", (code, signal) => {
       const last = stderr.text().trimEnd().split("\n").at(-1) ?? "";
       if (signal) finish(128, `stopped by ${signal}`);
@@ -345,8 +361,16 @@ async function stopAll(containers: readonly Container[], graceMs: number, lost: 
   lost.removeEventListener("abort", kill);
 }
 
-/** One readiness check: true when it passes within `timeoutMs`. */
-async function check(probe: ReadinessProbe, dir: string, timeoutMs: number): Promise<boolean> {
+/**
+ * One readiness check: true when it passes within `timeoutMs`. An `exec`
+ * probe runs `program` (what the policy allowed and resolved).
+ */
+async function check(
+  probe: ReadinessProbe,
+  program: AllowedCommand | undefined,
+  dir: string,
+  timeoutMs: number,
+): Promise<boolean> {
   const c = probe.check;
   switch (c.case) {
     case "tcpPort":
@@ -373,9 +397,11 @@ async function check(probe: ReadinessProbe, dir: string, timeoutMs: number): Pro
         return false;
       }
     case "exec": {
-      const [program, ...args] = c.value.argv as [string, ...string[]];
+      const [name = "", ...rest] = c.value.argv;
+      const { program: file, args, argv0 } = program ?? { program: name, args: rest, argv0: name };
       return new Promise((done) => {
-        const child = spawn(program, args, {
+        const child = spawn(file, args, {
+          argv0,
           cwd: c.value.cwd ? inside(dir, c.value.cwd) : dir,
           env: { ...process.env, ...c.value.env },
           stdio: "ignore",

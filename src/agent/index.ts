@@ -18,7 +18,20 @@ export {
   LeaseLost,
 } from "./agent.js";
 export { type CommandPayload, commandHandler, parseCommandPayload } from "./command-handler.js";
-export { type CommandAllowList, commandLine, isCommandAllowed } from "./command-policy.js";
+export {
+  type AllowedCommand,
+  type CommandAllowList,
+  type CommandPolicy,
+  type CommandRequest,
+  commandLine,
+  commandPolicy,
+  GUARDED_ENV,
+  hasDotDotSegment,
+  isCommandAllowed,
+  isEnvNameAllowed,
+  requireAllowedCommand,
+  resolveProgram,
+} from "./command-policy.js";
 export {
   createDeploymentHandler,
   type DeploymentHandlerOptions,

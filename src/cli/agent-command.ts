@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { Command } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
-import type { CommandAllowList } from "../agent/command-policy.js";
+import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
 import { createProcessRegistry } from "../agent/process-registry.js";
 import { splitAddresses } from "../rpc/targets.js";
@@ -26,8 +26,9 @@ export function agentCommand(): Command {
         "process group; the whole group is killed when the lease is revoked or the agent self-fences. " +
         "Deployments of scope leases run here too: their containers start in a work directory of their own, " +
         "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
-        "of the lease when their outputs are collected. It runs only the commands --allow-command allows (or any, " +
-        "with --allow-any-command); one of them is required.",
+        "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
+        "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
+        "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required.",
     )
     .requiredOption("--cluster <name>", "the cluster this worker belongs to")
     .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
@@ -41,17 +42,43 @@ export function agentCommand(): Command {
     .option(
       "--allow-command <glob>",
       "run only commands (action argv, deployment containers and exec readiness probes) whose argv, joined with " +
-        "single spaces, matches this glob: * is any run of characters (spaces and / included), ? one character; " +
-        "e.g. '/bin/echo *' or 'python3 /opt/jobs/*' (repeatable). Others fail, not retried",
+        "single spaces, matches this glob: * is any run of characters (spaces and / included), ? one character " +
+        "(repeatable). argv[0] is matched as written: '/bin/echo *' allows '/bin/echo hi' but not 'echo hi'; " +
+        "a bare name like 'make *' runs the make this agent's own PATH finds (never the payload's PATH; not found " +
+        "there, the action fails). An argv[0] with a space, and an argument with a '..' segment (../x, a/../b, " +
+        "--dir=..), are always refused, " +
+        "so 'python3 /opt/jobs/*' allows python3 with a first argument starting with /opt/jobs/ (symbolic links " +
+        "there are followed) and any further arguments. Others fail, not retried",
+      collect,
+    )
+    .option(
+      "--allow-env <glob>",
+      "with --allow-command: let payloads, containers and exec probes set the environment variables whose names " +
+        "match this glob (repeatable; default none, and a payload setting any other fails, not retried). " +
+        `Variables that change what code runs (${GUARDED_ENV.join(", ")}) are allowed only by their exact ` +
+        "name, never by a glob: --allow-env '*' does not allow LD_PRELOAD, --allow-env LD_PRELOAD does",
+      collect,
+    )
+    .option(
+      "--allow-cwd <glob>",
+      "with --allow-command: let an action's payload run in a working directory (its cwd, as written) matching " +
+        "this glob, e.g. '/srv/builds/*' (repeatable; default none: payloads naming a cwd fail, not retried; a " +
+        "'..' segment is always refused). Deployments always run in their own work directory",
       collect,
     )
     .option(
       "--allow-any-command",
-      "run any command a payload names: whoever may submit to the cluster runs code on this machine",
+      "run any command a payload names, with any environment and working directory: whoever may submit to the " +
+        "cluster runs code on this machine",
     )
     .action(async (o: Record<string, unknown>, command: Command) => {
       const g = globals(command);
-      const allow = allowList(o.allowCommand as string[] | undefined, o.allowAnyCommand === true);
+      const allow = allowPolicy({
+        commands: o.allowCommand as string[] | undefined,
+        any: o.allowAnyCommand === true,
+        env: o.allowEnv as string[] | undefined,
+        cwd: o.allowCwd as string[] | undefined,
+      });
       // Fails fast, as a usage error naming the flag, before anything starts.
       channelFor(g);
       const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
@@ -103,15 +130,32 @@ export function agentCommand(): Command {
     });
 }
 
-/** The commands `--allow-command`/`--allow-any-command` allow; neither (or both) is a usage error. */
-function allowList(globs: readonly string[] | undefined, any: boolean): CommandAllowList {
+/**
+ * What `--allow-command`/`--allow-env`/`--allow-cwd` or `--allow-any-command`
+ * allow; neither (or both) is a usage error, and so are `--allow-env` and
+ * `--allow-cwd` with `--allow-any-command`, which they would not restrict.
+ */
+function allowPolicy(flags: {
+  commands: readonly string[] | undefined;
+  any: boolean;
+  env: readonly string[] | undefined;
+  cwd: readonly string[] | undefined;
+}): CommandPolicy {
+  const { commands: globs, any } = flags;
+  if (any && (flags.env?.length || flags.cwd?.length)) {
+    throw new CliError(
+      `${flags.env?.length ? "--allow-env" : "--allow-cwd"} restricts nothing with --allow-any-command, which allows ` +
+        "every variable and directory: drop it, or use --allow-command instead of --allow-any-command",
+      EXIT.usage,
+    );
+  }
   if (any && globs?.length) {
     throw new CliError(
       "--allow-any-command and --allow-command exclude each other: drop one (the globs restrict, the other does not)",
       EXIT.usage,
     );
   }
-  if (any) return "any";
+  if (any) return { commands: "any", env: [], cwd: [] };
   if (!globs?.length) {
     throw new CliError(
       "the agent needs to know which commands it may run: pass --allow-command <glob> (repeatable), " +
@@ -119,7 +163,7 @@ function allowList(globs: readonly string[] | undefined, any: boolean): CommandA
       EXIT.usage,
     );
   }
-  return globs;
+  return { commands: globs, env: flags.env ?? [], cwd: flags.cwd ?? [] };
 }
 
 function describe(e: AgentEvent): string {

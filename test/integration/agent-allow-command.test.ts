@@ -21,7 +21,8 @@ function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: st
 
 /**
  * `leasehold agent` runs only the commands it is told to: a real agent
- * process with `--allow-command '/bin/echo *'` against a real server.
+ * process with `--allow-command '/bin/echo *'` (and `printenv *`, with
+ * `--allow-env '*'`) against a real server.
  */
 describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
   let t: TestServer;
@@ -36,7 +37,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
       cluster: "allow",
       workerId: "allow-agent",
       workDir,
-      allow: ["--allow-command", "/bin/echo *"],
+      allow: ["--allow-command", "/bin/echo *", "--allow-command", "printenv *", "--allow-env", "*"],
     });
   });
   afterAll(async () => {
@@ -46,11 +47,11 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
   });
 
   /** Submits `argv` (up to `maxAttempts` attempts) and follows the action until it finishes. */
-  async function run(argv: string[], maxAttempts = 3) {
+  async function run(argv: string[], maxAttempts = 3, env?: Record<string, string>) {
     const api = t.client(ActionService);
     const { action } = await api.submitAction({
       cluster: "allow",
-      payload: { argv } as never,
+      payload: { argv, ...(env ? { env } : {}) } as never,
       retryPolicy: { maxAttempts },
     });
     let last = action;
@@ -69,7 +70,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
   it("fails a command that does not match, once and for all, saying what is allowed", async () => {
     const done = await run(["sh", "-c", "echo pwned"]);
     const message =
-      'command "sh -c echo pwned" is not allowed on this agent (allowed: "/bin/echo *"; see --allow-command)';
+      'command "sh -c echo pwned" is not allowed on this agent (allowed: "/bin/echo *", "printenv *"; see --allow-command)';
     expect(done).toMatchObject({
       state: ActionState.FAILED,
       attemptCount: 1, // not retried, though three attempts were allowed
@@ -79,6 +80,41 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     // `/bin/echo` alone is not `/bin/echo <something>`; `echo x` is not `/bin/echo x`.
     expect((await run(["/bin/echo"]))?.state).toBe(ActionState.FAILED);
     expect((await run(["echo", "x"]))?.state).toBe(ActionState.FAILED);
+  });
+
+  it("passes a variable --allow-env allows to a bare name the agent's PATH resolves", async () => {
+    const done = await run(["printenv", "APP_MODE"], 3, { APP_MODE: "fast" });
+    expect(done).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { exitCode: 0, stdoutTail: "fast\n" },
+    });
+  });
+
+  it("refuses LD_PRELOAD though --allow-env '*' matches it, once and for all", async () => {
+    const done = await run(["/bin/echo", "hi"], 3, { LD_PRELOAD: "/tmp/evil.so" });
+    const message =
+      'environment variable "LD_PRELOAD" is not allowed on this agent: it can change what code runs, so only its ' +
+      'exact name in --allow-env allows it (a glob such as "*" does not)';
+    expect(done).toMatchObject({
+      state: ActionState.FAILED,
+      attemptCount: 1,
+      lastError: { message, retryable: false },
+    });
+    // A container of a deployment is held to the same rule.
+    const leases = t.client(LeaseService);
+    const { lease } = await leases.createLease({ runtime: "allow", ttl: { seconds: 600n } });
+    const leaseId = lease?.id ?? "";
+    await t.client(ResourceService).createDeployment({
+      leaseId,
+      spec: {
+        containers: [{ name: "c", command: { argv: ["/bin/echo", "x"], env: { LD_PRELOAD: "./evil.so" } } }],
+      },
+    });
+    let last: WaitLeaseResponse | undefined;
+    for await (const u of leases.waitLease({ leaseId, timeout: { seconds: 60n } })) last = u;
+    expect(last?.deployment?.phase).toBe(DeploymentPhase.FAILED);
+    expect(last?.deployment?.message).toContain(message);
+    await leases.rollbackLease({ leaseId });
   });
 
   it("fails a deployment whose container is not allowed, before starting anything", async () => {
@@ -98,7 +134,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     for await (const u of leases.waitLease({ leaseId, timeout: { seconds: 60n } })) last = u;
     expect(last?.deployment?.phase).toBe(DeploymentPhase.FAILED);
     expect(last?.deployment?.message).toMatch(
-      /command "python3 -m http\.server 8080" is not allowed on this agent \(allowed: "\/bin\/echo \*"; see --allow-command\)/,
+      /command "python3 -m http\.server 8080" is not allowed on this agent \(allowed: "\/bin\/echo \*", "printenv \*"; see --allow-command\)/,
     );
     await leases.rollbackLease({ leaseId });
   });
@@ -119,6 +155,18 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     ]);
     expect(both.code).toBe(2);
     expect(both.stderr).toMatch(/--allow-any-command and --allow-command exclude each other/);
+    const envWithAny = await cli([
+      "--server",
+      t.address,
+      "agent",
+      "--cluster",
+      "allow",
+      "--allow-any-command",
+      "--allow-env",
+      "APP_*",
+    ]);
+    expect(envWithAny.code).toBe(2);
+    expect(envWithAny.stderr).toMatch(/--allow-env restricts nothing with --allow-any-command/);
   });
 
   it("refuses to send a token in plaintext beyond loopback (exit 2), and sends it to loopback", async () => {

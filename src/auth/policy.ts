@@ -1,7 +1,9 @@
 import { readFileSync } from "node:fs";
+import type { Logger } from "pino";
 import { parse } from "yaml";
 import { LeaseholdError } from "../errors.js";
 import { matchesGlob, ROLES, type Role, type RoleBinding } from "./access.js";
+import { createFileReloader, type ReloadOutcome } from "./file-reloader.js";
 
 /**
  * Who may do what: principals (exact, or globs with `*` and `?`) bound to
@@ -26,6 +28,15 @@ export interface Policy {
   bindingsOf(principal: string): readonly RoleBinding[];
   /** How many bindings the policy has (for the start-up log line). */
   readonly size: number;
+  /** Grows each time a reloaded file is put in force: what was decided under an older one is stale. */
+  readonly version: number;
+}
+
+/** A policy read from `--auth-policy` and read again when the file changes. */
+export interface ReloadingPolicy extends Policy {
+  /** Reads the file now; a bad change keeps the policy in force. */
+  reload(): Promise<ReloadOutcome>;
+  close(): void;
 }
 
 interface PolicyBinding extends RoleBinding {
@@ -33,18 +44,7 @@ interface PolicyBinding extends RoleBinding {
 }
 
 /** A policy with no bindings: with credentials configured, nobody may do anything it does not grant. */
-export const EMPTY_POLICY: Policy = { bindingsOf: () => [], size: 0 };
-
-/** Reads and checks a policy file; throws INVALID_ARGUMENT naming `--auth-policy` and the field to fix. */
-export function loadPolicy(path: string): Policy {
-  let text: string;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch (error) {
-    throw policyError(`cannot read ${path}: ${(error as Error).message}`);
-  }
-  return parsePolicy(text, path);
-}
+export const EMPTY_POLICY: Policy = { bindingsOf: () => [], size: 0, version: 0 };
 
 /** Parses policy YAML (see {@link Policy}). */
 export function parsePolicy(text: string, source = "the policy"): Policy {
@@ -73,7 +73,54 @@ export function parsePolicy(text: string, source = "the policy"): Policy {
   if (problems.length > 0) throw policyError(`${source}: ${problems.join("; ")}`);
   return {
     size: bindings.length,
+    version: 0,
     bindingsOf: (principal) => bindings.filter((b) => b.principals.some((p) => matchesGlob(p, principal))),
+  };
+}
+
+/**
+ * Reads and checks a policy file (INVALID_ARGUMENT naming `--auth-policy`
+ * and the field to fix), then polls it and puts a changed, valid policy in
+ * force (a broken edit is logged and the old policy stays). Calls
+ * authenticated after the change are judged by the new policy; open streams
+ * keep what they were given when they opened.
+ */
+export function loadReloadingPolicy(
+  path: string,
+  log: Logger,
+  options: { readonly pollMs?: number } = {},
+): ReloadingPolicy {
+  let initial: Buffer;
+  try {
+    initial = readFileSync(path);
+  } catch (error) {
+    throw policyError(`cannot read ${path}: ${(error as Error).message}`);
+  }
+  let current = parsePolicy(initial.toString("utf8"), path);
+  let version = 0;
+  const reloader = createFileReloader({
+    files: [path],
+    initial: [initial],
+    parse: ([content]) => parsePolicy(content?.toString("utf8") ?? "", path),
+    apply: (policy) => {
+      current = policy;
+      version += 1;
+      log.info({ file: path, bindings: policy.size }, "auth policy reloaded");
+    },
+    log,
+    what: "auth policy",
+    pollMs: options.pollMs,
+  });
+  return {
+    bindingsOf: (principal) => current.bindingsOf(principal),
+    get size() {
+      return current.size;
+    },
+    get version() {
+      return version;
+    },
+    reload: () => reloader.reload(),
+    close: () => reloader.close(),
   };
 }
 

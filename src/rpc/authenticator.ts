@@ -62,18 +62,17 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
   // One cache per kind of credential: a key of one kind must never be
   // presentable as the other (a bearer token "cert:<fingerprint>" would
   // otherwise hit a certificate's entry: fingerprints are public).
-  const tokens = new Map<string, { access: Access; untilMs: number }>();
-  const certificates = new Map<string, { access: Access; untilMs: number }>();
-  const remember = (
-    cache: Map<string, { access: Access; untilMs: number }>,
-    key: string,
-    access: Access,
-    untilMs: number,
-  ) => {
+  type Entry = { access: Access; untilMs: number; policyVersion: number };
+  const tokens = new Map<string, Entry>();
+  const certificates = new Map<string, Entry>();
+  const remember = (cache: Map<string, Entry>, key: string, access: Access, untilMs: number) => {
     if (cache.size >= CACHE_ENTRIES) cache.clear();
-    cache.set(key, { access, untilMs });
+    cache.set(key, { access, untilMs, policyVersion: options.policy.version });
     return access;
   };
+  /** A cached access still good: the credential not expired, the policy not changed since. */
+  const fresh = (hit: Entry | undefined) =>
+    hit !== undefined && hit.untilMs > now() && hit.policyVersion === options.policy.version;
   const accessFor = (identity: Identity) =>
     accessOf(identity.principal, [
       ...options.policy.bindingsOf(identity.principal),
@@ -82,7 +81,7 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
 
   const fromToken = (token: string): Access | Promise<Access> => {
     const hit = tokens.get(token);
-    if (hit && hit.untilMs > now()) return hit.access;
+    if (hit && fresh(hit)) return hit.access;
     if (token.startsWith("lh_") && options.staticTokens) {
       const identity = options.staticTokens.verify(token);
       if (!identity) throw unauthenticated("the bearer token is not known to this server", "TOKEN_UNKNOWN");
@@ -119,7 +118,7 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
       if (certificate) {
         const key = certificate.fingerprint256;
         const hit = certificates.get(key);
-        if (hit && hit.untilMs > now()) return hit.access;
+        if (hit && fresh(hit)) return hit.access;
         const principal = principalOfCertificate(certificate);
         if (!principal)
           throw unauthenticated(

@@ -1,7 +1,7 @@
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { createJwtVerifier, type JwtVerifier } from "../auth/jwt.js";
-import { EMPTY_POLICY, loadPolicy } from "../auth/policy.js";
+import { EMPTY_POLICY, loadReloadingPolicy, type Policy } from "../auth/policy.js";
 import { loadStaticTokens, type StaticTokens } from "../auth/static-tokens.js";
 import type { AuthConfig, TlsConfig } from "../config.js";
 import { type Authenticator, createAuthenticator } from "./authenticator.js";
@@ -47,7 +47,12 @@ export function createServerSecurity(
     if (tls) opened.push(tls);
     let authenticator: Authenticator | undefined;
     if (options.auth.enabled) {
-      const policy = options.auth.policyFile ? loadPolicy(options.auth.policyFile) : EMPTY_POLICY;
+      let policy: Policy = EMPTY_POLICY;
+      if (options.auth.policyFile) {
+        const reloading = loadReloadingPolicy(options.auth.policyFile, log);
+        opened.push(reloading);
+        policy = reloading;
+      }
       let staticTokens: StaticTokens | undefined;
       if (options.auth.tokensFile) {
         staticTokens = loadStaticTokens(options.auth.tokensFile, log);

@@ -1,9 +1,12 @@
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { PeerCertificate } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import type { Identity } from "../../src/auth/access.js";
-import { parsePolicy } from "../../src/auth/policy.js";
+import { loadReloadingPolicy, parsePolicy } from "../../src/auth/policy.js";
 import type { StaticTokens } from "../../src/auth/static-tokens.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { createAuthenticator } from "../../src/rpc/authenticator.js";
@@ -83,5 +86,29 @@ describe("authenticator", () => {
     );
     const noSan = { ...operatorCertificate, subjectaltname: "", fingerprint256: "DD" } as PeerCertificate;
     expect((await refusal(() => auth.authenticate(call({}, noSan)))).reason).toBe("CERT_NO_SAN");
+  });
+});
+
+describe("policy reload", () => {
+  it("judges calls after a policy change by the new policy, and keeps the old one over a broken edit", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-policy-"));
+    const file = join(dir, "policy.yaml");
+    writeFileSync(file, "bindings: []\n");
+    const log = pino({ level: "silent" });
+    const reloading = loadReloadingPolicy(file, log, { pollMs: 0 });
+    const auth = createAuthenticator({ policy: reloading, staticTokens, log });
+    const withToken = call({ authorization: "Bearer lh_good" });
+    expect((await auth.authenticate(withToken)).holdsAnywhere("action.read")).toBe(false);
+
+    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: reader\n");
+    expect(await reloading.reload()).toBe("applied");
+    // The cached access of the same token is stale once the policy changed.
+    expect((await auth.authenticate(withToken)).can("action.read", "demo")).toBe(true);
+
+    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: admin\n");
+    expect(await reloading.reload()).toBe("rejected");
+    expect((await auth.authenticate(withToken)).can("action.read", "demo")).toBe(true);
+    reloading.close();
+    rmSync(dir, { recursive: true, force: true });
   });
 });

@@ -140,8 +140,9 @@ export function collectLines(child: ChildProcess): {
 
 /**
  * Runs the reference agent (`leasehold agent`) with JSON event lines,
- * `slots` slots, its deployments under `workDir` and `allow` as its command
- * flags, and waits until it is connected.
+ * `slots` slots, its deployments under `workDir`, `allow` as its command
+ * flags and `clientFlags` (TLS, tokens) before the subcommand, and waits
+ * until it is connected.
  */
 export async function runReferenceAgent(options: {
   server: string;
@@ -151,12 +152,15 @@ export async function runReferenceAgent(options: {
   slots?: number;
   /** The agent's command flags; default `--allow-any-command`. */
   allow?: readonly string[];
+  /** Global client flags placed before `agent`, e.g. `--tls-ca`, `--tls-cert`, `--tls-key`. */
+  clientFlags?: readonly string[];
 }): Promise<LeaseholdProcess> {
   const agent = runLeasehold(
     [
       "--server",
       options.server,
       "--json",
+      ...(options.clientFlags ?? []),
       "agent",
       "--cluster",
       options.cluster,

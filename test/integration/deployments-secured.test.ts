@@ -144,12 +144,14 @@ describe("deployments under mTLS and a policy", () => {
     const inputId = input.resource?.id ?? "";
 
     // Reads its input, writes a result derived from it, and only then listens: ready means the output exists.
+    // The probe hangs up at once; a reset connection must not crash the server (unhandled socket error).
     const port = await freePort();
     const script =
       'const fs = require("node:fs"); ' +
       'const text = fs.readFileSync("in/input.txt", "utf8"); ' +
       'fs.writeFileSync("out/result.txt", text.toUpperCase() + process.env.RESULT_SUFFIX); ' +
-      'require("node:net").createServer((s) => s.end()).listen(Number(process.env.PORT), "127.0.0.1");';
+      'require("node:net").createServer((s) => s.on("error", () => {}).end())' +
+      '.listen(Number(process.env.PORT), "127.0.0.1");';
     const { resource: deployment } = await resources.createDeployment({
       leaseId,
       spec: {

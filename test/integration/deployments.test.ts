@@ -51,12 +51,19 @@ describe("deployments", () => {
     command: { argv: [process.execPath, "-e", script], env },
   });
 
-  /** A server on `port` that writes its pid, serves greeting.txt, and saves its outputs on SIGTERM. */
+  /**
+   * A server on `port` that writes its pid, serves greeting.txt, and saves its outputs on SIGTERM.
+   * The readiness probe connects and hangs up at once, so the reply may meet a reset connection
+   * (EPIPE/ECONNRESET, more often on a busy machine): like any server, it ignores a client that
+   * went away instead of crashing on the unhandled socket error.
+   */
   const webScript = `
     const fs = require("node:fs");
     fs.writeFileSync("pid", String(process.pid));
     fs.writeFileSync("out/started.txt", "started " + fs.readFileSync("greeting.txt", "utf8"));
-    require("node:net").createServer((s) => s.end(fs.readFileSync("greeting.txt"))).listen(Number(process.env.PORT), "127.0.0.1");
+    require("node:net")
+      .createServer((s) => s.on("error", () => {}).end(fs.readFileSync("greeting.txt")))
+      .listen(Number(process.env.PORT), "127.0.0.1");
     process.on("SIGTERM", () => {
       fs.mkdirSync("out/nested", { recursive: true });
       fs.writeFileSync("out/nested/final.json", JSON.stringify({ stoppedBy: "SIGTERM" }));
@@ -101,11 +108,25 @@ describe("deployments", () => {
     }
   };
 
-  /** Waits (bounded) for `pid` to be gone: a process's exit is not an event another process can subscribe to. */
+  /**
+   * Polls (bounded, generously: it only bounds a wait) until `check` holds: a process's exit or a
+   * directory's removal by another process is not an event this one can subscribe to.
+   */
+  async function eventually(check: () => boolean | Promise<boolean>): Promise<void> {
+    for (let i = 0; i < 1200 && !(await check()); i++) await new Promise((r) => setTimeout(r, 25));
+  }
+
+  /** Waits (bounded) for `pid` to be gone. */
   async function gone(pid: number): Promise<void> {
-    for (let i = 0; i < 400 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+    await eventually(() => !alive(pid));
     expect(alive(pid)).toBe(false);
   }
+
+  const exists = (path: string) =>
+    stat(path).then(
+      () => true,
+      () => false,
+    );
 
   /** Waits for the agent to report a revoke of `actionId`, then for `pid` to be gone. */
   async function torndown(actionId: string, reason: string, pid: number): Promise<void> {
@@ -149,11 +170,8 @@ describe("deployments", () => {
     expect(action?.state).toBe(ActionState.CANCELLED);
     expect(action?.failureReason).toMatch(/rolled back/);
     // Its work directory goes with it.
-    for (let i = 0; i < 100; i++) {
-      if (!(await stat(join(workDir, `${deploymentId}.1`)).catch(() => undefined))) break;
-      await new Promise((r) => setTimeout(r, 25));
-    }
-    expect(await stat(join(workDir, `${deploymentId}.1`)).catch(() => undefined)).toBeUndefined();
+    await eventually(async () => !(await exists(join(workDir, `${deploymentId}.1`))));
+    expect(await exists(join(workDir, `${deploymentId}.1`))).toBe(false);
   });
 
   it("collects outputs: the agent stops the deployment, saves its files into the lease, and returns them", async () => {
@@ -212,9 +230,12 @@ describe("deployments", () => {
   });
 
   it("rolls a deployment back when its lease's TTL passes, killing it", async () => {
-    const leaseId = await open(3);
+    // The TTL must outlast the deployment's start-up (a node process, an input download and a
+    // probe), which takes seconds on a busy machine; the expiry itself is the event awaited below.
+    const leaseId = await open(8);
     const { resource } = await deployWeb(leaseId);
-    await waitReady(leaseId);
+    // Running before the TTL passed: otherwise nothing would be left for the expiry to kill.
+    expect((await waitReady(leaseId)).at(-1)?.deployment?.phase).toBe(DeploymentPhase.READY);
     const pid = Number(await readFile(join(workDir, `${resource.id}.1`, "pid"), "utf8"));
     const actionId = resource.body.case === "deployment" ? resource.body.value.actionId : "";
     // Not the agent's revoke line: on a loaded machine the agent may self-fence first, which kills
@@ -250,10 +271,10 @@ describe("deployments", () => {
         updates.push({ phase: u.deployment?.phase ?? DeploymentPhase.UNSPECIFIED, done: u.done });
     })();
     let pid = 0;
-    for (let i = 0; i < 400 && !pid; i++) {
+    await eventually(async () => {
       pid = Number(await readFile(pidFile, "utf8").catch(() => "0"));
-      if (!pid) await new Promise((r) => setTimeout(r, 25));
-    }
+      return pid > 0;
+    });
     expect(pid).toBeGreaterThan(0);
     await leases().rollbackLease({ leaseId });
     await torndown(actionId, "rolled_back", pid);
@@ -295,8 +316,7 @@ describe("deployments", () => {
       const stopped = await second.waitForLog((l) => l.type === "leftovers_stopped");
       expect(stopped.count).toBe(1);
       // SIGKILL was sent; the exit of a process we are not the parent of is not an event we can await.
-      for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
-      expect(alive(pid)).toBe(false);
+      await gone(pid);
       await leases().rollbackLease({ leaseId });
     } finally {
       first?.child.kill("SIGKILL");

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/action.proto.
  */
 export const file_leasehold_v1_action: GenFile = /*@__PURE__*/
-  fileDesc("ChlsZWFzZWhvbGQvdjEvYWN0aW9uLnByb3RvEgxsZWFzZWhvbGQudjEiowEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoDRIyCg9pbml0aWFsX2JhY2tvZmYYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGgoSYmFja29mZl9tdWx0aXBsaWVyGAMgASgBEi4KC21heF9iYWNrb2ZmGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uInMKC0FjdGlvbkxlYXNlEhEKCXdvcmtlcl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmdyYW50X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKC0FjdGlvbkVycm9yEg8KB21lc3NhZ2UYASABKAkSEQoJcmV0cnlhYmxlGAIgASgIEigKB2RldGFpbHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IuYGCgZBY3Rpb24SCgoCaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIOCgZydW5faWQYAyABKAkSDwoHY2x1c3RlchgEIAEoCRI/Cg5sYWJlbF9zZWxlY3RvchgFIAMoCzInLmxlYXNlaG9sZC52MS5BY3Rpb24uTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAcgASgFEi8KDHJldHJ5X3BvbGljeRgIIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCSABKA0SKAoFc3RhdGUYCiABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDQoFZXBvY2gYCyABKAQSFQoNYXR0ZW1wdF9jb3VudBgMIAEoDRIVCg1mYWlsdXJlX2NvdW50GA0gASgNEhoKEnN5c3RlbV9yZXRyeV9jb3VudBgOIAEoDRIoCgVsZWFzZRgPIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25MZWFzZRIYChBjYW5jZWxfcmVxdWVzdGVkGBAgASgIEicKBm91dHB1dBgRIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLQoKbGFzdF9lcnJvchgSIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25FcnJvchIWCg5mYWlsdXJlX3JlYXNvbhgTIAEoCRINCgVwaGFzZRgUIAEoCRIvCgtjcmVhdGVfdGltZRgVIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYFiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCm5vdF9iZWZvcmUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGBggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GBkgASgJGjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIokCCgdBdHRlbXB0EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIRCgl3b3JrZXJfaWQYAyABKAkSEgoKc2Vzc2lvbl9pZBgEIAEoCRItCgdvdXRjb21lGAUgASgOMhwubGVhc2Vob2xkLnYxLkF0dGVtcHRPdXRjb21lEigKBWVycm9yGAYgASgLMhkubGVhc2Vob2xkLnYxLkFjdGlvbkVycm9yEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLXAgoTU3VibWl0QWN0aW9uUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSDgoGcnVuX2lkGAMgASgJEkwKDmxhYmVsX3NlbGVjdG9yGAQgAygLMjQubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAYgASgFEi8KDHJldHJ5X3BvbGljeRgHIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCCABKA0aNAoSTGFiZWxTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQoUU3VibWl0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIPCgdjcmVhdGVkGAIgASgIIiUKEEdldEFjdGlvblJlcXVlc3QSEQoJYWN0aW9uX2lkGAEgASgJImIKEUdldEFjdGlvblJlc3BvbnNlEiQKBmFjdGlvbhgBIAEoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24SJwoIYXR0ZW1wdHMYAiADKAsyFS5sZWFzZWhvbGQudjEuQXR0ZW1wdCKGAQoSTGlzdEFjdGlvbnNSZXF1ZXN0EigKBXN0YXRlGAEgASgOMhkubGVhc2Vob2xkLnYxLkFjdGlvblN0YXRlEg8KB2NsdXN0ZXIYAiABKAkSDgoGcnVuX2lkGAMgASgJEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIlUKE0xpc3RBY3Rpb25zUmVzcG9uc2USJQoHYWN0aW9ucxgBIAMoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjgKE0NhbmNlbEFjdGlvblJlcXVlc3QSEQoJYWN0aW9uX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI8ChRDYW5jZWxBY3Rpb25SZXNwb25zZRIkCgZhY3Rpb24YASABKAsyFC5sZWFzZWhvbGQudjEuQWN0aW9uIicKEldhdGNoQWN0aW9uUmVxdWVzdBIRCglhY3Rpb25faWQYASABKAkiOwoTV2F0Y2hBY3Rpb25SZXNwb25zZRIkCgZhY3Rpb24YASABKAsyFC5sZWFzZWhvbGQudjEuQWN0aW9uKq4BCgtBY3Rpb25TdGF0ZRIcChhBQ1RJT05fU1RBVEVfVU5TUEVDSUZJRUQQABIXChNBQ1RJT05fU1RBVEVfUVVFVUVEEAESFwoTQUNUSU9OX1NUQVRFX0xFQVNFRBACEhoKFkFDVElPTl9TVEFURV9TVUNDRUVERUQQAxIXChNBQ1RJT05fU1RBVEVfRkFJTEVEEAQSGgoWQUNUSU9OX1NUQVRFX0NBTkNFTExFRBAFKukBCg5BdHRlbXB0T3V0Y29tZRIfChtBVFRFTVBUX09VVENPTUVfVU5TUEVDSUZJRUQQABIbChdBVFRFTVBUX09VVENPTUVfUlVOTklORxABEh0KGUFUVEVNUFRfT1VUQ09NRV9TVUNDRUVERUQQAhIaChZBVFRFTVBUX09VVENPTUVfRkFJTEVEEAMSIQodQVRURU1QVF9PVVRDT01FX0xFQVNFX0VYUElSRUQQBBIcChhBVFRFTVBUX09VVENPTUVfUkVMRUFTRUQQBRIdChlBVFRFTVBUX09VVENPTUVfQ0FOQ0VMTEVEEAYytQMKDUFjdGlvblNlcnZpY2USVQoMU3VibWl0QWN0aW9uEiEubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVzcG9uc2USTAoJR2V0QWN0aW9uEh4ubGVhc2Vob2xkLnYxLkdldEFjdGlvblJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0QWN0aW9uUmVzcG9uc2USUgoLTGlzdEFjdGlvbnMSIC5sZWFzZWhvbGQudjEuTGlzdEFjdGlvbnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RBY3Rpb25zUmVzcG9uc2USVQoMQ2FuY2VsQWN0aW9uEiEubGVhc2Vob2xkLnYxLkNhbmNlbEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ2FuY2VsQWN0aW9uUmVzcG9uc2USVAoLV2F0Y2hBY3Rpb24SIC5sZWFzZWhvbGQudjEuV2F0Y2hBY3Rpb25SZXF1ZXN0GiEubGVhc2Vob2xkLnYxLldhdGNoQWN0aW9uUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsZWFzZWhvbGQvdjEvYWN0aW9uLnByb3RvEgxsZWFzZWhvbGQudjEiowEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoDRIyCg9pbml0aWFsX2JhY2tvZmYYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGgoSYmFja29mZl9tdWx0aXBsaWVyGAMgASgBEi4KC21heF9iYWNrb2ZmGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uInMKC0FjdGlvbkxlYXNlEhEKCXdvcmtlcl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmdyYW50X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKC0FjdGlvbkVycm9yEg8KB21lc3NhZ2UYASABKAkSEQoJcmV0cnlhYmxlGAIgASgIEigKB2RldGFpbHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IuYGCgZBY3Rpb24SCgoCaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIOCgZydW5faWQYAyABKAkSDwoHY2x1c3RlchgEIAEoCRI/Cg5sYWJlbF9zZWxlY3RvchgFIAMoCzInLmxlYXNlaG9sZC52MS5BY3Rpb24uTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAcgASgFEi8KDHJldHJ5X3BvbGljeRgIIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCSABKA0SKAoFc3RhdGUYCiABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDQoFZXBvY2gYCyABKAQSFQoNYXR0ZW1wdF9jb3VudBgMIAEoDRIVCg1mYWlsdXJlX2NvdW50GA0gASgNEhoKEnN5c3RlbV9yZXRyeV9jb3VudBgOIAEoDRIoCgVsZWFzZRgPIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25MZWFzZRIYChBjYW5jZWxfcmVxdWVzdGVkGBAgASgIEicKBm91dHB1dBgRIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLQoKbGFzdF9lcnJvchgSIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25FcnJvchIWCg5mYWlsdXJlX3JlYXNvbhgTIAEoCRINCgVwaGFzZRgUIAEoCRIvCgtjcmVhdGVfdGltZRgVIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYFiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCm5vdF9iZWZvcmUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGBggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GBkgASgJGjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIokCCgdBdHRlbXB0EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIRCgl3b3JrZXJfaWQYAyABKAkSEgoKc2Vzc2lvbl9pZBgEIAEoCRItCgdvdXRjb21lGAUgASgOMhwubGVhc2Vob2xkLnYxLkF0dGVtcHRPdXRjb21lEigKBWVycm9yGAYgASgLMhkubGVhc2Vob2xkLnYxLkFjdGlvbkVycm9yEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLXAgoTU3VibWl0QWN0aW9uUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSDgoGcnVuX2lkGAMgASgJEkwKDmxhYmVsX3NlbGVjdG9yGAQgAygLMjQubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAYgASgFEi8KDHJldHJ5X3BvbGljeRgHIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCCABKA0aNAoSTGFiZWxTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQoUU3VibWl0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIPCgdjcmVhdGVkGAIgASgIIkoKFFN1Ym1pdEFjdGlvbnNSZXF1ZXN0EjIKB2FjdGlvbnMYASADKAsyIS5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVxdWVzdCJMChVTdWJtaXRBY3Rpb25zUmVzcG9uc2USMwoHcmVzdWx0cxgBIAMoCzIiLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25SZXNwb25zZSIlChBHZXRBY3Rpb25SZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCSJiChFHZXRBY3Rpb25SZXNwb25zZRIkCgZhY3Rpb24YASABKAsyFC5sZWFzZWhvbGQudjEuQWN0aW9uEicKCGF0dGVtcHRzGAIgAygLMhUubGVhc2Vob2xkLnYxLkF0dGVtcHQihgEKEkxpc3RBY3Rpb25zUmVxdWVzdBIoCgVzdGF0ZRgBIAEoDjIZLmxlYXNlaG9sZC52MS5BY3Rpb25TdGF0ZRIPCgdjbHVzdGVyGAIgASgJEg4KBnJ1bl9pZBgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJVChNMaXN0QWN0aW9uc1Jlc3BvbnNlEiUKB2FjdGlvbnMYASADKAsyFC5sZWFzZWhvbGQudjEuQWN0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI4ChNDYW5jZWxBY3Rpb25SZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiPAoUQ2FuY2VsQWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbiInChJXYXRjaEFjdGlvblJlcXVlc3QSEQoJYWN0aW9uX2lkGAEgASgJIjsKE1dhdGNoQWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbiquAQoLQWN0aW9uU3RhdGUSHAoYQUNUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTQUNUSU9OX1NUQVRFX1FVRVVFRBABEhcKE0FDVElPTl9TVEFURV9MRUFTRUQQAhIaChZBQ1RJT05fU1RBVEVfU1VDQ0VFREVEEAMSFwoTQUNUSU9OX1NUQVRFX0ZBSUxFRBAEEhoKFkFDVElPTl9TVEFURV9DQU5DRUxMRUQQBSrpAQoOQXR0ZW1wdE91dGNvbWUSHwobQVRURU1QVF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGwoXQVRURU1QVF9PVVRDT01FX1JVTk5JTkcQARIdChlBVFRFTVBUX09VVENPTUVfU1VDQ0VFREVEEAISGgoWQVRURU1QVF9PVVRDT01FX0ZBSUxFRBADEiEKHUFUVEVNUFRfT1VUQ09NRV9MRUFTRV9FWFBJUkVEEAQSHAoYQVRURU1QVF9PVVRDT01FX1JFTEVBU0VEEAUSHQoZQVRURU1QVF9PVVRDT01FX0NBTkNFTExFRBAGMo8ECg1BY3Rpb25TZXJ2aWNlElUKDFN1Ym1pdEFjdGlvbhIhLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25SZXF1ZXN0GiIubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlc3BvbnNlElgKDVN1Ym1pdEFjdGlvbnMSIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uc1JlcXVlc3QaIy5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uc1Jlc3BvbnNlEkwKCUdldEFjdGlvbhIeLmxlYXNlaG9sZC52MS5HZXRBY3Rpb25SZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLkdldEFjdGlvblJlc3BvbnNlElIKC0xpc3RBY3Rpb25zEiAubGVhc2Vob2xkLnYxLkxpc3RBY3Rpb25zUmVxdWVzdBohLmxlYXNlaG9sZC52MS5MaXN0QWN0aW9uc1Jlc3BvbnNlElUKDENhbmNlbEFjdGlvbhIhLmxlYXNlaG9sZC52MS5DYW5jZWxBY3Rpb25SZXF1ZXN0GiIubGVhc2Vob2xkLnYxLkNhbmNlbEFjdGlvblJlc3BvbnNlElQKC1dhdGNoQWN0aW9uEiAubGVhc2Vob2xkLnYxLldhdGNoQWN0aW9uUmVxdWVzdBohLmxlYXNlaG9sZC52MS5XYXRjaEFjdGlvblJlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * How an action's own failures are retried. Lease expiries do not count here:
@@ -507,6 +507,48 @@ export const SubmitActionResponseSchema: GenMessage<SubmitActionResponse> = /*@_
   messageDesc(file_leasehold_v1_action, 6);
 
 /**
+ * Request of ActionService.SubmitActions.
+ *
+ * @generated from message leasehold.v1.SubmitActionsRequest
+ */
+export type SubmitActionsRequest = Message<"leasehold.v1.SubmitActionsRequest"> & {
+  /**
+   * 1–1000 actions, each exactly as a SubmitAction request.
+   *
+   * @generated from field: repeated leasehold.v1.SubmitActionRequest actions = 1;
+   */
+  actions: SubmitActionRequest[];
+};
+
+/**
+ * Describes the message leasehold.v1.SubmitActionsRequest.
+ * Use `create(SubmitActionsRequestSchema)` to create a new message.
+ */
+export const SubmitActionsRequestSchema: GenMessage<SubmitActionsRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 7);
+
+/**
+ * Response of ActionService.SubmitActions.
+ *
+ * @generated from message leasehold.v1.SubmitActionsResponse
+ */
+export type SubmitActionsResponse = Message<"leasehold.v1.SubmitActionsResponse"> & {
+  /**
+   * One result per item of the request, in the same order.
+   *
+   * @generated from field: repeated leasehold.v1.SubmitActionResponse results = 1;
+   */
+  results: SubmitActionResponse[];
+};
+
+/**
+ * Describes the message leasehold.v1.SubmitActionsResponse.
+ * Use `create(SubmitActionsResponseSchema)` to create a new message.
+ */
+export const SubmitActionsResponseSchema: GenMessage<SubmitActionsResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 8);
+
+/**
  * Request of ActionService.GetAction.
  *
  * @generated from message leasehold.v1.GetActionRequest
@@ -525,7 +567,7 @@ export type GetActionRequest = Message<"leasehold.v1.GetActionRequest"> & {
  * Use `create(GetActionRequestSchema)` to create a new message.
  */
 export const GetActionRequestSchema: GenMessage<GetActionRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 7);
+  messageDesc(file_leasehold_v1_action, 9);
 
 /**
  * Response of ActionService.GetAction.
@@ -553,7 +595,7 @@ export type GetActionResponse = Message<"leasehold.v1.GetActionResponse"> & {
  * Use `create(GetActionResponseSchema)` to create a new message.
  */
 export const GetActionResponseSchema: GenMessage<GetActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 8);
+  messageDesc(file_leasehold_v1_action, 10);
 
 /**
  * Request of ActionService.ListActions. Filters combine with AND.
@@ -603,7 +645,7 @@ export type ListActionsRequest = Message<"leasehold.v1.ListActionsRequest"> & {
  * Use `create(ListActionsRequestSchema)` to create a new message.
  */
 export const ListActionsRequestSchema: GenMessage<ListActionsRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 9);
+  messageDesc(file_leasehold_v1_action, 11);
 
 /**
  * Response of ActionService.ListActions.
@@ -631,7 +673,7 @@ export type ListActionsResponse = Message<"leasehold.v1.ListActionsResponse"> & 
  * Use `create(ListActionsResponseSchema)` to create a new message.
  */
 export const ListActionsResponseSchema: GenMessage<ListActionsResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 10);
+  messageDesc(file_leasehold_v1_action, 12);
 
 /**
  * Request of ActionService.CancelAction.
@@ -660,7 +702,7 @@ export type CancelActionRequest = Message<"leasehold.v1.CancelActionRequest"> & 
  * Use `create(CancelActionRequestSchema)` to create a new message.
  */
 export const CancelActionRequestSchema: GenMessage<CancelActionRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 11);
+  messageDesc(file_leasehold_v1_action, 13);
 
 /**
  * Response of ActionService.CancelAction.
@@ -681,7 +723,7 @@ export type CancelActionResponse = Message<"leasehold.v1.CancelActionResponse"> 
  * Use `create(CancelActionResponseSchema)` to create a new message.
  */
 export const CancelActionResponseSchema: GenMessage<CancelActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 12);
+  messageDesc(file_leasehold_v1_action, 14);
 
 /**
  * Request of ActionService.WatchAction.
@@ -702,7 +744,7 @@ export type WatchActionRequest = Message<"leasehold.v1.WatchActionRequest"> & {
  * Use `create(WatchActionRequestSchema)` to create a new message.
  */
 export const WatchActionRequestSchema: GenMessage<WatchActionRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 13);
+  messageDesc(file_leasehold_v1_action, 15);
 
 /**
  * One message of ActionService.WatchAction.
@@ -723,7 +765,7 @@ export type WatchActionResponse = Message<"leasehold.v1.WatchActionResponse"> & 
  * Use `create(WatchActionResponseSchema)` to create a new message.
  */
 export const WatchActionResponseSchema: GenMessage<WatchActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 14);
+  messageDesc(file_leasehold_v1_action, 16);
 
 /**
  * The lifecycle of an action: QUEUED → LEASED → SUCCEEDED | FAILED | CANCELLED.
@@ -893,6 +935,26 @@ export const ActionService: GenService<{
     methodKind: "unary";
     input: typeof SubmitActionRequestSchema;
     output: typeof SubmitActionResponseSchema;
+  },
+  /**
+   * Queues 1–1000 actions in one transaction: all of them, or none. Each item
+   * is a SubmitActionRequest and is checked and answered exactly as
+   * SubmitAction would: its own request_id idempotency (a retried item
+   * returns its existing action with `created` false, so retrying a whole
+   * call that timed out creates nothing twice). A call with an invalid item
+   * queues nothing and fails with that item's status, the field named with
+   * its index (e.g. `actions[3].cluster`): INVALID_ARGUMENT, ALREADY_EXISTS
+   * for a request_id reused with a different request, RESOURCE_EXHAUSTED for
+   * a payload over its limits or a call over the server's receive limit. Two
+   * items of one call may not share a request_id (INVALID_ARGUMENT).
+   * Right: action.submit in the cluster of every item.
+   *
+   * @generated from rpc leasehold.v1.ActionService.SubmitActions
+   */
+  submitActions: {
+    methodKind: "unary";
+    input: typeof SubmitActionsRequestSchema;
+    output: typeof SubmitActionsResponseSchema;
   },
   /**
    * Returns one action with its attempts. NOT_FOUND if the id is unknown.

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/worker.proto.
  */
 export const file_leasehold_v1_worker: GenFile = /*@__PURE__*/
-  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCLeAgoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIAEIJCgdtZXNzYWdlIqQCCg9Db25uZWN0UmVzcG9uc2USKAoHd2VsY29tZRgBIAEoCzIVLmxlYXNlaG9sZC52MS5XZWxjb21lSAASJAoFZ3JhbnQYAiABKAsyEy5sZWFzZWhvbGQudjEuR3JhbnRIABIzCg1oZWFydGJlYXRfYWNrGAMgASgLMhoubGVhc2Vob2xkLnYxLkhlYXJ0YmVhdEFja0gAEiYKBnJldm9rZRgEIAEoCzIULmxlYXNlaG9sZC52MS5SZXZva2VIABIzCg1yZXBvcnRfcmVzdWx0GAUgASgLMhoubGVhc2Vob2xkLnYxLlJlcG9ydFJlc3VsdEgAEiQKBWRyYWluGAYgASgLMhMubGVhc2Vob2xkLnYxLkRyYWluSABCCQoHbWVzc2FnZSLiAQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SLwoGbGFiZWxzGAQgAygLMh8ubGVhc2Vob2xkLnYxLkhlbGxvLkxhYmVsc0VudHJ5EiwKC2hlbGRfbGVhc2VzGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIVCg1hZ2VudF92ZXJzaW9uGAYgASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEihQIKB1dlbGNvbWUSEgoKc2Vzc2lvbl9pZBgBIAEoCRI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoMZ3JhY2VfcGVyaW9kGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEigKB3Jlc3VtZWQYBCADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEigKB3Jldm9rZWQYBSADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhcKD3Nlc3Npb25fcmVzdW1lZBgGIAEoCBIRCglzZXJ2ZXJfaWQYByABKAkiSwoJSGVhcnRiZWF0EhAKCHNlcXVlbmNlGAEgASgEEiwKC2hlbGRfbGVhc2VzGAIgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZSJOCgxIZWFydGJlYXRBY2sSEAoIc2VxdWVuY2UYASABKAQSLAoJcmVtYWluaW5nGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqEBCgVHcmFudBIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSDwoHYXR0ZW1wdBgDIAEoDRIoCgdwYXlsb2FkGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIOCgZydW5faWQYBSABKAkSKwoKY2hlY2twb2ludBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiPwoIR3JhbnRBY2sSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBCKrAQoOUHJvZ3Jlc3NSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBINCgVwaGFzZRgEIAEoCRIoCgdkZXRhaWxzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI4Cg1BY3Rpb25TdWNjZXNzEicKBm91dHB1dBgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiXQoNQWN0aW9uRmFpbHVyZRIPCgdtZXNzYWdlGAEgASgJEhEKCXJldHJ5YWJsZRgCIAEoCBIoCgdkZXRhaWxzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCKzAQoQQ29tcGxldGlvblJlcG9ydBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEjAKCXN1Y2NlZWRlZBgEIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25TdWNjZXNzSAASLQoGZmFpbGVkGAUgASgLMhsubGVhc2Vob2xkLnYxLkFjdGlvbkZhaWx1cmVIAEIJCgdvdXRjb21lIlQKDVJlbGVhc2VSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIOCgZyZWFzb24YBCABKAkiGQoHR29vZGJ5ZRIOCgZyZWFzb24YASABKAkiZwoGUmV2b2tlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIqCgZyZWFzb24YAyABKA4yGi5sZWFzZWhvbGQudjEuUmV2b2tlUmVhc29uEg8KB21lc3NhZ2UYBCABKAkimQEKDFJlcG9ydFJlc3VsdBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEhAKCGFjY2VwdGVkGAQgASgIEjEKDXJlamVjdF9yZWFzb24YBSABKA4yGi5sZWFzZWhvbGQudjEuUmVqZWN0UmVhc29uEg8KB21lc3NhZ2UYBiABKAkiRQoFRHJhaW4SDgoGcmVhc29uGAEgASgJEiwKCGRlYWRsaW5lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCrgAQoMUmV2b2tlUmVhc29uEh0KGVJFVk9LRV9SRUFTT05fVU5TUEVDSUZJRUQQABIZChVSRVZPS0VfUkVBU09OX0VYUElSRUQQARIbChdSRVZPS0VfUkVBU09OX0NBTkNFTExFRBACEhwKGFJFVk9LRV9SRUFTT05fU1VQRVJTRURFRBADEh0KGVJFVk9LRV9SRUFTT05fUk9MTEVEX0JBQ0sQBBIhCh1SRVZPS0VfUkVBU09OX0NPTExFQ1RfT1VUUFVUUxAFEhkKFVJFVk9LRV9SRUFTT05fRFJBSU5FRBAGKp4BCgxSZWplY3RSZWFzb24SHQoZUkVKRUNUX1JFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFSkVDVF9SRUFTT05fRkVOQ0VEEAESGQoVUkVKRUNUX1JFQVNPTl9JTlZBTElEEAISGwoXUkVKRUNUX1JFQVNPTl9OT1RfRk9VTkQQAxIdChlSRUpFQ1RfUkVBU09OX1VOQVZBSUxBQkxFEAQyWwoNV29ya2VyU2VydmljZRJKCgdDb25uZWN0EhwubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXF1ZXN0Gh0ubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCKSAwoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIABIyCgViYXRjaBgIIAEoCzIhLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdEJhdGNoSABCCQoHbWVzc2FnZSJFChNDb25uZWN0UmVxdWVzdEJhdGNoEi4KCG1lc3NhZ2VzGAEgAygLMhwubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXF1ZXN0ItkCCg9Db25uZWN0UmVzcG9uc2USKAoHd2VsY29tZRgBIAEoCzIVLmxlYXNlaG9sZC52MS5XZWxjb21lSAASJAoFZ3JhbnQYAiABKAsyEy5sZWFzZWhvbGQudjEuR3JhbnRIABIzCg1oZWFydGJlYXRfYWNrGAMgASgLMhoubGVhc2Vob2xkLnYxLkhlYXJ0YmVhdEFja0gAEiYKBnJldm9rZRgEIAEoCzIULmxlYXNlaG9sZC52MS5SZXZva2VIABIzCg1yZXBvcnRfcmVzdWx0GAUgASgLMhoubGVhc2Vob2xkLnYxLlJlcG9ydFJlc3VsdEgAEiQKBWRyYWluGAYgASgLMhMubGVhc2Vob2xkLnYxLkRyYWluSAASMwoFYmF0Y2gYByABKAsyIi5sZWFzZWhvbGQudjEuQ29ubmVjdFJlc3BvbnNlQmF0Y2hIAEIJCgdtZXNzYWdlIkcKFENvbm5lY3RSZXNwb25zZUJhdGNoEi8KCG1lc3NhZ2VzGAEgAygLMh0ubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZSL7AQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SLwoGbGFiZWxzGAQgAygLMh8ubGVhc2Vob2xkLnYxLkhlbGxvLkxhYmVsc0VudHJ5EiwKC2hlbGRfbGVhc2VzGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIVCg1hZ2VudF92ZXJzaW9uGAYgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgHIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIoUCCgdXZWxjb21lEhIKCnNlc3Npb25faWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGdyYWNlX3BlcmlvZBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgdyZXN1bWVkGAQgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIoCgdyZXZva2VkGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIXCg9zZXNzaW9uX3Jlc3VtZWQYBiABKAgSEQoJc2VydmVyX2lkGAcgASgJIksKCUhlYXJ0YmVhdBIQCghzZXF1ZW5jZRgBIAEoBBIsCgtoZWxkX2xlYXNlcxgCIAMoCzIXLmxlYXNlaG9sZC52MS5IZWxkTGVhc2UiTgoMSGVhcnRiZWF0QWNrEhAKCHNlcXVlbmNlGAEgASgEEiwKCXJlbWFpbmluZxgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKhAQoFR3JhbnQSEQoJYWN0aW9uX2lkGAEgASgJEg0KBWVwb2NoGAIgASgEEg8KB2F0dGVtcHQYAyABKA0SKAoHcGF5bG9hZBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDgoGcnVuX2lkGAUgASgJEisKCmNoZWNrcG9pbnQYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Ij8KCEdyYW50QWNrEhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQiqwEKDlByb2dyZXNzUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDQoFcGhhc2UYBCABKAkSKAoHZGV0YWlscxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKwoKY2hlY2twb2ludBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiOAoNQWN0aW9uU3VjY2VzcxInCgZvdXRwdXQYASABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Il0KDUFjdGlvbkZhaWx1cmUSDwoHbWVzc2FnZRgBIAEoCRIRCglyZXRyeWFibGUYAiABKAgSKAoHZGV0YWlscxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiswEKEENvbXBsZXRpb25SZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIwCglzdWNjZWVkZWQYBCABKAsyGy5sZWFzZWhvbGQudjEuQWN0aW9uU3VjY2Vzc0gAEi0KBmZhaWxlZBgFIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25GYWlsdXJlSABCCQoHb3V0Y29tZSJUCg1SZWxlYXNlUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDgoGcmVhc29uGAQgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJImcKBlJldm9rZRIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSKgoGcmVhc29uGAMgASgOMhoubGVhc2Vob2xkLnYxLlJldm9rZVJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIpkBCgxSZXBvcnRSZXN1bHQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIQCghhY2NlcHRlZBgEIAEoCBIxCg1yZWplY3RfcmVhc29uGAUgASgOMhoubGVhc2Vob2xkLnYxLlJlamVjdFJlYXNvbhIPCgdtZXNzYWdlGAYgASgJIkUKBURyYWluEg4KBnJlYXNvbhgBIAEoCRIsCghkZWFkbGluZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq4AEKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAESGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQAhIcChhSRVZPS0VfUkVBU09OX1NVUEVSU0VERUQQAxIdChlSRVZPS0VfUkVBU09OX1JPTExFRF9CQUNLEAQSIQodUkVWT0tFX1JFQVNPTl9DT0xMRUNUX09VVFBVVFMQBRIZChVSRVZPS0VfUkVBU09OX0RSQUlORUQQBiqeAQoMUmVqZWN0UmVhc29uEh0KGVJFSkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUpFQ1RfUkVBU09OX0ZFTkNFRBABEhkKFVJFSkVDVF9SRUFTT05fSU5WQUxJRBACEhsKF1JFSkVDVF9SRUFTT05fTk9UX0ZPVU5EEAMSHQoZUkVKRUNUX1JFQVNPTl9VTkFWQUlMQUJMRRAEMlsKDVdvcmtlclNlcnZpY2USSgoHQ29ubmVjdBIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdBodLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A work lease a worker holds: the fencing token of one action.
@@ -57,7 +57,7 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  */
 export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
   /**
-   * Exactly one message per request.
+   * Exactly one message per request (a batch counts as one: see batch).
    *
    * @generated from oneof leasehold.v1.ConnectRequest.message
    */
@@ -118,6 +118,18 @@ export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
      */
     value: Goodbye;
     case: "goodbye";
+  } | {
+    /**
+     * Several of the messages above in one request, handled in order exactly
+     * as if sent one by one. Allowed after the hello; 1–1024 messages, none
+     * of them a hello or a batch (INVALID_ARGUMENT otherwise). A worker that
+     * finishes many actions at once sends their reports in one batch; a
+     * server that never sees a batch behaves the same.
+     *
+     * @generated from field: leasehold.v1.ConnectRequestBatch batch = 8;
+     */
+    value: ConnectRequestBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -129,13 +141,34 @@ export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 1);
 
 /**
+ * Several worker messages in one ConnectRequest (see ConnectRequest.batch).
+ *
+ * @generated from message leasehold.v1.ConnectRequestBatch
+ */
+export type ConnectRequestBatch = Message<"leasehold.v1.ConnectRequestBatch"> & {
+  /**
+   * The messages, in the order they are handled.
+   *
+   * @generated from field: repeated leasehold.v1.ConnectRequest messages = 1;
+   */
+  messages: ConnectRequest[];
+};
+
+/**
+ * Describes the message leasehold.v1.ConnectRequestBatch.
+ * Use `create(ConnectRequestBatchSchema)` to create a new message.
+ */
+export const ConnectRequestBatchSchema: GenMessage<ConnectRequestBatch> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_worker, 2);
+
+/**
  * Server → worker.
  *
  * @generated from message leasehold.v1.ConnectResponse
  */
 export type ConnectResponse = Message<"leasehold.v1.ConnectResponse"> & {
   /**
-   * Exactly one message per response.
+   * Exactly one message per response (a batch counts as one: see batch).
    *
    * @generated from oneof leasehold.v1.ConnectResponse.message
    */
@@ -187,6 +220,18 @@ export type ConnectResponse = Message<"leasehold.v1.ConnectResponse"> & {
      */
     value: Drain;
     case: "drain";
+  } | {
+    /**
+     * Several of the messages above in one response, to be handled in order
+     * exactly as if received one by one: e.g. the answers to a batch of
+     * reports together with the grants that refill the freed slots. Sent only
+     * on streams whose hello set accepts_batches; never holds a welcome or a
+     * batch.
+     *
+     * @generated from field: leasehold.v1.ConnectResponseBatch batch = 7;
+     */
+    value: ConnectResponseBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -195,7 +240,28 @@ export type ConnectResponse = Message<"leasehold.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 2);
+  messageDesc(file_leasehold_v1_worker, 3);
+
+/**
+ * Several server messages in one ConnectResponse (see ConnectResponse.batch).
+ *
+ * @generated from message leasehold.v1.ConnectResponseBatch
+ */
+export type ConnectResponseBatch = Message<"leasehold.v1.ConnectResponseBatch"> & {
+  /**
+   * The messages, in the order they were sent.
+   *
+   * @generated from field: repeated leasehold.v1.ConnectResponse messages = 1;
+   */
+  messages: ConnectResponse[];
+};
+
+/**
+ * Describes the message leasehold.v1.ConnectResponseBatch.
+ * Use `create(ConnectResponseBatchSchema)` to create a new message.
+ */
+export const ConnectResponseBatchSchema: GenMessage<ConnectResponseBatch> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_worker, 4);
 
 /**
  * The first message of a stream.
@@ -249,6 +315,15 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * @generated from field: string agent_version = 6;
    */
   agentVersion: string;
+
+  /**
+   * The worker handles ConnectResponse.batch. The server then writes what it
+   * has for the stream in one turn as one batch (fewer, larger writes). Leave
+   * it false in a client that expects exactly one message per response.
+   *
+   * @generated from field: bool accepts_batches = 7;
+   */
+  acceptsBatches: boolean;
 };
 
 /**
@@ -256,7 +331,7 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
  * Use `create(HelloSchema)` to create a new message.
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 3);
+  messageDesc(file_leasehold_v1_worker, 5);
 
 /**
  * The answer to a hello.
@@ -320,7 +395,7 @@ export type Welcome = Message<"leasehold.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 4);
+  messageDesc(file_leasehold_v1_worker, 6);
 
 /**
  * Proof of life.
@@ -360,7 +435,7 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 5);
+  messageDesc(file_leasehold_v1_worker, 7);
 
 /**
  * The answer to a heartbeat.
@@ -392,7 +467,7 @@ export type HeartbeatAck = Message<"leasehold.v1.HeartbeatAck"> & {
  * Use `create(HeartbeatAckSchema)` to create a new message.
  */
 export const HeartbeatAckSchema: GenMessage<HeartbeatAck> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 6);
+  messageDesc(file_leasehold_v1_worker, 8);
 
 /**
  * An action granted to the worker. Acknowledge it with a GrantAck (the
@@ -449,7 +524,7 @@ export type Grant = Message<"leasehold.v1.Grant"> & {
  * Use `create(GrantSchema)` to create a new message.
  */
 export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 7);
+  messageDesc(file_leasehold_v1_worker, 9);
 
 /**
  * The worker received a grant. Required: grants a stream has not
@@ -489,7 +564,7 @@ export type GrantAck = Message<"leasehold.v1.GrantAck"> & {
  * Use `create(GrantAckSchema)` to create a new message.
  */
 export const GrantAckSchema: GenMessage<GrantAck> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 8);
+  messageDesc(file_leasehold_v1_worker, 10);
 
 /**
  * Progress of an action.
@@ -545,7 +620,7 @@ export type ProgressReport = Message<"leasehold.v1.ProgressReport"> & {
  * Use `create(ProgressReportSchema)` to create a new message.
  */
 export const ProgressReportSchema: GenMessage<ProgressReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 9);
+  messageDesc(file_leasehold_v1_worker, 11);
 
 /**
  * The result of a successful action.
@@ -566,7 +641,7 @@ export type ActionSuccess = Message<"leasehold.v1.ActionSuccess"> & {
  * Use `create(ActionSuccessSchema)` to create a new message.
  */
 export const ActionSuccessSchema: GenMessage<ActionSuccess> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 10);
+  messageDesc(file_leasehold_v1_worker, 12);
 
 /**
  * The result of a failed action.
@@ -601,7 +676,7 @@ export type ActionFailure = Message<"leasehold.v1.ActionFailure"> & {
  * Use `create(ActionFailureSchema)` to create a new message.
  */
 export const ActionFailureSchema: GenMessage<ActionFailure> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 11);
+  messageDesc(file_leasehold_v1_worker, 13);
 
 /**
  * The action finished.
@@ -659,7 +734,7 @@ export type CompletionReport = Message<"leasehold.v1.CompletionReport"> & {
  * Use `create(CompletionReportSchema)` to create a new message.
  */
 export const CompletionReportSchema: GenMessage<CompletionReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 12);
+  messageDesc(file_leasehold_v1_worker, 14);
 
 /**
  * The worker gives one action back; it is queued again without using a
@@ -706,7 +781,7 @@ export type ReleaseReport = Message<"leasehold.v1.ReleaseReport"> & {
  * Use `create(ReleaseReportSchema)` to create a new message.
  */
 export const ReleaseReportSchema: GenMessage<ReleaseReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 13);
+  messageDesc(file_leasehold_v1_worker, 15);
 
 /**
  * The worker shuts down; its leases are released at once and its session ends.
@@ -727,7 +802,7 @@ export type Goodbye = Message<"leasehold.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 14);
+  messageDesc(file_leasehold_v1_worker, 16);
 
 /**
  * The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
@@ -774,7 +849,7 @@ export type Revoke = Message<"leasehold.v1.Revoke"> & {
  * Use `create(RevokeSchema)` to create a new message.
  */
 export const RevokeSchema: GenMessage<Revoke> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 15);
+  messageDesc(file_leasehold_v1_worker, 17);
 
 /**
  * The result of one report.
@@ -830,7 +905,7 @@ export type ReportResult = Message<"leasehold.v1.ReportResult"> & {
  * Use `create(ReportResultSchema)` to create a new message.
  */
 export const ReportResultSchema: GenMessage<ReportResult> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 16);
+  messageDesc(file_leasehold_v1_worker, 18);
 
 /**
  * The worker should take no more work and finish what it holds.
@@ -858,7 +933,7 @@ export type Drain = Message<"leasehold.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 17);
+  messageDesc(file_leasehold_v1_worker, 19);
 
 /**
  * Why the server took an action away from a worker.

@@ -43,6 +43,12 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
   readonly requests: AsyncIterable<MessageShape<I>>;
   /** Queues one message to the client; false means the transport buffer is full. */
   send(message: MessageInitShape<O>): boolean;
+  /**
+   * Queues one message the handler encoded itself (the binary form of an
+   * `O`), e.g. a hot message encoded without building its object; counted in
+   * `bufferedBytes` like `send`.
+   */
+  sendBinary(bytes: Uint8Array): boolean;
   /** Ends `requests` now (a pending read resolves as done), e.g. when the server closes the stream. */
   stop(): void;
   /**
@@ -436,17 +442,19 @@ function bidiHandler(
     const flushed = new Set<() => void>();
     let bufferedBytes = 0;
     let reset = false;
+    const write = (bytes: Buffer) => {
+      bufferedBytes += bytes.length;
+      // The callback runs once HTTP/2 took the message (or the call failed).
+      return call.write(bytes, () => {
+        bufferedBytes -= bytes.length;
+        for (const listener of flushed) listener();
+      });
+    };
     const stream: BidiStream<DescMessage, DescMessage> = {
       requests: queue.iterable,
-      send: (message) => {
-        const bytes = encode(create(method.output, message));
-        bufferedBytes += bytes.length;
-        // The callback runs once HTTP/2 took the message (or the call failed).
-        return call.write(bytes, () => {
-          bufferedBytes -= bytes.length;
-          for (const listener of flushed) listener();
-        });
-      },
+      send: (message) => write(encode(create(method.output, message))),
+      sendBinary: (bytes) =>
+        write(Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)),
       stop: queue.stop,
       get bufferedBytes() {
         return bufferedBytes;

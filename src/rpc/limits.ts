@@ -76,6 +76,9 @@ export const PAYLOAD_LIMITS = {
 /** Most held leases a hello or heartbeat may list: twice the largest capacity. */
 export const MAX_HELD_LEASES = 20_000;
 
+/** Most messages in one ConnectRequest batch. */
+export const MAX_BATCH_MESSAGES = 1024;
+
 /** Labels and label selectors: 64 entries, keys of 128 and values of 256 characters. */
 const LABELS: FieldLimit = { maxItems: 64, maxKeyLength: 128, maxLength: 256 };
 
@@ -109,6 +112,7 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   "leasehold.v1.Command.cwd": { maxLength: TEXT },
   "leasehold.v1.ReadinessProbe.http_get": { maxLength: 2048 },
   // WorkerService
+  "leasehold.v1.ConnectRequestBatch.messages": { maxItems: MAX_BATCH_MESSAGES },
   "leasehold.v1.Hello.labels": LABELS,
   "leasehold.v1.Hello.held_leases": { maxItems: MAX_HELD_LEASES },
   "leasehold.v1.Hello.agent_version": { maxLength: 256 },

@@ -347,7 +347,14 @@ function compileMessage(desc: DescMessage, compiling: Set<DescMessage>): Message
   const known = compiled.get(desc);
   if (known !== undefined) return known === "none" ? undefined : known;
   if (compiling.has(desc)) {
-    throw new Error(`${desc.typeName} is recursive; the request validator supports recursion only in Struct`);
+    // A recursive message (a ConnectRequest's batch holds ConnectRequests):
+    // checked through its compiled check once that exists. The decoder's
+    // recursion limit bounds how deep a request can nest, so the walk is
+    // bounded by the request's size.
+    return (message) => {
+      const check = compiled.get(desc);
+      if (check !== undefined && check !== "none") check(message);
+    };
   }
   compiling.add(desc);
   const checks: MessageCheck[] = [];
@@ -415,9 +422,10 @@ export function violationError(list: readonly (FieldViolation & { size?: boolean
 
 /**
  * The check of requests of type `desc`, compiled on first use. Throws at
- * compile time for message shapes it cannot bound (Value, ListValue,
- * recursive messages), so a new proto field of that kind fails the tests
- * rather than passing unchecked.
+ * compile time for message shapes it cannot bound (Value and ListValue
+ * fields), so a new proto field of that kind fails the tests rather than
+ * passing unchecked. Recursive messages are walked as deep as they nest
+ * (the decoder bounds that).
  */
 export function requestValidator(desc: DescMessage): RequestCheck {
   const check = compileMessage(desc, new Set());

@@ -1,11 +1,12 @@
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "pino";
 import { permissionDenied } from "../../auth/access.js";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import {
   type ConnectRequest,
-  type ConnectResponseSchema,
+  type ConnectRequestBatch,
+  ConnectResponseSchema,
   type Hello,
   RejectReason,
   RevokeReason,
@@ -19,8 +20,10 @@ import {
   type SessionHandle,
 } from "../../work/lease-manager.js";
 import type { ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
+import { MAX_BATCH_MESSAGES } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
+import { encodeHeartbeatAck, encodeResponseBatch } from "./worker-wire.js";
 
 /** Flow-control and admission limits of worker streams; every field has a default. */
 export interface WorkerStreamLimits {
@@ -65,6 +68,12 @@ export const DEFAULT_MAX_CONCURRENT_OPENS = 8;
 export const DEFAULT_MAX_QUEUED_OPENS = 256;
 /** How long a refused hello is told to wait before it tries again. */
 const RETRY_HELLO_MS = 1000;
+/**
+ * Most bytes of messages put in one ConnectResponse batch (a message larger
+ * than this goes alone): well under the 4 MiB a gRPC client receives by
+ * default.
+ */
+const MAX_RESPONSE_BATCH_BYTES = 1024 * 1024;
 
 /** The WorkerService.Connect handler over the lease manager. */
 export function workerServiceBinding(
@@ -78,6 +87,7 @@ export function workerServiceBinding(
     limits.maxConcurrentOpens ?? DEFAULT_MAX_CONCURRENT_OPENS,
     limits.maxQueuedOpens ?? DEFAULT_MAX_QUEUED_OPENS,
   );
+  const flusher = createFlusher();
   return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
@@ -89,6 +99,7 @@ export function workerServiceBinding(
         );
       }
       const hello = toHelloInput(first.value.message.value);
+      const acceptsBatches = first.value.message.value.acceptsBatches;
       if (!ctx.access.mayRunWorker(hello.cluster, hello.workerId)) {
         throw permissionDenied(
           ctx.access.actor,
@@ -112,15 +123,25 @@ export function workerServiceBinding(
         clearTimeout(stalled);
         closeError = new LeaseholdError(Code.ResourceExhausted, why, { reason: "STREAM_NOT_READ" });
         log.warn(
-          { workerId: hello.workerId, sessionId: session?.sessionId, bufferedBytes: stream.bufferedBytes },
+          { workerId: hello.workerId, sessionId: session?.sessionId, bufferedBytes: held() },
           `ending the stream of worker ${hello.workerId}: ${why}`,
         );
+        drop();
         stream.reset();
       };
+      // What the lease manager sends waits here until the end of the current
+      // turn of the event loop, then goes out in one write (one batch when the
+      // worker takes them), so a burst of answers costs one write, not one each.
+      const queued: Uint8Array[] = [];
+      let queuedBytes = 0;
+      /** The handler finished or the stream was reset: nothing more is written. */
+      let finished = false;
+      /** Bytes this stream holds that the worker has not read: queued, or buffered in the transport. */
+      const held = () => stream.bufferedBytes + queuedBytes;
       /** Runs after every send and every flush: the buffer's size decides. */
       const watch = () => {
         if (reset) return;
-        const bytes = stream.bufferedBytes;
+        const bytes = held();
         if (bytes > maxBuffered) {
           exhausted(`its outbound buffer passed ${maxBuffered} bytes; the worker is not reading`);
         } else if (bytes >= highWater) {
@@ -137,17 +158,72 @@ export function workerServiceBinding(
           session?.writable();
         }
       };
+      /** Writes what is queued: one batch per run of up to 1024 messages and 1 MiB, if the worker takes batches. */
+      const flush = () => {
+        if (queued.length === 0 || finished) return;
+        if (acceptsBatches && queued.length > 1) writeBatches(queued);
+        else for (const bytes of queued) stream.sendBinary(bytes);
+        queued.length = 0;
+        queuedBytes = 0;
+        watch();
+      };
+      const writeBatches = (messages: readonly Uint8Array[]) => {
+        let from = 0;
+        while (from < messages.length) {
+          let to = from;
+          let bytes = 0;
+          while (
+            to < messages.length &&
+            to - from < MAX_BATCH_MESSAGES &&
+            (to === from || bytes + (messages[to] as Uint8Array).byteLength <= MAX_RESPONSE_BATCH_BYTES)
+          ) {
+            bytes += (messages[to] as Uint8Array).byteLength;
+            to += 1;
+          }
+          if (to - from === 1) stream.sendBinary(messages[from] as Uint8Array);
+          else stream.sendBinary(encodeResponseBatch(messages.slice(from, to)));
+          from = to;
+        }
+      };
+      const drop = () => {
+        finished = true;
+        queued.length = 0;
+        queuedBytes = 0;
+        flusher.cancel(flush);
+      };
+      /** Stops writing: what is queued goes out first. */
+      const finish = () => {
+        flusher.cancel(flush);
+        flush();
+        finished = true;
+      };
+      let linkClosed = false;
       const offFlushed = stream.onFlushed(watch);
       const link: WorkerLink = {
         send: (message) => {
-          stream.send(toConnectResponse(message));
+          if (finished) return;
+          const bytes = encodeResponse(message);
+          if (message.type === "welcome") {
+            // Never part of a batch: whatever came before it goes first, then the welcome alone.
+            flusher.cancel(flush);
+            flush();
+            stream.sendBinary(bytes);
+          } else {
+            queued.push(bytes);
+            queuedBytes += bytes.byteLength;
+            flusher.schedule(flush);
+          }
           watch();
         },
         close: (error) => {
+          // What was sent before the close reaches the worker before the stream's status.
+          linkClosed = true;
+          flusher.cancel(flush);
+          flush();
           closeError = error;
           stream.stop();
         },
-        bufferedBytes: () => stream.bufferedBytes,
+        bufferedBytes: held,
       };
 
       try {
@@ -159,26 +235,41 @@ export function workerServiceBinding(
         } finally {
           release();
         }
+        const open = session;
+        const maxHeld = maxHeldLeases(hello.capacity);
+        const deliver = (message: WorkerMessage | Invalid) => {
+          if (message.type === "invalid") {
+            link.send({
+              type: "report_result",
+              reportId: message.reportId,
+              actionId: message.actionId,
+              epoch: 0,
+              accepted: false,
+              rejectReason: "INVALID",
+              message: message.message,
+            });
+            return;
+          }
+          // Reports need no principal check: this stream's session is the principal's (the hello
+          // checked it), and reports are fenced by (action, epoch, session).
+          open.receive(message);
+        };
         try {
           for (;;) {
             const next = await requests.next();
             if (next.done || ctx.signal.aborted) break;
-            const message = toWorkerMessage(next.value, maxHeldLeases(hello.capacity));
-            if (message.type === "invalid") {
-              link.send({
-                type: "report_result",
-                reportId: message.reportId,
-                actionId: message.actionId,
-                epoch: 0,
-                accepted: false,
-                rejectReason: "INVALID",
-                message: message.message,
-              });
+            const request = next.value;
+            if (request.message.case !== "batch") {
+              deliver(toWorkerMessage(request, maxHeld, ""));
               continue;
             }
-            // Reports need no principal check: this stream's session is the principal's (the hello
-            // checked it), and reports are fenced by (action, epoch, session).
-            session.receive(message);
+            // The whole batch is checked before any of it is handled; then each message is
+            // handled in order, as if it came alone (none after the stream was closed).
+            const messages = toWorkerMessages(request.message.value, maxHeld);
+            for (const message of messages) {
+              if (linkClosed || ctx.signal.aborted) break;
+              deliver(message);
+            }
           }
         } finally {
           await session.streamEnded();
@@ -186,6 +277,7 @@ export function workerServiceBinding(
       } finally {
         offFlushed();
         clearTimeout(stalled);
+        if (!reset) finish();
         // A status sent the ordinary way waits behind the buffer; a worker not reading never gets it.
         if (!reset && stream.bufferedBytes >= highWater) stream.reset();
       }
@@ -235,6 +327,35 @@ function createGate(slots: number, queueLimit: number) {
         signal.addEventListener("abort", abort, { once: true });
         waiting.push(go);
       });
+    },
+  };
+}
+
+/**
+ * Runs the flushes of every stream that queued messages once per turn of the
+ * event loop, from one `setImmediate` (after the I/O callbacks of the turn
+ * that queued them), so each stream writes what it has in one go.
+ */
+function createFlusher() {
+  const due = new Set<() => void>();
+  let scheduled = false;
+  const run = () => {
+    scheduled = false;
+    for (const flush of due) {
+      due.delete(flush);
+      flush();
+    }
+  };
+  return {
+    schedule(flush: () => void): void {
+      due.add(flush);
+      if (!scheduled) {
+        scheduled = true;
+        setImmediate(run);
+      }
+    },
+    cancel(flush: () => void): void {
+      due.delete(flush);
     },
   };
 }
@@ -294,6 +415,29 @@ export function toHelloInput(hello: Hello): HelloInput {
 
 type Invalid = { type: "invalid"; reportId: bigint; actionId: string; message: string };
 
+/**
+ * The messages of a batch, checked as a whole first: 1–1024 messages, none a
+ * hello or a batch (INVALID_ARGUMENT, ending the stream), then each exactly
+ * as if it came alone, its field paths under `batch.messages[i]`.
+ */
+function toWorkerMessages(batch: ConnectRequestBatch, maxHeld: number): (WorkerMessage | Invalid)[] {
+  const v = new Violations();
+  const count = batch.messages.length;
+  if (count === 0) v.add("batch.messages", "must hold at least one message");
+  else if (count > MAX_BATCH_MESSAGES)
+    v.add("batch.messages", `must hold at most ${MAX_BATCH_MESSAGES} messages (got ${count})`);
+  else {
+    batch.messages.forEach((m, i) => {
+      if (m.message.case === "hello")
+        v.add(`batch.messages[${i}].hello`, "a hello is sent alone, as the first message of a stream");
+      else if (m.message.case === "batch")
+        v.add(`batch.messages[${i}].batch`, "batches do not nest: send its messages in the outer batch");
+    });
+  }
+  v.throwIfAny();
+  return batch.messages.map((m, i) => toWorkerMessage(m, maxHeld, `batch.messages[${i}].`));
+}
+
 /** A report must name its action and the epoch of its grant. */
 function checkReport(
   field: string,
@@ -318,14 +462,18 @@ function checkReport(
   return undefined;
 }
 
-/** A worker message from a request; a heartbeat listing more than `maxHeld` leases ends the stream. */
-function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessage | Invalid {
+/**
+ * A worker message from a request; a heartbeat listing more than `maxHeld`
+ * leases ends the stream. Field paths in errors start with `at` (the
+ * message's place in a batch, or nothing).
+ */
+function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): WorkerMessage | Invalid {
   const m = request.message;
   switch (m.case) {
     case "heartbeat":
       if (m.value.heldLeases.length > maxHeld) {
         throw LeaseholdError.invalidArgument(
-          "heartbeat.held_leases",
+          `${at}heartbeat.held_leases`,
           `must list at most ${maxHeld} leases (twice the capacity; got ${m.value.heldLeases.length})`,
         );
       }
@@ -336,7 +484,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
       };
     case "grantAck":
       return (
-        checkReport("grant_ack", m.value) ?? {
+        checkReport(`${at}grant_ack`, m.value) ?? {
           type: "grant_ack",
           reportId: m.value.reportId,
           actionId: m.value.actionId,
@@ -345,7 +493,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
       );
     case "progress":
       return (
-        checkReport("progress", m.value) ?? {
+        checkReport(`${at}progress`, m.value) ?? {
           type: "progress",
           reportId: m.value.reportId,
           actionId: m.value.actionId,
@@ -356,7 +504,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
         }
       );
     case "completion": {
-      const invalid = checkReport("completion", m.value);
+      const invalid = checkReport(`${at}completion`, m.value);
       if (invalid) return invalid;
       const outcome = m.value.outcome;
       if (outcome.case === undefined) {
@@ -364,7 +512,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
           type: "invalid",
           reportId: m.value.reportId,
           actionId: m.value.actionId,
-          message: "completion.outcome: set succeeded or failed",
+          message: `${at}completion.outcome: set succeeded or failed`,
         };
       }
       return {
@@ -385,7 +533,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
     }
     case "release":
       return (
-        checkReport("release", m.value) ?? {
+        checkReport(`${at}release`, m.value) ?? {
           type: "release",
           reportId: m.value.reportId,
           actionId: m.value.actionId,
@@ -400,19 +548,28 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number): WorkerMessag
         type: "invalid",
         reportId: 0n,
         actionId: "",
-        message: "hello: send it only as the first message",
+        message: `${at}hello: send it only as the first message`,
       };
     default:
       return {
         type: "invalid",
         reportId: 0n,
         actionId: "",
-        message: "message: set one of the ConnectRequest fields",
+        message: `${at}message: set one of the ConnectRequest fields`,
       };
   }
 }
 
 type Response = MessageInitShape<typeof ConnectResponseSchema>;
+
+/** A server message in the binary format; heartbeat acks take a fast path. */
+function encodeResponse(m: ServerMessage): Uint8Array {
+  if (m.type === "heartbeat_ack") {
+    const fast = encodeHeartbeatAck(m.sequence, m.remainingMs);
+    if (fast) return fast;
+  }
+  return toBinary(ConnectResponseSchema, create(ConnectResponseSchema, toConnectResponse(m)));
+}
 
 function toConnectResponse(m: ServerMessage): Response {
   switch (m.type) {
@@ -428,6 +585,8 @@ function toConnectResponse(m: ServerMessage): Response {
             revoked: m.revoked.map((l) => ({ actionId: l.actionId, epoch: BigInt(l.epoch) })),
             sessionResumed: m.sessionResumed,
             serverId: m.serverId,
+            // This layer takes ConnectRequest.batch on every stream.
+            acceptsBatches: true,
           },
         },
       };

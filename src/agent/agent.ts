@@ -1,18 +1,28 @@
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import {
-  type ConnectRequestSchema,
+  ConnectRequestSchema,
   type ConnectResponse,
   RevokeReason,
   WorkerService,
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
+import { MAX_BATCH_MESSAGES } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
+import { batchRuns, encodeRequestBatch } from "../rpc/worker-wire.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
+
+/**
+ * Most bytes of reports in one ConnectRequest batch (a larger report goes
+ * alone): far under what a server receives in one message.
+ */
+const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
+
+type RequestInit = Parameters<typeof create<typeof ConnectRequestSchema>>[1];
 
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
 export interface ActionContext {
@@ -252,8 +262,22 @@ export function createAgent(options: AgentOptions): Agent {
   interface Connection {
     readonly call: grpc.ClientDuplexStream<unknown, ConnectResponse>;
     readonly client: { close(): void };
-    send(message: Parameters<typeof create<typeof ConnectRequestSchema>>[1]): void;
+    /** Writes a message now: the hello, heartbeats, the goodbye. */
+    send(message: RequestInit): void;
+    /**
+     * Sends a report (grant ack, progress, completion, release): when the
+     * server takes batches, the reports of one turn of the event loop go out
+     * together at its end, in order; otherwise at once.
+     */
+    report(message: RequestInit): void;
+    /** Writes the reports waiting for the end of the turn now. */
+    flush(): void;
+    /** Reports waiting for the end of the turn, encoded. */
+    readonly queued: Uint8Array[];
+    flushTimer: NodeJS.Immediate | undefined;
     welcomed: boolean;
+    /** The welcome said accepts_batches: reports may go in batches. */
+    batches: boolean;
     heartbeatTimer: NodeJS.Timeout | undefined;
     /** Local send time of each unacknowledged heartbeat, by sequence. */
     readonly sent: Map<bigint, number>;
@@ -283,14 +307,14 @@ export function createAgent(options: AgentOptions): Agent {
     nextReportId += 1n;
     const reportId = nextReportId;
     conn.pending.set(reportId, r);
-    conn.send(reportMessage(reportId, r, report));
+    conn.report(reportMessage(reportId, r, report));
   }
 
   function reportMessage(
     reportId: bigint,
     r: Running,
     report: Exclude<PendingReport, { kind: "dropped" }>,
-  ): Parameters<Connection["send"]>[0] {
+  ): RequestInit {
     const base = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
     if (report.kind === "released") {
       return { message: { case: "release", value: { ...base, reason: report.reason } } };
@@ -366,7 +390,7 @@ export function createAgent(options: AgentOptions): Agent {
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
     nextReportId += 1n;
-    conn.send({
+    conn.report({
       message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
     });
     const busy = [...running.values()].filter((x) => x !== r && !x.report).length;
@@ -407,7 +431,7 @@ export function createAgent(options: AgentOptions): Agent {
         const violation = reportViolation(message);
         if (violation !== undefined) throw new RangeError(`progress breaks a server limit: ${violation}`);
         nextReportId += 1n;
-        c.send(message);
+        c.report(message);
       },
     };
     const run = () => {
@@ -565,7 +589,37 @@ export function createAgent(options: AgentOptions): Agent {
       send: (message) => {
         if (!conn.ended) call.write(create(WorkerService.method.connect.input, message));
       },
+      report: (message) => {
+        if (conn.ended) return;
+        if (!conn.batches) {
+          conn.send(message);
+          return;
+        }
+        conn.queued.push(toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message)));
+        conn.flushTimer ??= setImmediate(conn.flush);
+      },
+      flush: () => {
+        clearImmediate(conn.flushTimer);
+        conn.flushTimer = undefined;
+        if (conn.ended || conn.queued.length === 0) return;
+        const queued = conn.queued.splice(0);
+        // The client's serializer passes encoded messages through as they are.
+        batchRuns(queued, MAX_BATCH_MESSAGES, MAX_REQUEST_BATCH_BYTES, (run) =>
+          call.write(
+            run.length === 1
+              ? Buffer.from(
+                  (run[0] as Uint8Array).buffer,
+                  (run[0] as Uint8Array).byteOffset,
+                  (run[0] as Uint8Array).byteLength,
+                )
+              : encodeRequestBatch(run),
+          ),
+        );
+      },
+      queued: [],
+      flushTimer: undefined,
       welcomed: false,
+      batches: false,
       heartbeatTimer: undefined,
       sent: new Map(),
       sequence: 0n,
@@ -583,11 +637,12 @@ export function createAgent(options: AgentOptions): Agent {
     };
     current = conn;
 
-    call.on("data", (response: ConnectResponse) => {
-      const m = response.message;
+    /** Handles one server message; the messages of a batch come here one by one, in order. */
+    const handle = (m: ConnectResponse["message"]) => {
       switch (m.case) {
         case "welcome": {
           conn.welcomed = true;
+          conn.batches = m.value.acceptsBatches;
           attemptsWithoutWelcome = 0;
           if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
           sessionId = m.value.sessionId;
@@ -690,11 +745,24 @@ export function createAgent(options: AgentOptions): Agent {
         default:
           break;
       }
+    };
+    call.on("data", (response: ConnectResponse) => {
+      const m = response.message;
+      if (m.case !== "batch") {
+        handle(m);
+        return;
+      }
+      for (const inner of m.value.messages) {
+        if (inner.message.case !== "batch" && inner.message.case !== "welcome") handle(inner.message);
+      }
     });
     const onEnd = (error: Error | undefined) => {
       if (conn.ended) return;
       conn.ended = true;
       clearInterval(conn.heartbeatTimer);
+      // Reports not written yet are sent again on the next stream, like those never answered.
+      clearImmediate(conn.flushTimer);
+      conn.queued.length = 0;
       client.close();
       if (!conn.welcomed) attemptsWithoutWelcome += 1;
       if (conn.saidGoodbye) closeDone?.();
@@ -727,6 +795,7 @@ export function createAgent(options: AgentOptions): Agent {
           labels: { ...(options.labels ?? {}) },
           heldLeases: heldLeases(),
           agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
+          acceptsBatches: true,
         },
       },
     });
@@ -737,6 +806,8 @@ export function createAgent(options: AgentOptions): Agent {
   function finishClose(conn: Connection): void {
     if (!closing || conn.ended || !conn.welcomed) return;
     if ([...running.values()].some((r) => r.report?.kind !== "dropped")) return;
+    // Reports still waiting go first: the goodbye releases whatever is left.
+    conn.flush();
     conn.send({ message: { case: "goodbye", value: { reason: "agent shutting down" } } });
     conn.saidGoodbye = true;
     conn.call.end();
@@ -795,6 +866,7 @@ export function createAgent(options: AgentOptions): Agent {
         clearInterval(conn.heartbeatTimer);
         clearTimeout(fenceTimer);
         if (!conn.ended) {
+          conn.flush();
           conn.ended = true;
           conn.call.end();
           conn.client.close();

@@ -23,7 +23,7 @@ import type { ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker
 import { MAX_BATCH_MESSAGES } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
-import { encodeHeartbeatAck, encodeResponseBatch } from "./worker-wire.js";
+import { batchRuns, encodeHeartbeatAck, encodeResponseBatch } from "../worker-wire.js";
 
 /** Flow-control and admission limits of worker streams; every field has a default. */
 export interface WorkerStreamLimits {
@@ -167,24 +167,10 @@ export function workerServiceBinding(
         queuedBytes = 0;
         watch();
       };
-      const writeBatches = (messages: readonly Uint8Array[]) => {
-        let from = 0;
-        while (from < messages.length) {
-          let to = from;
-          let bytes = 0;
-          while (
-            to < messages.length &&
-            to - from < MAX_BATCH_MESSAGES &&
-            (to === from || bytes + (messages[to] as Uint8Array).byteLength <= MAX_RESPONSE_BATCH_BYTES)
-          ) {
-            bytes += (messages[to] as Uint8Array).byteLength;
-            to += 1;
-          }
-          if (to - from === 1) stream.sendBinary(messages[from] as Uint8Array);
-          else stream.sendBinary(encodeResponseBatch(messages.slice(from, to)));
-          from = to;
-        }
-      };
+      const writeBatches = (messages: readonly Uint8Array[]) =>
+        batchRuns(messages, MAX_BATCH_MESSAGES, MAX_RESPONSE_BATCH_BYTES, (run) =>
+          stream.sendBinary(run.length === 1 ? (run[0] as Uint8Array) : encodeResponseBatch(run)),
+        );
       const drop = () => {
         finished = true;
         queued.length = 0;

@@ -1,15 +1,17 @@
 /**
- * Binary encodings of ConnectResponse messages the worker service writes on
- * its hot path, built straight from their parts instead of through a message
- * object and `toBinary`: heartbeat acks (one per heartbeat of every stream)
- * and the framing of a batch around messages already encoded. Each produces
- * exactly the bytes `toBinary` would (a unit test compares them).
+ * Binary encodings of WorkerService.Connect messages written on hot paths,
+ * built straight from their parts instead of through a message object and
+ * `toBinary`: heartbeat acks (one per heartbeat of every stream) and the
+ * framing of a batch (ConnectResponse.batch, ConnectRequest.batch) around
+ * messages already encoded. Each produces exactly the bytes `toBinary` would
+ * (a unit test compares them). Used by the worker service and the agent SDK.
  */
 
 /** Protobuf wire tags (field number << 3 | wire type). */
 const TAG_HEARTBEAT_ACK = (3 << 3) | 2; // ConnectResponse.heartbeat_ack
-const TAG_BATCH = (7 << 3) | 2; // ConnectResponse.batch
-const TAG_BATCH_MESSAGES = (1 << 3) | 2; // ConnectResponseBatch.messages
+const TAG_RESPONSE_BATCH = (7 << 3) | 2; // ConnectResponse.batch
+const TAG_REQUEST_BATCH = (8 << 3) | 2; // ConnectRequest.batch
+const TAG_BATCH_MESSAGES = (1 << 3) | 2; // Connect{Request,Response}Batch.messages
 const TAG_SEQUENCE = (1 << 3) | 0; // HeartbeatAck.sequence
 const TAG_REMAINING = (2 << 3) | 2; // HeartbeatAck.remaining
 const TAG_SECONDS = (1 << 3) | 0; // Duration.seconds
@@ -80,11 +82,20 @@ export function encodeHeartbeatAck(sequence: bigint, remainingMs: number): Buffe
  * behind its tag and length, so nothing is decoded or encoded again).
  */
 export function encodeResponseBatch(messages: readonly Uint8Array[]): Buffer {
+  return encodeBatch(TAG_RESPONSE_BATCH, messages);
+}
+
+/** `ConnectRequest{batch: {messages}}` in the binary format, from the binary form of each message. */
+export function encodeRequestBatch(messages: readonly Uint8Array[]): Buffer {
+  return encodeBatch(TAG_REQUEST_BATCH, messages);
+}
+
+function encodeBatch(tag: number, messages: readonly Uint8Array[]): Buffer {
   let batchSize = 0;
   for (const m of messages) batchSize += 1 + varintSize(m.byteLength) + m.byteLength;
   const bytes = Buffer.allocUnsafe(1 + varintSize(batchSize) + batchSize);
   let at = 0;
-  bytes[at++] = TAG_BATCH;
+  bytes[at++] = tag;
   at = writeVarint(bytes, at, batchSize);
   for (const m of messages) {
     bytes[at++] = TAG_BATCH_MESSAGES;
@@ -93,4 +104,30 @@ export function encodeResponseBatch(messages: readonly Uint8Array[]): Buffer {
     at += m.byteLength;
   }
   return bytes;
+}
+
+/**
+ * Splits encoded messages into runs for batches: at most `maxMessages` each,
+ * and at most `maxBytes` of messages unless a run is one message alone.
+ * Calls `write` with each run in order.
+ */
+export function batchRuns(
+  messages: readonly Uint8Array[],
+  maxMessages: number,
+  maxBytes: number,
+  write: (run: readonly Uint8Array[]) => void,
+): void {
+  let from = 0;
+  while (from < messages.length) {
+    let to = from;
+    let bytes = 0;
+    while (to < messages.length && to - from < maxMessages) {
+      const size = (messages[to] as Uint8Array).byteLength;
+      if (to > from && bytes + size > maxBytes) break;
+      bytes += size;
+      to += 1;
+    }
+    write(messages.slice(from, to));
+    from = to;
+  }
 }

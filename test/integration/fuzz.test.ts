@@ -210,6 +210,12 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
       },
       release: { reportId: 1n, actionId: "a", epoch: 1n, reason: "r" },
       goodbye: { reason: "r" },
+      batch: {
+        messages: [
+          { message: { case: "heartbeat", value: { sequence: 2n } } },
+          { message: { case: "grantAck", value: { reportId: 2n, actionId: "a", epoch: 1n } } },
+        ],
+      },
     },
   };
 }
@@ -244,9 +250,21 @@ const WKT_LEAVES = new Set([
   "google.protobuf.Struct",
 ]);
 
-/** Every field a request of `desc` can carry, depth first. */
-function targets(desc: DescMessage, steps: DescField[] = [], prefix = ""): Target[] {
+/**
+ * Every field a request of `desc` can carry, depth first. A message that
+ * holds its own type (a ConnectRequest batch holds ConnectRequests) is
+ * followed one level down: `batch.messages[0].completion.action_id`, but
+ * not `batch.messages[0].batch.messages[0]...`.
+ */
+function targets(
+  desc: DescMessage,
+  steps: DescField[] = [],
+  prefix = "",
+  outer: DescMessage[] = [],
+): Target[] {
   const out: Target[] = [];
+  if (outer.filter((d) => d === desc).length > 1) return out;
+  const within = [...outer, desc];
   for (const field of desc.fields) {
     const path = prefix === "" ? field.name : `${prefix}.${field.name}`;
     switch (field.fieldKind) {
@@ -256,18 +274,18 @@ function targets(desc: DescMessage, steps: DescField[] = [], prefix = ""): Targe
         break;
       case "message":
         if (WKT_LEAVES.has(field.message.typeName)) out.push({ steps, field, part: "value", path });
-        else out.push(...targets(field.message, [...steps, field], path));
+        else out.push(...targets(field.message, [...steps, field], path, within));
         break;
       case "list":
         out.push({ steps, field, part: "list", path });
         if (field.listKind === "message" && !WKT_LEAVES.has(field.message.typeName)) {
-          out.push(...targets(field.message, [...steps, field], `${path}[0]`));
+          out.push(...targets(field.message, [...steps, field], `${path}[0]`, within));
         } else out.push({ steps, field, part: "element", path: `${path}[0]` });
         break;
       case "map":
         out.push({ steps, field, part: "map", path });
         out.push({ steps, field, part: "key", path });
-        if (field.mapKind === "message") out.push(...targets(field.message, [...steps, field], path));
+        if (field.mapKind === "message") out.push(...targets(field.message, [...steps, field], path, within));
         else out.push({ steps, field, part: "mapValue", path });
         break;
     }
@@ -701,6 +719,8 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
       for (const m of mutations(method.input, request(field.localName, init as Init))) {
         // The mutations of this message's fields; whole-message ones once, as the first message.
         const own = m.path === field.name || m.path?.startsWith(`${field.name}.`);
+        // A hello inside a batch is refused as a whole, whatever its fields (see below).
+        if (m.path?.startsWith("batch.messages[0].hello")) continue;
         if (own || (m.path === undefined && field.localName === "hello")) all.push([field.localName, m]);
       }
     }
@@ -712,6 +732,28 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
       path: "heartbeat.held_leases",
       bytes: Buffer.from(toBinary(method.input, request("heartbeat", { sequence: 1n, heldLeases: held }))),
     };
+    // Batches that are wrong as a whole, after the hello.
+    const batchOf = (messages: Init[]) =>
+      Buffer.from(toBinary(method.input, request("batch", { messages } as Init)));
+    const heartbeat = { message: { case: "heartbeat", value: perMessage.heartbeat } } as Init;
+    const badBatches: Mutation[] = [
+      { name: "batch: no messages", path: "batch.messages", bytes: batchOf([]) },
+      {
+        name: "batch: 1,025 messages",
+        path: "batch.messages",
+        bytes: batchOf(Array.from({ length: 1025 }, () => heartbeat)),
+      },
+      {
+        name: "batch: a hello inside",
+        path: "batch.messages[1].hello",
+        bytes: batchOf([heartbeat, { message: { case: "hello", value: hello() } } as Init]),
+      },
+      {
+        name: "batch: a batch inside",
+        path: "batch.messages[0].batch",
+        bytes: batchOf([{ message: { case: "batch", value: { messages: [heartbeat] } } } as Init]),
+      },
+    ];
     // The first message must be a hello.
     all.push([
       "hello",
@@ -745,7 +787,11 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
       const key = mutation.path ?? mutation.name;
       later.set(key, [...(later.get(key) ?? []), mutation]);
     }
-    for (const mutation of [...[...later.values()].map((choices) => pick(choices)), tooManyHeld]) {
+    for (const mutation of [
+      ...[...later.values()].map((choices) => pick(choices)),
+      tooManyHeld,
+      ...badBatches,
+    ]) {
       const stream = raw.bidi(path, DEADLINE_MS);
       stream.write(Buffer.from(toBinary(method.input, request("hello", hello()))));
       if (!(await stream.next())) {

@@ -14,8 +14,10 @@ type ValueOf<C extends Case> = Extract<ConnectResponse["message"], { case: C }>[
 /** A worker speaking the raw Connect protocol, for protocol tests. */
 export interface TestWorker {
   readonly welcome: ValueOf<"welcome">;
-  /** Every message received so far. */
+  /** Every message received so far; the messages of a batch one by one. */
   readonly received: ConnectResponse[];
+  /** Every ConnectResponse as it arrived (batches whole). */
+  readonly responses: ConnectResponse[];
   send(request: MessageInitShape<typeof ConnectRequestSchema>): void;
   /** The next unconsumed message of a kind (optionally matching `test`), waiting for it if needed. */
   next<C extends Case>(kind: C, test?: (value: ValueOf<C>) => boolean): Promise<ValueOf<C>>;
@@ -44,6 +46,7 @@ export async function connectWorker(
     options.metadata ? { metadata: options.metadata } : {},
   ) as grpc.ClientDuplexStream<unknown, ConnectResponse>;
   const received: ConnectResponse[] = [];
+  const responses: ConnectResponse[] = [];
   const consumed = new Set<ConnectResponse>();
   const waiters = new Set<() => void>();
   let reportId = 0n;
@@ -54,7 +57,9 @@ export async function connectWorker(
   });
   call.on("error", () => {});
   call.on("data", (message: ConnectResponse) => {
-    received.push(message);
+    responses.push(message);
+    if (message.message.case === "batch") received.push(...message.message.value.messages);
+    else received.push(message);
     for (const w of [...waiters]) w();
   });
   void ended.then(() => {
@@ -107,6 +112,7 @@ export async function connectWorker(
   return {
     welcome,
     received,
+    responses,
     send,
     next,
     heartbeat(sequence, held = []) {

@@ -4,6 +4,7 @@
  *
  *   node --import tsx bench/heartbeats.ts [--streams 10000] [--connections 100]
  *     [--interval 1000] [--seconds 20] [--database-url URL] [--profile-dir DIR]
+ *     [--no-batches]
  *
  * The server is a real `leasehold serve` child process (one JavaScript
  * thread, as in production); this process plays the workers: raw
@@ -13,6 +14,8 @@
  * so it includes this process's own event loop: on a 2-core machine the
  * workers and the server share the cores. Prints one JSON line.
  * `--profile-dir` writes a CPU profile of the server there (node --cpu-prof).
+ * The hellos set accepts_batches, as the agent SDK does (the server may then
+ * answer in ConnectResponse batches); `--no-batches` leaves it unset.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -33,8 +36,10 @@ const { values } = parseArgs({
     seconds: { type: "string", default: "20" },
     "database-url": { type: "string" },
     "profile-dir": { type: "string" },
+    "no-batches": { type: "boolean", default: false },
   },
 });
+const acceptsBatches = !values["no-batches"];
 const streams = Number(values.streams);
 const connections = Math.min(Number(values.connections), streams);
 const intervalMs = Number(values.interval);
@@ -128,8 +133,7 @@ function open(i: number): Promise<void> {
       if (!stopping) failures += 1;
       failed(error);
     });
-    call.on("data", (response: ConnectResponse) => {
-      const m = response.message;
+    const handle = (m: ConnectResponse["message"]) => {
       if (m.case === "welcome") {
         welcomed();
         const beat = () => {
@@ -151,10 +155,18 @@ function open(i: number): Promise<void> {
         sent.delete(m.value.sequence);
         if (at !== undefined && measuring) latencies.push(performance.now() - at);
       }
+    };
+    call.on("data", (response: ConnectResponse) => {
+      const m = response.message;
+      if (m.case === "batch") for (const inner of m.value.messages) handle(inner.message);
+      else handle(m);
     });
     call.write(
       create(WorkerService.method.connect.input, {
-        message: { case: "hello", value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1 } },
+        message: {
+          case: "hello",
+          value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1, acceptsBatches },
+        },
       }),
     );
   });
@@ -191,6 +203,7 @@ console.log(
     driver: values["database-url"] ? "postgres" : "pglite",
     streams,
     connections,
+    acceptsBatches,
     intervalMs,
     openSeconds: Number(openSeconds.toFixed(2)),
     acks: latencies.length,
@@ -210,3 +223,5 @@ for (const c of clients) c.close();
 server.kill("SIGTERM");
 await new Promise((r) => server.once("exit", r));
 rmSync(dir, { recursive: true, force: true });
+// Closed channels can keep the process alive for minutes (reconnect timers): the run is over.
+process.exit(0);

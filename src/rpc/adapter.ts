@@ -41,6 +41,16 @@ export interface HandlerContext {
 export interface BidiStream<I extends DescMessage, O extends DescMessage> {
   /** The client's messages, in order; ends when the client half-closes, the call ends, or `stop()`. */
   readonly requests: AsyncIterable<MessageShape<I>>;
+  /**
+   * The rest of the client's messages, pushed to `handler` as they arrive
+   * (those already waiting first), instead of read from `requests`: no
+   * promise per message, for streams that carry many small messages and
+   * handle each synchronously. Resolves when the requests end as `requests`
+   * would; rejects with the error of a message that failed decoding or
+   * validation, or with what `handler` throws (the requests end then too).
+   * Do not read `requests` once this is called.
+   */
+  consume(handler: (message: MessageShape<I>) => void): Promise<void>;
   /** Queues one message to the client; false means the transport buffer is full. */
   send(message: MessageInitShape<O>): boolean;
   /**
@@ -82,12 +92,16 @@ const HIGH_WATER = 64;
  */
 function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unknown>): {
   iterable: AsyncIterable<T>;
+  consume(handler: (message: T) => void): Promise<void>;
   stop(): void;
 } {
   const buffer: (T | RejectedRequest)[] = [];
   let pending: ((result: IteratorResult<T>) => void) | undefined;
   let pendingReject: ((error: unknown) => void) | undefined;
   let done = false;
+  /** Set by `consume`: messages go straight to it. */
+  let consumer: ((message: T) => void) | undefined;
+  let consumed: { resolve(): void; reject(error: unknown): void } | undefined;
   const finish = () => {
     done = true;
     buffer.length = 0;
@@ -95,9 +109,33 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
     pending = undefined;
     pendingReject = undefined;
     resolve?.({ done: true, value: undefined });
+    const end = consumed;
+    consumed = undefined;
+    end?.resolve();
+  };
+  /** Hands one message to the consumer; a rejected message or a throw ends the requests with that error. */
+  const deliver = (message: T | RejectedRequest) => {
+    let error: unknown;
+    if (message instanceof RejectedRequest) error = message.error;
+    else {
+      try {
+        (consumer as (message: T) => void)(message);
+        return;
+      } catch (thrown) {
+        error = thrown;
+      }
+    }
+    const end = consumed;
+    consumed = undefined;
+    finish();
+    end?.reject(error);
   };
   call.on("data", (message: T | RejectedRequest) => {
     if (done) return;
+    if (consumer) {
+      deliver(message);
+      return;
+    }
     if (pending) {
       const resolve = pending;
       const reject = pendingReject;
@@ -137,7 +175,19 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       return Promise.resolve({ done: true, value: undefined });
     },
   };
-  return { iterable: { [Symbol.asyncIterator]: () => iterator }, stop: finish };
+  const consume = (handler: (message: T) => void) =>
+    new Promise<void>((resolve, reject) => {
+      if (done) {
+        resolve();
+        return;
+      }
+      consumer = handler;
+      consumed = { resolve, reject };
+      const paused = buffer.length >= HIGH_WATER;
+      while (buffer.length > 0 && !done) deliver(buffer.shift() as T | RejectedRequest);
+      if (paused && !done) call.resume();
+    });
+  return { iterable: { [Symbol.asyncIterator]: () => iterator }, consume, stop: finish };
 }
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
@@ -452,6 +502,7 @@ function bidiHandler(
     };
     const stream: BidiStream<DescMessage, DescMessage> = {
       requests: queue.iterable,
+      consume: queue.consume,
       send: (message) => write(encode(create(method.output, message))),
       sendBinary: (bytes) =>
         write(Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)),

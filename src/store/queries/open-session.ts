@@ -92,12 +92,13 @@ export async function openSession(
   const grace = sql`make_interval(secs => ${limits.graceMs} / 1000.0)`;
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
-    await tx.execute(
-      sql`insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing`,
-    );
+    // One round trip for two statements (a hello's cost is mostly round trips while thousands of
+    // workers connect): the cluster is registered (a data-modifying WITH always runs to
+    // completion), and the worker's row is locked.
     const [worker] = await queryRows<{ cluster: string; draining: boolean }>(
       tx,
-      sql`select cluster, draining from workers where worker_id = ${hello.workerId} for update`,
+      sql`with cluster as (insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing)
+          select cluster, draining from workers where worker_id = ${hello.workerId} for update`,
     );
     let [live] = await queryRows<{
       id: string;
@@ -181,20 +182,23 @@ export async function openSession(
     }
     const tookOver = live !== undefined && live.stream_lost_at === null;
 
-    const held = await queryRows<{
-      id: string;
-      epoch: unknown;
-      attempt_count: number;
-      payload: JsonObject | null;
-      run_id: string;
-      checkpoint: JsonObject | null;
-      cancel_requested: boolean;
-      stop_reason: string | null;
-    }>(
-      tx,
-      sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
-          from actions where session_id = ${sessionId} and state = 'LEASED'`,
-    );
+    // A session started just now holds nothing yet: its id is new.
+    const held = !resumed
+      ? []
+      : await queryRows<{
+          id: string;
+          epoch: unknown;
+          attempt_count: number;
+          payload: JsonObject | null;
+          run_id: string;
+          checkpoint: JsonObject | null;
+          cancel_requested: boolean;
+          stop_reason: string | null;
+        }>(
+          tx,
+          sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
+              from actions where session_id = ${sessionId} and state = 'LEASED'`,
+        );
     const heldById = new Map(
       held.map((h) => [
         h.id,

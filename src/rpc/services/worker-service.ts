@@ -19,7 +19,7 @@ import {
   type LeaseManager,
   type SessionHandle,
 } from "../../work/lease-manager.js";
-import type { ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
+import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
 import { MAX_BATCH_MESSAGES } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
@@ -87,7 +87,7 @@ export function workerServiceBinding(
     limits.maxConcurrentOpens ?? DEFAULT_MAX_CONCURRENT_OPENS,
     limits.maxQueuedOpens ?? DEFAULT_MAX_QUEUED_OPENS,
   );
-  const flusher = createFlusher();
+  const flusher = createFlusher(log);
   return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
@@ -163,23 +163,22 @@ export function workerServiceBinding(
         if (queued.length === 0 || finished) return;
         if (acceptsBatches && queued.length > 1) writeBatches(queued);
         else for (const bytes of queued) stream.sendBinary(bytes);
+        // The bytes moved from the queue to the transport's buffer: what `watch` counts is the same.
         queued.length = 0;
         queuedBytes = 0;
-        watch();
       };
       const writeBatches = (messages: readonly Uint8Array[]) =>
         batchRuns(messages, MAX_BATCH_MESSAGES, MAX_RESPONSE_BATCH_BYTES, (run) =>
           stream.sendBinary(run.length === 1 ? (run[0] as Uint8Array) : encodeResponseBatch(run)),
         );
+      // A flush already scheduled finds nothing to do after these.
       const drop = () => {
         finished = true;
         queued.length = 0;
         queuedBytes = 0;
-        flusher.cancel(flush);
       };
       /** Stops writing: what is queued goes out first. */
       const finish = () => {
-        flusher.cancel(flush);
         flush();
         finished = true;
       };
@@ -191,20 +190,18 @@ export function workerServiceBinding(
           const bytes = encodeResponse(message);
           if (message.type === "welcome") {
             // Never part of a batch: whatever came before it goes first, then the welcome alone.
-            flusher.cancel(flush);
             flush();
             stream.sendBinary(bytes);
           } else {
-            queued.push(bytes);
+            // Scheduled once per turn: by the first message queued in it.
+            if (queued.push(bytes) === 1) flusher.schedule(flush);
             queuedBytes += bytes.byteLength;
-            flusher.schedule(flush);
           }
           watch();
         },
         close: (error) => {
           // What was sent before the close reaches the worker before the stream's status.
           linkClosed = true;
-          flusher.cancel(flush);
           flush();
           closeError = error;
           stream.stop();
@@ -322,26 +319,35 @@ function createGate(slots: number, queueLimit: number) {
  * event loop, from one `setImmediate` (after the I/O callbacks of the turn
  * that queued them), so each stream writes what it has in one go.
  */
-function createFlusher() {
-  const due = new Set<() => void>();
+function createFlusher(log: Logger) {
+  // Two arrays used in turn: flushes scheduled while a run goes (a flush that frees room lets
+  // the lease manager send grants) wait for the next turn.
+  let due: (() => void)[] = [];
+  let running: (() => void)[] = [];
   let scheduled = false;
   const run = () => {
     scheduled = false;
-    for (const flush of due) {
-      due.delete(flush);
-      flush();
+    const list = due;
+    due = running;
+    running = list;
+    for (let i = 0; i < list.length; i++) {
+      try {
+        (list[i] as () => void)();
+      } catch (error) {
+        // One stream's failed write must not cost the others theirs (nor the process).
+        log.error({ err: error }, "could not write to a worker stream");
+      }
     }
+    list.length = 0;
   };
   return {
+    /** Runs `flush` at the end of this turn; a stream schedules itself once per turn. */
     schedule(flush: () => void): void {
-      due.add(flush);
+      due.push(flush);
       if (!scheduled) {
         scheduled = true;
         setImmediate(run);
       }
-    },
-    cancel(flush: () => void): void {
-      due.delete(flush);
     },
   };
 }
@@ -357,6 +363,9 @@ function once(fn: () => void): () => void {
 }
 
 const MAX_CAPACITY = 10_000;
+
+/** The held leases of a heartbeat that lists none (most of them), shared. */
+const NONE_HELD: readonly LeaseToken[] = Object.freeze([]);
 
 /**
  * Most leases a worker may list in a hello or heartbeat: twice its capacity,
@@ -466,7 +475,10 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
       return {
         type: "heartbeat",
         sequence: m.value.sequence,
-        held: m.value.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
+        held:
+          m.value.heldLeases.length === 0
+            ? NONE_HELD
+            : m.value.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
       };
     case "grantAck":
       return (

@@ -226,7 +226,8 @@ export type ConnectResponse = Message<"leasehold.v1.ConnectResponse"> & {
      * exactly as if received one by one: e.g. the answers to a batch of
      * reports together with the grants that refill the freed slots. Sent only
      * on streams whose hello set accepts_batches; never holds a welcome or a
-     * batch.
+     * batch. At most 1024 messages and 1 MiB of them (a larger message comes
+     * alone), so a client's default 4 MiB receive limit holds.
      *
      * @generated from field: leasehold.v1.ConnectResponseBatch batch = 7;
      */
@@ -318,8 +319,9 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
 
   /**
    * The worker handles ConnectResponse.batch. The server then writes what it
-   * has for the stream in one turn as one batch (fewer, larger writes). Leave
-   * it false in a client that expects exactly one message per response.
+   * has for the stream in one turn of its event loop as one batch (fewer,
+   * larger writes); a single message still comes alone. Leave it false in a
+   * client that expects exactly one message per response.
    *
    * @generated from field: bool accepts_batches = 7;
    */

@@ -1,0 +1,152 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import { afterEach, describe, expect, it } from "vitest";
+import { createAgent } from "../../src/agent/index.js";
+import {
+  type ConnectRequest,
+  type ConnectResponseSchema,
+  WorkerService,
+} from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createServiceDefinition } from "../../src/rpc/adapter.js";
+
+type Response = MessageInitShape<typeof ConnectResponseSchema>;
+
+/**
+ * A scripted WorkerService that records every ConnectRequest as it arrived
+ * (batches whole): it welcomes the agent (saying accepts_batches or not),
+ * acks its heartbeats, and once the first ack is out sends three grants in
+ * one ConnectResponse batch.
+ */
+async function scriptedServer(acceptsBatches: boolean) {
+  const requests: ConnectRequest[] = [];
+  const waiters = new Set<() => void>();
+  const server = new grpc.Server();
+  server.addService(createServiceDefinition(WorkerService), {
+    connect(call: grpc.ServerDuplexStream<ConnectRequest, unknown>) {
+      const write = (m: Response) => call.write(create(WorkerService.method.connect.output, m));
+      let granted = false;
+      const answer = (request: ConnectRequest) => {
+        const m = request.message;
+        if (m.case === "batch") for (const inner of m.value.messages) answer(inner);
+        else if (m.case === "grantAck" || m.case === "completion") {
+          const { reportId, actionId, epoch } = m.value;
+          write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
+        }
+      };
+      call.on("data", (request: ConnectRequest) => {
+        requests.push(request);
+        for (const w of [...waiters]) w();
+        answer(request);
+        const m = request.message;
+        if (m.case === "hello") {
+          write({
+            message: {
+              case: "welcome",
+              value: {
+                sessionId: "s1",
+                heartbeatInterval: durationFromMs(1000),
+                gracePeriod: durationFromMs(60_000),
+                acceptsBatches,
+              },
+            },
+          });
+        } else if (m.case === "heartbeat") {
+          write({
+            message: {
+              case: "heartbeatAck",
+              value: { sequence: m.value.sequence, remaining: durationFromMs(60_000) },
+            },
+          });
+          if (!granted) {
+            granted = true;
+            const grant = (i: number): Response => ({
+              message: { case: "grant", value: { actionId: `a${i}`, epoch: 1n, attempt: 1, runId: `r${i}` } },
+            });
+            write({
+              message: { case: "batch", value: { messages: [grant(1), grant(2), grant(3)] } },
+            });
+          }
+        } else if (m.case === "goodbye") {
+          call.end();
+        }
+      });
+      call.on("error", () => {});
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+      error ? reject(error) : resolve(p),
+    ),
+  );
+  /** Resolves once `test` holds for the requests so far. */
+  const until = (test: (all: ConnectRequest[]) => boolean) =>
+    new Promise<void>((resolve) => {
+      const look = () => {
+        if (!test(requests)) return;
+        waiters.delete(look);
+        resolve();
+      };
+      waiters.add(look);
+      look();
+    });
+  return { address: `127.0.0.1:${port}`, requests, until, close: () => server.forceShutdown() };
+}
+
+/** The report messages of the requests, batches opened, in order. */
+const reports = (requests: ConnectRequest[]) =>
+  requests
+    .flatMap((r) => (r.message.case === "batch" ? r.message.value.messages : [r]))
+    .map((r) => r.message)
+    .filter((m) => m.case === "grantAck" || m.case === "completion");
+
+describe("the agent SDK's batches", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+
+  const run = async (acceptsBatches: boolean) => {
+    const server = await scriptedServer(acceptsBatches);
+    cleanups.push(server.close);
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      capacity: 3,
+      handler: async (ctx) => ({ done: ctx.actionId }),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+    // Three grant acks and three completions.
+    await server.until((all) => reports(all).length === 6);
+    return server;
+  };
+
+  it("says accepts_batches in its hello, handles a batch of grants, and sends the reports of one turn in one batch", async () => {
+    const server = await run(true);
+    const hello = server.requests[0]?.message;
+    expect(hello?.case === "hello" && hello.value.acceptsBatches).toBe(true);
+    const ids = reports(server.requests).map((m) => `${m.case}:${m.value.actionId}`);
+    expect(ids.slice(0, 3)).toEqual(["grantAck:a1", "grantAck:a2", "grantAck:a3"]);
+    expect(ids.slice(3).sort()).toEqual(["completion:a1", "completion:a2", "completion:a3"]);
+    const batches = server.requests.filter((r) => r.message.case === "batch");
+    expect(batches.length).toBeGreaterThanOrEqual(1);
+    // Heartbeats are never batched.
+    for (const b of batches) {
+      const inner = b.message.case === "batch" ? b.message.value.messages : [];
+      expect(inner.length).toBeGreaterThan(1);
+      expect(inner.every((m) => m.message.case !== "heartbeat" && m.message.case !== "hello")).toBe(true);
+    }
+    // All six reports went out in fewer writes than messages.
+    const carrying = server.requests.filter(
+      (r) => r.message.case === "batch" || r.message.case === "grantAck" || r.message.case === "completion",
+    );
+    expect(carrying.length).toBeLessThan(6);
+  });
+
+  it("sends its reports one by one to a server whose welcome does not accept batches", async () => {
+    const server = await run(false);
+    expect(server.requests.filter((r) => r.message.case === "batch")).toEqual([]);
+    expect(reports(server.requests)).toHaveLength(6);
+  });
+});

@@ -101,6 +101,8 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   let done = false;
   /** Set by `consume`: messages go straight to it. */
   let consumer: ((message: T) => void) | undefined;
+  /** The call was paused because `buffer` passed HIGH_WATER. */
+  let paused = false;
   let consumed: { resolve(): void; reject(error: unknown): void } | undefined;
   const finish = () => {
     done = true;
@@ -148,7 +150,10 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       return;
     }
     buffer.push(message);
-    if (buffer.length >= HIGH_WATER) call.pause();
+    if (buffer.length >= HIGH_WATER && !paused) {
+      paused = true;
+      call.pause();
+    }
   });
   call.on("end", finish);
   call.on("error", finish);
@@ -161,7 +166,10 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
           finish();
           return Promise.reject(value.error);
         }
-        if (buffer.length === HIGH_WATER / 4) call.resume();
+        if (paused && buffer.length <= HIGH_WATER / 4) {
+          paused = false;
+          call.resume();
+        }
         return Promise.resolve({ done: false, value });
       }
       if (done) return Promise.resolve({ done: true, value: undefined });
@@ -183,9 +191,11 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       }
       consumer = handler;
       consumed = { resolve, reject };
-      const paused = buffer.length >= HIGH_WATER;
       while (buffer.length > 0 && !done) deliver(buffer.shift() as T | RejectedRequest);
-      if (paused && !done) call.resume();
+      if (paused && !done) {
+        paused = false;
+        call.resume();
+      }
     });
   return { iterable: { [Symbol.asyncIterator]: () => iterator }, consume, stop: finish };
 }

@@ -213,6 +213,28 @@ describe("the request validator", () => {
     }
   });
 
+  it("walks the messages of a batch (a ConnectRequest holding ConnectRequests), naming each by its index", () => {
+    const progress = (phase: string) => ({
+      message: { case: "progress" as const, value: { reportId: 1n, actionId: "a", epoch: 1n, phase } },
+    });
+    const batch = (messages: MessageInitShape<typeof ConnectRequestSchema>[]) =>
+      ({ message: { case: "batch", value: { messages } } }) as const;
+    expect(check(ConnectRequestSchema, batch([progress("ok"), progress("ok")]))).toBeUndefined();
+    expect(
+      refusal(check(ConnectRequestSchema, batch([progress("ok"), progress("a\u0000b")])))?.fields,
+    ).toEqual(["batch.messages[1].progress.phase"]);
+    // Nested batches are walked too (the worker service refuses them as such).
+    expect(
+      refusal(check(ConnectRequestSchema, batch([batch([progress("ok"), progress("\u0000")])])))?.fields,
+    ).toEqual(["batch.messages[0].batch.messages[1].progress.phase"]);
+    const many = Array.from({ length: 1025 }, () => progress("ok"));
+    expect(refusal(check(ConnectRequestSchema, batch(many)))).toMatchObject({
+      code: Code.InvalidArgument,
+      fields: ["batch.messages"],
+    });
+    expect(check(ConnectRequestSchema, batch(many.slice(1)))).toBeUndefined();
+  });
+
   it("reports at most 16 violations", () => {
     const argv = Array.from({ length: 100 }, () => "\u0000");
     const error = check(CreateDeploymentRequestSchema, {

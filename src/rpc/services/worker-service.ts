@@ -136,12 +136,22 @@ export function workerServiceBinding(
       let queuedBytes = 0;
       /** The handler finished or the stream was reset: nothing more is written. */
       let finished = false;
-      /** Bytes this stream holds that the worker has not read: queued, or buffered in the transport. */
-      const held = () => stream.bufferedBytes + queuedBytes;
+      /**
+       * Bytes this stream holds that the worker has not read: queued, or
+       * buffered in the transport. Kept as a number (recounted on every send,
+       * flush and transport write) because the lease manager asks every
+       * stream for it on every dispatch.
+       */
+      let heldBytes = 0;
+      const held = () => heldBytes;
+      const recount = () => {
+        heldBytes = stream.bufferedBytes + queuedBytes;
+      };
       /** Runs after every send and every flush: the buffer's size decides. */
       const watch = () => {
+        recount();
         if (reset) return;
-        const bytes = held();
+        const bytes = heldBytes;
         if (bytes > maxBuffered) {
           exhausted(`its outbound buffer passed ${maxBuffered} bytes; the worker is not reading`);
         } else if (bytes >= highWater) {
@@ -163,9 +173,10 @@ export function workerServiceBinding(
         if (queued.length === 0 || finished) return;
         if (acceptsBatches && queued.length > 1) writeBatches(queued);
         else for (const bytes of queued) stream.sendBinary(bytes);
-        // The bytes moved from the queue to the transport's buffer: what `watch` counts is the same.
+        // The bytes moved from the queue to the transport's buffer: what `watch` decides on is the same.
         queued.length = 0;
         queuedBytes = 0;
+        recount();
       };
       const writeBatches = (messages: readonly Uint8Array[]) =>
         batchRuns(messages, MAX_BATCH_MESSAGES, MAX_RESPONSE_BATCH_BYTES, (run) =>
@@ -176,6 +187,7 @@ export function workerServiceBinding(
         finished = true;
         queued.length = 0;
         queuedBytes = 0;
+        recount();
       };
       /** Stops writing: what is queued goes out first. */
       const finish = () => {

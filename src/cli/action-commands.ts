@@ -56,12 +56,11 @@ const ACTION_HEADERS = ["ID", "STATE", "CLUSTER", "WORKER", "EPOCH", "ATTEMPTS",
  */
 async function submitFrom(o: Record<string, unknown>, argv: string[], command: Command): Promise<void> {
   for (const [flag, given] of [
-    ["a command after --", argv.length > 0],
+    ["the command after --", argv.length > 0],
     ["--payload", o.payload !== undefined],
     ["--request-id", o.requestId !== undefined],
   ] as const) {
-    if (given)
-      throw new CliError(`--from takes each action from its line: give no ${flag} with it`, EXIT.usage);
+    if (given) throw new CliError(`--from takes every action from its lines; drop ${flag}`, EXIT.usage);
   }
   const source = o.from as string;
   let text: string;

@@ -180,7 +180,8 @@ function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: st
   const defaults = ACTION_DEFAULTS.retryPolicy;
   const rp = request.retryPolicy;
   const maxAttempts = rp?.maxAttempts || defaults.maxAttempts;
-  if (maxAttempts > 100) v.add(`${prefix}retry_policy.max_attempts`, `must be at most 100 (got ${maxAttempts})`);
+  if (maxAttempts > 100)
+    v.add(`${prefix}retry_policy.max_attempts`, `must be at most 100 (got ${maxAttempts})`);
   const initialBackoffMs = durationField(
     v,
     `${prefix}retry_policy.initial_backoff`,
@@ -209,7 +210,8 @@ function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: st
     );
   }
   const maxSystemRetries = request.maxSystemRetries || ACTION_DEFAULTS.maxSystemRetries;
-  if (maxSystemRetries > 100) v.add(`${prefix}max_system_retries`, `must be at most 100 (got ${maxSystemRetries})`);
+  if (maxSystemRetries > 100)
+    v.add(`${prefix}max_system_retries`, `must be at most 100 (got ${maxSystemRetries})`);
 
   const action: Omit<NewAction, "requestHash"> = {
     requestId: request.requestId || undefined,

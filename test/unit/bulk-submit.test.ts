@@ -1,10 +1,6 @@
 import { create } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import {
-  chunkActionLines,
-  MAX_ACTIONS_PER_CALL,
-  parseActionLines,
-} from "../../src/cli/action-lines.js";
+import { chunkActionLines, MAX_ACTIONS_PER_CALL, parseActionLines } from "../../src/cli/action-lines.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { SubmitActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { toNewActions } from "../../src/rpc/services/action-service.js";

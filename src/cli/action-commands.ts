@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import type { MessageShape } from "@bufbuild/protobuf";
 import { Command, Option } from "commander";
 import {
@@ -9,8 +10,10 @@ import {
   SubmitActionResponseSchema,
 } from "../gen/leasehold/v1/action_pb.js";
 import type { createClient } from "../rpc/client.js";
+import { type ActionLine, chunkActionLines, parseActionLines } from "./action-lines.js";
 import {
   CliError,
+  cliErrorFrom,
   collect,
   EXIT,
   enumName,
@@ -43,6 +46,127 @@ function actionRow(a: Action): string[] {
 }
 const ACTION_HEADERS = ["ID", "STATE", "CLUSTER", "WORKER", "EPOCH", "ATTEMPTS", "PHASE", "CREATED"];
 
+/**
+ * `leasehold action submit --from FILE`: the file's lines (see
+ * parseActionLines), read and checked before anything is sent, then sent in
+ * SubmitActions calls of up to 1,000. Each call is all or nothing; a refused
+ * call ends the command, naming the line, and the calls before it stay
+ * submitted (the message says which lines): with request ids on every line,
+ * running the same file again resubmits nothing twice.
+ */
+async function submitFrom(o: Record<string, unknown>, argv: string[], command: Command): Promise<void> {
+  for (const [flag, given] of [
+    ["the command after --", argv.length > 0],
+    ["--payload", o.payload !== undefined],
+    ["--request-id", o.requestId !== undefined],
+  ] as const) {
+    if (given) throw new CliError(`--from takes every action from its lines; drop ${flag}`, EXIT.usage);
+  }
+  const source = o.from as string;
+  let text: string;
+  try {
+    text = source === "-" ? await readStdin() : readFileSync(source, "utf8");
+  } catch (error) {
+    throw new CliError(`--from ${source}: cannot read it (${(error as Error).message})`, EXIT.usage);
+  }
+  const lines = parseActionLines(text, {
+    cluster: o.cluster as string | undefined,
+    labels: parseLabels(o.label as string[] | undefined, "--label"),
+    priority: o.priority as number | undefined,
+    runId: o.runId as string | undefined,
+    maxAttempts: o.maxAttempts as number | undefined,
+    timeout: o.timeout as number | undefined,
+  });
+  await withServer(
+    command,
+    (connect) => ({ api: connect(ActionService) }),
+    async ({ api }, g) => {
+      const lineWidth = String(lines.at(-1)?.line ?? 0).length;
+      const clusterWidth = Math.max(7, ...lines.map((l) => l.request.cluster.length));
+      const row = (cells: readonly string[], widths: readonly number[]) =>
+        `${cells
+          .map((c, i) => c.padEnd(widths[i] ?? 0))
+          .join("  ")
+          .trimEnd()}\n`;
+      const widths = [Math.max(4, lineWidth), 36, 9, clusterWidth];
+      let created = 0;
+      let existing = 0;
+      let sent = 0;
+      for (const chunk of chunkActionLines(lines)) {
+        let results: MessageShape<typeof SubmitActionResponseSchema>[];
+        try {
+          ({ results } = await api.submitActions({ actions: chunk.map((c) => c.request) }));
+        } catch (error) {
+          throw refusedChunk(error, chunk, sent, lines, g.server);
+        }
+        if (!g.json && sent === 0)
+          process.stdout.write(row(["LINE", "ID", "STATE", "CLUSTER", "RESULT"], widths));
+        chunk.forEach((item, i) => {
+          const r = results[i];
+          const a = r?.action;
+          if (r?.created) created++;
+          else existing++;
+          if (g.json && r) {
+            process.stdout.write(
+              `${toJson({ line: item.line, ...(messageJson(SubmitActionResponseSchema, r) as object) })}\n`,
+            );
+          } else if (!g.json) {
+            process.stdout.write(
+              row(
+                [
+                  String(item.line),
+                  a?.id ?? "-",
+                  enumName(ActionState, a?.state ?? 0),
+                  a?.cluster ?? "-",
+                  r?.created ? "submitted" : "already submitted",
+                ],
+                widths,
+              ),
+            );
+          }
+        });
+        sent += chunk.length;
+      }
+      process.stderr.write(
+        `submitted ${created}, already submitted ${existing} (of ${lines.length} lines)\n`,
+      );
+      return undefined;
+    },
+  );
+}
+
+/**
+ * The error of a refused SubmitActions call, with `actions[i]` turned into
+ * the line it came from, and what the calls before it already submitted.
+ */
+function refusedChunk(
+  error: unknown,
+  chunk: readonly ActionLine[],
+  sent: number,
+  lines: readonly ActionLine[],
+  server: string,
+): CliError {
+  const e = error as { code?: number; details?: string };
+  if (typeof e.details !== "string" || typeof e.code !== "number") return cliErrorFrom(error, server);
+  const details = e.details.replace(/actions\[(\d+)\]\.?/g, (whole, index: string) => {
+    const line = chunk[Number(index)]?.line;
+    if (line === undefined) return whole;
+    return whole.endsWith(".") ? `line ${line}: ` : `line ${line}`;
+  });
+  const before =
+    sent > 0
+      ? ` (the ${sent} actions of lines ${lines[0]?.line}–${lines[sent - 1]?.line} were submitted before it; nothing after)`
+      : " (nothing was submitted)";
+  const mapped = cliErrorFrom({ ...e, details: `${details}${before}` }, server);
+  return mapped;
+}
+
+async function readStdin(): Promise<string> {
+  const parts: Buffer[] = [];
+  for await (const part of process.stdin) parts.push(part as Buffer);
+  return Buffer.concat(parts).toString("utf8");
+}
+
 /** `leasehold action …`: submit, get, list, cancel, watch. */
 export function actionCommands(): Command {
   const action = new Command("action").description("Submit and follow actions.");
@@ -62,9 +186,10 @@ export function actionCommands(): Command {
   action
     .command("submit")
     .description(
-      "Queue an action. The command after -- becomes the payload {argv}, run by `leasehold agent`.",
+      "Queue an action. The command after -- becomes the payload {argv}, run by `leasehold agent`. " +
+        "With --from, queue one action per line of an NDJSON file instead.",
     )
-    .requiredOption("--cluster <name>", "cluster whose workers run it")
+    .option("--cluster <name>", "cluster whose workers run it (required, unless every --from line names one)")
     .option("--payload <json>", "payload as a JSON object (instead of a command after --)")
     .option("--timeout <seconds>", "kill the command after this many seconds (reference agent)", intFlag)
     .option("--label <key=value>", "label a worker must carry (repeatable)", collect)
@@ -72,8 +197,22 @@ export function actionCommands(): Command {
     .option("--run-id <id>", "groups actions of one run")
     .option("--request-id <id>", "idempotency key: a retry with the same key returns the same action")
     .option("--max-attempts <n>", "attempts for retryable failures (default 3)", intFlag)
+    .option(
+      "--from <file>",
+      'submit one action per line of this NDJSON file (- for stdin): SubmitActionRequest JSON, e.g. {"cluster":"east","requestId":"t-1","argv":["make","test"]} ("argv", "timeout" and "maxAttempts" as the flags; the flags fill what a line leaves out). Sent 1,000 per SubmitActions call; each call is all or nothing',
+    )
     .argument("[command...]", "the command to run, after --")
     .action(async (argv: string[], o: Record<string, unknown>, command: Command) => {
+      if (o.from !== undefined) {
+        await submitFrom(o, argv, command);
+        return;
+      }
+      if (o.cluster === undefined) {
+        throw new CliError(
+          "required option '--cluster <name>' not specified (or give --from <file>)",
+          EXIT.usage,
+        );
+      }
       let payload: Record<string, unknown>;
       if (o.payload !== undefined) {
         if (argv.length > 0)

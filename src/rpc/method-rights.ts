@@ -10,6 +10,8 @@ import type { Right } from "../auth/access.js";
  */
 export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> = {
   "leasehold.v1.ActionService/SubmitAction": "action.submit",
+  // The handler checks action.submit in the cluster of every item.
+  "leasehold.v1.ActionService/SubmitActions": "action.submit",
   "leasehold.v1.ActionService/GetAction": "action.read",
   "leasehold.v1.ActionService/ListActions": "action.read",
   "leasehold.v1.ActionService/CancelAction": "action.cancel.own",

@@ -1,5 +1,5 @@
 import { uuidv7 } from "uuidv7";
-import { Code, LeaseholdError } from "../errors.js";
+import { Code, LeaseholdError, quote } from "../errors.js";
 import {
   cancelAction,
   findAction,
@@ -10,7 +10,7 @@ import {
 import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
-import { insertActions } from "../store/queries/insert-actions.js";
+import { insertActions, insertActionsAtomically } from "../store/queries/insert-actions.js";
 import {
   type ActionFilter,
   type ActionRecord,
@@ -20,6 +20,14 @@ import {
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { decodePageToken, toPage } from "./page-token.js";
+
+/**
+ * Rounds of a bulk submit that lost a race for one of its request ids before
+ * it gives up with ABORTED. Each lost round means another submission of the
+ * same id committed, which the next round finds: two rounds settle it unless
+ * the caller keeps racing itself.
+ */
+const BULK_ROUNDS = 4;
 
 /** Result of a submit. */
 export interface SubmitResult {
@@ -44,6 +52,16 @@ export interface ActionService extends AsyncDisposable {
    * and another principal's use of the same id is a new action.
    */
   submit(action: NewAction, actor: string): Promise<SubmitResult>;
+  /**
+   * Queues `actions` submitted by `actor` in one transaction: all of them or
+   * none. Each item's request id behaves as in {@link submit} (a repeat of
+   * the same request answers with its action, created false); a request id
+   * reused for a different request is ALREADY_EXISTS naming the item
+   * (`actions[i].request_id`) and queues nothing. Request ids must be
+   * distinct within `actions`. Results are in the order of `actions`. The
+   * scheduler is woken once, whatever the number of items.
+   */
+  submitMany(actions: readonly NewAction[], actor: string): Promise<SubmitResult[]>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
   list(filter: ActionFilter, pageSize: number, pageToken: string): Promise<Page<ActionRecord>>;
   /** Cancels an action; `actor` is who asked, recorded on the event. */
@@ -107,6 +125,37 @@ export function createActionService({
     return { action: existing.action, created: false };
   }
 
+  async function submitMany(actions: readonly NewAction[], actor: string): Promise<SubmitResult[]> {
+    const items = actions.map((action) => ({ id: uuidv7(), action }));
+    // A race with a concurrent submission of one of the request ids rolls
+    // everything back; the next round's lookup sees the winner's row.
+    for (let round = 1; round <= BULK_ROUNDS; round++) {
+      const outcome = await insertActionsAtomically(db, clock, actor, items);
+      if (outcome.kind === "raced") continue;
+      if (outcome.kind === "reused") {
+        const requestId = actions[outcome.index]?.requestId as string;
+        const field = `actions[${outcome.index}].request_id`;
+        throw new LeaseholdError(
+          Code.AlreadyExists,
+          `${field}: ${quote(requestId)} was already used for a different request (action ${outcome.existing.id}); use a new request_id for a new action`,
+          {
+            reason: "REQUEST_ID_REUSED",
+            metadata: { action_id: outcome.existing.id, request_id: requestId, field },
+          },
+        );
+      }
+      if (outcome.results.some((r) => r.created)) {
+        feed.publish(EVENTS_TOPIC);
+        feed.publish(QUEUE_TOPIC);
+      }
+      return [...outcome.results];
+    }
+    throw new LeaseholdError(
+      Code.Aborted,
+      "the submission kept conflicting with concurrent ones using the same request ids; retry the call",
+    );
+  }
+
   async function get(id: string) {
     const action = await findAction(db, id);
     if (!action) throw notFound(id);
@@ -167,5 +216,5 @@ export function createActionService({
   }
 
   const close = () => submits.close();
-  return { submit, get, list, cancel, watch, close, [Symbol.asyncDispose]: close };
+  return { submit, submitMany, get, list, cancel, watch, close, [Symbol.asyncDispose]: close };
 }

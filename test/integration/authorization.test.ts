@@ -76,6 +76,10 @@ interface Row {
 /** Rows run in this order: the ones that change or delete fixtures come late. */
 const MATRIX: Record<string, Row> = {
   "ActionService/SubmitAction": { request: () => ({ cluster: "a", payload: {} }), expect: [D, D, K, D, K] },
+  "ActionService/SubmitActions": {
+    request: () => ({ actions: [{ cluster: "a", payload: {} }, { cluster: "a" }] }),
+    expect: [D, D, K, D, K],
+  },
   "ActionService/GetAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, K, K, K] },
   "ActionService/ListActions": { request: () => ({ cluster: "a" }), expect: [D, D, K, K, K] },
   "ActionService/WatchAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, K, K, K] },

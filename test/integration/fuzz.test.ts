@@ -119,6 +119,20 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
       retryPolicy,
       maxSystemRetries: 2,
     },
+    "leasehold.v1.ActionService.SubmitActions": {
+      actions: [
+        {
+          requestId: "fuzz-bulk",
+          cluster: "fuzz",
+          runId: "run",
+          labelSelector: { k: "v" },
+          payload: { a: "b", n: [1, 2] },
+          priority: 1,
+          retryPolicy,
+          maxSystemRetries: 2,
+        },
+      ],
+    },
     "leasehold.v1.ActionService.GetAction": { actionId: "nope" },
     "leasehold.v1.ActionService.ListActions": { state: 1, cluster: "fuzz", runId: "run", pageSize: 10 },
     "leasehold.v1.ActionService.CancelAction": { actionId: "nope", reason: "r" },

@@ -39,6 +39,24 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
       const { action: submitted, created } = await actions.submit(action, ctx.access.actor);
       return { action: toProtoAction(submitted), created };
     },
+    async submitActions(request, ctx) {
+      const items = toNewActions(request.actions);
+      // Every distinct cluster once; the first item naming a refused cluster is the one reported.
+      const checked = new Set<string>();
+      items.forEach((item, i) => {
+        if (checked.has(item.cluster)) return;
+        checked.add(item.cluster);
+        try {
+          ctx.access.require("action.submit", item.cluster);
+        } catch (error) {
+          throw atItem(error, `actions[${i}].cluster`);
+        }
+      });
+      const results = await actions.submitMany(items, ctx.access.actor);
+      return {
+        results: results.map(({ action, created }) => ({ action: toProtoAction(action), created })),
+      };
+    },
     async getAction(request, ctx) {
       const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
       ctx.access.require("action.read", action.cluster);
@@ -73,6 +91,17 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
   });
 }
 
+/** `error` (a LeaseholdError) with the item it is about prefixed to its message and in its metadata. */
+function atItem(error: unknown, field: string): unknown {
+  if (!(error instanceof LeaseholdError)) return error;
+  return new LeaseholdError(error.code, `${field}: ${error.message}`, {
+    ...(error.reason !== undefined ? { reason: error.reason } : {}),
+    metadata: { ...error.metadata, field },
+    fieldViolations: error.fieldViolations,
+    preconditionViolations: error.preconditionViolations,
+  });
+}
+
 function stateName(state: ActionState): DomainState {
   const name = ActionState[state];
   if (name === undefined)
@@ -83,10 +112,56 @@ function stateName(state: ActionState): DomainState {
 /** Validates a submission (every violation at once) and fills in defaults. */
 export function toNewAction(request: SubmitActionRequest): NewAction {
   const v = new Violations();
-  checkLength(v, "request_id", request.requestId, 128);
-  checkName(v, "cluster", request.cluster);
-  checkLength(v, "run_id", request.runId, 128);
-  checkLabels(v, "label_selector", request.labelSelector);
+  const action = checkSubmission(v, request, "");
+  v.throwIfAny();
+  return action;
+}
+
+/**
+ * Validates the items of a bulk submission exactly as {@link toNewAction}
+ * validates one, each violation named with its item's index
+ * (`actions[3].cluster`), every item's at once (up to the violations a
+ * status carries). Two items sharing a request_id are a violation too: a
+ * request id names one action of its principal.
+ */
+export function toNewActions(requests: readonly SubmitActionRequest[]): NewAction[] {
+  const v = new Violations();
+  if (requests.length === 0) v.add("actions", "must hold at least 1 action (at most 1000)");
+  if (requests.length > MAX_BULK) {
+    v.add("actions", `must hold at most ${MAX_BULK} actions (got ${requests.length}); split the call`);
+  }
+  const firstUse = new Map<string, number>();
+  const actions = requests.map((request, i) => {
+    const action = checkSubmission(v, request, `actions[${i}].`);
+    if (request.requestId !== "") {
+      const first = firstUse.get(request.requestId);
+      if (first === undefined) firstUse.set(request.requestId, i);
+      else {
+        v.add(
+          `actions[${i}].request_id`,
+          `repeats the request_id of actions[${first}]; every item of a call needs its own request_id`,
+        );
+      }
+    }
+    return action;
+  });
+  v.throwIfAny();
+  return actions;
+}
+
+/** Most items of one SubmitActions call (action.proto). */
+export const MAX_BULK = 1000;
+
+/**
+ * The checks and defaults of one submission; violations go to `v`, their
+ * fields prefixed with `prefix` (empty, or `actions[3].` in a bulk call).
+ * The result is meaningful only when `v` stays empty.
+ */
+function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: string): NewAction {
+  checkLength(v, `${prefix}request_id`, request.requestId, 128);
+  checkName(v, `${prefix}cluster`, request.cluster);
+  checkLength(v, `${prefix}run_id`, request.runId, 128);
+  checkLabels(v, `${prefix}label_selector`, request.labelSelector);
   // The payload's depth and size were checked with every request (limits.ts).
   // A deployment's action is made by CreateDeployment, after its checks (the
   // lease, the caller's right to read each input); the reference agent runs a
@@ -95,27 +170,28 @@ export function toNewAction(request: SubmitActionRequest): NewAction {
   // every check, so the key is reserved.
   if (request.payload !== undefined && Object.hasOwn(request.payload, "deployment")) {
     v.add(
-      "payload.deployment",
+      `${prefix}payload.deployment`,
       "is reserved for deployments of scope leases; create them with ResourceService.CreateDeployment",
     );
   }
   if (request.priority < -1000 || request.priority > 1000) {
-    v.add("priority", `must be between -1000 and 1000 (got ${request.priority})`);
+    v.add(`${prefix}priority`, `must be between -1000 and 1000 (got ${request.priority})`);
   }
   const defaults = ACTION_DEFAULTS.retryPolicy;
   const rp = request.retryPolicy;
   const maxAttempts = rp?.maxAttempts || defaults.maxAttempts;
-  if (maxAttempts > 100) v.add("retry_policy.max_attempts", `must be at most 100 (got ${maxAttempts})`);
+  if (maxAttempts > 100)
+    v.add(`${prefix}retry_policy.max_attempts`, `must be at most 100 (got ${maxAttempts})`);
   const initialBackoffMs = durationField(
     v,
-    "retry_policy.initial_backoff",
+    `${prefix}retry_policy.initial_backoff`,
     rp?.initialBackoff,
     defaults.initialBackoffMs,
     DAY_MS,
   );
   const maxBackoffMs = durationField(
     v,
-    "retry_policy.max_backoff",
+    `${prefix}retry_policy.max_backoff`,
     rp?.maxBackoff,
     defaults.maxBackoffMs,
     DAY_MS,
@@ -123,16 +199,19 @@ export function toNewAction(request: SubmitActionRequest): NewAction {
   const multiplier = rp?.backoffMultiplier || defaults.backoffMultiplier;
   if (!Number.isFinite(multiplier) || multiplier < 1 || multiplier > 100) {
     v.add(
-      "retry_policy.backoff_multiplier",
+      `${prefix}retry_policy.backoff_multiplier`,
       `must be between 1 and 100, or 0 for the default 2 (got ${multiplier})`,
     );
   }
   if (rp?.maxBackoff !== undefined && maxBackoffMs < initialBackoffMs) {
-    v.add("retry_policy.max_backoff", "must not be shorter than retry_policy.initial_backoff");
+    v.add(
+      `${prefix}retry_policy.max_backoff`,
+      `must not be shorter than ${prefix}retry_policy.initial_backoff`,
+    );
   }
   const maxSystemRetries = request.maxSystemRetries || ACTION_DEFAULTS.maxSystemRetries;
-  if (maxSystemRetries > 100) v.add("max_system_retries", `must be at most 100 (got ${maxSystemRetries})`);
-  v.throwIfAny();
+  if (maxSystemRetries > 100)
+    v.add(`${prefix}max_system_retries`, `must be at most 100 (got ${maxSystemRetries})`);
 
   const action: Omit<NewAction, "requestHash"> = {
     requestId: request.requestId || undefined,

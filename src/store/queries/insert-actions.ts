@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import type { ActionRecord, NewAction } from "../../work/action.js";
 import { type ActionRow, actionFromRow } from "../action-rows.js";
+import { findActionsByRequestId } from "../actions.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
@@ -77,4 +78,83 @@ export async function insertActions(
       select * from inserted`,
   );
   return rows.map(actionFromRow);
+}
+
+/** What {@link insertActionsAtomically} did. */
+export type AtomicInsertOutcome =
+  /** Every item answered, in order: inserted (`created`) or a retry of an earlier submission. */
+  | { readonly kind: "done"; readonly results: readonly { action: ActionRecord; created: boolean }[] }
+  /** Item `index` reuses a request id the actor used for a different request; nothing was written. */
+  | { readonly kind: "reused"; readonly index: number; readonly existing: ActionRecord }
+  /**
+   * A concurrent submission took one of the request ids between the lookup
+   * and the insert (or two bulk calls deadlocked on each other's ids):
+   * nothing was written; running it again sees the winner.
+   */
+  | { readonly kind: "raced" };
+
+/** Thrown inside the transaction to roll it back after a race; never escapes. */
+const RACED = Symbol("raced");
+
+/**
+ * Inserts `items`, all submitted by `actor`, all or none, in one transaction
+ * of two statements whatever the number of items: one lookup of the actor's
+ * request ids, one {@link insertActions} of the new ones (with their events
+ * and clusters). An item whose request id the actor already used for the same
+ * request (same `requestHash`) is answered with the existing action and
+ * `created` false; for a different request the outcome is `reused` and
+ * nothing is written. Request ids must be distinct within `items` (the rpc
+ * layer refuses repeats).
+ *
+ * Locking: the lookup reads committed rows; the insert's `on conflict do
+ * nothing` waits for a concurrent transaction holding the same
+ * (created_by, request_id) and then skips the row. Fewer rows inserted than
+ * asked means such a race: the transaction is rolled back and the outcome is
+ * `raced`, as it is for a deadlock (40P01) between two bulk calls inserting
+ * the same ids in different orders. The caller runs it again.
+ */
+export async function insertActionsAtomically(
+  db: Db,
+  clock: Clock,
+  actor: string,
+  items: readonly { readonly id: string; readonly action: NewAction }[],
+): Promise<AtomicInsertOutcome> {
+  try {
+    return await db.transaction(async (t) => {
+      const tx = t as unknown as Db;
+      const requestIds = items.flatMap(({ action }) => (action.requestId ? [action.requestId] : []));
+      const existing =
+        requestIds.length > 0 ? await findActionsByRequestId(tx, actor, requestIds) : new Map();
+      const fresh: { id: string; action: NewAction; actor: string }[] = [];
+      for (const [index, { id, action }] of items.entries()) {
+        const earlier = action.requestId ? existing.get(action.requestId) : undefined;
+        if (earlier === undefined) fresh.push({ id, action, actor });
+        else if (earlier.requestHash !== action.requestHash) {
+          return { kind: "reused", index, existing: earlier.action } as const;
+        }
+      }
+      const inserted =
+        fresh.length > 0 ? new Map((await insertActions(tx, clock, fresh)).map((a) => [a.id, a])) : new Map();
+      if (inserted.size !== fresh.length) throw RACED;
+      const results = items.map(({ id, action }) => {
+        const created = inserted.get(id);
+        if (created) return { action: created as ActionRecord, created: true };
+        return { action: existing.get(action.requestId as string)?.action as ActionRecord, created: false };
+      });
+      return { kind: "done", results } as const;
+    });
+  } catch (error) {
+    if (error === RACED || sqlState(error) === "40P01") return { kind: "raced" };
+    throw error;
+  }
+}
+
+/** The SQLSTATE of a driver error, looking through drizzle's wrapper. */
+function sqlState(error: unknown): string | undefined {
+  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 4; depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string") return code;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return undefined;
 }

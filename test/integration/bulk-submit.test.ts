@@ -1,0 +1,290 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import { sql } from "drizzle-orm";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { accessOf, type RoleBinding } from "../../src/auth/access.js";
+import { Code } from "../../src/errors.js";
+import {
+  ActionService,
+  ActionState,
+  type SubmitActionRequestSchema,
+} from "../../src/gen/leasehold/v1/action_pb.js";
+import type { Client } from "../../src/rpc/client.js";
+import type { Db } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { expectStatus } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
+
+type Item = MessageInitShape<typeof SubmitActionRequestSchema>;
+
+const submitter = (clusters: string[]): RoleBinding[] => [{ role: "submitter", clusters, workerIds: "*" }];
+/** Principals of the test seam: alice may submit to every bulk-* cluster, bob only to bulk-a. */
+const POLICY: Record<string, RoleBinding[]> = {
+  alice: [...submitter(["bulk-*"]), { role: "agent", clusters: ["bulk-*"], workerIds: "*" }],
+  bob: submitter(["bulk-a"]),
+};
+const as = (principal: string) => {
+  const metadata = new grpc.Metadata();
+  metadata.set("x-test-principal", principal);
+  return { metadata };
+};
+
+describe("ActionService.SubmitActions", () => {
+  let t: TestServer;
+  let db: Db;
+  let api: Client<(typeof ActionService)["method"]>;
+  /** Statements the server ran, for counting what one call costs. */
+  const statements: string[] = [];
+
+  const count = async (where: ReturnType<typeof sql>) => {
+    const [row] = await queryRows<{ n: unknown }>(db, sql`select count(*) as n from actions where ${where}`);
+    return Number(row?.n);
+  };
+  const submittedEvents = async (ids: readonly string[]) =>
+    queryRows<{ action_id: string; actor: string; cluster: string }>(
+      db,
+      sql`select action_id, actor, cluster from events where kind = 'action_submitted'
+            and action_id in (select jsonb_array_elements_text(${JSON.stringify(ids)}::jsonb))
+          order by sequence`,
+    );
+
+  beforeAll(async () => {
+    t = await startTestServer({
+      overrides: {
+        accessOf: (metadata) => {
+          const principal = String(metadata.get("x-test-principal")[0] ?? "nobody");
+          return accessOf(principal, POLICY[principal] ?? []);
+        },
+        onQuery: (query) => statements.push(query),
+        wrapDb: (handle) => {
+          db = handle;
+          return handle;
+        },
+      },
+    });
+    api = t.client(ActionService);
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  it("queues 1,000 actions in a few statements, answering in request order, with their events", async () => {
+    const items: Item[] = Array.from({ length: 1000 }, (_, i) => ({
+      cluster: i % 2 === 0 ? "bulk-a" : "bulk-b",
+      requestId: `happy-${i}`,
+      runId: "happy",
+      payload: { n: i },
+      priority: i % 7,
+      labelSelector: { zone: `z${i % 3}` },
+    }));
+    statements.length = 0;
+    const { results } = await api.submitActions({ actions: items }, as("alice"));
+    const statementsOfCall = statements.length;
+
+    expect(results).toHaveLength(1000);
+    results.forEach((r, i) => {
+      expect(r.created).toBe(true);
+      expect(r.action).toMatchObject({
+        requestId: `happy-${i}`,
+        cluster: i % 2 === 0 ? "bulk-a" : "bulk-b",
+        payload: { n: i },
+        priority: i % 7,
+        labelSelector: { zone: `z${i % 3}` },
+        state: ActionState.QUEUED,
+        createdBy: "alice",
+      });
+    });
+    // Set-based: a lookup and one insert (with its events), not a statement per item.
+    expect(statementsOfCall).toBeLessThanOrEqual(6);
+    expect(await count(sql`run_id = 'happy' and state = 'QUEUED' and created_by = 'alice'`)).toBe(1000);
+    const ids = results.map((r) => r.action?.id ?? "");
+    const events = await submittedEvents(ids);
+    expect(events.map((e) => e.action_id)).toEqual(ids);
+    expect(new Set(events.map((e) => e.actor))).toEqual(new Set(["alice"]));
+  });
+
+  it("answers a retried call with the same actions, created false, and creates nothing twice", async () => {
+    const items: Item[] = Array.from({ length: 20 }, (_, i) => ({
+      cluster: "bulk-a",
+      requestId: `retry-${i}`,
+      runId: "retry",
+      payload: { n: i },
+    }));
+    const first = await api.submitActions({ actions: items }, as("alice"));
+    // The retry also carries one new item without a request id, and one with a new id.
+    const again = await api.submitActions(
+      { actions: [...items, { cluster: "bulk-a", runId: "retry" }, { ...items[0], requestId: "retry-new" }] },
+      as("alice"),
+    );
+    expect(first.results.every((r) => r.created)).toBe(true);
+    expect(again.results.slice(0, 20).map((r) => [r.action?.id, r.created])).toEqual(
+      first.results.map((r) => [r.action?.id, false]),
+    );
+    expect(again.results.slice(20).map((r) => r.created)).toEqual([true, true]);
+    expect(await count(sql`run_id = 'retry'`)).toBe(22);
+    // A single SubmitAction retry of an item finds the same action.
+    const single = await api.submitAction(items[3] as Item, as("alice"));
+    expect([single.action?.id, single.created]).toEqual([first.results[3]?.action?.id, false]);
+  });
+
+  it("keeps request ids per principal: another principal's bulk call gets its own actions", async () => {
+    const item: Item = { cluster: "bulk-a", requestId: "shared-id", runId: "shared" };
+    const alices = await api.submitActions({ actions: [item] }, as("alice"));
+    const bobs = await api.submitActions({ actions: [item] }, as("bob"));
+    expect(bobs.results[0]?.created).toBe(true);
+    expect(bobs.results[0]?.action?.id).not.toBe(alices.results[0]?.action?.id);
+    expect(bobs.results[0]?.action?.createdBy).toBe("bob");
+  });
+
+  it("refuses a request id reused for a different request with ALREADY_EXISTS naming the item, queuing nothing", async () => {
+    await api.submitAction({ cluster: "bulk-a", requestId: "taken", payload: { n: 1 } }, as("alice"));
+    const f = await expectStatus(
+      api.submitActions(
+        {
+          actions: [
+            { cluster: "bulk-a", requestId: "conflict-0", runId: "conflict" },
+            { cluster: "bulk-a", runId: "conflict" },
+            { cluster: "bulk-a", requestId: "taken", runId: "conflict", payload: { n: 2 } },
+          ],
+        },
+        as("alice"),
+      ),
+      Code.AlreadyExists,
+      /^actions\[2\]\.request_id: "taken" was already used for a different request/,
+    );
+    expect(f.reason).toBe("REQUEST_ID_REUSED");
+    expect(await count(sql`run_id = 'conflict'`)).toBe(0);
+  });
+
+  it("refuses two items sharing a request id with INVALID_ARGUMENT", async () => {
+    const f = await expectStatus(
+      api.submitActions(
+        {
+          actions: [
+            { cluster: "bulk-a", requestId: "twice", runId: "twice" },
+            { cluster: "bulk-b", requestId: "once", runId: "twice" },
+            { cluster: "bulk-b", requestId: "twice", runId: "twice" },
+          ],
+        },
+        as("alice"),
+      ),
+      Code.InvalidArgument,
+      /^actions\[2\]\.request_id: repeats the request_id of actions\[0\]/,
+    );
+    expect(f.fields).toEqual(["actions[2].request_id"]);
+    expect(await count(sql`run_id = 'twice'`)).toBe(0);
+  });
+
+  it("refuses an invalid item with INVALID_ARGUMENT naming its fields by index, queuing nothing", async () => {
+    const actions: Item[] = Array.from({ length: 10 }, () => ({ cluster: "bulk-a", runId: "invalid" }));
+    actions[3] = { cluster: "bad cluster", runId: "invalid", priority: 5000 };
+    actions[7] = { cluster: "bulk-a", runId: "invalid", payload: { deployment: {} } };
+    const f = await expectStatus(
+      api.submitActions({ actions }, as("alice")),
+      Code.InvalidArgument,
+      /^actions\[3\]\.cluster: may contain only letters/,
+    );
+    expect(f.fields).toEqual(["actions[3].cluster", "actions[3].priority", "actions[7].payload.deployment"]);
+    expect(await count(sql`run_id = 'invalid'`)).toBe(0);
+  });
+
+  it("refuses a payload over its limits with RESOURCE_EXHAUSTED naming the item", async () => {
+    const f = await expectStatus(
+      api.submitActions(
+        {
+          actions: [
+            { cluster: "bulk-a", runId: "large" },
+            { cluster: "bulk-a", runId: "large", payload: { blob: "x".repeat(1024 * 1024) } },
+          ],
+        },
+        as("alice"),
+      ),
+      Code.ResourceExhausted,
+      /^actions\[1\]\.payload: must be at most 1 MiB as JSON/,
+    );
+    expect(f.fields).toEqual(["actions[1].payload"]);
+    expect(await count(sql`run_id = 'large'`)).toBe(0);
+  });
+
+  it("refuses an empty call and one of more than 1,000 items with INVALID_ARGUMENT", async () => {
+    const empty = await expectStatus(
+      api.submitActions({ actions: [] }, as("alice")),
+      Code.InvalidArgument,
+      /^actions: must hold at least 1 action/,
+    );
+    expect(empty.fields).toEqual(["actions"]);
+    const tooMany = Array.from({ length: 1001 }, () => ({ cluster: "bulk-a", runId: "too-many" }));
+    const over = await expectStatus(
+      api.submitActions({ actions: tooMany }, as("alice")),
+      Code.InvalidArgument,
+      /^actions: must have at most 1000 elements \(got 1001\)/,
+    );
+    expect(over.fields).toEqual(["actions"]);
+    expect(await count(sql`run_id = 'too-many'`)).toBe(0);
+  });
+
+  it("refuses the whole call with PERMISSION_DENIED when one item's cluster is not the caller's, queuing nothing", async () => {
+    const f = await expectStatus(
+      api.submitActions(
+        {
+          actions: [
+            { cluster: "bulk-a", runId: "denied" },
+            { cluster: "bulk-a", runId: "denied" },
+            { cluster: "bulk-b", runId: "denied" },
+          ],
+        },
+        as("bob"),
+      ),
+      Code.PermissionDenied,
+      /^actions\[2\]\.cluster: "bob" lacks the right action\.submit in cluster "bulk-b"/,
+    );
+    expect(f.reason).toBe("PERMISSION_DENIED");
+    expect(await count(sql`run_id = 'denied'`)).toBe(0);
+  });
+
+  it("wakes the scheduler: a connected worker is granted the bulk-submitted actions", async () => {
+    const worker = await connectWorker(
+      t.address,
+      { workerId: "bulk-w", cluster: "bulk-wake", capacity: 3 },
+      as("alice"),
+    );
+    try {
+      const { results } = await api.submitActions(
+        { actions: Array.from({ length: 3 }, () => ({ cluster: "bulk-wake" })) },
+        as("alice"),
+      );
+      const ids = new Set(results.map((r) => r.action?.id));
+      const granted = new Set<string>();
+      while (granted.size < 3) granted.add((await worker.next("grant")).actionId);
+      expect(granted).toEqual(ids);
+    } finally {
+      worker.goodbye();
+      await worker.ended;
+    }
+  });
+
+  it("creates each request id once when bulk calls race each other", async () => {
+    const items: Item[] = Array.from({ length: 50 }, (_, i) => ({
+      cluster: "bulk-a",
+      requestId: `race-${i}`,
+      runId: "race",
+    }));
+    // The same ids, in different orders, from four concurrent calls.
+    const orders = [items, [...items].reverse(), items.slice(25).concat(items.slice(0, 25)), items];
+    const outcomes = await Promise.all(orders.map((actions) => api.submitActions({ actions }, as("alice"))));
+    const byRequestId = new Map<string, Set<string>>();
+    let created = 0;
+    for (const { results } of outcomes) {
+      for (const r of results) {
+        const set = byRequestId.get(r.action?.requestId ?? "") ?? new Set();
+        set.add(r.action?.id ?? "");
+        byRequestId.set(r.action?.requestId ?? "", set);
+        if (r.created) created++;
+      }
+    }
+    expect([...byRequestId.values()].every((s) => s.size === 1)).toBe(true);
+    expect(created).toBe(50);
+    expect(await count(sql`run_id = 'race'`)).toBe(50);
+  });
+});

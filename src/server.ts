@@ -24,6 +24,7 @@ import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } from "./store/database.js";
+import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { queryRows, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
@@ -75,6 +76,8 @@ export interface ServerOverrides {
    * authentication (tests of handler-level checks that need no credentials).
    */
   readonly accessOf?: (metadata: grpc.Metadata) => Access;
+  /** Called after every check of the database's health watch (PostgreSQL only; tests await checks). */
+  readonly onDatabaseCheck?: (check: DatabaseCheck) => void;
 }
 
 /** Flow control and stream limits, each defaulted where it is used. */
@@ -271,14 +274,21 @@ export async function startServer(
     log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
     // PGlite runs in this process: it cannot become unreachable, only busy.
     if (timers && database.ping) {
-      const watch = watchDatabase(database.ping, config.heartbeatIntervalMs, log, {
-        lost: () => rpc.markNotServing(),
+      // The rule that tells an outage from a busy process is in database-watch.ts.
+      const watch = watchDatabase(database.ping, {
+        everyMs: config.heartbeatIntervalMs,
+        lost: (cause) => {
+          log.error({ err: cause }, "database unreachable; NOT_SERVING until it answers again");
+          rpc.markNotServing();
+        },
         back: () => {
+          log.info("database reachable again; serving");
           rpc.markServing();
           // Whatever was missed while it was gone: look again.
           feed.publish(QUEUE_TOPIC);
           feed.publish(EVENTS_TOPIC);
         },
+        ...(overrides.onDatabaseCheck ? { checked: overrides.onDatabaseCheck } : {}),
       });
       cleanup.push(async () => watch.stop());
     }
@@ -331,59 +341,4 @@ function openFailure(url: string, error: unknown): LeaseholdError {
     `cannot use the database at ${redactUrl(url)}: ${errorText(error)}; check --database-url (not retrying: this is not an outage)`,
     { cause: error },
   );
-}
-
-/**
- * Checks the database every `everyMs`. While it cannot be reached (two
- * checks in a row fail or get no answer within `everyMs`) the process
- * reports NOT_SERVING (its heartbeat acks already stop extending:
- * they count down from the last persisted deadline, so agents self-fence in
- * time); when it answers again, SERVING. Both changes are logged once.
- */
-function watchDatabase(
-  ping: () => Promise<void>,
-  everyMs: number,
-  log: Logger,
-  on: { lost(): void; back(): void },
-): { stop(): void } {
-  let healthy = true;
-  let running = false;
-  /** Consecutive failed checks: one slow answer under load is not an outage. */
-  let failures = 0;
-  const timer = setInterval(() => {
-    if (running) return;
-    running = true;
-    let timeout: NodeJS.Timeout | undefined;
-    Promise.race([
-      ping(),
-      new Promise((_, reject) => {
-        timeout = setTimeout(() => reject(new Error(`no answer within ${everyMs}ms`)), everyMs);
-        timeout.unref();
-      }),
-    ])
-      .then(
-        () => {
-          failures = 0;
-          if (!healthy) {
-            healthy = true;
-            log.info("database reachable again; serving");
-            on.back();
-          }
-        },
-        (error: unknown) => {
-          failures += 1;
-          if (healthy && failures >= 2) {
-            healthy = false;
-            log.error({ err: error }, "database unreachable; NOT_SERVING until it answers again");
-            on.lost();
-          }
-        },
-      )
-      .finally(() => {
-        clearTimeout(timeout);
-        running = false;
-      });
-  }, everyMs);
-  timer.unref();
-  return { stop: () => clearInterval(timer) };
 }

@@ -5,7 +5,7 @@
  *   node --import tsx bench/restart.ts --database-url postgres://postgres@127.0.0.1:5432/postgres
  *     [--sessions 10000] [--leases-per-session 10] [--clusters 10] [--grace-period 10s]
  *     [--heartbeat-interval 1s] [--reconnect 10000] [--reconnect-at listening|serving]
- *     [--connections 100] [--hold 15s] [--profile-dir DIR] [--keep]
+ *     [--connections 100] [--hold 15s] [--max-wait 300s] [--profile-dir DIR] [--keep]
  *
  * `--database-url` names a PostgreSQL server (and credentials): the benchmark
  * creates a fresh database of its own beside the one in the URL, and drops it
@@ -30,8 +30,10 @@
  * soon as the port is bound (`--reconnect-at listening`, what agents retrying
  * with backoff do) or once it serves; each hello lists the worker's leases,
  * then it heartbeats every interval listing them. The streams are held until
- * `--hold` after SERVING (default 1.5 × grace), which covers the whole grace
- * period the restart granted. Nothing may be lost: no `lease expired` log
+ * `--hold` after SERVING (default 1.5 × grace, the whole grace period the
+ * restart granted) and until one grace period after the last worker is back
+ * (all of them, or what came back by `--max-wait` after the spawn, counted
+ * from the spawn). Nothing may be lost: no `lease expired` log
  * line, every action still LEASED to its session with epoch 1, no session
  * ended, no `lease_expired` event. Prints one JSON line.
  */
@@ -63,6 +65,7 @@ const { values } = parseArgs({
     "reconnect-at": { type: "string", default: "listening" },
     connections: { type: "string", default: "100" },
     hold: { type: "string" },
+    "max-wait": { type: "string", default: "300s" },
     "profile-dir": { type: "string" },
     keep: { type: "boolean", default: false },
   },
@@ -84,6 +87,7 @@ if (reconnectAt !== "listening" && reconnectAt !== "serving") {
 }
 const connections = Math.max(1, Math.min(Number(values.connections), Math.max(1, reconnectCount)));
 const holdMs = values.hold ? parseDuration("--hold", values.hold) : Math.round(graceMs * 1.5);
+const maxWaitMs = parseDuration("--max-wait", values["max-wait"]);
 
 /** Ids the seed SQL and this process both compute: md5 of a name, shaped as a UUID (like PostgreSQL's `md5(x)::uuid`). */
 const idOf = (name: string) => {
@@ -146,6 +150,8 @@ let expiredLines = 0;
 /** Lease expiries logged after this process stopped the streams and the server (should be none either). */
 let expiredAfterStop = 0;
 let stoppedAt: number | undefined;
+/** Rounds of the take-back extension the server logged (src/server.ts, keepExtendingWhileTakingBack). */
+let takeBackRounds = 0;
 let stopping = false;
 const logFile = join(mkdtempSync(join(tmpdir(), "leasehold-restart-")), "server.log");
 let logOffset = 0;
@@ -236,6 +242,9 @@ function onLogLine(line: string): void {
   else if (msg === "leasehold serving") {
     marks.servingLogMs = at;
     onServingLog();
+  } else if (msg.startsWith("agents taken back after the restart")) {
+    marks.takenBackMs = at;
+    takeBackRounds = Number((entry as { rounds?: number }).rounds ?? 0);
   } else if (msg.startsWith("lease expired")) {
     if (stoppedAt !== undefined && (entry.time ?? 0) > stoppedAt) expiredAfterStop += 1;
     else expiredLines += 1;
@@ -349,9 +358,14 @@ const reconnected = Promise.all(
 await Promise.all([serving, healthServing]);
 const rssAtServing = serverRssMiB();
 // Hold until `hold` after SERVING: every deadline the restart set passes within it.
+// Watched until `hold` after SERVING and one grace period after the last agent is back (or gave
+// up waiting at `--max-wait`), so every deadline the restart set, or a reconnect renewed, passes.
+const sleepUntil = (ms: number) => new Promise((r) => setTimeout(r, Math.max(0, ms - since())));
 const holdUntil = (marks.healthServingMs ?? since()) + holdMs;
-await Promise.race([reconnected, new Promise((r) => setTimeout(r, Math.max(0, holdUntil - since())))]);
-await new Promise((r) => setTimeout(r, Math.max(0, holdUntil - since())));
+await Promise.race([reconnected, sleepUntil(maxWaitMs)]);
+const backAt = since();
+await sleepUntil(Math.max(holdUntil, backAt + graceMs));
+const watchedMs = since() - (marks.healthServingMs ?? 0);
 
 const [state] = await sql<
   { leased_same_epoch: string; other_actions: string; sessions_ended: string; expired_events: string }[]
@@ -398,12 +412,15 @@ console.log(
     reconnect: reconnectCount,
     reconnectStartedMs: reconnectStarted,
     reconnectedMs: marks.reconnectedMs ?? null,
+    takeBackRounds,
+    takenBackMs: marks.takenBackMs ?? null,
     resumedSessions,
     resumedLeases,
     revokedLeases,
     revokesAfterWelcome,
     streamErrors,
     holdMs,
+    watchedMs,
     leaseExpiredLogLines: expiredLines,
     leaseExpiredLogLinesAfterStop: expiredAfterStop,
     leasedSameEpoch: Number(state?.leased_same_epoch),

@@ -25,7 +25,8 @@ import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-l
 import { type Clock, databaseClock } from "./store/clock.js";
 import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
-import { queryRows, toNumber } from "./store/rows.js";
+import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
+import { queryRows, toDate, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
@@ -249,6 +250,7 @@ export async function startServer(
     });
     cleanup.push(() => scope.close());
     // The restart extension (rule 6): now + grace, where now is after the bind above.
+    const [started] = await queryRows<{ now: unknown }>(db, sql`select ${clock.now()} as now`);
     await manager.start();
     // Leases whose TTL passed while no server ran are rolled back now, then every second.
     await scope.expireDue();
@@ -262,10 +264,11 @@ export async function startServer(
       cleanup.push(() => served.close());
     }
 
+    const hellos = countWaitingHellos(manager);
     gate.open([
       actionServiceBinding(actions),
       eventServiceBinding(events),
-      workerServiceBinding(manager, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
+      workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
       clusterServiceBinding({ db, clock, leases: manager, feed }),
       leaseServiceBinding(scope, events),
       resourceServiceBinding(scope),
@@ -291,6 +294,19 @@ export async function startServer(
         ...(overrides.onDatabaseCheck ? { checked: overrides.onDatabaseCheck } : {}),
       });
       cleanup.push(async () => watch.stop());
+    }
+
+    if (timers) {
+      const takeBack = keepExtendingWhileTakingBack({
+        db,
+        clock,
+        since: toDate(started?.now),
+        graceMs: config.gracePeriodMs,
+        maxSilenceMs: config.maxSilenceMs,
+        waitingHellos: hellos.waiting,
+        log,
+      });
+      cleanup.push(async () => takeBack.stop());
     }
 
     let closing: Promise<void> | undefined;
@@ -341,4 +357,93 @@ function openFailure(url: string, error: unknown): LeaseholdError {
     `cannot use the database at ${redactUrl(url)}: ${errorText(error)}; check --database-url (not retrying: this is not an outage)`,
     { cause: error },
   );
+}
+
+/**
+ * The lease manager with its `open` counted: how many hellos this process
+ * has accepted and not answered yet (most of them waiting for a database
+ * connection during a reconnect storm).
+ */
+function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; waiting(): number } {
+  let waiting = 0;
+  const counted: LeaseManager = {
+    ...manager,
+    open: async (hello, link, principal) => {
+      waiting += 1;
+      try {
+        return await manager.open(hello, link, principal);
+      } finally {
+        waiting -= 1;
+      }
+    },
+  };
+  return { counted, waiting: () => waiting };
+}
+
+/**
+ * Taking agents back after a restart (SPEC rule 6, for large fleets). The
+ * extension at start gives every live session until now + grace; thousands of
+ * agents that reconnect at once within that grace may still wait longer than
+ * it for their hello to be served (each is a transaction, and a process serves
+ * a few hundred a second), and a session whose hello is served after its
+ * deadline is reaped (or kept only while the mass-disconnect valve holds,
+ * which lets go once half the cluster is back). So, every grace/2 after the
+ * process serves, while hellos are waiting at this process, the sessions not
+ * heard from since it started get now + grace again. It stops for good at the
+ * first look with no hello waiting: from then on a session whose agent has not
+ * come back expires at its deadline as usual. The maximum silence still caps
+ * it (sessions silent longer get nothing), so a dead worker's leases are held
+ * at most that long even through a storm that never ends.
+ */
+function keepExtendingWhileTakingBack(deps: {
+  db: Db;
+  clock: Clock;
+  since: Date;
+  graceMs: number;
+  maxSilenceMs: number;
+  waitingHellos: () => number;
+  log: Logger;
+}): { stop(): void } {
+  let rounds = 0;
+  let extended = 0;
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  const look = async () => {
+    if (stopped) return;
+    const waiting = deps.waitingHellos();
+    if (waiting === 0) {
+      if (rounds > 0) {
+        deps.log.info(
+          { rounds, extended },
+          "agents taken back after the restart; sessions not back expire as usual",
+        );
+      }
+      return;
+    }
+    try {
+      const n = await extendAwaitedSessions(deps.db, deps.clock, deps.since, deps);
+      rounds += 1;
+      extended += n;
+      if (rounds === 1) {
+        deps.log.info(
+          { waitingHellos: waiting, sessions: n, graceMs: deps.graceMs },
+          "still taking agents back after the restart; extended the sessions not back yet",
+        );
+      }
+    } catch (error) {
+      deps.log.warn({ err: error }, "could not extend the sessions not back yet; trying again");
+    }
+    if (!stopped) {
+      timer = setTimeout(look, deps.graceMs / 2);
+      timer.unref();
+    }
+  };
+  timer = setTimeout(look, deps.graceMs / 2);
+  timer.unref();
+  return {
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
 }

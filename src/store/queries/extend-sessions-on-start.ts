@@ -20,17 +20,52 @@ export async function extendSessionsOnStart(
 ): Promise<number> {
   const now = clock.now();
   const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
-  const rows = await queryRows<{ id: string }>(
+  const [row] = await queryRows<{ n: unknown }>(
     db,
     sql`
-      update sessions set
-        deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
-        stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
-                              then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
-        server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
-        stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
-      where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
-      returning id`,
+      with extended as (
+        update sessions set
+          deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
+          stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
+                                then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
+          server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
+          stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
+        where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+        returning 1
+      )
+      select count(*) as n from extended`,
   );
-  return rows.length;
+  return Number(row?.n ?? 0);
+}
+
+/**
+ * The restart extension again, for the sessions a restarted process is still
+ * taking back: live sessions not heard from since `since` (the moment this
+ * process started; a session whose worker reconnected anywhere, or that a
+ * live process renews, has been heard from since) get a deadline of at least
+ * now + grace. Capped like the first extension: sessions silent for longer
+ * than `maxSilenceMs` get none. Writes only the rows whose deadline is sooner
+ * than now + grace. Returns how many it extended.
+ */
+export async function extendAwaitedSessions(
+  db: Db,
+  clock: Clock,
+  since: Date,
+  options: { graceMs: number; maxSilenceMs: number },
+): Promise<number> {
+  const now = clock.now();
+  const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
+  const [row] = await queryRows<{ n: unknown }>(
+    db,
+    sql`
+      with extended as (
+        update sessions set deadline = ${now} + ${ms(options.graceMs)}
+        where ended_at is null and last_heard_at < ${since.toISOString()}::timestamptz
+          and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+          and deadline < ${now} + ${ms(options.graceMs)}
+        returning 1
+      )
+      select count(*) as n from extended`,
+  );
+  return Number(row?.n ?? 0);
 }

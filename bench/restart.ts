@@ -250,7 +250,11 @@ function onLogLine(line: string): void {
     else expiredLines += 1;
   }
   const quiet = msg.startsWith("lease expired") || msg.includes("is partitioned") || stopping;
-  if ((entry.level ?? 0) >= 40 && !quiet) console.error(`server: ${line.slice(0, 500)}`);
+  if ((entry.level ?? 0) >= 40 && !quiet) {
+    const err = (entry as { err?: { stack?: string; message?: string } }).err;
+    const cause = err?.stack?.match(/caused by: [^\n]*/)?.[0] ?? err?.message?.slice(-300) ?? "";
+    console.error(`server: ${msg} ${cause}`);
+  }
 }
 
 /** The server's resident memory, from /proc (Linux). */

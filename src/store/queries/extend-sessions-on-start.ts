@@ -18,6 +18,35 @@ export async function extendSessionsOnStart(
   clock: Clock,
   options: { graceMs: number; maxSilenceMs: number; staleMs: number },
 ): Promise<number> {
+  // It locks every live session, in no particular order, while other processes renew theirs
+  // in theirs: a deadlock is possible, and whichever statement PostgreSQL picks fails. Failing
+  // here would stop the start, so it is tried again (the statement is idempotent).
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await extendOnce(db, clock, options);
+    } catch (error) {
+      if (attempt >= START_ATTEMPTS || !isRetryable(error)) throw error;
+    }
+  }
+}
+
+/** Tries of the start extension before a deadlock stops the start. */
+const START_ATTEMPTS = 5;
+
+/** Deadlock or serialization failure, anywhere in the error's cause chain (drizzle wraps the driver's error). */
+function isRetryable(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === "40P01" || code === "40001") return true;
+  }
+  return false;
+}
+
+async function extendOnce(
+  db: Db,
+  clock: Clock,
+  options: { graceMs: number; maxSilenceMs: number; staleMs: number },
+): Promise<number> {
   const now = clock.now();
   const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
   const [row] = await queryRows<{ n: unknown }>(
@@ -46,6 +75,12 @@ export async function extendSessionsOnStart(
  * now + grace. Capped like the first extension: sessions silent for longer
  * than `maxSilenceMs` get none. Writes only the rows whose deadline is sooner
  * than now + grace. Returns how many it extended.
+ *
+ * Locking: `for update skip locked`. It runs while hellos and renewals lock
+ * session rows in their own orders; waiting for them could deadlock (a first
+ * version did, against a renewal). A row locked at that moment is being
+ * resumed or renewed, so it needs no extension; anything else skipped is
+ * taken by the next round.
  */
 export async function extendAwaitedSessions(
   db: Db,
@@ -58,11 +93,16 @@ export async function extendAwaitedSessions(
   const [row] = await queryRows<{ n: unknown }>(
     db,
     sql`
-      with extended as (
-        update sessions set deadline = ${now} + ${ms(options.graceMs)}
+      with awaited as (
+        select id from sessions
         where ended_at is null and last_heard_at < ${since.toISOString()}::timestamptz
           and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
           and deadline < ${now} + ${ms(options.graceMs)}
+        for update skip locked
+      ),
+      extended as (
+        update sessions s set deadline = ${now} + ${ms(options.graceMs)}
+        from awaited a where s.id = a.id
         returning 1
       )
       select count(*) as n from extended`,

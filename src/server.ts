@@ -366,17 +366,22 @@ function openFailure(url: string, error: unknown): LeaseholdError {
  */
 function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; waiting(): number } {
   let waiting = 0;
-  const counted: LeaseManager = {
-    ...manager,
-    open: async (hello, link, principal) => {
-      waiting += 1;
-      try {
-        return await manager.open(hello, link, principal);
-      } finally {
-        waiting -= 1;
-      }
-    },
+  const open: LeaseManager["open"] = async (hello, link, principal) => {
+    waiting += 1;
+    try {
+      return await manager.open(hello, link, principal);
+    } finally {
+      waiting -= 1;
+    }
   };
+  // A proxy, not a copy: whatever else the manager has (getters, methods using `this`) stays its own.
+  const counted = new Proxy(manager, {
+    get(target, property) {
+      if (property === "open") return open;
+      const value: unknown = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
   return { counted, waiting: () => waiting };
 }
 
@@ -390,8 +395,9 @@ function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; wai
  * which lets go once half the cluster is back). So, every grace/2 after the
  * process serves, while hellos are waiting at this process, the sessions not
  * heard from since it started get now + grace again. It stops for good at the
- * first look with no hello waiting: from then on a session whose agent has not
- * come back expires at its deadline as usual. The maximum silence still caps
+ * first look with no hello waiting, or with no session left to extend: from
+ * then on a session whose agent has not come back expires at its deadline as
+ * usual. The maximum silence still caps
  * it (sessions silent longer get nothing), so a dead worker's leases are held
  * at most that long even through a storm that never ends.
  */
@@ -408,18 +414,18 @@ function keepExtendingWhileTakingBack(deps: {
   let extended = 0;
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;
+  const finish = () => {
+    if (rounds > 0) {
+      deps.log.info(
+        { rounds, extended },
+        "agents taken back after the restart; sessions not back expire as usual",
+      );
+    }
+  };
   const look = async () => {
     if (stopped) return;
     const waiting = deps.waitingHellos();
-    if (waiting === 0) {
-      if (rounds > 0) {
-        deps.log.info(
-          { rounds, extended },
-          "agents taken back after the restart; sessions not back expire as usual",
-        );
-      }
-      return;
-    }
+    if (waiting === 0) return finish();
     try {
       const n = await extendAwaitedSessions(deps.db, deps.clock, deps.since, deps);
       rounds += 1;
@@ -430,6 +436,8 @@ function keepExtendingWhileTakingBack(deps: {
           "still taking agents back after the restart; extended the sessions not back yet",
         );
       }
+      // Nobody left to wait for (all back, or silent past the maximum).
+      if (n === 0) return finish();
     } catch (error) {
       deps.log.warn({ err: error }, "could not extend the sessions not back yet; trying again");
     }

@@ -24,7 +24,9 @@ import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } from "./store/database.js";
-import { queryRows, toNumber } from "./store/rows.js";
+import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
+import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
+import { queryRows, toDate, toNumber } from "./store/rows.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
@@ -75,6 +77,8 @@ export interface ServerOverrides {
    * authentication (tests of handler-level checks that need no credentials).
    */
   readonly accessOf?: (metadata: grpc.Metadata) => Access;
+  /** Called after every check of the database's health watch (PostgreSQL only; tests await checks). */
+  readonly onDatabaseCheck?: (check: DatabaseCheck) => void;
 }
 
 /** Flow control and stream limits, each defaulted where it is used. */
@@ -246,6 +250,7 @@ export async function startServer(
     });
     cleanup.push(() => scope.close());
     // The restart extension (rule 6): now + grace, where now is after the bind above.
+    const [started] = await queryRows<{ now: unknown }>(db, sql`select ${clock.now()} as now`);
     await manager.start();
     // Leases whose TTL passed while no server ran are rolled back now, then every second.
     await scope.expireDue();
@@ -259,10 +264,11 @@ export async function startServer(
       cleanup.push(() => served.close());
     }
 
+    const hellos = countWaitingHellos(manager);
     gate.open([
       actionServiceBinding(actions),
       eventServiceBinding(events),
-      workerServiceBinding(manager, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
+      workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
       clusterServiceBinding({ db, clock, leases: manager, feed }),
       leaseServiceBinding(scope, events),
       resourceServiceBinding(scope),
@@ -271,16 +277,36 @@ export async function startServer(
     log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
     // PGlite runs in this process: it cannot become unreachable, only busy.
     if (timers && database.ping) {
-      const watch = watchDatabase(database.ping, config.heartbeatIntervalMs, log, {
-        lost: () => rpc.markNotServing(),
+      // The rule that tells an outage from a busy process is in database-watch.ts.
+      const watch = watchDatabase(database.ping, {
+        everyMs: config.heartbeatIntervalMs,
+        lost: (cause) => {
+          log.error({ err: cause }, "database unreachable; NOT_SERVING until it answers again");
+          rpc.markNotServing();
+        },
         back: () => {
+          log.info("database reachable again; serving");
           rpc.markServing();
           // Whatever was missed while it was gone: look again.
           feed.publish(QUEUE_TOPIC);
           feed.publish(EVENTS_TOPIC);
         },
+        ...(overrides.onDatabaseCheck ? { checked: overrides.onDatabaseCheck } : {}),
       });
       cleanup.push(async () => watch.stop());
+    }
+
+    if (timers) {
+      const takeBack = keepExtendingWhileTakingBack({
+        db,
+        clock,
+        since: toDate(started?.now),
+        graceMs: config.gracePeriodMs,
+        maxSilenceMs: config.maxSilenceMs,
+        waitingHellos: hellos.waiting,
+        log,
+      });
+      cleanup.push(async () => takeBack.stop());
     }
 
     let closing: Promise<void> | undefined;
@@ -334,56 +360,98 @@ function openFailure(url: string, error: unknown): LeaseholdError {
 }
 
 /**
- * Checks the database every `everyMs`. While it cannot be reached (two
- * checks in a row fail or get no answer within `everyMs`) the process
- * reports NOT_SERVING (its heartbeat acks already stop extending:
- * they count down from the last persisted deadline, so agents self-fence in
- * time); when it answers again, SERVING. Both changes are logged once.
+ * The lease manager with its `open` counted: how many hellos this process
+ * has accepted and not answered yet (most of them waiting for a database
+ * connection during a reconnect storm).
  */
-function watchDatabase(
-  ping: () => Promise<void>,
-  everyMs: number,
-  log: Logger,
-  on: { lost(): void; back(): void },
-): { stop(): void } {
-  let healthy = true;
-  let running = false;
-  /** Consecutive failed checks: one slow answer under load is not an outage. */
-  let failures = 0;
-  const timer = setInterval(() => {
-    if (running) return;
-    running = true;
-    let timeout: NodeJS.Timeout | undefined;
-    Promise.race([
-      ping(),
-      new Promise((_, reject) => {
-        timeout = setTimeout(() => reject(new Error(`no answer within ${everyMs}ms`)), everyMs);
-        timeout.unref();
-      }),
-    ])
-      .then(
-        () => {
-          failures = 0;
-          if (!healthy) {
-            healthy = true;
-            log.info("database reachable again; serving");
-            on.back();
-          }
-        },
-        (error: unknown) => {
-          failures += 1;
-          if (healthy && failures >= 2) {
-            healthy = false;
-            log.error({ err: error }, "database unreachable; NOT_SERVING until it answers again");
-            on.lost();
-          }
-        },
-      )
-      .finally(() => {
-        clearTimeout(timeout);
-        running = false;
-      });
-  }, everyMs);
+function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; waiting(): number } {
+  let waiting = 0;
+  const open: LeaseManager["open"] = async (hello, link, principal) => {
+    waiting += 1;
+    try {
+      return await manager.open(hello, link, principal);
+    } finally {
+      waiting -= 1;
+    }
+  };
+  // A proxy, not a copy: whatever else the manager has (getters, methods using `this`) stays its own.
+  const counted = new Proxy(manager, {
+    get(target, property) {
+      if (property === "open") return open;
+      const value: unknown = Reflect.get(target, property, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return { counted, waiting: () => waiting };
+}
+
+/**
+ * Taking agents back after a restart (SPEC rule 6, for large fleets). The
+ * extension at start gives every live session until now + grace; thousands of
+ * agents that reconnect at once within that grace may still wait longer than
+ * it for their hello to be served (each is a transaction, and a process serves
+ * a few hundred a second), and a session whose hello is served after its
+ * deadline is reaped (or kept only while the mass-disconnect valve holds,
+ * which lets go once half the cluster is back). So, every grace/2 after the
+ * process serves, while hellos are waiting at this process, the sessions not
+ * heard from since it started get now + grace again. It stops for good at the
+ * first look with no hello waiting, or with no session left to extend: from
+ * then on a session whose agent has not come back expires at its deadline as
+ * usual. The maximum silence still caps
+ * it (sessions silent longer get nothing), so a dead worker's leases are held
+ * at most that long even through a storm that never ends.
+ */
+function keepExtendingWhileTakingBack(deps: {
+  db: Db;
+  clock: Clock;
+  since: Date;
+  graceMs: number;
+  maxSilenceMs: number;
+  waitingHellos: () => number;
+  log: Logger;
+}): { stop(): void } {
+  let rounds = 0;
+  let extended = 0;
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  const finish = () => {
+    if (rounds > 0) {
+      deps.log.info(
+        { rounds, extended },
+        "agents taken back after the restart; sessions not back expire as usual",
+      );
+    }
+  };
+  const look = async () => {
+    if (stopped) return;
+    const waiting = deps.waitingHellos();
+    if (waiting === 0) return finish();
+    try {
+      const n = await extendAwaitedSessions(deps.db, deps.clock, deps.since, deps);
+      rounds += 1;
+      extended += n;
+      if (rounds === 1) {
+        deps.log.info(
+          { waitingHellos: waiting, sessions: n, graceMs: deps.graceMs },
+          "still taking agents back after the restart; extended the sessions not back yet",
+        );
+      }
+      // Nobody left to wait for (all back, or silent past the maximum).
+      if (n === 0) return finish();
+    } catch (error) {
+      deps.log.warn({ err: error }, "could not extend the sessions not back yet; trying again");
+    }
+    if (!stopped) {
+      timer = setTimeout(look, deps.graceMs / 2);
+      timer.unref();
+    }
+  };
+  timer = setTimeout(look, deps.graceMs / 2);
   timer.unref();
-  return { stop: () => clearInterval(timer) };
+  return {
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
 }

@@ -18,19 +18,94 @@ export async function extendSessionsOnStart(
   clock: Clock,
   options: { graceMs: number; maxSilenceMs: number; staleMs: number },
 ): Promise<number> {
+  // It locks every live session, in no particular order, while other processes renew theirs
+  // in theirs: a deadlock is possible, and whichever statement PostgreSQL picks fails. Failing
+  // here would stop the start, so it is tried again (the statement is idempotent).
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await extendOnce(db, clock, options);
+    } catch (error) {
+      if (attempt >= START_ATTEMPTS || !isRetryable(error)) throw error;
+    }
+  }
+}
+
+/** Tries of the start extension before a deadlock stops the start. */
+const START_ATTEMPTS = 5;
+
+/** Deadlock or serialization failure, anywhere in the error's cause chain (drizzle wraps the driver's error). */
+function isRetryable(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === "40P01" || code === "40001") return true;
+  }
+  return false;
+}
+
+async function extendOnce(
+  db: Db,
+  clock: Clock,
+  options: { graceMs: number; maxSilenceMs: number; staleMs: number },
+): Promise<number> {
   const now = clock.now();
   const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
-  const rows = await queryRows<{ id: string }>(
+  const [row] = await queryRows<{ n: unknown }>(
     db,
     sql`
-      update sessions set
-        deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
-        stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
-                              then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
-        server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
-        stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
-      where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
-      returning id`,
+      with extended as (
+        update sessions set
+          deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
+          stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
+                                then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
+          server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
+          stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
+        where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+        returning 1
+      )
+      select count(*) as n from extended`,
   );
-  return rows.length;
+  return Number(row?.n ?? 0);
+}
+
+/**
+ * The restart extension again, for the sessions a restarted process is still
+ * taking back: live sessions not heard from since `since` (the moment this
+ * process started; a session whose worker reconnected anywhere, or that a
+ * live process renews, has been heard from since) get a deadline of at least
+ * now + grace. Capped like the first extension: sessions silent for longer
+ * than `maxSilenceMs` get none. Writes only the rows whose deadline is sooner
+ * than now + grace. Returns how many it extended.
+ *
+ * Locking: `for update skip locked`. It runs while hellos and renewals lock
+ * session rows in their own orders; waiting for them could deadlock (a first
+ * version did, against a renewal). A row locked at that moment is being
+ * resumed or renewed, so it needs no extension; anything else skipped is
+ * taken by the next round.
+ */
+export async function extendAwaitedSessions(
+  db: Db,
+  clock: Clock,
+  since: Date,
+  options: { graceMs: number; maxSilenceMs: number },
+): Promise<number> {
+  const now = clock.now();
+  const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
+  const [row] = await queryRows<{ n: unknown }>(
+    db,
+    sql`
+      with awaited as (
+        select id from sessions
+        where ended_at is null and last_heard_at < ${since.toISOString()}::timestamptz
+          and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+          and deadline < ${now} + ${ms(options.graceMs)}
+        for update skip locked
+      ),
+      extended as (
+        update sessions s set deadline = ${now} + ${ms(options.graceMs)}
+        from awaited a where s.id = a.id
+        returning 1
+      )
+      select count(*) as n from extended`,
+  );
+  return Number(row?.n ?? 0);
 }

@@ -339,7 +339,7 @@ try {
       console.error(
         `  kill -9 runs (${count}${isLeasehold ? `, grace ${flags.grace}` : `, cap ${CAP_MS / 1000} s`}):`,
       );
-      r.failover = await withStore("failover", { serveArgs }, (store) =>
+      r.failover = await withStore("failover", { serveArgs, logLevel: "error" }, (store) =>
         killRecovery(store, count, CAP_MS, !isLeasehold),
       );
     }

@@ -45,9 +45,10 @@ export const leasehold = {
   usesPostgres: true,
   /**
    * `servers` serve processes share `databaseUrl`; `serveArgs` are added to
-   * each (e.g. a 2 s grace period for the kill -9 runs).
+   * each (e.g. a 2 s grace period for the kill -9 runs); `logLevel` is the
+   * servers' (the kill -9 runs pass `error`: every run expires a lease, a warning).
    */
-  async open({ databaseUrl, root, servers = 1, serveArgs = [] }) {
+  async open({ databaseUrl, root, servers = 1, serveArgs = [], logLevel = "warn" }) {
     const procs = [];
     const apis = [];
     const addresses = [];
@@ -67,7 +68,7 @@ export const leasehold = {
             "--database-url",
             databaseUrl,
             "--log-level",
-            "warn",
+            logLevel,
             ...serveArgs,
           ],
           { cwd: root },
@@ -90,19 +91,24 @@ export const leasehold = {
       /** SubmitActions, 1,000 per call; on UNIMPLEMENTED, unary SubmitAction with 64 in flight. */
       async enqueue(queue, total, batch) {
         let from = 0;
-        try {
-          for (; from < total; from += batch) {
-            const count = Math.min(batch, total - from);
-            await api.submitActions({
-              actions: Array.from({ length: count }, (_, i) => ({
-                cluster: queue,
-                payload: { n: from + i },
-              })),
-            });
+        let why = "not in this checkout's client";
+        // An older checkout's generated client has no submitActions: fall back the same way.
+        if (typeof api.submitActions === "function") {
+          try {
+            for (; from < total; from += batch) {
+              const count = Math.min(batch, total - from);
+              await api.submitActions({
+                actions: Array.from({ length: count }, (_, i) => ({
+                  cluster: queue,
+                  payload: { n: from + i },
+                })),
+              });
+            }
+            return "SubmitActions";
+          } catch (error) {
+            if (error?.code !== grpc.status.UNIMPLEMENTED || from > 0) throw error;
+            why = "the server answered UNIMPLEMENTED";
           }
-          return "SubmitActions";
-        } catch (error) {
-          if (error?.code !== grpc.status.UNIMPLEMENTED || from > 0) throw error;
         }
         let next = 0;
         await Promise.all(
@@ -113,7 +119,7 @@ export const leasehold = {
             }
           }),
         );
-        return "SubmitAction ×64 in flight (SubmitActions: UNIMPLEMENTED)";
+        return `unary SubmitAction, 64 in flight (SubmitActions: ${why})`;
       },
       async remaining(queue) {
         const { rows } = await pool.query(

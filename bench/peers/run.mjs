@@ -28,11 +28,11 @@ const root = join(here, "..", "..");
 const { values: flags } = parseArgs({
   options: {
     n: { type: "string", default: "20000" },
-    "n-single": { type: "string", default: "2000" },
+    "n-single": { type: "string", default: "1000" },
     batch: { type: "string", default: "1000" },
     "failover-runs": { type: "string", default: "20" },
     "peer-failover-runs": { type: "string", default: "3" },
-    "failover-cap": { type: "string", default: "60" },
+    "failover-cap": { type: "string", default: "65" },
     grace: { type: "string", default: "2s" },
     only: { type: "string" },
     skip: { type: "string" },
@@ -49,11 +49,11 @@ if (flags.help) {
   console.log(`node --import tsx run.mjs [flags]   (or: npm run bench -- [flags])
 
   --n N                    jobs for enqueue and the 16-slot burn-down (default 20000)
-  --n-single N             jobs for the 1-slot burn-down (default 2000)
+  --n-single N             jobs for the 1-slot burn-down (default 1000)
   --batch N                jobs per bulk enqueue call (default 1000)
   --failover-runs N        kill -9 runs for Leasehold (default 20)
   --peer-failover-runs N   kill -9 runs for each peer (default 3; stops after the first run past the cap)
-  --failover-cap S         seconds to wait for the second worker to start the job (default 60)
+  --failover-cap S         seconds to wait for the second worker to start the job (default 65)
   --grace D                Leasehold's --grace-period for the kill -9 runs (default 2s)
   --only LIST / --skip LIST  systems, comma-separated: leasehold,graphile-worker,pg-boss,bullmq
                            (--skip also takes: enqueue,burn16,burn1,failover,two-servers)

@@ -95,6 +95,16 @@ async function withDatabase(tag, fn) {
   try {
     return await fn(url.href);
   } finally {
+    // Let every client close on its own first: a forced drop ends idle connections that a library
+    // may still be closing, and some libraries have no error listener left on them by then.
+    for (let i = 0; i < 100; i++) {
+      const { rows } = await admin.query(
+        "select count(*)::int as n from pg_stat_activity where datname = $1",
+        [name],
+      );
+      if (rows[0].n === 0) break;
+      await sleep(100);
+    }
     await admin.query(`drop database if exists ${name} with (force)`);
   }
 }
@@ -287,76 +297,12 @@ try {
     console.error(`\n== ${system.label}`);
     const r = { settings: settingsOf(system) };
     result.systems[system.key] = r;
-    const open = (databaseUrl, extra = {}) =>
-      system.open({ databaseUrl, root, redis: redisOptions, prefix, ...extra });
-    const withStore = async (tag, extra, fn) => {
-      if (!system.usesPostgres) {
-        const store = await open(undefined, extra);
-        try {
-          return await fn(store);
-        } finally {
-          await store.close();
-        }
-      }
-      return withDatabase(`${system.key}_${tag}`, async (url) => {
-        const store = await open(url, extra);
-        try {
-          return await fn(store);
-        } finally {
-          await store.close();
-        }
-      });
-    };
-
-    if (runs("enqueue") || runs("burn16")) {
-      await withStore("burn16", {}, async (store) => {
-        const queue = `burn16-${process.pid}`;
-        const t0 = nowMs();
-        const method = await store.enqueue(queue, N, BATCH);
-        const seconds = (nowMs() - t0) / 1000;
-        r.enqueue = { jobs: N, method, seconds: round(seconds, 3), perSecond: Math.round(N / seconds) };
-        console.error(`  enqueue ${N} with ${method}: ${r.enqueue.perSecond}/s`);
-        if (runs("burn16")) {
-          r.burn16 = await burnDown(store, queue, N, [{ concurrency: 16 }]);
-          console.error(`  burn-down, 16 slots: ${r.burn16.perSecond}/s`);
-        }
-      });
-    }
-    if (runs("burn1")) {
-      await withStore("burn1", {}, async (store) => {
-        const queue = `burn1-${process.pid}`;
-        await store.enqueue(queue, N1, BATCH);
-        r.burn1 = await burnDown(store, queue, N1, [{ concurrency: 1 }]);
-        console.error(`  burn-down, 1 slot: ${r.burn1.perSecond}/s, ${r.burn1.msPerJob} ms per job`);
-      });
-    }
-    if (runs("failover")) {
-      const isLeasehold = system.key === "leasehold";
-      const count = Number(isLeasehold ? flags["failover-runs"] : flags["peer-failover-runs"]);
-      const serveArgs = isLeasehold
-        ? ["--grace-period", flags.grace, "--heartbeat-interval", heartbeatFor(flags.grace)]
-        : [];
-      console.error(
-        `  kill -9 runs (${count}${isLeasehold ? `, grace ${flags.grace}` : `, cap ${CAP_MS / 1000} s`}):`,
-      );
-      r.failover = await withStore("failover", { serveArgs, logLevel: "error" }, (store) =>
-        killRecovery(store, count, CAP_MS, !isLeasehold),
-      );
-    }
-    if (system.key === "leasehold" && runs("two-servers")) {
-      const twoBy8 = (servers) =>
-        withStore(`two_${servers}`, { servers }, async (store) => {
-          const queue = `two-${process.pid}`;
-          await store.enqueue(queue, N, BATCH);
-          return burnDown(store, queue, N, [
-            { concurrency: 8, server: 0 },
-            { concurrency: 8, server: servers - 1 },
-          ]);
-        });
-      r.oneServer2x8 = await twoBy8(1);
-      console.error(`  one server, 2 agents × 8 slots: ${r.oneServer2x8.perSecond}/s`);
-      r.twoServers2x8 = await twoBy8(2);
-      console.error(`  two servers, 2 agents × 8 slots (one per server): ${r.twoServers2x8.perSecond}/s`);
+    try {
+      await measure(system, r);
+    } catch (error) {
+      // One system's failure leaves the others' figures standing.
+      r.error = String(error?.message ?? error);
+      console.error(`  ${system.label} failed: ${error?.stack ?? error}`);
     }
   }
 } finally {
@@ -370,6 +316,81 @@ writeFileSync(flags.out, `${JSON.stringify(result, null, 2)}\n`);
 console.log(renderTable(result));
 console.log(`\nJSON: ${flags.out}`);
 process.exit(0);
+
+/** Runs every selected workload of `system`, filling `r`. */
+async function measure(system, r) {
+  const open = (databaseUrl, extra = {}) =>
+    system.open({ databaseUrl, root, redis: redisOptions, prefix, ...extra });
+  const withStore = async (tag, extra, fn) => {
+    if (!system.usesPostgres) {
+      const store = await open(undefined, extra);
+      try {
+        return await fn(store);
+      } finally {
+        await store.close();
+      }
+    }
+    return withDatabase(`${system.key}_${tag}`, async (url) => {
+      const store = await open(url, extra);
+      try {
+        return await fn(store);
+      } finally {
+        await store.close();
+      }
+    });
+  };
+
+  if (runs("enqueue") || runs("burn16")) {
+    await withStore("burn16", {}, async (store) => {
+      const queue = `burn16-${process.pid}`;
+      const t0 = nowMs();
+      const method = await store.enqueue(queue, N, BATCH);
+      const seconds = (nowMs() - t0) / 1000;
+      r.enqueue = { jobs: N, method, seconds: round(seconds, 3), perSecond: Math.round(N / seconds) };
+      console.error(`  enqueue ${N} with ${method}: ${r.enqueue.perSecond}/s`);
+      if (runs("burn16")) {
+        r.burn16 = await burnDown(store, queue, N, [{ concurrency: 16 }]);
+        console.error(`  burn-down, 16 slots: ${r.burn16.perSecond}/s`);
+      }
+    });
+  }
+  if (runs("burn1")) {
+    await withStore("burn1", {}, async (store) => {
+      const queue = `burn1-${process.pid}`;
+      await store.enqueue(queue, N1, BATCH);
+      r.burn1 = await burnDown(store, queue, N1, [{ concurrency: 1 }]);
+      console.error(`  burn-down, 1 slot: ${r.burn1.perSecond}/s, ${r.burn1.msPerJob} ms per job`);
+    });
+  }
+  if (runs("failover")) {
+    const isLeasehold = system.key === "leasehold";
+    const count = Number(isLeasehold ? flags["failover-runs"] : flags["peer-failover-runs"]);
+    const serveArgs = isLeasehold
+      ? ["--grace-period", flags.grace, "--heartbeat-interval", heartbeatFor(flags.grace)]
+      : [];
+    console.error(
+      `  kill -9 runs (${count}${isLeasehold ? `, grace ${flags.grace}` : `, cap ${CAP_MS / 1000} s`}):`,
+    );
+    r.failover = await withStore("failover", { serveArgs, logLevel: "error" }, (store) =>
+      killRecovery(store, count, CAP_MS, !isLeasehold),
+    );
+  }
+  if (system.key === "leasehold" && runs("two-servers")) {
+    const twoBy8 = (servers) =>
+      withStore(`two_${servers}`, { servers }, async (store) => {
+        const queue = `two-${process.pid}`;
+        await store.enqueue(queue, N, BATCH);
+        return burnDown(store, queue, N, [
+          { concurrency: 8, server: 0 },
+          { concurrency: 8, server: servers - 1 },
+        ]);
+      });
+    r.oneServer2x8 = await twoBy8(1);
+    console.error(`  one server, 2 agents × 8 slots: ${r.oneServer2x8.perSecond}/s`);
+    r.twoServers2x8 = await twoBy8(2);
+    console.error(`  two servers, 2 agents × 8 slots (one per server): ${r.twoServers2x8.perSecond}/s`);
+  }
+}
 
 // ---------------------------------------------------------------- helpers
 
@@ -528,5 +549,8 @@ function renderTable(res) {
       .map(([k, v]) => `${k} ${v ?? "(not installed)"}`)
       .join(", ")}; Leasehold ${env.leaseholdCommit ?? "(commit unknown)"}`,
     ...cols.map((s) => `${s.label}: ${res.systems[s.key].settings}`),
+    ...cols
+      .filter((s) => res.systems[s.key].error)
+      .map((s) => `${s.label} FAILED: ${res.systems[s.key].error}`),
   ].join("\n");
 }

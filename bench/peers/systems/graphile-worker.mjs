@@ -16,9 +16,12 @@ export const graphileWorker = {
     "LISTEN/NOTIFY plus a 2 s poll; a job's lock lasts 4 h",
   usesPostgres: true,
   async open({ databaseUrl }) {
-    const utils = await makeWorkerUtils({ connectionString: databaseUrl, logger });
+    const pool = new pg.Pool({ connectionString: databaseUrl, max: 2 });
+    const report = (error) => console.error(`graphile-worker (runner): ${error.message}`);
+    pool.on("error", report);
+    pool.on("connect", (client) => client.on("error", report));
+    const utils = await makeWorkerUtils({ pgPool: pool, logger });
     await utils.migrate();
-    const pool = new pg.Pool({ connectionString: databaseUrl, max: 1 });
     return {
       async enqueue(queue, total, batch) {
         for (let from = 0; from < total; from += batch) {

@@ -85,6 +85,7 @@ export const leasehold = {
       throw error;
     }
     const pool = new pg.Pool({ connectionString: databaseUrl, max: 1 });
+    pool.on("error", (error) => console.error(`Leasehold (runner): ${error.message}`));
     const api = apis[0];
     return {
       serverPids: procs.map((p) => p.pid),

@@ -14,6 +14,7 @@ export const pgBoss = {
     boss.on("error", (error) => console.error(`pg-boss: ${error.message}`));
     await boss.start();
     const pool = new pg.Pool({ connectionString: databaseUrl, max: 1 });
+    pool.on("error", (error) => console.error(`pg-boss (runner): ${error.message}`));
     const queues = new Set();
     const ensureQueue = async (queue) => {
       if (queues.has(queue)) return;

@@ -16,7 +16,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
 import pg from "pg";
-import { nowMs, sleep } from "./lib/child.mjs";
+import { killAll, nowMs, sleep } from "./lib/child.mjs";
 import { bullmq } from "./systems/bullmq.mjs";
 import { graphileWorker } from "./systems/graphile-worker.mjs";
 import { leasehold } from "./systems/leasehold.mjs";
@@ -165,11 +165,22 @@ async function redisCleanup() {
   }
 }
 
-process.on("SIGINT", async () => {
-  console.error("interrupted: restoring Redis settings");
+/** On Ctrl-C or a crash: no process left behind, Redis's settings restored. */
+async function abandon(code) {
+  killAll();
   await redisCleanup().catch(() => {});
-  process.exit(130);
+  process.exit(code);
+}
+process.on("SIGINT", () => {
+  console.error("interrupted: stopping the workers and servers, restoring Redis settings");
+  void abandon(130);
 });
+for (const event of ["uncaughtException", "unhandledRejection"]) {
+  process.on(event, (error) => {
+    console.error(`${event}: ${error?.stack ?? error}`);
+    void abandon(1);
+  });
+}
 
 // ---------------------------------------------------------------- workloads
 

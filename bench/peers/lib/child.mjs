@@ -14,6 +14,19 @@
 import { execFileSync, fork, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 
+/** Every process started here and not yet exited, so that a crashing runner leaves none behind. */
+const live = new Set();
+
+function track(child) {
+  live.add(child);
+  child.on("exit", () => live.delete(child));
+}
+
+/** Kills (SIGKILL) every process started here that is still running. */
+export function killAll() {
+  for (const child of live) child.kill("SIGKILL");
+}
+
 /** Milliseconds on a clock shared by all processes of this machine (wall clock, sub-ms precision). */
 export function nowMs() {
   return performance.timeOrigin + performance.now();
@@ -33,6 +46,7 @@ export function startWorker(script, config, { execArgv = [], cwd } = {}) {
     ...(cwd ? { cwd } : {}),
     stdio: ["ignore", "inherit", "inherit", "ipc"],
   });
+  track(child);
   const seen = [];
   const waiters = [];
   let exited = false;
@@ -109,6 +123,7 @@ export function startProcess(name, command, args, { cwd, env } = {}) {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
+  track(child);
   const prefix = (chunk) =>
     chunk
       .toString()

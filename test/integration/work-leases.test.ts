@@ -543,8 +543,10 @@ describe("work leases", () => {
     await tick().dispatch(); // let the dispatch the hellos woke finish first
     statements.length = 0;
     await tick().renew();
-    expect(statements, statements.join("\n---\n")).toHaveLength(1);
-    expect(statements[0]).toMatch(/update sessions s set\s+last_heard_at/);
+    // The cluster bus's look for other processes (PostgreSQL, once a second) is not the renewal's.
+    const renewal = statements.filter((q) => !q.includes("pg_stat_activity"));
+    expect(renewal, renewal.join("\n---\n")).toHaveLength(1);
+    expect(renewal[0]).toMatch(/update sessions s set\s+last_heard_at/);
   });
 
   it("turns a cluster DEGRADED after repeated expiries, with an event", async () => {

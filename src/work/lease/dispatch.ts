@@ -79,8 +79,12 @@ export function createDispatcher(deps: {
    * reports free (neither is in `held` yet).
    */
   const reserved = new Map<string, number>();
-  /** The last `slotsFor` passed over a stream whose room rounds in flight had claimed for. */
-  let starved = false;
+  /**
+   * Wake-ups so far. One that comes while a round runs may have found its
+   * streams' room promised to that round, which may fill less (it claimed
+   * before the new actions committed): the round's end claims again.
+   */
+  let wakes = 0;
   const reserve = (sessionId: string, n: number) => {
     const r = (reserved.get(sessionId) ?? 0) + n;
     if (r === 0) reserved.delete(sessionId);
@@ -119,15 +123,12 @@ export function createDispatcher(deps: {
    * over them.
    */
   function slotsFor(freeing: ReadonlyMap<Hosted, number>, claimAll: boolean): ClaimRequest {
-    starved = false;
     const rooms = new Map<Hosted, number>();
     let total = 0;
     const consider = (s: Hosted) => {
       if (total >= BATCH || rooms.has(s)) return;
       const room = hosted.room(s, freeing.get(s) ?? 0);
       const free = room - (reserved.get(s.sessionId) ?? 0);
-      // Its room is promised to a round in flight, which may fill less: look again after it.
-      if (room > 0 && free <= 0) starved = true;
       const n = Math.min(free, BATCH - total);
       if (n <= 0) return;
       rooms.set(s, n);
@@ -190,6 +191,7 @@ export function createDispatcher(deps: {
     readonly batch: Pending[];
     readonly freeing: ReadonlyMap<Hosted, number>;
     readonly claim: ClaimRequest;
+    readonly wakes: number;
   }
 
   function prepare(): Round | undefined {
@@ -203,9 +205,8 @@ export function createDispatcher(deps: {
       if (s.held.get(report.actionId) === report.epoch) freeing.set(s, (freeing.get(s) ?? 0) + 1);
     }
     const claim = deps.stopped() ? { groups: [], slots: [] } : slotsFor(freeing, claimAll);
-    if (starved && claimAll) wanted = true;
     if (batch.length === 0 && claim.slots.length === 0) return undefined;
-    const round = { batch, freeing, claim };
+    const round = { batch, freeing, claim, wakes };
     book(round, 1);
     return round;
   }
@@ -236,6 +237,7 @@ export function createDispatcher(deps: {
       throw error;
     } finally {
       book(round, -1);
+      if (wakes !== round.wakes) wanted = true;
     }
     // One synchronous run: each stream's answers, then its refills.
     const results = new Array<Finished | undefined>(batch.length);
@@ -345,6 +347,7 @@ export function createDispatcher(deps: {
       schedule();
     },
     wake() {
+      wakes++;
       wanted = true;
       schedule();
     },

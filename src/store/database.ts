@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
@@ -266,8 +267,20 @@ export function reconnectBackoffSeconds(retries: number): number {
   return (0.5 + Math.random() / 2) * Math.min(0.05 * 2 ** retries, 0.5);
 }
 
+/**
+ * The `application_name` of one process's connections: unique, so a process
+ * can tell its own LISTEN connection from the other processes' (the cluster
+ * bus skips NOTIFY while nobody else listens). A URL's own
+ * `application_name` wins; the bus then always notifies.
+ */
+const processApplicationName = (): string => `leasehold/${randomUUID()}`;
+
 async function openPostgres(url: string, poolSize: number, logger: QueryLogger): Promise<Database> {
-  const quiet = { onnotice: () => {}, backoff: reconnectBackoffSeconds };
+  const quiet = {
+    onnotice: () => {},
+    backoff: reconnectBackoffSeconds,
+    connection: { application_name: processApplicationName() },
+  };
   // One dedicated session holds the advisory lock and runs the DDL; ending it
   // releases the lock even if migration fails half-way.
   const migrator = postgres(url, { ...quiet, max: 1 });

@@ -1,6 +1,7 @@
 import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import type { Db } from "../store/database.js";
+import { queryRows } from "../store/rows.js";
 import { coalesced } from "./coalesced.js";
 import type { RevokeReason } from "./worker-messages.js";
 
@@ -36,6 +37,11 @@ export interface ClusterBus {
   subscribe(handler: (message: BusMessage) => void): () => void;
   /** Calls `fn` after the listener reconnected (messages sent meanwhile were lost). */
   onReconnect(fn: () => void): void;
+  /**
+   * Looks now whether another process listens (and remembers it). While
+   * none does, sends cost nothing: they are dropped, not notified.
+   */
+  peersListening(): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -50,11 +56,23 @@ export type Listen = (
 export const BUS_CHANNEL = "leasehold";
 /** NOTIFY payloads must stay under 8000 bytes. */
 const MAX_PAYLOAD = 7000;
+/** How often a process looks whether other processes listen. */
+const PEER_CHECK_MS = 1000;
+/** The `application_name` the database layer gives each process's connections. */
+const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
 
 /**
  * The bus over PostgreSQL LISTEN/NOTIFY. Sends are batched: everything sent
  * while a NOTIFY statement is in flight goes out in the next one, wake-up
  * topics deduplicated and packed into as few payloads as fit.
+ *
+ * A process alone on its database notifies nobody: every second (off the
+ * hot path) it looks in `pg_stat_activity` for another process's LISTEN
+ * connection, told apart from its own by `application_name`, which is unique
+ * per process. A process that starts listening announces itself at once
+ * with a NOTIFY, and any message from another process means it listens, so
+ * only hints sent in the moment before a new process is heard of are lost;
+ * the polls catch up on those as on any lost hint.
  */
 export async function createPostgresBus(deps: {
   db: Db;
@@ -66,6 +84,8 @@ export async function createPostgresBus(deps: {
   const handlers = new Set<(message: BusMessage) => void>();
   const reconnects: (() => void)[] = [];
   let listenedOnce = false;
+  /** Whether another process may be listening; true until looked at. */
+  let peers = true;
 
   const subscription = await listen(
     BUS_CHANNEL,
@@ -77,6 +97,7 @@ export async function createPostgresBus(deps: {
         return;
       }
       if (parsed.from === serverId) return;
+      peers = true;
       for (const handler of handlers) handler(parsed);
     },
     () => {
@@ -112,6 +133,41 @@ export async function createPostgresBus(deps: {
     return out;
   }
 
+  /** Another process's LISTEN on the channel (a hidden query may be one: counted). */
+  async function lookForPeers(): Promise<boolean> {
+    const [row] = await queryRows<{ own: string; others: unknown }>(
+      db,
+      sql`select current_setting('application_name') as own, count(*) as others
+          from pg_stat_activity
+          where datname = current_database() and pid <> pg_backend_pid()
+            and application_name <> current_setting('application_name')
+            and (query ilike ${`listen "${BUS_CHANNEL}"%`} or query = '<insufficient privilege>')`,
+    );
+    // Processes that share one configured name cannot tell each other apart: always notify.
+    peers = !row || !OWN_NAME.test(row.own) || Number(row.others) > 0;
+    return peers;
+  }
+
+  // Tells the processes already listening that one more does.
+  await db
+    .execute(
+      sql`select pg_notify(${BUS_CHANNEL}, ${JSON.stringify({ from: serverId, kind: "wake", topics: [] })})`,
+    )
+    .catch((error: unknown) => log.warn({ err: error }, "could not announce this process to the others"));
+  let checking = false;
+  const peerTimer = setInterval(() => {
+    if (checking) return;
+    checking = true;
+    lookForPeers()
+      .catch(() => {
+        peers = true;
+      })
+      .finally(() => {
+        checking = false;
+      });
+  }, PEER_CHECK_MS);
+  peerTimer.unref();
+
   const flusher = coalesced(
     async () => {
       const batch = payloads();
@@ -134,7 +190,7 @@ export async function createPostgresBus(deps: {
 
   return {
     send(message) {
-      if (closed) return;
+      if (closed || !peers) return;
       if (message.kind === "wake") for (const t of message.topics) topics.add(t);
       else others.push(message);
       flusher.request();
@@ -146,8 +202,10 @@ export async function createPostgresBus(deps: {
     onReconnect(fn) {
       reconnects.push(fn);
     },
+    peersListening: lookForPeers,
     async close() {
       closed = true;
+      clearInterval(peerTimer);
       await flusher.idle();
       await subscription.unlisten().catch(() => {});
     },

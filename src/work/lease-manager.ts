@@ -5,11 +5,9 @@ import type { Clock } from "../store/clock.js";
 import { refreshClusterHealth } from "../store/clusters.js";
 import type { Db } from "../store/database.js";
 import { auditLeases, type HeldLease } from "../store/queries/audit-leases.js";
-import { claimActions, type GrantRecord, grantActions } from "../store/queries/claim-actions.js";
 import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
-import { type Finished, type FinishReport, finishActions } from "../store/queries/finish-actions.js";
-import { leasedActions } from "../store/queries/leased-actions.js";
+import type { FinishReport } from "../store/queries/finish-actions.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, openSession } from "../store/queries/open-session.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "../store/queries/reap-sessions.js";
@@ -17,10 +15,10 @@ import { recordFencedReports } from "../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../store/queries/record-progress.js";
 import { renewSessions } from "../store/queries/renew-sessions.js";
 import { setWorkerDraining } from "../store/workers.js";
-import type { JsonObject } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
-import { coalesced } from "./coalesced.js";
+import { createDispatcher } from "./lease/dispatch.js";
+import { createHostedSessions, type Hosted } from "./lease/hosted.js";
 import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
@@ -131,70 +129,11 @@ export interface LeaseManager extends AsyncDisposable {
   stats(): HostedStats;
 }
 
-interface Hosted {
-  readonly sessionId: string;
-  /** The token of this stream on the session row; fences every write made for it. */
-  readonly streamToken: string;
-  readonly workerId: string;
-  readonly cluster: string;
-  /**
-   * The principal whose hello opened the stream: the actor of its reports.
-   * The stream belongs to one session and the session to this principal
-   * (checked at the hello), so its reports need no check of their own.
-   */
-  readonly principal: string;
-  readonly capacity: number;
-  readonly labels: Readonly<Record<string, string>>;
-  readonly link: WorkerLink;
-  /** Leases this stream holds: action id → epoch. */
-  readonly held: Map<string, number>;
-  /** Stop requests (cancel, collect) already sent, as action:epoch:kind, so an audit sends each once. */
-  readonly noticed: Set<string>;
-  /** The held leases of the last heartbeat (or of the hello): what the worker last said it works on. */
-  lastHeld: readonly LeaseToken[];
-  /**
-   * Leases asked to stop (cancel, collect outputs) and not yet let go, by
-   * action id; undefined while there are none, so heartbeats do no work for
-   * them. See {@link releaseOmitted}.
-   */
-  revoked: Map<string, RevokedLease> | undefined;
-  draining: boolean;
-  /** Slots reserved by a dispatch in flight. */
-  reserved: number;
-  /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
-  readonly unacked: Map<string, number>;
-  /** A dispatch passed this stream over for its full outbound buffer; `writable` dispatches again. */
-  blocked: boolean;
-  /** performance.now() of the last message from the worker. */
-  heardAt: number;
-  /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
-  deadlineMs: number;
-  dbOffsetMs: number;
-  ended: boolean;
-}
-
-/** A lease this stream was asked to stop, waiting for the worker to let go (SPEC rule 9). */
-interface RevokedLease {
-  readonly epoch: number;
-  readonly reason: RevokeReason;
-  /**
-   * The worker showed it has the lease: listed it in its last heartbeat (or
-   * hello) before the revoke, or in a heartbeat or report since. Until then
-   * a heartbeat without it proves nothing: it may have been composed before
-   * the grant arrived.
-   */
-  known: boolean;
-  /** A release for it is being committed. */
-  releasing: boolean;
-}
-
 /** Default of `LeaseManagerOptions.grantWindow`. */
 export const DEFAULT_GRANT_WINDOW = 32;
 /** Default of `LeaseManagerOptions.grantHighWaterBytes`: 1 MiB. */
 export const DEFAULT_GRANT_HIGH_WATER_BYTES = 1024 * 1024;
 
-/** Largest number of actions granted per claim statement. */
-const CLAIM_BATCH = 256;
 /** Sessions reaped per statement. */
 const REAP_BATCH = 500;
 
@@ -205,7 +144,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const partitionShare = options.partitionShare ?? 0.5;
   const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
-  const hosted = new Map<string, Hosted>();
+  const hosted = createHostedSessions({ grantWindow, grantHighWaterBytes });
   const timers: NodeJS.Timeout[] = [];
   const timersOn = options.timers ?? true;
   const bus = options.bus;
@@ -238,14 +177,21 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     return result;
   }
 
-  const finishes = createBatcher<Omit<FinishReport, "key">, Finished | undefined>(async (batch) => {
-    const results = new Array<Finished | undefined>(batch.length);
-    const keyed = batch.map((r, key) => ({ ...r, key }));
-    for (const round of rounds(keyed)) {
-      for (const f of await finishActions(db, clock, round)) results[f.key] = f;
-    }
-    return results;
+  const dispatcher = createDispatcher({
+    db,
+    clock,
+    log,
+    hosted,
+    graceMs,
+    granted(grants) {
+      metrics.grants.inc(grants.length);
+      publishActions(grants.map((g) => g.actionId));
+    },
+    stopped: () => closed,
   });
+  const scheduleDispatch = () => dispatcher.wake();
+  hosted.onRoom(scheduleDispatch);
+  const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
 
   const progress = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
     const accepted = new Set<number>();
@@ -268,7 +214,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       message,
     });
     s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
-    if (s.held.get(token.actionId) === token.epoch) s.held.delete(token.actionId);
+    hosted.letGo(s, token.actionId, token.epoch);
     recordFencedReports(db, [
       { ...token, workerId: s.workerId, sessionId: s.sessionId, what, actor: s.principal },
     ]).then(
@@ -313,15 +259,15 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
                 details: m.outcome.details,
               },
             };
-    finishes.add(report).then(
+    dispatcher.settle(
+      s,
+      report,
       (finished) => {
         if (!finished) return fenced(s, m.reportId, token, m.type);
-        if (s.held.get(token.actionId) === token.epoch) s.held.delete(token.actionId);
         accept(s, m.reportId, token, `action is now ${finished.state}`);
         publishActions([token.actionId]);
-        scheduleDispatch();
       },
-      (error: unknown) => unavailable(s, m.reportId, token, error),
+      (error) => unavailable(s, m.reportId, token, error),
     );
   }
 
@@ -394,29 +340,28 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       if (!r.known) continue;
       r.releasing = true;
       const token = { actionId, epoch: r.epoch };
-      finishes
-        .add({
+      dispatcher.settle(
+        s,
+        {
           ...token,
           sessionId: s.sessionId,
           actor: s.principal,
           kind: "released",
           reason: `no longer listed in held_leases after a ${r.reason.toLowerCase()} revoke`,
-        })
-        .then(
-          (finished) => {
-            if (revoked.get(actionId) === r) revoked.delete(actionId);
-            if (s.revoked === revoked && revoked.size === 0) s.revoked = undefined;
-            // Not applied means the lease had already ended on the server: it is not held either way.
-            if (s.held.get(actionId) === r.epoch) s.held.delete(actionId);
-            if (finished) publishActions([actionId]);
-            scheduleDispatch();
-          },
-          (error: unknown) => {
-            // Tried again on the next heartbeat that still omits it.
-            r.releasing = false;
-            log.warn({ err: error, actionId }, "could not release a lease the worker let go of; will retry");
-          },
-        );
+        },
+        // Not applied means the lease had already ended on the server: it is not held either way
+        // (the dispatcher lets it go).
+        (finished) => {
+          if (revoked.get(actionId) === r) revoked.delete(actionId);
+          if (s.revoked === revoked && revoked.size === 0) s.revoked = undefined;
+          if (finished) publishActions([actionId]);
+        },
+        (error) => {
+          // Tried again on the next heartbeat that still omits it.
+          r.releasing = false;
+          log.warn({ err: error, actionId }, "could not release a lease the worker let go of; will retry");
+        },
+      );
     }
     if (revoked.size === 0 && s.revoked === revoked) s.revoked = undefined;
   }
@@ -432,49 +377,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     );
   }
 
-  function removeHosted(s: Hosted): void {
-    s.ended = true;
-    if (hosted.get(s.sessionId) === s) hosted.delete(s.sessionId);
-  }
-
-  function sendGrant(s: Hosted, g: Omit<GrantRecord, "sessionId" | "workerId" | "cluster">): void {
-    s.held.set(g.actionId, g.epoch);
-    s.unacked.set(g.actionId, g.epoch);
-    s.link.send({
-      type: "grant",
-      actionId: g.actionId,
-      epoch: g.epoch,
-      attempt: g.attempt,
-      payload: g.payload,
-      runId: g.runId,
-      checkpoint: g.checkpoint as JsonObject | null,
-    });
-  }
-
-  /**
-   * The worker has the grant (a GrantAck, or any report on the lease): it no
-   * longer counts against the grant window. Opens the window again if full.
-   */
-  function acknowledged(s: Hosted, token: LeaseToken): void {
-    if (s.unacked.get(token.actionId) !== token.epoch) return;
-    s.unacked.delete(token.actionId);
-    if (s.unacked.size === grantWindow - 1) scheduleDispatch();
-  }
-
-  /**
-   * How many more grants a stream may take now: free slots, within the
-   * grant window, none while its outbound buffer is at the high-water mark.
-   */
-  function grantable(s: Hosted): number {
-    if (s.ended || s.draining) return 0;
-    if (s.link.bufferedBytes() >= grantHighWaterBytes) {
-      s.blocked = true;
-      return 0;
-    }
-    // Leases that left `held` (finished, revoked, fenced) no longer wait for an ack.
-    for (const [id, epoch] of s.unacked) if (s.held.get(id) !== epoch) s.unacked.delete(id);
-    return Math.min(s.capacity - s.held.size, grantWindow - s.unacked.size) - s.reserved;
-  }
+  const removeHosted = (s: Hosted) => hosted.remove(s);
 
   async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
@@ -502,13 +405,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       principal,
       capacity: hello.capacity,
       labels: hello.labels,
+      groupKey: groupKeyOf(hello.cluster, hello.labels),
       link,
       held: new Map(),
       noticed: new Set(),
       lastHeld: hello.heldLeases,
       revoked: undefined,
       draining: opened.draining,
-      reserved: 0,
       unacked: new Map(),
       blocked: false,
       heardAt: performance.now(),
@@ -517,7 +420,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       ended: false,
     };
     persisted(s, opened.deadline, opened.dbNow);
-    hosted.set(s.sessionId, s);
     for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",
@@ -530,7 +432,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       serverId,
     });
     // Grants the worker never received (it did not list them) are sent again, same epoch.
-    for (const l of opened.unlistedLeases) sendGrant(s, l);
+    for (const l of opened.unlistedLeases) hosted.sendGrant(s, l);
+    hosted.add(s);
     for (const l of [...opened.resumedLeases, ...opened.unlistedLeases]) {
       const token = { actionId: l.actionId, epoch: l.epoch };
       if (l.cancelRequested) revokeHosted(s.sessionId, token, "CANCELLED", "action cancelled", false);
@@ -573,7 +476,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
                 });
               } else if (s.unacked.size > 0) {
                 // Listing a grant shows the worker has it, as a GrantAck does.
-                acknowledged(s, token);
+                hosted.acknowledged(s, token);
               }
             }
             s.lastHeld = message.held;
@@ -585,18 +488,18 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
             const token = { actionId: message.actionId, epoch: message.epoch };
             if (s.revoked !== undefined) sawLease(s, token);
             if (s.held.get(token.actionId) === token.epoch) {
-              acknowledged(s, token);
+              hosted.acknowledged(s, token);
               accept(s, message.reportId, token, "grant acknowledged");
             } else fenced(s, message.reportId, token, "grant acknowledgement");
             return;
           }
           case "progress":
             if (s.revoked !== undefined) sawLease(s, message);
-            acknowledged(s, message);
+            hosted.acknowledged(s, message);
             return onProgress(s, message);
           case "completion":
           case "release":
-            acknowledged(s, message);
+            hosted.acknowledged(s, message);
             return onFinish(s, message);
           case "goodbye":
             removeHosted(s);
@@ -616,9 +519,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         }
       },
       writable() {
-        if (!s.blocked) return;
-        s.blocked = false;
-        scheduleDispatch();
+        hosted.writable(s);
       },
       async streamEnded() {
         if (goodbye) return goodbye;
@@ -899,122 +800,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   }
 
   /**
-   * Grants of transactions whose outcome is unknown (the connection broke
-   * around the commit): action id → the session it was for, and until when
-   * to keep looking (a commit can still land late).
-   */
-  const inDoubt = new Map<string, { sessionId: string; untilMs: number }>();
-
-  /**
-   * Sends the in-doubt grants that did commit, same epoch: without this they
-   * would sit leased to a worker that never heard of them. Only those
-   * actions are looked at; their workers cannot have started them, so
-   * nothing runs twice.
-   */
-  async function reconcile(): Promise<void> {
-    const leased = await leasedActions(db, [...inDoubt.keys()]);
-    for (const g of leased) {
-      if (inDoubt.get(g.actionId)?.sessionId !== g.sessionId) continue;
-      inDoubt.delete(g.actionId);
-      const s = hosted.get(g.sessionId);
-      if (!s || s.ended || s.held.get(g.actionId) === g.epoch) continue;
-      log.info(
-        { actionId: g.actionId, sessionId: g.sessionId, epoch: g.epoch },
-        "sending a grant again whose commit was in doubt",
-      );
-      sendGrant(s, g);
-    }
-    const now = Date.now();
-    for (const [id, doubt] of inDoubt) if (doubt.untilMs < now) inDoubt.delete(id);
-  }
-
-  async function dispatch(): Promise<void> {
-    if (inDoubt.size > 0) await reconcile();
-    const byCluster = new Map<string, Hosted[]>();
-    for (const s of hosted.values()) {
-      if (grantable(s) <= 0) continue;
-      const list = byCluster.get(s.cluster) ?? [];
-      list.push(s);
-      byCluster.set(s.cluster, list);
-    }
-    for (const [cluster, sessions] of byCluster) {
-      for (;;) {
-        // One look per round: `grantable` walks each stream's unacknowledged grants.
-        const room = new Map(sessions.map((s) => [s, grantable(s)]));
-        const free = (s: Hosted) => room.get(s) ?? 0;
-        const total = sessions.reduce((n, s) => n + Math.max(0, free(s)), 0);
-        if (total <= 0) break;
-        const limit = Math.min(total, CLAIM_BATCH);
-        const labelSets = sessions.filter((s) => free(s) > 0).map((s) => s.labels);
-        const reservations = new Map<Hosted, number>();
-        let attempted: { actionId: string; sessionId: string }[] = [];
-        let grants: GrantRecord[] = [];
-        let claimed = 0;
-        try {
-          grants = await db.transaction(async (t) => {
-            const tx = t as unknown as Db;
-            const candidates = await claimActions(tx, clock, cluster, labelSets, limit);
-            claimed = candidates.length;
-            const assignments = [];
-            for (const action of candidates) {
-              let best: Hosted | undefined;
-              for (const s of sessions) {
-                const f = free(s) - (reservations.get(s) ?? 0);
-                if (f <= 0 || s.ended || !matches(s.labels, action.labelSelector)) continue;
-                if (!best || f > free(best) - (reservations.get(best) ?? 0)) best = s;
-              }
-              if (!best) continue;
-              reservations.set(best, (reservations.get(best) ?? 0) + 1);
-              assignments.push({
-                actionId: action.id,
-                sessionId: best.sessionId,
-                streamToken: best.streamToken,
-                workerId: best.workerId,
-              });
-            }
-            for (const [s, n] of reservations) s.reserved += n;
-            attempted = assignments;
-            return grantActions(tx, clock, assignments);
-          });
-        } catch (error) {
-          // Committed or not is unknown: look again until a late commit could no longer land.
-          const untilMs = Date.now() + 2 * graceMs;
-          for (const a of attempted) inDoubt.set(a.actionId, { sessionId: a.sessionId, untilMs });
-          throw error;
-        } finally {
-          for (const [s, n] of reservations) s.reserved -= n;
-        }
-        for (const g of grants) {
-          const s = hosted.get(g.sessionId);
-          // A stream that closed meanwhile keeps the lease in its session; a resume re-sends it.
-          if (s && !s.ended) sendGrant(s, g);
-          else if (s === undefined)
-            log.info(
-              { actionId: g.actionId, sessionId: g.sessionId },
-              "granted to a session whose stream just closed; a reconnect receives it",
-            );
-        }
-        if (grants.length > 0) {
-          metrics.grants.inc(grants.length);
-          publishActions(grants.map((g) => g.actionId));
-        }
-        if (claimed < limit || grants.length === 0) break;
-      }
-    }
-  }
-
-  // Dispatch is single-flight: a request while one runs schedules exactly one more.
-  const dispatcher = coalesced(
-    () =>
-      dispatch().catch((error: unknown) =>
-        log.warn({ err: error }, "dispatch failed; retrying on the next tick"),
-      ),
-    () => closed,
-  );
-  const scheduleDispatch = () => dispatcher.request();
-  const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
-
-  /**
    * Runs `fn` every `ms`, never overlapping itself. A failure is logged once
    * (not on every tick of a database outage), and so is the recovery.
    */
@@ -1073,14 +858,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   ): void {
     const s = hosted.get(sessionId);
     if (!s || s.held.get(token.actionId) !== token.epoch) return;
-    if (ended) s.held.delete(token.actionId);
+    if (ended) hosted.letGo(s, token.actionId, token.epoch);
     else if (reason === "CANCELLED" || reason === "COLLECT_OUTPUTS") {
       // The audit need not send it again.
       s.noticed.add(`${token.actionId}:${token.epoch}:${reason === "CANCELLED" ? "cancel" : "collect"}`);
       trackRevoke(s, token, reason);
     }
     s.link.send({ type: "revoke", ...token, reason, message });
-    if (ended) scheduleDispatch();
   }
 
   function drainHosted(workerId: string, reason: string): void {
@@ -1113,8 +897,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       for (const t of timers) clearInterval(t);
       if (reapTimer) clearTimeout(reapTimer);
-      await dispatcher.idle();
-      await Promise.all([finishes.close(), progress.close()]);
+      await Promise.all([dispatcher.idle(), progress.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();
@@ -1160,6 +943,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       return { connectedWorkers: hosted.size, leasesHeld };
     },
   };
+}
+
+/** Streams with the same key can take the same actions: same cluster, same labels. */
+function groupKeyOf(cluster: string, labels: Readonly<Record<string, string>>): string {
+  const keys = Object.keys(labels).sort();
+  return JSON.stringify([cluster, ...keys.map((k) => [k, labels[k]])]);
 }
 
 /** Whether a worker's labels carry every selector label with the same value. */

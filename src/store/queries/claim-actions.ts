@@ -1,4 +1,4 @@
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
@@ -93,37 +93,11 @@ export async function grantActions(
   const rows = await queryRows<GrantRow>(
     tx,
     sql`
-      with input as (
+      with g_input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(id text, session_id text, token text, worker_id text)
       ),
-      live as (
-        select s.id from sessions s
-        where s.id in (select session_id from input) and s.ended_at is null
-          and s.stream_token in (select token from input)
-        for share of s
-      ),
-      granted as (
-        update actions a set
-          state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,
-          -- A new attempt starts from nothing: no phase, details or stop request of the last one.
-          phase = '', phase_details = null, stop_reason = null,
-          session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
-        from input i join live on live.id = i.session_id
-        where a.id = i.id and a.state = 'QUEUED'
-        returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
-                  i.session_id, i.worker_id
-      ),
-      attempt_rows as (
-        insert into attempts (action_id, epoch, worker_id, session_id, outcome, started_at)
-        select id, epoch, worker_id, session_id, 'RUNNING', ${now} from granted
-      ),
-      grant_events as (
-        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
-        select 'lease_granted', id, worker_id, cluster, session_id, epoch,
-          'lease granted to worker ' || worker_id || ' (epoch ' || epoch || ', attempt ' || attempt_count || ')'
-        from granted
-      )
-      select * from granted`,
+      ${grantCtes(now)}
+      select * from g_granted`,
   );
   return rows.map(grantFromRow);
 }
@@ -152,3 +126,41 @@ export const grantFromRow = (r: GrantRow): GrantRecord => ({
   runId: r.run_id,
   checkpoint: r.checkpoint,
 });
+
+/**
+ * The grant half of {@link grantActions} as common table expressions, for
+ * statements that claim in the same commit (see `settle-and-grant.ts`).
+ * Expects `g_input (id, session_id, token, worker_id)` before it; the grants
+ * are the rows of `g_granted` (a {@link GrantRow}). Same locking as
+ * {@link grantActions}.
+ */
+export function grantCtes(now: SQL): SQL {
+  return sql`
+      g_live as (
+        select s.id from sessions s
+        where s.id in (select session_id from g_input) and s.ended_at is null
+          and s.stream_token in (select token from g_input)
+        for share of s
+      ),
+      g_granted as (
+        update actions a set
+          state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,
+          -- A new attempt starts from nothing: no phase, details or stop request of the last one.
+          phase = '', phase_details = null, stop_reason = null,
+          session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
+        from g_input i join g_live on g_live.id = i.session_id
+        where a.id = i.id and a.state = 'QUEUED'
+        returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
+                  i.session_id, i.worker_id
+      ),
+      g_attempt_rows as (
+        insert into attempts (action_id, epoch, worker_id, session_id, outcome, started_at)
+        select id, epoch, worker_id, session_id, 'RUNNING', ${now} from g_granted
+      ),
+      g_grant_events as (
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        select 'lease_granted', id, worker_id, cluster, session_id, epoch,
+          'lease granted to worker ' || worker_id || ' (epoch ' || epoch || ', attempt ' || attempt_count || ')'
+        from g_granted
+      )`;
+}

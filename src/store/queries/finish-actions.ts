@@ -1,4 +1,4 @@
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import type { ActionErrorInfo, JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
@@ -50,7 +50,32 @@ export async function finishActions(
   reports: readonly FinishReport[],
 ): Promise<Finished[]> {
   if (reports.length === 0) return [];
-  const now = clock.now();
+  const rows = await queryRows<FinishedRow>(
+    db,
+    sql`
+      with ${finishCtes(reports, clock.now())}
+      select k, id, state from f_updated
+      union all
+      select k, id, state from f_repeated`,
+  );
+  return rows.map(finishedFromRow);
+}
+
+/** The columns an accepted report is read from. */
+export interface FinishedRow {
+  k: number;
+  id: string;
+  state: Finished["state"];
+}
+
+export const finishedFromRow = (r: FinishedRow): Finished => ({ key: r.k, actionId: r.id, state: r.state });
+
+/**
+ * The common table expressions of {@link finishActions}, for statements that
+ * do more in the same commit (see `settle-and-grant.ts`). Accepted reports
+ * are the rows of `f_updated` and `f_repeated` (k, id, state).
+ */
+export function finishCtes(reports: readonly FinishReport[], now: SQL): SQL {
   const input = JSON.stringify(
     reports.map((r) => ({
       k: r.key,
@@ -65,23 +90,21 @@ export async function finishActions(
       actor: r.actor,
     })),
   );
-  const rows = await queryRows<{ k: number; id: string; state: Finished["state"] }>(
-    db,
-    sql`
-      with input as (
+  return sql`
+f_input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
           k int, action_id text, epoch bigint, session_id text, kind text,
           output jsonb, error jsonb, retryable bool, reason text, actor text)
       ),
-      current as (
+      f_current as (
         select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,
                a.initial_backoff_ms, a.backoff_multiplier, a.max_backoff_ms, a.cancel_requested,
                a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason, i.actor
-        from actions a join input i
+        from actions a join f_input i
           on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
         for update of a
       ),
-      decided as (
+      f_decided as (
         select c.*,
           case
             when c.cancel_requested then 'CANCELLED'
@@ -89,9 +112,9 @@ export async function finishActions(
             when c.kind = 'released' then 'QUEUED'
             when c.retryable and c.failure_count + 1 < c.max_attempts then 'QUEUED'
             else 'FAILED' end as next_state
-        from current c
+        from f_current c
       ),
-      updated as (
+      f_updated as (
         update actions a set
           state = d.next_state,
           output = case when d.next_state = 'SUCCEEDED' then d.output else a.output end,
@@ -109,12 +132,12 @@ export async function finishActions(
             else ${now} end,
           finished_at = case when d.next_state in ('SUCCEEDED', 'FAILED', 'CANCELLED') then ${now} else null end,
           session_id = null, worker_id = null, granted_at = null, updated_at = ${now}
-        from decided d
+        from f_decided d
         where a.id = d.id
         returning a.id, a.state, d.k, d.kind, d.epoch, d.cluster, d.worker_id, d.session_id, d.error, d.reason,
                   a.not_before, d.actor
       ),
-      attempts_ended as (
+      f_attempts_ended as (
         update attempts t set
           outcome = case
             when u.state = 'CANCELLED' then 'CANCELLED'
@@ -123,9 +146,9 @@ export async function finishActions(
             else 'RELEASED' end,
           error = case when u.kind = 'failed' then u.error else null end,
           ended_at = ${now}
-        from updated u where t.action_id = u.id and t.epoch = u.epoch
+        from f_updated u where t.action_id = u.id and t.epoch = u.epoch
       ),
-      report_events as (
+      f_report_events as (
         insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
         select
           case
@@ -145,25 +168,20 @@ export async function finishActions(
             else 'attempt failed on worker ' || u.worker_id || '; retry after '
               || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end,
           u.actor
-        from updated u
+        from f_updated u
       ),
       -- A report sent again after its first copy was applied but not answered
       -- (the connection broke): the same attempt already ended the same way.
-      repeated as (
-        select i.k, a.id, a.state from input i
+      f_repeated as (
+        select i.k, a.id, a.state from f_input i
         join attempts t on t.action_id = i.action_id and t.epoch = i.epoch and t.session_id = i.session_id
         join actions a on a.id = i.action_id
-        where i.k not in (select k from current)
+        where i.k not in (select k from f_current)
           and case i.kind
             when 'succeeded' then t.outcome = 'SUCCEEDED' and a.epoch = i.epoch and a.output is not distinct from i.output
             when 'failed' then t.outcome = 'FAILED' and t.error is not distinct from i.error
             else t.outcome = 'RELEASED' end
         -- Waits for a first copy still committing, then sees how it ended.
         for share of t
-      )
-      select k, id, state from updated
-      union all
-      select k, id, state from repeated`,
-  );
-  return rows.map((r) => ({ key: r.k, actionId: r.id, state: r.state }));
+      )`;
 }

@@ -1,0 +1,356 @@
+import type { Logger } from "pino";
+import type { Clock } from "../../store/clock.js";
+import type { Db } from "../../store/database.js";
+import type { GrantRecord } from "../../store/queries/claim-actions.js";
+import type { Finished, FinishReport } from "../../store/queries/finish-actions.js";
+import { actionsLeasedTo } from "../../store/queries/leased-actions.js";
+import {
+  type ClaimRequest,
+  type Slot,
+  type SlotGroup,
+  settleAndGrant,
+} from "../../store/queries/settle-and-grant.js";
+import type { Hosted, HostedSessions } from "./hosted.js";
+
+/** A finishing report (completion or release) as a stream sends it. */
+export type Settlement = Omit<FinishReport, "key">;
+
+/**
+ * The one loop of a process that writes the lease hot path: it settles
+ * finishing reports and claims queued actions for free slots, both in one
+ * statement per round (`settleAndGrant`). A report's slot is refilled by the
+ * same commit that applies the report, and its answer and the refill's grant
+ * go out to the stream in the same synchronous run. Everything asked while a
+ * round runs is done together in the next: one claim serves every freed slot
+ * of the process, whatever woke it.
+ */
+export interface Dispatcher {
+  /**
+   * Queues a report of stream `s`. `done` runs once it committed, with the
+   * result (undefined: fenced); `failed` if its statement failed. Both run
+   * in the round's synchronous answer, before that round's grants are sent.
+   */
+  settle(
+    s: Hosted,
+    report: Settlement,
+    done: (finished: Finished | undefined) => void,
+    failed: (error: unknown) => void,
+  ): void;
+  /** Asks for a claim for every stream with room (new actions queued, a slot freed, a poll). */
+  wake(): void;
+  /** Resolves when no round runs or is scheduled. */
+  idle(): Promise<void>;
+}
+
+/** Largest number of reports settled, and of slots claimed for, per statement. */
+const BATCH = 256;
+/**
+ * Statements in flight at once. One at a time, a round waits for the last
+ * one's round trip even while the database has cores to spare; a few at once
+ * keep it busy, and under load each still carries a growing batch.
+ */
+const PIPELINE = 3;
+
+interface Pending {
+  readonly s: Hosted;
+  readonly report: Settlement;
+  readonly done: (finished: Finished | undefined) => void;
+  readonly failed: (error: unknown) => void;
+}
+
+export function createDispatcher(deps: {
+  db: Db;
+  clock: Clock;
+  log: Logger;
+  hosted: HostedSessions;
+  graceMs: number;
+  /** Called with the grants of every round, after they were sent. */
+  granted: (grants: readonly GrantRecord[]) => void;
+  stopped: () => boolean;
+}): Dispatcher {
+  const { db, clock, log, hosted, graceMs } = deps;
+  let queue: Pending[] = [];
+  let wanted = false;
+  let failing = false;
+  /** Actions whose reports a round in flight settles: a later report of one waits for it. */
+  const settling = new Set<string>();
+  /**
+   * By session: slots claimed for by rounds in flight, less the slots their
+   * reports free (neither is in `held` yet).
+   */
+  const reserved = new Map<string, number>();
+  /**
+   * Wake-ups so far. One that comes while a round runs may have found its
+   * streams' room promised to that round, which may fill less (it claimed
+   * before the new actions committed): the round's end claims again.
+   */
+  let wakes = 0;
+  const reserve = (sessionId: string, n: number) => {
+    const r = (reserved.get(sessionId) ?? 0) + n;
+    if (r === 0) reserved.delete(sessionId);
+    else reserved.set(sessionId, r);
+  };
+
+  /**
+   * Sessions claimed for by a statement whose outcome is unknown (the
+   * connection broke around its commit), and until when to look (a commit
+   * can still land late).
+   */
+  const inDoubt = new Map<string, number>();
+
+  /** The next reports, at most one per action (one statement may touch an action once). */
+  function take(): Pending[] {
+    if (queue.length === 0) return queue;
+    const batch: Pending[] = [];
+    const rest: Pending[] = [];
+    const ids = new Set<string>();
+    for (const p of queue) {
+      const id = p.report.actionId;
+      if (batch.length >= BATCH || ids.has(id) || settling.has(id)) rest.push(p);
+      else {
+        ids.add(id);
+        batch.push(p);
+      }
+    }
+    queue = rest;
+    return batch;
+  }
+
+  /**
+   * The free slots to claim for: first those the reports free, then those of
+   * other streams with room, longest waiting first, at most {@link BATCH}.
+   * Streams of one group get their slots in turns, so claimed actions spread
+   * over them.
+   */
+  function slotsFor(freeing: ReadonlyMap<Hosted, number>, claimAll: boolean): ClaimRequest {
+    const rooms = new Map<Hosted, number>();
+    let total = 0;
+    const consider = (s: Hosted) => {
+      if (total >= BATCH || rooms.has(s)) return;
+      const room = hosted.room(s, freeing.get(s) ?? 0);
+      const free = room - (reserved.get(s.sessionId) ?? 0);
+      const n = Math.min(free, BATCH - total);
+      if (n <= 0) return;
+      rooms.set(s, n);
+      total += n;
+    };
+    for (const s of freeing.keys()) consider(s);
+    if (claimAll) for (const s of hosted.roomy()) consider(s);
+    const groups = new Map<string, { group: SlotGroup; members: [Hosted, number][] }>();
+    for (const [s, n] of rooms) {
+      let entry = groups.get(s.groupKey);
+      if (!entry) {
+        entry = { group: { g: groups.size, cluster: s.cluster, labels: s.labels, room: 0 }, members: [] };
+        groups.set(s.groupKey, entry);
+      }
+      entry.members.push([s, n]);
+    }
+    const slots: Slot[] = [];
+    const result: SlotGroup[] = [];
+    for (const { group, members } of groups.values()) {
+      let n = 0;
+      for (let turn = 1; ; turn++) {
+        let dealt = false;
+        for (const [s, room] of members) {
+          if (room < turn) continue;
+          dealt = true;
+          slots.push({
+            g: group.g,
+            n: ++n,
+            sessionId: s.sessionId,
+            streamToken: s.streamToken,
+            workerId: s.workerId,
+          });
+        }
+        if (!dealt) break;
+      }
+      result.push({ ...group, room: n });
+    }
+    return { groups: result, slots };
+  }
+
+  /** Sends the in-doubt grants that did commit, same epoch; their workers cannot have started them. */
+  async function reconcile(): Promise<void> {
+    const now = Date.now();
+    for (const [id, untilMs] of inDoubt) if (untilMs < now) inDoubt.delete(id);
+    if (inDoubt.size === 0) return;
+    for (const g of await actionsLeasedTo(db, [...inDoubt.keys()])) {
+      const s = hosted.get(g.sessionId);
+      if (!s || s.ended || s.held.has(g.actionId)) continue;
+      inDoubt.delete(g.sessionId);
+      log.info(
+        { actionId: g.actionId, sessionId: g.sessionId, epoch: g.epoch },
+        "sending a grant again whose commit was in doubt",
+      );
+      hosted.sendGrant(s, g);
+    }
+  }
+
+  /** A round taken from the queue and the free slots, not yet run. */
+  interface Round {
+    readonly batch: Pending[];
+    readonly freeing: ReadonlyMap<Hosted, number>;
+    readonly claim: ClaimRequest;
+    readonly wakes: number;
+  }
+
+  function prepare(): Round | undefined {
+    const batch = take();
+    const claimAll = wanted;
+    wanted = false;
+    // Once stopped, reports are still settled (their answers are owed) but nothing is claimed.
+    // The reports' slots, if they hold their leases: refilled in the same statement.
+    const freeing = new Map<Hosted, number>();
+    for (const { s, report } of batch) {
+      if (s.held.get(report.actionId) === report.epoch) freeing.set(s, (freeing.get(s) ?? 0) + 1);
+    }
+    const claim = deps.stopped() ? { groups: [], slots: [] } : slotsFor(freeing, claimAll);
+    if (batch.length === 0 && claim.slots.length === 0) return undefined;
+    const round = { batch, freeing, claim, wakes };
+    book(round, 1);
+    return round;
+  }
+
+  /** Counts a round in flight (`sign` 1) or no longer (-1) in `settling` and `reserved`. */
+  function book({ batch, freeing, claim }: Round, sign: 1 | -1): void {
+    for (const p of batch) {
+      if (sign > 0) settling.add(p.report.actionId);
+      else settling.delete(p.report.actionId);
+    }
+    for (const [s, n] of freeing) reserve(s.sessionId, -sign * n);
+    for (const slot of claim.slots) reserve(slot.sessionId, sign);
+  }
+
+  async function run(round: Round): Promise<void> {
+    const { batch, claim } = round;
+    const reports = batch.map((p, key) => ({ ...p.report, key }));
+    let settled: Awaited<ReturnType<typeof settleAndGrant>>;
+    try {
+      settled = await settleAndGrant(db, clock, reports, claim);
+    } catch (error) {
+      if (claim.slots.length > 0) {
+        // Committed or not is unknown: look again until a late commit could no longer land.
+        const untilMs = Date.now() + 2 * graceMs;
+        for (const slot of claim.slots) inDoubt.set(slot.sessionId, untilMs);
+      }
+      for (const p of batch) p.failed(error);
+      throw error;
+    } finally {
+      book(round, -1);
+      if (wakes !== round.wakes) wanted = true;
+    }
+    // One synchronous run: each stream's answers, then its refills.
+    const results = new Array<Finished | undefined>(batch.length);
+    for (const f of settled.finished) results[f.key] = f;
+    let requeued = false;
+    for (let i = 0; i < batch.length; i++) {
+      const p = batch[i] as Pending;
+      const f = results[i];
+      if (f?.state === "QUEUED") requeued = true;
+      // Claimed for already (see `slotsFor`), so no wake-up.
+      hosted.letGo(p.s, p.report.actionId, p.report.epoch, false);
+      p.done(f);
+    }
+    for (const g of settled.grants) {
+      const s = hosted.get(g.sessionId);
+      // A stream that closed meanwhile keeps the lease in its session; a resume re-sends it.
+      if (s && !s.ended) hosted.sendGrant(s, g);
+      else if (s === undefined)
+        log.info(
+          { actionId: g.actionId, sessionId: g.sessionId },
+          "granted to a session whose stream just closed; a reconnect receives it",
+        );
+    }
+    for (const slot of claim.slots) {
+      const s = hosted.get(slot.sessionId);
+      if (s) hosted.served(s);
+    }
+    if (settled.grants.length > 0) deps.granted(settled.grants);
+    // A re-queued action waits for the next claim; a full claim may have left more queued.
+    if (requeued || (claim.slots.length > 0 && settled.grants.length === claim.slots.length)) wanted = true;
+  }
+
+  /** Rounds in flight. */
+  let active = 0;
+  let scheduled = false;
+  let reconciling = false;
+  let idleWaiters: (() => void)[] = [];
+  const isIdle = () => active === 0 && !scheduled && !reconciling;
+
+  /** Starts rounds on the next turn, so that everything asked in this one shares them. */
+  function schedule(): void {
+    if (scheduled) return;
+    scheduled = true;
+    setImmediate(fill);
+  }
+
+  function fill(): void {
+    scheduled = false;
+    if (inDoubt.size > 0) {
+      // Alone: no grant of a round in flight can be mistaken for an in-doubt one.
+      if (active > 0 || reconciling) {
+        settle();
+        return;
+      }
+      reconciling = true;
+      reconcile()
+        .catch((error: unknown) => failed(error))
+        .finally(() => {
+          reconciling = false;
+          // Found or not, claims go on; a grant that commits late is found by a later look.
+          fillAfterReconcile();
+        });
+      return;
+    }
+    fillAfterReconcile();
+  }
+
+  function fillAfterReconcile(): void {
+    while (active < PIPELINE && (queue.length > 0 || wanted)) {
+      const r = prepare();
+      if (!r) break;
+      active++;
+      run(r)
+        .then(
+          () => {
+            if (failing) log.info("dispatch works again");
+            failing = false;
+          },
+          (error: unknown) => failed(error),
+        )
+        .finally(() => {
+          active--;
+          if (queue.length > 0 || wanted) fill();
+          else settle();
+        });
+    }
+    settle();
+  }
+
+  function failed(error: unknown): void {
+    if (failing) log.debug({ err: error }, "dispatch still failing");
+    else log.warn({ err: error }, "dispatch failed; retrying on the next tick");
+    failing = true;
+  }
+
+  /** Wakes `idle()` callers once nothing runs. */
+  function settle(): void {
+    if (!isIdle()) return;
+    const waiters = idleWaiters;
+    idleWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  return {
+    settle(s, report, done, failed) {
+      queue.push({ s, report, done, failed });
+      schedule();
+    },
+    wake() {
+      wakes++;
+      wanted = true;
+      schedule();
+    },
+    idle: () => (isIdle() ? Promise.resolve() : new Promise<void>((r) => idleWaiters.push(r))),
+  };
+}

@@ -1,0 +1,195 @@
+import type { GrantRecord } from "../../store/queries/claim-actions.js";
+import type { JsonObject } from "../action.js";
+import type { LeaseToken, RevokeReason, WorkerLink } from "../worker-messages.js";
+
+/** One worker stream this process hosts, and the leases its session holds. */
+export interface Hosted {
+  readonly sessionId: string;
+  /** The token of this stream on the session row; fences every write made for it. */
+  readonly streamToken: string;
+  readonly workerId: string;
+  readonly cluster: string;
+  /**
+   * The principal whose hello opened the stream: the actor of its reports.
+   * The stream belongs to one session and the session to this principal
+   * (checked at the hello), so its reports need no check of their own.
+   */
+  readonly principal: string;
+  readonly capacity: number;
+  readonly labels: Readonly<Record<string, string>>;
+  /** Cluster and labels as one string: streams with the same key can take the same actions. */
+  readonly groupKey: string;
+  readonly link: WorkerLink;
+  /** Leases this stream holds: action id → epoch. Changed only through {@link HostedSessions}. */
+  readonly held: Map<string, number>;
+  /** Stop requests (cancel, collect) already sent, as action:epoch:kind, so an audit sends each once. */
+  readonly noticed: Set<string>;
+  /** The held leases of the last heartbeat (or of the hello): what the worker last said it works on. */
+  lastHeld: readonly LeaseToken[];
+  /**
+   * Leases asked to stop (cancel, collect outputs) and not yet let go, by
+   * action id; undefined while there are none, so heartbeats do no work for
+   * them.
+   */
+  revoked: Map<string, RevokedLease> | undefined;
+  draining: boolean;
+  /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
+  readonly unacked: Map<string, number>;
+  /** A claim passed this stream over for its full outbound buffer; `writable` lets it in again. */
+  blocked: boolean;
+  /** performance.now() of the last message from the worker. */
+  heardAt: number;
+  /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
+  deadlineMs: number;
+  dbOffsetMs: number;
+  ended: boolean;
+}
+
+/** A lease this stream was asked to stop, waiting for the worker to let go (SPEC rule 9). */
+export interface RevokedLease {
+  readonly epoch: number;
+  readonly reason: RevokeReason;
+  /**
+   * The worker showed it has the lease: listed it in its last heartbeat (or
+   * hello) before the revoke, or in a heartbeat or report since. Until then
+   * a heartbeat without it proves nothing: it may have been composed before
+   * the grant arrived.
+   */
+  known: boolean;
+  /** A release for it is being committed. */
+  releasing: boolean;
+}
+
+/** The grant as the stream receives it. */
+export type Grant = Omit<GrantRecord, "sessionId" | "workerId" | "cluster">;
+
+/**
+ * The streams this process hosts, and which of them may have room for
+ * another grant. Every change to a stream's leases goes through here, so the
+ * set of streams with room stays exact enough that a claim looks only at
+ * those (not at every stream: SPEC §6 has 10,000 streams per process).
+ */
+export interface HostedSessions {
+  get(sessionId: string): Hosted | undefined;
+  /** Every hosted stream, for the once-a-tick passes. */
+  values(): IterableIterator<Hosted>;
+  readonly size: number;
+  add(s: Hosted): void;
+  /** The stream ended (goodbye, lost, reaped, taken over): no more grants, reports or renewals. */
+  remove(s: Hosted): void;
+  /** Sends a grant and records the lease as held and unacknowledged. A grant already held is not sent again. */
+  sendGrant(s: Hosted, g: Grant): void;
+  /**
+   * The lease (action, epoch) is no longer held by the stream: its slot is
+   * free. `wake` false: the claim that would fill it is already under way
+   * (the report that freed it was settled together with a claim).
+   */
+  letGo(s: Hosted, actionId: string, epoch: number, wake?: boolean): void;
+  /** The worker has the grant (GrantAck, a report, or a heartbeat listing it). */
+  acknowledged(s: Hosted, token: LeaseToken): void;
+  /** The stream's outbound buffer fell under the high-water mark. */
+  writable(s: Hosted): void;
+  /**
+   * How many more grants `s` may take now, counting `freeing` of its held
+   * leases as already let go: free slots, within the grant window, none
+   * while draining or while its outbound buffer is at the high-water mark.
+   */
+  room(s: Hosted, freeing?: number): number;
+  /**
+   * The streams that may have room, in the order they should be served
+   * (longest waiting first). A stream found without room is dropped from the
+   * set until something frees a slot of it.
+   */
+  roomy(): IterableIterator<Hosted>;
+  /** `s` was served: it goes to the back of the queue if it still has room. */
+  served(s: Hosted): void;
+  /** Called when a stream gains room (a wake-up for the claimer). */
+  onRoom(fn: () => void): void;
+}
+
+export function createHostedSessions(limits: {
+  grantWindow: number;
+  grantHighWaterBytes: number;
+}): HostedSessions {
+  const { grantWindow, grantHighWaterBytes } = limits;
+  const byId = new Map<string, Hosted>();
+  const withRoom = new Set<Hosted>();
+  let roomListener = () => {};
+
+  const mayHaveRoom = (s: Hosted, wake = true) => {
+    if (s.ended) return;
+    withRoom.add(s);
+    if (wake) roomListener();
+  };
+
+  const room = (s: Hosted, freeing = 0): number => {
+    if (s.ended || s.draining) return 0;
+    if (s.link.bufferedBytes() >= grantHighWaterBytes) {
+      s.blocked = true;
+      return 0;
+    }
+    return Math.min(s.capacity - s.held.size + freeing, grantWindow - s.unacked.size);
+  };
+
+  return {
+    get: (id) => byId.get(id),
+    values: () => byId.values(),
+    get size() {
+      return byId.size;
+    },
+    add(s) {
+      byId.set(s.sessionId, s);
+      mayHaveRoom(s);
+    },
+    remove(s) {
+      s.ended = true;
+      withRoom.delete(s);
+      if (byId.get(s.sessionId) === s) byId.delete(s.sessionId);
+    },
+    sendGrant(s, g) {
+      if (s.held.get(g.actionId) === g.epoch) return;
+      s.held.set(g.actionId, g.epoch);
+      s.unacked.set(g.actionId, g.epoch);
+      s.link.send({
+        type: "grant",
+        actionId: g.actionId,
+        epoch: g.epoch,
+        attempt: g.attempt,
+        payload: g.payload,
+        runId: g.runId,
+        checkpoint: g.checkpoint as JsonObject | null,
+      });
+    },
+    letGo(s, actionId, epoch, wake = true) {
+      if (s.held.get(actionId) !== epoch) return;
+      s.held.delete(actionId);
+      // A lease that left `held` no longer waits for an ack.
+      if (s.unacked.get(actionId) === epoch) s.unacked.delete(actionId);
+      mayHaveRoom(s, wake);
+    },
+    acknowledged(s, token) {
+      if (s.unacked.get(token.actionId) !== token.epoch) return;
+      s.unacked.delete(token.actionId);
+      if (s.unacked.size === grantWindow - 1) mayHaveRoom(s);
+    },
+    writable(s) {
+      if (!s.blocked) return;
+      s.blocked = false;
+      mayHaveRoom(s);
+    },
+    room,
+    *roomy() {
+      for (const s of withRoom) {
+        if (room(s) > 0) yield s;
+        else withRoom.delete(s);
+      }
+    },
+    served(s) {
+      if (!withRoom.delete(s)) return;
+      if (room(s) > 0) withRoom.add(s);
+    },
+    onRoom(fn) {
+      roomListener = fn;
+    },
+  };
+}

@@ -100,7 +100,7 @@ export function createDispatcher(deps: {
 
   /** The next reports, at most one per action (one statement may touch an action once). */
   function take(): Pending[] {
-    if (queue.length === 0) return queue;
+    if (queue.length === 0) return [];
     const batch: Pending[] = [];
     const rest: Pending[] = [];
     const ids = new Set<string>();

@@ -135,7 +135,14 @@ export function createDispatcher(deps: {
       total += n;
     };
     for (const s of freeing.keys()) consider(s);
-    if (claimAll) for (const s of hosted.roomy()) consider(s);
+    if (claimAll) {
+      // Stop at a full claim: walking every stream with room would make each wake-up cost
+      // as much as the number of hosted streams (10,000 idle workers, one hello each).
+      for (const s of hosted.roomy()) {
+        if (total >= BATCH) break;
+        consider(s);
+      }
+    }
     const groups = new Map<string, { group: SlotGroup; members: [Hosted, number][] }>();
     for (const [s, n] of rooms) {
       let entry = groups.get(s.groupKey);

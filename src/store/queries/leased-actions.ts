@@ -4,24 +4,6 @@ import { queryRows } from "../rows.js";
 import { type GrantRecord, type GrantRow, grantFromRow } from "./claim-actions.js";
 
 /**
- * These actions as grants, for the ones that are LEASED. Used after a grant
- * transaction failed with an unknown outcome (the connection broke around
- * its commit): whatever it did commit is found here and sent again, with the
- * same epoch, instead of sitting leased to a worker that never heard of it.
- */
-export async function leasedActions(db: Db, actionIds: readonly string[]): Promise<GrantRecord[]> {
-  if (actionIds.length === 0) return [];
-  const rows = await queryRows<GrantRow>(
-    db,
-    sql`select id, session_id, worker_id, cluster, epoch, attempt_count, payload, run_id, checkpoint
-        from actions
-        where state = 'LEASED'
-          and id in (select jsonb_array_elements_text(${JSON.stringify(actionIds)}::jsonb))`,
-  );
-  return rows.map(grantFromRow);
-}
-
-/**
  * The actions LEASED to these sessions, as grants. Used after a statement
  * that claimed for these sessions failed with an unknown outcome: what it
  * did grant is found here (the caller skips the leases it knows of).

@@ -2,13 +2,14 @@ import { randomUUID } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
-import type { PgDatabase, PgQueryResultHKT } from "drizzle-orm/pg-core";
+import { type PgDatabase, PgDialect, type PgQueryResultHKT } from "drizzle-orm/pg-core";
 import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
 import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { lockDataDir } from "./data-dir-lock.js";
+import { registerPreparedRunner } from "./rows.js";
 import * as schema from "./schema.js";
 
 /** The drizzle database type both drivers share; repositories take only this. */
@@ -292,14 +293,17 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
   }
   const client = postgres(url, { ...quiet, max: poolSize });
   const pinger = postgres(url, { ...quiet, max: 1 });
+  const db = drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
+  const dialect = new PgDialect();
+  registerPreparedRunner(db, (query) => {
+    const { sql: text, params } = dialect.sqlToQuery(query);
+    logger?.logQuery(text);
+    return client.unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
+  });
   return {
-    ...handle(
-      drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db,
-      "postgres",
-      async () => {
-        await Promise.all([client.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
-      },
-    ),
+    ...handle(db, "postgres", async () => {
+      await Promise.all([client.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
+    }),
     ping: async () => {
       await pinger`select 1`;
     },

@@ -1,12 +1,29 @@
 import type { SQL } from "drizzle-orm";
 import type { Db } from "./database.js";
 
+/** Runs a statement as a named prepared statement of its connection, returning its rows. */
+export type PreparedRunner = (query: SQL) => Promise<unknown[]>;
+
+const preparedRunners = new WeakMap<Db, PreparedRunner>();
+
+/** Called by `openDatabase` for a driver that can keep prepared statements (postgres.js). */
+export function registerPreparedRunner(db: Db, run: PreparedRunner): void {
+  preparedRunners.set(db, run);
+}
+
 /**
  * Runs raw SQL and returns its rows. postgres.js answers with an array,
  * PGlite with `{ rows }`; callers see the same thing on both.
+ *
+ * `prepared`: on PostgreSQL, the statement is parsed and planned once per
+ * connection and reused by its text (a big hot-path statement spends more
+ * time being parsed and planned than run). Only for statements whose text
+ * does not grow with their input: every distinct text stays prepared on
+ * each pooled connection. PGlite runs it as usual.
  */
-export async function queryRows<T>(db: Db, query: SQL): Promise<T[]> {
-  const result: unknown = await db.execute(query);
+export async function queryRows<T>(db: Db, query: SQL, options?: { prepared?: boolean }): Promise<T[]> {
+  const prepared = options?.prepared ? preparedRunners.get(db) : undefined;
+  const result: unknown = prepared ? await prepared(query) : await db.execute(query);
   return Array.isArray(result) ? (result as T[]) : (result as { rows: T[] }).rows;
 }
 

@@ -19,7 +19,11 @@ export interface Claimable {
  * maps of this process's workers with free slots: an action is claimable only
  * if one of them carries all its selector labels (`<@`), so actions no worker
  * here can take never block the head of the queue. Served by the partial
- * index actions_claim_idx (cluster, priority desc, created_at) where QUEUED.
+ * index actions_claim_idx (cluster, priority desc nulls last, created_at)
+ * where QUEUED. The order must name `nulls last` as the index does (drizzle's
+ * `.desc()`), though priority is never null: without it PostgreSQL cannot
+ * read the index in order and sorts every queued action of the cluster on
+ * each claim.
  */
 export async function claimActions(
   tx: Db,
@@ -36,7 +40,7 @@ export async function claimActions(
         and (label_selector = '{}'::jsonb
              or exists (select 1 from jsonb_array_elements(${JSON.stringify(labelSets)}::jsonb) l
                         where actions.label_selector <@ l))
-      order by priority desc, created_at
+      order by priority desc nulls last, created_at
       limit ${limit}
       for update skip locked`,
   );

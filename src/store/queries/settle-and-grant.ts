@@ -97,6 +97,7 @@ export async function settleAndGrant(
   const rows = await queryRows<{ t: "f" | "g" } & FinishedRow & GrantRow>(
     db,
     sql`with ${sql.join(ctes, sql`,`)} ${sql.join(selects, sql` union all `)}`,
+    { prepared: true },
   );
   const finished: Finished[] = [];
   const grants: GrantRecord[] = [];
@@ -140,7 +141,8 @@ function claimCtes(claim: ClaimRequest, now: SQL): SQL {
           select grp.g, q.id, q.priority, q.created_at from actions q
           where q.state = 'QUEUED' and q.cluster = grp.cluster and q.not_before <= ${now}
             and (q.label_selector = '{}'::jsonb or q.label_selector <@ grp.labels)
-          order by q.priority desc, q.created_at
+          -- nulls last, as actions_claim_idx is ordered (see claim-actions.ts): read in order, no sort.
+          order by q.priority desc nulls last, q.created_at
           limit grp.room
           for update of q skip locked
         ) c

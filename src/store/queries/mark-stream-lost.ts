@@ -45,6 +45,7 @@ export async function markStreamLost(
         from lost join workers w on w.worker_id = lost.worker_id
       )
       select deadline, worker_id, ${now} as db_now from lost`,
+    { prepared: true },
   );
   return row && { deadline: toDate(row.deadline), workerId: row.worker_id, dbNow: toDate(row.db_now) };
 }

@@ -54,6 +54,7 @@ export async function recordProgress(
       from input i
       where a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
       returning i.k`,
+    { prepared: true },
   );
   return rows.map((r) => r.k);
 }

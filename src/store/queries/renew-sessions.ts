@@ -50,6 +50,7 @@ export async function renewSessions(
       from input i
       where s.id = i.id and s.ended_at is null and s.stream_token = i.token
       returning s.id, s.deadline, ${now} as db_now`,
+    { prepared: true },
   );
   return rows.map((r) => ({ sessionId: r.id, deadline: toDate(r.deadline), dbNow: toDate(r.db_now) }));
 }

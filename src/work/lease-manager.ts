@@ -125,6 +125,8 @@ export interface LeaseManager extends AsyncDisposable {
     reap(): Promise<void>;
     audit(): Promise<void>;
     dispatch(): Promise<void>;
+    /** Resolves once the claims and settlements already asked for are done (none is run). */
+    settled(): Promise<void>;
   };
   stats(): HostedStats;
 }
@@ -190,7 +192,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     stopped: () => closed,
   });
   const scheduleDispatch = () => dispatcher.wake();
-  hosted.onRoom(scheduleDispatch);
+  hosted.onRoom(() => dispatcher.wakeForRoom());
   const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
 
   const progress = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
@@ -452,7 +454,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       opened.resumed ? "worker session resumed" : "worker session started",
     );
     publishActions([...opened.resumedLeases, ...opened.revokedLeases].map((l) => l.actionId));
-    scheduleDispatch();
+    // Room, not a queue change: an expired earlier session re-queues through reportReap.
+    dispatcher.wakeForRoom();
 
     // Set on goodbye: the stream ends only after the session's end has committed, so the
     // worker's close returns with the session already over.
@@ -936,6 +939,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         scheduleDispatch();
         await dispatcher.idle();
       },
+      settled: () => dispatcher.idle(),
     },
     stats() {
       let leasesHeld = 0;

@@ -109,4 +109,24 @@ describe("lease pipeline", () => {
     expect(writes()).toHaveLength(1);
     expect(w.grants().map((g) => g.actionId)).toEqual(ids);
   });
+
+  it("runs no claim for a stream whose group's queue was found empty, until actions are queued", async () => {
+    const w1 = await stream("w3", 1);
+    // The claim finds nothing queued for cluster east, labels {}.
+    await t.server.leases.tick.dispatch();
+    statements.length = 0;
+
+    // A hello in the same group gains room: no statement, since the queue is known empty.
+    const w2 = await stream("w4", 1);
+    await t.server.leases.tick.settled();
+    expect(writes()).toHaveLength(0);
+
+    // A submission changes the queue: it is claimed at once, without a poll.
+    const id = await submit();
+    await Promise.race([
+      w1.arrived((m) => m.type === "grant" && m.actionId === id),
+      w2.arrived((m) => m.type === "grant" && m.actionId === id),
+    ]);
+    expect(writes()).toHaveLength(1);
+  });
 });

@@ -44,6 +44,11 @@ export interface Settled {
   /** The reports applied (or already applied: see `finishActions`); a missing key was fenced. */
   readonly finished: Finished[];
   readonly grants: GrantRecord[];
+  /**
+   * Queued actions each group claimed, by `SlotGroup.g` (absent: none).
+   * Fewer than its room means its queue had no more that were free to take.
+   */
+  readonly claimed: ReadonlyMap<number, number>;
 }
 
 /**
@@ -73,7 +78,7 @@ export async function settleAndGrant(
 ): Promise<Settled> {
   const settling = reports.length > 0;
   const claiming = claim !== undefined && claim.slots.length > 0;
-  if (!settling && !claiming) return { finished: [], grants: [] };
+  if (!settling && !claiming) return { finished: [], grants: [], claimed: new Map() };
   const now = clock.now();
   const ctes: SQL[] = [];
   const selects: SQL[] = [];
@@ -92,9 +97,11 @@ export async function settleAndGrant(
                  null::text as state, session_id, worker_id, cluster, epoch, attempt_count,
                  payload, run_id, checkpoint
           from g_granted gg`,
+      // The number claimed per group, carried in the state column.
+      sql`select 'c', g, null::text, count(*)::text, ${NO_GRANT} from c_claimed group by g`,
     );
   }
-  const rows = await queryRows<{ t: "f" | "g" } & FinishedRow & GrantRow>(
+  const rows = await queryRows<{ t: "f" | "g" | "c" } & FinishedRow & GrantRow>(
     db,
     sql`with ${sql.join(ctes, sql`,`)} ${sql.join(selects, sql` union all `)}`,
     { prepared: true },
@@ -102,13 +109,15 @@ export async function settleAndGrant(
   const finished: Finished[] = [];
   const grants: GrantRecord[] = [];
   const ranked: { rank: number; grant: GrantRecord }[] = [];
+  const claimed = new Map<number, number>();
   for (const r of rows) {
     if (r.t === "f") finished.push(finishedFromRow(r));
-    else ranked.push({ rank: r.k, grant: grantFromRow(r) });
+    else if (r.t === "g") ranked.push({ rank: r.k, grant: grantFromRow(r) });
+    else claimed.set(r.k, Number(r.state));
   }
   ranked.sort((a, b) => a.rank - b.rank);
   for (const r of ranked) grants.push(r.grant);
-  return { finished, grants };
+  return { finished, grants, claimed };
 }
 
 /** The grant columns of a row that is a finished report. */

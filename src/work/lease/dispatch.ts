@@ -36,8 +36,17 @@ export interface Dispatcher {
     done: (finished: Finished | undefined) => void,
     failed: (error: unknown) => void,
   ): void;
-  /** Asks for a claim for every stream with room (new actions queued, a slot freed, a poll). */
+  /**
+   * The queue may have changed (actions submitted or re-queued, a poll):
+   * asks for a claim for every stream with room.
+   */
   wake(): void;
+  /**
+   * A stream gained room (a hello, a freed slot, an ack): asks for a claim
+   * for the streams with room whose group's queue was not found empty since
+   * the last {@link wake}.
+   */
+  wakeForRoom(): void;
   /** Resolves when no round runs or is scheduled. */
   idle(): Promise<void>;
 }
@@ -85,6 +94,19 @@ export function createDispatcher(deps: {
    * before the new actions committed): the round's end claims again.
    */
   let wakes = 0;
+  /**
+   * Groups (cluster and labels) whose last claim found fewer free queued
+   * actions than it had slots for: until the queue changes ({@link wake}),
+   * a stream of theirs gaining room does not cost a claim. Without it every
+   * hello of 10,000 idle workers ran a claim that found nothing.
+   */
+  const empty = new Set<string>();
+  /** Queue changes so far: a round that claimed before the latest one cannot tell a group empty. */
+  let queueChanges = 0;
+  const queueChanged = () => {
+    queueChanges++;
+    empty.clear();
+  };
   const reserve = (sessionId: string, n: number) => {
     const r = (reserved.get(sessionId) ?? 0) + n;
     if (r === 0) reserved.delete(sessionId);
@@ -122,11 +144,15 @@ export function createDispatcher(deps: {
    * Streams of one group get their slots in turns, so claimed actions spread
    * over them.
    */
-  function slotsFor(freeing: ReadonlyMap<Hosted, number>, claimAll: boolean): ClaimRequest {
+  function slotsFor(
+    freeing: ReadonlyMap<Hosted, number>,
+    claimAll: boolean,
+  ): ClaimRequest & { groupKeys: string[] } {
     const rooms = new Map<Hosted, number>();
     let total = 0;
+    const skip = (groupKey: string) => empty.has(groupKey);
     const consider = (s: Hosted) => {
-      if (total >= BATCH || rooms.has(s)) return;
+      if (total >= BATCH || rooms.has(s) || skip(s.groupKey)) return;
       const room = hosted.room(s, freeing.get(s) ?? 0);
       const free = room - (reserved.get(s.sessionId) ?? 0);
       const n = Math.min(free, BATCH - total);
@@ -138,7 +164,7 @@ export function createDispatcher(deps: {
     if (claimAll) {
       // Stop at a full claim: walking every stream with room would make each wake-up cost
       // as much as the number of hosted streams (10,000 idle workers, one hello each).
-      for (const s of hosted.roomy()) {
+      for (const s of hosted.roomy(skip)) {
         if (total >= BATCH) break;
         consider(s);
       }
@@ -154,7 +180,9 @@ export function createDispatcher(deps: {
     }
     const slots: Slot[] = [];
     const result: SlotGroup[] = [];
-    for (const { group, members } of groups.values()) {
+    const groupKeys: string[] = [];
+    for (const [key, { group, members }] of groups) {
+      groupKeys[group.g] = key;
       let n = 0;
       for (let turn = 1; ; turn++) {
         let dealt = false;
@@ -173,7 +201,7 @@ export function createDispatcher(deps: {
       }
       result.push({ ...group, room: n });
     }
-    return { groups: result, slots };
+    return { groups: result, slots, groupKeys };
   }
 
   /** Sends the in-doubt grants that did commit, same epoch; their workers cannot have started them. */
@@ -197,8 +225,9 @@ export function createDispatcher(deps: {
   interface Round {
     readonly batch: Pending[];
     readonly freeing: ReadonlyMap<Hosted, number>;
-    readonly claim: ClaimRequest;
+    readonly claim: ClaimRequest & { groupKeys: string[] };
     readonly wakes: number;
+    readonly queueChanges: number;
   }
 
   function prepare(): Round | undefined {
@@ -211,9 +240,9 @@ export function createDispatcher(deps: {
     for (const { s, report } of batch) {
       if (s.held.get(report.actionId) === report.epoch) freeing.set(s, (freeing.get(s) ?? 0) + 1);
     }
-    const claim = deps.stopped() ? { groups: [], slots: [] } : slotsFor(freeing, claimAll);
+    const claim = deps.stopped() ? { groups: [], slots: [], groupKeys: [] } : slotsFor(freeing, claimAll);
     if (batch.length === 0 && claim.slots.length === 0) return undefined;
-    const round = { batch, freeing, claim, wakes };
+    const round = { batch, freeing, claim, wakes, queueChanges };
     book(round, 1);
     return round;
   }
@@ -273,7 +302,13 @@ export function createDispatcher(deps: {
       if (s) hosted.served(s);
     }
     if (settled.grants.length > 0) deps.granted(settled.grants);
+    if (round.queueChanges === queueChanges) {
+      for (const group of claim.groups) {
+        if ((settled.claimed.get(group.g) ?? 0) < group.room) empty.add(claim.groupKeys[group.g] as string);
+      }
+    }
     // A re-queued action waits for the next claim; a full claim may have left more queued.
+    if (requeued) queueChanged();
     if (requeued || (claim.slots.length > 0 && settled.grants.length === claim.slots.length)) wanted = true;
   }
 
@@ -354,6 +389,12 @@ export function createDispatcher(deps: {
       schedule();
     },
     wake() {
+      queueChanged();
+      wakes++;
+      wanted = true;
+      schedule();
+    },
+    wakeForRoom() {
       wakes++;
       wanted = true;
       schedule();

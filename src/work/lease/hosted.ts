@@ -97,10 +97,11 @@ export interface HostedSessions {
   room(s: Hosted, freeing?: number): number;
   /**
    * The streams that may have room, in the order they should be served
-   * (longest waiting first). A stream found without room is dropped from the
-   * set until something frees a slot of it.
+   * (longest waiting first within a group, the groups in turns), passing
+   * over the groups `skipGroup` names. A stream found without room is
+   * dropped from the set until something frees a slot of it.
    */
-  roomy(): IterableIterator<Hosted>;
+  roomy(skipGroup?: (groupKey: string) => boolean): IterableIterator<Hosted>;
   /** `s` was served: it goes to the back of the queue if it still has room. */
   served(s: Hosted): void;
   /** Called when a stream gains room (a wake-up for the claimer). */
@@ -113,13 +114,29 @@ export function createHostedSessions(limits: {
 }): HostedSessions {
   const { grantWindow, grantHighWaterBytes } = limits;
   const byId = new Map<string, Hosted>();
-  const withRoom = new Set<Hosted>();
+  /**
+   * Streams that may have room, by group (see {@link Hosted.groupKey}), so a
+   * claim passes over a whole group whose queue it knows to be empty
+   * without looking at each of its streams.
+   */
+  const withRoom = new Map<string, Set<Hosted>>();
   let roomListener = () => {};
 
   const mayHaveRoom = (s: Hosted, wake = true) => {
     if (s.ended) return;
-    withRoom.add(s);
+    let group = withRoom.get(s.groupKey);
+    if (!group) {
+      group = new Set();
+      withRoom.set(s.groupKey, group);
+    }
+    group.add(s);
     if (wake) roomListener();
+  };
+  const noRoom = (s: Hosted): boolean => {
+    const group = withRoom.get(s.groupKey);
+    if (!group?.delete(s)) return false;
+    if (group.size === 0) withRoom.delete(s.groupKey);
+    return true;
   };
 
   const room = (s: Hosted, freeing = 0): number => {
@@ -143,7 +160,7 @@ export function createHostedSessions(limits: {
     },
     remove(s) {
       s.ended = true;
-      withRoom.delete(s);
+      noRoom(s);
       if (byId.get(s.sessionId) === s) byId.delete(s.sessionId);
     },
     sendGrant(s, g) {
@@ -178,15 +195,24 @@ export function createHostedSessions(limits: {
       mayHaveRoom(s);
     },
     room,
-    *roomy() {
-      for (const s of withRoom) {
-        if (room(s) > 0) yield s;
-        else withRoom.delete(s);
+    *roomy(skipGroup) {
+      for (const [key, group] of withRoom) {
+        if (skipGroup?.(key)) continue;
+        for (const s of group) {
+          if (room(s) > 0) yield s;
+          else group.delete(s);
+        }
+        if (group.size === 0) withRoom.delete(key);
       }
     },
     served(s) {
-      if (!withRoom.delete(s)) return;
-      if (room(s) > 0) withRoom.add(s);
+      if (!noRoom(s)) return;
+      if (room(s) === 0) return;
+      // To the back of its group, and the group to the back of the groups.
+      mayHaveRoom(s, false);
+      const group = withRoom.get(s.groupKey) as Set<Hosted>;
+      withRoom.delete(s.groupKey);
+      withRoom.set(s.groupKey, group);
     },
     onRoom(fn) {
       roomListener = fn;

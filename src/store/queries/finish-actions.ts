@@ -95,6 +95,12 @@ f_input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
           k int, action_id text, epoch bigint, session_id text, kind text,
           output jsonb, error jsonb, retryable bool, reason text, actor text)
+        -- Always true (k is the report's index in the batch). A range on a column without
+        -- statistics makes the planner expect a row instead of the 100 it assumes for any
+        -- jsonb_to_recordset, so it looks each report's action up by primary key. Expecting
+        -- 100, it read the whole partial index of LEASED actions instead, whose entries for
+        -- actions that already left LEASED stay until a vacuum: thousands on a busy table.
+        where x.k >= 0 and x.k < 2147483647
       ),
       f_current as (
         select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,

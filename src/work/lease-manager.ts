@@ -2,23 +2,22 @@ import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
 import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
-import { refreshClusterHealth } from "../store/clusters.js";
 import type { Db } from "../store/database.js";
-import { auditLeases, type HeldLease } from "../store/queries/audit-leases.js";
 import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
 import type { FinishReport } from "../store/queries/finish-actions.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, openSession } from "../store/queries/open-session.js";
-import { type KeepHosted, type ReapResult, reapSessions } from "../store/queries/reap-sessions.js";
 import { recordFencedReports } from "../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../store/queries/record-progress.js";
-import { renewSessions } from "../store/queries/renew-sessions.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
+import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
-import { createHostedSessions, type Hosted } from "./lease/hosted.js";
+import { createHostedSessions, type Hosted, persistDeadline, remainingMs } from "./lease/hosted.js";
+import { createReaper } from "./lease/reaper.js";
+import { createRenewal } from "./lease/renewal.js";
 import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
@@ -136,9 +135,6 @@ export const DEFAULT_GRANT_WINDOW = 32;
 /** Default of `LeaseManagerOptions.grantHighWaterBytes`: 1 MiB. */
 export const DEFAULT_GRANT_HIGH_WATER_BYTES = 1024 * 1024;
 
-/** Sessions reaped per statement. */
-const REAP_BATCH = 500;
-
 export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const { db, clock, feed, log, metrics, serverId } = options;
   const graceMs = options.gracePeriodMs;
@@ -151,12 +147,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const timersOn = options.timers ?? true;
   const bus = options.bus;
   let closed = false;
-
-  const remainingMs = (s: Hosted) => Math.max(0, s.deadlineMs - (Date.now() + s.dbOffsetMs));
-  const persisted = (s: Hosted, deadline: Date, dbNow: Date) => {
-    s.deadlineMs = deadline.getTime();
-    s.dbOffsetMs = dbNow.getTime() - Date.now();
-  };
 
   const publishActions = (ids: Iterable<string>) => {
     for (const id of ids) feed.publish(actionTopic(id));
@@ -390,10 +380,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       { graceMs, partitionShare, maxSilenceMs },
       hello,
       principal,
-      keepHosted(),
+      renewal.keepHosted(),
     );
     // The worker's previous session expired with this hello: reported as the reaper reports.
-    if (opened.reaped) void reportReap(opened.reaped);
+    if (opened.reaped) void reaper.report(opened.reaped);
     const previous = hosted.get(opened.sessionId);
     // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
     if (previous) closeTakenOver(previous);
@@ -421,7 +411,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       dbOffsetMs: 0,
       ended: false,
     };
-    persisted(s, opened.deadline, opened.dbNow);
+    persistDeadline(s, opened.deadline, opened.dbNow);
     for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",
@@ -543,7 +533,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
               "worker stream lost",
             );
             feed.publish(EVENTS_TOPIC);
-            planReap(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now(), false);
+            reaper.wakeAt(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now());
           }
         } catch (error) {
           // The deadline stands as last renewed; the reaper acts on it either way.
@@ -555,252 +545,38 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   // ---- loops ---------------------------------------------------------------------------------------
 
-  /**
-   * Every hosted stream takes part in every tick, heard from or not: the
-   * deadline only ever becomes last heard + grace, so a silent stream gains
-   * nothing, and a session that moved to another stream (even on another
-   * process) is noticed within one tick and its stale stream closed.
-   */
-  async function renew(): Promise<void> {
-    const heard = [...hosted.values()].filter((s) => !s.ended);
-    if (heard.length === 0) return;
-    const now = performance.now();
-    renewStartedAt = now;
-    let renewed: Awaited<ReturnType<typeof renewSessions>>;
-    try {
-      renewed = await renewSessions(
-        db,
-        clock,
-        graceMs,
-        heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
+  const renewal = createRenewal({
+    db,
+    clock,
+    hosted,
+    graceMs,
+    heartbeatIntervalMs: options.heartbeatIntervalMs,
+    serverId,
+    gone(s) {
+      // Reaped, or taken over by a stream on another process.
+      removeHosted(s);
+      s.link.close(
+        new LeaseholdError(Code.Aborted, "this session ended (reaped or taken over); reconnect", {
+          reason: "SESSION_ENDED",
+        }),
       );
-      renewalFailed = false;
-    } catch (error) {
-      renewalFailed = true;
-      throw error;
-    } finally {
-      if (renewStartedAt === now) renewStartedAt = undefined;
-    }
-    const byId = new Map(renewed.map((r) => [r.sessionId, r]));
-    for (const s of heard) {
-      const r = byId.get(s.sessionId);
-      if (r) {
-        persisted(s, r.deadline, r.dbNow);
-      } else if (!s.ended) {
-        // Reaped, or taken over by a stream on another process.
-        removeHosted(s);
-        s.link.close(
-          new LeaseholdError(Code.Aborted, "this session ended (reaped or taken over); reconnect", {
-            reason: "SESSION_ENDED",
-          }),
-        );
-      }
-    }
-  }
-
-  /**
-   * SPEC rule 7: a process never reaps a session it hosts whose renewal it
-   * failed to write. While the last renewal failed, or one has been running
-   * for longer than a tick (a connection stuck after a database restart),
-   * the deadlines of this process's streams in the database may be stale
-   * though their workers kept heartbeating; the reap statement then leaves
-   * the sessions of streams still open here alone. Other processes still
-   * reap them at the stored deadline, as they must if this process is dead:
-   * a process that cannot renew is indistinguishable from one that died.
-   */
-  let renewalFailed = false;
-  /** performance.now() at the start of the renewal in flight. */
-  let renewStartedAt: number | undefined;
-  function keepHosted(): KeepHosted | undefined {
-    const stuck =
-      renewStartedAt !== undefined && performance.now() - renewStartedAt > options.heartbeatIntervalMs;
-    if (!renewalFailed && !stuck) return undefined;
-    const streamTokens: string[] = [];
-    for (const s of hosted.values()) if (!s.ended) streamTokens.push(s.streamToken);
-    return streamTokens.length > 0 ? { serverId, streamTokens } : undefined;
-  }
-
-  /**
-   * Reports what a reap did, wherever it ran (the reaper, or a hello that
-   * found its worker's previous session past its deadline): closes the
-   * reaped sessions' streams hosted here, writes the documented line per
-   * expiry, counts expiries, refreshes cluster health, and wakes watchers
-   * and the dispatchers of every process for the re-queued actions.
-   */
-  async function reportReap(result: ReapResult): Promise<void> {
-    for (const { sessionId } of result.sessions) {
-      const s = hosted.get(sessionId);
-      if (s) {
-        removeHosted(s);
-        s.link.close(
-          new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
-            reason: "SESSION_REAPED",
-          }),
-        );
-      }
-    }
-    for (const e of result.expired) {
-      // The documented line (SPEC rule 3); operators grep for it.
-      log.warn(
-        { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
-        `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
-      );
-    }
-    for (const p of result.partitions) {
-      const counts = { cluster: p.cluster, lostSessions: p.lost, liveSessions: p.live };
-      if (p.partitioned)
-        log.warn(
-          counts,
-          `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
-        );
-      else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
-    }
-    if (result.partitions.length > 0) feed.publish(EVENTS_TOPIC);
-    if (result.expired.length > 0) {
-      metrics.expiries.inc(result.expired.length);
-      publishActions(result.expired.map((e) => e.actionId));
-      // Any process may host the worker that takes a re-queued action next.
-      if (result.expired.some((e) => e.state === "QUEUED")) feed.publish(QUEUE_TOPIC);
-      const clusters = [...new Set(result.expired.map((e) => e.cluster))];
-      await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
-        log.warn({ err: error }, "could not refresh cluster health"),
-      );
-    } else if (result.sessions.length > 0) {
-      feed.publish(EVENTS_TOPIC);
-    }
-  }
-
-  async function reap(): Promise<void> {
-    for (;;) {
-      const result = await reapSessions(db, clock, {
-        limit: REAP_BATCH,
-        partitionShare,
-        maxSilenceMs,
-        keep: keepHosted(),
-      });
-      await reportReap(result);
-      if (result.sessions.length < REAP_BATCH) {
-        const dbNowMs = result.dbNow.getTime();
-        const next = Math.min(
-          result.nextDeadline?.getTime() ?? Number.POSITIVE_INFINITY,
-          dbNowMs + reapPollMs,
-        );
-        planReap(next, dbNowMs - Date.now(), true);
-        return;
-      }
-    }
-  }
-
-  // ---- reaper wake-ups ------------------------------------------------------------------------------
-  //
-  // SPEC §6: failover within grace + 100 ms. The reaper is woken at the
-  // earliest deadline this process knows of (one timer, re-armed), not on a
-  // fixed tick: each reap returns the earliest live deadline in the database
-  // (any process's sessions), and a stream lost here brings its deadline.
-  // Deadlines only move later, so waking early costs one reap that finds
-  // nothing; the fallback poll bounds the wait for what no deadline
-  // announces (a valve that clears, a session past the maximum silence, a
-  // reap that failed).
-
-  /** The fallback poll. */
-  const reapPollMs = Math.min(1000, Math.max(100, graceMs / 10));
-  /** When the reaper is due (database clock, epoch ms); +∞ before the first plan. */
-  let reapAtDbMs = Number.POSITIVE_INFINITY;
-  let reapTimer: NodeJS.Timeout | undefined;
-  let reaping = false;
-  let reapAgain = false;
-  let reapFailing = false;
-
-  /**
-   * Wakes the reaper at `atDbMs` (database clock; `dbOffsetMs` is the
-   * database clock minus ours). `replace` sets the plan after a reap;
-   * otherwise only an earlier time moves it.
-   */
-  function planReap(atDbMs: number, dbOffsetMs: number, replace: boolean): void {
-    if (!replace && atDbMs >= reapAtDbMs) return;
-    reapAtDbMs = atDbMs;
-    if (!timersOn || closed) return;
-    if (reapTimer) clearTimeout(reapTimer);
-    // One millisecond past: the reap takes sessions whose deadline is strictly before now.
-    reapTimer = setTimeout(runReaper, Math.max(0, atDbMs - dbOffsetMs - Date.now() + 1));
-    reapTimer.unref();
-  }
-
-  function runReaper(): void {
-    reapTimer = undefined;
-    if (closed) return;
-    if (reaping) {
-      reapAgain = true;
-      return;
-    }
-    reaping = true;
-    reap()
-      .then(
-        () => {
-          if (reapFailing) log.info("reaper works again");
-          reapFailing = false;
-        },
-        (error: unknown) => {
-          if (reapFailing) log.debug({ err: error }, "reaper still failing");
-          else log.warn({ err: error }, "reaper failed; retrying on every poll");
-          reapFailing = true;
-          planReap(Date.now() + reapPollMs, 0, true);
-        },
-      )
-      .finally(() => {
-        reaping = false;
-        if (reapAgain) {
-          reapAgain = false;
-          planReap(Date.now(), 0, false);
-        }
-      });
-  }
-
-  /**
-   * The catch-up for notices lost between processes (a NOTIFY that failed,
-   * a listener reconnecting, a process dying between its commit and its
-   * notice): tells this process's streams about leases that ended elsewhere,
-   * stops still pending, and drains. Runs every dispatch poll.
-   */
-  async function audit(): Promise<void> {
-    const held: HeldLease[] = [];
-    const workers = new Set<string>();
-    for (const s of hosted.values()) {
-      if (s.ended) continue;
-      workers.add(s.workerId);
-      for (const [actionId, epoch] of s.held) held.push({ sessionId: s.sessionId, actionId, epoch });
-    }
-    if (workers.size === 0) return;
-    const { notices, draining } = await auditLeases(db, held, [...workers]);
-    for (const n of notices) {
-      const s = hosted.get(n.sessionId);
-      const token = { actionId: n.actionId, epoch: n.epoch };
-      if (!s || s.held.get(n.actionId) !== n.epoch) continue;
-      if (n.notice === "ended") {
-        revokeHosted(
-          n.sessionId,
-          token,
-          "SUPERSEDED",
-          `this lease ended on the server (the action is ${n.state})`,
-          true,
-        );
-        continue;
-      }
-      const key = `${n.actionId}:${n.epoch}:${n.notice}`;
-      if (s.noticed.has(key)) continue;
-      s.noticed.add(key);
-      if (n.notice === "cancel") revokeHosted(n.sessionId, token, "CANCELLED", "action cancelled", false);
-      else revokeHosted(n.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
-    }
-    for (const workerId of draining) {
-      for (const s of hosted.values()) {
-        if (s.workerId === workerId && !s.draining) {
-          s.draining = true;
-          s.link.send({ type: "drain", reason: "the worker is being drained" });
-        }
-      }
-    }
-  }
+    },
+  });
+  const reaper = createReaper({
+    db,
+    clock,
+    log,
+    feed,
+    hosted,
+    graceMs,
+    maxSilenceMs,
+    partitionShare,
+    timersOn,
+    expiries: metrics.expiries,
+    keepHosted: () => renewal.keepHosted(),
+    publishActions,
+  });
+  const audit = createAudit({ db, hosted, revoke: (...args) => revokeHosted(...args) });
 
   /**
    * Runs `fn` every `ms`, never overlapping itself. A failure is logged once
@@ -842,8 +618,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (timersOn) {
-      every(options.heartbeatIntervalMs, "session renewal", renew);
-      planReap(Date.now() + reapPollMs, 0, true);
+      every(options.heartbeatIntervalMs, "session renewal", renewal.renew);
+      reaper.start();
       // A poll for actions queued by other processes or waiting out a retry backoff.
       every(options.dispatchPollMs ?? 1000, "dispatch poll", async () => scheduleDispatch());
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
@@ -899,10 +675,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offQueue();
       offBus?.();
       for (const t of timers) clearInterval(t);
-      if (reapTimer) clearTimeout(reapTimer);
+      reaper.stop();
       await Promise.all([dispatcher.idle(), progress.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
-      await renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
+      await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();
     return closing;
   };
@@ -930,10 +706,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       feed.publish(EVENTS_TOPIC);
       return true;
     },
-    nextReap: () => (reapAtDbMs === Number.POSITIVE_INFINITY ? undefined : new Date(reapAtDbMs)),
+    nextReap: () => reaper.next(),
     tick: {
-      renew,
-      reap,
+      renew: () => renewal.renew(),
+      reap: () => reaper.reap(),
       audit,
       dispatch: async () => {
         scheduleDispatch();

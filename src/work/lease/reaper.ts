@@ -1,0 +1,188 @@
+import type { Logger } from "pino";
+import { Code, LeaseholdError } from "../../errors.js";
+import type { Clock } from "../../store/clock.js";
+import { refreshClusterHealth } from "../../store/clusters.js";
+import type { Db } from "../../store/database.js";
+import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
+import { type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../change-feed.js";
+import type { HostedSessions } from "./hosted.js";
+
+/** Sessions reaped per statement. */
+const REAP_BATCH = 500;
+
+/**
+ * The reaper: expires the leases of sessions past their deadline (any
+ * process's), re-queues or fails their actions, and reports it.
+ *
+ * SPEC §6: failover within grace + 100 ms. The reaper is woken at the
+ * earliest deadline this process knows of (one timer, re-armed), not on a
+ * fixed tick: each reap returns the earliest live deadline in the database
+ * (any process's sessions), and a stream lost here brings its deadline.
+ * Deadlines only move later, so waking early costs one reap that finds
+ * nothing; the fallback poll bounds the wait for what no deadline
+ * announces (a valve that clears, a session past the maximum silence, a
+ * reap that failed).
+ */
+export interface Reaper {
+  /** Reaps until nothing is due, then plans the next wake-up. */
+  reap(): Promise<void>;
+  /**
+   * Reports what a reap did, wherever it ran (the reaper, or a hello that
+   * found its worker's previous session past its deadline): closes the
+   * reaped sessions' streams hosted here, writes the documented line per
+   * expiry, counts expiries, refreshes cluster health, and wakes watchers
+   * and the dispatchers of every process for the re-queued actions.
+   */
+  report(result: ReapResult): Promise<void>;
+  /**
+   * Wakes the reaper at `atDbMs` (database clock; `dbOffsetMs` is the
+   * database clock minus ours) if that is earlier than planned.
+   */
+  wakeAt(atDbMs: number, dbOffsetMs: number): void;
+  /** Arms the fallback poll (with timers on). */
+  start(): void;
+  /** When the reaper is due next (database clock); undefined before the first plan. */
+  next(): Date | undefined;
+  stop(): void;
+}
+
+export function createReaper(deps: {
+  db: Db;
+  clock: Clock;
+  log: Logger;
+  feed: ChangeFeed;
+  hosted: HostedSessions;
+  graceMs: number;
+  maxSilenceMs: number;
+  partitionShare: number;
+  timersOn: boolean;
+  expiries: { inc(n?: number): void };
+  keepHosted: () => KeepHosted | undefined;
+  /** Wakes the watchers of these actions (and of the event feed). */
+  publishActions: (ids: Iterable<string>) => void;
+}): Reaper {
+  const { db, clock, log, feed, hosted } = deps;
+  /** The fallback poll. */
+  const pollMs = Math.min(1000, Math.max(100, deps.graceMs / 10));
+  /** When the reaper is due (database clock, epoch ms); +∞ before the first plan. */
+  let atDbMs = Number.POSITIVE_INFINITY;
+  let timer: NodeJS.Timeout | undefined;
+  let reaping = false;
+  let again = false;
+  let failing = false;
+  let stopped = false;
+
+  /** `replace` sets the plan after a reap; otherwise only an earlier time moves it. */
+  function plan(at: number, dbOffsetMs: number, replace: boolean): void {
+    if (!replace && at >= atDbMs) return;
+    atDbMs = at;
+    if (!deps.timersOn || stopped) return;
+    if (timer) clearTimeout(timer);
+    // One millisecond past: the reap takes sessions whose deadline is strictly before now.
+    timer = setTimeout(run, Math.max(0, at - dbOffsetMs - Date.now() + 1));
+    timer.unref();
+  }
+
+  function run(): void {
+    timer = undefined;
+    if (stopped) return;
+    if (reaping) {
+      again = true;
+      return;
+    }
+    reaping = true;
+    reap()
+      .then(
+        () => {
+          if (failing) log.info("reaper works again");
+          failing = false;
+        },
+        (error: unknown) => {
+          if (failing) log.debug({ err: error }, "reaper still failing");
+          else log.warn({ err: error }, "reaper failed; retrying on every poll");
+          failing = true;
+          plan(Date.now() + pollMs, 0, true);
+        },
+      )
+      .finally(() => {
+        reaping = false;
+        if (again) {
+          again = false;
+          plan(Date.now(), 0, false);
+        }
+      });
+  }
+
+  async function report(result: ReapResult): Promise<void> {
+    for (const { sessionId } of result.sessions) {
+      const s = hosted.get(sessionId);
+      if (s) {
+        hosted.remove(s);
+        s.link.close(
+          new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
+            reason: "SESSION_REAPED",
+          }),
+        );
+      }
+    }
+    for (const e of result.expired) {
+      // The documented line (SPEC rule 3); operators grep for it.
+      log.warn(
+        { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
+        `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
+      );
+    }
+    for (const p of result.partitions) {
+      const counts = { cluster: p.cluster, lostSessions: p.lost, liveSessions: p.live };
+      if (p.partitioned)
+        log.warn(
+          counts,
+          `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
+        );
+      else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
+    }
+    if (result.partitions.length > 0) feed.publish(EVENTS_TOPIC);
+    if (result.expired.length > 0) {
+      deps.expiries.inc(result.expired.length);
+      deps.publishActions(result.expired.map((e) => e.actionId));
+      // Any process may host the worker that takes a re-queued action next.
+      if (result.expired.some((e) => e.state === "QUEUED")) feed.publish(QUEUE_TOPIC);
+      const clusters = [...new Set(result.expired.map((e) => e.cluster))];
+      await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
+        log.warn({ err: error }, "could not refresh cluster health"),
+      );
+    } else if (result.sessions.length > 0) {
+      feed.publish(EVENTS_TOPIC);
+    }
+  }
+
+  async function reap(): Promise<void> {
+    for (;;) {
+      const result = await reapSessions(db, clock, {
+        limit: REAP_BATCH,
+        partitionShare: deps.partitionShare,
+        maxSilenceMs: deps.maxSilenceMs,
+        keep: deps.keepHosted(),
+      });
+      await report(result);
+      if (result.sessions.length < REAP_BATCH) {
+        const dbNowMs = result.dbNow.getTime();
+        const next = Math.min(result.nextDeadline?.getTime() ?? Number.POSITIVE_INFINITY, dbNowMs + pollMs);
+        plan(next, dbNowMs - Date.now(), true);
+        return;
+      }
+    }
+  }
+
+  return {
+    reap,
+    report,
+    wakeAt: (at, dbOffsetMs) => plan(at, dbOffsetMs, false),
+    start: () => plan(Date.now() + pollMs, 0, true),
+    next: () => (atDbMs === Number.POSITIVE_INFINITY ? undefined : new Date(atDbMs)),
+    stop() {
+      stopped = true;
+      if (timer) clearTimeout(timer);
+    },
+  };
+}

@@ -1,0 +1,84 @@
+import type { Clock } from "../../store/clock.js";
+import type { Db } from "../../store/database.js";
+import type { KeepHosted } from "../../store/queries/reap-sessions.js";
+import { renewSessions } from "../../store/queries/renew-sessions.js";
+import { type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
+
+/**
+ * Session renewal: once per heartbeat interval, one statement stores every
+ * hosted stream's deadline (last heard + grace). It owns what the reaper
+ * must know of it: whether the renewals are being written.
+ */
+export interface Renewal {
+  /**
+   * Renews every hosted stream, heard from or not: the deadline only ever
+   * becomes last heard + grace, so a silent stream gains nothing, and a
+   * session that moved to another stream (even on another process) is
+   * noticed within one tick and `gone` is called for its stale stream.
+   */
+  renew(): Promise<void>;
+  /**
+   * SPEC rule 7: a process never reaps a session it hosts whose renewal it
+   * failed to write. While the last renewal failed, or one has been running
+   * for longer than a tick (a connection stuck after a database restart),
+   * the deadlines of this process's streams in the database may be stale
+   * though their workers kept heartbeating; the reap statement then leaves
+   * the sessions of streams still open here alone. Other processes still
+   * reap them at the stored deadline, as they must if this process is dead:
+   * a process that cannot renew is indistinguishable from one that died.
+   */
+  keepHosted(): KeepHosted | undefined;
+}
+
+export function createRenewal(deps: {
+  db: Db;
+  clock: Clock;
+  hosted: HostedSessions;
+  graceMs: number;
+  heartbeatIntervalMs: number;
+  serverId: string;
+  /** A hosted stream whose session ended elsewhere (reaped, or taken over by another stream). */
+  gone: (s: Hosted) => void;
+}): Renewal {
+  const { db, clock, hosted, graceMs } = deps;
+  let failed = false;
+  /** performance.now() at the start of the renewal in flight. */
+  let startedAt: number | undefined;
+
+  return {
+    async renew() {
+      const heard = [...hosted.values()].filter((s) => !s.ended);
+      if (heard.length === 0) return;
+      const now = performance.now();
+      startedAt = now;
+      let renewed: Awaited<ReturnType<typeof renewSessions>>;
+      try {
+        renewed = await renewSessions(
+          db,
+          clock,
+          graceMs,
+          heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
+        );
+        failed = false;
+      } catch (error) {
+        failed = true;
+        throw error;
+      } finally {
+        if (startedAt === now) startedAt = undefined;
+      }
+      const byId = new Map(renewed.map((r) => [r.sessionId, r]));
+      for (const s of heard) {
+        const r = byId.get(s.sessionId);
+        if (r) persistDeadline(s, r.deadline, r.dbNow);
+        else if (!s.ended) deps.gone(s);
+      }
+    },
+    keepHosted() {
+      const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;
+      if (!failed && !stuck) return undefined;
+      const streamTokens: string[] = [];
+      for (const s of hosted.values()) if (!s.ended) streamTokens.push(s.streamToken);
+      return streamTokens.length > 0 ? { serverId: deps.serverId, streamTokens } : undefined;
+    },
+  };
+}

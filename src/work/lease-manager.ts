@@ -1,15 +1,11 @@
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
-import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
-import type { FinishReport } from "../store/queries/finish-actions.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, openSession } from "../store/queries/open-session.js";
-import { recordFencedReports } from "../store/queries/record-fenced.js";
-import { type ProgressReport, recordProgress } from "../store/queries/record-progress.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
@@ -18,6 +14,7 @@ import { createDispatcher } from "./lease/dispatch.js";
 import { createHostedSessions, type Hosted, persistDeadline, remainingMs } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
+import { createReports } from "./lease/reports.js";
 import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
@@ -153,22 +150,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     feed.publish(EVENTS_TOPIC);
   };
 
-  // ---- reports: group-committed, fenced in SQL --------------------------------------------------
-
-  /** Splits a batch into rounds with unique action ids (one statement may touch an action once). */
-  function rounds<T extends { actionId: string }>(items: readonly T[]): T[][] {
-    const result: T[][] = [];
-    for (const item of items) {
-      let round = result.find((r) => !r.some((x) => x.actionId === item.actionId));
-      if (!round) {
-        round = [];
-        result.push(round);
-      }
-      round.push(item);
-    }
-    return result;
-  }
-
   const dispatcher = createDispatcher({
     db,
     clock,
@@ -185,97 +166,16 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   hosted.onRoom(() => dispatcher.wakeForRoom());
   const offQueue = feed.subscribe(QUEUE_TOPIC, scheduleDispatch);
 
-  const progress = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
-    const accepted = new Set<number>();
-    const keyed = batch.map((r, key) => ({ ...r, key }));
-    for (const round of rounds(keyed)) {
-      for (const key of await recordProgress(db, clock, round)) accepted.add(key);
-    }
-    return batch.map((_, i) => accepted.has(i));
+  const reports = createReports({
+    db,
+    clock,
+    log,
+    feed,
+    hosted,
+    dispatcher,
+    publishActions,
+    fencedReports: metrics.fencedReports,
   });
-
-  function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
-    metrics.fencedReports.inc();
-    const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
-    s.link.send({
-      type: "report_result",
-      reportId,
-      ...token,
-      accepted: false,
-      rejectReason: "FENCED",
-      message,
-    });
-    s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
-    hosted.letGo(s, token.actionId, token.epoch);
-    recordFencedReports(db, [
-      { ...token, workerId: s.workerId, sessionId: s.sessionId, what, actor: s.principal },
-    ]).then(
-      () => feed.publish(EVENTS_TOPIC),
-      (error: unknown) => log.warn({ err: error }, "could not record a fenced report"),
-    );
-  }
-
-  function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
-    log.warn({ err: error, actionId: token.actionId }, "could not apply a report; the worker may retry it");
-    s.link.send({
-      type: "report_result",
-      reportId,
-      ...token,
-      accepted: false,
-      rejectReason: "UNAVAILABLE",
-      message: "the server could not apply the report now (database unavailable); send it again",
-    });
-  }
-
-  function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
-    s.link.send({ type: "report_result", reportId, ...token, accepted: true, message });
-  }
-
-  function onFinish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void {
-    const token = { actionId: m.actionId, epoch: m.epoch };
-    // Fenced in SQL by (action, epoch, session). The session is this stream's, and the hello
-    // checked that its principal owns the session, so the report needs no principal check.
-    const session = { sessionId: s.sessionId, actor: s.principal };
-    const report: Omit<FinishReport, "key"> =
-      m.type === "release"
-        ? { ...token, ...session, kind: "released", reason: m.reason }
-        : m.outcome.kind === "succeeded"
-          ? { ...token, ...session, kind: "succeeded", output: m.outcome.output }
-          : {
-              ...token,
-              ...session,
-              kind: "failed",
-              error: {
-                message: m.outcome.message,
-                retryable: m.outcome.retryable,
-                details: m.outcome.details,
-              },
-            };
-    dispatcher.settle(
-      s,
-      report,
-      (finished) => {
-        if (!finished) return fenced(s, m.reportId, token, m.type);
-        accept(s, m.reportId, token, `action is now ${finished.state}`);
-        publishActions([token.actionId]);
-      },
-      (error) => unavailable(s, m.reportId, token, error),
-    );
-  }
-
-  function onProgress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
-    const token = { actionId: m.actionId, epoch: m.epoch };
-    progress
-      .add({ ...token, sessionId: s.sessionId, phase: m.phase, details: m.details, checkpoint: m.checkpoint })
-      .then(
-        (ok) => {
-          if (!ok) return fenced(s, m.reportId, token, "progress");
-          accept(s, m.reportId, token, "progress recorded");
-          feed.publish(actionTopic(token.actionId));
-        },
-        (error: unknown) => unavailable(s, m.reportId, token, error),
-      );
-  }
 
   // ---- revoked leases let go by omission (SPEC rule 9) -------------------------------------------
 
@@ -482,18 +382,18 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
             if (s.revoked !== undefined) sawLease(s, token);
             if (s.held.get(token.actionId) === token.epoch) {
               hosted.acknowledged(s, token);
-              accept(s, message.reportId, token, "grant acknowledged");
-            } else fenced(s, message.reportId, token, "grant acknowledgement");
+              reports.accept(s, message.reportId, token, "grant acknowledged");
+            } else reports.fenced(s, message.reportId, token, "grant acknowledgement");
             return;
           }
           case "progress":
             if (s.revoked !== undefined) sawLease(s, message);
             hosted.acknowledged(s, message);
-            return onProgress(s, message);
+            return reports.progress(s, message);
           case "completion":
           case "release":
             hosted.acknowledged(s, message);
-            return onFinish(s, message);
+            return reports.finish(s, message);
           case "goodbye":
             removeHosted(s);
             goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
@@ -676,7 +576,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       for (const t of timers) clearInterval(t);
       reaper.stop();
-      await Promise.all([dispatcher.idle(), progress.close()]);
+      await Promise.all([dispatcher.idle(), reports.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();

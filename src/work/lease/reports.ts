@@ -1,0 +1,151 @@
+import type { Logger } from "pino";
+import { createBatcher } from "../../store/batcher.js";
+import type { Clock } from "../../store/clock.js";
+import type { Db } from "../../store/database.js";
+import type { FinishReport } from "../../store/queries/finish-actions.js";
+import { recordFencedReports } from "../../store/queries/record-fenced.js";
+import { type ProgressReport, recordProgress } from "../../store/queries/record-progress.js";
+import { actionTopic, type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
+import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
+import type { Dispatcher } from "./dispatch.js";
+import type { Hosted, HostedSessions } from "./hosted.js";
+
+/**
+ * Who answers reports. Completions and releases go to the dispatcher, which
+ * settles them (fenced in SQL by action, epoch and session) in the statement
+ * that refills their slots; progress reports are group-committed on their
+ * own. Every report is answered once its outcome committed: accepted, or
+ * FENCED with a revoke, or UNAVAILABLE when the database could not take it.
+ */
+export interface Reports {
+  finish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void;
+  progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void;
+  /** Answers a report as accepted. */
+  accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void;
+  /** Answers a report about a lease the stream does not hold: FENCED, a revoke, and an event row. */
+  fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void;
+  /** Resolves once the progress reports already received are answered. */
+  close(): Promise<void>;
+}
+
+export function createReports(deps: {
+  db: Db;
+  clock: Clock;
+  log: Logger;
+  feed: ChangeFeed;
+  hosted: HostedSessions;
+  dispatcher: Dispatcher;
+  fencedReports: { inc(n?: number): void };
+  /** Wakes the watchers of these actions (and of the event feed). */
+  publishActions: (ids: Iterable<string>) => void;
+}): Reports {
+  const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
+
+  /** Splits a batch into rounds with unique action ids (one statement may touch an action once). */
+  function rounds<T extends { actionId: string }>(items: readonly T[]): T[][] {
+    const result: T[][] = [];
+    for (const item of items) {
+      let round = result.find((r) => !r.some((x) => x.actionId === item.actionId));
+      if (!round) {
+        round = [];
+        result.push(round);
+      }
+      round.push(item);
+    }
+    return result;
+  }
+
+  const progressBatch = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
+    const accepted = new Set<number>();
+    const keyed = batch.map((r, key) => ({ ...r, key }));
+    for (const round of rounds(keyed)) {
+      for (const key of await recordProgress(db, clock, round)) accepted.add(key);
+    }
+    return batch.map((_, i) => accepted.has(i));
+  });
+
+  function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
+    deps.fencedReports.inc();
+    const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
+    s.link.send({
+      type: "report_result",
+      reportId,
+      ...token,
+      accepted: false,
+      rejectReason: "FENCED",
+      message,
+    });
+    s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
+    hosted.letGo(s, token.actionId, token.epoch);
+    recordFencedReports(db, [
+      { ...token, workerId: s.workerId, sessionId: s.sessionId, what, actor: s.principal },
+    ]).then(
+      () => feed.publish(EVENTS_TOPIC),
+      (error: unknown) => log.warn({ err: error }, "could not record a fenced report"),
+    );
+  }
+
+  function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
+    log.warn({ err: error, actionId: token.actionId }, "could not apply a report; the worker may retry it");
+    s.link.send({
+      type: "report_result",
+      reportId,
+      ...token,
+      accepted: false,
+      rejectReason: "UNAVAILABLE",
+      message: "the server could not apply the report now (database unavailable); send it again",
+    });
+  }
+
+  function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
+    s.link.send({ type: "report_result", reportId, ...token, accepted: true, message });
+  }
+
+  function finish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void {
+    const token = { actionId: m.actionId, epoch: m.epoch };
+    // Fenced in SQL by (action, epoch, session). The session is this stream's, and the hello
+    // checked that its principal owns the session, so the report needs no principal check.
+    const session = { sessionId: s.sessionId, actor: s.principal };
+    const report: Omit<FinishReport, "key"> =
+      m.type === "release"
+        ? { ...token, ...session, kind: "released", reason: m.reason }
+        : m.outcome.kind === "succeeded"
+          ? { ...token, ...session, kind: "succeeded", output: m.outcome.output }
+          : {
+              ...token,
+              ...session,
+              kind: "failed",
+              error: {
+                message: m.outcome.message,
+                retryable: m.outcome.retryable,
+                details: m.outcome.details,
+              },
+            };
+    dispatcher.settle(
+      s,
+      report,
+      (finished) => {
+        if (!finished) return fenced(s, m.reportId, token, m.type);
+        accept(s, m.reportId, token, `action is now ${finished.state}`);
+        publishActions([token.actionId]);
+      },
+      (error) => unavailable(s, m.reportId, token, error),
+    );
+  }
+
+  function progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
+    const token = { actionId: m.actionId, epoch: m.epoch };
+    progressBatch
+      .add({ ...token, sessionId: s.sessionId, phase: m.phase, details: m.details, checkpoint: m.checkpoint })
+      .then(
+        (ok) => {
+          if (!ok) return fenced(s, m.reportId, token, "progress");
+          accept(s, m.reportId, token, "progress recorded");
+          feed.publish(actionTopic(token.actionId));
+        },
+        (error: unknown) => unavailable(s, m.reportId, token, error),
+      );
+  }
+
+  return { finish, progress, accept, fenced, close: () => progressBatch.close() };
+}

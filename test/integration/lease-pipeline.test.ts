@@ -12,15 +12,17 @@ type Grant = Extract<ServerMessage, { type: "grant" }>;
  */
 describe("lease pipeline", () => {
   let t: TestServer;
+  let clock: ReturnType<typeof createFakeClock>;
   let statements: string[];
   /** Statements that change leases: settle reports, or claim and grant. */
   const writes = () => statements.filter((q) => q.includes("f_input") || q.includes("insert into attempts"));
 
   beforeEach(async () => {
     statements = [];
+    clock = createFakeClock();
     t = await startTestServer({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
-      overrides: { clock: createFakeClock(), timers: false, onQuery: (q) => statements.push(q) },
+      overrides: { clock, timers: false, onQuery: (q) => statements.push(q) },
     });
   });
   afterEach(async () => {
@@ -128,5 +130,39 @@ describe("lease pipeline", () => {
       w2.arrived((m) => m.type === "grant" && m.actionId === id),
     ]);
     expect(writes()).toHaveLength(1);
+  });
+
+  it("refills a freed slot even in a group whose queue was found empty", async () => {
+    const w = await stream("w5", 2);
+    const retried = (
+      await t.client(ActionService).submitAction({
+        cluster: "east",
+        payload: {},
+        retryPolicy: { maxAttempts: 2, initialBackoff: { seconds: 10n } },
+      })
+    ).action?.id;
+    const other = await submit();
+    await t.server.leases.tick.dispatch();
+    const first = w.grants().find((g) => g.actionId === retried);
+    const second = w.grants().find((g) => g.actionId === other);
+    if (!first || !second) throw new Error("two grants expected");
+
+    // A retryable failure re-queues the action 10 s ahead; the claim for the slot it frees
+    // finds nothing due, so the group is marked empty.
+    w.handle.receive({
+      type: "completion",
+      reportId: 1n,
+      actionId: first.actionId,
+      epoch: first.epoch,
+      outcome: { kind: "failed", message: "try again", retryable: true },
+    });
+    await w.arrived((m) => m.type === "report_result" && m.reportId === 1n);
+    await t.server.leases.tick.settled();
+    // Due now, and nothing wakes the dispatcher: no submission, no poll (timers are off).
+    clock.advance(11_000);
+
+    // The slot the next completion frees is claimed for all the same, and gets the retry.
+    w.complete(second, 2n);
+    await w.arrived((m) => m.type === "grant" && m.actionId === retried && m.epoch === first.epoch + 1);
   });
 });

@@ -151,8 +151,10 @@ export function createDispatcher(deps: {
     const rooms = new Map<Hosted, number>();
     let total = 0;
     const skip = (groupKey: string) => empty.has(groupKey);
-    const consider = (s: Hosted) => {
-      if (total >= BATCH || rooms.has(s) || skip(s.groupKey)) return;
+    // A slot a report frees is claimed for even in a group known empty: the mark is a guess
+    // (another process may hold the rows it missed), and guessing wrong must not idle a worker.
+    const consider = (s: Hosted, always: boolean) => {
+      if (total >= BATCH || rooms.has(s) || (!always && skip(s.groupKey))) return;
       const room = hosted.room(s, freeing.get(s) ?? 0);
       const free = room - (reserved.get(s.sessionId) ?? 0);
       const n = Math.min(free, BATCH - total);
@@ -160,13 +162,13 @@ export function createDispatcher(deps: {
       rooms.set(s, n);
       total += n;
     };
-    for (const s of freeing.keys()) consider(s);
+    for (const s of freeing.keys()) consider(s, true);
     if (claimAll) {
       // Stop at a full claim: walking every stream with room would make each wake-up cost
       // as much as the number of hosted streams (10,000 idle workers, one hello each).
       for (const s of hosted.roomy(skip)) {
         if (total >= BATCH) break;
-        consider(s);
+        consider(s, false);
       }
     }
     const groups = new Map<string, { group: SlotGroup; members: [Hosted, number][] }>();
@@ -228,7 +230,13 @@ export function createDispatcher(deps: {
     readonly claim: ClaimRequest & { groupKeys: string[] };
     readonly wakes: number;
     readonly queueChanges: number;
+    /**
+     * Another round was in flight at some point during this one: its claim may
+     * have skipped rows that round had locked, so it cannot tell a group empty.
+     */
+    overlapped: boolean;
   }
+  const inFlight = new Set<Round>();
 
   function prepare(): Round | undefined {
     const batch = take();
@@ -242,13 +250,17 @@ export function createDispatcher(deps: {
     }
     const claim = deps.stopped() ? { groups: [], slots: [], groupKeys: [] } : slotsFor(freeing, claimAll);
     if (batch.length === 0 && claim.slots.length === 0) return undefined;
-    const round = { batch, freeing, claim, wakes, queueChanges };
+    const round: Round = { batch, freeing, claim, wakes, queueChanges, overlapped: inFlight.size > 0 };
+    for (const other of inFlight) other.overlapped = true;
     book(round, 1);
     return round;
   }
 
   /** Counts a round in flight (`sign` 1) or no longer (-1) in `settling` and `reserved`. */
-  function book({ batch, freeing, claim }: Round, sign: 1 | -1): void {
+  function book(round: Round, sign: 1 | -1): void {
+    const { batch, freeing, claim } = round;
+    if (sign > 0) inFlight.add(round);
+    else inFlight.delete(round);
     for (const p of batch) {
       if (sign > 0) settling.add(p.report.actionId);
       else settling.delete(p.report.actionId);
@@ -302,7 +314,7 @@ export function createDispatcher(deps: {
       if (s) hosted.served(s);
     }
     if (settled.grants.length > 0) deps.granted(settled.grants);
-    if (round.queueChanges === queueChanges) {
+    if (round.queueChanges === queueChanges && !round.overlapped) {
       for (const group of claim.groups) {
         if ((settled.claimed.get(group.g) ?? 0) < group.room) empty.add(claim.groupKeys[group.g] as string);
       }

@@ -10,7 +10,7 @@ import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
 export function serveCommand(): Command {
   return new Command("serve")
     .description(
-      "Run the control plane: gRPC API, health and reflection on one port. The port answers NOT_SERVING until the database is ready; an unreachable PostgreSQL is waited for, a misconfigured one exits 1.",
+      "Run the control plane: gRPC API, health and reflection on one port. The port answers NOT_SERVING until the database is ready, and again while it is unreachable (checked every --heartbeat-interval on a connection of its own; two failed checks in a row, a late timer of a busy process counting as one step); an unreachable PostgreSQL is waited for at start, a misconfigured one exits 1.",
     )
     .addOption(
       new Option("--listen <host:port>", "address to listen on (port 0 picks a free port)")

@@ -260,16 +260,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   // ---- sessions ------------------------------------------------------------------------------------
 
-  function closeTakenOver(s: Hosted): void {
-    removeHosted(s);
-    s.link.close(
-      new LeaseholdError(Code.Aborted, "a newer stream of this worker took the session over", {
-        reason: "SESSION_TAKEN_OVER",
-      }),
-    );
-  }
-
-  const removeHosted = (s: Hosted) => hosted.remove(s);
+  const closeTakenOver = (s: Hosted) =>
+    hosted.end(s, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over");
 
   async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
@@ -395,7 +387,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
             hosted.acknowledged(s, message);
             return reports.finish(s, message);
           case "goodbye":
-            removeHosted(s);
+            hosted.remove(s);
             goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
               ({ releasedActionIds }) => {
                 log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
@@ -417,7 +409,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       async streamEnded() {
         if (goodbye) return goodbye;
         if (s.ended) return;
-        removeHosted(s);
+        hosted.remove(s);
         try {
           const lost = await markStreamLost(
             db,
@@ -452,15 +444,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
-    gone(s) {
-      // Reaped, or taken over by a stream on another process.
-      removeHosted(s);
-      s.link.close(
-        new LeaseholdError(Code.Aborted, "this session ended (reaped or taken over); reconnect", {
-          reason: "SESSION_ENDED",
-        }),
-      );
-    },
   });
   const reaper = createReaper({
     db,

@@ -1,3 +1,4 @@
+import { Code, LeaseholdError } from "../../errors.js";
 import type { GrantRecord } from "../../store/queries/claim-actions.js";
 import type { JsonObject } from "../action.js";
 import type { LeaseToken, RevokeReason, WorkerLink } from "../worker-messages.js";
@@ -77,6 +78,12 @@ export interface HostedSessions {
   add(s: Hosted): void;
   /** The stream ended (goodbye, lost, reaped, taken over): no more grants, reports or renewals. */
   remove(s: Hosted): void;
+  /**
+   * Ends a stream whose session this process no longer holds: removes it and
+   * closes it with ABORTED and `reason` (an ErrorInfo reason the worker
+   * reconnects on).
+   */
+  end(s: Hosted, reason: string, message: string): void;
   /** Sends a grant and records the lease as held and unacknowledged. A grant already held is not sent again. */
   sendGrant(s: Hosted, g: Grant): void;
   /**
@@ -139,6 +146,12 @@ export function createHostedSessions(limits: {
     return true;
   };
 
+  const remove = (s: Hosted) => {
+    s.ended = true;
+    noRoom(s);
+    if (byId.get(s.sessionId) === s) byId.delete(s.sessionId);
+  };
+
   const room = (s: Hosted, freeing = 0): number => {
     if (s.ended || s.draining) return 0;
     if (s.link.bufferedBytes() >= grantHighWaterBytes) {
@@ -158,10 +171,10 @@ export function createHostedSessions(limits: {
       byId.set(s.sessionId, s);
       mayHaveRoom(s);
     },
-    remove(s) {
-      s.ended = true;
-      noRoom(s);
-      if (byId.get(s.sessionId) === s) byId.delete(s.sessionId);
+    remove,
+    end(s, reason, message) {
+      remove(s);
+      s.link.close(new LeaseholdError(Code.Aborted, message, { reason }));
     },
     sendGrant(s, g) {
       if (s.held.get(g.actionId) === g.epoch) return;

@@ -1,5 +1,4 @@
 import type { Logger } from "pino";
-import { Code, LeaseholdError } from "../../errors.js";
 import type { Clock } from "../../store/clock.js";
 import { refreshClusterHealth } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
@@ -116,14 +115,7 @@ export function createReaper(deps: {
   async function report(result: ReapResult): Promise<void> {
     for (const { sessionId } of result.sessions) {
       const s = hosted.get(sessionId);
-      if (s) {
-        hosted.remove(s);
-        s.link.close(
-          new LeaseholdError(Code.Aborted, "this session passed its deadline and was reaped; reconnect", {
-            reason: "SESSION_REAPED",
-          }),
-        );
-      }
+      if (s) hosted.end(s, "SESSION_REAPED", "this session passed its deadline and was reaped; reconnect");
     }
     for (const e of result.expired) {
       // The documented line (SPEC rule 3); operators grep for it.

@@ -2,7 +2,7 @@ import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
 import { renewSessions } from "../../store/queries/renew-sessions.js";
-import { type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
+import { type HostedSessions, persistDeadline } from "./hosted.js";
 
 /**
  * Session renewal: once per heartbeat interval, one statement stores every
@@ -14,7 +14,7 @@ export interface Renewal {
    * Renews every hosted stream, heard from or not: the deadline only ever
    * becomes last heard + grace, so a silent stream gains nothing, and a
    * session that moved to another stream (even on another process) is
-   * noticed within one tick and `gone` is called for its stale stream.
+   * noticed within one tick and its stale stream ended (SESSION_ENDED).
    */
   renew(): Promise<void>;
   /**
@@ -37,8 +37,6 @@ export function createRenewal(deps: {
   graceMs: number;
   heartbeatIntervalMs: number;
   serverId: string;
-  /** A hosted stream whose session ended elsewhere (reaped, or taken over by another stream). */
-  gone: (s: Hosted) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
   let failed = false;
@@ -70,7 +68,9 @@ export function createRenewal(deps: {
       for (const s of heard) {
         const r = byId.get(s.sessionId);
         if (r) persistDeadline(s, r.deadline, r.dbNow);
-        else if (!s.ended) deps.gone(s);
+        // Reaped, or taken over by a stream on another process.
+        else if (!s.ended)
+          hosted.end(s, "SESSION_ENDED", "this session ended (reaped or taken over); reconnect");
       }
     },
     keepHosted() {

@@ -24,6 +24,9 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
 
 type RequestInit = Parameters<typeof create<typeof ConnectRequestSchema>>[1];
 
+/** One lease (action and epoch) as a key. */
+const leaseKey = (m: { readonly actionId?: string; readonly epoch?: bigint }) => `${m.epoch} ${m.actionId}`;
+
 /** What a handler gets for one granted action (Temporal's activity context, for work leases). */
 export interface ActionContext {
   readonly actionId: string;
@@ -272,8 +275,14 @@ export function createAgent(options: AgentOptions): Agent {
     report(message: RequestInit): void;
     /** Writes the reports waiting for the end of the turn now. */
     flush(): void;
-    /** Reports waiting for the end of the turn, encoded. */
-    readonly queued: Uint8Array[];
+    /**
+     * Reports waiting for the end of the turn, encoded; a grant ack carries
+     * its lease, so that a report on that lease in the same turn can stand
+     * in for it.
+     */
+    readonly queued: { readonly bytes: Uint8Array; readonly ackOf?: string }[];
+    /** Leases a progress, completion or release report queued this turn is about. */
+    readonly reported: Set<string>;
     flushTimer: NodeJS.Immediate | undefined;
     welcomed: boolean;
     /** The welcome said accepts_batches: reports may go in batches. */
@@ -595,14 +604,28 @@ export function createAgent(options: AgentOptions): Agent {
           conn.send(message);
           return;
         }
-        conn.queued.push(toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message)));
+        const bytes = toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message));
+        const m = message?.message;
+        if (m?.case === "grantAck") conn.queued.push({ bytes, ackOf: leaseKey(m.value) });
+        else {
+          conn.queued.push({ bytes });
+          if (m?.case === "progress" || m?.case === "completion" || m?.case === "release") {
+            conn.reported.add(leaseKey(m.value));
+          }
+        }
         conn.flushTimer ??= setImmediate(conn.flush);
       },
       flush: () => {
         clearImmediate(conn.flushTimer);
         conn.flushTimer = undefined;
         if (conn.ended || conn.queued.length === 0) return;
-        const queued = conn.queued.splice(0);
+        // A report on a lease acknowledges its grant (worker.proto, GrantAck): an ack followed
+        // by one in the same write is left out, and so is the server's answer to it.
+        const queued = conn.queued
+          .splice(0)
+          .filter((q) => q.ackOf === undefined || !conn.reported.has(q.ackOf))
+          .map((q) => q.bytes);
+        conn.reported.clear();
         // The client's serializer passes encoded messages through as they are.
         batchRuns(queued, MAX_BATCH_MESSAGES, MAX_REQUEST_BATCH_BYTES, (run) =>
           call.write(
@@ -617,6 +640,7 @@ export function createAgent(options: AgentOptions): Agent {
         );
       },
       queued: [],
+      reported: new Set(),
       flushTimer: undefined,
       welcomed: false,
       batches: false,
@@ -763,6 +787,7 @@ export function createAgent(options: AgentOptions): Agent {
       // Reports not written yet are sent again on the next stream, like those never answered.
       clearImmediate(conn.flushTimer);
       conn.queued.length = 0;
+      conn.reported.clear();
       client.close();
       if (!conn.welcomed) attemptsWithoutWelcome += 1;
       if (conn.saidGoodbye) closeDone?.();

@@ -4,7 +4,7 @@
  *
  *   node --import tsx bench/heartbeats.ts [--streams 10000] [--connections 100]
  *     [--interval 1000] [--seconds 20] [--database-url URL] [--profile-dir DIR]
- *     [--no-batches]
+ *     [--no-batches] [--server-node-args "--trace-gc ..."]
  *
  * The server is a real `leasehold serve` child process (one JavaScript
  * thread, as in production); this process plays the workers: raw
@@ -21,6 +21,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
 import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
@@ -37,6 +38,7 @@ const { values } = parseArgs({
     "database-url": { type: "string" },
     "profile-dir": { type: "string" },
     "no-batches": { type: "boolean", default: false },
+    "server-node-args": { type: "string", default: "" },
   },
 });
 const acceptsBatches = !values["no-batches"];
@@ -55,6 +57,7 @@ function startServer(): ChildProcess {
   const profile = values["profile-dir"];
   const args = [
     ...(profile ? ["--cpu-prof", `--cpu-prof-dir=${profile}`] : []),
+    ...(values["server-node-args"] ?? "").split(" ").filter(Boolean),
     join(import.meta.dirname, "..", "bin", "leasehold.js"),
     "serve",
     "--listen",
@@ -189,9 +192,13 @@ const sampler = setInterval(() => {
   maxRss = Math.max(maxRss, serverUsage().rssMiB);
 }, 500);
 const before = serverUsage();
+// This process's own event loop delay: a late ack may be this process's lateness, not the server's.
+const ownDelay = monitorEventLoopDelay({ resolution: 5 });
+ownDelay.enable();
 measuring = true;
 await new Promise((r) => setTimeout(r, measureMs));
 measuring = false;
+ownDelay.disable();
 const after = serverUsage();
 clearInterval(sampler);
 
@@ -214,6 +221,8 @@ console.log(
     serverRssMiB: Math.max(maxRss, after.rssMiB),
     serverCpuPercent: Math.round(((after.cpuSeconds - before.cpuSeconds) / (measureMs / 1000)) * 100),
     streamErrors: failures,
+    workersLoopDelayP99Ms: Number((ownDelay.percentile(99) / 1e6).toFixed(2)),
+    workersLoopDelayMaxMs: Number((ownDelay.max / 1e6).toFixed(2)),
   }),
 );
 

@@ -37,12 +37,20 @@ export function sleep(ms) {
 }
 
 /**
+ * Node flags for every child process, from PEERS_NODE_ARGS (space-separated),
+ * e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof` to profile servers and workers.
+ */
+function extraNodeArgs() {
+  return (process.env.PEERS_NODE_ARGS ?? "").split(" ").filter(Boolean);
+}
+
+/**
  * Forks `script` with `config` as its one argument (JSON). `execArgv` lets a
  * Leasehold child load tsx. The handle collects messages and resolves waits.
  */
 export function startWorker(script, config, { execArgv = [], cwd } = {}) {
   const child = fork(script, [JSON.stringify(config)], {
-    execArgv,
+    execArgv: [...extraNodeArgs(), ...execArgv],
     ...(cwd ? { cwd } : {}),
     stdio: ["ignore", "inherit", "inherit", "ipc"],
   });
@@ -118,7 +126,8 @@ export function startWorker(script, config, { execArgv = [], cwd } = {}) {
 
 /** Starts a plain process (a Leasehold server), output prefixed with `name`. */
 export function startProcess(name, command, args, { cwd, env } = {}) {
-  const child = spawn(command, args, {
+  const nodeArgs = command === process.execPath ? extraNodeArgs() : [];
+  const child = spawn(command, [...nodeArgs, ...args], {
     cwd,
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],

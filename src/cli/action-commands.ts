@@ -5,6 +5,7 @@ import {
   ActionSchema,
   ActionService,
   ActionState,
+  ActionView,
   AttemptOutcome,
   GetActionResponseSchema,
   SubmitActionResponseSchema,
@@ -95,7 +96,9 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
       for (const chunk of chunkActionLines(lines)) {
         let results: MessageShape<typeof SubmitActionResponseSchema>[];
         try {
-          ({ results } = await api.submitActions({ actions: chunk.map((c) => c.request) }));
+          // The table shows only what names each action; --json prints every field.
+          const view = g.json ? ActionView.FULL : ActionView.BASIC;
+          ({ results } = await api.submitActions({ actions: chunk.map((c) => c.request), view }));
         } catch (error) {
           throw refusedChunk(error, chunk, sent, lines, g.server);
         }

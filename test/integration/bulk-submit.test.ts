@@ -7,6 +7,7 @@ import { Code } from "../../src/errors.js";
 import {
   ActionService,
   ActionState,
+  ActionView,
   type SubmitActionRequestSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
 import type { Client } from "../../src/rpc/client.js";
@@ -102,6 +103,47 @@ describe("ActionService.SubmitActions", () => {
     const events = await submittedEvents(ids);
     expect(events.map((e) => e.action_id)).toEqual(ids);
     expect(new Set(events.map((e) => e.actor))).toEqual(new Set(["alice"]));
+  });
+
+  it("answers with the fields that name each action under ACTION_VIEW_BASIC, and refuses an unknown view", async () => {
+    const items: Item[] = Array.from({ length: 3 }, (_, i) => ({
+      cluster: "bulk-a",
+      requestId: `basic-${i}`,
+      runId: "basic",
+      payload: { n: i },
+      priority: 5,
+    }));
+    const { results } = await api.submitActions({ actions: items, view: ActionView.BASIC }, as("alice"));
+    results.forEach((r, i) => {
+      expect(r.created).toBe(true);
+      expect(r.action).toMatchObject({
+        requestId: `basic-${i}`,
+        runId: "basic",
+        cluster: "bulk-a",
+        state: ActionState.QUEUED,
+        createdBy: "alice",
+      });
+      expect(r.action?.id).toMatch(/./);
+      expect(r.action?.createTime).toBeDefined();
+      // Nothing of the action's content.
+      expect(r.action?.payload).toBeUndefined();
+      expect(r.action?.retryPolicy).toBeUndefined();
+      expect(r.action?.priority).toBe(0);
+    });
+    // A retry under the basic view names the same actions; the full view shows their content.
+    const again = await api.submitActions({ actions: items, view: ActionView.FULL }, as("alice"));
+    expect(again.results.map((r) => [r.action?.id, r.created, r.action?.payload])).toEqual(
+      results.map((r, i) => [r.action?.id, false, { n: i }]),
+    );
+    await expectStatus(
+      api.submitActions(
+        { actions: [{ cluster: "bulk-a", runId: "basic" }], view: 7 as ActionView },
+        as("alice"),
+      ),
+      Code.InvalidArgument,
+      /view: is not a known ActionView \(7\)/,
+    );
+    expect(await count(sql`run_id = 'basic'`)).toBe(3);
   });
 
   it("answers a retried call with the same actions, created false, and creates nothing twice", async () => {

@@ -6,6 +6,7 @@ import {
   type ActionSchema,
   ActionService,
   ActionState,
+  ActionView,
   AttemptOutcome,
   type AttemptSchema,
   type SubmitActionRequest,
@@ -40,6 +41,7 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
       return { action: toProtoAction(submitted), created };
     },
     async submitActions(request, ctx) {
+      const toProto = viewOf(request.view);
       const items = toNewActions(request.actions);
       // Every distinct cluster once; the first item naming a refused cluster is the one reported.
       const checked = new Set<string>();
@@ -54,7 +56,7 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
       });
       const results = await actions.submitMany(items, ctx.access.actor);
       return {
-        results: results.map(({ action, created }) => ({ action: toProtoAction(action), created })),
+        results: results.map(({ action, created }) => ({ action: toProto(action), created })),
       };
     },
     async getAction(request, ctx) {
@@ -100,6 +102,22 @@ function atItem(error: unknown, field: string): unknown {
     fieldViolations: error.fieldViolations,
     preconditionViolations: error.preconditionViolations,
   });
+}
+
+/** How a response shows an action, by the request's `view`. */
+function viewOf(view: ActionView): (a: ActionRecord) => MessageInitShape<typeof ActionSchema> {
+  switch (view) {
+    case ActionView.UNSPECIFIED:
+    case ActionView.FULL:
+      return toProtoAction;
+    case ActionView.BASIC:
+      return toBasicProtoAction;
+    default:
+      throw LeaseholdError.invalidArgument(
+        "view",
+        `is not a known ActionView (${view}); use ACTION_VIEW_BASIC or ACTION_VIEW_FULL`,
+      );
+  }
 }
 
 function stateName(state: ActionState): DomainState {
@@ -293,6 +311,19 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
     updateTime: ts(a.updatedAt),
     notBefore: ts(a.notBefore),
     finishTime: ts(a.finishedAt),
+    createdBy: a.createdBy,
+  };
+}
+
+/** The fields of ACTION_VIEW_BASIC (action.proto): what names the action, nothing of its content. */
+export function toBasicProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
+  return {
+    id: a.id,
+    requestId: a.requestId ?? "",
+    runId: a.runId,
+    cluster: a.cluster,
+    state: ActionState[a.state],
+    createTime: ts(a.createdAt),
     createdBy: a.createdBy,
   };
 }

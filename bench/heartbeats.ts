@@ -4,7 +4,7 @@
  *
  *   node --import tsx bench/heartbeats.ts [--streams 10000] [--connections 100]
  *     [--interval 1000] [--seconds 20] [--database-url URL] [--profile-dir DIR]
- *     [--no-batches] [--server-node-args "--trace-gc ..."]
+ *     [--no-batches] [--server-node-args="--trace-gc ..."]
  *
  * The server is a real `leasehold serve` child process (one JavaScript
  * thread, as in production); this process plays the workers: raw

@@ -153,7 +153,12 @@ export function grantCtes(now: SQL): SQL {
           phase = '', phase_details = null, stop_reason = null,
           session_id = i.session_id, worker_id = i.worker_id, granted_at = ${now}, updated_at = ${now}
         from g_input i join g_live on g_live.id = i.session_id
-        where a.id = i.id and a.state = 'QUEUED'
+        -- Compared as an expression (\`state || ''\`), which no partial index's predicate
+        -- matches: each claimed action is then found by primary key. As \`a.state = 'QUEUED'\`
+        -- the planner may (its generic plan for one slot did) read the whole partial index of
+        -- QUEUED actions to join it with the claim: a scan as long as the queue, every round.
+        -- The same holds for the LEASED index of a session in the settle and progress statements.
+        where a.id = i.id and a.state || '' = 'QUEUED'
         returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
                   i.session_id, i.worker_id
       ),

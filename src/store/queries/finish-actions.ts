@@ -97,17 +97,17 @@ f_input as (
           output jsonb, error jsonb, retryable bool, reason text, actor text)
         -- Always true (k is the report's index in the batch). A range on a column without
         -- statistics makes the planner expect a row instead of the 100 it assumes for any
-        -- jsonb_to_recordset, so it looks each report's action up by primary key. Expecting
-        -- 100, it read the whole partial index of LEASED actions instead, whose entries for
-        -- actions that already left LEASED stay until a vacuum: thousands on a busy table.
+        -- jsonb_to_recordset, which favours looking each report's action up by primary key.
         where x.k >= 0 and x.k < 2147483647
       ),
       f_current as (
         select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,
                a.initial_backoff_ms, a.backoff_multiplier, a.max_backoff_ms, a.cancel_requested,
                a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason, i.actor
+        -- \`state || ''\`: by primary key, not the session's partial index (see grantCtes, claim-actions.ts).
         from actions a join f_input i
-          on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
+          on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
+            and a.state || '' = 'LEASED'
         for update of a
       ),
       f_decided as (

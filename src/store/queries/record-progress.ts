@@ -52,7 +52,9 @@ export async function recordProgress(
         checkpoint = coalesce(i.checkpoint, a.checkpoint),
         updated_at = ${clock.now()}
       from input i
-      where a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id and a.state = 'LEASED'
+      -- \`state || ''\`: by primary key, not the session's partial index (see grantCtes, claim-actions.ts).
+      where a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
+        and a.state || '' = 'LEASED'
       returning i.k`,
     { prepared: true },
   );

@@ -140,12 +140,16 @@ export const grantFromRow = (r: GrantRow): GrantRecord => ({
  */
 export function grantCtes(now: SQL): SQL {
   return sql`
-      g_live as (
-        select s.id from sessions s
-        where s.id in (select session_id from g_input) and s.ended_at is null
+      -- The target sessions, locked; whether each is live is checked on the locked row, in
+      -- g_granted. With \`ended_at is null\` here the planner may read the partial index of
+      -- every live session (sessions_one_live_per_worker) instead of these few by key.
+      g_sessions as (
+        select s.id, s.ended_at from sessions s
+        where s.id in (select session_id from g_input)
           and s.stream_token in (select token from g_input)
         for share of s
       ),
+      g_live as (select id from g_sessions where ended_at is null),
       g_granted as (
         update actions a set
           state = 'LEASED', epoch = a.epoch + 1, attempt_count = a.attempt_count + 1,

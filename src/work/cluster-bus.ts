@@ -58,6 +58,14 @@ export const BUS_CHANNEL = "leasehold";
 const MAX_PAYLOAD = 7000;
 /** How often a process looks whether other processes listen. */
 const PEER_CHECK_MS = 1000;
+/**
+ * Least time between two NOTIFY statements that carry only wake-ups. Under
+ * load every dispatch round changes actions, and a NOTIFY per round was a
+ * statement per round for the database and a message per round for every
+ * other process; gathered over this long, many rounds share one. A revoke,
+ * drain or takeover ends the wait: it goes at once, with the wake-ups so far.
+ */
+const WAKE_GAP_MS = 20;
 /** The `application_name` the database layer gives each process's connections. */
 const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
 
@@ -79,8 +87,11 @@ export async function createPostgresBus(deps: {
   listen: Listen;
   serverId: string;
   log: Logger;
+  /** Least time between NOTIFY statements of wake-ups only (default {@link WAKE_GAP_MS}). */
+  wakeGapMs?: number;
 }): Promise<ClusterBus> {
   const { db, listen, serverId, log } = deps;
+  const wakeGapMs = deps.wakeGapMs ?? WAKE_GAP_MS;
   const handlers = new Set<(message: BusMessage) => void>();
   const reconnects: (() => void)[] = [];
   let listenedOnce = false;
@@ -168,8 +179,25 @@ export async function createPostgresBus(deps: {
   }, PEER_CHECK_MS);
   peerTimer.unref();
 
+  /** performance.now() of the last NOTIFY statement. */
+  let lastNotifyAt = Number.NEGATIVE_INFINITY;
+  /** Ends the wait for the gap early: a message that is not a wake-up, or close. */
+  let hurry: (() => void) | undefined;
   const flusher = coalesced(
     async () => {
+      const wait = lastNotifyAt + wakeGapMs - performance.now();
+      if (others.length === 0 && wait > 0 && !closed) {
+        // What is sent meanwhile joins this statement.
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, wait);
+          hurry = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        hurry = undefined;
+      }
+      lastNotifyAt = performance.now();
       const batch = payloads();
       if (batch.length === 0) return;
       try {
@@ -192,7 +220,10 @@ export async function createPostgresBus(deps: {
     send(message) {
       if (closed || !peers) return;
       if (message.kind === "wake") for (const t of message.topics) topics.add(t);
-      else others.push(message);
+      else {
+        others.push(message);
+        hurry?.();
+      }
       flusher.request();
     },
     subscribe(handler) {
@@ -205,6 +236,7 @@ export async function createPostgresBus(deps: {
     peersListening: lookForPeers,
     async close() {
       closed = true;
+      hurry?.();
       clearInterval(peerTimer);
       await flusher.idle();
       await subscription.unlisten().catch(() => {});

@@ -19,7 +19,7 @@ describe.skipIf(inject("driver") !== "postgres")("cluster bus", () => {
     await store?.drop();
   });
 
-  async function process(serverId: string, onQuery?: (q: string) => void) {
+  async function process(serverId: string, onQuery?: (q: string) => void, wakeGapMs?: number) {
     const database = await openDatabase({
       url: store.url,
       dataDir: "",
@@ -32,6 +32,7 @@ describe.skipIf(inject("driver") !== "postgres")("cluster bus", () => {
       listen,
       serverId,
       log: pino({ level: "silent" }),
+      ...(wakeGapMs !== undefined ? { wakeGapMs } : {}),
     });
     opened.push({ database, bus });
     return bus;
@@ -56,5 +57,46 @@ describe.skipIf(inject("driver") !== "postgres")("cluster bus", () => {
     a.send({ kind: "wake", topics: ["together"] });
     expect(await heard).toMatchObject({ kind: "wake", topics: ["together"] });
     expect(statements.filter((q) => q.includes("pg_notify")).length).toBeGreaterThan(0);
+  });
+
+  it("gathers wake-ups sent within the gap into one NOTIFY, and sends them at once with a revoke", async () => {
+    // A gap no test outlasts: only the revoke can end the wait.
+    const a = await process("gap-a", undefined, 600_000);
+    const b = await process("gap-b");
+    const heard: BusMessage[] = [];
+    const waiters: (() => void)[] = [];
+    b.subscribe((m) => {
+      if (m.kind === "wake" && !m.topics.some((t) => t.startsWith("gap-"))) return;
+      if (m.kind === "revoke" && m.sessionId !== "gap-session") return;
+      heard.push(m);
+      for (const w of waiters.splice(0)) w();
+    });
+    const until = async (n: number) => {
+      while (heard.length < n) await new Promise<void>((r) => waiters.push(r));
+    };
+    expect(await a.peersListening()).toBe(true);
+    a.send({ kind: "wake", topics: ["gap-1"] });
+    await until(1);
+    expect(heard[0]).toMatchObject({ kind: "wake", topics: ["gap-1"] });
+    // Two more, in separate turns of the event loop: both wait for the gap.
+    a.send({ kind: "wake", topics: ["gap-2"] });
+    await new Promise((r) => setImmediate(r));
+    a.send({ kind: "wake", topics: ["gap-3"] });
+    a.send({
+      kind: "revoke",
+      sessionId: "gap-session",
+      actionId: "act",
+      epoch: 1,
+      reason: "CANCELLED",
+      message: "stop",
+      ended: false,
+    });
+    await until(3);
+    expect(heard.slice(1)).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({ kind: "revoke", sessionId: "gap-session" }),
+        expect.objectContaining({ kind: "wake", topics: ["gap-2", "gap-3"] }),
+      ]),
+    );
   });
 });

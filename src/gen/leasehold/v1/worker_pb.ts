@@ -543,7 +543,10 @@ export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
  * held_leases, or by any progress, completion or release report on the
  * lease) count against a window of 32 per stream, and a full
  * window gets no more grants. Answered by a ReportResult; FENCED when the
- * (action, epoch) is not a current lease of this session.
+ * (action, epoch) is not a current lease of this session. A worker whose
+ * report on the lease goes out in the same write (a handler that finished at
+ * once) may leave the GrantAck out, as the agent SDK does: the report
+ * acknowledges the grant, and the server has one message less to answer.
  *
  * @generated from message leasehold.v1.GrantAck
  */

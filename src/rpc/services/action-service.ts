@@ -265,10 +265,7 @@ const ts = (date: Date | null) => (date ? timestampFromDate(date) : undefined);
 
 export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
   return {
-    id: a.id,
-    requestId: a.requestId ?? "",
-    runId: a.runId,
-    cluster: a.cluster,
+    ...basicFields(a),
     labelSelector: { ...a.labelSelector },
     ...(a.payload ? { payload: a.payload as MessageInitShape<typeof ActionSchema>["payload"] } : {}),
     priority: a.priority,
@@ -279,7 +276,6 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
       maxBackoff: durationFromMs(a.retryPolicy.maxBackoffMs),
     },
     maxSystemRetries: a.maxSystemRetries,
-    state: ActionState[a.state],
     epoch: BigInt(a.epoch),
     attemptCount: a.attemptCount,
     failureCount: a.failureCount,
@@ -307,16 +303,19 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
       : {}),
     failureReason: a.failureReason,
     phase: a.phase,
-    createTime: ts(a.createdAt),
     updateTime: ts(a.updatedAt),
     notBefore: ts(a.notBefore),
     finishTime: ts(a.finishedAt),
-    createdBy: a.createdBy,
   };
 }
 
 /** The fields of ACTION_VIEW_BASIC (action.proto): what names the action, nothing of its content. */
 export function toBasicProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
+  return basicFields(a);
+}
+
+/** The fields both views carry. */
+function basicFields(a: ActionRecord) {
   return {
     id: a.id,
     requestId: a.requestId ?? "",

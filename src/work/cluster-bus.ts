@@ -197,9 +197,9 @@ export async function createPostgresBus(deps: {
         });
         hurry = undefined;
       }
-      lastNotifyAt = performance.now();
       const batch = payloads();
       if (batch.length === 0) return;
+      lastNotifyAt = performance.now();
       try {
         await db.execute(
           sql`select pg_notify(${BUS_CHANNEL}, p) from jsonb_array_elements_text(${JSON.stringify(batch)}::jsonb) as p`,

@@ -140,8 +140,8 @@ export const grantFromRow = (r: GrantRow): GrantRecord => ({
  */
 export function grantCtes(now: SQL): SQL {
   return sql`
-      -- The target sessions, locked; whether each is live is checked on the locked row, in
-      -- g_granted. With \`ended_at is null\` here the planner may read the partial index of
+      -- The target sessions, locked; whether each is live is checked on the locked rows, in
+      -- g_live. With \`ended_at is null\` here the planner may read the partial index of
       -- every live session (sessions_one_live_per_worker) instead of these few by key.
       g_sessions as (
         select s.id, s.ended_at from sessions s

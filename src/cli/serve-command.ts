@@ -253,6 +253,12 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   };
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);
+  // A promise rejected with nobody waiting on it (seen once: a raw ECONNRESET while PostgreSQL
+  // restarted under load) would end the process and every stream with it. Every loop retries
+  // on its own, so the server logs it as the bug it is and keeps serving.
+  process.on("unhandledRejection", (reason) => {
+    log.error({ err: reason }, "a promise was rejected with nobody to handle it; still serving");
+  });
   try {
     server = await startServer(config, log, { signal: stopBeforeReady.signal });
   } catch (error) {

@@ -1,11 +1,13 @@
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
+import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
 import { markStreamLost } from "../store/queries/mark-stream-lost.js";
-import { type HelloInput, openSession } from "../store/queries/open-session.js";
+import { type HelloInput, type OpenedSession, openSession } from "../store/queries/open-session.js";
+import { type BatchOutcome, type HelloOfBatch, openSessions } from "../store/queries/open-sessions.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
@@ -263,17 +265,46 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const closeTakenOver = (s: Hosted) =>
     hosted.end(s, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over");
 
-  async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
-    if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
-    const opened = await openSession(
+  /** One hello the common way, or the way of a batch that failed as a whole. */
+  const openAlone = (b: HelloOfBatch) =>
+    openSession(
       db,
       clock,
       serverId,
       { graceMs, partitionShare, maxSilenceMs },
-      hello,
-      principal,
+      b.hello,
+      b.principal,
       renewal.keepHosted(),
     );
+  /**
+   * Hellos arriving while a batch is being opened are opened together in the
+   * next (group commit, as for reports): thousands of workers reconnecting at
+   * once cost a few transactions, not one each.
+   */
+  const opens = createBatcher<HelloOfBatch, OpenedSession | Error>(async (batch) => {
+    let outcomes: BatchOutcome[];
+    try {
+      outcomes = await openSessions(db, clock, serverId, graceMs, batch);
+    } catch (error) {
+      // A deadlock with another process or a race for a new worker's first session: each hello
+      // goes alone, and fails alone if it must.
+      if (batch.length === 1) throw error;
+      log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
+      outcomes = batch.map(() => ({ alone: true }));
+    }
+    const results: (OpenedSession | Error)[] = [];
+    for (const [i, outcome] of outcomes.entries()) {
+      if ("opened" in outcome) results.push(outcome.opened);
+      else if ("refused" in outcome) results.push(outcome.refused);
+      else results.push(await openAlone(batch[i] as HelloOfBatch).catch((error: Error) => error));
+    }
+    return results;
+  });
+
+  async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
+    if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
+    const opened = await opens.add({ hello, principal });
+    if (opened instanceof Error) throw opened;
     // The worker's previous session expired with this hello: reported as the reaper reports.
     if (opened.reaped) void reaper.report(opened.reaped);
     const previous = hosted.get(opened.sessionId);
@@ -559,7 +590,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       for (const t of timers) clearInterval(t);
       reaper.stop();
-      await Promise.all([dispatcher.idle(), reports.close()]);
+      await Promise.all([dispatcher.idle(), reports.close(), opens.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();

@@ -48,8 +48,9 @@ export interface WorkerStreamLimits {
   readonly maxBufferedBytes?: number;
   /**
    * Hellos processed at once: each opens or resumes a session in the
-   * database. Heartbeats of open streams never wait for them (they are
-   * answered from memory). Default {@link DEFAULT_MAX_CONCURRENT_OPENS}.
+   * database, those that arrive together in one transaction (up to 256).
+   * Heartbeats of open streams never wait for them (they are answered from
+   * memory). Default {@link DEFAULT_MAX_CONCURRENT_OPENS}.
    */
   readonly maxConcurrentOpens?: number;
   /**
@@ -63,7 +64,7 @@ export interface WorkerStreamLimits {
 /** Default of `WorkerStreamLimits.maxBufferedBytes`: 16 MiB. */
 export const DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 /** Default of `WorkerStreamLimits.maxConcurrentOpens`. */
-export const DEFAULT_MAX_CONCURRENT_OPENS = 8;
+export const DEFAULT_MAX_CONCURRENT_OPENS = 512;
 /** Default of `WorkerStreamLimits.maxQueuedOpens`. */
 export const DEFAULT_MAX_QUEUED_OPENS = 256;
 /** How long a refused hello is told to wait before it tries again. */

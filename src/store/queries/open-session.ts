@@ -100,16 +100,9 @@ export async function openSession(
       sql`with cluster as (insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing)
           select cluster, draining from workers where worker_id = ${hello.workerId} for update`,
     );
-    let [live] = await queryRows<{
-      id: string;
-      deadline: unknown;
-      stream_lost_at: unknown;
-      server_id: string | null;
-      principal: string;
-      expired: boolean;
-    }>(
+    let [live] = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, deadline, stream_lost_at, server_id, principal, deadline < ${now} as expired
+      sql`select id, worker_id, stream_lost_at, server_id, principal, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
@@ -128,26 +121,8 @@ export async function openSession(
       });
       if (reaped.sessions.length > 0) live = undefined;
     }
-    if (live && live.principal !== principal) {
-      // Thrown before any write: the transaction rolls back and the owner's session is untouched.
-      throw new LeaseholdError(
-        Code.PermissionDenied,
-        `${quote(principal)} may not take over worker ${quote(hello.workerId)}: its session (live or in grace) ` +
-          "was opened by another principal; use another worker_id, or wait until that session ends",
-        {
-          reason: SESSION_OWNED_BY_OTHER,
-          metadata: { principal, right: "worker.connect", cluster: hello.cluster, worker_id: hello.workerId },
-        },
-      );
-    }
-    if (live && movingCluster) {
-      throw new LeaseholdError(
-        Code.FailedPrecondition,
-        `worker ${hello.workerId} has a live session in cluster ${worker.cluster}; ` +
-          `say goodbye there first, or use another worker_id for cluster ${hello.cluster}`,
-        { reason: "WORKER_IN_OTHER_CLUSTER" },
-      );
-    }
+    if (live && live.principal !== principal) throw notTheOwner(principal, hello);
+    if (live && movingCluster) throw inOtherCluster(worker.cluster, hello);
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;
     await tx.execute(sql`
@@ -185,67 +160,13 @@ export async function openSession(
     // A session started just now holds nothing yet: its id is new.
     const held = !resumed
       ? []
-      : await queryRows<{
-          id: string;
-          epoch: unknown;
-          attempt_count: number;
-          payload: JsonObject | null;
-          run_id: string;
-          checkpoint: JsonObject | null;
-          cancel_requested: boolean;
-          stop_reason: string | null;
-        }>(
+      : await queryRows<HeldRow>(
           tx,
           sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
               from actions where session_id = ${sessionId} and state = 'LEASED'`,
         );
-    const heldById = new Map(
-      held.map((h) => [
-        h.id,
-        {
-          actionId: h.id,
-          epoch: toNumber(h.epoch),
-          attempt: h.attempt_count,
-          payload: h.payload,
-          runId: h.run_id,
-          checkpoint: h.checkpoint,
-          cancelRequested: h.cancel_requested,
-          stopReason: h.stop_reason,
-        },
-      ]),
-    );
-    const resumedLeases: HeldGrant[] = [];
-    const revokedLeases: { actionId: string; epoch: number }[] = [];
-    const listed = new Set<string>();
-    for (const lease of hello.heldLeases) {
-      listed.add(lease.actionId);
-      const current = heldById.get(lease.actionId);
-      if (current && current.epoch === lease.epoch) resumedLeases.push(current);
-      else revokedLeases.push(lease);
-    }
-    const unlistedLeases = [...heldById.values()].filter((h) => !listed.has(h.actionId));
-
-    const kind = !resumed ? "session_started" : tookOver ? "session_taken_over" : "session_resumed";
-    const message = !resumed
-      ? `worker ${hello.workerId} started a session (capacity ${hello.capacity})`
-      : tookOver
-        ? `a new stream of worker ${hello.workerId} took the session over; the older stream is closed`
-        : `worker ${hello.workerId} reconnected within grace and resumed its session`;
-    const events = [
-      { kind, action_id: null, epoch: null, message },
-      ...resumedLeases.map((l) => ({
-        kind: "lease_resumed",
-        action_id: l.actionId,
-        epoch: l.epoch,
-        message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
-      })),
-      ...revokedLeases.map((l) => ({
-        kind: "lease_revoked",
-        action_id: l.actionId,
-        epoch: l.epoch,
-        message: `worker ${hello.workerId} listed a lease it no longer holds (epoch ${l.epoch}); revoked`,
-      })),
-    ];
+    const { resumedLeases, revokedLeases, unlistedLeases } = sortHeld(hello, held);
+    const events = helloEvents(hello, resumed, tookOver, resumedLeases, revokedLeases);
     await tx.execute(sql`
       insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
       select kind, action_id, ${hello.workerId}, ${hello.cluster}, ${sessionId}, epoch, message, ${principal}
@@ -266,4 +187,122 @@ export async function openSession(
       reaped,
     };
   });
+}
+
+/** A hello refused because another principal's session holds the worker id. */
+export function notTheOwner(principal: string, hello: HelloInput): LeaseholdError {
+  return new LeaseholdError(
+    Code.PermissionDenied,
+    `${quote(principal)} may not take over worker ${quote(hello.workerId)}: its session (live or in grace) ` +
+      "was opened by another principal; use another worker_id, or wait until that session ends",
+    {
+      reason: SESSION_OWNED_BY_OTHER,
+      metadata: { principal, right: "worker.connect", cluster: hello.cluster, worker_id: hello.workerId },
+    },
+  );
+}
+
+/** A hello refused because the worker's live session is in another cluster. */
+export function inOtherCluster(liveCluster: string, hello: HelloInput): LeaseholdError {
+  return new LeaseholdError(
+    Code.FailedPrecondition,
+    `worker ${hello.workerId} has a live session in cluster ${liveCluster}; ` +
+      `say goodbye there first, or use another worker_id for cluster ${hello.cluster}`,
+    { reason: "WORKER_IN_OTHER_CLUSTER" },
+  );
+}
+
+/** A worker's live session, as its hello reads (and locks) it. */
+export interface LiveSessionRow {
+  id: string;
+  worker_id: string;
+  stream_lost_at: unknown;
+  server_id: string | null;
+  principal: string;
+  /** Past its deadline. */
+  expired: boolean;
+}
+
+/** A LEASED action of a resumed session, as read for its hello. */
+export interface HeldRow {
+  id: string;
+  epoch: unknown;
+  attempt_count: number;
+  payload: JsonObject | null;
+  run_id: string;
+  checkpoint: JsonObject | null;
+  cancel_requested: boolean;
+  stop_reason: string | null;
+}
+
+/** Sorts a resumed session's leases by what the hello listed: resumed, revoked, or sent again. */
+export function sortHeld(
+  hello: HelloInput,
+  held: readonly HeldRow[],
+): Pick<OpenedSession, "resumedLeases" | "revokedLeases" | "unlistedLeases"> {
+  const heldById = new Map<string, HeldGrant>(
+    held.map((h) => [
+      h.id,
+      {
+        actionId: h.id,
+        epoch: toNumber(h.epoch),
+        attempt: h.attempt_count,
+        payload: h.payload,
+        runId: h.run_id,
+        checkpoint: h.checkpoint,
+        cancelRequested: h.cancel_requested,
+        stopReason: h.stop_reason,
+      },
+    ]),
+  );
+  const resumedLeases: HeldGrant[] = [];
+  const revokedLeases: { actionId: string; epoch: number }[] = [];
+  const listed = new Set<string>();
+  for (const lease of hello.heldLeases) {
+    listed.add(lease.actionId);
+    const current = heldById.get(lease.actionId);
+    if (current && current.epoch === lease.epoch) resumedLeases.push(current);
+    else revokedLeases.push(lease);
+  }
+  const unlistedLeases = [...heldById.values()].filter((h) => !listed.has(h.actionId));
+  return { resumedLeases, revokedLeases, unlistedLeases };
+}
+
+/** An event a hello writes (worker, cluster, session and actor are the hello's). */
+export interface HelloEvent {
+  kind: string;
+  action_id: string | null;
+  epoch: number | null;
+  message: string;
+}
+
+/** The events of one hello: the session's start, resume or takeover, then each listed lease's fate. */
+export function helloEvents(
+  hello: HelloInput,
+  resumed: boolean,
+  tookOver: boolean,
+  resumedLeases: readonly HeldGrant[],
+  revokedLeases: readonly { actionId: string; epoch: number }[],
+): HelloEvent[] {
+  const kind = !resumed ? "session_started" : tookOver ? "session_taken_over" : "session_resumed";
+  const message = !resumed
+    ? `worker ${hello.workerId} started a session (capacity ${hello.capacity})`
+    : tookOver
+      ? `a new stream of worker ${hello.workerId} took the session over; the older stream is closed`
+      : `worker ${hello.workerId} reconnected within grace and resumed its session`;
+  return [
+    { kind, action_id: null, epoch: null, message },
+    ...resumedLeases.map((l) => ({
+      kind: "lease_resumed",
+      action_id: l.actionId,
+      epoch: l.epoch,
+      message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
+    })),
+    ...revokedLeases.map((l) => ({
+      kind: "lease_revoked",
+      action_id: l.actionId,
+      epoch: l.epoch,
+      message: `worker ${hello.workerId} listed a lease it no longer holds (epoch ${l.epoch}); revoked`,
+    })),
+  ];
 }

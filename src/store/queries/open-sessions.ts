@@ -1,0 +1,221 @@
+import { sql } from "drizzle-orm";
+import { uuidv7 } from "uuidv7";
+import type { Clock } from "../clock.js";
+import type { Db } from "../database.js";
+import { queryRows, toDate } from "../rows.js";
+import {
+  type HeldRow,
+  type HelloEvent,
+  type HelloInput,
+  helloEvents,
+  inOtherCluster,
+  type LiveSessionRow,
+  notTheOwner,
+  type OpenedSession,
+  sortHeld,
+} from "./open-session.js";
+
+/** One hello of a batch, with who sent it. */
+export interface HelloOfBatch {
+  readonly hello: HelloInput;
+  readonly principal: string;
+}
+
+/**
+ * What the batch did with one hello: opened its session, refused it (nothing
+ * written for it), or left it to {@link openSession} because it needs more
+ * than the common case (a live session past its deadline to reap first, or a
+ * second hello for the same worker in one batch).
+ */
+export type BatchOutcome =
+  | { readonly opened: OpenedSession }
+  | { readonly refused: Error }
+  | { readonly alone: true };
+
+/**
+ * Opens or resumes the sessions of many hellos in one transaction of five
+ * statements, whatever their number: while thousands of workers reconnect
+ * (after a restart of the control plane), a transaction per hello would be
+ * served at a few dozen a second, too slow for every worker to be back before
+ * its leases expire.
+ *
+ * Each hello gets what `openSession` would give it alone: a live session
+ * within its deadline is resumed (taken over if its stream was still open),
+ * a worker without one starts a new session, listed leases are resumed or
+ * revoked, and a hello for a session another principal opened, or for a
+ * worker live in another cluster, is refused without writing anything.
+ * Hellos whose worker's live session is past its deadline are left alone:
+ * their reap (SPEC rule 10 may pause it) goes through `openSession`.
+ *
+ * Rows are locked as `openSession` locks them, the worker's row before its
+ * session's, and in `worker_id` order, so that batches and single hellos
+ * on any number of processes cannot deadlock one another.
+ */
+export async function openSessions(
+  db: Db,
+  clock: Clock,
+  serverId: string,
+  graceMs: number,
+  batch: readonly HelloOfBatch[],
+): Promise<BatchOutcome[]> {
+  const now = sql`${clock.now()}::timestamptz`;
+  const grace = sql`make_interval(secs => ${graceMs} / 1000.0)`;
+  const outcomes: BatchOutcome[] = batch.map(() => ({ alone: true }));
+  // A second hello for one worker waits for the first to commit: it may take that session over.
+  const firstOf = new Map<string, number>();
+  batch.forEach((b, i) => {
+    if (!firstOf.has(b.hello.workerId)) firstOf.set(b.hello.workerId, i);
+  });
+  const ids = JSON.stringify([...firstOf.keys()].sort());
+  const clusters = [...new Set([...firstOf.values()].map((i) => batch[i]?.hello.cluster ?? ""))].sort();
+
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const workers = await queryRows<{ worker_id: string; cluster: string; draining: boolean }>(
+      tx,
+      sql`with cluster as (
+            insert into clusters (name) select jsonb_array_elements_text(${JSON.stringify(clusters)}::jsonb) order by 1 on conflict (name) do nothing)
+          select worker_id, cluster, draining from workers
+          where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) order by worker_id for update`,
+    );
+    const lives = await queryRows<LiveSessionRow>(
+      tx,
+      sql`select id, worker_id, stream_lost_at, server_id, principal, deadline < ${now} as expired
+          from sessions where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null
+          order by worker_id for update`,
+    );
+    const workerOf = new Map(workers.map((w) => [w.worker_id, w]));
+    const liveOf = new Map(lives.map((l) => [l.worker_id, l]));
+
+    /** The hellos this batch opens, by their index in `batch`. */
+    const opening: {
+      i: number;
+      hello: HelloInput;
+      principal: string;
+      live: (typeof lives)[number] | undefined;
+      sessionId: string;
+      streamToken: string;
+      draining: boolean;
+    }[] = [];
+    for (const [workerId, i] of firstOf) {
+      const { hello, principal } = batch[i] as HelloOfBatch;
+      const worker = workerOf.get(workerId);
+      const live = liveOf.get(workerId);
+      if (live?.expired) continue;
+      if (live && live.principal !== principal) {
+        outcomes[i] = { refused: notTheOwner(principal, hello) };
+      } else if (live && worker && worker.cluster !== hello.cluster) {
+        outcomes[i] = { refused: inOtherCluster(worker.cluster, hello) };
+      } else {
+        opening.push({
+          i,
+          hello,
+          principal,
+          live,
+          sessionId: live?.id ?? uuidv7(),
+          streamToken: uuidv7(),
+          draining: live ? (worker?.draining ?? false) : false,
+        });
+      }
+    }
+    if (opening.length === 0) return outcomes;
+
+    const rows = opening.map((o) => ({
+      worker_id: o.hello.workerId,
+      cluster: o.hello.cluster,
+      capacity: o.hello.capacity,
+      labels: o.hello.labels,
+      agent_version: o.hello.agentVersion,
+      draining: o.draining,
+      session_id: o.sessionId,
+      stream_token: o.streamToken,
+      resume: o.live !== undefined,
+      principal: o.principal,
+    }));
+    // Workers registered or updated, resumed sessions renewed and re-homed, new ones started: the
+    // workers' rows are written first (a new session's foreign key is checked at the statement's end).
+    const written = await queryRows<{ id: string; deadline: unknown; db_now: unknown }>(
+      tx,
+      sql`with input as (
+            select * from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as x(
+              worker_id text, cluster text, capacity int, labels jsonb, agent_version text, draining boolean,
+              session_id text, stream_token text, resume boolean, principal text)),
+          registered as (
+            insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, last_seen_at)
+            select worker_id, cluster, capacity, labels, agent_version, draining, ${now} from input
+            order by worker_id
+            on conflict (worker_id) do update set
+              cluster = excluded.cluster, capacity = excluded.capacity, labels = excluded.labels,
+              agent_version = excluded.agent_version, last_seen_at = excluded.last_seen_at,
+              draining = excluded.draining),
+          resumed as (
+            update sessions s set deadline = greatest(s.deadline, ${now} + ${grace}), last_heard_at = ${now},
+              stream_lost_at = null, server_id = ${serverId}, stream_token = i.stream_token
+            from input i where i.resume and s.id = i.session_id
+            returning s.id, s.deadline),
+          started as (
+            insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal)
+            select session_id, worker_id, ${serverId}, stream_token, ${now}, ${now} + ${grace}, ${now}, principal
+            from input where not resume
+            returning id, deadline)
+          select id, deadline, ${now} as db_now from resumed
+          union all select id, deadline, ${now} from started`,
+    );
+    const deadlineOf = new Map(written.map((w) => [w.id, w]));
+
+    const resumedIds = opening.filter((o) => o.live).map((o) => o.sessionId);
+    const held =
+      resumedIds.length === 0
+        ? []
+        : await queryRows<HeldRow & { session_id: string }>(
+            tx,
+            sql`select session_id, id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
+                from actions where session_id in (select jsonb_array_elements_text(${JSON.stringify(resumedIds)}::jsonb)) and state = 'LEASED'`,
+          );
+    const heldOf = new Map<string, HeldRow[]>();
+    for (const h of held) {
+      const list = heldOf.get(h.session_id);
+      if (list) list.push(h);
+      else heldOf.set(h.session_id, [h]);
+    }
+
+    const events: (HelloEvent & { worker_id: string; cluster: string; session_id: string; actor: string })[] =
+      [];
+    for (const o of opening) {
+      const resumed = o.live !== undefined;
+      const tookOver = resumed && o.live?.stream_lost_at === null;
+      const sorted = sortHeld(o.hello, heldOf.get(o.sessionId) ?? []);
+      for (const e of helloEvents(o.hello, resumed, tookOver, sorted.resumedLeases, sorted.revokedLeases)) {
+        events.push({
+          ...e,
+          worker_id: o.hello.workerId,
+          cluster: o.hello.cluster,
+          session_id: o.sessionId,
+          actor: o.principal,
+        });
+      }
+      const row = deadlineOf.get(o.sessionId);
+      outcomes[o.i] = {
+        opened: {
+          sessionId: o.sessionId,
+          streamToken: o.streamToken,
+          resumed,
+          tookOver,
+          previousServerId: o.live?.server_id ?? null,
+          deadline: toDate(row?.deadline),
+          dbNow: toDate(row?.db_now),
+          draining: o.draining,
+          ...sorted,
+          reaped: undefined,
+        },
+      };
+    }
+    await tx.execute(sql`
+      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
+      select kind, action_id, worker_id, cluster, session_id, epoch, message, actor
+      from jsonb_to_recordset(${JSON.stringify(events)}::jsonb)
+        as x(kind text, action_id text, worker_id text, cluster text, session_id text, epoch bigint, message text,
+             actor text)`);
+    return outcomes;
+  });
+}

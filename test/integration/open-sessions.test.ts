@@ -1,0 +1,232 @@
+import { sql } from "drizzle-orm";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { databaseClock as clock } from "../../src/store/clock.js";
+import { type Database, type Db, openDatabase } from "../../src/store/database.js";
+import type { HelloInput } from "../../src/store/queries/open-session.js";
+import { type BatchOutcome, openSessions } from "../../src/store/queries/open-sessions.js";
+import { queryRows } from "../../src/store/rows.js";
+import { freshStore, type TestStore } from "../helpers/database.js";
+
+const hello = (workerId: string, cluster: string, held: [string, number][] = []): HelloInput => ({
+  workerId,
+  cluster,
+  capacity: 4,
+  labels: { zone: "a" },
+  agentVersion: "test",
+  heldLeases: held.map(([actionId, epoch]) => ({ actionId, epoch })),
+});
+
+const opened = (o: BatchOutcome | undefined) => {
+  if (!o || !("opened" in o)) throw new Error(`not opened: ${JSON.stringify(o)}`);
+  return o.opened;
+};
+const refused = (o: BatchOutcome | undefined) => {
+  if (!o || !("refused" in o)) throw new Error(`not refused: ${JSON.stringify(o)}`);
+  return o.refused as LeaseholdError;
+};
+
+/** Hellos opened together: each gets what a hello alone would get (open-session.ts), in one transaction. */
+describe("a batch of hellos", () => {
+  let store: TestStore;
+  let database: Database;
+  let db: Db;
+  beforeAll(async () => {
+    store = await freshStore();
+    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
+    db = database.db;
+  });
+  afterAll(async () => {
+    await database?.close();
+    await store?.drop();
+  });
+
+  /** A worker with a live session (deadline in `deadlineSecs`), and LEASED actions held by it. */
+  async function liveWorker(
+    workerId: string,
+    options: {
+      cluster?: string;
+      principal?: string;
+      streamLost?: boolean;
+      deadlineSecs?: number;
+      draining?: boolean;
+      leases?: [string, number][];
+    } = {},
+  ): Promise<string> {
+    const cluster = options.cluster ?? "east";
+    const sessionId = `s-${workerId}`;
+    await db.execute(sql`insert into clusters (name) values (${cluster}) on conflict do nothing`);
+    await db.execute(sql`insert into workers (worker_id, cluster, capacity, draining)
+                         values (${workerId}, ${cluster}, 4, ${options.draining ?? false})`);
+    await db.execute(sql`
+      insert into sessions (id, worker_id, server_id, stream_token, deadline, stream_lost_at, principal)
+      values (${sessionId}, ${workerId}, 'old-server', ${`t-${workerId}`},
+              now() + make_interval(secs => ${options.deadlineSecs ?? 30}),
+              ${options.streamLost === false ? null : sql`now()`}, ${options.principal ?? "anonymous"})`);
+    for (const [id, epoch] of options.leases ?? []) {
+      await db.execute(sql`
+        insert into actions (id, cluster, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
+                             max_system_retries, state, epoch, attempt_count, session_id, worker_id, granted_at)
+        values (${id}, ${cluster}, 3, 1000, 2, 10000, 3, 'LEASED', ${epoch}, 1, ${sessionId}, ${workerId}, now())`);
+    }
+    return sessionId;
+  }
+
+  it("opens, resumes and takes over in one transaction, refuses what it must, and leaves reaps to a hello alone", async () => {
+    const resumedId = await liveWorker("resuming", {
+      draining: true,
+      leases: [
+        ["A1", 1],
+        ["A2", 2],
+        ["A3", 1],
+      ],
+    });
+    const takenId = await liveWorker("taken", { streamLost: false });
+    await liveWorker("owned", { principal: "alice" });
+    await liveWorker("moved", { cluster: "west" });
+    await liveWorker("expired", { deadlineSecs: -5 });
+    const statements: string[] = [];
+    const outcomes = await openSessions(counting(db, statements), clock, "this-server", 10_000, [
+      { hello: hello("fresh", "north"), principal: "anonymous" },
+      {
+        hello: hello("resuming", "east", [
+          ["A1", 1],
+          ["A2", 1],
+        ]),
+        principal: "anonymous",
+      },
+      { hello: hello("taken", "east"), principal: "anonymous" },
+      { hello: hello("owned", "east"), principal: "bob" },
+      { hello: hello("moved", "east"), principal: "anonymous" },
+      { hello: hello("expired", "east"), principal: "anonymous" },
+      { hello: hello("fresh", "north"), principal: "anonymous" },
+    ]);
+
+    const fresh = opened(outcomes[0]);
+    expect(fresh).toMatchObject({ resumed: false, tookOver: false, previousServerId: null, draining: false });
+    const resumed = opened(outcomes[1]);
+    expect(resumed).toMatchObject({ sessionId: resumedId, resumed: true, tookOver: false, draining: true });
+    expect(resumed.previousServerId).toBe("old-server");
+    expect(resumed.resumedLeases.map((l) => [l.actionId, l.epoch])).toEqual([["A1", 1]]);
+    expect(resumed.revokedLeases).toEqual([{ actionId: "A2", epoch: 1 }]);
+    expect(resumed.unlistedLeases.map((l) => [l.actionId, l.epoch])).toEqual([["A3", 1]]);
+    expect(resumed.deadline.getTime() - resumed.dbNow.getTime()).toBeGreaterThanOrEqual(10_000);
+    expect(opened(outcomes[2])).toMatchObject({ sessionId: takenId, resumed: true, tookOver: true });
+
+    const notOwner = refused(outcomes[3]);
+    expect(notOwner).toBeInstanceOf(LeaseholdError);
+    expect([notOwner.code, notOwner.reason]).toEqual([Code.PermissionDenied, "SESSION_OWNED_BY_OTHER"]);
+    const elsewhere = refused(outcomes[4]);
+    expect([elsewhere.code, elsewhere.reason]).toEqual([Code.FailedPrecondition, "WORKER_IN_OTHER_CLUSTER"]);
+    // A reap, and a second hello for one worker (it may take the first one's session over), go alone.
+    expect(outcomes[5]).toEqual({ alone: true });
+    expect(outcomes[6]).toEqual({ alone: true });
+    // However many hellos: two locking reads, the writes, the held leases and the events.
+    expect(statements.length).toBeLessThanOrEqual(5);
+
+    const sessions = await queryRows<{
+      worker_id: string;
+      server_id: string;
+      stream_token: string;
+      principal: string;
+    }>(
+      db,
+      sql`select worker_id, server_id, stream_token, principal from sessions where ended_at is null order by worker_id`,
+    );
+    const byWorker = Object.fromEntries(sessions.map((s) => [s.worker_id, s]));
+    expect(byWorker.fresh).toMatchObject({ server_id: "this-server", stream_token: fresh.streamToken });
+    expect(byWorker.resuming).toMatchObject({ server_id: "this-server", stream_token: resumed.streamToken });
+    // Nothing written for the refused and the left-alone.
+    expect(byWorker.owned).toMatchObject({
+      server_id: "old-server",
+      stream_token: "t-owned",
+      principal: "alice",
+    });
+    expect(byWorker.moved).toMatchObject({ server_id: "old-server", stream_token: "t-moved" });
+    expect(byWorker.expired).toMatchObject({ server_id: "old-server", stream_token: "t-expired" });
+    const workers = await queryRows<{
+      worker_id: string;
+      cluster: string;
+      draining: boolean;
+      labels: unknown;
+    }>(db, sql`select worker_id, cluster, draining, labels from workers order by worker_id`);
+    expect(workers.find((w) => w.worker_id === "fresh")).toMatchObject({
+      cluster: "north",
+      labels: { zone: "a" },
+    });
+    expect(workers.find((w) => w.worker_id === "resuming")?.draining).toBe(true);
+    expect(workers.find((w) => w.worker_id === "moved")?.cluster).toBe("west");
+
+    const events = await queryRows<{
+      kind: string;
+      worker_id: string;
+      action_id: string | null;
+      session_id: string;
+    }>(db, sql`select kind, worker_id, action_id, session_id from events order by sequence`);
+    expect(events.map((e) => [e.kind, e.worker_id, e.action_id])).toEqual([
+      ["session_started", "fresh", null],
+      ["session_resumed", "resuming", null],
+      ["lease_resumed", "resuming", "A1"],
+      ["lease_revoked", "resuming", "A2"],
+      ["session_taken_over", "taken", null],
+    ]);
+    expect(events.find((e) => e.worker_id === "fresh")?.session_id).toBe(fresh.sessionId);
+  });
+
+  it("lets two processes' batches race for the same workers: both finish, and the later takes each session over", async () => {
+    const ids = Array.from({ length: 40 }, (_, i) => `racer-${String(i).padStart(2, "0")}`);
+    for (const id of ids) await liveWorker(id);
+    for (let round = 0; round < 3; round++) {
+      const forward = ids.map((id) => ({ hello: hello(id, "east"), principal: "anonymous" }));
+      const [a, b] = await Promise.all([
+        openSessions(db, clock, "server-a", 10_000, forward),
+        openSessions(db, clock, "server-b", 10_000, [...forward].reverse()),
+      ]);
+      const rows = await queryRows<{ worker_id: string; server_id: string; stream_token: string }>(
+        db,
+        sql`select worker_id, server_id, stream_token from sessions
+            where worker_id like 'racer-%' and ended_at is null order by worker_id`,
+      );
+      // One live session per worker, held by whichever batch committed last, which found the
+      // other's stream open and took it over.
+      expect(rows.map((r) => r.worker_id)).toEqual(ids);
+      const winner = rows[0]?.server_id;
+      expect(rows.every((r) => r.server_id === winner)).toBe(true);
+      const [later, earlier] = winner === "server-a" ? [a, [...b].reverse()] : [[...b].reverse(), a];
+      for (const i of ids.keys()) {
+        const mine = opened(later[i]);
+        expect(mine.streamToken).toBe(rows[i]?.stream_token);
+        expect(mine.tookOver).toBe(true);
+        expect(mine.previousServerId).toBe(winner === "server-a" ? "server-b" : "server-a");
+        expect(opened(earlier[i]).sessionId).toBe(mine.sessionId);
+      }
+    }
+  });
+});
+
+/** `db`, recording each statement it runs (transactions pass through). */
+function counting(db: Db, statements: string[]): Db {
+  return new Proxy(db, {
+    get(target, key, receiver) {
+      if (key === "transaction") {
+        return (run: (tx: Db) => Promise<unknown>) =>
+          target.transaction((tx) =>
+            run(
+              new Proxy(tx as unknown as Db, {
+                get(t, k, r) {
+                  if (k === "execute") {
+                    return (query: Parameters<Db["execute"]>[0]) => {
+                      statements.push(String(k));
+                      return t.execute(query);
+                    };
+                  }
+                  return Reflect.get(t, k, r);
+                },
+              }),
+            ),
+          );
+      }
+      return Reflect.get(target, key, receiver);
+    },
+  }) as Db;
+}

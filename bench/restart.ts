@@ -270,6 +270,9 @@ let resumedLeases = 0;
 let revokedLeases = 0;
 let resumedSessions = 0;
 let revokesAfterWelcome = 0;
+/** When (ms from the spawn) each tenth of the reconnecting agents had its welcome. */
+const welcomedMs: Record<string, number> = {};
+let welcomed = 0;
 
 await listening;
 // Health from the moment the port is bound, every 10 ms until SERVING.
@@ -297,12 +300,17 @@ function reconnect(w: number): Promise<void> {
   const client = clients[w % connections] as (typeof clients)[number];
   const call = client.connect() as unknown as Call;
   calls.push(call);
-  const heldLeases = Array.from({ length: perSession }, (_, k) => ({
+  let heldLeases = Array.from({ length: perSession }, (_, k) => ({
     actionId: actionIdOf(w, k),
     epoch: 1n,
   }));
+  // A revoked lease is stopped at once and listed no more, as worker.proto asks of every worker.
+  const drop = (actionIds: readonly string[]) => {
+    const gone = new Set(actionIds);
+    heldLeases = heldLeases.filter((l) => !gone.has(l.actionId));
+  };
   let sequence = 0n;
-  return new Promise((welcomed, failed) => {
+  return new Promise((back, failed) => {
     call.on("error", (error) => {
       if (!stopping) streamErrors += 1;
       failed(error);
@@ -313,7 +321,10 @@ function reconnect(w: number): Promise<void> {
         resumedLeases += m.value.resumed.length;
         revokedLeases += m.value.revoked.length;
         if (m.value.sessionResumed) resumedSessions += 1;
-        welcomed();
+        drop(m.value.revoked.map((l) => l.actionId));
+        welcomed += 1;
+        if (welcomed % Math.max(1, Math.round(reconnectCount / 10)) === 0) welcomedMs[welcomed] = since();
+        back();
         const beat = () => {
           sequence += 1n;
           call.write(
@@ -329,6 +340,7 @@ function reconnect(w: number): Promise<void> {
         }, Math.random() * intervalMs);
       } else if (m.case === "revoke") {
         revokesAfterWelcome += 1;
+        drop([m.value.actionId]);
       }
     });
     call.write(
@@ -416,6 +428,7 @@ console.log(
     reconnect: reconnectCount,
     reconnectStartedMs: reconnectStarted,
     reconnectedMs: marks.reconnectedMs ?? null,
+    welcomedMs,
     takeBackRounds,
     takenBackMs: marks.takenBackMs ?? null,
     resumedSessions,

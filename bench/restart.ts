@@ -29,7 +29,9 @@
  * WorkerService.Connect streams over `--connections` HTTP/2 connections, as
  * soon as the port is bound (`--reconnect-at listening`, what agents retrying
  * with backoff do) or once it serves; each hello lists the worker's leases,
- * then it heartbeats every interval listing them. The streams are held until
+ * then it heartbeats every interval listing them (less those the server
+ * revoked, as worker.proto asks). `welcomedMs` says when each tenth of them
+ * had its welcome. The streams are held until
  * `--hold` after SERVING (default 1.5 × grace, the whole grace period the
  * restart granted) and until one grace period after the last worker is back
  * (all of them, or what came back by `--max-wait` after the spawn, counted

@@ -1,0 +1,63 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Database, openDatabase } from "../../src/store/database.js";
+import { AUDIT_LEASES_PER_ROUND, createAudit } from "../../src/work/lease/audit.js";
+import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
+import { freshStore, type TestStore } from "../helpers/database.js";
+
+/**
+ * The audit compares what the hosted streams hold with the database. With
+ * many leases each round checks a slice, going on where the last stopped, so
+ * that every lease is checked within a few rounds and no round sends them all.
+ */
+describe("lease audit rounds", () => {
+  let store: TestStore;
+  let database: Database;
+  beforeAll(async () => {
+    store = await freshStore();
+    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
+  });
+  afterAll(async () => {
+    await database?.close();
+    await store?.drop();
+  });
+
+  it("checks a bounded slice of the leases each round and every lease within a few rounds", async () => {
+    // Three sessions holding leases the database has never heard of: each is found ended when checked.
+    const perSession = Math.ceil((AUDIT_LEASES_PER_ROUND * 2) / 3);
+    const sessions = ["s1", "s2", "s3"].map((id) => ({
+      sessionId: id,
+      workerId: `worker-${id}`,
+      ended: false,
+      draining: false,
+      noticed: new Set<string>(),
+      held: new Map(Array.from({ length: perSession }, (_, i) => [`${id}-action-${i}`, 1])),
+      link: { send() {} },
+    }));
+    const hosted = {
+      values: () => sessions.values(),
+      get: (id: string) => sessions.find((s) => s.sessionId === id),
+    } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
+    const revoked: string[] = [];
+    const audit = createAudit({
+      db: database.db,
+      hosted,
+      revoke: (sessionId, token, reason, _message, ended) => {
+        expect([reason, ended]).toEqual(["SUPERSEDED", true]);
+        revoked.push(`${sessionId}/${token.actionId}`);
+      },
+    });
+    const sessionsOf = (names: string[]) => [...new Set(names.map((n) => n.split("/")[0]))];
+
+    await audit();
+    // Whole sessions, until the round reached its bound: two of the three.
+    expect(sessionsOf(revoked)).toEqual(["s1", "s2"]);
+    expect(revoked.length).toBe(2 * perSession);
+    revoked.length = 0;
+    await audit();
+    // It goes on where it stopped, and wraps around.
+    expect(sessionsOf(revoked)).toEqual(["s3", "s1"]);
+    revoked.length = 0;
+    await audit();
+    expect(sessionsOf(revoked)).toEqual(["s2", "s3"]);
+  });
+});

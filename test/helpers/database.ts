@@ -3,7 +3,8 @@ import { cpSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
-import { inject } from "vitest";
+import { afterAll, beforeAll, inject } from "vitest";
+import { type Database, openDatabase } from "../../src/store/database.js";
 
 /** Where a test's server keeps its state: a fresh PostgreSQL database or a fresh PGlite directory. */
 export interface TestStore extends AsyncDisposable {
@@ -49,4 +50,21 @@ export function freshPgliteDirectory(): TestStore {
 /** A fresh store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
 export async function freshStore(): Promise<TestStore> {
   return inject("driver") === "postgres" ? freshPostgresDatabase() : freshPgliteDirectory();
+}
+
+/**
+ * A fresh store, opened and migrated before the tests of the calling suite
+ * and closed and dropped after them: `database.current` in the tests.
+ */
+export function useFreshDatabase(): { readonly current: Database } {
+  const handle: { current: Database; store?: TestStore } = { current: undefined as unknown as Database };
+  beforeAll(async () => {
+    handle.store = await freshStore();
+    handle.current = await openDatabase({ url: handle.store.url, dataDir: handle.store.dataDir });
+  });
+  afterAll(async () => {
+    await handle.current?.close();
+    await handle.store?.drop();
+  });
+  return handle;
 }

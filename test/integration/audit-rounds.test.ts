@@ -1,8 +1,7 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Database, openDatabase } from "../../src/store/database.js";
+import { describe, expect, it } from "vitest";
 import { AUDIT_LEASES_PER_ROUND, createAudit } from "../../src/work/lease/audit.js";
 import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
-import { freshStore, type TestStore } from "../helpers/database.js";
+import { useFreshDatabase } from "../helpers/database.js";
 
 /**
  * The audit compares what the hosted streams hold with the database. With
@@ -10,16 +9,7 @@ import { freshStore, type TestStore } from "../helpers/database.js";
  * that every lease is checked within a few rounds and no round sends them all.
  */
 describe("lease audit rounds", () => {
-  let store: TestStore;
-  let database: Database;
-  beforeAll(async () => {
-    store = await freshStore();
-    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
-  });
-  afterAll(async () => {
-    await database?.close();
-    await store?.drop();
-  });
+  const database = useFreshDatabase();
 
   it("checks a bounded slice of the leases each round and every lease within a few rounds", async () => {
     // Three sessions holding leases the database has never heard of: each is found ended when checked.
@@ -39,7 +29,7 @@ describe("lease audit rounds", () => {
     } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
     const revoked: string[] = [];
     const audit = createAudit({
-      db: database.db,
+      db: database.current.db,
       hosted,
       revoke: (sessionId, token, reason, _message, ended) => {
         expect([reason, ended]).toEqual(["SUPERSEDED", true]);

@@ -1,12 +1,12 @@
 import { sql } from "drizzle-orm";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { databaseClock as clock } from "../../src/store/clock.js";
-import { type Database, type Db, openDatabase } from "../../src/store/database.js";
+import type { Db } from "../../src/store/database.js";
 import type { HelloInput } from "../../src/store/queries/open-session.js";
 import { type BatchOutcome, openSessions } from "../../src/store/queries/open-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
-import { freshStore, type TestStore } from "../helpers/database.js";
+import { useFreshDatabase } from "../helpers/database.js";
 
 const hello = (workerId: string, cluster: string, held: [string, number][] = []): HelloInput => ({
   workerId,
@@ -28,17 +28,10 @@ const refused = (o: BatchOutcome | undefined) => {
 
 /** Hellos opened together: each gets what a hello alone would get (open-session.ts), in one transaction. */
 describe("a batch of hellos", () => {
-  let store: TestStore;
-  let database: Database;
+  const database = useFreshDatabase();
   let db: Db;
-  beforeAll(async () => {
-    store = await freshStore();
-    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
-    db = database.db;
-  });
-  afterAll(async () => {
-    await database?.close();
-    await store?.drop();
+  beforeAll(() => {
+    db = database.current.db;
   });
 
   /** A worker with a live session (deadline in `deadlineSecs`), and LEASED actions held by it. */

@@ -1,28 +1,18 @@
 import { sql } from "drizzle-orm";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { createFakeClock } from "../../src/store/clock.js";
-import { type Database, openDatabase } from "../../src/store/database.js";
 import { extendAwaitedSessions } from "../../src/store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate } from "../../src/store/rows.js";
-import { freshStore, type TestStore } from "../helpers/database.js";
+import { useFreshDatabase } from "../helpers/database.js";
 
 const GRACE_MS = 10_000;
 const MAX_SILENCE_MS = 100_000;
 
 describe("the restart extension renewed while a restarted process takes its agents back", () => {
-  let store: TestStore;
-  let database: Database;
-  beforeAll(async () => {
-    store = await freshStore();
-    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
-  });
-  afterAll(async () => {
-    await database?.close();
-    await store?.drop();
-  });
+  const database = useFreshDatabase();
 
   it("extends only the live sessions not heard from since the start, and never one silent past the maximum", async () => {
-    const db = database.db;
+    const db = database.current.db;
     const start = new Date(Date.now() + 60_000);
     const clock = createFakeClock(start);
     const at = (ms: number) => new Date(start.getTime() + ms).toISOString();

@@ -264,7 +264,7 @@ export async function startServer(
       cleanup.push(() => served.close());
     }
 
-    const hellos = countWaitingHellos(manager);
+    const hellos = countHellos(manager);
     gate.open([
       actionServiceBinding(actions),
       eventServiceBinding(events),
@@ -303,7 +303,7 @@ export async function startServer(
         since: toDate(started?.now),
         graceMs: config.gracePeriodMs,
         maxSilenceMs: config.maxSilenceMs,
-        waitingHellos: hellos.waiting,
+        recentHellos: hellos.recent,
         log,
       });
       cleanup.push(async () => takeBack.stop());
@@ -360,14 +360,18 @@ function openFailure(url: string, error: unknown): LeaseholdError {
 }
 
 /**
- * The lease manager with its `open` counted: how many hellos this process
- * has accepted and not answered yet (most of them waiting for a database
- * connection during a reconnect storm).
+ * The lease manager with its `open` counted. `recent()` says how many hellos
+ * this process accepted since the last call, plus those accepted before it
+ * and not answered yet: hellos that arrive together are answered within
+ * milliseconds (one transaction for all), so a reconnect storm shows in what
+ * arrived between two looks, not in what waits at one instant.
  */
-function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; waiting(): number } {
+function countHellos(manager: LeaseManager): { counted: LeaseManager; recent(): number } {
   let waiting = 0;
+  let arrived = 0;
   const open: LeaseManager["open"] = async (hello, link, principal) => {
     waiting += 1;
+    arrived += 1;
     try {
       return await manager.open(hello, link, principal);
     } finally {
@@ -382,20 +386,29 @@ function countWaitingHellos(manager: LeaseManager): { counted: LeaseManager; wai
       return typeof value === "function" ? value.bind(target) : value;
     },
   });
-  return { counted, waiting: () => waiting };
+  return {
+    counted,
+    recent: () => {
+      const n = Math.max(waiting, arrived);
+      arrived = 0;
+      return n;
+    },
+  };
 }
 
 /**
  * Taking agents back after a restart (SPEC rule 6, for large fleets). The
  * extension at start gives every live session until now + grace; thousands of
  * agents that reconnect at once within that grace may still wait longer than
- * it for their hello to be served (each is a transaction, and a process serves
- * a few hundred a second), and a session whose hello is served after its
+ * it for their hello to be served (hellos arriving together share a
+ * transaction, but the process also answers the heartbeats of the agents
+ * already back), and a session whose hello is served after its
  * deadline is reaped (or kept only while the mass-disconnect valve holds,
  * which lets go once half the cluster is back). So, every grace/2 after the
- * process serves, while hellos are waiting at this process, the sessions not
- * heard from since it started get now + grace again. It stops for good at the
- * first look with no hello waiting, or with no session left to extend: from
+ * process serves, while hellos keep coming to this process (one arrived since
+ * the last look, or one is still waiting), the sessions not heard from since
+ * it started get now + grace again. It stops for good at the first look
+ * with no hello since the last, or with no session left to extend: from
  * then on a session whose agent has not come back expires at its deadline as
  * usual. The maximum silence still caps
  * it (sessions silent longer get nothing), so a dead worker's leases are held
@@ -407,7 +420,8 @@ function keepExtendingWhileTakingBack(deps: {
   since: Date;
   graceMs: number;
   maxSilenceMs: number;
-  waitingHellos: () => number;
+  /** Hellos accepted since the last call, or still waiting. */
+  recentHellos: () => number;
   log: Logger;
 }): { stop(): void } {
   let rounds = 0;
@@ -424,15 +438,15 @@ function keepExtendingWhileTakingBack(deps: {
   };
   const look = async () => {
     if (stopped) return;
-    const waiting = deps.waitingHellos();
-    if (waiting === 0) return finish();
+    const hellos = deps.recentHellos();
+    if (hellos === 0) return finish();
     try {
       const n = await extendAwaitedSessions(deps.db, deps.clock, deps.since, deps);
       rounds += 1;
       extended += n;
       if (rounds === 1) {
         deps.log.info(
-          { waitingHellos: waiting, sessions: n, graceMs: deps.graceMs },
+          { hellosSinceLastLook: hellos, sessions: n, graceMs: deps.graceMs },
           "still taking agents back after the restart; extended the sessions not back yet",
         );
       }

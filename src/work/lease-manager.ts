@@ -129,6 +129,9 @@ export interface LeaseManager extends AsyncDisposable {
   stats(): HostedStats;
 }
 
+/** Hellos opened one transaction each at once, outside the batches (see `open` in the lease manager). */
+const ALONE_AT_ONCE = 8;
+
 /** Default of `LeaseManagerOptions.grantWindow`. */
 export const DEFAULT_GRANT_WINDOW = 32;
 /** Default of `LeaseManagerOptions.grantHighWaterBytes`: 1 MiB. */
@@ -277,11 +280,34 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       renewal.keepHosted(),
     );
   /**
+   * Hellos a batch leaves alone, opened at most {@link ALONE_AT_ONCE} at a time
+   * (each holds a pooled connection) and outside the batches, so that the
+   * hellos a batch opened are answered at once and the next batch goes on.
+   */
+  let aloneRunning = 0;
+  const aloneWaiting: (() => void)[] = [];
+  const alone = async (b: HelloOfBatch): Promise<OpenedSession | Error> => {
+    if (aloneRunning < ALONE_AT_ONCE) aloneRunning += 1;
+    else await new Promise<void>((go) => aloneWaiting.push(go));
+    try {
+      return await openAlone(b);
+    } catch (error) {
+      return error as Error;
+    } finally {
+      // The slot passes to the next waiting hello, or is given back.
+      const next = aloneWaiting.shift();
+      if (next) next();
+      else aloneRunning -= 1;
+    }
+  };
+  /**
    * Hellos arriving while a batch is being opened are opened together in the
    * next (group commit, as for reports): thousands of workers reconnecting at
-   * once cost a few transactions, not one each.
+   * once cost a few transactions, not one each. A hello left alone resolves
+   * with the promise of its own transaction.
    */
-  const opens = createBatcher<HelloOfBatch, OpenedSession | Error>(async (batch) => {
+  type Opened = OpenedSession | Error;
+  const opens = createBatcher<HelloOfBatch, Opened | Promise<Opened>>(async (batch) => {
     let outcomes: BatchOutcome[];
     try {
       outcomes = await openSessions(db, clock, serverId, graceMs, batch);
@@ -292,13 +318,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
       outcomes = batch.map(() => ({ alone: true }));
     }
-    const results: (OpenedSession | Error)[] = [];
-    for (const [i, outcome] of outcomes.entries()) {
-      if ("opened" in outcome) results.push(outcome.opened);
-      else if ("refused" in outcome) results.push(outcome.refused);
-      else results.push(await openAlone(batch[i] as HelloOfBatch).catch((error: Error) => error));
-    }
-    return results;
+    return outcomes.map((outcome, i) => {
+      if ("opened" in outcome) return outcome.opened;
+      if ("refused" in outcome) return outcome.refused;
+      return alone(batch[i] as HelloOfBatch);
+    });
   });
 
   async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {

@@ -5,16 +5,16 @@ import { useFreshDatabase } from "../helpers/database.js";
 
 /**
  * The audit compares what the hosted streams hold with the database. With
- * many leases each round checks a slice, going on where the last stopped, so
- * that every lease is checked within a few rounds and no round sends them all.
+ * many leases each round checks a slice, those checked least recently first,
+ * so that every lease is checked within a few rounds and no round sends them all.
  */
 describe("lease audit rounds", () => {
   const database = useFreshDatabase();
 
-  it("checks a bounded slice of the leases each round and every lease within a few rounds", async () => {
+  it("checks a bounded slice of the leases each round, least recently checked first", async () => {
     // Three sessions holding leases the database has never heard of: each is found ended when checked.
     const perSession = Math.ceil((AUDIT_LEASES_PER_ROUND * 2) / 3);
-    const sessions = ["s1", "s2", "s3"].map((id) => ({
+    const session = (id: string) => ({
       sessionId: id,
       workerId: `worker-${id}`,
       ended: false,
@@ -22,7 +22,8 @@ describe("lease audit rounds", () => {
       noticed: new Set<string>(),
       held: new Map(Array.from({ length: perSession }, (_, i) => [`${id}-action-${i}`, 1])),
       link: { send() {} },
-    }));
+    });
+    const sessions = ["s1", "s2", "s3"].map(session);
     const hosted = {
       values: () => sessions.values(),
       get: (id: string) => sessions.find((s) => s.sessionId === id),
@@ -44,10 +45,17 @@ describe("lease audit rounds", () => {
     expect(revoked.length).toBe(2 * perSession);
     revoked.length = 0;
     await audit();
-    // It goes on where it stopped, and wraps around.
+    // Then the one never checked, then the first of those checked least recently.
     expect(sessionsOf(revoked)).toEqual(["s3", "s1"]);
     revoked.length = 0;
     await audit();
-    expect(sessionsOf(revoked)).toEqual(["s2", "s3"]);
+    // s2, then the first of the two checked in the last round.
+    expect(sessionsOf(revoked)).toEqual(["s2", "s1"]);
+    // Sessions come and go between rounds: a new one goes first, then the least recently checked.
+    (sessions[1] as { ended: boolean }).ended = true;
+    sessions.push(session("s4"));
+    revoked.length = 0;
+    await audit();
+    expect(sessionsOf(revoked)).toEqual(["s4", "s3"]);
   });
 });

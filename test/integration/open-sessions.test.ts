@@ -1,5 +1,5 @@
 import { sql } from "drizzle-orm";
-import { beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, inject, it } from "vitest";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { databaseClock as clock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
@@ -114,8 +114,8 @@ describe("a batch of hellos", () => {
     // A reap, and a second hello for one worker (it may take the first one's session over), go alone.
     expect(outcomes[5]).toEqual({ alone: true });
     expect(outcomes[6]).toEqual({ alone: true });
-    // However many hellos: two locking reads, the writes, the held leases and the events.
-    expect(statements.length).toBeLessThanOrEqual(5);
+    // However many hellos: three reads (two locking), the writes, the held leases and the events.
+    expect(statements.length).toBeLessThanOrEqual(6);
 
     const sessions = await queryRows<{
       worker_id: string;
@@ -165,6 +165,37 @@ describe("a batch of hellos", () => {
     ]);
     expect(events.find((e) => e.worker_id === "fresh")?.session_id).toBe(fresh.sessionId);
   });
+
+  // PGlite runs one transaction at a time: only PostgreSQL can hold a lock while a batch runs.
+  it.runIf(inject("driver") === "postgres")(
+    "leaves alone a hello whose session another statement holds locked, instead of waiting for it",
+    async () => {
+      await liveWorker("locked");
+      let release!: () => void;
+      const held = new Promise<void>((r) => {
+        release = r;
+      });
+      let locked!: () => void;
+      const lockTaken = new Promise<void>((r) => {
+        locked = r;
+      });
+      // A renewal of the stream the worker is leaving, say, holding the session's row.
+      const holder = db.transaction(async (tx) => {
+        await tx.execute(sql`select id from sessions where worker_id = 'locked' for update`);
+        locked();
+        await held;
+      });
+      await lockTaken;
+      const outcomes = await openSessions(db, clock, "this-server", 10_000, [
+        { hello: hello("locked", "east"), principal: "anonymous" },
+        { hello: hello("beside-locked", "east"), principal: "anonymous" },
+      ]);
+      release();
+      await holder;
+      expect(outcomes[0]).toEqual({ alone: true });
+      expect(opened(outcomes[1]).resumed).toBe(false);
+    },
+  );
 
   it("lets two processes' batches race for the same workers: both finish, and the later takes each session over", async () => {
     const ids = Array.from({ length: 40 }, (_, i) => `racer-${String(i).padStart(2, "0")}`);

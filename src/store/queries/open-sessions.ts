@@ -24,8 +24,9 @@ export interface HelloOfBatch {
 /**
  * What the batch did with one hello: opened its session, refused it (nothing
  * written for it), or left it to {@link openSession} because it needs more
- * than the common case (a live session past its deadline to reap first, or a
- * second hello for the same worker in one batch).
+ * than the common case (a live session past its deadline to reap first, a
+ * live session another statement holds locked, or a second hello for the
+ * same worker in one batch).
  */
 export type BatchOutcome =
   | { readonly opened: OpenedSession }
@@ -33,7 +34,7 @@ export type BatchOutcome =
   | { readonly alone: true };
 
 /**
- * Opens or resumes the sessions of many hellos in one transaction of five
+ * Opens or resumes the sessions of many hellos in one transaction of six
  * statements, whatever their number: while thousands of workers reconnect
  * (after a restart of the control plane), a transaction per hello would be
  * served at a few dozen a second, too slow for every worker to be back before
@@ -48,8 +49,9 @@ export type BatchOutcome =
  * their reap (SPEC rule 10 may pause it) goes through `openSession`.
  *
  * Rows are locked as `openSession` locks them, the worker's row before its
- * session's, and in `worker_id` order, so that batches and single hellos
- * on any number of processes cannot deadlock one another.
+ * session's, in `worker_id` order, and a session some other statement holds
+ * is skipped (its hello goes alone), so that a batch waits only for workers'
+ * rows, which everyone locks one at a time or in that order.
  */
 export async function openSessions(
   db: Db,
@@ -67,25 +69,38 @@ export async function openSessions(
     if (!firstOf.has(b.hello.workerId)) firstOf.set(b.hello.workerId, i);
   });
   const ids = JSON.stringify([...firstOf.keys()].sort());
-  const clusters = [...new Set([...firstOf.values()].map((i) => batch[i]?.hello.cluster ?? ""))].sort();
 
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const workers = await queryRows<{ worker_id: string; cluster: string; draining: boolean }>(
       tx,
-      sql`with cluster as (
-            insert into clusters (name) select jsonb_array_elements_text(${JSON.stringify(clusters)}::jsonb) order by 1 on conflict (name) do nothing)
-          select worker_id, cluster, draining from workers
+      sql`select worker_id, cluster, draining from workers
           where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) order by worker_id for update`,
     );
+    // A live session another statement has locked (a renewal or a grant of the stream it
+    // leaves, which lock many sessions in an order of their own) is skipped rather than waited
+    // for, so a batch never closes a cycle with them; its hello goes alone.
     const lives = await queryRows<LiveSessionRow>(
       tx,
       sql`select id, worker_id, stream_lost_at, server_id, principal, deadline < ${now} as expired
           from sessions where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null
-          order by worker_id for update`,
+          order by worker_id for update skip locked`,
+    );
+    const liveOf = new Map(lives.map((l) => [l.worker_id, l]));
+    // Their workers' rows are locked here, so no live session can appear or go for them meanwhile
+    // but by the reaper's hand (which also skips what is locked).
+    const skipped = new Set(
+      (
+        await queryRows<{ worker_id: string }>(
+          tx,
+          sql`select worker_id from sessions
+              where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null`,
+        )
+      )
+        .map((l) => l.worker_id)
+        .filter((w) => !liveOf.has(w)),
     );
     const workerOf = new Map(workers.map((w) => [w.worker_id, w]));
-    const liveOf = new Map(lives.map((l) => [l.worker_id, l]));
 
     /** The hellos this batch opens, by their index in `batch`. */
     const opening: {
@@ -101,7 +116,7 @@ export async function openSessions(
       const { hello, principal } = batch[i] as HelloOfBatch;
       const worker = workerOf.get(workerId);
       const live = liveOf.get(workerId);
-      if (live?.expired) continue;
+      if (live?.expired || skipped.has(workerId)) continue;
       if (live && live.principal !== principal) {
         outcomes[i] = { refused: notTheOwner(principal, hello) };
       } else if (live && worker && worker.cluster !== hello.cluster) {
@@ -140,6 +155,8 @@ export async function openSessions(
             select * from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as x(
               worker_id text, cluster text, capacity int, labels jsonb, agent_version text, draining boolean,
               session_id text, stream_token text, resume boolean, principal text)),
+          clusters_registered as (
+            insert into clusters (name) select distinct cluster from input order by 1 on conflict (name) do nothing),
           registered as (
             insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, last_seen_at)
             select worker_id, cluster, capacity, labels, agent_version, draining, ${now} from input
@@ -156,7 +173,7 @@ export async function openSessions(
           started as (
             insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal)
             select session_id, worker_id, ${serverId}, stream_token, ${now}, ${now} + ${grace}, ${now}, principal
-            from input where not resume
+            from input where not resume order by worker_id
             returning id, deadline)
           select id, deadline, ${now} as db_now from resumed
           union all select id, deadline, ${now} from started`,

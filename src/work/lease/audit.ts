@@ -1,7 +1,7 @@
 import type { Db } from "../../store/database.js";
 import { auditLeases, type HeldLease } from "../../store/queries/audit-leases.js";
 import type { LeaseToken, RevokeReason } from "../worker-messages.js";
-import type { HostedSessions } from "./hosted.js";
+import type { Hosted, HostedSessions } from "./hosted.js";
 
 /** Most leases one audit round checks (see {@link createAudit}). */
 export const AUDIT_LEASES_PER_ROUND = 4096;
@@ -14,8 +14,9 @@ export const AUDIT_LEASES_PER_ROUND = 4096;
  * elsewhere, stops still pending, and drains. Returns one audit round.
  *
  * A round checks up to {@link AUDIT_LEASES_PER_ROUND} leases (whole
- * sessions, at least one; a session holding none counts as one), going on from where the last round stopped: a
- * process holding 100,000 leases checks each one about every 25 rounds,
+ * sessions, at least one; a session holding none counts as one), those
+ * checked least recently first, and only a round that got its answer counts:
+ * a process holding 100,000 leases checks each one about every 25 rounds,
  * rather than sending all of them to the database every second (which took
  * 0.27 s of PostgreSQL's CPU a round, while thousands of workers reconnected).
  */
@@ -32,23 +33,31 @@ export function createAudit(deps: {
   ) => void;
 }): () => Promise<void> {
   const { db, hosted, revoke } = deps;
-  /** Where the next round starts, in the order `hosted` lists its sessions. */
-  let next = 0;
+  /** The round that last checked each session; a session never checked goes first. */
+  const checkedIn = new WeakMap<Hosted, number>();
+  let round = 0;
   return async () => {
-    const live = [...hosted.values()].filter((s) => !s.ended);
+    round += 1;
+    // Least recently checked first (a stable sort: ties keep the order of `hosted`), so sessions
+    // that come and go between rounds never push others back.
+    const live = [...hosted.values()]
+      .filter((s) => !s.ended)
+      .sort((a, b) => (checkedIn.get(a) ?? 0) - (checkedIn.get(b) ?? 0));
     if (live.length === 0) return;
     const held: HeldLease[] = [];
     const workers = new Set<string>();
-    const start = next % live.length;
+    const slice: Hosted[] = [];
     // A session holding nothing counts as one lease: its worker's drain is checked too.
     for (let k = 0, checked = 0; k < live.length && checked < AUDIT_LEASES_PER_ROUND; k++) {
-      const s = live[(start + k) % live.length] as (typeof live)[number];
+      const s = live[k] as Hosted;
       checked += Math.max(1, s.held.size);
+      slice.push(s);
       workers.add(s.workerId);
       for (const [actionId, epoch] of s.held) held.push({ sessionId: s.sessionId, actionId, epoch });
-      next = start + k + 1;
     }
     const { notices, draining } = await auditLeases(db, held, [...workers]);
+    // Only a round that answered counts: a failed one is checked again first.
+    for (const s of slice) checkedIn.set(s, round);
     for (const n of notices) {
       const s = hosted.get(n.sessionId);
       const token = { actionId: n.actionId, epoch: n.epoch };

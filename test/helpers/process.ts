@@ -15,12 +15,21 @@ export interface LeaseholdProcess {
   readonly exited: Promise<number | string>;
 }
 
-/** Runs `leasehold <args>` with `DATABASE_URL` set to `databaseUrl`, or unset for PGlite. */
-export function runLeasehold(args: string[], databaseUrl: string | undefined): LeaseholdProcess {
+/**
+ * Runs `leasehold <args>` with `DATABASE_URL` set to `databaseUrl`, or unset
+ * for PGlite: this checkout's bin/leasehold.js, or `options.command` (an
+ * installed package's bin) in `options.cwd`.
+ */
+export function runLeasehold(
+  args: string[],
+  databaseUrl: string | undefined,
+  options: { command?: string; cwd?: string } = {},
+): LeaseholdProcess {
   const env = { ...process.env };
   delete env.DATABASE_URL;
   if (databaseUrl) env.DATABASE_URL = databaseUrl;
-  const child = spawn(process.execPath, [BIN, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
+  const [command, argv] = options.command ? [options.command, args] : [process.execPath, [BIN, ...args]];
+  const child = spawn(command, argv, { env, cwd: options.cwd, stdio: ["ignore", "pipe", "pipe"] });
   const logs: Record<string, unknown>[] = [];
   // The end of stderr, for the error when it exits unexpectedly.
   let stderr = "";

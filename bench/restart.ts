@@ -20,7 +20,7 @@
  * claim-actions.ts leave them.
  *
  * Then a real `leasehold serve` child process starts on it, and this process
- * measures, from the spawn: the first log line (tsx compiling and loading the
+ * measures, from the spawn: the first log line (loading the compiled
  * code, plus binding the port), `database ready` (connect and migrations
  * check), the restart extension (SPEC rule 6), the `leasehold serving` log
  * line, and grpc.health answering SERVING.

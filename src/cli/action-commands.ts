@@ -7,6 +7,7 @@ import {
   ActionState,
   ActionView,
   AttemptOutcome,
+  ExplainActionResponseSchema,
   GetActionResponseSchema,
   SubmitActionResponseSchema,
 } from "../gen/leasehold/v1/action_pb.js";
@@ -284,6 +285,38 @@ export function actionCommands(): Command {
             ]),
           );
         }
+        return undefined;
+      }),
+    );
+
+  action
+    .command("explain")
+    .description(
+      "Explain an action's lease history as one timeline: submission, grants (worker, epoch), heartbeats, " +
+        "lost streams and grace deadlines, expiries and why, revokes, fenced reports, the accepted completion.",
+    )
+    .argument("<action-id>")
+    .action(async (id: string, _o: unknown, command: Command) =>
+      run(command, async (api, json) => {
+        const response = await api.explainAction({ actionId: id });
+        if (json) {
+          process.stdout.write(`${toJson(messageJson(ExplainActionResponseSchema, response))}\n`);
+          return undefined;
+        }
+        const { action: a, timeline, attempts } = response;
+        if (a) {
+          const state = enumName(ActionState, a.state).toLowerCase();
+          const tries = `${attempts.length} attempt${attempts.length === 1 ? "" : "s"}`;
+          process.stdout.write(`action ${a.id} in cluster ${a.cluster}: ${state}, epoch ${a.epoch}, ${tries}\n\n`);
+        }
+        printTable(
+          ["TIME", "EPOCH", "WHAT HAPPENED"],
+          timeline.map((step) => [time(step.time), step.epoch ? String(step.epoch) : "-", step.summary]),
+        );
+        if (response.truncated)
+          process.stdout.write(
+            `\n(the first ${timeline.length} steps; \`leasehold events --action ${id}\` lists every event)\n`,
+          );
         return undefined;
       }),
     );

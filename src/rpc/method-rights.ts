@@ -16,6 +16,7 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> =
   "leasehold.v1.ActionService/ListActions": "action.read",
   "leasehold.v1.ActionService/CancelAction": "action.cancel.own",
   "leasehold.v1.ActionService/WatchAction": "action.read",
+  "leasehold.v1.ActionService/ExplainAction": "action.read",
   "leasehold.v1.ClusterService/ListClusters": "cluster.read",
   "leasehold.v1.ClusterService/ListWorkers": "worker.read",
   "leasehold.v1.ClusterService/GetWorker": "worker.read",

@@ -4,7 +4,7 @@ import type { EventFilter, EventKind, EventRecord } from "../work/event.js";
 import type { Db } from "./database.js";
 import { queryRows, toDate, toNumber } from "./rows.js";
 
-interface EventRow {
+export interface EventRow {
   sequence: unknown;
   kind: string;
   at: unknown;
@@ -19,7 +19,7 @@ interface EventRow {
   actor: string;
 }
 
-const eventFromRow = (r: EventRow): EventRecord => ({
+export const eventFromRow = (r: EventRow): EventRecord => ({
   sequence: toNumber(r.sequence),
   kind: r.kind as EventKind,
   at: toDate(r.at),

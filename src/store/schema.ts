@@ -193,6 +193,18 @@ export const attempts = pgTable(
 );
 
 /** The audit trail: every lease and action event, in sequence order. */
+/** Events about a session, as ExplainAction shows them beside the leases it held. */
+export const SESSION_EVENT_KINDS = [
+  "stream_lost",
+  "session_resumed",
+  "session_taken_over",
+  "session_reaped",
+  "session_closed",
+] as const;
+
+/** Events about a cluster's lease expiries being paused and going on (SPEC rule 10). */
+export const PARTITION_EVENT_KINDS = ["cluster_partitioned", "cluster_recovered", "cluster_expiries_resumed"] as const;
+
 export const events = pgTable(
   "events",
   {
@@ -218,6 +230,14 @@ export const events = pgTable(
     index("events_action_idx").on(t.actionId, t.sequence),
     index("events_worker_idx").on(t.workerId, t.sequence),
     index("events_cluster_idx").on(t.cluster, t.sequence),
+    // ExplainAction: what the sessions holding an action went through, and when its cluster's
+    // expiries paused. Partial, so that the hot path's events (grants, completions) skip them.
+    index("events_session_idx")
+      .on(t.sessionId, t.sequence)
+      .where(sql`${t.kind} in ${sql.raw(`(${SESSION_EVENT_KINDS.map((k) => `'${k}'`).join(", ")})`)}`),
+    index("events_partition_idx")
+      .on(t.cluster, t.sequence)
+      .where(sql`${t.kind} in ${sql.raw(`(${PARTITION_EVENT_KINDS.map((k) => `'${k}'`).join(", ")})`)}`),
   ],
 );
 

@@ -10,6 +10,7 @@ import {
 import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
+import { readActionHistory } from "../store/queries/explain-action.js";
 import { insertActions, insertActionsAtomically } from "../store/queries/insert-actions.js";
 import {
   type ActionFilter,
@@ -19,6 +20,7 @@ import {
   TERMINAL_STATES,
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
+import { type Explanation, explainHistory } from "./explain.js";
 import { decodePageToken, toPage } from "./page-token.js";
 
 /**
@@ -28,6 +30,9 @@ import { decodePageToken, toPage } from "./page-token.js";
  * the caller keeps racing itself.
  */
 const BULK_ROUNDS = 4;
+
+/** The most events an explanation reads: a timeline stays readable, and bounded in memory. */
+export const EXPLAIN_STEPS = 1000;
 
 /** Result of a submit. */
 export interface SubmitResult {
@@ -68,6 +73,8 @@ export interface ActionService extends AsyncDisposable {
   cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
   /** The action now, then after every change; ends after a terminal state. */
   watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
+  /** The action's lease history as one timeline (at most {@link EXPLAIN_STEPS} events). */
+  explain(id: string): Promise<Explanation>;
   /** Flushes pending submits. */
   close(): Promise<void>;
 }
@@ -156,6 +163,12 @@ export function createActionService({
     );
   }
 
+  async function explain(id: string): Promise<Explanation> {
+    const history = await readActionHistory(db, id, EXPLAIN_STEPS);
+    if (!history) throw notFound(id);
+    return explainHistory(history);
+  }
+
   async function get(id: string) {
     const action = await findAction(db, id);
     if (!action) throw notFound(id);
@@ -216,5 +229,5 @@ export function createActionService({
   }
 
   const close = () => submits.close();
-  return { submit, submitMany, get, list, cancel, watch, close, [Symbol.asyncDispose]: close };
+  return { submit, submitMany, get, list, cancel, watch, explain, close, [Symbol.asyncDispose]: close };
 }

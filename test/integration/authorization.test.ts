@@ -81,6 +81,7 @@ const MATRIX: Record<string, Row> = {
     expect: [D, D, K, D, K],
   },
   "ActionService/GetAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, K, K, K] },
+  "ActionService/ExplainAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, K, K, K] },
   "ActionService/ListActions": { request: () => ({ cluster: "a" }), expect: [D, D, K, K, K] },
   "ActionService/WatchAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, K, K, K] },
   "ClusterService/ListClusters": { request: () => ({}), expect: [D, D, K, K, K] },

@@ -21,6 +21,7 @@ import {
 } from "../../work/action.js";
 import type { ActionService as Actions } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
+import { toProtoEvent } from "./event-service.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
 
@@ -80,6 +81,30 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
       ctx.access.requireOwned("action.cancel", current.cluster, current.createdBy);
       const action = await actions.cancel(actionId, request.reason, ctx.access.actor);
       return { action: toProtoAction(action) };
+    },
+    async explainAction(request, ctx) {
+      const explained = await actions.explain(requireId("action_id", request.actionId));
+      ctx.access.require("action.read", explained.action.cluster);
+      return {
+        action: toProtoAction(explained.action),
+        attempts: explained.attempts.map(({ attempt, session }) => ({
+          attempt: toProtoAttempt(attempt),
+          ...(session && {
+            sessionLastHeardTime: timestampFromDate(session.lastHeardAt),
+            sessionDeadline: timestampFromDate(session.deadline),
+            ...(session.streamLostAt && { streamLostTime: timestampFromDate(session.streamLostAt) }),
+            ...(session.endedAt && { sessionEndTime: timestampFromDate(session.endedAt) }),
+            sessionEndReason: session.endReason ?? "",
+          }),
+        })),
+        timeline: explained.timeline.map((step) => ({
+          time: timestampFromDate(step.at),
+          epoch: BigInt(step.epoch),
+          summary: step.summary,
+          ...(step.event && { event: toProtoEvent(step.event) }),
+        })),
+        truncated: explained.truncated,
+      };
     },
     async *watchAction(request, ctx) {
       let checked = false;

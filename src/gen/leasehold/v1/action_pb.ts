@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Event } from "./event_pb.js";
+import { file_leasehold_v1_event } from "./event_pb.js";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file leasehold/v1/action.proto.
  */
 export const file_leasehold_v1_action: GenFile = /*@__PURE__*/
-  fileDesc("ChlsZWFzZWhvbGQvdjEvYWN0aW9uLnByb3RvEgxsZWFzZWhvbGQudjEiowEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoDRIyCg9pbml0aWFsX2JhY2tvZmYYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGgoSYmFja29mZl9tdWx0aXBsaWVyGAMgASgBEi4KC21heF9iYWNrb2ZmGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uInMKC0FjdGlvbkxlYXNlEhEKCXdvcmtlcl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmdyYW50X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKC0FjdGlvbkVycm9yEg8KB21lc3NhZ2UYASABKAkSEQoJcmV0cnlhYmxlGAIgASgIEigKB2RldGFpbHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IuYGCgZBY3Rpb24SCgoCaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIOCgZydW5faWQYAyABKAkSDwoHY2x1c3RlchgEIAEoCRI/Cg5sYWJlbF9zZWxlY3RvchgFIAMoCzInLmxlYXNlaG9sZC52MS5BY3Rpb24uTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAcgASgFEi8KDHJldHJ5X3BvbGljeRgIIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCSABKA0SKAoFc3RhdGUYCiABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDQoFZXBvY2gYCyABKAQSFQoNYXR0ZW1wdF9jb3VudBgMIAEoDRIVCg1mYWlsdXJlX2NvdW50GA0gASgNEhoKEnN5c3RlbV9yZXRyeV9jb3VudBgOIAEoDRIoCgVsZWFzZRgPIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25MZWFzZRIYChBjYW5jZWxfcmVxdWVzdGVkGBAgASgIEicKBm91dHB1dBgRIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLQoKbGFzdF9lcnJvchgSIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25FcnJvchIWCg5mYWlsdXJlX3JlYXNvbhgTIAEoCRINCgVwaGFzZRgUIAEoCRIvCgtjcmVhdGVfdGltZRgVIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYFiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCm5vdF9iZWZvcmUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGBggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GBkgASgJGjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIokCCgdBdHRlbXB0EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIRCgl3b3JrZXJfaWQYAyABKAkSEgoKc2Vzc2lvbl9pZBgEIAEoCRItCgdvdXRjb21lGAUgASgOMhwubGVhc2Vob2xkLnYxLkF0dGVtcHRPdXRjb21lEigKBWVycm9yGAYgASgLMhkubGVhc2Vob2xkLnYxLkFjdGlvbkVycm9yEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLXAgoTU3VibWl0QWN0aW9uUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSDgoGcnVuX2lkGAMgASgJEkwKDmxhYmVsX3NlbGVjdG9yGAQgAygLMjQubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAYgASgFEi8KDHJldHJ5X3BvbGljeRgHIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCCABKA0aNAoSTGFiZWxTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQoUU3VibWl0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIPCgdjcmVhdGVkGAIgASgIInIKFFN1Ym1pdEFjdGlvbnNSZXF1ZXN0EjIKB2FjdGlvbnMYASADKAsyIS5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVxdWVzdBImCgR2aWV3GAIgASgOMhgubGVhc2Vob2xkLnYxLkFjdGlvblZpZXciTAoVU3VibWl0QWN0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVzcG9uc2UiJQoQR2V0QWN0aW9uUmVxdWVzdBIRCglhY3Rpb25faWQYASABKAkiYgoRR2V0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhInCghhdHRlbXB0cxgCIAMoCzIVLmxlYXNlaG9sZC52MS5BdHRlbXB0IoYBChJMaXN0QWN0aW9uc1JlcXVlc3QSKAoFc3RhdGUYASABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDwoHY2x1c3RlchgCIAEoCRIOCgZydW5faWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiVQoTTGlzdEFjdGlvbnNSZXNwb25zZRIlCgdhY3Rpb25zGAEgAygLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOAoTQ2FuY2VsQWN0aW9uUmVxdWVzdBIRCglhY3Rpb25faWQYASABKAkSDgoGcmVhc29uGAIgASgJIjwKFENhbmNlbEFjdGlvblJlc3BvbnNlEiQKBmFjdGlvbhgBIAEoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24iJwoSV2F0Y2hBY3Rpb25SZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCSI7ChNXYXRjaEFjdGlvblJlc3BvbnNlEiQKBmFjdGlvbhgBIAEoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24qrgEKC0FjdGlvblN0YXRlEhwKGEFDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEhcKE0FDVElPTl9TVEFURV9RVUVVRUQQARIXChNBQ1RJT05fU1RBVEVfTEVBU0VEEAISGgoWQUNUSU9OX1NUQVRFX1NVQ0NFRURFRBADEhcKE0FDVElPTl9TVEFURV9GQUlMRUQQBBIaChZBQ1RJT05fU1RBVEVfQ0FOQ0VMTEVEEAUq6QEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhsKF0FUVEVNUFRfT1VUQ09NRV9SVU5OSU5HEAESHQoZQVRURU1QVF9PVVRDT01FX1NVQ0NFRURFRBACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIhCh1BVFRFTVBUX09VVENPTUVfTEVBU0VfRVhQSVJFRBAEEhwKGEFUVEVNUFRfT1VUQ09NRV9SRUxFQVNFRBAFEh0KGUFUVEVNUFRfT1VUQ09NRV9DQU5DRUxMRUQQBipWCgpBY3Rpb25WaWV3EhsKF0FDVElPTl9WSUVXX1VOU1BFQ0lGSUVEEAASFQoRQUNUSU9OX1ZJRVdfQkFTSUMQARIUChBBQ1RJT05fVklFV19GVUxMEAIyjwQKDUFjdGlvblNlcnZpY2USVQoMU3VibWl0QWN0aW9uEiEubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVzcG9uc2USWAoNU3VibWl0QWN0aW9ucxIiLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25zUmVxdWVzdBojLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25zUmVzcG9uc2USTAoJR2V0QWN0aW9uEh4ubGVhc2Vob2xkLnYxLkdldEFjdGlvblJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0QWN0aW9uUmVzcG9uc2USUgoLTGlzdEFjdGlvbnMSIC5sZWFzZWhvbGQudjEuTGlzdEFjdGlvbnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RBY3Rpb25zUmVzcG9uc2USVQoMQ2FuY2VsQWN0aW9uEiEubGVhc2Vob2xkLnYxLkNhbmNlbEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ2FuY2VsQWN0aW9uUmVzcG9uc2USVAoLV2F0Y2hBY3Rpb24SIC5sZWFzZWhvbGQudjEuV2F0Y2hBY3Rpb25SZXF1ZXN0GiEubGVhc2Vob2xkLnYxLldhdGNoQWN0aW9uUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsZWFzZWhvbGQvdjEvYWN0aW9uLnByb3RvEgxsZWFzZWhvbGQudjEiowEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoDRIyCg9pbml0aWFsX2JhY2tvZmYYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGgoSYmFja29mZl9tdWx0aXBsaWVyGAMgASgBEi4KC21heF9iYWNrb2ZmGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uInMKC0FjdGlvbkxlYXNlEhEKCXdvcmtlcl9pZBgBIAEoCRISCgpzZXNzaW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEi4KCmdyYW50X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlsKC0FjdGlvbkVycm9yEg8KB21lc3NhZ2UYASABKAkSEQoJcmV0cnlhYmxlGAIgASgIEigKB2RldGFpbHMYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IuYGCgZBY3Rpb24SCgoCaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIOCgZydW5faWQYAyABKAkSDwoHY2x1c3RlchgEIAEoCRI/Cg5sYWJlbF9zZWxlY3RvchgFIAMoCzInLmxlYXNlaG9sZC52MS5BY3Rpb24uTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAcgASgFEi8KDHJldHJ5X3BvbGljeRgIIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCSABKA0SKAoFc3RhdGUYCiABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDQoFZXBvY2gYCyABKAQSFQoNYXR0ZW1wdF9jb3VudBgMIAEoDRIVCg1mYWlsdXJlX2NvdW50GA0gASgNEhoKEnN5c3RlbV9yZXRyeV9jb3VudBgOIAEoDRIoCgVsZWFzZRgPIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25MZWFzZRIYChBjYW5jZWxfcmVxdWVzdGVkGBAgASgIEicKBm91dHB1dBgRIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSLQoKbGFzdF9lcnJvchgSIAEoCzIZLmxlYXNlaG9sZC52MS5BY3Rpb25FcnJvchIWCg5mYWlsdXJlX3JlYXNvbhgTIAEoCRINCgVwaGFzZRgUIAEoCRIvCgtjcmVhdGVfdGltZRgVIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYFiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCm5vdF9iZWZvcmUYFyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGBggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpjcmVhdGVkX2J5GBkgASgJGjQKEkxhYmVsU2VsZWN0b3JFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIokCCgdBdHRlbXB0EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIRCgl3b3JrZXJfaWQYAyABKAkSEgoKc2Vzc2lvbl9pZBgEIAEoCRItCgdvdXRjb21lGAUgASgOMhwubGVhc2Vob2xkLnYxLkF0dGVtcHRPdXRjb21lEigKBWVycm9yGAYgASgLMhkubGVhc2Vob2xkLnYxLkFjdGlvbkVycm9yEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLXAgoTU3VibWl0QWN0aW9uUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSDgoGcnVuX2lkGAMgASgJEkwKDmxhYmVsX3NlbGVjdG9yGAQgAygLMjQubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QuTGFiZWxTZWxlY3RvckVudHJ5EigKB3BheWxvYWQYBSABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHByaW9yaXR5GAYgASgFEi8KDHJldHJ5X3BvbGljeRgHIAEoCzIZLmxlYXNlaG9sZC52MS5SZXRyeVBvbGljeRIaChJtYXhfc3lzdGVtX3JldHJpZXMYCCABKA0aNAoSTGFiZWxTZWxlY3RvckVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiTQoUU3VibWl0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIPCgdjcmVhdGVkGAIgASgIInIKFFN1Ym1pdEFjdGlvbnNSZXF1ZXN0EjIKB2FjdGlvbnMYASADKAsyIS5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVxdWVzdBImCgR2aWV3GAIgASgOMhgubGVhc2Vob2xkLnYxLkFjdGlvblZpZXciTAoVU3VibWl0QWN0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVzcG9uc2UiJQoQR2V0QWN0aW9uUmVxdWVzdBIRCglhY3Rpb25faWQYASABKAkiKQoURXhwbGFpbkFjdGlvblJlcXVlc3QSEQoJYWN0aW9uX2lkGAEgASgJIrABChVFeHBsYWluQWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIwCghhdHRlbXB0cxgCIAMoCzIeLmxlYXNlaG9sZC52MS5FeHBsYWluZWRBdHRlbXB0EiwKCHRpbWVsaW5lGAMgAygLMhoubGVhc2Vob2xkLnYxLlRpbWVsaW5lU3RlcBIRCgl0cnVuY2F0ZWQYBCABKAgitQIKEEV4cGxhaW5lZEF0dGVtcHQSJgoHYXR0ZW1wdBgBIAEoCzIVLmxlYXNlaG9sZC52MS5BdHRlbXB0EjsKF3Nlc3Npb25fbGFzdF9oZWFyZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBzZXNzaW9uX2RlYWRsaW5lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBzdHJlYW1fbG9zdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBzZXNzaW9uX2VuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJzZXNzaW9uX2VuZF9yZWFzb24YBiABKAkifAoMVGltZWxpbmVTdGVwEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWVwb2NoGAIgASgEEg8KB3N1bW1hcnkYAyABKAkSIgoFZXZlbnQYBCABKAsyEy5sZWFzZWhvbGQudjEuRXZlbnQiYgoRR2V0QWN0aW9uUmVzcG9uc2USJAoGYWN0aW9uGAEgASgLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhInCghhdHRlbXB0cxgCIAMoCzIVLmxlYXNlaG9sZC52MS5BdHRlbXB0IoYBChJMaXN0QWN0aW9uc1JlcXVlc3QSKAoFc3RhdGUYASABKA4yGS5sZWFzZWhvbGQudjEuQWN0aW9uU3RhdGUSDwoHY2x1c3RlchgCIAEoCRIOCgZydW5faWQYAyABKAkSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiVQoTTGlzdEFjdGlvbnNSZXNwb25zZRIlCgdhY3Rpb25zGAEgAygLMhQubGVhc2Vob2xkLnYxLkFjdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiOAoTQ2FuY2VsQWN0aW9uUmVxdWVzdBIRCglhY3Rpb25faWQYASABKAkSDgoGcmVhc29uGAIgASgJIjwKFENhbmNlbEFjdGlvblJlc3BvbnNlEiQKBmFjdGlvbhgBIAEoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24iJwoSV2F0Y2hBY3Rpb25SZXF1ZXN0EhEKCWFjdGlvbl9pZBgBIAEoCSI7ChNXYXRjaEFjdGlvblJlc3BvbnNlEiQKBmFjdGlvbhgBIAEoCzIULmxlYXNlaG9sZC52MS5BY3Rpb24qrgEKC0FjdGlvblN0YXRlEhwKGEFDVElPTl9TVEFURV9VTlNQRUNJRklFRBAAEhcKE0FDVElPTl9TVEFURV9RVUVVRUQQARIXChNBQ1RJT05fU1RBVEVfTEVBU0VEEAISGgoWQUNUSU9OX1NUQVRFX1NVQ0NFRURFRBADEhcKE0FDVElPTl9TVEFURV9GQUlMRUQQBBIaChZBQ1RJT05fU1RBVEVfQ0FOQ0VMTEVEEAUq6QEKDkF0dGVtcHRPdXRjb21lEh8KG0FUVEVNUFRfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhsKF0FUVEVNUFRfT1VUQ09NRV9SVU5OSU5HEAESHQoZQVRURU1QVF9PVVRDT01FX1NVQ0NFRURFRBACEhoKFkFUVEVNUFRfT1VUQ09NRV9GQUlMRUQQAxIhCh1BVFRFTVBUX09VVENPTUVfTEVBU0VfRVhQSVJFRBAEEhwKGEFUVEVNUFRfT1VUQ09NRV9SRUxFQVNFRBAFEh0KGUFUVEVNUFRfT1VUQ09NRV9DQU5DRUxMRUQQBipWCgpBY3Rpb25WaWV3EhsKF0FDVElPTl9WSUVXX1VOU1BFQ0lGSUVEEAASFQoRQUNUSU9OX1ZJRVdfQkFTSUMQARIUChBBQ1RJT05fVklFV19GVUxMEAIy6QQKDUFjdGlvblNlcnZpY2USVQoMU3VibWl0QWN0aW9uEiEubGVhc2Vob2xkLnYxLlN1Ym1pdEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuU3VibWl0QWN0aW9uUmVzcG9uc2USWAoNU3VibWl0QWN0aW9ucxIiLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25zUmVxdWVzdBojLmxlYXNlaG9sZC52MS5TdWJtaXRBY3Rpb25zUmVzcG9uc2USTAoJR2V0QWN0aW9uEh4ubGVhc2Vob2xkLnYxLkdldEFjdGlvblJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0QWN0aW9uUmVzcG9uc2USUgoLTGlzdEFjdGlvbnMSIC5sZWFzZWhvbGQudjEuTGlzdEFjdGlvbnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RBY3Rpb25zUmVzcG9uc2USVQoMQ2FuY2VsQWN0aW9uEiEubGVhc2Vob2xkLnYxLkNhbmNlbEFjdGlvblJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ2FuY2VsQWN0aW9uUmVzcG9uc2USVAoLV2F0Y2hBY3Rpb24SIC5sZWFzZWhvbGQudjEuV2F0Y2hBY3Rpb25SZXF1ZXN0GiEubGVhc2Vob2xkLnYxLldhdGNoQWN0aW9uUmVzcG9uc2UwARJYCg1FeHBsYWluQWN0aW9uEiIubGVhc2Vob2xkLnYxLkV4cGxhaW5BY3Rpb25SZXF1ZXN0GiMubGVhc2Vob2xkLnYxLkV4cGxhaW5BY3Rpb25SZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_leasehold_v1_event]);
 
 /**
  * How an action's own failures are retried. Lease expiries do not count here:
@@ -578,6 +580,175 @@ export const GetActionRequestSchema: GenMessage<GetActionRequest> = /*@__PURE__*
   messageDesc(file_leasehold_v1_action, 9);
 
 /**
+ * Request of ActionService.ExplainAction.
+ *
+ * @generated from message leasehold.v1.ExplainActionRequest
+ */
+export type ExplainActionRequest = Message<"leasehold.v1.ExplainActionRequest"> & {
+  /**
+   * Required: the action's id.
+   *
+   * @generated from field: string action_id = 1;
+   */
+  actionId: string;
+};
+
+/**
+ * Describes the message leasehold.v1.ExplainActionRequest.
+ * Use `create(ExplainActionRequestSchema)` to create a new message.
+ */
+export const ExplainActionRequestSchema: GenMessage<ExplainActionRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 10);
+
+/**
+ * Response of ActionService.ExplainAction.
+ *
+ * @generated from message leasehold.v1.ExplainActionResponse
+ */
+export type ExplainActionResponse = Message<"leasehold.v1.ExplainActionResponse"> & {
+  /**
+   * The action as it is now.
+   *
+   * @generated from field: leasehold.v1.Action action = 1;
+   */
+  action?: Action | undefined;
+
+  /**
+   * Its attempts, oldest first, each with what its session went through.
+   *
+   * @generated from field: repeated leasehold.v1.ExplainedAttempt attempts = 2;
+   */
+  attempts: ExplainedAttempt[];
+
+  /**
+   * What happened to the action, oldest first.
+   *
+   * @generated from field: repeated leasehold.v1.TimelineStep timeline = 3;
+   */
+  timeline: TimelineStep[];
+
+  /**
+   * The action has more than 1000 steps (a worker that kept sending fenced
+   * reports, say): `timeline` holds the first 1000. ListEvents with the
+   * action's id reads every event of the action.
+   *
+   * @generated from field: bool truncated = 4;
+   */
+  truncated: boolean;
+};
+
+/**
+ * Describes the message leasehold.v1.ExplainActionResponse.
+ * Use `create(ExplainActionResponseSchema)` to create a new message.
+ */
+export const ExplainActionResponseSchema: GenMessage<ExplainActionResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 11);
+
+/**
+ * One attempt of an action and the session that held it.
+ *
+ * @generated from message leasehold.v1.ExplainedAttempt
+ */
+export type ExplainedAttempt = Message<"leasehold.v1.ExplainedAttempt"> & {
+  /**
+   * The attempt: epoch, worker, session, outcome, start and end.
+   *
+   * @generated from field: leasehold.v1.Attempt attempt = 1;
+   */
+  attempt?: Attempt | undefined;
+
+  /**
+   * The session's last heartbeat the server recorded (renewals are recorded
+   * once per tick, so this is within a heartbeat interval of the last one);
+   * unset if the session's record is gone.
+   *
+   * @generated from field: google.protobuf.Timestamp session_last_heard_time = 2;
+   */
+  sessionLastHeardTime?: Timestamp | undefined;
+
+  /**
+   * The session's deadline: when it ends (and its leases expire) unless it
+   * is heard from; its last deadline if it ended.
+   *
+   * @generated from field: google.protobuf.Timestamp session_deadline = 3;
+   */
+  sessionDeadline?: Timestamp | undefined;
+
+  /**
+   * When the session's stream was last lost; unset if it never was, or if a
+   * reconnect cleared it.
+   *
+   * @generated from field: google.protobuf.Timestamp stream_lost_time = 4;
+   */
+  streamLostTime?: Timestamp | undefined;
+
+  /**
+   * When the session ended; unset while it lives.
+   *
+   * @generated from field: google.protobuf.Timestamp session_end_time = 5;
+   */
+  sessionEndTime?: Timestamp | undefined;
+
+  /**
+   * How the session ended: "reaped" (its deadline passed) or "goodbye" (the
+   * worker closed it); empty while it lives.
+   *
+   * @generated from field: string session_end_reason = 6;
+   */
+  sessionEndReason: string;
+};
+
+/**
+ * Describes the message leasehold.v1.ExplainedAttempt.
+ * Use `create(ExplainedAttemptSchema)` to create a new message.
+ */
+export const ExplainedAttemptSchema: GenMessage<ExplainedAttempt> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 12);
+
+/**
+ * One step of an action's timeline.
+ *
+ * @generated from message leasehold.v1.TimelineStep
+ */
+export type TimelineStep = Message<"leasehold.v1.TimelineStep"> & {
+  /**
+   * When it happened (database clock).
+   *
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * The lease epoch it is about; 0 for steps about no grant (the submission).
+   *
+   * @generated from field: uint64 epoch = 2;
+   */
+  epoch: bigint;
+
+  /**
+   * What happened, in one sentence: who, which epoch, and why.
+   *
+   * @generated from field: string summary = 3;
+   */
+  summary: string;
+
+  /**
+   * The logged event the step shows; unset for steps made from an attempt's
+   * session (the summary of its heartbeats).
+   *
+   * @generated from field: leasehold.v1.Event event = 4;
+   */
+  event?: Event | undefined;
+};
+
+/**
+ * Describes the message leasehold.v1.TimelineStep.
+ * Use `create(TimelineStepSchema)` to create a new message.
+ */
+export const TimelineStepSchema: GenMessage<TimelineStep> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_action, 13);
+
+/**
  * Response of ActionService.GetAction.
  *
  * @generated from message leasehold.v1.GetActionResponse
@@ -603,7 +774,7 @@ export type GetActionResponse = Message<"leasehold.v1.GetActionResponse"> & {
  * Use `create(GetActionResponseSchema)` to create a new message.
  */
 export const GetActionResponseSchema: GenMessage<GetActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 10);
+  messageDesc(file_leasehold_v1_action, 14);
 
 /**
  * Request of ActionService.ListActions. Filters combine with AND.
@@ -653,7 +824,7 @@ export type ListActionsRequest = Message<"leasehold.v1.ListActionsRequest"> & {
  * Use `create(ListActionsRequestSchema)` to create a new message.
  */
 export const ListActionsRequestSchema: GenMessage<ListActionsRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 11);
+  messageDesc(file_leasehold_v1_action, 15);
 
 /**
  * Response of ActionService.ListActions.
@@ -681,7 +852,7 @@ export type ListActionsResponse = Message<"leasehold.v1.ListActionsResponse"> & 
  * Use `create(ListActionsResponseSchema)` to create a new message.
  */
 export const ListActionsResponseSchema: GenMessage<ListActionsResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 12);
+  messageDesc(file_leasehold_v1_action, 16);
 
 /**
  * Request of ActionService.CancelAction.
@@ -710,7 +881,7 @@ export type CancelActionRequest = Message<"leasehold.v1.CancelActionRequest"> & 
  * Use `create(CancelActionRequestSchema)` to create a new message.
  */
 export const CancelActionRequestSchema: GenMessage<CancelActionRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 13);
+  messageDesc(file_leasehold_v1_action, 17);
 
 /**
  * Response of ActionService.CancelAction.
@@ -731,7 +902,7 @@ export type CancelActionResponse = Message<"leasehold.v1.CancelActionResponse"> 
  * Use `create(CancelActionResponseSchema)` to create a new message.
  */
 export const CancelActionResponseSchema: GenMessage<CancelActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 14);
+  messageDesc(file_leasehold_v1_action, 18);
 
 /**
  * Request of ActionService.WatchAction.
@@ -752,7 +923,7 @@ export type WatchActionRequest = Message<"leasehold.v1.WatchActionRequest"> & {
  * Use `create(WatchActionRequestSchema)` to create a new message.
  */
 export const WatchActionRequestSchema: GenMessage<WatchActionRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 15);
+  messageDesc(file_leasehold_v1_action, 19);
 
 /**
  * One message of ActionService.WatchAction.
@@ -773,7 +944,7 @@ export type WatchActionResponse = Message<"leasehold.v1.WatchActionResponse"> & 
  * Use `create(WatchActionResponseSchema)` to create a new message.
  */
 export const WatchActionResponseSchema: GenMessage<WatchActionResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_action, 16);
+  messageDesc(file_leasehold_v1_action, 20);
 
 /**
  * The lifecycle of an action: QUEUED → LEASED → SUCCEEDED | FAILED | CANCELLED.
@@ -1050,6 +1221,24 @@ export const ActionService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchActionRequestSchema;
     output: typeof WatchActionResponseSchema;
+  },
+  /**
+   * Explains an action's lease history as one timeline, oldest first: the
+   * submission, each grant (worker, session, epoch), what the holding
+   * sessions went through (heartbeats summarized, a lost stream and its grace
+   * deadline, a reconnect, a takeover, a reap), each expiry and why, revokes,
+   * releases, reports fenced and from whom, retries, the cluster's expiries
+   * paused while it was partitioned, and the accepted completion and by
+   * whom. Read in one snapshot from the event log and the attempts'
+   * sessions. NOT_FOUND if the id is unknown.
+   * Right: action.read in the action's cluster.
+   *
+   * @generated from rpc leasehold.v1.ActionService.ExplainAction
+   */
+  explainAction: {
+    methodKind: "unary";
+    input: typeof ExplainActionRequestSchema;
+    output: typeof ExplainActionResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_leasehold_v1_action, 0);

@@ -1,0 +1,117 @@
+import { sql } from "drizzle-orm";
+import type { ActionRecord, AttemptRecord } from "../../work/action.js";
+import type { EventRecord } from "../../work/event.js";
+import { type ActionRow, type AttemptRow, actionFromRow, attemptFromRow } from "../action-rows.js";
+import type { Db } from "../database.js";
+import { type EventRow, eventFromRow } from "../events.js";
+import { queryRows, toDate, toDateOrNull } from "../rows.js";
+import { PARTITION_EVENT_KINDS, SESSION_EVENT_KINDS } from "../schema.js";
+
+/** The session that held an attempt, as its row is now. */
+export interface HoldingSession {
+  readonly lastHeardAt: Date;
+  readonly deadline: Date;
+  readonly streamLostAt: Date | null;
+  readonly endedAt: Date | null;
+  readonly endReason: string | null;
+}
+
+/** What ExplainAction is made from, read in one snapshot. */
+export interface ActionHistory {
+  readonly action: ActionRecord;
+  /** Oldest first, each with its session (undefined if the session's row is gone). */
+  readonly attempts: readonly { attempt: AttemptRecord; session: HoldingSession | undefined }[];
+  /**
+   * Oldest first: the action's events, the events of the sessions that held
+   * it while they held it, and its cluster's partition events while it was
+   * leased. At most `limit`.
+   */
+  readonly events: readonly EventRecord[];
+  /** More events than `limit` exist. */
+  readonly truncated: boolean;
+  /** The database's clock when it was read. */
+  readonly now: Date;
+}
+
+const list = (kinds: readonly string[]) => sql.raw(`(${kinds.map((k) => `'${k}'`).join(", ")})`);
+
+/**
+ * Reads an action's history in one read-only repeatable-read transaction;
+ * undefined if the action is unknown. Every part is an index range: the
+ * action's events (`events_action_idx`), each holding session's events within
+ * its attempt (`events_session_idx`, partial), and the cluster's partition
+ * events within the leased span (`events_partition_idx`, partial).
+ */
+export async function readActionHistory(
+  db: Db,
+  actionId: string,
+  limit: number,
+): Promise<ActionHistory | undefined> {
+  return db.transaction(
+    async (tx) => {
+      const t = tx as unknown as Db;
+      const [row] = await queryRows<ActionRow & { db_now: unknown }>(
+        t,
+        sql`select *, now() as db_now from actions where id = ${actionId}`,
+      );
+      if (!row) return undefined;
+      const action = actionFromRow(row);
+      const now = toDate(row.db_now);
+      const attemptRows = await queryRows<
+        AttemptRow & {
+          s_last_heard_at: unknown;
+          s_deadline: unknown;
+          s_stream_lost_at: unknown;
+          s_ended_at: unknown;
+          s_end_reason: string | null;
+        }
+      >(
+        t,
+        sql`select t.*, s.last_heard_at as s_last_heard_at, s.deadline as s_deadline,
+              s.stream_lost_at as s_stream_lost_at, s.ended_at as s_ended_at, s.end_reason as s_end_reason
+            from attempts t left join sessions s on s.id = t.session_id
+            where t.action_id = ${actionId} order by t.epoch`,
+      );
+      const eventRows = await queryRows<EventRow>(
+        t,
+        sql`with held as (
+              select session_id, started_at, coalesce(ended_at, now()) as ended_at
+              from attempts where action_id = ${actionId}
+            )
+            select * from (
+              select * from events where action_id = ${actionId}
+              union all
+              -- distinct: one session may hold the action twice, attempts ending when the next starts.
+              select distinct e.* from held h join events e on e.session_id = h.session_id
+              where e.kind in ${list(SESSION_EVENT_KINDS)} and e.at between h.started_at and h.ended_at
+              union all
+              select e.* from events e
+              where e.cluster = ${action.cluster} and e.kind in ${list(PARTITION_EVENT_KINDS)}
+                and e.at between (select min(started_at) from held) and (select max(ended_at) from held)
+            ) x
+            order by sequence
+            limit ${limit + 1}`,
+      );
+      return {
+        action,
+        attempts: attemptRows.map((r) => ({
+          attempt: attemptFromRow(r),
+          session:
+            r.s_deadline === null
+              ? undefined
+              : {
+                  lastHeardAt: toDate(r.s_last_heard_at),
+                  deadline: toDate(r.s_deadline),
+                  streamLostAt: toDateOrNull(r.s_stream_lost_at),
+                  endedAt: toDateOrNull(r.s_ended_at),
+                  endReason: r.s_end_reason,
+                },
+        })),
+        events: eventRows.slice(0, limit).map(eventFromRow),
+        truncated: eventRows.length > limit,
+        now,
+      };
+    },
+    { isolationLevel: "repeatable read", accessMode: "read only" },
+  );
+}

@@ -1,0 +1,140 @@
+import type { ActionHistory, HoldingSession } from "../store/queries/explain-action.js";
+import type { ActionRecord, AttemptRecord } from "./action.js";
+import type { EventRecord } from "./event.js";
+
+/** One step of an action's timeline. */
+export interface TimelineStep {
+  readonly at: Date;
+  /** The lease epoch it is about; 0 for none (the submission). */
+  readonly epoch: number;
+  /** One sentence: what happened, who, which epoch, why. */
+  readonly summary: string;
+  /** The logged event it shows; absent for a heartbeat summary. */
+  readonly event?: EventRecord;
+}
+
+/** An action's lease history, as ExplainAction answers it. */
+export interface Explanation {
+  readonly action: ActionRecord;
+  readonly attempts: ActionHistory["attempts"];
+  readonly timeline: readonly TimelineStep[];
+  readonly truncated: boolean;
+}
+
+const iso = (d: Date) => d.toISOString();
+const who = (actor: string) => actor || "the server";
+
+/** Seconds between two instants, for sentences: "8.0 s". */
+const seconds = (from: Date, to: Date) => `${((to.getTime() - from.getTime()) / 1000).toFixed(1)} s`;
+
+/**
+ * The timeline of `history`: its events in log order, each told in a
+ * sentence, with one summary of each attempt's heartbeats placed at the last
+ * one recorded. Pure: everything comes from `history`.
+ */
+export function explainHistory(history: ActionHistory): Explanation {
+  const { attempts, now } = history;
+  const byEpoch = new Map(attempts.map((a) => [a.attempt.epoch, a]));
+  /** The attempt a session event belongs to: the one its session held at that moment. */
+  const heldBy = (e: EventRecord) =>
+    attempts.find(
+      ({ attempt: t }) => t.sessionId === e.sessionId && t.startedAt <= e.at && e.at <= (t.endedAt ?? now),
+    );
+
+  const steps: TimelineStep[] = history.events.map((event) => {
+    const epoch = event.epoch ?? heldBy(event)?.attempt.epoch ?? 0;
+    return { at: event.at, epoch, summary: tell(event, byEpoch.get(epoch)), event };
+  });
+  for (const { attempt, session } of attempts) {
+    if (!session) continue;
+    const heartbeats = heartbeatStep(attempt, session, now);
+    // A running attempt's summary tells how it is now: last. An ended one's sits at its last
+    // heartbeat, after its grant and before what happened at that instant or later.
+    const granted = steps.findIndex((s) => s.event?.kind === "lease_granted" && s.epoch === attempt.epoch);
+    const at = attempt.endedAt ? steps.findIndex((s, i) => i > granted && s.at >= heartbeats.at) : -1;
+    steps.splice(at === -1 ? steps.length : at, 0, heartbeats);
+  }
+  return { action: history.action, attempts, timeline: steps, truncated: history.truncated };
+}
+
+/**
+ * The summary of an attempt's heartbeats: when its session was last heard
+ * while it held the lease. Renewals record that once per tick, so an attempt
+ * shorter than a tick may have none recorded.
+ */
+function heartbeatStep(attempt: AttemptRecord, session: HoldingSession, now: Date): TimelineStep {
+  const end = attempt.endedAt ?? now;
+  const last = new Date(Math.min(session.lastHeardAt.getTime(), end.getTime()));
+  const holder = `worker ${attempt.workerId} (session ${attempt.sessionId})`;
+  const epoch = attempt.epoch;
+  if (last < attempt.startedAt) {
+    const summary = `heartbeats: none recorded from ${holder} while it held epoch ${epoch} (${seconds(attempt.startedAt, end)})`;
+    return { at: attempt.startedAt, epoch, summary };
+  }
+  const summary = attempt.endedAt
+    ? `heartbeats: ${holder} was heard for ${seconds(attempt.startedAt, last)} while it held epoch ${epoch}, last at ${iso(last)}`
+    : `heartbeats: ${holder} holds epoch ${epoch}, last heard ${seconds(last, now)} ago; its deadline is ${iso(session.deadline)}`;
+  return { at: last, epoch, summary };
+}
+
+/** One event in a sentence, with the attempt it concerns when there is one. */
+function tell(
+  e: EventRecord,
+  held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,
+) {
+  const worker = `worker ${e.workerId ?? held?.attempt.workerId ?? "?"}`;
+  const session = e.sessionId ?? held?.attempt.sessionId;
+  const epoch = e.epoch ?? held?.attempt.epoch;
+  switch (e.kind) {
+    case "action_submitted":
+      return `submitted by ${who(e.actor)} to cluster ${e.cluster ?? "?"}`;
+    case "lease_granted":
+      return `epoch ${epoch} granted to ${worker} (session ${session})`;
+    case "lease_resumed":
+      return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session}): nothing re-runs`;
+    case "stream_lost": {
+      const deadline = typeof e.details?.deadline === "string" ? new Date(e.details.deadline) : undefined;
+      const grace = deadline ? `, in grace until ${iso(deadline)} (${seconds(e.at, deadline)})` : "";
+      return `stream of ${worker} lost${grace}; epoch ${epoch} waits for it to come back`;
+    }
+    case "session_resumed":
+      return `${worker} reconnected within the grace period; session ${session} resumed`;
+    case "session_taken_over":
+      return `a new stream of ${worker} took session ${session} over; the older stream was closed`;
+    case "session_reaped":
+      return `session ${session} of ${worker} reaped: its deadline passed with no heartbeat`;
+    case "session_closed":
+      return `${worker} said goodbye; session ${session} closed`;
+    case "lease_expired":
+      return `epoch ${epoch} expired: ${expiryCause(held)}; the action goes back to the queue`;
+    case "lease_revoked":
+      return `epoch ${epoch} revoked from ${worker}: ${e.message}`;
+    case "lease_released":
+      return `${worker} released epoch ${epoch}: ${e.message}`;
+    case "report_fenced":
+      return `fenced: ${e.message}${e.actor ? ` (sent as ${e.actor})` : ""}`;
+    case "action_succeeded":
+      return `completed by ${worker} under epoch ${epoch}: accepted${e.actor ? ` (reported as ${e.actor})` : ""}`;
+    case "action_failed":
+    case "action_retry_scheduled":
+    case "action_cancelled":
+      return `${e.message}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
+    case "action_cancel_requested":
+      return `cancel requested by ${who(e.actor)}: ${e.message}`;
+    default:
+      return e.message;
+  }
+}
+
+/** Why a lease expired, from its session's row. */
+function expiryCause(
+  held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,
+): string {
+  if (!held?.session) return "its session's deadline passed";
+  const { attempt, session } = held;
+  const holder = `worker ${attempt.workerId}'s session ${attempt.sessionId}`;
+  const lost = session.streamLostAt
+    ? `lost its stream at ${iso(session.streamLostAt)}`
+    : `was last heard at ${iso(session.lastHeardAt)}`;
+  return `${holder} ${lost} and did not come back before its deadline ${iso(session.deadline)}`;
+}

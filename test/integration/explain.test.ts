@@ -1,0 +1,183 @@
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { status as Code } from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
+import { BIN } from "../helpers/process.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker } from "../helpers/worker.js";
+
+const run = promisify(execFile);
+
+// Real timers and streams (grace 2 s), both drivers: a lease lost and re-granted, a stale report
+// fenced, a completion accepted; and a lease kept across a reconnect within grace.
+describe("ExplainAction", () => {
+  let t: TestServer;
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "2s", heartbeatInterval: "500ms" } });
+  });
+  afterAll(async () => t?.stop());
+
+  it("tells a failover: grant, lost stream, expiry and why, re-grant, fenced report, accepted completion", async () => {
+    const api = t.client(ActionService);
+    const a = await connectWorker(t.address, { workerId: "explain-a", cluster: "explain-1", capacity: 1 });
+    const { action } = await api.submitAction({ cluster: "explain-1", payload: { n: 1 } });
+    const id = action?.id ?? "";
+    const first = await a.next("grant", (g) => g.actionId === id);
+    await a.heartbeat(1, [{ actionId: id, epoch: first.epoch }]);
+    a.drop();
+
+    // B is there once A's session is reaped: the action is granted to it under epoch 2.
+    const b = await connectWorker(t.address, { workerId: "explain-b", cluster: "explain-1", capacity: 1 });
+    const second = await b.next("grant", (g) => g.actionId === id);
+    expect(second.epoch).toBe(2n);
+    // A comes back with a new session and reports the lease it lost: fenced.
+    const back = await connectWorker(t.address, { workerId: "explain-a", cluster: "explain-1", capacity: 1 });
+    const fenced = await back.complete({ actionId: id, epoch: 1n }, { output: { stale: true } });
+    expect(fenced.accepted).toBe(false);
+    expect((await b.complete({ actionId: id, epoch: 2n }, { output: { ok: true } })).accepted).toBe(true);
+
+    const explained = await api.explainAction({ actionId: id });
+    expect(explained.action).toMatchObject({ id, state: ActionState.SUCCEEDED, epoch: 2n });
+    expect(explained.truncated).toBe(false);
+    const [one, two] = explained.attempts;
+    expect(one?.attempt).toMatchObject({
+      epoch: 1n,
+      workerId: "explain-a",
+      outcome: AttemptOutcome.LEASE_EXPIRED,
+    });
+    expect(one?.sessionEndReason).toBe("reaped");
+    expect(one?.streamLostTime).toBeDefined();
+    expect(two?.attempt).toMatchObject({
+      epoch: 2n,
+      workerId: "explain-b",
+      outcome: AttemptOutcome.SUCCEEDED,
+    });
+    expect(two?.sessionEndTime).toBeUndefined();
+
+    // B sent no heartbeat: whether a renewal tick recorded hearing its stream, and so where its
+    // summary sits between its grant and its completion, depends on the tick.
+    const bBeats = explained.timeline.findIndex((s) => !s.event && s.epoch === 2n);
+    expect(explained.timeline[bBeats]?.summary).toMatch(
+      /^heartbeats: (none recorded from worker explain-b|worker explain-b .* was heard for)/,
+    );
+    expect(bBeats).toBeGreaterThan(
+      explained.timeline.findIndex((s) => s.event?.kind === EventKind.LEASE_GRANTED && s.epoch === 2n),
+    );
+    const steps = explained.timeline
+      .filter((_, i) => i !== bBeats)
+      .map((s) => [Number(s.epoch), s.event?.kind ?? "heartbeats", s.summary]);
+    const kinds = steps.map(([, kind]) => kind);
+    expect(kinds).toEqual([
+      EventKind.ACTION_SUBMITTED,
+      EventKind.LEASE_GRANTED,
+      "heartbeats",
+      EventKind.STREAM_LOST,
+      EventKind.SESSION_REAPED,
+      EventKind.LEASE_EXPIRED,
+      EventKind.LEASE_GRANTED,
+      EventKind.REPORT_FENCED,
+      EventKind.ACTION_SUCCEEDED,
+    ]);
+    const say = (i: number) => String(steps[i]?.[2]);
+    expect(steps.map(([epoch]) => epoch)).toEqual([0, 1, 1, 1, 1, 1, 2, 1, 2]);
+    expect(say(0)).toBe("submitted by anonymous to cluster explain-1");
+    expect(say(1)).toBe(`epoch 1 granted to worker explain-a (session ${a.welcome.sessionId})`);
+    expect(say(2)).toMatch(
+      /^heartbeats: worker explain-a \(session .+\) was heard for \d+\.\d s while it held epoch 1/,
+    );
+    expect(say(3)).toMatch(
+      /^stream of worker explain-a lost, in grace until .+Z \(\d\.\d s\); epoch 1 waits/,
+    );
+    expect(say(5)).toMatch(
+      /^epoch 1 expired: worker explain-a's session .+ lost its stream at .+Z and did not come back before its deadline .+Z; the action goes back to the queue$/,
+    );
+    expect(say(6)).toMatch(/^epoch 2 granted to worker explain-b/);
+    expect(say(7)).toMatch(
+      /^fenced: completion from worker explain-a rejected: epoch 1 is not the current lease/,
+    );
+    expect(say(8)).toBe("completed by worker explain-b under epoch 2: accepted (reported as anonymous)");
+    back.goodbye();
+    b.goodbye();
+  });
+
+  it("tells a reconnect within grace: the lease resumes under the same epoch", async () => {
+    const api = t.client(ActionService);
+    const a = await connectWorker(t.address, { workerId: "explain-c", cluster: "explain-2", capacity: 1 });
+    const { action } = await api.submitAction({ cluster: "explain-2" });
+    const id = action?.id ?? "";
+    const grant = await a.next("grant", (g) => g.actionId === id);
+    a.drop();
+    await a.ended;
+    const again = await connectWorker(t.address, {
+      workerId: "explain-c",
+      cluster: "explain-2",
+      capacity: 1,
+      heldLeases: [{ actionId: id, epoch: grant.epoch }],
+    });
+
+    const explained = await api.explainAction({ actionId: id });
+    const kinds = explained.timeline.map((s) => s.event?.kind ?? "heartbeats");
+    expect(kinds).toEqual([
+      EventKind.ACTION_SUBMITTED,
+      EventKind.LEASE_GRANTED,
+      EventKind.STREAM_LOST,
+      EventKind.SESSION_RESUMED,
+      EventKind.LEASE_RESUMED,
+      "heartbeats",
+    ]);
+    expect(explained.timeline.at(-1)?.summary).toMatch(
+      /^heartbeats: worker explain-c \(session .+\) holds epoch 1, last heard \d+\.\d s ago; its deadline is .+Z$/,
+    );
+    expect(explained.timeline[4]?.summary).toMatch(
+      /^epoch 1 resumed by worker explain-c, reconnected in time/,
+    );
+    expect(explained.attempts[0]?.attempt?.outcome).toBe(AttemptOutcome.RUNNING);
+    again.goodbye();
+  });
+
+  it("answers NOT_FOUND for an unknown action and INVALID_ARGUMENT without an id", async () => {
+    const api = t.client(ActionService);
+    await expect(api.explainAction({ actionId: "no-such-action" })).rejects.toMatchObject({
+      code: Code.NOT_FOUND,
+    });
+    await expect(api.explainAction({ actionId: "" })).rejects.toMatchObject({
+      code: Code.INVALID_ARGUMENT,
+      details: expect.stringContaining("action_id"),
+    });
+  });
+
+  it("leasehold action explain prints the timeline, and --json the response", async () => {
+    const api = t.client(ActionService);
+    const w = await connectWorker(t.address, { workerId: "explain-d", cluster: "explain-3", capacity: 1 });
+    const { action } = await api.submitAction({ cluster: "explain-3" });
+    const id = action?.id ?? "";
+    const grant = await w.next("grant", (g) => g.actionId === id);
+    await w.complete(grant, { output: {} });
+
+    const human = await run(process.execPath, [BIN, "--server", t.address, "action", "explain", id]);
+    const lines = human.stdout.trim().split("\n");
+    expect(lines[0]).toBe(`action ${id} in cluster explain-3: succeeded, epoch 1, 1 attempt`);
+    expect(lines[2]).toMatch(/^TIME\s+EPOCH\s+WHAT HAPPENED$/);
+    expect(lines[3]).toMatch(/^\S+Z\s+-\s+submitted by anonymous to cluster explain-3$/);
+    expect(lines.at(-1)).toMatch(/^\S+Z\s+1\s+completed by worker explain-d under epoch 1: accepted/);
+
+    const json = await run(process.execPath, [BIN, "--server", t.address, "--json", "action", "explain", id]);
+    const parsed = JSON.parse(json.stdout);
+    expect(parsed.action.id).toBe(id);
+    expect(parsed.timeline[0].event.kind).toBe("EVENT_KIND_ACTION_SUBMITTED");
+    expect(parsed.attempts[0].attempt.workerId).toBe("explain-d");
+
+    const missing = await run(process.execPath, [
+      BIN,
+      "--server",
+      t.address,
+      "action",
+      "explain",
+      "nope",
+    ]).catch((e) => e);
+    expect(missing.code).toBe(4);
+    w.goodbye();
+  });
+});

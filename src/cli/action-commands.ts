@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import type { MessageShape } from "@bufbuild/protobuf";
+import { equals, type MessageShape } from "@bufbuild/protobuf";
 import { Command, Option } from "commander";
 import {
   ActionSchema,
@@ -307,7 +307,9 @@ export function actionCommands(): Command {
         if (a) {
           const state = enumName(ActionState, a.state).toLowerCase();
           const tries = `${attempts.length} attempt${attempts.length === 1 ? "" : "s"}`;
-          process.stdout.write(`action ${a.id} in cluster ${a.cluster}: ${state}, epoch ${a.epoch}, ${tries}\n\n`);
+          process.stdout.write(
+            `action ${a.id} in cluster ${a.cluster}: ${state}, epoch ${a.epoch}, ${tries}\n\n`,
+          );
         }
         printTable(
           ["TIME", "EPOCH", "WHAT HAPPENED"],
@@ -385,12 +387,16 @@ export function actionCommands(): Command {
         let last: Action | undefined;
         const terminal = (a: Action | undefined) =>
           a !== undefined && a.state !== ActionState.QUEUED && a.state !== ActionState.LEASED;
-        // Rides through server restarts: the watch starts again with the current state.
-        await followThroughRestarts(async () => {
+        // Rides through server restarts: the watch starts again with the current state, which is
+        // printed only if it changed while the server was away.
+        await followThroughRestarts(async (connected) => {
           for await (const m of api.watchAction({ actionId: id })) {
             const a = m.action;
             if (!a) continue;
+            connected();
+            const same = last !== undefined && equals(ActionSchema, last, a);
             last = a;
+            if (same) continue;
             if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
             else {
               const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";

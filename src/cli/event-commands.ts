@@ -53,7 +53,10 @@ export function eventCommand(): Command {
             // Replays stored events, then follows with no gap; after a server
             // restart it continues after the last sequence it printed.
             let after = 0n;
-            await followThroughRestarts(async () => {
+            await followThroughRestarts(async (connected) => {
+              // A call that answers says the server is back, before any new event comes.
+              await api.listEvents({ ...filter, pageSize: 1 });
+              connected();
               for await (const m of api.watchEvents({ ...filter, afterSequence: after })) {
                 if (!m.event) continue;
                 after = m.event.sequence;

@@ -201,20 +201,31 @@ export function intFlag(value: string): number {
 /**
  * Runs a stream-following call again whenever the server becomes unreachable
  * (a restart, a failover to another replica), waiting `delayMs` between
- * tries and saying so on stderr. Other errors end it.
+ * tries. Other errors end it. stderr gets one line when the server goes away
+ * and one when `follow` reports, by calling `connected`, that it reached a
+ * server again: not one per try.
  */
 export async function followThroughRestarts(
-  follow: () => Promise<"done" | "again">,
+  follow: (connected: () => void) => Promise<"done" | "again">,
   delayMs = 1000,
 ): Promise<void> {
+  let away = false;
+  const connected = () => {
+    if (away) process.stderr.write("leasehold: server back; following again\n");
+    away = false;
+  };
   for (;;) {
     try {
-      if ((await follow()) === "done") return;
+      if ((await follow(connected)) === "done") return;
     } catch (error) {
       const e = error as { code?: number; details?: string };
       // UNAVAILABLE, or a stream reset by a server going down mid-call.
       if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
-      process.stderr.write(`leasehold: server unavailable (${(error as Error).message}); reconnecting\n`);
+      if (!away)
+        process.stderr.write(
+          `leasehold: server unavailable (${(error as Error).message}); reconnecting every ${delayMs / 1000} s\n`,
+        );
+      away = true;
     }
     await new Promise((r) => setTimeout(r, delayMs));
   }

@@ -109,13 +109,16 @@ function runFixture(file: string, args: string[]): AgentProcess {
  * JSON), with `waitFor`, which resolves with the first line matching `test`,
  * now or later, and rejects if the process exits first.
  */
-export function collectLines(child: ChildProcess): {
+export function collectLines(
+  child: ChildProcess,
+  from: "stdout" | "stderr" = "stdout",
+): {
   lines: Record<string, unknown>[];
   waitFor(test: (line: Record<string, unknown>) => boolean): Promise<Record<string, unknown>>;
 } {
   const lines: Record<string, unknown>[] = [];
   const waiters = new Set<() => void>();
-  createInterface({ input: child.stdout as NodeJS.ReadableStream }).on("line", (text) => {
+  createInterface({ input: child[from] as NodeJS.ReadableStream }).on("line", (text) => {
     let line: Record<string, unknown>;
     try {
       line = JSON.parse(text);

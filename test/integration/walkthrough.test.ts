@@ -8,7 +8,8 @@ import { BIN, collectLines, type LeaseholdProcess, runLeasehold } from "../helpe
 function follow(args: string[]) {
   const child = spawn(process.execPath, [BIN, ...args], { stdio: ["ignore", "pipe", "pipe"] });
   const { lines, waitFor } = collectLines(child);
-  return { child, lines, until: waitFor };
+  const stderr = collectLines(child, "stderr");
+  return { child, lines, until: waitFor, stderr: stderr.lines, untilStderr: stderr.waitFor };
 }
 
 /** Runs `leasehold <args>` to completion and returns stdout. */
@@ -39,7 +40,7 @@ describe("the README walkthrough", () => {
       "off",
       "--data-dir",
       store.dataDir,
-      // The README says 8s; a restart on a loaded CI machine (tsx and PGlite starting under load)
+      // The README says 8s; a restart on a loaded CI machine (PGlite starting under load)
       // can take longer than an 8 s grace leaves the agent, so the test gives it room.
       "--grace-period",
       "15s",
@@ -120,6 +121,17 @@ describe("the README walkthrough", () => {
         agents.get(other)?.lines.filter((l) => l.type === "self_fenced"),
         "the surviving agent self-fenced: the restart took longer than its guarantee",
       ).toEqual([]);
+      // The followers said once that the server went away and once that it came back, and the
+      // watch did not print the unchanged state again.
+      for (const follower of [watch, events]) {
+        await follower.untilStderr((l) => String(l.text).includes("server back"));
+        expect(follower.stderr.map((l) => String(l.text).replace(/ \(.*\)/, ""))).toEqual([
+          "leasehold: server unavailable; reconnecting every 1 s",
+          "leasehold: server back; following again",
+        ]);
+      }
+      const states = watch.lines.map((l) => JSON.stringify(l));
+      expect(new Set(states).size, "a state printed twice").toBe(states.length);
       await new Promise((r) => setTimeout(r, 16_000)); // longer than the grace period
       const expiries = JSON.parse(
         await run(["--server", address, "--json", "events", "--kind", "lease_expired"]),

@@ -1,6 +1,6 @@
 import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
-import { Command } from "commander";
+import { Command, Option } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
@@ -16,118 +16,143 @@ import {
   parseLabels,
   positiveIntFlag,
   toJson,
+  unreachableWhy,
 } from "./output.js";
 
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
 export function agentCommand(): Command {
-  return new Command("agent")
-    .description(
-      "Run the reference agent: actions whose payload is {argv, env, cwd, timeout} run as commands in their own " +
-        "process group; the whole group is killed when the lease is revoked or the agent self-fences. " +
-        "Deployments of scope leases run here too: their containers start in a work directory of their own, " +
-        "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
-        "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
-        "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
-        "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required.",
-    )
-    .requiredOption("--cluster <name>", "the cluster this worker belongs to")
-    .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
-    .option("--slots <n>", "actions run at once", positiveIntFlag, 1)
-    .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
-    .option(
-      "--work-dir <dir>",
-      "where deployments get their work directories, and the record of started processes that the next agent " +
-        "with the same directory stops if this one was killed (default: <tmp>/leasehold-agent-<worker id>)",
-    )
-    .option(
-      "--allow-command <glob>",
-      "run only commands (action argv, deployment containers and exec readiness probes) whose argv, joined with " +
-        "single spaces, matches this glob: * is any run of characters (spaces and / included), ? one character " +
-        "(repeatable). argv[0] is matched as written: '/bin/echo *' allows '/bin/echo hi' but not 'echo hi'; " +
-        "a bare name like 'make *' runs the make this agent's own PATH finds (never the payload's PATH; not found " +
-        "there, the action fails). An argv[0] with a space, and an argument with a '..' segment (../x, a/../b, " +
-        "--dir=..), are always refused, " +
-        "so 'python3 /opt/jobs/*' allows python3 with a first argument starting with /opt/jobs/ (symbolic links " +
-        "there are followed) and any further arguments. Others fail, not retried",
-      collect,
-    )
-    .option(
-      "--allow-env <glob>",
-      "with --allow-command: let payloads, containers and exec probes set the environment variables whose names " +
-        "match this glob (repeatable; default none, and a payload setting any other fails, not retried). " +
-        `Variables that change what code runs (${GUARDED_ENV.join(", ")}) are allowed only by their exact ` +
-        "name, never by a glob: --allow-env '*' does not allow LD_PRELOAD, --allow-env LD_PRELOAD does",
-      collect,
-    )
-    .option(
-      "--allow-cwd <glob>",
-      "with --allow-command: let an action's payload run in a working directory (its cwd, as written) matching " +
-        "this glob, e.g. '/srv/builds/*' (repeatable; default none: payloads naming a cwd fail, not retried; a " +
-        "'..' segment is always refused). Deployments always run in their own work directory",
-      collect,
-    )
-    .option(
-      "--allow-any-command",
-      "run any command a payload names, with any environment and working directory: whoever may submit to the " +
-        "cluster runs code on this machine",
-    )
-    .action(async (o: Record<string, unknown>, command: Command) => {
-      const g = globals(command);
-      const allow = allowPolicy({
-        commands: o.allowCommand as string[] | undefined,
-        any: o.allowAnyCommand === true,
-        env: o.allowEnv as string[] | undefined,
-        cwd: o.allowCwd as string[] | undefined,
-      });
-      // Fails fast, as a usage error naming the flag, before anything starts.
-      channelFor(g);
-      const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
-      const servers = splitAddresses(g.server);
-      const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
-      // What an earlier run of this worker (same work directory) left running when it was killed.
-      const registry = createProcessRegistry(join(workDir, ".processes", workerId));
-      const leftovers = registry.sweep();
-      const deployments = createDeploymentHandler({
-        address: servers,
-        workDir,
-        registry,
-        security: g.security,
-        allow,
-      });
-      const log = (event: AgentEvent) => {
-        if (g.json) process.stdout.write(`${toJson({ time: new Date().toISOString(), ...event })}\n`);
-        else process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
-      };
-      if (leftovers > 0) {
-        const at = new Date().toISOString();
-        if (g.json)
-          process.stdout.write(`${toJson({ time: at, type: "leftovers_stopped", count: leftovers })}\n`);
-        else
-          process.stdout.write(`${at} stopped ${leftovers} process group(s) an earlier run left running\n`);
-      }
-      const agent = createAgent({
-        address: servers,
-        security: g.security,
-        cluster: o.cluster as string,
-        workerId,
-        capacity: o.slots as number,
-        labels: parseLabels(o.labels as string[] | undefined, "--labels"),
-        handler: (ctx) =>
-          isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),
-        agentVersion: "leasehold-agent",
-        onEvent: log,
-      });
-      await new Promise<void>((resolve) => {
-        const stop = () => {
-          process.stdout.write(
-            `${new Date().toISOString()} draining: finishing held actions, then goodbye\n`,
-          );
-          agent.close().then(resolve, resolve);
+  return (
+    new Command("agent")
+      .description(
+        "Run the reference agent: actions whose payload is {argv, env, cwd, timeout} run as commands in their own " +
+          "process group; the whole group is killed when the lease is revoked or the agent self-fences. " +
+          "Deployments of scope leases run here too: their containers start in a work directory of their own, " +
+          "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
+          "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
+          "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
+          "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required.",
+      )
+      .requiredOption("--cluster <name>", "the cluster this worker belongs to")
+      .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
+      .option(
+        "--capacity <n>",
+        "actions run at once (the hello's capacity, the SDK's `capacity`)",
+        positiveIntFlag,
+        1,
+      )
+      // The flag's earlier name, kept working for scripts written against it.
+      .addOption(new Option("--slots <n>").argParser(positiveIntFlag).hideHelp())
+      .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
+      .option(
+        "--work-dir <dir>",
+        "where deployments get their work directories, and the record of started processes that the next agent " +
+          "with the same directory stops if this one was killed (default: <tmp>/leasehold-agent-<worker id>)",
+      )
+      .option(
+        "--allow-command <glob>",
+        "run only commands (action argv, deployment containers and exec readiness probes) whose argv, joined with " +
+          "single spaces, matches this glob: * is any run of characters (spaces and / included), ? one character " +
+          "(repeatable). argv[0] is matched as written: '/bin/echo *' allows '/bin/echo hi' but not 'echo hi'; " +
+          "a bare name like 'make *' runs the make this agent's own PATH finds (never the payload's PATH; not found " +
+          "there, the action fails). An argv[0] with a space, and an argument with a '..' segment (../x, a/../b, " +
+          "--dir=..), are always refused, " +
+          "so 'python3 /opt/jobs/*' allows python3 with a first argument starting with /opt/jobs/ (symbolic links " +
+          "there are followed) and any further arguments. Others fail, not retried",
+        collect,
+      )
+      .option(
+        "--allow-env <glob>",
+        "with --allow-command: let payloads, containers and exec probes set the environment variables whose names " +
+          "match this glob (repeatable; default none, and a payload setting any other fails, not retried). " +
+          `Variables that change what code runs (${GUARDED_ENV.join(", ")}) are allowed only by their exact ` +
+          "name, never by a glob: --allow-env '*' does not allow LD_PRELOAD, --allow-env LD_PRELOAD does",
+        collect,
+      )
+      .option(
+        "--allow-cwd <glob>",
+        "with --allow-command: let an action's payload run in a working directory (its cwd, as written) matching " +
+          "this glob, e.g. '/srv/builds/*' (repeatable; default none: payloads naming a cwd fail, not retried; a " +
+          "'..' segment is always refused). Deployments always run in their own work directory",
+        collect,
+      )
+      .option(
+        "--allow-any-command",
+        "run any command a payload names, with any environment and working directory: whoever may submit to the " +
+          "cluster runs code on this machine",
+      )
+      .action(async (o: Record<string, unknown>, command: Command) => {
+        const g = globals(command);
+        const allow = allowPolicy({
+          commands: o.allowCommand as string[] | undefined,
+          any: o.allowAnyCommand === true,
+          env: o.allowEnv as string[] | undefined,
+          cwd: o.allowCwd as string[] | undefined,
+        });
+        // Fails fast, as a usage error naming the flag, before anything starts.
+        channelFor(g);
+        const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
+        const servers = splitAddresses(g.server);
+        const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
+        // What an earlier run of this worker (same work directory) left running when it was killed.
+        const registry = createProcessRegistry(join(workDir, ".processes", workerId));
+        const leftovers = registry.sweep();
+        const deployments = createDeploymentHandler({
+          address: servers,
+          workDir,
+          registry,
+          security: g.security,
+          allow,
+        });
+        // Human output says once why the server cannot be reached, not once per try.
+        let unreachable: string | undefined;
+        const log = (event: AgentEvent) => {
+          if (g.json) {
+            process.stdout.write(`${toJson({ time: new Date().toISOString(), ...event })}\n`);
+            return;
+          }
+          if (event.type === "disconnected") {
+            const why = unreachableWhy(event.error);
+            if (why === unreachable) return;
+            unreachable = why;
+            process.stdout.write(
+              `${new Date().toISOString()} disconnected (${why}); reconnecting with backoff, quietly until it connects\n`,
+            );
+            return;
+          }
+          if (event.type === "connected") unreachable = undefined;
+          process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
         };
-        process.once("SIGTERM", stop);
-        process.once("SIGINT", stop);
-      });
-    });
+        if (leftovers > 0) {
+          const at = new Date().toISOString();
+          if (g.json)
+            process.stdout.write(`${toJson({ time: at, type: "leftovers_stopped", count: leftovers })}\n`);
+          else
+            process.stdout.write(`${at} stopped ${leftovers} process group(s) an earlier run left running\n`);
+        }
+        const agent = createAgent({
+          address: servers,
+          security: g.security,
+          cluster: o.cluster as string,
+          workerId,
+          capacity: (o.slots ?? o.capacity) as number,
+          labels: parseLabels(o.labels as string[] | undefined, "--labels"),
+          handler: (ctx) =>
+            isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),
+          agentVersion: "leasehold-agent",
+          onEvent: log,
+        });
+        await new Promise<void>((resolve) => {
+          const stop = () => {
+            process.stdout.write(
+              `${new Date().toISOString()} draining: finishing held actions, then goodbye\n`,
+            );
+            agent.close().then(resolve, resolve);
+          };
+          process.once("SIGTERM", stop);
+          process.once("SIGINT", stop);
+        });
+      })
+  );
 }
 
 /**
@@ -171,7 +196,7 @@ function describe(e: AgentEvent): string {
     case "connected":
       return `connected to ${e.address}: session ${e.sessionId}${e.resumed.length ? `, resumed ${e.resumed.join(", ")}` : ""}${e.revoked.length ? `, revoked ${e.revoked.join(", ")}` : ""}`;
     case "disconnected":
-      return `disconnected (${e.error}); reconnecting in ${e.retryInMs}ms`;
+      return `disconnected (${unreachableWhy(e.error)}); reconnecting in ${e.retryInMs}ms`;
     case "grant":
       return `granted ${e.actionId} (epoch ${e.epoch}, attempt ${e.attempt})`;
     case "finished":

@@ -148,7 +148,7 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
     case 14:
     case 4:
       return new CliError(
-        `cannot reach the server at ${server} (${e.details ?? e.message}); is it running? (--server)`,
+        `cannot reach the server at ${server} (${unreachableWhy(error)}); is it running? (--server)`,
         EXIT.unreachable,
       );
     case 5:
@@ -158,6 +158,20 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
     default:
       return new CliError(e.details ?? e.message ?? String(error), EXIT.failed);
   }
+}
+
+/**
+ * Why grpc-js could not reach a server, in words a user reads: its details
+ * without the parts that say nothing ("Last error: Error: ", an empty
+ * "Resolution note: ").
+ */
+export function unreachableWhy(error: unknown): string {
+  const e = error as { details?: string; message?: string };
+  return (typeof error === "string" ? error : (e.details ?? e.message ?? String(error)))
+    .replace(/^\d+ [A-Z_]+: /, "")
+    .replace(/\.? ?Resolution note: ?$/, "")
+    .replace(/^No connection established\. Last error: (Error: )?/, "")
+    .trim();
 }
 
 /** Short enum names: ACTION_STATE_QUEUED → QUEUED, given the generated enum. */
@@ -223,7 +237,7 @@ export async function followThroughRestarts(
       if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
       if (!away)
         process.stderr.write(
-          `leasehold: server unavailable (${(error as Error).message}); reconnecting every ${delayMs / 1000} s\n`,
+          `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting every ${delayMs / 1000} s\n`,
         );
       away = true;
     }

@@ -178,7 +178,7 @@ export async function runReferenceAgent(options: {
       options.cluster,
       "--worker-id",
       options.workerId,
-      "--slots",
+      "--capacity",
       String(options.slots ?? 4),
       "--work-dir",
       options.workDir,

@@ -36,6 +36,8 @@ export interface ServerConfig {
   readonly dispatchPollMs: number;
   /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */
   readonly metricsListen: string | undefined;
+  /** OTLP/HTTP traces endpoint (`http(s)://host:port/v1/traces`); undefined: no tracing (the default). */
+  readonly otlpEndpoint: string | undefined;
   /** TTL of a scope lease created without one. Default 1 h. */
   readonly leaseDefaultTtlMs: number;
   /** Longest TTL a scope lease may ask for. Default 24 h. */
@@ -117,6 +119,7 @@ export interface RawServerOptions {
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
+  readonly otlpEndpoint?: string | undefined;
   readonly leaseDefaultTtl?: string | undefined;
   readonly leaseMaxTtl?: string | undefined;
   readonly maxFileSize?: string | undefined;
@@ -231,6 +234,13 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
       );
     }
   }
+  const otlpEndpoint = raw.otlpEndpoint || undefined;
+  if (otlpEndpoint !== undefined && !/^https?:\/\/[^/\s]+/.test(otlpEndpoint)) {
+    throw configError(
+      "--otlp-endpoint",
+      `must be an http(s) URL of an OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (got ${JSON.stringify(otlpEndpoint)})`,
+    );
+  }
   const leaseDefaultTtlMs = parseDuration(
     "--lease-default-ttl",
     raw.leaseDefaultTtl ?? DEFAULTS.leaseDefaultTtl,
@@ -256,6 +266,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     partitionShare,
     dispatchPollMs,
     metricsListen,
+    otlpEndpoint,
     leaseDefaultTtlMs,
     leaseMaxTtlMs,
     maxFileBytes,

@@ -27,6 +27,7 @@ import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } f
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
+import { NO_TRACING, otlpTracing, type Tracing } from "./telemetry.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
@@ -79,6 +80,8 @@ export interface ServerOverrides {
   readonly accessOf?: (metadata: grpc.Metadata) => Access;
   /** Called after every check of the database's health watch (PostgreSQL only; tests await checks). */
   readonly onDatabaseCheck?: (check: DatabaseCheck) => void;
+  /** Spans go here instead of to `--otlp-endpoint` (tests pass an in-memory exporter's). */
+  readonly tracing?: Tracing;
 }
 
 /** Flow control and stream limits, each defaulted where it is used. */
@@ -144,6 +147,9 @@ export async function startServer(
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
   };
   try {
+    const tracing =
+      overrides.tracing ?? (config.otlpEndpoint ? await otlpTracing(config.otlpEndpoint) : NO_TRACING);
+    cleanup.push(() => tracing.close());
     const database = await openDatabaseWhenReachable(
       {
         url: config.databaseUrl,
@@ -216,6 +222,7 @@ export async function startServer(
       ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
       ...(bus ? { bus } : {}),
       timers,
+      tracing,
     });
     leases = manager;
     cleanup.push(() => manager.close());
@@ -266,7 +273,7 @@ export async function startServer(
 
     const hellos = countHellos(manager);
     gate.open([
-      actionServiceBinding(actions),
+      actionServiceBinding(actions, tracing),
       eventServiceBinding(events),
       workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
       clusterServiceBinding({ db, clock, leases: manager, feed }),

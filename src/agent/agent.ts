@@ -1,6 +1,7 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { context, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
 import {
   ConnectRequestSchema,
   type ConnectResponse,
@@ -12,6 +13,7 @@ import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
 import { batchRuns, encodeRequestBatch } from "../rpc/worker-wire.js";
+import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
@@ -57,6 +59,14 @@ export interface ActionContext {
    * limit (see worker.proto: depth, size), rather than sending what would end the stream.
    */
   progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
+  /**
+   * W3C traceparent of this attempt's span when the server traces the action
+   * (the grant carried one), for handing on by hand (e.g. as an HTTP
+   * `traceparent` header); undefined otherwise. With an OpenTelemetry
+   * tracer provider and context manager registered in the process, the
+   * handler also runs inside that span, so its own spans nest under it.
+   */
+  readonly traceParent?: string | undefined;
 }
 
 /** Throw this from a handler to fail the action with control over retries. */
@@ -186,6 +196,8 @@ interface Running {
   /** The report to (re)send until the server answers it; set when the handler settles. */
   report: PendingReport | undefined;
   settled: Promise<void>;
+  /** The trace context the completion carries back: the handler's span's, else the grant's. */
+  readonly traceParent: string | undefined;
 }
 
 type PendingReport =
@@ -324,10 +336,11 @@ export function createAgent(options: AgentOptions): Agent {
     r: Running,
     report: Exclude<PendingReport, { kind: "dropped" }>,
   ): RequestInit {
-    const base = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
+    const token = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
     if (report.kind === "released") {
-      return { message: { case: "release", value: { ...base, reason: report.reason } } };
+      return { message: { case: "release", value: { ...token, reason: report.reason } } };
     }
+    const base = { ...token, ...(r.traceParent ? { traceParent: r.traceParent } : {}) };
     if (report.kind === "succeeded") {
       return {
         message: {
@@ -387,6 +400,7 @@ export function createAgent(options: AgentOptions): Agent {
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
     const controller = new AbortController();
     const stop = new AbortController();
+    const traced = handlerSpan(grant);
     const r: Running = {
       actionId,
       epoch,
@@ -395,6 +409,7 @@ export function createAgent(options: AgentOptions): Agent {
       stop,
       report: undefined,
       settled: Promise.resolve(),
+      traceParent: traced?.traceParent,
     };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
@@ -418,6 +433,7 @@ export function createAgent(options: AgentOptions): Agent {
       payload: (grant.payload ?? {}) as JsonObject,
       runId: grant.runId,
       checkpoint: grant.checkpoint as JsonObject | undefined,
+      traceParent: traced?.traceParent,
       signal: controller.signal,
       stopRequested: stop.signal,
       progress(phase, details, checkpoint) {
@@ -451,7 +467,7 @@ export function createAgent(options: AgentOptions): Agent {
       r.settled = (async () => {
         let report: PendingReport;
         try {
-          const output = await options.handler(ctx);
+          const output = await (traced ? traced.run(() => options.handler(ctx)) : options.handler(ctx));
           report = controller.signal.aborted
             ? afterAbort(controller.signal)
             : { kind: "succeeded", output: output ?? undefined };
@@ -473,6 +489,7 @@ export function createAgent(options: AgentOptions): Agent {
             };
           }
         }
+        traced?.end(report);
         settle(r, report);
       })();
     };
@@ -910,5 +927,39 @@ export function createAgent(options: AgentOptions): Agent {
     },
     close,
     [Symbol.asyncDispose]: () => close(),
+  };
+}
+
+/**
+ * The handler's span of a traced grant (its trace_parent set): a child of
+ * the server's grant span, made with the process's global OpenTelemetry
+ * tracer (a no-op one when the application registered none, which still
+ * passes the context on). Undefined for an untraced grant: no work at all.
+ */
+function handlerSpan(grant: { actionId: string; epoch: bigint; attempt: number; traceParent: string }) {
+  const parent = parseTraceParent(grant.traceParent);
+  if (!parent) return undefined;
+  const parentContext = trace.setSpanContext(ROOT_CONTEXT, parent);
+  const span = trace.getTracer("leasehold/agent").startSpan(
+    "leasehold.handle",
+    {
+      kind: SpanKind.CONSUMER,
+      attributes: {
+        "leasehold.action_id": grant.actionId,
+        "leasehold.epoch": Number(grant.epoch),
+        "leasehold.attempt": grant.attempt,
+      },
+    },
+    parentContext,
+  );
+  const spanContext = trace.setSpan(parentContext, span);
+  return {
+    traceParent: span.isRecording() ? traceParentOf(span) : grant.traceParent,
+    run: <T>(fn: () => T): T => context.with(spanContext, fn),
+    end(report: PendingReport): void {
+      span.setAttribute("leasehold.outcome", report.kind);
+      if (report.kind === "failed") span.setStatus({ code: SpanStatusCode.ERROR, message: report.message });
+      span.end();
+    },
   };
 }

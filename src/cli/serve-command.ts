@@ -71,6 +71,12 @@ export function serveCommand(): Command {
         .default(DEFAULTS.metricsListen),
     )
     .addOption(
+      new Option(
+        "--otlp-endpoint <url>",
+        "export traces over OTLP/HTTP to this URL, e.g. http://127.0.0.1:4318/v1/traces (default: off)",
+      ).env("LEASEHOLD_OTLP_ENDPOINT"),
+    )
+    .addOption(
       new Option("--lease-default-ttl <duration>", "TTL of a scope lease created without one")
         .env("LEASEHOLD_LEASE_DEFAULT_TTL")
         .default(DEFAULTS.leaseDefaultTtl),
@@ -175,6 +181,7 @@ export function serveCommand(): Command {
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,
+          otlpEndpoint: options.otlpEndpoint as string | undefined,
           leaseDefaultTtl: options.leaseDefaultTtl as string,
           leaseMaxTtl: options.leaseMaxTtl as string,
           maxFileSize: options.maxFileSize as string,

@@ -91,6 +91,8 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   "leasehold.v1.SubmitActionRequest.label_selector": LABELS,
   "leasehold.v1.ListActionsRequest.page_token": { maxLength: TEXT },
   "leasehold.v1.CancelActionRequest.reason": { maxLength: TEXT },
+  // WorkerService
+  "leasehold.v1.CompletionReport.trace_parent": { maxLength: 128 },
   // ClusterService
   "leasehold.v1.ListWorkersRequest.page_token": { maxLength: TEXT },
   "leasehold.v1.DrainWorkerRequest.reason": { maxLength: TEXT },

@@ -120,6 +120,11 @@ export const actions = pgTable(
     requestId: text("request_id"),
     /** Hash of the submitted request, to tell a retry from a conflicting reuse of request_id. */
     requestHash: text("request_hash"),
+    /**
+     * W3C traceparent of the span that submitted the action, when the server
+     * traces: its grants' spans are children of it. Null otherwise.
+     */
+    traceParent: text("trace_parent"),
     runId: text("run_id").notNull().default(""),
     cluster: text("cluster").notNull(),
     labelSelector: jsonb("label_selector").$type<Record<string, string>>().notNull().default({}),
@@ -203,7 +208,11 @@ export const SESSION_EVENT_KINDS = [
 ] as const;
 
 /** Events about a cluster's lease expiries being paused and going on (SPEC rule 10). */
-export const PARTITION_EVENT_KINDS = ["cluster_partitioned", "cluster_recovered", "cluster_expiries_resumed"] as const;
+export const PARTITION_EVENT_KINDS = [
+  "cluster_partitioned",
+  "cluster_recovered",
+  "cluster_expiries_resumed",
+] as const;
 
 export const events = pgTable(
   "events",

@@ -48,6 +48,8 @@ export interface NewAction {
   readonly priority: number;
   readonly retryPolicy: RetryPolicy;
   readonly maxSystemRetries: number;
+  /** W3C traceparent of the submitting span, when the server traces; its grants' spans are children of it. */
+  readonly traceParent?: string | undefined;
 }
 
 /** An action as stored. */

@@ -9,6 +9,7 @@ import { markStreamLost } from "../store/queries/mark-stream-lost.js";
 import { type HelloInput, type OpenedSession, openSession } from "../store/queries/open-session.js";
 import { type BatchOutcome, type HelloOfBatch, openSessions } from "../store/queries/open-sessions.js";
 import { setWorkerDraining } from "../store/workers.js";
+import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
 import { createAudit } from "./lease/audit.js";
@@ -29,6 +30,8 @@ export interface LeaseMetrics {
 
 /** Options of {@link createLeaseManager}. */
 export interface LeaseManagerOptions {
+  /** Spans for grants and reports of traced actions; default none. */
+  readonly tracing?: Tracing;
   readonly db: Db;
   readonly clock: Clock;
   readonly feed: ChangeFeed;
@@ -144,7 +147,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const partitionShare = options.partitionShare ?? 0.5;
   const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
-  const hosted = createHostedSessions({ grantWindow, grantHighWaterBytes });
+  const tracing = options.tracing ?? NO_TRACING;
+  const hosted = createHostedSessions({ grantWindow, grantHighWaterBytes, tracing });
   const timers: NodeJS.Timeout[] = [];
   const timersOn = options.timers ?? true;
   const bus = options.bus;
@@ -180,6 +184,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     dispatcher,
     publishActions,
     fencedReports: metrics.fencedReports,
+    tracing,
   });
 
   // ---- revoked leases let go by omission (SPEC rule 9) -------------------------------------------

@@ -34,6 +34,8 @@ export type WorkerMessage =
       readonly reportId: bigint;
       readonly actionId: string;
       readonly epoch: number;
+      /** The agent's span for the work (W3C traceparent), if it sent one. */
+      readonly traceParent?: string | undefined;
       readonly outcome:
         | { readonly kind: "succeeded"; readonly output?: JsonObject | undefined }
         | {
@@ -84,6 +86,8 @@ export type ServerMessage =
       readonly payload: JsonObject | null;
       readonly runId: string;
       readonly checkpoint: JsonObject | null;
+      /** W3C traceparent of the grant's span (tracing on, action traced). */
+      readonly traceParent?: string;
     }
   | { readonly type: "heartbeat_ack"; readonly sequence: bigint; readonly remainingMs: number }
   | {

@@ -6,9 +6,20 @@ import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leaseh
 import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
 import { BIN } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-import { connectWorker } from "../helpers/worker.js";
+import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 const run = promisify(execFile);
+
+/** Heartbeats `w` every 300 ms (grace 2 s), listing `held` as it is at each beat; returns the stop. */
+function keepAlive(w: TestWorker, held: readonly { actionId: string; epoch: bigint }[]): () => void {
+  let sequence = 1000;
+  const timer = setInterval(() => {
+    w.send({
+      message: { case: "heartbeat", value: { sequence: BigInt(sequence++), heldLeases: [...held] } },
+    });
+  }, 300);
+  return () => clearInterval(timer);
+}
 
 // Real timers and streams (grace 2 s), both drivers: a lease lost and re-granted, a stale report
 // fenced, a completion accepted; and a lease kept across a reconnect within grace.
@@ -28,15 +39,22 @@ describe("ExplainAction", () => {
     await a.heartbeat(1, [{ actionId: id, epoch: first.epoch }]);
     a.drop();
 
-    // B is there once A's session is reaped: the action is granted to it under epoch 2.
+    // B is there once A's session is reaped: the action is granted to it under epoch 2. It
+    // heartbeats meanwhile, or its own session would end at the same grace.
     const b = await connectWorker(t.address, { workerId: "explain-b", cluster: "explain-1", capacity: 1 });
+    const bHeld: { actionId: string; epoch: bigint }[] = [];
+    const stopB = keepAlive(b, bHeld);
     const second = await b.next("grant", (g) => g.actionId === id);
+    bHeld.push({ actionId: id, epoch: second.epoch });
     expect(second.epoch).toBe(2n);
     // A comes back with a new session and reports the lease it lost: fenced.
     const back = await connectWorker(t.address, { workerId: "explain-a", cluster: "explain-1", capacity: 1 });
+    const stopBack = keepAlive(back, []);
     const fenced = await back.complete({ actionId: id, epoch: 1n }, { output: { stale: true } });
     expect(fenced.accepted).toBe(false);
     expect((await b.complete({ actionId: id, epoch: 2n }, { output: { ok: true } })).accepted).toBe(true);
+    stopB();
+    stopBack();
 
     const explained = await api.explainAction({ actionId: id });
     expect(explained.action).toMatchObject({ id, state: ActionState.SUCCEEDED, epoch: 2n });
@@ -110,12 +128,14 @@ describe("ExplainAction", () => {
     const grant = await a.next("grant", (g) => g.actionId === id);
     a.drop();
     await a.ended;
+    const held = [{ actionId: id, epoch: grant.epoch }];
     const again = await connectWorker(t.address, {
       workerId: "explain-c",
       cluster: "explain-2",
       capacity: 1,
-      heldLeases: [{ actionId: id, epoch: grant.epoch }],
+      heldLeases: held,
     });
+    const stop = keepAlive(again, held);
 
     const explained = await api.explainAction({ actionId: id });
     const kinds = explained.timeline.map((s) => s.event?.kind ?? "heartbeats");
@@ -134,6 +154,7 @@ describe("ExplainAction", () => {
       /^epoch 1 resumed by worker explain-c, reconnected in time/,
     );
     expect(explained.attempts[0]?.attempt?.outcome).toBe(AttemptOutcome.RUNNING);
+    stop();
     again.goodbye();
   });
 

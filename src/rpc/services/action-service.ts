@@ -1,6 +1,8 @@
 import { createHash } from "node:crypto";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type * as grpc from "@grpc/grpc-js";
+import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { LeaseholdError } from "../../errors.js";
 import {
   type ActionSchema,
@@ -11,6 +13,7 @@ import {
   type AttemptSchema,
   type SubmitActionRequest,
 } from "../../gen/leasehold/v1/action_pb.js";
+import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
 import {
   ACTION_DEFAULTS,
   type ActionRecord,
@@ -21,9 +24,9 @@ import {
 } from "../../work/action.js";
 import type { ActionService as Actions } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
-import { toProtoEvent } from "./event-service.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
+import { toProtoEvent } from "./event-service.js";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 
@@ -33,13 +36,24 @@ const DAY_MS = 24 * 60 * 60 * 1000;
  * request names only its id); the adapter checked the method's right exists
  * somewhere already.
  */
-export function actionServiceBinding(actions: Actions): ServiceBinding {
+export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRACING): ServiceBinding {
   return bind(ActionService, {
     async submitAction(request, ctx) {
       const action = toNewAction(request);
       ctx.access.require("action.submit", action.cluster);
-      const { action: submitted, created } = await actions.submit(action, ctx.access.actor);
-      return { action: toProtoAction(submitted), created };
+      return traced(
+        tracing,
+        "leasehold.submit",
+        ctx.metadata,
+        { "leasehold.cluster": action.cluster },
+        async (trace) => {
+          const { action: submitted, created } = await actions.submit(
+            { ...action, ...trace },
+            ctx.access.actor,
+          );
+          return { action: toProtoAction(submitted), created };
+        },
+      );
     },
     async submitActions(request, ctx) {
       const toProto = viewOf(request.view);
@@ -55,10 +69,16 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
           throw atItem(error, `actions[${i}].cluster`);
         }
       });
-      const results = await actions.submitMany(items, ctx.access.actor);
-      return {
-        results: results.map(({ action, created }) => ({ action: toProto(action), created })),
-      };
+      const attributes = { "leasehold.actions": items.length };
+      return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
+        const results = await actions.submitMany(
+          items.map((item) => ({ ...item, ...trace })),
+          ctx.access.actor,
+        );
+        return {
+          results: results.map(({ action, created }) => ({ action: toProto(action), created })),
+        };
+      });
     },
     async getAction(request, ctx) {
       const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
@@ -116,6 +136,37 @@ export function actionServiceBinding(actions: Actions): ServiceBinding {
       }
     },
   });
+}
+
+/**
+ * Runs a submit in a span whose parent is the caller's `traceparent`
+ * metadata (W3C trace context), when the server traces; `fn` gets the span's
+ * context to store with the actions (their grants' spans are its children).
+ */
+async function traced<T>(
+  tracing: Tracing,
+  name: string,
+  metadata: grpc.Metadata,
+  attributes: Attributes,
+  fn: (trace: { traceParent?: string }) => Promise<T>,
+): Promise<T> {
+  if (!tracing.enabled) return fn({});
+  const parent = metadata.get("traceparent")[0];
+  const span = tracing.start(
+    name,
+    typeof parent === "string" ? parent : undefined,
+    attributes,
+    SpanKind.SERVER,
+  );
+  try {
+    return await fn({ traceParent: traceParentOf(span) });
+  } catch (error) {
+    span.recordException(error as Error);
+    span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+    throw error;
+  } finally {
+    span.end();
+  }
 }
 
 /** `error` (a LeaseholdError) with the item it is about prefixed to its message and in its metadata. */

@@ -531,6 +531,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
         reportId: m.value.reportId,
         actionId: m.value.actionId,
         epoch: Number(m.value.epoch),
+        ...(m.value.traceParent ? { traceParent: m.value.traceParent } : {}),
         outcome:
           outcome.case === "succeeded"
             ? { kind: "succeeded", output: outcome.value.output as JsonObject | undefined }
@@ -612,6 +613,7 @@ function toConnectResponse(m: ServerMessage): Response {
             ...(m.payload ? { payload: m.payload as never } : {}),
             runId: m.runId,
             ...(m.checkpoint ? { checkpoint: m.checkpoint as never } : {}),
+            ...(m.traceParent ? { traceParent: m.traceParent } : {}),
           },
         },
       };

@@ -66,6 +66,8 @@ export interface GrantRecord {
   readonly payload: JsonObject | null;
   readonly runId: string;
   readonly checkpoint: JsonObject | null;
+  /** The action's W3C traceparent (its submitting span), when it was submitted while the server traced. */
+  readonly traceParent?: string | null;
 }
 
 /**
@@ -117,6 +119,7 @@ export interface GrantRow {
   payload: JsonObject | null;
   run_id: string;
   checkpoint: JsonObject | null;
+  trace_parent: string | null;
 }
 
 export const grantFromRow = (r: GrantRow): GrantRecord => ({
@@ -129,6 +132,7 @@ export const grantFromRow = (r: GrantRow): GrantRecord => ({
   payload: r.payload,
   runId: r.run_id,
   checkpoint: r.checkpoint,
+  traceParent: r.trace_parent,
 });
 
 /**
@@ -164,7 +168,7 @@ export function grantCtes(now: SQL): SQL {
         -- The same holds for the LEASED index of a session in the settle and progress statements.
         where a.id = i.id and a.state || '' = 'QUEUED'
         returning a.id, a.epoch, a.attempt_count, a.payload, a.run_id, a.checkpoint, a.cluster,
-                  i.session_id, i.worker_id
+                  a.trace_parent, i.session_id, i.worker_id
       ),
       g_attempt_rows as (
         insert into attempts (action_id, epoch, worker_id, session_id, outcome, started_at)

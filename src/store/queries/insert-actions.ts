@@ -34,6 +34,7 @@ export async function insertActions(
       actor,
       request_id: a.requestId ?? null,
       request_hash: a.requestHash ?? null,
+      trace_parent: a.traceParent ?? null,
       run_id: a.runId,
       cluster: a.cluster,
       label_selector: a.labelSelector,
@@ -51,16 +52,16 @@ export async function insertActions(
     sql`
       with input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
-          id text, request_id text, request_hash text, run_id text, cluster text,
+          id text, request_id text, request_hash text, trace_parent text, run_id text, cluster text,
           label_selector jsonb, payload jsonb, priority int, max_attempts int,
           initial_backoff_ms int, backoff_multiplier float8, max_backoff_ms int,
           max_system_retries int, actor text)
       ),
       inserted as (
-        insert into actions (id, request_id, request_hash, run_id, cluster, label_selector, payload,
+        insert into actions (id, request_id, request_hash, trace_parent, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
           max_system_retries, state, not_before, created_by)
-        select id, request_id, request_hash, run_id, cluster, label_selector, payload,
+        select id, request_id, request_hash, trace_parent, run_id, cluster, label_selector, payload,
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
           max_system_retries, 'QUEUED', ${clock.now()}, actor
         from input

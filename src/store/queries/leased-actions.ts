@@ -12,7 +12,8 @@ export async function actionsLeasedTo(db: Db, sessionIds: readonly string[]): Pr
   if (sessionIds.length === 0) return [];
   const rows = await queryRows<GrantRow>(
     db,
-    sql`select id, session_id, worker_id, cluster, epoch, attempt_count, payload, run_id, checkpoint
+    sql`select id, session_id, worker_id, cluster, epoch, attempt_count, payload, run_id, checkpoint,
+          trace_parent
         from actions
         where state = 'LEASED'
           and session_id in (select jsonb_array_elements_text(${JSON.stringify(sessionIds)}::jsonb))`,

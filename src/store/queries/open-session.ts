@@ -162,7 +162,8 @@ export async function openSession(
       ? []
       : await queryRows<HeldRow>(
           tx,
-          sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
+          sql`select id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason,
+                 trace_parent
               from actions where session_id = ${sessionId} and state = 'LEASED'`,
         );
     const { resumedLeases, revokedLeases, unlistedLeases } = sortHeld(hello, held);
@@ -233,6 +234,7 @@ export interface HeldRow {
   checkpoint: JsonObject | null;
   cancel_requested: boolean;
   stop_reason: string | null;
+  trace_parent: string | null;
 }
 
 /** Sorts a resumed session's leases by what the hello listed: resumed, revoked, or sent again. */
@@ -250,6 +252,7 @@ export function sortHeld(
         payload: h.payload,
         runId: h.run_id,
         checkpoint: h.checkpoint,
+        traceParent: h.trace_parent,
         cancelRequested: h.cancel_requested,
         stopReason: h.stop_reason,
       },

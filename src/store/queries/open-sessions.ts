@@ -186,7 +186,8 @@ export async function openSessions(
         ? []
         : await queryRows<HeldRow & { session_id: string }>(
             tx,
-            sql`select session_id, id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason
+            sql`select session_id, id, epoch, attempt_count, payload, run_id, checkpoint, cancel_requested, stop_reason,
+                   trace_parent
                 from actions where session_id in (select jsonb_array_elements_text(${JSON.stringify(resumedIds)}::jsonb)) and state = 'LEASED'`,
           );
     const heldOf = new Map<string, HeldRow[]>();

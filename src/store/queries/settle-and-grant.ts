@@ -95,7 +95,7 @@ export async function settleAndGrant(
       // k: the grant's rank in its group's claim (priority, then age), the order to send grants in.
       sql`select 'g' as t, (select min(c.n) from c_claimed c where c.id = gg.id)::int as k, id,
                  null::text as state, session_id, worker_id, cluster, epoch, attempt_count,
-                 payload, run_id, checkpoint
+                 payload, run_id, checkpoint, trace_parent
           from g_granted gg`,
       // The number claimed per group, carried in the state column.
       sql`select 'c', g, null::text, count(*)::text, ${NO_GRANT} from c_claimed group by g`,
@@ -123,7 +123,8 @@ export async function settleAndGrant(
 /** The grant columns of a row that is a finished report. */
 const NO_GRANT = sql.raw(
   "null::text as session_id, null::text as worker_id, null::text as cluster, null::bigint as epoch, " +
-    "null::int as attempt_count, null::jsonb as payload, null::text as run_id, null::jsonb as checkpoint",
+    "null::int as attempt_count, null::jsonb as payload, null::text as run_id, null::jsonb as checkpoint, " +
+    "null::text as trace_parent",
 );
 
 /** Claims for each group and deals the claimed actions to its slots: defines `g_input` for `grantCtes`. */

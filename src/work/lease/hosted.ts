@@ -1,5 +1,7 @@
+import { SpanKind } from "@opentelemetry/api";
 import { Code, LeaseholdError } from "../../errors.js";
 import type { GrantRecord } from "../../store/queries/claim-actions.js";
+import { type Tracing, traceParentOf } from "../../telemetry.js";
 import type { JsonObject } from "../action.js";
 import type { LeaseToken, RevokeReason, WorkerLink } from "../worker-messages.js";
 
@@ -84,8 +86,14 @@ export interface HostedSessions {
    * reconnects on).
    */
   end(s: Hosted, reason: string, message: string): void;
-  /** Sends a grant and records the lease as held and unacknowledged. A grant already held is not sent again. */
+  /**
+   * Sends a grant and records the lease as held and unacknowledged. A grant
+   * already held is not sent again. With tracing, a traced action's grant
+   * gets a span (a child of its submit span) whose context it carries.
+   */
   sendGrant(s: Hosted, g: Grant): void;
+  /** The W3C traceparent the grant of `actionId` carried to `s`, while `s` holds it. */
+  traceOf(s: Hosted, actionId: string): string | undefined;
   /**
    * The lease (action, epoch) is no longer held by the stream: its slot is
    * free. `wake` false: the claim that would fill it is already under way
@@ -118,8 +126,11 @@ export interface HostedSessions {
 export function createHostedSessions(limits: {
   grantWindow: number;
   grantHighWaterBytes: number;
+  tracing: Tracing;
 }): HostedSessions {
-  const { grantWindow, grantHighWaterBytes } = limits;
+  const { grantWindow, grantHighWaterBytes, tracing } = limits;
+  /** Held leases' grant span contexts, per stream: only traced actions, only while tracing. */
+  const traces = new WeakMap<Hosted, Map<string, string>>();
   const byId = new Map<string, Hosted>();
   /**
    * Streams that may have room, by group (see {@link Hosted.groupKey}), so a
@@ -180,6 +191,27 @@ export function createHostedSessions(limits: {
       if (s.held.get(g.actionId) === g.epoch) return;
       s.held.set(g.actionId, g.epoch);
       s.unacked.set(g.actionId, g.epoch);
+      let traceParent: string | undefined;
+      if (tracing.enabled && g.traceParent) {
+        const span = tracing.start(
+          "leasehold.grant",
+          g.traceParent,
+          {
+            "leasehold.action_id": g.actionId,
+            "leasehold.epoch": g.epoch,
+            "leasehold.attempt": g.attempt,
+            "leasehold.worker_id": s.workerId,
+            "leasehold.session_id": s.sessionId,
+            "leasehold.cluster": s.cluster,
+          },
+          SpanKind.PRODUCER,
+        );
+        span.end();
+        traceParent = traceParentOf(span);
+        const held = traces.get(s) ?? new Map<string, string>();
+        traces.set(s, held);
+        held.set(g.actionId, traceParent);
+      }
       s.link.send({
         type: "grant",
         actionId: g.actionId,
@@ -188,11 +220,14 @@ export function createHostedSessions(limits: {
         payload: g.payload,
         runId: g.runId,
         checkpoint: g.checkpoint as JsonObject | null,
+        ...(traceParent ? { traceParent } : {}),
       });
     },
+    traceOf: (s, actionId) => traces.get(s)?.get(actionId),
     letGo(s, actionId, epoch, wake = true) {
       if (s.held.get(actionId) !== epoch) return;
       s.held.delete(actionId);
+      traces.get(s)?.delete(actionId);
       // A lease that left `held` no longer waits for an ack.
       if (s.unacked.get(actionId) === epoch) s.unacked.delete(actionId);
       mayHaveRoom(s, wake);

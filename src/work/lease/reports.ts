@@ -1,3 +1,4 @@
+import { type Span, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import type { Logger } from "pino";
 import { createBatcher } from "../../store/batcher.js";
 import type { Clock } from "../../store/clock.js";
@@ -5,6 +6,7 @@ import type { Db } from "../../store/database.js";
 import type { FinishReport } from "../../store/queries/finish-actions.js";
 import { recordFencedReports } from "../../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../../store/queries/record-progress.js";
+import type { Tracing } from "../../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
 import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
 import type { Dispatcher } from "./dispatch.js";
@@ -38,6 +40,8 @@ export function createReports(deps: {
   fencedReports: { inc(n?: number): void };
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
+  /** Spans for the completions and releases of traced actions. */
+  tracing: Tracing;
 }): Reports {
   const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
 
@@ -101,8 +105,39 @@ export function createReports(deps: {
     s.link.send({ type: "report_result", reportId, ...token, accepted: true, message });
   }
 
+  /**
+   * A span from the report's arrival to its answer, in the trace of the
+   * agent's work (the completion's trace_parent) or of the grant; none for an
+   * action that is not traced.
+   */
+  function reportSpan(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>) {
+    if (!deps.tracing.enabled) return undefined;
+    const parent = (m.type === "completion" && m.traceParent) || hosted.traceOf(s, m.actionId);
+    if (!parent) return undefined;
+    return deps.tracing.start(
+      `leasehold.report.${m.type}`,
+      parent,
+      {
+        "leasehold.action_id": m.actionId,
+        "leasehold.epoch": m.epoch,
+        "leasehold.worker_id": s.workerId,
+        "leasehold.session_id": s.sessionId,
+        ...(m.type === "completion" ? { "leasehold.outcome": m.outcome.kind } : {}),
+      },
+      SpanKind.CONSUMER,
+    );
+  }
+
+  function endSpan(span: Span | undefined, accepted: boolean, result: string): void {
+    if (!span) return;
+    span.setAttributes({ "leasehold.accepted": accepted, "leasehold.result": result });
+    if (!accepted) span.setStatus({ code: SpanStatusCode.ERROR, message: result });
+    span.end();
+  }
+
   function finish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
+    const span = reportSpan(s, m);
     // Fenced in SQL by (action, epoch, session). The session is this stream's, and the hello
     // checked that its principal owns the session, so the report needs no principal check.
     const session = { sessionId: s.sessionId, actor: s.principal };
@@ -125,11 +160,18 @@ export function createReports(deps: {
       s,
       report,
       (finished) => {
-        if (!finished) return fenced(s, m.reportId, token, m.type);
+        if (!finished) {
+          endSpan(span, false, "FENCED");
+          return fenced(s, m.reportId, token, m.type);
+        }
         accept(s, m.reportId, token, `action is now ${finished.state}`);
+        endSpan(span, true, finished.state);
         publishActions([token.actionId]);
       },
-      (error) => unavailable(s, m.reportId, token, error),
+      (error) => {
+        endSpan(span, false, "UNAVAILABLE");
+        unavailable(s, m.reportId, token, error);
+      },
     );
   }
 

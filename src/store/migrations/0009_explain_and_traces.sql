@@ -1,2 +1,3 @@
+ALTER TABLE "actions" ADD COLUMN "trace_parent" text;--> statement-breakpoint
 CREATE INDEX "events_session_idx" ON "events" USING btree ("session_id","sequence") WHERE "events"."kind" in ('stream_lost', 'session_resumed', 'session_taken_over', 'session_reaped', 'session_closed');--> statement-breakpoint
 CREATE INDEX "events_partition_idx" ON "events" USING btree ("cluster","sequence") WHERE "events"."kind" in ('cluster_partitioned', 'cluster_recovered', 'cluster_expiries_resumed');

@@ -1,0 +1,819 @@
+"""A Leasehold agent: runs the actions the server grants to one worker.
+
+This follows the wire contract of ``WorkerService.Connect`` (see the comments
+of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
+(src/agent/agent.ts) is the reference implementation. In short:
+
+* one bidirectional stream; a hello (listing the leases still held, so they
+  resume after a reconnect), then heartbeats at the welcome's interval, each
+  listing the held leases;
+* every grant is acknowledged and run by the handler in a thread pool of
+  ``capacity`` threads; its outcome is reported with (action_id, epoch) as the
+  fencing token and the lease stays held until the server answers the report;
+* a revoke sets the handler's ``cancelled`` event; after CANCELLED or DRAINED
+  the lease is released once the handler returns, after EXPIRED, SUPERSEDED
+  or ROLLED_BACK it is dropped without a word;
+* a lost stream is reopened after a delay with full jitter, never longer than
+  an eighth of the grace period;
+* self-fencing: each heartbeat ack guarantees the session until (send time of
+  the acknowledged heartbeat + ``remaining`` - margin); when that local
+  deadline passes without a fresh ack, every running handler is cancelled and
+  its lease released, never reported as done, and new grants wait for an ack.
+
+Threads: one reads the stream (and reconnects), one sends heartbeats per
+stream, one watches the self-fence deadline, ``capacity`` run handlers, and
+one delivers events to ``on_event``. All agent state is guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from leasehold.backoff import reconnect_delay, refused_delay
+from leasehold.channels import open_channel
+from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python, utf16_length
+from leasehold.v1 import worker_pb2, worker_pb2_grpc
+
+_log = logging.getLogger(__name__)
+
+AgentEvent = dict[str, Any]
+"""An event for logs and tests: ``{"event": <kind>, ...fields}``. The kinds:
+
+* ``welcome``: session_id, session_resumed, resumed and revoked (action ids), address
+* ``disconnected``: error, retry_in_ms
+* ``grant``: action_id, epoch, attempt
+* ``completed``: action_id, epoch, outcome (succeeded, failed or released),
+  accepted (whether the server applied the report), message
+* ``revoked``: action_id, epoch, reason (expired, cancelled, superseded,
+  rolled_back, collect_outputs, drained)
+* ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack)
+* ``drain``: reason
+* ``closed``
+"""
+
+_REVOKE_REASONS = {
+    worker_pb2.REVOKE_REASON_EXPIRED: "expired",
+    worker_pb2.REVOKE_REASON_CANCELLED: "cancelled",
+    worker_pb2.REVOKE_REASON_SUPERSEDED: "superseded",
+    worker_pb2.REVOKE_REASON_ROLLED_BACK: "rolled_back",
+    worker_pb2.REVOKE_REASON_COLLECT_OUTPUTS: "collect_outputs",
+    worker_pb2.REVOKE_REASON_DRAINED: "drained",
+}
+
+_GONE = frozenset({"expired", "superseded", "rolled_back"})
+"""Cancel reasons after which the lease is no longer the worker's: nothing more is reported on it."""
+
+_RELEASE_REASONS = {
+    "self_fenced": "no heartbeat ack from the server before the lease's guaranteed time ran out; "
+    "stopped so the server can hand the action to another worker",
+    "closing": "the agent is shutting down",
+}
+
+_MAX_FAILURE_MESSAGE = 65_536
+_MAX_SHORT_TEXT = 1024
+_HANDLER_STOP_WAIT = 5.0
+"""Seconds close() waits for cancelled handlers to return before releasing their leases anyway."""
+_GOODBYE_WAIT = 5.0
+"""Seconds close() waits for the answers to the last reports and for the server to end the session."""
+_UNAVAILABLE_RETRY = 0.5
+"""Seconds before a report the server could not apply (REJECT_REASON_UNAVAILABLE) is sent again."""
+
+
+class ActionFailure(Exception):
+    """Raise from a handler to fail the action and choose whether it may be retried.
+
+    Any other exception fails the action as retryable.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    """What a handler gets for one granted action (a lease, like Temporal's activity context)."""
+
+    action_id: str
+    epoch: int
+    """The fencing epoch of this grant."""
+    attempt: int
+    """1 for the first attempt, then increasing."""
+    payload: dict[str, Any]
+    """What to run, with integral numbers as ``int`` (see leasehold.structs)."""
+    run_id: str
+    checkpoint: dict[str, Any] | None
+    """The last checkpoint an earlier attempt reported, if any."""
+    cancelled: threading.Event
+    """Set when the handler must stop: a revoke, a self-fence, or close().
+
+    Whatever the handler returns afterwards is not reported as the action's
+    outcome: the lease is released (or dropped, when the server took it back).
+    """
+    stop_requested: threading.Event
+    """Set when the server asks to stop and keep the outputs (revoke COLLECT_OUTPUTS).
+
+    The lease stays valid: save the outputs and return them; they are reported as usual.
+    """
+    _lease: _Lease = field(repr=False)
+    _agent: Agent = field(repr=False)
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why ``cancelled`` is set: a revoke reason, ``self_fenced`` or ``closing``."""
+        return self._lease.cancel_reason
+
+    def progress(
+        self,
+        phase: str,
+        details: Mapping[str, Any] | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Reports a phase, optional details, and optionally a checkpoint for the next attempt.
+
+        NULs become U+FFFD. Raises ValueError when details or checkpoint break a
+        server limit, rather than sending what would end the stream.
+        """
+        self._agent._progress(self._lease, phase, details, checkpoint)
+
+
+Handler = Callable[[ActionContext], Mapping[str, Any] | None]
+"""Runs one action and returns its output (or None), or raises (ActionFailure to choose retries)."""
+
+
+@dataclass(frozen=True)
+class _Report:
+    """How a grant ended, as it is (re)sent until the server answers it."""
+
+    kind: str
+    """succeeded, failed or released."""
+    output: struct_pb2.Struct | None = None
+    message: str = ""
+    """The failure's message, or why the lease was released."""
+    retryable: bool = False
+    details: struct_pb2.Struct | None = None
+
+    def request(self, report_id: int, lease: _Lease) -> worker_pb2.ConnectRequest:
+        """The report as a ConnectRequest."""
+        if self.kind == "released":
+            release = worker_pb2.ReleaseReport(
+                report_id=report_id, action_id=lease.action_id, epoch=lease.epoch, reason=self.message
+            )
+            return worker_pb2.ConnectRequest(release=release)
+        completion = worker_pb2.CompletionReport(report_id=report_id, action_id=lease.action_id, epoch=lease.epoch)
+        if self.kind == "succeeded":
+            completion.succeeded.SetInParent()
+            if self.output is not None:
+                completion.succeeded.output.CopyFrom(self.output)
+        else:
+            completion.failed.message = self.message
+            completion.failed.retryable = self.retryable
+            if self.details is not None:
+                completion.failed.details.CopyFrom(self.details)
+        return worker_pb2.ConnectRequest(completion=completion)
+
+
+def _released(reason: str) -> _Report:
+    return _Report("released", message=_clip(reason, _MAX_SHORT_TEXT))
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` without NULs and cut to ``limit`` characters as the server counts them (UTF-16)."""
+    text = scrub_nul(text)
+    if utf16_length(text) <= limit:
+        return text
+    return text.encode("utf-16-le")[: 2 * limit].decode("utf-16-le", errors="ignore")
+
+
+def _struct_of(value: Mapping[str, Any], what: str) -> tuple[struct_pb2.Struct | None, str | None]:
+    """``value`` as a Struct the server takes, or why it cannot be one."""
+    if not isinstance(value, Mapping):
+        return None, f"the handler's {what} must be a mapping, not {type(value).__name__}"
+    clean = scrub_nul(value)
+    violation = payload_violation(clean)
+    if violation is not None:
+        return None, f"the handler's {what} breaks a server limit, so it was not reported: {violation}"
+    try:
+        return python_to_struct(clean), None
+    except (TypeError, ValueError, OverflowError) as error:
+        return None, f"the handler's {what} is not JSON: {error}"
+
+
+def _succeeded(output: Mapping[str, Any] | None) -> _Report:
+    if output is None:
+        return _Report("succeeded")
+    struct, problem = _struct_of(output, "output")
+    if problem is not None:
+        return _Report("failed", message=_clip(problem, _MAX_FAILURE_MESSAGE), retryable=False)
+    return _Report("succeeded", output=struct)
+
+
+def _failed(message: str, retryable: bool, details: Mapping[str, Any] | None = None) -> _Report:
+    struct = None
+    if details is not None:
+        struct, problem = _struct_of(details, "failure details")
+        if problem is not None:
+            message = f"{message} ({problem})"
+    return _Report("failed", message=_clip(message, _MAX_FAILURE_MESSAGE), retryable=retryable, details=struct)
+
+
+class _Lease:
+    """One grant the agent holds: from the grant until the server answered its report."""
+
+    def __init__(self, agent: Agent, grant: worker_pb2.Grant) -> None:
+        self.action_id = grant.action_id
+        self.epoch = grant.epoch
+        self.cancel_reason: str | None = None
+        self.waiting = False
+        """Granted but not started: waits for a heartbeat ack with a fresh guarantee."""
+        self.started = False
+        self.future: Future[None] | None = None
+        self.report: _Report | None = None
+        """Set when the handler returned (or the grant was given back); None while it runs."""
+        self.context = ActionContext(
+            action_id=grant.action_id,
+            epoch=grant.epoch,
+            attempt=grant.attempt,
+            payload=struct_to_python(grant.payload),
+            run_id=grant.run_id,
+            checkpoint=struct_to_python(grant.checkpoint) if grant.HasField("checkpoint") else None,
+            cancelled=threading.Event(),
+            stop_requested=threading.Event(),
+            _lease=self,
+            _agent=agent,
+        )
+
+    def held(self) -> worker_pb2.HeldLease:
+        return worker_pb2.HeldLease(action_id=self.action_id, epoch=self.epoch)
+
+
+class _Stream:
+    """One Connect stream: its outbox, heartbeat bookkeeping and unanswered reports."""
+
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
+        self.address = address
+        self.channel = channel
+        self._outbox: queue.SimpleQueue[worker_pb2.ConnectRequest | None] = queue.SimpleQueue()
+        self._writes_closed = False
+        self.ended = threading.Event()
+        self.welcomed = False
+        self.said_goodbye = False
+        self.sequence = 0
+        self.sent: dict[int, float] = {}
+        """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
+        self.pending: dict[int, _Lease] = {}
+        """Leases whose report waits for its ReportResult, by report id."""
+
+    def send(self, message: worker_pb2.ConnectRequest) -> None:
+        if not self._writes_closed:
+            self._outbox.put(message)
+
+    def close_writes(self) -> None:
+        """Half-closes the stream once the queued messages are written."""
+        if not self._writes_closed:
+            self._writes_closed = True
+            self._outbox.put(None)
+
+    def requests(self) -> Iterator[worker_pb2.ConnectRequest]:
+        """What gRPC writes: the outbox until close_writes()."""
+        while (message := self._outbox.get()) is not None:
+            yield message
+
+
+class Agent:
+    """A worker of one cluster: connects, runs granted actions with ``handler``, reports them.
+
+    Use as a context manager, or call :meth:`start` and later :meth:`close`::
+
+        with Agent("127.0.0.1:7070", "east", "worker-1", handler, capacity=4) as agent:
+            stop.wait()
+    """
+
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        cluster: str,
+        worker_id: str,
+        handler: Handler,
+        *,
+        capacity: int = 1,
+        labels: Mapping[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        self_fence_margin: float = 0.5,
+        initial_backoff: float = 0.2,
+        agent_version: str = "leasehold-python/0.1.0",
+        on_event: Callable[[AgentEvent], None] | None = None,
+    ) -> None:
+        """Creates an agent; nothing connects before :meth:`start`.
+
+        Args:
+            address: The server's host:port, or several: the agent starts at a
+                random one and moves to the next whenever its stream ends.
+            cluster: The cluster the worker belongs to.
+            worker_id: The worker's stable id, unique across all clusters.
+            handler: Runs one action (see :data:`Handler`).
+            capacity: Actions run at once (1-10000): the size of the handler thread pool.
+            labels: Matched against actions' label selectors.
+            credentials: Channel credentials (TLS, a token); insecure when None.
+            self_fence_margin: Seconds subtracted from each ack's guarantee: the
+                time the work needs to stop before the server may hand it to
+                another worker.
+            initial_backoff: Ceiling, in seconds, of the first reconnect delay; it
+                doubles with each attempt that gets no welcome, up to an eighth
+                of the grace period.
+            agent_version: Free-form name and version sent in the hello.
+            on_event: Called with each :data:`AgentEvent`, in order, on a thread of its own.
+        """
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("address must name at least one server")
+        if not 1 <= capacity <= 10_000:
+            raise ValueError(f"capacity must be between 1 and 10000, got {capacity}")
+        if not cluster or not worker_id:
+            raise ValueError("cluster and worker_id are required")
+        self._addresses = addresses
+        self._cluster = cluster
+        self._worker_id = worker_id
+        self._handler = handler
+        self._capacity = capacity
+        self._labels = dict(labels or {})
+        self._credentials = credentials
+        self._margin = self_fence_margin
+        self._initial_backoff = initial_backoff
+        self._agent_version = agent_version
+        self._on_event = on_event
+
+        self._lock = threading.RLock()
+        self._deadline_changed = threading.Condition(self._lock)
+        self._leases: dict[str, _Lease] = {}
+        """Held leases by action id: the ones the hello and heartbeats list."""
+        self._stream: _Stream | None = None
+        self._session_id: str | None = None
+        self._next_report_id = 0
+        self._address_index = random.randrange(len(addresses))
+        self._attempts_without_welcome = 0
+        self._refusals = 0
+        self._grace: float | None = None
+        """The grace period of the last welcome, in seconds: bounds the reconnect delay."""
+        self._heartbeat_interval = 0.0
+        self._deadline = -math.inf
+        """Monotonic time until which held leases are guaranteed: the latest of
+        (send time of an acknowledged heartbeat + its remaining - margin). Every
+        ack is a lower bound of the session's persisted deadline, which only
+        grows, so a late ack never shortens it; a new stream does not extend it.
+        Minus infinity until the first ack: grants wait for one."""
+        self._last_ack_at = time.monotonic()
+        self._closing = False
+        self._closed = threading.Event()
+        self._goodbye_done = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=f"leasehold-{worker_id}")
+        self._events: queue.SimpleQueue[AgentEvent | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def session_id(self) -> str | None:
+        """The current session id, once welcomed."""
+        return self._session_id
+
+    @property
+    def running(self) -> int:
+        """Leases held now (running, waiting to start, or waiting for the answer to their report)."""
+        with self._lock:
+            return len(self._leases)
+
+    def start(self) -> Agent:
+        """Connects and starts taking work."""
+        targets = [self._run_streams, self._watch_deadline]
+        if self._on_event is not None:
+            targets.append(self._deliver_events)
+        for target in targets:
+            thread = threading.Thread(target=target, name=f"leasehold{target.__name__}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drains and says goodbye.
+
+        Takes no more work, waits up to ``timeout`` seconds for running handlers
+        and reports their outcomes, cancels the handlers still running (their
+        leases are released), sends a goodbye once the server answered every
+        report, and closes the stream. A second call returns at once.
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            for lease in list(self._leases.values()):
+                if lease.waiting:
+                    self._cancel(lease, "closing")
+        self._wait_for_handlers(timeout)
+        with self._lock:
+            for lease in list(self._leases.values()):
+                if lease.report is None:
+                    self._cancel(lease, "closing")
+        self._wait_for_handlers(_HANDLER_STOP_WAIT)
+        with self._lock:
+            # Handlers that ignore their cancellation do not hold the agent hostage.
+            for lease in list(self._leases.values()):
+                if lease.report is None:
+                    ignored = "the agent shut down while the handler ignored its cancellation"
+                    self._settle(lease, _released(ignored))
+            if self._stream is not None:
+                self._finish_close(self._stream)
+        self._goodbye_done.wait(_GOODBYE_WAIT)
+        with self._lock:
+            self._closed.set()
+            self._deadline_changed.notify_all()
+            stream = self._stream
+        if stream is not None:
+            stream.close_writes()
+            stream.channel.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._emit("closed")
+        self._events.put(None)
+        for thread in self._threads:
+            thread.join(_GOODBYE_WAIT)
+
+    def _wait_for_handlers(self, timeout: float) -> None:
+        with self._lock:
+            futures = [lease.future for lease in self._leases.values() if lease.future and lease.report is None]
+        wait_for_futures(futures, timeout)
+
+    # --- the stream --------------------------------------------------------------------------
+
+    def _run_streams(self) -> None:
+        """Opens streams one after another until the agent closes or said goodbye."""
+        while not self._closed.is_set():
+            address = self._addresses[self._address_index % len(self._addresses)]
+            stream = _Stream(address, open_channel(address, self._credentials))
+            with self._lock:
+                if self._closed.is_set():
+                    stream.channel.close()
+                    return
+                self._stream = stream
+                hello = worker_pb2.Hello(
+                    worker_id=self._worker_id,
+                    cluster=self._cluster,
+                    capacity=self._capacity,
+                    labels=self._labels,
+                    held_leases=[lease.held() for lease in self._leases.values()],
+                    agent_version=self._agent_version,
+                )
+                stream.send(worker_pb2.ConnectRequest(hello=hello))
+            error: grpc.RpcError | None = None
+            try:
+                for response in worker_pb2_grpc.WorkerServiceStub(stream.channel).Connect(stream.requests()):
+                    self._handle(stream, response)
+            except grpc.RpcError as failure:
+                error = failure
+            finally:
+                stream.channel.close()
+            delay = self._stream_ended(stream, error)
+            if delay is None:
+                return
+            self._closed.wait(delay)
+
+    def _stream_ended(self, stream: _Stream, error: grpc.RpcError | None) -> float | None:
+        """Bookkeeping after a stream ended: the delay before the next one, or None to stop."""
+        with self._lock:
+            stream.ended.set()
+            stream.close_writes()
+            if not stream.welcomed:
+                self._attempts_without_welcome += 1
+            if stream.said_goodbye:
+                self._goodbye_done.set()
+            if self._closed.is_set() or stream.said_goodbye:
+                return None
+            # The fence deadline still applies: only a fresh ack extends it.
+            self._address_index += 1
+            code = error.code() if isinstance(error, grpc.Call) else None
+            refused = code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            self._refusals = self._refusals + 1 if refused else 0
+            if refused:
+                delay = refused_delay(self._refusals)
+            else:
+                delay = reconnect_delay(self._attempts_without_welcome, self._initial_backoff, self._grace)
+            reason = f"{code.name}: {error.details()}" if code and isinstance(error, grpc.Call) else "stream ended"
+            self._emit("disconnected", error=reason, retry_in_ms=round(delay * 1000))
+            return delay
+
+    def _handle(self, stream: _Stream, response: worker_pb2.ConnectResponse) -> None:
+        """Handles one server message (the hello did not ask for batches, so none come)."""
+        kind = response.WhichOneof("message")
+        with self._lock:
+            if kind == "welcome":
+                self._on_welcome(stream, response.welcome)
+            elif kind == "heartbeat_ack":
+                self._on_heartbeat_ack(stream, response.heartbeat_ack)
+            elif kind == "grant":
+                self._on_grant(stream, response.grant)
+            elif kind == "revoke":
+                self._on_revoke(response.revoke)
+            elif kind == "report_result":
+                self._on_report_result(stream, response.report_result)
+            elif kind == "drain":
+                self._emit("drain", reason=response.drain.reason)
+
+    def _on_welcome(self, stream: _Stream, welcome: worker_pb2.Welcome) -> None:
+        stream.welcomed = True
+        self._attempts_without_welcome = 0
+        self._refusals = 0
+        self._session_id = welcome.session_id
+        if welcome.HasField("grace_period"):
+            self._grace = welcome.grace_period.ToTimedelta().total_seconds()
+        interval = 2.0
+        if welcome.HasField("heartbeat_interval"):
+            interval = welcome.heartbeat_interval.ToTimedelta().total_seconds()
+        self._heartbeat_interval = interval
+        for held in welcome.revoked:
+            lease = self._leases.get(held.action_id)
+            # A lease whose report is waiting keeps it: the server accepts it or fences it.
+            if lease is not None and lease.epoch == held.epoch and lease.report is None:
+                self._cancel(lease, "superseded")
+        self._emit(
+            "welcome",
+            session_id=welcome.session_id,
+            session_resumed=welcome.session_resumed,
+            resumed=[held.action_id for held in welcome.resumed],
+            revoked=[held.action_id for held in welcome.revoked],
+            address=stream.address,
+        )
+        # The first heartbeat goes at once: its ack renews a guarantee that may have run low.
+        self._beat(stream)
+        beats = threading.Thread(target=self._send_heartbeats, args=(stream, interval), daemon=True)
+        beats.start()
+        for lease in list(self._leases.values()):
+            self._send_report(stream, lease)
+        if self._closing:
+            self._finish_close(stream)
+
+    def _send_heartbeats(self, stream: _Stream, interval: float) -> None:
+        while not stream.ended.wait(interval):
+            with self._lock:
+                self._beat(stream)
+
+    def _beat(self, stream: _Stream) -> None:
+        if stream.ended.is_set() or not stream.welcomed:
+            return
+        stream.sequence += 1
+        stream.sent[stream.sequence] = time.monotonic()
+        heartbeat = worker_pb2.Heartbeat(
+            sequence=stream.sequence, held_leases=[lease.held() for lease in self._leases.values()]
+        )
+        stream.send(worker_pb2.ConnectRequest(heartbeat=heartbeat))
+
+    def _on_heartbeat_ack(self, stream: _Stream, ack: worker_pb2.HeartbeatAck) -> None:
+        sent_at = stream.sent.get(ack.sequence)
+        if sent_at is None:
+            return
+        for sequence in [s for s in stream.sent if s <= ack.sequence]:
+            del stream.sent[sequence]
+        self._last_ack_at = time.monotonic()
+        candidate = sent_at + ack.remaining.ToTimedelta().total_seconds() - self._margin
+        if candidate > self._deadline:
+            self._deadline = candidate
+            self._deadline_changed.notify_all()
+        self._start_waiting()
+
+    def _on_grant(self, stream: _Stream, grant: worker_pb2.Grant) -> None:
+        existing = self._leases.get(grant.action_id)
+        if existing is not None and existing.epoch == grant.epoch:
+            return  # sent again after a reconnect
+        if existing is not None:
+            self._cancel(existing, "superseded")
+        lease = _Lease(self, grant)
+        self._leases[lease.action_id] = lease
+        self._emit("grant", action_id=lease.action_id, epoch=lease.epoch, attempt=grant.attempt)
+        self._next_report_id += 1
+        ack = worker_pb2.GrantAck(report_id=self._next_report_id, action_id=lease.action_id, epoch=lease.epoch)
+        stream.send(worker_pb2.ConnectRequest(grant_ack=ack))
+        busy = sum(1 for other in self._leases.values() if other is not lease and other.report is None)
+        if self._closing or busy >= self._capacity:
+            # Draining, or more grants than slots (the server should never do that): give it back.
+            self._settle(lease, _released("the agent is shutting down" if self._closing else "no free slot"))
+        elif self._may_start():
+            self._run(lease)
+        else:
+            # The guarantee has run out, or will before the next ack: running now would run
+            # unfenced. Hold the grant (heartbeats list it) and ask for a fresh guarantee.
+            lease.waiting = True
+            self._beat(stream)
+
+    def _on_revoke(self, revoke: worker_pb2.Revoke) -> None:
+        lease = self._leases.get(revoke.action_id)
+        if lease is None or lease.epoch != revoke.epoch:
+            return
+        reason = _REVOKE_REASONS.get(revoke.reason, "revoked")
+        self._emit("revoked", action_id=lease.action_id, epoch=lease.epoch, reason=reason)
+        if reason == "collect_outputs":
+            lease.context.stop_requested.set()
+        elif lease.report is None:
+            self._cancel(lease, reason)
+        elif reason in _GONE:
+            self._forget(lease)  # its waiting report would only be fenced
+
+    def _on_report_result(self, stream: _Stream, result: worker_pb2.ReportResult) -> None:
+        lease = stream.pending.pop(result.report_id, None)
+        if lease is None:
+            return  # a grant ack's or a progress report's answer
+        report = lease.report
+        if result.reject_reason == worker_pb2.REJECT_REASON_UNAVAILABLE:
+            retry = threading.Timer(_UNAVAILABLE_RETRY, self._resend, (stream, lease))
+            retry.daemon = True
+            retry.start()
+            return
+        # Accepted, fenced, invalid or not found: nothing more to say about this grant.
+        self._forget(lease)
+        if report is not None:
+            self._emit(
+                "completed",
+                action_id=lease.action_id,
+                epoch=lease.epoch,
+                outcome=report.kind,
+                accepted=result.accepted,
+                message=result.message,
+            )
+        if self._closing:
+            self._finish_close(stream)
+
+    def _resend(self, stream: _Stream, lease: _Lease) -> None:
+        with self._lock:
+            if (
+                stream is self._stream
+                and self._leases.get(lease.action_id) is lease
+                and lease not in stream.pending.values()
+            ):
+                self._send_report(stream, lease)
+
+    def _finish_close(self, stream: _Stream) -> None:
+        """Says goodbye once every report was answered."""
+        if stream.ended.is_set() or not stream.welcomed or stream.said_goodbye or self._leases:
+            return
+        stream.send(worker_pb2.ConnectRequest(goodbye=worker_pb2.Goodbye(reason="agent shutting down")))
+        stream.said_goodbye = True
+        stream.close_writes()
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def _guaranteed(self) -> bool:
+        return time.monotonic() < self._deadline
+
+    def _may_start(self) -> bool:
+        """The guarantee outlasts the next heartbeat, so an ack renews it before the fence could stop new work."""
+        return time.monotonic() + self._heartbeat_interval < self._deadline
+
+    def _run(self, lease: _Lease) -> None:
+        lease.waiting = False
+        lease.started = True
+        lease.future = self._pool.submit(self._run_handler, lease)
+
+    def _start_waiting(self) -> None:
+        if self._closing or not self._may_start():
+            return
+        for lease in list(self._leases.values()):
+            if lease.waiting and lease.cancel_reason is None:
+                self._run(lease)
+
+    def _run_handler(self, lease: _Lease) -> None:
+        report: _Report | None = None
+        if not lease.context.cancelled.is_set():
+            try:
+                report = _succeeded(self._handler(lease.context))
+            except ActionFailure as failure:
+                report = _failed(failure.message, failure.retryable, failure.details)
+            except Exception as error:  # a handler's bug fails the action (retryable), like any error
+                _log.warning("the handler of action %s raised", lease.action_id, exc_info=True)
+                report = _failed(f"{type(error).__name__}: {error}", retryable=True)
+        with self._lock:
+            if not self._guaranteed():
+                self._fence()  # finished past the deadline: not reported as done
+            if lease.report is not None:
+                return  # close() released it while the handler ignored its cancellation
+            if lease.cancel_reason is not None:
+                self._settle(lease, self._after_cancel(lease.cancel_reason))
+            elif report is not None:
+                self._settle(lease, report)
+
+    def _after_cancel(self, reason: str) -> _Report | None:
+        """What to report on a cancelled grant: nothing when the lease is gone, else a release."""
+        if reason in _GONE:
+            return None
+        return _released(_RELEASE_REASONS.get(reason, f"stopped after a revoke ({reason})"))
+
+    def _cancel(self, lease: _Lease, reason: str) -> None:
+        if lease.cancel_reason is not None:
+            return
+        lease.cancel_reason = reason
+        lease.context.cancelled.set()
+        if lease.waiting:
+            lease.waiting = False
+            self._settle(lease, self._after_cancel(reason))
+
+    def _settle(self, lease: _Lease, report: _Report | None) -> None:
+        """Records how a grant ended and reports it, or forgets it when it is no longer the worker's."""
+        if report is None:
+            self._forget(lease)
+            return
+        lease.report = report
+        if self._stream is not None:
+            self._send_report(self._stream, lease)
+
+    def _send_report(self, stream: _Stream, lease: _Lease) -> None:
+        if lease.report is None or stream.ended.is_set() or not stream.welcomed:
+            return
+        self._next_report_id += 1
+        stream.pending[self._next_report_id] = lease
+        stream.send(lease.report.request(self._next_report_id, lease))
+
+    def _forget(self, lease: _Lease) -> None:
+        """Stops listing ``lease``, unless a newer grant of the action replaced it."""
+        if self._leases.get(lease.action_id) is lease:
+            del self._leases[lease.action_id]
+
+    def _progress(
+        self,
+        lease: _Lease,
+        phase: str,
+        details: Mapping[str, Any] | None,
+        checkpoint: Mapping[str, Any] | None,
+    ) -> None:
+        report = worker_pb2.ProgressReport(
+            action_id=lease.action_id, epoch=lease.epoch, phase=_clip(phase, _MAX_SHORT_TEXT)
+        )
+        for name, value in (("details", details), ("checkpoint", checkpoint)):
+            if value is not None:
+                struct, problem = _struct_of(value, f"progress {name}")
+                if problem is not None:
+                    raise ValueError(problem)
+                getattr(report, name).CopyFrom(struct)
+        with self._lock:
+            stream = self._stream
+            if lease.cancel_reason is not None or stream is None or stream.ended.is_set() or not stream.welcomed:
+                return
+            self._next_report_id += 1
+            report.report_id = self._next_report_id
+            stream.send(worker_pb2.ConnectRequest(progress=report))
+
+    # --- self-fencing ------------------------------------------------------------------------
+
+    def _watch_deadline(self) -> None:
+        """Fences whenever the deadline passes; waits for the next one after that."""
+        with self._deadline_changed:
+            while not self._closed.is_set():
+                left = self._deadline - time.monotonic()
+                if left > 0:
+                    self._deadline_changed.wait(left)
+                    continue
+                self._fence()
+                self._deadline_changed.wait()
+
+    def _fence(self) -> None:
+        """Cancels every running handler once the guarantee has run out."""
+        if self._guaranteed():
+            return
+        affected = [
+            lease
+            for lease in self._leases.values()
+            if lease.started and lease.report is None and lease.cancel_reason is None
+        ]
+        for lease in affected:
+            self._cancel(lease, "self_fenced")
+        if affected:
+            silent_ms = round((time.monotonic() - self._last_ack_at) * 1000)
+            self._emit("self_fenced", action_ids=[lease.action_id for lease in affected], silent_ms=silent_ms)
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self._on_event is not None:
+            self._events.put({"event": event, **fields})
+
+    def _deliver_events(self) -> None:
+        assert self._on_event is not None
+        while (event := self._events.get()) is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # an observer's bug must not stop the agent
+                _log.exception("on_event raised")

@@ -1,0 +1,32 @@
+"""Reports are fitted to the server's limits before they are sent (a refused one would end the stream)."""
+
+import unittest
+
+from leasehold.agent import _clip, _failed, _succeeded
+from leasehold.structs import struct_to_python
+
+
+class ReportTest(unittest.TestCase):
+    def test_an_output_is_reported_as_a_struct(self) -> None:
+        report = _succeeded({"doubled": 4})
+        self.assertEqual(report.kind, "succeeded")
+        assert report.output is not None
+        self.assertEqual(struct_to_python(report.output), {"doubled": 4})
+
+    def test_an_output_over_the_limits_fails_the_action_without_retries(self) -> None:
+        report = _succeeded({"x": float("inf")})
+        self.assertEqual((report.kind, report.retryable), ("failed", False))
+        self.assertIn("breaks a server limit", report.message)
+
+    def test_an_output_that_is_not_a_mapping_fails_the_action(self) -> None:
+        report = _succeeded([1, 2])  # type: ignore[arg-type]
+        self.assertEqual((report.kind, report.retryable), ("failed", False))
+
+    def test_failure_messages_are_cut_to_the_limit_in_utf16_units(self) -> None:
+        self.assertEqual(len(_failed("x" * 70_000, True).message), 65_536)
+        self.assertEqual(_clip("a\U0001f600b", 2), "a")
+        self.assertEqual(_clip("a\0b", 10), "a\ufffdb")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -20,6 +20,16 @@ command -v grpc_python_plugin >/dev/null ||
   missing+=("grpc_python_plugin (Debian: apt-get install protobuf-compiler-grpc)")
 [ -x node_modules/.bin/buf ] || missing+=("node_modules/.bin/buf (run 'npm ci' in $root)")
 [ -d node_modules/google-proto-files/google/rpc ] || missing+=("node_modules/google-proto-files (run 'npm ci' in $root)")
+# proto3 `optional` (used by the protos) and the pyi generator need protoc 3.20 or newer.
+if command -v protoc >/dev/null; then
+  version="$(protoc --version | awk '{print $2}')"
+  major="${version%%.*}"
+  minor="${version#*.}"
+  minor="${minor%%.*}"
+  if [ "$major" -lt 3 ] 2>/dev/null || { [ "$major" -eq 3 ] && [ "$minor" -lt 20 ]; }; then
+    missing+=("protoc 3.20 or newer (found $version; Debian 12: apt-get install protobuf-compiler)")
+  fi
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "clients/python/generate.sh: cannot generate, missing:" >&2
   printf '  - %s\n' "${missing[@]}" >&2

@@ -1,13 +1,13 @@
 #!/usr/bin/env node
 // Runs the compiled JavaScript in dist/ (`npm run build`; `npm ci` runs it as `prepare`).
-let main;
-try {
-  ({ main } = await import("../dist/main.js"));
-} catch (error) {
-  if (error?.code !== "ERR_MODULE_NOT_FOUND" || !String(error.message).includes("dist/main.js")) throw error;
+import { existsSync } from "node:fs";
+
+const entry = new URL("../dist/main.js", import.meta.url);
+if (!existsSync(entry)) {
   process.stderr.write(
     "leasehold: dist/ is missing: run `npm run build` (or `npm ci`) in the package first\n",
   );
   process.exit(1);
 }
+const { main } = await import(entry.href);
 await main(process.argv);

@@ -235,10 +235,13 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     }
   }
   const otlpEndpoint = raw.otlpEndpoint || undefined;
-  if (otlpEndpoint !== undefined && !/^https?:\/\/[^/\s]+/.test(otlpEndpoint)) {
+  if (
+    otlpEndpoint !== undefined &&
+    !(URL.canParse(otlpEndpoint) && /^https?:\/\/[^/\s]+/.test(otlpEndpoint))
+  ) {
     throw configError(
       "--otlp-endpoint",
-      `must be an http(s) URL of an OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces (got ${JSON.stringify(otlpEndpoint)})`,
+      `must be an http(s) URL of an OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (spans go to /v1/traces) or a full traces URL (got ${JSON.stringify(otlpEndpoint)})`,
     );
   }
   const leaseDefaultTtlMs = parseDuration(

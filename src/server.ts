@@ -148,7 +148,7 @@ export async function startServer(
   };
   try {
     const tracing =
-      overrides.tracing ?? (config.otlpEndpoint ? await otlpTracing(config.otlpEndpoint) : NO_TRACING);
+      overrides.tracing ?? (config.otlpEndpoint ? await otlpTracing(config.otlpEndpoint, log) : NO_TRACING);
     cleanup.push(() => tracing.close());
     const database = await openDatabaseWhenReachable(
       {

@@ -1,5 +1,7 @@
 import {
   type Attributes,
+  DiagLogLevel,
+  diag,
   isSpanContextValid,
   ROOT_CONTEXT,
   type Span,
@@ -8,6 +10,7 @@ import {
   type TracerProvider,
   trace,
 } from "@opentelemetry/api";
+import type { Logger } from "pino";
 
 /**
  * The server's spans (OpenTelemetry), linked across processes by W3C trace
@@ -72,16 +75,55 @@ export function tracingWith(provider: TracerProvider & { shutdown?(): Promise<vo
  * `http://127.0.0.1:4318/v1/traces`, in batches. The SDK is loaded only here,
  * so a server that does not trace never loads it.
  */
-export async function otlpTracing(endpoint: string, serviceName = "leasehold"): Promise<Tracing> {
+export async function otlpTracing(
+  endpoint: string,
+  log: Logger,
+  serviceName = "leasehold",
+): Promise<Tracing> {
   const [{ TracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { resourceFromAttributes }] =
     await Promise.all([
       import("@opentelemetry/sdk-trace"),
       import("@opentelemetry/exporter-trace-otlp-http"),
       import("@opentelemetry/resources"),
     ]);
+  // A failed export (collector down, wrong path) is said in our log, not dropped silently.
+  diag.setLogger(
+    {
+      error: (message, ...args) => log.warn({ args }, `opentelemetry: ${message}`),
+      warn: (message, ...args) => log.warn({ args }, `opentelemetry: ${message}`),
+      info: () => {},
+      debug: () => {},
+      verbose: () => {},
+    },
+    DiagLogLevel.WARN,
+  );
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ "service.name": serviceName }),
-    spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url: endpoint }) })],
+    spanProcessors: [
+      new BatchSpanProcessor({
+        exporter: new OTLPTraceExporter({ url: tracesUrl(endpoint), timeoutMillis: EXPORT_TIMEOUT_MS }),
+      }),
+    ],
   });
-  return tracingWith(provider);
+  const tracing = tracingWith(provider);
+  return {
+    ...tracing,
+    // An unreachable collector does not hold the shutdown for longer than one export.
+    close: () =>
+      Promise.race([tracing.close(), new Promise<void>((r) => setTimeout(r, EXPORT_TIMEOUT_MS).unref())]),
+  };
+}
+
+/** How long one export may take, and the shutdown's flush at most. */
+const EXPORT_TIMEOUT_MS = 2000;
+
+/**
+ * The URL spans are posted to: the endpoint as given, or with the OTLP
+ * traces path added when it has none (`http://collector:4318`, the form
+ * OTEL_EXPORTER_OTLP_ENDPOINT takes).
+ */
+export function tracesUrl(endpoint: string): string {
+  const url = new URL(endpoint);
+  if (url.pathname === "/" || url.pathname === "") url.pathname = "/v1/traces";
+  return url.toString();
 }

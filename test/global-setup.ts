@@ -65,7 +65,10 @@ function newestChange(dir: string): number {
 function buildWhenStale(): void {
   const stamp = join(ROOT, "dist", ".tsbuildinfo");
   const built = statSync(stamp, { throwIfNoEntry: false })?.mtimeMs ?? 0;
-  if (newestChange(join(ROOT, "src")) <= built) return;
+  const inputs = ["package.json", "tsconfig.json", "tsconfig.build.json"].map(
+    (f) => statSync(join(ROOT, f)).mtimeMs,
+  );
+  if (Math.max(newestChange(join(ROOT, "src")), ...inputs) <= built) return;
   execFileSync("npm", ["run", "--silent", "build"], { cwd: ROOT, stdio: "inherit" });
   // tsc leaves its build info alone when no output changed (a file saved without an edit).
   const now = new Date();

@@ -197,7 +197,7 @@ interface Running {
   report: PendingReport | undefined;
   settled: Promise<void>;
   /** The trace context the completion carries back: the handler's span's, else the grant's. */
-  readonly traceParent: string | undefined;
+  traceParent: string | undefined;
 }
 
 type PendingReport =
@@ -400,7 +400,6 @@ export function createAgent(options: AgentOptions): Agent {
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
     const controller = new AbortController();
     const stop = new AbortController();
-    const traced = handlerSpan(grant);
     const r: Running = {
       actionId,
       epoch,
@@ -409,7 +408,8 @@ export function createAgent(options: AgentOptions): Agent {
       stop,
       report: undefined,
       settled: Promise.resolve(),
-      traceParent: traced?.traceParent,
+      // A traced grant's context until its handler's span starts (see run).
+      traceParent: grant.traceParent || undefined,
     };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
@@ -433,7 +433,9 @@ export function createAgent(options: AgentOptions): Agent {
       payload: (grant.payload ?? {}) as JsonObject,
       runId: grant.runId,
       checkpoint: grant.checkpoint as JsonObject | undefined,
-      traceParent: traced?.traceParent,
+      get traceParent() {
+        return r.traceParent;
+      },
       signal: controller.signal,
       stopRequested: stop.signal,
       progress(phase, details, checkpoint) {
@@ -464,6 +466,9 @@ export function createAgent(options: AgentOptions): Agent {
       // The handler always starts under a live guarantee, and the fence timer
       // covers it from its first moment.
       armFence();
+      // Started only when the handler runs, so that a grant given back never leaves a span open.
+      const traced = handlerSpan(grant);
+      if (traced) r.traceParent = traced.traceParent;
       r.settled = (async () => {
         let report: PendingReport;
         try {

@@ -317,7 +317,7 @@ export function actionCommands(): Command {
         );
         if (response.truncated)
           process.stdout.write(
-            `\n(the first ${timeline.length} steps; \`leasehold events --action ${id}\` lists every event)\n`,
+            `\n(made of the action's first ${timeline.filter((s) => s.event).length} events; \`leasehold events --action ${id}\` lists them all)\n`,
           );
         return undefined;
       }),

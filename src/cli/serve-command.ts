@@ -73,7 +73,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--otlp-endpoint <url>",
-        "export traces over OTLP/HTTP to this URL, e.g. http://127.0.0.1:4318/v1/traces (default: off)",
+        "export traces over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318 (default: off)",
       ).env("LEASEHOLD_OTLP_ENDPOINT"),
     )
     .addOption(

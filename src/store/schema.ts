@@ -197,7 +197,6 @@ export const attempts = pgTable(
   (t) => [primaryKey({ columns: [t.actionId, t.epoch] })],
 );
 
-/** The audit trail: every lease and action event, in sequence order. */
 /** Events about a session, as ExplainAction shows them beside the leases it held. */
 export const SESSION_EVENT_KINDS = [
   "stream_lost",
@@ -214,6 +213,7 @@ export const PARTITION_EVENT_KINDS = [
   "cluster_expiries_resumed",
 ] as const;
 
+/** The audit trail: every lease and action event, in sequence order. */
 export const events = pgTable(
   "events",
   {

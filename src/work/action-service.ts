@@ -31,8 +31,8 @@ import { decodePageToken, toPage } from "./page-token.js";
  */
 const BULK_ROUNDS = 4;
 
-/** The most events an explanation reads: a timeline stays readable, and bounded in memory. */
-export const EXPLAIN_STEPS = 1000;
+/** The most events an explanation reads (its timeline adds one heartbeat summary per attempt). */
+export const EXPLAIN_EVENTS = 1000;
 
 /** Result of a submit. */
 export interface SubmitResult {
@@ -73,7 +73,7 @@ export interface ActionService extends AsyncDisposable {
   cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
   /** The action now, then after every change; ends after a terminal state. */
   watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
-  /** The action's lease history as one timeline (at most {@link EXPLAIN_STEPS} events). */
+  /** The action's lease history as one timeline (at most {@link EXPLAIN_EVENTS} of its events). */
   explain(id: string): Promise<Explanation>;
   /** Flushes pending submits. */
   close(): Promise<void>;
@@ -164,7 +164,7 @@ export function createActionService({
   }
 
   async function explain(id: string): Promise<Explanation> {
-    const history = await readActionHistory(db, id, EXPLAIN_STEPS);
+    const history = await readActionHistory(db, id, EXPLAIN_EVENTS);
     if (!history) throw notFound(id);
     return explainHistory(history);
   }

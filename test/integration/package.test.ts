@@ -36,10 +36,11 @@ await agent.close();
 
 // What `npm pack` ships does not depend on the database: checked once, in the PGlite run.
 describe.runIf(inject("driver") === "pglite")("the npm package", () => {
-  const dir = mkdtempSync(join(tmpdir(), "leasehold-package-"));
+  let dir = "";
   let server: ReturnType<typeof runLeasehold> | undefined;
 
   beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "leasehold-package-"));
     // dist/ is current (the global setup builds it); prepare would only build it again.
     await run("npm", ["pack", "--ignore-scripts", "--pack-destination", dir], { cwd: ROOT });
     const tarball = readdirSync(dir).find((f) => f.endsWith(".tgz"));
@@ -53,7 +54,7 @@ describe.runIf(inject("driver") === "pglite")("the npm package", () => {
 
   afterAll(async () => {
     server?.child.kill("SIGKILL");
-    rmSync(dir, { recursive: true, force: true });
+    if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
   it("installs into an empty folder, serves with npx, and its SDK works from plain JavaScript", async () => {

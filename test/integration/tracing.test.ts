@@ -107,7 +107,8 @@ describe("tracing", () => {
       });
     });
     await new Promise<void>((resolve) => collector.listen(0, "127.0.0.1", resolve));
-    const endpoint = `http://127.0.0.1:${(collector.address() as AddressInfo).port}/v1/traces`;
+    // The collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT has it: spans go to /v1/traces.
+    const endpoint = `http://127.0.0.1:${(collector.address() as AddressInfo).port}`;
     const server = runLeasehold(
       [
         "serve",

@@ -79,15 +79,22 @@ export async function readActionHistory(
               from attempts where action_id = ${actionId}
             )
             select * from (
-              select * from events where action_id = ${actionId}
+              -- Each part is cut to the limit on its own index, so that an action with a
+              -- flood of events (fenced reports) is not read whole.
+              (select * from events where action_id = ${actionId} order by sequence limit ${limit + 1})
               union all
-              -- distinct: one session may hold the action twice, attempts ending when the next starts.
-              select distinct e.* from held h join events e on e.session_id = h.session_id
-              where e.kind in ${list(SESSION_EVENT_KINDS)} and e.at between h.started_at and h.ended_at
+              (select e.* from events e
+               where e.session_id in (select session_id from held)
+                 and e.kind in ${list(SESSION_EVENT_KINDS)}
+                 -- exists, not a join: one session may hold the action twice.
+                 and exists (select 1 from held h
+                             where h.session_id = e.session_id and e.at between h.started_at and h.ended_at)
+               order by e.sequence limit ${limit + 1})
               union all
-              select e.* from events e
-              where e.cluster = ${action.cluster} and e.kind in ${list(PARTITION_EVENT_KINDS)}
-                and e.at between (select min(started_at) from held) and (select max(ended_at) from held)
+              (select e.* from events e
+               where e.cluster = ${action.cluster} and e.kind in ${list(PARTITION_EVENT_KINDS)}
+                 and e.at between (select min(started_at) from held) and (select max(ended_at) from held)
+               order by e.sequence limit ${limit + 1})
             ) x
             order by sequence
             limit ${limit + 1}`,

@@ -191,7 +191,8 @@ class ActionServiceServicer(object):
         releases, reports fenced and from whom, retries, the cluster's expiries
         paused while it was partitioned, and the accepted completion and by
         whom. Read in one snapshot from the event log and the attempts'
-        sessions. NOT_FOUND if the id is unknown.
+        sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
+        unknown, PERMISSION_DENIED without the right in the action's cluster.
         Right: action.read in the action's cluster.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -621,16 +621,17 @@ export type ExplainActionResponse = Message<"leasehold.v1.ExplainActionResponse"
   attempts: ExplainedAttempt[];
 
   /**
-   * What happened to the action, oldest first.
+   * What happened to the action, oldest first; a running attempt's heartbeat
+   * summary (how it is now) comes last.
    *
    * @generated from field: repeated leasehold.v1.TimelineStep timeline = 3;
    */
   timeline: TimelineStep[];
 
   /**
-   * The action has more than 1000 steps (a worker that kept sending fenced
-   * reports, say): `timeline` holds the first 1000. ListEvents with the
-   * action's id reads every event of the action.
+   * More than 1000 events concern the action (a worker that kept sending
+   * fenced reports, say): `timeline` is made of the first 1000 of them (and
+   * the heartbeat summaries). ListEvents with the action's id reads them all.
    *
    * @generated from field: bool truncated = 4;
    */
@@ -1230,7 +1231,8 @@ export const ActionService: GenService<{
    * releases, reports fenced and from whom, retries, the cluster's expiries
    * paused while it was partitioned, and the accepted completion and by
    * whom. Read in one snapshot from the event log and the attempts'
-   * sessions. NOT_FOUND if the id is unknown.
+   * sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
+   * unknown, PERMISSION_DENIED without the right in the action's cluster.
    * Right: action.read in the action's cluster.
    *
    * @generated from rpc leasehold.v1.ActionService.ExplainAction

@@ -1210,11 +1210,12 @@ type ExplainActionResponse struct {
 	Action *Action `protobuf:"bytes,1,opt,name=action,proto3" json:"action,omitempty"`
 	// Its attempts, oldest first, each with what its session went through.
 	Attempts []*ExplainedAttempt `protobuf:"bytes,2,rep,name=attempts,proto3" json:"attempts,omitempty"`
-	// What happened to the action, oldest first.
+	// What happened to the action, oldest first; a running attempt's heartbeat
+	// summary (how it is now) comes last.
 	Timeline []*TimelineStep `protobuf:"bytes,3,rep,name=timeline,proto3" json:"timeline,omitempty"`
-	// The action has more than 1000 steps (a worker that kept sending fenced
-	// reports, say): `timeline` holds the first 1000. ListEvents with the
-	// action's id reads every event of the action.
+	// More than 1000 events concern the action (a worker that kept sending
+	// fenced reports, say): `timeline` is made of the first 1000 of them (and
+	// the heartbeat summaries). ListEvents with the action's id reads them all.
 	Truncated bool `protobuf:"varint,4,opt,name=truncated,proto3" json:"truncated,omitempty"`
 }
 

@@ -65,7 +65,8 @@ type ActionServiceClient interface {
 	// releases, reports fenced and from whom, retries, the cluster's expiries
 	// paused while it was partitioned, and the accepted completion and by
 	// whom. Read in one snapshot from the event log and the attempts'
-	// sessions. NOT_FOUND if the id is unknown.
+	// sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
+	// unknown, PERMISSION_DENIED without the right in the action's cluster.
 	// Right: action.read in the action's cluster.
 	ExplainAction(ctx context.Context, in *ExplainActionRequest, opts ...grpc.CallOption) (*ExplainActionResponse, error)
 }
@@ -216,7 +217,8 @@ type ActionServiceServer interface {
 	// releases, reports fenced and from whom, retries, the cluster's expiries
 	// paused while it was partitioned, and the accepted completion and by
 	// whom. Read in one snapshot from the event log and the attempts'
-	// sessions. NOT_FOUND if the id is unknown.
+	// sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
+	// unknown, PERMISSION_DENIED without the right in the action's cluster.
 	// Right: action.read in the action's cluster.
 	ExplainAction(context.Context, *ExplainActionRequest) (*ExplainActionResponse, error)
 	mustEmbedUnimplementedActionServiceServer()

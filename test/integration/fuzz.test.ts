@@ -137,6 +137,7 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
     "leasehold.v1.ActionService.ListActions": { state: 1, cluster: "fuzz", runId: "run", pageSize: 10 },
     "leasehold.v1.ActionService.CancelAction": { actionId: "nope", reason: "r" },
     "leasehold.v1.ActionService.WatchAction": { actionId: "nope" },
+    "leasehold.v1.ActionService.ExplainAction": { actionId: "nope" },
     "leasehold.v1.ClusterService.ListClusters": {},
     "leasehold.v1.ClusterService.ListWorkers": { cluster: "fuzz", state: 1, pageSize: 10 },
     "leasehold.v1.ClusterService.GetWorker": { workerId: "nope" },

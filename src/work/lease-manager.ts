@@ -12,6 +12,7 @@ import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
+import { createGate } from "./gate.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
 import { createHostedSessions, type Hosted, persistDeadline, remainingMs } from "./lease/hosted.js";
@@ -289,20 +290,15 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    * (each holds a pooled connection) and outside the batches, so that the
    * hellos a batch opened are answered at once and the next batch goes on.
    */
-  let aloneRunning = 0;
-  const aloneWaiting: (() => void)[] = [];
+  const aloneGate = createGate(ALONE_AT_ONCE);
   const alone = async (b: HelloOfBatch): Promise<OpenedSession | Error> => {
-    if (aloneRunning < ALONE_AT_ONCE) aloneRunning += 1;
-    else await new Promise<void>((go) => aloneWaiting.push(go));
+    const release = await aloneGate.enter();
     try {
       return await openAlone(b);
     } catch (error) {
       return error as Error;
     } finally {
-      // The slot passes to the next waiting hello, or is given back.
-      const next = aloneWaiting.shift();
-      if (next) next();
-      else aloneRunning -= 1;
+      release();
     }
   };
   /**

@@ -14,6 +14,7 @@ import {
 } from "../../gen/leasehold/v1/worker_pb.js";
 import type { HelloInput } from "../../store/queries/open-session.js";
 import type { JsonObject } from "../../work/action.js";
+import { createGate } from "../../work/gate.js";
 import {
   DEFAULT_GRANT_HIGH_WATER_BYTES,
   type LeaseManager,
@@ -84,10 +85,16 @@ export function workerServiceBinding(
 ): ServiceBinding {
   const highWater = limits.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
   const maxBuffered = limits.maxBufferedBytes ?? DEFAULT_MAX_BUFFERED_BYTES;
-  const opens = createGate(
-    limits.maxConcurrentOpens ?? DEFAULT_MAX_CONCURRENT_OPENS,
-    limits.maxQueuedOpens ?? DEFAULT_MAX_QUEUED_OPENS,
-  );
+  const opens = createGate(limits.maxConcurrentOpens ?? DEFAULT_MAX_CONCURRENT_OPENS, {
+    queueLimit: limits.maxQueuedOpens ?? DEFAULT_MAX_QUEUED_OPENS,
+    full: () =>
+      new LeaseholdError(
+        Code.ResourceExhausted,
+        `too many workers are connecting at once; try again in ${RETRY_HELLO_MS} ms`,
+        { reason: "TOO_MANY_HELLOS", metadata: { retry_after_ms: String(RETRY_HELLO_MS) } },
+      ),
+    cancelled: () => new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"),
+  });
   const flusher = createFlusher(log);
   return bind(WorkerService, {
     async connect(stream, ctx) {
@@ -283,51 +290,6 @@ export function workerServiceBinding(
 }
 
 /**
- * A counting semaphore with a bounded queue. `enter` resolves with the
- * release function once a slot is free; it throws RESOURCE_EXHAUSTED when the
- * queue is full, and CANCELLED when `signal` aborts while waiting.
- */
-function createGate(slots: number, queueLimit: number) {
-  let busy = 0;
-  const waiting: (() => void)[] = [];
-  const release = () => {
-    const next = waiting.shift();
-    if (next) next();
-    else busy -= 1;
-  };
-  return {
-    enter(signal: AbortSignal): Promise<() => void> {
-      if (busy < slots) {
-        busy += 1;
-        return Promise.resolve(once(release));
-      }
-      if (waiting.length >= queueLimit) {
-        return Promise.reject(
-          new LeaseholdError(
-            Code.ResourceExhausted,
-            `too many workers are connecting at once; try again in ${RETRY_HELLO_MS} ms`,
-            { reason: "TOO_MANY_HELLOS", metadata: { retry_after_ms: String(RETRY_HELLO_MS) } },
-          ),
-        );
-      }
-      return new Promise((resolve, reject) => {
-        const go = () => {
-          signal.removeEventListener("abort", abort);
-          resolve(once(release));
-        };
-        const abort = () => {
-          const i = waiting.indexOf(go);
-          if (i >= 0) waiting.splice(i, 1);
-          reject(new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"));
-        };
-        signal.addEventListener("abort", abort, { once: true });
-        waiting.push(go);
-      });
-    },
-  };
-}
-
-/**
  * Runs the flushes of every stream that queued messages once per turn of the
  * event loop, from one `setImmediate` (after the I/O callbacks of the turn
  * that queued them), so each stream writes what it has in one go.
@@ -362,16 +324,6 @@ function createFlusher(log: Logger) {
         setImmediate(run);
       }
     },
-  };
-}
-
-/** `fn`, callable once. */
-function once(fn: () => void): () => void {
-  let called = false;
-  return () => {
-    if (called) return;
-    called = true;
-    fn();
   };
 }
 

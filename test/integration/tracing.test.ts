@@ -8,7 +8,7 @@ import {
   SimpleSpanProcessor,
   TracerProvider,
 } from "@opentelemetry/sdk-trace";
-import { afterAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it, vi } from "vitest";
 import { createAgent } from "../../src/agent/index.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { createClient } from "../../src/rpc/client.js";
@@ -49,6 +49,7 @@ describe("tracing", () => {
       workerId: "traced-1",
       handler: async (ctx) => {
         seen.push(ctx.traceParent);
+        ctx.progress("working");
         return { ok: true };
       },
     });
@@ -66,13 +67,18 @@ describe("tracing", () => {
     const submit = byName("leasehold.submit");
     const grant = byName("leasehold.grant");
     const report = byName("leasehold.report.completion");
+    // The progress report is committed on its own, perhaps after the completion's answer.
+    await vi.waitFor(() => expect(byName("leasehold.report.progress")).toBeDefined());
+    const progress = byName("leasehold.report.progress");
     const handle = agentSpans.getFinishedSpans().find((s) => s.name === "leasehold.handle");
-    for (const span of [submit, grant, report, handle])
+    for (const span of [submit, grant, report, progress, handle])
       expect(span?.spanContext().traceId).toBe(CLIENT_TRACE);
     expect(parentOf(submit as ReadableSpan)).toBe(CLIENT_SPAN);
     expect(parentOf(grant as ReadableSpan)).toBe(submit?.spanContext().spanId);
     expect(parentOf(handle as ReadableSpan)).toBe(grant?.spanContext().spanId);
     expect(parentOf(report as ReadableSpan)).toBe(handle?.spanContext().spanId);
+    expect(parentOf(progress as ReadableSpan)).toBe(grant?.spanContext().spanId);
+    expect(progress?.attributes).toMatchObject({ "leasehold.phase": "working", "leasehold.accepted": true });
     expect(grant?.attributes).toMatchObject({ "leasehold.epoch": 1, "leasehold.worker_id": "traced-1" });
     expect(report?.attributes).toMatchObject({ "leasehold.accepted": true, "leasehold.result": "SUCCEEDED" });
     expect(seen).toEqual([`00-${CLIENT_TRACE}-${handle?.spanContext().spanId}-01`]);

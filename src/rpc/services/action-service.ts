@@ -71,10 +71,8 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       });
       const attributes = { "leasehold.actions": items.length };
       return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
-        const results = await actions.submitMany(
-          items.map((item) => ({ ...item, ...trace })),
-          ctx.access.actor,
-        );
+        const traced = trace.traceParent ? items.map((item) => ({ ...item, ...trace })) : items;
+        const results = await actions.submitMany(traced, ctx.access.actor);
         return {
           results: results.map(({ action, created }) => ({ action: toProto(action), created })),
         };

@@ -106,11 +106,11 @@ export function createReports(deps: {
   }
 
   /**
-   * A span from the report's arrival to its answer, in the trace of the
-   * agent's work (the completion's trace_parent) or of the grant; none for an
-   * action that is not traced.
+   * A span from a report's arrival to its answer (completion, release,
+   * progress), in the trace of the agent's work (the completion's
+   * trace_parent) or of the grant; none for an action that is not traced.
    */
-  function reportSpan(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>) {
+  function reportSpan(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" | "progress" }>) {
     if (!deps.tracing.enabled) return undefined;
     const parent = (m.type === "completion" && m.traceParent) || hosted.traceOf(s, m.actionId);
     if (!parent) return undefined;
@@ -123,6 +123,7 @@ export function createReports(deps: {
         "leasehold.worker_id": s.workerId,
         "leasehold.session_id": s.sessionId,
         ...(m.type === "completion" ? { "leasehold.outcome": m.outcome.kind } : {}),
+        ...(m.type === "progress" ? { "leasehold.phase": m.phase } : {}),
       },
       SpanKind.CONSUMER,
     );
@@ -177,15 +178,23 @@ export function createReports(deps: {
 
   function progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
+    const span = reportSpan(s, m);
     progressBatch
       .add({ ...token, sessionId: s.sessionId, phase: m.phase, details: m.details, checkpoint: m.checkpoint })
       .then(
         (ok) => {
-          if (!ok) return fenced(s, m.reportId, token, "progress");
+          if (!ok) {
+            endSpan(span, false, "FENCED");
+            return fenced(s, m.reportId, token, "progress");
+          }
           accept(s, m.reportId, token, "progress recorded");
+          endSpan(span, true, "RECORDED");
           feed.publish(actionTopic(token.actionId));
         },
-        (error: unknown) => unavailable(s, m.reportId, token, error),
+        (error: unknown) => {
+          endSpan(span, false, "UNAVAILABLE");
+          unavailable(s, m.reportId, token, error);
+        },
       );
   }
 

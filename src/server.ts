@@ -23,7 +23,13 @@ import { type WorkerStreamLimits, workerServiceBinding } from "./rpc/services/wo
 import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
-import { type DatabaseOptions, type Db, openDatabaseWhenReachable, redactUrl } from "./store/database.js";
+import {
+  type DatabaseOptions,
+  type Db,
+  isTransientConnectError,
+  openDatabaseWhenReachable,
+  redactUrl,
+} from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
@@ -141,6 +147,33 @@ export async function startServer(
     { port: rpc.port, listen: config.listen, serverId, tls: Boolean(config.tls), auth: config.auth.enabled },
     "listening; NOT_SERVING until ready",
   );
+  return startBehindPort({ config, log, overrides, serverId, clock, limits, timers, gate, security, rpc }, 1);
+}
+
+/** What {@link startBehindPort} starts behind: the bound port and what was read before binding it. */
+interface Front {
+  readonly config: ServerConfig;
+  readonly log: Logger;
+  readonly overrides: ServerOverrides;
+  readonly serverId: string;
+  readonly clock: Clock;
+  readonly limits: StreamLimits;
+  readonly timers: boolean;
+  readonly gate: ReturnType<typeof createStartupGate>;
+  readonly security: ServerSecurity;
+  readonly rpc: Awaited<ReturnType<typeof createRpcServer>>;
+}
+
+/**
+ * Everything behind the bound port: the database, the services, the loops.
+ * PostgreSQL can go away after it was opened and before the start is over
+ * (restarted just then): the start then undoes what it built behind the
+ * port, keeps the port (calls still wait at the gate), and starts again with
+ * the same backoff as the first wait, rather than exiting; only an error that
+ * is not the database being unreachable ends it.
+ */
+async function startBehindPort(front: Front, attempt: number): Promise<LeaseholdServer> {
+  const { config, log, overrides, serverId, clock, limits, timers, gate, security, rpc } = front;
   // Everything behind the port, closed in reverse order after the port.
   const cleanup: (() => Promise<void>)[] = [async () => security.close()];
   const unwind = async () => {
@@ -339,6 +372,25 @@ export async function startServer(
       [Symbol.asyncDispose]: close,
     };
   } catch (error) {
+    if (config.databaseUrl && !overrides.signal?.aborted && isTransientConnectError(error)) {
+      // This attempt's part only: the port and its security stay.
+      for (const fn of cleanup.splice(1).reverse()) await fn().catch(() => {});
+      log.warn({ err: error, attempt }, "database lost while starting; starting again behind the open port");
+      const step = Math.min(5000, 100 * 2 ** Math.min(attempt - 1, 30));
+      const signal = overrides.signal;
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(done, step / 2 + Math.random() * (step / 2));
+        signal?.addEventListener("abort", done, { once: true });
+        function done() {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", done);
+          resolve();
+        }
+      });
+      if (!signal?.aborted) return startBehindPort(front, attempt + 1);
+    }
+    // Stopped while it waited to start again: that is why it stops, not the lost database.
+    const reason = overrides.signal?.aborted ? overrides.signal.reason : error;
     gate.close(
       new LeaseholdError(Code.Unavailable, "the server stopped before it was ready; retry", {
         reason: "SHUTTING_DOWN",
@@ -346,7 +398,7 @@ export async function startServer(
     );
     await rpc.close();
     await unwind();
-    throw error;
+    throw reason;
   }
 }
 

@@ -65,7 +65,13 @@ function goodRun(): ChaosRecord {
     },
   ];
   return {
-    config: { graceMs: GRACE, heartbeatMs: 500, stopAllowanceMs: 250, expiryAllowanceMs: 1300 },
+    config: {
+      graceMs: GRACE,
+      heartbeatMs: 500,
+      stopAllowanceMs: 250,
+      expiryAllowanceMs: 1300,
+      resumeAllowanceMs: 800,
+    },
     submitted: [{ actionId: "A", fail: false }],
     agentLines,
     incarnations: [
@@ -193,6 +199,19 @@ describe("the chaos checker", () => {
     const violations = checkChaos({ ...run, faults: [short], agentLines }).violations;
     expect(violations.map((v) => v.rule)).toEqual(["unexplained-expiry"]);
     expect(violations[0]?.message).toContain("stall#1");
+  });
+
+  it("explains an expiry right after a stalled stream was heard again, up to one renewal tick", () => {
+    const run = goodRun();
+    // Acks came back at T + 8500, 100 ms before the deadline, too late for the server's next renewal.
+    const back = (at: number) => ({
+      ...run,
+      faults: [{ ...stall, end: at - 50 }],
+      agentLines: [...run.agentLines, ...acks("w1", 1, at, at)],
+    });
+    expect(rules(back(T + 8500))).toEqual([]);
+    // Back 900 ms before it: a renewal tick would have moved the deadline on.
+    expect(rules(back(T + 7700))).toEqual(["unexplained-expiry"]);
   });
 
   it("reports an expiry with no fault at all", () => {

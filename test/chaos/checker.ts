@@ -41,7 +41,8 @@
  * A worker's blackouts, from the fault log and its own log lines (measured, never planned):
  * agent kill: the kill → the next welcome (any later incarnation); cut: the cut → the next
  * welcome; refuse: its start → the first welcome after it ended; stall: its start → the first
- * sign of contact (welcome or heartbeat ack) after it ended; server kill (for workers connected
+ * sign of contact (welcome or heartbeat ack) after it ended, plus `resumeAllowanceMs` (what the
+ * stream's server heard is persisted at its next renewal tick); server kill (for workers connected
  * to that server, or between streams, at the kill): the kill → the next welcome; PostgreSQL
  * outage or restart (every worker): the stop began → PostgreSQL accepted connections again;
  * the end of the run: from the worker's last stop on.
@@ -172,6 +173,12 @@ export interface CheckerConfig {
   readonly stopAllowanceMs: number;
   /** How far the persisted deadline may lag behind last heartbeat + grace. */
   readonly expiryAllowanceMs: number;
+  /**
+   * How long after a stalled stream is heard again its session may still be
+   * reaped: the hosting server persists what it heard at its next renewal
+   * tick, up to a heartbeat interval later (a hello persists at once).
+   */
+  readonly resumeAllowanceMs: number;
 }
 
 export interface Violation {
@@ -363,7 +370,7 @@ export function blackoutsOf(record: ChaosRecord): Map<string, Blackout[]> {
         add(f.target, f.start, welcomeAfter(f.target, f.end), cause);
         break;
       case "stall":
-        add(f.target, f.start, contactAfter(f.target, f.end), cause);
+        add(f.target, f.start, contactAfter(f.target, f.end) + record.config.resumeAllowanceMs, cause);
         break;
       case "server-kill": {
         const server = Number(f.target.replace("server-", ""));

@@ -26,6 +26,7 @@ import {
   readFileSync,
   rmSync,
   statSync,
+  writeFileSync,
 } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -161,6 +162,8 @@ function spawnChild(
     },
     kill() {
       killed = true;
+      // Its pid may belong to another process by now.
+      if (gone) return;
       try {
         process.kill(-pid, "SIGKILL");
       } catch {
@@ -480,6 +483,7 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
         heartbeatMs,
         stopAllowanceMs: STOP_ALLOWANCE_MS,
         expiryAllowanceMs: 2 * heartbeatMs + EXPIRY_SLACK_MS,
+        resumeAllowanceMs: heartbeatMs + EXPIRY_SLACK_MS,
       },
       submitted,
       agentLines,
@@ -489,6 +493,8 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
       db,
       unexpectedExits: exits,
     };
+    // Everything the checker read, to check again offline: `run.ts --check <dir>/record.json`.
+    writeFileSync(join(dir, "record.json"), JSON.stringify(record));
     const result = checkChaos(record);
     const summary = summarize(options, record, result, {
       plan,
@@ -777,12 +783,25 @@ function summarize(
   return lines.join("\n");
 }
 
-/** The CLI: `tsx test/chaos/run.ts [--seed N] [--duration 20m] [--actions N] [--agents N] [--keep]`. */
+/**
+ * The CLI: `tsx test/chaos/run.ts [--seed N] [--duration 20m] [--actions N] [--agents N] [--keep]`,
+ * or `--check <run dir>/record.json` to check a kept run again.
+ */
 async function main(argv: readonly string[]): Promise<number> {
   const flag = (name: string) => {
     const i = argv.indexOf(`--${name}`);
     return i >= 0 ? argv[i + 1] : undefined;
   };
+  const recorded = flag("check");
+  if (recorded) {
+    // Checks a kept run again (e.g. after a change of the checker), without running anything.
+    const { violations, facts } = checkChaos(JSON.parse(readFileSync(recorded, "utf8")) as ChaosRecord);
+    process.stdout.write(
+      `${facts.executions.length} executions, ${facts.reapedSessions} sessions reaped; violations: ${violations.length}\n`,
+    );
+    for (const v of violations) process.stdout.write(`  [${v.rule}] ${v.actionId ?? ""} ${v.message}\n`);
+    return violations.length === 0 ? 0 : 1;
+  }
   const stale = staleBuild();
   if (stale) {
     process.stderr.write(

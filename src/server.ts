@@ -331,7 +331,11 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           feed.publish(QUEUE_TOPIC);
           feed.publish(EVENTS_TOPIC);
         },
-        ...(overrides.onDatabaseCheck ? { checked: overrides.onDatabaseCheck } : {}),
+        checked: (check) => {
+          // Even one failed check: the deadlines stored meanwhile may be stale (see databaseFailed).
+          if (!check.ok) manager.databaseFailed();
+          overrides.onDatabaseCheck?.(check);
+        },
       });
       cleanup.push(async () => watch.stop());
     }

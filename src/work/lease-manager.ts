@@ -121,6 +121,12 @@ export interface LeaseManager extends AsyncDisposable {
    * lost stream when the loops are driven by hand.
    */
   nextReap(): Date | undefined;
+  /**
+   * The database failed to answer this process (a check of the database
+   * watch): the reaper extends every live session before it reaps again, so
+   * that an outage shorter than the grace period expires nothing.
+   */
+  databaseFailed(): void;
   /** One round of each loop, for tests that drive time by hand. */
   readonly tick: {
     renew(): Promise<void>;
@@ -516,6 +522,15 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     publishActions,
   });
   const audit = createAudit({ db, hosted, revoke: (...args) => revokeHosted(...args) });
+  /** A renewal; one that fails tells the reaper that the stored deadlines may be stale. */
+  const renew = async () => {
+    try {
+      await renewal.renew();
+    } catch (error) {
+      reaper.databaseFailed();
+      throw error;
+    }
+  };
 
   /**
    * Runs `fn` every `ms`, never overlapping itself. A failure is logged once
@@ -557,7 +572,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (timersOn) {
-      every(options.heartbeatIntervalMs, "session renewal", renewal.renew);
+      every(options.heartbeatIntervalMs, "session renewal", renew);
       reaper.start();
       // A poll for actions queued by other processes or waiting out a retry backoff.
       every(options.dispatchPollMs ?? 1000, "dispatch poll", async () => scheduleDispatch());
@@ -646,8 +661,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       return true;
     },
     nextReap: () => reaper.next(),
+    databaseFailed: () => reaper.databaseFailed(),
     tick: {
-      renew: () => renewal.renew(),
+      renew,
       reap: () => reaper.reap(),
       audit,
       dispatch: async () => {

@@ -242,4 +242,58 @@ describe("lease upkeep", () => {
     await tick().reap();
     expect(await expiredActions()).toEqual([second]);
   });
+
+  it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {
+    await t[Symbol.asyncDispose]();
+    let reapBroken = false;
+    const dialect = new PgDialect();
+    t = await start({
+      wrapDb: (db) =>
+        new Proxy(db, {
+          get(target, property, receiver) {
+            if (property !== "execute") return Reflect.get(target, property, receiver);
+            return (query: Parameters<typeof target.execute>[0]) => {
+              const text = typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql;
+              if (reapBroken && /with watched as/.test(text))
+                return Promise.reject(new Error("connection lost (injected)"));
+              return target.execute(query);
+            };
+          },
+        }),
+    });
+    // Its stream gone, the session's stored deadline is what another process would have renewed
+    // had the database answered: here nobody vouches for it, as for another process's session.
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    w.drop();
+    await waitForLog("worker stream lost");
+
+    // The reaper's own statement fails (the database is gone) and the deadline passes meanwhile.
+    reapBroken = true;
+    await expect(tick().reap()).rejects.toThrow(/injected/);
+    clock.advance(GRACE_MS + 1000);
+    reapBroken = false;
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    await waitForLog(
+      "the database failed since the last reap: live sessions get a grace period from now before any is reaped",
+    );
+
+    // The worker is back within the grace period counted from the database's return: nothing lost.
+    const back = await worker("w1", { held: [lease(grant)] });
+    expect(back.welcome.resumed.map((l) => l.actionId)).toEqual([id]);
+    back.drop();
+    await waitForLog("worker stream lost");
+
+    // A failed check of the database watch does the same; without one, expiry is as usual.
+    t.server.leases.databaseFailed();
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([id]);
+  });
 });

@@ -68,6 +68,38 @@ async function extendOnce(
 }
 
 /**
+ * The restart extension after a database outage, run by each process's reaper
+ * before its first reap once the database answers again: while it was gone
+ * no process could renew, so every stored deadline is stale, and the first
+ * reaper back would otherwise reap the sessions other processes host at
+ * deadlines their workers' heartbeats had long moved (rule 7 covers only a
+ * process's own sessions). Like a start (rule 6): every live session heard
+ * within `maxSilenceMs` gets a deadline of at least now + grace; unlike a
+ * start, no stream is marked lost (the processes hosting them are alive).
+ * Writes only the rows it moves. Returns how many it extended.
+ */
+export async function extendSessionsAfterOutage(
+  db: Db,
+  clock: Clock,
+  options: { graceMs: number; maxSilenceMs: number },
+): Promise<number> {
+  const now = clock.now();
+  const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
+  const [row] = await queryRows<{ n: unknown }>(
+    db,
+    sql`
+      with extended as (
+        update sessions set deadline = ${now} + ${ms(options.graceMs)}
+        where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+          and deadline < ${now} + ${ms(options.graceMs)}
+        returning 1
+      )
+      select count(*) as n from extended`,
+  );
+  return Number(row?.n ?? 0);
+}
+
+/**
  * The restart extension again, for the sessions a restarted process is still
  * taking back: live sessions not heard from since `since` (the moment this
  * process started; a session whose worker reconnected anywhere, or that a

@@ -2,6 +2,7 @@ import type { Logger } from "pino";
 import type { Clock } from "../../store/clock.js";
 import { refreshClusterHealth } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
+import { extendSessionsAfterOutage } from "../../store/queries/extend-sessions-on-start.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
 import { type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../change-feed.js";
 import type { HostedSessions } from "./hosted.js";
@@ -42,6 +43,13 @@ export interface Reaper {
   start(): void;
   /** When the reaper is due next (database clock); undefined before the first plan. */
   next(): Date | undefined;
+  /**
+   * A statement of this process failed for want of the database (a check, a
+   * renewal, a reap): before its next reap, the reaper gives every live
+   * session a grace period from now (`extendSessionsAfterOutage`), so that an
+   * outage shorter than the grace period expires nothing.
+   */
+  databaseFailed(): void;
   stop(): void;
 }
 
@@ -70,6 +78,8 @@ export function createReaper(deps: {
   let again = false;
   let failing = false;
   let stopped = false;
+  /** The database failed since the last reap: extend before reaping (see `databaseFailed`). */
+  let outage = false;
 
   /** `replace` sets the plan after a reap; otherwise only an earlier time moves it. */
   function plan(at: number, dbOffsetMs: number, replace: boolean): void {
@@ -149,6 +159,27 @@ export function createReaper(deps: {
   }
 
   async function reap(): Promise<void> {
+    try {
+      await reapAll();
+    } catch (error) {
+      outage = true;
+      throw error;
+    }
+  }
+
+  async function reapAll(): Promise<void> {
+    if (outage) {
+      const extended = await extendSessionsAfterOutage(db, clock, {
+        graceMs: deps.graceMs,
+        maxSilenceMs: deps.maxSilenceMs,
+      });
+      outage = false;
+      if (extended > 0)
+        log.warn(
+          { sessions: extended },
+          "the database failed since the last reap: live sessions get a grace period from now before any is reaped",
+        );
+    }
     for (;;) {
       const result = await reapSessions(db, clock, {
         limit: REAP_BATCH,
@@ -172,6 +203,9 @@ export function createReaper(deps: {
     wakeAt: (at, dbOffsetMs) => plan(at, dbOffsetMs, false),
     start: () => plan(Date.now() + pollMs, 0, true),
     next: () => (atDbMs === Number.POSITIVE_INFINITY ? undefined : new Date(atDbMs)),
+    databaseFailed() {
+      outage = true;
+    },
     stop() {
       stopped = true;
       if (timer) clearTimeout(timer);

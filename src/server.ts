@@ -29,6 +29,7 @@ import {
   isTransientConnectError,
   openDatabaseWhenReachable,
   redactUrl,
+  retryDelay,
 } from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
@@ -380,18 +381,9 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       // This attempt's part only: the port and its security stay.
       for (const fn of cleanup.splice(1).reverse()) await fn().catch(() => {});
       log.warn({ err: error, attempt }, "database lost while starting; starting again behind the open port");
-      const step = Math.min(5000, 100 * 2 ** Math.min(attempt - 1, 30));
-      const signal = overrides.signal;
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(done, step / 2 + Math.random() * (step / 2));
-        signal?.addEventListener("abort", done, { once: true });
-        function done() {
-          clearTimeout(timer);
-          signal?.removeEventListener("abort", done);
-          resolve();
-        }
-      });
-      if (!signal?.aborted) return startBehindPort(front, attempt + 1);
+      // The first wait's backoff; an abort ends the wait, and the start below.
+      await retryDelay(attempt, overrides.signal).catch(() => {});
+      if (!overrides.signal?.aborted) return startBehindPort(front, attempt + 1);
     }
     // Stopped while it waited to start again: that is why it stops, not the lost database.
     const reason = overrides.signal?.aborted ? overrides.signal.reason : error;

@@ -154,12 +154,25 @@ export async function openDatabaseWhenReachable(
       if (!options.url || !isTransientConnectError(error)) throw error;
       if (attempt === 1) retry.onWaiting?.(error);
       else retry.onRetry?.(error, attempt);
-      // Doubling, capped, with "equal jitter": never less than half the step,
-      // so that servers restarted together do not hammer the database in step.
-      const step = Math.min(max, initial * 2 ** Math.min(attempt - 1, 30));
-      await abortableDelay(step / 2 + Math.random() * (step / 2), retry.signal);
+      await retryDelay(attempt, retry.signal, initial, max);
     }
   }
+}
+
+/**
+ * The wait before try `attempt + 1` at reaching the database: doubling from
+ * `initialMs`, capped at `maxMs`, with "equal jitter" (never less than half
+ * the step, so that servers restarted together do not hammer the database in
+ * step). Rejects with the signal's reason when it aborts.
+ */
+export function retryDelay(
+  attempt: number,
+  signal: AbortSignal | undefined,
+  initialMs = 100,
+  maxMs = 5000,
+): Promise<void> {
+  const step = Math.min(maxMs, initialMs * 2 ** Math.min(attempt - 1, 30));
+  return abortableDelay(step / 2 + Math.random() * (step / 2), signal);
 }
 
 /**

@@ -36,6 +36,12 @@ export interface ServerConfig {
   readonly dispatchPollMs: number;
   /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */
   readonly metricsListen: string | undefined;
+  /**
+   * host:port of the web console (the page, and the v1 API over Connect), or
+   * undefined when off (the default). Beyond loopback it needs what `listen`
+   * needs: TLS and credentials, or `insecure`.
+   */
+  readonly consoleListen: string | undefined;
   /** OTLP/HTTP traces endpoint (`http(s)://host:port/v1/traces`); undefined: no tracing (the default). */
   readonly otlpEndpoint: string | undefined;
   /** TTL of a scope lease created without one. Default 1 h. */
@@ -119,6 +125,7 @@ export interface RawServerOptions {
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
+  readonly consoleListen?: string | undefined;
   readonly otlpEndpoint?: string | undefined;
   readonly leaseDefaultTtl?: string | undefined;
   readonly leaseMaxTtl?: string | undefined;
@@ -181,21 +188,11 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const insecure = raw.insecure ?? false;
   const tls = parseTls(raw);
   const auth = parseAuth(raw, tls);
-  if (!isLoopback(host)) {
-    if ((auth.tokensFile || auth.jwt) && !tls) {
-      // Even with --insecure: a token sent in plaintext is a token given away.
-      throw configError(
-        "--listen",
-        `${host} is beyond loopback and bearer tokens are configured without TLS, so tokens would cross the network in plaintext; add --tls-cert and --tls-key`,
-      );
-    }
-    if (!insecure && !(tls && auth.enabled)) {
-      throw configError(
-        "--listen",
-        `${host} accepts connections from other machines, so it needs TLS (--tls-cert, --tls-key) and credentials ` +
-          "(--tls-client-ca, --auth-tokens or --jwt-jwks, with --auth-policy); or listen on 127.0.0.1, or pass --insecure to accept unauthenticated clients from the network",
-      );
-    }
+  checkExposure("--listen", host, { insecure, tls, auth });
+  const consoleListen = raw.consoleListen && raw.consoleListen !== "off" ? raw.consoleListen : undefined;
+  if (consoleListen) {
+    const { host: consoleHost } = parseListen(consoleListen, "--console-listen");
+    checkExposure("--console-listen", consoleHost, { insecure, tls, auth });
   }
   const gracePeriodMs = parseDuration("--grace-period", raw.gracePeriod ?? DEFAULTS.gracePeriod);
   if (gracePeriodMs < 2000) throw configError("--grace-period", "must be at least 2s");
@@ -269,6 +266,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     partitionShare,
     dispatchPollMs,
     metricsListen,
+    consoleListen,
     otlpEndpoint,
     leaseDefaultTtlMs,
     leaseMaxTtlMs,
@@ -278,6 +276,31 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     tls,
     auth,
   });
+}
+
+/**
+ * A port beyond loopback needs TLS and credentials (or --insecure); bearer
+ * tokens never cross the network in plaintext, even with --insecure.
+ */
+function checkExposure(
+  option: string,
+  host: string,
+  { insecure, tls, auth }: { insecure: boolean; tls: TlsConfig | undefined; auth: AuthConfig },
+): void {
+  if (isLoopback(host)) return;
+  if ((auth.tokensFile || auth.jwt) && !tls) {
+    throw configError(
+      option,
+      `${host} is beyond loopback and bearer tokens are configured without TLS, so tokens would cross the network in plaintext; add --tls-cert and --tls-key`,
+    );
+  }
+  if (!insecure && !(tls && auth.enabled)) {
+    throw configError(
+      option,
+      `${host} accepts connections from other machines, so it needs TLS (--tls-cert, --tls-key) and credentials ` +
+        "(--tls-client-ca, --auth-tokens or --jwt-jwks, with --auth-policy); or listen on 127.0.0.1, or pass --insecure to accept unauthenticated clients from the network",
+    );
+  }
 }
 
 function parseTls(raw: RawServerOptions): TlsConfig | undefined {

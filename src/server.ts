@@ -5,6 +5,7 @@ import { sql } from "drizzle-orm";
 import type { Logger } from "pino";
 import type { Access } from "./auth/access.js";
 import { parseListen, type ServerConfig } from "./config.js";
+import { type ConsoleServer, serveConsole } from "./console/server.js";
 import { Code, LeaseholdError } from "./errors.js";
 import { ActionService } from "./gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "./gen/leasehold/v1/cluster_pb.js";
@@ -13,8 +14,9 @@ import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
+import type { Authenticator } from "./rpc/authenticator.js";
 import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
-import { createRpcServer } from "./rpc/server.js";
+import { createRpcServer, refusalLogger } from "./rpc/server.js";
 import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
@@ -47,6 +49,8 @@ export interface LeaseholdServer extends AsyncDisposable {
   readonly port: number;
   /** The port of `/metrics`, if served. */
   readonly metricsPort: number | undefined;
+  /** The port of the web console, if served (`--console-listen`). */
+  readonly consolePort: number | undefined;
   /** This process's id, shown on the sessions it hosts. */
   readonly serverId: string;
   /** The work-lease machinery (tests drive its loops by hand with a fake clock). */
@@ -65,6 +69,8 @@ export interface LeaseholdServer extends AsyncDisposable {
 
 /** Test seams (production uses the defaults), and a way to stop a server still starting. */
 export interface ServerOverrides {
+  /** Where the console's page is (tests); default the built one in dist/. */
+  readonly consoleStaticDir?: string;
   /** Clock for lease arithmetic. Default: the database clock. */
   readonly clock?: Clock;
   /** Run the lease loops on timers. Default true. */
@@ -130,11 +136,12 @@ export async function startServer(
   const gate = createStartupGate();
   // Certificates, tokens and policy are read before anything else: a bad file stops the start.
   const security = createServerSecurity(config, log);
+  const authenticator: Authenticator | undefined = overrides.accessOf
+    ? { authenticate: (call) => (overrides.accessOf as (m: grpc.Metadata) => Access)(call.metadata) }
+    : security.authenticator;
   const rpc = await createRpcServer(config.listen, security.credentials, {
     log,
-    authenticator: overrides.accessOf
-      ? { authenticate: (call) => (overrides.accessOf as (m: grpc.Metadata) => Access)(call.metadata) }
-      : security.authenticator,
+    authenticator,
     reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
@@ -148,7 +155,10 @@ export async function startServer(
     { port: rpc.port, listen: config.listen, serverId, tls: Boolean(config.tls), auth: config.auth.enabled },
     "listening; NOT_SERVING until ready",
   );
-  return startBehindPort({ config, log, overrides, serverId, clock, limits, timers, gate, security, rpc }, 1);
+  return startBehindPort(
+    { config, log, overrides, serverId, clock, limits, timers, gate, security, authenticator, rpc },
+    1,
+  );
 }
 
 /** What {@link startBehindPort} starts behind: the bound port and what was read before binding it. */
@@ -162,6 +172,8 @@ interface Front {
   readonly timers: boolean;
   readonly gate: ReturnType<typeof createStartupGate>;
   readonly security: ServerSecurity;
+  /** The port's authentication, which the console shares. */
+  readonly authenticator: Authenticator | undefined;
   readonly rpc: Awaited<ReturnType<typeof createRpcServer>>;
 }
 
@@ -174,7 +186,8 @@ interface Front {
  * is not the database being unreachable ends it.
  */
 async function startBehindPort(front: Front, attempt: number): Promise<LeaseholdServer> {
-  const { config, log, overrides, serverId, clock, limits, timers, gate, security, rpc } = front;
+  const { config, log, overrides, serverId, clock, limits, timers, gate, security, authenticator, rpc } =
+    front;
   // Everything behind the port, closed in reverse order after the port.
   const cleanup: (() => Promise<void>)[] = [async () => security.close()];
   const unwind = async () => {
@@ -306,16 +319,42 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     }
 
     const hellos = countHellos(manager);
-    gate.open([
+    // The API every client reads; the console serves the same implementations but the agents' stream.
+    const api = [
       actionServiceBinding(actions, tracing),
       eventServiceBinding(events),
-      workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
       clusterServiceBinding({ db, clock, leases: manager, feed }),
       leaseServiceBinding(scope, events),
       resourceServiceBinding(scope),
+    ];
+    gate.open([
+      ...api,
+      workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
     ]);
+
+    let consoleServer: ConsoleServer | undefined;
+    if (config.consoleListen) {
+      const { host, port } = parseListen(config.consoleListen, "--console-listen");
+      consoleServer = await serveConsole({
+        host,
+        port,
+        services: api,
+        log: log.child({ component: "console" }),
+        authenticator,
+        onRefused: refusalLogger(log),
+        tls: security.tls?.material,
+        maxRequestBytes: config.maxFileBytes + 1024 * 1024,
+        ...(overrides.consoleStaticDir ? { staticDir: overrides.consoleStaticDir } : {}),
+      }).catch((error: unknown) => {
+        throw listenFailure("--console-listen", config.consoleListen as string, error);
+      });
+      cleanup.push((consoleServer as ConsoleServer).close);
+    }
     rpc.markServing();
-    log.info({ port: rpc.port, listen: config.listen, metricsPort, serverId }, "leasehold serving");
+    log.info(
+      { port: rpc.port, listen: config.listen, metricsPort, console: consoleServer?.url, serverId },
+      "leasehold serving",
+    );
     // PGlite runs in this process: it cannot become unreachable, only busy.
     if (timers && database.ping) {
       // The rule that tells an outage from a busy process is in database-watch.ts.
@@ -368,6 +407,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     return {
       port: rpc.port,
       metricsPort,
+      consolePort: consoleServer?.port,
       serverId,
       leases: manager,
       scope,
@@ -396,6 +436,11 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     await unwind();
     throw reason;
   }
+}
+
+/** A port that could not be bound, named by its flag (address in use, not an address of this machine). */
+function listenFailure(option: string, address: string, error: unknown): LeaseholdError {
+  return LeaseholdError.invalidArgument(option, `cannot listen on ${address}: ${errorText(error)}`);
 }
 
 /** An error's message with its code, e.g. `connect ECONNREFUSED 127.0.0.1:5432 (ECONNREFUSED)`. */

@@ -72,6 +72,12 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--console-listen <host:port>",
+        "serve the web console (and the v1 API over Connect, HTTP/1.1 and JSON) at this address, e.g. 127.0.0.1:8080; beyond loopback it needs TLS and credentials like --listen, and uses the same ones (default: off)",
+      ).env("LEASEHOLD_CONSOLE_LISTEN"),
+    )
+    .addOption(
+      new Option(
         "--otlp-endpoint <url>",
         "export traces over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318 (default: off)",
       ).env("LEASEHOLD_OTLP_ENDPOINT"),
@@ -181,6 +187,7 @@ export function serveCommand(): Command {
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,
+          consoleListen: options.consoleListen as string | undefined,
           otlpEndpoint: options.otlpEndpoint as string | undefined,
           leaseDefaultTtl: options.leaseDefaultTtl as string,
           leaseMaxTtl: options.leaseMaxTtl as string,

@@ -414,7 +414,11 @@ export interface Refusal {
  * method's right in no cluster. Runs before the request is validated, so an
  * anonymous caller learns nothing from the shape of its request.
  */
-async function authorize(call: CallLike, deps: HandlerDeps, path: string): Promise<Access> {
+export async function authorize(
+  call: CallCredentials,
+  deps: Pick<HandlerDeps, "authenticator">,
+  path: string,
+): Promise<Access> {
   if (!deps.authenticator) return OPEN_ACCESS;
   const access = await deps.authenticator.authenticate(call);
   const right = METHOD_RIGHTS[path];
@@ -433,21 +437,30 @@ function failure(
   call: CallLike,
   access: Access | undefined,
 ) {
+  reportRefusal(error, deps.onRefused, { path, peer: call.getPeer(), access });
+  return toStatusObject(error, deps.log, path);
+}
+
+/** Passes an UNAUTHENTICATED or PERMISSION_DENIED error to `onRefused`; other errors are not refusals. */
+export function reportRefusal(
+  error: unknown,
+  onRefused: ((refusal: Refusal) => void) | undefined,
+  call: { readonly path: string; readonly peer: string; readonly access: Access | undefined },
+): void {
   if (
-    deps.onRefused &&
+    onRefused &&
     error instanceof LeaseholdError &&
     (error.code === Code.Unauthenticated || error.code === Code.PermissionDenied)
   ) {
-    deps.onRefused({
-      principal: access?.actor ?? error.metadata.principal ?? "",
-      method: path,
+    onRefused({
+      principal: call.access?.actor ?? error.metadata.principal ?? "",
+      method: call.path,
       code: error.code,
       reason: error.reason ?? "",
       message: error.message,
-      peer: call.getPeer(),
+      peer: call.peer,
     });
   }
-  return toStatusObject(error, deps.log, path);
 }
 
 /** How a stream ends: OK, or the shutdown's status if the server is going away. */

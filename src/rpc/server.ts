@@ -168,7 +168,7 @@ const REFUSALS_PER_SECOND = 20;
  * {@link REFUSALS_PER_SECOND} a second so that a hostile client cannot flood
  * the log; the lines it would have cost are counted in the next one.
  */
-function refusalLogger(log: Logger): (refusal: Refusal) => void {
+export function refusalLogger(log: Logger): (refusal: Refusal) => void {
   let second = 0;
   let logged = 0;
   let suppressed = 0;

@@ -131,6 +131,26 @@ function logUnexpected(log: Logger, method: string, error: LeaseholdError): void
  * error holds.
  */
 export function toStatusObject(error: unknown, log: Logger, method: string): StatusObject {
+  const { code, message, details } = toStatus(error, log, method);
+  const metadata = new Metadata();
+  const status = create(StatusSchema, { code, message, details: [...details] });
+  metadata.set("grpc-status-details-bin", Buffer.from(toBinary(StatusSchema, status)));
+  // Code mirrors the wire numbers, so it is a valid grpc-js Status.
+  return { code: code as number as status, details: message, metadata };
+}
+
+/** The parts of a google.rpc.Status, whatever protocol carries them. */
+export interface StatusParts {
+  readonly code: Code;
+  readonly message: string;
+  readonly details: readonly Any[];
+}
+
+/**
+ * The status for an error, transport aside: {@link toStatusObject} sends it
+ * over gRPC, the console over Connect. INTERNAL errors are logged here.
+ */
+export function toStatus(error: unknown, log: Logger, method: string): StatusParts {
   const e = toLeaseholdError(error);
   if (e.code === Code.Internal || e.code === Code.Unknown) logUnexpected(log, method, e);
   const message = cut(e.message, MAX_MESSAGE_CHARS);
@@ -173,9 +193,5 @@ export function toStatusObject(error: unknown, log: Logger, method: string): Sta
       ),
     );
   }
-  const metadata = new Metadata();
-  const status = create(StatusSchema, { code: e.code, message, details });
-  metadata.set("grpc-status-details-bin", Buffer.from(toBinary(StatusSchema, status)));
-  // Code mirrors the wire numbers, so it is a valid grpc-js Status.
-  return { code: e.code as number as status, details: message, metadata };
+  return { code: e.code, message, details };
 }

@@ -35,8 +35,22 @@ export interface ReloadingServerCredentials {
   readonly credentials: grpc.ServerCredentials;
   /** Re-reads the files now (tests call it; a poll does it too). Resolves once applied or rejected. */
   reload(): Promise<ReloadOutcome>;
+  /** The same certificates for an HTTPS server (the console), following each rotation. */
+  readonly material: TlsMaterialSource;
   /** Stops watching the files; the certificates in force stay in force. */
   close(): void;
+}
+
+/** Certificates in force for a Node HTTPS server, and word of each rotation. */
+export interface TlsMaterialSource {
+  /** The certificate, key and client CA in force, as `tls.createSecureContext` takes them. */
+  current(): { cert: Buffer; key: Buffer; ca?: Buffer };
+  /** Whether to ask clients for a certificate (there is a client CA). */
+  readonly requestCert: boolean;
+  /** Whether a connection without a verified client certificate is refused (`--tls-client-auth require`). */
+  readonly rejectUnauthorized: boolean;
+  /** Calls `listener` with the new material after each rotation; returns its off. */
+  onChange(listener: (material: { cert: Buffer; key: Buffer; ca?: Buffer }) => void): () => void;
 }
 
 /** What the files held, checked. */
@@ -87,6 +101,7 @@ export function createReloadingServerCredentials(
   let current = checkTlsMaterial(files, initial, now());
 
   const identityListeners = new Set<IdentityListener>();
+  const materialListeners = new Set<(material: ReturnType<TlsMaterialSource["current"]>) => void>();
   const caListeners = new Set<CaListener>();
   const sendIdentity = (listener: IdentityListener) =>
     listener({ certificate: current.cert, privateKey: current.key });
@@ -151,6 +166,7 @@ export function createReloadingServerCredentials(
       // a consistent one (the CA is independent of the certificate and key).
       if (identityChanged) for (const listener of identityListeners) sendIdentity(listener);
       if (caChanged) for (const listener of caListeners) sendCa(listener);
+      for (const listener of materialListeners) listener(materialOf(next));
       log.info(
         {
           certFile: files.certFile,
@@ -165,7 +181,17 @@ export function createReloadingServerCredentials(
     },
   });
 
-  return { credentials, reload: reloader.reload, close: reloader.close };
+  const materialOf = (m: TlsMaterial) => ({ cert: m.cert, key: m.key, ...(m.ca ? { ca: m.ca } : {}) });
+  const material: TlsMaterialSource = {
+    current: () => materialOf(current),
+    requestCert: files.clientCaFile !== undefined,
+    rejectUnauthorized: requireClientCertificate,
+    onChange(listener) {
+      materialListeners.add(listener);
+      return () => materialListeners.delete(listener);
+    },
+  };
+  return { credentials, material, reload: reloader.reload, close: reloader.close };
 }
 
 /**

@@ -51,6 +51,11 @@ export async function listActions(
   if (filter.state) conditions.push(sql`state = ${filter.state}`);
   if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
   if (filter.runId) conditions.push(sql`run_id = ${filter.runId}`);
+  // events_worker_idx finds them; the attempts table has no index on its worker, and needs none elsewhere.
+  if (filter.workerId)
+    conditions.push(
+      sql`id in (select action_id from events where worker_id = ${filter.workerId} and kind = 'lease_granted')`,
+    );
   if (afterId) conditions.push(sql`id > ${afterId}`);
   const where = conditions.length > 0 ? sql`where ${sql.join(conditions, sql` and `)}` : sql``;
   const rows = await queryRows<ActionRow>(db, sql`select * from actions ${where} order by id limit ${limit}`);

@@ -105,4 +105,6 @@ export interface ActionFilter {
   readonly state?: ActionState | undefined;
   readonly cluster?: string | undefined;
   readonly runId?: string | undefined;
+  /** Actions this worker was granted, now or before (its `lease_granted` events). */
+  readonly workerId?: string | undefined;
 }

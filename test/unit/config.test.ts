@@ -14,6 +14,8 @@ describe("server config", () => {
       partitionShare: 0.5,
       dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
+      consoleListen: undefined,
+      otlpEndpoint: undefined,
       leaseDefaultTtlMs: 3_600_000,
       leaseMaxTtlMs: 86_400_000,
       maxFileBytes: 3_145_728,
@@ -67,6 +69,27 @@ describe("server config", () => {
       );
     }
     expect(parseServerConfig({ partitionShare: "1" }).partitionShare).toBe(1);
+  });
+
+  it("serves the console only when asked, under the same rules as the gRPC port beyond loopback", () => {
+    expect(parseServerConfig({ consoleListen: "off" }).consoleListen).toBeUndefined();
+    expect(parseServerConfig({ consoleListen: "127.0.0.1:8080" }).consoleListen).toBe("127.0.0.1:8080");
+    expect(() => parseServerConfig({ consoleListen: "8080" })).toThrow(
+      /^--console-listen: must be host:port/,
+    );
+    expect(() => parseServerConfig({ consoleListen: "0.0.0.0:8080" })).toThrow(
+      /^--console-listen: 0\.0\.0\.0 accepts connections from other machines, so it needs TLS/,
+    );
+    const secured = { tlsCert: "s.crt", tlsKey: "s.key", authTokens: "t.yaml" };
+    expect(parseServerConfig({ consoleListen: "0.0.0.0:8080", ...secured }).consoleListen).toBe(
+      "0.0.0.0:8080",
+    );
+    expect(() =>
+      parseServerConfig({ consoleListen: "0.0.0.0:8080", authTokens: "t.yaml", insecure: true }),
+    ).toThrow(/^--console-listen: .*tokens would cross the network in plaintext/);
+    expect(parseServerConfig({ consoleListen: "0.0.0.0:8080", insecure: true }).consoleListen).toBe(
+      "0.0.0.0:8080",
+    );
   });
 
   it("needs TLS and credentials beyond loopback, and never sends tokens in plaintext there", () => {

@@ -86,7 +86,12 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     async listActions(request, ctx) {
       ctx.access.requireListScope("action.read", request.cluster);
       const state = request.state === ActionState.UNSPECIFIED ? undefined : stateName(request.state);
-      const filter = { state, cluster: request.cluster || undefined, runId: request.runId || undefined };
+      const filter = {
+        state,
+        cluster: request.cluster || undefined,
+        runId: request.runId || undefined,
+        workerId: request.workerId || undefined,
+      };
       const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken);
       return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
     },

@@ -192,18 +192,20 @@ class GetActionResponse(_message.Message):
     def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ...) -> None: ...
 
 class ListActionsRequest(_message.Message):
-    __slots__ = ["cluster", "page_size", "page_token", "run_id", "state"]
+    __slots__ = ["cluster", "page_size", "page_token", "run_id", "state", "worker_id"]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     cluster: str
     page_size: int
     page_token: str
     run_id: str
     state: ActionState
-    def __init__(self, state: _Optional[_Union[ActionState, str]] = ..., cluster: _Optional[str] = ..., run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, state: _Optional[_Union[ActionState, str]] = ..., cluster: _Optional[str] = ..., run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class ListActionsResponse(_message.Message):
     __slots__ = ["actions", "next_page_token"]

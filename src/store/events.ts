@@ -41,17 +41,41 @@ export async function listEvents(
   afterSequence: number,
   limit: number,
 ): Promise<EventRecord[]> {
-  const conditions: SQL[] = [sql`sequence > ${afterSequence}`];
-  if (filter.actionId) conditions.push(sql`action_id = ${filter.actionId}`);
-  if (filter.workerId) conditions.push(sql`worker_id = ${filter.workerId}`);
-  if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
-  if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
-  if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
+  const conditions = [sql`sequence > ${afterSequence}`, ...filterConditions(filter)];
   const rows = await queryRows<EventRow>(
     db,
     sql`select * from events where ${sql.join(conditions, sql` and `)} order by sequence limit ${limit}`,
   );
   return rows.map(eventFromRow);
+}
+
+/** Events matching `filter` with a sequence below `beforeSequence` (any when undefined), newest first. */
+export async function listEventsBefore(
+  db: Db,
+  filter: EventFilter,
+  beforeSequence: number | undefined,
+  limit: number,
+): Promise<EventRecord[]> {
+  const conditions = [
+    beforeSequence === undefined ? sql`true` : sql`sequence < ${beforeSequence}`,
+    ...filterConditions(filter),
+  ];
+  const rows = await queryRows<EventRow>(
+    db,
+    sql`select * from events where ${sql.join(conditions, sql` and `)} order by sequence desc limit ${limit}`,
+  );
+  return rows.map(eventFromRow);
+}
+
+/** The WHERE conditions of a listing's filter (each served by an index on it and the sequence). */
+function filterConditions(filter: EventFilter): SQL[] {
+  const conditions: SQL[] = [];
+  if (filter.actionId) conditions.push(sql`action_id = ${filter.actionId}`);
+  if (filter.workerId) conditions.push(sql`worker_id = ${filter.workerId}`);
+  if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
+  if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
+  if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
+  return conditions;
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { Db } from "../store/database.js";
-import { lastEventSequence, listEvents, readEventsAfter } from "../store/events.js";
+import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
 import type { Page } from "./action-service.js";
 import { type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
@@ -7,7 +7,13 @@ import { decodeSequencePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {
-  list(filter: EventFilter, pageSize: number, pageToken: string): Promise<Page<EventRecord>>;
+  /** One page, oldest first; `newestFirst` pages from the newest event backwards. */
+  list(
+    filter: EventFilter,
+    pageSize: number,
+    pageToken: string,
+    newestFirst?: boolean,
+  ): Promise<Page<EventRecord>>;
   /**
    * Events matching `filter`, forever: stored ones after `afterSequence`
    * first (when given), then new ones as they commit.
@@ -30,10 +36,19 @@ const WATCH_BATCH = 500;
 const GAP_WAIT_MS = 2000;
 
 export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): EventService {
-  async function list(filter: EventFilter, size: number, pageToken: string): Promise<Page<EventRecord>> {
-    const after = decodeSequencePageToken(pageToken, filter);
-    const rows = await listEvents(db, filter, after, size + 1);
-    return toPage(rows, size, (e) => String(e.sequence), filter);
+  async function list(
+    filter: EventFilter,
+    size: number,
+    pageToken: string,
+    newestFirst = false,
+  ): Promise<Page<EventRecord>> {
+    // The direction is part of what a token was issued for: a token of one cannot page the other.
+    const issuedFor = newestFirst ? { ...filter, newestFirst } : filter;
+    const cursor = decodeSequencePageToken(pageToken, issuedFor);
+    const rows = newestFirst
+      ? await listEventsBefore(db, filter, pageToken === "" ? undefined : cursor, size + 1)
+      : await listEvents(db, filter, cursor, size + 1);
+    return toPage(rows, size, (e) => String(e.sequence), issuedFor);
   }
 
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {

@@ -112,6 +112,33 @@ describe("ActionService", () => {
     expect(queued.actions).toHaveLength(1);
   });
 
+  it("lists events newest first, page by page, for a feed that shows recent history and then follows", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const { action } = await api.submitAction({ cluster: "newest" });
+      ids.push(action?.id ?? "");
+    }
+    const events = t.client(EventService);
+    const seen: string[] = [];
+    const sequences: bigint[] = [];
+    let pageToken = "";
+    do {
+      const page = await events.listEvents({ cluster: "newest", pageSize: 2, pageToken, newestFirst: true });
+      seen.push(...page.events.map((e) => e.actionId));
+      sequences.push(...page.events.map((e) => e.sequence));
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    expect(seen).toEqual([...ids].reverse());
+    expect([...sequences].sort((a, b) => (a > b ? -1 : 1))).toEqual(sequences);
+    // A token of one direction does not page the other.
+    const first = await events.listEvents({ cluster: "newest", pageSize: 2, newestFirst: true });
+    await expectStatus(
+      events.listEvents({ cluster: "newest", pageSize: 2, pageToken: first.nextPageToken }),
+      Code.InvalidArgument,
+      /^page_token: was issued for different filters/,
+    );
+  });
+
   it("refuses a page token used with other filters", async () => {
     await api.submitAction({ cluster: "tok" });
     await api.submitAction({ cluster: "tok" });

@@ -83,6 +83,12 @@ describe("the console's Connect API", () => {
     expect(again.status).toBe(304);
     const script = await raw(port, { path: "/app.js", headers: { host: `[::1]:${port}` } });
     expect(script.headers["content-type"]).toBe("text/javascript; charset=utf-8");
+    expect(script.body).toBe("export {};");
+    const gzipped = await raw(port, {
+      path: "/app.js",
+      headers: { host: `127.0.0.1:${port}`, "accept-encoding": "gzip, br" },
+    });
+    expect(gzipped.headers["content-encoding"]).toBe("gzip");
   });
 
   it("answers unary calls in JSON from the same implementations as the gRPC port", async () => {

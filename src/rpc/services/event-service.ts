@@ -16,7 +16,12 @@ export function eventServiceBinding(events: Events): ServiceBinding {
   return bind(EventService, {
     async listEvents(request, ctx) {
       ctx.access.requireListScope("event.read", request.cluster);
-      const page = await events.list(toFilter(request), pageSize(request.pageSize), request.pageToken);
+      const page = await events.list(
+        toFilter(request),
+        pageSize(request.pageSize),
+        request.pageToken,
+        request.newestFirst,
+      );
       return { events: page.items.map(toProtoEvent), nextPageToken: page.nextPageToken };
     },
     async *watchEvents(request, ctx) {

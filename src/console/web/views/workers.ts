@@ -1,0 +1,154 @@
+/**
+ * Workers: who is connected, who is in grace and for how long, and what each
+ * holds. The deadline column counts down live between refetches.
+ */
+import { type Worker, WorkerStateSchema } from "../../../gen/leasehold/v1/cluster_pb.js";
+import { collectPages } from "../api.js";
+import { h, setChildren } from "../dom.js";
+import { enumName, enumValue, shortId, toMs } from "../format.js";
+import { actionHref, href } from "../router.js";
+import { ago, badge, cmd, countdown, muted, NONE, table } from "../widgets.js";
+import {
+  CLUSTER_LIST_ID,
+  selectFilter,
+  textFilter,
+  type View,
+  type ViewContext,
+  viewHeader,
+} from "./view.js";
+
+/** Workers shown at most (ListWorkers pages are followed up to this many). */
+const WORKER_LIMIT = 1000;
+
+const STATES = [
+  ["", "any"],
+  ["CONNECTED", "connected"],
+  ["IN_GRACE", "in grace"],
+  ["OFFLINE", "offline"],
+] as const;
+
+export function workersView(ctx: ViewContext): View {
+  const filter = {
+    cluster: ctx.route.params.get("cluster") ?? "",
+    state: ctx.route.params.get("state") ?? "",
+  };
+  const changed = (): void => {
+    ctx.setQuery(filter);
+    ctx.refreshNow();
+  };
+  const content = h("div", { class: "content" });
+  const element = h(
+    "section",
+    { class: "view" },
+    viewHeader(
+      "Workers",
+      textFilter(
+        "Cluster",
+        filter.cluster,
+        (v) => {
+          filter.cluster = v;
+          changed();
+        },
+        { list: CLUSTER_LIST_ID },
+      ),
+      selectFilter("State", STATES, filter.state, (v) => {
+        filter.state = v;
+        changed();
+      }),
+    ),
+    content,
+  );
+
+  function row(w: Worker, now: number): HTMLTableRowElement {
+    const state = enumName(WorkerStateSchema, w.state);
+    const deadline = toMs(w.session?.deadline);
+    const lost = toMs(w.session?.streamLostTime);
+    return h(
+      "tr",
+      { "data-worker": w.workerId, "data-state": state },
+      h(
+        "td",
+        null,
+        // Worker ids are chosen by operators (hostnames and the like): shown whole.
+        h(
+          "a",
+          { href: href("/actions", { worker: w.workerId }), class: "id", title: "Show its actions" },
+          w.workerId,
+        ),
+      ),
+      h("td", null, h("a", { href: href("/workers", { cluster: w.cluster }) }, w.cluster)),
+      h("td", null, badge(state)),
+      h("td", null, w.draining ? badge("DRAINING", "draining") : NONE),
+      h("td", { class: "num" }, `${w.heldLeases.length}/${w.capacity}`),
+      h(
+        "td",
+        null,
+        w.heldLeases.length === 0
+          ? NONE
+          : w.heldLeases.map((l) =>
+              h(
+                "a",
+                { href: actionHref(l.actionId), class: "lease-chip", title: l.actionId },
+                h("code", null, shortId(l.actionId)),
+                ` epoch ${l.epoch}`,
+              ),
+            ),
+      ),
+      h(
+        "td",
+        { class: "deadline" },
+        deadline === undefined ? NONE : countdown(deadline, now),
+        lost === undefined ? null : h("div", { class: "muted" }, "stream lost ", ago(lost, now)),
+      ),
+      h("td", null, ago(toMs(w.lastSeenTime), now)),
+      h("td", null, w.agentVersion === "" ? NONE : muted(w.agentVersion)),
+    );
+  }
+
+  return {
+    element,
+    async refresh(signal) {
+      const { items, more } = await collectPages(WORKER_LIMIT, async (pageToken, pageSize) => {
+        const page = await ctx.api.clusters.listWorkers(
+          {
+            cluster: filter.cluster,
+            state: enumValue(WorkerStateSchema, filter.state) ?? 0,
+            pageSize,
+            pageToken,
+          },
+          { signal },
+        );
+        return { items: page.workers, nextPageToken: page.nextPageToken };
+      });
+      const now = ctx.clock.now();
+      const filtered = filter.cluster !== "" || filter.state !== "";
+      setChildren(
+        content,
+        table(
+          [
+            "Worker",
+            "Cluster",
+            "State",
+            "Draining",
+            "Slots",
+            "Held leases",
+            "Deadline",
+            "Last seen",
+            "Agent",
+          ],
+          items.map((w) => row(w, now)),
+          filtered
+            ? "No workers match these filters."
+            : ["No workers yet: start an agent with ", cmd("leasehold agent --cluster NAME"), "."],
+        ),
+        more
+          ? h(
+              "p",
+              { class: "note" },
+              `Showing the first ${WORKER_LIMIT} workers: filter by cluster or state.`,
+            )
+          : null,
+      );
+    },
+  };
+}

@@ -107,26 +107,28 @@ export function hasCode(error: unknown, code: Code): boolean {
   return ConnectError.from(error).code === code;
 }
 
-/** A page of a List method, with its items picked out. */
-export interface Page<T> {
-  items: T[];
-  nextPageToken: string;
+/** The paging fields of a List request (AIP-158). */
+export interface Paging {
+  pageToken: string;
+  pageSize: number;
 }
 
 /**
- * Reads pages until `limit` items or the last page: `fetchPage` gets the
- * token and how many items are still wanted (at most 1000, the APIs' page
- * limit). `more` says the list goes on past `limit`.
+ * Reads pages until `limit` items or the last page: `list` gets the token
+ * and how many items are still wanted (at most 1000, the APIs' page limit),
+ * `itemsOf` picks the items out of a response. `more` says the list goes on
+ * past `limit`.
  */
-export async function collectPages<T>(
+export async function collectPages<R extends { nextPageToken: string }, T>(
   limit: number,
-  fetchPage: (pageToken: string, pageSize: number) => Promise<Page<T>>,
+  list: (paging: Paging) => Promise<R>,
+  itemsOf: (response: R) => readonly T[],
 ): Promise<{ items: T[]; more: boolean }> {
   const items: T[] = [];
   let token = "";
   do {
-    const page = await fetchPage(token, Math.min(1000, limit - items.length));
-    items.push(...page.items);
+    const page = await list({ pageToken: token, pageSize: Math.min(1000, limit - items.length) });
+    items.push(...itemsOf(page));
     token = page.nextPageToken;
   } while (token !== "" && items.length < limit);
   return { items: items.slice(0, limit), more: token !== "" };

@@ -20,6 +20,20 @@ export function enumValue(schema: DescEnum, name: string | null): number | undef
   return schema.values.find((v) => v.localName === name)?.number;
 }
 
+/**
+ * An enum as a select's [value, text] choices: `["", "any"]` first, then each
+ * value but the UNSPECIFIED one by its short name, shown as `label` says.
+ */
+export function enumChoices(
+  schema: DescEnum,
+  label: (name: string) => string,
+): readonly (readonly [string, string])[] {
+  return [
+    ["", "any"],
+    ...schema.values.filter((v) => v.number !== 0).map((v) => [v.localName, label(v.localName)] as const),
+  ];
+}
+
 /** `IN_GRACE` → `IN GRACE`: a state name as a badge shows it. */
 export function spaced(name: string): string {
   return name.replaceAll("_", " ");

@@ -163,3 +163,16 @@ export function cmd(text: string): HTMLElement {
 export function muted(...children: Child[]): HTMLElement {
   return h("span", { class: "muted" }, children);
 }
+
+/**
+ * Attributes for a table row that opens `target` when clicked anywhere;
+ * links inside the row keep their own target.
+ */
+export function linkRow(target: string): Attrs {
+  return {
+    class: "link-row",
+    onclick: (e) => {
+      if (!(e.target instanceof Element && e.target.closest("a"))) location.hash = target;
+    },
+  };
+}

@@ -2,7 +2,6 @@
  * One action explained (ExplainAction): where it is now, each attempt and
  * what its session went through, and the timeline of its lease history.
  */
-import type { JsonObject } from "@bufbuild/protobuf";
 import {
   type Action,
   ActionStateSchema,
@@ -12,43 +11,29 @@ import {
   type TimelineStep,
 } from "../../../gen/leasehold/v1/action_pb.js";
 import { EventKindSchema } from "../../../gen/leasehold/v1/event_pb.js";
-import { type Child, h, setChildren } from "../dom.js";
+import { type Child, h } from "../dom.js";
 import { enumName, kindLabel, toMs } from "../format.js";
 import { href } from "../router.js";
 import { ago, badge, clock, countdown, idText, muted, NONE, table } from "../widgets.js";
-import type { View, ViewContext } from "./view.js";
+import { detailHeader, foldedJson, summaryGrid } from "./detail.js";
+import { createView, type View, type ViewContext } from "./view.js";
 
 export function actionView(ctx: ViewContext): View {
   const id = ctx.route.id;
-  const content = h("div", { class: "content" });
-  const element = h(
-    "section",
-    { class: "view" },
-    h(
-      "header",
-      { class: "view-head" },
-      h("h1", null, "Action ", h("code", { class: "id-full" }, id)),
-      h("div", { class: "filters" }, h("a", { href: "#/actions" }, "← all actions")),
-    ),
-    content,
-  );
+  const header = detailHeader("Action", id, { href: "#/actions", text: "← all actions" });
 
-  return {
-    element,
-    async refresh(signal) {
-      const explained = await ctx.api.actions.explainAction({ actionId: id }, { signal });
-      const now = ctx.clock.now();
-      setChildren(
-        content,
-        explained.action ? summary(explained.action, now) : null,
-        h("h2", null, "Attempts"),
-        attempts(explained.attempts, now),
-        h("h2", null, "Timeline"),
-        timeline(explained),
-        explained.action ? payloads(explained.action) : null,
-      );
-    },
-  };
+  return createView(header, async (signal) => {
+    const explained = await ctx.api.actions.explainAction({ actionId: id }, { signal });
+    const now = ctx.clock.now();
+    return [
+      explained.action ? summary(explained.action, now) : null,
+      h("h2", null, "Attempts"),
+      attempts(explained.attempts, now),
+      h("h2", null, "Timeline"),
+      timeline(explained),
+      explained.action ? payloads(explained.action) : null,
+    ];
+  });
 }
 
 /** The action's header: state, epoch, cluster, holder and the rest in a dense grid. */
@@ -75,11 +60,7 @@ function summary(a: Action, now: number): HTMLElement {
     ["Finished", ago(toMs(a.finishTime), now)],
     ["Run", a.runId || NONE],
   ];
-  return h(
-    "dl",
-    { class: "summary" },
-    fields.map(([name, value]) => h("div", null, h("dt", null, name), h("dd", null, value))),
-  );
+  return summaryGrid(fields);
 }
 
 function attempts(list: readonly ExplainedAttempt[], now: number): HTMLElement {
@@ -158,15 +139,11 @@ function step(s: TimelineStep): HTMLLIElement {
 
 /** Payload, output and the last error's details, folded. */
 function payloads(a: Action): HTMLElement {
-  const json = (title: string, value: JsonObject | undefined): Child =>
-    value === undefined
-      ? null
-      : h("details", null, h("summary", null, title), h("pre", null, JSON.stringify(value, null, 2)));
   return h(
     "div",
     { class: "payloads" },
-    json("Payload", a.payload),
-    json("Output", a.output),
-    json("Last error details", a.lastError?.details),
+    foldedJson("Payload", a.payload),
+    foldedJson("Output", a.output),
+    foldedJson("Last error details", a.lastError?.details),
   );
 }

@@ -6,11 +6,11 @@
 import { Code } from "@connectrpc/connect";
 import { type Cluster, ClusterHealthSchema, WorkerState } from "../../../gen/leasehold/v1/cluster_pb.js";
 import { type Api, collectPages, hasCode } from "../api.js";
-import { h, setChildren } from "../dom.js";
+import { h } from "../dom.js";
 import { enumName, toMs } from "../format.js";
 import { href } from "../router.js";
 import { ago, badge, cmd, muted, NONE, table } from "../widgets.js";
-import { type View, type ViewContext, viewHeader } from "./view.js";
+import { createView, type View, type ViewContext, viewHeader } from "./view.js";
 
 /** Offline workers counted per cluster; more than this many in all shows as a lower bound. */
 const OFFLINE_LIMIT = 1000;
@@ -22,9 +22,6 @@ interface OfflineCounts {
 }
 
 export function clustersView(ctx: ViewContext): View {
-  const content = h("div", { class: "content" });
-  const element = h("section", { class: "view" }, viewHeader("Clusters"), content);
-
   async function resume(cluster: string, button: HTMLButtonElement): Promise<void> {
     let reason = prompt(
       `Resume lease expiries in ${cluster}?\n\nSessions past their deadline will be reaped and their actions re-queued. ` +
@@ -62,40 +59,36 @@ export function clustersView(ctx: ViewContext): View {
     );
   }
 
-  return {
-    element,
-    async refresh(signal) {
-      const [{ clusters }, offline] = await Promise.all([
-        ctx.api.clusters.listClusters({}, { signal }),
-        countOffline(ctx.api, signal),
-      ]);
-      setChildren(
-        content,
-        table(
-          [
-            "Cluster",
-            "Health",
-            "Connected",
-            "In grace",
-            "Offline",
-            "Queued",
-            "Leased",
-            "Recent expiries",
-            "Partitioned since",
-            "Expiries",
-          ],
-          clusters.map((c) => row(c, offline)),
-          [
-            "No clusters yet: a cluster appears when its first agent connects (",
-            cmd("leasehold agent --cluster NAME …"),
-            ") or an action targets it (",
-            cmd("leasehold action submit --cluster NAME -- …"),
-            ").",
-          ],
-        ),
-      );
-    },
-  };
+  return createView(viewHeader("Clusters"), async (signal) => {
+    const [{ clusters }, offline] = await Promise.all([
+      ctx.api.clusters.listClusters({}, { signal }),
+      countOffline(ctx.api, signal),
+    ]);
+    return [
+      table(
+        [
+          "Cluster",
+          "Health",
+          "Connected",
+          "In grace",
+          "Offline",
+          "Queued",
+          "Leased",
+          "Recent expiries",
+          "Partitioned since",
+          "Expiries",
+        ],
+        clusters.map((c) => row(c, offline)),
+        [
+          "No clusters yet: a cluster appears when its first agent connects (",
+          cmd("leasehold agent --cluster NAME …"),
+          ") or an action targets it (",
+          cmd("leasehold action submit --cluster NAME -- …"),
+          ").",
+        ],
+      ),
+    ];
+  });
 }
 
 function offlineCell(cluster: string, offline: OfflineCounts | undefined): string | HTMLElement {
@@ -116,13 +109,11 @@ function offlineCell(cluster: string, offline: OfflineCounts | undefined): strin
  */
 async function countOffline(api: Api, signal: AbortSignal): Promise<OfflineCounts | undefined> {
   try {
-    const { items, more } = await collectPages(OFFLINE_LIMIT, async (pageToken, pageSize) => {
-      const page = await api.clusters.listWorkers(
-        { state: WorkerState.OFFLINE, pageSize, pageToken },
-        { signal },
-      );
-      return { items: page.workers, nextPageToken: page.nextPageToken };
-    });
+    const { items, more } = await collectPages(
+      OFFLINE_LIMIT,
+      (paging) => api.clusters.listWorkers({ state: WorkerState.OFFLINE, ...paging }, { signal }),
+      (page) => page.workers,
+    );
     const byCluster = new Map<string, number>();
     for (const w of items) byCluster.set(w.cluster, (byCluster.get(w.cluster) ?? 0) + 1);
     return { byCluster, partial: more };

@@ -16,66 +16,52 @@ import {
   OwnershipSchema,
   type Resource,
 } from "../../../gen/leasehold/v1/resource_pb.js";
-import { type Child, h, setChildren } from "../dom.js";
+import { type Child, h } from "../dom.js";
 import { enumName, kindLabel, spaced, toMs } from "../format.js";
 import { actionHref, href } from "../router.js";
 import { ago, badge, clock, countdown, idLink, idText, muted, NONE, table } from "../widgets.js";
-import type { View, ViewContext } from "./view.js";
+import { detailHeader, foldedJson, summaryGrid } from "./detail.js";
+import { createView, type View, type ViewContext } from "./view.js";
 
 /** Recent events DebugLease returns with the lease. */
 const EVENT_LIMIT = 50;
 
 export function leaseView(ctx: ViewContext): View {
   const id = ctx.route.id;
-  const content = h("div", { class: "content" });
-  const element = h(
-    "section",
-    { class: "view" },
-    h(
-      "header",
-      { class: "view-head" },
-      h("h1", null, "Scope lease ", h("code", { class: "id-full" }, id)),
-      h("div", { class: "filters" }, h("a", { href: "#/leases" }, "← all leases")),
-    ),
-    content,
-  );
+  const header = detailHeader("Scope lease", id, { href: "#/leases", text: "← all leases" });
 
-  return {
-    element,
-    async refresh(signal) {
-      const debug = await ctx.api.leases.debugLease({ leaseId: id, eventLimit: EVENT_LIMIT }, { signal });
-      const now = ctx.clock.now();
-      setChildren(
-        content,
-        debug.lease ? summary(debug.lease, now) : null,
-        h("h2", null, "Resources"),
-        table(
-          ["Resource", "Kind", "Name", "Ownership", "Created"],
-          debug.resources.map((r) => resourceRow(r, now)),
-          "No resources: a resource enters the lease when it is created with the lease's id.",
-        ),
-        h("h2", null, "Deployments"),
-        debug.deployments.length === 0
-          ? h("div", { class: "empty" }, "No deployments.")
-          : debug.deployments.map(deployment),
-        h("h2", null, "Recent events"),
-        table(
-          ["Time", "Kind", "Message"],
-          debug.events.map((e) => {
-            const kind = enumName(EventKindSchema, e.kind);
-            return h(
-              "tr",
-              { "data-event-seq": String(e.sequence) },
-              h("td", null, clock(toMs(e.time))),
-              h("td", null, badge(kind, kindLabel(kind))),
-              h("td", null, e.message),
-            );
-          }),
-          "No events.",
-        ),
-      );
-    },
-  };
+  return createView(header, async (signal) => {
+    const debug = await ctx.api.leases.debugLease({ leaseId: id, eventLimit: EVENT_LIMIT }, { signal });
+    const now = ctx.clock.now();
+    return [
+      debug.lease ? summary(debug.lease, now) : null,
+      h("h2", null, "Resources"),
+      table(
+        ["Resource", "Kind", "Name", "Ownership", "Created"],
+        debug.resources.map((r) => resourceRow(r, now)),
+        "No resources: a resource enters the lease when it is created with the lease's id.",
+      ),
+      h("h2", null, "Deployments"),
+      debug.deployments.length === 0
+        ? h("div", { class: "empty" }, "No deployments.")
+        : debug.deployments.map(deployment),
+      h("h2", null, "Recent events"),
+      table(
+        ["Time", "Kind", "Message"],
+        debug.events.map((e) => {
+          const kind = enumName(EventKindSchema, e.kind);
+          return h(
+            "tr",
+            { "data-event-seq": String(e.sequence) },
+            h("td", null, clock(toMs(e.time))),
+            h("td", null, badge(kind, kindLabel(kind))),
+            h("td", null, e.message),
+          );
+        }),
+        "No events.",
+      ),
+    ];
+  });
 }
 
 function summary(l: Lease, now: number): HTMLElement {
@@ -98,18 +84,7 @@ function summary(l: Lease, now: number): HTMLElement {
     ["Owned resources", l.ownedResources],
     ["Created", [ago(toMs(l.createTime), now), l.createdBy ? muted(` by ${l.createdBy}`) : null]],
   ];
-  return h(
-    "div",
-    null,
-    h(
-      "dl",
-      { class: "summary" },
-      fields.map(([name, value]) => h("div", null, h("dt", null, name), h("dd", null, value))),
-    ),
-    l.result === undefined
-      ? null
-      : h("details", null, h("summary", null, "Result"), h("pre", null, JSON.stringify(l.result, null, 2))),
-  );
+  return h("div", null, summaryGrid(fields), foldedJson("Result", l.result));
 }
 
 function resourceRow(r: Resource, now: number): HTMLTableRowElement {

@@ -7,7 +7,7 @@
  */
 import type { Api } from "../api.js";
 import type { Clock } from "../clock.js";
-import { type Child, h } from "../dom.js";
+import { type Child, h, setChildren } from "../dom.js";
 import type { EventFeed } from "../live.js";
 import type { Route } from "../router.js";
 
@@ -45,6 +45,20 @@ export interface ViewContext {
 
 export type ViewFactory = (context: ViewContext) => View;
 
+/**
+ * A view made of `header` and a content part that `render` rebuilds at every
+ * refresh (see View.refresh: `render` fetches what it shows with `signal`).
+ */
+export function createView(header: HTMLElement, render: (signal: AbortSignal) => Promise<Child>): View {
+  const content = h("div", { class: "content" });
+  return {
+    element: h("section", { class: "view" }, header, content),
+    async refresh(signal) {
+      setChildren(content, await render(signal));
+    },
+  };
+}
+
 /** The view's header: its title, then its controls. */
 export function viewHeader(title: Child, ...controls: Child[]): HTMLElement {
   return h("header", { class: "view-head" }, h("h1", null, title), h("div", { class: "filters" }, controls));
@@ -53,12 +67,65 @@ export function viewHeader(title: Child, ...controls: Child[]): HTMLElement {
 /** The id of the shell's datalist of known cluster names, for cluster filters. */
 export const CLUSTER_LIST_ID = "known-clusters";
 
+/**
+ * A list view's filters, kept in the hash's query under their keys. Each
+ * starts from the route's value ("" when absent); a change puts them all back
+ * in the query and refetches.
+ */
+export interface Filters<K extends string> {
+  /** The current values, live; "" is "any". */
+  readonly values: Readonly<Record<K, string>>;
+  /** True when any filter is set: an empty list is then "no match", not "nothing yet". */
+  isFiltered(): boolean;
+  /** A text filter for `key` (applied 250 ms after the last keystroke). */
+  text(key: K, label: string, options?: TextFilterOptions): HTMLLabelElement;
+  /** A text filter for a cluster name under `key`, suggesting the clusters the page knows. */
+  cluster(key: K, label: string): HTMLLabelElement;
+  /** A select for `key`; `choices` are [value, text] pairs, the first usually "any". */
+  select(key: K, label: string, choices: Choices): HTMLLabelElement;
+}
+
+/**
+ * Filters under `keys`, which also give their order in the query. `onChange`
+ * runs first on every change (e.g. a pager going back to its first page).
+ */
+export function createFilters<K extends string>(
+  ctx: ViewContext,
+  keys: readonly K[],
+  onChange: () => void = () => {},
+): Filters<K> {
+  const values = {} as Record<K, string>;
+  for (const key of keys) values[key] = ctx.route.params.get(key) ?? "";
+  const set = (key: K) => (value: string) => {
+    values[key] = value;
+    onChange();
+    ctx.setQuery(values);
+    ctx.refreshNow();
+  };
+  return {
+    values,
+    isFiltered: () => keys.some((key) => values[key] !== ""),
+    text: (key, label, options) => textFilter(label, values[key], set(key), options),
+    cluster: (key, label) => textFilter(label, values[key], set(key), { list: CLUSTER_LIST_ID }),
+    select: (key, label, choices) => selectFilter(label, choices, values[key], set(key)),
+  };
+}
+
+/** What a text filter may add: a placeholder (default "any"), a datalist for suggestions. */
+export interface TextFilterOptions {
+  placeholder?: string;
+  list?: string;
+}
+
+/** A select's [value, text] pairs. */
+export type Choices = readonly (readonly [string, string])[];
+
 /** A labelled text filter calling `onChange` 250 ms after the last keystroke. */
-export function textFilter(
+function textFilter(
   label: string,
   value: string,
   onChange: (value: string) => void,
-  options: { placeholder?: string; list?: string } = {},
+  options: TextFilterOptions = {},
 ): HTMLLabelElement {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const input = h("input", {
@@ -77,9 +144,9 @@ export function textFilter(
 }
 
 /** A labelled select; `choices` are [value, text] pairs, the first usually "any". */
-export function selectFilter(
+function selectFilter(
   label: string,
-  choices: readonly (readonly [string, string])[],
+  choices: Choices,
   value: string,
   onChange: (value: string) => void,
 ): HTMLLabelElement {

@@ -4,18 +4,11 @@
  */
 import { type Worker, WorkerStateSchema } from "../../../gen/leasehold/v1/cluster_pb.js";
 import { collectPages } from "../api.js";
-import { h, setChildren } from "../dom.js";
+import { h } from "../dom.js";
 import { enumName, enumValue, shortId, toMs } from "../format.js";
 import { actionHref, href } from "../router.js";
 import { ago, badge, cmd, countdown, muted, NONE, table } from "../widgets.js";
-import {
-  CLUSTER_LIST_ID,
-  selectFilter,
-  textFilter,
-  type View,
-  type ViewContext,
-  viewHeader,
-} from "./view.js";
+import { createFilters, createView, type View, type ViewContext, viewHeader } from "./view.js";
 
 /** Workers shown at most (ListWorkers pages are followed up to this many). */
 const WORKER_LIMIT = 1000;
@@ -28,35 +21,11 @@ const STATES = [
 ] as const;
 
 export function workersView(ctx: ViewContext): View {
-  const filter = {
-    cluster: ctx.route.params.get("cluster") ?? "",
-    state: ctx.route.params.get("state") ?? "",
-  };
-  const changed = (): void => {
-    ctx.setQuery(filter);
-    ctx.refreshNow();
-  };
-  const content = h("div", { class: "content" });
-  const element = h(
-    "section",
-    { class: "view" },
-    viewHeader(
-      "Workers",
-      textFilter(
-        "Cluster",
-        filter.cluster,
-        (v) => {
-          filter.cluster = v;
-          changed();
-        },
-        { list: CLUSTER_LIST_ID },
-      ),
-      selectFilter("State", STATES, filter.state, (v) => {
-        filter.state = v;
-        changed();
-      }),
-    ),
-    content,
+  const filters = createFilters(ctx, ["cluster", "state"]);
+  const header = viewHeader(
+    "Workers",
+    filters.cluster("cluster", "Cluster"),
+    filters.select("state", "State", STATES),
   );
 
   function row(w: Worker, now: number): HTMLTableRowElement {
@@ -105,50 +74,29 @@ export function workersView(ctx: ViewContext): View {
     );
   }
 
-  return {
-    element,
-    async refresh(signal) {
-      const { items, more } = await collectPages(WORKER_LIMIT, async (pageToken, pageSize) => {
-        const page = await ctx.api.clusters.listWorkers(
-          {
-            cluster: filter.cluster,
-            state: enumValue(WorkerStateSchema, filter.state) ?? 0,
-            pageSize,
-            pageToken,
-          },
+  return createView(header, async (signal) => {
+    const { cluster, state } = filters.values;
+    const { items, more } = await collectPages(
+      WORKER_LIMIT,
+      (paging) =>
+        ctx.api.clusters.listWorkers(
+          { cluster, state: enumValue(WorkerStateSchema, state) ?? 0, ...paging },
           { signal },
-        );
-        return { items: page.workers, nextPageToken: page.nextPageToken };
-      });
-      const now = ctx.clock.now();
-      const filtered = filter.cluster !== "" || filter.state !== "";
-      setChildren(
-        content,
-        table(
-          [
-            "Worker",
-            "Cluster",
-            "State",
-            "Draining",
-            "Slots",
-            "Held leases",
-            "Deadline",
-            "Last seen",
-            "Agent",
-          ],
-          items.map((w) => row(w, now)),
-          filtered
-            ? "No workers match these filters."
-            : ["No workers yet: start an agent with ", cmd("leasehold agent --cluster NAME"), "."],
         ),
-        more
-          ? h(
-              "p",
-              { class: "note" },
-              `Showing the first ${WORKER_LIMIT} workers: filter by cluster or state.`,
-            )
-          : null,
-      );
-    },
-  };
+      (page) => page.workers,
+    );
+    const now = ctx.clock.now();
+    return [
+      table(
+        ["Worker", "Cluster", "State", "Draining", "Slots", "Held leases", "Deadline", "Last seen", "Agent"],
+        items.map((w) => row(w, now)),
+        filters.isFiltered()
+          ? "No workers match these filters."
+          : ["No workers yet: start an agent with ", cmd("leasehold agent --cluster NAME"), "."],
+      ),
+      more
+        ? h("p", { class: "note" }, `Showing the first ${WORKER_LIMIT} workers: filter by cluster or state.`)
+        : null,
+    ];
+  });
 }

@@ -1,3 +1,4 @@
+import { availableParallelism } from "node:os";
 import { defineConfig } from "vitest/config";
 
 export default defineConfig({
@@ -9,5 +10,9 @@ export default defineConfig({
     hookTimeout: 60_000,
     // Real servers, streams and child processes: forks isolate them best.
     pool: "forks",
+    // Most test files spend their time waiting on servers, streams and grace periods, so two
+    // files at a time pay even on two cores (vitest's default there is one): about a fifth off
+    // the suite's wall time, measured on PGlite and PostgreSQL.
+    maxWorkers: Math.max(2, availableParallelism() - 1),
   },
 });

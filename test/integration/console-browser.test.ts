@@ -5,6 +5,7 @@ import { join, resolve } from "node:path";
 import { type Browser, chromium, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
@@ -86,9 +87,10 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
     if (!process.env.LEASEHOLD_SCREENSHOTS) rmSync(SHOTS, { recursive: true, force: true });
   });
 
-  it("shows a connected agent, its loss with a countdown, and the epoch-2 grant in the timeline", async () => {
+  /** Reference agents (`leasehold agent`) in `cluster`, connected. */
+  async function startAgents(cluster: string, ids: readonly string[]) {
     const agents = new Map(
-      ["agent-a", "agent-b"].map((id) => {
+      ids.map((id) => {
         const child = spawn(
           process.execPath,
           [
@@ -98,7 +100,7 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
             "--json",
             "agent",
             "--cluster",
-            "east",
+            cluster,
             "--worker-id",
             id,
             "--allow-command",
@@ -107,10 +109,15 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
           { stdio: ["ignore", "pipe", "inherit"] },
         );
         processes.push(child);
-        return [id, { child, ...collectLines(child) }];
+        return [id, { child, ...collectLines(child) }] as const;
       }),
     );
     for (const agent of agents.values()) await agent.waitFor((l) => l.type === "connected");
+    return agents;
+  }
+
+  it("shows a connected agent, its loss with a countdown, and the epoch-2 grant in the timeline", async () => {
+    const agents = await startAgents("east", ["agent-a", "agent-b"]);
 
     await page.goto(`${consoleUrl}#/workers?cluster=east`);
     await page.locator('[data-live="live"]').waitFor();
@@ -172,6 +179,33 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
       await page.locator('tr[data-event-seq][data-kind="LEASE_EXPIRED"]').first().waitFor();
     } finally {
       actions.close();
+    }
+  }, 120_000);
+
+  it("shows a partitioned cluster, and the operator resumes its expiries from the page", async () => {
+    const agents = await startAgents("west", ["west-1", "west-2", "west-3"]);
+    await page.goto(`${consoleUrl}#/clusters`);
+    await page.locator('tr[data-cluster="west"][data-health="HEALTHY"]').waitFor();
+    // Two of three streams gone at once: the network, not the workers, so expiries pause.
+    agents.get("west-1")?.child.kill("SIGKILL");
+    agents.get("west-2")?.child.kill("SIGKILL");
+    const partitioned = page.locator('tr[data-cluster="west"][data-health="PARTITIONED"]');
+    const resume = partitioned.getByRole("button", { name: "Resume expiries" });
+    await resume.waitFor({ timeout: 60_000 });
+    page.once("dialog", (dialog) => void dialog.accept("west-1 and west-2 were decommissioned"));
+    await resume.click();
+    // Resumed: the lost sessions are reaped, the cluster is no longer partitioned, the button goes.
+    await page.locator('tr[data-cluster="west"]:not([data-health="PARTITIONED"])').waitFor();
+    expect(await page.locator('tr[data-cluster="west"] button').count()).toBe(0);
+    const events = createClient(EventService, address);
+    try {
+      const { events: resumed } = await events.listEvents({
+        cluster: "west",
+        kind: EventKind.CLUSTER_EXPIRIES_RESUMED,
+      });
+      expect(resumed.map((e) => e.message).join("\n")).toContain("west-1 and west-2 were decommissioned");
+    } finally {
+      events.close();
     }
   }, 120_000);
 

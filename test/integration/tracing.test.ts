@@ -50,6 +50,12 @@ describe("tracing", () => {
       handler: async (ctx) => {
         seen.push(ctx.traceParent);
         ctx.progress("working");
+        // Progress and completion are committed separately: a completion that got there first
+        // would leave the progress nothing to be accepted for. Finish once the phase is recorded.
+        const api = t.client(ActionService);
+        await vi.waitFor(async () =>
+          expect((await api.getAction({ actionId: ctx.actionId })).action?.phase).toBe("working"),
+        );
         return { ok: true };
       },
     });
@@ -67,7 +73,6 @@ describe("tracing", () => {
     const submit = byName("leasehold.submit");
     const grant = byName("leasehold.grant");
     const report = byName("leasehold.report.completion");
-    // The progress report is committed on its own, perhaps after the completion's answer.
     await vi.waitFor(() => expect(byName("leasehold.report.progress")).toBeDefined());
     const progress = byName("leasehold.report.progress");
     const handle = agentSpans.getFinishedSpans().find((s) => s.name === "leasehold.handle");

@@ -171,6 +171,12 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
       expect(await page.locator("[data-action-state]").textContent()).toContain("LEASED");
       await page.screenshot({ path: join(SHOTS, "console-timeline.png"), fullPage: true });
 
+      // The operator cancels it from the page: agent-b's command is killed and the action ends CANCELLED.
+      page.once("dialog", (dialog) => void dialog.accept("demo over"));
+      await page.getByRole("button", { name: "Cancel" }).click();
+      await page.locator('[data-action-state="CANCELLED"]').waitFor();
+      await timeline.locator('li[data-kind="ACTION_CANCELLED"]').waitFor();
+
       // The other pages read the same state: the cluster, the live event feed.
       await page.goto(`${consoleUrl}#/clusters`);
       await page.locator('tr[data-cluster="east"]').waitFor();
@@ -197,6 +203,11 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
     // Resumed: the lost sessions are reaped, the cluster is no longer partitioned, the button goes.
     await page.locator('tr[data-cluster="west"]:not([data-health="PARTITIONED"])').waitFor();
     expect(await page.locator('tr[data-cluster="west"] button').count()).toBe(0);
+    // And drains the worker left, from the workers page.
+    await page.goto(`${consoleUrl}#/workers?cluster=west`);
+    page.once("dialog", (dialog) => void dialog.accept(""));
+    await page.locator('tr[data-worker="west-3"]').getByRole("button", { name: "Drain" }).click();
+    await page.locator('tr[data-worker="west-3"]').getByText("DRAINING").waitFor();
     const events = createClient(EventService, address);
     try {
       const { events: resumed } = await events.listEvents({

@@ -4,6 +4,7 @@
  */
 import {
   type Action,
+  ActionState,
   ActionStateSchema,
   AttemptOutcomeSchema,
   type ExplainActionResponse,
@@ -16,7 +17,7 @@ import { enumName, kindLabel, toMs } from "../format.js";
 import { href } from "../router.js";
 import { ago, badge, clock, countdown, idText, muted, NONE, table } from "../widgets.js";
 import { detailHeader, foldedJson, summaryGrid } from "./detail.js";
-import { createView, type View, type ViewContext } from "./view.js";
+import { createView, operatorButton, type View, type ViewContext } from "./view.js";
 
 export function actionView(ctx: ViewContext): View {
   const id = ctx.route.id;
@@ -26,7 +27,7 @@ export function actionView(ctx: ViewContext): View {
     const explained = await ctx.api.actions.explainAction({ actionId: id }, { signal });
     const now = ctx.clock.now();
     return [
-      explained.action ? summary(explained.action, now) : null,
+      explained.action ? summary(explained.action, now, ctx) : null,
       h("h2", null, "Attempts"),
       attempts(explained.attempts, now),
       h("h2", null, "Timeline"),
@@ -37,13 +38,35 @@ export function actionView(ctx: ViewContext): View {
 }
 
 /** The action's header: state, epoch, cluster, holder and the rest in a dense grid. */
-function summary(a: Action, now: number): HTMLElement {
+function summary(a: Action, now: number, ctx: ViewContext): HTMLElement {
   const state = enumName(ActionStateSchema, a.state);
   const holder = a.lease?.workerId ?? "";
+  const cancellable =
+    (a.state === ActionState.QUEUED || a.state === ActionState.LEASED) && !a.cancelRequested;
   const fields: [string, Child][] = [
     [
       "State",
-      [badge(state, state, { "data-action-state": state }), a.cancelRequested ? " cancel requested" : null],
+      [
+        badge(state, state, { "data-action-state": state }),
+        a.cancelRequested ? " cancel requested" : null,
+        cancellable
+          ? [
+              " ",
+              operatorButton(
+                ctx,
+                "Cancel",
+                {
+                  question:
+                    a.state === ActionState.LEASED
+                      ? `Cancel this action?\n\n${holder} is asked to stop it (its command is killed); it ends CANCELLED. Why (optional):`
+                      : "Cancel this action? It leaves the queue and ends CANCELLED. Why (optional):",
+                  reasonRequired: false,
+                },
+                (reason) => ctx.api.actions.cancelAction({ actionId: a.id, reason }),
+              ),
+            ]
+          : null,
+      ],
     ],
     ["Epoch", h("span", { class: "num", "data-action-epoch": String(a.epoch) }, String(a.epoch))],
     ["Cluster", h("a", { href: href("/workers", { cluster: a.cluster }) }, a.cluster)],

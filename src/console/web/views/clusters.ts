@@ -10,7 +10,7 @@ import { h } from "../dom.js";
 import { enumName, toMs } from "../format.js";
 import { href } from "../router.js";
 import { ago, badge, cmd, muted, NONE, table } from "../widgets.js";
-import { createView, type View, type ViewContext, viewHeader } from "./view.js";
+import { createView, operatorButton, type View, type ViewContext, viewHeader } from "./view.js";
 
 /** Offline workers counted per cluster; more than this many in all shows as a lower bound. */
 const OFFLINE_LIMIT = 1000;
@@ -22,27 +22,20 @@ interface OfflineCounts {
 }
 
 export function clustersView(ctx: ViewContext): View {
-  async function resume(cluster: string, button: HTMLButtonElement): Promise<void> {
-    let reason = prompt(
-      `Resume lease expiries in ${cluster}?\n\nSessions past their deadline will be reaped and their actions re-queued. ` +
-        "Say why you know the lost workers are really gone (recorded in the event):",
-    );
-    while (reason !== null && reason.trim() === "") reason = prompt("A reason is required:");
-    if (reason === null) return;
-    button.disabled = true;
-    try {
-      await ctx.api.clusters.resumeExpiries({ cluster, reason: reason.trim() });
-    } catch (error) {
-      ctx.report(error);
-    }
-    ctx.refreshNow();
-  }
-
   function row(c: Cluster, offline: OfflineCounts | undefined): HTMLTableRowElement {
     const health = enumName(ClusterHealthSchema, c.health);
     const now = ctx.clock.now();
-    const resumeButton = h("button", { type: "button", class: "danger" }, "Resume expiries");
-    resumeButton.addEventListener("click", () => void resume(c.name, resumeButton));
+    const resumeButton = operatorButton(
+      ctx,
+      "Resume expiries",
+      {
+        question:
+          `Resume lease expiries in ${c.name}?\n\nSessions past their deadline will be reaped and their actions re-queued. ` +
+          "Say why you know the lost workers are really gone (recorded in the event):",
+        reasonRequired: true,
+      },
+      (reason) => ctx.api.clusters.resumeExpiries({ cluster: c.name, reason }),
+    );
     return h(
       "tr",
       { "data-cluster": c.name, "data-health": health },

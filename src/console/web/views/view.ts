@@ -157,3 +157,40 @@ function selectFilter(
   );
   return h("label", { class: "filter" }, h("span", null, label), select);
 }
+
+/** What an operator's button asks before it acts. */
+export interface Ask {
+  /** The question, saying what will happen. */
+  readonly question: string;
+  /** Whether the reason may be left empty. */
+  readonly reasonRequired: boolean;
+}
+
+/**
+ * A button that asks for a reason (recorded with the change), then calls
+ * `act` with it, reports a failure in the banner and refetches the view.
+ * Cancelling the prompt does nothing.
+ */
+export function operatorButton(
+  ctx: ViewContext,
+  label: string,
+  ask: Ask,
+  act: (reason: string) => Promise<unknown>,
+): HTMLButtonElement {
+  const button = h("button", { type: "button", class: "danger" }, label);
+  button.addEventListener("click", () => {
+    let reason = prompt(ask.question);
+    while (ask.reasonRequired && reason !== null && reason.trim() === "")
+      reason = prompt("A reason is required:");
+    if (reason === null) return;
+    button.disabled = true;
+    act(reason.trim()).then(
+      () => ctx.refreshNow(),
+      (error: unknown) => {
+        ctx.report(error);
+        ctx.refreshNow();
+      },
+    );
+  });
+  return button;
+}

@@ -2,13 +2,20 @@
  * Workers: who is connected, who is in grace and for how long, and what each
  * holds. The deadline column counts down live between refetches.
  */
-import { type Worker, WorkerStateSchema } from "../../../gen/leasehold/v1/cluster_pb.js";
+import { type Worker, WorkerState, WorkerStateSchema } from "../../../gen/leasehold/v1/cluster_pb.js";
 import { collectPages } from "../api.js";
 import { h } from "../dom.js";
 import { enumName, enumValue, shortId, toMs } from "../format.js";
 import { actionHref, href } from "../router.js";
 import { ago, badge, cmd, countdown, muted, NONE, table } from "../widgets.js";
-import { createFilters, createView, type View, type ViewContext, viewHeader } from "./view.js";
+import {
+  createFilters,
+  createView,
+  operatorButton,
+  type View,
+  type ViewContext,
+  viewHeader,
+} from "./view.js";
 
 /** Workers shown at most (ListWorkers pages are followed up to this many). */
 const WORKER_LIMIT = 1000;
@@ -47,7 +54,25 @@ export function workersView(ctx: ViewContext): View {
       ),
       h("td", null, h("a", { href: href("/workers", { cluster: w.cluster }) }, w.cluster)),
       h("td", null, badge(state)),
-      h("td", null, w.draining ? badge("DRAINING", "draining") : NONE),
+      h(
+        "td",
+        null,
+        w.draining
+          ? badge("DRAINING", "draining")
+          : w.state === WorkerState.OFFLINE
+            ? NONE
+            : operatorButton(
+                ctx,
+                "Drain",
+                {
+                  question:
+                    `Drain ${w.workerId}?\n\nIt gets no new actions; the ones it holds finish, and then it disconnects. ` +
+                    "Why (optional, recorded in the event):",
+                  reasonRequired: false,
+                },
+                (reason) => ctx.api.clusters.drainWorker({ workerId: w.workerId, reason }),
+              ),
+      ),
       h("td", { class: "num" }, `${w.heldLeases.length}/${w.capacity}`),
       h(
         "td",

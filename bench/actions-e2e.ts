@@ -19,6 +19,8 @@
  * after the other (`submitPerSecond` is then the bulk submit rate, with the
  * agents already draining the queue).
  */
+
+import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -34,6 +36,7 @@ import type { ClientSecurity } from "../src/rpc/client-security.js";
 import { clientChannel } from "../src/rpc/client-security.js";
 import { startServer } from "../src/server.js";
 import { createCa, issueCertificate } from "../test/helpers/pki.js";
+import { BIN } from "../test/helpers/process.js";
 
 const { values } = parseArgs({
   options: {
@@ -43,12 +46,15 @@ const { values } = parseArgs({
     "database-url": { type: "string" },
     auth: { type: "string", default: "none" },
     bulk: { type: "boolean", default: false },
+    watchers: { type: "string", default: "0" },
   },
 });
 const total = Number(values.actions);
 const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
 const auth = values.auth as "none" | "tls" | "mtls" | "token";
 if (!["none", "tls", "mtls", "token"].includes(auth)) throw new Error("--auth: none, tls, mtls or token");
+const watcherCount = Number(values.watchers);
+if (watcherCount > 0 && auth !== "none") throw new Error("--watchers: only with --auth none");
 
 /** Server options, and the security of the agents and of the submitter, for --auth. */
 function security(): { server: RawServerOptions; agent?: ClientSecurity; submitter?: ClientSecurity } {
@@ -124,6 +130,13 @@ const api = createClient(
   submitChannel.options,
   submitChannel.interceptors,
 );
+// Followers of the whole event log in processes of their own, as console tabs are (each follows
+// every event with WatchEvents): what they cost the server shows in actionsPerSecond.
+const watchers = Array.from({ length: watcherCount }, () =>
+  spawn(process.execPath, [BIN, "--server", address, "--json", "events", "--follow"], {
+    stdio: ["ignore", "ignore", "inherit"],
+  }),
+);
 await new Promise((r) => setTimeout(r, 500)); // let the agents connect
 
 const started = performance.now();
@@ -161,6 +174,7 @@ console.log(
     actions: total,
     agents: agents.length,
     slotsTotal: agents.length * Number(values.slots),
+    watchers: watcherCount,
     submitSeconds: +(submittedMs / 1000).toFixed(2),
     submitPerSecond: Math.round(total / (submittedMs / 1000)),
     totalSeconds: +(elapsedMs / 1000).toFixed(2),
@@ -168,6 +182,7 @@ console.log(
     rssMiB: Math.round(rss),
   }),
 );
+for (const w of watchers) w.kill();
 for (const a of agents) await a.close({ timeoutMs: 1000 });
 api.close();
 await server.close();

@@ -76,27 +76,15 @@ async function extendOnce(
  * process's own sessions). Like a start (rule 6): every live session heard
  * within `maxSilenceMs` gets a deadline of at least now + grace; unlike a
  * start, no stream is marked lost (the processes hosting them are alive).
- * Writes only the rows it moves. Returns how many it extended.
+ * Writes only the rows it moves, locking them as {@link extendAwaitedSessions}
+ * does. Returns how many it extended.
  */
-export async function extendSessionsAfterOutage(
+export function extendSessionsAfterOutage(
   db: Db,
   clock: Clock,
   options: { graceMs: number; maxSilenceMs: number },
 ): Promise<number> {
-  const now = clock.now();
-  const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
-  const [row] = await queryRows<{ n: unknown }>(
-    db,
-    sql`
-      with extended as (
-        update sessions set deadline = ${now} + ${ms(options.graceMs)}
-        where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
-          and deadline < ${now} + ${ms(options.graceMs)}
-        returning 1
-      )
-      select count(*) as n from extended`,
-  );
-  return Number(row?.n ?? 0);
+  return extendLiveSessions(db, clock, undefined, options);
 }
 
 /**
@@ -107,27 +95,43 @@ export async function extendSessionsAfterOutage(
  * now + grace. Capped like the first extension: sessions silent for longer
  * than `maxSilenceMs` get none. Writes only the rows whose deadline is sooner
  * than now + grace. Returns how many it extended.
- *
- * Locking: `for update skip locked`. It runs while hellos and renewals lock
- * session rows in their own orders; waiting for them could deadlock (a first
- * version did, against a renewal). A row locked at that moment is being
- * resumed or renewed, so it needs no extension; anything else skipped is
- * taken by the next round.
  */
-export async function extendAwaitedSessions(
+export function extendAwaitedSessions(
   db: Db,
   clock: Clock,
   since: Date,
   options: { graceMs: number; maxSilenceMs: number },
 ): Promise<number> {
+  return extendLiveSessions(db, clock, since, options);
+}
+
+/**
+ * Live sessions heard within `maxSilenceMs` (and, with `heardBefore`, not
+ * since then) whose deadline is sooner than now + grace get now + grace.
+ *
+ * Locking: `for update skip locked`. It runs while hellos and renewals lock
+ * session rows in their own orders; waiting for them could deadlock (a first
+ * version did, against a renewal). A row locked at that moment is being
+ * resumed or renewed (it needs no extension) or reaped by another process
+ * (whose own reaper extended first after the outage, or saw none); a
+ * take-back round takes what it skipped in its next round.
+ */
+async function extendLiveSessions(
+  db: Db,
+  clock: Clock,
+  heardBefore: Date | undefined,
+  options: { graceMs: number; maxSilenceMs: number },
+): Promise<number> {
   const now = clock.now();
   const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
+  const notSince =
+    heardBefore === undefined ? sql`` : sql`and last_heard_at < ${heardBefore.toISOString()}::timestamptz`;
   const [row] = await queryRows<{ n: unknown }>(
     db,
     sql`
       with awaited as (
         select id from sessions
-        where ended_at is null and last_heard_at < ${since.toISOString()}::timestamptz
+        where ended_at is null ${notSince}
           and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
           and deadline < ${now} + ${ms(options.graceMs)}
         for update skip locked

@@ -1,4 +1,4 @@
-import { execFile, spawn } from "node:child_process";
+import { execFile } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -10,7 +10,7 @@ import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { freshStore, type TestStore } from "../helpers/database.js";
-import { BIN, collectLines, type LeaseholdProcess, runLeasehold } from "../helpers/process.js";
+import { type LeaseholdProcess, runLeasehold, runReferenceAgent } from "../helpers/process.js";
 
 /**
  * The browser that drives the console: Debian's `chromium` (what `.ci/run`
@@ -46,6 +46,8 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
   let consoleUrl: string;
   let address: string;
   const processes: { kill(signal?: NodeJS.Signals): unknown }[] = [];
+  /** The agents' work directories. */
+  const agentsDir = mkdtempSync(join(tmpdir(), "leasehold-console-agents-"));
   // Unique, to find the orphaned command of the killed agent afterwards.
   const sleepFor = `${400 + Math.floor(Math.random() * 1000)}`;
 
@@ -85,34 +87,24 @@ describe.skipIf(!CHROMIUM && !process.env.CI)("the console in a browser", () => 
     await new Promise((r) => execFile("pkill", ["-f", `^sleep ${sleepFor}$`], () => r(undefined)));
     await store?.drop();
     if (!process.env.LEASEHOLD_SCREENSHOTS) rmSync(SHOTS, { recursive: true, force: true });
+    rmSync(agentsDir, { recursive: true, force: true });
   });
 
-  /** Reference agents (`leasehold agent`) in `cluster`, connected. */
+  /** Reference agents (`leasehold agent`, one slot each) in `cluster`, connected. */
   async function startAgents(cluster: string, ids: readonly string[]) {
-    const agents = new Map(
-      ids.map((id) => {
-        const child = spawn(
-          process.execPath,
-          [
-            BIN,
-            "--server",
-            address,
-            "--json",
-            "agent",
-            "--cluster",
-            cluster,
-            "--worker-id",
-            id,
-            "--allow-command",
-            "sleep *",
-          ],
-          { stdio: ["ignore", "pipe", "inherit"] },
-        );
-        processes.push(child);
-        return [id, { child, ...collectLines(child) }] as const;
-      }),
-    );
-    for (const agent of agents.values()) await agent.waitFor((l) => l.type === "connected");
+    const agents = new Map<string, LeaseholdProcess>();
+    for (const workerId of ids) {
+      const agent = await runReferenceAgent({
+        server: address,
+        cluster,
+        workerId,
+        workDir: join(agentsDir, workerId),
+        slots: 1,
+        allow: ["--allow-command", "sleep *"],
+      });
+      processes.push(agent.child);
+      agents.set(workerId, agent);
+    }
     return agents;
   }
 

@@ -1,8 +1,9 @@
 import type { Db } from "../store/database.js";
-import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
+import { listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
 import type { Page } from "./action-service.js";
-import { type ChangeFeed, EVENTS_TOPIC, wakeupsOf } from "./change-feed.js";
+import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
+import { createEventTail, DEFAULT_TAIL_CAPACITY, GAP_WAIT_MS } from "./event-tail.js";
 import { decodeSequencePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
@@ -25,17 +26,20 @@ export interface EventService {
   ): AsyncIterable<EventRecord>;
 }
 
-/** How many stored events one read of a watch fetches. */
+/** How many stored events one read of a watch behind the tail fetches. */
 const WATCH_BATCH = 500;
-/**
- * How long a watch waits for a missing sequence number. Sequence numbers are
- * taken at insert but become visible at commit, so under concurrent writers
- * event 13 can appear after event 14; a watch that moved past the hole would
- * never send 13. A hole that outlasts this wait was a rolled-back insert.
- */
-const GAP_WAIT_MS = 2000;
 
-export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): EventService {
+export function createEventService({
+  db,
+  feed,
+  tailCapacity = DEFAULT_TAIL_CAPACITY,
+}: {
+  db: Db;
+  feed: ChangeFeed;
+  /** Events the shared tail of the watches holds in memory; default {@link DEFAULT_TAIL_CAPACITY}. */
+  tailCapacity?: number;
+}): EventService {
+  const tail = createEventTail({ db, feed }, tailCapacity);
   async function list(
     filter: EventFilter,
     size: number,
@@ -52,15 +56,26 @@ export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): 
   }
 
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {
-    // Subscribe first, then read: an event committed in between is still seen.
-    const wakeups = wakeupsOf(feed, EVENTS_TOPIC);
+    const follower = tail.join();
     try {
-      let cursor = afterSequence ?? (await lastEventSequence(db));
+      const position = await follower.start();
+      let cursor = afterSequence ?? position;
       let gapSince: number | undefined;
       while (!signal.aborted) {
+        const held = follower.after(cursor);
+        if (held !== undefined) {
+          // Caught up: the tail has read these once for every watch of this process.
+          if (held.length === 0) await follower.next(signal);
+          for (const event of held) {
+            cursor = event.sequence;
+            if (matches(filter, event)) yield event;
+          }
+          continue;
+        }
+        // Behind what the tail holds: read the log itself, waiting at holes as the tail does.
         const batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
         let blocked = false;
-        for (const { event, matches } of batch) {
+        for (const { event, matches: matching } of batch) {
           if (event.sequence !== cursor + 1) {
             gapSince ??= performance.now();
             if (performance.now() - gapSince < GAP_WAIT_MS) {
@@ -70,16 +85,26 @@ export function createEventService({ db, feed }: { db: Db; feed: ChangeFeed }): 
           }
           gapSince = undefined;
           cursor = event.sequence;
-          if (matches) yield event;
+          if (matching) yield event;
         }
-        // At a hole, look again soon; the timeout signal's listener goes with the wait.
-        if (blocked) await wakeups.next(AbortSignal.any([signal, AbortSignal.timeout(50)]));
-        else if (batch.length < WATCH_BATCH) await wakeups.next(signal);
+        if (blocked) await follower.next(AbortSignal.any([signal, AbortSignal.timeout(50)]));
+        else if (batch.length === 0) await follower.next(signal);
       }
     } finally {
-      wakeups[Symbol.dispose]();
+      follower[Symbol.dispose]();
     }
   }
 
   return { list, watch };
+}
+
+/** Whether `event` passes `filter` (the conditions of `readEventsAfter`, in memory). */
+function matches(filter: EventFilter, event: EventRecord): boolean {
+  return (
+    (!filter.actionId || event.actionId === filter.actionId) &&
+    (!filter.workerId || event.workerId === filter.workerId) &&
+    (!filter.cluster || event.cluster === filter.cluster) &&
+    (!filter.kind || event.kind === filter.kind) &&
+    (!filter.leaseId || event.leaseId === filter.leaseId)
+  );
 }

@@ -1,0 +1,226 @@
+import { sql } from "drizzle-orm";
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { type Database, type Db, openDatabase } from "../../src/store/database.js";
+import { type ChangeFeed, createChangeFeed, EVENTS_TOPIC } from "../../src/work/change-feed.js";
+import type { EventFilter, EventRecord } from "../../src/work/event.js";
+import { createEventService, type EventService } from "../../src/work/event-service.js";
+import { freshStore, type TestStore } from "../helpers/database.js";
+
+/**
+ * Watches of the event log share one reader per process (src/work/event-tail.ts):
+ * each new event is read once and filtered in memory for every watch; a watch
+ * behind what memory holds reads the database until it catches up.
+ */
+describe("watching the event log", () => {
+  let store: TestStore;
+  let database: Database;
+  beforeAll(async () => {
+    store = await freshStore();
+    database = await openDatabase({ url: store.url, dataDir: store.dataDir });
+  });
+  afterAll(async () => {
+    await database?.close();
+    await store?.drop();
+  });
+
+  /** Appends an event as the server's statements do, and wakes the watches. */
+  async function append(feed: ChangeFeed, cluster: string, kind = "action_submitted"): Promise<number> {
+    const result: unknown = await database.db.execute(
+      sql`insert into events (kind, cluster, message) values (${kind}, ${cluster}, 'test') returning sequence`,
+    );
+    const rows = Array.isArray(result) ? result : (result as { rows: unknown[] }).rows;
+    feed.publish(EVENTS_TOPIC);
+    return Number((rows[0] as { sequence: unknown }).sequence);
+  }
+
+  async function lastSequence(): Promise<number> {
+    const result: unknown = await database.db.execute(
+      sql`select coalesce(max(sequence), 0) as last from events`,
+    );
+    const rows = Array.isArray(result) ? result : (result as { rows: unknown[] }).rows;
+    return Number((rows[0] as { last: unknown }).last);
+  }
+
+  /** A watch as an iterator the test pulls from, one event at a time. */
+  function open(events: EventService, filter: EventFilter, after?: number) {
+    const stop = new AbortController();
+    const iterator = events.watch(filter, after, stop.signal)[Symbol.asyncIterator]();
+    return {
+      async take(n: number): Promise<EventRecord[]> {
+        const taken: EventRecord[] = [];
+        while (taken.length < n) {
+          const next = await iterator.next();
+          if (next.done) throw new Error("the watch ended");
+          taken.push(next.value);
+        }
+        return taken;
+      },
+      async close() {
+        stop.abort();
+        await iterator.return?.();
+      },
+    };
+  }
+
+  /** The database handle, counting the statements run through it. */
+  function counting(db: Db): { db: Db; readonly statements: number } {
+    const counter = { statements: 0, db };
+    counter.db = new Proxy(db, {
+      get(target, property, receiver) {
+        const value = Reflect.get(target, property, receiver);
+        if (property !== "execute") return value;
+        return (...args: unknown[]) => {
+          counter.statements++;
+          return (value as (...a: unknown[]) => unknown).apply(target, args);
+        };
+      },
+    });
+    return counter;
+  }
+
+  it("gives every watch its own filter's events, in order, reading each new event once for all of them", async () => {
+    const feed = createChangeFeed();
+    const counted = counting(database.db);
+    const events = createEventService({ db: counted.db, feed });
+    // The first watch starts the shared reader; once it has seen an event, the reader is past it.
+    const all = open(events, {});
+    const first = all.take(1);
+    const marker = await append(feed, "marker");
+    expect((await first).map((e) => e.sequence)).toEqual([marker]);
+    const east = open(events, { cluster: "east" }, marker);
+    const westGrants = open(events, { cluster: "west", kind: "lease_granted" }, marker);
+    const pending = [all.take(6), east.take(2), westGrants.take(1)] as const;
+
+    const before = counted.statements;
+    const appended: number[] = [];
+    for (const [cluster, kind] of [
+      ["east", "action_submitted"],
+      ["west", "action_submitted"],
+      ["west", "lease_granted"],
+      ["north", "lease_granted"],
+      ["east", "lease_granted"],
+      ["west", "action_submitted"],
+    ] as const) {
+      appended.push(await append(feed, cluster, kind));
+    }
+    const [everything, eastEvents, grantsInWest] = await Promise.all(pending);
+
+    expect(everything.map((e) => e.sequence)).toEqual(appended);
+    expect(eastEvents.map((e) => [e.sequence, e.cluster])).toEqual([
+      [appended[0], "east"],
+      [appended[4], "east"],
+    ]);
+    expect(grantsInWest.map((e) => [e.sequence, e.cluster, e.kind])).toEqual([
+      [appended[2], "west", "lease_granted"],
+    ]);
+    // At most one read of the log per append (fewer when wake-ups merge), not one per watch.
+    expect(counted.statements - before).toBeLessThanOrEqual(appended.length + 1);
+    await Promise.all([all.close(), east.close(), westGrants.close()]);
+  });
+
+  it("replays from an old sequence beyond what memory holds, then follows live, without gaps or repeats", async () => {
+    const feed = createChangeFeed();
+    const events = createEventService({ db: database.db, feed, tailCapacity: 8 });
+    const first = await append(feed, "replay");
+    const stored = [first];
+    for (let i = 0; i < 29; i++) stored.push(await append(feed, "replay"));
+    // A watch already following keeps the tail running while the second one replays.
+    const live = open(events, { cluster: "replay" });
+    const startLive = live.take(1);
+    await Promise.resolve();
+    const replay = open(events, { cluster: "replay" }, first - 1);
+    expect((await replay.take(30)).map((e) => e.sequence)).toEqual(stored);
+
+    const later: number[] = [];
+    for (let i = 0; i < 20; i++) later.push(await append(feed, "replay"));
+    expect((await replay.take(20)).map((e) => e.sequence)).toEqual(later);
+    expect((await startLive).map((e) => e.sequence)).toEqual([later[0]]);
+    await Promise.all([live.close(), replay.close()]);
+  });
+
+  it("lets a watch that stopped reading fall behind memory and still get every event in order", async () => {
+    const feed = createChangeFeed();
+    const events = createEventService({ db: database.db, feed, tailCapacity: 8 });
+    const from = await lastSequence();
+    const slow = open(events, { cluster: "slow" }, from);
+    const fast = open(events, { cluster: "slow" }, from);
+    const slowFirst = slow.take(1);
+    const fastAll = fast.take(40);
+    const appended: number[] = [];
+    for (let i = 0; i < 40; i++) appended.push(await append(feed, "slow"));
+    // The fast watch has taken all 40, so the tail has read past what it keeps of them.
+    expect((await fastAll).map((e) => e.sequence)).toEqual(appended);
+    const slowEvents = [...(await slowFirst), ...(await slow.take(39))];
+    expect(slowEvents.map((e) => e.sequence)).toEqual(appended);
+    await Promise.all([slow.close(), fast.close()]);
+  });
+
+  it("ends every watch with the database's error when the log cannot be read", async () => {
+    const feed = createChangeFeed();
+    let failing = false;
+    const db = new Proxy(database.db, {
+      get(target, property, receiver) {
+        const value = Reflect.get(target, property, receiver);
+        if (property !== "execute") return value;
+        return (...args: unknown[]) =>
+          failing
+            ? Promise.reject(new Error("connection lost"))
+            : (value as (...a: unknown[]) => unknown).apply(target, args);
+      },
+    });
+    const events = createEventService({ db, feed });
+    const a = open(events, {});
+    const b = open(events, { cluster: "x" });
+    const pending = [a.take(1), b.take(1)].map((p) => p.catch((e: unknown) => e));
+    await Promise.resolve();
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    failing = true;
+    feed.publish(EVENTS_TOPIC);
+    for (const outcome of await Promise.all(pending)) {
+      expect(outcome).toBeInstanceOf(Error);
+      expect((outcome as Error).message).toBe("connection lost");
+    }
+    // A new watch starts a new reader, which reads again once the database answers.
+    failing = false;
+    const c = open(events, { cluster: "after" }, await lastSequence());
+    const next = c.take(1);
+    const sequence = await append(feed, "after");
+    expect((await next).map((e) => e.sequence)).toEqual([sequence]);
+    await c.close();
+  });
+
+  // PGlite has one connection: no transaction can hold a sequence number while another commits.
+  it.runIf(inject("driver") === "postgres")(
+    "waits at a hole for the transaction that holds the lower sequence, then sends both in order",
+    async () => {
+      const feed = createChangeFeed();
+      const events = createEventService({ db: database.db, feed });
+      const watch = open(events, { cluster: "hole" }, await lastSequence());
+      const two = watch.take(2);
+      const other = postgres(store.url as string, { max: 1, onnotice: () => {} });
+      try {
+        let releaseLow!: () => void;
+        const lowCommitted = other.begin(async (tx) => {
+          const [row] =
+            await tx`insert into events (kind, cluster, message) values ('action_submitted', 'hole', 'low') returning sequence`;
+          await new Promise<void>((resolve) => {
+            releaseLow = resolve;
+          });
+          return Number(row?.sequence);
+        });
+        // The low sequence is taken and not yet visible; the high one commits first.
+        while (releaseLow === undefined) await new Promise<void>((resolve) => setImmediate(resolve));
+        const high = await append(feed, "hole");
+        releaseLow();
+        const low = await lowCommitted;
+        feed.publish(EVENTS_TOPIC);
+        expect(low).toBeLessThan(high);
+        expect((await two).map((e) => e.sequence)).toEqual([low, high]);
+      } finally {
+        await other.end();
+        await watch.close();
+      }
+    },
+  );
+});

@@ -1,25 +1,23 @@
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
-import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
-import { endSession } from "../store/queries/end-session.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
-import { markStreamLost } from "../store/queries/mark-stream-lost.js";
-import { type HelloInput, type OpenedSession, openSession } from "../store/queries/open-session.js";
-import { type BatchOutcome, type HelloOfBatch, openSessions } from "../store/queries/open-sessions.js";
+import type { HelloInput } from "../store/queries/open-session.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
-import { createGate } from "./gate.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
-import { createHostedSessions, type Hosted, persistDeadline, remainingMs } from "./lease/hosted.js";
+import { createHelloOpener } from "./lease/hellos.js";
+import { createHostedSessions, type Hosted, persistDeadline } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
 import { createReports } from "./lease/reports.js";
-import type { LeaseToken, RevokeReason, WorkerLink, WorkerMessage } from "./worker-messages.js";
+import { createRevokes } from "./lease/revokes.js";
+import { createStreamHandle, type SessionHandle } from "./lease/stream.js";
+import type { LeaseToken, RevokeReason, WorkerLink } from "./worker-messages.js";
 
 /** Counters the lease manager reports; prom-client's Counter and Histogram fit. */
 export interface LeaseMetrics {
@@ -72,16 +70,7 @@ export interface LeaseManagerOptions {
   readonly timers?: boolean;
 }
 
-/** A worker's open stream, as the rpc layer drives it. */
-export interface SessionHandle {
-  readonly sessionId: string;
-  /** Handles one message from the worker. Never throws; replies go through the link. */
-  receive(message: WorkerMessage): void;
-  /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
-  streamEnded(): Promise<void>;
-  /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
-  writable(): void;
-}
+export type { SessionHandle } from "./lease/stream.js";
 
 /** Snapshot of what this process hosts, for metrics. */
 export interface HostedStats {
@@ -89,7 +78,12 @@ export interface HostedStats {
   readonly leasesHeld: number;
 }
 
-/** The work-lease protocol of one server process (SPEC §2). */
+/**
+ * The work-lease protocol of one server process (SPEC §2). It wires the
+ * stages of `./lease/` (hellos, streams, hosted sessions, dispatch, reports,
+ * revokes, renewal, reaper, audit); docs/architecture.md follows one action
+ * through them.
+ */
 export interface LeaseManager extends AsyncDisposable {
   /**
    * Opens or resumes a session for a validated hello sent by `principal`
@@ -138,9 +132,6 @@ export interface LeaseManager extends AsyncDisposable {
   };
   stats(): HostedStats;
 }
-
-/** Hellos opened one transaction each at once, outside the batches (see `open` in the lease manager). */
-const ALONE_AT_ONCE = 8;
 
 /** Default of `LeaseManagerOptions.grantWindow`. */
 export const DEFAULT_GRANT_WINDOW = 32;
@@ -193,149 +184,25 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     fencedReports: metrics.fencedReports,
     tracing,
   });
-
-  // ---- revoked leases let go by omission (SPEC rule 9) -------------------------------------------
-
-  /** Whether `held` lists the lease (action id, epoch). */
-  function lists(held: readonly LeaseToken[], actionId: string, epoch: number): boolean {
-    for (const l of held) if (l.actionId === actionId && l.epoch === epoch) return true;
-    return false;
-  }
-
-  /** A report about a lease proves the worker has it (its grant arrived). */
-  function sawLease(s: Hosted, token: LeaseToken): void {
-    const r = s.revoked?.get(token.actionId);
-    if (r && r.epoch === token.epoch) r.known = true;
-  }
-
-  /** Remembers a stop request sent to the holder, until the worker lets the lease go. */
-  function trackRevoke(s: Hosted, token: LeaseToken, reason: RevokeReason): void {
-    const prior = s.revoked?.get(token.actionId);
-    if (prior && prior.epoch === token.epoch) return;
-    s.revoked ??= new Map();
-    s.revoked.set(token.actionId, {
-      epoch: token.epoch,
-      reason,
-      known: lists(s.lastHeld, token.actionId, token.epoch),
-      releasing: false,
-    });
-  }
-
-  /**
-   * SPEC rule 9: a revoked lease the worker no longer lists in its heartbeat's
-   * held leases counts as released, exactly as if it had sent a ReleaseReport
-   * (same group commit, fenced on action, epoch and session; a cancelled
-   * action becomes CANCELLED). Only leases already asked to stop count, and
-   * only once the worker showed it had the lease (see {@link RevokedLease}):
-   * a grant still on its way is never mistaken for a release. A report the
-   * worker sent before this heartbeat is applied first (same batcher, in
-   * order), so a completion that raced the revoke keeps its result. Runs only
-   * while the session has a revoked lease pending.
-   */
-  function releaseOmitted(s: Hosted, held: readonly LeaseToken[]): void {
-    const revoked = s.revoked;
-    if (!revoked) return;
-    for (const [actionId, r] of revoked) {
-      if (s.held.get(actionId) !== r.epoch) {
-        // Finished or ended some other way meanwhile.
-        if (!r.releasing) revoked.delete(actionId);
-        continue;
-      }
-      if (r.releasing) continue;
-      if (lists(held, actionId, r.epoch)) {
-        r.known = true;
-        continue;
-      }
-      if (!r.known) continue;
-      r.releasing = true;
-      const token = { actionId, epoch: r.epoch };
-      dispatcher.settle(
-        s,
-        {
-          ...token,
-          sessionId: s.sessionId,
-          actor: s.principal,
-          kind: "released",
-          reason: `no longer listed in held_leases after a ${r.reason.toLowerCase()} revoke`,
-        },
-        // Not applied means the lease had already ended on the server: it is not held either way
-        // (the dispatcher lets it go).
-        (finished) => {
-          if (revoked.get(actionId) === r) revoked.delete(actionId);
-          if (s.revoked === revoked && revoked.size === 0) s.revoked = undefined;
-          if (finished) publishActions([actionId]);
-        },
-        (error) => {
-          // Tried again on the next heartbeat that still omits it.
-          r.releasing = false;
-          log.warn({ err: error, actionId }, "could not release a lease the worker let go of; will retry");
-        },
-      );
-    }
-    if (revoked.size === 0 && s.revoked === revoked) s.revoked = undefined;
-  }
+  const revokes = createRevokes({ log, hosted, dispatcher, publishActions });
 
   // ---- sessions ------------------------------------------------------------------------------------
 
   const closeTakenOver = (s: Hosted) =>
     hosted.end(s, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over");
 
-  /** One hello the common way, or the way of a batch that failed as a whole. */
-  const openAlone = (b: HelloOfBatch) =>
-    openSession(
-      db,
-      clock,
-      serverId,
-      { graceMs, partitionShare, maxSilenceMs },
-      b.hello,
-      b.principal,
-      renewal.keepHosted(),
-    );
-  /**
-   * Hellos a batch leaves alone, opened at most {@link ALONE_AT_ONCE} at a time
-   * (each holds a pooled connection) and outside the batches, so that the
-   * hellos a batch opened are answered at once and the next batch goes on.
-   */
-  const aloneGate = createGate(ALONE_AT_ONCE);
-  const alone = async (b: HelloOfBatch): Promise<OpenedSession | Error> => {
-    const release = await aloneGate.enter();
-    try {
-      return await openAlone(b);
-    } catch (error) {
-      return error as Error;
-    } finally {
-      release();
-    }
-  };
-  /**
-   * Hellos arriving while a batch is being opened are opened together in the
-   * next (group commit, as for reports): thousands of workers reconnecting at
-   * once cost a few transactions, not one each. A hello left alone resolves
-   * with the promise of its own transaction.
-   */
-  type Opened = OpenedSession | Error;
-  const opens = createBatcher<HelloOfBatch, Opened | Promise<Opened>>(async (batch) => {
-    let outcomes: BatchOutcome[];
-    try {
-      outcomes = await openSessions(db, clock, serverId, graceMs, batch);
-    } catch (error) {
-      // A deadlock with another process or a race for a new worker's first session: each hello
-      // goes alone, and fails alone if it must.
-      if (batch.length === 1) throw error;
-      log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
-      outcomes = batch.map(() => ({ alone: true }));
-    }
-    return outcomes.map((outcome, i) => {
-      if ("opened" in outcome) return outcome.opened;
-      if ("refused" in outcome) return outcome.refused;
-      return alone(batch[i] as HelloOfBatch);
-    });
+  const hellos = createHelloOpener({
+    db,
+    clock,
+    log,
+    serverId,
+    limits: { graceMs, partitionShare, maxSilenceMs },
+    keepHosted: () => renewal.keepHosted(),
   });
 
   async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
-    const opened = await opens.add({ hello, principal });
-    if (opened instanceof Error) throw opened;
+    const opened = await hellos.open(hello, principal);
     // The worker's previous session expired with this hello: reported as the reaper reports.
     if (opened.reaped) void reaper.report(opened.reaped);
     const previous = hosted.get(opened.sessionId);
@@ -382,9 +249,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     hosted.add(s);
     for (const l of [...opened.resumedLeases, ...opened.unlistedLeases]) {
       const token = { actionId: l.actionId, epoch: l.epoch };
-      if (l.cancelRequested) revokeHosted(s.sessionId, token, "CANCELLED", "action cancelled", false);
+      if (l.cancelRequested) revokes.revoke(s.sessionId, token, "CANCELLED", "action cancelled", false);
       else if (l.stopReason === "COLLECT_OUTPUTS")
-        revokeHosted(s.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
+        revokes.revoke(s.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
     }
     if (s.draining) link.send({ type: "drain", reason: "the worker is being drained" });
     log.info(
@@ -401,100 +268,23 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     // Room, not a queue change: an expired earlier session re-queues through reportReap.
     dispatcher.wakeForRoom();
 
-    // Set on goodbye: the stream ends only after the session's end has committed, so the
-    // worker's close returns with the session already over.
-    let goodbye: Promise<void> | undefined;
-    return {
-      sessionId: s.sessionId,
-      receive(message) {
-        if (s.ended) return;
-        s.heardAt = performance.now();
-        switch (message.type) {
-          case "heartbeat": {
-            const started = s.heardAt;
-            s.link.send({ type: "heartbeat_ack", sequence: message.sequence, remainingMs: remainingMs(s) });
-            for (const token of message.held) {
-              if (s.held.get(token.actionId) !== token.epoch) {
-                s.link.send({
-                  type: "revoke",
-                  ...token,
-                  reason: "SUPERSEDED",
-                  message: `action ${token.actionId} epoch ${token.epoch} is not a lease of this session`,
-                });
-              } else if (s.unacked.size > 0) {
-                // Listing a grant shows the worker has it, as a GrantAck does.
-                hosted.acknowledged(s, token);
-              }
-            }
-            s.lastHeld = message.held;
-            if (s.revoked !== undefined) releaseOmitted(s, message.held);
-            metrics.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
-            return;
-          }
-          case "grant_ack": {
-            const token = { actionId: message.actionId, epoch: message.epoch };
-            if (s.revoked !== undefined) sawLease(s, token);
-            if (s.held.get(token.actionId) === token.epoch) {
-              hosted.acknowledged(s, token);
-              reports.accept(s, message.reportId, token, "grant acknowledged");
-            } else reports.fenced(s, message.reportId, token, "grant acknowledgement");
-            return;
-          }
-          case "progress":
-            if (s.revoked !== undefined) sawLease(s, message);
-            hosted.acknowledged(s, message);
-            return reports.progress(s, message);
-          case "completion":
-          case "release":
-            hosted.acknowledged(s, message);
-            return reports.finish(s, message);
-          case "goodbye":
-            hosted.remove(s);
-            goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
-              ({ releasedActionIds }) => {
-                log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
-                publishActions(releasedActionIds);
-                scheduleDispatch();
-                s.link.close();
-              },
-              (error: unknown) => {
-                log.error({ err: error, sessionId: s.sessionId }, "could not end the session on goodbye");
-                s.link.close(error instanceof Error ? error : undefined);
-              },
-            );
-            return;
-        }
+    return createStreamHandle(
+      {
+        db,
+        clock,
+        log,
+        feed,
+        hosted,
+        reports,
+        revokes,
+        graceMs,
+        heartbeatAckSeconds: metrics.heartbeatAckSeconds,
+        publishActions,
+        queueChanged: scheduleDispatch,
+        streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
       },
-      writable() {
-        hosted.writable(s);
-      },
-      async streamEnded() {
-        if (goodbye) return goodbye;
-        if (s.ended) return;
-        hosted.remove(s);
-        try {
-          const lost = await markStreamLost(
-            db,
-            clock,
-            s.streamToken,
-            s.sessionId,
-            performance.now() - s.heardAt,
-            graceMs,
-          );
-          if (lost) {
-            log.info(
-              { workerId: s.workerId, sessionId: s.sessionId, deadline: lost.deadline },
-              "worker stream lost",
-            );
-            feed.publish(EVENTS_TOPIC);
-            reaper.wakeAt(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now());
-          }
-        } catch (error) {
-          // The deadline stands as last renewed; the reaper acts on it either way.
-          log.warn({ err: error, sessionId: s.sessionId }, "could not record a lost stream");
-        }
-      },
-    };
+      s,
+    );
   }
 
   // ---- loops ---------------------------------------------------------------------------------------
@@ -521,7 +311,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     keepHosted: () => renewal.keepHosted(),
     publishActions,
   });
-  const audit = createAudit({ db, hosted, revoke: (...args) => revokeHosted(...args) });
+  const audit = createAudit({ db, hosted, revoke: revokes.revoke });
   /** A renewal; one that fails tells the reaper that the stored deadlines may be stale. */
   const renew = async () => {
     try {
@@ -581,25 +371,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
   }
 
-  /** Sends a revoke if this process hosts the stream holding the lease. */
-  function revokeHosted(
-    sessionId: string,
-    token: LeaseToken,
-    reason: RevokeReason,
-    message: string,
-    ended: boolean,
-  ): void {
-    const s = hosted.get(sessionId);
-    if (!s || s.held.get(token.actionId) !== token.epoch) return;
-    if (ended) hosted.letGo(s, token.actionId, token.epoch);
-    else if (reason === "CANCELLED" || reason === "COLLECT_OUTPUTS") {
-      // The audit need not send it again.
-      s.noticed.add(`${token.actionId}:${token.epoch}:${reason === "CANCELLED" ? "cancel" : "collect"}`);
-      trackRevoke(s, token, reason);
-    }
-    s.link.send({ type: "revoke", ...token, reason, message });
-  }
-
   function drainHosted(workerId: string, reason: string): void {
     for (const s of hosted.values()) {
       if (s.workerId === workerId) {
@@ -612,7 +383,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   // What other processes ask of the streams this one hosts.
   const offBus = bus?.subscribe((m) => {
     if (m.kind === "revoke") {
-      revokeHosted(m.sessionId, { actionId: m.actionId, epoch: m.epoch }, m.reason, m.message, m.ended);
+      revokes.revoke(m.sessionId, { actionId: m.actionId, epoch: m.epoch }, m.reason, m.message, m.ended);
     } else if (m.kind === "drain") {
       drainHosted(m.workerId, m.reason);
     } else if (m.kind === "takeover") {
@@ -630,7 +401,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       for (const t of timers) clearInterval(t);
       reaper.stop();
-      await Promise.all([dispatcher.idle(), reports.close(), opens.close()]);
+      await Promise.all([dispatcher.idle(), reports.close(), hellos.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();
@@ -645,11 +416,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     // Sent here and to the other processes either way: this process may still
     // host a stream the session has already left for another process.
     revoke(sessionId, token, reason, message) {
-      revokeHosted(sessionId, token, reason, message, false);
+      revokes.revoke(sessionId, token, reason, message, false);
       bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: false });
     },
     ended(sessionId, token, reason, message) {
-      revokeHosted(sessionId, token, reason, message, true);
+      revokes.revoke(sessionId, token, reason, message, true);
       bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
     },
     async drain(workerId, reason, actor) {

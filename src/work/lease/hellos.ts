@@ -1,0 +1,88 @@
+import type { Logger } from "pino";
+import { createBatcher } from "../../store/batcher.js";
+import type { Clock } from "../../store/clock.js";
+import type { Db } from "../../store/database.js";
+import { type HelloInput, type OpenedSession, openSession } from "../../store/queries/open-session.js";
+import { type BatchOutcome, type HelloOfBatch, openSessions } from "../../store/queries/open-sessions.js";
+import type { KeepHosted } from "../../store/queries/reap-sessions.js";
+import { createGate } from "../gate.js";
+
+/** Opens the sessions of validated hellos (SPEC rules 6 and 8: resume, take over, or start). */
+export interface HelloOpener {
+  /**
+   * Opens or resumes the session `hello` asks for, as `principal`. Rejects
+   * with the refusal (a session another principal owns, a draining worker…)
+   * or the database's error.
+   */
+  open(hello: HelloInput, principal: string): Promise<OpenedSession>;
+  /** Resolves once the hellos already received are opened. */
+  close(): Promise<void>;
+}
+
+/** Hellos opened one transaction each at once, outside the batches. */
+const ALONE_AT_ONCE = 8;
+
+export function createHelloOpener(deps: {
+  db: Db;
+  clock: Clock;
+  log: Logger;
+  serverId: string;
+  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number };
+  /** The renewal's promise about hosted deadlines, for a hello that finds its earlier session due. */
+  keepHosted: () => KeepHosted | undefined;
+}): HelloOpener {
+  const { db, clock, log, serverId, limits } = deps;
+  const { graceMs } = limits;
+  /** One hello the common way, or the way of a batch that failed as a whole. */
+  const openAlone = (b: HelloOfBatch) =>
+    openSession(db, clock, serverId, limits, b.hello, b.principal, deps.keepHosted());
+  /**
+   * Hellos a batch leaves alone, opened at most {@link ALONE_AT_ONCE} at a time
+   * (each holds a pooled connection) and outside the batches, so that the
+   * hellos a batch opened are answered at once and the next batch goes on.
+   */
+  const aloneGate = createGate(ALONE_AT_ONCE);
+  const alone = async (b: HelloOfBatch): Promise<OpenedSession | Error> => {
+    const release = await aloneGate.enter();
+    try {
+      return await openAlone(b);
+    } catch (error) {
+      return error as Error;
+    } finally {
+      release();
+    }
+  };
+  /**
+   * Hellos arriving while a batch is being opened are opened together in the
+   * next (group commit, as for reports): thousands of workers reconnecting at
+   * once cost a few transactions, not one each. A hello left alone resolves
+   * with the promise of its own transaction.
+   */
+  type Opened = OpenedSession | Error;
+  const opens = createBatcher<HelloOfBatch, Opened | Promise<Opened>>(async (batch) => {
+    let outcomes: BatchOutcome[];
+    try {
+      outcomes = await openSessions(db, clock, serverId, graceMs, batch);
+    } catch (error) {
+      // A deadlock with another process or a race for a new worker's first session: each hello
+      // goes alone, and fails alone if it must.
+      if (batch.length === 1) throw error;
+      log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
+      outcomes = batch.map(() => ({ alone: true }));
+    }
+    return outcomes.map((outcome, i) => {
+      if ("opened" in outcome) return outcome.opened;
+      if ("refused" in outcome) return outcome.refused;
+      return alone(batch[i] as HelloOfBatch);
+    });
+  });
+
+  return {
+    async open(hello, principal) {
+      const opened = await opens.add({ hello, principal });
+      if (opened instanceof Error) throw opened;
+      return opened;
+    },
+    close: () => opens.close(),
+  };
+}

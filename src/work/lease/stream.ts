@@ -1,0 +1,144 @@
+import type { Logger } from "pino";
+import type { Clock } from "../../store/clock.js";
+import type { Db } from "../../store/database.js";
+import { endSession } from "../../store/queries/end-session.js";
+import { markStreamLost } from "../../store/queries/mark-stream-lost.js";
+import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
+import type { WorkerMessage } from "../worker-messages.js";
+import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
+import type { Reports } from "./reports.js";
+import type { Revokes } from "./revokes.js";
+
+/** A worker's open stream, as the rpc layer drives it. */
+export interface SessionHandle {
+  readonly sessionId: string;
+  /** Handles one message from the worker. Never throws; replies go through the link. */
+  receive(message: WorkerMessage): void;
+  /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
+  streamEnded(): Promise<void>;
+  /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
+  writable(): void;
+}
+
+/**
+ * What one hosted stream's messages do, from the welcome to its end:
+ * heartbeats are answered from memory (SPEC rule 7: the deadline is renewed
+ * by the renewal loop, not per heartbeat), reports go to {@link Reports},
+ * a goodbye ends the session, and a lost stream starts its grace.
+ */
+export function createStreamHandle(
+  deps: {
+    db: Db;
+    clock: Clock;
+    log: Logger;
+    feed: ChangeFeed;
+    hosted: HostedSessions;
+    reports: Reports;
+    revokes: Revokes;
+    graceMs: number;
+    heartbeatAckSeconds: { observe(seconds: number): void };
+    /** Wakes the watchers of these actions (and of the event feed). */
+    publishActions: (ids: Iterable<string>) => void;
+    /** Actions were re-queued: the dispatcher looks at the queue again. */
+    queueChanged: () => void;
+    /** The stream was lost: its session is due at `deadline` (database clock, ms). */
+    streamLost: (deadlineMs: number, dbOffsetMs: number) => void;
+  },
+  s: Hosted,
+): SessionHandle {
+  const { db, clock, log, feed, hosted, reports, revokes, graceMs, publishActions } = deps;
+  // Set on goodbye: the stream ends only after the session's end has committed, so the
+  // worker's close returns with the session already over.
+  let goodbye: Promise<void> | undefined;
+  return {
+    sessionId: s.sessionId,
+    receive(message) {
+      if (s.ended) return;
+      s.heardAt = performance.now();
+      switch (message.type) {
+        case "heartbeat": {
+          const started = s.heardAt;
+          s.link.send({ type: "heartbeat_ack", sequence: message.sequence, remainingMs: remainingMs(s) });
+          for (const token of message.held) {
+            if (s.held.get(token.actionId) !== token.epoch) {
+              s.link.send({
+                type: "revoke",
+                ...token,
+                reason: "SUPERSEDED",
+                message: `action ${token.actionId} epoch ${token.epoch} is not a lease of this session`,
+              });
+            } else if (s.unacked.size > 0) {
+              // Listing a grant shows the worker has it, as a GrantAck does.
+              hosted.acknowledged(s, token);
+            }
+          }
+          s.lastHeld = message.held;
+          if (s.revoked !== undefined) revokes.releaseOmitted(s, message.held);
+          deps.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
+          return;
+        }
+        case "grant_ack": {
+          const token = { actionId: message.actionId, epoch: message.epoch };
+          if (s.revoked !== undefined) revokes.sawLease(s, token);
+          if (s.held.get(token.actionId) === token.epoch) {
+            hosted.acknowledged(s, token);
+            reports.accept(s, message.reportId, token, "grant acknowledged");
+          } else reports.fenced(s, message.reportId, token, "grant acknowledgement");
+          return;
+        }
+        case "progress":
+          if (s.revoked !== undefined) revokes.sawLease(s, message);
+          hosted.acknowledged(s, message);
+          return reports.progress(s, message);
+        case "completion":
+        case "release":
+          hosted.acknowledged(s, message);
+          return reports.finish(s, message);
+        case "goodbye":
+          hosted.remove(s);
+          goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
+            ({ releasedActionIds }) => {
+              log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
+              publishActions(releasedActionIds);
+              deps.queueChanged();
+              s.link.close();
+            },
+            (error: unknown) => {
+              log.error({ err: error, sessionId: s.sessionId }, "could not end the session on goodbye");
+              s.link.close(error instanceof Error ? error : undefined);
+            },
+          );
+          return;
+      }
+    },
+    writable() {
+      hosted.writable(s);
+    },
+    async streamEnded() {
+      if (goodbye) return goodbye;
+      if (s.ended) return;
+      hosted.remove(s);
+      try {
+        const lost = await markStreamLost(
+          db,
+          clock,
+          s.streamToken,
+          s.sessionId,
+          performance.now() - s.heardAt,
+          graceMs,
+        );
+        if (lost) {
+          log.info(
+            { workerId: s.workerId, sessionId: s.sessionId, deadline: lost.deadline },
+            "worker stream lost",
+          );
+          feed.publish(EVENTS_TOPIC);
+          deps.streamLost(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now());
+        }
+      } catch (error) {
+        // The deadline stands as last renewed; the reaper acts on it either way.
+        log.warn({ err: error, sessionId: s.sessionId }, "could not record a lost stream");
+      }
+    },
+  };
+}

@@ -138,12 +138,13 @@ export function leaseCommands(): Command {
   lease
     .command("get")
     .argument("<lease-id>")
-    .description("Show one lease and who created it.")
+    .description("Show one lease, who created it and the result recorded on it.")
     .action(async (id: string, _o: unknown, command: Command) =>
       withClients(command, async (c, json) => {
         const { lease: l } = await c.leases.getLease({ leaseId: id });
         printLease(l, json);
         if (!json && l?.createdBy) out(`created by: ${l.createdBy}`);
+        if (!json && l?.result) out(`result: ${JSON.stringify(l.result)}`);
       }),
     );
   lease

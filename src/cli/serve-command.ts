@@ -73,7 +73,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--console-listen <host:port>",
-        "serve the web console (and the v1 API over Connect, HTTP/1.1 and JSON) at this address, e.g. 127.0.0.1:8080; beyond loopback it needs TLS and credentials like --listen, and uses the same ones (default: off)",
+        "serve the web console (and the v1 API over Connect, HTTP/1.1 and JSON) at this address, e.g. 127.0.0.1:8090; beyond loopback it needs TLS and credentials like --listen, and uses the same ones (default: off)",
       ).env("LEASEHOLD_CONSOLE_LISTEN"),
     )
     .addOption(

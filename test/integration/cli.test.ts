@@ -293,7 +293,9 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       expect(downloaded.stdout).toBe("fixture content\n");
       const debug = JSON.parse((await cli([...server, "--json", "lease", "debug", lease.id])).stdout);
       expect(debug.resources.map((r: { id: string }) => r.id)).toEqual([kept.id]);
-      expect((await cli([...server, "lease", "get", lease.id])).stdout).toContain("created by: anonymous\n");
+      const shown = (await cli([...server, "lease", "get", lease.id])).stdout;
+      expect(shown).toContain("created by: anonymous\n");
+      expect(shown).toContain('result: {"passed":true}\n');
       expect((await cli([...server, "lease", "delete", lease.id])).code).toBe(0);
       expect((await cli([...server, "lease", "get", lease.id])).code).toBe(4);
       // Many at once by runtime; the event names who deleted it.

@@ -40,8 +40,8 @@ describe("the README walkthrough", () => {
       "off",
       "--data-dir",
       store.dataDir,
-      // The README says 8s; a restart on a loaded CI machine (PGlite starting under load)
-      // can take longer than an 8 s grace leaves the agent, so the test gives it room.
+      // As the README: a restart (PGlite starting, under load on CI) must fit in the 12.5 s
+      // guarantee a 15 s grace leaves the agent.
       "--grace-period",
       "15s",
       "--heartbeat-interval",

@@ -22,7 +22,11 @@ export interface EventTail {
 
 /** One watch's view of the tail. */
 export interface TailFollower extends Disposable {
-  /** The tail's position when it started (resolves once it has read it). Rejects like `next`. */
+  /**
+   * Where the log ends now, as far as the tail has read it (resolves once the
+   * tail knows its starting position): a watch from "now" starts there.
+   * Rejects like `next`.
+   */
   start(): Promise<number>;
   /**
    * The events in memory after `cursor`, oldest first (empty when there is
@@ -142,9 +146,9 @@ export function createEventTail(
     let left = false;
     return {
       async start() {
-        const position = await run.started;
+        await run.started;
         if (run.failure) throw run.failure.error;
-        return position;
+        return run.head;
       },
       after(cursor) {
         if (cursor < run.base) return undefined;

@@ -139,6 +139,23 @@ describe("watching the event log", () => {
     await Promise.all([live.close(), replay.close()]);
   });
 
+  it("starts a watch from now, not from where the shared reader started, when it joins late", async () => {
+    const feed = createChangeFeed();
+    const events = createEventService({ db: database.db, feed, tailCapacity: 8 });
+    const early = open(events, { cluster: "late" });
+    const earlyTakes = early.take(20);
+    const marker = await append(feed, "late");
+    for (let i = 0; i < 19; i++) await append(feed, "late");
+    await earlyTakes;
+    // The reader has read all 20 (and dropped some from memory); a watch from now sees none of them.
+    const late = open(events, { cluster: "late" });
+    const next = late.take(1);
+    const fresh = await append(feed, "late");
+    expect((await next).map((e) => e.sequence)).toEqual([fresh]);
+    expect(fresh).toBeGreaterThan(marker + 19);
+    await Promise.all([early.close(), late.close()]);
+  });
+
   it("lets a watch that stopped reading fall behind memory and still get every event in order", async () => {
     const feed = createChangeFeed();
     const events = createEventService({ db: database.db, feed, tailCapacity: 8 });

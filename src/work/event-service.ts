@@ -1,5 +1,5 @@
 import type { Db } from "../store/database.js";
-import { listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
+import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
 import type { Page } from "./action-service.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
@@ -59,11 +59,15 @@ export function createEventService({
     const follower = tail.join();
     try {
       const position = await follower.start();
-      let cursor = afterSequence ?? position;
+      // From now: the end of the log, even while the tail still waits at a hole below it (it
+      // must not hand this watch events stored before it opened).
+      let cursor = afterSequence ?? Math.max(position, await lastEventSequence(db));
+      /** When the database path met the hole it waits at; each spell behind the tail waits anew. */
       let gapSince: number | undefined;
       while (!signal.aborted) {
         const held = follower.after(cursor);
         if (held !== undefined) {
+          gapSince = undefined;
           // Caught up: the tail has read these once for every watch of this process.
           if (held.length === 0) await follower.next(signal);
           for (const event of held) {

@@ -23,9 +23,9 @@ export interface EventTail {
 /** One watch's view of the tail. */
 export interface TailFollower extends Disposable {
   /**
-   * Where the log ends now, as far as the tail has read it (resolves once the
-   * tail knows its starting position): a watch from "now" starts there.
-   * Rejects like `next`.
+   * How far the tail has read (resolves once it knows its starting
+   * position). Below the end of the log while the tail waits at a hole or
+   * catches up. Rejects like `next`.
    */
   start(): Promise<number>;
   /**

@@ -34,6 +34,22 @@ describe("watching the event log", () => {
     return Number((rows[0] as { sequence: unknown }).sequence);
   }
 
+  /** Takes the next sequence number as an insert would, without storing anything. */
+  async function takeSequence(): Promise<number> {
+    const result: unknown = await database.db.execute(
+      sql`select nextval(pg_get_serial_sequence('events', 'sequence')) as taken`,
+    );
+    const rows = Array.isArray(result) ? result : (result as { rows: unknown[] }).rows;
+    return Number((rows[0] as { taken: unknown }).taken);
+  }
+
+  /** Stores an event with a sequence number taken earlier (the insert of a slow transaction). */
+  async function insertAt(sequence: number, cluster: string): Promise<void> {
+    await database.db.execute(
+      sql`insert into events (sequence, kind, cluster, message) values (${sequence}, 'action_submitted', ${cluster}, 'late')`,
+    );
+  }
+
   async function lastSequence(): Promise<number> {
     const result: unknown = await database.db.execute(
       sql`select coalesce(max(sequence), 0) as last from events`,
@@ -85,9 +101,11 @@ describe("watching the event log", () => {
     const events = createEventService({ db: counted.db, feed });
     // The first watch starts the shared reader; once it has seen an event, the reader is past it.
     const all = open(events, {});
-    const first = all.take(1);
-    const marker = await append(feed, "marker");
-    expect((await first).map((e) => e.sequence)).toEqual([marker]);
+    const started = await firstFromNow(feed, all, "marker");
+    // Markers appended after the first one the watch got are still ahead of it.
+    const ahead = started.appended.filter((n) => n > started.first.sequence);
+    expect((await all.take(ahead.length)).map((e) => e.sequence)).toEqual(ahead);
+    const marker = started.appended.at(-1) as number;
     const east = open(events, { cluster: "east" }, marker);
     const westGrants = open(events, { cluster: "west", kind: "lease_granted" }, marker);
     const pending = [all.take(6), east.take(2), westGrants.take(1)] as const;
@@ -139,21 +157,58 @@ describe("watching the event log", () => {
     await Promise.all([live.close(), replay.close()]);
   });
 
+  /**
+   * The first event a watch from now yields, appending one event after another until it does
+   * (when its start is read is up to it): none of those stored before the watch opened.
+   */
+  async function firstFromNow(feed: ChangeFeed, watch: ReturnType<typeof open>, cluster: string) {
+    let first: EventRecord | undefined;
+    const taken = watch.take(1).then(([e]) => {
+      first = e;
+    });
+    const appended: number[] = [];
+    while (first === undefined) {
+      appended.push(await append(feed, cluster));
+      await Promise.race([taken, new Promise<void>((resolve) => setImmediate(resolve))]);
+    }
+    return { first, appended };
+  }
+
   it("starts a watch from now, not from where the shared reader started, when it joins late", async () => {
     const feed = createChangeFeed();
     const events = createEventService({ db: database.db, feed, tailCapacity: 8 });
-    const early = open(events, { cluster: "late" });
+    const early = open(events, { cluster: "late" }, await lastSequence());
     const earlyTakes = early.take(20);
-    const marker = await append(feed, "late");
-    for (let i = 0; i < 19; i++) await append(feed, "late");
-    await earlyTakes;
+    const before: number[] = [];
+    for (let i = 0; i < 20; i++) before.push(await append(feed, "late"));
+    expect((await earlyTakes).map((e) => e.sequence)).toEqual(before);
     // The reader has read all 20 (and dropped some from memory); a watch from now sees none of them.
     const late = open(events, { cluster: "late" });
-    const next = late.take(1);
-    const fresh = await append(feed, "late");
-    expect((await next).map((e) => e.sequence)).toEqual([fresh]);
-    expect(fresh).toBeGreaterThan(marker + 19);
+    const { first, appended } = await firstFromNow(feed, late, "late");
+    expect(appended).toContain(first.sequence);
     await Promise.all([early.close(), late.close()]);
+  });
+
+  it("starts a watch from now at the end of the log while the shared reader waits at a hole", async () => {
+    const feed = createChangeFeed();
+    const events = createEventService({ db: database.db, feed });
+    const live = open(events, { cluster: "gap" }, await lastSequence());
+    const liveTakes = live.take(2);
+    // A sequence number taken by a transaction not committed yet: the reader waits at it.
+    const hole = await takeSequence();
+    const stored = await append(feed, "gap");
+    expect(stored).toBe(hole + 1);
+    const late = open(events, { cluster: "gap" });
+    const lateFirst = firstFromNow(feed, late, "gap");
+    // The transaction holding the hole commits: the reader goes on; the late watch opened after
+    // both were stored (or taken), so it gets neither.
+    await insertAt(hole, "gap");
+    feed.publish(EVENTS_TOPIC);
+    expect((await liveTakes).map((e) => e.sequence)).toEqual([hole, stored]);
+    const { first, appended } = await lateFirst;
+    expect(appended).toContain(first.sequence);
+    expect(first.sequence).toBeGreaterThan(stored);
+    await Promise.all([live.close(), late.close()]);
   });
 
   it("lets a watch that stopped reading fall behind memory and still get every event in order", async () => {

@@ -3,7 +3,7 @@ import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from
 import type { Page } from "./action-service.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
-import { createEventTail, DEFAULT_TAIL_CAPACITY, GAP_WAIT_MS } from "./event-tail.js";
+import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
 import { decodeSequencePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
@@ -58,16 +58,16 @@ export function createEventService({
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {
     const follower = tail.join();
     try {
-      const position = await follower.start();
-      // From now: the end of the log, even while the tail still waits at a hole below it (it
-      // must not hand this watch events stored before it opened).
-      let cursor = afterSequence ?? Math.max(position, await lastEventSequence(db));
-      /** When the database path met the hole it waits at; each spell behind the tail waits anew. */
-      let gapSince: number | undefined;
+      await follower.start();
+      // From now: the end of the log, not how far the tail has read (it may be waiting at a
+      // hole below the end, and must not hand this watch events stored before it opened).
+      let cursor = afterSequence ?? (await lastEventSequence(db));
+      // The database path's wait at holes; each spell behind the tail waits anew.
+      const holes = createHoleWait();
       while (!signal.aborted) {
         const held = follower.after(cursor);
         if (held !== undefined) {
-          gapSince = undefined;
+          holes.reset();
           // Caught up: the tail has read these once for every watch of this process.
           if (held.length === 0) await follower.next(signal);
           for (const event of held) {
@@ -80,14 +80,10 @@ export function createEventService({
         const batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
         let blocked = false;
         for (const { event, matches: matching } of batch) {
-          if (event.sequence !== cursor + 1) {
-            gapSince ??= performance.now();
-            if (performance.now() - gapSince < GAP_WAIT_MS) {
-              blocked = true;
-              break;
-            }
+          if (!holes.passes(cursor, event.sequence)) {
+            blocked = true;
+            break;
           }
-          gapSince = undefined;
           cursor = event.sequence;
           if (matching) yield event;
         }

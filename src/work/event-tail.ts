@@ -16,18 +16,17 @@ import type { EventRecord } from "./event.js";
  * the last one to leave stops it.
  */
 export interface EventTail {
-  /** Starts following; `leave()` the follower when done. */
+  /** Starts following; dispose of the follower when done. */
   join(): TailFollower;
 }
 
 /** One watch's view of the tail. */
 export interface TailFollower extends Disposable {
   /**
-   * How far the tail has read (resolves once it knows its starting
-   * position). Below the end of the log while the tail waits at a hole or
-   * catches up. Rejects like `next`.
+   * Resolves once the tail knows where it starts, before which `after`
+   * cannot tell memory from the database. Rejects like `next`.
    */
-  start(): Promise<number>;
+  start(): Promise<void>;
   /**
    * The events in memory after `cursor`, oldest first (empty when there is
    * none yet); undefined when memory no longer reaches back to `cursor`, so
@@ -48,7 +47,36 @@ const READ_BATCH = 500;
  * event 13 can appear after event 14; a tail that moved past the hole would
  * never send 13. A hole that outlasts this wait was a rolled-back insert.
  */
-export const GAP_WAIT_MS = 2000;
+const GAP_WAIT_MS = 2000;
+
+/**
+ * The wait at holes of one reader walking the log in sequence order: an
+ * event right after the cursor passes; one further on passes only once the
+ * hole before it has been waited at for {@link GAP_WAIT_MS}.
+ */
+export interface HoleWait {
+  /** Whether the event with `sequence` may be taken after `cursor` now. */
+  passes(cursor: number, sequence: number): boolean;
+  /** Forgets the hole waited at (the reader moved on some other way). */
+  reset(): void;
+}
+
+export function createHoleWait(): HoleWait {
+  let since: number | undefined;
+  return {
+    passes(cursor, sequence) {
+      if (sequence !== cursor + 1) {
+        since ??= performance.now();
+        if (performance.now() - since < GAP_WAIT_MS) return false;
+      }
+      since = undefined;
+      return true;
+    },
+    reset() {
+      since = undefined;
+    },
+  };
+}
 
 /** One run of the tail, from its first follower to its last (or its failure). */
 interface Run {
@@ -92,21 +120,17 @@ export function createEventTail(
     void (async () => {
       try {
         run.head = run.base = await started;
-        let gapSince: number | undefined;
+        const holes = createHoleWait();
         while (!stop.signal.aborted) {
           const batch = await listEvents(db, {}, run.head, READ_BATCH);
           if (stop.signal.aborted) break;
           let blocked = false;
           let read = 0;
           for (const event of batch) {
-            if (event.sequence !== run.head + 1) {
-              gapSince ??= performance.now();
-              if (performance.now() - gapSince < GAP_WAIT_MS) {
-                blocked = true;
-                break;
-              }
+            if (!holes.passes(run.head, event.sequence)) {
+              blocked = true;
+              break;
             }
-            gapSince = undefined;
             run.head = event.sequence;
             run.events.push(event);
             read++;
@@ -148,7 +172,6 @@ export function createEventTail(
       async start() {
         await run.started;
         if (run.failure) throw run.failure.error;
-        return run.head;
       },
       after(cursor) {
         if (cursor < run.base) return undefined;

@@ -50,7 +50,8 @@ export async function listActions(
   const conditions: SQL[] = [];
   if (filter.state) conditions.push(sql`state = ${filter.state}`);
   if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
-  if (filter.runId) conditions.push(sql`run_id = ${filter.runId}`);
+  // `<> ''` names actions_run_idx's predicate, which a prepared plan cannot prove from the value.
+  if (filter.runId) conditions.push(sql`run_id = ${filter.runId} and run_id <> ''`);
   // events_worker_idx finds them; the attempts table has no index on its worker, and needs none elsewhere.
   if (filter.workerId)
     conditions.push(

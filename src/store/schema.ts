@@ -167,13 +167,15 @@ export const actions = pgTable(
     createdBy: text("created_by").notNull().default(""),
   },
   (t) => [
+    // Not partial: an ON CONFLICT naming these columns (every server version's submit) needs it whole.
     uniqueIndex("actions_created_by_request_id_key").on(t.createdBy, t.requestId),
     // The claim path: queued actions of a cluster, by priority then age.
     index("actions_claim_idx")
       .on(t.cluster, t.priority.desc(), t.createdAt)
       .where(sql`${t.state} = 'QUEUED'`),
     index("actions_session_idx").on(t.sessionId).where(sql`${t.state} = 'LEASED'`),
-    index("actions_run_idx").on(t.runId),
+    // Partial, like events_worker_idx: the many rows without a run (or worker) skip it.
+    index("actions_run_idx").on(t.runId).where(sql`${t.runId} <> ''`),
     index("actions_state_idx").on(t.state, t.cluster),
   ],
 );
@@ -237,7 +239,7 @@ export const events = pgTable(
   },
   (t) => [
     index("events_action_idx").on(t.actionId, t.sequence),
-    index("events_worker_idx").on(t.workerId, t.sequence),
+    index("events_worker_idx").on(t.workerId, t.sequence).where(sql`${t.workerId} is not null`),
     index("events_cluster_idx").on(t.cluster, t.sequence),
     // ExplainAction: what the sessions holding an action went through, and when its cluster's
     // expiries paused. Partial, so that the hot path's events (grants, completions) skip them.

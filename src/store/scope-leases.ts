@@ -1,10 +1,10 @@
 import { type SQL, sql } from "drizzle-orm";
-import { uuidv7 } from "uuidv7";
 import { Code, LeaseholdError } from "../errors.js";
 import type { JsonObject, NewAction } from "../work/action.js";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
 import { cancelDeploymentActions, type HeldToken } from "./deployments.js";
+import { uuidv7 } from "./ids.js";
 import { insertActions } from "./queries/insert-actions.js";
 import { queryRows, toDate, toDateOrNull, toNumber } from "./rows.js";
 

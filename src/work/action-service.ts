@@ -1,4 +1,3 @@
-import { uuidv7 } from "uuidv7";
 import { Code, LeaseholdError, quote } from "../errors.js";
 import {
   cancelAction,
@@ -10,6 +9,7 @@ import {
 import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
+import { uuidv7 } from "../store/ids.js";
 import { readActionHistory } from "../store/queries/explain-action.js";
 import { insertActions, insertActionsAtomically } from "../store/queries/insert-actions.js";
 import {

@@ -105,6 +105,37 @@ describe("ActionService.SubmitActions", () => {
     expect(new Set(events.map((e) => e.actor))).toEqual(new Set(["alice"]));
   });
 
+  it("answers each submitted action as GetAction reads it back, and without request ids runs one statement", async () => {
+    // The answer is built from the request and the few columns the insert reads back;
+    // it must not differ from the stored row in any field.
+    const items: Item[] = [
+      { cluster: "bulk-a" },
+      {
+        cluster: "bulk-b",
+        runId: "as-stored",
+        payload: { n: 1.5, s: "x", nested: { list: [1, "two", null, true] }, empty: {} },
+        priority: -3,
+        labelSelector: { zone: "z1", disk: "ssd" },
+        retryPolicy: { maxAttempts: 7, initialBackoff: { seconds: 2n }, maxBackoff: { seconds: 30n } },
+        maxSystemRetries: 9,
+      },
+    ];
+    statements.length = 0;
+    const bulk = await api.submitActions({ actions: items }, as("alice"));
+    // Other tests' dispatch may run meanwhile: count the submit's own statements.
+    const own = statements.filter((q) => /^begin|jsonb_to_recordset|request_id in/i.test(q.trim()));
+    expect(own).toHaveLength(1);
+    const withId = await api.submitActions(
+      { actions: items.map((item, i) => ({ ...item, requestId: `as-stored-${i}` })) },
+      as("alice"),
+    );
+    const single = await api.submitAction({ ...items[1], requestId: "as-stored-single" }, as("alice"));
+    for (const answered of [...bulk.results, ...withId.results].map((r) => r.action).concat(single.action)) {
+      const { action: stored } = await api.getAction({ actionId: answered?.id ?? "" }, as("alice"));
+      expect(answered).toEqual(stored);
+    }
+  });
+
   it("answers with the fields that name each action under ACTION_VIEW_BASIC, and refuses an unknown view", async () => {
     const items: Item[] = Array.from({ length: 3 }, (_, i) => ({
       cluster: "bulk-a",

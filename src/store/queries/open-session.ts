@@ -1,9 +1,9 @@
 import { sql } from "drizzle-orm";
-import { uuidv7 } from "uuidv7";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
+import { uuidv7 } from "../ids.js";
 import { queryRows, toDate, toNumber } from "../rows.js";
 import type { GrantRecord } from "./claim-actions.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "./reap-sessions.js";

@@ -1,7 +1,7 @@
 import { sql } from "drizzle-orm";
-import { uuidv7 } from "uuidv7";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
+import { uuidv7 } from "../ids.js";
 import { queryRows, toDate } from "../rows.js";
 import {
   type HeldRow,

@@ -37,6 +37,8 @@ describe("ActionService.SubmitActions", () => {
   let api: Client<(typeof ActionService)["method"]>;
   /** Statements the server ran, for counting what one call costs. */
   const statements: string[] = [];
+  /** Transactions the server began for bulk submits. */
+  let transactions = 0;
 
   const count = async (where: ReturnType<typeof sql>) => {
     const [row] = await queryRows<{ n: unknown }>(db, sql`select count(*) as n from actions where ${where}`);
@@ -60,6 +62,13 @@ describe("ActionService.SubmitActions", () => {
         onQuery: (query) => statements.push(query),
         wrapDb: (handle) => {
           db = handle;
+          // Wrapped in place: the same object keeps its prepared-statement runner. Only the
+          // submit's transactions count (the server's sweeps open their own meanwhile).
+          const transaction = handle.transaction.bind(handle);
+          handle.transaction = ((...args: Parameters<typeof transaction>) => {
+            if (new Error().stack?.includes("insertActionsAtomically")) transactions++;
+            return transaction(...args);
+          }) as typeof handle.transaction;
           return handle;
         },
       },
@@ -121,14 +130,19 @@ describe("ActionService.SubmitActions", () => {
       },
     ];
     statements.length = 0;
+    const before = transactions;
     const bulk = await api.submitActions({ actions: items }, as("alice"));
     // Other tests' dispatch may run meanwhile: count the submit's own statements.
-    const own = statements.filter((q) => /^begin|jsonb_to_recordset|request_id in/i.test(q.trim()));
-    expect(own).toHaveLength(1);
+    const own = () => statements.filter((q) => /jsonb_to_recordset|request_id in/i.test(q.trim()));
+    expect(own()).toHaveLength(1);
+    expect(transactions - before).toBe(0);
     const withId = await api.submitActions(
       { actions: items.map((item, i) => ({ ...item, requestId: `as-stored-${i}` })) },
       as("alice"),
     );
+    // With request ids: a lookup and the insert, in one transaction.
+    expect(own()).toHaveLength(3);
+    expect(transactions - before).toBe(1);
     const single = await api.submitAction({ ...items[1], requestId: "as-stored-single" }, as("alice"));
     for (const answered of [...bulk.results, ...withId.results].map((r) => r.action).concat(single.action)) {
       const { action: stored } = await api.getAction({ actionId: answered?.id ?? "" }, as("alice"));

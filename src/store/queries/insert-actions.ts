@@ -74,7 +74,8 @@ export async function insertActions(
         select 'action_submitted', id, cluster, 'action submitted', created_by from inserted
       ),
       new_clusters as (
-        insert into clusters (name) select distinct cluster from inserted
+        -- In name order: two statements adding the same new names cannot deadlock on them.
+        insert into clusters (name) select distinct cluster from inserted order by cluster
         on conflict (name) do nothing
       )
       select id, created_at, updated_at, not_before from inserted`,
@@ -109,7 +110,7 @@ function newActionRecord(row: InsertedRow, a: NewAction, actor: string): ActionR
     requestId: a.requestId ?? null,
     runId: a.runId,
     cluster: a.cluster,
-    labelSelector: a.labelSelector,
+    labelSelector: { ...a.labelSelector },
     payload: a.payload ?? null,
     priority: a.priority,
     retryPolicy: { ...a.retryPolicy },
@@ -177,13 +178,19 @@ export async function insertActionsAtomically(
   actor: string,
   items: readonly { readonly id: string; readonly action: NewAction }[],
 ): Promise<AtomicInsertOutcome> {
-  if (items.every(({ action }) => !action.requestId)) {
+  if (items.every(({ action }) => action.requestId === undefined)) {
     // Nothing to look up and nothing to conflict on: one statement, atomic by itself.
-    const rows = await insertActions(
-      db,
-      clock,
-      items.map(({ id, action }) => ({ id, action, actor })),
-    );
+    let rows: ActionRecord[];
+    try {
+      rows = await insertActions(
+        db,
+        clock,
+        items.map(({ id, action }) => ({ id, action, actor })),
+      );
+    } catch (error) {
+      if (sqlState(error) === "40P01") return { kind: "raced" };
+      throw error;
+    }
     const inserted = new Map(rows.map((action) => [action.id, action]));
     const results = items.map(({ id }) => ({ action: inserted.get(id) as ActionRecord, created: true }));
     return { kind: "done", results };

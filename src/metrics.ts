@@ -1,4 +1,5 @@
 import { createServer, type Server } from "node:http";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
@@ -74,6 +75,54 @@ export function createMetrics(sources: {
       registers: [registry],
     }),
   };
+}
+
+/**
+ * The process's own health, under the names Prometheus client libraries use:
+ * CPU, resident memory, and how late the event loop ran since the last
+ * scrape (`nodejs_eventloop_delay_seconds`, quantiles 0.5, 0.99 and 1). A
+ * loop that runs late delays every heartbeat ack; this tells it apart from
+ * a slow network or a slow client. Returns a function that stops sampling.
+ */
+export function addProcessMetrics(registry: Registry): () => void {
+  // A timer every 10 ms; each sample is the time between two of its runs, so the
+  // lateness is the sample less the 10 ms. Read and restarted at each scrape.
+  const resolutionMs = 10;
+  const delay = monitorEventLoopDelay({ resolution: resolutionMs });
+  delay.enable();
+  new Gauge({
+    name: "process_cpu_seconds_total",
+    help: "User and system CPU time spent by this process, in seconds.",
+    registers: [registry],
+    collect() {
+      const { user, system } = process.cpuUsage();
+      this.set((user + system) / 1e6);
+    },
+  });
+  new Gauge({
+    name: "process_resident_memory_bytes",
+    help: "Resident memory of this process, in bytes.",
+    registers: [registry],
+    collect() {
+      this.set(process.memoryUsage.rss());
+    },
+  });
+  new Gauge({
+    name: "nodejs_eventloop_delay_seconds",
+    help: "How late the event loop ran since the last scrape (10 ms sampling), by quantile.",
+    labelNames: ["quantile"],
+    registers: [registry],
+    collect() {
+      // NaN before the first sample.
+      const seconds = (ns: number) =>
+        delay.count > 0 ? Math.max(0, ns / 1e6 - resolutionMs) / 1e3 : Number.NaN;
+      this.set({ quantile: "0.5" }, seconds(delay.percentile(50)));
+      this.set({ quantile: "0.99" }, seconds(delay.percentile(99)));
+      this.set({ quantile: "1" }, seconds(delay.max));
+      delay.reset();
+    },
+  });
+  return () => delay.disable();
 }
 
 /** Serves `GET /metrics` on its own HTTP port. */

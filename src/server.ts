@@ -13,7 +13,7 @@ import { EventService } from "./gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
-import { createMetrics, type Metrics, serveMetrics } from "./metrics.js";
+import { addProcessMetrics, createMetrics, type Metrics, serveMetrics } from "./metrics.js";
 import type { Authenticator } from "./rpc/authenticator.js";
 import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
 import { createRpcServer, refusalLogger } from "./rpc/server.js";
@@ -316,6 +316,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       const served = await serveMetrics(metrics.registry, host, port);
       metricsPort = served.port;
       cleanup.push(() => served.close());
+      const stopSampling = addProcessMetrics(metrics.registry);
+      cleanup.push(async () => stopSampling());
     }
 
     const hellos = countHellos(manager);

@@ -775,6 +775,32 @@ describe("work leases", () => {
     expect(text).toMatch(/^leasehold_connected_workers 1$/m);
     expect(text).toMatch(/^leasehold_lease_expiries_total 0$/m);
   });
+
+  it("reports the process's CPU, memory and event-loop lateness since the last scrape", async () => {
+    const scrape = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+      const value = (pattern: RegExp) => Number(text.match(pattern)?.[1]);
+      return {
+        cpu: value(/^process_cpu_seconds_total ([\d.e+-]+)$/m),
+        rss: value(/^process_resident_memory_bytes (\d+)$/m),
+        p99: value(/^nodejs_eventloop_delay_seconds\{quantile="0\.99"\} (\S+)$/m),
+        max: value(/^nodejs_eventloop_delay_seconds\{quantile="1"\} (\S+)$/m),
+      };
+    };
+    await scrape();
+    // The server runs in this process: hold its event loop for 300 ms.
+    const until = performance.now() + 300;
+    while (performance.now() < until);
+    await new Promise((r) => setTimeout(r, 30));
+    const blocked = await scrape();
+    expect(blocked.cpu).toBeGreaterThan(0.3);
+    expect(blocked.rss).toBeGreaterThan(10 * 1024 * 1024);
+    expect(blocked.max).toBeGreaterThanOrEqual(0.28);
+    expect(blocked.p99).toBeGreaterThanOrEqual(0);
+    // Read and restarted by the scrape: the next one does not show the stall again.
+    const next = await scrape();
+    expect(next.max >= blocked.max).toBe(false);
+  });
 });
 
 /** Polls a condition the server reaches asynchronously (used for stream-loss bookkeeping). */

@@ -1,5 +1,4 @@
 import { createServer, type Server } from "node:http";
-import { monitorEventLoopDelay } from "node:perf_hooks";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
@@ -85,11 +84,7 @@ export function createMetrics(sources: {
  * a slow network or a slow client. Returns a function that stops sampling.
  */
 export function addProcessMetrics(registry: Registry): () => void {
-  // A timer every 10 ms; each sample is the time between two of its runs, so the
-  // lateness is the sample less the 10 ms. Read and restarted at each scrape.
-  const resolutionMs = 10;
-  const delay = monitorEventLoopDelay({ resolution: resolutionMs });
-  delay.enable();
+  const late = createLatenessSampler(10);
   new Gauge({
     name: "process_cpu_seconds_total",
     help: "User and system CPU time spent by this process, in seconds.",
@@ -113,16 +108,49 @@ export function addProcessMetrics(registry: Registry): () => void {
     labelNames: ["quantile"],
     registers: [registry],
     collect() {
-      // NaN before the first sample.
-      const seconds = (ns: number) =>
-        delay.count > 0 ? Math.max(0, ns / 1e6 - resolutionMs) / 1e3 : Number.NaN;
-      this.set({ quantile: "0.5" }, seconds(delay.percentile(50)));
-      this.set({ quantile: "0.99" }, seconds(delay.percentile(99)));
-      this.set({ quantile: "1" }, seconds(delay.max));
-      delay.reset();
+      const window = late.take();
+      this.set({ quantile: "0.5" }, window.quantile(0.5) / 1e3);
+      this.set({ quantile: "0.99" }, window.quantile(0.99) / 1e3);
+      this.set({ quantile: "1" }, window.quantile(1) / 1e3);
     },
   });
-  return () => delay.disable();
+  return () => late.stop();
+}
+
+/**
+ * How late a timer due every `intervalMs` ran, in ms, one sample per run,
+ * kept until {@link take} (the newest 30,000 at most: five minutes). Node's
+ * `monitorEventLoopDelay` was not used: its reset also forgets when it last
+ * ran, so a stall that began right after a scrape went unrecorded.
+ */
+export function createLatenessSampler(intervalMs: number): {
+  /** The samples since the last call, as a window to read quantiles of (NaN when empty). */
+  take(): { quantile(q: number): number };
+  stop(): void;
+} {
+  const samples = new Float64Array(30_000);
+  let count = 0;
+  let last = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    samples[count % samples.length] = Math.max(0, now - last - intervalMs);
+    count++;
+    last = now;
+  }, intervalMs);
+  timer.unref();
+  return {
+    take() {
+      const sorted = samples.slice(0, Math.min(count, samples.length)).sort();
+      count = 0;
+      return {
+        quantile: (q) =>
+          sorted.length === 0
+            ? Number.NaN
+            : (sorted[Math.ceil(q * sorted.length) - 1] ?? sorted[0] ?? Number.NaN),
+      };
+    },
+    stop: () => clearInterval(timer),
+  };
 }
 
 /** Serves `GET /metrics` on its own HTTP port. */

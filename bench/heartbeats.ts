@@ -31,6 +31,7 @@ import { parseArgs } from "node:util";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import {
+  type ConnectRequest,
   ConnectRequestSchema,
   type ConnectResponse,
   ConnectResponseSchema,
@@ -165,53 +166,70 @@ function open(i: number): Promise<void> {
   return rawClient ? openRaw(i) : openGrpc(i);
 }
 
+/** Stream `i`'s hello. */
+const hello = (i: number): ConnectRequest =>
+  create(ConnectRequestSchema, {
+    message: {
+      case: "hello",
+      value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1, acceptsBatches },
+    },
+  });
+
+/**
+ * What both clients do with the server's messages on one stream: once
+ * welcomed, `start` schedules its heartbeats (each written by `send`); each
+ * ack is timed from its heartbeat's write. Batches are unwrapped.
+ */
+function heartbeating(
+  send: (heartbeat: ConnectRequest) => void,
+  start: (beat: () => void) => void,
+  welcomed: () => void,
+): (response: ConnectResponse) => void {
+  const sent = new Map<bigint, number>();
+  let sequence = 0n;
+  const beat = () => {
+    sequence += 1n;
+    sent.set(sequence, performance.now());
+    send(create(ConnectRequestSchema, { message: { case: "heartbeat", value: { sequence } } }));
+  };
+  const handle = (m: ConnectResponse["message"]) => {
+    if (m.case === "welcome") {
+      welcomed();
+      start(beat);
+    } else if (m.case === "heartbeatAck") {
+      const at = sent.get(m.value.sequence);
+      sent.delete(m.value.sequence);
+      if (at !== undefined && measuring) latencies.push(performance.now() - at);
+    }
+  };
+  return (response) => {
+    const m = response.message;
+    if (m.case === "batch") for (const inner of m.value.messages) handle(inner.message);
+    else handle(m);
+  };
+}
+
 function openGrpc(i: number): Promise<void> {
   const client = clients[i % connections] as (typeof clients)[number];
   const call = client.connect() as unknown as Call;
   calls.push(call);
-  const sent = new Map<bigint, number>();
-  let sequence = 0n;
   return new Promise((welcomed, failed) => {
     call.on("error", (error) => {
       if (!stopping) failures += 1;
       failed(error);
     });
-    const handle = (m: ConnectResponse["message"]) => {
-      if (m.case === "welcome") {
-        welcomed();
-        const beat = () => {
-          sequence += 1n;
-          sent.set(sequence, performance.now());
-          call.write(
-            create(WorkerService.method.connect.input, {
-              message: { case: "heartbeat", value: { sequence } },
-            }),
-          );
-        };
+    const receive = heartbeating(
+      (heartbeat) => call.write(heartbeat),
+      (beat) =>
         setTimeout(() => {
           beat();
           const timer = setInterval(beat, intervalMs);
           call.on("close", () => clearInterval(timer));
-        }, Math.random() * intervalMs);
-      } else if (m.case === "heartbeatAck") {
-        const at = sent.get(m.value.sequence);
-        sent.delete(m.value.sequence);
-        if (at !== undefined && measuring) latencies.push(performance.now() - at);
-      }
-    };
-    call.on("data", (response: ConnectResponse) => {
-      const m = response.message;
-      if (m.case === "batch") for (const inner of m.value.messages) handle(inner.message);
-      else handle(m);
-    });
-    call.write(
-      create(WorkerService.method.connect.input, {
-        message: {
-          case: "hello",
-          value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1, acceptsBatches },
-        },
-      }),
+        }, Math.random() * intervalMs),
+      welcomed,
     );
+    call.on("data", receive);
+    call.write(hello(i));
   });
 }
 
@@ -269,8 +287,7 @@ function openRaw(i: number): Promise<void> {
     te: "trailers",
   });
   rawStreams.push(stream);
-  const sent = new Map<bigint, number>();
-  let sequence = 0n;
+  const write = (request: ConnectRequest) => stream.write(frame(toBinary(ConnectRequestSchema, request)));
   let pending: Buffer = Buffer.alloc(0);
   return new Promise((welcomed, failed) => {
     stream.on("error", (error) => {
@@ -283,54 +300,24 @@ function openRaw(i: number): Promise<void> {
         failed(new Error(`stream ${i} ended: ${trailers["grpc-status"]} ${trailers["grpc-message"]}`));
       }
     });
-    const handle = (m: ConnectResponse["message"]) => {
-      if (m.case === "welcome") {
-        welcomed();
-        const beat = () => {
-          sequence += 1n;
-          sent.set(sequence, performance.now());
-          stream.write(
-            frame(
-              toBinary(
-                ConnectRequestSchema,
-                create(ConnectRequestSchema, { message: { case: "heartbeat", value: { sequence } } }),
-              ),
-            ),
-          );
-        };
+    const receive = heartbeating(
+      write,
+      (beat) => {
         const slots = due[c] as (() => void)[][];
         (slots[Math.floor(Math.random() * slots.length)] as (() => void)[]).push(beat);
-      } else if (m.case === "heartbeatAck") {
-        const at = sent.get(m.value.sequence);
-        sent.delete(m.value.sequence);
-        if (at !== undefined && measuring) latencies.push(performance.now() - at);
-      }
-    };
+      },
+      welcomed,
+    );
     stream.on("data", (chunk: Buffer) => {
       pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
       while (pending.length >= 5) {
         const length = pending.readUInt32BE(1);
         if (pending.length < 5 + length) break;
-        const response = fromBinary(ConnectResponseSchema, pending.subarray(5, 5 + length));
+        receive(fromBinary(ConnectResponseSchema, pending.subarray(5, 5 + length)));
         pending = pending.subarray(5 + length);
-        const m = response.message;
-        if (m.case === "batch") for (const inner of m.value.messages) handle(inner.message);
-        else handle(m);
       }
     });
-    stream.write(
-      frame(
-        toBinary(
-          ConnectRequestSchema,
-          create(ConnectRequestSchema, {
-            message: {
-              case: "hello",
-              value: { workerId: `hb-${i}`, cluster: "bench", capacity: 1, acceptsBatches },
-            },
-          }),
-        ),
-      ),
-    );
+    write(hello(i));
   });
 }
 const rawStreams: ReturnType<(typeof sessions)[number]["request"]>[] = [];

@@ -143,10 +143,7 @@ export function createLatenessSampler(intervalMs: number): {
       const sorted = samples.slice(0, Math.min(count, samples.length)).sort();
       count = 0;
       return {
-        quantile: (q) =>
-          sorted.length === 0
-            ? Number.NaN
-            : (sorted[Math.ceil(q * sorted.length) - 1] ?? sorted[0] ?? Number.NaN),
+        quantile: (q) => sorted[Math.max(0, Math.ceil(q * sorted.length) - 1)] ?? Number.NaN,
       };
     },
     stop: () => clearInterval(timer),

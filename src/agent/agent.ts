@@ -576,12 +576,12 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /** What to tell the server about an action whose handler was aborted. */
-  function afterAbort(signal: { readonly reason: unknown }): PendingReport {
-    const reason = signal.reason instanceof LeaseLost ? signal.reason.reason : "closing";
+  function afterAbort(aborted: LazyAbortController): PendingReport {
+    const reason = aborted.reason instanceof LeaseLost ? aborted.reason.reason : "closing";
     // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
     if (reason === "expired" || reason === "superseded" || reason === "rolled_back")
       return { kind: "dropped" };
-    return { kind: "released", reason: signal.reason instanceof Error ? signal.reason.message : reason };
+    return { kind: "released", reason: aborted.reason instanceof Error ? aborted.reason.message : reason };
   }
 
   /**

@@ -159,11 +159,11 @@ const RACED = Symbol("raced");
  * of two statements whatever the number of items: one lookup of the actor's
  * request ids, one {@link insertActions} of the new ones (with their events
  * and clusters). Without request ids the insert alone runs, outside a
- * transaction: one statement is atomic. An item whose request id the actor already used for the same
- * request (same `requestHash`) is answered with the existing action and
- * `created` false; for a different request the outcome is `reused` and
- * nothing is written. Request ids must be distinct within `items` (the rpc
- * layer refuses repeats).
+ * transaction: one statement is atomic. An item whose request id the actor
+ * already used for the same request (same `requestHash`) is answered with
+ * the existing action and `created` false; for a different request the
+ * outcome is `reused` and nothing is written. Request ids must be distinct
+ * within `items` (the rpc layer refuses repeats).
  *
  * Locking: the lookup reads committed rows; the insert's `on conflict do
  * nothing` waits for a concurrent transaction holding the same

@@ -232,7 +232,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       dbOffsetMs: 0,
       ended: false,
     };
-    persistDeadline(s, opened.deadline, opened.dbNow);
+    persistDeadline(s, opened.deadline.getTime(), opened.dbNow.getTime());
     for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",

@@ -1,4 +1,4 @@
-import type { SQL } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import { PgDialect } from "drizzle-orm/pg-core";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
@@ -7,6 +7,7 @@ import { ClusterHealth, ClusterService, WorkerState } from "../../src/gen/leaseh
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import type { Db } from "../../src/store/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -547,6 +548,30 @@ describe("work leases", () => {
     const renewal = statements.filter((q) => !q.includes("pg_stat_activity"));
     expect(renewal, renewal.join("\n---\n")).toHaveLength(1);
     expect(renewal[0]).toMatch(/update sessions s set\s+last_heard_at/);
+  });
+
+  it("acks heartbeats with whole milliseconds left after a renewal by the database's clock", async () => {
+    // The database's now() has microseconds, and a renewal keeps a stored deadline later than the
+    // one it computes. The time left goes out as a Duration, whose nanos must be whole: with a
+    // fraction of a millisecond left, every ack failed to encode and ended the stream.
+    await t.stop();
+    let db: Db | undefined;
+    t = await startTestServer({
+      store: t.store,
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { timers: false, wrapDb: (d) => (db = d) },
+    });
+    const w = await worker("hb-db-clock");
+    await w.heartbeat(1);
+    await db?.execute(
+      sql`update sessions set deadline = deadline + interval '1.000321 seconds' where worker_id = 'hb-db-clock'`,
+    );
+    await tick().renew();
+    const ack = await w.heartbeat(2);
+    const remainingMs = Number(ack.remaining?.seconds ?? 0n) * 1000 + (ack.remaining?.nanos ?? 0) / 1e6;
+    expect(Number.isInteger(remainingMs)).toBe(true);
+    expect(remainingMs).toBeGreaterThan(10_000);
+    expect(remainingMs).toBeLessThanOrEqual(11_001);
   });
 
   it("turns a cluster DEGRADED after repeated expiries, with an event", async () => {

@@ -1,25 +1,31 @@
 import { sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { queryRows, toDate } from "../rows.js";
+import { queryRows } from "../rows.js";
 
-/** One hosted session: its stream's token, and when it was last heard (`agoMs` before the statement). */
+/** One hosted session: its stream's token, and when it was last heard (`performance.now()` then). */
 export interface Heard {
   readonly sessionId: string;
   readonly streamToken: string;
-  readonly agoMs: number;
+  readonly heardAt: number;
 }
 
-/** A renewed session's persisted deadline, with the database time of the renewal. */
+/**
+ * A renewed session's persisted deadline, with the database time of the
+ * renewal, both in milliseconds since the epoch: numbers rather than
+ * timestamps, which cost a date parse each, twice per hosted session and tick.
+ */
 export interface Renewed {
-  readonly sessionId: string;
-  readonly deadline: Date;
-  readonly dbNow: Date;
+  /** Index of the session in the `heard` argument. */
+  readonly index: number;
+  readonly deadlineMs: number;
+  readonly dbNowMs: number;
 }
 
 /**
  * Renews the deadlines of every session whose stream this process hosts, in
- * ONE statement per tick (SPEC rule 7: heartbeats are not writes).
+ * ONE statement per tick (SPEC rule 7: heartbeats are not writes). A session
+ * missing from the result (by its index in `heard`) was not renewed.
  * deadline = last heard + grace, never moved backwards, so a silent stream
  * gains nothing.
  *
@@ -33,24 +39,33 @@ export async function renewSessions(
   clock: Clock,
   graceMs: number,
   heard: readonly Heard[],
+  /** `performance.now()` at the statement, which the times last heard are counted back from. */
+  nowMs: number,
 ): Promise<Renewed[]> {
   if (heard.length === 0) return [];
   const input = JSON.stringify(
-    heard.map((h) => ({ id: h.sessionId, token: h.streamToken, ago: Math.max(0, Math.round(h.agoMs)) })),
+    heard.map((h, i) => ({
+      i,
+      id: h.sessionId,
+      token: h.streamToken,
+      ago: Math.max(0, Math.round(nowMs - h.heardAt)),
+    })),
   );
   const now = clock.now();
-  const rows = await queryRows<{ id: string; deadline: unknown; db_now: unknown }>(
+  const rows = await queryRows<{ i: number; deadline_ms: unknown; db_now_ms: unknown }>(
     db,
     sql`
-      with input as (select * from jsonb_to_recordset(${input}::jsonb) as x(id text, token text, ago int))
+      with input as (select * from jsonb_to_recordset(${input}::jsonb) as x(i int, id text, token text, ago int))
       update sessions s set
         last_heard_at = greatest(s.last_heard_at, ${now} - make_interval(secs => i.ago / 1000.0)),
         deadline = greatest(s.deadline, ${now} - make_interval(secs => i.ago / 1000.0)
                                          + make_interval(secs => ${graceMs} / 1000.0))
       from input i
       where s.id = i.id and s.ended_at is null and s.stream_token = i.token
-      returning s.id, s.deadline, ${now} as db_now`,
+      -- Whole milliseconds, as a Date would hold them: a remaining time is sent as a Duration.
+      returning i.i, floor(extract(epoch from s.deadline) * 1000)::float8 as deadline_ms,
+                floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms`,
     { prepared: true },
   );
-  return rows.map((r) => ({ sessionId: r.id, deadline: toDate(r.deadline), dbNow: toDate(r.db_now) }));
+  return rows.map((r) => ({ index: r.i, deadlineMs: Number(r.deadline_ms), dbNowMs: Number(r.db_now_ms) }));
 }

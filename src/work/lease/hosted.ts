@@ -269,10 +269,11 @@ export function createHostedSessions(limits: {
 }
 
 /** Records the deadline the database stored for `s`, and the database clock's offset from ours. */
-export function persistDeadline(s: Hosted, deadline: Date, dbNow: Date): void {
-  s.deadlineMs = deadline.getTime();
-  s.dbOffsetMs = dbNow.getTime() - Date.now();
+export function persistDeadline(s: Hosted, deadlineMs: number, dbNowMs: number): void {
+  s.deadlineMs = deadlineMs;
+  s.dbOffsetMs = dbNowMs - Date.now();
 }
 
 /** Milliseconds left until `s`'s stored deadline, by the database clock. */
-export const remainingMs = (s: Hosted): number => Math.max(0, s.deadlineMs - (Date.now() + s.dbOffsetMs));
+export const remainingMs = (s: Hosted): number =>
+  Math.max(0, Math.floor(s.deadlineMs - (Date.now() + s.dbOffsetMs)));

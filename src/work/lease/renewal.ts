@@ -2,7 +2,7 @@ import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
 import { renewSessions } from "../../store/queries/renew-sessions.js";
-import { type HostedSessions, persistDeadline } from "./hosted.js";
+import { type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
 
 /**
  * Session renewal: once per heartbeat interval, one statement stores every
@@ -45,18 +45,21 @@ export function createRenewal(deps: {
 
   return {
     async renew() {
-      const heard = [...hosted.values()].filter((s) => !s.ended);
+      const heard: Hosted[] = [];
+      for (const s of hosted.values()) if (!s.ended) heard.push(s);
       if (heard.length === 0) return;
       const now = performance.now();
       startedAt = now;
-      let renewed: Awaited<ReturnType<typeof renewSessions>>;
+      /** 1 at the index in `heard` of each session renewed. */
+      const renewed = new Uint8Array(heard.length);
       try {
-        renewed = await renewSessions(
-          db,
-          clock,
-          graceMs,
-          heard.map((s) => ({ sessionId: s.sessionId, streamToken: s.streamToken, agoMs: now - s.heardAt })),
-        );
+        // With 10,000 hosted streams this is the process's biggest task of a tick, which delays
+        // every heartbeat ack behind it: it reads numbers, not dates, and finds each renewed
+        // session by its index in `heard`.
+        for (const r of await renewSessions(db, clock, graceMs, heard, now)) {
+          persistDeadline(heard[r.index] as Hosted, r.deadlineMs, r.dbNowMs);
+          renewed[r.index] = 1;
+        }
         failed = false;
       } catch (error) {
         failed = true;
@@ -64,14 +67,11 @@ export function createRenewal(deps: {
       } finally {
         if (startedAt === now) startedAt = undefined;
       }
-      const byId = new Map(renewed.map((r) => [r.sessionId, r]));
-      for (const s of heard) {
-        const r = byId.get(s.sessionId);
-        if (r) persistDeadline(s, r.deadline, r.dbNow);
+      heard.forEach((s, i) => {
         // Reaped, or taken over by a stream on another process.
-        else if (!s.ended)
+        if (renewed[i] === 0 && !s.ended)
           hosted.end(s, "SESSION_ENDED", "this session ended (reaped or taken over); reconnect");
-      }
+      });
     },
     keepHosted() {
       const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;

@@ -295,6 +295,8 @@ export function createAgent(options: AgentOptions): Agent {
   /** Local time the last heartbeat ack arrived, for the self_fenced event. */
   let lastAckAt = Date.now();
   let fenceTimer: NodeJS.Timeout | undefined;
+  /** The deadline `fenceTimer` fires at, while it is set. */
+  let fenceArmedFor: number | undefined;
   /** The heartbeat interval of the last welcome: when the next ack is due. */
   let heartbeatMs = 0;
   /** Whether held leases are guaranteed now (see `deadline`). */
@@ -324,11 +326,11 @@ export function createAgent(options: AgentOptions): Agent {
     /** Writes the reports waiting for the end of the turn now. */
     flush(): void;
     /**
-     * Reports waiting for the end of the turn, encoded; a grant ack carries
-     * its lease, so that a report on that lease in the same turn can stand
-     * in for it.
+     * Reports waiting for the end of the turn, encoded when they go out; a
+     * grant ack carries its lease, so that a report on that lease in the same
+     * turn can stand in for it (and the ack is never encoded).
      */
-    readonly queued: { readonly bytes: Uint8Array; readonly ackOf?: string }[];
+    readonly queued: { readonly message: RequestInit; readonly ackOf?: string }[];
     /** Leases a progress, completion or release report queued this turn is about. */
     readonly reported: Set<string>;
     flushTimer: NodeJS.Immediate | undefined;
@@ -453,7 +455,8 @@ export function createAgent(options: AgentOptions): Agent {
     conn.report({
       message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
     });
-    const busy = [...running.values()].filter((x) => x !== r && !x.report).length;
+    let busy = 0;
+    for (const x of running.values()) if (x !== r && !x.report) busy++;
     if (closing || busy >= (options.capacity ?? 1)) {
       // Draining, or more grants than slots (the server should never do that): give it back.
       settle(r, {
@@ -591,6 +594,7 @@ export function createAgent(options: AgentOptions): Agent {
    * for every lease however many times the agent fenced or reconnected.
    */
   function selfFence(): void {
+    fenceArmedFor = undefined;
     if (closed) return;
     if (guaranteed()) {
       armFence();
@@ -614,10 +618,14 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   function armFence(): void {
+    // Every handler start arms it: a timer already set for this deadline stays.
+    if (fenceArmedFor === deadline) return;
     clearTimeout(fenceTimer);
+    fenceArmedFor = undefined;
     if (!Number.isFinite(deadline)) return;
     fenceTimer = setTimeout(selfFence, Math.max(0, deadline - Date.now()));
     fenceTimer.unref();
+    fenceArmedFor = deadline;
   }
 
   function connect(): void {
@@ -664,11 +672,10 @@ export function createAgent(options: AgentOptions): Agent {
           conn.send(message);
           return;
         }
-        const bytes = toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message));
         const m = message?.message;
-        if (m?.case === "grantAck") conn.queued.push({ bytes, ackOf: leaseKey(m.value) });
+        if (m?.case === "grantAck") conn.queued.push({ message, ackOf: leaseKey(m.value) });
         else {
-          conn.queued.push({ bytes });
+          conn.queued.push({ message });
           if (m?.case === "progress" || m?.case === "completion" || m?.case === "release") {
             conn.reported.add(leaseKey(m.value));
           }
@@ -684,7 +691,7 @@ export function createAgent(options: AgentOptions): Agent {
         const queued = conn.queued
           .splice(0)
           .filter((q) => q.ackOf === undefined || !conn.reported.has(q.ackOf))
-          .map((q) => q.bytes);
+          .map((q) => toBinary(ConnectRequestSchema, create(ConnectRequestSchema, q.message)));
         conn.reported.clear();
         // The client's serializer passes encoded messages through as they are.
         batchRuns(queued, MAX_BATCH_MESSAGES, MAX_REQUEST_BATCH_BYTES, (run) =>
@@ -948,6 +955,7 @@ export function createAgent(options: AgentOptions): Agent {
       if (conn) {
         clearInterval(conn.heartbeatTimer);
         clearTimeout(fenceTimer);
+        fenceArmedFor = undefined;
         if (!conn.ended) {
           conn.flush();
           conn.ended = true;

@@ -43,19 +43,24 @@ export async function renewSessions(
   nowMs: number,
 ): Promise<Renewed[]> {
   if (heard.length === 0) return [];
-  const input = JSON.stringify(
-    heard.map((h, i) => ({
-      i,
-      id: h.sessionId,
-      token: h.streamToken,
-      ago: Math.max(0, Math.round(nowMs - h.heardAt)),
-    })),
-  );
+  // Three arrays, not a JSON document: PostgreSQL reads 10,000 sessions' worth in a third of
+  // the time it takes to parse the same as jsonb, and this runs every tick.
+  const ids: string[] = [];
+  const tokens: string[] = [];
+  const agos: number[] = [];
+  for (const h of heard) {
+    ids.push(h.sessionId);
+    tokens.push(h.streamToken);
+    agos.push(Math.max(0, Math.round(nowMs - h.heardAt)));
+  }
   const now = clock.now();
   const rows = await queryRows<{ i: number; deadline_ms: unknown; db_now_ms: unknown }>(
     db,
     sql`
-      with input as (select * from jsonb_to_recordset(${input}::jsonb) as x(i int, id text, token text, ago int))
+      with input as (
+        select * from unnest(${sql.param(ids)}::text[], ${sql.param(tokens)}::text[], ${sql.param(agos)}::int[])
+          with ordinality as x(id, token, ago, n)
+      )
       update sessions s set
         last_heard_at = greatest(s.last_heard_at, ${now} - make_interval(secs => i.ago / 1000.0)),
         deadline = greatest(s.deadline, ${now} - make_interval(secs => i.ago / 1000.0)
@@ -63,7 +68,7 @@ export async function renewSessions(
       from input i
       where s.id = i.id and s.ended_at is null and s.stream_token = i.token
       -- Whole milliseconds, as a Date would hold them: a remaining time is sent as a Duration.
-      returning i.i, floor(extract(epoch from s.deadline) * 1000)::float8 as deadline_ms,
+      returning (i.n - 1)::int as i, floor(extract(epoch from s.deadline) * 1000)::float8 as deadline_ms,
                 floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms`,
     { prepared: true },
   );

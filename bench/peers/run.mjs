@@ -16,7 +16,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Redis } from "ioredis";
 import pg from "pg";
-import { killAll, nowMs, sleep } from "./lib/child.mjs";
+import { isLocalHost, killAll, nowMs, processCommand, processCpuMicros, sleep } from "./lib/child.mjs";
 import { bullmq } from "./systems/bullmq.mjs";
 import { graphileWorker } from "./systems/graphile-worker.mjs";
 import { leasehold } from "./systems/leasehold.mjs";
@@ -87,6 +87,41 @@ await admin.connect();
 let dbCounter = 0;
 
 /** Runs `fn` with a fresh database, dropped afterwards. */
+/**
+ * CPU so far of the processes serving a database: the PostgreSQL backends
+ * connected to `name`, or with `name` undefined the Redis server. Undefined
+ * when they are not processes of this machine (a remote or containerized
+ * server), whose CPU /proc cannot see, or not processes of that server. `since(later)` is the CPU used
+ * between two samples; a backend that connected in between counts whole.
+ */
+async function databaseCpu(name) {
+  const pids =
+    name === undefined
+      ? isLocalHost(redisUrl.hostname)
+        ? [Number(/process_id:(\d+)/.exec(redis ? await redis.info("server") : "")?.[1])]
+        : []
+      : isLocalHost(adminUrl.hostname)
+        ? (await admin.query("select pid from pg_stat_activity where datname = $1", [name])).rows.map(
+            (r) => r.pid,
+          )
+        : [];
+  // A pid from a server in a container may name an unrelated process here: check what runs.
+  const expected = name === undefined ? "redis" : "postgres";
+  const byPid = new Map();
+  for (const pid of pids) {
+    try {
+      if (processCommand(pid).includes(expected)) byPid.set(pid, processCpuMicros(pid));
+    } catch {
+      // Gone, or not a process of this machine.
+    }
+  }
+  if (byPid.size === 0) return undefined;
+  return {
+    byPid,
+    since: (later) => [...later.byPid].reduce((sum, [pid, cpu]) => sum + cpu - (byPid.get(pid) ?? 0), 0),
+  };
+}
+
 async function withDatabase(tag, fn) {
   const name = `peers_${tag.replace(/[^a-z0-9]/g, "_")}_${process.pid}_${dbCounter++}`;
   await admin.query(`create database ${name}`);
@@ -204,19 +239,27 @@ async function burnDown(store, queue, total, workers) {
   const handles = workers.map((w) => store.worker(queue, "burn", w.concurrency, w.server));
   try {
     await Promise.all(handles.map((h) => h.waitFor("loaded")));
+    const workerCpu = () => handles.reduce((sum, h) => sum + processCpuMicros(h.pid), 0);
     const cpu0 = store.serverCpuMicros?.();
+    const worker0 = workerCpu();
+    const database0 = await store.databaseCpu?.();
     const t0 = nowMs();
     for (const h of handles) h.send({ type: "go" });
     const t1 = await waitDone(store, queue, Math.max(600_000, total * 20));
     if (t1 === null) throw new Error(`burn-down of ${total} did not finish`);
     const cpu1 = store.serverCpuMicros?.();
+    const worker1 = workerCpu();
+    const database1 = await store.databaseCpu?.();
     const seconds = (t1 - t0) / 1000;
+    const perJob = (micros) => Math.round(micros / total);
     return {
       jobs: total,
       seconds: round(seconds, 3),
       perSecond: Math.round(total / seconds),
       msPerJob: round((seconds * 1000) / total, 3),
-      ...(cpu0 !== undefined ? { serverCpuMicrosPerJob: Math.round((cpu1 - cpu0) / total) } : {}),
+      ...(cpu0 !== undefined ? { serverCpuMicrosPerJob: perJob(cpu1 - cpu0) } : {}),
+      workerCpuMicrosPerJob: perJob(worker1 - worker0),
+      ...(database0 && database1 ? { databaseCpuMicrosPerJob: perJob(database0.since(database1)) } : {}),
     };
   } finally {
     await Promise.all(handles.map((h) => h.stop()));
@@ -335,6 +378,7 @@ async function measure(system, r) {
   const withStore = async (tag, extra, fn) => {
     if (!system.usesPostgres) {
       const store = await open(undefined, extra);
+      store.databaseCpu = () => databaseCpu(undefined);
       try {
         return await fn(store);
       } finally {
@@ -343,6 +387,7 @@ async function measure(system, r) {
     }
     return withDatabase(`${system.key}_${tag}`, async (url) => {
       const store = await open(url, extra);
+      store.databaseCpu = () => databaseCpu(new URL(url).pathname.slice(1));
       try {
         return await fn(store);
       } finally {
@@ -527,6 +572,8 @@ function renderTable(res) {
     ],
     ["kill -9 runs", (s) => s.failover?.runs, fmt, null],
     ["server CPU per job, 16 slots, µs", (s) => s.burn16?.serverCpuMicrosPerJob, fmt, null],
+    ["worker CPU per job, 16 slots, µs", (s) => s.burn16?.workerCpuMicrosPerJob, fmt, null],
+    ["database CPU per job, 16 slots, µs", (s) => s.burn16?.databaseCpuMicrosPerJob, fmt, null],
     ["one server, 2 agents × 8, jobs/s", (s) => s.oneServer2x8?.perSecond, fmt, null],
     ["two servers, 2 agents × 8, jobs/s", (s) => s.twoServers2x8?.perSecond, fmt, null],
   ];

@@ -146,6 +146,16 @@ export function startProcess(name, command, args, { cwd, env } = {}) {
   return { child, pid: child.pid, exit };
 }
 
+/** Whether a URL's host is this machine (the only place /proc can see a server's processes). */
+export function isLocalHost(hostname) {
+  return ["localhost", "127.0.0.1", "[::1]", "::1", ""].includes(hostname);
+}
+
+/** The command line of a process, from /proc (Linux); throws when there is no such process. */
+export function processCommand(pid) {
+  return readFileSync(`/proc/${pid}/cmdline`, "utf8").replaceAll("\0", " ");
+}
+
 /** CPU time (user + system) of a process so far, in microseconds, from /proc (Linux). */
 export function processCpuMicros(pid) {
   const stat = readFileSync(`/proc/${pid}/stat`, "utf8");

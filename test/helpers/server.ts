@@ -16,14 +16,27 @@ export interface TestServer extends AsyncDisposable {
   client<S extends GenServiceMethods>(service: GenService<S>): Client<S>;
   /** Stops the server, keeping the store (for restart tests). */
   stop(): Promise<void>;
-  /** A new server on the same store. */
+  /** A new server on the same store, with the same settings (after `stop`, or stopping this one). */
   restart(): Promise<TestServer>;
+  /**
+   * Stops this server and starts one with other settings on the same store.
+   * The new one drops the store when disposed if this one would have.
+   */
+  replace(options: { config?: RawServerOptions; overrides?: ServerOverrides }): Promise<TestServer>;
 }
 
-/** Starts a server; pass `store` to reuse one (restart tests). */
-export async function startTestServer(
-  options: { store?: TestStore; config?: RawServerOptions; overrides?: ServerOverrides } = {},
-): Promise<TestServer> {
+type TestServerOptions = { store?: TestStore; config?: RawServerOptions; overrides?: ServerOverrides };
+
+/**
+ * Starts a server; pass `store` to reuse one (restart tests). A store the
+ * call creates is dropped when the server is disposed, and so is it by the
+ * servers that `restart` and `replace` start on it.
+ */
+export function startTestServer(options: TestServerOptions = {}): Promise<TestServer> {
+  return start(options, options.store === undefined);
+}
+
+async function start(options: TestServerOptions, ownsStore: boolean): Promise<TestServer> {
   const store = options.store ?? (await freshStore());
   const config = parseServerConfig({
     listen: "127.0.0.1:0",
@@ -64,11 +77,15 @@ export async function startTestServer(
     stop,
     restart: async () => {
       await stop();
-      return startTestServer({ ...options, store });
+      return start({ ...options, store }, ownsStore);
+    },
+    replace: async (changes) => {
+      await stop();
+      return start({ ...changes, store }, ownsStore);
     },
     [Symbol.asyncDispose]: async () => {
       await stop();
-      if (!options.store) await store.drop();
+      if (ownsStore) await store.drop();
     },
   };
 }

@@ -13,8 +13,7 @@ describe("scope leases", () => {
   let t: TestServer;
   const leases = () => t.client(LeaseService);
   const resources = () => t.client(ResourceService);
-  const start = (store?: TestServer["store"]) =>
-    startTestServer({ ...(store ? { store } : {}), overrides: { clock, timers: false } });
+  const start = () => startTestServer({ overrides: { clock, timers: false } });
   const open = async (ttlSeconds = 600, label = "") =>
     (await leases().createLease({ runtime: "east", label, ttl: { seconds: BigInt(ttlSeconds) } })).lease
       ?.id ?? "";
@@ -171,10 +170,9 @@ describe("scope leases", () => {
   it("rolls back a lease whose TTL passed while the server was down, when it starts", async () => {
     const id = await open(30);
     const f = await file(id);
-    const store = t.store;
     await t.stop();
     clock.advance(31_000);
-    t = await start(store);
+    t = await t.restart();
     expect((await leases().getLease({ leaseId: id })).lease).toMatchObject({
       state: LeaseState.ROLLED_BACK,
       closeReason: CloseReason.EXPIRED,

@@ -23,9 +23,8 @@ describe("work leases", () => {
   let t: TestServer;
   let workers: TestWorker[];
 
-  const start = async (store?: TestServer["store"]) =>
+  const start = async () =>
     startTestServer({
-      ...(store ? { store } : {}),
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
       overrides: { clock, timers: false },
     });
@@ -413,11 +412,10 @@ describe("work leases", () => {
     const id = await submit();
     await tick().dispatch();
     const grant = await w.next("grant");
-    const store = t.store;
     await t.stop();
     await w.ended;
     clock.advance(GRACE_MS - 1000);
-    t = await start(store);
+    t = await t.restart();
     clock.advance(GRACE_MS - 1000);
     await tick().reap();
     expect((await getAction(id)).action?.state).toBe(ActionState.LEASED);
@@ -431,10 +429,9 @@ describe("work leases", () => {
     const id = await submit();
     await tick().dispatch();
     await w.next("grant");
-    const store = t.store;
     await t.stop();
     clock.advance(10 * GRACE_MS + 1000);
-    t = await start(store);
+    t = await t.restart();
     await tick().reap();
     expect((await getAction(id)).action?.state).toBe(ActionState.QUEUED);
   });
@@ -531,10 +528,8 @@ describe("work leases", () => {
   });
 
   it("renews the deadlines of every heartbeating session in one statement per tick (rule 7)", async () => {
-    await t.stop();
     const statements: string[] = [];
-    t = await startTestServer({
-      store: t.store,
+    t = await t.replace({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
       overrides: { clock, timers: false, onQuery: (q) => statements.push(q) },
     });
@@ -554,10 +549,8 @@ describe("work leases", () => {
     // The database's now() has microseconds, and a renewal keeps a stored deadline later than the
     // one it computes. The time left goes out as a Duration, whose nanos must be whole: with a
     // fraction of a millisecond left, every ack failed to encode and ended the stream.
-    await t.stop();
     let db: Db | undefined;
-    t = await startTestServer({
-      store: t.store,
+    t = await t.replace({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
       overrides: { timers: false, wrapDb: (d) => (db = d) },
     });

@@ -33,7 +33,7 @@ describe("ExplainAction", () => {
   beforeAll(async () => {
     t = await startTestServer({ config: { gracePeriod: "2s", heartbeatInterval: "500ms" } });
   });
-  afterAll(async () => t?.stop());
+  afterAll(async () => t?.[Symbol.asyncDispose]());
 
   it("tells a failover: grant, lost stream, expiry and why, re-grant, fenced report, accepted completion", async () => {
     const api = t.client(ActionService);

@@ -56,7 +56,8 @@ if (flags.help) {
   --failover-cap S         seconds to wait for the second worker to start the job (default 65)
   --grace D                Leasehold's --grace-period for the kill -9 runs (default 2s)
   --only LIST / --skip LIST  systems, comma-separated: leasehold,graphile-worker,pg-boss,bullmq
-                           (--skip also takes: enqueue,burn16,burn1,failover,two-servers)
+                           (--skip also takes: enqueue,burn16,burn1,prefetch,failover,two-servers;
+                           prefetch: Leasehold's burn-downs again with its agent's prefetch = slots)
   --database-url URL       PostgreSQL to create and drop databases on (env PEERS_DATABASE_URL;
                            default postgres://postgres@127.0.0.1:5432/postgres)
   --redis-url URL          Redis for BullMQ (env PEERS_REDIS_URL; default redis://127.0.0.1:6379)
@@ -73,7 +74,10 @@ const listed = (s) => (s ? s.split(",").map((x) => x.trim().toLowerCase()) : [])
 const only = listed(flags.only);
 const skip = listed(flags.skip);
 for (const name of [...only, ...skip]) {
-  const known = [...ALL.map((s) => s.key), "enqueue", "burn16", "burn1", "failover", "two-servers"];
+  const known = [
+    ...ALL.map((s) => s.key),
+    ...["enqueue", "burn16", "burn1", "prefetch", "failover", "two-servers"],
+  ];
   if (!known.includes(name)) throw new Error(`unknown name "${name}": use one of ${known.join(", ")}`);
 }
 const systems = ALL.filter((s) => (only.length === 0 || only.includes(s.key)) && !skip.includes(s.key));
@@ -236,7 +240,7 @@ async function waitDone(store, queue, timeoutMs) {
  * together on "go"; ends when the store says every job is completed.
  */
 async function burnDown(store, queue, total, workers) {
-  const handles = workers.map((w) => store.worker(queue, "burn", w.concurrency, w.server));
+  const handles = workers.map((w) => store.worker(queue, "burn", w.concurrency, w.server, w.prefetch));
   try {
     await Promise.all(handles.map((h) => h.waitFor("loaded")));
     const workerCpu = () => handles.reduce((sum, h) => sum + processCpuMicros(h.pid), 0);
@@ -418,6 +422,29 @@ async function measure(system, r) {
       console.error(`  burn-down, 1 slot: ${r.burn1.perSecond}/s, ${r.burn1.msPerJob} ms per job`);
     });
   }
+  if (system.key === "leasehold" && runs("prefetch")) {
+    // The same burn-downs with the agent holding as many grants again as it has slots, each
+    // started as a slot frees (the SDK's `prefetch`): the server commits one round of reports
+    // while the agent runs the next, instead of the two taking turns.
+    if (runs("burn16")) {
+      r.burn16Prefetch = await withStore("burn16p", {}, async (store) => {
+        const queue = `burn16p-${process.pid}`;
+        await store.enqueue(queue, N, BATCH);
+        return burnDown(store, queue, N, [{ concurrency: 16, prefetch: 16 }]);
+      });
+      console.error(`  burn-down, 16 slots, prefetch 16: ${r.burn16Prefetch.perSecond}/s`);
+    }
+    if (runs("burn1")) {
+      r.burn1Prefetch = await withStore("burn1p", {}, async (store) => {
+        const queue = `burn1p-${process.pid}`;
+        await store.enqueue(queue, N1, BATCH);
+        return burnDown(store, queue, N1, [{ concurrency: 1, prefetch: 1 }]);
+      });
+      console.error(
+        `  burn-down, 1 slot, prefetch 1: ${r.burn1Prefetch.perSecond}/s, ${r.burn1Prefetch.msPerJob} ms per job`,
+      );
+    }
+  }
   if (runs("failover")) {
     const isLeasehold = system.key === "leasehold";
     const count = Number(isLeasehold ? flags["failover-runs"] : flags["peer-failover-runs"]);
@@ -466,7 +493,8 @@ function settingsOf(system) {
   if (system.key === "leasehold")
     return (
       `leasehold serve defaults (PostgreSQL, log level warn); kill -9 runs with --grace-period ${flags.grace} ` +
-      `--heartbeat-interval ${heartbeatFor(flags.grace)}; agents on the SDK, one process each`
+      `--heartbeat-interval ${heartbeatFor(flags.grace)}; agents on the SDK, one process each, no prefetch ` +
+      "except in the two prefetch rows (prefetch = slots)"
     );
   if (system.key === "pg-boss")
     return (
@@ -552,6 +580,19 @@ function renderTable(res) {
     ["burn-down, 16 slots, jobs/s", (s) => s.burn16?.perSecond, fmt, false],
     ["burn-down, 1 slot, jobs/s", (s) => s.burn1?.perSecond, fmt, false],
     ["burn-down, 1 slot, ms per job", (s) => s.burn1?.msPerJob, fmt, true],
+    // Leasehold with prefetch, against the peers' figures of the rows above (they have no such setting).
+    [
+      "16 slots, Leasehold prefetch 16, jobs/s",
+      (s) => (s === lh ? s.burn16Prefetch?.perSecond : s.burn16?.perSecond),
+      (v, s) => (s === lh ? fmt(v) : "–"),
+      false,
+    ],
+    [
+      "1 slot, Leasehold prefetch 1, ms per job",
+      (s) => (s === lh ? s.burn1Prefetch?.msPerJob : s.burn1?.msPerJob),
+      (v, s) => (s === lh ? fmt(v) : "–"),
+      true,
+    ],
     [
       "kill -9 → 2nd worker starts, p50",
       (s) => s.failover?.p50Ms,

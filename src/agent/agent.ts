@@ -162,6 +162,19 @@ export interface AgentOptions {
   readonly workerId: string;
   /** Slots: actions run at once. Default 1. */
   readonly capacity?: number;
+  /**
+   * Grants held beyond `capacity`, waiting for a slot. The hello asks for
+   * `capacity + prefetch` leases; at most `capacity` handlers run at once, and
+   * a waiting grant starts, in the order granted, as soon as a handler ends
+   * and its report has gone out. With short handlers, the server's commit of
+   * one round of reports then overlaps the handlers of the next instead of
+   * taking turns with them. A waiting grant's lease is held like any other:
+   * listed in heartbeats, resumed on reconnection, given back unrun on a
+   * revoke or on close. So an action can wait here behind a long handler
+   * while another worker is idle: keep the default, 0, for long actions.
+   * A whole number; capacity + prefetch is at most 10,000.
+   */
+  readonly prefetch?: number;
   readonly labels?: Readonly<Record<string, string>>;
   /** Channel credentials. Default insecure (loopback). Exclusive with `security`. */
   readonly credentials?: grpc.ChannelCredentials;
@@ -207,12 +220,13 @@ export interface AgentOptions {
 export interface Agent extends AsyncDisposable {
   /** The current session id, once connected. */
   readonly sessionId: string | undefined;
-  /** Actions running now. */
+  /** Leases held now: handlers running, grants waiting to start, and reports not yet answered. */
   readonly running: number;
   /**
-   * Drains: takes no more work, waits up to `timeoutMs` (default 30 s) for
-   * running actions and reports them, releases any still running (aborting
-   * them), says goodbye and closes the stream.
+   * Drains: starts no more work, waits up to `timeoutMs` (default 30 s) for
+   * running actions and reports them, aborts any still running, and says
+   * goodbye, which gives back every lease not reported (those aborted, and
+   * grants that never started), and closes the stream.
    */
   close(options?: { timeoutMs?: number }): Promise<void>;
 }
@@ -266,6 +280,10 @@ export function createAgent(options: AgentOptions): Agent {
   const margin = options.selfFenceMarginMs ?? 500;
   const initialBackoff = options.initialBackoffMs ?? 200;
   const emit = (event: AgentEvent) => options.onEvent?.(event);
+  const capacity = options.capacity ?? 1;
+  const prefetch = options.prefetch ?? 0;
+  if (!Number.isInteger(prefetch) || prefetch < 0)
+    throw new Error(`createAgent: prefetch must be a whole number of at least 0, not ${prefetch}`);
 
   const running = new Map<string, Running>();
   let closing = false;
@@ -455,14 +473,17 @@ export function createAgent(options: AgentOptions): Agent {
     conn.report({
       message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
     });
+    // Held: granted and not finished. Busy: of those, the ones whose handler started.
+    let held = 0;
     let busy = 0;
-    for (const x of running.values()) if (x !== r && !x.report) busy++;
-    if (closing || busy >= (options.capacity ?? 1)) {
-      // Draining, or more grants than slots (the server should never do that): give it back.
-      settle(r, {
-        kind: "released",
-        reason: closing ? "the agent is shutting down" : "no free slot on this agent",
-      });
+    for (const x of running.values()) {
+      if (x === r || x.report) continue;
+      held++;
+      if (!x.start) busy++;
+    }
+    if (!closing && held >= capacity + prefetch) {
+      // More grants than the hello asked for (the server should never do that): give it back.
+      settle(r, { kind: "released", reason: "no free slot on this agent" });
       return;
     }
     const ctx: ActionContext = {
@@ -539,19 +560,25 @@ export function createAgent(options: AgentOptions): Agent {
         }
         traced?.end(report);
         settle(r, report);
+        // A slot is free: a prefetched grant takes it once this report has been written (the
+        // reports of a turn go out at its end), so the server commits it while the next runs.
+        if (prefetch > 0) startTimer ??= setImmediate(startWaiting);
       })();
     };
-    if (mayStart()) {
+    if (!closing && busy < capacity && mayStart()) {
       run();
       return;
     }
-    // The guarantee of the last ack has run out or is about to (or none came yet
-    // on this agent): the server may already count this session as silent.
-    // Running the handler now would run it unfenced or only until the fence;
-    // aborting it at once would give back a grant the server may still stand
-    // behind. So it waits, held and listed in heartbeats, until an ack brings a
-    // fresh guarantee (asked for right away), and is given back without running
-    // if its signal aborts first (revoke, a reconnect that revokes it, close).
+    // Every slot is taken (a prefetched grant), or the guarantee of the last ack
+    // has run out or is about to (or none came yet on this agent): the server may
+    // already count this session as silent. Running the handler now would run it
+    // unfenced or only until the fence; aborting it at once would give back a
+    // grant the server may still stand behind. So it waits, held and listed in
+    // heartbeats, until a slot frees and an ack brings a fresh guarantee (asked
+    // for right away), and is given back without running if its signal aborts
+    // first (revoke, a reconnect that revokes it). While the agent closes, it
+    // waits for the goodbye, which gives back every lease at once: given back
+    // one by one, each would free a slot for the server to fill again.
     r.start = run;
     controller.signal.addEventListener(
       "abort",
@@ -562,7 +589,7 @@ export function createAgent(options: AgentOptions): Agent {
       },
       { once: true },
     );
-    conn.beat();
+    if (!mayStart()) conn.beat();
   }
 
   /** Records how a grant ended and reports it (or forgets it, when it is no longer ours). */
@@ -572,17 +599,30 @@ export function createAgent(options: AgentOptions): Agent {
     else if (current) sendReport(current, r);
   }
 
-  /** Starts the grants that waited for a guarantee, once there is one. */
+  /** A {@link startWaiting} scheduled after a handler ended, while one is. */
+  let startTimer: NodeJS.Immediate | undefined;
+
+  /** Starts waiting grants, in the order granted, while slots are free and there is a guarantee. */
   function startWaiting(): void {
+    startTimer = undefined;
     if (!mayStart() || closing) return;
-    for (const r of [...running.values()]) if (r.start && !r.controller.aborted) r.start();
+    let busy = 0;
+    for (const r of running.values()) if (!r.start && !r.report) busy++;
+    for (const r of [...running.values()]) {
+      if (busy >= capacity) break;
+      if (!r.start || r.controller.aborted) continue;
+      busy++;
+      r.start();
+    }
   }
 
   /** What to tell the server about an action whose handler was aborted. */
   function afterAbort(aborted: LazyAbortController): PendingReport {
     const reason = aborted.reason instanceof LeaseLost ? aborted.reason.reason : "closing";
     // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
-    if (reason === "expired" || reason === "superseded" || reason === "rolled_back")
+    // One the agent stops because it closes is given back by the goodbye with the rest: a
+    // release of its own would free a slot for the server to fill again.
+    if (reason === "expired" || reason === "superseded" || reason === "rolled_back" || reason === "closing")
       return { kind: "dropped" };
     return { kind: "released", reason: aborted.reason instanceof Error ? aborted.reason.message : reason };
   }
@@ -882,7 +922,7 @@ export function createAgent(options: AgentOptions): Agent {
         value: {
           workerId: options.workerId,
           cluster: options.cluster,
-          capacity: options.capacity ?? 1,
+          capacity: capacity + prefetch,
           labels: { ...(options.labels ?? {}) },
           heldLeases: heldLeases(),
           agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
@@ -893,10 +933,13 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   let closeDone: (() => void) | undefined;
-  /** Says goodbye once nothing is left to report. */
+  /**
+   * Says goodbye once no handler runs and no report waits for its answer.
+   * Grants that never started are left to the goodbye, which gives them back.
+   */
   function finishClose(conn: Connection): void {
-    if (!closing || conn.ended || !conn.welcomed) return;
-    if ([...running.values()].some((r) => r.report?.kind !== "dropped")) return;
+    if (!closing || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
+    for (const r of running.values()) if (r.report ? r.report.kind !== "dropped" : !r.start) return;
     // Reports still waiting go first: the goodbye releases whatever is left.
     conn.flush();
     conn.send({ message: { case: "goodbye", value: { reason: "agent shutting down" } } });
@@ -909,11 +952,9 @@ export function createAgent(options: AgentOptions): Agent {
   let closingPromise: Promise<void> | undefined;
   const close = (closeOptions: { timeoutMs?: number } = {}) => {
     closingPromise ??= (async () => {
+      // From here no grant starts: the ones waiting for a slot or a guarantee, and any that
+      // arrive, are given back unrun by the goodbye (see finishClose).
       closing = true;
-      // Grants still waiting for a guarantee are given back without running.
-      for (const r of [...running.values()]) {
-        if (r.start) r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
-      }
       const timeoutMs = closeOptions.timeoutMs ?? 30_000;
       const allSettled = Promise.all([...running.values()].map((r) => r.settled));
       let timer: NodeJS.Timeout | undefined;
@@ -932,7 +973,7 @@ export function createAgent(options: AgentOptions): Agent {
       ]);
       clearTimeout(graceTimer);
       for (const r of running.values()) {
-        if (!r.report) {
+        if (!r.report && !r.start) {
           r.report = {
             kind: "released",
             reason: "the agent shut down while the handler ignored its abort signal",
@@ -950,6 +991,7 @@ export function createAgent(options: AgentOptions): Agent {
       });
       closed = true;
       clearTimeout(reconnectTimer);
+      clearImmediate(startTimer);
       for (const t of retries) clearTimeout(t);
       const conn = current;
       if (conn) {

@@ -13,6 +13,7 @@ import {
   collect,
   EXIT,
   globals,
+  nonNegativeIntFlag,
   parseLabels,
   positiveIntFlag,
   toJson,
@@ -39,6 +40,14 @@ export function agentCommand(): Command {
         "actions run at once (the hello's capacity, the SDK's `capacity`)",
         positiveIntFlag,
         1,
+      )
+      .option(
+        "--prefetch <n>",
+        "grants to hold beyond --capacity, each started as soon as a running action ends (the SDK's " +
+          "`prefetch`): for short actions, the server's commit of one action overlaps the next. A held grant can " +
+          "wait behind a long action while another worker is idle, so leave it at 0 for long actions",
+        nonNegativeIntFlag,
+        0,
       )
       // The flag's earlier name, kept working for scripts written against it.
       .addOption(new Option("--slots <n>").argParser(positiveIntFlag).hideHelp())
@@ -135,6 +144,7 @@ export function agentCommand(): Command {
           cluster: o.cluster as string,
           workerId,
           capacity: (o.slots ?? o.capacity) as number,
+          prefetch: o.prefetch as number,
           labels: parseLabels(o.labels as string[] | undefined, "--labels"),
           handler: (ctx) =>
             isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),

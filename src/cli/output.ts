@@ -205,6 +205,13 @@ export function positiveIntFlag(value: string): number {
   return n;
 }
 
+/** Parses a whole number of at least 0; commander reports a bad value as a usage error. */
+export function nonNegativeIntFlag(value: string): number {
+  const n = intFlag(value);
+  if (n < 0) throw new InvalidArgumentError("expected a whole number of at least 0");
+  return n;
+}
+
 /** Parses an integer flag; commander reports a bad value as a usage error. */
 export function intFlag(value: string): number {
   const n = Number(value);

@@ -206,6 +206,93 @@ describe("the agent SDK against a real server", () => {
     expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);
   });
 
+  it("holds prefetched grants beyond its capacity and starts each as a slot frees, in the order granted", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const started: string[] = [];
+    type Gate = { promise: Promise<void>; resolve: () => void };
+    const startedOne = new Map<string, Gate>();
+    const finish = new Map<string, Gate>();
+    const gate = (map: Map<string, Gate>, id: string): Gate => {
+      if (!map.has(id)) map.set(id, deferred());
+      return map.get(id) as Gate;
+    };
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "prefetcher",
+      capacity: 1,
+      prefetch: 2,
+      onEvent: events.onEvent,
+      handler: (ctx) => {
+        started.push(ctx.actionId);
+        gate(startedOne, ctx.actionId).resolve();
+        return new Promise((resolve, reject) => {
+          ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason));
+          gate(finish, ctx.actionId).promise.then(() => resolve({ ran: ctx.actionId }));
+        });
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await events.until((e): e is AgentEvent => e.type === "connected");
+    const api = t.client(ActionService);
+    const ids: string[] = [];
+    for (let n = 0; n < 4; n++) ids.push((await api.submitAction({ cluster: "east" })).action?.id ?? "");
+    const [a0, a1, a2, a3] = ids as [string, string, string, string];
+    const granted = (id: string) => (e: AgentEvent) => e.type === "grant" && e.actionId === id;
+    const grantOf = (id: string) => events.until((e): e is AgentEvent => granted(id)(e));
+
+    // capacity + prefetch = 3 leases; one handler runs, two grants wait for its slot.
+    await Promise.all([grantOf(a0), grantOf(a1), grantOf(a2), gate(startedOne, a0).promise]);
+    expect(started).toEqual([a0]);
+
+    // a0 ends: a1 (granted first) takes the slot, and the server refills the freed lease with a3.
+    const ended = events.seen.length;
+    gate(finish, a0).resolve();
+    await gate(startedOne, a1).promise;
+    await grantOf(a3);
+    expect(started).toEqual([a0, a1]);
+    expect(events.seen.findIndex(granted(a3))).toBeGreaterThanOrEqual(ended);
+    expect((await api.getAction({ actionId: a0 })).action).toMatchObject({
+      state: ActionState.SUCCEEDED,
+      output: { ran: a0 },
+    });
+
+    // A revoked waiting grant is given back without running.
+    await api.cancelAction({ actionId: a2, reason: "no longer needed" });
+    await events.until(
+      (e): e is AgentEvent => e.type === "finished" && e.actionId === a2 && e.outcome === "released",
+    );
+    expect((await api.getAction({ actionId: a2 })).action?.state).toBe(ActionState.CANCELLED);
+
+    // Closing gives back the grants still waiting, unrun, and the running one once aborted.
+    const { action: a4 } = await api.submitAction({ cluster: "east" });
+    await grantOf(a4?.id ?? "");
+    await agent.close({ timeoutMs: 100 });
+    expect(started).toEqual([a0, a1]);
+    for (const id of [a1, a3, a4?.id ?? ""]) {
+      expect((await api.getAction({ actionId: id })).action).toMatchObject({
+        state: ActionState.QUEUED,
+        epoch: 1n,
+      });
+    }
+  });
+
+  it("refuses a prefetch that is not a whole number of at least 0", () => {
+    for (const prefetch of [-1, 1.5, Number.NaN]) {
+      expect(() =>
+        createAgent({
+          address: "127.0.0.1:1",
+          cluster: "east",
+          workerId: "w",
+          prefetch,
+          handler: async () => undefined,
+        }),
+      ).toThrow(/prefetch must be a whole number of at least 0/);
+    }
+  });
+
   it("drains on close: finishes the running action, reports it, says goodbye", async () => {
     const t = await server();
     cleanups.push(() => t[Symbol.asyncDispose]());
@@ -232,6 +319,52 @@ describe("the agent SDK against a real server", () => {
     });
     const worker = (await t.client(ClusterService).getWorker({ workerId: "drainer" })).worker;
     expect(worker?.state).toBe(WorkerState.OFFLINE);
+  });
+
+  it("drains with work still queued: a grant that arrives while it closes goes back with the goodbye, once", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const started: string[] = [];
+    const bothStarted = deferred();
+    const finishFirst = deferred();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "drainer-queued",
+      capacity: 2,
+      handler: async (ctx) => {
+        started.push(ctx.actionId);
+        if (started.length === 2) bothStarted.resolve();
+        // The first ends when the test says; the second runs on for a while after it, so the
+        // slot the first frees is filled (and, given back, filled again) while the agent closes.
+        if (started.length === 1) await finishFirst.promise;
+        else await finishFirst.promise.then(() => new Promise((r) => setTimeout(r, 500)));
+        return { finished: "during close" };
+      },
+    });
+    const api = t.client(ActionService);
+    const { results: running } = await api.submitActions({
+      actions: [0, 1].map(() => ({ cluster: "east" })),
+    });
+    await bothStarted.promise;
+    const { results: queued } = await api.submitActions({
+      actions: [0, 1, 2].map(() => ({ cluster: "east" })),
+    });
+    const closed = agent.close();
+    finishFirst.resolve();
+    await closed;
+    for (const r of running) {
+      expect((await api.getAction({ actionId: r.action?.id ?? "" })).action?.state).toBe(
+        ActionState.SUCCEEDED,
+      );
+    }
+    for (const r of queued) {
+      const got = (await api.getAction({ actionId: r.action?.id ?? "" })).action;
+      // Given back unrun by the goodbye, granted at most once: not a release and a refill per round.
+      expect(got?.state).toBe(ActionState.QUEUED);
+      expect(got?.epoch).toBeLessThanOrEqual(1n);
+    }
+    expect(started).toHaveLength(2);
   });
 
   it("reports output with NUL bytes cleaned, and a result over the server's limits as a failure, on the same stream", async () => {

@@ -133,8 +133,8 @@ export const leasehold = {
         return rows[0].n;
       },
       serverCpuMicros: () => processCpuMicros(procs[0].pid),
-      /** An agent process connected to server `server` (0-based). */
-      worker: (queue, mode, concurrency, server = 0) =>
+      /** An agent process connected to server `server` (0-based), holding `prefetch` grants beyond its slots. */
+      worker: (queue, mode, concurrency, server = 0, prefetch = 0) =>
         startWorker(
           new URL("../workers/leasehold-agent.mjs", import.meta.url),
           {
@@ -142,6 +142,7 @@ export const leasehold = {
             queue,
             mode,
             concurrency,
+            prefetch,
             workerId: `bench-${mode}-${Math.random().toString(36).slice(2, 8)}`,
           },
           { execArgv: ["--import", "tsx"], cwd: root },

@@ -1,6 +1,6 @@
 /**
  * A Leasehold agent process on the SDK (`src/agent`), with `capacity` slots
- * and a no-op handler (or, in hold mode, one that blocks until killed).
+ * (and `prefetch` grants held beyond them) and a no-op handler (or, in hold mode, one that blocks until killed).
  * Started by the runner with `node --import tsx` from the repository root.
  */
 import { createAgent } from "../../../src/agent/index.ts";
@@ -12,6 +12,7 @@ childMain(async (config, send) => {
     cluster: config.queue,
     workerId: config.workerId,
     capacity: config.concurrency,
+    prefetch: config.prefetch ?? 0,
     handler:
       config.mode === "hold"
         ? async (ctx) => {

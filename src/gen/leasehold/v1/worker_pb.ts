@@ -286,7 +286,13 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
   cluster: string;
 
   /**
-   * Slots: how many actions the worker runs at once, 1–10000.
+   * Slots: how many leases the server grants the worker at once, 1–10000.
+   * Usually the number of actions it runs at once. A worker may ask for more
+   * and run fewer, holding the rest until a running action ends (the SDK's
+   * `prefetch`): a held grant's lease is the worker's like any other (acked,
+   * listed in heartbeats and held_leases, given back by a release if it is
+   * not going to run), and its action waits for this worker even while
+   * another is idle.
    *
    * @generated from field: uint32 capacity = 3;
    */

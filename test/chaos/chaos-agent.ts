@@ -17,7 +17,7 @@
  * aborts, reports a progress with a checkpoint halfway, then returns
  * `{ worker, epoch, pid }`, or fails non-retryably when `payload.fail`.
  *
- *   node --import tsx test/chaos/chaos-agent.ts <log-file> <address,...> <cluster> <worker-id> <slots> <margin-ms>
+ *   node --import tsx test/chaos/chaos-agent.ts <log-file> <address,...> <cluster> <worker-id> <slots> <margin-ms> [<prefetch>]
  *
  * Prints its `process` and `connected` lines on stdout too, for the
  * orchestrator to wait on. SIGTERM closes the agent (goodbye) and exits;
@@ -29,8 +29,15 @@ import { ClientDuplexStreamImpl } from "@grpc/grpc-js/build/src/call.js";
 import { ActionFailure, createAgent, LeaseLost } from "../../src/agent/index.js";
 import type { ConnectRequest, ConnectResponse } from "../../src/gen/leasehold/v1/worker_pb.js";
 
-const [logFile = "", addresses = "", cluster = "", worker = "", slots = "2", marginArg = "500"] =
-  process.argv.slice(2);
+const [
+  logFile = "",
+  addresses = "",
+  cluster = "",
+  worker = "",
+  slots = "2",
+  marginArg = "500",
+  prefetch = "0",
+] = process.argv.slice(2);
 const margin = Number(marginArg);
 const fd = openSync(logFile, "a");
 
@@ -115,6 +122,7 @@ const agent = createAgent({
   cluster,
   workerId: worker,
   capacity: Number(slots),
+  prefetch: Number(prefetch),
   selfFenceMarginMs: margin,
   agentVersion: "leasehold-chaos-agent",
   onEvent: (event) => log({ ...event }, event.type === "connected"),

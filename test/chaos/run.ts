@@ -65,6 +65,11 @@ export interface ChaosOptions {
   /** Agents (default 5), each with `slots` slots (default 3). */
   readonly agents?: number;
   readonly slots?: number;
+  /**
+   * Grants that every second agent (chaos-1, chaos-3, …) holds beyond its
+   * slots, waiting for one to free (the SDK's `prefetch`; default 1).
+   */
+  readonly prefetch?: number;
   /** Server grace period and heartbeat interval (defaults 4 s and 500 ms). */
   readonly graceMs?: number;
   readonly heartbeatMs?: number;
@@ -238,7 +243,9 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
   const marginMs = options.marginMs ?? 500;
   const agentCount = options.agents ?? 5;
   const slots = options.slots ?? 3;
+  const prefetch = options.prefetch ?? 1;
   const workers = Array.from({ length: agentCount }, (_, i) => `chaos-${i}`);
+  const prefetchOf = (worker: string) => (workers.indexOf(worker) % 2 === 1 ? prefetch : 0);
   const dir = mkdtempSync(join(tmpdir(), "leasehold-chaos-"));
   const cleanups: (() => Promise<void> | void)[] = [];
   const children = new Set<Child>();
@@ -344,6 +351,7 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
           worker,
           String(slots),
           String(marginMs),
+          String(prefetchOf(worker)),
         ],
         { stdin: "pipe", stderrFile: join(dir, `${worker}.err`) },
       );
@@ -503,6 +511,7 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
       wallMs: Date.now() - began,
       agents: agentCount,
       slots,
+      prefetch,
       marginMs,
     });
     passed = result.violations.length === 0;
@@ -720,6 +729,7 @@ function summarize(
     wallMs: number;
     agents: number;
     slots: number;
+    prefetch: number;
     marginMs: number;
   },
 ): string {
@@ -767,7 +777,7 @@ function summarize(
     causes.set(kind, (causes.get(kind) ?? 0) + 1);
   }
   const lines = [
-    `chaos run, seed ${options.seed}: ${seconds(run.chaosMs)} of faults, ${options.actions} actions, 3 servers, ${run.agents} agents × ${run.slots} slots, grace ${record.config.graceMs} ms, heartbeat ${record.config.heartbeatMs} ms, self-fence margin ${run.marginMs} ms`,
+    `chaos run, seed ${options.seed}: ${seconds(run.chaosMs)} of faults, ${options.actions} actions, 3 servers, ${run.agents} agents × ${run.slots} slots (every second one with prefetch ${run.prefetch}), grace ${record.config.graceMs} ms, heartbeat ${record.config.heartbeatMs} ms, self-fence margin ${run.marginMs} ms`,
     `faults: ${record.faults.length} (planned ${run.plan.length}), measured:`,
     ...faultLines,
     `actions: ${[...byState].map(([s, n]) => `${n} ${s}`).join(", ")}; settled ${seconds(run.settledMs)} after the faults`,

@@ -193,6 +193,20 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       code: 2,
       stderr: expect.stringMatching(/--priority <n>' argument 'high' is invalid\. expected a whole number/),
     });
+    const badPrefetch = await cli([
+      ...server,
+      "agent",
+      "--cluster",
+      "c",
+      "--allow-any-command",
+      "--prefetch=-1",
+    ]);
+    expect(badPrefetch).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(
+        /--prefetch <n>' argument '-1' is invalid\. expected a whole number of at least 0/,
+      ),
+    });
     const nothing = await cli([...server, "action", "submit", "--cluster", "c"]);
     expect(nothing).toMatchObject({
       code: 2,

@@ -675,7 +675,13 @@ type Hello struct {
 	WorkerId string `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
 	// Required: the cluster the worker belongs to (same alphabet as worker_id).
 	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
-	// Slots: how many actions the worker runs at once, 1–10000.
+	// Slots: how many leases the server grants the worker at once, 1–10000.
+	// Usually the number of actions it runs at once. A worker may ask for more
+	// and run fewer, holding the rest until a running action ends (the SDK's
+	// `prefetch`): a held grant's lease is the worker's like any other (acked,
+	// listed in heartbeats and held_leases, given back by a release if it is
+	// not going to run), and its action waits for this worker even while
+	// another is idle.
 	Capacity uint32 `protobuf:"varint,3,opt,name=capacity,proto3" json:"capacity,omitempty"`
 	// Labels matched against actions' label selectors: at most 64, keys of
 	// 1–128 letters, digits, '.', '_', '-', ':', values of at most 256 characters.

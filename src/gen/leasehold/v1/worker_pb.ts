@@ -79,8 +79,9 @@ export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
     case: "heartbeat";
   } | {
     /**
-     * The worker received a grant and started it. Required for more grants
-     * beyond the window of unacknowledged grants (see GrantAck).
+     * The worker received a grant (and started it, or holds it for a free
+     * slot). Required for more grants beyond the window of unacknowledged
+     * grants (see GrantAck).
      *
      * @generated from field: leasehold.v1.GrantAck grant_ack = 3;
      */

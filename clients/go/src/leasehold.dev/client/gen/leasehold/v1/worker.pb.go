@@ -350,8 +350,9 @@ type ConnectRequest_Heartbeat struct {
 }
 
 type ConnectRequest_GrantAck struct {
-	// The worker received a grant and started it. Required for more grants
-	// beyond the window of unacknowledged grants (see GrantAck).
+	// The worker received a grant (and started it, or holds it for a free
+	// slot). Required for more grants beyond the window of unacknowledged
+	// grants (see GrantAck).
 	GrantAck *GrantAck `protobuf:"bytes,3,opt,name=grant_ack,json=grantAck,proto3,oneof"`
 }
 

@@ -26,11 +26,13 @@ if (!CHROMIUM && !process.env.CI) {
 
 /**
  * Where the screenshots go: LEASEHOLD_SCREENSHOTS (`docs` refreshes the
- * README's), else a temporary directory.
+ * README's), else a temporary directory, made when the suite runs (it is
+ * collected, and skipped, in the PostgreSQL run too) and removed after it.
  */
-const SHOTS = process.env.LEASEHOLD_SCREENSHOTS
-  ? resolve(process.env.LEASEHOLD_SCREENSHOTS)
-  : mkdtempSync(join(tmpdir(), "leasehold-console-shots-"));
+const shotsDir = () =>
+  process.env.LEASEHOLD_SCREENSHOTS
+    ? resolve(process.env.LEASEHOLD_SCREENSHOTS)
+    : mkdtempSync(join(tmpdir(), "leasehold-console-shots-"));
 
 /**
  * The console in a real browser against real processes: a server with
@@ -50,13 +52,16 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
     let consoleUrl: string;
     let address: string;
     const processes: { kill(signal?: NodeJS.Signals): unknown }[] = [];
+    let shots = "";
     /** The agents' work directories. */
-    const agentsDir = mkdtempSync(join(tmpdir(), "leasehold-console-agents-"));
+    let agentsDir = "";
     // Unique, to find the orphaned command of the killed agent afterwards.
     const sleepFor = `${400 + Math.floor(Math.random() * 1000)}`;
 
     beforeAll(async () => {
       if (!CHROMIUM) throw new Error("no chromium found: apt-get install chromium, or set CHROMIUM_PATH");
+      shots = shotsDir();
+      agentsDir = mkdtempSync(join(tmpdir(), "leasehold-console-agents-"));
       store = await freshStore();
       server = runLeasehold(
         [
@@ -90,8 +95,8 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
       for (const p of processes.reverse()) p.kill("SIGKILL");
       await new Promise((r) => execFile("pkill", ["-f", `^sleep ${sleepFor}$`], () => r(undefined)));
       await store?.drop();
-      if (!process.env.LEASEHOLD_SCREENSHOTS) rmSync(SHOTS, { recursive: true, force: true });
-      rmSync(agentsDir, { recursive: true, force: true });
+      if (shots && !process.env.LEASEHOLD_SCREENSHOTS) rmSync(shots, { recursive: true, force: true });
+      if (agentsDir) rmSync(agentsDir, { recursive: true, force: true });
     });
 
     /** Reference agents (`leasehold agent`, one slot each) in `cluster`, connected. */
@@ -150,9 +155,9 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
           .locator(`tr[data-worker="${holder}"][data-state="IN_GRACE"] [data-countdown]`)
           .filter({ hasNotText: first ?? "" })
           .waitFor();
-        mkdirSync(SHOTS, { recursive: true });
+        mkdirSync(shots, { recursive: true });
         await page.screenshot({
-          path: join(SHOTS, "console-workers.png"),
+          path: join(shots, "console-workers.png"),
           clip: { x: 0, y: 0, width: 1280, height: 240 },
         });
 
@@ -165,7 +170,7 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
         expect(await regrant.textContent()).toContain(other);
         await page.locator('[data-action-epoch]:text-is("2")').waitFor();
         expect(await page.locator("[data-action-state]").textContent()).toContain("LEASED");
-        await page.screenshot({ path: join(SHOTS, "console-timeline.png"), fullPage: true });
+        await page.screenshot({ path: join(shots, "console-timeline.png"), fullPage: true });
 
         // The operator cancels it from the page: agent-b's command is killed and the action ends CANCELLED.
         page.once("dialog", (dialog) => void dialog.accept("demo over"));

@@ -703,11 +703,13 @@ export function createAgent(options: AgentOptions): Agent {
     const conn: Connection = {
       call,
       client,
+      // Nothing follows a goodbye: it gives back every lease, and a write after the stream's
+      // end fails the call, which would end close() before the server has released them.
       send: (message) => {
-        if (!conn.ended) call.write(create(WorkerService.method.connect.input, message));
+        if (!conn.ended && !conn.saidGoodbye) call.write(create(WorkerService.method.connect.input, message));
       },
       report: (message) => {
-        if (conn.ended) return;
+        if (conn.ended || conn.saidGoodbye) return;
         if (!conn.batches) {
           conn.send(message);
           return;
@@ -725,7 +727,7 @@ export function createAgent(options: AgentOptions): Agent {
       flush: () => {
         clearImmediate(conn.flushTimer);
         conn.flushTimer = undefined;
-        if (conn.ended || conn.queued.length === 0) return;
+        if (conn.ended || conn.saidGoodbye || conn.queued.length === 0) return;
         // A report on a lease acknowledges its grant (worker.proto, GrantAck): an ack followed
         // by one in the same write is left out, and so is the server's answer to it.
         const queued = conn.queued
@@ -987,6 +989,8 @@ export function createAgent(options: AgentOptions): Agent {
         closeDone = resolve;
         const conn = current;
         if (conn) finishClose(conn);
+        // The server may have ended the stream on an earlier goodbye already.
+        if (conn?.ended && conn.saidGoodbye) resolve();
         setTimeout(resolve, 5000).unref();
       });
       closed = true;

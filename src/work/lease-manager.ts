@@ -11,7 +11,7 @@ import type { ClusterBus } from "./cluster-bus.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
 import { createHelloOpener } from "./lease/hellos.js";
-import { createHostedSessions, type Hosted, persistDeadline } from "./lease/hosted.js";
+import { createHostedSessions, dbOffsetMs, type Hosted, persistDeadline } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
 import { createReports } from "./lease/reports.js";
@@ -232,7 +232,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       dbOffsetMs: 0,
       ended: false,
     };
-    persistDeadline(s, opened.deadline.getTime(), opened.dbNow.getTime());
+    persistDeadline(s, opened.deadline.getTime(), dbOffsetMs(opened.dbNow.getTime()));
     for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",
@@ -323,13 +323,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   };
 
   /**
-   * Runs `fn` every `ms`, never overlapping itself. A failure is logged once
-   * (not on every tick of a database outage), and so is the recovery.
+   * Runs `fn` every `ms`, never overlapping itself, the first time `ms` after
+   * `phaseMs`. A failure is logged once (not on every tick of a database
+   * outage), and so is the recovery.
    */
-  function every(ms: number, name: string, fn: () => Promise<void>): void {
+  function every(ms: number, name: string, fn: () => Promise<void>, phaseMs = 0): void {
     let running = false;
     let failing = false;
-    const timer = setInterval(() => {
+    const tick = () => {
       if (running || closed) return;
       running = true;
       fn()
@@ -347,9 +348,19 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         .finally(() => {
           running = false;
         });
-    }, ms);
-    timer.unref();
-    timers.push(timer);
+    };
+    const repeat = () => {
+      const timer = setInterval(tick, ms);
+      timer.unref();
+      timers.push(timer);
+    };
+    if (phaseMs === 0) {
+      repeat();
+      return;
+    }
+    const first = setTimeout(repeat, phaseMs);
+    first.unref();
+    timers.push(first);
   }
 
   async function start(): Promise<void> {
@@ -364,10 +375,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     if (timersOn) {
       every(options.heartbeatIntervalMs, "session renewal", renew);
       reaper.start();
+      // The loops tick at different phases of the interval: with 10,000 streams the renewal and
+      // the audit each hold the event loop for milliseconds, and heartbeat acks wait behind them.
+      const pollMs = options.dispatchPollMs ?? 1000;
       // A poll for actions queued by other processes or waiting out a retry backoff.
-      every(options.dispatchPollMs ?? 1000, "dispatch poll", async () => scheduleDispatch());
+      every(pollMs, "dispatch poll", async () => scheduleDispatch(), Math.round(pollMs / 4));
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
-      if (bus) every(options.dispatchPollMs ?? 1000, "lease audit", audit);
+      if (bus) every(pollMs, "lease audit", audit, Math.round(pollMs / 2));
     }
   }
 

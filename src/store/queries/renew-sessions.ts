@@ -10,29 +10,35 @@ export interface Heard {
   readonly heardAt: number;
 }
 
-/**
- * A renewed session's persisted deadline, with the database time of the
- * renewal, both in milliseconds since the epoch: numbers rather than
- * timestamps, which cost a date parse each, twice per hosted session and tick.
- */
+/** What one renewal stored, in milliseconds since the epoch. */
 export interface Renewed {
-  /** Index of the session in the `heard` argument. */
-  readonly index: number;
-  readonly deadlineMs: number;
+  /**
+   * The persisted deadline of each session, by its index in the `heard`
+   * argument; NaN for a session that was not renewed.
+   */
+  readonly deadlinesMs: Float64Array;
+  /** The database time of the renewal. */
   readonly dbNowMs: number;
 }
 
 /**
  * Renews the deadlines of every session whose stream this process hosts, in
- * ONE statement per tick (SPEC rule 7: heartbeats are not writes). A session
- * missing from the result (by its index in `heard`) was not renewed.
+ * ONE statement per tick (SPEC rule 7: heartbeats are not writes).
  * deadline = last heard + grace, never moved backwards, so a silent stream
  * gains nothing.
  *
+ * With 10,000 hosted streams this is the biggest task of the process's tick,
+ * and heartbeat acks wait behind what it does on the event loop: the
+ * sessions go as three comma-separated texts (ids and tokens are UUIDs), not
+ * arrays the driver escapes element by element, and the answer is one row,
+ * not one per session. It names only the exceptions: the sessions not
+ * renewed, and those whose stored deadline was already later than last
+ * heard + grace (a restart's extension); every other deadline is that sum.
+ *
  * Locking: row locks on the renewed sessions only. Conditional on the session
  * being live and still attached to this very stream (its token): a session
- * missing from the result was reaped or taken over (here or on another
- * process), and its stream must close.
+ * not renewed was reaped or taken over (here or on another process), and its
+ * stream must close.
  */
 export async function renewSessions(
   db: Db,
@@ -41,36 +47,60 @@ export async function renewSessions(
   heard: readonly Heard[],
   /** `performance.now()` at the statement, which the times last heard are counted back from. */
   nowMs: number,
-): Promise<Renewed[]> {
-  if (heard.length === 0) return [];
-  // Three arrays, not a JSON document: PostgreSQL reads 10,000 sessions' worth in a third of
-  // the time it takes to parse the same as jsonb, and this runs every tick.
-  const ids: string[] = [];
-  const tokens: string[] = [];
-  const agos: number[] = [];
-  for (const h of heard) {
-    ids.push(h.sessionId);
-    tokens.push(h.streamToken);
-    agos.push(Math.max(0, Math.round(nowMs - h.heardAt)));
+): Promise<Renewed> {
+  /** Milliseconds since each was last heard, then its deadline. */
+  const deadlinesMs = new Float64Array(heard.length);
+  if (heard.length === 0) return { deadlinesMs, dbNowMs: Date.now() };
+  let ids = "";
+  let tokens = "";
+  let agos = "";
+  for (let i = 0; i < heard.length; i++) {
+    const h = heard[i] as Heard;
+    const ago = Math.max(0, Math.round(nowMs - h.heardAt));
+    const sep = i === 0 ? "" : ",";
+    ids += sep + h.sessionId;
+    tokens += sep + h.streamToken;
+    agos += sep + ago;
+    deadlinesMs[i] = ago;
   }
   const now = clock.now();
-  const rows = await queryRows<{ i: number; deadline_ms: unknown; db_now_ms: unknown }>(
+  const [row] = await queryRows<{ db_now_ms: unknown; later: string | null; missing: string | null }>(
     db,
     sql`
       with input as (
-        select * from unnest(${sql.param(ids)}::text[], ${sql.param(tokens)}::text[], ${sql.param(agos)}::int[])
+        select * from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
+                             string_to_array(${agos}::text, ',')::int[])
           with ordinality as x(id, token, ago, n)
+      ),
+      renewed as (
+        update sessions s set
+          last_heard_at = greatest(s.last_heard_at, ${now} - i.ago * interval '1 millisecond'),
+          deadline = greatest(s.deadline, ${now} - i.ago * interval '1 millisecond'
+                                          + ${graceMs}::int * interval '1 millisecond')
+        from input i
+        where s.id = i.id and s.ended_at is null and s.stream_token = i.token
+        returning i.n, i.ago, s.deadline
       )
-      update sessions s set
-        last_heard_at = greatest(s.last_heard_at, ${now} - make_interval(secs => i.ago / 1000.0)),
-        deadline = greatest(s.deadline, ${now} - make_interval(secs => i.ago / 1000.0)
-                                         + make_interval(secs => ${graceMs} / 1000.0))
-      from input i
-      where s.id = i.id and s.ended_at is null and s.stream_token = i.token
-      -- Whole milliseconds, as a Date would hold them: a remaining time is sent as a Duration.
-      returning (i.n - 1)::int as i, floor(extract(epoch from s.deadline) * 1000)::float8 as deadline_ms,
-                floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms`,
+      -- The intervals are whole milliseconds: floored to the millisecond, a deadline stored as
+      -- now + grace - ago is exactly db_now_ms + grace - ago.
+      select
+        floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms,
+        (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
+           from renewed
+           where deadline <> ${now} - ago * interval '1 millisecond'
+                             + ${graceMs}::int * interval '1 millisecond') as later,
+        (select string_agg((n - 1)::text, ',')
+           from (select n from input except select n from renewed) gone) as missing`,
     { prepared: true },
   );
-  return rows.map((r) => ({ index: r.i, deadlineMs: Number(r.deadline_ms), dbNowMs: Number(r.db_now_ms) }));
+  if (!row) throw new Error("renewSessions: the statement returned no row");
+  const dbNowMs = Number(row.db_now_ms);
+  for (let i = 0; i < deadlinesMs.length; i++)
+    deadlinesMs[i] = dbNowMs + graceMs - (deadlinesMs[i] as number);
+  for (const pair of row.later ? row.later.split(",") : []) {
+    const colon = pair.indexOf(":");
+    deadlinesMs[Number(pair.slice(0, colon))] = Number(pair.slice(colon + 1));
+  }
+  for (const index of row.missing ? row.missing.split(",") : []) deadlinesMs[Number(index)] = Number.NaN;
+  return { deadlinesMs, dbNowMs };
 }

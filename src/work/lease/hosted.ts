@@ -269,10 +269,13 @@ export function createHostedSessions(limits: {
 }
 
 /** Records the deadline the database stored for `s`, and the database clock's offset from ours. */
-export function persistDeadline(s: Hosted, deadlineMs: number, dbNowMs: number): void {
+export function persistDeadline(s: Hosted, deadlineMs: number, dbOffsetMs: number): void {
   s.deadlineMs = deadlineMs;
-  s.dbOffsetMs = dbNowMs - Date.now();
+  s.dbOffsetMs = dbOffsetMs;
 }
+
+/** How far the database clock, which read `dbNowMs` just now, is ahead of this process's. */
+export const dbOffsetMs = (dbNowMs: number): number => dbNowMs - Date.now();
 
 /** Milliseconds left until `s`'s stored deadline, by the database clock. */
 export const remainingMs = (s: Hosted): number =>

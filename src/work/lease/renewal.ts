@@ -2,12 +2,16 @@ import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
 import { renewSessions } from "../../store/queries/renew-sessions.js";
-import { type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
+import { dbOffsetMs, type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
+
+/** Most sessions one renewal statement carries; a tick renews every hosted stream in as many as it takes. */
+export const RENEW_CHUNK = 2000;
 
 /**
- * Session renewal: once per heartbeat interval, one statement stores every
- * hosted stream's deadline (last heard + grace). It owns what the reaper
- * must know of it: whether the renewals are being written.
+ * Session renewal: once per heartbeat interval, statements of up to
+ * {@link RENEW_CHUNK} sessions store every hosted stream's deadline (last
+ * heard + grace). It owns what the reaper must know of it: whether the
+ * renewals are being written.
  */
 export interface Renewal {
   /**
@@ -50,15 +54,21 @@ export function createRenewal(deps: {
       if (heard.length === 0) return;
       const now = performance.now();
       startedAt = now;
-      /** 1 at the index in `heard` of each session renewed. */
-      const renewed = new Uint8Array(heard.length);
       try {
-        // With 10,000 hosted streams this is the process's biggest task of a tick, which delays
-        // every heartbeat ack behind it: it reads numbers, not dates, and finds each renewed
-        // session by its index in `heard`.
-        for (const r of await renewSessions(db, clock, graceMs, heard, now)) {
-          persistDeadline(heard[r.index] as Hosted, r.deadlineMs, r.dbNowMs);
-          renewed[r.index] = 1;
+        // In statements of RENEW_CHUNK sessions, one after another: building, sending and
+        // reading one statement for 10,000 sessions held the event loop for about 10 ms, and
+        // every heartbeat ack that came in meanwhile waited for it.
+        for (let from = 0; from < heard.length; from += RENEW_CHUNK) {
+          const chunk = heard.slice(from, from + RENEW_CHUNK);
+          const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, graceMs, chunk, now);
+          const offsetMs = dbOffsetMs(dbNowMs);
+          chunk.forEach((s, i) => {
+            const deadlineMs = deadlinesMs[i] as number;
+            if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+            // Reaped, or taken over by a stream on another process.
+            else if (!s.ended)
+              hosted.end(s, "SESSION_ENDED", "this session ended (reaped or taken over); reconnect");
+          });
         }
         failed = false;
       } catch (error) {
@@ -67,11 +77,6 @@ export function createRenewal(deps: {
       } finally {
         if (startedAt === now) startedAt = undefined;
       }
-      heard.forEach((s, i) => {
-        // Reaped, or taken over by a stream on another process.
-        if (renewed[i] === 0 && !s.ended)
-          hosted.end(s, "SESSION_ENDED", "this session ended (reaped or taken over); reconnect");
-      });
     },
     keepHosted() {
       const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;

@@ -1,0 +1,81 @@
+import { sql } from "drizzle-orm";
+import { beforeAll, describe, expect, it } from "vitest";
+import { databaseClock as clock } from "../../src/store/clock.js";
+import type { Db } from "../../src/store/database.js";
+import { renewSessions } from "../../src/store/queries/renew-sessions.js";
+import { queryRows } from "../../src/store/rows.js";
+import { useFreshDatabase } from "../helpers/database.js";
+
+/** The renewal statement: one row back, naming only the sessions that are not last heard + grace. */
+describe("renewSessions", () => {
+  const database = useFreshDatabase();
+  let db: Db;
+  beforeAll(async () => {
+    db = database.current.db;
+    await db.execute(sql`insert into clusters (name) values ('east')`);
+  });
+
+  /** A live session of its own worker, attached to stream `t-<id>`, its deadline `deadlineSecs` from now. */
+  async function session(id: string, deadlineSecs: number, ended = false): Promise<void> {
+    await db.execute(
+      sql`insert into workers (worker_id, cluster, capacity) values (${`w-${id}`}, 'east', 1)`,
+    );
+    await db.execute(sql`
+      insert into sessions (id, worker_id, server_id, stream_token, deadline, ended_at, principal)
+      values (${id}, ${`w-${id}`}, 'this-server', ${`t-${id}`}, now() + make_interval(secs => ${deadlineSecs}),
+              ${ended ? sql`now()` : null}, 'anonymous')`);
+  }
+
+  const stored = async (id: string) => {
+    const [row] = await queryRows<{ ms: unknown }>(
+      db,
+      sql`select floor(extract(epoch from deadline) * 1000)::float8 as ms from sessions where id = ${id}`,
+    );
+    return Number(row?.ms);
+  };
+
+  it("renews to last heard + grace, keeps a later deadline, and marks the sessions it did not renew", async () => {
+    await session("plain", 1);
+    await session("extended", 600); // a restart's take-back extension: later than heard + grace
+    await session("ended", 30, true);
+    await session("moved", 30); // now attached to another stream: the token below is stale
+    await session("quiet", 1);
+    const nowMs = performance.now();
+    const heard = [
+      { sessionId: "plain", streamToken: "t-plain", heardAt: nowMs - 250 },
+      { sessionId: "extended", streamToken: "t-extended", heardAt: nowMs },
+      { sessionId: "ended", streamToken: "t-ended", heardAt: nowMs },
+      { sessionId: "moved", streamToken: "t-elsewhere", heardAt: nowMs },
+      { sessionId: "gone", streamToken: "t-gone", heardAt: nowMs },
+      { sessionId: "quiet", streamToken: "t-quiet", heardAt: nowMs - 4_000 },
+    ];
+    const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, 10_000, heard, nowMs);
+
+    expect(Math.abs(dbNowMs - Date.now())).toBeLessThan(60_000);
+    expect(deadlinesMs[0]).toBe(dbNowMs + 10_000 - 250);
+    expect(deadlinesMs[0]).toBe(await stored("plain"));
+    expect(deadlinesMs[1]).toBe(await stored("extended"));
+    expect(deadlinesMs[1]).toBeGreaterThan(dbNowMs + 500_000);
+    expect(deadlinesMs[2]).toBeNaN();
+    expect(deadlinesMs[3]).toBeNaN();
+    expect(deadlinesMs[4]).toBeNaN();
+    // Silent for 4 s: the deadline counts from when it was last heard, not from now.
+    expect(deadlinesMs[5]).toBe(dbNowMs + 10_000 - 4_000);
+    expect(deadlinesMs[5]).toBe(await stored("quiet"));
+    // A deadline never moves back: renewing "plain" as heard long ago leaves it where it is.
+    const again = await renewSessions(
+      db,
+      clock,
+      10_000,
+      [{ sessionId: "plain", streamToken: "t-plain", heardAt: nowMs - 60_000 }],
+      nowMs,
+    );
+    expect(again.deadlinesMs[0]).toBe(await stored("plain"));
+    expect(again.deadlinesMs[0]).toBe(deadlinesMs[0]);
+  });
+
+  it("renews nothing and sends no statement for no sessions", async () => {
+    const { deadlinesMs } = await renewSessions(db, clock, 10_000, [], performance.now());
+    expect(deadlinesMs).toHaveLength(0);
+  });
+});

@@ -160,7 +160,7 @@ export interface AgentOptions {
   readonly address: string | readonly string[];
   readonly cluster: string;
   readonly workerId: string;
-  /** Slots: actions run at once. Default 1. */
+  /** Slots: actions run at once, from 1 to 10,000. Default 1. */
   readonly capacity?: number;
   /**
    * Grants held beyond `capacity`, waiting for a slot. The hello asks for
@@ -265,6 +265,9 @@ const REVOKE_NAMES: Record<number, string> = {
   [RevokeReason.DRAINED]: "drained",
 };
 
+/** Most leases a hello may ask for (`Hello.capacity` in worker.proto). */
+const MAX_LEASES = 10_000;
+
 /**
  * Starts an agent: one stream to the server, heartbeats, grants run by
  * `handler` within `capacity` slots, reports answered by the server, and
@@ -282,8 +285,16 @@ export function createAgent(options: AgentOptions): Agent {
   const emit = (event: AgentEvent) => options.onEvent?.(event);
   const capacity = options.capacity ?? 1;
   const prefetch = options.prefetch ?? 0;
+  if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_LEASES)
+    throw new Error(`createAgent: capacity must be a whole number from 1 to ${MAX_LEASES}, not ${capacity}`);
   if (!Number.isInteger(prefetch) || prefetch < 0)
     throw new Error(`createAgent: prefetch must be a whole number of at least 0, not ${prefetch}`);
+  // The hello asks for both: a server refuses a capacity above its limit (worker.proto).
+  if (capacity + prefetch > MAX_LEASES) {
+    throw new Error(
+      `createAgent: capacity + prefetch must be at most ${MAX_LEASES}, not ${capacity} + ${prefetch}`,
+    );
+  }
 
   const running = new Map<string, Running>();
   let closing = false;

@@ -20,6 +20,9 @@ import {
   unreachableWhy,
 } from "./output.js";
 
+/** Most leases a hello may ask for (`Hello.capacity` in worker.proto). */
+const MAX_HELLO_LEASES = 10_000;
+
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
 export function agentCommand(): Command {
   return (
@@ -37,7 +40,7 @@ export function agentCommand(): Command {
       .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
       .option(
         "--capacity <n>",
-        "actions run at once (the hello's capacity, the SDK's `capacity`)",
+        "actions run at once (the SDK's `capacity`); --capacity plus --prefetch is at most 10000",
         positiveIntFlag,
         1,
       )
@@ -99,6 +102,15 @@ export function agentCommand(): Command {
         });
         // Fails fast, as a usage error naming the flag, before anything starts.
         channelFor(g);
+        const capacity = (o.slots ?? o.capacity) as number;
+        const prefetch = o.prefetch as number;
+        if (capacity + prefetch > MAX_HELLO_LEASES) {
+          throw new CliError(
+            `--capacity plus --prefetch must be at most ${MAX_HELLO_LEASES} (got ${capacity} + ${prefetch}): ` +
+              "the hello asks for both",
+            EXIT.usage,
+          );
+        }
         const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
         const servers = splitAddresses(g.server);
         const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
@@ -143,8 +155,8 @@ export function agentCommand(): Command {
           security: g.security,
           cluster: o.cluster as string,
           workerId,
-          capacity: (o.slots ?? o.capacity) as number,
-          prefetch: o.prefetch as number,
+          capacity,
+          prefetch,
           labels: parseLabels(o.labels as string[] | undefined, "--labels"),
           handler: (ctx) =>
             isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),

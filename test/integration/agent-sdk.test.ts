@@ -279,7 +279,7 @@ describe("the agent SDK against a real server", () => {
     }
   });
 
-  it("refuses a prefetch that is not a whole number of at least 0", () => {
+  it("refuses a capacity or prefetch the server would refuse", () => {
     for (const prefetch of [-1, 1.5, Number.NaN]) {
       expect(() =>
         createAgent({
@@ -291,6 +291,20 @@ describe("the agent SDK against a real server", () => {
         }),
       ).toThrow(/prefetch must be a whole number of at least 0/);
     }
+    const agent = (capacity: number, prefetch: number) => () =>
+      createAgent({
+        address: "127.0.0.1:1",
+        cluster: "east",
+        workerId: "w",
+        capacity,
+        prefetch,
+        handler: async () => undefined,
+      });
+    for (const capacity of [0, 2.5, 10_001]) {
+      expect(agent(capacity, 0)).toThrow(/capacity must be a whole number from 1 to 10000/);
+    }
+    // What the hello would ask for is over the server's limit: refused here, before connecting.
+    expect(agent(9_000, 1_001)).toThrow(/capacity \+ prefetch must be at most 10000, not 9000 \+ 1001/);
   });
 
   it("drains on close: finishes the running action, reports it, says goodbye", async () => {

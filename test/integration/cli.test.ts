@@ -207,6 +207,19 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
         /--prefetch <n>' argument '-1' is invalid\. expected a whole number of at least 0/,
       ),
     });
+    const tooMany = await cli([
+      ...server,
+      "agent",
+      "--cluster",
+      "c",
+      "--allow-any-command",
+      "--capacity=9000",
+      "--prefetch=1001",
+    ]);
+    expect(tooMany).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--capacity plus --prefetch must be at most 10000 \(got 9000 \+ 1001\)/),
+    });
     const nothing = await cli([...server, "action", "submit", "--cluster", "c"]);
     expect(nothing).toMatchObject({
       code: 2,

@@ -8,6 +8,7 @@ import { createServiceDefinition, createServiceHandlers, type Refusal, type Serv
 import type { Authenticator } from "./authenticator.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
+import { releaseDecodedChunks } from "./stream-decoder-release.js";
 
 /** A service and its implementation, ready to register. */
 export interface ServiceBinding {
@@ -80,6 +81,8 @@ export async function createRpcServer(
   credentials: grpc.ServerCredentials,
   options: RpcServerOptions,
 ): Promise<RpcServer & { markServing(): void; markNotServing(): void }> {
+  // Worker streams hold no chunk between their messages (a heartbeat a second, each).
+  releaseDecodedChunks();
   const server = new grpc.Server({
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,

@@ -484,14 +484,7 @@ export function createAgent(options: AgentOptions): Agent {
     conn.report({
       message: { case: "grantAck", value: { reportId: nextReportId, actionId, epoch: grant.epoch } },
     });
-    // Held: granted and not finished. Busy: of those, the ones whose handler started.
-    let held = 0;
-    let busy = 0;
-    for (const x of running.values()) {
-      if (x === r || x.report) continue;
-      held++;
-      if (!x.start) busy++;
-    }
+    const { held, busy } = slotsTaken(r);
     if (!closing && held >= capacity + prefetch) {
       // More grants than the hello asked for (the server should never do that): give it back.
       settle(r, { kind: "released", reason: "no free slot on this agent" });
@@ -610,6 +603,21 @@ export function createAgent(options: AgentOptions): Agent {
     else if (current) sendReport(current, r);
   }
 
+  /**
+   * The grants not finished (`held`: not reported yet), and of those the ones
+   * whose handler started (`busy`, at most `capacity`); `except` left out.
+   */
+  function slotsTaken(except?: Running): { held: number; busy: number } {
+    let held = 0;
+    let busy = 0;
+    for (const r of running.values()) {
+      if (r === except || r.report) continue;
+      held++;
+      if (!r.start) busy++;
+    }
+    return { held, busy };
+  }
+
   /** A {@link startWaiting} scheduled after a handler ended, while one is. */
   let startTimer: NodeJS.Immediate | undefined;
 
@@ -617,8 +625,7 @@ export function createAgent(options: AgentOptions): Agent {
   function startWaiting(): void {
     startTimer = undefined;
     if (!mayStart() || closing) return;
-    let busy = 0;
-    for (const r of running.values()) if (!r.start && !r.report) busy++;
+    let { busy } = slotsTaken();
     for (const r of [...running.values()]) {
       if (busy >= capacity) break;
       if (!r.start || r.controller.aborted) continue;

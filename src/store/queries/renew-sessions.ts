@@ -22,8 +22,9 @@ export interface Renewed {
 }
 
 /**
- * Renews the deadlines of every session whose stream this process hosts, in
- * ONE statement per tick (SPEC rule 7: heartbeats are not writes).
+ * Renews the deadlines of `heard`, sessions whose streams this process
+ * hosts, in ONE statement, whatever their number; each tick renews them all,
+ * in chunks (lease/renewal.ts; SPEC rule 7: heartbeats are not writes).
  * deadline = last heard + grace, never moved backwards, so a silent stream
  * gains nothing.
  *

@@ -4,6 +4,8 @@ import { databaseClock as clock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { renewSessions } from "../../src/store/queries/renew-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
+import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
+import { createRenewal, RENEW_CHUNK } from "../../src/work/lease/renewal.js";
 import { useFreshDatabase } from "../helpers/database.js";
 
 /** The renewal statement: one row back, naming only the sessions that are not last heard + grace. */
@@ -72,6 +74,71 @@ describe("renewSessions", () => {
     );
     expect(again.deadlinesMs[0]).toBe(await stored("plain"));
     expect(again.deadlinesMs[0]).toBe(deadlinesMs[0]);
+  });
+
+  it("renews a process's sessions in chunks, and ends the stream of a session another took", async () => {
+    const count = 2 * RENEW_CHUNK + 500;
+    await db.execute(sql`
+      insert into workers (worker_id, cluster, capacity)
+      select 'cw-' || n, 'east', 1 from generate_series(1, ${count}) n`);
+    await db.execute(sql`
+      insert into sessions (id, worker_id, server_id, stream_token, deadline, principal)
+      select 'cs-' || n, 'cw-' || n, 'this-server', 'ct-' || n, now() + interval '1 second', 'anonymous'
+      from generate_series(1, ${count}) n`);
+    // One session of the last chunk moved to another stream since: its stream here must end.
+    const moved = `cs-${count - 7}`;
+    await db.execute(sql`update sessions set stream_token = 'elsewhere' where id = ${moved}`);
+    const heardAt = performance.now();
+    const sessions = Array.from({ length: count }, (_, i) => ({
+      sessionId: `cs-${i + 1}`,
+      streamToken: `ct-${i + 1}`,
+      heardAt,
+      ended: false,
+      deadlineMs: 0,
+      dbOffsetMs: 0,
+    }));
+    const ended: string[] = [];
+    const hosted = {
+      values: () => sessions.values(),
+      end: (s: Hosted) => ended.push(s.sessionId),
+    } as unknown as HostedSessions;
+    // A slow database: each statement starts 150 ms after it is sent.
+    const slowDb = new Proxy(db, {
+      get(target, key, receiver) {
+        const value = Reflect.get(target, key, receiver);
+        if (key !== "execute") return value;
+        return async (...args: unknown[]) => {
+          await new Promise((resolve) => setTimeout(resolve, 150));
+          return (value as (...a: unknown[]) => unknown).apply(target, args);
+        };
+      },
+    });
+    const renewal = createRenewal({
+      db: slowDb,
+      clock,
+      hosted,
+      graceMs: 10_000,
+      heartbeatIntervalMs: 1_000,
+      serverId: "this-server",
+    });
+    await renewal.renew();
+
+    expect(ended).toEqual([moved]);
+    expect(renewal.keepHosted()).toBeUndefined();
+    const rows = await queryRows<{ id: string; ms: unknown }>(
+      db,
+      sql`select id, floor(extract(epoch from deadline) * 1000)::float8 as ms from sessions where id like 'cs-%'`,
+    );
+    const stored = new Map(rows.map((r) => [r.id, Number(r.ms)]));
+    for (const s of sessions) {
+      if (s.sessionId === moved) continue;
+      // What the process keeps is what was stored, in every chunk.
+      expect(s.deadlineMs, s.sessionId).toBe(stored.get(s.sessionId));
+    }
+    // Heard at one instant: every chunk's deadline is that instant + grace (+ the 150 ms its
+    // statement took to start), whatever the time the chunks before it took (300 ms and more).
+    const deadlines = sessions.filter((s) => s.sessionId !== moved).map((s) => s.deadlineMs);
+    expect(Math.max(...deadlines) - Math.min(...deadlines)).toBeLessThan(100);
   });
 
   it("renews nothing and sends no statement for no sessions", async () => {

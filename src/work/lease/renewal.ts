@@ -60,7 +60,9 @@ export function createRenewal(deps: {
         // every heartbeat ack that came in meanwhile waited for it.
         for (let from = 0; from < heard.length; from += RENEW_CHUNK) {
           const chunk = heard.slice(from, from + RENEW_CHUNK);
-          const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, graceMs, chunk, now);
+          // Ages counted at each statement: a later chunk must not gain the time the earlier took.
+          const at = performance.now();
+          const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, graceMs, chunk, at);
           const offsetMs = dbOffsetMs(dbNowMs);
           chunk.forEach((s, i) => {
             const deadlineMs = deadlinesMs[i] as number;

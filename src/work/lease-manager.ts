@@ -325,7 +325,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   /**
    * Runs `fn` every `ms`, never overlapping itself, the first time `ms` after
    * `phaseMs`. A failure is logged once (not on every tick of a database
-   * outage), and so is the recovery.
+   * outage), and so is the recovery; one after `close` began is not warned of.
    */
   function every(ms: number, name: string, fn: () => Promise<void>, phaseMs = 0): void {
     let running = false;
@@ -340,7 +340,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
             failing = false;
           },
           (error: unknown) => {
-            if (failing) log.debug({ err: error }, `${name} still failing`);
+            // Closing: the database may close under a run still in progress (a renewal of many
+            // sessions takes several statements); the final renewal of `close` stands for it.
+            if (failing || closed)
+              log.debug({ err: error }, `${name} ${closed ? "stopped" : "still failing"}`);
             else log.warn({ err: error }, `${name} failed; retrying on every tick`);
             failing = true;
           },

@@ -10,7 +10,7 @@ import {
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
-import { MAX_BATCH_MESSAGES } from "../rpc/limits.js";
+import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
 import { batchRuns, encodeRequestBatch } from "../rpc/worker-wire.js";
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
@@ -265,9 +265,6 @@ const REVOKE_NAMES: Record<number, string> = {
   [RevokeReason.DRAINED]: "drained",
 };
 
-/** Most leases a hello may ask for (`Hello.capacity` in worker.proto). */
-const MAX_LEASES = 10_000;
-
 /**
  * Starts an agent: one stream to the server, heartbeats, grants run by
  * `handler` within `capacity` slots, reports answered by the server, and
@@ -285,14 +282,16 @@ export function createAgent(options: AgentOptions): Agent {
   const emit = (event: AgentEvent) => options.onEvent?.(event);
   const capacity = options.capacity ?? 1;
   const prefetch = options.prefetch ?? 0;
-  if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_LEASES)
-    throw new Error(`createAgent: capacity must be a whole number from 1 to ${MAX_LEASES}, not ${capacity}`);
+  if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_CAPACITY)
+    throw new Error(
+      `createAgent: capacity must be a whole number from 1 to ${MAX_CAPACITY}, not ${capacity}`,
+    );
   if (!Number.isInteger(prefetch) || prefetch < 0)
     throw new Error(`createAgent: prefetch must be a whole number of at least 0, not ${prefetch}`);
   // The hello asks for both: a server refuses a capacity above its limit (worker.proto).
-  if (capacity + prefetch > MAX_LEASES) {
+  if (capacity + prefetch > MAX_CAPACITY) {
     throw new Error(
-      `createAgent: capacity + prefetch must be at most ${MAX_LEASES}, not ${capacity} + ${prefetch}`,
+      `createAgent: capacity + prefetch must be at most ${MAX_CAPACITY}, not ${capacity} + ${prefetch}`,
     );
   }
 

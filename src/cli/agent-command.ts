@@ -6,6 +6,7 @@ import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
 import { createProcessRegistry } from "../agent/process-registry.js";
+import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
 import {
   CliError,
@@ -19,9 +20,6 @@ import {
   toJson,
   unreachableWhy,
 } from "./output.js";
-
-/** Most leases a hello may ask for (`Hello.capacity` in worker.proto). */
-const MAX_HELLO_LEASES = 10_000;
 
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
 export function agentCommand(): Command {
@@ -104,9 +102,9 @@ export function agentCommand(): Command {
         channelFor(g);
         const capacity = (o.slots ?? o.capacity) as number;
         const prefetch = o.prefetch as number;
-        if (capacity + prefetch > MAX_HELLO_LEASES) {
+        if (capacity + prefetch > MAX_CAPACITY) {
           throw new CliError(
-            `--capacity plus --prefetch must be at most ${MAX_HELLO_LEASES} (got ${capacity} + ${prefetch}): ` +
+            `--capacity plus --prefetch must be at most ${MAX_CAPACITY} (got ${capacity} + ${prefetch}): ` +
               "the hello asks for both",
             EXIT.usage,
           );

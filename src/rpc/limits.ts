@@ -73,8 +73,11 @@ export const PAYLOAD_LIMITS = {
   jsonChars: 1024 * 1024,
 } as const;
 
+/** Largest `Hello.capacity`: the most leases one worker stream may be granted at once. */
+export const MAX_CAPACITY = 10_000;
+
 /** Most held leases a hello or heartbeat may list: twice the largest capacity. */
-export const MAX_HELD_LEASES = 20_000;
+export const MAX_HELD_LEASES = 2 * MAX_CAPACITY;
 
 /** Most messages in one ConnectRequest batch. */
 export const MAX_BATCH_MESSAGES = 1024;

@@ -21,7 +21,7 @@ import {
   type SessionHandle,
 } from "../../work/lease-manager.js";
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
-import { MAX_BATCH_MESSAGES } from "../limits.js";
+import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
 import { batchRuns, encodeHeartbeatAck, encodeResponseBatch } from "../worker-wire.js";
@@ -326,8 +326,6 @@ function createFlusher(log: Logger) {
     },
   };
 }
-
-const MAX_CAPACITY = 10_000;
 
 /** The held leases of a heartbeat that lists none (most of them), shared. */
 const NONE_HELD: readonly LeaseToken[] = Object.freeze([]);

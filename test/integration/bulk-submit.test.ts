@@ -128,6 +128,8 @@ describe("ActionService.SubmitActions", () => {
         retryPolicy: { maxAttempts: 7, initialBackoff: { seconds: 2n }, maxBackoff: { seconds: 30n } },
         maxSystemRetries: 9,
       },
+      // Each retry setting left at its default travels as nothing and is filled in by the statement.
+      { cluster: "bulk-a", retryPolicy: { maxAttempts: 3, backoffMultiplier: 1.5 }, maxSystemRetries: 3 },
     ];
     statements.length = 0;
     const before = transactions;

@@ -1,5 +1,5 @@
 import { sql } from "drizzle-orm";
-import type { ActionRecord, NewAction } from "../../work/action.js";
+import { ACTION_DEFAULTS, type ActionRecord, type NewAction } from "../../work/action.js";
 import { findActionsByRequestId } from "../actions.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
@@ -28,27 +28,36 @@ export async function insertActions(
   items: readonly { readonly id: string; readonly action: NewAction; readonly actor: string }[],
 ): Promise<ActionRecord[]> {
   // Keys left out (undefined) arrive as null and take the column's value for
-  // "not set": a bulk submit of plain actions sends half the bytes to parse.
+  // "not set", or the default the statement names: a bulk submit of plain
+  // actions sends a third of the bytes to write, bind and parse.
   const input = JSON.stringify(
-    items.map(({ id, action: a, actor }) => ({
-      id,
-      actor: actor || undefined,
-      request_id: a.requestId,
-      request_hash: a.requestHash,
-      trace_parent: a.traceParent,
-      run_id: a.runId || undefined,
-      cluster: a.cluster,
-      label_selector: isEmpty(a.labelSelector) ? undefined : a.labelSelector,
-      payload: a.payload,
-      priority: a.priority || undefined,
-      max_attempts: a.retryPolicy.maxAttempts,
-      initial_backoff_ms: a.retryPolicy.initialBackoffMs,
-      backoff_multiplier: a.retryPolicy.backoffMultiplier,
-      max_backoff_ms: a.retryPolicy.maxBackoffMs,
-      max_system_retries: a.maxSystemRetries,
-    })),
+    items.map(({ id, action: a, actor }) => {
+      const rp = a.retryPolicy;
+      return {
+        id,
+        actor: actor || undefined,
+        request_id: a.requestId,
+        request_hash: a.requestHash,
+        trace_parent: a.traceParent,
+        run_id: a.runId || undefined,
+        cluster: a.cluster,
+        label_selector: isEmpty(a.labelSelector) ? undefined : a.labelSelector,
+        payload: a.payload,
+        priority: a.priority || undefined,
+        max_attempts: unlessDefault(rp.maxAttempts, DEFAULT_RETRY.maxAttempts),
+        initial_backoff_ms: unlessDefault(rp.initialBackoffMs, DEFAULT_RETRY.initialBackoffMs),
+        backoff_multiplier: unlessDefault(rp.backoffMultiplier, DEFAULT_RETRY.backoffMultiplier),
+        max_backoff_ms: unlessDefault(rp.maxBackoffMs, DEFAULT_RETRY.maxBackoffMs),
+        max_system_retries: unlessDefault(a.maxSystemRetries, ACTION_DEFAULTS.maxSystemRetries),
+      };
+    }),
   );
   const now = clock.now();
+  // Without request ids nothing can conflict (nulls are distinct), and the
+  // insert then skips the speculative check of every row: 5 % of its time.
+  const onConflict = items.some(({ action }) => action.requestId !== undefined)
+    ? sql`on conflict (created_by, request_id) do nothing`
+    : sql``;
   const rows = await queryRows<InsertedRow>(
     db,
     sql`
@@ -64,10 +73,15 @@ export async function insertActions(
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
           max_system_retries, state, not_before, created_by)
         select id, request_id, request_hash, trace_parent, coalesce(run_id, ''), cluster,
-          coalesce(label_selector, '{}'), payload, coalesce(priority, 0), max_attempts, initial_backoff_ms,
-          backoff_multiplier, max_backoff_ms, max_system_retries, 'QUEUED', ${now}, coalesce(actor, '')
+          coalesce(label_selector, '{}'), payload, coalesce(priority, 0),
+          coalesce(max_attempts, ${literal(DEFAULT_RETRY.maxAttempts)}),
+          coalesce(initial_backoff_ms, ${literal(DEFAULT_RETRY.initialBackoffMs)}),
+          coalesce(backoff_multiplier, ${literal(DEFAULT_RETRY.backoffMultiplier)}),
+          coalesce(max_backoff_ms, ${literal(DEFAULT_RETRY.maxBackoffMs)}),
+          coalesce(max_system_retries, ${literal(ACTION_DEFAULTS.maxSystemRetries)}),
+          'QUEUED', ${now}, coalesce(actor, '')
         from input
-        on conflict (created_by, request_id) do nothing
+        ${onConflict}
         returning id, cluster, created_by
       ),
       submitted as (
@@ -102,6 +116,15 @@ export async function insertActions(
   }
   return records;
 }
+
+const DEFAULT_RETRY = ACTION_DEFAULTS.retryPolicy;
+
+/** `value`, or undefined (left out of the JSON) when it is the default `fallback`. */
+const unlessDefault = (value: number, fallback: number): number | undefined =>
+  value === fallback ? undefined : value;
+
+/** A constant number written into the statement's text, not bound as a parameter. */
+const literal = (n: number) => sql.raw(String(n));
 
 const isEmpty = (record: Readonly<Record<string, string>>): boolean => {
   for (const _ in record) return false;

@@ -122,14 +122,19 @@ describe("ActionService.SubmitActions", () => {
       {
         cluster: "bulk-b",
         runId: "as-stored",
-        payload: { n: 1.5, s: "x", nested: { list: [1, "two", null, true] }, empty: {} },
+        payload: { n: 1.5, s: 'x "q" \\ \n \u2028 é 🙂', nested: { list: [1, "two", null, true] }, empty: {} },
         priority: -3,
         labelSelector: { zone: "z1", disk: "ssd" },
         retryPolicy: { maxAttempts: 7, initialBackoff: { seconds: 2n }, maxBackoff: { seconds: 30n } },
         maxSystemRetries: 9,
       },
       // Each retry setting left at its default travels as nothing and is filled in by the statement.
-      { cluster: "bulk-a", retryPolicy: { maxAttempts: 3, backoffMultiplier: 1.5 }, maxSystemRetries: 3 },
+      {
+        cluster: "bulk-a",
+        runId: 'run "quoted" \\ é',
+        retryPolicy: { maxAttempts: 3, backoffMultiplier: 1.5 },
+        maxSystemRetries: 3,
+      },
     ];
     statements.length = 0;
     const before = transactions;

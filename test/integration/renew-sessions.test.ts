@@ -76,6 +76,17 @@ describe("renewSessions", () => {
     expect(again.deadlinesMs[0]).toBe(deadlinesMs[0]);
   });
 
+  it("renews with a grace period and a silence longer than 2^31 ms (a 32-bit integer)", async () => {
+    await session("long-grace", 1);
+    const graceMs = 600 * 3_600_000; // --grace-period 600h
+    const nowMs = performance.now();
+    const silentMs = 2 ** 31 + 1_000; // about 25 days
+    const heard = [{ sessionId: "long-grace", streamToken: "t-long-grace", heardAt: nowMs - silentMs }];
+    const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, graceMs, heard, nowMs);
+    expect(deadlinesMs[0]).toBe(dbNowMs + graceMs - silentMs);
+    expect(deadlinesMs[0]).toBe(await stored("long-grace"));
+  });
+
   it("renews a process's sessions in chunks, and ends the stream of a session another took", async () => {
     const count = 2 * RENEW_CHUNK + 500;
     await db.execute(sql`

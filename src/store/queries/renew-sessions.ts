@@ -70,14 +70,14 @@ export async function renewSessions(
     sql`
       with input as (
         select * from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
-                             string_to_array(${agos}::text, ',')::int[])
+                             string_to_array(${agos}::text, ',')::bigint[])
           with ordinality as x(id, token, ago, n)
       ),
       renewed as (
         update sessions s set
           last_heard_at = greatest(s.last_heard_at, ${now} - i.ago * interval '1 millisecond'),
           deadline = greatest(s.deadline, ${now} - i.ago * interval '1 millisecond'
-                                          + ${graceMs}::int * interval '1 millisecond')
+                                          + ${graceMs}::bigint * interval '1 millisecond')
         from input i
         where s.id = i.id and s.ended_at is null and s.stream_token = i.token
         returning i.n, i.ago, s.deadline
@@ -89,7 +89,7 @@ export async function renewSessions(
         (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
            from renewed
            where deadline <> ${now} - ago * interval '1 millisecond'
-                             + ${graceMs}::int * interval '1 millisecond') as later,
+                             + ${graceMs}::bigint * interval '1 millisecond') as later,
         (select string_agg((n - 1)::text, ',')
            from (select n from input except select n from renewed) gone) as missing`,
     { prepared: true },

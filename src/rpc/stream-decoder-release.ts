@@ -13,7 +13,6 @@ interface StreamDecoderShape {
 }
 
 const NO_DATA = 0;
-const NOTHING: unknown[] = Object.freeze([]) as unknown as unknown[];
 let installed: boolean | undefined;
 
 /**
@@ -30,8 +29,9 @@ let installed: boolean | undefined;
  * It changes no decoding: in state NO_DATA the decoder assigns both fields
  * before it reads them (test/unit/stream-decoder-release.test.ts decodes the
  * same frames, however chunked, with and without it). If grpc-js's decoder
- * no longer has this shape, nothing is changed. Returns whether it is in
- * place; safe to call more than once.
+ * no longer has this shape, or once patched no longer decodes a few frames
+ * cut at awkward places into the right messages, the original is put back.
+ * Returns whether it is in place; safe to call more than once.
  */
 export function releaseDecodedChunks(): boolean {
   if (installed !== undefined) return installed;
@@ -55,10 +55,38 @@ export function releaseDecodedChunks(): boolean {
     const messages = write.call(this, data);
     if (this.readState === NO_DATA) {
       this.readCompressFlag = null;
-      this.readPartialMessage = NOTHING;
+      this.readPartialMessage = [];
     }
     return messages;
   };
-  installed = true;
-  return true;
+  installed = decodesFrames(decoder);
+  if (!installed) decoder.prototype.write = write;
+  return installed;
+}
+
+/**
+ * Whether a fresh decoder splits three frames, written in chunks cut inside a
+ * length prefix, right after a compress flag and inside a message, into the
+ * three frames (it hands each message on with its 5-byte prefix).
+ */
+export function decodesFrames(decoder: new (maxLength: number) => StreamDecoderShape): boolean {
+  const frames = [[1, 2, 3], [], [4, 5, 6, 7, 8]].map((payload) => {
+    const frame = Buffer.alloc(5 + payload.length);
+    frame.writeUInt32BE(payload.length, 1);
+    frame.set(payload, 5);
+    return frame;
+  });
+  const all = Buffer.concat(frames);
+  try {
+    const probe = new decoder(-1);
+    const out: Buffer[] = [];
+    let at = 0;
+    for (const cut of [3, 6, 10, 11, 16, all.length]) {
+      out.push(...probe.write(all.subarray(at, cut)));
+      at = cut;
+    }
+    return out.length === frames.length && out.every((m, i) => m.equals(frames[i] as Buffer));
+  } catch {
+    return false;
+  }
 }

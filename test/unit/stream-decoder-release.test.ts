@@ -1,6 +1,6 @@
 import { createRequire } from "node:module";
 import { describe, expect, it } from "vitest";
-import { releaseDecodedChunks } from "../../src/rpc/stream-decoder-release.js";
+import { decodesFrames, releaseDecodedChunks } from "../../src/rpc/stream-decoder-release.js";
 
 interface Decoder {
   readState: number;
@@ -60,6 +60,23 @@ describe("grpc-js's stream decoder, made to let go of decoded chunks", () => {
       ).toEqual(expected.map((m) => m.toString("hex")));
       expect(got).toHaveLength(bodies.length);
     }
+  });
+
+  it("checks a decoder on frames cut at awkward places before it stays patched", () => {
+    expect(decodesFrames(StreamDecoder)).toBe(true);
+    // A decoder that loses the empty message, or one that throws, fails the check.
+    class DropsEmpty extends StreamDecoder {
+      override write(data: Buffer): Buffer[] {
+        return super.write(data).filter((m) => m.length > 5);
+      }
+    }
+    class Throws extends StreamDecoder {
+      override write(): Buffer[] {
+        throw new TypeError("cannot push to a frozen array");
+      }
+    }
+    expect(decodesFrames(DropsEmpty)).toBe(false);
+    expect(decodesFrames(Throws)).toBe(false);
   });
 
   it("holds nothing of a chunk once its messages are complete, and keeps a partial one", () => {

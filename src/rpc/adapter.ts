@@ -218,12 +218,16 @@ export type MethodImpl<M> = M extends { methodKind: "unary" }
  */
 export type ServiceImpl<S extends GenServiceMethods> = { [K in keyof S]?: MethodImpl<S[K]> };
 
-const encoder = (desc: DescMessage) => (value: unknown) => {
-  // Bidi streams serialize in `send` to count the bytes they buffer; no message is a Buffer.
-  if (Buffer.isBuffer(value)) return value;
-  const bytes = toBinary(desc, value as MessageShape<DescMessage>);
+/** `message` in the binary format, as a Buffer over the same bytes. */
+export function encodeMessage(desc: DescMessage, message: MessageShape<DescMessage>): Buffer {
+  const bytes = toBinary(desc, message);
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-};
+}
+
+// Already a Buffer: a bidi stream's `send` (to count the bytes it buffers) or a client's
+// request (see rpc/client.ts) was serialized before grpc-js saw it. No message is a Buffer.
+const encoder = (desc: DescMessage) => (value: unknown) =>
+  Buffer.isBuffer(value) ? value : encodeMessage(desc, value as MessageShape<DescMessage>);
 const decoder = (desc: DescMessage) => (bytes: Buffer) => fromBinary(desc, bytes);
 
 /**

@@ -1,8 +1,8 @@
 import type { DescMessage, MessageInitShape, MessageShape } from "@bufbuild/protobuf";
-import { create } from "@bufbuild/protobuf";
+import { create, fromBinary } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
-import { createServiceDefinition } from "./adapter.js";
+import { createServiceDefinition, encodeMessage } from "./adapter.js";
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
@@ -36,6 +36,64 @@ function callOptions(options: CallOptions | undefined): grpc.CallOptions {
   return options?.deadline ? { deadline: options.deadline } : {};
 }
 
+/**
+ * The request, serialized before grpc-js sees it. grpc-js keeps what it is
+ * given until the call ends: given the message, a bulk request of 1,000
+ * actions stayed alive through the call, and the young-generation
+ * collections meanwhile copied it (about 1 ms more of the client's garbage
+ * collection per call).
+ */
+function requestBytes(desc: DescMessage, request: MessageInitShape<DescMessage>): Buffer {
+  return encodeMessage(desc, create(desc, request));
+}
+
+const keepBytes = (bytes: Buffer): Buffer => bytes;
+
+/**
+ * One unary call: sends `request` (already bytes), and decodes the answer
+ * after the call ends. grpc-js, left to decode it, keeps the message until
+ * the call's status follows, and a bulk submit's 1,000 results, decoded
+ * there, survived young-generation collections: about 4 ms a call in the
+ * client's garbage collector, against about 1 ms decoded here. An answer
+ * that does not decode fails the call as grpc-js would, with INTERNAL.
+ */
+async function unaryCall(
+  fn: (...args: unknown[]) => unknown,
+  request: Buffer,
+  metadata: grpc.Metadata,
+  options: CallOptions | undefined,
+  output: DescMessage,
+): Promise<unknown> {
+  const bytes = await new Promise<Buffer>((resolve, reject) => {
+    let unlink = () => {};
+    const call = fn(
+      request,
+      metadata,
+      callOptions(options),
+      (error: grpc.ServiceError | null, response: Buffer) => {
+        unlink();
+        if (error) reject(error);
+        else resolve(response);
+      },
+    ) as grpc.ClientUnaryCall;
+    unlink = linkAbort(call, options?.signal);
+  });
+  try {
+    return fromBinary(output, bytes);
+  } catch (error) {
+    throw internalError(`Response message parsing error: ${(error as Error).message}`);
+  }
+}
+
+/** An INTERNAL status shaped as grpc-js shapes a call's error (`ServiceError`). */
+function internalError(details: string): grpc.ServiceError {
+  return Object.assign(new Error(`${grpc.status.INTERNAL} INTERNAL: ${details}`), {
+    code: grpc.status.INTERNAL,
+    details,
+    metadata: new grpc.Metadata(),
+  });
+}
+
 function linkAbort(call: { cancel(): void }, signal: AbortSignal | undefined): () => void {
   if (!signal) return () => {};
   const onAbort = () => call.cancel();
@@ -49,7 +107,8 @@ function linkAbort(call: { cancel(): void }, signal: AbortSignal | undefined): (
  * descriptors as the server: no proto-loader, no hand-written codecs.
  * `interceptors` run on every call (e.g. the token interceptor of
  * `clientChannel` in ./client-security.ts, whose three parts go into the last
- * three parameters).
+ * three parameters). In a unary call they see the request and the answer as
+ * bytes (a Buffer in the binary format): see `unaryCall`.
  */
 export function createClient<S extends GenServiceMethods>(
   service: GenService<S>,
@@ -58,7 +117,14 @@ export function createClient<S extends GenServiceMethods>(
   channelOptions: grpc.ChannelOptions = {},
   interceptors: readonly grpc.Interceptor[] = [],
 ): Client<S> {
-  const Ctor = grpc.makeGenericClientConstructor(createServiceDefinition(service), service.typeName);
+  // A unary answer is decoded by `unaryCall`, not by grpc-js.
+  const definition: grpc.ServiceDefinition = Object.fromEntries(
+    Object.entries(createServiceDefinition(service)).map(([name, m]) => [
+      name,
+      m.requestStream || m.responseStream ? m : { ...m, responseDeserialize: keepBytes },
+    ]),
+  );
+  const Ctor = grpc.makeGenericClientConstructor(definition, service.typeName);
   const clientOptions: grpc.ClientOptions =
     interceptors.length > 0 ? { ...channelOptions, interceptors: [...interceptors] } : channelOptions;
   const raw = new Ctor(address, credentials, clientOptions) as unknown as Record<
@@ -72,21 +138,19 @@ export function createClient<S extends GenServiceMethods>(
     const metadataOf = (o: CallOptions | undefined) => o?.metadata ?? new grpc.Metadata();
     switch (method.methodKind) {
       case "unary":
-        client[method.localName] = (request: MessageInitShape<DescMessage>, options?: CallOptions) =>
-          new Promise((resolve, reject) => {
-            let unlink = () => {};
-            const call = fn(
-              create(method.input, request),
-              metadataOf(options),
-              callOptions(options),
-              (error: grpc.ServiceError | null, response: unknown) => {
-                unlink();
-                if (error) reject(error);
-                else resolve(response);
-              },
-            ) as grpc.ClientUnaryCall;
-            unlink = linkAbort(call, options?.signal);
-          });
+        client[method.localName] = (request: MessageInitShape<DescMessage>, options?: CallOptions) => {
+          // Serialized here, not in `unaryCall`: the async function would keep the request until the answer.
+          let bytes: Buffer;
+          try {
+            bytes = requestBytes(method.input, request);
+          } catch (error) {
+            // As grpc-js fails a message it cannot serialize.
+            return Promise.reject(
+              internalError(`Request message serialization failure: ${(error as Error).message}`),
+            );
+          }
+          return unaryCall(fn, bytes, metadataOf(options), options, method.output);
+        };
         break;
       case "server_streaming":
         client[method.localName] = (request: MessageInitShape<DescMessage>, options?: CallOptions) => {

@@ -2,7 +2,7 @@ import type { DescMessage, MessageInitShape, MessageShape } from "@bufbuild/prot
 import { create, fromBinary } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
-import { createServiceDefinition, encodeMessage } from "./adapter.js";
+import { createServiceDefinition, encodeMessage, keepBytes } from "./adapter.js";
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
@@ -46,8 +46,6 @@ function callOptions(options: CallOptions | undefined): grpc.CallOptions {
 function requestBytes(desc: DescMessage, request: MessageInitShape<DescMessage>): Buffer {
   return encodeMessage(desc, create(desc, request));
 }
-
-const keepBytes = (bytes: Buffer): Buffer => bytes;
 
 /**
  * One unary call: sends `request` (already bytes), and decodes the answer

@@ -122,7 +122,12 @@ describe("ActionService.SubmitActions", () => {
       {
         cluster: "bulk-b",
         runId: "as-stored",
-        payload: { n: 1.5, s: 'x "q" \\ \n \u2028 é 🙂', nested: { list: [1, "two", null, true] }, empty: {} },
+        payload: {
+          n: 1.5,
+          s: 'x "q" \\ \n \u2028 é 🙂',
+          nested: { list: [1, "two", null, true] },
+          empty: {},
+        },
         priority: -3,
         labelSelector: { zone: "z1", disk: "ssd" },
         retryPolicy: { maxAttempts: 7, initialBackoff: { seconds: 2n }, maxBackoff: { seconds: 30n } },

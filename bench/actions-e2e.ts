@@ -24,7 +24,6 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import * as grpc from "@grpc/grpc-js";
 import { pino } from "pino";
 import { createAgent } from "../src/agent/agent.js";
@@ -37,8 +36,9 @@ import { clientChannel } from "../src/rpc/client-security.js";
 import { startServer } from "../src/server.js";
 import { createCa, issueCertificate } from "../test/helpers/pki.js";
 import { BIN } from "../test/helpers/process.js";
+import { benchArgs } from "./args.js";
 
-const { values } = parseArgs({
+const { values } = benchArgs(import.meta.url, {
   options: {
     actions: { type: "string", default: "5000" },
     agents: { type: "string", default: "2" },

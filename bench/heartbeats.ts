@@ -27,7 +27,6 @@ import { connect as http2Connect } from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { monitorEventLoopDelay } from "node:perf_hooks";
-import { parseArgs } from "node:util";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import {
@@ -39,8 +38,9 @@ import {
 } from "../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../src/rpc/client.js";
 import { freePort } from "../test/helpers/ports.js";
+import { benchArgs } from "./args.js";
 
-const { values } = parseArgs({
+const { values } = benchArgs(import.meta.url, {
   options: {
     streams: { type: "string", default: "10000" },
     connections: { type: "string", default: "100" },

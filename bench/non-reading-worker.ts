@@ -16,15 +16,15 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parseArgs } from "node:util";
 import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { ActionService, ActionState } from "../src/gen/leasehold/v1/action_pb.js";
 import { type ConnectResponse, WorkerService } from "../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../src/rpc/client.js";
 import { freePort } from "../test/helpers/ports.js";
+import { benchArgs } from "./args.js";
 
-const { values } = parseArgs({
+const { values } = benchArgs(import.meta.url, {
   options: {
     actions: { type: "string", default: "200" },
     "payload-kib": { type: "string", default: "256" },

@@ -44,7 +44,6 @@ import { createHash, randomBytes, randomUUID } from "node:crypto";
 import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { parseArgs } from "node:util";
 import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import postgres from "postgres";
@@ -54,8 +53,9 @@ import { createClient } from "../src/rpc/client.js";
 import { openDatabase } from "../src/store/database.js";
 import { healthClient } from "../test/helpers/grpc-peers.js";
 import { freePort } from "../test/helpers/ports.js";
+import { benchArgs } from "./args.js";
 
-const { values } = parseArgs({
+const { values } = benchArgs(import.meta.url, {
   options: {
     "database-url": { type: "string" },
     sessions: { type: "string", default: "10000" },

@@ -17,7 +17,7 @@ export interface Renewed {
    * argument; NaN for a session that was not renewed.
    */
   readonly deadlinesMs: Float64Array;
-  /** The database time of the renewal. */
+  /** The database time of the renewal; NaN for no sessions (no statement ran). */
   readonly dbNowMs: number;
 }
 
@@ -51,7 +51,7 @@ export async function renewSessions(
 ): Promise<Renewed> {
   /** Milliseconds since each was last heard, then its deadline. */
   const deadlinesMs = new Float64Array(heard.length);
-  if (heard.length === 0) return { deadlinesMs, dbNowMs: Date.now() };
+  if (heard.length === 0) return { deadlinesMs, dbNowMs: Number.NaN };
   let ids = "";
   let tokens = "";
   let agos = "";
@@ -69,27 +69,26 @@ export async function renewSessions(
     db,
     sql`
       with input as (
-        select * from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
-                             string_to_array(${agos}::text, ',')::bigint[])
+        select x.id, x.token, x.n, h.heard, h.heard + ${graceMs}::bigint * interval '1 millisecond' as due
+        from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
+                    string_to_array(${agos}::text, ',')::bigint[])
           with ordinality as x(id, token, ago, n)
+          cross join lateral (select ${now} - x.ago * interval '1 millisecond' as heard) h
       ),
       renewed as (
         update sessions s set
-          last_heard_at = greatest(s.last_heard_at, ${now} - i.ago * interval '1 millisecond'),
-          deadline = greatest(s.deadline, ${now} - i.ago * interval '1 millisecond'
-                                          + ${graceMs}::bigint * interval '1 millisecond')
+          last_heard_at = greatest(s.last_heard_at, i.heard),
+          deadline = greatest(s.deadline, i.due)
         from input i
         where s.id = i.id and s.ended_at is null and s.stream_token = i.token
-        returning i.n, i.ago, s.deadline
+        returning i.n, i.due, s.deadline
       )
       -- The intervals are whole milliseconds: floored to the millisecond, a deadline stored as
       -- now + grace - ago is exactly db_now_ms + grace - ago.
       select
         floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms,
         (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
-           from renewed
-           where deadline <> ${now} - ago * interval '1 millisecond'
-                             + ${graceMs}::bigint * interval '1 millisecond') as later,
+           from renewed where deadline <> due) as later,
         (select string_agg((n - 1)::text, ',')
            from (select n from input except select n from renewed) gone) as missing`,
     { prepared: true },

@@ -574,7 +574,10 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
 
       if (needsTypes) {
         initial.reserve && (initial = null)
-        return fetchArrayTypes()
+        // Leasehold patch: nothing awaits this fetch. If the connection closes while it runs,
+        // `errored` fails the waiting query (`initial`) with that error; unhandled here, the
+        // rejection reached the process as an unhandled rejection (seen in CI's PostgreSQL run).
+        return fetchArrayTypes().catch(() => {})
       }
 
       initial && !initial.reserve && execute(initial)

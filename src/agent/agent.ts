@@ -402,18 +402,24 @@ export function createAgent(options: AgentOptions): Agent {
     r: Running,
     report: Exclude<PendingReport, { kind: "dropped" }>,
   ): RequestInit {
-    const token = { reportId, actionId: r.actionId, epoch: BigInt(r.epoch) };
+    // Field by field, no spreads: V8 (Node 20) takes microseconds for an object literal that
+    // begins with a spread and goes on with more properties. create() leaves undefined unset.
+    const actionId = r.actionId;
+    const epoch = BigInt(r.epoch);
     if (report.kind === "released") {
-      return { message: { case: "release", value: { ...token, reason: report.reason } } };
+      return { message: { case: "release", value: { reportId, actionId, epoch, reason: report.reason } } };
     }
-    const base = { ...token, ...(r.traceParent ? { traceParent: r.traceParent } : {}) };
+    const traceParent = r.traceParent ?? "";
     if (report.kind === "succeeded") {
       return {
         message: {
           case: "completion",
           value: {
-            ...base,
-            outcome: { case: "succeeded", value: report.output ? { output: report.output as never } : {} },
+            reportId,
+            actionId,
+            epoch,
+            traceParent,
+            outcome: { case: "succeeded", value: { output: report.output as never } },
           },
         },
       };
@@ -422,13 +428,16 @@ export function createAgent(options: AgentOptions): Agent {
       message: {
         case: "completion",
         value: {
-          ...base,
+          reportId,
+          actionId,
+          epoch,
+          traceParent,
           outcome: {
             case: "failed",
             value: {
               message: report.message,
               retryable: report.retryable,
-              ...(report.details ? { details: report.details as never } : {}),
+              details: report.details as never,
             },
           },
         },

@@ -87,7 +87,7 @@ export type ServerMessage =
       readonly runId: string;
       readonly checkpoint: JsonObject | null;
       /** W3C traceparent of the grant's span (tracing on, action traced). */
-      readonly traceParent?: string;
+      readonly traceParent?: string | undefined;
     }
   | { readonly type: "heartbeat_ack"; readonly sequence: bigint; readonly remainingMs: number }
   | {

@@ -312,8 +312,9 @@ function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: st
   if (maxSystemRetries > 100)
     v.add(`${prefix}max_system_retries`, `must be at most 100 (got ${maxSystemRetries})`);
 
-  const action: Omit<NewAction, "requestHash"> = {
+  const action: { -readonly [K in keyof NewAction]: NewAction[K] } = {
     requestId: request.requestId || undefined,
+    requestHash: undefined,
     runId: request.runId,
     cluster: request.cluster,
     labelSelector: { ...request.labelSelector },
@@ -322,7 +323,10 @@ function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: st
     retryPolicy: { maxAttempts, initialBackoffMs, backoffMultiplier: multiplier, maxBackoffMs },
     maxSystemRetries,
   };
-  return { ...action, requestHash: action.requestId ? hashOf(action) : undefined };
+  // Set afterwards, not with a spread (slow in V8: see toProtoAction). The hash is the same
+  // as of the action without it: JSON leaves out a key whose value is undefined.
+  if (action.requestId) action.requestHash = hashOf(action);
+  return action;
 }
 
 /** A hash of the normalized request, independent of map and key order. */
@@ -344,11 +348,17 @@ function hashOf(value: unknown): string {
 
 const ts = (date: Date | null) => (date ? timestampFromDate(date) : undefined);
 
+/**
+ * An action as the API shows it (ACTION_VIEW_FULL): the basic view's object with the rest
+ * assigned to it, absent messages as undefined (create() leaves them unset). V8 (Node 20)
+ * took 20–40 µs an action for the same object built with a leading spread and conditional
+ * spreads.
+ */
 export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
-  return {
-    ...basicFields(a),
+  type Init = MessageInitShape<typeof ActionSchema>;
+  return Object.assign(toBasicProtoAction(a), {
     labelSelector: { ...a.labelSelector },
-    ...(a.payload ? { payload: a.payload as MessageInitShape<typeof ActionSchema>["payload"] } : {}),
+    payload: (a.payload ?? undefined) as Init["payload"],
     priority: a.priority,
     retryPolicy: {
       maxAttempts: a.retryPolicy.maxAttempts,
@@ -361,42 +371,34 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
     attemptCount: a.attemptCount,
     failureCount: a.failureCount,
     systemRetryCount: a.systemRetryCount,
-    ...(a.state === "LEASED" && a.workerId && a.sessionId
-      ? {
-          lease: {
+    lease:
+      a.state === "LEASED" && a.workerId && a.sessionId
+        ? {
             workerId: a.workerId,
             sessionId: a.sessionId,
             epoch: BigInt(a.epoch),
             grantTime: ts(a.grantedAt),
-          },
-        }
-      : {}),
+          }
+        : undefined,
     cancelRequested: a.cancelRequested,
-    ...(a.output ? { output: a.output as MessageInitShape<typeof ActionSchema>["output"] } : {}),
-    ...(a.lastError
+    output: (a.output ?? undefined) as Init["output"],
+    lastError: a.lastError
       ? {
-          lastError: {
-            message: a.lastError.message,
-            retryable: a.lastError.retryable,
-            ...(a.lastError.details ? { details: a.lastError.details as never } : {}),
-          },
+          message: a.lastError.message,
+          retryable: a.lastError.retryable,
+          details: (a.lastError.details ?? undefined) as never,
         }
-      : {}),
+      : undefined,
     failureReason: a.failureReason,
     phase: a.phase,
     updateTime: ts(a.updatedAt),
     notBefore: ts(a.notBefore),
     finishTime: ts(a.finishedAt),
-  };
+  });
 }
 
 /** The fields of ACTION_VIEW_BASIC (action.proto): what names the action, nothing of its content. */
 export function toBasicProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSchema> {
-  return basicFields(a);
-}
-
-/** The fields both views carry. */
-function basicFields(a: ActionRecord) {
   return {
     id: a.id,
     requestId: a.requestId ?? "",

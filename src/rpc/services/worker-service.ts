@@ -481,7 +481,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
         reportId: m.value.reportId,
         actionId: m.value.actionId,
         epoch: Number(m.value.epoch),
-        ...(m.value.traceParent ? { traceParent: m.value.traceParent } : {}),
+        traceParent: m.value.traceParent || undefined,
         outcome:
           outcome.case === "succeeded"
             ? { kind: "succeeded", output: outcome.value.output as JsonObject | undefined }
@@ -560,10 +560,12 @@ function toConnectResponse(m: ServerMessage): Response {
             actionId: m.actionId,
             epoch: BigInt(m.epoch),
             attempt: m.attempt,
-            ...(m.payload ? { payload: m.payload as never } : {}),
+            // A null payload or checkpoint is left unset (create() skips null): no conditional
+            // spreads, which cost V8 an object each on every grant.
+            payload: m.payload as never,
             runId: m.runId,
-            ...(m.checkpoint ? { checkpoint: m.checkpoint as never } : {}),
-            ...(m.traceParent ? { traceParent: m.traceParent } : {}),
+            checkpoint: m.checkpoint as never,
+            traceParent: m.traceParent ?? "",
           },
         },
       };

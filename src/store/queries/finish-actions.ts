@@ -6,8 +6,6 @@ import { queryRows } from "../rows.js";
 
 /** A report that ends an attempt: success, failure or release. */
 export interface FinishReport {
-  /** Index of the report in its batch, returned for the accepted ones. */
-  readonly key: number;
   readonly actionId: string;
   readonly epoch: number;
   readonly sessionId: string;
@@ -21,6 +19,7 @@ export interface FinishReport {
 
 /** An accepted report and the state it moved the action to. */
 export interface Finished {
+  /** Index of the report in its batch. */
   readonly key: number;
   readonly actionId: string;
   readonly state: "SUCCEEDED" | "FAILED" | "QUEUED" | "CANCELLED";
@@ -77,8 +76,8 @@ export const finishedFromRow = (r: FinishedRow): Finished => ({ key: r.k, action
  */
 export function finishCtes(reports: readonly FinishReport[], now: SQL): SQL {
   const input = JSON.stringify(
-    reports.map((r) => ({
-      k: r.key,
+    reports.map((r, k) => ({
+      k,
       action_id: r.actionId,
       epoch: r.epoch,
       session_id: r.sessionId,

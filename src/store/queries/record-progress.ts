@@ -6,7 +6,6 @@ import { queryRows } from "../rows.js";
 
 /** A progress report: phase and optional checkpoint. */
 export interface ProgressReport {
-  readonly key: number;
   readonly actionId: string;
   readonly epoch: number;
   readonly sessionId: string;
@@ -19,7 +18,7 @@ export interface ProgressReport {
  * Applies a batch of progress reports in one statement, fenced like
  * completions: only the current lease of the reporting session applies.
  * A report with a phase or details replaces the previous one's details.
- * Returns the keys of the accepted reports. Progress is frequent, so it
+ * Returns the indexes of the accepted reports in `reports`. Progress is frequent, so it
  * writes no event; WatchAction shows the phase.
  */
 export async function recordProgress(
@@ -29,8 +28,8 @@ export async function recordProgress(
 ): Promise<number[]> {
   if (reports.length === 0) return [];
   const input = JSON.stringify(
-    reports.map((r) => ({
-      k: r.key,
+    reports.map((r, k) => ({
+      k,
       action_id: r.actionId,
       epoch: r.epoch,
       session_id: r.sessionId,

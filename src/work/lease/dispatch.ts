@@ -12,9 +12,6 @@ import {
 } from "../../store/queries/settle-and-grant.js";
 import type { Hosted, HostedSessions } from "./hosted.js";
 
-/** A finishing report (completion or release) as a stream sends it. */
-export type Settlement = Omit<FinishReport, "key">;
-
 /**
  * The one loop of a process that writes the lease hot path: it settles
  * finishing reports and claims queued actions for free slots, both in one
@@ -32,7 +29,7 @@ export interface Dispatcher {
    */
   settle(
     s: Hosted,
-    report: Settlement,
+    report: FinishReport,
     done: (finished: Finished | undefined) => void,
     failed: (error: unknown) => void,
   ): void;
@@ -62,7 +59,7 @@ const PIPELINE = 3;
 
 interface Pending {
   readonly s: Hosted;
-  readonly report: Settlement;
+  readonly report: FinishReport;
   readonly done: (finished: Finished | undefined) => void;
   readonly failed: (error: unknown) => void;
 }
@@ -201,7 +198,7 @@ export function createDispatcher(deps: {
         }
         if (!dealt) break;
       }
-      result.push({ ...group, room: n });
+      result.push({ g: group.g, cluster: group.cluster, labels: group.labels, room: n });
     }
     return { groups: result, slots, groupKeys };
   }
@@ -271,7 +268,7 @@ export function createDispatcher(deps: {
 
   async function run(round: Round): Promise<void> {
     const { batch, claim } = round;
-    const reports = batch.map((p, key) => ({ ...p.report, key }));
+    const reports = batch.map((p) => p.report);
     let settled: Awaited<ReturnType<typeof settleAndGrant>>;
     try {
       settled = await settleAndGrant(db, clock, reports, claim);

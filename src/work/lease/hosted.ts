@@ -220,7 +220,7 @@ export function createHostedSessions(limits: {
         payload: g.payload,
         runId: g.runId,
         checkpoint: g.checkpoint as JsonObject | null,
-        ...(traceParent ? { traceParent } : {}),
+        traceParent,
       });
     },
     traceOf: (s, actionId) => traces.get(s)?.get(actionId),

@@ -45,27 +45,33 @@ export function createReports(deps: {
 }): Reports {
   const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
 
-  /** Splits a batch into rounds with unique action ids (one statement may touch an action once). */
-  function rounds<T extends { actionId: string }>(items: readonly T[]): T[][] {
-    const result: T[][] = [];
-    for (const item of items) {
-      let round = result.find((r) => !r.some((x) => x.actionId === item.actionId));
-      if (!round) {
-        round = [];
-        result.push(round);
-      }
-      round.push(item);
-    }
+  /**
+   * Splits a batch into rounds with unique action ids (one statement may touch an action once):
+   * the indexes of each round's items, the n-th report of an action in the n-th round.
+   */
+  function rounds(items: readonly { actionId: string }[]): number[][] {
+    const seen = new Map<string, number>();
+    const result: number[][] = [];
+    items.forEach((item, i) => {
+      const n = seen.get(item.actionId) ?? 0;
+      seen.set(item.actionId, n + 1);
+      if (n === result.length) result.push([]);
+      result[n]?.push(i);
+    });
     return result;
   }
 
-  const progressBatch = createBatcher<Omit<ProgressReport, "key">, boolean>(async (batch) => {
-    const accepted = new Set<number>();
-    const keyed = batch.map((r, key) => ({ ...r, key }));
-    for (const round of rounds(keyed)) {
-      for (const key of await recordProgress(db, clock, round)) accepted.add(key);
+  const progressBatch = createBatcher<ProgressReport, boolean>(async (batch) => {
+    const accepted = batch.map(() => false);
+    for (const round of rounds(batch)) {
+      const applied = await recordProgress(
+        db,
+        clock,
+        round.map((i) => batch[i] as ProgressReport),
+      );
+      for (const k of applied) accepted[round[k] as number] = true;
     }
-    return batch.map((_, i) => accepted.has(i));
+    return accepted;
   });
 
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
@@ -141,15 +147,20 @@ export function createReports(deps: {
     const span = reportSpan(s, m);
     // Fenced in SQL by (action, epoch, session). The session is this stream's, and the hello
     // checked that its principal owns the session, so the report needs no principal check.
-    const session = { sessionId: s.sessionId, actor: s.principal };
-    const report: Omit<FinishReport, "key"> =
+    // Written out field by field: V8 (Node 20) takes microseconds for an object literal that
+    // begins with a spread and goes on with more properties, on every report.
+    const { actionId, epoch } = m;
+    const { sessionId, principal: actor } = s;
+    const report: FinishReport =
       m.type === "release"
-        ? { ...token, ...session, kind: "released", reason: m.reason }
+        ? { actionId, epoch, sessionId, actor, kind: "released", reason: m.reason }
         : m.outcome.kind === "succeeded"
-          ? { ...token, ...session, kind: "succeeded", output: m.outcome.output }
+          ? { actionId, epoch, sessionId, actor, kind: "succeeded", output: m.outcome.output }
           : {
-              ...token,
-              ...session,
+              actionId,
+              epoch,
+              sessionId,
+              actor,
               kind: "failed",
               error: {
                 message: m.outcome.message,
@@ -180,7 +191,14 @@ export function createReports(deps: {
     const token = { actionId: m.actionId, epoch: m.epoch };
     const span = reportSpan(s, m);
     progressBatch
-      .add({ ...token, sessionId: s.sessionId, phase: m.phase, details: m.details, checkpoint: m.checkpoint })
+      .add({
+        actionId: m.actionId,
+        epoch: m.epoch,
+        sessionId: s.sessionId,
+        phase: m.phase,
+        details: m.details,
+        checkpoint: m.checkpoint,
+      })
       .then(
         (ok) => {
           if (!ok) {

@@ -2,12 +2,19 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, ConnectResponseSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { toConnectResponse } from "../../src/rpc/services/worker-service.js";
 import {
   batchRuns,
+  encodeGrant,
   encodeHeartbeatAck,
+  encodeReportResult,
   encodeRequestBatch,
   encodeResponseBatch,
+  type GrantFields,
+  type ReportResultFields,
 } from "../../src/rpc/worker-wire.js";
+import type { JsonObject } from "../../src/work/action.js";
+import type { ServerMessage } from "../../src/work/worker-messages.js";
 
 const ack = (sequence: bigint, remainingMs: number) =>
   toBinary(
@@ -17,7 +24,82 @@ const ack = (sequence: bigint, remainingMs: number) =>
     }),
   );
 
+/** What the ordinary path (protobuf-es) makes of a server message. */
+const ordinary = (m: ServerMessage) =>
+  toBinary(ConnectResponseSchema, create(ConnectResponseSchema, toConnectResponse(m)));
+const grant = (g: GrantFields) => ordinary({ type: "grant", ...g });
+const reportResult = (r: ReportResultFields) => ordinary({ type: "report_result", ...r });
+
+/** JSON that exercises every kind of google.protobuf.Value and the varint lengths past one byte. */
+const payloads: (JsonObject | null)[] = [
+  null,
+  {},
+  { n: 1 },
+  { "": "", zero: 0, negZero: -0, neg: -12.5, big: 2 ** 60, tiny: 5e-324, t: true, f: false, nil: null },
+  { text: 'quote " backslash \\ newline \n U+2028 \u2028 emoji 😀 lone \ud800 é', 键: "值" },
+  { list: [], nested: { a: [1, "two", null, { b: [[], {}] }], deep: { deeper: { deepest: [true] } } } },
+  { long: "x".repeat(300), many: Array.from({ length: 200 }, (_, i) => ({ i, s: String(i) })) },
+  Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`k${i}`, "v".repeat(i * 10)])),
+];
+
 describe("worker stream wire encodings", () => {
+  it("encodes a grant to exactly the bytes toBinary gives", () => {
+    for (const payload of payloads) {
+      for (const checkpoint of [null, { step: 3 }, ...payloads.slice(4, 6)]) {
+        for (const [epoch, attempt, runId, traceParent] of [
+          [0, 0, "", undefined],
+          [1, 1, "run-1", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+          [2 ** 53 - 1, 2 ** 32 - 1, "r".repeat(200), ""],
+        ] as const) {
+          const g: GrantFields = {
+            actionId: "0193a5f2-7c1e-7b3a-8f00-000000000001",
+            epoch,
+            attempt,
+            payload,
+            runId,
+            checkpoint,
+            traceParent,
+          };
+          expect(encodeGrant(g), JSON.stringify(g)).toEqual(Buffer.from(grant(g)));
+        }
+      }
+    }
+  });
+
+  it("encodes a report result to exactly the bytes toBinary gives", () => {
+    for (const reportId of [0n, 1n, 128n, 2n ** 40n, 2n ** 53n - 1n]) {
+      for (const rejectReason of [undefined, "FENCED", "INVALID", "NOT_FOUND", "UNAVAILABLE"] as const) {
+        for (const message of ["", "action is now SUCCEEDED", "é".repeat(100)]) {
+          const r: ReportResultFields = {
+            reportId,
+            actionId: reportId === 0n ? "" : "a-1",
+            epoch: Number(reportId % 1000n),
+            accepted: rejectReason === undefined,
+            rejectReason,
+            message,
+          };
+          expect(encodeReportResult(r), JSON.stringify({ ...r, reportId: String(reportId) })).toEqual(
+            Buffer.from(reportResult(r)),
+          );
+        }
+      }
+    }
+  });
+
+  it("leaves grants and report results outside its fast path to the ordinary encoder", () => {
+    const g: GrantFields = { actionId: "a", epoch: 1, attempt: 1, payload: {}, runId: "", checkpoint: null };
+    expect(encodeGrant({ ...g, epoch: 2 ** 53 })).toBeUndefined();
+    expect(encodeGrant({ ...g, epoch: -1 })).toBeUndefined();
+    expect(encodeGrant({ ...g, attempt: 2 ** 32 })).toBeUndefined();
+    expect(encodeGrant({ ...g, payload: { x: undefined } as unknown as JsonObject })).toBeUndefined();
+    expect(encodeGrant({ ...g, payload: { x: [Number.NaN] } })).toBeUndefined();
+    expect(encodeGrant({ ...g, checkpoint: { x: { y: () => 1 } } as unknown as JsonObject })).toBeUndefined();
+    const r: ReportResultFields = { reportId: 1n, actionId: "a", epoch: 1, accepted: true, message: "" };
+    expect(encodeReportResult({ ...r, reportId: 2n ** 53n })).toBeUndefined();
+    expect(encodeReportResult({ ...r, reportId: -1n })).toBeUndefined();
+    expect(encodeReportResult({ ...r, epoch: 0.5 })).toBeUndefined();
+  });
+
   it("encodes a heartbeat ack to exactly the bytes toBinary gives", () => {
     const sequences = [0n, 1n, 127n, 128n, 300n, 16_384n, 2n ** 31n, 1_764_000_000_000n, 2n ** 53n - 1n];
     const remaining = [0, 1, 999, 1000, 1001, 9_500, 10_000, 65_536_123, 2 ** 31, 86_400_000 * 365];

@@ -24,7 +24,13 @@ import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../..
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
-import { batchRuns, encodeHeartbeatAck, encodeResponseBatch } from "../worker-wire.js";
+import {
+  batchRuns,
+  encodeGrant,
+  encodeHeartbeatAck,
+  encodeReportResult,
+  encodeResponseBatch,
+} from "../worker-wire.js";
 
 /** Flow-control and admission limits of worker streams; every field has a default. */
 export interface WorkerStreamLimits {
@@ -524,16 +530,22 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
 
 type Response = MessageInitShape<typeof ConnectResponseSchema>;
 
-/** A server message in the binary format; heartbeat acks take a fast path. */
+/** A server message in the binary format; heartbeat acks, grants and report results take a fast path. */
 function encodeResponse(m: ServerMessage): Uint8Array {
-  if (m.type === "heartbeat_ack") {
-    const fast = encodeHeartbeatAck(m.sequence, m.remainingMs);
-    if (fast) return fast;
-  }
+  const fast =
+    m.type === "heartbeat_ack"
+      ? encodeHeartbeatAck(m.sequence, m.remainingMs)
+      : m.type === "grant"
+        ? encodeGrant(m)
+        : m.type === "report_result"
+          ? encodeReportResult(m)
+          : undefined;
+  if (fast) return fast;
   return toBinary(ConnectResponseSchema, create(ConnectResponseSchema, toConnectResponse(m)));
 }
 
-function toConnectResponse(m: ServerMessage): Response {
+/** A server message as a ConnectResponse, for protobuf-es (the path every message can take). */
+export function toConnectResponse(m: ServerMessage): Response {
   switch (m.type) {
     case "welcome":
       return {

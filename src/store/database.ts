@@ -9,6 +9,7 @@ import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { lockDataDir } from "./data-dir-lock.js";
+import { simpleQueryText } from "./query-text.js";
 import { registerPreparedRunner } from "./rows.js";
 import * as schema from "./schema.js";
 
@@ -313,7 +314,7 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
   const db = drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
   const dialect = new PgDialect();
   registerPreparedRunner(db, (query) => {
-    const { sql: text, params } = dialect.sqlToQuery(query);
+    const { sql: text, params } = simpleQueryText(query) ?? dialect.sqlToQuery(query);
     logger?.logQuery(text);
     return client.unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
   });

@@ -1,5 +1,5 @@
 import type { PeerCertificate, TLSSocket } from "node:tls";
-import type { DescMethod, DescService, MessageShape } from "@bufbuild/protobuf";
+import { type DescMethod, type DescService, fromBinary, type MessageShape } from "@bufbuild/protobuf";
 import {
   type HandlerContext as ConnectContext,
   ConnectError,
@@ -11,7 +11,13 @@ import {
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import type { Access } from "../auth/access.js";
-import { authorize, type HandlerContext, type Refusal, reportRefusal } from "../rpc/adapter.js";
+import {
+  authorize,
+  EncodedResponse,
+  type HandlerContext,
+  type Refusal,
+  reportRefusal,
+} from "../rpc/adapter.js";
 import type { Authenticator, CallCredentials } from "../rpc/authenticator.js";
 import { requestValidator } from "../rpc/request-validator.js";
 import type { ServiceBinding } from "../rpc/server.js";
@@ -159,7 +165,8 @@ function unary(service: DescService, method: DescMethod, fn: unknown, deps: Cons
     let ctx: HandlerContext | undefined;
     try {
       ctx = await prepare(service, method, request, connect, deps, validate);
-      return await (fn as UnaryFn)(request, ctx);
+      const response = await (fn as UnaryFn)(request, ctx);
+      return response instanceof EncodedResponse ? fromBinary(method.output, response.bytes) : response;
     } catch (error) {
       throw toConnectError(error, service, method, deps, connect.values.get(callerKey), ctx?.access);
     }

@@ -203,9 +203,21 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
 
+/**
+ * A unary answer a hot path encoded itself (`rpc/wire.ts`), exactly the bytes
+ * `toBinary` would give for it: sent as it is, not built into a message and
+ * encoded again. The console's Connect routes decode it.
+ */
+export class EncodedResponse {
+  constructor(readonly bytes: Buffer) {}
+}
+
 /** The handler type of one method, by its kind. */
 export type MethodImpl<M> = M extends { methodKind: "unary" }
-  ? (request: MessageShape<Input<M>>, ctx: HandlerContext) => Promise<MessageInitShape<Output<M>>>
+  ? (
+      request: MessageShape<Input<M>>,
+      ctx: HandlerContext,
+    ) => Promise<MessageInitShape<Output<M>> | EncodedResponse>
   : M extends { methodKind: "server_streaming" }
     ? (request: MessageShape<Input<M>>, ctx: HandlerContext) => AsyncIterable<MessageInitShape<Output<M>>>
     : M extends { methodKind: "bidi_streaming" }
@@ -505,7 +517,14 @@ function unaryHandler(
       return fn(request, ctx);
     })()
       .then(
-        (response) => callback(null, create(method.output, response as MessageInitShape<DescMessage>)),
+        (response) =>
+          callback(
+            null,
+            // A Buffer passes the response serializer as it is (see `encoder`).
+            response instanceof EncodedResponse
+              ? response.bytes
+              : create(method.output, response as MessageInitShape<DescMessage>),
+          ),
         (error: unknown) => callback(failure(error, deps, path, call, access)),
       )
       .finally(() => ctx.done());

@@ -8,8 +8,17 @@
  * compares them). Used by the worker service and the agent SDK.
  */
 
-import type { JsonObject } from "../work/action.js";
 import type { RejectReason, ServerMessage } from "../work/worker-messages.js";
+import {
+  isCount,
+  messageFieldSize,
+  stringFieldSize,
+  structSize,
+  uintFieldSize,
+  varintSize,
+  Writer,
+  writeVarint,
+} from "./wire.js";
 
 /** Protobuf wire tags (field number << 3 | wire type). */
 const TAG_GRANT = (2 << 3) | 2; // ConnectResponse.grant
@@ -27,26 +36,6 @@ const MAX_SAFE_SEQUENCE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /** RejectReason's numbers (worker.proto). */
 const REJECT_REASONS: Record<RejectReason, number> = { FENCED: 1, INVALID: 2, NOT_FOUND: 3, UNAVAILABLE: 4 };
-
-/** Bytes of a varint holding `n`, a non-negative safe integer. */
-function varintSize(n: number): number {
-  let size = 1;
-  while (n >= 0x80) {
-    n = Math.floor(n / 0x80);
-    size += 1;
-  }
-  return size;
-}
-
-/** Writes `n` (a non-negative safe integer) as a varint at `at`; returns the next offset. */
-function writeVarint(into: Uint8Array, at: number, n: number): number {
-  while (n >= 0x80) {
-    into[at++] = (n % 0x80) | 0x80;
-    n = Math.floor(n / 0x80);
-  }
-  into[at++] = n;
-  return at;
-}
 
 /**
  * `ConnectResponse{heartbeat_ack: {sequence, remaining: durationFromMs(remainingMs)}}`
@@ -103,13 +92,13 @@ export function encodeGrant(g: GrantFields): Buffer | undefined {
   const checkpoint = g.checkpoint ? structSize(g.checkpoint, sizes) : 0;
   if (payload < 0 || checkpoint < 0) return undefined;
   const size =
-    stringFieldSize(id) +
-    (g.epoch === 0 ? 0 : 1 + varintSize(g.epoch)) +
-    (g.attempt === 0 ? 0 : 1 + varintSize(g.attempt)) +
-    (g.payload ? 1 + varintSize(payload) + payload : 0) +
-    stringFieldSize(runId) +
-    (g.checkpoint ? 1 + varintSize(checkpoint) + checkpoint : 0) +
-    stringFieldSize(trace);
+    stringFieldSize(1, id) +
+    uintFieldSize(2, g.epoch) +
+    uintFieldSize(3, g.attempt) +
+    (g.payload ? messageFieldSize(4, payload) : 0) +
+    stringFieldSize(5, runId) +
+    (g.checkpoint ? messageFieldSize(6, checkpoint) : 0) +
+    stringFieldSize(7, trace);
   const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), sizes);
   w.tag(TAG_GRANT).varint(size);
   w.string(1, g.actionId, id).uint(2, g.epoch).uint(3, g.attempt);
@@ -141,12 +130,12 @@ export function encodeReportResult(r: ReportResultFields): Buffer | undefined {
   const id = Buffer.byteLength(r.actionId);
   const message = Buffer.byteLength(r.message);
   const size =
-    (reportId === 0 ? 0 : 1 + varintSize(reportId)) +
-    stringFieldSize(id) +
-    (r.epoch === 0 ? 0 : 1 + varintSize(r.epoch)) +
+    uintFieldSize(1, reportId) +
+    stringFieldSize(2, id) +
+    uintFieldSize(3, r.epoch) +
     (r.accepted ? 2 : 0) +
     (reason === 0 ? 0 : 2) +
-    stringFieldSize(message);
+    stringFieldSize(6, message);
   const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), []);
   w.tag(TAG_REPORT_RESULT).varint(size);
   w.uint(1, reportId)
@@ -155,160 +144,6 @@ export function encodeReportResult(r: ReportResultFields): Buffer | undefined {
     .uint(4, r.accepted ? 1 : 0);
   w.uint(5, reason).string(6, r.message, message);
   return w.done();
-}
-
-const isCount = (n: number): boolean => Number.isSafeInteger(n) && n >= 0;
-
-/** Bytes of a proto3 string field holding `bytes` bytes (none when empty). */
-const stringFieldSize = (bytes: number): number => (bytes === 0 ? 0 : 1 + varintSize(bytes) + bytes);
-
-/*
- * google.protobuf.Struct from JSON, in two passes: the first computes the
- * length of every length-delimited part (map entries, keys, values, strings,
- * nested structs and lists) and pushes them in the order the second pass
- * writes them, so no length is computed twice. Keys go in Object.keys order,
- * as protobuf-es writes a map. A value that is not JSON (undefined, a
- * function, a non-finite number) makes the size -1: the caller falls back.
- */
-
-/** Bytes of a Struct's fields; pushes the lengths its writing needs. */
-function structSize(o: JsonObject, sizes: number[]): number {
-  let total = 0;
-  for (const key of Object.keys(o)) {
-    const at = sizes.length;
-    sizes.push(0, 0, 0); // entry, key, value
-    const k = Buffer.byteLength(key);
-    const v = valueSize(o[key], sizes);
-    if (v < 0) return -1;
-    // A map entry writes its key even when empty, as protobuf-es does.
-    const entry = 1 + varintSize(k) + k + 1 + varintSize(v) + v;
-    sizes[at] = entry;
-    sizes[at + 1] = k;
-    sizes[at + 2] = v;
-    total += 1 + varintSize(entry) + entry;
-  }
-  return total;
-}
-
-/** Bytes of a google.protobuf.Value holding `v`; pushes the lengths its writing needs. */
-function valueSize(v: unknown, sizes: number[]): number {
-  switch (typeof v) {
-    case "string": {
-      const n = Buffer.byteLength(v);
-      sizes.push(n);
-      return 1 + varintSize(n) + n;
-    }
-    case "number":
-      return Number.isFinite(v) ? 9 : -1;
-    case "boolean":
-      return 2;
-    case "object": {
-      if (v === null) return 2;
-      const at = sizes.length;
-      sizes.push(0);
-      const inner = Array.isArray(v) ? listSize(v, sizes) : structSize(v as JsonObject, sizes);
-      if (inner < 0) return -1;
-      sizes[at] = inner;
-      return 1 + varintSize(inner) + inner;
-    }
-    default:
-      return -1;
-  }
-}
-
-function listSize(a: readonly unknown[], sizes: number[]): number {
-  let total = 0;
-  for (const x of a) {
-    const at = sizes.length;
-    sizes.push(0);
-    const v = valueSize(x, sizes);
-    if (v < 0) return -1;
-    sizes[at] = v;
-    total += 1 + varintSize(v) + v;
-  }
-  return total;
-}
-
-/** Writes into a buffer of the exact size, taking lengths from the size pass in order. */
-class Writer {
-  private at = 0;
-  private next = 0;
-  constructor(
-    private readonly bytes: Buffer,
-    private readonly sizes: readonly number[],
-  ) {}
-
-  tag(tag: number): this {
-    this.bytes[this.at++] = tag;
-    return this;
-  }
-
-  varint(n: number): this {
-    this.at = writeVarint(this.bytes, this.at, n);
-    return this;
-  }
-
-  /** A proto3 integer or bool field, left out when zero. */
-  uint(field: number, n: number): this {
-    return n === 0 ? this : this.tag(field << 3).varint(n);
-  }
-
-  /** A proto3 string field of `length` bytes, left out when empty. */
-  string(field: number, s: string, length: number): this {
-    if (length === 0) return this;
-    this.tag((field << 3) | 2).varint(length);
-    this.at += this.bytes.write(s, this.at, length, "utf8");
-    return this;
-  }
-
-  struct(o: JsonObject): this {
-    for (const key of Object.keys(o)) {
-      const entry = this.take();
-      const k = this.take();
-      const v = this.take();
-      this.tag((1 << 3) | 2).varint(entry); // Struct.fields: a map entry
-      this.tag((1 << 3) | 2).varint(k);
-      this.at += this.bytes.write(key, this.at, k, "utf8");
-      this.tag((2 << 3) | 2).varint(v);
-      this.value(o[key]);
-    }
-    return this;
-  }
-
-  /** The fields of a google.protobuf.Value (its oneof member is written even when zero). */
-  private value(v: unknown): void {
-    if (typeof v === "string") {
-      const n = this.take();
-      this.tag((3 << 3) | 2).varint(n);
-      this.at += this.bytes.write(v, this.at, n, "utf8");
-    } else if (typeof v === "number") {
-      this.tag((2 << 3) | 1);
-      this.at = this.bytes.writeDoubleLE(v, this.at);
-    } else if (typeof v === "boolean") {
-      this.tag(4 << 3).varint(v ? 1 : 0);
-    } else if (v === null) {
-      this.tag(1 << 3).varint(0);
-    } else if (Array.isArray(v)) {
-      this.tag((6 << 3) | 2).varint(this.take());
-      for (const x of v) {
-        this.tag((1 << 3) | 2).varint(this.take());
-        this.value(x);
-      }
-    } else {
-      this.tag((5 << 3) | 2).varint(this.take());
-      this.struct(v as JsonObject);
-    }
-  }
-
-  private take(): number {
-    return this.sizes[this.next++] as number;
-  }
-
-  done(): Buffer {
-    if (this.at !== this.bytes.length)
-      throw new Error(`worker-wire: wrote ${this.at} of ${this.bytes.length} bytes`);
-    return this.bytes;
-  }
 }
 
 /**

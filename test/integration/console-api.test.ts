@@ -8,7 +8,7 @@ import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { addStaticToken } from "../../src/auth/static-tokens.js";
 import { BadRequestSchema, ErrorInfoSchema } from "../../src/gen/google/rpc/error_details_pb.js";
-import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ActionService, ActionState, ActionView } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { type Ca, type CertificateFiles, createCa, issueCertificate } from "../helpers/pki.js";
@@ -99,6 +99,15 @@ describe("the console's Connect API", () => {
     expect(listed.actions.map((a) => a.id)).toEqual([action?.id]);
     expect(listed.actions[0]?.state).toBe(ActionState.QUEUED);
     expect(listed.actions[0]?.payload).toEqual({ n: 1 });
+    // The basic view's answer, which the gRPC port sends as the bytes its own encoder wrote.
+    const { results } = await actions.submitActions({
+      actions: [{ cluster: "console-unary", requestId: "basic-1" }],
+      view: ActionView.BASIC,
+    });
+    expect(results.map((r) => [r.created, r.action?.requestId, r.action?.state])).toEqual([
+      [true, "basic-1", ActionState.QUEUED],
+    ]);
+    expect(results[0]?.action?.createTime).toBeDefined();
   });
 
   it("filters actions by the worker they were granted to", async () => {

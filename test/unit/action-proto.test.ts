@@ -1,8 +1,13 @@
-import { create, toJson } from "@bufbuild/protobuf";
+import { create, toBinary, toJson } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import { ActionSchema, SubmitActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
+import {
+  ActionSchema,
+  SubmitActionRequestSchema,
+  SubmitActionsResponseSchema,
+} from "../../src/gen/leasehold/v1/action_pb.js";
+import { encodeBasicSubmitResults, type SubmitResult } from "../../src/rpc/action-wire.js";
 import { toBasicProtoAction, toNewAction, toProtoAction } from "../../src/rpc/services/action-service.js";
-import type { ActionRecord } from "../../src/work/action.js";
+import type { ActionRecord, ActionState } from "../../src/work/action.js";
 
 const at = new Date("2026-12-04T10:00:00.000Z");
 
@@ -110,5 +115,40 @@ describe("actions as the API shows them", () => {
       "bc99bdd085d5043e44909e76ae35899ba369a265200fb3b6420a2ea38fa9e747",
     );
     expect(toNewAction(create(SubmitActionRequestSchema, { cluster: "c" })).requestHash).toBeUndefined();
+  });
+
+  it("encodes a SubmitActions answer in the basic view to exactly the bytes toBinary gives", () => {
+    const states: ActionState[] = ["QUEUED", "LEASED", "SUCCEEDED", "FAILED", "CANCELLED"];
+    const times = [0, 999, 1000, 1_764_000_000_000, 1_764_000_000_123, 253_402_300_799_999];
+    const results: SubmitResult[] = [];
+    for (let i = 0; i < 300; i++) {
+      results.push({
+        action: record({
+          id: `0193a5f2-7c1e-7b3a-8f00-${String(i).padStart(12, "0")}`,
+          requestId: i % 3 === 0 ? null : i % 3 === 1 ? `r-${i}` : "é".repeat(i % 70),
+          runId: i % 4 === 0 ? "" : "run-".repeat(i % 40),
+          cluster: i % 5 === 0 ? "gpu-east" : "集群",
+          state: states[i % states.length] as ActionState,
+          createdAt: new Date(times[i % times.length] as number),
+          createdBy: i % 2 ? "" : "spiffe://example/agent 😀",
+        }),
+        created: i % 7 !== 0,
+      });
+    }
+    for (const some of [[], results.slice(0, 1), results.slice(0, 9), results]) {
+      const expected = toBinary(
+        SubmitActionsResponseSchema,
+        create(SubmitActionsResponseSchema, {
+          results: some.map(({ action, created }) => ({ action: toBasicProtoAction(action), created })),
+        }),
+      );
+      expect(encodeBasicSubmitResults(some)).toEqual(Buffer.from(expected));
+    }
+  });
+
+  it("leaves an answer with a time it cannot write to the ordinary encoder", () => {
+    for (const createdAt of [new Date(-1), new Date(Number.NaN)]) {
+      expect(encodeBasicSubmitResults([{ action: record({ createdAt }), created: true }])).toBeUndefined();
+    }
   });
 });

@@ -93,6 +93,7 @@ describe("worker stream wire encodings", () => {
     expect(encodeGrant({ ...g, attempt: 2 ** 32 })).toBeUndefined();
     expect(encodeGrant({ ...g, payload: { x: undefined } as unknown as JsonObject })).toBeUndefined();
     expect(encodeGrant({ ...g, payload: { x: [Number.NaN] } })).toBeUndefined();
+    expect(encodeGrant({ ...g, payload: ["a", 1] as unknown as JsonObject })).toBeUndefined();
     expect(encodeGrant({ ...g, checkpoint: { x: { y: () => 1 } } as unknown as JsonObject })).toBeUndefined();
     const r: ReportResultFields = { reportId: 1n, actionId: "a", epoch: 1, accepted: true, message: "" };
     expect(encodeReportResult({ ...r, reportId: 2n ** 53n })).toBeUndefined();

@@ -24,6 +24,8 @@ import {
 } from "../../work/action.js";
 import type { ActionService as Actions } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
+import { encodeBasicSubmitResults } from "../action-wire.js";
+import { EncodedResponse } from "../adapter.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
 import { toProtoEvent } from "./event-service.js";
@@ -73,6 +75,8 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
         const traced = trace.traceParent ? items.map((item) => ({ ...item, ...trace })) : items;
         const results = await actions.submitMany(traced, ctx.access.actor);
+        const encoded = request.view === ActionView.BASIC ? encodeBasicSubmitResults(results) : undefined;
+        if (encoded) return new EncodedResponse(encoded);
         return {
           results: results.map(({ action, created }) => ({ action: toProto(action), created })),
         };

@@ -1,0 +1,207 @@
+/**
+ * Protobuf's binary format written by hand, for the few messages on hot paths
+ * where building a protobuf-es message and calling `toBinary` cost more than
+ * the rest of the work (worker-wire.ts, action-wire.ts). Sizes are computed
+ * first and the bytes written into a buffer of exactly that size. Each
+ * encoder built on these has a unit test comparing its bytes with `toBinary`.
+ */
+
+import type { JsonObject } from "../work/action.js";
+
+/** Bytes of a varint holding `n`, a non-negative safe integer. */
+export function varintSize(n: number): number {
+  let size = 1;
+  while (n >= 0x80) {
+    n = Math.floor(n / 0x80);
+    size += 1;
+  }
+  return size;
+}
+
+/** Writes `n` (a non-negative safe integer) as a varint at `at`; returns the next offset. */
+export function writeVarint(into: Uint8Array, at: number, n: number): number {
+  while (n >= 0x80) {
+    into[at++] = (n % 0x80) | 0x80;
+    n = Math.floor(n / 0x80);
+  }
+  into[at++] = n;
+  return at;
+}
+
+/** Whether `n` can be written as a varint here: a non-negative safe integer. */
+export const isCount = (n: number): boolean => Number.isSafeInteger(n) && n >= 0;
+
+/** Bytes of the tag of field number `field` (any wire type). */
+export const tagSize = (field: number): number => varintSize(field << 3);
+
+/** Bytes of proto3 string field `field` holding `bytes` bytes (none when empty). */
+export const stringFieldSize = (field: number, bytes: number): number =>
+  bytes === 0 ? 0 : tagSize(field) + varintSize(bytes) + bytes;
+
+/** Bytes of proto3 integer (or bool, enum) field `field` holding `n` (none when zero). */
+export const uintFieldSize = (field: number, n: number): number =>
+  n === 0 ? 0 : tagSize(field) + varintSize(n);
+
+/** Bytes of message field `field` whose message is `bytes` long (present even when empty). */
+export const messageFieldSize = (field: number, bytes: number): number =>
+  tagSize(field) + varintSize(bytes) + bytes;
+
+/*
+ * google.protobuf.Struct from JSON, in two passes: the first computes the
+ * length of every length-delimited part (map entries, keys, values, strings,
+ * nested structs and lists) and pushes them in the order the second pass
+ * writes them, so no length is computed twice. Keys go in Object.keys order,
+ * as protobuf-es writes a map. A value that is not JSON (undefined, a
+ * function, a non-finite number) makes the size -1: the caller falls back.
+ */
+
+/** Bytes of a Struct's fields; pushes the lengths its writing needs. */
+export function structSize(o: JsonObject, sizes: number[]): number {
+  // protobuf-es writes an array or a string given as a Struct as an empty one: leave it to it.
+  if (typeof o !== "object" || o === null || Array.isArray(o)) return -1;
+  let total = 0;
+  for (const key of Object.keys(o)) {
+    const at = sizes.length;
+    sizes.push(0, 0, 0); // entry, key, value
+    const k = Buffer.byteLength(key);
+    const v = valueSize(o[key], sizes);
+    if (v < 0) return -1;
+    // A map entry writes its key even when empty, as protobuf-es does.
+    const entry = messageFieldSize(1, k) + messageFieldSize(2, v);
+    sizes[at] = entry;
+    sizes[at + 1] = k;
+    sizes[at + 2] = v;
+    total += messageFieldSize(1, entry);
+  }
+  return total;
+}
+
+/** Bytes of a google.protobuf.Value holding `v`; pushes the lengths its writing needs. */
+function valueSize(v: unknown, sizes: number[]): number {
+  switch (typeof v) {
+    case "string": {
+      const n = Buffer.byteLength(v);
+      sizes.push(n);
+      return messageFieldSize(3, n);
+    }
+    case "number":
+      return Number.isFinite(v) ? 9 : -1;
+    case "boolean":
+      return 2;
+    case "object": {
+      if (v === null) return 2;
+      const at = sizes.length;
+      sizes.push(0);
+      const inner = Array.isArray(v) ? listSize(v, sizes) : structSize(v as JsonObject, sizes);
+      if (inner < 0) return -1;
+      sizes[at] = inner;
+      return messageFieldSize(5, inner); // struct_value, or list_value (6): the same size
+    }
+    default:
+      return -1;
+  }
+}
+
+function listSize(a: readonly unknown[], sizes: number[]): number {
+  let total = 0;
+  for (const x of a) {
+    const at = sizes.length;
+    sizes.push(0);
+    const v = valueSize(x, sizes);
+    if (v < 0) return -1;
+    sizes[at] = v;
+    total += messageFieldSize(1, v);
+  }
+  return total;
+}
+
+/**
+ * Writes into a buffer of the exact size, taking the lengths of Struct parts
+ * from their size pass ({@link structSize}) in order. `done` checks that the
+ * sizes added up.
+ */
+export class Writer {
+  private at = 0;
+  private next = 0;
+  constructor(
+    private readonly bytes: Buffer,
+    private readonly sizes: readonly number[],
+  ) {}
+
+  tag(tag: number): this {
+    this.at = writeVarint(this.bytes, this.at, tag);
+    return this;
+  }
+
+  /** The tag and length of message field `field`, whose message is `bytes` long. */
+  message(field: number, bytes: number): this {
+    return this.tag((field << 3) | 2).varint(bytes);
+  }
+
+  varint(n: number): this {
+    this.at = writeVarint(this.bytes, this.at, n);
+    return this;
+  }
+
+  /** A proto3 integer or bool field, left out when zero. */
+  uint(field: number, n: number): this {
+    return n === 0 ? this : this.tag(field << 3).varint(n);
+  }
+
+  /** A proto3 string field of `length` bytes, left out when empty. */
+  string(field: number, s: string, length: number): this {
+    if (length === 0) return this;
+    this.tag((field << 3) | 2).varint(length);
+    this.at += this.bytes.write(s, this.at, length, "utf8");
+    return this;
+  }
+
+  struct(o: JsonObject): this {
+    for (const key of Object.keys(o)) {
+      const entry = this.take();
+      const k = this.take();
+      const v = this.take();
+      this.tag((1 << 3) | 2).varint(entry); // Struct.fields: a map entry
+      this.tag((1 << 3) | 2).varint(k);
+      this.at += this.bytes.write(key, this.at, k, "utf8");
+      this.tag((2 << 3) | 2).varint(v);
+      this.value(o[key]);
+    }
+    return this;
+  }
+
+  /** The fields of a google.protobuf.Value (its oneof member is written even when zero). */
+  private value(v: unknown): void {
+    if (typeof v === "string") {
+      const n = this.take();
+      this.tag((3 << 3) | 2).varint(n);
+      this.at += this.bytes.write(v, this.at, n, "utf8");
+    } else if (typeof v === "number") {
+      this.tag((2 << 3) | 1);
+      this.at = this.bytes.writeDoubleLE(v, this.at);
+    } else if (typeof v === "boolean") {
+      this.tag(4 << 3).varint(v ? 1 : 0);
+    } else if (v === null) {
+      this.tag(1 << 3).varint(0);
+    } else if (Array.isArray(v)) {
+      this.tag((6 << 3) | 2).varint(this.take());
+      for (const x of v) {
+        this.tag((1 << 3) | 2).varint(this.take());
+        this.value(x);
+      }
+    } else {
+      this.tag((5 << 3) | 2).varint(this.take());
+      this.struct(v as JsonObject);
+    }
+  }
+
+  private take(): number {
+    return this.sizes[this.next++] as number;
+  }
+
+  done(): Buffer {
+    if (this.at !== this.bytes.length)
+      throw new Error(`wire: wrote ${this.at} of ${this.bytes.length} bytes`);
+    return this.bytes;
+  }
+}

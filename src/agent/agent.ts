@@ -250,6 +250,36 @@ interface Running {
   traceParent: string | undefined;
 }
 
+/**
+ * What a handler sees of its grant. A class, not an object literal with
+ * getters: V8 builds such a literal slowly (about a microsecond, every
+ * grant). The signals are made only when read (LazyAbortController).
+ */
+class GrantContext implements ActionContext {
+  readonly #running: Running;
+  constructor(
+    readonly actionId: string,
+    readonly epoch: number,
+    readonly attempt: number,
+    readonly payload: JsonObject,
+    readonly runId: string,
+    readonly checkpoint: JsonObject | undefined,
+    readonly progress: ActionContext["progress"],
+    running: Running,
+  ) {
+    this.#running = running;
+  }
+  get traceParent(): string | undefined {
+    return this.#running.traceParent;
+  }
+  get signal(): AbortSignal {
+    return this.#running.controller.signal;
+  }
+  get stopRequested(): AbortSignal {
+    return this.#running.stop.signal;
+  }
+}
+
 type PendingReport =
   | { kind: "succeeded"; output: JsonObject | undefined }
   | { kind: "failed"; message: string; retryable: boolean; details: JsonObject | undefined }
@@ -498,45 +528,38 @@ export function createAgent(options: AgentOptions): Agent {
       settle(r, { kind: "released", reason: "no free slot on this agent" });
       return;
     }
-    const ctx: ActionContext = {
+    const progress: ActionContext["progress"] = (phase, details, checkpoint) => {
+      const c = current;
+      if (!c || c.ended || !c.welcomed || controller.aborted) return;
+      const message = {
+        message: {
+          case: "progress" as const,
+          value: {
+            reportId: nextReportId + 1n,
+            actionId,
+            epoch: BigInt(epoch),
+            phase: scrubNul(phase),
+            ...(details ? { details: scrubNul(details) as never } : {}),
+            ...(checkpoint ? { checkpoint: scrubNul(checkpoint) as never } : {}),
+          },
+        },
+      };
+      // The server would end the stream on it: the handler hears of it instead.
+      const violation = reportViolation(message);
+      if (violation !== undefined) throw new RangeError(`progress breaks a server limit: ${violation}`);
+      nextReportId += 1n;
+      c.report(message);
+    };
+    const ctx = new GrantContext(
       actionId,
       epoch,
-      attempt: grant.attempt,
-      payload: (grant.payload ?? {}) as JsonObject,
-      runId: grant.runId,
-      checkpoint: grant.checkpoint as JsonObject | undefined,
-      get traceParent() {
-        return r.traceParent;
-      },
-      get signal() {
-        return controller.signal;
-      },
-      get stopRequested() {
-        return stop.signal;
-      },
-      progress(phase, details, checkpoint) {
-        const c = current;
-        if (!c || c.ended || !c.welcomed || controller.aborted) return;
-        const message = {
-          message: {
-            case: "progress" as const,
-            value: {
-              reportId: nextReportId + 1n,
-              actionId,
-              epoch: BigInt(epoch),
-              phase: scrubNul(phase),
-              ...(details ? { details: scrubNul(details) as never } : {}),
-              ...(checkpoint ? { checkpoint: scrubNul(checkpoint) as never } : {}),
-            },
-          },
-        };
-        // The server would end the stream on it: the handler hears of it instead.
-        const violation = reportViolation(message);
-        if (violation !== undefined) throw new RangeError(`progress breaks a server limit: ${violation}`);
-        nextReportId += 1n;
-        c.report(message);
-      },
-    };
+      grant.attempt,
+      (grant.payload ?? {}) as JsonObject,
+      grant.runId,
+      grant.checkpoint as JsonObject | undefined,
+      progress,
+      r,
+    );
     const run = () => {
       r.start = undefined;
       // The handler always starts under a live guarantee, and the fence timer

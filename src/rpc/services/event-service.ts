@@ -67,7 +67,7 @@ export function toProtoEvent(e: EventRecord): MessageInitShape<typeof EventSchem
     epoch: BigInt(e.epoch ?? 0),
     leaseId: e.leaseId ?? "",
     message: e.message,
-    ...(e.details ? { details: e.details as never } : {}),
+    details: (e.details ?? undefined) as never,
     actor: e.actor,
   };
 }

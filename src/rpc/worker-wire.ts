@@ -21,9 +21,7 @@ import {
 } from "./wire.js";
 
 /** Protobuf wire tags (field number << 3 | wire type). */
-const TAG_GRANT = (2 << 3) | 2; // ConnectResponse.grant
 const TAG_HEARTBEAT_ACK = (3 << 3) | 2; // ConnectResponse.heartbeat_ack
-const TAG_REPORT_RESULT = (5 << 3) | 2; // ConnectResponse.report_result
 const TAG_RESPONSE_BATCH = (7 << 3) | 2; // ConnectResponse.batch
 const TAG_REQUEST_BATCH = (8 << 3) | 2; // ConnectRequest.batch
 const TAG_BATCH_MESSAGES = (1 << 3) | 2; // Connect{Request,Response}Batch.messages
@@ -99,18 +97,12 @@ export function encodeGrant(g: GrantFields): Buffer | undefined {
     stringFieldSize(5, runId) +
     (g.checkpoint ? messageFieldSize(6, checkpoint) : 0) +
     stringFieldSize(7, trace);
-  const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), sizes);
-  w.tag(TAG_GRANT).varint(size);
+  const w = new Writer(Buffer.allocUnsafe(messageFieldSize(2, size)), sizes);
+  w.message(2, size); // ConnectResponse.grant
   w.string(1, g.actionId, id).uint(2, g.epoch).uint(3, g.attempt);
-  if (g.payload)
-    w.tag((4 << 3) | 2)
-      .varint(payload)
-      .struct(g.payload);
+  if (g.payload) w.message(4, payload).struct(g.payload);
   w.string(5, g.runId, runId);
-  if (g.checkpoint)
-    w.tag((6 << 3) | 2)
-      .varint(checkpoint)
-      .struct(g.checkpoint);
+  if (g.checkpoint) w.message(6, checkpoint).struct(g.checkpoint);
   if (g.traceParent) w.string(7, g.traceParent, trace);
   return w.done();
 }
@@ -136,8 +128,8 @@ export function encodeReportResult(r: ReportResultFields): Buffer | undefined {
     (r.accepted ? 2 : 0) +
     (reason === 0 ? 0 : 2) +
     stringFieldSize(6, message);
-  const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), []);
-  w.tag(TAG_REPORT_RESULT).varint(size);
+  const w = new Writer(Buffer.allocUnsafe(messageFieldSize(5, size)), []);
+  w.message(5, size); // ConnectResponse.report_result
   w.uint(1, reportId)
     .string(2, r.actionId, id)
     .uint(3, r.epoch)

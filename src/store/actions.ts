@@ -1,5 +1,5 @@
 import { type SQL, sql } from "drizzle-orm";
-import type { ActionFilter, ActionRecord, AttemptRecord } from "../work/action.js";
+import type { ActionFilter, ActionRecord, ActionState, AttemptRecord } from "../work/action.js";
 import { type ActionRow, type AttemptRow, actionFromRow, attemptFromRow } from "./action-rows.js";
 import type { Db } from "./database.js";
 import { queryRows } from "./rows.js";
@@ -48,7 +48,9 @@ export async function listActions(
   limit: number,
 ): Promise<ActionRecord[]> {
   const conditions: SQL[] = [];
-  if (filter.state) conditions.push(sql`state = ${filter.state}`);
+  // A literal, not a parameter: a prepared plan cannot prove the partial indexes' predicates
+  // (actions_claim_idx, actions_state_idx) from a parameter's value.
+  if (filter.state) conditions.push(sql`state = ${sql.raw(stateLiteral(filter.state))}`);
   if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
   // `<> ''` names actions_run_idx's predicate, which a prepared plan cannot prove from the value.
   if (filter.runId) conditions.push(sql`run_id = ${filter.runId} and run_id <> ''`);
@@ -61,6 +63,21 @@ export async function listActions(
   const where = conditions.length > 0 ? sql`where ${sql.join(conditions, sql` and `)}` : sql``;
   const rows = await queryRows<ActionRow>(db, sql`select * from actions ${where} order by id limit ${limit}`);
   return rows.map(actionFromRow);
+}
+
+const STATE_LITERALS: Readonly<Record<ActionState, string>> = {
+  QUEUED: "'QUEUED'",
+  LEASED: "'LEASED'",
+  SUCCEEDED: "'SUCCEEDED'",
+  FAILED: "'FAILED'",
+  CANCELLED: "'CANCELLED'",
+};
+
+/** `state` as an SQL literal; throws on anything that is not a state (never spliced in unchecked). */
+function stateLiteral(state: ActionState): string {
+  const literal = Object.hasOwn(STATE_LITERALS, state) ? STATE_LITERALS[state] : undefined;
+  if (literal === undefined) throw new Error(`listActions: not an action state: ${JSON.stringify(state)}`);
+  return literal;
 }
 
 /** Attempts of an action, oldest first. */

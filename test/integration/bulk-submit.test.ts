@@ -145,7 +145,7 @@ describe("ActionService.SubmitActions", () => {
     const before = transactions;
     const bulk = await api.submitActions({ actions: items }, as("alice"));
     // Other tests' dispatch may run meanwhile: count the submit's own statements.
-    const own = () => statements.filter((q) => /jsonb_to_recordset|request_id in/i.test(q.trim()));
+    const own = () => statements.filter((q) => /\bjson_to_recordset|request_id in/i.test(q.trim()));
     expect(own()).toHaveLength(1);
     expect(transactions - before).toBe(0);
     const withId = await api.submitActions(

@@ -10,8 +10,12 @@ import { queryRows, toDate } from "../rows.js";
  * `action_submitted` events and any new cluster names.
  *
  * Hot path (every submit goes through it, group-committed by the batcher):
- * the batch travels as one JSON parameter expanded by jsonb_to_recordset,
- * which is far cheaper per row than one statement per action.
+ * the batch travels as one JSON parameter expanded by json_to_recordset,
+ * which is far cheaper per row than one statement per action. `json`, not
+ * `jsonb`: jsonb_to_recordset first builds the whole document as jsonb
+ * (every object's keys sorted), and only each row's label selector and
+ * payload need to be jsonb; a call of 1,000 spends about a sixth less time
+ * in the statement.
  *
  * Locking: plain inserts. A request_id the same actor already used (or that
  * repeats for one actor inside the batch) is skipped by `on conflict do
@@ -62,9 +66,9 @@ export async function insertActions(
     db,
     sql`
       with input as (
-        select * from jsonb_to_recordset(${input}::jsonb) as x(
+        select * from json_to_recordset(${input}::json) as x(
           id text, request_id text, request_hash text, trace_parent text, run_id text, cluster text,
-          label_selector jsonb, payload jsonb, priority int, max_attempts int,
+          label_selector json, payload json, priority int, max_attempts int,
           initial_backoff_ms int, backoff_multiplier float8, max_backoff_ms int,
           max_system_retries int, actor text)
       ),
@@ -73,7 +77,7 @@ export async function insertActions(
           priority, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
           max_system_retries, state, not_before, created_by)
         select id, request_id, request_hash, trace_parent, coalesce(run_id, ''), cluster,
-          coalesce(label_selector, '{}'), payload, coalesce(priority, 0),
+          coalesce(label_selector::jsonb, '{}'), payload::jsonb, coalesce(priority, 0),
           coalesce(max_attempts, ${literal(DEFAULT_RETRY.maxAttempts)}),
           coalesce(initial_backoff_ms, ${literal(DEFAULT_RETRY.initialBackoffMs)}),
           coalesce(backoff_multiplier, ${literal(DEFAULT_RETRY.backoffMultiplier)}),

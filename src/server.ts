@@ -14,6 +14,7 @@ import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import { addProcessMetrics, createMetrics, type Metrics, serveMetrics } from "./metrics.js";
+import type { FastDecoders } from "./rpc/adapter.js";
 import type { Authenticator } from "./rpc/authenticator.js";
 import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
 import { createRpcServer, refusalLogger } from "./rpc/server.js";
@@ -21,7 +22,11 @@ import { actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
 import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
-import { type WorkerStreamLimits, workerServiceBinding } from "./rpc/services/worker-service.js";
+import {
+  WORKER_FAST_DECODERS,
+  type WorkerStreamLimits,
+  workerServiceBinding,
+} from "./rpc/services/worker-service.js";
 import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { type Clock, databaseClock } from "./store/clock.js";
@@ -115,6 +120,11 @@ const SERVICES = [
   ResourceService,
 ] as unknown as readonly GenService<GenServiceMethods>[];
 
+/** Decoders tried first for some streams' messages, by service (see `FastDecoders`). */
+const FAST_DECODERS: Readonly<Record<string, FastDecoders>> = {
+  [WorkerService.typeName]: WORKER_FAST_DECODERS,
+};
+
 /**
  * The composition root. Startup order matters for SPEC rule 6: the gRPC port
  * is bound first (health NOT_SERVING, calls held by a {@link StartupGate}),
@@ -146,7 +156,11 @@ export async function startServer(
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
     ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
-    services: SERVICES.map((service) => gate.defer(service)),
+    // The deferred bindings are what grpc-js registers: each carries its service's decoders.
+    services: SERVICES.map((service) => ({
+      ...gate.defer(service),
+      fastDecoders: FAST_DECODERS[service.typeName],
+    })),
   }).catch((error: unknown) => {
     security.close();
     throw error;

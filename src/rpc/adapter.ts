@@ -246,6 +246,14 @@ const decoder = (desc: DescMessage) => (bytes: Buffer) => fromBinary(desc, bytes
 export const keepBytes = (bytes: Buffer): Buffer => bytes;
 
 /**
+ * Decoders tried before the ordinary one for the messages of a stream, by
+ * method (`localName`): each gives the decoded message for the few byte
+ * patterns it knows (exactly what `fromBinary` gives, and nothing the request
+ * validator refuses), and undefined for everything else.
+ */
+export type FastDecoders = Readonly<Record<string, (bytes: Buffer) => object | undefined>>;
+
+/**
  * The grpc-js ServiceDefinition of a protobuf-es service: paths, stream flags
  * and binary codecs all come from the descriptor. Requests are decoded and
  * validated in one step (`requestDecoder`): every request of every method,
@@ -256,7 +264,10 @@ export const keepBytes = (bytes: Buffer): Buffer => bytes;
  * ends, and a bulk submit's 1,000 decoded items, kept that long, were copied
  * by every young-generation collection while the insert ran.
  */
-export function createServiceDefinition(service: DescService): grpc.ServiceDefinition {
+export function createServiceDefinition(
+  service: DescService,
+  fastDecoders: FastDecoders = {},
+): grpc.ServiceDefinition {
   const definition: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
   for (const method of service.methods) {
     const kind = method.methodKind;
@@ -265,13 +276,23 @@ export function createServiceDefinition(service: DescService): grpc.ServiceDefin
       requestStream: kind === "client_streaming" || kind === "bidi_streaming",
       responseStream: kind === "server_streaming" || kind === "bidi_streaming",
       requestSerialize: encoder(method.input),
-      requestDeserialize: kind === "unary" ? keepBytes : requestDecoder(method.input),
+      requestDeserialize:
+        kind === "unary" ? keepBytes : streamDecoder(method.input, fastDecoders[method.localName]),
       responseSerialize: encoder(method.output),
       responseDeserialize: decoder(method.output),
       originalName: method.name,
     };
   }
   return definition;
+}
+
+/** The deserializer of a stream's messages: `fast` first, if the method has one. */
+function streamDecoder(
+  desc: DescMessage,
+  fast: ((bytes: Buffer) => object | undefined) | undefined,
+): (bytes: Buffer) => unknown {
+  const decode = requestDecoder(desc);
+  return fast ? (bytes) => fast(bytes) ?? decode(bytes) : decode;
 }
 
 interface CallLike extends CallCredentials {

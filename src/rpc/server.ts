@@ -4,8 +4,15 @@ import * as grpc from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
-import { createServiceDefinition, createServiceHandlers, type Refusal, type ServiceImpl } from "./adapter.js";
+import {
+  createServiceDefinition,
+  createServiceHandlers,
+  type FastDecoders,
+  type Refusal,
+  type ServiceImpl,
+} from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
+import { pushUncompressedAtOnce } from "./message-push.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
 import { releaseDecodedChunks } from "./stream-decoder-release.js";
@@ -14,6 +21,8 @@ import { releaseDecodedChunks } from "./stream-decoder-release.js";
 export interface ServiceBinding {
   readonly service: GenService<GenServiceMethods>;
   readonly impl: ServiceImpl<GenServiceMethods>;
+  /** Decoders tried first for the messages of some of its streams (see `FastDecoders`). */
+  readonly fastDecoders?: FastDecoders | undefined;
 }
 
 /** Pairs a generated service with its implementation, keeping the types checked. */
@@ -81,8 +90,10 @@ export async function createRpcServer(
   credentials: grpc.ServerCredentials,
   options: RpcServerOptions,
 ): Promise<RpcServer & { markServing(): void; markNotServing(): void }> {
-  // Worker streams hold no chunk between their messages (a heartbeat a second, each).
+  // Worker streams hold no chunk between their messages (a heartbeat a second, each), and an
+  // uncompressed message is handed on without a promise of its own.
   releaseDecodedChunks();
+  pushUncompressedAtOnce();
   const server = new grpc.Server({
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,
@@ -106,8 +117,11 @@ export async function createRpcServer(
     onRefused: refusalLogger(options.log),
   };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
-  for (const { service, impl } of options.services) {
-    server.addService(createServiceDefinition(service), createServiceHandlers(service, impl, deps));
+  for (const { service, impl, fastDecoders } of options.services) {
+    server.addService(
+      createServiceDefinition(service, fastDecoders),
+      createServiceHandlers(service, impl, deps),
+    );
   }
   health.addToServer(server);
   const authenticator = options.authenticator;

@@ -2,9 +2,11 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, ConnectResponseSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { requestDecoder } from "../../src/rpc/request-decoder.js";
 import { toConnectResponse } from "../../src/rpc/services/worker-service.js";
 import {
   batchRuns,
+  decodeBareHeartbeat,
   encodeGrant,
   encodeHeartbeatAck,
   encodeReportResult,
@@ -159,5 +161,54 @@ describe("worker stream wire encodings", () => {
       (run) => runs.push(run.map((m) => m.byteLength)),
     );
     expect(runs).toEqual([[4, 4], [4], [20], [1, 1, 1], [1]]);
+  });
+});
+
+describe("decodeBareHeartbeat", () => {
+  const heartbeat = (sequence: bigint, heldLeases: { actionId: string; epoch: bigint }[] = []) =>
+    toBinary(
+      ConnectRequestSchema,
+      create(ConnectRequestSchema, { message: { case: "heartbeat", value: { sequence, heldLeases } } }),
+    );
+  const decode = requestDecoder(ConnectRequestSchema);
+
+  it("gives what protobuf-es and the validator give for a heartbeat with only a sequence", () => {
+    const sequences = [0n, 1n, 127n, 128n, 300n, 16_383n, 16_384n, 2n ** 31n, 2n ** 32n + 5n, 2n ** 53n - 1n];
+    for (const sequence of sequences) {
+      const bytes = heartbeat(sequence);
+      const fast = decodeBareHeartbeat(bytes);
+      expect(fast, `sequence ${sequence}`).toEqual(fromBinary(ConnectRequestSchema, bytes));
+      expect(fast).toEqual(decode(Buffer.from(bytes)));
+      expect(fast?.message.case === "heartbeat" && fast.message.value.sequence).toBe(sequence);
+    }
+    // A sequence of 0 written out, and a varint longer than it needs to be, decode the same way.
+    for (const bytes of [
+      [0x12, 0x02, 0x08, 0x00],
+      [0x12, 0x04, 0x08, 0x85, 0x80, 0x00],
+    ]) {
+      const raw = Uint8Array.from(bytes);
+      expect(decodeBareHeartbeat(raw)).toEqual(fromBinary(ConnectRequestSchema, raw));
+    }
+  });
+
+  it("leaves everything else to the ordinary decoder", () => {
+    const others: [string, Uint8Array][] = [
+      ["a sequence past 2^53 - 1", heartbeat(2n ** 53n)],
+      ["the largest sequence", heartbeat(2n ** 64n - 1n)],
+      ["held leases", heartbeat(3n, [{ actionId: "a", epoch: 1n }])],
+      ["another field in the heartbeat", Uint8Array.from([0x12, 0x04, 0x08, 0x01, 0x18, 0x01])],
+      ["a field after the heartbeat", Uint8Array.from([0x12, 0x02, 0x08, 0x01, 0x3a, 0x00])],
+      ["a varint cut short", Uint8Array.from([0x12, 0x02, 0x08, 0x80])],
+      ["a length longer than the bytes", Uint8Array.from([0x12, 0x03, 0x08, 0x01])],
+      ["nothing", new Uint8Array(0)],
+      [
+        "a goodbye",
+        toBinary(
+          ConnectRequestSchema,
+          create(ConnectRequestSchema, { message: { case: "goodbye", value: { reason: "done" } } }),
+        ),
+      ],
+    ];
+    for (const [what, bytes] of others) expect(decodeBareHeartbeat(bytes), what).toBeUndefined();
   });
 });

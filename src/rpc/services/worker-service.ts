@@ -21,11 +21,13 @@ import {
   type SessionHandle,
 } from "../../work/lease-manager.js";
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
+import type { FastDecoders } from "../adapter.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
 import {
   batchRuns,
+  decodeBareHeartbeat,
   encodeGrant,
   encodeHeartbeatAck,
   encodeReportResult,
@@ -102,7 +104,7 @@ export function workerServiceBinding(
     cancelled: () => new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"),
   });
   const flusher = createFlusher(log);
-  return bind(WorkerService, {
+  const binding = bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
       const first = await requests.next();
@@ -293,7 +295,11 @@ export function workerServiceBinding(
       if (closeError) throw closeError;
     },
   });
+  return { ...binding, fastDecoders: WORKER_FAST_DECODERS };
 }
+
+/** Most of what a worker stream carries is bare heartbeats: decoded without protobuf-es. */
+export const WORKER_FAST_DECODERS: FastDecoders = { connect: decodeBareHeartbeat };
 
 /**
  * Runs the flushes of every stream that queued messages once per turn of the

@@ -104,7 +104,7 @@ export function workerServiceBinding(
     cancelled: () => new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"),
   });
   const flusher = createFlusher(log);
-  const binding = bind(WorkerService, {
+  return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
       const first = await requests.next();
@@ -295,10 +295,12 @@ export function workerServiceBinding(
       if (closeError) throw closeError;
     },
   });
-  return { ...binding, fastDecoders: WORKER_FAST_DECODERS };
 }
 
-/** Most of what a worker stream carries is bare heartbeats: decoded without protobuf-es. */
+/**
+ * Most of what a worker stream carries is bare heartbeats: decoded without
+ * protobuf-es. The composition root gives these to the binding it registers.
+ */
 export const WORKER_FAST_DECODERS: FastDecoders = { connect: decodeBareHeartbeat };
 
 /**

@@ -12,7 +12,7 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
-import { batchRuns, encodeRequestBatch } from "../rpc/worker-wire.js";
+import { batchRuns, decodeServerMessage, encodeRequestBatch } from "../rpc/worker-wire.js";
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
@@ -23,6 +23,9 @@ import { reportViolation, scrubNul } from "./report-limits.js";
  * alone): far under what a server receives in one message.
  */
 const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
+
+/** What the server sends for every action (grants, report results, acks) is decoded by hand. */
+const AGENT_DECODERS = { connect: decodeServerMessage };
 
 type RequestInit = Parameters<typeof create<typeof ConnectRequestSchema>>[1];
 
@@ -747,6 +750,7 @@ export function createAgent(options: AgentOptions): Agent {
         "grpc.keepalive_permit_without_calls": 1,
       },
       channel.interceptors,
+      AGENT_DECODERS,
     );
     const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
     const conn: Connection = {

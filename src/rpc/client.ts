@@ -2,7 +2,7 @@ import type { DescMessage, MessageInitShape, MessageShape } from "@bufbuild/prot
 import { create, fromBinary } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
-import { createServiceDefinition, encodeMessage, keepBytes } from "./adapter.js";
+import { createServiceDefinition, encodeMessage, type FastDecoders, keepBytes } from "./adapter.js";
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
@@ -102,11 +102,13 @@ function linkAbort(call: { cancel(): void }, signal: AbortSignal | undefined): (
 
 /**
  * A client for `service` at `address` (host:port), built from the same
- * descriptors as the server: no proto-loader, no hand-written codecs.
- * `interceptors` run on every call (e.g. the token interceptor of
- * `clientChannel` in ./client-security.ts, whose three parts go into the last
- * three parameters). In a unary call they see the request and the answer as
- * bytes (a Buffer in the binary format): see `unaryCall`.
+ * descriptors as the server: no proto-loader. `interceptors` run on every
+ * call (e.g. the token interceptor of `clientChannel` in
+ * ./client-security.ts, whose three parts go into the credentials, channel
+ * options and interceptors parameters). In a unary call they see the request
+ * and the answer as bytes (a Buffer in the binary format): see `unaryCall`.
+ * `responseDecoders` are tried, by method, before `fromBinary` on each
+ * message of a stream (the agent's Connect: worker-wire.ts).
  */
 export function createClient<S extends GenServiceMethods>(
   service: GenService<S>,
@@ -114,13 +116,20 @@ export function createClient<S extends GenServiceMethods>(
   credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
   channelOptions: grpc.ChannelOptions = {},
   interceptors: readonly grpc.Interceptor[] = [],
+  responseDecoders: FastDecoders = {},
 ): Client<S> {
+  const outputs = new Map(service.methods.map((m) => [m.localName, m.output]));
   // A unary answer is decoded by `unaryCall`, not by grpc-js.
   const definition: grpc.ServiceDefinition = Object.fromEntries(
-    Object.entries(createServiceDefinition(service)).map(([name, m]) => [
-      name,
-      m.requestStream || m.responseStream ? m : { ...m, responseDeserialize: keepBytes },
-    ]),
+    Object.entries(createServiceDefinition(service)).map(([name, m]) => {
+      if (!m.requestStream && !m.responseStream) return [name, { ...m, responseDeserialize: keepBytes }];
+      const fast = responseDecoders[name];
+      const output = outputs.get(name) as DescMessage;
+      return [
+        name,
+        fast ? { ...m, responseDeserialize: (bytes: Buffer) => fast(bytes) ?? fromBinary(output, bytes) } : m,
+      ];
+    }),
   );
   const Ctor = grpc.makeGenericClientConstructor(definition, service.typeName);
   const clientOptions: grpc.ClientOptions =

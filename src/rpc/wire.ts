@@ -6,6 +6,7 @@
  * encoder built on these has a unit test comparing its bytes with `toBinary`.
  */
 
+import type { JsonValue, JsonObject as ProtoJsonObject } from "@bufbuild/protobuf";
 import type { JsonObject } from "../work/action.js";
 
 /** Bytes of a varint holding `n`, a non-negative safe integer. */
@@ -203,5 +204,168 @@ export class Writer {
     if (this.at !== this.bytes.length)
       throw new Error(`wire: wrote ${this.at} of ${this.bytes.length} bytes`);
     return this.bytes;
+  }
+}
+
+/**
+ * Reads the binary format for decoders of a few hot messages (worker-wire.ts),
+ * giving exactly what protobuf-es's `fromBinary` gives for the byte patterns it
+ * knows. Anything else — a value past 2^53 − 1, a field or wire type it does
+ * not expect, bytes cut short, a Struct that would not read back as JSON —
+ * makes a read return {@link DECLINE} (or undefined), and the caller decodes
+ * the message the ordinary way. Declining is never wrong, only slower.
+ */
+export const DECLINE = -1;
+
+/** Struct and list nesting past this is left to protobuf-es. */
+const MAX_DEPTH = 32;
+
+/**
+ * protobuf-es decodes a proto3 string with a strict TextDecoder (it refuses
+ * bytes that are not UTF-8, and keeps a leading U+FEFF): so does this.
+ */
+const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+export class Reader {
+  at: number;
+  constructor(
+    readonly bytes: Buffer,
+    at = 0,
+  ) {
+    this.at = at;
+  }
+
+  /** A varint that is a safe integer (at most 8 bytes: 56 bits, checked against 2^53 − 1), or DECLINE. */
+  varint(end: number): number {
+    const bytes = this.bytes;
+    let n = 0;
+    let scale = 1;
+    for (let i = 0; i < 8 && this.at < end; i++) {
+      const byte = bytes[this.at++] as number;
+      n += (byte & 0x7f) * scale;
+      if ((byte & 0x80) === 0) return n <= Number.MAX_SAFE_INTEGER ? n : DECLINE;
+      scale *= 128;
+    }
+    return DECLINE;
+  }
+
+  /** The end of a length-delimited part whose length comes next, or DECLINE. */
+  delimited(end: number): number {
+    const length = this.varint(end);
+    if (length === DECLINE || length > end - this.at) return DECLINE;
+    return this.at + length;
+  }
+
+  /** A string of the bytes up to `to` (the end of its part); undefined when they are not UTF-8. */
+  string(to: number): string | undefined {
+    const bytes = this.bytes;
+    const from = this.at;
+    this.at = to;
+    for (let i = from; i < to; i++) {
+      if ((bytes[i] as number) >= 0x80) {
+        try {
+          return utf8.decode(bytes.subarray(from, to));
+        } catch {
+          return undefined;
+        }
+      }
+    }
+    return bytes.toString("latin1", from, to);
+  }
+
+  /**
+   * A google.protobuf.Struct whose fields end at `end`, as the JSON object
+   * protobuf-es makes of it; undefined for a value that is not plain JSON
+   * (no kind, a non-finite number), a key `__proto__`, or deeper nesting
+   * than {@link MAX_DEPTH}.
+   */
+  struct(end: number, depth = 0): ProtoJsonObject | undefined {
+    if (depth > MAX_DEPTH) return undefined;
+    const o: ProtoJsonObject = {};
+    while (this.at < end) {
+      if (this.bytes[this.at++] !== ((1 << 3) | 2)) return undefined; // Struct.fields
+      const entryEnd = this.delimited(end);
+      if (entryEnd === DECLINE) return undefined;
+      let key: string | undefined = "";
+      let value: JsonValue | undefined;
+      while (this.at < entryEnd) {
+        const tag = this.bytes[this.at++];
+        const to = this.delimited(entryEnd);
+        if (to === DECLINE) return undefined;
+        if (tag === ((1 << 3) | 2)) {
+          key = this.string(to);
+          if (key === undefined) return undefined;
+        } else if (tag === ((2 << 3) | 2)) {
+          value = this.value(to, depth);
+          if (value === undefined) return undefined;
+        } else return undefined;
+      }
+      if (value === undefined || key === undefined || key === "__proto__") return undefined;
+      o[key] = value;
+    }
+    return o;
+  }
+
+  /** A google.protobuf.Value ending at `end` holding exactly one kind, as JSON; undefined otherwise. */
+  private value(end: number, depth: number): JsonValue | undefined {
+    if (this.at >= end) return undefined;
+    const tag = this.bytes[this.at++];
+    let v: JsonValue | undefined;
+    switch (tag) {
+      case 1 << 3: // null_value
+        if (this.varint(end) === DECLINE) return undefined;
+        v = null;
+        break;
+      case (2 << 3) | 1: // number_value
+        if (end - this.at < 8) return undefined;
+        v = this.bytes.readDoubleLE(this.at);
+        this.at += 8;
+        if (!Number.isFinite(v)) return undefined;
+        break;
+      case (3 << 3) | 2: {
+        const to = this.delimited(end);
+        if (to === DECLINE) return undefined;
+        v = this.string(to);
+        if (v === undefined) return undefined;
+        break;
+      }
+      case 4 << 3: {
+        const b = this.varint(end);
+        if (b !== 0 && b !== 1) return undefined;
+        v = b === 1;
+        break;
+      }
+      case (5 << 3) | 2: {
+        const to = this.delimited(end);
+        if (to === DECLINE) return undefined;
+        v = this.struct(to, depth + 1);
+        break;
+      }
+      case (6 << 3) | 2: {
+        const to = this.delimited(end);
+        if (to === DECLINE) return undefined;
+        v = this.list(to, depth + 1);
+        break;
+      }
+      default:
+        return undefined;
+    }
+    // One kind, and nothing after it.
+    return this.at === end ? v : undefined;
+  }
+
+  /** A google.protobuf.ListValue ending at `end`, as a JSON array; undefined as for {@link struct}. */
+  private list(end: number, depth: number): JsonValue[] | undefined {
+    if (depth > MAX_DEPTH) return undefined;
+    const a: JsonValue[] = [];
+    while (this.at < end) {
+      if (this.bytes[this.at++] !== ((1 << 3) | 2)) return undefined; // ListValue.values
+      const to = this.delimited(end);
+      if (to === DECLINE) return undefined;
+      const v = this.value(to, depth);
+      if (v === undefined) return undefined;
+      a.push(v);
+    }
+    return a;
   }
 }

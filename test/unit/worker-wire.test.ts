@@ -1,4 +1,4 @@
-import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, ConnectResponseSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
@@ -7,6 +7,7 @@ import { toConnectResponse } from "../../src/rpc/services/worker-service.js";
 import {
   batchRuns,
   decodeBareHeartbeat,
+  decodeServerMessage,
   encodeGrant,
   encodeHeartbeatAck,
   encodeReportResult,
@@ -210,5 +211,137 @@ describe("decodeBareHeartbeat", () => {
       ],
     ];
     for (const [what, bytes] of others) expect(decodeBareHeartbeat(bytes), what).toBeUndefined();
+  });
+});
+
+describe("decodeServerMessage", () => {
+  // Shapes the tests build freely (JSON payloads, any enum number): protobuf-es checks nothing here.
+  const response = (message: object) =>
+    Buffer.from(
+      toBinary(
+        ConnectResponseSchema,
+        create(ConnectResponseSchema, { message } as MessageInitShape<typeof ConnectResponseSchema>),
+      ),
+    );
+  /** The fast decoder gives either nothing or exactly what protobuf-es gives. */
+  const agrees = (bytes: Buffer, what: string) => {
+    const fast = decodeServerMessage(bytes);
+    if (fast === undefined) return false;
+    expect(fast, what).toStrictEqual(fromBinary(ConnectResponseSchema, bytes));
+    return true;
+  };
+
+  const grants = payloads.flatMap((payload) =>
+    [null, { step: 3, log: ["é", null] }].map((checkpoint, i) =>
+      response({
+        case: "grant",
+        value: {
+          actionId: i === 0 ? "0193a5f2-7c1e-7b3a-8f00-000000000001" : "ação-😀",
+          epoch: i === 0 ? 1n : 2n ** 53n - 1n,
+          attempt: i === 0 ? 1 : 2 ** 32 - 1,
+          runId: i === 0 ? "" : "run-1",
+          traceParent: i === 0 ? "" : "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+          ...(payload ? { payload } : {}),
+          ...(checkpoint ? { checkpoint } : {}),
+        },
+      }),
+    ),
+  );
+  const results = [0n, 1n, 2n ** 53n - 1n].flatMap((reportId) =>
+    [0, 1, 2, 3, 4, 77].map((rejectReason) =>
+      response({
+        case: "reportResult",
+        value: {
+          reportId,
+          actionId: reportId === 0n ? "" : "a-1",
+          epoch: reportId,
+          accepted: rejectReason === 0,
+          rejectReason,
+          message: rejectReason === 0 ? "" : "fenced: é",
+        },
+      }),
+    ),
+  );
+  const acks = [0n, 5n, 2n ** 53n - 1n].flatMap((sequence) =>
+    [undefined, 0, 1, 999, 1000, 2500, 86_400_000].map((ms) =>
+      response({
+        case: "heartbeatAck",
+        value: { sequence, ...(ms === undefined ? {} : { remaining: durationFromMs(ms) }) },
+      }),
+    ),
+  );
+
+  it("gives what fromBinary gives for grants, report results, heartbeat acks and batches of them", () => {
+    const known = [...grants, ...results, ...acks];
+    for (const bytes of known) expect(agrees(bytes, bytes.toString("hex")), bytes.toString("hex")).toBe(true);
+    const batch = encodeResponseBatch([results[1], grants[3], acks[4], grants[9]] as Buffer[]);
+    expect(agrees(batch, "a batch")).toBe(true);
+    expect(agrees(encodeResponseBatch([]), "an empty batch")).toBe(true);
+    // A leading U+FEFF is text, as protobuf-es reads it.
+    expect(agrees(response({ case: "reportResult", value: { message: "\ufeffbom" } }), "a BOM")).toBe(true);
+  });
+
+  it("leaves everything else to fromBinary", () => {
+    const grant = (value: object) =>
+      response({ case: "grant", value: { actionId: "a", epoch: 1n, attempt: 1, ...value } });
+    const others: [string, Buffer][] = [
+      ["a welcome", response({ case: "welcome", value: { sessionId: "s" } })],
+      ["a revoke", response({ case: "revoke", value: { actionId: "a", epoch: 1n } })],
+      ["a drain", response({ case: "drain", value: {} })],
+      ["an epoch past 2^53 - 1", grant({ epoch: 2n ** 53n })],
+      ["the largest report id", response({ case: "reportResult", value: { reportId: 2n ** 64n - 1n } })],
+      ["a negative reject reason", response({ case: "reportResult", value: { rejectReason: -1 } })],
+      ["a batch in a batch", encodeResponseBatch([encodeResponseBatch([results[0] as Buffer])])],
+      ["a welcome in a batch", encodeResponseBatch([response({ case: "drain", value: {} })])],
+      // Grant{payload: {k: Value{}}}: a Value with no kind is not JSON.
+      [
+        "a Value with no kind",
+        Buffer.from([0x12, 0x09, 0x22, 0x07, 0x0a, 0x05, 0x0a, 0x01, 0x6b, 0x12, 0x00]),
+      ],
+      ["a key __proto__", grant({ payload: JSON.parse('{"__proto__": 1}') })],
+      // ReportResult{epoch: 3, epoch: 4}
+      ["a field twice", Buffer.from([0x2a, 0x04, 0x18, 0x03, 0x18, 0x04])],
+      ["an unknown field", Buffer.from([0x12, 0x02, 0x40, 0x01])],
+      ["a string that is not UTF-8", Buffer.from([0x2a, 0x03, 0x12, 0x01, 0xff])],
+      ["bytes after the message", Buffer.concat([results[1] as Buffer, Buffer.from([0x00])])],
+      ["nothing", Buffer.alloc(0)],
+    ];
+    for (const [what, bytes] of others) expect(decodeServerMessage(bytes), what).toBeUndefined();
+  });
+
+  it("never gives anything but what fromBinary gives, whatever the bytes", () => {
+    // Every cut of a known message, and random changes to its bytes: declined, or the same message.
+    let decoded = 0;
+    let declined = 0;
+    let seed = 7;
+    const random = () => {
+      seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31;
+      return seed / 2 ** 31;
+    };
+    const samples = [grants[3], grants[9], grants[11], results[7], acks[5]] as Buffer[];
+    for (const bytes of samples) {
+      for (let cut = 0; cut < bytes.length; cut++) {
+        if (agrees(bytes.subarray(0, cut), `cut at ${cut}`)) decoded++;
+        else declined++;
+      }
+      for (let i = 0; i < 2000; i++) {
+        const changed = Buffer.from(bytes);
+        for (let k = 1 + Math.floor(random() * 3); k > 0; k--)
+          changed[Math.floor(random() * changed.length)] = Math.floor(random() * 256);
+        let ordinary = true;
+        try {
+          fromBinary(ConnectResponseSchema, changed);
+        } catch {
+          ordinary = false;
+        }
+        const what = changed.toString("hex");
+        if (!ordinary) expect(decodeServerMessage(changed), what).toBeUndefined();
+        else if (agrees(changed, what)) decoded++;
+        else declined++;
+      }
+    }
+    // Both branches ran: the property is not vacuous.
+    expect(decoded).toBeGreaterThan(100);
+    expect(declined).toBeGreaterThan(100);
   });
 });

@@ -10,9 +10,11 @@
 
 import type { JsonObject as ProtoJsonObject } from "@bufbuild/protobuf";
 import type {
+  CompletionReport,
   ConnectRequest,
   ConnectResponse,
   Grant,
+  GrantAck,
   HeartbeatAck,
   ReportResult,
 } from "../gen/leasehold/v1/worker_pb.js";
@@ -457,4 +459,134 @@ function heartbeatAckAt(r: Reader, end: number): HeartbeatAck | undefined {
     return true;
   });
   return ok ? ack : undefined;
+}
+
+/** ConnectRequest's fields the server decodes by hand (besides a bare heartbeat). */
+const REQUEST_GRANT_ACK = 3;
+const REQUEST_COMPLETION = 5;
+const REQUEST_BATCH = 8;
+
+/**
+ * `bytes` decoded, when they are a ConnectRequest holding a successful
+ * completion report (its output a Struct of plain JSON, or none), a grant
+ * ack, or a batch of those: what an agent sends for every action. The result
+ * is the object `fromBinary` gives for the same bytes; the caller still runs
+ * the request validator on it. Anything else (a failure, a release, a
+ * progress report, a field this does not know, a value past 2^53 − 1) is
+ * undefined: the caller decodes it the ordinary way.
+ */
+export function decodeWorkerReports(bytes: Buffer): ConnectRequest | undefined {
+  const r = new Reader(bytes);
+  const m = requestAt(r, bytes.length, true);
+  return m !== undefined && r.at === bytes.length ? m : undefined;
+}
+
+function requestAt(r: Reader, end: number, top: boolean): ConnectRequest | undefined {
+  if (end - r.at < 2) return undefined;
+  const tag = r.bytes[r.at++] as number;
+  const to = r.delimited(end);
+  if (to !== end || (tag & 7) !== 2) return undefined;
+  switch (tag >>> 3) {
+    case REQUEST_COMPLETION: {
+      const value = completionAt(r, to);
+      return value && { $typeName: "leasehold.v1.ConnectRequest", message: { case: "completion", value } };
+    }
+    case REQUEST_GRANT_ACK: {
+      const value = grantAckAt(r, to);
+      return value && { $typeName: "leasehold.v1.ConnectRequest", message: { case: "grantAck", value } };
+    }
+    case REQUEST_BATCH: {
+      if (!top) return undefined;
+      const messages: ConnectRequest[] = [];
+      while (r.at < to) {
+        if (r.bytes[r.at++] !== TAG_BATCH_MESSAGES) return undefined;
+        const messageEnd = r.delimited(to);
+        if (messageEnd === DECLINE) return undefined;
+        const m = requestAt(r, messageEnd, false);
+        if (m === undefined) return undefined;
+        messages.push(m);
+      }
+      return {
+        $typeName: "leasehold.v1.ConnectRequest",
+        message: { case: "batch", value: { $typeName: "leasehold.v1.ConnectRequestBatch", messages } },
+      };
+    }
+    default:
+      return undefined;
+  }
+}
+
+/**
+ * The fields every report shares: report_id (1), action_id (2), epoch (3).
+ * Gives false to decline, true when read, and undefined for another field
+ * (the caller's to read).
+ */
+function reportField(
+  r: Reader,
+  end: number,
+  n: number,
+  wireType: number,
+  into: { reportId: bigint; actionId: string; epoch: bigint },
+): boolean | undefined {
+  if (n === 1 || n === 3) {
+    if (wireType !== 0) return false;
+    const v = uint64(r, end);
+    if (v === undefined) return false;
+    if (n === 1) into.reportId = v;
+    else into.epoch = v;
+    return true;
+  }
+  if (n !== 2) return undefined;
+  if (wireType !== 2) return false;
+  const to = r.delimited(end);
+  const id = to === DECLINE ? undefined : r.string(to);
+  if (id === undefined) return false;
+  into.actionId = id;
+  return true;
+}
+
+function grantAckAt(r: Reader, end: number): GrantAck | undefined {
+  const ack: GrantAck = { $typeName: "leasehold.v1.GrantAck", reportId: 0n, actionId: "", epoch: 0n };
+  const ok = fields(r, end, (n, wireType) => reportField(r, end, n, wireType, ack) ?? false);
+  return ok ? ack : undefined;
+}
+
+function completionAt(r: Reader, end: number): CompletionReport | undefined {
+  const report: CompletionReport = {
+    $typeName: "leasehold.v1.CompletionReport",
+    reportId: 0n,
+    actionId: "",
+    epoch: 0n,
+    outcome: { case: undefined },
+    traceParent: "",
+  };
+  const ok = fields(r, end, (n, wireType) => {
+    const common = reportField(r, end, n, wireType, report);
+    if (common !== undefined) return common;
+    if (wireType !== 2 || (n !== 4 && n !== 6)) return false;
+    const to = r.delimited(end);
+    if (to === DECLINE) return false;
+    if (n === 6) {
+      const trace = r.string(to);
+      if (trace === undefined) return false;
+      report.traceParent = trace;
+      return true;
+    }
+    // ActionSuccess: an output (field 1) or nothing.
+    const value: CompletionReport["outcome"] & { case: "succeeded" } = {
+      case: "succeeded",
+      value: { $typeName: "leasehold.v1.ActionSuccess" },
+    };
+    if (r.at < to) {
+      if (r.bytes[r.at++] !== ((1 << 3) | 2)) return false;
+      const outputEnd = r.delimited(to);
+      if (outputEnd !== to) return false;
+      const output = r.struct(to);
+      if (output === undefined || r.at !== to) return false;
+      value.value.output = output;
+    }
+    report.outcome = value;
+    return true;
+  });
+  return ok && report.outcome.case !== undefined ? report : undefined;
 }

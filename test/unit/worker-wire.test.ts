@@ -2,12 +2,13 @@ import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/p
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, ConnectResponseSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
-import { requestDecoder } from "../../src/rpc/request-decoder.js";
-import { toConnectResponse } from "../../src/rpc/services/worker-service.js";
+import { RejectedRequest, requestDecoder } from "../../src/rpc/request-decoder.js";
+import { toConnectResponse, WORKER_FAST_DECODERS } from "../../src/rpc/services/worker-service.js";
 import {
   batchRuns,
   decodeBareHeartbeat,
   decodeServerMessage,
+  decodeWorkerReports,
   encodeGrant,
   encodeHeartbeatAck,
   encodeReportResult,
@@ -343,5 +344,132 @@ describe("decodeServerMessage", () => {
     // Both branches ran: the property is not vacuous.
     expect(decoded).toBeGreaterThan(100);
     expect(declined).toBeGreaterThan(100);
+  });
+});
+
+/** Random changes to `bytes`, the same on every run. */
+function* corruptions(bytes: Buffer, count: number, seed: number): Generator<Buffer> {
+  const random = () => {
+    seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31;
+    return seed / 2 ** 31;
+  };
+  for (let i = 0; i < count; i++) {
+    const changed = Buffer.from(bytes);
+    for (let k = 1 + Math.floor(random() * 3); k > 0; k--)
+      changed[Math.floor(random() * changed.length)] = Math.floor(random() * 256);
+    yield changed;
+  }
+}
+
+describe("decodeWorkerReports", () => {
+  const request = (message: object) =>
+    Buffer.from(
+      toBinary(
+        ConnectRequestSchema,
+        create(ConnectRequestSchema, { message } as MessageInitShape<typeof ConnectRequestSchema>),
+      ),
+    );
+  /** What the server's ordinary decoder reads (unknown fields skipped). */
+  const ordinary = (bytes: Uint8Array) =>
+    fromBinary(ConnectRequestSchema, bytes, { readUnknownFields: false });
+  const agrees = (bytes: Buffer, what: string) => {
+    const fast = decodeWorkerReports(bytes);
+    if (fast === undefined) return false;
+    expect(fast, what).toStrictEqual(ordinary(bytes));
+    return true;
+  };
+  const completion = (value: object) =>
+    request({ case: "completion", value: { reportId: 7n, actionId: "a-1", epoch: 2n, ...value } });
+  const completions = [
+    ...payloads.map((output) =>
+      completion({ outcome: { case: "succeeded", value: output ? { output } : {} } }),
+    ),
+    completion({
+      reportId: 2n ** 53n - 1n,
+      actionId: "ação",
+      epoch: 2n ** 53n - 1n,
+      outcome: { case: "succeeded", value: {} },
+      traceParent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }),
+  ];
+  const acks = [0n, 1n, 2n ** 53n - 1n].map((reportId) =>
+    request({
+      case: "grantAck",
+      value: { reportId, actionId: reportId === 0n ? "" : "a-2", epoch: reportId },
+    }),
+  );
+
+  it("gives what fromBinary gives for successful completions, grant acks and batches of them", () => {
+    for (const bytes of [...completions, ...acks]) expect(agrees(bytes, bytes.toString("hex"))).toBe(true);
+    expect(agrees(encodeRequestBatch([acks[1], completions[2], completions[4]] as Buffer[]), "a batch")).toBe(
+      true,
+    );
+  });
+
+  it("leaves everything else to fromBinary", () => {
+    const others: [string, Buffer][] = [
+      ["a failure", completion({ outcome: { case: "failed", value: { message: "x" } } })],
+      ["no outcome", completion({})],
+      ["a release", request({ case: "release", value: { reportId: 1n, actionId: "a", epoch: 1n } })],
+      ["a progress report", request({ case: "progress", value: { reportId: 1n, actionId: "a", epoch: 1n } })],
+      ["a heartbeat", request({ case: "heartbeat", value: { sequence: 1n } })],
+      ["an epoch past 2^53 - 1", completion({ epoch: 2n ** 53n, outcome: { case: "succeeded", value: {} } })],
+      [
+        "a heartbeat in a batch",
+        encodeRequestBatch([request({ case: "heartbeat", value: { sequence: 1n } })]),
+      ],
+      ["a batch in a batch", encodeRequestBatch([encodeRequestBatch([acks[1] as Buffer])])],
+      ["an unknown field", Buffer.from([0x1a, 0x02, 0x40, 0x01])],
+      ["a string that is not UTF-8", Buffer.from([0x1a, 0x03, 0x12, 0x01, 0xff])],
+      [
+        "an output with a Value of no kind",
+        Buffer.from([0x2a, 0x0b, 0x22, 0x09, 0x0a, 0x07, 0x0a, 0x05, 0x0a, 0x01, 0x6b, 0x12, 0x00]),
+      ],
+    ];
+    for (const [what, bytes] of others) expect(decodeWorkerReports(bytes), what).toBeUndefined();
+  });
+
+  it("never gives anything but what fromBinary gives, whatever the bytes", () => {
+    let decoded = 0;
+    let declined = 0;
+    const samples = [completions[2], completions[4], completions[7], acks[1]] as Buffer[];
+    samples.push(encodeRequestBatch([acks[2], completions[3]] as Buffer[]));
+    for (const bytes of samples) {
+      for (let cut = 0; cut < bytes.length; cut++) {
+        if (agrees(bytes.subarray(0, cut), `cut at ${cut}`)) decoded++;
+        else declined++;
+      }
+      for (const changed of corruptions(bytes, 2000, 11)) {
+        const what = changed.toString("hex");
+        let readable = true;
+        try {
+          ordinary(changed);
+        } catch {
+          readable = false;
+        }
+        if (!readable) expect(decodeWorkerReports(changed), what).toBeUndefined();
+        else if (agrees(changed, what)) decoded++;
+        else declined++;
+      }
+    }
+    expect(decoded).toBeGreaterThan(100);
+    expect(declined).toBeGreaterThan(100);
+  });
+
+  it("is validated as the ordinary path validates: what the validator refuses is decoded again", () => {
+    const fast = WORKER_FAST_DECODERS.connect as (bytes: Buffer) => object | undefined;
+    const decode = requestDecoder(ConnectRequestSchema);
+    const valid = completions[3] as Buffer;
+    expect(fast(valid)).toStrictEqual(decode(valid));
+    // trace_parent is limited to 128 characters, and an output to 10,000 values.
+    const tooMany = { output: { many: Array.from({ length: 10_001 }, () => null) } };
+    for (const refused of [
+      completion({ outcome: { case: "succeeded", value: {} }, traceParent: "x".repeat(129) }),
+      completion({ outcome: { case: "succeeded", value: tooMany } }),
+    ]) {
+      expect(decodeWorkerReports(refused)).toBeDefined();
+      expect(fast(refused)).toBeUndefined();
+      expect(decode(refused)).toBeInstanceOf(RejectedRequest);
+    }
   });
 });

@@ -6,6 +6,7 @@ import { Code, LeaseholdError, quote } from "../../errors.js";
 import {
   type ConnectRequest,
   type ConnectRequestBatch,
+  ConnectRequestSchema,
   ConnectResponseSchema,
   type Hello,
   RejectReason,
@@ -23,11 +24,13 @@ import {
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
 import type { FastDecoders } from "../adapter.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
+import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
 import {
   batchRuns,
   decodeBareHeartbeat,
+  decodeWorkerReports,
   encodeGrant,
   encodeHeartbeatAck,
   encodeReportResult,
@@ -297,11 +300,23 @@ export function workerServiceBinding(
   });
 }
 
+const validateConnectRequest = requestValidator(ConnectRequestSchema);
+
 /**
- * Most of what a worker stream carries is bare heartbeats: decoded without
- * protobuf-es. The composition root gives these to the binding it registers.
+ * Most of what a worker stream carries is bare heartbeats, completions and
+ * grant acks: decoded without protobuf-es (worker-wire.ts). A decoded report
+ * still goes through the request validator; one it refuses is decoded again
+ * the ordinary way, which answers it as before.
  */
-export const WORKER_FAST_DECODERS: FastDecoders = { connect: decodeBareHeartbeat };
+function decodeConnectRequest(bytes: Buffer): ConnectRequest | undefined {
+  const heartbeat = decodeBareHeartbeat(bytes);
+  if (heartbeat) return heartbeat;
+  const reports = decodeWorkerReports(bytes);
+  return reports && validateConnectRequest(reports) === undefined ? reports : undefined;
+}
+
+/** The composition root gives these to the binding it registers. */
+export const WORKER_FAST_DECODERS: FastDecoders = { connect: decodeConnectRequest };
 
 /**
  * Runs the flushes of every stream that queued messages once per turn of the

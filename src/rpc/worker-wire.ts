@@ -263,49 +263,70 @@ const RESPONSE_BATCH = 7;
  * about a tenth of an agent's CPU with no-op handlers.
  */
 export function decodeServerMessage(bytes: Buffer): ConnectResponse | undefined {
-  const r = new Reader(bytes);
-  const m = responseAt(r, bytes.length, true);
-  return m !== undefined && r.at === bytes.length ? m : undefined;
+  return decodeConnect(bytes, RESPONSE_BATCH, responseAt, (messages) => ({
+    $typeName: "leasehold.v1.ConnectResponse",
+    message: { case: "batch", value: { $typeName: "leasehold.v1.ConnectResponseBatch", messages } },
+  }));
 }
 
-/** One ConnectResponse ending at `end`: exactly one of the fields above (a batch only at the top). */
-function responseAt(r: Reader, end: number, top: boolean): ConnectResponse | undefined {
-  if (end - r.at < 2) return undefined;
-  const tag = r.bytes[r.at++] as number;
-  const to = r.delimited(end);
-  if (to !== end || (tag & 7) !== 2) return undefined;
-  switch (tag >>> 3) {
+/** A ConnectResponse holding `field`, whose message ends at `end`. */
+function responseAt(r: Reader, field: number, end: number): ConnectResponse | undefined {
+  switch (field) {
     case RESPONSE_GRANT: {
-      const value = grantAt(r, to);
+      const value = grantAt(r, end);
       return value && { $typeName: "leasehold.v1.ConnectResponse", message: { case: "grant", value } };
     }
     case RESPONSE_REPORT_RESULT: {
-      const value = reportResultAt(r, to);
+      const value = reportResultAt(r, end);
       return value && { $typeName: "leasehold.v1.ConnectResponse", message: { case: "reportResult", value } };
     }
     case RESPONSE_HEARTBEAT_ACK: {
-      const value = heartbeatAckAt(r, to);
+      const value = heartbeatAckAt(r, end);
       return value && { $typeName: "leasehold.v1.ConnectResponse", message: { case: "heartbeatAck", value } };
-    }
-    case RESPONSE_BATCH: {
-      if (!top) return undefined;
-      const messages: ConnectResponse[] = [];
-      while (r.at < to) {
-        if (r.bytes[r.at++] !== TAG_BATCH_MESSAGES) return undefined;
-        const messageEnd = r.delimited(to);
-        if (messageEnd === DECLINE) return undefined;
-        const m = responseAt(r, messageEnd, false);
-        if (m === undefined) return undefined;
-        messages.push(m);
-      }
-      return {
-        $typeName: "leasehold.v1.ConnectResponse",
-        message: { case: "batch", value: { $typeName: "leasehold.v1.ConnectResponseBatch", messages } },
-      };
     }
     default:
       return undefined;
   }
+}
+
+/**
+ * A Connect message (request or response) from `bytes`: one message field,
+ * read by `one` (given its field number and where it ends), or the batch
+ * field `batchField`, whose messages are each read so (batches do not nest)
+ * and wrapped by `batch`. Undefined when anything is left over or declined.
+ */
+function decodeConnect<M>(
+  bytes: Buffer,
+  batchField: number,
+  one: (r: Reader, field: number, end: number) => M | undefined,
+  batch: (messages: M[]) => M,
+): M | undefined {
+  const r = new Reader(bytes);
+  let field = fieldAt(r, bytes.length);
+  if (field !== batchField) return field === DECLINE ? undefined : one(r, field, bytes.length);
+  const messages: M[] = [];
+  while (r.at < bytes.length) {
+    if (r.bytes[r.at++] !== TAG_BATCH_MESSAGES) return undefined;
+    const end = r.delimited(bytes.length);
+    if (end === DECLINE) return undefined;
+    field = fieldAt(r, end);
+    const m = field === DECLINE || field === batchField ? undefined : one(r, field, end);
+    if (m === undefined) return undefined;
+    messages.push(m);
+  }
+  return batch(messages);
+}
+
+/**
+ * The field number of the one message field a Connect message ending at
+ * `end` holds (its oneof), with the reader at that message; DECLINE unless
+ * the field's message is all there is.
+ */
+function fieldAt(r: Reader, end: number): number {
+  if (end - r.at < 2) return DECLINE;
+  const tag = r.bytes[r.at++] as number;
+  if (tag >= 0x80 || (tag & 7) !== 2) return DECLINE;
+  return r.delimited(end) === end ? tag >>> 3 : DECLINE;
 }
 
 /**
@@ -476,40 +497,22 @@ const REQUEST_BATCH = 8;
  * undefined: the caller decodes it the ordinary way.
  */
 export function decodeWorkerReports(bytes: Buffer): ConnectRequest | undefined {
-  const r = new Reader(bytes);
-  const m = requestAt(r, bytes.length, true);
-  return m !== undefined && r.at === bytes.length ? m : undefined;
+  return decodeConnect(bytes, REQUEST_BATCH, requestAt, (messages) => ({
+    $typeName: "leasehold.v1.ConnectRequest",
+    message: { case: "batch", value: { $typeName: "leasehold.v1.ConnectRequestBatch", messages } },
+  }));
 }
 
-function requestAt(r: Reader, end: number, top: boolean): ConnectRequest | undefined {
-  if (end - r.at < 2) return undefined;
-  const tag = r.bytes[r.at++] as number;
-  const to = r.delimited(end);
-  if (to !== end || (tag & 7) !== 2) return undefined;
-  switch (tag >>> 3) {
+/** A ConnectRequest holding `field`, whose message ends at `end`. */
+function requestAt(r: Reader, field: number, end: number): ConnectRequest | undefined {
+  switch (field) {
     case REQUEST_COMPLETION: {
-      const value = completionAt(r, to);
+      const value = completionAt(r, end);
       return value && { $typeName: "leasehold.v1.ConnectRequest", message: { case: "completion", value } };
     }
     case REQUEST_GRANT_ACK: {
-      const value = grantAckAt(r, to);
+      const value = grantAckAt(r, end);
       return value && { $typeName: "leasehold.v1.ConnectRequest", message: { case: "grantAck", value } };
-    }
-    case REQUEST_BATCH: {
-      if (!top) return undefined;
-      const messages: ConnectRequest[] = [];
-      while (r.at < to) {
-        if (r.bytes[r.at++] !== TAG_BATCH_MESSAGES) return undefined;
-        const messageEnd = r.delimited(to);
-        if (messageEnd === DECLINE) return undefined;
-        const m = requestAt(r, messageEnd, false);
-        if (m === undefined) return undefined;
-        messages.push(m);
-      }
-      return {
-        $typeName: "leasehold.v1.ConnectRequest",
-        message: { case: "batch", value: { $typeName: "leasehold.v1.ConnectRequestBatch", messages } },
-      };
     }
     default:
       return undefined;

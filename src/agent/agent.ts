@@ -12,7 +12,7 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
-import { batchRuns, decodeServerMessage, encodeRequestBatch } from "../rpc/worker-wire.js";
+import { batchRuns, decodeServerMessage, encodeRequestBatch, encodeSuccess } from "../rpc/worker-wire.js";
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
@@ -28,6 +28,24 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
 const AGENT_DECODERS = { connect: decodeServerMessage };
 
 type RequestInit = Parameters<typeof create<typeof ConnectRequestSchema>>[1];
+
+/** A queued message's bytes: a success by hand (worker-wire.ts), anything else through protobuf-es. */
+function encodeRequest(message: RequestInit): Uint8Array {
+  const m = message?.message;
+  const outcome = m?.case === "completion" ? m.value.outcome : undefined;
+  if (m?.case === "completion" && outcome?.case === "succeeded") {
+    const v = m.value;
+    const bytes = encodeSuccess({
+      reportId: v.reportId ?? 0n,
+      actionId: v.actionId ?? "",
+      epoch: v.epoch ?? 0n,
+      traceParent: v.traceParent ?? "",
+      output: outcome.value.output,
+    });
+    if (bytes) return bytes;
+  }
+  return toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message));
+}
 
 /** One lease (action and epoch) as a key. */
 const leaseKey = (m: { readonly actionId?: string; readonly epoch?: bigint }) => `${m.epoch} ${m.actionId}`;
@@ -786,7 +804,7 @@ export function createAgent(options: AgentOptions): Agent {
         const queued = conn.queued
           .splice(0)
           .filter((q) => q.ackOf === undefined || !conn.reported.has(q.ackOf))
-          .map((q) => toBinary(ConnectRequestSchema, create(ConnectRequestSchema, q.message)));
+          .map((q) => encodeRequest(q.message));
         conn.reported.clear();
         // The client's serializer passes encoded messages through as they are.
         batchRuns(queued, MAX_BATCH_MESSAGES, MAX_REQUEST_BATCH_BYTES, (run) =>

@@ -18,6 +18,7 @@ import type {
   HeartbeatAck,
   ReportResult,
 } from "../gen/leasehold/v1/worker_pb.js";
+import type { JsonObject } from "../work/action.js";
 import type { RejectReason, ServerMessage } from "../work/worker-messages.js";
 import {
   DECLINE,
@@ -188,6 +189,49 @@ export function encodeReportResult(r: ReportResultFields): Buffer | undefined {
     .uint(3, r.epoch)
     .uint(4, r.accepted ? 1 : 0);
   w.uint(5, reason).string(6, r.message, message);
+  return w.done();
+}
+
+/** A successful completion report's fields, as the agent sends them. */
+export interface SuccessFields {
+  readonly reportId: bigint;
+  readonly actionId: string;
+  readonly epoch: bigint;
+  readonly traceParent: string;
+  readonly output: JsonObject | undefined;
+}
+
+const TAG_COMPLETION = (5 << 3) | 2; // ConnectRequest.completion
+
+/**
+ * `ConnectRequest{completion: {…, succeeded: {output}}}` in the binary format,
+ * or undefined outside the fast path (a report id or epoch past 2^53 − 1, an
+ * output that is not plain JSON): encode those the ordinary way.
+ */
+export function encodeSuccess(c: SuccessFields): Buffer | undefined {
+  if (c.reportId < 0n || c.reportId > MAX_SAFE_SEQUENCE || c.epoch < 0n || c.epoch > MAX_SAFE_SEQUENCE)
+    return undefined;
+  const reportId = Number(c.reportId);
+  const epoch = Number(c.epoch);
+  const sizes: number[] = [];
+  const output = c.output ? structSize(c.output, sizes) : 0;
+  if (output < 0) return undefined;
+  const id = Buffer.byteLength(c.actionId);
+  const trace = Buffer.byteLength(c.traceParent);
+  // ActionSuccess is written even when empty: it is the oneof's case.
+  const success = c.output ? messageFieldSize(1, output) : 0;
+  const size =
+    uintFieldSize(1, reportId) +
+    stringFieldSize(2, id) +
+    uintFieldSize(3, epoch) +
+    messageFieldSize(4, success) +
+    stringFieldSize(6, trace);
+  const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), sizes);
+  w.tag(TAG_COMPLETION).varint(size);
+  w.uint(1, reportId).string(2, c.actionId, id).uint(3, epoch);
+  w.message(4, success);
+  if (c.output) w.message(1, output).struct(c.output);
+  w.string(6, c.traceParent, trace);
   return w.done();
 }
 

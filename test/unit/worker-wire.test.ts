@@ -14,6 +14,7 @@ import {
   encodeReportResult,
   encodeRequestBatch,
   encodeResponseBatch,
+  encodeSuccess,
   type GrantFields,
   type ReportResultFields,
 } from "../../src/rpc/worker-wire.js";
@@ -103,6 +104,52 @@ describe("worker stream wire encodings", () => {
     expect(encodeReportResult({ ...r, reportId: 2n ** 53n })).toBeUndefined();
     expect(encodeReportResult({ ...r, reportId: -1n })).toBeUndefined();
     expect(encodeReportResult({ ...r, epoch: 0.5 })).toBeUndefined();
+  });
+
+  it("encodes a successful completion to exactly the bytes toBinary gives", () => {
+    const success = (c: {
+      reportId: bigint;
+      actionId: string;
+      epoch: bigint;
+      traceParent: string;
+      output: JsonObject | undefined;
+    }) =>
+      toBinary(
+        ConnectRequestSchema,
+        create(ConnectRequestSchema, {
+          message: {
+            case: "completion",
+            value: {
+              reportId: c.reportId,
+              actionId: c.actionId,
+              epoch: c.epoch,
+              traceParent: c.traceParent,
+              outcome: { case: "succeeded", value: { output: c.output as never } },
+            },
+          },
+        }),
+      );
+    for (const output of [undefined, ...payloads.filter((p) => p !== null)]) {
+      for (const [reportId, actionId, epoch, traceParent] of [
+        [0n, "", 0n, ""],
+        [
+          1n,
+          "0193a5f2-7c1e-7b3a-8f00-000000000001",
+          1n,
+          "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ],
+        [2n ** 53n - 1n, "ação-😀", 2n ** 53n - 1n, ""],
+      ] as const) {
+        const c = { reportId, actionId, epoch, traceParent, output: output as JsonObject | undefined };
+        expect(encodeSuccess(c), JSON.stringify(output)).toEqual(Buffer.from(success(c)));
+      }
+    }
+    // Outside the fast path: left to protobuf-es.
+    const base = { reportId: 1n, actionId: "a", epoch: 1n, traceParent: "", output: undefined };
+    expect(encodeSuccess({ ...base, reportId: 2n ** 53n })).toBeUndefined();
+    expect(encodeSuccess({ ...base, epoch: 2n ** 64n - 1n })).toBeUndefined();
+    expect(encodeSuccess({ ...base, output: [1, 2] as unknown as JsonObject })).toBeUndefined();
+    expect(encodeSuccess({ ...base, output: { n: Number.NaN } })).toBeUndefined();
   });
 
   it("encodes a heartbeat ack to exactly the bytes toBinary gives", () => {

@@ -12,7 +12,13 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
-import { batchRuns, decodeServerMessage, encodeRequestBatch, encodeSuccess } from "../rpc/worker-wire.js";
+import {
+  batchRuns,
+  decodeServerMessage,
+  encodeGrantAck,
+  encodeRequestBatch,
+  encodeSuccess,
+} from "../rpc/worker-wire.js";
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
@@ -29,9 +35,16 @@ const AGENT_DECODERS = { connect: decodeServerMessage };
 
 type RequestInit = Parameters<typeof create<typeof ConnectRequestSchema>>[1];
 
-/** A queued message's bytes: a success by hand (worker-wire.ts), anything else through protobuf-es. */
+/**
+ * A queued message's bytes: a grant ack or a success by hand (worker-wire.ts),
+ * anything else through protobuf-es.
+ */
 function encodeRequest(message: RequestInit): Uint8Array {
   const m = message?.message;
+  if (m?.case === "grantAck") {
+    const bytes = encodeGrantAck(m.value.reportId ?? 0n, m.value.actionId ?? "", m.value.epoch ?? 0n);
+    if (bytes) return bytes;
+  }
   const outcome = m?.case === "completion" ? m.value.outcome : undefined;
   if (m?.case === "completion" && outcome?.case === "succeeded") {
     const v = m.value;

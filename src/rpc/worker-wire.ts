@@ -235,6 +235,23 @@ export function encodeSuccess(c: SuccessFields): Buffer | undefined {
   return w.done();
 }
 
+const TAG_GRANT_ACK = (3 << 3) | 2; // ConnectRequest.grant_ack
+
+/**
+ * `ConnectRequest{grant_ack: {report_id, action_id, epoch}}` in the binary
+ * format, or undefined for a report id or epoch past 2^53 − 1.
+ */
+export function encodeGrantAck(reportId: bigint, actionId: string, epoch: bigint): Buffer | undefined {
+  if (reportId < 0n || reportId > MAX_SAFE_SEQUENCE || epoch < 0n || epoch > MAX_SAFE_SEQUENCE)
+    return undefined;
+  const id = Buffer.byteLength(actionId);
+  const size = uintFieldSize(1, Number(reportId)) + stringFieldSize(2, id) + uintFieldSize(3, Number(epoch));
+  const w = new Writer(Buffer.allocUnsafe(1 + varintSize(size) + size), []);
+  w.tag(TAG_GRANT_ACK).varint(size);
+  w.uint(1, Number(reportId)).string(2, actionId, id).uint(3, Number(epoch));
+  return w.done();
+}
+
 /**
  * `ConnectResponse{batch: {messages}}` in the binary format, from the binary
  * form of each message (a repeated message field is each element's bytes

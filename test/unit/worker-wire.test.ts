@@ -10,6 +10,7 @@ import {
   decodeServerMessage,
   decodeWorkerReports,
   encodeGrant,
+  encodeGrantAck,
   encodeHeartbeatAck,
   encodeReportResult,
   encodeRequestBatch,
@@ -150,6 +151,22 @@ describe("worker stream wire encodings", () => {
     expect(encodeSuccess({ ...base, epoch: 2n ** 64n - 1n })).toBeUndefined();
     expect(encodeSuccess({ ...base, output: [1, 2] as unknown as JsonObject })).toBeUndefined();
     expect(encodeSuccess({ ...base, output: { n: Number.NaN } })).toBeUndefined();
+  });
+
+  it("encodes a grant ack to exactly the bytes toBinary gives", () => {
+    for (const [reportId, actionId, epoch] of [
+      [0n, "", 0n],
+      [1n, "0193a5f2-7c1e-7b3a-8f00-000000000001", 1n],
+      [2n ** 53n - 1n, "ação-😀", 2n ** 53n - 1n],
+    ] as const) {
+      const ordinary = toBinary(
+        ConnectRequestSchema,
+        create(ConnectRequestSchema, { message: { case: "grantAck", value: { reportId, actionId, epoch } } }),
+      );
+      expect(encodeGrantAck(reportId, actionId, epoch)).toEqual(Buffer.from(ordinary));
+    }
+    expect(encodeGrantAck(2n ** 53n, "a", 1n)).toBeUndefined();
+    expect(encodeGrantAck(1n, "a", 2n ** 64n - 1n)).toBeUndefined();
   });
 
   it("encodes a heartbeat ack to exactly the bytes toBinary gives", () => {

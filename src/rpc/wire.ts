@@ -1,9 +1,10 @@
 /**
- * Protobuf's binary format written by hand, for the few messages on hot paths
- * where building a protobuf-es message and calling `toBinary` cost more than
- * the rest of the work (worker-wire.ts, action-wire.ts). Sizes are computed
- * first and the bytes written into a buffer of exactly that size. Each
- * encoder built on these has a unit test comparing its bytes with `toBinary`.
+ * Protobuf's binary format written and read by hand, for the few messages on
+ * hot paths where protobuf-es's generic `toBinary` and `fromBinary` cost more
+ * than the rest of the work (worker-wire.ts, action-wire.ts). Writing: sizes
+ * are computed first and the bytes written into a buffer of exactly that
+ * size. Reading: {@link Reader}. Each encoder and decoder built on these has
+ * unit tests comparing it with protobuf-es.
  */
 
 import type { JsonValue, JsonObject as ProtoJsonObject } from "@bufbuild/protobuf";
@@ -207,14 +208,7 @@ export class Writer {
   }
 }
 
-/**
- * Reads the binary format for decoders of a few hot messages (worker-wire.ts),
- * giving exactly what protobuf-es's `fromBinary` gives for the byte patterns it
- * knows. Anything else — a value past 2^53 − 1, a field or wire type it does
- * not expect, bytes cut short, a Struct that would not read back as JSON —
- * makes a read return {@link DECLINE} (or undefined), and the caller decodes
- * the message the ordinary way. Declining is never wrong, only slower.
- */
+/** What a {@link Reader} read gives for bytes outside its patterns. */
 export const DECLINE = -1;
 
 /** Struct and list nesting past this is left to protobuf-es. */
@@ -226,14 +220,19 @@ const MAX_DEPTH = 32;
  */
 const utf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
+/**
+ * Reads the binary format for decoders of a few hot messages (worker-wire.ts),
+ * giving exactly what protobuf-es's `fromBinary` gives for the byte patterns it
+ * knows. Anything else — a value past 2^53 − 1, a field or wire type it does
+ * not expect, a field twice, bytes cut short, a Struct that would not read
+ * back as JSON — makes a read return {@link DECLINE} (or undefined), and the
+ * caller decodes the message the ordinary way. Declining is never wrong, only
+ * slower.
+ */
 export class Reader {
-  at: number;
-  constructor(
-    readonly bytes: Buffer,
-    at = 0,
-  ) {
-    this.at = at;
-  }
+  /** The offset of the next byte to read. */
+  at = 0;
+  constructor(readonly bytes: Buffer) {}
 
   /** A varint that is a safe integer (at most 8 bytes: 56 bits, checked against 2^53 − 1), or DECLINE. */
   varint(end: number): number {
@@ -287,15 +286,21 @@ export class Reader {
       const entryEnd = this.delimited(end);
       if (entryEnd === DECLINE) return undefined;
       let key: string | undefined = "";
+      let keyed = false;
       let value: JsonValue | undefined;
       while (this.at < entryEnd) {
         const tag = this.bytes[this.at++];
         const to = this.delimited(entryEnd);
         if (to === DECLINE) return undefined;
+        // A field twice in one entry: protobuf-es merges two values of one kind (lists are
+        // joined, structs combined). Left to it.
         if (tag === ((1 << 3) | 2)) {
+          if (keyed) return undefined;
+          keyed = true;
           key = this.string(to);
           if (key === undefined) return undefined;
         } else if (tag === ((2 << 3) | 2)) {
+          if (value !== undefined) return undefined;
           value = this.value(to, depth);
           if (value === undefined) return undefined;
         } else return undefined;
@@ -323,6 +328,7 @@ export class Reader {
         if (!Number.isFinite(v)) return undefined;
         break;
       case (3 << 3) | 2: {
+        // string_value
         const to = this.delimited(end);
         if (to === DECLINE) return undefined;
         v = this.string(to);
@@ -330,18 +336,21 @@ export class Reader {
         break;
       }
       case 4 << 3: {
+        // bool_value: written as 0 or 1; any other varint is left to protobuf-es.
         const b = this.varint(end);
         if (b !== 0 && b !== 1) return undefined;
         v = b === 1;
         break;
       }
       case (5 << 3) | 2: {
+        // struct_value
         const to = this.delimited(end);
         if (to === DECLINE) return undefined;
         v = this.struct(to, depth + 1);
         break;
       }
       case (6 << 3) | 2: {
+        // list_value
         const to = this.delimited(end);
         if (to === DECLINE) return undefined;
         v = this.list(to, depth + 1);

@@ -1,11 +1,15 @@
 /**
- * Binary encodings of WorkerService.Connect messages written on hot paths,
- * built straight from their parts instead of through a message object and
- * `toBinary`: heartbeat acks (one per heartbeat of every stream), grants and
- * report results (one of each per action), and the framing of a batch
- * (ConnectResponse.batch, ConnectRequest.batch) around messages already
- * encoded. Each produces exactly the bytes `toBinary` would (a unit test
- * compares them). Used by the worker service and the agent SDK.
+ * The WorkerService.Connect messages of hot paths in the binary format, by
+ * hand instead of through protobuf-es's generic `toBinary` and `fromBinary`.
+ * Written straight from their parts: heartbeat acks (one per heartbeat of
+ * every stream), grants and report results (one of each per action) by the
+ * server; successful completions and grant acks by the agent; and the
+ * framing of a batch (ConnectResponse.batch, ConnectRequest.batch) around
+ * messages already encoded. Each produces exactly the bytes `toBinary` would.
+ * Read: bare heartbeats, completions and grant acks by the server; grants,
+ * report results and heartbeat acks by the agent. Each gives exactly the
+ * object `fromBinary` would, or undefined for the caller to decode the
+ * ordinary way. Unit tests compare both with protobuf-es.
  */
 
 import type { JsonObject as ProtoJsonObject } from "@bufbuild/protobuf";
@@ -39,6 +43,8 @@ const TAG_RESPONSE_BATCH = (7 << 3) | 2; // ConnectResponse.batch
 const TAG_REQUEST_BATCH = (8 << 3) | 2; // ConnectRequest.batch
 const TAG_BATCH_MESSAGES = (1 << 3) | 2; // Connect{Request,Response}Batch.messages
 const TAG_HEARTBEAT = (2 << 3) | 2; // ConnectRequest.heartbeat
+const TAG_GRANT_ACK = (3 << 3) | 2; // ConnectRequest.grant_ack
+const TAG_COMPLETION = (5 << 3) | 2; // ConnectRequest.completion
 const TAG_SEQUENCE = (1 << 3) | 0; // HeartbeatAck.sequence, Heartbeat.sequence
 const TAG_REMAINING = (2 << 3) | 2; // HeartbeatAck.remaining
 const TAG_SECONDS = (1 << 3) | 0; // Duration.seconds
@@ -201,8 +207,6 @@ export interface SuccessFields {
   readonly output: JsonObject | undefined;
 }
 
-const TAG_COMPLETION = (5 << 3) | 2; // ConnectRequest.completion
-
 /**
  * `ConnectRequest{completion: {…, succeeded: {output}}}` in the binary format,
  * or undefined outside the fast path (a report id or epoch past 2^53 − 1, an
@@ -214,12 +218,15 @@ export function encodeSuccess(c: SuccessFields): Buffer | undefined {
   const reportId = Number(c.reportId);
   const epoch = Number(c.epoch);
   const sizes: number[] = [];
-  const output = c.output ? structSize(c.output, sizes) : 0;
+  // Any output but null or undefined is a Struct to protobuf-es (one that is not an object: an
+  // empty one); structSize leaves those to it.
+  const present = c.output !== undefined && c.output !== null;
+  const output = present ? structSize(c.output as JsonObject, sizes) : 0;
   if (output < 0) return undefined;
   const id = Buffer.byteLength(c.actionId);
   const trace = Buffer.byteLength(c.traceParent);
   // ActionSuccess is written even when empty: it is the oneof's case.
-  const success = c.output ? messageFieldSize(1, output) : 0;
+  const success = present ? messageFieldSize(1, output) : 0;
   const size =
     uintFieldSize(1, reportId) +
     stringFieldSize(2, id) +
@@ -230,12 +237,10 @@ export function encodeSuccess(c: SuccessFields): Buffer | undefined {
   w.tag(TAG_COMPLETION).varint(size);
   w.uint(1, reportId).string(2, c.actionId, id).uint(3, epoch);
   w.message(4, success);
-  if (c.output) w.message(1, output).struct(c.output);
+  if (present) w.message(1, output).struct(c.output as JsonObject);
   w.string(6, c.traceParent, trace);
   return w.done();
 }
-
-const TAG_GRANT_ACK = (3 << 3) | 2; // ConnectRequest.grant_ack
 
 /**
  * `ConnectRequest{grant_ack: {report_id, action_id, epoch}}` in the binary
@@ -320,8 +325,8 @@ const RESPONSE_BATCH = 7;
  * every action. The result is the object `fromBinary` gives for the same
  * bytes. Anything else (a welcome, a revoke, a field this does not know, a
  * value past 2^53 − 1, a payload that is not plain JSON) is undefined: the
- * caller decodes it the ordinary way. protobuf-es's reflective decoder was
- * about a tenth of an agent's CPU with no-op handlers.
+ * caller decodes it the ordinary way. protobuf-es's `fromBinary` was about a
+ * tenth of an agent's CPU with no-op handlers.
  */
 export function decodeServerMessage(bytes: Buffer): ConnectResponse | undefined {
   return decodeConnect(bytes, RESPONSE_BATCH, responseAt, (messages) => ({
@@ -393,7 +398,8 @@ function fieldAt(r: Reader, end: number): number {
 /**
  * Reads the fields of a message ending at `end`, each at most once, calling
  * `field` with its number and wire type; false when `field` declines one or
- * a field comes twice (protobuf merges a repeated message field: left to protobuf-es).
+ * any field comes twice (a message field twice is merged, a scalar's last
+ * value wins: none of that is worth reading by hand).
  */
 function fields(r: Reader, end: number, field: (n: number, wireType: number) => boolean): boolean {
   let seen = 0;

@@ -1,4 +1,4 @@
-import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { create, type DescMessage, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { describe, expect, it } from "vitest";
 import { ConnectRequestSchema, ConnectResponseSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
@@ -283,21 +283,10 @@ describe("decodeBareHeartbeat", () => {
 });
 
 describe("decodeServerMessage", () => {
-  // Shapes the tests build freely (JSON payloads, any enum number): protobuf-es checks nothing here.
-  const response = (message: object) =>
-    Buffer.from(
-      toBinary(
-        ConnectResponseSchema,
-        create(ConnectResponseSchema, { message } as MessageInitShape<typeof ConnectResponseSchema>),
-      ),
-    );
+  const response = (message: object) => encoded(ConnectResponseSchema, message);
   /** The fast decoder gives either nothing or exactly what protobuf-es gives. */
-  const agrees = (bytes: Buffer, what: string) => {
-    const fast = decodeServerMessage(bytes);
-    if (fast === undefined) return false;
-    expect(fast, what).toStrictEqual(fromBinary(ConnectResponseSchema, bytes));
-    return true;
-  };
+  const ordinary = (bytes: Buffer) => fromBinary(ConnectResponseSchema, bytes);
+  const agrees = (bytes: Buffer, what: string) => agreesWith(decodeServerMessage, ordinary, bytes, what);
 
   const grants = payloads.flatMap((payload) =>
     [null, { step: 3, log: ["é", null] }].map((checkpoint, i) =>
@@ -385,65 +374,70 @@ describe("decodeServerMessage", () => {
   });
 
   it("never gives anything but what fromBinary gives, whatever the bytes", () => {
-    // Every cut of a known message, and random changes to its bytes: declined, or the same message.
-    let decoded = 0;
-    let declined = 0;
     const samples = [grants[3], grants[9], grants[11], results[7], acks[5]] as Buffer[];
-    for (const bytes of samples) {
-      for (let cut = 0; cut < bytes.length; cut++) {
-        if (agrees(bytes.subarray(0, cut), `cut at ${cut}`)) decoded++;
-        else declined++;
-      }
-      for (const changed of corruptions(bytes, 2000, 7)) {
-        let ordinary = true;
-        try {
-          fromBinary(ConnectResponseSchema, changed);
-        } catch {
-          ordinary = false;
-        }
-        const what = changed.toString("hex");
-        if (!ordinary) expect(decodeServerMessage(changed), what).toBeUndefined();
-        else if (agrees(changed, what)) decoded++;
-        else declined++;
-      }
-    }
-    // Both branches ran: the property is not vacuous.
-    expect(decoded).toBeGreaterThan(100);
-    expect(declined).toBeGreaterThan(100);
+    expectNeverDiffers(samples, decodeServerMessage, ordinary, 7);
   });
 });
 
-/** Random changes to `bytes`, the same on every run. */
-function* corruptions(bytes: Buffer, count: number, seed: number): Generator<Buffer> {
+/** A ConnectRequest or ConnectResponse holding `message`, built freely (any JSON, any enum number). */
+function encoded<D extends DescMessage>(schema: D, message: object): Buffer {
+  return Buffer.from(toBinary(schema, create(schema, { message } as unknown as MessageInitShape<D>)));
+}
+
+type Decode = (bytes: Buffer) => unknown;
+
+/** Whether `fast` decoded `bytes`; when it did, it must give exactly what `ordinary` gives. */
+function agreesWith(fast: Decode, ordinary: Decode, bytes: Buffer, what: string): boolean {
+  const decoded = fast(bytes);
+  if (decoded === undefined) return false;
+  expect(decoded, what).toStrictEqual(ordinary(bytes));
+  return true;
+}
+
+/**
+ * A fast decoder never gives anything but what `ordinary` gives: for every
+ * cut of each sample, and 2,000 random changes to its bytes, it declines or
+ * gives the same message, and it declines what `ordinary` cannot read.
+ */
+function expectNeverDiffers(samples: readonly Buffer[], fast: Decode, ordinary: Decode, seed: number): void {
+  let decoded = 0;
+  let declined = 0;
   const random = () => {
     seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31;
     return seed / 2 ** 31;
   };
-  for (let i = 0; i < count; i++) {
-    const changed = Buffer.from(bytes);
-    for (let k = 1 + Math.floor(random() * 3); k > 0; k--)
-      changed[Math.floor(random() * changed.length)] = Math.floor(random() * 256);
-    yield changed;
+  for (const bytes of samples) {
+    for (let cut = 0; cut < bytes.length; cut++) {
+      if (agreesWith(fast, ordinary, bytes.subarray(0, cut), `cut at ${cut}`)) decoded++;
+      else declined++;
+    }
+    for (let i = 0; i < 2000; i++) {
+      const changed = Buffer.from(bytes);
+      for (let k = 1 + Math.floor(random() * 3); k > 0; k--)
+        changed[Math.floor(random() * changed.length)] = Math.floor(random() * 256);
+      const what = changed.toString("hex");
+      let readable = true;
+      try {
+        ordinary(changed);
+      } catch {
+        readable = false;
+      }
+      if (!readable) expect(fast(changed), what).toBeUndefined();
+      else if (agreesWith(fast, ordinary, changed, what)) decoded++;
+      else declined++;
+    }
   }
+  // Both branches ran: the property is not vacuous.
+  expect(decoded).toBeGreaterThan(100);
+  expect(declined).toBeGreaterThan(100);
 }
 
 describe("decodeWorkerReports", () => {
-  const request = (message: object) =>
-    Buffer.from(
-      toBinary(
-        ConnectRequestSchema,
-        create(ConnectRequestSchema, { message } as MessageInitShape<typeof ConnectRequestSchema>),
-      ),
-    );
+  const request = (message: object) => encoded(ConnectRequestSchema, message);
   /** What the server's ordinary decoder reads (unknown fields skipped). */
   const ordinary = (bytes: Uint8Array) =>
     fromBinary(ConnectRequestSchema, bytes, { readUnknownFields: false });
-  const agrees = (bytes: Buffer, what: string) => {
-    const fast = decodeWorkerReports(bytes);
-    if (fast === undefined) return false;
-    expect(fast, what).toStrictEqual(ordinary(bytes));
-    return true;
-  };
+  const agrees = (bytes: Buffer, what: string) => agreesWith(decodeWorkerReports, ordinary, bytes, what);
   const completion = (value: object) =>
     request({ case: "completion", value: { reportId: 7n, actionId: "a-1", epoch: 2n, ...value } });
   const completions = [
@@ -502,30 +496,9 @@ describe("decodeWorkerReports", () => {
   });
 
   it("never gives anything but what fromBinary gives, whatever the bytes", () => {
-    let decoded = 0;
-    let declined = 0;
     const samples = [completions[2], completions[4], completions[7], acks[1]] as Buffer[];
     samples.push(encodeRequestBatch([acks[2], completions[3]] as Buffer[]));
-    for (const bytes of samples) {
-      for (let cut = 0; cut < bytes.length; cut++) {
-        if (agrees(bytes.subarray(0, cut), `cut at ${cut}`)) decoded++;
-        else declined++;
-      }
-      for (const changed of corruptions(bytes, 2000, 11)) {
-        const what = changed.toString("hex");
-        let readable = true;
-        try {
-          ordinary(changed);
-        } catch {
-          readable = false;
-        }
-        if (!readable) expect(decodeWorkerReports(changed), what).toBeUndefined();
-        else if (agrees(changed, what)) decoded++;
-        else declined++;
-      }
-    }
-    expect(decoded).toBeGreaterThan(100);
-    expect(declined).toBeGreaterThan(100);
+    expectNeverDiffers(samples, decodeWorkerReports, ordinary, 11);
   });
 
   it("is validated as the ordinary path validates: what the validator refuses is decoded again", () => {

@@ -170,11 +170,23 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
         : (query = q, query.active = true)
 
       build(q)
-      return write(toBuffer(q))
+      const written = write(toBuffer(q))
+      // Leasehold patch: `onexecute` is how sql.begin reserves the connection
+      // its BEGIN went to. It was the last term of the chain below, so a BEGIN
+      // that filled the pipeline (or met a full socket buffer) was sent without
+      // it: the caller got UNSAFE_TRANSACTION, the transaction stayed open on the
+      // server, and the pool handed the connection to other queries, which ran
+      // inside it (porsager/postgres#823, #1210; fixes proposed in #1207, #1211,
+      // #1218). Run it whenever the query went out; a socket already gone has
+      // failed the query, and the connection belongs to the closed queue.
+      if (q.options.onexecute) {
+        socket && q.options.onexecute(connection)
+        return false
+      }
+      return written
         && !q.describeFirst
         && !q.cursorFn
         && sent.length < max_pipeline
-        && (!q.options.onexecute || q.options.onexecute(connection))
     } catch (error) {
       sent.length === 0 && write(Sync)
       errored(error)
@@ -306,7 +318,9 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
 
   /* c8 ignore next 3 */
   function drain() {
-    !query && onopen(connection)
+    // Leasehold patch: a connection reserved by a transaction stays out of the
+    // pool until the transaction ends, however its socket drains (#1207).
+    !query && !connection.reserved && onopen(connection)
   }
 
   function data(x) {

@@ -18,7 +18,7 @@ import type { FastDecoders } from "./rpc/adapter.js";
 import type { Authenticator } from "./rpc/authenticator.js";
 import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
 import { createRpcServer, refusalLogger } from "./rpc/server.js";
-import { actionServiceBinding } from "./rpc/services/action-service.js";
+import { ACTION_FAST_DECODERS, actionServiceBinding } from "./rpc/services/action-service.js";
 import { clusterServiceBinding } from "./rpc/services/cluster-service.js";
 import { eventServiceBinding } from "./rpc/services/event-service.js";
 import { leaseServiceBinding, resourceServiceBinding } from "./rpc/services/scope-services.js";
@@ -120,8 +120,9 @@ const SERVICES = [
   ResourceService,
 ] as unknown as readonly GenService<GenServiceMethods>[];
 
-/** Decoders tried first for some streams' messages, by service (see `FastDecoders`). */
+/** Decoders tried first for some methods' requests, by service (see `FastDecoders`). */
 const FAST_DECODERS: Readonly<Record<string, FastDecoders>> = {
+  [ActionService.typeName]: ACTION_FAST_DECODERS,
   [WorkerService.typeName]: WORKER_FAST_DECODERS,
 };
 

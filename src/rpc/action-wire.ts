@@ -1,6 +1,21 @@
-import { ActionState } from "../gen/leasehold/v1/action_pb.js";
+import type { Duration } from "@bufbuild/protobuf/wkt";
+import {
+  ActionState,
+  type RetryPolicy,
+  type SubmitActionRequest,
+  type SubmitActionsRequest,
+} from "../gen/leasehold/v1/action_pb.js";
 import type { ActionRecord } from "../work/action.js";
-import { isCount, messageFieldSize, stringFieldSize, uintFieldSize, Writer } from "./wire.js";
+import {
+  DECLINE,
+  fields,
+  isCount,
+  messageFieldSize,
+  Reader,
+  stringFieldSize,
+  uintFieldSize,
+  Writer,
+} from "./wire.js";
 
 /** The fields of one item's result: the action as stored, and whether this call created it. */
 export interface SubmitResult {
@@ -67,4 +82,153 @@ export function encodeBasicSubmitResults(results: readonly SubmitResult[]): Buff
     w.uint(2, created ? 1 : 0);
   }
   return w.done();
+}
+
+/** Largest value of an int32 field (a negative one takes ten bytes: left to protobuf-es). */
+const INT32_MAX = 0x7fffffff;
+const UINT32_MAX = 0xffffffff;
+
+/**
+ * `SubmitActionsRequest` decoded by hand: the object `fromBinary` gives for
+ * the same bytes, or undefined for anything outside what clients send (a
+ * field this does not know or that comes twice, a negative or out-of-range
+ * number, a Struct that is not plain JSON, bytes cut short); the caller then
+ * decodes it the ordinary way, and runs the request validator either way.
+ * protobuf-es took 0.4–17 ms for a call of 1,000 actions, most on the first
+ * calls of a process, while its reader was not yet compiled.
+ */
+export function decodeSubmitActionsRequest(bytes: Buffer): SubmitActionsRequest | undefined {
+  const r = new Reader(bytes);
+  const actions: SubmitActionRequest[] = [];
+  let view = 0;
+  const ok = fields(
+    r,
+    bytes.length,
+    (n, wireType) => {
+      if (n === 1 && wireType === 2) {
+        const end = r.delimited(bytes.length);
+        const action = end === DECLINE ? undefined : submitActionAt(r, end);
+        if (action === undefined) return false;
+        actions.push(action);
+        return true;
+      }
+      if (n !== 2 || wireType !== 0) return false;
+      view = r.varint(bytes.length);
+      return view !== DECLINE && view <= INT32_MAX;
+    },
+    1 << 1,
+  );
+  return ok ? { $typeName: "leasehold.v1.SubmitActionsRequest", actions, view } : undefined;
+}
+
+function submitActionAt(r: Reader, end: number): SubmitActionRequest | undefined {
+  const action: SubmitActionRequest = {
+    $typeName: "leasehold.v1.SubmitActionRequest",
+    requestId: "",
+    cluster: "",
+    runId: "",
+    labelSelector: {},
+    priority: 0,
+    maxSystemRetries: 0,
+  };
+  const ok = fields(
+    r,
+    end,
+    (n, wireType) => {
+      if (n === 6 || n === 8) {
+        if (wireType !== 0) return false;
+        const v = r.varint(end);
+        if (v === DECLINE || v > (n === 6 ? INT32_MAX : UINT32_MAX)) return false;
+        if (n === 6) action.priority = v;
+        else action.maxSystemRetries = v;
+        return true;
+      }
+      if (wireType !== 2 || n < 1 || n > 7) return false;
+      const to = r.delimited(end);
+      if (to === DECLINE) return false;
+      switch (n) {
+        case 4:
+          return labelAt(r, to, action.labelSelector);
+        case 5: {
+          const payload = r.struct(to);
+          if (payload === undefined || r.at !== to) return false;
+          action.payload = payload;
+          return true;
+        }
+        case 7: {
+          const policy = retryPolicyAt(r, to);
+          if (policy === undefined) return false;
+          action.retryPolicy = policy;
+          return true;
+        }
+        default: {
+          const text = r.string(to);
+          if (text === undefined) return false;
+          if (n === 1) action.requestId = text;
+          else if (n === 2) action.cluster = text;
+          else action.runId = text;
+          return true;
+        }
+      }
+    },
+    1 << 4,
+  );
+  return ok ? action : undefined;
+}
+
+/** One entry of the label_selector map, into `labels` (a later entry of one key wins, as in protobuf-es). */
+function labelAt(r: Reader, end: number, labels: { [key: string]: string }): boolean {
+  let key: string | undefined = "";
+  let value: string | undefined = "";
+  const ok = fields(r, end, (n, wireType) => {
+    if (wireType !== 2 || (n !== 1 && n !== 2)) return false;
+    const to = r.delimited(end);
+    const text = to === DECLINE ? undefined : r.string(to);
+    if (n === 1) key = text;
+    else value = text;
+    return text !== undefined;
+  });
+  if (!ok || key === undefined || value === undefined || key === "__proto__") return false;
+  labels[key] = value;
+  return true;
+}
+
+function retryPolicyAt(r: Reader, end: number): RetryPolicy | undefined {
+  const policy: RetryPolicy = { $typeName: "leasehold.v1.RetryPolicy", maxAttempts: 0, backoffMultiplier: 0 };
+  const ok = fields(r, end, (n, wireType) => {
+    if (n === 1) {
+      if (wireType !== 0) return false;
+      const v = r.varint(end);
+      policy.maxAttempts = v;
+      return v !== DECLINE && v <= UINT32_MAX;
+    }
+    if (n === 3) {
+      if (wireType !== 1 || end - r.at < 8) return false;
+      policy.backoffMultiplier = r.bytes.readDoubleLE(r.at);
+      r.at += 8;
+      return true;
+    }
+    if ((n !== 2 && n !== 4) || wireType !== 2) return false;
+    const to = r.delimited(end);
+    const duration = to === DECLINE ? undefined : durationAt(r, to);
+    if (duration === undefined) return false;
+    if (n === 2) policy.initialBackoff = duration;
+    else policy.maxBackoff = duration;
+    return true;
+  });
+  return ok ? policy : undefined;
+}
+
+/** A google.protobuf.Duration of non-negative seconds and nanos (a negative one is left to protobuf-es). */
+function durationAt(r: Reader, end: number): Duration | undefined {
+  const duration: Duration = { $typeName: "google.protobuf.Duration", seconds: 0n, nanos: 0 };
+  const ok = fields(r, end, (n, wireType) => {
+    if ((n !== 1 && n !== 2) || wireType !== 0) return false;
+    const v = r.varint(end);
+    if (v === DECLINE) return false;
+    if (n === 1) duration.seconds = BigInt(v);
+    else duration.nanos = v;
+    return n === 1 || v <= INT32_MAX;
+  });
+  return ok ? duration : undefined;
 }

@@ -246,10 +246,11 @@ const decoder = (desc: DescMessage) => (bytes: Buffer) => fromBinary(desc, bytes
 export const keepBytes = (bytes: Buffer): Buffer => bytes;
 
 /**
- * Decoders tried before the ordinary one for the messages of a stream, by
- * method (`localName`): each gives the decoded message for the few byte
- * patterns it knows (exactly what `fromBinary` gives, and nothing the request
- * validator refuses), and undefined for everything else.
+ * Decoders tried before the ordinary one for a method's requests (each
+ * message of a stream, or a unary call's request), by method (`localName`):
+ * each gives the decoded message for the byte patterns it knows (exactly what
+ * `fromBinary` gives, and nothing the request validator refuses), and
+ * undefined for everything else.
  */
 export type FastDecoders = Readonly<Record<string, (bytes: Buffer) => object | undefined>>;
 
@@ -402,6 +403,7 @@ export function createServiceHandlers<S extends GenServiceMethods>(
   service: GenService<S>,
   impl: ServiceImpl<S>,
   deps: HandlerDeps,
+  fastDecoders: FastDecoders = {},
 ): grpc.UntypedServiceImplementation {
   const handlers: grpc.UntypedServiceImplementation = {};
   for (const method of service.methods) {
@@ -409,7 +411,13 @@ export function createServiceHandlers<S extends GenServiceMethods>(
     const fn: unknown = (impl as Record<string, unknown>)[method.localName] ?? unimplemented(method);
     switch (method.methodKind) {
       case "unary":
-        handlers[method.localName] = unaryHandler(method, fn as UnaryFn, deps, path);
+        handlers[method.localName] = unaryHandler(
+          method,
+          fn as UnaryFn,
+          deps,
+          path,
+          fastDecoders[method.localName],
+        );
         break;
       case "server_streaming":
         handlers[method.localName] = serverStreamHandler(method, fn as ServerStreamFn, deps, path);
@@ -526,6 +534,7 @@ function unaryHandler(
   fn: UnaryFn,
   deps: HandlerDeps,
   path: string,
+  fast: ((bytes: Buffer) => object | undefined) | undefined,
 ): grpc.handleUnaryCall<unknown, unknown> {
   const decode = requestDecoder(method.input);
   return (call, callback) => {
@@ -533,7 +542,8 @@ function unaryHandler(
     let access: Access | undefined;
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
-      const request = decode(call.request as Buffer);
+      const bytes = call.request as Buffer;
+      const request = fast?.(bytes) ?? decode(bytes);
       if (request instanceof RejectedRequest) throw request.error;
       return fn(request, ctx);
     })()

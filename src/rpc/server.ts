@@ -21,7 +21,7 @@ import { releaseDecodedChunks } from "./stream-decoder-release.js";
 export interface ServiceBinding {
   readonly service: GenService<GenServiceMethods>;
   readonly impl: ServiceImpl<GenServiceMethods>;
-  /** Decoders tried first for the messages of some of its streams (see `FastDecoders`). */
+  /** Decoders tried first for the requests of some of its methods (see `FastDecoders`). */
   readonly fastDecoders?: FastDecoders | undefined;
 }
 
@@ -120,7 +120,7 @@ export async function createRpcServer(
   for (const { service, impl, fastDecoders } of options.services) {
     server.addService(
       createServiceDefinition(service, fastDecoders),
-      createServiceHandlers(service, impl, deps),
+      createServiceHandlers(service, impl, deps, fastDecoders),
     );
   }
   health.addToServer(server);

@@ -208,6 +208,31 @@ export class Writer {
   }
 }
 
+/**
+ * Reads the fields of a message ending at `end`, calling `field` with each
+ * one's number and wire type; false when `field` declines one or a field
+ * comes twice that is not in `repeated` (a bit mask of field numbers: a
+ * message field twice is merged, a scalar's last value wins, none of which is
+ * worth reading by hand).
+ */
+export function fields(
+  r: Reader,
+  end: number,
+  field: (n: number, wireType: number) => boolean,
+  repeated = 0,
+): boolean {
+  let seen = 0;
+  while (r.at < end) {
+    const tag = r.bytes[r.at++] as number;
+    const n = tag >>> 3;
+    // One-byte tags only: fields 1 to 15.
+    if (tag >= 0x80 || n === 0 || seen & (1 << n) & ~repeated) return false;
+    seen |= 1 << n;
+    if (!field(n, tag & 7)) return false;
+  }
+  return r.at === end;
+}
+
 /** What a {@link Reader} read gives for bytes outside its patterns. */
 export const DECLINE = -1;
 

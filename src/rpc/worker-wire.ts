@@ -26,6 +26,7 @@ import type { JsonObject } from "../work/action.js";
 import type { RejectReason, ServerMessage } from "../work/worker-messages.js";
 import {
   DECLINE,
+  fields,
   isCount,
   messageFieldSize,
   Reader,
@@ -393,25 +394,6 @@ function fieldAt(r: Reader, end: number): number {
   const tag = r.bytes[r.at++] as number;
   if (tag >= 0x80 || (tag & 7) !== 2) return DECLINE;
   return r.delimited(end) === end ? tag >>> 3 : DECLINE;
-}
-
-/**
- * Reads the fields of a message ending at `end`, each at most once, calling
- * `field` with its number and wire type; false when `field` declines one or
- * any field comes twice (a message field twice is merged, a scalar's last
- * value wins: none of that is worth reading by hand).
- */
-function fields(r: Reader, end: number, field: (n: number, wireType: number) => boolean): boolean {
-  let seen = 0;
-  while (r.at < end) {
-    const tag = r.bytes[r.at++] as number;
-    const n = tag >>> 3;
-    // One-byte tags only: fields 1 to 15.
-    if (tag >= 0x80 || n === 0 || seen & (1 << n)) return false;
-    seen |= 1 << n;
-    if (!field(n, tag & 7)) return false;
-  }
-  return r.at === end;
 }
 
 /** A uint64 field's value as protobuf-es gives it, or undefined past 2^53 − 1. */

@@ -12,6 +12,7 @@ import {
   AttemptOutcome,
   type AttemptSchema,
   type SubmitActionRequest,
+  SubmitActionsRequestSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
 import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
 import {
@@ -24,8 +25,9 @@ import {
 } from "../../work/action.js";
 import type { ActionService as Actions } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
-import { encodeBasicSubmitResults } from "../action-wire.js";
-import { EncodedResponse } from "../adapter.js";
+import { decodeSubmitActionsRequest, encodeBasicSubmitResults } from "../action-wire.js";
+import { EncodedResponse, type FastDecoders } from "../adapter.js";
+import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
 import { toProtoEvent } from "./event-service.js";
@@ -38,6 +40,20 @@ const DAY_MS = 24 * 60 * 60 * 1000;
  * request names only its id); the adapter checked the method's right exists
  * somewhere already.
  */
+const validateSubmitActions = requestValidator(SubmitActionsRequestSchema);
+
+/**
+ * A bulk submit is decoded without protobuf-es (action-wire.ts); the request
+ * validator still runs, and a request it refuses is decoded again the
+ * ordinary way, which answers it as before.
+ */
+export const ACTION_FAST_DECODERS: FastDecoders = {
+  submitActions(bytes) {
+    const request = decodeSubmitActionsRequest(bytes);
+    return request && validateSubmitActions(request) === undefined ? request : undefined;
+  },
+};
+
 export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRACING): ServiceBinding {
   return bind(ActionService, {
     async submitAction(request, ctx) {

@@ -1,0 +1,124 @@
+import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import {
+  ActionView,
+  SubmitActionRequestSchema,
+  SubmitActionsRequestSchema,
+} from "../../src/gen/leasehold/v1/action_pb.js";
+import { decodeSubmitActionsRequest } from "../../src/rpc/action-wire.js";
+import { RejectedRequest, requestDecoder } from "../../src/rpc/request-decoder.js";
+import { ACTION_FAST_DECODERS } from "../../src/rpc/services/action-service.js";
+import { agreesWith, expectNeverDiffers } from "../helpers/wire.js";
+
+type Init = MessageInitShape<typeof SubmitActionsRequestSchema>;
+const request = (init: Init) =>
+  Buffer.from(toBinary(SubmitActionsRequestSchema, create(SubmitActionsRequestSchema, init)));
+/** What the server's ordinary decoder reads (unknown fields skipped). */
+const ordinary = (bytes: Uint8Array) =>
+  fromBinary(SubmitActionsRequestSchema, bytes, { readUnknownFields: false });
+
+/** Every field of SubmitActionRequest, at its edges. */
+const everything = request({
+  actions: [
+    {
+      requestId: "req-ação-1",
+      cluster: "east",
+      runId: "run-7",
+      labelSelector: { gpu: "a100", zone: "", "": "empty key" },
+      payload: {
+        n: 1,
+        s: "x",
+        b: true,
+        z: null,
+        list: [1, "two", { three: [] }],
+        nested: { deep: { x: -1.5 } },
+      },
+      priority: 2 ** 31 - 1,
+      retryPolicy: {
+        maxAttempts: 2 ** 32 - 1,
+        initialBackoff: { seconds: 1n, nanos: 500_000_000 },
+        backoffMultiplier: 1.5,
+        maxBackoff: { seconds: 2n ** 53n - 1n, nanos: 999_999_999 },
+      },
+      maxSystemRetries: 2 ** 32 - 1,
+    },
+    {},
+    { cluster: "west", payload: {} },
+    { cluster: "west", retryPolicy: {} },
+    { cluster: "west", retryPolicy: { backoffMultiplier: Number.NaN, initialBackoff: {} } },
+  ],
+  view: ActionView.BASIC,
+});
+/** What the peers' comparison sends: 1,000 actions of one cluster with a small payload. */
+const bulk = request({
+  actions: Array.from({ length: 1000 }, (_, i) => ({ cluster: "bench", payload: { n: i } })),
+  view: ActionView.BASIC,
+});
+
+describe("decodeSubmitActionsRequest", () => {
+  const agrees = (bytes: Buffer, what: string) =>
+    agreesWith(decodeSubmitActionsRequest, ordinary, bytes, what);
+
+  it("gives exactly what fromBinary gives for what clients send", () => {
+    expect(agrees(everything, "every field")).toBe(true);
+    expect(agrees(bulk, "1,000 actions")).toBe(true);
+    expect(agrees(request({}), "nothing")).toBe(true);
+    expect(agrees(request({ view: 77 as ActionView }), "a view this server does not know")).toBe(true);
+    // Two requests sent as one: their actions are concatenated.
+    const joined = Buffer.concat([
+      request({ actions: [{ cluster: "a" }] }),
+      request({ actions: [{ cluster: "b" }] }),
+    ]);
+    expect(agrees(joined, "two requests joined")).toBe(true);
+    // A map key given twice in one action: the later entry wins, as in protobuf-es.
+    const entries = Buffer.concat(
+      ["first", "second"].map((v) =>
+        Buffer.from(
+          toBinary(SubmitActionRequestSchema, create(SubmitActionRequestSchema, { labelSelector: { k: v } })),
+        ),
+      ),
+    );
+    const twice = Buffer.concat([Buffer.from([0x0a, entries.length]), entries]);
+    expect(agrees(twice, "a label key twice")).toBe(true);
+    expect(decodeSubmitActionsRequest(twice)?.actions[0]?.labelSelector).toEqual({ k: "second" });
+  });
+
+  it("declines what it does not read by hand, for protobuf-es to read", () => {
+    const declined: [string, Buffer][] = [
+      ["a negative priority (ten bytes)", request({ actions: [{ priority: -1 }] })],
+      ["a negative backoff", request({ actions: [{ retryPolicy: { initialBackoff: { seconds: -1n } } }] })],
+      ["an unknown field", Buffer.concat([request({ actions: [{}] }), Buffer.from([0x78, 0x01])])],
+      ["the view twice", Buffer.concat([request({ view: 1 }), request({ view: 2 })])],
+      ["a label key __proto__", request({ actions: [{ labelSelector: { ["__proto__"]: "x" } }] })],
+      ["a payload that is not JSON", request({ actions: [{ payload: { x: Number.POSITIVE_INFINITY } }] })],
+      ["a cluster that is not UTF-8", Buffer.from([0x0a, 0x03, 0x12, 0x01, 0xff])],
+    ];
+    for (const [what, bytes] of declined) expect(decodeSubmitActionsRequest(bytes), what).toBeUndefined();
+  });
+
+  it("never gives anything but what fromBinary gives, whatever the bytes", () => {
+    expectNeverDiffers(
+      [everything, request({ actions: [{ cluster: "c", payload: { n: 1 } }] })],
+      decodeSubmitActionsRequest,
+      ordinary,
+      11,
+    );
+  });
+});
+
+describe("the server's decoder of SubmitActions", () => {
+  const fast = ACTION_FAST_DECODERS.submitActions as (bytes: Buffer) => object | undefined;
+  const decode = requestDecoder(SubmitActionsRequestSchema);
+
+  it("gives what the ordinary decoder gives for a valid request", () => {
+    expect(fast(bulk)).toStrictEqual(decode(bulk));
+  });
+
+  it("leaves a request the validator refuses to the ordinary decoder, which answers it", () => {
+    const tooLong = request({ actions: [{ cluster: "c", requestId: "r".repeat(10_000) }] });
+    expect(fast(tooLong)).toBeUndefined();
+    const answer = decode(tooLong);
+    expect(answer).toBeInstanceOf(RejectedRequest);
+    expect((answer as RejectedRequest).error.message).toContain("actions[0].request_id");
+  });
+});

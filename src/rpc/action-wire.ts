@@ -1,9 +1,12 @@
-import type { Duration } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import {
+  type Action,
   ActionState,
   type RetryPolicy,
   type SubmitActionRequest,
+  type SubmitActionResponse,
   type SubmitActionsRequest,
+  type SubmitActionsResponse,
 } from "../gen/leasehold/v1/action_pb.js";
 import type { ActionRecord } from "../work/action.js";
 import {
@@ -210,7 +213,10 @@ function retryPolicyAt(r: Reader, end: number): RetryPolicy | undefined {
     }
     if ((n !== 2 && n !== 4) || wireType !== 2) return false;
     const to = r.delimited(end);
-    const duration = to === DECLINE ? undefined : durationAt(r, to);
+    const duration =
+      to === DECLINE
+        ? undefined
+        : secondsAndNanosAt(r, to, { $typeName: "google.protobuf.Duration", seconds: 0n, nanos: 0 });
     if (duration === undefined) return false;
     if (n === 2) policy.initialBackoff = duration;
     else policy.maxBackoff = duration;
@@ -219,16 +225,124 @@ function retryPolicyAt(r: Reader, end: number): RetryPolicy | undefined {
   return ok ? policy : undefined;
 }
 
-/** A google.protobuf.Duration of non-negative seconds and nanos (a negative one is left to protobuf-es). */
-function durationAt(r: Reader, end: number): Duration | undefined {
-  const duration: Duration = { $typeName: "google.protobuf.Duration", seconds: 0n, nanos: 0 };
+/**
+ * `SubmitActionsResponse` in ACTION_VIEW_BASIC decoded by hand (the client's
+ * side of {@link encodeBasicSubmitResults}): the object `fromBinary` gives
+ * for the same bytes, or undefined for anything else (the full view, a field
+ * twice, a time before 1970, a value past 2^53 − 1), which the client then
+ * decodes the ordinary way. protobuf-es took 1.5–21 ms for an answer of
+ * 1,000, most on a process's first calls.
+ */
+export function decodeBasicSubmitResults(bytes: Buffer): SubmitActionsResponse | undefined {
+  const r = new Reader(bytes);
+  const results: SubmitActionResponse[] = [];
+  const ok = fields(
+    r,
+    bytes.length,
+    (n, wireType) => {
+      if (n !== 1 || wireType !== 2) return false;
+      const end = r.delimited(bytes.length);
+      const result = end === DECLINE ? undefined : submitResultAt(r, end);
+      if (result === undefined) return false;
+      results.push(result);
+      return true;
+    },
+    1 << 1,
+  );
+  return ok ? { $typeName: "leasehold.v1.SubmitActionsResponse", results } : undefined;
+}
+
+function submitResultAt(r: Reader, end: number): SubmitActionResponse | undefined {
+  const result: SubmitActionResponse = { $typeName: "leasehold.v1.SubmitActionResponse", created: false };
+  const ok = fields(r, end, (n, wireType) => {
+    if (n === 2 && wireType === 0) {
+      // A bool written as 0 or 1; any other varint is left to protobuf-es.
+      const v = r.varint(end);
+      result.created = v === 1;
+      return v === 0 || v === 1;
+    }
+    if (n !== 1 || wireType !== 2) return false;
+    const to = r.delimited(end);
+    const action = to === DECLINE ? undefined : basicActionAt(r, to);
+    if (action === undefined) return false;
+    result.action = action;
+    return true;
+  });
+  return ok ? result : undefined;
+}
+
+/** Tags of the basic view's fields past 15 (two bytes each): create_time (21) and created_by (25). */
+const TAG_CREATE_TIME = (21 << 3) | 2;
+const TAG_CREATED_BY = (25 << 3) | 2;
+
+/** An Action holding only the basic view's fields, each at most once. */
+function basicActionAt(r: Reader, end: number): Action | undefined {
+  const action: Action = {
+    $typeName: "leasehold.v1.Action",
+    id: "",
+    requestId: "",
+    runId: "",
+    cluster: "",
+    labelSelector: {},
+    priority: 0,
+    maxSystemRetries: 0,
+    state: 0,
+    epoch: 0n,
+    attemptCount: 0,
+    failureCount: 0,
+    systemRetryCount: 0,
+    cancelRequested: false,
+    failureReason: "",
+    phase: "",
+    createdBy: "",
+  };
+  const seen = new Set<number>();
+  while (r.at < end) {
+    const tag = r.varint(end);
+    if (tag === DECLINE || seen.has(tag)) return undefined;
+    seen.add(tag);
+    if (tag === 10 << 3) {
+      const state = r.varint(end);
+      if (state === DECLINE || state > INT32_MAX) return undefined;
+      action.state = state;
+      continue;
+    }
+    const to = r.delimited(end);
+    if (to === DECLINE) return undefined;
+    if (tag === TAG_CREATE_TIME) {
+      const time = secondsAndNanosAt(r, to, {
+        $typeName: "google.protobuf.Timestamp",
+        seconds: 0n,
+        nanos: 0,
+      });
+      if (time === undefined) return undefined;
+      action.createTime = time;
+      continue;
+    }
+    const text = r.string(to);
+    if (text === undefined) return undefined;
+    if (tag === ((1 << 3) | 2)) action.id = text;
+    else if (tag === ((2 << 3) | 2)) action.requestId = text;
+    else if (tag === ((3 << 3) | 2)) action.runId = text;
+    else if (tag === ((4 << 3) | 2)) action.cluster = text;
+    else if (tag === TAG_CREATED_BY) action.createdBy = text;
+    else return undefined;
+  }
+  return action;
+}
+
+/**
+ * A google.protobuf.Duration or Timestamp (seconds, nanos) into `into`, when
+ * both are non-negative (a negative one takes ten bytes: left to protobuf-es).
+ */
+function secondsAndNanosAt<T extends Duration | Timestamp>(r: Reader, end: number, into: T): T | undefined {
   const ok = fields(r, end, (n, wireType) => {
     if ((n !== 1 && n !== 2) || wireType !== 0) return false;
     const v = r.varint(end);
     if (v === DECLINE) return false;
-    if (n === 1) duration.seconds = BigInt(v);
-    else duration.nanos = v;
+    if (n === 1) into.seconds = BigInt(v);
+    else into.nanos = v;
     return n === 1 || v <= INT32_MAX;
   });
-  return ok ? duration : undefined;
+  return ok ? into : undefined;
 }

@@ -2,7 +2,15 @@ import type { DescMessage, MessageInitShape, MessageShape } from "@bufbuild/prot
 import { create, fromBinary } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
+import { ActionService } from "../gen/leasehold/v1/action_pb.js";
+import { decodeBasicSubmitResults } from "./action-wire.js";
 import { createServiceDefinition, encodeMessage, type FastDecoders, keepBytes } from "./adapter.js";
+
+/** Decoders every client tries first for some unary answers, by service (see `FastDecoders`). */
+const UNARY_DECODERS: Readonly<Record<string, FastDecoders>> = {
+  // A bulk submit's 1,000 results in the basic view (action-wire.ts).
+  [ActionService.typeName]: { submitActions: decodeBasicSubmitResults },
+};
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type Output<M> = M extends { output: infer O extends DescMessage } ? O : never;
@@ -61,6 +69,7 @@ async function unaryCall(
   metadata: grpc.Metadata,
   options: CallOptions | undefined,
   output: DescMessage,
+  fast: ((bytes: Buffer) => object | undefined) | undefined,
 ): Promise<unknown> {
   const bytes = await new Promise<Buffer>((resolve, reject) => {
     let unlink = () => {};
@@ -77,7 +86,7 @@ async function unaryCall(
     unlink = linkAbort(call, options?.signal);
   });
   try {
-    return fromBinary(output, bytes);
+    return fast?.(bytes) ?? fromBinary(output, bytes);
   } catch (error) {
     throw internalError(`Response message parsing error: ${(error as Error).message}`);
   }
@@ -108,7 +117,8 @@ function linkAbort(call: { cancel(): void }, signal: AbortSignal | undefined): (
  * options and interceptors parameters). In a unary call they see the request
  * and the answer as bytes (a Buffer in the binary format): see `unaryCall`.
  * `responseDecoders` are tried, by method, before `fromBinary` on each
- * message of a stream (the agent's Connect: worker-wire.ts).
+ * message of a stream (the agent's Connect: worker-wire.ts); a few unary
+ * answers have theirs built in (`UNARY_DECODERS`).
  */
 export function createClient<S extends GenServiceMethods>(
   service: GenService<S>,
@@ -119,6 +129,7 @@ export function createClient<S extends GenServiceMethods>(
   responseDecoders: FastDecoders = {},
 ): Client<S> {
   const outputs = new Map(service.methods.map((m) => [m.localName, m.output]));
+  const unaryDecoders = UNARY_DECODERS[service.typeName] ?? {};
   // A unary answer is decoded by `unaryCall`, not by grpc-js.
   const definition: grpc.ServiceDefinition = Object.fromEntries(
     Object.entries(createServiceDefinition(service)).map(([name, m]) => {
@@ -156,7 +167,14 @@ export function createClient<S extends GenServiceMethods>(
               internalError(`Request message serialization failure: ${(error as Error).message}`),
             );
           }
-          return unaryCall(fn, bytes, metadataOf(options), options, method.output);
+          return unaryCall(
+            fn,
+            bytes,
+            metadataOf(options),
+            options,
+            method.output,
+            unaryDecoders[method.localName],
+          );
         };
         break;
       case "server_streaming":

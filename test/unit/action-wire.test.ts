@@ -1,11 +1,13 @@
 import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import {
+  ActionState,
   ActionView,
   SubmitActionRequestSchema,
   SubmitActionsRequestSchema,
+  SubmitActionsResponseSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
-import { decodeSubmitActionsRequest } from "../../src/rpc/action-wire.js";
+import { decodeBasicSubmitResults, decodeSubmitActionsRequest } from "../../src/rpc/action-wire.js";
 import { RejectedRequest, requestDecoder } from "../../src/rpc/request-decoder.js";
 import { ACTION_FAST_DECODERS } from "../../src/rpc/services/action-service.js";
 import { agreesWith, expectNeverDiffers } from "../helpers/wire.js";
@@ -120,5 +122,65 @@ describe("the server's decoder of SubmitActions", () => {
     const answer = decode(tooLong);
     expect(answer).toBeInstanceOf(RejectedRequest);
     expect((answer as RejectedRequest).error.message).toContain("actions[0].request_id");
+  });
+});
+
+describe("decodeBasicSubmitResults", () => {
+  type Results = NonNullable<MessageInitShape<typeof SubmitActionsResponseSchema>["results"]>;
+  const answer = (results: Results) =>
+    Buffer.from(toBinary(SubmitActionsResponseSchema, create(SubmitActionsResponseSchema, { results })));
+  const ordinary = (bytes: Uint8Array) => fromBinary(SubmitActionsResponseSchema, bytes);
+  const agrees = (bytes: Buffer, what: string) => agreesWith(decodeBasicSubmitResults, ordinary, bytes, what);
+  const basic = answer([
+    {
+      action: {
+        id: "01a244d1-17ce-74ab-9bea-38954fe13bde",
+        requestId: "req-ação",
+        runId: "run-1",
+        cluster: "east",
+        state: ActionState.QUEUED,
+        createTime: { seconds: 1_796_450_396n, nanos: 123_000_000 },
+        createdBy: " alice ",
+      },
+      created: true,
+    },
+    { action: { id: "b", cluster: "east", state: ActionState.SUCCEEDED, createTime: {} }, created: false },
+    { action: {} },
+    {},
+  ]);
+
+  it("gives exactly what fromBinary gives for the basic view", () => {
+    expect(agrees(basic, "the basic view's fields")).toBe(true);
+    expect(agrees(answer([]), "no results")).toBe(true);
+    const many = answer(
+      Array.from({ length: 1000 }, (_, i) => ({
+        action: {
+          id: `id-${i}`,
+          cluster: "bench",
+          state: ActionState.QUEUED,
+          createTime: { seconds: BigInt(i) },
+        },
+        created: true,
+      })),
+    );
+    expect(agrees(many, "1,000 results")).toBe(true);
+  });
+
+  it("declines the full view and whatever it does not read, for protobuf-es to read", () => {
+    const declined: [string, Buffer][] = [
+      ["a payload (full view)", answer([{ action: { id: "a", payload: { n: 1 } } }])],
+      ["an epoch (full view)", answer([{ action: { id: "a", epoch: 3n } }])],
+      ["an update time (full view)", answer([{ action: { id: "a", updateTime: { seconds: 1n } } }])],
+      ["a time before 1970", answer([{ action: { id: "a", createTime: { seconds: -1n } } }])],
+      [
+        "a field twice",
+        Buffer.concat([answer([{ action: { id: "a" } }]).subarray(0, 2), Buffer.from([0x0a, 0x01, 0x61])]),
+      ],
+    ];
+    for (const [what, bytes] of declined) expect(decodeBasicSubmitResults(bytes), what).toBeUndefined();
+  });
+
+  it("never gives anything but what fromBinary gives, whatever the bytes", () => {
+    expectNeverDiffers([basic], decodeBasicSubmitResults, ordinary, 13);
   });
 });

@@ -3,12 +3,13 @@ import { describe, expect, it } from "vitest";
 import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
 
 /**
- * The patches of the vendored postgres.js (vendor/README.md) that a
- * transaction depends on. Unpatched, a BEGIN written to a connection whose
- * pipeline it filled never reserved that connection: the caller got
- * UNSAFE_TRANSACTION, the transaction stayed open on the server, and the
- * pool handed the connection to other queries, which then ran inside it,
- * uncommitted, though each had been answered.
+ * Patches of the vendored postgres.js (vendor/README.md), each shown here
+ * failing the way it failed unpatched. A BEGIN that filled a connection's
+ * pipeline never reserved that connection: the caller got UNSAFE_TRANSACTION,
+ * the transaction stayed open on the server, and the pool handed the
+ * connection to other queries, which then ran inside it, uncommitted, though
+ * each had been answered. A query that failed after sending some rows left
+ * the next query on its connection an answer with holes, as a success.
  */
 // Always on real PostgreSQL (DATABASE_URL's server, or the embedded one).
 describe("postgres.js transactions on a busy pool", () => {
@@ -40,6 +41,19 @@ describe("postgres.js transactions on a busy pool", () => {
     );
     expect(results).toEqual(Array.from({ length: 20 }, (_, i) => i));
     await expectNoOpenTransaction(store);
+  });
+});
+
+describe("postgres.js answers on a connection after a failed query", () => {
+  it("are whole when the query before failed after sending some rows", async () => {
+    await using store = await freshPostgresDatabase();
+    await using sql = pool(store, { max: 1 });
+    // Three rows, then division by zero; the next query waits in the same connection's pipeline.
+    const failing = sql`select i, 1 / (4 - i) as boom from generate_series(1, 10) i`.execute();
+    const next = sql`select x from generate_series(1, 5) x`.execute();
+    await expect(failing).rejects.toThrow("division by zero");
+    // Unpatched: eight elements, the first three holes, resolved as a success.
+    expect([...(await next)]).toEqual([1, 2, 3, 4, 5].map((x) => ({ x })));
   });
 });
 

@@ -576,6 +576,12 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
 
     query = results = errorResponse = null
     result = new Result()
+    // Leasehold patch: the count of rows read belongs to the query that just
+    // ended. CommandComplete resets it, but a query that failed after sending
+    // some rows never gets one, and the next query on this connection filled
+    // its answer from that count: an array with holes where its first rows
+    // belonged, resolved as a success (porsager/postgres#1119, #1181).
+    rows = 0
     connectTimer.cancel()
 
     if (initial) {

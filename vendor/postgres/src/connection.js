@@ -251,6 +251,8 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
     q.statement = q.prepared
       ? statements[q.signature]
       : { string, types, name: q.prepare ? statementId + statementCount++ : '' }
+    // Leasehold patch: see retry().
+    q.retryTypes && !q.prepared && (q.statement.types = q.retryTypes, q.describeFirst = false)
 
     typeof options.debug === 'function' && options.debug(id, string, parameters, types)
   }
@@ -478,6 +480,13 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
       return reconnect()
 
     !hadError && (query || sent.length) && error(Errors.connection('CONNECTION_CLOSED', options, socket))
+    // Leasehold patch: the query in flight, its error and its rows belonged to
+    // the closed backend. Left set, the next query to reopen this connection
+    // was failed with that old error (a 57P01 after a restart), and end()
+    // waited forever for the dead query's ReadyForQuery (porsager/postgres#1097).
+    query = results = errorResponse = null
+    result = new Result()
+    rows = 0
     closedTime = performance.now()
     hadError && options.shared.retries++
     delay = (typeof backoff === 'function' ? backoff(options.shared.retries) : backoff) * 1000
@@ -855,6 +864,12 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
   }
 
   function retry(q, error) {
+    // Leasehold patch: a statement prepared again (another process migrated a
+    // table it reads) goes out whole, Parse/Describe/Bind/Execute/Sync, with
+    // the parameter types already described. Sent as Parse/Describe/Flush, with
+    // its Bind after the answer, the queries pipelined meanwhile ran between
+    // the two, and their answers were given to each other.
+    q.retryTypes = q.statement.types
     delete statements[q.signature]
     q.retried = error
     execute(q)
@@ -992,7 +1007,10 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
         return b.i32(0xFFFFFFFF)
 
       type = types[i]
-      parameters[i] = x = type in options.serializers
+      // Leasehold patch: the serialized value is not written back into the
+      // query's parameters; a retry serialized it again (true became false,
+      // json encoded twice) (porsager/postgres#1197, fixed upstream by #1198).
+      x = type in options.serializers
         ? options.serializers[type](x)
         : '' + x
 

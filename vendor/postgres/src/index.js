@@ -237,12 +237,23 @@ function Postgres(a, b) {
     let savepoints = 0
       , connection
       , prepare = null
+      , closedError = null
 
     try {
       await sql.unsafe('begin ' + options.replace(/[^a-z ]/ig, ''), [], { onexecute }).execute()
       return await Promise.race([
         scope(connection, fn),
-        new Promise((_, reject) => connection.onclose = reject)
+        // Leasehold patch: once the transaction's connection closed, its queued
+        // queries fail, and so does every later query of the callback. They
+        // used to wait forever (porsager/postgres#1186), or run on the
+        // connection reopened for other work, outside any transaction, and stay
+        // (#1215, #1216).
+        new Promise((_, reject) => connection.onclose = e => {
+          closedError = e
+          while (queries.length)
+            queries.shift().reject(e)
+          reject(e)
+        })
       ])
     } catch (error) {
       throw error
@@ -289,6 +300,8 @@ function Postgres(a, b) {
       }
 
       function handler(q) {
+        if (closedError)
+          return q.reject(closedError)
         q.catch(e => uncaughtError || (uncaughtError = e))
         c.queue === full
           ? queries.push(q)
@@ -423,6 +436,14 @@ function Postgres(a, b) {
     c.reserved = null
     c.onclose && (c.onclose(e), c.onclose = null)
     options.onclose && options.onclose(c.id)
+    if (ending) {
+      // Leasehold patch: an ended pool fails the queries still waiting for a
+      // connection. It reopened one to run them after end() had resolved, and
+      // that connection stayed open, keeping the process alive.
+      while (queries.length)
+        queries.shift().reject(Errors.connection('CONNECTION_ENDED', options, options))
+      return
+    }
     queries.length && connect(c, queries.shift())
   }
 }

@@ -1,8 +1,10 @@
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
+import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
+import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
 import type { HelloInput } from "../store/queries/open-session.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
@@ -277,15 +279,21 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         hosted,
         reports,
         revokes,
-        graceMs,
         heartbeatAckSeconds: metrics.heartbeatAckSeconds,
         publishActions,
         queueChanged: scheduleDispatch,
+        markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
       },
       s,
     );
   }
+
+  /** Streams that ended, recorded together (a closing process or a network blip ends thousands at once). */
+  const lostStreams = createBatcher<LostStream, StreamLoss | undefined>(
+    (batch) => markStreamsLost(db, clock, batch, graceMs),
+    { maxBatch: 1000 },
+  );
 
   // ---- loops ---------------------------------------------------------------------------------------
 
@@ -418,7 +426,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       for (const t of timers) clearInterval(t);
       reaper.stop();
-      await Promise.all([dispatcher.idle(), reports.close(), hellos.close()]);
+      await Promise.all([dispatcher.idle(), reports.close(), hellos.close(), lostStreams.close()]);
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();

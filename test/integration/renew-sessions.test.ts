@@ -6,27 +6,16 @@ import { renewSessions } from "../../src/store/queries/renew-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
 import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
 import { createRenewal, RENEW_CHUNK } from "../../src/work/lease/renewal.js";
-import { useFreshDatabase } from "../helpers/database.js";
+import { useSessionsDatabase } from "../helpers/sessions.js";
 
 /** The renewal statement: one row back, naming only the sessions that are not last heard + grace. */
 describe("renewSessions", () => {
-  const database = useFreshDatabase();
+  const store = useSessionsDatabase();
   let db: Db;
-  beforeAll(async () => {
-    db = database.current.db;
-    await db.execute(sql`insert into clusters (name) values ('east')`);
+  beforeAll(() => {
+    db = store.db;
   });
-
-  /** A live session of its own worker, attached to stream `t-<id>`, its deadline `deadlineSecs` from now. */
-  async function session(id: string, deadlineSecs: number, ended = false): Promise<void> {
-    await db.execute(
-      sql`insert into workers (worker_id, cluster, capacity) values (${`w-${id}`}, 'east', 1)`,
-    );
-    await db.execute(sql`
-      insert into sessions (id, worker_id, server_id, stream_token, deadline, ended_at, principal)
-      values (${id}, ${`w-${id}`}, 'this-server', ${`t-${id}`}, now() + make_interval(secs => ${deadlineSecs}),
-              ${ended ? sql`now()` : null}, 'anonymous')`);
-  }
+  const session = store.session;
 
   const stored = async (id: string) => {
     const [row] = await queryRows<{ ms: unknown }>(

@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 import { type Clock, createFakeClock, databaseClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { insertActions } from "../../src/store/queries/insert-actions.js";
-import { markStreamLost } from "../../src/store/queries/mark-stream-lost.js";
+import { markStreamsLost } from "../../src/store/queries/mark-stream-lost.js";
 import { recordProgress } from "../../src/store/queries/record-progress.js";
 import { renewSessions } from "../../src/store/queries/renew-sessions.js";
 import { settleAndGrant } from "../../src/store/queries/settle-and-grant.js";
@@ -58,7 +58,7 @@ async function hotPathStatements(clock: Clock): Promise<SQL[]> {
   await renewSessions(db, clock, 10_000, [{ sessionId: "s", streamToken: "t", heardAt: 1 }], 5).catch(
     () => {},
   );
-  await markStreamLost(db, clock, "t", "s", 10, 10_000);
+  await markStreamsLost(db, clock, [{ sessionId: "s", streamToken: "t", agoMs: 10 }], 10_000);
   return captured;
 }
 

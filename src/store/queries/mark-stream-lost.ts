@@ -3,38 +3,66 @@ import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows, toDate } from "../rows.js";
 
+/** A stream that ended: its session, its token, and how long ago its worker was last heard. */
+export interface LostStream {
+  readonly sessionId: string;
+  readonly streamToken: string;
+  readonly agoMs: number;
+}
+
+/** A recorded loss: the session's deadline, its worker, and the database time of the statement. */
+export interface StreamLoss {
+  readonly deadline: Date;
+  readonly workerId: string;
+  readonly dbNow: Date;
+}
+
 /**
- * Records that a session's stream is gone (SPEC rule 1): the loss is visible
- * at once (stream_lost_at, event `stream_lost`) but the deadline keeps what
- * the worker earned: last heard (`agoMs` before now) + grace, never less.
+ * Records that sessions' streams are gone (SPEC rule 1), in ONE statement
+ * for the whole batch: the loss is visible at once (stream_lost_at, event
+ * `stream_lost`) but each deadline keeps what the worker earned: last heard
+ * (`agoMs` before now, whole milliseconds) + grace, never less. A process
+ * that closes, or a network blip, ends thousands of streams at once: one
+ * statement each made the closing server run out of time before they were
+ * written.
  *
- * Conditional on the session being live and still attached to this stream
+ * Conditional on each session being live and still attached to that stream
  * (its token), so a stream that was already taken over, here or elsewhere,
- * records nothing. Returns the deadline with the database time, so the
- * caller can wake its reaper then.
+ * records nothing: undefined at its index. Each loss comes with the database
+ * time, so the caller can wake its reaper at the deadline. Session ids and
+ * tokens are UUIDs: they go as comma-separated texts, as in renew-sessions.ts.
  */
-export async function markStreamLost(
+export async function markStreamsLost(
   db: Db,
   clock: Clock,
-  streamToken: string,
-  sessionId: string,
-  agoMs: number,
+  lost: readonly LostStream[],
   graceMs: number,
-): Promise<{ deadline: Date; workerId: string; dbNow: Date } | undefined> {
+): Promise<(StreamLoss | undefined)[]> {
+  const results = new Array<StreamLoss | undefined>(lost.length);
+  if (lost.length === 0) return results;
+  const ids = lost.map((l) => l.sessionId).join(",");
+  const tokens = lost.map((l) => l.streamToken).join(",");
+  const agos = lost.map((l) => Math.max(0, Math.round(l.agoMs))).join(",");
   const now = clock.now();
-  const [row] = await queryRows<{ deadline: unknown; worker_id: string; db_now: unknown }>(
+  const rows = await queryRows<{ n: unknown; deadline: unknown; worker_id: string; db_now: unknown }>(
     db,
     sql`
-      with lost as (
+      with input as (
+        select x.id, x.token, x.n, ${now} - x.ago * interval '1 millisecond' as heard
+        from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
+                    string_to_array(${agos}::text, ',')::bigint[])
+          with ordinality as x(id, token, ago, n)
+      ),
+      lost as (
         update sessions s set
           stream_lost_at = ${now},
           server_id = null,
           stream_token = null,
-          last_heard_at = greatest(s.last_heard_at, ${now} - make_interval(secs => ${agoMs} / 1000.0)),
-          deadline = greatest(s.deadline, ${now} - make_interval(secs => ${agoMs} / 1000.0)
-                                           + make_interval(secs => ${graceMs} / 1000.0))
-        where s.id = ${sessionId} and s.ended_at is null and s.stream_token = ${streamToken}
-        returning s.id, s.worker_id, s.deadline
+          last_heard_at = greatest(s.last_heard_at, i.heard),
+          deadline = greatest(s.deadline, i.heard + ${graceMs}::bigint * interval '1 millisecond')
+        from input i
+        where s.id = i.id and s.ended_at is null and s.stream_token = i.token
+        returning i.n, s.id, s.worker_id, s.deadline
       ),
       event as (
         insert into events (kind, worker_id, cluster, session_id, message, details)
@@ -43,9 +71,17 @@ export async function markStreamLost(
             || to_char(lost.deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
           jsonb_build_object('deadline', lost.deadline)
         from lost join workers w on w.worker_id = lost.worker_id
+        order by lost.n
       )
-      select deadline, worker_id, ${now} as db_now from lost`,
+      select n, deadline, worker_id, ${now} as db_now from lost`,
     { prepared: true },
   );
-  return row && { deadline: toDate(row.deadline), workerId: row.worker_id, dbNow: toDate(row.db_now) };
+  for (const row of rows) {
+    results[Number(row.n) - 1] = {
+      deadline: toDate(row.deadline),
+      workerId: row.worker_id,
+      dbNow: toDate(row.db_now),
+    };
+  }
+  return results;
 }

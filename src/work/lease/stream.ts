@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import { endSession } from "../../store/queries/end-session.js";
-import { markStreamLost } from "../../store/queries/mark-stream-lost.js";
+import type { LostStream, StreamLoss } from "../../store/queries/mark-stream-lost.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
 import type { WorkerMessage } from "../worker-messages.js";
 import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
@@ -35,18 +35,19 @@ export function createStreamHandle(
     hosted: HostedSessions;
     reports: Reports;
     revokes: Revokes;
-    graceMs: number;
     heartbeatAckSeconds: { observe(seconds: number): void };
     /** Wakes the watchers of these actions (and of the event feed). */
     publishActions: (ids: Iterable<string>) => void;
     /** Actions were re-queued: the dispatcher looks at the queue again. */
     queueChanged: () => void;
+    /** Records a lost stream (group-committed with the others lost meanwhile: `markStreamsLost`). */
+    markLost: (lost: LostStream) => Promise<StreamLoss | undefined>;
     /** The stream was lost: its session is due at `deadline` (database clock, ms). */
     streamLost: (deadlineMs: number, dbOffsetMs: number) => void;
   },
   s: Hosted,
 ): SessionHandle {
-  const { db, clock, log, feed, hosted, reports, revokes, graceMs, publishActions } = deps;
+  const { db, clock, log, feed, hosted, reports, revokes, publishActions } = deps;
   // Set on goodbye: the stream ends only after the session's end has committed, so the
   // worker's close returns with the session already over.
   let goodbye: Promise<void> | undefined;
@@ -119,14 +120,11 @@ export function createStreamHandle(
       if (s.ended) return;
       hosted.remove(s);
       try {
-        const lost = await markStreamLost(
-          db,
-          clock,
-          s.streamToken,
-          s.sessionId,
-          performance.now() - s.heardAt,
-          graceMs,
-        );
+        const lost = await deps.markLost({
+          sessionId: s.sessionId,
+          streamToken: s.streamToken,
+          agoMs: performance.now() - s.heardAt,
+        });
         if (lost) {
           log.info(
             { workerId: s.workerId, sessionId: s.sessionId, deadline: lost.deadline },

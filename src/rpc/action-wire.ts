@@ -296,11 +296,13 @@ function basicActionAt(r: Reader, end: number): Action | undefined {
     phase: "",
     createdBy: "",
   };
-  const seen = new Set<number>();
+  // Field numbers seen, as bits (the basic view's go up to 25).
+  let seen = 0;
   while (r.at < end) {
     const tag = r.varint(end);
-    if (tag === DECLINE || seen.has(tag)) return undefined;
-    seen.add(tag);
+    const n = tag >>> 3;
+    if (tag === DECLINE || n > 25 || seen & (1 << n)) return undefined;
+    seen |= 1 << n;
     if (tag === 10 << 3) {
       const state = r.varint(end);
       if (state === DECLINE || state > INT32_MAX) return undefined;

@@ -1,6 +1,7 @@
 import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import {
+  ActionSchema,
   ActionState,
   ActionView,
   SubmitActionRequestSchema,
@@ -166,16 +167,31 @@ describe("decodeBasicSubmitResults", () => {
     expect(agrees(many, "1,000 results")).toBe(true);
   });
 
+  /** A SubmitActionsResponse of one result whose action is `action` (bytes written by hand). */
+  const answerWithAction = (action: Buffer) => {
+    const result = Buffer.concat([Buffer.from([0x0a, action.length]), action]);
+    return Buffer.concat([Buffer.from([0x0a, result.length]), result]);
+  };
+  const actionBytes = (init: MessageInitShape<typeof ActionSchema>) =>
+    Buffer.from(toBinary(ActionSchema, create(ActionSchema, init)));
+  const twoTimes = Buffer.concat([
+    actionBytes({ id: "a", createTime: { seconds: 5n } }),
+    actionBytes({ createTime: { nanos: 7 } }),
+  ]);
+
   it("declines the full view and whatever it does not read, for protobuf-es to read", () => {
+    // What it declines, protobuf-es merges.
+    expect(ordinary(answerWithAction(twoTimes)).results[0]?.action?.createTime).toMatchObject({
+      seconds: 5n,
+      nanos: 7,
+    });
     const declined: [string, Buffer][] = [
       ["a payload (full view)", answer([{ action: { id: "a", payload: { n: 1 } } }])],
       ["an epoch (full view)", answer([{ action: { id: "a", epoch: 3n } }])],
       ["an update time (full view)", answer([{ action: { id: "a", updateTime: { seconds: 1n } } }])],
       ["a time before 1970", answer([{ action: { id: "a", createTime: { seconds: -1n } } }])],
-      [
-        "a field twice",
-        Buffer.concat([answer([{ action: { id: "a" } }]).subarray(0, 2), Buffer.from([0x0a, 0x01, 0x61])]),
-      ],
+      // Two create times in one action: protobuf-es merges them (seconds of one, nanos of the other).
+      ["a message field twice", answerWithAction(twoTimes)],
     ];
     for (const [what, bytes] of declined) expect(decodeBasicSubmitResults(bytes), what).toBeUndefined();
   });

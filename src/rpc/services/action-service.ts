@@ -34,12 +34,6 @@ import { toProtoEvent } from "./event-service.js";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
 
-/**
- * The ActionService handlers over the domain's action service. Rights are
- * checked in the cluster of the action a call touches (loaded first where the
- * request names only its id); the adapter checked the method's right exists
- * somewhere already.
- */
 const validateSubmitActions = requestValidator(SubmitActionsRequestSchema);
 
 /**
@@ -54,6 +48,12 @@ export const ACTION_FAST_DECODERS: FastDecoders = {
   },
 };
 
+/**
+ * The ActionService handlers over the domain's action service. Rights are
+ * checked in the cluster of the action a call touches (loaded first where the
+ * request names only its id); the adapter checked the method's right exists
+ * somewhere already.
+ */
 export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRACING): ServiceBinding {
   return bind(ActionService, {
     async submitAction(request, ctx) {

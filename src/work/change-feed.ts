@@ -12,7 +12,20 @@ export interface ChangeFeed {
   publish(topic: string): void;
   /** Calls `listener` on every publish to the topic; returns its `off`. */
   subscribe(topic: string, listener: () => void): () => void;
+  /**
+   * With other processes on the database, the longest a {@link wakeupsOf}
+   * waiter goes without looking again. Their wake-ups are hints that can be
+   * lost: a NOTIFY that failed, a process killed between its commit and its
+   * NOTIFY, a process started a moment before the others heard of it. An
+   * action's watcher hears of its action only through such a hint, so
+   * without this look it could wait forever. Undefined for a feed without a
+   * bus: every change in one process wakes its waiters at once.
+   */
+  readonly lookAgainMs: number | undefined;
 }
+
+/** Default of {@link ChangeFeed.lookAgainMs} when there is a bus. */
+export const LOOK_AGAIN_MS = 1000;
 
 /** Topic of changes to one action. */
 export const actionTopic = (actionId: string) => `action:${actionId}`;
@@ -21,7 +34,7 @@ export const EVENTS_TOPIC = "events";
 /** Topic of newly queued actions: wakes the dispatcher. */
 export const QUEUE_TOPIC = "queue";
 
-export function createChangeFeed(bus?: ClusterBus): ChangeFeed {
+export function createChangeFeed(bus?: ClusterBus, lookAgainMs = LOOK_AGAIN_MS): ChangeFeed {
   const listeners = new Map<string, Set<() => void>>();
   const wake = (topic: string) => {
     const set = listeners.get(topic);
@@ -35,6 +48,7 @@ export function createChangeFeed(bus?: ClusterBus): ChangeFeed {
     for (const topic of [...listeners.keys()]) wake(topic);
   });
   return {
+    lookAgainMs: bus ? lookAgainMs : undefined,
     publish(topic) {
       wake(topic);
       bus?.send({ kind: "wake", topics: [topic] });
@@ -56,7 +70,8 @@ export function createChangeFeed(bus?: ClusterBus): ChangeFeed {
 
 /**
  * A subscription as an awaitable: `next()` resolves at the next publish after
- * the previous `next()` (publishes in between are merged, never lost).
+ * the previous `next()` (publishes in between are merged, never lost), or
+ * after the feed's {@link ChangeFeed.lookAgainMs} when it has one.
  */
 export interface Wakeups extends Disposable {
   next(signal: AbortSignal): Promise<void>;
@@ -77,11 +92,14 @@ export function wakeupsOf(feed: ChangeFeed, topic: string): Wakeups {
       }
       return new Promise<void>((done) => {
         const finish = () => {
+          clearTimeout(timer);
           signal.removeEventListener("abort", finish);
           resolve = undefined;
           pending = false;
           done();
         };
+        const timer =
+          feed.lookAgainMs === undefined ? undefined : setTimeout(finish, feed.lookAgainMs).unref();
         resolve = finish;
         signal.addEventListener("abort", finish);
       });

@@ -5,6 +5,7 @@ import { type Database, type Db, openDatabase } from "../../src/store/database.j
 import { type ChangeFeed, createChangeFeed, EVENTS_TOPIC } from "../../src/work/change-feed.js";
 import type { EventFilter, EventRecord } from "../../src/work/event.js";
 import { createEventService, type EventService } from "../../src/work/event-service.js";
+import { silentBus } from "../helpers/bus.js";
 import { freshStore, type TestStore } from "../helpers/database.js";
 
 /**
@@ -260,6 +261,26 @@ describe("watching the event log", () => {
     const sequence = await append(feed, "after");
     expect((await next).map((e) => e.sequence)).toEqual([sequence]);
     await c.close();
+  });
+
+  it("reads an event whose wake-up never came, when other processes share the database", async () => {
+    // Another process stored the event, and its NOTIFY was lost (it failed, or the process was
+    // killed after its commit): no wake-up arrives, and the reader must look again by itself.
+    const feed = createChangeFeed(silentBus(), 20);
+    const events = createEventService({ db: database.db, feed });
+    const watch = open(events, { cluster: "unheard" }, await lastSequence());
+    // One event heard of, read: the reader has caught up and waits for the next wake-up.
+    const heard = await append(feed, "unheard");
+    expect((await watch.take(1)).map((e) => e.sequence)).toEqual([heard]);
+    const next = watch.take(1);
+    const result: unknown = await database.db.execute(
+      sql`insert into events (kind, cluster, message) values ('action_submitted', 'unheard', 'no wake-up') returning sequence`,
+    );
+    const rows = Array.isArray(result) ? result : (result as { rows: unknown[] }).rows;
+    expect((await next).map((e) => e.sequence)).toEqual([
+      Number((rows[0] as { sequence: unknown }).sequence),
+    ]);
+    await watch.close();
   });
 
   // PGlite has one connection: no transaction can hold a sequence number while another commits.

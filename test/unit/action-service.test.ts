@@ -5,7 +5,8 @@ import { databaseClock } from "../../src/store/clock.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { ACTION_DEFAULTS, type NewAction } from "../../src/work/action.js";
 import { type ActionService, createActionService } from "../../src/work/action-service.js";
-import { createChangeFeed } from "../../src/work/change-feed.js";
+import { createChangeFeed, LOOK_AGAIN_MS } from "../../src/work/change-feed.js";
+import { silentBus } from "../helpers/bus.js";
 
 const newAction = (cluster: string): NewAction => ({
   requestId: undefined,
@@ -53,6 +54,34 @@ describe("the action service on PGlite", () => {
       cancelRequested: true,
       failureReason: "action cancelled: stop",
     });
+  });
+
+  it("shows a watch a change made by another process whose wake-up was lost", async () => {
+    // Alone on its database a feed wakes its watchers itself, and never needs to look again.
+    expect(createChangeFeed().lookAgainMs).toBeUndefined();
+    expect(createChangeFeed(silentBus()).lookAgainMs).toBe(LOOK_AGAIN_MS);
+    // With a bus, another process finishes the action and its NOTIFY never arrives.
+    const shared = createActionService({
+      db: database.db,
+      clock: databaseClock,
+      feed: createChangeFeed(silentBus(), 20),
+    });
+    const { action } = await shared.submit(newAction("unheard"), "alice");
+    const stop = new AbortController();
+    const states: string[] = [];
+    const watched = (async () => {
+      for await (const seen of shared.watch(action.id, stop.signal)) {
+        states.push(seen.state);
+        if (states.length === 1) {
+          await database.db.execute(
+            sql`update actions set state = 'SUCCEEDED', finished_at = now(), updated_at = now() where id = ${action.id}`,
+          );
+        }
+      }
+    })();
+    await watched;
+    expect(states).toEqual(["QUEUED", "SUCCEEDED"]);
+    await shared.close();
   });
 
   it("gives a burst of concurrent submits distinct ids in submission order", async () => {

@@ -389,8 +389,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           feed.publish(EVENTS_TOPIC);
         },
         checked: (check) => {
-          // Even one failed check: the deadlines stored meanwhile may be stale (see databaseFailed).
-          if (!check.ok) manager.databaseFailed();
+          // Even one failed check: the deadlines stored meanwhile may be stale (see databaseChecked).
+          manager.databaseChecked(check.ok);
           overrides.onDatabaseCheck?.(check);
         },
       });

@@ -118,11 +118,12 @@ export interface LeaseManager extends AsyncDisposable {
    */
   nextReap(): Date | undefined;
   /**
-   * The database failed to answer this process (a check of the database
-   * watch): the reaper extends every live session before it reaps again, so
-   * that an outage shorter than the grace period expires nothing.
+   * A check of the database watch: after a failed one the reaper extends
+   * every live session before it reaps again, so that an outage shorter than
+   * the grace period expires nothing. Checks that keep failing extend once;
+   * a failure after a check that succeeded extends again.
    */
-  databaseFailed(): void;
+  databaseChecked(ok: boolean): void;
   /** One round of each loop, for tests that drive time by hand. */
   readonly tick: {
     renew(): Promise<void>;
@@ -324,8 +325,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const renew = async () => {
     try {
       await renewal.renew();
+      reaper.databaseAnswered("renewal");
     } catch (error) {
-      reaper.databaseFailed();
+      reaper.databaseFailed("renewal");
       throw error;
     }
   };
@@ -457,7 +459,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       return true;
     },
     nextReap: () => reaper.next(),
-    databaseFailed: () => reaper.databaseFailed(),
+    databaseChecked: (ok) => (ok ? reaper.databaseAnswered("check") : reaper.databaseFailed("check")),
     tick: {
       renew,
       reap: () => reaper.reap(),

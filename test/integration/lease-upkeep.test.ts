@@ -290,12 +290,32 @@ describe("lease upkeep", () => {
     await waitForLog("worker stream lost", 2);
 
     // A failed check of the database watch does the same; without one, expiry is as usual.
-    t.server.leases.databaseFailed();
+    t.server.leases.databaseChecked(false);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([]);
+    // Checks that go on failing (this process cannot reach the database, the others can) extend
+    // no more: otherwise every check would push every deadline of the cluster back again.
+    t.server.leases.databaseChecked(false);
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([id]);
+
+    // A check that succeeded ends that failure: the next failed check extends again.
+    // (The expired action went back to the queue: w2 gets it again, at its next epoch.)
+    const w2 = await worker("w2");
+    await tick().dispatch();
+    const regrant = await w2.next("grant", (g) => g.actionId === id);
+    expect(regrant.epoch).toBe(grant.epoch + 1n);
+    w2.drop();
+    await waitForLog("worker stream lost", 3);
+    t.server.leases.databaseChecked(true);
+    t.server.leases.databaseChecked(false);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([id]);
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([id, id]);
   });
 });

@@ -44,14 +44,25 @@ export interface Reaper {
   /** When the reaper is due next (database clock); undefined before the first plan. */
   next(): Date | undefined;
   /**
-   * A statement of this process failed for want of the database (a check, a
-   * renewal, a reap): before its next reap, the reaper gives every live
-   * session a grace period from now (`extendSessionsAfterOutage`), so that an
-   * outage shorter than the grace period expires nothing.
+   * A statement of this process failed for want of the database (`source`:
+   * the database watch's check, or the renewal): before its next reap, the
+   * reaper gives every live session a grace period from now
+   * (`extendSessionsAfterOutage`), so that an outage shorter than the grace
+   * period expires nothing. Once per failure of a source, not once per failed
+   * attempt: the source fails again only after it succeeded
+   * ({@link databaseAnswered}). A check that keeps failing while the database
+   * works for everything else (this process cannot open its check's
+   * connection) would otherwise push every deadline in the cluster back on
+   * each check, and nothing would expire before the maximum silence.
    */
-  databaseFailed(): void;
+  databaseFailed(source: DatabaseSource): void;
+  /** The same source's statement succeeded: its next failure extends again. */
+  databaseAnswered(source: DatabaseSource): void;
   stop(): void;
 }
+
+/** What tells the reaper the database failed: the database watch's check, or the renewal. */
+export type DatabaseSource = "check" | "renewal";
 
 export function createReaper(deps: {
   db: Db;
@@ -80,6 +91,8 @@ export function createReaper(deps: {
   let stopped = false;
   /** The database failed since the last reap: extend before reaping (see `databaseFailed`). */
   let outage = false;
+  /** The sources whose last statement failed: their next failures extend nothing more. */
+  const failedSources = new Set<DatabaseSource>();
 
   /** `replace` sets the plan after a reap; otherwise only an earlier time moves it. */
   function plan(at: number, dbOffsetMs: number, replace: boolean): void {
@@ -203,8 +216,13 @@ export function createReaper(deps: {
     wakeAt: (at, dbOffsetMs) => plan(at, dbOffsetMs, false),
     start: () => plan(Date.now() + pollMs, 0, true),
     next: () => (atDbMs === Number.POSITIVE_INFINITY ? undefined : new Date(atDbMs)),
-    databaseFailed() {
+    databaseFailed(source) {
+      if (failedSources.has(source)) return;
+      failedSources.add(source);
       outage = true;
+    },
+    databaseAnswered(source) {
+      failedSources.delete(source);
     },
     stop() {
       stopped = true;

@@ -290,6 +290,14 @@ export function reconnectBackoffSeconds(retries: number): number {
  */
 const processApplicationName = (): string => `leasehold/${randomUUID()}`;
 
+/**
+ * How long PostgreSQL lets one of our transactions sit idle between two
+ * statements before it ends it: well within the default grace period (10 s)
+ * minus a heartbeat interval, so that rows a lost process locked are free
+ * again before a renewal waiting on them lets deadlines pass.
+ */
+export const IDLE_TRANSACTION_TIMEOUT_MS = 5000;
+
 async function openPostgres(url: string, poolSize: number, logger: QueryLogger): Promise<Database> {
   const quiet = {
     onnotice: () => {},
@@ -298,7 +306,20 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     // planner's cost of a big one (the reap, the audit) passes jit_above_cost once tables hold
     // tens of thousands of rows, and compiling it took 2.4 s of CPU for 8 ms of work (10,000
     // live sessions, measured with auto_explain).
-    connection: { application_name: processApplicationName(), jit: "off" },
+    connection: {
+      application_name: processApplicationName(),
+      jit: "off",
+      // A process lost in the middle of a transaction (its host gone, its network cut) would hold
+      // the transaction's row locks until TCP gives up, two hours by default: a session row
+      // locked that long stalls the renewal of every stream of another process, whose workers
+      // are then reaped though they heartbeat. None of our transactions waits between its
+      // statements: PostgreSQL ends one idle this long and frees what it holds.
+      idle_in_transaction_session_timeout: IDLE_TRANSACTION_TIMEOUT_MS,
+      // And notices a vanished client's connection within about a minute, not two hours.
+      tcp_keepalives_idle: 30,
+      tcp_keepalives_interval: 10,
+      tcp_keepalives_count: 3,
+    },
   };
   // One dedicated session holds the advisory lock and runs the DDL; ending it
   // releases the lock even if migration fails half-way.

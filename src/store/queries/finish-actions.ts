@@ -56,6 +56,7 @@ export async function finishActions(
       select k, id, state from f_updated
       union all
       select k, id, state from f_repeated`,
+    { prepared: true },
   );
   return rows.map(finishedFromRow);
 }
@@ -186,7 +187,9 @@ f_input as (
             when 'succeeded' then t.outcome = 'SUCCEEDED' and a.epoch = i.epoch and a.output is not distinct from i.output
             when 'failed' then t.outcome = 'FAILED' and t.error is not distinct from i.error
             else t.outcome = 'RELEASED' end
-        -- Waits for a first copy still committing, then sees how it ended.
+        -- A copy whose first is still committing is not seen here: the statement's snapshot
+        -- predates that commit, and a row that does not match is never locked nor looked at
+        -- again. settleAndGrant then looks again, in a statement of its own.
         for share of t
       )`;
 }

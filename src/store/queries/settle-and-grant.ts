@@ -7,6 +7,7 @@ import {
   type Finished,
   type FinishedRow,
   type FinishReport,
+  finishActions,
   finishCtes,
   finishedFromRow,
 } from "./finish-actions.js";
@@ -117,7 +118,35 @@ export async function settleAndGrant(
   }
   ranked.sort((a, b) => a.rank - b.rank);
   for (const r of ranked) grants.push(r.grant);
+  if (settling && finished.length < reports.length)
+    finished.push(...(await lookAgain(db, clock, reports, finished)));
   return { finished, grants, claimed };
+}
+
+/**
+ * The reports the statement did not apply, looked at again in a statement of
+ * their own. Each may be stale (fenced), or a copy sent again while its first
+ * copy was still committing: the statement's snapshot, taken before that
+ * commit, saw the attempt still running, so it could tell neither that the
+ * attempt ended the same way nor wait for it (a row that does not match is
+ * never locked). A new snapshot sees the first copy's commit, and accepts the
+ * copy as a repeat. Costs a statement only in a round with a report refused.
+ */
+async function lookAgain(
+  db: Db,
+  clock: Clock,
+  reports: readonly FinishReport[],
+  finished: readonly Finished[],
+): Promise<Finished[]> {
+  const applied = new Set(finished.map((f) => f.key));
+  const keys: number[] = [];
+  for (let k = 0; k < reports.length; k++) if (!applied.has(k)) keys.push(k);
+  const again = await finishActions(
+    db,
+    clock,
+    keys.map((k) => reports[k] as FinishReport),
+  );
+  return again.map((f) => ({ key: keys[f.key] as number, actionId: f.actionId, state: f.state }));
 }
 
 /** The grant columns of a row that is a finished report. */

@@ -172,7 +172,10 @@ describe("work leases", () => {
    * A server whose next grant statement fails in one of two ways: its commit lands but the
    * answer is lost (the connection breaks around COMMIT), or it fails before COMMIT and rolls back.
    */
-  async function serverLosingAGrant(when: "after commit" | "before commit") {
+  async function serverLosingAGrant(
+    when: "after commit" | "before commit",
+    options: { gracePeriod?: string; heartbeatInterval?: string; lookFails?: () => boolean } = {},
+  ) {
     await t[Symbol.asyncDispose]();
     const dialect = new PgDialect();
     let armed = true;
@@ -186,18 +189,27 @@ describe("work leases", () => {
       return new Error(`connection lost ${when} (injected)`);
     };
     t = await startTestServer({
-      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      config: {
+        gracePeriod: options.gracePeriod ?? "10s",
+        heartbeatInterval: options.heartbeatInterval ?? "2s",
+      },
       overrides: {
         clock,
         timers: false,
         // Grants are single statements: "before commit" runs the grant in a transaction that
-        // rolls back; "after commit" lets it commit and loses the answer.
+        // rolls back; "after commit" lets it commit and loses the answer. While `lookFails`
+        // says so, the look for in-doubt grants fails as if the database were gone.
         wrapDb: (db) =>
           new Proxy(db, {
             get(target, property, receiver) {
-              if (property !== "execute" || !armed) return Reflect.get(target, property, receiver);
+              if (property !== "execute" || (!armed && !options.lookFails))
+                return Reflect.get(target, property, receiver);
               return async (query: SQL) => {
-                const grant = dialect.sqlToQuery(query).sql.includes("insert into attempts");
+                const text = dialect.sqlToQuery(query).sql;
+                if (options.lookFails?.() && text.includes("where state = 'LEASED'"))
+                  throw new Error("connection lost (injected)");
+                if (!armed) return target.execute(query);
+                const grant = text.includes("insert into attempts");
                 if (!grant) return target.execute(query);
                 if (when === "after commit") {
                   const result = await target.execute(query);
@@ -234,6 +246,31 @@ describe("work leases", () => {
     const got = await getAction(id);
     expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n });
     expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+  });
+
+  it("sends such a grant even when the database stayed gone past the window a late commit has", async () => {
+    // The window is twice the grace period; every look within it fails, and so does one after it.
+    let looksFail = true;
+    const { faulted } = await serverLosingAGrant("after commit", {
+      gracePeriod: "2s",
+      heartbeatInterval: "500ms",
+      lookFails: () => looksFail,
+    });
+    const id = await submit();
+    const w = await worker("w1");
+    await faulted;
+    await tick().dispatch();
+    const windowEnds = Date.now() + 2 * 2000;
+    while (Date.now() <= windowEnds) await new Promise((r) => setTimeout(r, windowEnds - Date.now() + 1));
+    await tick().dispatch();
+    // Back: the first look that succeeds finds the grant, past its window or not.
+    looksFail = false;
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1 });
+    expect(t.logs.map((l) => l.msg)).toContain("sending a grant again whose commit was in doubt");
+    await tick().dispatch();
+    expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
   });
 
   it("grants again normally when a grant transaction failed before its commit, sending it once", async () => {

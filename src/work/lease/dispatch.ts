@@ -203,11 +203,13 @@ export function createDispatcher(deps: {
     return { groups: result, slots, groupKeys };
   }
 
-  /** Sends the in-doubt grants that did commit, same epoch; their workers cannot have started them. */
+  /**
+   * Sends the in-doubt grants that did commit, same epoch; their workers cannot have started them.
+   * A session is let go only by a look that succeeded after its window: while the database is
+   * gone, no look can tell whether its grant committed, however long that lasts.
+   */
   async function reconcile(): Promise<void> {
-    const now = Date.now();
-    for (const [id, untilMs] of inDoubt) if (untilMs < now) inDoubt.delete(id);
-    if (inDoubt.size === 0) return;
+    const lookedAt = Date.now();
     for (const g of await actionsLeasedTo(db, [...inDoubt.keys()])) {
       const s = hosted.get(g.sessionId);
       if (!s || s.ended || s.held.has(g.actionId)) continue;
@@ -218,6 +220,8 @@ export function createDispatcher(deps: {
       );
       hosted.sendGrant(s, g);
     }
+    // A grant that had not committed by the end of its window never will: this look was final.
+    for (const [id, untilMs] of inDoubt) if (untilMs < lookedAt) inDoubt.delete(id);
   }
 
   /** A round taken from the queue and the free slots, not yet run. */

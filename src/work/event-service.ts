@@ -62,8 +62,9 @@ export function createEventService({
       // From now: the end of the log, not how far the tail has read (it may be waiting at a
       // hole below the end, and must not hand this watch events stored before it opened).
       let cursor = afterSequence ?? (await lastEventSequence(db));
-      // The database path's wait at holes; each spell behind the tail waits anew.
-      const holes = createHoleWait();
+      // The database path's wait at holes; each spell behind the tail waits anew, except at holes
+      // old enough that the insert which took them cannot still commit.
+      const holes = createHoleWait(follower.settled);
       while (!signal.aborted) {
         const held = follower.after(cursor);
         if (held !== undefined) {

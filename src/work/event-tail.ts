@@ -35,6 +35,12 @@ export interface TailFollower extends Disposable {
   after(cursor: number): readonly EventRecord[] | undefined;
   /** Resolves when the tail has read more, or at once if it did since the last call; rejects when it failed. */
   next(signal: AbortSignal): Promise<void>;
+  /**
+   * A sequence number at or below which every number was taken at least
+   * {@link GAP_WAIT_MS} ago (0 when none is known yet): a hole there is a
+   * rolled-back insert, and a reader of the database need not wait at it.
+   */
+  settled(): number;
 }
 
 /** Events held in memory by default: a few seconds of a busy cluster. */
@@ -47,7 +53,7 @@ const READ_BATCH = 500;
  * event 13 can appear after event 14; a tail that moved past the hole would
  * never send 13. A hole that outlasts this wait was a rolled-back insert.
  */
-const GAP_WAIT_MS = 2000;
+export const GAP_WAIT_MS = 2000;
 
 /**
  * The wait at holes of one reader walking the log in sequence order: an
@@ -61,11 +67,12 @@ export interface HoleWait {
   reset(): void;
 }
 
-export function createHoleWait(): HoleWait {
+export function createHoleWait(settled: () => number = () => 0): HoleWait {
   let since: number | undefined;
   return {
     passes(cursor, sequence) {
-      if (sequence !== cursor + 1) {
+      // A hole whose numbers were all taken long enough ago is passed at once (see `settled`).
+      if (sequence !== cursor + 1 && sequence - 1 > settled()) {
         since ??= performance.now();
         if (performance.now() - since < GAP_WAIT_MS) return false;
       }
@@ -97,6 +104,27 @@ export function createEventTail(
   capacity = DEFAULT_TAIL_CAPACITY,
 ): EventTail {
   let current: Run | undefined;
+  /**
+   * Ends of the log this process's tails have seen, and when, oldest first. A
+   * number below one seen was taken before it; seen {@link GAP_WAIT_MS} ago,
+   * every number up to it was taken at least that long ago. Kept across runs,
+   * so that a watch resuming from an old sequence after the tail restarted
+   * does not wait at every old hole again.
+   */
+  const seen: { sequence: number; at: number }[] = [];
+  function saw(sequence: number): void {
+    const last = seen.at(-1);
+    if (last === undefined || sequence > last.sequence) seen.push({ sequence, at: performance.now() });
+  }
+  function settled(): number {
+    const before = performance.now() - GAP_WAIT_MS;
+    let i = seen.length - 1;
+    while (i >= 0 && (seen[i] as { at: number }).at > before) i--;
+    if (i < 0) return 0;
+    // The older ends are passed by this one: forget them.
+    if (i > 0) seen.splice(0, i);
+    return (seen[0] as { sequence: number }).sequence;
+  }
 
   function notify(run: Run) {
     for (const listener of [...run.listeners]) listener();
@@ -120,6 +148,7 @@ export function createEventTail(
     void (async () => {
       try {
         run.head = run.base = await started;
+        saw(run.head);
         const holes = createHoleWait();
         while (!stop.signal.aborted) {
           const batch = await listEvents(db, {}, run.head, READ_BATCH);
@@ -140,7 +169,10 @@ export function createEventTail(
             const dropped = run.events.splice(0, run.events.length - capacity);
             run.base = (dropped.at(-1) as EventRecord).sequence;
           }
-          if (read > 0) notify(run);
+          if (read > 0) {
+            saw(run.head);
+            notify(run);
+          }
           // At a hole, look again soon; the timeout signal's listener goes with the wait.
           if (blocked) await wakeups.next(AbortSignal.any([stop.signal, AbortSignal.timeout(50)]));
           else if (batch.length < READ_BATCH) await wakeups.next(stop.signal);
@@ -204,6 +236,7 @@ export function createEventTail(
           signal.addEventListener("abort", finish);
         });
       },
+      settled,
       [Symbol.dispose]() {
         if (left) return;
         left = true;

@@ -384,15 +384,18 @@ export function createAgent(options: AgentOptions): Agent {
    * before any guarantee waits for one instead of running unfenced.
    */
   let deadline = Number.NEGATIVE_INFINITY;
+  // Every local time of the fence (the deadline, heartbeat send times, acks) is performance.now(),
+  // a steady clock: with the wall clock, a step back (NTP, a VM resumed) kept work running past
+  // the server's deadline by the size of the step, and a step forward fenced it early.
   /** Local time the last heartbeat ack arrived, for the self_fenced event. */
-  let lastAckAt = Date.now();
+  let lastAckAt = performance.now();
   let fenceTimer: NodeJS.Timeout | undefined;
   /** The deadline `fenceTimer` fires at, while it is set. */
   let fenceArmedFor: number | undefined;
   /** The heartbeat interval of the last welcome: when the next ack is due. */
   let heartbeatMs = 0;
   /** Whether held leases are guaranteed now (see `deadline`). */
-  const guaranteed = () => Date.now() < deadline;
+  const guaranteed = () => performance.now() < deadline;
   /**
    * Whether a grant may start now: the guarantee outlasts the next heartbeat,
    * so a healthy stream renews it before the fence could stop the new work.
@@ -400,7 +403,7 @@ export function createAgent(options: AgentOptions): Agent {
    * nearly spent until the server's next renewal; starting then would only
    * fence the work a moment later and give the action back for a re-run.
    */
-  const mayStart = () => Date.now() + heartbeatMs < deadline;
+  const mayStart = () => performance.now() + heartbeatMs < deadline;
   /** Report resends waiting to fire, cleared on close. */
   const retries = new Set<NodeJS.Timeout>();
 
@@ -723,7 +726,7 @@ export function createAgent(options: AgentOptions): Agent {
       armFence();
       return;
     }
-    const silentMs = Date.now() - lastAckAt;
+    const silentMs = performance.now() - lastAckAt;
     // Started, still running handlers. A grant waiting for a guarantee runs nothing, and a
     // finished one only has a report left to deliver.
     const affected = [...running.values()].filter((r) => !r.start && !r.report && !r.controller.aborted);
@@ -746,7 +749,7 @@ export function createAgent(options: AgentOptions): Agent {
     clearTimeout(fenceTimer);
     fenceArmedFor = undefined;
     if (!Number.isFinite(deadline)) return;
-    fenceTimer = setTimeout(selfFence, Math.max(0, deadline - Date.now()));
+    fenceTimer = setTimeout(selfFence, Math.max(0, deadline - performance.now()));
     fenceTimer.unref();
     fenceArmedFor = deadline;
   }
@@ -843,7 +846,7 @@ export function createAgent(options: AgentOptions): Agent {
       beat: () => {
         if (conn.ended || !conn.welcomed) return;
         conn.sequence += 1n;
-        conn.sent.set(conn.sequence, Date.now());
+        conn.sent.set(conn.sequence, performance.now());
         conn.send({
           message: { case: "heartbeat", value: { sequence: conn.sequence, heldLeases: heldLeases() } },
         });
@@ -897,7 +900,7 @@ export function createAgent(options: AgentOptions): Agent {
           const sentAt = conn.sent.get(m.value.sequence);
           if (sentAt === undefined) break;
           for (const seq of conn.sent.keys()) if (seq <= m.value.sequence) conn.sent.delete(seq);
-          lastAckAt = Date.now();
+          lastAckAt = performance.now();
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();

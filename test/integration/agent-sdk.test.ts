@@ -93,7 +93,7 @@ describe("the agent SDK against a real server", () => {
     expect(calls).toEqual([1]);
   });
 
-  it("self-fences: aborts the handler when the server stops answering, before the grace period ends", async () => {
+  it("self-fences: aborts the handler when the server stops answering, before the grace period ends, whatever the wall clock does", async () => {
     await using store = await freshStore();
     const graceMs = 3000;
     const serve = runLeasehold(
@@ -130,7 +130,7 @@ describe("the agent SDK against a real server", () => {
         new Promise((_, reject) => {
           started.resolve();
           ctx.signal.addEventListener("abort", () => {
-            aborted.resolve({ at: Date.now(), reason: ctx.signal.reason });
+            aborted.resolve({ at: performance.now(), reason: ctx.signal.reason });
             reject(ctx.signal.reason);
           });
         }),
@@ -143,9 +143,17 @@ describe("the agent SDK against a real server", () => {
     await started.promise;
     // Let a few heartbeats be acknowledged, then freeze the server.
     await new Promise((r) => setTimeout(r, 1200));
-    const stoppedAt = Date.now();
+    const stoppedAt = performance.now();
     serve.child.kill("SIGSTOP");
+    // And the agent's wall clock steps back 6 s (NTP, a VM resumed): the fence counts on a steady
+    // clock, or it would keep the work running 6 s past the server's deadline.
+    const wallClock = Date.now;
+    Date.now = () => wallClock() - 6000;
+    cleanups.push(() => {
+      Date.now = wallClock;
+    });
     const { at, reason } = await aborted.promise;
+    Date.now = wallClock;
     expect(reason).toBeInstanceOf(LeaseLost);
     expect((reason as LeaseLost).reason).toBe("self_fenced");
     // The server heard from the agent at most one heartbeat before it froze, so

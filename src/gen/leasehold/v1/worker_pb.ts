@@ -1161,9 +1161,12 @@ export const WorkerService: GenService<{
    * and deadline = the latest candidate so far (the persisted deadline only
    * grows, so an ack processed late never shortens it). The deadline survives
    * reconnections: a new stream does not extend it, only a fresh ack does.
-   * When the local clock passes the deadline without a fresh ack, stop all
-   * running work and report it released (or drop it if the server revoked
-   * it). This holds for every lease, however often the worker fenced or
+   * Measure these local times with a monotonic clock (time.monotonic,
+   * performance.now, Go's time.Now with its monotonic reading), never the
+   * wall clock, which can step back and keep work running past the server's
+   * deadline. When that clock passes the deadline without a fresh ack, stop
+   * all running work and report it released (or drop it if the server
+   * revoked it). This holds for every lease, however often the worker fenced or
    * reconnected before: do not start a grant while the deadline has passed
    * (or will pass before the next heartbeat is answered); hold it, listed in
    * heartbeats, send a heartbeat at once, and start it when an ack brings a

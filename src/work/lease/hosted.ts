@@ -274,9 +274,16 @@ export function persistDeadline(s: Hosted, deadlineMs: number, dbOffsetMs: numbe
   s.dbOffsetMs = dbOffsetMs;
 }
 
-/** How far the database clock, which read `dbNowMs` just now, is ahead of this process's. */
-export const dbOffsetMs = (dbNowMs: number): number => dbNowMs - Date.now();
+/**
+ * How far the database clock, which read `dbNowMs` just now, is ahead of this
+ * process's steady clock (`performance.now()`). Steady, not the wall clock:
+ * the offset is kept until the session's next renewal, and a wall clock that
+ * stepped back meanwhile would have made every ack promise the agent that
+ * much more time than the stored deadline gives (and an agent keeps the
+ * latest promise).
+ */
+export const dbOffsetMs = (dbNowMs: number): number => dbNowMs - performance.now();
 
 /** Milliseconds left until `s`'s stored deadline, by the database clock. */
 export const remainingMs = (s: Hosted): number =>
-  Math.max(0, Math.floor(s.deadlineMs - (Date.now() + s.dbOffsetMs)));
+  Math.max(0, Math.floor(s.deadlineMs - (performance.now() + s.dbOffsetMs)));

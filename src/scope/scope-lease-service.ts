@@ -19,6 +19,7 @@ import {
   insertScopeLease,
   type LeaseRefusal,
   listResources,
+  lockOpen,
   listScopeLeases,
   type NewResource,
   type Ownership,
@@ -336,21 +337,32 @@ export function createScopeLeaseService(deps: {
       // request) is asked like the others.
       const queued = [...actions.values()].filter((a) => a.state === "QUEUED").map((a) => a.id);
       if (queued.length > 0) {
-        await db.transaction((tx) =>
-          cancelDeploymentActions(
+        await db.transaction(async (tx) => {
+          // Not in a lease committed (which keeps its deployments) or rolled back meanwhile.
+          const refusal = await lockOpen(tx as unknown as Db, clock, leaseId);
+          if (refusal) throw refused(leaseId, refusal, "collect outputs");
+          await cancelDeploymentActions(
             tx as unknown as Db,
             queued,
             "outputs were collected before it ran",
             actor,
             "queued",
-          ),
-        );
+          );
+        });
         for (const id of queued) feed.publish(actionTopic(id));
       }
       const unasked = [...actions.values()].filter((a) => a.state === "LEASED" && a.stopReason === null);
       if (unasked.length > 0) await ask(unasked.map((a) => a.id));
       const views = resources.map((r) => deploymentView(r, actions.get(r.actionId as string)));
-      if (views.every((v) => FINAL_PHASES.has(v.phase))) return views.flatMap((v) => v.outputFileIds);
+      if (views.every((v) => FINAL_PHASES.has(v.phase))) {
+        // Stopped because the lease closed meanwhile (a rollback, its TTL, a commit)? Then what
+        // they saved went with it, or belongs to a lease that can no longer be collected from:
+        // an empty success would read as "no outputs".
+        const lease = await findScopeLease(db, leaseId);
+        if (!lease) throw notFound(leaseId);
+        if (lease.state !== "OPEN") throw refused(leaseId, { refused: "closed", lease }, "collect outputs");
+        return views.flatMap((v) => v.outputFileIds);
+      }
       if (Date.now() >= until || signal.aborted) {
         const pending = views.filter((v) => !FINAL_PHASES.has(v.phase)).map((v) => `${v.id} (${v.phase})`);
         throw new LeaseholdError(

@@ -210,7 +210,7 @@ export type LeaseRefusal =
  * back. Commit, rollback and expiry take the row `for update`, so whichever
  * comes first wins and the other sees the outcome.
  */
-async function lockOpen(tx: Db, clock: Clock, leaseId: string): Promise<LeaseRefusal | undefined> {
+export async function lockOpen(tx: Db, clock: Clock, leaseId: string): Promise<LeaseRefusal | undefined> {
   const [row] = await queryRows<{ state: string; expired: boolean }>(
     tx,
     sql`select state, expires_at <= ${clock.now()} as expired from scope_leases where id = ${leaseId} for share`,

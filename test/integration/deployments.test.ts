@@ -17,7 +17,8 @@ import {
 import { freePort } from "../helpers/ports.js";
 import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-import { expectStatus } from "../helpers/status.js";
+import { expectStatus, failure } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
 
 /**
  * Deployments of scope leases run by a real `leasehold agent` process: the
@@ -207,6 +208,27 @@ describe("deployments", () => {
     expect((await leases().getLease({ leaseId })).lease?.ownedResources).toBe(4);
     expect((await leases().collectOutputs({ leaseId })).fileIds).toEqual(fileIds);
     await leases().rollbackLease({ leaseId });
+  });
+
+  it("fails a collect whose lease was rolled back meanwhile, instead of answering no outputs", async () => {
+    // A worker that holds the deployment and never acts on the request to save: the collect waits.
+    const w = await connectWorker(t.address, {
+      workerId: "raw-collect",
+      cluster: "raw-collect",
+      capacity: 1,
+    });
+    const leaseId = (await leases().createLease({ runtime: "raw-collect" })).lease?.id ?? "";
+    await resources().createDeployment({ leaseId, spec: { containers: [node("idle", "")] } });
+    const grant = await w.next("grant");
+    const collecting = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+    // The collect has asked the holder to save and stop; now the lease goes.
+    await w.next("revoke", (r) => r.actionId === grant.actionId);
+    await leases().rollbackLease({ leaseId });
+    const f = await collecting;
+    expect(f.code).toBe(Code.FailedPrecondition);
+    expect(f.reason).toBe("LEASE_CLOSED");
+    expect(f.message).toMatch(/cannot collect outputs: lease .* is ROLLED_BACK/);
+    w.drop();
   });
 
   it("reports a container that fails as FAILED with its exit code and last words", async () => {

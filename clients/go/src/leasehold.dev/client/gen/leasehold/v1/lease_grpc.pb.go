@@ -54,7 +54,9 @@ type LeaseServiceClient interface {
 	// Right: lease.read in the lease's runtime.
 	WaitLease(ctx context.Context, in *WaitLeaseRequest, opts ...grpc.CallOption) (LeaseService_WaitLeaseClient, error)
 	// Stops the lease's deployment with file-save semantics and returns the ids
-	// of the file resources it produced.
+	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
+	// the lease is not open, or closes (rollback, TTL, commit) before they are
+	// saved: an empty list always means the deployments saved no files.
 	CollectOutputs(ctx context.Context, in *CollectOutputsRequest, opts ...grpc.CallOption) (*CollectOutputsResponse, error)
 }
 
@@ -238,7 +240,9 @@ type LeaseServiceServer interface {
 	// Right: lease.read in the lease's runtime.
 	WaitLease(*WaitLeaseRequest, LeaseService_WaitLeaseServer) error
 	// Stops the lease's deployment with file-save semantics and returns the ids
-	// of the file resources it produced.
+	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
+	// the lease is not open, or closes (rollback, TTL, commit) before they are
+	// saved: an empty list always means the deployments saved no files.
 	CollectOutputs(context.Context, *CollectOutputsRequest) (*CollectOutputsResponse, error)
 	mustEmbedUnimplementedLeaseServiceServer()
 }

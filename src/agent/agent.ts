@@ -329,6 +329,9 @@ const REVOKE_NAMES: Record<number, string> = {
   [RevokeReason.DRAINED]: "drained",
 };
 
+/** Revokes of a lease the server already ended, and whose slot it freed, when it sent them. */
+const SERVER_ENDED: ReadonlySet<string> = new Set(["expired", "superseded", "rolled_back"]);
+
 /**
  * Starts an agent: one stream to the server, heartbeats, grants run by
  * `handler` within `capacity` slots, reports answered by the server, and
@@ -634,7 +637,8 @@ export function createAgent(options: AgentOptions): Agent {
         settle(r, report);
         // A slot is free: a prefetched grant takes it once this report has been written (the
         // reports of a turn go out at its end), so the server commits it while the next runs.
-        if (prefetch > 0) startTimer ??= setImmediate(startWaiting);
+        // Without prefetch a grant waits only for a handler the server ended (see slotsTaken).
+        if (prefetch > 0 || anyWaiting()) startTimer ??= setImmediate(startWaiting);
       })();
     };
     if (!closing && busy < capacity && mayStart()) {
@@ -672,19 +676,39 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /**
-   * The grants not finished (`held`: not reported yet), and of those the ones
-   * whose handler started (`busy`, at most `capacity`); `except` left out.
+   * The grants the server counts against this agent (`held`: not reported
+   * yet, and not ended by the server), and the handlers that take a slot here
+   * (`busy`: started and not returned, at most `capacity`); `except` left out.
+   * A handler whose lease the server ended (expired, superseded, rolled back)
+   * is busy until it returns, but no longer held: the server freed its slot
+   * at once and may grant it again while the handler is still stopping. That
+   * grant waits for the handler instead of being released: released, it went
+   * back to the queue and came straight back, over and over, until the
+   * handler returned.
    */
   function slotsTaken(except?: Running): { held: number; busy: number } {
     let held = 0;
     let busy = 0;
     for (const r of running.values()) {
       if (r === except || r.report) continue;
-      held++;
+      if (!endedByServer(r)) held++;
       if (!r.start) busy++;
     }
     return { held, busy };
   }
+
+  /** Whether the server ended this grant's lease (and freed its slot) while its handler runs. */
+  const endedByServer = (r: Running): boolean => {
+    if (!r.controller.aborted) return false;
+    const reason = r.controller.reason;
+    return reason instanceof LeaseLost && SERVER_ENDED.has(reason.reason);
+  };
+
+  /** Whether a grant waits for a slot or a guarantee (see {@link startWaiting}). */
+  const anyWaiting = (): boolean => {
+    for (const r of running.values()) if (r.start) return true;
+    return false;
+  };
 
   /** A {@link startWaiting} scheduled after a handler ended, while one is. */
   let startTimer: NodeJS.Immediate | undefined;
@@ -708,8 +732,7 @@ export function createAgent(options: AgentOptions): Agent {
     // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
     // One the agent stops because it closes is given back by the goodbye with the rest: a
     // release of its own would free a slot for the server to fill again.
-    if (reason === "expired" || reason === "superseded" || reason === "rolled_back" || reason === "closing")
-      return { kind: "dropped" };
+    if (SERVER_ENDED.has(reason) || reason === "closing") return { kind: "dropped" };
     return { kind: "released", reason: aborted.reason instanceof Error ? aborted.reason.message : reason };
   }
 

@@ -2,6 +2,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent, LeaseLost } from "../../src/agent/index.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { freshStore } from "../helpers/database.js";
 import { freePort } from "../helpers/ports.js";
@@ -212,6 +213,52 @@ describe("the agent SDK against a real server", () => {
     expect(revoked.reason).toBe("cancelled");
     await events.until((e): e is AgentEvent => e.type === "finished");
     expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);
+  });
+
+  it("holds a grant for a slot whose lease the server ended while its handler still stops, instead of bouncing it", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const deploymentStarted = deferred();
+    const stopping = deferred();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "slow-stopper",
+      capacity: 1,
+      onEvent: events.onEvent,
+      handler: async (ctx) => {
+        if (!ctx.payload.deployment) return { ok: true };
+        deploymentStarted.resolve();
+        // It honours the abort, but takes a while to tear down (a container's stop).
+        await new Promise<void>((resolve) =>
+          ctx.signal.addEventListener("abort", () => {
+            stopping.resolve();
+            setTimeout(resolve, 500);
+          }),
+        );
+        return {};
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const resources = t.client(ResourceService);
+    const deployment = await resources.createDeployment({
+      runtime: "east",
+      spec: { containers: [{ name: "c", command: { argv: ["true"] } }] },
+    });
+    await deploymentStarted.promise;
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "east" });
+    const actionId = action?.id ?? "";
+    // Deleting the deployment ends its lease on the server, which frees the slot at once and
+    // grants the queued action to it while the deployment's handler is still stopping.
+    await resources.deleteResource({ resourceId: deployment.resource?.id ?? "" });
+    await stopping.promise;
+    for await (const _ of api.watchAction({ actionId })); // ends once the action is over
+    const done = (await api.getAction({ actionId })).action;
+    expect(done).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n });
+    // Granted once, run once: never released for want of a slot and granted again.
+    expect(events.seen.filter((e) => e.type === "grant" && e.actionId === actionId)).toHaveLength(1);
   });
 
   it("holds prefetched grants beyond its capacity and starts each as a slot frees, in the order granted", async () => {

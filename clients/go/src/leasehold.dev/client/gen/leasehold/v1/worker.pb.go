@@ -1680,7 +1680,10 @@ func (x *Goodbye) GetReason() string {
 
 // The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
 // the lease is already gone: stop, report nothing more about it, and stop
-// listing it. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
+// listing it. Its slot is free on the server at once, so a grant may arrive
+// for it while the work is still stopping: hold that grant (acked, listed)
+// and start it when the work has stopped; do not release it, or it comes
+// straight back. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
 // the worker lets go: stop (for COLLECT_OUTPUTS, save the outputs first), then
 // send a ReleaseReport or CompletionReport, or stop listing the lease in
 // held_leases, which counts as a release (see Heartbeat.held_leases).

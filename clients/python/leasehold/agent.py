@@ -609,7 +609,15 @@ class Agent:
         self._next_report_id += 1
         ack = worker_pb2.GrantAck(report_id=self._next_report_id, action_id=lease.action_id, epoch=lease.epoch)
         stream.send(worker_pb2.ConnectRequest(grant_ack=ack))
-        busy = sum(1 for other in self._leases.values() if other is not lease and other.report is None)
+        # The grants the server counts against this worker. One whose lease the server ended
+        # (gone) is not: the server freed its slot at once and may grant it again while the
+        # handler still stops. That grant then waits in the pool for the handler's thread,
+        # instead of going back, which would bring it straight back (worker.proto, Revoke).
+        busy = sum(
+            1
+            for other in self._leases.values()
+            if other is not lease and other.report is None and other.cancel_reason not in _GONE
+        )
         if self._closing or busy >= self._capacity:
             # Draining, or more grants than slots (the server should never do that): give it back.
             self._settle(lease, _released("the agent is shutting down" if self._closing else "no free slot"))

@@ -183,8 +183,9 @@ type Disconnected struct {
 }
 
 // Granted: the server granted an action. Waiting is true when the guarantee
-// of the last heartbeat ack runs out too soon to start it: it starts once an
-// ack brings a fresh one.
+// of the last heartbeat ack runs out too soon to start it (it starts once an
+// ack brings a fresh one), or when every slot is taken by a handler still
+// stopping after its lease ended (it starts once one returns).
 type Granted struct {
 	ActionID string
 	Epoch    uint64

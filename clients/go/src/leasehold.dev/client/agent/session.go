@@ -331,20 +331,30 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 	}
 	r.action = &Action{ID: lease.ActionID, Epoch: lease.Epoch, Attempt: g.GetAttempt(), Payload: payload,
 		RunID: g.GetRunId(), Checkpoint: g.GetCheckpoint(), agent: a, run: r}
-	busy := 0
+	// held: the grants the server counts against this worker. A run whose lease the server
+	// ended (gone) is not one: the server freed its slot at once, and may grant it again while
+	// the handler still stops. That grant waits for the handler (active counts it) instead of
+	// going back, which would bring it straight back, over and over (worker.proto, Revoke).
+	held, active := 0, 0
 	for _, other := range a.running {
-		if other.report == nil && other.lease.ActionID != lease.ActionID {
-			busy++
+		if other.lease.ActionID == lease.ActionID {
+			continue
+		}
+		if other.report == nil && !other.lostReason().gone() {
+			held++
+		}
+		if other.active {
+			active++
 		}
 	}
 	a.running[lease.ActionID] = r
 	a.nextReportID++
 	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_GrantAck{GrantAck: &leaseholdv1.GrantAck{
 		ReportId: a.nextReportID, ActionId: lease.ActionID, Epoch: lease.Epoch}}})
-	waiting := !a.closing && busy < a.opts.Capacity && !a.mayStart()
+	waiting := !a.closing && held < a.opts.Capacity && (!a.mayStart() || active >= a.opts.Capacity)
 	a.emit(Granted{ActionID: lease.ActionID, Epoch: lease.Epoch, Attempt: g.GetAttempt(), Waiting: waiting})
 	switch {
-	case a.closing || busy >= a.opts.Capacity:
+	case a.closing || held >= a.opts.Capacity:
 		// Closing, or more grants than slots (the server should never do that): give it back.
 		reason := "no free slot on this agent"
 		if a.closing {
@@ -356,22 +366,36 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 		// yet): the server may already count this session as silent. Running now
 		// would run unfenced or only until the fence; giving it back would drop a
 		// grant the server may still stand behind. So it waits, listed in
-		// heartbeats, for an ack with a fresh guarantee, asked for right away.
+		// heartbeats, for an ack with a fresh guarantee, asked for right away. Or every
+		// slot is taken by a handler still stopping after its lease ended: it waits for one.
 		r.waiting = true
-		a.beat(c)
+		if !a.mayStart() {
+			a.beat(c)
+		}
 	default:
 		a.start(r)
 	}
 }
 
-// startWaiting starts the grants that waited for a guarantee, once there is one.
+// startWaiting starts the grants that waited for a guarantee, once there is one, or for a slot
+// that a handler still stopping after its lease ended held, as long as slots are free.
 func (a *Agent) startWaiting() {
 	if !a.mayStart() || a.closing {
 		return
 	}
+	active := 0
 	for _, r := range a.running {
+		if r.active {
+			active++
+		}
+	}
+	for _, r := range a.running {
+		if active >= a.opts.Capacity {
+			return
+		}
 		if r.waiting && r.lostReason() == nil {
 			a.start(r)
+			active++
 		}
 	}
 }
@@ -399,6 +423,8 @@ func invoke(h Handler, r *run) (output *structpb.Struct, err error) {
 
 func (a *Agent) handlerReturned(r *run, output *structpb.Struct, err error) {
 	r.active = false
+	// Its slot is free: a grant that waited for it starts now (see onGrant).
+	defer a.startWaiting()
 	if r.abandoned || r.report != nil {
 		return
 	}

@@ -160,6 +160,8 @@ export interface LeaseHolders {
 
 /** How often waiters look again without a wake-up (changes made by other processes). */
 const POLL_MS = 1000;
+/** Leases past their TTL one statement rolls back. */
+const EXPIRE_BATCH = 100;
 
 export function createScopeLeaseService(deps: {
   db: Db;
@@ -200,14 +202,24 @@ export function createScopeLeaseService(deps: {
     }
   }
 
+  /**
+   * Rolls back every lease past its TTL, {@link EXPIRE_BATCH} a statement: a
+   * thousand that expire together take ten statements, not ten turns of the
+   * once-a-second loop (they stayed open past their TTL meanwhile).
+   */
   async function expireDue(): Promise<string[]> {
-    const { ids, revokes } = await expireScopeLeases(db, clock, 100);
-    if (ids.length > 0) {
-      log.info({ leases: ids }, "scope leases rolled back: their TTL passed");
-      revokeEnded(revokes, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
-      feed.publish(EVENTS_TOPIC);
+    const all: string[] = [];
+    for (;;) {
+      const { ids, revokes } = await expireScopeLeases(db, clock, EXPIRE_BATCH);
+      if (ids.length > 0) {
+        log.info({ leases: ids }, "scope leases rolled back: their TTL passed");
+        revokeEnded(revokes, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
+        all.push(...ids);
+      }
+      if (ids.length < EXPIRE_BATCH) break;
     }
-    return ids;
+    if (all.length > 0) feed.publish(EVENTS_TOPIC);
+    return all;
   }
 
   async function close(leaseId: string, how: "COMMITTED" | "ROLLED_BACK", actor: string): Promise<Closed> {

@@ -135,6 +135,20 @@ describe("scope leases", () => {
     );
   });
 
+  it("rolls back every lease past its TTL at once, however many expire together", async () => {
+    // More than one statement's batch (100): all of them in one pass, none left open for later.
+    const ids = new Set<string>();
+    for (let i = 0; i < 3; i++) {
+      for (const id of await Promise.all(Array.from({ length: 50 }, () => open(60, "mass-expiry"))))
+        ids.add(id);
+    }
+    clock.advance(61_000);
+    const expired = await t.server.scope.expireDue();
+    expect(expired.filter((id) => ids.has(id)).sort()).toEqual([...ids].sort());
+    const still = await leases().listLeases({ state: LeaseState.OPEN, label: "mass-expiry", pageSize: 1000 });
+    expect(still.leases).toEqual([]);
+  });
+
   it("rolls a lease back when its TTL passes without a close (reason expired)", async () => {
     const id = await open(60);
     const f = await file(id);

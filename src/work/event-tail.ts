@@ -115,6 +115,8 @@ export function createEventTail(
   function saw(sequence: number): void {
     const last = seen.at(-1);
     if (last === undefined || sequence > last.sequence) seen.push({ sequence, at: performance.now() });
+    // Bounded by the reads of GAP_WAIT_MS, whether or not any watch asks.
+    settled();
   }
   function settled(): number {
     const before = performance.now() - GAP_WAIT_MS;

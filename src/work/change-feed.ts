@@ -13,13 +13,14 @@ export interface ChangeFeed {
   /** Calls `listener` on every publish to the topic; returns its `off`. */
   subscribe(topic: string, listener: () => void): () => void;
   /**
-   * With other processes on the database, the longest a {@link wakeupsOf}
+   * While other processes share the database, the longest a {@link wakeupsOf}
    * waiter goes without looking again. Their wake-ups are hints that can be
    * lost: a NOTIFY that failed, a process killed between its commit and its
    * NOTIFY, a process started a moment before the others heard of it. An
    * action's watcher hears of its action only through such a hint, so
-   * without this look it could wait forever. Undefined for a feed without a
-   * bus: every change in one process wakes its waiters at once.
+   * without this look it could wait forever. Undefined while this process is
+   * alone (no bus, or the bus sees no other process listening): every change
+   * then comes from here and wakes its waiters at once.
    */
   readonly lookAgainMs: number | undefined;
 }
@@ -48,7 +49,9 @@ export function createChangeFeed(bus?: ClusterBus, lookAgainMs = LOOK_AGAIN_MS):
     for (const topic of [...listeners.keys()]) wake(topic);
   });
   return {
-    lookAgainMs: bus ? lookAgainMs : undefined,
+    get lookAgainMs() {
+      return bus?.hasPeers() ? lookAgainMs : undefined;
+    },
     publish(topic) {
       wake(topic);
       bus?.send({ kind: "wake", topics: [topic] });

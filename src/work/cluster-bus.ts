@@ -42,6 +42,8 @@ export interface ClusterBus {
    * none does, sends cost nothing: they are dropped, not notified.
    */
   peersListening(): Promise<boolean>;
+  /** Whether another process may be listening, as last looked at (true until the first look). */
+  hasPeers(): boolean;
   close(): Promise<void>;
 }
 
@@ -234,6 +236,7 @@ export async function createPostgresBus(deps: {
       reconnects.push(fn);
     },
     peersListening: lookForPeers,
+    hasPeers: () => peers,
     async close() {
       closed = true;
       hurry?.();

@@ -10,6 +10,7 @@ export function silentBus(): ClusterBus {
     subscribe: () => () => {},
     onReconnect() {},
     peersListening: async () => true,
+    hasPeers: () => true,
     close: async () => {},
   };
 }

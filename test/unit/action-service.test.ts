@@ -60,6 +60,8 @@ describe("the action service on PGlite", () => {
     // Alone on its database a feed wakes its watchers itself, and never needs to look again.
     expect(createChangeFeed().lookAgainMs).toBeUndefined();
     expect(createChangeFeed(silentBus()).lookAgainMs).toBe(LOOK_AGAIN_MS);
+    // So does a feed whose bus sees no other process listening (one process on PostgreSQL).
+    expect(createChangeFeed({ ...silentBus(), hasPeers: () => false }).lookAgainMs).toBeUndefined();
     // With a bus, another process finishes the action and its NOTIFY never arrives.
     const shared = createActionService({
       db: database.db,

@@ -370,9 +370,9 @@ export function createScopeLeaseService(deps: {
         // Stopped because the lease closed meanwhile (a rollback, its TTL, a commit)? Then what
         // they saved went with it, or belongs to a lease that can no longer be collected from:
         // an empty success would read as "no outputs".
-        const lease = await findScopeLease(db, leaseId);
-        if (!lease) throw notFound(leaseId);
-        if (lease.state !== "OPEN") throw refused(leaseId, { refused: "closed", lease }, "collect outputs");
+        // Past its TTL counts as closed, as for every change to a lease (lockOpen).
+        const refusal = await lockOpen(db, clock, leaseId);
+        if (refusal) throw refused(leaseId, refusal, "collect outputs");
         return views.flatMap((v) => v.outputFileIds);
       }
       if (Date.now() >= until || signal.aborted) {

@@ -141,11 +141,14 @@ async function lookAgain(
   const applied = new Set(finished.map((f) => f.key));
   const keys: number[] = [];
   for (let k = 0; k < reports.length; k++) if (!applied.has(k)) keys.push(k);
+  // The main statement committed: its failing would make the whole round's outcome unknown.
+  // These reports are then answered as before this second look (fenced); an agent's copy
+  // sent again is accepted as a repeat.
   const again = await finishActions(
     db,
     clock,
     keys.map((k) => reports[k] as FinishReport),
-  );
+  ).catch(() => []);
   return again.map((f) => ({ key: keys[f.key] as number, actionId: f.actionId, state: f.state }));
 }
 

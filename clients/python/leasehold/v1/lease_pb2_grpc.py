@@ -225,8 +225,8 @@ class LeaseServiceServicer(object):
     def CollectOutputs(self, request, context):
         """Stops the lease's deployment with file-save semantics and returns the ids
         of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
-        the lease is not open, or closes (rollback, TTL, commit) before they are
-        saved: an empty list always means the deployments saved no files.
+        the lease is not open (or past its TTL) when the call starts or when the
+        deployments have stopped: an empty list always means they saved no files.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -246,12 +246,13 @@ export type WatchEventsRequest = Message<"leasehold.v1.WatchEventsRequest"> & {
 
   /**
    * When set, first replays the stored events with a sequence greater than
-   * this (0 replays from the beginning), then follows new ones without a gap.
+   * this (0 replays from the beginning), then follows new ones, in order.
    * When unset, only events committed after the call started are sent. At
    * most 2^53 - 1. Sequence numbers can skip (an insert rolled back): a
-   * follow waits up to 2 s at a skipped number for a slower transaction to
-   * commit it, then goes on. An event committed more than 2 s after its
-   * number was taken is in ListEvents, but not sent to follows past it.
+   * follow waits about 2 s at a skipped number for a slower transaction to
+   * commit it, then goes on. An event committed later than that (more than
+   * about 2 s after its number was taken) is in ListEvents but may be missing
+   * from follows already past it.
    *
    * @generated from field: optional uint64 after_sequence = 5;
    */

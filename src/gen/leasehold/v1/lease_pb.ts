@@ -1022,8 +1022,8 @@ export const LeaseService: GenService<{
   /**
    * Stops the lease's deployment with file-save semantics and returns the ids
    * of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
-   * the lease is not open, or closes (rollback, TTL, commit) before they are
-   * saved: an empty list always means the deployments saved no files.
+   * the lease is not open (or past its TTL) when the call starts or when the
+   * deployments have stopped: an empty list always means they saved no files.
    *
    * @generated from rpc leasehold.v1.LeaseService.CollectOutputs
    */

@@ -55,8 +55,8 @@ type LeaseServiceClient interface {
 	WaitLease(ctx context.Context, in *WaitLeaseRequest, opts ...grpc.CallOption) (LeaseService_WaitLeaseClient, error)
 	// Stops the lease's deployment with file-save semantics and returns the ids
 	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
-	// the lease is not open, or closes (rollback, TTL, commit) before they are
-	// saved: an empty list always means the deployments saved no files.
+	// the lease is not open (or past its TTL) when the call starts or when the
+	// deployments have stopped: an empty list always means they saved no files.
 	CollectOutputs(ctx context.Context, in *CollectOutputsRequest, opts ...grpc.CallOption) (*CollectOutputsResponse, error)
 }
 
@@ -241,8 +241,8 @@ type LeaseServiceServer interface {
 	WaitLease(*WaitLeaseRequest, LeaseService_WaitLeaseServer) error
 	// Stops the lease's deployment with file-save semantics and returns the ids
 	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
-	// the lease is not open, or closes (rollback, TTL, commit) before they are
-	// saved: an empty list always means the deployments saved no files.
+	// the lease is not open (or past its TTL) when the call starts or when the
+	// deployments have stopped: an empty list always means they saved no files.
 	CollectOutputs(context.Context, *CollectOutputsRequest) (*CollectOutputsResponse, error)
 	mustEmbedUnimplementedLeaseServiceServer()
 }

@@ -282,6 +282,12 @@ interface Running {
   settled: Promise<void>;
   /** The trace context the completion carries back: the handler's span's, else the grant's. */
   traceParent: string | undefined;
+  /**
+   * The server ended this lease (revoked EXPIRED, SUPERSEDED or ROLLED_BACK,
+   * or in a welcome), whatever stopped the handler first (a self-fence, say):
+   * its slot is free on the server, and its outcome is no longer ours to report.
+   */
+  serverEnded: boolean;
 }
 
 /**
@@ -555,6 +561,7 @@ export function createAgent(options: AgentOptions): Agent {
       settled: Promise.resolve(),
       // A traced grant's context until its handler's span starts (see run).
       traceParent: grant.traceParent || undefined,
+      serverEnded: false,
     };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
@@ -612,11 +619,9 @@ export function createAgent(options: AgentOptions): Agent {
         let report: PendingReport;
         try {
           const output = await (traced ? traced.run(() => options.handler(ctx)) : options.handler(ctx));
-          report = controller.aborted
-            ? afterAbort(controller)
-            : { kind: "succeeded", output: output ?? undefined };
+          report = controller.aborted ? afterAbort(r) : { kind: "succeeded", output: output ?? undefined };
         } catch (error) {
-          if (controller.aborted) report = afterAbort(controller);
+          if (controller.aborted) report = afterAbort(r);
           else if (error instanceof ActionFailure) {
             report = {
               kind: "failed",
@@ -661,7 +666,7 @@ export function createAgent(options: AgentOptions): Agent {
       () => {
         if (!r.start) return;
         r.start = undefined;
-        settle(r, afterAbort(controller));
+        settle(r, afterAbort(r));
       },
       { once: true },
     );
@@ -698,11 +703,7 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /** Whether the server ended this grant's lease (and freed its slot) while its handler runs. */
-  const endedByServer = (r: Running): boolean => {
-    if (!r.controller.aborted) return false;
-    const reason = r.controller.reason;
-    return reason instanceof LeaseLost && SERVER_ENDED.has(reason.reason);
-  };
+  const endedByServer = (r: Running): boolean => r.serverEnded;
 
   /** Whether a grant waits for a slot or a guarantee (see {@link startWaiting}). */
   const anyWaiting = (): boolean => {
@@ -727,7 +728,9 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /** What to tell the server about an action whose handler was aborted. */
-  function afterAbort(aborted: LazyAbortController): PendingReport {
+  function afterAbort(r: Running): PendingReport {
+    if (r.serverEnded) return { kind: "dropped" };
+    const aborted = r.controller;
     const reason = aborted.reason instanceof LeaseLost ? aborted.reason.reason : "closing";
     // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
     // One the agent stops because it closes is given back by the goodbye with the rest: a
@@ -896,6 +899,7 @@ export function createAgent(options: AgentOptions): Agent {
               // before the old stream broke (and so no longer counts the lease as held), it
               // accepts the repeat; otherwise it is fenced. Either way the agent learns which.
               if (r.report) continue;
+              r.serverEnded = true;
               r.controller.abort(
                 new LeaseLost("superseded", "the server revoked this lease when the agent reconnected"),
               );
@@ -938,6 +942,8 @@ export function createAgent(options: AgentOptions): Agent {
           if (r && r.epoch === Number(m.value.epoch)) {
             const reason = REVOKE_NAMES[m.value.reason] ?? "revoked";
             emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason });
+            // Even when something else stopped the handler first (a self-fence, a cancel).
+            if (SERVER_ENDED.has(reason)) r.serverEnded = true;
             if (reason === "collect_outputs") {
               // Not a loss: the lease stays valid while the handler saves its outputs.
               if (!r.stop.aborted) r.stop.abort(new LeaseLost(reason, m.value.message || "stop and save"));

@@ -239,6 +239,9 @@ class _Lease:
         self.action_id = grant.action_id
         self.epoch = grant.epoch
         self.cancel_reason: str | None = None
+        # The server ended this lease (EXPIRED, SUPERSEDED, ROLLED_BACK, or revoked in a welcome),
+        # whatever cancelled the handler first: its slot is free there, its outcome not ours.
+        self.gone = False
         self.waiting = False
         """Granted but not started: waits for a heartbeat ack with a fresh guarantee."""
         self.started = False
@@ -551,6 +554,7 @@ class Agent:
             lease = self._leases.get(held.action_id)
             # A lease whose report is waiting keeps it: the server accepts it or fences it.
             if lease is not None and lease.epoch == held.epoch and lease.report is None:
+                lease.gone = True
                 self._cancel(lease, "superseded")
         self._emit(
             "welcome",
@@ -616,7 +620,7 @@ class Agent:
         busy = sum(
             1
             for other in self._leases.values()
-            if other is not lease and other.report is None and other.cancel_reason not in _GONE
+            if other is not lease and other.report is None and not other.gone
         )
         if self._closing or busy >= self._capacity:
             # Draining, or more grants than slots (the server should never do that): give it back.
@@ -635,6 +639,8 @@ class Agent:
             return
         reason = _REVOKE_REASONS.get(revoke.reason, "revoked")
         self._emit("revoked", action_id=lease.action_id, epoch=lease.epoch, reason=reason)
+        if reason in _GONE:
+            lease.gone = True
         if reason == "collect_outputs":
             lease.context.stop_requested.set()
         elif lease.report is None:
@@ -705,6 +711,19 @@ class Agent:
                 self._run(lease)
 
     def _run_handler(self, lease: _Lease) -> None:
+        with self._lock:
+            # Queued in the pool behind a handler that was still stopping: what held when it was
+            # queued may not hold now.
+            if lease.cancel_reason is None and lease.report is None:
+                if self._closing:
+                    self._settle(lease, _released("the agent is shutting down"))
+                    return
+                if not self._may_start():
+                    lease.started = False
+                    lease.waiting = True
+                    if self._stream is not None:
+                        self._beat(self._stream)
+                    return
         report: _Report | None = None
         if not lease.context.cancelled.is_set():
             try:
@@ -720,7 +739,7 @@ class Agent:
             if lease.report is not None:
                 return  # close() released it while the handler ignored its cancellation
             if lease.cancel_reason is not None:
-                self._settle(lease, self._after_cancel(lease.cancel_reason))
+                self._settle(lease, None if lease.gone else self._after_cancel(lease.cancel_reason))
             elif report is not None:
                 self._settle(lease, report)
 

@@ -32,6 +32,9 @@ type run struct {
 	report *report
 	// abandoned: released at Close while the handler ignored its context; its result is ignored.
 	abandoned bool
+	// gone: the server ended this lease (EXPIRED, SUPERSEDED, ROLLED_BACK, or revoked in a
+	// welcome), whatever stopped the handler first: its slot is free there, its outcome not ours.
+	gone bool
 
 	mu   sync.Mutex
 	lost *LeaseLost
@@ -190,6 +193,7 @@ func (a *Agent) welcome(c *conn, w *leaseholdv1.Welcome) {
 		if r.report != nil {
 			continue
 		}
+		r.gone = true
 		a.abort(r, &LeaseLost{Reason: "superseded", Message: "the server revoked this lease when the agent reconnected"})
 	}
 	a.heartbeatInterval = 2 * time.Second
@@ -340,7 +344,7 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 		if other.lease.ActionID == lease.ActionID {
 			continue
 		}
-		if other.report == nil && !other.lostReason().gone() {
+		if other.report == nil && !other.gone {
 			held++
 		}
 		if other.active {
@@ -430,6 +434,10 @@ func (a *Agent) handlerReturned(r *run, output *structpb.Struct, err error) {
 	}
 	lost := r.lostReason()
 	r.cancel() // the handler is done: release its context
+	if r.gone {
+		a.settle(r, nil) // the lease is gone: its outcome is no longer ours to report
+		return
+	}
 	if lost != nil {
 		a.settle(r, afterLoss(lost))
 		return
@@ -570,6 +578,10 @@ func (a *Agent) revoke(rv *leaseholdv1.Revoke) {
 	}
 	a.emit(Revoked{ActionID: r.lease.ActionID, Epoch: r.lease.Epoch, Reason: reason, Message: message})
 	lost := &LeaseLost{Reason: reason, Message: message}
+	if lost.gone() {
+		// Even when something else stopped the handler first (a self-fence, a cancel).
+		r.gone = true
+	}
 	switch {
 	case reason == "collect_outputs":
 		// Not a loss: the lease stays valid while the handler saves its outputs.

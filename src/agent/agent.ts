@@ -547,8 +547,10 @@ export function createAgent(options: AgentOptions): Agent {
     const epoch = Number(grant.epoch);
     const existing = running.get(actionId);
     if (existing && existing.epoch === epoch) return; // a grant sent again after a reconnect
-    if (existing)
+    if (existing) {
+      existing.serverEnded = true;
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
+    }
     const controller = new LazyAbortController();
     const stop = new LazyAbortController();
     const r: Running = {
@@ -696,14 +698,11 @@ export function createAgent(options: AgentOptions): Agent {
     let busy = 0;
     for (const r of running.values()) {
       if (r === except || r.report) continue;
-      if (!endedByServer(r)) held++;
+      if (!r.serverEnded) held++;
       if (!r.start) busy++;
     }
     return { held, busy };
   }
-
-  /** Whether the server ended this grant's lease (and freed its slot) while its handler runs. */
-  const endedByServer = (r: Running): boolean => r.serverEnded;
 
   /** Whether a grant waits for a slot or a guarantee (see {@link startWaiting}). */
   const anyWaiting = (): boolean => {
@@ -729,13 +728,13 @@ export function createAgent(options: AgentOptions): Agent {
 
   /** What to tell the server about an action whose handler was aborted. */
   function afterAbort(r: Running): PendingReport {
+    // A lease the server ended is no longer ours to report on (a revoke may confirm a cancel or
+    // a drain). One the agent stops because it closes is given back by the goodbye with the
+    // rest: a release of its own would free a slot for the server to fill again.
     if (r.serverEnded) return { kind: "dropped" };
     const aborted = r.controller;
     const reason = aborted.reason instanceof LeaseLost ? aborted.reason.reason : "closing";
-    // A revoked lease is no longer ours to report on, except to confirm a cancel or a drain.
-    // One the agent stops because it closes is given back by the goodbye with the rest: a
-    // release of its own would free a slot for the server to fill again.
-    if (SERVER_ENDED.has(reason) || reason === "closing") return { kind: "dropped" };
+    if (reason === "closing") return { kind: "dropped" };
     return { kind: "released", reason: aborted.reason instanceof Error ? aborted.reason.message : reason };
   }
 

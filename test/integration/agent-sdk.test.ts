@@ -5,6 +5,7 @@ import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { freshStore } from "../helpers/database.js";
+import { deferred } from "../helpers/deferred.js";
 import { freePort } from "../helpers/ports.js";
 import { runLeasehold } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -33,15 +34,6 @@ function eventsOf() {
       });
     },
   };
-}
-
-/** A promise with its resolver. */
-function deferred<T = void>() {
-  let resolve!: (value: T) => void;
-  const promise = new Promise<T>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
 }
 
 describe("the agent SDK against a real server", () => {

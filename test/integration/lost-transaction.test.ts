@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import { type Database, IDLE_TRANSACTION_TIMEOUT_MS, openDatabase } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { deferred } from "../helpers/deferred.js";
 
 // PGlite serves one process: no other process can be lost while holding its locks.
 describe.runIf(inject("driver") === "postgres")("a process lost in the middle of a transaction", () => {
@@ -37,26 +38,20 @@ describe.runIf(inject("driver") === "postgres")("a process lost in the middle of
     await other.db.execute(sql`insert into clusters (name) values ('locked')`);
 
     // The lost process locked the row, then stopped between two statements: it never commits.
-    let locked!: () => void;
-    const rowLocked = new Promise<void>((resolve) => {
-      locked = resolve;
-    });
-    let finish!: () => void;
-    const never = new Promise<void>((resolve) => {
-      finish = resolve;
-    });
+    const rowLocked = deferred();
+    const never = deferred();
     const stuck = lost.db
       .transaction(async (t) => {
         await t.execute(sql`select name from clusters where name = 'locked' for update`);
-        locked();
-        await never;
+        rowLocked.resolve();
+        await never.promise;
         await t.execute(sql`select 1`);
       })
       .then(
         () => "committed",
         (error: unknown) => (error as { code?: string }).code ?? String(error),
       );
-    await rowLocked;
+    await rowLocked.promise;
 
     // Another process's statement on that row waits for the lock, then gets it once PostgreSQL
     // has ended the idle transaction.
@@ -65,7 +60,7 @@ describe.runIf(inject("driver") === "postgres")("a process lost in the middle of
       sql`update clusters set health_reason = 'after the lost one' where name = 'locked'`,
     );
     expect(performance.now() - started).toBeGreaterThan(IDLE_TRANSACTION_TIMEOUT_MS / 2);
-    finish();
+    never.resolve();
     // The lost transaction committed nothing: its next statement finds the session ended (25P03).
     expect(await stuck).not.toBe("committed");
   }, 30_000);

@@ -6,6 +6,7 @@ import type { FinishReport } from "../../src/store/queries/finish-actions.js";
 import { settleAndGrant } from "../../src/store/queries/settle-and-grant.js";
 import { queryRows } from "../../src/store/rows.js";
 import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { deferred } from "../helpers/deferred.js";
 
 // Two statements at once on one action: PGlite has one connection, so only PostgreSQL can race.
 describe.runIf(inject("driver") === "postgres")(
@@ -52,14 +53,8 @@ describe.runIf(inject("driver") === "postgres")(
       };
 
       // The first copy is applied in a transaction that has not committed yet.
-      let applied!: (finished: number) => void;
-      const firstApplied = new Promise<number>((resolve) => {
-        applied = resolve;
-      });
-      let commit!: () => void;
-      const committing = new Promise<void>((resolve) => {
-        commit = resolve;
-      });
+      const firstApplied = deferred<number>();
+      const committing = deferred();
       const firstCopy = first.db.transaction(async (t) => {
         const { finished } = await settleAndGrant(
           t as unknown as typeof first.db,
@@ -67,10 +62,10 @@ describe.runIf(inject("driver") === "postgres")(
           [report],
           undefined,
         );
-        applied(finished.length);
-        await committing;
+        firstApplied.resolve(finished.length);
+        await committing.promise;
       });
-      expect(await firstApplied).toBe(1);
+      expect(await firstApplied.promise).toBe(1);
 
       // The second copy's statement starts meanwhile and waits for the action's row lock.
       const secondCopy = settleAndGrant(second.db, clock, [report], undefined);
@@ -83,7 +78,7 @@ describe.runIf(inject("driver") === "postgres")(
         if (row?.waiting) break;
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
-      commit();
+      committing.resolve();
       await firstCopy;
       const { finished } = await secondCopy;
       expect(finished).toEqual([{ key: 0, actionId: "a", state: "SUCCEEDED" }]);

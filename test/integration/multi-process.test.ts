@@ -8,7 +8,6 @@ import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { type OwnPostgres, startOwnPostgres } from "../embedded-postgres.js";
 import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
-import { freePort } from "../helpers/ports.js";
 import { type AgentProcess, type LeaseholdProcess, runLeasehold, runSdkAgent } from "../helpers/process.js";
 import { connectWorker } from "../helpers/worker.js";
 
@@ -18,16 +17,15 @@ async function startServers(
   count: number,
   extra: string[] = [],
 ): Promise<{ processes: LeaseholdProcess[]; addresses: string[] }> {
-  const addresses: string[] = [];
   const processes: LeaseholdProcess[] = [];
+  // Port 0, read back from the serving line: a port found free beforehand could be taken by a
+  // process of another test file before the server listened on it (EADDRINUSE, seen on CI).
   for (let i = 0; i < count; i++) {
-    const address = `127.0.0.1:${await freePort()}`;
-    const args = ["serve", "--listen", address, "--metrics-listen", "off", ...extra];
-    addresses.push(address);
+    const args = ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", ...extra];
     processes.push(runLeasehold(args, databaseUrl));
   }
-  await Promise.all(processes.map((p) => p.waitForLog((l) => l.msg === "leasehold serving")));
-  return { processes, addresses };
+  const ready = await Promise.all(processes.map((p) => p.waitForLog((l) => l.msg === "leasehold serving")));
+  return { processes, addresses: ready.map((l) => `127.0.0.1:${l.port}`) };
 }
 
 const TIMING = ["--grace-period", "6s", "--heartbeat-interval", "1s"];

@@ -369,6 +369,11 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   const running = new Map<string, Running>();
+  /**
+   * Handlers replaced in `running` by a newer grant of the same action while
+   * they still stop: they take a slot until they return (see slotsTaken).
+   */
+  const superseded = new Set<Running>();
   let closing = false;
   let closed = false;
   let sessionId: string | undefined;
@@ -550,6 +555,8 @@ export function createAgent(options: AgentOptions): Agent {
     if (existing) {
       existing.serverEnded = true;
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
+      // Still stopping: the new grant must not run beside it, on the same action.
+      if (!existing.report) superseded.add(existing);
     }
     const controller = new LazyAbortController();
     const stop = new LazyAbortController();
@@ -677,6 +684,7 @@ export function createAgent(options: AgentOptions): Agent {
 
   /** Records how a grant ended and reports it (or forgets it, when it is no longer ours). */
   function settle(r: Running, report: PendingReport): void {
+    superseded.delete(r);
     r.report = fitted(r, report);
     if (report.kind === "dropped") forget(r);
     else if (current) sendReport(current, r);
@@ -691,7 +699,9 @@ export function createAgent(options: AgentOptions): Agent {
    * at once and may grant it again while the handler is still stopping. That
    * grant waits for the handler instead of being released: released, it went
    * back to the queue and came straight back, over and over, until the
-   * handler returned.
+   * handler returned. A handler replaced by a newer grant of its own action
+   * is busy the same way: the two would otherwise run at once, one stopping
+   * and one starting, on the same action.
    */
   function slotsTaken(except?: Running): { held: number; busy: number } {
     let held = 0;
@@ -701,6 +711,7 @@ export function createAgent(options: AgentOptions): Agent {
       if (!r.serverEnded) held++;
       if (!r.start) busy++;
     }
+    for (const r of superseded) if (!r.start) busy++;
     return { held, busy };
   }
 

@@ -267,8 +267,11 @@ type Agent struct {
 	// Loop-owned from here on.
 	rng     *rand.Rand
 	running map[string]*run
-	current *conn
-	waiters []waiter
+	// superseded: handlers replaced in running by a newer grant of the same
+	// action while they still stop. They take a slot until they return.
+	superseded map[*run]struct{}
+	current    *conn
+	waiters    []waiter
 	// closing: Close was called (no new work; grants are given back).
 	closing bool
 	// goodbyeDue: handlers are done; say goodbye once every report is answered.
@@ -341,6 +344,7 @@ func Start(opts Options) (*Agent, error) {
 		cancelRoot:   cancel,
 		rng:          rng,
 		running:      map[string]*run{},
+		superseded:   map[*run]struct{}{},
 		addressIndex: rng.Intn(len(opts.Addresses)),
 		lastAck:      time.Now(),
 	}

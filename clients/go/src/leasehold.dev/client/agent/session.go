@@ -326,6 +326,10 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 			return // a grant sent again after a reconnect
 		}
 		a.abort(existing, &LeaseLost{Reason: "superseded", Message: "a newer grant of this action arrived"})
+		if existing.active {
+			// Still stopping: the new grant must not run beside it, on the same action.
+			a.superseded[existing] = struct{}{}
+		}
 	}
 	ctx, cancel := context.WithCancel(a.root)
 	r := &run{lease: lease, ctx: ctx, cancel: cancel, stop: make(chan struct{})}
@@ -339,7 +343,7 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 	// ended (gone) is not one: the server freed its slot at once, and may grant it again while
 	// the handler still stops. That grant waits for the handler (active counts it) instead of
 	// going back, which would bring it straight back, over and over (worker.proto, Revoke).
-	held, active := 0, 0
+	held, active := 0, a.activeSuperseded()
 	for _, other := range a.running {
 		if other.lease.ActionID == lease.ActionID {
 			continue
@@ -387,7 +391,7 @@ func (a *Agent) startWaiting() {
 	if !a.mayStart() || a.closing {
 		return
 	}
-	active := 0
+	active := a.activeSuperseded()
 	for _, r := range a.running {
 		if r.active {
 			active++
@@ -402,6 +406,18 @@ func (a *Agent) startWaiting() {
 			active++
 		}
 	}
+}
+
+// activeSuperseded counts the handlers a newer grant of their action replaced that have not
+// returned yet: each still takes a slot.
+func (a *Agent) activeSuperseded() int {
+	n := 0
+	for r := range a.superseded {
+		if r.active {
+			n++
+		}
+	}
+	return n
 }
 
 func (a *Agent) start(r *run) {
@@ -427,6 +443,7 @@ func invoke(h Handler, r *run) (output *structpb.Struct, err error) {
 
 func (a *Agent) handlerReturned(r *run, output *structpb.Struct, err error) {
 	r.active = false
+	delete(a.superseded, r)
 	// Its slot is free: a grant that waited for it starts now (see onGrant).
 	defer a.startWaiting()
 	if r.abandoned || r.report != nil {

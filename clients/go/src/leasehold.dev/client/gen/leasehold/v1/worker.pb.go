@@ -1683,7 +1683,8 @@ func (x *Goodbye) GetReason() string {
 // listing it. Its slot is free on the server at once, so a grant may arrive
 // for it while the work is still stopping: hold that grant (acked, listed)
 // and start it when the work has stopped; do not release it, or it comes
-// straight back. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
+// straight back. That grant may be of the same action at a higher epoch: it
+// too waits until the old epoch's work has stopped. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
 // the worker lets go: stop (for COLLECT_OUTPUTS, save the outputs first), then
 // send a ReleaseReport or CompletionReport, or stop listing the lease in
 // held_leases, which counts as a release (see Heartbeat.held_leases).

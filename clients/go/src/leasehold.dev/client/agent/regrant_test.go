@@ -1,0 +1,179 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"reflect"
+	"sync"
+	"testing"
+	"time"
+
+	leaseholdv1 "leasehold.dev/client/gen/leasehold/v1"
+
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// scriptedServer welcomes the agent, acks every heartbeat with a long
+// guarantee, accepts every report, and sends what the test puts on send.
+type scriptedServer struct {
+	leaseholdv1.UnimplementedWorkerServiceServer
+	send  chan *leaseholdv1.ConnectResponse
+	acked chan struct{}
+	once  sync.Once
+}
+
+func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
+	out := make(chan *leaseholdv1.ConnectResponse, 64)
+	go func() {
+		for {
+			select {
+			case m := <-out:
+				_ = stream.Send(m)
+			case m := <-s.send:
+				_ = stream.Send(m)
+			case <-stream.Context().Done():
+				return
+			}
+		}
+	}()
+	var answer func(*leaseholdv1.ConnectRequest)
+	answer = func(req *leaseholdv1.ConnectRequest) {
+		switch m := req.GetMessage().(type) {
+		case *leaseholdv1.ConnectRequest_Batch:
+			for _, inner := range m.Batch.GetMessages() {
+				answer(inner)
+			}
+		case *leaseholdv1.ConnectRequest_Hello:
+			out <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
+				SessionId: "s1", HeartbeatInterval: durationpb.New(time.Second),
+				GracePeriod: durationpb.New(time.Minute), AcceptsBatches: true}}}
+		case *leaseholdv1.ConnectRequest_Heartbeat:
+			out <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
+				Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(time.Minute)}}}
+			s.once.Do(func() { close(s.acked) })
+		case *leaseholdv1.ConnectRequest_GrantAck:
+			out <- reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch())
+		case *leaseholdv1.ConnectRequest_Completion:
+			out <- reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch())
+		}
+	}
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		answer(req)
+	}
+}
+
+func reportResult(reportID uint64, actionID string, epoch uint64) *leaseholdv1.ConnectResponse {
+	return &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_ReportResult{ReportResult: &leaseholdv1.ReportResult{
+		ReportId: reportID, ActionId: actionID, Epoch: epoch, Accepted: true}}}
+}
+
+func grantOf(epoch uint64) *leaseholdv1.ConnectResponse {
+	return &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Grant{Grant: &leaseholdv1.Grant{
+		ActionId: "a1", Epoch: epoch, Attempt: uint32(epoch)}}}
+}
+
+// A grant of an action the server ended while its handler still stops waits
+// for that handler: the two never run at once, on the same action.
+func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	script := &scriptedServer{send: make(chan *leaseholdv1.ConnectResponse, 8), acked: make(chan struct{})}
+	leaseholdv1.RegisterWorkerServiceServer(server, script)
+	go func() { _ = server.Serve(listener) }()
+	defer server.Stop()
+
+	var mu sync.Mutex
+	var log []string
+	record := func(s string) {
+		mu.Lock()
+		defer mu.Unlock()
+		log = append(log, s)
+	}
+	logged := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), log...)
+	}
+	granted := make(chan Granted, 8)
+	firstStopping := make(chan struct{})
+	letFirstReturn := make(chan struct{})
+	secondStarted := make(chan struct{})
+	a, err := Start(Options{
+		Addresses: []string{listener.Addr().String()},
+		Cluster:   "east",
+		WorkerID:  "w1",
+		Capacity:  1,
+		OnEvent: func(e Event) {
+			if g, ok := e.(Granted); ok {
+				granted <- g
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			record("start " + map[uint64]string{1: "1", 2: "2"}[action.Epoch])
+			if action.Epoch == 2 {
+				close(secondStarted)
+				return nil, nil
+			}
+			// It honours the cancel, but takes a while to tear down (a container's stop).
+			<-ctx.Done()
+			close(firstStopping)
+			<-letFirstReturn
+			record("end 1")
+			return nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = a.Close(ctx)
+	}()
+	wait := func(what string, ch <-chan struct{}) {
+		select {
+		case <-ch:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("never happened: %s", what)
+		}
+	}
+	waitGrant := func(epoch uint64) Granted {
+		for {
+			select {
+			case g := <-granted:
+				if g.Epoch == epoch {
+					return g
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("never granted: epoch %d", epoch)
+			}
+		}
+	}
+	wait("the first heartbeat ack", script.acked)
+	script.send <- grantOf(1)
+	waitGrant(1)
+	// The server ends the lease (the session expired while its stream was down, say) and, the
+	// slot being free on its side, grants the action again at once.
+	script.send <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Revoke{Revoke: &leaseholdv1.Revoke{
+		ActionId: "a1", Epoch: 1, Reason: leaseholdv1.RevokeReason_REVOKE_REASON_EXPIRED}}}
+	wait("the first handler stopping", firstStopping)
+	script.send <- grantOf(2)
+	// The guarantee is fresh (a minute), so only the stopping handler can make it wait.
+	if g := waitGrant(2); !g.Waiting {
+		t.Fatalf("the second grant started beside the stopping handler (log %v)", logged())
+	}
+	close(letFirstReturn)
+	wait("the second handler", secondStarted)
+	if got := logged(); !reflect.DeepEqual(got, []string{"start 1", "end 1", "start 2"}) {
+		t.Fatalf("order: %v", got)
+	}
+}

@@ -299,9 +299,11 @@ function basicActionAt(r: Reader, end: number): Action | undefined {
   // Field numbers seen, as bits (the basic view's go up to 25).
   let seen = 0;
   while (r.at < end) {
+    const from = r.at;
     const tag = r.varint(end);
     const n = tag >>> 3;
-    if (tag === DECLINE || n > 25 || seen & (1 << n)) return undefined;
+    // A tag longer than 5 bytes overflows 32 bits: protobuf-es refuses it.
+    if (tag === DECLINE || r.at - from > 5 || n > 25 || seen & (1 << n)) return undefined;
     seen |= 1 << n;
     if (tag === 10 << 3) {
       const state = r.varint(end);

@@ -34,9 +34,17 @@ export function expectNeverDiffers(
       else declined++;
     }
     for (let i = 0; i < 2000; i++) {
-      const changed = Buffer.from(bytes);
-      for (let k = 1 + Math.floor(random() * 3); k > 0; k--)
-        changed[Math.floor(random() * changed.length)] = Math.floor(random() * 256);
+      let changed = Buffer.from(bytes);
+      for (let k = 1 + Math.floor(random() * 3); k > 0; k--) {
+        const at = Math.floor(random() * changed.length);
+        // Every other case inserts bytes instead of replacing them, often varint continuations
+        // (0x80): overlong tags and lengths, which replacing alone never makes.
+        if (i % 2 === 0) changed[at] = Math.floor(random() * 256);
+        else {
+          const inserted = random() < 0.5 ? 0x80 : Math.floor(random() * 256);
+          changed = Buffer.concat([changed.subarray(0, at), Buffer.from([inserted]), changed.subarray(at)]);
+        }
+      }
       const what = changed.toString("hex");
       let readable = true;
       try {

@@ -192,7 +192,10 @@ describe("decodeBasicSubmitResults", () => {
       ["a time before 1970", answer([{ action: { id: "a", createTime: { seconds: -1n } } }])],
       // Two create times in one action: protobuf-es merges them (seconds of one, nanos of the other).
       ["a message field twice", answerWithAction(twoTimes)],
+      // Field 1 behind a tag of 6 bytes: protobuf-es refuses it ("varint overflows uint32").
+      ["a tag over 5 bytes", Buffer.from("0a0a0a088a80808080000161", "hex")],
     ];
+    expect(() => ordinary(Buffer.from("0a0a0a088a80808080000161", "hex"))).toThrow(/overflows uint32/);
     for (const [what, bytes] of declined) expect(decodeBasicSubmitResults(bytes), what).toBeUndefined();
   });
 

@@ -326,9 +326,16 @@ export function createScopeLeaseService(deps: {
   ): Promise<string[]> {
     const resources = await openDeployments(leaseId, "collect outputs");
     const actionIds = resources.map((r) => r.actionId as string);
-    /** Asks the holders of these (leased) actions to save and stop. */
+    /**
+     * Asks the holders of these (leased) actions to save and stop, while the
+     * lease is open: a lease committed meanwhile keeps its deployments running.
+     */
     const ask = async (ids: readonly string[]) => {
-      const asked = await requestOutputs(db, ids, actor);
+      const asked = await db.transaction(async (tx) => {
+        const refusal = await lockOpen(tx as unknown as Db, clock, leaseId);
+        if (refusal) throw refused(leaseId, refusal, "collect outputs");
+        return requestOutputs(tx as unknown as Db, ids, actor);
+      });
       for (const r of asked) {
         holders?.revoke(
           r.sessionId,

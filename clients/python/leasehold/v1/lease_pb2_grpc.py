@@ -227,6 +227,8 @@ class LeaseServiceServicer(object):
         of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
         the lease is not open (or past its TTL) when the call starts or when the
         deployments have stopped: an empty list always means they saved no files.
+        A deployment is asked to stop only while its lease is open: a lease
+        committed meanwhile keeps its deployments running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1024,6 +1024,8 @@ export const LeaseService: GenService<{
    * of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
    * the lease is not open (or past its TTL) when the call starts or when the
    * deployments have stopped: an empty list always means they saved no files.
+   * A deployment is asked to stop only while its lease is open: a lease
+   * committed meanwhile keeps its deployments running.
    *
    * @generated from rpc leasehold.v1.LeaseService.CollectOutputs
    */

@@ -57,6 +57,8 @@ type LeaseServiceClient interface {
 	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
 	// the lease is not open (or past its TTL) when the call starts or when the
 	// deployments have stopped: an empty list always means they saved no files.
+	// A deployment is asked to stop only while its lease is open: a lease
+	// committed meanwhile keeps its deployments running.
 	CollectOutputs(ctx context.Context, in *CollectOutputsRequest, opts ...grpc.CallOption) (*CollectOutputsResponse, error)
 }
 
@@ -243,6 +245,8 @@ type LeaseServiceServer interface {
 	// of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
 	// the lease is not open (or past its TTL) when the call starts or when the
 	// deployments have stopped: an empty list always means they saved no files.
+	// A deployment is asked to stop only while its lease is open: a lease
+	// committed meanwhile keeps its deployments running.
 	CollectOutputs(context.Context, *CollectOutputsRequest) (*CollectOutputsResponse, error)
 	mustEmbedUnimplementedLeaseServiceServer()
 }

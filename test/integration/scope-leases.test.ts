@@ -304,6 +304,11 @@ describe("scope leases", () => {
       EventKind.SCOPE_LEASE_RESULT_SET,
       EventKind.SCOPE_LEASE_ROLLED_BACK,
     ]);
+    // A post-mortem may be written after the close; a deleted lease has none.
+    await leases().setResult({ leaseId: id, result: { passed: 12, failed: 0, note: "flaky" } });
+    expect((await leases().getLease({ leaseId: id })).lease?.result).toMatchObject({ note: "flaky" });
+    await leases().deleteLease({ leaseId: id });
+    await expectStatus(leases().setResult({ leaseId: id, result: { passed: 0 } }), Code.NotFound, /./);
   });
 
   it("rejects bad requests with the field to fix", async () => {

@@ -199,7 +199,9 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def SetResult(self, request, context):
-        """Records a structured result that survives the close.
+        """Records a structured result that survives the close. It may be recorded
+        on an open or a closed lease (a post-mortem written after a rollback or
+        a TTL expiry); NOT_FOUND once the lease is deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

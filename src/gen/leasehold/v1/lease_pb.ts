@@ -987,7 +987,9 @@ export const LeaseService: GenService<{
     output: typeof DeleteLeasesResponseSchema;
   },
   /**
-   * Records a structured result that survives the close.
+   * Records a structured result that survives the close. It may be recorded
+   * on an open or a closed lease (a post-mortem written after a rollback or
+   * a TTL expiry); NOT_FOUND once the lease is deleted.
    *
    * @generated from rpc leasehold.v1.LeaseService.SetResult
    */

@@ -44,7 +44,9 @@ type LeaseServiceClient interface {
 	// Deletes the records of many closed leases (housekeeping).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(ctx context.Context, in *DeleteLeasesRequest, opts ...grpc.CallOption) (*DeleteLeasesResponse, error)
-	// Records a structured result that survives the close.
+	// Records a structured result that survives the close. It may be recorded
+	// on an open or a closed lease (a post-mortem written after a rollback or
+	// a TTL expiry); NOT_FOUND once the lease is deleted.
 	SetResult(ctx context.Context, in *SetResultRequest, opts ...grpc.CallOption) (*SetResultResponse, error)
 	// Returns one structured snapshot of the lease for troubleshooting.
 	// Right: lease.debug in the lease's runtime.
@@ -232,7 +234,9 @@ type LeaseServiceServer interface {
 	// Deletes the records of many closed leases (housekeeping).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(context.Context, *DeleteLeasesRequest) (*DeleteLeasesResponse, error)
-	// Records a structured result that survives the close.
+	// Records a structured result that survives the close. It may be recorded
+	// on an open or a closed lease (a post-mortem written after a rollback or
+	// a TTL expiry); NOT_FOUND once the lease is deleted.
 	SetResult(context.Context, *SetResultRequest) (*SetResultResponse, error)
 	// Returns one structured snapshot of the lease for troubleshooting.
 	// Right: lease.debug in the lease's runtime.

@@ -169,6 +169,80 @@ describe("work leases", () => {
   });
 
   /**
+   * Restarts the server on the same kind of store, with every `execute` of its database
+   * passed to `intercept` with the statement's text: the faults the tests below inject.
+   */
+  async function serverWithStatements(
+    intercept: (query: SQL, text: string, db: Db) => Promise<unknown>,
+    config: { gracePeriod?: string; heartbeatInterval?: string } = {},
+  ) {
+    await t[Symbol.asyncDispose]();
+    const dialect = new PgDialect();
+    t = await startTestServer({
+      config: {
+        gracePeriod: config.gracePeriod ?? "10s",
+        heartbeatInterval: config.heartbeatInterval ?? "2s",
+      },
+      overrides: {
+        clock,
+        timers: false,
+        wrapDb: (db) =>
+          new Proxy(db, {
+            get(target, property, receiver) {
+              if (property !== "execute") return Reflect.get(target, property, receiver);
+              return (query: SQL) => intercept(query, dialect.sqlToQuery(query).sql, target);
+            },
+          }),
+      },
+    });
+  }
+
+  it("applies a progress report and the release after it in the order sent, keeping the checkpoint", async () => {
+    // The progress statement is held until the test lets it run: the release that follows
+    // could otherwise commit first, fence the progress and lose its checkpoint.
+    let progressStarted!: () => void;
+    const started = new Promise<void>((r) => {
+      progressStarted = r;
+    });
+    let letProgressRun!: () => void;
+    const mayRun = new Promise<void>((r) => {
+      letProgressRun = r;
+    });
+    await serverWithStatements(async (query, text, db) => {
+      if (text.includes("checkpoint = coalesce")) {
+        progressStarted();
+        await mayRun;
+      }
+      return db.execute(query);
+    });
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    const { epoch } = grant;
+    w.send({
+      message: {
+        case: "progress",
+        value: { reportId: 101n, actionId: id, epoch, phase: "half way", checkpoint: { step: 5 } },
+      },
+    });
+    await started;
+    w.send({
+      message: { case: "release", value: { reportId: 102n, actionId: id, epoch, reason: "give back" } },
+    });
+    // The server has read the release (an ack comes after it), and every settlement it asked
+    // for is done: out of order, the release has committed by now.
+    await w.heartbeat(1);
+    await tick().settled();
+    letProgressRun();
+    expect(await w.next("reportResult", (r) => r.reportId === 101n)).toMatchObject({ accepted: true });
+    expect(await w.next("reportResult", (r) => r.reportId === 102n)).toMatchObject({ accepted: true });
+    await tick().dispatch();
+    const again = await w.next("grant", (g) => g.epoch === 2n);
+    expect(again.checkpoint).toEqual({ step: 5 });
+  });
+
+  /**
    * A server whose next grant statement fails in one of two ways: its commit lands but the
    * answer is lost (the connection breaks around COMMIT), or it fails before COMMIT and rolls back.
    */
@@ -176,8 +250,6 @@ describe("work leases", () => {
     when: "after commit" | "before commit",
     options: { gracePeriod?: string; heartbeatInterval?: string; lookFails?: () => boolean } = {},
   ) {
-    await t[Symbol.asyncDispose]();
-    const dialect = new PgDialect();
     let armed = true;
     let fired!: () => void;
     const faulted = new Promise<void>((r) => {
@@ -188,44 +260,24 @@ describe("work leases", () => {
       fired();
       return new Error(`connection lost ${when} (injected)`);
     };
-    t = await startTestServer({
-      config: {
-        gracePeriod: options.gracePeriod ?? "10s",
-        heartbeatInterval: options.heartbeatInterval ?? "2s",
-      },
-      overrides: {
-        clock,
-        timers: false,
-        // Grants are single statements: "before commit" runs the grant in a transaction that
-        // rolls back; "after commit" lets it commit and loses the answer. While `lookFails`
-        // says so, the look for in-doubt grants fails as if the database were gone.
-        wrapDb: (db) =>
-          new Proxy(db, {
-            get(target, property, receiver) {
-              if (property !== "execute" || (!armed && !options.lookFails))
-                return Reflect.get(target, property, receiver);
-              return async (query: SQL) => {
-                const text = dialect.sqlToQuery(query).sql;
-                if (options.lookFails?.() && text.includes("where state = 'LEASED'"))
-                  throw new Error("connection lost (injected)");
-                if (!armed) return target.execute(query);
-                const grant = text.includes("insert into attempts");
-                if (!grant) return target.execute(query);
-                if (when === "after commit") {
-                  const result = await target.execute(query);
-                  if (armed && grant) throw injected();
-                  return result;
-                }
-                return target.transaction(async (tx) => {
-                  const result = await tx.execute(query);
-                  if (armed && grant) throw injected();
-                  return result;
-                });
-              };
-            },
-          }),
-      },
-    });
+    // Grants are single statements: "before commit" runs the grant in a transaction that
+    // rolls back; "after commit" lets it commit and loses the answer. While `lookFails`
+    // says so, the look for in-doubt grants fails as if the database were gone.
+    await serverWithStatements(async (query, text, db) => {
+      if (options.lookFails?.() && text.includes("where state = 'LEASED'"))
+        throw new Error("connection lost (injected)");
+      if (!armed || !text.includes("insert into attempts")) return db.execute(query);
+      if (when === "after commit") {
+        const result = await db.execute(query);
+        if (armed) throw injected();
+        return result;
+      }
+      return db.transaction(async (tx) => {
+        const result = await tx.execute(query);
+        if (armed) throw injected();
+        return result;
+      });
+    }, options);
     return { faulted };
   }
 

@@ -74,6 +74,38 @@ export function createReports(deps: {
     return accepted;
   });
 
+  /**
+   * The reports of one action are applied one after another, in the order
+   * they arrived (a batch is handled as if sent one by one). A progress report
+   * and a completion or release go through different statements (the
+   * progress batch, the dispatcher's round) that could commit in either
+   * order: a release committed first fenced the progress sent before it and
+   * lost its checkpoint. While an action has a report in flight, its later
+   * reports wait here; an action with none costs a map entry.
+   */
+  const inFlight = new Map<string, (() => void)[] | undefined>();
+
+  function inTurn(actionId: string, apply: () => void): void {
+    if (inFlight.has(actionId)) {
+      let waiting = inFlight.get(actionId);
+      if (!waiting) {
+        waiting = [];
+        inFlight.set(actionId, waiting);
+      }
+      waiting.push(apply);
+      return;
+    }
+    inFlight.set(actionId, undefined);
+    apply();
+  }
+
+  /** The report in flight of `actionId` is answered: the next one of that action goes. */
+  function nextInTurn(actionId: string): void {
+    const next = inFlight.get(actionId)?.shift();
+    if (next) next();
+    else inFlight.delete(actionId);
+  }
+
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
     deps.fencedReports.inc();
     const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
@@ -168,52 +200,60 @@ export function createReports(deps: {
                 details: m.outcome.details,
               },
             };
-    dispatcher.settle(
-      s,
-      report,
-      (finished) => {
-        if (!finished) {
-          endSpan(span, false, "FENCED");
-          return fenced(s, m.reportId, token, m.type);
-        }
-        accept(s, m.reportId, token, `action is now ${finished.state}`);
-        endSpan(span, true, finished.state);
-        publishActions([token.actionId]);
-      },
-      (error) => {
-        endSpan(span, false, "UNAVAILABLE");
-        unavailable(s, m.reportId, token, error);
-      },
+    inTurn(actionId, () =>
+      dispatcher.settle(
+        s,
+        report,
+        (finished) => {
+          nextInTurn(actionId);
+          if (!finished) {
+            endSpan(span, false, "FENCED");
+            return fenced(s, m.reportId, token, m.type);
+          }
+          accept(s, m.reportId, token, `action is now ${finished.state}`);
+          endSpan(span, true, finished.state);
+          publishActions([token.actionId]);
+        },
+        (error) => {
+          nextInTurn(actionId);
+          endSpan(span, false, "UNAVAILABLE");
+          unavailable(s, m.reportId, token, error);
+        },
+      ),
     );
   }
 
   function progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
     const span = reportSpan(s, m);
-    progressBatch
-      .add({
-        actionId: m.actionId,
-        epoch: m.epoch,
-        sessionId: s.sessionId,
-        phase: m.phase,
-        details: m.details,
-        checkpoint: m.checkpoint,
-      })
-      .then(
-        (ok) => {
-          if (!ok) {
-            endSpan(span, false, "FENCED");
-            return fenced(s, m.reportId, token, "progress");
-          }
-          accept(s, m.reportId, token, "progress recorded");
-          endSpan(span, true, "RECORDED");
-          feed.publish(actionTopic(token.actionId));
-        },
-        (error: unknown) => {
-          endSpan(span, false, "UNAVAILABLE");
-          unavailable(s, m.reportId, token, error);
-        },
-      );
+    inTurn(m.actionId, () => {
+      progressBatch
+        .add({
+          actionId: m.actionId,
+          epoch: m.epoch,
+          sessionId: s.sessionId,
+          phase: m.phase,
+          details: m.details,
+          checkpoint: m.checkpoint,
+        })
+        .then(
+          (ok) => {
+            nextInTurn(m.actionId);
+            if (!ok) {
+              endSpan(span, false, "FENCED");
+              return fenced(s, m.reportId, token, "progress");
+            }
+            accept(s, m.reportId, token, "progress recorded");
+            endSpan(span, true, "RECORDED");
+            feed.publish(actionTopic(token.actionId));
+          },
+          (error: unknown) => {
+            nextInTurn(m.actionId);
+            endSpan(span, false, "UNAVAILABLE");
+            unavailable(s, m.reportId, token, error);
+          },
+        );
+    });
   }
 
   return { finish, progress, accept, fenced, close: () => progressBatch.close() };

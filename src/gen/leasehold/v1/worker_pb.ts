@@ -53,6 +53,12 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  * values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
  * or strings.
  *
+ * Reports about one action (progress, completion, release) are applied in
+ * the order they arrive: a checkpoint sent before a release is handed to the
+ * next attempt. Reports about different actions are applied independently,
+ * and their ReportResults may come back in any order: match them by
+ * report_id.
+ *
  * @generated from message leasehold.v1.ConnectRequest
  */
 export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {

@@ -220,6 +220,12 @@ func (x *HeldLease) GetEpoch() uint64 {
 // 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
 // values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
 // or strings.
+//
+// Reports about one action (progress, completion, release) are applied in
+// the order they arrive: a checkpoint sent before a release is handed to the
+// next attempt. Reports about different actions are applied independently,
+// and their ReportResults may come back in any order: match them by
+// report_id.
 type ConnectRequest struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

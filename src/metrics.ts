@@ -44,7 +44,7 @@ export function createMetrics(sources: {
   });
   new Gauge({
     name: `${prefix}clusters_expiries_paused`,
-    help: "Clusters marked partitioned whose lease expiries are paused (SPEC rule 10; all processes).",
+    help: "Clusters marked partitioned whose lease expiries are paused (the mass-disconnect valve, --partition-share; all processes).",
     registers: [registry],
     async collect() {
       this.set(await sources.pausedClusters());

@@ -11,6 +11,7 @@ import {
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
+import { errorReasonOf } from "../rpc/status.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
 import {
   batchRuns,
@@ -182,6 +183,12 @@ export type AgentEvent =
    * `actionIds` were aborted. `silentMs`: time since the last ack arrived.
    */
   | { type: "self_fenced"; actionIds: string[]; silentMs: number }
+  /**
+   * Another process connected with this worker id and took the session over
+   * (worker ids must be unique): every handler was aborted (superseded), and
+   * the agent connects again only after `retryInMs` (at least a grace period).
+   */
+  | { type: "taken_over"; retryInMs: number }
   | { type: "drain"; reason: string };
 
 /** Options of {@link createAgent}. */
@@ -1031,7 +1038,7 @@ export function createAgent(options: AgentOptions): Agent {
       const code = (error as { code?: unknown } | undefined)?.code;
       const refused = code === grpc.status.UNAUTHENTICATED || code === grpc.status.PERMISSION_DENIED;
       refusals = refused ? refusals + 1 : 0;
-      const retryInMs = refused
+      let retryInMs = refused
         ? refusedDelayMs(refusals)
         : reconnectDelayMs({
             attempt: attemptsWithoutWelcome,
@@ -1039,6 +1046,24 @@ export function createAgent(options: AgentOptions): Agent {
             maxMs: options.maxBackoffMs,
             graceMs,
           });
+      if (code === grpc.status.ABORTED && errorReasonOf(error) === "SESSION_TAKEN_OVER") {
+        // This agent never opens a second stream, so another process connected with this
+        // worker id and took the session, its leases and its grants: stop every handler at
+        // once, and let that process keep the session for a grace period before trying again.
+        const grace = graceMs ?? 10_000;
+        retryInMs = Math.max(retryInMs, grace + Math.random() * grace);
+        for (const r of running.values()) {
+          if (r.report) continue;
+          r.serverEnded = true;
+          r.controller.abort(
+            new LeaseLost(
+              "superseded",
+              `another process connected as worker ${options.workerId} and took over`,
+            ),
+          );
+        }
+        emit({ type: "taken_over", retryInMs });
+      }
       emit({ type: "disconnected", error: error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };

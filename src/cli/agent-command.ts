@@ -227,5 +227,7 @@ function describe(e: AgentEvent): string {
       return `self-fenced: no heartbeat ack in time; stopped ${e.actionIds.join(", ")}`;
     case "drain":
       return `asked to drain: ${e.reason}`;
+    case "taken_over":
+      return `another process connected with this worker id and took the session over (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }
 }

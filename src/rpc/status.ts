@@ -1,5 +1,5 @@
-import { create, toBinary } from "@bufbuild/protobuf";
-import { type Any, anyPack } from "@bufbuild/protobuf/wkt";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { type Any, anyPack, anyUnpack } from "@bufbuild/protobuf/wkt";
 import { Metadata, type StatusObject, type status } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
@@ -137,6 +137,24 @@ export function toStatusObject(error: unknown, log: Logger, method: string): Sta
   metadata.set("grpc-status-details-bin", Buffer.from(toBinary(StatusSchema, status)));
   // Code mirrors the wire numbers, so it is a valid grpc-js Status.
   return { code: code as number as status, details: message, metadata };
+}
+
+/**
+ * ErrorInfo.reason of a failed call's status (`grpc-status-details-bin`), as
+ * a client reads it; undefined when there is none or it cannot be read.
+ */
+export function errorReasonOf(error: unknown): string | undefined {
+  const bin = (error as { metadata?: Metadata } | undefined)?.metadata?.get?.("grpc-status-details-bin")?.[0];
+  if (!(bin instanceof Buffer)) return undefined;
+  try {
+    for (const detail of fromBinary(StatusSchema, bin).details) {
+      const info = anyUnpack(detail, ErrorInfoSchema);
+      if (info) return info.reason;
+    }
+  } catch {
+    // Not a google.rpc.Status: no reason.
+  }
+  return undefined;
 }
 
 /** The parts of a google.rpc.Status, whatever protocol carries them. */

@@ -9,6 +9,7 @@ import { deferred } from "../helpers/deferred.js";
 import { freePort } from "../helpers/ports.js";
 import { runLeasehold } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker } from "../helpers/worker.js";
 
 /** Resolves when `test` holds for an agent event (events are pushed, not polled). */
 function eventsOf() {
@@ -205,6 +206,44 @@ describe("the agent SDK against a real server", () => {
     expect(revoked.reason).toBe("cancelled");
     await events.until((e): e is AgentEvent => e.type === "finished");
     expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);
+  });
+
+  it("stops every handler and stays away a grace period when another process takes its worker id's session", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = eventsOf();
+    const aborted = deferred<unknown>();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "twin",
+      onEvent: events.onEvent,
+      handler: (ctx) =>
+        new Promise((_, reject) =>
+          ctx.signal.addEventListener("abort", () => {
+            aborted.resolve(ctx.signal.reason);
+            reject(ctx.signal.reason);
+          }),
+        ),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
+    const granted = await events.until(
+      (e): e is Extract<AgentEvent, { type: "grant" }> => e.type === "grant",
+    );
+    // A second process, misconfigured with the same worker id, connects: it takes the session
+    // over and is sent the lease it did not list, same epoch.
+    const twin = await connectWorker(t.address, { workerId: "twin", cluster: "east", capacity: 1 });
+    cleanups.push(() => twin.drop());
+    expect(await twin.next("grant")).toMatchObject({ actionId: action?.id, epoch: BigInt(granted.epoch) });
+    const reason = await aborted.promise;
+    expect(reason).toBeInstanceOf(LeaseLost);
+    expect((reason as LeaseLost).reason).toBe("superseded");
+    const takenOver = await events.until(
+      (e): e is Extract<AgentEvent, { type: "taken_over" }> => e.type === "taken_over",
+    );
+    // The server's grace period is 3 s: the agent leaves the session to the other for that long.
+    expect(takenOver.retryInMs).toBeGreaterThanOrEqual(3000);
   });
 
   it("holds a grant for a slot whose lease the server ended while its handler still stops, instead of bouncing it", async () => {

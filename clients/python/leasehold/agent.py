@@ -44,6 +44,7 @@ from google.protobuf import struct_pb2
 
 from leasehold.backoff import reconnect_delay, refused_delay
 from leasehold.channels import open_channel
+from leasehold.errors import LeaseholdError
 from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python, utf16_length
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
@@ -61,6 +62,9 @@ AgentEvent = dict[str, Any]
   rolled_back, collect_outputs, drained)
 * ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack)
 * ``drain``: reason
+* ``taken_over``: retry_in_ms. Another process connected with this worker id and
+  took the session over (worker ids must be unique): every handler was cancelled
+  (superseded), and the agent connects again only after at least a grace period.
 * ``closed``
 """
 
@@ -518,6 +522,21 @@ class Agent:
                 delay = refused_delay(self._refusals)
             else:
                 delay = reconnect_delay(self._attempts_without_welcome, self._initial_backoff, self._grace)
+            if (
+                code == grpc.StatusCode.ABORTED
+                and isinstance(error, grpc.Call)
+                and LeaseholdError.from_rpc_error(error).reason == "SESSION_TAKEN_OVER"
+            ):
+                # This agent never opens a second stream, so another process connected with this
+                # worker id and took the session, its leases and its grants: stop every handler at
+                # once, and let that process keep the session for a grace period before trying again.
+                grace = self._grace if self._grace is not None else 10.0
+                delay = max(delay, grace * (1 + random.random()))
+                for lease in list(self._leases.values()):
+                    if lease.report is None:
+                        lease.gone = True
+                        self._cancel(lease, "superseded")
+                self._emit("taken_over", retry_in_ms=round(delay * 1000))
             reason = f"{code.name}: {error.details()}" if code and isinstance(error, grpc.Call) else "stream ended"
             self._emit("disconnected", error=reason, retry_in_ms=round(delay * 1000))
             return delay

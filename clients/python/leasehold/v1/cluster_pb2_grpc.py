@@ -109,7 +109,11 @@ class ClusterServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DrainWorker(self, request, context):
-        """Stops new grants to a worker and asks it to finish what it holds.
+        """Stops new grants to a worker and asks it to finish what it holds (a
+        Drain message on its stream; its leases stay valid, none is revoked).
+        The drain lasts as long as the worker's session: it holds across
+        reconnections within the grace period, and ends with the session (a
+        goodbye, or reaped), after which a new session is granted work again.
         NOT_FOUND if the worker never connected.
         Right: worker.drain in the worker's cluster.
         """
@@ -118,9 +122,10 @@ class ClusterServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ResumeExpiries(self, request, context):
-        """Lets the lease expiries of a partitioned cluster go on (SPEC rule 10): the
-        operator says its lost workers are really gone. Holds until the cluster is
-        no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
+        """Lets the lease expiries of a partitioned cluster go on (the
+        mass-disconnect valve, --partition-share): the operator says its lost
+        workers are really gone. Holds until the cluster is no longer
+        partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
         when the cluster is not partitioned. Calling it again is harmless.
         Right: cluster.resume_expiries in the cluster.
         """

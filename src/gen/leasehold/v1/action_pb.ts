@@ -417,7 +417,7 @@ export type SubmitActionRequest = Message<"leasehold.v1.SubmitActionRequest"> & 
 
   /**
    * Required: the cluster whose workers run the action (1–128 characters of
-   * letters, digits, '.', '_', '-').
+   * letters, digits, '.', '_', '-', ':').
    *
    * @generated from field: string cluster = 2;
    */

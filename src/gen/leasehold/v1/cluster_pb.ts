@@ -522,8 +522,8 @@ export enum ClusterHealth {
    * least two, were lost (stream closed, or silent past the deadline): the
    * network or the control plane is the likelier cause. Lease expiries are
    * paused (see Cluster.expiries_paused) until the share drops or an operator
-   * resumes them (SPEC rule 10); a session silent longer than --max-silence is
-   * reaped all the same.
+   * resumes them (ResumeExpiries); a session silent longer than --max-silence
+   * is reaped all the same.
    *
    * @generated from enum value: CLUSTER_HEALTH_PARTITIONED = 4;
    */
@@ -636,7 +636,11 @@ export const ClusterService: GenService<{
     output: typeof GetWorkerResponseSchema;
   },
   /**
-   * Stops new grants to a worker and asks it to finish what it holds.
+   * Stops new grants to a worker and asks it to finish what it holds (a
+   * Drain message on its stream; its leases stay valid, none is revoked).
+   * The drain lasts as long as the worker's session: it holds across
+   * reconnections within the grace period, and ends with the session (a
+   * goodbye, or reaped), after which a new session is granted work again.
    * NOT_FOUND if the worker never connected.
    * Right: worker.drain in the worker's cluster.
    *
@@ -648,9 +652,10 @@ export const ClusterService: GenService<{
     output: typeof DrainWorkerResponseSchema;
   },
   /**
-   * Lets the lease expiries of a partitioned cluster go on (SPEC rule 10): the
-   * operator says its lost workers are really gone. Holds until the cluster is
-   * no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
+   * Lets the lease expiries of a partitioned cluster go on (the
+   * mass-disconnect valve, --partition-share): the operator says its lost
+   * workers are really gone. Holds until the cluster is no longer
+   * partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
    * when the cluster is not partitioned. Calling it again is harmless.
    * Right: cluster.resume_expiries in the cluster.
    *

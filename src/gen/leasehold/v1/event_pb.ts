@@ -485,7 +485,7 @@ export enum EventKind {
 
   /**
    * More than the partition share of a cluster's sessions lost their streams:
-   * its lease expiries are paused (SPEC rule 10). Details: lost, live.
+   * its lease expiries are paused (see --partition-share). Details: lost, live.
    *
    * @generated from enum value: EVENT_KIND_CLUSTER_PARTITIONED = 27;
    */

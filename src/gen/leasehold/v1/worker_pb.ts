@@ -51,7 +51,11 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  * at most 128 characters without NUL (U+0000); 64-bit integers are at most
  * 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
  * values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
- * or strings.
+ * or strings. A request over 4 MiB ends the stream with RESOURCE_EXHAUSTED.
+ * A report whose content names no lease (empty action_id, epoch 0, a
+ * completion without an outcome), a request holding no message and a second
+ * hello are not fatal: each is answered with a ReportResult (INVALID, the
+ * hello's with report_id 0) and the stream goes on.
  *
  * Reports about one action (progress, completion, release) are applied in
  * the order they arrive: a checkpoint sent before a release is handed to the
@@ -860,10 +864,13 @@ export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
  * for it while the work is still stopping: hold that grant (acked, listed)
  * and start it when the work has stopped; do not release it, or it comes
  * straight back. That grant may be of the same action at a higher epoch: it
- * too waits until the old epoch's work has stopped. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
- * the worker lets go: stop (for COLLECT_OUTPUTS, save the outputs first), then
- * send a ReleaseReport or CompletionReport, or stop listing the lease in
- * held_leases, which counts as a release (see Heartbeat.held_leases).
+ * too waits until the old epoch's work has stopped. After CANCELLED or
+ * COLLECT_OUTPUTS the lease stays valid until the worker lets go: stop (for
+ * COLLECT_OUTPUTS, save the outputs first), then send a ReleaseReport or
+ * CompletionReport, or stop listing the lease in held_leases, which counts as
+ * a release (see Heartbeat.held_leases). A cancel wins: after CANCELLED a
+ * completion is accepted, but the action ends CANCELLED and its output is
+ * not kept.
  *
  * @generated from message leasehold.v1.Revoke
  */
@@ -974,7 +981,8 @@ export type Drain = Message<"leasehold.v1.Drain"> & {
   reason: string;
 
   /**
-   * When the server stops waiting for the held actions, if ever.
+   * When the server stops waiting for the held actions, if ever. This
+   * server leaves it unset: it waits for them however long they take.
    *
    * @generated from field: google.protobuf.Timestamp deadline = 2;
    */
@@ -1002,7 +1010,9 @@ export enum RevokeReason {
   UNSPECIFIED = 0,
 
   /**
-   * The session's deadline passed and the lease expired.
+   * The session's deadline passed and the lease expired. This server says it
+   * in Welcome.revoked, to a worker that comes back after its session was
+   * reaped (see Connect).
    *
    * @generated from enum value: REVOKE_REASON_EXPIRED = 1;
    */
@@ -1037,7 +1047,8 @@ export enum RevokeReason {
   COLLECT_OUTPUTS = 5,
 
   /**
-   * The worker is being drained.
+   * Reserved: this server never sends it. A drain lets held actions finish
+   * (see Drain).
    *
    * @generated from enum value: REVOKE_REASON_DRAINED = 6;
    */
@@ -1078,7 +1089,8 @@ export enum RejectReason {
   INVALID = 2,
 
   /**
-   * The action does not exist.
+   * Reserved: this server never sends it. A report about an action that does
+   * not exist is FENCED: it is not a lease of this session.
    *
    * @generated from enum value: REJECT_REASON_NOT_FOUND = 3;
    */
@@ -1135,7 +1147,16 @@ export const WorkerService: GenService<{
    * period). A new stream from the same worker before the deadline resumes the
    * session and its leases with the same epochs. A second stream for a worker
    * whose stream is still open takes the session over; the older stream is
-   * closed.
+   * closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
+   * to one process: a client whose own stream ends that way, while it opened
+   * no other, has a twin using its id. It must stop all its work at once (the
+   * session, its leases and their grants belong to the other stream now) and
+   * connect again no sooner than one grace period later (the SDKs wait one to
+   * two); otherwise the two take the session from each other over and over,
+   * each running the other's leases under the same epochs. A session that
+   * passes its deadline while its stream is still open (the worker stopped
+   * heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
+   * and its leases expire; the worker has self-fenced by then (below).
    *
    * A session belongs to the principal whose hello opened it: a hello for a
    * worker whose session (live, or in grace) another principal opened ends
@@ -1152,18 +1173,27 @@ export const WorkerService: GenService<{
    * (full jitter). The ceiling starts small (100–200 ms), doubles after every
    * attempt that got no welcome, resets on a welcome, and never exceeds an
    * eighth of the grace_period of the last welcome (1 s before the first
-   * welcome). A server that is back within the grace period then finds the
-   * worker again while its leases are still guaranteed, so a control-plane
-   * restart re-runs nothing; a longer backoff turns every restart into
-   * self-fenced and re-run work. With several server addresses, move to the
-   * next one on every reconnect.
+   * welcome). A server that is back before the worker's local deadline (see
+   * Self-fence: the grace period less up to two heartbeat intervals and the
+   * margin) then finds the worker again while its leases are still
+   * guaranteed, so such a control-plane restart re-runs nothing; a longer
+   * backoff turns every restart into self-fenced and re-run work. Open a new
+   * connection (channel) for each attempt, as the SDKs do: a gRPC library's
+   * own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
+   * failure) would otherwise stretch these delays. With several server
+   * addresses, move to the next one on every reconnect.
    *
    * List held leases in the hello. On every reconnection, Hello.held_leases
    * lists every (action_id, epoch) the worker still holds: running, finished
    * but not yet answered by a ReportResult, or granted and not yet started.
    * Listed leases that are still valid come back in Welcome.resumed with the
    * same epoch and keep running; the ones in Welcome.revoked must be stopped
-   * at once. A grant the worker did not list is sent again, same epoch.
+   * at once. A grant the worker did not list is sent again, same epoch. A
+   * lease stopped by the self-fence is still held until its ReleaseReport is
+   * answered: list it, and send the release after the welcome. A lease whose
+   * completion the server applied just before the stream broke comes back in
+   * Welcome.revoked too: send the same completion again; it is accepted as a
+   * repeat (a different one is FENCED), which tells the worker it landed.
    *
    * Self-fence. Keep one local deadline per session: for each HeartbeatAck,
    * candidate = local send time of the acknowledged heartbeat + remaining −

@@ -158,7 +158,7 @@ type Lease struct {
 }
 
 // Event is something the agent did, for logs and tests: one of Connected,
-// Disconnected, Granted, Finished, Revoked, SelfFenced, Draining.
+// Disconnected, Granted, Finished, Revoked, SelfFenced, Draining, TakenOver.
 type Event interface{ isEvent() }
 
 // Connected: a welcome answered the hello.
@@ -238,7 +238,16 @@ type Draining struct {
 	Deadline time.Time
 }
 
+// TakenOver: another process connected with this worker id and took the
+// session over (worker ids must be unique). Every handler was cancelled
+// (superseded), and the agent connects again only after RetryIn, at least a
+// grace period, leaving the session to the other process meanwhile.
+type TakenOver struct {
+	RetryIn time.Duration
+}
+
 func (Connected) isEvent()    {}
+func (TakenOver) isEvent()    {}
 func (Disconnected) isEvent() {}
 func (Granted) isEvent()      {}
 func (Finished) isEvent()     {}

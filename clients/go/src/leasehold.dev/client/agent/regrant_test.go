@@ -10,7 +10,10 @@ import (
 
 	leaseholdv1 "leasehold.dev/client/gen/leasehold/v1"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 )
@@ -21,7 +24,10 @@ type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
 	send  chan *leaseholdv1.ConnectResponse
 	acked chan struct{}
-	once  sync.Once
+	// end ends the stream with an error status.
+	end     chan error
+	address string
+	once    sync.Once
 }
 
 func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
@@ -59,18 +65,47 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 			out <- reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch())
 		}
 	}
-	for {
-		req, err := stream.Recv()
-		if err != nil {
-			return nil
+	requests := make(chan *leaseholdv1.ConnectRequest)
+	go func() {
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				close(requests)
+				return
+			}
+			requests <- req
 		}
-		answer(req)
+	}()
+	for {
+		select {
+		case req, ok := <-requests:
+			if !ok {
+				return nil
+			}
+			answer(req)
+		case err := <-s.end:
+			return err
+		}
 	}
 }
 
 func reportResult(reportID uint64, actionID string, epoch uint64) *leaseholdv1.ConnectResponse {
 	return &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_ReportResult{ReportResult: &leaseholdv1.ReportResult{
 		ReportId: reportID, ActionId: actionID, Epoch: epoch, Accepted: true}}}
+}
+
+// startScripted serves a scriptedServer on a free loopback port.
+func startScripted(t *testing.T) (*scriptedServer, func()) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	script := &scriptedServer{send: make(chan *leaseholdv1.ConnectResponse, 8), acked: make(chan struct{}),
+		end: make(chan error, 1), address: listener.Addr().String()}
+	leaseholdv1.RegisterWorkerServiceServer(server, script)
+	go func() { _ = server.Serve(listener) }()
+	return script, server.Stop
 }
 
 func grantOf(epoch uint64) *leaseholdv1.ConnectResponse {
@@ -81,15 +116,8 @@ func grantOf(epoch uint64) *leaseholdv1.ConnectResponse {
 // A grant of an action the server ended while its handler still stops waits
 // for that handler: the two never run at once, on the same action.
 func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	server := grpc.NewServer()
-	script := &scriptedServer{send: make(chan *leaseholdv1.ConnectResponse, 8), acked: make(chan struct{})}
-	leaseholdv1.RegisterWorkerServiceServer(server, script)
-	go func() { _ = server.Serve(listener) }()
-	defer server.Stop()
+	script, stop := startScripted(t)
+	defer stop()
 
 	var mu sync.Mutex
 	var log []string
@@ -108,7 +136,7 @@ func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
 	letFirstReturn := make(chan struct{})
 	secondStarted := make(chan struct{})
 	a, err := Start(Options{
-		Addresses: []string{listener.Addr().String()},
+		Addresses: []string{script.address},
 		Cluster:   "east",
 		WorkerID:  "w1",
 		Capacity:  1,
@@ -175,5 +203,73 @@ func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
 	wait("the second handler", secondStarted)
 	if got := logged(); !reflect.DeepEqual(got, []string{"start 1", "end 1", "start 2"}) {
 		t.Fatalf("order: %v", got)
+	}
+}
+
+// Another process connecting with the same worker id takes the session over:
+// the agent cancels every handler at once and stays away a grace period.
+func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
+	script, stop := startScripted(t)
+	defer stop()
+	events := make(chan Event, 16)
+	cancelled := make(chan *LeaseLost, 1)
+	a, err := Start(Options{
+		Addresses: []string{script.address},
+		Cluster:   "east",
+		WorkerID:  "twin",
+		Capacity:  1,
+		OnEvent: func(e Event) {
+			select {
+			case events <- e:
+			default: // the test no longer reads: never block the agent's loop
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			<-ctx.Done()
+			cancelled <- action.Lost()
+			return nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = a.Close(ctx)
+	}()
+	select {
+	case <-script.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+	script.send <- grantOf(1)
+	for e := range events {
+		if g, ok := e.(Granted); ok && g.Epoch == 1 {
+			break
+		}
+	}
+	st, err := status.New(codes.Aborted, "a newer stream of this worker took the session over").
+		WithDetails(&errdetails.ErrorInfo{Reason: "SESSION_TAKEN_OVER", Domain: "leasehold.dev"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	script.end <- st.Err()
+	select {
+	case lost := <-cancelled:
+		if lost == nil || lost.Reason != "superseded" {
+			t.Fatalf("handler stopped with %v, want superseded", lost)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the handler was never cancelled")
+	}
+	for e := range events {
+		if o, ok := e.(TakenOver); ok {
+			// The welcome's grace period is a minute.
+			if o.RetryIn < time.Minute {
+				t.Fatalf("reconnects after %v, want at least the grace period", o.RetryIn)
+			}
+			return
+		}
 	}
 }

@@ -136,6 +136,27 @@ func (a *Agent) ended(c *conn, err error) {
 		a.refusals = 0
 		delay = jitter(a.rng, reconnectCeiling(a.attemptsWithoutWelcome, a.opts.InitialBackoff, a.opts.MaxBackoff, a.grace))
 	}
+	if e.Code == codes.Aborted && e.Reason == "SESSION_TAKEN_OVER" {
+		// This agent never opens a second stream, so another process connected with this
+		// worker id and took the session, its leases and its grants: stop every handler at
+		// once, and let that process keep the session for a grace period before trying again.
+		grace := a.grace
+		if grace <= 0 {
+			grace = 10 * time.Second
+		}
+		if least := grace + time.Duration(a.rng.Int63n(int64(grace))); delay < least {
+			delay = least
+		}
+		for _, r := range a.running {
+			if r.report != nil {
+				continue
+			}
+			r.gone = true
+			a.abort(r, &LeaseLost{Reason: "superseded",
+				Message: "another process connected as worker " + a.opts.WorkerID + " and took over"})
+		}
+		a.emit(TakenOver{RetryIn: delay})
+	}
 	a.emit(Disconnected{Err: e, RetryIn: delay})
 	a.reconnectTimer = time.AfterFunc(delay, func() { a.post(a.connect) })
 }

@@ -825,7 +825,7 @@ type SubmitActionRequest struct {
 	// ALREADY_EXISTS. Another principal using the same key gets its own action.
 	RequestId string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Required: the cluster whose workers run the action (1–128 characters of
-	// letters, digits, '.', '_', '-').
+	// letters, digits, '.', '_', '-', ':').
 	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
 	// Optional run id grouping actions (at most 128 characters).
 	RunId string `protobuf:"bytes,3,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`

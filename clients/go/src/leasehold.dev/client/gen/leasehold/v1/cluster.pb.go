@@ -38,8 +38,8 @@ const (
 	// least two, were lost (stream closed, or silent past the deadline): the
 	// network or the control plane is the likelier cause. Lease expiries are
 	// paused (see Cluster.expiries_paused) until the share drops or an operator
-	// resumes them (SPEC rule 10); a session silent longer than --max-silence is
-	// reaped all the same.
+	// resumes them (ResumeExpiries); a session silent longer than --max-silence
+	// is reaped all the same.
 	ClusterHealth_CLUSTER_HEALTH_PARTITIONED ClusterHealth = 4
 )
 

@@ -26,13 +26,18 @@ type ClusterServiceClient interface {
 	// Returns one worker. NOT_FOUND if it never connected.
 	// Right: worker.read in the worker's cluster.
 	GetWorker(ctx context.Context, in *GetWorkerRequest, opts ...grpc.CallOption) (*GetWorkerResponse, error)
-	// Stops new grants to a worker and asks it to finish what it holds.
+	// Stops new grants to a worker and asks it to finish what it holds (a
+	// Drain message on its stream; its leases stay valid, none is revoked).
+	// The drain lasts as long as the worker's session: it holds across
+	// reconnections within the grace period, and ends with the session (a
+	// goodbye, or reaped), after which a new session is granted work again.
 	// NOT_FOUND if the worker never connected.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(ctx context.Context, in *DrainWorkerRequest, opts ...grpc.CallOption) (*DrainWorkerResponse, error)
-	// Lets the lease expiries of a partitioned cluster go on (SPEC rule 10): the
-	// operator says its lost workers are really gone. Holds until the cluster is
-	// no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
+	// Lets the lease expiries of a partitioned cluster go on (the
+	// mass-disconnect valve, --partition-share): the operator says its lost
+	// workers are really gone. Holds until the cluster is no longer
+	// partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
 	// when the cluster is not partitioned. Calling it again is harmless.
 	// Right: cluster.resume_expiries in the cluster.
 	ResumeExpiries(ctx context.Context, in *ResumeExpiriesRequest, opts ...grpc.CallOption) (*ResumeExpiriesResponse, error)
@@ -104,13 +109,18 @@ type ClusterServiceServer interface {
 	// Returns one worker. NOT_FOUND if it never connected.
 	// Right: worker.read in the worker's cluster.
 	GetWorker(context.Context, *GetWorkerRequest) (*GetWorkerResponse, error)
-	// Stops new grants to a worker and asks it to finish what it holds.
+	// Stops new grants to a worker and asks it to finish what it holds (a
+	// Drain message on its stream; its leases stay valid, none is revoked).
+	// The drain lasts as long as the worker's session: it holds across
+	// reconnections within the grace period, and ends with the session (a
+	// goodbye, or reaped), after which a new session is granted work again.
 	// NOT_FOUND if the worker never connected.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(context.Context, *DrainWorkerRequest) (*DrainWorkerResponse, error)
-	// Lets the lease expiries of a partitioned cluster go on (SPEC rule 10): the
-	// operator says its lost workers are really gone. Holds until the cluster is
-	// no longer partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
+	// Lets the lease expiries of a partitioned cluster go on (the
+	// mass-disconnect valve, --partition-share): the operator says its lost
+	// workers are really gone. Holds until the cluster is no longer
+	// partitioned. NOT_FOUND for an unknown cluster; FAILED_PRECONDITION
 	// when the cluster is not partitioned. Calling it again is harmless.
 	// Right: cluster.resume_expiries in the cluster.
 	ResumeExpiries(context.Context, *ResumeExpiriesRequest) (*ResumeExpiriesResponse, error)

@@ -29,7 +29,9 @@ type RevokeReason int32
 const (
 	// Not a reason.
 	RevokeReason_REVOKE_REASON_UNSPECIFIED RevokeReason = 0
-	// The session's deadline passed and the lease expired.
+	// The session's deadline passed and the lease expired. This server says it
+	// in Welcome.revoked, to a worker that comes back after its session was
+	// reaped (see Connect).
 	RevokeReason_REVOKE_REASON_EXPIRED RevokeReason = 1
 	// A client cancelled the action.
 	RevokeReason_REVOKE_REASON_CANCELLED RevokeReason = 2
@@ -39,7 +41,8 @@ const (
 	RevokeReason_REVOKE_REASON_ROLLED_BACK RevokeReason = 4
 	// Stop with file-save semantics: save outputs, then stop.
 	RevokeReason_REVOKE_REASON_COLLECT_OUTPUTS RevokeReason = 5
-	// The worker is being drained.
+	// Reserved: this server never sends it. A drain lets held actions finish
+	// (see Drain).
 	RevokeReason_REVOKE_REASON_DRAINED RevokeReason = 6
 )
 
@@ -102,7 +105,8 @@ const (
 	RejectReason_REJECT_REASON_FENCED RejectReason = 1
 	// The report is malformed; the message says which field.
 	RejectReason_REJECT_REASON_INVALID RejectReason = 2
-	// The action does not exist.
+	// Reserved: this server never sends it. A report about an action that does
+	// not exist is FENCED: it is not a lease of this session.
 	RejectReason_REJECT_REASON_NOT_FOUND RejectReason = 3
 	// The server could not apply the report now (e.g. database down); retry.
 	RejectReason_REJECT_REASON_UNAVAILABLE RejectReason = 4
@@ -219,7 +223,11 @@ func (x *HeldLease) GetEpoch() uint64 {
 // at most 128 characters without NUL (U+0000); 64-bit integers are at most
 // 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
 // values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
-// or strings.
+// or strings. A request over 4 MiB ends the stream with RESOURCE_EXHAUSTED.
+// A report whose content names no lease (empty action_id, epoch 0, a
+// completion without an outcome), a request holding no message and a second
+// hello are not fatal: each is answered with a ReportResult (INVALID, the
+// hello's with report_id 0) and the stream goes on.
 //
 // Reports about one action (progress, completion, release) are applied in
 // the order they arrive: a checkpoint sent before a release is handed to the
@@ -1690,10 +1698,13 @@ func (x *Goodbye) GetReason() string {
 // for it while the work is still stopping: hold that grant (acked, listed)
 // and start it when the work has stopped; do not release it, or it comes
 // straight back. That grant may be of the same action at a higher epoch: it
-// too waits until the old epoch's work has stopped. After CANCELLED or COLLECT_OUTPUTS the lease stays valid until
-// the worker lets go: stop (for COLLECT_OUTPUTS, save the outputs first), then
-// send a ReleaseReport or CompletionReport, or stop listing the lease in
-// held_leases, which counts as a release (see Heartbeat.held_leases).
+// too waits until the old epoch's work has stopped. After CANCELLED or
+// COLLECT_OUTPUTS the lease stays valid until the worker lets go: stop (for
+// COLLECT_OUTPUTS, save the outputs first), then send a ReleaseReport or
+// CompletionReport, or stop listing the lease in held_leases, which counts as
+// a release (see Heartbeat.held_leases). A cancel wins: after CANCELLED a
+// completion is accepted, but the action ends CANCELLED and its output is
+// not kept.
 type Revoke struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1871,7 +1882,8 @@ type Drain struct {
 
 	// Why, in words.
 	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
-	// When the server stops waiting for the held actions, if ever.
+	// When the server stops waiting for the held actions, if ever. This
+	// server leaves it unset: it waits for them however long they take.
 	Deadline *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=deadline,proto3" json:"deadline,omitempty"`
 }
 

@@ -26,7 +26,16 @@ type WorkerServiceClient interface {
 	// period). A new stream from the same worker before the deadline resumes the
 	// session and its leases with the same epochs. A second stream for a worker
 	// whose stream is still open takes the session over; the older stream is
-	// closed.
+	// closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
+	// to one process: a client whose own stream ends that way, while it opened
+	// no other, has a twin using its id. It must stop all its work at once (the
+	// session, its leases and their grants belong to the other stream now) and
+	// connect again no sooner than one grace period later (the SDKs wait one to
+	// two); otherwise the two take the session from each other over and over,
+	// each running the other's leases under the same epochs. A session that
+	// passes its deadline while its stream is still open (the worker stopped
+	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
+	// and its leases expire; the worker has self-fenced by then (below).
 	//
 	// A session belongs to the principal whose hello opened it: a hello for a
 	// worker whose session (live, or in grace) another principal opened ends
@@ -43,18 +52,27 @@ type WorkerServiceClient interface {
 	// (full jitter). The ceiling starts small (100–200 ms), doubles after every
 	// attempt that got no welcome, resets on a welcome, and never exceeds an
 	// eighth of the grace_period of the last welcome (1 s before the first
-	// welcome). A server that is back within the grace period then finds the
-	// worker again while its leases are still guaranteed, so a control-plane
-	// restart re-runs nothing; a longer backoff turns every restart into
-	// self-fenced and re-run work. With several server addresses, move to the
-	// next one on every reconnect.
+	// welcome). A server that is back before the worker's local deadline (see
+	// Self-fence: the grace period less up to two heartbeat intervals and the
+	// margin) then finds the worker again while its leases are still
+	// guaranteed, so such a control-plane restart re-runs nothing; a longer
+	// backoff turns every restart into self-fenced and re-run work. Open a new
+	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
+	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
+	// failure) would otherwise stretch these delays. With several server
+	// addresses, move to the next one on every reconnect.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
 	// but not yet answered by a ReportResult, or granted and not yet started.
 	// Listed leases that are still valid come back in Welcome.resumed with the
 	// same epoch and keep running; the ones in Welcome.revoked must be stopped
-	// at once. A grant the worker did not list is sent again, same epoch.
+	// at once. A grant the worker did not list is sent again, same epoch. A
+	// lease stopped by the self-fence is still held until its ReleaseReport is
+	// answered: list it, and send the release after the welcome. A lease whose
+	// completion the server applied just before the stream broke comes back in
+	// Welcome.revoked too: send the same completion again; it is accepted as a
+	// repeat (a different one is FENCED), which tells the worker it landed.
 	//
 	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −
@@ -145,7 +163,16 @@ type WorkerServiceServer interface {
 	// period). A new stream from the same worker before the deadline resumes the
 	// session and its leases with the same epochs. A second stream for a worker
 	// whose stream is still open takes the session over; the older stream is
-	// closed.
+	// closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
+	// to one process: a client whose own stream ends that way, while it opened
+	// no other, has a twin using its id. It must stop all its work at once (the
+	// session, its leases and their grants belong to the other stream now) and
+	// connect again no sooner than one grace period later (the SDKs wait one to
+	// two); otherwise the two take the session from each other over and over,
+	// each running the other's leases under the same epochs. A session that
+	// passes its deadline while its stream is still open (the worker stopped
+	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
+	// and its leases expire; the worker has self-fenced by then (below).
 	//
 	// A session belongs to the principal whose hello opened it: a hello for a
 	// worker whose session (live, or in grace) another principal opened ends
@@ -162,18 +189,27 @@ type WorkerServiceServer interface {
 	// (full jitter). The ceiling starts small (100–200 ms), doubles after every
 	// attempt that got no welcome, resets on a welcome, and never exceeds an
 	// eighth of the grace_period of the last welcome (1 s before the first
-	// welcome). A server that is back within the grace period then finds the
-	// worker again while its leases are still guaranteed, so a control-plane
-	// restart re-runs nothing; a longer backoff turns every restart into
-	// self-fenced and re-run work. With several server addresses, move to the
-	// next one on every reconnect.
+	// welcome). A server that is back before the worker's local deadline (see
+	// Self-fence: the grace period less up to two heartbeat intervals and the
+	// margin) then finds the worker again while its leases are still
+	// guaranteed, so such a control-plane restart re-runs nothing; a longer
+	// backoff turns every restart into self-fenced and re-run work. Open a new
+	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
+	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
+	// failure) would otherwise stretch these delays. With several server
+	// addresses, move to the next one on every reconnect.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
 	// but not yet answered by a ReportResult, or granted and not yet started.
 	// Listed leases that are still valid come back in Welcome.resumed with the
 	// same epoch and keep running; the ones in Welcome.revoked must be stopped
-	// at once. A grant the worker did not list is sent again, same epoch.
+	// at once. A grant the worker did not list is sent again, same epoch. A
+	// lease stopped by the self-fence is still held until its ReleaseReport is
+	// answered: list it, and send the release after the welcome. A lease whose
+	// completion the server applied just before the stream broke comes back in
+	// Welcome.revoked too: send the same completion again; it is accepted as a
+	// repeat (a different one is FENCED), which tells the worker it landed.
 	//
 	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −

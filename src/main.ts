@@ -81,9 +81,18 @@ export function createProgram(): Command {
     tokenCommand(),
   ]) {
     program.addCommand(command);
+    // Every client command's --help lists the options it takes from the program (--server, TLS,
+    // tokens, --json). Not serve's: it has its own TLS options, and the client ones do not apply.
+    if (command.name() !== "serve") showGlobalOptions(command);
   }
   routeSharedOptions(program);
   return program;
+}
+
+/** Lists the program's options in the help of `command` and of its subcommands. */
+function showGlobalOptions(command: Command): void {
+  command.configureHelp({ showGlobalOptions: true });
+  for (const sub of command.commands) showGlobalOptions(sub);
 }
 
 /**

@@ -122,23 +122,23 @@ export function agentCommand(): Command {
           security: g.security,
           allow,
         });
-        // Human output says once why the server cannot be reached, not once per try.
-        let unreachable: string | undefined;
+        // Human output says once why the server cannot be reached, not once per try (nor once
+        // per address, with several --server addresses tried in turn).
+        let quiet = false;
         const log = (event: AgentEvent) => {
           if (g.json) {
             process.stdout.write(`${toJson({ time: new Date().toISOString(), ...event })}\n`);
             return;
           }
           if (event.type === "disconnected") {
-            const why = unreachableWhy(event.error);
-            if (why === unreachable) return;
-            unreachable = why;
+            if (quiet) return;
+            quiet = true;
             process.stdout.write(
-              `${new Date().toISOString()} disconnected (${why}); reconnecting with backoff, quietly until it connects\n`,
+              `${new Date().toISOString()} disconnected (${unreachableWhy(event.error)}); reconnecting with backoff, quietly until it connects\n`,
             );
             return;
           }
-          if (event.type === "connected") unreachable = undefined;
+          if (event.type === "connected") quiet = false;
           process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
         };
         if (leftovers > 0) {

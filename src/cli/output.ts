@@ -9,6 +9,7 @@ import { type Command, InvalidArgumentError } from "commander";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
+import { errorReasonOf } from "../rpc/status.js";
 import { grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
@@ -146,11 +147,21 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
   const e = error as { code?: number; details?: string; message?: string };
   switch (e.code) {
     case 14:
-    case 4:
+    case 4: {
+      // The server itself answered UNAVAILABLE (starting, its database unreachable): it runs.
+      if (errorReasonOf(error) !== undefined)
+        return new CliError(`the server at ${server} is unavailable: ${e.details}`, EXIT.unreachable);
+      const why = unreachableWhy(error);
+      // What grpc-js says when the TCP connection opened but the HTTP/2 handshake failed: most
+      // often a plaintext client meeting a TLS port.
+      const tls = /^Failed to connect/.test(why)
+        ? "; if it serves TLS, pass --tls-ca <ca.pem> (or --tls for a public CA)"
+        : "";
       return new CliError(
-        `cannot reach the server at ${server} (${unreachableWhy(error)}); is it running? (--server)`,
+        `cannot reach the server at ${server} (${why}); is it running? (--server)${tls}`,
         EXIT.unreachable,
       );
+    }
     case 5:
       return new CliError(e.details ?? "not found", EXIT.notFound);
     case 3:
@@ -231,17 +242,22 @@ export async function followThroughRestarts(
   delayMs = 1000,
 ): Promise<void> {
   let away = false;
+  let reached = false;
   const connected = () => {
+    reached = true;
     if (away) process.stderr.write("leasehold: server back; following again\n");
     away = false;
   };
-  for (;;) {
+  for (let tries = 0; ; tries++) {
     try {
       if ((await follow(connected)) === "done") return;
     } catch (error) {
       const e = error as { code?: number; details?: string };
       // UNAVAILABLE, or a stream reset by a server going down mid-call.
       if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
+      // Never reached at all: a wrong address or a server that is not running ends the command
+      // (exit 3), as every other command does; only a server that went away is waited for.
+      if (tries === 0 && !reached && /^No connection established/.test(e.details ?? "")) throw error;
       if (!away)
         process.stderr.write(
           `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting every ${delayMs / 1000} s\n`,

@@ -1,10 +1,31 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 
 export const BIN = fileURLToPath(new URL("../../bin/leasehold.js", import.meta.url));
 
 /** A `leasehold` child process with its JSON log lines. */
+/**
+ * Runs `leasehold <args>` to completion, with `stdin` as its input and
+ * without any LEASEHOLD_* variable of the caller: its exit code and output.
+ */
+export function runCli(
+  args: string[],
+  stdin = "",
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("LEASEHOLD_")));
+  return new Promise((resolve) => {
+    const child = execFile(
+      process.execPath,
+      [BIN, ...args],
+      { env, maxBuffer: 64 * 1024 * 1024 },
+      (error, stdout, stderr) =>
+        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+    child.stdin?.end(stdin);
+  });
+}
+
 export interface LeaseholdProcess {
   readonly child: ChildProcess;
   /** Every log line so far, parsed. */

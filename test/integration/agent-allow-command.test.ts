@@ -1,4 +1,3 @@
-import { execFile } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -6,18 +5,10 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { LeaseService, type WaitLeaseResponse } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { DeploymentPhase, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
-import { BIN, type LeaseholdProcess, runLeasehold, runReferenceAgent } from "../helpers/process.js";
+import { runCli as cli, type LeaseholdProcess, runLeasehold, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
 /** Runs `leasehold <args>` to completion, without any LEASEHOLD_* variable of the caller. */
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("LEASEHOLD_")));
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { env }, (error, stdout, stderr) =>
-      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
-    );
-  });
-}
 
 /**
  * `leasehold agent` runs only the commands it is told to: a real agent

@@ -1,25 +1,10 @@
-import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
-import { BIN } from "../helpers/process.js";
+import { runCli as cli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-
-/** Runs `leasehold <args>` to completion, with `stdin` as its input. */
-function cli(args: string[], stdin = ""): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = execFile(
-      process.execPath,
-      [BIN, ...args],
-      { env: { ...process.env, LEASEHOLD_SERVER: "" }, maxBuffer: 64 * 1024 * 1024 },
-      (error, stdout, stderr) =>
-        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
-    );
-    child.stdin?.end(stdin);
-  });
-}
 
 const ndjson = (objects: readonly unknown[]) => `${objects.map((o) => JSON.stringify(o)).join("\n")}\n`;
 

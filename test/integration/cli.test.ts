@@ -1,5 +1,6 @@
-import { execFile, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
@@ -9,22 +10,9 @@ import { ActionService, ActionState, GetActionResponseSchema } from "../../src/g
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseSchema, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
-import { BIN } from "../helpers/process.js";
+import { BIN, runCli as cli, collectLines } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
-
-/** Runs `leasehold <args>` to completion. */
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(
-      process.execPath,
-      [BIN, ...args],
-      { env: { ...process.env, LEASEHOLD_SERVER: "" } },
-      (error, stdout, stderr) =>
-        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
-    );
-  });
-}
 
 // Every step spawns a CLI process (a second or more each on a loaded machine): the timeout is a
 // hang guard sized for that, not a speed check.
@@ -242,6 +230,16 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       code: 3,
       stderr: expect.stringMatching(/cannot reach the server at 127\.0\.0\.1:1/),
     });
+    // The followers too: they wait for a server that went away, not for one never reached.
+    for (const follow of [
+      ["action", "watch", "01900000-0000-7000-8000-000000000000"],
+      ["events", "--follow"],
+    ]) {
+      expect(await cli(["--server", "127.0.0.1:1", ...follow])).toMatchObject({
+        code: 3,
+        stderr: expect.stringMatching(/cannot reach the server at 127\.0\.0\.1:1/),
+      });
+    }
     // Several addresses: a dead one first, then the server; and a name that resolves to it.
     const port = t.address.split(":")[1];
     const failover = await cli(["--server", `127.0.0.1:1,${t.address}`, "--json", "clusters", "list"]);
@@ -251,6 +249,54 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     const unknownCommand = await cli(["frobnicate"]);
     expect(unknownCommand.code).toBe(2);
     expect((await cli(["--help"])).code).toBe(0);
+    // A subcommand's help lists the program's options it takes (serve has its own TLS options).
+    expect((await cli(["agent", "--help"])).stdout).toMatch(/Global Options:[\s\S]*--server <host:port>/);
+    expect((await cli(["action", "submit", "--help"])).stdout).toMatch(/--tls-ca <file>/);
+    expect((await cli(["serve", "--help"])).stdout).not.toMatch(/Global Options/);
+  });
+
+  it("says once that the agent cannot connect, however many addresses it tries in turn", async () => {
+    // The second address accepts connections and drops them at once: a reason of its own,
+    // different from the first address's refusal, on every other try.
+    let attempts = 0;
+    const counted = new Set<() => void>();
+    const dropper = createServer((socket) => {
+      attempts += 1;
+      socket.destroy();
+      for (const w of [...counted]) w();
+    });
+    await new Promise<void>((r) => dropper.listen(0, "127.0.0.1", r));
+    const port = (dropper.address() as AddressInfo).port;
+    const agent = spawn(
+      process.execPath,
+      [
+        BIN,
+        "agent",
+        "--server",
+        `127.0.0.1:1,127.0.0.1:${port}`,
+        "--cluster",
+        "quiet",
+        "--allow-any-command",
+      ],
+      { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, LEASEHOLD_SERVER: "" } },
+    );
+    try {
+      const { lines, waitFor } = collectLines(agent);
+      await waitFor((l) => /disconnected/.test(String(l.text)));
+      await new Promise<void>((resolve) => {
+        const look = () => {
+          if (attempts < 3) return;
+          counted.delete(look);
+          resolve();
+        };
+        counted.add(look);
+        look();
+      });
+      expect(lines.filter((l) => /disconnected/.test(String(l.text)))).toHaveLength(1);
+    } finally {
+      agent.kill("SIGKILL");
+      dropper.close();
+    }
   });
 
   it("runs a scope lease through create, file upload, promote, rollback and housekeeping", async () => {

@@ -7,7 +7,7 @@ import { type OwnPostgres, startOwnPostgres } from "../embedded-postgres.js";
 import { freshPostgresDatabase } from "../helpers/database.js";
 import { healthClient } from "../helpers/grpc-peers.js";
 import { freePort } from "../helpers/ports.js";
-import { type LeaseholdProcess, runLeasehold } from "../helpers/process.js";
+import { type LeaseholdProcess, runCli, runLeasehold } from "../helpers/process.js";
 import { startTestServer } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 
@@ -47,6 +47,12 @@ describe("leasehold serve started while PostgreSQL is down", { timeout: PROCESS_
       const refused = await failure(api.submitAction({ cluster: "early" }));
       expect(refused).toMatchObject({ code: Code.Unavailable, reason: "STARTING" });
       expect(refused.message).toMatch(/waits for its database \(.*ECONNREFUSED.*\); retry/);
+      // The command line says the server runs and what it waits for, not "is it running?".
+      const cli = await runCli(["--server", address, "action", "list"]);
+      expect(cli.code).toBe(3);
+      expect(cli.stderr).toMatch(
+        /the server at .* is unavailable: the server is starting and waits for its database/,
+      );
       // It keeps trying (debug lines), still with the one warning.
       await server.waitForLog((l) => l.msg === "database still not reachable");
 

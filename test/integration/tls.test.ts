@@ -9,6 +9,7 @@ import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { type CertificateFiles, createCa, issueCertificate } from "../helpers/pki.js";
+import { runCli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
 /** No connection sharing between test clients: each one shows what a new connection sees. */
@@ -100,6 +101,12 @@ describe("TLS and mTLS on a live server", () => {
     expect(await refused([serverCa1], impostor)).toBe(Code.Unavailable);
     expect(await refused([serverCa1], undefined)).toBe(Code.Unavailable);
     expect((await clusters([serverCa1], operator).listClusters({})).clusters).toBeDefined();
+  });
+
+  it("tells a command line user without TLS options that the server may want them", async () => {
+    const plaintext = await runCli(["--server", server.address, "clusters", "list"]);
+    expect(plaintext.code).toBe(3);
+    expect(plaintext.stderr).toMatch(/if it serves TLS, pass --tls-ca <ca\.pem>/);
   });
 
   it("rotates the server certificate under a connected agent: its stream survives, new connections see the new one", async () => {

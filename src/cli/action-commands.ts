@@ -48,6 +48,18 @@ function actionRow(a: Action): string[] {
 }
 const ACTION_HEADERS = ["ID", "STATE", "CLUSTER", "WORKER", "EPOCH", "ATTEMPTS", "PHASE", "CREATED"];
 
+/** JSON on one line, cut to `max` characters. */
+function compact(value: unknown, max: number): string {
+  const text = JSON.stringify(value);
+  return text.length > max ? `${text.slice(0, max)}… (${text.length} characters; --json shows it all)` : text;
+}
+
+/** "phase: its latest line": the phase and, when its details carry one, the line (the reference agent's). */
+function phaseText(a: Action): string {
+  const line = a.phaseDetails?.line;
+  return typeof line === "string" && line !== "" ? `${a.phase}: ${line.slice(0, 200)}` : a.phase;
+}
+
 /**
  * `leasehold action submit --from FILE`: the file's lines (see
  * parseActionLines), read and checked before anything is sent, then sent in
@@ -269,9 +281,20 @@ export function actionCommands(): Command {
           process.stdout.write(`${toJson(messageJson(GetActionResponseSchema, response))}\n`);
           return undefined;
         }
-        if (a) printTable(ACTION_HEADERS, [actionRow(a)]);
+        if (a) {
+          // A finished action has no lease: its worker is the last attempt's.
+          const row = actionRow(a);
+          if (!a.lease && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
+          printTable(ACTION_HEADERS, [row]);
+        }
         if (a?.createdBy) process.stdout.write(`created by: ${a.createdBy}\n`);
         if (a?.failureReason) process.stdout.write(`reason: ${a.failureReason}\n`);
+        if (a?.phase) process.stdout.write(`phase: ${phaseText(a)}\n`);
+        if (a?.output) process.stdout.write(`output: ${compact(a.output, 2000)}\n`);
+        if (a?.lastError)
+          process.stdout.write(
+            `last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}\n`,
+          );
         if (attempts.length > 0) {
           process.stdout.write("\n");
           printTable(
@@ -400,9 +423,10 @@ export function actionCommands(): Command {
             if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
             else {
               const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";
+              const cancel = a.cancelRequested && a.state === ActionState.LEASED ? ", cancel requested" : "";
               const why = a.failureReason && a.state !== ActionState.LEASED ? `: ${a.failureReason}` : "";
               process.stdout.write(
-                `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${a.phase ? ` [${a.phase}]` : ""}${why}\n`,
+                `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${cancel}${a.phase ? ` [${phaseText(a)}]` : ""}${why}\n`,
               );
             }
           }

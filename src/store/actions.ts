@@ -129,6 +129,9 @@ export async function cancelAction(
       return { kind: "cancelled", action: actionFromRow(updated as ActionRow) };
     }
     if (current.state === "LEASED" && !current.cancelRequested) {
+      // Nothing is cancelled yet: the worker is asked to stop, and the action ends CANCELLED
+      // (with `message` as its reason) once it lets go.
+      const requested = `cancel requested${reason ? `: ${reason}` : ""}; revoking from ${current.workerId}`;
       const [updated] = await queryRows<ActionRow>(
         txDb,
         sql`update actions set cancel_requested = true, failure_reason = ${message}, updated_at = now()
@@ -137,7 +140,7 @@ export async function cancelAction(
       await txDb.execute(
         sql`insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
             values ('action_cancel_requested', ${id}, ${current.cluster}, ${current.workerId},
-                    ${current.sessionId}, ${current.epoch}, ${message}, ${actor})`,
+                    ${current.sessionId}, ${current.epoch}, ${requested}, ${actor})`,
       );
       return { kind: "revoke_requested", action: actionFromRow(updated as ActionRow) };
     }

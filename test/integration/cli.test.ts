@@ -8,7 +8,7 @@ import { toJson } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState, GetActionResponseSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
-import { EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseSchema, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { BIN, runCli as cli, collectLines } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -93,6 +93,62 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     expect((await t.client(ActionService).getAction({ actionId: action?.id ?? "" })).action?.state).toBe(
       ActionState.CANCELLED,
     );
+  });
+
+  it("shows a running action's phase with its latest line, a cancel requested, and a result", async () => {
+    const api = t.client(ActionService);
+    const worker = await connectWorker(t.address, {
+      workerId: "cli-pw",
+      cluster: "cli-progress",
+      capacity: 1,
+    });
+    let watch: ReturnType<typeof spawn> | undefined;
+    try {
+      const { action } = await api.submitAction({ cluster: "cli-progress" });
+      const id = action?.id ?? "";
+      const grant = await worker.next("grant");
+      worker.send({
+        message: {
+          case: "progress",
+          value: {
+            reportId: 900n,
+            actionId: id,
+            epoch: grant.epoch,
+            phase: "running",
+            details: { line: "step 1" },
+          },
+        },
+      });
+      await worker.next("reportResult", (r) => r.reportId === 900n);
+      expect((await api.getAction({ actionId: id })).action?.phaseDetails).toEqual({ line: "step 1" });
+      expect((await cli([...server, "action", "get", id])).stdout).toMatch(/^phase: running: step 1$/m);
+      // A cancel asks the worker to stop: the action is still LEASED, and says so.
+      await api.cancelAction({ actionId: id, reason: "enough" });
+      watch = spawn(process.execPath, [BIN, ...server, "action", "watch", id], {
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { ...process.env, LEASEHOLD_SERVER: "" },
+      });
+      const watched = collectLines(watch);
+      await watched.waitFor((l) =>
+        /LEASED on cli-pw \(epoch 1\), cancel requested \[running: step 1\]$/.test(String(l.text)),
+      );
+      const requested = (await t.client(EventService).listEvents({ actionId: id })).events.find(
+        (e) => e.kind === EventKind.ACTION_CANCEL_REQUESTED,
+      );
+      expect(requested?.message).toBe("cancel requested: enough; revoking from cli-pw");
+      await worker.release(grant);
+      await watched.waitFor((l) => /CANCELLED/.test(String(l.text)));
+      // A finished action: its worker is the last attempt's, and its output is shown.
+      const { action: next } = await api.submitAction({ cluster: "cli-progress" });
+      const second = await worker.next("grant", (g) => g.actionId === next?.id);
+      await worker.complete(second, { output: { done: true } });
+      const shown = (await cli([...server, "action", "get", next?.id ?? ""])).stdout;
+      expect(shown).toMatch(new RegExp(`^${next?.id}\\s+SUCCEEDED\\s+cli-progress\\s+cli-pw\\s`, "m"));
+      expect(shown).toMatch(/^output: \{"done":true\}$/m);
+    } finally {
+      watch?.kill("SIGKILL");
+      worker.drop();
+    }
   });
 
   it("lists workers and clusters, drains a worker, and shows events", async () => {

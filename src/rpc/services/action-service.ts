@@ -411,6 +411,7 @@ export function toProtoAction(a: ActionRecord): MessageInitShape<typeof ActionSc
       : undefined,
     failureReason: a.failureReason,
     phase: a.phase,
+    phaseDetails: (a.phaseDetails ?? undefined) as Init["phaseDetails"],
     updateTime: ts(a.updatedAt),
     notBefore: ts(a.notBefore),
     finishTime: ts(a.finishedAt),

@@ -27,7 +27,7 @@ ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Action(_message.Message):
-    __slots__ = ["attempt_count", "cancel_requested", "cluster", "create_time", "created_by", "epoch", "failure_count", "failure_reason", "finish_time", "id", "label_selector", "last_error", "lease", "max_system_retries", "not_before", "output", "payload", "phase", "priority", "request_id", "retry_policy", "run_id", "state", "system_retry_count", "update_time"]
+    __slots__ = ["attempt_count", "cancel_requested", "cluster", "create_time", "created_by", "epoch", "failure_count", "failure_reason", "finish_time", "id", "label_selector", "last_error", "lease", "max_system_retries", "not_before", "output", "payload", "phase", "phase_details", "priority", "request_id", "retry_policy", "run_id", "state", "system_retry_count", "update_time"]
     class LabelSelectorEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Action(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PHASE_DETAILS_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +79,7 @@ class Action(_message.Message):
     output: _struct_pb2.Struct
     payload: _struct_pb2.Struct
     phase: str
+    phase_details: _struct_pb2.Struct
     priority: int
     request_id: str
     retry_policy: RetryPolicy
@@ -85,7 +87,7 @@ class Action(_message.Message):
     state: ActionState
     system_retry_count: int
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., cluster: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., priority: _Optional[int] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., max_system_retries: _Optional[int] = ..., state: _Optional[_Union[ActionState, str]] = ..., epoch: _Optional[int] = ..., attempt_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., system_retry_count: _Optional[int] = ..., lease: _Optional[_Union[ActionLease, _Mapping]] = ..., cancel_requested: bool = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., last_error: _Optional[_Union[ActionError, _Mapping]] = ..., failure_reason: _Optional[str] = ..., phase: _Optional[str] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., not_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., run_id: _Optional[str] = ..., cluster: _Optional[str] = ..., label_selector: _Optional[_Mapping[str, str]] = ..., payload: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., priority: _Optional[int] = ..., retry_policy: _Optional[_Union[RetryPolicy, _Mapping]] = ..., max_system_retries: _Optional[int] = ..., state: _Optional[_Union[ActionState, str]] = ..., epoch: _Optional[int] = ..., attempt_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., system_retry_count: _Optional[int] = ..., lease: _Optional[_Union[ActionLease, _Mapping]] = ..., cancel_requested: bool = ..., output: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., last_error: _Optional[_Union[ActionError, _Mapping]] = ..., failure_reason: _Optional[str] = ..., phase: _Optional[str] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., not_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., finish_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., phase_details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ActionError(_message.Message):
     __slots__ = ["details", "message", "retryable"]

@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdir, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { connect } from "node:net";
+import { constants } from "node:os";
 import { dirname, join, relative, resolve, sep } from "node:path";
 import { fromJson } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
@@ -329,7 +330,8 @@ function start(
     child.once("error", (error) => finish(127, `could not start ${argv0}: ${error.message}`));
     child.once("exit", (code, signal) => {
       const last = stderr.text().trimEnd().split("\n").at(-1) ?? "";
-      if (signal) finish(128, `stopped by ${signal}`);
+      // As shells report it: 128 + the signal's number (143 for SIGTERM, 137 for SIGKILL).
+      if (signal) finish(128 + (constants.signals[signal] ?? 0), `stopped by ${signal}`);
       else
         finish(code ?? 1, code === 0 ? "exited 0" : `exited ${code}${last ? `: ${last.slice(0, 300)}` : ""}`);
       // A backgrounded grandchild may still hold the group: it goes with the leader.

@@ -507,11 +507,14 @@ function containerJson(c: ContainerState) {
   return { name: c.name, state: c.state, exit_code: c.exitCode, message: c.message };
 }
 
-/** One line for people: `web=running api=exited(1): message`. */
+/** One line for people: `web=running api=exited(143, stopped by SIGTERM)`. */
 export function describeDeployment(d: Deployment | undefined): string {
   if (!d) return "(no deployment)";
   const containers = d.containers
-    .map((c) => `${c.name}=${c.state || "?"}${c.state === "exited" ? `(${c.exitCode})` : ""}`)
+    .map(
+      (c) =>
+        `${c.name}=${c.state || "?"}${c.state === "exited" ? `(${c.exitCode}${c.message ? `, ${c.message}` : ""})` : ""}`,
+    )
     .join(" ");
   return [d.id, phaseName(d.phase), containers, d.message ? `- ${d.message}` : ""]
     .filter((part) => part !== "")

@@ -53,7 +53,8 @@ describe("deployments", () => {
   });
 
   /**
-   * A server on `port` that writes its pid, serves greeting.txt, and saves its outputs on SIGTERM.
+   * A server on `port` that writes its pid, serves greeting.txt, and saves its outputs on SIGTERM,
+   * then dies of it as a process with no handler would.
    * The readiness probe connects and hangs up at once, so the reply may meet a reset connection
    * (EPIPE/ECONNRESET, more often on a busy machine): like any server, it ignores a client that
    * went away instead of crashing on the unhandled socket error.
@@ -65,10 +66,10 @@ describe("deployments", () => {
     require("node:net")
       .createServer((s) => s.on("error", () => {}).end(fs.readFileSync("greeting.txt")))
       .listen(Number(process.env.PORT), "127.0.0.1");
-    process.on("SIGTERM", () => {
+    process.once("SIGTERM", () => {
       fs.mkdirSync("out/nested", { recursive: true });
       fs.writeFileSync("out/nested/final.json", JSON.stringify({ stoppedBy: "SIGTERM" }));
-      process.exit(0);
+      process.kill(process.pid, "SIGTERM");
     });`;
 
   async function deployWeb(leaseId: string): Promise<{ resource: Resource; port: number }> {
@@ -202,7 +203,8 @@ describe("deployments", () => {
     expect(stopped?.body.case === "deployment" && stopped.body.value).toMatchObject({
       phase: DeploymentPhase.STOPPED,
       outputFileIds: fileIds,
-      containers: [{ name: "web", state: "exited" }],
+      // Stopped by the signal: 128 + 15, as a shell says it.
+      containers: [{ name: "web", state: "exited", exitCode: 143, message: "stopped by SIGTERM" }],
     });
     // The lease is still open and owns fixture, deployment and both outputs; a second collect returns the same files.
     expect((await leases().getLease({ leaseId })).lease?.ownedResources).toBe(4);

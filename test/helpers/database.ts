@@ -47,6 +47,17 @@ export function freshPgliteDirectory(): TestStore {
   return { url: undefined, dataDir: join(dir, "data"), drop, [Symbol.asyncDispose]: drop };
 }
 
+/**
+ * Whether this run takes the tests that need a PostgreSQL of their own (a
+ * second connection, locks held across processes, a server stopped): every
+ * run does, on DATABASE_URL's server or the embedded one the global setup
+ * started, except CI's PGlite pass (LEASEHOLD_TEST_POSTGRES_PASS_FOLLOWS=1),
+ * whose PostgreSQL pass runs them: once per CI run is enough.
+ */
+export function runsPostgresTests(): boolean {
+  return inject("driver") === "postgres" || process.env.LEASEHOLD_TEST_POSTGRES_PASS_FOLLOWS !== "1";
+}
+
 /** A fresh store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
 export async function freshStore(): Promise<TestStore> {
   return inject("driver") === "postgres" ? freshPostgresDatabase() : freshPgliteDirectory();

@@ -1,11 +1,11 @@
 import { pino } from "pino";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { type BusMessage, type ClusterBus, createPostgresBus } from "../../src/work/cluster-bus.js";
-import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 
 // LISTEN/NOTIFY exists only on PostgreSQL; PGlite serves a single process and has no bus.
-describe.skipIf(inject("driver") !== "postgres")("cluster bus", () => {
+describe.runIf(runsPostgresTests())("cluster bus", () => {
   let store: TestStore;
   const opened: { database: Database; bus: ClusterBus }[] = [];
   beforeAll(async () => {

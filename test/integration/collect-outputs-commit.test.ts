@@ -1,25 +1,29 @@
 import { sql } from "drizzle-orm";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
 
 // A commit in progress while a collect starts: only PostgreSQL has a second connection to hold it.
-describe.runIf(inject("driver") === "postgres")("CollectOutputs beside a commit of its lease", () => {
+describe.runIf(runsPostgresTests())("CollectOutputs beside a commit of its lease", () => {
+  let store: TestStore;
   let t: TestServer;
   let other: Database;
   beforeAll(async () => {
-    t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
-    other = await openDatabase({ url: t.store.url, dataDir: "" });
+    store = await freshPostgresDatabase();
+    t = await startTestServer({ store, config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
+    other = await openDatabase({ url: store.url, dataDir: "" });
   });
   afterAll(async () => {
     await other?.close();
     await t?.[Symbol.asyncDispose]();
+    await store?.drop();
   });
 
   it("never asks a committed lease's deployment to stop: it fails LEASE_CLOSED instead", async () => {

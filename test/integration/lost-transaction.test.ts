@@ -1,12 +1,12 @@
 import { sql } from "drizzle-orm";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Database, IDLE_TRANSACTION_TIMEOUT_MS, openDatabase } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
-import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 import { deferred } from "../helpers/deferred.js";
 
 // PGlite serves one process: no other process can be lost while holding its locks.
-describe.runIf(inject("driver") === "postgres")("a process lost in the middle of a transaction", () => {
+describe.runIf(runsPostgresTests())("a process lost in the middle of a transaction", () => {
   let store: TestStore;
   const opened: Database[] = [];
   beforeAll(async () => {

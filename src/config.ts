@@ -7,7 +7,8 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 
 /**
  * Everything `leasehold serve` needs, parsed once from flags and environment
- * in `main.ts` and passed down frozen. Nothing else reads `process.env`.
+ * by the `serve` command and passed down frozen: nothing the server runs
+ * reads `process.env` (only the entry points, `src/main.ts` and `src/cli/`).
  */
 export interface ServerConfig {
   /** host:port to listen on. Default `127.0.0.1:50051`; port 0 picks a free one. */

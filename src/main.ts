@@ -43,7 +43,7 @@ export function createProgram(): Command {
     .addOption(
       new Option(
         "--tls",
-        "use TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert); the variable turns it on when not empty",
+        "use TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert); the variable turns it on unless it is empty, 0, false or no",
       ).env("LEASEHOLD_TLS"),
     )
     .addOption(

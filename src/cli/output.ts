@@ -66,12 +66,17 @@ export interface GlobalOptions {
   readonly security: ClientSecurity;
 }
 
+/** Whether a boolean flag's variable says off: "", "0", "false" or "no" (any case, spaces around). */
+export function variableSaysOff(value: string | undefined): boolean {
+  return ["", "0", "false", "no"].includes((value ?? "").trim().toLowerCase());
+}
+
 export function globals(command: Command): GlobalOptions {
   const o = command.optsWithGlobals() as Record<string, string | boolean | undefined> & { server: string };
   const text = (v: string | boolean | undefined) => (typeof v === "string" && v !== "" ? v : undefined);
-  // Commander turns a boolean on whenever its variable is set; LEASEHOLD_TLS="" means off.
+  // Commander turns a boolean on whenever its variable is set; LEASEHOLD_TLS="" (or "0", …) is off.
   const tlsFromEmptyEnv =
-    command.getOptionValueSourceWithGlobals("tls") === "env" && process.env.LEASEHOLD_TLS === "";
+    command.getOptionValueSourceWithGlobals("tls") === "env" && variableSaysOff(process.env.LEASEHOLD_TLS);
   return {
     server: o.server,
     json: Boolean(o.json),

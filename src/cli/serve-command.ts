@@ -4,7 +4,7 @@ import { Command, Option } from "commander";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { LeaseholdServer } from "../server.js";
-import { CliError, EXIT, guardOutput, stdoutLines } from "./output.js";
+import { CliError, EXIT, guardOutput, stdoutLines, variableSaysOff } from "./output.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
@@ -221,7 +221,7 @@ export function serveCommand(): Command {
 /** Whether --insecure came from LEASEHOLD_INSECURE set to "", "0", "false" or "no" (which mean off). */
 function insecureVariableOff(command: Command): boolean {
   if (command.getOptionValueSource("insecure") !== "env") return false;
-  return ["", "0", "false", "no"].includes((process.env.LEASEHOLD_INSECURE ?? "").trim().toLowerCase());
+  return variableSaysOff(process.env.LEASEHOLD_INSECURE);
 }
 
 /** Signals this close to the first are the same one delivered twice. */

@@ -70,6 +70,11 @@ describe("the global security options", () => {
     expect(own).toEqual({});
     process.env.LEASEHOLD_TLS = "1";
     expect((await parse(["probe"])).globals?.security.tls).toBe(true);
+    // As LEASEHOLD_INSECURE reads: these say off.
+    for (const off of ["0", "false", " No "]) {
+      process.env.LEASEHOLD_TLS = off;
+      expect((await parse(["probe"])).globals?.security.tls).toBe(false);
+    }
   });
 
   it("gives a subcommand's own --tls-cert/--tls-key (serve's certificate) to the subcommand, not to the globals", async () => {

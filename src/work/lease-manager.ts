@@ -187,7 +187,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     fencedReports: metrics.fencedReports,
     tracing,
   });
-  const revokes = createRevokes({ log, hosted, dispatcher, publishActions });
+  const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions });
 
   // ---- sessions ------------------------------------------------------------------------------------
 
@@ -429,6 +429,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       for (const t of timers) clearInterval(t);
       reaper.stop();
       await Promise.all([dispatcher.idle(), reports.close(), hellos.close(), lostStreams.close()]);
+      // Reports that waited for their action's turn reached the dispatcher only now.
+      await dispatcher.idle();
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
     })();

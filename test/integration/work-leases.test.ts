@@ -197,24 +197,32 @@ describe("work leases", () => {
     });
   }
 
+  /** A server whose progress statements wait for `release` once `hold.armed`; `started` when one does. */
+  async function serverHoldingProgress(log: string[] = []) {
+    let started!: () => void;
+    const progressStarted = new Promise<void>((r) => {
+      started = r;
+    });
+    let release!: () => void;
+    const mayRun = new Promise<void>((r) => {
+      release = r;
+    });
+    const hold = { armed: true };
+    await serverWithStatements(async (query, text, db) => {
+      if (hold.armed && text.includes("checkpoint = coalesce")) {
+        started();
+        await mayRun;
+        log.push("progress");
+      } else if (hold.armed && text.includes("f_input")) log.push("finish");
+      return db.execute(query);
+    });
+    return { progressStarted, release, hold };
+  }
+
   it("applies a progress report and the release after it in the order sent, keeping the checkpoint", async () => {
     // The progress statement is held until the test lets it run: the release that follows
     // could otherwise commit first, fence the progress and lose its checkpoint.
-    let progressStarted!: () => void;
-    const started = new Promise<void>((r) => {
-      progressStarted = r;
-    });
-    let letProgressRun!: () => void;
-    const mayRun = new Promise<void>((r) => {
-      letProgressRun = r;
-    });
-    await serverWithStatements(async (query, text, db) => {
-      if (text.includes("checkpoint = coalesce")) {
-        progressStarted();
-        await mayRun;
-      }
-      return db.execute(query);
-    });
+    const { progressStarted, release: letProgressRun } = await serverHoldingProgress();
     const w = await worker("w1");
     const id = await submit();
     await tick().dispatch();
@@ -226,7 +234,7 @@ describe("work leases", () => {
         value: { reportId: 101n, actionId: id, epoch, phase: "half way", checkpoint: { step: 5 } },
       },
     });
-    await started;
+    await progressStarted;
     w.send({
       message: { case: "release", value: { reportId: 102n, actionId: id, epoch, reason: "give back" } },
     });
@@ -240,6 +248,65 @@ describe("work leases", () => {
     await tick().dispatch();
     const again = await w.next("grant", (g) => g.epoch === 2n);
     expect(again.checkpoint).toEqual({ step: 5 });
+  });
+
+  it("applies a progress report before the release a heartbeat implies by leaving its revoked lease out", async () => {
+    const { progressStarted, release, hold } = await serverHoldingProgress();
+    hold.armed = false;
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const { epoch } = await w.next("grant");
+    await api().cancelAction({ actionId: id, reason: "user asked" });
+    await w.next("revoke");
+    await w.heartbeat(1, [{ actionId: id, epoch }]); // the worker shows it has the lease
+    hold.armed = true;
+    // A checkpoint, then a heartbeat without the lease: a release, after the checkpoint.
+    w.send({
+      message: {
+        case: "batch",
+        value: {
+          messages: [
+            {
+              message: {
+                case: "progress",
+                value: { reportId: 11n, actionId: id, epoch, phase: "p", checkpoint: { n: 1 } },
+              },
+            },
+            { message: { case: "heartbeat", value: { sequence: 2n, heldLeases: [] } } },
+          ],
+        },
+      },
+    });
+    await w.next("heartbeatAck", (a) => a.sequence === 2n);
+    await progressStarted;
+    await tick().settled(); // out of order, the release has committed by now
+    release();
+    expect(await w.next("reportResult", (r) => r.reportId === 11n)).toMatchObject({ accepted: true });
+  });
+
+  it("closes only once every report it received was applied, those waiting for their action's turn too", async () => {
+    const log: string[] = [];
+    const { progressStarted, release, hold } = await serverHoldingProgress(log);
+    hold.armed = false;
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const { epoch } = await w.next("grant");
+    hold.armed = true;
+    w.send({ message: { case: "progress", value: { reportId: 1n, actionId: id, epoch, phase: "p" } } });
+    w.send({
+      message: {
+        case: "completion",
+        value: { reportId: 2n, actionId: id, epoch, outcome: { case: "succeeded", value: {} } },
+      },
+    });
+    await w.heartbeat(1, [{ actionId: id, epoch }]); // both reports were read
+    await progressStarted;
+    const closing = t.server.leases.close().then(() => log.push("closed"));
+    release();
+    await closing;
+    expect(log).toEqual(["progress", "finish", "closed"]);
   });
 
   /**

@@ -22,11 +22,17 @@ import type { Hosted, HostedSessions } from "./hosted.js";
 export interface Reports {
   finish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void;
   progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void;
+  /**
+   * Settles a finishing report through the dispatcher once the reports of
+   * its action received before it are answered (see {@link finish}); for
+   * reports the server makes itself (a revoked lease left out of a heartbeat).
+   */
+  settle: Dispatcher["settle"];
   /** Answers a report as accepted. */
   accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void;
   /** Answers a report about a lease the stream does not hold: FENCED, a revoke, and an event row. */
   fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void;
-  /** Resolves once the progress reports already received are answered. */
+  /** Resolves once the reports already received are answered, or handed to the dispatcher. */
   close(): Promise<void>;
 }
 
@@ -103,7 +109,30 @@ export function createReports(deps: {
   function nextInTurn(actionId: string): void {
     const next = inFlight.get(actionId)?.shift();
     if (next) next();
-    else inFlight.delete(actionId);
+    else {
+      inFlight.delete(actionId);
+      if (inFlight.size === 0) for (const w of drained.splice(0)) w();
+    }
+  }
+
+  /** Waiters of {@link close} for the reports in flight. */
+  const drained: (() => void)[] = [];
+
+  function settle(...[s, report, done, failed]: Parameters<Dispatcher["settle"]>): void {
+    inTurn(report.actionId, () =>
+      dispatcher.settle(
+        s,
+        report,
+        (finished) => {
+          nextInTurn(report.actionId);
+          done(finished);
+        },
+        (error) => {
+          nextInTurn(report.actionId);
+          failed(error);
+        },
+      ),
+    );
   }
 
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
@@ -200,26 +229,22 @@ export function createReports(deps: {
                 details: m.outcome.details,
               },
             };
-    inTurn(actionId, () =>
-      dispatcher.settle(
-        s,
-        report,
-        (finished) => {
-          nextInTurn(actionId);
-          if (!finished) {
-            endSpan(span, false, "FENCED");
-            return fenced(s, m.reportId, token, m.type);
-          }
-          accept(s, m.reportId, token, `action is now ${finished.state}`);
-          endSpan(span, true, finished.state);
-          publishActions([token.actionId]);
-        },
-        (error) => {
-          nextInTurn(actionId);
-          endSpan(span, false, "UNAVAILABLE");
-          unavailable(s, m.reportId, token, error);
-        },
-      ),
+    settle(
+      s,
+      report,
+      (finished) => {
+        if (!finished) {
+          endSpan(span, false, "FENCED");
+          return fenced(s, m.reportId, token, m.type);
+        }
+        accept(s, m.reportId, token, `action is now ${finished.state}`);
+        endSpan(span, true, finished.state);
+        publishActions([token.actionId]);
+      },
+      (error) => {
+        endSpan(span, false, "UNAVAILABLE");
+        unavailable(s, m.reportId, token, error);
+      },
     );
   }
 
@@ -256,5 +281,10 @@ export function createReports(deps: {
     });
   }
 
-  return { finish, progress, accept, fenced, close: () => progressBatch.close() };
+  async function close(): Promise<void> {
+    while (inFlight.size > 0) await new Promise<void>((resolve) => drained.push(resolve));
+    await progressBatch.close();
+  }
+
+  return { finish, progress, settle, accept, fenced, close };
 }

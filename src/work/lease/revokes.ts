@@ -22,11 +22,12 @@ export interface Revokes {
 export function createRevokes(deps: {
   log: Logger;
   hosted: HostedSessions;
-  dispatcher: Dispatcher;
+  /** Settles a report in its action's turn (`Reports.settle`). */
+  settle: Dispatcher["settle"];
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
 }): Revokes {
-  const { log, hosted, dispatcher, publishActions } = deps;
+  const { log, hosted, settle, publishActions } = deps;
 
   /** Whether `held` lists the lease (action id, epoch). */
   function lists(held: readonly LeaseToken[], actionId: string, epoch: number): boolean {
@@ -60,8 +61,8 @@ export function createRevokes(deps: {
    * action becomes CANCELLED). Only leases already asked to stop count, and
    * only once the worker showed it had the lease (see {@link RevokedLease}):
    * a grant still on its way is never mistaken for a release. A report the
-   * worker sent before this heartbeat is applied first (same batcher, in
-   * order), so a completion that raced the revoke keeps its result. Runs only
+   * worker sent before this heartbeat is applied first (in its action's turn,
+   * see Reports.settle), so a completion that raced the revoke keeps its result. Runs only
    * while the session has a revoked lease pending.
    */
   function releaseOmitted(s: Hosted, held: readonly LeaseToken[]): void {
@@ -81,7 +82,7 @@ export function createRevokes(deps: {
       if (!r.known) continue;
       r.releasing = true;
       const token = { actionId, epoch: r.epoch };
-      dispatcher.settle(
+      settle(
         s,
         {
           ...token,

@@ -471,9 +471,11 @@ export function createAgent(options: AgentOptions): Agent {
     if (running.get(r.actionId) === r) running.delete(r.actionId);
   };
 
+  // Not the leases the server ended (worker.proto: stop listing them): after a takeover by
+  // another process, the session holds them for that process.
   const heldLeases = () =>
     [...running.values()]
-      .filter((r) => r.report?.kind !== "dropped")
+      .filter((r) => r.report?.kind !== "dropped" && !r.serverEnded)
       .map((r) => ({ actionId: r.actionId, epoch: BigInt(r.epoch) }));
 
   function sendReport(conn: Connection, r: Running): void {
@@ -558,7 +560,9 @@ export function createAgent(options: AgentOptions): Agent {
     const actionId = grant.actionId;
     const epoch = Number(grant.epoch);
     const existing = running.get(actionId);
-    if (existing && existing.epoch === epoch) return; // a grant sent again after a reconnect
+    // A grant sent again after a reconnect; unless the agent stopped it for a takeover and left it
+    // out of its hello: then it runs anew, once the old handler has stopped.
+    if (existing && existing.epoch === epoch && !existing.serverEnded) return;
     if (existing) {
       existing.serverEnded = true;
       existing.controller.abort(new LeaseLost("superseded", "a newer grant of this action arrived"));
@@ -662,7 +666,7 @@ export function createAgent(options: AgentOptions): Agent {
         if (prefetch > 0 || anyWaiting()) startTimer ??= setImmediate(startWaiting);
       })();
     };
-    if (!closing && busy < capacity && mayStart()) {
+    if (!closing && busy < capacity && mayStart() && !stillStopping(actionId)) {
       run();
       return;
     }
@@ -722,6 +726,15 @@ export function createAgent(options: AgentOptions): Agent {
     return { held, busy };
   }
 
+  /**
+   * Whether an earlier grant's handler of this action is still stopping: a new grant of the same
+   * action never runs beside it, whatever slots are free.
+   */
+  const stillStopping = (actionId: string): boolean => {
+    for (const r of superseded) if (r.actionId === actionId && !r.start && !r.report) return true;
+    return false;
+  };
+
   /** Whether a grant waits for a slot or a guarantee (see {@link startWaiting}). */
   const anyWaiting = (): boolean => {
     for (const r of running.values()) if (r.start) return true;
@@ -738,7 +751,7 @@ export function createAgent(options: AgentOptions): Agent {
     let { busy } = slotsTaken();
     for (const r of [...running.values()]) {
       if (busy >= capacity) break;
-      if (!r.start || r.controller.aborted) continue;
+      if (!r.start || r.controller.aborted || stillStopping(r.actionId)) continue;
       busy++;
       r.start();
     }

@@ -262,7 +262,12 @@ export async function followThroughRestarts(
       if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
       // Never reached at all: a wrong address or a server that is not running ends the command
       // (exit 3), as every other command does; only a server that went away is waited for.
-      if (tries === 0 && !reached && /^No connection established/.test(e.details ?? "")) throw error;
+      if (
+        tries === 0 &&
+        !reached &&
+        /^(No connection established|Name resolution failed)/.test(e.details ?? "")
+      )
+        throw error;
       if (!away)
         process.stderr.write(
           `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting every ${delayMs / 1000} s\n`,

@@ -80,61 +80,64 @@ describe("the agent SDK, granted an action again while its old handler stops", (
     for (const fn of cleanups.splice(0).reverse()) await fn();
   });
 
-  it("starts the new grant only once the old handler of the same action has returned", async () => {
-    const server = await scriptedServer();
-    cleanups.push(server.close);
-    const log: string[] = [];
-    const firstStopping = deferred();
-    const letFirstReturn = deferred();
-    const secondStarted = deferred();
-    const seen: AgentEvent[] = [];
-    const grantSeen = new Map<number, () => void>();
-    const agent = createAgent({
-      address: server.address,
-      workerId: "w1",
-      cluster: "east",
-      capacity: 1,
-      onEvent: (e) => {
-        seen.push(e);
-        if (e.type === "grant") grantSeen.get(e.epoch)?.();
-      },
-      handler: async (ctx) => {
-        log.push(`start ${ctx.epoch}`);
-        if (ctx.epoch === 1) {
-          // It honours the abort, but takes a while to tear down (a container's stop).
-          await new Promise<void>((resolve) =>
-            ctx.signal.addEventListener("abort", () => {
-              firstStopping.resolve();
-              void letFirstReturn.promise.then(resolve);
-            }),
-          );
-          log.push("end 1");
-          return {};
-        }
-        secondStarted.resolve();
-        return { ok: true };
-      },
-    });
-    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
-    await server.acked;
-    const grant = (epoch: bigint): Response => ({
-      message: { case: "grant", value: { actionId: "a1", epoch, attempt: Number(epoch) } },
-    });
-    server.send(grant(1n));
-    await new Promise<void>((r) => grantSeen.set(1, r));
-    // The server ends the lease (the session expired while its stream was down, say) and,
-    // the slot being free on its side, grants the action again at once.
-    server.send({
-      message: { case: "revoke", value: { actionId: "a1", epoch: 1n, reason: RevokeReason.EXPIRED } },
-    });
-    await firstStopping.promise;
-    const secondGranted = new Promise<void>((r) => grantSeen.set(2, r));
-    server.send(grant(2n));
-    await secondGranted;
-    // The guarantee is fresh (60 s), so only the stopping handler keeps the new one waiting.
-    expect(log).toEqual(["start 1"]);
-    letFirstReturn.resolve();
-    await secondStarted.promise;
-    expect(log).toEqual(["start 1", "end 1", "start 2"]);
-  });
+  it.each([1, 2])(
+    "starts the new grant only once the old handler of the same action has returned (%i slots)",
+    async (capacity) => {
+      const server = await scriptedServer();
+      cleanups.push(server.close);
+      const log: string[] = [];
+      const firstStopping = deferred();
+      const letFirstReturn = deferred();
+      const secondStarted = deferred();
+      const seen: AgentEvent[] = [];
+      const grantSeen = new Map<number, () => void>();
+      const agent = createAgent({
+        address: server.address,
+        workerId: "w1",
+        cluster: "east",
+        capacity,
+        onEvent: (e) => {
+          seen.push(e);
+          if (e.type === "grant") grantSeen.get(e.epoch)?.();
+        },
+        handler: async (ctx) => {
+          log.push(`start ${ctx.epoch}`);
+          if (ctx.epoch === 1) {
+            // It honours the abort, but takes a while to tear down (a container's stop).
+            await new Promise<void>((resolve) =>
+              ctx.signal.addEventListener("abort", () => {
+                firstStopping.resolve();
+                void letFirstReturn.promise.then(resolve);
+              }),
+            );
+            log.push("end 1");
+            return {};
+          }
+          secondStarted.resolve();
+          return { ok: true };
+        },
+      });
+      cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+      await server.acked;
+      const grant = (epoch: bigint): Response => ({
+        message: { case: "grant", value: { actionId: "a1", epoch, attempt: Number(epoch) } },
+      });
+      server.send(grant(1n));
+      await new Promise<void>((r) => grantSeen.set(1, r));
+      // The server ends the lease (the session expired while its stream was down, say) and,
+      // the slot being free on its side, grants the action again at once.
+      server.send({
+        message: { case: "revoke", value: { actionId: "a1", epoch: 1n, reason: RevokeReason.EXPIRED } },
+      });
+      await firstStopping.promise;
+      const secondGranted = new Promise<void>((r) => grantSeen.set(2, r));
+      server.send(grant(2n));
+      await secondGranted;
+      // The guarantee is fresh (60 s), so only the stopping handler keeps the new one waiting.
+      expect(log).toEqual(["start 1"]);
+      letFirstReturn.resolve();
+      await secondStarted.promise;
+      expect(log).toEqual(["start 1", "end 1", "start 2"]);
+    },
+  );
 });

@@ -208,23 +208,32 @@ describe("the agent SDK against a real server", () => {
     expect((await api.getAction({ actionId: action?.id ?? "" })).action?.state).toBe(ActionState.CANCELLED);
   });
 
-  it("stops every handler and stays away a grace period when another process takes its worker id's session", async () => {
+  it("stops every handler and stays away a grace period when another process takes its worker id's session, then runs the lease anew", async () => {
     const t = await server();
     cleanups.push(() => t[Symbol.asyncDispose]());
     const events = eventsOf();
     const aborted = deferred<unknown>();
+    const letFirstReturn = deferred();
+    const runs: string[] = [];
     const agent = createAgent({
       address: t.address,
       cluster: "east",
       workerId: "twin",
       onEvent: events.onEvent,
-      handler: (ctx) =>
-        new Promise((_, reject) =>
+      handler: async (ctx) => {
+        runs.push("start");
+        if (runs.length > 1) return { again: true };
+        // It honours the abort, but takes a while to stop.
+        await new Promise<void>((resolve) =>
           ctx.signal.addEventListener("abort", () => {
             aborted.resolve(ctx.signal.reason);
-            reject(ctx.signal.reason);
+            resolve();
           }),
-        ),
+        );
+        await letFirstReturn.promise;
+        runs.push("end");
+        throw ctx.signal.reason;
+      },
     });
     cleanups.push(() => agent.close({ timeoutMs: 100 }));
     const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
@@ -244,6 +253,28 @@ describe("the agent SDK against a real server", () => {
     );
     // The server's grace period is 3 s: the agent leaves the session to the other for that long.
     expect(takenOver.retryInMs).toBeGreaterThanOrEqual(3000);
+
+    // The other process stays (heartbeating) until the agent comes back and takes the session
+    // again. Its hello leaves out the lease it stopped, so the server sends it again, same epoch,
+    // and it runs anew once the old handler has returned: not resumed with nobody running it.
+    let sequence = 0n;
+    const beat = setInterval(
+      () => twin.send({ message: { case: "heartbeat", value: { sequence: ++sequence } } }),
+      500,
+    );
+    cleanups.push(() => clearInterval(beat));
+    await twin.ended;
+    clearInterval(beat);
+    await events.until(
+      (e): e is AgentEvent =>
+        e.type === "grant" && events.seen.filter((g) => g.type === "grant").length === 2,
+    );
+    expect(runs).toEqual(["start"]);
+    letFirstReturn.resolve();
+    for await (const _ of t.client(ActionService).watchAction({ actionId: action?.id ?? "" }));
+    const done = (await t.client(ActionService).getAction({ actionId: action?.id ?? "" })).action;
+    expect(done).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n, output: { again: true } });
+    expect(runs).toEqual(["start", "end", "start"]);
   });
 
   it("holds a grant for a slot whose lease the server ended while its handler still stops, instead of bouncing it", async () => {

@@ -250,6 +250,8 @@ class _Lease:
         """Granted but not started: waits for a heartbeat ack with a fresh guarantee."""
         self.started = False
         self.future: Future[None] | None = None
+        self.after: Future[None] | None = None
+        """The handler of an earlier grant of this action, still stopping: this one starts after it."""
         self.report: _Report | None = None
         """Set when the handler returned (or the grant was given back); None while it runs."""
         self.context = ActionContext(
@@ -485,7 +487,7 @@ class Agent:
                     cluster=self._cluster,
                     capacity=self._capacity,
                     labels=self._labels,
-                    held_leases=[lease.held() for lease in self._leases.values()],
+                    held_leases=[lease.held() for lease in self._leases.values() if not lease.gone],
                     agent_version=self._agent_version,
                 )
                 stream.send(worker_pb2.ConnectRequest(hello=hello))
@@ -603,7 +605,8 @@ class Agent:
         stream.sequence += 1
         stream.sent[stream.sequence] = time.monotonic()
         heartbeat = worker_pb2.Heartbeat(
-            sequence=stream.sequence, held_leases=[lease.held() for lease in self._leases.values()]
+            sequence=stream.sequence,
+            held_leases=[lease.held() for lease in self._leases.values() if not lease.gone],
         )
         stream.send(worker_pb2.ConnectRequest(heartbeat=heartbeat))
 
@@ -622,11 +625,15 @@ class Agent:
 
     def _on_grant(self, stream: _Stream, grant: worker_pb2.Grant) -> None:
         existing = self._leases.get(grant.action_id)
-        if existing is not None and existing.epoch == grant.epoch:
+        if existing is not None and existing.epoch == grant.epoch and not existing.gone:
             return  # sent again after a reconnect
         if existing is not None:
+            # A newer grant, or the same one sent again after the agent stopped it for a takeover
+            # (the server held it on): either way it runs anew, once the old handler has stopped.
             self._cancel(existing, "superseded")
         lease = _Lease(self, grant)
+        if existing is not None and existing.started and existing.report is None:
+            lease.after = existing.future
         self._leases[lease.action_id] = lease
         self._emit("grant", action_id=lease.action_id, epoch=lease.epoch, attempt=grant.attempt)
         self._next_report_id += 1
@@ -730,6 +737,9 @@ class Agent:
                 self._run(lease)
 
     def _run_handler(self, lease: _Lease) -> None:
+        if lease.after is not None:
+            # Never beside the stopping handler of the same action, whatever threads are free.
+            wait_for_futures([lease.after])
         with self._lock:
             # Queued in the pool behind a handler that was still stopping: what held when it was
             # queued may not hold now.

@@ -322,9 +322,10 @@ export type Action = Message<"leasehold.v1.Action"> & {
   createdBy: string;
 
   /**
-   * The details of the last progress report, as the worker sent them (the
-   * reference agent's: {"pid", "line"}, its command's latest output line);
-   * unset when that report had none. Cleared with the phase at every grant.
+   * The details of the last progress report with a phase or details, as the
+   * worker sent them (the reference agent's: {"pid", "line"}, its command's
+   * latest output line); unset when that report had none (a report with
+   * only a checkpoint leaves them). Cleared with the phase at every grant.
    *
    * @generated from field: google.protobuf.Struct phase_details = 26;
    */

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"reflect"
 	"sync"
@@ -114,8 +115,15 @@ func grantOf(epoch uint64) *leaseholdv1.ConnectResponse {
 }
 
 // A grant of an action the server ended while its handler still stops waits
-// for that handler: the two never run at once, on the same action.
+// for that handler: the two never run at once, on the same action, whatever
+// slots are free.
 func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
+	for _, capacity := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d slots", capacity), func(t *testing.T) { regrantWaits(t, capacity) })
+	}
+}
+
+func regrantWaits(t *testing.T, capacity int) {
 	script, stop := startScripted(t)
 	defer stop()
 
@@ -139,7 +147,7 @@ func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
 		Addresses: []string{script.address},
 		Cluster:   "east",
 		WorkerID:  "w1",
-		Capacity:  1,
+		Capacity:  capacity,
 		OnEvent: func(e Event) {
 			if g, ok := e.(Granted); ok {
 				granted <- g

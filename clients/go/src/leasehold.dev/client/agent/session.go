@@ -343,8 +343,10 @@ func (a *Agent) selfFence() {
 func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 	lease := Lease{g.GetActionId(), g.GetEpoch()}
 	if existing := a.running[lease.ActionID]; existing != nil {
-		if existing.lease.Epoch == lease.Epoch {
-			return // a grant sent again after a reconnect
+		// A grant sent again after a reconnect; unless the agent stopped it for a takeover and
+		// left it out of its hello: then it runs anew, once the old handler has stopped.
+		if existing.lease.Epoch == lease.Epoch && !existing.gone {
+			return
 		}
 		a.abort(existing, &LeaseLost{Reason: "superseded", Message: "a newer grant of this action arrived"})
 		if existing.active {
@@ -380,7 +382,8 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 	a.nextReportID++
 	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_GrantAck{GrantAck: &leaseholdv1.GrantAck{
 		ReportId: a.nextReportID, ActionId: lease.ActionID, Epoch: lease.Epoch}}})
-	waiting := !a.closing && held < a.opts.Capacity && (!a.mayStart() || active >= a.opts.Capacity)
+	waiting := !a.closing && held < a.opts.Capacity &&
+		(!a.mayStart() || active >= a.opts.Capacity || a.stillStopping(lease.ActionID))
 	a.emit(Granted{ActionID: lease.ActionID, Epoch: lease.Epoch, Attempt: g.GetAttempt(), Waiting: waiting})
 	switch {
 	case a.closing || held >= a.opts.Capacity:
@@ -422,11 +425,22 @@ func (a *Agent) startWaiting() {
 		if active >= a.opts.Capacity {
 			return
 		}
-		if r.waiting && r.lostReason() == nil {
+		if r.waiting && r.lostReason() == nil && !a.stillStopping(r.lease.ActionID) {
 			a.start(r)
 			active++
 		}
 	}
+}
+
+// stillStopping says whether an earlier grant's handler of this action has not returned: a new
+// grant of the same action never runs beside it, whatever slots are free.
+func (a *Agent) stillStopping(actionID string) bool {
+	for r := range a.superseded {
+		if r.lease.ActionID == actionID && r.active {
+			return true
+		}
+	}
+	return false
 }
 
 // activeSuperseded counts the handlers a newer grant of their action replaced that have not

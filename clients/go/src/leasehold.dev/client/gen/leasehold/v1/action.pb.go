@@ -492,9 +492,10 @@ type Action struct {
 	// one that created the deployment); "anonymous" when authentication was
 	// off, empty for actions older than authentication.
 	CreatedBy string `protobuf:"bytes,25,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
-	// The details of the last progress report, as the worker sent them (the
-	// reference agent's: {"pid", "line"}, its command's latest output line);
-	// unset when that report had none. Cleared with the phase at every grant.
+	// The details of the last progress report with a phase or details, as the
+	// worker sent them (the reference agent's: {"pid", "line"}, its command's
+	// latest output line); unset when that report had none (a report with
+	// only a checkpoint leaves them). Cleared with the phase at every grant.
 	PhaseDetails *structpb.Struct `protobuf:"bytes,26,opt,name=phase_details,json=phaseDetails,proto3" json:"phase_details,omitempty"`
 }
 

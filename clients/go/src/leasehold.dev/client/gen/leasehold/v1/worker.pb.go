@@ -223,7 +223,8 @@ func (x *HeldLease) GetEpoch() uint64 {
 // at most 128 characters without NUL (U+0000); 64-bit integers are at most
 // 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
 // values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
-// or strings. A request over 4 MiB ends the stream with RESOURCE_EXHAUSTED.
+// or strings. A request over the server's receive limit (--max-file-size
+// + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED.
 // A report whose content names no lease (empty action_id, epoch 0, a
 // completion without an outcome), a request holding no message and a second
 // hello are not fatal: each is answered with a ReportResult (INVALID, the

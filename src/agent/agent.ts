@@ -1122,7 +1122,8 @@ export function createAgent(options: AgentOptions): Agent {
       // arrive, are given back unrun by the goodbye (see finishClose).
       closing = true;
       const timeoutMs = closeOptions.timeoutMs ?? 30_000;
-      const allSettled = Promise.all([...running.values()].map((r) => r.settled));
+      // Handlers superseded by a newer grant of their action are still work of this agent.
+      const allSettled = Promise.all([...running.values(), ...superseded].map((r) => r.settled));
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([allSettled, new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
       clearTimeout(timer);

@@ -17,10 +17,13 @@ type Response = MessageInitShape<typeof ConnectResponseSchema>;
 /**
  * A WorkerService the test scripts: it welcomes the agent, acks every
  * heartbeat with a long guarantee, accepts every report, and writes what the
- * test sends. `acked` resolves once the first ack is out.
+ * test sends. `acked` resolves once the first ack is out; `received` lists the
+ * kinds of the messages that came, and `next(kind)` waits for one more.
  */
 async function scriptedServer() {
   const acked = deferred();
+  const received: string[] = [];
+  const waiters = new Set<() => void>();
   let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
   const server = new grpc.Server();
   server.addService(createServiceDefinition(WorkerService), {
@@ -29,6 +32,10 @@ async function scriptedServer() {
       const write = (m: Response) => call.write(create(WorkerService.method.connect.output, m));
       const answer = (request: ConnectRequest) => {
         const m = request.message;
+        if (m.case !== "batch") {
+          received.push(m.case ?? "");
+          for (const w of [...waiters]) w();
+        }
         if (m.case === "batch") for (const inner of m.value.messages) answer(inner);
         else if (m.case === "hello") {
           write({
@@ -67,6 +74,18 @@ async function scriptedServer() {
   return {
     address: `127.0.0.1:${port}`,
     acked: acked.promise,
+    received,
+    next(kind: string): Promise<void> {
+      const seen = received.filter((k) => k === kind).length;
+      return new Promise((resolve) => {
+        const look = () => {
+          if (received.filter((k) => k === kind).length <= seen) return;
+          waiters.delete(look);
+          resolve();
+        };
+        waiters.add(look);
+      });
+    },
     send(m: Response) {
       stream?.write(create(WorkerService.method.connect.output, m));
     },
@@ -80,9 +99,13 @@ describe("the agent SDK, granted an action again while its old handler stops", (
     for (const fn of cleanups.splice(0).reverse()) await fn();
   });
 
-  it.each([1, 2])(
-    "starts the new grant only once the old handler of the same action has returned (%i slots)",
-    async (capacity) => {
+  it.each([
+    [1, "runs"],
+    [2, "runs"],
+    [1, "closes"],
+  ] as const)(
+    "starts the new grant only once the old handler of the same action has returned (%i slots, then %s)",
+    async (capacity, then) => {
       const server = await scriptedServer();
       cleanups.push(server.close);
       const log: string[] = [];
@@ -135,6 +158,17 @@ describe("the agent SDK, granted an action again while its old handler stops", (
       await secondGranted;
       // The guarantee is fresh (60 s), so only the stopping handler keeps the new one waiting.
       expect(log).toEqual(["start 1"]);
+      if (then === "closes") {
+        // The agent closes meanwhile: it waits for the stopping handler too (its goodbye comes
+        // after it; a heartbeat a second later finds none yet), and gives the new grant back unrun.
+        const closed = agent.close({ timeoutMs: 30_000 }).then(() => log.push("closed"));
+        await server.next("heartbeat");
+        expect(server.received).not.toContain("goodbye");
+        letFirstReturn.resolve();
+        await closed;
+        expect(log).toEqual(["start 1", "end 1", "closed"]);
+        return;
+      }
       letFirstReturn.resolve();
       await secondStarted.promise;
       expect(log).toEqual(["start 1", "end 1", "start 2"]);

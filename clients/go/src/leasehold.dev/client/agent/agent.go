@@ -487,7 +487,8 @@ func (a *Agent) handlersDone() bool {
 			return false
 		}
 	}
-	return true
+	// Handlers a newer grant of their action superseded are still this agent's work.
+	return a.activeSuperseded() == 0
 }
 
 // tryGoodbye says goodbye once Close is past its handlers and nothing is

@@ -127,7 +127,9 @@ describe.runIf(onPglite)("the Python client (clients/python)", () => {
   });
 
   describe.skipIf(missing !== undefined)("against a real server", () => {
-    it("passes its own unit tests", async () => {
+    // About 6 s alone (scripted gRPC servers, an agent's bounded goodbye wait); far more beside
+    // other test files on a loaded two-core machine.
+    it("passes its own unit tests", { timeout: 120_000 }, async () => {
       const { stderr } = await execFileAsync(PYTHON, ["-m", "unittest", "discover", "-s", "tests"], {
         cwd: CLIENT_DIR,
       });

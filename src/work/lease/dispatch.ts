@@ -270,6 +270,18 @@ export function createDispatcher(deps: {
     for (const slot of claim.slots) reserve(slot.sessionId, sign);
   }
 
+  /**
+   * Calls one report's callback: one that throws must not keep the others of its round from
+   * their answers (each also lets the next report of its action go: Reports.settle).
+   */
+  function answerSafely(callback: () => void): void {
+    try {
+      callback();
+    } catch (error) {
+      log.error({ err: error }, "answering a report failed");
+    }
+  }
+
   async function run(round: Round): Promise<void> {
     const { batch, claim } = round;
     const reports = batch.map((p) => p.report);
@@ -282,7 +294,7 @@ export function createDispatcher(deps: {
         const untilMs = Date.now() + 2 * graceMs;
         for (const slot of claim.slots) inDoubt.set(slot.sessionId, untilMs);
       }
-      for (const p of batch) p.failed(error);
+      for (const p of batch) answerSafely(() => p.failed(error));
       throw error;
     } finally {
       book(round, -1);
@@ -298,7 +310,7 @@ export function createDispatcher(deps: {
       if (f?.state === "QUEUED") requeued = true;
       // Claimed for already (see `slotsFor`), so no wake-up.
       hosted.letGo(p.s, p.report.actionId, p.report.epoch, false);
-      p.done(f);
+      answerSafely(() => p.done(f));
     }
     for (const g of settled.grants) {
       const s = hosted.get(g.sessionId);

@@ -6,6 +6,7 @@ import (
 	"net"
 	"reflect"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -279,5 +280,123 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 			}
 			return
 		}
+	}
+}
+
+// fenceServer welcomes with a short grace, acks heartbeats while acking is on,
+// and passes each hello's held leases to the test.
+type fenceServer struct {
+	leaseholdv1.UnimplementedWorkerServiceServer
+	acking atomic.Bool
+	acked  chan struct{}
+	once   sync.Once
+	hellos chan []*leaseholdv1.HeldLease
+	send   chan *leaseholdv1.ConnectResponse
+	end    chan error
+}
+
+func (s *fenceServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
+	requests := make(chan *leaseholdv1.ConnectRequest)
+	go func() {
+		defer close(requests)
+		for {
+			req, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			requests <- req
+		}
+	}()
+	for {
+		select {
+		case req, ok := <-requests:
+			if !ok {
+				return nil
+			}
+			switch m := req.GetMessage().(type) {
+			case *leaseholdv1.ConnectRequest_Hello:
+				s.hellos <- m.Hello.GetHeldLeases()
+				_ = stream.Send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
+					SessionId: "s1", HeartbeatInterval: durationpb.New(300 * time.Millisecond),
+					GracePeriod: durationpb.New(200 * time.Millisecond)}}})
+			case *leaseholdv1.ConnectRequest_Heartbeat:
+				if s.acking.Load() {
+					_ = stream.Send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
+						Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(1500 * time.Millisecond)}}})
+					s.once.Do(func() { close(s.acked) })
+				}
+			}
+		case m := <-s.send:
+			_ = stream.Send(m)
+		case err := <-s.end:
+			return err
+		}
+	}
+}
+
+// A handler that self-fenced and still stops when another process takes the
+// session: the agent's next hello leaves its lease out (the server ended it),
+// so the server sends it again instead of resuming it with nobody running it.
+func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	fs := &fenceServer{acked: make(chan struct{}), hellos: make(chan []*leaseholdv1.HeldLease, 8),
+		send: make(chan *leaseholdv1.ConnectResponse, 8), end: make(chan error, 1)}
+	fs.acking.Store(true)
+	leaseholdv1.RegisterWorkerServiceServer(server, fs)
+	go func() { _ = server.Serve(listener) }()
+	defer server.Stop()
+	started := make(chan struct{})
+	stopping := make(chan struct{})
+	letReturn := make(chan struct{})
+	a, err := Start(Options{
+		Addresses: []string{listener.Addr().String()}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		SelfFenceMargin: 200 * time.Millisecond,
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			<-ctx.Done()
+			close(stopping)
+			<-letReturn
+			return nil, ctx.Err()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = a.Close(ctx)
+	}()
+	defer close(letReturn)
+	wait := func(what string, ch <-chan struct{}) {
+		select {
+		case <-ch:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("never happened: %s", what)
+		}
+	}
+	<-fs.hellos
+	wait("a heartbeat ack", fs.acked)
+	fs.send <- grantOf(1)
+	wait("the handler's start", started)
+	fs.acking.Store(false) // acks stop: the agent self-fences
+	wait("the self-fence", stopping)
+	st, err := status.New(codes.Aborted, "a newer stream of this worker took the session over").
+		WithDetails(&errdetails.ErrorInfo{Reason: "SESSION_TAKEN_OVER", Domain: "leasehold.dev"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs.end <- st.Err()
+	select {
+	case held := <-fs.hellos:
+		if len(held) != 0 {
+			t.Fatalf("the hello after the takeover lists %v, a lease the server ended", held)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no hello after the takeover")
 	}
 }

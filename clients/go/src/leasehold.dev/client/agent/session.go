@@ -98,7 +98,9 @@ func (a *Agent) connect() {
 func (a *Agent) heldLeases() []*leaseholdv1.HeldLease {
 	held := make([]*leaseholdv1.HeldLease, 0, len(a.running))
 	for _, r := range a.running {
-		if !r.lostReason().gone() {
+		// r.gone: the server ended it, whatever stopped the handler first (a self-fence, then a
+		// takeover): listed, it would be resumed with nobody to report on it.
+		if !r.gone && !r.lostReason().gone() {
 			held = append(held, &leaseholdv1.HeldLease{ActionId: r.lease.ActionID, Epoch: r.lease.Epoch})
 		}
 	}

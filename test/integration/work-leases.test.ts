@@ -447,6 +447,22 @@ describe("work leases", () => {
     expect((await events(id)).map((e) => e.kind)).not.toContain(EventKind.LEASE_EXPIRED);
   });
 
+  it("sends the newer grant again to a worker that comes back listing an older epoch of the action", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const first = await w.next("grant");
+    expect(await w.release(first)).toMatchObject({ accepted: true });
+    await tick().dispatch();
+    const second = await w.next("grant", (g) => g.epoch === 2n);
+    // The worker lost both on a broken stream: the answer to its release and the new grant.
+    w.drop();
+    await w.ended;
+    const back = await worker("w1", { held: [{ actionId: id, epoch: first.epoch }] });
+    expect(back.welcome).toMatchObject({ resumed: [], revoked: [{ actionId: id, epoch: 1n }] });
+    expect(await back.next("grant")).toMatchObject({ actionId: id, epoch: second.epoch });
+  });
+
   it("expires the lease at the deadline with the documented line and re-grants it with epoch + 1 (rule 3)", async () => {
     const a = await worker("wa");
     const id = await submit();

@@ -260,14 +260,17 @@ export function sortHeld(
   );
   const resumedLeases: HeldGrant[] = [];
   const revokedLeases: { actionId: string; epoch: number }[] = [];
-  const listed = new Set<string>();
+  const resumedIds = new Set<string>();
   for (const lease of hello.heldLeases) {
-    listed.add(lease.actionId);
     const current = heldById.get(lease.actionId);
-    if (current && current.epoch === lease.epoch) resumedLeases.push(current);
-    else revokedLeases.push(lease);
+    if (current && current.epoch === lease.epoch) {
+      resumedLeases.push(current);
+      resumedIds.add(lease.actionId);
+    } else revokedLeases.push(lease);
   }
-  const unlistedLeases = [...heldById.values()].filter((h) => !listed.has(h.actionId));
+  // Held and not resumed: never listed, or listed at an older epoch (the worker missed the
+  // newer grant and the answer to its report on the old one): the grant is sent again.
+  const unlistedLeases = [...heldById.values()].filter((h) => !resumedIds.has(h.actionId));
   return { resumedLeases, revokedLeases, unlistedLeases };
 }
 

@@ -1189,7 +1189,8 @@ export const WorkerService: GenService<{
    * but not yet answered by a ReportResult, or granted and not yet started.
    * Listed leases that are still valid come back in Welcome.resumed with the
    * same epoch and keep running; the ones in Welcome.revoked must be stopped
-   * at once. A grant the worker did not list is sent again, same epoch. A
+   * at once. A grant the worker did not list (or listed at an older epoch of
+   * its action) is sent again, same epoch. A
    * lease stopped by the self-fence is still held until its ReleaseReport is
    * answered: list it, and send the release after the welcome. A lease whose
    * completion the server applied just before the stream broke comes back in

@@ -77,6 +77,7 @@ class RegrantTest(unittest.TestCase):
         server.start()
         self.addCleanup(server.stop, None)
         log: list[str] = []
+        first_started = threading.Event()
         stopping = threading.Event()
         let_first_return = threading.Event()
         second_started = threading.Event()
@@ -87,6 +88,7 @@ class RegrantTest(unittest.TestCase):
             if ctx.epoch == 2:
                 second_started.set()
                 return {}
+            first_started.set()
             ctx.cancelled.wait()
             stopping.set()
             let_first_return.wait()
@@ -102,6 +104,9 @@ class RegrantTest(unittest.TestCase):
         self.assertTrue(service.acked.wait(30))
         service.send.put(_grant(1))
         self.assertEqual(granted.get(timeout=30), 1)
+        # Started, not only granted: this scripted server may send the grant before the ack that
+        # gives it a guarantee, and a revoke would then take back a grant that never ran.
+        self.assertTrue(first_started.wait(30))
         revoke = worker_pb2.Revoke(action_id="a1", epoch=1, reason=worker_pb2.REVOKE_REASON_EXPIRED)
         service.send.put(worker_pb2.ConnectResponse(revoke=revoke))
         self.assertTrue(stopping.wait(30))

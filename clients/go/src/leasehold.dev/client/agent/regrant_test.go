@@ -141,6 +141,7 @@ func regrantWaits(t *testing.T, capacity int) {
 		return append([]string(nil), log...)
 	}
 	granted := make(chan Granted, 8)
+	firstStarted := make(chan struct{})
 	firstStopping := make(chan struct{})
 	letFirstReturn := make(chan struct{})
 	secondStarted := make(chan struct{})
@@ -160,6 +161,7 @@ func regrantWaits(t *testing.T, capacity int) {
 				close(secondStarted)
 				return nil, nil
 			}
+			close(firstStarted)
 			// It honours the cancel, but takes a while to tear down (a container's stop).
 			<-ctx.Done()
 			close(firstStopping)
@@ -198,6 +200,9 @@ func regrantWaits(t *testing.T, capacity int) {
 	wait("the first heartbeat ack", script.acked)
 	script.send <- grantOf(1)
 	waitGrant(1)
+	// Started, not only granted: this server may send the grant before the ack that gives it a
+	// guarantee (two channels, one select), and a revoke would then take back a grant never run.
+	wait("the first handler's start", firstStarted)
 	// The server ends the lease (the session expired while its stream was down, say) and, the
 	// slot being free on its side, grants the action again at once.
 	script.send <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Revoke{Revoke: &leaseholdv1.Revoke{
@@ -222,6 +227,7 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 	defer stop()
 	events := make(chan Event, 16)
 	cancelled := make(chan *LeaseLost, 1)
+	started := make(chan struct{})
 	a, err := Start(Options{
 		Addresses: []string{script.address},
 		Cluster:   "east",
@@ -234,6 +240,7 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 			}
 		},
 		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
 			<-ctx.Done()
 			cancelled <- action.Lost()
 			return nil, nil
@@ -253,10 +260,11 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 		t.Fatal("no heartbeat ack")
 	}
 	script.send <- grantOf(1)
-	for e := range events {
-		if g, ok := e.(Granted); ok && g.Epoch == 1 {
-			break
-		}
+	// Started, not only granted (see regrantWaits).
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the grant never started")
 	}
 	st, err := status.New(codes.Aborted, "a newer stream of this worker took the session over").
 		WithDetails(&errdetails.ErrorInfo{Reason: "SESSION_TAKEN_OVER", Domain: "leasehold.dev"})

@@ -214,6 +214,7 @@ describe("the agent SDK against a real server", () => {
     const events = eventsOf();
     const aborted = deferred<unknown>();
     const letFirstReturn = deferred();
+    const firstStarted = deferred();
     const runs: string[] = [];
     const agent = createAgent({
       address: t.address,
@@ -223,6 +224,7 @@ describe("the agent SDK against a real server", () => {
       handler: async (ctx) => {
         runs.push("start");
         if (runs.length > 1) return { again: true };
+        firstStarted.resolve();
         // It honours the abort, but takes a while to stop.
         await new Promise<void>((resolve) =>
           ctx.signal.addEventListener("abort", () => {
@@ -240,6 +242,9 @@ describe("the agent SDK against a real server", () => {
     const granted = await events.until(
       (e): e is Extract<AgentEvent, { type: "grant" }> => e.type === "grant",
     );
+    // Started, not only granted: a grant that came before the first ack waits for one, and the
+    // takeover would then take it back unrun.
+    await firstStarted.promise;
     // A second process, misconfigured with the same worker id, connects: it takes the session
     // over and is sent the lease it did not list, same epoch.
     const twin = await connectWorker(t.address, { workerId: "twin", cluster: "east", capacity: 1 });

@@ -1104,7 +1104,7 @@ export function createAgent(options: AgentOptions): Agent {
    * Grants that never started are left to the goodbye, which gives them back.
    */
   function finishClose(conn: Connection): void {
-    if (!closing || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
+    if (!goodbyeDue || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
     for (const r of running.values()) if (r.report ? r.report.kind !== "dropped" : !r.start) return;
     // Reports still waiting go first: the goodbye releases whatever is left.
     conn.flush();
@@ -1116,6 +1116,12 @@ export function createAgent(options: AgentOptions): Agent {
   connect();
 
   let closingPromise: Promise<void> | undefined;
+  /**
+   * Set by close once the handlers are done (or past its waits): before, a report answered
+   * meanwhile must not send the goodbye, with a handler superseded by a newer grant of its
+   * action still stopping (it is not among the grants finishClose looks at).
+   */
+  let goodbyeDue = false;
   const close = (closeOptions: { timeoutMs?: number } = {}) => {
     closingPromise ??= (async () => {
       // From here no grant starts: the ones waiting for a slot or a guarantee, and any that
@@ -1133,7 +1139,7 @@ export function createAgent(options: AgentOptions): Agent {
       // Handlers that ignore their signal do not hold the agent hostage: release their leases anyway.
       let graceTimer: NodeJS.Timeout | undefined;
       await Promise.race([
-        Promise.all([...running.values()].map((r) => r.settled)),
+        Promise.all([...running.values(), ...superseded].map((r) => r.settled)),
         new Promise<void>((r) => {
           graceTimer = setTimeout(r, 5000);
         }),
@@ -1150,6 +1156,7 @@ export function createAgent(options: AgentOptions): Agent {
       }
       // Wait (bounded) for the server to answer the final reports, then for it to end the session
       // on our goodbye.
+      goodbyeDue = true;
       await new Promise<void>((resolve) => {
         closeDone = resolve;
         const conn = current;

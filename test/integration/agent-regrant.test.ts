@@ -103,6 +103,7 @@ describe("the agent SDK, granted an action again while its old handler stops", (
     [1, "runs"],
     [2, "runs"],
     [1, "closes"],
+    [2, "closes"],
   ] as const)(
     "starts the new grant only once the old handler of the same action has returned (%i slots, then %s)",
     async (capacity, then) => {
@@ -112,6 +113,8 @@ describe("the agent SDK, granted an action again while its old handler stops", (
       const firstStopping = deferred();
       const letFirstReturn = deferred();
       const secondStarted = deferred();
+      const otherStarted = deferred();
+      const letOtherReturn = deferred();
       const seen: AgentEvent[] = [];
       const grantSeen = new Map<number, () => void>();
       const agent = createAgent({
@@ -124,6 +127,13 @@ describe("the agent SDK, granted an action again while its old handler stops", (
           if (e.type === "grant") grantSeen.get(e.epoch)?.();
         },
         handler: async (ctx) => {
+          if (ctx.actionId === "b1") {
+            // Another action, finishing while the agent closes.
+            otherStarted.resolve();
+            await letOtherReturn.promise;
+            log.push("b1 done");
+            return {};
+          }
           log.push(`start ${ctx.epoch}`);
           if (ctx.epoch === 1) {
             // It honours the abort, but takes a while to tear down (a container's stop).
@@ -161,12 +171,22 @@ describe("the agent SDK, granted an action again while its old handler stops", (
       if (then === "closes") {
         // The agent closes meanwhile: it waits for the stopping handler too (its goodbye comes
         // after it; a heartbeat a second later finds none yet), and gives the new grant back unrun.
+        if (capacity > 1) {
+          server.send({ message: { case: "grant", value: { actionId: "b1", epoch: 1n, attempt: 1 } } });
+          await otherStarted.promise;
+        }
         const closed = agent.close({ timeoutMs: 30_000 }).then(() => log.push("closed"));
+        if (capacity > 1) {
+          // Its report is answered while the old handler still stops: no goodbye for that.
+          const reported = server.next("completion");
+          letOtherReturn.resolve();
+          await reported;
+        }
         await server.next("heartbeat");
         expect(server.received).not.toContain("goodbye");
         letFirstReturn.resolve();
         await closed;
-        expect(log).toEqual(["start 1", "end 1", "closed"]);
+        expect(log).toEqual(["start 1", ...(capacity > 1 ? ["b1 done"] : []), "end 1", "closed"]);
         return;
       }
       letFirstReturn.resolve();

@@ -1,97 +1,7 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
 import { createAgent } from "../../src/agent/index.js";
-import {
-  type ConnectRequest,
-  type ConnectResponseSchema,
-  WorkerService,
-} from "../../src/gen/leasehold/v1/worker_pb.js";
-import { createServiceDefinition } from "../../src/rpc/adapter.js";
-
-type Response = MessageInitShape<typeof ConnectResponseSchema>;
-
-/**
- * A scripted WorkerService that records every ConnectRequest as it arrived
- * (batches whole): it welcomes the agent (saying accepts_batches or not),
- * acks its heartbeats, and once the first ack is out sends three grants in
- * one ConnectResponse batch.
- */
-async function scriptedServer(acceptsBatches: boolean) {
-  const requests: ConnectRequest[] = [];
-  const waiters = new Set<() => void>();
-  const server = new grpc.Server();
-  server.addService(createServiceDefinition(WorkerService), {
-    connect(call: grpc.ServerDuplexStream<ConnectRequest, unknown>) {
-      const write = (m: Response) => call.write(create(WorkerService.method.connect.output, m));
-      let granted = false;
-      const answer = (request: ConnectRequest) => {
-        const m = request.message;
-        if (m.case === "batch") for (const inner of m.value.messages) answer(inner);
-        else if (m.case === "grantAck" || m.case === "completion") {
-          const { reportId, actionId, epoch } = m.value;
-          write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
-        }
-      };
-      call.on("data", (request: ConnectRequest) => {
-        requests.push(request);
-        for (const w of [...waiters]) w();
-        answer(request);
-        const m = request.message;
-        if (m.case === "hello") {
-          write({
-            message: {
-              case: "welcome",
-              value: {
-                sessionId: "s1",
-                heartbeatInterval: durationFromMs(1000),
-                gracePeriod: durationFromMs(60_000),
-                acceptsBatches,
-              },
-            },
-          });
-        } else if (m.case === "heartbeat") {
-          write({
-            message: {
-              case: "heartbeatAck",
-              value: { sequence: m.value.sequence, remaining: durationFromMs(60_000) },
-            },
-          });
-          if (!granted) {
-            granted = true;
-            const grant = (i: number): Response => ({
-              message: { case: "grant", value: { actionId: `a${i}`, epoch: 1n, attempt: 1, runId: `r${i}` } },
-            });
-            write({
-              message: { case: "batch", value: { messages: [grant(1), grant(2), grant(3)] } },
-            });
-          }
-        } else if (m.case === "goodbye") {
-          call.end();
-        }
-      });
-      call.on("error", () => {});
-    },
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
-      error ? reject(error) : resolve(p),
-    ),
-  );
-  /** Resolves once `test` holds for the requests so far. */
-  const until = (test: (all: ConnectRequest[]) => boolean) =>
-    new Promise<void>((resolve) => {
-      const look = () => {
-        if (!test(requests)) return;
-        waiters.delete(look);
-        resolve();
-      };
-      waiters.add(look);
-      look();
-    });
-  return { address: `127.0.0.1:${port}`, requests, until, close: () => server.forceShutdown() };
-}
+import type { ConnectRequest } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { type ScriptedResponse, scriptedWorkerServer } from "../helpers/scripted-worker.js";
 
 /** The report messages of the requests, batches opened, in order. */
 const reports = (requests: ConnectRequest[]) =>
@@ -108,8 +18,15 @@ describe("the agent SDK's batches", () => {
 
   /** An agent with three slots: a1 and a2 finish at once, a3 when `finishA3` is called. */
   const run = async (acceptsBatches: boolean) => {
-    const server = await scriptedServer(acceptsBatches);
+    const server = await scriptedWorkerServer({ acceptsBatches });
     cleanups.push(server.close);
+    // Once the first ack is out, three grants in one ConnectResponse batch.
+    void server.acked.then(() => {
+      const grant = (i: number): ScriptedResponse => ({
+        message: { case: "grant", value: { actionId: `a${i}`, epoch: 1n, attempt: 1, runId: `r${i}` } },
+      });
+      server.send({ message: { case: "batch", value: { messages: [grant(1), grant(2), grant(3)] } } });
+    });
     let finishA3 = () => {};
     const a3 = new Promise<void>((resolve) => {
       finishA3 = resolve;

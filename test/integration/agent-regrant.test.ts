@@ -1,97 +1,8 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent } from "../../src/agent/index.js";
-import {
-  type ConnectRequest,
-  type ConnectResponseSchema,
-  RevokeReason,
-  WorkerService,
-} from "../../src/gen/leasehold/v1/worker_pb.js";
-import { createServiceDefinition } from "../../src/rpc/adapter.js";
+import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { deferred } from "../helpers/deferred.js";
-
-type Response = MessageInitShape<typeof ConnectResponseSchema>;
-
-/**
- * A WorkerService the test scripts: it welcomes the agent, acks every
- * heartbeat with a long guarantee, accepts every report, and writes what the
- * test sends. `acked` resolves once the first ack is out; `received` lists the
- * kinds of the messages that came, and `next(kind)` waits for one more.
- */
-async function scriptedServer() {
-  const acked = deferred();
-  const received: string[] = [];
-  const waiters = new Set<() => void>();
-  let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
-  const server = new grpc.Server();
-  server.addService(createServiceDefinition(WorkerService), {
-    connect(call: grpc.ServerDuplexStream<ConnectRequest, unknown>) {
-      stream = call;
-      const write = (m: Response) => call.write(create(WorkerService.method.connect.output, m));
-      const answer = (request: ConnectRequest) => {
-        const m = request.message;
-        if (m.case !== "batch") {
-          received.push(m.case ?? "");
-          for (const w of [...waiters]) w();
-        }
-        if (m.case === "batch") for (const inner of m.value.messages) answer(inner);
-        else if (m.case === "hello") {
-          write({
-            message: {
-              case: "welcome",
-              value: {
-                sessionId: "s1",
-                heartbeatInterval: durationFromMs(1000),
-                gracePeriod: durationFromMs(60_000),
-                acceptsBatches: true,
-              },
-            },
-          });
-        } else if (m.case === "heartbeat") {
-          write({
-            message: {
-              case: "heartbeatAck",
-              value: { sequence: m.value.sequence, remaining: durationFromMs(60_000) },
-            },
-          });
-          acked.resolve();
-        } else if (m.case === "grantAck" || m.case === "completion") {
-          const { reportId, actionId, epoch } = m.value;
-          write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
-        } else if (m.case === "goodbye") call.end();
-      };
-      call.on("data", answer);
-      call.on("error", () => {});
-    },
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
-      error ? reject(error) : resolve(p),
-    ),
-  );
-  return {
-    address: `127.0.0.1:${port}`,
-    acked: acked.promise,
-    received,
-    next(kind: string): Promise<void> {
-      const seen = received.filter((k) => k === kind).length;
-      return new Promise((resolve) => {
-        const look = () => {
-          if (received.filter((k) => k === kind).length <= seen) return;
-          waiters.delete(look);
-          resolve();
-        };
-        waiters.add(look);
-      });
-    },
-    send(m: Response) {
-      stream?.write(create(WorkerService.method.connect.output, m));
-    },
-    close: () => server.forceShutdown(),
-  };
-}
+import { type ScriptedResponse as Response, scriptedWorkerServer } from "../helpers/scripted-worker.js";
 
 describe("the agent SDK, granted an action again while its old handler stops", () => {
   const cleanups: (() => Promise<unknown> | unknown)[] = [];
@@ -107,7 +18,7 @@ describe("the agent SDK, granted an action again while its old handler stops", (
   ] as const)(
     "starts the new grant only once the old handler of the same action has returned (%i slots, then %s)",
     async (capacity, then) => {
-      const server = await scriptedServer();
+      const server = await scriptedWorkerServer();
       cleanups.push(server.close);
       const log: string[] = [];
       const firstStopping = deferred();

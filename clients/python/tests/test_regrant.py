@@ -3,64 +3,10 @@
 import queue
 import threading
 import unittest
-from concurrent import futures
-
-import grpc
-from google.protobuf import duration_pb2
 
 from leasehold.agent import Agent
-from leasehold.v1 import worker_pb2, worker_pb2_grpc
-
-
-class _ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
-    """Welcomes the agent, acks its heartbeats, accepts its reports, and sends what the test puts on ``send``."""
-
-    def __init__(self) -> None:
-        self.send: queue.SimpleQueue[worker_pb2.ConnectResponse] = queue.SimpleQueue()
-        self.acked = threading.Event()
-
-    def Connect(self, request_iterator, context):  # noqa: N802 (the generated servicer's name)
-        replies: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
-
-        def read() -> None:
-            for request in request_iterator:
-                kind = request.WhichOneof("message")
-                if kind == "hello":
-                    welcome = worker_pb2.Welcome(
-                        session_id="s1",
-                        heartbeat_interval=duration_pb2.Duration(seconds=1),
-                        grace_period=duration_pb2.Duration(seconds=60),
-                    )
-                    replies.put(worker_pb2.ConnectResponse(welcome=welcome))
-                elif kind == "heartbeat":
-                    ack = worker_pb2.HeartbeatAck(
-                        sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=60)
-                    )
-                    replies.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
-                    self.acked.set()
-                elif kind in ("grant_ack", "completion"):
-                    report = getattr(request, kind)
-                    result = worker_pb2.ReportResult(
-                        report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
-                    )
-                    replies.put(worker_pb2.ConnectResponse(report_result=result))
-            replies.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        while context.is_active():
-            try:
-                reply = replies.get(timeout=0.02)
-                if reply is None:
-                    return
-                yield reply
-            except queue.Empty:
-                pass
-            while not self.send.empty():
-                yield self.send.get()
-
-
-def _grant(epoch: int) -> worker_pb2.ConnectResponse:
-    return worker_pb2.ConnectResponse(grant=worker_pb2.Grant(action_id="a1", epoch=epoch, attempt=epoch))
+from leasehold.v1 import worker_pb2
+from tests.scripted_server import grant, serve
 
 
 class RegrantTest(unittest.TestCase):
@@ -70,12 +16,7 @@ class RegrantTest(unittest.TestCase):
                 self._regrant(capacity)
 
     def _regrant(self, capacity: int) -> None:
-        service = _ScriptedWorkerService()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        self.addCleanup(server.stop, None)
+        service, address = serve(self)
         log: list[str] = []
         first_started = threading.Event()
         stopping = threading.Event()
@@ -99,18 +40,17 @@ class RegrantTest(unittest.TestCase):
             if event["event"] == "grant":
                 granted.put(event["epoch"])
 
-        agent = Agent(f"127.0.0.1:{port}", "east", "w1", handler, capacity=capacity, on_event=on_event).start()
+        agent = Agent(address, "east", "w1", handler, capacity=capacity, on_event=on_event).start()
         self.addCleanup(agent.close, 1.0)
         self.assertTrue(service.acked.wait(30))
-        service.send.put(_grant(1))
+        service.send(grant("a1", 1))
         self.assertEqual(granted.get(timeout=30), 1)
-        # Started, not only granted: this scripted server may send the grant before the ack that
-        # gives it a guarantee, and a revoke would then take back a grant that never ran.
+        # Started, not only granted: a revoke would take back a grant still waiting for a guarantee.
         self.assertTrue(first_started.wait(30))
         revoke = worker_pb2.Revoke(action_id="a1", epoch=1, reason=worker_pb2.REVOKE_REASON_EXPIRED)
-        service.send.put(worker_pb2.ConnectResponse(revoke=revoke))
+        service.send(worker_pb2.ConnectResponse(revoke=revoke))
         self.assertTrue(stopping.wait(30))
-        service.send.put(_grant(2))
+        service.send(grant("a1", 2))
         self.assertEqual(granted.get(timeout=30), 2)
         # The second handler would start within moments if it could; it must wait for the first.
         self.assertFalse(second_started.wait(0.3))

@@ -20,32 +20,33 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
-// scriptedServer welcomes the agent, acks every heartbeat with a long
-// guarantee, accepts every report, and sends what the test puts on send.
+// scriptedServer welcomes the agent, acks its heartbeats (while acking is on)
+// with the guarantee of its timing, accepts every report, passes each hello's
+// held leases on hellos, and writes what the test puts on send. One goroutine
+// writes everything, so a grant sent after acked follows that first ack.
 type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
-	send  chan *leaseholdv1.ConnectResponse
-	acked chan struct{}
+	timing scriptTiming
+	acking atomic.Bool
+	send   chan *leaseholdv1.ConnectResponse
+	hellos chan []*leaseholdv1.HeldLease
+	acked  chan struct{}
+	once   sync.Once
 	// end ends the stream with an error status.
 	end     chan error
 	address string
-	once    sync.Once
 }
 
+// scriptTiming is what the welcome and the acks say.
+type scriptTiming struct {
+	heartbeat, grace, remaining time.Duration
+}
+
+// longGuarantee: acks that keep the agent's guarantee for a minute.
+var longGuarantee = scriptTiming{heartbeat: time.Second, grace: time.Minute, remaining: time.Minute}
+
 func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
-	out := make(chan *leaseholdv1.ConnectResponse, 64)
-	go func() {
-		for {
-			select {
-			case m := <-out:
-				_ = stream.Send(m)
-			case m := <-s.send:
-				_ = stream.Send(m)
-			case <-stream.Context().Done():
-				return
-			}
-		}
-	}()
+	send := func(m *leaseholdv1.ConnectResponse) { _ = stream.Send(m) }
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
 		switch m := req.GetMessage().(type) {
@@ -54,25 +55,28 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				answer(inner)
 			}
 		case *leaseholdv1.ConnectRequest_Hello:
-			out <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
-				SessionId: "s1", HeartbeatInterval: durationpb.New(time.Second),
-				GracePeriod: durationpb.New(time.Minute), AcceptsBatches: true}}}
+			s.hellos <- m.Hello.GetHeldLeases()
+			send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
+				SessionId: "s1", HeartbeatInterval: durationpb.New(s.timing.heartbeat),
+				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true}}})
 		case *leaseholdv1.ConnectRequest_Heartbeat:
-			out <- &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
-				Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(time.Minute)}}}
-			s.once.Do(func() { close(s.acked) })
+			if s.acking.Load() {
+				send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
+					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(s.timing.remaining)}}})
+				s.once.Do(func() { close(s.acked) })
+			}
 		case *leaseholdv1.ConnectRequest_GrantAck:
-			out <- reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch())
+			send(reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch()))
 		case *leaseholdv1.ConnectRequest_Completion:
-			out <- reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch())
+			send(reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch()))
 		}
 	}
 	requests := make(chan *leaseholdv1.ConnectRequest)
 	go func() {
+		defer close(requests)
 		for {
 			req, err := stream.Recv()
 			if err != nil {
-				close(requests)
 				return
 			}
 			requests <- req
@@ -85,6 +89,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				return nil
 			}
 			answer(req)
+		case m := <-s.send:
+			send(m)
 		case err := <-s.end:
 			return err
 		}
@@ -97,14 +103,16 @@ func reportResult(reportID uint64, actionID string, epoch uint64) *leaseholdv1.C
 }
 
 // startScripted serves a scriptedServer on a free loopback port.
-func startScripted(t *testing.T) (*scriptedServer, func()) {
+func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) {
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	server := grpc.NewServer()
-	script := &scriptedServer{send: make(chan *leaseholdv1.ConnectResponse, 8), acked: make(chan struct{}),
+	script := &scriptedServer{timing: timing, send: make(chan *leaseholdv1.ConnectResponse, 8),
+		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
 		end: make(chan error, 1), address: listener.Addr().String()}
+	script.acking.Store(true)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)
 	go func() { _ = server.Serve(listener) }()
 	return script, server.Stop
@@ -125,7 +133,7 @@ func TestRegrantOfTheSameActionWaitsForItsStoppingHandler(t *testing.T) {
 }
 
 func regrantWaits(t *testing.T, capacity int) {
-	script, stop := startScripted(t)
+	script, stop := startScripted(t, longGuarantee)
 	defer stop()
 
 	var mu sync.Mutex
@@ -223,7 +231,7 @@ func regrantWaits(t *testing.T, capacity int) {
 // Another process connecting with the same worker id takes the session over:
 // the agent cancels every handler at once and stays away a grace period.
 func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
-	script, stop := startScripted(t)
+	script, stop := startScripted(t, longGuarantee)
 	defer stop()
 	events := make(chan Event, 16)
 	cancelled := make(chan *LeaseLost, 1)
@@ -291,77 +299,18 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 	}
 }
 
-// fenceServer welcomes with a short grace, acks heartbeats while acking is on,
-// and passes each hello's held leases to the test.
-type fenceServer struct {
-	leaseholdv1.UnimplementedWorkerServiceServer
-	acking atomic.Bool
-	acked  chan struct{}
-	once   sync.Once
-	hellos chan []*leaseholdv1.HeldLease
-	send   chan *leaseholdv1.ConnectResponse
-	end    chan error
-}
-
-func (s *fenceServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
-	requests := make(chan *leaseholdv1.ConnectRequest)
-	go func() {
-		defer close(requests)
-		for {
-			req, err := stream.Recv()
-			if err != nil {
-				return
-			}
-			requests <- req
-		}
-	}()
-	for {
-		select {
-		case req, ok := <-requests:
-			if !ok {
-				return nil
-			}
-			switch m := req.GetMessage().(type) {
-			case *leaseholdv1.ConnectRequest_Hello:
-				s.hellos <- m.Hello.GetHeldLeases()
-				_ = stream.Send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
-					SessionId: "s1", HeartbeatInterval: durationpb.New(300 * time.Millisecond),
-					GracePeriod: durationpb.New(200 * time.Millisecond)}}})
-			case *leaseholdv1.ConnectRequest_Heartbeat:
-				if s.acking.Load() {
-					_ = stream.Send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
-						Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(1500 * time.Millisecond)}}})
-					s.once.Do(func() { close(s.acked) })
-				}
-			}
-		case m := <-s.send:
-			_ = stream.Send(m)
-		case err := <-s.end:
-			return err
-		}
-	}
-}
-
 // A handler that self-fenced and still stops when another process takes the
 // session: the agent's next hello leaves its lease out (the server ended it),
 // so the server sends it again instead of resuming it with nobody running it.
 func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
-	listener, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	server := grpc.NewServer()
-	fs := &fenceServer{acked: make(chan struct{}), hellos: make(chan []*leaseholdv1.HeldLease, 8),
-		send: make(chan *leaseholdv1.ConnectResponse, 8), end: make(chan error, 1)}
-	fs.acking.Store(true)
-	leaseholdv1.RegisterWorkerServiceServer(server, fs)
-	go func() { _ = server.Serve(listener) }()
-	defer server.Stop()
+	fs, stop := startScripted(t, scriptTiming{heartbeat: 300 * time.Millisecond, grace: 200 * time.Millisecond,
+		remaining: 1500 * time.Millisecond})
+	defer stop()
 	started := make(chan struct{})
 	stopping := make(chan struct{})
 	letReturn := make(chan struct{})
 	a, err := Start(Options{
-		Addresses: []string{listener.Addr().String()}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
 		SelfFenceMargin: 200 * time.Millisecond,
 		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
 			close(started)

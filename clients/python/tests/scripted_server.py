@@ -1,0 +1,90 @@
+"""A scripted WorkerService for the agent's tests, on a free loopback port."""
+
+import queue
+import threading
+import unittest
+from concurrent import futures
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+
+from google.rpc import error_details_pb2, status_pb2
+from leasehold.v1 import worker_pb2, worker_pb2_grpc
+
+GRACE_SECONDS = 60
+
+
+class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
+    """Welcomes the agent (a grace period of GRACE_SECONDS), acks its heartbeats with as long a
+    guarantee, accepts every report, and writes what the test sends, in one order: ``acked`` is
+    set once the first ack is queued, so a grant sent after it always follows that ack.
+    ``take_over()`` ends the stream as the server does when another stream takes the session."""
+
+    def __init__(self) -> None:
+        self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
+        self._taken_over = threading.Event()
+        self.acked = threading.Event()
+
+    def send(self, response: worker_pb2.ConnectResponse) -> None:
+        self._outbox.put(response)
+
+    def take_over(self) -> None:
+        self._taken_over.set()
+        self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
+
+    def Connect(self, request_iterator, context):  # noqa: N802 (the generated servicer's name)
+        outbox = self._outbox
+
+        def read() -> None:
+            for request in request_iterator:
+                kind = request.WhichOneof("message")
+                if kind == "hello":
+                    welcome = worker_pb2.Welcome(
+                        session_id="s1",
+                        heartbeat_interval=duration_pb2.Duration(seconds=1),
+                        grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
+                    )
+                    outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
+                elif kind == "heartbeat":
+                    ack = worker_pb2.HeartbeatAck(
+                        sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=GRACE_SECONDS)
+                    )
+                    outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
+                    self.acked.set()
+                elif kind in ("grant_ack", "completion"):
+                    report = getattr(request, kind)
+                    result = worker_pb2.ReportResult(
+                        report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
+                    )
+                    outbox.put(worker_pb2.ConnectResponse(report_result=result))
+            outbox.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            reply = outbox.get()
+            if reply is None:
+                return
+            if self._taken_over.is_set():
+                info = error_details_pb2.ErrorInfo(reason="SESSION_TAKEN_OVER", domain="leasehold.dev")
+                detail = any_pb2.Any()
+                detail.Pack(info)
+                message = "a newer stream of this worker took the session over"
+                status = status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=message, details=[detail])
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+                context.abort(grpc.StatusCode.ABORTED, message)
+            yield reply
+
+
+def serve(test: unittest.TestCase) -> tuple[ScriptedWorkerService, str]:
+    """Starts a ScriptedWorkerService, stopped when ``test`` ends; returns it and its address."""
+    service = ScriptedWorkerService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    test.addCleanup(server.stop, None)
+    return service, f"127.0.0.1:{port}"
+
+
+def grant(action_id: str, epoch: int) -> worker_pb2.ConnectResponse:
+    return worker_pb2.ConnectResponse(grant=worker_pb2.Grant(action_id=action_id, epoch=epoch, attempt=epoch))

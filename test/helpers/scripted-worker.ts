@@ -1,0 +1,105 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import {
+  type ConnectRequest,
+  type ConnectResponseSchema,
+  WorkerService,
+} from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createServiceDefinition } from "../../src/rpc/adapter.js";
+import { deferred } from "./deferred.js";
+
+export type ScriptedResponse = MessageInitShape<typeof ConnectResponseSchema>;
+
+/**
+ * A WorkerService an agent test scripts: it welcomes the agent (saying
+ * accepts_batches or not), acks every heartbeat with a one-minute guarantee,
+ * accepts every grant ack and completion, and writes what the test sends.
+ * Every write happens in order on the stream: a grant sent once `acked` has
+ * resolved follows that first ack. `requests` are the ConnectRequests as they
+ * arrived (batches whole), `received` the kinds of their messages (batches
+ * opened).
+ */
+export async function scriptedWorkerServer(options: { acceptsBatches?: boolean } = {}) {
+  const acked = deferred();
+  const requests: ConnectRequest[] = [];
+  const received: string[] = [];
+  const waiters = new Set<() => void>();
+  let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
+  const write = (m: ScriptedResponse) => stream?.write(create(WorkerService.method.connect.output, m));
+  const server = new grpc.Server();
+  server.addService(createServiceDefinition(WorkerService), {
+    connect(call: grpc.ServerDuplexStream<ConnectRequest, unknown>) {
+      stream = call;
+      const answer = (request: ConnectRequest) => {
+        const m = request.message;
+        if (m.case === "batch") {
+          for (const inner of m.value.messages) answer(inner);
+          return;
+        }
+        received.push(m.case ?? "");
+        if (m.case === "hello") {
+          write({
+            message: {
+              case: "welcome",
+              value: {
+                sessionId: "s1",
+                heartbeatInterval: durationFromMs(1000),
+                gracePeriod: durationFromMs(60_000),
+                acceptsBatches: options.acceptsBatches ?? true,
+              },
+            },
+          });
+        } else if (m.case === "heartbeat") {
+          write({
+            message: {
+              case: "heartbeatAck",
+              value: { sequence: m.value.sequence, remaining: durationFromMs(60_000) },
+            },
+          });
+          acked.resolve();
+        } else if (m.case === "grantAck" || m.case === "completion") {
+          const { reportId, actionId, epoch } = m.value;
+          write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
+        } else if (m.case === "goodbye") call.end();
+      };
+      call.on("data", (request: ConnectRequest) => {
+        requests.push(request);
+        answer(request);
+        for (const w of [...waiters]) w();
+      });
+      call.on("error", () => {});
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+      error ? reject(error) : resolve(p),
+    ),
+  );
+  /** Resolves once `test` holds for the requests so far. */
+  const until = (test: (all: ConnectRequest[]) => boolean) =>
+    new Promise<void>((resolve) => {
+      const look = () => {
+        if (!test(requests)) return;
+        waiters.delete(look);
+        resolve();
+      };
+      waiters.add(look);
+      look();
+    });
+  const count = (kind: string) => received.filter((k) => k === kind).length;
+  return {
+    address: `127.0.0.1:${port}`,
+    acked: acked.promise,
+    requests,
+    received,
+    until,
+    /** Resolves at the next message of `kind` from now on. */
+    next(kind: string): Promise<void> {
+      const seen = count(kind);
+      return until(() => count(kind) > seen);
+    },
+    send: write,
+    close: () => server.forceShutdown(),
+  };
+}

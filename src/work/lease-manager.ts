@@ -13,7 +13,13 @@ import type { ClusterBus } from "./cluster-bus.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
 import { createHelloOpener } from "./lease/hellos.js";
-import { createHostedSessions, dbOffsetMs, type Hosted, persistDeadline } from "./lease/hosted.js";
+import {
+  createHostedSessions,
+  dbOffsetMs,
+  type Hosted,
+  persistDeadline,
+  TAKEN_OVER_MESSAGE,
+} from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
 import { createReports } from "./lease/reports.js";
@@ -191,8 +197,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   // ---- sessions ------------------------------------------------------------------------------------
 
-  const closeTakenOver = (s: Hosted) =>
-    hosted.end(s, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over");
+  const closeTakenOver = (s: Hosted) => hosted.end(s, "SESSION_TAKEN_OVER", TAKEN_OVER_MESSAGE);
 
   const hellos = createHelloOpener({
     db,

@@ -179,10 +179,10 @@ describe("several server processes on one PostgreSQL", () => {
       });
       expect(second.welcome.sessionId).toBe(first.welcome.sessionId);
       const ended = await first.ended;
-      // The notice, not the renewal tick's fallback ("this session ended"), closed it.
+      // The notice, not the renewal tick's fallback ("... (seen by this process's renewal)"), closed it.
       expect(ended).toMatchObject({
         code: Code.Aborted,
-        details: expect.stringMatching(/took the session over/),
+        details: expect.stringMatching(/took the session over$/),
       });
       second.goodbye();
     });

@@ -25,12 +25,16 @@ describe("renewSessions", () => {
     return Number(row?.ms);
   };
 
-  it("renews to last heard + grace, keeps a later deadline, and marks the sessions it did not renew", async () => {
+  it("renews to last heard + grace, keeps a later deadline, and says why it did not renew the others", async () => {
     await session("plain", 1);
     await session("extended", 600); // a restart's take-back extension: later than heard + grace
     await session("ended", 30, true);
     await session("moved", 30); // now attached to another stream: the token below is stale
     await session("quiet", 1);
+    await session("reaped", 30, true);
+    await session("left", 30, true); // another stream took it, then said goodbye
+    await db.execute(sql`update sessions set end_reason = 'reaped', stream_token = null where id = 'reaped'`);
+    await db.execute(sql`update sessions set end_reason = 'goodbye', stream_token = null where id = 'left'`);
     const nowMs = performance.now();
     const heard = [
       { sessionId: "plain", streamToken: "t-plain", heardAt: nowMs - 250 },
@@ -39,8 +43,10 @@ describe("renewSessions", () => {
       { sessionId: "moved", streamToken: "t-elsewhere", heardAt: nowMs },
       { sessionId: "gone", streamToken: "t-gone", heardAt: nowMs },
       { sessionId: "quiet", streamToken: "t-quiet", heardAt: nowMs - 4_000 },
+      { sessionId: "reaped", streamToken: "t-reaped", heardAt: nowMs },
+      { sessionId: "left", streamToken: "t-left", heardAt: nowMs },
     ];
-    const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, 10_000, heard, nowMs);
+    const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, 10_000, heard, nowMs);
 
     expect(Math.abs(dbNowMs - Date.now())).toBeLessThan(60_000);
     expect(deadlinesMs[0]).toBe(dbNowMs + 10_000 - 250);
@@ -53,6 +59,16 @@ describe("renewSessions", () => {
     // Silent for 4 s: the deadline counts from when it was last heard, not from now.
     expect(deadlinesMs[5]).toBe(dbNowMs + 10_000 - 4_000);
     expect(deadlinesMs[5]).toBe(await stored("quiet"));
+    expect(deadlinesMs[6]).toBeNaN();
+    expect(deadlinesMs[7]).toBeNaN();
+    // Why: the stream of a session another stream took ends as the takeover notice would end it.
+    expect([...notRenewed].sort(([a], [b]) => a - b)).toEqual([
+      [2, "ended"],
+      [3, "taken over"],
+      [4, "ended"],
+      [6, "reaped"],
+      [7, "taken over"],
+    ]);
     // A deadline never moves back: renewing "plain" as heard long ago leaves it where it is.
     const again = await renewSessions(
       db,
@@ -100,7 +116,7 @@ describe("renewSessions", () => {
     const ended: string[] = [];
     const hosted = {
       values: () => sessions.values(),
-      end: (s: Hosted) => ended.push(s.sessionId),
+      end: (s: Hosted, reason: string) => ended.push(`${s.sessionId} ${reason}`),
     } as unknown as HostedSessions;
     // A slow database: each statement starts 150 ms after it is sent.
     const slowDb = new Proxy(db, {
@@ -123,7 +139,8 @@ describe("renewSessions", () => {
     });
     await renewal.renew();
 
-    expect(ended).toEqual([moved]);
+    // Its notice lost, the takeover is told to the old stream as the notice would have told it.
+    expect(ended).toEqual([`${moved} SESSION_TAKEN_OVER`]);
     expect(renewal.keepHosted()).toBeUndefined();
     const rows = await queryRows<{ id: string; ms: unknown }>(
       db,

@@ -10,6 +10,9 @@ export interface Heard {
   readonly heardAt: number;
 }
 
+/** Why a session was not renewed. */
+export type NotRenewed = "taken over" | "reaped" | "ended";
+
 /** What one renewal stored, in milliseconds since the epoch. */
 export interface Renewed {
   /**
@@ -19,6 +22,12 @@ export interface Renewed {
   readonly deadlinesMs: Float64Array;
   /** The database time of the renewal; NaN for no sessions (no statement ran). */
   readonly dbNowMs: number;
+  /**
+   * Why each session not renewed was not, by its index in `heard`: "taken
+   * over" (another stream holds it, or ended it with a goodbye), "reaped",
+   * or "ended" (no longer attached to this stream, for another reason).
+   */
+  readonly notRenewed: ReadonlyMap<number, NotRenewed>;
 }
 
 /**
@@ -39,7 +48,8 @@ export interface Renewed {
  * Locking: row locks on the renewed sessions only. Conditional on the session
  * being live and still attached to this very stream (its token): a session
  * not renewed was reaped or taken over (here or on another process), and its
- * stream must close.
+ * stream must close. Those still live belong to another stream now
+ * (taken over); the statement says which, read in its own snapshot.
  */
 export async function renewSessions(
   db: Db,
@@ -51,7 +61,8 @@ export async function renewSessions(
 ): Promise<Renewed> {
   /** Milliseconds since each was last heard, then its deadline. */
   const deadlinesMs = new Float64Array(heard.length);
-  if (heard.length === 0) return { deadlinesMs, dbNowMs: Number.NaN };
+  const notRenewed = new Map<number, NotRenewed>();
+  if (heard.length === 0) return { deadlinesMs, dbNowMs: Number.NaN, notRenewed };
   let ids = "";
   let tokens = "";
   let agos = "";
@@ -65,7 +76,11 @@ export async function renewSessions(
     deadlinesMs[i] = ago;
   }
   const now = clock.now();
-  const [row] = await queryRows<{ db_now_ms: unknown; later: string | null; missing: string | null }>(
+  const [row] = await queryRows<{
+    db_now_ms: unknown;
+    later: string | null;
+    missing: string | null;
+  }>(
     db,
     sql`
       with input as (
@@ -89,8 +104,16 @@ export async function renewSessions(
         floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms,
         (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
            from renewed where deadline <> due) as later,
-        (select string_agg((n - 1)::text, ',')
-           from (select n from input except select n from renewed) gone) as missing`,
+        -- 't' marks a session another stream took (it holds it now, or ended it with a goodbye),
+        -- 'r' one that was reaped.
+        (select string_agg((gone.n - 1)::text || case
+                  when s.ended_at is null and s.stream_token is not null then 't'
+                  when s.end_reason = 'goodbye' then 't'
+                  when s.end_reason = 'reaped' then 'r'
+                  else '' end, ',')
+           from (select n from input except select n from renewed) gone
+           join input i on i.n = gone.n
+           left join sessions s on s.id = i.id) as missing`,
     { prepared: true },
   );
   if (!row) throw new Error("renewSessions: the statement returned no row");
@@ -101,6 +124,11 @@ export async function renewSessions(
     const colon = pair.indexOf(":");
     deadlinesMs[Number(pair.slice(0, colon))] = Number(pair.slice(colon + 1));
   }
-  for (const index of row.missing ? row.missing.split(",") : []) deadlinesMs[Number(index)] = Number.NaN;
-  return { deadlinesMs, dbNowMs };
+  for (const entry of row.missing ? row.missing.split(",") : []) {
+    const index = Number.parseInt(entry, 10);
+    deadlinesMs[index] = Number.NaN;
+    const mark = entry.at(-1);
+    notRenewed.set(index, mark === "t" ? "taken over" : mark === "r" ? "reaped" : "ended");
+  }
+  return { deadlinesMs, dbNowMs, notRenewed };
 }

@@ -5,6 +5,11 @@ import { type Tracing, traceParentOf } from "../../telemetry.js";
 import type { JsonObject } from "../action.js";
 import type { LeaseToken, RevokeReason, WorkerLink } from "../worker-messages.js";
 
+/** How a stream whose session another stream took over ends (ErrorInfo reason SESSION_TAKEN_OVER). */
+export const TAKEN_OVER_MESSAGE = "a newer stream of this worker took the session over";
+/** How a stream whose session passed its deadline ends (ErrorInfo reason SESSION_REAPED). */
+export const REAPED_MESSAGE = "this session passed its deadline and was reaped; reconnect";
+
 /** One worker stream this process hosts, and the leases its session holds. */
 export interface Hosted {
   readonly sessionId: string;

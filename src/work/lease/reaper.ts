@@ -5,7 +5,7 @@ import type { Db } from "../../store/database.js";
 import { extendSessionsAfterOutage } from "../../store/queries/extend-sessions-on-start.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
 import { type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../change-feed.js";
-import type { HostedSessions } from "./hosted.js";
+import { type HostedSessions, REAPED_MESSAGE } from "./hosted.js";
 
 /** Sessions reaped per statement. */
 const REAP_BATCH = 500;
@@ -138,7 +138,7 @@ export function createReaper(deps: {
   async function report(result: ReapResult): Promise<void> {
     for (const { sessionId } of result.sessions) {
       const s = hosted.get(sessionId);
-      if (s) hosted.end(s, "SESSION_REAPED", "this session passed its deadline and was reaped; reconnect");
+      if (s) hosted.end(s, "SESSION_REAPED", REAPED_MESSAGE);
     }
     for (const e of result.expired) {
       // The documented line (SPEC rule 3); operators grep for it.

@@ -1,8 +1,15 @@
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
-import { renewSessions } from "../../store/queries/renew-sessions.js";
-import { dbOffsetMs, type Hosted, type HostedSessions, persistDeadline } from "./hosted.js";
+import { type NotRenewed, renewSessions } from "../../store/queries/renew-sessions.js";
+import {
+  dbOffsetMs,
+  type Hosted,
+  type HostedSessions,
+  persistDeadline,
+  REAPED_MESSAGE,
+  TAKEN_OVER_MESSAGE,
+} from "./hosted.js";
 
 /** Most sessions one renewal statement carries; a tick renews every hosted stream in as many as it takes. */
 export const RENEW_CHUNK = 2000;
@@ -34,6 +41,16 @@ export interface Renewal {
   keepHosted(): KeepHosted | undefined;
 }
 
+/** Ends a hosted stream whose session the renewal found no longer attached to it. */
+function endStaleWith(hosted: HostedSessions) {
+  return (s: Hosted, why: NotRenewed | undefined): void => {
+    if (why === "taken over")
+      hosted.end(s, "SESSION_TAKEN_OVER", `${TAKEN_OVER_MESSAGE} (seen by this process's renewal)`);
+    else if (why === "reaped") hosted.end(s, "SESSION_REAPED", REAPED_MESSAGE);
+    else hosted.end(s, "SESSION_ENDED", "this session is no longer attached to this stream; reconnect");
+  };
+}
+
 export function createRenewal(deps: {
   db: Db;
   clock: Clock;
@@ -43,6 +60,7 @@ export function createRenewal(deps: {
   serverId: string;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
+  const endStale = endStaleWith(hosted);
   let failed = false;
   /** performance.now() at the start of the renewal in flight. */
   let startedAt: number | undefined;
@@ -62,14 +80,13 @@ export function createRenewal(deps: {
           const chunk = heard.slice(from, from + RENEW_CHUNK);
           // Ages counted at each statement: a later chunk must not gain the time the earlier took.
           const at = performance.now();
-          const { deadlinesMs, dbNowMs } = await renewSessions(db, clock, graceMs, chunk, at);
+          const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
           const offsetMs = dbOffsetMs(dbNowMs);
           chunk.forEach((s, i) => {
             const deadlineMs = deadlinesMs[i] as number;
             if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
-            // Reaped, or taken over by a stream on another process.
-            else if (!s.ended)
-              hosted.end(s, "SESSION_ENDED", "this session ended (reaped or taken over); reconnect");
+            // Taken over by a stream whose notice did not reach this process, reaped, or ended.
+            else if (!s.ended) endStale(s, notRenewed.get(i));
           });
         }
         failed = false;

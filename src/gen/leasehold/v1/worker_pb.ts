@@ -1158,6 +1158,10 @@ export const WorkerService: GenService<{
    * passes its deadline while its stream is still open (the worker stopped
    * heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
    * and its leases expire; the worker has self-fenced by then (below).
+   * Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
+   * live but no longer attached to it (a server process, starting, found it
+   * unrenewed for long and put it in grace). Reconnect as after any other
+   * ending; the session and its leases resume.
    *
    * A session belongs to the principal whose hello opened it: a hello for a
    * worker whose session (live, or in grace) another principal opened ends

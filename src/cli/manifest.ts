@@ -4,6 +4,7 @@ import { fromJson, type JsonValue } from "@bufbuild/protobuf";
 import { parseDocument } from "yaml";
 import { parseDuration } from "../config.js";
 import { type DeploymentSpec, DeploymentSpecSchema } from "../gen/leasehold/v1/resource_pb.js";
+import { charactersOver } from "../rpc/limits.js";
 
 /*
  * The live-test manifest of `leasehold lease run --test=<manifest.yaml>`, read
@@ -178,7 +179,8 @@ export function parseManifest(text: string, options: ParseManifestOptions): Mani
   const runtime = requiredString(p, "runtime", top.runtime);
   if (runtime !== "") checkName(p, "runtime", runtime, LIMITS.runtimeLength);
   const label = optionalString(p, "label", top.label) ?? "";
-  if (label.length > LIMITS.labelLength) p.add("label", `must be at most ${LIMITS.labelLength} characters`);
+  if (charactersOver(label, LIMITS.labelLength) !== undefined)
+    p.add("label", `must be at most ${LIMITS.labelLength} characters`);
   const ttlMs = duration(p, "ttl", top.ttl, 1000) ?? MANIFEST_DEFAULTS.ttlMs;
   const fixtures = readFixtures(p, top.fixtures, options);
   const deployment = readDeployment(p, top.deployment);
@@ -266,7 +268,8 @@ function readFixtures(p: Problems, value: unknown, options: ParseManifestOptions
     }
     if (absent(f.name) && !absent(f.content)) p.add(`${at}.name`, "is required with content");
     const name = optionalString(p, `${at}.name`, f.name) ?? (path === undefined ? undefined : basename(path));
-    if (name !== undefined && name.length > 512) p.add(`${at}.name`, "must be at most 512 characters");
+    if (name !== undefined && charactersOver(name, 512) !== undefined)
+      p.add(`${at}.name`, "must be at most 512 characters");
     const mount = optionalString(p, `${at}.mount`, f.mount) ?? name;
     if (mount !== undefined) relativePath(p, absent(f.mount) ? `${at}.name` : `${at}.mount`, mount);
     let content: Uint8Array | undefined;
@@ -452,7 +455,7 @@ function readCommand(
 }
 
 function checkName(p: Problems, at: string, value: string, max: number): void {
-  if (value.length > max) p.add(at, `must be at most ${max} characters`);
+  if (charactersOver(value, max) !== undefined) p.add(at, `must be at most ${max} characters`);
   else if (!LIMITS.name.test(value)) p.add(at, "may contain only letters, digits, '.', '_', '-' and ':'");
 }
 

@@ -132,3 +132,25 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   "leasehold.v1.ReleaseReport.reason": { maxLength: TEXT },
   "leasehold.v1.Goodbye.reason": { maxLength: TEXT },
 };
+
+/**
+ * The characters (Unicode code points) of `s` when they are more than `max`,
+ * else undefined. Limits count characters, as Python's `len` and Go's
+ * `utf8.RuneCountInString` do, not UTF-16 units: an emoji is one character
+ * and two units. A string of at most `max` units is never counted.
+ */
+export function charactersOver(s: string, max: number): number | undefined {
+  if (s.length <= max) return undefined;
+  let n = s.length;
+  for (let i = 0; i < s.length - 1; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0xd800 && c <= 0xdbff) {
+      const d = s.charCodeAt(i + 1);
+      if (d >= 0xdc00 && d <= 0xdfff) {
+        n--;
+        i++;
+      }
+    }
+  }
+  return n > max ? n : undefined;
+}

@@ -1,7 +1,7 @@
 import { type DescEnum, type DescField, type DescMessage, ScalarType } from "@bufbuild/protobuf";
 import { isWrapperDesc } from "@bufbuild/protobuf/wkt";
 import { Code, type FieldViolation, LeaseholdError, quote } from "../errors.js";
-import { DEFAULT_LIMITS, FIELD_LIMITS, type FieldLimit, PAYLOAD_LIMITS } from "./limits.js";
+import { charactersOver, DEFAULT_LIMITS, FIELD_LIMITS, type FieldLimit, PAYLOAD_LIMITS } from "./limits.js";
 
 /**
  * The one validation step every request goes through before its handler
@@ -81,7 +81,8 @@ type MessageCheck = (message: Record<string, unknown>) => void;
 function stringCheck(maxLength: number): Check {
   return (value) => {
     const s = value as string;
-    if (s.length > maxLength) violation(`must be at most ${maxLength} characters (got ${s.length})`);
+    const over = charactersOver(s, maxLength);
+    if (over !== undefined) violation(`must be at most ${maxLength} characters (got ${over})`);
     else if (s.includes(NUL)) violation("must not contain NUL (\\u0000) characters");
   };
 }
@@ -313,8 +314,9 @@ function mapCheck(field: DescField & { fieldKind: "map" }, compiling: Set<DescMe
     for (const key in record) {
       if (stopped) return;
       enter(SEGMENT_KEY, key);
-      if (stringKeys && key.length > maxKeyLength) {
-        violation(`keys must be at most ${maxKeyLength} characters (got ${key.length})`);
+      const over = stringKeys ? charactersOver(key, maxKeyLength) : undefined;
+      if (over !== undefined) {
+        violation(`keys must be at most ${maxKeyLength} characters (got ${over})`);
       } else if (stringKeys && key.includes(NUL)) {
         violation("keys must not contain NUL (\\u0000) characters");
       } else if (element) {

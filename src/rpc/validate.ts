@@ -1,5 +1,6 @@
 import { type Duration, durationMs } from "@bufbuild/protobuf/wkt";
 import { type FieldViolation, LeaseholdError, quote } from "../errors.js";
+import { charactersOver } from "./limits.js";
 
 /** Violations kept per request: enough to fix a request in a round or two, bounded whatever it holds. */
 const MAX_VIOLATIONS = 16;
@@ -33,13 +34,15 @@ export function checkName(v: Violations, field: string, value: string, max = 128
 
 /** Checks an optional free-form string's length. */
 export function checkLength(v: Violations, field: string, value: string, max: number): void {
-  if (value.length > max) v.add(field, `must be at most ${max} characters (got ${value.length})`);
+  const over = charactersOver(value, max);
+  if (over !== undefined) v.add(field, `must be at most ${max} characters (got ${over})`);
 }
 
 /** Checks a required id field. */
 export function requireId(field: string, value: string): string {
   if (value === "") throw LeaseholdError.invalidArgument(field, "is required");
-  if (value.length > 128) throw LeaseholdError.invalidArgument(field, "must be at most 128 characters");
+  if (charactersOver(value, 128) !== undefined)
+    throw LeaseholdError.invalidArgument(field, "must be at most 128 characters");
   return value;
 }
 
@@ -50,7 +53,7 @@ export function checkLabels(v: Violations, field: string, labels: Record<string,
   for (const key of keys) {
     if (key === "" || key.length > 128 || !NAME.test(key)) {
       v.add(`${field}[${quote(key)}]`, "keys must be 1–128 letters, digits, '.', '_', '-' or ':'");
-    } else if ((labels[key] ?? "").length > 256) {
+    } else if (charactersOver(labels[key] ?? "", 256) !== undefined) {
       v.add(`${field}[${quote(key)}]`, "values must be at most 256 characters");
     }
   }

@@ -23,7 +23,7 @@ import {
 } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { CreateDeploymentRequestSchema, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { ConnectRequestSchema, WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
-import { FIELD_LIMITS, PAYLOAD_LIMITS } from "../../src/rpc/limits.js";
+import { charactersOver, FIELD_LIMITS, PAYLOAD_LIMITS } from "../../src/rpc/limits.js";
 import { RejectedRequest, requestDecoder } from "../../src/rpc/request-decoder.js";
 import { requestValidator } from "../../src/rpc/request-validator.js";
 
@@ -137,6 +137,20 @@ describe("the request validator", () => {
       "page_token",
     ]);
     expect(quote("y".repeat(1000))).toBe(`"${"y".repeat(64)}"…`);
+  });
+
+  it("counts characters, not UTF-16 units: an emoji is one character, as in Python and Go", () => {
+    const emoji = "\u{1F600}"; // two UTF-16 units
+    expect(check(ListEventsRequestSchema, { cluster: emoji.repeat(128) })).toBeUndefined();
+    expect(refusal(check(ListEventsRequestSchema, { cluster: emoji.repeat(129) }))?.message).toBe(
+      "cluster: must be at most 128 characters (got 129)",
+    );
+    // A lone surrogate (JavaScript only; UTF-8 cannot carry one) counts as one.
+    expect(refusal(check(ListEventsRequestSchema, { cluster: "\ud800".repeat(129) }))?.message).toBe(
+      "cluster: must be at most 128 characters (got 129)",
+    );
+    expect(charactersOver(`${emoji}${"a".repeat(127)}`, 128)).toBeUndefined();
+    expect(charactersOver(`${"a".repeat(128)}${emoji}`, 128)).toBe(129);
   });
 
   it("bounds lists and maps", () => {

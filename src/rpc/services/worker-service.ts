@@ -23,7 +23,7 @@ import {
 } from "../../work/lease-manager.js";
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
 import type { FastDecoders } from "../adapter.js";
-import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
+import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkName, Violations } from "../validate.js";
@@ -388,7 +388,8 @@ export function toHelloInput(hello: Hello): HelloInput {
     if (l.actionId === "") v.add(`hello.held_leases[${i}].action_id`, "is required");
     if (l.epoch === 0n) v.add(`hello.held_leases[${i}].epoch`, "must be the epoch of the grant (at least 1)");
   });
-  if (hello.agentVersion.length > 256) v.add("hello.agent_version", "must be at most 256 characters");
+  if (charactersOver(hello.agentVersion, 256) !== undefined)
+    v.add("hello.agent_version", "must be at most 256 characters");
   v.throwIfAny();
   return {
     workerId: hello.workerId,

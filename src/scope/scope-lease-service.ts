@@ -178,18 +178,28 @@ export function createScopeLeaseService(deps: {
 
   const notFound = (id: string) => LeaseholdError.notFound("lease", id);
 
-  /** FAILED_PRECONDITION naming the lease's state, for any refused operation. */
-  const refused = (leaseId: string, refusal: LeaseRefusal, what: string): LeaseholdError => {
+  /**
+   * FAILED_PRECONDITION naming the lease's state, for any refused operation.
+   * `what` is the operation; `changes` says whether it would change the lease
+   * (a wait does not, so it is refused for not being open, not for being unchangeable).
+   */
+  const refused = (leaseId: string, refusal: LeaseRefusal, what: string, changes = true): LeaseholdError => {
     if (refusal.refused === "not_found") return notFound(leaseId);
     const lease = refusal.lease;
-    const state =
-      lease.state === "OPEN"
-        ? "OPEN but past its TTL (being rolled back)"
-        : `${lease.state}${lease.closeReason === "EXPIRED" ? " (its TTL passed)" : ""}`;
+    // Still OPEN in its row, but past its TTL: the expiry is rolling it back, and nothing may change it.
+    const expiring = lease.state === "OPEN";
+    const state = expiring
+      ? "past its TTL and being rolled back"
+      : `${lease.state}${lease.closeReason === "EXPIRED" ? " (its TTL passed)" : ""}`;
+    const rule = changes ? "only an open lease within its TTL can be changed" : "it must be open";
     return LeaseholdError.failedPrecondition(
       "LEASE_CLOSED",
-      `cannot ${what}: lease ${leaseId} is ${state}; only an open lease can be changed`,
-      { type: "LEASE_STATE", subject: `leases/${leaseId}`, description: `state is ${lease.state}` },
+      `cannot ${what}: lease ${leaseId} is ${state}; ${rule}`,
+      {
+        type: "LEASE_STATE",
+        subject: `leases/${leaseId}`,
+        description: expiring ? "state is OPEN, past its TTL" : `state is ${lease.state}`,
+      },
     );
   };
   const isRefusal = (value: object): value is LeaseRefusal => "refused" in value;
@@ -249,10 +259,10 @@ export function createScopeLeaseService(deps: {
   }
 
   /** The lease's deployments; FAILED_PRECONDITION unless it has one and is open. */
-  async function openDeployments(leaseId: string, what: string): Promise<ResourceRecord[]> {
+  async function openDeployments(leaseId: string, what: string, changes = true): Promise<ResourceRecord[]> {
     const lease = await findScopeLease(db, leaseId);
     if (!lease) throw notFound(leaseId);
-    if (lease.state !== "OPEN") throw refused(leaseId, { refused: "closed", lease }, what);
+    if (lease.state !== "OPEN") throw refused(leaseId, { refused: "closed", lease }, what, changes);
     const found = await listResources(
       db,
       { leaseId, kind: "deployment", ownership: "LEASE" },
@@ -291,7 +301,7 @@ export function createScopeLeaseService(deps: {
   }
 
   async function* wait(leaseId: string, timeoutMs: number, signal: AbortSignal): AsyncIterable<WaitUpdate> {
-    const resources = await openDeployments(leaseId, "wait for it");
+    const resources = await openDeployments(leaseId, "wait for it", false);
     const actionIds = resources.map((r) => r.actionId as string);
     const until = Date.now() + timeoutMs;
     const seen = new Map<string, string>();
@@ -433,7 +443,7 @@ export function createScopeLeaseService(deps: {
         if (result.refused === "no_resource") {
           throw new LeaseholdError(
             Code.NotFound,
-            `lease ${leaseId} owns no ${kind} ${JSON.stringify(resourceId)}; check the kind and id, or it was promoted already`,
+            `lease ${leaseId} owns no ${kind} ${JSON.stringify(resourceId)}; check the kind and id`,
             { reason: "RESOURCE_NOT_IN_LEASE" },
           );
         }

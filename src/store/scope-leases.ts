@@ -371,7 +371,8 @@ export async function listResources(
 
 /**
  * Makes one lease-owned resource workspace-owned, while the lease is open.
- * The event carries the lease's runtime as its cluster and `actor`.
+ * The event carries the lease's runtime as its cluster and `actor`. A
+ * resource this lease promoted already is returned as it is, with no event.
  */
 export async function promoteResource(
   db: Db,
@@ -401,7 +402,14 @@ export async function promoteResource(
         )
         select * from promoted`,
     );
-    return row ? resourceFromRow(row) : { refused: "no_resource" as const };
+    if (row) return resourceFromRow(row);
+    // Promoted already, by this lease: the same answer again, so a retry after a lost answer is safe.
+    const [again] = await queryRows<ResourceRow>(
+      tx,
+      sql`select ${RESOURCE_COLUMNS} from resources
+          where id = ${resourceId} and kind = ${kind} and lease_id = ${leaseId} and ownership = 'WORKSPACE'`,
+    );
+    return again ? resourceFromRow(again) : { refused: "no_resource" as const };
   });
 }
 

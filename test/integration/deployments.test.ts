@@ -402,6 +402,10 @@ describe("deployments", () => {
         // nothing arrives: the call fails first
       }
     };
-    await expectStatus(waiting(), Code.FailedPrecondition, /cannot wait for it: lease .* is COMMITTED/);
+    await expectStatus(
+      waiting(),
+      Code.FailedPrecondition,
+      /cannot wait for it: lease .* is COMMITTED; it must be open$/,
+    );
   });
 });

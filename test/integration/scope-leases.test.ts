@@ -93,8 +93,17 @@ describe("scope leases", () => {
     const drop = await file(id, "drop.txt");
     const promoted = await leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep });
     expect(promoted.resource?.ownership).toBe(Ownership.WORKSPACE);
+    // A retry (the first answer lost) gets the same answer, not NOT_FOUND.
+    const again = await leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep });
+    expect(again.resource).toEqual(promoted.resource);
     await expectStatus(
-      leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep }),
+      leases().promoteResource({ leaseId: id, kind: "note", resourceId: keep }),
+      Code.NotFound,
+      /owns no note/,
+    );
+    const other = await open();
+    await expectStatus(
+      leases().promoteResource({ leaseId: other, kind: "file", resourceId: keep }),
       Code.NotFound,
       /owns no file/,
     );

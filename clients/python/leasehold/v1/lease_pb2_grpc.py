@@ -158,7 +158,9 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def PromoteResource(self, request, context):
-        """Makes one lease-owned resource workspace-owned at once.
+        """Makes one lease-owned resource workspace-owned at once. Promoting one
+        this lease promoted already returns it again, so a retry is safe;
+        NOT_FOUND if the lease never owned it (a wrong kind or id).
         Right: lease.use.own on a lease the caller created, lease.use.any on
         anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
         SetResult and CollectOutputs).

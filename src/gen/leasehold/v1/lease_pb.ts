@@ -931,7 +931,9 @@ export const LeaseService: GenService<{
     output: typeof ListLeasesResponseSchema;
   },
   /**
-   * Makes one lease-owned resource workspace-owned at once.
+   * Makes one lease-owned resource workspace-owned at once. Promoting one
+   * this lease promoted already returns it again, so a retry is safe;
+   * NOT_FOUND if the lease never owned it (a wrong kind or id).
    * Right: lease.use.own on a lease the caller created, lease.use.any on
    * anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
    * SetResult and CollectOutputs).

@@ -28,7 +28,9 @@ type LeaseServiceClient interface {
 	// Lists leases, filtered and paginated.
 	// Right: lease.read (in the runtime filter, unless held in every cluster).
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
-	// Makes one lease-owned resource workspace-owned at once.
+	// Makes one lease-owned resource workspace-owned at once. Promoting one
+	// this lease promoted already returns it again, so a retry is safe;
+	// NOT_FOUND if the lease never owned it (a wrong kind or id).
 	// Right: lease.use.own on a lease the caller created, lease.use.any on
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).
@@ -218,7 +220,9 @@ type LeaseServiceServer interface {
 	// Lists leases, filtered and paginated.
 	// Right: lease.read (in the runtime filter, unless held in every cluster).
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
-	// Makes one lease-owned resource workspace-owned at once.
+	// Makes one lease-owned resource workspace-owned at once. Promoting one
+	// this lease promoted already returns it again, so a retry is safe;
+	// NOT_FOUND if the lease never owned it (a wrong kind or id).
 	// Right: lease.use.own on a lease the caller created, lease.use.any on
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).

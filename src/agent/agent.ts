@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
@@ -184,8 +185,9 @@ export type AgentEvent =
    */
   | { type: "self_fenced"; actionIds: string[]; silentMs: number }
   /**
-   * Another process connected with this worker id and took the session over
-   * (worker ids must be unique): every handler was aborted (superseded), and
+   * Another process connected with this worker id and took the session over,
+   * or holds it and the server refused this agent's hello (WORKER_ID_IN_USE;
+   * worker ids must be unique): every handler was aborted (superseded), and
    * the agent connects again only after `retryInMs` (at least a grace period).
    */
   | { type: "taken_over"; retryInMs: number }
@@ -381,6 +383,8 @@ export function createAgent(options: AgentOptions): Agent {
    * they still stop: they take a slot until they return (see slotsTaken).
    */
   const superseded = new Set<Running>();
+  /** Hello.instance_id: this agent's own, so that a second process with its worker id is refused. */
+  const instanceId = randomUUID();
   let closing = false;
   let closed = false;
   let sessionId: string | undefined;
@@ -1059,10 +1063,15 @@ export function createAgent(options: AgentOptions): Agent {
             maxMs: options.maxBackoffMs,
             graceMs,
           });
-      if (code === grpc.status.ABORTED && errorReasonOf(error) === "SESSION_TAKEN_OVER") {
+      const reason = errorReasonOf(error);
+      if (
+        (code === grpc.status.ABORTED && reason === "SESSION_TAKEN_OVER") ||
+        (code === grpc.status.ALREADY_EXISTS && reason === "WORKER_ID_IN_USE")
+      ) {
         // This agent never opens a second stream, so another process connected with this
-        // worker id and took the session, its leases and its grants: stop every handler at
-        // once, and let that process keep the session for a grace period before trying again.
+        // worker id and took the session, its leases and its grants (or holds it, and this
+        // agent's hello was refused): stop every handler at once, and let that process keep
+        // the session for a grace period before trying again.
         const grace = graceMs ?? 10_000;
         retryInMs = Math.max(retryInMs, grace + Math.random() * grace);
         for (const r of running.values()) {
@@ -1092,6 +1101,7 @@ export function createAgent(options: AgentOptions): Agent {
           labels: { ...(options.labels ?? {}) },
           heldLeases: heldLeases(),
           agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
+          instanceId,
           acceptsBatches: true,
         },
       },

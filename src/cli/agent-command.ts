@@ -228,6 +228,6 @@ function describe(e: AgentEvent): string {
     case "drain":
       return `asked to drain: ${e.reason}`;
     case "taken_over":
-      return `another process connected with this worker id and took the session over (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
+      return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }
 }

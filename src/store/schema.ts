@@ -99,6 +99,13 @@ export const sessions = pgTable(
      * authentication is off.
      */
     principal: text("principal").notNull().default(""),
+    /**
+     * Hello.instance_id of the process attached to the session ('' when its
+     * hello had none): while its stream is open, a hello with another
+     * instance id is refused (WORKER_ID_IN_USE), so a second process started
+     * with the same worker id cannot take the session from the first.
+     */
+    instanceId: text("instance_id").notNull().default(""),
   },
   // No index on deadline, which every renewal moves (once per heartbeat interval for every live
   // session): without one, and with room left on each page (fillfactor 70, set in migration 0008),

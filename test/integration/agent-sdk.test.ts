@@ -284,6 +284,58 @@ describe("the agent SDK against a real server", () => {
     expect(runs).toEqual(["start", "end", "start"]);
   });
 
+  it("is refused, and disturbs nothing, when it starts with the worker id of another agent that is connected", async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const firstEvents = eventsOf();
+    const started = deferred();
+    const finish = deferred();
+    const runs: string[] = [];
+    const first = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "shared-id",
+      onEvent: firstEvents.onEvent,
+      handler: async (ctx) => {
+        runs.push(`first ${ctx.epoch}`);
+        started.resolve();
+        await finish.promise;
+        if (ctx.signal.aborted) throw ctx.signal.reason;
+        return { by: "first" };
+      },
+    });
+    cleanups.push(() => first.close({ timeoutMs: 100 }));
+    const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
+    await started.promise;
+    // A second process, misconfigured with the same worker id.
+    const secondEvents = eventsOf();
+    const second = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "shared-id",
+      onEvent: secondEvents.onEvent,
+      handler: async () => {
+        runs.push("second");
+        return { by: "second" };
+      },
+    });
+    cleanups.push(() => second.close({ timeoutMs: 100 }));
+    const refused = await secondEvents.until(
+      (e): e is Extract<AgentEvent, { type: "taken_over" }> => e.type === "taken_over",
+    );
+    // It stays away a grace period (3 s), and was never welcomed.
+    expect(refused.retryInMs).toBeGreaterThanOrEqual(3000);
+    expect(secondEvents.seen.some((e) => e.type === "connected")).toBe(false);
+    finish.resolve();
+    for await (const _ of t.client(ActionService).watchAction({ actionId: action?.id ?? "" }));
+    const done = (await t.client(ActionService).getAction({ actionId: action?.id ?? "" })).action;
+    expect(done).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n, output: { by: "first" } });
+    // The first agent ran it once, never aborted, and never lost its stream.
+    expect(runs).toEqual(["first 1"]);
+    expect(firstEvents.seen.filter((e) => e.type === "connected")).toHaveLength(1);
+    expect(firstEvents.seen.some((e) => e.type === "taken_over" || e.type === "disconnected")).toBe(false);
+  });
+
   it("holds a grant for a slot whose lease the server ended while its handler still stops, instead of bouncing it", async () => {
     const t = await server();
     cleanups.push(() => t[Symbol.asyncDispose]());

@@ -47,7 +47,15 @@ describe("lease pipeline", () => {
       bufferedBytes: () => 0,
     };
     const handle = await t.server.leases.open(
-      { workerId, cluster: "east", capacity, labels: {}, agentVersion: "test", heldLeases: [] },
+      {
+        workerId,
+        cluster: "east",
+        capacity,
+        labels: {},
+        agentVersion: "test",
+        instanceId: "",
+        heldLeases: [],
+      },
       link,
       "test",
     );

@@ -3,7 +3,7 @@ import { beforeAll, describe, expect, inject, it } from "vitest";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { databaseClock as clock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
-import type { HelloInput } from "../../src/store/queries/open-session.js";
+import { type HelloInput, openSession } from "../../src/store/queries/open-session.js";
 import { type BatchOutcome, openSessions } from "../../src/store/queries/open-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
 import { useFreshDatabase } from "../helpers/database.js";
@@ -14,8 +14,11 @@ const hello = (workerId: string, cluster: string, held: [string, number][] = [])
   capacity: 4,
   labels: { zone: "a" },
   agentVersion: "test",
+  instanceId: "",
   heldLeases: held.map(([actionId, epoch]) => ({ actionId, epoch })),
 });
+
+const LIMITS = { graceMs: 10_000, partitionShare: 1, maxSilenceMs: 600_000 };
 
 const opened = (o: BatchOutcome | undefined) => {
   if (!o || !("opened" in o)) throw new Error(`not opened: ${JSON.stringify(o)}`);
@@ -200,6 +203,56 @@ describe("a batch of hellos", () => {
       expect(opened(outcomes[1]).resumed).toBe(false);
     },
   );
+
+  it("refuses a hello from another instance while the session's stream is open, in a batch and alone", async () => {
+    const as = (workerId: string, instanceId: string): HelloInput => ({
+      ...hello(workerId, "east"),
+      instanceId,
+    });
+    // Streams open, attached to instance "first".
+    for (const id of ["twin-batch", "twin-alone", "same", "unnamed"])
+      await liveWorker(id, { streamLost: false });
+    await liveWorker("lost", { streamLost: true });
+    await db.execute(sql`update sessions set instance_id = 'first' where worker_id in
+                         ('twin-batch', 'twin-alone', 'same', 'lost')`);
+    const outcomes = await openSessions(db, clock, "this-server", 10_000, [
+      { hello: as("twin-batch", "second"), principal: "anonymous" },
+      { hello: as("same", "first"), principal: "anonymous" },
+      { hello: as("unnamed", "second"), principal: "anonymous" },
+      { hello: as("lost", "second"), principal: "anonymous" },
+    ]);
+    const inUse = refused(outcomes[0]);
+    expect([inUse.code, inUse.reason]).toEqual([Code.AlreadyExists, "WORKER_ID_IN_USE"]);
+    expect(inUse.message).toMatch(/worker "twin-batch" is connected from another process/);
+    // The same process coming back on a new stream takes its own session over, as before.
+    expect(opened(outcomes[1])).toMatchObject({ resumed: true, tookOver: true });
+    // A session whose stream said no instance is taken over, as before instance ids.
+    expect(opened(outcomes[2])).toMatchObject({ resumed: true, tookOver: true });
+    // A lost stream's session is resumed by any process: a restarted worker gets its leases at once.
+    expect(opened(outcomes[3])).toMatchObject({ resumed: true, tookOver: false });
+    // The hello alone (openSession) refuses the same way, and writes nothing.
+    const alone = (workerId: string, instanceId: string) =>
+      openSession(db, clock, "this-server", LIMITS, as(workerId, instanceId), "anonymous");
+    const error = await alone("twin-alone", "second").then(
+      () => undefined,
+      (e: unknown) => e as LeaseholdError,
+    );
+    expect([error?.code, error?.reason]).toEqual([Code.AlreadyExists, "WORKER_ID_IN_USE"]);
+    const rows = await queryRows<{ worker_id: string; instance_id: string; stream_token: string }>(
+      db,
+      sql`select worker_id, instance_id, stream_token from sessions
+          where worker_id in ('twin-batch', 'twin-alone', 'lost') and ended_at is null order by worker_id`,
+    );
+    expect(rows).toEqual([
+      { worker_id: "lost", instance_id: "second", stream_token: expect.not.stringMatching(/^t-lost$/) },
+      { worker_id: "twin-alone", instance_id: "first", stream_token: "t-twin-alone" },
+      { worker_id: "twin-batch", instance_id: "first", stream_token: "t-twin-batch" },
+    ]);
+    // The first process gone (its stream lost), the second gets the session.
+    await db.execute(sql`update sessions set stream_lost_at = now() where worker_id = 'twin-alone'`);
+    const taken = await alone("twin-alone", "second");
+    expect(taken).toMatchObject({ resumed: true, tookOver: false });
+  });
 
   it("lets two processes' batches race for the same workers: both finish, and the later takes each session over", async () => {
     const ids = Array.from({ length: 40 }, (_, i) => `racer-${String(i).padStart(2, "0")}`);

@@ -33,6 +33,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
@@ -45,7 +46,7 @@ from google.protobuf import struct_pb2
 from leasehold.backoff import reconnect_delay, refused_delay
 from leasehold.channels import open_channel
 from leasehold.errors import LeaseholdError
-from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python, utf16_length
+from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ AgentEvent = dict[str, Any]
 * ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack)
 * ``drain``: reason
 * ``taken_over``: retry_in_ms. Another process connected with this worker id and
-  took the session over (worker ids must be unique): every handler was cancelled
+  took the session over, or holds it and the server refused this agent's hello
+  (WORKER_ID_IN_USE; worker ids must be unique): every handler was cancelled
   (superseded), and the agent connects again only after at least a grace period.
 * ``closed``
 """
@@ -197,11 +199,9 @@ def _released(reason: str) -> _Report:
 
 
 def _clip(text: str, limit: int) -> str:
-    """``text`` without NULs and cut to ``limit`` characters as the server counts them (UTF-16)."""
+    """``text`` without NULs and cut to ``limit`` characters (code points, as the server counts them)."""
     text = scrub_nul(text)
-    if utf16_length(text) <= limit:
-        return text
-    return text.encode("utf-16-le")[: 2 * limit].decode("utf-16-le", errors="ignore")
+    return text if len(text) <= limit else text[:limit]
 
 
 def _struct_of(value: Mapping[str, Any], what: str) -> tuple[struct_pb2.Struct | None, str | None]:
@@ -365,6 +365,8 @@ class Agent:
         self._margin = self_fence_margin
         self._initial_backoff = initial_backoff
         self._agent_version = agent_version
+        # Hello.instance_id: this agent's own, so that a second process with its worker id is refused.
+        self._instance_id = uuid.uuid4().hex
         self._on_event = on_event
 
         self._lock = threading.RLock()
@@ -489,6 +491,7 @@ class Agent:
                     labels=self._labels,
                     held_leases=[lease.held() for lease in self._leases.values() if not lease.gone],
                     agent_version=self._agent_version,
+                    instance_id=self._instance_id,
                 )
                 stream.send(worker_pb2.ConnectRequest(hello=hello))
             error: grpc.RpcError | None = None
@@ -524,14 +527,15 @@ class Agent:
                 delay = refused_delay(self._refusals)
             else:
                 delay = reconnect_delay(self._attempts_without_welcome, self._initial_backoff, self._grace)
-            if (
-                code == grpc.StatusCode.ABORTED
-                and isinstance(error, grpc.Call)
-                and LeaseholdError.from_rpc_error(error).reason == "SESSION_TAKEN_OVER"
+            reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
+            if (code, reason) in (
+                (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER"),
+                (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE"),
             ):
                 # This agent never opens a second stream, so another process connected with this
-                # worker id and took the session, its leases and its grants: stop every handler at
-                # once, and let that process keep the session for a grace period before trying again.
+                # worker id and took the session, its leases and its grants (or holds it, and this
+                # agent's hello was refused): stop every handler at once, and let that process keep
+                # the session for a grace period before trying again.
                 grace = self._grace if self._grace is not None else 10.0
                 delay = max(delay, grace * (1 + random.random()))
                 for lease in list(self._leases.values()):

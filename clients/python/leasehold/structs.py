@@ -88,7 +88,7 @@ def scrub_nul(value: Any) -> Any:
 
 
 def utf16_length(text: str) -> int:
-    """The length of ``text`` as the server counts characters (UTF-16 code units)."""
+    """The length of ``text`` as the server counts a payload's size as JSON (UTF-16 code units)."""
     return len(text.encode("utf-16-le")) // 2
 
 

@@ -18,17 +18,23 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     """Welcomes the agent (a grace period of GRACE_SECONDS), acks its heartbeats with as long a
     guarantee, accepts every report, and writes what the test sends, in one order: ``acked`` is
     set once the first ack is queued, so a grant sent after it always follows that ack.
-    ``take_over()`` ends the stream as the server does when another stream takes the session."""
+    ``take_over()`` ends the stream as the server does when another stream takes the session (or,
+    with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
+    the hellos' instance ids."""
 
     def __init__(self) -> None:
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._taken_over = threading.Event()
+        self._ending = (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over")
         self.acked = threading.Event()
+        self.instance_ids: list[str] = []
 
     def send(self, response: worker_pb2.ConnectResponse) -> None:
         self._outbox.put(response)
 
-    def take_over(self) -> None:
+    def take_over(self, in_use: bool = False) -> None:
+        if in_use:
+            self._ending = (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE", "connected from another process")
         self._taken_over.set()
         self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
 
@@ -39,6 +45,7 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
             for request in request_iterator:
                 kind = request.WhichOneof("message")
                 if kind == "hello":
+                    self.instance_ids.append(request.hello.instance_id)
                     welcome = worker_pb2.Welcome(
                         session_id="s1",
                         heartbeat_interval=duration_pb2.Duration(seconds=1),
@@ -65,13 +72,13 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if reply is None:
                 return
             if self._taken_over.is_set():
-                info = error_details_pb2.ErrorInfo(reason="SESSION_TAKEN_OVER", domain="leasehold.dev")
+                code, reason, message = self._ending
+                info = error_details_pb2.ErrorInfo(reason=reason, domain="leasehold.dev")
                 detail = any_pb2.Any()
                 detail.Pack(info)
-                message = "a newer stream of this worker took the session over"
-                status = status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=message, details=[detail])
+                status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
                 context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-                context.abort(grpc.StatusCode.ABORTED, message)
+                context.abort(code, message)
             yield reply
 
 

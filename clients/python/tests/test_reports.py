@@ -22,9 +22,10 @@ class ReportTest(unittest.TestCase):
         report = _succeeded([1, 2])  # type: ignore[arg-type]
         self.assertEqual((report.kind, report.retryable), ("failed", False))
 
-    def test_failure_messages_are_cut_to_the_limit_in_utf16_units(self) -> None:
+    def test_failure_messages_are_cut_to_the_limit_in_characters(self) -> None:
         self.assertEqual(len(_failed("x" * 70_000, True).message), 65_536)
-        self.assertEqual(_clip("a\U0001f600b", 2), "a")
+        # An emoji is one character, as the server counts them (code points, not UTF-16 units).
+        self.assertEqual(_clip("a\U0001f600b", 2), "a\U0001f600")
         self.assertEqual(_clip("a\0b", 10), "a\ufffdb")
 
 

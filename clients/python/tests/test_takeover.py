@@ -10,6 +10,12 @@ from tests.scripted_server import GRACE_SECONDS, grant, serve
 
 class TakeOverTest(unittest.TestCase):
     def test_every_handler_stops_and_the_agent_waits_a_grace_period(self) -> None:
+        self._taken_over(in_use=False)
+
+    def test_a_hello_refused_as_in_use_is_met_the_same_way(self) -> None:
+        self._taken_over(in_use=True)
+
+    def _taken_over(self, in_use: bool) -> None:
         service, address = serve(self)
         started = threading.Event()
         stopped: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -25,7 +31,9 @@ class TakeOverTest(unittest.TestCase):
         self.assertTrue(service.acked.wait(30))
         service.send(grant("a1", 1))
         self.assertTrue(started.wait(30), "the grant never ran")
-        service.take_over()
+        # Every hello names this process by a random instance id.
+        self.assertRegex(service.instance_ids[0], r"^[0-9a-f]{32}$")
+        service.take_over(in_use=in_use)
         self.assertEqual(stopped.get(timeout=30), "superseded")
         while True:
             event = events.get(timeout=30)

@@ -397,6 +397,7 @@ export function toHelloInput(hello: Hello): HelloInput {
     capacity,
     labels: { ...hello.labels },
     agentVersion: hello.agentVersion,
+    instanceId: hello.instanceId,
     heldLeases: hello.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
   };
 }

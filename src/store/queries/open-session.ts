@@ -15,11 +15,15 @@ export interface HelloInput {
   readonly capacity: number;
   readonly labels: Readonly<Record<string, string>>;
   readonly agentVersion: string;
+  /** Hello.instance_id: the sending process's own random id, or ''. */
+  readonly instanceId: string;
   readonly heldLeases: readonly { actionId: string; epoch: number }[];
 }
 
 /** The ErrorInfo reason of a hello refused because another principal's session holds the worker id. */
 export const SESSION_OWNED_BY_OTHER = "SESSION_OWNED_BY_OTHER";
+/** The ErrorInfo reason of a hello refused because another process's stream holds the worker's session. */
+export const WORKER_ID_IN_USE = "WORKER_ID_IN_USE";
 
 /** A lease the session holds that the worker did not list: sent to it again. */
 export interface HeldGrant extends Omit<GrantRecord, "sessionId" | "workerId" | "cluster"> {
@@ -102,7 +106,7 @@ export async function openSession(
     );
     let [live] = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, deadline < ${now} as expired
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
@@ -122,6 +126,7 @@ export async function openSession(
       if (reaped.sessions.length > 0) live = undefined;
     }
     if (live && live.principal !== principal) throw notTheOwner(principal, hello);
+    if (live && inUseByAnother(live, hello)) throw workerIdInUse(hello);
     if (live && movingCluster) throw inOtherCluster(worker.cluster, hello);
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;
@@ -142,16 +147,18 @@ export async function openSession(
       [row] = await queryRows(
         tx,
         sql`update sessions set deadline = greatest(deadline, ${now} + ${grace}), last_heard_at = ${now},
-              stream_lost_at = null, server_id = ${serverId}, stream_token = ${streamToken}
+              stream_lost_at = null, server_id = ${serverId}, stream_token = ${streamToken},
+              instance_id = ${hello.instanceId}
             where id = ${sessionId} returning deadline, ${now} as db_now`,
       );
     } else {
       sessionId = uuidv7();
       [row] = await queryRows(
         tx,
-        sql`insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal)
+        sql`insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal,
+                                  instance_id)
             values (${sessionId}, ${hello.workerId}, ${serverId}, ${streamToken}, ${now}, ${now} + ${grace}, ${now},
-                    ${principal})
+                    ${principal}, ${hello.instanceId})
             returning deadline, ${now} as db_now`,
       );
     }
@@ -203,6 +210,33 @@ export function notTheOwner(principal: string, hello: HelloInput): LeaseholdErro
   );
 }
 
+/**
+ * Whether the live session's stream belongs to another process: it is still
+ * open, and both that stream's hello and this one named an instance, not the
+ * same. A session whose stream was lost may be resumed by any process (a
+ * restarted worker resumes its leases at once); the one that lost it is then
+ * refused when it comes back.
+ */
+export function inUseByAnother(live: LiveSessionRow, hello: HelloInput): boolean {
+  return (
+    live.stream_lost_at === null &&
+    live.instance_id !== "" &&
+    hello.instanceId !== "" &&
+    live.instance_id !== hello.instanceId
+  );
+}
+
+/** A hello refused because another process's open stream holds the worker's session. */
+export function workerIdInUse(hello: HelloInput): LeaseholdError {
+  return new LeaseholdError(
+    Code.AlreadyExists,
+    `worker ${quote(hello.workerId)} is connected from another process (another instance_id); ` +
+      "a worker id belongs to one process: stop this one's work, use another worker_id, " +
+      "or try again after a grace period",
+    { reason: WORKER_ID_IN_USE, metadata: { worker_id: hello.workerId } },
+  );
+}
+
 /** A hello refused because the worker's live session is in another cluster. */
 export function inOtherCluster(liveCluster: string, hello: HelloInput): LeaseholdError {
   return new LeaseholdError(
@@ -220,6 +254,7 @@ export interface LiveSessionRow {
   stream_lost_at: unknown;
   server_id: string | null;
   principal: string;
+  instance_id: string;
   /** Past its deadline. */
   expired: boolean;
 }

@@ -9,10 +9,12 @@ import {
   type HelloInput,
   helloEvents,
   inOtherCluster,
+  inUseByAnother,
   type LiveSessionRow,
   notTheOwner,
   type OpenedSession,
   sortHeld,
+  workerIdInUse,
 } from "./open-session.js";
 
 /** One hello of a batch, with who sent it. */
@@ -82,7 +84,7 @@ export async function openSessions(
     // for, so a batch never closes a cycle with them; its hello goes alone.
     const lives = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, deadline < ${now} as expired
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
           from sessions where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null
           order by worker_id for update skip locked`,
     );
@@ -119,6 +121,8 @@ export async function openSessions(
       if (live?.expired || skipped.has(workerId)) continue;
       if (live && live.principal !== principal) {
         outcomes[i] = { refused: notTheOwner(principal, hello) };
+      } else if (live && inUseByAnother(live, hello)) {
+        outcomes[i] = { refused: workerIdInUse(hello) };
       } else if (live && worker && worker.cluster !== hello.cluster) {
         outcomes[i] = { refused: inOtherCluster(worker.cluster, hello) };
       } else {
@@ -146,6 +150,7 @@ export async function openSessions(
       stream_token: o.streamToken,
       resume: o.live !== undefined,
       principal: o.principal,
+      instance_id: o.hello.instanceId,
     }));
     // Workers registered or updated, resumed sessions renewed and re-homed, new ones started: the
     // workers' rows are written first (a new session's foreign key is checked at the statement's end).
@@ -154,7 +159,7 @@ export async function openSessions(
       sql`with input as (
             select * from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as x(
               worker_id text, cluster text, capacity int, labels jsonb, agent_version text, draining boolean,
-              session_id text, stream_token text, resume boolean, principal text)),
+              session_id text, stream_token text, resume boolean, principal text, instance_id text)),
           clusters_registered as (
             insert into clusters (name) select distinct cluster from input order by 1 on conflict (name) do nothing),
           registered as (
@@ -167,12 +172,15 @@ export async function openSessions(
               draining = excluded.draining),
           resumed as (
             update sessions s set deadline = greatest(s.deadline, ${now} + ${grace}), last_heard_at = ${now},
-              stream_lost_at = null, server_id = ${serverId}, stream_token = i.stream_token
+              stream_lost_at = null, server_id = ${serverId}, stream_token = i.stream_token,
+              instance_id = i.instance_id
             from input i where i.resume and s.id = i.session_id
             returning s.id, s.deadline),
           started as (
-            insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal)
-            select session_id, worker_id, ${serverId}, stream_token, ${now}, ${now} + ${grace}, ${now}, principal
+            insert into sessions (id, worker_id, server_id, stream_token, started_at, deadline, last_heard_at, principal,
+                                  instance_id)
+            select session_id, worker_id, ${serverId}, stream_token, ${now}, ${now} + ${grace}, ${now}, principal,
+              instance_id
             from input where not resume order by worker_id
             returning id, deadline)
           select id, deadline, ${now} as db_now from resumed

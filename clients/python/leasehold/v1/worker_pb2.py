@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19leasehold/v1/worker.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\tHeldLease\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\"\xdd\x03\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x13.leasehold.v1.HelloH\x00R\x05hello\x12\x37\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.leasehold.v1.HeartbeatH\x00R\theartbeat\x12\x35\n\tgrant_ack\x18\x03 \x01(\x0b\x32\x16.leasehold.v1.GrantAckH\x00R\x08grantAck\x12:\n\x08progress\x18\x04 \x01(\x0b\x32\x1c.leasehold.v1.ProgressReportH\x00R\x08progress\x12@\n\ncompletion\x18\x05 \x01(\x0b\x32\x1e.leasehold.v1.CompletionReportH\x00R\ncompletion\x12\x37\n\x07release\x18\x06 \x01(\x0b\x32\x1b.leasehold.v1.ReleaseReportH\x00R\x07release\x12\x31\n\x07goodbye\x18\x07 \x01(\x0b\x32\x15.leasehold.v1.GoodbyeH\x00R\x07goodbye\x12\x39\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32!.leasehold.v1.ConnectRequestBatchH\x00R\x05\x62\x61tchB\t\n\x07message\"O\n\x13\x43onnectRequestBatch\x12\x38\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.leasehold.v1.ConnectRequestR\x08messages\"\x9b\x03\n\x0f\x43onnectResponse\x12\x31\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.WelcomeH\x00R\x07welcome\x12+\n\x05grant\x18\x02 \x01(\x0b\x32\x13.leasehold.v1.GrantH\x00R\x05grant\x12\x41\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x1a.leasehold.v1.HeartbeatAckH\x00R\x0cheartbeatAck\x12.\n\x06revoke\x18\x04 \x01(\x0b\x32\x14.leasehold.v1.RevokeH\x00R\x06revoke\x12\x41\n\rreport_result\x18\x05 \x01(\x0b\x32\x1a.leasehold.v1.ReportResultH\x00R\x0creportResult\x12+\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x13.leasehold.v1.DrainH\x00R\x05\x64rain\x12:\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\".leasehold.v1.ConnectResponseBatchH\x00R\x05\x62\x61tchB\t\n\x07message\"Q\n\x14\x43onnectResponseBatch\x12\x39\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.leasehold.v1.ConnectResponseR\x08messages\"\xd6\x02\n\x05Hello\x12\x1b\n\tworker_id\x18\x01 \x01(\tR\x08workerId\x12\x18\n\x07\x63luster\x18\x02 \x01(\tR\x07\x63luster\x12\x1a\n\x08\x63\x61pacity\x18\x03 \x01(\rR\x08\x63\x61pacity\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.leasehold.v1.Hello.LabelsEntryR\x06labels\x12\x38\n\x0bheld_leases\x18\x05 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\nheldLeases\x12#\n\ragent_version\x18\x06 \x01(\tR\x0c\x61gentVersion\x12\'\n\x0f\x61\x63\x63\x65pts_batches\x18\x07 \x01(\x08R\x0e\x61\x63\x63\x65ptsBatches\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\x85\x03\n\x07Welcome\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12H\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\x12<\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x0bgracePeriod\x12\x31\n\x07resumed\x18\x04 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\x07resumed\x12\x31\n\x07revoked\x18\x05 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\x07revoked\x12\'\n\x0fsession_resumed\x18\x06 \x01(\x08R\x0esessionResumed\x12\x1b\n\tserver_id\x18\x07 \x01(\tR\x08serverId\x12\'\n\x0f\x61\x63\x63\x65pts_batches\x18\x08 \x01(\x08R\x0e\x61\x63\x63\x65ptsBatches\"a\n\tHeartbeat\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x38\n\x0bheld_leases\x18\x02 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\nheldLeases\"c\n\x0cHeartbeatAck\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x37\n\tremaining\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\tremaining\"\xfa\x01\n\x05Grant\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x18\n\x07\x61ttempt\x18\x03 \x01(\rR\x07\x61ttempt\x12\x31\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\x07payload\x12\x15\n\x06run_id\x18\x05 \x01(\tR\x05runId\x12\x37\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\ncheckpoint\x12!\n\x0ctrace_parent\x18\x07 \x01(\tR\x0btraceParent\"Z\n\x08GrantAck\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\"\xe2\x01\n\x0eProgressReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x14\n\x05phase\x18\x04 \x01(\tR\x05phase\x12\x31\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\x12\x37\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\ncheckpoint\"@\n\rActionSuccess\x12/\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06output\"z\n\rActionFailure\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12\x1c\n\tretryable\x18\x02 \x01(\x08R\tretryable\x12\x31\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\"\x84\x02\n\x10\x43ompletionReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12;\n\tsucceeded\x18\x04 \x01(\x0b\x32\x1b.leasehold.v1.ActionSuccessH\x00R\tsucceeded\x12\x35\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x1b.leasehold.v1.ActionFailureH\x00R\x06\x66\x61iled\x12!\n\x0ctrace_parent\x18\x06 \x01(\tR\x0btraceParentB\t\n\x07outcome\"w\n\rReleaseReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x16\n\x06reason\x18\x04 \x01(\tR\x06reason\"!\n\x07Goodbye\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\"\x89\x01\n\x06Revoke\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x32\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.leasehold.v1.RevokeReasonR\x06reason\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\"\xd5\x01\n\x0cReportResult\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x1a\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08R\x08\x61\x63\x63\x65pted\x12?\n\rreject_reason\x18\x05 \x01(\x0e\x32\x1a.leasehold.v1.RejectReasonR\x0crejectReason\x12\x18\n\x07message\x18\x06 \x01(\tR\x07message\"W\n\x05\x44rain\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\x12\x36\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line*\xe0\x01\n\x0cRevokeReason\x12\x1d\n\x19REVOKE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REVOKE_REASON_EXPIRED\x10\x01\x12\x1b\n\x17REVOKE_REASON_CANCELLED\x10\x02\x12\x1c\n\x18REVOKE_REASON_SUPERSEDED\x10\x03\x12\x1d\n\x19REVOKE_REASON_ROLLED_BACK\x10\x04\x12!\n\x1dREVOKE_REASON_COLLECT_OUTPUTS\x10\x05\x12\x19\n\x15REVOKE_REASON_DRAINED\x10\x06*\x9e\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14REJECT_REASON_FENCED\x10\x01\x12\x19\n\x15REJECT_REASON_INVALID\x10\x02\x12\x1b\n\x17REJECT_REASON_NOT_FOUND\x10\x03\x12\x1d\n\x19REJECT_REASON_UNAVAILABLE\x10\x04\x32[\n\rWorkerService\x12J\n\x07\x43onnect\x12\x1c.leasehold.v1.ConnectRequest\x1a\x1d.leasehold.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19leasehold/v1/worker.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\tHeldLease\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\"\xdd\x03\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x13.leasehold.v1.HelloH\x00R\x05hello\x12\x37\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.leasehold.v1.HeartbeatH\x00R\theartbeat\x12\x35\n\tgrant_ack\x18\x03 \x01(\x0b\x32\x16.leasehold.v1.GrantAckH\x00R\x08grantAck\x12:\n\x08progress\x18\x04 \x01(\x0b\x32\x1c.leasehold.v1.ProgressReportH\x00R\x08progress\x12@\n\ncompletion\x18\x05 \x01(\x0b\x32\x1e.leasehold.v1.CompletionReportH\x00R\ncompletion\x12\x37\n\x07release\x18\x06 \x01(\x0b\x32\x1b.leasehold.v1.ReleaseReportH\x00R\x07release\x12\x31\n\x07goodbye\x18\x07 \x01(\x0b\x32\x15.leasehold.v1.GoodbyeH\x00R\x07goodbye\x12\x39\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32!.leasehold.v1.ConnectRequestBatchH\x00R\x05\x62\x61tchB\t\n\x07message\"O\n\x13\x43onnectRequestBatch\x12\x38\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.leasehold.v1.ConnectRequestR\x08messages\"\x9b\x03\n\x0f\x43onnectResponse\x12\x31\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.WelcomeH\x00R\x07welcome\x12+\n\x05grant\x18\x02 \x01(\x0b\x32\x13.leasehold.v1.GrantH\x00R\x05grant\x12\x41\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32\x1a.leasehold.v1.HeartbeatAckH\x00R\x0cheartbeatAck\x12.\n\x06revoke\x18\x04 \x01(\x0b\x32\x14.leasehold.v1.RevokeH\x00R\x06revoke\x12\x41\n\rreport_result\x18\x05 \x01(\x0b\x32\x1a.leasehold.v1.ReportResultH\x00R\x0creportResult\x12+\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x13.leasehold.v1.DrainH\x00R\x05\x64rain\x12:\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\".leasehold.v1.ConnectResponseBatchH\x00R\x05\x62\x61tchB\t\n\x07message\"Q\n\x14\x43onnectResponseBatch\x12\x39\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.leasehold.v1.ConnectResponseR\x08messages\"\xf7\x02\n\x05Hello\x12\x1b\n\tworker_id\x18\x01 \x01(\tR\x08workerId\x12\x18\n\x07\x63luster\x18\x02 \x01(\tR\x07\x63luster\x12\x1a\n\x08\x63\x61pacity\x18\x03 \x01(\rR\x08\x63\x61pacity\x12\x37\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.leasehold.v1.Hello.LabelsEntryR\x06labels\x12\x38\n\x0bheld_leases\x18\x05 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\nheldLeases\x12#\n\ragent_version\x18\x06 \x01(\tR\x0c\x61gentVersion\x12\'\n\x0f\x61\x63\x63\x65pts_batches\x18\x07 \x01(\x08R\x0e\x61\x63\x63\x65ptsBatches\x12\x1f\n\x0binstance_id\x18\x08 \x01(\tR\ninstanceId\x1a\x39\n\x0bLabelsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"\x85\x03\n\x07Welcome\x12\x1d\n\nsession_id\x18\x01 \x01(\tR\tsessionId\x12H\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x11heartbeatInterval\x12<\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationR\x0bgracePeriod\x12\x31\n\x07resumed\x18\x04 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\x07resumed\x12\x31\n\x07revoked\x18\x05 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\x07revoked\x12\'\n\x0fsession_resumed\x18\x06 \x01(\x08R\x0esessionResumed\x12\x1b\n\tserver_id\x18\x07 \x01(\tR\x08serverId\x12\'\n\x0f\x61\x63\x63\x65pts_batches\x18\x08 \x01(\x08R\x0e\x61\x63\x63\x65ptsBatches\"a\n\tHeartbeat\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x38\n\x0bheld_leases\x18\x02 \x03(\x0b\x32\x17.leasehold.v1.HeldLeaseR\nheldLeases\"c\n\x0cHeartbeatAck\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x37\n\tremaining\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\tremaining\"\xfa\x01\n\x05Grant\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x18\n\x07\x61ttempt\x18\x03 \x01(\rR\x07\x61ttempt\x12\x31\n\x07payload\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructR\x07payload\x12\x15\n\x06run_id\x18\x05 \x01(\tR\x05runId\x12\x37\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\ncheckpoint\x12!\n\x0ctrace_parent\x18\x07 \x01(\tR\x0btraceParent\"Z\n\x08GrantAck\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\"\xe2\x01\n\x0eProgressReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x14\n\x05phase\x18\x04 \x01(\tR\x05phase\x12\x31\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\x12\x37\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\ncheckpoint\"@\n\rActionSuccess\x12/\n\x06output\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructR\x06output\"z\n\rActionFailure\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12\x1c\n\tretryable\x18\x02 \x01(\x08R\tretryable\x12\x31\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x07\x64\x65tails\"\x84\x02\n\x10\x43ompletionReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12;\n\tsucceeded\x18\x04 \x01(\x0b\x32\x1b.leasehold.v1.ActionSuccessH\x00R\tsucceeded\x12\x35\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32\x1b.leasehold.v1.ActionFailureH\x00R\x06\x66\x61iled\x12!\n\x0ctrace_parent\x18\x06 \x01(\tR\x0btraceParentB\t\n\x07outcome\"w\n\rReleaseReport\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x16\n\x06reason\x18\x04 \x01(\tR\x06reason\"!\n\x07Goodbye\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\"\x89\x01\n\x06Revoke\x12\x1b\n\taction_id\x18\x01 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x32\n\x06reason\x18\x03 \x01(\x0e\x32\x1a.leasehold.v1.RevokeReasonR\x06reason\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\"\xd5\x01\n\x0cReportResult\x12\x1b\n\treport_id\x18\x01 \x01(\x04R\x08reportId\x12\x1b\n\taction_id\x18\x02 \x01(\tR\x08\x61\x63tionId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch\x12\x1a\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08R\x08\x61\x63\x63\x65pted\x12?\n\rreject_reason\x18\x05 \x01(\x0e\x32\x1a.leasehold.v1.RejectReasonR\x0crejectReason\x12\x18\n\x07message\x18\x06 \x01(\tR\x07message\"W\n\x05\x44rain\x12\x16\n\x06reason\x18\x01 \x01(\tR\x06reason\x12\x36\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x08\x64\x65\x61\x64line*\xe0\x01\n\x0cRevokeReason\x12\x1d\n\x19REVOKE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REVOKE_REASON_EXPIRED\x10\x01\x12\x1b\n\x17REVOKE_REASON_CANCELLED\x10\x02\x12\x1c\n\x18REVOKE_REASON_SUPERSEDED\x10\x03\x12\x1d\n\x19REVOKE_REASON_ROLLED_BACK\x10\x04\x12!\n\x1dREVOKE_REASON_COLLECT_OUTPUTS\x10\x05\x12\x19\n\x15REVOKE_REASON_DRAINED\x10\x06*\x9e\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14REJECT_REASON_FENCED\x10\x01\x12\x19\n\x15REJECT_REASON_INVALID\x10\x02\x12\x1b\n\x17REJECT_REASON_NOT_FOUND\x10\x03\x12\x1d\n\x19REJECT_REASON_UNAVAILABLE\x10\x04\x32[\n\rWorkerService\x12J\n\x07\x43onnect\x12\x1c.leasehold.v1.ConnectRequest\x1a\x1d.leasehold.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leasehold.v1.worker_pb2', globals())
@@ -25,10 +25,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _HELLO_LABELSENTRY._options = None
   _HELLO_LABELSENTRY._serialized_options = b'8\001'
-  _REVOKEREASON._serialized_start=3826
-  _REVOKEREASON._serialized_end=4050
-  _REJECTREASON._serialized_start=4053
-  _REJECTREASON._serialized_end=4211
+  _REVOKEREASON._serialized_start=3859
+  _REVOKEREASON._serialized_end=4083
+  _REJECTREASON._serialized_start=4086
+  _REJECTREASON._serialized_end=4244
   _HELDLEASE._serialized_start=138
   _HELDLEASE._serialized_end=200
   _CONNECTREQUEST._serialized_start=203
@@ -40,37 +40,37 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _CONNECTRESPONSEBATCH._serialized_start=1177
   _CONNECTRESPONSEBATCH._serialized_end=1258
   _HELLO._serialized_start=1261
-  _HELLO._serialized_end=1603
-  _HELLO_LABELSENTRY._serialized_start=1546
-  _HELLO_LABELSENTRY._serialized_end=1603
-  _WELCOME._serialized_start=1606
-  _WELCOME._serialized_end=1995
-  _HEARTBEAT._serialized_start=1997
-  _HEARTBEAT._serialized_end=2094
-  _HEARTBEATACK._serialized_start=2096
-  _HEARTBEATACK._serialized_end=2195
-  _GRANT._serialized_start=2198
-  _GRANT._serialized_end=2448
-  _GRANTACK._serialized_start=2450
-  _GRANTACK._serialized_end=2540
-  _PROGRESSREPORT._serialized_start=2543
-  _PROGRESSREPORT._serialized_end=2769
-  _ACTIONSUCCESS._serialized_start=2771
-  _ACTIONSUCCESS._serialized_end=2835
-  _ACTIONFAILURE._serialized_start=2837
-  _ACTIONFAILURE._serialized_end=2959
-  _COMPLETIONREPORT._serialized_start=2962
-  _COMPLETIONREPORT._serialized_end=3222
-  _RELEASEREPORT._serialized_start=3224
-  _RELEASEREPORT._serialized_end=3343
-  _GOODBYE._serialized_start=3345
-  _GOODBYE._serialized_end=3378
-  _REVOKE._serialized_start=3381
-  _REVOKE._serialized_end=3518
-  _REPORTRESULT._serialized_start=3521
-  _REPORTRESULT._serialized_end=3734
-  _DRAIN._serialized_start=3736
-  _DRAIN._serialized_end=3823
-  _WORKERSERVICE._serialized_start=4213
-  _WORKERSERVICE._serialized_end=4304
+  _HELLO._serialized_end=1636
+  _HELLO_LABELSENTRY._serialized_start=1579
+  _HELLO_LABELSENTRY._serialized_end=1636
+  _WELCOME._serialized_start=1639
+  _WELCOME._serialized_end=2028
+  _HEARTBEAT._serialized_start=2030
+  _HEARTBEAT._serialized_end=2127
+  _HEARTBEATACK._serialized_start=2129
+  _HEARTBEATACK._serialized_end=2228
+  _GRANT._serialized_start=2231
+  _GRANT._serialized_end=2481
+  _GRANTACK._serialized_start=2483
+  _GRANTACK._serialized_end=2573
+  _PROGRESSREPORT._serialized_start=2576
+  _PROGRESSREPORT._serialized_end=2802
+  _ACTIONSUCCESS._serialized_start=2804
+  _ACTIONSUCCESS._serialized_end=2868
+  _ACTIONFAILURE._serialized_start=2870
+  _ACTIONFAILURE._serialized_end=2992
+  _COMPLETIONREPORT._serialized_start=2995
+  _COMPLETIONREPORT._serialized_end=3255
+  _RELEASEREPORT._serialized_start=3257
+  _RELEASEREPORT._serialized_end=3376
+  _GOODBYE._serialized_start=3378
+  _GOODBYE._serialized_end=3411
+  _REVOKE._serialized_start=3414
+  _REVOKE._serialized_end=3551
+  _REPORTRESULT._serialized_start=3554
+  _REPORTRESULT._serialized_end=3767
+  _DRAIN._serialized_start=3769
+  _DRAIN._serialized_end=3856
+  _WORKERSERVICE._serialized_start=4246
+  _WORKERSERVICE._serialized_end=4337
 # @@protoc_insertion_point(module_scope)

@@ -170,7 +170,7 @@ class HeldLease(_message.Message):
     def __init__(self, action_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ["accepts_batches", "agent_version", "capacity", "cluster", "held_leases", "labels", "worker_id"]
+    __slots__ = ["accepts_batches", "agent_version", "capacity", "cluster", "held_leases", "instance_id", "labels", "worker_id"]
     class LabelsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class Hello(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     HELD_LEASES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     accepts_batches: bool
@@ -190,9 +191,10 @@ class Hello(_message.Message):
     capacity: int
     cluster: str
     held_leases: _containers.RepeatedCompositeFieldContainer[HeldLease]
+    instance_id: str
     labels: _containers.ScalarMap[str, str]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., agent_version: _Optional[str] = ..., accepts_batches: bool = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., agent_version: _Optional[str] = ..., accepts_batches: bool = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
     __slots__ = ["action_id", "checkpoint", "details", "epoch", "phase", "report_id"]

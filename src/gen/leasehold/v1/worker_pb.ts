@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/worker.proto.
  */
 export const file_leasehold_v1_worker: GenFile = /*@__PURE__*/
-  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCKSAwoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIABIyCgViYXRjaBgIIAEoCzIhLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdEJhdGNoSABCCQoHbWVzc2FnZSJFChNDb25uZWN0UmVxdWVzdEJhdGNoEi4KCG1lc3NhZ2VzGAEgAygLMhwubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXF1ZXN0ItkCCg9Db25uZWN0UmVzcG9uc2USKAoHd2VsY29tZRgBIAEoCzIVLmxlYXNlaG9sZC52MS5XZWxjb21lSAASJAoFZ3JhbnQYAiABKAsyEy5sZWFzZWhvbGQudjEuR3JhbnRIABIzCg1oZWFydGJlYXRfYWNrGAMgASgLMhoubGVhc2Vob2xkLnYxLkhlYXJ0YmVhdEFja0gAEiYKBnJldm9rZRgEIAEoCzIULmxlYXNlaG9sZC52MS5SZXZva2VIABIzCg1yZXBvcnRfcmVzdWx0GAUgASgLMhoubGVhc2Vob2xkLnYxLlJlcG9ydFJlc3VsdEgAEiQKBWRyYWluGAYgASgLMhMubGVhc2Vob2xkLnYxLkRyYWluSAASMwoFYmF0Y2gYByABKAsyIi5sZWFzZWhvbGQudjEuQ29ubmVjdFJlc3BvbnNlQmF0Y2hIAEIJCgdtZXNzYWdlIkcKFENvbm5lY3RSZXNwb25zZUJhdGNoEi8KCG1lc3NhZ2VzGAEgAygLMh0ubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZSL7AQoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SLwoGbGFiZWxzGAQgAygLMh8ubGVhc2Vob2xkLnYxLkhlbGxvLkxhYmVsc0VudHJ5EiwKC2hlbGRfbGVhc2VzGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIVCg1hZ2VudF92ZXJzaW9uGAYgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgHIAEoCBotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIp4CCgdXZWxjb21lEhIKCnNlc3Npb25faWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGdyYWNlX3BlcmlvZBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgdyZXN1bWVkGAQgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIoCgdyZXZva2VkGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIXCg9zZXNzaW9uX3Jlc3VtZWQYBiABKAgSEQoJc2VydmVyX2lkGAcgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgIIAEoCCJLCglIZWFydGJlYXQSEAoIc2VxdWVuY2UYASABKAQSLAoLaGVsZF9sZWFzZXMYAiADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlIk4KDEhlYXJ0YmVhdEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIsCglyZW1haW5pbmcYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24itwEKBUdyYW50EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIPCgdhdHRlbXB0GAMgASgNEigKB3BheWxvYWQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnJ1bl9pZBgFIAEoCRIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIUCgx0cmFjZV9wYXJlbnQYByABKAkiPwoIR3JhbnRBY2sSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBCKrAQoOUHJvZ3Jlc3NSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBINCgVwaGFzZRgEIAEoCRIoCgdkZXRhaWxzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI4Cg1BY3Rpb25TdWNjZXNzEicKBm91dHB1dBgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiXQoNQWN0aW9uRmFpbHVyZRIPCgdtZXNzYWdlGAEgASgJEhEKCXJldHJ5YWJsZRgCIAEoCBIoCgdkZXRhaWxzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCLJAQoQQ29tcGxldGlvblJlcG9ydBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEjAKCXN1Y2NlZWRlZBgEIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25TdWNjZXNzSAASLQoGZmFpbGVkGAUgASgLMhsubGVhc2Vob2xkLnYxLkFjdGlvbkZhaWx1cmVIABIUCgx0cmFjZV9wYXJlbnQYBiABKAlCCQoHb3V0Y29tZSJUCg1SZWxlYXNlUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDgoGcmVhc29uGAQgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJImcKBlJldm9rZRIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSKgoGcmVhc29uGAMgASgOMhoubGVhc2Vob2xkLnYxLlJldm9rZVJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIpkBCgxSZXBvcnRSZXN1bHQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIQCghhY2NlcHRlZBgEIAEoCBIxCg1yZWplY3RfcmVhc29uGAUgASgOMhoubGVhc2Vob2xkLnYxLlJlamVjdFJlYXNvbhIPCgdtZXNzYWdlGAYgASgJIkUKBURyYWluEg4KBnJlYXNvbhgBIAEoCRIsCghkZWFkbGluZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq4AEKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAESGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQAhIcChhSRVZPS0VfUkVBU09OX1NVUEVSU0VERUQQAxIdChlSRVZPS0VfUkVBU09OX1JPTExFRF9CQUNLEAQSIQodUkVWT0tFX1JFQVNPTl9DT0xMRUNUX09VVFBVVFMQBRIZChVSRVZPS0VfUkVBU09OX0RSQUlORUQQBiqeAQoMUmVqZWN0UmVhc29uEh0KGVJFSkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUpFQ1RfUkVBU09OX0ZFTkNFRBABEhkKFVJFSkVDVF9SRUFTT05fSU5WQUxJRBACEhsKF1JFSkVDVF9SRUFTT05fTk9UX0ZPVU5EEAMSHQoZUkVKRUNUX1JFQVNPTl9VTkFWQUlMQUJMRRAEMlsKDVdvcmtlclNlcnZpY2USSgoHQ29ubmVjdBIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdBodLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCKSAwoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIABIyCgViYXRjaBgIIAEoCzIhLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdEJhdGNoSABCCQoHbWVzc2FnZSJFChNDb25uZWN0UmVxdWVzdEJhdGNoEi4KCG1lc3NhZ2VzGAEgAygLMhwubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXF1ZXN0ItkCCg9Db25uZWN0UmVzcG9uc2USKAoHd2VsY29tZRgBIAEoCzIVLmxlYXNlaG9sZC52MS5XZWxjb21lSAASJAoFZ3JhbnQYAiABKAsyEy5sZWFzZWhvbGQudjEuR3JhbnRIABIzCg1oZWFydGJlYXRfYWNrGAMgASgLMhoubGVhc2Vob2xkLnYxLkhlYXJ0YmVhdEFja0gAEiYKBnJldm9rZRgEIAEoCzIULmxlYXNlaG9sZC52MS5SZXZva2VIABIzCg1yZXBvcnRfcmVzdWx0GAUgASgLMhoubGVhc2Vob2xkLnYxLlJlcG9ydFJlc3VsdEgAEiQKBWRyYWluGAYgASgLMhMubGVhc2Vob2xkLnYxLkRyYWluSAASMwoFYmF0Y2gYByABKAsyIi5sZWFzZWhvbGQudjEuQ29ubmVjdFJlc3BvbnNlQmF0Y2hIAEIJCgdtZXNzYWdlIkcKFENvbm5lY3RSZXNwb25zZUJhdGNoEi8KCG1lc3NhZ2VzGAEgAygLMh0ubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZSKQAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SLwoGbGFiZWxzGAQgAygLMh8ubGVhc2Vob2xkLnYxLkhlbGxvLkxhYmVsc0VudHJ5EiwKC2hlbGRfbGVhc2VzGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIVCg1hZ2VudF92ZXJzaW9uGAYgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgHIAEoCBITCgtpbnN0YW5jZV9pZBgIIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIp4CCgdXZWxjb21lEhIKCnNlc3Npb25faWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGdyYWNlX3BlcmlvZBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgdyZXN1bWVkGAQgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIoCgdyZXZva2VkGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIXCg9zZXNzaW9uX3Jlc3VtZWQYBiABKAgSEQoJc2VydmVyX2lkGAcgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgIIAEoCCJLCglIZWFydGJlYXQSEAoIc2VxdWVuY2UYASABKAQSLAoLaGVsZF9sZWFzZXMYAiADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlIk4KDEhlYXJ0YmVhdEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIsCglyZW1haW5pbmcYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24itwEKBUdyYW50EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIPCgdhdHRlbXB0GAMgASgNEigKB3BheWxvYWQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnJ1bl9pZBgFIAEoCRIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIUCgx0cmFjZV9wYXJlbnQYByABKAkiPwoIR3JhbnRBY2sSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBCKrAQoOUHJvZ3Jlc3NSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBINCgVwaGFzZRgEIAEoCRIoCgdkZXRhaWxzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI4Cg1BY3Rpb25TdWNjZXNzEicKBm91dHB1dBgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiXQoNQWN0aW9uRmFpbHVyZRIPCgdtZXNzYWdlGAEgASgJEhEKCXJldHJ5YWJsZRgCIAEoCBIoCgdkZXRhaWxzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCLJAQoQQ29tcGxldGlvblJlcG9ydBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEjAKCXN1Y2NlZWRlZBgEIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25TdWNjZXNzSAASLQoGZmFpbGVkGAUgASgLMhsubGVhc2Vob2xkLnYxLkFjdGlvbkZhaWx1cmVIABIUCgx0cmFjZV9wYXJlbnQYBiABKAlCCQoHb3V0Y29tZSJUCg1SZWxlYXNlUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDgoGcmVhc29uGAQgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJImcKBlJldm9rZRIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSKgoGcmVhc29uGAMgASgOMhoubGVhc2Vob2xkLnYxLlJldm9rZVJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIpkBCgxSZXBvcnRSZXN1bHQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIQCghhY2NlcHRlZBgEIAEoCBIxCg1yZWplY3RfcmVhc29uGAUgASgOMhoubGVhc2Vob2xkLnYxLlJlamVjdFJlYXNvbhIPCgdtZXNzYWdlGAYgASgJIkUKBURyYWluEg4KBnJlYXNvbhgBIAEoCRIsCghkZWFkbGluZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq4AEKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAESGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQAhIcChhSRVZPS0VfUkVBU09OX1NVUEVSU0VERUQQAxIdChlSRVZPS0VfUkVBU09OX1JPTExFRF9CQUNLEAQSIQodUkVWT0tFX1JFQVNPTl9DT0xMRUNUX09VVFBVVFMQBRIZChVSRVZPS0VfUkVBU09OX0RSQUlORUQQBiqeAQoMUmVqZWN0UmVhc29uEh0KGVJFSkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUpFQ1RfUkVBU09OX0ZFTkNFRBABEhkKFVJFSkVDVF9SRUFTT05fSU5WQUxJRBACEhsKF1JFSkVDVF9SRUFTT05fTk9UX0ZPVU5EEAMSHQoZUkVKRUNUX1JFQVNPTl9VTkFWQUlMQUJMRRAEMlsKDVdvcmtlclNlcnZpY2USSgoHQ29ubmVjdBIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdBodLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A work lease a worker holds: the fencing token of one action.
@@ -52,7 +52,8 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  * 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
  * values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
  * or strings. A request over the server's receive limit (--max-file-size
- * + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED.
+ * + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED, said by
+ * the gRPC layer and so without ErrorInfo.
  * A report whose content names no lease (empty action_id, epoch 0, a
  * completion without an outcome), a request holding no message and a second
  * hello are not fatal: each is answered with a ReportResult (INVALID, the
@@ -344,6 +345,17 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * @generated from field: bool accepts_batches = 7;
    */
   acceptsBatches: boolean;
+
+  /**
+   * A random id this worker process picks once (a UUID, say) and sends in
+   * every hello it makes, at most 128 characters. A hello whose instance_id
+   * differs from the one of the worker's stream still open is refused
+   * (ALREADY_EXISTS, reason WORKER_ID_IN_USE; see Connect). Empty: not
+   * checked, and such a hello takes an open stream's session over.
+   *
+   * @generated from field: string instance_id = 8;
+   */
+  instanceId: string;
 };
 
 /**
@@ -541,7 +553,9 @@ export type Grant = Message<"leasehold.v1.Grant"> & {
   runId: string;
 
   /**
-   * The last checkpoint a previous attempt reported, if any.
+   * The action's latest checkpoint, if any: reported by a previous attempt,
+   * or by this very attempt when its grant is sent again at the same epoch
+   * (after a reconnect or a takeover): resume from it.
    *
    * @generated from field: google.protobuf.Struct checkpoint = 6;
    */
@@ -871,7 +885,9 @@ export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
  * CompletionReport, or stop listing the lease in held_leases, which counts as
  * a release (see Heartbeat.held_leases). A cancel wins: after CANCELLED a
  * completion is accepted, but the action ends CANCELLED and its output is
- * not kept.
+ * not kept. A Revoke may come for a lease the worker has dropped already
+ * (every FENCED report brings one, and so does a heartbeat listing a lease
+ * that is no longer the session's): ignore a revoke of a lease not held.
  *
  * @generated from message leasehold.v1.Revoke
  */
@@ -1144,20 +1160,38 @@ export const WorkerService: GenService<{
    * INVALID_ARGUMENT. After that both directions carry the messages of the
    * ConnectRequest and ConnectResponse oneofs.
    *
-   * A session survives stream loss until its deadline (last contact + grace
-   * period). A new stream from the same worker before the deadline resumes the
-   * session and its leases with the same epochs. A second stream for a worker
-   * whose stream is still open takes the session over; the older stream is
-   * closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
-   * to one process: a client whose own stream ends that way, while it opened
-   * no other, has a twin using its id. It must stop all its work at once (the
-   * session, its leases and their grants belong to the other stream now) and
-   * connect again no sooner than one grace period later (the SDKs wait one to
-   * two); otherwise the two take the session from each other over and over,
-   * each running the other's leases under the same epochs. A session that
+   * A session survives stream loss until its deadline: the last message the
+   * worker sent (any message, reports included) + grace period. A new stream
+   * from the same worker before the deadline resumes the session and its
+   * leases with the same epochs, and takes the new hello's capacity, labels
+   * and agent_version. A second stream for a worker whose stream is still
+   * open takes the session over; the older stream is closed (ABORTED,
+   * ErrorInfo reason SESSION_TAKEN_OVER).
+   *
+   * A worker id belongs to one process. Set Hello.instance_id (a random id
+   * per process, the same on all its reconnects): a hello whose instance_id
+   * differs from the one of the stream still open for that worker is refused
+   * (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes nothing,
+   * so a second process started with the same id never disturbs the first.
+   * A client whose own stream ends SESSION_TAKEN_OVER while it opened no
+   * other, or whose hello is refused WORKER_ID_IN_USE, has a twin using its
+   * id (or lost its stream and the twin took the session meanwhile). It must
+   * stop all its work at once (the session, its leases and their grants
+   * belong to the other process now) and connect again no sooner than one
+   * grace period later (the SDKs wait one to two, 10 to 20 s before any
+   * welcome). Without instance ids, two such processes take the session from
+   * each other over and over, each running the other's leases under the
+   * same epochs. A session that
    * passes its deadline while its stream is still open (the worker stopped
    * heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
    * and its leases expire; the worker has self-fenced by then (below).
+   * A worker that half-closes its side without a goodbye gets the stream
+   * ended with OK: the session is in grace, as after any other loss. A
+   * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
+   * SHUTTING_DOWN): reconnect, to another address if there is one. A hello
+   * for a worker whose live session is in another cluster ends
+   * FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
+   * first, or use another worker_id.
    * Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
    * live but no longer attached to it (a server process, starting, found it
    * unrenewed for long and put it in grace). Reconnect as after any other
@@ -1200,6 +1234,9 @@ export const WorkerService: GenService<{
    * completion the server applied just before the stream broke comes back in
    * Welcome.revoked too: send the same completion again; it is accepted as a
    * repeat (a different one is FENCED), which tells the worker it landed.
+   * Welcome.revoked gives no reason: for any other lease in it, stop the work
+   * and report nothing more (a release sent anyway is answered FENCED, and is
+   * harmless).
    *
    * Self-fence. Keep one local deadline per session: for each HeartbeatAck,
    * candidate = local send time of the acknowledged heartbeat + remaining −
@@ -1216,7 +1253,8 @@ export const WorkerService: GenService<{
    * reconnected before: do not start a grant while the deadline has passed
    * (or will pass before the next heartbeat is answered); hold it, listed in
    * heartbeats, send a heartbeat at once, and start it when an ack brings a
-   * fresh deadline. The server may hand a lease to another worker only after
+   * fresh deadline. A process has no deadline before its first ack (the
+   * Welcome carries none): grants that arrive with the welcome wait for it. The server may hand a lease to another worker only after
    * the session's persisted deadline, so a worker that fences this way has
    * always stopped first. Expect the local deadline to fall short of the last
    * heartbeat + grace by up to two heartbeat intervals plus the margin: the

@@ -12,6 +12,8 @@ package agent
 
 import (
 	"context"
+	cryptorand "crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -239,7 +241,8 @@ type Draining struct {
 }
 
 // TakenOver: another process connected with this worker id and took the
-// session over (worker ids must be unique). Every handler was cancelled
+// session over, or holds it and the server refused this agent's hello
+// (WORKER_ID_IN_USE; worker ids must be unique). Every handler was cancelled
 // (superseded), and the agent connects again only after RetryIn, at least a
 // grace period, leaving the session to the other process meanwhile.
 type TakenOver struct {
@@ -279,6 +282,9 @@ type Agent struct {
 	// superseded: handlers replaced in running by a newer grant of the same
 	// action while they still stop. They take a slot until they return.
 	superseded map[*run]struct{}
+	// instanceID is Hello.instance_id: this agent's own random id, so that
+	// a second process with the same worker id is refused.
+	instanceID string
 	current    *conn
 	waiters    []waiter
 	// closing: Close was called (no new work; grants are given back).
@@ -354,12 +360,23 @@ func Start(opts Options) (*Agent, error) {
 		rng:          rng,
 		running:      map[string]*run{},
 		superseded:   map[*run]struct{}{},
+		instanceID:   newInstanceID(),
 		addressIndex: rng.Intn(len(opts.Addresses)),
 		lastAck:      time.Now(),
 	}
 	go a.loop()
 	a.post(a.connect)
 	return a, nil
+}
+
+// newInstanceID returns 128 random bits in hex, from crypto/rand.
+func newInstanceID() string {
+	var b [16]byte
+	if _, err := cryptorand.Read(b[:]); err != nil {
+		// No system randomness: a time-seeded id still tells two processes apart.
+		return fmt.Sprintf("t%x", time.Now().UnixNano())
+	}
+	return hex.EncodeToString(b[:])
 }
 
 func (a *Agent) loop() {

@@ -35,6 +35,8 @@ type scriptedServer struct {
 	// end ends the stream with an error status.
 	end     chan error
 	address string
+	// instance is the last hello's instance_id.
+	instance atomic.Value
 }
 
 // scriptTiming is what the welcome and the acks say.
@@ -55,6 +57,7 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				answer(inner)
 			}
 		case *leaseholdv1.ConnectRequest_Hello:
+			s.instance.Store(m.Hello.GetInstanceId())
 			s.hellos <- m.Hello.GetHeldLeases()
 			send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
 				SessionId: "s1", HeartbeatInterval: durationpb.New(s.timing.heartbeat),
@@ -231,6 +234,16 @@ func regrantWaits(t *testing.T, capacity int) {
 // Another process connecting with the same worker id takes the session over:
 // the agent cancels every handler at once and stays away a grace period.
 func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
+	takenOver(t, codes.Aborted, "a newer stream of this worker took the session over", "SESSION_TAKEN_OVER")
+}
+
+// A hello refused because another process holds the session is met the same
+// way: that process owns the session, its leases and their grants.
+func TestWorkerIDInUseStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
+	takenOver(t, codes.AlreadyExists, "worker is connected from another process", "WORKER_ID_IN_USE")
+}
+
+func takenOver(t *testing.T, code codes.Code, message, reason string) {
 	script, stop := startScripted(t, longGuarantee)
 	defer stop()
 	events := make(chan Event, 16)
@@ -274,8 +287,11 @@ func TestTakenOverStopsEveryHandlerAndWaitsAGracePeriod(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the grant never started")
 	}
-	st, err := status.New(codes.Aborted, "a newer stream of this worker took the session over").
-		WithDetails(&errdetails.ErrorInfo{Reason: "SESSION_TAKEN_OVER", Domain: "leasehold.dev"})
+	// Every hello names this process by a random instance id.
+	if id, _ := script.instance.Load().(string); len(id) != 32 {
+		t.Fatalf("instance_id %q, want 32 hex digits", id)
+	}
+	st, err := status.New(code, message).WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: "leasehold.dev"})
 	if err != nil {
 		t.Fatal(err)
 	}

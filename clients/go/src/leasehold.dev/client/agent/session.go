@@ -88,6 +88,7 @@ func (a *Agent) connect() {
 		Labels:         a.opts.Labels,
 		HeldLeases:     a.heldLeases(),
 		AgentVersion:   a.opts.AgentVersion,
+		InstanceId:     a.instanceID,
 		AcceptsBatches: true,
 	}}})
 	go a.dial(c)
@@ -138,10 +139,12 @@ func (a *Agent) ended(c *conn, err error) {
 		a.refusals = 0
 		delay = jitter(a.rng, reconnectCeiling(a.attemptsWithoutWelcome, a.opts.InitialBackoff, a.opts.MaxBackoff, a.grace))
 	}
-	if e.Code == codes.Aborted && e.Reason == "SESSION_TAKEN_OVER" {
+	if (e.Code == codes.Aborted && e.Reason == "SESSION_TAKEN_OVER") ||
+		(e.Code == codes.AlreadyExists && e.Reason == "WORKER_ID_IN_USE") {
 		// This agent never opens a second stream, so another process connected with this
-		// worker id and took the session, its leases and its grants: stop every handler at
-		// once, and let that process keep the session for a grace period before trying again.
+		// worker id and took the session, its leases and its grants (or holds it, and this
+		// agent's hello was refused): stop every handler at once, and let that process keep
+		// the session for a grace period before trying again.
 		grace := a.grace
 		if grace <= 0 {
 			grace = 10 * time.Second

@@ -22,20 +22,38 @@ type WorkerServiceClient interface {
 	// INVALID_ARGUMENT. After that both directions carry the messages of the
 	// ConnectRequest and ConnectResponse oneofs.
 	//
-	// A session survives stream loss until its deadline (last contact + grace
-	// period). A new stream from the same worker before the deadline resumes the
-	// session and its leases with the same epochs. A second stream for a worker
-	// whose stream is still open takes the session over; the older stream is
-	// closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
-	// to one process: a client whose own stream ends that way, while it opened
-	// no other, has a twin using its id. It must stop all its work at once (the
-	// session, its leases and their grants belong to the other stream now) and
-	// connect again no sooner than one grace period later (the SDKs wait one to
-	// two); otherwise the two take the session from each other over and over,
-	// each running the other's leases under the same epochs. A session that
+	// A session survives stream loss until its deadline: the last message the
+	// worker sent (any message, reports included) + grace period. A new stream
+	// from the same worker before the deadline resumes the session and its
+	// leases with the same epochs, and takes the new hello's capacity, labels
+	// and agent_version. A second stream for a worker whose stream is still
+	// open takes the session over; the older stream is closed (ABORTED,
+	// ErrorInfo reason SESSION_TAKEN_OVER).
+	//
+	// A worker id belongs to one process. Set Hello.instance_id (a random id
+	// per process, the same on all its reconnects): a hello whose instance_id
+	// differs from the one of the stream still open for that worker is refused
+	// (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes nothing,
+	// so a second process started with the same id never disturbs the first.
+	// A client whose own stream ends SESSION_TAKEN_OVER while it opened no
+	// other, or whose hello is refused WORKER_ID_IN_USE, has a twin using its
+	// id (or lost its stream and the twin took the session meanwhile). It must
+	// stop all its work at once (the session, its leases and their grants
+	// belong to the other process now) and connect again no sooner than one
+	// grace period later (the SDKs wait one to two, 10 to 20 s before any
+	// welcome). Without instance ids, two such processes take the session from
+	// each other over and over, each running the other's leases under the
+	// same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
 	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
 	// and its leases expire; the worker has self-fenced by then (below).
+	// A worker that half-closes its side without a goodbye gets the stream
+	// ended with OK: the session is in grace, as after any other loss. A
+	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
+	// SHUTTING_DOWN): reconnect, to another address if there is one. A hello
+	// for a worker whose live session is in another cluster ends
+	// FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
+	// first, or use another worker_id.
 	// Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
 	// live but no longer attached to it (a server process, starting, found it
 	// unrenewed for long and put it in grace). Reconnect as after any other
@@ -78,6 +96,9 @@ type WorkerServiceClient interface {
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
 	// repeat (a different one is FENCED), which tells the worker it landed.
+	// Welcome.revoked gives no reason: for any other lease in it, stop the work
+	// and report nothing more (a release sent anyway is answered FENCED, and is
+	// harmless).
 	//
 	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −
@@ -94,7 +115,8 @@ type WorkerServiceClient interface {
 	// reconnected before: do not start a grant while the deadline has passed
 	// (or will pass before the next heartbeat is answered); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a
-	// fresh deadline. The server may hand a lease to another worker only after
+	// fresh deadline. A process has no deadline before its first ack (the
+	// Welcome carries none): grants that arrive with the welcome wait for it. The server may hand a lease to another worker only after
 	// the session's persisted deadline, so a worker that fences this way has
 	// always stopped first. Expect the local deadline to fall short of the last
 	// heartbeat + grace by up to two heartbeat intervals plus the margin: the
@@ -164,20 +186,38 @@ type WorkerServiceServer interface {
 	// INVALID_ARGUMENT. After that both directions carry the messages of the
 	// ConnectRequest and ConnectResponse oneofs.
 	//
-	// A session survives stream loss until its deadline (last contact + grace
-	// period). A new stream from the same worker before the deadline resumes the
-	// session and its leases with the same epochs. A second stream for a worker
-	// whose stream is still open takes the session over; the older stream is
-	// closed (ABORTED, ErrorInfo reason SESSION_TAKEN_OVER). A worker id belongs
-	// to one process: a client whose own stream ends that way, while it opened
-	// no other, has a twin using its id. It must stop all its work at once (the
-	// session, its leases and their grants belong to the other stream now) and
-	// connect again no sooner than one grace period later (the SDKs wait one to
-	// two); otherwise the two take the session from each other over and over,
-	// each running the other's leases under the same epochs. A session that
+	// A session survives stream loss until its deadline: the last message the
+	// worker sent (any message, reports included) + grace period. A new stream
+	// from the same worker before the deadline resumes the session and its
+	// leases with the same epochs, and takes the new hello's capacity, labels
+	// and agent_version. A second stream for a worker whose stream is still
+	// open takes the session over; the older stream is closed (ABORTED,
+	// ErrorInfo reason SESSION_TAKEN_OVER).
+	//
+	// A worker id belongs to one process. Set Hello.instance_id (a random id
+	// per process, the same on all its reconnects): a hello whose instance_id
+	// differs from the one of the stream still open for that worker is refused
+	// (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes nothing,
+	// so a second process started with the same id never disturbs the first.
+	// A client whose own stream ends SESSION_TAKEN_OVER while it opened no
+	// other, or whose hello is refused WORKER_ID_IN_USE, has a twin using its
+	// id (or lost its stream and the twin took the session meanwhile). It must
+	// stop all its work at once (the session, its leases and their grants
+	// belong to the other process now) and connect again no sooner than one
+	// grace period later (the SDKs wait one to two, 10 to 20 s before any
+	// welcome). Without instance ids, two such processes take the session from
+	// each other over and over, each running the other's leases under the
+	// same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
 	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
 	// and its leases expire; the worker has self-fenced by then (below).
+	// A worker that half-closes its side without a goodbye gets the stream
+	// ended with OK: the session is in grace, as after any other loss. A
+	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
+	// SHUTTING_DOWN): reconnect, to another address if there is one. A hello
+	// for a worker whose live session is in another cluster ends
+	// FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
+	// first, or use another worker_id.
 	// Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
 	// live but no longer attached to it (a server process, starting, found it
 	// unrenewed for long and put it in grace). Reconnect as after any other
@@ -220,6 +260,9 @@ type WorkerServiceServer interface {
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
 	// repeat (a different one is FENCED), which tells the worker it landed.
+	// Welcome.revoked gives no reason: for any other lease in it, stop the work
+	// and report nothing more (a release sent anyway is answered FENCED, and is
+	// harmless).
 	//
 	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −
@@ -236,7 +279,8 @@ type WorkerServiceServer interface {
 	// reconnected before: do not start a grant while the deadline has passed
 	// (or will pass before the next heartbeat is answered); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a
-	// fresh deadline. The server may hand a lease to another worker only after
+	// fresh deadline. A process has no deadline before its first ack (the
+	// Welcome carries none): grants that arrive with the welcome wait for it. The server may hand a lease to another worker only after
 	// the session's persisted deadline, so a worker that fences this way has
 	// always stopped first. Expect the local deadline to fall short of the last
 	// heartbeat + grace by up to two heartbeat intervals plus the margin: the

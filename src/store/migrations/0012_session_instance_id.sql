@@ -1,0 +1,1 @@
+ALTER TABLE "sessions" ADD COLUMN "instance_id" text DEFAULT '' NOT NULL;

@@ -38,6 +38,7 @@ import {
   printTable,
   time,
   toJson,
+  unreachableWhy,
   withServer,
 } from "./output.js";
 
@@ -298,17 +299,25 @@ export function leaseCommands(): Command {
     .action(async (id: string, o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) => {
         const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "5m");
+        // Said once per outage, not on every try.
+        let away = false;
         const waited = await waitForLease(
           c.leases,
           id,
           timeoutMs,
           (m) => {
+            away = false;
             if (json) out(toJson(messageJson(WaitLeaseResponseSchema, m)));
             else out(`${new Date().toISOString()} ${describeDeployment(m.deployment)}`);
           },
           {
-            onReconnect: (error) =>
-              process.stderr.write(`leasehold: server unavailable (${error.message}); reconnecting\n`),
+            onReconnect: (error) => {
+              if (!away)
+                process.stderr.write(
+                  `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting until it is back\n`,
+                );
+              away = true;
+            },
           },
         );
         if (!json && !waited.ready) out(`not ready: ${waited.reason}`);

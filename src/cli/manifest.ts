@@ -282,10 +282,12 @@ function readFixtures(p: Problems, value: unknown, options: ParseManifestOptions
         p.add(`${at}.path`, `cannot read ${file}: ${errorText(error)}`);
       }
     }
+    // Counted for the duplicate checks even when this fixture has problems of its own: every
+    // problem is reported at once.
+    if (name !== undefined) names.push([i, name]);
+    if (mount !== undefined) mounts.push([i, mount]);
     if (name === undefined || mount === undefined || content === undefined) return;
     fixtures.push({ name, mount, content });
-    names.push([i, name]);
-    mounts.push([i, mount]);
   });
   duplicates(p, "fixtures", names, "name");
   duplicates(p, "fixtures", mounts, "mount");
@@ -366,7 +368,11 @@ function readChecks(p: Problems, value: unknown): Check[] {
     const named = optionalString(p, `${at}.name`, c.name);
     const timeoutMs = duration(p, `${at}.timeout`, c.timeout, 1) ?? MANIFEST_DEFAULTS.checkTimeoutMs;
     const check = readCheck(p, at, c);
-    if (!check) return;
+    // A named check with problems of its own still counts for the duplicate check.
+    if (!check) {
+      if (named !== undefined) names.push([i, named]);
+      return;
+    }
     const name = named ?? defaultCheckName(check);
     checks.push({ ...check, name, timeoutMs });
     names.push([i, name]);

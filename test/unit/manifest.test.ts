@@ -376,6 +376,31 @@ outputs: {promote: [r.txt, r.txt]}
     ]);
   });
 
+  it("reports a duplicate name beside the other problems of the entries that hold it", () => {
+    expect(
+      problemsOf(
+        `
+runtime: east
+fixtures:
+  - {name: a, path: missing.txt}
+  - {name: a, content: y}
+deployment:
+  containers: [{name: web, argv: [ls]}]
+checks:
+  - {name: up, http: {url: "http://x/"}, tcp: {port: 80}}
+  - {name: up, tcp: {port: 80}}
+`,
+      ),
+    ).toEqual([
+      "fixtures[0].path: cannot read /m/missing.txt: ENOENT: no such file, open '/m/missing.txt'",
+      'fixtures[1].name: "a" is already used by fixtures[0].name',
+      // Its mount defaults to its name.
+      'fixtures[1].mount: "a" is already used by fixtures[0].mount',
+      "checks[0]: needs exactly one of http, tcp, exec (got http and tcp)",
+      'checks[1].name: "up" is already used by checks[0].name',
+    ]);
+  });
+
   it("YAML errors are reported with their line, and an empty file says what it needs", () => {
     expect(problemsOf("runtime: a\nruntime: b\n")).toEqual([
       expect.stringMatching(/^YAML: Map keys must be unique at line 2, column 1$/),

@@ -54,6 +54,8 @@ export const workers = pgTable(
     agentVersion: text("agent_version").notNull().default(""),
     /** No new grants while true. */
     draining: boolean("draining").notNull().default(false),
+    /** Why, as the operator said when asking for the drain: sent again to every new stream. */
+    drainReason: text("drain_reason").notNull().default(""),
     createdAt: tstz("created_at").notNull().defaultNow(),
     lastSeenAt: tstz("last_seen_at").notNull().defaultNow(),
   },

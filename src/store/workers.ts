@@ -117,7 +117,8 @@ export async function setWorkerDraining(
     db,
     sql`
       with drained as (
-        update workers set draining = true where worker_id = ${workerId} returning worker_id, cluster
+        update workers set draining = true, drain_reason = ${reason}
+        where worker_id = ${workerId} returning worker_id, cluster
       ),
       event as (
         insert into events (kind, worker_id, cluster, message, actor)

@@ -16,6 +16,7 @@ import { createHelloOpener } from "./lease/hellos.js";
 import {
   createHostedSessions,
   dbOffsetMs,
+  drainReason,
   type Hosted,
   persistDeadline,
   TAKEN_OVER_MESSAGE,
@@ -261,7 +262,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       else if (l.stopReason === "COLLECT_OUTPUTS")
         revokes.revoke(s.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
     }
-    if (s.draining) link.send({ type: "drain", reason: "the worker is being drained" });
+    if (s.draining) link.send({ type: "drain", reason: drainReason(opened.drainReason) });
     log.info(
       {
         workerId: s.workerId,
@@ -407,7 +408,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     for (const s of hosted.values()) {
       if (s.workerId === workerId) {
         s.draining = true;
-        s.link.send({ type: "drain", reason });
+        s.link.send({ type: "drain", reason: drainReason(reason) });
       }
     }
   }

@@ -656,7 +656,14 @@ describe("work leases", () => {
     const second = await submit();
     await tick().dispatch();
     expect((await getAction(second)).action?.state).toBe(ActionState.QUEUED);
-    expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+    // Back on a new stream within grace: the drain, and the operator's reason, still hold.
+    w.drop();
+    await w.ended;
+    const back = await worker("w1", { capacity: 2, held: [{ actionId: first, epoch: 1n }] });
+    expect(await back.next("drain")).toMatchObject({ reason: "maintenance" });
+    await tick().dispatch();
+    expect((await getAction(second)).action?.state).toBe(ActionState.QUEUED);
+    expect(await back.complete(grant, { output: {} })).toMatchObject({ accepted: true });
     await expectStatus(
       t.client(ClusterService).drainWorker({ workerId: "nobody" }),
       Code.NotFound,

@@ -31,7 +31,7 @@ export async function auditLeases(
   db: Db,
   held: readonly HeldLease[],
   workerIds: readonly string[],
-): Promise<{ notices: LeaseNotice[]; draining: string[] }> {
+): Promise<{ notices: LeaseNotice[]; draining: { workerId: string; reason: string }[] }> {
   const notices =
     held.length === 0
       ? []
@@ -62,9 +62,9 @@ export async function auditLeases(
   const draining =
     workerIds.length === 0
       ? []
-      : await queryRows<{ worker_id: string }>(
+      : await queryRows<{ worker_id: string; drain_reason: string }>(
           db,
-          sql`select worker_id from workers where draining
+          sql`select worker_id, drain_reason from workers where draining
               and worker_id in (select jsonb_array_elements_text(${JSON.stringify(workerIds)}::jsonb))`,
         );
   return {
@@ -75,6 +75,6 @@ export async function auditLeases(
       notice: n.notice,
       state: n.state ?? "gone",
     })),
-    draining: draining.map((d) => d.worker_id),
+    draining: draining.map((d) => ({ workerId: d.worker_id, reason: d.drain_reason })),
   };
 }

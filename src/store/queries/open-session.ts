@@ -46,6 +46,8 @@ export interface OpenedSession {
   readonly deadline: Date;
   readonly dbNow: Date;
   readonly draining: boolean;
+  /** The operator's reason for the drain ('' when none was given, or not draining). */
+  readonly drainReason: string;
   /** Listed leases that continue with the same epoch. */
   readonly resumedLeases: readonly HeldGrant[];
   /** Listed leases that are no longer the worker's. */
@@ -99,10 +101,10 @@ export async function openSession(
     // One round trip for two statements (a hello's cost is mostly round trips while thousands of
     // workers connect): the cluster is registered (a data-modifying WITH always runs to
     // completion), and the worker's row is locked.
-    const [worker] = await queryRows<{ cluster: string; draining: boolean }>(
+    const [worker] = await queryRows<{ cluster: string; draining: boolean; drain_reason: string }>(
       tx,
       sql`with cluster as (insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing)
-          select cluster, draining from workers where worker_id = ${hello.workerId} for update`,
+          select cluster, draining, drain_reason from workers where worker_id = ${hello.workerId} for update`,
     );
     let [live] = await queryRows<LiveSessionRow>(
       tx,
@@ -130,6 +132,7 @@ export async function openSession(
     if (live && movingCluster) throw inOtherCluster(worker.cluster, hello);
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;
+    const drainReason = draining ? (worker?.drain_reason ?? "") : "";
     await tx.execute(sql`
       insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, last_seen_at)
       values (${hello.workerId}, ${hello.cluster}, ${hello.capacity}, ${JSON.stringify(hello.labels)}::jsonb,
@@ -137,7 +140,7 @@ export async function openSession(
       on conflict (worker_id) do update set
         cluster = excluded.cluster, capacity = excluded.capacity, labels = excluded.labels,
         agent_version = excluded.agent_version, last_seen_at = excluded.last_seen_at,
-        draining = ${draining}`);
+        draining = ${draining}, drain_reason = ${drainReason}`);
 
     let sessionId: string;
     const streamToken = uuidv7();
@@ -189,6 +192,7 @@ export async function openSession(
       deadline: toDate(row?.deadline),
       dbNow: toDate(row?.db_now),
       draining,
+      drainReason,
       resumedLeases,
       revokedLeases,
       unlistedLeases,

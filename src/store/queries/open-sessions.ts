@@ -74,9 +74,14 @@ export async function openSessions(
 
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
-    const workers = await queryRows<{ worker_id: string; cluster: string; draining: boolean }>(
+    const workers = await queryRows<{
+      worker_id: string;
+      cluster: string;
+      draining: boolean;
+      drain_reason: string;
+    }>(
       tx,
-      sql`select worker_id, cluster, draining from workers
+      sql`select worker_id, cluster, draining, drain_reason from workers
           where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) order by worker_id for update`,
     );
     // A live session another statement has locked (a renewal or a grant of the stream it
@@ -113,6 +118,7 @@ export async function openSessions(
       sessionId: string;
       streamToken: string;
       draining: boolean;
+      drainReason: string;
     }[] = [];
     for (const [workerId, i] of firstOf) {
       const { hello, principal } = batch[i] as HelloOfBatch;
@@ -134,6 +140,7 @@ export async function openSessions(
           sessionId: live?.id ?? uuidv7(),
           streamToken: uuidv7(),
           draining: live ? (worker?.draining ?? false) : false,
+          drainReason: live && worker?.draining ? worker.drain_reason : "",
         });
       }
     }
@@ -146,6 +153,7 @@ export async function openSessions(
       labels: o.hello.labels,
       agent_version: o.hello.agentVersion,
       draining: o.draining,
+      drain_reason: o.drainReason,
       session_id: o.sessionId,
       stream_token: o.streamToken,
       resume: o.live !== undefined,
@@ -159,17 +167,19 @@ export async function openSessions(
       sql`with input as (
             select * from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as x(
               worker_id text, cluster text, capacity int, labels jsonb, agent_version text, draining boolean,
+              drain_reason text,
               session_id text, stream_token text, resume boolean, principal text, instance_id text)),
           clusters_registered as (
             insert into clusters (name) select distinct cluster from input order by 1 on conflict (name) do nothing),
           registered as (
-            insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, last_seen_at)
-            select worker_id, cluster, capacity, labels, agent_version, draining, ${now} from input
+            insert into workers (worker_id, cluster, capacity, labels, agent_version, draining, drain_reason,
+                                 last_seen_at)
+            select worker_id, cluster, capacity, labels, agent_version, draining, drain_reason, ${now} from input
             order by worker_id
             on conflict (worker_id) do update set
               cluster = excluded.cluster, capacity = excluded.capacity, labels = excluded.labels,
               agent_version = excluded.agent_version, last_seen_at = excluded.last_seen_at,
-              draining = excluded.draining),
+              draining = excluded.draining, drain_reason = excluded.drain_reason),
           resumed as (
             update sessions s set deadline = greatest(s.deadline, ${now} + ${grace}), last_heard_at = ${now},
               stream_lost_at = null, server_id = ${serverId}, stream_token = i.stream_token,
@@ -231,6 +241,7 @@ export async function openSessions(
           deadline: toDate(row?.deadline),
           dbNow: toDate(row?.db_now),
           draining: o.draining,
+          drainReason: o.drainReason,
           ...sorted,
           reaped: undefined,
         },

@@ -1,7 +1,7 @@
 import type { Db } from "../../store/database.js";
 import { auditLeases, type HeldLease } from "../../store/queries/audit-leases.js";
 import type { LeaseToken, RevokeReason } from "../worker-messages.js";
-import type { Hosted, HostedSessions } from "./hosted.js";
+import { drainReason, type Hosted, type HostedSessions } from "./hosted.js";
 
 /** Most leases one audit round checks (see {@link createAudit}). */
 export const AUDIT_LEASES_PER_ROUND = 4096;
@@ -94,11 +94,12 @@ export function createAudit(deps: {
       else revoke(n.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
     }
     if (draining.length === 0) return;
-    const drained = new Set(draining);
+    const reasons = new Map(draining.map((d) => [d.workerId, d.reason]));
     for (const s of hosted.values()) {
-      if (drained.has(s.workerId) && !s.draining) {
+      const reason = reasons.get(s.workerId);
+      if (reason !== undefined && !s.draining) {
         s.draining = true;
-        s.link.send({ type: "drain", reason: "the worker is being drained" });
+        s.link.send({ type: "drain", reason: drainReason(reason) });
       }
     }
   };

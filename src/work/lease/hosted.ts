@@ -10,6 +10,11 @@ export const TAKEN_OVER_MESSAGE = "a newer stream of this worker took the sessio
 /** How a stream whose session passed its deadline ends (ErrorInfo reason SESSION_REAPED). */
 export const REAPED_MESSAGE = "this session passed its deadline and was reaped; reconnect";
 
+/** What a Drain says: the operator's reason, or that the worker is being drained when none was given. */
+export function drainReason(reason: string): string {
+  return reason === "" ? "the worker is being drained" : reason;
+}
+
 /** One worker stream this process hosts, and the leases its session holds. */
 export interface Hosted {
   readonly sessionId: string;

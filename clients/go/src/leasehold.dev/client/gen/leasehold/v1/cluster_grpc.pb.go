@@ -29,7 +29,8 @@ type ClusterServiceClient interface {
 	// Stops new grants to a worker and asks it to finish what it holds (a
 	// Drain message on its stream; its leases stay valid, none is revoked).
 	// The drain lasts as long as the worker's session: it holds across
-	// reconnections within the grace period, and ends with the session (a
+	// reconnections within the grace period (each new stream gets the Drain
+	// again, with this request's reason), and ends with the session (a
 	// goodbye, or reaped), after which a new session is granted work again.
 	// NOT_FOUND if the worker never connected.
 	// Right: worker.drain in the worker's cluster.
@@ -112,7 +113,8 @@ type ClusterServiceServer interface {
 	// Stops new grants to a worker and asks it to finish what it holds (a
 	// Drain message on its stream; its leases stay valid, none is revoked).
 	// The drain lasts as long as the worker's session: it holds across
-	// reconnections within the grace period, and ends with the session (a
+	// reconnections within the grace period (each new stream gets the Drain
+	// again, with this request's reason), and ends with the session (a
 	// goodbye, or reaped), after which a new session is granted work again.
 	// NOT_FOUND if the worker never connected.
 	// Right: worker.drain in the worker's cluster.

@@ -1,1 +1,0 @@
-ALTER TABLE "sessions" ADD COLUMN "instance_id" text DEFAULT '' NOT NULL;

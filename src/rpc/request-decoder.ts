@@ -71,6 +71,14 @@ function decodeError(desc: DescMessage, bytes: Uint8Array, error: unknown): Leas
   if (found?.kind === "utf8") {
     return violationError([{ field: found.field || "request", description: "is not valid UTF-8" }]);
   }
+  if (found?.kind === "wire type") {
+    return violationError([
+      {
+        field: found.field || "request",
+        description: `is sent as ${WIRE_TYPE_NAMES[found.got] ?? `wire type ${found.got}`}, but it is ${found.expected}: check the client's copy of the .proto`,
+      },
+    ]);
+  }
   return violationError([
     {
       field: "request",
@@ -89,11 +97,68 @@ const isString = (field: DescField) =>
   (field.fieldKind === "scalar" || (field.fieldKind === "list" && field.listKind === "scalar")) &&
   field.scalar === ScalarType.STRING;
 
-/** A field that made decoding fail: a string of invalid UTF-8, or messages nested too deep. */
-interface Problem {
-  readonly kind: "utf8" | "depth";
-  /** Its path; inside a Struct payload, the payload's field. */
-  readonly field: string;
+/**
+ * A field that made decoding fail: a string of invalid UTF-8, messages nested
+ * too deep, or a field sent with a wire type its type never has (a client
+ * built from another version of the .proto, or a hand-made message).
+ */
+type Problem =
+  | {
+      readonly kind: "utf8" | "depth";
+      /** Its path; inside a Struct payload, the payload's field. */
+      readonly field: string;
+    }
+  | { readonly kind: "wire type"; readonly field: string; readonly got: WireType; readonly expected: string };
+
+const WIRE_TYPE_NAMES: Partial<Record<WireType, string>> = {
+  [WireType.Varint]: "a varint (wire type 0)",
+  [WireType.Bit64]: "64 bits (wire type 1)",
+  [WireType.LengthDelimited]: "length-delimited (wire type 2)",
+  [WireType.StartGroup]: "a group (wire type 3)",
+  [WireType.EndGroup]: "a group end (wire type 4)",
+  [WireType.Bit32]: "32 bits (wire type 5)",
+};
+
+/** The wire types `field` may come as, and its type in words; undefined for any. */
+function wireTypesOf(field: DescField): { types: readonly WireType[]; expected: string } {
+  if (field.fieldKind === "message" || field.fieldKind === "map")
+    return { types: [WireType.LengthDelimited], expected: "a message (length-delimited)" };
+  if (field.fieldKind === "list" && field.listKind === "message")
+    return { types: [WireType.LengthDelimited], expected: "a list of messages (length-delimited)" };
+  const scalar =
+    field.fieldKind === "enum" || (field.fieldKind === "list" && field.listKind === "enum")
+      ? ScalarType.INT32
+      : (field as { scalar: ScalarType }).scalar;
+  const one = scalarWireType(scalar);
+  const name =
+    field.fieldKind === "enum" || (field.fieldKind === "list" && field.listKind === "enum")
+      ? "an enum"
+      : `a ${ScalarType[scalar].toLowerCase()}`;
+  // A repeated number may also come packed, length-delimited.
+  if (field.fieldKind === "list" && one !== WireType.LengthDelimited)
+    return { types: [one, WireType.LengthDelimited], expected: `a list of ${name.replace(/^an? /, "")}s` };
+  return {
+    types: [one],
+    expected: field.fieldKind === "list" ? `a list of ${name.replace(/^an? /, "")}s` : name,
+  };
+}
+
+function scalarWireType(scalar: ScalarType): WireType {
+  switch (scalar) {
+    case ScalarType.STRING:
+    case ScalarType.BYTES:
+      return WireType.LengthDelimited;
+    case ScalarType.DOUBLE:
+    case ScalarType.FIXED64:
+    case ScalarType.SFIXED64:
+      return WireType.Bit64;
+    case ScalarType.FLOAT:
+    case ScalarType.FIXED32:
+    case ScalarType.SFIXED32:
+      return WireType.Bit32;
+    default:
+      return WireType.Varint;
+  }
 }
 
 /**
@@ -115,11 +180,10 @@ function locateProblem(
   while (reader.pos < reader.len) {
     const [number, wireType] = reader.tag();
     const field = desc.fields.find((f) => f.number === number);
-    if (!field || wireType !== WireType.LengthDelimited) {
+    if (!field) {
       reader.skip(wireType, number);
       continue;
     }
-    const data = reader.bytes();
     let fieldPath = path;
     if (!inPayload) {
       fieldPath = path === "" ? field.name : `${path}.${field.name}`;
@@ -129,6 +193,20 @@ function locateProblem(
         fieldPath += `[${index}]`;
       }
     }
+    const { types, expected } = wireTypesOf(field);
+    if (!types.includes(wireType)) {
+      return {
+        kind: "wire type",
+        field: fieldPath,
+        got: wireType,
+        expected,
+      };
+    }
+    if (wireType !== WireType.LengthDelimited) {
+      reader.skip(wireType, number);
+      continue;
+    }
+    const data = reader.bytes();
     let found: Problem | undefined;
     if (isString(field)) {
       if (!isUtf8(data)) found = { kind: "utf8", field: fieldPath };

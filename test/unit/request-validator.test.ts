@@ -17,6 +17,7 @@ import {
   WatchEventsRequestSchema,
 } from "../../src/gen/leasehold/v1/event_pb.js";
 import {
+  CreateLeaseRequestSchema,
   DeleteLeasesRequestSchema,
   LeaseService,
   WaitLeaseRequestSchema,
@@ -289,6 +290,26 @@ describe("the request decoder", () => {
       code: Code.InvalidArgument,
       message: expect.stringMatching(/^request: is not a valid leasehold\.v1\.ConnectRequest/),
     });
+  });
+
+  it("names a field sent with a wire type its type never has, and what it should be", () => {
+    const refused = (schema: Parameters<typeof requestDecoder>[0], bytes: number[]) =>
+      refusal((requestDecoder(schema)(Buffer.from(bytes)) as RejectedRequest).error);
+    // CreateLeaseRequest.runtime (1, a string) as a varint.
+    expect(refused(CreateLeaseRequestSchema, [0x08, 0x05])).toMatchObject({
+      code: Code.InvalidArgument,
+      message:
+        "runtime: is sent as a varint (wire type 0), but it is a string: check the client's copy of the .proto",
+    });
+    // Its ttl (2, a Duration) as a varint, after a valid runtime.
+    expect(refused(CreateLeaseRequestSchema, [0x0a, 0x01, 0x65, 0x10, 0x05])?.message).toBe(
+      "ttl: is sent as a varint (wire type 0), but it is a message (length-delimited): check the client's copy of the .proto",
+    );
+    // Inside a message: the hello's capacity (3, uint32) as 32 bits.
+    const hello = [0x1d, 0x01, 0x00, 0x00, 0x00];
+    expect(refused(ConnectRequestSchema, [0x0a, hello.length, ...hello])?.message).toBe(
+      "hello.capacity: is sent as 32 bits (wire type 5), but it is a uint32: check the client's copy of the .proto",
+    );
   });
 
   it("refuses a payload nested deeper than the decoder follows, naming its field", () => {

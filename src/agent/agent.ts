@@ -188,7 +188,8 @@ export type AgentEvent =
    * Another process connected with this worker id and took the session over,
    * or holds it and the server refused this agent's hello (WORKER_ID_IN_USE;
    * worker ids must be unique): every handler was aborted (superseded), and
-   * the agent connects again only after `retryInMs` (at least a grace period).
+   * the agent connects again after `retryInMs`: at least a grace period after
+   * a takeover, 1–2 s after a first refusal, doubling to 15–30 s.
    */
   | { type: "taken_over"; retryInMs: number }
   | { type: "drain"; reason: string };
@@ -1053,7 +1054,13 @@ export function createAgent(options: AgentOptions): Agent {
       // The fence timer keeps running: the deadline from the last ack still applies.
       addressIndex += 1;
       const code = (error as { code?: unknown } | undefined)?.code;
-      const refused = code === grpc.status.UNAUTHENTICATED || code === grpc.status.PERMISSION_DENIED;
+      const reason = errorReasonOf(error);
+      const takenOver = code === grpc.status.ABORTED && reason === "SESSION_TAKEN_OVER";
+      // A hello refused because another process holds the session changed nothing there: try
+      // again at the pace of refused credentials, soon at first (the other may be a predecessor
+      // whose lost stream the server has not yet marked), then less and less often.
+      const inUse = code === grpc.status.ALREADY_EXISTS && reason === "WORKER_ID_IN_USE";
+      const refused = code === grpc.status.UNAUTHENTICATED || code === grpc.status.PERMISSION_DENIED || inUse;
       refusals = refused ? refusals + 1 : 0;
       let retryInMs = refused
         ? refusedDelayMs(refusals)
@@ -1063,17 +1070,13 @@ export function createAgent(options: AgentOptions): Agent {
             maxMs: options.maxBackoffMs,
             graceMs,
           });
-      const reason = errorReasonOf(error);
-      if (
-        (code === grpc.status.ABORTED && reason === "SESSION_TAKEN_OVER") ||
-        (code === grpc.status.ALREADY_EXISTS && reason === "WORKER_ID_IN_USE")
-      ) {
+      if (takenOver || inUse) {
         // This agent never opens a second stream, so another process connected with this
         // worker id and took the session, its leases and its grants (or holds it, and this
-        // agent's hello was refused): stop every handler at once, and let that process keep
-        // the session for a grace period before trying again.
+        // agent's hello was refused): stop every handler at once. After a takeover, let that
+        // process keep the session for a grace period before trying again.
         const grace = graceMs ?? 10_000;
-        retryInMs = Math.max(retryInMs, grace + Math.random() * grace);
+        if (takenOver) retryInMs = Math.max(retryInMs, grace + Math.random() * grace);
         for (const r of running.values()) {
           if (r.report) continue;
           r.serverEnded = true;

@@ -28,7 +28,7 @@
 
 /** Limits of one field that differ from the defaults. */
 export interface FieldLimit {
-  /** Longest string, in characters (UTF-16 code units); for a map, of its values; for a list, of each element. */
+  /** Longest string, in characters (code points); for a map, of its values; for a list, of each element. */
   readonly maxLength?: number;
   /** Longest map key, in characters. */
   readonly maxKeyLength?: number;

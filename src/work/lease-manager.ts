@@ -152,6 +152,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const { db, clock, feed, log, metrics, serverId } = options;
   const graceMs = options.gracePeriodMs;
   const maxSilenceMs = options.maxSilenceMs ?? 10 * graceMs;
+  // Well above a healthy peer's renewal lag (up to two ticks): a session not renewed for this long
+  // has lost its stream, whatever its row says (a crashed process, a half-open connection).
+  const staleMs = Math.max(4 * options.heartbeatIntervalMs, graceMs / 2);
   const partitionShare = options.partitionShare ?? 0.5;
   const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
@@ -205,7 +208,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     clock,
     log,
     serverId,
-    limits: { graceMs, partitionShare, maxSilenceMs },
+    limits: { graceMs, partitionShare, maxSilenceMs, staleMs },
     keepHosted: () => renewal.keepHosted(),
   });
 
@@ -386,9 +389,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     const extended = await extendSessionsOnStart(db, clock, {
       graceMs,
       maxSilenceMs,
-      // Well above a healthy peer's renewal lag (up to two ticks), so a
-      // starting process never detaches another process's live streams.
-      staleMs: Math.max(4 * options.heartbeatIntervalMs, graceMs / 2),
+      // A starting process never detaches another process's live streams.
+      staleMs,
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (timersOn) {

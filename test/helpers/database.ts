@@ -2,9 +2,11 @@ import { randomBytes } from "node:crypto";
 import { cpSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { sql } from "drizzle-orm";
 import postgres from "postgres";
 import { afterAll, beforeAll, inject } from "vitest";
-import { type Database, openDatabase } from "../../src/store/database.js";
+import { type Database, type Db, openDatabase } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
 
 /** Where a test's server keeps its state: a fresh PostgreSQL database or a fresh PGlite directory. */
 export interface TestStore extends AsyncDisposable {
@@ -78,4 +80,21 @@ export function useFreshDatabase(): { readonly current: Database } {
     await handle.store?.drop();
   });
   return handle;
+}
+
+/**
+ * Resolves once a statement of the database `db` is on waits for a lock
+ * (pg_stat_activity), or once `done()` says there is nothing left to wait for:
+ * the moment a test that holds a row lock lets its transaction go on.
+ */
+export async function untilSomeoneWaitsForALock(db: Db, done: () => boolean = () => false): Promise<void> {
+  for (;;) {
+    const [row] = await queryRows<{ waiting: number }>(
+      db,
+      sql`select count(*)::int as waiting from pg_stat_activity
+          where datname = current_database() and wait_event_type = 'Lock'`,
+    );
+    if (row?.waiting || done()) return;
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
 }

@@ -4,8 +4,12 @@ import { Code } from "../../src/errors.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
-import { queryRows } from "../../src/store/rows.js";
-import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import {
+  freshPostgresDatabase,
+  runsPostgresTests,
+  type TestStore,
+  untilSomeoneWaitsForALock,
+} from "../helpers/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -49,15 +53,7 @@ describe.runIf(runsPostgresTests())("CollectOutputs beside a commit of its lease
     await other.db.transaction(async (tx) => {
       await tx.execute(sql`select id from scope_leases where id = ${leaseId} for update`);
       collecting = failure(leases.collectOutputs({ leaseId, timeout: { seconds: 5n } }));
-      for (;;) {
-        const [row] = await queryRows<{ waiting: number }>(
-          other.db,
-          sql`select count(*)::int as waiting from pg_stat_activity
-              where datname = current_database() and wait_event_type = 'Lock'`,
-        );
-        if (row?.waiting || revoked) break;
-        await new Promise<void>((resolve) => setImmediate(resolve));
-      }
+      await untilSomeoneWaitsForALock(other.db, () => revoked);
       await tx.execute(
         sql`update scope_leases set state = 'COMMITTED', close_reason = 'COMMITTED', closed_at = now()
             where id = ${leaseId}`,

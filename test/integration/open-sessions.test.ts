@@ -18,12 +18,16 @@ const hello = (workerId: string, cluster: string, held: [string, number][] = [])
   heldLeases: held.map(([actionId, epoch]) => ({ actionId, epoch })),
 });
 
-const LIMITS = { graceMs: 10_000, partitionShare: 1, maxSilenceMs: 600_000 };
+const BATCH_LIMITS = { graceMs: 10_000, staleMs: 8_000 };
+const LIMITS = { ...BATCH_LIMITS, partitionShare: 1, maxSilenceMs: 600_000 };
 
 const opened = (o: BatchOutcome | undefined) => {
   if (!o || !("opened" in o)) throw new Error(`not opened: ${JSON.stringify(o)}`);
   return o.opened;
 };
+/** A hello of instance `instanceId` (a process of the worker). */
+const as = (workerId: string, instanceId: string): HelloInput => ({ ...hello(workerId, "east"), instanceId });
+
 const refused = (o: BatchOutcome | undefined) => {
   if (!o || !("refused" in o)) throw new Error(`not refused: ${JSON.stringify(o)}`);
   return o.refused as LeaseholdError;
@@ -36,6 +40,9 @@ describe("a batch of hellos", () => {
   beforeAll(() => {
     db = database.current.db;
   });
+  /** A hello alone (the way a batch leaves some), as instance `instanceId`. */
+  const alone = (workerId: string, instanceId: string) =>
+    openSession(db, clock, "this-server", LIMITS, as(workerId, instanceId), "anonymous");
 
   /** A worker with a live session (deadline in `deadlineSecs`), and LEASED actions held by it. */
   async function liveWorker(
@@ -82,7 +89,7 @@ describe("a batch of hellos", () => {
     await liveWorker("moved", { cluster: "west" });
     await liveWorker("expired", { deadlineSecs: -5 });
     const statements: string[] = [];
-    const outcomes = await openSessions(counting(db, statements), clock, "this-server", 10_000, [
+    const outcomes = await openSessions(counting(db, statements), clock, "this-server", BATCH_LIMITS, [
       { hello: hello("fresh", "north"), principal: "anonymous" },
       {
         hello: hello("resuming", "east", [
@@ -193,7 +200,7 @@ describe("a batch of hellos", () => {
         await held;
       });
       await lockTaken;
-      const outcomes = await openSessions(db, clock, "this-server", 10_000, [
+      const outcomes = await openSessions(db, clock, "this-server", BATCH_LIMITS, [
         { hello: hello("locked", "east"), principal: "anonymous" },
         { hello: hello("beside-locked", "east"), principal: "anonymous" },
       ]);
@@ -205,17 +212,13 @@ describe("a batch of hellos", () => {
   );
 
   it("refuses a hello from another instance while the session's stream is open, in a batch and alone", async () => {
-    const as = (workerId: string, instanceId: string): HelloInput => ({
-      ...hello(workerId, "east"),
-      instanceId,
-    });
-    // Streams open, attached to instance "first".
+    // Streams open and renewed, attached to instance "first".
     for (const id of ["twin-batch", "twin-alone", "same", "unnamed"])
       await liveWorker(id, { streamLost: false });
     await liveWorker("lost", { streamLost: true });
     await db.execute(sql`update sessions set instance_id = 'first' where worker_id in
                          ('twin-batch', 'twin-alone', 'same', 'lost')`);
-    const outcomes = await openSessions(db, clock, "this-server", 10_000, [
+    const outcomes = await openSessions(db, clock, "this-server", BATCH_LIMITS, [
       { hello: as("twin-batch", "second"), principal: "anonymous" },
       { hello: as("same", "first"), principal: "anonymous" },
       { hello: as("unnamed", "second"), principal: "anonymous" },
@@ -228,11 +231,9 @@ describe("a batch of hellos", () => {
     expect(opened(outcomes[1])).toMatchObject({ resumed: true, tookOver: true });
     // A session whose stream said no instance is taken over, as before instance ids.
     expect(opened(outcomes[2])).toMatchObject({ resumed: true, tookOver: true });
-    // A lost stream's session is resumed by any process: a restarted worker gets its leases at once.
-    expect(opened(outcomes[3])).toMatchObject({ resumed: true, tookOver: false });
+    // A new process whose predecessor's stream is gone: its session is reaped first, alone.
+    expect(outcomes[3]).toEqual({ alone: true });
     // The hello alone (openSession) refuses the same way, and writes nothing.
-    const alone = (workerId: string, instanceId: string) =>
-      openSession(db, clock, "this-server", LIMITS, as(workerId, instanceId), "anonymous");
     const error = await alone("twin-alone", "second").then(
       () => undefined,
       (e: unknown) => e as LeaseholdError,
@@ -241,17 +242,51 @@ describe("a batch of hellos", () => {
     const rows = await queryRows<{ worker_id: string; instance_id: string; stream_token: string }>(
       db,
       sql`select worker_id, instance_id, stream_token from sessions
-          where worker_id in ('twin-batch', 'twin-alone', 'lost') and ended_at is null order by worker_id`,
+          where worker_id in ('twin-batch', 'twin-alone') and ended_at is null order by worker_id`,
     );
     expect(rows).toEqual([
-      { worker_id: "lost", instance_id: "second", stream_token: expect.not.stringMatching(/^t-lost$/) },
       { worker_id: "twin-alone", instance_id: "first", stream_token: "t-twin-alone" },
       { worker_id: "twin-batch", instance_id: "first", stream_token: "t-twin-batch" },
     ]);
-    // The first process gone (its stream lost), the second gets the session.
-    await db.execute(sql`update sessions set stream_lost_at = now() where worker_id = 'twin-alone'`);
-    const taken = await alone("twin-alone", "second");
-    expect(taken).toMatchObject({ resumed: true, tookOver: false });
+  });
+
+  it("ends the session of a process that is gone when a new process of its worker says hello: its leases expire", async () => {
+    // Its stream closed; its stream still open but renewed by nobody for longer than staleMs (a
+    // crashed server, a half-open connection); past its deadline. Each held a lease.
+    const lost = await liveWorker("gone-lost", { streamLost: true, leases: [["L1", 1]] });
+    const stale = await liveWorker("gone-stale", { streamLost: false, leases: [["L2", 1]] });
+    await liveWorker("gone-expired", { streamLost: false, deadlineSecs: -1, leases: [["L3", 1]] });
+    await db.execute(sql`update sessions set instance_id = 'first' where worker_id like 'gone-%'`);
+    await db.execute(
+      sql`update sessions set last_heard_at = now() - interval '9 seconds' where id = ${stale}`,
+    );
+    for (const [workerId, sessionId, action] of [
+      ["gone-lost", lost, "L1"],
+      ["gone-stale", stale, "L2"],
+      ["gone-expired", "s-gone-expired", "L3"],
+    ] as const) {
+      const opened = await alone(workerId, "second");
+      // A new session: the lease is not sent again with the same epoch, as it was to a reconnect.
+      expect(opened).toMatchObject({ resumed: false, unlistedLeases: [] });
+      expect(opened.sessionId).not.toBe(sessionId);
+      expect(opened.reaped?.expired).toMatchObject([{ actionId: action, epoch: 1, state: "QUEUED" }]);
+      const [row] = await queryRows<{ state: string; system_retry_count: number; session_id: string | null }>(
+        db,
+        sql`select state, system_retry_count, session_id from actions where id = ${action}`,
+      );
+      // Charged to the system retries: an action that kills its worker every time fails in the end.
+      expect(row).toEqual({ state: "QUEUED", system_retry_count: 1, session_id: null });
+    }
+    const [ended] = await queryRows<{ end_reason: string; message: string }>(
+      db,
+      sql`select s.end_reason, e.message from sessions s join events e on e.session_id = s.id
+          where s.id = ${lost} and e.kind = 'session_reaped'`,
+    );
+    expect(ended).toEqual({
+      end_reason: "reaped",
+      message:
+        "session of worker gone-lost reaped: a new process of the worker connected while the stream of this one was gone",
+    });
   });
 
   it("lets two processes' batches race for the same workers: both finish, and the later takes each session over", async () => {
@@ -260,8 +295,8 @@ describe("a batch of hellos", () => {
     for (let round = 0; round < 3; round++) {
       const forward = ids.map((id) => ({ hello: hello(id, "east"), principal: "anonymous" }));
       const [a, b] = await Promise.all([
-        openSessions(db, clock, "server-a", 10_000, forward),
-        openSessions(db, clock, "server-b", 10_000, [...forward].reverse()),
+        openSessions(db, clock, "server-a", BATCH_LIMITS, forward),
+        openSessions(db, clock, "server-b", BATCH_LIMITS, [...forward].reverse()),
       ]);
       const rows = await queryRows<{ worker_id: string; server_id: string; stream_token: string }>(
         db,

@@ -4,8 +4,12 @@ import { databaseClock as clock } from "../../src/store/clock.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import type { FinishReport } from "../../src/store/queries/finish-actions.js";
 import { settleAndGrant } from "../../src/store/queries/settle-and-grant.js";
-import { queryRows } from "../../src/store/rows.js";
-import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import {
+  freshPostgresDatabase,
+  runsPostgresTests,
+  type TestStore,
+  untilSomeoneWaitsForALock,
+} from "../helpers/database.js";
 import { deferred } from "../helpers/deferred.js";
 
 // Two statements at once on one action: PGlite has one connection, so only PostgreSQL can race.
@@ -62,15 +66,7 @@ describe.runIf(runsPostgresTests())("a completion sent again while its first cop
 
     // The second copy's statement starts meanwhile and waits for the action's row lock.
     const secondCopy = settleAndGrant(second.db, clock, [report], undefined);
-    for (;;) {
-      const [row] = await queryRows<{ waiting: number }>(
-        first.db,
-        sql`select count(*)::int as waiting from pg_stat_activity
-            where datname = current_database() and wait_event_type = 'Lock'`,
-      );
-      if (row?.waiting) break;
-      await new Promise<void>((resolve) => setImmediate(resolve));
-    }
+    await untilSomeoneWaitsForALock(first.db);
     committing.resolve();
     await firstCopy;
     const { finished } = await secondCopy;

@@ -447,6 +447,35 @@ describe("work leases", () => {
     expect((await events(id)).map((e) => e.kind)).not.toContain(EventKind.LEASE_EXPIRED);
   });
 
+  it("expires at once the leases of a worker process that restarted, charged to system retries, until the action fails", async () => {
+    // An action whose handler kills its process every time: each new process of w1 comes back
+    // within grace. Its predecessor's lease is not sent again with the same epoch: it expires.
+    const id = await submit({ maxSystemRetries: 1 });
+    const process = async (instanceId: string) => {
+      const w = await connectWorker(t.address, { workerId: "w1", cluster: "east", capacity: 1, instanceId });
+      workers.push(w);
+      return w;
+    };
+    const first = await process("first");
+    await tick().dispatch();
+    expect(await first.next("grant")).toMatchObject({ actionId: id, epoch: 1n });
+    first.drop();
+    await waitForEvent(t, id, "w1", EventKind.STREAM_LOST);
+    const second = await process("second");
+    expect(second.welcome).toMatchObject({ sessionResumed: false, resumed: [], revoked: [] });
+    await tick().dispatch();
+    expect(await second.next("grant")).toMatchObject({ actionId: id, epoch: 2n });
+    let got = await getAction(id);
+    expect(got.action).toMatchObject({ systemRetryCount: 1 });
+    expect(got.attempts.map((a) => a.outcome)[0]).toBe(AttemptOutcome.LEASE_EXPIRED);
+    second.drop();
+    await waitForEvent(t, id, "w1", EventKind.STREAM_LOST);
+    await process("third");
+    got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.FAILED, systemRetryCount: 2 });
+    // The same process coming back resumes, as before: see the test above.
+  });
+
   it("sends the newer grant again to a worker that comes back listing an older epoch of the action", async () => {
     const w = await worker("w1");
     const id = await submit();

@@ -66,7 +66,8 @@ AgentEvent = dict[str, Any]
 * ``taken_over``: retry_in_ms. Another process connected with this worker id and
   took the session over, or holds it and the server refused this agent's hello
   (WORKER_ID_IN_USE; worker ids must be unique): every handler was cancelled
-  (superseded), and the agent connects again only after at least a grace period.
+  (superseded), and the agent connects again after retry_in_ms: at least a grace
+  period after a takeover, 1-2 s after a first refusal, doubling to 15-30 s.
 * ``closed``
 """
 
@@ -521,23 +522,26 @@ class Agent:
             # The fence deadline still applies: only a fresh ack extends it.
             self._address_index += 1
             code = error.code() if isinstance(error, grpc.Call) else None
-            refused = code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
+            taken_over = (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER")
+            # A hello refused because another process holds the session changed nothing there: try
+            # again at the pace of refused credentials, soon at first (the other may be a predecessor
+            # whose lost stream the server has not yet marked), then less and less often.
+            in_use = (code, reason) == (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE")
+            refused = in_use or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
             self._refusals = self._refusals + 1 if refused else 0
             if refused:
                 delay = refused_delay(self._refusals)
             else:
                 delay = reconnect_delay(self._attempts_without_welcome, self._initial_backoff, self._grace)
-            reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
-            if (code, reason) in (
-                (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER"),
-                (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE"),
-            ):
+            if taken_over or in_use:
                 # This agent never opens a second stream, so another process connected with this
                 # worker id and took the session, its leases and its grants (or holds it, and this
-                # agent's hello was refused): stop every handler at once, and let that process keep
-                # the session for a grace period before trying again.
+                # agent's hello was refused): stop every handler at once. After a takeover, let that
+                # process keep the session for a grace period before trying again.
                 grace = self._grace if self._grace is not None else 10.0
-                delay = max(delay, grace * (1 + random.random()))
+                if taken_over:
+                    delay = max(delay, grace * (1 + random.random()))
                 for lease in list(self._leases.values()):
                     if lease.report is None:
                         lease.gone = True

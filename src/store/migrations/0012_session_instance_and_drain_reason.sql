@@ -1,2 +1,2 @@
-ALTER TABLE "sessions" ADD COLUMN "instance_id" text DEFAULT '' NOT NULL;--> statement-breakpoint
-ALTER TABLE "workers" ADD COLUMN "drain_reason" text DEFAULT '' NOT NULL;
+ALTER TABLE "sessions" ADD COLUMN IF NOT EXISTS "instance_id" text DEFAULT '' NOT NULL;--> statement-breakpoint
+ALTER TABLE "workers" ADD COLUMN IF NOT EXISTS "drain_reason" text DEFAULT '' NOT NULL;

@@ -1,4 +1,4 @@
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
@@ -89,7 +89,7 @@ export async function openSession(
   db: Db,
   clock: Clock,
   serverId: string,
-  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
+  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number; staleMs: number },
   hello: HelloInput,
   principal: string,
   keep?: KeepHosted,
@@ -108,27 +108,36 @@ export async function openSession(
     );
     let [live] = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired,
+            ${heardRecently(now, limits.staleMs)}
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
     let reaped: ReapResult | undefined;
-    if (live?.expired) {
-      // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10),
-      // in which case the worker is back in time after all and resumes. A worker that moved to
-      // another cluster cannot resume, so its old session ends either way.
+    /** Reaps the live session (unless its cluster's expiries are paused); true if it ended. */
+    const reapLive = async (id: string, restarted: boolean) => {
       reaped = await reapSessions(tx, clock, {
         limit: 1,
         partitionShare: limits.partitionShare,
         maxSilenceMs: limits.maxSilenceMs,
-        sessionIds: [live.id],
+        sessionIds: [id],
         obeyValve: !movingCluster,
         keep,
+        restarted,
       });
-      if (reaped.sessions.length > 0) live = undefined;
-    }
+      return reaped.sessions.length > 0;
+    };
+    // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10), in
+    // which case the worker is back in time after all and resumes. A worker that moved to another
+    // cluster cannot resume, so its old session ends either way.
+    if (live?.expired && (await reapLive(live.id, false))) live = undefined;
     if (live && live.principal !== principal) throw notTheOwner(principal, hello);
     if (live && inUseByAnother(live, hello)) throw workerIdInUse(hello);
+    // A new process of the worker, its predecessor's stream gone: the predecessor's leases are not
+    // grants this process missed but work that died with it. They expire now (each charged to its
+    // action's system retries, so an action that kills its worker every time fails in the end) and
+    // come back with new epochs, rather than being re-sent with the same ones.
+    if (live && restartedProcess(live, hello) && (await reapLive(live.id, true))) live = undefined;
     if (live && movingCluster) throw inOtherCluster(worker.cluster, hello);
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;
@@ -214,19 +223,43 @@ export function notTheOwner(principal: string, hello: HelloInput): LeaseholdErro
   );
 }
 
+/** The select-list item LiveSessionRow.heard_recently, with `now` and the staleness of the server. */
+export function heardRecently(now: Date | SQL, staleMs: number): SQL {
+  return sql`last_heard_at > ${now} - make_interval(secs => ${staleMs} / 1000.0) as heard_recently`;
+}
+
 /**
- * Whether the live session's stream belongs to another process: it is still
- * open, and both that stream's hello and this one named an instance, not the
- * same. A session whose stream was lost may be resumed by any process (a
- * restarted worker resumes its leases at once); the one that lost it is then
- * refused when it comes back.
+ * Whether the live session's stream belongs to another process that is
+ * there: the stream is open and was renewed lately (within `staleMs`: a
+ * crashed server or a half-open connection leaves a row that says open but
+ * is renewed by nobody), the session is within its deadline, and both that
+ * stream's hello and this one named an instance, not the same. A session
+ * whose stream is gone may be resumed by any process (a restarted worker
+ * resumes its leases at once); the one that lost it is then refused when it
+ * comes back.
  */
 export function inUseByAnother(live: LiveSessionRow, hello: HelloInput): boolean {
   return (
+    !live.expired &&
+    live.heard_recently &&
     live.stream_lost_at === null &&
     live.instance_id !== "" &&
     hello.instanceId !== "" &&
     live.instance_id !== hello.instanceId
+  );
+}
+
+/**
+ * Whether the hello comes from a new process of the worker, whose session's
+ * stream (another instance's) is gone: not the same process reconnecting,
+ * and not refused by {@link inUseByAnother}. Both must have named an instance.
+ */
+export function restartedProcess(live: LiveSessionRow, hello: HelloInput): boolean {
+  return (
+    live.instance_id !== "" &&
+    hello.instanceId !== "" &&
+    live.instance_id !== hello.instanceId &&
+    !inUseByAnother(live, hello)
   );
 }
 
@@ -261,6 +294,8 @@ export interface LiveSessionRow {
   instance_id: string;
   /** Past its deadline. */
   expired: boolean;
+  /** Renewed within the server's staleness bound (see {@link heardRecently}). */
+  heard_recently: boolean;
 }
 
 /** A LEASED action of a resumed session, as read for its hello. */

@@ -7,12 +7,14 @@ import {
   type HeldRow,
   type HelloEvent,
   type HelloInput,
+  heardRecently,
   helloEvents,
   inOtherCluster,
   inUseByAnother,
   type LiveSessionRow,
   notTheOwner,
   type OpenedSession,
+  restartedProcess,
   sortHeld,
   workerIdInUse,
 } from "./open-session.js";
@@ -59,9 +61,10 @@ export async function openSessions(
   db: Db,
   clock: Clock,
   serverId: string,
-  graceMs: number,
+  limits: { graceMs: number; staleMs: number },
   batch: readonly HelloOfBatch[],
 ): Promise<BatchOutcome[]> {
+  const { graceMs } = limits;
   const now = sql`${clock.now()}::timestamptz`;
   const grace = sql`make_interval(secs => ${graceMs} / 1000.0)`;
   const outcomes: BatchOutcome[] = batch.map(() => ({ alone: true }));
@@ -89,7 +92,8 @@ export async function openSessions(
     // for, so a batch never closes a cycle with them; its hello goes alone.
     const lives = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired,
+            ${heardRecently(now, limits.staleMs)}
           from sessions where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null
           order by worker_id for update skip locked`,
     );
@@ -129,6 +133,7 @@ export async function openSessions(
         outcomes[i] = { refused: notTheOwner(principal, hello) };
       } else if (live && inUseByAnother(live, hello)) {
         outcomes[i] = { refused: workerIdInUse(hello) };
+      } else if (live && restartedProcess(live, hello)) {
       } else if (live && worker && worker.cluster !== hello.cluster) {
         outcomes[i] = { refused: inOtherCluster(worker.cluster, hello) };
       } else {

@@ -88,6 +88,12 @@ export const PARTITION_MIN_LOST = 2;
  *
  * `keep` names the sessions this process hosts whose renewal it failed to
  * write; they are never reaped here (see {@link KeepHosted}).
+ *
+ * `restarted` (with `sessionIds` only) reaps the named sessions before their
+ * deadline: a new process of their worker said hello while their stream was
+ * gone, so the process that held their leases is gone too (or fenced by the
+ * epochs the leases get next). Their leases expire as at a deadline, each
+ * charged to its action's system retries.
  */
 export async function reapSessions(
   db: Db,
@@ -99,9 +105,13 @@ export async function reapSessions(
     sessionIds?: readonly string[];
     obeyValve?: boolean;
     keep?: KeepHosted | undefined;
+    restarted?: boolean;
   },
 ): Promise<ReapResult> {
   const now = clock.now();
+  const restarted = options.sessionIds !== undefined && options.restarted === true;
+  /** Due: past the deadline, or any named session of a restarted worker. */
+  const due: SQL = restarted ? sql`true` : sql`s.deadline < ${now}`;
   const which: SQL = options.sessionIds
     ? sql`and s.id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
     : sql``;
@@ -129,7 +139,7 @@ export async function reapSessions(
     sql`
       with watched as (
         select w.cluster as name from sessions s join workers w on w.worker_id = s.worker_id
-        where s.ended_at is null and s.deadline < ${now} ${which}
+        where s.ended_at is null and ${due} ${which}
         ${periodic ? sql`union select name from clusters where partitioned_at is not null` : sql``}
       ),
       verdict as (
@@ -171,7 +181,7 @@ export async function reapSessions(
       ),
       due as (
         select s.id from sessions s
-        where s.ended_at is null and s.deadline < ${now} ${which} ${kept}
+        where s.ended_at is null and ${due} ${which} ${kept}
           and (s.last_heard_at < ${silentSince} or not exists (
             select 1 from workers w join verdict v on v.name = w.cluster
             where w.worker_id = s.worker_id and v.over and v.expiries_resumed_at is null
@@ -229,7 +239,11 @@ export async function reapSessions(
       session_events as (
         insert into events (kind, worker_id, cluster, session_id, message)
         select 'session_reaped', ended.worker_id, w.cluster, ended.id,
-          'session of worker ' || ended.worker_id || ' reaped at its deadline'
+          'session of worker ' || ended.worker_id || ${
+            restarted
+              ? " reaped: a new process of the worker connected while the stream of this one was gone"
+              : " reaped at its deadline"
+          }
         from ended join workers w on w.worker_id = ended.worker_id
       )
       select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,

@@ -48,8 +48,8 @@ export interface Renewed {
  * Locking: row locks on the renewed sessions only. Conditional on the session
  * being live and still attached to this very stream (its token): a session
  * not renewed was reaped or taken over (here or on another process), and its
- * stream must close. Those still live belong to another stream now
- * (taken over); the statement says which, read in its own snapshot.
+ * stream must close. Why (taken over by another stream, reaped, ended) is
+ * read by a second statement, only when there are such sessions.
  */
 export async function renewSessions(
   db: Db,
@@ -104,16 +104,8 @@ export async function renewSessions(
         floor(extract(epoch from ${now}) * 1000)::float8 as db_now_ms,
         (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
            from renewed where deadline <> due) as later,
-        -- 't' marks a session another stream took (it holds it now, or ended it with a goodbye),
-        -- 'r' one that was reaped.
-        (select string_agg((gone.n - 1)::text || case
-                  when s.ended_at is null and s.stream_token is not null then 't'
-                  when s.end_reason = 'goodbye' then 't'
-                  when s.end_reason = 'reaped' then 'r'
-                  else '' end, ',')
-           from (select n from input except select n from renewed) gone
-           join input i on i.n = gone.n
-           left join sessions s on s.id = i.id) as missing`,
+        (select string_agg((n - 1)::text, ',')
+           from (select n from input except select n from renewed) gone) as missing`,
     { prepared: true },
   );
   if (!row) throw new Error("renewSessions: the statement returned no row");
@@ -124,11 +116,24 @@ export async function renewSessions(
     const colon = pair.indexOf(":");
     deadlinesMs[Number(pair.slice(0, colon))] = Number(pair.slice(colon + 1));
   }
-  for (const entry of row.missing ? row.missing.split(",") : []) {
-    const index = Number.parseInt(entry, 10);
-    deadlinesMs[index] = Number.NaN;
-    const mark = entry.at(-1);
-    notRenewed.set(index, mark === "t" ? "taken over" : mark === "r" ? "reaped" : "ended");
+  const missing = row.missing ? row.missing.split(",").map(Number) : [];
+  for (const index of missing) deadlinesMs[index] = Number.NaN;
+  if (missing.length > 0) {
+    // Why, read in a statement of its own: this one's snapshot predates a reap or takeover that
+    // the update waited for, and would show those sessions as they were. Rare: a stream whose
+    // session moved on or ended.
+    const ids = missing.map((i) => (heard[i] as Heard).sessionId);
+    const rows = await queryRows<{ id: string; why: string }>(
+      db,
+      sql`select id, case
+                when ended_at is null and stream_token is not null then 'taken over'
+                when end_reason = 'goodbye' then 'taken over'
+                when end_reason = 'reaped' then 'reaped'
+                else 'ended' end as why
+          from sessions where id in (select jsonb_array_elements_text(${JSON.stringify(ids)}::jsonb))`,
+    );
+    const why = new Map(rows.map((r) => [r.id, r.why as NotRenewed]));
+    for (const index of missing) notRenewed.set(index, why.get((heard[index] as Heard).sessionId) ?? "ended");
   }
   return { deadlinesMs, dbNowMs, notRenewed };
 }

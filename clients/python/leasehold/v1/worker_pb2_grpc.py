@@ -83,19 +83,29 @@ class WorkerServiceServicer(object):
         ErrorInfo reason SESSION_TAKEN_OVER).
 
         A worker id belongs to one process. Set Hello.instance_id (a random id
-        per process, the same on all its reconnects): a hello whose instance_id
-        differs from the one of the stream still open for that worker is refused
-        (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes nothing,
-        so a second process started with the same id never disturbs the first.
+        per process, the same on all its reconnects):
+        - A hello whose instance_id differs from the one of the worker's stream
+        that is still open (renewed lately, within its deadline) is refused
+        (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes
+        nothing, so a second process started with the same id never disturbs
+        the first. Stop all work (the session, its leases and their grants
+        belong to the other process) and try again later: the SDKs wait 1-2 s
+        after a first refusal, doubling to 15-30 s, because the other process
+        may be a predecessor whose lost stream the server has not noticed yet.
+        - A hello with a new instance_id for a session whose stream is gone (a
+        restarted process) ends that session at once instead of resuming it:
+        its leases expire as at a deadline, each charged to its action's
+        max_system_retries, and are granted again with higher epochs. So an
+        action that kills its worker every time fails in the end, and a
+        predecessor that is still alive somewhere is fenced.
+        - The same instance_id resumes the session, or takes over its open
+        stream, as above.
         A client whose own stream ends SESSION_TAKEN_OVER while it opened no
-        other, or whose hello is refused WORKER_ID_IN_USE, has a twin using its
-        id (or lost its stream and the twin took the session meanwhile). It must
-        stop all its work at once (the session, its leases and their grants
-        belong to the other process now) and connect again no sooner than one
-        grace period later (the SDKs wait one to two, 10 to 20 s before any
-        welcome). Without instance ids, two such processes take the session from
-        each other over and over, each running the other's leases under the
-        same epochs. A session that
+        other has a twin using its id without an instance_id. It must stop all
+        its work at once and connect again no sooner than one grace period
+        later (the SDKs wait one to two, 10 to 20 s before any welcome);
+        otherwise the two take the session from each other over and over, each
+        running the other's leases under the same epochs. A session that
         passes its deadline while its stream is still open (the worker stopped
         heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
         and its leases expire; the worker has self-fenced by then (below).
@@ -142,7 +152,8 @@ class WorkerServiceServicer(object):
         Listed leases that are still valid come back in Welcome.resumed with the
         same epoch and keep running; the ones in Welcome.revoked must be stopped
         at once. A grant the worker did not list (or listed at an older epoch of
-        its action) is sent again, same epoch. A
+        its action) is sent again, same epoch, to the same process (a new
+        process's hello ends the session instead: see instance_id above). A
         lease stopped by the self-fence is still held until its ReleaseReport is
         answered: list it, and send the release after the welcome. A lease whose
         completion the server applied just before the stream broke comes back in

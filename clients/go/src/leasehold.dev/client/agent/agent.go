@@ -243,8 +243,9 @@ type Draining struct {
 // TakenOver: another process connected with this worker id and took the
 // session over, or holds it and the server refused this agent's hello
 // (WORKER_ID_IN_USE; worker ids must be unique). Every handler was cancelled
-// (superseded), and the agent connects again only after RetryIn, at least a
-// grace period, leaving the session to the other process meanwhile.
+// (superseded), and the agent connects again after RetryIn: at least a grace
+// period after a takeover, leaving the session to the other process
+// meanwhile; 1–2 s after a first refusal, doubling to 15–30 s.
 type TakenOver struct {
 	RetryIn time.Duration
 }

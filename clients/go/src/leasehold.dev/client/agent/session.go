@@ -131,25 +131,29 @@ func (a *Agent) ended(c *conn, err error) {
 	if e == nil {
 		e = rpcerr.From(fmt.Errorf("the server ended the stream"))
 	}
+	takenOver := e.Code == codes.Aborted && e.Reason == "SESSION_TAKEN_OVER"
+	// A hello refused because another process holds the session changed nothing there: try
+	// again at the pace of refused credentials, soon at first (the other may be a predecessor
+	// whose lost stream the server has not yet marked), then less and less often.
+	inUse := e.Code == codes.AlreadyExists && e.Reason == "WORKER_ID_IN_USE"
 	var delay time.Duration
-	if e.Code == codes.Unauthenticated || e.Code == codes.PermissionDenied {
+	if e.Code == codes.Unauthenticated || e.Code == codes.PermissionDenied || inUse {
 		a.refusals++
 		delay = refusedDelay(a.rng, a.refusals)
 	} else {
 		a.refusals = 0
 		delay = jitter(a.rng, reconnectCeiling(a.attemptsWithoutWelcome, a.opts.InitialBackoff, a.opts.MaxBackoff, a.grace))
 	}
-	if (e.Code == codes.Aborted && e.Reason == "SESSION_TAKEN_OVER") ||
-		(e.Code == codes.AlreadyExists && e.Reason == "WORKER_ID_IN_USE") {
+	if takenOver || inUse {
 		// This agent never opens a second stream, so another process connected with this
 		// worker id and took the session, its leases and its grants (or holds it, and this
-		// agent's hello was refused): stop every handler at once, and let that process keep
-		// the session for a grace period before trying again.
+		// agent's hello was refused): stop every handler at once. After a takeover, let that
+		// process keep the session for a grace period before trying again.
 		grace := a.grace
 		if grace <= 0 {
 			grace = 10 * time.Second
 		}
-		if least := grace + time.Duration(a.rng.Int63n(int64(grace))); delay < least {
+		if least := grace + time.Duration(a.rng.Int63n(int64(grace))); takenOver && delay < least {
 			delay = least
 		}
 		for _, r := range a.running {

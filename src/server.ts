@@ -280,6 +280,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       maxSilenceMs: config.maxSilenceMs,
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
+      alone: database.driver === "pglite",
       ...(limits.grantWindow ? { grantWindow: limits.grantWindow } : {}),
       ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
       ...(bus ? { bus } : {}),

@@ -1,5 +1,4 @@
 import { randomUUID } from "node:crypto";
-import { mkdirSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
 import { type PgDatabase, PgDialect, type PgQueryResultHKT } from "drizzle-orm/pg-core";
@@ -241,10 +240,7 @@ type QueryLogger = { logQuery(query: string): void } | undefined;
 
 async function openPglite(dataDir: string, logger: QueryLogger): Promise<Database> {
   let unlock = () => {};
-  if (!dataDir.startsWith("memory://")) {
-    mkdirSync(dataDir, { recursive: true });
-    unlock = lockDataDir(dataDir);
-  }
+  if (!dataDir.startsWith("memory://")) unlock = lockDataDir(dataDir);
   try {
     const client = await PGlite.create(dataDir);
     try {

@@ -56,6 +56,13 @@ export interface LeaseManagerOptions {
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
   readonly dispatchPollMs?: number;
   /**
+   * The only process on its database (PGlite, whose data directory is
+   * locked): at start every live session's stream is known gone with the
+   * process before, and is recorded lost at once, not after the staleness
+   * bound. Default false: on PostgreSQL other processes may host streams.
+   */
+  readonly alone?: boolean;
+  /**
    * Most grants one stream may hold unacknowledged (no GrantAck, nor any
    * report on the lease, yet): a worker that stops reading or acknowledging
    * gets no more than this. Default {@link DEFAULT_GRANT_WINDOW}.
@@ -389,8 +396,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     const extended = await extendSessionsOnStart(db, clock, {
       graceMs,
       maxSilenceMs,
-      // A starting process never detaches another process's live streams.
-      staleMs,
+      // A starting process never detaches another process's live streams; alone, there are none.
+      staleMs: options.alone ? 0 : staleMs,
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (timersOn) {

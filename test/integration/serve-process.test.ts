@@ -1,11 +1,13 @@
 import { describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { freshPgliteDirectory, freshStore } from "../helpers/database.js";
 import { healthClient } from "../helpers/grpc-peers.js";
 import { runLeasehold } from "../helpers/process.js";
 import { expectStatus } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
 
 /** Each test starts `leasehold` processes (tsx, PGlite): seconds each on a busy machine. */
 const PROCESS_TIMEOUT_MS = 120_000;
@@ -75,6 +77,39 @@ describe("the embedded PGlite data directory", { timeout: PROCESS_TIMEOUT_MS }, 
     } finally {
       first.child.kill("SIGTERM");
       await first.exited;
+    }
+  });
+
+  it("is taken back after a kill -9, and the killed server's workers are shown in grace, not connected", async () => {
+    await using store = freshPgliteDirectory();
+    const args = ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir", store.dataDir];
+    const first = runLeasehold(args, undefined);
+    let address: string;
+    try {
+      address = `127.0.0.1:${(await first.waitForLog((l) => l.msg === "leasehold serving")).port}`;
+      const worker = await connectWorker(address, {
+        workerId: "crashed-with-it",
+        cluster: "east",
+        capacity: 1,
+      });
+      first.child.kill("SIGKILL");
+      await worker.ended;
+    } finally {
+      first.child.kill("SIGKILL");
+    }
+    await first.exited;
+    // At once: the pid file names a process that is gone.
+    const second = runLeasehold(args, undefined);
+    try {
+      const ready = await second.waitForLog((l) => l.msg === "leasehold serving");
+      const { workers } = await createClient(ClusterService, `127.0.0.1:${ready.port}`).listWorkers({
+        cluster: "east",
+      });
+      // Its stream died with the process before: the only process on this data directory knows it.
+      expect(workers.map((w) => [w.workerId, w.state])).toEqual([["crashed-with-it", WorkerState.IN_GRACE]]);
+    } finally {
+      second.child.kill("SIGTERM");
+      await second.exited;
     }
   });
 });

@@ -32,6 +32,14 @@ import { reportViolation, scrubNul } from "./report-limits.js";
  */
 const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
 
+/**
+ * Heartbeat intervals the oldest unanswered heartbeat may wait before the
+ * agent leaves the stream for the next address: a server that hangs never
+ * ends its streams, and its agents' leases would expire while another server
+ * could have resumed them.
+ */
+const UNANSWERED_HEARTBEATS = 1.5;
+
 /** What the server sends for every action (grants, report results, acks) is decoded by hand. */
 const AGENT_DECODERS = { connect: decodeServerMessage };
 
@@ -316,13 +324,19 @@ class GrantContext implements ActionContext {
     readonly checkpoint: JsonObject | undefined,
     readonly progress: ActionContext["progress"],
     running: Running,
+    fenceIfOverdue: () => void,
   ) {
     this.#running = running;
+    this.#fenceIfOverdue = fenceIfOverdue;
   }
+  readonly #fenceIfOverdue: () => void;
   get traceParent(): string | undefined {
     return this.#running.traceParent;
   }
   get signal(): AbortSignal {
+    // A process paused past its deadline (SIGSTOP, a VM frozen) runs the handler's own timers
+    // before the fence's on waking: the signal says the truth whenever it is read.
+    this.#fenceIfOverdue();
     return this.#running.controller.signal;
   }
   get stopRequested(): AbortSignal {
@@ -469,6 +483,8 @@ export function createAgent(options: AgentOptions): Agent {
     ended: boolean;
     /** Goodbye was sent: the server ends the stream once the session is closed. */
     saidGoodbye: boolean;
+    /** Why the agent left this stream itself (the server stopped answering), if it did. */
+    abandoned: string | undefined;
   }
 
   /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
@@ -631,6 +647,7 @@ export function createAgent(options: AgentOptions): Agent {
       grant.checkpoint as JsonObject | undefined,
       progress,
       r,
+      fenceIfOverdue,
     );
     const run = () => {
       r.start = undefined;
@@ -644,8 +661,12 @@ export function createAgent(options: AgentOptions): Agent {
         let report: PendingReport;
         try {
           const output = await (traced ? traced.run(() => options.handler(ctx)) : options.handler(ctx));
+          // Finished after the deadline but before the fence's timer ran (a paused process): as if
+          // the fence had come first, the lease is given back, not completed.
+          fenceIfOverdue();
           report = controller.aborted ? afterAbort(r) : { kind: "succeeded", output: output ?? undefined };
         } catch (error) {
+          fenceIfOverdue();
           if (controller.aborted) report = afterAbort(r);
           else if (error instanceof ActionFailure) {
             report = {
@@ -804,6 +825,11 @@ export function createAgent(options: AgentOptions): Agent {
     }
   }
 
+  /** Runs the self-fence now if its time has come and its timer has not run yet. */
+  function fenceIfOverdue(): void {
+    if (fenceArmedFor !== undefined && performance.now() >= fenceArmedFor) selfFence();
+  }
+
   function armFence(): void {
     // Every handler start arms it: a timer already set for this deadline stays.
     if (fenceArmedFor === deadline) return;
@@ -906,6 +932,15 @@ export function createAgent(options: AgentOptions): Agent {
       sequence: 0n,
       beat: () => {
         if (conn.ended || !conn.welcomed) return;
+        // A server that stopped answering (hung, frozen, or a connection dead one way) never ends
+        // the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while
+        // the session and its leases can still be resumed through the next address.
+        const oldest = conn.sent.values().next().value;
+        if (oldest !== undefined && performance.now() - oldest > UNANSWERED_HEARTBEATS * heartbeatMs) {
+          conn.abandoned = `the server answered no heartbeat for ${Math.round(performance.now() - oldest)}ms`;
+          call.cancel();
+          return;
+        }
         conn.sequence += 1n;
         conn.sent.set(conn.sequence, performance.now());
         conn.send({
@@ -915,6 +950,7 @@ export function createAgent(options: AgentOptions): Agent {
       pending: new Map(),
       ended: false,
       saidGoodbye: false,
+      abandoned: undefined,
     };
     current = conn;
 
@@ -1089,7 +1125,7 @@ export function createAgent(options: AgentOptions): Agent {
         }
         emit({ type: "taken_over", retryInMs });
       }
-      emit({ type: "disconnected", error: error?.message ?? "stream ended", retryInMs });
+      emit({ type: "disconnected", error: conn.abandoned ?? error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };
     call.on("error", (error) => onEnd(error));

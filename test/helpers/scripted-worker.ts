@@ -13,19 +13,22 @@ export type ScriptedResponse = MessageInitShape<typeof ConnectResponseSchema>;
 
 /**
  * A WorkerService an agent test scripts: it welcomes the agent (saying
- * accepts_batches or not), acks every heartbeat with a one-minute guarantee,
+ * accepts_batches or not), acks every heartbeat with a one-minute guarantee
+ * (or `remainingMs`),
  * accepts every grant ack and completion, and writes what the test sends.
  * Every write happens in order on the stream: a grant sent once `acked` has
  * resolved follows that first ack. `requests` are the ConnectRequests as they
  * arrived (batches whole), `received` the kinds of their messages (batches
  * opened).
  */
-export async function scriptedWorkerServer(options: { acceptsBatches?: boolean } = {}) {
+export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; remainingMs?: number } = {}) {
   const acked = deferred();
   const requests: ConnectRequest[] = [];
   const received: string[] = [];
   const waiters = new Set<() => void>();
   let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
+  /** Whether heartbeats are answered (a hung server answers none, and never ends the stream). */
+  let acking = true;
   const write = (m: ScriptedResponse) => stream?.write(create(WorkerService.method.connect.output, m));
   const server = new grpc.Server();
   server.addService(createServiceDefinition(WorkerService), {
@@ -51,14 +54,15 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean }
             },
           });
         } else if (m.case === "heartbeat") {
+          if (!acking) return;
           write({
             message: {
               case: "heartbeatAck",
-              value: { sequence: m.value.sequence, remaining: durationFromMs(60_000) },
+              value: { sequence: m.value.sequence, remaining: durationFromMs(options.remainingMs ?? 60_000) },
             },
           });
           acked.resolve();
-        } else if (m.case === "grantAck" || m.case === "completion") {
+        } else if (m.case === "grantAck" || m.case === "completion" || m.case === "release") {
           const { reportId, actionId, epoch } = m.value;
           write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
         } else if (m.case === "goodbye") call.end();
@@ -100,6 +104,10 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean }
       return until(() => count(kind) > seen);
     },
     send: write,
+    /** Answers no heartbeat from now on, or again. */
+    ackHeartbeats(on: boolean) {
+      acking = on;
+    },
     close: () => server.forceShutdown(),
   };
 }

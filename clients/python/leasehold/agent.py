@@ -71,6 +71,9 @@ AgentEvent = dict[str, Any]
 * ``closed``
 """
 
+# Heartbeat intervals the oldest unanswered heartbeat may wait before the agent leaves the stream.
+_UNANSWERED_HEARTBEATS = 1.5
+
 _REVOKE_REASONS = {
     worker_pb2.REVOKE_REASON_EXPIRED: "expired",
     worker_pb2.REVOKE_REASON_CANCELLED: "cancelled",
@@ -283,6 +286,8 @@ class _Stream:
         self.ended = threading.Event()
         self.welcomed = False
         self.said_goodbye = False
+        # Why the agent left this stream itself (the server stopped answering), if it did.
+        self.abandoned: str | None = None
         self.sequence = 0
         self.sent: dict[int, float] = {}
         """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
@@ -547,8 +552,11 @@ class Agent:
                         lease.gone = True
                         self._cancel(lease, "superseded")
                 self._emit("taken_over", retry_in_ms=round(delay * 1000))
-            reason = f"{code.name}: {error.details()}" if code and isinstance(error, grpc.Call) else "stream ended"
-            self._emit("disconnected", error=reason, retry_in_ms=round(delay * 1000))
+            if stream.abandoned is not None:
+                why = stream.abandoned
+            else:
+                why = f"{code.name}: {error.details()}" if code and isinstance(error, grpc.Call) else "stream ended"
+            self._emit("disconnected", error=why, retry_in_ms=round(delay * 1000))
             return delay
 
     def _handle(self, stream: _Stream, response: worker_pb2.ConnectResponse) -> None:
@@ -609,6 +617,14 @@ class Agent:
 
     def _beat(self, stream: _Stream) -> None:
         if stream.ended.is_set() or not stream.welcomed:
+            return
+        # A server that stopped answering (hung, frozen, or a connection dead one way) never ends
+        # the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while the
+        # session and its leases can still be resumed through the next address.
+        oldest = min(stream.sent.values(), default=None)
+        if oldest is not None and time.monotonic() - oldest > _UNANSWERED_HEARTBEATS * self._heartbeat_interval:
+            stream.abandoned = f"the server answered no heartbeat for {round((time.monotonic() - oldest) * 1000)}ms"
+            stream.channel.close()
             return
         stream.sequence += 1
         stream.sent[stream.sequence] = time.monotonic()

@@ -28,6 +28,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._ending = (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over")
         self.acked = threading.Event()
         self.instance_ids: list[str] = []
+        self.hellos = threading.Semaphore(0)
+        # Cleared: heartbeats go unanswered, as on a hung server that keeps the stream open.
+        self.acking = threading.Event()
+        self.acking.set()
 
     def send(self, response: worker_pb2.ConnectResponse) -> None:
         self._outbox.put(response)
@@ -46,6 +50,7 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 kind = request.WhichOneof("message")
                 if kind == "hello":
                     self.instance_ids.append(request.hello.instance_id)
+                    self.hellos.release()
                     welcome = worker_pb2.Welcome(
                         session_id="s1",
                         heartbeat_interval=duration_pb2.Duration(seconds=1),
@@ -53,6 +58,8 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     )
                     outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
                 elif kind == "heartbeat":
+                    if not self.acking.is_set():
+                        continue
                     ack = worker_pb2.HeartbeatAck(
                         sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=GRACE_SECONDS)
                     )

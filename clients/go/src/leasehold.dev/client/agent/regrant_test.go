@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -322,7 +323,9 @@ func takenOver(t *testing.T, code codes.Code, message, reason string, least, mos
 // session: the agent's next hello leaves its lease out (the server ended it),
 // so the server sends it again instead of resuming it with nobody running it.
 func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
-	fs, stop := startScripted(t, scriptTiming{heartbeat: 300 * time.Millisecond, grace: 200 * time.Millisecond,
+	// Heartbeats every second: the self-fence (1.3 s after the last acked one was sent) comes well
+	// before the agent leaves the unanswering stream (its oldest heartbeat unanswered for 1.5 s).
+	fs, stop := startScripted(t, scriptTiming{heartbeat: time.Second, grace: 200 * time.Millisecond,
 		remaining: 1500 * time.Millisecond})
 	defer stop()
 	started := make(chan struct{})
@@ -374,5 +377,51 @@ func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("no hello after the takeover")
+	}
+}
+
+// A server that stops answering heartbeats (hung) never ends the stream: the
+// agent leaves it after 1.5 intervals and says hello again.
+func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
+	fs, stop := startScripted(t, scriptTiming{heartbeat: 300 * time.Millisecond, grace: time.Minute, remaining: time.Minute})
+	defer stop()
+	events := make(chan Event, 64)
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		OnEvent: func(e Event) {
+			select {
+			case events <- e:
+			default:
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) { return nil, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = a.Close(ctx)
+	}()
+	<-fs.hellos
+	select {
+	case <-fs.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+	fs.acking.Store(false)
+	select {
+	case <-fs.hellos:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent stayed on a server that answers no heartbeat")
+	}
+	for e := range events {
+		if d, ok := e.(Disconnected); ok {
+			if !strings.Contains(d.Err.Error(), "the server answered no heartbeat for") {
+				t.Fatalf("left the stream with %v", d.Err)
+			}
+			return
+		}
 	}
 }

@@ -275,6 +275,19 @@ func (a *Agent) beat(c *conn) {
 	if c.ended || !c.welcomed {
 		return
 	}
+	// A server that stopped answering (hung, frozen, or a connection dead one way) never ends
+	// the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while the
+	// session and its leases can still be resumed through the next address.
+	var oldest time.Time
+	for _, at := range c.sent {
+		if oldest.IsZero() || at.Before(oldest) {
+			oldest = at
+		}
+	}
+	if silent := time.Since(oldest); !oldest.IsZero() && silent > a.heartbeatInterval*3/2 {
+		a.ended(c, fmt.Errorf("the server answered no heartbeat for %v", silent.Round(time.Millisecond)))
+		return
+	}
 	c.sequence++
 	c.sent[c.sequence] = time.Now()
 	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_Heartbeat{Heartbeat: &leaseholdv1.Heartbeat{
@@ -486,6 +499,11 @@ func invoke(h Handler, r *run) (output *structpb.Struct, err error) {
 }
 
 func (a *Agent) handlerReturned(r *run, output *structpb.Struct, err error) {
+	// Finished after the deadline but before the fence's timer ran (a paused process): as if
+	// the fence had come first, the lease is given back, not completed.
+	if !a.guaranteed() {
+		a.selfFence()
+	}
 	r.active = false
 	delete(a.superseded, r)
 	// Its slot is free: a grant that waited for it starts now (see onGrant).

@@ -93,7 +93,11 @@ type WorkerServiceClient interface {
 	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
 	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
 	// failure) would otherwise stretch these delays. With several server
-	// addresses, move to the next one on every reconnect.
+	// addresses, move to the next one on every reconnect. A server that hangs
+	// (frozen, or a connection dead one way) never ends its streams: leave a
+	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
+	// as the SDKs do, so that the session is resumed through another address
+	// while its leases still hold.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
@@ -123,7 +127,9 @@ type WorkerServiceClient interface {
 	// wall clock, which can step back and keep work running past the server's
 	// deadline. When that clock passes the deadline without a fresh ack, stop
 	// all running work and report it released (or drop it if the server
-	// revoked it). This holds for every lease, however often the worker fenced or
+	// revoked it); work that finishes after the deadline (a process paused
+	// past it runs its own timers before the fence's) is released too, not
+	// completed. This holds for every lease, however often the worker fenced or
 	// reconnected before: do not start a grant while the deadline has passed
 	// (or will pass before the next heartbeat is answered); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a
@@ -269,7 +275,11 @@ type WorkerServiceServer interface {
 	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
 	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
 	// failure) would otherwise stretch these delays. With several server
-	// addresses, move to the next one on every reconnect.
+	// addresses, move to the next one on every reconnect. A server that hangs
+	// (frozen, or a connection dead one way) never ends its streams: leave a
+	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
+	// as the SDKs do, so that the session is resumed through another address
+	// while its leases still hold.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
@@ -299,7 +309,9 @@ type WorkerServiceServer interface {
 	// wall clock, which can step back and keep work running past the server's
 	// deadline. When that clock passes the deadline without a fresh ack, stop
 	// all running work and report it released (or drop it if the server
-	// revoked it). This holds for every lease, however often the worker fenced or
+	// revoked it); work that finishes after the deadline (a process paused
+	// past it runs its own timers before the fence's) is released too, not
+	// completed. This holds for every lease, however often the worker fenced or
 	// reconnected before: do not start a grant while the deadline has passed
 	// (or will pass before the next heartbeat is answered); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a

@@ -1,0 +1,77 @@
+import { afterEach, describe, expect, it } from "vitest";
+import { type AgentEvent, createAgent } from "../../src/agent/index.js";
+import { deferred } from "../helpers/deferred.js";
+import { scriptedWorkerServer } from "../helpers/scripted-worker.js";
+
+/** Blocks this thread, timers and all, as a SIGSTOP or a frozen VM would stop the process. */
+function freeze(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+describe("the agent SDK, paused past its local deadline", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+
+  it("tells the handler its lease is lost, and gives the lease back instead of completing it", async () => {
+    // Acks guarantee 3 s: the local deadline is 2.5 s after each heartbeat is sent.
+    const server = await scriptedWorkerServer({ remainingMs: 3000 });
+    cleanups.push(server.close);
+    const events: AgentEvent[] = [];
+    const seen = deferred<boolean>();
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async (ctx) => {
+        // The handler's own timer is due long before the fence's; then the process freezes
+        // past the deadline. On waking, both are overdue and the handler's runs first.
+        const shortWait = new Promise((resolve) => setTimeout(resolve, 20));
+        freeze(4000);
+        await shortWait;
+        seen.resolve(ctx.signal.aborted);
+        return { done: true };
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await server.acked;
+    server.send({ message: { case: "grant", value: { actionId: "a1", epoch: 1n, attempt: 1 } } });
+    // The signal, read after the deadline, is aborted: the fence ran when it was read.
+    expect(await seen.promise).toBe(true);
+    await server.until(() => server.received.includes("release"));
+    expect(server.received).not.toContain("completion");
+    expect(events.some((e) => e.type === "self_fenced")).toBe(true);
+  });
+});
+
+describe("the agent SDK, on a server that stops answering", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+
+  it("leaves the stream after 1.5 heartbeat intervals without an ack, and says hello again", async () => {
+    const server = await scriptedWorkerServer();
+    cleanups.push(server.close);
+    const events: AgentEvent[] = [];
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async () => ({}),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await server.acked;
+    // Hung: the stream stays open, and no heartbeat is answered (the interval is 1 s).
+    server.ackHeartbeats(false);
+    const hellos = server.received.filter((k) => k === "hello").length;
+    await server.until(() => server.received.filter((k) => k === "hello").length > hellos);
+    const left = events.find((e) => e.type === "disconnected");
+    expect(left).toMatchObject({
+      error: expect.stringMatching(/^the server answered no heartbeat for \d+ms$/),
+    });
+  });
+});

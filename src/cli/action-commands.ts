@@ -1,5 +1,6 @@
 import { readFileSync } from "node:fs";
 import { equals, type MessageShape } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
 import { Command, Option } from "commander";
 import {
   ActionSchema,
@@ -169,13 +170,42 @@ function refusedChunk(
     if (line === undefined) return whole;
     return whole.endsWith(".") ? `line ${line}: ` : `line ${line}`;
   });
-  const before =
+  const mapped = cliErrorFrom({ ...e, details }, server);
+  const done =
     sent > 0
-      ? ` (the ${sent} actions of lines ${lines[0]?.line}–${lines[sent - 1]?.line} were submitted before it; nothing after)`
-      : " (nothing was submitted)";
-  const mapped = cliErrorFrom({ ...e, details: `${details}${before}` }, server);
-  return mapped;
+      ? `the ${sent} actions of lines ${lines[0]?.line}–${lines[sent - 1]?.line} were submitted`
+      : undefined;
+  const range =
+    chunk.length === 1
+      ? `line ${chunk[0]?.line}`
+      : `lines ${chunk[0]?.line}–${chunk[chunk.length - 1]?.line}`;
+  // A refusal is an answer: the call was not applied; nor was one that never reached a server.
+  // A call lost in flight (the connection dropped, a deadline) may or may not have been committed.
+  const neverSent =
+    e.code === grpc.status.UNAVAILABLE &&
+    /^(No connection established|Name resolution failed)/.test(e.details);
+  const then = REFUSALS.has(e.code)
+    ? `the call for ${range} was refused, so nothing from it on was submitted`
+    : neverSent
+      ? `the call for ${range} never reached the server, so nothing from it on was submitted`
+      : `the call for ${range} was in flight, and may or may not have been submitted; nothing after it ` +
+        "was sent. Run the same file again: lines with a requestId are not submitted twice (lines " +
+        "without one would be)";
+  return new CliError(`${mapped.message}\n${done ? `${done}; ` : ""}${then}`, mapped.exitCode);
 }
+
+/** Status codes that answer a call without applying it. */
+const REFUSALS: ReadonlySet<number> = new Set([
+  grpc.status.INVALID_ARGUMENT,
+  grpc.status.NOT_FOUND,
+  grpc.status.ALREADY_EXISTS,
+  grpc.status.PERMISSION_DENIED,
+  grpc.status.RESOURCE_EXHAUSTED,
+  grpc.status.FAILED_PRECONDITION,
+  grpc.status.OUT_OF_RANGE,
+  grpc.status.UNIMPLEMENTED,
+  grpc.status.UNAUTHENTICATED,
+]);
 
 async function readStdin(): Promise<string> {
   const parts: Buffer[] = [];
@@ -372,6 +402,10 @@ export function actionCommands(): Command {
           actions.push(...page.actions);
           pageToken = page.nextPageToken;
         } while (pageToken && actions.length < limit);
+        if (pageToken)
+          process.stderr.write(
+            `leasehold: showing the oldest ${actions.length} actions; there are more (raise --limit)\n`,
+          );
         if (json)
           process.stdout.write(`${toJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) })}\n`);
         else printTable(ACTION_HEADERS, actions.map(actionRow));

@@ -23,6 +23,7 @@ export function eventCommand(): Command {
     .option("--cluster <name>", "only about this cluster")
     .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
     .option("--limit <n>", "without --follow: at most this many (default 100)", positiveIntFlag)
+    .option("--newest", "without --follow: the newest events (still printed oldest first)")
     .option("-f, --follow", "after the stored events, stream new ones until interrupted")
     .action(async (o: Record<string, unknown>, command: Command) =>
       withServer(
@@ -65,10 +66,14 @@ export function eventCommand(): Command {
               return "again";
             });
           } else {
-            const { events } = await api.listEvents({
-              ...filter,
-              pageSize: (o.limit as number | undefined) ?? 100,
-            });
+            const limit = (o.limit as number | undefined) ?? 100;
+            const page = await api.listEvents({ ...filter, pageSize: limit, newestFirst: o.newest === true });
+            const events = o.newest ? [...page.events].reverse() : page.events;
+            if (page.nextPageToken !== "")
+              process.stderr.write(
+                `leasehold: showing the ${o.newest ? "newest" : "oldest"} ${events.length} events; there are more ` +
+                  `(${o.newest ? "raise --limit" : "--newest shows the latest, or raise --limit"})\n`,
+              );
             if (g.json)
               process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
             else for (const e of events) print(e);

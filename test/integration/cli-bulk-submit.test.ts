@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { freePort } from "../helpers/ports.js";
 import { runCli as cli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
@@ -172,9 +173,21 @@ describe("leasehold action submit --from", { timeout: 120_000 }, () => {
     const result = await cli([...server, "action", "submit", "--from", "-"], ndjson(lines));
     expect(result.code).toBe(2);
     expect(result.stderr).toMatch(
-      /line 1003: cluster: may contain only letters.*the 1000 actions of lines 1–1000 were submitted before it; nothing after/,
+      /line 1003: cluster: may contain only letters.*\nthe 1000 actions of lines 1–1000 were submitted; the call for lines 1001–1005 was refused, so nothing from it on was submitted/,
     );
     // The first call (lines 1–1000) went through; the second was all or nothing.
     expect(await listRun("refused")).toHaveLength(1000);
+  });
+
+  it("says nothing was submitted only when no call reached a server", async () => {
+    const lines = [{ cluster: "cli-bulk", argv: ["true"] }];
+    const result = await cli(
+      ["--server", `127.0.0.1:${await freePort()}`, "action", "submit", "--from", "-"],
+      ndjson(lines),
+    );
+    expect(result.code).toBe(3);
+    expect(result.stderr).toMatch(
+      /\nthe call for line 1 never reached the server, so nothing from it on was submitted/,
+    );
   });
 });

@@ -62,6 +62,34 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     expect(human.stdout).toMatch(new RegExp(`^ID\\s+STATE.*\\n${action.id}\\s+QUEUED\\s+cli`));
   });
 
+  it("says when a listing stops at --limit with more left, and shows the newest events with --newest", async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const { action } = await t.client(ActionService).submitAction({ cluster: "cli-more" });
+      ids.push(action?.id ?? "");
+    }
+    const two = await cli([...server, "--json", "action", "list", "--cluster", "cli-more", "--limit", "2"]);
+    expect(JSON.parse(two.stdout).actions.map((a: { id: string }) => a.id)).toEqual(ids.slice(0, 2));
+    expect(two.stderr).toBe("leasehold: showing the oldest 2 actions; there are more (raise --limit)\n");
+    const all = await cli([...server, "action", "list", "--cluster", "cli-more", "--limit", "3"]);
+    expect(all.stderr).toBe("");
+    const newest = await cli([
+      ...server,
+      "--json",
+      "events",
+      "--cluster",
+      "cli-more",
+      "--limit",
+      "2",
+      "--newest",
+    ]);
+    const events = JSON.parse(newest.stdout).events as { actionId: string; sequence: string }[];
+    // The last two submissions' events, printed oldest first.
+    expect(events.map((e) => e.actionId)).toEqual(ids.slice(1));
+    expect(Number(events[0]?.sequence)).toBeLessThan(Number(events[1]?.sequence));
+    expect(newest.stderr).toBe("leasehold: showing the newest 2 events; there are more (raise --limit)\n");
+  });
+
   it("lists, cancels and watches actions with --json output the server agrees with", async () => {
     const { action } = await t
       .client(ActionService)

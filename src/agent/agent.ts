@@ -931,14 +931,18 @@ export function createAgent(options: AgentOptions): Agent {
       sent: new Map(),
       sequence: 0n,
       beat: () => {
-        if (conn.ended || !conn.welcomed) return;
+        if (conn.ended || !conn.welcomed || conn.saidGoodbye) return;
         // A server that stopped answering (hung, frozen, or a connection dead one way) never ends
         // the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while
-        // the session and its leases can still be resumed through the next address.
-        const oldest = conn.sent.values().next().value;
-        if (oldest !== undefined && performance.now() - oldest > UNANSWERED_HEARTBEATS * heartbeatMs) {
-          conn.abandoned = `the server answered no heartbeat for ${Math.round(performance.now() - oldest)}ms`;
-          call.cancel();
+        // the session and its leases can still be resumed through the next address. Looked at
+        // again after the I/O already received: after a stall of this process's own event loop,
+        // timers run before the socket is read, and the answer may be waiting there.
+        if (unanswered()) {
+          setImmediate(() => {
+            if (conn.ended || !unanswered()) return;
+            conn.abandoned = `the server answered no heartbeat for ${Math.round(performance.now() - (conn.sent.values().next().value ?? 0))}ms`;
+            call.cancel();
+          });
           return;
         }
         conn.sequence += 1n;
@@ -953,6 +957,11 @@ export function createAgent(options: AgentOptions): Agent {
       abandoned: undefined,
     };
     current = conn;
+    /** Whether the oldest heartbeat of this stream is unanswered for longer than the bound. */
+    const unanswered = () => {
+      const oldest = conn.sent.values().next().value;
+      return oldest !== undefined && performance.now() - oldest > UNANSWERED_HEARTBEATS * heartbeatMs;
+    };
 
     /** Handles one server message; the messages of a batch come here one by one, in order. */
     const handle = (m: ConnectResponse["message"]) => {

@@ -200,7 +200,7 @@ const REFUSALS: ReadonlySet<number> = new Set([
   grpc.status.NOT_FOUND,
   grpc.status.ALREADY_EXISTS,
   grpc.status.PERMISSION_DENIED,
-  grpc.status.RESOURCE_EXHAUSTED,
+  // Not RESOURCE_EXHAUSTED: grpc-js says it too of an answer too large to receive, after the commit.
   grpc.status.FAILED_PRECONDITION,
   grpc.status.OUT_OF_RANGE,
   grpc.status.UNIMPLEMENTED,

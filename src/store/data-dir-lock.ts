@@ -1,4 +1,13 @@
-import { mkdirSync, readdirSync, readFileSync, rmdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  linkSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { Code, LeaseholdError } from "../errors.js";
 
@@ -20,46 +29,66 @@ const STALE_MUTEX_MS = 10_000;
  * a live process with another start time is not the owner. Taking over is
  * check, remove, create: two processes doing it at once could both remove
  * and both create, so one at a time does it, under a directory created
- * exclusively beside the file.
+ * exclusively beside the file. The file is written whole first and then
+ * linked into place, so it is never seen empty.
  */
 export function lockDataDir(dataDir: string): () => void {
   prepare(dataDir);
   const file = join(dataDir, "leasehold.pid");
-  const mutex = `${file}.takeover`;
   const me = ownerText(process.pid);
-  for (let attempt = 0; attempt < TAKEOVER_TRIES; attempt++) {
-    try {
-      writeFileSync(file, me, { flag: "wx" });
-      return () => {
-        // Only our own file: never one another process wrote after taking over.
-        if (readText(file) === me) rmSync(file, { force: true });
-      };
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw dataDirError(dataDir, error);
+  // Written whole beside it, then linked into place: a file created and then written could be
+  // read empty in between, and taken for a stale one.
+  const mine = `${file}.${process.pid}`;
+  try {
+    writeFileSync(mine, me);
+  } catch (error) {
+    throw dataDirError(dataDir, error);
+  }
+  try {
+    for (let attempt = 0; attempt < TAKEOVER_TRIES; attempt++) {
+      try {
+        linkSync(mine, file);
+        return () => {
+          // Only our own file: never one another process wrote after taking over.
+          if (readText(file) === me) rmSync(file, { force: true });
+        };
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw dataDirError(dataDir, error);
+      }
+      if (!takeOverStale(dataDir, file)) pause(TAKEOVER_PAUSE_MS);
     }
-    const owner = readText(file);
-    if (owner === undefined) continue; // removed meanwhile: try again
-    const pid = Number.parseInt(owner, 10);
-    if (pid !== process.pid && isOwnerAlive(owner)) {
-      throw new LeaseholdError(
-        Code.FailedPrecondition,
-        `data directory ${dataDir} is in use by process ${pid}; stop it, or use another --data-dir ` +
-          "(several servers need PostgreSQL: --database-url)",
-        { reason: "DATA_DIR_LOCKED" },
-      );
-    }
-    if (!enter(mutex)) {
-      pause(TAKEOVER_PAUSE_MS);
-      continue;
-    }
-    try {
-      // Still the stale file read above, not one another process wrote after taking it over.
-      if (readText(file) === owner) rmSync(file, { force: true });
-    } finally {
-      rmdirSync(mutex);
-    }
+  } finally {
+    rmSync(mine, { force: true });
   }
   throw new LeaseholdError(Code.Aborted, `could not lock data directory ${dataDir}; retry`);
+}
+
+/**
+ * Removes `file` if the process it names is gone, under the takeover mutex;
+ * throws if it is alive. False when another process holds the mutex: wait,
+ * then try again.
+ */
+function takeOverStale(dataDir: string, file: string): boolean {
+  const mutex = `${file}.takeover`;
+  const owner = readText(file);
+  if (owner === undefined) return true; // removed meanwhile: try again at once
+  const pid = Number.parseInt(owner, 10);
+  if (pid !== process.pid && isOwnerAlive(owner)) {
+    throw new LeaseholdError(
+      Code.FailedPrecondition,
+      `data directory ${dataDir} is in use by process ${pid}; stop it, or use another --data-dir ` +
+        "(several servers need PostgreSQL: --database-url)",
+      { reason: "DATA_DIR_LOCKED" },
+    );
+  }
+  if (!enter(mutex)) return false;
+  try {
+    // Still the stale file read above, not one another process wrote after taking it over.
+    if (readText(file) === owner) rmSync(file, { force: true });
+  } finally {
+    rmdirSync(mutex);
+  }
+  return true;
 }
 
 /**
@@ -74,7 +103,10 @@ function prepare(dataDir: string): void {
   } catch (error) {
     throw dataDirError(dataDir, error);
   }
-  const ours = entries.length === 0 || entries.includes("PG_VERSION") || entries.includes("leasehold.pid");
+  const ours =
+    entries.length === 0 ||
+    entries.includes("PG_VERSION") ||
+    entries.some((e) => e.startsWith("leasehold.pid"));
   if (!ours) {
     throw new LeaseholdError(
       Code.FailedPrecondition,

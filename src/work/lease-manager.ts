@@ -215,7 +215,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     clock,
     log,
     serverId,
-    limits: { graceMs, partitionShare, maxSilenceMs, staleMs },
+    limits: { graceMs, partitionShare, maxSilenceMs },
     keepHosted: () => renewal.keepHosted(),
   });
 

@@ -214,6 +214,43 @@ describe("the chaos checker", () => {
     expect(rules(back(T + 7700))).toEqual(["unexplained-expiry"]);
   });
 
+  it("explains a session reaped before its deadline by the new process of a killed agent, and only so", () => {
+    const run = goodRun();
+    // w1 is killed at T + 4700 (its handler ends with it); its next process is welcomed at T + 6000,
+    // and its hello reaped the old session at T + 5990, before the deadline.
+    const kill: FaultRecord = {
+      id: 2,
+      kind: "agent-kill",
+      target: "w1",
+      plannedAtMs: 4700,
+      plannedMs: 0,
+      start: T + 4700,
+      end: T + 5000,
+    };
+    const restarted: ChaosRecord = {
+      ...run,
+      faults: [kill],
+      agentLines: [
+        ...run.agentLines.filter((l) => l.pid !== 1 || l.ts < T + 4700),
+        { type: "process", ts: T + 5000, pid: 3, worker: "w1" },
+        { type: "connected", ts: T + 6000, pid: 3, worker: "w1", address: "p1", sessionId: "s3" },
+        ...acks("w1", 3, T + 6100, T + 12_000),
+      ],
+      incarnations: [
+        { worker: "w1", pid: 1, startedAt: T, endedAt: T + 4700, how: "killed" },
+        { worker: "w1", pid: 3, startedAt: T + 5000, endedAt: T + 20_000, how: "stopped" },
+        ...run.incarnations.filter((i) => i.worker !== "w1"),
+      ],
+      db: {
+        ...run.db,
+        sessions: run.db.sessions.map((s) => (s.id === "s1" ? { ...s, endedAt: T + 5990 } : s)),
+      },
+    };
+    expect(rules(restarted)).toEqual([]);
+    // A cut (the same process comes back) never ends a session early: not explained.
+    expect(rules({ ...restarted, faults: [{ ...kill, kind: "cut" }] })).toEqual(["unexplained-expiry"]);
+  });
+
   it("reports an expiry with no fault at all", () => {
     expect(rules({ ...goodRun(), faults: [] })).toEqual(["unexplained-expiry"]);
   });

@@ -34,6 +34,9 @@
  * - `unexplained-expiry`: every reaped session is explained by the faults. With D the session's
  *   persisted deadline when it was reaped, the worker's measured blackouts (below) must cover the
  *   whole of [D − grace + expiryAllowanceMs, D]: the worker could not have been heard from in it.
+ *   A session reaped before D was ended by the hello of a new process of its worker (its
+ *   predecessor's stream gone): a kill of that worker's agent must be under way when it ended,
+ *   its blackout lasting until then (the new process's welcome follows the reap).
  *   The allowance (two heartbeat intervals plus scheduling slack) is what the persisted deadline
  *   may lag behind the last heartbeat: heartbeats are persisted once per interval, and the last
  *   renewal before a server's death or a database outage may be missing.
@@ -567,10 +570,16 @@ export function checkChaos(record: ChaosRecord): CheckResult {
   const expiries: CheckerFacts["expiries"][number][] = [];
   const reaped = db.sessions.filter((s) => s.endReason === "reaped");
   for (const s of reaped) {
-    const from = s.deadline - config.graceMs + config.expiryAllowanceMs;
-    const to = s.deadline;
+    const restarted = s.endedAt !== null && s.endedAt < s.deadline;
+    const from = restarted ? (s.endedAt as number) : s.deadline - config.graceMs + config.expiryAllowanceMs;
+    const to = restarted ? (s.endedAt as number) : s.deadline;
     const mine = blackouts.get(s.workerId) ?? [];
-    const covering = mine.find((b) => b.from <= from && b.to >= to);
+    const covering = mine.find(
+      (b) =>
+        b.from <= from &&
+        b.to >= to &&
+        (!restarted || b.cause.split("+").some((c) => c.startsWith("agent-kill"))),
+    );
     const near = mine.filter((b) => b.to >= from - config.graceMs && b.from <= to + config.graceMs);
     expiries.push({
       sessionId: s.id,

@@ -18,8 +18,8 @@ const hello = (workerId: string, cluster: string, held: [string, number][] = [])
   heldLeases: held.map(([actionId, epoch]) => ({ actionId, epoch })),
 });
 
-const BATCH_LIMITS = { graceMs: 10_000, staleMs: 8_000 };
-const LIMITS = { ...BATCH_LIMITS, partitionShare: 1, maxSilenceMs: 600_000 };
+const BATCH_LIMITS = 10_000;
+const LIMITS = { graceMs: BATCH_LIMITS, partitionShare: 1, maxSilenceMs: 600_000 };
 
 const opened = (o: BatchOutcome | undefined) => {
   if (!o || !("opened" in o)) throw new Error(`not opened: ${JSON.stringify(o)}`);
@@ -251,18 +251,18 @@ describe("a batch of hellos", () => {
   });
 
   it("ends the session of a process that is gone when a new process of its worker says hello: its leases expire", async () => {
-    // Its stream closed; its stream still open but renewed by nobody for longer than staleMs (a
-    // crashed server, a half-open connection); past its deadline. Each held a lease.
+    // Its stream recorded lost; past its deadline. Each held a lease.
     const lost = await liveWorker("gone-lost", { streamLost: true, leases: [["L1", 1]] });
-    const stale = await liveWorker("gone-stale", { streamLost: false, leases: [["L2", 1]] });
     await liveWorker("gone-expired", { streamLost: false, deadlineSecs: -1, leases: [["L3", 1]] });
+    // Its stream still open but silent for long (a crashed server, a half-open connection): its
+    // process may still run its lease until its own deadline, so the new one waits for that.
+    const silent = await liveWorker("gone-silent", { streamLost: false, leases: [["L2", 1]] });
     await db.execute(sql`update sessions set instance_id = 'first' where worker_id like 'gone-%'`);
     await db.execute(
-      sql`update sessions set last_heard_at = now() - interval '9 seconds' where id = ${stale}`,
+      sql`update sessions set last_heard_at = now() - interval '9 seconds' where id = ${silent}`,
     );
     for (const [workerId, sessionId, action] of [
       ["gone-lost", lost, "L1"],
-      ["gone-stale", stale, "L2"],
       ["gone-expired", "s-gone-expired", "L3"],
     ] as const) {
       const opened = await alone(workerId, "second");
@@ -277,6 +277,11 @@ describe("a batch of hellos", () => {
       // Charged to the system retries: an action that kills its worker every time fails in the end.
       expect(row).toEqual({ state: "QUEUED", system_retry_count: 1, session_id: null });
     }
+    const error = await alone("gone-silent", "second").then(
+      () => undefined,
+      (e: unknown) => e as LeaseholdError,
+    );
+    expect(error?.reason).toBe("WORKER_ID_IN_USE");
     const [ended] = await queryRows<{ end_reason: string; message: string }>(
       db,
       sql`select s.end_reason, e.message from sessions s join events e on e.session_id = s.id

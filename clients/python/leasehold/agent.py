@@ -613,18 +613,33 @@ class Agent:
     def _send_heartbeats(self, stream: _Stream, interval: float) -> None:
         while not stream.ended.wait(interval):
             with self._lock:
-                self._beat(stream)
+                unanswered = self._unanswered(stream)
+                if unanswered is None:
+                    self._beat(stream)
+            # A server that stopped answering (hung, frozen, or a connection dead one way) never
+            # ends the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals,
+            # while the session and its leases can still be resumed through the next address.
+            # Looked at again a moment later: after a pause of this process, this thread may run
+            # before the one reading the answer that is already waiting.
+            if unanswered is not None and not stream.ended.wait(0.2):
+                with self._lock:
+                    unanswered = self._unanswered(stream)
+                    if unanswered is None:
+                        self._beat(stream)
+                    else:
+                        stream.abandoned = f"the server answered no heartbeat for {round(unanswered * 1000)}ms"
+                        stream.channel.close()
+
+    def _unanswered(self, stream: _Stream) -> float | None:
+        """How long the oldest heartbeat has gone unanswered, when that is over the bound; else None."""
+        oldest = min(stream.sent.values(), default=None)
+        if oldest is None:
+            return None
+        silent = time.monotonic() - oldest
+        return silent if silent > _UNANSWERED_HEARTBEATS * self._heartbeat_interval else None
 
     def _beat(self, stream: _Stream) -> None:
-        if stream.ended.is_set() or not stream.welcomed:
-            return
-        # A server that stopped answering (hung, frozen, or a connection dead one way) never ends
-        # the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while the
-        # session and its leases can still be resumed through the next address.
-        oldest = min(stream.sent.values(), default=None)
-        if oldest is not None and time.monotonic() - oldest > _UNANSWERED_HEARTBEATS * self._heartbeat_interval:
-            stream.abandoned = f"the server answered no heartbeat for {round((time.monotonic() - oldest) * 1000)}ms"
-            stream.channel.close()
+        if stream.ended.is_set() or not stream.welcomed or stream.said_goodbye:
             return
         stream.sequence += 1
         stream.sent[stream.sequence] = time.monotonic()

@@ -1,4 +1,4 @@
-import { type SQL, sql } from "drizzle-orm";
+import { sql } from "drizzle-orm";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
@@ -89,7 +89,7 @@ export async function openSession(
   db: Db,
   clock: Clock,
   serverId: string,
-  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number; staleMs: number },
+  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
   hello: HelloInput,
   principal: string,
   keep?: KeepHosted,
@@ -108,8 +108,7 @@ export async function openSession(
     );
     let [live] = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired,
-            ${heardRecently(now, limits.staleMs)}
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
           from sessions where worker_id = ${hello.workerId} and ended_at is null for update`,
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
@@ -121,7 +120,8 @@ export async function openSession(
         partitionShare: limits.partitionShare,
         maxSilenceMs: limits.maxSilenceMs,
         sessionIds: [id],
-        obeyValve: !movingCluster,
+        // A new process's hello says its predecessor is gone: no partition to wait out.
+        obeyValve: !movingCluster && !restarted,
         keep,
         restarted,
       });
@@ -223,25 +223,18 @@ export function notTheOwner(principal: string, hello: HelloInput): LeaseholdErro
   );
 }
 
-/** The select-list item LiveSessionRow.heard_recently, with `now` and the staleness of the server. */
-export function heardRecently(now: Date | SQL, staleMs: number): SQL {
-  return sql`last_heard_at > ${now} - make_interval(secs => ${staleMs} / 1000.0) as heard_recently`;
-}
-
 /**
- * Whether the live session's stream belongs to another process that is
- * there: the stream is open and was renewed lately (within `staleMs`: a
- * crashed server or a half-open connection leaves a row that says open but
- * is renewed by nobody), the session is within its deadline, and both that
- * stream's hello and this one named an instance, not the same. A session
- * whose stream is gone may be resumed by any process (a restarted worker
- * resumes its leases at once); the one that lost it is then refused when it
- * comes back.
+ * Whether the live session's stream may belong to another process still at
+ * work: its stream is open (not recorded lost) and the session is within its
+ * deadline, and both that stream's hello and this one named an instance, not
+ * the same. Even a silent open stream counts until the deadline: its process
+ * may still run its leases until its own deadline, which falls before the
+ * session's (a crashed server's streams are recorded lost when another
+ * process starts, or reaped at the deadline).
  */
 export function inUseByAnother(live: LiveSessionRow, hello: HelloInput): boolean {
   return (
     !live.expired &&
-    live.heard_recently &&
     live.stream_lost_at === null &&
     live.instance_id !== "" &&
     hello.instanceId !== "" &&
@@ -251,15 +244,15 @@ export function inUseByAnother(live: LiveSessionRow, hello: HelloInput): boolean
 
 /**
  * Whether the hello comes from a new process of the worker, whose session's
- * stream (another instance's) is gone: not the same process reconnecting,
- * and not refused by {@link inUseByAnother}. Both must have named an instance.
+ * stream (another instance's) was recorded lost: not the same process
+ * reconnecting. Both must have named an instance.
  */
 export function restartedProcess(live: LiveSessionRow, hello: HelloInput): boolean {
   return (
+    live.stream_lost_at !== null &&
     live.instance_id !== "" &&
     hello.instanceId !== "" &&
-    live.instance_id !== hello.instanceId &&
-    !inUseByAnother(live, hello)
+    live.instance_id !== hello.instanceId
   );
 }
 
@@ -294,8 +287,6 @@ export interface LiveSessionRow {
   instance_id: string;
   /** Past its deadline. */
   expired: boolean;
-  /** Renewed within the server's staleness bound (see {@link heardRecently}). */
-  heard_recently: boolean;
 }
 
 /** A LEASED action of a resumed session, as read for its hello. */

@@ -7,7 +7,6 @@ import {
   type HeldRow,
   type HelloEvent,
   type HelloInput,
-  heardRecently,
   helloEvents,
   inOtherCluster,
   inUseByAnother,
@@ -61,10 +60,9 @@ export async function openSessions(
   db: Db,
   clock: Clock,
   serverId: string,
-  limits: { graceMs: number; staleMs: number },
+  graceMs: number,
   batch: readonly HelloOfBatch[],
 ): Promise<BatchOutcome[]> {
-  const { graceMs } = limits;
   const now = sql`${clock.now()}::timestamptz`;
   const grace = sql`make_interval(secs => ${graceMs} / 1000.0)`;
   const outcomes: BatchOutcome[] = batch.map(() => ({ alone: true }));
@@ -92,8 +90,7 @@ export async function openSessions(
     // for, so a batch never closes a cycle with them; its hello goes alone.
     const lives = await queryRows<LiveSessionRow>(
       tx,
-      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired,
-            ${heardRecently(now, limits.staleMs)}
+      sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
           from sessions where worker_id in (select jsonb_array_elements_text(${ids}::jsonb)) and ended_at is null
           order by worker_id for update skip locked`,
     );

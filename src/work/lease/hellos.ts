@@ -27,12 +27,12 @@ export function createHelloOpener(deps: {
   clock: Clock;
   log: Logger;
   serverId: string;
-  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number; staleMs: number };
+  limits: { graceMs: number; partitionShare: number; maxSilenceMs: number };
   /** The renewal's promise about hosted deadlines, for a hello that finds its earlier session due. */
   keepHosted: () => KeepHosted | undefined;
 }): HelloOpener {
   const { db, clock, log, serverId, limits } = deps;
-  const { graceMs, staleMs } = limits;
+  const { graceMs } = limits;
   /** One hello the common way, or the way of a batch that failed as a whole. */
   const openAlone = (b: HelloOfBatch) =>
     openSession(db, clock, serverId, limits, b.hello, b.principal, deps.keepHosted());
@@ -62,7 +62,7 @@ export function createHelloOpener(deps: {
   const opens = createBatcher<HelloOfBatch, Opened | Promise<Opened>>(async (batch) => {
     let outcomes: BatchOutcome[];
     try {
-      outcomes = await openSessions(db, clock, serverId, { graceMs, staleMs }, batch);
+      outcomes = await openSessions(db, clock, serverId, graceMs, batch);
     } catch (error) {
       // A deadlock with another process or a race for a new worker's first session: each hello
       // goes alone, and fails alone if it must.

@@ -351,7 +351,7 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * every hello it makes, at most 128 characters. A hello whose instance_id
    * differs from the one of the worker's stream still open is refused
    * (ALREADY_EXISTS, reason WORKER_ID_IN_USE), and one that differs from a
-   * gone stream's ends that session, expiring its leases (see Connect).
+   * lost stream's ends that session, expiring its leases (see Connect).
    * Empty: not checked; such a hello resumes the session or takes an open
    * stream's session over, and is re-sent the leases it does not list with
    * their epochs.
@@ -1174,23 +1174,26 @@ export const WorkerService: GenService<{
    * A worker id belongs to one process. Set Hello.instance_id (a random id
    * per process, the same on all its reconnects):
    * - A hello whose instance_id differs from the one of the worker's stream
-   *   that is still open (renewed lately, within its deadline) is refused
-   *   (ALREADY_EXISTS, ErrorInfo reason WORKER_ID_IN_USE) and changes
-   *   nothing, so a second process started with the same id never disturbs
-   *   the first. Stop all work (the session, its leases and their grants
+   *   that is still open (not recorded lost, the session within its
+   *   deadline) is refused (ALREADY_EXISTS, ErrorInfo reason
+   *   WORKER_ID_IN_USE) and changes nothing, so a second process started
+   *   with the same id never disturbs the first. A stream that went silent
+   *   without closing counts until the session's deadline: its process may
+   *   still be running the leases. Stop all work (the session, its leases and their grants
    *   belong to the other process) and try again later: the SDKs wait 1-2 s
    *   after a first refusal, doubling to 15-30 s, because the other process
    *   may be a predecessor whose lost stream the server has not noticed yet.
-   * - A hello with a new instance_id for a session whose stream is gone (a
-   *   restarted process) ends that session at once instead of resuming it:
-   *   its leases expire as at a deadline, each charged to its action's
-   *   max_system_retries, and are granted again with higher epochs. So an
-   *   action that kills its worker every time fails in the end, and a
-   *   predecessor that is still alive somewhere is fenced.
+   * - A hello with a new instance_id for a session whose stream the server
+   *   recorded lost (a restarted process) ends that session at once instead
+   *   of resuming it: its leases expire as at a deadline, each charged to
+   *   its action's max_system_retries, and are granted again with higher
+   *   epochs. So an action that kills its worker every time fails in the
+   *   end, and a predecessor that is still alive somewhere is fenced.
    * - The same instance_id resumes the session, or takes over its open
    *   stream, as above.
    * A client whose own stream ends SESSION_TAKEN_OVER while it opened no
-   * other has a twin using its id without an instance_id. It must stop all
+   * other has a twin using its id (one without an instance_id, or one that
+   * came while this client's stream was recorded lost). It must stop all
    * its work at once and connect again no sooner than one grace period
    * later (the SDKs wait one to two, 10 to 20 s before any welcome);
    * otherwise the two take the session from each other over and over, each

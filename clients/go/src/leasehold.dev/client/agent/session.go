@@ -272,20 +272,21 @@ func leases(held []*leaseholdv1.HeldLease) []Lease {
 
 // beat sends a heartbeat listing every held lease, and notes when it left.
 func (a *Agent) beat(c *conn) {
-	if c.ended || !c.welcomed {
+	if c.ended || !c.welcomed || c.saidGoodbye {
 		return
 	}
 	// A server that stopped answering (hung, frozen, or a connection dead one way) never ends
 	// the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while the
-	// session and its leases can still be resumed through the next address.
-	var oldest time.Time
-	for _, at := range c.sent {
-		if oldest.IsZero() || at.Before(oldest) {
-			oldest = at
-		}
-	}
-	if silent := time.Since(oldest); !oldest.IsZero() && silent > a.heartbeatInterval*3/2 {
-		a.ended(c, fmt.Errorf("the server answered no heartbeat for %v", silent.Round(time.Millisecond)))
+	// session and its leases can still be resumed through the next address. Looked at again a
+	// moment later: after a pause of this process, the answer may be waiting to be read.
+	if a.unanswered(c) > 0 {
+		time.AfterFunc(200*time.Millisecond, func() {
+			a.post(func() {
+				if silent := a.unanswered(c); silent > 0 && !c.ended {
+					a.ended(c, fmt.Errorf("the server answered no heartbeat for %v", silent.Round(time.Millisecond)))
+				}
+			})
+		})
 		return
 	}
 	c.sequence++
@@ -294,6 +295,21 @@ func (a *Agent) beat(c *conn) {
 		Sequence:   c.sequence,
 		HeldLeases: a.heldLeases(),
 	}}})
+}
+
+// unanswered is how long the oldest heartbeat of c has gone unanswered, when
+// that is over 1.5 heartbeat intervals; zero otherwise.
+func (a *Agent) unanswered(c *conn) time.Duration {
+	var oldest time.Time
+	for _, at := range c.sent {
+		if oldest.IsZero() || at.Before(oldest) {
+			oldest = at
+		}
+	}
+	if silent := time.Since(oldest); !oldest.IsZero() && silent > a.heartbeatInterval*3/2 {
+		return silent
+	}
+	return 0
 }
 
 // heartbeatAck moves the self-fence deadline: local send time of the

@@ -719,7 +719,7 @@ type Hello struct {
 	// every hello it makes, at most 128 characters. A hello whose instance_id
 	// differs from the one of the worker's stream still open is refused
 	// (ALREADY_EXISTS, reason WORKER_ID_IN_USE), and one that differs from a
-	// gone stream's ends that session, expiring its leases (see Connect).
+	// lost stream's ends that session, expiring its leases (see Connect).
 	// Empty: not checked; such a hello resumes the session or takes an open
 	// stream's session over, and is re-sent the leases it does not list with
 	// their epochs.

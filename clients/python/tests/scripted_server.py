@@ -43,35 +43,41 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
 
     def Connect(self, request_iterator, context):  # noqa: N802 (the generated servicer's name)
-        outbox = self._outbox
+        # One outbox per stream: what the test sends goes to the newest stream.
+        outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
+        self._outbox = outbox
 
         def read() -> None:
-            for request in request_iterator:
-                kind = request.WhichOneof("message")
-                if kind == "hello":
-                    self.instance_ids.append(request.hello.instance_id)
-                    self.hellos.release()
-                    welcome = worker_pb2.Welcome(
-                        session_id="s1",
-                        heartbeat_interval=duration_pb2.Duration(seconds=1),
-                        grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
-                    )
-                    outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
-                elif kind == "heartbeat":
-                    if not self.acking.is_set():
-                        continue
-                    ack = worker_pb2.HeartbeatAck(
-                        sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=GRACE_SECONDS)
-                    )
-                    outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
-                    self.acked.set()
-                elif kind in ("grant_ack", "completion"):
-                    report = getattr(request, kind)
-                    result = worker_pb2.ReportResult(
-                        report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
-                    )
-                    outbox.put(worker_pb2.ConnectResponse(report_result=result))
-            outbox.put(None)
+            try:
+                for request in request_iterator:
+                    kind = request.WhichOneof("message")
+                    if kind == "hello":
+                        self.instance_ids.append(request.hello.instance_id)
+                        self.hellos.release()
+                        welcome = worker_pb2.Welcome(
+                            session_id="s1",
+                            heartbeat_interval=duration_pb2.Duration(seconds=1),
+                            grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
+                        )
+                        outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
+                    elif kind == "heartbeat":
+                        if not self.acking.is_set():
+                            continue
+                        ack = worker_pb2.HeartbeatAck(
+                            sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=GRACE_SECONDS)
+                        )
+                        outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
+                        self.acked.set()
+                    elif kind in ("grant_ack", "completion"):
+                        report = getattr(request, kind)
+                        result = worker_pb2.ReportResult(
+                            report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
+                        )
+                        outbox.put(worker_pb2.ConnectResponse(report_result=result))
+            except grpc.RpcError:
+                pass  # the client cancelled the stream (an agent leaving a server that does not answer)
+            finally:
+                outbox.put(None)
 
         threading.Thread(target=read, daemon=True).start()
         while True:

@@ -1,5 +1,6 @@
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Code, LeaseholdError } from "./errors.js";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
 /** The Prometheus metrics of one server process, in a registry of its own. */
@@ -157,7 +158,8 @@ export async function serveMetrics(
   port: number,
 ): Promise<{ port: number; close(): Promise<void> }> {
   const server: Server = createServer((request, response) => {
-    if (request.url !== "/metrics") {
+    // A query string (a scraper's parameters) changes nothing.
+    if ((request.url ?? "").split("?")[0] !== "/metrics") {
       response.writeHead(404).end("only /metrics is served here\n");
       return;
     }
@@ -167,7 +169,16 @@ export async function serveMetrics(
     );
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
+    server.once("error", (error: NodeJS.ErrnoException) =>
+      reject(
+        error.code === "EADDRINUSE" || error.code === "EACCES"
+          ? new LeaseholdError(
+              Code.FailedPrecondition,
+              `--metrics-listen: cannot listen on ${host}:${port} (${error.code === "EADDRINUSE" ? "another process uses it" : "not allowed"}); choose another address, or --metrics-listen off`,
+            )
+          : error,
+      ),
+    );
     server.listen(port, host, () => resolve());
   });
   const address = server.address();

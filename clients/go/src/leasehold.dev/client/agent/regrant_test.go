@@ -185,11 +185,7 @@ func regrantWaits(t *testing.T, capacity int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = a.Close(ctx)
-	}()
+	defer closeWithin(a, 5*time.Second)
 	wait := func(what string, ch <-chan struct{}) {
 		select {
 		case <-ch:
@@ -275,11 +271,7 @@ func takenOver(t *testing.T, code codes.Code, message, reason string, least, mos
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		_ = a.Close(ctx)
-	}()
+	defer closeWithin(a, time.Second)
 	select {
 	case <-script.acked:
 	case <-time.After(30 * time.Second):
@@ -345,11 +337,7 @@ func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		_ = a.Close(ctx)
-	}()
+	defer closeWithin(a, 2*time.Second)
 	defer close(letReturn)
 	wait := func(what string, ch <-chan struct{}) {
 		select {
@@ -399,11 +387,7 @@ func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		_ = a.Close(ctx)
-	}()
+	defer closeWithin(a, time.Second)
 	<-fs.hellos
 	select {
 	case <-fs.acked:
@@ -424,4 +408,11 @@ func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
 			return
 		}
 	}
+}
+
+// closeWithin closes a, waiting at most d for its handlers and goodbye.
+func closeWithin(a *Agent, d time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	_ = a.Close(ctx)
 }

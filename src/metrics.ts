@@ -1,23 +1,39 @@
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { Code, LeaseholdError } from "./errors.js";
+import type { CallKind, CallObserver } from "./rpc/adapter.js";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
 /** The Prometheus metrics of one server process, in a registry of its own. */
 export interface Metrics extends LeaseMetrics {
   readonly registry: Registry;
+  /** Actions submitted through ActionService: created, or an earlier one answered (a repeated request id). */
+  readonly submitted: { inc(labels: { result: "created" | "existing" }, n?: number): void };
+}
+
+/** Queued and leased actions of one cluster, as the database counts them. */
+export interface ClusterCounts {
+  readonly cluster: string;
+  readonly queued: number;
+  readonly leased: number;
 }
 
 /**
  * Creates the metrics. Gauges are read when scraped: `hosted` gives what this
- * process holds, `inGrace` and `pausedClusters` ask the database.
+ * process holds, `inGrace`, `pausedClusters` and `actions` ask the database.
+ * `base` holds metrics that outlive this set (the gRPC calls', made once per
+ * process, before the database is open): they are served with it.
  */
-export function createMetrics(sources: {
-  hosted: () => HostedStats;
-  inGrace: () => Promise<number>;
-  pausedClusters: () => Promise<number>;
-}): Metrics {
-  const registry = new Registry();
+export function createMetrics(
+  sources: {
+    hosted: () => HostedStats;
+    inGrace: () => Promise<number>;
+    pausedClusters: () => Promise<number>;
+    actions: () => Promise<readonly ClusterCounts[]>;
+  },
+  base?: Registry,
+): Metrics {
+  const registry = base ? Registry.merge([base]) : new Registry();
   const prefix = "leasehold_";
   new Gauge({
     name: `${prefix}connected_workers`,
@@ -51,8 +67,37 @@ export function createMetrics(sources: {
       this.set(await sources.pausedClusters());
     },
   });
+  new Gauge({
+    name: `${prefix}actions`,
+    help: "Actions queued (waiting for a worker, including those waiting out a retry backoff) and leased, by cluster (all processes).",
+    labelNames: ["cluster", "state"],
+    registers: [registry],
+    async collect() {
+      const counts = await sources.actions();
+      // A cluster with nothing left drops out instead of keeping its last value.
+      this.reset();
+      for (const c of counts) {
+        this.set({ cluster: c.cluster, state: "QUEUED" }, c.queued);
+        this.set({ cluster: c.cluster, state: "LEASED" }, c.leased);
+      }
+    },
+  });
   return {
     registry,
+    submitted: new Counter({
+      name: `${prefix}actions_submitted_total`,
+      help: "Actions submitted to this process: result created, or existing (a repeated request_id answered with its earlier action).",
+      labelNames: ["result"],
+      registers: [registry],
+    }),
+    reports: countedOnce(
+      new Counter({
+        name: `${prefix}reports_total`,
+        help: "Worker reports answered by this process, by kind (succeeded, failed, released, progress) and result (accepted, fenced, unavailable: the database could not take it).",
+        labelNames: ["kind", "result"],
+        registers: [registry],
+      }),
+    ),
     grants: new Counter({
       name: `${prefix}grants_total`,
       help: "Work leases granted.",
@@ -74,6 +119,109 @@ export function createMetrics(sources: {
       buckets: [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
       registers: [registry],
     }),
+  };
+}
+
+/**
+ * A counter whose children are looked up once per label pair: a report is
+ * counted on the hot path, where prom-client would hash the labels each time.
+ */
+function countedOnce<K extends string, R extends string>(
+  counter: Counter<"kind" | "result">,
+): { inc(labels: { kind: K; result: R }): void } {
+  const children = new Map<string, { inc(): void }>();
+  return {
+    inc({ kind, result }) {
+      const key = `${kind} ${result}`;
+      let child = children.get(key);
+      if (!child) {
+        child = counter.labels({ kind, result });
+        children.set(key, child);
+      }
+      child.inc();
+    },
+  };
+}
+
+/** gRPC status codes as grpc-go's `codes.Code` names them, which dashboards for gRPC servers expect. */
+const CODE_NAMES = [
+  "OK",
+  "Canceled",
+  "Unknown",
+  "InvalidArgument",
+  "DeadlineExceeded",
+  "NotFound",
+  "AlreadyExists",
+  "PermissionDenied",
+  "ResourceExhausted",
+  "FailedPrecondition",
+  "Aborted",
+  "OutOfRange",
+  "Unimplemented",
+  "Internal",
+  "Unavailable",
+  "DataLoss",
+  "Unauthenticated",
+];
+
+/**
+ * Counts of the calls of Leasehold's services under the names of
+ * go-grpc-prometheus (`grpc_server_started_total`, `grpc_server_handled_total`
+ * by code, `grpc_server_handling_seconds` for unary calls), in a registry of
+ * their own: the rpc server exists before the rest of the metrics, and keeps
+ * its counts while the rest is built again (a restart behind the port).
+ * Health checks and reflection are not counted.
+ */
+export function createCallMetrics(): { readonly registry: Registry; readonly calls: CallObserver } {
+  const registry = new Registry();
+  const labelNames = ["grpc_type", "grpc_service", "grpc_method"] as const;
+  const started = new Counter({
+    name: "grpc_server_started_total",
+    help: "Calls started on the server (streams count when they open).",
+    labelNames,
+    registers: [registry],
+  });
+  const handled = new Counter({
+    name: "grpc_server_handled_total",
+    help: "Calls completed on the server, by status code (streams count when they end).",
+    labelNames: [...labelNames, "grpc_code"],
+    registers: [registry],
+  });
+  const seconds = new Histogram({
+    name: "grpc_server_handling_seconds",
+    help: "Time from a unary call's arrival to its answer, in seconds.",
+    labelNames,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [registry],
+  });
+  const types: Record<CallKind, string> = {
+    unary: "unary",
+    server_streaming: "server_stream",
+    bidi_streaming: "bidi_stream",
+  };
+  return {
+    registry,
+    calls: {
+      method(kind, service, method) {
+        const labels = { grpc_type: types[kind], grpc_service: service, grpc_method: method };
+        const start = started.labels(labels);
+        const time = kind === "unary" ? seconds.labels(labels) : undefined;
+        // One child per code seen, made once: a call then costs no label hashing.
+        const byCode = new Map<number, { inc(): void }>();
+        return {
+          started: () => start.inc(),
+          ended(code, elapsedSeconds) {
+            let child = byCode.get(code);
+            if (!child) {
+              child = handled.labels({ ...labels, grpc_code: CODE_NAMES[code] ?? String(code) });
+              byCode.set(code, child);
+            }
+            child.inc();
+            time?.observe(elapsedSeconds);
+          },
+        };
+      },
+    },
   };
 }
 

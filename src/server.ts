@@ -13,7 +13,13 @@ import { EventService } from "./gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
-import { addProcessMetrics, createMetrics, type Metrics, serveMetrics } from "./metrics.js";
+import {
+  addProcessMetrics,
+  createCallMetrics,
+  createMetrics,
+  type Metrics,
+  serveMetrics,
+} from "./metrics.js";
 import type { FastDecoders } from "./rpc/adapter.js";
 import type { Authenticator } from "./rpc/authenticator.js";
 import { createServerSecurity, type ServerSecurity } from "./rpc/security.js";
@@ -29,6 +35,7 @@ import {
 } from "./rpc/services/worker-service.js";
 import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
+import { countActionsByCluster } from "./store/actions.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import {
   type DatabaseOptions,
@@ -150,8 +157,11 @@ export async function startServer(
   const authenticator: Authenticator | undefined = overrides.accessOf
     ? { authenticate: (call) => (overrides.accessOf as (m: grpc.Metadata) => Access)(call.metadata) }
     : security.authenticator;
+  // Made once: the calls are counted from the first, and across a start done again behind the port.
+  const callMetrics = createCallMetrics();
   const rpc = await createRpcServer(config.listen, security.credentials, {
     log,
+    calls: callMetrics.calls,
     authenticator,
     reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.
@@ -171,7 +181,20 @@ export async function startServer(
     "listening; NOT_SERVING until ready",
   );
   return startBehindPort(
-    { config, log, overrides, serverId, clock, limits, timers, gate, security, authenticator, rpc },
+    {
+      config,
+      log,
+      overrides,
+      serverId,
+      clock,
+      limits,
+      timers,
+      gate,
+      security,
+      authenticator,
+      rpc,
+      callMetrics,
+    },
     1,
   );
 }
@@ -190,6 +213,8 @@ interface Front {
   /** The port's authentication, which the console shares. */
   readonly authenticator: Authenticator | undefined;
   readonly rpc: Awaited<ReturnType<typeof createRpcServer>>;
+  /** The port's call counts, served with the rest of the metrics. */
+  readonly callMetrics: ReturnType<typeof createCallMetrics>;
 }
 
 /**
@@ -251,23 +276,27 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     if (bus) cleanup.push(() => bus.close());
     const feed = createChangeFeed(bus);
     let leases: LeaseManager | undefined;
-    const metrics = createMetrics({
-      hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0 },
-      inGrace: async () => {
-        const [row] = await queryRows<{ n: unknown }>(
-          db,
-          sql`select count(*) as n from sessions where ended_at is null and stream_lost_at is not null`,
-        );
-        return toNumber(row?.n ?? 0);
+    const metrics = createMetrics(
+      {
+        hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0 },
+        inGrace: async () => {
+          const [row] = await queryRows<{ n: unknown }>(
+            db,
+            sql`select count(*) as n from sessions where ended_at is null and stream_lost_at is not null`,
+          );
+          return toNumber(row?.n ?? 0);
+        },
+        pausedClusters: async () => {
+          const [row] = await queryRows<{ n: unknown }>(
+            db,
+            sql`select count(*) as n from clusters where partitioned_at is not null and expiries_resumed_at is null`,
+          );
+          return toNumber(row?.n ?? 0);
+        },
+        actions: () => countActionsByCluster(db),
       },
-      pausedClusters: async () => {
-        const [row] = await queryRows<{ n: unknown }>(
-          db,
-          sql`select count(*) as n from clusters where partitioned_at is not null and expiries_resumed_at is null`,
-        );
-        return toNumber(row?.n ?? 0);
-      },
-    });
+      front.callMetrics.registry,
+    );
     const manager = createLeaseManager({
       db,
       clock,
@@ -293,6 +322,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       db,
       clock,
       feed,
+      submitted: metrics.submitted,
       onCancelRequested: (action) => {
         if (action.sessionId) {
           manager.revoke(

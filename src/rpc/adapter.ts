@@ -409,6 +409,10 @@ export function createServiceHandlers<S extends GenServiceMethods>(
   for (const method of service.methods) {
     const path = `${service.typeName}/${method.name}`;
     const fn: unknown = (impl as Record<string, unknown>)[method.localName] ?? unimplemented(method);
+    if (method.methodKind === "client_streaming") {
+      throw new Error(`client-streaming method ${path} is not supported by the adapter`);
+    }
+    const calls = deps.calls?.method(method.methodKind, service.typeName, method.name) ?? UNOBSERVED;
     switch (method.methodKind) {
       case "unary":
         handlers[method.localName] = unaryHandler(
@@ -416,21 +420,39 @@ export function createServiceHandlers<S extends GenServiceMethods>(
           fn as UnaryFn,
           deps,
           path,
+          calls,
           fastDecoders[method.localName],
         );
         break;
       case "server_streaming":
-        handlers[method.localName] = serverStreamHandler(method, fn as ServerStreamFn, deps, path);
+        handlers[method.localName] = serverStreamHandler(method, fn as ServerStreamFn, deps, path, calls);
         break;
       case "bidi_streaming":
-        handlers[method.localName] = bidiHandler(method, fn as BidiFn, deps, path);
+        handlers[method.localName] = bidiHandler(method, fn as BidiFn, deps, path, calls);
         break;
-      case "client_streaming":
-        throw new Error(`client-streaming method ${path} is not supported by the adapter`);
     }
   }
   return handlers;
 }
+
+/** The kinds of call the adapter serves. */
+export type CallKind = "unary" | "server_streaming" | "bidi_streaming";
+
+/** Counts calls (the metrics); asked once per method for the recorder of its calls. */
+export interface CallObserver {
+  method(kind: CallKind, service: string, method: string): MethodCalls;
+}
+
+/** Records the calls of one method: each start, and each end with its status code. */
+export interface MethodCalls {
+  started(): void;
+  ended(code: number, seconds: number): void;
+}
+
+const UNOBSERVED: MethodCalls = { started() {}, ended() {} };
+
+/** The status code of a call that succeeded (`Code` names only failures). */
+const OK = 0;
 
 /** What the wrapped handlers need from the server. */
 export interface HandlerDeps {
@@ -448,6 +470,8 @@ export interface HandlerDeps {
   readonly authenticator?: Authenticator | undefined;
   /** Logs one refused call (UNAUTHENTICATED or PERMISSION_DENIED). */
   readonly onRefused?: ((refusal: Refusal) => void) | undefined;
+  /** Counts every call and its status; none: nothing is counted. */
+  readonly calls?: CallObserver | undefined;
 }
 
 /** A call refused for want of credentials or rights, as the log line names it. */
@@ -520,10 +544,22 @@ function endStream(
   call: { emit(event: "error", status: grpc.StatusObject): unknown; end(): unknown },
   deps: HandlerDeps,
   path: string,
-): void {
-  if (deps.shutdown.aborted) call.emit("error", toStatusObject(deps.shutdown.reason, deps.log, path));
-  else call.end();
+): number {
+  if (!deps.shutdown.aborted) {
+    call.end();
+    return OK;
+  }
+  const status = toStatusObject(deps.shutdown.reason, deps.log, path);
+  call.emit("error", status);
+  return status.code;
 }
+
+/** The code a stream ended with: CANCELLED when its client went away first. */
+const endedWith = (call: { readonly cancelled: boolean }, code: number) =>
+  call.cancelled ? Code.Canceled : code;
+
+/** Seconds since `start` (a `performance.now()`). */
+const since = (start: number) => (performance.now() - start) / 1000;
 
 type UnaryFn = (request: unknown, ctx: HandlerContext) => Promise<unknown>;
 type ServerStreamFn = (request: unknown, ctx: HandlerContext) => AsyncIterable<unknown>;
@@ -534,10 +570,13 @@ function unaryHandler(
   fn: UnaryFn,
   deps: HandlerDeps,
   path: string,
+  calls: MethodCalls,
   fast: ((bytes: Buffer) => object | undefined) | undefined,
 ): grpc.handleUnaryCall<unknown, unknown> {
   const decode = requestDecoder(method.input);
   return (call, callback) => {
+    const start = performance.now();
+    calls.started();
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     (async () => {
@@ -548,15 +587,21 @@ function unaryHandler(
       return fn(request, ctx);
     })()
       .then(
-        (response) =>
+        (response) => {
+          calls.ended(OK, since(start));
           callback(
             null,
             // A Buffer passes the response serializer as it is (see `encoder`).
             response instanceof EncodedResponse
               ? response.bytes
               : create(method.output, response as MessageInitShape<DescMessage>),
-          ),
-        (error: unknown) => callback(failure(error, deps, path, call, access)),
+          );
+        },
+        (error: unknown) => {
+          const status = failure(error, deps, path, call, access);
+          calls.ended(status.code, since(start));
+          callback(status);
+        },
       )
       .finally(() => ctx.done());
   };
@@ -567,8 +612,11 @@ function serverStreamHandler(
   fn: ServerStreamFn,
   deps: HandlerDeps,
   path: string,
+  calls: MethodCalls,
 ): grpc.handleServerStreamingCall<unknown, unknown> {
   return (call) => {
+    const start = performance.now();
+    calls.started();
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     (async () => {
@@ -582,8 +630,12 @@ function serverStreamHandler(
       }
     })()
       .then(
-        () => endStream(call, deps, path),
-        (error: unknown) => call.emit("error", failure(error, deps, path, call, access)),
+        () => calls.ended(endedWith(call, endStream(call, deps, path)), since(start)),
+        (error: unknown) => {
+          const status = failure(error, deps, path, call, access);
+          calls.ended(status.code, since(start));
+          call.emit("error", status);
+        },
       )
       .finally(() => ctx.done());
   };
@@ -594,8 +646,11 @@ function bidiHandler(
   fn: BidiFn,
   deps: HandlerDeps,
   path: string,
+  calls: MethodCalls,
 ): grpc.handleBidiStreamingCall<unknown, unknown> {
   return (call) => {
+    const start = performance.now();
+    calls.started();
     const ctx = createContext(call, deps.shutdown);
     const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
     const encode = encoder(method.output);
@@ -647,11 +702,16 @@ function bidiHandler(
       return fn(stream, ctx);
     })()
       .then(
-        () => {
-          if (!reset) endStream(call, deps, path);
-        },
+        () =>
+          calls.ended(
+            reset ? Code.ResourceExhausted : endedWith(call, endStream(call, deps, path)),
+            since(start),
+          ),
         (error: unknown) => {
-          if (!reset) call.emit("error", failure(error, deps, path, call, access));
+          if (reset) return calls.ended(Code.ResourceExhausted, since(start));
+          const status = failure(error, deps, path, call, access);
+          calls.ended(status.code, since(start));
+          call.emit("error", status);
         },
       )
       .finally(() => ctx.done());

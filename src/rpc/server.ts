@@ -5,6 +5,7 @@ import { HealthImplementation } from "grpc-health-check";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
 import {
+  type CallObserver,
   createServiceDefinition,
   createServiceHandlers,
   type FastDecoders,
@@ -57,6 +58,8 @@ export interface RpcServerOptions {
    * users expect) or `authenticated` (any caller the authenticator accepts).
    */
   readonly reflection?: "open" | "authenticated";
+  /** Counts the calls of `services` (the metrics); none: nothing is counted. */
+  readonly calls?: CallObserver | undefined;
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
@@ -115,6 +118,7 @@ export async function createRpcServer(
     shutdown: shutdown.signal,
     authenticator: options.authenticator,
     onRefused: refusalLogger(options.log),
+    calls: options.calls,
   };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl, fastDecoders } of options.services) {

@@ -147,3 +147,27 @@ export async function cancelAction(
     return { kind: "unchanged", action: current };
   });
 }
+
+/**
+ * Queued and leased actions by cluster (clusters with neither are left out).
+ * Each state is counted through its partial index: the claim index for the
+ * queued, the session index for the leased.
+ */
+export async function countActionsByCluster(
+  db: Db,
+): Promise<{ cluster: string; queued: number; leased: number }[]> {
+  const rows = await queryRows<{ cluster: string; state: string; n: unknown }>(
+    db,
+    sql`select cluster, 'QUEUED' as state, count(*) as n from actions where state = 'QUEUED' group by cluster
+        union all
+        select cluster, 'LEASED', count(*) from actions where state = 'LEASED' group by cluster`,
+  );
+  const byCluster = new Map<string, { cluster: string; queued: number; leased: number }>();
+  for (const row of rows) {
+    const counts = byCluster.get(row.cluster) ?? { cluster: row.cluster, queued: 0, leased: 0 };
+    if (row.state === "QUEUED") counts.queued = Number(row.n);
+    else counts.leased = Number(row.n);
+    byCluster.set(row.cluster, counts);
+  }
+  return [...byCluster.values()];
+}

@@ -87,6 +87,8 @@ export interface ActionServiceDeps {
   readonly feed: ChangeFeed;
   /** Called after a leased action is marked for cancellation: revoke it from its owner. */
   readonly onCancelRequested?: (action: ActionRecord) => void;
+  /** Counts submissions: created, or an earlier action answered for a repeated request id. */
+  readonly submitted?: { inc(labels: { result: "created" | "existing" }, n?: number): void };
 }
 
 export function createActionService({
@@ -94,6 +96,7 @@ export function createActionService({
   clock,
   feed,
   onCancelRequested,
+  submitted,
 }: ActionServiceDeps): ActionService {
   // Submits are group-committed: concurrent calls share one insert statement.
   const submits = createBatcher<{ action: NewAction; actor: string }, ActionRecord | undefined>(
@@ -109,6 +112,7 @@ export function createActionService({
   async function submit(action: NewAction, actor: string): Promise<SubmitResult> {
     const inserted = await submits.add({ action, actor });
     if (inserted) {
+      submitted?.inc({ result: "created" });
       feed.publish(EVENTS_TOPIC);
       feed.publish(QUEUE_TOPIC);
       return { action: inserted, created: true };
@@ -129,6 +133,7 @@ export function createActionService({
         { reason: "REQUEST_ID_REUSED", metadata: { action_id: existing.action.id, request_id: requestId } },
       );
     }
+    submitted?.inc({ result: "existing" });
     return { action: existing.action, created: false };
   }
 
@@ -151,10 +156,14 @@ export function createActionService({
           },
         );
       }
-      if (outcome.results.some((r) => r.created)) {
+      const created = outcome.results.filter((r) => r.created).length;
+      if (created > 0) {
+        submitted?.inc({ result: "created" }, created);
         feed.publish(EVENTS_TOPIC);
         feed.publish(QUEUE_TOPIC);
       }
+      if (created < outcome.results.length)
+        submitted?.inc({ result: "existing" }, outcome.results.length - created);
       return [...outcome.results];
     }
     throw new LeaseholdError(

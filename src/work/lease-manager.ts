@@ -23,7 +23,7 @@ import {
 } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
-import { createReports } from "./lease/reports.js";
+import { createReports, type ReportKind, type ReportResult } from "./lease/reports.js";
 import { createRevokes } from "./lease/revokes.js";
 import { createStreamHandle, type SessionHandle } from "./lease/stream.js";
 import type { LeaseToken, RevokeReason, WorkerLink } from "./worker-messages.js";
@@ -33,6 +33,7 @@ export interface LeaseMetrics {
   readonly grants: { inc(n?: number): void };
   readonly expiries: { inc(n?: number): void };
   readonly fencedReports: { inc(n?: number): void };
+  readonly reports: { inc(labels: { kind: ReportKind; result: ReportResult }): void };
   readonly heartbeatAckSeconds: { observe(seconds: number): void };
 }
 
@@ -202,6 +203,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     dispatcher,
     publishActions,
     fencedReports: metrics.fencedReports,
+    answered: metrics.reports,
     tracing,
   });
   const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions });

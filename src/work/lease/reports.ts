@@ -36,6 +36,11 @@ export interface Reports {
   close(): Promise<void>;
 }
 
+/** What a report said, as counted: a completion's outcome, a release, or progress. */
+export type ReportKind = "succeeded" | "failed" | "released" | "progress";
+/** How a report was answered. */
+export type ReportResult = "accepted" | "fenced" | "unavailable";
+
 export function createReports(deps: {
   db: Db;
   clock: Clock;
@@ -44,6 +49,8 @@ export function createReports(deps: {
   hosted: HostedSessions;
   dispatcher: Dispatcher;
   fencedReports: { inc(n?: number): void };
+  /** Counts every report answered, by what it said and its answer. */
+  answered: { inc(labels: { kind: ReportKind; result: ReportResult }): void };
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
   /** Spans for the completions and releases of traced actions. */
@@ -229,19 +236,23 @@ export function createReports(deps: {
                 details: m.outcome.details,
               },
             };
+    const kind = report.kind;
     settle(
       s,
       report,
       (finished) => {
         if (!finished) {
+          deps.answered.inc({ kind, result: "fenced" });
           endSpan(span, false, "FENCED");
           return fenced(s, m.reportId, token, m.type);
         }
+        deps.answered.inc({ kind, result: "accepted" });
         accept(s, m.reportId, token, `action is now ${finished.state}`);
         endSpan(span, true, finished.state);
         publishActions([token.actionId]);
       },
       (error) => {
+        deps.answered.inc({ kind, result: "unavailable" });
         endSpan(span, false, "UNAVAILABLE");
         unavailable(s, m.reportId, token, error);
       },
@@ -265,15 +276,18 @@ export function createReports(deps: {
           (ok) => {
             nextInTurn(m.actionId);
             if (!ok) {
+              deps.answered.inc({ kind: "progress", result: "fenced" });
               endSpan(span, false, "FENCED");
               return fenced(s, m.reportId, token, "progress");
             }
+            deps.answered.inc({ kind: "progress", result: "accepted" });
             accept(s, m.reportId, token, "progress recorded");
             endSpan(span, true, "RECORDED");
             feed.publish(actionTopic(token.actionId));
           },
           (error: unknown) => {
             nextInTurn(m.actionId);
+            deps.answered.inc({ kind: "progress", result: "unavailable" });
             endSpan(span, false, "UNAVAILABLE");
             unavailable(s, m.reportId, token, error);
           },

@@ -172,6 +172,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const timersOn = options.timers ?? true;
   const bus = options.bus;
   let closed = false;
+  // Asked once: the lines of every grant, report and revoke cost nothing at the default level.
+  const debug = log.isLevelEnabled("debug");
 
   const publishActions = (ids: Iterable<string>) => {
     for (const id of ids) feed.publish(actionTopic(id));
@@ -186,6 +188,20 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     granted(grants) {
       metrics.grants.inc(grants.length);
+      if (debug) {
+        for (const g of grants) {
+          log.debug(
+            {
+              actionId: g.actionId,
+              epoch: g.epoch,
+              attempt: g.attempt,
+              workerId: g.workerId,
+              sessionId: g.sessionId,
+            },
+            "lease granted",
+          );
+        }
+      }
       publishActions(grants.map((g) => g.actionId));
     },
     stopped: () => closed,
@@ -205,8 +221,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     fencedReports: metrics.fencedReports,
     answered: metrics.reports,
     tracing,
+    debug,
   });
-  const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions });
+  const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions, debug });
 
   // ---- sessions ------------------------------------------------------------------------------------
 

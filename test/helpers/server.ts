@@ -8,7 +8,7 @@ import { freshStore, type TestStore } from "./database.js";
 /** A server on an ephemeral port with a fresh store, and clients for it. */
 export interface TestServer extends AsyncDisposable {
   readonly server: LeaseholdServer;
-  /** Log lines at info and above, parsed. */
+  /** Log lines at the configured level (`config.logLevel`, default info) and above, parsed. */
   readonly logs: Record<string, unknown>[];
   readonly store: TestStore;
   readonly address: string;
@@ -49,7 +49,7 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
   const logs: Record<string, unknown>[] = [];
   const echo = process.env.LEASEHOLD_TEST_LOG !== undefined;
   const log = pino(
-    { level: "info" },
+    { level: config.logLevel },
     {
       write(line: string) {
         logs.push(JSON.parse(line));

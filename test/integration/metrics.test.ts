@@ -7,8 +7,9 @@ import { expectStatus } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 /**
- * What an operator's Prometheus sees: the calls by method and code, the
- * submissions, the reports and their answers, and the queue by cluster.
+ * What an operator sees: in Prometheus: the calls by method and code, the
+ * submissions, the reports and their answers, and the queue by cluster; in
+ * the log at debug level, every grant, report answer and revoke.
  */
 describe("the metrics", () => {
   let t: TestServer;
@@ -104,5 +105,43 @@ describe("the metrics", () => {
     // A cluster with nothing queued or leased is not listed.
     expect(sample(text, 'leasehold_actions{cluster="east",state="QUEUED"}')).toBeUndefined();
     expect(sample(text, 'leasehold_actions{cluster="west",state="QUEUED"}')).toBe(1);
+  });
+
+  it("logs every grant, report answer and revoke at debug level", async () => {
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s", logLevel: "debug" },
+      overrides: { clock: createFakeClock(), timers: false },
+    });
+    const id = (await api().submitAction({ cluster: "east" })).action?.id ?? "";
+    const cancelled = (await api().submitAction({ cluster: "east" })).action?.id ?? "";
+    const w = await worker("w1", 2);
+    await t.server.leases.tick.dispatch();
+    const grant = await w.next("grant", (g) => g.actionId === id);
+    await w.next("grant", (g) => g.actionId === cancelled);
+    await api().cancelAction({ actionId: cancelled, reason: "not needed" });
+    await w.next("revoke");
+    await w.complete(grant, { output: {} });
+    await w.release(grant);
+    const lines = t.logs.filter((l) => l.level === 20);
+    expect(lines).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({ msg: "lease granted", actionId: id, epoch: 1, attempt: 1, workerId: "w1" }),
+        expect.objectContaining({
+          msg: "report accepted: action is now SUCCEEDED",
+          actionId: id,
+          workerId: "w1",
+        }),
+        expect.objectContaining({
+          msg: expect.stringMatching(/^report fenced: release for action/),
+          actionId: id,
+        }),
+        expect.objectContaining({
+          msg: expect.stringMatching(/^revoke sent: .*not needed/),
+          actionId: cancelled,
+          reason: "CANCELLED",
+        }),
+      ]),
+    );
   });
 });

@@ -55,6 +55,8 @@ export function createReports(deps: {
   publishActions: (ids: Iterable<string>) => void;
   /** Spans for the completions and releases of traced actions. */
   tracing: Tracing;
+  /** Log every report's answer at debug level. */
+  debug?: boolean;
 }): Reports {
   const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
 
@@ -145,6 +147,8 @@ export function createReports(deps: {
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
     deps.fencedReports.inc();
     const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
+    if (deps.debug)
+      log.debug({ ...token, workerId: s.workerId, sessionId: s.sessionId }, `report fenced: ${message}`);
     s.link.send({
       type: "report_result",
       reportId,
@@ -176,6 +180,8 @@ export function createReports(deps: {
   }
 
   function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
+    if (deps.debug)
+      log.debug({ ...token, workerId: s.workerId, sessionId: s.sessionId }, `report accepted: ${message}`);
     s.link.send({ type: "report_result", reportId, ...token, accepted: true, message });
   }
 

@@ -26,6 +26,8 @@ export function createRevokes(deps: {
   settle: Dispatcher["settle"];
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
+  /** Log every revoke sent at debug level. */
+  debug?: boolean;
 }): Revokes {
   const { log, hosted, settle, publishActions } = deps;
 
@@ -124,6 +126,11 @@ export function createRevokes(deps: {
       s.noticed.add(`${token.actionId}:${token.epoch}:${reason === "CANCELLED" ? "cancel" : "collect"}`);
       trackRevoke(s, token, reason);
     }
+    if (deps.debug)
+      log.debug(
+        { ...token, reason, workerId: s.workerId, sessionId: s.sessionId },
+        `revoke sent: ${message}`,
+      );
     s.link.send({ type: "revoke", ...token, reason, message });
   }
 

@@ -674,6 +674,48 @@ describe("work leases", () => {
     expect(got.attempts[0]?.outcome).toBe(AttemptOutcome.CANCELLED);
   });
 
+  it("accepts a report sent again as its repeat, on a cancelled action whatever it said, and fences a different one", async () => {
+    const w = await worker("w1", { capacity: 2 });
+    const done = await submit();
+    const cancelled = await submit();
+    await tick().dispatch();
+    const first = await w.next("grant", (g) => g.actionId === done);
+    const second = await w.next("grant", (g) => g.actionId === cancelled);
+    expect(await w.complete(first, { output: { n: 1 } })).toMatchObject({ accepted: true });
+    expect(await w.complete(first, { output: { n: 1 } })).toMatchObject({
+      accepted: true,
+      message: "action is now SUCCEEDED",
+    });
+    expect(await w.complete(first, { output: { n: 2 } })).toMatchObject({
+      accepted: false,
+      rejectReason: RejectReason.FENCED,
+    });
+    await api().cancelAction({ actionId: cancelled, reason: "not needed" });
+    await w.next("revoke", (r) => r.actionId === cancelled);
+    // The completion crossed the revoke: it lands, and the action is cancelled all the same.
+    expect(await w.complete(second, { output: { n: 3 } })).toMatchObject({
+      accepted: true,
+      message: "action is now CANCELLED",
+    });
+    // Sent again after a reconnect, it must tell the worker it landed, not that it was fenced.
+    for (const again of [{ output: { n: 3 } }, { error: "stopped", retryable: true }]) {
+      expect(await w.complete(second, again)).toMatchObject({
+        accepted: true,
+        message: "action is now CANCELLED",
+      });
+    }
+    expect(await w.release(second, "revoked")).toMatchObject({
+      accepted: true,
+      message: "action is now CANCELLED",
+    });
+    // Another session's copy is fenced: the repeat is the same attempt's.
+    const other = await worker("w2");
+    expect(await other.complete(second, { output: { n: 3 } })).toMatchObject({
+      accepted: false,
+      rejectReason: RejectReason.FENCED,
+    });
+  });
+
   it("stops new grants to a drained worker and asks it to finish", async () => {
     const w = await worker("w1", { capacity: 2 });
     const first = await submit();

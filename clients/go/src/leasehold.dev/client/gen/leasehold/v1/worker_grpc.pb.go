@@ -114,7 +114,10 @@ type WorkerServiceClient interface {
 	// answered: list it, and send the release after the welcome. A lease whose
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
-	// repeat (a different one is FENCED), which tells the worker it landed.
+	// repeat (a different one is FENCED), which tells the worker it landed. On
+	// an action cancelled while it was held, what the worker reported is not
+	// kept (the action is CANCELLED either way): any completion or release of
+	// that lease is accepted as its repeat.
 	// Welcome.revoked gives no reason: for any other lease in it, stop the work
 	// and report nothing more (a release sent anyway is answered FENCED, and is
 	// harmless).
@@ -299,7 +302,10 @@ type WorkerServiceServer interface {
 	// answered: list it, and send the release after the welcome. A lease whose
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
-	// repeat (a different one is FENCED), which tells the worker it landed.
+	// repeat (a different one is FENCED), which tells the worker it landed. On
+	// an action cancelled while it was held, what the worker reported is not
+	// kept (the action is CANCELLED either way): any completion or release of
+	// that lease is accepted as its repeat.
 	// Welcome.revoked gives no reason: for any other lease in it, stop the work
 	// and report nothing more (a release sent anyway is answered FENCED, and is
 	// harmless).

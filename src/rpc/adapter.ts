@@ -67,6 +67,11 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
    * control stops the transport once the client's window is full).
    */
   readonly bufferedBytes: number;
+  /**
+   * Nothing is read from the client now: too many sent messages wait for the
+   * transport (see {@link READ_PAUSE_MESSAGES}).
+   */
+  readonly readingHeld: boolean;
   /** Calls `listener` each time the transport takes a message (`bufferedBytes` shrank). Returns its off. */
   onFlushed(listener: () => void): () => void;
   /**
@@ -79,6 +84,18 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
 
 /** Past this many unread messages the call is paused until the handler catches up. */
 const HIGH_WATER = 64;
+
+/**
+ * A bidi stream reads nothing more from its client while this many of its
+ * own messages, or {@link READ_PAUSE_BYTES}, wait for the transport: a client
+ * that sends but does not read is held back by HTTP/2 flow control instead
+ * of making the server answer into a growing buffer (a heartbeat flood made
+ * a million tiny acks: 350 MB, and a 10 s stall of the whole process to
+ * drop them). Reading goes on once a quarter of each is left.
+ */
+export const READ_PAUSE_MESSAGES = 1024;
+/** See {@link READ_PAUSE_MESSAGES}. */
+export const READ_PAUSE_BYTES = 1024 * 1024;
 
 /**
  * The client's messages as an async iterable that can be ended from the
@@ -94,6 +111,9 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   iterable: AsyncIterable<T>;
   consume(handler: (message: T) => void): Promise<void>;
   stop(): void;
+  /** While on, nothing more is read from the client (the server's answers are backed up). */
+  hold(on: boolean): void;
+  readonly held: () => boolean;
 } {
   const buffer: (T | RejectedRequest)[] = [];
   let pending: ((result: IteratorResult<T>) => void) | undefined;
@@ -101,8 +121,19 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   let done = false;
   /** Set by `consume`: messages go straight to it. */
   let consumer: ((message: T) => void) | undefined;
-  /** The call was paused because `buffer` passed HIGH_WATER. */
+  /** `buffer` passed HIGH_WATER and has not drained to a quarter of it yet. */
+  let unread = false;
+  /** The server holds reading back (see `hold`). */
+  let held = false;
+  /** The call is paused: for either reason above. */
   let paused = false;
+  const sync = () => {
+    const pause = (unread || held) && !done;
+    if (pause === paused) return;
+    paused = pause;
+    if (pause) call.pause();
+    else call.resume();
+  };
   let consumed: { resolve(): void; reject(error: unknown): void } | undefined;
   const finish = () => {
     done = true;
@@ -150,9 +181,9 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       return;
     }
     buffer.push(message);
-    if (buffer.length >= HIGH_WATER && !paused) {
-      paused = true;
-      call.pause();
+    if (buffer.length >= HIGH_WATER && !unread) {
+      unread = true;
+      sync();
     }
   });
   call.on("end", finish);
@@ -166,9 +197,9 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
           finish();
           return Promise.reject(value.error);
         }
-        if (paused && buffer.length <= HIGH_WATER / 4) {
-          paused = false;
-          call.resume();
+        if (unread && buffer.length <= HIGH_WATER / 4) {
+          unread = false;
+          sync();
         }
         return Promise.resolve({ done: false, value });
       }
@@ -192,12 +223,23 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       consumer = handler;
       consumed = { resolve, reject };
       while (buffer.length > 0 && !done) deliver(buffer.shift() as T | RejectedRequest);
-      if (paused && !done) {
-        paused = false;
-        call.resume();
+      if (unread && !done) {
+        unread = false;
+        sync();
       }
     });
-  return { iterable: { [Symbol.asyncIterator]: () => iterator }, consume, stop: finish };
+  const hold = (on: boolean) => {
+    if (held === on) return;
+    held = on;
+    sync();
+  };
+  return {
+    iterable: { [Symbol.asyncIterator]: () => iterator },
+    consume,
+    stop: finish,
+    hold,
+    held: () => held,
+  };
 }
 
 type Input<M> = M extends { input: infer I extends DescMessage } ? I : never;
@@ -656,12 +698,18 @@ function bidiHandler(
     const encode = encoder(method.output);
     const flushed = new Set<() => void>();
     let bufferedBytes = 0;
+    let bufferedMessages = 0;
     let reset = false;
     const write = (bytes: Buffer) => {
       bufferedBytes += bytes.length;
+      if (++bufferedMessages >= READ_PAUSE_MESSAGES || bufferedBytes >= READ_PAUSE_BYTES) queue.hold(true);
       // The callback runs once HTTP/2 took the message (or the call failed).
       return call.write(bytes, () => {
         bufferedBytes -= bytes.length;
+        bufferedMessages--;
+        if (bufferedMessages <= READ_PAUSE_MESSAGES / 4 && bufferedBytes <= READ_PAUSE_BYTES / 4) {
+          queue.hold(false);
+        }
         for (const listener of flushed) listener();
       });
     };
@@ -674,6 +722,9 @@ function bidiHandler(
       stop: queue.stop,
       get bufferedBytes() {
         return bufferedBytes;
+      },
+      get readingHeld() {
+        return queue.held();
       },
       onFlushed(listener) {
         flushed.add(listener);

@@ -1,5 +1,5 @@
 import { connect as http2Connect, constants as http2Constants } from "node:http2";
-import { create, toBinary } from "@bufbuild/protobuf";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
@@ -54,6 +54,28 @@ describe("worker stream flow control", () => {
       };
       look();
     });
+
+  /**
+   * A worker on a bare HTTP/2 stream that says hello and never reads: no data is consumed, so
+   * no WINDOW_UPDATE goes out and the server can send at most one flow-control window. (A
+   * grpc-js client that pauses still takes in a dozen messages before it stops.)
+   */
+  const deafWorker = (workerId: string, capacity: number) => {
+    const session = http2Connect(`http://${t.address}`);
+    closers.push(() => session.destroy());
+    session.on("error", () => {});
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/leasehold.v1.WorkerService/Connect",
+      "content-type": "application/grpc",
+      te: "trailers",
+    });
+    stream.on("error", () => {});
+    const closed = new Promise<number>((resolve) => stream.on("close", () => resolve(stream.rstCode ?? 0)));
+    stream.write(framed({ message: { case: "hello", value: { workerId, cluster: "east", capacity } } }));
+    stream.pause();
+    return { stream, closed };
+  };
 
   afterEach(async () => {
     for (const w of workers) w.drop();
@@ -111,31 +133,7 @@ describe("worker stream flow control", () => {
     const first = [];
     for (let i = 0; i < 4; i++) first.push(await submit(big));
 
-    // A worker on a bare HTTP/2 stream that says hello and never reads: no data is consumed,
-    // so no WINDOW_UPDATE goes out and the server can send at most one flow-control window.
-    // (A grpc-js client that pauses still takes in a dozen messages before it stops.)
-    const session = http2Connect(`http://${t.address}`);
-    closers.push(() => session.destroy());
-    session.on("error", () => {});
-    const stream = session.request({
-      ":method": "POST",
-      ":path": "/leasehold.v1.WorkerService/Connect",
-      "content-type": "application/grpc",
-      te: "trailers",
-    });
-    stream.on("error", () => {});
-    const closed = new Promise<number>((resolve) => stream.on("close", () => resolve(stream.rstCode ?? 0)));
-    const hello = toBinary(
-      WorkerService.method.connect.input,
-      create(WorkerService.method.connect.input, {
-        message: { case: "hello", value: { workerId: "deaf", cluster: "east", capacity: 100 } },
-      }),
-    );
-    const frame = Buffer.alloc(5 + hello.length);
-    frame.writeUInt32BE(hello.length, 1);
-    frame.set(hello, 5);
-    stream.write(frame);
-    stream.pause();
+    const { closed } = deafWorker("deaf", 100);
     await logLine((l) => l.msg === "worker session started" && l.workerId === "deaf");
     await dispatch();
     const granted = await Promise.all(first.map(lease));
@@ -166,6 +164,37 @@ describe("worker stream flow control", () => {
     workers.push(back);
     expect(back.welcome.sessionResumed).toBe(true);
   }, 90_000); // large payloads through a busy machine: slow, not timed
+
+  it("reads nothing more from a worker that sends without reading, and ends its stream", async () => {
+    await start({ stalledStreamMs: 2000 });
+    // It sends a flood of heartbeats one message each (no batches): every one would be
+    // answered with an ack of its own.
+    const { stream, closed } = deafWorker("flood", 1);
+    await logLine((l) => l.msg === "worker session started" && l.workerId === "flood");
+    const sent = 50_000;
+    const heartbeats = [];
+    for (let i = 1; i <= sent; i++)
+      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+    stream.write(Buffer.concat(heartbeats));
+
+    // Its unread acks stay under the message bound, so the byte mark (1 MiB) is never reached:
+    // the stream ends on the message count, after the stall bound.
+    const ended = await logLine((l) => String(l.msg).startsWith("ending the stream of worker flood"));
+    expect(ended.msg).toMatch(
+      /stayed over \d+ bytes or 1024 messages for 2000 ms; the worker is not reading/,
+    );
+    expect(await closed).toBe(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+    const metrics = await t.server.metrics.registry.getSingleMetricAsString(
+      "leasehold_heartbeat_ack_seconds",
+    );
+    const acked = Number(metrics.match(/^leasehold_heartbeat_ack_seconds_count (\d+)$/m)?.[1]);
+    // Without the pause every heartbeat the transport let through was read and acked.
+    expect(acked).toBeGreaterThan(0);
+    expect(acked).toBeLessThan(sent / 5);
+    // Others were never held up: a worker that reads is answered at once.
+    const reader = await worker("reader", 1);
+    expect(await reader.heartbeat(1)).toMatchObject({ sequence: 1n });
+  }, 60_000);
 
   it("announces the per-connection stream limit in its HTTP/2 settings", async () => {
     await start({ maxConcurrentStreams: 6 });
@@ -251,3 +280,15 @@ describe("worker stream flow control", () => {
     expect(t.logs.some((l) => String(l.msg).includes("partitioned"))).toBe(false);
   });
 });
+
+/** One ConnectRequest in gRPC's framing: a zero flag byte, the length, the message. */
+function framed(message: MessageInitShape<typeof WorkerService.method.connect.input>): Buffer {
+  const bytes = toBinary(
+    WorkerService.method.connect.input,
+    create(WorkerService.method.connect.input, message),
+  );
+  const frame = Buffer.alloc(5 + bytes.length);
+  frame.writeUInt32BE(bytes.length, 1);
+  frame.set(bytes, 5);
+  return frame;
+}

@@ -22,7 +22,7 @@ import {
   type SessionHandle,
 } from "../../work/lease-manager.js";
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
-import type { FastDecoders } from "../adapter.js";
+import { type FastDecoders, READ_PAUSE_MESSAGES } from "../adapter.js";
 import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
@@ -173,11 +173,11 @@ export function workerServiceBinding(
         const bytes = heldBytes;
         if (bytes > maxBuffered) {
           exhausted(`its outbound buffer passed ${maxBuffered} bytes; the worker is not reading`);
-        } else if (bytes >= highWater) {
+        } else if (bytes >= highWater || stream.readingHeld) {
           stalled ??= setTimeout(
             () =>
               exhausted(
-                `its outbound buffer stayed over ${highWater} bytes for ${limits.stalledStreamMs} ms; the worker is not reading`,
+                `its outbound buffer stayed over ${highWater} bytes or ${READ_PAUSE_MESSAGES} messages for ${limits.stalledStreamMs} ms; the worker is not reading`,
               ),
             limits.stalledStreamMs,
           );
@@ -224,9 +224,13 @@ export function workerServiceBinding(
             flush();
             stream.sendBinary(bytes);
           } else {
-            // Scheduled once per turn: by the first message queued in it.
-            if (queued.push(bytes) === 1) flusher.schedule(flush);
+            // Scheduled once per turn: by the first message queued in it. A turn that queues
+            // a batch's worth writes it at once: the transport's count of unread messages then
+            // stops the reading of a worker that sends without reading within this turn.
+            const n = queued.push(bytes);
             queuedBytes += bytes.byteLength;
+            if (n === 1) flusher.schedule(flush);
+            else if (n >= MAX_BATCH_MESSAGES) flush();
           }
           watch();
         },
@@ -293,7 +297,9 @@ export function workerServiceBinding(
         clearTimeout(stalled);
         if (!reset) finish();
         // A status sent the ordinary way waits behind the buffer; a worker not reading never gets it.
-        if (!reset && stream.bufferedBytes >= highWater) stream.reset();
+        if (!reset && (stream.bufferedBytes >= highWater || stream.readingHeld)) {
+          stream.reset();
+        }
       }
       if (closeError) throw closeError;
     },

@@ -1288,11 +1288,13 @@ export const WorkerService: GenService<{
    *
    * Flow control: a stream gets at most 32 grants it has not acknowledged
    * (see GrantAck), and none while the server holds 1 MiB or more of
-   * messages the worker has not read. A stream whose unread messages stay
-   * over that mark for a grace period, or pass 16 MiB, is ended with
-   * RESOURCE_EXHAUSTED; like any lost stream its session enters grace and the
-   * worker may reconnect and resume it. Read the stream promptly, heartbeat
-   * acks included.
+   * messages the worker has not read. While 1,024 messages or 1 MiB wait
+   * unread, the server reads nothing more from the stream (HTTP/2 flow
+   * control then holds the worker's sends back). A stream whose unread
+   * messages stay over 1 MiB or 1,024 messages for a grace period, or pass
+   * 16 MiB, is ended with RESOURCE_EXHAUSTED; like any lost stream its
+   * session enters grace and the worker may reconnect and resume it. Read
+   * the stream promptly, heartbeat acks included.
    *
    * Limits: one connection holds at most 256 streams (HTTP/2
    * SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,

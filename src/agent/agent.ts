@@ -14,6 +14,7 @@ import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { errorReasonOf } from "../rpc/status.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
+import { checkWorkerNames, Violations } from "../rpc/validate.js";
 import {
   batchRuns,
   decodeServerMessage,
@@ -391,6 +392,14 @@ export function createAgent(options: AgentOptions): Agent {
       `createAgent: capacity + prefetch must be at most ${MAX_CAPACITY}, not ${capacity} + ${prefetch}`,
     );
   }
+  // Refused here, by the server's own rules: a hello the server refuses would be sent again forever.
+  const names = new Violations();
+  checkWorkerNames(
+    names,
+    { workerId: options.workerId, cluster: options.cluster, labels: { ...options.labels } },
+    { workerId: "workerId", cluster: "cluster", labels: "labels" },
+  );
+  names.throwIfAny();
 
   const running = new Map<string, Running>();
   /**

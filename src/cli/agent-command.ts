@@ -8,6 +8,7 @@ import { createDeploymentHandler, isDeploymentPayload } from "../agent/deploymen
 import { createProcessRegistry } from "../agent/process-registry.js";
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
+import { checkWorkerNames, Violations } from "../rpc/validate.js";
 import {
   CliError,
   channelFor,
@@ -110,6 +111,19 @@ export function agentCommand(): Command {
           );
         }
         const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
+        const labels = parseLabels(o.labels as string[] | undefined, "--labels");
+        // Checked before the work directory exists: the server would refuse every hello.
+        const names = new Violations();
+        checkWorkerNames(
+          names,
+          { workerId, cluster: o.cluster as string, labels },
+          { workerId: "--worker-id", cluster: "--cluster", labels: "--labels" },
+        );
+        try {
+          names.throwIfAny();
+        } catch (error) {
+          throw new CliError((error as Error).message, EXIT.usage);
+        }
         const servers = splitAddresses(g.server);
         const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
         // What an earlier run of this worker (same work directory) left running when it was killed.
@@ -155,7 +169,7 @@ export function agentCommand(): Command {
           workerId,
           capacity,
           prefetch,
-          labels: parseLabels(o.labels as string[] | undefined, "--labels"),
+          labels,
           handler: (ctx) =>
             isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),
           agentVersion: "leasehold-agent",

@@ -32,6 +32,21 @@ export function checkName(v: Violations, field: string, value: string, max = 128
   else if (!NAME.test(value)) v.add(field, "may contain only letters, digits, '.', '_', '-' and ':'");
 }
 
+/**
+ * Checks the names a worker's hello carries (worker id, cluster, labels),
+ * reporting each under the name `fields` gives it: the hello's field paths on
+ * the server, the agent's options or flags before a hello is ever sent.
+ */
+export function checkWorkerNames(
+  v: Violations,
+  names: { readonly workerId: string; readonly cluster: string; readonly labels: Record<string, string> },
+  fields: { readonly workerId: string; readonly cluster: string; readonly labels: string },
+): void {
+  checkName(v, fields.workerId, names.workerId);
+  checkName(v, fields.cluster, names.cluster);
+  checkLabels(v, fields.labels, names.labels);
+}
+
 /** Checks an optional free-form string's length. */
 export function checkLength(v: Violations, field: string, value: string, max: number): void {
   const over = charactersOver(value, max);

@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -158,6 +158,22 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     ]);
     expect(envWithAny.code).toBe(2);
     expect(envWithAny.stderr).toMatch(/--allow-env restricts nothing with --allow-any-command/);
+  });
+
+  it("refuses a worker id, cluster or label the server would refuse (exit 2), before making its work directory", async () => {
+    const workDir = join(await mkdtemp(join(tmpdir(), "leasehold-names-")), "work");
+    const run = (...flags: string[]) =>
+      cli(["--server", t.address, "agent", "--allow-command", "x", "--work-dir", workDir, ...flags]);
+    const cluster = await run("--cluster", "bad cluster");
+    expect(cluster.code).toBe(2);
+    expect(cluster.stderr).toMatch(/--cluster: may contain only letters, digits, '\.', '_', '-' and ':'/);
+    const worker = await run("--cluster", "allow", "--worker-id", "bad id!");
+    expect(worker.code).toBe(2);
+    expect(worker.stderr).toMatch(/--worker-id: may contain only letters/);
+    const label = await run("--cluster", "allow", "--labels", "bad key=v");
+    expect(label.code).toBe(2);
+    expect(label.stderr).toMatch(/--labels\["bad key"\]: keys must be/);
+    await expect(stat(workDir)).rejects.toThrow(/ENOENT/);
   });
 
   it("refuses to send a token in plaintext beyond loopback (exit 2), and sends it to loopback", async () => {

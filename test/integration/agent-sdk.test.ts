@@ -488,6 +488,18 @@ describe("the agent SDK against a real server", () => {
     }
     // What the hello would ask for is over the server's limit: refused here, before connecting.
     expect(agent(9_000, 1_001)).toThrow(/capacity \+ prefetch must be at most 10000, not 9000 \+ 1001/);
+    // Names the server would refuse in every hello, refused by the same rules before connecting.
+    const named = (names: { cluster?: string; workerId?: string; labels?: Record<string, string> }) => () =>
+      createAgent({
+        address: "127.0.0.1:1",
+        cluster: "east",
+        workerId: "w",
+        ...names,
+        handler: async () => undefined,
+      });
+    expect(named({ cluster: "bad cluster" })).toThrow(/^cluster: may contain only letters/);
+    expect(named({ workerId: "" })).toThrow(/^workerId: is required/);
+    expect(named({ labels: { "": "v" } })).toThrow(/^labels\[""\]: keys must be/);
   });
 
   it("drains on close: finishes the running action, reports it, says goodbye", async () => {

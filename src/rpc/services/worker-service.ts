@@ -26,7 +26,7 @@ import { type FastDecoders, READ_PAUSE_MESSAGES } from "../adapter.js";
 import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
-import { checkLabels, checkName, Violations } from "../validate.js";
+import { checkWorkerNames, Violations } from "../validate.js";
 import {
   batchRuns,
   decodeBareHeartbeat,
@@ -377,8 +377,11 @@ const maxHeldLeases = (capacity: number) => 2 * capacity;
 /** Validates a hello (every violation at once). */
 export function toHelloInput(hello: Hello): HelloInput {
   const v = new Violations();
-  checkName(v, "hello.worker_id", hello.workerId);
-  checkName(v, "hello.cluster", hello.cluster);
+  checkWorkerNames(v, hello, {
+    workerId: "hello.worker_id",
+    cluster: "hello.cluster",
+    labels: "hello.labels",
+  });
   const capacity = hello.capacity;
   if (capacity < 1) v.add("hello.capacity", `must be at least 1 (got ${capacity})`);
   else if (capacity > MAX_CAPACITY)
@@ -389,7 +392,6 @@ export function toHelloInput(hello: Hello): HelloInput {
       `must list at most ${maxHeldLeases(capacity)} leases (twice the capacity; got ${hello.heldLeases.length})`,
     );
   }
-  checkLabels(v, "hello.labels", hello.labels);
   hello.heldLeases.forEach((l, i) => {
     if (l.actionId === "") v.add(`hello.held_leases[${i}].action_id`, "is required");
     if (l.epoch === 0n) v.add(`hello.held_leases[${i}].epoch`, "must be the epoch of the grant (at least 1)");

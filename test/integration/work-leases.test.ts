@@ -761,6 +761,31 @@ describe("work leases", () => {
     );
   });
 
+  it("shows an offline worker as last seen when it was last heard from, not at its hello", async () => {
+    const seenMs = async (workerId: string) => {
+      const { worker: w } = await t.client(ClusterService).getWorker({ workerId });
+      expect(w?.state).toBe(WorkerState.OFFLINE);
+      return Number(w?.lastSeenTime?.seconds) * 1000 + (w?.lastSeenTime?.nanos ?? 0) / 1e6;
+    };
+    const bye = await worker("bye");
+    const lost = await worker("lost");
+    clock.advance(5000);
+    await keepAlive(bye, lost);
+    const heardMs = clock.current().getTime();
+    lost.drop();
+    await waitForEvent(t, "", "lost", EventKind.STREAM_LOST);
+    clock.advance(3000);
+    await keepAlive(bye);
+    bye.goodbye("done");
+    await bye.ended;
+    // The goodbye is the last contact.
+    expect(Math.abs((await seenMs("bye")) - clock.current().getTime())).toBeLessThan(1000);
+    clock.advance(GRACE_MS);
+    await tick().reap();
+    // Reaped: its last heartbeat, 5 s after its hello.
+    expect(Math.abs((await seenMs("lost")) - heardMs)).toBeLessThan(1000);
+  });
+
   it("grants by priority then age, only to workers whose labels match", async () => {
     const low = await submit({ priority: -1 });
     const gpu = await submit({ labelSelector: { gpu: "yes" } });

@@ -33,6 +33,10 @@ export async function endSession(
           where s.id = ${sessionId} and s.ended_at is null and s.stream_token = ${streamToken}
           returning s.id, s.worker_id, s.principal
         ),
+        -- The goodbye is the last the server heard of it: what ListWorkers shows once it is offline.
+        seen as (
+          update workers w set last_seen_at = ${now} from ended e where w.worker_id = e.worker_id
+        ),
         session_events as (
           insert into events (kind, worker_id, cluster, session_id, message, actor)
           select 'session_closed', e.worker_id, w.cluster, e.id,

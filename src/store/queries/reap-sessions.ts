@@ -193,7 +193,12 @@ export async function reapSessions(
       ended as (
         update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null, stream_token = null
         from due where s.id = due.id
-        returning s.id, s.worker_id
+        returning s.id, s.worker_id, s.last_heard_at
+      ),
+      -- What ListWorkers shows of an offline worker: when its last session last heard from it.
+      seen as (
+        update workers w set last_seen_at = greatest(w.last_seen_at, ended.last_heard_at)
+        from ended where w.worker_id = ended.worker_id
       ),
       expired as (
         update actions a set

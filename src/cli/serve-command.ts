@@ -99,7 +99,10 @@ export function serveCommand(): Command {
         .default(DEFAULTS.maxFileSize),
     )
     .addOption(
-      new Option("--log-level <level>", "log level")
+      new Option(
+        "--log-level <level>",
+        "log level; debug adds a line for every lease granted, report answered and revoke sent",
+      )
         .choices(LOG_LEVELS)
         .env("LEASEHOLD_LOG_LEVEL")
         .default(DEFAULTS.logLevel),

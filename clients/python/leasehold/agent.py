@@ -31,6 +31,7 @@ import logging
 import math
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -310,6 +311,29 @@ class _Stream:
             yield message
 
 
+_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def hello_problem(cluster: str, worker_id: str, labels: Mapping[str, str]) -> str:
+    """What a server would refuse in every hello (worker.proto, Hello), or "".
+
+    An agent sending such a hello would be refused and retry forever.
+    """
+    rule = "must be 1-128 letters, digits, '.', '_', '-' or ':'"
+    if not _NAME.fullmatch(worker_id):
+        return f"worker_id {worker_id!r} {rule}"
+    if not _NAME.fullmatch(cluster):
+        return f"cluster {cluster!r} {rule}"
+    if len(labels) > 64:
+        return f"labels must have at most 64 entries, not {len(labels)}"
+    for key in sorted(labels):
+        if not _NAME.fullmatch(key):
+            return f"labels key {key!r} {rule}"
+        if len(labels[key]) > 256:
+            return f"labels[{key!r}] must be at most 256 characters"
+    return ""
+
+
 class Agent:
     """A worker of one cluster: connects, runs granted actions with ``handler``, reports them.
 
@@ -361,6 +385,9 @@ class Agent:
             raise ValueError(f"capacity must be between 1 and 10000, got {capacity}")
         if not cluster or not worker_id:
             raise ValueError("cluster and worker_id are required")
+        problem = hello_problem(cluster, worker_id, dict(labels or {}))
+        if problem:
+            raise ValueError(problem)
         self._addresses = addresses
         self._cluster = cluster
         self._worker_id = worker_id

@@ -338,6 +338,9 @@ func Start(opts Options) (*Agent, error) {
 	if opts.Capacity <= 0 {
 		opts.Capacity = 1
 	}
+	if problem := helloProblem(opts); problem != "" {
+		return nil, errors.New("agent: " + problem)
+	}
 	if opts.AgentVersion == "" {
 		opts.AgentVersion = "leasehold-go-agent"
 	}

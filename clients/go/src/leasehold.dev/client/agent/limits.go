@@ -3,6 +3,8 @@ package agent
 import (
 	"fmt"
 	"math"
+	"regexp"
+	"sort"
 	"strings"
 	"unicode/utf8"
 
@@ -109,4 +111,36 @@ func protojsonCompact(m proto.Message) []byte {
 		return nil
 	}
 	return b
+}
+
+// name is the alphabet of worker ids, clusters and label keys (worker.proto, Hello).
+var name = regexp.MustCompile(`^[A-Za-z0-9._:-]{1,128}$`)
+
+// helloProblem says what in the options a server would refuse in every hello
+// (worker.proto, Hello), or "" if nothing: an agent sending it would retry forever.
+func helloProblem(o Options) string {
+	switch {
+	case !name.MatchString(o.WorkerID):
+		return fmt.Sprintf("WorkerID %q must be 1–128 letters, digits, '.', '_', '-' or ':'", o.WorkerID)
+	case !name.MatchString(o.Cluster):
+		return fmt.Sprintf("Cluster %q must be 1–128 letters, digits, '.', '_', '-' or ':'", o.Cluster)
+	case o.Capacity > 10000:
+		return fmt.Sprintf("Capacity must be at most 10000, not %d", o.Capacity)
+	case len(o.Labels) > 64:
+		return fmt.Sprintf("Labels must have at most 64 entries, not %d", len(o.Labels))
+	}
+	keys := make([]string, 0, len(o.Labels))
+	for k := range o.Labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if !name.MatchString(k) {
+			return fmt.Sprintf("Labels key %q must be 1–128 letters, digits, '.', '_', '-' or ':'", k)
+		}
+		if utf8.RuneCountInString(o.Labels[k]) > 256 {
+			return fmt.Sprintf("Labels[%q] must be at most 256 characters", k)
+		}
+	}
+	return ""
 }

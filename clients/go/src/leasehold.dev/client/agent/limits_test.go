@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"math"
 	"strings"
 	"testing"
@@ -45,4 +46,29 @@ func mustStruct(t *testing.T, m map[string]interface{}) *structpb.Struct {
 		t.Fatal(err)
 	}
 	return s
+}
+
+func TestStartRefusesNamesTheServerWouldRefuseInEveryHello(t *testing.T) {
+	handler := func(context.Context, *Action) (*structpb.Struct, error) { return nil, nil }
+	base := Options{Addresses: []string{"127.0.0.1:1"}, Cluster: "east", WorkerID: "w", Handler: handler}
+	cases := map[string]func(o *Options){
+		"cluster":   func(o *Options) { o.Cluster = "bad cluster" },
+		"worker id": func(o *Options) { o.WorkerID = strings.Repeat("w", 129) },
+		"capacity":  func(o *Options) { o.Capacity = 10001 },
+		"label key": func(o *Options) { o.Labels = map[string]string{"bad key": "v"} },
+		"label":     func(o *Options) { o.Labels = map[string]string{"k": strings.Repeat("v", 257)} },
+	}
+	for what, change := range cases {
+		o := base
+		change(&o)
+		if a, err := Start(o); err == nil {
+			a.Close(context.Background())
+			t.Errorf("%s: started", what)
+		} else if !strings.HasPrefix(err.Error(), "agent: ") {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	if problem := helloProblem(Options{Cluster: "east", WorkerID: "w-1.a:b", Labels: map[string]string{"gpu": "yes"}}); problem != "" {
+		t.Errorf("good names refused: %s", problem)
+	}
 }

@@ -240,6 +240,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
+    const sentAt = performance.now();
     const opened = await hellos.open(hello, principal);
     // The worker's previous session expired with this hello: reported as the reaper reports.
     if (opened.reaped) void reaper.report(opened.reaped);
@@ -270,7 +271,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       dbOffsetMs: 0,
       ended: false,
     };
-    persistDeadline(s, opened.deadline.getTime(), dbOffsetMs(opened.dbNow.getTime()));
+    persistDeadline(s, opened.deadline.getTime(), dbOffsetMs(opened.dbNow.getTime(), sentAt));
     for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",

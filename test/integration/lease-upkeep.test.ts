@@ -6,6 +6,7 @@ import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js"
 import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import type { ServerOverrides } from "../../src/server.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import type { Db } from "../../src/store/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
@@ -200,23 +201,44 @@ describe("lease upkeep", () => {
     expect(await expiredActions()).toEqual([id]);
   });
 
+  it("counts the time its renewal waited against the time left it promises, not in its favour", async () => {
+    await t[Symbol.asyncDispose]();
+    let slow = false;
+    /** performance.now() when the slowed renewal was sent, and when its answer was let through. */
+    let sentAt = 0;
+    let answeredAt = 0;
+    t = await start({
+      wrapDb: intercepting(async (text, execute) => {
+        if (!slow || !RENEWAL.test(text)) return execute();
+        // The statement read now() at once; its answer arrives 1.5 s later (a lock, a
+        // busy pool, a late event loop: the statement's time on the way back).
+        sentAt = performance.now();
+        const result = await execute();
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        answeredAt = performance.now();
+        return result;
+      }),
+    });
+    const w = await worker("w1");
+    slow = true;
+    await w.heartbeat(1);
+    await tick().renew();
+    const ack = await w.heartbeat(2);
+    const remainingMs = Number(ack.remaining?.seconds ?? 0n) * 1000 + (ack.remaining?.nanos ?? 0) / 1e6;
+    // The stored deadline is at most the statement's now() + grace; the wait is spent already.
+    expect(answeredAt - sentAt).toBeGreaterThanOrEqual(1500);
+    expect(remainingMs).toBeLessThanOrEqual(GRACE_MS - (answeredAt - sentAt));
+  });
+
   it("never reaps a session it hosts while it cannot write its renewal, but reaps it once its stream is gone (rule 7)", async () => {
     await t[Symbol.asyncDispose]();
     let renewalBroken = false;
-    const dialect = new PgDialect();
     t = await start({
-      wrapDb: (db) =>
-        new Proxy(db, {
-          get(target, property, receiver) {
-            if (property !== "execute") return Reflect.get(target, property, receiver);
-            return (query: Parameters<typeof target.execute>[0]) => {
-              const text = typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql;
-              if (renewalBroken && /update sessions s set\s+last_heard_at/.test(text))
-                return Promise.reject(new Error("connection lost (injected)"));
-              return target.execute(query);
-            };
-          },
-        }),
+      wrapDb: intercepting((text, execute) =>
+        renewalBroken && RENEWAL.test(text)
+          ? Promise.reject(new Error("connection lost (injected)"))
+          : execute(),
+      ),
     });
     const w = await worker("w1");
     const id = await submit();
@@ -247,20 +269,12 @@ describe("lease upkeep", () => {
   it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {
     await t[Symbol.asyncDispose]();
     let reapBroken = false;
-    const dialect = new PgDialect();
     t = await start({
-      wrapDb: (db) =>
-        new Proxy(db, {
-          get(target, property, receiver) {
-            if (property !== "execute") return Reflect.get(target, property, receiver);
-            return (query: Parameters<typeof target.execute>[0]) => {
-              const text = typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql;
-              if (reapBroken && /with watched as/.test(text))
-                return Promise.reject(new Error("connection lost (injected)"));
-              return target.execute(query);
-            };
-          },
-        }),
+      wrapDb: intercepting((text, execute) =>
+        reapBroken && /with watched as/.test(text)
+          ? Promise.reject(new Error("connection lost (injected)"))
+          : execute(),
+      ),
     });
     // Its stream gone, the session's stored deadline is what another process would have renewed
     // had the database answered: here nobody vouches for it, as for another process's session.
@@ -319,3 +333,21 @@ describe("lease upkeep", () => {
     expect(await expiredActions()).toEqual([id, id]);
   });
 });
+
+/** The renewal's statement. */
+const RENEWAL = /update sessions s set\s+last_heard_at/;
+
+/** A database whose every statement goes through `around` (given its text), to fail or slow some. */
+function intercepting(around: (text: string, execute: () => Promise<unknown>) => Promise<unknown>) {
+  const dialect = new PgDialect();
+  return (db: Db): Db =>
+    new Proxy(db, {
+      get(target, property, receiver) {
+        if (property !== "execute") return Reflect.get(target, property, receiver);
+        return (query: Parameters<typeof target.execute>[0]) =>
+          around(typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql, () =>
+            target.execute(query),
+          );
+      },
+    });
+}

@@ -285,14 +285,20 @@ export function persistDeadline(s: Hosted, deadlineMs: number, dbOffsetMs: numbe
 }
 
 /**
- * How far the database clock, which read `dbNowMs` just now, is ahead of this
- * process's steady clock (`performance.now()`). Steady, not the wall clock:
- * the offset is kept until the session's next renewal, and a wall clock that
- * stepped back meanwhile would have made every ack promise the agent that
- * much more time than the stored deadline gives (and an agent keeps the
- * latest promise).
+ * How far the database clock is ahead of this process's steady clock
+ * (`performance.now()`), from the database's `now()` (`dbNowMs`) in a
+ * statement this process sent at `sentAt`. `now()` was read somewhere
+ * between the send and the answer: pairing it with the send puts the
+ * database's time, as this process reckons it, never behind the real one,
+ * however long the statement waited (a lock, a busy pool, a late event
+ * loop), so an ack never promises more than the stored deadline gives.
+ * Paired with the answer instead, a renewal that waited 20 s for a lock made
+ * every ack promise 20 s too much: the agent kept working after another
+ * process reaped its session and granted its actions again. Steady, not the
+ * wall clock: the offset is kept until the session's next renewal, and a
+ * wall clock that stepped back meanwhile would have done the same.
  */
-export const dbOffsetMs = (dbNowMs: number): number => dbNowMs - performance.now();
+export const dbOffsetMs = (dbNowMs: number, sentAt: number): number => dbNowMs - sentAt;
 
 /** Milliseconds left until `s`'s stored deadline, by the database clock. */
 export const remainingMs = (s: Hosted): number =>

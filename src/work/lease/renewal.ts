@@ -81,7 +81,7 @@ export function createRenewal(deps: {
           // Ages counted at each statement: a later chunk must not gain the time the earlier took.
           const at = performance.now();
           const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
-          const offsetMs = dbOffsetMs(dbNowMs);
+          const offsetMs = dbOffsetMs(dbNowMs, at);
           chunk.forEach((s, i) => {
             const deadlineMs = deadlinesMs[i] as number;
             if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);

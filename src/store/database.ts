@@ -327,7 +327,10 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
-  const pinger = postgres(url, { ...quiet, max: 1 });
+  // The database watch's own connection (see ping below).
+  let pinger = postgres(url, { ...quiet, max: 1 });
+  /** The check in flight, until it is answered. */
+  let pinging: Promise<unknown> | undefined;
   const db = drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
   const dialect = new PgDialect();
   registerPreparedRunner(db, (query) => {
@@ -340,7 +343,22 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
       await Promise.all([client.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
     }),
     ping: async () => {
-      await pinger`select 1`;
+      if (pinging) {
+        // The last check never got its answer: its connection went silent (a hung backend, a
+        // middlebox that forgot it). A check queued behind it would wait forever, and the
+        // process would report NOT_SERVING forever though a new connection works: drop that
+        // one, without waiting, and check on a fresh one.
+        const silent = pinger;
+        pinger = postgres(url, { ...quiet, max: 1 });
+        silent.end({ timeout: 0 }).catch(() => {});
+      }
+      const check = pinger`select 1`;
+      pinging = check;
+      try {
+        await check;
+      } finally {
+        if (pinging === check) pinging = undefined;
+      }
     },
     listen: async (channel, onNotify, onListen) => {
       const { unlisten } = await client.listen(channel, onNotify, onListen);

@@ -94,10 +94,17 @@ const durationMsFlag = (flag: string, text: string) => {
   }
 };
 const RESOURCE_HEADERS = ["RESOURCE", "KIND", "OWNER", "LEASE", "FILE"];
+/**
+ * One resource: with --json its proto3 JSON; for people its row, then what it
+ * holds that the row cannot: a deployment's phase and each container's state
+ * (as `lease debug` shows them), an object's body.
+ */
 const printResource = (r: Resource | undefined, json: boolean) => {
   if (!r) return;
-  if (json) out(toJson(messageJson(ResourceSchema, r)));
-  else printTable(RESOURCE_HEADERS, [resourceRow(r)]);
+  if (json) return out(toJson(messageJson(ResourceSchema, r)));
+  printTable(RESOURCE_HEADERS, [resourceRow(r)]);
+  if (r.body.case === "deployment") out(describeDeployment(r.body.value));
+  if (r.body.case === "object") out(`body: ${JSON.stringify(r.body.value)}`);
 };
 const jsonObject = (flag: string, text: string) => {
   let value: unknown;
@@ -471,7 +478,7 @@ export function resourceCommands(): Command[] {
   resource
     .command("get")
     .argument("<resource-id>")
-    .description("Show one resource.")
+    .description("Show one resource: a deployment's phase and containers, an object's body.")
     .action(async (id: string, _o: unknown, command: Command) =>
       withClients(command, async (c, json) =>
         printResource((await c.resources.getResource({ resourceId: id })).resource, json),
@@ -532,9 +539,7 @@ export function resourceCommands(): Command[] {
           runtime: o.runtime ?? "",
           spec,
         });
-        if (json || !r) return printResource(r, json);
-        printTable(RESOURCE_HEADERS, [resourceRow(r)]);
-        if (r.body.case === "deployment") out(describeDeployment(r.body.value));
+        printResource(r, json);
       }),
     );
   return [file, resource, deployment];

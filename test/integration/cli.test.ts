@@ -10,6 +10,7 @@ import { ActionService, ActionState, GetActionResponseSchema } from "../../src/g
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseSchema, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { BIN, runCli as cli, collectLines } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -382,6 +383,45 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     } finally {
       agent.kill("SIGKILL");
       dropper.close();
+    }
+  });
+
+  it("resource get shows a deployment's phase and containers, and an object's body", async () => {
+    const worker = await connectWorker(t.address, { workerId: "cli-dw", cluster: "cli-dep", capacity: 1 });
+    try {
+      const { lease } = await t.client(LeaseService).createLease({ runtime: "cli-dep" });
+      const leaseId = lease?.id ?? "";
+      const command = { argv: ["true"] };
+      const { resource: deployment } = await t.client(ResourceService).createDeployment({
+        leaseId,
+        spec: {
+          containers: [
+            { name: "web", command },
+            { name: "side", command },
+          ],
+        },
+      });
+      const grant = await worker.next("grant");
+      await worker.complete(grant, {
+        output: {
+          containers: [
+            { name: "web", state: "exited", exitCode: 3, message: "boom" },
+            { name: "side", state: "running" },
+          ],
+        },
+      });
+      const shown = await cli([...server, "resource", "get", deployment?.id ?? ""]);
+      expect(shown.code).toBe(0);
+      expect(shown.stdout).toContain(
+        `\n${deployment?.id} STOPPED web=exited(3, boom) side=running - stopped\n`,
+      );
+      const { resource: object } = await t
+        .client(ResourceService)
+        .createObject({ kind: "cli-note", leaseId, body: { n: 1, tags: ["a"] } as never });
+      const body = await cli([...server, "resource", "get", object?.id ?? ""]);
+      expect(body.stdout).toMatch(/^body: \{"n":1,"tags":\["a"\]\}$/m);
+    } finally {
+      worker.drop();
     }
   });
 

@@ -22,9 +22,10 @@ import {
   enumName,
   followThroughRestarts,
   intFlag,
+  limitOption,
+  listUpTo,
   messageJson,
   parseLabels,
-  positiveIntFlag,
   printTable,
   time,
   toJson,
@@ -382,30 +383,24 @@ export function actionCommands(): Command {
     .addOption(new Option("--state <state>", "only in this state").choices(STATES))
     .option("--cluster <name>", "only of this cluster")
     .option("--run-id <id>", "only of this run")
-    .option("--limit <n>", "at most this many (default 100)", positiveIntFlag)
+    .addOption(limitOption())
     .action(async (o: Record<string, unknown>, command: Command) =>
       run(command, async (api, json) => {
-        const limit = (o.limit as number | undefined) ?? 100;
         const state = o.state
           ? ActionState[(o.state as string).toUpperCase() as keyof typeof ActionState]
           : ActionState.UNSPECIFIED;
-        const actions: Action[] = [];
-        let pageToken = "";
-        do {
-          const page = await api.listActions({
-            state,
-            cluster: (o.cluster as string | undefined) ?? "",
-            runId: (o.runId as string | undefined) ?? "",
-            pageSize: Math.min(1000, limit - actions.length),
-            pageToken,
-          });
-          actions.push(...page.actions);
-          pageToken = page.nextPageToken;
-        } while (pageToken && actions.length < limit);
-        if (pageToken)
-          process.stderr.write(
-            `leasehold: showing the oldest ${actions.length} actions; there are more (raise --limit)\n`,
-          );
+        const actions = await listUpTo(
+          o.limit as number | undefined,
+          (page) =>
+            api.listActions({
+              state,
+              cluster: (o.cluster as string | undefined) ?? "",
+              runId: (o.runId as string | undefined) ?? "",
+              ...page,
+            }),
+          (r) => r.actions,
+          { order: "oldest", noun: "actions" },
+        );
         if (json)
           process.stdout.write(`${toJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) })}\n`);
         else printTable(ACTION_HEADERS, actions.map(actionRow));

@@ -7,7 +7,16 @@ import {
   WorkerState,
 } from "../gen/leasehold/v1/cluster_pb.js";
 import type { createClient } from "../rpc/client.js";
-import { enumName, messageJson, printTable, time, toJson, withServer } from "./output.js";
+import {
+  enumName,
+  limitOption,
+  listUpTo,
+  messageJson,
+  printTable,
+  time,
+  toJson,
+  withServer,
+} from "./output.js";
 
 type ClusterClient = ReturnType<typeof createClient<(typeof ClusterService)["method"]>>;
 
@@ -23,17 +32,23 @@ export function workerCommands(): Command {
   const workers = new Command("workers").description("Show and drain workers.");
   workers
     .command("list")
-    .description("List workers with their session, state, deadline and held leases.")
+    .description("List workers (by id) with their session, state, deadline and held leases.")
     .option("--cluster <name>", "only of this cluster")
     .addOption(
       new Option("--state <state>", "only in this state").choices(["connected", "in_grace", "offline"]),
     )
-    .action(async (o: Record<string, string | undefined>, command: Command) =>
+    .addOption(limitOption())
+    .action(async (o: { cluster?: string; state?: string; limit?: number }, command: Command) =>
       withClient(command, async (api, json) => {
         const state = o.state
           ? WorkerState[o.state.toUpperCase() as keyof typeof WorkerState]
           : WorkerState.UNSPECIFIED;
-        const { workers: list } = await api.listWorkers({ cluster: o.cluster ?? "", state, pageSize: 1000 });
+        const list = await listUpTo(
+          o.limit,
+          (page) => api.listWorkers({ cluster: o.cluster ?? "", state, ...page }),
+          (r) => r.workers,
+          { order: "first", noun: "workers" },
+        );
         if (json)
           return void process.stdout.write(
             `${toJson({ workers: list.map((w) => messageJson(WorkerSchema, w)) })}\n`,

@@ -3,8 +3,9 @@ import { type Event, EventKind, EventSchema, EventService } from "../gen/leaseho
 import {
   enumName,
   followThroughRestarts,
+  limitOption,
+  listUpTo,
   messageJson,
-  positiveIntFlag,
   time,
   toJson,
   withServer,
@@ -22,7 +23,7 @@ export function eventCommand(): Command {
     .option("--worker <id>", "only about this worker")
     .option("--cluster <name>", "only about this cluster")
     .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
-    .option("--limit <n>", "without --follow: at most this many (default 100)", positiveIntFlag)
+    .addOption(limitOption("without --follow: "))
     .option("--newest", "without --follow: the newest events (still printed oldest first)")
     .option("-f, --follow", "after the stored events, stream new ones until interrupted")
     .action(async (o: Record<string, unknown>, command: Command) =>
@@ -66,14 +67,15 @@ export function eventCommand(): Command {
               return "again";
             });
           } else {
-            const limit = (o.limit as number | undefined) ?? 100;
-            const page = await api.listEvents({ ...filter, pageSize: limit, newestFirst: o.newest === true });
-            const events = o.newest ? [...page.events].reverse() : page.events;
-            if (page.nextPageToken !== "")
-              process.stderr.write(
-                `leasehold: showing the ${o.newest ? "newest" : "oldest"} ${events.length} events; there are more ` +
-                  `(${o.newest ? "raise --limit" : "--newest shows the latest, or raise --limit"})\n`,
-              );
+            const listed = await listUpTo(
+              o.limit as number | undefined,
+              (page) => api.listEvents({ ...filter, ...page, newestFirst: o.newest === true }),
+              (r) => r.events,
+              o.newest
+                ? { order: "newest", noun: "events" }
+                : { order: "oldest", noun: "events", hint: "--newest shows the latest, or raise --limit" },
+            );
+            const events = o.newest ? listed.reverse() : listed;
             if (g.json)
               process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
             else for (const e of events) print(e);

@@ -34,6 +34,8 @@ import {
   EXIT,
   enumName,
   globals,
+  limitOption,
+  listUpTo,
   messageJson,
   printTable,
   time,
@@ -61,22 +63,21 @@ const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promis
 const out = (text: string): void => {
   process.stdout.write(`${text}\n`);
 };
+const LEASE_HEADERS = ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES"];
+const leaseRow = (l: Lease) => [
+  l.id,
+  enumName(LeaseState, l.state),
+  l.runtime,
+  l.label || "-",
+  String(l.ownedResources),
+  time(l.expireTime),
+];
 const printLease = (l: Lease | undefined, json: boolean) => {
   if (!l) return;
   if (json) return out(toJson(messageJson(LeaseSchema, l)));
   printTable(
-    ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES", "CLOSED"],
-    [
-      [
-        l.id,
-        enumName(LeaseState, l.state),
-        l.runtime,
-        l.label || "-",
-        String(l.ownedResources),
-        time(l.expireTime),
-        l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-",
-      ],
-    ],
+    [...LEASE_HEADERS, "CLOSED"],
+    [[...leaseRow(l), l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-"]],
   );
 };
 const resourceRow = (r: Resource) => [
@@ -157,36 +158,28 @@ export function leaseCommands(): Command {
     );
   lease
     .command("list")
-    .description("List leases.")
+    .description("List leases, oldest first.")
     .addOption(
       new Option("--state <state>", "only in this state").choices(["open", "committed", "rolled_back"]),
     )
     .option("--label <label>", "only with this label")
     .option("--runtime <cluster>", "only on this runtime")
-    .action(async (o: Record<string, string | undefined>, command: Command) =>
-      withClients(command, async (c, json) => {
-        const state = o.state
-          ? LeaseState[o.state.toUpperCase() as keyof typeof LeaseState]
-          : LeaseState.UNSPECIFIED;
-        const { leases } = await c.leases.listLeases({
-          state,
-          label: o.label ?? "",
-          runtime: o.runtime ?? "",
-          pageSize: 1000,
-        });
-        if (json) return out(toJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) }));
-        printTable(
-          ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES"],
-          leases.map((l) => [
-            l.id,
-            enumName(LeaseState, l.state),
-            l.runtime,
-            l.label || "-",
-            String(l.ownedResources),
-            time(l.expireTime),
-          ]),
-        );
-      }),
+    .addOption(limitOption())
+    .action(
+      async (o: { state?: string; label?: string; runtime?: string; limit?: number }, command: Command) =>
+        withClients(command, async (c, json) => {
+          const state = o.state
+            ? LeaseState[o.state.toUpperCase() as keyof typeof LeaseState]
+            : LeaseState.UNSPECIFIED;
+          const leases = await listUpTo(
+            o.limit,
+            (page) => c.leases.listLeases({ state, label: o.label ?? "", runtime: o.runtime ?? "", ...page }),
+            (r) => r.leases,
+            { order: "oldest", noun: "leases" },
+          );
+          if (json) return out(toJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) }));
+          printTable(LEASE_HEADERS, leases.map(leaseRow));
+        }),
     );
   lease
     .command("promote")
@@ -488,14 +481,16 @@ export function resourceCommands(): Command[] {
     .command("list")
     .option("--lease <id>", "only created in this lease")
     .option("--kind <kind>", "only of this kind")
-    .description("List resources.")
-    .action(async (o: Record<string, string | undefined>, command: Command) =>
+    .addOption(limitOption())
+    .description("List resources, oldest first.")
+    .action(async (o: { lease?: string; kind?: string; limit?: number }, command: Command) =>
       withClients(command, async (c, json) => {
-        const { resources } = await c.resources.listResources({
-          leaseId: o.lease ?? "",
-          kind: o.kind ?? "",
-          pageSize: 1000,
-        });
+        const resources = await listUpTo(
+          o.limit,
+          (page) => c.resources.listResources({ leaseId: o.lease ?? "", kind: o.kind ?? "", ...page }),
+          (r) => r.resources,
+          { order: "oldest", noun: "resources" },
+        );
         if (json)
           out(
             toJson({

@@ -5,7 +5,7 @@ import {
   toJson as protoToJson,
 } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
-import { type Command, InvalidArgumentError } from "commander";
+import { type Command, InvalidArgumentError, Option } from "commander";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
@@ -233,6 +233,46 @@ export function intFlag(value: string): number {
   const n = Number(value);
   if (value.trim() === "" || !Number.isInteger(n)) throw new InvalidArgumentError("expected a whole number");
   return n;
+}
+
+/** How many items a listing command shows without `--limit`. */
+export const LIST_LIMIT = 100;
+
+/** The `--limit <n>` option of a listing command; `when` prefixes its help (e.g. "without --follow: "). */
+export function limitOption(when = ""): Option {
+  return new Option("--limit <n>", `${when}at most this many (default ${LIST_LIMIT})`).argParser(
+    positiveIntFlag,
+  );
+}
+
+/**
+ * The first `limit` (default {@link LIST_LIMIT}) items of a paged List call,
+ * read a page at a time (at most 1,000 each, the server's largest page):
+ * `call` asks for one page, `itemsOf` takes its items from the answer. When
+ * items are left over, stderr says so, e.g. "leasehold: showing the oldest 2
+ * actions; there are more (raise --limit)": `order` says which end was shown,
+ * `hint` how to see the rest.
+ */
+export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
+  limit: number | undefined,
+  call: (page: { pageSize: number; pageToken: string }) => Promise<R>,
+  itemsOf: (response: R) => readonly T[],
+  shown: { readonly order: "oldest" | "newest" | "first"; readonly noun: string; readonly hint?: string },
+): Promise<T[]> {
+  const most = limit ?? LIST_LIMIT;
+  const items: T[] = [];
+  let pageToken = "";
+  do {
+    const response = await call({ pageSize: Math.min(1000, most - items.length), pageToken });
+    items.push(...itemsOf(response));
+    pageToken = response.nextPageToken;
+  } while (pageToken && items.length < most);
+  if (pageToken)
+    process.stderr.write(
+      `leasehold: showing the ${shown.order} ${items.length} ${shown.noun}; there are more ` +
+        `(${shown.hint ?? "raise --limit"})\n`,
+    );
+  return items;
 }
 
 /**

@@ -89,6 +89,50 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     expect(events.map((e) => e.actionId)).toEqual(ids.slice(1));
     expect(Number(events[0]?.sequence)).toBeLessThan(Number(events[1]?.sequence));
     expect(newest.stderr).toBe("leasehold: showing the newest 2 events; there are more (raise --limit)\n");
+    // More than one page's worth is read a page at a time.
+    const many = await cli([...server, "--json", "events", "--cluster", "cli-more", "--limit", "1500"]);
+    expect(many).toMatchObject({ code: 0, stderr: "" });
+    expect(JSON.parse(many.stdout).events).toHaveLength(3);
+  });
+
+  it("pages lease, resource and worker listings up to --limit, and says when there are more", async () => {
+    const leaseIds: string[] = [];
+    const resourceIds: string[] = [];
+    const workers = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const { lease } = await t.client(LeaseService).createLease({ runtime: "cli-pages" });
+        leaseIds.push(lease?.id ?? "");
+        const { resource } = await t.client(ResourceService).createObject({ kind: "cli-pages" });
+        resourceIds.push(resource?.id ?? "");
+        workers.push(
+          await connectWorker(t.address, { workerId: `cli-pages-${i}`, cluster: "cli-pages", capacity: 1 }),
+        );
+      }
+      const listings = [
+        { args: ["lease", "list", "--runtime", "cli-pages"], key: "leases", id: "id", ids: leaseIds },
+        { args: ["resource", "list", "--kind", "cli-pages"], key: "resources", id: "id", ids: resourceIds },
+        {
+          args: ["workers", "list", "--cluster", "cli-pages"],
+          key: "workers",
+          id: "workerId",
+          ids: ["cli-pages-0", "cli-pages-1", "cli-pages-2"],
+        },
+      ];
+      for (const { args, key, id, ids } of listings) {
+        const two = await cli([...server, "--json", ...args, "--limit", "2"]);
+        expect(JSON.parse(two.stdout)[key].map((item: Record<string, string>) => item[id])).toEqual(
+          ids.slice(0, 2),
+        );
+        const order = key === "workers" ? "first" : "oldest";
+        expect(two.stderr).toBe(`leasehold: showing the ${order} 2 ${key}; there are more (raise --limit)\n`);
+        const all = await cli([...server, ...args, "--limit", "3"]);
+        expect(all).toMatchObject({ code: 0, stderr: "" });
+        expect(all.stdout.trim().split("\n")).toHaveLength(4);
+      }
+    } finally {
+      for (const w of workers) w.drop();
+    }
   });
 
   it("lists, cancels and watches actions with --json output the server agrees with", async () => {

@@ -41,6 +41,7 @@ import {
   time,
   toJson,
   unreachableWhy,
+  uploadRefused,
   withServer,
 } from "./output.js";
 
@@ -424,12 +425,16 @@ export function resourceCommands(): Command[] {
         } catch (error) {
           throw new CliError(`cannot read ${path}: ${(error as Error).message}`, EXIT.usage);
         }
-        const { resource } = await c.resources.createFile({
-          leaseId: o.lease ?? "",
-          name: o.name ?? basename(path),
-          content,
-          contentType: o.contentType ?? "",
-        });
+        const { resource } = await c.resources
+          .createFile({
+            leaseId: o.lease ?? "",
+            name: o.name ?? basename(path),
+            content,
+            contentType: o.contentType ?? "",
+          })
+          .catch((error: unknown) => {
+            throw uploadRefused(error, path, content.byteLength);
+          });
         printResource(resource, json);
       }),
     );

@@ -13,7 +13,7 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { Client } from "../rpc/client.js";
 import type { Check, CommandSpec, DeploymentPlan, Manifest } from "./manifest.js";
-import { cliErrorFrom, EXIT, enumName, time } from "./output.js";
+import { cliErrorFrom, EXIT, enumName, time, uploadRefused } from "./output.js";
 
 /*
  * `leasehold lease run --test`: the whole life of a live test in one command,
@@ -234,10 +234,11 @@ async function runInLease(
   const inputs: { fileId: string; path: string }[] = [];
   for (const fixture of m.fixtures) {
     signal.throwIfAborted();
-    const { resource } = await clients.resources.createFile(
-      { leaseId, name: fixture.name, content: fixture.content },
-      { signal },
-    );
+    const { resource } = await clients.resources
+      .createFile({ leaseId, name: fixture.name, content: fixture.content }, { signal })
+      .catch((error: unknown) => {
+        throw uploadRefused(error, `fixture ${JSON.stringify(fixture.name)}`, fixture.content.byteLength);
+      });
     const fileId = resource?.id ?? "";
     inputs.push({ fileId, path: fixture.mount });
     emit("fixture_uploaded", {

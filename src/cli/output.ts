@@ -147,8 +147,9 @@ export class CliError extends Error {
   }
 }
 
-/** Maps a failed gRPC call to an exit code and a message that says what to do. */
+/** Maps a failed gRPC call to an exit code and a message that says what to do; a CliError stays as it is. */
 export function cliErrorFrom(error: unknown, server: string): CliError {
+  if (error instanceof CliError) return error;
   const e = error as { code?: number; details?: string; message?: string };
   switch (e.code) {
     case 14:
@@ -174,6 +175,25 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
     default:
       return new CliError(e.details ?? e.message ?? String(error), EXIT.failed);
   }
+}
+
+/**
+ * The error of an upload (`what`: the file, `sizeBytes` its size) that the
+ * server refused for its size before reading it: its receive limit, which
+ * grpc-js reports as RESOURCE_EXHAUSTED "Received message larger than max
+ * (5000015 vs 4194304)", naming neither the file nor the setting behind it.
+ * Any other error is returned as it is: a file over --max-file-size but
+ * within the receive limit gets the server's own message, which says both.
+ */
+export function uploadRefused(error: unknown, what: string, sizeBytes: number): unknown {
+  const e = error as { code?: number; details?: string };
+  const over = /^Received message larger than max \(\d+ vs (\d+)\)/.exec(e.details ?? "");
+  if (e.code !== 8 || !over) return error;
+  return new CliError(
+    `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${over[1]} bytes ` +
+      "(its --max-file-size plus 1 MiB); upload a smaller file, or raise the server's --max-file-size",
+    EXIT.failed,
+  );
 }
 
 /**

@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs";
 import { equals, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import { Command, Option } from "commander";
+import { Command } from "commander";
 import {
   ActionSchema,
   ActionService,
@@ -19,6 +19,7 @@ import {
   cliErrorFrom,
   collect,
   EXIT,
+  enumFilterOption,
   enumName,
   followThroughRestarts,
   intFlag,
@@ -33,8 +34,6 @@ import {
 } from "./output.js";
 
 type Action = MessageShape<typeof ActionSchema>;
-
-const STATES = ["queued", "leased", "succeeded", "failed", "cancelled"] as const;
 
 function actionRow(a: Action): string[] {
   return [
@@ -380,15 +379,13 @@ export function actionCommands(): Command {
   action
     .command("list")
     .description("List actions, oldest first.")
-    .addOption(new Option("--state <state>", "only in this state").choices(STATES))
+    .addOption(enumFilterOption("--state <state>", "only in this state", ActionState))
     .option("--cluster <name>", "only of this cluster")
     .option("--run-id <id>", "only of this run")
     .addOption(limitOption())
     .action(async (o: Record<string, unknown>, command: Command) =>
       run(command, async (api, json) => {
-        const state = o.state
-          ? ActionState[(o.state as string).toUpperCase() as keyof typeof ActionState]
-          : ActionState.UNSPECIFIED;
+        const state = (o.state as ActionState | undefined) ?? ActionState.UNSPECIFIED;
         const actions = await listUpTo(
           o.limit as number | undefined,
           (page) =>

@@ -1,4 +1,4 @@
-import { Command, Option } from "commander";
+import { Command } from "commander";
 import {
   ClusterHealth,
   ClusterSchema,
@@ -8,6 +8,7 @@ import {
 } from "../gen/leasehold/v1/cluster_pb.js";
 import type { createClient } from "../rpc/client.js";
 import {
+  enumFilterOption,
   enumName,
   limitOption,
   listUpTo,
@@ -34,15 +35,11 @@ export function workerCommands(): Command {
     .command("list")
     .description("List workers (by id) with their session, state, deadline and held leases.")
     .option("--cluster <name>", "only of this cluster")
-    .addOption(
-      new Option("--state <state>", "only in this state").choices(["connected", "in_grace", "offline"]),
-    )
+    .addOption(enumFilterOption("--state <state>", "only in this state", WorkerState))
     .addOption(limitOption())
-    .action(async (o: { cluster?: string; state?: string; limit?: number }, command: Command) =>
+    .action(async (o: { cluster?: string; state?: WorkerState; limit?: number }, command: Command) =>
       withClient(command, async (api, json) => {
-        const state = o.state
-          ? WorkerState[o.state.toUpperCase() as keyof typeof WorkerState]
-          : WorkerState.UNSPECIFIED;
+        const state = o.state ?? WorkerState.UNSPECIFIED;
         const list = await listUpTo(
           o.limit,
           (page) => api.listWorkers({ cluster: o.cluster ?? "", state, ...page }),

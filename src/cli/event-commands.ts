@@ -1,6 +1,7 @@
-import { Command, Option } from "commander";
+import { Command } from "commander";
 import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
 import {
+  enumFilterOption,
   enumName,
   followThroughRestarts,
   limitOption,
@@ -11,10 +12,6 @@ import {
   withServer,
 } from "./output.js";
 
-const KINDS = Object.keys(EventKind)
-  .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
-  .map((k) => k.toLowerCase());
-
 /** `leasehold events [--follow]`. */
 export function eventCommand(): Command {
   return new Command("events")
@@ -22,7 +19,7 @@ export function eventCommand(): Command {
     .option("--action <id>", "only about this action")
     .option("--worker <id>", "only about this worker")
     .option("--cluster <name>", "only about this cluster")
-    .addOption(new Option("--kind <kind>", "only of this kind").choices(KINDS))
+    .addOption(enumFilterOption("--kind <kind>", "only of this kind", EventKind))
     .addOption(limitOption("without --follow: "))
     .option("--newest", "without --follow: the newest events (still printed oldest first)")
     .option("-f, --follow", "after the stored events, stream new ones until interrupted")
@@ -35,9 +32,7 @@ export function eventCommand(): Command {
             actionId: (o.action as string | undefined) ?? "",
             workerId: (o.worker as string | undefined) ?? "",
             cluster: (o.cluster as string | undefined) ?? "",
-            kind: o.kind
-              ? EventKind[(o.kind as string).toUpperCase() as keyof typeof EventKind]
-              : EventKind.UNSPECIFIED,
+            kind: (o.kind as EventKind | undefined) ?? EventKind.UNSPECIFIED,
           };
           // Columns: TIME SEQUENCE KIND ACTOR MESSAGE. The actor is the principal whose call caused
           // the event, "-" for the server's own decisions (expiries, TTL rollbacks).

@@ -2,7 +2,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { basename } from "node:path";
 import type { MessageShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import { Command, Option } from "commander";
+import { Command } from "commander";
 import { parseDuration } from "../config.js";
 import { LeaseholdError } from "../errors.js";
 import {
@@ -32,6 +32,7 @@ import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
   CliError,
   EXIT,
+  enumFilterOption,
   enumName,
   globals,
   limitOption,
@@ -160,18 +161,14 @@ export function leaseCommands(): Command {
   lease
     .command("list")
     .description("List leases, oldest first.")
-    .addOption(
-      new Option("--state <state>", "only in this state").choices(["open", "committed", "rolled_back"]),
-    )
+    .addOption(enumFilterOption("--state <state>", "only in this state", LeaseState))
     .option("--label <label>", "only with this label")
     .option("--runtime <cluster>", "only on this runtime")
     .addOption(limitOption())
     .action(
-      async (o: { state?: string; label?: string; runtime?: string; limit?: number }, command: Command) =>
+      async (o: { state?: LeaseState; label?: string; runtime?: string; limit?: number }, command: Command) =>
         withClients(command, async (c, json) => {
-          const state = o.state
-            ? LeaseState[o.state.toUpperCase() as keyof typeof LeaseState]
-            : LeaseState.UNSPECIFIED;
+          const state = o.state ?? LeaseState.UNSPECIFIED;
           const leases = await listUpTo(
             o.limit,
             (page) => c.leases.listLeases({ state, label: o.label ?? "", runtime: o.runtime ?? "", ...page }),

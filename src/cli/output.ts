@@ -255,6 +255,28 @@ export function intFlag(value: string): number {
   return n;
 }
 
+/**
+ * A filter option over a generated enum (`--state <state>`): its choices are
+ * the enum's names but UNSPECIFIED, in lower case as --help lists them, and
+ * either case is accepted, as tables print them in upper case. Its value is
+ * the enum's number.
+ */
+export function enumFilterOption(
+  flags: string,
+  description: string,
+  enumObject: Readonly<Record<string, string | number>>,
+): Option {
+  const names = Object.keys(enumObject).filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED");
+  const choices = names.map((name) => name.toLowerCase());
+  return new Option(flags, `${description}, in any case`).choices(choices).argParser((value: string) => {
+    const name = value.toUpperCase();
+    const number = enumObject[name];
+    if (!names.includes(name) || typeof number !== "number")
+      throw new InvalidArgumentError(`Allowed choices are ${choices.join(", ")}.`);
+    return number;
+  });
+}
+
 /** How many items a listing command shows without `--limit`. */
 export const LIST_LIMIT = 100;
 

@@ -135,6 +135,40 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     }
   });
 
+  it("state and kind filters take the names tables print, in either case", async () => {
+    const { action } = await t.client(ActionService).submitAction({ cluster: "cli-case" });
+    const { lease } = await t.client(LeaseService).createLease({ runtime: "cli-case" });
+    const ids = async (args: string[], key: string, id = "id") => {
+      const listed = await cli([...server, "--json", ...args]);
+      expect(listed).toMatchObject({ code: 0, stderr: "" });
+      return JSON.parse(listed.stdout)[key].map((item: Record<string, string>) => item[id]);
+    };
+    for (const state of ["QUEUED", "queued", "Queued"])
+      expect(await ids(["action", "list", "--cluster", "cli-case", "--state", state], "actions")).toEqual([
+        action?.id,
+      ]);
+    expect(await ids(["action", "list", "--cluster", "cli-case", "--state", "LEASED"], "actions")).toEqual(
+      [],
+    );
+    expect(await ids(["lease", "list", "--runtime", "cli-case", "--state", "OPEN"], "leases")).toEqual([
+      lease?.id,
+    ]);
+    expect(await ids(["workers", "list", "--cluster", "cli-case", "--state", "IN_GRACE"], "workers")).toEqual(
+      [],
+    );
+    expect(
+      await ids(["events", "--cluster", "cli-case", "--kind", "SCOPE_LEASE_CREATED"], "events", "kind"),
+    ).toEqual(["EVENT_KIND_SCOPE_LEASE_CREATED"]);
+    const wrong = await cli([...server, "action", "list", "--state", "DONE"]);
+    expect(wrong).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("Allowed choices are queued, leased, succeeded, failed, cancelled."),
+    });
+    expect((await cli(["workers", "list", "--help"])).stdout).toMatch(
+      /--state <state> +only in this state, in any case \(choices:\s+"connected", "in_grace", "offline"\)/,
+    );
+  });
+
   it("lists, cancels and watches actions with --json output the server agrees with", async () => {
     const { action } = await t
       .client(ActionService)

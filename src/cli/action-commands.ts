@@ -18,6 +18,7 @@ import {
   CliError,
   cliErrorFrom,
   collect,
+  count,
   EXIT,
   enumFilterOption,
   enumName,
@@ -145,7 +146,7 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
         sent += chunk.length;
       }
       process.stderr.write(
-        `submitted ${created}, already submitted ${existing} (of ${lines.length} lines)\n`,
+        `submitted ${created}, already submitted ${existing} (of ${count(lines.length, "line")})\n`,
       );
       return undefined;
     },
@@ -396,7 +397,7 @@ export function actionCommands(): Command {
               ...page,
             }),
           (r) => r.actions,
-          { order: "oldest", noun: "actions" },
+          { order: "oldest", noun: "action" },
         );
         if (json)
           process.stdout.write(`${toJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) })}\n`);

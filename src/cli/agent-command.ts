@@ -13,6 +13,7 @@ import {
   CliError,
   channelFor,
   collect,
+  count,
   EXIT,
   globals,
   nonNegativeIntFlag,
@@ -160,7 +161,9 @@ export function agentCommand(): Command {
           if (g.json)
             process.stdout.write(`${toJson({ time: at, type: "leftovers_stopped", count: leftovers })}\n`);
           else
-            process.stdout.write(`${at} stopped ${leftovers} process group(s) an earlier run left running\n`);
+            process.stdout.write(
+              `${at} stopped ${count(leftovers, "process group")} an earlier run left running\n`,
+            );
         }
         const agent = createAgent({
           address: servers,

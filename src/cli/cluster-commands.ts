@@ -8,6 +8,7 @@ import {
 } from "../gen/leasehold/v1/cluster_pb.js";
 import type { createClient } from "../rpc/client.js";
 import {
+  count,
   enumFilterOption,
   enumName,
   limitOption,
@@ -28,6 +29,12 @@ const withClient = (command: Command, fn: (api: ClusterClient, json: boolean) =>
     ({ api }, g) => fn(api, g.json),
   );
 
+/** "2 workers without a stream are reaped at their deadline", with the verb of the count. */
+const inGrace = (n: number) =>
+  n === 1
+    ? "1 worker without a stream is reaped at its deadline"
+    : `${n} workers without a stream are reaped at their deadline`;
+
 /** `leasehold workers …`: list and drain. */
 export function workerCommands(): Command {
   const workers = new Command("workers").description("Show and drain workers.");
@@ -44,7 +51,7 @@ export function workerCommands(): Command {
           o.limit,
           (page) => api.listWorkers({ cluster: o.cluster ?? "", state, ...page }),
           (r) => r.workers,
-          { order: "first", noun: "workers" },
+          { order: "first", noun: "worker" },
         );
         if (json)
           return void process.stdout.write(
@@ -76,7 +83,7 @@ export function workerCommands(): Command {
           process.stdout.write(`${toJson({ worker: worker && messageJson(WorkerSchema, worker) })}\n`);
         else
           process.stdout.write(
-            `${workerId} is draining (${worker?.heldLeases.length ?? 0} leases still held)\n`,
+            `${workerId} is draining (${count(worker?.heldLeases.length ?? 0, "lease")} still held)\n`,
           );
       }),
     );
@@ -127,9 +134,7 @@ export function clusterCommands(): Command {
           process.stdout.write(`${toJson({ cluster: cluster && messageJson(ClusterSchema, cluster) })}
 `);
         else
-          process.stdout.write(
-            `${name}: lease expiries resume (${cluster?.workersInGrace ?? 0} workers without a stream are reaped at their deadline)\n`,
-          );
+          process.stdout.write(`${name}: lease expiries resume (${inGrace(cluster?.workersInGrace ?? 0)})\n`);
       }),
     );
   return clusters;

@@ -67,8 +67,8 @@ export function eventCommand(): Command {
               (page) => api.listEvents({ ...filter, ...page, newestFirst: o.newest === true }),
               (r) => r.events,
               o.newest
-                ? { order: "newest", noun: "events" }
-                : { order: "oldest", noun: "events", hint: "--newest shows the latest, or raise --limit" },
+                ? { order: "newest", noun: "event" }
+                : { order: "oldest", noun: "event", hint: "--newest shows the latest, or raise --limit" },
             );
             const events = o.newest ? listed.reverse() : listed;
             if (g.json)

@@ -31,6 +31,7 @@ import {
 import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
   CliError,
+  count,
   EXIT,
   enumFilterOption,
   enumName,
@@ -173,7 +174,7 @@ export function leaseCommands(): Command {
             o.limit,
             (page) => c.leases.listLeases({ state, label: o.label ?? "", runtime: o.runtime ?? "", ...page }),
             (r) => r.leases,
-            { order: "oldest", noun: "leases" },
+            { order: "oldest", noun: "lease" },
           );
           if (json) return out(toJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) }));
           printTable(LEASE_HEADERS, leases.map(leaseRow));
@@ -213,7 +214,7 @@ export function leaseCommands(): Command {
                   keptResources: r.keptResources,
                 }),
               );
-            else out(`${id} committed: ${r.keptResources} resources kept`);
+            else out(`${id} committed: ${count(r.keptResources, "resource")} kept`);
           } else {
             const r = await c.leases.rollbackLease({ leaseId: id });
             if (json)
@@ -223,7 +224,7 @@ export function leaseCommands(): Command {
                   destroyedResources: r.destroyedResources,
                 }),
               );
-            else out(`${id} rolled back: ${r.destroyedResources} resources destroyed`);
+            else out(`${id} rolled back: ${count(r.destroyedResources, "resource")} destroyed`);
           }
         }),
       );
@@ -248,7 +249,7 @@ export function leaseCommands(): Command {
         if (!o.label && !o.runtime)
           throw new CliError("give a lease id, or --label and/or --runtime to delete many", EXIT.usage);
         const { deleted } = await c.leases.deleteLeases({ label: o.label ?? "", runtime: o.runtime ?? "" });
-        json ? out(toJson({ deleted })) : out(`${deleted} closed leases deleted`);
+        json ? out(toJson({ deleted })) : out(`${count(deleted, "closed lease")} deleted`);
       }),
     );
   lease
@@ -491,7 +492,7 @@ export function resourceCommands(): Command[] {
           o.limit,
           (page) => c.resources.listResources({ leaseId: o.lease ?? "", kind: o.kind ?? "", ...page }),
           (r) => r.resources,
-          { order: "oldest", noun: "resources" },
+          { order: "oldest", noun: "resource" },
         );
         if (json)
           out(

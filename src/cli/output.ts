@@ -215,6 +215,11 @@ export function enumName(enumObject: Record<number, string>, value: number): str
   return enumObject[value] ?? String(value);
 }
 
+/** A count with its noun, singular for one: "1 resource", "0 resources", "2 closed leases". */
+export function count(n: number | bigint, noun: string): string {
+  return `${n} ${noun}${n === 1 || n === 1n ? "" : "s"}`;
+}
+
 /** RFC 3339 for a protobuf Timestamp, or "-". */
 export function time(ts: { seconds: bigint; nanos: number } | undefined): string {
   return ts ? new Date(Number(ts.seconds) * 1000 + Math.floor(ts.nanos / 1e6)).toISOString() : "-";
@@ -293,7 +298,7 @@ export function limitOption(when = ""): Option {
  * `call` asks for one page, `itemsOf` takes its items from the answer. When
  * items are left over, stderr says so, e.g. "leasehold: showing the oldest 2
  * actions; there are more (raise --limit)": `order` says which end was shown,
- * `hint` how to see the rest.
+ * `noun` what one item is, `hint` how to see the rest.
  */
 export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
   limit: number | undefined,
@@ -311,7 +316,7 @@ export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
   } while (pageToken && items.length < most);
   if (pageToken)
     process.stderr.write(
-      `leasehold: showing the ${shown.order} ${items.length} ${shown.noun}; there are more ` +
+      `leasehold: showing the ${shown.order} ${count(items.length, shown.noun)}; there are more ` +
         `(${shown.hint ?? "raise --limit"})\n`,
     );
   return items;

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState, GetActionResponseSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
-import { LeaseSchema, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { LeaseSchema, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { BIN, runCli as cli, collectLines } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -89,6 +89,10 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
     expect(events.map((e) => e.actionId)).toEqual(ids.slice(1));
     expect(Number(events[0]?.sequence)).toBeLessThan(Number(events[1]?.sequence));
     expect(newest.stderr).toBe("leasehold: showing the newest 2 events; there are more (raise --limit)\n");
+    const one = await cli([...server, "events", "--cluster", "cli-more", "--limit", "1"]);
+    expect(one.stderr).toBe(
+      "leasehold: showing the oldest 1 event; there are more (--newest shows the latest, or raise --limit)\n",
+    );
     // More than one page's worth is read a page at a time.
     const many = await cli([...server, "--json", "events", "--cluster", "cli-more", "--limit", "1500"]);
     expect(many).toMatchObject({ code: 0, stderr: "" });
@@ -557,10 +561,11 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       );
       expect(promoted.ownership).toBe("OWNERSHIP_WORKSPACE");
       await cli([...server, "lease", "set-result", lease.id, "--result", '{"passed":true}']);
-      const rolled = JSON.parse((await cli([...server, "--json", "lease", "rollback", lease.id])).stdout);
-      expect(rolled).toMatchObject({
-        destroyedResources: 1,
-        lease: { state: "LEASE_STATE_ROLLED_BACK", result: { passed: true } },
+      const rolled = await cli([...server, "lease", "rollback", lease.id]);
+      expect(rolled).toMatchObject({ code: 0, stdout: `${lease.id} rolled back: 1 resource destroyed\n` });
+      expect((await t.client(LeaseService).getLease({ leaseId: lease.id })).lease).toMatchObject({
+        state: LeaseState.ROLLED_BACK,
+        result: { passed: true },
       });
       const fromServer = await t.client(LeaseService).getLease({ leaseId: lease.id });
       expect(JSON.parse((await cli([...server, "--json", "lease", "get", lease.id])).stdout)).toEqual(
@@ -581,7 +586,7 @@ describe("the leasehold CLI", { timeout: 120_000 }, () => {
       );
       await t.client(LeaseService).commitLease({ leaseId: other.id });
       const byRuntime = await cli([...server, "lease", "delete", "--runtime", "cli-west"]);
-      expect(byRuntime).toMatchObject({ code: 0, stdout: "1 closed leases deleted\n" });
+      expect(byRuntime).toMatchObject({ code: 0, stdout: "1 closed lease deleted\n" });
       const deletedEvents = await cli([
         ...server,
         "events",

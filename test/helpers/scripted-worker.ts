@@ -29,6 +29,8 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
   let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
   /** Whether heartbeats are answered (a hung server answers none, and never ends the stream). */
   let acking = true;
+  /** Set: acks count down to this Date.now() instead of guaranteeing the same time each. */
+  let frozenDeadline: number | undefined;
   const write = (m: ScriptedResponse) => stream?.write(create(WorkerService.method.connect.output, m));
   const server = new grpc.Server();
   server.addService(createServiceDefinition(WorkerService), {
@@ -58,7 +60,14 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
           write({
             message: {
               case: "heartbeatAck",
-              value: { sequence: m.value.sequence, remaining: durationFromMs(options.remainingMs ?? 60_000) },
+              value: {
+                sequence: m.value.sequence,
+                remaining: durationFromMs(
+                  frozenDeadline === undefined
+                    ? (options.remainingMs ?? 60_000)
+                    : Math.max(0, frozenDeadline - Date.now()),
+                ),
+              },
             },
           });
           acked.resolve();
@@ -107,6 +116,13 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
     /** Answers no heartbeat from now on, or again. */
     ackHeartbeats(on: boolean) {
       acking = on;
+    },
+    /**
+     * Acks from now on count down to the deadline the last one gave, as a
+     * server that can no longer write its renewals (its database gone) does.
+     */
+    stopExtending() {
+      frozenDeadline = Date.now() + (options.remainingMs ?? 60_000);
     },
     close: () => server.forceShutdown(),
   };

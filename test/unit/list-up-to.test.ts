@@ -30,18 +30,22 @@ describe("listUpTo", () => {
   it("reads pages of at most 1,000 until the limit, and says when more are left", async () => {
     const said = stderr();
     const { asked, call } = listing(3000);
-    const items = await listUpTo(2500, call, (r) => r.items, { order: "oldest", noun: "leases" });
+    const items = await listUpTo(2500, call, (r) => r.items, { order: "oldest", noun: "lease" });
     expect(items).toEqual(Array.from({ length: 2500 }, (_, i) => i));
     expect(asked).toEqual([1000, 1000, 500]);
     expect(said).toEqual(["leasehold: showing the oldest 2500 leases; there are more (raise --limit)\n"]);
   });
 
+  it("counts one item in the singular", async () => {
+    const said = stderr();
+    await listUpTo(1, listing(2).call, (r) => r.items, { order: "newest", noun: "event" });
+    expect(said).toEqual(["leasehold: showing the newest 1 event; there are more (raise --limit)\n"]);
+  });
+
   it("stops at the last page without a word when everything fit", async () => {
     const said = stderr();
     const { asked, call } = listing(1200);
-    expect(await listUpTo(5000, call, (r) => r.items, { order: "first", noun: "workers" })).toHaveLength(
-      1200,
-    );
+    expect(await listUpTo(5000, call, (r) => r.items, { order: "first", noun: "worker" })).toHaveLength(1200);
     expect(asked).toEqual([1000, 1000]);
     expect(said).toEqual([]);
   });

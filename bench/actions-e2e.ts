@@ -3,7 +3,7 @@
  * completion committed, with agents built on the SDK and 16 slots in all.
  *
  *   node --import tsx bench/actions-e2e.ts [--actions 5000] [--agents 2] [--slots 8] [--database-url URL]
- *     [--auth none|tls|mtls|token] [--bulk]
+ *     [--auth none|tls|mtls|token] [--bulk] [--watchers 0]
  *
  * --auth (default none): `tls` puts TLS on the port and nothing else; `mtls`
  * also requires client certificates (agents and the submitter authenticate
@@ -18,6 +18,10 @@
  * --bulk submits with SubmitActions instead: calls of 1,000 actions, one
  * after the other (`submitPerSecond` is then the bulk submit rate, with the
  * agents already draining the queue).
+ *
+ * --watchers N (default 0, only with --auth none) starts N followers of the
+ * whole event log (`leasehold events --follow --json`, each in a process of
+ * its own), as N open console tabs each follow every event.
  */
 
 import { spawn } from "node:child_process";
@@ -36,7 +40,7 @@ import { clientChannel } from "../src/rpc/client-security.js";
 import { startServer } from "../src/server.js";
 import { createCa, issueCertificate } from "../test/helpers/pki.js";
 import { BIN } from "../test/helpers/process.js";
-import { benchArgs } from "./args.js";
+import { benchArgs, choiceFlag, refuse, wholeNumberFlag } from "./args.js";
 
 const { values } = benchArgs(import.meta.url, {
   options: {
@@ -49,12 +53,14 @@ const { values } = benchArgs(import.meta.url, {
     watchers: { type: "string", default: "0" },
   },
 });
-const total = Number(values.actions);
+const total = wholeNumberFlag("--actions", values.actions);
+const agentCount = wholeNumberFlag("--agents", values.agents);
+const slots = wholeNumberFlag("--slots", values.slots);
+const watcherCount = wholeNumberFlag("--watchers", values.watchers, 0);
+const auth = choiceFlag("--auth", values.auth, ["none", "tls", "mtls", "token"]);
+// The followers are CLI processes without the bench's certificates or tokens.
+if (watcherCount > 0 && auth !== "none") refuse("--watchers: only with --auth none");
 const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
-const auth = values.auth as "none" | "tls" | "mtls" | "token";
-if (!["none", "tls", "mtls", "token"].includes(auth)) throw new Error("--auth: none, tls, mtls or token");
-const watcherCount = Number(values.watchers);
-if (watcherCount > 0 && auth !== "none") throw new Error("--watchers: only with --auth none");
 
 /** Server options, and the security of the agents and of the submitter, for --auth. */
 function security(): { server: RawServerOptions; agent?: ClientSecurity; submitter?: ClientSecurity } {
@@ -107,12 +113,12 @@ let resolveAll: () => void = () => {};
 const allDone = new Promise<void>((r) => {
   resolveAll = r;
 });
-const agents = Array.from({ length: Number(values.agents) }, (_, i) =>
+const agents = Array.from({ length: agentCount }, (_, i) =>
   createAgent({
     address,
     cluster: "bench",
     workerId: `bench-${i}`,
-    capacity: Number(values.slots),
+    capacity: slots,
     ...(secured.agent ? { security: secured.agent } : {}),
     handler: async () => ({ ok: true }),
     onEvent: (e) => {
@@ -173,7 +179,7 @@ console.log(
     submit: values.bulk ? "SubmitActions x1000" : "SubmitAction x64 concurrent",
     actions: total,
     agents: agents.length,
-    slotsTotal: agents.length * Number(values.slots),
+    slotsTotal: agents.length * slots,
     watchers: watcherCount,
     submitSeconds: +(submittedMs / 1000).toFixed(2),
     submitPerSecond: Math.round(total / (submittedMs / 1000)),

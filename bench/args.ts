@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { type ParseArgsConfig, parseArgs } from "node:util";
+import { parseDuration } from "../src/config.js";
 
 /**
  * `parseArgs` for a benchmark script, strict as it is, with a way out for
@@ -21,8 +22,41 @@ export function benchArgs<T extends ParseArgsConfig>(
   try {
     return parseArgs(config);
   } catch (error) {
-    process.stderr.write(`${(error as Error).message}\n(--help says how to run this benchmark)\n`);
-    process.exit(2);
+    return refuse((error as Error).message);
+  }
+}
+
+/**
+ * Ends the script as a flag it does not know does: `message` (which names
+ * the flag) and the way to --help on stderr, exit 2. Scripts check their
+ * flags with it before they start anything or make a temporary directory.
+ */
+export function refuse(message: string): never {
+  process.stderr.write(`${message}\n(--help says how to run this benchmark)\n`);
+  process.exit(2);
+}
+
+/** The value of a whole-number `flag` (e.g. "--actions"), at least `min`; anything else is refused. */
+export function wholeNumberFlag(flag: string, text: string, min = 1): number {
+  const n = Number(text);
+  if (text.trim() === "" || !Number.isSafeInteger(n) || n < min)
+    refuse(`${flag}: expected a whole number of at least ${min}, not ${JSON.stringify(text)}`);
+  return n;
+}
+
+/** The value of `flag` when it is one of `choices`; anything else is refused. */
+export function choiceFlag<C extends string>(flag: string, text: string, choices: readonly C[]): C {
+  if (!(choices as readonly string[]).includes(text))
+    refuse(`${flag}: expected one of ${choices.join(", ")}, not ${JSON.stringify(text)}`);
+  return text as C;
+}
+
+/** A duration `flag` ("10s", "1500ms", as the server's options) in milliseconds; anything else is refused. */
+export function durationFlag(flag: string, text: string): number {
+  try {
+    return parseDuration(flag, text);
+  } catch (error) {
+    return refuse((error as Error).message);
   }
 }
 

@@ -39,7 +39,7 @@ import {
 import { createClient } from "../src/rpc/client.js";
 import { decodeServerMessage } from "../src/rpc/worker-wire.js";
 import { freePort } from "../test/helpers/ports.js";
-import { benchArgs } from "./args.js";
+import { benchArgs, choiceFlag, wholeNumberFlag } from "./args.js";
 
 const { values } = benchArgs(import.meta.url, {
   options: {
@@ -54,13 +54,12 @@ const { values } = benchArgs(import.meta.url, {
     client: { type: "string", default: "raw" },
   },
 });
-if (values.client !== "raw" && values.client !== "grpc") throw new Error("--client is raw or grpc");
-const rawClient = values.client === "raw";
+const rawClient = choiceFlag("--client", values.client, ["raw", "grpc"]) === "raw";
 const acceptsBatches = !values["no-batches"];
-const streams = Number(values.streams);
-const connections = Math.min(Number(values.connections), streams);
-const intervalMs = Number(values.interval);
-const measureMs = Number(values.seconds) * 1000;
+const streams = wholeNumberFlag("--streams", values.streams);
+const connections = Math.min(wholeNumberFlag("--connections", values.connections), streams);
+const intervalMs = wholeNumberFlag("--interval", values.interval);
+const measureMs = wholeNumberFlag("--seconds", values.seconds) * 1000;
 
 const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
 const port = await freePort();

@@ -22,7 +22,7 @@ import { ActionService, ActionState } from "../src/gen/leasehold/v1/action_pb.js
 import { type ConnectResponse, WorkerService } from "../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../src/rpc/client.js";
 import { freePort } from "../test/helpers/ports.js";
-import { benchArgs } from "./args.js";
+import { benchArgs, durationFlag, wholeNumberFlag } from "./args.js";
 
 const { values } = benchArgs(import.meta.url, {
   options: {
@@ -33,9 +33,10 @@ const { values } = benchArgs(import.meta.url, {
     "database-url": { type: "string" },
   },
 });
-const actions = Number(values.actions);
-const payloadKiB = Number(values["payload-kib"]);
-const measureMs = Number(values.seconds) * 1000;
+const actions = wholeNumberFlag("--actions", values.actions);
+const payloadKiB = wholeNumberFlag("--payload-kib", values["payload-kib"], 0);
+const measureMs = wholeNumberFlag("--seconds", values.seconds) * 1000;
+durationFlag("--grace-period", values["grace-period"]); // checked here; the server takes it as given
 
 const dir = mkdtempSync(join(tmpdir(), "leasehold-bench-"));
 const address = `127.0.0.1:${await freePort()}`;

@@ -47,13 +47,12 @@ import { dirname, join } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import postgres from "postgres";
-import { parseDuration } from "../src/config.js";
 import { type ConnectResponse, WorkerService } from "../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../src/rpc/client.js";
 import { openDatabase } from "../src/store/database.js";
 import { healthClient } from "../test/helpers/grpc-peers.js";
 import { freePort } from "../test/helpers/ports.js";
-import { benchArgs } from "./args.js";
+import { benchArgs, choiceFlag, durationFlag, refuse, wholeNumberFlag } from "./args.js";
 
 const { values } = benchArgs(import.meta.url, {
   options: {
@@ -72,24 +71,24 @@ const { values } = benchArgs(import.meta.url, {
     keep: { type: "boolean", default: false },
   },
 });
-if (!values["database-url"]) {
-  console.error("--database-url is required: a PostgreSQL server this benchmark may create a database on");
-  process.exit(2);
-}
-const sessions = Number(values.sessions);
-const perSession = Number(values["leases-per-session"]);
-const clusterCount = Math.max(1, Math.min(Number(values.clusters), sessions));
-const graceMs = parseDuration("--grace-period", values["grace-period"]);
-const intervalMs = parseDuration("--heartbeat-interval", values["heartbeat-interval"]);
-const reconnectCount = Math.min(sessions, Number(values.reconnect ?? sessions));
-const reconnectAt = values["reconnect-at"];
-if (reconnectAt !== "listening" && reconnectAt !== "serving") {
-  console.error("--reconnect-at must be listening or serving");
-  process.exit(2);
-}
-const connections = Math.max(1, Math.min(Number(values.connections), Math.max(1, reconnectCount)));
-const holdMs = values.hold ? parseDuration("--hold", values.hold) : Math.round(graceMs * 1.5);
-const maxWaitMs = parseDuration("--max-wait", values["max-wait"]);
+if (!values["database-url"])
+  refuse("--database-url is required: a PostgreSQL server this benchmark may create a database on");
+const sessions = wholeNumberFlag("--sessions", values.sessions);
+const perSession = wholeNumberFlag("--leases-per-session", values["leases-per-session"]);
+const clusterCount = Math.min(wholeNumberFlag("--clusters", values.clusters), sessions);
+const graceMs = durationFlag("--grace-period", values["grace-period"]);
+const intervalMs = durationFlag("--heartbeat-interval", values["heartbeat-interval"]);
+const reconnectCount = Math.min(
+  sessions,
+  values.reconnect === undefined ? sessions : wholeNumberFlag("--reconnect", values.reconnect, 0),
+);
+const reconnectAt = choiceFlag("--reconnect-at", values["reconnect-at"], ["listening", "serving"]);
+const connections = Math.min(
+  wholeNumberFlag("--connections", values.connections),
+  Math.max(1, reconnectCount),
+);
+const holdMs = values.hold ? durationFlag("--hold", values.hold) : Math.round(graceMs * 1.5);
+const maxWaitMs = durationFlag("--max-wait", values["max-wait"]);
 
 /** Ids the seed SQL and this process both compute: md5 of a name, shaped as a UUID (like PostgreSQL's `md5(x)::uuid`). */
 const idOf = (name: string) => {

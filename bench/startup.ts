@@ -17,7 +17,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { freePort } from "../test/helpers/ports.js";
-import { benchArgs } from "./args.js";
+import { benchArgs, wholeNumberFlag } from "./args.js";
 
 const { values } = benchArgs(import.meta.url, {
   options: {
@@ -25,7 +25,7 @@ const { values } = benchArgs(import.meta.url, {
     "database-url": { type: "string" },
   },
 });
-const runs = Number(values.runs);
+const runs = wholeNumberFlag("--runs", values.runs);
 const BIN = join(import.meta.dirname, "..", "bin", "leasehold.js");
 const dir = mkdtempSync(join(tmpdir(), "leasehold-startup-"));
 

@@ -41,17 +41,6 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
  */
 const UNANSWERED_HEARTBEATS = 1.5;
 
-/**
- * Heartbeat intervals an answered stream may go without extending the
- * guarantee before the agent, when it knows another address, leaves for it.
- * A server that lost its database (or waits on a stalled one) still answers
- * heartbeats, but its acks only count down from the last deadline it wrote:
- * the agent would self-fence and its work run again while another server
- * could resume the session and extend it. A healthy server extends it about
- * once an interval (its renewal may lag by two).
- */
-const UNEXTENDED_HEARTBEATS = 4;
-
 /** What the server sends for every action (grants, report results, acks) is decoded by hand. */
 const AGENT_DECODERS = { connect: decodeServerMessage };
 
@@ -505,10 +494,6 @@ export function createAgent(options: AgentOptions): Agent {
     saidGoodbye: boolean;
     /** Why the agent left this stream itself (the server stopped answering), if it did. */
     abandoned: string | undefined;
-    /** The latest guarantee an ack of this stream gave (local deadline, before the margin). */
-    guarantee: number;
-    /** When an ack of this stream last moved {@link guarantee} later (or the welcome came). */
-    extendedAt: number;
   }
 
   /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
@@ -969,14 +954,6 @@ export function createAgent(options: AgentOptions): Agent {
           });
           return;
         }
-        // A server that answers but no longer extends the guarantee cannot write its renewals:
-        // with another address to go to, the session is resumed there before the guarantee ends.
-        const unextendedMs = performance.now() - conn.extendedAt;
-        if (targets.length > 1 && unextendedMs > UNEXTENDED_HEARTBEATS * heartbeatMs) {
-          conn.abandoned = `the server has not extended the lease guarantee for ${Math.round(unextendedMs)}ms (it cannot reach its database?)`;
-          call.cancel();
-          return;
-        }
         conn.sequence += 1n;
         conn.sent.set(conn.sequence, performance.now());
         conn.send({
@@ -987,8 +964,6 @@ export function createAgent(options: AgentOptions): Agent {
       ended: false,
       saidGoodbye: false,
       abandoned: undefined,
-      guarantee: Number.NEGATIVE_INFINITY,
-      extendedAt: performance.now(),
     };
     current = conn;
     /** Whether the oldest heartbeat of this stream is unanswered for longer than the bound. */
@@ -1002,7 +977,6 @@ export function createAgent(options: AgentOptions): Agent {
       switch (m.case) {
         case "welcome": {
           conn.welcomed = true;
-          conn.extendedAt = performance.now();
           conn.batches = m.value.acceptsBatches;
           attemptsWithoutWelcome = 0;
           if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
@@ -1044,11 +1018,6 @@ export function createAgent(options: AgentOptions): Agent {
           for (const seq of conn.sent.keys()) if (seq <= m.value.sequence) conn.sent.delete(seq);
           lastAckAt = performance.now();
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
-          // Acks between two renewals give the same guarantee, give or take the clocks' jitter.
-          if (sentAt + remaining > conn.guarantee + 50) {
-            conn.guarantee = sentAt + remaining;
-            conn.extendedAt = performance.now();
-          }
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
           startWaiting();

@@ -29,8 +29,6 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
   let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
   /** Whether heartbeats are answered (a hung server answers none, and never ends the stream). */
   let acking = true;
-  /** Set: acks count down to this Date.now() instead of guaranteeing the same time each. */
-  let frozenDeadline: number | undefined;
   const write = (m: ScriptedResponse) => stream?.write(create(WorkerService.method.connect.output, m));
   const server = new grpc.Server();
   server.addService(createServiceDefinition(WorkerService), {
@@ -60,14 +58,7 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
           write({
             message: {
               case: "heartbeatAck",
-              value: {
-                sequence: m.value.sequence,
-                remaining: durationFromMs(
-                  frozenDeadline === undefined
-                    ? (options.remainingMs ?? 60_000)
-                    : Math.max(0, frozenDeadline - Date.now()),
-                ),
-              },
+              value: { sequence: m.value.sequence, remaining: durationFromMs(options.remainingMs ?? 60_000) },
             },
           });
           acked.resolve();
@@ -116,13 +107,6 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
     /** Answers no heartbeat from now on, or again. */
     ackHeartbeats(on: boolean) {
       acking = on;
-    },
-    /**
-     * Acks from now on count down to the deadline the last one gave, as a
-     * server that can no longer write its renewals (its database gone) does.
-     */
-    stopExtending() {
-      frozenDeadline = Date.now() + (options.remainingMs ?? 60_000);
     },
     close: () => server.forceShutdown(),
   };

@@ -74,46 +74,4 @@ describe("the agent SDK, on a server that stops answering", () => {
       error: expect.stringMatching(/^the server answered no heartbeat for \d+ms$/),
     });
   });
-
-  it("leaves a server whose acks stop extending the guarantee for the next address, but stays with a single one", async () => {
-    const servers = [await scriptedWorkerServer(), await scriptedWorkerServer()] as const;
-    cleanups.push(servers[0].close, servers[1].close);
-    const events: AgentEvent[] = [];
-    const agent = createAgent({
-      address: servers.map((x) => x.address),
-      workerId: "w1",
-      cluster: "east",
-      onEvent: (e) => events.push(e),
-      handler: async () => ({}),
-    });
-    cleanups.push(() => agent.close({ timeoutMs: 100 }));
-    // It starts at a random one of the two.
-    await Promise.race(servers.map((x) => x.acked));
-    const [from, to] = servers[0].received.includes("hello") ? servers : [servers[1], servers[0]];
-    // It answers every heartbeat, but its guarantee only counts down (the interval is 1 s).
-    from.stopExtending();
-    await to.next("hello");
-    expect(events.find((e) => e.type === "disconnected")).toMatchObject({
-      error: expect.stringMatching(/^the server has not extended the lease guarantee for \d+ms/),
-    });
-
-    // With no other address, the agent stays: leaving would gain nothing.
-    const alone = await scriptedWorkerServer();
-    cleanups.push(alone.close);
-    const single: AgentEvent[] = [];
-    const one = createAgent({
-      address: alone.address,
-      workerId: "w2",
-      cluster: "east",
-      onEvent: (e) => single.push(e),
-      handler: async () => ({}),
-    });
-    cleanups.push(() => one.close({ timeoutMs: 100 }));
-    await alone.acked;
-    alone.stopExtending();
-    // Six heartbeats later (four intervals is the bound), the same stream is still open.
-    for (let i = 0; i < 6; i++) await alone.next("heartbeat");
-    expect(alone.received.filter((k) => k === "hello")).toHaveLength(1);
-    expect(single.some((e) => e.type === "disconnected")).toBe(false);
-  });
 });

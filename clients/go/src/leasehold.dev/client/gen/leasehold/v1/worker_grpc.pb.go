@@ -100,12 +100,7 @@ type WorkerServiceClient interface {
 	// (frozen, or a connection dead one way) never ends its streams: leave a
 	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
 	// as the SDKs do, so that the session is resumed through another address
-	// while its leases still hold. A server that lost its database still
-	// answers, but its acks only count down from the last deadline it wrote:
-	// with another address to go to, leave a stream whose acks have not moved
-	// the guarantee (HeartbeatAck send time + remaining) later for 4 heartbeat
-	// intervals (the TypeScript SDK does; a healthy server moves it about once
-	// an interval). With a single address, stay: the acks still count down.
+	// while its leases still hold.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
@@ -295,12 +290,7 @@ type WorkerServiceServer interface {
 	// (frozen, or a connection dead one way) never ends its streams: leave a
 	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
 	// as the SDKs do, so that the session is resumed through another address
-	// while its leases still hold. A server that lost its database still
-	// answers, but its acks only count down from the last deadline it wrote:
-	// with another address to go to, leave a stream whose acks have not moved
-	// the guarantee (HeartbeatAck send time + remaining) later for 4 heartbeat
-	// intervals (the TypeScript SDK does; a healthy server moves it about once
-	// an interval). With a single address, stay: the acks still count down.
+	// while its leases still hold.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished

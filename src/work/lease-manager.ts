@@ -163,16 +163,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   // Well above a healthy peer's renewal lag (up to two ticks): a session not renewed for this long
   // has lost its stream, whatever its row says (a crashed process, a half-open connection).
   const staleMs = Math.max(4 * options.heartbeatIntervalMs, graceMs / 2);
-  /**
-   * A renewal in flight this long means a stalled database, not a busy one: a
-   * heartbeat interval, or a quarter of the grace period if that is longer.
-   * While it waits nobody's deadline is renewed, so no session is reaped (by
-   * this process; another whose renewals go through reaps as before), and
-   * after it every live session gets a grace period before the next reap, as
-   * after a failure. Found by a chaos run: a 40 s lock on sessions, and both
-   * processes reaped each other's heartbeating workers when it ended.
-   */
-  const stallMs = Math.max(options.heartbeatIntervalMs, graceMs / 4);
   const partitionShare = options.partitionShare ?? 0.5;
   const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
@@ -364,22 +354,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     timersOn,
     expiries: metrics.expiries,
     keepHosted: () => renewal.keepHosted(),
-    paused: () => {
-      const waited = renewal.waitingMs();
-      return waited > stallMs
-        ? `the database has kept this process's renewal waiting for ${Math.round(waited)} ms`
-        : undefined;
-    },
     publishActions,
   });
   const audit = createAudit({ db, hosted, revoke: revokes.revoke });
   /** A renewal; one that fails tells the reaper that the stored deadlines may be stale. */
   const renew = async () => {
     try {
-      const started = performance.now();
       await renewal.renew();
-      // One that waited long did too: while it waited, every process's deadlines fell behind.
-      if (performance.now() - started > stallMs) reaper.databaseFailed("renewal");
       reaper.databaseAnswered("renewal");
     } catch (error) {
       reaper.databaseFailed("renewal");

@@ -266,62 +266,6 @@ describe("lease upkeep", () => {
     expect(await expiredActions()).toEqual([second]);
   });
 
-  it("reaps nothing while the database keeps its renewal waiting, and gives every live session a grace period after", async () => {
-    await t[Symbol.asyncDispose]();
-    const graceMs = 3000;
-    let hold: Promise<void> | undefined;
-    t = await startTestServer({
-      // A stall is a renewal waiting more than max(heartbeat, grace / 4): 1 s here.
-      config: { gracePeriod: "3s", heartbeatInterval: "1s" },
-      overrides: {
-        clock,
-        timers: false,
-        wrapDb: intercepting(async (text, execute) => {
-          // A lock on sessions: the renewal waits until the test lets it through.
-          if (hold && RENEWAL.test(text)) await hold;
-          return execute();
-        }),
-      },
-    });
-    const stays = await worker("stays");
-    const gone = await worker("gone");
-    const ids = [await submit(), await submit()];
-    await tick().dispatch();
-    const kept = await stays.next("grant");
-    await gone.next("grant");
-    gone.drop();
-    await waitForLog("worker stream lost");
-
-    let release = () => {};
-    hold = new Promise((resolve) => {
-      release = resolve;
-    });
-    const renewing = tick().renew();
-    // Reaps before the renewal counts as stalled find nothing due: no deadline has passed yet.
-    const paused = "no session is reaped until it answers";
-    while (!t.logs.some((l) => String(l.msg).endsWith(paused))) await tick().reap();
-    // The stall outlasts every deadline; the reaper still reaps nothing, the lost worker's either.
-    clock.advance(graceMs + 1000);
-    await tick().reap();
-    expect(await expiredActions()).toEqual([]);
-
-    hold = undefined;
-    release();
-    await renewing;
-    // The first reap after it gives every live session a grace period from now.
-    await tick().reap();
-    expect(await expiredActions()).toEqual([]);
-    await waitForLog(
-      "the database answers again; reaping goes on after a grace period for every live session",
-    );
-    // Then the lost worker's session is reaped as usual, and the one that heartbeats stays.
-    clock.advance(graceMs + 1000);
-    await stays.heartbeat(1, [lease(kept)]);
-    await tick().renew();
-    await tick().reap();
-    expect(await expiredActions()).toEqual(ids.filter((id) => id !== kept.actionId));
-  });
-
   it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {
     await t[Symbol.asyncDispose]();
     let reapBroken = false;

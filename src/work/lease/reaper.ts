@@ -76,13 +76,6 @@ export function createReaper(deps: {
   timersOn: boolean;
   expiries: { inc(n?: number): void };
   keepHosted: () => KeepHosted | undefined;
-  /**
-   * Why no session may be reaped now, or undefined: the database stalls (this
-   * process's renewal has waited too long), so stored deadlines say nothing
-   * about which workers are gone. The reaper polls meanwhile, and gives every
-   * live session a grace period from now before its first reap after.
-   */
-  paused: () => string | undefined;
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
 }): Reaper {
@@ -187,22 +180,7 @@ export function createReaper(deps: {
     }
   }
 
-  /** The reason reaps were last paused for, while they are. */
-  let pausedFor: string | undefined;
-
   async function reapAll(): Promise<void> {
-    const paused = deps.paused();
-    if (paused !== undefined) {
-      if (pausedFor === undefined) log.warn(`${paused}; no session is reaped until it answers`);
-      pausedFor = paused;
-      outage = true;
-      plan(Date.now() + pollMs, 0, true);
-      return;
-    }
-    if (pausedFor !== undefined) {
-      log.info("the database answers again; reaping goes on after a grace period for every live session");
-      pausedFor = undefined;
-    }
     if (outage) {
       const extended = await extendSessionsAfterOutage(db, clock, {
         graceMs: deps.graceMs,

@@ -39,13 +39,6 @@ export interface Renewal {
    * a process that cannot renew is indistinguishable from one that died.
    */
   keepHosted(): KeepHosted | undefined;
-  /**
-   * How long the renewal in flight has waited, in ms (0: none runs). One that
-   * waits long means the database stalls (a lock on sessions, a saturated
-   * server): every process's stored deadlines fall behind their workers'
-   * heartbeats meanwhile, so the reaper waits for it (see lease-manager.ts).
-   */
-  waitingMs(): number;
 }
 
 /** Ends a hosted stream whose session the renewal found no longer attached to it. */
@@ -104,7 +97,6 @@ export function createRenewal(deps: {
         if (startedAt === now) startedAt = undefined;
       }
     },
-    waitingMs: () => (startedAt === undefined ? 0 : performance.now() - startedAt),
     keepHosted() {
       const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;
       if (!failed && !stuck) return undefined;

@@ -14,6 +14,7 @@ import {
   type Resource,
   ResourceService,
 } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { freePort } from "../helpers/ports.js";
 import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -230,6 +231,23 @@ describe("deployments", () => {
     expect(f.code).toBe(Code.FailedPrecondition);
     expect(f.reason).toBe("LEASE_CLOSED");
     expect(f.message).toMatch(/cannot collect outputs: lease .* is ROLLED_BACK/);
+    w.drop();
+  });
+
+  it("fences the holder's completion after its lease was rolled back: the server ended the attempt, no report did", async () => {
+    const w = await connectWorker(t.address, {
+      workerId: "raw-rollback",
+      cluster: "raw-rollback",
+      capacity: 1,
+    });
+    const leaseId = (await leases().createLease({ runtime: "raw-rollback" })).lease?.id ?? "";
+    await resources().createDeployment({ leaseId, spec: { containers: [node("idle", "")] } });
+    const grant = await w.next("grant");
+    await leases().rollbackLease({ leaseId });
+    await w.next("revoke", (r) => r.actionId === grant.actionId);
+    // Its completion crossed the revoke: it never landed, and must not be answered as if it had.
+    const result = await w.complete(grant, { output: { outputs: [] } });
+    expect(result).toMatchObject({ accepted: false, rejectReason: RejectReason.FENCED });
     w.drop();
   });
 

@@ -178,15 +178,18 @@ f_input as (
       ),
       -- A report sent again after its first copy was applied but not answered
       -- (the connection broke): the same attempt already ended the same way.
-      -- An attempt ended by a cancel keeps no outcome of the worker's (the
-      -- action is CANCELLED whatever it reported): any copy is its repeat.
+      -- An attempt a cancel ended when its worker reported keeps none of the
+      -- worker's outcome (the action is CANCELLED whatever it reported): any
+      -- copy is its repeat. One the server ended itself (a deployment's
+      -- scope lease rolled back, without cancel_requested) had no report: a
+      -- report on it is fenced.
       f_repeated as (
         select i.k, a.id, a.state from f_input i
         join attempts t on t.action_id = i.action_id and t.epoch = i.epoch and t.session_id = i.session_id
         join actions a on a.id = i.action_id
         where i.k not in (select k from f_current)
           and case
-            when t.outcome = 'CANCELLED' then a.state = 'CANCELLED'
+            when t.outcome = 'CANCELLED' then a.state = 'CANCELLED' and a.cancel_requested
             when i.kind = 'succeeded' then t.outcome = 'SUCCEEDED' and a.epoch = i.epoch and a.output is not distinct from i.output
             when i.kind = 'failed' then t.outcome = 'FAILED' and t.error is not distinct from i.error
             else t.outcome = 'RELEASED' end

@@ -1255,9 +1255,11 @@ export const WorkerService: GenService<{
    * completion the server applied just before the stream broke comes back in
    * Welcome.revoked too: send the same completion again; it is accepted as a
    * repeat (a different one is FENCED), which tells the worker it landed. On
-   * an action cancelled while it was held, what the worker reported is not
-   * kept (the action is CANCELLED either way): any completion or release of
-   * that lease is accepted as its repeat.
+   * an action cancelled (CancelAction) while it was held, what the worker
+   * reported is not kept (the action is CANCELLED either way): once a report
+   * of that lease landed, any other is accepted as its repeat. A lease the
+   * server ended itself (its scope lease rolled back) had no report land: a
+   * report on it is FENCED.
    * Welcome.revoked gives no reason: for any other lease in it, stop the work
    * and report nothing more (a release sent anyway is answered FENCED, and is
    * harmless).

@@ -60,7 +60,7 @@ describe("worker stream flow control", () => {
    * no WINDOW_UPDATE goes out and the server can send at most one flow-control window. (A
    * grpc-js client that pauses still takes in a dozen messages before it stops.)
    */
-  const deafWorker = (workerId: string, capacity: number) => {
+  const deafWorker = (workerId: string, capacity: number, acceptsBatches = false) => {
     const session = http2Connect(`http://${t.address}`);
     closers.push(() => session.destroy());
     session.on("error", () => {});
@@ -72,7 +72,9 @@ describe("worker stream flow control", () => {
     });
     stream.on("error", () => {});
     const closed = new Promise<number>((resolve) => stream.on("close", () => resolve(stream.rstCode ?? 0)));
-    stream.write(framed({ message: { case: "hello", value: { workerId, cluster: "east", capacity } } }));
+    stream.write(
+      framed({ message: { case: "hello", value: { workerId, cluster: "east", capacity, acceptsBatches } } }),
+    );
     stream.pause();
     return { stream, closed };
   };
@@ -194,6 +196,20 @@ describe("worker stream flow control", () => {
     // Others were never held up: a worker that reads is answered at once.
     const reader = await worker("reader", 1);
     expect(await reader.heartbeat(1)).toMatchObject({ sequence: 1n });
+  }, 60_000);
+
+  it("ends the stream of a worker that takes batches, sends without reading, and stops being read", async () => {
+    await start({ stalledStreamMs: 2000 });
+    // Its acks go out as one batch a turn: the byte mark (1 MiB), not the message count, holds
+    // its reading back, inside the write of a turn's batch. The stall bound must start there.
+    const { stream, closed } = deafWorker("batched", 1, true);
+    await logLine((l) => l.msg === "worker session started" && l.workerId === "batched");
+    const heartbeats = [];
+    for (let i = 1; i <= 120_000; i++)
+      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+    stream.write(Buffer.concat(heartbeats));
+    await logLine((l) => String(l.msg).startsWith("ending the stream of worker batched"));
+    expect(await closed).toBe(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
   }, 60_000);
 
   it("announces the per-connection stream limit in its HTTP/2 settings", async () => {

@@ -192,10 +192,11 @@ export function workerServiceBinding(
         if (queued.length === 0 || finished) return;
         if (acceptsBatches && queued.length > 1) writeBatches(queued);
         else for (const bytes of queued) stream.sendBinary(bytes);
-        // The bytes moved from the queue to the transport's buffer: what `watch` decides on is the same.
         queued.length = 0;
         queuedBytes = 0;
-        recount();
+        // The bytes moved from the queue to the transport's buffer, but these writes may have held
+        // the reading back (too many messages unread): the stall bound starts now if so.
+        watch();
       };
       const writeBatches = (messages: readonly Uint8Array[]) =>
         batchRuns(messages, MAX_BATCH_MESSAGES, MAX_RESPONSE_BATCH_BYTES, (run) =>

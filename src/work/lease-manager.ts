@@ -360,7 +360,17 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   /** A renewal; one that fails tells the reaper that the stored deadlines may be stale. */
   const renew = async () => {
     try {
+      const started = performance.now();
       await renewal.renew();
+      // A stalled database (a lock on sessions) answers checks but renews nobody meanwhile:
+      // say so, or the agents' self-fences after it look unexplained.
+      const waitedMs = performance.now() - started;
+      if (waitedMs > graceMs / 2) {
+        log.warn(
+          { waitedMs: Math.round(waitedMs), graceMs },
+          "a renewal waited for the database for more than half the grace period: stored deadlines lagged by as much, and agents may have self-fenced",
+        );
+      }
       reaper.databaseAnswered("renewal");
     } catch (error) {
       reaper.databaseFailed("renewal");

@@ -201,6 +201,32 @@ describe("lease upkeep", () => {
     expect(await expiredActions()).toEqual([id]);
   });
 
+  it("warns when a renewal waited for the database more than half the grace period", async () => {
+    await t[Symbol.asyncDispose]();
+    let slow = false;
+    t = await startTestServer({
+      config: { gracePeriod: "3s", heartbeatInterval: "1s" },
+      overrides: {
+        clock,
+        timers: false,
+        wrapDb: intercepting(async (text, execute) => {
+          // A lock on sessions held 1.6 s: more than half of the 3 s grace period.
+          if (slow && RENEWAL.test(text)) await new Promise((resolve) => setTimeout(resolve, 1600));
+          return execute();
+        }),
+      },
+    });
+    await worker("w1");
+    await tick().renew();
+    expect(t.logs.some((l) => l.level === 40)).toBe(false);
+    slow = true;
+    await tick().renew();
+    expect(t.logs.find((l) => l.level === 40)).toMatchObject({
+      msg: expect.stringMatching(/^a renewal waited for the database for more than half the grace period/),
+      graceMs: 3000,
+    });
+  });
+
   it("counts the time its renewal waited against the time left it promises, not in its favour", async () => {
     await t[Symbol.asyncDispose]();
     let slow = false;

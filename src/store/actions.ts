@@ -151,7 +151,10 @@ export async function cancelAction(
 /**
  * Queued and leased actions by cluster (clusters with neither are left out).
  * Each state is counted through its partial index: the claim index for the
- * queued, the session index for the leased.
+ * queued, the session index for the leased. For the metrics, read at every
+ * scrape: `listClusters` (clusters.ts) counts the same two figures, but also
+ * walks every live session and the cluster's recent events, more than a
+ * scrape every few seconds should cost.
  */
 export async function countActionsByCluster(
   db: Db,

@@ -14,6 +14,23 @@ interface StreamDecoderShape {
 
 const NO_DATA = 0;
 let installed: boolean | undefined;
+/**
+ * Where the replacement keeps grpc-js's own `write`, on the prototype: a
+ * second copy of this module in the process (test runners that share grpc-js
+ * between files) finds the replacement in place instead of wrapping it again.
+ */
+const ORIGINAL = Symbol.for("leasehold.StreamDecoder.write");
+
+/**
+ * grpc-js's own `StreamDecoder.prototype.write`, whether or not
+ * {@link releaseDecodedChunks} replaced it (tests compare the two).
+ */
+export function originalDecoderWrite(decoder: {
+  prototype: StreamDecoderShape;
+}): StreamDecoderShape["write"] {
+  const prototype = decoder.prototype as StreamDecoderShape & { [ORIGINAL]?: StreamDecoderShape["write"] };
+  return prototype[ORIGINAL] ?? prototype.write;
+}
 
 /**
  * Makes grpc-js's stream decoder let go of a stream's last chunk once a
@@ -47,6 +64,10 @@ export function releaseDecodedChunks(): boolean {
       Array.isArray(probe.readPartialMessage) &&
       "readCompressFlag" in probe;
     if (!shaped) return false;
+    if (ORIGINAL in decoder.prototype) {
+      installed = true;
+      return installed;
+    }
   } catch {
     return false;
   }
@@ -60,7 +81,8 @@ export function releaseDecodedChunks(): boolean {
     return messages;
   };
   installed = decodesFrames(decoder);
-  if (!installed) decoder.prototype.write = write;
+  if (installed) Object.defineProperty(decoder.prototype, ORIGINAL, { value: write });
+  else decoder.prototype.write = write;
   return installed;
 }
 

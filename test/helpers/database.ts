@@ -1,12 +1,12 @@
 import { randomBytes } from "node:crypto";
 import { cpSync, mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { sql } from "drizzle-orm";
 import postgres from "postgres";
 import { afterAll, beforeAll, inject } from "vitest";
 import { type Database, type Db, openDatabase } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
+import { scratchDir } from "./scratch.js";
 
 /** Where a test's server keeps its state: a fresh PostgreSQL database or a fresh PGlite directory. */
 export interface TestStore extends AsyncDisposable {
@@ -43,7 +43,7 @@ export async function freshPostgresDatabase(): Promise<TestStore> {
 
 /** A brand-new PGlite data directory, already migrated (a copy of the run's template). */
 export function freshPgliteDirectory(): TestStore {
-  const dir = mkdtempSync(join(tmpdir(), "leasehold-pglite-"));
+  const dir = mkdtempSync(join(scratchDir(), "leasehold-pglite-"));
   cpSync(inject("pgliteTemplate"), join(dir, "data"), { recursive: true });
   const drop = async () => rmSync(dir, { recursive: true, force: true });
   return { url: undefined, dataDir: join(dir, "data"), drop, [Symbol.asyncDispose]: drop };
@@ -58,6 +58,17 @@ export function freshPgliteDirectory(): TestStore {
  */
 export function runsPostgresTests(): boolean {
   return inject("driver") === "postgres" || process.env.LEASEHOLD_TEST_POSTGRES_PASS_FOLLOWS !== "1";
+}
+
+/**
+ * Whether this run takes the tests whose outcome does not depend on the
+ * driver (the CLI's flags and output, the benchmarks' flags, TLS): every run,
+ * except CI's PGlite pass, whose PostgreSQL pass runs them. Each starts
+ * servers and processes by the dozen, which on PGlite alone took a fifth of
+ * that pass.
+ */
+export function runsDriverNeutralTests(): boolean {
+  return runsPostgresTests();
 }
 
 /** A fresh store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */

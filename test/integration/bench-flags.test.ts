@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runsDriverNeutralTests } from "../helpers/database.js";
 
 const BENCH = fileURLToPath(new URL("../../bench", import.meta.url));
 
@@ -12,7 +13,7 @@ const BENCH = fileURLToPath(new URL("../../bench", import.meta.url));
  * says: exit 2 with a message naming it, before they start a server or make
  * a temporary directory. Each script runs as a user runs it, with tsx.
  */
-describe("benchmark scripts", { timeout: 120_000 }, () => {
+describe.runIf(runsDriverNeutralTests())("benchmark scripts", { timeout: 120_000 }, () => {
   let tmp: string;
   beforeAll(() => {
     tmp = mkdtempSync(join(tmpdir(), "leasehold-bench-flags-"));

@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { runsDriverNeutralTests } from "../helpers/database.js";
 import { freePort } from "../helpers/ports.js";
 import { runCli as cli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -10,7 +11,7 @@ import { startTestServer, type TestServer } from "../helpers/server.js";
 const ndjson = (objects: readonly unknown[]) => `${objects.map((o) => JSON.stringify(o)).join("\n")}\n`;
 
 // Every step spawns a CLI process (a second or more on a loaded machine): the timeout is a hang guard.
-describe("leasehold action submit --from", { timeout: 120_000 }, () => {
+describe.runIf(runsDriverNeutralTests())("leasehold action submit --from", { timeout: 120_000 }, () => {
   let t: TestServer;
   let server: string[];
   let dir: string;

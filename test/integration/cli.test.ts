@@ -11,13 +11,14 @@ import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseSchema, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { runsDriverNeutralTests } from "../helpers/database.js";
 import { BIN, runCli as cli, collectLines } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
 
 // Every step spawns a CLI process (a second or more each on a loaded machine): the timeout is a
 // hang guard sized for that, not a speed check.
-describe("the leasehold CLI", { timeout: 120_000 }, () => {
+describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000 }, () => {
   let t: TestServer;
   let server: string[];
   beforeAll(async () => {

@@ -1,12 +1,12 @@
 import { describe, expect, it } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { type Event, EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
-import { freshPostgresDatabase } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests } from "../helpers/database.js";
 import { runAgent } from "../helpers/process.js";
 import { startTestServer } from "../helpers/server.js";
 
 // Real PostgreSQL, real timers (grace 2 s), real agent processes killed with SIGKILL.
-describe("failover after an agent is killed", () => {
+describe.runIf(runsPostgresTests())("failover after an agent is killed", () => {
   it("expires the lease at the deadline and re-grants it to the other agent with epoch + 1; it completes once", async () => {
     await using store = await freshPostgresDatabase();
     const t = await startTestServer({ store, config: { gracePeriod: "2s", heartbeatInterval: "500ms" } });

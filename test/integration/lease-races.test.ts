@@ -6,7 +6,7 @@ import { claimActions, grantActions } from "../../src/store/queries/claim-action
 import { endSession } from "../../src/store/queries/end-session.js";
 import { reapSessions } from "../../src/store/queries/reap-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
-import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 
 /**
  * Interleavings that only real PostgreSQL can produce (PGlite runs one
@@ -14,7 +14,7 @@ import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
  * targets is reaped or says goodbye. The invariant: no action is ever left
  * LEASED to an ended session.
  */
-describe("grants racing session ends on PostgreSQL", () => {
+describe.runIf(runsPostgresTests())("grants racing session ends on PostgreSQL", () => {
   let store: TestStore;
   let database: Database;
   let db: Db;

@@ -2,7 +2,7 @@ import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import { describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
-import { freshPostgresDatabase } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests } from "../helpers/database.js";
 import { startTestServer } from "../helpers/server.js";
 
 const journal = JSON.parse(
@@ -10,7 +10,7 @@ const journal = JSON.parse(
 ) as { entries: unknown[] };
 
 // Always on real PostgreSQL (DATABASE_URL's server, or the embedded one).
-describe("migrations on PostgreSQL", () => {
+describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
   it("let two servers starting at once on one empty database both come up, migrating once", async () => {
     await using store = await freshPostgresDatabase();
     const [a, b] = await Promise.all([startTestServer({ store }), startTestServer({ store })]);

@@ -7,7 +7,7 @@ import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js"
 import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { type OwnPostgres, startOwnPostgres } from "../embedded-postgres.js";
-import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 import { type AgentProcess, type LeaseholdProcess, runLeasehold, runSdkAgent } from "../helpers/process.js";
 import { connectWorker } from "../helpers/worker.js";
 
@@ -116,7 +116,7 @@ async function allCompleted(
 }
 
 // Real PostgreSQL, real `leasehold serve` processes; clients and workers talk to different ones.
-describe("several server processes on one PostgreSQL", () => {
+describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL", () => {
   describe("wake-ups and notices between processes", () => {
     let store: TestStore;
     let servers: Awaited<ReturnType<typeof startServers>>;

@@ -1,6 +1,6 @@
 import postgres from "postgres";
 import { describe, expect, it } from "vitest";
-import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 
 /**
  * Patches of the vendored postgres.js (vendor/README.md), each shown here
@@ -12,7 +12,7 @@ import { freshPostgresDatabase, type TestStore } from "../helpers/database.js";
  * the next query on its connection an answer with holes, as a success.
  */
 // Always on real PostgreSQL (DATABASE_URL's server, or the embedded one).
-describe("postgres.js transactions on a busy pool", () => {
+describe.runIf(runsPostgresTests())("postgres.js transactions on a busy pool", () => {
   it("reserve their connection when BEGIN is the query that fills its pipeline", async () => {
     await using store = await freshPostgresDatabase();
     await using sql = pool(store, { max: 2 });
@@ -44,7 +44,7 @@ describe("postgres.js transactions on a busy pool", () => {
   });
 });
 
-describe("postgres.js answers on a connection after a failed query", () => {
+describe.runIf(runsPostgresTests())("postgres.js answers on a connection after a failed query", () => {
   it("are whole when the query before failed after sending some rows", async () => {
     await using store = await freshPostgresDatabase();
     await using sql = pool(store, { max: 1 });
@@ -57,7 +57,7 @@ describe("postgres.js answers on a connection after a failed query", () => {
   });
 });
 
-describe("postgres.js after a backend is terminated", () => {
+describe.runIf(runsPostgresTests())("postgres.js after a backend is terminated", () => {
   it("runs the next query on the connection, not failing it with the old error", async () => {
     await using store = await freshPostgresDatabase();
     await using sql = pool(store, { max: 1 });
@@ -131,7 +131,7 @@ describe("postgres.js after a backend is terminated", () => {
   });
 });
 
-describe("postgres.js statements prepared before a migration", () => {
+describe.runIf(runsPostgresTests())("postgres.js statements prepared before a migration", () => {
   it("send their parameters once more as they were, not serialized twice", async () => {
     await using store = await freshPostgresDatabase();
     await using sql = pool(store, { max: 1 });
@@ -171,7 +171,7 @@ describe("postgres.js statements prepared before a migration", () => {
   });
 });
 
-describe("postgres.js ending a pool", () => {
+describe.runIf(runsPostgresTests())("postgres.js ending a pool", () => {
   it("fails the queries still waiting for a connection instead of opening one after the end", async () => {
     await using store = await freshPostgresDatabase();
     const name = "leasehold-pool-end-test";

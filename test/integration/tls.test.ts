@@ -8,6 +8,7 @@ import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { createClient } from "../../src/rpc/client.js";
+import { runsDriverNeutralTests } from "../helpers/database.js";
 import { type CertificateFiles, createCa, issueCertificate } from "../helpers/pki.js";
 import { runCli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -15,7 +16,7 @@ import { startTestServer, type TestServer } from "../helpers/server.js";
 /** No connection sharing between test clients: each one shows what a new connection sees. */
 const OWN_CONNECTION = { "grpc.use_local_subchannel_pool": 1 };
 
-describe("TLS and mTLS on a live server", () => {
+describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => {
   let dir: string;
   let server: TestServer;
   let serverCa1: CertificateFiles;

@@ -1,6 +1,10 @@
 import { createRequire } from "node:module";
 import { describe, expect, it } from "vitest";
-import { decodesFrames, releaseDecodedChunks } from "../../src/rpc/stream-decoder-release.js";
+import {
+  decodesFrames,
+  originalDecoderWrite,
+  releaseDecodedChunks,
+} from "../../src/rpc/stream-decoder-release.js";
 
 interface Decoder {
   readState: number;
@@ -11,7 +15,8 @@ interface Decoder {
 const { StreamDecoder } = createRequire(import.meta.url)("@grpc/grpc-js/build/src/stream-decoder.js") as {
   StreamDecoder: { prototype: Decoder; new (maxLength: number): Decoder };
 };
-const original = StreamDecoder.prototype.write;
+// Another test file of the same worker process may have put the replacement in place already.
+const original = originalDecoderWrite(StreamDecoder);
 
 /** A gRPC frame: flag, big-endian length, body. */
 function frame(body: Buffer, compressed = false): Buffer {

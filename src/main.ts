@@ -1,4 +1,5 @@
 import type { EventEmitter } from "node:events";
+import { readFileSync } from "node:fs";
 import { Command, CommanderError, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
@@ -16,6 +17,7 @@ import { tokenCommand } from "./cli/token-command.js";
 export function createProgram(): Command {
   const program = new Command("leasehold")
     .description("Leasehold: a gRPC control plane that hands work to cluster agents under leases.")
+    .version(packageVersion(), "-V, --version", "print the version of leasehold and exit")
     .addOption(
       new Option(
         "--server <host:port>",
@@ -87,6 +89,18 @@ export function createProgram(): Command {
   }
   routeSharedOptions(program);
   return program;
+}
+
+/**
+ * The version in the package's own package.json, read when the program is
+ * built: this file runs as src/main.ts (tests, tsx) and as dist/main.js, both
+ * one level below the package root.
+ */
+function packageVersion(): string {
+  const manifest = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
+    version: string;
+  };
+  return manifest.version;
 }
 
 /** Lists the program's options in the help of `command` and of its subcommands. */

@@ -10,7 +10,7 @@ import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
 import { errorReasonOf } from "../rpc/status.js";
-import { grpcTarget, splitAddresses } from "../rpc/targets.js";
+import { checkAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
  * Exit codes of every `leasehold` command (also in `leasehold --help`):
@@ -94,12 +94,14 @@ export function globals(command: Command): GlobalOptions {
 
 /**
  * The channel of the global security options for the `--server` addresses;
- * a bad combination or an unreadable file is a usage error (exit 2) naming
- * the flag.
+ * a malformed address, a bad combination or an unreadable file is a usage
+ * error (exit 2) naming the flag, before any connection is tried.
  */
 export function channelFor(options: GlobalOptions): ClientChannel {
   try {
-    return clientChannel(options.security, splitAddresses(options.server));
+    const addresses = splitAddresses(options.server);
+    checkAddresses(addresses);
+    return clientChannel(options.security, addresses);
   } catch (error) {
     throw usageError(error);
   }

@@ -1,5 +1,6 @@
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
+import { LeaseholdError, quote } from "../errors.js";
 
 /** Splits `--server a:1,b:2` into its addresses. */
 export function splitAddresses(text: string): string[] {
@@ -7,6 +8,67 @@ export function splitAddresses(text: string): string[] {
     .split(",")
     .map((s) => s.trim())
     .filter((s) => s !== "");
+}
+
+/** What `--server` takes, for the message that refuses a malformed address. */
+const EXPECTED =
+  "expected host:port or [ipv6]:port, e.g. 127.0.0.1:50051 or [::1]:50051, several separated by commas " +
+  "(or a gRPC target: dns:///host:port, unix:/path/to.sock)";
+
+/**
+ * Refuses, as INVALID_ARGUMENT naming `--server`, addresses that grpc-js
+ * cannot dial: it would report them only when a call fails, as UNAVAILABLE
+ * ("Failed to parse DNS address"), which reads like a server that is down.
+ * Each address is host:port or [ipv6]:port, or a target URI of a scheme
+ * grpc-js resolves: `dns:[//authority/]host:port`, `ipv4:ip:port`,
+ * `ipv6:[ip]:port`, `unix:path`. A port is required everywhere (grpc-js
+ * would otherwise dial 443, rarely what a missing port means here).
+ */
+export function checkAddresses(addresses: readonly string[]): void {
+  if (addresses.length === 0)
+    throw LeaseholdError.invalidArgument("--server", `no address given; ${EXPECTED}`);
+  for (const address of addresses) {
+    const problem = addressProblem(address);
+    if (problem)
+      throw LeaseholdError.invalidArgument("--server", `${quote(address)} ${problem}; ${EXPECTED}`);
+  }
+}
+
+/** The target URI schemes grpc-js resolves (its dns, ipv4, ipv6 and unix resolvers), with their optional authority. */
+const TARGET_URI = /^(dns|ipv4|ipv6|unix):(?:\/\/[^/]*\/)?(.*)$/;
+
+/** What is wrong with one address, as the end of a sentence that starts with it; undefined when nothing is. */
+function addressProblem(address: string): string | undefined {
+  const uri = TARGET_URI.exec(address);
+  const scheme = uri?.[1];
+  const rest = uri ? (uri[2] as string) : address;
+  if (scheme === "unix") return rest === "" ? "names no socket path after unix:" : undefined;
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(rest))
+    return "starts with a scheme: give host:port alone (without http:// or similar)";
+  let host: string;
+  let port: string | undefined;
+  const bracketed = /^\[([^\]]*)\](?::(.*))?$/.exec(rest);
+  if (bracketed) {
+    host = bracketed[1] as string;
+    port = bracketed[2];
+    if (isIP(host) !== 6) return "has brackets around something other than an IPv6 address";
+  } else {
+    if (rest.startsWith("[")) return "is not [ipv6]:port";
+    const parts = rest.split(":");
+    if (parts.length > 2)
+      return "has more than one colon: an IPv6 address goes in brackets, e.g. [::1]:50051";
+    host = parts[0] as string;
+    port = parts[1];
+  }
+  if (host === "") return "has no host";
+  if (/[\s/@[\]]/.test(host)) return `has ${quote(host)} as its host, which is not a host name or IP address`;
+  if (port === undefined) return "has no port";
+  if (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535)
+    return `has port ${quote(port)}, not a whole number from 1 to 65535`;
+  if (scheme === "ipv4" && isIP(host) !== 4) return "needs an IPv4 address after ipv4:";
+  if (scheme === "ipv6" && !bracketed)
+    return "needs a bracketed IPv6 address after ipv6:, e.g. ipv6:[::1]:50051";
+  return undefined;
 }
 
 /** host:port → [host, port]; IPv6 hosts are written in brackets ([::1]:50051). */

@@ -21,5 +21,32 @@ describe.runIf(runsDriverNeutralTests())(
       expect(createProgram().version()).toBe(version);
       expect((await cli(["--help"])).stdout).toMatch(/-V, --version/);
     });
+
+    it("refuses a malformed --server address with exit 2, naming the flag and the form it takes", async () => {
+      const expected = /expected host:port or \[ipv6\]:port, e\.g\. 127\.0\.0\.1:50051/;
+      const badPort = await cli(["--server", "127.0.0.1:abc", "action", "list"]);
+      expect(badPort.code).toBe(2);
+      expect(badPort.stderr).toMatch(
+        /^leasehold: --server: "127\.0\.0\.1:abc" has port "abc", not a whole number/,
+      );
+      expect(badPort.stderr).toMatch(expected);
+      // Each address of a list is checked, and the agent checks them too, before it starts.
+      const inList = await cli(["--server", "127.0.0.1:1,localhost:70000", "clusters", "list"]);
+      expect(inList).toMatchObject({ code: 2, stderr: expect.stringMatching(/--server: "localhost:70000"/) });
+      const agent = await cli(["--server", "::1:50051", "agent", "--cluster", "c", "--allow-any-command"]);
+      expect(agent).toMatchObject({
+        code: 2,
+        stderr: expect.stringMatching(/--server: "::1:50051" .*an IPv6 address goes in brackets/),
+      });
+      const noPort = await cli(["--server", "localhost", "events", "--follow"]);
+      expect(noPort).toMatchObject({ code: 2, stderr: expect.stringMatching(/"localhost" has no port/) });
+      // The forms grpc-js dials are still dialed: nothing listens there, so they are unreachable (3).
+      for (const address of ["[::1]:1", "dns:///127.0.0.1:1", "unix:/nonexistent/leasehold.sock"]) {
+        expect(await cli(["--server", address, "clusters", "list"])).toMatchObject({
+          code: 3,
+          stderr: expect.stringContaining(`cannot reach the server at ${address}`),
+        });
+      }
+    });
   },
 );

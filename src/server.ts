@@ -174,7 +174,7 @@ export async function startServer(
     })),
   }).catch((error: unknown) => {
     security.close();
-    throw error;
+    throw isListenError(error) ? listenFailure("--listen", config.listen, error) : error;
   });
   log.info(
     { port: rpc.port, listen: config.listen, serverId, tls: Boolean(config.tls), auth: config.auth.enabled },
@@ -486,9 +486,21 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
   }
 }
 
-/** A port that could not be bound, named by its flag (address in use, not an address of this machine). */
+/** Whether `error` is a port that could not be bound, as Node (and createRpcServer) report it. */
+function isListenError(error: unknown): boolean {
+  return (error as { syscall?: unknown } | null)?.syscall === "listen";
+}
+
+/**
+ * A port that could not be bound, named by its flag (address in use, not an
+ * address of this machine): a usage error, like a flag's malformed address.
+ */
 function listenFailure(option: string, address: string, error: unknown): LeaseholdError {
-  return LeaseholdError.invalidArgument(option, `cannot listen on ${address}: ${errorText(error)}`);
+  const why =
+    (error as { code?: unknown } | null)?.code === "EADDRINUSE"
+      ? "address already in use (another process listens there); choose another port, or stop that process"
+      : errorText(error);
+  return LeaseholdError.invalidArgument(option, `cannot listen on ${address}: ${why}`);
 }
 
 /** An error's message with its code, e.g. `connect ECONNREFUSED 127.0.0.1:5432 (ECONNREFUSED)`. */

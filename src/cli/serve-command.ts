@@ -287,7 +287,8 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   try {
     server = await startServer(config, log, { signal: stopBeforeReady.signal });
   } catch (error) {
-    // A certificate, key, token or policy file that cannot be used: a usage error naming its flag.
+    // A certificate, key, token or policy file that cannot be used, or a --listen or --console-listen
+    // address that cannot be bound: a usage error naming its flag.
     if (error instanceof LeaseholdError && error.code === Code.InvalidArgument)
       throw new CliError(error.message, EXIT.usage);
     if (error !== stopBeforeReady.signal.reason) throw error;

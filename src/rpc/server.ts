@@ -84,6 +84,25 @@ function healthNames(services: readonly ServiceBinding[]): string[] {
 }
 
 /**
+ * A port grpc-js could not bind, as Node's own `listen` reports one: an
+ * Error with `syscall: "listen"`, the OS's `code` when there is one, and
+ * the grpc-js error as its cause; so callers tell it from other errors as
+ * they do for an HTTP server. grpc-js says "No address added out of total 1
+ * resolved errors: [listen EADDRINUSE: address already in use
+ * 127.0.0.1:50051]" (several errors, comma-separated, when a name resolved
+ * to several addresses); the message keeps what is inside the brackets.
+ * Its other bind errors (a name that does not resolve) keep their message.
+ */
+function bindFailure(error: Error): Error {
+  const listen = /errors: \[(listen (E[A-Z]+): .*)\]$/.exec(error.message);
+  const message = listen ? (listen[1] as string).replace(/,(?=listen E)/g, "; ") : error.message;
+  return Object.assign(new Error(message, { cause: error }), {
+    syscall: "listen",
+    ...(listen ? { code: listen[2] } : {}),
+  });
+}
+
+/**
  * Starts a grpc-js server with our services, server reflection and
  * grpc.health.v1. Health starts NOT_SERVING; call `markServing()` when the
  * rest of the process is ready.
@@ -137,9 +156,11 @@ export async function createRpcServer(
   );
 
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(address, credentials, (error, boundPort) =>
-      error ? reject(error) : resolve(boundPort),
-    ),
+    server.bindAsync(address, credentials, (error, boundPort) => {
+      if (!error) return resolve(boundPort);
+      server.forceShutdown();
+      reject(bindFailure(error));
+    }),
   );
 
   let closing: Promise<void> | undefined;

@@ -1,8 +1,23 @@
 import { readFileSync } from "node:fs";
+import { type AddressInfo, createServer } from "node:net";
 import { describe, expect, it } from "vitest";
 import { createProgram } from "../../src/main.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
-import { runCli as cli } from "../helpers/process.js";
+import { runCli as cli, runLeasehold } from "../helpers/process.js";
+
+/** `leasehold serve <args>` on a throw-away PGlite, run to its end: its exit code and stderr. */
+async function serveUntilExit(args: string[]): Promise<{ code: number | string; stderr: string }> {
+  const server = runLeasehold(["serve", "--data-dir", "memory://", ...args], undefined);
+  let stderr = "";
+  server.child.stderr?.on("data", (chunk: Buffer) => {
+    stderr += chunk.toString("utf8");
+  });
+  try {
+    return { code: await server.exited, stderr };
+  } finally {
+    server.child.kill("SIGKILL");
+  }
+}
 
 const { version } = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
   version: string;
@@ -10,7 +25,7 @@ const { version } = JSON.parse(readFileSync(new URL("../../package.json", import
 
 // Every case spawns a CLI process (a second or more on a loaded machine): the timeout is a hang guard.
 describe.runIf(runsDriverNeutralTests())(
-  "the leasehold command line before it connects",
+  "leasehold --version, and the flags refused before it connects or serves",
   { timeout: 60_000 },
   () => {
     it("prints the package's version with --version and -V, and exits 0", async () => {
@@ -46,6 +61,28 @@ describe.runIf(runsDriverNeutralTests())(
           code: 3,
           stderr: expect.stringContaining(`cannot reach the server at ${address}`),
         });
+      }
+    });
+
+    it("serve names the flag whose port another process uses, and exits without a stack trace", async () => {
+      const taken = createServer();
+      await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve));
+      const address = `127.0.0.1:${(taken.address() as AddressInfo).port}`;
+      try {
+        const grpc = await serveUntilExit(["--listen", address, "--metrics-listen", "off"]);
+        expect(grpc.code).toBe(2);
+        expect(grpc.stderr).toMatch(
+          new RegExp(`^leasehold: --listen: cannot listen on ${address}: address already in use`, "m"),
+        );
+        expect(grpc.stderr).not.toMatch(/^\s+at /m);
+        const metrics = await serveUntilExit(["--listen", "127.0.0.1:0", "--metrics-listen", address]);
+        expect(metrics.code).not.toBe(0);
+        expect(metrics.stderr).toMatch(
+          new RegExp(`^leasehold: --metrics-listen: cannot listen on ${address}`, "m"),
+        );
+        expect(metrics.stderr).not.toMatch(/^\s+at /m);
+      } finally {
+        taken.close();
       }
     });
   },

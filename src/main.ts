@@ -6,7 +6,7 @@ import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
 import { eventCommand } from "./cli/event-commands.js";
 import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
-import { CliError, EXIT, guardOutput } from "./cli/output.js";
+import { CliError, DEFAULT_SERVER, EXIT, guardOutput } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 import { tokenCommand } from "./cli/token-command.js";
 
@@ -24,7 +24,7 @@ export function createProgram(): Command {
         "server address(es): comma-separated for several replicas, or a name with several DNS records; the first that answers is used",
       )
         .env("LEASEHOLD_SERVER")
-        .default("127.0.0.1:50051"),
+        .default(DEFAULT_SERVER),
     )
     .option("--json", "machine-readable output: JSON, or NDJSON for streams")
     .addOption(

@@ -359,7 +359,13 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     let metricsPort: number | undefined;
     if (config.metricsListen) {
       const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
-      const served = await serveMetrics(metrics.registry, host, port);
+      // A name that does not resolve, or an address not of this machine: a usage error naming the
+      // flag (a raw error would read as the database lost while starting, and be retried forever).
+      const served = await serveMetrics(metrics.registry, host, port).catch((error: unknown) => {
+        throw error instanceof LeaseholdError
+          ? error
+          : listenFailure("--metrics-listen", config.metricsListen as string, error);
+      });
       metricsPort = served.port;
       cleanup.push(() => served.close());
       const stopSampling = addProcessMetrics(metrics.registry);

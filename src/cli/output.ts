@@ -71,6 +71,9 @@ export function variableSaysOff(value: string | undefined): boolean {
   return ["", "0", "false", "no"].includes((value ?? "").trim().toLowerCase());
 }
 
+/** Where the CLI and agents go without --server (or with LEASEHOLD_SERVER empty). */
+export const DEFAULT_SERVER = "127.0.0.1:50051";
+
 export function globals(command: Command): GlobalOptions {
   const o = command.optsWithGlobals() as Record<string, string | boolean | undefined> & { server: string };
   const text = (v: string | boolean | undefined) => (typeof v === "string" && v !== "" ? v : undefined);
@@ -78,7 +81,8 @@ export function globals(command: Command): GlobalOptions {
   const tlsFromEmptyEnv =
     command.getOptionValueSourceWithGlobals("tls") === "env" && variableSaysOff(process.env.LEASEHOLD_TLS);
   return {
-    server: o.server,
+    // LEASEHOLD_SERVER="" is unset, as the other variables' empty values are.
+    server: text(o.server) ?? DEFAULT_SERVER,
     json: Boolean(o.json),
     security: {
       tlsCa: text(o.tlsCa),

@@ -31,6 +31,13 @@ export function checkAddresses(addresses: readonly string[]): void {
     const problem = addressProblem(address);
     if (problem)
       throw LeaseholdError.invalidArgument("--server", `${quote(address)} ${problem}; ${EXPECTED}`);
+    // Several addresses become one balanced target of host:port entries (grpcTarget): a target
+    // URI among them would be dropped without a word.
+    if (addresses.length > 1 && TARGET_URI.test(address))
+      throw LeaseholdError.invalidArgument(
+        "--server",
+        `${quote(address)} is a gRPC target, which must be the only address; list several servers as host:port`,
+      );
   }
 }
 

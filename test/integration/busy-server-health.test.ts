@@ -14,7 +14,7 @@ function blockEventLoop(ms: number): void {
 
 const UNREACHABLE = "database unreachable; NOT_SERVING until it answers again";
 
-// PostgreSQL on every run: PGlite runs in this process and has no health watch.
+// PostgreSQL (every run but CI's PGlite pass): PGlite runs in this process and has no health watch.
 describe.runIf(runsPostgresTests())(
   "a server whose event loop is overloaded while PostgreSQL is fine",
   () => {

@@ -2,12 +2,21 @@ import { readFileSync } from "node:fs";
 import { type AddressInfo, createServer } from "node:net";
 import { describe, expect, it } from "vitest";
 import { createProgram } from "../../src/main.js";
-import { runsDriverNeutralTests } from "../helpers/database.js";
+import { freshPostgresDatabase, runsDriverNeutralTests } from "../helpers/database.js";
 import { runCli as cli, runLeasehold } from "../helpers/process.js";
 
-/** `leasehold serve <args>` on a throw-away PGlite, run to its end: its exit code and stderr. */
-async function serveUntilExit(args: string[]): Promise<{ code: number | string; stderr: string }> {
-  const server = runLeasehold(["serve", "--data-dir", "memory://", ...args], undefined);
+/**
+ * `leasehold serve <args>` on a throw-away PGlite, or on the PostgreSQL at
+ * `databaseUrl`, run to its end: its exit code and stderr.
+ */
+async function serveUntilExit(
+  args: string[],
+  databaseUrl?: string,
+): Promise<{ code: number | string; stderr: string }> {
+  const server = runLeasehold(
+    ["serve", ...(databaseUrl ? [] : ["--data-dir", "memory://"]), ...args],
+    databaseUrl,
+  );
   let stderr = "";
   server.child.stderr?.on("data", (chunk: Buffer) => {
     stderr += chunk.toString("utf8");
@@ -84,6 +93,26 @@ describe.runIf(runsDriverNeutralTests())(
       } finally {
         taken.close();
       }
+    });
+
+    it("serve on PostgreSQL exits 2 naming --metrics-listen when its host does not resolve", async () => {
+      // It was taken for the database lost while starting, and retried forever.
+      await using store = await freshPostgresDatabase();
+      const served = await serveUntilExit(
+        ["--listen", "127.0.0.1:0", "--insecure", "--metrics-listen", "nosuchhost.invalid:9999"],
+        store.url,
+      );
+      expect(served.code).toBe(2);
+      expect(served.stderr).toMatch(
+        /^leasehold: --metrics-listen: cannot listen on nosuchhost\.invalid:9999: /m,
+      );
+    });
+
+    it("refuses a gRPC target among several --server addresses, which would be dropped", async () => {
+      expect(await cli(["--server", "unix:/a.sock,127.0.0.1:1", "clusters", "list"])).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining('"unix:/a.sock" is a gRPC target, which must be the only address'),
+      });
     });
   },
 );

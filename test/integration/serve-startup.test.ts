@@ -30,7 +30,7 @@ describe.runIf(runsPostgresTests())(
   "leasehold serve started while PostgreSQL is down",
   { timeout: PROCESS_TIMEOUT_MS },
   () => {
-    // A PostgreSQL of its own, on every run (PGlite too): the test stops and starts it.
+    // A PostgreSQL of its own (every run but CI's PGlite pass): the test stops and starts it.
     let pg: OwnPostgres;
     beforeAll(async () => {
       pg = await startOwnPostgres();

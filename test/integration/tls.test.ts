@@ -27,7 +27,7 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
   let operator: CertificateFiles;
   let agentCert: CertificateFiles;
   const tlsFiles = { certFile: "", keyFile: "" };
-  const closers: (() => void)[] = [];
+  const closers: (() => unknown)[] = [];
 
   const pem = (f: string) => readFileSync(f);
   function credentialsFor(trust: readonly CertificateFiles[], client: CertificateFiles | undefined) {
@@ -79,7 +79,8 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
   }, 60_000);
 
   afterAll(async () => {
-    for (const close of closers) close();
+    // The agents too: under isolate: false their timers would outlive this file.
+    await Promise.all(closers.map((close) => close()));
     await server?.[Symbol.asyncDispose]();
     rmSync(dir, { recursive: true, force: true });
   });
@@ -131,7 +132,7 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
         if (e.type === "finished") finished.get(e.actionId)?.();
       },
     });
-    closers.push(() => void agent.close());
+    closers.push(() => agent.close());
     await firstConnect;
     const runOne = async (trust: CertificateFiles[]) => {
       const actions = createClient(
@@ -197,7 +198,7 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
           if (e.type === "disconnected") reject(new Error(e.error));
         },
       });
-      closers.push(() => void agent.close());
+      closers.push(() => agent.close());
     });
     expect(await connected).toMatch(/^(127\.0\.0\.1|\[::1\]):/);
   });

@@ -1,0 +1,157 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	leaseholdv1 "leasehold.dev/client/gen/leasehold/v1"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// A server that cannot reach its database still answers heartbeats, but its
+// acks stop extending the guarantee: they count down from the last deadline
+// it wrote. Staying would self-fence the work while another server could
+// resume the session, so once the guarantee has gone unextendedIntervals
+// heartbeat intervals without an extension, the agent asks the other
+// addresses' health and leaves for the first that serves; when none does
+// (the database is down for every server), it stays (worker.proto, Connect).
+
+// unextendedIntervals is how many heartbeat intervals the guarantee may go
+// without an extension before the agent asks the other addresses, and how
+// long it waits after a round in which none served.
+const unextendedIntervals = 4
+
+// workerService is the service name the health checks ask about, from the
+// descriptor (the generated service descriptor is not exported).
+var workerService = string(leaseholdv1.File_leasehold_v1_worker_proto.Services().ByName("WorkerService").FullName())
+
+// noteGuarantee records the guarantee an ack of c brings (local send time of
+// the heartbeat + remaining) when it extends the last recorded one by more
+// than a quarter heartbeat interval: less is the jitter of round trips, not
+// a server writing a new deadline.
+func (a *Agent) noteGuarantee(c *conn, guarantee time.Time) {
+	if c.guarantee.IsZero() || guarantee.Sub(c.guarantee) > a.heartbeatInterval/4 {
+		c.guarantee = guarantee
+		c.extendedAt = time.Now()
+	}
+}
+
+// leaveIfUnextended starts a round of health checks of the other addresses
+// once the acks of c have not extended the guarantee for unextendedIntervals
+// heartbeat intervals (counted from the welcome, the last extension, or the
+// last round in which no other address served), one round at a time. With a
+// single address there is nowhere to go, and it never asks.
+func (a *Agent) leaveIfUnextended(c *conn) {
+	n := len(a.opts.Addresses)
+	if n < 2 || a.stopped || c.ended || !c.welcomed || c.saidGoodbye || c.asking {
+		return
+	}
+	since := c.extendedAt
+	if c.askedAt.After(since) {
+		since = c.askedAt
+	}
+	if time.Since(since) < unextendedIntervals*a.heartbeatInterval {
+		return
+	}
+	// The other addresses in the usual order, starting after the current one.
+	var indexes []int
+	var addresses []string
+	for i := 1; i < n; i++ {
+		j := (c.index + i) % n
+		if a.opts.Addresses[j] != c.address {
+			indexes = append(indexes, j)
+			addresses = append(addresses, a.opts.Addresses[j])
+		}
+	}
+	if len(addresses) == 0 {
+		return
+	}
+	c.asking = true
+	extendedAt := c.extendedAt
+	options := append(dialOptions(), a.opts.DialOptions...)
+	timeout := a.heartbeatInterval
+	go func() {
+		// c.ctx ends with the stream: the checks of a stream that ended are cancelled.
+		first := firstServing(c.ctx, addresses, timeout, options)
+		a.post(func() {
+			next := -1
+			if first >= 0 {
+				next = indexes[first]
+			}
+			a.healthAnswered(c, extendedAt, next)
+		})
+	}()
+}
+
+// healthAnswered ends c so that the next connection goes to Addresses[next],
+// the first other address that serves; with none (next < 0), c stays and the
+// next round waits unextendedIntervals more. A stream that ended meanwhile,
+// or whose guarantee an ack extended meanwhile (its server reaches its
+// database again), stays as it is.
+func (a *Agent) healthAnswered(c *conn, extendedAt time.Time, next int) {
+	c.asking = false
+	if a.stopped || c.ended || c.saidGoodbye || c.extendedAt.After(extendedAt) {
+		return
+	}
+	if next < 0 {
+		c.askedAt = time.Now()
+		return
+	}
+	// Like a server that stopped answering: the session and its leases are
+	// resumed through the next stream, handlers keep running. ended moves on
+	// by one address, to next.
+	a.addressIndex = next + len(a.opts.Addresses) - 1
+	a.ended(c, fmt.Errorf("the server's heartbeat acks have not extended the guarantee for %v; moving to %s, which serves",
+		time.Since(c.extendedAt).Round(time.Millisecond), a.opts.Addresses[next]))
+}
+
+// firstServing asks every address's grpc.health.v1 Health/Check about the
+// WorkerService at once, each within timeout, and returns the index of the
+// first in the list that answers SERVING, as soon as those before it have
+// answered otherwise; -1 when none does.
+func firstServing(ctx context.Context, addresses []string, timeout time.Duration, options []grpc.DialOption) int {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel() // the checks still under way once the answer is known
+	type answer struct {
+		index   int
+		serving bool
+	}
+	answers := make(chan answer, len(addresses))
+	for i, address := range addresses {
+		go func(i int, address string) { answers <- answer{i, serves(ctx, address, options)} }(i, address)
+	}
+	const unknown, yes, no = 0, 1, 2
+	states := make([]int, len(addresses))
+	for range addresses {
+		got := <-answers
+		states[got.index] = no
+		if got.serving {
+			states[got.index] = yes
+		}
+		for i, s := range states {
+			if s == unknown {
+				break
+			}
+			if s == yes {
+				return i
+			}
+		}
+	}
+	return -1
+}
+
+// serves asks one address's health about the WorkerService, over a
+// connection of its own with the stream's dial options (credentials
+// included).
+func serves(ctx context.Context, address string, options []grpc.DialOption) bool {
+	cc, err := grpc.DialContext(ctx, address, options...)
+	if err != nil {
+		return false
+	}
+	defer cc.Close()
+	res, err := grpc_health_v1.NewHealthClient(cc).Check(ctx, &grpc_health_v1.HealthCheckRequest{Service: workerService})
+	return err == nil && res.GetStatus() == grpc_health_v1.HealthCheckResponse_SERVING
+}

@@ -15,17 +15,13 @@ of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
   or ROLLED_BACK it is dropped without a word;
 * a lost stream is reopened after a delay with full jitter, never longer than
   an eighth of the grace period;
-* a stream is left for the next address when its heartbeats go unanswered for
-  1.5 intervals, or, given several addresses, when its acks have not extended
-  the guarantee for 4 intervals and another address's health answers SERVING;
 * self-fencing: each heartbeat ack guarantees the session until (send time of
   the acknowledged heartbeat + ``remaining`` - margin); when that local
   deadline passes without a fresh ack, every running handler is cancelled and
   its lease released, never reported as done, and new grants wait for an ack.
 
 Threads: one reads the stream (and reconnects), one sends heartbeats per
-stream (and one asks the other addresses' health while a round of checks
-runs), one watches the self-fence deadline, ``capacity`` run handlers, and
+stream, one watches the self-fence deadline, ``capacity`` run handlers, and
 one delivers events to ``on_event``. All agent state is guarded by one lock.
 """
 
@@ -51,7 +47,6 @@ from google.protobuf import struct_pb2
 from leasehold.backoff import reconnect_delay, refused_delay
 from leasehold.channels import open_channel
 from leasehold.errors import LeaseholdError
-from leasehold.health import answered_serving, check_health
 from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
@@ -79,16 +74,6 @@ AgentEvent = dict[str, Any]
 
 # Heartbeat intervals the oldest unanswered heartbeat may wait before the agent leaves the stream.
 _UNANSWERED_HEARTBEATS = 1.5
-# Heartbeat intervals a stream's acks may go without extending the guarantee before the agent,
-# given other addresses, asks their health (and between two such rounds). A server that cannot
-# reach its database still answers, but its acks only count down from the last deadline it
-# wrote; a healthy one extends the guarantee about once an interval (its renewal may lag by two).
-_UNEXTENDED_HEARTBEATS = 4
-# Heartbeat intervals an ack must move the guarantee later by to count as an extension: acks
-# between two renewals give the same guarantee, give or take the round trip's jitter.
-_EXTENSION_HEARTBEATS = 0.25
-# The health service name the other addresses are asked about.
-_HEALTH_SERVICE = "leasehold.v1.WorkerService"
 
 _REVOKE_REASONS = {
     worker_pb2.REVOKE_REASON_EXPIRED: "expired",
@@ -294,9 +279,7 @@ class _Lease:
 class _Stream:
     """One Connect stream: its outbox, heartbeat bookkeeping and unanswered reports."""
 
-    def __init__(self, index: int, address: str, channel: grpc.Channel) -> None:
-        self.index = index
-        """The position of ``address`` in the agent's addresses."""
+    def __init__(self, address: str, channel: grpc.Channel) -> None:
         self.address = address
         self.channel = channel
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectRequest | None] = queue.SimpleQueue()
@@ -304,19 +287,8 @@ class _Stream:
         self.ended = threading.Event()
         self.welcomed = False
         self.said_goodbye = False
-        # Why the agent left this stream itself (the server stopped answering, or stopped
-        # extending the guarantee while another address serves), if it did.
+        # Why the agent left this stream itself (the server stopped answering), if it did.
         self.abandoned: str | None = None
-        self.next_index: int | None = None
-        """The address the next stream goes to, when the agent left this one for an address that serves."""
-        self.guarantee = -math.inf
-        """The guarantee (send time + remaining, before the margin) of this stream's last extending ack."""
-        self.extended_at = time.monotonic()
-        """When an ack of this stream last extended the guarantee, or the welcome came."""
-        self.asking_health = False
-        """A round of health checks of the other addresses is running."""
-        self.ask_again_at = -math.inf
-        """After a round found no address that serves: no new round before this time."""
         self.sequence = 0
         self.sent: dict[int, float] = {}
         """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
@@ -390,16 +362,13 @@ class Agent:
 
         Args:
             address: The server's host:port, or several: the agent starts at a
-                random one and moves to the next whenever its stream ends (or to
-                the first, after the current one, whose health answers SERVING,
-                when it leaves a server whose acks stopped extending the guarantee).
+                random one and moves to the next whenever its stream ends.
             cluster: The cluster the worker belongs to.
             worker_id: The worker's stable id, unique across all clusters.
             handler: Runs one action (see :data:`Handler`).
             capacity: Actions run at once (1-10000): the size of the handler thread pool.
             labels: Matched against actions' label selectors.
             credentials: Channel credentials (TLS, a token); insecure when None.
-                The health checks of the other addresses use them too.
             self_fence_margin: Seconds subtracted from each ack's guarantee: the
                 time the work needs to stop before the server may hand it to
                 another worker.
@@ -541,9 +510,8 @@ class Agent:
     def _run_streams(self) -> None:
         """Opens streams one after another until the agent closes or said goodbye."""
         while not self._closed.is_set():
-            index = self._address_index % len(self._addresses)
-            address = self._addresses[index]
-            stream = _Stream(index, address, open_channel(address, self._credentials))
+            address = self._addresses[self._address_index % len(self._addresses)]
+            stream = _Stream(address, open_channel(address, self._credentials))
             with self._lock:
                 if self._closed.is_set():
                     stream.channel.close()
@@ -584,10 +552,7 @@ class Agent:
             if self._closed.is_set() or stream.said_goodbye:
                 return None
             # The fence deadline still applies: only a fresh ack extends it.
-            if stream.next_index is not None:
-                self._address_index = stream.next_index
-            else:
-                self._address_index += 1
+            self._address_index += 1
             code = error.code() if isinstance(error, grpc.Call) else None
             reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
             taken_over = (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER")
@@ -640,7 +605,6 @@ class Agent:
 
     def _on_welcome(self, stream: _Stream, welcome: worker_pb2.Welcome) -> None:
         stream.welcomed = True
-        stream.extended_at = time.monotonic()
         self._attempts_without_welcome = 0
         self._refusals = 0
         self._session_id = welcome.session_id
@@ -692,69 +656,6 @@ class Agent:
                     else:
                         stream.abandoned = f"the server answered no heartbeat for {round(unanswered * 1000)}ms"
                         stream.channel.close()
-            # A server whose acks no longer extend the guarantee cannot write its renewals: given
-            # other addresses, ask their health, and resume the session through one that serves
-            # before the guarantee runs out. The checks may wait up to an interval: not here,
-            # where they would hold the heartbeats back.
-            with self._lock:
-                others = self._health_round_due(stream, interval)
-            if others:
-                asking = threading.Thread(target=self._ask_health, args=(stream, interval, others), daemon=True)
-                asking.start()
-
-    def _health_round_due(self, stream: _Stream, interval: float) -> list[tuple[int, str]]:
-        """The other addresses (index, address), in order after the stream's, when a round of health
-        checks is due now (it is then marked running); else none."""
-        now = time.monotonic()
-        if (
-            len(self._addresses) < 2
-            or stream.ended.is_set()
-            or not stream.welcomed
-            or stream.said_goodbye
-            or stream.abandoned is not None
-            or stream.asking_health
-            or now < stream.ask_again_at
-            or now - stream.extended_at < _UNEXTENDED_HEARTBEATS * interval
-        ):
-            return []
-        count = len(self._addresses)
-        after = [(stream.index + step) % count for step in range(1, count)]
-        # The same address listed twice is the same server, not another one.
-        others = [(index, self._addresses[index]) for index in after if self._addresses[index] != stream.address]
-        stream.asking_health = bool(others)
-        return others
-
-    def _ask_health(self, stream: _Stream, interval: float, others: list[tuple[int, str]]) -> None:
-        """One round: asks every other address at once, then leaves for the first, in order, that
-        answers SERVING; when none does, stays and asks again after another 4 intervals."""
-        channels = [open_channel(address, self._credentials) for _, address in others]
-        serving: tuple[int, str] | None = None
-        try:
-            checks = [check_health(channel, _HEALTH_SERVICE, interval) for channel in channels]
-            for target, check in zip(others, checks):
-                if answered_serving(check):
-                    serving = target
-                    break
-        finally:
-            for channel in channels:
-                channel.close()  # cancels the checks not waited for
-        with self._lock:
-            stream.asking_health = False
-            now = time.monotonic()
-            unextended = now - stream.extended_at
-            if stream.ended.is_set() or stream.said_goodbye or stream.abandoned is not None:
-                return  # the stream ended meanwhile: the answers concern no stream
-            if serving is None or unextended < _UNEXTENDED_HEARTBEATS * interval:
-                # No address serves (the database is down for every server: moving would gain
-                # nothing), or this server extended the guarantee again meanwhile.
-                stream.ask_again_at = now + _UNEXTENDED_HEARTBEATS * interval
-                return
-            stream.next_index, address = serving
-            stream.abandoned = (
-                f"the server has not extended the lease guarantee for {round(unextended * 1000)}ms; "
-                f"{address} serves"
-            )
-            stream.channel.close()
 
     def _unanswered(self, stream: _Stream) -> float | None:
         """How long the oldest heartbeat has gone unanswered, when that is over the bound; else None."""
@@ -782,11 +683,7 @@ class Agent:
         for sequence in [s for s in stream.sent if s <= ack.sequence]:
             del stream.sent[sequence]
         self._last_ack_at = time.monotonic()
-        guarantee = sent_at + ack.remaining.ToTimedelta().total_seconds()
-        if guarantee > stream.guarantee + _EXTENSION_HEARTBEATS * self._heartbeat_interval:
-            stream.guarantee = guarantee
-            stream.extended_at = self._last_ack_at
-        candidate = guarantee - self._margin
+        candidate = sent_at + ack.remaining.ToTimedelta().total_seconds() - self._margin
         if candidate > self._deadline:
             self._deadline = candidate
             self._deadline_changed.notify_all()

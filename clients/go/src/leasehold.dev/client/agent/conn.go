@@ -18,11 +18,9 @@ import (
 // and the context.
 type conn struct {
 	address string
-	// index of address in Options.Addresses.
-	index  int
-	ctx    context.Context
-	cancel context.CancelFunc
-	out    *outbox
+	ctx     context.Context
+	cancel  context.CancelFunc
+	out     *outbox
 	// welcomed: the welcome arrived; reports and heartbeats may go out.
 	welcomed    bool
 	ended       bool
@@ -32,15 +30,6 @@ type conn struct {
 	sent map[uint64]time.Time
 	// pending are the reports waiting for their ReportResult, by report id.
 	pending map[uint64]*run
-	// guarantee is the last guarantee counted as an extension (local send
-	// time of a heartbeat + its ack's remaining), extendedAt when it came, or
-	// the welcome's time before any (see unextended.go).
-	guarantee  time.Time
-	extendedAt time.Time
-	// asking: a round of health checks of the other addresses is under way;
-	// askedAt: when the last one found none serving.
-	asking  bool
-	askedAt time.Time
 }
 
 // dialOptions are added to the caller's: keepalive like the TypeScript SDK,

@@ -16,7 +16,6 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -25,8 +24,7 @@ import (
 // scriptedServer welcomes the agent, acks its heartbeats (while acking is on)
 // with the guarantee of its timing, accepts every report, passes each hello's
 // held leases on hellos, and writes what the test puts on send. One goroutine
-// writes everything, so a grant sent after acked follows that first ack. It
-// serves grpc.health.v1 too (see scriptedHealth).
+// writes everything, so a grant sent after acked follows that first ack.
 type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
 	timing scriptTiming
@@ -40,36 +38,6 @@ type scriptedServer struct {
 	address string
 	// instance is the last hello's instance_id.
 	instance atomic.Value
-	// streams counts the Connect streams opened.
-	streams atomic.Int32
-	// stuck, once set (a time.Time), is the deadline the acks count down to
-	// instead of extending the guarantee: a server that cannot reach its database.
-	stuck  atomic.Value
-	health *scriptedHealth
-}
-
-// stickGuarantee makes the acks stop extending the guarantee: from now on,
-// remaining counts down to where the timing's remaining puts it now.
-func (s *scriptedServer) stickGuarantee() { s.stuck.Store(time.Now().Add(s.timing.remaining)) }
-
-// scriptedHealth answers grpc.health.v1 Check with status, whatever the
-// service, and sends the time of each check on checks (dropped when full).
-type scriptedHealth struct {
-	grpc_health_v1.UnimplementedHealthServer
-	status atomic.Int32
-	checks chan time.Time
-}
-
-func (h *scriptedHealth) set(status grpc_health_v1.HealthCheckResponse_ServingStatus) {
-	h.status.Store(int32(status))
-}
-
-func (h *scriptedHealth) Check(ctx context.Context, req *grpc_health_v1.HealthCheckRequest) (*grpc_health_v1.HealthCheckResponse, error) {
-	select {
-	case h.checks <- time.Now():
-	default:
-	}
-	return &grpc_health_v1.HealthCheckResponse{Status: grpc_health_v1.HealthCheckResponse_ServingStatus(h.status.Load())}, nil
 }
 
 // scriptTiming is what the welcome and the acks say.
@@ -81,7 +49,6 @@ type scriptTiming struct {
 var longGuarantee = scriptTiming{heartbeat: time.Second, grace: time.Minute, remaining: time.Minute}
 
 func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
-	s.streams.Add(1)
 	send := func(m *leaseholdv1.ConnectResponse) { _ = stream.Send(m) }
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
@@ -98,12 +65,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true}}})
 		case *leaseholdv1.ConnectRequest_Heartbeat:
 			if s.acking.Load() {
-				remaining := s.timing.remaining
-				if stuck, ok := s.stuck.Load().(time.Time); ok {
-					remaining = time.Until(stuck)
-				}
 				send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
-					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(remaining)}}})
+					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(s.timing.remaining)}}})
 				s.once.Do(func() { close(s.acked) })
 			}
 		case *leaseholdv1.ConnectRequest_GrantAck:
@@ -152,12 +115,9 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 	server := grpc.NewServer()
 	script := &scriptedServer{timing: timing, send: make(chan *leaseholdv1.ConnectResponse, 8),
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
-		end: make(chan error, 1), address: listener.Addr().String(),
-		health: &scriptedHealth{checks: make(chan time.Time, 8)}}
+		end: make(chan error, 1), address: listener.Addr().String()}
 	script.acking.Store(true)
-	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)
-	grpc_health_v1.RegisterHealthServer(server, script.health)
 	go func() { _ = server.Serve(listener) }()
 	return script, server.Stop
 }

@@ -72,10 +72,8 @@ func (a *Agent) connect() {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	index := a.addressIndex % len(a.opts.Addresses)
 	c := &conn{
-		address: a.opts.Addresses[index],
-		index:   index,
+		address: a.opts.Addresses[a.addressIndex%len(a.opts.Addresses)],
 		ctx:     ctx,
 		cancel:  cancel,
 		out:     newOutbox(),
@@ -208,8 +206,6 @@ func (a *Agent) receive(c *conn, m *leaseholdv1.ConnectResponse) {
 
 func (a *Agent) welcome(c *conn, w *leaseholdv1.Welcome) {
 	c.welcomed = true
-	// A new stream starts as if its guarantee had just been extended.
-	c.extendedAt = time.Now()
 	c.out.allowBatches(w.GetAcceptsBatches())
 	a.attemptsWithoutWelcome = 0
 	if w.GetGracePeriod() != nil {
@@ -252,10 +248,7 @@ func (a *Agent) welcome(c *conn, w *leaseholdv1.Welcome) {
 		for {
 			select {
 			case <-ticker.C:
-				a.post(func() {
-					a.beat(c)
-					a.leaveIfUnextended(c)
-				})
+				a.post(func() { a.beat(c) })
 			case <-c.ctx.Done():
 				return
 			}
@@ -320,9 +313,7 @@ func (a *Agent) unanswered(c *conn) time.Duration {
 }
 
 // heartbeatAck moves the self-fence deadline: local send time of the
-// acknowledged heartbeat + remaining - margin, never earlier than before; and
-// notes whether the ack extended the guarantee, to leave a server whose acks
-// stopped doing so (see unextended.go).
+// acknowledged heartbeat + remaining - margin, never earlier than before.
 func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 	sentAt, ok := c.sent[ack.GetSequence()]
 	if !ok {
@@ -334,7 +325,6 @@ func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 		}
 	}
 	a.lastAck = time.Now()
-	a.noteGuarantee(c, sentAt.Add(ack.GetRemaining().AsDuration()))
 	candidate := sentAt.Add(ack.GetRemaining().AsDuration() - a.opts.SelfFenceMargin)
 	if candidate.After(a.deadline) {
 		a.deadline = candidate

@@ -25,7 +25,6 @@ import {
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
-import { servesWorkers } from "./health-probe.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
 
 /**
@@ -41,17 +40,6 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
  * could have resumed them.
  */
 const UNANSWERED_HEARTBEATS = 1.5;
-
-/**
- * Heartbeat intervals a stream's acks may go without extending the guarantee
- * before the agent, given other addresses, asks them whether they serve
- * (worker.proto, Connect). A server that cannot reach its database still
- * answers, but only counts down from the deadline it last wrote: staying, the
- * agent would self-fence and its work run again while another server could
- * resume the session. A healthy server extends it about once an interval (its
- * renewal may lag by two).
- */
-const UNEXTENDED_HEARTBEATS = 4;
 
 /** What the server sends for every action (grants, report results, acks) is decoded by hand. */
 const AGENT_DECODERS = { connect: decodeServerMessage };
@@ -506,14 +494,6 @@ export function createAgent(options: AgentOptions): Agent {
     saidGoodbye: boolean;
     /** Why the agent left this stream itself (the server stopped answering), if it did. */
     abandoned: string | undefined;
-    /** The latest guarantee an ack of this stream extended (local time: send time + remaining). */
-    guarantee: number;
-    /** When an ack of this stream last extended {@link guarantee}, or the welcome came. */
-    extendedAt: number;
-    /** When the agent last asked the other addresses whether they serve, for this stream. */
-    askedAt: number;
-    /** Those questions are out. */
-    asking: boolean;
   }
 
   /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
@@ -870,49 +850,6 @@ export function createAgent(options: AgentOptions): Agent {
     fenceArmedFor = deadline;
   }
 
-  /**
-   * Asks every other address whether it serves (grpc.health.v1), and leaves
-   * `conn` for the first, in the order the agent goes through them, that
-   * says SERVING: its next stream goes there and resumes the session. When
-   * none does (the database is down for every server), it stays: leaving
-   * would only move the wait.
-   */
-  function leaveIfAnotherServes(conn: Connection): void {
-    conn.asking = true;
-    conn.askedAt = performance.now();
-    const here = addressIndex % targets.length;
-    const others = targets.map((_, k) => (here + 1 + k) % targets.length).filter((i) => i !== here);
-    const asked = others.map((i) => {
-      const target = targets[i] as Target;
-      return servesWorkers(
-        {
-          address: target.address,
-          credentials: channel.credentials,
-          options: { ...channel.options, ...nameOverride(target) },
-          interceptors: channel.interceptors,
-        },
-        heartbeatMs,
-      );
-    });
-    void Promise.all(asked).then((serving) => {
-      conn.asking = false;
-      const at = serving.indexOf(true);
-      const unextendedMs = performance.now() - conn.extendedAt;
-      if (at === -1 || conn.ended || closed || unextendedMs <= UNEXTENDED_HEARTBEATS * heartbeatMs) return;
-      const index = others[at] as number;
-      // The stream's end moves the agent on by one address: to this one.
-      addressIndex = index - 1 + targets.length;
-      conn.abandoned = `the server has not extended the lease guarantee for ${Math.round(unextendedMs)}ms (it cannot reach its database?); ${(targets[index] as Target).address} serves`;
-      conn.call.cancel();
-    });
-  }
-
-  /** An IP expanded from a name: the server's certificate names the name. */
-  const nameOverride = (target: Target): grpc.ChannelOptions =>
-    channel.tls && !channel.serverNameFixed && target.name
-      ? { "grpc.ssl_target_name_override": target.name }
-      : {};
-
   function connect(): void {
     if (closed) return;
     expandTargets(addresses).then(
@@ -934,7 +871,10 @@ export function createAgent(options: AgentOptions): Agent {
       channel.credentials,
       {
         ...channel.options,
-        ...nameOverride(target),
+        // An IP expanded from a name: the server's certificate names the name.
+        ...(channel.tls && !channel.serverNameFixed && target.name
+          ? { "grpc.ssl_target_name_override": target.name }
+          : {}),
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,
@@ -1014,12 +954,6 @@ export function createAgent(options: AgentOptions): Agent {
           });
           return;
         }
-        if (
-          targets.length > 1 &&
-          !conn.asking &&
-          performance.now() - Math.max(conn.extendedAt, conn.askedAt) > UNEXTENDED_HEARTBEATS * heartbeatMs
-        )
-          leaveIfAnotherServes(conn);
         conn.sequence += 1n;
         conn.sent.set(conn.sequence, performance.now());
         conn.send({
@@ -1030,10 +964,6 @@ export function createAgent(options: AgentOptions): Agent {
       ended: false,
       saidGoodbye: false,
       abandoned: undefined,
-      guarantee: Number.NEGATIVE_INFINITY,
-      extendedAt: performance.now(),
-      askedAt: Number.NEGATIVE_INFINITY,
-      asking: false,
     };
     current = conn;
     /** Whether the oldest heartbeat of this stream is unanswered for longer than the bound. */
@@ -1047,7 +977,6 @@ export function createAgent(options: AgentOptions): Agent {
       switch (m.case) {
         case "welcome": {
           conn.welcomed = true;
-          conn.extendedAt = performance.now();
           conn.batches = m.value.acceptsBatches;
           attemptsWithoutWelcome = 0;
           if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
@@ -1090,11 +1019,6 @@ export function createAgent(options: AgentOptions): Agent {
           lastAckAt = performance.now();
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
-          // Moved later by more than the jitter of a round trip: the server renews the session.
-          if (sentAt + remaining > conn.guarantee + heartbeatMs / 4) {
-            conn.guarantee = sentAt + remaining;
-            conn.extendedAt = performance.now();
-          }
           armFence();
           startWaiting();
           break;

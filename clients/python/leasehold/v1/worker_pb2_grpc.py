@@ -151,13 +151,7 @@ class WorkerServiceServicer(object):
         (frozen, or a connection dead one way) never ends its streams: leave a
         stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
         as the SDKs do, so that the session is resumed through another address
-        while its leases still hold. A server that cannot reach its database
-        still answers, but its acks stop extending the guarantee (sent time +
-        remaining stays where it was): once that has lasted 4 heartbeat
-        intervals, ask the other addresses' grpc.health.v1 Check (service
-        "leasehold.v1.WorkerService", deadline one heartbeat interval) and leave
-        for the first that answers SERVING; when none does (the database is down
-        for every server), stay, and ask again 4 intervals later.
+        while its leases still hold.
 
         List held leases in the hello. On every reconnection, Hello.held_leases
         lists every (action_id, epoch) the worker still holds: running, finished

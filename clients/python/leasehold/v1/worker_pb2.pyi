@@ -154,12 +154,14 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., held_leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatAck(_message.Message):
-    __slots__ = ["remaining", "sequence"]
+    __slots__ = ["database_unreachable", "remaining", "sequence"]
+    DATABASE_UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    database_unreachable: bool
     remaining: _duration_pb2.Duration
     sequence: int
-    def __init__(self, sequence: _Optional[int] = ..., remaining: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[int] = ..., remaining: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., database_unreachable: bool = ...) -> None: ...
 
 class HeldLease(_message.Message):
     __slots__ = ["action_id", "epoch"]

@@ -151,7 +151,14 @@ class WorkerServiceServicer(object):
         (frozen, or a connection dead one way) never ends its streams: leave a
         stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
         as the SDKs do, so that the session is resumed through another address
-        while its leases still hold.
+        while its leases still hold. A server that cannot reach its database
+        says so in every HeartbeatAck (database_unreachable): with several
+        addresses, ask the others' grpc.health.v1 Check (service
+        "leasehold.v1.WorkerService", deadline one heartbeat interval) on the
+        first such ack, and leave for the first of them, in the order you go
+        through them, that answers SERVING; when none does (the database is
+        down for every server), stay, and ask again no sooner than 4 heartbeat
+        intervals later while the acks still say so.
 
         List held leases in the hello. On every reconnection, Hello.held_leases
         lists every (action_id, epoch) the worker still holds: running, finished

@@ -297,7 +297,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       },
       front.callMetrics.registry,
     );
+    // Set by the database watch below: heartbeat acks say so while it lasts (worker.proto).
+    let databaseUnreachable = false;
     const manager = createLeaseManager({
+      databaseUnreachable: () => databaseUnreachable,
       db,
       clock,
       feed,
@@ -416,10 +419,12 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         everyMs: config.heartbeatIntervalMs,
         lost: (cause) => {
           log.error({ err: cause }, "database unreachable; NOT_SERVING until it answers again");
+          databaseUnreachable = true;
           rpc.markNotServing();
         },
         back: () => {
           log.info("database reachable again; serving");
+          databaseUnreachable = false;
           rpc.markServing();
           // Whatever was missed while it was gone: look again.
           feed.publish(QUEUE_TOPIC);

@@ -25,6 +25,7 @@ import {
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
+import { servesWorkers } from "./health-probe.js";
 import { reportViolation, scrubNul } from "./report-limits.js";
 
 /**
@@ -40,6 +41,14 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
  * could have resumed them.
  */
 const UNANSWERED_HEARTBEATS = 1.5;
+
+/**
+ * Heartbeat intervals between two rounds of asking the other addresses
+ * whether they serve, while the acks of a stream say its server cannot reach
+ * its database (worker.proto, Connect): when the database is down for every
+ * server, the agents ask now and then, not on every ack.
+ */
+const ASK_AGAIN_HEARTBEATS = 4;
 
 /** What the server sends for every action (grants, report results, acks) is decoded by hand. */
 const AGENT_DECODERS = { connect: decodeServerMessage };
@@ -494,6 +503,10 @@ export function createAgent(options: AgentOptions): Agent {
     saidGoodbye: boolean;
     /** Why the agent left this stream itself (the server stopped answering), if it did. */
     abandoned: string | undefined;
+    /** When the agent last asked the other addresses whether they serve, for this stream. */
+    askedAt: number;
+    /** Those questions are out. */
+    asking: boolean;
   }
 
   /** Forgets `r` only if it is still the action's current entry (a newer grant may have replaced it). */
@@ -850,6 +863,48 @@ export function createAgent(options: AgentOptions): Agent {
     fenceArmedFor = deadline;
   }
 
+  /**
+   * Asks every other address whether it serves (grpc.health.v1), and leaves
+   * `conn`, whose server cannot reach its database, for the first, in the
+   * order the agent goes through them, that says SERVING: its next stream
+   * goes there and resumes the session. When none does (the database is
+   * down for every server), it stays: leaving would only move the wait.
+   */
+  function leaveIfAnotherServes(conn: Connection): void {
+    conn.asking = true;
+    conn.askedAt = performance.now();
+    const here = addressIndex % targets.length;
+    const others = targets.map((_, k) => (here + 1 + k) % targets.length).filter((i) => i !== here);
+    const asked = others.map((i) => {
+      const target = targets[i] as Target;
+      return servesWorkers(
+        {
+          address: target.address,
+          credentials: channel.credentials,
+          options: { ...channel.options, ...nameOverride(target) },
+          interceptors: channel.interceptors,
+        },
+        heartbeatMs,
+      ).catch(() => false);
+    });
+    void Promise.all(asked).then((serving) => {
+      conn.asking = false;
+      const at = serving.indexOf(true);
+      if (at === -1 || conn.ended || conn.saidGoodbye || closed) return;
+      const index = others[at] as number;
+      // The stream's end moves the agent on by one address: to this one.
+      addressIndex = index - 1 + targets.length;
+      conn.abandoned = `the server cannot reach its database; ${(targets[index] as Target).address} serves`;
+      conn.call.cancel();
+    });
+  }
+
+  /** An IP expanded from a name: the server's certificate names the name. */
+  const nameOverride = (target: Target): grpc.ChannelOptions =>
+    channel.tls && !channel.serverNameFixed && target.name
+      ? { "grpc.ssl_target_name_override": target.name }
+      : {};
+
   function connect(): void {
     if (closed) return;
     expandTargets(addresses).then(
@@ -871,10 +926,7 @@ export function createAgent(options: AgentOptions): Agent {
       channel.credentials,
       {
         ...channel.options,
-        // An IP expanded from a name: the server's certificate names the name.
-        ...(channel.tls && !channel.serverNameFixed && target.name
-          ? { "grpc.ssl_target_name_override": target.name }
-          : {}),
+        ...nameOverride(target),
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,
@@ -964,6 +1016,8 @@ export function createAgent(options: AgentOptions): Agent {
       ended: false,
       saidGoodbye: false,
       abandoned: undefined,
+      askedAt: Number.NEGATIVE_INFINITY,
+      asking: false,
     };
     current = conn;
     /** Whether the oldest heartbeat of this stream is unanswered for longer than the bound. */
@@ -1020,6 +1074,13 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
+          if (
+            m.value.databaseUnreachable &&
+            addresses.length > 1 &&
+            !conn.asking &&
+            performance.now() - conn.askedAt >= ASK_AGAIN_HEARTBEATS * heartbeatMs
+          )
+            leaveIfAnotherServes(conn);
           startWaiting();
           break;
         }

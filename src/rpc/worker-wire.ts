@@ -502,13 +502,23 @@ function reportResultAt(r: Reader, end: number): ReportResult | undefined {
 }
 
 function heartbeatAckAt(r: Reader, end: number): HeartbeatAck | undefined {
-  const ack: HeartbeatAck = { $typeName: "leasehold.v1.HeartbeatAck", sequence: 0n };
+  const ack: HeartbeatAck = {
+    $typeName: "leasehold.v1.HeartbeatAck",
+    sequence: 0n,
+    databaseUnreachable: false,
+  };
   const ok = fields(r, end, (n, wireType) => {
     if (n === 1 && wireType === 0) {
       const sequence = uint64(r, end);
       if (sequence === undefined) return false;
       ack.sequence = sequence;
       return true;
+    }
+    if (n === 3 && wireType === 0) {
+      // A bool as every encoder writes it; anything else is left to protobuf-es.
+      const b = r.varint(end);
+      ack.databaseUnreachable = b === 1;
+      return b === 0 || b === 1;
     }
     if (n !== 2 || wireType !== 2) return false;
     const to = r.delimited(end);

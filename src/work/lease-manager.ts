@@ -81,6 +81,11 @@ export interface LeaseManagerOptions {
    */
   readonly bus?: ClusterBus;
   /**
+   * Whether this process cannot reach its database now (its health is
+   * NOT_SERVING): heartbeat acks say so. Default: never.
+   */
+  readonly databaseUnreachable?: () => boolean;
+  /**
    * Run the renewal, reap and dispatch loops on timers. Default true; tests
    * with a fake clock turn it off and call `tick` themselves.
    */
@@ -317,6 +322,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         reports,
         revokes,
         heartbeatAckSeconds: metrics.heartbeatAckSeconds,
+        databaseUnreachable: options.databaseUnreachable ?? (() => false),
         publishActions,
         queueChanged: scheduleDispatch,
         markLost: (lost) => lostStreams.add(lost),

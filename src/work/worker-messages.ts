@@ -89,7 +89,13 @@ export type ServerMessage =
       /** W3C traceparent of the grant's span (tracing on, action traced). */
       readonly traceParent?: string | undefined;
     }
-  | { readonly type: "heartbeat_ack"; readonly sequence: bigint; readonly remainingMs: number }
+  | {
+      readonly type: "heartbeat_ack";
+      readonly sequence: bigint;
+      readonly remainingMs: number;
+      /** This process cannot reach its database (HeartbeatAck.database_unreachable). */
+      readonly databaseUnreachable?: boolean;
+    }
   | {
       readonly type: "revoke";
       readonly actionId: string;

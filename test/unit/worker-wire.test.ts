@@ -321,11 +321,17 @@ describe("decodeServerMessage", () => {
     ),
   );
   const acks = [0n, 5n, 2n ** 53n - 1n].flatMap((sequence) =>
-    [undefined, 0, 1, 999, 1000, 2500, 86_400_000].map((ms) =>
-      response({
-        case: "heartbeatAck",
-        value: { sequence, ...(ms === undefined ? {} : { remaining: durationFromMs(ms) }) },
-      }),
+    [undefined, 0, 1, 999, 1000, 2500, 86_400_000].flatMap((ms) =>
+      [false, true].map((databaseUnreachable) =>
+        response({
+          case: "heartbeatAck",
+          value: {
+            sequence,
+            databaseUnreachable,
+            ...(ms === undefined ? {} : { remaining: durationFromMs(ms) }),
+          },
+        }),
+      ),
     ),
   );
 

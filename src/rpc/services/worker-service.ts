@@ -568,7 +568,9 @@ type Response = MessageInitShape<typeof ConnectResponseSchema>;
 function encodeResponse(m: ServerMessage): Uint8Array {
   const fast =
     m.type === "heartbeat_ack"
-      ? encodeHeartbeatAck(m.sequence, m.remainingMs)
+      ? m.databaseUnreachable
+        ? undefined
+        : encodeHeartbeatAck(m.sequence, m.remainingMs)
       : m.type === "grant"
         ? encodeGrant(m)
         : m.type === "report_result"
@@ -619,7 +621,11 @@ export function toConnectResponse(m: ServerMessage): Response {
       return {
         message: {
           case: "heartbeatAck",
-          value: { sequence: m.sequence, remaining: durationFromMs(m.remainingMs) },
+          value: {
+            sequence: m.sequence,
+            remaining: durationFromMs(m.remainingMs),
+            databaseUnreachable: m.databaseUnreachable ?? false,
+          },
         },
       };
     case "revoke":

@@ -36,6 +36,8 @@ export function createStreamHandle(
     reports: Reports;
     revokes: Revokes;
     heartbeatAckSeconds: { observe(seconds: number): void };
+    /** Whether this process cannot reach its database now: every ack says so (worker.proto). */
+    databaseUnreachable: () => boolean;
     /** Wakes the watchers of these actions (and of the event feed). */
     publishActions: (ids: Iterable<string>) => void;
     /** Actions were re-queued: the dispatcher looks at the queue again. */
@@ -59,7 +61,12 @@ export function createStreamHandle(
       switch (message.type) {
         case "heartbeat": {
           const started = s.heardAt;
-          s.link.send({ type: "heartbeat_ack", sequence: message.sequence, remainingMs: remainingMs(s) });
+          s.link.send({
+            type: "heartbeat_ack",
+            sequence: message.sequence,
+            remainingMs: remainingMs(s),
+            ...(deps.databaseUnreachable() ? { databaseUnreachable: true } : {}),
+          });
           for (const token of message.held) {
             if (s.held.get(token.actionId) !== token.epoch) {
               s.link.send({

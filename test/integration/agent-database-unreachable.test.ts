@@ -1,0 +1,201 @@
+import { createServer, type Server, type Socket, connect as tcpConnect } from "node:net";
+import { afterEach, describe, expect, it } from "vitest";
+import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import { deferred } from "../helpers/deferred.js";
+import { healthClient } from "../helpers/grpc-peers.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/**
+ * Two servers on one PostgreSQL, each through a proxy that can cut it off:
+ * the server an agent is on loses its database, the other does not.
+ */
+describe.runIf(runsPostgresTests())("an agent whose server lost its database", () => {
+  const cleanups: (() => Promise<void> | void)[] = [];
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c();
+  });
+
+  /** Two servers, each reaching the database through a proxy of its own. */
+  async function twoServers(): Promise<{
+    servers: TestServer[];
+    proxies: CuttableProxy[];
+    store: TestStore;
+  }> {
+    const store = await freshPostgresDatabase();
+    cleanups.push(() => store.drop());
+    const servers: TestServer[] = [];
+    const proxies: CuttableProxy[] = [];
+    for (let i = 0; i < 2; i++) {
+      const url = new URL(store.url as string);
+      const proxy = await cuttableProxy(url.hostname, Number(url.port || 5432));
+      cleanups.push(() => proxy.close());
+      url.host = `127.0.0.1:${proxy.port}`;
+      const server = await startTestServer({
+        store: { ...store, url: url.toString() },
+        // The defaults: the agent must be gone well before its guarantee is.
+        config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      });
+      cleanups.push(() => server.stop());
+      servers.push(server);
+      proxies.push(proxy);
+    }
+    return { servers, proxies, store };
+  }
+
+  it("moves to the server that serves, which resumes its lease: the work runs once", async () => {
+    const { servers, proxies } = await twoServers();
+    const events: AgentEvent[] = [];
+    const started = deferred<string>();
+    const finish = deferred();
+    let runs = 0;
+    const agent = createAgent({
+      address: servers.map((s) => s.address),
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async (ctx) => {
+        runs += 1;
+        started.resolve(ctx.actionId);
+        await finish.promise;
+        return { done: true };
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+    const api = (s: TestServer) => s.client(ActionService);
+    const submitted = await api(servers[0] as TestServer).submitAction({ cluster: "east" });
+    const actionId = submitted.action?.id as string;
+    expect(await started.promise).toBe(actionId);
+
+    const connected = events.find((e) => e.type === "connected");
+    const on = servers.findIndex((s) => s.address === (connected as { address: string }).address);
+    expect(on).not.toBe(-1);
+    const other = servers[1 - on] as TestServer;
+    // The agent's server loses its database; the other keeps it.
+    proxies[on]?.cut();
+
+    const moved = await until(events, (e) => e.type === "connected" && e.address === other.address);
+    expect(moved).toMatchObject({ resumed: [actionId], revoked: [] });
+    const left = events.find((e) => e.type === "disconnected");
+    expect(left).toMatchObject({
+      error: expect.stringMatching(
+        new RegExp(`^the server cannot reach its database; ${other.address} serves$`),
+      ),
+    });
+    finish.resolve();
+    await until(events, (e) => e.type === "finished" && e.actionId === actionId);
+    const done = (await api(other).getAction({ actionId })).action;
+    expect(done).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n });
+    expect(runs).toBe(1);
+    expect(events.filter((e) => e.type === "self_fenced" || e.type === "revoked")).toEqual([]);
+    expect(events.find((e) => e.type === "finished")).toMatchObject({ accepted: true, epoch: 1 });
+  }, 60_000);
+
+  it("stays when no other server serves either (the database is down for all), and self-fences", async () => {
+    const { servers, proxies } = await twoServers();
+    const events: AgentEvent[] = [];
+    const started = deferred<string>();
+    const agent = createAgent({
+      address: servers.map((s) => s.address),
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async (ctx) => {
+        started.resolve(ctx.actionId);
+        await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
+        return {};
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+    const submitted = await (servers[0] as TestServer)
+      .client(ActionService)
+      .submitAction({ cluster: "east" });
+    expect(await started.promise).toBe(submitted.action?.id);
+    const connected = events.find((e) => e.type === "connected") as { address: string };
+    const on = servers.findIndex((s) => s.address === connected.address);
+    // The other server first, and only once it says NOT_SERVING: then the agent's own.
+    const other = servers[1 - on] as TestServer;
+    proxies[1 - on]?.cut();
+    const health = healthClient(other.address);
+    cleanups.push(() => health.close());
+    while ((await health.check(WorkerService.typeName)) !== "NOT_SERVING") {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    proxies[on]?.cut();
+    await until(events, (e) => e.type === "self_fenced");
+    // Its server's acks said it cannot reach its database, and the agent asked the other,
+    // which said NOT_SERVING: it stayed on its stream, and self-fenced as with one address.
+    const fence = events.findIndex((e) => e.type === "self_fenced");
+    expect(fence).not.toBe(-1);
+    expect(events.slice(0, fence).filter((e) => e.type === "disconnected" || e.type === "connected")).toEqual(
+      [expect.objectContaining({ type: "connected" })],
+    );
+    expect(events[fence]).toMatchObject({ actionIds: [submitted.action?.id] });
+  }, 60_000);
+});
+
+/**
+ * Resolves with the first event of `events` (pushed to as they come) that
+ * `matches`; throws once the agent self-fenced without one.
+ */
+async function until(
+  events: readonly AgentEvent[],
+  matches: (e: AgentEvent) => boolean,
+): Promise<AgentEvent> {
+  for (;;) {
+    const found = events.find(matches);
+    if (found) return found;
+    if (events.some((e) => e.type === "self_fenced"))
+      throw new Error(`the agent self-fenced first: ${JSON.stringify(events)}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+interface CuttableProxy {
+  readonly port: number;
+  /** Ends every connection and refuses new ones: the database is gone for whoever uses this proxy. */
+  cut(): void;
+  close(): void;
+}
+
+/** A TCP proxy to host:port that can cut its clients off the target. */
+async function cuttableProxy(host: string, port: number): Promise<CuttableProxy> {
+  const open = new Set<Socket>();
+  let cut = false;
+  const server: Server = createServer((client) => {
+    if (cut) {
+      client.destroy();
+      return;
+    }
+    const upstream = tcpConnect(port, host);
+    for (const s of [client, upstream]) {
+      open.add(s);
+      s.on("error", () => {});
+      s.on("close", () => {
+        open.delete(s);
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address();
+  const destroyAll = () => {
+    for (const s of open) s.destroy();
+  };
+  return {
+    port: typeof address === "object" && address ? address.port : 0,
+    cut() {
+      cut = true;
+      destroyAll();
+    },
+    close() {
+      destroyAll();
+      server.close();
+    },
+  };
+}

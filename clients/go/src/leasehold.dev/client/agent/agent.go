@@ -39,7 +39,11 @@ type Handler func(ctx context.Context, action *Action) (*structpb.Struct, error)
 // Options configure an Agent. Cluster, WorkerID, Addresses and Handler are required.
 type Options struct {
 	// Addresses of the server as host:port. The agent starts at a random one
-	// and moves to the next whenever its stream ends.
+	// and moves to the next whenever its stream ends. It ends a stream itself
+	// when the server answers no heartbeat for 1.5 heartbeat intervals, and,
+	// with several addresses, when an ack says the server cannot reach its
+	// database and another address's grpc.health.v1 Check says SERVING: the
+	// next stream then goes to the first such address after the current one.
 	Addresses []string
 	// Cluster the worker belongs to.
 	Cluster string

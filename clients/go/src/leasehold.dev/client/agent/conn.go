@@ -18,9 +18,11 @@ import (
 // and the context.
 type conn struct {
 	address string
-	ctx     context.Context
-	cancel  context.CancelFunc
-	out     *outbox
+	// index of address in Options.Addresses.
+	index  int
+	ctx    context.Context
+	cancel context.CancelFunc
+	out    *outbox
 	// welcomed: the welcome arrived; reports and heartbeats may go out.
 	welcomed    bool
 	ended       bool
@@ -30,6 +32,10 @@ type conn struct {
 	sent map[uint64]time.Time
 	// pending are the reports waiting for their ReportResult, by report id.
 	pending map[uint64]*run
+	// asking: a round of health checks of the other addresses is out (see
+	// unreachable.go); askedAt: when the last round started.
+	asking  bool
+	askedAt time.Time
 }
 
 // dialOptions are added to the caller's: keepalive like the TypeScript SDK,

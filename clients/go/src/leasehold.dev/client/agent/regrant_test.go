@@ -16,6 +16,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -24,7 +25,8 @@ import (
 // scriptedServer welcomes the agent, acks its heartbeats (while acking is on)
 // with the guarantee of its timing, accepts every report, passes each hello's
 // held leases on hellos, and writes what the test puts on send. One goroutine
-// writes everything, so a grant sent after acked follows that first ack.
+// writes everything, so a grant sent after acked follows that first ack. It
+// serves grpc.health.v1 too (see scriptedHealth).
 type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
 	timing scriptTiming
@@ -38,6 +40,32 @@ type scriptedServer struct {
 	address string
 	// instance is the last hello's instance_id.
 	instance atomic.Value
+	// streams counts the Connect streams opened.
+	streams atomic.Int32
+	// unreachable: the acks carry database_unreachable, as those of a server
+	// that cannot reach its database do.
+	unreachable atomic.Bool
+	health      *scriptedHealth
+}
+
+// scriptedHealth answers grpc.health.v1 Check with status, whatever the
+// service, and sends the time of each check on checks (dropped when full).
+type scriptedHealth struct {
+	grpc_health_v1.UnimplementedHealthServer
+	status atomic.Int32
+	checks chan time.Time
+}
+
+func (h *scriptedHealth) set(status grpc_health_v1.HealthCheckResponse_ServingStatus) {
+	h.status.Store(int32(status))
+}
+
+func (h *scriptedHealth) Check(ctx context.Context, req *grpc_health_v1.HealthCheckRequest) (*grpc_health_v1.HealthCheckResponse, error) {
+	select {
+	case h.checks <- time.Now():
+	default:
+	}
+	return &grpc_health_v1.HealthCheckResponse{Status: grpc_health_v1.HealthCheckResponse_ServingStatus(h.status.Load())}, nil
 }
 
 // scriptTiming is what the welcome and the acks say.
@@ -49,6 +77,7 @@ type scriptTiming struct {
 var longGuarantee = scriptTiming{heartbeat: time.Second, grace: time.Minute, remaining: time.Minute}
 
 func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
+	s.streams.Add(1)
 	send := func(m *leaseholdv1.ConnectResponse) { _ = stream.Send(m) }
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
@@ -66,7 +95,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 		case *leaseholdv1.ConnectRequest_Heartbeat:
 			if s.acking.Load() {
 				send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
-					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(s.timing.remaining)}}})
+					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(s.timing.remaining),
+					DatabaseUnreachable: s.unreachable.Load()}}})
 				s.once.Do(func() { close(s.acked) })
 			}
 		case *leaseholdv1.ConnectRequest_GrantAck:
@@ -115,9 +145,12 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 	server := grpc.NewServer()
 	script := &scriptedServer{timing: timing, send: make(chan *leaseholdv1.ConnectResponse, 8),
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
-		end: make(chan error, 1), address: listener.Addr().String()}
+		end: make(chan error, 1), address: listener.Addr().String(),
+		health: &scriptedHealth{checks: make(chan time.Time, 8)}}
 	script.acking.Store(true)
+	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)
+	grpc_health_v1.RegisterHealthServer(server, script.health)
 	go func() { _ = server.Serve(listener) }()
 	return script, server.Stop
 }

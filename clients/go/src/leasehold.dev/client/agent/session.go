@@ -72,8 +72,10 @@ func (a *Agent) connect() {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	index := a.addressIndex % len(a.opts.Addresses)
 	c := &conn{
-		address: a.opts.Addresses[a.addressIndex%len(a.opts.Addresses)],
+		address: a.opts.Addresses[index],
+		index:   index,
 		ctx:     ctx,
 		cancel:  cancel,
 		out:     newOutbox(),
@@ -313,8 +315,13 @@ func (a *Agent) unanswered(c *conn) time.Duration {
 }
 
 // heartbeatAck moves the self-fence deadline: local send time of the
-// acknowledged heartbeat + remaining - margin, never earlier than before.
+// acknowledged heartbeat + remaining - margin, never earlier than before. An
+// ack that says the server cannot reach its database may send the agent to
+// another address (see unreachable.go).
 func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
+	if ack.GetDatabaseUnreachable() {
+		defer a.leaveIfUnreachable(c)
+	}
 	sentAt, ok := c.sent[ack.GetSequence()]
 	if !ok {
 		return

@@ -1,0 +1,168 @@
+package agent
+
+import (
+	"context"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// unreachableHeartbeat is the scripted servers' heartbeat interval: after a
+// round of health checks in which no other address served, the agent asks
+// again no sooner than 4 of them later.
+const unreachableHeartbeat = 300 * time.Millisecond
+
+// unreachable is an agent given two addresses that runs a lease on the server
+// it connected to (current), whose acks say it cannot reach its database.
+type unreachable struct {
+	current, other *scriptedServer
+	// stopped receives why the handler's context ended, if it does.
+	stopped chan *LeaseLost
+	events  chan Event
+}
+
+// onUnreachableServer starts two scripted servers whose health says
+// NOT_SERVING but other's says otherHealth, starts an agent given both
+// addresses, waits until it runs a grant of the server it connected to, then
+// makes that server's acks say database_unreachable, as a server that cannot
+// reach its database does. The guarantee still lasts a minute: no self-fence
+// during the test.
+func onUnreachableServer(t *testing.T, otherHealth grpc_health_v1.HealthCheckResponse_ServingStatus) *unreachable {
+	timing := scriptTiming{heartbeat: unreachableHeartbeat, grace: time.Minute, remaining: time.Minute}
+	one, stopOne := startScripted(t, timing)
+	t.Cleanup(stopOne)
+	two, stopTwo := startScripted(t, timing)
+	t.Cleanup(stopTwo)
+	one.health.set(grpc_health_v1.HealthCheckResponse_NOT_SERVING)
+	two.health.set(grpc_health_v1.HealthCheckResponse_NOT_SERVING)
+	s := &unreachable{stopped: make(chan *LeaseLost, 1), events: make(chan Event, 64)}
+	started := make(chan struct{})
+	finish := make(chan struct{})
+	a, err := Start(Options{
+		Addresses: []string{one.address, two.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		OnEvent: func(e Event) {
+			select {
+			case s.events <- e:
+			default: // the test no longer reads: never block the agent's loop
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			select {
+			case <-ctx.Done():
+				s.stopped <- action.Lost()
+			case <-finish:
+			}
+			return nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		close(finish)
+		closeWithin(a, 5*time.Second)
+	})
+	// The agent starts at a random address: the one it says hello to is the unreachable one.
+	select {
+	case <-one.hellos:
+		s.current, s.other = one, two
+	case <-two.hellos:
+		s.current, s.other = two, one
+	case <-time.After(30 * time.Second):
+		t.Fatal("no hello")
+	}
+	s.other.health.set(otherHealth)
+	select {
+	case <-s.current.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+	s.current.send <- grantOf(1)
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the grant never started")
+	}
+	s.current.unreachable.Store(true)
+	return s
+}
+
+// handlerRuns fails the test if the handler's context ended.
+func (s *unreachable) handlerRuns(t *testing.T) {
+	t.Helper()
+	select {
+	case lost := <-s.stopped:
+		t.Fatalf("the handler was stopped: %v", lost)
+	default:
+	}
+}
+
+// A server whose acks say it cannot reach its database is left for another
+// address whose health says SERVING: the session and its lease go there, and
+// the handler keeps running.
+func TestDatabaseUnreachableMovesTheAgentToAnAddressThatServes(t *testing.T) {
+	s := onUnreachableServer(t, grpc_health_v1.HealthCheckResponse_SERVING)
+	select {
+	case held := <-s.other.hellos:
+		if got := leases(held); !reflect.DeepEqual(got, []Lease{{ActionID: "a1", Epoch: 1}}) {
+			t.Fatalf("the hello to the serving address lists %v, want the running lease", got)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent stayed on a server whose acks say it cannot reach its database")
+	}
+	select {
+	case <-s.other.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack from the serving address")
+	}
+	s.handlerRuns(t)
+	for e := range s.events {
+		switch e := e.(type) {
+		case SelfFenced:
+			t.Fatalf("self-fenced %v", e.ActionIDs)
+		case Disconnected:
+			if want := "the server cannot reach its database; " + s.other.address + " serves"; !strings.Contains(e.Err.Error(), want) {
+				t.Fatalf("left the stream with %v", e.Err)
+			}
+			return
+		}
+	}
+}
+
+// When no other address serves either (the database is down for every
+// server), the agent stays where it is, and asks again no sooner than 4
+// heartbeat intervals after it last asked.
+func TestDatabaseUnreachableStaysWhenNoOtherAddressServes(t *testing.T) {
+	s := onUnreachableServer(t, grpc_health_v1.HealthCheckResponse_NOT_SERVING)
+	check := func(which string) time.Time {
+		select {
+		case at := <-s.other.health.checks:
+			return at
+		case <-time.After(30 * time.Second):
+			t.Fatalf("the agent never asked the other address's health (%s round)", which)
+		}
+		return time.Time{}
+	}
+	first := check("first")
+	// A second round on the same address: the agent stayed through the first one's answer
+	// (after a move it would ask the address it left, not this one).
+	second := check("second")
+	// worker.proto: ask again no sooner than 4 intervals later. Measured where the checks
+	// arrive, so less the time between starting a round and its check reaching the server
+	// (a quarter interval of slack; asking on every ack would be a gap of one interval).
+	if gap := second.Sub(first); gap < 4*unreachableHeartbeat-unreachableHeartbeat/4 {
+		t.Fatalf("asked again after %v, want at least 4 heartbeat intervals", gap)
+	}
+	if n := s.other.streams.Load(); n != 0 {
+		t.Fatalf("opened %d streams to the address that does not serve", n)
+	}
+	if n := s.current.streams.Load(); n != 1 {
+		t.Fatalf("opened %d streams to the unreachable server, want the one it stayed on", n)
+	}
+	s.handlerRuns(t)
+}

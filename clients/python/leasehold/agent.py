@@ -15,14 +15,19 @@ of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
   or ROLLED_BACK it is dropped without a word;
 * a lost stream is reopened after a delay with full jitter, never longer than
   an eighth of the grace period;
+* a stream is left for the next address when its heartbeats go unanswered for
+  1.5 intervals, or, given several addresses, when an ack says the server
+  cannot reach its database and another address's health answers SERVING;
 * self-fencing: each heartbeat ack guarantees the session until (send time of
   the acknowledged heartbeat + ``remaining`` - margin); when that local
   deadline passes without a fresh ack, every running handler is cancelled and
   its lease released, never reported as done, and new grants wait for an ack.
 
 Threads: one reads the stream (and reconnects), one sends heartbeats per
-stream, one watches the self-fence deadline, ``capacity`` run handlers, and
-one delivers events to ``on_event``. All agent state is guarded by one lock.
+stream (and one asks the other addresses' health while a round of checks,
+started by an ack that says the database is unreachable, is out), one watches
+the self-fence deadline, ``capacity`` run handlers, and one delivers events to
+``on_event``. All agent state is guarded by one lock.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from google.protobuf import struct_pb2
 from leasehold.backoff import reconnect_delay, refused_delay
 from leasehold.channels import open_channel
 from leasehold.errors import LeaseholdError
+from leasehold.health import answered_serving, check_health
 from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
@@ -74,6 +80,11 @@ AgentEvent = dict[str, Any]
 
 # Heartbeat intervals the oldest unanswered heartbeat may wait before the agent leaves the stream.
 _UNANSWERED_HEARTBEATS = 1.5
+# Heartbeat intervals between the starts of two rounds of health checks of a stream's other
+# addresses, asked while its acks say the server cannot reach its database (worker.proto, Connect).
+_HEALTH_ROUND_HEARTBEATS = 4
+# The health service name the other addresses are asked about.
+_HEALTH_SERVICE = "leasehold.v1.WorkerService"
 
 _REVOKE_REASONS = {
     worker_pb2.REVOKE_REASON_EXPIRED: "expired",
@@ -279,7 +290,9 @@ class _Lease:
 class _Stream:
     """One Connect stream: its outbox, heartbeat bookkeeping and unanswered reports."""
 
-    def __init__(self, address: str, channel: grpc.Channel) -> None:
+    def __init__(self, index: int, address: str, channel: grpc.Channel) -> None:
+        self.index = index
+        """The position of ``address`` in the agent's addresses."""
         self.address = address
         self.channel = channel
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectRequest | None] = queue.SimpleQueue()
@@ -287,8 +300,15 @@ class _Stream:
         self.ended = threading.Event()
         self.welcomed = False
         self.said_goodbye = False
-        # Why the agent left this stream itself (the server stopped answering), if it did.
+        # Why the agent left this stream itself (the server stopped answering, or cannot reach
+        # its database while another address serves), if it did.
         self.abandoned: str | None = None
+        self.next_index: int | None = None
+        """The address the next stream goes to, when the agent left this one for an address that serves."""
+        self.asking_health = False
+        """A round of health checks of the other addresses is out."""
+        self.health_round_at = -math.inf
+        """When this stream's last round of health checks started."""
         self.sequence = 0
         self.sent: dict[int, float] = {}
         """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
@@ -362,13 +382,16 @@ class Agent:
 
         Args:
             address: The server's host:port, or several: the agent starts at a
-                random one and moves to the next whenever its stream ends.
+                random one and moves to the next whenever its stream ends (or to
+                the first, after the current one, whose health answers SERVING,
+                when it leaves a server that cannot reach its database).
             cluster: The cluster the worker belongs to.
             worker_id: The worker's stable id, unique across all clusters.
             handler: Runs one action (see :data:`Handler`).
             capacity: Actions run at once (1-10000): the size of the handler thread pool.
             labels: Matched against actions' label selectors.
             credentials: Channel credentials (TLS, a token); insecure when None.
+                The health checks of the other addresses use them too.
             self_fence_margin: Seconds subtracted from each ack's guarantee: the
                 time the work needs to stop before the server may hand it to
                 another worker.
@@ -510,8 +533,9 @@ class Agent:
     def _run_streams(self) -> None:
         """Opens streams one after another until the agent closes or said goodbye."""
         while not self._closed.is_set():
-            address = self._addresses[self._address_index % len(self._addresses)]
-            stream = _Stream(address, open_channel(address, self._credentials))
+            index = self._address_index % len(self._addresses)
+            address = self._addresses[index]
+            stream = _Stream(index, address, open_channel(address, self._credentials))
             with self._lock:
                 if self._closed.is_set():
                     stream.channel.close()
@@ -552,7 +576,10 @@ class Agent:
             if self._closed.is_set() or stream.said_goodbye:
                 return None
             # The fence deadline still applies: only a fresh ack extends it.
-            self._address_index += 1
+            if stream.next_index is not None:
+                self._address_index = stream.next_index
+            else:
+                self._address_index += 1
             code = error.code() if isinstance(error, grpc.Call) else None
             reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
             taken_over = (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER")
@@ -657,6 +684,54 @@ class Agent:
                         stream.abandoned = f"the server answered no heartbeat for {round(unanswered * 1000)}ms"
                         stream.channel.close()
 
+    def _health_round_due(self, stream: _Stream, interval: float) -> list[tuple[int, str]]:
+        """The other addresses (index, address), in order after the stream's, when a round of health
+        checks is due now (it is then marked started); else none."""
+        now = time.monotonic()
+        if (
+            len(self._addresses) < 2
+            or stream.ended.is_set()
+            or not stream.welcomed
+            or stream.said_goodbye
+            or stream.abandoned is not None
+            or stream.asking_health
+            or now - stream.health_round_at < _HEALTH_ROUND_HEARTBEATS * interval
+        ):
+            return []
+        count = len(self._addresses)
+        after = [(stream.index + step) % count for step in range(1, count)]
+        # The same address listed twice is the same server, not another one.
+        others = [(index, self._addresses[index]) for index in after if self._addresses[index] != stream.address]
+        if others:
+            stream.asking_health = True
+            stream.health_round_at = now
+        return others
+
+    def _ask_health(self, stream: _Stream, interval: float, others: list[tuple[int, str]]) -> None:
+        """One round: asks every other address at once, then leaves for the first, in order, that
+        answers SERVING; when none does, stays (an ack that still says the database is unreachable
+        starts another round, 4 intervals after this one started)."""
+        channels = [open_channel(address, self._credentials) for _, address in others]
+        serving: tuple[int, str] | None = None
+        try:
+            checks = [check_health(channel, _HEALTH_SERVICE, interval) for channel in channels]
+            for target, check in zip(others, checks):
+                if answered_serving(check):
+                    serving = target
+                    break
+        finally:
+            for channel in channels:
+                channel.close()  # cancels the checks not waited for
+        with self._lock:
+            stream.asking_health = False
+            if stream.ended.is_set() or stream.said_goodbye or stream.abandoned is not None:
+                return  # the stream ended meanwhile: the answers concern no stream
+            if serving is None:
+                return  # the database is down for every server: moving would gain nothing
+            stream.next_index, address = serving
+            stream.abandoned = f"the server cannot reach its database; {address} serves"
+            stream.channel.close()
+
     def _unanswered(self, stream: _Stream) -> float | None:
         """How long the oldest heartbeat has gone unanswered, when that is over the bound; else None."""
         oldest = min(stream.sent.values(), default=None)
@@ -688,6 +763,16 @@ class Agent:
             self._deadline = candidate
             self._deadline_changed.notify_all()
         self._start_waiting()
+        if ack.database_unreachable:
+            # This server cannot write its renewals: its acks only count down. Given other
+            # addresses, ask their health and resume the session through one that serves while
+            # the leases still hold. The checks may wait up to an interval: on a thread of their
+            # own, not this one, which reads the stream.
+            interval = self._heartbeat_interval
+            others = self._health_round_due(stream, interval)
+            if others:
+                asking = threading.Thread(target=self._ask_health, args=(stream, interval, others), daemon=True)
+                asking.start()
 
     def _on_grant(self, stream: _Stream, grant: worker_pb2.Grant) -> None:
         existing = self._leases.get(grant.action_id)

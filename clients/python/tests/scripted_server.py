@@ -2,33 +2,45 @@
 
 import queue
 import threading
+import time
 import unittest
 from concurrent import futures
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from google.rpc import error_details_pb2, status_pb2
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
 GRACE_SECONDS = 60
+HEALTH_SERVING = 1
+HEALTH_NOT_SERVING = 2
 
 
 class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     """Welcomes the agent (a grace period of GRACE_SECONDS), acks its heartbeats with as long a
-    guarantee, accepts every report, and writes what the test sends, in one order: ``acked`` is
-    set once the first ack is queued, so a grant sent after it always follows that ack.
+    guarantee (until ``lose_database()``), accepts every report (completion or release), and writes
+    what the test sends, in one order: ``acked`` is set once the first ack is queued, so a grant
+    sent after it always follows that ack.
     ``take_over()`` ends the stream as the server does when another stream takes the session (or,
     with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
-    the hellos' instance ids."""
+    the hellos' instance ids, ``hello_leases`` their held leases as (action_id, epoch) pairs."""
 
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_interval: float = 1.0) -> None:
+        self._heartbeat_interval = heartbeat_interval
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._taken_over = threading.Event()
         self._ending = (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over")
         self.acked = threading.Event()
         self.instance_ids: list[str] = []
+        self.hello_leases: list[list[tuple[str, int]]] = []
         self.hellos = threading.Semaphore(0)
+        self.connects = 0
+        """Connect streams opened."""
+        # Set: acks say database_unreachable and count down to the deadline the last one gave, as
+        # on a server that can no longer write its renewals, instead of guaranteeing GRACE_SECONDS.
+        self.frozen_deadline: float | None = None
+        self._last_deadline = 0.0
         # Cleared: heartbeats go unanswered, as on a hung server that keeps the stream open.
         self.acking = threading.Event()
         self.acking.set()
@@ -46,6 +58,7 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         # One outbox per stream: what the test sends goes to the newest stream.
         outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._outbox = outbox
+        self.connects += 1
 
         def read() -> None:
             try:
@@ -53,22 +66,29 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     kind = request.WhichOneof("message")
                     if kind == "hello":
                         self.instance_ids.append(request.hello.instance_id)
+                        self.hello_leases.append([(held.action_id, held.epoch) for held in request.hello.held_leases])
                         self.hellos.release()
+                        interval = duration_pb2.Duration()
+                        interval.FromNanoseconds(round(self._heartbeat_interval * 1e9))
                         welcome = worker_pb2.Welcome(
                             session_id="s1",
-                            heartbeat_interval=duration_pb2.Duration(seconds=1),
+                            heartbeat_interval=interval,
                             grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
                         )
                         outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
                     elif kind == "heartbeat":
                         if not self.acking.is_set():
                             continue
+                        remaining = duration_pb2.Duration()
+                        remaining.FromNanoseconds(round(self._remaining() * 1e9))
                         ack = worker_pb2.HeartbeatAck(
-                            sequence=request.heartbeat.sequence, remaining=duration_pb2.Duration(seconds=GRACE_SECONDS)
+                            sequence=request.heartbeat.sequence,
+                            remaining=remaining,
+                            database_unreachable=self.frozen_deadline is not None,
                         )
                         outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
                         self.acked.set()
-                    elif kind in ("grant_ack", "completion"):
+                    elif kind in ("grant_ack", "completion", "release"):
                         report = getattr(request, kind)
                         result = worker_pb2.ReportResult(
                             report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
@@ -94,16 +114,59 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 context.abort(code, message)
             yield reply
 
+    def lose_database(self) -> None:
+        """From now on, acks say database_unreachable and count down to the deadline the last one gave."""
+        self.frozen_deadline = self._last_deadline
 
-def serve(test: unittest.TestCase) -> tuple[ScriptedWorkerService, str]:
+    def _remaining(self) -> float:
+        now = time.monotonic()
+        if self.frozen_deadline is not None:
+            return max(0.0, self.frozen_deadline - now)
+        self._last_deadline = now + GRACE_SECONDS
+        return GRACE_SECONDS
+
+
+class ScriptedHealth:
+    """grpc.health.v1 Health/Check, for any service name: ``status`` (SERVING at first). Each check
+    puts the service it asked about and its local time in ``checks``."""
+
+    def __init__(self) -> None:
+        self.status = HEALTH_SERVING
+        self.checks: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        # The messages are StringValue and Int32Value on the wire (see leasehold/health.py).
+        def check(request: wrappers_pb2.StringValue, context) -> wrappers_pb2.Int32Value:
+            self.checks.put((request.value, time.monotonic()))
+            return wrappers_pb2.Int32Value(value=self.status)
+
+        method = grpc.unary_unary_rpc_method_handler(
+            check,
+            request_deserializer=wrappers_pb2.StringValue.FromString,
+            response_serializer=wrappers_pb2.Int32Value.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
+
+
+def serve(test: unittest.TestCase, heartbeat_interval: float = 1.0) -> tuple[ScriptedWorkerService, str]:
     """Starts a ScriptedWorkerService, stopped when ``test`` ends; returns it and its address."""
-    service = ScriptedWorkerService()
+    service, _, address = serve_with_health(test, heartbeat_interval)
+    return service, address
+
+
+def serve_with_health(
+    test: unittest.TestCase, heartbeat_interval: float = 1.0
+) -> tuple[ScriptedWorkerService, ScriptedHealth, str]:
+    """Starts a ScriptedWorkerService and a ScriptedHealth on one port, stopped when ``test`` ends."""
+    service = ScriptedWorkerService(heartbeat_interval)
+    health = ScriptedHealth()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((health.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     test.addCleanup(server.stop, None)
-    return service, f"127.0.0.1:{port}"
+    return service, health, f"127.0.0.1:{port}"
 
 
 def grant(action_id: str, epoch: int) -> worker_pb2.ConnectResponse:

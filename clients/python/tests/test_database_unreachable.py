@@ -1,0 +1,83 @@
+"""A server whose acks say database_unreachable is left for an address whose health answers
+SERVING, and kept when none does."""
+
+import queue
+import re
+import unittest
+
+from leasehold.agent import Agent
+from tests.scripted_server import HEALTH_NOT_SERVING, HEALTH_SERVING, grant, serve_with_health
+
+INTERVAL = 0.5
+"""The scripted servers' heartbeat interval, in seconds: rounds of checks start 4 of them apart."""
+
+
+class DatabaseUnreachableTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.servers = [serve_with_health(self, INTERVAL) for _ in range(2)]
+        self.events: queue.SimpleQueue[dict] = queue.SimpleQueue()
+
+    def _start(self, handler) -> tuple:
+        """Starts an agent given both addresses; returns the server it connected to, then the other."""
+        agent = Agent([address for _, _, address in self.servers], "east", "w1", handler, on_event=self.events.put)
+        agent.start()
+        self.addCleanup(agent.close, 1.0)
+        # It starts at a random one of the two.
+        welcome = self._next_event("welcome")
+        first, second = self.servers if welcome["address"] == self.servers[0][2] else self.servers[::-1]
+        return first, second
+
+    def _next_event(self, kind: str) -> dict:
+        while True:
+            event = self.events.get(timeout=30)
+            if event["event"] == kind:
+                return event
+
+    def test_the_agent_resumes_its_session_through_an_address_that_serves(self) -> None:
+        started: queue.SimpleQueue = queue.SimpleQueue()
+
+        def handler(ctx):
+            started.put(ctx)
+            ctx.cancelled.wait()
+
+        (a, a_health, _), (b, b_health, b_address) = self._start(handler)
+        self.assertTrue(a.acked.wait(30))
+        a.send(grant("a1", 1))
+        ctx = started.get(timeout=30)
+        a_health.status = HEALTH_NOT_SERVING
+        b_health.status = HEALTH_SERVING
+        # A still answers every heartbeat, but its acks say it cannot reach its database.
+        a.lose_database()
+        self.assertTrue(b.hellos.acquire(timeout=30), "the agent stayed on a server that cannot reach its database")
+        self.assertEqual(b.hello_leases, [[("a1", 1)]])
+        disconnected = self._next_event("disconnected")
+        self.assertRegex(
+            disconnected["error"],
+            rf"^the server cannot reach its database; {re.escape(b_address)} serves$",
+        )
+        self.assertEqual(b_health.checks.get(timeout=1)[0], "leasehold.v1.WorkerService")
+        self.assertTrue(a_health.checks.empty(), "the agent asked the health of the server it was leaving")
+        self.assertEqual(self._next_event("welcome")["address"], b_address)
+        self.assertTrue(b.acked.wait(30))
+        self.assertFalse(ctx.cancelled.is_set(), "the move stopped the handler")
+
+    def test_the_agent_stays_when_no_other_address_serves_and_asks_again_later(self) -> None:
+        (a, a_health, _), (b, b_health, _) = self._start(lambda ctx: None)
+        self.assertTrue(a.acked.wait(30))
+        a_health.status = HEALTH_NOT_SERVING
+        b_health.status = HEALTH_NOT_SERVING
+        a.lose_database()
+        service, first_check = b_health.checks.get(timeout=30)
+        self.assertEqual(service, "leasehold.v1.WorkerService")
+        _, second_check = b_health.checks.get(timeout=30)
+        # Asked again no sooner than 4 intervals after the first round started, from the same
+        # stream (the margin: the first check also connected to B).
+        self.assertGreaterEqual(second_check - first_check, 4 * INTERVAL - 0.05)
+        self.assertEqual((a.connects, b.connects), (1, 0))
+        self.assertTrue(a_health.checks.empty())
+        while not self.events.empty():
+            self.assertNotEqual(self.events.get()["event"], "disconnected")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -102,12 +102,15 @@ type WorkerServiceClient interface {
 	// as the SDKs do, so that the session is resumed through another address
 	// while its leases still hold. A server that cannot reach its database
 	// says so in every HeartbeatAck (database_unreachable): with several
-	// addresses, ask the others' grpc.health.v1 Check (service
-	// "leasehold.v1.WorkerService", deadline one heartbeat interval) on the
-	// first such ack, and leave for the first of them, in the order you go
-	// through them, that answers SERVING; when none does (the database is
-	// down for every server), stay, and ask again no sooner than 4 heartbeat
-	// intervals later while the acks still say so.
+	// addresses, once the acks of a stream have said so for at least one
+	// heartbeat interval (servers notice an outage up to an interval apart),
+	// ask the others' grpc.health.v1 Check (service
+	// "leasehold.v1.WorkerService", deadline one heartbeat interval), and
+	// leave for the first of them, in the order you go through them, that
+	// answers SERVING; when none does (the database is down for every
+	// server), stay. Ask no sooner than 4 heartbeat intervals after your
+	// previous round, on whichever stream it was, so that a flapping database
+	// cannot bounce you between servers.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
@@ -301,12 +304,15 @@ type WorkerServiceServer interface {
 	// as the SDKs do, so that the session is resumed through another address
 	// while its leases still hold. A server that cannot reach its database
 	// says so in every HeartbeatAck (database_unreachable): with several
-	// addresses, ask the others' grpc.health.v1 Check (service
-	// "leasehold.v1.WorkerService", deadline one heartbeat interval) on the
-	// first such ack, and leave for the first of them, in the order you go
-	// through them, that answers SERVING; when none does (the database is
-	// down for every server), stay, and ask again no sooner than 4 heartbeat
-	// intervals later while the acks still say so.
+	// addresses, once the acks of a stream have said so for at least one
+	// heartbeat interval (servers notice an outage up to an interval apart),
+	// ask the others' grpc.health.v1 Check (service
+	// "leasehold.v1.WorkerService", deadline one heartbeat interval), and
+	// leave for the first of them, in the order you go through them, that
+	// answers SERVING; when none does (the database is down for every
+	// server), stay. Ask no sooner than 4 heartbeat intervals after your
+	// previous round, on whichever stream it was, so that a flapping database
+	// cannot bounce you between servers.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished

@@ -46,9 +46,17 @@ const UNANSWERED_HEARTBEATS = 1.5;
  * Heartbeat intervals between two rounds of asking the other addresses
  * whether they serve, while the acks of a stream say its server cannot reach
  * its database (worker.proto, Connect): when the database is down for every
- * server, the agents ask now and then, not on every ack.
+ * server, the agents ask now and then, not on every ack; and a database that
+ * flaps cannot bounce an agent from server to server.
  */
 const ASK_AGAIN_HEARTBEATS = 4;
+
+/**
+ * Heartbeat intervals the acks of a stream must have said the database is
+ * unreachable before the agent asks elsewhere: servers notice an outage up to
+ * an interval apart, and one that has not yet would answer SERVING.
+ */
+const UNREACHABLE_HEARTBEATS = 1;
 
 /** What the server sends for every action (grants, report results, acks) is decoded by hand. */
 const AGENT_DECODERS = { connect: decodeServerMessage };
@@ -422,6 +430,10 @@ export function createAgent(options: AgentOptions): Agent {
   let closed = false;
   let sessionId: string | undefined;
   let addressIndex = Math.floor(Math.random() * 1024);
+  /** An address the next stream must go to: one that serves, found while leaving a server. */
+  let preferred: string | undefined;
+  /** When the agent last asked other addresses whether they serve (any stream's server). */
+  let askedAt = Number.NEGATIVE_INFINITY;
   /** The addresses with names expanded, refreshed before every connection. */
   let targets: Target[] = addresses.map((address) => ({ address, name: undefined }));
   let attemptsWithoutWelcome = 0;
@@ -503,9 +515,9 @@ export function createAgent(options: AgentOptions): Agent {
     saidGoodbye: boolean;
     /** Why the agent left this stream itself (the server stopped answering), if it did. */
     abandoned: string | undefined;
-    /** When the agent last asked the other addresses whether they serve, for this stream. */
-    askedAt: number;
-    /** Those questions are out. */
+    /** When the first ack of the current run of acks saying the database is unreachable came. */
+    unreachableSince: number | undefined;
+    /** The agent is asking the other addresses whether they serve, for this stream. */
     asking: boolean;
   }
 
@@ -872,9 +884,12 @@ export function createAgent(options: AgentOptions): Agent {
    */
   function leaveIfAnotherServes(conn: Connection): void {
     conn.asking = true;
-    conn.askedAt = performance.now();
+    askedAt = performance.now();
     const here = addressIndex % targets.length;
-    const others = targets.map((_, k) => (here + 1 + k) % targets.length).filter((i) => i !== here);
+    const current = (targets[here] as Target).address;
+    const others = targets
+      .map((_, k) => (here + 1 + k) % targets.length)
+      .filter((i) => i !== here && (targets[i] as Target).address !== current);
     const asked = others.map((i) => {
       const target = targets[i] as Target;
       return servesWorkers(
@@ -887,16 +902,20 @@ export function createAgent(options: AgentOptions): Agent {
         heartbeatMs,
       ).catch(() => false);
     });
-    void Promise.all(asked).then((serving) => {
-      conn.asking = false;
-      const at = serving.indexOf(true);
-      if (at === -1 || conn.ended || conn.saidGoodbye || closed) return;
-      const index = others[at] as number;
-      // The stream's end moves the agent on by one address: to this one.
-      addressIndex = index - 1 + targets.length;
-      conn.abandoned = `the server cannot reach its database; ${(targets[index] as Target).address} serves`;
-      conn.call.cancel();
-    });
+    void Promise.all(asked)
+      .then((serving) => {
+        const at = serving.indexOf(true);
+        if (at === -1 || conn.ended || conn.saidGoodbye || closed) return;
+        const target = targets[others[at] as number] as Target;
+        // The next stream goes there, even if the names are resolved anew before it opens.
+        preferred = target.address;
+        conn.abandoned = `the server cannot reach its database; ${target.address} serves`;
+        conn.call.cancel();
+      })
+      .catch(() => {})
+      .finally(() => {
+        conn.asking = false;
+      });
   }
 
   /** An IP expanded from a name: the server's certificate names the name. */
@@ -918,6 +937,11 @@ export function createAgent(options: AgentOptions): Agent {
 
   function openStream(): void {
     if (closed) return;
+    if (preferred !== undefined) {
+      const at = targets.findIndex((t) => t.address === preferred);
+      if (at !== -1) addressIndex = at;
+      preferred = undefined;
+    }
     const target = targets[addressIndex % targets.length] as Target;
     const address = target.address;
     const client = createClient(
@@ -1016,7 +1040,7 @@ export function createAgent(options: AgentOptions): Agent {
       ended: false,
       saidGoodbye: false,
       abandoned: undefined,
-      askedAt: Number.NEGATIVE_INFINITY,
+      unreachableSince: undefined,
       asking: false,
     };
     current = conn;
@@ -1074,13 +1098,18 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
-          if (
-            m.value.databaseUnreachable &&
-            addresses.length > 1 &&
-            !conn.asking &&
-            performance.now() - conn.askedAt >= ASK_AGAIN_HEARTBEATS * heartbeatMs
-          )
-            leaveIfAnotherServes(conn);
+          if (!m.value.databaseUnreachable) conn.unreachableSince = undefined;
+          else {
+            const now = performance.now();
+            conn.unreachableSince ??= now;
+            if (
+              addresses.length > 1 &&
+              !conn.asking &&
+              now - conn.unreachableSince >= UNREACHABLE_HEARTBEATS * heartbeatMs &&
+              now - askedAt >= ASK_AGAIN_HEARTBEATS * heartbeatMs
+            )
+              leaveIfAnotherServes(conn);
+          }
           startWaiting();
           break;
         }

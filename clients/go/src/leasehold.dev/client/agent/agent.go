@@ -41,9 +41,10 @@ type Options struct {
 	// Addresses of the server as host:port. The agent starts at a random one
 	// and moves to the next whenever its stream ends. It ends a stream itself
 	// when the server answers no heartbeat for 1.5 heartbeat intervals, and,
-	// with several addresses, when an ack says the server cannot reach its
-	// database and another address's grpc.health.v1 Check says SERVING: the
-	// next stream then goes to the first such address after the current one.
+	// with several addresses, when the acks have said for a heartbeat interval
+	// that the server cannot reach its database and another address's
+	// grpc.health.v1 Check says SERVING: the next stream then goes to the
+	// first such address after the current one.
 	Addresses []string
 	// Cluster the worker belongs to.
 	Cluster string
@@ -308,6 +309,9 @@ type Agent struct {
 	grace time.Duration
 	// heartbeatInterval of the last welcome: when the next ack is due.
 	heartbeatInterval time.Duration
+	// askedAt: when the last round of health checks started, on whichever
+	// stream (see unreachable.go).
+	askedAt time.Time
 	// deadline is the local time after which held leases are no longer
 	// guaranteed: the latest (send time of an acknowledged heartbeat +
 	// its remaining - margin). Every ack is a lower bound of the session's

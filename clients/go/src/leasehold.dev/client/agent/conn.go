@@ -33,9 +33,11 @@ type conn struct {
 	// pending are the reports waiting for their ReportResult, by report id.
 	pending map[uint64]*run
 	// asking: a round of health checks of the other addresses is out (see
-	// unreachable.go); askedAt: when the last round started.
-	asking  bool
-	askedAt time.Time
+	// unreachable.go); unreachableSince: when the first of the acks that
+	// have said database_unreachable since the last one that did not
+	// arrived (zero while they do not say so).
+	asking           bool
+	unreachableSince time.Time
 }
 
 // dialOptions are added to the caller's: keepalive like the TypeScript SDK,

@@ -317,10 +317,16 @@ func (a *Agent) unanswered(c *conn) time.Duration {
 // heartbeatAck moves the self-fence deadline: local send time of the
 // acknowledged heartbeat + remaining - margin, never earlier than before. An
 // ack that says the server cannot reach its database may send the agent to
-// another address (see unreachable.go).
+// another address once the acks of c have said so for a heartbeat interval
+// (see unreachable.go).
 func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 	if ack.GetDatabaseUnreachable() {
+		if c.unreachableSince.IsZero() {
+			c.unreachableSince = time.Now()
+		}
 		defer a.leaveIfUnreachable(c)
+	} else {
+		c.unreachableSince = time.Time{}
 	}
 	sentAt, ok := c.sent[ack.GetSequence()]
 	if !ok {

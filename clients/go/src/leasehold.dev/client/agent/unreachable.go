@@ -14,14 +14,18 @@ import (
 // A server that cannot reach its database still answers heartbeats, but its
 // acks only count down from the last deadline it wrote, and say so
 // (HeartbeatAck.database_unreachable). Staying would self-fence the work
-// while another server could resume the session, so on such an ack, with
-// several addresses, the agent asks the other addresses' health and leaves
-// for the first that serves; when none does (the database is down for every
-// server), it stays, and asks again no sooner than unreachableIntervals
-// heartbeat intervals after the last round started (worker.proto, Connect).
+// while another server could resume the session, so once the acks of a
+// stream have said so for at least one heartbeat interval (servers notice an
+// outage up to an interval apart: asking at once could move the agent to a
+// server that has not noticed yet), with several addresses, the agent asks
+// the other addresses' health and leaves for the first that serves; when
+// none does (the database is down for every server), it stays. It asks no
+// sooner than unreachableIntervals heartbeat intervals after the last round
+// started, on whichever stream, so that a flapping database cannot bounce
+// it between servers (worker.proto, Connect).
 
 // unreachableIntervals is how many heartbeat intervals after the start of a
-// round of health checks the next round of the same stream may start.
+// round of health checks the agent's next round may start.
 const unreachableIntervals = 4
 
 // workerService is the service name the health checks ask about, from the
@@ -30,7 +34,8 @@ var workerService = string(leaseholdv1.File_leasehold_v1_worker_proto.Services()
 
 // leaveIfUnreachable runs on an ack of c that says its server cannot reach
 // its database: it starts a round of health checks of every other address,
-// all at once, unless one is out for c already or the last one of c started
+// all at once, unless the acks of c have said so for less than a heartbeat
+// interval, a round is out for c already, or the agent's last round started
 // less than unreachableIntervals heartbeat intervals ago. With a single
 // address there is nowhere to go, and it never asks.
 func (a *Agent) leaveIfUnreachable(c *conn) {
@@ -38,7 +43,10 @@ func (a *Agent) leaveIfUnreachable(c *conn) {
 	if n < 2 || a.stopped || c.ended || !c.welcomed || c.saidGoodbye || c.asking {
 		return
 	}
-	if !c.askedAt.IsZero() && time.Since(c.askedAt) < unreachableIntervals*a.heartbeatInterval {
+	if c.unreachableSince.IsZero() || time.Since(c.unreachableSince) < a.heartbeatInterval {
+		return
+	}
+	if !a.askedAt.IsZero() && time.Since(a.askedAt) < unreachableIntervals*a.heartbeatInterval {
 		return
 	}
 	// The other addresses in the usual order, starting after the current one.
@@ -55,7 +63,7 @@ func (a *Agent) leaveIfUnreachable(c *conn) {
 		return
 	}
 	c.asking = true
-	c.askedAt = time.Now()
+	a.askedAt = time.Now()
 	options := append(dialOptions(), a.opts.DialOptions...)
 	timeout := a.heartbeatInterval
 	go func() {

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	leaseholdv1 "leasehold.dev/client/gen/leasehold/v1"
+
 	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/structpb"
 )
@@ -102,9 +104,9 @@ func (s *unreachable) handlerRuns(t *testing.T) {
 	}
 }
 
-// A server whose acks say it cannot reach its database is left for another
-// address whose health says SERVING: the session and its lease go there, and
-// the handler keeps running.
+// A server whose acks say it cannot reach its database (for a heartbeat
+// interval) is left for another address whose health says SERVING: the
+// session and its lease go there, and the handler keeps running.
 func TestDatabaseUnreachableMovesTheAgentToAnAddressThatServes(t *testing.T) {
 	s := onUnreachableServer(t, grpc_health_v1.HealthCheckResponse_SERVING)
 	select {
@@ -136,7 +138,8 @@ func TestDatabaseUnreachableMovesTheAgentToAnAddressThatServes(t *testing.T) {
 
 // When no other address serves either (the database is down for every
 // server), the agent stays where it is, and asks again no sooner than 4
-// heartbeat intervals after it last asked.
+// heartbeat intervals after it last asked (the first round comes once the
+// acks have said so for an interval).
 func TestDatabaseUnreachableStaysWhenNoOtherAddressServes(t *testing.T) {
 	s := onUnreachableServer(t, grpc_health_v1.HealthCheckResponse_NOT_SERVING)
 	check := func(which string) time.Time {
@@ -165,4 +168,54 @@ func TestDatabaseUnreachableStaysWhenNoOtherAddressServes(t *testing.T) {
 		t.Fatalf("opened %d streams to the unreachable server, want the one it stayed on", n)
 	}
 	s.handlerRuns(t)
+}
+
+// The agent asks only once the acks of a stream have said database_unreachable
+// for a heartbeat interval: an ack that does not say so restarts the wait. And
+// it asks no sooner than 4 intervals after its last round, even on another
+// stream. No round starts here (one would need a live stream): the test only
+// looks at the state the acks leave and at the checks that hold a round back.
+func TestDatabaseUnreachableWaitsAnIntervalPerStreamAndFourPerAgent(t *testing.T) {
+	const interval = time.Hour // nothing here waits for it
+	a := &Agent{opts: Options{Addresses: []string{"one:1", "two:2"}}, heartbeatInterval: interval}
+	c := &conn{address: "one:1", welcomed: true}
+	flagged := &leaseholdv1.HeartbeatAck{Sequence: 1, DatabaseUnreachable: true}
+	a.heartbeatAck(c, flagged)
+	since := c.unreachableSince
+	if since.IsZero() {
+		t.Fatal("a flagged ack did not start the wait")
+	}
+	if c.asking || !a.askedAt.IsZero() {
+		t.Fatal("asked on the first flagged ack")
+	}
+	a.heartbeatAck(c, flagged)
+	if !c.unreachableSince.Equal(since) {
+		t.Fatal("a second flagged ack restarted the wait")
+	}
+	if c.asking || !a.askedAt.IsZero() {
+		t.Fatal("asked before the flag held for an interval")
+	}
+	// Half an interval in: an ack without the flag clears the wait, and the next
+	// flagged one starts it again from its own arrival.
+	halfway := time.Now().Add(-interval / 2)
+	c.unreachableSince = halfway
+	a.heartbeatAck(c, &leaseholdv1.HeartbeatAck{Sequence: 2})
+	if !c.unreachableSince.IsZero() {
+		t.Fatal("an ack without the flag did not clear the wait")
+	}
+	a.heartbeatAck(c, flagged)
+	if !c.unreachableSince.After(halfway) {
+		t.Fatal("the flagged ack after an unflagged one did not restart the wait")
+	}
+	if c.asking || !a.askedAt.IsZero() {
+		t.Fatal("asked before the restarted wait was over")
+	}
+	// The flag has held for an interval on a new stream, but the agent's last round
+	// (on the stream it left) started a moment ago: no round.
+	a.askedAt = time.Now()
+	moved := &conn{address: "two:2", welcomed: true, unreachableSince: time.Now().Add(-2 * interval)}
+	a.leaveIfUnreachable(moved)
+	if moved.asking {
+		t.Fatal("a new stream started a round right after the agent's last one")
+	}
 }

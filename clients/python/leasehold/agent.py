@@ -16,8 +16,9 @@ of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
 * a lost stream is reopened after a delay with full jitter, never longer than
   an eighth of the grace period;
 * a stream is left for the next address when its heartbeats go unanswered for
-  1.5 intervals, or, given several addresses, when an ack says the server
-  cannot reach its database and another address's health answers SERVING;
+  1.5 intervals, or, given several addresses, when its acks have said for an
+  interval that the server cannot reach its database and another address's
+  health answers SERVING (at most one round of checks per 4 intervals);
 * self-fencing: each heartbeat ack guarantees the session until (send time of
   the acknowledged heartbeat + ``remaining`` - margin); when that local
   deadline passes without a fresh ack, every running handler is cancelled and
@@ -25,9 +26,10 @@ of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
 
 Threads: one reads the stream (and reconnects), one sends heartbeats per
 stream (and one asks the other addresses' health while a round of checks,
-started by an ack that says the database is unreachable, is out), one watches
-the self-fence deadline, ``capacity`` run handlers, and one delivers events to
-``on_event``. All agent state is guarded by one lock.
+started by an ack once the acks have said for an interval that the database
+is unreachable, is out), one watches the self-fence deadline, ``capacity``
+run handlers, and one delivers events to ``on_event``. All agent state is
+guarded by one lock.
 """
 
 from __future__ import annotations
@@ -80,9 +82,13 @@ AgentEvent = dict[str, Any]
 
 # Heartbeat intervals the oldest unanswered heartbeat may wait before the agent leaves the stream.
 _UNANSWERED_HEARTBEATS = 1.5
-# Heartbeat intervals between the starts of two rounds of health checks of a stream's other
-# addresses, asked while its acks say the server cannot reach its database (worker.proto, Connect).
+# Heartbeat intervals between the starts of two rounds of health checks of the other addresses,
+# asked while a stream's acks say the server cannot reach its database (worker.proto, Connect): per
+# agent, whichever stream a round was on, so that a move does not allow a new round at once.
 _HEALTH_ROUND_HEARTBEATS = 4
+# Heartbeat intervals the acks of a stream must have said database_unreachable before a round
+# starts: servers notice an outage up to an interval apart.
+_UNREACHABLE_HEARTBEATS = 1
 # The health service name the other addresses are asked about.
 _HEALTH_SERVICE = "leasehold.v1.WorkerService"
 
@@ -307,8 +313,9 @@ class _Stream:
         """The address the next stream goes to, when the agent left this one for an address that serves."""
         self.asking_health = False
         """A round of health checks of the other addresses is out."""
-        self.health_round_at = -math.inf
-        """When this stream's last round of health checks started."""
+        self.unreachable_since: float | None = None
+        """When the first of the acks that have said database_unreachable since the last one that
+        did not arrived (monotonic); None while the last ack did not say so."""
         self.sequence = 0
         self.sent: dict[int, float] = {}
         """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
@@ -438,6 +445,8 @@ class Agent:
         self._grace: float | None = None
         """The grace period of the last welcome, in seconds: bounds the reconnect delay."""
         self._heartbeat_interval = 0.0
+        self._health_round_at = -math.inf
+        """When the agent's last round of health checks started (monotonic), on whichever stream."""
         self._deadline = -math.inf
         """Monotonic time until which held leases are guaranteed: the latest of
         (send time of an acknowledged heartbeat + its remaining - margin). Every
@@ -688,6 +697,7 @@ class Agent:
         """The other addresses (index, address), in order after the stream's, when a round of health
         checks is due now (it is then marked started); else none."""
         now = time.monotonic()
+        since = stream.unreachable_since
         if (
             len(self._addresses) < 2
             or stream.ended.is_set()
@@ -695,7 +705,9 @@ class Agent:
             or stream.said_goodbye
             or stream.abandoned is not None
             or stream.asking_health
-            or now - stream.health_round_at < _HEALTH_ROUND_HEARTBEATS * interval
+            or since is None
+            or now - since < _UNREACHABLE_HEARTBEATS * interval
+            or now - self._health_round_at < _HEALTH_ROUND_HEARTBEATS * interval
         ):
             return []
         count = len(self._addresses)
@@ -704,16 +716,18 @@ class Agent:
         others = [(index, self._addresses[index]) for index in after if self._addresses[index] != stream.address]
         if others:
             stream.asking_health = True
-            stream.health_round_at = now
+            self._health_round_at = now
         return others
 
     def _ask_health(self, stream: _Stream, interval: float, others: list[tuple[int, str]]) -> None:
         """One round: asks every other address at once, then leaves for the first, in order, that
         answers SERVING; when none does, stays (an ack that still says the database is unreachable
         starts another round, 4 intervals after this one started)."""
-        channels = [open_channel(address, self._credentials) for _, address in others]
+        channels: list[grpc.Channel] = []
         serving: tuple[int, str] | None = None
         try:
+            for _, address in others:
+                channels.append(open_channel(address, self._credentials))
             checks = [check_health(channel, _HEALTH_SERVICE, interval) for channel in channels]
             for target, check in zip(others, checks):
                 if answered_serving(check):
@@ -722,8 +736,10 @@ class Agent:
         finally:
             for channel in channels:
                 channel.close()  # cancels the checks not waited for
+            # Whatever went wrong, the stream may ask again (a round left out would never end).
+            with self._lock:
+                stream.asking_health = False
         with self._lock:
-            stream.asking_health = False
             if stream.ended.is_set() or stream.said_goodbye or stream.abandoned is not None:
                 return  # the stream ended meanwhile: the answers concern no stream
             if serving is None:
@@ -763,11 +779,16 @@ class Agent:
             self._deadline = candidate
             self._deadline_changed.notify_all()
         self._start_waiting()
-        if ack.database_unreachable:
+        if not ack.database_unreachable:
+            stream.unreachable_since = None
+        else:
+            if stream.unreachable_since is None:
+                stream.unreachable_since = time.monotonic()
             # This server cannot write its renewals: its acks only count down. Given other
-            # addresses, ask their health and resume the session through one that serves while
-            # the leases still hold. The checks may wait up to an interval: on a thread of their
-            # own, not this one, which reads the stream.
+            # addresses, once its acks have said so for an interval (the others may notice an
+            # outage up to an interval later), ask their health and resume the session through
+            # one that serves while the leases still hold. The checks may wait up to an interval:
+            # on a thread of their own, not this one, which reads the stream.
             interval = self._heartbeat_interval
             others = self._health_round_due(stream, interval)
             if others:

@@ -87,8 +87,9 @@ _UNANSWERED_HEARTBEATS = 1.5
 # agent, whichever stream a round was on, so that a move does not allow a new round at once.
 _HEALTH_ROUND_HEARTBEATS = 4
 # Heartbeat intervals the acks of a stream must have said database_unreachable before a round
-# starts: servers notice an outage up to an interval apart.
-_UNREACHABLE_HEARTBEATS = 1
+# starts: servers notice an outage up to an interval apart. Three quarters: the second such ack,
+# about an interval after the first, is enough even when it comes a little early.
+_UNREACHABLE_HEARTBEATS = 0.75
 # The health service name the other addresses are asked about.
 _HEALTH_SERVICE = "leasehold.v1.WorkerService"
 

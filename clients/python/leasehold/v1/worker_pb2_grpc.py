@@ -153,8 +153,9 @@ class WorkerServiceServicer(object):
         as the SDKs do, so that the session is resumed through another address
         while its leases still hold. A server that cannot reach its database
         says so in every HeartbeatAck (database_unreachable): with several
-        addresses, once the acks of a stream have said so for at least one
-        heartbeat interval (servers notice an outage up to an interval apart),
+        addresses, once the acks of a stream have said so for three quarters of
+        a heartbeat interval, in practice on the second such ack in a row
+        (servers notice an outage up to an interval apart),
         ask the others' grpc.health.v1 Check (service
         "leasehold.v1.WorkerService", deadline one heartbeat interval), and
         leave for the first of them, in the order you go through them, that

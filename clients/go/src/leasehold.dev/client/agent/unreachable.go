@@ -15,7 +15,7 @@ import (
 // acks only count down from the last deadline it wrote, and say so
 // (HeartbeatAck.database_unreachable). Staying would self-fence the work
 // while another server could resume the session, so once the acks of a
-// stream have said so for at least one heartbeat interval (servers notice an
+// stream have said so for 3/4 of a heartbeat interval (servers notice an
 // outage up to an interval apart: asking at once could move the agent to a
 // server that has not noticed yet), with several addresses, the agent asks
 // the other addresses' health and leaves for the first that serves; when
@@ -43,7 +43,9 @@ func (a *Agent) leaveIfUnreachable(c *conn) {
 	if n < 2 || a.stopped || c.ended || !c.welcomed || c.saidGoodbye || c.asking {
 		return
 	}
-	if c.unreachableSince.IsZero() || time.Since(c.unreachableSince) < a.heartbeatInterval {
+	// Three quarters of an interval: the second such ack, about an interval after the first, is
+	// enough even when it comes a little early.
+	if c.unreachableSince.IsZero() || time.Since(c.unreachableSince) < a.heartbeatInterval*3/4 {
 		return
 	}
 	if !a.askedAt.IsZero() && time.Since(a.askedAt) < unreachableIntervals*a.heartbeatInterval {

@@ -94,7 +94,7 @@ export type ServerMessage =
       readonly sequence: bigint;
       readonly remainingMs: number;
       /** This process cannot reach its database (HeartbeatAck.database_unreachable). */
-      readonly databaseUnreachable?: boolean;
+      readonly databaseUnreachable: boolean;
     }
   | {
       readonly type: "revoke";

@@ -1,6 +1,6 @@
 import { createServer, type Server, type Socket, connect as tcpConnect } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
-import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
+import { type AgentEvent, type AgentOptions, createAgent } from "../../src/agent/agent.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
@@ -45,25 +45,30 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     return { servers, proxies, store };
   }
 
+  /** An agent given both servers' addresses, its events kept in `events`; closed after the test. */
+  function agentOn(servers: TestServer[], events: AgentEvent[], handler: AgentOptions["handler"]): void {
+    const agent = createAgent({
+      address: servers.map((s) => s.address),
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler,
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+  }
+
   it("moves to the server that serves, which resumes its lease: the work runs once", async () => {
     const { servers, proxies } = await twoServers();
     const events: AgentEvent[] = [];
     const started = deferred<string>();
     const finish = deferred();
     let runs = 0;
-    const agent = createAgent({
-      address: servers.map((s) => s.address),
-      workerId: "w1",
-      cluster: "east",
-      onEvent: (e) => events.push(e),
-      handler: async (ctx) => {
-        runs += 1;
-        started.resolve(ctx.actionId);
-        await finish.promise;
-        return { done: true };
-      },
+    agentOn(servers, events, async (ctx) => {
+      runs += 1;
+      started.resolve(ctx.actionId);
+      await finish.promise;
+      return { done: true };
     });
-    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
     const api = (s: TestServer) => s.client(ActionService);
     const submitted = await api(servers[0] as TestServer).submitAction({ cluster: "east" });
     const actionId = submitted.action?.id as string;
@@ -97,18 +102,11 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     const { servers, proxies } = await twoServers();
     const events: AgentEvent[] = [];
     const started = deferred<string>();
-    const agent = createAgent({
-      address: servers.map((s) => s.address),
-      workerId: "w1",
-      cluster: "east",
-      onEvent: (e) => events.push(e),
-      handler: async (ctx) => {
-        started.resolve(ctx.actionId);
-        await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
-        return {};
-      },
+    agentOn(servers, events, async (ctx) => {
+      started.resolve(ctx.actionId);
+      await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
+      return {};
     });
-    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
     const submitted = await (servers[0] as TestServer)
       .client(ActionService)
       .submitAction({ cluster: "east" });

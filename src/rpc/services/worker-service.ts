@@ -624,7 +624,7 @@ export function toConnectResponse(m: ServerMessage): Response {
           value: {
             sequence: m.sequence,
             remaining: durationFromMs(m.remainingMs),
-            databaseUnreachable: m.databaseUnreachable ?? false,
+            databaseUnreachable: m.databaseUnreachable,
           },
         },
       };

@@ -65,7 +65,7 @@ export function createStreamHandle(
             type: "heartbeat_ack",
             sequence: message.sequence,
             remainingMs: remainingMs(s),
-            ...(deps.databaseUnreachable() ? { databaseUnreachable: true } : {}),
+            databaseUnreachable: deps.databaseUnreachable(),
           });
           for (const token of message.held) {
             if (s.held.get(token.actionId) !== token.epoch) {

@@ -469,7 +469,7 @@ describe("work leases", () => {
     expect(got.action).toMatchObject({ systemRetryCount: 1 });
     expect(got.attempts.map((a) => a.outcome)[0]).toBe(AttemptOutcome.LEASE_EXPIRED);
     second.drop();
-    await waitForEvent(t, id, "w1", EventKind.STREAM_LOST);
+    await waitForEvent(t, id, "w1", EventKind.STREAM_LOST, 2);
     await process("third");
     got = await getAction(id);
     expect(got.action).toMatchObject({ state: ActionState.FAILED, systemRetryCount: 2 });
@@ -1105,12 +1105,19 @@ async function waitFor(condition: () => Promise<boolean>, timeoutMs = 5000): Pro
   }
 }
 
-/** Waits for an event about a worker, via WatchEvents replaying from the start (no polling, no race). */
+/**
+ * Waits for the `nth` event of a kind about a worker, via WatchEvents replaying from the start (no
+ * polling, no race). A worker's second lost stream needs nth 2: the first event is already there.
+ */
 async function waitForEvent(
   t: TestServer,
   _actionId: string,
   workerId: string,
   kind: EventKind,
+  nth = 1,
 ): Promise<void> {
-  for await (const _ of t.client(EventService).watchEvents({ workerId, kind, afterSequence: 0n })) return;
+  let seen = 0;
+  for await (const _ of t.client(EventService).watchEvents({ workerId, kind, afterSequence: 0n })) {
+    if (++seen === nth) return;
+  }
 }

@@ -298,7 +298,10 @@ export interface Agent extends AsyncDisposable {
    * Drains: starts no more work, waits up to `timeoutMs` (default 30 s) for
    * running actions and reports them, aborts any still running, and says
    * goodbye, which gives back every lease not reported (those aborted, and
-   * grants that never started), and closes the stream.
+   * grants that never started), and closes the stream. A later call while
+   * it drains shortens the wait to its own `timeoutMs` when that ends
+   * sooner (`close({ timeoutMs: 0 })`: abort what runs now), and returns
+   * the same promise.
    */
   close(options?: { timeoutMs?: number }): Promise<void>;
 }
@@ -1281,17 +1284,35 @@ export function createAgent(options: AgentOptions): Agent {
    * action still stopping (it is not among the grants finishClose looks at).
    */
   let goodbyeDue = false;
+  /** While close() waits for running handlers: ends that wait sooner, at `timeoutMs` from now. */
+  let shortenDrain: ((timeoutMs: number) => void) | undefined;
   const close = (closeOptions: { timeoutMs?: number } = {}) => {
-    closingPromise ??= (async () => {
+    const timeoutMs = closeOptions.timeoutMs ?? 30_000;
+    if (closingPromise) {
+      shortenDrain?.(timeoutMs);
+      return closingPromise;
+    }
+    closingPromise = (async () => {
       // From here no grant starts: the ones waiting for a slot or a guarantee, and any that
       // arrive, are given back unrun by the goodbye (see finishClose).
       closing = true;
-      const timeoutMs = closeOptions.timeoutMs ?? 30_000;
       // Handlers superseded by a newer grant of their action are still work of this agent.
       const allSettled = Promise.all([...running.values(), ...superseded].map((r) => r.settled));
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([allSettled, new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
-      clearTimeout(timer);
+      await new Promise<void>((resolve) => {
+        let endsAt = performance.now() + timeoutMs;
+        let timer = setTimeout(resolve, timeoutMs);
+        shortenDrain = (ms) => {
+          if (performance.now() + ms >= endsAt) return;
+          endsAt = performance.now() + ms;
+          clearTimeout(timer);
+          timer = setTimeout(resolve, ms);
+        };
+        allSettled.then(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      shortenDrain = undefined;
       for (const r of running.values()) {
         if (!r.controller.aborted) r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
       }

@@ -1,4 +1,4 @@
-import { hostname, tmpdir } from "node:os";
+import { hostname, constants as osConstants, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Command, Option } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
@@ -34,7 +34,10 @@ export function agentCommand(): Command {
           "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
           "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
           "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
-          "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required.",
+          "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required. " +
+          "Ctrl-C (or SIGTERM) drains: no new work, held actions finish, then goodbye; a second one stops held " +
+          "actions now and gives their leases back (exit 130, or 143 on SIGTERM); a third kills what they " +
+          "started and exits at once.",
       )
       .requiredOption("--cluster <name>", "the cluster this worker belongs to")
       .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
@@ -178,16 +181,48 @@ export function agentCommand(): Command {
           agentVersion: "leasehold-agent",
           onEvent: log,
         });
+        const say = (type: string, human: string, fields: Record<string, unknown> = {}) =>
+          process.stdout.write(
+            g.json
+              ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
+              : `${new Date().toISOString()} ${human}\n`,
+          );
+        // Ctrl-C (or SIGTERM) once drains; twice stops the running actions now and gives their
+        // leases back; three times kills what they started and exits at once.
+        let signals = 0;
+        let stoppedBy: NodeJS.Signals | undefined;
         await new Promise<void>((resolve) => {
-          const stop = () => {
-            process.stdout.write(
-              `${new Date().toISOString()} draining: finishing held actions, then goodbye\n`,
-            );
-            agent.close().then(resolve, resolve);
+          const onSignal = (signal: NodeJS.Signals) => {
+            signals += 1;
+            if (signals === 1) {
+              say(
+                "draining",
+                "draining: finishing held actions, then goodbye (Ctrl-C again stops them now)",
+                { signal },
+              );
+              agent.close().then(resolve, resolve);
+            } else if (signals === 2) {
+              stoppedBy = signal;
+              say(
+                "stopping",
+                `stopping ${count(agent.running, "held action")} now (SIGTERM, then SIGKILL after 2s) and giving the leases back (Ctrl-C again kills them and exits)`,
+                { signal, running: agent.running },
+              );
+              agent.close({ timeoutMs: 0 }).then(resolve, resolve);
+            } else {
+              const killed = registry.sweep();
+              say("killed", `killed ${count(killed, "process group")}; exiting without a goodbye`, {
+                signal,
+                count: killed,
+              });
+              process.exit(exitOnSignal(signal));
+            }
           };
-          process.once("SIGTERM", stop);
-          process.once("SIGINT", stop);
+          process.on("SIGTERM", onSignal);
+          process.on("SIGINT", onSignal);
         });
+        // A drain cut short did not finish the work it held: say so, as a shell's 128 + signal.
+        if (stoppedBy) process.exitCode = exitOnSignal(stoppedBy);
       })
   );
 }
@@ -247,4 +282,9 @@ function describe(e: AgentEvent): string {
     case "taken_over":
       return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }
+}
+
+/** The exit status of a process a signal interrupted, as shells give it: 128 + its number. */
+function exitOnSignal(signal: NodeJS.Signals): number {
+  return 128 + (osConstants.signals[signal] ?? 0);
 }

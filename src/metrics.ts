@@ -1,6 +1,6 @@
 import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
-import { Code, LeaseholdError } from "./errors.js";
+import { LeaseholdError } from "./errors.js";
 import type { CallKind, CallObserver } from "./rpc/adapter.js";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
@@ -320,9 +320,9 @@ export async function serveMetrics(
     server.once("error", (error: NodeJS.ErrnoException) =>
       reject(
         error.code === "EADDRINUSE" || error.code === "EACCES"
-          ? new LeaseholdError(
-              Code.FailedPrecondition,
-              `--metrics-listen: cannot listen on ${host}:${port} (${error.code === "EADDRINUSE" ? "another process uses it" : "not allowed"}); choose another address, or --metrics-listen off`,
+          ? LeaseholdError.invalidArgument(
+              "--metrics-listen",
+              `cannot listen on ${host}:${port} (${error.code === "EADDRINUSE" ? "another process uses it" : "not allowed"}); choose another address, or --metrics-listen off`,
             )
           : error,
       ),

@@ -1,7 +1,7 @@
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { status as Code } from "@grpc/grpc-js";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { BIN } from "../helpers/process.js";
@@ -15,7 +15,10 @@ async function waitForEvent(t: TestServer, workerId: string, kind: EventKind): P
   for await (const _ of t.client(EventService).watchEvents({ workerId, kind, afterSequence: 0n })) return;
 }
 
-/** Heartbeats `w` every 300 ms (grace 2 s), listing `held` as it is at each beat; returns the stop. */
+/**
+ * Heartbeats `w` every 300 ms (grace 2 s), listing `held` as it is at each beat; returns the stop,
+ * which also runs when the test ends, passed or failed.
+ */
 function keepAlive(w: TestWorker, held: readonly { actionId: string; epoch: bigint }[]): () => void {
   let sequence = 1000;
   const timer = setInterval(() => {
@@ -23,7 +26,9 @@ function keepAlive(w: TestWorker, held: readonly { actionId: string; epoch: bigi
       message: { case: "heartbeat", value: { sequence: BigInt(sequence++), heldLeases: [...held] } },
     });
   }, 300);
-  return () => clearInterval(timer);
+  const stop = () => clearInterval(timer);
+  onTestFinished(stop);
+  return stop;
 }
 
 // Real timers and streams (grace 2 s), both drivers: a lease lost and re-granted, a stale report

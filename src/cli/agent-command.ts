@@ -1,4 +1,4 @@
-import { hostname, constants as osConstants, tmpdir } from "node:os";
+import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 import { Command, Option } from "commander";
 import { type AgentEvent, createAgent } from "../agent/agent.js";
@@ -15,10 +15,12 @@ import {
   collect,
   count,
   EXIT,
+  exitOnSignal,
   globals,
   nonNegativeIntFlag,
   parseLabels,
   positiveIntFlag,
+  SAME_SIGNAL_MS,
   toJson,
   unreachableWhy,
 } from "./output.js";
@@ -190,9 +192,12 @@ export function agentCommand(): Command {
         // Ctrl-C (or SIGTERM) once drains; twice stops the running actions now and gives their
         // leases back; three times kills what they started and exits at once.
         let signals = 0;
+        let lastSignalAt = 0;
         let stoppedBy: NodeJS.Signals | undefined;
         await new Promise<void>((resolve) => {
           const onSignal = (signal: NodeJS.Signals) => {
+            if (Date.now() - lastSignalAt < SAME_SIGNAL_MS) return;
+            lastSignalAt = Date.now();
             signals += 1;
             if (signals === 1) {
               say(
@@ -282,9 +287,4 @@ function describe(e: AgentEvent): string {
     case "taken_over":
       return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }
-}
-
-/** The exit status of a process a signal interrupted, as shells give it: 128 + its number. */
-function exitOnSignal(signal: NodeJS.Signals): number {
-  return 128 + (osConstants.signals[signal] ?? 0);
 }

@@ -1,10 +1,17 @@
-import { constants } from "node:os";
 import { setFlagsFromString } from "node:v8";
 import { Command, Option } from "commander";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { LeaseholdServer } from "../server.js";
-import { CliError, EXIT, guardOutput, stdoutLines, variableSaysOff } from "./output.js";
+import {
+  CliError,
+  EXIT,
+  exitOnSignal,
+  guardOutput,
+  SAME_SIGNAL_MS,
+  stdoutLines,
+  variableSaysOff,
+} from "./output.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
@@ -227,9 +234,6 @@ function insecureVariableOff(command: Command): boolean {
   return variableSaysOff(process.env.LEASEHOLD_INSECURE);
 }
 
-/** Signals this close to the first are the same one delivered twice. */
-const SAME_SIGNAL_MS = 1000;
-
 async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
   // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
   guardOutput("drop");
@@ -257,12 +261,10 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   };
   const stop = (signal: NodeJS.Signals) => {
     if (stoppingSince !== undefined) {
-      // Ctrl-C under `npm start` arrives twice at once (from the terminal and
-      // forwarded by npm): only a signal sent later is a second one.
       if (Date.now() - stoppingSince < SAME_SIGNAL_MS) return;
       // The operator will not wait for streams to drain or the final renewal.
       log.warn({ signal }, "second signal; exiting without finishing the shutdown");
-      process.exit(128 + (constants.signals[signal] ?? 0));
+      process.exit(exitOnSignal(signal));
     }
     stoppingSince = Date.now();
     log.info({ signal }, "shutting down");

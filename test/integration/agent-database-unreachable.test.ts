@@ -98,6 +98,55 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     expect(events.find((e) => e.type === "finished")).toMatchObject({ accepted: true, epoch: 1 });
   }, 60_000);
 
+  it("moves back when the first server has its database again and the second loses it", async () => {
+    const { servers, proxies } = await twoServers();
+    const events: AgentEvent[] = [];
+    const started = deferred<string>();
+    const finish = deferred();
+    let runs = 0;
+    agentOn(servers, events, async (ctx) => {
+      runs += 1;
+      started.resolve(ctx.actionId);
+      await finish.promise;
+      return { done: true };
+    });
+    const submitted = await (servers[0] as TestServer)
+      .client(ActionService)
+      .submitAction({ cluster: "east" });
+    const actionId = submitted.action?.id as string;
+    expect(await started.promise).toBe(actionId);
+    const connected = events.find((e) => e.type === "connected") as { address: string };
+    const first = servers.findIndex((s) => s.address === connected.address);
+    const second = 1 - first;
+
+    proxies[first]?.cut();
+    await until(events, (e) => e.type === "connected" && e.address === servers[second]?.address);
+    // The first server has its database again, and says so; then the second loses its own.
+    proxies[first]?.restore();
+    const health = healthClient((servers[first] as TestServer).address);
+    cleanups.push(() => health.close());
+    while ((await health.check(WorkerService.typeName)) !== "SERVING") {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const movesBefore = events.filter((e) => e.type === "connected").length;
+    proxies[second]?.cut();
+
+    const back = await until(
+      events,
+      (e) =>
+        e.type === "connected" &&
+        e.address === servers[first]?.address &&
+        events.filter((x) => x.type === "connected").indexOf(e) >= movesBefore,
+    );
+    expect(back).toMatchObject({ resumed: [actionId], revoked: [] });
+    finish.resolve();
+    await until(events, (e) => e.type === "finished" && e.actionId === actionId);
+    const done = (await (servers[first] as TestServer).client(ActionService).getAction({ actionId })).action;
+    expect(done).toMatchObject({ state: ActionState.SUCCEEDED, epoch: 1n });
+    expect(runs).toBe(1);
+    expect(events.filter((e) => e.type === "self_fenced" || e.type === "revoked")).toEqual([]);
+  }, 90_000);
+
   it("stays when no other server serves either (the database is down for all), and self-fences", async () => {
     const { servers, proxies } = await twoServers();
     const events: AgentEvent[] = [];
@@ -155,6 +204,8 @@ interface CuttableProxy {
   readonly port: number;
   /** Ends every connection and refuses new ones: the database is gone for whoever uses this proxy. */
   cut(): void;
+  /** Lets new connections through again. */
+  restore(): void;
   close(): void;
 }
 
@@ -190,6 +241,9 @@ async function cuttableProxy(host: string, port: number): Promise<CuttableProxy>
     cut() {
       cut = true;
       destroyAll();
+    },
+    restore() {
+      cut = false;
     },
     close() {
       destroyAll();

@@ -1307,10 +1307,11 @@ export function createAgent(options: AgentOptions): Agent {
           clearTimeout(timer);
           timer = setTimeout(resolve, ms);
         };
-        allSettled.then(() => {
+        const settled = () => {
           clearTimeout(timer);
           resolve();
-        });
+        };
+        allSettled.then(settled, settled);
       });
       shortenDrain = undefined;
       for (const r of running.values()) {

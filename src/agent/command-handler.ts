@@ -90,7 +90,12 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  */
 export async function commandHandler(
   ctx: ActionContext,
-  options: { registry?: ProcessRegistry; allow?: CommandPolicy | CommandAllowList } = {},
+  options: {
+    registry?: ProcessRegistry;
+    allow?: CommandPolicy | CommandAllowList;
+    /** How long a stopped command gets between SIGTERM and SIGKILL (default 2 s). */
+    killGraceMs?: number;
+  } = {},
 ): Promise<JsonObject> {
   const command = parseCommandPayload(ctx.payload);
   const { program, args, argv0 } = requireAllowedCommand(command, options.allow ?? "any");
@@ -132,7 +137,10 @@ export async function commandHandler(
     if (stopReason !== undefined || child.pid === undefined) return;
     stopReason = reason;
     killGroup(child.pid, "SIGTERM");
-    killTimer = setTimeout(() => child.pid !== undefined && killGroup(child.pid, "SIGKILL"), KILL_GRACE_MS);
+    killTimer = setTimeout(
+      () => child.pid !== undefined && killGroup(child.pid, "SIGKILL"),
+      options.killGraceMs ?? KILL_GRACE_MS,
+    );
   };
   const onAbort = () => stop(ctx.signal.reason instanceof Error ? ctx.signal.reason.message : "aborted");
   ctx.signal.addEventListener("abort", onAbort);

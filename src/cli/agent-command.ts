@@ -6,6 +6,7 @@ import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
 import { createProcessRegistry } from "../agent/process-registry.js";
+import { parseDuration } from "../config.js";
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
 import { checkWorkerNames, Violations } from "../rpc/validate.js";
@@ -15,15 +16,15 @@ import {
   collect,
   count,
   EXIT,
-  exitOnSignal,
   globals,
+  guardOutput,
   nonNegativeIntFlag,
   parseLabels,
   positiveIntFlag,
-  SAME_SIGNAL_MS,
   toJson,
   unreachableWhy,
 } from "./output.js";
+import { exitOnSignal, interruptCounter } from "./signals.js";
 
 /** `leasehold agent`: the reference agent, running commands from action payloads. */
 export function agentCommand(): Command {
@@ -37,9 +38,10 @@ export function agentCommand(): Command {
           "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
           "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
           "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required. " +
-          "Ctrl-C (or SIGTERM) drains: no new work, held actions finish, then goodbye; a second one stops held " +
-          "actions now and gives their leases back (exit 130, or 143 on SIGTERM); a third kills what they " +
-          "started and exits at once.",
+          "Ctrl-C (or SIGTERM) drains: no new work, held actions finish (at most 30 s), then goodbye; a second one, " +
+          "a second or more later, stops held actions now (commands get SIGTERM, then SIGKILL after --kill-grace; " +
+          "deployments are killed at once) and gives their leases back (exit 130, or 143 if it was SIGTERM); a " +
+          "third kills every process group they started and exits at once.",
       )
       .requiredOption("--cluster <name>", "the cluster this worker belongs to")
       .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
@@ -56,6 +58,12 @@ export function agentCommand(): Command {
           "wait behind a long action while another worker is idle, so leave it at 0 for long actions",
         nonNegativeIntFlag,
         0,
+      )
+      .option(
+        "--kill-grace <duration>",
+        "how long a command being stopped (revoked, timed out, self-fenced, or stopped by a second Ctrl-C) gets " +
+          "between SIGTERM and SIGKILL to its process group, e.g. 500ms, 10s",
+        "2s",
       )
       // The flag's earlier name, kept working for scripts written against it.
       .addOption(new Option("--slots <n>").argParser(positiveIntFlag).hideHelp())
@@ -98,7 +106,11 @@ export function agentCommand(): Command {
           "cluster runs code on this machine",
       )
       .action(async (o: Record<string, unknown>, command: Command) => {
+        // A closed stdout (`leasehold agent | tee log`, then Ctrl-C) drops the log lines; the agent
+        // still drains, and stops what it started.
+        guardOutput("drop");
         const g = globals(command);
+        const killGraceMs = durationFlag("--kill-grace", o.killGrace as string);
         const allow = allowPolicy({
           commands: o.allowCommand as string[] | undefined,
           any: o.allowAnyCommand === true,
@@ -179,7 +191,9 @@ export function agentCommand(): Command {
           prefetch,
           labels,
           handler: (ctx) =>
-            isDeploymentPayload(ctx.payload) ? deployments(ctx) : commandHandler(ctx, { registry, allow }),
+            isDeploymentPayload(ctx.payload)
+              ? deployments(ctx)
+              : commandHandler(ctx, { registry, allow, killGraceMs }),
           agentVersion: "leasehold-agent",
           onEvent: log,
         });
@@ -189,47 +203,66 @@ export function agentCommand(): Command {
               ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
               : `${new Date().toISOString()} ${human}\n`,
           );
-        // Ctrl-C (or SIGTERM) once drains; twice stops the running actions now and gives their
-        // leases back; three times kills what they started and exits at once.
-        let signals = 0;
-        let lastSignalAt = 0;
-        let stoppedBy: NodeJS.Signals | undefined;
-        await new Promise<void>((resolve) => {
-          const onSignal = (signal: NodeJS.Signals) => {
-            if (Date.now() - lastSignalAt < SAME_SIGNAL_MS) return;
-            lastSignalAt = Date.now();
-            signals += 1;
-            if (signals === 1) {
-              say(
-                "draining",
-                "draining: finishing held actions, then goodbye (Ctrl-C again stops them now)",
-                { signal },
-              );
-              agent.close().then(resolve, resolve);
-            } else if (signals === 2) {
-              stoppedBy = signal;
-              say(
-                "stopping",
-                `stopping ${count(agent.running, "held action")} now (SIGTERM, then SIGKILL after 2s) and giving the leases back (Ctrl-C again kills them and exits)`,
-                { signal, running: agent.running },
-              );
-              agent.close({ timeoutMs: 0 }).then(resolve, resolve);
-            } else {
-              const killed = registry.sweep();
-              say("killed", `killed ${count(killed, "process group")}; exiting without a goodbye`, {
-                signal,
-                count: killed,
-              });
-              process.exit(exitOnSignal(signal));
-            }
-          };
-          process.on("SIGTERM", onSignal);
-          process.on("SIGINT", onSignal);
+        // Ctrl-C (or SIGTERM) once drains; twice stops the held actions now and gives their leases
+        // back; three times kills what they started and exits at once.
+        const interrupts = interruptCounter();
+        /** The signal that cut a drain short while actions were held, if one did. */
+        let cutShortBy: NodeJS.Signals | undefined;
+        let closed = () => {};
+        const done = new Promise<void>((resolve) => {
+          closed = resolve;
         });
+        const onSignal = (signal: NodeJS.Signals) => {
+          const nth = interrupts();
+          if (nth === undefined) return;
+          if (nth === 1) {
+            say(
+              "interrupt_drain",
+              "draining: finishing held actions, then goodbye (Ctrl-C again stops them now)",
+              {
+                signal,
+              },
+            );
+            agent.close().then(closed, closed);
+          } else if (nth === 2) {
+            const held = agent.running;
+            if (held > 0) cutShortBy = signal;
+            say(
+              "interrupt_stop",
+              `stopping ${count(held, "held action")} now and giving the leases back (Ctrl-C again kills what they started and exits)`,
+              { signal, running: held },
+            );
+            agent.close({ timeoutMs: 0 }).then(closed, closed);
+          } else {
+            const killed = registry.sweep();
+            say("interrupt_kill", `killed ${count(killed, "process group")}; exiting without a goodbye`, {
+              signal,
+              count: killed,
+            });
+            process.exit(exitOnSignal(signal));
+          }
+        };
+        process.on("SIGTERM", onSignal);
+        process.on("SIGINT", onSignal);
+        try {
+          await done;
+        } finally {
+          process.off("SIGTERM", onSignal);
+          process.off("SIGINT", onSignal);
+        }
         // A drain cut short did not finish the work it held: say so, as a shell's 128 + signal.
-        if (stoppedBy) process.exitCode = exitOnSignal(stoppedBy);
+        if (cutShortBy) process.exitCode = exitOnSignal(cutShortBy);
       })
   );
+}
+
+/** A duration flag's value in milliseconds; malformed is bad usage naming the flag. */
+function durationFlag(flag: string, text: string): number {
+  try {
+    return parseDuration(flag, text);
+  } catch (error) {
+    throw new CliError(error instanceof Error ? error.message : String(error), EXIT.usage);
+  }
 }
 
 /**

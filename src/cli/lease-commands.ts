@@ -21,13 +21,7 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { createClient } from "../rpc/client.js";
-import {
-  describeDeployment,
-  type LiveTestEvent,
-  runLiveTest,
-  SIGNAL_EXIT,
-  waitForLease,
-} from "./lease-run.js";
+import { describeDeployment, type LiveTestEvent, runLiveTest, waitForLease } from "./lease-run.js";
 import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
   CliError,
@@ -46,6 +40,7 @@ import {
   uploadRefused,
   withServer,
 } from "./output.js";
+import { exitOnSignal, interruptCounter } from "./signals.js";
 
 type Clients = {
   leases: ReturnType<typeof createClient<(typeof LeaseService)["method"]>>;
@@ -379,9 +374,12 @@ export function leaseCommands(): Command {
         // An interrupt rolls the lease back before exiting; a second one gives up at once
         // (the lease's TTL still rolls it back).
         const controller = new AbortController();
+        const interrupts = interruptCounter();
         const handlers = (["SIGINT", "SIGTERM"] as const).map((name) => {
           const handler = () => {
-            if (controller.signal.aborted) process.exit(SIGNAL_EXIT[name]);
+            const count = interrupts();
+            if (count === undefined) return;
+            if (count > 1) process.exit(exitOnSignal(name));
             controller.abort(name);
           };
           process.on(name, handler);

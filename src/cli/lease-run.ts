@@ -14,6 +14,7 @@ import {
 import type { Client } from "../rpc/client.js";
 import type { Check, CommandSpec, DeploymentPlan, Manifest } from "./manifest.js";
 import { cliErrorFrom, EXIT, enumName, time, uploadRefused } from "./output.js";
+import { exitOnSignal } from "./signals.js";
 
 /*
  * `leasehold lease run --test`: the whole life of a live test in one command,
@@ -101,8 +102,6 @@ export interface LiveTestOutcome {
   readonly error?: string;
 }
 
-/** Exit codes of an interrupted run: 128 + the signal's number, as shells report it. */
-export const SIGNAL_EXIT: Readonly<Record<"SIGINT" | "SIGTERM", number>> = { SIGINT: 130, SIGTERM: 143 };
 /** How long the final rollback may take; beyond it the TTL does the job. */
 const ROLLBACK_TIMEOUT_MS = 30_000;
 /** Slack added to gRPC deadlines of calls that wait server-side for their own timeout. */
@@ -143,7 +142,8 @@ export async function runLiveTest(
   const interrupted = (): LiveTestOutcome => {
     const name = String(signal.reason);
     emit("interrupted", { signal: name });
-    return { passed: false, exitCode: SIGNAL_EXIT[name as keyof typeof SIGNAL_EXIT] ?? EXIT.failed };
+    const interrupt = name === "SIGINT" || name === "SIGTERM";
+    return { passed: false, exitCode: interrupt ? exitOnSignal(name) : EXIT.failed };
   };
 
   if (signal.aborted) return finish(interrupted());

@@ -1,4 +1,3 @@
-import { constants as osConstants } from "node:os";
 import {
   type DescMessage,
   type JsonValue,
@@ -19,18 +18,6 @@ import { checkAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
  * 2 bad usage (flags, arguments); 3 the server is unreachable; 4 not found.
  */
 export const EXIT = { ok: 0, failed: 1, usage: 2, unreachable: 3, notFound: 4 } as const;
-
-/**
- * Signals this close to the first are the same one delivered twice: Ctrl-C under `npm start` or
- * `npx` reaches the process from the terminal and again forwarded by npm. Only a later one is a
- * second Ctrl-C.
- */
-export const SAME_SIGNAL_MS = 1000;
-
-/** The exit status of a process a signal interrupted, as shells give it: 128 + its number. */
-export function exitOnSignal(signal: NodeJS.Signals): number {
-  return 128 + (osConstants.signals[signal] ?? 0);
-}
 
 let closedOutput: "exit" | "drop" = "exit";
 let guarded = false;

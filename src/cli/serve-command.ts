@@ -3,15 +3,8 @@ import { Command, Option } from "commander";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { LeaseholdServer } from "../server.js";
-import {
-  CliError,
-  EXIT,
-  exitOnSignal,
-  guardOutput,
-  SAME_SIGNAL_MS,
-  stdoutLines,
-  variableSaysOff,
-} from "./output.js";
+import { CliError, EXIT, guardOutput, stdoutLines, variableSaysOff } from "./output.js";
+import { exitOnSignal, interruptCounter } from "./signals.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
 export function serveCommand(): Command {
@@ -248,8 +241,9 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
   const stopBeforeReady = new AbortController();
   let server: LeaseholdServer | undefined;
-  /** When the first signal came; undefined while running. */
-  let stoppingSince: number | undefined;
+  const interrupts = interruptCounter();
+  /** A first signal came: the server is shutting down. */
+  let stopping = false;
   const closeAndExit = (running: LeaseholdServer) => {
     running.close().then(
       () => process.exit(EXIT.ok),
@@ -260,13 +254,14 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     );
   };
   const stop = (signal: NodeJS.Signals) => {
-    if (stoppingSince !== undefined) {
-      if (Date.now() - stoppingSince < SAME_SIGNAL_MS) return;
+    const count = interrupts();
+    if (count === undefined) return;
+    if (count > 1) {
       // The operator will not wait for streams to drain or the final renewal.
       log.warn({ signal }, "second signal; exiting without finishing the shutdown");
       process.exit(exitOnSignal(signal));
     }
-    stoppingSince = Date.now();
+    stopping = true;
     log.info({ signal }, "shutting down");
     if (server) closeAndExit(server);
     else {
@@ -298,5 +293,5 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     process.exit(EXIT.ok);
   }
   // A signal that came after the database answered: the start finished first.
-  if (stoppingSince !== undefined) closeAndExit(server);
+  if (stopping) closeAndExit(server);
 }

@@ -18,8 +18,11 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     for (const c of cleanups.splice(0).reverse()) await c();
   });
 
-  /** Two servers, each reaching the database through a proxy of its own. */
-  async function twoServers(): Promise<{
+  /**
+   * Two servers, each reaching the database through a proxy of its own; by default with the
+   * default timings: the agent must be gone well before its guarantee is.
+   */
+  async function twoServers(config = { gracePeriod: "10s", heartbeatInterval: "2s" }): Promise<{
     servers: TestServer[];
     proxies: CuttableProxy[];
     store: TestStore;
@@ -35,8 +38,7 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
       url.host = `127.0.0.1:${proxy.port}`;
       const server = await startTestServer({
         store: { ...store, url: url.toString() },
-        // The defaults: the agent must be gone well before its guarantee is.
-        config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+        config,
       });
       cleanups.push(() => server.stop());
       servers.push(server);
@@ -99,7 +101,9 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
   }, 60_000);
 
   it("moves back when the first server has its database again and the second loses it", async () => {
-    const { servers, proxies } = await twoServers();
+    // A round of health checks comes at most every 4 intervals, counted from the first move's: with
+    // a 2 s interval that left 1.3-1.8 s of the guarantee. A 1 s interval leaves about 5 s.
+    const { servers, proxies } = await twoServers({ gracePeriod: "10s", heartbeatInterval: "1s" });
     const events: AgentEvent[] = [];
     const started = deferred<string>();
     const finish = deferred();

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent, LeaseLost } from "../../src/agent/index.js";
-import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
@@ -528,6 +528,39 @@ describe("the agent SDK against a real server", () => {
     });
     const worker = (await t.client(ClusterService).getWorker({ workerId: "drainer" })).worker;
     expect(worker?.state).toBe(WorkerState.OFFLINE);
+  });
+
+  // The first close alone waits 30 s for the handler: the test's timeout fails it long before.
+  it("cuts a drain short when close is called again with a shorter timeout: aborts now, gives the lease back", {
+    timeout: 15_000,
+  }, async () => {
+    const t = await server();
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const started = deferred();
+    const aborted = deferred<unknown>();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "hurried",
+      handler: async (ctx) => {
+        started.resolve();
+        // Runs until aborted, as a long job does.
+        await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
+        aborted.resolve(ctx.signal.reason);
+        return {};
+      },
+    });
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "east" });
+    await started.promise;
+    const draining = agent.close();
+    const hurried = agent.close({ timeoutMs: 0 });
+    expect(hurried).toBe(draining);
+    expect(await aborted.promise).toMatchObject({ message: "the agent is shutting down" });
+    await draining;
+    const got = await api.getAction({ actionId: action?.id ?? "" });
+    expect(got.action?.state).toBe(ActionState.QUEUED);
+    expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.RELEASED]);
   });
 
   it("drains with work still queued: a grant that arrives while it closes goes back with the goodbye, once", async () => {

@@ -1,8 +1,9 @@
+import { readdirSync } from "node:fs";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { SAME_SIGNAL_MS } from "../../src/cli/output.js";
+import { SAME_SIGNAL_MS } from "../../src/cli/signals.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
 import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
@@ -19,22 +20,30 @@ describe.runIf(runsDriverNeutralTests())(
   () => {
     let t: TestServer;
     let dir: string;
-    let agent: LeaseholdProcess | undefined;
-    /** The commands' process groups, killed after each test whatever the agent did. */
-    const groups: number[] = [];
+    /** The agents of the running test, killed after it whatever they did. */
+    const agents: { agent: LeaseholdProcess; workDir: string; workerId: string }[] = [];
 
     beforeAll(async () => {
       t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
       dir = await mkdtemp(join(tmpdir(), "leasehold-signals-"));
     });
     afterEach(() => {
-      agent?.child.kill("SIGKILL");
-      agent = undefined;
-      for (const pid of groups.splice(0)) {
-        try {
-          process.kill(-pid, "SIGKILL");
-        } catch {
-          // Gone already, as it should be.
+      for (const { agent, workDir, workerId } of agents.splice(0)) {
+        agent.child.kill("SIGKILL");
+        // And every process group it recorded (see process-registry.ts): nothing outlives a failed test.
+        const groups = join(workDir, ".processes", workerId);
+        for (const pid of (() => {
+          try {
+            return readdirSync(groups);
+          } catch {
+            return [];
+          }
+        })()) {
+          try {
+            process.kill(-Number(pid), "SIGKILL");
+          } catch {
+            // Gone already, as it should be.
+          }
         }
       }
     });
@@ -43,14 +52,20 @@ describe.runIf(runsDriverNeutralTests())(
       if (dir) await rm(dir, { recursive: true, force: true });
     });
 
-    /** Starts an agent of `cluster`, submits `script` (sh, which writes its pid first) and waits for its pid. */
-    async function holding(cluster: string, script: string) {
-      agent = await runReferenceAgent({
+    /**
+     * Starts an agent named `cluster` (its worker id too) with `flags`, submits `script` to it
+     * (sh, which writes its pid first), and waits for that pid.
+     */
+    async function holding(cluster: string, script: string, flags: readonly string[] = []) {
+      const workDir = join(dir, cluster);
+      const agent = await runReferenceAgent({
         server: t.address,
         cluster,
         workerId: cluster,
-        workDir: join(dir, cluster),
+        workDir,
+        allow: ["--allow-any-command", ...flags],
       });
+      agents.push({ agent, workDir, workerId: cluster });
       const pidFile = join(dir, `${cluster}.pid`);
       const { action } = await t.client(ActionService).submitAction({
         cluster,
@@ -65,7 +80,6 @@ describe.runIf(runsDriverNeutralTests())(
         if (pid === 0) await new Promise((r) => setTimeout(r, 25));
       }
       expect(pid).toBeGreaterThan(0);
-      groups.push(pid);
       return { actionId: action?.id ?? "", pid, agent };
     }
 
@@ -81,43 +95,74 @@ describe.runIf(runsDriverNeutralTests())(
       }
     };
 
-    it("stops the held command on a second Ctrl-C, gives its lease back, and exits 130", async () => {
+    /** Waits (bounded) for `pid`, which this process is not the parent of, to be gone. */
+    const gone = async (pid: number) => {
+      for (let i = 0; i < 1200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+      return !alive(pid);
+    };
+
+    /** The action's state and its attempts' outcomes. */
+    const outcome = async (actionId: string) => {
+      const got = await t.client(ActionService).getAction({ actionId });
+      return { state: got.action?.state, attempts: got.attempts.map((a) => a.outcome) };
+    };
+
+    // The drain alone would wait 30 s for the command: the test's timeout fails it long before.
+    it("stops the held command on a second Ctrl-C, gives its lease back, and exits 130", {
+      timeout: 20_000,
+    }, async () => {
       const { actionId, pid, agent } = await holding("twice", "exec sleep 300");
-      // One Ctrl-C under npm arrives twice at once, from the terminal and from npm: one signal.
       agent.child.kill("SIGINT");
-      agent.child.kill("SIGINT");
-      await agent.waitForLog((l) => l.type === "draining");
+      await agent.waitForLog((l) => l.type === "interrupt_drain");
       await afterSameSignalWindow();
       // A drain waits for the command: it is still running.
       expect(alive(pid)).toBe(true);
       agent.child.kill("SIGINT");
-      // Stopping, not killing: the pair above counted once.
-      expect(await agent.waitForLog((l) => l.type === "stopping" || l.type === "killed")).toMatchObject({
-        type: "stopping",
-        running: 1,
-      });
+      expect(await agent.waitForLog((l) => l.type === "interrupt_stop")).toMatchObject({ running: 1 });
       expect(await agent.exited).toBe(130);
       // The agent waits for its command's exit before it reports: the process is gone.
       expect(alive(pid)).toBe(false);
-      const got = await t.client(ActionService).getAction({ actionId });
-      expect(got.action?.state).toBe(ActionState.QUEUED);
-      expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.RELEASED]);
+      expect(await outcome(actionId)).toEqual({
+        state: ActionState.QUEUED,
+        attempts: [AttemptOutcome.RELEASED],
+      });
     });
 
     it("kills a command that ignores SIGTERM on a third Ctrl-C and exits at once", async () => {
-      const { pid, agent } = await holding("thrice", "trap '' TERM; while :; do sleep 1; done");
+      // A long --kill-grace: only the third signal can end the command soon.
+      const { pid, agent } = await holding("thrice", "trap '' TERM; while :; do sleep 1; done", [
+        "--kill-grace",
+        "10m",
+      ]);
       agent.child.kill("SIGINT");
-      await agent.waitForLog((l) => l.type === "draining");
+      await agent.waitForLog((l) => l.type === "interrupt_drain");
       await afterSameSignalWindow();
       agent.child.kill("SIGTERM");
-      await agent.waitForLog((l) => l.type === "stopping");
+      await agent.waitForLog((l) => l.type === "interrupt_stop");
       await afterSameSignalWindow();
       agent.child.kill("SIGINT");
-      expect(await agent.waitForLog((l) => l.type === "killed")).toMatchObject({ count: 1 });
+      expect(await agent.waitForLog((l) => l.type === "interrupt_kill")).toMatchObject({ count: 1 });
       expect(await agent.exited).toBe(130);
       // SIGKILL was sent to its group; the exit of a process we are not the parent of cannot be awaited.
-      for (let i = 0; i < 1200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+      expect(await gone(pid)).toBe(true);
+    });
+
+    it("still drains and stops its command when its stdout was closed (a `| tee` killed by the same Ctrl-C)", {
+      timeout: 20_000,
+    }, async () => {
+      const { actionId, pid, agent } = await holding("piped", "exec sleep 300");
+      agent.child.stdout?.destroy();
+      agent.child.kill("SIGINT");
+      await afterSameSignalWindow();
+      // It drains (writing its lines nowhere) instead of exiting on the closed pipe.
+      expect(alive(pid)).toBe(true);
+      agent.child.kill("SIGINT");
+      expect(await agent.exited).toBe(130);
       expect(alive(pid)).toBe(false);
+      expect(await outcome(actionId)).toEqual({
+        state: ActionState.QUEUED,
+        attempts: [AttemptOutcome.RELEASED],
+      });
     });
   },
 );

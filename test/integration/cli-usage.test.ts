@@ -62,6 +62,13 @@ describe.runIf(runsDriverNeutralTests())(
         code: 2,
         stderr: expect.stringMatching(/--server: "::1:50051" .*an IPv6 address goes in brackets/),
       });
+      const grace = await cli(["agent", "--cluster", "c", "--allow-any-command", "--kill-grace", "soon"]);
+      expect(grace).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining(
+          '--kill-grace: must be a duration like 500ms, 10s or 2m (got "soon")',
+        ),
+      });
       const noPort = await cli(["--server", "localhost", "events", "--follow"]);
       expect(noPort).toMatchObject({ code: 2, stderr: expect.stringMatching(/"localhost" has no port/) });
       // The forms grpc-js dials are still dialed: nothing listens there, so they are unreachable (3).

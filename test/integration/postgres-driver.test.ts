@@ -171,6 +171,22 @@ describe.runIf(runsPostgresTests())("postgres.js statements prepared before a mi
   });
 });
 
+describe.runIf(runsPostgresTests())("postgres.js picking an idle connection", () => {
+  it("takes the one used last, so queries sent one at a time keep to one backend", async () => {
+    await using store = await freshPostgresDatabase();
+    await using sql = pool(store, { max: 3 });
+    // Three connections open, then all idle.
+    await Promise.all([1, 2, 3].map(() => sql`select pg_sleep(0.01)`));
+    const backends = new Set<number>();
+    for (let i = 0; i < 6; i++) {
+      const [row] = await sql`select pg_backend_pid() as pid`;
+      backends.add(row?.pid as number);
+    }
+    // Unpatched: the one idle longest each time, so all three in turn.
+    expect(backends.size).toBe(1);
+  });
+});
+
 describe.runIf(runsPostgresTests())("postgres.js ending a pool", () => {
   it("fails the queries still waiting for a connection instead of opening one after the end", async () => {
     await using store = await freshPostgresDatabase();

@@ -343,8 +343,13 @@ function Postgres(a, b) {
     if (ending)
       return query.reject(Errors.connection('CONNECTION_ENDED', options, options))
 
+    // Leasehold patch: the idle connection used last, not the one idle longest. Taken in
+    // turn, queries sent one at a time (the lease hot path at one slot: one statement a
+    // round) went to every pooled connection's backend in rotation; kept on one backend,
+    // PostgreSQL spent about a third less CPU on each (its caches stay warm, presumably).
+    // Under load every connection is busy either way.
     if (open.length)
-      return go(open.shift(), query)
+      return go(open.pop(), query)
 
     if (closed.length)
       return connect(closed.shift(), query)

@@ -15,6 +15,17 @@ function Queue(initial = []) {
         : (xs.splice(index, 1), x)
     },
     push: (x) => (xs.push(x), x),
+    // Leasehold patch: the last one pushed (the pool's idle connection used last; see handler).
+    pop: () => {
+      if (xs.length === index)
+        return undefined
+      const out = xs.pop()
+      if (index === xs.length) {
+        index = 0
+        xs = []
+      }
+      return out
+    },
     shift: () => {
       const out = xs[index++]
 

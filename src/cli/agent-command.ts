@@ -173,14 +173,21 @@ export function agentCommand(): Command {
           if (event.type === "connected") quiet = false;
           process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
         };
+        /** One line of the agent's own (not the SDK's events): `type` and `fields` under --json. */
+        const say = (type: string, human: string, fields: Record<string, unknown> = {}) =>
+          process.stdout.write(
+            g.json
+              ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
+              : `${new Date().toISOString()} ${human}\n`,
+          );
         if (leftovers > 0) {
-          const at = new Date().toISOString();
-          if (g.json)
-            process.stdout.write(`${toJson({ time: at, type: "leftovers_stopped", count: leftovers })}\n`);
-          else
-            process.stdout.write(
-              `${at} stopped ${count(leftovers, "process group")} an earlier run left running\n`,
-            );
+          say(
+            "leftovers_stopped",
+            `stopped ${count(leftovers, "process group")} an earlier run left running`,
+            {
+              count: leftovers,
+            },
+          );
         }
         const agent = createAgent({
           address: servers,
@@ -197,12 +204,6 @@ export function agentCommand(): Command {
           agentVersion: "leasehold-agent",
           onEvent: log,
         });
-        const say = (type: string, human: string, fields: Record<string, unknown> = {}) =>
-          process.stdout.write(
-            g.json
-              ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
-              : `${new Date().toISOString()} ${human}\n`,
-          );
         // Ctrl-C (or SIGTERM) once drains; twice stops the held actions now and gives their leases
         // back; three times kills what they started and exits at once.
         const interrupts = interruptCounter();

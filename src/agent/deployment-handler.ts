@@ -55,7 +55,10 @@ export interface DeploymentHandlerOptions {
   readonly allow?: CommandPolicy | CommandAllowList;
   /** How long containers get between SIGTERM and SIGKILL when stopped. Default 10 s. */
   readonly stopGraceMs?: number;
-  /** Records the containers' process groups, for a later agent to stop if this one is killed. */
+  /**
+   * Records the containers' process groups and each attempt's work directory, for a later agent
+   * to stop and remove if this one is killed.
+   */
   readonly registry?: ProcessRegistry;
 }
 
@@ -145,6 +148,8 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
 
     try {
       await rm(dir, { recursive: true, force: true });
+      // Recorded before it exists: an agent killed from here on has it removed by its next run.
+      options.registry?.addDirectory(dir);
       await mkdir(dir, { recursive: true });
       ctx.progress("starting", {
         containers: spec.containers.map((c) => ({
@@ -237,7 +242,11 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
       if (!stopping)
         for (const c of containers) if (c.child?.pid !== undefined) killGroup(c.child.pid, "SIGKILL");
       await Promise.all(containers.map((c) => c.exited));
-      await rm(dir, { recursive: true, force: true }).catch(() => {});
+      // Left recorded if it could not be removed: the agent's next run tries again.
+      await rm(dir, { recursive: true, force: true }).then(
+        () => options.registry?.removeDirectory(dir),
+        () => {},
+      );
     }
   };
 

@@ -41,7 +41,7 @@ export function agentCommand(): Command {
           "Ctrl-C (or SIGTERM) drains: no new work, held actions finish (at most 30 s), then goodbye; a second one, " +
           "a second or more later, stops held actions now (commands get SIGTERM, then SIGKILL after --kill-grace; " +
           "deployments are killed at once) and gives their leases back (exit 130, or 143 if it was SIGTERM); a " +
-          "third kills every process group they started and exits at once.",
+          "third kills every process group they started, removes deployments' work directories and exits at once.",
       )
       .requiredOption("--cluster <name>", "the cluster this worker belongs to")
       .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
@@ -70,8 +70,9 @@ export function agentCommand(): Command {
       .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
       .option(
         "--work-dir <dir>",
-        "where deployments get their work directories, and the record of started processes that the next agent " +
-          "with the same directory stops if this one was killed (default: <tmp>/leasehold-agent-<worker id>)",
+        "where deployments get their work directories, and the record of started processes and of those " +
+          "directories that the next agent with the same directory and worker id stops and removes if this one " +
+          "was killed (default: <tmp>/leasehold-agent-<worker id>)",
       )
       .option(
         "--allow-command <glob>",
@@ -180,14 +181,11 @@ export function agentCommand(): Command {
               ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
               : `${new Date().toISOString()} ${human}\n`,
           );
-        if (leftovers > 0) {
-          say(
-            "leftovers_stopped",
-            `stopped ${count(leftovers, "process group")} an earlier run left running`,
-            {
-              count: leftovers,
-            },
-          );
+        if (leftovers.groups > 0 || leftovers.directories > 0) {
+          say("leftovers_stopped", `${leftoversDone(leftovers)} an earlier run left behind`, {
+            count: leftovers.groups,
+            directories: leftovers.directories,
+          });
         }
         const agent = createAgent({
           address: servers,
@@ -230,15 +228,18 @@ export function agentCommand(): Command {
             if (held > 0) cutShortBy = signal;
             say(
               "interrupt_stop",
-              `stopping ${count(held, "held action")} now and giving the leases back (Ctrl-C again kills what they started and exits)`,
+              held > 0
+                ? `stopping ${count(held, "held action")} now and giving the leases back (Ctrl-C again kills what they started and exits)`
+                : "nothing held: leaving once the server confirms the goodbye, at most 5 s (Ctrl-C again exits now)",
               { signal, running: held },
             );
             agent.close({ timeoutMs: 0 }).then(closed, closed);
           } else {
-            const killed = registry.sweep();
-            say("interrupt_kill", `killed ${count(killed, "process group")}; exiting without a goodbye`, {
+            const swept = registry.sweep();
+            say("interrupt_kill", `${leftoversDone(swept)}; exiting without a goodbye`, {
               signal,
-              count: killed,
+              count: swept.groups,
+              directories: swept.directories,
             });
             process.exit(exitOnSignal(signal));
           }
@@ -255,6 +256,13 @@ export function agentCommand(): Command {
         if (cutShortBy) process.exitCode = exitOnSignal(cutShortBy);
       })
   );
+}
+
+/** What a sweep of the process registry did: "killed 2 process groups and removed 1 deployment directory". */
+function leftoversDone(swept: { groups: number; directories: number }): string {
+  const killed = `killed ${count(swept.groups, "process group")}`;
+  const n = swept.directories;
+  return n > 0 ? `${killed} and removed ${n} deployment ${n === 1 ? "directory" : "directories"}` : killed;
 }
 
 /** A duration flag's value in milliseconds; malformed is bad usage naming the flag. */

@@ -338,7 +338,7 @@ describe("deployments", () => {
     await leases().rollbackLease({ leaseId });
   });
 
-  it("stops what a SIGKILLed agent left running when the agent starts again with the same work directory", async () => {
+  it("stops what a SIGKILLed agent left running, and removes its work directory, when the agent starts again", async () => {
     const dir = await mkdtemp(join(tmpdir(), "leasehold-orphans-"));
     const start = () =>
       runReferenceAgent({ server: t.address, cluster: "orphans", workerId: "phoenix", workDir: dir });
@@ -356,9 +356,11 @@ describe("deployments", () => {
       expect(alive(pid)).toBe(true); // nothing stopped it: the agent could not
       second = await start();
       const stopped = await second.waitForLog((l) => l.type === "leftovers_stopped");
-      expect(stopped.count).toBe(1);
+      expect(stopped).toMatchObject({ count: 1, directories: 1 });
       // SIGKILL was sent; the exit of a process we are not the parent of is not an event we can await.
       await gone(pid);
+      // The attempt's work directory, with what the killed container wrote, went with it.
+      expect(await exists(join(dir, `${resource.id}.1`))).toBe(false);
       await leases().rollbackLease({ leaseId });
     } finally {
       first?.child.kill("SIGKILL");

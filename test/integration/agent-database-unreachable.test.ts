@@ -1,8 +1,8 @@
-import { createServer, type Server, type Socket, connect as tcpConnect } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, type AgentOptions, createAgent } from "../../src/agent/agent.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { type CuttableProxy, cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 import { deferred } from "../helpers/deferred.js";
 import { healthClient } from "../helpers/grpc-peers.js";
@@ -199,56 +199,4 @@ async function until(
       throw new Error(`the agent self-fenced first: ${JSON.stringify(events)}`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
-}
-
-interface CuttableProxy {
-  readonly port: number;
-  /** Ends every connection and refuses new ones: the database is gone for whoever uses this proxy. */
-  cut(): void;
-  /** Lets new connections through again. */
-  restore(): void;
-  close(): void;
-}
-
-/** A TCP proxy to host:port that can cut its clients off the target. */
-async function cuttableProxy(host: string, port: number): Promise<CuttableProxy> {
-  const open = new Set<Socket>();
-  let cut = false;
-  const server: Server = createServer((client) => {
-    if (cut) {
-      client.destroy();
-      return;
-    }
-    const upstream = tcpConnect(port, host);
-    for (const s of [client, upstream]) {
-      open.add(s);
-      s.on("error", () => {});
-      s.on("close", () => {
-        open.delete(s);
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  const destroyAll = () => {
-    for (const s of open) s.destroy();
-  };
-  return {
-    port: typeof address === "object" && address ? address.port : 0,
-    cut() {
-      cut = true;
-      destroyAll();
-    },
-    restore() {
-      cut = false;
-    },
-    close() {
-      destroyAll();
-      server.close();
-    },
-  };
 }

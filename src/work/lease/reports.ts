@@ -167,8 +167,23 @@ export function createReports(deps: {
     );
   }
 
+  /**
+   * Reports answered UNAVAILABLE since one last applied. Workers send them
+   * again every few hundred milliseconds while the database is down: the first
+   * is a warning, the rest debug lines, and the first applied after them says
+   * how many there were.
+   */
+  let unapplied = 0;
+
   function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
-    log.warn({ err: error, actionId: token.actionId }, "could not apply a report; the worker may retry it");
+    unapplied += 1;
+    const fields = { err: error, actionId: token.actionId, workerId: s.workerId };
+    if (unapplied === 1)
+      log.warn(
+        fields,
+        "could not apply a report (database unavailable); answering reports UNAVAILABLE until they apply again, for their workers to send them again",
+      );
+    else log.debug(fields, "could not apply a report (database unavailable)");
     s.link.send({
       type: "report_result",
       reportId,
@@ -177,6 +192,16 @@ export function createReports(deps: {
       rejectReason: "UNAVAILABLE",
       message: "the server could not apply the report now (database unavailable); send it again",
     });
+  }
+
+  /** A report's outcome committed: the database takes reports again. */
+  function applied(): void {
+    if (unapplied === 0) return;
+    log.info(
+      { unavailable: unapplied },
+      `reports apply again; ${unapplied} were answered UNAVAILABLE meanwhile`,
+    );
+    unapplied = 0;
   }
 
   function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
@@ -247,6 +272,7 @@ export function createReports(deps: {
       s,
       report,
       (finished) => {
+        applied();
         if (!finished) {
           deps.answered.inc({ kind, result: "fenced" });
           endSpan(span, false, "FENCED");
@@ -281,6 +307,7 @@ export function createReports(deps: {
         .then(
           (ok) => {
             nextInTurn(m.actionId);
+            applied();
             if (!ok) {
               deps.answered.inc({ kind: "progress", result: "fenced" });
               endSpan(span, false, "FENCED");

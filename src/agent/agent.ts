@@ -220,7 +220,14 @@ export type AgentEvent =
    * a takeover, 1–2 s after a first refusal, doubling to 15–30 s.
    */
   | { type: "taken_over"; retryInMs: number }
-  | { type: "drain"; reason: string };
+  | { type: "drain"; reason: string }
+  /**
+   * The server at `address` said in a heartbeat ack that it cannot reach its
+   * database (`reachable` false: its acks no longer extend the guarantee, and
+   * an agent given other addresses asks them whether they serve, to move), or,
+   * after that, that it reaches it again.
+   */
+  | { type: "server_database"; address: string; reachable: boolean };
 
 /** Options of {@link createAgent}. */
 export interface AgentOptions {
@@ -520,6 +527,8 @@ export function createAgent(options: AgentOptions): Agent {
     saidGoodbye: boolean;
     /** Why the agent left this stream itself (the server stopped answering), if it did. */
     abandoned: string | undefined;
+    /** The server's address, as the `connected` event gives it. */
+    readonly address: string;
     /** When the first ack of the current run of acks saying the database is unreachable came. */
     unreachableSince: number | undefined;
     /** The agent is asking the other addresses whether they serve, for this stream. */
@@ -910,7 +919,9 @@ export function createAgent(options: AgentOptions): Agent {
     void Promise.all(asked)
       .then((serving) => {
         const at = serving.indexOf(true);
-        if (at === -1 || conn.ended || conn.saidGoodbye || closed) return;
+        // Nothing to leave when an ack said the database is back while the others were asked.
+        if (at === -1 || conn.ended || conn.saidGoodbye || closed || conn.unreachableSince === undefined)
+          return;
         const target = targets[others[at] as number] as Target;
         // The next stream goes there, even if the names are resolved anew before it opens.
         preferred = target.address;
@@ -967,6 +978,7 @@ export function createAgent(options: AgentOptions): Agent {
     const conn: Connection = {
       call,
       client,
+      address,
       // Nothing follows a goodbye: it gives back every lease, and a write after the stream's
       // end fails the call, which would end close() before the server has released them.
       send: (message) => {
@@ -1103,10 +1115,16 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
-          if (!m.value.databaseUnreachable) conn.unreachableSince = undefined;
-          else {
+          if (!m.value.databaseUnreachable) {
+            if (conn.unreachableSince !== undefined)
+              emit({ type: "server_database", address: conn.address, reachable: true });
+            conn.unreachableSince = undefined;
+          } else {
             const now = performance.now();
-            conn.unreachableSince ??= now;
+            if (conn.unreachableSince === undefined) {
+              conn.unreachableSince = now;
+              emit({ type: "server_database", address: conn.address, reachable: false });
+            }
             if (
               addresses.length > 1 &&
               !conn.asking &&

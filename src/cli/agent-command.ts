@@ -326,6 +326,10 @@ function describe(e: AgentEvent): string {
       return `self-fenced: no heartbeat ack in time; stopped ${e.actionIds.join(", ")}`;
     case "drain":
       return `asked to drain: ${e.reason}`;
+    case "server_database":
+      return e.reachable
+        ? `server ${e.address} reaches its database again`
+        : `server ${e.address} cannot reach its database: its acks no longer extend the leases' guarantee`;
     case "taken_over":
       return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }

@@ -13,15 +13,17 @@ export type ScriptedResponse = MessageInitShape<typeof ConnectResponseSchema>;
 
 /**
  * A WorkerService an agent test scripts: it welcomes the agent (saying
- * accepts_batches or not), acks every heartbeat with a one-minute guarantee
- * (or `remainingMs`),
+ * accepts_batches or not, with a heartbeat interval of `heartbeatMs`, 1 s by
+ * default), acks every heartbeat with a one-minute guarantee (or `remainingMs`),
  * accepts every grant ack and completion, and writes what the test sends.
  * Every write happens in order on the stream: a grant sent once `acked` has
  * resolved follows that first ack. `requests` are the ConnectRequests as they
  * arrived (batches whole), `received` the kinds of their messages (batches
  * opened).
  */
-export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; remainingMs?: number } = {}) {
+export async function scriptedWorkerServer(
+  options: { acceptsBatches?: boolean; remainingMs?: number; heartbeatMs?: number } = {},
+) {
   const acked = deferred();
   const requests: ConnectRequest[] = [];
   const received: string[] = [];
@@ -29,6 +31,24 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
   let stream: grpc.ServerDuplexStream<ConnectRequest, unknown> | undefined;
   /** Whether heartbeats are answered (a hung server answers none, and never ends the stream). */
   let acking = true;
+  /** Whether acks say the server cannot reach its database (database_unreachable). */
+  let unreachable = false;
+  /** Heartbeats left unanswered by `holdAcks`, for `answerHeld` to answer. */
+  let holding = false;
+  const held: bigint[] = [];
+  const ack = (sequence: bigint) => {
+    write({
+      message: {
+        case: "heartbeatAck",
+        value: {
+          sequence,
+          remaining: durationFromMs(options.remainingMs ?? 60_000),
+          databaseUnreachable: unreachable,
+        },
+      },
+    });
+    acked.resolve();
+  };
   const write = (m: ScriptedResponse) => stream?.write(create(WorkerService.method.connect.output, m));
   const server = new grpc.Server();
   server.addService(createServiceDefinition(WorkerService), {
@@ -47,7 +67,7 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
               case: "welcome",
               value: {
                 sessionId: "s1",
-                heartbeatInterval: durationFromMs(1000),
+                heartbeatInterval: durationFromMs(options.heartbeatMs ?? 1000),
                 gracePeriod: durationFromMs(60_000),
                 acceptsBatches: options.acceptsBatches ?? true,
               },
@@ -55,13 +75,8 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
           });
         } else if (m.case === "heartbeat") {
           if (!acking) return;
-          write({
-            message: {
-              case: "heartbeatAck",
-              value: { sequence: m.value.sequence, remaining: durationFromMs(options.remainingMs ?? 60_000) },
-            },
-          });
-          acked.resolve();
+          if (holding) held.push(m.value.sequence);
+          else ack(m.value.sequence);
         } else if (m.case === "grantAck" || m.case === "completion" || m.case === "release") {
           const { reportId, actionId, epoch } = m.value;
           write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
@@ -107,6 +122,19 @@ export async function scriptedWorkerServer(options: { acceptsBatches?: boolean; 
     /** Answers no heartbeat from now on, or again. */
     ackHeartbeats(on: boolean) {
       acking = on;
+    },
+    /** Acks from now on say the database is unreachable, or reachable. */
+    databaseUnreachable(on: boolean) {
+      unreachable = on;
+    },
+    /** Keeps the heartbeats from now on unanswered until `answerHeld` (a slow server's late acks). */
+    holdAcks() {
+      holding = true;
+    },
+    /** Answers the held heartbeats now, and every heartbeat from now on at once. */
+    answerHeld() {
+      holding = false;
+      for (const sequence of held.splice(0)) ack(sequence);
     },
     close: () => server.forceShutdown(),
   };

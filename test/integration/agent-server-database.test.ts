@@ -1,0 +1,116 @@
+import * as grpc from "@grpc/grpc-js";
+import { afterEach, describe, expect, it } from "vitest";
+import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
+import { runsDriverNeutralTests } from "../helpers/database.js";
+import { deferred } from "../helpers/deferred.js";
+import { scriptedWorkerServer } from "../helpers/scripted-worker.js";
+
+/** grpc.health.v1 `HealthCheckResponse { status: SERVING }`. */
+const SERVING = Buffer.from([0x08, 0x01]);
+
+/**
+ * A server that serves only grpc.health.v1 Check, and answers each check
+ * SERVING when the test says so: `asked` resolves at the first check.
+ */
+async function heldHealthServer() {
+  const asked = deferred();
+  const answer = deferred();
+  const server = new grpc.Server();
+  server.addService(
+    {
+      Check: {
+        path: "/grpc.health.v1.Health/Check",
+        requestStream: false,
+        responseStream: false,
+        requestSerialize: (b: Buffer) => b,
+        requestDeserialize: (b: Buffer) => b,
+        responseSerialize: (b: Buffer) => b,
+        responseDeserialize: (b: Buffer) => b,
+      },
+    },
+    {
+      Check(_call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) {
+        asked.resolve();
+        void answer.promise.then(() => callback(null, SERVING));
+      },
+    },
+  );
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+      error ? reject(error) : resolve(p),
+    ),
+  );
+  return {
+    address: `127.0.0.1:${port}`,
+    asked: asked.promise,
+    serve: () => answer.resolve(),
+    close: () => server.forceShutdown(),
+  };
+}
+
+/**
+ * The agent and its server's database, with a scripted server whose acks the
+ * test writes: no database is involved. Driver-neutral.
+ */
+describe.runIf(runsDriverNeutralTests())("an agent told its server cannot reach its database", () => {
+  const cleanups: (() => Promise<void> | void)[] = [];
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c();
+  });
+
+  /** Resolves with the first event from `from` on that `matches`, as they come. */
+  function eventOf(events: AgentEvent[], matches: (e: AgentEvent) => boolean, from = 0): Promise<AgentEvent> {
+    return new Promise((resolve) => {
+      const look = () => {
+        const found = events.slice(from).find(matches);
+        if (found) resolve(found);
+        else setTimeout(look, 10);
+      };
+      look();
+    });
+  }
+
+  it("says so, and stays when the database is back before the other server answers", async () => {
+    // Acks every 2 s; the agent asks the other server on the second ack saying unreachable, and
+    // waits for its answer for one interval.
+    const intervalMs = 2000;
+    const first = await scriptedWorkerServer({ heartbeatMs: intervalMs });
+    cleanups.push(() => first.close());
+    const other = await heldHealthServer();
+    cleanups.push(() => other.close());
+    const events: AgentEvent[] = [];
+    const agent = createAgent({
+      address: [first.address, other.address],
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async () => ({}),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 0 }));
+    // It starts at a random address; the other one serves no workers, so it ends up on the first.
+    await eventOf(events, (e) => e.type === "connected" && e.address === first.address);
+    await first.acked;
+
+    first.databaseUnreachable(true);
+    const lost = await eventOf(events, (e) => e.type === "server_database");
+    expect(lost).toEqual({ type: "server_database", address: first.address, reachable: false });
+    // The next ack, the one that sends the agent asking, comes late: the heartbeat after it then
+    // arrives while the agent waits for the other server's answer.
+    first.holdAcks();
+    await first.next("heartbeat");
+    await new Promise((resolve) => setTimeout(resolve, intervalMs * 0.4));
+    const marker = events.length;
+    first.answerHeld();
+    await other.asked;
+    // The database is back before the other server answers.
+    first.databaseUnreachable(false);
+    const back = await eventOf(events, (e) => e.type === "server_database", marker);
+    expect(back).toEqual({ type: "server_database", address: first.address, reachable: true });
+    other.serve();
+    // Leaving would cancel the stream at once; the next heartbeat shows it was kept.
+    await first.next("heartbeat");
+    expect(events.slice(marker).filter((e) => e.type === "disconnected" || e.type === "connected")).toEqual(
+      [],
+    );
+  }, 30_000);
+});

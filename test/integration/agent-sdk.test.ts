@@ -333,6 +333,16 @@ describe("the agent SDK against a real server", () => {
     expect(firstRefusal?.retryInMs).toBeLessThanOrEqual(2000);
     expect(nextRefusal?.retryInMs).toBeGreaterThanOrEqual(2000);
     expect(secondEvents.seen.some((e) => e.type === "connected")).toBe(false);
+    // The operator learns it from the server's log: once a minute, however often it is refused.
+    expect(t.logs.filter((l) => String(l.msg).startsWith("hello of worker shared-id refused"))).toEqual([
+      expect.objectContaining({
+        level: 30,
+        workerId: "shared-id",
+        cluster: "east",
+        reason: "WORKER_ID_IN_USE",
+        msg: expect.stringMatching(/is connected from another process/),
+      }),
+    ]);
     finish.resolve();
     for await (const _ of t.client(ActionService).watchAction({ actionId: action?.id ?? "" }));
     const done = (await t.client(ActionService).getAction({ actionId: action?.id ?? "" })).action;

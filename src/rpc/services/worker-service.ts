@@ -13,7 +13,11 @@ import {
   RevokeReason,
   WorkerService,
 } from "../../gen/leasehold/v1/worker_pb.js";
-import type { HelloInput } from "../../store/queries/open-session.js";
+import {
+  type HelloInput,
+  WORKER_ID_IN_USE,
+  WORKER_IN_OTHER_CLUSTER,
+} from "../../store/queries/open-session.js";
 import type { JsonObject } from "../../work/action.js";
 import { createGate } from "../../work/gate.js";
 import {
@@ -88,6 +92,41 @@ const RETRY_HELLO_MS = 1000;
  */
 const MAX_RESPONSE_BATCH_BYTES = 1024 * 1024;
 
+/**
+ * Refusals of a hello for what the database holds about its worker
+ * (open-session.ts). SESSION_OWNED_BY_OTHER is not among them: a
+ * PERMISSION_DENIED, it is logged with every refused call (`refusalLogger`).
+ */
+const LOGGED_REFUSALS: ReadonlySet<string> = new Set([WORKER_ID_IN_USE, WORKER_IN_OTHER_CLUSTER]);
+/** A worker refused again for the same reason within this time is not logged again. */
+const REFUSAL_LOG_EVERY_MS = 60_000;
+/** Workers whose last refusal is remembered, at most: a flood of new worker ids cannot grow it further. */
+const REFUSALS_REMEMBERED = 10_000;
+
+/**
+ * Logs a hello refused for what the database holds about its worker: a
+ * worker id another process is connected with, a live session in another
+ * cluster. The worker learns why from the
+ * stream's status; the operator, from this line. One line per worker and
+ * reason a minute: a worker that retries with backoff writes one.
+ */
+function refusalLog(log: Logger): (hello: HelloInput, principal: string, error: unknown) => void {
+  const lastLogged = new Map<string, number>();
+  return (hello, principal, error) => {
+    if (!(error instanceof LeaseholdError) || !LOGGED_REFUSALS.has(error.reason ?? "")) return;
+    const key = `${error.reason}\0${hello.workerId}`;
+    const now = performance.now();
+    const last = lastLogged.get(key);
+    if (last !== undefined && now - last < REFUSAL_LOG_EVERY_MS) return;
+    if (lastLogged.size >= REFUSALS_REMEMBERED) lastLogged.clear();
+    lastLogged.set(key, now);
+    log.info(
+      { workerId: hello.workerId, cluster: hello.cluster, principal, reason: error.reason },
+      `hello of worker ${hello.workerId} refused: ${error.message}`,
+    );
+  };
+}
+
 /** The WorkerService.Connect handler over the lease manager. */
 export function workerServiceBinding(
   leases: LeaseManager,
@@ -107,6 +146,7 @@ export function workerServiceBinding(
     cancelled: () => new LeaseholdError(Code.Canceled, "the stream ended while its hello waited"),
   });
   const flusher = createFlusher(log);
+  const refused = refusalLog(log);
   return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
@@ -251,6 +291,9 @@ export function workerServiceBinding(
           // The session belongs to this principal; another's session for the same worker id is
           // refused inside the open (SESSION_OWNED_BY_OTHER), atomically with the takeover.
           session = await leases.open(hello, link, ctx.access.actor);
+        } catch (error) {
+          refused(hello, ctx.access.actor, error);
+          throw error;
         } finally {
           release();
         }

@@ -24,6 +24,8 @@ export interface HelloInput {
 export const SESSION_OWNED_BY_OTHER = "SESSION_OWNED_BY_OTHER";
 /** The ErrorInfo reason of a hello refused because another process's stream holds the worker's session. */
 export const WORKER_ID_IN_USE = "WORKER_ID_IN_USE";
+/** The ErrorInfo reason of a hello refused because the worker's live session is in another cluster. */
+export const WORKER_IN_OTHER_CLUSTER = "WORKER_IN_OTHER_CLUSTER";
 
 /** A lease the session holds that the worker did not list: sent to it again. */
 export interface HeldGrant extends Omit<GrantRecord, "sessionId" | "workerId" | "cluster"> {
@@ -273,7 +275,7 @@ export function inOtherCluster(liveCluster: string, hello: HelloInput): Leasehol
     Code.FailedPrecondition,
     `worker ${hello.workerId} has a live session in cluster ${liveCluster}; ` +
       `say goodbye there first, or use another worker_id for cluster ${hello.cluster}`,
-    { reason: "WORKER_IN_OTHER_CLUSTER" },
+    { reason: WORKER_IN_OTHER_CLUSTER },
   );
 }
 

@@ -5,7 +5,7 @@ import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
-import { createProcessRegistry } from "../agent/process-registry.js";
+import { claimWorkDir, createProcessRegistry, ownWorkDir } from "../agent/process-registry.js";
 import { parseDuration } from "../config.js";
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
@@ -145,8 +145,21 @@ export function agentCommand(): Command {
         }
         const servers = splitAddresses(g.server);
         const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
+        try {
+          ownWorkDir(workDir);
+        } catch (error) {
+          throw new CliError((error as Error).message, EXIT.usage);
+        }
+        // Before the sweep: a second agent of this worker would stop the first one's work.
+        const other = claimWorkDir(workDir, workerId);
+        if (other !== undefined)
+          throw new CliError(
+            `another agent (pid ${other}) runs as worker ${workerId} from ${workDir}; ` +
+              "a worker id belongs to one process: stop that one, or pass another --worker-id",
+            EXIT.usage,
+          );
         // What an earlier run of this worker (same work directory) left running when it was killed.
-        const registry = createProcessRegistry(join(workDir, ".processes", workerId));
+        const registry = createProcessRegistry(workDir, workerId);
         const leftovers = registry.sweep();
         const deployments = createDeploymentHandler({
           address: servers,
@@ -230,7 +243,7 @@ export function agentCommand(): Command {
               "interrupt_stop",
               held > 0
                 ? `stopping ${count(held, "held action")} now and giving the leases back (Ctrl-C again kills what they started and exits)`
-                : "nothing held: leaving once the server confirms the goodbye, at most 5 s (Ctrl-C again exits now)",
+                : "nothing held: leaving once the server confirms the goodbye (Ctrl-C again exits now)",
               { signal, running: held },
             );
             agent.close({ timeoutMs: 0 }).then(closed, closed);

@@ -16,7 +16,7 @@ import {
 } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { freePort } from "../helpers/ports.js";
-import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
+import { type LeaseholdProcess, runCli, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, failure } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -350,6 +350,23 @@ describe("deployments", () => {
       const { resource } = await deployWeb(leaseId);
       await waitReady(leaseId);
       const pid = Number(await readFile(join(dir, `${resource.id}.1`, "pid"), "utf8"));
+      // A second agent of the same worker from the same directory would sweep the first one's work.
+      const twin = await runCli([
+        "--server",
+        t.address,
+        "agent",
+        "--cluster",
+        "orphans",
+        "--worker-id",
+        "phoenix",
+        "--work-dir",
+        dir,
+        "--allow-any-command",
+      ]);
+      expect(twin.code).toBe(2);
+      expect(twin.stderr).toContain(`another agent (pid ${first.child.pid}) runs as worker phoenix`);
+      expect(alive(pid)).toBe(true);
+      expect(await exists(join(dir, `${resource.id}.1`))).toBe(true);
       first.child.kill("SIGKILL");
       await new Promise((resolve) => first?.child.once("exit", resolve));
       first = undefined;

@@ -222,10 +222,13 @@ export type AgentEvent =
   | { type: "taken_over"; retryInMs: number }
   | { type: "drain"; reason: string }
   /**
-   * The server at `address` said in a heartbeat ack that it cannot reach its
-   * database (`reachable` false: its acks no longer extend the guarantee, and
-   * an agent given other addresses asks them whether they serve, to move), or,
-   * after that, that it reaches it again.
+   * What the heartbeat acks of the server at `address` say about its database
+   * changed: it cannot reach it (`reachable` false: its acks no longer extend
+   * the guarantee, and an agent given other addresses asks them whether they
+   * serve, to move), or, after that, an ack of a stream to that server says it
+   * reaches it again. Once per change for each address, across reconnections:
+   * an agent that left a server stays told it was unreachable until a stream
+   * to it says otherwise.
    */
   | { type: "server_database"; address: string; reachable: boolean };
 
@@ -878,6 +881,18 @@ export function createAgent(options: AgentOptions): Agent {
     if (fenceArmedFor !== undefined && performance.now() >= fenceArmedFor) selfFence();
   }
 
+  /** Servers whose acks said last that they cannot reach their database. */
+  const databaseLost = new Set<string>();
+
+  /** Emits `server_database` when what the acks of the server at `address` say about its database changes. */
+  function tellDatabase(address: string, reachable: boolean): void {
+    // Reachable and not lost, or unreachable and lost: nothing changed.
+    if (reachable !== databaseLost.has(address)) return;
+    if (reachable) databaseLost.delete(address);
+    else databaseLost.add(address);
+    emit({ type: "server_database", address, reachable });
+  }
+
   function armFence(): void {
     // Every handler start arms it: a timer already set for this deadline stays.
     if (fenceArmedFor === deadline) return;
@@ -1115,16 +1130,11 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
-          if (!m.value.databaseUnreachable) {
-            if (conn.unreachableSince !== undefined)
-              emit({ type: "server_database", address: conn.address, reachable: true });
-            conn.unreachableSince = undefined;
-          } else {
+          tellDatabase(conn.address, !m.value.databaseUnreachable);
+          if (!m.value.databaseUnreachable) conn.unreachableSince = undefined;
+          else {
             const now = performance.now();
-            if (conn.unreachableSince === undefined) {
-              conn.unreachableSince = now;
-              emit({ type: "server_database", address: conn.address, reachable: false });
-            }
+            conn.unreachableSince ??= now;
             if (
               addresses.length > 1 &&
               !conn.asking &&

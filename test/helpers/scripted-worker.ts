@@ -131,6 +131,11 @@ export async function scriptedWorkerServer(
     holdAcks() {
       holding = true;
     },
+    /** Answers the oldest held heartbeat now, holding the others and the ones to come. */
+    answerOldest() {
+      const sequence = held.shift();
+      if (sequence !== undefined) ack(sequence);
+    },
     /** Answers the held heartbeats now, and every heartbeat from now on at once. */
     answerHeld() {
       holding = false;

@@ -10,11 +10,14 @@ const SERVING = Buffer.from([0x08, 0x01]);
 
 /**
  * A server that serves only grpc.health.v1 Check, and answers each check
- * SERVING when the test says so: `asked` resolves at the first check.
+ * SERVING when the test says so: `asked` resolves at the first check,
+ * `answered` with whether the checker still waited for the answer (its
+ * deadline had not passed).
  */
 async function heldHealthServer() {
   const asked = deferred();
   const answer = deferred();
+  const answered = deferred<boolean>();
   const server = new grpc.Server();
   server.addService(
     {
@@ -29,9 +32,12 @@ async function heldHealthServer() {
       },
     },
     {
-      Check(_call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) {
+      Check(call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) {
         asked.resolve();
-        void answer.promise.then(() => callback(null, SERVING));
+        void answer.promise.then(() => {
+          answered.resolve(!call.cancelled);
+          callback(null, SERVING);
+        });
       },
     },
   );
@@ -43,6 +49,7 @@ async function heldHealthServer() {
   return {
     address: `127.0.0.1:${port}`,
     asked: asked.promise,
+    answered: answered.promise,
     serve: () => answer.resolve(),
     close: () => server.forceShutdown(),
   };
@@ -94,23 +101,30 @@ describe.runIf(runsDriverNeutralTests())("an agent told its server cannot reach 
     first.databaseUnreachable(true);
     const lost = await eventOf(events, (e) => e.type === "server_database");
     expect(lost).toEqual({ type: "server_database", address: first.address, reachable: false });
-    // The next ack, the one that sends the agent asking, comes late: the heartbeat after it then
-    // arrives while the agent waits for the other server's answer.
+    // The next ack, the one that sends the agent asking, comes late: after the heartbeat that
+    // follows it (the agent leaves a stream only when a heartbeat is due and the oldest is
+    // unanswered for 1.5 intervals). That following heartbeat is then answered while the agent
+    // waits, up to an interval, for the other server.
     first.holdAcks();
     await first.next("heartbeat");
-    await new Promise((resolve) => setTimeout(resolve, intervalMs * 0.4));
+    await first.next("heartbeat");
     const marker = events.length;
-    first.answerHeld();
+    first.answerOldest();
     await other.asked;
     // The database is back before the other server answers.
     first.databaseUnreachable(false);
+    first.answerHeld();
     const back = await eventOf(events, (e) => e.type === "server_database", marker);
     expect(back).toEqual({ type: "server_database", address: first.address, reachable: true });
     other.serve();
+    // The agent was still waiting for this answer: it had the choice to leave.
+    expect(await other.answered).toBe(true);
     // Leaving would cancel the stream at once; the next heartbeat shows it was kept.
     await first.next("heartbeat");
     expect(events.slice(marker).filter((e) => e.type === "disconnected" || e.type === "connected")).toEqual(
       [],
     );
+    // Each change was told once.
+    expect(events.filter((e) => e.type === "server_database")).toHaveLength(2);
   }, 30_000);
 });

@@ -178,12 +178,13 @@ export function createReports(deps: {
   function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
     unapplied += 1;
     const fields = { err: error, actionId: token.actionId, workerId: s.workerId };
+    // The error says why (most often the database cannot be reached; err has its message and code).
     if (unapplied === 1)
       log.warn(
         fields,
-        "could not apply a report (database unavailable); answering reports UNAVAILABLE until they apply again, for their workers to send them again",
+        "could not apply a report; answering reports UNAVAILABLE until one applies again, for their workers to send them again",
       );
-    else log.debug(fields, "could not apply a report (database unavailable)");
+    else log.debug(fields, "could not apply a report");
     s.link.send({
       type: "report_result",
       reportId,

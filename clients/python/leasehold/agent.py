@@ -723,7 +723,8 @@ class Agent:
     def _ask_health(self, stream: _Stream, interval: float, others: list[tuple[int, str]]) -> None:
         """One round: asks every other address at once, then leaves for the first, in order, that
         answers SERVING; when none does, stays (an ack that still says the database is unreachable
-        starts another round, 4 intervals after this one started)."""
+        starts another round, 4 intervals after this one started). It stays too when an ack said
+        the database is back while the others were asked."""
         channels: list[grpc.Channel] = []
         serving: tuple[int, str] | None = None
         try:
@@ -745,6 +746,8 @@ class Agent:
                 return  # the stream ended meanwhile: the answers concern no stream
             if serving is None:
                 return  # the database is down for every server: moving would gain nothing
+            if stream.unreachable_since is None:
+                return  # an ack said the database is back while the others were asked: nothing to leave
             stream.next_index, address = serving
             stream.abandoned = f"the server cannot reach its database; {address} serves"
             stream.channel.close()

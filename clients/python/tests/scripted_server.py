@@ -24,7 +24,8 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     sent after it always follows that ack.
     ``take_over()`` ends the stream as the server does when another stream takes the session (or,
     with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
-    the hellos' instance ids, ``hello_leases`` their held leases as (action_id, epoch) pairs."""
+    the hellos' instance ids, ``hello_leases`` their held leases as (action_id, epoch) pairs.
+    After ``hold_acks()``, heartbeats wait for ``answer_oldest()``, as on a slow server."""
 
     def __init__(self, heartbeat_interval: float = 1.0) -> None:
         self._heartbeat_interval = heartbeat_interval
@@ -44,6 +45,12 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         # Cleared: heartbeats go unanswered, as on a hung server that keeps the stream open.
         self.acking = threading.Event()
         self.acking.set()
+        self._holding = False
+        self._held: list[tuple[queue.SimpleQueue, int]] = []
+        """Held heartbeats, oldest first: their stream's outbox and sequence."""
+        self._held_lock = threading.Lock()
+        self.held: queue.SimpleQueue[int] = queue.SimpleQueue()
+        """The sequence of each heartbeat held back, as it arrives."""
 
     def send(self, response: worker_pb2.ConnectResponse) -> None:
         self._outbox.put(response)
@@ -79,15 +86,12 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                     elif kind == "heartbeat":
                         if not self.acking.is_set():
                             continue
-                        remaining = duration_pb2.Duration()
-                        remaining.FromNanoseconds(round(self._remaining() * 1e9))
-                        ack = worker_pb2.HeartbeatAck(
-                            sequence=request.heartbeat.sequence,
-                            remaining=remaining,
-                            database_unreachable=self.frozen_deadline is not None,
-                        )
-                        outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
-                        self.acked.set()
+                        with self._held_lock:
+                            if self._holding:
+                                self._held.append((outbox, request.heartbeat.sequence))
+                                self.held.put(request.heartbeat.sequence)
+                                continue
+                        self._ack(outbox, request.heartbeat.sequence)
                     elif kind in ("grant_ack", "completion", "release"):
                         report = getattr(request, kind)
                         result = worker_pb2.ReportResult(
@@ -114,9 +118,35 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 context.abort(code, message)
             yield reply
 
+    def _ack(self, outbox: queue.SimpleQueue, sequence: int) -> None:
+        remaining = duration_pb2.Duration()
+        remaining.FromNanoseconds(round(self._remaining() * 1e9))
+        ack = worker_pb2.HeartbeatAck(
+            sequence=sequence, remaining=remaining, database_unreachable=self.frozen_deadline is not None
+        )
+        outbox.put(worker_pb2.ConnectResponse(heartbeat_ack=ack))
+        self.acked.set()
+
+    def hold_acks(self) -> None:
+        """From now on, heartbeats wait for ``answer_oldest()``; ``held`` gets each one's sequence."""
+        with self._held_lock:
+            self._holding = True
+
+    def answer_oldest(self) -> None:
+        """Answers the oldest held heartbeat, if any, with what acks say now; what the test sends
+        after this follows that ack."""
+        with self._held_lock:
+            if self._held:
+                outbox, sequence = self._held.pop(0)
+                self._ack(outbox, sequence)
+
     def lose_database(self) -> None:
         """From now on, acks say database_unreachable and count down to the deadline the last one gave."""
         self.frozen_deadline = self._last_deadline
+
+    def regain_database(self) -> None:
+        """From now on, acks guarantee GRACE_SECONDS again and no longer say database_unreachable."""
+        self.frozen_deadline = None
 
     def _remaining(self) -> float:
         now = time.monotonic()
@@ -128,16 +158,31 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
 class ScriptedHealth:
     """grpc.health.v1 Health/Check, for any service name: ``status`` (SERVING at first). Each check
-    puts the service it asked about and its local time in ``checks``."""
+    puts the service it asked about and its local time in ``checks``. After ``hold_answers()``, a
+    check answers only once ``answer_held()`` is called (or its deadline passed), and then puts in
+    ``answered`` whether its caller still waited (the call neither cancelled nor past its deadline)."""
 
     def __init__(self) -> None:
         self.status = HEALTH_SERVING
         self.checks: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
+        self.answered: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._release = threading.Event()
+        self._release.set()
+
+    def hold_answers(self) -> None:
+        self._release.clear()
+
+    def answer_held(self) -> None:
+        self._release.set()
 
     def handler(self) -> grpc.GenericRpcHandler:
         # The messages are StringValue and Int32Value on the wire (see leasehold/health.py).
         def check(request: wrappers_pb2.StringValue, context) -> wrappers_pb2.Int32Value:
             self.checks.put((request.value, time.monotonic()))
+            if not self._release.is_set():
+                # Until the deadline (the agent always sets one): a held check never outlives its call.
+                released = self._release.wait(context.time_remaining())
+                self.answered.put(released and context.is_active() and context.time_remaining() > 0)
             return wrappers_pb2.Int32Value(value=self.status)
 
         method = grpc.unary_unary_rpc_method_handler(

@@ -1,11 +1,12 @@
 """A server whose acks say database_unreachable is left for an address whose health answers
-SERVING, and kept when none does."""
+SERVING, and kept when none does, or when its acks say the database is back before one does."""
 
 import queue
 import re
 import unittest
 
 from leasehold.agent import Agent
+from leasehold.v1 import worker_pb2
 from tests.scripted_server import HEALTH_NOT_SERVING, HEALTH_SERVING, grant, serve_with_health
 
 INTERVAL = 0.5
@@ -14,11 +15,12 @@ INTERVAL = 0.5
 
 class DatabaseUnreachableTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.servers = [serve_with_health(self, INTERVAL) for _ in range(2)]
         self.events: queue.SimpleQueue[dict] = queue.SimpleQueue()
 
-    def _start(self, handler) -> tuple:
-        """Starts an agent given both addresses; returns the server it connected to, then the other."""
+    def _start(self, handler, interval: float = INTERVAL) -> tuple:
+        """Starts two servers and an agent given both addresses; returns the server it connected to,
+        then the other."""
+        self.servers = [serve_with_health(self, interval) for _ in range(2)]
         agent = Agent([address for _, _, address in self.servers], "east", "w1", handler, on_event=self.events.put)
         agent.start()
         self.addCleanup(agent.close, 1.0)
@@ -75,6 +77,43 @@ class DatabaseUnreachableTest(unittest.TestCase):
         self.assertGreaterEqual(second_check - first_check, 4 * INTERVAL - INTERVAL / 4)
         self.assertEqual((a.connects, b.connects), (1, 0))
         self.assertTrue(a_health.checks.empty())
+        while not self.events.empty():
+            self.assertNotEqual(self.events.get()["event"], "disconnected")
+
+    def test_the_agent_stays_when_the_database_is_back_before_another_address_serves(self) -> None:
+        # Long enough that each step below fits in an interval with a margin of over a second.
+        interval = 2.0
+        (a, _, _), (b, b_health, _) = self._start(lambda ctx: None, interval)
+        self.assertTrue(a.acked.wait(30))
+        b_health.hold_answers()
+        # From here on every ack is written by the test.
+        a.hold_acks()
+        a.held.get(timeout=30)
+        a.lose_database()
+        a.answer_oldest()
+        # The next ack, the one that sends the agent asking, comes late: after the heartbeat that
+        # follows it (the agent leaves a stream only when a heartbeat is due and the oldest is
+        # unanswered for 1.5 intervals). That following heartbeat is then answered while the agent
+        # waits, up to an interval, for the other server.
+        a.held.get(timeout=30)
+        a.held.get(timeout=30)
+        a.answer_oldest()
+        b_health.checks.get(timeout=30)
+        # The database is back before the other server answers.
+        a.regain_database()
+        a.answer_oldest()
+        # The agent handles a stream's messages one at a time, in order, and only tells a drain: its
+        # event comes once the ack before it was handled.
+        a.send(worker_pb2.ConnectResponse(drain=worker_pb2.Drain(reason="marks the ack before it")))
+        self._next_event("drain")
+        b_health.answer_held()
+        self.assertTrue(b_health.answered.get(timeout=30), "the agent no longer waited for the answer")
+        # Leaving would close the stream at once: its next heartbeat shows it was kept.
+        try:
+            a.held.get(timeout=30)
+        except queue.Empty:
+            self.fail("no more heartbeats on the stream: the agent left it")
+        self.assertEqual((a.connects, b.connects), (1, 0))
         while not self.events.empty():
             self.assertNotEqual(self.events.get()["event"], "disconnected")
 

@@ -25,8 +25,10 @@ import (
 // scriptedServer welcomes the agent, acks its heartbeats (while acking is on)
 // with the guarantee of its timing, accepts every report, passes each hello's
 // held leases on hellos, and writes what the test puts on send. One goroutine
-// writes everything, so a grant sent after acked follows that first ack. It
-// serves grpc.health.v1 too (see scriptedHealth).
+// per stream writes everything, so a grant sent after acked follows that
+// first ack. While holding is on, it keeps the heartbeats unanswered, as a
+// slow server does, and answers the oldest of them on answerOldest. It serves
+// grpc.health.v1 too (see scriptedHealth).
 type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
 	timing scriptTiming
@@ -45,16 +47,42 @@ type scriptedServer struct {
 	// unreachable: the acks carry database_unreachable, as those of a server
 	// that cannot reach its database do.
 	unreachable atomic.Bool
-	health      *scriptedHealth
+	// holding: heartbeats from now on wait for answerOldest; held gets the
+	// sequence of each as it arrives (dropped when full).
+	holding atomic.Bool
+	held    chan uint64
+	oldest  chan struct{}
+	health  *scriptedHealth
+}
+
+// answerOldest has the stream answer the oldest heartbeat it holds, if any,
+// before it writes anything sent after this returns. The ack says what the
+// acks say now (unreachable).
+func (s *scriptedServer) answerOldest(t *testing.T) {
+	t.Helper()
+	select {
+	case s.oldest <- struct{}{}:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no stream to answer a held heartbeat")
+	}
 }
 
 // scriptedHealth answers grpc.health.v1 Check with status, whatever the
 // service, and sends the time of each check on checks (dropped when full).
+// While holding is on, a check waits for answerHeld (or for its caller to stop
+// waiting) before it answers, and then sends on answered whether the caller
+// still waited: its call was neither cancelled nor past its deadline.
 type scriptedHealth struct {
 	grpc_health_v1.UnimplementedHealthServer
-	status atomic.Int32
-	checks chan time.Time
+	status   atomic.Int32
+	checks   chan time.Time
+	holding  atomic.Bool
+	release  chan struct{}
+	answered chan bool
 }
+
+// answerHeld lets the held checks answer, and those to come at once; once only.
+func (h *scriptedHealth) answerHeld() { close(h.release) }
 
 func (h *scriptedHealth) set(status grpc_health_v1.HealthCheckResponse_ServingStatus) {
 	h.status.Store(int32(status))
@@ -64,6 +92,16 @@ func (h *scriptedHealth) Check(ctx context.Context, req *grpc_health_v1.HealthCh
 	select {
 	case h.checks <- time.Now():
 	default:
+	}
+	if h.holding.Load() {
+		select {
+		case <-h.release:
+		case <-ctx.Done():
+		}
+		select {
+		case h.answered <- ctx.Err() == nil:
+		default:
+		}
 	}
 	return &grpc_health_v1.HealthCheckResponse{Status: grpc_health_v1.HealthCheckResponse_ServingStatus(h.status.Load())}, nil
 }
@@ -79,6 +117,14 @@ var longGuarantee = scriptTiming{heartbeat: time.Second, grace: time.Minute, rem
 func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer) error {
 	s.streams.Add(1)
 	send := func(m *leaseholdv1.ConnectResponse) { _ = stream.Send(m) }
+	ack := func(sequence uint64) {
+		send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
+			Sequence: sequence, Remaining: durationpb.New(s.timing.remaining),
+			DatabaseUnreachable: s.unreachable.Load()}}})
+		s.once.Do(func() { close(s.acked) })
+	}
+	// The heartbeats held back, oldest first.
+	var held []uint64
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
 		switch m := req.GetMessage().(type) {
@@ -93,11 +139,16 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				SessionId: "s1", HeartbeatInterval: durationpb.New(s.timing.heartbeat),
 				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true}}})
 		case *leaseholdv1.ConnectRequest_Heartbeat:
-			if s.acking.Load() {
-				send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_HeartbeatAck{HeartbeatAck: &leaseholdv1.HeartbeatAck{
-					Sequence: m.Heartbeat.GetSequence(), Remaining: durationpb.New(s.timing.remaining),
-					DatabaseUnreachable: s.unreachable.Load()}}})
-				s.once.Do(func() { close(s.acked) })
+			switch {
+			case !s.acking.Load():
+			case s.holding.Load():
+				held = append(held, m.Heartbeat.GetSequence())
+				select {
+				case s.held <- m.Heartbeat.GetSequence():
+				default:
+				}
+			default:
+				ack(m.Heartbeat.GetSequence())
 			}
 		case *leaseholdv1.ConnectRequest_GrantAck:
 			send(reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch()))
@@ -125,6 +176,11 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 			answer(req)
 		case m := <-s.send:
 			send(m)
+		case <-s.oldest:
+			if len(held) > 0 {
+				ack(held[0])
+				held = held[1:]
+			}
 		case err := <-s.end:
 			return err
 		}
@@ -146,7 +202,8 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 	script := &scriptedServer{timing: timing, send: make(chan *leaseholdv1.ConnectResponse, 8),
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
 		end: make(chan error, 1), address: listener.Addr().String(),
-		health: &scriptedHealth{checks: make(chan time.Time, 8)}}
+		held: make(chan uint64, 8), oldest: make(chan struct{}),
+		health: &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
 	script.acking.Store(true)
 	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)

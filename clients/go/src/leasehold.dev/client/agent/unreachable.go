@@ -19,10 +19,11 @@ import (
 // outage up to an interval apart: asking at once could move the agent to a
 // server that has not noticed yet), with several addresses, the agent asks
 // the other addresses' health and leaves for the first that serves; when
-// none does (the database is down for every server), it stays. It asks no
-// sooner than unreachableIntervals heartbeat intervals after the last round
-// started, on whichever stream, so that a flapping database cannot bounce
-// it between servers (worker.proto, Connect).
+// none does (the database is down for every server), or an ack says the
+// database is back before they answer, it stays. It asks no sooner than
+// unreachableIntervals heartbeat intervals after the last round started, on
+// whichever stream, so that a flapping database cannot bounce it between
+// servers (worker.proto, Connect).
 
 // unreachableIntervals is how many heartbeat intervals after the start of a
 // round of health checks the agent's next round may start.
@@ -83,10 +84,12 @@ func (a *Agent) leaveIfUnreachable(c *conn) {
 
 // healthAnswered ends c so that the next connection goes to Addresses[next],
 // the first other address that serves; with none (next < 0), c stays. The
-// answers for a stream that ended meanwhile are ignored.
+// answers for a stream that ended meanwhile are ignored, and so are those
+// that came after an ack of c said the database is back: c stays then too
+// (leaving would only move the session for nothing).
 func (a *Agent) healthAnswered(c *conn, next int) {
 	c.asking = false
-	if a.stopped || c.ended || c.saidGoodbye || next < 0 {
+	if a.stopped || c.ended || c.saidGoodbye || next < 0 || c.unreachableSince.IsZero() {
 		return
 	}
 	// Like a server that stopped answering: the session and its leases are

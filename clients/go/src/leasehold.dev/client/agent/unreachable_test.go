@@ -219,3 +219,116 @@ func TestDatabaseUnreachableWaitsAnIntervalPerStreamAndFourPerAgent(t *testing.T
 		t.Fatal("a new stream started a round right after the agent's last one")
 	}
 }
+
+// An ack that says the database is back while the agent waits for the other
+// addresses' answers keeps the agent where it is, even when another address
+// then answers SERVING: leaving would move the session for nothing.
+func TestDatabaseBackWhileAskingKeepsTheStream(t *testing.T) {
+	// Long enough that each step below fits in an interval with a margin of over a second.
+	const interval = 2 * time.Second
+	timing := scriptTiming{heartbeat: interval, grace: time.Minute, remaining: time.Minute}
+	one, stopOne := startScripted(t, timing)
+	t.Cleanup(stopOne)
+	two, stopTwo := startScripted(t, timing)
+	t.Cleanup(stopTwo)
+	events := make(chan Event, 64)
+	a, err := Start(Options{
+		Addresses: []string{one.address, two.address}, Cluster: "east", WorkerID: "w1",
+		OnEvent: func(e Event) {
+			select {
+			case events <- e:
+			default: // the test no longer reads: never block the agent's loop
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) { return nil, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { closeWithin(a, 5*time.Second) })
+	// The agent starts at a random address: the other one is asked, and holds its answer.
+	var current, other *scriptedServer
+	select {
+	case <-one.hellos:
+		current, other = one, two
+	case <-two.hellos:
+		current, other = two, one
+	case <-time.After(30 * time.Second):
+		t.Fatal("no hello")
+	}
+	other.health.holding.Store(true)
+	select {
+	case <-current.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+	// onLoop waits until cond holds on the agent's loop, between two of its steps.
+	onLoop := func(what string, cond func() bool) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if !a.waitFor(ctx, cond) {
+			t.Fatalf("never happened: %s", what)
+		}
+	}
+	var c *conn
+	onLoop("a stream", func() bool { c = a.current; return c != nil })
+	heldHeartbeat := func(which string) {
+		t.Helper()
+		select {
+		case <-current.held:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no %s heartbeat", which)
+		}
+	}
+
+	// From here on every ack is written by the test.
+	current.holding.Store(true)
+	heldHeartbeat("first held")
+	current.unreachable.Store(true)
+	current.answerOldest(t)
+	// The next ack, the one that sends the agent asking, comes late: after the heartbeat that
+	// follows it (the agent leaves a stream only when a heartbeat is due and the oldest is
+	// unanswered for 1.5 intervals). That following heartbeat is then answered while the agent
+	// waits, up to an interval, for the other server.
+	heldHeartbeat("second held")
+	heldHeartbeat("third held")
+	current.answerOldest(t)
+	select {
+	case <-other.health.checks:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent never asked the other address's health")
+	}
+	// The database is back before the other server answers.
+	current.unreachable.Store(false)
+	current.answerOldest(t)
+	// Set since the first ack that said unreachable (the agent asked), cleared by this one alone.
+	onLoop("the ack saying the database is back", func() bool { return c.unreachableSince.IsZero() })
+	other.health.answerHeld()
+	select {
+	case waited := <-other.health.answered:
+		if !waited {
+			t.Fatal("the agent no longer waited for the other server's answer: it had no choice to make")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the other server never answered")
+	}
+	var left bool
+	onLoop("the answer handled", func() bool { left = c.ended; return !c.asking })
+	if left {
+		t.Fatal("the agent left the stream whose acks say the database is back")
+	}
+	// The stream goes on: its next heartbeat, and no hello anywhere.
+	heldHeartbeat("next")
+	if n := current.streams.Load(); n != 1 {
+		t.Fatalf("opened %d streams to the server whose database is back, want the one it stayed on", n)
+	}
+	if n := other.streams.Load(); n != 0 {
+		t.Fatalf("opened %d streams to the other address", n)
+	}
+	for len(events) > 0 {
+		if e, ok := (<-events).(Disconnected); ok {
+			t.Fatalf("disconnected: %v", e.Err)
+		}
+	}
+}

@@ -40,16 +40,20 @@ export interface ProcessRegistry {
   sweep(): { groups: number; directories: number };
 }
 
-/** The start time of a process in clock ticks since boot, or undefined if unknown. */
-function startTime(pid: number): string | undefined {
+/** A process's state letter and start time (clock ticks since boot), or undefined if unknown. */
+function processStat(pid: number): { state: string; started: string } | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // Field 22, counted after the command name, which may itself contain spaces and parentheses.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19];
+    // Fields 3 and 22, counted after the command name, which may itself contain spaces and parentheses.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return { state: fields[0] as string, started: fields[19] as string };
   } catch {
     return undefined;
   }
 }
+
+/** The start time of a process, or undefined if unknown. */
+const startTime = (pid: number): string | undefined => processStat(pid)?.started;
 
 /** Prefix of a record being written: renamed when complete, so no record is ever read half written. */
 const PARTIAL = ".partial-";
@@ -87,7 +91,10 @@ export function claimWorkDir(workDir: string, workerId: string): number | undefi
   const file = join(dir, `${workerId}.agent`);
   try {
     const { pid, started } = JSON.parse(readFileSync(file, "utf8")) as { pid: number; started: string };
-    if (pid !== process.pid && started !== undefined && startTime(pid) === started) return pid;
+    // A zombie (killed, not yet reaped by whoever adopted it: PID 1 in some containers) is gone.
+    const other = processStat(pid);
+    if (pid !== process.pid && started !== undefined && other?.started === started && other.state !== "Z")
+      return pid;
   } catch {
     // No record, or an unreadable one: nobody holds it.
   }

@@ -33,6 +33,7 @@ import {
 import { ACTION_DEFAULTS, type JsonObject } from "../work/action.js";
 import type { Page } from "../work/action-service.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../work/change-feed.js";
+import { failureLog } from "../work/failure-log.js";
 import { decodePageToken, toPage } from "../work/page-token.js";
 import type { RevokeReason } from "../work/worker-messages.js";
 import { type DeploymentPayload, type DeploymentView, deploymentView, FINAL_PHASES } from "./deployment.js";
@@ -553,20 +554,18 @@ export function createScopeLeaseService(deps: {
     collectOutputs,
     expireDue,
     start() {
-      let failing = false;
+      // Logged once per outage, not every second.
+      const expiries = failureLog(log, {
+        failed: "scope lease expiry failed; retrying every second",
+        still: "scope lease expiry still failing",
+        again: "scope lease expiry works again",
+      });
       timer = setInterval(() => {
         if (running) return;
         running = expireDue()
           .then(
-            () => {
-              if (failing) log.info("scope lease expiry works again");
-              failing = false;
-            },
-            (error: unknown) => {
-              // Logged once per outage, not every second.
-              if (!failing) log.warn({ err: error }, "scope lease expiry failed; retrying every second");
-              failing = true;
-            },
+            () => expiries.worked(),
+            (error: unknown) => expiries.failed(error),
           )
           .finally(() => {
             running = undefined;

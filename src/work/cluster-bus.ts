@@ -3,6 +3,7 @@ import type { Logger } from "pino";
 import type { Db } from "../store/database.js";
 import { queryRows } from "../store/rows.js";
 import { coalesced } from "./coalesced.js";
+import { failureLog } from "./failure-log.js";
 import type { RevokeReason } from "./worker-messages.js";
 
 /**
@@ -124,7 +125,12 @@ export async function createPostgresBus(deps: {
 
   let topics = new Set<string>();
   let others: BusMessage[] = [];
-  let failing = false;
+  // Lost hints cost latency only: the other processes' polls catch up.
+  const notifies = failureLog(log, {
+    failed: "could not notify other processes; they will catch up by polling",
+    still: "still cannot notify other processes",
+    again: "notifying other processes again",
+  });
   let closed = false;
 
   function payloads(): string[] {
@@ -206,13 +212,9 @@ export async function createPostgresBus(deps: {
         await db.execute(
           sql`select pg_notify(${BUS_CHANNEL}, p) from jsonb_array_elements_text(${JSON.stringify(batch)}::jsonb) as p`,
         );
-        if (failing) log.info("notifying other processes again");
-        failing = false;
+        notifies.worked();
       } catch (error) {
-        // Lost hints cost latency only: the other processes' polls catch up.
-        if (!failing)
-          log.warn({ err: error }, "could not notify other processes; they will catch up by polling");
-        failing = true;
+        notifies.failed(error);
       }
     },
     () => closed,

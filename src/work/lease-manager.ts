@@ -10,6 +10,7 @@ import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
+import { failureLog } from "./failure-log.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
 import { createHelloOpener } from "./lease/hellos.js";
@@ -391,23 +392,22 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    */
   function every(ms: number, name: string, fn: () => Promise<void>, phaseMs = 0): void {
     let running = false;
-    let failing = false;
+    const runs = failureLog(log, {
+      failed: `${name} failed; retrying on every tick`,
+      still: `${name} still failing`,
+      again: `${name} works again`,
+    });
     const tick = () => {
       if (running || closed) return;
       running = true;
       fn()
         .then(
-          () => {
-            if (failing) log.info(`${name} works again`);
-            failing = false;
-          },
+          () => runs.worked(),
           (error: unknown) => {
             // Closing: the database may close under a run still in progress (a renewal of many
             // sessions takes several statements); the final renewal of `close` stands for it.
-            if (failing || closed)
-              log.debug({ err: error }, `${name} ${closed ? "stopped" : "still failing"}`);
-            else log.warn({ err: error }, `${name} failed; retrying on every tick`);
-            failing = true;
+            if (closed) log.debug({ err: error }, `${name} stopped`);
+            else runs.failed(error);
           },
         )
         .finally(() => {

@@ -53,7 +53,7 @@ describe.runIf(runsPostgresTests())("reports while the server's database is unre
     expect(warnings()).toHaveLength(1);
     const back = t.logs.find((l) => String(l.msg).startsWith("reports apply again"));
     expect(back).toMatchObject({ level: 30 });
-    expect(back?.unavailable).toBeGreaterThanOrEqual(3);
+    expect(back?.failures).toBeGreaterThanOrEqual(3);
 
     const done = await t.client(ActionService).getAction({ actionId: grant.actionId });
     expect(done.action).toMatchObject({ state: ActionState.SUCCEEDED, output: { n: 3 } });

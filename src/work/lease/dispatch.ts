@@ -10,6 +10,7 @@ import {
   type SlotGroup,
   settleAndGrant,
 } from "../../store/queries/settle-and-grant.js";
+import { failureLog } from "../failure-log.js";
 import type { Hosted, HostedSessions } from "./hosted.js";
 
 /**
@@ -77,7 +78,11 @@ export function createDispatcher(deps: {
   const { db, clock, log, hosted, graceMs } = deps;
   let queue: Pending[] = [];
   let wanted = false;
-  let failing = false;
+  const rounds = failureLog(log, {
+    failed: "dispatch failed; retrying on the next tick",
+    still: "dispatch still failing",
+    again: "dispatch works again",
+  });
   /** Actions whose reports a round in flight settles: a later report of one waits for it. */
   const settling = new Set<string>();
   /**
@@ -361,7 +366,7 @@ export function createDispatcher(deps: {
       }
       reconciling = true;
       reconcile()
-        .catch((error: unknown) => failed(error))
+        .catch((error: unknown) => rounds.failed(error))
         .finally(() => {
           reconciling = false;
           // Found or not, claims go on; a grant that commits late is found by a later look.
@@ -379,11 +384,8 @@ export function createDispatcher(deps: {
       active++;
       run(r)
         .then(
-          () => {
-            if (failing) log.info("dispatch works again");
-            failing = false;
-          },
-          (error: unknown) => failed(error),
+          () => rounds.worked(),
+          (error: unknown) => rounds.failed(error),
         )
         .finally(() => {
           active--;
@@ -392,12 +394,6 @@ export function createDispatcher(deps: {
         });
     }
     settle();
-  }
-
-  function failed(error: unknown): void {
-    if (failing) log.debug({ err: error }, "dispatch still failing");
-    else log.warn({ err: error }, "dispatch failed; retrying on the next tick");
-    failing = true;
   }
 
   /** Wakes `idle()` callers once nothing runs. */

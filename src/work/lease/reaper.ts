@@ -5,6 +5,7 @@ import type { Db } from "../../store/database.js";
 import { extendSessionsAfterOutage } from "../../store/queries/extend-sessions-on-start.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
 import { type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../change-feed.js";
+import { failureLog } from "../failure-log.js";
 import { type HostedSessions, REAPED_MESSAGE } from "./hosted.js";
 
 /** Sessions reaped per statement. */
@@ -87,7 +88,11 @@ export function createReaper(deps: {
   let timer: NodeJS.Timeout | undefined;
   let reaping = false;
   let again = false;
-  let failing = false;
+  const reaps = failureLog(log, {
+    failed: "reaper failed; retrying on every poll",
+    still: "reaper still failing",
+    again: "reaper works again",
+  });
   let stopped = false;
   /** The database failed since the last reap: extend before reaping (see `databaseFailed`). */
   let outage = false;
@@ -115,14 +120,9 @@ export function createReaper(deps: {
     reaping = true;
     reap()
       .then(
-        () => {
-          if (failing) log.info("reaper works again");
-          failing = false;
-        },
+        () => reaps.worked(),
         (error: unknown) => {
-          if (failing) log.debug({ err: error }, "reaper still failing");
-          else log.warn({ err: error }, "reaper failed; retrying on every poll");
-          failing = true;
+          reaps.failed(error);
           plan(Date.now() + pollMs, 0, true);
         },
       )

@@ -8,6 +8,7 @@ import { recordFencedReports } from "../../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../../store/queries/record-progress.js";
 import type { Tracing } from "../../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
+import { failureLog } from "../failure-log.js";
 import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
 import type { Dispatcher } from "./dispatch.js";
 import type { Hosted, HostedSessions } from "./hosted.js";
@@ -168,23 +169,19 @@ export function createReports(deps: {
   }
 
   /**
-   * Reports answered UNAVAILABLE since one last applied. Workers send them
-   * again every few hundred milliseconds while the database is down: the first
-   * is a warning, the rest debug lines, and the first applied after them says
-   * how many there were.
+   * Reports answered UNAVAILABLE, which workers send again every few hundred
+   * milliseconds while the database is down. The error says why (most often
+   * the database cannot be reached).
    */
-  let unapplied = 0;
+  const unapplied = failureLog(log, {
+    failed:
+      "could not apply a report; answering reports UNAVAILABLE until one applies again, for their workers to send them again",
+    still: "could not apply a report",
+    again: "reports apply again",
+  });
 
   function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
-    unapplied += 1;
-    const fields = { err: error, actionId: token.actionId, workerId: s.workerId };
-    // The error says why (most often the database cannot be reached; err has its message and code).
-    if (unapplied === 1)
-      log.warn(
-        fields,
-        "could not apply a report; answering reports UNAVAILABLE until one applies again, for their workers to send them again",
-      );
-    else log.debug(fields, "could not apply a report");
+    unapplied.failed(error, { actionId: token.actionId, workerId: s.workerId });
     s.link.send({
       type: "report_result",
       reportId,
@@ -193,16 +190,6 @@ export function createReports(deps: {
       rejectReason: "UNAVAILABLE",
       message: "the server could not apply the report now (database unavailable); send it again",
     });
-  }
-
-  /** A report's outcome committed: the database takes reports again. */
-  function applied(): void {
-    if (unapplied === 0) return;
-    log.info(
-      { unavailable: unapplied },
-      `reports apply again; ${unapplied} were answered UNAVAILABLE meanwhile`,
-    );
-    unapplied = 0;
   }
 
   function accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void {
@@ -273,7 +260,7 @@ export function createReports(deps: {
       s,
       report,
       (finished) => {
-        applied();
+        unapplied.worked();
         if (!finished) {
           deps.answered.inc({ kind, result: "fenced" });
           endSpan(span, false, "FENCED");
@@ -308,7 +295,7 @@ export function createReports(deps: {
         .then(
           (ok) => {
             nextInTurn(m.actionId);
-            applied();
+            unapplied.worked();
             if (!ok) {
               deps.answered.inc({ kind: "progress", result: "fenced" });
               endSpan(span, false, "FENCED");

@@ -6,7 +6,6 @@ import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
 import { claimWorkDir, createProcessRegistry, ownWorkDir } from "../agent/process-registry.js";
-import { parseDuration } from "../config.js";
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
 import { checkWorkerNames, Violations } from "../rpc/validate.js";
@@ -15,6 +14,7 @@ import {
   channelFor,
   collect,
   count,
+  durationMsFlag,
   EXIT,
   globals,
   guardOutput,
@@ -111,7 +111,7 @@ export function agentCommand(): Command {
         // still drains, and stops what it started.
         guardOutput("drop");
         const g = globals(command);
-        const killGraceMs = durationFlag("--kill-grace", o.killGrace as string);
+        const killGraceMs = durationMsFlag("--kill-grace", o.killGrace as string);
         const allow = allowPolicy({
           commands: o.allowCommand as string[] | undefined,
           any: o.allowAnyCommand === true,
@@ -276,15 +276,6 @@ function leftoversDone(swept: { groups: number; directories: number }): string {
   const killed = `killed ${count(swept.groups, "process group")}`;
   const n = swept.directories;
   return n > 0 ? `${killed} and removed ${n} deployment ${n === 1 ? "directory" : "directories"}` : killed;
-}
-
-/** A duration flag's value in milliseconds; malformed is bad usage naming the flag. */
-function durationFlag(flag: string, text: string): number {
-  try {
-    return parseDuration(flag, text);
-  } catch (error) {
-    throw new CliError(error instanceof Error ? error.message : String(error), EXIT.usage);
-  }
 }
 
 /**

@@ -3,8 +3,6 @@ import { basename } from "node:path";
 import type { MessageShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { Command } from "commander";
-import { parseDuration } from "../config.js";
-import { LeaseholdError } from "../errors.js";
 import {
   CloseReason,
   DebugLeaseResponseSchema,
@@ -26,6 +24,7 @@ import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
   CliError,
   count,
+  durationMsFlag,
   EXIT,
   enumFilterOption,
   enumName,
@@ -85,13 +84,6 @@ const resourceRow = (r: Resource) => [
   r.leaseId || "-",
   r.body.case === "file" ? `${r.body.value.name} (${r.body.value.sizeBytes} B)` : "-",
 ];
-const durationMsFlag = (flag: string, text: string) => {
-  try {
-    return parseDuration(flag, text);
-  } catch (error) {
-    throw new CliError(error instanceof LeaseholdError ? error.message : String(error), EXIT.usage);
-  }
-};
 const RESOURCE_HEADERS = ["RESOURCE", "KIND", "OWNER", "LEASE", "FILE"];
 /**
  * One resource: with --json its proto3 JSON; for people its row, then what it

@@ -6,6 +6,7 @@ import {
 } from "@bufbuild/protobuf";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { type Command, InvalidArgumentError, Option } from "commander";
+import { parseDuration } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
@@ -246,6 +247,15 @@ export function parseLabels(values: readonly string[] | undefined, flag: string)
 export const collect = (value: string, previous: string[] = []) => [...previous, value];
 
 /** Parses a whole number of at least 1; commander reports a bad value as a usage error. */
+/** A duration flag's value in milliseconds (`500ms`, `10s`); malformed is bad usage naming the flag. */
+export function durationMsFlag(flag: string, text: string): number {
+  try {
+    return parseDuration(flag, text);
+  } catch (error) {
+    throw new CliError(error instanceof Error ? error.message : String(error), EXIT.usage);
+  }
+}
+
 export function positiveIntFlag(value: string): number {
   const n = intFlag(value);
   if (n < 1) throw new InvalidArgumentError("expected a whole number of at least 1");

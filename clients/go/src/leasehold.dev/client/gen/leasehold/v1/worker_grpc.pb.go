@@ -109,9 +109,10 @@ type WorkerServiceClient interface {
 	// "leasehold.v1.WorkerService", deadline one heartbeat interval), and
 	// leave for the first of them, in the order you go through them, that
 	// answers SERVING; when none does (the database is down for every
-	// server), stay. Ask no sooner than 4 heartbeat intervals after your
-	// previous round, on whichever stream it was, so that a flapping database
-	// cannot bounce you between servers.
+	// server), or an ack of the stream said the database is reachable again
+	// before the answers came, stay. Ask no sooner than 4 heartbeat intervals
+	// after your previous round, on whichever stream it was, so that a
+	// flapping database cannot bounce you between servers.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
@@ -312,9 +313,10 @@ type WorkerServiceServer interface {
 	// "leasehold.v1.WorkerService", deadline one heartbeat interval), and
 	// leave for the first of them, in the order you go through them, that
 	// answers SERVING; when none does (the database is down for every
-	// server), stay. Ask no sooner than 4 heartbeat intervals after your
-	// previous round, on whichever stream it was, so that a flapping database
-	// cannot bounce you between servers.
+	// server), or an ack of the stream said the database is reachable again
+	// before the answers came, stay. Ask no sooner than 4 heartbeat intervals
+	// after your previous round, on whichever stream it was, so that a
+	// flapping database cannot bounce you between servers.
 	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished

@@ -99,6 +99,12 @@ export interface ServerOverrides {
   /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
   readonly limits?: StreamLimits;
   /**
+   * How long a graceful close waits to answer each worker stream's next
+   * heartbeat with a deadline stored afresh before it ends the streams
+   * (lease/handover.ts). Default 1.5 heartbeat intervals; 0 ends them at once.
+   */
+  readonly handOverMs?: number;
+  /**
    * The Access of each call from its metadata, in place of the configured
    * authentication (tests of handler-level checks that need no credentials).
    */
@@ -455,6 +461,17 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     let closing: Promise<void> | undefined;
     const close = () => {
       closing ??= (async () => {
+        // While the streams are open: every worker's deadline is made to count a whole grace
+        // period from its last heartbeat here, so that a restart shorter than that re-runs nothing.
+        const handOverMs = overrides.handOverMs ?? Math.round(1.5 * config.heartbeatIntervalMs);
+        const started = performance.now();
+        const { handedOver, streams } = await manager.handOver(handOverMs);
+        if (streams > 0) {
+          log.info(
+            { handedOver, streams, ms: Math.round(performance.now() - started) },
+            `handed over ${handedOver} of ${streams} worker streams`,
+          );
+        }
         // Reverse order of start, except that the front door closes first
         // (it was bound first only so that agents can reconnect early).
         await rpc.close();

@@ -13,6 +13,7 @@ import type { ClusterBus } from "./cluster-bus.js";
 import { failureLog } from "./failure-log.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
+import { createHandover } from "./lease/handover.js";
 import { createHelloOpener } from "./lease/hellos.js";
 import {
   createHostedSessions,
@@ -117,6 +118,14 @@ export interface LeaseManager extends AsyncDisposable {
   open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle>;
   /** Extends live sessions for the restart (rule 6) and starts the loops. */
   start(): Promise<void>;
+  /**
+   * The first step of a graceful close, while the streams are still open:
+   * answers each hosted stream's next heartbeat with a deadline stored
+   * afresh, so that its worker's leases outlast a restart (see
+   * lease/handover.ts). Resolves when every stream was answered so or ended,
+   * or after `timeoutMs`.
+   */
+  handOver(timeoutMs: number): Promise<{ readonly handedOver: number; readonly streams: number }>;
   /** Stops the loops and flushes pending reports. Open streams are ended by the rpc server. */
   close(): Promise<void>;
   /** Sends a revoke to the session holding a lease, if this process hosts it. */
@@ -323,7 +332,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         reports,
         revokes,
         heartbeatAckSeconds: metrics.heartbeatAckSeconds,
-        databaseUnreachable: options.databaseUnreachable ?? (() => false),
+        databaseUnreachable,
+        handover,
         publishActions,
         queueChanged: scheduleDispatch,
         markLost: (lost) => lostStreams.add(lost),
@@ -348,6 +358,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
+  });
+  const databaseUnreachable = options.databaseUnreachable ?? (() => false);
+  const handover = createHandover({
+    log,
+    hosted,
+    renewal,
+    databaseUnreachable,
+    heartbeatAckSeconds: metrics.heartbeatAckSeconds,
   });
   const reaper = createReaper({
     db,
@@ -491,6 +509,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   return {
     open,
     start,
+    // Without the database, a renewal cannot store anything: nothing to wait for.
+    handOver: (timeoutMs) => handover.run(databaseUnreachable() ? 0 : timeoutMs),
     close,
     [Symbol.asyncDispose]: close,
     // Sent here and to the other processes either way: this process may still

@@ -57,7 +57,9 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
       },
     },
   );
-  const server = await startServer(config, log, options.overrides);
+  // No handover by default: a close would wait up to 1.5 heartbeat intervals for heartbeats
+  // that most tests' workers never send. shutdown-handover.test.ts turns it on.
+  const server = await startServer(config, log, { handOverMs: 0, ...options.overrides });
   const address = `127.0.0.1:${server.port}`;
   const clients: Client<GenServiceMethods>[] = [];
   const stop = async () => {

@@ -1,7 +1,10 @@
+import { durationMs } from "@bufbuild/protobuf/wkt";
+import { status } from "@grpc/grpc-js";
 import { describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { startTestServer } from "../helpers/server.js";
+import { statusDetails } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
 
 // Each test opens the store twice (PGlite: seconds each on a busy machine).
@@ -54,6 +57,57 @@ describe("a restart on the same store", { timeout: 120_000 }, () => {
       expect(deadline).toBeDefined();
       const deadlineMs = Number(deadline?.seconds) * 1000 + Math.floor((deadline?.nanos ?? 0) / 1e6);
       expect(deadlineMs).toBeGreaterThanOrEqual((listening?.time as number) + graceMs);
+    } finally {
+      await t.stop();
+      await t.store.drop();
+    }
+  });
+
+  it("answers a heartbeat during a graceful close with a deadline stored afresh, so the worker's guarantee outlasts the restart", async () => {
+    const graceMs = 6_000;
+    let t = await startTestServer({
+      config: { gracePeriod: "6s", heartbeatInterval: "1s" },
+      overrides: { handOverMs: 5_000 },
+    });
+    try {
+      await t.client(ActionService).submitAction({ cluster: "handover", payload: {} });
+      const hello = { workerId: "hw", cluster: "handover", capacity: 1, instanceId: "hw-1" };
+      const w = await connectWorker(t.address, hello);
+      const grant = await w.next("grant");
+      const held = [{ actionId: grant.actionId, epoch: grant.epoch }];
+      await w.heartbeat(1, held);
+      // The worker stays silent for two seconds: until the handover, every ack would promise at
+      // most the grace period less those two seconds (the stored deadline is last heard + grace).
+      await new Promise((resolve) => setTimeout(resolve, 2_000));
+      const stopping = t.stop(); // the handover begins at once, before the streams end
+      // Without a handover the stream ends unanswered.
+      const ack = await Promise.race([w.heartbeat(2, held), w.ended.then(() => undefined)]);
+      const remaining = ack?.remaining;
+      expect(remaining && durationMs(remaining)).toBeGreaterThan(graceMs - 1_500);
+      await stopping;
+      const end = await w.ended;
+      expect(end.code).toBe(status.UNAVAILABLE);
+      expect(statusDetails(end.metadata).reason).toBe("SHUTTING_DOWN");
+      expect(t.logs.find((l) => l.msg === "handed over 1 of 1 worker streams")).toBeDefined();
+
+      // The worker comes back to the restarted server with its lease: resumed, same epoch.
+      t = await t.restart();
+      const again = await connectWorker(t.address, { ...hello, heldLeases: held });
+      expect(again.welcome.resumed).toEqual([expect.objectContaining(held[0])]);
+      again.goodbye();
+    } finally {
+      await t.stop();
+      await t.store.drop();
+    }
+  });
+
+  it("ends the streams once the handover's wait runs out, whether or not their workers heartbeat", async () => {
+    const t = await startTestServer({ overrides: { handOverMs: 300 } });
+    try {
+      const silent = await connectWorker(t.address, { workerId: "mute", cluster: "handover", capacity: 1 });
+      await t.stop();
+      expect((await silent.ended).code).toBe(status.UNAVAILABLE);
+      expect(t.logs.find((l) => l.msg === "handed over 0 of 1 worker streams")).toBeDefined();
     } finally {
       await t.stop();
       await t.store.drop();

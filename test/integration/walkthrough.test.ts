@@ -43,8 +43,8 @@ describe.runIf(inject("driver") === "pglite")("the README walkthrough", () => {
       "off",
       "--data-dir",
       store.dataDir,
-      // As the README: a restart (PGlite starting, under load on CI) must fit in the 12.5 s
-      // guarantee a 15 s grace leaves the agent.
+      // As the README: a restart (PGlite starting, under load on CI) must fit in the 14.5 s
+      // guarantee a 15 s grace leaves the agent after the server's handover.
       "--grace-period",
       "15s",
       "--heartbeat-interval",

@@ -39,6 +39,12 @@ export interface Renewal {
    * a process that cannot renew is indistinguishable from one that died.
    */
   keepHosted(): KeepHosted | undefined;
+  /**
+   * Renews these streams now, out of turn (a closing process's handover).
+   * It says nothing of the others' stored deadlines, so it changes neither
+   * what {@link keepHosted} answers nor the tick's own renewal.
+   */
+  renewNow(streams: readonly Hosted[]): Promise<void>;
 }
 
 /** Ends a hosted stream whose session the renewal found no longer attached to it. */
@@ -65,6 +71,25 @@ export function createRenewal(deps: {
   /** performance.now() at the start of the renewal in flight. */
   let startedAt: number | undefined;
 
+  /** Renews `streams` in statements of RENEW_CHUNK sessions, one after another. */
+  async function renewChunked(streams: readonly Hosted[]): Promise<void> {
+    // One after another: building, sending and reading one statement for 10,000 sessions held
+    // the event loop for about 10 ms, and every heartbeat ack that came in meanwhile waited for it.
+    for (let from = 0; from < streams.length; from += RENEW_CHUNK) {
+      const chunk = streams.slice(from, from + RENEW_CHUNK);
+      // Ages counted at each statement: a later chunk must not gain the time the earlier took.
+      const at = performance.now();
+      const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
+      const offsetMs = dbOffsetMs(dbNowMs, at);
+      chunk.forEach((s, i) => {
+        const deadlineMs = deadlinesMs[i] as number;
+        if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+        // Taken over by a stream whose notice did not reach this process, reaped, or ended.
+        else if (!s.ended) endStale(s, notRenewed.get(i));
+      });
+    }
+  }
+
   return {
     async renew() {
       const heard: Hosted[] = [];
@@ -73,22 +98,7 @@ export function createRenewal(deps: {
       const now = performance.now();
       startedAt = now;
       try {
-        // In statements of RENEW_CHUNK sessions, one after another: building, sending and
-        // reading one statement for 10,000 sessions held the event loop for about 10 ms, and
-        // every heartbeat ack that came in meanwhile waited for it.
-        for (let from = 0; from < heard.length; from += RENEW_CHUNK) {
-          const chunk = heard.slice(from, from + RENEW_CHUNK);
-          // Ages counted at each statement: a later chunk must not gain the time the earlier took.
-          const at = performance.now();
-          const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
-          const offsetMs = dbOffsetMs(dbNowMs, at);
-          chunk.forEach((s, i) => {
-            const deadlineMs = deadlinesMs[i] as number;
-            if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
-            // Taken over by a stream whose notice did not reach this process, reaped, or ended.
-            else if (!s.ended) endStale(s, notRenewed.get(i));
-          });
-        }
+        await renewChunked(heard);
         failed = false;
       } catch (error) {
         failed = true;
@@ -97,6 +107,7 @@ export function createRenewal(deps: {
         if (startedAt === now) startedAt = undefined;
       }
     },
+    renewNow: (streams) => renewChunked(streams.filter((s) => !s.ended)),
     keepHosted() {
       const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;
       if (!failed && !stuck) return undefined;

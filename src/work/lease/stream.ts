@@ -5,6 +5,7 @@ import { endSession } from "../../store/queries/end-session.js";
 import type { LostStream, StreamLoss } from "../../store/queries/mark-stream-lost.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
 import type { WorkerMessage } from "../worker-messages.js";
+import type { Handover } from "./handover.js";
 import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
 import type { Reports } from "./reports.js";
 import type { Revokes } from "./revokes.js";
@@ -38,6 +39,8 @@ export function createStreamHandle(
     heartbeatAckSeconds: { observe(seconds: number): void };
     /** Whether this process cannot reach its database now: every ack says so (worker.proto). */
     databaseUnreachable: () => boolean;
+    /** A closing process answers heartbeats through it (see handover.ts). */
+    handover: Pick<Handover, "active" | "heartbeat" | "ended">;
     /** Wakes the watchers of these actions (and of the event feed). */
     publishActions: (ids: Iterable<string>) => void;
     /** Actions were re-queued: the dispatcher looks at the queue again. */
@@ -61,12 +64,16 @@ export function createStreamHandle(
       switch (message.type) {
         case "heartbeat": {
           const started = s.heardAt;
-          s.link.send({
-            type: "heartbeat_ack",
-            sequence: message.sequence,
-            remainingMs: remainingMs(s),
-            databaseUnreachable: deps.databaseUnreachable(),
-          });
+          if (deps.handover.active()) deps.handover.heartbeat(s, message.sequence);
+          else {
+            s.link.send({
+              type: "heartbeat_ack",
+              sequence: message.sequence,
+              remainingMs: remainingMs(s),
+              databaseUnreachable: deps.databaseUnreachable(),
+            });
+            deps.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
+          }
           for (const token of message.held) {
             if (s.held.get(token.actionId) !== token.epoch) {
               s.link.send({
@@ -82,7 +89,6 @@ export function createStreamHandle(
           }
           s.lastHeld = message.held;
           if (s.revoked !== undefined) revokes.releaseOmitted(s, message.held);
-          deps.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
           return;
         }
         case "grant_ack": {
@@ -104,6 +110,7 @@ export function createStreamHandle(
           return reports.finish(s, message);
         case "goodbye":
           hosted.remove(s);
+          deps.handover.ended(s);
           goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
             ({ releasedActionIds }) => {
               log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
@@ -124,6 +131,7 @@ export function createStreamHandle(
     },
     async streamEnded() {
       if (goodbye) return goodbye;
+      deps.handover.ended(s);
       if (s.ended) return;
       hosted.remove(s);
       try {

@@ -210,6 +210,12 @@ class WorkerServiceServicer(object):
         always stopped first. Expect the local deadline to fall short of the last
         heartbeat + grace by up to two heartbeat intervals plus the margin: the
         server persists renewals once per heartbeat interval, not per heartbeat.
+        A server stopping gracefully (SIGTERM, Ctrl-C) first waits up to 1.5
+        heartbeat intervals for each stream's next heartbeat, and answers it
+        only once it stored the session's deadline afresh (milliseconds later
+        than usual): that ack's remaining is about the whole grace period, so a
+        restart then has the grace period less the margin, counted from that
+        heartbeat. Then it ends the stream (UNAVAILABLE, SHUTTING_DOWN).
 
         Flow control: a stream gets at most 32 grants it has not acknowledged
         (see GrantAck), and none while the server holds 1 MiB or more of

@@ -392,7 +392,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     ];
     gate.open([
       ...api,
-      workerServiceBinding(hellos.counted, log, { stalledStreamMs: config.gracePeriodMs, ...limits }),
+      workerServiceBinding(hellos.counted, log, {
+        stalledStreamMs: Math.round(config.gracePeriodMs / 2),
+        ...limits,
+      }),
     ]);
 
     let consoleServer: ConsoleServer | undefined;

@@ -198,6 +198,23 @@ describe("worker stream flow control", () => {
     expect(await reader.heartbeat(1)).toMatchObject({ sequence: 1n });
   }, 60_000);
 
+  it("ends a stream it stopped reading after half a grace period, so that its worker resumes its session", async () => {
+    // The server's own bound, with its loops on: heartbeats it does not read renew nothing, so a
+    // bound of a whole grace period left the session expired by the time the stream ended.
+    t = await startTestServer({ config: { gracePeriod: "6s", heartbeatInterval: "1s" } });
+    const { stream, closed } = deafWorker("stuck", 1);
+    await logLine((l) => l.msg === "worker session started" && l.workerId === "stuck");
+    const heartbeats = [];
+    for (let i = 1; i <= 50_000; i++)
+      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+    stream.write(Buffer.concat(heartbeats));
+    const ended = await logLine((l) => String(l.msg).startsWith("ending the stream of worker stuck"));
+    expect(ended.msg).toMatch(/messages for 3000 ms; the worker is not reading/);
+    expect(await closed).toBe(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
+    const back = await worker("stuck", 1);
+    expect(back.welcome.sessionResumed).toBe(true);
+  }, 60_000);
+
   it("ends the stream of a worker that takes batches, sends without reading, and stops being read", async () => {
     await start({ stalledStreamMs: 2000 });
     // Its acks go out as one batch a turn: the byte mark (1 MiB), not the message count, holds

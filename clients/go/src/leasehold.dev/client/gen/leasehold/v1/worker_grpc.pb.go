@@ -171,9 +171,11 @@ type WorkerServiceClient interface {
 	// messages the worker has not read. While 1,024 messages or 1 MiB wait
 	// unread, the server reads nothing more from the stream (HTTP/2 flow
 	// control then holds the worker's sends back). A stream whose unread
-	// messages stay over 1 MiB or 1,024 messages for a grace period, or pass
-	// 16 MiB, is ended with RESOURCE_EXHAUSTED; like any lost stream its
-	// session enters grace and the worker may reconnect and resume it. Read
+	// messages stay over 1 MiB or 1,024 messages for half a grace period, or
+	// pass 16 MiB, is reset (HTTP/2 ENHANCE_YOUR_CALM, which gRPC libraries
+	// report as RESOURCE_EXHAUSTED); like any lost stream its session enters
+	// grace, with at least the other half left (heartbeats the server did not
+	// read renew nothing), and the worker may reconnect and resume it. Read
 	// the stream promptly, heartbeat acks included.
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2
@@ -381,9 +383,11 @@ type WorkerServiceServer interface {
 	// messages the worker has not read. While 1,024 messages or 1 MiB wait
 	// unread, the server reads nothing more from the stream (HTTP/2 flow
 	// control then holds the worker's sends back). A stream whose unread
-	// messages stay over 1 MiB or 1,024 messages for a grace period, or pass
-	// 16 MiB, is ended with RESOURCE_EXHAUSTED; like any lost stream its
-	// session enters grace and the worker may reconnect and resume it. Read
+	// messages stay over 1 MiB or 1,024 messages for half a grace period, or
+	// pass 16 MiB, is reset (HTTP/2 ENHANCE_YOUR_CALM, which gRPC libraries
+	// report as RESOURCE_EXHAUSTED); like any lost stream its session enters
+	// grace, with at least the other half left (heartbeats the server did not
+	// read renew nothing), and the worker may reconnect and resume it. Read
 	// the stream promptly, heartbeat acks included.
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2

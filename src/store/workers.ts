@@ -105,20 +105,26 @@ export async function listWorkers(
 
 /**
  * Marks a worker as draining (no new grants) and records the event, with
- * `actor` (who asked). False if unknown.
+ * `actor` as who asked. A drain lasts as long as the worker's session, so
+ * only a worker with a live session (connected, or in grace) can be drained:
+ * "no session" leaves the row alone, and its next session gets work.
  */
 export async function setWorkerDraining(
   db: Db,
   workerId: string,
   reason: string,
   actor: string,
-): Promise<boolean> {
-  const rows = await queryRows<{ worker_id: string }>(
+): Promise<"draining" | "no session" | "not found"> {
+  const [row] = await queryRows<{ live: boolean; drained: boolean }>(
     db,
     sql`
-      with drained as (
+      with live as (
+        select exists (select 1 from sessions where worker_id = ${workerId} and ended_at is null) as live
+      ),
+      drained as (
         update workers set draining = true, drain_reason = ${reason}
-        where worker_id = ${workerId} returning worker_id, cluster
+        where worker_id = ${workerId} and (select live from live)
+        returning worker_id, cluster
       ),
       event as (
         insert into events (kind, worker_id, cluster, message, actor)
@@ -127,9 +133,11 @@ export async function setWorkerDraining(
           ${actor}
         from drained
       )
-      select worker_id from drained`,
+      select (select live from live) as live, exists (select 1 from drained) as drained
+      from workers where worker_id = ${workerId}`,
   );
-  return rows.length > 0;
+  if (!row) return "not found";
+  return row.drained ? "draining" : "no session";
 }
 
 /** Used by tests and the health window: how long ago the database thinks `at` was. */

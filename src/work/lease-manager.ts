@@ -137,9 +137,10 @@ export interface LeaseManager extends AsyncDisposable {
   ended(sessionId: string, token: LeaseToken, reason: RevokeReason, message: string): void;
   /**
    * Stops new grants to a worker and asks it to finish (ClusterService.DrainWorker);
-   * `actor` is who asked, recorded on the event.
+   * `actor` is who asked, recorded on the event. Only a worker with a live
+   * session can be drained (the drain ends with the session).
    */
-  drain(workerId: string, reason: string, actor: string): Promise<boolean>;
+  drain(workerId: string, reason: string, actor: string): Promise<"draining" | "no session" | "not found">;
   /**
    * When the reaper is due next (database clock): the earliest session
    * deadline this process knows of, or sooner for its fallback poll. With
@@ -524,12 +525,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
     },
     async drain(workerId, reason, actor) {
-      const found = await setWorkerDraining(db, workerId, reason, actor);
-      if (!found) return false;
+      const outcome = await setWorkerDraining(db, workerId, reason, actor);
+      if (outcome !== "draining") return outcome;
       drainHosted(workerId, reason);
       bus?.send({ kind: "drain", workerId, reason });
       feed.publish(EVENTS_TOPIC);
-      return true;
+      return outcome;
     },
     nextReap: () => reaper.next(),
     databaseChecked: (ok) => (ok ? reaper.databaseAnswered("check") : reaper.databaseFailed("check")),

@@ -9,7 +9,7 @@ import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-import { expectStatus } from "../helpers/status.js";
+import { expectStatus, failure } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 const GRACE_MS = 10_000;
@@ -740,6 +740,16 @@ describe("work leases", () => {
       Code.NotFound,
       /worker "nobody" not found/,
     );
+    // After its goodbye there is no session to drain: the call says so instead of a drain that
+    // would end before it began (the next session is granted work).
+    back.goodbye("done");
+    await back.ended;
+    const refused = await failure(t.client(ClusterService).drainWorker({ workerId: "w1" }));
+    expect(refused).toMatchObject({ code: Code.FailedPrecondition, reason: "WORKER_NOT_CONNECTED" });
+    expect(refused.message).toMatch(/worker w1 has no live session: nothing to drain/);
+    const again = await worker("w1", { capacity: 2 });
+    await tick().dispatch();
+    expect(await again.next("grant")).toMatchObject({ actionId: second });
   });
 
   it("releases every lease at once on goodbye, and another worker takes them with epoch + 1", async () => {

@@ -67,8 +67,14 @@ export function clusterServiceBinding(deps: {
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
       ctx.access.require("worker.drain", (await getWorker(workerId)).cluster);
-      if (!(await leases.drain(workerId, request.reason, ctx.access.actor))) {
-        throw LeaseholdError.notFound("worker", workerId);
+      const outcome = await leases.drain(workerId, request.reason, ctx.access.actor);
+      if (outcome === "not found") throw LeaseholdError.notFound("worker", workerId);
+      if (outcome === "no session") {
+        throw LeaseholdError.failedPrecondition(
+          "WORKER_NOT_CONNECTED",
+          `worker ${workerId} has no live session: nothing to drain (a drain lasts as long as the worker's session, and its next session is granted work); drain it while its agent runs`,
+          { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "no live session" },
+        );
       }
       return { worker: toProtoWorker(await getWorker(workerId)) };
     },

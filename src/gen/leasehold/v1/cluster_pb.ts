@@ -642,7 +642,9 @@ export const ClusterService: GenService<{
    * reconnections within the grace period (each new stream gets the Drain
    * again, with this request's reason), and ends with the session (a
    * goodbye, or reaped), after which a new session is granted work again.
-   * NOT_FOUND if the worker never connected.
+   * NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+   * reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+   * would then end before it began: drain a worker while its agent runs.
    * Right: worker.drain in the worker's cluster.
    *
    * @generated from rpc leasehold.v1.ClusterService.DrainWorker

@@ -32,7 +32,9 @@ type ClusterServiceClient interface {
 	// reconnections within the grace period (each new stream gets the Drain
 	// again, with this request's reason), and ends with the session (a
 	// goodbye, or reaped), after which a new session is granted work again.
-	// NOT_FOUND if the worker never connected.
+	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+	// would then end before it began: drain a worker while its agent runs.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(ctx context.Context, in *DrainWorkerRequest, opts ...grpc.CallOption) (*DrainWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the
@@ -116,7 +118,9 @@ type ClusterServiceServer interface {
 	// reconnections within the grace period (each new stream gets the Drain
 	// again, with this request's reason), and ends with the session (a
 	// goodbye, or reaped), after which a new session is granted work again.
-	// NOT_FOUND if the worker never connected.
+	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+	// would then end before it began: drain a worker while its agent runs.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(context.Context, *DrainWorkerRequest) (*DrainWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the

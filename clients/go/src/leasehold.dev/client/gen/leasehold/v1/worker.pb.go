@@ -692,7 +692,8 @@ type Hello struct {
 	WorkerId string `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
 	// Required: the cluster the worker belongs to (same alphabet as worker_id).
 	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
-	// Slots: how many leases the server grants the worker at once, 1–10000.
+	// Required: slots, how many leases the server grants the worker at once,
+	// 1–10000.
 	// Usually the number of actions it runs at once. A worker may ask for more
 	// and run fewer, holding the rest until a running action ends (the SDK's
 	// `prefetch`): a held grant's lease is the worker's like any other (acked,
@@ -1090,8 +1091,9 @@ type Grant struct {
 	Payload *structpb.Struct `protobuf:"bytes,4,opt,name=payload,proto3" json:"payload,omitempty"`
 	// The run the action belongs to, if any.
 	RunId string `protobuf:"bytes,5,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
-	// The action's latest checkpoint, if any: reported by a previous attempt,
-	// or by this very attempt when its grant is sent again at the same epoch
+	// The action's latest checkpoint, if any: reported by a previous attempt
+	// (however it ended: released, expired, or failed and retried), or by this
+	// very attempt when its grant is sent again at the same epoch
 	// (after a reconnect or a takeover): resume from it.
 	Checkpoint *structpb.Struct `protobuf:"bytes,6,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	// W3C trace context (a `traceparent` value, e.g.
@@ -1908,7 +1910,9 @@ func (x *ReportResult) GetMessage() string {
 	return ""
 }
 
-// The worker should take no more work and finish what it holds.
+// The worker should take no more work and finish what it holds. It may then
+// stay connected (the session gets no grants while it lasts) or say
+// goodbye; a new session is granted work again.
 type Drain struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -39,7 +39,8 @@ type WorkerServiceClient interface {
 	//     with the same id never disturbs the first. A stream that went silent
 	//     without closing counts until the session's deadline: its process may
 	//     still be running the leases. Stop all work (the session, its leases and their grants
-	//     belong to the other process) and try again later: the SDKs wait 1-2 s
+	//     belong to the other process: drop them, neither release them nor list
+	//     them in a later hello) and try again later: the SDKs wait 1-2 s
 	//     after a first refusal, doubling to 15-30 s, because the other process
 	//     may be a predecessor whose lost stream the server has not noticed yet.
 	//   - A hello with a new instance_id for a session whose stream the server
@@ -114,6 +115,10 @@ type WorkerServiceClient interface {
 	// after your previous round, on whichever stream it was, so that a
 	// flapping database cannot bounce you between servers.
 	//
+	// The Welcome answers the hello once the session is open. A server that is
+	// starting, or waiting for its database, holds hellos until it is ready:
+	// wait for the welcome as long as the stream stays open, as the SDKs do.
+	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
 	// but not yet answered by a ReportResult, or granted and not yet started.
@@ -126,7 +131,10 @@ type WorkerServiceClient interface {
 	// answered: list it, and send the release after the welcome. A lease whose
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
-	// repeat (a different one is FENCED), which tells the worker it landed. On
+	// repeat (a different one is FENCED), which tells the worker it landed.
+	// Until that answer, a heartbeat listing the lease draws a Revoke
+	// (SUPERSEDED), the lease being no longer the session's: ignore it; the
+	// ReportResult says whether the completion landed. On
 	// an action cancelled (CancelAction) while it was held, what the worker
 	// reported is not kept (the action is CANCELLED either way): once a report
 	// of that lease landed, any other is accepted as its repeat. A lease the
@@ -151,12 +159,16 @@ type WorkerServiceClient interface {
 	// past it runs its own timers before the fence's) is released too, not
 	// completed. This holds for every lease, however often the worker fenced or
 	// reconnected before: do not start a grant while the deadline has passed
-	// (or will pass before the next heartbeat is answered); hold it, listed in
+	// (or will pass before the next heartbeat is answered: less than a
+	// heartbeat interval is left); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a
 	// fresh deadline. A process has no deadline before its first ack (the
 	// Welcome carries none): grants that arrive with the welcome wait for it. The server may hand a lease to another worker only after
 	// the session's persisted deadline, so a worker that fences this way has
-	// always stopped first. Expect the local deadline to fall short of the last
+	// always stopped first, provided the fence reaches all of the work: run
+	// what a lease covers where the fence can stop it (the reference agent
+	// runs each command in a process group of its own and kills the group),
+	// not in children that outlive, or keep running while, a paused worker. Expect the local deadline to fall short of the last
 	// heartbeat + grace by up to two heartbeat intervals plus the margin: the
 	// server persists renewals once per heartbeat interval, not per heartbeat.
 	// A server stopping gracefully (SIGTERM, Ctrl-C) first waits up to 1.5
@@ -251,7 +263,8 @@ type WorkerServiceServer interface {
 	//     with the same id never disturbs the first. A stream that went silent
 	//     without closing counts until the session's deadline: its process may
 	//     still be running the leases. Stop all work (the session, its leases and their grants
-	//     belong to the other process) and try again later: the SDKs wait 1-2 s
+	//     belong to the other process: drop them, neither release them nor list
+	//     them in a later hello) and try again later: the SDKs wait 1-2 s
 	//     after a first refusal, doubling to 15-30 s, because the other process
 	//     may be a predecessor whose lost stream the server has not noticed yet.
 	//   - A hello with a new instance_id for a session whose stream the server
@@ -326,6 +339,10 @@ type WorkerServiceServer interface {
 	// after your previous round, on whichever stream it was, so that a
 	// flapping database cannot bounce you between servers.
 	//
+	// The Welcome answers the hello once the session is open. A server that is
+	// starting, or waiting for its database, holds hellos until it is ready:
+	// wait for the welcome as long as the stream stays open, as the SDKs do.
+	//
 	// List held leases in the hello. On every reconnection, Hello.held_leases
 	// lists every (action_id, epoch) the worker still holds: running, finished
 	// but not yet answered by a ReportResult, or granted and not yet started.
@@ -338,7 +355,10 @@ type WorkerServiceServer interface {
 	// answered: list it, and send the release after the welcome. A lease whose
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
-	// repeat (a different one is FENCED), which tells the worker it landed. On
+	// repeat (a different one is FENCED), which tells the worker it landed.
+	// Until that answer, a heartbeat listing the lease draws a Revoke
+	// (SUPERSEDED), the lease being no longer the session's: ignore it; the
+	// ReportResult says whether the completion landed. On
 	// an action cancelled (CancelAction) while it was held, what the worker
 	// reported is not kept (the action is CANCELLED either way): once a report
 	// of that lease landed, any other is accepted as its repeat. A lease the
@@ -363,12 +383,16 @@ type WorkerServiceServer interface {
 	// past it runs its own timers before the fence's) is released too, not
 	// completed. This holds for every lease, however often the worker fenced or
 	// reconnected before: do not start a grant while the deadline has passed
-	// (or will pass before the next heartbeat is answered); hold it, listed in
+	// (or will pass before the next heartbeat is answered: less than a
+	// heartbeat interval is left); hold it, listed in
 	// heartbeats, send a heartbeat at once, and start it when an ack brings a
 	// fresh deadline. A process has no deadline before its first ack (the
 	// Welcome carries none): grants that arrive with the welcome wait for it. The server may hand a lease to another worker only after
 	// the session's persisted deadline, so a worker that fences this way has
-	// always stopped first. Expect the local deadline to fall short of the last
+	// always stopped first, provided the fence reaches all of the work: run
+	// what a lease covers where the fence can stop it (the reference agent
+	// runs each command in a process group of its own and kills the group),
+	// not in children that outlive, or keep running while, a paused worker. Expect the local deadline to fall short of the last
 	// heartbeat + grace by up to two heartbeat intervals plus the margin: the
 	// server persists renewals once per heartbeat interval, not per heartbeat.
 	// A server stopping gracefully (SIGTERM, Ctrl-C) first waits up to 1.5

@@ -269,6 +269,33 @@ export function workerIdInUse(hello: HelloInput): LeaseholdError {
   );
 }
 
+/** The unique index that keeps one live session per worker (schema.ts). */
+const ONE_LIVE_SESSION_PER_WORKER = "sessions_one_live_per_worker";
+
+/**
+ * Whether a hello's transaction failed because another transaction (another
+ * hello for the same worker, on this server or another) started the worker's
+ * live session first: both found no session, and the unique index let the
+ * first to commit win (SQLSTATE 23505 on {@link ONE_LIVE_SESSION_PER_WORKER}).
+ * Nothing of the loser was written; tried again, it finds the winner's session
+ * and is answered as any hello that comes second (refused, resumed or taking
+ * over). postgres.js names the index in `constraint_name`, PGlite in
+ * `constraint`; drizzle wraps either in its own error (`cause`).
+ */
+export function lostFirstSessionRace(error: unknown): boolean {
+  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 8; depth++) {
+    const { code, constraint_name, constraint } = e as {
+      code?: unknown;
+      constraint_name?: unknown;
+      constraint?: unknown;
+    };
+    if (code === "23505") return (constraint_name ?? constraint) === ONE_LIVE_SESSION_PER_WORKER;
+    if (typeof code === "string") return false;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
 /** A hello refused because the worker's live session is in another cluster. */
 export function inOtherCluster(liveCluster: string, hello: HelloInput): LeaseholdError {
   return new LeaseholdError(

@@ -2,7 +2,12 @@ import type { Logger } from "pino";
 import { createBatcher } from "../../store/batcher.js";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
-import { type HelloInput, type OpenedSession, openSession } from "../../store/queries/open-session.js";
+import {
+  type HelloInput,
+  lostFirstSessionRace,
+  type OpenedSession,
+  openSession,
+} from "../../store/queries/open-session.js";
 import { type BatchOutcome, type HelloOfBatch, openSessions } from "../../store/queries/open-sessions.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
 import { createGate } from "../gate.js";
@@ -21,6 +26,13 @@ export interface HelloOpener {
 
 /** Hellos opened one transaction each at once, outside the batches. */
 const ALONE_AT_ONCE = 8;
+/**
+ * Tries of a hello, or of a batch, whose transaction lost the race for a new
+ * worker's first session ({@link lostFirstSessionRace}). The next try finds
+ * the winner's session and answers as the rules say; only another session
+ * started and ended in between could make it lose again.
+ */
+const RACE_TRIES = 3;
 
 export function createHelloOpener(deps: {
   db: Db;
@@ -33,9 +45,25 @@ export function createHelloOpener(deps: {
 }): HelloOpener {
   const { db, clock, log, serverId, limits } = deps;
   const { graceMs } = limits;
-  /** One hello the common way, or the way of a batch that failed as a whole. */
-  const openAlone = (b: HelloOfBatch) =>
-    openSession(db, clock, serverId, limits, b.hello, b.principal, deps.keepHosted());
+  /**
+   * One hello the common way, or the way of a batch that failed as a whole.
+   * One that raced another hello for the worker's first session is tried
+   * again: its answer is the winner's (WORKER_ID_IN_USE for another instance,
+   * a takeover for the same), never the unique violation.
+   */
+  const openAlone = async (b: HelloOfBatch) => {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await openSession(db, clock, serverId, limits, b.hello, b.principal, deps.keepHosted());
+      } catch (error) {
+        if (attempt >= RACE_TRIES || !lostFirstSessionRace(error)) throw error;
+        log.debug(
+          { workerId: b.hello.workerId, attempt },
+          "another hello started the worker's session first; opening this one again",
+        );
+      }
+    }
+  };
   /**
    * Hellos a batch leaves alone, opened at most {@link ALONE_AT_ONCE} at a time
    * (each holds a pooled connection) and outside the batches, so that the
@@ -60,15 +88,28 @@ export function createHelloOpener(deps: {
    */
   type Opened = OpenedSession | Error;
   const opens = createBatcher<HelloOfBatch, Opened | Promise<Opened>>(async (batch) => {
-    let outcomes: BatchOutcome[];
-    try {
-      outcomes = await openSessions(db, clock, serverId, graceMs, batch);
-    } catch (error) {
-      // A deadlock with another process or a race for a new worker's first session: each hello
-      // goes alone, and fails alone if it must.
-      if (batch.length === 1) throw error;
-      log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
-      outcomes = batch.map(() => ({ alone: true }));
+    let outcomes: BatchOutcome[] | undefined;
+    for (let attempt = 1; outcomes === undefined; attempt++) {
+      try {
+        outcomes = await openSessions(db, clock, serverId, graceMs, batch);
+      } catch (error) {
+        const raced = lostFirstSessionRace(error);
+        // A hello of the batch raced another (on this server or another) for a new worker's first
+        // session, and the batch wrote nothing: tried again, it finds that session and answers as
+        // the rules say, and the batch's other hellos are opened with it.
+        if (raced && attempt < RACE_TRIES) {
+          log.debug(
+            { hellos: batch.length, attempt },
+            "a hello of the batch raced another; opening the batch again",
+          );
+          continue;
+        }
+        // A deadlock with another process, or races again and again: each hello goes alone (a
+        // hello alone tries a race again too), and fails alone if it must.
+        if (batch.length === 1 && !raced) throw error;
+        log.warn({ err: error, hellos: batch.length }, "a batch of hellos failed; opening them one by one");
+        outcomes = batch.map(() => ({ alone: true }));
+      }
     }
     return outcomes.map((outcome, i) => {
       if ("opened" in outcome) return outcome.opened;

@@ -327,6 +327,18 @@ describe("scope leases", () => {
       Code.InvalidArgument,
       /^ttl: must be at most 86400s/,
     );
+    // Far past a year too: the bound named is the server's, not a wider one of the request's.
+    await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 10_000n * 365n * 86400n } }),
+      Code.InvalidArgument,
+      /^ttl: must be at most 86400s \(the server's maximum\)$/,
+    );
+    // One violation for a negative ttl, not also "at least 1s".
+    await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: -5n } }),
+      Code.InvalidArgument,
+      /^ttl: must not be negative$/,
+    );
     await expectStatus(
       resources().createObject({ kind: "file" }),
       Code.InvalidArgument,

@@ -162,8 +162,12 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       checkName(v, "runtime", request.runtime);
       checkLength(v, "label", request.label, 128);
       checkLength(v, "request_id", request.requestId, 128);
-      const ttlMs = request.ttl ? durationField(v, "ttl", request.ttl, 0, 365 * DAY_MS) : undefined;
-      if (ttlMs !== undefined && ttlMs < 1000) v.add("ttl", "must be at least 1s");
+      // No bound of its own beyond what a number holds: the server's maximum (--lease-max-ttl) is
+      // checked by the service, and a message naming another bound would mislead.
+      const ttlMs = request.ttl
+        ? durationField(v, "ttl", request.ttl, 0, Number.MAX_SAFE_INTEGER)
+        : undefined;
+      if (ttlMs !== undefined && ttlMs >= 0 && ttlMs < 1000) v.add("ttl", "must be at least 1s");
       v.throwIfAny();
       ctx.access.require("lease.create", request.runtime);
       const lease = await scope.create({

@@ -1,6 +1,6 @@
 import type { EventEmitter } from "node:events";
 import { readFileSync } from "node:fs";
-import { Command, CommanderError, Option } from "commander";
+import { Command, CommanderError, Help, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
@@ -162,6 +162,16 @@ export async function main(argv: readonly string[]): Promise<void> {
   // Every subcommand reports usage errors through the same path.
   const override = (command: Command) => {
     command.exitOverride();
+    // Commander's own usage errors (a missing required option, an unknown one) read like ours.
+    command.configureOutput({ outputError: (text, write) => write(text.replace(/^error: /, "leasehold: ")) });
+    // And --help says which options a command cannot do without.
+    command.configureHelp({
+      ...command.configureHelp(),
+      optionDescription(this: Help, option: Option) {
+        const text = Help.prototype.optionDescription.call(this, option);
+        return option.mandatory ? `${text} (required)` : text;
+      },
+    });
     for (const sub of command.commands) override(sub);
   };
   override(program);

@@ -46,6 +46,21 @@ describe.runIf(runsDriverNeutralTests())(
       expect((await cli(["--help"])).stdout).toMatch(/-V, --version/);
     });
 
+    it("says a required option is missing in its own words, exits 2, and marks such options in --help", async () => {
+      expect(await cli(["lease", "create"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr: "leasehold: required option '--runtime <cluster>' not specified\n",
+      });
+      expect(await cli(["action", "list", "--bogus"])).toMatchObject({
+        code: 2,
+        stderr: "leasehold: unknown option '--bogus'\n",
+      });
+      const help = (await cli(["agent", "--help"])).stdout;
+      expect(help).toMatch(/--cluster <name> +the cluster this worker belongs to \(required\)/);
+      expect(help).not.toMatch(/--worker-id[^\n]*\(required\)/);
+    });
+
     it("refuses a malformed --server address with exit 2, naming the flag and the form it takes", async () => {
       const expected = /expected host:port or \[ipv6\]:port, e\.g\. 127\.0\.0\.1:50051/;
       const badPort = await cli(["--server", "127.0.0.1:abc", "action", "list"]);

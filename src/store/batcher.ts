@@ -41,6 +41,10 @@ export function createBatcher<T, R>(
       } catch (error) {
         for (const b of batch) b.reject(error);
       }
+      // The next flush on the next turn: with PGlite a statement runs on this thread, and
+      // flushes chained here would keep timers and sockets (renewals, heartbeats) waiting
+      // until a backlog (a stream flooding reports) was written.
+      if (queue.length > 0) await new Promise<void>((r) => setImmediate(r));
     }
     running = undefined;
   };

@@ -389,7 +389,11 @@ export function createDispatcher(deps: {
         )
         .finally(() => {
           active--;
-          if (queue.length > 0 || wanted) fill();
+          // On the next turn, not in this promise chain: with PGlite, whose statements run on
+          // this thread, a round started here would go on the connection before anything that
+          // waits for a timer or a socket (a renewal, a hello, a heartbeat), and a queue of
+          // reports one stream floods in kept them all waiting until it was settled.
+          if (queue.length > 0 || wanted) schedule();
           else settle();
         });
     }

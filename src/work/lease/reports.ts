@@ -4,13 +4,13 @@ import { createBatcher } from "../../store/batcher.js";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { FinishReport } from "../../store/queries/finish-actions.js";
-import { recordFencedReports } from "../../store/queries/record-fenced.js";
 import { type ProgressReport, recordProgress } from "../../store/queries/record-progress.js";
 import type { Tracing } from "../../telemetry.js";
-import { actionTopic, type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
+import { actionTopic, type ChangeFeed } from "../change-feed.js";
 import { failureLog } from "../failure-log.js";
 import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
 import type { Dispatcher } from "./dispatch.js";
+import { createFencedEvents } from "./fenced-events.js";
 import type { Hosted, HostedSessions } from "./hosted.js";
 
 /**
@@ -31,7 +31,10 @@ export interface Reports {
   settle: Dispatcher["settle"];
   /** Answers a report as accepted. */
   accept(s: Hosted, reportId: bigint, token: LeaseToken, message: string): void;
-  /** Answers a report about a lease the stream does not hold: FENCED, a revoke, and an event row. */
+  /**
+   * Answers a report about a lease the stream does not hold: FENCED, a revoke, and an event row
+   * (within the stream's budget: fenced-events.ts).
+   */
   fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void;
   /** Resolves once the reports already received are answered, or handed to the dispatcher. */
   close(): Promise<void>;
@@ -89,6 +92,9 @@ export function createReports(deps: {
     }
     return accepted;
   });
+
+  /** The event rows of fenced reports: group-committed, and bounded per stream. */
+  const fencedEvents = createFencedEvents({ db, log, feed });
 
   /**
    * The reports of one action are applied one after another, in the order
@@ -160,12 +166,7 @@ export function createReports(deps: {
     });
     s.link.send({ type: "revoke", ...token, reason: "SUPERSEDED", message });
     hosted.letGo(s, token.actionId, token.epoch);
-    recordFencedReports(db, [
-      { ...token, workerId: s.workerId, sessionId: s.sessionId, what, actor: s.principal },
-    ]).then(
-      () => feed.publish(EVENTS_TOPIC),
-      (error: unknown) => log.warn({ err: error }, "could not record a fenced report"),
-    );
+    fencedEvents.record(s, token, what);
   }
 
   /**
@@ -319,6 +320,7 @@ export function createReports(deps: {
   async function close(): Promise<void> {
     while (inFlight.size > 0) await new Promise<void>((resolve) => drained.push(resolve));
     await progressBatch.close();
+    await fencedEvents.close();
   }
 
   return { finish, progress, settle, accept, fenced, close };

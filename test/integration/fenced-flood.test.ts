@@ -1,0 +1,151 @@
+import type { MessageInitShape } from "@bufbuild/protobuf";
+import { afterEach, describe, expect, it } from "vitest";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { type ConnectRequestSchema, RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { FENCED_EVENTS_PER_WINDOW } from "../../src/work/lease/fenced-events.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker, type TestWorker } from "../helpers/worker.js";
+
+type Request = MessageInitShape<typeof ConnectRequestSchema>;
+
+const GRACE_MS = 4000;
+const BATCHES = 10;
+const PER_BATCH = 1000;
+
+/**
+ * One stream flooding reports on leases it does not hold (made-up actions:
+ * every one FENCED) must not starve the other streams of this process. On
+ * PGlite every statement runs on the server's thread: one event insert per
+ * fenced report, and settle rounds started back to back, kept renewals from
+ * being written (and heartbeats from being read) for seconds, until a
+ * healthy worker's acks said `remaining` ~0 and its session was reaped.
+ */
+describe("a stream flooding fenced reports", () => {
+  let t: TestServer;
+  const workers: TestWorker[] = [];
+
+  afterEach(async () => {
+    for (const w of workers.splice(0)) w.drop();
+    await t[Symbol.asyncDispose]();
+  });
+
+  it("does not starve another stream's renewals, and every report is answered FENCED", async () => {
+    t = await startTestServer({ config: { gracePeriod: `${GRACE_MS}ms`, heartbeatInterval: "1s" } });
+    const id = (await t.client(ActionService).submitAction({ cluster: "good" })).action?.id ?? "";
+    const good = await connectWorker(t.address, { workerId: "good", cluster: "good", capacity: 1 });
+    workers.push(good);
+    const grant = await good.next("grant");
+    const held = [{ actionId: grant.actionId, epoch: grant.epoch }];
+
+    const bad = await connectWorker(t.address, {
+      workerId: "flooder",
+      cluster: "elsewhere",
+      capacity: 1,
+      acceptsBatches: true,
+    });
+    workers.push(bad);
+    const fenced = new Set<bigint>();
+    let other = 0;
+    let answered: () => void = () => {};
+    const allAnswered = new Promise<void>((resolve) => {
+      answered = resolve;
+    });
+    // Count the flood's answers as they come (the helper keeps every message it received).
+    const seen = { n: 0 };
+    const count = () => {
+      for (; seen.n < bad.received.length; seen.n++) {
+        const m = bad.received[seen.n]?.message;
+        if (m?.case !== "reportResult") continue;
+        if (m.value.rejectReason === RejectReason.FENCED) fenced.add(m.value.reportId);
+        else other++;
+      }
+      if (fenced.size + other >= BATCHES * PER_BATCH) answered();
+    };
+    const counter = setInterval(count, 20);
+
+    // Both workers heartbeat every second (the heartbeat interval), as agents do; the good one
+    // lists its lease. A heartbeat whose ack never comes (the stream ended) stops the loop.
+    let flooding = true;
+    const heartbeat = async (w: TestWorker, leases: { actionId: string; epoch: bigint }[]) => {
+      const remaining: number[] = [];
+      for (let seq = 1; flooding || seq <= 3; seq++) {
+        const sent = Date.now();
+        const ack = await w.heartbeat(seq, leases).catch(() => undefined);
+        if (!ack) break;
+        remaining.push(Number(ack.remaining?.seconds ?? 0n) * 1000 + (ack.remaining?.nanos ?? 0) / 1e6);
+        await new Promise((r) => setTimeout(r, Math.max(0, 1000 - (Date.now() - sent))));
+      }
+      return remaining;
+    };
+    const goodAcks = heartbeat(good, held);
+    const badAcks = heartbeat(bad, []);
+
+    // The flood: completions of made-up actions, a thousand per message.
+    let reportId = 0n;
+    for (let b = 0; b < BATCHES; b++) {
+      const messages: Request[] = [];
+      for (let i = 0; i < PER_BATCH; i++) {
+        reportId++;
+        messages.push({
+          message: {
+            case: "completion",
+            value: {
+              reportId,
+              actionId: `ghost-${i}`,
+              epoch: 1n,
+              outcome: { case: "succeeded", value: {} },
+            },
+          },
+        });
+      }
+      bad.send({ message: { case: "batch", value: { messages } } });
+    }
+    // Either stream ending (its session reaped) fails the test at once, and a flood still not
+    // answered after 30s (it takes a few seconds) fails it then, rather than at the timeout.
+    let timer: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([
+      allAnswered.then(() => undefined),
+      good.ended.then((e) => `good: ${e.details}`),
+      bad.ended.then((e) => `flooder: ${e.details}`),
+      new Promise<string>((resolve) => {
+        timer = setTimeout(() => resolve(`${fenced.size + other} reports answered after 30s`), 30_000);
+      }),
+    ]);
+    clearTimeout(timer);
+    clearInterval(counter);
+    flooding = false;
+    expect(ended).toBeUndefined();
+    const acks = await goodAcks;
+    await badAcks;
+    expect(other).toBe(0);
+    expect(fenced.size).toBe(BATCHES * PER_BATCH);
+    // Every ack promised a good part of the grace (renewals and heartbeats every quarter of
+    // it leave about half): the renewals went on during the flood. Before, acks said ~0 and
+    // the session was reaped.
+    expect(acks.length).toBeGreaterThanOrEqual(3);
+    expect(Math.min(...acks)).toBeGreaterThan(GRACE_MS / 4);
+    const action = (await t.client(ActionService).getAction({ actionId: id })).action;
+    expect(action).toMatchObject({ state: ActionState.LEASED, epoch: 1n });
+    const reaped = await t
+      .client(EventService)
+      .listEvents({ workerId: "good", kind: EventKind.SESSION_REAPED });
+    expect(reaped.events).toEqual([]);
+    // The flood's first reports have their event rows; the rest are counted, not written one by one.
+    const recorded = async () =>
+      (
+        await t
+          .client(EventService)
+          .listEvents({ workerId: "flooder", kind: EventKind.REPORT_FENCED, pageSize: 1000 })
+      ).events;
+    await expect.poll(async () => (await recorded()).length).toBe(FENCED_EVENTS_PER_WINDOW);
+    expect((await recorded()).every((e) => e.actionId.startsWith("ghost-"))).toBe(true);
+    // Stopping writes the count of the window still open (else written when it ends).
+    await t.stop();
+    expect(t.logs.find((l) => l.unrecorded !== undefined)).toMatchObject({
+      workerId: "flooder",
+      recorded: FENCED_EVENTS_PER_WINDOW,
+      unrecorded: BATCHES * PER_BATCH - FENCED_EVENTS_PER_WINDOW,
+    });
+  }, 60_000);
+});

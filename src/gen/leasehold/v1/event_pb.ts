@@ -378,7 +378,12 @@ export enum EventKind {
   LEASE_REVOKED = 11,
 
   /**
-   * A report carried a stale (action, epoch) and was rejected.
+   * A report carried a stale (action, epoch) and was rejected. Every fenced
+   * report is answered, but a stream's reports get at most 100 such events
+   * in a 10 s window (opened by its first fenced report), fewer while the
+   * server has 1,000 of them waiting to be written; the rest of the
+   * window's are counted in one more event, without an action, written when
+   * the window ends (details: unrecorded, first_action_id, first_epoch).
    *
    * @generated from enum value: EVENT_KIND_REPORT_FENCED = 12;
    */

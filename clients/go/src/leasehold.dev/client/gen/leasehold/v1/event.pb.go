@@ -50,7 +50,12 @@ const (
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
 	// The server revoked a lease (cancel, drain, stale lease on reconnect).
 	EventKind_EVENT_KIND_LEASE_REVOKED EventKind = 11
-	// A report carried a stale (action, epoch) and was rejected.
+	// A report carried a stale (action, epoch) and was rejected. Every fenced
+	// report is answered, but a stream's reports get at most 100 such events
+	// in a 10 s window (opened by its first fenced report), fewer while the
+	// server has 1,000 of them waiting to be written; the rest of the
+	// window's are counted in one more event, without an action, written when
+	// the window ends (details: unrecorded, first_action_id, first_epoch).
 	EventKind_EVENT_KIND_REPORT_FENCED EventKind = 12
 	// A worker started a new session.
 	EventKind_EVENT_KIND_SESSION_STARTED EventKind = 13

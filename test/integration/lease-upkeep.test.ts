@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
-import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import type { ServerOverrides } from "../../src/server.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
@@ -82,6 +82,24 @@ describe("lease upkeep", () => {
   afterEach(async () => {
     for (const w of workers) w.drop();
     await t[Symbol.asyncDispose]();
+  });
+
+  it("counts a report it refuses as INVALID as hearing from the worker: the renewal's deadline runs from it", async () => {
+    const w = await worker("garbled");
+    // Half a second of silence after the hello, then a report the server refuses itself.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    clock.advance(500);
+    w.send({ message: { case: "completion", value: { reportId: 1n, actionId: "x", epoch: 0n } } });
+    expect(await w.next("reportResult")).toMatchObject({
+      accepted: false,
+      rejectReason: RejectReason.INVALID,
+    });
+    await tick().renew();
+    const { worker: got } = await t.client(ClusterService).getWorker({ workerId: "garbled" });
+    const deadline = got?.session?.deadline;
+    const deadlineMs = Number(deadline?.seconds) * 1000 + Math.floor((deadline?.nanos ?? 0) / 1e6);
+    // Counted from the hello, the deadline would be at least 500 ms short of the grace period.
+    expect(deadlineMs).toBeGreaterThan(clock.current().getTime() + GRACE_MS - 250);
   });
 
   describe("a revoked lease the worker stops listing counts as released (rule 9)", () => {

@@ -302,6 +302,7 @@ export function workerServiceBinding(
         const maxHeld = maxHeldLeases(hello.capacity);
         const deliver = (message: WorkerMessage | Invalid) => {
           if (message.type === "invalid") {
+            open.heard();
             link.send({
               type: "report_result",
               reportId: message.reportId,

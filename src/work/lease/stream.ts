@@ -15,6 +15,11 @@ export interface SessionHandle {
   readonly sessionId: string;
   /** Handles one message from the worker. Never throws; replies go through the link. */
   receive(message: WorkerMessage): void;
+  /**
+   * The worker sent something the rpc layer answered itself (a report it
+   * refused as INVALID): any message counts as hearing from the worker.
+   */
+  heard(): void;
   /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
   streamEnded(): Promise<void>;
   /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
@@ -125,6 +130,9 @@ export function createStreamHandle(
           );
           return;
       }
+    },
+    heard() {
+      if (!s.ended) s.heardAt = performance.now();
     },
     writable() {
       hosted.writable(s);

@@ -118,7 +118,7 @@ export interface ServerOverrides {
 /** Flow control and stream limits, each defaulted where it is used. */
 export interface StreamLimits
   extends Partial<WorkerStreamLimits>,
-    Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes"> {
+    Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes" | "fencedEventsWindowMs"> {
   /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
   readonly maxConcurrentStreams?: number;
 }
@@ -321,6 +321,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       alone: database.driver === "pglite",
       ...(limits.grantWindow ? { grantWindow: limits.grantWindow } : {}),
       ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
+      ...(limits.fencedEventsWindowMs ? { fencedEventsWindowMs: limits.fencedEventsWindowMs } : {}),
       ...(bus ? { bus } : {}),
       timers,
       tracing,
@@ -434,7 +435,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         back: () => {
           log.info("database reachable again; serving");
           databaseUnreachable = false;
-          rpc.markServing();
+          if (!closing) rpc.markServing();
           // Whatever was missed while it was gone: look again.
           feed.publish(QUEUE_TOPIC);
           feed.publish(EVENTS_TOPIC);
@@ -466,14 +467,22 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       closing ??= (async () => {
         // While the streams are open: every worker's deadline is made to count a whole grace
         // period from its last heartbeat here, so that a restart shorter than that re-runs nothing.
+        // NOT_SERVING first: agents looking for a server go to another one meanwhile.
+        rpc.markNotServing();
         const handOverMs = overrides.handOverMs ?? Math.round(1.5 * config.heartbeatIntervalMs);
         const started = performance.now();
-        const { handedOver, streams } = await manager.handOver(handOverMs);
-        if (streams > 0) {
-          log.info(
-            { handedOver, streams, ms: Math.round(performance.now() - started) },
-            `handed over ${handedOver} of ${streams} worker streams`,
-          );
+        try {
+          const { handedOver, streams } = await manager.handOver(handOverMs);
+          if (streams > 0) {
+            log.info(
+              { handedOver, streams, ms: Math.round(performance.now() - started) },
+              databaseUnreachable
+                ? `handed over none of ${streams} worker streams: the database is unreachable, so no deadline could be stored afresh`
+                : `handed over ${handedOver} of ${streams} worker streams`,
+            );
+          }
+        } catch (error) {
+          log.warn({ err: error }, "the handover failed; ending the worker streams as they are");
         }
         // Reverse order of start, except that the front door closes first
         // (it was bound first only so that agents can reconnect early).

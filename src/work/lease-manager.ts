@@ -78,6 +78,11 @@ export interface LeaseManagerOptions {
    */
   readonly grantHighWaterBytes?: number;
   /**
+   * The window of a stream's budget of fenced-report events (lease/fenced-events.ts).
+   * Default 10 s (`FENCED_WINDOW_MS` there).
+   */
+  readonly fencedEventsWindowMs?: number;
+  /**
    * The other processes sharing the database: revokes, drains and takeovers
    * for streams this process does not host go through it. Default: none.
    */
@@ -238,6 +243,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     answered: metrics.reports,
     tracing,
     debug,
+    ...(options.fencedEventsWindowMs ? { fencedEventsWindowMs: options.fencedEventsWindowMs } : {}),
   });
   const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions, debug });
 

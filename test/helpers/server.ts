@@ -58,7 +58,7 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
     },
   );
   // No handover by default: a close would wait up to 1.5 heartbeat intervals for heartbeats
-  // that most tests' workers never send. shutdown-handover.test.ts turns it on.
+  // that most tests' workers never send. restart.test.ts turns it on.
   const server = await startServer(config, log, { handOverMs: 0, ...options.overrides });
   const address = `127.0.0.1:${server.port}`;
   const clients: Client<GenServiceMethods>[] = [];

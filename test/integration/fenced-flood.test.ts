@@ -31,7 +31,11 @@ describe("a stream flooding fenced reports", () => {
   });
 
   it("does not starve another stream's renewals, and every report is answered FENCED", async () => {
-    t = await startTestServer({ config: { gracePeriod: `${GRACE_MS}ms`, heartbeatInterval: "1s" } });
+    t = await startTestServer({
+      config: { gracePeriod: `${GRACE_MS}ms`, heartbeatInterval: "1s" },
+      // One window for the whole test, however slow the machine: the counts below are exact.
+      overrides: { limits: { fencedEventsWindowMs: 10 * 60_000 } },
+    });
     const id = (await t.client(ActionService).submitAction({ cluster: "good" })).action?.id ?? "";
     const good = await connectWorker(t.address, { workerId: "good", cluster: "good", capacity: 1 });
     workers.push(good);

@@ -165,7 +165,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       // No bound of its own beyond what a number holds: the server's maximum (--lease-max-ttl) is
       // checked by the service, and a message naming another bound would mislead.
       const ttlMs = request.ttl
-        ? durationField(v, "ttl", request.ttl, 0, Number.MAX_SAFE_INTEGER)
+        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY)
         : undefined;
       if (ttlMs !== undefined && ttlMs >= 0 && ttlMs < 1000) v.add("ttl", "must be at least 1s");
       v.throwIfAny();

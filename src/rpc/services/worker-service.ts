@@ -50,8 +50,8 @@ export interface WorkerStreamLimits {
   readonly grantHighWaterBytes?: number;
   /**
    * A stream whose outbound buffer stays at or above the grant high-water
-   * mark this long (its worker does not read) is ended with
-   * RESOURCE_EXHAUSTED and counts as a lost stream: its session enters grace
+   * mark this long (its worker does not read) is reset (ENHANCE_YOUR_CALM,
+   * RESOURCE_EXHAUSTED to gRPC clients) and counts as a lost stream: its session enters grace
    * and the worker may reconnect and resume it. The server passes half its
    * grace period unless told otherwise: the heartbeats it stopped reading
    * renewed nothing, so a whole one left the session expired at the end.

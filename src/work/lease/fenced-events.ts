@@ -55,8 +55,15 @@ interface Window {
   timer: NodeJS.Timeout | undefined;
 }
 
-export function createFencedEvents(deps: { db: Db; log: Logger; feed: ChangeFeed }): FencedEvents {
+export function createFencedEvents(deps: {
+  db: Db;
+  log: Logger;
+  feed: ChangeFeed;
+  /** The budget's window. Default {@link FENCED_WINDOW_MS}. */
+  windowMs?: number;
+}): FencedEvents {
   const { db, log, feed } = deps;
+  const windowMs = deps.windowMs ?? FENCED_WINDOW_MS;
   /** Rows added and not yet written (or failed). */
   let queued = 0;
   const rows = createBatcher<FencedReport, undefined>(
@@ -101,7 +108,7 @@ export function createFencedEvents(deps: { db: Db; log: Logger; feed: ChangeFeed
       actor: s.principal,
       message:
         `${unrecorded} more fenced reports from worker ${s.workerId} in ${seconds}s were answered FENCED ` +
-        `without an event each (over ${FENCED_EVENTS_PER_WINDOW} per ${FENCED_WINDOW_MS / 1000}s from one stream); ` +
+        `without an event each (over ${FENCED_EVENTS_PER_WINDOW} per ${windowMs / 1000}s from one stream); ` +
         `the first: ${first.what} for action ${first.token.actionId} epoch ${first.token.epoch}`,
       details: {
         unrecorded,
@@ -119,7 +126,7 @@ export function createFencedEvents(deps: { db: Db; log: Logger; feed: ChangeFeed
       if (!w) {
         w = { s, openedAt: now, recorded: 0, unrecorded: 0, first: undefined, timer: undefined };
         windows.set(s, w);
-      } else if (now - w.openedAt >= FENCED_WINDOW_MS) {
+      } else if (now - w.openedAt >= windowMs) {
         flush(w);
         w.openedAt = now;
         w.recorded = 0;
@@ -141,7 +148,7 @@ export function createFencedEvents(deps: { db: Db; log: Logger; feed: ChangeFeed
       w.first = { token, what };
       counting.add(w);
       const window = w;
-      w.timer = setTimeout(() => flush(window), Math.max(0, w.openedAt + FENCED_WINDOW_MS - now));
+      w.timer = setTimeout(() => flush(window), Math.max(0, w.openedAt + windowMs - now));
       w.timer.unref();
     },
     async close() {

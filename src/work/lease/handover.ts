@@ -46,8 +46,12 @@ export function createHandover(deps: {
   const waiting = new Set<Hosted>();
   let handedOver = 0;
   let allDone: (() => void) | undefined;
-  /** Heartbeats held for the next renewal: the stream, the sequence and when it came. */
-  let held: { s: Hosted; sequence: bigint; at: number }[] = [];
+  /** A held heartbeat: its stream, sequence, when it came, and whether it was answered. */
+  type Held = { s: Hosted; sequence: bigint; at: number; answered: boolean };
+  /** Heartbeats held for the next renewal. */
+  let held: Held[] = [];
+  /** The heartbeats whose renewal is in flight. */
+  let renewing: Held[] = [];
   /** The renewals of held heartbeats, one after another until none is held. */
   let flushing: Promise<void> | undefined;
 
@@ -55,36 +59,48 @@ export function createHandover(deps: {
     if (waiting.size === 0) allDone?.();
   };
 
+  /** Answers a held heartbeat with the deadline stored now, once. */
+  const answer = (h: Held) => {
+    if (h.answered) return;
+    h.answered = true;
+    const { s } = h;
+    if (s.ended) {
+      if (waiting.delete(s)) settleIfDone();
+      return;
+    }
+    s.link.send({
+      type: "heartbeat_ack",
+      sequence: h.sequence,
+      remainingMs: remainingMs(s),
+      databaseUnreachable: deps.databaseUnreachable(),
+    });
+    deps.heartbeatAckSeconds.observe((performance.now() - h.at) / 1000);
+    if (waiting.delete(s)) {
+      handedOver++;
+      settleIfDone();
+    }
+  };
+
   /** Renews the sessions of the held heartbeats in one go, then answers them. */
   async function flush(): Promise<void> {
     while (held.length > 0) {
-      const batch = held;
+      renewing = held;
       held = [];
       try {
-        await renewal.renewNow([...new Set(batch.map((h) => h.s))]);
+        await renewal.renewNow([...new Set(renewing.map((h) => h.s))]);
       } catch (error) {
         // The stored deadline stands: the acks below carry what it leaves, as any ack would.
         log.warn({ err: error }, "handover: could not renew the sessions of the heartbeats it holds");
       }
-      for (const { s, sequence, at } of batch) {
-        if (s.ended) continue;
-        s.link.send({
-          type: "heartbeat_ack",
-          sequence,
-          remainingMs: remainingMs(s),
-          databaseUnreachable: deps.databaseUnreachable(),
-        });
-        deps.heartbeatAckSeconds.observe((performance.now() - at) / 1000);
-        if (waiting.delete(s)) handedOver++;
-      }
-      settleIfDone();
+      for (const h of renewing) answer(h);
+      renewing = [];
     }
   }
 
   return {
     active: () => running,
     heartbeat(s, sequence) {
-      held.push({ s, sequence, at: performance.now() });
+      held.push({ s, sequence, at: performance.now(), answered: false });
       // Heartbeats that arrive in the same turn, or while a renewal runs, share the next one.
       flushing ??= new Promise((resolve) => setImmediate(resolve)).then(flush).finally(() => {
         flushing = undefined;
@@ -94,12 +110,12 @@ export function createHandover(deps: {
       if (waiting.delete(s)) settleIfDone();
     },
     async run(timeoutMs) {
-      for (const s of hosted.values()) if (!s.ended) waiting.add(s);
-      const streams = waiting.size;
-      if (streams === 0 || timeoutMs <= 0) return { handedOver: 0, streams };
+      const streams = [...hosted.values()].filter((s) => !s.ended);
+      if (streams.length === 0 || timeoutMs <= 0) return { handedOver: 0, streams: streams.length };
+      for (const s of streams) waiting.add(s);
       running = true;
       log.info(
-        { streams, timeoutMs },
+        { streams: streams.length, timeoutMs },
         "handing over: answering each worker stream's next heartbeat with a deadline stored afresh, so that its leases outlast a restart",
       );
       let timer: NodeJS.Timeout | undefined;
@@ -110,10 +126,24 @@ export function createHandover(deps: {
       });
       clearTimeout(timer);
       allDone = undefined;
-      // Heartbeats still held are answered before the streams end.
-      await flushing;
+      // From now on heartbeats are answered at once, as usual. The ones held get their renewal's
+      // answer, or, if it takes longer than a tenth of the wait (a database that stopped
+      // answering), the deadline already stored: no ack is left out, and the close goes on.
       running = false;
-      return { handedOver, streams };
+      if (flushing) {
+        let late: NodeJS.Timeout | undefined;
+        await Promise.race([
+          flushing,
+          new Promise<void>((resolve) => {
+            late = setTimeout(resolve, Math.max(100, timeoutMs / 10));
+          }),
+        ]);
+        clearTimeout(late);
+        for (const h of [...renewing, ...held]) answer(h);
+        held = [];
+      }
+      waiting.clear();
+      return { handedOver, streams: streams.length };
     },
   };
 }

@@ -61,6 +61,8 @@ export function createReports(deps: {
   tracing: Tracing;
   /** Log every report's answer at debug level. */
   debug?: boolean;
+  /** The window of a stream's budget of fenced-report events (fenced-events.ts). */
+  fencedEventsWindowMs?: number;
 }): Reports {
   const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
 
@@ -94,7 +96,12 @@ export function createReports(deps: {
   });
 
   /** The event rows of fenced reports: group-committed, and bounded per stream. */
-  const fencedEvents = createFencedEvents({ db, log, feed });
+  const fencedEvents = createFencedEvents({
+    db,
+    log,
+    feed,
+    ...(deps.fencedEventsWindowMs ? { windowMs: deps.fencedEventsWindowMs } : {}),
+  });
 
   /**
    * The reports of one action are applied one after another, in the order

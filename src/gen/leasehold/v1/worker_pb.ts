@@ -1325,8 +1325,9 @@ export const WorkerService: GenService<{
    * not in children that outlive, or keep running while, a paused worker. Expect the local deadline to fall short of the last
    * heartbeat + grace by up to two heartbeat intervals plus the margin: the
    * server persists renewals once per heartbeat interval, not per heartbeat.
-   * A server stopping gracefully (SIGTERM, Ctrl-C) first waits up to 1.5
-   * heartbeat intervals for each stream's next heartbeat, and answers it
+   * A server stopping gracefully (SIGTERM, Ctrl-C) turns NOT_SERVING, then,
+   * while its database answers, waits up to 1.5 heartbeat intervals for each
+   * stream's next heartbeat, and answers it
    * only once it stored the session's deadline afresh (milliseconds later
    * than usual): that ack's remaining is about the whole grace period, so a
    * restart then has the grace period less the margin, counted from that

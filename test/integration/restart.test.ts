@@ -90,9 +90,10 @@ describe("a restart on the same store", { timeout: 120_000 }, () => {
       expect(statusDetails(end.metadata).reason).toBe("SHUTTING_DOWN");
       expect(t.logs.find((l) => l.msg === "handed over 1 of 1 worker streams")).toBeDefined();
 
-      // The worker comes back to the restarted server with its lease: resumed, same epoch.
+      // The worker comes back to the restarted server with its lease: resumed, same epoch (and
+      // named once, though this hello lists it twice).
       t = await t.restart();
-      const again = await connectWorker(t.address, { ...hello, heldLeases: held });
+      const again = await connectWorker(t.address, { ...hello, heldLeases: [...held, ...held] });
       expect(again.welcome.resumed).toEqual([expect.objectContaining(held[0])]);
       again.goodbye();
     } finally {

@@ -452,8 +452,24 @@ export function toHelloInput(hello: Hello): HelloInput {
     labels: { ...hello.labels },
     agentVersion: hello.agentVersion,
     instanceId: hello.instanceId,
-    heldLeases: hello.heldLeases.map((l) => ({ actionId: l.actionId, epoch: Number(l.epoch) })),
+    heldLeases: uniqueLeases(hello.heldLeases),
   };
+}
+
+/**
+ * The hello's held leases, each (action, epoch) once: a lease listed twice is
+ * still one lease, and the welcome names it once.
+ */
+function uniqueLeases(leases: readonly { actionId: string; epoch: bigint }[]): LeaseToken[] {
+  const seen = new Set<string>();
+  const unique: LeaseToken[] = [];
+  for (const l of leases) {
+    const key = `${l.epoch}:${l.actionId}`;
+    if (seen.has(key)) continue;
+    seen.add(key);
+    unique.push({ actionId: l.actionId, epoch: Number(l.epoch) });
+  }
+  return unique;
 }
 
 type Invalid = { type: "invalid"; reportId: bigint; actionId: string; message: string };

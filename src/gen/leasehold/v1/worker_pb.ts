@@ -324,7 +324,7 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * On reconnection: every lease the worker still holds, to be resumed
    * (running, finished but unanswered, or granted and not yet started). See
    * Connect for what happens to the ones listed and the ones left out.
-   * At most twice the capacity.
+   * At most twice the capacity; a lease listed twice counts once.
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 5;
    */

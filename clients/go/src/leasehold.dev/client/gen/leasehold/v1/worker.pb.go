@@ -707,7 +707,7 @@ type Hello struct {
 	// On reconnection: every lease the worker still holds, to be resumed
 	// (running, finished but unanswered, or granted and not yet started). See
 	// Connect for what happens to the ones listed and the ones left out.
-	// At most twice the capacity.
+	// At most twice the capacity; a lease listed twice counts once.
 	HeldLeases []*HeldLease `protobuf:"bytes,5,rep,name=held_leases,json=heldLeases,proto3" json:"held_leases,omitempty"`
 	// Free-form agent name and version, for operators. At most 256 characters.
 	AgentVersion string `protobuf:"bytes,6,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`

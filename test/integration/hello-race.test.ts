@@ -17,20 +17,6 @@ async function hello(address: string, workerId: string, instanceId: string): Pro
   }
 }
 
-/**
- * The two hellos of each worker id at once, one worker id after the other: each
- * hello is then a batch of its own on its server (a batch of many that fails
- * sends its hellos alone, which hid the race).
- */
-async function inTurn(
-  ids: readonly string[],
-  both: (id: string) => Promise<HelloEnd>[],
-): Promise<HelloEnd[][]> {
-  const pairs: HelloEnd[][] = [];
-  for (const id of ids) pairs.push(await Promise.all(both(id)));
-  return pairs;
-}
-
 const failureOf = (end: HelloEnd) => ("worker" in end ? undefined : { code: end.code, reason: end.reason });
 
 /**
@@ -59,6 +45,24 @@ describe.runIf(runsPostgresTests())("hellos racing for a new worker id on two se
   });
 
   const WORKERS = 40;
+  /**
+   * Two hellos for each of WORKERS new worker ids `prefix-N`, at once, one on each server, with
+   * the instance ids `instances` gives. `inTurn`: one worker id after the other, so that each
+   * hello is a batch of its own on its server (a batch of many that fails sends its hellos
+   * alone, which hid the race); otherwise all at once, in batches. Streams are dropped after.
+   */
+  async function racePairs(prefix: string, instances: (id: string) => [string, string], inTurn = true) {
+    const ids = Array.from({ length: WORKERS }, (_, i) => `${prefix}-${i}`);
+    const pair = (id: string) => {
+      const [x, y] = instances(id);
+      return Promise.all([hello(a.address, id, x), hello(b.address, id, y)]);
+    };
+    const pairs: HelloEnd[][] = [];
+    if (inTurn) for (const id of ids) pairs.push(await pair(id));
+    else pairs.push(...(await Promise.all(ids.map(pair))));
+    for (const p of pairs) for (const end of p) if ("worker" in end) workers.push(end.worker);
+    return { ids, pairs };
+  }
   /** Hellos (or batches) the servers opened again after losing the race, so far. */
   const races = () =>
     [...a.logs, ...b.logs].filter((l) =>
@@ -66,13 +70,8 @@ describe.runIf(runsPostgresTests())("hellos racing for a new worker id on two se
     ).length;
 
   it("refuses another instance's hello WORKER_ID_IN_USE, and logs it", async () => {
-    const ids = Array.from({ length: WORKERS }, (_, i) => `twin-${i}`);
     const racesBefore = races();
-    const pairs = await inTurn(ids, (id) => [
-      hello(a.address, id, `${id}-a`),
-      hello(b.address, id, `${id}-b`),
-    ]);
-    for (const pair of pairs) for (const end of pair) if ("worker" in end) workers.push(end.worker);
+    const { ids, pairs } = await racePairs("twin", (id) => [`${id}-a`, `${id}-b`]);
     const failures = pairs.flat().map(failureOf);
     // One welcome for each worker id, and the other hello refused as the proto says.
     expect(pairs.map((pair) => pair.filter((end) => "worker" in end).length)).toEqual(ids.map(() => 1));
@@ -90,12 +89,8 @@ describe.runIf(runsPostgresTests())("hellos racing for a new worker id on two se
   });
 
   it("answers many such pairs at once, in batches, each as the proto says", async () => {
-    const ids = Array.from({ length: WORKERS }, (_, i) => `crowd-${i}`);
     // Batches of many on each server: a batch that loses the race is opened again, or its hellos alone.
-    const pairs = await Promise.all(
-      ids.map((id) => Promise.all([hello(a.address, id, `${id}-a`), hello(b.address, id, `${id}-b`)])),
-    );
-    for (const pair of pairs) for (const end of pair) if ("worker" in end) workers.push(end.worker);
+    const { ids, pairs } = await racePairs("crowd", (id) => [`${id}-a`, `${id}-b`], false);
     expect(pairs.map((pair) => pair.filter((end) => "worker" in end).length)).toEqual(ids.map(() => 1));
     expect(pairs.flat().flatMap((end) => failureOf(end) ?? [])).toEqual(
       ids.map(() => ({ code: Code.AlreadyExists, reason: "WORKER_ID_IN_USE" })),
@@ -103,13 +98,8 @@ describe.runIf(runsPostgresTests())("hellos racing for a new worker id on two se
   });
 
   it("lets the same instance's second hello take the session over: one live stream, no other error", async () => {
-    const ids = Array.from({ length: WORKERS }, (_, i) => `same-${i}`);
     const racesBefore = races();
-    const pairs = await inTurn(ids, (id) => [
-      hello(a.address, id, `${id}-only`),
-      hello(b.address, id, `${id}-only`),
-    ]);
-    for (const pair of pairs) for (const end of pair) if ("worker" in end) workers.push(end.worker);
+    const { pairs } = await racePairs("same", (id) => [`${id}-only`, `${id}-only`]);
     // The only error a hello may end with is the takeover of its stream by the other (before its welcome).
     for (const f of pairs.flat().map(failureOf))
       if (f) expect(f).toEqual({ code: Code.Aborted, reason: "SESSION_TAKEN_OVER" });

@@ -9,6 +9,7 @@ import {
   PreconditionFailureSchema,
 } from "../gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../gen/google/rpc/status_pb.js";
+import { driverError } from "../store/rows.js";
 
 /** ErrorInfo.domain of every error Leasehold returns. */
 export const ERROR_DOMAIN = "leasehold.dev";
@@ -41,14 +42,7 @@ const SQL_CODES: ReadonlyArray<readonly [test: (code: string) => boolean, Code, 
 ];
 
 /** The SQLSTATE or driver code of an error or of any error in its cause chain. */
-function storageCode(error: unknown): string | undefined {
-  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 8; depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === "string") return code;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return undefined;
-}
+const storageCode = (error: unknown): string | undefined => driverError(error)?.code;
 
 /**
  * Turns anything thrown into a LeaseholdError. Known storage failures get

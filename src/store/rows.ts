@@ -34,3 +34,22 @@ export const toNumber = (value: unknown): number => (value === null ? 0 : Number
 export const toDate = (value: unknown): Date => (value instanceof Date ? value : new Date(String(value)));
 export const toDateOrNull = (value: unknown): Date | null =>
   value === null || value === undefined ? null : toDate(value);
+
+/** What the drivers (postgres.js, PGlite) put on an error of theirs. */
+export interface DriverError {
+  /** The SQLSTATE, or the driver's own code (e.g. CONNECTION_CLOSED). */
+  readonly code: string;
+  /** The constraint a violation names: postgres.js's field. */
+  readonly constraint_name?: unknown;
+  /** The same, PGlite's field. */
+  readonly constraint?: unknown;
+}
+
+/** The driver's error in `error` or its cause chain (drizzle wraps it): the first with a string `code`. */
+export function driverError(error: unknown): DriverError | undefined {
+  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 8; depth++) {
+    if (typeof (e as { code?: unknown }).code === "string") return e as DriverError;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return undefined;
+}

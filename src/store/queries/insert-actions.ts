@@ -3,7 +3,7 @@ import { ACTION_DEFAULTS, type ActionRecord, type NewAction } from "../../work/a
 import { findActionsByRequestId } from "../actions.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { queryRows, toDate } from "../rows.js";
+import { driverError, queryRows, toDate } from "../rows.js";
 
 /**
  * Inserts a batch of submitted actions in one statement, with their
@@ -274,11 +274,4 @@ export async function insertActionsAtomically(
 }
 
 /** The SQLSTATE of a driver error, looking through drizzle's wrapper. */
-function sqlState(error: unknown): string | undefined {
-  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 4; depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === "string") return code;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return undefined;
-}
+const sqlState = (error: unknown): string | undefined => driverError(error)?.code;

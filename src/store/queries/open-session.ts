@@ -4,7 +4,7 @@ import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { uuidv7 } from "../ids.js";
-import { queryRows, toDate, toNumber } from "../rows.js";
+import { driverError, queryRows, toDate, toNumber } from "../rows.js";
 import type { GrantRecord } from "./claim-actions.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "./reap-sessions.js";
 
@@ -283,17 +283,8 @@ const ONE_LIVE_SESSION_PER_WORKER = "sessions_one_live_per_worker";
  * `constraint`; drizzle wraps either in its own error (`cause`).
  */
 export function lostFirstSessionRace(error: unknown): boolean {
-  for (let e = error, depth = 0; e !== null && typeof e === "object" && depth < 8; depth++) {
-    const { code, constraint_name, constraint } = e as {
-      code?: unknown;
-      constraint_name?: unknown;
-      constraint?: unknown;
-    };
-    if (code === "23505") return (constraint_name ?? constraint) === ONE_LIVE_SESSION_PER_WORKER;
-    if (typeof code === "string") return false;
-    e = (e as { cause?: unknown }).cause;
-  }
-  return false;
+  const e = driverError(error);
+  return e?.code === "23505" && (e.constraint_name ?? e.constraint) === ONE_LIVE_SESSION_PER_WORKER;
 }
 
 /** A hello refused because the worker's live session is in another cluster. */

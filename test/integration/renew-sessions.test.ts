@@ -1,3 +1,5 @@
+import { once } from "node:events";
+import net from "node:net";
 import { sql } from "drizzle-orm";
 import { beforeAll, describe, expect, it } from "vitest";
 import { databaseClock as clock } from "../../src/store/clock.js";
@@ -156,6 +158,55 @@ describe("renewSessions", () => {
     // statement took to start), whatever the time the chunks before it took (300 ms and more).
     const deadlines = sessions.filter((s) => s.sessionId !== moved).map((s) => s.deadlineMs);
     expect(Math.max(...deadlines) - Math.min(...deadlines)).toBeLessThan(100);
+  });
+
+  it("counts a heartbeat that waited in its socket while the tick came due", async () => {
+    await session("stalled", 1);
+    // Last heard 5 s ago, before a stall of the event loop; the next heartbeat waits in the socket.
+    const s = {
+      sessionId: "stalled",
+      streamToken: "t-stalled",
+      heardAt: performance.now() - 5_000,
+      ended: false,
+      deadlineMs: 0,
+      dbOffsetMs: 0,
+    };
+    const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
+    const renewal = createRenewal({
+      db,
+      clock,
+      hosted,
+      graceMs: 10_000,
+      heartbeatIntervalMs: 1_000,
+      serverId: "this-server",
+    });
+    const listener = net.createServer();
+    await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve));
+    const accepted = once(listener, "connection");
+    const worker = net.connect((listener.address() as net.AddressInfo).port, "127.0.0.1");
+    const [stream] = (await accepted) as [net.Socket];
+    await once(worker, "connect");
+    stream.on("data", () => {
+      s.heardAt = performance.now();
+    });
+    try {
+      // One timer callback, as after a stall: the heartbeat is in the socket, unread, when the
+      // overdue tick runs (timers run before the loop polls its sockets).
+      const renewed = await new Promise<Promise<void>>((resolve) =>
+        setTimeout(() => {
+          worker.write("heartbeat");
+          resolve(renewal.renew());
+        }, 0),
+      );
+      await renewed;
+      expect(await stored("stalled")).toBe(s.deadlineMs);
+      // Heard just now: a whole grace period from now, not the 5 s left from before the stall.
+      expect(s.deadlineMs - Date.now()).toBeGreaterThan(9_000);
+    } finally {
+      worker.destroy();
+      stream.destroy();
+      listener.close();
+    }
   });
 
   it("renews nothing and sends no statement for no sessions", async () => {

@@ -92,6 +92,11 @@ export function createRenewal(deps: {
 
   return {
     async renew() {
+      // A tick that came due while the event loop was held (a long collection, a paused
+      // process) runs before the loop reads its sockets again. It first lets the loop read the
+      // heartbeats that waited there: counted from the last ones heard before the stall, the
+      // deadlines would be stored an interval short, until the next tick.
+      await new Promise((resolve) => setImmediate(resolve));
       const heard: Hosted[] = [];
       for (const s of hosted.values()) if (!s.ended) heard.push(s);
       if (heard.length === 0) return;

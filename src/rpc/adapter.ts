@@ -72,6 +72,13 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
    * transport (see {@link READ_PAUSE_MESSAGES}).
    */
   readonly readingHeld: boolean;
+  /**
+   * While on, nothing more is read from the client, for the handler's own
+   * reason (too much of what the client sent is still unanswered). Unlike
+   * the hold for unread answers, this says nothing of the client:
+   * `readingHeld` stays false.
+   */
+  throttle(on: boolean): void;
   /** Calls `listener` each time the transport takes a message (`bufferedBytes` shrank). Returns its off. */
   onFlushed(listener: () => void): () => void;
   /**
@@ -113,6 +120,8 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   stop(): void;
   /** While on, nothing more is read from the client (the server's answers are backed up). */
   hold(on: boolean): void;
+  /** While on, nothing more is read from the client (the handler's own reason; not `held`). */
+  throttle(on: boolean): void;
   readonly held: () => boolean;
 } {
   const buffer: (T | RejectedRequest)[] = [];
@@ -125,10 +134,12 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   let unread = false;
   /** The server holds reading back (see `hold`). */
   let held = false;
-  /** The call is paused: for either reason above. */
+  /** The handler holds reading back (see `throttle`). */
+  let throttled = false;
+  /** The call is paused: for any of the reasons above. */
   let paused = false;
   const sync = () => {
-    const pause = (unread || held) && !done;
+    const pause = (unread || held || throttled) && !done;
     if (pause === paused) return;
     paused = pause;
     if (pause) call.pause();
@@ -238,6 +249,11 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
     consume,
     stop: finish,
     hold,
+    throttle(on) {
+      if (throttled === on) return;
+      throttled = on;
+      sync();
+    },
     held: () => held,
   };
 }
@@ -726,6 +742,7 @@ function bidiHandler(
       get readingHeld() {
         return queue.held();
       },
+      throttle: queue.throttle,
       onFlushed(listener) {
         flushed.add(listener);
         return () => flushed.delete(listener);

@@ -289,6 +289,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       unacked: new Map(),
       blocked: false,
       heardAt: performance.now(),
+      unanswered: 0,
       deadlineMs: 0,
       dbOffsetMs: 0,
       ended: false,

@@ -125,4 +125,10 @@ export interface WorkerLink {
    * not at all). Grants wait while it is at the high-water mark.
    */
   bufferedBytes(): number;
+  /**
+   * Stops (true) or resumes reading the worker's messages, for the lease
+   * manager's own reason (too many of its reports unanswered); unlike a
+   * worker that does not read, this never ends the stream.
+   */
+  throttle(on: boolean): void;
 }

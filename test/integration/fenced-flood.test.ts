@@ -9,6 +9,24 @@ import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 type Request = MessageInitShape<typeof ConnectRequestSchema>;
 
+/** Sends `batches` messages of PER_BATCH completions of made-up actions, named by `actionId`. */
+function flood(w: TestWorker, batches: number, actionId: (batch: number, i: number) => string): void {
+  let reportId = 0n;
+  for (let b = 0; b < batches; b++) {
+    const messages: Request[] = [];
+    for (let i = 0; i < PER_BATCH; i++) {
+      reportId++;
+      messages.push({
+        message: {
+          case: "completion",
+          value: { reportId, actionId: actionId(b, i), epoch: 1n, outcome: { case: "succeeded", value: {} } },
+        },
+      });
+    }
+    w.send({ message: { case: "batch", value: { messages } } });
+  }
+}
+
 const GRACE_MS = 4000;
 const BATCHES = 10;
 const PER_BATCH = 1000;
@@ -86,25 +104,7 @@ describe("a stream flooding fenced reports", () => {
     const badAcks = heartbeat(bad, []);
 
     // The flood: completions of made-up actions, a thousand per message.
-    let reportId = 0n;
-    for (let b = 0; b < BATCHES; b++) {
-      const messages: Request[] = [];
-      for (let i = 0; i < PER_BATCH; i++) {
-        reportId++;
-        messages.push({
-          message: {
-            case: "completion",
-            value: {
-              reportId,
-              actionId: `ghost-${i}`,
-              epoch: 1n,
-              outcome: { case: "succeeded", value: {} },
-            },
-          },
-        });
-      }
-      bad.send({ message: { case: "batch", value: { messages } } });
-    }
+    flood(bad, BATCHES, (_, i) => `ghost-${i}`);
     // Either stream ending (its session reaped) fails the test at once, and a flood still not
     // answered after 30s (it takes a few seconds) fails it then, rather than at the timeout.
     let timer: NodeJS.Timeout | undefined;
@@ -151,5 +151,47 @@ describe("a stream flooding fenced reports", () => {
       recorded: FENCED_EVENTS_PER_WINDOW,
       unrecorded: BATCHES * PER_BATCH - FENCED_EVENTS_PER_WINDOW,
     });
+  }, 60_000);
+
+  it("holds back only the flooding stream: its reading stops, and another stream's report goes first", async () => {
+    // A long grace: the flooder's heartbeat is meant to wait behind its flood.
+    t = await startTestServer({ config: { gracePeriod: "60s", heartbeatInterval: "1s" } });
+    await t.client(ActionService).submitAction({ cluster: "good" });
+    const good = await connectWorker(t.address, { workerId: "good", cluster: "good", capacity: 1 });
+    workers.push(good);
+    const grant = await good.next("grant");
+    const bad = await connectWorker(t.address, {
+      workerId: "flooder",
+      cluster: "elsewhere",
+      capacity: 1,
+      acceptsBatches: true,
+    });
+    workers.push(bad);
+    const answers = () => {
+      let n = 0;
+      for (const m of bad.received) if (m.message.case === "reportResult") n++;
+      return n;
+    };
+    const total = 6 * PER_BATCH;
+    flood(bad, 6, (b, i) => `ghost-${b}-${i}`);
+    // Sent after the flood: the server reads it only once it has answered most of the flood.
+    const ack = bad.heartbeat(1).then(answers);
+    // Under way: the server has read the flood's first batches and settles them.
+    await expect.poll(answers, { interval: 5, timeout: 30_000 }).toBeGreaterThanOrEqual(300);
+    const before = answers();
+    const result = await good.complete(grant, { output: { ok: true } });
+    const passedBy = answers() - before;
+    expect(result.accepted).toBe(true);
+    // Unanswered reports past the bound stop the reading (maxUnansweredReports: 1,024, plus the
+    // batch being handled), so the heartbeat was read after all but the last of them.
+    expect(await ack).toBeGreaterThan(total - 2 * 1024);
+    // The good stream's report went into the next round (a stream's share comes first), behind
+    // the rounds already in flight: at most three rounds and its own of 256. Before, it waited
+    // behind everything read of the flood.
+    expect(passedBy).toBeLessThan(1_500);
+    await expect.poll(answers, { interval: 20, timeout: 30_000 }).toBe(total);
+    expect(bad.received.filter((m) => m.message.case === "reportResult" && m.message.value.accepted)).toEqual(
+      [],
+    );
   }, 60_000);
 });

@@ -45,6 +45,7 @@ describe("lease pipeline", () => {
       },
       close() {},
       bufferedBytes: () => 0,
+      throttle() {},
     };
     const handle = await t.server.leases.open(
       {

@@ -284,6 +284,7 @@ export function workerServiceBinding(
           stream.stop();
         },
         bufferedBytes: held,
+        throttle: stream.throttle,
       };
 
       try {

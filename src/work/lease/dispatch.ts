@@ -50,7 +50,9 @@ export interface Dispatcher {
 }
 
 /** Largest number of reports settled, and of slots claimed for, per statement. */
-const BATCH = 256;
+export const BATCH = 256;
+/** Reports of one stream a round takes before it takes more of any stream's. */
+export const SHARE = 32;
 /**
  * Statements in flight at once. One at a time, a round waits for the last
  * one's round trip even while the database has cores to spare; a few at once
@@ -122,20 +124,10 @@ export function createDispatcher(deps: {
    */
   const inDoubt = new Map<string, number>();
 
-  /** The next reports, at most one per action (one statement may touch an action once). */
+  /** The next reports (see {@link takeReports}). */
   function take(): Pending[] {
     if (queue.length === 0) return [];
-    const batch: Pending[] = [];
-    const rest: Pending[] = [];
-    const ids = new Set<string>();
-    for (const p of queue) {
-      const id = p.report.actionId;
-      if (batch.length >= BATCH || ids.has(id) || settling.has(id)) rest.push(p);
-      else {
-        ids.add(id);
-        batch.push(p);
-      }
-    }
+    const { batch, rest } = takeReports(queue, settling);
     queue = rest;
     return batch;
   }
@@ -426,4 +418,51 @@ export function createDispatcher(deps: {
     },
     idle: () => (isIdle() ? Promise.resolve() : new Promise<void>((r) => idleWaiters.push(r))),
   };
+}
+
+/**
+ * The reports of the next round, from `queue` in the order they came: at
+ * most {@link BATCH}, at most one per action (one statement may touch an
+ * action once), none of an action a round in flight settles. Each stream
+ * first gets up to {@link SHARE} of the batch, then the batch fills with the
+ * rest: a stream with hundreds of reports waiting does not hold back
+ * another's one for the rounds they take. `rest` keeps the order.
+ */
+export function takeReports<P extends { readonly s: object; readonly report: { readonly actionId: string } }>(
+  queue: readonly P[],
+  settling: ReadonlySet<string>,
+): { batch: P[]; rest: P[] } {
+  const batch: P[] = [];
+  let rest: P[] = [];
+  const ids = new Set<string>();
+  const taken = new Map<object, number>();
+  let passedOver = false;
+  for (const p of queue) {
+    const id = p.report.actionId;
+    if (batch.length >= BATCH || ids.has(id) || settling.has(id)) rest.push(p);
+    else {
+      const n = taken.get(p.s) ?? 0;
+      if (n >= SHARE) {
+        passedOver = true;
+        rest.push(p);
+        continue;
+      }
+      taken.set(p.s, n + 1);
+      ids.add(id);
+      batch.push(p);
+    }
+  }
+  if (passedOver && batch.length < BATCH) {
+    const left = rest;
+    rest = [];
+    for (const p of left) {
+      const id = p.report.actionId;
+      if (batch.length >= BATCH || ids.has(id) || settling.has(id)) rest.push(p);
+      else {
+        ids.add(id);
+        batch.push(p);
+      }
+    }
+  }
+  return { batch, rest };
 }

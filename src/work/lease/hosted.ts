@@ -52,6 +52,8 @@ export interface Hosted {
   blocked: boolean;
   /** performance.now() of the last message from the worker. */
   heardAt: number;
+  /** Completions and releases received and not answered yet (see `maxUnansweredReports`). */
+  unanswered: number;
   /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
   deadlineMs: number;
   dbOffsetMs: number;

@@ -40,6 +40,16 @@ export interface Reports {
   close(): Promise<void>;
 }
 
+/**
+ * Most completions and releases a stream may have unanswered before this
+ * process stops reading it, until a quarter are left (worker.proto): a
+ * stream sending them faster than they commit (a flood) holds itself back,
+ * not the other streams' reports queued behind its own, nor this process's
+ * memory. A worker holds at most twice its capacity in leases, each with at
+ * most one completion or release in flight; 1,024 at least.
+ */
+export const maxUnansweredReports = (capacity: number) => Math.max(1024, 4 * capacity);
+
 /** What a report said, as counted: a completion's outcome, a release, or progress. */
 export type ReportKind = "succeeded" | "failed" | "released" | "progress";
 /** How a report was answered. */
@@ -264,10 +274,16 @@ export function createReports(deps: {
               },
             };
     const kind = report.kind;
+    const max = maxUnansweredReports(s.capacity);
+    if (++s.unanswered >= max) s.link.throttle(true);
+    const answered = () => {
+      if (--s.unanswered <= max / 4) s.link.throttle(false);
+    };
     settle(
       s,
       report,
       (finished) => {
+        answered();
         unapplied.worked();
         if (!finished) {
           deps.answered.inc({ kind, result: "fenced" });
@@ -280,6 +296,7 @@ export function createReports(deps: {
         publishActions([token.actionId]);
       },
       (error) => {
+        answered();
         deps.answered.inc({ kind, result: "unavailable" });
         endSpan(span, false, "UNAVAILABLE");
         unavailable(s, m.reportId, token, error);

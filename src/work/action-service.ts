@@ -21,7 +21,7 @@ import {
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { type Explanation, explainHistory } from "./explain.js";
-import { decodePageToken, toPage } from "./page-token.js";
+import { decodePageToken, encodePageToken, toPage } from "./page-token.js";
 
 /**
  * Rounds of a bulk submit that lost a race for one of its request ids before
@@ -186,9 +186,12 @@ export function createActionService({
 
   async function list(filter: ActionFilter, size: number, pageToken: string): Promise<Page<ActionRecord>> {
     const cursor = decodePageToken(pageToken, filter);
-    // One row more than asked tells whether another page exists.
-    const rows = await listActions(db, filter, cursor?.after, size + 1);
-    return toPage(rows, size, (a) => a.id, filter);
+    // One row more than asked tells whether another page exists; a page cut short by the
+    // size of its actions has more after it.
+    const { actions, cut } = await listActions(db, filter, cursor?.after, size + 1);
+    const last = actions.at(-1);
+    if (cut && last) return { items: actions, nextPageToken: encodePageToken(last.id, filter) };
+    return toPage(actions, size, (a) => a.id, filter);
   }
 
   async function cancel(id: string, reason: string, actor: string): Promise<ActionRecord> {

@@ -102,6 +102,28 @@ describe("ActionService", () => {
     expect(even.nextPageToken).toBe("");
   });
 
+  it("cuts a page of large actions short of the client's receive limit, and pages on", async () => {
+    const ids: string[] = [];
+    // 700 KB of JSON each, then small ones: at most 2 MiB of JSON a page after its first action.
+    for (let i = 0; i < 9; i++) {
+      const payload = i < 6 ? { blob: String(i).repeat(700_000) } : { n: i };
+      ids.push((await api.submitAction({ cluster: "heavy", payload })).action?.id ?? "");
+    }
+    const sizes: number[] = [];
+    const seen: string[] = [];
+    let pageToken = "";
+    do {
+      // A default client receives at most 4 MiB: before, this page (6.3 MB) was refused.
+      const page = await api.listActions({ cluster: "heavy", pageSize: 1000, pageToken });
+      sizes.push(page.actions.length);
+      seen.push(...page.actions.map((a) => a.id));
+      expect(page.actions.every((a) => a.payload !== undefined)).toBe(true);
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    expect(seen).toEqual(ids);
+    expect(sizes).toEqual([2, 2, 5]);
+  });
+
   it("filters the listing by state", async () => {
     const { action } = await api.submitAction({ cluster: "by-state" });
     await api.submitAction({ cluster: "by-state" });

@@ -8,6 +8,7 @@ import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js"
 import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
+import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, failure } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -148,6 +149,22 @@ describe("work leases", () => {
     const remainingMs = Number(ack.remaining?.seconds) * 1000 + (ack.remaining?.nanos ?? 0) / 1e6;
     expect(remainingMs).toBeGreaterThan(GRACE_MS - 2000);
     expect(remainingMs).toBeLessThanOrEqual(GRACE_MS);
+  });
+
+  it("revokes at most 64 listed leases that are not the session's per heartbeat, the first listed", async () => {
+    const w = await worker("w1", { capacity: 10_000 });
+    const made = Array.from({ length: 20_000 }, (_, i) => ({ actionId: `made-up-${i}`, epoch: 1n }));
+    await w.heartbeat(1, made);
+    await w.heartbeat(2, made.slice(100));
+    // A heartbeat's revokes go out right after its ack, before the next heartbeat's ack.
+    await w.heartbeat(3);
+    const revoked = w.received.flatMap((m) => (m.message.case === "revoke" ? [m.message.value] : []));
+    expect(revoked).toHaveLength(2 * MAX_SUPERSEDED_PER_HEARTBEAT);
+    expect(revoked.every((r) => r.reason === RevokeReason.SUPERSEDED)).toBe(true);
+    expect(revoked.map((r) => r.actionId)).toEqual([
+      ...made.slice(0, MAX_SUPERSEDED_PER_HEARTBEAT).map((l) => l.actionId),
+      ...made.slice(100, 100 + MAX_SUPERSEDED_PER_HEARTBEAT).map((l) => l.actionId),
+    ]);
   });
 
   it("grants a queued action with epoch 1 and accepts its completion once (a resent copy too)", async () => {

@@ -10,6 +10,9 @@ import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
 import type { Reports } from "./reports.js";
 import type { Revokes } from "./revokes.js";
 
+/** Revokes (SUPERSEDED) one heartbeat draws at most for listed leases that are not the session's. */
+export const MAX_SUPERSEDED_PER_HEARTBEAT = 64;
+
 /** A worker's open stream, as the rpc layer drives it. */
 export interface SessionHandle {
   readonly sessionId: string;
@@ -79,8 +82,12 @@ export function createStreamHandle(
             });
             deps.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
           }
+          let superseded = 0;
           for (const token of message.held) {
             if (s.held.get(token.actionId) !== token.epoch) {
+              // Bounded: a heartbeat listing 20,000 made-up leases drew 20,000 revokes, and a
+              // batch of such heartbeats held the process for seconds. The rest wait for later ones.
+              if (++superseded > MAX_SUPERSEDED_PER_HEARTBEAT) continue;
               s.link.send({
                 type: "revoke",
                 ...token,

@@ -467,7 +467,8 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
    * heartbeat, GrantAck or ProgressReport since. A heartbeat that never
    * listed a lease proves nothing, as it may have been sent before the grant
    * arrived. A listed lease that is not the session's is answered with a
-   * Revoke (SUPERSEDED).
+   * Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
+   * a lease still listed after that is revoked by a later heartbeat.
    * At most twice the hello's capacity.
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 2;

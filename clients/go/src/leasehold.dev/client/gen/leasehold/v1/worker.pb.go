@@ -949,7 +949,8 @@ type Heartbeat struct {
 	// heartbeat, GrantAck or ProgressReport since. A heartbeat that never
 	// listed a lease proves nothing, as it may have been sent before the grant
 	// arrived. A listed lease that is not the session's is answered with a
-	// Revoke (SUPERSEDED).
+	// Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
+	// a lease still listed after that is revoked by a later heartbeat.
 	// At most twice the hello's capacity.
 	HeldLeases []*HeldLease `protobuf:"bytes,2,rep,name=held_leases,json=heldLeases,proto3" json:"held_leases,omitempty"`
 }

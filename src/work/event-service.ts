@@ -4,6 +4,7 @@ import type { Page } from "./action-service.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
 import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
+import { createGate } from "./gate.js";
 import { decodeSequencePageToken, toPage } from "./page-token.js";
 
 /** Listing and following the event log. */
@@ -28,6 +29,14 @@ export interface EventService {
 
 /** How many stored events one read of a watch behind the tail fetches. */
 const WATCH_BATCH = 500;
+/**
+ * Reads of the log by watches behind the tail, in flight at once in a
+ * process; the others wait their turn. Each watch replaying from the start
+ * read on its own: 400 of them queued thousands of reads ahead of the lease
+ * renewals (PGlite runs one statement at a time, a pool has ten
+ * connections), and healthy workers' sessions expired.
+ */
+export const CATCH_UP_READS = 2;
 
 export function createEventService({
   db,
@@ -40,6 +49,7 @@ export function createEventService({
   tailCapacity?: number;
 }): EventService {
   const tail = createEventTail({ db, feed }, tailCapacity);
+  const catchUp = createGate(CATCH_UP_READS);
   async function list(
     filter: EventFilter,
     size: number,
@@ -78,7 +88,13 @@ export function createEventService({
           continue;
         }
         // Behind what the tail holds: read the log itself, waiting at holes as the tail does.
-        const batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
+        const release = await catchUp.enter(signal);
+        let batch: Awaited<ReturnType<typeof readEventsAfter>>;
+        try {
+          batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
+        } finally {
+          release();
+        }
         let blocked = false;
         for (const { event, matches: matching } of batch) {
           if (!holes.passes(cursor, event.sequence)) {

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import { type Database, type Db, openDatabase } from "../../src/store/database.js";
 import { type ChangeFeed, createChangeFeed, EVENTS_TOPIC } from "../../src/work/change-feed.js";
 import type { EventFilter, EventRecord } from "../../src/work/event.js";
-import { createEventService, type EventService } from "../../src/work/event-service.js";
+import { CATCH_UP_READS, createEventService, type EventService } from "../../src/work/event-service.js";
 import { GAP_WAIT_MS } from "../../src/work/event-tail.js";
 import { silentBus } from "../helpers/bus.js";
 import { freshStore, type TestStore } from "../helpers/database.js";
@@ -157,6 +157,37 @@ describe("watching the event log", () => {
     expect((await replay.take(20)).map((e) => e.sequence)).toEqual(later);
     expect((await startLive).map((e) => e.sequence)).toEqual([later[0]]);
     await Promise.all([live.close(), replay.close()]);
+  });
+
+  it("lets only a few watches read the log at once while many replay it from the start", async () => {
+    const feed = createChangeFeed();
+    let reading = 0;
+    let most = 0;
+    // Counts the statements in flight; each waits a turn, so that overlapping reads overlap.
+    const db = new Proxy(database.db, {
+      get(target, property, receiver) {
+        const value = Reflect.get(target, property, receiver);
+        if (property !== "execute") return value;
+        return async (...args: unknown[]) => {
+          most = Math.max(most, ++reading);
+          try {
+            await new Promise((resolve) => setImmediate(resolve));
+            return await (value as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+          } finally {
+            reading--;
+          }
+        };
+      },
+    });
+    const events = createEventService({ db, feed, tailCapacity: 8 });
+    const first = await append(feed, "crowd");
+    for (let i = 0; i < 1_199; i++) await append(feed, "crowd");
+    const watches = Array.from({ length: 12 }, () => open(events, { cluster: "crowd" }, first - 1));
+    const replayed = await Promise.all(watches.map((w) => w.take(1_200)));
+    for (const events of replayed) expect(events[1_199]?.sequence).toBe(first + 1_199);
+    // The shared tail's read, and at most CATCH_UP_READS of the replays (12 before).
+    expect(most).toBeLessThanOrEqual(CATCH_UP_READS + 1);
+    await Promise.all(watches.map((w) => w.close()));
   });
 
   /**

@@ -81,7 +81,10 @@ class EventServiceServicer(object):
 
     def WatchEvents(self, request, context):
         """Streams events as they happen, optionally starting after a known sequence
-        (to continue a ListEvents or a dropped watch without gaps).
+        (to continue a ListEvents or a dropped watch without gaps). Events older
+        than the few thousand a server keeps in memory are read from the
+        database, 500 at a time, by at most two watches of a server at once: the
+        other watches that far behind wait their turn, then go on where they were.
         Right: event.read, as for ListEvents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

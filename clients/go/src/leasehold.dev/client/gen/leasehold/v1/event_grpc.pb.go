@@ -23,7 +23,10 @@ type EventServiceClient interface {
 	// cluster).
 	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
 	// Streams events as they happen, optionally starting after a known sequence
-	// (to continue a ListEvents or a dropped watch without gaps).
+	// (to continue a ListEvents or a dropped watch without gaps). Events older
+	// than the few thousand a server keeps in memory are read from the
+	// database, 500 at a time, by at most two watches of a server at once: the
+	// other watches that far behind wait their turn, then go on where they were.
 	// Right: event.read, as for ListEvents.
 	WatchEvents(ctx context.Context, in *WatchEventsRequest, opts ...grpc.CallOption) (EventService_WatchEventsClient, error)
 }
@@ -87,7 +90,10 @@ type EventServiceServer interface {
 	// cluster).
 	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
 	// Streams events as they happen, optionally starting after a known sequence
-	// (to continue a ListEvents or a dropped watch without gaps).
+	// (to continue a ListEvents or a dropped watch without gaps). Events older
+	// than the few thousand a server keeps in memory are read from the
+	// database, 500 at a time, by at most two watches of a server at once: the
+	// other watches that far behind wait their turn, then go on where they were.
 	// Right: event.read, as for ListEvents.
 	WatchEvents(*WatchEventsRequest, EventService_WatchEventsServer) error
 	mustEmbedUnimplementedEventServiceServer()

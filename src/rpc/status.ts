@@ -41,8 +41,14 @@ const SQL_CODES: ReadonlyArray<readonly [test: (code: string) => boolean, Code, 
   ],
 ];
 
-/** The SQLSTATE or driver code of an error or of any error in its cause chain. */
-const storageCode = (error: unknown): string | undefined => driverError(error)?.code;
+/**
+ * An error that ended the connection (severity FATAL or PANIC) means the
+ * database cannot be used now, whatever its SQLSTATE: 55000 "database … is
+ * not currently accepting connections", 3D000 for a database dropped under
+ * the server, 28P01 for a password changed under it. Like the health check,
+ * which turns NOT_SERVING on the same errors, calls answer UNAVAILABLE.
+ */
+const endsConnection = (severity: unknown) => severity === "FATAL" || severity === "PANIC";
 
 /**
  * Turns anything thrown into a LeaseholdError. Known storage failures get
@@ -51,11 +57,18 @@ const storageCode = (error: unknown): string | undefined => driverError(error)?.
  */
 export function toLeaseholdError(error: unknown): LeaseholdError {
   if (error instanceof LeaseholdError) return error;
-  const code = storageCode(error);
-  if (code !== undefined) {
+  const driver = driverError(error);
+  if (driver !== undefined) {
+    const { code, severity } = driver;
     for (const [test, status, message] of SQL_CODES) {
       if (test(code))
         return new LeaseholdError(status, message, { reason: `SQLSTATE_${code}`, cause: error });
+    }
+    if (endsConnection(severity)) {
+      return new LeaseholdError(Code.Unavailable, "the database refused the connection; retry later", {
+        reason: `SQLSTATE_${code}`,
+        cause: error,
+      });
     }
   }
   return new LeaseholdError(Code.Internal, "internal error; the server log has the details", {

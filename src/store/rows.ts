@@ -39,6 +39,8 @@ export const toDateOrNull = (value: unknown): Date | null =>
 export interface DriverError {
   /** The SQLSTATE, or the driver's own code (e.g. CONNECTION_CLOSED). */
   readonly code: string;
+  /** ERROR, FATAL or PANIC: FATAL and PANIC end the connection. */
+  readonly severity?: unknown;
   /** The constraint a violation names: postgres.js's field. */
   readonly constraint_name?: unknown;
   /** The same, PGlite's field. */

@@ -1049,17 +1049,8 @@ export function createAgent(options: AgentOptions): Agent {
       sequence: 0n,
       beat: () => {
         if (conn.ended || !conn.welcomed || conn.saidGoodbye) return;
-        // A server that stopped answering (hung, frozen, or a connection dead one way) never ends
-        // the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while
-        // the session and its leases can still be resumed through the next address. Looked at
-        // again after the I/O already received: after a stall of this process's own event loop,
-        // timers run before the socket is read, and the answer may be waiting there.
         if (unanswered()) {
-          setImmediate(() => {
-            if (conn.ended || !unanswered()) return;
-            conn.abandoned = `the server answered no heartbeat for ${Math.round(performance.now() - (conn.sent.values().next().value ?? 0))}ms`;
-            call.cancel();
-          });
+          leaveIfUnanswered();
           return;
         }
         conn.sequence += 1n;
@@ -1067,6 +1058,9 @@ export function createAgent(options: AgentOptions): Agent {
         conn.send({
           message: { case: "heartbeat", value: { sequence: conn.sequence, heldLeases: heldLeases() } },
         });
+        // Looked at when this heartbeat has waited the bound, not at the next beat: that came
+        // half an interval late, and with a grace of three intervals the leases with it.
+        setTimeout(leaveIfUnanswered, UNANSWERED_HEARTBEATS * heartbeatMs + 1).unref();
       },
       pending: new Map(),
       ended: false,
@@ -1080,6 +1074,22 @@ export function createAgent(options: AgentOptions): Agent {
     const unanswered = () => {
       const oldest = conn.sent.values().next().value;
       return oldest !== undefined && performance.now() - oldest > UNANSWERED_HEARTBEATS * heartbeatMs;
+    };
+    /**
+     * A server that stopped answering (hung, frozen, or a connection dead one
+     * way) never ends the stream: leave it once the oldest heartbeat is
+     * unanswered for 1.5 intervals, while the session and its leases can
+     * still be resumed through the next address. Looked at again after the
+     * I/O already received: after a stall of this process's own event loop,
+     * timers run before the socket is read, and the answer may be waiting there.
+     */
+    const leaveIfUnanswered = () => {
+      if (conn.ended || conn.abandoned !== undefined || !unanswered()) return;
+      setImmediate(() => {
+        if (conn.ended || conn.abandoned !== undefined || !unanswered()) return;
+        conn.abandoned = `the server answered no heartbeat for ${Math.round(performance.now() - (conn.sent.values().next().value ?? 0))}ms`;
+        call.cancel();
+      });
     };
 
     /** Handles one server message; the messages of a batch come here one by one, in order. */

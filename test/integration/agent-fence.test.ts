@@ -53,7 +53,7 @@ describe("the agent SDK, on a server that stops answering", () => {
   });
 
   it("leaves the stream after 1.5 heartbeat intervals without an ack, and says hello again", async () => {
-    const server = await scriptedWorkerServer();
+    const server = await scriptedWorkerServer({ heartbeatMs: 3000 });
     cleanups.push(server.close);
     const events: AgentEvent[] = [];
     const agent = createAgent({
@@ -65,7 +65,7 @@ describe("the agent SDK, on a server that stops answering", () => {
     });
     cleanups.push(() => agent.close({ timeoutMs: 100 }));
     await server.acked;
-    // Hung: the stream stays open, and no heartbeat is answered (the interval is 1 s).
+    // Hung: the stream stays open, and no heartbeat is answered (the interval is 3 s).
     server.ackHeartbeats(false);
     const hellos = server.received.filter((k) => k === "hello").length;
     await server.until(() => server.received.filter((k) => k === "hello").length > hellos);
@@ -73,5 +73,9 @@ describe("the agent SDK, on a server that stops answering", () => {
     expect(left).toMatchObject({
       error: expect.stringMatching(/^the server answered no heartbeat for \d+ms$/),
     });
+    // Left 4.5 s after the heartbeat, not at the next beat after that (6 s).
+    const silentMs = Number(/for (\d+)ms/.exec((left as { error: string }).error)?.[1]);
+    expect(silentMs).toBeGreaterThan(4500);
+    expect(silentMs).toBeLessThan(5600);
   });
 });

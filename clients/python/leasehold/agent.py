@@ -675,10 +675,24 @@ class Agent:
             self._finish_close(stream)
 
     def _send_heartbeats(self, stream: _Stream, interval: float) -> None:
-        while not stream.ended.wait(interval):
+        next_beat = time.monotonic() + interval
+        while True:
+            # Wakes at the next beat, or when the oldest heartbeat has waited the bound if that
+            # comes first: looked at only at the next beat, it came half an interval late, and
+            # with a grace of three intervals the leases with it.
+            with self._lock:
+                oldest = min(stream.sent.values(), default=None)
+            wake = next_beat
+            if oldest is not None:
+                wake = min(wake, oldest + _UNANSWERED_HEARTBEATS * self._heartbeat_interval + 0.001)
+            if stream.ended.wait(max(0.0, wake - time.monotonic())):
+                return
             with self._lock:
                 unanswered = self._unanswered(stream)
-                if unanswered is None:
+                now = time.monotonic()
+                if unanswered is None and now >= next_beat:
+                    # After a pause of this process, one beat, not one for every interval missed.
+                    next_beat = max(next_beat + interval, now + interval / 2)
                     self._beat(stream)
             # A server that stopped answering (hung, frozen, or a connection dead one way) never
             # ends the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals,
@@ -688,11 +702,10 @@ class Agent:
             if unanswered is not None and not stream.ended.wait(0.2):
                 with self._lock:
                     unanswered = self._unanswered(stream)
-                    if unanswered is None:
-                        self._beat(stream)
-                    else:
+                    if unanswered is not None:
                         stream.abandoned = f"the server answered no heartbeat for {round(unanswered * 1000)}ms"
                         stream.channel.close()
+                        return
 
     def _health_round_due(self, stream: _Stream, interval: float) -> list[tuple[int, str]]:
         """The other addresses (index, address), in order after the stream's, when a round of health

@@ -459,9 +459,11 @@ func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
 }
 
 // A server that stops answering heartbeats (hung) never ends the stream: the
-// agent leaves it after 1.5 intervals and says hello again.
+// agent leaves it once the oldest heartbeat has waited 1.5 intervals (and the
+// look again 0.2 s later), not at the next beat after that (2 intervals), and
+// says hello again.
 func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
-	fs, stop := startScripted(t, scriptTiming{heartbeat: 300 * time.Millisecond, grace: time.Minute, remaining: time.Minute})
+	fs, stop := startScripted(t, scriptTiming{heartbeat: 3 * time.Second, grace: time.Minute, remaining: time.Minute})
 	defer stop()
 	events := make(chan Event, 64)
 	a, err := Start(Options{
@@ -485,15 +487,20 @@ func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
 		t.Fatal("no heartbeat ack")
 	}
 	fs.acking.Store(false)
-	select {
-	case <-fs.hellos:
-	case <-time.After(30 * time.Second):
-		t.Fatal("the agent stayed on a server that answers no heartbeat")
-	}
 	for e := range events {
 		if d, ok := e.(Disconnected); ok {
-			if !strings.Contains(d.Err.Error(), "the server answered no heartbeat for") {
+			_, after, found := strings.Cut(d.Err.Error(), "the server answered no heartbeat for ")
+			silent, err := time.ParseDuration(after)
+			if !found || err != nil {
 				t.Fatalf("left the stream with %v", d.Err)
+			}
+			if silent <= 4500*time.Millisecond || silent >= 5800*time.Millisecond {
+				t.Fatalf("left after %v without an answer; want 4.5 s and a little", silent)
+			}
+			select {
+			case <-fs.hellos:
+			case <-time.After(30 * time.Second):
+				t.Fatal("the agent stayed on a server that answers no heartbeat")
 			}
 			return
 		}

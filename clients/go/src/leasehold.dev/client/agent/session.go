@@ -277,18 +277,8 @@ func (a *Agent) beat(c *conn) {
 	if c.ended || !c.welcomed || c.saidGoodbye {
 		return
 	}
-	// A server that stopped answering (hung, frozen, or a connection dead one way) never ends
-	// the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals, while the
-	// session and its leases can still be resumed through the next address. Looked at again a
-	// moment later: after a pause of this process, the answer may be waiting to be read.
 	if a.unanswered(c) > 0 {
-		time.AfterFunc(200*time.Millisecond, func() {
-			a.post(func() {
-				if silent := a.unanswered(c); silent > 0 && !c.ended {
-					a.ended(c, fmt.Errorf("the server answered no heartbeat for %v", silent.Round(time.Millisecond)))
-				}
-			})
-		})
+		a.leaveIfUnanswered(c)
 		return
 	}
 	c.sequence++
@@ -297,6 +287,30 @@ func (a *Agent) beat(c *conn) {
 		Sequence:   c.sequence,
 		HeldLeases: a.heldLeases(),
 	}}})
+	// Looked at when this heartbeat has waited the bound, not at the next beat: that came half
+	// an interval late, and with a grace of three intervals the leases with it.
+	time.AfterFunc(a.heartbeatInterval*3/2+time.Millisecond, func() {
+		a.post(func() { a.leaveIfUnanswered(c) })
+	})
+}
+
+// leaveIfUnanswered leaves c once its oldest heartbeat is unanswered for 1.5
+// intervals. A server that stopped answering (hung, frozen, or a connection
+// dead one way) never ends the stream; leaving it while the session and its
+// leases can still be resumed through the next address saves them. Looked at
+// again a moment later: after a pause of this process, the answer may be
+// waiting to be read.
+func (a *Agent) leaveIfUnanswered(c *conn) {
+	if c.ended || a.unanswered(c) == 0 {
+		return
+	}
+	time.AfterFunc(200*time.Millisecond, func() {
+		a.post(func() {
+			if silent := a.unanswered(c); silent > 0 && !c.ended {
+				a.ended(c, fmt.Errorf("the server answered no heartbeat for %v", silent.Round(time.Millisecond)))
+			}
+		})
+	})
 }
 
 // unanswered is how long the oldest heartbeat of c has gone unanswered, when

@@ -372,7 +372,9 @@ export async function listResources(
 /**
  * Makes one lease-owned resource workspace-owned, while the lease is open.
  * The event carries the lease's runtime as its cluster and `actor`. A
- * resource this lease promoted already is returned as it is, with no event.
+ * resource this lease promoted already is returned as it is, with no event,
+ * even once the lease has closed (a promote that won a race with the close,
+ * its answer lost, then retried); so is one the lease's commit kept.
  */
 export async function promoteResource(
   db: Db,
@@ -385,7 +387,7 @@ export async function promoteResource(
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const refusal = await lockOpen(tx, clock, leaseId);
-    if (refusal) return refusal;
+    if (refusal) return (refusal.refused === "closed" && (await promotedAlready())) || refusal;
     const [row] = await queryRows<ResourceRow>(
       tx,
       sql`
@@ -403,13 +405,17 @@ export async function promoteResource(
         select * from promoted`,
     );
     if (row) return resourceFromRow(row);
-    // Promoted already, by this lease: the same answer again, so a retry after a lost answer is safe.
-    const [again] = await queryRows<ResourceRow>(
-      tx,
-      sql`select ${RESOURCE_COLUMNS} from resources
-          where id = ${resourceId} and kind = ${kind} and lease_id = ${leaseId} and ownership = 'WORKSPACE'`,
-    );
-    return again ? resourceFromRow(again) : { refused: "no_resource" as const };
+    return (await promotedAlready()) ?? { refused: "no_resource" as const };
+
+    /** Promoted already, by this lease: the same answer again, so a retry after a lost answer is safe. */
+    async function promotedAlready(): Promise<ResourceRecord | undefined> {
+      const [again] = await queryRows<ResourceRow>(
+        tx,
+        sql`select ${RESOURCE_COLUMNS} from resources
+            where id = ${resourceId} and kind = ${kind} and lease_id = ${leaseId} and ownership = 'WORKSPACE'`,
+      );
+      return again ? resourceFromRow(again) : undefined;
+    }
   });
 }
 

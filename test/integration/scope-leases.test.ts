@@ -116,6 +116,15 @@ describe("scope leases", () => {
       Ownership.WORKSPACE,
     );
     await expectStatus(resources().getResource({ resourceId: drop }), Code.NotFound, /not found/);
+    // A retry after the close (the promote won a race with it, its answer lost): the same answer.
+    const late = await leases().promoteResource({ leaseId: id, kind: "file", resourceId: keep });
+    expect(late.resource).toEqual(promoted.resource);
+    // A promote the close came first for is refused, naming the state.
+    await expectStatus(
+      leases().promoteResource({ leaseId: id, kind: "file", resourceId: drop }),
+      Code.FailedPrecondition,
+      /is ROLLED_BACK/,
+    );
   });
 
   it("keeps everything on commit, and a second close is refused naming the state", async () => {

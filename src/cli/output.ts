@@ -158,6 +158,9 @@ export class CliError extends Error {
 export function cliErrorFrom(error: unknown, server: string): CliError {
   if (error instanceof CliError) return error;
   const e = error as { code?: number; details?: string; message?: string };
+  // The server's own DEADLINE_EXCEEDED (what it waited for did not happen in time, e.g. outputs
+  // not saved within --timeout) is the operation failing; the call's own deadline passing is not.
+  if (e.code === 4 && errorReasonOf(error) !== undefined) return new CliError(e.details ?? "", EXIT.failed);
   switch (e.code) {
     case 14:
     case 4: {

@@ -1,0 +1,41 @@
+import { pino } from "pino";
+import { describe, expect, it } from "vitest";
+import { cliErrorFrom, EXIT } from "../../src/cli/output.js";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { toStatusObject } from "../../src/rpc/status.js";
+
+/** The error a client gets for a status the server sent. */
+const fromServer = (error: LeaseholdError) => {
+  const status = toStatusObject(error, pino({ level: "silent" }), "/test");
+  return Object.assign(new Error(status.details), status);
+};
+
+describe("the CLI's exit code for a failed call", () => {
+  it("is 1 for the server's own DEADLINE_EXCEEDED: what it waited for did not happen in time", () => {
+    const error = cliErrorFrom(
+      fromServer(
+        new LeaseholdError(Code.DeadlineExceeded, "deployments d1 (STOPPING) did not save their outputs"),
+      ),
+      "127.0.0.1:50051",
+    );
+    expect(error).toMatchObject({
+      exitCode: EXIT.failed,
+      message: "deployments d1 (STOPPING) did not save their outputs",
+    });
+  });
+
+  it("is 3 when the call's own deadline passed without an answer, and for UNAVAILABLE", () => {
+    const unanswered = Object.assign(new Error("Deadline exceeded"), {
+      code: 4,
+      details: "Deadline exceeded",
+    });
+    expect(cliErrorFrom(unanswered, "127.0.0.1:50051").exitCode).toBe(EXIT.unreachable);
+    const down = fromServer(
+      new LeaseholdError(Code.Unavailable, "the database cannot be reached; retry later"),
+    );
+    expect(cliErrorFrom(down, "127.0.0.1:50051")).toMatchObject({
+      exitCode: EXIT.unreachable,
+      message: "the server at 127.0.0.1:50051 is unavailable: the database cannot be reached; retry later",
+    });
+  });
+});

@@ -170,7 +170,7 @@ export function leaseCommands(): Command {
   lease
     .command("promote")
     .argument("<lease-id>")
-    .requiredOption("--kind <kind>", "the resource's kind (file, or an object kind)")
+    .requiredOption("--kind <kind>", "the resource's kind (file, deployment, or an object kind)")
     .requiredOption("--id <resource-id>", "the resource to keep")
     .description("Make one resource of the lease workspace-owned now; it survives a rollback.")
     .action(async (id: string, o: Record<string, string>, command: Command) =>

@@ -69,6 +69,12 @@ describe("scope leases", () => {
     expect(inLease.resource?.body).toMatchObject({ case: "file", value: { name: "a.txt", sizeBytes: 3n } });
     expect(outside.resource).toMatchObject({ ownership: Ownership.WORKSPACE, leaseId: "", kind: "dataset" });
     expect((await leases().getLease({ leaseId: id })).lease?.ownedResources).toBe(1);
+    // Only a file has content to download: an object's is its body.
+    const download = async () => {
+      for await (const _ of resources().downloadFile({ resourceId: outside.resource?.id ?? "" })) break;
+    };
+    const refused = await expectStatus(download(), Code.FailedPrecondition, /is a dataset, not a file/);
+    expect(refused.reason).toBe("NOT_A_FILE");
   });
 
   it("refuses to create into an unknown or closed lease, naming its state", async () => {

@@ -396,7 +396,15 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
     },
     async *downloadFile(request, ctx) {
       const resourceId = requireId("resource_id", request.resourceId);
-      await requireDownload(scope, ctx.access, await scope.getResource(resourceId));
+      const resource = await scope.getResource(resourceId);
+      await requireDownload(scope, ctx.access, resource);
+      if (resource.kind !== "file") {
+        throw LeaseholdError.failedPrecondition(
+          "NOT_A_FILE",
+          `resource ${resourceId} is a ${resource.kind}, not a file: only files have content to download (GetResource returns its body)`,
+          { type: "RESOURCE_KIND", subject: `resources/${resourceId}`, description: `kind is ${resource.kind}` },
+        );
+      }
       const content = await scope.readFile(resourceId);
       for (let at = 0; at < content.byteLength; at += CHUNK_BYTES) {
         yield { chunk: content.subarray(at, at + CHUNK_BYTES) };

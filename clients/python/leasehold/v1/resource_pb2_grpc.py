@@ -152,7 +152,8 @@ class ResourceServiceServicer(object):
         now to a live session opened by the caller's principal, in a cluster
         where it holds that right. An agent reads no other file: not the files
         of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
-        names file.download.input otherwise.
+        names file.download.input otherwise. A resource that is not a file is
+        FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1010,7 +1010,8 @@ export const ResourceService: GenService<{
    * now to a live session opened by the caller's principal, in a cluster
    * where it holds that right. An agent reads no other file: not the files
    * of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
-   * names file.download.input otherwise.
+   * names file.download.input otherwise. A resource that is not a file is
+   * FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
    *
    * @generated from rpc leasehold.v1.ResourceService.DownloadFile
    */

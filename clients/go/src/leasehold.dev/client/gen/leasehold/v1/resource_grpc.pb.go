@@ -43,7 +43,8 @@ type ResourceServiceClient interface {
 	// now to a live session opened by the caller's principal, in a cluster
 	// where it holds that right. An agent reads no other file: not the files
 	// of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
-	// names file.download.input otherwise.
+	// names file.download.input otherwise. A resource that is not a file is
+	// FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
 	DownloadFile(ctx context.Context, in *DownloadFileRequest, opts ...grpc.CallOption) (ResourceService_DownloadFileClient, error)
 	// Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
 	// it (roll the lease back instead).
@@ -179,7 +180,8 @@ type ResourceServiceServer interface {
 	// now to a live session opened by the caller's principal, in a cluster
 	// where it holds that right. An agent reads no other file: not the files
 	// of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
-	// names file.download.input otherwise.
+	// names file.download.input otherwise. A resource that is not a file is
+	// FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
 	DownloadFile(*DownloadFileRequest, ResourceService_DownloadFileServer) error
 	// Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
 	// it (roll the lease back instead).

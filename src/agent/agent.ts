@@ -296,6 +296,13 @@ export interface AgentOptions {
   readonly agentVersion?: string;
   /** Observer of agent events. */
   readonly onEvent?: (event: AgentEvent) => void;
+  /**
+   * Called with how long the held leases are guaranteed from now (until the
+   * self-fence; milliseconds) each time a heartbeat ack moves that: for a
+   * watchdog process that stops the work of an agent that cannot stop it
+   * itself (paused or killed), as the reference agent's fence keeper does.
+   */
+  readonly onGuarantee?: (ms: number) => void;
 }
 
 /** A running agent. */
@@ -1140,6 +1147,7 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
+          options.onGuarantee?.(deadline - performance.now());
           tellDatabase(conn.address, !m.value.databaseUnreachable);
           if (!m.value.databaseUnreachable) conn.unreachableSince = undefined;
           else {

@@ -1,6 +1,6 @@
 import { spawn } from "node:child_process";
 import type { JsonObject } from "../work/action.js";
-import { type ActionContext, ActionFailure } from "./agent.js";
+import { type ActionContext, ActionFailure, LeaseLost } from "./agent.js";
 import { type CommandAllowList, type CommandPolicy, requireAllowedCommand } from "./command-policy.js";
 import type { ProcessRegistry } from "./process-registry.js";
 
@@ -64,6 +64,9 @@ export function tail() {
   };
 }
 
+/** Why a lease ended without the server waiting for its release: its command is killed at once. */
+const LEASE_GONE: ReadonlySet<string> = new Set(["self_fenced", "expired", "superseded"]);
+
 /** Sends `signal` to a whole process group, ignoring one that is already gone. */
 export function killGroup(pid: number, signal: NodeJS.Signals): void {
   try {
@@ -78,8 +81,10 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  * process group, reports progress (start, then the latest output line at most
  * once a second), and resolves with the exit code and the tails of stdout and
  * stderr. A non-zero exit or a timeout fails the action. When the lease is
- * revoked or the agent self-fences, the whole process group is killed
- * (SIGTERM, then SIGKILL) before the handler returns: no orphans.
+ * revoked, the whole process group is killed (SIGTERM, then SIGKILL) before
+ * the handler returns: no orphans. When the lease is gone or about to be
+ * (expired, superseded, or the agent self-fenced), SIGKILL at once: the server
+ * may already have handed the action to another worker.
  *
  * A command, environment variable or working directory that `options.allow`
  * does not allow fails the action without running, not retryable (see
@@ -133,16 +138,23 @@ export async function commandHandler(
 
   let stopReason: string | undefined;
   let killTimer: NodeJS.Timeout | undefined;
-  const stop = (reason: string) => {
+  const stop = (reason: string, at = options.killGraceMs ?? KILL_GRACE_MS) => {
     if (stopReason !== undefined || child.pid === undefined) return;
     stopReason = reason;
+    if (at === 0) {
+      killGroup(child.pid, "SIGKILL");
+      return;
+    }
     killGroup(child.pid, "SIGTERM");
-    killTimer = setTimeout(
-      () => child.pid !== undefined && killGroup(child.pid, "SIGKILL"),
-      options.killGraceMs ?? KILL_GRACE_MS,
-    );
+    killTimer = setTimeout(() => child.pid !== undefined && killGroup(child.pid, "SIGKILL"), at);
   };
-  const onAbort = () => stop(ctx.signal.reason instanceof Error ? ctx.signal.reason.message : "aborted");
+  const onAbort = () => {
+    const why = ctx.signal.reason;
+    // The lease is gone, or about to be (the server may hand the action on within the fence's
+    // margin): no time for SIGTERM's grace, another worker may run the work now.
+    const gone = why instanceof LeaseLost && LEASE_GONE.has(why.reason);
+    stop(why instanceof Error ? why.message : "aborted", gone ? 0 : undefined);
+  };
   ctx.signal.addEventListener("abort", onAbort);
   const timeout =
     command.timeoutSeconds !== undefined

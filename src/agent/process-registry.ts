@@ -53,7 +53,7 @@ function processStat(pid: number): { state: string; started: string } | undefine
 }
 
 /** The start time of a process, or undefined if unknown. */
-const startTime = (pid: number): string | undefined => processStat(pid)?.started;
+export const startTime = (pid: number): string | undefined => processStat(pid)?.started;
 
 /** Prefix of a record being written: renamed when complete, so no record is ever read half written. */
 const PARTIAL = ".partial-";

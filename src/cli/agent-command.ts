@@ -5,6 +5,7 @@ import { type AgentEvent, createAgent } from "../agent/agent.js";
 import { commandHandler } from "../agent/command-handler.js";
 import { type CommandPolicy, GUARDED_ENV } from "../agent/command-policy.js";
 import { createDeploymentHandler, isDeploymentPayload } from "../agent/deployment-handler.js";
+import { keptBy, startFenceKeeper } from "../agent/fence-keeper.js";
 import { claimWorkDir, createProcessRegistry, ownWorkDir } from "../agent/process-registry.js";
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
@@ -158,8 +159,16 @@ export function agentCommand(): Command {
               "a worker id belongs to one process: stop that one, or pass another --worker-id",
             EXIT.usage,
           );
+        // Kills what the agent started if the agent is paused past its leases' guarantee, or killed.
+        const keeper = startFenceKeeper((code) =>
+          say(
+            "fence_keeper_exited",
+            `the fence keeper exited (${code}): commands no longer stop if this agent is paused or killed`,
+            { code },
+          ),
+        );
         // What an earlier run of this worker (same work directory) left running when it was killed.
-        const registry = createProcessRegistry(workDir, workerId);
+        const registry = keptBy(createProcessRegistry(workDir, workerId), keeper);
         const leftovers = registry.sweep();
         const deployments = createDeploymentHandler({
           address: servers,
@@ -214,6 +223,9 @@ export function agentCommand(): Command {
               : commandHandler(ctx, { registry, allow, killGraceMs }),
           agentVersion: "leasehold-agent",
           onEvent: log,
+          // Half the self-fence's 500 ms margin later: the agent's own fence first, and both
+          // before the server may hand the actions on.
+          onGuarantee: (ms) => keeper.guaranteed(ms + 250),
         });
         // Ctrl-C (or SIGTERM) once drains; twice stops the held actions now and gives their leases
         // back; three times kills what they started and exits at once.
@@ -264,6 +276,7 @@ export function agentCommand(): Command {
         } finally {
           process.off("SIGTERM", onSignal);
           process.off("SIGINT", onSignal);
+          keeper.close();
         }
         // A drain cut short did not finish the work it held: say so, as a shell's 128 + signal.
         if (cutShortBy) process.exitCode = exitOnSignal(cutShortBy);

@@ -210,4 +210,62 @@ describe("the reference agent across server freezes and restarts", () => {
     expect(agentEvents.filter((t) => t === "grant")).toHaveLength(1);
     expect(server.logs.some((l) => String(l.msg).startsWith("lease expired"))).toBe(false);
   }, 120_000);
+
+  /** Whether process `pid` has ended (gone, or a zombie its stopped parent has not reaped). */
+  const ended = (pid: number) => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      return stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z");
+    } catch {
+      return true;
+    }
+  };
+
+  /** Starts the reference agent on a command whose group leader writes its pid to a file; its pid. */
+  async function runningCommand(workerId: string) {
+    const store = await freshStore();
+    cleanups.push(() => store.drop());
+    const port = await freePort();
+    const address = `127.0.0.1:${port}`;
+    const server = await serve(port, store, "3s");
+    const worker = await agent(address, workerId);
+    const api = createClient(ActionService, address);
+    cleanups.push(() => api.close());
+    const dir = tempDir();
+    const pidFile = join(dir, "pid");
+    const done = join(dir, "done");
+    cleanups.push(() => writeFileSync(done, ""));
+    await api.submitAction({
+      cluster: "east",
+      payload: {
+        argv: [
+          "sh",
+          "-c",
+          `echo $$ > "$0.new"; mv "$0.new" "$0"; while [ ! -e "$1" ]; do sleep 0.1; done`,
+          pidFile,
+          done,
+        ],
+      } as never,
+    });
+    await started(pidFile, 1);
+    const pid = startsIn(pidFile)[0] as number;
+    expect(ended(pid)).toBe(false);
+    return { server, worker, pid };
+  }
+
+  it("has its commands killed by the fence keeper when it is paused past its guarantee", async () => {
+    const { server, worker, pid } = await runningCommand("paused");
+    cleanups.push(() => worker.child.kill("SIGCONT"));
+    worker.child.kill("SIGSTOP");
+    // The agent cannot fence itself while stopped: its keeper kills the command once the
+    // guarantee (3 s grace, less the margin) runs out, before the server reaps the session.
+    await expect.poll(() => ended(pid), { timeout: 30_000, interval: 50 }).toBe(true);
+    await server.waitForLog((l) => String(l.msg).startsWith("lease expired"));
+  }, 60_000);
+
+  it("has its commands killed by the fence keeper at once when it is killed", async () => {
+    const { worker, pid } = await runningCommand("killed");
+    worker.child.kill("SIGKILL");
+    await expect.poll(() => ended(pid), { timeout: 30_000, interval: 50 }).toBe(true);
+  }, 60_000);
 });

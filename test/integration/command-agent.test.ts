@@ -2,7 +2,14 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Agent, type AgentEvent, commandHandler, createAgent } from "../../src/agent/index.js";
+import {
+  type ActionContext,
+  type Agent,
+  type AgentEvent,
+  commandHandler,
+  createAgent,
+  LeaseLost,
+} from "../../src/agent/index.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import type { Client } from "../../src/rpc/client.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -126,5 +133,32 @@ describe("the reference command agent", () => {
     expect(events.some((e) => e.type === "revoked" && e.actionId === id && e.reason === "cancelled")).toBe(
       true,
     );
+  });
+});
+
+describe("the reference command handler, on a lease gone or about to be", () => {
+  it("kills the command at once with SIGKILL, not after the SIGTERM grace", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-fenced-"));
+    try {
+      const pidFile = join(dir, "pid");
+      const lost = new AbortController();
+      const ctx = {
+        actionId: "a1",
+        epoch: 1,
+        payload: { argv: ["sh", "-c", `trap "" TERM; echo $$ > "$0"; while :; do sleep 0.1; done`, pidFile] },
+        signal: lost.signal,
+        progress: () => {},
+      } as unknown as ActionContext;
+      // A command that ignores SIGTERM, and a SIGTERM grace longer than the test.
+      const ran = commandHandler(ctx, { killGraceMs: 600_000 });
+      while (!existsSync(pidFile) || readFileSync(pidFile, "utf8") === "")
+        await new Promise((r) => setTimeout(r, 20));
+      const pid = Number(readFileSync(pidFile, "utf8"));
+      lost.abort(new LeaseLost("self_fenced", "no heartbeat ack before the guarantee ran out"));
+      await expect(ran).rejects.toThrow(/command stopped: no heartbeat ack/);
+      expect(alive(pid)).toBe(false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

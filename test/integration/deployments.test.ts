@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { connect } from "node:net";
@@ -367,6 +368,10 @@ describe("deployments", () => {
       expect(twin.stderr).toContain(`another agent (pid ${first.child.pid}) runs as worker phoenix`);
       expect(alive(pid)).toBe(true);
       expect(await exists(join(dir, `${resource.id}.1`))).toBe(true);
+      // Its fence keeper kills the container the moment the agent dies (agent-fencing.test.ts):
+      // killed first, as when both die together (the OOM killer, a kill -9 of everything).
+      const keeper = execFileSync("pgrep", ["-P", String(first.child.pid), "-f", "fence-keeper-main"]);
+      process.kill(Number(String(keeper).trim()), "SIGKILL");
       first.child.kill("SIGKILL");
       await new Promise((resolve) => first?.child.once("exit", resolve));
       first = undefined;

@@ -218,8 +218,11 @@ class WorkerServiceServicer(object):
         the session's persisted deadline, so a worker that fences this way has
         always stopped first, provided the fence reaches all of the work: run
         what a lease covers where the fence can stop it (the reference agent
-        runs each command in a process group of its own and kills the group),
-        not in children that outlive, or keep running while, a paused worker. Expect the local deadline to fall short of the last
+        runs each command in a process group of its own and kills the group,
+        with SIGKILL when fencing; a keeper process of its own kills the groups
+        when the deadline passes while the agent is paused, or when the agent
+        dies), not in children that outlive, or keep running while, a paused
+        worker. Expect the local deadline to fall short of the last
         heartbeat + grace by up to two heartbeat intervals plus the margin: the
         server persists renewals once per heartbeat interval, not per heartbeat.
         A server stopping gracefully (SIGTERM, Ctrl-C) turns NOT_SERVING, then,

@@ -402,7 +402,11 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         throw LeaseholdError.failedPrecondition(
           "NOT_A_FILE",
           `resource ${resourceId} is a ${resource.kind}, not a file: only files have content to download (GetResource returns its body)`,
-          { type: "RESOURCE_KIND", subject: `resources/${resourceId}`, description: `kind is ${resource.kind}` },
+          {
+            type: "RESOURCE_KIND",
+            subject: `resources/${resourceId}`,
+            description: `kind is ${resource.kind}`,
+          },
         );
       }
       const content = await scope.readFile(resourceId);

@@ -21,7 +21,7 @@ import {
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { type Explanation, explainHistory } from "./explain.js";
-import { decodePageToken, encodePageToken, toPage } from "./page-token.js";
+import { decodePageToken, encodePageToken } from "./page-token.js";
 
 /**
  * Rounds of a bulk submit that lost a race for one of its request ids before
@@ -68,7 +68,17 @@ export interface ActionService extends AsyncDisposable {
    */
   submitMany(actions: readonly NewAction[], actor: string): Promise<SubmitResult[]>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
-  list(filter: ActionFilter, pageSize: number, pageToken: string): Promise<Page<ActionRecord>>;
+  /**
+   * One page of actions. With `sizeOf` (an action's size as the caller sends
+   * it), the page also ends before that size passes {@link PAGE_BYTES}, with a
+   * next page token; it always holds one action.
+   */
+  list(
+    filter: ActionFilter,
+    pageSize: number,
+    pageToken: string,
+    sizeOf?: (action: ActionRecord) => number,
+  ): Promise<Page<ActionRecord>>;
   /** Cancels an action; `actor` is who asked, recorded on the event. */
   cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
   /** The action now, then after every change; ends after a terminal state. */
@@ -90,6 +100,14 @@ export interface ActionServiceDeps {
   /** Counts submissions: created, or an earlier action answered for a repeated request id. */
   readonly submitted?: { inc(labels: { result: "created" | "existing" }, n?: number): void };
 }
+
+/**
+ * Most bytes a page of actions takes as sent (see `list`), beyond its first
+ * action: under gRPC's default 4 MiB receive limit. The store's cut on the
+ * size of their JSON bounds what it reads; this one, what is sent: a Struct
+ * takes up to five times the bytes of its JSON (a number, 11 bytes).
+ */
+export const PAGE_BYTES = 3 * 1024 * 1024;
 
 export function createActionService({
   db,
@@ -184,14 +202,31 @@ export function createActionService({
     return { action, attempts: await listAttempts(db, id) };
   }
 
-  async function list(filter: ActionFilter, size: number, pageToken: string): Promise<Page<ActionRecord>> {
+  async function list(
+    filter: ActionFilter,
+    size: number,
+    pageToken: string,
+    sizeOf?: (action: ActionRecord) => number,
+  ): Promise<Page<ActionRecord>> {
     const cursor = decodePageToken(pageToken, filter);
     // One row more than asked tells whether another page exists; a page cut short by the
     // size of its actions has more after it.
     const { actions, cut } = await listActions(db, filter, cursor?.after, size + 1);
-    const last = actions.at(-1);
-    if (cut && last) return { items: actions, nextPageToken: encodePageToken(last.id, filter) };
-    return toPage(actions, size, (a) => a.id, filter);
+    let items = cut ? actions : actions.slice(0, size);
+    let more = cut || actions.length > size;
+    if (sizeOf) {
+      let bytes = 0;
+      for (let i = 0; i < items.length; i++) {
+        bytes += sizeOf(items[i] as ActionRecord);
+        if (bytes > PAGE_BYTES && i > 0) {
+          items = items.slice(0, i);
+          more = true;
+          break;
+        }
+      }
+    }
+    const last = items.at(-1);
+    return { items, nextPageToken: more && last ? encodePageToken(last.id, filter) : "" };
   }
 
   async function cancel(id: string, reason: string, actor: string): Promise<ActionRecord> {

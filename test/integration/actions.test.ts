@@ -102,6 +102,21 @@ describe("ActionService", () => {
     expect(even.nextPageToken).toBe("");
   });
 
+  /** Lists `cluster` in pages of up to 1,000 until the last: how many each page held, and the ids in order. */
+  async function everyPage(cluster: string) {
+    const sizes: number[] = [];
+    const seen: string[] = [];
+    let pageToken = "";
+    do {
+      const page = await api.listActions({ cluster, pageSize: 1000, pageToken });
+      sizes.push(page.actions.length);
+      seen.push(...page.actions.map((a) => a.id));
+      expect(page.actions.every((a) => a.payload !== undefined)).toBe(true);
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    return { sizes, seen };
+  }
+
   it("cuts a page of large actions short of the client's receive limit, and pages on", async () => {
     const ids: string[] = [];
     // 700 KB of JSON each, then small ones: at most 2 MiB of JSON a page after its first action.
@@ -109,19 +124,19 @@ describe("ActionService", () => {
       const payload = i < 6 ? { blob: String(i).repeat(700_000) } : { n: i };
       ids.push((await api.submitAction({ cluster: "heavy", payload })).action?.id ?? "");
     }
-    const sizes: number[] = [];
-    const seen: string[] = [];
-    let pageToken = "";
-    do {
-      // A default client receives at most 4 MiB: before, this page (6.3 MB) was refused.
-      const page = await api.listActions({ cluster: "heavy", pageSize: 1000, pageToken });
-      sizes.push(page.actions.length);
-      seen.push(...page.actions.map((a) => a.id));
-      expect(page.actions.every((a) => a.payload !== undefined)).toBe(true);
-      pageToken = page.nextPageToken;
-    } while (pageToken !== "");
-    expect(seen).toEqual(ids);
-    expect(sizes).toEqual([2, 2, 5]);
+    // A default client receives at most 4 MiB: before, the one page (6.3 MB) was refused.
+    expect(await everyPage("heavy")).toEqual({ sizes: [2, 2, 5], seen: ids });
+  });
+
+  it("cuts a page by the size it is sent at, five times its JSON for numbers", async () => {
+    const ids: string[] = [];
+    // 20 KB of JSON each, 110 KB as a Struct (11 bytes a number): 40 of them make 4.4 MB.
+    for (let i = 0; i < 40; i++) {
+      const payload = { v: Array.from({ length: 9_990 }, () => i) };
+      ids.push((await api.submitAction({ cluster: "numbers", payload })).action?.id ?? "");
+    }
+    // 3 MiB a page: 28 actions, then the 12 left.
+    expect(await everyPage("numbers")).toEqual({ sizes: [28, 12], seen: ids });
   });
 
   it("filters the listing by state", async () => {

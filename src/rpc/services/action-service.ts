@@ -1,11 +1,11 @@
 import { createHash } from "node:crypto";
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import { LeaseholdError } from "../../errors.js";
 import {
-  type ActionSchema,
+  ActionSchema,
   ActionService,
   ActionState,
   ActionView,
@@ -112,7 +112,10 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         runId: request.runId || undefined,
         workerId: request.workerId || undefined,
       };
-      const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken);
+      // Measured as sent: each action is built and encoded once more, for a call that is not hot.
+      const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken, (a) =>
+        encodedSize(toProtoAction(a)),
+      );
       return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
     },
     async cancelAction(request, ctx) {
@@ -451,3 +454,7 @@ function toProtoAttempt(a: AttemptRecord): MessageInitShape<typeof AttemptSchema
     endTime: ts(a.endedAt),
   };
 }
+
+/** Bytes of an action as it is sent. */
+const encodedSize = (action: MessageInitShape<typeof ActionSchema>) =>
+  toBinary(ActionSchema, create(ActionSchema, action)).byteLength;

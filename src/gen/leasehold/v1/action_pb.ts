@@ -816,10 +816,10 @@ export type ListActionsRequest = Message<"leasehold.v1.ListActionsRequest"> & {
 
   /**
    * Maximum actions per page, 1–1000. 0 means 100. A page holds fewer, and
-   * a next_page_token, where one more action would take the JSON of its
-   * actions (payloads, outputs, errors, phase details) past 2 MiB: a page
-   * stays under gRPC's default 4 MiB receive limit unless its one action is
-   * larger.
+   * a next_page_token, where one more action would take it past 3 MiB as
+   * sent (or the JSON of its payloads, outputs, errors and phase details
+   * past 2 MiB): a page stays under gRPC's default 4 MiB receive limit
+   * unless its one action is larger.
    *
    * @generated from field: int32 page_size = 4;
    */

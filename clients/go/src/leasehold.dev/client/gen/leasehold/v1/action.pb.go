@@ -1538,10 +1538,10 @@ type ListActionsRequest struct {
 	// Only actions of this run.
 	RunId string `protobuf:"bytes,3,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
 	// Maximum actions per page, 1–1000. 0 means 100. A page holds fewer, and
-	// a next_page_token, where one more action would take the JSON of its
-	// actions (payloads, outputs, errors, phase details) past 2 MiB: a page
-	// stays under gRPC's default 4 MiB receive limit unless its one action is
-	// larger.
+	// a next_page_token, where one more action would take it past 3 MiB as
+	// sent (or the JSON of its payloads, outputs, errors and phase details
+	// past 2 MiB): a page stays under gRPC's default 4 MiB receive limit
+	// unless its one action is larger.
 	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// next_page_token of the previous page; empty for the first page. The
 	// filters must be the same as for the first page. At most 1024 characters.

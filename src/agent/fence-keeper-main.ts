@@ -3,7 +3,8 @@
  *
  *   +<pid> <start time>   a process group the agent started (start time as in /proc/<pid>/stat, or -)
  *   -<pid>                that group is gone
- *   d<ms>                 the agent's leases are guaranteed for <ms> more
+ *   d<ns>                 the agent's leases are guaranteed until <ns> on the monotonic clock
+ *                         (process.hrtime.bigint(), shared by every process of the machine)
  *
  * and SIGKILLs every group still recorded when the last guarantee runs out
  * without a newer one, or at once when stdin ends (the agent is gone), then
@@ -33,13 +34,13 @@ process.on("SIGINT", () => {});
 createInterface({ input: process.stdin })
   .on("line", (line) => {
     const [head = "", started = "-"] = line.slice(1).split(" ");
-    const n = Number(head);
-    if (!Number.isFinite(n)) return;
-    if (line[0] === "+") groups.set(n, started);
-    else if (line[0] === "-") groups.delete(n);
+    if (!/^\d+$/.test(head)) return;
+    if (line[0] === "+") groups.set(Number(head), started);
+    else if (line[0] === "-") groups.delete(Number(head));
     else if (line[0] === "d") {
       clearTimeout(timer);
-      timer = setTimeout(killAll, Math.max(0, n));
+      const ms = Number((BigInt(head) - process.hrtime.bigint()) / 1_000_000n);
+      timer = setTimeout(killAll, Math.max(0, ms));
     }
   })
   .on("close", () => {

@@ -1,4 +1,5 @@
 import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
 import type { Socket } from "node:net";
 import { fileURLToPath } from "node:url";
 import { type ProcessRegistry, startTime } from "./process-registry.js";
@@ -26,27 +27,43 @@ export interface FenceKeeper {
   close(): void;
 }
 
-const MAIN = fileURLToPath(new URL("./fence-keeper-main.js", import.meta.url));
+/** The keeper's script: compiled, or the source when the agent itself runs from it (tsx). */
+function keeperMain(): string[] {
+  const compiled = fileURLToPath(new URL("./fence-keeper-main.js", import.meta.url));
+  if (existsSync(compiled)) return [compiled];
+  return [...process.execArgv, fileURLToPath(new URL("./fence-keeper-main.ts", import.meta.url))];
+}
 
-/** Starts the keeper; `onExit` hears of it ending before {@link FenceKeeper.close}. */
+/** Starts the keeper; `onExit` hears of it ending (or failing to start) before {@link FenceKeeper.close}. */
 export function startFenceKeeper(onExit: (code: number | null) => void = () => {}): FenceKeeper {
-  const child = spawn(process.execPath, [MAIN], { detached: true, stdio: ["pipe", "ignore", "inherit"] });
+  let closing = false;
+  let ended = false;
+  const end = (code: number | null) => {
+    if (closing || ended) return;
+    ended = true;
+    onExit(code);
+  };
+  const child = spawn(process.execPath, keeperMain(), {
+    detached: true,
+    stdio: ["pipe", "ignore", "inherit"],
+  });
   child.unref();
+  // A spawn that fails (EAGAIN, EMFILE, ENOMEM) says so here, not by throwing.
+  child.once("error", () => end(null));
   // The pipe must not keep the agent alive either; a keeper gone makes writes fail, not throw.
   const stdin = child.stdin as Socket;
   stdin.unref();
   stdin.on("error", () => {});
-  let closing = false;
-  child.once("exit", (code) => {
-    if (!closing) onExit(code);
-  });
+  child.once("exit", end);
   const write = (line: string) => {
     if (!stdin.destroyed) stdin.write(`${line}\n`);
   };
   return {
     add: (pid) => write(`+${pid} ${startTime(pid) ?? "-"}`),
     remove: (pid) => write(`-${pid}`),
-    guaranteed: (ms) => write(`d${Math.round(ms)}`),
+    // As a time on the machine's monotonic clock, which every process shares: a keeper slow to
+    // read its pipe still kills when the guarantee ends, not that long after.
+    guaranteed: (ms) => write(`d${process.hrtime.bigint() + BigInt(Math.round(ms * 1e6))}`),
     close() {
       closing = true;
       stdin.end();
@@ -58,9 +75,10 @@ export function startFenceKeeper(onExit: (code: number | null) => void = () => {
 export function keptBy(registry: ProcessRegistry, keeper: FenceKeeper): ProcessRegistry {
   return {
     ...registry,
+    // The keeper first: a pause between the two would leave the group with its record only.
     add(pid, label) {
-      registry.add(pid, label);
       keeper.add(pid);
+      registry.add(pid, label);
     },
     remove(pid) {
       registry.remove(pid);

@@ -56,12 +56,12 @@ describe("the reference agent across server freezes and restarts", () => {
   }
 
   /** The reference agent with one slot, connected. */
-  async function agent(address: string, workerId: string): Promise<LeaseholdProcess> {
+  async function agent(address: string, workerId: string, workDir = tempDir()): Promise<LeaseholdProcess> {
     const a = await runReferenceAgent({
       server: address,
       cluster: "east",
       workerId,
-      workDir: tempDir(),
+      workDir,
       slots: 1,
     });
     cleanups.push(() => {
@@ -104,6 +104,20 @@ describe("the reference agent across server freezes and restarts", () => {
         if (epochs.length < count) return;
         watcher.close();
         resolve(epochs);
+      };
+      const watcher = watch(join(file, ".."), look);
+      cleanups.push(() => watcher.close());
+      look();
+    });
+  }
+
+  /** Resolves once `file` exists (watching its directory). */
+  function appeared(file: string): Promise<void> {
+    return new Promise((resolve) => {
+      const look = () => {
+        if (!existsSync(file)) return;
+        watcher.close();
+        resolve();
       };
       const watcher = watch(join(file, ".."), look);
       cleanups.push(() => watcher.close());
@@ -228,7 +242,8 @@ describe("the reference agent across server freezes and restarts", () => {
     const port = await freePort();
     const address = `127.0.0.1:${port}`;
     const server = await serve(port, store, "3s");
-    const worker = await agent(address, workerId);
+    const workDir = tempDir();
+    const worker = await agent(address, workerId, workDir);
     const api = createClient(ActionService, address);
     cleanups.push(() => api.close());
     const dir = tempDir();
@@ -250,6 +265,8 @@ describe("the reference agent across server freezes and restarts", () => {
     await started(pidFile, 1);
     const pid = startsIn(pidFile)[0] as number;
     expect(ended(pid)).toBe(false);
+    // The agent records the group after telling its keeper: once the record is there, both know.
+    await appeared(join(workDir, ".processes", workerId, String(pid)));
     return { server, worker, pid };
   }
 
@@ -258,9 +275,10 @@ describe("the reference agent across server freezes and restarts", () => {
     cleanups.push(() => worker.child.kill("SIGCONT"));
     worker.child.kill("SIGSTOP");
     // The agent cannot fence itself while stopped: its keeper kills the command once the
-    // guarantee (3 s grace, less the margin) runs out, before the server reaps the session.
-    await expect.poll(() => ended(pid), { timeout: 30_000, interval: 50 }).toBe(true);
+    // guarantee (3 s grace, less the margin) runs out, before the server reaps the session and
+    // may hand the action on.
     await server.waitForLog((l) => String(l.msg).startsWith("lease expired"));
+    expect(ended(pid)).toBe(true);
   }, 60_000);
 
   it("has its commands killed by the fence keeper at once when it is killed", async () => {

@@ -172,8 +172,8 @@ describe("a stream flooding fenced reports", () => {
       for (const m of bad.received) if (m.message.case === "reportResult") n++;
       return n;
     };
-    const total = 6 * PER_BATCH;
-    flood(bad, 6, (b, i) => `ghost-${b}-${i}`);
+    const total = 10 * PER_BATCH;
+    flood(bad, 10, (b, i) => `ghost-${b}-${i}`);
     // Sent after the flood: the server reads it only once it has answered most of the flood.
     const ack = bad.heartbeat(1).then(answers);
     // Under way: the server has read the flood's first batches and settles them.
@@ -186,9 +186,10 @@ describe("a stream flooding fenced reports", () => {
     // batch being handled), so the heartbeat was read after all but the last of them.
     expect(await ack).toBeGreaterThan(total - 2 * 1024);
     // The good stream's report went into the next round (a stream's share comes first), behind
-    // the rounds already in flight: at most three rounds and its own of 256. Before, it waited
-    // behind everything read of the flood.
-    expect(passedBy).toBeLessThan(1_500);
+    // the rounds already in flight: three rounds and its own of 256, and the answers already on
+    // their way when it was sent. Before, it waited behind everything read of the flood (8,000
+    // and more of 10,000 on PostgreSQL).
+    expect(passedBy).toBeLessThan(2_500);
     await expect.poll(answers, { interval: 20, timeout: 30_000 }).toBe(total);
     expect(bad.received.filter((m) => m.message.case === "reportResult" && m.message.value.accepted)).toEqual(
       [],

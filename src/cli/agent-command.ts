@@ -62,8 +62,9 @@ export function agentCommand(): Command {
       )
       .option(
         "--kill-grace <duration>",
-        "how long a command being stopped (revoked, timed out, self-fenced, or stopped by a second Ctrl-C) gets " +
-          "between SIGTERM and SIGKILL to its process group, e.g. 500ms, 10s",
+        "how long a command being stopped (revoked, timed out, or stopped by a second Ctrl-C) gets " +
+          "between SIGTERM and SIGKILL to its process group, e.g. 500ms, 10s (one whose lease is gone or " +
+          "about to be, self-fenced, expired or superseded, is killed at once)",
         "2s",
       )
       // The flag's earlier name, kept working for scripts written against it.

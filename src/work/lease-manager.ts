@@ -10,9 +10,9 @@ import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
-import { failureLog } from "./failure-log.js";
 import { createAudit } from "./lease/audit.js";
 import { createDispatcher } from "./lease/dispatch.js";
+import { createLoops } from "./lease/every.js";
 import { createHandover } from "./lease/handover.js";
 import { createHelloOpener } from "./lease/hellos.js";
 import {
@@ -189,7 +189,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
   const tracing = options.tracing ?? NO_TRACING;
   const hosted = createHostedSessions({ grantWindow, grantHighWaterBytes, tracing });
-  const timers: NodeJS.Timeout[] = [];
+  const loops = createLoops(log);
   const timersOn = options.timers ?? true;
   const bus = options.bus;
   let closed = false;
@@ -411,49 +411,6 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
   };
 
-  /**
-   * Runs `fn` every `ms`, never overlapping itself, the first time `ms` after
-   * `phaseMs`. A failure is logged once (not on every tick of a database
-   * outage), and so is the recovery; one after `close` began is not warned of.
-   */
-  function every(ms: number, name: string, fn: () => Promise<void>, phaseMs = 0): void {
-    let running = false;
-    const runs = failureLog(log, {
-      failed: `${name} failed; retrying on every tick`,
-      still: `${name} still failing`,
-      again: `${name} works again`,
-    });
-    const tick = () => {
-      if (running || closed) return;
-      running = true;
-      fn()
-        .then(
-          () => runs.worked(),
-          (error: unknown) => {
-            // Closing: the database may close under a run still in progress (a renewal of many
-            // sessions takes several statements); the final renewal of `close` stands for it.
-            if (closed) log.debug({ err: error }, `${name} stopped`);
-            else runs.failed(error);
-          },
-        )
-        .finally(() => {
-          running = false;
-        });
-    };
-    const repeat = () => {
-      const timer = setInterval(tick, ms);
-      timer.unref();
-      timers.push(timer);
-    };
-    if (phaseMs === 0) {
-      repeat();
-      return;
-    }
-    const first = setTimeout(repeat, phaseMs);
-    first.unref();
-    timers.push(first);
-  }
-
   async function start(): Promise<void> {
     const extended = await extendSessionsOnStart(db, clock, {
       graceMs,
@@ -463,15 +420,21 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     });
     if (extended > 0) log.info({ sessions: extended, graceMs }, "extended live sessions for the restart");
     if (timersOn) {
-      every(options.heartbeatIntervalMs, "session renewal", renew);
+      // A renewal that failed (the database gone) is tried again at a quarter of the interval: the
+      // agents' guarantee counts down meanwhile, and a database back sooner is used sooner.
+      loops.every(options.heartbeatIntervalMs, "session renewal", renew, {
+        retryMs: Math.max(1, Math.round(options.heartbeatIntervalMs / 4)),
+      });
       reaper.start();
       // The loops tick at different phases of the interval: with 10,000 streams the renewal and
       // the audit each hold the event loop for milliseconds, and heartbeat acks wait behind them.
       const pollMs = options.dispatchPollMs ?? 1000;
       // A poll for actions queued by other processes or waiting out a retry backoff.
-      every(pollMs, "dispatch poll", async () => scheduleDispatch(), Math.round(pollMs / 4));
+      loops.every(pollMs, "dispatch poll", async () => scheduleDispatch(), {
+        phaseMs: Math.round(pollMs / 4),
+      });
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
-      if (bus) every(pollMs, "lease audit", audit, Math.round(pollMs / 2));
+      if (bus) loops.every(pollMs, "lease audit", audit, { phaseMs: Math.round(pollMs / 2) });
     }
   }
 
@@ -503,7 +466,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       closed = true;
       offQueue();
       offBus?.();
-      for (const t of timers) clearInterval(t);
+      loops.stop();
       reaper.stop();
       await Promise.all([dispatcher.idle(), reports.close(), hellos.close(), lostStreams.close()]);
       // Reports that waited for their action's turn reached the dispatcher only now.

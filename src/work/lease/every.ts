@@ -1,0 +1,74 @@
+import type { Logger } from "pino";
+import { failureLog } from "../failure-log.js";
+
+/** The loops of a process, stopped together. */
+export interface Loops {
+  /**
+   * Runs `fn` every `ms`, never overlapping itself, the first time `ms` after
+   * `phaseMs`. A failure is logged once (not on every tick of a database
+   * outage), and so is the recovery; one after {@link stop} is not warned of.
+   * With `retryMs`, a run that failed runs again that much later, not only
+   * at the next tick.
+   */
+  every(
+    ms: number,
+    name: string,
+    fn: () => Promise<void>,
+    options?: { phaseMs?: number; retryMs?: number },
+  ): void;
+  /** Stops every loop: no run starts after it (one under way finishes). */
+  stop(): void;
+}
+
+export function createLoops(log: Logger): Loops {
+  const timers: NodeJS.Timeout[] = [];
+  let stopped = false;
+  return {
+    every(ms, name, fn, { phaseMs = 0, retryMs } = {}) {
+      let running = false;
+      const runs = failureLog(log, {
+        failed: `${name} failed; retrying on every tick`,
+        still: `${name} still failing`,
+        again: `${name} works again`,
+      });
+      const tick = () => {
+        if (running || stopped) return;
+        running = true;
+        fn()
+          .then(
+            () => runs.worked(),
+            (error: unknown) => {
+              // Stopping: the database may close under a run still in progress (a renewal of
+              // many sessions takes several statements); whoever stops stands for it.
+              if (stopped) {
+                log.debug({ err: error }, `${name} stopped`);
+                return;
+              }
+              runs.failed(error);
+              if (retryMs !== undefined) setTimeout(tick, retryMs).unref();
+            },
+          )
+          .finally(() => {
+            running = false;
+          });
+      };
+      const repeat = () => {
+        const timer = setInterval(tick, ms);
+        timer.unref();
+        timers.push(timer);
+      };
+      if (phaseMs === 0) {
+        repeat();
+        return;
+      }
+      const first = setTimeout(repeat, phaseMs);
+      first.unref();
+      timers.push(first);
+    },
+    stop() {
+      stopped = true;
+      for (const t of timers) clearInterval(t);
+      timers.length = 0;
+    },
+  };
+}

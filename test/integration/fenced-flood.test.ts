@@ -48,18 +48,12 @@ describe("a stream flooding fenced reports", () => {
     await t[Symbol.asyncDispose]();
   });
 
-  it("does not starve another stream's renewals, and every report is answered FENCED", async () => {
-    t = await startTestServer({
-      config: { gracePeriod: `${GRACE_MS}ms`, heartbeatInterval: "1s" },
-      // One window for the whole test, however slow the machine: the counts below are exact.
-      overrides: { limits: { fencedEventsWindowMs: 10 * 60_000 } },
-    });
+  /** A healthy worker holding the one action of cluster `good` (its id), and a flooder in another cluster. */
+  async function goodAndFlooder() {
     const id = (await t.client(ActionService).submitAction({ cluster: "good" })).action?.id ?? "";
     const good = await connectWorker(t.address, { workerId: "good", cluster: "good", capacity: 1 });
     workers.push(good);
     const grant = await good.next("grant");
-    const held = [{ actionId: grant.actionId, epoch: grant.epoch }];
-
     const bad = await connectWorker(t.address, {
       workerId: "flooder",
       cluster: "elsewhere",
@@ -67,6 +61,17 @@ describe("a stream flooding fenced reports", () => {
       acceptsBatches: true,
     });
     workers.push(bad);
+    return { id, good, grant, bad };
+  }
+
+  it("does not starve another stream's renewals, and every report is answered FENCED", async () => {
+    t = await startTestServer({
+      config: { gracePeriod: `${GRACE_MS}ms`, heartbeatInterval: "1s" },
+      // One window for the whole test, however slow the machine: the counts below are exact.
+      overrides: { limits: { fencedEventsWindowMs: 10 * 60_000 } },
+    });
+    const { id, good, grant, bad } = await goodAndFlooder();
+    const held = [{ actionId: grant.actionId, epoch: grant.epoch }];
     const fenced = new Set<bigint>();
     let other = 0;
     let answered: () => void = () => {};
@@ -156,17 +161,7 @@ describe("a stream flooding fenced reports", () => {
   it("holds back only the flooding stream: its reading stops, and another stream's report goes first", async () => {
     // A long grace: the flooder's heartbeat is meant to wait behind its flood.
     t = await startTestServer({ config: { gracePeriod: "60s", heartbeatInterval: "1s" } });
-    await t.client(ActionService).submitAction({ cluster: "good" });
-    const good = await connectWorker(t.address, { workerId: "good", cluster: "good", capacity: 1 });
-    workers.push(good);
-    const grant = await good.next("grant");
-    const bad = await connectWorker(t.address, {
-      workerId: "flooder",
-      cluster: "elsewhere",
-      capacity: 1,
-      acceptsBatches: true,
-    });
-    workers.push(bad);
+    const { good, grant, bad } = await goodAndFlooder();
     const answers = () => {
       let n = 0;
       for (const m of bad.received) if (m.message.case === "reportResult") n++;

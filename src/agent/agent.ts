@@ -527,6 +527,11 @@ export function createAgent(options: AgentOptions): Agent {
     heartbeatTimer: NodeJS.Timeout | undefined;
     /** Local send time of each unacknowledged heartbeat, by sequence. */
     readonly sent: Map<bigint, number>;
+    /**
+     * The last heartbeat acknowledged and its local send time: a server whose
+     * renewal was late (a database outage) answers it again (worker.proto).
+     */
+    lastAcked: { readonly sequence: bigint; readonly sentAt: number } | undefined;
     sequence: bigint;
     /** Sends a heartbeat now (after the welcome; a no-op before). */
     beat(): void;
@@ -1053,6 +1058,7 @@ export function createAgent(options: AgentOptions): Agent {
       batches: false,
       heartbeatTimer: undefined,
       sent: new Map(),
+      lastAcked: undefined,
       sequence: 0n,
       beat: () => {
         if (conn.ended || !conn.welcomed || conn.saidGoodbye) return;
@@ -1140,9 +1146,13 @@ export function createAgent(options: AgentOptions): Agent {
           break;
         }
         case "heartbeatAck": {
-          const sentAt = conn.sent.get(m.value.sequence);
+          const { sequence } = m.value;
+          const sentAt =
+            conn.sent.get(sequence) ??
+            (conn.lastAcked?.sequence === sequence ? conn.lastAcked.sentAt : undefined);
           if (sentAt === undefined) break;
-          for (const seq of conn.sent.keys()) if (seq <= m.value.sequence) conn.sent.delete(seq);
+          for (const seq of conn.sent.keys()) if (seq <= sequence) conn.sent.delete(seq);
+          conn.lastAcked = { sequence, sentAt };
           lastAckAt = performance.now();
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);

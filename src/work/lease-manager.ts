@@ -21,6 +21,7 @@ import {
   drainReason,
   type Hosted,
   persistDeadline,
+  remainingMs,
   TAKEN_OVER_MESSAGE,
 } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
@@ -366,6 +367,17 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
+    // The database just took this stream's deadline: the ack says it is reachable. A closing
+    // process answers heartbeats through its handover instead.
+    reack: (s) => {
+      if (s.lastBeat === undefined || handover.active()) return;
+      s.link.send({
+        type: "heartbeat_ack",
+        sequence: s.lastBeat,
+        remainingMs: remainingMs(s),
+        databaseUnreachable: false,
+      });
+    },
   });
   const databaseUnreachable = options.databaseUnreachable ?? (() => false);
   const handover = createHandover({

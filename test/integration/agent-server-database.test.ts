@@ -1,3 +1,4 @@
+import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
@@ -127,4 +128,36 @@ describe.runIf(runsDriverNeutralTests())("an agent told its server cannot reach 
     // Each change was told once.
     expect(events.filter((e) => e.type === "server_database")).toHaveLength(2);
   }, 30_000);
+
+  it("takes a second ack of its last heartbeat, as a server sends once its renewal works again", async () => {
+    // A short guarantee, and no heartbeat after the first for a minute: a longer guarantee can
+    // only come from the ack sent again.
+    const server = await scriptedWorkerServer({ heartbeatMs: 60_000, remainingMs: 2000 });
+    cleanups.push(() => server.close());
+    const guarantees: number[] = [];
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      handler: async () => ({}),
+      onGuarantee: (ms) => guarantees.push(ms),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 0 }));
+    await server.acked;
+    while (guarantees.length === 0) await new Promise((r) => setTimeout(r, 10));
+    expect(guarantees[0]).toBeLessThanOrEqual(2000);
+    const again = (sequence: bigint) =>
+      server.send({
+        message: {
+          case: "heartbeatAck",
+          value: { sequence, remaining: durationFromMs(30_000), databaseUnreachable: false },
+        },
+      });
+    // An ack of a heartbeat never sent is no news; the one acked is.
+    again(7n);
+    again(1n);
+    while (guarantees.length === 1) await new Promise((r) => setTimeout(r, 10));
+    expect(guarantees).toHaveLength(2);
+    expect(guarantees[1]).toBeGreaterThan(25_000);
+  });
 });

@@ -74,6 +74,41 @@ describe("lease upkeep", () => {
     }
   };
 
+  /** Starts the server again with renewals that fail while `broken` is set (the database gone). */
+  const withBreakableRenewal = async () => {
+    await t[Symbol.asyncDispose]();
+    const renewal = { broken: false };
+    t = await start({
+      wrapDb: intercepting((text, execute) =>
+        renewal.broken && RENEWAL.test(text)
+          ? Promise.reject(new Error("connection lost (injected)"))
+          : execute(),
+      ),
+    });
+    return renewal;
+  };
+
+  /**
+   * Starts the server again, with a grace period of 3 s and an interval of 1 s, and renewals
+   * that wait `ms` for the database while `slow` is set.
+   */
+  const withSlowRenewal = async (ms: number) => {
+    await t[Symbol.asyncDispose]();
+    const renewal = { slow: false };
+    t = await startTestServer({
+      config: { gracePeriod: "3s", heartbeatInterval: "1s" },
+      overrides: {
+        clock,
+        timers: false,
+        wrapDb: intercepting(async (text, execute) => {
+          if (renewal.slow && RENEWAL.test(text)) await new Promise((resolve) => setTimeout(resolve, ms));
+          return execute();
+        }),
+      },
+    });
+    return renewal;
+  };
+
   beforeEach(async () => {
     clock = createFakeClock();
     workers = [];
@@ -220,24 +255,12 @@ describe("lease upkeep", () => {
   });
 
   it("warns when a renewal waited for the database more than half the grace period", async () => {
-    await t[Symbol.asyncDispose]();
-    let slow = false;
-    t = await startTestServer({
-      config: { gracePeriod: "3s", heartbeatInterval: "1s" },
-      overrides: {
-        clock,
-        timers: false,
-        wrapDb: intercepting(async (text, execute) => {
-          // A lock on sessions held 1.6 s: more than half of the 3 s grace period.
-          if (slow && RENEWAL.test(text)) await new Promise((resolve) => setTimeout(resolve, 1600));
-          return execute();
-        }),
-      },
-    });
+    // A lock on sessions held 1.6 s: more than half of the 3 s grace period.
+    const renewal = await withSlowRenewal(1600);
     await worker("w1");
     await tick().renew();
     expect(t.logs.some((l) => l.level === 40)).toBe(false);
-    slow = true;
+    renewal.slow = true;
     await tick().renew();
     expect(t.logs.find((l) => l.level === 40)).toMatchObject({
       msg: expect.stringMatching(/^a renewal waited for the database for more than half the grace period/),
@@ -275,20 +298,12 @@ describe("lease upkeep", () => {
   });
 
   it("never reaps a session it hosts while it cannot write its renewal, but reaps it once its stream is gone (rule 7)", async () => {
-    await t[Symbol.asyncDispose]();
-    let renewalBroken = false;
-    t = await start({
-      wrapDb: intercepting((text, execute) =>
-        renewalBroken && RENEWAL.test(text)
-          ? Promise.reject(new Error("connection lost (injected)"))
-          : execute(),
-      ),
-    });
+    const renewal = await withBreakableRenewal();
     const w = await worker("w1");
     const id = await submit();
     await tick().dispatch();
     const grant = await w.next("grant");
-    renewalBroken = true;
+    renewal.broken = true;
     await w.heartbeat(1, [lease(grant)]);
     await expect(tick().renew()).rejects.toThrow(/injected/);
     clock.advance(GRACE_MS + 1000);
@@ -308,6 +323,45 @@ describe("lease upkeep", () => {
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([second]);
+  });
+
+  describe("a renewal stored late answers the last heartbeat again, so a worker need not wait for its next one", () => {
+    const ms = (d: { seconds: bigint; nanos: number } | undefined) =>
+      Number(d?.seconds ?? 0n) * 1000 + (d?.nanos ?? 0) / 1e6;
+    const acks = (w: TestWorker) =>
+      w.received.flatMap((m) => (m.message.case === "heartbeatAck" ? [m.message.value.sequence] : []));
+
+    it("after a renewal that failed", async () => {
+      const renewal = await withBreakableRenewal();
+      const w = await worker("w1");
+      await w.heartbeat(1);
+      // A renewal that works answers nothing again.
+      await tick().renew();
+      renewal.broken = true;
+      await expect(tick().renew()).rejects.toThrow(/injected/);
+      await w.heartbeat(2);
+      renewal.broken = false;
+      await tick().renew();
+      const again = await w.next("heartbeatAck", (a) => a.sequence === 2n);
+      expect(ms(again.remaining)).toBeGreaterThan(GRACE_MS - 1000);
+      expect(again.databaseUnreachable).toBe(false);
+      await tick().renew();
+      await w.heartbeat(3);
+      expect(acks(w)).toEqual([1n, 2n, 2n, 3n]);
+    });
+
+    it("after a renewal that waited longer than an interval", async () => {
+      // Longer than the 1 s interval.
+      const renewal = await withSlowRenewal(1100);
+      const w = await worker("w1");
+      await w.heartbeat(1);
+      await tick().renew();
+      await w.heartbeat(2);
+      renewal.slow = true;
+      await tick().renew();
+      await w.next("heartbeatAck", (a) => a.sequence === 2n);
+      expect(acks(w)).toEqual([1n, 2n, 2n]);
+    });
   });
 
   it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {

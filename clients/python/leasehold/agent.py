@@ -320,6 +320,9 @@ class _Stream:
         self.sequence = 0
         self.sent: dict[int, float] = {}
         """Local (monotonic) send time of each unacknowledged heartbeat, by sequence."""
+        self.last_acked: tuple[int, float] | None = None
+        """The last heartbeat acknowledged and its send time: a server whose renewal was late
+        (a database outage) answers it again (worker.proto)."""
         self.pending: dict[int, _Lease] = {}
         """Leases whose report waits for its ReportResult, by report id."""
 
@@ -786,10 +789,13 @@ class Agent:
 
     def _on_heartbeat_ack(self, stream: _Stream, ack: worker_pb2.HeartbeatAck) -> None:
         sent_at = stream.sent.get(ack.sequence)
+        if sent_at is None and stream.last_acked is not None and stream.last_acked[0] == ack.sequence:
+            sent_at = stream.last_acked[1]
         if sent_at is None:
             return
         for sequence in [s for s in stream.sent if s <= ack.sequence]:
             del stream.sent[sequence]
+        stream.last_acked = (ack.sequence, sent_at)
         self._last_ack_at = time.monotonic()
         candidate = sent_at + ack.remaining.ToTimedelta().total_seconds() - self._margin
         if candidate > self._deadline:

@@ -52,6 +52,11 @@ export interface Hosted {
   blocked: boolean;
   /** performance.now() of the last message from the worker. */
   heardAt: number;
+  /**
+   * The sequence of the last heartbeat answered on this stream: a renewal
+   * that succeeds after failing answers it again, with the time it stored.
+   */
+  lastBeat?: bigint;
   /** Completions and releases received and not answered yet (see `maxUnansweredReports`). */
   unanswered: number;
   /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */

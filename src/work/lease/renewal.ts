@@ -26,6 +26,13 @@ export interface Renewal {
    * becomes last heard + grace, so a silent stream gains nothing, and a
    * session that moved to another stream (even on another process) is
    * noticed within one tick and its stale stream ended (SESSION_ENDED).
+   *
+   * A renewal that succeeds after one failed, or after waiting longer than
+   * an interval (a database outage, a stall), answers every stream's last
+   * heartbeat again with the deadline it stored (`reack`): every ack sent
+   * meanwhile only counted down, and a worker would otherwise learn of the
+   * new deadline at its next heartbeat, up to an interval later, which is
+   * an interval less of the outage it survives without self-fencing.
    */
   renew(): Promise<void>;
   /**
@@ -64,6 +71,11 @@ export function createRenewal(deps: {
   graceMs: number;
   heartbeatIntervalMs: number;
   serverId: string;
+  /**
+   * Answers the stream's last heartbeat again, with the deadline just stored
+   * (see {@link Renewal.renew}); none: nothing is answered again.
+   */
+  reack?: (s: Hosted) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
   const endStale = endStaleWith(hosted);
@@ -104,7 +116,9 @@ export function createRenewal(deps: {
       startedAt = now;
       try {
         await renewChunked(heard);
+        const late = failed || performance.now() - now > deps.heartbeatIntervalMs;
         failed = false;
+        if (late && deps.reack) for (const s of heard) if (!s.ended) deps.reack(s);
       } catch (error) {
         failed = true;
         throw error;

@@ -72,6 +72,7 @@ export function createStreamHandle(
       switch (message.type) {
         case "heartbeat": {
           const started = s.heardAt;
+          s.lastBeat = message.sequence;
           if (deps.handover.active()) deps.handover.heartbeat(s, message.sequence);
           else {
             s.link.send({

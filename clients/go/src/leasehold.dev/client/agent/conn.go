@@ -30,6 +30,11 @@ type conn struct {
 	sequence    uint64
 	// sent is the local send time of each unacknowledged heartbeat, by sequence.
 	sent map[uint64]time.Time
+	// lastAcked and lastAckedAt: the last heartbeat acknowledged and its send
+	// time. A server whose renewal was late (a database outage) answers it
+	// again (worker.proto).
+	lastAcked   uint64
+	lastAckedAt time.Time
 	// pending are the reports waiting for their ReportResult, by report id.
 	pending map[uint64]*run
 	// asking: a round of health checks of the other addresses is out (see

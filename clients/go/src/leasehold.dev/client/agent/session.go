@@ -343,6 +343,9 @@ func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 		c.unreachableSince = time.Time{}
 	}
 	sentAt, ok := c.sent[ack.GetSequence()]
+	if !ok && !c.lastAckedAt.IsZero() && c.lastAcked == ack.GetSequence() {
+		sentAt, ok = c.lastAckedAt, true
+	}
 	if !ok {
 		return
 	}
@@ -351,6 +354,7 @@ func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 			delete(c.sent, seq)
 		}
 	}
+	c.lastAcked, c.lastAckedAt = ack.GetSequence(), sentAt
 	a.lastAck = time.Now()
 	candidate := sentAt.Add(ack.GetRemaining().AsDuration() - a.opts.SelfFenceMargin)
 	if candidate.After(a.deadline) {

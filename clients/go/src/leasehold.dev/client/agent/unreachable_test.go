@@ -10,6 +10,7 @@ import (
 	leaseholdv1 "leasehold.dev/client/gen/leasehold/v1"
 
 	"google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -330,5 +331,23 @@ func TestDatabaseBackWhileAskingKeepsTheStream(t *testing.T) {
 		if e, ok := (<-events).(Disconnected); ok {
 			t.Fatalf("disconnected: %v", e.Err)
 		}
+	}
+}
+
+// A server whose renewal was late (a database outage) answers the last
+// heartbeat again with the deadline it stored: the agent takes it from that
+// heartbeat's send time, and still ignores an ack of a heartbeat it never sent.
+func TestASecondAckOfTheLastHeartbeatMovesTheDeadline(t *testing.T) {
+	a := &Agent{stopped: true} // no fence timer
+	sentAt := time.Now().Add(-time.Second)
+	c := &conn{address: "one:1", welcomed: true, sent: map[uint64]time.Time{1: sentAt}}
+	a.heartbeatAck(c, &leaseholdv1.HeartbeatAck{Sequence: 1, Remaining: durationpb.New(2 * time.Second)})
+	if want := sentAt.Add(2 * time.Second); !a.deadline.Equal(want) {
+		t.Fatalf("deadline after the first ack: %v, want %v", a.deadline, want)
+	}
+	a.heartbeatAck(c, &leaseholdv1.HeartbeatAck{Sequence: 7, Remaining: durationpb.New(time.Hour)})
+	a.heartbeatAck(c, &leaseholdv1.HeartbeatAck{Sequence: 1, Remaining: durationpb.New(time.Minute)})
+	if want := sentAt.Add(time.Minute); !a.deadline.Equal(want) {
+		t.Fatalf("deadline after the second ack: %v, want %v", a.deadline, want)
 	}
 }

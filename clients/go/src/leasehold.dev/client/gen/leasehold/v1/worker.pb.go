@@ -1007,7 +1007,8 @@ type HeartbeatAck struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The acknowledged heartbeat's sequence.
+	// The acknowledged heartbeat's sequence. The last one may be acknowledged
+	// twice: again once a late renewal is stored (see Connect, Self-fence).
 	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// How long the session is still guaranteed, from the persisted deadline,
 	// measured when the ack was sent. Apply it from the local send time of the

@@ -28,6 +28,19 @@ class WorkerServiceStub(object):
     could not fetch its signing keys yet) is retried with the reconnect backoff
     below. A token that expires while the stream is open does not end the
     stream; the next stream needs a fresh one.
+
+    "ErrorInfo reason X" means the status's details, in the trailer
+    `grpc-status-details-bin`: a google.rpc.Status (googleapis'
+    google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
+    (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
+    the metadata named. gRPC libraries read it for you (grpc-go:
+    status.FromError(err).Details(); Python: grpcio-status's
+    rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
+    none, generate the two files from googleapis and decode the trailer's
+    bytes. Some endings need opposite reactions under one code (ABORTED is
+    SESSION_TAKEN_OVER, SESSION_REAPED or SESSION_ENDED), so read the reason:
+    a client that cannot must treat every ABORTED as SESSION_TAKEN_OVER (stop
+    all work, wait a grace period), which is safe but slow.
     """
 
     def __init__(self, channel):
@@ -66,6 +79,19 @@ class WorkerServiceServicer(object):
     could not fetch its signing keys yet) is retried with the reconnect backoff
     below. A token that expires while the stream is open does not end the
     stream; the next stream needs a fresh one.
+
+    "ErrorInfo reason X" means the status's details, in the trailer
+    `grpc-status-details-bin`: a google.rpc.Status (googleapis'
+    google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
+    (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
+    the metadata named. gRPC libraries read it for you (grpc-go:
+    status.FromError(err).Details(); Python: grpcio-status's
+    rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
+    none, generate the two files from googleapis and decode the trailer's
+    bytes. Some endings need opposite reactions under one code (ABORTED is
+    SESSION_TAKEN_OVER, SESSION_REAPED or SESSION_ENDED), so read the reason:
+    a client that cannot must treat every ABORTED as SESSION_TAKEN_OVER (stop
+    all work, wait a grace period), which is safe but slow.
     """
 
     def Connect(self, request_iterator, context):
@@ -112,7 +138,12 @@ class WorkerServiceServicer(object):
         running the other's leases under the same epochs. A session that
         passes its deadline while its stream is still open (the worker stopped
         heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
-        and its leases expire; the worker has self-fenced by then (below).
+        and its leases expire; a worker that kept time has self-fenced by then
+        (below). One that did not (a process paused past its deadline, which
+        finds this ending waiting when it wakes) must stop all work at once,
+        report nothing more of those leases and not list them again: they may
+        run elsewhere already. Its next hello opens a new session, and leases it
+        lists anyway come back in Welcome.revoked.
         A worker that half-closes its side without a goodbye gets the stream
         ended with OK: the session is in grace, as after any other loss. A
         server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
@@ -183,6 +214,10 @@ class WorkerServiceServicer(object):
         completion the server applied just before the stream broke comes back in
         Welcome.revoked too: send the same completion again; it is accepted as a
         repeat (a different one is FENCED), which tells the worker it landed.
+        The same means the same outcome with an equal output (succeeded) or an
+        equal error (failed: message, retryable and details), equal as JSON
+        values (the order of keys does not matter); any release repeats a
+        release.
         Until that answer, a heartbeat listing the lease draws a Revoke
         (SUPERSEDED), the lease being no longer the session's: ignore it; the
         ReportResult says whether the completion landed. On
@@ -307,6 +342,19 @@ class WorkerService(object):
     could not fetch its signing keys yet) is retried with the reconnect backoff
     below. A token that expires while the stream is open does not end the
     stream; the next stream needs a fresh one.
+
+    "ErrorInfo reason X" means the status's details, in the trailer
+    `grpc-status-details-bin`: a google.rpc.Status (googleapis'
+    google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
+    (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
+    the metadata named. gRPC libraries read it for you (grpc-go:
+    status.FromError(err).Details(); Python: grpcio-status's
+    rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
+    none, generate the two files from googleapis and decode the trailer's
+    bytes. Some endings need opposite reactions under one code (ABORTED is
+    SESSION_TAKEN_OVER, SESSION_REAPED or SESSION_ENDED), so read the reason:
+    a client that cannot must treat every ABORTED as SESSION_TAKEN_OVER (stop
+    all work, wait a grace period), which is safe but slow.
     """
 
     @staticmethod

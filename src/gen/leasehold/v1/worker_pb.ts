@@ -892,7 +892,10 @@ export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
 /**
  * The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
  * the lease is already gone: stop, report nothing more about it, and stop
- * listing it. Its slot is free on the server at once, so a grant may arrive
+ * listing it. One exception: a completion already sent and not yet answered
+ * by a ReportResult is still awaited, and sent again on a new stream if its
+ * lease came back in Welcome.revoked (see Connect); a SUPERSEDED Revoke that
+ * a heartbeat listing it draws meanwhile is ignored. Its slot is free on the server at once, so a grant may arrive
  * for it while the work is still stopping: hold that grant (acked, listed)
  * and start it when the work has stopped; do not release it, or it comes
  * straight back. That grant may be of the same action at a higher epoch: it
@@ -1046,9 +1049,10 @@ export enum RevokeReason {
   UNSPECIFIED = 0,
 
   /**
-   * The session's deadline passed and the lease expired. This server says it
-   * in Welcome.revoked, to a worker that comes back after its session was
-   * reaped (see Connect).
+   * The session's deadline passed and the lease expired. Reserved: this
+   * server never sends a Revoke with it. A worker learns of an expiry from
+   * the stream's ending (ABORTED, ErrorInfo reason SESSION_REAPED) or, when
+   * it comes back, from Welcome.revoked, which gives no reason (see Connect).
    *
    * @generated from enum value: REVOKE_REASON_EXPIRED = 1;
    */
@@ -1170,6 +1174,19 @@ export const RejectReasonSchema: GenEnum<RejectReason> = /*@__PURE__*/
  * below. A token that expires while the stream is open does not end the
  * stream; the next stream needs a fresh one.
  *
+ * "ErrorInfo reason X" means the status's details, in the trailer
+ * `grpc-status-details-bin`: a google.rpc.Status (googleapis'
+ * google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
+ * (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
+ * the metadata named. gRPC libraries read it for you (grpc-go:
+ * status.FromError(err).Details(); Python: grpcio-status's
+ * rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
+ * none, generate the two files from googleapis and decode the trailer's
+ * bytes. Some endings need opposite reactions under one code (ABORTED is
+ * SESSION_TAKEN_OVER, SESSION_REAPED or SESSION_ENDED), so read the reason:
+ * a client that cannot must treat every ABORTED as SESSION_TAKEN_OVER (stop
+ * all work, wait a grace period), which is safe but slow.
+ *
  * @generated from service leasehold.v1.WorkerService
  */
 export const WorkerService: GenService<{
@@ -1217,7 +1234,12 @@ export const WorkerService: GenService<{
    * running the other's leases under the same epochs. A session that
    * passes its deadline while its stream is still open (the worker stopped
    * heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
-   * and its leases expire; the worker has self-fenced by then (below).
+   * and its leases expire; a worker that kept time has self-fenced by then
+   * (below). One that did not (a process paused past its deadline, which
+   * finds this ending waiting when it wakes) must stop all work at once,
+   * report nothing more of those leases and not list them again: they may
+   * run elsewhere already. Its next hello opens a new session, and leases it
+   * lists anyway come back in Welcome.revoked.
    * A worker that half-closes its side without a goodbye gets the stream
    * ended with OK: the session is in grace, as after any other loss. A
    * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
@@ -1288,6 +1310,10 @@ export const WorkerService: GenService<{
    * completion the server applied just before the stream broke comes back in
    * Welcome.revoked too: send the same completion again; it is accepted as a
    * repeat (a different one is FENCED), which tells the worker it landed.
+   * The same means the same outcome with an equal output (succeeded) or an
+   * equal error (failed: message, retryable and details), equal as JSON
+   * values (the order of keys does not matter); any release repeats a
+   * release.
    * Until that answer, a heartbeat listing the lease draws a Revoke
    * (SUPERSEDED), the lease being no longer the session's: ignore it; the
    * ReportResult says whether the completion landed. On

@@ -29,9 +29,10 @@ type RevokeReason int32
 const (
 	// Not a reason.
 	RevokeReason_REVOKE_REASON_UNSPECIFIED RevokeReason = 0
-	// The session's deadline passed and the lease expired. This server says it
-	// in Welcome.revoked, to a worker that comes back after its session was
-	// reaped (see Connect).
+	// The session's deadline passed and the lease expired. Reserved: this
+	// server never sends a Revoke with it. A worker learns of an expiry from
+	// the stream's ending (ABORTED, ErrorInfo reason SESSION_REAPED) or, when
+	// it comes back, from Welcome.revoked, which gives no reason (see Connect).
 	RevokeReason_REVOKE_REASON_EXPIRED RevokeReason = 1
 	// A client cancelled the action.
 	RevokeReason_REVOKE_REASON_CANCELLED RevokeReason = 2
@@ -1730,7 +1731,10 @@ func (x *Goodbye) GetReason() string {
 
 // The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
 // the lease is already gone: stop, report nothing more about it, and stop
-// listing it. Its slot is free on the server at once, so a grant may arrive
+// listing it. One exception: a completion already sent and not yet answered
+// by a ReportResult is still awaited, and sent again on a new stream if its
+// lease came back in Welcome.revoked (see Connect); a SUPERSEDED Revoke that
+// a heartbeat listing it draws meanwhile is ignored. Its slot is free on the server at once, so a grant may arrive
 // for it while the work is still stopping: hold that grant (acked, listed)
 // and start it when the work has stopped; do not release it, or it comes
 // straight back. That grant may be of the same action at a higher epoch: it

@@ -61,7 +61,12 @@ type WorkerServiceClient interface {
 	// running the other's leases under the same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
 	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
-	// and its leases expire; the worker has self-fenced by then (below).
+	// and its leases expire; a worker that kept time has self-fenced by then
+	// (below). One that did not (a process paused past its deadline, which
+	// finds this ending waiting when it wakes) must stop all work at once,
+	// report nothing more of those leases and not list them again: they may
+	// run elsewhere already. Its next hello opens a new session, and leases it
+	// lists anyway come back in Welcome.revoked.
 	// A worker that half-closes its side without a goodbye gets the stream
 	// ended with OK: the session is in grace, as after any other loss. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
@@ -132,6 +137,10 @@ type WorkerServiceClient interface {
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
 	// repeat (a different one is FENCED), which tells the worker it landed.
+	// The same means the same outcome with an equal output (succeeded) or an
+	// equal error (failed: message, retryable and details), equal as JSON
+	// values (the order of keys does not matter); any release repeats a
+	// release.
 	// Until that answer, a heartbeat listing the lease draws a Revoke
 	// (SUPERSEDED), the lease being no longer the session's: ignore it; the
 	// ReportResult says whether the completion landed. On
@@ -303,7 +312,12 @@ type WorkerServiceServer interface {
 	// running the other's leases under the same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
 	// heartbeating) is reaped: the stream ends ABORTED, reason SESSION_REAPED,
-	// and its leases expire; the worker has self-fenced by then (below).
+	// and its leases expire; a worker that kept time has self-fenced by then
+	// (below). One that did not (a process paused past its deadline, which
+	// finds this ending waiting when it wakes) must stop all work at once,
+	// report nothing more of those leases and not list them again: they may
+	// run elsewhere already. Its next hello opens a new session, and leases it
+	// lists anyway come back in Welcome.revoked.
 	// A worker that half-closes its side without a goodbye gets the stream
 	// ended with OK: the session is in grace, as after any other loss. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
@@ -374,6 +388,10 @@ type WorkerServiceServer interface {
 	// completion the server applied just before the stream broke comes back in
 	// Welcome.revoked too: send the same completion again; it is accepted as a
 	// repeat (a different one is FENCED), which tells the worker it landed.
+	// The same means the same outcome with an equal output (succeeded) or an
+	// equal error (failed: message, retryable and details), equal as JSON
+	// values (the order of keys does not matter); any release repeats a
+	// release.
 	// Until that answer, a heartbeat listing the lease draws a Revoke
 	// (SUPERSEDED), the lease being no longer the session's: ignore it; the
 	// ReportResult says whether the completion landed. On

@@ -28,6 +28,16 @@ const KILL_GRACE_MS = 2000;
 /** Least time between two progress reports of output. */
 const PROGRESS_EVERY_MS = 1000;
 
+/**
+ * The longest `timeout` a command may have, in seconds: Node's timers hold at
+ * most 2^31 - 1 ms (24.8 days), and a longer one fires at once.
+ */
+export const MAX_COMMAND_TIMEOUT_SECONDS = Math.floor((2 ** 31 - 1) / 1000);
+
+/** A `timeout` the CLI lets through: whole seconds, 1 to {@link MAX_COMMAND_TIMEOUT_SECONDS}. */
+export const isCommandTimeout = (seconds: number): boolean =>
+  Number.isInteger(seconds) && seconds >= 1 && seconds <= MAX_COMMAND_TIMEOUT_SECONDS;
+
 /** Validates a payload; the error says which field to fix (and is not retryable). */
 export function parseCommandPayload(payload: JsonObject): CommandPayload {
   const fail = (message: string) => new ActionFailure(`payload.${message}`, { retryable: false });
@@ -41,6 +51,9 @@ export function parseCommandPayload(payload: JsonObject): CommandPayload {
   if (cwd !== undefined && typeof cwd !== "string") throw fail("cwd: must be a string");
   if (timeout !== undefined && (typeof timeout !== "number" || !(timeout > 0))) {
     throw fail("timeout: must be a positive number of seconds");
+  }
+  if ((timeout as number) > MAX_COMMAND_TIMEOUT_SECONDS) {
+    throw fail(`timeout: must be at most ${MAX_COMMAND_TIMEOUT_SECONDS} seconds (24 days)`);
   }
   if (typeof retryable !== "boolean") throw fail("retryable: must be true or false");
   return {

@@ -1,7 +1,8 @@
 import { readFileSync } from "node:fs";
 import { equals, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import { Command } from "commander";
+import { Command, InvalidArgumentError } from "commander";
+import { isCommandTimeout, MAX_COMMAND_TIMEOUT_SECONDS } from "../agent/command-handler.js";
 import {
   ActionSchema,
   ActionService,
@@ -238,7 +239,16 @@ export function actionCommands(): Command {
     )
     .option("--cluster <name>", "cluster whose workers run it (required, unless every --from line names one)")
     .option("--payload <json>", "payload as a JSON object (instead of a command after --)")
-    .option("--timeout <seconds>", "kill the command after this many seconds (reference agent)", intFlag)
+    .option(
+      "--timeout <seconds>",
+      `kill the command after this many seconds (reference agent; 1 to ${MAX_COMMAND_TIMEOUT_SECONDS})`,
+      (value: string) => {
+        const seconds = intFlag(value);
+        if (!isCommandTimeout(seconds))
+          throw new InvalidArgumentError(`expected 1 to ${MAX_COMMAND_TIMEOUT_SECONDS} seconds`);
+        return seconds;
+      },
+    )
     .option("--label <key=value>", "label a worker must carry (repeatable)", collect)
     .option("--priority <n>", "higher runs first (-1000..1000)", intFlag)
     .option("--run-id <id>", "groups actions of one run")

@@ -1,4 +1,5 @@
 import { create, fromJson, type JsonValue, toBinary } from "@bufbuild/protobuf";
+import { isCommandTimeout, MAX_COMMAND_TIMEOUT_SECONDS } from "../agent/command-handler.js";
 import {
   RetryPolicySchema,
   type SubmitActionRequest,
@@ -77,8 +78,8 @@ function parseLine(raw: string, defaults: LineDefaults): SubmitActionRequest {
   } else if (timeout !== undefined) {
     throw new Error('"timeout" goes with "argv" (the reference agent kills the command after it)');
   }
-  if (timeout !== undefined && (typeof timeout !== "number" || !Number.isInteger(timeout))) {
-    throw new Error('"timeout" must be a whole number of seconds');
+  if (timeout !== undefined && (typeof timeout !== "number" || !isCommandTimeout(timeout))) {
+    throw new Error(`"timeout" must be a whole number of seconds, 1 to ${MAX_COMMAND_TIMEOUT_SECONDS}`);
   }
   const attempts = maxAttempts ?? max_attempts;
   if (attempts !== undefined && (typeof attempts !== "number" || !Number.isInteger(attempts))) {

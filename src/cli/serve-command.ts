@@ -1,3 +1,4 @@
+import { format } from "node:util";
 import { setFlagsFromString } from "node:v8";
 import { Command, Option } from "commander";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
@@ -239,6 +240,10 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   // Loaded here, not at the top: every other command starts faster without the server's modules.
   const [{ pino }, { startServer }] = await Promise.all([import("pino"), import("../server.js")]);
   const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
+  // grpc-js writes its own errors to stderr ("E No address added out of total 1 resolved" before
+  // our message naming --listen): into the log with the rest instead.
+  const { setLogger } = await import("@grpc/grpc-js");
+  setLogger({ error: (...args: unknown[]) => log.warn(`grpc-js: ${format(...args)}`) });
   const stopBeforeReady = new AbortController();
   let server: LeaseholdServer | undefined;
   const interrupts = interruptCounter();

@@ -56,6 +56,15 @@ describe.runIf(runsDriverNeutralTests())(
         code: 2,
         stderr: "leasehold: unknown option '--bogus'\n",
       });
+      // A command timeout Node's timers cannot hold (24.8 days) would kill the command at once.
+      expect(await cli(["action", "submit", "--cluster", "x", "--timeout", "3000000", "--", "true"])).toEqual(
+        {
+          code: 2,
+          stdout: "",
+          stderr:
+            "leasehold: option '--timeout <seconds>' argument '3000000' is invalid. expected 1 to 2147483 seconds\n",
+        },
+      );
       const help = (await cli(["agent", "--help"])).stdout;
       expect(help).toMatch(/--cluster <name> +the cluster this worker belongs to \(required\)/);
       expect(help).not.toMatch(/--worker-id[^\n]*\(required\)/);
@@ -106,6 +115,8 @@ describe.runIf(runsDriverNeutralTests())(
           new RegExp(`^leasehold: --listen: cannot listen on ${address}: address already in use`, "m"),
         );
         expect(grpc.stderr).not.toMatch(/^\s+at /m);
+        // grpc-js's own line about it goes to the log, not before our message.
+        expect(grpc.stderr).not.toMatch(/No address added/);
         const metrics = await serveUntilExit(["--listen", "127.0.0.1:0", "--metrics-listen", address]);
         // A usage error like --listen's: 2, not the 1 of a failure at run time.
         expect(metrics.code).toBe(2);

@@ -2,6 +2,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseCommandPayload } from "../../src/agent/command-handler.js";
 import {
   type ActionContext,
   type Agent,
@@ -101,6 +102,13 @@ describe("the reference command agent", () => {
       output: { exitCode: 0, stdoutTail: "started\n" },
     });
     expect(alive(Number(readFileSync(pidFile, "utf8")))).toBe(false);
+  });
+
+  it("refuses a timeout its timers cannot hold, which would kill the command at once", () => {
+    expect(() => parseCommandPayload({ argv: ["true"], timeout: 3_000_000 })).toThrow(
+      "payload.timeout: must be at most 2147483 seconds (24 days)",
+    );
+    expect(parseCommandPayload({ argv: ["true"], timeout: 2_147_483 }).timeoutSeconds).toBe(2_147_483);
   });
 
   it("refuses a payload without argv, naming the field", async () => {

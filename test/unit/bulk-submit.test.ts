@@ -88,6 +88,11 @@ describe("submit --from lines", () => {
       /^line 1: give either "argv" or "payload"/,
     );
     expect(parse('{"cluster":"c","payload":{},"timeout":3}')).toThrow(/^line 1: "timeout" goes with "argv"/);
+    // Node's timers hold at most 24.8 days: a longer timeout would kill the command at once.
+    for (const timeout of [0, 2.5, 3_000_000])
+      expect(parse(`{"cluster":"c","argv":["a"],"timeout":${timeout}}`)).toThrow(
+        /^line 1: "timeout" must be a whole number of seconds, 1 to 2147483$/,
+      );
     expect(parse('{"cluster":"c","argv":["a"],"priority":"high"}')).toThrow(/^line 1: .*priority/);
     expect(parse("\n\n")).toThrow(/no actions to submit/);
   });

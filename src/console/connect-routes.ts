@@ -1,5 +1,11 @@
 import type { PeerCertificate, TLSSocket } from "node:tls";
-import { type DescMethod, type DescService, fromBinary, type MessageShape } from "@bufbuild/protobuf";
+import {
+  type DescMethod,
+  type DescService,
+  fromBinary,
+  type MessageShape,
+  toBinary,
+} from "@bufbuild/protobuf";
 import {
   type HandlerContext as ConnectContext,
   ConnectError,
@@ -133,6 +139,11 @@ async function prepare(
     peer: caller.peer,
     metadata: call.metadata,
     access,
+    // As the gRPC port measures it (a SubmitActions answer is bounded by its request's size).
+    requestBytes:
+      method.methodKind === "unary"
+        ? toBinary(method.input, request as MessageShape<typeof method.input>).byteLength
+        : 0,
   };
 }
 

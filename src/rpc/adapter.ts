@@ -35,6 +35,8 @@ export interface HandlerContext {
    * cluster (and owner) of what the call touches.
    */
   readonly access: Access;
+  /** Bytes of a unary call's request as it arrived; 0 for streams. */
+  readonly requestBytes: number;
 }
 
 /** A bidirectional stream as a handler sees it. */
@@ -393,7 +395,7 @@ function onShutdownOf(signal: AbortSignal, fn: () => void): () => void {
 function createContext(
   call: CallLike,
   shutdown: AbortSignal,
-): HandlerContext & { access: Access; done(): void } {
+): HandlerContext & { access: Access; requestBytes: number; done(): void } {
   const controller = new AbortController();
   const onCancelled = () =>
     controller.abort(new LeaseholdError(Code.Canceled, "the client cancelled the call"));
@@ -419,6 +421,7 @@ function createContext(
     peer: call.getPeer(),
     metadata: call.metadata,
     access: OPEN_ACCESS,
+    requestBytes: 0,
     done() {
       clearTimeout(timer);
       call.off("cancelled", onCancelled);
@@ -640,6 +643,7 @@ function unaryHandler(
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
       const bytes = call.request as Buffer;
+      ctx.requestBytes = bytes.length;
       const request = fast?.(bytes) ?? decode(bytes);
       if (request instanceof RejectedRequest) throw request.error;
       return fn(request, ctx);

@@ -1,4 +1,4 @@
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -9,6 +9,8 @@ import {
   ActionState,
   ActionView,
   type SubmitActionRequestSchema,
+  SubmitActionsRequestSchema,
+  SubmitActionsResponseSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
 import type { Client } from "../../src/rpc/client.js";
 import type { Db } from "../../src/store/database.js";
@@ -304,6 +306,39 @@ describe("ActionService.SubmitActions", () => {
     );
     expect(f.fields).toEqual(["actions[1].payload"]);
     expect(await count(sql`run_id = 'large'`)).toBe(0);
+  });
+
+  it("refuses, queuing nothing, a call whose answer in view FULL no default client could read", async () => {
+    // 4.1 MB of request: under the server's receive limit, but echoed whole by the FULL answer.
+    const items = (runId: string): Item[] =>
+      Array.from({ length: 1000 }, () => ({ cluster: "bulk-a", runId, payload: { s: "x".repeat(4100) } }));
+    const f = await expectStatus(
+      api.submitActions({ actions: items("echoed") }, as("alice")),
+      Code.ResourceExhausted,
+      /^view: the answer in view ACTION_VIEW_FULL would take up to 4\.\d MiB, over the 4 MiB default gRPC clients accept; ask for view ACTION_VIEW_BASIC/,
+    );
+    expect(f.fields).toEqual(["view"]);
+    expect(await count(sql`run_id = 'echoed'`)).toBe(0);
+    const basic = await api.submitActions({ actions: items("named"), view: ActionView.BASIC }, as("alice"));
+    expect(basic.results).toHaveLength(1000);
+    expect(await count(sql`run_id = 'named'`)).toBe(1000);
+  });
+
+  it("answers in view FULL within the bound it checks: the request's size and 512 bytes an item", async () => {
+    const actions: Item[] = Array.from({ length: 200 }, (_, i) => ({
+      cluster: "bulk-a",
+      runId: "bound",
+      requestId: `bound-${i}`,
+      labelSelector: { zone: "z1" },
+      priority: 7,
+      retryPolicy: { maxAttempts: 5, initialBackoff: { seconds: 1n }, maxBackoff: { seconds: 60n } },
+      payload: { n: i },
+    }));
+    const request = create(SubmitActionsRequestSchema, { actions });
+    const answer = await api.submitActions(request, as("alice"));
+    const sizes = [SubmitActionsRequestSchema, SubmitActionsResponseSchema] as const;
+    const [asked, answered] = [toBinary(sizes[0], request), toBinary(sizes[1], answer)];
+    expect(answered.byteLength).toBeLessThanOrEqual(asked.byteLength + 512 * actions.length);
   });
 
   it("refuses an empty call and one of more than 1,000 items with INVALID_ARGUMENT", async () => {

@@ -19,6 +19,7 @@ function context(): { ctx: HandlerContext; cancel(): void } {
       peer: "test",
       metadata: {} as never,
       access: OPEN_ACCESS,
+      requestBytes: 0,
     },
     cancel: () => controller.abort(new LeaseholdError(Code.Canceled, "cancelled by the client")),
   };

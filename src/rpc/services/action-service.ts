@@ -3,7 +3,7 @@ import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
-import { LeaseholdError } from "../../errors.js";
+import { Code, LeaseholdError } from "../../errors.js";
 import {
   ActionSchema,
   ActionService,
@@ -75,6 +75,7 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     },
     async submitActions(request, ctx) {
       const toProto = viewOf(request.view);
+      if (request.view !== ActionView.BASIC) checkFullAnswerFits(ctx.requestBytes, request.actions.length);
       const items = toNewActions(request.actions);
       // Every distinct cluster once; the first item naming a refused cluster is the one reported.
       const checked = new Set<string>();
@@ -195,6 +196,34 @@ async function traced<T>(
   } finally {
     span.end();
   }
+}
+
+/** What default gRPC clients (grpc-js, grpc-go, grpc-core) accept as one answer. */
+const CLIENT_RECEIVE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * More than a SubmitActions answer in view FULL adds to each item of the
+ * request: the action's id, state, times, counters, retry policy and
+ * principal (at most 128 characters), with framing.
+ */
+const ANSWER_BYTES_PER_ITEM = 512;
+
+/**
+ * Refuses, before anything is queued, a SubmitActions call whose answer in
+ * view FULL (every action with its payload) would pass what default clients
+ * accept: such a call committed everything, and its client then saw
+ * RESOURCE_EXHAUSTED, which action.proto says queued nothing. Each item's
+ * answer echoes it, so the request's size bounds the answer's.
+ */
+function checkFullAnswerFits(requestBytes: number, items: number): void {
+  const answerBytes = requestBytes + items * ANSWER_BYTES_PER_ITEM;
+  if (answerBytes <= CLIENT_RECEIVE_BYTES) return;
+  const mib = (answerBytes / (1024 * 1024)).toFixed(1);
+  const description = `the answer in view ACTION_VIEW_FULL would take up to ${mib} MiB, over the 4 MiB default gRPC clients accept; ask for view ACTION_VIEW_BASIC (each action without its payload) or send fewer actions per call`;
+  throw new LeaseholdError(Code.ResourceExhausted, `view: ${description}`, {
+    reason: "ANSWER_TOO_LARGE",
+    fieldViolations: [{ field: "view", description }],
+  });
 }
 
 /** `error` (a LeaseholdError) with the item it is about prefixed to its message and in its metadata. */

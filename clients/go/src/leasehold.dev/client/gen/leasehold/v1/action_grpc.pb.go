@@ -38,7 +38,11 @@ type ActionServiceClient interface {
 	// items of one call may not share a request_id (INVALID_ARGUMENT). With
 	// view ACTION_VIEW_BASIC each result's action carries only the fields that
 	// name it (see ActionView), which makes large calls cheaper to answer and
-	// to read.
+	// to read. In the FULL view the answer echoes every item: a call whose
+	// answer could pass 4 MiB (what default gRPC clients accept; bounded as the
+	// request's size + 512 bytes an item) is RESOURCE_EXHAUSTED (ErrorInfo
+	// reason ANSWER_TOO_LARGE, field `view`) and queues nothing: ask for
+	// ACTION_VIEW_BASIC, or send fewer actions per call.
 	// Right: action.submit in the cluster of every item.
 	SubmitActions(ctx context.Context, in *SubmitActionsRequest, opts ...grpc.CallOption) (*SubmitActionsResponse, error)
 	// Returns one action with its attempts. NOT_FOUND if the id is unknown.
@@ -190,7 +194,11 @@ type ActionServiceServer interface {
 	// items of one call may not share a request_id (INVALID_ARGUMENT). With
 	// view ACTION_VIEW_BASIC each result's action carries only the fields that
 	// name it (see ActionView), which makes large calls cheaper to answer and
-	// to read.
+	// to read. In the FULL view the answer echoes every item: a call whose
+	// answer could pass 4 MiB (what default gRPC clients accept; bounded as the
+	// request's size + 512 bytes an item) is RESOURCE_EXHAUSTED (ErrorInfo
+	// reason ANSWER_TOO_LARGE, field `view`) and queues nothing: ask for
+	// ACTION_VIEW_BASIC, or send fewer actions per call.
 	// Right: action.submit in the cluster of every item.
 	SubmitActions(context.Context, *SubmitActionsRequest) (*SubmitActionsResponse, error)
 	// Returns one action with its attempts. NOT_FOUND if the id is unknown.

@@ -349,6 +349,10 @@ export function actionCommands(): Command {
             ]),
           );
         }
+        if (response.omitted.length > 0)
+          process.stdout.write(
+            `\n(left out to keep the answer under 3 MiB: ${response.omitted.join(", ")})\n`,
+          );
         return undefined;
       }),
     );

@@ -25,7 +25,9 @@ export interface TestWorker {
   /** Sends a completion and waits for its result. */
   complete(
     grant: { actionId: string; epoch: bigint },
-    outcome: { output?: Record<string, unknown> } | { error: string; retryable: boolean },
+    outcome:
+      | { output?: Record<string, unknown> }
+      | { error: string; retryable: boolean; details?: Record<string, unknown> },
   ): Promise<ValueOf<"reportResult">>;
   release(grant: { actionId: string; epoch: bigint }, reason?: string): Promise<ValueOf<"reportResult">>;
   goodbye(reason?: string): void;
@@ -129,7 +131,14 @@ export async function connectWorker(
             epoch: grant.epoch,
             outcome:
               "error" in outcome
-                ? { case: "failed", value: { message: outcome.error, retryable: outcome.retryable } }
+                ? {
+                    case: "failed",
+                    value: {
+                      message: outcome.error,
+                      retryable: outcome.retryable,
+                      details: outcome.details as never,
+                    },
+                  }
                 : { case: "succeeded", value: { output: outcome.output as never } },
           },
         },

@@ -1,10 +1,17 @@
+import { toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
-import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import {
+  ActionService,
+  ActionState,
+  ExplainActionResponseSchema,
+  GetActionResponseSchema,
+} from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import type { Client } from "../../src/rpc/client.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
 
 let t: TestServer;
 
@@ -225,6 +232,48 @@ describe("ActionService", () => {
     })();
     await watching;
     expect(states).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
+  });
+
+  it("leaves out the oldest details when an action with its attempts passes what a client reads", async () => {
+    const w = await connectWorker(t.address, { workerId: "failing", cluster: "big-errors", capacity: 1 });
+    try {
+      const { action } = await api.submitAction({
+        cluster: "big-errors",
+        retryPolicy: { maxAttempts: 6, initialBackoff: {} },
+      });
+      const id = action?.id ?? "";
+      // Six failures of 0.9 MB each, every one within the limits of a report: 6.3 MB together.
+      const details = { stderr: "e".repeat(900_000) };
+      for (let epoch = 1n; epoch <= 6n; epoch++) {
+        const grant = await w.next("grant", (g) => g.actionId === id && g.epoch === epoch);
+        const result = await w.complete(grant, { error: `attempt ${epoch}`, retryable: true, details });
+        expect(result.accepted).toBe(true);
+      }
+      const got = await api.getAction({ actionId: id });
+      expect(got.action?.state).toBe(ActionState.FAILED);
+      expect(got.omitted).toEqual([0, 1, 2, 3].map((i) => `attempts[${i}].error.details`));
+      expect(got.attempts.map((a) => a.error?.details !== undefined)).toEqual([
+        false,
+        false,
+        false,
+        false,
+        true,
+        true,
+      ]);
+      expect(got.attempts.map((a) => a.error?.message)).toEqual(
+        [1, 2, 3, 4, 5, 6].map((n) => `attempt ${n}`),
+      );
+      expect(got.action?.lastError?.details).toEqual(details);
+      expect(toBinary(GetActionResponseSchema, got).byteLength).toBeLessThanOrEqual(3 * 1024 * 1024);
+
+      const explained = await api.explainAction({ actionId: id });
+      expect(explained.omitted).toEqual([0, 1, 2, 3].map((i) => `attempts[${i}].attempt.error.details`));
+      expect(toBinary(ExplainActionResponseSchema, explained).byteLength).toBeLessThanOrEqual(
+        3 * 1024 * 1024,
+      );
+    } finally {
+      w.drop();
+    }
   });
 
   it("answers NOT_FOUND for an unknown action on get, cancel and watch", async () => {

@@ -11,6 +11,8 @@ import {
   ActionView,
   AttemptOutcome,
   type AttemptSchema,
+  ExplainActionResponseSchema,
+  GetActionResponseSchema,
   type SubmitActionRequest,
   SubmitActionsRequestSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
@@ -27,6 +29,7 @@ import type { ActionService as Actions } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
 import { decodeSubmitActionsRequest, encodeBasicSubmitResults } from "../action-wire.js";
 import { EncodedResponse, type FastDecoders } from "../adapter.js";
+import { actionParts, attemptParts, eventParts, fitAnswer } from "../answer-budget.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
@@ -102,7 +105,12 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     async getAction(request, ctx) {
       const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
       ctx.access.require("action.read", action.cluster);
-      return { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
+      const whole = { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
+      const { answer, omitted } = fitAnswer(GetActionResponseSchema, whole, () => [
+        ...attemptParts(whole.attempts, (i) => `attempts[${i}]`),
+        ...actionParts(whole.action, "action"),
+      ]);
+      return { ...answer, omitted };
     },
     async listActions(request, ctx) {
       ctx.access.requireListScope("action.read", request.cluster);
@@ -134,7 +142,7 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       // The right first, on the action's row: the history is the expensive read.
       ctx.access.require("action.read", (await actions.get(id)).action.cluster);
       const explained = await actions.explain(id);
-      return {
+      const whole = {
         action: toProtoAction(explained.action),
         attempts: explained.attempts.map(({ attempt, session }) => ({
           attempt: toProtoAttempt(attempt),
@@ -154,6 +162,15 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         })),
         truncated: explained.truncated,
       };
+      const { answer, omitted } = fitAnswer(ExplainActionResponseSchema, whole, () => [
+        ...attemptParts(
+          whole.attempts.map((a) => a.attempt),
+          (i) => `attempts[${i}].attempt`,
+        ),
+        ...eventParts(whole.timeline),
+        ...actionParts(whole.action, "action"),
+      ]);
+      return { ...answer, omitted };
     },
     async *watchAction(request, ctx) {
       let checked = false;

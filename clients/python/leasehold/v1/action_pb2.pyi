@@ -152,16 +152,18 @@ class ExplainActionRequest(_message.Message):
     def __init__(self, action_id: _Optional[str] = ...) -> None: ...
 
 class ExplainActionResponse(_message.Message):
-    __slots__ = ["action", "attempts", "timeline", "truncated"]
+    __slots__ = ["action", "attempts", "omitted", "timeline", "truncated"]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     action: Action
     attempts: _containers.RepeatedCompositeFieldContainer[ExplainedAttempt]
+    omitted: _containers.RepeatedScalarFieldContainer[str]
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineStep]
     truncated: bool
-    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[ExplainedAttempt, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineStep, _Mapping]]] = ..., truncated: bool = ...) -> None: ...
+    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[ExplainedAttempt, _Mapping]]] = ..., timeline: _Optional[_Iterable[_Union[TimelineStep, _Mapping]]] = ..., truncated: bool = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExplainedAttempt(_message.Message):
     __slots__ = ["attempt", "session_deadline", "session_end_reason", "session_end_time", "session_last_heard_time", "stream_lost_time"]
@@ -186,12 +188,14 @@ class GetActionRequest(_message.Message):
     def __init__(self, action_id: _Optional[str] = ...) -> None: ...
 
 class GetActionResponse(_message.Message):
-    __slots__ = ["action", "attempts"]
+    __slots__ = ["action", "attempts", "omitted"]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
     action: Action
     attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
-    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ...) -> None: ...
+    omitted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListActionsRequest(_message.Message):
     __slots__ = ["cluster", "page_size", "page_token", "run_id", "state", "worker_id"]

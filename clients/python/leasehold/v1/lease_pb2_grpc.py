@@ -29,8 +29,9 @@ class LeaseServiceStub(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 
@@ -126,8 +127,9 @@ class LeaseServiceServicer(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 
@@ -334,8 +336,9 @@ class LeaseService(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 

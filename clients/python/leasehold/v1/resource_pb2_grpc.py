@@ -26,8 +26,9 @@ class ResourceServiceStub(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 
@@ -95,8 +96,9 @@ class ResourceServiceServicer(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 
@@ -238,8 +240,9 @@ class ResourceService(object):
     entries with keys of at most 128 characters; 64-bit integers are at most
     2^53 - 1; enums take only their declared values; Timestamps lie in years
     1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
-    nests at most 32 levels, holds at most 10,000 values and keys and 1 MiB as
-    JSON, with finite numbers and no NUL in keys or strings; a larger one is
+    nests at most 32 levels, holds at most 10,000 values and keys (itself
+    included) and 1 MiB as JSON, counted in characters (those of its keys
+    and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
     """
 

@@ -50,8 +50,9 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  * naming the field. Unless a field says otherwise: strings are valid UTF-8 of
  * at most 128 characters without NUL (U+0000); 64-bit integers are at most
  * 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
- * values and keys and 1 MiB as JSON, with finite numbers and no NUL in keys
- * or strings. A request over the server's receive limit (--max-file-size
+ * values and keys (the payload itself included) and 1 MiB as JSON, counted
+ * in characters (those of its keys and strings, unescaped, and a few for
+ * each value), with finite numbers and no NUL in keys or strings. A request over the server's receive limit (--max-file-size
  * + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED, said by
  * the gRPC layer and so without ErrorInfo.
  * A report whose content names no lease (empty action_id, epoch 0, a

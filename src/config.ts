@@ -152,6 +152,8 @@ const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 
 /** Parses `500ms`, `10s`, `1.5m`, `2h` (a bare number means seconds) into milliseconds. */
 export function parseDuration(option: string, text: string): number {
   const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  if (!match && /^-\d/.test(text.trim()))
+    throw configError(option, `must not be negative (got ${JSON.stringify(text)})`);
   if (!match)
     throw configError(option, `must be a duration like 500ms, 10s or 2m (got ${JSON.stringify(text)})`);
   return Math.round(Number(match[1]) * (UNITS[match[2] ?? "s"] ?? 1000));

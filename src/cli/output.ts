@@ -81,6 +81,9 @@ export function globals(command: Command): GlobalOptions {
   // Commander turns a boolean on whenever its variable is set; LEASEHOLD_TLS="" (or "0", …) is off.
   const tlsFromEmptyEnv =
     command.getOptionValueSourceWithGlobals("tls") === "env" && variableSaysOff(process.env.LEASEHOLD_TLS);
+  // Given on the command line, though, an empty address is a mistake (an unset variable in a script).
+  if (o.server === "" && command.getOptionValueSourceWithGlobals("server") === "cli")
+    throw new CliError(`--server: must not be empty; omit it for ${DEFAULT_SERVER}`, EXIT.usage);
   return {
     // LEASEHOLD_SERVER="" is unset, as the other variables' empty values are.
     server: text(o.server) ?? DEFAULT_SERVER,

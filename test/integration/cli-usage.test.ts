@@ -72,6 +72,12 @@ describe.runIf(runsDriverNeutralTests())(
 
     it("refuses a malformed --server address with exit 2, naming the flag and the form it takes", async () => {
       const expected = /expected host:port or \[ipv6\]:port, e\.g\. 127\.0\.0\.1:50051/;
+      // An empty --server (an unset variable in a script) is not taken for the default address.
+      expect(await cli(["--server", "", "action", "list"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr: "leasehold: --server: must not be empty; omit it for 127.0.0.1:50051\n",
+      });
       const badPort = await cli(["--server", "127.0.0.1:abc", "action", "list"]);
       expect(badPort.code).toBe(2);
       expect(badPort.stderr).toMatch(

@@ -39,6 +39,7 @@ describe("server config", () => {
     expect(parseDuration("--x", "3")).toBe(3000);
     expect(parseDuration("--x", "1m")).toBe(60_000);
     expect(() => parseDuration("--grace-period", "soon")).toThrow(/^--grace-period: must be a duration like/);
+    expect(() => parseDuration("--ttl", "-5s")).toThrow('--ttl: must not be negative (got "-5s")');
   });
 
   it("refuses a listen address beyond loopback unless insecure", () => {

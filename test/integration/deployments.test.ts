@@ -183,7 +183,8 @@ describe("deployments", () => {
     const { resource } = await deployWeb(leaseId);
     await waitReady(leaseId);
 
-    const { fileIds } = await leases().collectOutputs({ leaseId, timeout: { seconds: 30n } });
+    // A zero timeout is the default (60 s), as proto3 reads a zero, not "give up at once".
+    const { fileIds } = await leases().collectOutputs({ leaseId, timeout: {} });
     expect(fileIds).toHaveLength(2);
     const files = new Map<string, string>();
     for (const id of fileIds) {

@@ -289,7 +289,9 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
     async collectOutputs(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
       const v = new Violations();
-      const timeoutMs = durationField(v, "timeout", request.timeout, 60_000, 60 * 60_000);
+      // 0s is no timeout given, as proto3 reads a zero: it asked the deployments to stop and
+      // gave up at once, leaving them STOPPING.
+      const timeoutMs = durationField(v, "timeout", request.timeout, 60_000, 60 * 60_000) || 60_000;
       v.throwIfAny();
       await usableLease(scope, ctx.access, leaseId);
       return { fileIds: await scope.collectOutputs(leaseId, timeoutMs, ctx.signal, ctx.access.actor) };

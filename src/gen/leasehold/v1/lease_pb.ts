@@ -747,7 +747,10 @@ export type CollectOutputsRequest = Message<"leasehold.v1.CollectOutputsRequest"
   leaseId: string;
 
   /**
-   * How long to wait for the deployment to save its files, at most 1h. Default 60s.
+   * How long to wait for the deployment to save its files, at most 1h.
+   * Default (unset or 0s) 60s. When it passes first, the call ends
+   * DEADLINE_EXCEEDED naming the deployments still stopping; they go on
+   * stopping, and calling again returns their files once they have.
    *
    * @generated from field: google.protobuf.Duration timeout = 2;
    */

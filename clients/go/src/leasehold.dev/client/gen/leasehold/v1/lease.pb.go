@@ -1566,7 +1566,10 @@ type CollectOutputsRequest struct {
 
 	// Required: the lease.
 	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	// How long to wait for the deployment to save its files, at most 1h. Default 60s.
+	// How long to wait for the deployment to save its files, at most 1h.
+	// Default (unset or 0s) 60s. When it passes first, the call ends
+	// DEADLINE_EXCEEDED naming the deployments still stopping; they go on
+	// stopping, and calling again returns their files once they have.
 	Timeout *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
 }
 

@@ -938,8 +938,10 @@ export const LeaseService: GenService<{
    * Makes one lease-owned resource workspace-owned at once. Promoting one
    * this lease promoted already returns it again, so a retry is safe, even
    * after the lease closed (as does one its commit kept); NOT_FOUND if the
-   * lease never owned it (a wrong kind or id); FAILED_PRECONDITION naming
-   * the lease's state when it closed before the resource was promoted.
+   * open lease does not own it (a wrong kind or id); FAILED_PRECONDITION
+   * naming the lease's state when the lease is closed and did not promote
+   * or keep it: a closed lease's resources may be destroyed already, so a
+   * wrong kind or id is not told apart there.
    * Right: lease.use.own on a lease the caller created, lease.use.any on
    * anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
    * SetResult and CollectOutputs).

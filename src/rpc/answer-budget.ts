@@ -7,7 +7,7 @@ import {
   toBinary,
 } from "@bufbuild/protobuf";
 import { StructSchema } from "@bufbuild/protobuf/wkt";
-import { PAGE_BYTES } from "../work/action-service.js";
+import { PAGE_BYTES } from "../work/page.js";
 
 /**
  * A Struct of an answer that may be left out to keep the answer readable:

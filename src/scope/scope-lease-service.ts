@@ -18,12 +18,13 @@ import {
   insertResource,
   insertScopeLease,
   type LeaseRefusal,
+  listResourcePage,
   listResources,
   listScopeLeases,
   lockOpen,
   type NewResource,
-  type Ownership,
   promoteResource,
+  type ResourceFilter,
   type ResourceRecord,
   readFileContent,
   type ScopeLeaseRecord,
@@ -31,10 +32,10 @@ import {
   setScopeLeaseResult,
 } from "../store/scope-leases.js";
 import { ACTION_DEFAULTS, type JsonObject } from "../work/action.js";
-import type { Page } from "../work/action-service.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../work/change-feed.js";
 import { failureLog } from "../work/failure-log.js";
-import { decodePageToken, toPage } from "../work/page-token.js";
+import { type PAGE_BYTES, type Page, toPage } from "../work/page.js";
+import { decodePageToken } from "../work/page-token.js";
 import type { RevokeReason } from "../work/worker-messages.js";
 import { type DeploymentPayload, type DeploymentView, deploymentView, FINAL_PHASES } from "./deployment.js";
 
@@ -73,10 +74,16 @@ export interface ScopeLeaseService extends AsyncDisposable {
     actor: string;
   }): Promise<ScopeLeaseRecord>;
   get(id: string): Promise<ScopeLeaseRecord>;
+  /**
+   * One page of leases. With `sizeOf` (a lease's size as the caller sends
+   * it), the page also ends before that size passes {@link PAGE_BYTES}, with
+   * a next page token; it always holds one lease.
+   */
   list(
     filter: { state?: ScopeLeaseState | undefined; label?: string | undefined; runtime?: string | undefined },
     pageSize: number,
     pageToken: string,
+    sizeOf?: (lease: ScopeLeaseRecord) => number,
   ): Promise<Page<ScopeLeaseRecord>>;
   promote(leaseId: string, kind: string, resourceId: string, actor: string): Promise<ResourceRecord>;
   commit(leaseId: string, actor: string): Promise<Closed>;
@@ -96,11 +103,23 @@ export interface ScopeLeaseService extends AsyncDisposable {
   /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
+  /**
+   * One page of resources, with the deployments among them. With `sizeOf` (a
+   * resource's size as the caller sends it, with its deployment's view), the
+   * page also ends before that size passes {@link PAGE_BYTES}, with a next
+   * page token; it always holds one resource.
+   */
   listResources(
-    filter: { leaseId?: string | undefined; kind?: string | undefined; ownership?: Ownership | undefined },
+    filter: ResourceFilter,
     pageSize: number,
     pageToken: string,
-  ): Promise<Page<ResourceRecord>>;
+    sizeOf?: (resource: ResourceRecord, deployment: DeploymentView | undefined) => number,
+  ): Promise<ResourcePage>;
+  /**
+   * The first 1000 resources created in lease `leaseId`, oldest first, in
+   * full: for a snapshot of the lease, which chooses what of them it sends.
+   */
+  resourcesOf(leaseId: string): Promise<ResourceRecord[]>;
   readFile(id: string): Promise<Uint8Array>;
   /**
    * The clusters where file `fileId` is an input of a deployment whose action
@@ -132,6 +151,11 @@ export interface ScopeLeaseService extends AsyncDisposable {
   /** Starts the expiry loop. */
   start(): void;
   close(): Promise<void>;
+}
+
+/** A page of resources, with the deployments among them by resource id. */
+export interface ResourcePage extends Page<ResourceRecord> {
+  readonly deployments: ReadonlyMap<string, DeploymentView>;
 }
 
 /** One message of {@link ScopeLeaseService.wait}. */
@@ -433,10 +457,11 @@ export function createScopeLeaseService(deps: {
       if (!lease) throw notFound(id);
       return lease;
     },
-    async list(filter, size, pageToken) {
+    async list(filter, size, pageToken, sizeOf) {
       const cursor = decodePageToken(pageToken, filter);
-      const rows = await listScopeLeases(db, filter, cursor?.after, size + 1);
-      return toPage(rows, size, (l) => l.id, filter);
+      // One row more than asked tells whether another page exists.
+      const { items, cut } = await listScopeLeases(db, filter, cursor?.after, size + 1);
+      return toPage(items, size, (l) => l.id, filter, { more: cut, sizeOf });
     },
     async promote(leaseId, kind, resourceId, actor) {
       const result = await promoteResource(db, clock, leaseId, kind, resourceId, actor);
@@ -496,10 +521,16 @@ export function createScopeLeaseService(deps: {
       if (!resource) throw LeaseholdError.notFound("resource", id);
       return resource;
     },
-    async listResources(filter, size, pageToken) {
+    async listResources(filter, size, pageToken, sizeOf) {
       const cursor = decodePageToken(pageToken, filter);
-      const rows = await listResources(db, filter, cursor?.after, size + 1);
-      return toPage(rows, size, (l) => l.id, filter);
+      const { items, cut } = await listResourcePage(db, filter, cursor?.after, size + 1);
+      // The views are sent with the resources, so they are measured with them.
+      const deployments = await deploymentsOf(items.slice(0, size));
+      const measure = sizeOf && ((r: ResourceRecord) => sizeOf(r, deployments.get(r.id)));
+      return { ...toPage(items, size, (r) => r.id, filter, { more: cut, sizeOf: measure }), deployments };
+    },
+    resourcesOf(leaseId) {
+      return listResources(db, { leaseId }, undefined, 1000);
     },
     async readFile(id) {
       const content = await readFileContent(db, id);

@@ -2,6 +2,7 @@ import { type SQL, sql } from "drizzle-orm";
 import type { ActionFilter, ActionRecord, ActionState, AttemptRecord } from "../work/action.js";
 import { type ActionRow, type AttemptRow, actionFromRow, attemptFromRow } from "./action-rows.js";
 import type { Db } from "./database.js";
+import { type PAGE_JSON_BYTES, readPage, type SizedRow } from "./page-read.js";
 import { queryRows } from "./rows.js";
 
 /** Reads one action; undefined if unknown. */
@@ -41,41 +42,22 @@ export async function findActionsByRequestId(
 }
 
 /**
- * JSON (payload, output, last error, phase details) a page of actions
- * carries at most, beyond its first action: well under gRPC's default 4 MiB
- * receive limit. A thousand actions of 1 MiB each made a page of 1 GB, which
- * no default client can even receive, and held the server for seconds.
- */
-export const PAGE_JSON_BYTES = 2 * 1024 * 1024;
-
-/** First number of rows {@link listActions} reads, then four times as many each time, up to its limit. */
-const FIRST_READ = 8;
-
-/**
  * One page of actions in id (= submission) order, after `afterId`: up to
  * `limit`, fewer (`cut`) where the next would take the page's JSON past
- * {@link PAGE_JSON_BYTES}. Read in growing steps (8, 32, 128, …), so a page
- * of large actions reads few more rows than it returns.
+ * {@link PAGE_JSON_BYTES}.
  */
-export async function listActions(
+export function listActions(
   db: Db,
   filter: ActionFilter,
   afterId: string | undefined,
   limit: number,
-): Promise<{ actions: ActionRecord[]; cut: boolean }> {
-  const actions: ActionRecord[] = [];
-  let bytes = 0;
-  let after = afterId;
-  for (let step = Math.min(limit, FIRST_READ); ; step = Math.min(limit - actions.length, step * 4)) {
-    const rows = await readActions(db, filter, after, step);
-    for (const row of rows) {
-      bytes += Number(row.json_bytes);
-      if (actions.length > 0 && bytes > PAGE_JSON_BYTES) return { actions, cut: true };
-      actions.push(actionFromRow(row));
-    }
-    if (rows.length < step || actions.length >= limit) return { actions, cut: false };
-    after = actions.at(-1)?.id;
-  }
+): Promise<{ items: ActionRecord[]; cut: boolean }> {
+  return readPage(
+    (after, n) => readActions(db, filter, after, n),
+    (a) => a.id,
+    afterId,
+    limit,
+  );
 }
 
 /** Up to `limit` actions after `afterId`, each with the size of its JSON as text. */
@@ -84,7 +66,7 @@ async function readActions(
   filter: ActionFilter,
   afterId: string | undefined,
   limit: number,
-): Promise<(ActionRow & { json_bytes: unknown })[]> {
+): Promise<SizedRow<ActionRecord>[]> {
   const conditions: SQL[] = [];
   // A literal, not a parameter: a prepared plan cannot prove the partial indexes' predicates
   // (actions_claim_idx, actions_state_idx) from a parameter's value.
@@ -99,13 +81,14 @@ async function readActions(
     );
   if (afterId) conditions.push(sql`id > ${afterId}`);
   const where = conditions.length > 0 ? sql`where ${sql.join(conditions, sql` and `)}` : sql``;
-  return queryRows<ActionRow & { json_bytes: unknown }>(
+  const rows = await queryRows<ActionRow & { json_bytes: unknown }>(
     db,
     sql`select *, coalesce(octet_length(payload::text), 0) + coalesce(octet_length(output::text), 0)
           + coalesce(octet_length(last_error::text), 0) + coalesce(octet_length(phase_details::text), 0)
           as json_bytes
         from actions ${where} order by id limit ${limit}`,
   );
+  return rows.map((row) => ({ item: actionFromRow(row), jsonBytes: Number(row.json_bytes) }));
 }
 
 const STATE_LITERALS: Readonly<Record<ActionState, string>> = {

@@ -5,6 +5,7 @@ import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
 import { cancelDeploymentActions, type HeldToken } from "./deployments.js";
 import { uuidv7 } from "./ids.js";
+import { type PAGE_JSON_BYTES, readPage, type SizedRow } from "./page-read.js";
 import { insertActions } from "./queries/insert-actions.js";
 import { queryRows, toDate, toDateOrNull, toNumber } from "./rows.js";
 
@@ -181,22 +182,31 @@ export async function findScopeLease(db: Db, id: string): Promise<ScopeLeaseReco
   return row && leaseFromRow(row);
 }
 
-export async function listScopeLeases(
+/**
+ * One page of leases in id (= creation) order, after `afterId`: up to
+ * `limit`, fewer (`cut`) where the next would take the page's results past
+ * {@link PAGE_JSON_BYTES}.
+ */
+export function listScopeLeases(
   db: Db,
   filter: { state?: ScopeLeaseState | undefined; label?: string | undefined; runtime?: string | undefined },
   afterId: string | undefined,
   limit: number,
-): Promise<ScopeLeaseRecord[]> {
+): Promise<{ items: ScopeLeaseRecord[]; cut: boolean }> {
   const conditions: SQL[] = [sql`true`];
   if (filter.state) conditions.push(sql`l.state = ${filter.state}`);
   if (filter.label) conditions.push(sql`l.label = ${filter.label}`);
   if (filter.runtime) conditions.push(sql`l.runtime = ${filter.runtime}`);
-  if (afterId) conditions.push(sql`l.id > ${afterId}`);
-  const rows = await queryRows<LeaseRow>(
-    db,
-    sql`select ${LEASE_COLUMNS} from scope_leases l where ${sql.join(conditions, sql` and `)} order by l.id limit ${limit}`,
-  );
-  return rows.map(leaseFromRow);
+  const read = async (after: string | undefined, n: number) => {
+    const where = after ? [...conditions, sql`l.id > ${after}`] : conditions;
+    const rows = await queryRows<LeaseRow & { json_bytes: unknown }>(
+      db,
+      sql`select ${LEASE_COLUMNS}, coalesce(octet_length(l.result::text), 0) as json_bytes
+          from scope_leases l where ${sql.join(where, sql` and `)} order by l.id limit ${n}`,
+    );
+    return rows.map((row) => ({ item: leaseFromRow(row), jsonBytes: toNumber(row.json_bytes) }));
+  };
+  return readPage(read, (l) => l.id, afterId, limit);
 }
 
 /** Why an operation on a lease could not happen. */
@@ -351,22 +361,67 @@ export async function readFileContent(db: Db, id: string): Promise<Uint8Array | 
   return row?.content === null || row === undefined ? undefined : Buffer.from(row.content, "base64");
 }
 
+/** Filters of a listing of resources; they combine with AND. */
+export interface ResourceFilter {
+  readonly leaseId?: string | undefined;
+  readonly kind?: string | undefined;
+  readonly ownership?: Ownership | undefined;
+}
+
+/** Up to `limit` resources in id (= creation) order, after `afterId`. */
 export async function listResources(
   db: Db,
-  filter: { leaseId?: string | undefined; kind?: string | undefined; ownership?: Ownership | undefined },
+  filter: ResourceFilter,
   afterId: string | undefined,
   limit: number,
 ): Promise<ResourceRecord[]> {
+  return (await readResources(db, filter, afterId, limit)).map((row) => row.item);
+}
+
+/**
+ * One page of resources in id order, after `afterId`: up to `limit`, fewer
+ * (`cut`) where the next would take the page's JSON past
+ * {@link PAGE_JSON_BYTES}.
+ */
+export function listResourcePage(
+  db: Db,
+  filter: ResourceFilter,
+  afterId: string | undefined,
+  limit: number,
+): Promise<{ items: ResourceRecord[]; cut: boolean }> {
+  return readPage(
+    (after, n) => readResources(db, filter, after, n),
+    (r) => r.id,
+    afterId,
+    limit,
+  );
+}
+
+/**
+ * Up to `limit` resources after `afterId`, each with the size of the JSON
+ * its answer carries: an object's body, a deployment's spec and what its
+ * view shows of its action (output, error, phase details).
+ */
+async function readResources(
+  db: Db,
+  filter: ResourceFilter,
+  afterId: string | undefined,
+  limit: number,
+): Promise<SizedRow<ResourceRecord>[]> {
   const conditions: SQL[] = [sql`true`];
   if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
   if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
   if (filter.ownership) conditions.push(sql`ownership = ${filter.ownership}`);
   if (afterId) conditions.push(sql`id > ${afterId}`);
-  const rows = await queryRows<ResourceRow>(
+  const rows = await queryRows<ResourceRow & { json_bytes: unknown }>(
     db,
-    sql`select ${RESOURCE_COLUMNS} from resources where ${sql.join(conditions, sql` and `)} order by id limit ${limit}`,
+    sql`select ${RESOURCE_COLUMNS}, coalesce(octet_length(body::text), 0)
+          + coalesce((select coalesce(octet_length(a.output::text), 0) + coalesce(octet_length(a.last_error::text), 0)
+                        + coalesce(octet_length(a.phase_details::text), 0)
+                      from actions a where a.id = resources.action_id), 0) as json_bytes
+        from resources where ${sql.join(conditions, sql` and `)} order by id limit ${limit}`,
   );
-  return rows.map(resourceFromRow);
+  return rows.map((row) => ({ item: resourceFromRow(row), jsonBytes: toNumber(row.json_bytes) }));
 }
 
 /**

@@ -21,7 +21,8 @@ import {
 } from "./action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { type Explanation, explainHistory } from "./explain.js";
-import { decodePageToken, encodePageToken } from "./page-token.js";
+import { type PAGE_BYTES, type Page, toPage } from "./page.js";
+import { decodePageToken } from "./page-token.js";
 
 /**
  * Rounds of a bulk submit that lost a race for one of its request ids before
@@ -39,13 +40,6 @@ export interface SubmitResult {
   readonly action: ActionRecord;
   /** False when the request id matched an earlier submission. */
   readonly created: boolean;
-}
-
-/** One page of a listing. */
-export interface Page<T> {
-  readonly items: readonly T[];
-  /** Empty on the last page. */
-  readonly nextPageToken: string;
 }
 
 /** Submitting, reading, listing, cancelling and watching actions. */
@@ -100,14 +94,6 @@ export interface ActionServiceDeps {
   /** Counts submissions: created, or an earlier action answered for a repeated request id. */
   readonly submitted?: { inc(labels: { result: "created" | "existing" }, n?: number): void };
 }
-
-/**
- * Most bytes a page of actions takes as sent (see `list`), beyond its first
- * action: under gRPC's default 4 MiB receive limit. The store's cut on the
- * size of their JSON bounds what it reads; this one, what is sent: a Struct
- * takes up to five times the bytes of its JSON (a number, 11 bytes).
- */
-export const PAGE_BYTES = 3 * 1024 * 1024;
 
 export function createActionService({
   db,
@@ -209,24 +195,9 @@ export function createActionService({
     sizeOf?: (action: ActionRecord) => number,
   ): Promise<Page<ActionRecord>> {
     const cursor = decodePageToken(pageToken, filter);
-    // One row more than asked tells whether another page exists; a page cut short by the
-    // size of its actions has more after it.
-    const { actions, cut } = await listActions(db, filter, cursor?.after, size + 1);
-    let items = cut ? actions : actions.slice(0, size);
-    let more = cut || actions.length > size;
-    if (sizeOf) {
-      let bytes = 0;
-      for (let i = 0; i < items.length; i++) {
-        bytes += sizeOf(items[i] as ActionRecord);
-        if (bytes > PAGE_BYTES && i > 0) {
-          items = items.slice(0, i);
-          more = true;
-          break;
-        }
-      }
-    }
-    const last = items.at(-1);
-    return { items, nextPageToken: more && last ? encodePageToken(last.id, filter) : "" };
+    // One row more than asked tells whether another page exists.
+    const { items, cut } = await listActions(db, filter, cursor?.after, size + 1);
+    return toPage(items, size, (a) => a.id, filter, { more: cut, sizeOf });
   }
 
   async function cancel(id: string, reason: string, actor: string): Promise<ActionRecord> {

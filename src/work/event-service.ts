@@ -1,11 +1,11 @@
 import type { Db } from "../store/database.js";
 import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
-import type { Page } from "./action-service.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
 import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
 import { createGate } from "./gate.js";
-import { decodeSequencePageToken, toPage } from "./page-token.js";
+import { type Page, toPage } from "./page.js";
+import { decodeSequencePageToken } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {

@@ -72,22 +72,3 @@ export function pageSize(requested: number): number {
   if (requested > 1000) throw LeaseholdError.invalidArgument("page_size", "must be at most 1000");
   return requested === 0 ? 100 : requested;
 }
-
-/**
- * One page from `rows`, which were read with a limit of `size + 1`: the extra
- * row only says whether another page exists, and the next token points after
- * the last row kept.
- */
-export function toPage<T>(
-  rows: readonly T[],
-  size: number,
-  keyOf: (row: T) => string,
-  filter: unknown,
-): { items: T[]; nextPageToken: string } {
-  const items = rows.slice(0, size);
-  const last = items.at(-1);
-  return {
-    items,
-    nextPageToken: rows.length > size && last !== undefined ? encodePageToken(keyOf(last), filter) : "",
-  };
-}

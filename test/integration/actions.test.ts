@@ -9,6 +9,7 @@ import {
 } from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import type { Client } from "../../src/rpc/client.js";
+import { everyPage } from "../helpers/pages.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -110,18 +111,11 @@ describe("ActionService", () => {
   });
 
   /** Lists `cluster` in pages of up to 1,000 until the last: how many each page held, and the ids in order. */
-  async function everyPage(cluster: string) {
-    const sizes: number[] = [];
-    const seen: string[] = [];
-    let pageToken = "";
-    do {
-      const page = await api.listActions({ cluster, pageSize: 1000, pageToken });
-      sizes.push(page.actions.length);
-      seen.push(...page.actions.map((a) => a.id));
-      expect(page.actions.every((a) => a.payload !== undefined)).toBe(true);
-      pageToken = page.nextPageToken;
-    } while (pageToken !== "");
-    return { sizes, seen };
+  async function actionPages(cluster: string) {
+    const pages = await everyPage((pageToken) => api.listActions({ cluster, pageSize: 1000, pageToken }));
+    const actions = pages.flatMap((page) => page.actions);
+    expect(actions.every((a) => a.payload !== undefined)).toBe(true);
+    return { sizes: pages.map((page) => page.actions.length), seen: actions.map((a) => a.id) };
   }
 
   it("cuts a page of large actions short of the client's receive limit, and pages on", async () => {
@@ -132,7 +126,7 @@ describe("ActionService", () => {
       ids.push((await api.submitAction({ cluster: "heavy", payload })).action?.id ?? "");
     }
     // A default client receives at most 4 MiB: before, the one page (6.3 MB) was refused.
-    expect(await everyPage("heavy")).toEqual({ sizes: [2, 2, 5], seen: ids });
+    expect(await actionPages("heavy")).toEqual({ sizes: [2, 2, 5], seen: ids });
   });
 
   it("cuts a page by the size it is sent at, five times its JSON for numbers", async () => {
@@ -143,7 +137,7 @@ describe("ActionService", () => {
       ids.push((await api.submitAction({ cluster: "numbers", payload })).action?.id ?? "");
     }
     // 3 MiB a page: 28 actions, then the 12 left.
-    expect(await everyPage("numbers")).toEqual({ sizes: [28, 12], seen: ids });
+    expect(await actionPages("numbers")).toEqual({ sizes: [28, 12], seen: ids });
   });
 
   it("filters the listing by state", async () => {

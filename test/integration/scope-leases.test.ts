@@ -1,9 +1,23 @@
+import { type JsonObject, type Message, toBinary } from "@bufbuild/protobuf";
+import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
-import { CloseReason, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
-import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import {
+  CloseReason,
+  DebugLeaseResponseSchema,
+  LeaseService,
+  LeaseState,
+  ListLeasesResponseSchema,
+} from "../../src/gen/leasehold/v1/lease_pb.js";
+import {
+  ListResourcesResponseSchema,
+  Ownership,
+  ResourceService,
+} from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { PAGE_BYTES } from "../../src/work/page.js";
+import { everyPage } from "../helpers/pages.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, failure } from "../helpers/status.js";
 
@@ -333,6 +347,99 @@ describe("scope leases", () => {
     expect((await leases().getLease({ leaseId: id })).lease?.result).toMatchObject({ note: "flaky" });
     await leases().deleteLease({ leaseId: id });
     await expectStatus(leases().setResult({ leaseId: id, result: { passed: 0 } }), Code.NotFound, /./);
+  });
+
+  /** A lease-owned object of kind "blob" with `body`; its id. */
+  const object = async (leaseId: string, body: JsonObject) =>
+    (await resources().createObject({ leaseId, kind: "blob", body })).resource?.id ?? "";
+  /** A body of 1 MB as JSON and sent (the most a body may hold is 1 MiB as JSON). */
+  const megabyte = (i: number) => ({ blob: String(i % 10).repeat(1_000_000) });
+  /** A body of 20 KB as JSON, 110 KB as sent: a number takes 11 bytes in a Struct. */
+  const numbers = (i: number) => ({ v: Array.from({ length: 9_990 }, () => i) });
+
+  /**
+   * Reads a listing from its first page to its last with the default client
+   * (which refuses an answer over 4 MiB), checking that each page is under
+   * PAGE_BYTES as sent: how many items each page held, and their ids in order.
+   */
+  async function pagesOf<R extends Message & { readonly nextPageToken: string }>(
+    schema: GenMessage<R>,
+    list: (pageToken: string) => Promise<R>,
+    itemsOf: (page: R) => readonly { readonly id: string }[],
+  ) {
+    const pages = await everyPage(list);
+    for (const page of pages) expect(toBinary(schema, page).byteLength).toBeLessThan(PAGE_BYTES);
+    return {
+      sizes: pages.map((page) => itemsOf(page).length),
+      seen: pages.flatMap(itemsOf).map((i) => i.id),
+    };
+  }
+
+  it("lists large resources in pages the client can receive, each once and in order", async () => {
+    const [large, numerous] = [await open(), await open()];
+    const megabytes: string[] = [];
+    for (let i = 0; i < 6; i++) megabytes.push(await object(large, megabyte(i)));
+    const many: string[] = [];
+    for (let i = 0; i < 40; i++) many.push(await object(numerous, numbers(i)));
+    const list = (leaseId: string) =>
+      pagesOf(
+        ListResourcesResponseSchema,
+        (pageToken) => resources().listResources({ leaseId, pageSize: 1000, pageToken }),
+        (page) => page.resources,
+      );
+    // 2 MiB of JSON a page after its first resource: before, the one page (6 MB) was refused.
+    expect(await list(large)).toEqual({ sizes: [2, 2, 2], seen: megabytes });
+    // 3 MiB as sent a page, though their JSON (800 KB) is well under 2 MiB.
+    expect(await list(numerous)).toEqual({ sizes: [28, 12], seen: many });
+  });
+
+  it("lists leases with large results in pages the client can receive, each once and in order", async () => {
+    const megabytes: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      megabytes.push(await open(600, "big-results"));
+      await leases().setResult({ leaseId: megabytes[i] as string, result: megabyte(i) });
+    }
+    const many: string[] = [];
+    for (let i = 0; i < 40; i++) {
+      many.push(await open(600, "number-results"));
+      await leases().setResult({ leaseId: many[i] as string, result: numbers(i) });
+    }
+    const list = (label: string) =>
+      pagesOf(
+        ListLeasesResponseSchema,
+        (pageToken) => leases().listLeases({ label, pageSize: 1000, pageToken }),
+        (page) => page.leases,
+      );
+    // Before, the one page (5 MB) was refused.
+    expect(await list("big-results")).toEqual({ sizes: [2, 2, 1], seen: megabytes });
+    expect(await list("number-results")).toEqual({ sizes: [28, 12], seen: many });
+  });
+
+  it("keeps a debug snapshot under the client's limit, leaving out the largest bodies and saying so", async () => {
+    const id = await open();
+    const ids: string[] = [];
+    for (let i = 0; i < 6; i++) ids.push(await object(id, megabyte(i)));
+    await leases().setResult({ leaseId: id, result: megabyte(9) });
+    // Before, the answer (7 MB) was refused.
+    const debug = await leases().debugLease({ leaseId: id });
+    expect(toBinary(DebugLeaseResponseSchema, debug).byteLength).toBeLessThan(PAGE_BYTES);
+    expect(debug.lease?.result).toEqual(megabyte(9));
+    // Every resource is listed; beside the 1 MB result, two 1 MB bodies fit, and four are left out.
+    expect(debug.resources.map((r) => r.id)).toEqual(ids);
+    const bodies = debug.resources.filter((r) => r.body.case !== undefined);
+    expect(bodies.map((r) => r.body.value)).toEqual([megabyte(0), megabyte(1)]);
+    expect(debug.omittedResourceBodies).toBe(4);
+    const left = await resources().getResource({ resourceId: ids[5] as string });
+    expect(left.resource?.body.value).toEqual(megabyte(5));
+    expect(debug.events.map((e) => e.kind)).toEqual([
+      EventKind.SCOPE_LEASE_CREATED,
+      ...ids.map(() => EventKind.RESOURCE_CREATED),
+      EventKind.SCOPE_LEASE_RESULT_SET,
+    ]);
+    expect({ events: debug.omittedEvents, deployments: debug.omittedDeployments }).toEqual({
+      events: 0,
+      deployments: 0,
+    });
   });
 
   it("rejects bad requests with the field to fix", async () => {

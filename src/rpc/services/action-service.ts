@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
@@ -30,6 +30,7 @@ import { pageSize } from "../../work/page-token.js";
 import { decodeSubmitActionsRequest, encodeBasicSubmitResults } from "../action-wire.js";
 import { EncodedResponse, type FastDecoders } from "../adapter.js";
 import { actionParts, attemptParts, eventParts, fitAnswer } from "../answer-budget.js";
+import { encodedSize } from "../encoded-size.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
@@ -121,9 +122,8 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         runId: request.runId || undefined,
         workerId: request.workerId || undefined,
       };
-      // Measured as sent: each action is built and encoded once more, for a call that is not hot.
       const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken, (a) =>
-        encodedSize(toProtoAction(a)),
+        encodedSize(ActionSchema, toProtoAction(a)),
       );
       return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
     },
@@ -500,7 +500,3 @@ function toProtoAttempt(a: AttemptRecord): MessageInitShape<typeof AttemptSchema
     endTime: ts(a.endedAt),
   };
 }
-
-/** Bytes of an action as it is sent. */
-const encodedSize = (action: MessageInitShape<typeof ActionSchema>) =>
-  toBinary(ActionSchema, create(ActionSchema, action)).byteLength;

@@ -14,7 +14,8 @@ import type { Db } from "../../store/database.js";
 import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "../../store/workers.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../../work/change-feed.js";
 import type { LeaseManager } from "../../work/lease-manager.js";
-import { decodePageToken, pageSize, toPage } from "../../work/page-token.js";
+import { toPage } from "../../work/page.js";
+import { decodePageToken, pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLength, checkName, requireId, Violations } from "../validate.js";
 

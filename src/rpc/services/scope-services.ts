@@ -2,22 +2,32 @@ import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
 import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { type Access, permissionDenied, type Right } from "../../auth/access.js";
 import { Code, LeaseholdError, quote } from "../../errors.js";
-import { CloseReason, type LeaseSchema, LeaseService, LeaseState } from "../../gen/leasehold/v1/lease_pb.js";
+import { EventSchema } from "../../gen/leasehold/v1/event_pb.js";
+import {
+  CloseReason,
+  type DebugLeaseResponseSchema,
+  LeaseSchema,
+  LeaseService,
+  LeaseState,
+} from "../../gen/leasehold/v1/lease_pb.js";
 import {
   DeploymentPhase,
-  type DeploymentSchema,
+  DeploymentSchema,
   type DeploymentSpec,
   DeploymentSpecSchema,
   Ownership,
-  type ResourceSchema,
+  ResourceSchema,
   ResourceService,
 } from "../../gen/leasehold/v1/resource_pb.js";
 import type { DeploymentView } from "../../scope/deployment.js";
+import { fitSnapshot } from "../../scope/lease-snapshot.js";
 import type { ScopeLeaseService } from "../../scope/scope-lease-service.js";
 import type { ResourceRecord, ScopeLeaseRecord, ScopeLeaseState } from "../../store/scope-leases.js";
 import type { JsonObject } from "../../work/action.js";
+import type { EventRecord } from "../../work/event.js";
 import type { EventService as Events } from "../../work/event-service.js";
 import { pageSize } from "../../work/page-token.js";
+import { encodedSize } from "../encoded-size.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
 import { toProtoEvent } from "./event-service.js";
@@ -193,7 +203,9 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
         state = name as ScopeLeaseState;
       }
       const filter = { state, label: request.label || undefined, runtime: request.runtime || undefined };
-      const page = await scope.list(filter, pageSize(request.pageSize), request.pageToken);
+      const page = await scope.list(filter, pageSize(request.pageSize), request.pageToken, (l) =>
+        encodedSize(LeaseSchema, toProtoLease(l)),
+      );
       return { leases: page.items.map(toProtoLease), nextPageToken: page.nextPageToken };
     },
     async promoteResource(request, ctx) {
@@ -261,16 +273,11 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
         throw LeaseholdError.invalidArgument("event_limit", "must be between 0 and 1000 (0 means 50)");
       }
       const lease = await leaseWith(scope, ctx.access, "lease.debug", leaseId);
-      const resources = await scope.listResources({ leaseId }, 1000, "");
-      const deployments = await scope.deploymentsOf(resources.items);
-      const page = await events.list({ leaseId }, 1000, "");
-      const recent = page.items.slice(-(request.eventLimit || 50));
-      return {
-        lease: toProtoLease(lease),
-        resources: resources.items.map((r) => toProtoResource(r, deployments.get(r.id))),
-        deployments: [...deployments.values()].map(toProtoDeployment),
-        events: recent.map(toProtoEvent),
-      };
+      const resources = await scope.resourcesOf(leaseId);
+      const deployments = await scope.deploymentsOf(resources);
+      // The newest first: only those asked for are read, however many the lease has.
+      const recent = await events.list({ leaseId }, request.eventLimit || 50, "", true);
+      return snapshotOf(lease, resources, deployments, recent.items.toReversed());
     },
     async *waitLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
@@ -393,8 +400,13 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
               );
             })());
       const filter = { leaseId: request.leaseId || undefined, kind: request.kind || undefined, ownership };
-      const page = await scope.listResources(filter, pageSize(request.pageSize), request.pageToken);
-      return { resources: await withDeployments(page.items), nextPageToken: page.nextPageToken };
+      const page = await scope.listResources(filter, pageSize(request.pageSize), request.pageToken, (r, d) =>
+        encodedSize(ResourceSchema, toProtoResource(r, d)),
+      );
+      return {
+        resources: page.items.map((r) => toProtoResource(r, page.deployments.get(r.id))),
+        nextPageToken: page.nextPageToken,
+      };
     },
     async *downloadFile(request, ctx) {
       const resourceId = requireId("resource_id", request.resourceId);
@@ -444,6 +456,39 @@ function toProtoLease(l: ScopeLeaseRecord): MessageInitShape<typeof LeaseSchema>
     ...(l.result ? { result: l.result as never } : {}),
     ownedResources: l.ownedResources,
     createdBy: l.createdBy,
+  };
+}
+
+/**
+ * DebugLease's answer, kept under PAGE_BYTES as sent by leaving out what
+ * does not fit ({@link fitSnapshot} chooses, from each part's size).
+ */
+function snapshotOf(
+  lease: ScopeLeaseRecord,
+  resources: readonly ResourceRecord[],
+  deployments: ReadonlyMap<string, DeploymentView>,
+  events: readonly EventRecord[],
+): MessageInitShape<typeof DebugLeaseResponseSchema> {
+  const protoLease = toProtoLease(lease);
+  const full = resources.map((r) => toProtoResource(r, deployments.get(r.id)));
+  const bare = full.map((r) => ({ ...r, body: { case: undefined } }));
+  const bareSizes = bare.map((r) => encodedSize(ResourceSchema, r));
+  const views = [...deployments.values()].map(toProtoDeployment);
+  const protoEvents = events.map(toProtoEvent);
+  const fit = fitSnapshot({
+    fixed: bareSizes.reduce((sum, size) => sum + size, encodedSize(LeaseSchema, protoLease)),
+    bodies: full.map((r, i) => encodedSize(ResourceSchema, r) - (bareSizes[i] as number)),
+    deployments: views.map((d) => encodedSize(DeploymentSchema, d)),
+    events: protoEvents.map((e) => encodedSize(EventSchema, e)),
+  });
+  return {
+    lease: protoLease,
+    resources: full.map((r, i) => (fit.bodies.has(i) ? r : (bare[i] as typeof r))),
+    deployments: views.filter((_, i) => fit.deployments.has(i)),
+    events: protoEvents.slice(protoEvents.length - fit.events),
+    omittedDeployments: views.length - fit.deployments.size,
+    omittedEvents: protoEvents.length - fit.events,
+    omittedResourceBodies: full.length - fit.bodies.size,
   };
 }
 

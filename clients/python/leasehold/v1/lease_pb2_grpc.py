@@ -152,7 +152,8 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListLeases(self, request, context):
-        """Lists leases, filtered and paginated.
+        """Lists leases, filtered and paginated, oldest first. A page stays under
+        3 MiB as sent (see page_size).
         Right: lease.read (in the runtime filter, unless held in every cluster).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -216,7 +217,13 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DebugLease(self, request, context):
-        """Returns one structured snapshot of the lease for troubleshooting.
+        """Returns one structured snapshot of the lease for troubleshooting. The
+        answer stays under 3 MiB as sent (under gRPC's default 4 MiB receive
+        limit) unless what is always sent nears it: the lease, and every
+        resource's id, kind and ownership. Then, while they fit, come its
+        deployments (the largest left out), its recent events (the oldest left
+        out) and its resources' bodies (the largest left out); the omitted_*
+        fields count what was left out.
         Right: lease.debug in the lease's runtime.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -139,7 +139,8 @@ class ResourceServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListResources(self, request, context):
-        """Lists resources, filtered and paginated.
+        """Lists resources, filtered and paginated, oldest first. A page stays
+        under 3 MiB as sent (see page_size).
         Right: resource.read in the lease_id filter's runtime, or in every
         cluster without a lease_id.
         """

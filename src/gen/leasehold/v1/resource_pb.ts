@@ -691,7 +691,11 @@ export type ListResourcesRequest = Message<"leasehold.v1.ListResourcesRequest"> 
   ownership: Ownership;
 
   /**
-   * Maximum resources per page, 1–1000. 0 means 100.
+   * Maximum resources per page, 1–1000. 0 means 100. A page holds fewer, and
+   * a next_page_token, where one more resource would take it past 3 MiB as
+   * sent (or the JSON of its object bodies, deployment specs and deployment
+   * states past 2 MiB): a page stays under gRPC's default 4 MiB receive limit
+   * unless its one resource is larger.
    *
    * @generated from field: int32 page_size = 4;
    */
@@ -993,7 +997,8 @@ export const ResourceService: GenService<{
     output: typeof GetResourceResponseSchema;
   },
   /**
-   * Lists resources, filtered and paginated.
+   * Lists resources, filtered and paginated, oldest first. A page stays
+   * under 3 MiB as sent (see page_size).
    * Right: resource.read in the lease_id filter's runtime, or in every
    * cluster without a lease_id.
    *

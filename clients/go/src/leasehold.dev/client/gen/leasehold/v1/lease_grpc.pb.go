@@ -25,7 +25,8 @@ type LeaseServiceClient interface {
 	// Returns one lease. NOT_FOUND if unknown.
 	// Right: lease.read in the lease's runtime.
 	GetLease(ctx context.Context, in *GetLeaseRequest, opts ...grpc.CallOption) (*GetLeaseResponse, error)
-	// Lists leases, filtered and paginated.
+	// Lists leases, filtered and paginated, oldest first. A page stays under
+	// 3 MiB as sent (see page_size).
 	// Right: lease.read (in the runtime filter, unless held in every cluster).
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	// Makes one lease-owned resource workspace-owned at once. Promoting one
@@ -54,7 +55,13 @@ type LeaseServiceClient interface {
 	// on an open or a closed lease (a post-mortem written after a rollback or
 	// a TTL expiry); NOT_FOUND once the lease is deleted.
 	SetResult(ctx context.Context, in *SetResultRequest, opts ...grpc.CallOption) (*SetResultResponse, error)
-	// Returns one structured snapshot of the lease for troubleshooting.
+	// Returns one structured snapshot of the lease for troubleshooting. The
+	// answer stays under 3 MiB as sent (under gRPC's default 4 MiB receive
+	// limit) unless what is always sent nears it: the lease, and every
+	// resource's id, kind and ownership. Then, while they fit, come its
+	// deployments (the largest left out), its recent events (the oldest left
+	// out) and its resources' bodies (the largest left out); the omitted_*
+	// fields count what was left out.
 	// Right: lease.debug in the lease's runtime.
 	DebugLease(ctx context.Context, in *DebugLeaseRequest, opts ...grpc.CallOption) (*DebugLeaseResponse, error)
 	// Streams the lease's deployment lifecycle until it is ready, failed, or
@@ -221,7 +228,8 @@ type LeaseServiceServer interface {
 	// Returns one lease. NOT_FOUND if unknown.
 	// Right: lease.read in the lease's runtime.
 	GetLease(context.Context, *GetLeaseRequest) (*GetLeaseResponse, error)
-	// Lists leases, filtered and paginated.
+	// Lists leases, filtered and paginated, oldest first. A page stays under
+	// 3 MiB as sent (see page_size).
 	// Right: lease.read (in the runtime filter, unless held in every cluster).
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	// Makes one lease-owned resource workspace-owned at once. Promoting one
@@ -250,7 +258,13 @@ type LeaseServiceServer interface {
 	// on an open or a closed lease (a post-mortem written after a rollback or
 	// a TTL expiry); NOT_FOUND once the lease is deleted.
 	SetResult(context.Context, *SetResultRequest) (*SetResultResponse, error)
-	// Returns one structured snapshot of the lease for troubleshooting.
+	// Returns one structured snapshot of the lease for troubleshooting. The
+	// answer stays under 3 MiB as sent (under gRPC's default 4 MiB receive
+	// limit) unless what is always sent nears it: the lease, and every
+	// resource's id, kind and ownership. Then, while they fit, come its
+	// deployments (the largest left out), its recent events (the oldest left
+	// out) and its resources' bodies (the largest left out); the omitted_*
+	// fields count what was left out.
 	// Right: lease.debug in the lease's runtime.
 	DebugLease(context.Context, *DebugLeaseRequest) (*DebugLeaseResponse, error)
 	// Streams the lease's deployment lifecycle until it is ready, failed, or

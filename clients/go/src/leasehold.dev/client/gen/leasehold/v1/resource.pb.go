@@ -1404,7 +1404,11 @@ type ListResourcesRequest struct {
 	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	// Only resources with this ownership.
 	Ownership Ownership `protobuf:"varint,3,opt,name=ownership,proto3,enum=leasehold.v1.Ownership" json:"ownership,omitempty"`
-	// Maximum resources per page, 1–1000. 0 means 100.
+	// Maximum resources per page, 1–1000. 0 means 100. A page holds fewer, and
+	// a next_page_token, where one more resource would take it past 3 MiB as
+	// sent (or the JSON of its object bodies, deployment specs and deployment
+	// states past 2 MiB): a page stays under gRPC's default 4 MiB receive limit
+	// unless its one resource is larger.
 	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// next_page_token of the previous page; empty for the first page. At most
 	// 1024 characters.

@@ -33,7 +33,8 @@ type ResourceServiceClient interface {
 	// deployment created without a lease, in its runtime; in every cluster for
 	// a file or object created without a lease.
 	GetResource(ctx context.Context, in *GetResourceRequest, opts ...grpc.CallOption) (*GetResourceResponse, error)
-	// Lists resources, filtered and paginated.
+	// Lists resources, filtered and paginated, oldest first. A page stays
+	// under 3 MiB as sent (see page_size).
 	// Right: resource.read in the lease_id filter's runtime, or in every
 	// cluster without a lease_id.
 	ListResources(ctx context.Context, in *ListResourcesRequest, opts ...grpc.CallOption) (*ListResourcesResponse, error)
@@ -170,7 +171,8 @@ type ResourceServiceServer interface {
 	// deployment created without a lease, in its runtime; in every cluster for
 	// a file or object created without a lease.
 	GetResource(context.Context, *GetResourceRequest) (*GetResourceResponse, error)
-	// Lists resources, filtered and paginated.
+	// Lists resources, filtered and paginated, oldest first. A page stays
+	// under 3 MiB as sent (see page_size).
 	// Right: resource.read in the lease_id filter's runtime, or in every
 	// cluster without a lease_id.
 	ListResources(context.Context, *ListResourcesRequest) (*ListResourcesResponse, error)

@@ -24,6 +24,12 @@ export interface ServerConfig {
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs: number;
   /**
+   * How long a worker without a live session (and not draining) is kept
+   * after it was last seen, and an ended session after it ended; 0 keeps
+   * them forever (see `forgetWorkers`).
+   */
+  readonly workerRetentionMs: number;
+  /**
    * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
    * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
    * expiries pause, never past `maxSilenceMs`. Default 0.5; 1 turns the valve off.
@@ -104,6 +110,7 @@ export const DEFAULTS = {
   heartbeatInterval: "2s",
   dispatchPoll: "1s",
   partitionShare: "0.5",
+  workerRetention: "7d",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -123,6 +130,7 @@ export interface RawServerOptions {
   readonly gracePeriod?: string | undefined;
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
+  readonly workerRetention?: string | undefined;
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
@@ -147,11 +155,11 @@ export interface RawServerOptions {
   readonly reflection?: string | undefined;
 }
 
-const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
-/** Parses `500ms`, `10s`, `1.5m`, `2h` (a bare number means seconds) into milliseconds. */
+/** Parses `500ms`, `10s`, `1.5m`, `2h`, `7d` (a bare number means seconds) into milliseconds. */
 export function parseDuration(option: string, text: string): number {
-  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(text.trim());
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim());
   if (!match && /^-\d/.test(text.trim()))
     throw configError(option, `must not be negative (got ${JSON.stringify(text)})`);
   if (!match)
@@ -213,6 +221,12 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const maxSilenceMs = raw.maxSilence ? parseDuration("--max-silence", raw.maxSilence) : 10 * gracePeriodMs;
   if (maxSilenceMs < gracePeriodMs)
     throw configError("--max-silence", "must not be shorter than --grace-period");
+  const workerRetentionMs = parseDuration(
+    "--worker-retention",
+    raw.workerRetention ?? DEFAULTS.workerRetention,
+  );
+  if (workerRetentionMs !== 0 && workerRetentionMs < 60_000)
+    throw configError("--worker-retention", "must be 0 (keep every worker) or at least 1m");
   const shareText = raw.partitionShare ?? DEFAULTS.partitionShare;
   const partitionShare = Number(shareText);
   if (!/^\d+(\.\d+)?$/.test(shareText.trim()) || !(partitionShare > 0 && partitionShare <= 1)) {
@@ -266,6 +280,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     gracePeriodMs,
     heartbeatIntervalMs,
     maxSilenceMs,
+    workerRetentionMs,
     partitionShare,
     dispatchPollMs,
     metricsListen,

@@ -316,6 +316,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       gracePeriodMs: config.gracePeriodMs,
       heartbeatIntervalMs: config.heartbeatIntervalMs,
       maxSilenceMs: config.maxSilenceMs,
+      workerRetentionMs: config.workerRetentionMs,
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
       alone: database.driver === "pglite",

@@ -53,6 +53,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--worker-retention <duration>",
+        "how long a worker that is not connected (and not draining) is kept after it was last seen, with its sessions, and an ended session after it ended; then they are forgotten (ListWorkers no longer shows them); 0 keeps them forever",
+      )
+        .env("LEASEHOLD_WORKER_RETENTION")
+        .default(DEFAULTS.workerRetention),
+    )
+    .addOption(
+      new Option(
         "--partition-share <fraction>",
         "when more than this share of a cluster's sessions (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
       )
@@ -189,6 +197,7 @@ export function serveCommand(): Command {
           gracePeriod: options.gracePeriod as string,
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
+          workerRetention: options.workerRetention as string,
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,

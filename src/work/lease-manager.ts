@@ -4,6 +4,7 @@ import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
+import { FORGET_BATCH, forgetWorkers } from "../store/queries/forget-workers.js";
 import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
 import type { HelloInput } from "../store/queries/open-session.js";
 import { setWorkerDraining } from "../store/workers.js";
@@ -55,6 +56,8 @@ export interface LeaseManagerOptions {
   readonly heartbeatIntervalMs: number;
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs?: number;
+  /** See `ServerConfig.workerRetentionMs`; default 0, every worker is kept. */
+  readonly workerRetentionMs?: number;
   /** The mass-disconnect valve's share (SPEC rule 10); see `ServerConfig.partitionShare`. Default 0.5. */
   readonly partitionShare?: number;
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
@@ -167,11 +170,15 @@ export interface LeaseManager extends AsyncDisposable {
     reap(): Promise<void>;
     audit(): Promise<void>;
     dispatch(): Promise<void>;
+    /** Forgets the workers and sessions past the retention (`forgetWorkers`). */
+    forget(): Promise<void>;
     /** Resolves once the claims and settlements already asked for are done (none is run). */
     settled(): Promise<void>;
   };
   stats(): HostedStats;
 }
+
+const HOUR_MS = 3_600_000;
 
 /** Default of `LeaseManagerOptions.grantWindow`. */
 export const DEFAULT_GRANT_WINDOW = 32;
@@ -423,6 +430,21 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     }
   };
 
+  /** Forgets the workers and sessions past their retention, a batch at a time. */
+  const forget = async () => {
+    const retentionMs = options.workerRetentionMs ?? 0;
+    if (retentionMs === 0) return;
+    const total = { workers: 0, sessions: 0 };
+    for (;;) {
+      const batch = await forgetWorkers(db, clock, retentionMs);
+      total.workers += batch.workers;
+      total.sessions += batch.sessions;
+      if (batch.workers < FORGET_BATCH && batch.sessions < FORGET_BATCH) break;
+    }
+    if (total.workers + total.sessions > 0)
+      log.info({ ...total, retentionMs }, "forgot workers and sessions past --worker-retention");
+  };
+
   async function start(): Promise<void> {
     const extended = await extendSessionsOnStart(db, clock, {
       graceMs,
@@ -445,6 +467,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       loops.every(pollMs, "dispatch poll", async () => scheduleDispatch(), {
         phaseMs: Math.round(pollMs / 4),
       });
+      // Housekeeping: hourly, or four times per retention if that is shorter.
+      if (options.workerRetentionMs) {
+        const everyMs = Math.min(HOUR_MS, Math.max(options.workerRetentionMs / 4, 15_000));
+        loops.every(everyMs, "forgetting old workers", forget, { phaseMs: Math.round(everyMs / 2) });
+      }
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
       if (bus) loops.every(pollMs, "lease audit", audit, { phaseMs: Math.round(pollMs / 2) });
     }
@@ -520,6 +547,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       renew,
       reap: () => reaper.reap(),
       audit,
+      forget,
       dispatch: async () => {
         scheduleDispatch();
         await dispatcher.idle();

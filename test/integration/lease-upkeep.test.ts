@@ -1,3 +1,4 @@
+import { sql } from "drizzle-orm";
 import { PgDialect } from "drizzle-orm/pg-core";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
@@ -7,6 +8,7 @@ import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb
 import type { ServerOverrides } from "../../src/server.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
@@ -117,6 +119,44 @@ describe("lease upkeep", () => {
   afterEach(async () => {
     for (const w of workers) w.drop();
     await t[Symbol.asyncDispose]();
+  });
+
+  it("forgets workers not seen for --worker-retention with their sessions, but never a connected or draining one", async () => {
+    await t[Symbol.asyncDispose]();
+    let db: Db | undefined;
+    t = await start({ wrapDb: (d) => (db = d) });
+    const leave = async (w: TestWorker) => {
+      w.goodbye();
+      await w.ended;
+    };
+    await leave(await worker("gone"));
+    const drained = await worker("drained");
+    await t.client(ClusterService).drainWorker({ workerId: "drained", reason: "maintenance" });
+    await leave(drained);
+    await worker("connected");
+    // Eight days later (the retention is 7 by default), one more comes and goes.
+    clock.advance(8 * 86_400_000);
+    await leave(await worker("recent"));
+    await tick().forget();
+
+    const { workers: kept } = await t.client(ClusterService).listWorkers({});
+    expect(kept.map((w) => w.workerId)).toEqual(["connected", "drained", "recent"]);
+    const sessions = await queryRows<{ worker_id: string; live: boolean }>(
+      db as Db,
+      sql`select worker_id, ended_at is null as live from sessions order by worker_id`,
+    );
+    // The drained worker's ended session is older than the retention too; the live one stays.
+    expect(sessions).toEqual([
+      { worker_id: "connected", live: true },
+      { worker_id: "recent", live: false },
+    ]);
+    await waitForLog("forgot workers and sessions past --worker-retention");
+    expect(t.logs.find((l) => l.msg === "forgot workers and sessions past --worker-retention")).toMatchObject(
+      {
+        workers: 1,
+        sessions: 2,
+      },
+    );
   });
 
   it("counts a report it refuses as INVALID as hearing from the worker: the renewal's deadline runs from it", async () => {

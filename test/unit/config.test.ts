@@ -11,6 +11,7 @@ describe("server config", () => {
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
+      workerRetentionMs: 7 * 86_400_000,
       partitionShare: 0.5,
       dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
@@ -38,8 +39,13 @@ describe("server config", () => {
     expect(parseDuration("--x", "2.5s")).toBe(2500);
     expect(parseDuration("--x", "3")).toBe(3000);
     expect(parseDuration("--x", "1m")).toBe(60_000);
+    expect(parseDuration("--x", "7d")).toBe(7 * 86_400_000);
     expect(() => parseDuration("--grace-period", "soon")).toThrow(/^--grace-period: must be a duration like/);
     expect(() => parseDuration("--ttl", "-5s")).toThrow('--ttl: must not be negative (got "-5s")');
+    expect(parseServerConfig({ workerRetention: "0" }).workerRetentionMs).toBe(0);
+    expect(() => parseServerConfig({ workerRetention: "30s" })).toThrow(
+      "--worker-retention: must be 0 (keep every worker) or at least 1m",
+    );
   });
 
   it("refuses a listen address beyond loopback unless insecure", () => {

@@ -35,7 +35,7 @@ import { ACTION_DEFAULTS, type JsonObject } from "../work/action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../work/change-feed.js";
 import { failureLog } from "../work/failure-log.js";
 import { type PAGE_BYTES, type Page, toPage } from "../work/page.js";
-import { decodePageToken } from "../work/page-token.js";
+import { decodePageToken, issuedFor } from "../work/page-token.js";
 import type { RevokeReason } from "../work/worker-messages.js";
 import { type DeploymentPayload, type DeploymentView, deploymentView, FINAL_PHASES } from "./deployment.js";
 
@@ -458,10 +458,10 @@ export function createScopeLeaseService(deps: {
       return lease;
     },
     async list(filter, size, pageToken, sizeOf) {
-      const cursor = decodePageToken(pageToken, filter);
+      const cursor = decodePageToken(pageToken, issuedFor("leases", filter));
       // One row more than asked tells whether another page exists.
       const { items, cut } = await listScopeLeases(db, filter, cursor?.after, size + 1);
-      return toPage(items, size, (l) => l.id, filter, { more: cut, sizeOf });
+      return toPage(items, size, (l) => l.id, issuedFor("leases", filter), { more: cut, sizeOf });
     },
     async promote(leaseId, kind, resourceId, actor) {
       const result = await promoteResource(db, clock, leaseId, kind, resourceId, actor);
@@ -522,12 +522,16 @@ export function createScopeLeaseService(deps: {
       return resource;
     },
     async listResources(filter, size, pageToken, sizeOf) {
-      const cursor = decodePageToken(pageToken, filter);
+      const cursor = decodePageToken(pageToken, issuedFor("resources", filter));
       const { items, cut } = await listResourcePage(db, filter, cursor?.after, size + 1);
       // The views are sent with the resources, so they are measured with them.
       const deployments = await deploymentsOf(items.slice(0, size));
       const measure = sizeOf && ((r: ResourceRecord) => sizeOf(r, deployments.get(r.id)));
-      return { ...toPage(items, size, (r) => r.id, filter, { more: cut, sizeOf: measure }), deployments };
+      const page = toPage(items, size, (r) => r.id, issuedFor("resources", filter), {
+        more: cut,
+        sizeOf: measure,
+      });
+      return { ...page, deployments };
     },
     resourcesOf(leaseId) {
       return listResources(db, { leaseId }, undefined, 1000);

@@ -22,7 +22,7 @@ import {
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC, wakeupsOf } from "./change-feed.js";
 import { type Explanation, explainHistory } from "./explain.js";
 import { type PAGE_BYTES, type Page, toPage } from "./page.js";
-import { decodePageToken } from "./page-token.js";
+import { decodePageToken, issuedFor } from "./page-token.js";
 
 /**
  * Rounds of a bulk submit that lost a race for one of its request ids before
@@ -194,10 +194,10 @@ export function createActionService({
     pageToken: string,
     sizeOf?: (action: ActionRecord) => number,
   ): Promise<Page<ActionRecord>> {
-    const cursor = decodePageToken(pageToken, filter);
+    const cursor = decodePageToken(pageToken, issuedFor("actions", filter));
     // One row more than asked tells whether another page exists.
     const { items, cut } = await listActions(db, filter, cursor?.after, size + 1);
-    return toPage(items, size, (a) => a.id, filter, { more: cut, sizeOf });
+    return toPage(items, size, (a) => a.id, issuedFor("actions", filter), { more: cut, sizeOf });
   }
 
   async function cancel(id: string, reason: string, actor: string): Promise<ActionRecord> {

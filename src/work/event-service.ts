@@ -5,7 +5,7 @@ import type { EventFilter, EventRecord } from "./event.js";
 import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
 import { createGate } from "./gate.js";
 import { type Page, toPage } from "./page.js";
-import { decodeSequencePageToken } from "./page-token.js";
+import { decodeSequencePageToken, issuedFor } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {
@@ -57,12 +57,12 @@ export function createEventService({
     newestFirst = false,
   ): Promise<Page<EventRecord>> {
     // The direction is part of what a token was issued for: a token of one cannot page the other.
-    const issuedFor = newestFirst ? { ...filter, newestFirst } : filter;
-    const cursor = decodeSequencePageToken(pageToken, issuedFor);
+    const issued = issuedFor("events", newestFirst ? { ...filter, newestFirst } : filter);
+    const cursor = decodeSequencePageToken(pageToken, issued);
     const rows = newestFirst
       ? await listEventsBefore(db, filter, pageToken === "" ? undefined : cursor, size + 1)
       : await listEvents(db, filter, cursor, size + 1);
-    return toPage(rows, size, (e) => String(e.sequence), issuedFor);
+    return toPage(rows, size, (e) => String(e.sequence), issued);
   }
 
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {

@@ -3,8 +3,9 @@ import { LeaseholdError } from "../errors.js";
 
 /**
  * Opaque page tokens for keyset pagination. A token carries the last key of
- * the previous page and a fingerprint of the filters, so a token reused with
- * other filters is refused instead of silently returning the wrong page.
+ * the previous page and a fingerprint of the listing and its filters (see
+ * {@link issuedFor}), so a token reused with other filters, or in another
+ * List call, is refused instead of silently returning the wrong page.
  */
 export interface PageCursor {
   /** Last key of the previous page. */
@@ -13,6 +14,13 @@ export interface PageCursor {
 
 const fingerprint = (filter: unknown) =>
   createHash("sha256").update(JSON.stringify(filter)).digest("base64url").slice(0, 16);
+
+/**
+ * What a token is issued for: the listing (`actions`, `events`, …) and its
+ * filters. A ListLeases token given to ListActions with the same (empty)
+ * filters was taken, and paged from a lease id.
+ */
+export const issuedFor = (listing: string, filter: unknown) => ({ listing, filter });
 
 /** Encodes the cursor after `lastKey` for a listing with `filter`. */
 export function encodePageToken(lastKey: string, filter: unknown): string {
@@ -51,7 +59,7 @@ export function decodePageToken(token: string, filter: unknown): PageCursor | un
   if (p.f !== fingerprint(filter)) {
     throw LeaseholdError.invalidArgument(
       "page_token",
-      "was issued for different filters; keep the filters of the first page, or start again without a token",
+      "was issued for different filters or another List call; keep the call and filters of the first page, or start again without a token",
     );
   }
   return { after: p.a };

@@ -7,6 +7,7 @@ import {
   ExplainActionResponseSchema,
   GetActionResponseSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import type { Client } from "../../src/rpc/client.js";
 import { everyPage } from "../helpers/pages.js";
@@ -177,7 +178,7 @@ describe("ActionService", () => {
     );
   });
 
-  it("refuses a page token used with other filters", async () => {
+  it("refuses a page token used with other filters, or in another List call", async () => {
     await api.submitAction({ cluster: "tok" });
     await api.submitAction({ cluster: "tok" });
     const first = await api.listActions({ cluster: "tok", pageSize: 1 });
@@ -186,6 +187,12 @@ describe("ActionService", () => {
       api.listActions({ cluster: "other", pageSize: 1, pageToken: first.nextPageToken }),
       Code.InvalidArgument,
       /^page_token: was issued for different filters/,
+    );
+    // The same filters (cluster "tok") in ListWorkers: the token pages actions, not workers.
+    await expectStatus(
+      t.client(ClusterService).listWorkers({ cluster: "tok", pageToken: first.nextPageToken }),
+      Code.InvalidArgument,
+      /^page_token: was issued for different filters or another List call/,
     );
     await expectStatus(
       api.listActions({ pageToken: "not-a-token" }),

@@ -15,7 +15,7 @@ import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "
 import { type ChangeFeed, EVENTS_TOPIC } from "../../work/change-feed.js";
 import type { LeaseManager } from "../../work/lease-manager.js";
 import { toPage } from "../../work/page.js";
-import { decodePageToken, pageSize } from "../../work/page-token.js";
+import { decodePageToken, issuedFor, pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkLength, checkName, requireId, Violations } from "../validate.js";
 
@@ -52,9 +52,9 @@ export function clusterServiceBinding(deps: {
       }
       const filter = { cluster: request.cluster || undefined, state };
       const size = pageSize(request.pageSize);
-      const cursor = decodePageToken(request.pageToken, filter);
+      const cursor = decodePageToken(request.pageToken, issuedFor("workers", filter));
       const rows = await listWorkers(db, filter, cursor?.after, size + 1);
-      const page = toPage(rows, size, (w) => w.workerId, filter);
+      const page = toPage(rows, size, (w) => w.workerId, issuedFor("workers", filter));
       return { workers: page.items.map(toProtoWorker), nextPageToken: page.nextPageToken };
     },
     async getWorker(request, ctx) {

@@ -252,7 +252,12 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   // grpc-js writes its own errors to stderr ("E No address added out of total 1 resolved" before
   // our message naming --listen): into the log with the rest instead.
   const { setLogger } = await import("@grpc/grpc-js");
-  setLogger({ error: (...args: unknown[]) => log.warn(`grpc-js: ${format(...args)}`) });
+  setLogger({
+    error: (...args: unknown[]) => log.warn(`grpc-js: ${format(...args)}`),
+    // Traces asked for with GRPC_VERBOSITY / GRPC_TRACE.
+    info: (...args: unknown[]) => log.info(`grpc-js: ${format(...args)}`),
+    debug: (...args: unknown[]) => log.debug(`grpc-js: ${format(...args)}`),
+  });
   const stopBeforeReady = new AbortController();
   let server: LeaseholdServer | undefined;
   const interrupts = interruptCounter();

@@ -139,11 +139,13 @@ async function prepare(
     peer: caller.peer,
     metadata: call.metadata,
     access,
-    // As the gRPC port measures it (a SubmitActions answer is bounded by its request's size).
-    requestBytes:
-      method.methodKind === "unary"
+    // As the gRPC port measures it (a SubmitActions answer is bounded by its request's size);
+    // measured only when asked, as most calls never do.
+    get requestBytes() {
+      return method.methodKind === "unary"
         ? toBinary(method.input, request as MessageShape<typeof method.input>).byteLength
-        : 0,
+        : 0;
+    },
   };
 }
 

@@ -58,9 +58,15 @@ export interface ActionService extends AsyncDisposable {
    * reused for a different request is ALREADY_EXISTS naming the item
    * (`actions[i].request_id`) and queues nothing. Request ids must be
    * distinct within `actions`. Results are in the order of `actions`. The
-   * scheduler is woken once, whatever the number of items.
+   * scheduler is woken once, whatever the number of items. `check` sees the
+   * results before they commit when the call holds request ids (see
+   * `insertActionsAtomically`); throwing refuses the call, queuing nothing.
    */
-  submitMany(actions: readonly NewAction[], actor: string): Promise<SubmitResult[]>;
+  submitMany(
+    actions: readonly NewAction[],
+    actor: string,
+    check?: (results: readonly SubmitResult[]) => void,
+  ): Promise<SubmitResult[]>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
   /**
    * One page of actions. With `sizeOf` (an action's size as the caller sends
@@ -141,12 +147,16 @@ export function createActionService({
     return { action: existing.action, created: false };
   }
 
-  async function submitMany(actions: readonly NewAction[], actor: string): Promise<SubmitResult[]> {
+  async function submitMany(
+    actions: readonly NewAction[],
+    actor: string,
+    check?: (results: readonly SubmitResult[]) => void,
+  ): Promise<SubmitResult[]> {
     const items = actions.map((action) => ({ id: uuidv7(), action }));
     // A race with a concurrent submission of one of the request ids rolls
     // everything back; the next round's lookup sees the winner's row.
     for (let round = 1; round <= BULK_ROUNDS; round++) {
-      const outcome = await insertActionsAtomically(db, clock, actor, items);
+      const outcome = await insertActionsAtomically(db, clock, actor, items, check);
       if (outcome.kind === "raced") continue;
       if (outcome.kind === "reused") {
         const requestId = actions[outcome.index]?.requestId as string;

@@ -374,15 +374,17 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
-    // The database just took this stream's deadline: the ack says it is reachable. A closing
-    // process answers heartbeats through its handover instead.
+    // A closing process answers heartbeats through its handover instead. The database watch
+    // says whether the database is reachable, as in every ack (worker.proto): a renewal that
+    // worked once is no proof that it is back, and saying so would reset the SDKs' count of
+    // unreachable acks, which sends them to another address.
     reack: (s) => {
       if (s.lastBeat === undefined || handover.active()) return;
       s.link.send({
         type: "heartbeat_ack",
         sequence: s.lastBeat,
         remainingMs: remainingMs(s),
-        databaseUnreachable: false,
+        databaseUnreachable: databaseUnreachable(),
       });
     },
   });

@@ -277,6 +277,38 @@ describe("ActionService", () => {
     }
   });
 
+  it("leaves out the oldest attempts' messages too when their details were not enough", async () => {
+    const w = await connectWorker(t.address, {
+      workerId: "long-messages",
+      cluster: "big-messages",
+      capacity: 1,
+    });
+    try {
+      const { action } = await api.submitAction({
+        cluster: "big-messages",
+        retryPolicy: { maxAttempts: 40, initialBackoff: {} },
+      });
+      const id = action?.id ?? "";
+      // Forty failures of 120 KB messages (60,000 two-byte characters): 4.8 MB without any details.
+      for (let epoch = 1n; epoch <= 40n; epoch++) {
+        const grant = await w.next("grant", (g) => g.actionId === id && g.epoch === epoch);
+        const result = await w.complete(grant, { error: `${epoch} ${"é".repeat(60_000)}`, retryable: true });
+        expect(result.accepted).toBe(true);
+      }
+      for (const got of [await api.getAction({ actionId: id }), await api.explainAction({ actionId: id })]) {
+        expect(got.omitted.length).toBeGreaterThan(10);
+        expect(got.omitted.every((p) => /^attempts\[\d+\](\.attempt)?\.error\.message$/.test(p))).toBe(true);
+      }
+      const got = await api.getAction({ actionId: id });
+      // The oldest went first: the newest keep theirs.
+      expect(got.attempts.at(-1)?.error?.message.startsWith("40 ")).toBe(true);
+      expect(got.attempts[0]?.error?.message).toBe("");
+      expect(toBinary(GetActionResponseSchema, got).byteLength).toBeLessThanOrEqual(3 * 1024 * 1024);
+    } finally {
+      w.drop();
+    }
+  });
+
   it("answers NOT_FOUND for an unknown action on get, cancel and watch", async () => {
     const id = "01900000-0000-7000-8000-000000000000";
     await expectStatus(api.getAction({ actionId: id }), Code.NotFound, /action "01900000-.*" not found/);

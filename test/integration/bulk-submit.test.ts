@@ -324,6 +324,41 @@ describe("ActionService.SubmitActions", () => {
     expect(await count(sql`run_id = 'named'`)).toBe(1000);
   });
 
+  it("refuses, queuing nothing, a retried call whose earlier actions' answer no default client could read", async () => {
+    // Six actions with request ids finish with 0.9 MB outputs: a retry of the call answers them.
+    const items: Item[] = Array.from({ length: 6 }, (_, i) => ({
+      cluster: "bulk-out",
+      requestId: `out-${i}`,
+    }));
+    const worker = await connectWorker(
+      t.address,
+      { workerId: "out-w", cluster: "bulk-out", capacity: 6 },
+      as("alice"),
+    );
+    try {
+      await api.submitActions({ actions: items, view: ActionView.BASIC }, as("alice"));
+      for (let i = 0; i < 6; i++) {
+        const grant = await worker.next("grant");
+        expect(await worker.complete(grant, { output: { log: "o".repeat(900_000) } })).toMatchObject({
+          accepted: true,
+        });
+      }
+    } finally {
+      worker.goodbye();
+      await worker.ended;
+    }
+    const retried = [...items, { cluster: "bulk-out", runId: "with-retries" }];
+    const f = await expectStatus(
+      api.submitActions({ actions: retried }, as("alice")),
+      Code.ResourceExhausted,
+      /^view: the answer in view ACTION_VIEW_FULL would take 5\.\d MiB, over the 4 MiB default gRPC clients accept/,
+    );
+    expect(f.fields).toEqual(["view"]);
+    expect(await count(sql`run_id = 'with-retries'`)).toBe(0);
+    const basic = await api.submitActions({ actions: retried, view: ActionView.BASIC }, as("alice"));
+    expect(basic.results.map((r) => r.created)).toEqual([false, false, false, false, false, false, true]);
+  });
+
   it("answers in view FULL within the bound it checks: the request's size and 512 bytes an item", async () => {
     const actions: Item[] = Array.from({ length: 200 }, (_, i) => ({
       cluster: "bulk-a",

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import type { MessageInitShape } from "@bufbuild/protobuf";
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
@@ -15,6 +15,7 @@ import {
   GetActionResponseSchema,
   type SubmitActionRequest,
   SubmitActionsRequestSchema,
+  SubmitActionsResponseSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
 import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
 import {
@@ -25,7 +26,7 @@ import {
   type JsonObject,
   type NewAction,
 } from "../../work/action.js";
-import type { ActionService as Actions } from "../../work/action-service.js";
+import type { ActionService as Actions, SubmitResult } from "../../work/action-service.js";
 import { pageSize } from "../../work/page-token.js";
 import { decodeSubmitActionsRequest, encodeBasicSubmitResults } from "../action-wire.js";
 import { EncodedResponse, type FastDecoders } from "../adapter.js";
@@ -79,7 +80,14 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     },
     async submitActions(request, ctx) {
       const toProto = viewOf(request.view);
-      if (request.view !== ActionView.BASIC) checkFullAnswerFits(ctx.requestBytes, request.actions.length);
+      const full = request.view !== ActionView.BASIC;
+      // Refused before anything is queued (see ANSWER_BYTES_PER_ITEM).
+      if (full)
+        refuseUnlessFits(
+          ctx.requestBytes +
+            request.actions.length * (ANSWER_BYTES_PER_ITEM + Buffer.byteLength(ctx.access.actor)),
+          "up to ",
+        );
       const items = toNewActions(request.actions);
       // Every distinct cluster once; the first item naming a refused cluster is the one reported.
       const checked = new Set<string>();
@@ -95,22 +103,38 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       const attributes = { "leasehold.actions": items.length };
       return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
         const traced = trace.traceParent ? items.map((item) => ({ ...item, ...trace })) : items;
-        const results = await actions.submitMany(traced, ctx.access.actor);
-        const encoded = request.view === ActionView.BASIC ? encodeBasicSubmitResults(results) : undefined;
-        if (encoded) return new EncodedResponse(encoded);
-        return {
-          results: results.map(({ action, created }) => ({ action: toProto(action), created })),
+        const encodeFull = (results: readonly SubmitResult[]) => {
+          const message = create(SubmitActionsResponseSchema, {
+            results: results.map(({ action, created }) => ({ action: toProto(action), created })),
+          });
+          const bytes = toBinary(SubmitActionsResponseSchema, message);
+          return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
         };
+        // An item whose request id was used before is answered with the action it made, as it is
+        // now (its output, its last error): nothing in the request bounds that. The answer is
+        // made before the commit, and refused with it.
+        let answer: Buffer | undefined;
+        const check = (results: readonly SubmitResult[]) => {
+          const bytes = encodeFull(results);
+          refuseUnlessFits(bytes.byteLength, "");
+          answer = bytes;
+        };
+        const results = await actions.submitMany(traced, ctx.access.actor, full ? check : undefined);
+        const encoded = full ? (answer ?? encodeFull(results)) : encodeBasicSubmitResults(results);
+        if (encoded) return new EncodedResponse(encoded);
+        return { results: results.map(({ action, created }) => ({ action: toProto(action), created })) };
       });
     },
     async getAction(request, ctx) {
       const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
       ctx.access.require("action.read", action.cluster);
       const whole = { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
-      const { answer, omitted } = fitAnswer(GetActionResponseSchema, whole, () => [
+      const { answer, omitted, over } = fitAnswer(GetActionResponseSchema, whole, () => [
         ...attemptParts(whole.attempts, (i) => `attempts[${i}]`),
         ...actionParts(whole.action, "action"),
+        ...attemptParts(whole.attempts, (i) => `attempts[${i}]`, "message"),
       ]);
+      if (over) throw tooLargeToAnswer(action.id, attempts.length);
       return { ...answer, omitted };
     },
     async listActions(request, ctx) {
@@ -162,14 +186,20 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         })),
         truncated: explained.truncated,
       };
-      const { answer, omitted } = fitAnswer(ExplainActionResponseSchema, whole, () => [
+      const { answer, omitted, over } = fitAnswer(ExplainActionResponseSchema, whole, () => [
         ...attemptParts(
           whole.attempts.map((a) => a.attempt),
           (i) => `attempts[${i}].attempt`,
         ),
         ...eventParts(whole.timeline),
         ...actionParts(whole.action, "action"),
+        ...attemptParts(
+          whole.attempts.map((a) => a.attempt),
+          (i) => `attempts[${i}].attempt`,
+          "message",
+        ),
       ]);
+      if (over) throw tooLargeToAnswer(id, whole.attempts.length);
       return { ...answer, omitted };
     },
     async *watchAction(request, ctx) {
@@ -219,29 +249,33 @@ async function traced<T>(
 const CLIENT_RECEIVE_BYTES = 4 * 1024 * 1024;
 
 /**
- * More than a SubmitActions answer in view FULL adds to each item of the
- * request: the action's id, state, times, counters, retry policy and
- * principal (at most 128 characters), with framing.
+ * More than a SubmitActions answer in view FULL adds to a new item of the
+ * request, besides the principal: the action's id, state, times, counters
+ * and retry policy, with framing. With the request's size it bounds the
+ * answer of a call without request ids before anything is queued: such a
+ * call committed everything, and its client then saw RESOURCE_EXHAUSTED,
+ * which action.proto says queued nothing.
  */
 const ANSWER_BYTES_PER_ITEM = 512;
 
-/**
- * Refuses, before anything is queued, a SubmitActions call whose answer in
- * view FULL (every action with its payload) would pass what default clients
- * accept: such a call committed everything, and its client then saw
- * RESOURCE_EXHAUSTED, which action.proto says queued nothing. Each item's
- * answer echoes it, so the request's size bounds the answer's.
- */
-function checkFullAnswerFits(requestBytes: number, items: number): void {
-  const answerBytes = requestBytes + items * ANSWER_BYTES_PER_ITEM;
+/** Refuses a SubmitActions answer in view FULL of (`about` and) `answerBytes` that default clients would refuse. */
+function refuseUnlessFits(answerBytes: number, about: string): void {
   if (answerBytes <= CLIENT_RECEIVE_BYTES) return;
   const mib = (answerBytes / (1024 * 1024)).toFixed(1);
-  const description = `the answer in view ACTION_VIEW_FULL would take up to ${mib} MiB, over the 4 MiB default gRPC clients accept; ask for view ACTION_VIEW_BASIC (each action without its payload) or send fewer actions per call`;
+  const description = `the answer in view ACTION_VIEW_FULL would take ${about}${mib} MiB, over the 4 MiB default gRPC clients accept; ask for view ACTION_VIEW_BASIC (each action without its payload) or send fewer actions per call`;
   throw new LeaseholdError(Code.ResourceExhausted, `view: ${description}`, {
     reason: "ANSWER_TOO_LARGE",
     fieldViolations: [{ field: "view", description }],
   });
 }
+
+/** An action whose answer passes 3 MiB even without its details and its attempts' messages. */
+const tooLargeToAnswer = (id: string, attempts: number) =>
+  new LeaseholdError(
+    Code.ResourceExhausted,
+    `action ${id} has ${attempts} attempts: more than one answer can carry (3 MiB) even without their errors; ListEvents with its action_id reads its history page by page`,
+    { reason: "ANSWER_TOO_LARGE" },
+  );
 
 /** `error` (a LeaseholdError) with the item it is about prefixed to its message and in its metadata. */
 function atItem(error: unknown, field: string): unknown {

@@ -219,12 +219,19 @@ const RACED = Symbol("raced");
  * asked means such a race: the transaction is rolled back and the outcome is
  * `raced`, as it is for a deadlock (40P01) between two bulk calls inserting
  * the same ids in different orders. The caller runs it again.
+ *
+ * `check` sees the results of the transaction before it commits, and
+ * throwing rolls it back: the answer it would make of them (existing
+ * actions included, with their outputs) may be refused. Without request ids
+ * nothing but the new items is answered, and no transaction runs: it is
+ * not called.
  */
 export async function insertActionsAtomically(
   db: Db,
   clock: Clock,
   actor: string,
   items: readonly { readonly id: string; readonly action: NewAction }[],
+  check?: (results: readonly { action: ActionRecord; created: boolean }[]) => void,
 ): Promise<AtomicInsertOutcome> {
   if (items.every(({ action }) => action.requestId === undefined)) {
     // Nothing to look up and nothing to conflict on: one statement, atomic by itself.
@@ -265,6 +272,7 @@ export async function insertActionsAtomically(
         if (created) return { action: created as ActionRecord, created: true };
         return { action: existing.get(action.requestId as string)?.action as ActionRecord, created: false };
       });
+      check?.(results);
       return { kind: "done", results } as const;
     });
   } catch (error) {

@@ -53,7 +53,7 @@ export interface Hosted {
   /** performance.now() of the last message from the worker. */
   heardAt: number;
   /**
-   * The sequence of the last heartbeat answered on this stream: a renewal
+   * The sequence of the last heartbeat received on this stream: a renewal
    * that succeeds after failing answers it again, with the time it stored.
    */
   lastBeat?: bigint;

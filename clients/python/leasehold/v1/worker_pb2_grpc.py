@@ -34,7 +34,7 @@ class WorkerServiceStub(object):
     google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
     (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
     the metadata named. gRPC libraries read it for you (grpc-go:
-    status.FromError(err).Details(); Python: grpcio-status's
+    status.Convert(err).Details(); Python: grpcio-status's
     rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
     none, generate the two files from googleapis and decode the trailer's
     bytes. Some endings need opposite reactions under one code (ABORTED is
@@ -85,7 +85,7 @@ class WorkerServiceServicer(object):
     google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
     (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
     the metadata named. gRPC libraries read it for you (grpc-go:
-    status.FromError(err).Details(); Python: grpcio-status's
+    status.Convert(err).Details(); Python: grpcio-status's
     rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
     none, generate the two files from googleapis and decode the trailer's
     bytes. Some endings need opposite reactions under one code (ABORTED is
@@ -236,13 +236,14 @@ class WorkerServiceServicer(object):
         and deadline = the latest candidate so far (the persisted deadline only
         grows, so an ack processed late never shortens it). The deadline survives
         reconnections: a new stream does not extend it, only a fresh ack does.
-        A server whose renewal of the session was late (its database was gone,
-        or stalled, for longer than a heartbeat interval) answers the stream's
-        last heartbeat again as soon as the renewal is stored: a second
-        HeartbeatAck with the same sequence and the new remaining. Apply it the
-        same way, from that heartbeat's send time (so keep the send time of the
-        last acknowledged heartbeat). Ignoring it is safe; it only lets the
-        worker survive a database outage up to a heartbeat interval longer.
+        A server whose renewal of the session was late (one failed, its
+        database gone, or one waited longer than a heartbeat interval) answers
+        the last heartbeat it received on the stream again as soon as a renewal
+        is stored: another HeartbeatAck with the same sequence and the new
+        remaining. Apply it the same way, from that heartbeat's send time (so
+        keep the send time of the last acknowledged heartbeat); an ack of a
+        sequence older than that is no news. Ignoring it is safe; it only lets
+        the worker survive a database outage up to a heartbeat interval longer.
         Measure these local times with a monotonic clock (time.monotonic,
         performance.now, Go's time.Now with its monotonic reading), never the
         wall clock, which can step back and keep work running past the server's
@@ -348,7 +349,7 @@ class WorkerService(object):
     google/rpc/status.proto) whose details hold a google.rpc.ErrorInfo
     (google/rpc/error_details.proto) with domain "leasehold.dev", reason X and
     the metadata named. gRPC libraries read it for you (grpc-go:
-    status.FromError(err).Details(); Python: grpcio-status's
+    status.Convert(err).Details(); Python: grpcio-status's
     rpc_status.from_call; grpc-js: the trailer in the call's metadata); with
     none, generate the two files from googleapis and decode the trailer's
     bytes. Some endings need opposite reactions under one code (ABORTED is

@@ -651,8 +651,9 @@ export type ExplainActionResponse = Message<"leasehold.v1.ExplainActionResponse"
    * Details left out to keep the answer under 3 MiB (default gRPC clients
    * accept 4 MiB), as paths such as `attempts[0].attempt.error.details` or
    * `timeline[3].event.details`: the attempts' error details oldest first,
-   * then the events' details oldest first, then the action's as GetAction
-   * leaves them out. Empty when nothing was left out.
+   * then the events' details oldest first, then the action's and the
+   * attempts' messages as GetAction leaves them out (and as it, refused when
+   * that is not enough). Empty when nothing was left out.
    *
    * @generated from field: repeated string omitted = 5;
    */
@@ -796,7 +797,10 @@ export type GetActionResponse = Message<"leasehold.v1.GetActionResponse"> & {
    * attempts with large details are not), as paths such as
    * `attempts[0].error.details` or `action.output`: the attempts' error
    * details oldest first, then the action's phase_details,
-   * last_error.details, output and payload. Empty when nothing was left out.
+   * last_error.details, output and payload, then the attempts' error
+   * messages oldest first. Empty when nothing was left out. An action whose
+   * answer passes 3 MiB even so is RESOURCE_EXHAUSTED (ErrorInfo reason
+   * ANSWER_TOO_LARGE); ListEvents with its id reads its history.
    *
    * @generated from field: repeated string omitted = 3;
    */
@@ -1210,9 +1214,10 @@ export const ActionService: GenService<{
    * items of one call may not share a request_id (INVALID_ARGUMENT). With
    * view ACTION_VIEW_BASIC each result's action carries only the fields that
    * name it (see ActionView), which makes large calls cheaper to answer and
-   * to read. In the FULL view the answer echoes every item: a call whose
-   * answer could pass 4 MiB (what default gRPC clients accept; bounded as the
-   * request's size + 512 bytes an item) is RESOURCE_EXHAUSTED (ErrorInfo
+   * to read. In the FULL view the answer echoes every new item, and answers
+   * an item whose request_id was used before with its action as it is now
+   * (output and last error included): a call whose answer would pass 4 MiB
+   * (what default gRPC clients accept) is RESOURCE_EXHAUSTED (ErrorInfo
    * reason ANSWER_TOO_LARGE, field `view`) and queues nothing: ask for
    * ACTION_VIEW_BASIC, or send fewer actions per call.
    * Right: action.submit in the cluster of every item.

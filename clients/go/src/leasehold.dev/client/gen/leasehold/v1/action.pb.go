@@ -1232,8 +1232,9 @@ type ExplainActionResponse struct {
 	// Details left out to keep the answer under 3 MiB (default gRPC clients
 	// accept 4 MiB), as paths such as `attempts[0].attempt.error.details` or
 	// `timeline[3].event.details`: the attempts' error details oldest first,
-	// then the events' details oldest first, then the action's as GetAction
-	// leaves them out. Empty when nothing was left out.
+	// then the events' details oldest first, then the action's and the
+	// attempts' messages as GetAction leaves them out (and as it, refused when
+	// that is not enough). Empty when nothing was left out.
 	Omitted []string `protobuf:"bytes,5,rep,name=omitted,proto3" json:"omitted,omitempty"`
 }
 
@@ -1495,7 +1496,10 @@ type GetActionResponse struct {
 	// attempts with large details are not), as paths such as
 	// `attempts[0].error.details` or `action.output`: the attempts' error
 	// details oldest first, then the action's phase_details,
-	// last_error.details, output and payload. Empty when nothing was left out.
+	// last_error.details, output and payload, then the attempts' error
+	// messages oldest first. Empty when nothing was left out. An action whose
+	// answer passes 3 MiB even so is RESOURCE_EXHAUSTED (ErrorInfo reason
+	// ANSWER_TOO_LARGE); ListEvents with its id reads its history.
 	Omitted []string `protobuf:"bytes,3,rep,name=omitted,proto3" json:"omitted,omitempty"`
 }
 

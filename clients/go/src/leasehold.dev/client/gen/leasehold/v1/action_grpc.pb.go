@@ -38,9 +38,10 @@ type ActionServiceClient interface {
 	// items of one call may not share a request_id (INVALID_ARGUMENT). With
 	// view ACTION_VIEW_BASIC each result's action carries only the fields that
 	// name it (see ActionView), which makes large calls cheaper to answer and
-	// to read. In the FULL view the answer echoes every item: a call whose
-	// answer could pass 4 MiB (what default gRPC clients accept; bounded as the
-	// request's size + 512 bytes an item) is RESOURCE_EXHAUSTED (ErrorInfo
+	// to read. In the FULL view the answer echoes every new item, and answers
+	// an item whose request_id was used before with its action as it is now
+	// (output and last error included): a call whose answer would pass 4 MiB
+	// (what default gRPC clients accept) is RESOURCE_EXHAUSTED (ErrorInfo
 	// reason ANSWER_TOO_LARGE, field `view`) and queues nothing: ask for
 	// ACTION_VIEW_BASIC, or send fewer actions per call.
 	// Right: action.submit in the cluster of every item.
@@ -194,9 +195,10 @@ type ActionServiceServer interface {
 	// items of one call may not share a request_id (INVALID_ARGUMENT). With
 	// view ACTION_VIEW_BASIC each result's action carries only the fields that
 	// name it (see ActionView), which makes large calls cheaper to answer and
-	// to read. In the FULL view the answer echoes every item: a call whose
-	// answer could pass 4 MiB (what default gRPC clients accept; bounded as the
-	// request's size + 512 bytes an item) is RESOURCE_EXHAUSTED (ErrorInfo
+	// to read. In the FULL view the answer echoes every new item, and answers
+	// an item whose request_id was used before with its action as it is now
+	// (output and last error included): a call whose answer would pass 4 MiB
+	// (what default gRPC clients accept) is RESOURCE_EXHAUSTED (ErrorInfo
 	// reason ANSWER_TOO_LARGE, field `view`) and queues nothing: ask for
 	// ACTION_VIEW_BASIC, or send fewer actions per call.
 	// Right: action.submit in the cluster of every item.

@@ -1010,7 +1010,8 @@ type HeartbeatAck struct {
 	unknownFields protoimpl.UnknownFields
 
 	// The acknowledged heartbeat's sequence. The last one may be acknowledged
-	// twice: again once a late renewal is stored (see Connect, Self-fence).
+	// more than once: again whenever a late renewal is stored (see Connect,
+	// Self-fence).
 	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// How long the session is still guaranteed, from the persisted deadline,
 	// measured when the ack was sent. Apply it from the local send time of the

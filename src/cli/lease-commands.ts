@@ -69,6 +69,7 @@ const leaseRow = (l: Lease) => [
   String(l.ownedResources),
   time(l.expireTime),
 ];
+/** One lease: with --json its proto3 JSON; for people its row, then its result if one is recorded. */
 const printLease = (l: Lease | undefined, json: boolean) => {
   if (!l) return;
   if (json) return out(toJson(messageJson(LeaseSchema, l)));
@@ -76,6 +77,7 @@ const printLease = (l: Lease | undefined, json: boolean) => {
     [...LEASE_HEADERS, "CLOSED"],
     [[...leaseRow(l), l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-"]],
   );
+  if (l.result) out(`result: ${JSON.stringify(l.result)}`);
 };
 const resourceRow = (r: Resource) => [
   r.id,
@@ -143,7 +145,6 @@ export function leaseCommands(): Command {
         const { lease: l } = await c.leases.getLease({ leaseId: id });
         printLease(l, json);
         if (!json && l?.createdBy) out(`created by: ${l.createdBy}`);
-        if (!json && l?.result) out(`result: ${JSON.stringify(l.result)}`);
       }),
     );
   lease

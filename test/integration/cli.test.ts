@@ -561,7 +561,9 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
           .stdout,
       );
       expect(promoted.ownership).toBe("OWNERSHIP_WORKSPACE");
-      await cli([...server, "lease", "set-result", lease.id, "--result", '{"passed":true}']);
+      // It shows the lease with the result it now holds, as `lease get` and `lease debug` do.
+      const recorded = await cli([...server, "lease", "set-result", lease.id, "--result", '{"passed":true}']);
+      expect(recorded.stdout).toContain('result: {"passed":true}\n');
       const rolled = await cli([...server, "lease", "rollback", lease.id]);
       expect(rolled).toMatchObject({ code: 0, stdout: `${lease.id} rolled back: 1 resource destroyed\n` });
       expect((await t.client(LeaseService).getLease({ leaseId: lease.id })).lease).toMatchObject({
@@ -579,6 +581,9 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       const shown = (await cli([...server, "lease", "get", lease.id])).stdout;
       expect(shown).toContain("created by: anonymous\n");
       expect(shown).toContain('result: {"passed":true}\n');
+      expect((await cli([...server, "lease", "debug", lease.id])).stdout).toContain(
+        'result: {"passed":true}\n',
+      );
       expect((await cli([...server, "lease", "delete", lease.id])).code).toBe(0);
       expect((await cli([...server, "lease", "get", lease.id])).code).toBe(4);
       // Many at once by runtime; the event names who deleted it.

@@ -403,6 +403,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     feed,
     hosted,
     graceMs,
+    heartbeatIntervalMs: options.heartbeatIntervalMs,
     maxSilenceMs,
     partitionShare,
     timersOn,

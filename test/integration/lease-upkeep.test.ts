@@ -404,6 +404,43 @@ describe("lease upkeep", () => {
     });
   });
 
+  it("reaps nothing when starting the reap waited for the database longer than a heartbeat interval", async () => {
+    await t[Symbol.asyncDispose]();
+    // The database hangs as the reap asks for it: its transaction starts after the hang, by
+    // when the deadlines passed, as the renewals stuck behind the same hang could not move them.
+    let hangs = false;
+    t = await start({
+      wrapDb: (db) =>
+        new Proxy(db, {
+          get(target, property, receiver) {
+            if (property !== "transaction" || !hangs) return Reflect.get(target, property, receiver);
+            hangs = false;
+            return async (...args: Parameters<Db["transaction"]>) => {
+              clock.advance(GRACE_MS + 1000);
+              await new Promise((resolve) => setTimeout(resolve, 2100));
+              return target.transaction(...args);
+            };
+          },
+        }),
+    });
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    await w.heartbeat(1, [lease(grant)]);
+    await tick().renew();
+    hangs = true;
+    await expect(tick().reap()).rejects.toThrow(/^starting the reap waited \d+ms for the database/);
+    expect(await expiredActions()).toEqual([]);
+    // Awake again: the worker's next heartbeat is renewed, and the reap after the failure
+    // extends every live session before it judges any.
+    await w.heartbeat(2, [lease(grant)]);
+    await tick().renew();
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.LEASED, epoch: 1n });
+  });
+
   it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {
     await t[Symbol.asyncDispose]();
     let reapBroken = false;
@@ -475,12 +512,21 @@ describe("lease upkeep", () => {
 /** The renewal's statement. */
 const RENEWAL = /update sessions s set\s+last_heard_at/;
 
-/** A database whose every statement goes through `around` (given its text), to fail or slow some. */
+/**
+ * A database whose every statement goes through `around` (given its text), to fail or slow some;
+ * so do the statements of its transactions.
+ */
 function intercepting(around: (text: string, execute: () => Promise<unknown>) => Promise<unknown>) {
   const dialect = new PgDialect();
-  return (db: Db): Db =>
+  const wrap = (db: Db): Db =>
     new Proxy(db, {
       get(target, property, receiver) {
+        if (property === "transaction")
+          return (fn: (tx: Db) => Promise<unknown>, ...rest: unknown[]) =>
+            (target.transaction as (...args: unknown[]) => Promise<unknown>)(
+              (tx: Db) => fn(wrap(tx)),
+              ...rest,
+            );
         if (property !== "execute") return Reflect.get(target, property, receiver);
         return (query: Parameters<typeof target.execute>[0]) =>
           around(typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql, () =>
@@ -488,4 +534,5 @@ function intercepting(around: (text: string, execute: () => Promise<unknown>) =>
           );
       },
     });
+  return wrap;
 }

@@ -72,6 +72,7 @@ export function createReaper(deps: {
   feed: ChangeFeed;
   hosted: HostedSessions;
   graceMs: number;
+  heartbeatIntervalMs: number;
   maxSilenceMs: number;
   partitionShare: number;
   timersOn: boolean;
@@ -180,6 +181,31 @@ export function createReaper(deps: {
     }
   }
 
+  /**
+   * One periodic reap statement, in a transaction of its own, which fixes the
+   * `now()` the statement judges deadlines by at the transaction's start;
+   * none runs if starting it waited for the database longer than a
+   * heartbeat interval. A reap sent just before the database hung (SIGSTOP,
+   * a stalled disk) ran when it woke, by the `now()` of then: the renewals
+   * stuck behind the same wait could not move the deadlines, and the
+   * sessions of connected workers were reaped within the grace period (a 9 s
+   * hang at a 10 s grace). Refused, it counts as a failure, and the next
+   * reap extends every live session first, as after any outage. Once the
+   * transaction has started, however long the statement takes, it judges by
+   * a time the renewals had kept up with.
+   */
+  async function reapInTime(options: Parameters<typeof reapSessions>[2]): Promise<ReapResult> {
+    const askedAt = performance.now();
+    return db.transaction(async (t) => {
+      const waitedMs = Math.round(performance.now() - askedAt);
+      if (waitedMs > deps.heartbeatIntervalMs)
+        throw new Error(
+          `starting the reap waited ${waitedMs}ms for the database, longer than a heartbeat interval: not reaping by deadlines the renewals could not keep up with`,
+        );
+      return reapSessions(t as unknown as Db, clock, options);
+    });
+  }
+
   async function reapAll(): Promise<void> {
     if (outage) {
       const extended = await extendSessionsAfterOutage(db, clock, {
@@ -194,7 +220,7 @@ export function createReaper(deps: {
         );
     }
     for (;;) {
-      const result = await reapSessions(db, clock, {
+      const result = await reapInTime({
         limit: REAP_BATCH,
         partitionShare: deps.partitionShare,
         maxSilenceMs: deps.maxSilenceMs,

@@ -173,6 +173,25 @@ describe("ExplainAction", () => {
     again.goodbye();
   });
 
+  it("leaves out what an agent of another cluster reported about the action", async () => {
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "explain-4" });
+    const id = action?.id ?? "";
+    // An agent of another cluster names the action: fenced, and recorded in its own cluster.
+    const other = await connectWorker(t.address, {
+      workerId: "explain-other",
+      cluster: "elsewhere",
+      capacity: 1,
+    });
+    expect(await other.complete({ actionId: id, epoch: 1n }, { output: {} })).toMatchObject({
+      accepted: false,
+    });
+    await waitForEvent(t, "explain-other", EventKind.REPORT_FENCED);
+    other.goodbye();
+    const explained = await api.explainAction({ actionId: id });
+    expect(explained.timeline.map((s) => s.event?.kind)).toEqual([EventKind.ACTION_SUBMITTED]);
+  });
+
   it("answers NOT_FOUND for an unknown action and INVALID_ARGUMENT without an id", async () => {
     const api = t.client(ActionService);
     await expect(api.explainAction({ actionId: "no-such-action" })).rejects.toMatchObject({

@@ -81,7 +81,12 @@ export async function readActionHistory(
             select * from (
               -- Each part is cut to the limit on its own index, so that an action with a
               -- flood of events (fenced reports) is not read whole.
-              (select * from events where action_id = ${actionId} order by sequence limit ${limit + 1})
+              -- Only the action's cluster's: a fenced report an agent of another cluster sent
+              -- naming this action is recorded in that agent's cluster, which the caller may not
+              -- read (its worker, session and principal).
+              (select * from events where action_id = ${actionId}
+                 and (cluster is null or cluster = ${action.cluster})
+               order by sequence limit ${limit + 1})
               union all
               (select e.* from events e
                where e.session_id in (select session_id from held)

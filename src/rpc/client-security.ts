@@ -104,7 +104,9 @@ export function clientChannel(security: ClientSecurity, addresses: readonly stri
     }
     return {
       credentials: grpc.credentials.createInsecure(),
-      options: {},
+      // grpc-js sends a channel through the proxy http_proxy or grpc_proxy names, loopback
+      // addresses included: the token would cross the network in plaintext after all.
+      options: token ? { "grpc.enable_http_proxy": 0 } : {},
       interceptors,
       tls: false,
       serverNameFixed: false,

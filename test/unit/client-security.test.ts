@@ -1,5 +1,6 @@
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { type AddressInfo, createServer as createNetServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -151,6 +152,28 @@ describe("client security: tokens on the wire", () => {
     await callOnce({ token: "abc.def" }, `127.0.0.1:${server.port}`);
     await callOnce({}, `127.0.0.1:${server.port}`);
     expect(server.seen.slice(before)).toEqual([["Bearer abc.def"], []]);
+  });
+
+  it("never sends a plaintext token through the proxy the environment names", async () => {
+    // A proxy that only counts who came: grpc-js would send it CONNECT, then the token.
+    let proxied = 0;
+    const proxy = createNetServer((socket) => {
+      proxied += 1;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, "127.0.0.1", resolve));
+    const saved = process.env.http_proxy;
+    process.env.http_proxy = `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+    try {
+      const before = server.seen.length;
+      await callOnce({ token: "abc.def" }, `localhost:${server.port}`);
+      expect(server.seen.slice(before)).toEqual([["Bearer abc.def"]]);
+      expect(proxied).toBe(0);
+    } finally {
+      if (saved === undefined) delete process.env.http_proxy;
+      else process.env.http_proxy = saved;
+      proxy.close();
+    }
   });
 
   it("reads a token file again after it changes, whether rewritten or replaced", async () => {

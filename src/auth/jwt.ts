@@ -83,6 +83,12 @@ const REMOTE_JWKS_MAX_AGE_MS = 10 * 60_000;
  * cannot make us hammer the issuer.
  */
 const REMOTE_JWKS_COOLDOWN_MS = 30_000;
+/**
+ * Least time between two fetches while they fail: jose's cooldown counts
+ * from a fetch that worked, so with the issuer down every call with a
+ * token fetched again (20 calls, 20 fetches, each waiting up to 5 s).
+ */
+const REMOTE_JWKS_RETRY_MS = 5_000;
 const REMOTE_JWKS_TIMEOUT_MS = 5_000;
 
 const PUBLIC_KEY_TYPES = ["RSA", "EC", "OKP"];
@@ -96,7 +102,7 @@ export function looksLikeJwt(token: string): boolean {
  * A verifier of bearer JWTs against a JWKS: a file (read at start, and again
  * when it changes) or an http(s) URL (fetched with jose's remote set: cached
  * for 10 minutes, refetched at most every 30 s when a token names an unknown
- * key). Tokens must be signed with an asymmetric algorithm, carry the issuer
+ * key, and at most every 5 s while fetches fail). Tokens must be signed with an asymmetric algorithm, carry the issuer
  * and audience configured, and expire (`exp`), within the tolerated clock
  * skew. Throws INVALID_ARGUMENT naming the flag for bad options or a bad
  * JWKS file.
@@ -143,11 +149,19 @@ export function createJwtVerifier(
       cooldownDuration: REMOTE_JWKS_COOLDOWN_MS,
       timeoutDuration: REMOTE_JWKS_TIMEOUT_MS,
     });
+    let failed: { at: number; error: JwksUnavailable } | undefined;
     getKey = async (header, token) => {
+      // While fetches fail, a call that would fetch (keys stale, or a key not among them) is
+      // answered with the last failure until the retry pause has passed; keys in hand still serve.
+      const inHand =
+        set.fresh && (header.kid === undefined || set.jwks()?.keys.some((k) => k.kid === header.kid));
+      if (failed && now() - failed.at < REMOTE_JWKS_RETRY_MS && !inHand) throw failed.error;
       try {
         return await set(header, token);
       } catch (error) {
-        throw isKeySelectionError(error) ? error : new JwksUnavailable(url.href, error);
+        if (isKeySelectionError(error)) throw error;
+        failed = { at: now(), error: new JwksUnavailable(url.href, error) };
+        throw failed.error;
       }
     };
   } else {

@@ -1,5 +1,6 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type CryptoKey, exportJWK, generateKeyPair, generateSecret, SignJWT } from "jose";
@@ -259,6 +260,33 @@ describe("JWT verifier with a JWKS URL", () => {
     expect(error.code).toBe(Code.Unavailable);
     expect(error.reason).toBe("JWKS_UNAVAILABLE");
     expect(error.message).toMatch(/^cannot get the JWKS from http:\/\/127\.0\.0\.1:1\/jwks\.json/);
+  });
+
+  it("fetch at most every 5 s while fetches fail, however many tokens come", async () => {
+    let failing = 0;
+    const down = createServer((_req, res) => {
+      failing += 1;
+      res.writeHead(503).end();
+    });
+    await new Promise<void>((resolve) => down.listen(0, "127.0.0.1", resolve));
+    const port = (down.address() as AddressInfo).port;
+    let nowMs = Date.now();
+    const v = createJwtVerifier(options({ jwks: `http://127.0.0.1:${port}/jwks.json` }), log, {
+      now: () => nowMs,
+    });
+    try {
+      for (let i = 0; i < 20; i++) {
+        const error = await rejection(v.verify(await sign({}, { kid: `unknown-${i}` })));
+        expect(error.reason).toBe("JWKS_UNAVAILABLE");
+      }
+      expect(failing).toBe(1);
+      nowMs += 5_000;
+      await rejection(v.verify(await sign()));
+      expect(failing).toBe(2);
+    } finally {
+      v.close();
+      down.close();
+    }
   });
 
   it("refuse a JWKS URL in plain http beyond this machine", () => {

@@ -432,10 +432,12 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           log.error({ err: cause }, "database unreachable; NOT_SERVING until it answers again");
           databaseUnreachable = true;
           rpc.markNotServing();
+          gate.pause(cause.message);
         },
         back: () => {
           log.info("database reachable again; serving");
           databaseUnreachable = false;
+          gate.resume();
           if (!closing) rpc.markServing();
           // Whatever was missed while it was gone: look again.
           feed.publish(QUEUE_TOPIC);

@@ -18,6 +18,9 @@ type Impl = Record<string, ((...args: never[]) => unknown) | undefined>;
  *   calls that were waiting: clients retry, nothing hangs for the whole outage;
  * - if startup fails or the server stops first ({@link StartupGate.close}),
  *   waiting calls get that error.
+ *
+ * Once open, {@link StartupGate.pause} makes new calls fail at once while
+ * the database is unreachable, as they do while a start waits for it.
  */
 export interface StartupGate {
   /** A binding for `service` that forwards each call to the implementation given to `open`. */
@@ -30,12 +33,21 @@ export interface StartupGate {
   open(bindings: readonly ServiceBinding[]): void;
   /** Startup failed or was stopped before `open`: waiting and later calls get `error`. */
   close(error: LeaseholdError): void;
+  /**
+   * After `open`: the database is unreachable (`cause`), and new calls fail at
+   * once with UNAVAILABLE (reason DATABASE_UNREACHABLE) until `resume`. A
+   * database that hangs rather than refuses kept every call waiting until
+   * its deadline, or for the whole hang without one.
+   */
+  pause(cause: string): void;
+  resume(): void;
 }
 
 export function createStartupGate(): StartupGate {
   let impls: Map<string, Impl> | undefined;
   let blocked: LeaseholdError | undefined;
   let closed: LeaseholdError | undefined;
+  let paused: LeaseholdError | undefined;
   const waiters = new Set<{ resolve(): void; reject(error: LeaseholdError): void }>();
   const deferred: string[] = [];
 
@@ -46,6 +58,7 @@ export function createStartupGate(): StartupGate {
 
   /** Resolves with the implementation of `typeName` once open; rejects as described above. */
   async function implOf(typeName: string, ctx: HandlerContext): Promise<Impl> {
+    if (impls && paused) throw paused;
     if (!impls) {
       if (closed) throw closed;
       if (blocked) throw blocked;
@@ -133,6 +146,16 @@ export function createStartupGate(): StartupGate {
       blocked = undefined;
       for (const w of waiters) w.resolve();
       waiters.clear();
+    },
+    pause(cause) {
+      paused = new LeaseholdError(
+        Code.Unavailable,
+        `the database cannot be reached (${cause}); retry later`,
+        { reason: "DATABASE_UNREACHABLE" },
+      );
+    },
+    resume() {
+      paused = undefined;
     },
     close(error) {
       if (impls) return;

@@ -1,8 +1,10 @@
 import postgres from "postgres";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, inject, it, onTestFinished } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import { healthClient } from "../helpers/grpc-peers.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 
@@ -49,5 +51,44 @@ describe.runIf(runsPostgresTests())("a database that refuses connections", () =>
     await expect
       .poll(async () => (await api.getAction({ actionId: id }).catch(() => undefined))?.action?.id)
       .toBe(id);
+  });
+});
+
+/**
+ * A database that hangs (a stopped process, a stalled disk) answers nothing:
+ * once the health watch has found it unreachable, calls fail at once with
+ * UNAVAILABLE instead of waiting for the whole hang, as they do when it
+ * refuses connections.
+ */
+describe.runIf(runsPostgresTests())("a database that hangs", () => {
+  it("answers new calls UNAVAILABLE at once once it is found unreachable, and serves them after", async () => {
+    const store = await freshPostgresDatabase();
+    const url = new URL(store.url as string);
+    const proxy = await cuttableProxy(url.hostname, Number(url.port || 5432));
+    url.host = `127.0.0.1:${proxy.port}`;
+    const t = await startTestServer({
+      store: { ...store, url: url.toString() },
+      config: { gracePeriod: "3s", heartbeatInterval: "500ms" },
+    });
+    try {
+      const api = t.client(ActionService);
+      const health = healthClient(t.address);
+      onTestFinished(() => health.close());
+      const id = (await api.submitAction({ cluster: "east" })).action?.id ?? "";
+      proxy.freeze();
+      await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
+      const { code, reason } = await failure(
+        api.getAction({ actionId: id }, { deadline: new Date(Date.now() + 10_000) }),
+      );
+      expect({ code, reason }).toEqual({ code: Code.Unavailable, reason: "DATABASE_UNREACHABLE" });
+      proxy.thaw();
+      await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
+      expect((await api.getAction({ actionId: id })).action?.id).toBe(id);
+    } finally {
+      proxy.thaw();
+      await t[Symbol.asyncDispose]();
+      proxy.close();
+      await store.drop();
+    }
   });
 });

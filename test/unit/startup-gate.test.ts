@@ -74,6 +74,27 @@ describe("the startup gate", () => {
     await expect(deferred.getAction("req", context().ctx)).rejects.toMatchObject(expected);
   });
 
+  it("once open, answers UNAVAILABLE at once while paused for an unreachable database, then serves again", async () => {
+    const { gate, deferred, real } = setup();
+    gate.open([real]);
+    gate.pause("no answer within 2000ms");
+    const refused = {
+      code: Code.Unavailable,
+      reason: "DATABASE_UNREACHABLE",
+      message: "the database cannot be reached (no answer within 2000ms); retry later",
+    };
+    await expect(deferred.getAction("req", context().ctx)).rejects.toMatchObject(refused);
+    await expect(
+      (async () => {
+        for await (const _ of deferred.watchAction("req", context().ctx)) {
+          // none: refused before the first message
+        }
+      })(),
+    ).rejects.toMatchObject(refused);
+    gate.resume();
+    expect(await deferred.getAction("req", context().ctx)).toEqual({ answered: "req" });
+  });
+
   it("holds calls again once unblocked", async () => {
     const { gate, deferred, real } = setup();
     gate.block("down");

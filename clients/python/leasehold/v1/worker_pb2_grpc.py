@@ -200,6 +200,10 @@ class WorkerServiceServicer(object):
         The Welcome answers the hello once the session is open. A server that is
         starting, or waiting for its database, holds hellos until it is ready:
         wait for the welcome as long as the stream stays open, as the SDKs do.
+        A server that has found its database unreachable since it started (its
+        acks say database_unreachable) ends a new stream at once with UNAVAILABLE
+        (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,
+        to another address if there is one.
 
         List held leases in the hello. On every reconnection, Hello.held_leases
         lists every (action_id, epoch) the worker still holds: running, finished

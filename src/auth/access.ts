@@ -130,6 +130,11 @@ export interface Access {
    * is set and allowed. Scoped callers must name the cluster they list.
    */
   requireListScope(right: Right, cluster: string): void;
+  /**
+   * `right` in every cluster, for what belongs to none (a resource made
+   * outside any lease); the refusal says `why` it takes that.
+   */
+  requireEverywhere(right: Right, why: string): void;
   /** For a hello: whether an agent may use `workerId` in `cluster`. */
   mayRunWorker(cluster: string, workerId: string): boolean;
 }
@@ -151,6 +156,7 @@ export const OPEN_ACCESS: Access = Object.freeze({
   require: () => {},
   requireOwned: () => {},
   requireListScope: () => {},
+  requireEverywhere: () => {},
   mayRunWorker: () => true,
 });
 
@@ -225,6 +231,9 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
         );
       }
       require(right, cluster);
+    },
+    requireEverywhere(right: Right, why: string) {
+      if (!everywhere(right)) throw permissionDenied(actor, right, `in every cluster: ${why}`);
     },
     mayRunWorker(cluster: string, workerId: string) {
       return bindings.some(

@@ -385,7 +385,7 @@ describe("authorization by cluster, owner and session", () => {
     await expectStatus(
       resources.createObject({ kind: "note" }, as("alice")),
       Code.PermissionDenied,
-      /resource\.create in every cluster/,
+      /resource\.create in every cluster: without a lease_id \(or runtime\) the resource would belong to no cluster; create it in a lease$/,
     );
     const note = (await resources.createObject({ kind: "note" }, as("admin"))).resource?.id ?? "";
     const deployment =

@@ -101,7 +101,7 @@ async function requireOnResource(
 ): Promise<void> {
   const home = await homeOf(scope, resource);
   if (home) access.require(right, home.runtime);
-  else access.requireListScope(right, "");
+  else access.requireEverywhere(right, "this resource was made outside any lease, and belongs to no cluster");
 }
 
 /**
@@ -151,7 +151,11 @@ async function requireCreate(
 ): Promise<void> {
   if (!leaseId) {
     if (options.runtime) access.require("resource.create", options.runtime);
-    else access.requireListScope("resource.create", "");
+    else
+      access.requireEverywhere(
+        "resource.create",
+        "without a lease_id (or runtime) the resource would belong to no cluster; create it in a lease",
+      );
     return;
   }
   const lease = await scope.get(leaseId);
@@ -433,7 +437,11 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       // The lease's creator owns what was made in it; a lease-less deployment, whoever created it.
       const home = await homeOf(scope, await scope.getResource(resourceId));
       if (home) ctx.access.requireOwned("lease.use", home.runtime, home.createdBy);
-      else ctx.access.requireListScope("lease.use.any", "");
+      else
+        ctx.access.requireEverywhere(
+          "lease.use.any",
+          "this resource was made outside any lease, and belongs to no cluster",
+        );
       await scope.deleteResource(resourceId, ctx.access.actor);
       return {};
     },

@@ -33,6 +33,18 @@ export function checkName(v: Violations, field: string, value: string, max = 128
 }
 
 /**
+ * A name given as a List or Watch filter: empty (no filter) or a name as
+ * the calls that make them check it. A filter no name can match answered
+ * an empty page, and the caller never heard of the typo.
+ */
+export function checkFilterName(field: string, value: string): void {
+  if (value === "") return;
+  const v = new Violations();
+  checkName(v, field, value);
+  v.throwIfAny();
+}
+
+/**
  * Checks the names a worker's hello carries (worker id, cluster, labels),
  * reporting each under the name `fields` gives it: the hello's field paths on
  * the server, the agent's options or flags before a hello is ever sent.

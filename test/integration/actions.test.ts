@@ -375,6 +375,21 @@ describe("ActionService", () => {
       expect(f.fields.length).toBeGreaterThan(0);
     });
 
+    it("a List or Watch filter that no cluster name could match, rather than an empty page", async () => {
+      const expected = /^cluster: may contain only letters, digits/;
+      await expectStatus(api.listActions({ cluster: "my cluster" }), Code.InvalidArgument, expected);
+      await expectStatus(
+        t.client(EventService).listEvents({ cluster: "my cluster" }),
+        Code.InvalidArgument,
+        expected,
+      );
+      await expectStatus(
+        t.client(ClusterService).listWorkers({ cluster: "my cluster" }),
+        Code.InvalidArgument,
+        expected,
+      );
+    });
+
     it("a payload over 1 MiB is RESOURCE_EXHAUSTED, naming the field", async () => {
       const f = await expectStatus(
         api.submitAction({ cluster: "c", payload: { blob: "x".repeat(1024 * 1024) } }),

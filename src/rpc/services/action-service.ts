@@ -34,7 +34,15 @@ import { actionParts, attemptParts, eventParts, fitAnswer } from "../answer-budg
 import { encodedSize } from "../encoded-size.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
-import { checkLabels, checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
+import {
+  checkFilterName,
+  checkLabels,
+  checkLength,
+  checkName,
+  durationField,
+  requireId,
+  Violations,
+} from "../validate.js";
 import { toProtoEvent } from "./event-service.js";
 
 const DAY_MS = 24 * 60 * 60 * 1000;
@@ -139,6 +147,7 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     },
     async listActions(request, ctx) {
       ctx.access.requireListScope("action.read", request.cluster);
+      checkFilterName("cluster", request.cluster);
       const state = request.state === ActionState.UNSPECIFIED ? undefined : stateName(request.state);
       const filter = {
         state,

@@ -17,7 +17,7 @@ import type { LeaseManager } from "../../work/lease-manager.js";
 import { toPage } from "../../work/page.js";
 import { decodePageToken, issuedFor, pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
-import { checkLength, checkName, requireId, Violations } from "../validate.js";
+import { checkFilterName, checkLength, checkName, requireId, Violations } from "../validate.js";
 
 /**
  * The ClusterService handlers: what the database says about clusters and
@@ -43,6 +43,7 @@ export function clusterServiceBinding(deps: {
     },
     async listWorkers(request, ctx) {
       ctx.access.requireListScope("worker.read", request.cluster);
+      checkFilterName("cluster", request.cluster);
       let state: StoreState | undefined;
       if (request.state !== WorkerState.UNSPECIFIED) {
         const name = WorkerState[request.state];

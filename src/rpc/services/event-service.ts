@@ -6,6 +6,7 @@ import type { EventKind as DomainKind, EventFilter, EventRecord } from "../../wo
 import type { EventService as Events } from "../../work/event-service.js";
 import { pageSize } from "../../work/page-token.js";
 import { bind, type ServiceBinding } from "../server.js";
+import { checkFilterName } from "../validate.js";
 
 /**
  * The EventService handlers over the domain's event service. A caller that
@@ -16,6 +17,7 @@ export function eventServiceBinding(events: Events): ServiceBinding {
   return bind(EventService, {
     async listEvents(request, ctx) {
       ctx.access.requireListScope("event.read", request.cluster);
+      checkFilterName("cluster", request.cluster);
       const page = await events.list(
         toFilter(request),
         pageSize(request.pageSize),
@@ -26,6 +28,7 @@ export function eventServiceBinding(events: Events): ServiceBinding {
     },
     async *watchEvents(request, ctx) {
       ctx.access.requireListScope("event.read", request.cluster);
+      checkFilterName("cluster", request.cluster);
       const after = request.afterSequence === undefined ? undefined : Number(request.afterSequence);
       for await (const event of events.watch(toFilter(request), after, ctx.signal)) {
         yield { event: toProtoEvent(event) };

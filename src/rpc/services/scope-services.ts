@@ -29,7 +29,14 @@ import type { EventService as Events } from "../../work/event-service.js";
 import { pageSize } from "../../work/page-token.js";
 import { encodedSize } from "../encoded-size.js";
 import { bind, type ServiceBinding } from "../server.js";
-import { checkLength, checkName, durationField, requireId, Violations } from "../validate.js";
+import {
+  checkFilterName,
+  checkLength,
+  checkName,
+  durationField,
+  requireId,
+  Violations,
+} from "../validate.js";
 import { toProtoEvent } from "./event-service.js";
 
 const DAY_MS = 24 * 60 * 60_000;
@@ -199,6 +206,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
     },
     async listLeases(request, ctx) {
       ctx.access.requireListScope("lease.read", request.runtime);
+      checkFilterName("runtime", request.runtime);
       let state: ScopeLeaseState | undefined;
       if (request.state !== LeaseState.UNSPECIFIED) {
         const name = LeaseState[request.state];

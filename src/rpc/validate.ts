@@ -68,6 +68,9 @@ export function checkLength(v: Violations, field: string, value: string, max: nu
 /** Checks a required id field. */
 export function requireId(field: string, value: string): string {
   if (value === "") throw LeaseholdError.invalidArgument(field, "is required");
+  // No id is blank: one that looks given but is not must not read as an unknown id (NOT_FOUND).
+  if (value.trim() === "")
+    throw LeaseholdError.invalidArgument(field, "is required (it holds only whitespace)");
   if (charactersOver(value, 128) !== undefined)
     throw LeaseholdError.invalidArgument(field, "must be at most 128 characters");
   return value;

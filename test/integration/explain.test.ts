@@ -201,6 +201,10 @@ describe("ExplainAction", () => {
       code: Code.INVALID_ARGUMENT,
       details: expect.stringContaining("action_id"),
     });
+    await expect(api.explainAction({ actionId: "   " })).rejects.toMatchObject({
+      code: Code.INVALID_ARGUMENT,
+      details: "action_id: is required (it holds only whitespace)",
+    });
   });
 
   it("leasehold action explain prints the timeline, and --json the response", async () => {

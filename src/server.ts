@@ -121,6 +121,8 @@ export interface StreamLimits
     Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes" | "fencedEventsWindowMs"> {
   /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
   readonly maxConcurrentStreams?: number;
+  /** How long a connection with no call stays open (`RpcServerOptions.maxConnectionIdleMs`). */
+  readonly maxConnectionIdleMs?: number;
 }
 
 /** Every service the port answers; bound before their implementations exist (see StartupGate). */
@@ -173,6 +175,7 @@ export async function startServer(
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
     ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
+    ...(limits.maxConnectionIdleMs ? { maxConnectionIdleMs: limits.maxConnectionIdleMs } : {}),
     // The deferred bindings are what grpc-js registers: each carries its service's decoders.
     services: SERVICES.map((service) => ({
       ...gate.defer(service),

@@ -51,6 +51,13 @@ export interface RpcServerOptions {
    * {@link DEFAULT_MAX_CONCURRENT_STREAMS}.
    */
   readonly maxConcurrentStreams?: number;
+  /**
+   * How long a client connection may stay open with no call on it before the
+   * server closes it (HTTP/2 GOAWAY; a gRPC client reconnects for its next
+   * call). A peer that opens connections and never calls holds no socket for
+   * good. Default {@link DEFAULT_MAX_CONNECTION_IDLE_MS}.
+   */
+  readonly maxConnectionIdleMs?: number;
   /** Authentication of every call of `services`; none: every call is allowed (no credentials configured). */
   readonly authenticator?: Authenticator | undefined;
   /**
@@ -64,6 +71,9 @@ export interface RpcServerOptions {
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
 export const DEFAULT_MAX_CONCURRENT_STREAMS = 256;
+
+/** Default of `RpcServerOptions.maxConnectionIdleMs`: five minutes. */
+export const DEFAULT_MAX_CONNECTION_IDLE_MS = 5 * 60_000;
 
 /** A running gRPC server. */
 export interface RpcServer extends AsyncDisposable {
@@ -123,6 +133,7 @@ export async function createRpcServer(
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 5_000,
     "grpc.max_concurrent_streams": options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
+    "grpc.max_connection_idle_ms": options.maxConnectionIdleMs ?? DEFAULT_MAX_CONNECTION_IDLE_MS,
     ...(options.maxReceiveMessageBytes
       ? { "grpc.max_receive_message_length": options.maxReceiveMessageBytes }
       : {}),

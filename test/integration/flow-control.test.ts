@@ -1,4 +1,5 @@
 import { connect as http2Connect, constants as http2Constants } from "node:http2";
+import { connect as tcpConnect } from "node:net";
 import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
@@ -238,6 +239,27 @@ describe("worker stream flow control", () => {
       session.once("remoteSettings", resolve),
     );
     expect(settings.maxConcurrentStreams).toBe(6);
+  });
+
+  it("closes connections that carry no call for the idle bound, and keeps the one a worker's stream holds", async () => {
+    await start({ maxConnectionIdleMs: 300 });
+    const steady = await worker("steady", 1);
+    // An HTTP/2 connection that never calls, and a TCP connection that never speaks HTTP/2.
+    const idle = http2Connect(`http://${t.address}`);
+    closers.push(() => idle.destroy());
+    idle.on("error", () => {});
+    const goaway = new Promise<void>((resolve) => idle.once("goaway", () => resolve()));
+    const idleClosed = new Promise<void>((resolve) => idle.once("close", () => resolve()));
+    const [host, port] = t.address.split(":");
+    const silent = tcpConnect(Number(port), host);
+    closers.push(() => silent.destroy());
+    silent.on("error", () => {});
+    silent.resume();
+    const silentClosed = new Promise<void>((resolve) => silent.once("close", () => resolve()));
+    await Promise.all([goaway, idleClosed, silentClosed]);
+    // The worker connected first, so its connection passed the bound too: its stream kept it open.
+    const ack = await steady.heartbeat(1);
+    expect(ack.sequence).toBe(1n);
   });
 
   it("refuses hellos past the open queue with RESOURCE_EXHAUSTED while open sessions keep their heartbeat acks", async () => {

@@ -378,6 +378,19 @@ describe("authorization by cluster, owner and session", () => {
     await leases.rollbackLease({ leaseId }, as("alice"));
   });
 
+  it("names file.upload when an agent uploads into a lease outside its clusters", async () => {
+    const { lease } = await t.client(LeaseService).createLease({ runtime: "cluster-b" }, as("admin"));
+    const upload = t
+      .client(ResourceService)
+      .createFile({ leaseId: lease?.id ?? "", name: "out.txt", content: new Uint8Array() }, as("agent-p"));
+    const denied = await expectStatus(
+      upload,
+      Code.PermissionDenied,
+      /"agent-p" lacks the right file\.upload in cluster "cluster-b" \(nor resource\.create there\)/,
+    );
+    expect(denied.reason).toBe("PERMISSION_DENIED");
+  });
+
   it("records who created and deleted resources outside a lease; a deployment's event carries its runtime", async () => {
     const resources = t.client(ResourceService);
     const events = t.client(EventService);

@@ -167,6 +167,16 @@ async function requireCreate(
   }
   const lease = await scope.get(leaseId);
   if (options.upload && access.can("file.upload", lease.runtime)) return;
+  // An agent uploads with file.upload: the right it lacks is that one, not the submitter's.
+  if (options.upload && access.holdsAnywhere("file.upload") && !access.can("resource.create", lease.runtime))
+    throw permissionDenied(
+      access.actor,
+      "file.upload",
+      `in cluster ${quote(lease.runtime)} (nor resource.create there)`,
+      {
+        cluster: lease.runtime,
+      },
+    );
   access.require("resource.create", lease.runtime);
   access.requireOwned("lease.use", lease.runtime, lease.createdBy);
 }

@@ -2,6 +2,7 @@ import { createPublicKey, type JsonWebKey } from "node:crypto";
 import {
   createLocalJWKSet,
   createRemoteJWKSet,
+  decodeProtectedHeader,
   errors,
   type JSONWebKeySet,
   type JWK,
@@ -204,7 +205,7 @@ export function createJwtVerifier(
           // Several keys fit the token's header (no `kid`): the one that verifies wins.
           payload = await verifyWithAny(token, error, verifyOptions());
         } else {
-          throw tokenError(error, options, now());
+          throw tokenError(error, options, now(), token);
         }
       }
       const principal = payload[options.principalClaim];
@@ -233,7 +234,16 @@ export function createJwtVerifier(
         if (!(error instanceof errors.JWSSignatureVerificationFailed)) break;
       }
     }
-    throw tokenError(last, options, now());
+    throw tokenError(last, options, now(), token);
+  }
+}
+
+/** The alg of a token's header, as it says ("" if it cannot be read). */
+function algOf(token: string): string {
+  try {
+    return String(decodeProtectedHeader(token).alg ?? "");
+  } catch {
+    return "";
   }
 }
 
@@ -303,7 +313,7 @@ const audiences = (aud: unknown) =>
   Array.isArray(aud) ? aud.map((a) => quote(String(a))).join(", ") : quote(String(aud));
 
 /** The UNAUTHENTICATED (or UNAVAILABLE) error for a failed verification. */
-function tokenError(error: unknown, options: JwtOptions, nowMs: number): LeaseholdError {
+function tokenError(error: unknown, options: JwtOptions, nowMs: number, token: string): LeaseholdError {
   if (error instanceof LeaseholdError) return error;
   if (error instanceof JwksUnavailable)
     return new LeaseholdError(Code.Unavailable, `${error.message}; try again later`, {
@@ -363,11 +373,13 @@ function tokenError(error: unknown, options: JwtOptions, nowMs: number): Leaseho
       "TOKEN_BAD_SIGNATURE",
       "no key of the JWKS matches the token's kid and alg: is it from another issuer, or was its key removed?",
     );
-  if (error instanceof errors.JOSEAlgNotAllowed)
+  if (error instanceof errors.JOSEAlgNotAllowed) {
+    const alg = algOf(token);
     return unauthenticated(
       "TOKEN_INVALID",
-      `the token is signed with an algorithm that is not accepted; only asymmetric ones are (${JWT_ALGORITHMS.join(", ")})`,
+      `${alg === "none" ? 'the token is not signed (alg "none")' : `the token is signed with ${quote(alg)}, an algorithm that is not accepted`}; only asymmetric ones are (${JWT_ALGORITHMS.join(", ")})`,
     );
+  }
   if (error instanceof errors.JOSEError || error instanceof TypeError)
     return unauthenticated("TOKEN_INVALID", `the token is not a valid JWT (${error.message})`);
   return new LeaseholdError(Code.Internal, "the token could not be checked", { cause: error });

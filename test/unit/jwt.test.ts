@@ -164,7 +164,21 @@ describe("JWT verifier", () => {
 
   it("refuse HS256 even when the JWKS is known to the signer", async () => {
     const secret = await generateSecret("HS256");
-    await refused(await sign({}, { key: secret, alg: "HS256" }), "TOKEN_INVALID", /only asymmetric/);
+    await refused(
+      await sign({}, { key: secret, alg: "HS256" }),
+      "TOKEN_INVALID",
+      /signed with "HS256", an algorithm that is not accepted; only asymmetric/,
+    );
+  });
+
+  it("refuse an unsigned token (alg none), saying it is unsigned", async () => {
+    const part = (o: object) => Buffer.from(JSON.stringify(o)).toString("base64url");
+    const claims = { sub: "mallory", iss: ISSUER, aud: AUDIENCE, exp: Math.floor(Date.now() / 1000) + 600 };
+    await refused(
+      `${part({ alg: "none", typ: "JWT" })}.${part(claims)}.`,
+      "TOKEN_INVALID",
+      /not signed \(alg "none"\); only asymmetric/,
+    );
   });
 
   it("refuse what is not a JWT", async () => {

@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
-import { Code, LeaseholdError } from "../errors.js";
-import { findActions } from "../store/actions.js";
+import { Code, LeaseholdError, quote } from "../errors.js";
+import { findActions, listAttempts } from "../store/actions.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { cancelDeploymentActions, type HeldToken, requestOutputs } from "../store/deployments.js";
@@ -31,7 +31,7 @@ import {
   type ScopeLeaseState,
   setScopeLeaseResult,
 } from "../store/scope-leases.js";
-import { ACTION_DEFAULTS, type JsonObject } from "../work/action.js";
+import { ACTION_DEFAULTS, type ActionRecord, type JsonObject } from "../work/action.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../work/change-feed.js";
 import { failureLog } from "../work/failure-log.js";
 import { type PAGE_BYTES, type Page, toPage } from "../work/page.js";
@@ -361,17 +361,20 @@ export function createScopeLeaseService(deps: {
   ): Promise<string[]> {
     const resources = await openDeployments(leaseId, "collect outputs");
     const actionIds = resources.map((r) => r.actionId as string);
+    /** The run each action was asked to save, by action: its epoch and worker. */
+    const asked = new Map<string, { readonly epoch: number; readonly workerId: string }>();
     /**
      * Asks the holders of these (leased) actions to save and stop, while the
      * lease is open: a lease committed meanwhile keeps its deployments running.
      */
     const ask = async (ids: readonly string[]) => {
-      const asked = await db.transaction(async (tx) => {
+      const rows = await db.transaction(async (tx) => {
         const refusal = await lockOpen(tx as unknown as Db, clock, leaseId);
         if (refusal) throw refused(leaseId, refusal, "collect outputs");
         return requestOutputs(tx as unknown as Db, ids, actor);
       });
-      for (const r of asked) {
+      for (const r of rows) asked.set(r.actionId, { epoch: r.epoch, workerId: r.workerId });
+      for (const r of rows) {
         holders?.revoke(
           r.sessionId,
           { actionId: r.actionId, epoch: r.epoch },
@@ -380,12 +383,13 @@ export function createScopeLeaseService(deps: {
         );
         feed.publish(actionTopic(r.actionId));
       }
-      if (asked.length > 0) feed.publish(EVENTS_TOPIC);
+      if (rows.length > 0) feed.publish(EVENTS_TOPIC);
     };
     await ask(actionIds);
     const until = Date.now() + timeoutMs;
     for (;;) {
       const actions = await findActions(db, actionIds);
+      await failIfRunLost(actions);
       // Not running (never started, or its agent was lost): it has nothing to save. Only a
       // still-queued one is cancelled; one granted meanwhile (a new attempt clears the
       // request) is asked like the others.
@@ -426,6 +430,32 @@ export function createScopeLeaseService(deps: {
         );
       }
       await nextChange(actionIds, signal, until);
+    }
+
+    /**
+     * A run asked to save that ended without finishing (its lease expired: the agent was lost; or
+     * it gave the lease back) took what it wrote with it. An empty answer would read as "saved no
+     * files", and asking its next run would stop that one before it has done anything.
+     */
+    async function failIfRunLost(actions: ReadonlyMap<string, ActionRecord>): Promise<void> {
+      for (const [actionId, run] of asked) {
+        const action = actions.get(actionId);
+        if (!action || (action.state === "LEASED" && action.epoch === run.epoch)) continue;
+        const attempt = (await listAttempts(db, actionId)).find((t) => t.epoch === run.epoch);
+        if (attempt?.outcome !== "LEASE_EXPIRED" && attempt?.outcome !== "RELEASED") continue;
+        const resource = resources.find((r) => r.actionId === actionId);
+        const how =
+          attempt.outcome === "LEASE_EXPIRED"
+            ? "its lease expired (the agent was lost)"
+            : "its agent gave the lease back";
+        throw new LeaseholdError(
+          Code.Aborted,
+          `deployment ${resource?.id ?? actionId} stopped before it saved its outputs: its run on worker ${quote(run.workerId)} ` +
+            `(epoch ${run.epoch}) ended when ${how}, and what it wrote went with it. The deployment runs again; ` +
+            "call CollectOutputs again to collect what its next run saves",
+          { reason: "OUTPUTS_LOST", metadata: { resource_id: resource?.id ?? "", action_id: actionId } },
+        );
+      }
     }
   }
 

@@ -63,9 +63,9 @@ export async function requestOutputs(
   db: Db,
   actionIds: readonly string[],
   actor: string,
-): Promise<HeldToken[]> {
+): Promise<(HeldToken & { readonly workerId: string })[]> {
   if (actionIds.length === 0) return [];
-  const rows = await queryRows<{ id: string; epoch: unknown; session_id: string }>(
+  const rows = await queryRows<{ id: string; epoch: unknown; session_id: string; worker_id: string }>(
     db,
     sql`
       with asked as (
@@ -79,7 +79,12 @@ export async function requestOutputs(
         select 'outputs_requested', id, cluster, worker_id, session_id, epoch,
           'asked the agent to save the outputs and stop', ${actor} from asked
       )
-      select id, epoch, session_id from asked`,
+      select id, epoch, session_id, worker_id from asked`,
   );
-  return rows.map((r) => ({ actionId: r.id, epoch: toNumber(r.epoch), sessionId: r.session_id }));
+  return rows.map((r) => ({
+    actionId: r.id,
+    epoch: toNumber(r.epoch),
+    sessionId: r.session_id,
+    workerId: r.worker_id,
+  }));
 }

@@ -236,6 +236,59 @@ describe("deployments", () => {
     w.drop();
   });
 
+  it("fails a collect whose deployment's agent was lost before it saved, instead of stopping the next run with nothing", async () => {
+    const lost = await connectWorker(t.address, {
+      workerId: "lost-collect",
+      cluster: "lost-collect",
+      capacity: 1,
+    });
+    const leaseId = (await leases().createLease({ runtime: "lost-collect" })).lease?.id ?? "";
+    const { resource } = await resources().createDeployment({
+      leaseId,
+      spec: { containers: [node("idle", "")] },
+    });
+    const grant = await lost.next("grant");
+    const collecting = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+    await lost.next("revoke", (r) => r.actionId === grant.actionId);
+    // The agent goes before it saves anything; after its grace the deployment runs elsewhere.
+    lost.drop();
+    const next = await connectWorker(t.address, {
+      workerId: "next-collect",
+      cluster: "lost-collect",
+      capacity: 1,
+    });
+    let askedNext = false;
+    void next.next("revoke").then(() => {
+      askedNext = true;
+    });
+    const regrant = await next.next("grant");
+    expect(regrant.epoch).toBe(grant.epoch + 1n);
+    const f = await collecting;
+    expect(f.code).toBe(Code.Aborted);
+    expect(f.reason).toBe("OUTPUTS_LOST");
+    expect(f.message).toContain(`deployment ${resource?.id} stopped before it saved its outputs`);
+    expect(f.message).toMatch(/worker "lost-collect" \(epoch 1\) ended when its lease expired/);
+    // The next run was not asked to stop: it goes on as the deployment.
+    expect((await next.heartbeat(1)).sequence).toBe(1n);
+    expect(askedNext).toBe(false);
+    next.drop();
+  });
+
+  it("fails a collect whose deployment's agent gave the lease back instead of saving", async () => {
+    const w = await connectWorker(t.address, { workerId: "gave-back", cluster: "gave-back", capacity: 1 });
+    const leaseId = (await leases().createLease({ runtime: "gave-back" })).lease?.id ?? "";
+    await resources().createDeployment({ leaseId, spec: { containers: [node("idle", "")] } });
+    const grant = await w.next("grant");
+    const collecting = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+    await w.next("revoke", (r) => r.actionId === grant.actionId);
+    await w.release(grant);
+    const f = await collecting;
+    expect(f.code).toBe(Code.Aborted);
+    expect(f.reason).toBe("OUTPUTS_LOST");
+    expect(f.message).toMatch(/ended when its agent gave the lease back/);
+    w.drop();
+  });
+
   it("fences the holder's completion after its lease was rolled back: the server ended the attempt, no report did", async () => {
     const w = await connectWorker(t.address, {
       workerId: "raw-rollback",

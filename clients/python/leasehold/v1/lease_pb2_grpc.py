@@ -244,6 +244,10 @@ class LeaseServiceServicer(object):
         of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
         the lease is not open (or past its TTL) when the call starts or when the
         deployments have stopped: an empty list always means they saved no files.
+        ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
+        its lease expired (its agent was lost) or its agent gave the lease back.
+        What that run wrote is gone; the deployment runs again, and calling again
+        collects what the next run saves.
         A deployment is asked to stop only while its lease is open: a lease
         committed meanwhile keeps its deployments running.
         """

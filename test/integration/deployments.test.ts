@@ -450,7 +450,7 @@ describe("deployments", () => {
     const bad: MessageInitShape<typeof DeploymentSpecSchema> = {
       containers: [
         { name: "a", command: { argv: [] } },
-        { name: "a", command: { argv: ["true"] } },
+        { name: "a", command: { argv: ["true"], cwd: "/etc" } },
       ],
       readinessProbe: { check: { case: "tcpPort", value: 70000 } },
       outputsDir: "../escape",
@@ -464,6 +464,7 @@ describe("deployments", () => {
     expect(f.fields).toEqual([
       "spec.containers[0].command.argv",
       "spec.containers[1].name",
+      "spec.containers[1].command.cwd",
       "spec.readiness_probe.tcp_port",
       "spec.outputs_dir",
       "spec.inputs[0].file_id",

@@ -557,6 +557,8 @@ function checkCommand(
   for (const key of Object.keys(command.env)) {
     if (key === "" || key.includes("=")) v.add(`${field}.env`, `${quote(key)} is not a variable name`);
   }
+  // The agent runs it inside the deployment's work directory, and refuses a cwd that leaves it.
+  checkRelativePath(v, `${field}.cwd`, command.cwd, false);
 }
 
 /** Every violation of a DeploymentSpec, named by its field path. */

@@ -139,7 +139,8 @@ export type Command = Message<"leasehold.v1.Command"> & {
   env: { [key: string]: string };
 
   /**
-   * Working directory; default the agent's work directory. At most 1024
+   * Working directory, relative to the deployment's work directory on the
+   * agent (no leading '/', no '..'); default that directory. At most 1024
    * characters.
    *
    * @generated from field: string cwd = 3;

@@ -353,7 +353,8 @@ type Command struct {
 	// Extra environment variables: at most 256, names of at most 256
 	// characters, values of at most 65,536.
 	Env map[string]string `protobuf:"bytes,2,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
-	// Working directory; default the agent's work directory. At most 1024
+	// Working directory, relative to the deployment's work directory on the
+	// agent (no leading '/', no '..'); default that directory. At most 1024
 	// characters.
 	Cwd string `protobuf:"bytes,3,opt,name=cwd,proto3" json:"cwd,omitempty"`
 }

@@ -267,12 +267,20 @@ export function leaseCommands(): Command {
         printLease(debug.lease, false);
         out("");
         printTable(RESOURCE_HEADERS, debug.resources.map(resourceRow));
+        if (debug.omittedResources > 0)
+          out(`… and ${debug.omittedResources} more (leasehold resource list --lease ${id})`);
         out("");
         if (debug.deployments.length > 0) {
           for (const d of debug.deployments) out(describeDeployment(d));
           out("");
         }
         for (const e of debug.events) out(`${time(e.time)} ${e.message}`);
+        const left = [
+          debug.omittedEvents > 0 ? `${debug.omittedEvents} older events` : "",
+          debug.omittedDeployments > 0 ? `${debug.omittedDeployments} deployments` : "",
+          debug.omittedResourceBodies > 0 ? `${debug.omittedResourceBodies} resource bodies` : "",
+        ].filter(Boolean);
+        if (left.length > 0) out(`(left out to keep the answer under 3 MiB: ${left.join(", ")})`);
       }),
     );
   lease

@@ -9,6 +9,7 @@ import { leasedInputClusters } from "../store/queries/leased-input-clusters.js";
 import {
   type Closed,
   closeScopeLease,
+  countLeaseResources,
   deleteClosedScopeLeases,
   deleteWorkspaceResource,
   expireScopeLeases,
@@ -116,10 +117,11 @@ export interface ScopeLeaseService extends AsyncDisposable {
     sizeOf?: (resource: ResourceRecord, deployment: DeploymentView | undefined) => number,
   ): Promise<ResourcePage>;
   /**
-   * The first 1000 resources created in lease `leaseId`, oldest first, in
-   * full: for a snapshot of the lease, which chooses what of them it sends.
+   * The first {@link SNAPSHOT_RESOURCES} resources created in lease `leaseId`,
+   * oldest first, in full, and how many it has in all: for a snapshot of the
+   * lease, which chooses what of them it sends.
    */
-  resourcesOf(leaseId: string): Promise<ResourceRecord[]>;
+  resourcesOf(leaseId: string): Promise<{ readonly items: ResourceRecord[]; readonly total: number }>;
   readFile(id: string): Promise<Uint8Array>;
   /**
    * The clusters where file `fileId` is an input of a deployment whose action
@@ -185,6 +187,9 @@ export interface LeaseHolders {
 
 /** How often waiters look again without a wake-up (changes made by other processes). */
 const POLL_MS = 1000;
+
+/** How many of a lease's resources a snapshot (DebugLease) lists. */
+export const SNAPSHOT_RESOURCES = 1000;
 /** Leases past their TTL one statement rolls back. */
 const EXPIRE_BATCH = 100;
 
@@ -563,8 +568,10 @@ export function createScopeLeaseService(deps: {
       });
       return { ...page, deployments };
     },
-    resourcesOf(leaseId) {
-      return listResources(db, { leaseId }, undefined, 1000);
+    async resourcesOf(leaseId) {
+      const items = await listResources(db, { leaseId }, undefined, SNAPSHOT_RESOURCES);
+      const total = items.length < SNAPSHOT_RESOURCES ? items.length : await countLeaseResources(db, leaseId);
+      return { items, total };
     },
     async readFile(id) {
       const content = await readFileContent(db, id);

@@ -378,6 +378,15 @@ export async function listResources(
   return (await readResources(db, filter, afterId, limit)).map((row) => row.item);
 }
 
+/** How many resources lease `leaseId` owns or owned and promoted. */
+export async function countLeaseResources(db: Db, leaseId: string): Promise<number> {
+  const [row] = await queryRows<{ n: unknown }>(
+    db,
+    sql`select count(*) as n from resources where lease_id = ${leaseId}`,
+  );
+  return toNumber(row?.n ?? 0);
+}
+
 /**
  * One page of resources in id order, after `afterId`: up to `limit`, fewer
  * (`cut`) where the next would take the page's JSON past

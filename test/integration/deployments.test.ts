@@ -8,6 +8,7 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
 import { CloseReason, LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import {
   DeploymentPhase,
@@ -271,6 +272,19 @@ describe("deployments", () => {
     // The next run was not asked to stop: it goes on as the deployment.
     expect((await next.heartbeat(1)).sequence).toBe(1n);
     expect(askedNext).toBe(false);
+    // The snapshot of the lease tells the story: which agent ran it at which epoch.
+    const debug = await leases().debugLease({ leaseId });
+    const story = debug.events
+      .filter((e) => e.actionId === grant.actionId)
+      .map((e) => [EventKind[e.kind], e.workerId, e.epoch]);
+    expect(story).toEqual(
+      expect.arrayContaining([
+        ["LEASE_GRANTED", "lost-collect", 1n],
+        ["OUTPUTS_REQUESTED", "lost-collect", 1n],
+        ["LEASE_EXPIRED", "lost-collect", 1n],
+        ["LEASE_GRANTED", "next-collect", 2n],
+      ]),
+    );
     next.drop();
   });
 

@@ -1,5 +1,6 @@
 import { type JsonObject, type Message, toBinary } from "@bufbuild/protobuf";
 import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
@@ -16,6 +17,7 @@ import {
   ResourceService,
 } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { openDatabase } from "../../src/store/database.js";
 import { PAGE_BYTES } from "../../src/work/page.js";
 import { everyPage } from "../helpers/pages.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -440,6 +442,25 @@ describe("scope leases", () => {
       events: 0,
       deployments: 0,
     });
+  });
+
+  it("says how many resources a debug snapshot leaves out past the first 1000", async () => {
+    const id = await open();
+    const first = await object(id, { n: 0 });
+    // 1,001 more, copies of the first, written with the server stopped: a thousand calls take long.
+    await t.stop();
+    const database = await openDatabase({ url: t.store.url, dataDir: t.store.dataDir });
+    await database.db.execute(sql`
+      insert into resources (id, kind, ownership, lease_id, created_at, body)
+      select id || '-' || lpad(g::text, 4, '0'), kind, ownership, lease_id, created_at, body
+      from resources, generate_series(1, 1001) g where id = ${first}`);
+    await database.close();
+    t = await t.restart();
+    const debug = await leases().debugLease({ leaseId: id });
+    expect(debug.resources).toHaveLength(1000);
+    expect(debug.omittedResources).toBe(2);
+    expect(debug.resources[0]?.id).toBe(first);
+    expect(debug.resources.at(-1)?.id).toBe(`${first}-0999`);
   });
 
   it("rejects bad requests with the field to fix", async () => {

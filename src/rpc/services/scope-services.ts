@@ -296,10 +296,22 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       }
       const lease = await leaseWith(scope, ctx.access, "lease.debug", leaseId);
       const resources = await scope.resourcesOf(leaseId);
-      const deployments = await scope.deploymentsOf(resources);
-      // The newest first: only those asked for are read, however many the lease has.
-      const recent = await events.list({ leaseId }, request.eventLimit || 50, "", true);
-      return snapshotOf(lease, resources, deployments, recent.items.toReversed());
+      const deployments = await scope.deploymentsOf(resources.items);
+      const limit = request.eventLimit || 50;
+      // The lease's events and its deployments' actions' (who ran each, at which epoch), newest
+      // first: only as many of each as asked for are read, however many there are.
+      const filters = [
+        { leaseId },
+        ...[...deployments.values()].slice(0, DEBUG_DEPLOYMENT_EVENTS).map((d) => ({ actionId: d.actionId })),
+      ];
+      const pages = await Promise.all(filters.map((filter) => events.list(filter, limit, "", true)));
+      const recent = [...new Map(pages.flatMap((p) => p.items).map((e) => [e.sequence, e])).values()]
+        .sort((a, b) => b.sequence - a.sequence)
+        .slice(0, limit);
+      return {
+        ...snapshotOf(lease, resources.items, deployments, recent.toReversed()),
+        omittedResources: resources.total - resources.items.length,
+      };
     },
     async *waitLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);
@@ -489,6 +501,9 @@ function toProtoLease(l: ScopeLeaseRecord): MessageInitShape<typeof LeaseSchema>
  * DebugLease's answer, kept under PAGE_BYTES as sent by leaving out what
  * does not fit ({@link fitSnapshot} chooses, from each part's size).
  */
+/** Of how many of a lease's deployments DebugLease reads the actions' events. */
+const DEBUG_DEPLOYMENT_EVENTS = 32;
+
 function snapshotOf(
   lease: ScopeLeaseRecord,
   resources: readonly ResourceRecord[],

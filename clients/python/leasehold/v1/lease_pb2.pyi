@@ -74,12 +74,13 @@ class DebugLeaseRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., event_limit: _Optional[int] = ...) -> None: ...
 
 class DebugLeaseResponse(_message.Message):
-    __slots__ = ["deployments", "events", "lease", "omitted_deployments", "omitted_events", "omitted_resource_bodies", "resources"]
+    __slots__ = ["deployments", "events", "lease", "omitted_deployments", "omitted_events", "omitted_resource_bodies", "omitted_resources", "resources"]
     DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     OMITTED_DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
     OMITTED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     OMITTED_RESOURCE_BODIES_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     deployments: _containers.RepeatedCompositeFieldContainer[_resource_pb2.Deployment]
@@ -88,8 +89,9 @@ class DebugLeaseResponse(_message.Message):
     omitted_deployments: int
     omitted_events: int
     omitted_resource_bodies: int
+    omitted_resources: int
     resources: _containers.RepeatedCompositeFieldContainer[_resource_pb2.Resource]
-    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[_resource_pb2.Resource, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[_resource_pb2.Deployment, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_event_pb2.Event, _Mapping]]] = ..., omitted_deployments: _Optional[int] = ..., omitted_events: _Optional[int] = ..., omitted_resource_bodies: _Optional[int] = ...) -> None: ...
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ..., resources: _Optional[_Iterable[_Union[_resource_pb2.Resource, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[_resource_pb2.Deployment, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_event_pb2.Event, _Mapping]]] = ..., omitted_deployments: _Optional[int] = ..., omitted_events: _Optional[int] = ..., omitted_resource_bodies: _Optional[int] = ..., omitted_resources: _Optional[int] = ...) -> None: ...
 
 class DeleteLeaseRequest(_message.Message):
     __slots__ = ["lease_id"]

@@ -2,6 +2,7 @@ import { type SQL, sql } from "drizzle-orm";
 import type { JsonObject } from "../work/action.js";
 import type { EventFilter, EventKind, EventRecord } from "../work/event.js";
 import type { Db } from "./database.js";
+import { type PAGE_JSON_BYTES, readPage, type SizedRow } from "./page-read.js";
 import { queryRows, toDate, toNumber } from "./rows.js";
 
 export interface EventRow {
@@ -49,22 +50,35 @@ export async function listEvents(
   return rows.map(eventFromRow);
 }
 
-/** Events matching `filter` with a sequence below `beforeSequence` (any when undefined), newest first. */
-export async function listEventsBefore(
+/**
+ * One page of events matching `filter`: oldest first after `from`, or with
+ * `newestFirst` newest first before it (from the newest when undefined). Up
+ * to `limit`, fewer (`cut`) where the next would take the page's messages
+ * and details past {@link PAGE_JSON_BYTES}: a page of a thousand failures
+ * with messages of 64 Ki characters read nearly 200 MB.
+ */
+export function listEventPage(
   db: Db,
   filter: EventFilter,
-  beforeSequence: number | undefined,
+  from: number | undefined,
   limit: number,
-): Promise<EventRecord[]> {
-  const conditions = [
-    beforeSequence === undefined ? sql`true` : sql`sequence < ${beforeSequence}`,
-    ...filterConditions(filter),
-  ];
-  const rows = await queryRows<EventRow>(
-    db,
-    sql`select * from events where ${sql.join(conditions, sql` and `)} order by sequence desc limit ${limit}`,
-  );
-  return rows.map(eventFromRow);
+  newestFirst: boolean,
+): Promise<{ items: EventRecord[]; cut: boolean }> {
+  const read = async (afterKey: string | undefined, n: number): Promise<SizedRow<EventRecord>[]> => {
+    const after = afterKey === undefined ? undefined : Number(afterKey);
+    const conditions = [
+      after === undefined ? sql`true` : newestFirst ? sql`sequence < ${after}` : sql`sequence > ${after}`,
+      ...filterConditions(filter),
+    ];
+    const rows = await queryRows<EventRow & { json_bytes: unknown }>(
+      db,
+      sql`select *, octet_length(message) + coalesce(octet_length(details::text), 0) as json_bytes
+          from events where ${sql.join(conditions, sql` and `)}
+          order by sequence ${newestFirst ? sql`desc` : sql`asc`} limit ${n}`,
+    );
+    return rows.map((row) => ({ item: eventFromRow(row), jsonBytes: toNumber(row.json_bytes) }));
+  };
+  return readPage(read, (e) => String(e.sequence), from === undefined ? undefined : String(from), limit);
 }
 
 /** The WHERE conditions of a listing's filter (each served by an index on it and the sequence). */

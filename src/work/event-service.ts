@@ -1,20 +1,26 @@
 import type { Db } from "../store/database.js";
-import { lastEventSequence, listEvents, listEventsBefore, readEventsAfter } from "../store/events.js";
+import { lastEventSequence, listEventPage, readEventsAfter } from "../store/events.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
 import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
 import { createGate } from "./gate.js";
-import { type Page, toPage } from "./page.js";
+import { type PAGE_BYTES, type Page, toPage } from "./page.js";
 import { decodeSequencePageToken, issuedFor } from "./page-token.js";
 
 /** Listing and following the event log. */
 export interface EventService {
-  /** One page, oldest first; `newestFirst` pages from the newest event backwards. */
+  /**
+   * One page, oldest first; `newestFirst` pages from the newest event
+   * backwards. With `sizeOf` (an event's size as the caller sends it), the
+   * page also ends before that size passes {@link PAGE_BYTES}, with a next
+   * page token; it always holds one event.
+   */
   list(
     filter: EventFilter,
     pageSize: number,
     pageToken: string,
     newestFirst?: boolean,
+    sizeOf?: (event: EventRecord) => number,
   ): Promise<Page<EventRecord>>;
   /**
    * Events matching `filter`, forever: stored ones after `afterSequence`
@@ -55,14 +61,20 @@ export function createEventService({
     size: number,
     pageToken: string,
     newestFirst = false,
+    sizeOf?: (event: EventRecord) => number,
   ): Promise<Page<EventRecord>> {
     // The direction is part of what a token was issued for: a token of one cannot page the other.
     const issued = issuedFor("events", newestFirst ? { ...filter, newestFirst } : filter);
     const cursor = decodeSequencePageToken(pageToken, issued);
-    const rows = newestFirst
-      ? await listEventsBefore(db, filter, pageToken === "" ? undefined : cursor, size + 1)
-      : await listEvents(db, filter, cursor, size + 1);
-    return toPage(rows, size, (e) => String(e.sequence), issued);
+    // One row more than asked tells whether another page exists.
+    const { items, cut } = await listEventPage(
+      db,
+      filter,
+      pageToken === "" ? undefined : cursor,
+      size + 1,
+      newestFirst,
+    );
+    return toPage(items, size, (e) => String(e.sequence), issued, { more: cut, sizeOf });
   }
 
   async function* watch(filter: EventFilter, afterSequence: number | undefined, signal: AbortSignal) {

@@ -14,26 +14,33 @@ export interface CallFailure {
   readonly reason: string | undefined;
   /** BadRequest field names from grpc-status-details-bin. */
   readonly fields: string[];
+  /** ErrorInfo.metadata from grpc-status-details-bin. */
+  readonly info: Record<string, string>;
 }
 
-/** ErrorInfo.reason and BadRequest field names from a status's `grpc-status-details-bin`. */
+/** ErrorInfo's reason and metadata, and BadRequest field names, from a status's `grpc-status-details-bin`. */
 export function statusDetails(metadata: Metadata | undefined): {
   reason: string | undefined;
   fields: string[];
+  info: Record<string, string>;
 } {
   const bin = metadata?.get("grpc-status-details-bin")[0];
   let reason: string | undefined;
   const fields: string[] = [];
+  let info: Record<string, string> = {};
   if (bin instanceof Buffer) {
     const status = fromBinary(StatusSchema, bin);
     for (const detail of status.details) {
-      const info = anyUnpack(detail, ErrorInfoSchema);
-      if (info) reason = info.reason;
+      const errorInfo = anyUnpack(detail, ErrorInfoSchema);
+      if (errorInfo) {
+        reason = errorInfo.reason;
+        info = errorInfo.metadata;
+      }
       const bad = anyUnpack(detail, BadRequestSchema);
       if (bad) fields.push(...bad.fieldViolations.map((v) => v.field));
     }
   }
-  return { reason, fields };
+  return { reason, fields, info };
 }
 
 /** Awaits a call expected to fail; returns its status and decoded details. */

@@ -72,7 +72,10 @@ class EventServiceServicer(object):
     """
 
     def ListEvents(self, request, context):
-        """Lists events oldest first, filtered and paginated.
+        """Lists events oldest first, filtered and paginated. An event that alone
+        takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
+        ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
+        the events past it); no event the server writes is that large today.
         Right: event.read (in the cluster filter, unless held in every cluster;
         scope lease and resource events carry the lease's runtime as their
         cluster).
@@ -87,6 +90,9 @@ class EventServiceServicer(object):
         than the few thousand a server keeps in memory are read from the
         database, 500 at a time, by at most two watches of a server at once: the
         other watches that far behind wait their turn, then go on where they were.
+        An event that takes more than 3 MiB as sent ends the stream with
+        RESOURCE_EXHAUSTED (ErrorInfo reason ANSWER_TOO_LARGE, metadata
+        `sequence`): watch again with that after_sequence to go on past it.
         Right: event.read, as for ListEvents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

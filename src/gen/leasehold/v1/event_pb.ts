@@ -150,7 +150,10 @@ export type ListEventsRequest = Message<"leasehold.v1.ListEventsRequest"> & {
   kind: EventKind;
 
   /**
-   * Maximum events per page, 1–1000. 0 means 100.
+   * Maximum events per page, 1–1000. 0 means 100. A page holds fewer, and a
+   * next_page_token, where one more event would take it past 3 MiB as sent
+   * (or the text of its messages and details past 2 MiB): a page stays
+   * under gRPC's default 4 MiB receive limit.
    *
    * @generated from field: int32 page_size = 5;
    */
@@ -577,7 +580,10 @@ export const EventKindSchema: GenEnum<EventKind> = /*@__PURE__*/
  */
 export const EventService: GenService<{
   /**
-   * Lists events oldest first, filtered and paginated.
+   * Lists events oldest first, filtered and paginated. An event that alone
+   * takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
+   * ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
+   * the events past it); no event the server writes is that large today.
    * Right: event.read (in the cluster filter, unless held in every cluster;
    * scope lease and resource events carry the lease's runtime as their
    * cluster).
@@ -595,6 +601,9 @@ export const EventService: GenService<{
    * than the few thousand a server keeps in memory are read from the
    * database, 500 at a time, by at most two watches of a server at once: the
    * other watches that far behind wait their turn, then go on where they were.
+   * An event that takes more than 3 MiB as sent ends the stream with
+   * RESOURCE_EXHAUSTED (ErrorInfo reason ANSWER_TOO_LARGE, metadata
+   * `sequence`): watch again with that after_sequence to go on past it.
    * Right: event.read, as for ListEvents.
    *
    * @generated from rpc leasehold.v1.EventService.WatchEvents

@@ -376,7 +376,10 @@ type ListEventsRequest struct {
 	Cluster string `protobuf:"bytes,3,opt,name=cluster,proto3" json:"cluster,omitempty"`
 	// Only events of this kind; UNSPECIFIED for any.
 	Kind EventKind `protobuf:"varint,4,opt,name=kind,proto3,enum=leasehold.v1.EventKind" json:"kind,omitempty"`
-	// Maximum events per page, 1–1000. 0 means 100.
+	// Maximum events per page, 1–1000. 0 means 100. A page holds fewer, and a
+	// next_page_token, where one more event would take it past 3 MiB as sent
+	// (or the text of its messages and details past 2 MiB): a page stays
+	// under gRPC's default 4 MiB receive limit.
 	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// next_page_token of the previous page; empty for the first page. At most
 	// 1024 characters.

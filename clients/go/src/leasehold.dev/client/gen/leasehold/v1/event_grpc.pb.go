@@ -17,7 +17,10 @@ const _ = grpc.SupportPackageIsVersion7
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type EventServiceClient interface {
-	// Lists events oldest first, filtered and paginated.
+	// Lists events oldest first, filtered and paginated. An event that alone
+	// takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
+	// ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
+	// the events past it); no event the server writes is that large today.
 	// Right: event.read (in the cluster filter, unless held in every cluster;
 	// scope lease and resource events carry the lease's runtime as their
 	// cluster).
@@ -27,6 +30,9 @@ type EventServiceClient interface {
 	// than the few thousand a server keeps in memory are read from the
 	// database, 500 at a time, by at most two watches of a server at once: the
 	// other watches that far behind wait their turn, then go on where they were.
+	// An event that takes more than 3 MiB as sent ends the stream with
+	// RESOURCE_EXHAUSTED (ErrorInfo reason ANSWER_TOO_LARGE, metadata
+	// `sequence`): watch again with that after_sequence to go on past it.
 	// Right: event.read, as for ListEvents.
 	WatchEvents(ctx context.Context, in *WatchEventsRequest, opts ...grpc.CallOption) (EventService_WatchEventsClient, error)
 }
@@ -84,7 +90,10 @@ func (x *eventServiceWatchEventsClient) Recv() (*WatchEventsResponse, error) {
 // All implementations must embed UnimplementedEventServiceServer
 // for forward compatibility
 type EventServiceServer interface {
-	// Lists events oldest first, filtered and paginated.
+	// Lists events oldest first, filtered and paginated. An event that alone
+	// takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
+	// ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
+	// the events past it); no event the server writes is that large today.
 	// Right: event.read (in the cluster filter, unless held in every cluster;
 	// scope lease and resource events carry the lease's runtime as their
 	// cluster).
@@ -94,6 +103,9 @@ type EventServiceServer interface {
 	// than the few thousand a server keeps in memory are read from the
 	// database, 500 at a time, by at most two watches of a server at once: the
 	// other watches that far behind wait their turn, then go on where they were.
+	// An event that takes more than 3 MiB as sent ends the stream with
+	// RESOURCE_EXHAUSTED (ErrorInfo reason ANSWER_TOO_LARGE, metadata
+	// `sequence`): watch again with that after_sequence to go on past it.
 	// Right: event.read, as for ListEvents.
 	WatchEvents(*WatchEventsRequest, EventService_WatchEventsServer) error
 	mustEmbedUnimplementedEventServiceServer()

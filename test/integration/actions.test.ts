@@ -4,8 +4,11 @@ import { Code } from "../../src/errors.js";
 import {
   ActionService,
   ActionState,
+  CancelActionResponseSchema,
   ExplainActionResponseSchema,
   GetActionResponseSchema,
+  ListActionsResponseSchema,
+  WatchActionResponseSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
@@ -304,6 +307,46 @@ describe("ActionService", () => {
       expect(got.attempts.at(-1)?.error?.message.startsWith("40 ")).toBe(true);
       expect(got.attempts[0]?.error?.message).toBe("");
       expect(toBinary(GetActionResponseSchema, got).byteLength).toBeLessThanOrEqual(3 * 1024 * 1024);
+    } finally {
+      w.drop();
+    }
+  });
+
+  it("leaves out an action's phase details where it alone passes what a client reads, in every answer holding it", async () => {
+    const w = await connectWorker(t.address, { workerId: "huge", cluster: "huge-action", capacity: 1 });
+    try {
+      // A million characters of three bytes each: 3 MB as sent, within a Struct's limits.
+      const payload = { text: "€".repeat(1_000_000) };
+      const { action } = await api.submitAction({ cluster: "huge-action", payload });
+      const id = action?.id ?? "";
+      const grant = await w.next("grant", (g) => g.actionId === id);
+      const details = { line: "€".repeat(1_000_000) };
+      w.send({
+        message: {
+          case: "progress",
+          value: { reportId: 1n, actionId: id, epoch: grant.epoch, phase: "big", details },
+        },
+      });
+      expect(await w.next("reportResult", (r) => r.reportId === 1n)).toMatchObject({ accepted: true });
+      // 6 MB as a whole: ListActions, WatchAction and CancelAction sent it so, and the client refused it.
+      const under = 3 * 1024 * 1024;
+      const listed = await api.listActions({ cluster: "huge-action" });
+      expect(listed.actions.map((a) => [a.id, a.phase, a.payload])).toEqual([[id, "big", payload]]);
+      expect(listed.omitted).toEqual(["actions[0].phase_details"]);
+      expect(toBinary(ListActionsResponseSchema, listed).byteLength).toBeLessThanOrEqual(under);
+      for await (const watched of api.watchAction({ actionId: id })) {
+        expect(watched.action?.phaseDetails).toBeUndefined();
+        expect(watched.omitted).toEqual(["action.phase_details"]);
+        expect(toBinary(WatchActionResponseSchema, watched).byteLength).toBeLessThanOrEqual(under);
+        break;
+      }
+      const cancelled = await api.cancelAction({ actionId: id });
+      expect(cancelled.action?.cancelRequested).toBe(true);
+      expect(cancelled.omitted).toEqual(["action.phase_details"]);
+      expect(toBinary(CancelActionResponseSchema, cancelled).byteLength).toBeLessThanOrEqual(under);
+      // An action that fits is answered whole.
+      const { action: small } = await api.submitAction({ cluster: "huge-action" });
+      expect((await api.cancelAction({ actionId: small?.id ?? "" })).omitted).toEqual([]);
     } finally {
       w.drop();
     }

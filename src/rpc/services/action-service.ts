@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { create, type DescMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
@@ -11,11 +11,14 @@ import {
   ActionView,
   AttemptOutcome,
   type AttemptSchema,
+  CancelActionResponseSchema,
   ExplainActionResponseSchema,
   GetActionResponseSchema,
+  ListActionsResponseSchema,
   type SubmitActionRequest,
   SubmitActionsRequestSchema,
   SubmitActionsResponseSchema,
+  WatchActionResponseSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
 import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
 import {
@@ -158,7 +161,14 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       const page = await actions.list(filter, pageSize(request.pageSize), request.pageToken, (a) =>
         encodedSize(ActionSchema, toProtoAction(a)),
       );
-      return { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
+      const whole = { actions: page.items.map(toProtoAction), nextPageToken: page.nextPageToken };
+      // A page of several actions is under PAGE_BYTES already (toPage): only one alone can be over.
+      if (whole.actions.length !== 1) return whole;
+      return fitActions(
+        ListActionsResponseSchema,
+        whole,
+        whole.actions.map((action, i) => ({ at: `actions[${i}]`, action })),
+      );
     },
     async cancelAction(request, ctx) {
       const actionId = requireId("action_id", request.actionId);
@@ -167,8 +177,10 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       v.throwIfAny();
       const { action: current } = await actions.get(actionId);
       ctx.access.requireOwned("action.cancel", current.cluster, current.createdBy);
-      const action = await actions.cancel(actionId, request.reason, ctx.access.actor);
-      return { action: toProtoAction(action) };
+      const whole = {
+        action: toProtoAction(await actions.cancel(actionId, request.reason, ctx.access.actor)),
+      };
+      return fitActions(CancelActionResponseSchema, whole, [{ at: "action", action: whole.action }]);
     },
     async explainAction(request, ctx) {
       const id = requireId("action_id", request.actionId);
@@ -217,7 +229,8 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         // The first item is the action as it is now: checked before anything is sent.
         if (!checked) ctx.access.require("action.read", action.cluster);
         checked = true;
-        yield { action: toProtoAction(action) };
+        const whole = { action: toProtoAction(action) };
+        yield fitActions(WatchActionResponseSchema, whole, [{ at: "action", action: whole.action }]);
       }
     },
   });
@@ -285,6 +298,33 @@ const tooLargeToAnswer = (id: string, attempts: number) =>
     `action ${id} has ${attempts} attempts: more than one answer can carry (3 MiB) even without their errors; ListEvents with its action_id reads its history page by page`,
     { reason: "ANSWER_TOO_LARGE" },
   );
+
+/**
+ * `whole`, an answer holding `actions` (each with the path `omitted` names it
+ * by), kept under PAGE_BYTES as GetAction keeps its action: their Structs
+ * left out in the order of actionParts. Each Struct is bounded on its own, at
+ * 1 Mi characters of JSON, but that is 3 MiB as sent in characters of three
+ * bytes, and an action holds four: ListActions, CancelAction and WatchAction
+ * sent one of 6 MB whole, which no default client reads (4 MiB).
+ */
+function fitActions<M extends DescMessage>(
+  schema: M,
+  whole: MessageInitShape<M>,
+  actions: readonly { readonly at: string; readonly action: MessageInitShape<typeof ActionSchema> }[],
+): MessageInitShape<M> & { omitted: string[] } {
+  const { answer, omitted, over } = fitAnswer(schema, whole, () =>
+    actions.flatMap(({ at, action }) => [...actionParts(action, at)]),
+  );
+  if (over) {
+    const ids = actions.map(({ action }) => action.id).join(", ");
+    throw new LeaseholdError(
+      Code.ResourceExhausted,
+      `action ${ids} takes more than one answer can carry (3 MiB) even without its payload, output and details`,
+      { reason: "ANSWER_TOO_LARGE" },
+    );
+  }
+  return { ...answer, omitted };
+}
 
 /** `error` (a LeaseholdError) with the item it is about prefixed to its message and in its metadata. */
 function atItem(error: unknown, field: string): unknown {

@@ -140,10 +140,12 @@ class CancelActionRequest(_message.Message):
     def __init__(self, action_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelActionResponse(_message.Message):
-    __slots__ = ["action"]
+    __slots__ = ["action", "omitted"]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
     action: Action
-    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
+    omitted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExplainActionRequest(_message.Message):
     __slots__ = ["action_id"]
@@ -214,12 +216,14 @@ class ListActionsRequest(_message.Message):
     def __init__(self, state: _Optional[_Union[ActionState, str]] = ..., cluster: _Optional[str] = ..., run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class ListActionsResponse(_message.Message):
-    __slots__ = ["actions", "next_page_token"]
+    __slots__ = ["actions", "next_page_token", "omitted"]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
     actions: _containers.RepeatedCompositeFieldContainer[Action]
     next_page_token: str
-    def __init__(self, actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    omitted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RetryPolicy(_message.Message):
     __slots__ = ["backoff_multiplier", "initial_backoff", "max_attempts", "max_backoff"]
@@ -301,10 +305,12 @@ class WatchActionRequest(_message.Message):
     def __init__(self, action_id: _Optional[str] = ...) -> None: ...
 
 class WatchActionResponse(_message.Message):
-    __slots__ = ["action"]
+    __slots__ = ["action", "omitted"]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_FIELD_NUMBER: _ClassVar[int]
     action: Action
-    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
+    omitted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []

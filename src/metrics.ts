@@ -299,20 +299,26 @@ export function createLatenessSampler(intervalMs: number): {
   };
 }
 
-/** Serves `GET /metrics` on its own HTTP port. */
+/**
+ * Serves `GET /metrics` of `registry` on its own HTTP port; `use` serves
+ * another registry from then on (the server binds the port before the
+ * database opens, and has the metrics that read it only after).
+ */
 export async function serveMetrics(
   registry: Registry,
   host: string,
   port: number,
-): Promise<{ port: number; close(): Promise<void> }> {
+): Promise<{ port: number; use(registry: Registry): void; close(): Promise<void> }> {
+  let served = registry;
   const server: Server = createServer((request, response) => {
     // A query string (a scraper's parameters) changes nothing.
     if ((request.url ?? "").split("?")[0] !== "/metrics") {
       response.writeHead(404).end("only /metrics is served here\n");
       return;
     }
-    registry.metrics().then(
-      (text) => response.writeHead(200, { "content-type": registry.contentType }).end(text),
+    const scraped = served;
+    scraped.metrics().then(
+      (text) => response.writeHead(200, { "content-type": scraped.contentType }).end(text),
       (error: unknown) => response.writeHead(500).end(`metrics failed: ${String(error)}\n`),
     );
   });
@@ -332,6 +338,9 @@ export async function serveMetrics(
   const address = server.address();
   return {
     port: typeof address === "object" && address ? address.port : port,
+    use: (next) => {
+      served = next;
+    },
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };
 }

@@ -185,8 +185,39 @@ export async function startServer(
     security.close();
     throw isListenError(error) ? listenFailure("--listen", config.listen, error) : error;
   });
+  // Bound before the database is opened too: a port another process holds is a usage error at
+  // once, not once PostgreSQL answers (never, while it is down). Until then it serves the calls'
+  // metrics and the process's; the start behind the port adds the rest.
+  let metricsServer: Awaited<ReturnType<typeof serveMetrics>> | undefined;
+  let stopSampling: (() => void) | undefined;
+  if (config.metricsListen) {
+    const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
+    stopSampling = addProcessMetrics(callMetrics.registry);
+    // A name that does not resolve, or an address not of this machine: a usage error naming the
+    // flag, as a port in use is (serveMetrics names it).
+    metricsServer = await serveMetrics(callMetrics.registry, host, port).catch(async (error: unknown) => {
+      stopSampling?.();
+      gate.close(
+        new LeaseholdError(Code.Unavailable, "the server stopped before it was ready; retry", {
+          reason: "SHUTTING_DOWN",
+        }),
+      );
+      await rpc.close();
+      security.close();
+      throw error instanceof LeaseholdError
+        ? error
+        : listenFailure("--metrics-listen", config.metricsListen as string, error);
+    });
+  }
   log.info(
-    { port: rpc.port, listen: config.listen, serverId, tls: Boolean(config.tls), auth: config.auth.enabled },
+    {
+      port: rpc.port,
+      listen: config.listen,
+      metricsPort: metricsServer?.port,
+      serverId,
+      tls: Boolean(config.tls),
+      auth: config.auth.enabled,
+    },
     "listening; NOT_SERVING until ready",
   );
   return startBehindPort(
@@ -203,6 +234,12 @@ export async function startServer(
       authenticator,
       rpc,
       callMetrics,
+      metricsServer,
+      closeFront: async () => {
+        await metricsServer?.close();
+        stopSampling?.();
+        security.close();
+      },
     },
     1,
   );
@@ -224,6 +261,10 @@ interface Front {
   readonly rpc: Awaited<ReturnType<typeof createRpcServer>>;
   /** The port's call counts, served with the rest of the metrics. */
   readonly callMetrics: ReturnType<typeof createCallMetrics>;
+  /** `/metrics`, if served: bound with the port, given the whole registry once it is made. */
+  readonly metricsServer: Awaited<ReturnType<typeof serveMetrics>> | undefined;
+  /** Closes what was opened with the port, but the port: `/metrics` and the security. */
+  closeFront(): Promise<void>;
 }
 
 /**
@@ -238,7 +279,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
   const { config, log, overrides, serverId, clock, limits, timers, gate, security, authenticator, rpc } =
     front;
   // Everything behind the port, closed in reverse order after the port.
-  const cleanup: (() => Promise<void>)[] = [async () => security.close()];
+  const cleanup: (() => Promise<void>)[] = [front.closeFront];
   const unwind = async () => {
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
   };
@@ -370,20 +411,11 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     await scope.expireDue();
     if (timers) scope.start();
 
-    let metricsPort: number | undefined;
-    if (config.metricsListen) {
-      const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
-      // A name that does not resolve, or an address not of this machine: a usage error naming the
-      // flag (a raw error would read as the database lost while starting, and be retried forever).
-      const served = await serveMetrics(metrics.registry, host, port).catch((error: unknown) => {
-        throw error instanceof LeaseholdError
-          ? error
-          : listenFailure("--metrics-listen", config.metricsListen as string, error);
-      });
-      metricsPort = served.port;
-      cleanup.push(() => served.close());
-      const stopSampling = addProcessMetrics(metrics.registry);
-      cleanup.push(async () => stopSampling());
+    if (front.metricsServer) {
+      const served = front.metricsServer;
+      served.use(metrics.registry);
+      // Its gauges read this start's database: a start done again serves the port's metrics meanwhile.
+      cleanup.push(async () => served.use(front.callMetrics.registry));
     }
 
     const hellos = countHellos(manager);
@@ -423,7 +455,13 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     }
     rpc.markServing();
     log.info(
-      { port: rpc.port, listen: config.listen, metricsPort, console: consoleServer?.url, serverId },
+      {
+        port: rpc.port,
+        listen: config.listen,
+        metricsPort: front.metricsServer?.port,
+        console: consoleServer?.url,
+        serverId,
+      },
       "leasehold serving",
     );
     // PGlite runs in this process: it cannot become unreachable, only busy.
@@ -500,7 +538,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     };
     return {
       port: rpc.port,
-      metricsPort,
+      metricsPort: front.metricsServer?.port,
       consolePort: consoleServer?.port,
       serverId,
       leases: manager,

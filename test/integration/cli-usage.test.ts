@@ -3,6 +3,7 @@ import { type AddressInfo, createServer } from "node:net";
 import { describe, expect, it } from "vitest";
 import { createProgram } from "../../src/main.js";
 import { freshPostgresDatabase, runsDriverNeutralTests } from "../helpers/database.js";
+import { freePort } from "../helpers/ports.js";
 import { runCli as cli, runLeasehold } from "../helpers/process.js";
 
 /**
@@ -131,6 +132,38 @@ describe.runIf(runsDriverNeutralTests())(
         );
         expect(metrics.stderr).not.toMatch(/^\s+at /m);
       } finally {
+        taken.close();
+      }
+    });
+
+    it("serve names a --metrics-listen port in use before it waits for the database", async () => {
+      const taken = createServer();
+      await new Promise<void>((resolve) => taken.listen(0, "127.0.0.1", resolve));
+      const address = `127.0.0.1:${(taken.address() as AddressInfo).port}`;
+      // Nothing listens there: the server would wait for it until it answers.
+      const unreachable = `postgres://postgres@127.0.0.1:${await freePort()}/leasehold`;
+      const server = runLeasehold(
+        ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", address],
+        unreachable,
+      );
+      let stderr = "";
+      server.child.stderr?.on("data", (chunk: Buffer) => {
+        stderr += chunk.toString("utf8");
+      });
+      try {
+        const first = await Promise.race([
+          server.exited.then((code) => ({ exited: code })),
+          server
+            .waitForLog((l) => String(l.msg).startsWith("database not reachable"))
+            .then(
+              () => "waited for the database",
+              () => "exited",
+            ),
+        ]);
+        expect(first).toEqual({ exited: 2 });
+        expect(stderr).toMatch(new RegExp(`^leasehold: --metrics-listen: cannot listen on ${address}`, "m"));
+      } finally {
+        server.child.kill("SIGKILL");
         taken.close();
       }
     });

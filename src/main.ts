@@ -1,5 +1,6 @@
 import type { EventEmitter } from "node:events";
-import { readFileSync } from "node:fs";
+import { readFileSync, realpathSync } from "node:fs";
+import { pathToFileURL } from "node:url";
 import { Command, CommanderError, Help, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
@@ -188,3 +189,22 @@ export async function main(argv: readonly string[]): Promise<void> {
     process.exit(error instanceof CliError ? error.exitCode : EXIT.failed);
   }
 }
+
+/**
+ * Whether this module is the one `node` was asked to run (`node
+ * dist/main.js serve`), not imported by bin/leasehold.js or a test. Node
+ * runs a main module from its real path, so the argument is resolved the
+ * same way.
+ */
+function isEntryPoint(): boolean {
+  const script = process.argv[1];
+  if (script === undefined) return false;
+  try {
+    return pathToFileURL(realpathSync(script)).href === import.meta.url;
+  } catch {
+    return false;
+  }
+}
+
+// Run directly, this file did nothing at all and exited 0: it only exports `main`.
+if (isEntryPoint()) await main(process.argv);

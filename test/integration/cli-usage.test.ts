@@ -1,5 +1,7 @@
+import { execFile } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { type AddressInfo, createServer } from "node:net";
+import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { createProgram } from "../../src/main.js";
 import { freshPostgresDatabase, runsDriverNeutralTests } from "../helpers/database.js";
@@ -45,6 +47,22 @@ describe.runIf(runsDriverNeutralTests())(
       // Read from src/ here (vitest), as from dist/ in the processes above.
       expect(createProgram().version()).toBe(version);
       expect((await cli(["--help"])).stdout).toMatch(/-V, --version/);
+    });
+
+    it("runs the CLI when node runs dist/main.js itself, not only through bin/leasehold.js", async () => {
+      const main = fileURLToPath(new URL("../../dist/main.js", import.meta.url));
+      const run = (args: string[]) =>
+        new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+          execFile(process.execPath, [main, ...args], (error, stdout, stderr) =>
+            resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+          );
+        });
+      // It exited 0 without a word: the file only exported `main`.
+      expect(await run(["--version"])).toEqual({ code: 0, stdout: `${version}\n`, stderr: "" });
+      expect(await run(["action", "bogus"])).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining("unknown command 'bogus'"),
+      });
     });
 
     it("says a required option is missing in its own words, exits 2, and marks such options in --help", async () => {

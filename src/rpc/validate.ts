@@ -90,8 +90,10 @@ export function checkLabels(v: Violations, field: string, labels: Record<string,
 }
 
 /**
- * A duration field in milliseconds, or `fallback` when unset. Negative,
- * malformed (nanos out of range, mixed signs) or too long is a violation.
+ * A duration field in milliseconds, or `fallback` when unset. Malformed
+ * (nanos out of range, mixed signs), negative, shorter than `minMs` or
+ * longer than `maxMs` is a violation: one, so that a field is never named
+ * twice for one value (a negative probe timeout was also "at least 100ms").
  */
 export function durationField(
   v: Violations,
@@ -99,6 +101,7 @@ export function durationField(
   value: Duration | undefined,
   fallback: number,
   maxMs: number,
+  minMs = 0,
 ): number {
   if (value === undefined) return fallback;
   const seconds = Number(value.seconds);
@@ -113,6 +116,8 @@ export function durationField(
   }
   const ms = durationMs(value);
   if (ms < 0) v.add(field, "must not be negative");
+  else if (ms < minMs)
+    v.add(field, `must be at least ${minMs % 1000 === 0 ? `${minMs / 1000}s` : `${minMs}ms`}`);
   else if (ms > maxMs) v.add(field, `must be at most ${maxMs / 1000}s`);
   return ms;
 }

@@ -493,5 +493,30 @@ describe("scope leases", () => {
       Code.InvalidArgument,
       /^timeout: must not be negative/,
     );
+    // A negative probe period or timeout is named once, not also as shorter than 100ms.
+    const probe = (timing: { period?: { seconds: bigint }; timeout?: { seconds: bigint } }) =>
+      resources().createDeployment({
+        runtime: "east",
+        spec: {
+          containers: [{ name: "web", command: { argv: ["true"] } }],
+          readinessProbe: { check: { case: "tcpPort", value: 8080 }, ...timing },
+        },
+      });
+    const timeout = await expectStatus(
+      probe({ timeout: { seconds: -5n } }),
+      Code.InvalidArgument,
+      /^spec\.readiness_probe\.timeout: must not be negative$/,
+    );
+    expect(timeout.fields).toEqual(["spec.readiness_probe.timeout"]);
+    await expectStatus(
+      probe({ period: { seconds: -5n } }),
+      Code.InvalidArgument,
+      /^spec\.readiness_probe\.period: must not be negative$/,
+    );
+    await expectStatus(
+      probe({ timeout: { seconds: 0n } }),
+      Code.InvalidArgument,
+      /^spec\.readiness_probe\.timeout: must be at least 100ms$/,
+    );
   });
 });

@@ -196,9 +196,8 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       // No bound of its own beyond what a number holds: the server's maximum (--lease-max-ttl) is
       // checked by the service, and a message naming another bound would mislead.
       const ttlMs = request.ttl
-        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY)
+        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY, 1000)
         : undefined;
-      if (ttlMs !== undefined && ttlMs >= 0 && ttlMs < 1000) v.add("ttl", "must be at least 1s");
       v.throwIfAny();
       ctx.access.require("lease.create", request.runtime);
       const lease = await scope.create({
@@ -545,7 +544,8 @@ function toProtoDeployment(d: DeploymentView): MessageInitShape<typeof Deploymen
   };
 }
 
-/** Longest readiness period or check timeout. */
+/** Shortest and longest readiness period or check timeout. */
+const PROBE_MIN_MS = 100;
 const PROBE_MAX_MS = 10 * 60_000;
 
 /** A path inside the deployment's work directory: relative, without "..". */
@@ -601,13 +601,8 @@ function checkDeploymentSpec(v: Violations, spec: DeploymentSpec | undefined): v
     } else if (check.case === "httpGet" && !/^https?:\/\/[^/]/.test(check.value)) {
       v.add("spec.readiness_probe.http_get", "must be an http:// or https:// URL");
     }
-    if (probe.period && durationField(v, "spec.readiness_probe.period", probe.period, 0, PROBE_MAX_MS) < 100)
-      v.add("spec.readiness_probe.period", "must be at least 100ms");
-    if (
-      probe.timeout &&
-      durationField(v, "spec.readiness_probe.timeout", probe.timeout, 0, PROBE_MAX_MS) < 100
-    )
-      v.add("spec.readiness_probe.timeout", "must be at least 100ms");
+    durationField(v, "spec.readiness_probe.period", probe.period, 0, PROBE_MAX_MS, PROBE_MIN_MS);
+    durationField(v, "spec.readiness_probe.timeout", probe.timeout, 0, PROBE_MAX_MS, PROBE_MIN_MS);
   }
   checkRelativePath(v, "spec.outputs_dir", spec.outputsDir, false);
   if (spec.inputs.length > 256) v.add("spec.inputs", "must list at most 256 files");

@@ -11,6 +11,9 @@ function roleFlag(value: string, previous: Role[] = []): Role[] {
   return [...previous, value as Role];
 }
 
+/** Errors writing a file that say its path is wrong, not that the write failed on the way. */
+const PATH_ERRORS = ["ENOENT", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "EROFS"];
+
 /** `leasehold token create`: static bearer tokens for small setups. */
 export function tokenCommand(): Command {
   const token = new Command("token").description("Manage static bearer tokens (serve --auth-tokens).");
@@ -38,6 +41,7 @@ export function tokenCommand(): Command {
       ) => {
         const roles = o.role ?? [];
         if (o.principal.trim() === "") throw new CliError("--principal must not be empty", EXIT.usage);
+        if (o.tokensFile === "") throw new CliError("--tokens-file must not be empty", EXIT.usage);
         if (roles.length === 0 && (o.cluster || o.workerIds !== undefined))
           throw new CliError(
             "--cluster and --worker-ids apply to the roles given with --role; add one",
@@ -66,7 +70,14 @@ export function tokenCommand(): Command {
           // A broken or unreadable file: say which and why (the flag of the server is --auth-tokens).
           if (error instanceof LeaseholdError)
             throw new CliError(error.message.replace(/^--auth-tokens: /, "--tokens-file: "), EXIT.usage);
-          throw new CliError(`cannot write ${o.tokensFile}: ${(error as Error).message}`, EXIT.failed);
+          // A path that cannot be written (no such directory, no permission) is the flag to fix, as
+          // an unreadable file is; anything else (a full disk) is a failure.
+          const code = (error as NodeJS.ErrnoException).code ?? "";
+          const usage = PATH_ERRORS.includes(code);
+          throw new CliError(
+            `${usage ? "--tokens-file: " : ""}cannot write ${o.tokensFile}: ${(error as Error).message}`,
+            usage ? EXIT.usage : EXIT.failed,
+          );
         }
         if (globals(command).json)
           process.stdout.write(`${toJson({ principal: o.principal, token: created })}\n`);

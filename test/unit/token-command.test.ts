@@ -153,6 +153,20 @@ describe("leasehold token create", () => {
     expect((workerIds.error as Error).message).toMatch(/--worker-ids needs a role that runs workers/);
   });
 
+  it("refuse an empty --tokens-file, or one in a directory that does not exist, with exit code 2", async () => {
+    const empty = await run(["token", "create", "--principal", "x", "--tokens-file", ""]);
+    expect(empty.error).toBeInstanceOf(CliError);
+    expect((empty.error as CliError).exitCode).toBe(EXIT.usage);
+    expect((empty.error as Error).message).toBe("--tokens-file must not be empty");
+    const path = join(dir, "no-such-directory", "tokens.yaml");
+    const missing = await run(["token", "create", "--principal", "x", "--tokens-file", path]);
+    expect((missing.error as CliError).exitCode).toBe(EXIT.usage);
+    expect((missing.error as Error).message).toMatch(
+      /^--tokens-file: cannot write .*no-such-directory.*: ENOENT/,
+    );
+    expect(missing.stdout).toBe("");
+  });
+
   it("refuse to append to a broken tokens file, naming the field", async () => {
     const path = fileName();
     writeFileSync(path, "tokens:\n  - principal: a\n    sha256: nope\n");

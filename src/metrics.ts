@@ -52,6 +52,14 @@ export function createMetrics(
     },
   });
   new Gauge({
+    name: `${prefix}worker_streams_held_back`,
+    help: "Worker streams this process is not reading while too many of their reports are unanswered (a worker reporting faster than its reports commit; worker.proto).",
+    registers: [registry],
+    collect() {
+      this.set(sources.hosted().streamsHeldBack);
+    },
+  });
+  new Gauge({
     name: `${prefix}sessions_in_grace`,
     help: "Worker sessions whose stream is lost and whose deadline has not passed (all processes).",
     registers: [registry],

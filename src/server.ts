@@ -328,7 +328,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     let leases: LeaseManager | undefined;
     const metrics = createMetrics(
       {
-        hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0 },
+        hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0, streamsHeldBack: 0 },
         inGrace: async () => {
           const [row] = await queryRows<{ n: unknown }>(
             db,

@@ -109,6 +109,8 @@ export type { SessionHandle } from "./lease/stream.js";
 export interface HostedStats {
   readonly connectedWorkers: number;
   readonly leasesHeld: number;
+  /** Streams not read while too many of their reports are unanswered. */
+  readonly streamsHeldBack: number;
 }
 
 /**
@@ -298,6 +300,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       blocked: false,
       heardAt: performance.now(),
       unanswered: 0,
+      unansweredChars: 0,
+      heldBack: false,
       deadlineMs: 0,
       dbOffsetMs: 0,
       ended: false,
@@ -559,8 +563,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     },
     stats() {
       let leasesHeld = 0;
-      for (const s of hosted.values()) leasesHeld += s.held.size;
-      return { connectedWorkers: hosted.size, leasesHeld };
+      let streamsHeldBack = 0;
+      for (const s of hosted.values()) {
+        leasesHeld += s.held.size;
+        if (s.heldBack) streamsHeldBack++;
+      }
+      return { connectedWorkers: hosted.size, leasesHeld, streamsHeldBack };
     },
   };
 }

@@ -1,9 +1,13 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
+import type { SQL } from "drizzle-orm";
+import { PgDialect } from "drizzle-orm/pg-core";
 import { afterEach, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { type ConnectRequestSchema, RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import type { Db } from "../../src/store/database.js";
 import { FENCED_EVENTS_PER_WINDOW } from "../../src/work/lease/fenced-events.js";
+import { MAX_UNANSWERED_CHARS } from "../../src/work/lease/reports.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
@@ -157,6 +161,72 @@ describe("a stream flooding fenced reports", () => {
       unrecorded: BATCHES * PER_BATCH - FENCED_EVENTS_PER_WINDOW,
     });
   }, 60_000);
+
+  it("stops reading a stream whose unanswered progress holds too much checkpoint text, until most is answered", async () => {
+    // Progress statements wait while `held` is set: the reports pile up unanswered.
+    let release = () => {};
+    let held: Promise<void> | undefined = new Promise((resolve) => {
+      release = resolve;
+    });
+    const dialect = new PgDialect();
+    const wrapDb = (db: Db) =>
+      new Proxy(db, {
+        get(target, property, receiver) {
+          if (property !== "execute") return Reflect.get(target, property, receiver);
+          return async (query: SQL) => {
+            if (held && dialect.sqlToQuery(query).sql.includes("checkpoint = coalesce")) await held;
+            return target.execute(query);
+          };
+        },
+      }) as Db;
+    t = await startTestServer({
+      config: { gracePeriod: "60s", heartbeatInterval: "1s" },
+      overrides: { wrapDb },
+    });
+    const heldBack = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+      return /^leasehold_worker_streams_held_back (\d+)$/m.exec(text)?.[1];
+    };
+    await t.client(ActionService).submitAction({ cluster: "big" });
+    const w = await connectWorker(t.address, { workerId: "big", cluster: "big", capacity: 1 });
+    workers.push(w);
+    const grant = await w.next("grant");
+    const answers = () => w.received.filter((m) => m.message.case === "reportResult").length;
+    // Sixty reports of 512 Ki characters each, 30 Mi in all, for one action.
+    const REPORTS = 60;
+    const CHARS = 512 * 1024;
+    const checkpoint = { blob: "x".repeat(CHARS) };
+    for (let i = 1; i <= REPORTS; i++) {
+      w.send({
+        message: {
+          case: "progress",
+          value: {
+            reportId: BigInt(i),
+            actionId: grant.actionId,
+            epoch: grant.epoch,
+            phase: "p",
+            checkpoint,
+          },
+        },
+      });
+    }
+    // Sent after them: read only once the unanswered text is down to a quarter of the bound.
+    let acked = false;
+    const ack = w.heartbeat(1).then(() => {
+      acked = true;
+      return answers();
+    });
+    await expect.poll(heldBack, { interval: 20, timeout: 30_000 }).toBe("1");
+    expect(acked).toBe(false);
+    held = undefined;
+    release();
+    expect(await ack).toBeGreaterThan(REPORTS - MAX_UNANSWERED_CHARS / CHARS - 8);
+    await expect.poll(answers, { interval: 20, timeout: 60_000 }).toBe(REPORTS);
+    expect(w.received.filter((m) => m.message.case === "reportResult" && !m.message.value.accepted)).toEqual(
+      [],
+    );
+    expect(await heldBack()).toBe("0");
+  }, 90_000);
 
   it("holds back only the flooding stream: its reading stops, and another stream's report goes first", async () => {
     // A long grace: the flooder's heartbeat is meant to wait behind its flood.

@@ -1,17 +1,20 @@
 import { sql } from "drizzle-orm";
-import type { JsonObject } from "../../work/action.js";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
 
-/** A progress report: phase and optional checkpoint. */
+/**
+ * A progress report: phase and optional details and checkpoint, as JSON text
+ * (serialized when the report arrives: a queued report holds its text, not
+ * the larger object graph, and is measured by it).
+ */
 export interface ProgressReport {
   readonly actionId: string;
   readonly epoch: number;
   readonly sessionId: string;
   readonly phase: string;
-  readonly details?: JsonObject | undefined;
-  readonly checkpoint?: JsonObject | undefined;
+  readonly details?: string | undefined;
+  readonly checkpoint?: string | undefined;
 }
 
 /**
@@ -27,17 +30,14 @@ export async function recordProgress(
   reports: readonly ProgressReport[],
 ): Promise<number[]> {
   if (reports.length === 0) return [];
-  const input = JSON.stringify(
-    reports.map((r, k) => ({
-      k,
-      action_id: r.actionId,
-      epoch: r.epoch,
-      session_id: r.sessionId,
-      phase: r.phase,
-      details: r.details ?? null,
-      checkpoint: r.checkpoint ?? null,
-    })),
-  );
+  const input = `[${reports
+    .map(
+      (r, k) =>
+        `{"k":${k},"action_id":${JSON.stringify(r.actionId)},"epoch":${r.epoch},` +
+        `"session_id":${JSON.stringify(r.sessionId)},"phase":${JSON.stringify(r.phase)},` +
+        `"details":${r.details ?? "null"},"checkpoint":${r.checkpoint ?? "null"}}`,
+    )
+    .join(",")}]`;
   const rows = await queryRows<{ k: number }>(
     db,
     sql`

@@ -57,8 +57,12 @@ export interface Hosted {
    * that succeeds after failing answers it again, with the time it stored.
    */
   lastBeat?: bigint;
-  /** Completions and releases received and not answered yet (see `maxUnansweredReports`). */
+  /** Reports received and not answered yet (see `maxUnansweredReports`). */
   unanswered: number;
+  /** The JSON text those reports hold (progress details and checkpoints; see `MAX_UNANSWERED_CHARS`). */
+  unansweredChars: number;
+  /** Whether this stream is not read because of them (metric `worker_streams_held_back`). */
+  heldBack: boolean;
   /** The persisted deadline (database clock, epoch ms) and the database clock's offset from ours. */
   deadlineMs: number;
   dbOffsetMs: number;

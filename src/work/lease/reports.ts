@@ -41,14 +41,24 @@ export interface Reports {
 }
 
 /**
- * Most completions and releases a stream may have unanswered before this
- * process stops reading it, until a quarter are left (worker.proto): a
- * stream sending them faster than they commit (a flood) holds itself back,
- * not the other streams' reports queued behind its own, nor this process's
- * memory. A worker holds at most twice its capacity in leases, each with at
- * most one completion or release in flight; 1,024 at least.
+ * Most reports (completions, releases, progress) a stream may have
+ * unanswered before this process stops reading it, until a quarter are left
+ * (worker.proto): a stream sending them faster than they commit (a flood)
+ * holds itself back, not the other streams' reports queued behind its own,
+ * nor this process's memory. A worker holds at most twice its capacity in
+ * leases, each with at most one completion or release in flight; 1,024 at
+ * least.
  */
 export const maxUnansweredReports = (capacity: number) => Math.max(1024, 4 * capacity);
+
+/**
+ * Most characters of JSON text (progress details and checkpoints, each up to 1 MiB) a
+ * stream's unanswered reports may hold before this process stops reading it,
+ * until a quarter is left: progress reports of one action are applied one
+ * after another, so a worker sending large ones faster than they commit
+ * would otherwise queue them in memory without bound.
+ */
+export const MAX_UNANSWERED_CHARS = 8 * 1024 * 1024;
 
 /** What a report said, as counted: a completion's outcome, a release, or progress. */
 export type ReportKind = "succeeded" | "failed" | "released" | "progress";
@@ -274,11 +284,7 @@ export function createReports(deps: {
               },
             };
     const kind = report.kind;
-    const max = maxUnansweredReports(s.capacity);
-    if (++s.unanswered >= max) s.link.throttle(true);
-    const answered = () => {
-      if (--s.unanswered <= max / 4) s.link.throttle(false);
-    };
+    const answered = hold(s, 0);
     settle(
       s,
       report,
@@ -304,9 +310,33 @@ export function createReports(deps: {
     );
   }
 
+  /**
+   * Counts a report received on `s` until it is answered, with the JSON text it holds: past
+   * either bound the stream is not read, until a quarter of both is left. Returns the call that
+   * says it was answered.
+   */
+  function hold(s: Hosted, chars: number): () => void {
+    const max = maxUnansweredReports(s.capacity);
+    s.unansweredChars += chars;
+    if (++s.unanswered >= max || s.unansweredChars >= MAX_UNANSWERED_CHARS) {
+      s.heldBack = true;
+      s.link.throttle(true);
+    }
+    return () => {
+      s.unansweredChars -= chars;
+      if (--s.unanswered <= max / 4 && s.unansweredChars <= MAX_UNANSWERED_CHARS / 4 && s.heldBack) {
+        s.heldBack = false;
+        s.link.throttle(false);
+      }
+    };
+  }
+
   function progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
     const token = { actionId: m.actionId, epoch: m.epoch };
     const span = reportSpan(s, m);
+    const details = m.details === undefined ? undefined : JSON.stringify(m.details);
+    const checkpoint = m.checkpoint === undefined ? undefined : JSON.stringify(m.checkpoint);
+    const answered = hold(s, (details?.length ?? 0) + (checkpoint?.length ?? 0));
     inTurn(m.actionId, () => {
       progressBatch
         .add({
@@ -314,11 +344,12 @@ export function createReports(deps: {
           epoch: m.epoch,
           sessionId: s.sessionId,
           phase: m.phase,
-          details: m.details,
-          checkpoint: m.checkpoint,
+          details,
+          checkpoint,
         })
         .then(
           (ok) => {
+            answered();
             nextInTurn(m.actionId);
             unapplied.worked();
             if (!ok) {
@@ -332,6 +363,7 @@ export function createReports(deps: {
             feed.publish(actionTopic(token.actionId));
           },
           (error: unknown) => {
+            answered();
             nextInTurn(m.actionId);
             deps.answered.inc({ kind: "progress", result: "unavailable" });
             endSpan(span, false, "UNAVAILABLE");

@@ -215,12 +215,16 @@ type WorkerServiceClient interface {
 	// read renew nothing), and the worker may reconnect and resume it. Read
 	// the stream promptly, heartbeat acks included.
 	//
-	// Completions and releases are answered by a ReportResult each once
-	// committed. While a stream has more of them unanswered than 1,024 or four
-	// times its capacity, whichever is more, the server reads nothing more from
-	// it until a quarter of that is left: its heartbeats wait behind its
-	// reports. A worker holds at most twice its capacity in leases, with at
-	// most one completion or release each in flight, and never comes near it.
+	// Completions, releases and progress reports are answered by a
+	// ReportResult each once committed. While a stream has more of them
+	// unanswered than 1,024 or four times its capacity, whichever is more, or
+	// its unanswered progress reports hold more than 8 Mi characters of details
+	// and checkpoints (as JSON), the server reads nothing more from it until a
+	// quarter of both is left: its heartbeats wait behind its reports. A worker
+	// holds at most twice its capacity in leases, with at most one completion
+	// or release each in flight, and never comes near the count; one that
+	// reports large checkpoints should wait for each answer before sending the
+	// next of the same action (they are applied one after another anyway).
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
@@ -471,12 +475,16 @@ type WorkerServiceServer interface {
 	// read renew nothing), and the worker may reconnect and resume it. Read
 	// the stream promptly, heartbeat acks included.
 	//
-	// Completions and releases are answered by a ReportResult each once
-	// committed. While a stream has more of them unanswered than 1,024 or four
-	// times its capacity, whichever is more, the server reads nothing more from
-	// it until a quarter of that is left: its heartbeats wait behind its
-	// reports. A worker holds at most twice its capacity in leases, with at
-	// most one completion or release each in flight, and never comes near it.
+	// Completions, releases and progress reports are answered by a
+	// ReportResult each once committed. While a stream has more of them
+	// unanswered than 1,024 or four times its capacity, whichever is more, or
+	// its unanswered progress reports hold more than 8 Mi characters of details
+	// and checkpoints (as JSON), the server reads nothing more from it until a
+	// quarter of both is left: its heartbeats wait behind its reports. A worker
+	// holds at most twice its capacity in leases, with at most one completion
+	// or release each in flight, and never comes near the count; one that
+	// reports large checkpoints should wait for each answer before sending the
+	// next of the same action (they are applied one after another anyway).
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,

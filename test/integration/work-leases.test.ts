@@ -8,6 +8,7 @@ import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js"
 import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
+import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
 import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, failure } from "../helpers/status.js";
@@ -165,6 +166,25 @@ describe("work leases", () => {
       ...made.slice(0, MAX_SUPERSEDED_PER_HEARTBEAT).map((l) => l.actionId),
       ...made.slice(100, 100 + MAX_SUPERSEDED_PER_HEARTBEAT).map((l) => l.actionId),
     ]);
+  });
+
+  it("revokes every lease a hello lists that is not the session's, recording the first 64 as events", async () => {
+    const made = Array.from({ length: 20_000 }, (_, i) => ({ actionId: `listed-${i}`, epoch: 1n }));
+    const w = await worker("w-many", { capacity: 10_000, held: made });
+    expect(w.welcome.revoked).toHaveLength(made.length);
+    const events = [];
+    let pageToken = "";
+    do {
+      const page = await t.client(EventService).listEvents({ workerId: "w-many", pageSize: 1000, pageToken });
+      events.push(...page.events);
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+    expect(events.filter((e) => e.kind === EventKind.LEASE_REVOKED).map((e) => e.actionId)).toEqual(
+      made.slice(0, MAX_REVOKE_EVENTS_PER_HELLO).map((l) => l.actionId),
+    );
+    expect(events.find((e) => e.kind === EventKind.SESSION_STARTED)?.message).toMatch(
+      /listed 20000 leases it does not hold, all revoked, the first 64 recorded as events/,
+    );
   });
 
   it("grants a queued action with epoch 1 and accepts its completion once (a resent copy too)", async () => {

@@ -367,6 +367,13 @@ export interface HelloEvent {
   message: string;
 }
 
+/**
+ * Most leases a hello listed and does not hold that get an event each: a hello may list up to
+ * 20,000 (twice the largest capacity), and an event each made one hello a transaction of 20,000
+ * inserts that held the process for a second. All are revoked; the session's event counts them.
+ */
+export const MAX_REVOKE_EVENTS_PER_HELLO = 64;
+
 /** The events of one hello: the session's start, resume or takeover, then each listed lease's fate. */
 export function helloEvents(
   hello: HelloInput,
@@ -381,15 +388,21 @@ export function helloEvents(
     : tookOver
       ? `a new stream of worker ${hello.workerId} took the session over; the older stream is closed`
       : `worker ${hello.workerId} reconnected within grace and resumed its session`;
+  const unrecorded = revokedLeases.length - MAX_REVOKE_EVENTS_PER_HELLO;
+  const counted =
+    unrecorded > 0
+      ? `${message}; it listed ${revokedLeases.length} leases it does not hold, all revoked, ` +
+        `the first ${MAX_REVOKE_EVENTS_PER_HELLO} recorded as events`
+      : message;
   return [
-    { kind, action_id: null, epoch: null, message },
+    { kind, action_id: null, epoch: null, message: counted },
     ...resumedLeases.map((l) => ({
       kind: "lease_resumed",
       action_id: l.actionId,
       epoch: l.epoch,
       message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
     })),
-    ...revokedLeases.map((l) => ({
+    ...revokedLeases.slice(0, MAX_REVOKE_EVENTS_PER_HELLO).map((l) => ({
       kind: "lease_revoked",
       action_id: l.actionId,
       epoch: l.epoch,

@@ -287,6 +287,30 @@ describe("work leases", () => {
     expect(again.checkpoint).toEqual({ step: 5 });
   });
 
+  it("leaves out a checkpoint that would take the grant past a client's default receive limit", async () => {
+    // Within the limits (1 Mi characters each), but of 3-byte characters: 5.7 MB together.
+    const payload = { text: "\u4e00".repeat(1_000_000) };
+    const w = await worker("w1");
+    const id = await submit({ payload });
+    await tick().dispatch();
+    const { epoch } = await w.next("grant");
+    const checkpoint = { text: "\u4e00".repeat(900_000) };
+    w.send({
+      message: { case: "progress", value: { reportId: 1n, actionId: id, epoch, phase: "p", checkpoint } },
+    });
+    expect(await w.next("reportResult", (r) => r.reportId === 1n)).toMatchObject({ accepted: true });
+    expect(await w.release({ actionId: id, epoch })).toMatchObject({ accepted: true });
+    // The worker's client has the default 4 MiB receive limit: the grant comes, without the checkpoint.
+    await tick().dispatch();
+    const again = await w.next("grant", (g) => g.epoch === 2n);
+    expect({ actionId: again.actionId, checkpoint: again.checkpoint }).toEqual({
+      actionId: id,
+      checkpoint: undefined,
+    });
+    expect(again.payload).toEqual(payload);
+    expect((await w.heartbeat(1)).sequence).toBe(1n);
+  });
+
   it("applies a progress report before the release a heartbeat implies by leaving its revoked lease out", async () => {
     const { progressStarted, release, hold } = await serverHoldingProgress();
     hold.armed = false;

@@ -626,8 +626,23 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
 
 type Response = MessageInitShape<typeof ConnectResponseSchema>;
 
-/** A server message in the binary format; heartbeat acks, grants and report results take a fast path. */
+/**
+ * Largest grant sent with its checkpoint (worker.proto, Grant.checkpoint): payloads and
+ * checkpoints are bounded in characters, and of 3-byte characters the two together could pass a
+ * client's default 4 MiB receive limit. Such a grant was refused by the agent's client on every
+ * reconnect, for as long as the lease lasted.
+ */
+export const MAX_GRANT_BYTES = 3.5 * 1024 * 1024;
+
+/** A server message in the binary format: a grant without its checkpoint if it is too large with it. */
 function encodeResponse(m: ServerMessage): Uint8Array {
+  const bytes = encodeMessage(m);
+  if (m.type !== "grant" || !m.checkpoint || bytes.byteLength <= MAX_GRANT_BYTES) return bytes;
+  return encodeMessage({ ...m, checkpoint: null });
+}
+
+/** A server message in the binary format; heartbeat acks, grants and report results take a fast path. */
+function encodeMessage(m: ServerMessage): Uint8Array {
   const fast =
     m.type === "heartbeat_ack"
       ? m.databaseUnreachable

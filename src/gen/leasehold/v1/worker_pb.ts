@@ -574,7 +574,10 @@ export type Grant = Message<"leasehold.v1.Grant"> & {
    * The action's latest checkpoint, if any: reported by a previous attempt
    * (however it ended: released, expired, or failed and retried), or by this
    * very attempt when its grant is sent again at the same epoch
-   * (after a reconnect or a takeover): resume from it.
+   * (after a reconnect or a takeover): resume from it. Left out when the
+   * grant with it would pass 3.5 MiB as sent (a payload and a checkpoint of
+   * many multi-byte characters), so that a client's default 4 MiB receive
+   * limit holds: the attempt then starts without it.
    *
    * @generated from field: google.protobuf.Struct checkpoint = 6;
    */

@@ -1099,7 +1099,10 @@ type Grant struct {
 	// The action's latest checkpoint, if any: reported by a previous attempt
 	// (however it ended: released, expired, or failed and retried), or by this
 	// very attempt when its grant is sent again at the same epoch
-	// (after a reconnect or a takeover): resume from it.
+	// (after a reconnect or a takeover): resume from it. Left out when the
+	// grant with it would pass 3.5 MiB as sent (a payload and a checkpoint of
+	// many multi-byte characters), so that a client's default 4 MiB receive
+	// limit holds: the attempt then starts without it.
 	Checkpoint *structpb.Struct `protobuf:"bytes,6,opt,name=checkpoint,proto3" json:"checkpoint,omitempty"`
 	// W3C trace context (a `traceparent` value, e.g.
 	// "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01") of the

@@ -374,7 +374,9 @@ export enum EventKind {
   LEASE_RELEASED = 10,
 
   /**
-   * The server revoked a lease (cancel, drain, stale lease on reconnect).
+   * The server revoked a lease (cancel, drain, stale lease on reconnect). Of
+   * the stale leases one hello lists, the first 64 get this event each; the
+   * session's event says how many it listed.
    *
    * @generated from enum value: EVENT_KIND_LEASE_REVOKED = 11;
    */

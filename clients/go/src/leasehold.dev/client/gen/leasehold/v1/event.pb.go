@@ -48,7 +48,9 @@ const (
 	EventKind_EVENT_KIND_LEASE_EXPIRED EventKind = 9
 	// A worker released a lease.
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
-	// The server revoked a lease (cancel, drain, stale lease on reconnect).
+	// The server revoked a lease (cancel, drain, stale lease on reconnect). Of
+	// the stale leases one hello lists, the first 64 get this event each; the
+	// session's event says how many it listed.
 	EventKind_EVENT_KIND_LEASE_REVOKED EventKind = 11
 	// A report carried a stale (action, epoch) and was rejected. Every fenced
 	// report is answered, but a stream's reports get at most 100 such events

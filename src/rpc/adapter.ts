@@ -431,17 +431,49 @@ function createContext(
   };
 }
 
-/** Resolves once a writable stream can take more, or the call ends. */
-function drained(call: grpc.ServerWritableStream<unknown, unknown>, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const finish = () => {
-      call.off("drain", finish);
-      signal.removeEventListener("abort", finish);
-      resolve();
-    };
-    call.on("drain", finish);
-    signal.addEventListener("abort", finish);
-  });
+/**
+ * A server stream's handler is asked for its next message only while less
+ * than this many bytes of its earlier ones wait for the transport (and
+ * grpc-js's buffer of 16 messages is not full): a client that does not read
+ * holds the handler at its `yield`, so what the server keeps for it stays
+ * small. For DownloadFile's 64 KiB chunks that is two: the one HTTP/2 is
+ * sending and the one behind it (16 of them, grpc-js's own limit, made a
+ * MiB per stream that nobody reads).
+ */
+export const SERVER_STREAM_AHEAD_BYTES = 128 * 1024;
+
+/**
+ * The writes of a server stream, counted until HTTP/2 takes them: `room`
+ * resolves once the handler may give its next message (see
+ * {@link SERVER_STREAM_AHEAD_BYTES}), or the call ends.
+ */
+function serverWrites(call: grpc.ServerWritableStream<unknown, unknown>, signal: AbortSignal) {
+  let bytes = 0;
+  let wake: (() => void) | undefined;
+  const full = () => call.writableNeedDrain || bytes >= SERVER_STREAM_AHEAD_BYTES;
+  return {
+    write(message: Buffer): void {
+      bytes += message.length;
+      // The callback runs once HTTP/2 took the message; 'drain', if it was due, came just before it.
+      call.write(message, () => {
+        bytes -= message.length;
+        wake?.();
+      });
+    },
+    async room(): Promise<void> {
+      while (full() && !signal.aborted) {
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            wake = undefined;
+            signal.removeEventListener("abort", done);
+            resolve();
+          };
+          wake = done;
+          signal.addEventListener("abort", done);
+        });
+      }
+    },
+  };
 }
 
 function unimplemented(method: DescMethod): () => never {
@@ -684,11 +716,15 @@ function serverStreamHandler(
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
       if (call.request instanceof RejectedRequest) throw call.request.error;
+      const writes = serverWrites(call, ctx.signal);
       for await (const message of fn(call.request, ctx)) {
         if (ctx.signal.aborted) break;
-        if (!call.write(create(method.output, message as MessageInitShape<DescMessage>))) {
-          await drained(call, ctx.signal);
-        }
+        // Encoded here to be counted; a Buffer passes the response serializer as it is.
+        writes.write(
+          encodeMessage(method.output, create(method.output, message as MessageInitShape<DescMessage>)),
+        );
+        await writes.room();
+        if (ctx.signal.aborted) break;
       }
     })()
       .then(

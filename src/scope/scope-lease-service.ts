@@ -6,6 +6,7 @@ import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
 import { cancelDeploymentActions, type HeldToken, requestOutputs } from "../store/deployments.js";
 import { leasedInputClusters } from "../store/queries/leased-input-clusters.js";
+import { readFileChunk } from "../store/queries/read-file-chunk.js";
 import {
   type Closed,
   closeScopeLease,
@@ -27,7 +28,6 @@ import {
   promoteResource,
   type ResourceFilter,
   type ResourceRecord,
-  readFileContent,
   type ScopeLeaseRecord,
   type ScopeLeaseState,
   setScopeLeaseResult,
@@ -122,7 +122,15 @@ export interface ScopeLeaseService extends AsyncDisposable {
    * lease, which chooses what of them it sends.
    */
   resourcesOf(leaseId: string): Promise<{ readonly items: ResourceRecord[]; readonly total: number }>;
-  readFile(id: string): Promise<Uint8Array>;
+  /**
+   * File `id`'s content in chunks of `chunkBytes` (the last one shorter; none
+   * for an empty file), each read from the database only when the one before
+   * it has been taken: a download holds one chunk at a time, and one whose
+   * caller stops taking them reads nothing more. NOT_FOUND if there is no
+   * such file, and also if it is deleted before its last chunk was read: a
+   * download cut short never looks whole.
+   */
+  fileChunks(id: string, chunkBytes: number): AsyncGenerator<Uint8Array, void, undefined>;
   /**
    * The clusters where file `fileId` is an input of a deployment whose action
    * is leased right now to a live session `principal` opened; empty if none.
@@ -573,10 +581,23 @@ export function createScopeLeaseService(deps: {
       const total = items.length < SNAPSHOT_RESOURCES ? items.length : await countLeaseResources(db, leaseId);
       return { items, total };
     },
-    async readFile(id) {
-      const content = await readFileContent(db, id);
-      if (!content) throw LeaseholdError.notFound("file", id);
-      return content;
+    async *fileChunks(id, chunkBytes) {
+      let offset = 0;
+      let size = 0;
+      do {
+        const chunk = await readFileChunk(db, id, offset, chunkBytes);
+        if (!chunk && offset === 0) throw LeaseholdError.notFound("file", id);
+        if (!chunk) {
+          throw new LeaseholdError(
+            Code.NotFound,
+            `file ${quote(id)} not found: it was deleted during the download, after ${offset} of its ${size} bytes; what arrived is not the whole file`,
+            { reason: "FILE_NOT_FOUND", metadata: { file: id } },
+          );
+        }
+        size = chunk.sizeBytes;
+        if (chunk.bytes.byteLength > 0) yield chunk.bytes;
+        offset += chunkBytes;
+      } while (offset < size);
     },
     inputLeasedTo(fileId, principal) {
       return leasedInputClusters(db, fileId, principal);

@@ -352,15 +352,6 @@ export async function findResource(db: Db, id: string): Promise<ResourceRecord |
   return row && resourceFromRow(row);
 }
 
-/** A file's content, or undefined if there is no such file. */
-export async function readFileContent(db: Db, id: string): Promise<Uint8Array | undefined> {
-  const [row] = await queryRows<{ content: string | null }>(
-    db,
-    sql`select encode(content, 'base64') as content from resources where id = ${id} and kind = 'file'`,
-  );
-  return row?.content === null || row === undefined ? undefined : Buffer.from(row.content, "base64");
-}
-
 /** Filters of a listing of resources; they combine with AND. */
 export interface ResourceFilter {
   readonly leaseId?: string | undefined;

@@ -1,5 +1,4 @@
 import { sql } from "drizzle-orm";
-import { PgDialect } from "drizzle-orm/pg-core";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
@@ -9,6 +8,7 @@ import type { ServerOverrides } from "../../src/server.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
+import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
@@ -511,28 +511,3 @@ describe("lease upkeep", () => {
 
 /** The renewal's statement. */
 const RENEWAL = /update sessions s set\s+last_heard_at/;
-
-/**
- * A database whose every statement goes through `around` (given its text), to fail or slow some;
- * so do the statements of its transactions.
- */
-function intercepting(around: (text: string, execute: () => Promise<unknown>) => Promise<unknown>) {
-  const dialect = new PgDialect();
-  const wrap = (db: Db): Db =>
-    new Proxy(db, {
-      get(target, property, receiver) {
-        if (property === "transaction")
-          return (fn: (tx: Db) => Promise<unknown>, ...rest: unknown[]) =>
-            (target.transaction as (...args: unknown[]) => Promise<unknown>)(
-              (tx: Db) => fn(wrap(tx)),
-              ...rest,
-            );
-        if (property !== "execute") return Reflect.get(target, property, receiver);
-        return (query: Parameters<typeof target.execute>[0]) =>
-          around(typeof query === "string" ? query : dialect.sqlToQuery(query.getSQL()).sql, () =>
-            target.execute(query),
-          );
-      },
-    });
-  return wrap;
-}

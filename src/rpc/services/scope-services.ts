@@ -456,10 +456,9 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
           },
         );
       }
-      const content = await scope.readFile(resourceId);
-      for (let at = 0; at < content.byteLength; at += CHUNK_BYTES) {
-        yield { chunk: content.subarray(at, at + CHUNK_BYTES) };
-      }
+      // Each chunk is read when the adapter asks for it, once the ones before
+      // it are (nearly) sent: a client that does not read holds this at its yield.
+      for await (const chunk of scope.fileChunks(resourceId, CHUNK_BYTES)) yield { chunk };
     },
     async deleteResource(request, ctx) {
       const resourceId = requireId("resource_id", request.resourceId);

@@ -1011,7 +1011,10 @@ export const ResourceService: GenService<{
     output: typeof ListResourcesResponseSchema;
   },
   /**
-   * Streams a file's content in chunks.
+   * Streams a file's content in chunks of 64 KiB (the last one has the rest;
+   * an empty file sends none), each read from the database as the client
+   * takes the ones before it. NOT_FOUND if there is no such file, and also if
+   * it is deleted during the download: what arrived is then not the whole file.
    * Right: resource.read, as for GetResource; or file.download.input (agents)
    * when the file is an input of a deployment whose action is leased right
    * now to a live session opened by the caller's principal, in a cluster

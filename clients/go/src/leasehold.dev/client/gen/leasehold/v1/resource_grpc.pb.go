@@ -38,7 +38,10 @@ type ResourceServiceClient interface {
 	// Right: resource.read in the lease_id filter's runtime, or in every
 	// cluster without a lease_id.
 	ListResources(ctx context.Context, in *ListResourcesRequest, opts ...grpc.CallOption) (*ListResourcesResponse, error)
-	// Streams a file's content in chunks.
+	// Streams a file's content in chunks of 64 KiB (the last one has the rest;
+	// an empty file sends none), each read from the database as the client
+	// takes the ones before it. NOT_FOUND if there is no such file, and also if
+	// it is deleted during the download: what arrived is then not the whole file.
 	// Right: resource.read, as for GetResource; or file.download.input (agents)
 	// when the file is an input of a deployment whose action is leased right
 	// now to a live session opened by the caller's principal, in a cluster
@@ -176,7 +179,10 @@ type ResourceServiceServer interface {
 	// Right: resource.read in the lease_id filter's runtime, or in every
 	// cluster without a lease_id.
 	ListResources(context.Context, *ListResourcesRequest) (*ListResourcesResponse, error)
-	// Streams a file's content in chunks.
+	// Streams a file's content in chunks of 64 KiB (the last one has the rest;
+	// an empty file sends none), each read from the database as the client
+	// takes the ones before it. NOT_FOUND if there is no such file, and also if
+	// it is deleted during the download: what arrived is then not the whole file.
 	// Right: resource.read, as for GetResource; or file.download.input (agents)
 	// when the file is an input of a deployment whose action is leased right
 	// now to a live session opened by the caller's principal, in a cluster

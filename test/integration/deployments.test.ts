@@ -286,7 +286,7 @@ describe("deployments", () => {
       ]),
     );
     next.drop();
-  });
+  }, 60_000);
 
   it("fails a collect whose deployment's agent gave the lease back instead of saving", async () => {
     const w = await connectWorker(t.address, { workerId: "gave-back", cluster: "gave-back", capacity: 1 });

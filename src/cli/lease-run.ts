@@ -13,7 +13,15 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { Client } from "../rpc/client.js";
 import type { Check, CommandSpec, DeploymentPlan, Manifest } from "./manifest.js";
-import { cliErrorFrom, EXIT, enumName, time, uploadRefused } from "./output.js";
+import {
+  cliErrorFrom,
+  EXIT,
+  enumName,
+  serverGoneAway,
+  time,
+  unreachableWhy,
+  uploadRefused,
+} from "./output.js";
 import { exitOnSignal } from "./signals.js";
 
 /*
@@ -61,6 +69,11 @@ export type LiveTestEventName =
   | "result_recorded"
   /** `signal`: SIGINT or SIGTERM; the lease is rolled back. */
   | "interrupted"
+  /**
+   * `step`, `message`: the server went away (a restart, a failover) during a step; its calls are
+   * tried again until it is back or the step's time is up. Once per outage.
+   */
+  | "server_unavailable"
   /** `message`, `step`: a call failed; the lease is rolled back (or kept with --keep-lease). */
   | "error"
   /** `lease_id`, `destroyed_resources`. */
@@ -102,8 +115,10 @@ export interface LiveTestOutcome {
   readonly error?: string;
 }
 
-/** How long the final rollback may take; beyond it the TTL does the job. */
+/** How long the final rollback may take, through server restarts; beyond it the TTL does the job. */
 const ROLLBACK_TIMEOUT_MS = 30_000;
+/** How long a call after the checks (promote, set-result) keeps trying through a server restart. */
+const RESTART_WINDOW_MS = 30_000;
 /** Slack added to gRPC deadlines of calls that wait server-side for their own timeout. */
 const CALL_SLACK_MS = 30_000;
 
@@ -129,8 +144,20 @@ export async function runLiveTest(
 ): Promise<LiveTestOutcome> {
   const { manifest: m, signal } = options;
   const now = options.now ?? (() => new Date());
-  const emit = (event: LiveTestEventName, fields: Record<string, unknown> = {}) =>
+  // Whether server_unavailable was said and nothing happened since: said once per outage.
+  let away = false;
+  const emit = (event: LiveTestEventName, fields: Record<string, unknown> = {}) => {
+    away = event === "server_unavailable";
     options.emit({ event, time: now().toISOString(), ...fields });
+  };
+  const step = { name: "upload_fixtures" };
+  const unavailable = (error: Error) => {
+    if (away) return;
+    emit("server_unavailable", {
+      step: step.name,
+      message: `the server at ${options.server} is unavailable (${unreachableWhy(error)}); trying again`,
+    });
+  };
   const finish = (outcome: LiveTestOutcome, leaseId?: string): LiveTestOutcome => {
     emit("done", {
       passed: outcome.passed,
@@ -172,9 +199,15 @@ export async function runLiveTest(
 
   let outcome: LiveTestOutcome;
   let rollBack = !options.keepLease;
-  const step = { name: "upload_fixtures" };
   try {
-    const passed = await runInLease(clients, leaseId, m, { signal, server: options.server }, emit, step);
+    const passed = await runInLease(
+      clients,
+      leaseId,
+      m,
+      { signal, server: options.server, unavailable },
+      emit,
+      step,
+    );
     outcome = { passed, exitCode: passed ? EXIT.ok : EXIT.failed };
   } catch (error) {
     if (signal.aborted) {
@@ -186,12 +219,11 @@ export async function runLiveTest(
       emit("error", { step: step.name, message: e.message });
       outcome = { passed: false, exitCode: e.exitCode, error: e.message };
       // Best effort, so that the lease's record says why it closed; the rollback matters more.
-      await clients.leases
-        .setResult(
-          { leaseId, result: { passed: false, error: `${step.name}: ${e.message}` } },
-          { deadline: new Date(Date.now() + 10_000) },
-        )
-        .catch(() => {});
+      const result = { passed: false, error: `${step.name}: ${e.message}` };
+      await throughRestarts((deadline) => clients.leases.setResult({ leaseId, result }, { deadline }), {
+        withinMs: 10_000,
+        onRetry: unavailable,
+      }).catch(() => {});
     }
   }
 
@@ -203,12 +235,14 @@ export async function runLiveTest(
     emit("lease_kept", { lease_id: leaseId, expire_time: time(lease?.expireTime) });
     return finish(outcome, leaseId);
   }
+  step.name = "rollback";
   try {
-    // Not tied to `signal`: an interrupt is exactly when the rollback must still happen.
-    const r = await clients.leases.rollbackLease(
-      { leaseId },
-      { deadline: new Date(Date.now() + ROLLBACK_TIMEOUT_MS) },
-    );
+    // Not tied to `signal`: an interrupt is exactly when the rollback must still happen. Tried
+    // again through a server restart: a lease left open keeps its deployment running for its TTL.
+    const r = await throughRestarts((deadline) => clients.leases.rollbackLease({ leaseId }, { deadline }), {
+      withinMs: ROLLBACK_TIMEOUT_MS,
+      onRetry: unavailable,
+    });
     emit("lease_rolled_back", { lease_id: leaseId, destroyed_resources: r.destroyedResources });
   } catch (error) {
     const e = cliErrorFrom(error, options.server);
@@ -227,10 +261,17 @@ async function runInLease(
   clients: LiveTestClients,
   leaseId: string,
   m: Manifest,
-  { signal, server }: { signal: AbortSignal; server: string },
+  {
+    signal,
+    server,
+    unavailable,
+  }: { signal: AbortSignal; server: string; unavailable: (error: Error) => void },
   emit: (event: LiveTestEventName, fields?: Record<string, unknown>) => void,
   step: { name: string },
 ): Promise<boolean> {
+  /** A call that keeps trying through a server restart for `withinMs`, each try given the deadline. */
+  const retried = <T>(call: (deadline: Date) => Promise<T>, withinMs = RESTART_WINDOW_MS) =>
+    throughRestarts(call, { withinMs, signal, onRetry: unavailable });
   const inputs: { fileId: string; path: string }[] = [];
   for (const fixture of m.fixtures) {
     signal.throwIfAborted();
@@ -272,7 +313,7 @@ async function runInLease(
         message: d?.message ?? "",
       });
     },
-    { signal },
+    { signal, onReconnect: unavailable },
   );
   const last = waited.last?.deployment;
   if (waited.ready) emit("deployment_ready", { deployment_id: last?.id ?? deploymentId });
@@ -314,12 +355,21 @@ async function runInLease(
   signal.throwIfAborted();
   const files = new Map<string, string>(); // name → file id
   try {
-    const { fileIds } = await clients.leases.collectOutputs(
-      { leaseId, timeout: durationFromMs(m.collectTimeoutMs) },
-      { signal, deadline: new Date(Date.now() + m.collectTimeoutMs + CALL_SLACK_MS) },
+    // Asked again after a server restart with the time left: the request to save is stored, so the
+    // server picks up where it was, and files saved meanwhile are in the answer.
+    const collectUntil = Date.now() + m.collectTimeoutMs;
+    const { fileIds } = await retried(
+      (deadline) =>
+        clients.leases.collectOutputs(
+          { leaseId, timeout: durationFromMs(Math.max(1000, collectUntil - Date.now())) },
+          { signal, deadline },
+        ),
+      m.collectTimeoutMs + CALL_SLACK_MS,
     );
     for (const id of fileIds) {
-      const { resource: r } = await clients.resources.getResource({ resourceId: id }, { signal });
+      const { resource: r } = await retried((deadline) =>
+        clients.resources.getResource({ resourceId: id }, { signal, deadline }),
+      );
       files.set(r?.body.case === "file" ? r.body.value.name : id, id);
     }
     emit("outputs_collected", { files: [...files].map(([name, fileId]) => ({ file_id: fileId, name })) });
@@ -342,7 +392,10 @@ async function runInLease(
       });
       continue;
     }
-    await clients.leases.promoteResource({ leaseId, kind: "file", resourceId: fileId }, { signal });
+    // A promote repeated after a lost answer is answered the same.
+    await retried((deadline) =>
+      clients.leases.promoteResource({ leaseId, kind: "file", resourceId: fileId }, { signal, deadline }),
+    );
     promoted.push({ name, file_id: fileId });
     emit("output_promoted", { name, file_id: fileId });
   }
@@ -368,7 +421,7 @@ async function runInLease(
     ...(missing.length > 0 ? { missing_outputs: missing } : {}),
   };
   signal.throwIfAborted();
-  await clients.leases.setResult({ leaseId, result }, { signal });
+  await retried((deadline) => clients.leases.setResult({ leaseId, result }, { signal, deadline }));
   emit("result_recorded", { passed });
   return passed;
 }
@@ -421,8 +474,9 @@ export interface WaitOutcome {
 /**
  * Follows LeaseService.WaitLease until its last message (done), calling
  * `onChange` for every message. Once the stream has answered, a server
- * restart is ridden through: the wait is asked again with the time left. A
- * server unreachable from the start, or any other error, is thrown.
+ * restart is ridden through (see {@link throughRestarts}): the wait is asked
+ * again with the time left. A server unreachable from the start, or any other
+ * error, is thrown.
  */
 export async function waitForLease(
   leases: LiveTestClients["leases"],
@@ -432,13 +486,13 @@ export async function waitForLease(
   options: { signal?: AbortSignal; onReconnect?: (error: Error) => void; now?: () => number } = {},
 ): Promise<WaitOutcome> {
   const now = options.now ?? Date.now;
-  const deadline = now() + timeoutMs;
+  const until = now() + timeoutMs;
   let last: WaitLeaseResponse | undefined;
   let answered = false;
-  for (;;) {
-    const left = deadline - now();
-    if (left <= 0) return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
-    try {
+  return throughRestarts(
+    async () => {
+      const left = until - now();
+      if (left <= 0) return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
       for await (const message of leases.waitLease(
         { leaseId, timeout: durationFromMs(left) },
         {
@@ -457,10 +511,60 @@ export async function waitForLease(
         last,
         reason: "the server ended the wait without a verdict",
       };
+    },
+    {
+      // A try after the timeout answers "timed out" without calling: a server away then is no error.
+      withinMs: timeoutMs + CALL_SLACK_MS,
+      retryIf: () => answered,
+      ...(options.signal ? { signal: options.signal } : {}),
+      ...(options.onReconnect ? { onRetry: options.onReconnect } : {}),
+      now,
+    },
+  );
+}
+
+/** The first wait before a call is tried again through a server restart; it doubles from there. */
+const RETRY_FIRST_DELAY_MS = 250;
+/** The longest wait between tries through a server restart. */
+const RETRY_MAX_DELAY_MS = 2000;
+
+/** Options of {@link throughRestarts}. */
+export interface RestartOptions {
+  /** How long, from the first try, a server that went away is tried again. */
+  readonly withinMs: number;
+  /** Ends the waiting: the abort's reason is thrown. */
+  readonly signal?: AbortSignal;
+  /** Whether a server going away may be ridden through now (default: always). */
+  readonly retryIf?: (error: unknown) => boolean;
+  /** Called before each wait for the server to come back. */
+  readonly onRetry?: (error: Error) => void;
+  /** Clock in milliseconds. Default `Date.now`. */
+  readonly now?: () => number;
+}
+
+/**
+ * Calls `call` until it settles with anything but the server going away (see
+ * {@link serverGoneAway}: a restart, a failover), trying again after 250 ms,
+ * doubling to at most 2 s, as long as `withinMs` since the first try has not
+ * passed. Each try gets that end as its deadline. The last error is thrown
+ * when time is up, and any other error at once.
+ */
+export async function throughRestarts<T>(
+  call: (deadline: Date) => Promise<T>,
+  options: RestartOptions,
+): Promise<T> {
+  const now = options.now ?? Date.now;
+  const until = now() + options.withinMs;
+  for (let retries = 0; ; retries++) {
+    try {
+      return await call(new Date(until));
     } catch (error) {
-      if (!answered || options.signal?.aborted || !serverRestarting(error)) throw error;
-      options.onReconnect?.(error as Error);
-      await sleep(1000, options.signal);
+      const left = until - now();
+      const retry = serverGoneAway(error) && (options.retryIf?.(error) ?? true);
+      if (!retry || left <= 0 || options.signal?.aborted) throw error;
+      options.onRetry?.(error as Error);
+      const backoff = Math.min(RETRY_MAX_DELAY_MS, RETRY_FIRST_DELAY_MS * 2 ** Math.min(retries, 10));
+      await sleep(Math.min(left, backoff), options.signal);
     }
   }
 }
@@ -477,12 +581,6 @@ function verdict(message: WaitLeaseResponse, timeoutMs: number): WaitOutcome {
 }
 
 const timeoutReason = (ms: number) => `not ready within ${ms / 1000}s`;
-
-/** UNAVAILABLE, or a stream reset by a server going down mid-call (as in followThroughRestarts). */
-function serverRestarting(error: unknown): boolean {
-  const e = error as { code?: number; details?: string };
-  return e.code === 14 || (e.code === 13 && /RST_STREAM/.test(e.details ?? ""));
-}
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {

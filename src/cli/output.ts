@@ -345,6 +345,15 @@ export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
 }
 
 /**
+ * Whether a call failed because the server went away (a restart, a failover):
+ * UNAVAILABLE, or a stream reset by a server going down mid-call.
+ */
+export function serverGoneAway(error: unknown): boolean {
+  const e = error as { code?: number; details?: string };
+  return e.code === 14 || (e.code === 13 && /RST_STREAM/.test(e.details ?? ""));
+}
+
+/**
  * Runs a stream-following call again whenever the server becomes unreachable
  * (a restart, a failover to another replica), waiting `delayMs` between
  * tries. Other errors end it. stderr gets one line when the server goes away
@@ -366,9 +375,8 @@ export async function followThroughRestarts(
     try {
       if ((await follow(connected)) === "done") return;
     } catch (error) {
-      const e = error as { code?: number; details?: string };
-      // UNAVAILABLE, or a stream reset by a server going down mid-call.
-      if (e.code !== 14 && !(e.code === 13 && /RST_STREAM/.test(e.details ?? ""))) throw error;
+      if (!serverGoneAway(error)) throw error;
+      const e = error as { details?: string };
       // Never reached at all: a wrong address or a server that is not running ends the command
       // (exit 3), as every other command does; only a server that went away is waited for.
       if (

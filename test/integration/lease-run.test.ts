@@ -1,11 +1,13 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freePort } from "../helpers/ports.js";
 import { BIN, collectLines, type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -94,6 +96,10 @@ describe("leasehold lease run --test", () => {
     writeFileSync(join(dir, "manifest.yaml"), text);
     return join(dir, "manifest.yaml");
   }
+
+  /** `leasehold lease run --test` of a manifest with this text, by default against the test server. */
+  const runManifest = (text: string, server = t.address) =>
+    cli(["lease", "run", "--test", manifestFile(text)], server);
 
   /** A deployment of the example's server on `port`, with its fixtures. */
   const exampleDeployment = (port: number) => `
@@ -370,6 +376,66 @@ checks:
     expect(run.events.map((e) => e.event)).toEqual(["error", "done"]);
     expect(run.events[0]).toMatchObject({ step: "create_lease" });
     expect(run.stderr()).toContain(`cannot reach the server at 127.0.0.1:${unused}`);
+  });
+
+  it("rides through a server that goes away as the checks end: outputs collected, result recorded, lease rolled back", async () => {
+    // The CLI reaches the server through a proxy; the agent does not, so only the CLI loses it.
+    const [host, port] = t.address.split(":");
+    const proxy = await cuttableProxy(host as string, Number(port));
+    // The check's command connects here and ends once the connection is closed: by then the
+    // server is gone for the CLI, so the next call (the collect) finds it away.
+    const trigger = createServer((socket) => {
+      proxy.cut();
+      socket.end();
+    });
+    await new Promise<void>((resolve) => trigger.listen(0, "127.0.0.1", resolve));
+    const triggerPort = (trigger.address() as { port: number }).port;
+    try {
+      const run = runManifest(
+        `runtime: ${RUNTIME}
+label: server-away
+deployment:
+  containers:
+    - name: writer
+      argv: [${process.execPath}, -e, 'require("fs").writeFileSync("out/report.txt", "R"); setInterval(() => {}, 1000)']
+  readiness: {exec: {argv: [test, -f, out/report.txt]}, period: 100ms}
+  outputs_dir: out
+checks:
+  - name: the server goes away
+    exec: {argv: [${process.execPath}, -e, 'require("net").connect(${triggerPort}, "127.0.0.1").on("close", () => process.exit(0))']}
+outputs:
+  promote: [report.txt]
+`,
+        `127.0.0.1:${proxy.port}`,
+      );
+      // Back once the run has noticed (a run that gave up at once says outputs_collect_failed).
+      await run.waitFor((e) => e.event === "server_unavailable" || e.event === "outputs_collect_failed");
+      proxy.restore();
+      expect(await run.exited).toBe(0);
+      expect(names(run.events)).toEqual([
+        "lease_created",
+        "deployment_created",
+        "deployment_ready",
+        "check_passed",
+        "server_unavailable",
+        "outputs_collected",
+        "output_promoted",
+        "result_recorded",
+        "lease_rolled_back",
+        "done",
+      ]);
+      expect(run.events.find((e) => e.event === "server_unavailable")).toMatchObject({
+        step: "collect_outputs",
+        message: expect.stringContaining(`the server at 127.0.0.1:${proxy.port} is unavailable`),
+      });
+      const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+      expect(lease?.result).toMatchObject({ passed: true });
+      const promoted = run.events.find((e) => e.event === "output_promoted");
+      expect(await download(promoted?.file_id as string)).toBe("R");
+    } finally {
+      proxy.close();
+      trigger.close();
+    }
   });
 
   it.each([

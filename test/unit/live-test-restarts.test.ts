@@ -1,0 +1,128 @@
+import { create } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { type LiveTestClients, type LiveTestEvent, runLiveTest } from "../../src/cli/lease-run.js";
+import { parseManifest } from "../../src/cli/manifest.js";
+import { LeaseSchema, WaitLeaseResponseSchema } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { DeploymentPhase, ResourceSchema } from "../../src/gen/leasehold/v1/resource_pb.js";
+
+const MANIFEST = parseManifest(
+  `runtime: east
+deployment:
+  containers: [{name: web, argv: [sleep, "60"]}]
+  outputs_dir: out
+outputs:
+  promote: [report.txt]
+`,
+  { file: "manifest.yaml", dir: "/m" },
+);
+
+/** What grpc-js throws for a call while the server is down. */
+const refused = () =>
+  Object.assign(new Error("14 UNAVAILABLE: No connection established"), {
+    code: 14,
+    details: "No connection established. Last error: connect ECONNREFUSED 127.0.0.1:50051",
+  });
+
+/**
+ * Clients of a server that works, except that the first `down[method]` calls
+ * of a method fail as a server that went away fails them. `calls` counts every
+ * call by method.
+ */
+function clientsDown(down: Record<string, number>) {
+  const calls: Record<string, number> = {};
+  const answer =
+    <T>(method: string, value: T) =>
+    async () => {
+      calls[method] = (calls[method] ?? 0) + 1;
+      if (calls[method] <= (down[method] ?? 0)) throw refused();
+      return value;
+    };
+  const lease = create(LeaseSchema, { id: "l1", runtime: "east" });
+  const file = create(ResourceSchema, {
+    id: "f1",
+    body: { case: "file", value: { name: "report.txt" } },
+  });
+  const clients = {
+    leases: {
+      createLease: answer("createLease", { lease }),
+      waitLease: async function* () {
+        yield create(WaitLeaseResponseSchema, {
+          done: true,
+          deployment: { id: "d1", phase: DeploymentPhase.READY },
+        });
+      },
+      collectOutputs: answer("collectOutputs", { fileIds: ["f1"] }),
+      promoteResource: answer("promoteResource", { resource: file }),
+      setResult: answer("setResult", { lease }),
+      rollbackLease: answer("rollbackLease", { lease, destroyedResources: 2 }),
+    },
+    resources: {
+      createDeployment: answer("createDeployment", { resource: { id: "d1" } }),
+      getResource: answer("getResource", { resource: file }),
+    },
+  };
+  return { clients: clients as unknown as LiveTestClients, calls };
+}
+
+async function run(clients: LiveTestClients) {
+  const events: LiveTestEvent[] = [];
+  const outcome = await runLiveTest(clients, {
+    manifest: MANIFEST,
+    keepLease: false,
+    emit: (e) => events.push(e),
+    signal: new AbortController().signal,
+    server: "127.0.0.1:50051",
+  });
+  return { outcome, events, names: events.map((e) => e.event).filter((n) => n !== "deployment_phase") };
+}
+
+describe("lease run through a server restart", () => {
+  it("collects the outputs, records the result and rolls the lease back once a server that went away after the checks is back", async () => {
+    const { clients, calls } = clientsDown({
+      collectOutputs: 1,
+      getResource: 1,
+      promoteResource: 1,
+      setResult: 1,
+      rollbackLease: 2,
+    });
+    const { outcome, events, names } = await run(clients);
+    expect(names).toEqual([
+      "lease_created",
+      "deployment_created",
+      "deployment_ready",
+      "server_unavailable",
+      "outputs_collected",
+      "server_unavailable",
+      "output_promoted",
+      "server_unavailable",
+      "result_recorded",
+      "server_unavailable",
+      "lease_rolled_back",
+      "done",
+    ]);
+    expect(outcome).toEqual({ passed: true, exitCode: 0 });
+    expect(calls).toMatchObject({ collectOutputs: 2, setResult: 2, rollbackLease: 3 });
+    // Said once per outage (until something else happens), naming the step and why; not once per try.
+    expect(events.filter((e) => e.event === "server_unavailable").map((e) => e.step)).toEqual([
+      "collect_outputs",
+      "promote_outputs",
+      "record_result",
+      "rollback",
+    ]);
+    expect(events.find((e) => e.event === "server_unavailable")?.message).toBe(
+      "the server at 127.0.0.1:50051 is unavailable (connect ECONNREFUSED 127.0.0.1:50051); trying again",
+    );
+    expect(events.at(-1)).toMatchObject({ event: "done", passed: true, exit_code: 0, lease_id: "l1" });
+  });
+
+  it("rolls the lease back through a restart after a step failed for another reason", async () => {
+    const { clients, calls } = clientsDown({ rollbackLease: 3 });
+    clients.leases.promoteResource = async () => {
+      throw Object.assign(new Error("9 FAILED_PRECONDITION: no"), { code: 9, details: "no" });
+    };
+    const { outcome, names } = await run(clients);
+    expect(names.slice(-4)).toEqual(["error", "server_unavailable", "lease_rolled_back", "done"]);
+    expect(outcome).toMatchObject({ passed: false, exitCode: 1, error: "no" });
+    expect(calls.rollbackLease).toBe(4);
+  });
+});

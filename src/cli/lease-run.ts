@@ -2,8 +2,14 @@ import { spawn } from "node:child_process";
 import { connect } from "node:net";
 import { resolve } from "node:path";
 import type { JsonObject, MessageInitShape } from "@bufbuild/protobuf";
-import { durationFromMs } from "@bufbuild/protobuf/wkt";
-import type { LeaseService, WaitLeaseResponse } from "../gen/leasehold/v1/lease_pb.js";
+import { durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
+import {
+  CloseReason,
+  type Lease,
+  type LeaseService,
+  LeaseState,
+  type WaitLeaseResponse,
+} from "../gen/leasehold/v1/lease_pb.js";
 import {
   type ContainerState,
   type Deployment,
@@ -12,8 +18,10 @@ import {
   type ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { Client } from "../rpc/client.js";
+import { errorReasonOf } from "../rpc/status.js";
 import type { Check, CommandSpec, DeploymentPlan, Manifest } from "./manifest.js";
 import {
+  CliError,
   cliErrorFrom,
   EXIT,
   enumName,
@@ -74,11 +82,20 @@ export type LiveTestEventName =
    * tried again until it is back or the step's time is up. Once per outage.
    */
   | "server_unavailable"
+  /**
+   * `lease_id`, `expire_time`, `step`, `message`: the lease's TTL passed during the run, so the
+   * server rolled it back and destroyed its deployment; the run fails (exit 1).
+   */
+  | "lease_expired"
   /** `message`, `step`: a call failed; the lease is rolled back (or kept with --keep-lease). */
   | "error"
-  /** `lease_id`, `destroyed_resources`. */
+  /**
+   * `lease_id`, `destroyed_resources`; with `already: true` and `close_reason` (EXPIRED,
+   * ROLLED_BACK) when the lease was rolled back before (its TTL, or an earlier try of this
+   * rollback whose answer was lost): nothing is left behind either way.
+   */
   | "lease_rolled_back"
-  /** `message`: the rollback failed; the lease's TTL will roll it back. */
+  /** `message`: the rollback failed; the lease's TTL will roll it back (unless it was committed). */
   | "rollback_failed"
   /** `lease_id`, `expire_time`: --keep-lease left it open for debugging. */
   | "lease_kept"
@@ -109,7 +126,10 @@ export interface LiveTestOptions {
 export interface LiveTestOutcome {
   /** Every check passed, the deployment got ready, and every named output was promoted. */
   readonly passed: boolean;
-  /** 0 passed; 1 failed; 2 bad manifest or request; 3 server unreachable; 130/143 interrupted. */
+  /**
+   * 0 passed; 1 failed (or the lease's TTL passed); 2 bad manifest or request; 3 server unreachable;
+   * 130/143 interrupted.
+   */
   readonly exitCode: number;
   /** Set when a call failed: what to tell the user. */
   readonly error?: string;
@@ -215,8 +235,27 @@ export async function runLiveTest(
       outcome = interrupted();
       rollBack = true;
     } else {
-      const e = cliErrorFrom(error, options.server);
-      emit("error", { step: step.name, message: e.message });
+      // A call refused because the lease closed: if its TTL passed, that is what to say.
+      const expired =
+        error instanceof LeaseExpired
+          ? error
+          : leaseClosed(error)
+            ? await expiredLease(clients, leaseId).then(
+                (lease) => lease && new LeaseExpired(lease),
+                () => undefined,
+              )
+            : undefined;
+      const e = expired ?? cliErrorFrom(error, options.server);
+      if (expired) {
+        emit("lease_expired", {
+          lease_id: leaseId,
+          expire_time: time(expired.lease.expireTime),
+          step: step.name,
+          message: expired.message,
+        });
+        // Nothing is left to keep: the rollback below is refused as done already, and says so.
+        rollBack = true;
+      } else emit("error", { step: step.name, message: e.message });
       outcome = { passed: false, exitCode: e.exitCode, error: e.message };
       // Best effort, so that the lease's record says why it closed; the rollback matters more.
       const result = { passed: false, error: `${step.name}: ${e.message}` };
@@ -245,10 +284,29 @@ export async function runLiveTest(
     });
     emit("lease_rolled_back", { lease_id: leaseId, destroyed_resources: r.destroyedResources });
   } catch (error) {
+    // Refused because it is rolled back already (its TTL passed, or a try whose answer was lost
+    // did it): the cleanup is done.
+    const lease = leaseClosed(error)
+      ? await clients.leases.getLease({ leaseId }).then(
+          (r) => r.lease,
+          () => undefined,
+        )
+      : undefined;
+    if (lease?.state === LeaseState.ROLLED_BACK) {
+      emit("lease_rolled_back", {
+        lease_id: leaseId,
+        destroyed_resources: 0,
+        already: true,
+        close_reason: enumName(CloseReason, lease.closeReason),
+      });
+      return finish(outcome, leaseId);
+    }
     const e = cliErrorFrom(error, options.server);
     emit("rollback_failed", {
       lease_id: leaseId,
-      message: `${e.message}; the lease rolls back by itself when its TTL passes`,
+      message: leaseClosed(error)
+        ? e.message
+        : `${e.message}; the lease rolls back by itself when its TTL passes`,
     });
     // Something may be left behind until the TTL: never report that as a clean success.
     if (outcome.exitCode === EXIT.ok) outcome = { ...outcome, exitCode: e.exitCode, error: e.message };
@@ -353,6 +411,10 @@ async function runInLease(
   // Outputs are collected and promoted whatever the verdict: after a failure they are what one looks at.
   step.name = "collect_outputs";
   signal.throwIfAborted();
+  // Unless the TTL passed while the checks ran (or the wait): the server then rolled the lease back
+  // and destroyed the deployment they ran against, and its outputs with it.
+  const expired = await retried((deadline) => expiredLease(clients, leaseId, deadline));
+  if (expired) throw new LeaseExpired(expired);
   const files = new Map<string, string>(); // name → file id
   try {
     // Asked again after a server restart with the time left: the request to save is stored, so the
@@ -374,7 +436,8 @@ async function runInLease(
     }
     emit("outputs_collected", { files: [...files].map(([name, fileId]) => ({ file_id: fileId, name })) });
   } catch (error) {
-    if (signal.aborted) throw error;
+    // A closed lease (its TTL passed meanwhile) ends the run: there is nothing left to go on with.
+    if (signal.aborted || leaseClosed(error)) throw error;
     emit("outputs_collect_failed", { message: cliErrorFrom(error, server).message });
   }
 
@@ -424,6 +487,35 @@ async function runInLease(
   await retried((deadline) => clients.leases.setResult({ leaseId, result }, { signal, deadline }));
   emit("result_recorded", { passed });
   return passed;
+}
+
+/** Whether a call was refused because the lease is closed (FAILED_PRECONDITION, LEASE_CLOSED). */
+function leaseClosed(error: unknown): boolean {
+  return (error as { code?: number }).code === 9 && errorReasonOf(error) === "LEASE_CLOSED";
+}
+
+/** The lease, if its TTL passed and the server rolled it back; undefined otherwise. */
+async function expiredLease(
+  clients: LiveTestClients,
+  leaseId: string,
+  deadline?: Date,
+): Promise<Lease | undefined> {
+  const { lease } = await clients.leases.getLease({ leaseId }, deadline ? { deadline } : {});
+  return lease?.state === LeaseState.ROLLED_BACK && lease.closeReason === CloseReason.EXPIRED
+    ? lease
+    : undefined;
+}
+
+/** The run cannot go on: the lease's TTL passed (exit 1). */
+class LeaseExpired extends CliError {
+  constructor(readonly lease: Lease) {
+    super(
+      `the lease's TTL (${lease.ttl ? durationMs(lease.ttl) / 1000 : "?"}s) passed during the run, at ` +
+        `${time(lease.expireTime)}: the server rolled the lease back and destroyed its deployment, so ` +
+        "checks run after that tested nothing; give the manifest a longer ttl",
+      EXIT.failed,
+    );
+  }
 }
 
 /** The DeploymentSpec for a manifest's deployment, with the uploaded fixtures as inputs. */

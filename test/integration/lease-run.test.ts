@@ -5,7 +5,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { CloseReason, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freePort } from "../helpers/ports.js";
@@ -434,6 +435,71 @@ outputs:
       expect(await download(promoted?.file_id as string)).toBe("R");
     } finally {
       proxy.close();
+      trigger.close();
+    }
+  });
+
+  it("a lease whose TTL passes during the run fails it saying so, and its rollback counts as done", async () => {
+    let run: Cli | undefined;
+    // The check's command connects here and ends once the server has rolled the lease back at its
+    // TTL: the check passes, against a deployment that is gone.
+    const trigger = createServer((socket) => {
+      (async () => {
+        const created = await run?.waitFor((e) => e.event === "lease_created");
+        const watch = t.client(EventService).watchEvents({
+          kind: EventKind.SCOPE_LEASE_ROLLED_BACK,
+          afterSequence: 0n,
+        });
+        for await (const m of watch) if (m.event?.leaseId === created?.lease_id) break;
+      })()
+        .catch(() => {})
+        .finally(() => socket.end());
+      socket.on("error", () => {});
+    });
+    await new Promise<void>((resolve) => trigger.listen(0, "127.0.0.1", resolve));
+    const triggerPort = (trigger.address() as { port: number }).port;
+    try {
+      run = runManifest(`runtime: ${RUNTIME}
+label: ttl-passes
+ttl: 3s
+deployment:
+  containers:
+    - name: idle
+      argv: [${process.execPath}, -e, "setInterval(() => {}, 1000)"]
+  outputs_dir: out
+checks:
+  - name: outlives the lease
+    exec: {argv: [${process.execPath}, -e, 'require("net").connect(${triggerPort}, "127.0.0.1").on("close", () => process.exit(0))']}
+    timeout: 60s
+`);
+      expect(await run.exited).toBe(1);
+      // Said once, plainly; nothing claims a pass, and the rollback the TTL did is no failure.
+      // (On a machine slow enough that the TTL passes before the deployment is ready, the checks
+      // are skipped instead; the end is the same.)
+      expect(names(run.events).slice(-3)).toEqual(["lease_expired", "lease_rolled_back", "done"]);
+      for (const name of ["result_recorded", "outputs_collect_failed", "rollback_failed", "error"])
+        expect(names(run.events)).not.toContain(name);
+      const leaseId = run.events[0]?.lease_id as string;
+      expect(run.events.find((e) => e.event === "lease_expired")).toMatchObject({
+        lease_id: leaseId,
+        message: expect.stringMatching(
+          /^the lease's TTL \(3s\) passed during the run, at .*give the manifest a longer ttl$/,
+        ),
+      });
+      expect(run.events.find((e) => e.event === "lease_rolled_back")).toMatchObject({
+        destroyed_resources: 0,
+        already: true,
+        close_reason: "EXPIRED",
+      });
+      expect(run.events.at(-1)).toMatchObject({ passed: false, exit_code: 1, lease_id: leaseId });
+      expect(run.stderr()).toContain("the lease's TTL (3s) passed during the run");
+      const lease = await expectRolledBack(leaseId);
+      expect(lease?.closeReason).toBe(CloseReason.EXPIRED);
+      expect(lease?.result).toMatchObject({
+        passed: false,
+        error: expect.stringContaining("TTL (3s) passed"),
+      });
+    } finally {
       trigger.close();
     }
   });

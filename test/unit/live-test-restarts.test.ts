@@ -1,9 +1,17 @@
 import { create } from "@bufbuild/protobuf";
+import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { type LiveTestClients, type LiveTestEvent, runLiveTest } from "../../src/cli/lease-run.js";
 import { parseManifest } from "../../src/cli/manifest.js";
-import { LeaseSchema, WaitLeaseResponseSchema } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { LeaseholdError } from "../../src/errors.js";
+import {
+  CloseReason,
+  LeaseSchema,
+  LeaseState,
+  WaitLeaseResponseSchema,
+} from "../../src/gen/leasehold/v1/lease_pb.js";
 import { DeploymentPhase, ResourceSchema } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { toStatusObject } from "../../src/rpc/status.js";
 
 const MANIFEST = parseManifest(
   `runtime: east
@@ -37,7 +45,7 @@ function clientsDown(down: Record<string, number>) {
       if (calls[method] <= (down[method] ?? 0)) throw refused();
       return value;
     };
-  const lease = create(LeaseSchema, { id: "l1", runtime: "east" });
+  const lease = create(LeaseSchema, { id: "l1", runtime: "east", state: LeaseState.OPEN });
   const file = create(ResourceSchema, {
     id: "f1",
     body: { case: "file", value: { name: "report.txt" } },
@@ -45,6 +53,7 @@ function clientsDown(down: Record<string, number>) {
   const clients = {
     leases: {
       createLease: answer("createLease", { lease }),
+      getLease: answer("getLease", { lease }),
       waitLease: async function* () {
         yield create(WaitLeaseResponseSchema, {
           done: true,
@@ -61,7 +70,7 @@ function clientsDown(down: Record<string, number>) {
       getResource: answer("getResource", { resource: file }),
     },
   };
-  return { clients: clients as unknown as LiveTestClients, calls };
+  return { clients: clients as unknown as LiveTestClients, calls, lease };
 }
 
 async function run(clients: LiveTestClients) {
@@ -124,5 +133,40 @@ describe("lease run through a server restart", () => {
     expect(names.slice(-4)).toEqual(["error", "server_unavailable", "lease_rolled_back", "done"]);
     expect(outcome).toMatchObject({ passed: false, exitCode: 1, error: "no" });
     expect(calls.rollbackLease).toBe(4);
+  });
+});
+
+describe("lease run's final rollback", () => {
+  it("counts a rollback refused because an earlier try whose answer was lost did it as done", async () => {
+    const { clients, calls, lease } = clientsDown({});
+    let tries = 0;
+    clients.leases.rollbackLease = async () => {
+      tries++;
+      if (tries === 1) {
+        // The server rolled it back, then went away before answering.
+        lease.state = LeaseState.ROLLED_BACK;
+        lease.closeReason = CloseReason.ROLLED_BACK;
+        throw refused();
+      }
+      throw toStatusObject(
+        LeaseholdError.failedPrecondition("LEASE_CLOSED", "cannot roll back: lease l1 is ROLLED_BACK", {
+          type: "LEASE_STATE",
+          subject: "leases/l1",
+          description: "state is ROLLED_BACK",
+        }),
+        pino({ enabled: false }),
+        "RollbackLease",
+      );
+    };
+    const { outcome, events, names } = await run(clients);
+    expect(names.slice(-3)).toEqual(["server_unavailable", "lease_rolled_back", "done"]);
+    expect(events.find((e) => e.event === "lease_rolled_back")).toMatchObject({
+      destroyed_resources: 0,
+      already: true,
+      close_reason: "ROLLED_BACK",
+    });
+    expect(outcome).toEqual({ passed: true, exitCode: 0 });
+    expect(tries).toBe(2);
+    expect(calls.setResult).toBe(1);
   });
 });

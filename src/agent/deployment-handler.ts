@@ -15,6 +15,7 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
+import { receiveLimitOf } from "../rpc/status.js";
 import type { DeploymentPayload } from "../scope/deployment.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
@@ -88,7 +89,9 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
  *   is killed at once; nothing is saved;
  * - stop requested (CollectOutputs): `stopping`, SIGTERM then SIGKILL after
  *   the grace, the files of `outputs_dir` uploaded as file resources into the
- *   lease, and their ids returned;
+ *   lease, and their ids returned (`outputFileIds`), with what was not saved
+ *   and why (`skipped`: `{name, sizeBytes, reason}`: a file the server
+ *   refused, a symbolic link, anything else that is not a regular file);
  * - containers ending on their own: outputs are saved the same way; all
  *   exiting 0 succeeds (stopped), any other exit fails the deployment.
  */
@@ -250,23 +253,32 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
     }
   };
 
-  /** Uploads every regular file under `outputsDir` into the lease, named by its relative path. */
+  /**
+   * Uploads every regular file under `outputsDir` into the lease, named by its
+   * relative path; what it does not save is in `skipped`, with its size and why.
+   */
   async function saveOutputs(
     outputsDir: string,
     leaseId: string,
   ): Promise<{ outputFileIds: string[]; skipped: JsonObject[] }> {
     const outputFileIds: string[] = [];
     const skipped: JsonObject[] = [];
-    for (const path of await walk(outputsDir)) {
-      const name = relative(outputsDir, path).split(sep).join("/");
+    for (const entry of await walk(outputsDir)) {
+      const name = relative(outputsDir, entry.path).split(sep).join("/");
+      if (entry.not !== undefined) {
+        skipped.push({ name, sizeBytes: 0, reason: `${entry.not}: only regular files are saved` });
+        continue;
+      }
+      let sizeBytes = 0;
       try {
-        const content = await readFile(path);
+        sizeBytes = (await stat(entry.path)).size;
+        const content = await readFile(entry.path);
         const response = await withResources((client) =>
           client.createFile({ leaseId, name, content, contentType: "" }),
         );
         if (response.resource) outputFileIds.push(response.resource.id);
       } catch (error) {
-        skipped.push({ name, reason: error instanceof Error ? error.message : String(error) });
+        skipped.push({ name, sizeBytes, reason: notSaved(error, sizeBytes) });
       }
     }
     return { outputFileIds, skipped };
@@ -434,15 +446,33 @@ async function check(
   }
 }
 
-async function walk(dir: string): Promise<string[]> {
-  const found: string[] = [];
+/** An entry of an outputs directory: a regular file, or what `not` says it is instead. */
+interface OutputEntry {
+  readonly path: string;
+  readonly not?: string;
+}
+
+/** What `dir` holds but directories, depth first in name order; symbolic links are not followed. */
+async function walk(dir: string): Promise<OutputEntry[]> {
+  const found: OutputEntry[] = [];
   const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
   for (const entry of entries.sort((a, b) => a.name.localeCompare(b.name))) {
     const path = join(dir, entry.name);
     if (entry.isDirectory()) found.push(...(await walk(path)));
-    else if (entry.isFile() && (await stat(path)).isFile()) found.push(path);
+    else if (entry.isFile()) found.push({ path });
+    else found.push({ path, not: entry.isSymbolicLink() ? "a symbolic link" : "a socket, pipe or device" });
   }
   return found;
+}
+
+/** Why an output file was not saved, for people: the server's refusal in words, or the error. */
+function notSaved(error: unknown, sizeBytes: number): string {
+  const limit = receiveLimitOf(error);
+  if (limit !== undefined)
+    return `${sizeBytes} bytes is over the server's receive limit of ${limit} bytes (its --max-file-size plus 1 MiB)`;
+  const e = error as { details?: string; message?: string };
+  // The server's own words (e.g. "content: … bytes is over the server's file limit of … bytes").
+  return e.details ?? e.message ?? String(error);
 }
 
 const delay = (ms: number) => new Promise<"slept">((done) => setTimeout(() => done("slept"), ms));

@@ -10,6 +10,7 @@ import {
   LeaseSchema,
   LeaseService,
   LeaseState,
+  SkippedOutputSchema,
   WaitLeaseResponseSchema,
 } from "../gen/leasehold/v1/lease_pb.js";
 import {
@@ -325,18 +326,19 @@ export function leaseCommands(): Command {
     .option("--timeout <duration>", "how long the deployment may take to save its files", "60s")
     .description(
       "Stop the lease's deployment, saving the files of its outputs_dir as file resources in the lease; " +
-        "print their ids.",
+        "print their ids, and what was not saved (too large, a symbolic link, …) and why.",
     )
     .action(async (id: string, o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) => {
         const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "60s");
-        const { fileIds } = await c.leases.collectOutputs(
+        const { fileIds, skipped } = await c.leases.collectOutputs(
           { leaseId: id, timeout: durationFromMs(timeoutMs) },
           // The server waits up to the timeout; the deadline only guards against a silent one.
           { deadline: new Date(Date.now() + timeoutMs + 30_000) },
         );
-        // Proto3 JSON would drop an empty list; a script should always find the key.
-        if (json) return out(toJson({ fileIds }));
+        // Proto3 JSON would drop an empty list; a script should always find the keys.
+        if (json)
+          return out(toJson({ fileIds, skipped: skipped.map((s) => messageJson(SkippedOutputSchema, s)) }));
         const files = await Promise.all(
           fileIds.map(async (fileId) => (await c.resources.getResource({ resourceId: fileId })).resource),
         );
@@ -347,6 +349,12 @@ export function leaseCommands(): Command {
             r?.body.case === "file" ? r.body.value.name : "-",
             r?.body.case === "file" ? `${r.body.value.sizeBytes} B` : "-",
           ]),
+        );
+        if (skipped.length === 0) return;
+        out("");
+        printTable(
+          ["NOT SAVED", "SIZE", "WHY"],
+          skipped.map((s) => [s.path, `${s.sizeBytes} B`, s.reason]),
         );
       }),
     );

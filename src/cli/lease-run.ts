@@ -8,6 +8,7 @@ import {
   type Lease,
   type LeaseService,
   LeaseState,
+  type SkippedOutput,
   type WaitLeaseResponse,
 } from "../gen/leasehold/v1/lease_pb.js";
 import {
@@ -65,13 +66,16 @@ export type LiveTestEventName =
   | "check_passed"
   /** `name`, `kind`, `message`, `duration_ms`, and `skipped: true` when the deployment never got ready. */
   | "check_failed"
-  /** `files`: [{`file_id`, `name`}]. */
+  /**
+   * `files`: [{`file_id`, `name`}]; `skipped`: [{`name`, `size_bytes`, `reason`}], what the
+   * deployment's outputs_dir held that its agent did not save (too large, a symbolic link, …).
+   */
   | "outputs_collected"
   /** `message`: CollectOutputs failed; the run goes on. */
   | "outputs_collect_failed"
   /** `name`, `file_id`: the output survives the rollback. */
   | "output_promoted"
-  /** `name`: an output the manifest names was not produced; the run fails. */
+  /** `name`, `message`: an output the manifest names was not saved (and why, if known); the run fails. */
   | "output_missing"
   /** `passed`: the result recorded on the lease with SetResult. */
   | "result_recorded"
@@ -416,11 +420,12 @@ async function runInLease(
   const expired = await retried((deadline) => expiredLease(clients, leaseId, deadline));
   if (expired) throw new LeaseExpired(expired);
   const files = new Map<string, string>(); // name → file id
+  const skipped = new Map<string, SkippedOutput>(); // name → why it was not saved
   try {
     // Asked again after a server restart with the time left: the request to save is stored, so the
     // server picks up where it was, and files saved meanwhile are in the answer.
     const collectUntil = Date.now() + m.collectTimeoutMs;
-    const { fileIds } = await retried(
+    const collected = await retried(
       (deadline) =>
         clients.leases.collectOutputs(
           { leaseId, timeout: durationFromMs(Math.max(1000, collectUntil - Date.now())) },
@@ -428,13 +433,21 @@ async function runInLease(
         ),
       m.collectTimeoutMs + CALL_SLACK_MS,
     );
-    for (const id of fileIds) {
+    for (const s of collected.skipped) skipped.set(s.path, s);
+    for (const id of collected.fileIds) {
       const { resource: r } = await retried((deadline) =>
         clients.resources.getResource({ resourceId: id }, { signal, deadline }),
       );
       files.set(r?.body.case === "file" ? r.body.value.name : id, id);
     }
-    emit("outputs_collected", { files: [...files].map(([name, fileId]) => ({ file_id: fileId, name })) });
+    emit("outputs_collected", {
+      files: [...files].map(([name, fileId]) => ({ file_id: fileId, name })),
+      skipped: [...skipped.values()].map((s) => ({
+        name: s.path,
+        size_bytes: Number(s.sizeBytes),
+        reason: s.reason,
+      })),
+    });
   } catch (error) {
     // A closed lease (its TTL passed meanwhile) ends the run: there is nothing left to go on with.
     if (signal.aborted || leaseClosed(error)) throw error;
@@ -449,9 +462,12 @@ async function runInLease(
     const fileId = files.get(name);
     if (fileId === undefined) {
       missing.push(name);
+      const why = skipped.get(name);
       emit("output_missing", {
         name,
-        message: `the deployment saved no file ${JSON.stringify(name)} in ${m.deployment.outputsDir}`,
+        message: why
+          ? `the deployment did not save ${JSON.stringify(name)} in ${m.deployment.outputsDir}: ${why.reason}`
+          : `the deployment saved no file ${JSON.stringify(name)} in ${m.deployment.outputsDir}`,
       });
       continue;
     }

@@ -10,7 +10,7 @@ import { parseDuration } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
-import { errorReasonOf } from "../rpc/status.js";
+import { errorReasonOf, receiveLimitOf } from "../rpc/status.js";
 import { checkAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
@@ -199,11 +199,10 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
  * within the receive limit gets the server's own message, which says both.
  */
 export function uploadRefused(error: unknown, what: string, sizeBytes: number): unknown {
-  const e = error as { code?: number; details?: string };
-  const over = /^Received message larger than max \(\d+ vs (\d+)\)/.exec(e.details ?? "");
-  if (e.code !== 8 || !over) return error;
+  const limit = receiveLimitOf(error);
+  if (limit === undefined) return error;
   return new CliError(
-    `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${over[1]} bytes ` +
+    `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${limit} bytes ` +
       "(its --max-file-size plus 1 MiB); upload a smaller file, or raise the server's --max-file-size",
     EXIT.failed,
   );

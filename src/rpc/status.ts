@@ -164,6 +164,18 @@ export function errorReasonOf(error: unknown): string | undefined {
   return undefined;
 }
 
+/**
+ * The receive limit a server refused a request for being over, in bytes: what
+ * grpc-js says as RESOURCE_EXHAUSTED "Received message larger than max
+ * (5000015 vs 4194304)", before the server reads it (for Leasehold, its
+ * --max-file-size plus 1 MiB). Undefined for any other error.
+ */
+export function receiveLimitOf(error: unknown): number | undefined {
+  const e = error as { code?: number; details?: string };
+  const over = /^Received message larger than max \(\d+ vs (\d+)\)/.exec(e.details ?? "");
+  return e.code === 8 && over ? Number(over[1]) : undefined;
+}
+
 /** The parts of a google.rpc.Status, whatever protocol carries them. */
 export interface StatusParts {
   readonly code: Code;

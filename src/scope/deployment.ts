@@ -26,6 +26,15 @@ export interface DeploymentView {
   readonly outputFileIds: readonly string[];
 }
 
+/** An entry of a deployment's outputs_dir its agent did not save (SkippedOutput in lease.proto). */
+export interface SkippedOutputView {
+  /** Under outputs_dir, "/"-separated. */
+  readonly path: string;
+  /** 0 for what is not a regular file. */
+  readonly sizeBytes: number;
+  readonly reason: string;
+}
+
 /** Phases after which a deployment never changes again. */
 export const FINAL_PHASES: ReadonlySet<DeploymentPhase> = new Set(["STOPPED", "FAILED"]);
 
@@ -54,9 +63,9 @@ export function deploymentView(resource: ResourceRecord, action: ActionRecord | 
   if (!action) {
     return { ...base, phase: "STOPPED", containers: [], message: "its action is gone", outputFileIds: [] };
   }
-  const final = action.state === "FAILED" ? action.lastError?.details : action.output;
+  const final = finalReport(action);
   const reported = containersOf(final) ?? containersOf(action.phaseDetails) ?? waiting(spec);
-  const outputFileIds = stringList((final as JsonObject | null | undefined)?.outputFileIds);
+  const outputFileIds = stringList(final?.outputFileIds);
   switch (action.state) {
     case "QUEUED":
       return {
@@ -93,6 +102,30 @@ export function deploymentView(resource: ResourceRecord, action: ActionRecord | 
     case "FAILED":
       return { ...base, phase: "FAILED", containers: reported, message: action.failureReason, outputFileIds };
   }
+}
+
+/** What the agent reported as the deployment's action ended: its output, or its failure's details. */
+function finalReport(action: ActionRecord): JsonObject | null | undefined {
+  return (action.state === "FAILED" ? action.lastError?.details : action.output) as
+    | JsonObject
+    | null
+    | undefined;
+}
+
+/**
+ * What the agent of an ended deployment reported it did not save: the
+ * reference agent's `skipped` list of `{name, sizeBytes, reason}` (a size
+ * not reported is 0). Entries without a name are left out.
+ */
+export function skippedOutputsOf(action: ActionRecord | undefined): SkippedOutputView[] {
+  const list = action ? finalReport(action)?.skipped : undefined;
+  if (!Array.isArray(list)) return [];
+  return list.flatMap((item: unknown) => {
+    const o = (typeof item === "object" && item !== null ? item : {}) as Record<string, unknown>;
+    if (typeof o.name !== "string" || o.name === "") return [];
+    const size = typeof o.sizeBytes === "number" && Number.isSafeInteger(o.sizeBytes) ? o.sizeBytes : 0;
+    return [{ path: o.name, sizeBytes: Math.max(0, size), reason: String(o.reason ?? "") }];
+  });
 }
 
 function containersOf(details: JsonObject | null | undefined): ContainerView[] | undefined {

@@ -38,7 +38,14 @@ import { failureLog } from "../work/failure-log.js";
 import { type PAGE_BYTES, type Page, toPage } from "../work/page.js";
 import { decodePageToken, issuedFor } from "../work/page-token.js";
 import type { RevokeReason } from "../work/worker-messages.js";
-import { type DeploymentPayload, type DeploymentView, deploymentView, FINAL_PHASES } from "./deployment.js";
+import {
+  type DeploymentPayload,
+  type DeploymentView,
+  deploymentView,
+  FINAL_PHASES,
+  type SkippedOutputView,
+  skippedOutputsOf,
+} from "./deployment.js";
 
 /** Limits of scope leases and resources. */
 export interface ScopeLimits {
@@ -153,9 +160,15 @@ export interface ScopeLeaseService extends AsyncDisposable {
   wait(leaseId: string, timeoutMs: number, signal: AbortSignal): AsyncIterable<WaitUpdate>;
   /**
    * Asks the lease's deployments to save their outputs and stop, waits up to
-   * `timeoutMs` for them to finish, and returns the ids of the files saved.
+   * `timeoutMs` for them to finish, and returns the ids of the files saved
+   * and what their agents reported they did not save.
    */
-  collectOutputs(leaseId: string, timeoutMs: number, signal: AbortSignal, actor: string): Promise<string[]>;
+  collectOutputs(
+    leaseId: string,
+    timeoutMs: number,
+    signal: AbortSignal,
+    actor: string,
+  ): Promise<{ fileIds: string[]; skipped: SkippedOutputView[] }>;
   /** Rolls back leases past their TTL now (the loop does it every second). */
   expireDue(): Promise<string[]>;
   /** Starts the expiry loop. */
@@ -371,7 +384,7 @@ export function createScopeLeaseService(deps: {
     timeoutMs: number,
     signal: AbortSignal,
     actor: string,
-  ): Promise<string[]> {
+  ): Promise<{ fileIds: string[]; skipped: SkippedOutputView[] }> {
     const resources = await openDeployments(leaseId, "collect outputs");
     const actionIds = resources.map((r) => r.actionId as string);
     /** The run each action was asked to save, by action: its epoch and worker. */
@@ -432,7 +445,8 @@ export function createScopeLeaseService(deps: {
         // Past its TTL counts as closed, as for every change to a lease (lockOpen).
         const refusal = await lockOpen(db, clock, leaseId);
         if (refusal) throw refused(leaseId, refusal, "collect outputs");
-        return views.flatMap((v) => v.outputFileIds);
+        const skipped = resources.flatMap((r) => skippedOutputsOf(actions.get(r.actionId as string)));
+        return { fileIds: views.flatMap((v) => v.outputFileIds), skipped };
       }
       if (Date.now() >= until || signal.aborted) {
         const pending = views.filter((v) => !FINAL_PHASES.has(v.phase)).map((v) => `${v.id} (${v.phase})`);

@@ -216,6 +216,41 @@ describe("deployments", () => {
     await leases().rollbackLease({ leaseId });
   });
 
+  it("says which outputs it did not save and why: files over the server's limits, a symbolic link", async () => {
+    const leaseId = await open();
+    // Over the receive limit (--max-file-size + 1 MiB, refused before the server reads it), over
+    // --max-file-size (3 MiB, refused by the server), a symbolic link, and one file that is saved.
+    const script = `
+      const fs = require("node:fs");
+      fs.writeFileSync("out/big.bin", Buffer.alloc(5_000_000));
+      fs.writeFileSync("out/mid.bin", Buffer.alloc(3_500_000));
+      fs.symlinkSync("/etc/hostname", "out/link");
+      fs.writeFileSync("out/small.txt", "saved");
+      setInterval(() => {}, 1000);`;
+    await resources().createDeployment({
+      leaseId,
+      spec: {
+        containers: [node("writer", script)],
+        readinessProbe: { check: { case: "exec", value: { argv: ["test", "-f", "out/small.txt"] } } },
+        outputsDir: "out",
+      },
+    });
+    await waitReady(leaseId);
+
+    const { fileIds, skipped } = await leases().collectOutputs({ leaseId });
+    expect(fileIds).toHaveLength(1);
+    expect(skipped.map((s) => [s.path, s.sizeBytes, s.reason])).toEqual([
+      [
+        "big.bin",
+        5_000_000n,
+        "5000000 bytes is over the server's receive limit of 4194304 bytes (its --max-file-size plus 1 MiB)",
+      ],
+      ["link", 0n, "a symbolic link: only regular files are saved"],
+      ["mid.bin", 3_500_000n, "content: 3500000 bytes is over the server's file limit of 3145728 bytes"],
+    ]);
+    await leases().rollbackLease({ leaseId });
+  });
+
   it("fails a collect whose lease was rolled back meanwhile, instead of answering no outputs", async () => {
     // A worker that holds the deployment and never acts on the request to save: the collect waits.
     const w = await connectWorker(t.address, {

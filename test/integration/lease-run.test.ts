@@ -102,6 +102,18 @@ describe("leasehold lease run --test", () => {
   const runManifest = (text: string, server = t.address) =>
     cli(["lease", "run", "--test", manifestFile(text)], server);
 
+  /**
+   * A deployment of one Node container that runs `script` (in its work directory, then idles),
+   * ready once `test <ready>` holds there, saving its outputs from out/.
+   */
+  const nodeDeployment = (script: string, ready: string) => `deployment:
+  containers:
+    - name: node
+      argv: [${process.execPath}, -e, '${script}; setInterval(() => {}, 1000)']
+  readiness: {exec: {argv: [test, ${ready}]}, period: 100ms}
+  outputs_dir: out
+`;
+
   /** A deployment of the example's server on `port`, with its fixtures. */
   const exampleDeployment = (port: number) => `
 fixtures:
@@ -292,9 +304,31 @@ outputs:
       "lease_rolled_back",
       "done",
     ]);
-    expect(run.events.find((e) => e.event === "output_missing")).toMatchObject({ name: "report.html" });
+    expect(run.events.find((e) => e.event === "output_missing")).toMatchObject({
+      name: "report.html",
+      message: 'the deployment saved no file "report.html" in out',
+    });
     const lease = await expectRolledBack(run.events[0]?.lease_id as string);
     expect(lease?.result).toMatchObject({ passed: false, missing_outputs: ["report.html"] });
+  });
+
+  it("an output the deployment wrote but its agent did not save is missing with the reason, not as never written", async () => {
+    const run = runManifest(`runtime: ${RUNTIME}
+${nodeDeployment('require("fs").symlinkSync("/etc/hostname", "out/report.html")', "-L, out/report.html")}
+outputs:
+  promote: [report.html]
+`);
+    expect(await run.exited).toBe(1);
+    const reason = "a symbolic link: only regular files are saved";
+    expect(run.events.find((e) => e.event === "outputs_collected")).toMatchObject({
+      files: [],
+      skipped: [{ name: "report.html", size_bytes: 0, reason }],
+    });
+    expect(run.events.find((e) => e.event === "output_missing")).toMatchObject({
+      name: "report.html",
+      message: `the deployment did not save "report.html" in out: ${reason}`,
+    });
+    await expectRolledBack(run.events[0]?.lease_id as string);
   });
 
   it("a deployment that fails skips the checks, still records the result and keeps its outputs, then rolls back", async () => {
@@ -395,12 +429,7 @@ checks:
       const run = runManifest(
         `runtime: ${RUNTIME}
 label: server-away
-deployment:
-  containers:
-    - name: writer
-      argv: [${process.execPath}, -e, 'require("fs").writeFileSync("out/report.txt", "R"); setInterval(() => {}, 1000)']
-  readiness: {exec: {argv: [test, -f, out/report.txt]}, period: 100ms}
-  outputs_dir: out
+${nodeDeployment('require("fs").writeFileSync("out/report.txt", "R")', "-f, out/report.txt")}
 checks:
   - name: the server goes away
     exec: {argv: [${process.execPath}, -e, 'require("net").connect(${triggerPort}, "127.0.0.1").on("close", () => process.exit(0))']}
@@ -572,7 +601,7 @@ checks:
       `containers:
   - name: web
     command:
-      argv: [${process.execPath}, -e, 'require("fs").writeFileSync("out/a.txt", "A"); require("net").createServer().listen(${port}, "127.0.0.1")']
+      argv: [${process.execPath}, -e, 'require("fs").writeFileSync("out/a.txt", "A"); require("fs").symlinkSync("a.txt", "out/b.txt"); require("net").createServer().listen(${port}, "127.0.0.1")']
 readiness_probe: {tcp_port: ${port}, period: 0.1s}
 outputs_dir: out
 `,
@@ -602,11 +631,24 @@ outputs_dir: out
     const fileIds = collected.events[0]?.fileIds as string[];
     expect(fileIds).toHaveLength(1);
     expect(await download(fileIds[0] as string)).toBe("A");
+    expect(collected.events[0]?.skipped).toEqual([
+      { path: "b.txt", reason: "a symbolic link: only regular files are saved" },
+    ]);
+    // A second collect answers the same; for people, what was not saved is a table of its own.
+    const again = cli(["lease", "collect-outputs", leaseId]);
+    expect(await again.exited).toBe(0);
+    expect(again.events.map((e) => e.text)).toEqual([
+      expect.stringMatching(/^FILE +NAME +SIZE$/),
+      expect.stringMatching(new RegExp(`^${fileIds[0]} +a\\.txt +1 B$`)),
+      "",
+      expect.stringMatching(/^NOT SAVED +SIZE +WHY$/),
+      expect.stringMatching(/^b\.txt +0 B +a symbolic link: only regular files are saved$/),
+    ]);
 
     // Stopped now: waiting again reports it and fails.
-    const again = cli(["lease", "wait", leaseId, "--timeout", "5s"]);
-    expect(await again.exited).toBe(1);
-    expect(again.events.at(-1)?.text).toMatch(/^not ready: the deployment is STOPPED/);
+    const waitAgain = cli(["lease", "wait", leaseId, "--timeout", "5s"]);
+    expect(await waitAgain.exited).toBe(1);
+    expect(waitAgain.events.at(-1)?.text).toMatch(/^not ready: the deployment is STOPPED/);
 
     const badSpec = join(dir, "bad.yaml");
     writeFileSync(badSpec, "containers: [{name: web, command: {argv: ls}}]\n");

@@ -6,6 +6,7 @@ import { parseManifest } from "../../src/cli/manifest.js";
 import { LeaseholdError } from "../../src/errors.js";
 import {
   CloseReason,
+  CollectOutputsResponseSchema,
   LeaseSchema,
   LeaseState,
   WaitLeaseResponseSchema,
@@ -60,7 +61,7 @@ function clientsDown(down: Record<string, number>) {
           deployment: { id: "d1", phase: DeploymentPhase.READY },
         });
       },
-      collectOutputs: answer("collectOutputs", { fileIds: ["f1"] }),
+      collectOutputs: answer("collectOutputs", create(CollectOutputsResponseSchema, { fileIds: ["f1"] })),
       promoteResource: answer("promoteResource", { resource: file }),
       setResult: answer("setResult", { lease }),
       rollbackLease: answer("rollbackLease", { lease, destroyedResources: 2 }),

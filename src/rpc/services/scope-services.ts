@@ -334,7 +334,16 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const timeoutMs = durationField(v, "timeout", request.timeout, 60_000, 60 * 60_000) || 60_000;
       v.throwIfAny();
       await usableLease(scope, ctx.access, leaseId);
-      return { fileIds: await scope.collectOutputs(leaseId, timeoutMs, ctx.signal, ctx.access.actor) };
+      const { fileIds, skipped } = await scope.collectOutputs(
+        leaseId,
+        timeoutMs,
+        ctx.signal,
+        ctx.access.actor,
+      );
+      return {
+        fileIds,
+        skipped: skipped.map((s) => ({ path: s.path, sizeBytes: BigInt(s.sizeBytes), reason: s.reason })),
+      };
     },
   });
 }

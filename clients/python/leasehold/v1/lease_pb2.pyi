@@ -28,10 +28,12 @@ class CollectOutputsRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., timeout: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CollectOutputsResponse(_message.Message):
-    __slots__ = ["file_ids"]
+    __slots__ = ["file_ids", "skipped"]
     FILE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     file_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, file_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedOutput]
+    def __init__(self, file_ids: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedOutput, _Mapping]]] = ...) -> None: ...
 
 class CommitLeaseRequest(_message.Message):
     __slots__ = ["lease_id"]
@@ -224,6 +226,16 @@ class SetResultResponse(_message.Message):
     LEASE_FIELD_NUMBER: _ClassVar[int]
     lease: Lease
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class SkippedOutput(_message.Message):
+    __slots__ = ["path", "reason", "size_bytes"]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    reason: str
+    size_bytes: int
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WaitLeaseRequest(_message.Message):
     __slots__ = ["lease_id", "timeout"]

@@ -241,9 +241,10 @@ class LeaseServiceServicer(object):
 
     def CollectOutputs(self, request, context):
         """Stops the lease's deployment with file-save semantics and returns the ids
-        of the file resources it produced. FAILED_PRECONDITION (LEASE_CLOSED) if
-        the lease is not open (or past its TTL) when the call starts or when the
-        deployments have stopped: an empty list always means they saved no files.
+        of the file resources it produced, and what it did not save and why
+        (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
+        (or past its TTL) when the call starts or when the deployments have
+        stopped: an empty list always means they saved no files.
         ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
         its lease expired (its agent was lost) or its agent gave the lease back.
         What that run wrote is gone; the deployment runs again, and calling again

@@ -7,7 +7,7 @@ import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
 import { eventCommand } from "./cli/event-commands.js";
 import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
-import { CliError, DEFAULT_SERVER, EXIT, guardOutput } from "./cli/output.js";
+import { CliError, DEFAULT_SERVER, EXIT, guardOutput, printError } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 import { tokenCommand } from "./cli/token-command.js";
 
@@ -185,7 +185,8 @@ export async function main(argv: readonly string[]): Promise<void> {
       const helpOrVersion = ["commander.helpDisplayed", "commander.version"].includes(error.code);
       process.exit(helpOrVersion ? EXIT.ok : EXIT.usage);
     }
-    console.error(`leasehold: ${error instanceof Error ? error.message : String(error)}`);
+    // The message may hold what the server said (its error details, which can echo a caller's values).
+    printError(error instanceof Error ? error.message : String(error));
     process.exit(error instanceof CliError ? error.exitCode : EXIT.failed);
   }
 }

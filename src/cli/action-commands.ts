@@ -29,9 +29,10 @@ import {
   listUpTo,
   messageJson,
   parseLabels,
+  printJson,
+  printLine,
   printTable,
   time,
-  toJson,
   withServer,
 } from "./output.js";
 
@@ -101,10 +102,10 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
       const lineWidth = String(lines.at(-1)?.line ?? 0).length;
       const clusterWidth = Math.max(7, ...lines.map((l) => l.request.cluster.length));
       const row = (cells: readonly string[], widths: readonly number[]) =>
-        `${cells
+        cells
           .map((c, i) => c.padEnd(widths[i] ?? 0))
           .join("  ")
-          .trimEnd()}\n`;
+          .trimEnd();
       const widths = [Math.max(4, lineWidth), 36, 9, clusterWidth];
       let created = 0;
       let existing = 0;
@@ -118,19 +119,16 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
         } catch (error) {
           throw refusedChunk(error, chunk, sent, lines, g.server);
         }
-        if (!g.json && sent === 0)
-          process.stdout.write(row(["LINE", "ID", "STATE", "CLUSTER", "RESULT"], widths));
+        if (!g.json && sent === 0) printLine(row(["LINE", "ID", "STATE", "CLUSTER", "RESULT"], widths));
         chunk.forEach((item, i) => {
           const r = results[i];
           const a = r?.action;
           if (r?.created) created++;
           else existing++;
           if (g.json && r) {
-            process.stdout.write(
-              `${toJson({ line: item.line, ...(messageJson(SubmitActionResponseSchema, r) as object) })}\n`,
-            );
+            printJson({ line: item.line, ...(messageJson(SubmitActionResponseSchema, r) as object) });
           } else if (!g.json) {
-            process.stdout.write(
+            printLine(
               row(
                 [
                   String(item.line),
@@ -301,10 +299,10 @@ export function actionCommands(): Command {
           ...(o.maxAttempts !== undefined ? { retryPolicy: { maxAttempts: o.maxAttempts as number } } : {}),
         });
         const { action: a, created } = response;
-        if (json) process.stdout.write(`${toJson(messageJson(SubmitActionResponseSchema, response))}\n`);
+        if (json) printJson(messageJson(SubmitActionResponseSchema, response));
         else
-          process.stdout.write(
-            `${created ? "submitted" : "already submitted"} ${a?.id} (${enumName(ActionState, a?.state ?? 0)})\n`,
+          printLine(
+            `${created ? "submitted" : "already submitted"} ${a?.id} (${enumName(ActionState, a?.state ?? 0)})`,
           );
         return undefined;
       });
@@ -319,7 +317,7 @@ export function actionCommands(): Command {
         const response = await api.getAction({ actionId: id });
         const { action: a, attempts } = response;
         if (json) {
-          process.stdout.write(`${toJson(messageJson(GetActionResponseSchema, response))}\n`);
+          printJson(messageJson(GetActionResponseSchema, response));
           return undefined;
         }
         if (a) {
@@ -328,16 +326,14 @@ export function actionCommands(): Command {
           if (!a.lease && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
           printTable(ACTION_HEADERS, [row]);
         }
-        if (a?.createdBy) process.stdout.write(`created by: ${a.createdBy}\n`);
-        if (a?.failureReason) process.stdout.write(`reason: ${a.failureReason}\n`);
-        if (a?.phase) process.stdout.write(`phase: ${phaseText(a)}\n`);
-        if (a?.output) process.stdout.write(`output: ${compact(a.output, 2000)}\n`);
+        if (a?.createdBy) printLine(`created by: ${a.createdBy}`);
+        if (a?.failureReason) printLine(`reason: ${a.failureReason}`);
+        if (a?.phase) printLine(`phase: ${phaseText(a)}`);
+        if (a?.output) printLine(`output: ${compact(a.output, 2000)}`);
         if (a?.lastError)
-          process.stdout.write(
-            `last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}\n`,
-          );
+          printLine(`last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}`);
         if (attempts.length > 0) {
-          process.stdout.write("\n");
+          printLine();
           printTable(
             ["EPOCH", "WORKER", "OUTCOME", "STARTED", "ENDED"],
             attempts.map((t) => [
@@ -349,10 +345,10 @@ export function actionCommands(): Command {
             ]),
           );
         }
-        if (response.omitted.length > 0)
-          process.stdout.write(
-            `\n(left out to keep the answer under 3 MiB: ${response.omitted.join(", ")})\n`,
-          );
+        if (response.omitted.length > 0) {
+          printLine();
+          printLine(`(left out to keep the answer under 3 MiB: ${response.omitted.join(", ")})`);
+        }
         return undefined;
       }),
     );
@@ -368,25 +364,26 @@ export function actionCommands(): Command {
       run(command, async (api, json) => {
         const response = await api.explainAction({ actionId: id });
         if (json) {
-          process.stdout.write(`${toJson(messageJson(ExplainActionResponseSchema, response))}\n`);
+          printJson(messageJson(ExplainActionResponseSchema, response));
           return undefined;
         }
         const { action: a, timeline, attempts } = response;
         if (a) {
           const state = enumName(ActionState, a.state).toLowerCase();
           const tries = `${attempts.length} attempt${attempts.length === 1 ? "" : "s"}`;
-          process.stdout.write(
-            `action ${a.id} in cluster ${a.cluster}: ${state}, epoch ${a.epoch}, ${tries}\n\n`,
-          );
+          printLine(`action ${a.id} in cluster ${a.cluster}: ${state}, epoch ${a.epoch}, ${tries}`);
+          printLine();
         }
         printTable(
           ["TIME", "EPOCH", "WHAT HAPPENED"],
           timeline.map((step) => [time(step.time), step.epoch ? String(step.epoch) : "-", step.summary]),
         );
-        if (response.truncated)
-          process.stdout.write(
-            `\n(made of the action's first ${timeline.filter((s) => s.event).length} events; \`leasehold events --action ${id}\` lists them all)\n`,
+        if (response.truncated) {
+          printLine();
+          printLine(
+            `(made of the action's first ${timeline.filter((s) => s.event).length} events; \`leasehold events --action ${id}\` lists them all)`,
           );
+        }
         return undefined;
       }),
     );
@@ -413,8 +410,7 @@ export function actionCommands(): Command {
           (r) => r.actions,
           { order: "oldest", noun: "action" },
         );
-        if (json)
-          process.stdout.write(`${toJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) })}\n`);
+        if (json) printJson({ actions: actions.map((a) => messageJson(ActionSchema, a)) });
         else printTable(ACTION_HEADERS, actions.map(actionRow));
         return undefined;
       }),
@@ -431,10 +427,10 @@ export function actionCommands(): Command {
           actionId: id,
           reason: (o.reason as string | undefined) ?? "",
         });
-        if (json) process.stdout.write(`${toJson({ action: a && messageJson(ActionSchema, a) })}\n`);
+        if (json) printJson({ action: a && messageJson(ActionSchema, a) });
         else
-          process.stdout.write(
-            `${a?.id} ${a?.cancelRequested && a.state === ActionState.LEASED ? "cancel requested (revoking from its worker)" : enumName(ActionState, a?.state ?? 0)}\n`,
+          printLine(
+            `${a?.id} ${a?.cancelRequested && a.state === ActionState.LEASED ? "cancel requested (revoking from its worker)" : enumName(ActionState, a?.state ?? 0)}`,
           );
         return undefined;
       }),
@@ -461,13 +457,13 @@ export function actionCommands(): Command {
             const same = last !== undefined && equals(ActionSchema, last, a);
             last = a;
             if (same) continue;
-            if (json) process.stdout.write(`${toJson(messageJson(ActionSchema, a))}\n`);
+            if (json) printJson(messageJson(ActionSchema, a));
             else {
               const where = a.lease ? ` on ${a.lease.workerId} (epoch ${a.lease.epoch})` : "";
               const cancel = a.cancelRequested && a.state === ActionState.LEASED ? ", cancel requested" : "";
               const why = a.failureReason && a.state !== ActionState.LEASED ? `: ${a.failureReason}` : "";
-              process.stdout.write(
-                `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${cancel}${a.phase ? ` [${phaseText(a)}]` : ""}${why}\n`,
+              printLine(
+                `${time(a.updateTime)} ${enumName(ActionState, a.state)}${where}${cancel}${a.phase ? ` [${phaseText(a)}]` : ""}${why}`,
               );
             }
           }

@@ -22,7 +22,8 @@ import {
   nonNegativeIntFlag,
   parseLabels,
   positiveIntFlag,
-  toJson,
+  printJson,
+  printLine,
   unreachableWhy,
 } from "./output.js";
 import { exitOnSignal, interruptCounter } from "./signals.js";
@@ -182,28 +183,23 @@ export function agentCommand(): Command {
         // per address, with several --server addresses tried in turn).
         let quiet = false;
         const log = (event: AgentEvent) => {
-          if (g.json) {
-            process.stdout.write(`${toJson({ time: new Date().toISOString(), ...event })}\n`);
-            return;
-          }
+          if (g.json) return printJson({ time: new Date().toISOString(), ...event });
           if (event.type === "disconnected") {
             if (quiet) return;
             quiet = true;
-            process.stdout.write(
-              `${new Date().toISOString()} disconnected (${unreachableWhy(event.error)}); reconnecting with backoff, quietly until it connects\n`,
+            printLine(
+              `${new Date().toISOString()} disconnected (${unreachableWhy(event.error)}); reconnecting with backoff, quietly until it connects`,
             );
             return;
           }
           if (event.type === "connected") quiet = false;
-          process.stdout.write(`${new Date().toISOString()} ${describe(event)}\n`);
+          printLine(`${new Date().toISOString()} ${describe(event)}`);
         };
         /** One line of the agent's own (not the SDK's events): `type` and `fields` under --json. */
         const say = (type: string, human: string, fields: Record<string, unknown> = {}) =>
-          process.stdout.write(
-            g.json
-              ? `${toJson({ time: new Date().toISOString(), type, ...fields })}\n`
-              : `${new Date().toISOString()} ${human}\n`,
-          );
+          g.json
+            ? printJson({ time: new Date().toISOString(), type, ...fields })
+            : printLine(`${new Date().toISOString()} ${human}`);
         if (leftovers.groups > 0 || leftovers.directories > 0) {
           say("leftovers_stopped", `${leftoversDone(leftovers)} an earlier run left behind`, {
             count: leftovers.groups,

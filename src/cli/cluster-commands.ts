@@ -14,9 +14,10 @@ import {
   limitOption,
   listUpTo,
   messageJson,
+  printJson,
+  printLine,
   printTable,
   time,
-  toJson,
   withServer,
 } from "./output.js";
 
@@ -53,10 +54,7 @@ export function workerCommands(): Command {
           (r) => r.workers,
           { order: "first", noun: "worker" },
         );
-        if (json)
-          return void process.stdout.write(
-            `${toJson({ workers: list.map((w) => messageJson(WorkerSchema, w)) })}\n`,
-          );
+        if (json) return printJson({ workers: list.map((w) => messageJson(WorkerSchema, w)) });
         printTable(
           ["WORKER", "CLUSTER", "STATE", "SLOTS", "HELD", "DEADLINE", "DRAINING"],
           list.map((w) => [
@@ -79,12 +77,9 @@ export function workerCommands(): Command {
     .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
       withClient(command, async (api, json) => {
         const { worker } = await api.drainWorker({ workerId, reason: o.reason ?? "" });
-        if (json)
-          process.stdout.write(`${toJson({ worker: worker && messageJson(WorkerSchema, worker) })}\n`);
+        if (json) printJson({ worker: worker && messageJson(WorkerSchema, worker) });
         else
-          process.stdout.write(
-            `${workerId} is draining (${count(worker?.heldLeases.length ?? 0, "lease")} still held)\n`,
-          );
+          printLine(`${workerId} is draining (${count(worker?.heldLeases.length ?? 0, "lease")} still held)`);
       }),
     );
   return workers;
@@ -101,10 +96,7 @@ export function clusterCommands(): Command {
     .action(async (_o: unknown, command: Command) =>
       withClient(command, async (api, json) => {
         const { clusters: list } = await api.listClusters({});
-        if (json)
-          return void process.stdout.write(
-            `${toJson({ clusters: list.map((c) => messageJson(ClusterSchema, c)) })}\n`,
-          );
+        if (json) return printJson({ clusters: list.map((c) => messageJson(ClusterSchema, c)) });
         printTable(
           ["CLUSTER", "HEALTH", "CONNECTED", "IN GRACE", "QUEUED", "LEASED", "EXPIRIES(5m)", "WHY"],
           list.map((c) => [
@@ -130,11 +122,8 @@ export function clusterCommands(): Command {
     .action(async (name: string, o: Record<string, string | undefined>, command: Command) =>
       withClient(command, async (api, json) => {
         const { cluster } = await api.resumeExpiries({ cluster: name, reason: o.reason ?? "" });
-        if (json)
-          process.stdout.write(`${toJson({ cluster: cluster && messageJson(ClusterSchema, cluster) })}
-`);
-        else
-          process.stdout.write(`${name}: lease expiries resume (${inGrace(cluster?.workersInGrace ?? 0)})\n`);
+        if (json) printJson({ cluster: cluster && messageJson(ClusterSchema, cluster) });
+        else printLine(`${name}: lease expiries resume (${inGrace(cluster?.workersInGrace ?? 0)})`);
       }),
     );
   return clusters;

@@ -7,8 +7,9 @@ import {
   limitOption,
   listUpTo,
   messageJson,
+  printJson,
+  printLine,
   time,
-  toJson,
   withServer,
 } from "./output.js";
 
@@ -37,12 +38,12 @@ export function eventCommand(): Command {
           // Columns: TIME SEQUENCE KIND ACTOR MESSAGE. The actor is the principal whose call caused
           // the event, "-" for the server's own decisions (expiries, TTL rollbacks).
           const print = (e: Event) => {
-            if (g.json) process.stdout.write(`${toJson(messageJson(EventSchema, e))}\n`);
+            if (g.json) printJson(messageJson(EventSchema, e));
             else {
               const kind = enumName(EventKind, e.kind).toLowerCase();
               const actor = e.actor || "-";
-              process.stdout.write(
-                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${actor.padEnd(16)} ${e.message}\n`,
+              printLine(
+                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${actor.padEnd(16)} ${e.message}`,
               );
             }
           };
@@ -71,8 +72,7 @@ export function eventCommand(): Command {
                 : { order: "oldest", noun: "event", hint: "--newest shows the latest, or raise --limit" },
             );
             const events = o.newest ? listed.reverse() : listed;
-            if (g.json)
-              process.stdout.write(`${toJson({ events: events.map((e) => messageJson(EventSchema, e)) })}\n`);
+            if (g.json) printJson({ events: events.map((e) => messageJson(EventSchema, e)) });
             else for (const e of events) print(e);
           }
         },

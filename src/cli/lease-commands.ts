@@ -33,9 +33,11 @@ import {
   limitOption,
   listUpTo,
   messageJson,
+  printError,
+  printJson,
+  printLine,
   printTable,
   time,
-  toJson,
   unreachableWhy,
   uploadRefused,
   withServer,
@@ -58,9 +60,6 @@ const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promis
     (c, g) => fn(c, g.json),
   );
 
-const out = (text: string): void => {
-  process.stdout.write(`${text}\n`);
-};
 const LEASE_HEADERS = ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES"];
 const leaseRow = (l: Lease) => [
   l.id,
@@ -73,12 +72,12 @@ const leaseRow = (l: Lease) => [
 /** One lease: with --json its proto3 JSON; for people its row, then its result if one is recorded. */
 const printLease = (l: Lease | undefined, json: boolean) => {
   if (!l) return;
-  if (json) return out(toJson(messageJson(LeaseSchema, l)));
+  if (json) return printJson(messageJson(LeaseSchema, l));
   printTable(
     [...LEASE_HEADERS, "CLOSED"],
     [[...leaseRow(l), l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-"]],
   );
-  if (l.result) out(`result: ${JSON.stringify(l.result)}`);
+  if (l.result) printLine(`result: ${JSON.stringify(l.result)}`);
 };
 const resourceRow = (r: Resource) => [
   r.id,
@@ -95,10 +94,10 @@ const RESOURCE_HEADERS = ["RESOURCE", "KIND", "OWNER", "LEASE", "FILE"];
  */
 const printResource = (r: Resource | undefined, json: boolean) => {
   if (!r) return;
-  if (json) return out(toJson(messageJson(ResourceSchema, r)));
+  if (json) return printJson(messageJson(ResourceSchema, r));
   printTable(RESOURCE_HEADERS, [resourceRow(r)]);
-  if (r.body.case === "deployment") out(describeDeployment(r.body.value));
-  if (r.body.case === "object") out(`body: ${JSON.stringify(r.body.value)}`);
+  if (r.body.case === "deployment") printLine(describeDeployment(r.body.value));
+  if (r.body.case === "object") printLine(`body: ${JSON.stringify(r.body.value)}`);
 };
 const jsonObject = (flag: string, text: string) => {
   let value: unknown;
@@ -134,7 +133,7 @@ export function leaseCommands(): Command {
           ...(o.ttl ? { ttl: durationFlag("--ttl", o.ttl) } : {}),
         });
         if (json) printLease(l, true);
-        else out(`${l?.id} (open until ${time(l?.expireTime)})`);
+        else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);
       }),
     );
   lease
@@ -145,7 +144,7 @@ export function leaseCommands(): Command {
       withClients(command, async (c, json) => {
         const { lease: l } = await c.leases.getLease({ leaseId: id });
         printLease(l, json);
-        if (!json && l?.createdBy) out(`created by: ${l.createdBy}`);
+        if (!json && l?.createdBy) printLine(`created by: ${l.createdBy}`);
       }),
     );
   lease
@@ -165,7 +164,7 @@ export function leaseCommands(): Command {
             (r) => r.leases,
             { order: "oldest", noun: "lease" },
           );
-          if (json) return out(toJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) }));
+          if (json) return printJson({ leases: leases.map((l) => messageJson(LeaseSchema, l)) });
           printTable(LEASE_HEADERS, leases.map(leaseRow));
         }),
     );
@@ -197,23 +196,19 @@ export function leaseCommands(): Command {
           if (name === "commit") {
             const r = await c.leases.commitLease({ leaseId: id });
             if (json)
-              out(
-                toJson({
-                  lease: r.lease && messageJson(LeaseSchema, r.lease),
-                  keptResources: r.keptResources,
-                }),
-              );
-            else out(`${id} committed: ${count(r.keptResources, "resource")} kept`);
+              printJson({
+                lease: r.lease && messageJson(LeaseSchema, r.lease),
+                keptResources: r.keptResources,
+              });
+            else printLine(`${id} committed: ${count(r.keptResources, "resource")} kept`);
           } else {
             const r = await c.leases.rollbackLease({ leaseId: id });
             if (json)
-              out(
-                toJson({
-                  lease: r.lease && messageJson(LeaseSchema, r.lease),
-                  destroyedResources: r.destroyedResources,
-                }),
-              );
-            else out(`${id} rolled back: ${count(r.destroyedResources, "resource")} destroyed`);
+              printJson({
+                lease: r.lease && messageJson(LeaseSchema, r.lease),
+                destroyedResources: r.destroyedResources,
+              });
+            else printLine(`${id} rolled back: ${count(r.destroyedResources, "resource")} destroyed`);
           }
         }),
       );
@@ -233,12 +228,12 @@ export function leaseCommands(): Command {
           throw new CliError("give either a lease id or --label/--runtime, not both", EXIT.usage);
         if (id) {
           await c.leases.deleteLease({ leaseId: id });
-          return json ? out(toJson({ deleted: 1 })) : out(`${id} deleted`);
+          return json ? printJson({ deleted: 1 }) : printLine(`${id} deleted`);
         }
         if (!o.label && !o.runtime)
           throw new CliError("give a lease id, or --label and/or --runtime to delete many", EXIT.usage);
         const { deleted } = await c.leases.deleteLeases({ label: o.label ?? "", runtime: o.runtime ?? "" });
-        json ? out(toJson({ deleted })) : out(`${count(deleted, "closed lease")} deleted`);
+        json ? printJson({ deleted }) : printLine(`${count(deleted, "closed lease")} deleted`);
       }),
     );
   lease
@@ -264,24 +259,24 @@ export function leaseCommands(): Command {
     .action(async (id: string, _o: unknown, command: Command) =>
       withClients(command, async (c, json) => {
         const debug = await c.leases.debugLease({ leaseId: id });
-        if (json) return out(toJson(messageJson(DebugLeaseResponseSchema, debug)));
+        if (json) return printJson(messageJson(DebugLeaseResponseSchema, debug));
         printLease(debug.lease, false);
-        out("");
+        printLine();
         printTable(RESOURCE_HEADERS, debug.resources.map(resourceRow));
         if (debug.omittedResources > 0)
-          out(`… and ${debug.omittedResources} more (leasehold resource list --lease ${id})`);
-        out("");
+          printLine(`… and ${debug.omittedResources} more (leasehold resource list --lease ${id})`);
+        printLine();
         if (debug.deployments.length > 0) {
-          for (const d of debug.deployments) out(describeDeployment(d));
-          out("");
+          for (const d of debug.deployments) printLine(describeDeployment(d));
+          printLine();
         }
-        for (const e of debug.events) out(`${time(e.time)} ${e.message}`);
+        for (const e of debug.events) printLine(`${time(e.time)} ${e.message}`);
         const left = [
           debug.omittedEvents > 0 ? `${debug.omittedEvents} older events` : "",
           debug.omittedDeployments > 0 ? `${debug.omittedDeployments} deployments` : "",
           debug.omittedResourceBodies > 0 ? `${debug.omittedResourceBodies} resource bodies` : "",
         ].filter(Boolean);
-        if (left.length > 0) out(`(left out to keep the answer under 3 MiB: ${left.join(", ")})`);
+        if (left.length > 0) printLine(`(left out to keep the answer under 3 MiB: ${left.join(", ")})`);
       }),
     );
   lease
@@ -303,20 +298,18 @@ export function leaseCommands(): Command {
           timeoutMs,
           (m) => {
             away = false;
-            if (json) out(toJson(messageJson(WaitLeaseResponseSchema, m)));
-            else out(`${new Date().toISOString()} ${describeDeployment(m.deployment)}`);
+            if (json) printJson(messageJson(WaitLeaseResponseSchema, m));
+            else printLine(`${new Date().toISOString()} ${describeDeployment(m.deployment)}`);
           },
           {
             onReconnect: (error) => {
               if (!away)
-                process.stderr.write(
-                  `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting until it is back\n`,
-                );
+                printError(`server unavailable (${unreachableWhy(error)}); reconnecting until it is back`);
               away = true;
             },
           },
         );
-        if (!json && !waited.ready) out(`not ready: ${waited.reason}`);
+        if (!json && !waited.ready) printLine(`not ready: ${waited.reason}`);
         return waited.ready ? EXIT.ok : EXIT.failed;
       }),
     );
@@ -338,7 +331,7 @@ export function leaseCommands(): Command {
         );
         // Proto3 JSON would drop an empty list; a script should always find the keys.
         if (json)
-          return out(toJson({ fileIds, skipped: skipped.map((s) => messageJson(SkippedOutputSchema, s)) }));
+          return printJson({ fileIds, skipped: skipped.map((s) => messageJson(SkippedOutputSchema, s)) });
         const files = await Promise.all(
           fileIds.map(async (fileId) => (await c.resources.getResource({ resourceId: fileId })).resource),
         );
@@ -351,7 +344,7 @@ export function leaseCommands(): Command {
           ]),
         );
         if (skipped.length === 0) return;
-        out("");
+        printLine();
         printTable(
           ["NOT SAVED", "SIZE", "WHY"],
           skipped.map((s) => [s.path, `${s.sizeBytes} B`, s.reason]),
@@ -369,7 +362,7 @@ export function leaseCommands(): Command {
     )
     .action(async (o: { test: string; keepLease?: boolean }, command: Command) =>
       withClients(command, async (c) => {
-        const emit = (event: LiveTestEvent) => out(toJson(event));
+        const emit = (event: LiveTestEvent) => printJson(event);
         let manifest: ReturnType<typeof loadManifest>;
         try {
           manifest = loadManifest(o.test);
@@ -402,7 +395,7 @@ export function leaseCommands(): Command {
             signal: controller.signal,
             server: globals(command).server,
           });
-          if (outcome.error) process.stderr.write(`leasehold: ${outcome.error}\n`);
+          if (outcome.error) printError(outcome.error);
           return outcome.exitCode;
         } finally {
           for (const off of handlers) off();
@@ -502,13 +495,11 @@ export function resourceCommands(): Command[] {
           { order: "oldest", noun: "resource" },
         );
         if (json)
-          out(
-            toJson({
-              resources: resources.map((r: MessageShape<typeof ResourceSchema>) =>
-                messageJson(ResourceSchema, r),
-              ),
-            }),
-          );
+          printJson({
+            resources: resources.map((r: MessageShape<typeof ResourceSchema>) =>
+              messageJson(ResourceSchema, r),
+            ),
+          });
         else printTable(RESOURCE_HEADERS, resources.map(resourceRow));
       }),
     );
@@ -519,7 +510,7 @@ export function resourceCommands(): Command[] {
     .action(async (id: string, _o: unknown, command: Command) =>
       withClients(command, async (c, json) => {
         await c.resources.deleteResource({ resourceId: id });
-        json ? out(toJson({ deleted: id })) : out(`${id} deleted`);
+        json ? printJson({ deleted: id }) : printLine(`${id} deleted`);
       }),
     );
   const deployment = new Command("deployment").description(

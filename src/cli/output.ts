@@ -125,9 +125,60 @@ function usageError(error: unknown): unknown {
 /** Opens a client of one service on the command's server, with its security. */
 export type Connect = <S extends GenServiceMethods>(service: GenService<S>) => Client<S>;
 
-/** JSON with bigints as strings (for values that are not protobuf messages). */
+/**
+ * JSON with bigints as strings (for values that are not protobuf messages).
+ * DEL and the C1 control characters, which JSON.stringify leaves as they are,
+ * are written as \u escapes like the C0 ones: the same JSON value, and
+ * nothing in it a terminal would act on.
+ */
 export function toJson(value: unknown): string {
-  return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? v.toString() : v));
+  return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? v.toString() : v)).replace(
+    DEL_AND_C1,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
+/** One JSON value (toJson) on a line of stdout: what --json prints. */
+export function printJson(value: unknown): void {
+  process.stdout.write(`${toJson(value)}\n`);
+}
+
+// Control characters: C0 (U+0000–U+001F), DEL (U+007F) and C1 (U+0080–U+009F), ESC and CSI among them.
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching them is the point.
+const CONTROLS = /[\u0000-\u001f\u007f-\u009f]/g;
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching them is the point.
+const CONTROLS_BUT_TAB_AND_NEWLINE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g;
+const DEL_AND_C1 = /[\u007f-\u009f]/g;
+const NAMED_CONTROLS: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+/**
+ * Text for a terminal, with its control characters shown escaped: `\n`,
+ * `\r`, `\t`, and `\xNN` for the others (ESC is `\x1b`, C1's CSI `\x9b`).
+ * Whatever a server sends (a lease's label, a container's stderr line, an
+ * error message) may have been written by any submitter; printed raw, it
+ * could clear the screen, move the cursor or rewrite what was printed before
+ * it (kubectl's CVE-2021-25743). With `keep: "lines"`, newlines and tabs stay
+ * as they are, for text that is meant to span lines (an error listing its
+ * problems one a line).
+ */
+export function terminalSafe(text: string, keep: "line" | "lines" = "line"): string {
+  return text.replace(keep === "lines" ? CONTROLS_BUT_TAB_AND_NEWLINE : CONTROLS, (c) => {
+    return NAMED_CONTROLS[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`;
+  });
+}
+
+/**
+ * One line for people on stdout, its control characters escaped (see
+ * {@link terminalSafe}): every human line a command prints that may hold
+ * server-provided text goes through here or {@link printTable}.
+ */
+export function printLine(text = ""): void {
+  process.stdout.write(`${terminalSafe(text)}\n`);
+}
+
+/** `leasehold: <message>` on stderr, control characters escaped but its lines kept (see {@link terminalSafe}). */
+export function printError(message: string): void {
+  process.stderr.write(`leasehold: ${terminalSafe(message, "lines")}\n`);
 }
 
 /** One protobuf message in the proto3 JSON mapping (what grpcurl prints, and other languages parse). */
@@ -135,16 +186,17 @@ export function messageJson<D extends DescMessage>(schema: D, message: MessageSh
   return protoToJson(schema, message);
 }
 
-/** Prints rows as an aligned table with a header. */
+/** Prints rows as an aligned table with a header; each cell is one line, control characters escaped. */
 export function printTable(headers: readonly string[], rows: readonly (readonly string[])[]): void {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
+  const safe = rows.map((row) => row.map((cell) => terminalSafe(cell)));
+  const widths = headers.map((h, i) => Math.max(h.length, ...safe.map((r) => (r[i] ?? "").length)));
   const line = (cells: readonly string[]) =>
     cells
       .map((c, i) => c.padEnd(widths[i] ?? 0))
       .join("  ")
       .trimEnd();
   process.stdout.write(`${line(headers)}\n`);
-  for (const row of rows) process.stdout.write(`${line(row)}\n`);
+  for (const row of safe) process.stdout.write(`${line(row)}\n`);
 }
 
 /** An error that ends a command with a specific exit code and message. */
@@ -385,9 +437,7 @@ export async function followThroughRestarts(
       )
         throw error;
       if (!away)
-        process.stderr.write(
-          `leasehold: server unavailable (${unreachableWhy(error)}); reconnecting every ${delayMs / 1000} s\n`,
-        );
+        printError(`server unavailable (${unreachableWhy(error)}); reconnecting every ${delayMs / 1000} s`);
       away = true;
     }
     await new Promise((r) => setTimeout(r, delayMs));

@@ -508,6 +508,55 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     }
   });
 
+  it("prints what the server sends with its control characters escaped, and --json exact", async () => {
+    // ESC (a clear-screen sequence), a carriage return, C1's CSI and DEL, as any submitter may send them.
+    const nasty = "ok\u001b[2J\r\u009b31m\u007f";
+    const shown = "ok\\x1b[2J\\r\\x9b31m\\x7f";
+    const { lease } = await t.client(LeaseService).createLease({ runtime: "cli-escapes", label: nasty });
+    const leaseId = lease?.id ?? "";
+    const worker = await connectWorker(t.address, {
+      workerId: "cli-esc",
+      cluster: "cli-escapes",
+      capacity: 1,
+    });
+    try {
+      const { action } = await t.client(ActionService).submitAction({ cluster: "cli-escapes" });
+      const grant = await worker.next("grant");
+      await worker.complete(grant, { error: `boom${nasty}\nsecond line`, retryable: false });
+      const outputs = await Promise.all([
+        cli([...server, "lease", "get", leaseId]),
+        cli([...server, "lease", "list", "--runtime", "cli-escapes"]),
+        cli([...server, "action", "get", action?.id ?? ""]),
+        cli([...server, "events", "--action", action?.id ?? ""]),
+      ]);
+      for (const { code, stdout } of outputs) {
+        expect(code).toBe(0);
+        expect(controlsIn(stdout)).toEqual([]);
+      }
+      const [get, list, actionGet, events] = outputs.map((o) => o.stdout);
+      expect(get).toMatch(new RegExp(`^${leaseId} +OPEN +cli-escapes +${escapeRegExp(shown)} +0 `, "m"));
+      expect(list).toContain(` ${shown} `);
+      // One line each, the newline shown too: nothing the server sends makes a line of its own.
+      expect(actionGet).toContain(`reason: failed (not retryable): boom${shown}\\nsecond line\n`);
+      expect(actionGet).toContain(`last error: boom${shown}\\nsecond line\n`);
+      expect(events).toContain(`boom${shown}\\nsecond line`);
+
+      // --json is the exact JSON of the value, DEL and C1 escaped as JSON escapes them.
+      const json = await cli([...server, "--json", "lease", "get", leaseId]);
+      expect(controlsIn(json.stdout)).toEqual([]);
+      expect(JSON.parse(json.stdout).label).toBe(nasty);
+
+      // So are the server's messages on stderr, which echo what a caller sent.
+      const missing = await cli([...server, "lease", "get", `nope${nasty}`]);
+      expect(missing.code).toBe(4);
+      expect(controlsIn(missing.stderr)).toEqual([]);
+      expect(missing.stderr).toContain('lease "nopeok\\u001b[2J\\r\\x9b31m\\x7f" not found');
+    } finally {
+      worker.drop();
+      await t.client(LeaseService).rollbackLease({ leaseId });
+    }
+  });
+
   it("runs a scope lease through create, file upload, promote, rollback and housekeeping", async () => {
     const dir = mkdtempSync(join(tmpdir(), "leasehold-cli-"));
     try {
@@ -621,3 +670,16 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     }
   });
 });
+
+/** `text` matched literally in a RegExp. */
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+/** The control characters of `text` but its line ends: C0, DEL and C1. */
+function controlsIn(text: string): string[] {
+  return [...text].filter((c) => {
+    const n = c.charCodeAt(0);
+    return (n < 0x20 && c !== "\n") || (n >= 0x7f && n <= 0x9f);
+  });
+}

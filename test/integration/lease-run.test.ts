@@ -590,6 +590,25 @@ checks:
     await leases().rollbackLease({ leaseId });
   });
 
+  it("lease wait shows a container's stderr line with its escape sequences escaped, not acted on", async () => {
+    const { lease } = await leases().createLease({ runtime: RUNTIME, label: "escapes" });
+    const leaseId = lease?.id ?? "";
+    const script = 'process.stderr.write("\\u001b[2J\\u001b[31mERROR colored\\u001b[0m\\n"); process.exit(1)';
+    await resources().createDeployment({
+      leaseId,
+      spec: { containers: [{ name: "c", command: { argv: [process.execPath, "-e", script] } }] },
+    });
+    const wait = cli(["lease", "wait", leaseId, "--timeout", "30s"]);
+    expect(await wait.exited).toBe(1);
+    const text = wait.events.map((e) => String(e.text)).join("\n");
+    expect(text).not.toContain("\u001b");
+    expect(wait.events.at(-1)?.text).toBe(
+      "not ready: the deployment is FAILED: failed (not retryable): container c exited 1: " +
+        "\\x1b[2J\\x1b[31mERROR colored\\x1b[0m",
+    );
+    await leases().rollbackLease({ leaseId });
+  });
+
   it("deployment create, lease wait and lease collect-outputs do the same steps one at a time", async () => {
     const port = await freePort();
     const { lease } = await leases().createLease({ runtime: RUNTIME, label: "by-hand" });

@@ -123,6 +123,10 @@ export interface StreamLimits
   readonly maxConcurrentStreams?: number;
   /** How long a connection with no call stays open (`RpcServerOptions.maxConnectionIdleMs`). */
   readonly maxConnectionIdleMs?: number;
+  /** Memory request messages still arriving may hold (`RpcServerOptions.maxPartialRequestBytes`). */
+  readonly maxPartialRequestBytes?: number;
+  /** How long an arriving request message may stall (`RpcServerOptions.requestStallMs`). */
+  readonly requestStallMs?: number;
 }
 
 /** Every service the port answers; bound before their implementations exist (see StartupGate). */
@@ -176,6 +180,8 @@ export async function startServer(
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,
     ...(limits.maxConcurrentStreams ? { maxConcurrentStreams: limits.maxConcurrentStreams } : {}),
     ...(limits.maxConnectionIdleMs ? { maxConnectionIdleMs: limits.maxConnectionIdleMs } : {}),
+    ...(limits.maxPartialRequestBytes ? { maxPartialRequestBytes: limits.maxPartialRequestBytes } : {}),
+    ...(limits.requestStallMs ? { requestStallMs: limits.requestStallMs } : {}),
     // The deferred bindings are what grpc-js registers: each carries its service's decoders.
     services: SERVICES.map((service) => ({
       ...gate.defer(service),

@@ -14,6 +14,8 @@ import {
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
 import { pushUncompressedAtOnce } from "./message-push.js";
+import { createPartialRequestLimit } from "./partial-requests.js";
+import { perSecond } from "./per-second.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
 import { releaseDecodedChunks } from "./stream-decoder-release.js";
@@ -58,6 +60,19 @@ export interface RpcServerOptions {
    * good. Default {@link DEFAULT_MAX_CONNECTION_IDLE_MS}.
    */
   readonly maxConnectionIdleMs?: number;
+  /**
+   * Memory request messages still arriving may hold, across all connections;
+   * the stream whose message takes the total past it is reset
+   * (`PartialRequestOptions.maxBytes`). Default
+   * `DEFAULT_PARTIAL_REQUEST_BYTES` (256 MiB).
+   */
+  readonly maxPartialRequestBytes?: number;
+  /**
+   * How long a request message that is arriving may gain less than 16 KiB
+   * before its stream is reset (`PartialRequestOptions.stallMs`). Default
+   * `DEFAULT_REQUEST_STALL_MS` (30 s).
+   */
+  readonly requestStallMs?: number;
   /** Authentication of every call of `services`; none: every call is allowed (no credentials configured). */
   readonly authenticator?: Authenticator | undefined;
   /**
@@ -126,7 +141,17 @@ export async function createRpcServer(
   // uncompressed message is handed on without a promise of its own.
   releaseDecodedChunks();
   pushUncompressedAtOnce();
+  // Before anyone is authenticated, grpc-js holds every request message until its last byte.
+  const partialRequests = createPartialRequestLimit({
+    log: options.log,
+    maxBytes: options.maxPartialRequestBytes,
+    stallMs: options.requestStallMs,
+  });
+  if (!partialRequests) {
+    options.log.warn("grpc-js's server call changed shape: request messages still arriving are not bounded");
+  }
   const server = new grpc.Server({
+    ...(partialRequests ? { interceptors: [partialRequests.interceptor] } : {}),
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,
     "grpc.keepalive_timeout_ms": 10_000,
@@ -170,6 +195,7 @@ export async function createRpcServer(
     server.bindAsync(address, credentials, (error, boundPort) => {
       if (!error) return resolve(boundPort);
       server.forceShutdown();
+      partialRequests?.close();
       reject(bindFailure(error));
     }),
   );
@@ -195,6 +221,7 @@ export async function createRpcServer(
           resolve();
         });
       });
+      partialRequests?.close();
     })();
     return closing;
   };
@@ -222,33 +249,21 @@ const REFUSALS_PER_SECOND = 20;
  * the log; the lines it would have cost are counted in the next one.
  */
 export function refusalLogger(log: Logger): (refusal: Refusal) => void {
-  let second = 0;
-  let logged = 0;
-  let suppressed = 0;
-  return (refusal) => {
-    const now = Math.floor(Date.now() / 1000);
-    if (now !== second) {
-      second = now;
-      logged = 0;
-    }
-    if (logged >= REFUSALS_PER_SECOND) {
-      suppressed += 1;
-      return;
-    }
-    logged += 1;
-    log.warn(
-      {
-        principal: refusal.principal || undefined,
-        method: refusal.method,
-        code: refusal.code === Code.Unauthenticated ? "UNAUTHENTICATED" : "PERMISSION_DENIED",
-        reason: refusal.reason,
-        peer: refusal.peer,
-        ...(suppressed > 0 ? { suppressedBefore: suppressed } : {}),
-      },
-      `refused ${refusal.method}: ${refusal.message}`,
+  const limited = perSecond(REFUSALS_PER_SECOND);
+  return (refusal) =>
+    limited((suppressed) =>
+      log.warn(
+        {
+          principal: refusal.principal || undefined,
+          method: refusal.method,
+          code: refusal.code === Code.Unauthenticated ? "UNAUTHENTICATED" : "PERMISSION_DENIED",
+          reason: refusal.reason,
+          peer: refusal.peer,
+          ...(suppressed > 0 ? { suppressedBefore: suppressed } : {}),
+        },
+        `refused ${refusal.method}: ${refusal.message}`,
+      ),
     );
-    suppressed = 0;
-  };
 }
 
 /**

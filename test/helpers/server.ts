@@ -91,3 +91,21 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
     },
   };
 }
+
+/**
+ * Resolves with the first of `logs` (a test server's) for which `test` holds,
+ * now or once it is written.
+ */
+export function waitForLog(
+  logs: readonly Record<string, unknown>[],
+  test: (line: Record<string, unknown>) => boolean,
+): Promise<Record<string, unknown>> {
+  return new Promise((resolve) => {
+    const look = () => {
+      const found = logs.find(test);
+      if (found) return resolve(found);
+      setImmediate(look);
+    };
+    look();
+  });
+}

@@ -9,7 +9,7 @@ import { type ConnectResponse, WorkerService } from "../../src/gen/leasehold/v1/
 import { createClient } from "../../src/rpc/client.js";
 import type { ServerOverrides, StreamLimits } from "../../src/server.js";
 import type { Db } from "../../src/store/database.js";
-import { startTestServer, type TestServer } from "../helpers/server.js";
+import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
@@ -45,16 +45,7 @@ describe("worker stream flow control", () => {
     return { state: a?.state, workerId: a?.lease?.workerId ?? "" };
   };
   const dispatch = () => t.server.leases.tick.dispatch();
-  /** Resolves with the first log line for which `test` holds, now or later. */
-  const logLine = (test: (line: Record<string, unknown>) => boolean) =>
-    new Promise<Record<string, unknown>>((resolve) => {
-      const look = () => {
-        const found = t.logs.find(test);
-        if (found) return resolve(found);
-        setImmediate(look);
-      };
-      look();
-    });
+  const logLine = (test: (line: Record<string, unknown>) => boolean) => waitForLog(t.logs, test);
 
   /**
    * A worker on a bare HTTP/2 stream that says hello and never reads: no data is consumed, so

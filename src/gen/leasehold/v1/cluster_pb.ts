@@ -598,7 +598,12 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
  * nests at most 32 levels, holds at most 10,000 values and keys (itself
  * included) and 1 MiB as JSON, counted in characters (those of its keys
  * and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
- * RESOURCE_EXHAUSTED, as is a request over the server's receive limit.
+ * RESOURCE_EXHAUSTED, as is a request over the server's receive limit. Any
+ * request but a small one (two network reads, 128 KiB at most) may also be
+ * RESOURCE_EXHAUSTED while the server holds 256 MiB for requests still
+ * arriving (ErrorInfo reason PARTIAL_REQUESTS_OVER_BUDGET: retry later), and
+ * so is a request that stops arriving, less than 16 KiB of it in 30 s
+ * (reason REQUEST_STALLED).
  *
  * @generated from service leasehold.v1.ClusterService
  */

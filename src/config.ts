@@ -30,6 +30,12 @@ export interface ServerConfig {
    */
   readonly workerRetentionMs: number;
   /**
+   * How long an ended action (with its attempts and events), a closed scope
+   * lease record and any other event are kept; 0 keeps them forever (see
+   * `remove-history.ts`).
+   */
+  readonly historyRetentionMs: number;
+  /**
    * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
    * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
    * expiries pause, never past `maxSilenceMs`. Default 0.5; 1 turns the valve off.
@@ -111,6 +117,7 @@ export const DEFAULTS = {
   dispatchPoll: "1s",
   partitionShare: "0.5",
   workerRetention: "7d",
+  historyRetention: "7d",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -131,6 +138,7 @@ export interface RawServerOptions {
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
   readonly workerRetention?: string | undefined;
+  readonly historyRetention?: string | undefined;
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
@@ -227,6 +235,12 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   );
   if (workerRetentionMs !== 0 && workerRetentionMs < 60_000)
     throw configError("--worker-retention", "must be 0 (keep every worker) or at least 1m");
+  const historyRetentionMs = parseDuration(
+    "--history-retention",
+    raw.historyRetention ?? DEFAULTS.historyRetention,
+  );
+  if (historyRetentionMs !== 0 && historyRetentionMs < 60_000)
+    throw configError("--history-retention", "must be 0 (keep all history) or at least 1m");
   const shareText = raw.partitionShare ?? DEFAULTS.partitionShare;
   const partitionShare = Number(shareText);
   if (!/^\d+(\.\d+)?$/.test(shareText.trim()) || !(partitionShare > 0 && partitionShare <= 1)) {
@@ -281,6 +295,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     heartbeatIntervalMs,
     maxSilenceMs,
     workerRetentionMs,
+    historyRetentionMs,
     partitionShare,
     dispatchPollMs,
     metricsListen,

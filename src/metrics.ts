@@ -9,6 +9,8 @@ export interface Metrics extends LeaseMetrics {
   readonly registry: Registry;
   /** Actions submitted through ActionService: created, or an earlier one answered (a repeated request id). */
   readonly submitted: { inc(labels: { result: "created" | "existing" }, n?: number): void };
+  /** Records --history-retention removed, by what they were. */
+  readonly historyRemoved: { inc(labels: { record: "action" | "scope_lease" | "event" }, n: number): void };
 }
 
 /** Queued and leased actions of one cluster, as the database counts them. */
@@ -106,6 +108,12 @@ export function createMetrics(
         registers: [registry],
       }),
     ),
+    historyRemoved: new Counter({
+      name: `${prefix}history_removed_total`,
+      help: "Records removed past --history-retention by this process: record action (with its attempts and events), scope_lease (with its events) or event (any other).",
+      labelNames: ["record"],
+      registers: [registry],
+    }),
     grants: new Counter({
       name: `${prefix}grants_total`,
       help: "Work leases granted.",

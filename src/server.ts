@@ -53,6 +53,7 @@ import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
 import { createEventService } from "./work/event-service.js";
+import { createHistoryKeeper, type HistoryKeeper } from "./work/history.js";
 import { createLeaseManager, type LeaseManager, type LeaseManagerOptions } from "./work/lease-manager.js";
 
 /** A running Leasehold server process. */
@@ -69,6 +70,8 @@ export interface LeaseholdServer extends AsyncDisposable {
   readonly leases: LeaseManager;
   /** Scope leases (tests run their expiry by hand with a fake clock). */
   readonly scope: ScopeLeaseService;
+  /** Removal of history past --history-retention (tests run it by hand with a fake clock). */
+  readonly history: HistoryKeeper;
   readonly metrics: Metrics;
   /** TLS and authentication of the port (tests rotate certificates through `security.tls.reload()`). */
   readonly security: ServerSecurity;
@@ -416,6 +419,15 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     // Leases whose TTL passed while no server ran are rolled back now, then every second.
     await scope.expireDue();
     if (timers) scope.start();
+    const history = createHistoryKeeper({
+      db,
+      clock,
+      log,
+      retentionMs: config.historyRetentionMs,
+      removed: metrics.historyRemoved,
+    });
+    cleanup.push(async () => history.close());
+    if (timers) history.start();
 
     if (front.metricsServer) {
       const served = front.metricsServer;
@@ -549,6 +561,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       serverId,
       leases: manager,
       scope,
+      history,
       metrics,
       security,
       close,

@@ -61,6 +61,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--history-retention <duration>",
+        "how long an ended action is kept after it ended, with its attempts and events, and a closed scope lease record after it closed; older events of sessions, workers and clusters go too, and a request_id can be used again once its action is gone; 0 keeps everything forever",
+      )
+        .env("LEASEHOLD_HISTORY_RETENTION")
+        .default(DEFAULTS.historyRetention),
+    )
+    .addOption(
+      new Option(
         "--partition-share <fraction>",
         "when more than this share of a cluster's sessions (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
       )
@@ -198,6 +206,7 @@ export function serveCommand(): Command {
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
           workerRetention: options.workerRetention as string,
+          historyRetention: options.historyRetention as string,
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,

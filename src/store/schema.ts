@@ -253,6 +253,9 @@ export const events = pgTable(
   },
   (t) => [
     index("events_action_idx").on(t.actionId, t.sequence),
+    // Removing a scope lease past --history-retention removes its events. Partial: the hot
+    // path's events (grants, completions) name no lease.
+    index("events_lease_idx").on(t.leaseId, t.sequence).where(sql`${t.leaseId} is not null`),
     index("events_worker_idx").on(t.workerId, t.sequence).where(sql`${t.workerId} is not null`),
     index("events_cluster_idx").on(t.cluster, t.sequence),
     // ExplainAction: what the sessions holding an action went through, and when its cluster's
@@ -326,5 +329,21 @@ export const resources = pgTable(
     /** Deployments: the long-running action that runs it on an agent. */
     actionId: text("action_id"),
   },
-  (t) => [index("resources_lease_idx").on(t.leaseId, t.ownership), index("resources_kind_idx").on(t.kind)],
+  (t) => [
+    index("resources_lease_idx").on(t.leaseId, t.ownership),
+    index("resources_kind_idx").on(t.kind),
+    // A deployment's action is kept past --history-retention while the deployment exists.
+    index("resources_action_idx").on(t.actionId).where(sql`${t.actionId} is not null`),
+  ],
 );
+
+/**
+ * One row: how far --history-retention has removed the event log. Every event
+ * removed had a sequence at most `events_removed_through`, so a watch resuming
+ * after that sequence has missed nothing (WatchEvents refuses one before it).
+ */
+export const history = pgTable("history", {
+  /** Always true: the table holds one row. */
+  singleton: boolean("singleton").primaryKey().default(true),
+  eventsRemovedThrough: bigint("events_removed_through", { mode: "number" }).notNull().default(0),
+});

@@ -1,5 +1,7 @@
+import { Code, LeaseholdError } from "../errors.js";
 import type { Db } from "../store/database.js";
 import { lastEventSequence, listEventPage, readEventsAfter } from "../store/events.js";
+import { eventsRemovedThrough } from "../store/queries/remove-history.js";
 import type { ChangeFeed } from "./change-feed.js";
 import type { EventFilter, EventRecord } from "./event.js";
 import { createEventTail, createHoleWait, DEFAULT_TAIL_CAPACITY } from "./event-tail.js";
@@ -87,6 +89,8 @@ export function createEventService({
       // The database path's wait at holes; each spell behind the tail waits anew, except at holes
       // old enough that the insert which took them cannot still commit.
       const holes = createHoleWait(follower.settled);
+      // Whether the first read from the database looked at what --history-retention removed.
+      let checked = false;
       while (!signal.aborted) {
         const held = follower.after(cursor);
         if (held !== undefined) {
@@ -103,6 +107,14 @@ export function createEventService({
         const release = await catchUp.enter(signal);
         let batch: Awaited<ReturnType<typeof readEventsAfter>>;
         try {
+          // A resume from before what --history-retention removed would skip events without a
+          // word, as etcd refuses a watch from a compacted revision; 0, "from the oldest kept", is
+          // always served. Only the first read can be that far back; one the tail serves is not.
+          if (!checked && cursor > 0) {
+            checked = true;
+            const through = await eventsRemovedThrough(db);
+            if (cursor < through) throw eventsRemoved(cursor, through);
+          }
           batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
         } finally {
           release();
@@ -135,5 +147,17 @@ function matches(filter: EventFilter, event: EventRecord): boolean {
     (!filter.cluster || event.cluster === filter.cluster) &&
     (!filter.kind || event.kind === filter.kind) &&
     (!filter.leaseId || event.leaseId === filter.leaseId)
+  );
+}
+
+/** A watch asked to resume where removed events were: OUT_OF_RANGE, naming the sequence to resume from. */
+function eventsRemoved(after: number, through: number): LeaseholdError {
+  return new LeaseholdError(
+    Code.OutOfRange,
+    `events up to sequence ${through} were removed past the server's --history-retention, so a watch after ` +
+      `${after} would miss some: watch with after_sequence ${through} to go on from the oldest place nothing ` +
+      `is missing after, or 0 for every event kept; the current state of actions and leases is in ` +
+      `ListActions and ListLeases`,
+    { reason: "EVENTS_REMOVED", metadata: { removed_through: String(through) } },
   );
 }

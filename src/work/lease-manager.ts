@@ -477,7 +477,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       // Housekeeping: hourly, or four times per retention if that is shorter.
       if (options.workerRetentionMs) {
         const everyMs = Math.min(HOUR_MS, Math.max(options.workerRetentionMs / 4, 15_000));
-        loops.every(everyMs, "forgetting old workers", forget, { phaseMs: Math.round(everyMs / 2) });
+        loops.every(everyMs, "forgetting old workers", forget, {
+          phaseMs: Math.round(everyMs / 2),
+          soonMs: Math.min(everyMs, 60_000),
+        });
       }
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
       if (bus) loops.every(pollMs, "lease audit", audit, { phaseMs: Math.round(pollMs / 2) });

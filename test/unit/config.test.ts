@@ -12,6 +12,7 @@ describe("server config", () => {
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
       workerRetentionMs: 7 * 86_400_000,
+      historyRetentionMs: 7 * 86_400_000,
       partitionShare: 0.5,
       dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
@@ -45,6 +46,10 @@ describe("server config", () => {
     expect(parseServerConfig({ workerRetention: "0" }).workerRetentionMs).toBe(0);
     expect(() => parseServerConfig({ workerRetention: "30s" })).toThrow(
       "--worker-retention: must be 0 (keep every worker) or at least 1m",
+    );
+    expect(parseServerConfig({ historyRetention: "0" }).historyRetentionMs).toBe(0);
+    expect(() => parseServerConfig({ historyRetention: "59s" })).toThrow(
+      "--history-retention: must be 0 (keep all history) or at least 1m",
     );
   });
 

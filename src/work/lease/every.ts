@@ -8,13 +8,15 @@ export interface Loops {
    * `phaseMs`. A failure is logged once (not on every tick of a database
    * outage), and so is the recovery; one after {@link stop} is not warned of.
    * With `retryMs`, a run that failed runs again that much later, not only
-   * at the next tick.
+   * at the next tick. With `soonMs`, it also runs once that long after the
+   * call: housekeeping on an hourly tick still runs in a process restarted
+   * more often than that.
    */
   every(
     ms: number,
     name: string,
     fn: () => Promise<void>,
-    options?: { phaseMs?: number; retryMs?: number },
+    options?: { phaseMs?: number; retryMs?: number; soonMs?: number },
   ): void;
   /** Stops every loop: no run starts after it (one under way finishes). */
   stop(): void;
@@ -24,7 +26,7 @@ export function createLoops(log: Logger): Loops {
   const timers: NodeJS.Timeout[] = [];
   let stopped = false;
   return {
-    every(ms, name, fn, { phaseMs = 0, retryMs } = {}) {
+    every(ms, name, fn, { phaseMs = 0, retryMs, soonMs } = {}) {
       let running = false;
       const runs = failureLog(log, {
         failed: `${name} failed; retrying on every tick`,
@@ -52,6 +54,11 @@ export function createLoops(log: Logger): Loops {
             running = false;
           });
       };
+      if (soonMs !== undefined) {
+        const soon = setTimeout(tick, soonMs);
+        soon.unref();
+        timers.push(soon);
+      }
       const repeat = () => {
         const timer = setInterval(tick, ms);
         timer.unref();

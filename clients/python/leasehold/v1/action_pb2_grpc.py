@@ -18,6 +18,12 @@ class ActionServiceStub(object):
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
     does not allow, UNAVAILABLE when the database cannot be reached.
 
+    History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
+    with its attempts and events, once it has been over for the server's
+    --history-retention (default 7 days; 0 keeps it forever), unless it is the
+    action of a deployment that still exists. After that its id is NOT_FOUND,
+    and its request_id is free: a retry then queues a new action.
+
     Calls need credentials when the server has them configured: UNAUTHENTICATED
     without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
     (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
@@ -98,6 +104,12 @@ class ActionServiceServicer(object):
     field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
     does not allow, UNAVAILABLE when the database cannot be reached.
+
+    History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
+    with its attempts and events, once it has been over for the server's
+    --history-retention (default 7 days; 0 keeps it forever), unless it is the
+    action of a deployment that still exists. After that its id is NOT_FOUND,
+    and its request_id is free: a retry then queues a new action.
 
     Calls need credentials when the server has them configured: UNAUTHENTICATED
     without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
@@ -273,6 +285,12 @@ class ActionService(object):
     field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
     does not allow, UNAVAILABLE when the database cannot be reached.
+
+    History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
+    with its attempts and events, once it has been over for the server's
+    --history-retention (default 7 days; 0 keeps it forever), unless it is the
+    action of a deployment that still exists. After that its id is NOT_FOUND,
+    and its request_id is free: a retry then queues a new action.
 
     Calls need credentials when the server has them configured: UNAUTHENTICATED
     without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED

@@ -202,7 +202,10 @@ class LeaseServiceServicer(object):
 
     def DeleteLease(self, request, context):
         """Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
-        if the lease is still open.
+        if the lease is still open. The server also removes a closed lease's
+        record, with its events, once it has been closed for its
+        --history-retention (default 7 days; 0 keeps it forever); its request_id
+        is free after that.
         Right: lease.delete in the lease's runtime.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -251,7 +251,13 @@ export type WatchEventsRequest = Message<"leasehold.v1.WatchEventsRequest"> & {
    * When set, first replays the stored events with a sequence greater than
    * this (0 replays from the beginning), then follows new ones, in order.
    * When unset, only events committed after the call started are sent. At
-   * most 2^53 - 1. Sequence numbers can skip (an insert rolled back): a
+   * most 2^53 - 1. The server removes events older than its
+   * --history-retention (default 7 days): those of an action or scope lease
+   * with the record, once it is removed, and the others by their age. A
+   * value from 1 up to below the highest sequence removed is OUT_OF_RANGE
+   * (ErrorInfo reason EVENTS_REMOVED, metadata `removed_through`): the watch
+   * would miss events. Watch again with after_sequence `removed_through` to
+   * go on from where nothing is missing, or 0 for every event kept. Sequence numbers can skip (an insert rolled back): a
    * follow waits about 2 s at a skipped number for a slower transaction to
    * commit it, then goes on. An event committed later than that (more than
    * about 2 s after its number was taken) is in ListEvents but may be missing

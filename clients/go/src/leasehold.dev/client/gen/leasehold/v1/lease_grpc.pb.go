@@ -45,7 +45,10 @@ type LeaseServiceClient interface {
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(ctx context.Context, in *RollbackLeaseRequest, opts ...grpc.CallOption) (*RollbackLeaseResponse, error)
 	// Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
-	// if the lease is still open.
+	// if the lease is still open. The server also removes a closed lease's
+	// record, with its events, once it has been closed for its
+	// --history-retention (default 7 days; 0 keeps it forever); its request_id
+	// is free after that.
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(ctx context.Context, in *DeleteLeaseRequest, opts ...grpc.CallOption) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping).
@@ -253,7 +256,10 @@ type LeaseServiceServer interface {
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(context.Context, *RollbackLeaseRequest) (*RollbackLeaseResponse, error)
 	// Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
-	// if the lease is still open.
+	// if the lease is still open. The server also removes a closed lease's
+	// record, with its events, once it has been closed for its
+	// --history-retention (default 7 days; 0 keeps it forever); its request_id
+	// is free after that.
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(context.Context, *DeleteLeaseRequest) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping).

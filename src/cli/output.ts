@@ -127,13 +127,14 @@ export type Connect = <S extends GenServiceMethods>(service: GenService<S>) => C
 
 /**
  * JSON with bigints as strings (for values that are not protobuf messages).
- * DEL and the C1 control characters, which JSON.stringify leaves as they are,
- * are written as \u escapes like the C0 ones: the same JSON value, and
+ * DEL, the C1 control characters and the bidirectional formatting ones
+ * (see {@link terminalSafe}), which JSON.stringify leaves as they are, are
+ * written as \u escapes like the C0 ones: the same JSON value, and
  * nothing in it a terminal would act on.
  */
 export function toJson(value: unknown): string {
   return JSON.stringify(value, (_, v) => (typeof v === "bigint" ? v.toString() : v)).replace(
-    DEL_AND_C1,
+    DEL_C1_AND_BIDI,
     (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
   );
 }
@@ -148,7 +149,10 @@ export function printJson(value: unknown): void {
 const CONTROLS = /[\u0000-\u001f\u007f-\u009f]/g;
 // biome-ignore lint/suspicious/noControlCharactersInRegex: matching them is the point.
 const CONTROLS_BUT_TAB_AND_NEWLINE = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g;
-const DEL_AND_C1 = /[\u007f-\u009f]/g;
+const DEL_C1_AND_BIDI = /[\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+// Bidirectional formatting characters (U+061C, U+200E–U+200F, U+202A–U+202E, U+2066–U+2069): not
+// controls, but they reorder what a terminal shows after them (CVE-2021-42574, "Trojan Source").
+const BIDI = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 const NAMED_CONTROLS: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
 
 /**
@@ -157,14 +161,19 @@ const NAMED_CONTROLS: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\
  * Whatever a server sends (a lease's label, a container's stderr line, an
  * error message) may have been written by any submitter; printed raw, it
  * could clear the screen, move the cursor or rewrite what was printed before
- * it (kubectl's CVE-2021-25743). With `keep: "lines"`, newlines and tabs stay
+ * it (kubectl's CVE-2021-25743). The bidirectional overrides and isolates
+ * are shown as `\uNNNN`: raw, they make a terminal show text in another
+ * order than it is (`evil\u202e1.0` reads as a harmless name). With
+ * `keep: "lines"`, newlines and tabs stay
  * as they are, for text that is meant to span lines (an error listing its
  * problems one a line).
  */
 export function terminalSafe(text: string, keep: "line" | "lines" = "line"): string {
-  return text.replace(keep === "lines" ? CONTROLS_BUT_TAB_AND_NEWLINE : CONTROLS, (c) => {
-    return NAMED_CONTROLS[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`;
-  });
+  return text
+    .replace(keep === "lines" ? CONTROLS_BUT_TAB_AND_NEWLINE : CONTROLS, (c) => {
+      return NAMED_CONTROLS[c] ?? `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`;
+    })
+    .replace(BIDI, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
 
 /**

@@ -18,6 +18,13 @@ describe("terminalSafe", () => {
     expect(terminalSafe("problems:\n\tone\r\u001b[1A", "lines")).toBe("problems:\n\tone\\r\\x1b[1A");
   });
 
+  it("shows the bidirectional overrides and isolates escaped, so text cannot show in another order", () => {
+    expect(terminalSafe("lease-\u202egpj.exe")).toBe("lease-\\u202egpj.exe");
+    expect(terminalSafe("a\u2066b\u2069c\u200fd\u061ce", "lines")).toBe("a\\u2066b\\u2069c\\u200fd\\u061ce");
+    // Other format characters, such as the zero-width joiner of an emoji sequence, stay.
+    expect(terminalSafe("👩\u200d💻")).toBe("👩\u200d💻");
+  });
+
   it("leaves printable text alone, beyond ASCII too", () => {
     const text = 'a lease "é-测试-🚀" ~ {[ ]} \\x1b';
     expect(terminalSafe(text)).toBe(text);
@@ -25,10 +32,10 @@ describe("terminalSafe", () => {
 });
 
 describe("toJson", () => {
-  it("writes DEL and C1 control characters as JSON escapes: the same value, nothing raw", () => {
-    const value = { label: "a\u001b[2J\u007f\u009b\u0085é" };
+  it("writes DEL, C1 control and bidirectional characters as JSON escapes: the same value, nothing raw", () => {
+    const value = { label: "a\u001b[2J\u007f\u009b\u0085é\u202e" };
     const text = toJson(value);
-    expect(text).toBe('{"label":"a\\u001b[2J\\u007f\\u009b\\u0085é"}');
+    expect(text).toBe('{"label":"a\\u001b[2J\\u007f\\u009b\\u0085é\\u202e"}');
     expect(JSON.parse(text)).toEqual(value);
   });
 });

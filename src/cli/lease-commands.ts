@@ -282,7 +282,7 @@ export function leaseCommands(): Command {
   lease
     .command("wait")
     .argument("<lease-id>")
-    .option("--timeout <duration>", "give up after this long", "5m")
+    .option("--timeout <duration>", "give up after this long; 0 asks once and answers at once", "5m")
     .description(
       "Follow the lease's deployments until they are ready, one line per change. " +
         "Exit 0 when ready, 1 when failed or timed out.",

@@ -594,7 +594,9 @@ export async function waitForLease(
   options: { signal?: AbortSignal; onReconnect?: (error: Error) => void; now?: () => number } = {},
 ): Promise<WaitOutcome> {
   const now = options.now ?? Date.now;
-  const until = now() + timeoutMs;
+  // A timeout of 0 asks once, as `kubectl wait --timeout=0` does: the server answers with the
+  // deployments as they are (ready, failed, or not yet), waiting a millisecond for nothing.
+  const until = now() + Math.max(timeoutMs, 1);
   let last: WaitLeaseResponse | undefined;
   let answered = false;
   return throughRestarts(

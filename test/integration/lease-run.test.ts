@@ -644,6 +644,10 @@ outputs_dir: out
       deployment: { phase: "DEPLOYMENT_PHASE_READY", containers: [{ name: "web", state: "running" }] },
     });
     expect(wait.events.slice(0, -1).every((e) => e.done === undefined)).toBe(true);
+    // --timeout 0 asks once, as kubectl wait --timeout=0: ready now, so exit 0 with the verdict.
+    const once = cli(["--json", "lease", "wait", leaseId, "--timeout", "0"]);
+    expect(await once.exited).toBe(0);
+    expect(once.events.at(-1)).toMatchObject({ done: true, deployment: { phase: "DEPLOYMENT_PHASE_READY" } });
 
     const collected = cli(["--json", "lease", "collect-outputs", leaseId]);
     expect(await collected.exited).toBe(0);

@@ -35,6 +35,8 @@ export interface ServerConfig {
    * `remove-history.ts`).
    */
   readonly historyRetentionMs: number;
+  /** Connections one peer address may hold open to the gRPC port; 0 for no limit. Default 1024. */
+  readonly maxConnectionsPerAddress: number;
   /**
    * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
    * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
@@ -118,6 +120,7 @@ export const DEFAULTS = {
   partitionShare: "0.5",
   workerRetention: "7d",
   historyRetention: "7d",
+  maxConnectionsPerAddress: "1024",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -139,6 +142,7 @@ export interface RawServerOptions {
   readonly maxSilence?: string | undefined;
   readonly workerRetention?: string | undefined;
   readonly historyRetention?: string | undefined;
+  readonly maxConnectionsPerAddress?: string | undefined;
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
@@ -241,6 +245,14 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   );
   if (historyRetentionMs !== 0 && historyRetentionMs < 60_000)
     throw configError("--history-retention", "must be 0 (keep all history) or at least 1m");
+  const perAddressText = raw.maxConnectionsPerAddress ?? DEFAULTS.maxConnectionsPerAddress;
+  const maxConnectionsPerAddress = Number(perAddressText);
+  if (!/^\d+$/.test(perAddressText.trim()) || !Number.isSafeInteger(maxConnectionsPerAddress)) {
+    throw configError(
+      "--max-connections-per-address",
+      `must be a whole number of connections, 0 for no limit (got ${JSON.stringify(perAddressText)})`,
+    );
+  }
   const shareText = raw.partitionShare ?? DEFAULTS.partitionShare;
   const partitionShare = Number(shareText);
   if (!/^\d+(\.\d+)?$/.test(shareText.trim()) || !(partitionShare > 0 && partitionShare <= 1)) {
@@ -296,6 +308,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     maxSilenceMs,
     workerRetentionMs,
     historyRetentionMs,
+    maxConnectionsPerAddress,
     partitionShare,
     dispatchPollMs,
     metricsListen,

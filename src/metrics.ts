@@ -2,6 +2,7 @@ import { createServer, type Server } from "node:http";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { LeaseholdError } from "./errors.js";
 import type { CallKind, CallObserver } from "./rpc/adapter.js";
+import type { ConnectionObserver } from "./rpc/connection-limits.js";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
 /** The Prometheus metrics of one server process, in a registry of its own. */
@@ -188,8 +189,23 @@ const CODE_NAMES = [
  * its counts while the rest is built again (a restart behind the port).
  * Health checks and reflection are not counted.
  */
-export function createCallMetrics(): { readonly registry: Registry; readonly calls: CallObserver } {
+export function createCallMetrics(): {
+  readonly registry: Registry;
+  readonly calls: CallObserver;
+  readonly connections: ConnectionObserver;
+} {
   const registry = new Registry();
+  const open = new Gauge({
+    name: "leasehold_connections_open",
+    help: "Client connections open to the gRPC port of this process.",
+    registers: [registry],
+  });
+  const refused = new Counter({
+    name: "leasehold_connections_refused_total",
+    help: "Client connections closed as they were accepted: reason per_address (the peer address held --max-connections-per-address) or total (the process held all it takes).",
+    labelNames: ["reason"],
+    registers: [registry],
+  });
   const labelNames = ["grpc_type", "grpc_service", "grpc_method"] as const;
   const started = new Counter({
     name: "grpc_server_started_total",
@@ -217,6 +233,11 @@ export function createCallMetrics(): { readonly registry: Registry; readonly cal
   };
   return {
     registry,
+    connections: {
+      opened: () => open.inc(),
+      closed: () => open.dec(),
+      refused: (reason) => refused.inc({ reason }),
+    },
     calls: {
       method(kind, service, method) {
         const labels = { grpc_type: types[kind], grpc_service: service, grpc_method: method };

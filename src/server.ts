@@ -124,6 +124,8 @@ export interface StreamLimits
     Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes" | "fencedEventsWindowMs"> {
   /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
   readonly maxConcurrentStreams?: number;
+  /** Connections the process takes at once (`RpcServerOptions.maxConnections`). */
+  readonly maxConnections?: number;
   /** How long a connection with no call stays open (`RpcServerOptions.maxConnectionIdleMs`). */
   readonly maxConnectionIdleMs?: number;
   /** Memory request messages still arriving may hold (`RpcServerOptions.maxPartialRequestBytes`). */
@@ -177,6 +179,9 @@ export async function startServer(
   const rpc = await createRpcServer(config.listen, security.credentials, {
     log,
     calls: callMetrics.calls,
+    connections: callMetrics.connections,
+    maxConnectionsPerAddress: config.maxConnectionsPerAddress,
+    ...(limits.maxConnections ? { maxConnections: limits.maxConnections } : {}),
     authenticator,
     reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.

@@ -69,6 +69,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--max-connections-per-address <n>",
+        "client connections one peer address may hold open to the gRPC port; one past it is closed as it is accepted, so a peer opening connections without end cannot take every file descriptor; raise it for many agents behind one NAT address; 0 for no limit",
+      )
+        .env("LEASEHOLD_MAX_CONNECTIONS_PER_ADDRESS")
+        .default(DEFAULTS.maxConnectionsPerAddress),
+    )
+    .addOption(
+      new Option(
         "--partition-share <fraction>",
         "when more than this share of a cluster's sessions (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
       )
@@ -207,6 +215,7 @@ export function serveCommand(): Command {
           maxSilence: options.maxSilence as string | undefined,
           workerRetention: options.workerRetention as string,
           historyRetention: options.historyRetention as string,
+          maxConnectionsPerAddress: options.maxConnectionsPerAddress as string,
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,

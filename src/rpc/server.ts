@@ -1,4 +1,5 @@
 import { setMaxListeners } from "node:events";
+import type { Server as NetServer } from "node:net";
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import * as grpc from "@grpc/grpc-js";
 import { HealthImplementation } from "grpc-health-check";
@@ -13,6 +14,12 @@ import {
   type ServiceImpl,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
+import {
+  type ConnectionObserver,
+  DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+  defaultMaxConnections,
+  limitConnections,
+} from "./connection-limits.js";
 import { pushUncompressedAtOnce } from "./message-push.js";
 import { createPartialRequestLimit } from "./partial-requests.js";
 import { perSecond } from "./per-second.js";
@@ -82,6 +89,15 @@ export interface RpcServerOptions {
   readonly reflection?: "open" | "authenticated";
   /** Counts the calls of `services` (the metrics); none: nothing is counted. */
   readonly calls?: CallObserver | undefined;
+  /**
+   * Connections one peer address may hold open at once (`limitConnections`);
+   * 0 for no limit. Default {@link DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}.
+   */
+  readonly maxConnectionsPerAddress?: number;
+  /** Connections the process may hold open at once. Default `defaultMaxConnections()`. */
+  readonly maxConnections?: number;
+  /** Counts connections opened, closed and refused (the metrics); none: nothing is counted. */
+  readonly connections?: ConnectionObserver | undefined;
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
@@ -199,6 +215,19 @@ export async function createRpcServer(
       reject(bindFailure(error));
     }),
   );
+  // grpc-js keeps the HTTP/2 servers it listens with in a private map; no option bounds how many
+  // connections they accept.
+  const listening = (server as unknown as { http2Servers?: unknown }).http2Servers;
+  if (listening instanceof Map) {
+    limitConnections(listening.keys() as Iterable<NetServer>, {
+      maxPerAddress: options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+      maxTotal: options.maxConnections ?? defaultMaxConnections(),
+      log: options.log,
+      observer: options.connections,
+    });
+  } else {
+    options.log.warn("grpc-js's server changed shape: client connections are not bounded");
+  }
 
   let closing: Promise<void> | undefined;
   const close = () => {

@@ -13,6 +13,7 @@ describe("server config", () => {
       maxSilenceMs: 100_000,
       workerRetentionMs: 7 * 86_400_000,
       historyRetentionMs: 7 * 86_400_000,
+      maxConnectionsPerAddress: 1024,
       partitionShare: 0.5,
       dispatchPollMs: 1000,
       metricsListen: "127.0.0.1:9464",
@@ -50,6 +51,10 @@ describe("server config", () => {
     expect(parseServerConfig({ historyRetention: "0" }).historyRetentionMs).toBe(0);
     expect(() => parseServerConfig({ historyRetention: "59s" })).toThrow(
       "--history-retention: must be 0 (keep all history) or at least 1m",
+    );
+    expect(parseServerConfig({ maxConnectionsPerAddress: "0" }).maxConnectionsPerAddress).toBe(0);
+    expect(() => parseServerConfig({ maxConnectionsPerAddress: "many" })).toThrow(
+      '--max-connections-per-address: must be a whole number of connections, 0 for no limit (got "many")',
     );
   });
 

@@ -99,9 +99,12 @@ type WorkerServiceClient interface {
 	// margin) then finds the worker again while its leases are still
 	// guaranteed, so such a control-plane restart re-runs nothing; a longer
 	// backoff turns every restart into self-fenced and re-run work. Open a new
-	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
-	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
-	// failure) would otherwise stretch these delays. With several server
+	// connection (channel) for each attempt, as the SDKs do, and close the one
+	// before: a gRPC library's own connection backoff (grpc-core's starts at
+	// 1 s and grows 1.6× per failure) would otherwise stretch these delays,
+	// and a server takes at most --max-connections-per-address (default 1024)
+	// connections from one address at once, closing those past it as it
+	// accepts them. With several server
 	// addresses, move to the next one on every reconnect. A server that hangs
 	// (frozen, or a connection dead one way) never ends its streams: leave a
 	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
@@ -359,9 +362,12 @@ type WorkerServiceServer interface {
 	// margin) then finds the worker again while its leases are still
 	// guaranteed, so such a control-plane restart re-runs nothing; a longer
 	// backoff turns every restart into self-fenced and re-run work. Open a new
-	// connection (channel) for each attempt, as the SDKs do: a gRPC library's
-	// own connection backoff (grpc-core's starts at 1 s and grows 1.6× per
-	// failure) would otherwise stretch these delays. With several server
+	// connection (channel) for each attempt, as the SDKs do, and close the one
+	// before: a gRPC library's own connection backoff (grpc-core's starts at
+	// 1 s and grows 1.6× per failure) would otherwise stretch these delays,
+	// and a server takes at most --max-connections-per-address (default 1024)
+	// connections from one address at once, closing those past it as it
+	// accepts them. With several server
 	// addresses, move to the next one on every reconnect. A server that hangs
 	// (frozen, or a connection dead one way) never ends its streams: leave a
 	// stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,

@@ -1,0 +1,147 @@
+import { once } from "node:events";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import http2 from "node:http2";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import { pino } from "pino";
+import { afterEach, describe, expect, it } from "vitest";
+import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { type ConnectionRefusal, defaultMaxConnections } from "../../src/rpc/connection-limits.js";
+import { bind, createRpcServer } from "../../src/rpc/server.js";
+
+/** The HTTP/2 client preface and an empty SETTINGS frame: the server answers with its own SETTINGS. */
+const PREFACE = Buffer.concat([
+  Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+  Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0]),
+]);
+
+/**
+ * A bare connection from `localAddress`: "served" once the server's first
+ * HTTP/2 frame arrives, "closed" if the server closes it before.
+ */
+async function connect(port: number, localAddress = "127.0.0.1") {
+  const socket = net.connect({ host: "127.0.0.1", port, localAddress });
+  socket.on("error", () => {});
+  await once(socket, "connect");
+  socket.write(PREFACE);
+  const outcome = await new Promise<"served" | "closed">((resolve) => {
+    socket.once("data", () => resolve("served"));
+    socket.once("close", () => resolve("closed"));
+  });
+  return { socket, outcome };
+}
+
+/** grpc.health.v1.Health/Check over node:http2 from `localAddress`: the grpc-status it ends with. */
+async function healthCheck(port: number, localAddress: string): Promise<string | undefined> {
+  const session = http2.connect(`http://127.0.0.1:${port}`, {
+    createConnection: () => net.connect({ host: "127.0.0.1", port, localAddress }),
+  });
+  session.on("error", () => {});
+  try {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/grpc.health.v1.Health/Check",
+      "content-type": "application/grpc",
+      te: "trailers",
+    });
+    stream.on("error", () => {});
+    // One message: not compressed, 0 bytes (an empty HealthCheckRequest).
+    stream.end(Buffer.from([0, 0, 0, 0, 0]));
+    stream.resume();
+    const [trailers] = (await once(stream, "trailers")) as [http2.IncomingHttpHeaders];
+    return trailers["grpc-status"] as string | undefined;
+  } finally {
+    session.close();
+  }
+}
+
+/**
+ * The connections the rpc server takes: a bound per peer address and one for
+ * the process (src/rpc/connection-limits.ts), so that a peer opening
+ * connections without end cannot take every file descriptor.
+ */
+describe("connection limits", () => {
+  const sockets: net.Socket[] = [];
+  let close: (() => Promise<void>) | undefined;
+  afterEach(async () => {
+    for (const s of sockets.splice(0)) s.destroy();
+    await close?.();
+    close = undefined;
+  });
+
+  async function start(limits: { maxConnectionsPerAddress?: number; maxConnections?: number }) {
+    const logged: { msg: string; address?: string }[] = [];
+    const log = pino({ level: "warn" }, { write: (line: string) => logged.push(JSON.parse(line)) });
+    const refused: ConnectionRefusal[] = [];
+    let open = 0;
+    const closedOne: (() => void)[] = [];
+    const server = await createRpcServer("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), {
+      log,
+      services: [bind(ActionService, {})],
+      ...limits,
+      connections: {
+        opened: () => open++,
+        closed: () => {
+          open--;
+          for (const f of closedOne.splice(0)) f();
+        },
+        refused: (reason) => refused.push(reason),
+      },
+    });
+    server.markServing();
+    close = () => server.close();
+    const hold = async (localAddress = "127.0.0.1") => {
+      const c = await connect(server.port, localAddress);
+      sockets.push(c.socket);
+      return c;
+    };
+    const nextClose = () => new Promise<void>((resolve) => closedOne.push(resolve));
+    return { port: server.port, logged, refused, hold, nextClose };
+  }
+
+  it("closes a connection past an address's share, and takes others from that address once one ends", async () => {
+    const s = await start({ maxConnectionsPerAddress: 3 });
+    for (let i = 0; i < 3; i++) expect((await s.hold()).outcome).toBe("served");
+    const past = await s.hold();
+    expect(past.outcome).toBe("closed");
+    expect(s.refused).toEqual(["per_address"]);
+    expect(s.logged.at(-1)).toMatchObject({
+      address: "127.0.0.1",
+      msg: "refused a connection from 127.0.0.1: it holds 3, the most one address may (--max-connections-per-address)",
+    });
+    // Another address still gets its calls answered.
+    expect(await healthCheck(s.port, "127.0.0.2")).toBe("0");
+    // One of the three ends: that address may connect again.
+    const closed = s.nextClose();
+    sockets[0]?.destroy();
+    await closed;
+    expect(await healthCheck(s.port, "127.0.0.1")).toBe("0");
+  });
+
+  it("closes connections past the process's bound, whatever their address", async () => {
+    const s = await start({ maxConnections: 2, maxConnectionsPerAddress: 0 });
+    expect((await s.hold("127.0.0.1")).outcome).toBe("served");
+    expect((await s.hold("127.0.0.2")).outcome).toBe("served");
+    expect((await s.hold("127.0.0.3")).outcome).toBe("closed");
+    expect(s.refused).toEqual(["total"]);
+    expect(s.logged.at(-1)?.msg).toMatch(/^refused a connection: 2 are open, the most this process takes/);
+  });
+
+  it("takes its default bound from the open-file limit, leaving room for the database and files", () => {
+    const dir = mkdtempSync(join(tmpdir(), "limits-"));
+    const limits = (soft: string) =>
+      `Limit                     Soft Limit           Hard Limit           Units\nMax open files            ${soft}                20000                files\n`;
+    let n = 0;
+    const file = (text: string) => {
+      const path = join(dir, `limits-${n++}`);
+      writeFileSync(path, text);
+      return path;
+    };
+    expect(defaultMaxConnections(file(limits("20000")))).toBe(20000 - 1024);
+    expect(defaultMaxConnections(file(limits("1024")))).toBe(256);
+    expect(defaultMaxConnections(file(limits("unlimited")))).toBe(65_536);
+    expect(defaultMaxConnections(`${dir}/missing`)).toBe(65_536);
+  });
+});

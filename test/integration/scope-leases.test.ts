@@ -328,6 +328,13 @@ describe("scope leases", () => {
     await leases().rollbackLease({ leaseId: b });
     expect((await leases().deleteLeases({ label: "bulk" })).deleted).toBe(2);
     expect((await leases().listLeases({ label: "bulk" })).leases).toHaveLength(1);
+    // An empty request deletes nothing: every closed lease takes `all`.
+    const empty = await expectStatus(leases().deleteLeases({}), Code.InvalidArgument, /^all: must be true/);
+    expect(empty.fields).toEqual(["all"]);
+    await leases().rollbackLease({ leaseId: await open(600, "other") });
+    expect((await leases().deleteLeases({ all: true })).deleted).toBeGreaterThan(0);
+    expect((await leases().listLeases({ label: "other" })).leases).toHaveLength(0);
+    expect((await leases().listLeases({ label: "bulk" })).leases).toHaveLength(1);
   });
 
   it("keeps a result set on the lease after it closes, and shows it all in debug", async () => {

@@ -264,11 +264,12 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       return {};
     },
     async deleteLeases(request, ctx) {
-      if (request.runtime) {
-        const v = new Violations();
-        checkName(v, "runtime", request.runtime);
-        v.throwIfAny();
-      }
+      const v = new Violations();
+      if (request.runtime) checkName(v, "runtime", request.runtime);
+      // An empty request is more likely a mistake than a wish to forget every closed lease.
+      if (!request.runtime && !request.label && !request.closedBefore && !request.all)
+        v.add("all", "must be true to delete every closed lease; or name a label, runtime or closed_before");
+      v.throwIfAny();
       ctx.access.requireListScope("lease.delete", request.runtime);
       const deleted = await scope.deleteMany(
         {

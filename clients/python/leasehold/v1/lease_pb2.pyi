@@ -106,14 +106,16 @@ class DeleteLeaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DeleteLeasesRequest(_message.Message):
-    __slots__ = ["closed_before", "label", "runtime"]
+    __slots__ = ["all", "closed_before", "label", "runtime"]
+    ALL_FIELD_NUMBER: _ClassVar[int]
     CLOSED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    all: bool
     closed_before: _timestamp_pb2.Timestamp
     label: str
     runtime: str
-    def __init__(self, label: _Optional[str] = ..., closed_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    def __init__(self, label: _Optional[str] = ..., closed_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[str] = ..., all: bool = ...) -> None: ...
 
 class DeleteLeasesResponse(_message.Message):
     __slots__ = ["deleted"]

@@ -213,7 +213,8 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DeleteLeases(self, request, context):
-        """Deletes the records of many closed leases (housekeeping).
+        """Deletes the records of many closed leases (housekeeping): those the
+        filters match, or with `all` every one.
         Right: lease.delete (in the runtime filter, unless held in every cluster).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -12,7 +12,7 @@ import {
 import { deferred } from "../helpers/deferred.js";
 
 // Two statements at once on one session: PGlite has one connection, so only PostgreSQL can race.
-describe.runIf(runsPostgresTests())("a renewal that waits for a reap of its session", () => {
+describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", () => {
   let store: TestStore;
   let renewing: Database;
   let reaping: Database;
@@ -28,7 +28,10 @@ describe.runIf(runsPostgresTests())("a renewal that waits for a reap of its sess
     await store?.drop();
   });
 
-  /** Ends session `id` in a transaction of the other connection, and renews it meanwhile. */
+  /**
+   * Ends session `id` in a transaction of the other connection, and renews it
+   * meanwhile, then again after that transaction committed.
+   */
   async function renewWhileEnding(id: string, ending: string) {
     const db = renewing.db;
     await db.execute(
@@ -45,32 +48,84 @@ describe.runIf(runsPostgresTests())("a renewal that waits for a reap of its sess
       await committing.promise;
     });
     await ended.promise;
-    const nowMs = performance.now();
-    const renewal = renewSessions(
-      db,
-      clock,
-      10_000,
-      [{ sessionId: id, streamToken: `t-${id}`, heardAt: nowMs }],
-      nowMs,
-    );
-    // The renewal's update waits for the session's row lock.
-    await untilSomeoneWaitsForALock(reaping.db);
+    const renew = () => {
+      const nowMs = performance.now();
+      return renewSessions(
+        db,
+        clock,
+        10_000,
+        [{ sessionId: id, streamToken: `t-${id}`, heardAt: nowMs }],
+        nowMs,
+      );
+    };
+    // The row is held: the renewal does not wait for it (every other session of the statement
+    // would wait too), and leaves it for the next one.
+    const whileHeld = await renew();
     committing.resolve();
     await other;
-    return renewal;
+    return { whileHeld, after: await renew() };
   }
 
-  it("says reaped, not taken over: the reason is read after the reap committed", async () => {
-    const { deadlinesMs, notRenewed } = await renewWhileEnding(
+  it("says busy while the reap holds the row, then reaped, not taken over", async () => {
+    const { whileHeld, after } = await renewWhileEnding(
       "reaped",
       "update sessions set ended_at = now(), end_reason = 'reaped', server_id = null, stream_token = null where id = 'reaped'",
     );
-    expect(deadlinesMs[0]).toBeNaN();
-    expect(notRenewed.get(0)).toBe("reaped");
+    expect(whileHeld.deadlinesMs[0]).toBeNaN();
+    expect(whileHeld.notRenewed.get(0)).toBe("busy");
+    expect(after.deadlinesMs[0]).toBeNaN();
+    expect(after.notRenewed.get(0)).toBe("reaped");
+  });
+
+  it("renews the other sessions at once while another transaction holds one session's row", async () => {
+    const db = renewing.db;
+    for (const id of ["held", "free-1", "free-2"]) {
+      await db.execute(
+        sql`insert into workers (worker_id, cluster, capacity) values (${`w-${id}`}, 'east', 1)`,
+      );
+      await db.execute(sql`
+        insert into sessions (id, worker_id, server_id, stream_token, deadline, principal)
+        values (${id}, ${`w-${id}`}, 'this-server', ${`t-${id}`}, now() + interval '1 second', 'anonymous')`);
+    }
+    // An operator's query, or any transaction, holding one row for as long as it likes.
+    const locked = deferred();
+    const release = deferred();
+    const other = reaping.db.transaction(async (t) => {
+      await t.execute(sql`select id from sessions where id = 'held' for update`);
+      locked.resolve();
+      await release.promise;
+    });
+    await locked.promise;
+    const nowMs = performance.now();
+    const heard = ["free-1", "held", "free-2"].map((id) => ({
+      sessionId: id,
+      streamToken: `t-${id}`,
+      heardAt: nowMs,
+    }));
+    // Before, the statement waited for the held row with the others' already locked: every
+    // session of the process, and the grants and reports that lock them, waited with it.
+    let settled = false;
+    const renewal = renewSessions(db, clock, 10_000, heard, nowMs).finally(() => {
+      settled = true;
+    });
+    const first = await Promise.race([
+      renewal.then(() => "renewed"),
+      untilSomeoneWaitsForALock(reaping.db, () => settled).then(() => (settled ? "renewed" : "waited")),
+    ]);
+    release.resolve();
+    await other;
+    expect(first).toBe("renewed");
+    const { deadlinesMs, dbNowMs, notRenewed } = await renewal;
+    expect(deadlinesMs[0]).toBe(dbNowMs + 10_000);
+    expect(deadlinesMs[2]).toBe(dbNowMs + 10_000);
+    expect(deadlinesMs[1]).toBeNaN();
+    expect([...notRenewed]).toEqual([[1, "busy"]]);
   });
 
   it("says ended, not taken over, for a session a starting process put in grace", async () => {
-    const { notRenewed } = await renewWhileEnding(
+    const {
+      after: { notRenewed },
+    } = await renewWhileEnding(
       "in-grace",
       "update sessions set stream_lost_at = now(), server_id = null, stream_token = null where id = 'in-grace'",
     );
@@ -78,7 +133,9 @@ describe.runIf(runsPostgresTests())("a renewal that waits for a reap of its sess
   });
 
   it("says taken over for a session another stream took meanwhile", async () => {
-    const { notRenewed } = await renewWhileEnding(
+    const {
+      after: { notRenewed },
+    } = await renewWhileEnding(
       "taken",
       "update sessions set stream_token = 'another', server_id = 'another-server' where id = 'taken'",
     );

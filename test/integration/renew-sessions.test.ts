@@ -118,7 +118,10 @@ describe("renewSessions", () => {
     const ended: string[] = [];
     const hosted = {
       values: () => sessions.values(),
-      end: (s: Hosted, reason: string) => ended.push(`${s.sessionId} ${reason}`),
+      end: (s: Hosted, reason: string) => {
+        (s as { ended: boolean }).ended = true;
+        ended.push(`${s.sessionId} ${reason}`);
+      },
     } as unknown as HostedSessions;
     // A slow database: each statement starts 150 ms after it is sent.
     const slowDb = new Proxy(db, {
@@ -135,8 +138,9 @@ describe("renewSessions", () => {
       db: slowDb,
       clock,
       hosted,
-      graceMs: 10_000,
-      heartbeatIntervalMs: 1_000,
+      graceMs: 60_000,
+      // Longer than the chunks take even on a busy machine: one renewal, not one again at once.
+      heartbeatIntervalMs: 20_000,
       serverId: "this-server",
     });
     await renewal.renew();
@@ -158,6 +162,48 @@ describe("renewSessions", () => {
     // statement took to start), whatever the time the chunks before it took (300 ms and more).
     const deadlines = sessions.filter((s) => s.sessionId !== moved).map((s) => s.deadlineMs);
     expect(Math.max(...deadlines) - Math.min(...deadlines)).toBeLessThan(100);
+  });
+
+  it("renews again at once after a renewal that took longer than an interval: what it stored was stale", async () => {
+    await session("slow", 1);
+    const s = {
+      sessionId: "slow",
+      streamToken: "t-slow",
+      heardAt: performance.now(),
+      ended: false,
+      deadlineMs: 0,
+      dbOffsetMs: 0,
+    };
+    const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
+    let statements = 0;
+    // The first statement stalls past the interval; the worker's heartbeats are heard meanwhile.
+    const stallingDb = new Proxy(db, {
+      get(target, key, receiver) {
+        const value = Reflect.get(target, key, receiver);
+        if (key !== "execute") return value;
+        return async (...args: unknown[]) => {
+          statements += 1;
+          if (statements === 1) {
+            await new Promise((resolve) => setTimeout(resolve, 20));
+            s.heardAt = performance.now();
+          }
+          return (value as (...a: unknown[]) => unknown).apply(target, args);
+        };
+      },
+    });
+    const renewal = createRenewal({
+      db: stallingDb,
+      clock,
+      hosted,
+      graceMs: 10_000,
+      heartbeatIntervalMs: 10,
+      serverId: "this-server",
+    });
+    await renewal.renew();
+    expect(statements).toBe(2);
+    // Counted from the heartbeat heard during the stall, not from the one before it.
+    expect(s.deadlineMs).toBe(await stored("slow"));
+    expect(renewal.keepHosted()).toBeUndefined();
   });
 
   it("counts a heartbeat that waited in its socket while the tick came due", async () => {

@@ -10,8 +10,11 @@ export interface Heard {
   readonly heardAt: number;
 }
 
-/** Why a session was not renewed. */
-export type NotRenewed = "taken over" | "reaped" | "ended";
+/**
+ * Why a session was not renewed: "busy" (another transaction held its row:
+ * left for the next renewal, the stream kept), or its stream must close.
+ */
+export type NotRenewed = "busy" | "taken over" | "reaped" | "ended";
 
 /** What one renewal stored, in milliseconds since the epoch. */
 export interface Renewed {
@@ -23,9 +26,10 @@ export interface Renewed {
   /** The database time of the renewal; NaN for no sessions (no statement ran). */
   readonly dbNowMs: number;
   /**
-   * Why each session not renewed was not, by its index in `heard`: "taken
-   * over" (another stream holds it, or ended it with a goodbye), "reaped",
-   * or "ended" (no longer attached to this stream, for another reason).
+   * Why each session not renewed was not, by its index in `heard`: "busy"
+   * (its row was locked by another transaction), "taken over" (another
+   * stream holds it, or ended it with a goodbye), "reaped", or "ended" (no
+   * longer attached to this stream, for another reason).
    */
   readonly notRenewed: ReadonlyMap<number, NotRenewed>;
 }
@@ -45,11 +49,17 @@ export interface Renewed {
  * renewed, and those whose stored deadline was already later than last
  * heard + grace (a restart's extension); every other deadline is that sum.
  *
- * Locking: row locks on the renewed sessions only. Conditional on the session
- * being live and still attached to this very stream (its token): a session
- * not renewed was reaped or taken over (here or on another process), and its
- * stream must close. Why (taken over by another stream, reaped, ended) is
- * read by a second statement, only when there are such sessions.
+ * Locking: row locks on the renewed sessions only, taken `skip locked`. A
+ * session whose row another transaction holds is left for the next renewal
+ * ("busy"): waiting for it held the whole statement, with the rows it had
+ * already locked, so every other session of the process stopped being
+ * renewed, and the grants and reports that lock them waited too, until
+ * other processes reaped healthy sessions at their stale deadlines.
+ * Conditional on the session being live and still attached to this very
+ * stream (its token): a session not renewed for another reason was reaped or
+ * taken over (here or on another process), and its stream must close. Why
+ * (taken over by another stream, reaped, ended) is read by a second
+ * statement, only when there are such sessions.
  */
 export async function renewSessions(
   db: Db,
@@ -80,6 +90,7 @@ export async function renewSessions(
     db_now_ms: unknown;
     later: string | null;
     missing: string | null;
+    busy: string | null;
   }>(
     db,
     sql`
@@ -90,13 +101,23 @@ export async function renewSessions(
           with ordinality as x(id, token, ago, n)
           cross join lateral (select ${now} - x.ago * interval '1 millisecond' as heard) h
       ),
+      locked as (
+        select s.id from sessions s join input i on s.id = i.id
+        where s.ended_at is null and s.stream_token = i.token
+        for update of s skip locked
+      ),
       renewed as (
         update sessions s set
           last_heard_at = greatest(s.last_heard_at, i.heard),
           deadline = greatest(s.deadline, i.due)
         from input i
-        where s.id = i.id and s.ended_at is null and s.stream_token = i.token
+        where s.id = i.id and s.id in (select id from locked)
         returning i.n, i.due, s.deadline
+      ),
+      -- Live and attached in this statement's snapshot, but held by another transaction.
+      busy as (
+        select i.n from input i join sessions s on s.id = i.id
+        where s.ended_at is null and s.stream_token = i.token and s.id not in (select id from locked)
       )
       -- The intervals are whole milliseconds: floored to the millisecond, a deadline stored as
       -- now + grace - ago is exactly db_now_ms + grace - ago.
@@ -105,7 +126,8 @@ export async function renewSessions(
         (select string_agg((n - 1)::text || ':' || floor(extract(epoch from deadline) * 1000)::bigint::text, ',')
            from renewed where deadline <> due) as later,
         (select string_agg((n - 1)::text, ',')
-           from (select n from input except select n from renewed) gone) as missing`,
+           from (select n from input except select n from renewed except select n from busy) gone) as missing,
+        (select string_agg((n - 1)::text, ',') from busy) as busy`,
     { prepared: true },
   );
   if (!row) throw new Error("renewSessions: the statement returned no row");
@@ -115,6 +137,10 @@ export async function renewSessions(
   for (const pair of row.later ? row.later.split(",") : []) {
     const colon = pair.indexOf(":");
     deadlinesMs[Number(pair.slice(0, colon))] = Number(pair.slice(colon + 1));
+  }
+  for (const index of row.busy ? row.busy.split(",").map(Number) : []) {
+    deadlinesMs[index] = Number.NaN;
+    notRenewed.set(index, "busy");
   }
   const missing = row.missing ? row.missing.split(",").map(Number) : [];
   for (const index of missing) deadlinesMs[index] = Number.NaN;

@@ -27,6 +27,10 @@ export interface Renewal {
    * session that moved to another stream (even on another process) is
    * noticed within one tick and its stale stream ended (SESSION_ENDED).
    *
+   * A renewal that took longer than an interval (a database stall) stored
+   * deadlines already stale: it renews again at once. A session whose row
+   * another transaction holds is skipped, and tried again at the next tick.
+   *
    * A renewal that succeeds after one failed, or after waiting longer than
    * an interval (a database outage, a stall), answers every stream's last
    * heartbeat again with the deadline it stored (`reack`): every ack sent
@@ -96,6 +100,9 @@ export function createRenewal(deps: {
       chunk.forEach((s, i) => {
         const deadlineMs = deadlinesMs[i] as number;
         if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+        // Its row was held by another transaction: its stored deadline stands, and the next
+        // renewal tries again.
+        else if (notRenewed.get(i) === "busy") return;
         // Taken over by a stream whose notice did not reach this process, reaped, or ended.
         else if (!s.ended) endStale(s, notRenewed.get(i));
       });
@@ -116,7 +123,13 @@ export function createRenewal(deps: {
       startedAt = now;
       try {
         await renewChunked(heard);
-        const late = failed || performance.now() - now > deps.heartbeatIntervalMs;
+        const slow = performance.now() - now > deps.heartbeatIntervalMs;
+        // The deadlines it stored count from heartbeats heard before it started: after a stall
+        // they are stale already, and other processes would reap these sessions at them before
+        // the next tick. Renewed again at once, from the heartbeats heard meanwhile; this
+        // process's own reaper still leaves them alone until then (keepHosted: stuck).
+        if (slow) await renewChunked(heard.filter((s) => !s.ended));
+        const late = failed || slow;
         failed = false;
         if (late && deps.reack) for (const s of heard) if (!s.ended) deps.reack(s);
       } catch (error) {

@@ -116,7 +116,16 @@ export interface ServerOverrides {
   readonly onDatabaseCheck?: (check: DatabaseCheck) => void;
   /** Spans go here instead of to `--otlp-endpoint` (tests pass an in-memory exporter's). */
   readonly tracing?: Tracing;
+  /** How long a close waits for work in flight on the database; default {@link SHUTDOWN_WAIT_MS}. */
+  readonly shutdownWaitMs?: number;
 }
+
+/**
+ * How long a close waits, after the port is closed, for reports, grants and
+ * submissions still waiting on the database, before it closes the database
+ * (which gives its connections 5 s more).
+ */
+export const SHUTDOWN_WAIT_MS = 10_000;
 
 /** Flow control and stream limits, each defaulted where it is used. */
 export interface StreamLimits
@@ -297,6 +306,30 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
   const unwind = async () => {
     for (const fn of cleanup.reverse()) await fn().catch(() => {});
   };
+  /**
+   * A close step that waits for the database (reports and submissions in
+   * flight): a shutdown gives such steps {@link SHUTDOWN_WAIT_MS} in all, then
+   * goes on without them. A database that stopped answering (frozen, or cut
+   * off without a reset) held SIGTERM for as long as it lasted, and a
+   * supervisor saw a process that would not exit. What was not committed is
+   * lost to nobody: agents send unanswered reports again, clients retry.
+   */
+  let settleBy = Number.POSITIVE_INFINITY;
+  const waitsForDatabase = (what: string, fn: () => Promise<void>) => async () => {
+    if (settleBy === Number.POSITIVE_INFINITY) return fn();
+    let timer: NodeJS.Timeout | undefined;
+    const gaveUp = await Promise.race([
+      fn().then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), Math.max(0, settleBy - performance.now()));
+      }),
+    ]).finally(() => clearTimeout(timer));
+    if (gaveUp)
+      log.warn(
+        { waitedMs: overrides.shutdownWaitMs ?? SHUTDOWN_WAIT_MS },
+        `stopping without waiting longer for ${what}: the database has not answered; agents send unanswered reports again`,
+      );
+  };
   try {
     const tracing =
       overrides.tracing ?? (config.otlpEndpoint ? await otlpTracing(config.otlpEndpoint, log) : NO_TRACING);
@@ -337,7 +370,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     const bus = database.listen
       ? await createPostgresBus({ db, listen: database.listen, serverId, log })
       : undefined;
-    if (bus) cleanup.push(() => bus.close());
+    if (bus) cleanup.push(waitsForDatabase("the notices to other processes in flight", () => bus.close()));
     const feed = createChangeFeed(bus);
     let leases: LeaseManager | undefined;
     const metrics = createMetrics(
@@ -386,7 +419,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       tracing,
     });
     leases = manager;
-    cleanup.push(() => manager.close());
+    cleanup.push(waitsForDatabase("the reports, grants and renewals in flight", () => manager.close()));
     const actions = createActionService({
       db,
       clock,
@@ -403,7 +436,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         }
       },
     });
-    cleanup.push(() => actions.close());
+    cleanup.push(waitsForDatabase("the submissions in flight", () => actions.close()));
     const events = createEventService({ db, feed });
     const scope = createScopeLeaseService({
       db,
@@ -417,7 +450,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         maxFileBytes: config.maxFileBytes,
       },
     });
-    cleanup.push(() => scope.close());
+    cleanup.push(waitsForDatabase("the scope lease expiries in flight", () => scope.close()));
     // The restart extension (rule 6): now + grace, where now is after the bind above.
     const [started] = await queryRows<{ now: unknown }>(db, sql`select ${clock.now()} as now`);
     await manager.start();
@@ -543,7 +576,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           if (streams > 0) {
             log.info(
               { handedOver, streams, ms: Math.round(performance.now() - started) },
-              databaseUnreachable
+              databaseUnreachable && handedOver === 0
                 ? `handed over none of ${streams} worker streams: the database is unreachable, so no deadline could be stored afresh`
                 : `handed over ${handedOver} of ${streams} worker streams`,
             );
@@ -554,6 +587,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         // Reverse order of start, except that the front door closes first
         // (it was bound first only so that agents can reconnect early).
         await rpc.close();
+        settleBy = performance.now() + (overrides.shutdownWaitMs ?? SHUTDOWN_WAIT_MS);
         await unwind();
         log.info("leasehold stopped");
       })();

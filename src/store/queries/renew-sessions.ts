@@ -102,22 +102,24 @@ export async function renewSessions(
           cross join lateral (select ${now} - x.ago * interval '1 millisecond' as heard) h
       ),
       locked as (
-        select s.id from sessions s join input i on s.id = i.id
+        select i.n, i.id, i.heard, i.due from input i join sessions s on s.id = i.id
         where s.ended_at is null and s.stream_token = i.token
         for update of s skip locked
       ),
       renewed as (
         update sessions s set
-          last_heard_at = greatest(s.last_heard_at, i.heard),
-          deadline = greatest(s.deadline, i.due)
-        from input i
-        where s.id = i.id and s.id in (select id from locked)
-        returning i.n, i.due, s.deadline
+          last_heard_at = greatest(s.last_heard_at, l.heard),
+          deadline = greatest(s.deadline, l.due)
+        from locked l
+        where s.id = l.id
+        returning l.n, l.due, s.deadline
       ),
-      -- Live and attached in this statement's snapshot, but held by another transaction.
+      -- Live and attached in this statement's snapshot, but held by another transaction. Looked up
+      -- only for the sessions not renewed: almost always none.
       busy as (
-        select i.n from input i join sessions s on s.id = i.id
-        where s.ended_at is null and s.stream_token = i.token and s.id not in (select id from locked)
+        select i.n from input i
+        where i.n not in (select n from locked)
+          and exists (select 1 from sessions s where s.id = i.id and s.ended_at is null and s.stream_token = i.token)
       )
       -- The intervals are whole milliseconds: floored to the millisecond, a deadline stored as
       -- now + grace - ago is exactly db_now_ms + grace - ago.

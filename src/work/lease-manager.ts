@@ -378,6 +378,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
+    onHeld: (sessionIds) =>
+      log.warn(
+        { sessions: sessionIds.length, first: sessionIds.slice(0, 5) },
+        "renewal skipped sessions whose rows another transaction kept locked; their stored deadlines count down until it lets go",
+      ),
     // A closing process answers heartbeats through its handover instead. The database watch
     // says whether the database is reachable, as in every ack (worker.proto): a renewal that
     // worked once is no proof that it is back, and saying so would reset the SDKs' count of

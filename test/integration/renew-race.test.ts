@@ -3,6 +3,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { databaseClock as clock } from "../../src/store/clock.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { renewSessions } from "../../src/store/queries/renew-sessions.js";
+import type { HostedSessions } from "../../src/work/lease/hosted.js";
+import { createRenewal } from "../../src/work/lease/renewal.js";
 import {
   freshPostgresDatabase,
   runsPostgresTests,
@@ -120,6 +122,60 @@ describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", (
     expect(deadlinesMs[2]).toBe(dbNowMs + 10_000);
     expect(deadlinesMs[1]).toBeNaN();
     expect([...notRenewed]).toEqual([[1, "busy"]]);
+  });
+
+  it("looks again shortly at a session a grant held, and renews it in the same tick", async () => {
+    const db = renewing.db;
+    await db.execute(sql`insert into workers (worker_id, cluster, capacity) values ('w-granted', 'east', 1)`);
+    await db.execute(sql`
+      insert into sessions (id, worker_id, server_id, stream_token, deadline, principal)
+      values ('granted', 'w-granted', 'this-server', 't-granted', now() + interval '1 second', 'anonymous')`);
+    // A grant's statement holds the session `for share` until it commits.
+    const locked = deferred();
+    const release = deferred();
+    const other = reaping.db.transaction(async (t) => {
+      await t.execute(sql`select id from sessions where id = 'granted' for share`);
+      locked.resolve();
+      await release.promise;
+    });
+    await locked.promise;
+    // The grant commits as soon as the renewal's first look has found the row held.
+    let statements = 0;
+    const releasingDb = new Proxy(db, {
+      get(target, key, receiver) {
+        const value = Reflect.get(target, key, receiver);
+        if (key !== "execute") return value;
+        return async (...args: unknown[]) => {
+          const result = await (value as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+          statements += 1;
+          if (statements === 1) {
+            release.resolve();
+            await other;
+          }
+          return result;
+        };
+      },
+    });
+    const s = {
+      sessionId: "granted",
+      streamToken: "t-granted",
+      heardAt: performance.now(),
+      ended: false,
+      deadlineMs: 0,
+      dbOffsetMs: 0,
+    };
+    const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
+    const renewal = createRenewal({
+      db: releasingDb,
+      clock,
+      hosted,
+      graceMs: 10_000,
+      heartbeatIntervalMs: 60_000,
+      serverId: "this-server",
+    });
+    await renewal.renew();
+    expect(statements).toBe(2);
+    expect(s.deadlineMs).toBeGreaterThan(Date.now() + 5_000);
   });
 
   it("says ended, not taken over, for a session a starting process put in grace", async () => {

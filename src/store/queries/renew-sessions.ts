@@ -49,9 +49,10 @@ export interface Renewed {
  * renewed, and those whose stored deadline was already later than last
  * heard + grace (a restart's extension); every other deadline is that sum.
  *
- * Locking: row locks on the renewed sessions only, taken `skip locked`. A
- * session whose row another transaction holds is left for the next renewal
- * ("busy"): waiting for it held the whole statement, with the rows it had
+ * Locking: row locks on the renewed sessions only, taken `skip locked` (the
+ * `no key update` lock the update takes anyway). A session whose row another
+ * transaction holds is not renewed ("busy"; the caller looks again shortly):
+ * waiting for it held the whole statement, with the rows it had
  * already locked, so every other session of the process stopped being
  * renewed, and the grants and reports that lock them waited too, until
  * other processes reaped healthy sessions at their stale deadlines.
@@ -104,7 +105,7 @@ export async function renewSessions(
       locked as (
         select i.n, i.id, i.heard, i.due from input i join sessions s on s.id = i.id
         where s.ended_at is null and s.stream_token = i.token
-        for update of s skip locked
+        for no key update of s skip locked
       ),
       renewed as (
         update sessions s set

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
@@ -14,6 +15,10 @@ import {
 /** Most sessions one renewal statement carries; a tick renews every hosted stream in as many as it takes. */
 export const RENEW_CHUNK = 2000;
 
+/** How many times a tick looks again at sessions whose rows were held, and the first pause. */
+const BUSY_LOOKS = 4;
+const BUSY_PAUSE_MS = 5;
+
 /**
  * Session renewal: once per heartbeat interval, statements of up to
  * {@link RENEW_CHUNK} sessions store every hosted stream's deadline (last
@@ -29,7 +34,8 @@ export interface Renewal {
    *
    * A renewal that took longer than an interval (a database stall) stored
    * deadlines already stale: it renews again at once. A session whose row
-   * another transaction holds is skipped, and tried again at the next tick.
+   * another transaction holds is looked at again four times, 5 to 20 ms
+   * apart (a grant holds it for one statement), then left to the next tick.
    *
    * A renewal that succeeds after one failed, or after waiting longer than
    * an interval (a database outage, a stall), answers every stream's last
@@ -80,6 +86,8 @@ export function createRenewal(deps: {
    * (see {@link Renewal.renew}); none: nothing is answered again.
    */
   reack?: (s: Hosted) => void;
+  /** Told of sessions a tick left unrenewed because another transaction kept holding their rows. */
+  onHeld?: (sessionIds: readonly string[]) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
   const endStale = endStaleWith(hosted);
@@ -92,20 +100,32 @@ export function createRenewal(deps: {
     // One after another: building, sending and reading one statement for 10,000 sessions held
     // the event loop for about 10 ms, and every heartbeat ack that came in meanwhile waited for it.
     for (let from = 0; from < streams.length; from += RENEW_CHUNK) {
-      const chunk = streams.slice(from, from + RENEW_CHUNK);
-      // Ages counted at each statement: a later chunk must not gain the time the earlier took.
-      const at = performance.now();
-      const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
-      const offsetMs = dbOffsetMs(dbNowMs, at);
-      chunk.forEach((s, i) => {
-        const deadlineMs = deadlinesMs[i] as number;
-        if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
-        // Its row was held by another transaction: its stored deadline stands, and the next
-        // renewal tries again.
-        else if (notRenewed.get(i) === "busy") return;
-        // Taken over by a stream whose notice did not reach this process, reaped, or ended.
-        else if (!s.ended) endStale(s, notRenewed.get(i));
-      });
+      let chunk = streams.slice(from, from + RENEW_CHUNK);
+      for (let look = 0; chunk.length > 0; look++) {
+        // Ages counted at each statement: a later chunk must not gain the time the earlier took.
+        const at = performance.now();
+        const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
+        const offsetMs = dbOffsetMs(dbNowMs, at);
+        const busy: Hosted[] = [];
+        chunk.forEach((s, i) => {
+          const deadlineMs = deadlinesMs[i] as number;
+          if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+          // Its row was held by another transaction.
+          else if (notRenewed.get(i) === "busy") busy.push(s);
+          // Taken over by a stream whose notice did not reach this process, reaped, or ended.
+          else if (!s.ended) endStale(s, notRenewed.get(i));
+        });
+        // A grant to the session holds its row for a statement (`for share`): looked at again
+        // a few milliseconds later, it is free. One held longer (another transaction's lock)
+        // keeps its stored deadline, and the next tick tries again.
+        if (busy.length === 0) break;
+        if (look === BUSY_LOOKS) {
+          deps.onHeld?.(busy.map((s) => s.sessionId));
+          break;
+        }
+        await sleep(BUSY_PAUSE_MS * (look + 1));
+        chunk = busy.filter((s) => !s.ended);
+      }
     }
   }
 

@@ -8,6 +8,7 @@ import { renewSessions } from "../../src/store/queries/renew-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
 import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
 import { createRenewal, RENEW_CHUNK } from "../../src/work/lease/renewal.js";
+import { intercepting } from "../helpers/intercept-db.js";
 import { useSessionsDatabase } from "../helpers/sessions.js";
 
 /** The renewal statement: one row back, naming only the sessions that are not last heard + grace. */
@@ -176,21 +177,17 @@ describe("renewSessions", () => {
     };
     const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
     let statements = 0;
-    // The first statement stalls past the interval; the worker's heartbeats are heard meanwhile.
-    const stallingDb = new Proxy(db, {
-      get(target, key, receiver) {
-        const value = Reflect.get(target, key, receiver);
-        if (key !== "execute") return value;
-        return async (...args: unknown[]) => {
-          statements += 1;
-          if (statements === 1) {
-            await new Promise((resolve) => setTimeout(resolve, 20));
-            s.heardAt = performance.now();
-          }
-          return (value as (...a: unknown[]) => unknown).apply(target, args);
-        };
-      },
-    });
+    // The first renewal statement stalls past the interval; the worker's heartbeats are heard
+    // meanwhile.
+    const stallingDb = intercepting(async (text, execute) => {
+      if (!text.includes("update sessions s set")) return execute();
+      statements += 1;
+      if (statements === 1) {
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        s.heardAt = performance.now();
+      }
+      return execute();
+    })(db);
     const renewal = createRenewal({
       db: stallingDb,
       clock,

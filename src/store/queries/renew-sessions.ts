@@ -1,7 +1,10 @@
 import { sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { queryRows } from "../rows.js";
+import { driverError, queryRows } from "../rows.js";
+
+/** SQLSTATE of a lock wait that passed `lock_timeout`. */
+const LOCK_NOT_AVAILABLE = "55P03";
 
 /** One hosted session: its stream's token, and when it was last heard (`performance.now()` then). */
 export interface Heard {
@@ -26,6 +29,11 @@ export interface Renewed {
   /** The database time of the renewal; NaN for no sessions (no statement ran). */
   readonly dbNowMs: number;
   /**
+   * The `performance.now()` the ages of the sessions were counted to: `nowMs`,
+   * or a later one if the statement ran again after a lock wait.
+   */
+  readonly atMs: number;
+  /**
    * Why each session not renewed was not, by its index in `heard`: "busy"
    * (its row was locked by another transaction), "taken over" (another
    * stream holds it, or ended it with a goodbye), "reaped", or "ended" (no
@@ -49,10 +57,12 @@ export interface Renewed {
  * renewed, and those whose stored deadline was already later than last
  * heard + grace (a restart's extension); every other deadline is that sum.
  *
- * Locking: row locks on the renewed sessions only, taken `skip locked` (the
- * `no key update` lock the update takes anyway). A session whose row another
- * transaction holds is not renewed ("busy"; the caller looks again shortly):
- * waiting for it held the whole statement, with the rows it had
+ * Locking: row locks on the renewed sessions only (the `no key update` lock
+ * the update takes anyway). With `lockWaitMs`, a wait for one row that
+ * lasts longer ends the statement, which runs again `skip locked`: a
+ * session whose row another transaction keeps holding is not renewed
+ * ("busy"), and the others are. Waiting for it held the whole statement,
+ * with the rows it had
  * already locked, so every other session of the process stopped being
  * renewed, and the grants and reports that lock them waited too, until
  * other processes reaped healthy sessions at their stale deadlines.
@@ -69,11 +79,30 @@ export async function renewSessions(
   heard: readonly Heard[],
   /** `performance.now()` at the statement, which the times last heard are counted back from. */
   nowMs: number,
+  /**
+   * How long it may wait for one session's row; past it, the sessions whose
+   * rows are held are left out ("busy") and the rest renewed. 0: it never
+   * waits (`skip locked`); unset: it waits as long as it takes.
+   */
+  lockWaitMs?: number,
 ): Promise<Renewed> {
+  if (lockWaitMs !== undefined && lockWaitMs > 0 && heard.length > 0) {
+    try {
+      return await db.transaction(async (t) => {
+        const tx = t as unknown as Db;
+        await tx.execute(sql`select set_config('lock_timeout', ${`${Math.round(lockWaitMs)}ms`}, true)`);
+        return renewSessions(tx, clock, graceMs, heard, nowMs);
+      });
+    } catch (error) {
+      if (driverError(error)?.code !== LOCK_NOT_AVAILABLE) throw error;
+      // Ages counted afresh: the database's now() of this statement is that much later.
+      return renewSessions(db, clock, graceMs, heard, performance.now(), 0);
+    }
+  }
   /** Milliseconds since each was last heard, then its deadline. */
   const deadlinesMs = new Float64Array(heard.length);
   const notRenewed = new Map<number, NotRenewed>();
-  if (heard.length === 0) return { deadlinesMs, dbNowMs: Number.NaN, notRenewed };
+  if (heard.length === 0) return { deadlinesMs, dbNowMs: Number.NaN, atMs: nowMs, notRenewed };
   let ids = "";
   let tokens = "";
   let agos = "";
@@ -105,7 +134,7 @@ export async function renewSessions(
       locked as (
         select i.n, i.id, i.heard, i.due from input i join sessions s on s.id = i.id
         where s.ended_at is null and s.stream_token = i.token
-        for no key update of s skip locked
+        for no key update of s ${lockWaitMs === 0 ? sql`skip locked` : sql``}
       ),
       renewed as (
         update sessions s set
@@ -164,5 +193,5 @@ export async function renewSessions(
     const why = new Map(rows.map((r) => [r.id, r.why as NotRenewed]));
     for (const index of missing) notRenewed.set(index, why.get((heard[index] as Heard).sessionId) ?? "ended");
   }
-  return { deadlinesMs, dbNowMs, notRenewed };
+  return { deadlinesMs, dbNowMs, atMs: nowMs, notRenewed };
 }

@@ -1,4 +1,3 @@
-import { setTimeout as sleep } from "node:timers/promises";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import type { KeepHosted } from "../../store/queries/reap-sessions.js";
@@ -15,9 +14,11 @@ import {
 /** Most sessions one renewal statement carries; a tick renews every hosted stream in as many as it takes. */
 export const RENEW_CHUNK = 2000;
 
-/** How many times a tick looks again at sessions whose rows were held, and the first pause. */
-const BUSY_LOOKS = 4;
-const BUSY_PAUSE_MS = 5;
+/**
+ * How long a renewal waits for one session's row (a grant holds it `for
+ * share` for one statement) before it renews the others without it.
+ */
+export const RENEW_LOCK_WAIT_MS = 500;
 
 /**
  * Session renewal: once per heartbeat interval, statements of up to
@@ -33,9 +34,10 @@ export interface Renewal {
    * noticed within one tick and its stale stream ended (SESSION_ENDED).
    *
    * A renewal that took longer than an interval (a database stall) stored
-   * deadlines already stale: it renews again at once. A session whose row
-   * another transaction holds is looked at again four times, 5 to 20 ms
-   * apart (a grant holds it for one statement), then left to the next tick.
+   * deadlines already stale: it renews again at once. It waits at most
+   * {@link RENEW_LOCK_WAIT_MS} (or a quarter interval) for a session row
+   * another transaction holds (a grant holds one for a statement); past
+   * that, it renews the others and leaves that session to the next tick.
    *
    * A renewal that succeeds after one failed, or after waiting longer than
    * an interval (a database outage, a stall), answers every stream's last
@@ -90,6 +92,8 @@ export function createRenewal(deps: {
   onHeld?: (sessionIds: readonly string[]) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
+  // A wait longer than a quarter interval would delay the tick itself.
+  const lockWaitMs = Math.min(RENEW_LOCK_WAIT_MS, Math.max(50, deps.heartbeatIntervalMs / 4));
   const endStale = endStaleWith(hosted);
   let failed = false;
   /** performance.now() at the start of the renewal in flight. */
@@ -100,32 +104,28 @@ export function createRenewal(deps: {
     // One after another: building, sending and reading one statement for 10,000 sessions held
     // the event loop for about 10 ms, and every heartbeat ack that came in meanwhile waited for it.
     for (let from = 0; from < streams.length; from += RENEW_CHUNK) {
-      let chunk = streams.slice(from, from + RENEW_CHUNK);
-      for (let look = 0; chunk.length > 0; look++) {
-        // Ages counted at each statement: a later chunk must not gain the time the earlier took.
-        const at = performance.now();
-        const { deadlinesMs, dbNowMs, notRenewed } = await renewSessions(db, clock, graceMs, chunk, at);
-        const offsetMs = dbOffsetMs(dbNowMs, at);
-        const busy: Hosted[] = [];
-        chunk.forEach((s, i) => {
-          const deadlineMs = deadlinesMs[i] as number;
-          if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
-          // Its row was held by another transaction.
-          else if (notRenewed.get(i) === "busy") busy.push(s);
-          // Taken over by a stream whose notice did not reach this process, reaped, or ended.
-          else if (!s.ended) endStale(s, notRenewed.get(i));
-        });
-        // A grant to the session holds its row for a statement (`for share`): looked at again
-        // a few milliseconds later, it is free. One held longer (another transaction's lock)
-        // keeps its stored deadline, and the next tick tries again.
-        if (busy.length === 0) break;
-        if (look === BUSY_LOOKS) {
-          deps.onHeld?.(busy.map((s) => s.sessionId));
-          break;
-        }
-        await sleep(BUSY_PAUSE_MS * (look + 1));
-        chunk = busy.filter((s) => !s.ended);
-      }
+      const chunk = streams.slice(from, from + RENEW_CHUNK);
+      // Ages counted at each statement: a later chunk must not gain the time the earlier took.
+      const { deadlinesMs, dbNowMs, atMs, notRenewed } = await renewSessions(
+        db,
+        clock,
+        graceMs,
+        chunk,
+        performance.now(),
+        lockWaitMs,
+      );
+      const offsetMs = dbOffsetMs(dbNowMs, atMs);
+      const held: string[] = [];
+      chunk.forEach((s, i) => {
+        const deadlineMs = deadlinesMs[i] as number;
+        if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+        // Its row was held by another transaction for longer than the wait: its stored deadline
+        // stands, and the next tick tries again.
+        else if (notRenewed.get(i) === "busy") held.push(s.sessionId);
+        // Taken over by a stream whose notice did not reach this process, reaped, or ended.
+        else if (!s.ended) endStale(s, notRenewed.get(i));
+      });
+      if (held.length > 0) deps.onHeld?.(held);
     }
   }
 

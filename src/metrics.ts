@@ -111,7 +111,7 @@ export function createMetrics(
     ),
     historyRemoved: new Counter({
       name: `${prefix}history_removed_total`,
-      help: "Records removed past --history-retention by this process: record action (with its attempts and events), scope_lease (with its events) or event (any other).",
+      help: "Records removed past --history-retention by this process: record action (with its attempts), scope_lease, or event (every event removed, those of removed actions and leases included).",
       labelNames: ["record"],
       registers: [registry],
     }),

@@ -54,7 +54,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--worker-retention <duration>",
-        "how long a worker that is not connected (and not draining) is kept after it was last seen, with its sessions, and an ended session after it ended; then they are forgotten (ListWorkers no longer shows them); 0 keeps them forever",
+        "how long a worker that is not connected (and not draining) is kept after it was last seen, with its sessions, and an ended session after it ended; then they are forgotten (ListWorkers no longer shows them); 0 keeps them forever, else at least 1m",
       )
         .env("LEASEHOLD_WORKER_RETENTION")
         .default(DEFAULTS.workerRetention),
@@ -62,7 +62,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--history-retention <duration>",
-        "how long an ended action is kept after it ended, with its attempts and events, and a closed scope lease record after it closed; older events of sessions, workers and clusters go too, and a request_id can be used again once its action is gone; 0 keeps everything forever",
+        "how long an ended action is kept after it ended, with its attempts and events, and a closed scope lease record after it closed; older events of sessions, workers and clusters go too, and a request_id can be used again once its action is gone; 0 keeps everything forever, else at least 1m",
       )
         .env("LEASEHOLD_HISTORY_RETENTION")
         .default(DEFAULTS.historyRetention),

@@ -1,4 +1,7 @@
 import { execFile, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, expect, inject, it } from "vitest";
 import { freshStore } from "../helpers/database.js";
 import { freePort } from "../helpers/ports.js";
@@ -52,6 +55,9 @@ describe.runIf(inject("driver") === "pglite")("the README walkthrough", () => {
     ];
     const sleepFor = `${300 + Math.floor(Math.random() * 1000)}`; // unique, to find the orphan of the killed agent
     const processes: { kill(signal?: NodeJS.Signals): unknown }[] = [];
+    // Work directories of their own: the README's agents of the same names use the default ones
+    // (/tmp/leasehold-agent-<id>), and an agent refuses a directory another live agent holds.
+    const workDirs = mkdtempSync(join(tmpdir(), "leasehold-walkthrough-"));
     let server: LeaseholdProcess = runLeasehold(serveArgs, store.url);
     processes.push(server.child);
     try {
@@ -67,6 +73,8 @@ describe.runIf(inject("driver") === "pglite")("the README walkthrough", () => {
             "east",
             "--worker-id",
             id,
+            "--work-dir",
+            join(workDirs, id),
             "--allow-command",
             "sleep *",
           ]);
@@ -155,6 +163,7 @@ describe.runIf(inject("driver") === "pglite")("the README walkthrough", () => {
       for (const p of processes.reverse()) p.kill("SIGKILL");
       // The SIGKILLed agent could not stop its command; it is not ours to leave behind.
       await new Promise((r) => execFile("pkill", ["-f", `^sleep ${sleepFor}$`], () => r(undefined)));
+      rmSync(workDirs, { recursive: true, force: true });
     }
   }, 180_000);
 });

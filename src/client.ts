@@ -29,6 +29,8 @@ export * from "./gen/leasehold/v1/worker_pb.js";
 export type { CallOptions, Client, ClientMethod } from "./rpc/client.js";
 export { createClient } from "./rpc/client.js";
 export type { ClientSecurity } from "./rpc/client-security.js";
+/** A JSON object, as payloads, outputs and details are (protobuf Struct). */
+export type { JsonObject } from "./work/action.js";
 
 /**
  * A client of `service` at `servers` (`host:port`, or several separated by

@@ -11,7 +11,7 @@ import {
 } from "../gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
-import { MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
+import { FIELD_LIMITS, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { errorReasonOf } from "../rpc/status.js";
 import { expandTargets, type Target } from "../rpc/targets.js";
 import { checkWorkerNames, Violations } from "../rpc/validate.js";
@@ -26,7 +26,7 @@ import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { servesWorkers } from "./health-probe.js";
-import { reportViolation, scrubNul } from "./report-limits.js";
+import { cutToFit, reportViolation, scrubNul, toJson } from "./report-limits.js";
 
 /**
  * Most bytes of reports in one ConnectRequest batch (a larger report goes
@@ -90,6 +90,9 @@ function encodeRequest(message: RequestInit): Uint8Array {
   return toBinary(ConnectRequestSchema, create(ConnectRequestSchema, message));
 }
 
+/** The server's limit on a failure message (characters). */
+const MAX_FAILURE_MESSAGE = FIELD_LIMITS["leasehold.v1.ActionFailure.message"]?.maxLength ?? 65_536;
+
 /** One lease (action and epoch) as a key. */
 const leaseKey = (m: { readonly actionId?: string; readonly epoch?: bigint }) => `${m.epoch} ${m.actionId}`;
 
@@ -119,7 +122,8 @@ export interface ActionContext {
   readonly stopRequested: AbortSignal;
   /**
    * Reports a phase, optional details, and optionally a checkpoint for the next attempt.
-   * NULs in strings become U+FFFD; throws a RangeError when the report breaks a server
+   * NULs in strings become U+FFFD; throws a TypeError when details or checkpoint are not
+   * JSON (circular, a Date, a bigint, …), and a RangeError when the report breaks a server
    * limit (see worker.proto: depth, size), rather than sending what would end the stream.
    */
   progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
@@ -271,8 +275,16 @@ export interface AgentOptions {
    * Exclusive with `credentials`.
    */
   readonly security?: ClientSecurity;
-  /** Runs one action; resolves with its output or throws (an {@link ActionFailure} to choose retries). */
-  readonly handler: (ctx: ActionContext) => Promise<JsonObject | undefined>;
+  /**
+   * Runs one action; resolves with its output, a JSON object (or nothing), or
+   * throws (an {@link ActionFailure} to choose retries). An output that is not
+   * a JSON object, or holds what JSON cannot (a circular reference, a Date, a
+   * Map, a bigint, a function), fails the action, not retried, with a message
+   * naming what and where (`output.at is a Date, …`), rather than being
+   * stored as something else.
+   */
+  // biome-ignore lint/suspicious/noConfusingVoidType: a handler that returns nothing (`async (ctx) => { await work(); }`) is a Promise<void>, and one that returns on some paths a Promise<JsonObject | void>; undefined accepts neither.
+  readonly handler: (ctx: ActionContext) => Promise<JsonObject | undefined | void>;
   /**
    * Subtracted from the server's guarantee when computing the local deadline,
    * so the work stops before the server may hand it to someone else. Default
@@ -620,22 +632,59 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /**
-   * A report as it can be sent: NULs replaced, and a result that breaks a
-   * server limit (too deep, too large) turned into a non-retryable failure
-   * that says so, since the server would end the stream on it.
+   * A report as it can be sent, since the server would end the stream on
+   * one that breaks its limits, and a report that cannot be encoded would
+   * throw. NULs are replaced. An output that is not a JSON object (circular,
+   * a Date, a bigint, a string, …) or that breaks a server limit (too deep,
+   * too large) becomes a non-retryable failure that says so: it would fail
+   * the same way again. A failure keeps its retryable flag: a message over
+   * the server's limit is cut (saying how much), and details that are not
+   * JSON or too large are left out (saying why), rather than losing the
+   * handler's own error, and a retry with it.
    */
   function fitted(r: Running, report: PendingReport): PendingReport {
-    if (report.kind !== "succeeded" && report.kind !== "failed") return report;
-    const scrubbed = scrubNul(report);
-    const violation = reportViolation(reportMessage(0n, r, scrubbed));
-    if (violation === undefined) return scrubbed;
-    return {
+    if (report.kind === "succeeded") {
+      const output = toJson(report.output, "output");
+      if ("problem" in output)
+        return notReported(`the handler's output cannot be sent as JSON: ${output.problem}`);
+      const fit: PendingReport = { kind: "succeeded", output: output.json };
+      const violation = reportViolation(reportMessage(0n, r, fit));
+      return violation === undefined ? fit : notReported(`the handler's output ${overLimit(violation)}`);
+    }
+    if (report.kind !== "failed") return report;
+    const notes: string[] = [];
+    const details = toJson(report.details, "details");
+    let fit: Extract<PendingReport, { kind: "failed" }> = {
       kind: "failed",
-      message: `the handler's ${report.kind === "succeeded" ? "output" : "failure"} breaks a server limit, so it was not reported: ${violation.slice(0, 1024)}`,
-      retryable: false,
+      message: "",
+      retryable: report.retryable,
       details: undefined,
     };
+    if ("problem" in details)
+      notes.push(`its details were left out: they cannot be sent as JSON: ${details.problem}`);
+    else if (details.json !== undefined) {
+      fit.details = details.json;
+      const violation = reportViolation(reportMessage(0n, r, fit));
+      if (violation !== undefined) {
+        notes.push(`its details were left out: ${violation.slice(0, 1024)}`);
+        fit.details = undefined;
+      }
+    }
+    const note = notes.length > 0 ? ` (${notes.join("; ")})` : "";
+    fit = { ...fit, message: cutToFit(scrubNul(report.message), MAX_FAILURE_MESSAGE - note.length) + note };
+    const violation = reportViolation(reportMessage(0n, r, fit));
+    return violation === undefined ? fit : notReported(`the handler's failure ${overLimit(violation)}`);
   }
+
+  /** A non-retryable failure saying why the handler's result could not be reported. */
+  const notReported = (message: string): PendingReport => ({
+    kind: "failed",
+    message: cutToFit(scrubNul(message), 4096),
+    retryable: false,
+    details: undefined,
+  });
+  const overLimit = (violation: string) =>
+    `breaks a server limit, so it was not reported: ${violation.slice(0, 1024)}`;
 
   function startAction(
     conn: Connection,
@@ -682,6 +731,12 @@ export function createAgent(options: AgentOptions): Agent {
     const progress: ActionContext["progress"] = (phase, details, checkpoint) => {
       const c = current;
       if (!c || c.ended || !c.welcomed || controller.aborted) return;
+      const detailsJson = toJson(details, "details");
+      if ("problem" in detailsJson)
+        throw new TypeError(`progress details cannot be sent as JSON: ${detailsJson.problem}`);
+      const checkpointJson = toJson(checkpoint, "checkpoint");
+      if ("problem" in checkpointJson)
+        throw new TypeError(`progress checkpoint cannot be sent as JSON: ${checkpointJson.problem}`);
       const message = {
         message: {
           case: "progress" as const,
@@ -690,8 +745,8 @@ export function createAgent(options: AgentOptions): Agent {
             actionId,
             epoch: BigInt(epoch),
             phase: scrubNul(phase),
-            ...(details ? { details: scrubNul(details) as never } : {}),
-            ...(checkpoint ? { checkpoint: scrubNul(checkpoint) as never } : {}),
+            ...(detailsJson.json ? { details: detailsJson.json as never } : {}),
+            ...(checkpointJson.json ? { checkpoint: checkpointJson.json as never } : {}),
           },
         },
       };

@@ -8,6 +8,8 @@
  */
 
 export type { ClientSecurity } from "../rpc/client-security.js";
+/** What a handler returns, and what payloads, checkpoints and details are: a JSON object. */
+export type { JsonObject } from "../work/action.js";
 export {
   type ActionContext,
   ActionFailure,

@@ -231,28 +231,39 @@ export function requireAllowedCommand(
   return { program, args, argv0 };
 }
 
-/** "allowed: a, b; see --flag" for a refusal. */
-function allowedList(globs: readonly string[], flag: string): string {
+/**
+ * Where a refusal's allow-list is set, for the reference agent (its flag) and
+ * for an SDK agent (commandHandler's and createDeploymentHandler's `allow`),
+ * which has no flags.
+ */
+const SET_BY = {
+  commands: "--allow-command, or the SDK's allow option (CommandPolicy.commands)",
+  env: "--allow-env, or the SDK's CommandPolicy.env",
+  cwd: "--allow-cwd, or the SDK's CommandPolicy.cwd",
+} as const;
+
+/** "allowed: a, b; see --flag, or …" for a refusal. */
+function allowedList(globs: readonly string[], list: keyof typeof SET_BY): string {
   const listed = globs.slice(0, LISTED).map((g) => quote(g));
   if (globs.length > LISTED) listed.push(`and ${globs.length - LISTED} more`);
-  return `allowed: ${listed.join(", ") || "none"}; see ${flag}`;
+  return `allowed: ${listed.join(", ") || "none"}; see ${SET_BY[list]}`;
 }
 
 function commandRefusal(argv: readonly string[], commands: CommandAllowList): string | undefined {
   if (commands === "any") return undefined;
   const line = commandLine(argv);
   if (!commands.some((glob) => matchesGlob(glob, line))) {
-    return `command ${quote(line)} is not allowed on this agent (${allowedList(commands, "--allow-command")})`;
+    return `command ${quote(line)} is not allowed on this agent (${allowedList(commands, "commands")})`;
   }
   // The line cannot tell `["python3 /opt/jobs/x"]` (one relative path, e.g. a file a deployment
   // shipped into its work directory) from `["python3", "/opt/jobs/x"]`: argv[0] has no spaces.
   if (argv[0]?.includes(" ")) {
-    return `command ${quote(line)} is not allowed on this agent: its program ${quote(argv[0])} has a space, which --allow-command never allows (the line could not tell it from program and arguments)`;
+    return `command ${quote(line)} is not allowed on this agent: its program ${quote(argv[0])} has a space, which no allow-list allows (the line could not tell it from program and arguments)`;
   }
   // `*` matches `..` too: `python3 /opt/jobs/*` would otherwise allow `/opt/jobs/../../tmp/x.py`.
   const climbing = argv.find(hasDotDotSegment);
   if (climbing !== undefined) {
-    return `command ${quote(line)} is not allowed on this agent: its argument ${quote(climbing)} has a ".." segment, which --allow-command never allows; name the path without ".."`;
+    return `command ${quote(line)} is not allowed on this agent: its argument ${quote(climbing)} has a ".." segment, which no allow-list allows; name the path without ".."`;
   }
   return undefined;
 }
@@ -263,18 +274,18 @@ function envRefusal(name: string, allow: readonly string[]): string | undefined 
   }
   if (GUARDED_ENV.some((glob) => matchesGlob(glob, name))) {
     if (allow.includes(name)) return undefined;
-    return `environment variable ${quote(name)} is not allowed on this agent: it can change what code runs, so only its exact name in --allow-env allows it (a glob such as "*" does not)`;
+    return `environment variable ${quote(name)} is not allowed on this agent: it can change what code runs, so only its exact name in --allow-env (the SDK's CommandPolicy.env) allows it (a glob such as "*" does not)`;
   }
   if (allow.some((glob) => matchesGlob(glob, name))) return undefined;
-  return `environment variable ${quote(name)} is not allowed on this agent (${allowedList(allow, "--allow-env")})`;
+  return `environment variable ${quote(name)} is not allowed on this agent (${allowedList(allow, "env")})`;
 }
 
 function cwdRefusal(cwd: string, allow: readonly string[]): string | undefined {
   if (!allow.some((glob) => matchesGlob(glob, cwd))) {
-    return `working directory ${quote(cwd)} is not allowed on this agent (${allowedList(allow, "--allow-cwd")})`;
+    return `working directory ${quote(cwd)} is not allowed on this agent (${allowedList(allow, "cwd")})`;
   }
   if (hasDotDotSegment(cwd)) {
-    return `working directory ${quote(cwd)} is not allowed on this agent: it has a ".." segment, which --allow-cwd never allows; name it without ".."`;
+    return `working directory ${quote(cwd)} is not allowed on this agent: it has a ".." segment, which no allow-list allows; name it without ".."`;
   }
   return undefined;
 }

@@ -61,7 +61,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
   it("fails a command that does not match, once and for all, saying what is allowed", async () => {
     const done = await run(["sh", "-c", "echo pwned"]);
     const message =
-      'command "sh -c echo pwned" is not allowed on this agent (allowed: "/bin/echo *", "printenv *"; see --allow-command)';
+      'command "sh -c echo pwned" is not allowed on this agent (allowed: "/bin/echo *", "printenv *"; see --allow-command, or the SDK\'s allow option (CommandPolicy.commands))';
     expect(done).toMatchObject({
       state: ActionState.FAILED,
       attemptCount: 1, // not retried, though three attempts were allowed
@@ -85,7 +85,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     const done = await run(["/bin/echo", "hi"], 3, { LD_PRELOAD: "/tmp/evil.so" });
     const message =
       'environment variable "LD_PRELOAD" is not allowed on this agent: it can change what code runs, so only its ' +
-      'exact name in --allow-env allows it (a glob such as "*" does not)';
+      'exact name in --allow-env (the SDK\'s CommandPolicy.env) allows it (a glob such as "*" does not)';
     expect(done).toMatchObject({
       state: ActionState.FAILED,
       attemptCount: 1,
@@ -125,7 +125,7 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     for await (const u of leases.waitLease({ leaseId, timeout: { seconds: 60n } })) last = u;
     expect(last?.deployment?.phase).toBe(DeploymentPhase.FAILED);
     expect(last?.deployment?.message).toMatch(
-      /command "python3 -m http\.server 8080" is not allowed on this agent \(allowed: "\/bin\/echo \*", "printenv \*"; see --allow-command\)/,
+      /command "python3 -m http\.server 8080" is not allowed on this agent \(allowed: "\/bin\/echo \*", "printenv \*"; see --allow-command, or the SDK's allow option \(CommandPolicy\.commands\)\)/,
     );
     await leases.rollbackLease({ leaseId });
   });

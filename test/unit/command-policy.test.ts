@@ -89,7 +89,7 @@ describe("the reference agent's command policy", () => {
         env: { APP_MODE: "x" },
         allowEnv: [],
         refused:
-          /environment variable "APP_MODE" is not allowed on this agent \(allowed: none; see --allow-env\)/,
+          /environment variable "APP_MODE" is not allowed on this agent \(allowed: none; see --allow-env, or the SDK's CommandPolicy\.env\)/,
       },
       {
         name: "a glob allows the names it matches",
@@ -100,14 +100,15 @@ describe("the reference agent's command policy", () => {
         name: "a glob refuses the names it does not match",
         env: { APP_MODE: "x", OTHER: "y" },
         allowEnv: ["APP_*"],
-        refused: /"OTHER" is not allowed on this agent \(allowed: "APP_\*"; see --allow-env\)/,
+        refused:
+          /"OTHER" is not allowed on this agent \(allowed: "APP_\*"; see --allow-env, or the SDK's CommandPolicy\.env\)/,
       },
       {
         name: "'*' does not let LD_PRELOAD through",
         env: { LD_PRELOAD: "/tmp/evil.so" },
         allowEnv: ["*"],
         refused:
-          /environment variable "LD_PRELOAD" is not allowed on this agent: it can change what code runs, so only its exact name in --allow-env allows it/,
+          /environment variable "LD_PRELOAD" is not allowed on this agent: it can change what code runs, so only its exact name in --allow-env \(the SDK's CommandPolicy\.env\) allows it/,
       },
       {
         name: "a prefix glob does not let LD_LIBRARY_PATH through",
@@ -208,7 +209,8 @@ describe("the reference agent's command policy", () => {
         name: "none are allowed by default",
         cwd: "/tmp",
         allowCwd: [],
-        refused: /working directory "\/tmp" is not allowed on this agent \(allowed: none; see --allow-cwd\)/,
+        refused:
+          /working directory "\/tmp" is not allowed on this agent \(allowed: none; see --allow-cwd, or the SDK's CommandPolicy\.cwd\)/,
       },
       { name: "a matching glob allows it", cwd: "/srv/builds/42", allowCwd: ["/srv/builds/*"] },
       {
@@ -266,7 +268,7 @@ describe("the reference agent's command policy", () => {
       );
       expect(message).toBe(
         'command "python3 /opt/jobs/../../tmp/x.py" is not allowed on this agent: its argument "/opt/jobs/../../tmp/x.py" ' +
-          'has a ".." segment, which --allow-command never allows; name the path without ".."',
+          'has a ".." segment, which no allow-list allows; name the path without ".."',
       );
     });
 

@@ -306,13 +306,18 @@ export interface AgentOptions {
   readonly maxBackoffMs?: number;
   /** Free-form agent description sent in the hello. */
   readonly agentVersion?: string;
-  /** Observer of agent events. */
+  /**
+   * Observer of agent events. What it throws is caught and emitted as a
+   * process warning (`process.on("warning")`, code
+   * LEASEHOLD_AGENT_OBSERVER_THREW); the agent goes on as if it had returned.
+   */
   readonly onEvent?: (event: AgentEvent) => void;
   /**
    * Called with how long the held leases are guaranteed from now (until the
    * self-fence; milliseconds) each time a heartbeat ack moves that: for a
    * watchdog process that stops the work of an agent that cannot stop it
    * itself (paused or killed), as the reference agent's fence keeper does.
+   * What it throws is caught and emitted as a process warning, like onEvent's.
    */
   readonly onGuarantee?: (ms: number) => void;
 }
@@ -428,7 +433,26 @@ export function createAgent(options: AgentOptions): Agent {
   const channel = channelOf(options, addresses);
   const margin = options.selfFenceMarginMs ?? 500;
   const initialBackoff = options.initialBackoffMs ?? 200;
-  const emit = (event: AgentEvent) => options.onEvent?.(event);
+  /**
+   * Observers (onEvent, onGuarantee) are the application's code, called in
+   * the middle of the agent's own work (before the first heartbeat, before a
+   * handler starts): an exception from one would stop that work. It is caught
+   * and told as a process warning (the SDK has no logger of its own).
+   */
+  const observe = (name: string, call: () => void) => {
+    try {
+      call();
+    } catch (error) {
+      process.emitWarning(
+        `leasehold agent ${options.workerId}: ${name} threw, and the agent went on: ${error instanceof Error ? error.message : String(error)}`,
+        { code: "LEASEHOLD_AGENT_OBSERVER_THREW" },
+      );
+    }
+  };
+  const onEvent = options.onEvent;
+  const emit = (event: AgentEvent) => {
+    if (onEvent) observe(`onEvent (${event.type} event)`, () => onEvent(event));
+  };
   const capacity = options.capacity ?? 1;
   const prefetch = options.prefetch ?? 0;
   if (!Number.isInteger(capacity) || capacity < 1 || capacity > MAX_CAPACITY)
@@ -1212,7 +1236,8 @@ export function createAgent(options: AgentOptions): Agent {
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();
-          options.onGuarantee?.(deadline - performance.now());
+          const onGuarantee = options.onGuarantee;
+          if (onGuarantee) observe("onGuarantee", () => onGuarantee(deadline - performance.now()));
           tellDatabase(conn.address, !m.value.databaseUnreachable);
           if (!m.value.databaseUnreachable) conn.unreachableSince = undefined;
           else {

@@ -234,7 +234,13 @@ export type AgentEvent =
    * an agent that left a server stays told it was unreachable until a stream
    * to it says otherwise.
    */
-  | { type: "server_database"; address: string; reachable: boolean };
+  | { type: "server_database"; address: string; reachable: boolean }
+  /**
+   * Something about the agent's setup that the application should fix (e.g.
+   * a selfFenceMarginMs that leaves no guarantee to start work under). Also
+   * emitted as a process warning (code LEASEHOLD_AGENT_SETUP), once per cause.
+   */
+  | { type: "warning"; message: string };
 
 /** Options of {@link createAgent}. */
 export interface AgentOptions {
@@ -288,7 +294,11 @@ export interface AgentOptions {
   /**
    * Subtracted from the server's guarantee when computing the local deadline,
    * so the work stops before the server may hand it to someone else. Default
-   * 500 ms (clock drift and delivery delay).
+   * 500 ms (clock drift and delivery delay). At least 0 (`createAgent` throws
+   * otherwise), and less than the server's grace period by more than a
+   * heartbeat interval: a grant starts only while the guarantee outlasts the
+   * next heartbeat, so with a larger margin nothing would ever start. The agent
+   * says so (a `warning` event and a process warning) when a welcome shows it.
    */
   readonly selfFenceMarginMs?: number;
   /**
@@ -432,6 +442,11 @@ export function createAgent(options: AgentOptions): Agent {
   if (addresses.length === 0) throw new Error("createAgent: address must name at least one server");
   const channel = channelOf(options, addresses);
   const margin = options.selfFenceMarginMs ?? 500;
+  // A negative margin would run work past the server's deadline; NaN would never start any.
+  if (typeof margin !== "number" || !Number.isFinite(margin) || margin < 0)
+    throw new Error(
+      `createAgent: selfFenceMarginMs must be a number of milliseconds of at least 0, not ${margin}`,
+    );
   const initialBackoff = options.initialBackoffMs ?? 200;
   /**
    * Observers (onEvent, onGuarantee) are the application's code, called in
@@ -972,6 +987,15 @@ export function createAgent(options: AgentOptions): Agent {
     if (fenceArmedFor !== undefined && performance.now() >= fenceArmedFor) selfFence();
   }
 
+  /** Setup warnings already given, so that reconnects do not repeat them. */
+  const warned = new Set<string>();
+  function warnOnce(message: string): void {
+    if (warned.has(message)) return;
+    warned.add(message);
+    process.emitWarning(`leasehold agent ${options.workerId}: ${message}`, { code: "LEASEHOLD_AGENT_SETUP" });
+    emit({ type: "warning", message });
+  }
+
   /** Servers whose acks said last that they cannot reach their database. */
   const databaseLost = new Set<string>();
 
@@ -1215,6 +1239,11 @@ export function createAgent(options: AgentOptions): Agent {
           });
           const every = m.value.heartbeatInterval ? durationMs(m.value.heartbeatInterval) : 2000;
           heartbeatMs = every;
+          if (graceMs !== undefined && graceMs <= margin + every) {
+            warnOnce(
+              `selfFenceMarginMs (${margin} ms) leaves no guarantee to start work under: the server at ${address} grants a grace period of ${graceMs} ms with heartbeats every ${every} ms, and a grant starts only while the guarantee (at most the grace period less the margin) outlasts the next heartbeat; grants are held unrun until revoked. Use a margin below ${graceMs - every} ms.`,
+            );
+          }
           // The first heartbeat goes out at once: its ack renews the guarantee that
           // may have run low while the stream was down.
           conn.beat();

@@ -344,6 +344,8 @@ function describe(e: AgentEvent): string {
       return e.reachable
         ? `server ${e.address} reaches its database again`
         : `server ${e.address} cannot reach its database: its acks no longer extend the leases' guarantee`;
+    case "warning":
+      return e.message;
     case "taken_over":
       return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }

@@ -125,6 +125,16 @@ export interface ActionContext {
    * NULs in strings become U+FFFD; throws a TypeError when details or checkpoint are not
    * JSON (circular, a Date, a bigint, …), and a RangeError when the report breaks a server
    * limit (see worker.proto: depth, size), rather than sending what would end the stream.
+   *
+   * Cheap to call often: reports are coalesced per action. At most one progress report
+   * of an action is in flight (sent and not yet answered by the server, which applies
+   * them one after another); calls made meanwhile replace each other, the latest phase
+   * and details winning and the latest checkpoint kept even when a later call has none,
+   * and the survivor goes out when the answer comes. While the agent is not connected the
+   * latest is kept the same way and sent once it reconnects, before the lease's
+   * completion or release (and before a goodbye), so a checkpoint reaches the next attempt
+   * unless the server ended the lease meanwhile. Ignored once the handler's signal has
+   * aborted or it has returned.
    */
   progress(phase: string, details?: JsonObject, checkpoint?: JsonObject): void;
   /**
@@ -373,7 +383,31 @@ interface Running {
    * its slot is free on the server, and its outcome is no longer ours to report.
    */
   serverEnded: boolean;
+  /**
+   * The handler's latest progress not sent yet: it waits for the answer to
+   * the one in flight, or for a stream (see sendProgress).
+   */
+  progressWaiting: Progress | undefined;
+  /** The progress report sent and not answered yet, and the stream it went on. */
+  progressSent: { readonly progress: Progress; readonly reportId: bigint; readonly conn: object } | undefined;
 }
+
+/** One progress report's content, checked against the server's limits. */
+interface Progress {
+  readonly phase: string;
+  readonly details: JsonObject | undefined;
+  readonly checkpoint: JsonObject | undefined;
+}
+
+/**
+ * `newer` in place of `older`, both not sent: the latest phase and details
+ * win, and the latest checkpoint is kept even when the newer report has none,
+ * since the next attempt resumes from it.
+ */
+const coalesce = (older: Progress | undefined, newer: Progress): Progress =>
+  newer.checkpoint !== undefined || older?.checkpoint === undefined
+    ? newer
+    : { phase: newer.phase, details: newer.details, checkpoint: older.checkpoint };
 
 /**
  * What a handler sees of its grant. A class, not an object literal with
@@ -588,6 +622,8 @@ export function createAgent(options: AgentOptions): Agent {
     beat(): void;
     /** Reports waiting for their result, by report id. */
     readonly pending: Map<bigint, Running>;
+    /** Progress reports waiting for their result, by report id. */
+    readonly progressPending: Map<bigint, Running>;
     ended: boolean;
     /** Goodbye was sent: the server ends the stream once the session is closed. */
     saidGoodbye: boolean;
@@ -616,10 +652,52 @@ export function createAgent(options: AgentOptions): Agent {
   function sendReport(conn: Connection, r: Running): void {
     const report = r.report;
     if (!report || report.kind === "dropped" || conn.ended || !conn.welcomed) return;
+    // Applied before the report, in order: the checkpoint reaches the next attempt.
+    sendProgress(r, true);
     nextReportId += 1n;
     const reportId = nextReportId;
     conn.pending.set(reportId, r);
     conn.report(reportMessage(reportId, r, report));
+  }
+
+  /**
+   * Sends the grant's waiting progress, when there is a stream and (unless
+   * `now`, for a report about to follow it) no progress of the grant is in
+   * flight: the server applies one action's reports one after another, each
+   * in a transaction, so a handler that reports thousands of times a second
+   * would queue them ahead of the heartbeats until the stream was dropped.
+   * What waits meanwhile is replaced by newer calls (see coalesce), and kept
+   * while the agent is not connected: a checkpoint is handed to the next
+   * attempt only if it reaches the server before the lease's release.
+   */
+  function sendProgress(r: Running, now: boolean): void {
+    const conn = current;
+    const progress = r.progressWaiting;
+    if (!progress || r.serverEnded || !conn || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
+    if (!now && r.progressSent?.conn === conn) return;
+    nextReportId += 1n;
+    const reportId = nextReportId;
+    r.progressWaiting = undefined;
+    r.progressSent = { progress, reportId, conn };
+    conn.progressPending.set(reportId, r);
+    conn.report(progressMessage(reportId, r, progress));
+  }
+
+  function progressMessage(reportId: bigint, r: Running, progress: Progress): RequestInit {
+    const { phase, details, checkpoint } = progress;
+    return {
+      message: {
+        case: "progress",
+        value: {
+          reportId,
+          actionId: r.actionId,
+          epoch: BigInt(r.epoch),
+          phase,
+          ...(details ? { details: details as never } : {}),
+          ...(checkpoint ? { checkpoint: checkpoint as never } : {}),
+        },
+      },
+    };
   }
 
   function reportMessage(
@@ -754,6 +832,8 @@ export function createAgent(options: AgentOptions): Agent {
       // A traced grant's context until its handler's span starts (see run).
       traceParent: grant.traceParent || undefined,
       serverEnded: false,
+      progressWaiting: undefined,
+      progressSent: undefined,
     };
     running.set(actionId, r);
     emit({ type: "grant", actionId, epoch, attempt: grant.attempt });
@@ -768,32 +848,23 @@ export function createAgent(options: AgentOptions): Agent {
       return;
     }
     const progress: ActionContext["progress"] = (phase, details, checkpoint) => {
-      const c = current;
-      if (!c || c.ended || !c.welcomed || controller.aborted) return;
+      if (controller.aborted || r.report) return;
       const detailsJson = toJson(details, "details");
       if ("problem" in detailsJson)
         throw new TypeError(`progress details cannot be sent as JSON: ${detailsJson.problem}`);
       const checkpointJson = toJson(checkpoint, "checkpoint");
       if ("problem" in checkpointJson)
         throw new TypeError(`progress checkpoint cannot be sent as JSON: ${checkpointJson.problem}`);
-      const message = {
-        message: {
-          case: "progress" as const,
-          value: {
-            reportId: nextReportId + 1n,
-            actionId,
-            epoch: BigInt(epoch),
-            phase: scrubNul(phase),
-            ...(detailsJson.json ? { details: detailsJson.json as never } : {}),
-            ...(checkpointJson.json ? { checkpoint: checkpointJson.json as never } : {}),
-          },
-        },
+      const report: Progress = {
+        phase: scrubNul(phase),
+        details: detailsJson.json,
+        checkpoint: checkpointJson.json,
       };
       // The server would end the stream on it: the handler hears of it instead.
-      const violation = reportViolation(message);
+      const violation = reportViolation(progressMessage(0n, r, report));
       if (violation !== undefined) throw new RangeError(`progress breaks a server limit: ${violation}`);
-      nextReportId += 1n;
-      c.report(message);
+      r.progressWaiting = coalesce(r.progressWaiting, report);
+      sendProgress(r, false);
     };
     const ctx = new GrantContext(
       actionId,
@@ -1179,6 +1250,7 @@ export function createAgent(options: AgentOptions): Agent {
         setTimeout(leaveIfUnanswered, UNANSWERED_HEARTBEATS * heartbeatMs + 1).unref();
       },
       pending: new Map(),
+      progressPending: new Map(),
       ended: false,
       saidGoodbye: false,
       abandoned: undefined,
@@ -1220,6 +1292,8 @@ export function createAgent(options: AgentOptions): Agent {
           for (const l of m.value.revoked) {
             const r = running.get(l.actionId);
             if (r && r.epoch === Number(l.epoch)) {
+              // No longer the session's lease: its progress would be fenced (worker.proto).
+              r.progressWaiting = undefined;
               // Finished here already: the report is sent again below. If the server applied it
               // before the old stream broke (and so no longer counts the lease as held), it
               // accepts the repeat; otherwise it is fenced. Either way the agent learns which.
@@ -1248,8 +1322,19 @@ export function createAgent(options: AgentOptions): Agent {
           // may have run low while the stream was down.
           conn.beat();
           conn.heartbeatTimer = setInterval(conn.beat, every);
-          // Reports that could not be answered on the previous stream.
-          for (const r of running.values()) if (r.report) sendReport(conn, r);
+          // Progress and reports that could not be answered on the previous stream, each
+          // lease's progress first (sendReport sends it before the report).
+          for (const r of running.values()) {
+            const lost = r.progressSent;
+            if (lost && lost.conn !== conn) {
+              // Sent on a stream that ended before its answer: it may not have been applied.
+              r.progressSent = undefined;
+              if (!r.serverEnded)
+                r.progressWaiting = coalesce(lost.progress, r.progressWaiting ?? lost.progress);
+            }
+            if (r.report) sendReport(conn, r);
+            else sendProgress(r, false);
+          }
           if (closing) finishClose(conn);
           break;
         }
@@ -1303,6 +1388,28 @@ export function createAgent(options: AgentOptions): Agent {
           break;
         }
         case "reportResult": {
+          const progressOf = conn.progressPending.get(m.value.reportId);
+          if (progressOf) {
+            conn.progressPending.delete(m.value.reportId);
+            const sent = progressOf.progressSent;
+            if (sent?.reportId !== m.value.reportId) break;
+            progressOf.progressSent = undefined;
+            if (m.value.rejectReason === 4 /* UNAVAILABLE */) {
+              // Not applied: it waits again (unless a newer call replaced it), and goes with the
+              // next report, the next stream, or shortly.
+              progressOf.progressWaiting = coalesce(
+                sent.progress,
+                progressOf.progressWaiting ?? sent.progress,
+              );
+              const retry = setTimeout(() => {
+                retries.delete(retry);
+                if (running.get(progressOf.actionId) === progressOf) sendProgress(progressOf, false);
+              }, 500);
+              retry.unref();
+              retries.add(retry);
+            } else sendProgress(progressOf, false);
+            break;
+          }
           const r = conn.pending.get(m.value.reportId);
           if (!r) break;
           conn.pending.delete(m.value.reportId);
@@ -1433,7 +1540,9 @@ export function createAgent(options: AgentOptions): Agent {
   function finishClose(conn: Connection): void {
     if (!goodbyeDue || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
     for (const r of running.values()) if (r.report ? r.report.kind !== "dropped" : !r.start) return;
-    // Reports still waiting go first: the goodbye releases whatever is left.
+    // Checkpoints and reports still waiting go first: the goodbye releases whatever is left, and
+    // a checkpoint is handed to the next attempt only if it came before.
+    for (const r of running.values()) sendProgress(r, true);
     conn.flush();
     conn.send({ message: { case: "goodbye", value: { reason: "agent shutting down" } } });
     conn.saidGoodbye = true;

@@ -342,6 +342,22 @@ export interface AgentOptions {
   readonly onGuarantee?: (ms: number) => void;
 }
 
+/** What {@link Agent.close} did. */
+export interface CloseResult {
+  /**
+   * The server ended the session on the agent's goodbye, giving back every
+   * lease not reported. False when it did not within close's wait (the
+   * server unreachable, or never welcomed the agent): those leases then
+   * expire after the server's grace period.
+   */
+  readonly goodbye: boolean;
+  /**
+   * Actions whose handler ignored its abort signal and still ran when close
+   * gave their leases back: their work may overlap another worker's attempt.
+   */
+  readonly stillRunning: readonly string[];
+}
+
 /** A running agent. */
 export interface Agent extends AsyncDisposable {
   /** The current session id, once connected. */
@@ -349,15 +365,28 @@ export interface Agent extends AsyncDisposable {
   /** Leases held now: handlers running, grants waiting to start, and reports not yet answered. */
   readonly running: number;
   /**
-   * Drains: starts no more work, waits up to `timeoutMs` (default 30 s) for
-   * running actions and reports them, aborts any still running, and says
-   * goodbye, which gives back every lease not reported (those aborted, and
-   * grants that never started), and closes the stream. A later call while
-   * it drains shortens the wait to its own `timeoutMs` when that ends
-   * sooner (`close({ timeoutMs: 0 })`: abort what runs now), and returns
-   * the same promise.
+   * Drains, in three steps, each bounded:
+   * 1. Starts no more work and waits up to `timeoutMs` (default 30 s) for the
+   *    running handlers to return, reporting each result as it comes.
+   * 2. Aborts the handlers still running (`LeaseLost` reason `closing`) and
+   *    waits up to 5 s more for them to return: the goodbye gives their
+   *    leases back, and another worker may then start their actions, so a
+   *    handler should stop when its signal aborts. One still running after
+   *    that has its lease released anyway, and is named in the result.
+   * 3. Waits up to 5 s for the server to answer the reports still
+   *    unanswered, then says goodbye, which gives back every lease not
+   *    reported (those aborted, and grants that never started), and waits
+   *    for the server to end the session, within the same 5 s; while the
+   *    stream is down it keeps reconnecting for that time to say it.
+   * So close takes at most `timeoutMs` + 10 s (and returns as soon as
+   * nothing is left to wait for). The result says whether the goodbye was
+   * confirmed: when it was not (the server unreachable), the leases not
+   * reported stay the session's until its grace period runs out. A later
+   * call while it drains shortens step 1 to its own `timeoutMs` when that
+   * ends sooner (`close({ timeoutMs: 0 })`: abort what runs now), and
+   * returns the same promise.
    */
-  close(options?: { timeoutMs?: number }): Promise<void>;
+  close(options?: { timeoutMs?: number }): Promise<CloseResult>;
 }
 
 interface Running {
@@ -1470,7 +1499,11 @@ export function createAgent(options: AgentOptions): Agent {
       conn.reported.clear();
       client.close();
       if (!conn.welcomed) attemptsWithoutWelcome += 1;
-      if (conn.saidGoodbye) closeDone?.();
+      // Ended by the server without an error: it closed the session on the goodbye.
+      if (conn.saidGoodbye) {
+        goodbyeConfirmed ||= error === undefined;
+        closeDone?.();
+      }
       if (closed || conn.saidGoodbye) return;
       // The fence timer keeps running: the deadline from the last ack still applies.
       addressIndex += 1;
@@ -1533,6 +1566,8 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   let closeDone: (() => void) | undefined;
+  /** The server ended the stream without an error after the goodbye. */
+  let goodbyeConfirmed = false;
   /**
    * Says goodbye once no handler runs and no report waits for its answer.
    * Grants that never started are left to the goodbye, which gives them back.
@@ -1551,7 +1586,7 @@ export function createAgent(options: AgentOptions): Agent {
 
   connect();
 
-  let closingPromise: Promise<void> | undefined;
+  let closingPromise: Promise<CloseResult> | undefined;
   /**
    * Set by close once the handlers are done (or past its waits): before, a report answered
    * meanwhile must not send the goodbye, with a handler superseded by a newer grant of its
@@ -1600,8 +1635,10 @@ export function createAgent(options: AgentOptions): Agent {
         }),
       ]);
       clearTimeout(graceTimer);
+      const stillRunning: string[] = [];
       for (const r of running.values()) {
         if (!r.report && !r.start) {
+          stillRunning.push(r.actionId);
           r.report = {
             kind: "released",
             reason: "the agent shut down while the handler ignored its abort signal",
@@ -1636,6 +1673,7 @@ export function createAgent(options: AgentOptions): Agent {
           conn.client.close();
         }
       }
+      return { goodbye: goodbyeConfirmed, stillRunning };
     })();
     return closingPromise;
   };
@@ -1648,7 +1686,7 @@ export function createAgent(options: AgentOptions): Agent {
       return running.size;
     },
     close,
-    [Symbol.asyncDispose]: () => close(),
+    [Symbol.asyncDispose]: () => close().then(() => {}),
   };
 }
 

@@ -16,6 +16,7 @@ export {
   type Agent,
   type AgentEvent,
   type AgentOptions,
+  type CloseResult,
   createAgent,
   LeaseLost,
 } from "./agent.js";

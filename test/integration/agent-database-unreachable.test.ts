@@ -13,7 +13,7 @@ import { startTestServer, type TestServer } from "../helpers/server.js";
  * the server an agent is on loses its database, the other does not.
  */
 describe.runIf(runsPostgresTests())("an agent whose server lost its database", () => {
-  const cleanups: (() => Promise<void> | void)[] = [];
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
   afterEach(async () => {
     for (const c of cleanups.splice(0).reverse()) await c();
   });

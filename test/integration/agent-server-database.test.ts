@@ -61,7 +61,7 @@ async function heldHealthServer() {
  * test writes: no database is involved. Driver-neutral.
  */
 describe.runIf(runsDriverNeutralTests())("an agent told its server cannot reach its database", () => {
-  const cleanups: (() => Promise<void> | void)[] = [];
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
   afterEach(async () => {
     for (const c of cleanups.splice(0).reverse()) await c();
   });

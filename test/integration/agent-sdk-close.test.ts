@@ -1,0 +1,54 @@
+import { afterEach, describe, expect, it } from "vitest";
+import { createAgent } from "../../src/agent/index.js";
+import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { agentEvents } from "../helpers/agent-events.js";
+import { deferred } from "../helpers/deferred.js";
+import { startTestServer } from "../helpers/server.js";
+
+describe("an SDK agent's close() says what it did", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+
+  async function connectedAgent(handler: Parameters<typeof createAgent>[0]["handler"]) {
+    const t = await startTestServer({ config: { heartbeatInterval: "500ms", gracePeriod: "3s" } });
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = agentEvents();
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "closing",
+      onEvent: events.onEvent,
+      handler,
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 0 }));
+    await events.until((e) => e.type === "connected");
+    return { t, agent, events };
+  }
+
+  it("the goodbye was confirmed by the server, and no handler was left running", async () => {
+    const { agent } = await connectedAgent(async () => ({}));
+    expect(await agent.close()).toEqual({ goodbye: true, stillRunning: [] });
+  });
+
+  it("the goodbye was not confirmed when the server is gone", async () => {
+    const { t, agent, events } = await connectedAgent(async () => ({}));
+    await t.stop();
+    await events.until((e) => e.type === "disconnected");
+    expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: false, stillRunning: [] });
+  });
+
+  it("names the actions whose handler ignored its abort signal when their leases were given back", async () => {
+    const started = deferred();
+    const never = deferred();
+    cleanups.push(() => never.resolve());
+    const { t, agent } = await connectedAgent(async () => {
+      started.resolve();
+      await never.promise;
+    });
+    const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
+    await started.promise;
+    expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: true, stillRunning: [action?.id] });
+  });
+});

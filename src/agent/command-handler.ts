@@ -2,7 +2,8 @@ import { spawn } from "node:child_process";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure, LeaseLost } from "./agent.js";
 import { type CommandAllowList, type CommandPolicy, requireAllowedCommand } from "./command-policy.js";
-import type { ProcessRegistry } from "./process-registry.js";
+import type { keptBy, startFenceKeeper } from "./fence-keeper.js";
+import type { createProcessRegistry, ProcessRegistry } from "./process-registry.js";
 
 /** The payload the reference agent runs: a command. */
 export interface CommandPayload {
@@ -95,9 +96,17 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  * once a second), and resolves with the exit code and the tails of stdout and
  * stderr. A non-zero exit or a timeout fails the action. When the lease is
  * revoked, the whole process group is killed (SIGTERM, then SIGKILL) before
- * the handler returns: no orphans. When the lease is gone or about to be
- * (expired, superseded, or the agent self-fenced), SIGKILL at once: the server
- * may already have handed the action to another worker.
+ * the handler returns: no orphans while the agent runs. When the lease is gone
+ * or about to be (expired, superseded, or the agent self-fenced), SIGKILL at
+ * once: the server may already have handed the action to another worker.
+ *
+ * An agent that is killed (SIGKILL, the OOM killer) or paused (SIGSTOP) stops
+ * nothing itself, and its commands would run on beside the next attempt.
+ * For the reference agent's guarantee, pass `registry` built with
+ * {@link keptBy} over a {@link startFenceKeeper} keeper, and tell the keeper
+ * each guarantee (`onGuarantee`): the keeper kills every group at once when
+ * the agent dies, and when its guarantee runs out while it is paused (see
+ * the README, "Agents: the SDK and the reference agent").
  *
  * A command, environment variable or working directory that `options.allow`
  * does not allow fails the action without running, not retryable (see
@@ -109,6 +118,11 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
 export async function commandHandler(
   ctx: ActionContext,
   options: {
+    /**
+     * Told of each command's process group (started and gone): a
+     * {@link createProcessRegistry} records them for a later agent's sweep,
+     * and one wrapped by {@link keptBy} also tells a fence keeper.
+     */
     registry?: ProcessRegistry;
     allow?: CommandPolicy | CommandAllowList;
     /** How long a stopped command gets between SIGTERM and SIGKILL (default 2 s). */

@@ -19,7 +19,7 @@ import { receiveLimitOf } from "../rpc/status.js";
 import type { DeploymentPayload } from "../scope/deployment.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
-import { killGroup, tail } from "./command-handler.js";
+import { type commandHandler, killGroup, tail } from "./command-handler.js";
 import {
   type AllowedCommand,
   type CommandAllowList,
@@ -27,7 +27,8 @@ import {
   commandPolicy,
   requireAllowedCommand,
 } from "./command-policy.js";
-import type { ProcessRegistry } from "./process-registry.js";
+import type { keptBy } from "./fence-keeper.js";
+import type { createProcessRegistry, ProcessRegistry } from "./process-registry.js";
 
 /** Options of {@link createDeploymentHandler}. */
 export interface DeploymentHandlerOptions {
@@ -58,7 +59,9 @@ export interface DeploymentHandlerOptions {
   readonly stopGraceMs?: number;
   /**
    * Records the containers' process groups and each attempt's work directory, for a later agent
-   * to stop and remove if this one is killed.
+   * to stop and remove if this one is killed ({@link createProcessRegistry}); wrapped by
+   * {@link keptBy}, it also tells a fence keeper, which kills the containers at once if this
+   * agent is killed (see {@link commandHandler}).
    */
   readonly registry?: ProcessRegistry;
 }

@@ -34,7 +34,14 @@ function keeperMain(): string[] {
   return [...process.execArgv, fileURLToPath(new URL("./fence-keeper-main.ts", import.meta.url))];
 }
 
-/** Starts the keeper; `onExit` hears of it ending (or failing to start) before {@link FenceKeeper.close}. */
+/**
+ * Starts the keeper; `onExit` hears of it ending (or failing to start) before
+ * {@link FenceKeeper.close}. Tell it of the process groups through
+ * {@link keptBy}, and of each guarantee from the agent's `onGuarantee`
+ * (the reference agent adds 250 ms, half the self-fence margin, so the
+ * agent's own fence comes first); without guarantees it still kills at once
+ * when the agent dies, but not when it is paused. Close it after the agent.
+ */
 export function startFenceKeeper(onExit: (code: number | null) => void = () => {}): FenceKeeper {
   let closing = false;
   let ended = false;

@@ -40,3 +40,6 @@ export {
   type DeploymentHandlerOptions,
   isDeploymentPayload,
 } from "./deployment-handler.js";
+// What keeps a killed or paused agent's commands from running on (see commandHandler).
+export { type FenceKeeper, keptBy, startFenceKeeper } from "./fence-keeper.js";
+export { createProcessRegistry, type ProcessRegistry } from "./process-registry.js";

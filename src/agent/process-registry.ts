@@ -115,6 +115,14 @@ function readRecord(path: string): { pid: number; started: string } | { director
   return undefined;
 }
 
+/**
+ * The registry of worker `workerId` under `workDir` (made if missing). Call
+ * `sweep()` before the agent connects, to stop what a killed earlier run of
+ * the same worker left; pass it to commandHandler and createDeploymentHandler
+ * (wrapped by keptBy, to tell a fence keeper too). A work directory holds
+ * the records that decide what is killed and removed: use one only this
+ * agent's user can write (the reference agent refuses one owned by another user).
+ */
 export function createProcessRegistry(workDir: string, workerId: string): ProcessRegistry {
   const dir = join(workDir, ".processes", workerId);
   mkdirSync(dir, { recursive: true });

@@ -117,6 +117,13 @@ export function runSdkAgent(args: string[]): AgentProcess {
   return runFixture(SDK_AGENT, args);
 }
 
+const SDK_COMMAND_AGENT = fileURLToPath(new URL("../fixtures/sdk-command-agent.ts", import.meta.url));
+
+/** Starts the SDK fixture agent that runs commands under a fence keeper: `<address> <cluster> <worker-id> <work-dir>`. */
+export function runSdkCommandAgent(args: string[]): AgentProcess {
+  return runFixture(SDK_COMMAND_AGENT, args);
+}
+
 function runFixture(file: string, args: string[]): AgentProcess {
   const child = spawn(process.execPath, ["--import", "tsx", file, ...args], {
     stdio: ["ignore", "pipe", "inherit"],

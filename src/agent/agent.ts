@@ -1323,6 +1323,7 @@ export function createAgent(options: AgentOptions): Agent {
             if (r && r.epoch === Number(l.epoch)) {
               // No longer the session's lease: its progress would be fenced (worker.proto).
               r.progressWaiting = undefined;
+              r.progressSent = undefined;
               // Finished here already: the report is sent again below. If the server applied it
               // before the old stream broke (and so no longer counts the lease as held), it
               // accepts the repeat; otherwise it is fenced. Either way the agent learns which.

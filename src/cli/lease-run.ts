@@ -594,15 +594,19 @@ export async function waitForLease(
   options: { signal?: AbortSignal; onReconnect?: (error: Error) => void; now?: () => number } = {},
 ): Promise<WaitOutcome> {
   const now = options.now ?? Date.now;
-  // A timeout of 0 asks once, as `kubectl wait --timeout=0` does: the server answers with the
-  // deployments as they are (ready, failed, or not yet), waiting a millisecond for nothing.
-  const until = now() + Math.max(timeoutMs, 1);
+  const until = now() + timeoutMs;
   let last: WaitLeaseResponse | undefined;
   let answered = false;
+  let asked = false;
   return throughRestarts(
     async () => {
-      const left = until - now();
-      if (left <= 0) return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
+      // The first try always asks, however little time is left (a timeout of 0 asks once, as
+      // `kubectl wait --timeout=0` does): the server answers with the deployments as they are
+      // (ready, failed, or not yet), waiting at least a millisecond.
+      const left = Math.max(1, until - now());
+      if (asked && until - now() <= 0)
+        return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
+      asked = true;
       for await (const message of leases.waitLease(
         { leaseId, timeout: durationFromMs(left) },
         {

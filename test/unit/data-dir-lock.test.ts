@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import type { LeaseholdError } from "../../src/errors.js";
 import { lockDataDir } from "../../src/store/data-dir-lock.js";
+import { makeZombie } from "../helpers/zombie.js";
 
 describe("the data directory's lock", () => {
   const dirs: string[] = [];
@@ -56,22 +57,12 @@ describe("the data directory's lock", () => {
     writeFileSync(join(dir, "leasehold.pid"), "1 123");
     expect(refusal(dir)).toBeUndefined();
     // A zombie: killed, and its parent (which never waits) has not reaped it.
-    const parent = spawn("sh", ["-c", "sleep 60 & echo $!; exec sleep 60"]);
+    const zombie = await makeZombie();
     try {
-      const zombie = await new Promise<number>((resolve) =>
-        parent.stdout.once("data", (d: Buffer) => resolve(Number(d.toString().trim()))),
-      );
-      const started = readFileSync(`/proc/${zombie}/stat`, "utf8").split(") ")[1]?.split(" ")[19];
-      process.kill(zombie, "SIGKILL");
-      for (;;) {
-        const state = readFileSync(`/proc/${zombie}/stat`, "utf8").split(") ")[1]?.split(" ")[0];
-        if (state === "Z") break;
-        await new Promise((resolve) => setTimeout(resolve, 10));
-      }
-      writeFileSync(join(dir, "leasehold.pid"), `${zombie} ${started}`);
+      writeFileSync(join(dir, "leasehold.pid"), `${zombie.pid} ${zombie.started}`);
       expect(refusal(dir)).toBeUndefined();
     } finally {
-      parent.kill("SIGKILL");
+      zombie.parent.kill("SIGKILL");
     }
   });
 

@@ -1,12 +1,11 @@
 import { spawn } from "node:child_process";
-import { once } from "node:events";
 import { chownSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { setTimeout as delay } from "node:timers/promises";
 import { afterEach, describe, expect, it } from "vitest";
 import { claimWorkDir, createProcessRegistry, ownWorkDir } from "../../src/agent/process-registry.js";
+import { makeZombie } from "../helpers/zombie.js";
 
 /** A process's start time, as /proc/<pid>/stat gives it (field 22). */
 function startOf(pid: number): string | undefined {
@@ -114,17 +113,10 @@ describe("the process registry", () => {
     expect(claimWorkDir(root, "w2")).toBeUndefined();
     child.kill("SIGKILL");
     await stopped;
-    // Gone: the next agent claims it. So does it after an agent killed but never reaped: a shell
-    // that started `sleep 0` and then became `sleep 300` never waits for it.
-    const parent = spawn("sh", ["-c", "sleep 0 & echo $!; exec sleep 300"], {
-      stdio: ["ignore", "pipe", "ignore"],
-    });
-    const [line] = await once(parent.stdout as NodeJS.ReadableStream, "data");
-    const zombie = Number(String(line).trim());
-    // Bounded: a process's exit is not an event another process can subscribe to.
-    for (let i = 0; i < 500 && !readFileSync(`/proc/${zombie}/stat`, "utf8").includes(") Z "); i++)
-      await delay(10);
-    writeFileSync(record, JSON.stringify({ pid: zombie, started: startOf(zombie) }));
+    // Gone: the next agent claims it. So does it after an agent killed but never reaped.
+    const zombie = await makeZombie();
+    const parent = zombie.parent;
+    writeFileSync(record, JSON.stringify({ pid: zombie.pid, started: startOf(zombie.pid) }));
     expect(claimWorkDir(root, "w1")).toBeUndefined();
     parent.kill("SIGKILL");
     expect(claimWorkDir(root, "w1")).toBeUndefined();

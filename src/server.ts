@@ -671,11 +671,11 @@ function openFailure(url: string, error: unknown): LeaseholdError {
 function countHellos(manager: LeaseManager): { counted: LeaseManager; recent(): number } {
   let waiting = 0;
   let arrived = 0;
-  const open: LeaseManager["open"] = async (hello, link, principal) => {
+  const open: LeaseManager["open"] = async (hello, link, principal, mayRunIn) => {
     waiting += 1;
     arrived += 1;
     try {
-      return await manager.open(hello, link, principal);
+      return await manager.open(hello, link, principal, mayRunIn);
     } finally {
       waiting -= 1;
     }

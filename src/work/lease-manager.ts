@@ -125,8 +125,16 @@ export interface LeaseManager extends AsyncDisposable {
    * (the caller the rpc layer authenticated). A session this would resume or
    * take over that another principal opened is refused with PERMISSION_DENIED
    * (reason SESSION_OWNED_BY_OTHER) and left untouched, its stream included.
+   * `mayRunIn` says in which clusters the principal may run the hello's
+   * worker id: a hello moving a worker out of a cluster it may not run it in
+   * is refused with PERMISSION_DENIED, and touches nothing there.
    */
-  open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle>;
+  open(
+    hello: HelloInput,
+    link: WorkerLink,
+    principal: string,
+    mayRunIn: (cluster: string) => boolean,
+  ): Promise<SessionHandle>;
   /** Extends live sessions for the restart (rule 6) and starts the loops. */
   start(): Promise<void>;
   /**
@@ -270,10 +278,15 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     keepHosted: () => renewal.keepHosted(),
   });
 
-  async function open(hello: HelloInput, link: WorkerLink, principal: string): Promise<SessionHandle> {
+  async function open(
+    hello: HelloInput,
+    link: WorkerLink,
+    principal: string,
+    mayRunIn: (cluster: string) => boolean,
+  ): Promise<SessionHandle> {
     if (closed) throw new LeaseholdError(Code.Unavailable, "the server is shutting down; reconnect");
     const sentAt = performance.now();
-    const opened = await hellos.open(hello, principal);
+    const opened = await hellos.open(hello, principal, mayRunIn);
     // The worker's previous session expired with this hello: reported as the reaper reports.
     if (opened.reaped) void reaper.report(opened.reaped);
     const previous = hosted.get(opened.sessionId);

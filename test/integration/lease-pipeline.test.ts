@@ -59,6 +59,7 @@ describe("lease pipeline", () => {
       },
       link,
       "test",
+      () => true,
     );
     const arrived = (test: (m: ServerMessage) => boolean) =>
       new Promise<void>((resolve) => {

@@ -28,6 +28,9 @@ const opened = (o: BatchOutcome | undefined) => {
 /** A hello of instance `instanceId` (a process of the worker). */
 const as = (workerId: string, instanceId: string): HelloInput => ({ ...hello(workerId, "east"), instanceId });
 
+/** A sender that may run any worker id in any cluster (no credentials configured). */
+const anywhere = () => true;
+
 const refused = (o: BatchOutcome | undefined) => {
   if (!o || !("refused" in o)) throw new Error(`not refused: ${JSON.stringify(o)}`);
   return o.refused as LeaseholdError;
@@ -42,7 +45,7 @@ describe("a batch of hellos", () => {
   });
   /** A hello alone (the way a batch leaves some), as instance `instanceId`. */
   const alone = (workerId: string, instanceId: string) =>
-    openSession(db, clock, "this-server", LIMITS, as(workerId, instanceId), "anonymous");
+    openSession(db, clock, "this-server", LIMITS, as(workerId, instanceId), "anonymous", anywhere);
 
   /** A worker with a live session (deadline in `deadlineSecs`), and LEASED actions held by it. */
   async function liveWorker(
@@ -90,19 +93,20 @@ describe("a batch of hellos", () => {
     await liveWorker("expired", { deadlineSecs: -5 });
     const statements: string[] = [];
     const outcomes = await openSessions(counting(db, statements), clock, "this-server", BATCH_LIMITS, [
-      { hello: hello("fresh", "north"), principal: "anonymous" },
+      { hello: hello("fresh", "north"), principal: "anonymous", mayRunIn: anywhere },
       {
         hello: hello("resuming", "east", [
           ["A1", 1],
           ["A2", 1],
         ]),
         principal: "anonymous",
+        mayRunIn: anywhere,
       },
-      { hello: hello("taken", "east"), principal: "anonymous" },
-      { hello: hello("owned", "east"), principal: "bob" },
-      { hello: hello("moved", "east"), principal: "anonymous" },
-      { hello: hello("expired", "east"), principal: "anonymous" },
-      { hello: hello("fresh", "north"), principal: "anonymous" },
+      { hello: hello("taken", "east"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: hello("owned", "east"), principal: "bob", mayRunIn: anywhere },
+      { hello: hello("moved", "east"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: hello("expired", "east"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: hello("fresh", "north"), principal: "anonymous", mayRunIn: anywhere },
     ]);
 
     const fresh = opened(outcomes[0]);
@@ -201,8 +205,8 @@ describe("a batch of hellos", () => {
       });
       await lockTaken;
       const outcomes = await openSessions(db, clock, "this-server", BATCH_LIMITS, [
-        { hello: hello("locked", "east"), principal: "anonymous" },
-        { hello: hello("beside-locked", "east"), principal: "anonymous" },
+        { hello: hello("locked", "east"), principal: "anonymous", mayRunIn: anywhere },
+        { hello: hello("beside-locked", "east"), principal: "anonymous", mayRunIn: anywhere },
       ]);
       release();
       await holder;
@@ -219,10 +223,10 @@ describe("a batch of hellos", () => {
     await db.execute(sql`update sessions set instance_id = 'first' where worker_id in
                          ('twin-batch', 'twin-alone', 'same', 'lost')`);
     const outcomes = await openSessions(db, clock, "this-server", BATCH_LIMITS, [
-      { hello: as("twin-batch", "second"), principal: "anonymous" },
-      { hello: as("same", "first"), principal: "anonymous" },
-      { hello: as("unnamed", "second"), principal: "anonymous" },
-      { hello: as("lost", "second"), principal: "anonymous" },
+      { hello: as("twin-batch", "second"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: as("same", "first"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: as("unnamed", "second"), principal: "anonymous", mayRunIn: anywhere },
+      { hello: as("lost", "second"), principal: "anonymous", mayRunIn: anywhere },
     ]);
     const inUse = refused(outcomes[0]);
     expect([inUse.code, inUse.reason]).toEqual([Code.AlreadyExists, "WORKER_ID_IN_USE"]);
@@ -298,7 +302,11 @@ describe("a batch of hellos", () => {
     const ids = Array.from({ length: 40 }, (_, i) => `racer-${String(i).padStart(2, "0")}`);
     for (const id of ids) await liveWorker(id);
     for (let round = 0; round < 3; round++) {
-      const forward = ids.map((id) => ({ hello: hello(id, "east"), principal: "anonymous" }));
+      const forward = ids.map((id) => ({
+        hello: hello(id, "east"),
+        principal: "anonymous",
+        mayRunIn: anywhere,
+      }));
       const [a, b] = await Promise.all([
         openSessions(db, clock, "server-a", BATCH_LIMITS, forward),
         openSessions(db, clock, "server-b", BATCH_LIMITS, [...forward].reverse()),

@@ -292,7 +292,9 @@ export function workerServiceBinding(
         try {
           // The session belongs to this principal; another's session for the same worker id is
           // refused inside the open (SESSION_OWNED_BY_OTHER), atomically with the takeover.
-          session = await leases.open(hello, link, ctx.access.actor);
+          session = await leases.open(hello, link, ctx.access.actor, (cluster) =>
+            ctx.access.mayRunWorker(cluster, hello.workerId),
+          );
         } catch (error) {
           refused(hello, ctx.access.actor, error);
           throw error;

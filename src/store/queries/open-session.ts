@@ -86,6 +86,13 @@ export interface OpenedSession {
  * stream stay as they were. A session past its deadline that the reap above
  * ends is not resumed, so the worker id is free for a new session by anyone
  * allowed to use it.
+ *
+ * `mayRunIn` says whether `principal` may run this worker id in a cluster. A
+ * hello that would move a known worker to another cluster is refused with
+ * PERMISSION_DENIED ({@link notInWorkersCluster}) unless it may run it in
+ * the worker's current cluster too, before anything of that cluster is read
+ * or reaped: the agent right in one cluster gives no say over another's
+ * workers, their sessions, or their partition pause (SPEC rule 10).
  */
 export async function openSession(
   db: Db,
@@ -94,6 +101,7 @@ export async function openSession(
   limits: { graceMs: number; partitionShare: number; maxSilenceMs: number },
   hello: HelloInput,
   principal: string,
+  mayRunIn: (cluster: string) => boolean,
   keep?: KeepHosted,
 ): Promise<OpenedSession> {
   const now = clock.now();
@@ -108,6 +116,9 @@ export async function openSession(
       sql`with cluster as (insert into clusters (name) values (${hello.cluster}) on conflict (name) do nothing)
           select cluster, draining, drain_reason from workers where worker_id = ${hello.workerId} for update`,
     );
+    if (worker !== undefined && worker.cluster !== hello.cluster && !mayRunIn(worker.cluster)) {
+      throw notInWorkersCluster(principal, worker.cluster, hello);
+    }
     let [live] = await queryRows<LiveSessionRow>(
       tx,
       sql`select id, worker_id, stream_lost_at, server_id, principal, instance_id, deadline < ${now} as expired
@@ -115,15 +126,14 @@ export async function openSession(
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
     let reaped: ReapResult | undefined;
-    /** Reaps the live session (unless its cluster's expiries are paused); true if it ended. */
-    const reapLive = async (id: string, restarted: boolean) => {
+    /** Reaps the live session (unless its cluster's expiries are paused and `obeyValve`); true if it ended. */
+    const reapLive = async (id: string, restarted: boolean, obeyValve: boolean) => {
       reaped = await reapSessions(tx, clock, {
         limit: 1,
         partitionShare: limits.partitionShare,
         maxSilenceMs: limits.maxSilenceMs,
         sessionIds: [id],
-        // A new process's hello says its predecessor is gone: no partition to wait out.
-        obeyValve: !movingCluster && !restarted,
+        obeyValve,
         keep,
         restarted,
       });
@@ -131,15 +141,19 @@ export async function openSession(
     };
     // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10), in
     // which case the worker is back in time after all and resumes. A worker that moved to another
-    // cluster cannot resume, so its old session ends either way.
-    if (live?.expired && (await reapLive(live.id, false))) live = undefined;
+    // cluster cannot resume, so its old session ends even then, but only at the hello of the
+    // principal that opened it: another principal's hello must not end a paused session (only an
+    // operator's resume or the workers' return ends a pause); it is refused below instead.
+    const ownMove = movingCluster && live?.principal === principal;
+    if (live?.expired && (await reapLive(live.id, false, !ownMove))) live = undefined;
     if (live && live.principal !== principal) throw notTheOwner(principal, hello);
     if (live && inUseByAnother(live, hello)) throw workerIdInUse(hello);
     // A new process of the worker, its predecessor's stream gone: the predecessor's leases are not
     // grants this process missed but work that died with it. They expire now (each charged to its
     // action's system retries, so an action that kills its worker every time fails in the end) and
     // come back with new epochs, rather than being re-sent with the same ones.
-    if (live && restartedProcess(live, hello) && (await reapLive(live.id, true))) live = undefined;
+    // A new process's hello says its predecessor is gone: no partition to wait out.
+    if (live && restartedProcess(live, hello) && (await reapLive(live.id, true, false))) live = undefined;
     if (live && movingCluster) throw inOtherCluster(worker.cluster, hello);
     const resumed = live !== undefined;
     const draining = resumed ? (worker?.draining ?? false) : false;
@@ -221,6 +235,29 @@ export function notTheOwner(principal: string, hello: HelloInput): LeaseholdErro
     {
       reason: SESSION_OWNED_BY_OTHER,
       metadata: { principal, right: "worker.connect", cluster: hello.cluster, worker_id: hello.workerId },
+    },
+  );
+}
+
+/**
+ * A hello refused because it would move a worker out of a cluster in which
+ * its sender may not run that worker id: the worker's record, sessions and
+ * leases there are that cluster's, and so is ending them.
+ */
+export function notInWorkersCluster(
+  principal: string,
+  workerCluster: string,
+  hello: HelloInput,
+): LeaseholdError {
+  return new LeaseholdError(
+    Code.PermissionDenied,
+    `${quote(principal)} lacks the right worker.connect for worker ${quote(hello.workerId)} in cluster ` +
+      `${quote(workerCluster)}, where that worker is registered: moving a worker to cluster ${quote(hello.cluster)} ` +
+      "takes the right to run it in both; use another worker_id, or connect as a principal allowed to run it in " +
+      `${quote(workerCluster)} too (a worker not seen for --worker-retention is forgotten, and its id is free)`,
+    {
+      reason: "PERMISSION_DENIED",
+      metadata: { principal, right: "worker.connect", cluster: workerCluster, worker_id: hello.workerId },
     },
   );
 }

@@ -11,6 +11,7 @@ import {
   inOtherCluster,
   inUseByAnother,
   type LiveSessionRow,
+  notInWorkersCluster,
   notTheOwner,
   type OpenedSession,
   restartedProcess,
@@ -22,6 +23,8 @@ import {
 export interface HelloOfBatch {
   readonly hello: HelloInput;
   readonly principal: string;
+  /** Whether `principal` may run the hello's worker id in a cluster (see `openSession`). */
+  readonly mayRunIn: (cluster: string) => boolean;
 }
 
 /**
@@ -46,8 +49,9 @@ export type BatchOutcome =
  * Each hello gets what `openSession` would give it alone: a live session
  * within its deadline is resumed (taken over if its stream was still open),
  * a worker without one starts a new session, listed leases are resumed or
- * revoked, and a hello for a session another principal opened, or for a
- * worker live in another cluster, is refused without writing anything.
+ * revoked, and a hello for a session another principal opened, for a
+ * worker live in another cluster, or for a worker of a cluster its sender may
+ * not run it in, is refused without writing anything.
  * Hellos whose worker's live session is past its deadline are left alone:
  * their reap (SPEC rule 10 may pause it) goes through `openSession`.
  *
@@ -122,15 +126,19 @@ export async function openSessions(
       drainReason: string;
     }[] = [];
     for (const [workerId, i] of firstOf) {
-      const { hello, principal } = batch[i] as HelloOfBatch;
+      const { hello, principal, mayRunIn } = batch[i] as HelloOfBatch;
       const worker = workerOf.get(workerId);
       const live = liveOf.get(workerId);
-      if (live?.expired || skipped.has(workerId)) continue;
-      if (live && live.principal !== principal) {
+      if (worker && worker.cluster !== hello.cluster && !mayRunIn(worker.cluster)) {
+        outcomes[i] = { refused: notInWorkersCluster(principal, worker.cluster, hello) };
+      } else if (live?.expired || skipped.has(workerId)) {
+        // Left alone: its reap, or the statement holding its session, is openSession's to handle.
+      } else if (live && live.principal !== principal) {
         outcomes[i] = { refused: notTheOwner(principal, hello) };
       } else if (live && inUseByAnother(live, hello)) {
         outcomes[i] = { refused: workerIdInUse(hello) };
       } else if (live && restartedProcess(live, hello)) {
+        // Left alone: its predecessor's session is reaped first.
       } else if (live && worker && worker.cluster !== hello.cluster) {
         outcomes[i] = { refused: inOtherCluster(worker.cluster, hello) };
       } else {

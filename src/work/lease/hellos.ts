@@ -15,11 +15,12 @@ import { createGate } from "../gate.js";
 /** Opens the sessions of validated hellos (SPEC rules 6 and 8: resume, take over, or start). */
 export interface HelloOpener {
   /**
-   * Opens or resumes the session `hello` asks for, as `principal`. Rejects
-   * with the refusal (a session another principal owns, a draining worker…)
-   * or the database's error.
+   * Opens or resumes the session `hello` asks for, as `principal`, who may
+   * run its worker id in the clusters `mayRunIn` allows. Rejects with the
+   * refusal (a session another principal owns, a worker of a cluster the
+   * principal may not run it in…) or the database's error.
    */
-  open(hello: HelloInput, principal: string): Promise<OpenedSession>;
+  open(hello: HelloInput, principal: string, mayRunIn: (cluster: string) => boolean): Promise<OpenedSession>;
   /** Resolves once the hellos already received are opened. */
   close(): Promise<void>;
 }
@@ -54,7 +55,16 @@ export function createHelloOpener(deps: {
   const openAlone = async (b: HelloOfBatch) => {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await openSession(db, clock, serverId, limits, b.hello, b.principal, deps.keepHosted());
+        return await openSession(
+          db,
+          clock,
+          serverId,
+          limits,
+          b.hello,
+          b.principal,
+          b.mayRunIn,
+          deps.keepHosted(),
+        );
       } catch (error) {
         if (attempt >= RACE_TRIES || !lostFirstSessionRace(error)) throw error;
         log.debug(
@@ -119,8 +129,8 @@ export function createHelloOpener(deps: {
   });
 
   return {
-    async open(hello, principal) {
-      const opened = await opens.add({ hello, principal });
+    async open(hello, principal, mayRunIn) {
+      const opened = await opens.add({ hello, principal, mayRunIn });
       if (opened instanceof Error) throw opened;
       return opened;
     },

@@ -299,6 +299,8 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
 
   /**
    * Required: the cluster the worker belongs to (same alphabet as worker_id).
+   * A worker registered in another cluster moves here only if the principal
+   * may run it in both (see Connect).
    *
    * @generated from field: string cluster = 2;
    */
@@ -1268,6 +1270,19 @@ export const WorkerService: GenService<{
    * leaves that session, its leases and its stream untouched. The worker id
    * is free for another principal once that session ends (goodbye, or reaped
    * at its deadline).
+   *
+   * A worker id belongs to the cluster its worker is registered in. A hello
+   * naming another cluster moves the worker there, and needs the right to
+   * run that worker_id in both clusters: a principal allowed only in the new
+   * one ends with PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED,
+   * metadata cluster naming the worker's current cluster), whether or not
+   * the worker is connected, and nothing of that cluster changes. The id is
+   * free again once the worker is forgotten (--worker-retention after it was
+   * last seen). A move by a principal allowed in both ends the worker's old
+   * session as a reap would (its leases expire), even while the old
+   * cluster's expiries are paused, but only a session that principal opened:
+   * another's paused session is kept and the hello refused
+   * (SESSION_OWNED_BY_OTHER).
    *
    * What a client written without the TypeScript agent SDK must do (the SDK
    * does all of it):

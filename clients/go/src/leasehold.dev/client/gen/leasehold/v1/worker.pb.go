@@ -698,6 +698,8 @@ type Hello struct {
 	// '.', '_', '-', ':'). Unique across all clusters.
 	WorkerId string `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
 	// Required: the cluster the worker belongs to (same alphabet as worker_id).
+	// A worker registered in another cluster moves here only if the principal
+	// may run it in both (see Connect).
 	Cluster string `protobuf:"bytes,2,opt,name=cluster,proto3" json:"cluster,omitempty"`
 	// Required: slots, how many leases the server grants the worker at once,
 	// 1–10000.

@@ -179,12 +179,44 @@ describe("work leases", () => {
       events.push(...page.events);
       pageToken = page.nextPageToken;
     } while (pageToken);
-    expect(events.filter((e) => e.kind === EventKind.LEASE_REVOKED).map((e) => e.actionId)).toEqual(
-      made.slice(0, MAX_REVOKE_EVENTS_PER_HELLO).map((l) => l.actionId),
-    );
+    // No action of east has these ids: the events do not name them.
+    const revoked = events.filter((e) => e.kind === EventKind.LEASE_REVOKED);
+    expect(revoked).toHaveLength(MAX_REVOKE_EVENTS_PER_HELLO);
+    expect(revoked.map((e) => e.actionId)).toEqual(revoked.map(() => ""));
     expect(events.find((e) => e.kind === EventKind.SESSION_STARTED)?.message).toMatch(
       /listed 20000 leases it does not hold, all revoked, the first 64 recorded as events/,
     );
+  });
+
+  it("names no other cluster's action in the events of a worker that lists or reports on it, and says it never held it", async () => {
+    const west = await connectWorker(t.address, { workerId: "ww", cluster: "west", capacity: 1 });
+    workers.push(west);
+    const westId = await submit({ cluster: "west" });
+    const eastId = await submit();
+    const holder = await worker("we-holder");
+    await tick().dispatch();
+    const westGrant = await west.next("grant");
+    const eastGrant = await holder.next("grant");
+    // A worker of east lists west's lease, then reports on it and on another east worker's lease.
+    const w = await worker("we", { held: [{ actionId: westId, epoch: westGrant.epoch }] });
+    expect(w.welcome.revoked).toMatchObject([{ actionId: westId }]);
+    expect(await w.complete(westGrant, { output: {} })).toMatchObject({ rejectReason: RejectReason.FENCED });
+    expect(await w.complete(eastGrant, { output: {} })).toMatchObject({ rejectReason: RejectReason.FENCED });
+    await waitForEvent(t, "", "we", EventKind.REPORT_FENCED, 2);
+
+    const east = (await t.client(EventService).listEvents({ cluster: "east", workerId: "we" })).events;
+    expect(east.map((e) => e.actionId)).not.toContain(westId);
+    expect(east.map((e) => e.message).join("\n")).not.toContain(westId);
+    expect(
+      east.filter((e) => e.kind !== EventKind.SESSION_STARTED).map((e) => [e.actionId, e.message]),
+    ).toEqual([
+      ["", "worker we listed a lease it never held (not an action of cluster east); revoked"],
+      ["", "completion from worker we rejected: a lease it never held (not an action of cluster east)"],
+      [eastId, "completion from worker we rejected: epoch 1 is a lease it never held"],
+    ]);
+    // West's action has only west's events.
+    const westEvents = (await events(westId)).map((e) => e.cluster);
+    expect(new Set(westEvents)).toEqual(new Set(["west"]));
   });
 
   it("grants a queued action with epoch 1 and accepts its completion once (a resent copy too)", async () => {
@@ -618,6 +650,10 @@ describe("work leases", () => {
       output: { from: "new owner" },
     });
     expect((await events(id)).map((e) => e.kind)).toContain(EventKind.REPORT_FENCED);
+    // It did hold that lease once: the event says so.
+    expect((await events(id)).find((e) => e.kind === EventKind.LEASE_REVOKED)?.message).toBe(
+      "worker wa listed a lease it no longer holds (epoch 1); revoked",
+    );
   });
 
   it("fails the action with a reason once expiries exhaust its system-retry budget", async () => {

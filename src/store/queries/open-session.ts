@@ -6,6 +6,7 @@ import type { Db } from "../database.js";
 import { uuidv7 } from "../ids.js";
 import { driverError, queryRows, toDate, toNumber } from "../rows.js";
 import type { GrantRecord } from "./claim-actions.js";
+import { insertWorkerEvents, type WorkerEvent } from "./insert-worker-events.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "./reap-sessions.js";
 
 /** A hello, validated. */
@@ -203,10 +204,16 @@ export async function openSession(
         );
     const { resumedLeases, revokedLeases, unlistedLeases } = sortHeld(hello, held);
     const events = helloEvents(hello, resumed, tookOver, resumedLeases, revokedLeases);
-    await tx.execute(sql`
-      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
-      select kind, action_id, ${hello.workerId}, ${hello.cluster}, ${sessionId}, epoch, message, ${principal}
-      from jsonb_to_recordset(${JSON.stringify(events)}::jsonb) as x(kind text, action_id text, epoch bigint, message text)`);
+    await insertWorkerEvents(
+      tx,
+      events.map((e) => ({
+        ...e,
+        worker_id: hello.workerId,
+        cluster: hello.cluster,
+        session_id: sessionId,
+        actor: principal,
+      })),
+    );
 
     return {
       sessionId,
@@ -397,12 +404,7 @@ export function sortHeld(
 }
 
 /** An event a hello writes (worker, cluster, session and actor are the hello's). */
-export interface HelloEvent {
-  kind: string;
-  action_id: string | null;
-  epoch: number | null;
-  message: string;
-}
+export type HelloEvent = Omit<WorkerEvent, "worker_id" | "cluster" | "session_id" | "actor">;
 
 /**
  * Most leases a hello listed and does not hold that get an event each: a hello may list up to
@@ -439,11 +441,19 @@ export function helloEvents(
       epoch: l.epoch,
       message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
     })),
+    // The worker chose these (action, epoch) pairs: an event names only an action of its cluster
+    // (insertWorkerEvents), and says whether the worker ever held that lease.
     ...revokedLeases.slice(0, MAX_REVOKE_EVENTS_PER_HELLO).map((l) => ({
       kind: "lease_revoked",
       action_id: l.actionId,
       epoch: l.epoch,
       message: `worker ${hello.workerId} listed a lease it no longer holds (epoch ${l.epoch}); revoked`,
+      named: {
+        action_id: l.actionId,
+        epoch: l.epoch,
+        never_message: `worker ${hello.workerId} listed a lease it never held (epoch ${l.epoch}); revoked`,
+        foreign_message: `worker ${hello.workerId} listed a lease it never held (not an action of cluster ${hello.cluster}); revoked`,
+      },
     })),
   ];
 }

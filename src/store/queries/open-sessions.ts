@@ -3,9 +3,9 @@ import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { uuidv7 } from "../ids.js";
 import { queryRows, toDate } from "../rows.js";
+import { insertWorkerEvents, type WorkerEvent } from "./insert-worker-events.js";
 import {
   type HeldRow,
-  type HelloEvent,
   type HelloInput,
   helloEvents,
   inOtherCluster,
@@ -225,8 +225,7 @@ export async function openSessions(
       else heldOf.set(h.session_id, [h]);
     }
 
-    const events: (HelloEvent & { worker_id: string; cluster: string; session_id: string; actor: string })[] =
-      [];
+    const events: WorkerEvent[] = [];
     for (const o of opening) {
       const resumed = o.live !== undefined;
       const tookOver = resumed && o.live?.stream_lost_at === null;
@@ -257,12 +256,7 @@ export async function openSessions(
         },
       };
     }
-    await tx.execute(sql`
-      insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
-      select kind, action_id, worker_id, cluster, session_id, epoch, message, actor
-      from jsonb_to_recordset(${JSON.stringify(events)}::jsonb)
-        as x(kind text, action_id text, worker_id text, cluster text, session_id text, epoch bigint, message text,
-             actor text)`);
+    await insertWorkerEvents(tx, events);
     return outcomes;
   });
 }

@@ -1,5 +1,5 @@
-import { sql } from "drizzle-orm";
 import type { Db } from "../database.js";
+import { insertWorkerEvents, type WorkerEvent } from "./insert-worker-events.js";
 
 /** A report that carried a stale lease, or the count of a stream's fenced reports not recorded one by one. */
 export interface FencedReport {
@@ -13,6 +13,13 @@ export interface FencedReport {
   /** The principal of the reporting session: the event's actor. */
   readonly actor: string;
   readonly details?: Record<string, unknown> | undefined;
+  /**
+   * The lease the report named (for a count, the first report's), with the
+   * messages used when it is not one the worker ever held or not an action of
+   * its cluster (see {@link WorkerEvent.named}): a worker may name any action
+   * id, and the event is its cluster's.
+   */
+  readonly named: NonNullable<WorkerEvent["named"]>;
 }
 
 /**
@@ -22,22 +29,19 @@ export interface FencedReport {
  * bounds how many one stream gets.
  */
 export async function recordFencedReports(db: Db, reports: readonly FencedReport[]): Promise<void> {
-  if (reports.length === 0) return;
-  const input = JSON.stringify(
+  await insertWorkerEvents(
+    db,
     reports.map((r) => ({
-      action_id: r.actionId ?? null,
-      epoch: r.epoch ?? null,
+      kind: "report_fenced",
       worker_id: r.workerId,
+      cluster: null,
       session_id: r.sessionId,
       actor: r.actor,
+      action_id: r.actionId ?? null,
+      epoch: r.epoch ?? null,
       message: r.message,
       details: r.details ?? null,
+      named: r.named,
     })),
   );
-  await db.execute(sql`
-    insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, details, actor)
-    select 'report_fenced', x.action_id, x.worker_id, w.cluster, x.session_id, x.epoch, x.message, x.details, x.actor
-    from jsonb_to_recordset(${input}::jsonb)
-      as x(action_id text, epoch bigint, worker_id text, session_id text, message text, details jsonb, actor text)
-    left join workers w on w.worker_id = x.worker_id`);
 }

@@ -55,6 +55,9 @@ interface Window {
   timer: NodeJS.Timeout | undefined;
 }
 
+/** The lease a fenced report named, as the event checks it against the worker's cluster. */
+const named = (token: LeaseToken) => ({ action_id: token.actionId, epoch: token.epoch });
+
 export function createFencedEvents(deps: {
   db: Db;
   log: Logger;
@@ -102,19 +105,27 @@ export function createFencedEvents(deps: {
       { workerId: s.workerId, sessionId: s.sessionId, unrecorded, recorded: w.recorded },
       `worker ${s.workerId} sent fenced reports faster than they are recorded: ${unrecorded} were answered FENCED without an event each`,
     );
+    const counted =
+      `${unrecorded} more fenced reports from worker ${s.workerId} in ${seconds}s were answered FENCED ` +
+      `without an event each (over ${FENCED_EVENTS_PER_WINDOW} per ${windowMs / 1000}s from one stream)`;
+    const firstNamed = `the first: ${first.what} for action ${first.token.actionId} epoch ${first.token.epoch}`;
     add({
       workerId: s.workerId,
       sessionId: s.sessionId,
       actor: s.principal,
-      message:
-        `${unrecorded} more fenced reports from worker ${s.workerId} in ${seconds}s were answered FENCED ` +
-        `without an event each (over ${FENCED_EVENTS_PER_WINDOW} per ${windowMs / 1000}s from one stream); ` +
-        `the first: ${first.what} for action ${first.token.actionId} epoch ${first.token.epoch}`,
+      message: `${counted}; ${firstNamed}`,
       details: {
         unrecorded,
         first_action_id: first.token.actionId,
         first_epoch: first.token.epoch,
         first_report: first.what,
+      },
+      named: {
+        ...named(first.token),
+        never_message: `${counted}; ${firstNamed}`,
+        // The first named another cluster's action (or none): the count does not name it.
+        foreign_message: `${counted}; the first: ${first.what} for a lease it never held (not an action of cluster ${s.cluster})`,
+        foreign_details: { unrecorded, first_report: first.what },
       },
     });
   }
@@ -140,6 +151,11 @@ export function createFencedEvents(deps: {
           sessionId: s.sessionId,
           actor: s.principal,
           message: `${what} from worker ${s.workerId} rejected: epoch ${token.epoch} is not the current lease`,
+          named: {
+            ...named(token),
+            never_message: `${what} from worker ${s.workerId} rejected: epoch ${token.epoch} is a lease it never held`,
+            foreign_message: `${what} from worker ${s.workerId} rejected: a lease it never held (not an action of cluster ${s.cluster})`,
+          },
         });
         return;
       }

@@ -382,7 +382,10 @@ export enum EventKind {
   /**
    * The server revoked a lease (cancel, drain, stale lease on reconnect). Of
    * the stale leases one hello lists, the first 64 get this event each; the
-   * session's event says how many it listed.
+   * session's event says how many it listed. A listed lease that is no
+   * action of the worker's cluster (another cluster's, or none) is recorded
+   * without action_id and epoch, and its message says the worker never held
+   * it: the events of a cluster name only that cluster's actions.
    *
    * @generated from enum value: EVENT_KIND_LEASE_REVOKED = 11;
    */
@@ -395,6 +398,10 @@ export enum EventKind {
    * server has 1,000 of them waiting to be written; the rest of the
    * window's are counted in one more event, without an action, written when
    * the window ends (details: unrecorded, first_action_id, first_epoch).
+   * A report on a lease the worker never held says so; one on no action of
+   * the worker's cluster is recorded without action_id and epoch (and a
+   * count whose first report was such omits first_action_id and
+   * first_epoch), as for EVENT_KIND_LEASE_REVOKED.
    *
    * @generated from enum value: EVENT_KIND_REPORT_FENCED = 12;
    */

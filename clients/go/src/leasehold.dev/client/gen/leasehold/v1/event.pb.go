@@ -50,7 +50,10 @@ const (
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
 	// The server revoked a lease (cancel, drain, stale lease on reconnect). Of
 	// the stale leases one hello lists, the first 64 get this event each; the
-	// session's event says how many it listed.
+	// session's event says how many it listed. A listed lease that is no
+	// action of the worker's cluster (another cluster's, or none) is recorded
+	// without action_id and epoch, and its message says the worker never held
+	// it: the events of a cluster name only that cluster's actions.
 	EventKind_EVENT_KIND_LEASE_REVOKED EventKind = 11
 	// A report carried a stale (action, epoch) and was rejected. Every fenced
 	// report is answered, but a stream's reports get at most 100 such events
@@ -58,6 +61,10 @@ const (
 	// server has 1,000 of them waiting to be written; the rest of the
 	// window's are counted in one more event, without an action, written when
 	// the window ends (details: unrecorded, first_action_id, first_epoch).
+	// A report on a lease the worker never held says so; one on no action of
+	// the worker's cluster is recorded without action_id and epoch (and a
+	// count whose first report was such omits first_action_id and
+	// first_epoch), as for EVENT_KIND_LEASE_REVOKED.
 	EventKind_EVENT_KIND_REPORT_FENCED EventKind = 12
 	// A worker started a new session.
 	EventKind_EVENT_KIND_SESSION_STARTED EventKind = 13

@@ -1,0 +1,90 @@
+import { sql } from "drizzle-orm";
+import type { Db } from "../database.js";
+
+/**
+ * An event about a worker's session, written by {@link insertWorkerEvents}.
+ * Field names are the columns'.
+ */
+export interface WorkerEvent {
+  readonly kind: string;
+  readonly worker_id: string;
+  /** The event's cluster; null: the worker's, as its row says. */
+  readonly cluster: string | null;
+  readonly session_id: string;
+  /** The principal whose call caused it. */
+  readonly actor: string;
+  readonly action_id: string | null;
+  readonly epoch: number | null;
+  readonly message: string;
+  readonly details?: Record<string, unknown> | null;
+  /**
+   * A lease the worker itself named (listed in a hello, reported on) and did
+   * not hold: an (action, epoch) it chose, not one the server gave it. Such a
+   * name is checked before the event keeps it, since the worker could name
+   * any action of any cluster, and the event is read by the worker's
+   * cluster's readers:
+   * - an action of the event's cluster at an epoch the worker once held: the
+   *   event is written as given;
+   * - an action of the event's cluster whose epoch the worker never held:
+   *   with `never_message`;
+   * - no action of the event's cluster has that id (another cluster's, or
+   *   none): with `foreign_message` and `foreign_details`, and without
+   *   action or epoch, so the event names nothing of another cluster.
+   */
+  readonly named?: {
+    readonly action_id: string;
+    readonly epoch: number;
+    readonly never_message: string;
+    readonly foreign_message: string;
+    readonly foreign_details?: Record<string, unknown> | null;
+  };
+}
+
+/**
+ * Inserts `events` in one statement, in their order (their sequence numbers
+ * follow it: a hello's session event comes before its leases'). An event that names a lease the worker
+ * chose (`named`) looks its action up in the event's cluster, and the
+ * worker's attempts of it, in the same statement; the others join nothing.
+ */
+export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[]): Promise<void> {
+  if (events.length === 0) return;
+  const input = JSON.stringify(
+    events.map((e, n) => ({
+      n,
+      kind: e.kind,
+      worker_id: e.worker_id,
+      cluster: e.cluster,
+      session_id: e.session_id,
+      actor: e.actor,
+      action_id: e.action_id,
+      epoch: e.epoch,
+      message: e.message,
+      details: e.details ?? null,
+      named_action_id: e.named?.action_id ?? null,
+      named_epoch: e.named?.epoch ?? null,
+      never_message: e.named?.never_message ?? null,
+      foreign_message: e.named?.foreign_message ?? null,
+      foreign_details: e.named?.foreign_details ?? null,
+    })),
+  );
+  await db.execute(sql`
+    insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, details, actor)
+    select x.kind,
+      case when x.named_action_id is not null and a.id is null then null else x.action_id end,
+      x.worker_id, coalesce(x.cluster, w.cluster), x.session_id,
+      case when x.named_action_id is not null and a.id is null then null else x.epoch end,
+      case when x.named_action_id is null then x.message
+           when a.id is null then x.foreign_message
+           when not exists (select 1 from attempts t where t.action_id = a.id and t.epoch = x.named_epoch
+                                                       and t.worker_id = x.worker_id) then x.never_message
+           else x.message end,
+      case when x.named_action_id is not null and a.id is null then x.foreign_details else x.details end,
+      x.actor
+    from jsonb_to_recordset(${input}::jsonb)
+      as x(n int, kind text, worker_id text, cluster text, session_id text, actor text, action_id text, epoch bigint,
+           message text, details jsonb, named_action_id text, named_epoch bigint, never_message text,
+           foreign_message text, foreign_details jsonb)
+    left join workers w on w.worker_id = x.worker_id
+    left join actions a on a.id = x.named_action_id and a.cluster = coalesce(x.cluster, w.cluster)
+    order by x.n`);
+}

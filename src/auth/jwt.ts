@@ -45,6 +45,14 @@ export interface JwtVerifier {
    * is refreshed by its cache rules, so this resolves "unchanged" for one.
    */
   reload(): Promise<ReloadOutcome>;
+  /**
+   * Which keys {@link verify} checks against: a number that changes whenever
+   * they change (a JWKS file reloaded, a JWKS URL fetched again), or
+   * undefined while a JWKS URL's keys are due to be fetched again. A token
+   * verified under one number is not known to verify under another: a
+   * cache of verified tokens keeps an entry only while the number stays.
+   */
+  keysVersion(): number | undefined;
   /** Stops watching a JWKS file. */
   close(): void;
 }
@@ -129,6 +137,7 @@ export function createJwtVerifier(
     throw LeaseholdError.invalidArgument("--jwt-principal-claim", "must name a claim, e.g. sub");
 
   let getKey: JWTVerifyGetKey;
+  let keysVersion: () => number | undefined;
   let close = () => {};
   let reload = async (): Promise<ReloadOutcome> => "unchanged";
   const remote = /^https?:\/\//i.test(options.jwks);
@@ -150,6 +159,17 @@ export function createJwtVerifier(
       cooldownDuration: REMOTE_JWKS_COOLDOWN_MS,
       timeoutDuration: REMOTE_JWKS_TIMEOUT_MS,
     });
+    let version = 0;
+    let seen = set.jwks();
+    keysVersion = () => {
+      // jose replaces the set's JWKS object with each fetch.
+      const current = set.jwks();
+      if (current !== seen) {
+        seen = current;
+        version++;
+      }
+      return set.fresh ? version : undefined;
+    };
     let failed: { at: number; error: JwksUnavailable } | undefined;
     getKey = async (header, token) => {
       // While fetches fail, a call that would fetch (keys stale, or a key not among them) is
@@ -169,6 +189,8 @@ export function createJwtVerifier(
     const path = options.jwks;
     const content = readCredentialFileSync(path, "--jwt-jwks");
     let set = parseJwksFile(content, path);
+    let version = 0;
+    keysVersion = () => version;
     const reloader = createFileReloader({
       files: [path],
       initial: [content],
@@ -178,6 +200,7 @@ export function createJwtVerifier(
       parse: ([next]) => parseJwksFile(next ?? Buffer.alloc(0), path),
       apply(next) {
         set = next;
+        version++;
         log.info({ file: path, keys: next.jwks().keys.length }, "JWKS reloaded");
       },
     });
@@ -217,6 +240,7 @@ export function createJwtVerifier(
       return { principal, via: "jwt", expiresAtMs: (payload.exp as number) * 1000 };
     },
     reload: () => reload(),
+    keysVersion: () => keysVersion(),
     close,
   };
 

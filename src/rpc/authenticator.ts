@@ -55,24 +55,40 @@ function unauthenticated(message: string, reason = UNAUTHENTICATED_REASON): Leas
  * The principal's rights are the policy's bindings for it plus the roles a
  * static token carries. Streams authenticate once, when they open; unary
  * calls hit a cache keyed by the token (or the certificate's fingerprint),
- * kept no longer than the credential's expiry.
+ * kept no longer than the credential's expiry, and a JWT's entry no longer
+ * than the JWKS keys it verified against (a reload drops it).
  */
 export function createAuthenticator(options: AuthenticatorOptions): Authenticator {
   const now = options.now ?? Date.now;
   // One cache per kind of credential: a key of one kind must never be
   // presentable as the other (a bearer token "cert:<fingerprint>" would
   // otherwise hit a certificate's entry: fingerprints are public).
-  type Entry = { access: Access; untilMs: number; policyVersion: number };
+  // A JWT's entry also holds the verifier's keys version: a key removed from the JWKS must stop
+  // working once the reload is seen, not when the entry runs out.
+  type Entry = { access: Access; untilMs: number; policyVersion: number; keysVersion?: number | undefined };
   const tokens = new Map<string, Entry>();
   const certificates = new Map<string, Entry>();
-  const remember = (cache: Map<string, Entry>, key: string, access: Access, untilMs: number) => {
+  const remember = (
+    cache: Map<string, Entry>,
+    key: string,
+    access: Access,
+    untilMs: number,
+    keysVersion?: number,
+  ) => {
     if (cache.size >= CACHE_ENTRIES) cache.clear();
-    cache.set(key, { access, untilMs, policyVersion: options.policy.version });
+    cache.set(key, { access, untilMs, policyVersion: options.policy.version, keysVersion });
     return access;
   };
-  /** A cached access still good: the credential not expired, the policy not changed since. */
+  /**
+   * A cached access still good: the credential not expired, the policy not
+   * changed since, and for a JWT the keys it verified against still the ones
+   * in use (an undefined version, keys due to be fetched, matches nothing).
+   */
   const fresh = (hit: Entry | undefined) =>
-    hit !== undefined && hit.untilMs > now() && hit.policyVersion === options.policy.version;
+    hit !== undefined &&
+    hit.untilMs > now() &&
+    hit.policyVersion === options.policy.version &&
+    (hit.keysVersion === undefined || hit.keysVersion === options.jwt?.keysVersion());
   const accessFor = (identity: Identity) =>
     accessOf(identity.principal, [
       ...options.policy.bindingsOf(identity.principal),
@@ -89,9 +105,11 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
       return remember(tokens, token, accessFor(identity), now() + 10_000);
     }
     if (options.jwt && looksLikeJwt(token)) {
-      return options.jwt.verify(token).then((identity) => {
+      const jwt = options.jwt;
+      return jwt.verify(token).then((identity) => {
         const untilMs = Math.min(identity.expiresAtMs ?? Number.POSITIVE_INFINITY, now() + CACHE_MS);
-        return remember(tokens, token, accessFor(identity), untilMs);
+        // NaN equals no version: keys already due again are not trusted for the next call.
+        return remember(tokens, token, accessFor(identity), untilMs, jwt.keysVersion() ?? Number.NaN);
       });
     }
     throw unauthenticated(

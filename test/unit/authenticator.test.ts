@@ -3,9 +3,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { PeerCertificate } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
+import { type CryptoKey, exportJWK, generateKeyPair, SignJWT } from "jose";
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import type { Identity } from "../../src/auth/access.js";
+import { createJwtVerifier } from "../../src/auth/jwt.js";
 import { loadReloadingPolicy, parsePolicy } from "../../src/auth/policy.js";
 import type { StaticTokens } from "../../src/auth/static-tokens.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
@@ -109,6 +111,54 @@ describe("policy reload", () => {
     expect(await reloading.reload()).toBe("rejected");
     expect((await auth.authenticate(withToken)).can("action.read", "demo")).toBe(true);
     reloading.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+describe("JWKS reload", () => {
+  it("refuses a cached JWT once its signing key is gone from the reloaded JWKS", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-jwks-"));
+    const file = join(dir, "jwks.json");
+    const [old, next] = [await generateKeyPair("ES256"), await generateKeyPair("ES256")];
+    const jwks = async (...keys: [CryptoKey, string][]) =>
+      JSON.stringify({
+        keys: await Promise.all(keys.map(async ([k, kid]) => ({ ...(await exportJWK(k)), kid }))),
+      });
+    writeFileSync(file, await jwks([old.publicKey, "old"], [next.publicKey, "next"]));
+    const log = pino({ level: "silent" });
+    const jwt = createJwtVerifier(
+      {
+        jwks: file,
+        issuer: "https://issuer.test",
+        audience: "leasehold",
+        clockSkewMs: 0,
+        principalClaim: "sub",
+      },
+      log,
+      { pollMs: 0 },
+    );
+    const auth = createAuthenticator({ policy, jwt, log });
+    const sign = (key: CryptoKey, kid: string) =>
+      new SignJWT({})
+        .setProtectedHeader({ alg: "ES256", kid })
+        .setSubject("ci-bot")
+        .setIssuer("https://issuer.test")
+        .setAudience("leasehold")
+        .setExpirationTime("1h")
+        .sign(key);
+    const withOld = call({ authorization: `Bearer ${await sign(old.privateKey, "old")}` });
+    const withNext = call({ authorization: `Bearer ${await sign(next.privateKey, "next")}` });
+    expect((await auth.authenticate(withOld)).actor).toBe("ci-bot");
+    expect((await auth.authenticate(withNext)).actor).toBe("ci-bot");
+
+    // The old key is withdrawn: its token, verified and cached a moment ago, is refused at once.
+    writeFileSync(file, await jwks([next.publicKey, "next"]));
+    expect(await jwt.reload()).toBe("applied");
+    const refused = await refusal(() => auth.authenticate(withOld));
+    expect(refused.code).toBe(Code.Unauthenticated);
+    // A token of a key still there is verified again, and still accepted.
+    expect((await auth.authenticate(withNext)).actor).toBe("ci-bot");
+    jwt.close();
     rmSync(dir, { recursive: true, force: true });
   });
 });

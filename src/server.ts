@@ -192,6 +192,7 @@ export async function startServer(
     maxConnectionsPerAddress: config.maxConnectionsPerAddress,
     ...(limits.maxConnections ? { maxConnections: limits.maxConnections } : {}),
     authenticator,
+    tls: security.tls?.material,
     reflection: config.auth.reflection,
     // Room for the largest file plus the rest of its request.
     maxReceiveMessageBytes: config.maxFileBytes + 1024 * 1024,

@@ -14,6 +14,7 @@ import {
   type ServiceImpl,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
+import { closeConnectionsOnClientCaChange } from "./client-ca-change.js";
 import {
   type ConnectionObserver,
   DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
@@ -26,6 +27,7 @@ import { perSecond } from "./per-second.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
 import { releaseDecodedChunks } from "./stream-decoder-release.js";
+import type { TlsMaterialSource } from "./tls.js";
 
 /** A service and its implementation, ready to register. */
 export interface ServiceBinding {
@@ -82,6 +84,12 @@ export interface RpcServerOptions {
   readonly requestStallMs?: number;
   /** Authentication of every call of `services`; none: every call is allowed (no credentials configured). */
   readonly authenticator?: Authenticator | undefined;
+  /**
+   * The port's TLS certificates, when it asks clients for one: on a change
+   * of `--tls-client-ca`, connections whose client certificate the new CA
+   * does not verify are closed (see closeConnectionsOnClientCaChange).
+   */
+  readonly tls?: TlsMaterialSource | undefined;
   /**
    * Who may use server reflection: `open` (anyone, the default, as grpcurl
    * users expect) or `authenticated` (any caller the authenticator accepts).
@@ -228,10 +236,24 @@ export async function createRpcServer(
   } else {
     options.log.warn("grpc-js's server changed shape: client connections are not bounded");
   }
+  let stopCaWatch = () => {};
+  if (options.tls?.requestCert) {
+    if (listening instanceof Map)
+      stopCaWatch = closeConnectionsOnClientCaChange(
+        listening.keys() as Iterable<NetServer>,
+        options.tls,
+        options.log,
+      );
+    else
+      options.log.warn(
+        "grpc-js's server changed shape: connections made under an earlier --tls-client-ca are not checked again",
+      );
+  }
 
   let closing: Promise<void> | undefined;
   const close = () => {
     closing ??= (async () => {
+      stopCaWatch();
       for (const n of names) health.setStatus(n, "NOT_SERVING");
       // End open streams (watches, agent streams) with UNAVAILABLE so clients reconnect.
       shutdown.abort(

@@ -7,6 +7,7 @@ import { type AgentEvent, createAgent } from "../../src/agent/agent.js";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
 import { type CertificateFiles, createCa, issueCertificate } from "../helpers/pki.js";
@@ -169,6 +170,71 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
     expect(done?.state).toBe(ActionState.SUCCEEDED);
     expect(events.filter((e) => e.type === "connected")).toHaveLength(1);
     expect(events.filter((e) => e.type === "disconnected")).toHaveLength(0);
+  });
+
+  it("closes the connections whose client certificate the new client CA does not verify, once it changes", async () => {
+    const caFile = join(dir, "rotating-client-ca.crt");
+    copyFileSync(clientCa.certFile, caFile);
+    const nextCa = createCa(dir, "next-client-ca");
+    const nextOperator = issueCertificate(nextCa, {
+      dir,
+      name: "next-op",
+      uris: ["spiffe://t/op"],
+      client: true,
+    });
+    const other = await startTestServer({
+      config: {
+        tlsCert: serverCert2.certFile,
+        tlsKey: serverCert2.keyFile,
+        tlsClientCa: caFile,
+        authPolicy: join(dir, "policy.yaml"),
+      },
+    });
+    closers.push(() => other[Symbol.asyncDispose]());
+    const on = (client: CertificateFiles) => {
+      const c = createClient(
+        ClusterService,
+        other.address,
+        credentialsFor([serverCa2], client),
+        OWN_CONNECTION,
+      );
+      closers.push(() => c.close());
+      return c;
+    };
+    const old = on(operator);
+    expect((await old.listClusters({})).clusters).toBeDefined();
+    // A watch opened under the old CA, on a connection of its own.
+    const watcher = createClient(
+      EventService,
+      other.address,
+      credentialsFor([serverCa2], operator),
+      OWN_CONNECTION,
+    );
+    closers.push(() => watcher.close());
+    const watch = watcher.watchEvents({ kind: EventKind.ACTION_SUBMITTED })[Symbol.asyncIterator]();
+    await watcher.listEvents({});
+
+    replace(caFile, nextCa.certFile);
+    expect(await other.server.security.tls?.reload()).not.toBe("rejected");
+    // The connections the old CA verified carry no new call: the client must connect again, and
+    // the new CA refuses its certificate.
+    await expect(old.listClusters({})).rejects.toMatchObject({ code: Code.Unavailable });
+    expect(other.logs.map((l) => l.msg)).toContain(
+      "closed 2 connections whose client certificate does not chain to the new --tls-client-ca; their open streams go on",
+    );
+    const actions = createClient(
+      ActionService,
+      other.address,
+      credentialsFor([serverCa2], nextOperator),
+      OWN_CONNECTION,
+    );
+    closers.push(() => actions.close());
+    const { action } = await actions.submitAction({ cluster: "tls", payload: {} });
+    // The open watch goes on to its end, as open streams do over any rotation.
+    let seen = await watch.next();
+    while (!seen.done && seen.value.event?.actionId !== action?.id) seen = await watch.next();
+    expect(seen.done).toBe(false);
+    await watch.return?.();
   });
 
   it("verifies the name an agent was given, not the IPs it resolves to", async () => {

@@ -504,6 +504,9 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         onRefused: refusalLogger(log),
         tls: security.tls?.material,
         maxRequestBytes: config.maxFileBytes + 1024 * 1024,
+        // Request bodies still arriving share the port's budget and stall rule.
+        requestBodies: rpc.partialRequests,
+        ...(limits.requestStallMs ? { requestStallMs: limits.requestStallMs } : {}),
         ...(overrides.consoleStaticDir ? { staticDir: overrides.consoleStaticDir } : {}),
       }).catch((error: unknown) => {
         throw listenFailure("--console-listen", config.consoleListen as string, error);

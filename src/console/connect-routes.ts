@@ -160,7 +160,12 @@ function toConnectError(
 ): ConnectError {
   const path = `${service.typeName}/${method.name}`;
   reportRefusal(error, deps.onRefused, { path, peer: caller.peer, access });
-  const status = toStatus(error, deps.log, path);
+  return connectErrorOf(error, deps.log, path);
+}
+
+/** A thrown error as the Connect error carrying the gRPC port's status, details included. */
+export function connectErrorOf(error: unknown, log: Logger, path: string): ConnectError {
+  const status = toStatus(error, log, path);
   const connectError = new ConnectError(status.message, status.code as number);
   // Already encoded: ErrorInfo, BadRequest, PreconditionFailure as the gRPC port sends them.
   for (const any of status.details) {

@@ -12,9 +12,11 @@ import { isLoopback } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Refusal } from "../rpc/adapter.js";
 import type { Authenticator } from "../rpc/authenticator.js";
+import type { PartialRequestLimit } from "../rpc/partial-requests.js";
 import type { ServiceBinding } from "../rpc/server.js";
 import type { TlsMaterialSource } from "../rpc/tls.js";
 import { callerValues, consoleRoutes } from "./connect-routes.js";
+import { createRequestGuard } from "./request-guard.js";
 
 /** Where `npm run build` puts the page (src/console/web bundled); the same from src/ and dist/. */
 export const DEFAULT_STATIC_DIR = fileURLToPath(new URL("../../dist/console/web/", import.meta.url));
@@ -34,6 +36,10 @@ export interface ConsoleOptions {
   readonly tls?: TlsMaterialSource | undefined;
   /** Largest request body accepted, as on the gRPC port. */
   readonly maxRequestBytes: number;
+  /** The gRPC port's budget of requests still arriving, which API request bodies share. */
+  readonly requestBodies?: Pick<PartialRequestLimit, "hold"> | undefined;
+  /** A request body that gains less than 16 KiB in this long is ended; default 30 s, as on the gRPC port. */
+  readonly requestStallMs?: number | undefined;
   /** The built page; default {@link DEFAULT_STATIC_DIR}. */
   readonly staticDir?: string;
   /** How long `close()` waits for open requests before cutting them. Default 2000 ms. */
@@ -146,6 +152,15 @@ export async function serveConsole(options: ConsoleOptions): Promise<ConsoleServ
     },
   });
 
+  const guard = createRequestGuard({
+    log,
+    authenticator: options.authenticator,
+    onRefused: options.onRefused,
+    budget: options.requestBodies,
+    maxRequestBytes: options.maxRequestBytes,
+    stallMs: options.requestStallMs,
+  });
+
   const handle = (request: IncomingMessage, response: ServerResponse) => {
     if (checkHost && !loopbackHost(request.headers.host)) {
       response
@@ -182,7 +197,9 @@ export async function serveConsole(options: ConsoleOptions): Promise<ConsoleServ
         .end(`the console page is not built: run \`npm run build\` (looked in ${staticDir})\n`);
       return;
     }
-    api(request, response);
+    // Every API call has a body (Connect: POST), and is authenticated before it is read.
+    if (request.method === "POST") guard(request, response, () => api(request, response));
+    else api(request, response);
   };
 
   const tls = options.tls;

@@ -59,6 +59,13 @@ export interface PartialRequestLimit {
   readonly interceptor: grpc.ServerInterceptor;
   /** Bytes held now by request messages still arriving, as the budget counts them. */
   readonly heldBytes: number;
+  /**
+   * Counts `bytes` of a request body arriving elsewhere (the console's HTTP
+   * port) against the same budget; returns the function that lets them go,
+   * or undefined, counting nothing, when they would take the total past it
+   * (a body of at most {@link SMALL_PARTIAL_BYTES} is always counted).
+   */
+  hold(bytes: number): (() => void) | undefined;
   /** Stops the stall checks (the server is closing). Idempotent. */
   close(): void;
 }
@@ -343,6 +350,15 @@ export function createPartialRequestLimit(options: PartialRequestOptions): Parti
     interceptor,
     get heldBytes() {
       return heldBytes;
+    },
+    hold(bytes) {
+      if (bytes > SMALL_PARTIAL_BYTES && heldBytes + bytes > maxBytes) return undefined;
+      heldBytes += bytes;
+      let held = true;
+      return () => {
+        if (held) heldBytes -= bytes;
+        held = false;
+      };
     },
     close() {
       closed = true;

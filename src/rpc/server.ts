@@ -22,7 +22,7 @@ import {
   limitConnections,
 } from "./connection-limits.js";
 import { pushUncompressedAtOnce } from "./message-push.js";
-import { createPartialRequestLimit } from "./partial-requests.js";
+import { createPartialRequestLimit, type PartialRequestLimit } from "./partial-requests.js";
 import { perSecond } from "./per-second.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
@@ -120,6 +120,11 @@ export interface RpcServer extends AsyncDisposable {
   readonly port: number;
   /** grpc.health.v1 state, per service name ("" is the whole server). */
   readonly health: HealthImplementation;
+  /**
+   * The budget of request messages still arriving, for the console's request
+   * bodies to share; undefined when grpc-js's call changed shape.
+   */
+  readonly partialRequests: Pick<PartialRequestLimit, "hold"> | undefined;
   /**
    * Health NOT_SERVING, stop accepting, give open calls until the timeout,
    * then cut them. Idempotent.
@@ -279,6 +284,7 @@ export async function createRpcServer(
   return {
     port,
     health,
+    partialRequests,
     markServing: () => {
       if (closing) return;
       for (const n of names) health.setStatus(n, "SERVING");

@@ -291,6 +291,95 @@ describe("the console with credentials configured", () => {
   });
 });
 
+/**
+ * Starts an API request that announces a body of `announced` bytes and sends only
+ * `sent` of them; resolves with the answer the console gives while the rest never comes.
+ */
+function partialBody(
+  port: number,
+  options: { announced: number; sent: number; token?: string },
+): Promise<{ status: number; body: string; connection: string | undefined }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest({
+      host: "127.0.0.1",
+      port,
+      path: "/leasehold.v1.ClusterService/ListClusters",
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        "connect-protocol-version": "1",
+        "content-length": String(options.announced),
+        ...(options.token ? { authorization: `Bearer ${options.token}` } : {}),
+      },
+    });
+    req.on("response", (res) => {
+      let body = "";
+      res.setEncoding("utf8");
+      res.on("data", (chunk: string) => {
+        body += chunk;
+      });
+      res.on("end", () => {
+        resolve({ status: res.statusCode ?? 0, body, connection: res.headers.connection });
+        req.destroy();
+      });
+    });
+    req.on("error", reject);
+    req.write(" ".repeat(options.sent));
+  });
+}
+
+describe("the console's request bodies", () => {
+  let t: TestServer;
+  let dir: string;
+  let token: string;
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "leasehold-console-bodies-"));
+    const tokensFile = join(dir, "tokens.yaml");
+    token = addStaticToken(tokensFile, {
+      principal: "console-reader",
+      bindings: [{ role: "reader", clusters: ["*"], workerIds: "*" }],
+    });
+    t = await startTestServer({
+      config: { consoleListen: "127.0.0.1:0", authTokens: tokensFile },
+      overrides: {
+        consoleStaticDir: dir,
+        limits: { maxPartialRequestBytes: 1024 * 1024, requestStallMs: 300 },
+      },
+    });
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("answers a caller without credentials before reading its body, and closes the connection", async () => {
+    const answer = await partialBody(t.server.consolePort ?? 0, { announced: 1024 * 1024, sent: 1024 });
+    expect(answer).toMatchObject({ status: 401, connection: "close" });
+    expect(JSON.parse(answer.body)).toMatchObject({ code: "unauthenticated" });
+  });
+
+  it("ends a body that stalls, as the gRPC port does", async () => {
+    const answer = await partialBody(t.server.consolePort ?? 0, { announced: 512 * 1024, sent: 1024, token });
+    expect(answer).toMatchObject({ status: 429, connection: "close" });
+    expect(JSON.parse(answer.body)).toMatchObject({
+      code: "resource_exhausted",
+      details: [expect.objectContaining({ type: "google.rpc.ErrorInfo" })],
+    });
+    expect(t.logs.some((l) => l.reason === "REQUEST_STALLED")).toBe(true);
+  });
+
+  it("counts a body against the gRPC port's budget of requests still arriving", async () => {
+    const answer = await partialBody(t.server.consolePort ?? 0, {
+      announced: 2 * 1024 * 1024,
+      sent: 1024,
+      token,
+    });
+    expect(answer).toMatchObject({ status: 429, connection: "close" });
+    expect(t.logs.some((l) => l.reason === "PARTIAL_REQUESTS_OVER_BUDGET")).toBe(true);
+  });
+});
+
 describe("the console over TLS", () => {
   let t: TestServer;
   let dir: string;

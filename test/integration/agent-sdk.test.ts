@@ -4,38 +4,13 @@ import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leaseh
 import { ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../../src/rpc/client.js";
+import { agentEvents as eventsOf } from "../helpers/agent-events.js";
 import { freshStore } from "../helpers/database.js";
 import { deferred } from "../helpers/deferred.js";
 import { freePort } from "../helpers/ports.js";
 import { runLeasehold } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
-
-/** Resolves when `test` holds for an agent event (events are pushed, not polled). */
-function eventsOf() {
-  const seen: AgentEvent[] = [];
-  const waiters = new Set<() => void>();
-  return {
-    seen,
-    onEvent(event: AgentEvent) {
-      seen.push(event);
-      for (const w of [...waiters]) w();
-    },
-    until<T extends AgentEvent>(test: (e: AgentEvent) => e is T): Promise<T> {
-      return new Promise((resolve) => {
-        const look = () => {
-          const found = seen.find(test);
-          if (found) {
-            waiters.delete(look);
-            resolve(found as T);
-          }
-        };
-        waiters.add(look);
-        look();
-      });
-    },
-  };
-}
 
 describe("the agent SDK against a real server", () => {
   const cleanups: (() => Promise<unknown> | unknown)[] = [];

@@ -638,6 +638,13 @@ export function createAgent(options: AgentOptions): Agent {
     welcomed: boolean;
     /** The welcome said accepts_batches: reports may go in batches. */
     batches: boolean;
+    /** The welcome said accepts_stop_grants. */
+    takesStopGrants: boolean;
+    /**
+     * The server sends no more grants on this stream: the agent is closing and
+     * the server takes StopGrants (the hello set stop_grants, or one was sent).
+     */
+    grantsStopped: boolean;
     heartbeatTimer: NodeJS.Timeout | undefined;
     /** Local send time of each unacknowledged heartbeat, by sequence. */
     readonly sent: Map<bigint, number>;
@@ -961,8 +968,8 @@ export function createAgent(options: AgentOptions): Agent {
     // heartbeats, until a slot frees and an ack brings a fresh guarantee (asked
     // for right away), and is given back without running if its signal aborts
     // first (revoke, a reconnect that revokes it). While the agent closes, it
-    // waits for the goodbye, which gives back every lease at once: given back
-    // one by one, each would free a slot for the server to fill again.
+    // is given back at once if the server took StopGrants (see stopGrants), and
+    // otherwise waits for the goodbye, which gives back every lease at once.
     r.start = run;
     controller.signal.addEventListener(
       "abort",
@@ -973,7 +980,8 @@ export function createAgent(options: AgentOptions): Agent {
       },
       { once: true },
     );
-    if (!mayStart()) conn.beat();
+    if (closing) stopGrants(conn);
+    else if (!mayStart()) conn.beat();
   }
 
   /** Records how a grant ended and reports it (or forgets it, when it is no longer ours). */
@@ -1259,6 +1267,8 @@ export function createAgent(options: AgentOptions): Agent {
       flushTimer: undefined,
       welcomed: false,
       batches: false,
+      takesStopGrants: false,
+      grantsStopped: false,
       heartbeatTimer: undefined,
       sent: new Map(),
       lastAcked: undefined,
@@ -1315,6 +1325,9 @@ export function createAgent(options: AgentOptions): Agent {
         case "welcome": {
           conn.welcomed = true;
           conn.batches = m.value.acceptsBatches;
+          // A hello sent while closing set stop_grants: a server that takes it sends no more.
+          conn.takesStopGrants = m.value.acceptsStopGrants;
+          conn.grantsStopped = closing && conn.takesStopGrants;
           attemptsWithoutWelcome = 0;
           if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
           sessionId = m.value.sessionId;
@@ -1365,7 +1378,10 @@ export function createAgent(options: AgentOptions): Agent {
             if (r.report) sendReport(conn, r);
             else sendProgress(r, false);
           }
-          if (closing) finishClose(conn);
+          if (closing) {
+            stopGrants(conn);
+            finishClose(conn);
+          }
           break;
         }
         case "heartbeatAck": {
@@ -1561,9 +1577,33 @@ export function createAgent(options: AgentOptions): Agent {
           agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
           instanceId,
           acceptsBatches: true,
+          stopGrants: closing,
         },
       },
     });
+  }
+
+  /**
+   * While closing, on a stream whose server takes StopGrants: asks for no more
+   * grants (once), then gives back the grants that wait for a slot or a
+   * guarantee, so that they run elsewhere now rather than after the goodbye.
+   * Without StopGrants they wait for the goodbye: given back one by one, each
+   * would free a slot for the server to fill again.
+   */
+  function stopGrants(conn: Connection): void {
+    if (!closing || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
+    if (!conn.grantsStopped) {
+      if (!conn.takesStopGrants) return;
+      // Sent at once, ahead of the reports queued this turn: a completion the server read
+      // first would have its freed slot filled in the same transaction.
+      conn.send({ message: { case: "stopGrants", value: { reason: "agent shutting down" } } });
+      conn.grantsStopped = true;
+    }
+    for (const r of running.values()) {
+      if (r.start === undefined || r.report) continue;
+      r.start = undefined;
+      settle(r, { kind: "released", reason: "the agent is shutting down" });
+    }
   }
 
   let closeDone: (() => void) | undefined;
@@ -1604,8 +1644,10 @@ export function createAgent(options: AgentOptions): Agent {
     }
     closingPromise = (async () => {
       // From here no grant starts: the ones waiting for a slot or a guarantee, and any that
-      // arrive, are given back unrun by the goodbye (see finishClose).
+      // arrive, are given back unrun: at once if the server takes StopGrants (see stopGrants),
+      // else by the goodbye (see finishClose).
       closing = true;
+      if (current) stopGrants(current);
       // Handlers superseded by a newer grant of their action are still work of this agent.
       const allSettled = Promise.all([...running.values(), ...superseded].map((r) => r.settled));
       await new Promise<void>((resolve) => {

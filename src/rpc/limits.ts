@@ -131,6 +131,7 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   "leasehold.v1.ReleaseReport.report_id": { fullRange64: true },
   "leasehold.v1.ReleaseReport.reason": { maxLength: TEXT },
   "leasehold.v1.Goodbye.reason": { maxLength: TEXT },
+  "leasehold.v1.StopGrants.reason": { maxLength: TEXT },
 };
 
 /**

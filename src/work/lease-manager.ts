@@ -309,6 +309,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       lastHeld: hello.heldLeases,
       revoked: undefined,
       draining: opened.draining,
+      grantsStopped: hello.stopGrants === true,
       unacked: new Map(),
       blocked: false,
       heardAt: performance.now(),

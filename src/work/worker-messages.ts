@@ -52,7 +52,9 @@ export type WorkerMessage =
       readonly epoch: number;
       readonly reason: string;
     }
-  | { readonly type: "goodbye"; readonly reason: string };
+  | { readonly type: "goodbye"; readonly reason: string }
+  /** The worker takes no more grants on this stream (it is stopping). */
+  | { readonly type: "stop_grants"; readonly reason: string };
 
 /** Why a lease is taken away from a worker. */
 export type RevokeReason =

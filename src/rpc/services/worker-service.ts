@@ -456,6 +456,7 @@ export function toHelloInput(hello: Hello): HelloInput {
     agentVersion: hello.agentVersion,
     instanceId: hello.instanceId,
     heldLeases: uniqueLeases(hello.heldLeases),
+    stopGrants: hello.stopGrants,
   };
 }
 
@@ -609,6 +610,8 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
       );
     case "goodbye":
       return { type: "goodbye", reason: m.value.reason };
+    case "stopGrants":
+      return { type: "stop_grants", reason: m.value.reason };
     case "hello":
       return {
         type: "invalid",
@@ -674,8 +677,9 @@ export function toConnectResponse(m: ServerMessage): Response {
             revoked: m.revoked.map((l) => ({ actionId: l.actionId, epoch: BigInt(l.epoch) })),
             sessionResumed: m.sessionResumed,
             serverId: m.serverId,
-            // This layer takes ConnectRequest.batch on every stream.
+            // This layer takes ConnectRequest.batch and stop_grants on every stream.
             acceptsBatches: true,
+            acceptsStopGrants: true,
           },
         },
       };

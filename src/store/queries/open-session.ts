@@ -19,6 +19,8 @@ export interface HelloInput {
   /** Hello.instance_id: the sending process's own random id, or ''. */
   readonly instanceId: string;
   readonly heldLeases: readonly { actionId: string; epoch: number }[];
+  /** Hello.stop_grants: the stream takes no grants (not stored: it lasts as long as the stream). */
+  readonly stopGrants?: boolean;
 }
 
 /** The ErrorInfo reason of a hello refused because another principal's session holds the worker id. */

@@ -45,7 +45,10 @@ export interface Hosted {
    * them.
    */
   revoked: Map<string, RevokedLease> | undefined;
+  /** An operator drains the worker (ClusterService.DrainWorker): no grants, and a Drain was sent. */
   draining: boolean;
+  /** The worker itself takes no more grants on this stream (StopGrants, or Hello.stop_grants). */
+  grantsStopped: boolean;
   /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
   readonly unacked: Map<string, number>;
   /** A claim passed this stream over for its full outbound buffer; `writable` lets it in again. */
@@ -128,7 +131,7 @@ export interface HostedSessions {
   /**
    * How many more grants `s` may take now, counting `freeing` of its held
    * leases as already let go: free slots, within the grant window, none
-   * while draining or while its outbound buffer is at the high-water mark.
+   * while draining, after the worker stopped grants, or while its outbound buffer is at the high-water mark.
    */
   room(s: Hosted, freeing?: number): number;
   /**
@@ -185,7 +188,7 @@ export function createHostedSessions(limits: {
   };
 
   const room = (s: Hosted, freeing = 0): number => {
-    if (s.ended || s.draining) return 0;
+    if (s.ended || s.draining || s.grantsStopped) return 0;
     if (s.link.bufferedBytes() >= grantHighWaterBytes) {
       s.blocked = true;
       return 0;

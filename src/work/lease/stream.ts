@@ -121,6 +121,15 @@ export function createStreamHandle(
         case "release":
           hosted.acknowledged(s, message);
           return reports.finish(s, message);
+        case "stop_grants":
+          if (!s.grantsStopped) {
+            s.grantsStopped = true;
+            log.info(
+              { workerId: s.workerId, sessionId: s.sessionId, reason: message.reason },
+              "worker takes no more grants",
+            );
+          }
+          return;
         case "goodbye":
           hosted.remove(s);
           deps.handover.ended(s);

@@ -54,7 +54,7 @@ class CompletionReport(_message.Message):
     def __init__(self, report_id: _Optional[int] = ..., action_id: _Optional[str] = ..., epoch: _Optional[int] = ..., succeeded: _Optional[_Union[ActionSuccess, _Mapping]] = ..., failed: _Optional[_Union[ActionFailure, _Mapping]] = ..., trace_parent: _Optional[str] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ["batch", "completion", "goodbye", "grant_ack", "heartbeat", "hello", "progress", "release"]
+    __slots__ = ["batch", "completion", "goodbye", "grant_ack", "heartbeat", "hello", "progress", "release", "stop_grants"]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class ConnectRequest(_message.Message):
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    STOP_GRANTS_FIELD_NUMBER: _ClassVar[int]
     batch: ConnectRequestBatch
     completion: CompletionReport
     goodbye: Goodbye
@@ -71,7 +72,8 @@ class ConnectRequest(_message.Message):
     hello: Hello
     progress: ProgressReport
     release: ReleaseReport
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., grant_ack: _Optional[_Union[GrantAck, _Mapping]] = ..., progress: _Optional[_Union[ProgressReport, _Mapping]] = ..., completion: _Optional[_Union[CompletionReport, _Mapping]] = ..., release: _Optional[_Union[ReleaseReport, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., batch: _Optional[_Union[ConnectRequestBatch, _Mapping]] = ...) -> None: ...
+    stop_grants: StopGrants
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., grant_ack: _Optional[_Union[GrantAck, _Mapping]] = ..., progress: _Optional[_Union[ProgressReport, _Mapping]] = ..., completion: _Optional[_Union[CompletionReport, _Mapping]] = ..., release: _Optional[_Union[ReleaseReport, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., batch: _Optional[_Union[ConnectRequestBatch, _Mapping]] = ..., stop_grants: _Optional[_Union[StopGrants, _Mapping]] = ...) -> None: ...
 
 class ConnectRequestBatch(_message.Message):
     __slots__ = ["messages"]
@@ -172,7 +174,7 @@ class HeldLease(_message.Message):
     def __init__(self, action_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ["accepts_batches", "agent_version", "capacity", "cluster", "held_leases", "instance_id", "labels", "worker_id"]
+    __slots__ = ["accepts_batches", "agent_version", "capacity", "cluster", "held_leases", "instance_id", "labels", "stop_grants", "worker_id"]
     class LabelsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class Hello(_message.Message):
     HELD_LEASES_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    STOP_GRANTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     accepts_batches: bool
     agent_version: str
@@ -195,8 +198,9 @@ class Hello(_message.Message):
     held_leases: _containers.RepeatedCompositeFieldContainer[HeldLease]
     instance_id: str
     labels: _containers.ScalarMap[str, str]
+    stop_grants: bool
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., agent_version: _Optional[str] = ..., accepts_batches: bool = ..., instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., capacity: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., held_leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., agent_version: _Optional[str] = ..., accepts_batches: bool = ..., instance_id: _Optional[str] = ..., stop_grants: bool = ...) -> None: ...
 
 class ProgressReport(_message.Message):
     __slots__ = ["action_id", "checkpoint", "details", "epoch", "phase", "report_id"]
@@ -254,9 +258,16 @@ class Revoke(_message.Message):
     reason: RevokeReason
     def __init__(self, action_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[_Union[RevokeReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
+class StopGrants(_message.Message):
+    __slots__ = ["reason"]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class Welcome(_message.Message):
-    __slots__ = ["accepts_batches", "grace_period", "heartbeat_interval", "resumed", "revoked", "server_id", "session_id", "session_resumed"]
+    __slots__ = ["accepts_batches", "accepts_stop_grants", "grace_period", "heartbeat_interval", "resumed", "revoked", "server_id", "session_id", "session_resumed"]
     ACCEPTS_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_STOP_GRANTS_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +276,7 @@ class Welcome(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_RESUMED_FIELD_NUMBER: _ClassVar[int]
     accepts_batches: bool
+    accepts_stop_grants: bool
     grace_period: _duration_pb2.Duration
     heartbeat_interval: _duration_pb2.Duration
     resumed: _containers.RepeatedCompositeFieldContainer[HeldLease]
@@ -272,7 +284,7 @@ class Welcome(_message.Message):
     server_id: str
     session_id: str
     session_resumed: bool
-    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., grace_period: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., resumed: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., revoked: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., session_resumed: bool = ..., server_id: _Optional[str] = ..., accepts_batches: bool = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., grace_period: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ..., resumed: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., revoked: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ..., session_resumed: bool = ..., server_id: _Optional[str] = ..., accepts_batches: bool = ..., accepts_stop_grants: bool = ...) -> None: ...
 
 class RevokeReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = []

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/worker.proto.
  */
 export const file_leasehold_v1_worker: GenFile = /*@__PURE__*/
-  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCKSAwoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIABIyCgViYXRjaBgIIAEoCzIhLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdEJhdGNoSABCCQoHbWVzc2FnZSJFChNDb25uZWN0UmVxdWVzdEJhdGNoEi4KCG1lc3NhZ2VzGAEgAygLMhwubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXF1ZXN0ItkCCg9Db25uZWN0UmVzcG9uc2USKAoHd2VsY29tZRgBIAEoCzIVLmxlYXNlaG9sZC52MS5XZWxjb21lSAASJAoFZ3JhbnQYAiABKAsyEy5sZWFzZWhvbGQudjEuR3JhbnRIABIzCg1oZWFydGJlYXRfYWNrGAMgASgLMhoubGVhc2Vob2xkLnYxLkhlYXJ0YmVhdEFja0gAEiYKBnJldm9rZRgEIAEoCzIULmxlYXNlaG9sZC52MS5SZXZva2VIABIzCg1yZXBvcnRfcmVzdWx0GAUgASgLMhoubGVhc2Vob2xkLnYxLlJlcG9ydFJlc3VsdEgAEiQKBWRyYWluGAYgASgLMhMubGVhc2Vob2xkLnYxLkRyYWluSAASMwoFYmF0Y2gYByABKAsyIi5sZWFzZWhvbGQudjEuQ29ubmVjdFJlc3BvbnNlQmF0Y2hIAEIJCgdtZXNzYWdlIkcKFENvbm5lY3RSZXNwb25zZUJhdGNoEi8KCG1lc3NhZ2VzGAEgAygLMh0ubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZSKQAgoFSGVsbG8SEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SLwoGbGFiZWxzGAQgAygLMh8ubGVhc2Vob2xkLnYxLkhlbGxvLkxhYmVsc0VudHJ5EiwKC2hlbGRfbGVhc2VzGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIVCg1hZ2VudF92ZXJzaW9uGAYgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgHIAEoCBITCgtpbnN0YW5jZV9pZBgIIAEoCRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIp4CCgdXZWxjb21lEhIKCnNlc3Npb25faWQYASABKAkSNQoSaGVhcnRiZWF0X2ludGVydmFsGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGdyYWNlX3BlcmlvZBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIoCgdyZXN1bWVkGAQgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIoCgdyZXZva2VkGAUgAygLMhcubGVhc2Vob2xkLnYxLkhlbGRMZWFzZRIXCg9zZXNzaW9uX3Jlc3VtZWQYBiABKAgSEQoJc2VydmVyX2lkGAcgASgJEhcKD2FjY2VwdHNfYmF0Y2hlcxgIIAEoCCJLCglIZWFydGJlYXQSEAoIc2VxdWVuY2UYASABKAQSLAoLaGVsZF9sZWFzZXMYAiADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlImwKDEhlYXJ0YmVhdEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIsCglyZW1haW5pbmcYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHAoUZGF0YWJhc2VfdW5yZWFjaGFibGUYAyABKAgitwEKBUdyYW50EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIPCgdhdHRlbXB0GAMgASgNEigKB3BheWxvYWQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnJ1bl9pZBgFIAEoCRIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIUCgx0cmFjZV9wYXJlbnQYByABKAkiPwoIR3JhbnRBY2sSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBCKrAQoOUHJvZ3Jlc3NSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBINCgVwaGFzZRgEIAEoCRIoCgdkZXRhaWxzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI4Cg1BY3Rpb25TdWNjZXNzEicKBm91dHB1dBgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiXQoNQWN0aW9uRmFpbHVyZRIPCgdtZXNzYWdlGAEgASgJEhEKCXJldHJ5YWJsZRgCIAEoCBIoCgdkZXRhaWxzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCLJAQoQQ29tcGxldGlvblJlcG9ydBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEjAKCXN1Y2NlZWRlZBgEIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25TdWNjZXNzSAASLQoGZmFpbGVkGAUgASgLMhsubGVhc2Vob2xkLnYxLkFjdGlvbkZhaWx1cmVIABIUCgx0cmFjZV9wYXJlbnQYBiABKAlCCQoHb3V0Y29tZSJUCg1SZWxlYXNlUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDgoGcmVhc29uGAQgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJImcKBlJldm9rZRIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSKgoGcmVhc29uGAMgASgOMhoubGVhc2Vob2xkLnYxLlJldm9rZVJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIpkBCgxSZXBvcnRSZXN1bHQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIQCghhY2NlcHRlZBgEIAEoCBIxCg1yZWplY3RfcmVhc29uGAUgASgOMhoubGVhc2Vob2xkLnYxLlJlamVjdFJlYXNvbhIPCgdtZXNzYWdlGAYgASgJIkUKBURyYWluEg4KBnJlYXNvbhgBIAEoCRIsCghkZWFkbGluZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq4AEKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAESGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQAhIcChhSRVZPS0VfUkVBU09OX1NVUEVSU0VERUQQAxIdChlSRVZPS0VfUkVBU09OX1JPTExFRF9CQUNLEAQSIQodUkVWT0tFX1JFQVNPTl9DT0xMRUNUX09VVFBVVFMQBRIZChVSRVZPS0VfUkVBU09OX0RSQUlORUQQBiqeAQoMUmVqZWN0UmVhc29uEh0KGVJFSkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUpFQ1RfUkVBU09OX0ZFTkNFRBABEhkKFVJFSkVDVF9SRUFTT05fSU5WQUxJRBACEhsKF1JFSkVDVF9SRUFTT05fTk9UX0ZPVU5EEAMSHQoZUkVKRUNUX1JFQVNPTl9VTkFWQUlMQUJMRRAEMlsKDVdvcmtlclNlcnZpY2USSgoHQ29ubmVjdBIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdBodLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChlsZWFzZWhvbGQvdjEvd29ya2VyLnByb3RvEgxsZWFzZWhvbGQudjEiLQoJSGVsZExlYXNlEhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBCLDAwoOQ29ubmVjdFJlcXVlc3QSJAoFaGVsbG8YASABKAsyEy5sZWFzZWhvbGQudjEuSGVsbG9IABIsCgloZWFydGJlYXQYAiABKAsyFy5sZWFzZWhvbGQudjEuSGVhcnRiZWF0SAASKwoJZ3JhbnRfYWNrGAMgASgLMhYubGVhc2Vob2xkLnYxLkdyYW50QWNrSAASMAoIcHJvZ3Jlc3MYBCABKAsyHC5sZWFzZWhvbGQudjEuUHJvZ3Jlc3NSZXBvcnRIABI0Cgpjb21wbGV0aW9uGAUgASgLMh4ubGVhc2Vob2xkLnYxLkNvbXBsZXRpb25SZXBvcnRIABIuCgdyZWxlYXNlGAYgASgLMhsubGVhc2Vob2xkLnYxLlJlbGVhc2VSZXBvcnRIABIoCgdnb29kYnllGAcgASgLMhUubGVhc2Vob2xkLnYxLkdvb2RieWVIABIyCgViYXRjaBgIIAEoCzIhLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdEJhdGNoSAASLwoLc3RvcF9ncmFudHMYCSABKAsyGC5sZWFzZWhvbGQudjEuU3RvcEdyYW50c0gAQgkKB21lc3NhZ2UiHAoKU3RvcEdyYW50cxIOCgZyZWFzb24YASABKAkiRQoTQ29ubmVjdFJlcXVlc3RCYXRjaBIuCghtZXNzYWdlcxgBIAMoCzIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdCLZAgoPQ29ubmVjdFJlc3BvbnNlEigKB3dlbGNvbWUYASABKAsyFS5sZWFzZWhvbGQudjEuV2VsY29tZUgAEiQKBWdyYW50GAIgASgLMhMubGVhc2Vob2xkLnYxLkdyYW50SAASMwoNaGVhcnRiZWF0X2FjaxgDIAEoCzIaLmxlYXNlaG9sZC52MS5IZWFydGJlYXRBY2tIABImCgZyZXZva2UYBCABKAsyFC5sZWFzZWhvbGQudjEuUmV2b2tlSAASMwoNcmVwb3J0X3Jlc3VsdBgFIAEoCzIaLmxlYXNlaG9sZC52MS5SZXBvcnRSZXN1bHRIABIkCgVkcmFpbhgGIAEoCzITLmxlYXNlaG9sZC52MS5EcmFpbkgAEjMKBWJhdGNoGAcgASgLMiIubGVhc2Vob2xkLnYxLkNvbm5lY3RSZXNwb25zZUJhdGNoSABCCQoHbWVzc2FnZSJHChRDb25uZWN0UmVzcG9uc2VCYXRjaBIvCghtZXNzYWdlcxgBIAMoCzIdLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UipQIKBUhlbGxvEhEKCXdvcmtlcl9pZBgBIAEoCRIPCgdjbHVzdGVyGAIgASgJEhAKCGNhcGFjaXR5GAMgASgNEi8KBmxhYmVscxgEIAMoCzIfLmxlYXNlaG9sZC52MS5IZWxsby5MYWJlbHNFbnRyeRIsCgtoZWxkX2xlYXNlcxgFIAMoCzIXLmxlYXNlaG9sZC52MS5IZWxkTGVhc2USFQoNYWdlbnRfdmVyc2lvbhgGIAEoCRIXCg9hY2NlcHRzX2JhdGNoZXMYByABKAgSEwoLaW5zdGFuY2VfaWQYCCABKAkSEwoLc3RvcF9ncmFudHMYCSABKAgaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASK7AgoHV2VsY29tZRISCgpzZXNzaW9uX2lkGAEgASgJEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgxncmFjZV9wZXJpb2QYAyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SKAoHcmVzdW1lZBgEIAMoCzIXLmxlYXNlaG9sZC52MS5IZWxkTGVhc2USKAoHcmV2b2tlZBgFIAMoCzIXLmxlYXNlaG9sZC52MS5IZWxkTGVhc2USFwoPc2Vzc2lvbl9yZXN1bWVkGAYgASgIEhEKCXNlcnZlcl9pZBgHIAEoCRIXCg9hY2NlcHRzX2JhdGNoZXMYCCABKAgSGwoTYWNjZXB0c19zdG9wX2dyYW50cxgJIAEoCCJLCglIZWFydGJlYXQSEAoIc2VxdWVuY2UYASABKAQSLAoLaGVsZF9sZWFzZXMYAiADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlImwKDEhlYXJ0YmVhdEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIsCglyZW1haW5pbmcYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SHAoUZGF0YWJhc2VfdW5yZWFjaGFibGUYAyABKAgitwEKBUdyYW50EhEKCWFjdGlvbl9pZBgBIAEoCRINCgVlcG9jaBgCIAEoBBIPCgdhdHRlbXB0GAMgASgNEigKB3BheWxvYWQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnJ1bl9pZBgFIAEoCRIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIUCgx0cmFjZV9wYXJlbnQYByABKAkiPwoIR3JhbnRBY2sSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBCKrAQoOUHJvZ3Jlc3NSZXBvcnQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBINCgVwaGFzZRgEIAEoCRIoCgdkZXRhaWxzGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpjaGVja3BvaW50GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI4Cg1BY3Rpb25TdWNjZXNzEicKBm91dHB1dBgBIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiXQoNQWN0aW9uRmFpbHVyZRIPCgdtZXNzYWdlGAEgASgJEhEKCXJldHJ5YWJsZRgCIAEoCBIoCgdkZXRhaWxzGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCLJAQoQQ29tcGxldGlvblJlcG9ydBIRCglyZXBvcnRfaWQYASABKAQSEQoJYWN0aW9uX2lkGAIgASgJEg0KBWVwb2NoGAMgASgEEjAKCXN1Y2NlZWRlZBgEIAEoCzIbLmxlYXNlaG9sZC52MS5BY3Rpb25TdWNjZXNzSAASLQoGZmFpbGVkGAUgASgLMhsubGVhc2Vob2xkLnYxLkFjdGlvbkZhaWx1cmVIABIUCgx0cmFjZV9wYXJlbnQYBiABKAlCCQoHb3V0Y29tZSJUCg1SZWxlYXNlUmVwb3J0EhEKCXJlcG9ydF9pZBgBIAEoBBIRCglhY3Rpb25faWQYAiABKAkSDQoFZXBvY2gYAyABKAQSDgoGcmVhc29uGAQgASgJIhkKB0dvb2RieWUSDgoGcmVhc29uGAEgASgJImcKBlJldm9rZRIRCglhY3Rpb25faWQYASABKAkSDQoFZXBvY2gYAiABKAQSKgoGcmVhc29uGAMgASgOMhoubGVhc2Vob2xkLnYxLlJldm9rZVJlYXNvbhIPCgdtZXNzYWdlGAQgASgJIpkBCgxSZXBvcnRSZXN1bHQSEQoJcmVwb3J0X2lkGAEgASgEEhEKCWFjdGlvbl9pZBgCIAEoCRINCgVlcG9jaBgDIAEoBBIQCghhY2NlcHRlZBgEIAEoCBIxCg1yZWplY3RfcmVhc29uGAUgASgOMhoubGVhc2Vob2xkLnYxLlJlamVjdFJlYXNvbhIPCgdtZXNzYWdlGAYgASgJIkUKBURyYWluEg4KBnJlYXNvbhgBIAEoCRIsCghkZWFkbGluZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAq4AEKDFJldm9rZVJlYXNvbhIdChlSRVZPS0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVUkVWT0tFX1JFQVNPTl9FWFBJUkVEEAESGwoXUkVWT0tFX1JFQVNPTl9DQU5DRUxMRUQQAhIcChhSRVZPS0VfUkVBU09OX1NVUEVSU0VERUQQAxIdChlSRVZPS0VfUkVBU09OX1JPTExFRF9CQUNLEAQSIQodUkVWT0tFX1JFQVNPTl9DT0xMRUNUX09VVFBVVFMQBRIZChVSRVZPS0VfUkVBU09OX0RSQUlORUQQBiqeAQoMUmVqZWN0UmVhc29uEh0KGVJFSkVDVF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUpFQ1RfUkVBU09OX0ZFTkNFRBABEhkKFVJFSkVDVF9SRUFTT05fSU5WQUxJRBACEhsKF1JFSkVDVF9SRUFTT05fTk9UX0ZPVU5EEAMSHQoZUkVKRUNUX1JFQVNPTl9VTkFWQUlMQUJMRRAEMlsKDVdvcmtlclNlcnZpY2USSgoHQ29ubmVjdBIcLmxlYXNlaG9sZC52MS5Db25uZWN0UmVxdWVzdBodLmxlYXNlaG9sZC52MS5Db25uZWN0UmVzcG9uc2UoATABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A work lease a worker holds: the fencing token of one action.
@@ -149,6 +149,15 @@ export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
      */
     value: ConnectRequestBatch;
     case: "batch";
+  } | {
+    /**
+     * The worker takes no more work on this session (see StopGrants). May
+     * also go in a batch.
+     *
+     * @generated from field: leasehold.v1.StopGrants stop_grants = 9;
+     */
+    value: StopGrants;
+    case: "stopGrants";
   } | { case: undefined; value?: undefined };
 };
 
@@ -158,6 +167,36 @@ export type ConnectRequest = Message<"leasehold.v1.ConnectRequest"> & {
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 1);
+
+/**
+ * The worker takes no more work: the server sends no more grants on the
+ * session, from this stream or any stream that resumes it. Everything else
+ * goes on as before: the leases the worker holds stay its own until it
+ * reports them or says goodbye, and heartbeats, reports, revokes and
+ * self-fencing work as usual. A grant the server sent before it read this
+ * message may still arrive: hold it for the goodbye or release it, as the
+ * worker prefers. It cannot be taken back; a new session (after a goodbye)
+ * gets grants again. Sending it again changes nothing. Not answered. Send it
+ * only to a server whose Welcome set accepts_stop_grants: an older server
+ * ends the stream with INVALID_ARGUMENT.
+ *
+ * @generated from message leasehold.v1.StopGrants
+ */
+export type StopGrants = Message<"leasehold.v1.StopGrants"> & {
+  /**
+   * Why, in words, for the server's log. At most 1024 characters.
+   *
+   * @generated from field: string reason = 1;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message leasehold.v1.StopGrants.
+ * Use `create(StopGrantsSchema)` to create a new message.
+ */
+export const StopGrantsSchema: GenMessage<StopGrants> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_worker, 2);
 
 /**
  * Several worker messages in one ConnectRequest (see ConnectRequest.batch).
@@ -178,7 +217,7 @@ export type ConnectRequestBatch = Message<"leasehold.v1.ConnectRequestBatch"> & 
  * Use `create(ConnectRequestBatchSchema)` to create a new message.
  */
 export const ConnectRequestBatchSchema: GenMessage<ConnectRequestBatch> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 2);
+  messageDesc(file_leasehold_v1_worker, 3);
 
 /**
  * Server → worker.
@@ -260,7 +299,7 @@ export type ConnectResponse = Message<"leasehold.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 3);
+  messageDesc(file_leasehold_v1_worker, 4);
 
 /**
  * Several server messages in one ConnectResponse (see ConnectResponse.batch).
@@ -281,7 +320,7 @@ export type ConnectResponseBatch = Message<"leasehold.v1.ConnectResponseBatch"> 
  * Use `create(ConnectResponseBatchSchema)` to create a new message.
  */
 export const ConnectResponseBatchSchema: GenMessage<ConnectResponseBatch> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 4);
+  messageDesc(file_leasehold_v1_worker, 5);
 
 /**
  * The first message of a stream.
@@ -368,6 +407,17 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
    * @generated from field: string instance_id = 8;
    */
   instanceId: string;
+
+  /**
+   * The worker is stopping and takes no more work: the stream starts as if
+   * its first message after the hello were a StopGrants (a grant the server
+   * owes the session from before, one the hello does not list, is still
+   * sent again). Set it on every stream opened after a StopGrants. A server
+   * whose Welcome does not set accepts_stop_grants ignores it.
+   *
+   * @generated from field: bool stop_grants = 9;
+   */
+  stopGrants: boolean;
 };
 
 /**
@@ -375,7 +425,7 @@ export type Hello = Message<"leasehold.v1.Hello"> & {
  * Use `create(HelloSchema)` to create a new message.
  */
 export const HelloSchema: GenMessage<Hello> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 5);
+  messageDesc(file_leasehold_v1_worker, 6);
 
 /**
  * The answer to a hello.
@@ -441,6 +491,14 @@ export type Welcome = Message<"leasehold.v1.Welcome"> & {
    * @generated from field: bool accepts_batches = 8;
    */
   acceptsBatches: boolean;
+
+  /**
+   * The server handles ConnectRequest.stop_grants and Hello.stop_grants. A
+   * worker must not send a StopGrants to a server that leaves this false.
+   *
+   * @generated from field: bool accepts_stop_grants = 9;
+   */
+  acceptsStopGrants: boolean;
 };
 
 /**
@@ -448,7 +506,7 @@ export type Welcome = Message<"leasehold.v1.Welcome"> & {
  * Use `create(WelcomeSchema)` to create a new message.
  */
 export const WelcomeSchema: GenMessage<Welcome> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 6);
+  messageDesc(file_leasehold_v1_worker, 7);
 
 /**
  * Proof of life.
@@ -489,7 +547,7 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 7);
+  messageDesc(file_leasehold_v1_worker, 8);
 
 /**
  * The answer to a heartbeat.
@@ -533,7 +591,7 @@ export type HeartbeatAck = Message<"leasehold.v1.HeartbeatAck"> & {
  * Use `create(HeartbeatAckSchema)` to create a new message.
  */
 export const HeartbeatAckSchema: GenMessage<HeartbeatAck> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 8);
+  messageDesc(file_leasehold_v1_worker, 9);
 
 /**
  * An action granted to the worker. Acknowledge it with a GrantAck (the
@@ -608,7 +666,7 @@ export type Grant = Message<"leasehold.v1.Grant"> & {
  * Use `create(GrantSchema)` to create a new message.
  */
 export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 9);
+  messageDesc(file_leasehold_v1_worker, 10);
 
 /**
  * The worker received a grant. Required: grants a stream has not
@@ -651,7 +709,7 @@ export type GrantAck = Message<"leasehold.v1.GrantAck"> & {
  * Use `create(GrantAckSchema)` to create a new message.
  */
 export const GrantAckSchema: GenMessage<GrantAck> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 10);
+  messageDesc(file_leasehold_v1_worker, 11);
 
 /**
  * Progress of an action.
@@ -707,7 +765,7 @@ export type ProgressReport = Message<"leasehold.v1.ProgressReport"> & {
  * Use `create(ProgressReportSchema)` to create a new message.
  */
 export const ProgressReportSchema: GenMessage<ProgressReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 11);
+  messageDesc(file_leasehold_v1_worker, 12);
 
 /**
  * The result of a successful action.
@@ -728,7 +786,7 @@ export type ActionSuccess = Message<"leasehold.v1.ActionSuccess"> & {
  * Use `create(ActionSuccessSchema)` to create a new message.
  */
 export const ActionSuccessSchema: GenMessage<ActionSuccess> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 12);
+  messageDesc(file_leasehold_v1_worker, 13);
 
 /**
  * The result of a failed action.
@@ -763,7 +821,7 @@ export type ActionFailure = Message<"leasehold.v1.ActionFailure"> & {
  * Use `create(ActionFailureSchema)` to create a new message.
  */
 export const ActionFailureSchema: GenMessage<ActionFailure> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 13);
+  messageDesc(file_leasehold_v1_worker, 14);
 
 /**
  * The action finished.
@@ -831,7 +889,7 @@ export type CompletionReport = Message<"leasehold.v1.CompletionReport"> & {
  * Use `create(CompletionReportSchema)` to create a new message.
  */
 export const CompletionReportSchema: GenMessage<CompletionReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 14);
+  messageDesc(file_leasehold_v1_worker, 15);
 
 /**
  * The worker gives one action back; it is queued again without using a
@@ -878,7 +936,7 @@ export type ReleaseReport = Message<"leasehold.v1.ReleaseReport"> & {
  * Use `create(ReleaseReportSchema)` to create a new message.
  */
 export const ReleaseReportSchema: GenMessage<ReleaseReport> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 15);
+  messageDesc(file_leasehold_v1_worker, 16);
 
 /**
  * The worker shuts down; its leases are released at once and its session ends.
@@ -899,7 +957,7 @@ export type Goodbye = Message<"leasehold.v1.Goodbye"> & {
  * Use `create(GoodbyeSchema)` to create a new message.
  */
 export const GoodbyeSchema: GenMessage<Goodbye> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 16);
+  messageDesc(file_leasehold_v1_worker, 17);
 
 /**
  * The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
@@ -958,7 +1016,7 @@ export type Revoke = Message<"leasehold.v1.Revoke"> & {
  * Use `create(RevokeSchema)` to create a new message.
  */
 export const RevokeSchema: GenMessage<Revoke> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 17);
+  messageDesc(file_leasehold_v1_worker, 18);
 
 /**
  * The result of one report.
@@ -1014,7 +1072,7 @@ export type ReportResult = Message<"leasehold.v1.ReportResult"> & {
  * Use `create(ReportResultSchema)` to create a new message.
  */
 export const ReportResultSchema: GenMessage<ReportResult> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 18);
+  messageDesc(file_leasehold_v1_worker, 19);
 
 /**
  * The worker should take no more work and finish what it holds. It may then
@@ -1045,7 +1103,7 @@ export type Drain = Message<"leasehold.v1.Drain"> & {
  * Use `create(DrainSchema)` to create a new message.
  */
 export const DrainSchema: GenMessage<Drain> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_worker, 19);
+  messageDesc(file_leasehold_v1_worker, 20);
 
 /**
  * Why the server took an action away from a worker.
@@ -1403,6 +1461,14 @@ export const WorkerService: GenService<{
    * than usual): that ack's remaining is about the whole grace period, so a
    * restart then has the grace period less the margin, counted from that
    * heartbeat. Then it ends the stream (UNAVAILABLE, SHUTTING_DOWN).
+   *
+   * Stop gracefully. A worker shutting down sends StopGrants, lets its
+   * running actions finish and report, then sends a Goodbye, which gives
+   * back every lease it still holds. Without StopGrants every slot that
+   * frees on the way gets a new grant, which then waits for the goodbye
+   * instead of running elsewhere. Send it only to a server whose Welcome set
+   * accepts_stop_grants, and set Hello.stop_grants on any stream opened
+   * while stopping.
    *
    * Flow control: a stream gets at most 32 grants it has not acknowledged
    * (see GrantAck), and none while the server holds 1 MiB or more of

@@ -219,6 +219,14 @@ type WorkerServiceClient interface {
 	// restart then has the grace period less the margin, counted from that
 	// heartbeat. Then it ends the stream (UNAVAILABLE, SHUTTING_DOWN).
 	//
+	// Stop gracefully. A worker shutting down sends StopGrants, lets its
+	// running actions finish and report, then sends a Goodbye, which gives
+	// back every lease it still holds. Without StopGrants every slot that
+	// frees on the way gets a new grant, which then waits for the goodbye
+	// instead of running elsewhere. Send it only to a server whose Welcome set
+	// accepts_stop_grants, and set Hello.stop_grants on any stream opened
+	// while stopping.
+	//
 	// Flow control: a stream gets at most 32 grants it has not acknowledged
 	// (see GrantAck), and none while the server holds 1 MiB or more of
 	// messages the worker has not read. While 1,024 messages or 1 MiB wait
@@ -494,6 +502,14 @@ type WorkerServiceServer interface {
 	// than usual): that ack's remaining is about the whole grace period, so a
 	// restart then has the grace period less the margin, counted from that
 	// heartbeat. Then it ends the stream (UNAVAILABLE, SHUTTING_DOWN).
+	//
+	// Stop gracefully. A worker shutting down sends StopGrants, lets its
+	// running actions finish and report, then sends a Goodbye, which gives
+	// back every lease it still holds. Without StopGrants every slot that
+	// frees on the way gets a new grant, which then waits for the goodbye
+	// instead of running elsewhere. Send it only to a server whose Welcome set
+	// accepts_stop_grants, and set Hello.stop_grants on any stream opened
+	// while stopping.
 	//
 	// Flow control: a stream gets at most 32 grants it has not acknowledged
 	// (see GrantAck), and none while the server holds 1 MiB or more of

@@ -771,6 +771,21 @@ describe("work leases", () => {
     expect(got.attempts[0]?.outcome).toBe(AttemptOutcome.CANCELLED);
   });
 
+  it("cancels an action whose owner acknowledged the grant, then leaves it out of a heartbeat after the revoke (rule 9)", async () => {
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    // The grant ack shows the worker has the lease; no heartbeat listed it before the revoke.
+    w.send({ message: { case: "grantAck", value: { reportId: 1000n, actionId: id, epoch: grant.epoch } } });
+    expect(await w.next("reportResult", (r) => r.reportId === 1000n)).toMatchObject({ accepted: true });
+    await api().cancelAction({ actionId: id, reason: "user asked" });
+    expect(await w.next("revoke")).toMatchObject({ actionId: id, reason: RevokeReason.CANCELLED });
+    await w.heartbeat(1, []);
+    await tick().settled();
+    expect((await getAction(id)).action?.state).toBe(ActionState.CANCELLED);
+  });
+
   it("accepts a report sent again as its repeat, on a cancelled action whatever it said, and fences a different one", async () => {
     const w = await worker("w1", { capacity: 2 });
     const done = await submit();
@@ -866,6 +881,41 @@ describe("work leases", () => {
     expect((await t.client(ClusterService).getWorker({ workerId: "wa" })).worker?.state).toBe(
       WorkerState.OFFLINE,
     );
+  });
+
+  it("applies and answers the reports sent before a goodbye, then ends the session", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    // Not waiting for the answers: the goodbye follows the completion on the stream.
+    const completed = a.complete(grant, { output: { result: 42 } });
+    a.goodbye("done");
+    expect(await completed).toMatchObject({ accepted: true });
+    expect((await a.ended).code).toBe(0);
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, output: { result: 42 } });
+    expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+  });
+
+  it("hands the next attempt a checkpoint sent just before a release and a goodbye", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    a.send({
+      message: {
+        case: "progress",
+        value: { reportId: 1000n, actionId: id, epoch: grant.epoch, phase: "half", checkpoint: { step: 9 } },
+      },
+    });
+    const released = a.release(grant, "stopping");
+    a.goodbye("stopping");
+    expect(await released).toMatchObject({ accepted: true });
+    expect((await a.ended).code).toBe(0);
+    const b = await worker("wb");
+    await tick().dispatch();
+    expect(await b.next("grant")).toMatchObject({ actionId: id, epoch: 2n, checkpoint: { step: 9 } });
   });
 
   it("shows an offline worker as last seen when it was last heard from, not at its hello", async () => {

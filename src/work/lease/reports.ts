@@ -36,6 +36,11 @@ export interface Reports {
    * (within the stream's budget: fenced-events.ts).
    */
   fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void;
+  /**
+   * Resolves once every completion, release and progress report received on
+   * `s` so far is answered: a goodbye waits for them (worker.proto, Goodbye).
+   */
+  answeredAll(s: Hosted): Promise<void>;
   /** Resolves once the reports already received are answered, or handed to the dispatcher. */
   close(): Promise<void>;
 }
@@ -328,7 +333,24 @@ export function createReports(deps: {
         s.heldBack = false;
         s.link.throttle(false);
       }
+      if (s.unanswered === 0) {
+        allAnswered.get(s)?.();
+        allAnswered.delete(s);
+      }
     };
+  }
+
+  /** Streams waiting for their last report to be answered (a goodbye), and what to call then. */
+  const allAnswered = new WeakMap<Hosted, () => void>();
+  function answeredAll(s: Hosted): Promise<void> {
+    if (s.unanswered === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const before = allAnswered.get(s);
+      allAnswered.set(s, () => {
+        before?.();
+        resolve();
+      });
+    });
   }
 
   function progress(s: Hosted, m: Extract<WorkerMessage, { type: "progress" }>): void {
@@ -379,5 +401,5 @@ export function createReports(deps: {
     await fencedEvents.close();
   }
 
-  return { finish, progress, settle, accept, fenced, close };
+  return { finish, progress, settle, accept, fenced, answeredAll, close };
 }

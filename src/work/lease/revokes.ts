@@ -51,7 +51,11 @@ export function createRevokes(deps: {
     s.revoked.set(token.actionId, {
       epoch: token.epoch,
       reason,
-      known: lists(s.lastHeld, token.actionId, token.epoch),
+      // Listed in the last heartbeat (or the hello), or acknowledged: a GrantAck or a report
+      // already showed the grant arrived.
+      known:
+        lists(s.lastHeld, token.actionId, token.epoch) ||
+        (s.held.get(token.actionId) === token.epoch && s.unacked.get(token.actionId) !== token.epoch),
       releasing: false,
     });
   }

@@ -131,20 +131,26 @@ export function createStreamHandle(
           }
           return;
         case "goodbye":
+          // No more grants; the reports sent before the goodbye are applied and answered first:
+          // ended under them, the session would fence them unanswered, and finished work would
+          // run again.
           hosted.remove(s);
           deps.handover.ended(s);
-          goodbye = endSession(db, clock, s.sessionId, s.streamToken, message.reason).then(
-            ({ releasedActionIds }) => {
-              log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
-              publishActions(releasedActionIds);
-              deps.queueChanged();
-              s.link.close();
-            },
-            (error: unknown) => {
-              log.error({ err: error, sessionId: s.sessionId }, "could not end the session on goodbye");
-              s.link.close(error instanceof Error ? error : undefined);
-            },
-          );
+          goodbye = reports
+            .answeredAll(s)
+            .then(() => endSession(db, clock, s.sessionId, s.streamToken, message.reason))
+            .then(
+              ({ releasedActionIds }) => {
+                log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
+                publishActions(releasedActionIds);
+                deps.queueChanged();
+                s.link.close();
+              },
+              (error: unknown) => {
+                log.error({ err: error, sessionId: s.sessionId }, "could not end the session on goodbye");
+                s.link.close(error instanceof Error ? error : undefined);
+              },
+            );
           return;
       }
     },

@@ -169,16 +169,17 @@ export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_worker, 1);
 
 /**
- * The worker takes no more work: the server sends no more grants on the
- * session, from this stream or any stream that resumes it. Everything else
+ * The worker takes no more work: the server sends no more grants on this
+ * stream. A stream that resumes the session later gets grants again unless
+ * its hello sets stop_grants, so set it there too. Everything else
  * goes on as before: the leases the worker holds stay its own until it
  * reports them or says goodbye, and heartbeats, reports, revokes and
  * self-fencing work as usual. A grant the server sent before it read this
  * message may still arrive: hold it for the goodbye or release it, as the
- * worker prefers. It cannot be taken back; a new session (after a goodbye)
- * gets grants again. Sending it again changes nothing. Not answered. Send it
+ * worker prefers. It cannot be taken back on the stream. Sending it again
+ * changes nothing. It is not answered. Send it
  * only to a server whose Welcome set accepts_stop_grants: an older server
- * ends the stream with INVALID_ARGUMENT.
+ * answers it with a ReportResult (report_id 0, INVALID) and keeps granting.
  *
  * @generated from message leasehold.v1.StopGrants
  */
@@ -529,8 +530,9 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
    * as released, as if a ReleaseReport had been sent (a cancelled action
    * becomes CANCELLED and the slot is free). The omission counts only once
    * the server has seen that the worker has the lease on this stream: listed
-   * in the hello or in the last heartbeat before the revoke, or in a
-   * heartbeat, GrantAck or ProgressReport since. A heartbeat that never
+   * in the hello or in the last heartbeat before the revoke, acknowledged
+   * (a GrantAck, a ProgressReport, or a heartbeat listing it) before the
+   * revoke, or listed or reported on since. A heartbeat that never
    * listed a lease proves nothing, as it may have been sent before the grant
    * arrived. A listed lease that is not the session's is answered with a
    * Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
@@ -940,6 +942,10 @@ export const ReleaseReportSchema: GenMessage<ReleaseReport> = /*@__PURE__*/
 
 /**
  * The worker shuts down; its leases are released at once and its session ends.
+ * Reports sent before it on the stream are applied and answered first, in
+ * order, so a worker need not wait for their answers: a completion counts,
+ * and a checkpoint reaches the next attempt. Then every lease still held is
+ * released, the session ends and the stream ends with OK.
  *
  * @generated from message leasehold.v1.Goodbye
  */
@@ -1400,6 +1406,9 @@ export const WorkerService: GenService<{
    * completion the server applied just before the stream broke comes back in
    * Welcome.revoked too: send the same completion again; it is accepted as a
    * repeat (a different one is FENCED), which tells the worker it landed.
+   * That holds while the session lives (the hello came before its deadline
+   * and resumed it): once it has ended, any report on its leases is FENCED,
+   * landed or not, and ActionService.GetAction tells which.
    * The same means the same outcome with an equal output (succeeded) or an
    * equal error (failed: message, retryable and details), equal as JSON
    * values (the order of keys does not matter); any release repeats a

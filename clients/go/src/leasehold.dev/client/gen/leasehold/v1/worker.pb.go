@@ -1052,8 +1052,9 @@ type Heartbeat struct {
 	// as released, as if a ReleaseReport had been sent (a cancelled action
 	// becomes CANCELLED and the slot is free). The omission counts only once
 	// the server has seen that the worker has the lease on this stream: listed
-	// in the hello or in the last heartbeat before the revoke, or in a
-	// heartbeat, GrantAck or ProgressReport since. A heartbeat that never
+	// in the hello or in the last heartbeat before the revoke, acknowledged
+	// (a GrantAck, a ProgressReport, or a heartbeat listing it) before the
+	// revoke, or listed or reported on since. A heartbeat that never
 	// listed a lease proves nothing, as it may have been sent before the grant
 	// arrived. A listed lease that is not the session's is answered with a
 	// Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
@@ -1791,6 +1792,10 @@ func (x *ReleaseReport) GetReason() string {
 }
 
 // The worker shuts down; its leases are released at once and its session ends.
+// Reports sent before it on the stream are applied and answered first, in
+// order, so a worker need not wait for their answers: a completion counts,
+// and a checkpoint reaches the next attempt. Then every lease still held is
+// released, the session ends and the stream ends with OK.
 type Goodbye struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -262,7 +262,7 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   // whose objects often outlived a young-generation collection. With 10,000 worker streams those
   // include per-message objects (grpc-js's read queue entries, decoded heartbeats) that die within
   // a second, and then wait for a full collection. Without it: a fifth less time collecting,
-  // and 12 % less RSS (bench/README.md, heartbeats); the burn-downs and restart are unchanged.
+  // and 12 % less RSS (bench/HISTORY.md, heartbeats, 304a04e); the burn-downs and restart are unchanged.
   setFlagsFromString("--no-allocation-site-pretenuring");
   // Loaded here, not at the top: every other command starts faster without the server's modules.
   const [{ pino }, { startServer }] = await Promise.all([import("pino"), import("../server.js")]);

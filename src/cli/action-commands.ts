@@ -15,6 +15,7 @@ import {
 } from "../gen/leasehold/v1/action_pb.js";
 import type { createClient } from "../rpc/client.js";
 import { type ActionLine, chunkActionLines, parseActionLines } from "./action-lines.js";
+import { jsonObjectOption, readStdin } from "./json-option.js";
 import {
   CliError,
   cliErrorFrom,
@@ -207,12 +208,6 @@ const REFUSALS: ReadonlySet<number> = new Set([
   grpc.status.UNAUTHENTICATED,
 ]);
 
-async function readStdin(): Promise<string> {
-  const parts: Buffer[] = [];
-  for await (const part of process.stdin) parts.push(part as Buffer);
-  return Buffer.concat(parts).toString("utf8");
-}
-
 /** `leasehold action …`: submit, get, list, cancel, watch. */
 export function actionCommands(): Command {
   const action = new Command("action").description("Submit and follow actions.");
@@ -236,7 +231,10 @@ export function actionCommands(): Command {
         "With --from, queue one action per line of an NDJSON file instead.",
     )
     .option("--cluster <name>", "cluster whose workers run it (required, unless every --from line names one)")
-    .option("--payload <json>", "payload as a JSON object (instead of a command after --)")
+    .option(
+      "--payload <json>",
+      "payload as a JSON object (instead of a command after --), or @file to read it from a file (@- for stdin)",
+    )
     .option(
       "--timeout <seconds>",
       `kill the command after this many seconds (reference agent; 1 to ${MAX_COMMAND_TIMEOUT_SECONDS})`,
@@ -272,14 +270,7 @@ export function actionCommands(): Command {
       if (o.payload !== undefined) {
         if (argv.length > 0)
           throw new CliError("give either --payload or a command after --, not both", EXIT.usage);
-        try {
-          payload = JSON.parse(o.payload as string);
-        } catch (error) {
-          throw new CliError(`--payload: not valid JSON (${(error as Error).message})`, EXIT.usage);
-        }
-        if (typeof payload !== "object" || payload === null || Array.isArray(payload)) {
-          throw new CliError("--payload: must be a JSON object", EXIT.usage);
-        }
+        payload = await jsonObjectOption("--payload", o.payload as string);
       } else if (argv.length > 0) {
         payload = { argv, ...(o.timeout !== undefined ? { timeout: o.timeout } : {}) };
       } else {

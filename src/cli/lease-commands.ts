@@ -20,6 +20,7 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { createClient } from "../rpc/client.js";
+import { jsonObjectOption } from "./json-option.js";
 import { describeDeployment, type LiveTestEvent, runLiveTest, waitForLease } from "./lease-run.js";
 import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
@@ -98,17 +99,6 @@ const printResource = (r: Resource | undefined, json: boolean) => {
   printTable(RESOURCE_HEADERS, [resourceRow(r)]);
   if (r.body.case === "deployment") printLine(describeDeployment(r.body.value));
   if (r.body.case === "object") printLine(`body: ${JSON.stringify(r.body.value)}`);
-};
-const jsonObject = (flag: string, text: string) => {
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (error) {
-    throw new CliError(`${flag}: not valid JSON (${(error as Error).message})`, EXIT.usage);
-  }
-  if (typeof value !== "object" || value === null || Array.isArray(value))
-    throw new CliError(`${flag}: must be a JSON object`, EXIT.usage);
-  return value as Record<string, unknown>;
 };
 const durationFlag = (flag: string, text: string) => durationFromMs(durationMsFlag(flag, text));
 
@@ -239,13 +229,20 @@ export function leaseCommands(): Command {
   lease
     .command("set-result")
     .argument("<lease-id>")
-    .requiredOption("--result <json>", "a JSON object kept on the lease after it closes")
+    .requiredOption(
+      "--result <json>",
+      "a JSON object kept on the lease after it closes, or @file to read it from a file (@- for stdin)",
+    )
     .description("Record a structured result on the lease.")
     .action(async (id: string, o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) =>
         printLease(
-          (await c.leases.setResult({ leaseId: id, result: jsonObject("--result", o.result ?? "") as never }))
-            .lease,
+          (
+            await c.leases.setResult({
+              leaseId: id,
+              result: (await jsonObjectOption("--result", o.result ?? "")) as never,
+            })
+          ).lease,
           json,
         ),
       ),
@@ -455,7 +452,7 @@ export function resourceCommands(): Command[] {
     .command("create")
     .requiredOption("--kind <kind>", "object kind (not file or deployment)")
     .option("--lease <id>", "create it inside this open lease")
-    .option("--body <json>", "the object's JSON body", "{}")
+    .option("--body <json>", "the object's JSON body, or @file to read it from a file (@- for stdin)", "{}")
     .description("Create a generic object resource.")
     .action(async (o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) =>
@@ -464,7 +461,7 @@ export function resourceCommands(): Command[] {
             await c.resources.createObject({
               kind: o.kind ?? "",
               leaseId: o.lease ?? "",
-              body: jsonObject("--body", o.body ?? "{}") as never,
+              body: (await jsonObjectOption("--body", o.body ?? "{}")) as never,
             })
           ).resource,
           json,

@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { toJson } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -383,6 +383,29 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     });
     const badJson = await cli([...server, "action", "submit", "--cluster", "c", "--payload", "{nope"]);
     expect(badJson).toMatchObject({ code: 2, stderr: expect.stringMatching(/--payload: not valid JSON/) });
+    const noFile = await cli([
+      ...server,
+      "action",
+      "submit",
+      "--cluster",
+      "c",
+      "--payload",
+      "@/no/such.json",
+    ]);
+    expect(noFile).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--payload @\/no\/such\.json: cannot read it \(ENOENT/),
+    });
+    const badStdin = await cli([...server, "action", "submit", "--cluster", "c", "--payload", "@-"], "[1]");
+    expect(badStdin).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--payload: must be a JSON object/),
+    });
+    const fromStdin = await cli(
+      [...server, "--json", "action", "submit", "--cluster", "c", "--payload", "@-"],
+      '{"n": 1}',
+    );
+    expect(JSON.parse(fromStdin.stdout)).toMatchObject({ action: { payload: { n: 1 } } });
     const serverSide = await cli([...server, "action", "submit", "--cluster", "bad name", "--", "true"]);
     expect(serverSide).toMatchObject({
       code: 2,
@@ -611,7 +634,11 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       );
       expect(promoted.ownership).toBe("OWNERSHIP_WORKSPACE");
       // It shows the lease with the result it now holds, as `lease get` and `lease debug` do.
-      const recorded = await cli([...server, "lease", "set-result", lease.id, "--result", '{"passed":true}']);
+      // A result another program wrote, from a file (`@-` reads standard input).
+      const resultFile = join(mkdtempSync(join(tmpdir(), "leasehold-cli-")), "result.json");
+      writeFileSync(resultFile, '{"passed":true}\n');
+      const recorded = await cli([...server, "lease", "set-result", lease.id, "--result", `@${resultFile}`]);
+      rmSync(dirname(resultFile), { recursive: true });
       expect(recorded.stdout).toContain('result: {"passed":true}\n');
       const rolled = await cli([...server, "lease", "rollback", lease.id]);
       expect(rolled).toMatchObject({ code: 0, stdout: `${lease.id} rolled back: 1 resource destroyed\n` });

@@ -293,7 +293,7 @@ type Agent struct {
 	instanceID string
 	current    *conn
 	waiters    []waiter
-	// closing: Close was called (no new work; grants are given back).
+	// closing: Close was called (no new work: StopGrants, and grants are given back).
 	closing bool
 	// goodbyeDue: handlers are done; say goodbye once every report is answered.
 	goodbyeDue bool
@@ -456,6 +456,11 @@ func (a *Agent) emit(e Event) {
 // context for 5 s more), waits up to 5 s for the server's answers, says
 // goodbye (which releases whatever is left at once) and closes the stream.
 //
+// No more work: Close first asks the server for no more grants (StopGrants,
+// if the welcome said the server takes it), and gives back at once the grants
+// that wait for a guarantee and any that arrive after, so that they run on
+// other workers while the handlers finish.
+//
 // It returns an error when the server could not be told (no goodbye went
 // through): the leases still held then expire after the grace period.
 // Calling Close again returns the first call's result.
@@ -467,6 +472,11 @@ func (a *Agent) Close(ctx context.Context) error {
 func (a *Agent) close(ctx context.Context) error {
 	a.post(func() {
 		a.closing = true
+		// StopGrants first: a report the server read before it would have the slot it frees
+		// filled again.
+		if a.current != nil {
+			a.stopGrants(a.current)
+		}
 		// Grants still waiting for a guarantee are given back without running.
 		for _, r := range a.running {
 			if r.waiting {
@@ -501,6 +511,22 @@ func (a *Agent) close(ctx context.Context) error {
 		return errors.New("agent: closed without a goodbye the server answered; leases still held expire after the grace period")
 	}
 	return nil
+}
+
+// stopGrants asks the server, once, for no more grants on c while the agent
+// closes (StopGrants): the slots that free while the running handlers finish
+// are not filled again, so the work queued meanwhile goes to other workers
+// instead of being granted here and given back. Only to a server whose
+// welcome set accepts_stop_grants (an older one answers it INVALID and keeps
+// granting); a stream whose hello set stop_grants needs none. The grants that
+// do not run are given back at once either way (see close and grant).
+func (a *Agent) stopGrants(c *conn) {
+	if !a.closing || c.ended || !c.welcomed || c.saidGoodbye || c.grantsStopped || !c.takesStopGrants {
+		return
+	}
+	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_StopGrants{
+		StopGrants: &leaseholdv1.StopGrants{Reason: "agent shutting down"}}})
+	c.grantsStopped = true
 }
 
 func bounded(d time.Duration, f func(context.Context)) {

@@ -28,6 +28,13 @@ type conn struct {
 	ended       bool
 	saidGoodbye bool
 	sequence    uint64
+	// helloStoppedGrants: the hello set stop_grants (the agent was closing when it went out).
+	helloStoppedGrants bool
+	// takesStopGrants: the welcome set accepts_stop_grants.
+	takesStopGrants bool
+	// grantsStopped: the server sends no more grants on this stream: the
+	// agent is closing and the server takes StopGrants (see Agent.stopGrants).
+	grantsStopped bool
 	// sent is the local send time of each unacknowledged heartbeat, by sequence.
 	sent map[uint64]time.Time
 	// lastAcked and lastAckedAt: the last heartbeat acknowledged and its send

@@ -24,7 +24,10 @@ import (
 
 // scriptedServer welcomes the agent, acks its heartbeats (while acking is on)
 // with the guarantee of its timing, accepts every report, passes each hello's
-// held leases on hellos, and writes what the test puts on send. One goroutine
+// held leases on hellos, and writes what the test puts on send. Its welcome
+// sets accepts_stop_grants while acceptsStopGrants is on, and got receives,
+// in order, a line for each hello, StopGrants, report and goodbye (see
+// described). One goroutine
 // per stream writes everything, so a grant sent after acked follows that
 // first ack. While holding is on, it keeps the heartbeats unanswered, as a
 // slow server does, and answers the oldest of them on answerOldest. It serves
@@ -53,6 +56,31 @@ type scriptedServer struct {
 	held    chan uint64
 	oldest  chan struct{}
 	health  *scriptedHealth
+	// acceptsStopGrants: the welcome sets accepts_stop_grants.
+	acceptsStopGrants atomic.Bool
+	got               chan string
+}
+
+// described is a line for got: "hello" (with " stop_grants" when it sets
+// that), "stop_grants", "release <action id>", "completion <action id>" or
+// "goodbye"; "" for the messages got leaves out.
+func described(req *leaseholdv1.ConnectRequest) string {
+	switch m := req.GetMessage().(type) {
+	case *leaseholdv1.ConnectRequest_Hello:
+		if m.Hello.GetStopGrants() {
+			return "hello stop_grants"
+		}
+		return "hello"
+	case *leaseholdv1.ConnectRequest_StopGrants:
+		return "stop_grants"
+	case *leaseholdv1.ConnectRequest_Release:
+		return "release " + m.Release.GetActionId()
+	case *leaseholdv1.ConnectRequest_Completion:
+		return "completion " + m.Completion.GetActionId()
+	case *leaseholdv1.ConnectRequest_Goodbye:
+		return "goodbye"
+	}
+	return ""
 }
 
 // answerOldest has the stream answer the oldest heartbeat it holds, if any,
@@ -127,6 +155,12 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 	var held []uint64
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
+		if line := described(req); line != "" {
+			select {
+			case s.got <- line:
+			default: // the test does not read them
+			}
+		}
 		switch m := req.GetMessage().(type) {
 		case *leaseholdv1.ConnectRequest_Batch:
 			for _, inner := range m.Batch.GetMessages() {
@@ -137,7 +171,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 			s.hellos <- m.Hello.GetHeldLeases()
 			send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
 				SessionId: "s1", HeartbeatInterval: durationpb.New(s.timing.heartbeat),
-				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true}}})
+				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true,
+				AcceptsStopGrants: s.acceptsStopGrants.Load()}}})
 		case *leaseholdv1.ConnectRequest_Heartbeat:
 			switch {
 			case !s.acking.Load():
@@ -154,6 +189,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 			send(reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch()))
 		case *leaseholdv1.ConnectRequest_Completion:
 			send(reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch()))
+		case *leaseholdv1.ConnectRequest_Release:
+			send(reportResult(m.Release.GetReportId(), m.Release.GetActionId(), m.Release.GetEpoch()))
 		}
 	}
 	requests := make(chan *leaseholdv1.ConnectRequest)
@@ -202,7 +239,7 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 	script := &scriptedServer{timing: timing, send: make(chan *leaseholdv1.ConnectResponse, 8),
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
 		end: make(chan error, 1), address: listener.Addr().String(),
-		held: make(chan uint64, 8), oldest: make(chan struct{}),
+		held: make(chan uint64, 8), oldest: make(chan struct{}), got: make(chan string, 64),
 		health: &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
 	script.acking.Store(true)
 	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)

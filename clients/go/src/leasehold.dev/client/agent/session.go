@@ -81,6 +81,8 @@ func (a *Agent) connect() {
 		out:     newOutbox(),
 		sent:    map[uint64]time.Time{},
 		pending: map[uint64]*run{},
+		// A stream opened while closing takes no work from its start (worker.proto, Hello).
+		helloStoppedGrants: a.closing,
 	}
 	a.current = c
 	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_Hello{Hello: &leaseholdv1.Hello{
@@ -92,6 +94,7 @@ func (a *Agent) connect() {
 		AgentVersion:   a.opts.AgentVersion,
 		InstanceId:     a.instanceID,
 		AcceptsBatches: true,
+		StopGrants:     c.helloStoppedGrants,
 	}}})
 	go a.dial(c)
 }
@@ -209,6 +212,11 @@ func (a *Agent) receive(c *conn, m *leaseholdv1.ConnectResponse) {
 func (a *Agent) welcome(c *conn, w *leaseholdv1.Welcome) {
 	c.welcomed = true
 	c.out.allowBatches(w.GetAcceptsBatches())
+	c.takesStopGrants = w.GetAcceptsStopGrants()
+	// A server that ignores Hello.stop_grants (an older one) leaves it false: it keeps granting.
+	c.grantsStopped = c.helloStoppedGrants && c.takesStopGrants
+	// Closing since the hello went out: asked now, ahead of the reports sent again below.
+	a.stopGrants(c)
 	a.attemptsWithoutWelcome = 0
 	if w.GetGracePeriod() != nil {
 		a.grace = w.GetGracePeriod().AsDuration()
@@ -456,7 +464,9 @@ func (a *Agent) grant(c *conn, g *leaseholdv1.Grant) {
 	a.emit(Granted{ActionID: lease.ActionID, Epoch: lease.Epoch, Attempt: g.GetAttempt(), Waiting: waiting})
 	switch {
 	case a.closing || held >= a.opts.Capacity:
-		// Closing, or more grants than slots (the server should never do that): give it back.
+		// Closing (a grant the server sent before it read StopGrants, or any grant from a
+		// server that does not take it), or more grants than slots (the server should never
+		// do that): give it back, so that it runs elsewhere now.
 		reason := "no free slot on this agent"
 		if a.closing {
 			reason = "the agent is shutting down"

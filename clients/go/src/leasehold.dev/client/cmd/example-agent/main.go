@@ -5,8 +5,9 @@
 // It prints one JSON line per event on stdout (welcome, grant, started,
 // completed, revoked, self_fenced, handler_stopped, drain, disconnected,
 // closing, closed), so a script or a test can follow it. SIGTERM or SIGINT
-// drains it: running actions get -drain-timeout to finish, then the agent
-// says goodbye and exits 0 (1 when no goodbye went through).
+// drains it: the agent asks the server for no more grants, running actions
+// get -drain-timeout to finish, then it says goodbye and exits 0 (1 when no
+// goodbye went through).
 //
 //	example-agent -server 127.0.0.1:50051 -cluster east -worker-id go-1 -capacity 4
 package main

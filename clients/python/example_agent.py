@@ -11,7 +11,8 @@ when retried elsewhere. A payload without a number ``n`` fails, not retryable.
 
 Prints one JSON line per agent event on stdout (welcome, grant, completed,
 revoked, self_fenced, disconnected, drain, closed). SIGTERM or SIGINT drains:
-running jobs finish (up to 30 s), then the agent says goodbye and exits 0.
+the agent asks the server for no more grants, running jobs finish (up to 30 s),
+then it says goodbye and exits 0.
 """
 
 from __future__ import annotations

@@ -272,6 +272,8 @@ class _Lease:
         self.waiting = False
         """Granted but not started: waits for a heartbeat ack with a fresh guarantee."""
         self.started = False
+        self.began = False
+        """The handler was called (started only queues it in the pool, where it may wait for a thread)."""
         self.future: Future[None] | None = None
         self.after: Future[None] | None = None
         """The handler of an earlier grant of this action, still stopping: this one starts after it."""
@@ -307,6 +309,13 @@ class _Stream:
         self.ended = threading.Event()
         self.welcomed = False
         self.said_goodbye = False
+        self.hello_stopped_grants = False
+        """The hello set stop_grants: the agent was closing when it went out."""
+        self.takes_stop_grants = False
+        """The welcome set accepts_stop_grants."""
+        self.grants_stopped = False
+        """The server sends no more grants on this stream: the agent is closing and the server takes
+        StopGrants (see Agent._stop_grants)."""
         # Why the agent left this stream itself (the server stopped answering, or cannot reach
         # its database while another address serves), if it did.
         self.abandoned: str | None = None
@@ -500,14 +509,29 @@ class Agent:
         and reports their outcomes, cancels the handlers still running (their
         leases are released), sends a goodbye once the server answered every
         report, and closes the stream. A second call returns at once.
+
+        No more work: it first asks the server for no more grants (StopGrants,
+        if the welcome said the server takes it), and gives back at once the
+        grants that wait unstarted (for a guarantee, or for a thread) and any
+        that arrive after, so that they run on other workers while the handlers
+        finish.
         """
         with self._lock:
             if self._closing:
                 return
             self._closing = True
+            # StopGrants first: a report the server read before it would have the slot it frees
+            # filled again.
+            if self._stream is not None:
+                self._stop_grants(self._stream)
             for lease in list(self._leases.values()):
                 if lease.waiting:
                     self._cancel(lease, "closing")
+                elif lease.started and not lease.began and lease.report is None and lease.cancel_reason is None:
+                    # Queued in the pool (behind a handler still stopping): given back now, not once
+                    # a thread frees; its thread then finds it cancelled and settled.
+                    self._cancel(lease, "closing")
+                    self._settle(lease, _released(_RELEASE_REASONS["closing"]))
         self._wait_for_handlers(timeout)
         with self._lock:
             for lease in list(self._leases.values()):
@@ -554,6 +578,8 @@ class Agent:
                     stream.channel.close()
                     return
                 self._stream = stream
+                # A stream opened while closing takes no work from its start (worker.proto, Hello).
+                stream.hello_stopped_grants = self._closing
                 hello = worker_pb2.Hello(
                     worker_id=self._worker_id,
                     cluster=self._cluster,
@@ -562,6 +588,7 @@ class Agent:
                     held_leases=[lease.held() for lease in self._leases.values() if not lease.gone],
                     agent_version=self._agent_version,
                     instance_id=self._instance_id,
+                    stop_grants=stream.hello_stopped_grants,
                 )
                 stream.send(worker_pb2.ConnectRequest(hello=hello))
             error: grpc.RpcError | None = None
@@ -645,6 +672,11 @@ class Agent:
 
     def _on_welcome(self, stream: _Stream, welcome: worker_pb2.Welcome) -> None:
         stream.welcomed = True
+        stream.takes_stop_grants = welcome.accepts_stop_grants
+        # A server that ignores Hello.stop_grants (an older one) leaves it false: it keeps granting.
+        stream.grants_stopped = stream.hello_stopped_grants and stream.takes_stop_grants
+        # Closing since the hello went out: asked now, ahead of the reports sent again below.
+        self._stop_grants(stream)
         self._attempts_without_welcome = 0
         self._refusals = 0
         self._session_id = welcome.session_id
@@ -844,7 +876,9 @@ class Agent:
             if other is not lease and other.report is None and not other.gone
         )
         if self._closing or busy >= self._capacity:
-            # Draining, or more grants than slots (the server should never do that): give it back.
+            # Closing (a grant the server sent before it read StopGrants, or any grant from a server
+            # that does not take it), or more grants than slots (the server should never do that):
+            # give it back, so that it runs elsewhere now.
             self._settle(lease, _released("the agent is shutting down" if self._closing else "no free slot"))
         elif self._may_start():
             self._run(lease)
@@ -902,6 +936,27 @@ class Agent:
             ):
                 self._send_report(stream, lease)
 
+    def _stop_grants(self, stream: _Stream) -> None:
+        """Asks the server, once, for no more grants on ``stream`` while the agent closes (StopGrants).
+
+        The slots that free while the running handlers finish are then not filled again, so the
+        work queued meanwhile goes to other workers instead of being granted here and given back.
+        Only to a server whose welcome set accepts_stop_grants (an older one answers it INVALID and
+        keeps granting); a stream whose hello set stop_grants needs none. The grants that do not
+        run are given back at once either way (see close and _on_grant).
+        """
+        if (
+            not self._closing
+            or stream.ended.is_set()
+            or not stream.welcomed
+            or stream.said_goodbye
+            or stream.grants_stopped
+            or not stream.takes_stop_grants
+        ):
+            return
+        stream.send(worker_pb2.ConnectRequest(stop_grants=worker_pb2.StopGrants(reason="agent shutting down")))
+        stream.grants_stopped = True
+
     def _finish_close(self, stream: _Stream) -> None:
         """Says goodbye once every report was answered."""
         if stream.ended.is_set() or not stream.welcomed or stream.said_goodbye or self._leases:
@@ -948,6 +1003,7 @@ class Agent:
                     if self._stream is not None:
                         self._beat(self._stream)
                     return
+                lease.began = True
         report: _Report | None = None
         if not lease.context.cancelled.is_set():
             try:

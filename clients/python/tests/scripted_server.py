@@ -22,15 +22,19 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     guarantee (until ``lose_database()``), accepts every report (completion or release), and writes
     what the test sends, in one order: ``acked`` is set once the first ack is queued, so a grant
     sent after it always follows that ack.
+    ``break_stream()`` ends the current stream with UNAVAILABLE, as a server that restarts does.
     ``take_over()`` ends the stream as the server does when another stream takes the session (or,
     with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
     the hellos' instance ids, ``hello_leases`` their held leases as (action_id, epoch) pairs.
-    After ``hold_acks()``, heartbeats wait for ``answer_oldest()``, as on a slow server."""
+    After ``hold_acks()``, heartbeats wait for ``answer_oldest()``, as on a slow server.
+    The welcome sets accepts_stop_grants as ``accepts_stop_grants`` says; ``got`` receives, in
+    order, a line for each hello, StopGrants, report and goodbye (see ``described``)."""
 
     def __init__(self, heartbeat_interval: float = 1.0) -> None:
         self._heartbeat_interval = heartbeat_interval
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._taken_over = threading.Event()
+        self._breaking = threading.Event()
         self._ending = (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over")
         self.acked = threading.Event()
         self.instance_ids: list[str] = []
@@ -38,6 +42,8 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.hellos = threading.Semaphore(0)
         self.connects = 0
         """Connect streams opened."""
+        self.accepts_stop_grants = False
+        self.got: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Set: acks say database_unreachable and count down to the deadline the last one gave, as
         # on a server that can no longer write its renewals, instead of guaranteeing GRACE_SECONDS.
         self.frozen_deadline: float | None = None
@@ -55,6 +61,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def send(self, response: worker_pb2.ConnectResponse) -> None:
         self._outbox.put(response)
 
+    def break_stream(self) -> None:
+        self._breaking.set()
+        self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
+
     def take_over(self, in_use: bool = False) -> None:
         if in_use:
             self._ending = (grpc.StatusCode.ALREADY_EXISTS, "WORKER_ID_IN_USE", "connected from another process")
@@ -71,6 +81,9 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 for request in request_iterator:
                     kind = request.WhichOneof("message")
+                    line = described(request)
+                    if line:
+                        self.got.put(line)
                     if kind == "hello":
                         self.instance_ids.append(request.hello.instance_id)
                         self.hello_leases.append([(held.action_id, held.epoch) for held in request.hello.held_leases])
@@ -81,6 +94,7 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                             session_id="s1",
                             heartbeat_interval=interval,
                             grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
+                            accepts_stop_grants=self.accepts_stop_grants,
                         )
                         outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
                     elif kind == "heartbeat":
@@ -116,6 +130,9 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                 status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
                 context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
                 context.abort(code, message)
+            if self._breaking.is_set():
+                self._breaking.clear()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server restarts")
             yield reply
 
     def _ack(self, outbox: queue.SimpleQueue, sequence: int) -> None:
@@ -212,6 +229,19 @@ def serve_with_health(
     server.start()
     test.addCleanup(server.stop, None)
     return service, health, f"127.0.0.1:{port}"
+
+
+def described(request: worker_pb2.ConnectRequest) -> str:
+    """A line for ``got``: "hello" (with " stop_grants" when it sets that), "stop_grants",
+    "release <action id>", "completion <action id>" or "goodbye"; "" for the messages left out."""
+    kind = request.WhichOneof("message")
+    if kind == "hello":
+        return "hello stop_grants" if request.hello.stop_grants else "hello"
+    if kind in ("release", "completion"):
+        return f"{kind} {getattr(request, kind).action_id}"
+    if kind in ("stop_grants", "goodbye"):
+        return kind
+    return ""
 
 
 def grant(action_id: str, epoch: int) -> worker_pb2.ConnectResponse:

@@ -640,6 +640,8 @@ export function createAgent(options: AgentOptions): Agent {
     batches: boolean;
     /** The welcome said accepts_stop_grants. */
     takesStopGrants: boolean;
+    /** The hello set stop_grants (it was sent while closing). */
+    helloStoppedGrants: boolean;
     /**
      * The server sends no more grants on this stream: the agent is closing and
      * the server takes StopGrants (the hello set stop_grants, or one was sent).
@@ -1268,6 +1270,7 @@ export function createAgent(options: AgentOptions): Agent {
       welcomed: false,
       batches: false,
       takesStopGrants: false,
+      helloStoppedGrants: false,
       grantsStopped: false,
       heartbeatTimer: undefined,
       sent: new Map(),
@@ -1325,9 +1328,10 @@ export function createAgent(options: AgentOptions): Agent {
         case "welcome": {
           conn.welcomed = true;
           conn.batches = m.value.acceptsBatches;
-          // A hello sent while closing set stop_grants: a server that takes it sends no more.
           conn.takesStopGrants = m.value.acceptsStopGrants;
-          conn.grantsStopped = closing && conn.takesStopGrants;
+          // A hello sent while closing set stop_grants: a server that takes it sends no more.
+          // (close() called after the hello went out sends a StopGrants below instead.)
+          conn.grantsStopped = conn.helloStoppedGrants && conn.takesStopGrants;
           attemptsWithoutWelcome = 0;
           if (m.value.gracePeriod) graceMs = durationMs(m.value.gracePeriod);
           sessionId = m.value.sessionId;
@@ -1581,6 +1585,7 @@ export function createAgent(options: AgentOptions): Agent {
         },
       },
     });
+    conn.helloStoppedGrants = closing;
   }
 
   /**

@@ -22,7 +22,14 @@ export type ScriptedResponse = MessageInitShape<typeof ConnectResponseSchema>;
  * opened).
  */
 export async function scriptedWorkerServer(
-  options: { acceptsBatches?: boolean; remainingMs?: number; heartbeatMs?: number } = {},
+  options: {
+    acceptsBatches?: boolean;
+    acceptsStopGrants?: boolean;
+    remainingMs?: number;
+    heartbeatMs?: number;
+    /** The welcome waits for it (a server slow to open the session). */
+    welcomeAfter?: Promise<void>;
+  } = {},
 ) {
   const acked = deferred();
   const requests: ConnectRequest[] = [];
@@ -62,17 +69,21 @@ export async function scriptedWorkerServer(
         }
         received.push(m.case ?? "");
         if (m.case === "hello") {
-          write({
-            message: {
-              case: "welcome",
-              value: {
-                sessionId: "s1",
-                heartbeatInterval: durationFromMs(options.heartbeatMs ?? 1000),
-                gracePeriod: durationFromMs(60_000),
-                acceptsBatches: options.acceptsBatches ?? true,
+          const welcome = () =>
+            write({
+              message: {
+                case: "welcome",
+                value: {
+                  sessionId: "s1",
+                  heartbeatInterval: durationFromMs(options.heartbeatMs ?? 1000),
+                  gracePeriod: durationFromMs(60_000),
+                  acceptsBatches: options.acceptsBatches ?? true,
+                  acceptsStopGrants: options.acceptsStopGrants ?? false,
+                },
               },
-            },
-          });
+            });
+          if (options.welcomeAfter) void options.welcomeAfter.then(welcome);
+          else welcome();
         } else if (m.case === "heartbeat") {
           if (!acking) return;
           if (holding) held.push(m.value.sequence);

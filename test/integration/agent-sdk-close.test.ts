@@ -3,6 +3,7 @@ import { createAgent } from "../../src/agent/index.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { agentEvents } from "../helpers/agent-events.js";
 import { deferred } from "../helpers/deferred.js";
+import { scriptedWorkerServer } from "../helpers/scripted-worker.js";
 import { startTestServer } from "../helpers/server.js";
 
 describe("an SDK agent's close() says what it did", () => {
@@ -37,6 +38,25 @@ describe("an SDK agent's close() says what it did", () => {
     await t.stop();
     await events.until((e) => e.type === "disconnected");
     expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: false, stillRunning: [] });
+  });
+
+  it("asks for no more grants when close() comes between the hello and the welcome", async () => {
+    const welcome = deferred();
+    const server = await scriptedWorkerServer({ acceptsStopGrants: true, welcomeAfter: welcome.promise });
+    cleanups.push(() => server.close());
+    const agent = createAgent({
+      address: server.address,
+      cluster: "east",
+      workerId: "early",
+      handler: async () => ({}),
+    });
+    await server.next("hello");
+    const closed = agent.close();
+    welcome.resolve();
+    await server.next("goodbye");
+    expect(server.received).toEqual(expect.arrayContaining(["stopGrants"]));
+    expect(server.received.indexOf("stopGrants")).toBeLessThan(server.received.indexOf("goodbye"));
+    await closed;
   });
 
   it("names the actions whose handler ignored its abort signal when their leases were given back", async () => {

@@ -620,6 +620,33 @@ describe("work leases", () => {
     });
   });
 
+  it("accepts a completion the same worker sends again from a new session after its old one was reaped", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    // Applied; say its answer was lost with the stream, which stays broken past the deadline.
+    expect(await a.complete(grant, { output: { n: 1 } })).toMatchObject({ accepted: true });
+    a.drop();
+    await waitForEvent(t, id, "wa", EventKind.STREAM_LOST);
+    clock.advance(GRACE_MS + 1);
+    await tick().reap();
+    const back = await worker("wa", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(back.welcome).toMatchObject({ sessionResumed: false, revoked: [{ actionId: id, epoch: 1n }] });
+    expect(await back.complete(grant, { output: { n: 1 } })).toMatchObject({ accepted: true });
+    expect(await back.complete(grant, { output: { n: 2 } })).toMatchObject({
+      accepted: false,
+      rejectReason: RejectReason.FENCED,
+    });
+    // Another worker sending the same report is no repeat of its own.
+    const other = await worker("wo", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(await other.complete(grant, { output: { n: 1 } })).toMatchObject({
+      accepted: false,
+      rejectReason: RejectReason.FENCED,
+    });
+    expect((await getAction(id)).action).toMatchObject({ state: ActionState.SUCCEEDED, output: { n: 1 } });
+  });
+
   it("rejects the stale owner's late completion and keeps the new owner's result (rule 4)", async () => {
     const a = await worker("wa");
     const id = await submit();

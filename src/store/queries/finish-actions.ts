@@ -182,10 +182,14 @@ f_input as (
       -- worker's outcome (the action is CANCELLED whatever it reported): any
       -- copy is its repeat. One the server ended itself (a deployment's
       -- scope lease rolled back, without cancel_requested) had no report: a
-      -- report on it is fenced.
+      -- report on it is fenced. The copy may come from a later session of the
+      -- same worker (its stream stayed broken past the grace period): a repeat
+      -- changes nothing, and it tells the worker its report landed.
       f_repeated as (
         select i.k, a.id, a.state from f_input i
-        join attempts t on t.action_id = i.action_id and t.epoch = i.epoch and t.session_id = i.session_id
+        join attempts t on t.action_id = i.action_id and t.epoch = i.epoch
+          and (t.session_id = i.session_id
+            or t.worker_id = (select s.worker_id from sessions s where s.id = i.session_id))
         join actions a on a.id = i.action_id
         where i.k not in (select k from f_current)
           and case

@@ -234,9 +234,8 @@ class WorkerServiceServicer(object):
         completion the server applied just before the stream broke comes back in
         Welcome.revoked too: send the same completion again; it is accepted as a
         repeat (a different one is FENCED), which tells the worker it landed.
-        That holds while the session lives (the hello came before its deadline
-        and resumed it): once it has ended, any report on its leases is FENCED,
-        landed or not, and ActionService.GetAction tells which.
+        That holds in a later session of the same worker_id too (the stream
+        stayed broken past the deadline, and the lease came back revoked).
         The same means the same outcome with an equal output (succeeded) or an
         equal error (failed: message, retryable and details), equal as JSON
         values (the order of keys does not matter); any release repeats a

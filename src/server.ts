@@ -365,6 +365,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",
     );
+    // The renewal's connection is wrapped too, first: a test that keeps the handle it is given
+    // keeps the main one.
+    const renewalDb =
+      database.renewalDb && overrides.wrapDb ? overrides.wrapDb(database.renewalDb) : database.renewalDb;
     const db = overrides.wrapDb ? overrides.wrapDb(database.db) : database.db;
     // The other processes on this database hear of every change over LISTEN/NOTIFY.
     // PGlite serves one process: there is nobody to tell.
@@ -400,6 +404,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     const manager = createLeaseManager({
       databaseUnreachable: () => databaseUnreachable,
       db,
+      ...(renewalDb ? { renewalDb } : {}),
       clock,
       feed,
       log,

@@ -35,6 +35,13 @@ export interface Database extends AsyncDisposable {
    * mistaken for an unreachable database.
    */
   readonly ping?: () => Promise<void>;
+  /**
+   * PostgreSQL only: a connection of its own for the renewal of sessions'
+   * deadlines. A pool filled by client calls (dozens of large submits or
+   * listings at once) kept renewals waiting longer than the grace period, and
+   * the agents of healthy streams self-fenced and their work ran again.
+   */
+  readonly renewalDb?: Db;
   /** Closes the pool (postgres) or the embedded database (PGlite). Idempotent. */
   close(): Promise<void>;
 }
@@ -327,21 +334,30 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
+  // The renewal's own connection (see Database.renewalDb).
+  const renewer = postgres(url, { ...quiet, max: 1 });
   // The database watch's own connection (see ping below).
   let pinger = postgres(url, { ...quiet, max: 1 });
   /** The check in flight, until it is answered. */
   let pinging: Promise<unknown> | undefined;
   const db = drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
+  const renewalDb = drizzlePostgres(renewer, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
   const dialect = new PgDialect();
-  registerPreparedRunner(db, (query) => {
-    const { sql: text, params } = simpleQueryText(query) ?? dialect.sqlToQuery(query);
-    logger?.logQuery(text);
-    return client.unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
-  });
+  for (const [handle, sql] of [
+    [db, client],
+    [renewalDb, renewer],
+  ] as const) {
+    registerPreparedRunner(handle, (query) => {
+      const { sql: text, params } = simpleQueryText(query) ?? dialect.sqlToQuery(query);
+      logger?.logQuery(text);
+      return sql.unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
+    });
+  }
   return {
     ...handle(db, "postgres", async () => {
-      await Promise.all([client.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
+      await Promise.all([client.end({ timeout: 5 }), renewer.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
     }),
+    renewalDb,
     ping: async () => {
       if (pinging) {
         // The last check never got its answer: its connection went silent (a hung backend, a

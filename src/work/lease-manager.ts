@@ -46,6 +46,8 @@ export interface LeaseManagerOptions {
   /** Spans for grants and reports of traced actions; default none. */
   readonly tracing?: Tracing;
   readonly db: Db;
+  /** Where sessions are renewed (Database.renewalDb); default `db`. */
+  readonly renewalDb?: Db;
   readonly clock: Clock;
   readonly feed: ChangeFeed;
   readonly log: Logger;
@@ -386,7 +388,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   // ---- loops ---------------------------------------------------------------------------------------
 
   const renewal = createRenewal({
-    db,
+    db: options.renewalDb ?? db,
     clock,
     hosted,
     graceMs,

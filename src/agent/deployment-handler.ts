@@ -224,7 +224,9 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         if (failed) break;
         const running = containers.filter((c) => !exitsAfter(c));
         await Promise.race([...running.map((c) => c.exited), stopAsked, lost]);
-        if (!ctx.signal.aborted) report(ctx.stopRequested.aborted ? "stopping" : "ready");
+        // A container that exited with an error fails the deployment (below): never "ready" again.
+        if (ctx.signal.aborted || containers.some((c) => c.state === "exited" && c.exitCode !== 0)) continue;
+        report(ctx.stopRequested.aborted ? "stopping" : "ready");
       }
       if (ctx.signal.aborted) throw ctx.signal.reason;
 

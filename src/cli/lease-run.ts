@@ -479,9 +479,28 @@ async function runInLease(
     emit("output_promoted", { name, file_id: fileId });
   }
 
+  // The deployment as it is now, not as it was when it became ready: one whose container exited
+  // with an error since (right after starting, or while the checks ran) failed, and so did the test.
+  step.name = "deployment_phase";
+  let crashed: Deployment | undefined;
+  if (waited.ready) {
+    const { resource: r } = await retried((deadline) =>
+      clients.resources.getResource({ resourceId: last?.id ?? deploymentId }, { signal, deadline }),
+    );
+    if (r?.body.case === "deployment" && r.body.value.phase === DeploymentPhase.FAILED) {
+      crashed = r.body.value;
+      emit("deployment_failed", {
+        deployment_id: crashed.id,
+        phase: phaseName(crashed.phase),
+        message: crashed.message,
+        timed_out: false,
+      });
+    }
+  }
+
   // Recorded last, so that the result also reflects missing outputs and names the promoted files.
   step.name = "record_result";
-  const passed = waited.ready && checks.every((c) => c.passed) && missing.length === 0;
+  const passed = waited.ready && !crashed && checks.every((c) => c.passed) && missing.length === 0;
   const result: JsonObject = {
     passed,
     checks: checks.map((c) => ({
@@ -493,8 +512,8 @@ async function runInLease(
     deployment: {
       id: last?.id ?? deploymentId,
       ready: waited.ready,
-      phase: phaseName(last?.phase),
-      message: waited.ready ? (last?.message ?? "") : waited.reason,
+      phase: phaseName((crashed ?? last)?.phase),
+      message: crashed ? crashed.message : waited.ready ? (last?.message ?? "") : waited.reason,
     },
     outputs: promoted,
     ...(missing.length > 0 ? { missing_outputs: missing } : {}),

@@ -380,6 +380,38 @@ outputs:
     expect(await download(promoted?.file_id as string)).toBe("no config");
   });
 
+  it("a deployment whose container exits with an error after it was ready fails the run", async () => {
+    // Without a readiness probe it is ready as soon as it starts; it crashes while the check runs.
+    const marker = join(mkdtempSync(join(tmpdir(), "leasehold-crash-")), "exiting");
+    const run = cli([
+      "lease",
+      "run",
+      "--test",
+      manifestFile(`runtime: ${RUNTIME}
+deployment:
+  containers:
+    - name: crash
+      argv: [${process.execPath}, -e, 'console.error("boom"); require("fs").writeFileSync(${JSON.stringify(marker)}, ""); process.exit(3)']
+checks:
+  - name: until it exits
+    exec: {argv: [${process.execPath}, -e, 'const t = setInterval(() => require("fs").existsSync(${JSON.stringify(marker)}) && clearInterval(t), 20)']}
+`),
+    ]);
+    expect(await run.exited).toBe(1);
+    rmSync(join(marker, ".."), { recursive: true, force: true });
+    expect(run.events.find((e) => e.event === "deployment_ready")).toBeDefined();
+    expect(run.events.find((e) => e.event === "deployment_failed")).toMatchObject({
+      phase: "FAILED",
+      message: expect.stringContaining("exited 3"),
+    });
+    const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+    expect(lease?.result).toMatchObject({
+      passed: false,
+      checks: [{ name: "until it exits", passed: true }],
+      deployment: { phase: "FAILED" },
+    });
+  });
+
   it("a bad manifest exits 2 naming every field to fix, before any lease exists", async () => {
     const before = (await leases().listLeases({ pageSize: 1000 })).leases.length;
     const run = cli([

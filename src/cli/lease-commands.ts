@@ -120,7 +120,7 @@ export function leaseCommands(): Command {
           runtime: o.runtime ?? "",
           label: o.label ?? "",
           requestId: o.requestId ?? "",
-          ...(o.ttl ? { ttl: durationFlag("--ttl", o.ttl) } : {}),
+          ...(o.ttl !== undefined ? { ttl: durationFlag("--ttl", o.ttl) } : {}),
         });
         if (json) printLease(l, true);
         else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);

@@ -692,6 +692,12 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         code: 2,
         stderr: expect.stringMatching(/--ttl: must be a duration like/),
       });
+      // An unset variable (--ttl "$TTL") is a mistake, not a request for the default.
+      const emptyTtl = await cli([...server, "lease", "create", "--runtime", "east", "--ttl", ""]);
+      expect(emptyTtl).toMatchObject({
+        code: 2,
+        stderr: expect.stringMatching(/--ttl: must be a duration like .*\(got ""\)/),
+      });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -74,7 +74,9 @@ function received(stream: object, response: ConnectResponse): void {
     if (m.case !== "heartbeatAck") continue;
     const at = sent.get(m.value.sequence);
     if (at === undefined) continue;
-    for (const seq of sent.keys()) if (seq <= m.value.sequence) sent.delete(seq);
+    // The acknowledged one's send time is kept: a server whose renewal was late answers the same
+    // heartbeat again with a fresh remaining (worker.proto), which the SDK applies from that time.
+    for (const seq of sent.keys()) if (seq < m.value.sequence) sent.delete(seq);
     const candidate = at + (m.value.remaining ? durationMs(m.value.remaining) : 0) - margin;
     if (candidate > deadline) {
       deadline = candidate;

@@ -511,6 +511,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         maxRequestBytes: config.maxFileBytes + 1024 * 1024,
         // Request bodies still arriving share the port's budget and stall rule.
         requestBodies: rpc.partialRequests,
+        // One peer address's connections are bounded across both ports (--max-connections-per-address).
+        connections: rpc.connections,
         ...(limits.requestStallMs ? { requestStallMs: limits.requestStallMs } : {}),
         ...(overrides.consoleStaticDir ? { staticDir: overrides.consoleStaticDir } : {}),
       }).catch((error: unknown) => {

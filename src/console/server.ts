@@ -12,6 +12,7 @@ import { isLoopback } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Refusal } from "../rpc/adapter.js";
 import type { Authenticator } from "../rpc/authenticator.js";
+import type { ConnectionLimit } from "../rpc/connection-limits.js";
 import type { PartialRequestLimit } from "../rpc/partial-requests.js";
 import type { ServiceBinding } from "../rpc/server.js";
 import type { TlsMaterialSource } from "../rpc/tls.js";
@@ -38,6 +39,8 @@ export interface ConsoleOptions {
   readonly maxRequestBytes: number;
   /** The gRPC port's budget of requests still arriving, which API request bodies share. */
   readonly requestBodies?: Pick<PartialRequestLimit, "hold"> | undefined;
+  /** The gRPC port's bounds on client connections, which this port's connections count against. */
+  readonly connections?: Pick<ConnectionLimit, "add"> | undefined;
   /** A request body that gains less than 16 KiB in this long is ended; default 30 s, as on the gRPC port. */
   readonly requestStallMs?: number | undefined;
   /** The built page; default {@link DEFAULT_STATIC_DIR}. */
@@ -214,6 +217,7 @@ export async function serveConsole(options: ConsoleOptions): Promise<ConsoleServ
     offRotation = tls.onChange((material) => https.setSecureContext(material));
     server = https;
   } else server = createHttpServer(handle);
+  options.connections?.add(server);
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(options.port, options.host, () => {

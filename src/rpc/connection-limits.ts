@@ -68,11 +68,11 @@ const REFUSALS_PER_SECOND = 5;
 export function limitConnections(
   servers: Iterable<Server>,
   { maxPerAddress, maxTotal, log, observer }: ConnectionLimitOptions,
-): { readonly open: () => number } {
+): ConnectionLimit {
   const byAddress = new Map<string, number>();
   let open = 0;
   const logRefusal = perSecond(REFUSALS_PER_SECOND);
-  for (const server of servers) {
+  const add = (server: Server) => {
     // First, before grpc-js's own listeners: a refused socket never reaches TLS or HTTP/2.
     server.prependListener("connection", (socket) => {
       const address = socket.remoteAddress ?? "";
@@ -107,6 +107,18 @@ export function limitConnections(
         observer?.closed();
       });
     });
-  }
-  return { open: () => open };
+  };
+  for (const server of servers) add(server);
+  return { open: () => open, add };
+}
+
+/** The connections {@link limitConnections} counts. */
+export interface ConnectionLimit {
+  /** Connections open now, on every server counted. */
+  readonly open: () => number;
+  /**
+   * Counts `server`'s connections too, against the same bounds: the console's
+   * port, so that a peer cannot fill the file table through it instead.
+   */
+  readonly add: (server: Server) => void;
 }

@@ -16,6 +16,7 @@ import {
 import type { Authenticator } from "./authenticator.js";
 import { closeConnectionsOnClientCaChange } from "./client-ca-change.js";
 import {
+  type ConnectionLimit,
   type ConnectionObserver,
   DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
   defaultMaxConnections,
@@ -125,6 +126,8 @@ export interface RpcServer extends AsyncDisposable {
    * bodies to share; undefined when grpc-js's call changed shape.
    */
   readonly partialRequests: Pick<PartialRequestLimit, "hold"> | undefined;
+  /** The bounds on client connections, for the console's port to share. */
+  readonly connections: Pick<ConnectionLimit, "add">;
   /**
    * Health NOT_SERVING, stop accepting, give open calls until the timeout,
    * then cut them. Idempotent.
@@ -231,16 +234,17 @@ export async function createRpcServer(
   // grpc-js keeps the HTTP/2 servers it listens with in a private map; no option bounds how many
   // connections they accept.
   const listening = (server as unknown as { http2Servers?: unknown }).http2Servers;
-  if (listening instanceof Map) {
-    limitConnections(listening.keys() as Iterable<NetServer>, {
+  if (!(listening instanceof Map))
+    options.log.warn("grpc-js's server changed shape: its client connections are not bounded");
+  const connections = limitConnections(
+    listening instanceof Map ? (listening.keys() as Iterable<NetServer>) : [],
+    {
       maxPerAddress: options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
       maxTotal: options.maxConnections ?? defaultMaxConnections(),
       log: options.log,
       observer: options.connections,
-    });
-  } else {
-    options.log.warn("grpc-js's server changed shape: client connections are not bounded");
-  }
+    },
+  );
   let stopCaWatch = () => {};
   if (options.tls?.requestCert) {
     if (listening instanceof Map)
@@ -285,6 +289,7 @@ export async function createRpcServer(
     port,
     health,
     partialRequests,
+    connections,
     markServing: () => {
       if (closing) return;
       for (const n of names) health.setStatus(n, "SERVING");

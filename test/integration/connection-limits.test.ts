@@ -10,6 +10,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { type ConnectionRefusal, defaultMaxConnections } from "../../src/rpc/connection-limits.js";
 import { bind, createRpcServer } from "../../src/rpc/server.js";
+import { startTestServer } from "../helpers/server.js";
 
 /** The HTTP/2 client preface and an empty SETTINGS frame: the server answers with its own SETTINGS. */
 const PREFACE = Buffer.concat([
@@ -127,6 +128,36 @@ describe("connection limits", () => {
     expect((await s.hold("127.0.0.3")).outcome).toBe("closed");
     expect(s.refused).toEqual(["total"]);
     expect(s.logged.at(-1)?.msg).toMatch(/^refused a connection: 2 are open, the most this process takes/);
+  });
+
+  it("counts the console port's connections against the same share of an address", async () => {
+    const t = await startTestServer({
+      config: { maxConnectionsPerAddress: "2", consoleListen: "127.0.0.1:0" },
+    });
+    close = () => t.stop();
+    const grpcPort = Number(t.address.split(":")[1]);
+    const first = await connect(grpcPort);
+    sockets.push(first.socket);
+    expect(first.outcome).toBe("served");
+    const console1 = net.connect({ host: "127.0.0.1", port: t.server.consolePort as number });
+    sockets.push(console1);
+    await once(console1, "connect");
+    // The console answers HTTP/1.1: a request shows the connection is taken and served.
+    console1.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    await once(console1, "data");
+    // The address holds its two: a third, to either port, is closed as it is accepted.
+    const past = await connect(grpcPort);
+    sockets.push(past.socket);
+    expect(past.outcome).toBe("closed");
+    const console2 = net.connect({ host: "127.0.0.1", port: t.server.consolePort as number });
+    sockets.push(console2);
+    console2.on("error", () => {});
+    console2.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    const outcome = await new Promise<string>((resolve) => {
+      console2.once("data", () => resolve("served"));
+      console2.once("close", () => resolve("closed"));
+    });
+    expect(outcome).toBe("closed");
   });
 
   it("takes its default bound from the open-file limit, leaving room for the database and files", () => {

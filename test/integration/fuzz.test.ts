@@ -225,6 +225,7 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
       },
       release: { reportId: 1n, actionId: "a", epoch: 1n, reason: "r" },
       goodbye: { reason: "r" },
+      stopGrants: { reason: "r" },
       batch: {
         messages: [
           { message: { case: "heartbeat", value: { sequence: 2n } } },

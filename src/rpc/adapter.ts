@@ -41,7 +41,10 @@ export interface HandlerContext {
 
 /** A bidirectional stream as a handler sees it. */
 export interface BidiStream<I extends DescMessage, O extends DescMessage> {
-  /** The client's messages, in order; ends when the client half-closes, the call ends, or `stop()`. */
+  /**
+   * The client's messages, in order; ends when the client half-closes (after
+   * every message it sent before), the call ends, or `stop()`.
+   */
   readonly requests: AsyncIterable<MessageShape<I>>;
   /**
    * The rest of the client's messages, pushed to `handler` as they arrive
@@ -63,6 +66,12 @@ export interface BidiStream<I extends DescMessage, O extends DescMessage> {
   sendBinary(bytes: Uint8Array): boolean;
   /** Ends `requests` now (a pending read resolves as done), e.g. when the server closes the stream. */
   stop(): void;
+  /**
+   * The client half-closed its side: once `requests` ended, every message it
+   * sent was handed over (a cancel, the call's end or `stop()` drop what is
+   * still unread, and leave this as it was).
+   */
+  readonly halfClosed: boolean;
   /**
    * Serialized bytes of sent messages that the transport has not taken yet:
    * what a client that stops reading makes this process hold (HTTP/2 flow
@@ -114,7 +123,11 @@ export const READ_PAUSE_BYTES = 1024 * 1024;
  * reaction per message). A message that failed decoding or validation
  * (a {@link RejectedRequest}) makes its read reject with the rejection's
  * error, in order, and ends the iterable: unless the handler catches it, the
- * stream ends with that status.
+ * stream ends with that status. A half-close ends the iterable only once
+ * the messages that came before it are read: a worker that sends its hello
+ * and a report in one write and half-closes gets both handled, as it would
+ * without the half-close. A cancel or an error of the call, or `stop()`,
+ * drops what is unread.
  */
 function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unknown>): {
   iterable: AsyncIterable<T>;
@@ -125,11 +138,15 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
   /** While on, nothing more is read from the client (the handler's own reason; not `held`). */
   throttle(on: boolean): void;
   readonly held: () => boolean;
+  /** The client half-closed (see {@link BidiStream.halfClosed}). */
+  readonly halfClosed: () => boolean;
 } {
   const buffer: (T | RejectedRequest)[] = [];
   let pending: ((result: IteratorResult<T>) => void) | undefined;
   let pendingReject: ((error: unknown) => void) | undefined;
   let done = false;
+  /** The client half-closed: what is in `buffer` is still handed over, then the requests end. */
+  let halfClosed = false;
   /** Set by `consume`: messages go straight to it. */
   let consumer: ((message: T) => void) | undefined;
   /** `buffer` passed HIGH_WATER and has not drained to a quarter of it yet. */
@@ -199,7 +216,12 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       sync();
     }
   });
-  call.on("end", finish);
+  call.on("end", () => {
+    if (done) return;
+    halfClosed = true;
+    // A pending read or a consumer means nothing is buffered; else the last read ends it.
+    if (buffer.length === 0) finish();
+  });
   call.on("error", finish);
   call.on("cancelled", finish);
   const iterator: AsyncIterator<T> = {
@@ -216,6 +238,7 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
         }
         return Promise.resolve({ done: false, value });
       }
+      if (halfClosed) finish();
       if (done) return Promise.resolve({ done: true, value: undefined });
       return new Promise((resolve, reject) => {
         pending = resolve;
@@ -236,6 +259,7 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       consumer = handler;
       consumed = { resolve, reject };
       while (buffer.length > 0 && !done) deliver(buffer.shift() as T | RejectedRequest);
+      if (halfClosed) finish();
       if (unread && !done) {
         unread = false;
         sync();
@@ -257,6 +281,7 @@ function requestQueue<T>(call: grpc.ServerDuplexStream<T | RejectedRequest, unkn
       sync();
     },
     held: () => held,
+    halfClosed: () => halfClosed,
   };
 }
 
@@ -776,6 +801,9 @@ function bidiHandler(
       sendBinary: (bytes) =>
         write(Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)),
       stop: queue.stop,
+      get halfClosed() {
+        return queue.halfClosed();
+      },
       get bufferedBytes() {
         return bufferedBytes;
       },

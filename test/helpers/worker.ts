@@ -1,8 +1,10 @@
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { connect as http2Connect } from "node:http2";
+import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import {
   type ConnectRequestSchema,
   type ConnectResponse,
+  ConnectResponseSchema,
   type HelloSchema,
   WorkerService,
 } from "../../src/gen/leasehold/v1/worker_pb.js";
@@ -160,4 +162,79 @@ export async function connectWorker(
     },
     ended,
   };
+}
+
+/** One ConnectRequest in gRPC's framing: a zero flag byte, the length, the message. */
+export function framedRequest(message: MessageInitShape<typeof ConnectRequestSchema>): Buffer {
+  const bytes = toBinary(
+    WorkerService.method.connect.input,
+    create(WorkerService.method.connect.input, message),
+  );
+  const frame = Buffer.alloc(5 + bytes.length);
+  frame.writeUInt32BE(bytes.length, 1);
+  frame.set(bytes, 5);
+  return frame;
+}
+
+/** How a stream opened by {@link sendAndHalfClose} ended. */
+export interface HalfClosedStream {
+  /** The messages received, in order (a batch's one by one). */
+  readonly received: ConnectResponse[];
+  /** grpc-status of the trailers; undefined if the stream was reset instead. */
+  readonly code: number | undefined;
+  /** grpc-message of the trailers, decoded. */
+  readonly details: string;
+}
+
+/**
+ * Opens a Connect stream on a bare HTTP/2 connection, writes `frames` (see
+ * {@link framedRequest}) and the half-close in one write, as a worker that
+ * pipelines its hello does (a grpc-js client may split them), and reads
+ * the stream to its end.
+ */
+export async function sendAndHalfClose(
+  address: string,
+  frames: readonly Buffer[],
+): Promise<HalfClosedStream> {
+  const session = http2Connect(`http://${address}`);
+  session.on("error", () => {});
+  try {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/leasehold.v1.WorkerService/Connect",
+      "content-type": "application/grpc",
+      te: "trailers",
+    });
+    stream.on("error", () => {});
+    const chunks: Buffer[] = [];
+    stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+    let trailers: Record<string, unknown> = {};
+    stream.on("response", (headers) => {
+      // A stream that fails before its first message carries its status in the headers.
+      if (headers["grpc-status"] !== undefined) trailers = headers;
+    });
+    stream.on("trailers", (t) => {
+      trailers = t;
+    });
+    const closed = new Promise<void>((resolve) => stream.on("close", resolve));
+    stream.end(Buffer.concat(frames));
+    await closed;
+    const bytes = Buffer.concat(chunks);
+    const received: ConnectResponse[] = [];
+    for (let at = 0; at + 5 <= bytes.length; ) {
+      const length = bytes.readUInt32BE(at + 1);
+      const message = fromBinary(ConnectResponseSchema, bytes.subarray(at + 5, at + 5 + length));
+      if (message.message.case === "batch") received.push(...message.message.value.messages);
+      else received.push(message);
+      at += 5 + length;
+    }
+    const status = trailers["grpc-status"];
+    return {
+      received,
+      code: status === undefined ? undefined : Number(status),
+      details: decodeURIComponent(String(trailers["grpc-message"] ?? "")),
+    };
+  } finally {
+    session.destroy();
+  }
 }

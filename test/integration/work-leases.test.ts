@@ -10,9 +10,9 @@ import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
 import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
-import { startTestServer, type TestServer } from "../helpers/server.js";
+import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
 import { expectStatus, failure } from "../helpers/status.js";
-import { connectWorker, type TestWorker } from "../helpers/worker.js";
+import { connectWorker, framedRequest, sendAndHalfClose, type TestWorker } from "../helpers/worker.js";
 
 const GRACE_MS = 10_000;
 
@@ -943,6 +943,108 @@ describe("work leases", () => {
     const b = await worker("wb");
     await tick().dispatch();
     expect(await b.next("grant")).toMatchObject({ actionId: id, epoch: 2n, checkpoint: { step: 9 } });
+  });
+
+  describe("a worker that sends messages with its hello and half-closes before the welcome", () => {
+    /** w1 holds a lease of a new action, and its stream was lost. */
+    const holdAndLose = async () => {
+      const w = await worker("w1");
+      const actionId = await submit();
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      w.drop();
+      await waitForEvent(t, actionId, "w1", EventKind.STREAM_LOST);
+      return { actionId, epoch: grant.epoch };
+    };
+    const hello = (held: { actionId: string; epoch: bigint }[]) =>
+      framedRequest({
+        message: { case: "hello", value: { workerId: "w1", cluster: "east", capacity: 1, heldLeases: held } },
+      });
+    const cases = (ended: { received: { message: { case: string | undefined } }[] }) =>
+      ended.received.map((m) => m.message.case);
+
+    it("has them answered and applied in order, then the stream ends OK", async () => {
+      const lease = await holdAndLose();
+      const ended = await sendAndHalfClose(t.address, [
+        hello([lease]),
+        framedRequest({ message: { case: "heartbeat", value: { sequence: 5n, heldLeases: [lease] } } }),
+        framedRequest({
+          message: {
+            case: "completion",
+            value: {
+              reportId: 7n,
+              ...lease,
+              outcome: { case: "succeeded", value: { output: { result: 42 } } },
+            },
+          },
+        }),
+      ]);
+      expect(ended.code).toBe(0);
+      expect(cases(ended)).toEqual(["welcome", "heartbeatAck", "reportResult"]);
+      expect(ended.received[1]?.message.value).toMatchObject({ sequence: 5n });
+      expect(ended.received[2]?.message.value).toMatchObject({ reportId: 7n, accepted: true });
+      const got = await getAction(lease.actionId);
+      expect(got.action).toMatchObject({ state: ActionState.SUCCEEDED, output: { result: 42 } });
+      expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
+    });
+
+    it("has its reports answered before the status, however long they take to apply", async () => {
+      const { progressStarted, release } = await serverHoldingProgress();
+      const lease = await holdAndLose();
+      const other = await worker("w2");
+      const ending = sendAndHalfClose(t.address, [
+        hello([lease]),
+        framedRequest({ message: { case: "progress", value: { reportId: 4n, ...lease, phase: "half" } } }),
+      ]);
+      await progressStarted;
+      // A stream lost after the half-close is recorded after it: had w1's stream ended without
+      // waiting for its answer, it would be over by the time w2's loss is logged.
+      other.drop();
+      await waitForLog(t.logs, (l) => l.msg === "worker stream lost" && l.workerId === "w2");
+      release();
+      const ended = await ending;
+      expect(ended.code).toBe(0);
+      expect(cases(ended)).toEqual(["welcome", "reportResult"]);
+      expect(ended.received[1]?.message.value).toMatchObject({ reportId: 4n, accepted: true });
+    });
+
+    it("has a goodbye applied: its leases are released and the session ends", async () => {
+      const lease = await holdAndLose();
+      const ended = await sendAndHalfClose(t.address, [
+        hello([lease]),
+        framedRequest({ message: { case: "goodbye", value: { reason: "done" } } }),
+      ]);
+      expect(ended.code).toBe(0);
+      expect(cases(ended)).toEqual(["welcome"]);
+      const got = await getAction(lease.actionId);
+      expect(got.action?.state).toBe(ActionState.QUEUED);
+      expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.RELEASED]);
+      expect((await t.client(ClusterService).getWorker({ workerId: "w1" })).worker?.state).toBe(
+        WorkerState.OFFLINE,
+      );
+    });
+
+    it("has a report naming no lease answered INVALID, and a message that is not one refused", async () => {
+      const invalid = await sendAndHalfClose(t.address, [
+        hello([]),
+        framedRequest({
+          message: { case: "completion", value: { reportId: 3n, outcome: { case: "succeeded", value: {} } } },
+        }),
+      ]);
+      expect(invalid.code).toBe(0);
+      expect(cases(invalid)).toEqual(["welcome", "reportResult"]);
+      expect(invalid.received[1]?.message.value).toMatchObject({
+        reportId: 3n,
+        accepted: false,
+        rejectReason: RejectReason.INVALID,
+      });
+      // Two bytes of a field tag that never ends: protobuf cannot read it.
+      const garbage = Buffer.from([0, 0, 0, 0, 2, 0xff, 0xff]);
+      const refused = await sendAndHalfClose(t.address, [hello([]), garbage]);
+      expect(refused.code).toBe(Code.InvalidArgument);
+      expect(refused.details).toMatch(/is not a valid leasehold\.v1\.ConnectRequest/);
+      expect(cases(refused)).toEqual(["welcome"]);
+    });
   });
 
   it("shows an offline worker as last seen when it was last heard from, not at its hello", async () => {

@@ -321,6 +321,8 @@ export function workerServiceBinding(
           // checked it), and reports are fenced by (action, epoch, session).
           open.receive(message);
         };
+        /** The worker half-closed, and every message it sent before was handled. */
+        let halfClosed = false;
         try {
           // Each message is handled synchronously as it arrives (no promise per message: at
           // 10,000 streams heartbeats are most of what this process does). What throws (a
@@ -338,8 +340,9 @@ export function workerServiceBinding(
               deliver(message);
             }
           });
+          halfClosed = stream.halfClosed && !linkClosed && !ctx.signal.aborted;
         } finally {
-          await session.streamEnded();
+          await session.streamEnded({ halfClosed, signal: ctx.signal });
         }
       } finally {
         offFlushed();

@@ -23,8 +23,14 @@ export interface SessionHandle {
    * refused as INVALID): any message counts as hearing from the worker.
    */
   heard(): void;
-  /** The stream ended. With a goodbye the session ended too; otherwise the session enters grace. */
-  streamEnded(): Promise<void>;
+  /**
+   * The stream ended. With a goodbye the session ended too; otherwise the
+   * session enters grace. `halfClosed`: the worker ended its side (every
+   * message it sent was received), and the completions, releases and
+   * progress it sent are answered first, unless `signal` aborts (the worker
+   * cancels, the server stops); no grant is sent meanwhile.
+   */
+  streamEnded(end: { halfClosed: boolean; signal: AbortSignal }): Promise<void>;
   /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
   writable(): void;
 }
@@ -160,11 +166,15 @@ export function createStreamHandle(
     writable() {
       hosted.writable(s);
     },
-    async streamEnded() {
+    async streamEnded(end) {
       if (goodbye) return goodbye;
       deps.handover.ended(s);
       if (s.ended) return;
       hosted.remove(s);
+      // A worker that half-closes right after its last completion waits for its answer: without
+      // one it would send the completion again on its next stream (answered as a repeat, or
+      // FENCED if the session ended meanwhile), or treat the action as lost.
+      if (end.halfClosed) await waitUnlessAborted(reports.answeredAll(s), end.signal);
       try {
         const lost = await deps.markLost({
           sessionId: s.sessionId,
@@ -185,4 +195,17 @@ export function createStreamHandle(
       }
     },
   };
+}
+
+/** `promise`, or undefined as soon as `signal` aborts. */
+function waitUnlessAborted(promise: Promise<void>, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    signal.addEventListener("abort", done);
+    void promise.then(done);
+  });
 }

@@ -1317,7 +1317,12 @@ export const WorkerService: GenService<{
    * run elsewhere already. Its next hello opens a new session, and leases it
    * lists anyway come back in Welcome.revoked.
    * A worker that half-closes its side without a goodbye gets the stream
-   * ended with OK: the session is in grace, as after any other loss. A
+   * ended with OK: the session is in grace, as after any other loss. Every
+   * message sent before the half-close is handled first, in order, as it
+   * would be on an open stream (even those sent with the hello, before the
+   * welcome): reports are answered before the status, a goodbye ends the
+   * session, a message that cannot be read ends the stream with its error.
+   * A cancel (RST_STREAM) drops what the server has not read yet. A
    * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
    * SHUTTING_DOWN): reconnect, to another address if there is one. A hello
    * for a worker whose live session is in another cluster ends

@@ -1,3 +1,4 @@
+import type * as grpc from "@grpc/grpc-js";
 import { type SQL, sql } from "drizzle-orm";
 import { PgDialect } from "drizzle-orm/pg-core";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
@@ -5,13 +6,13 @@ import { Code } from "../../src/errors.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterHealth, ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
-import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { RejectReason, RevokeReason, WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
 import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
 import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
-import { expectStatus, failure } from "../helpers/status.js";
+import { expectStatus, failure, statusDetails } from "../helpers/status.js";
 import { connectWorker, framedRequest, sendAndHalfClose, type TestWorker } from "../helpers/worker.js";
 
 const GRACE_MS = 10_000;
@@ -90,6 +91,29 @@ describe("work leases", () => {
       ),
     });
     client.close();
+  });
+
+  it("ends a stream that sends no hello within the bound with RESOURCE_EXHAUSTED, and only such a stream", async () => {
+    t = await t.replace({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { clock, timers: false, limits: { helloTimeoutMs: 300 } },
+    });
+    const w = await worker("w1");
+    const client = t.client(WorkerService);
+    const call = client.connect();
+    call.on("error", () => {});
+    const status = await new Promise<grpc.StatusObject>((resolve) => call.on("status", resolve));
+    expect(status).toMatchObject({
+      code: Code.ResourceExhausted,
+      details:
+        "no hello came in the 300 ms after the stream opened: send the hello as the first message, within 300 ms",
+    });
+    expect(statusDetails(status.metadata)).toMatchObject({
+      reason: "HELLO_TIMEOUT",
+      info: { timeout_ms: "300" },
+    });
+    // w1's stream, open longer than that, said its hello in time: it goes on.
+    expect(await w.heartbeat(1)).toMatchObject({ sequence: 1n });
   });
 
   it("rejects a hello with invalid fields, naming each", async () => {

@@ -28,6 +28,7 @@ import {
 import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../../work/worker-messages.js";
 import { type FastDecoders, READ_PAUSE_MESSAGES } from "../adapter.js";
 import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
+import { DEFAULT_REQUEST_STALL_MS } from "../partial-requests.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkWorkerNames, Violations } from "../validate.js";
@@ -76,6 +77,14 @@ export interface WorkerStreamLimits {
    * backoff. Default {@link DEFAULT_MAX_QUEUED_OPENS}.
    */
   readonly maxQueuedOpens?: number;
+  /**
+   * A stream whose first message (the hello) has not come this long after
+   * the handler started reading it ends RESOURCE_EXHAUSTED (reason
+   * HELLO_TIMEOUT): a stream that never says hello holds about 15 KiB, and
+   * a peer may open 256 per connection. Default
+   * {@link DEFAULT_HELLO_TIMEOUT_MS}.
+   */
+  readonly helloTimeoutMs?: number;
 }
 
 /** Default of `WorkerStreamLimits.maxBufferedBytes`: 16 MiB. */
@@ -84,6 +93,12 @@ export const DEFAULT_MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 export const DEFAULT_MAX_CONCURRENT_OPENS = 512;
 /** Default of `WorkerStreamLimits.maxQueuedOpens`. */
 export const DEFAULT_MAX_QUEUED_OPENS = 256;
+/**
+ * Default of `WorkerStreamLimits.helloTimeoutMs`: the bound a request message
+ * that stops arriving has (partial-requests.ts), so neither way of sending
+ * nothing holds a stream longer than the other.
+ */
+export const DEFAULT_HELLO_TIMEOUT_MS = DEFAULT_REQUEST_STALL_MS;
 /** How long a refused hello is told to wait before it tries again. */
 const RETRY_HELLO_MS = 1000;
 /**
@@ -148,10 +163,11 @@ export function workerServiceBinding(
   });
   const flusher = createFlusher(log);
   const refused = refusalLog(log);
+  const helloTimeoutMs = limits.helloTimeoutMs ?? DEFAULT_HELLO_TIMEOUT_MS;
   return bind(WorkerService, {
     async connect(stream, ctx) {
       const requests = stream.requests[Symbol.asyncIterator]();
-      const first = await requests.next();
+      const first = await firstRequest(requests, helloTimeoutMs);
       if (first.done || first.value.message.case !== "hello") {
         throw LeaseholdError.invalidArgument(
           "message",
@@ -356,6 +372,32 @@ export function workerServiceBinding(
       if (closeError) throw closeError;
     },
   });
+}
+
+/** The stream's first request; RESOURCE_EXHAUSTED (HELLO_TIMEOUT) if none comes within `timeoutMs`. */
+async function firstRequest(
+  requests: AsyncIterator<ConnectRequest>,
+  timeoutMs: number,
+): Promise<IteratorResult<ConnectRequest>> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () =>
+        reject(
+          new LeaseholdError(
+            Code.ResourceExhausted,
+            `no hello came in the ${timeoutMs} ms after the stream opened: send the hello as the first message, within ${timeoutMs} ms`,
+            { reason: "HELLO_TIMEOUT", metadata: { timeout_ms: String(timeoutMs) } },
+          ),
+        ),
+      timeoutMs,
+    );
+  });
+  try {
+    return await Promise.race([requests.next(), timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 const validateConnectRequest = requestValidator(ConnectRequestSchema);

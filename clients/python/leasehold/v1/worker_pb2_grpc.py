@@ -97,8 +97,11 @@ class WorkerServiceServicer(object):
     def Connect(self, request_iterator, context):
         """Opens (or resumes) the worker's session. The first request must be a
         hello, answered by a welcome; otherwise the stream ends with
-        INVALID_ARGUMENT. After that both directions carry the messages of the
-        ConnectRequest and ConnectResponse oneofs.
+        INVALID_ARGUMENT. A stream whose hello has not come 30 s after the
+        server began to read it ends with RESOURCE_EXHAUSTED (ErrorInfo reason
+        HELLO_TIMEOUT, metadata timeout_ms): send the hello as the first
+        message, as soon as the stream is open. After that both directions
+        carry the messages of the ConnectRequest and ConnectResponse oneofs.
 
         A session survives stream loss until its deadline: the last message the
         worker sent (any message, reports included) + grace period. A new stream

@@ -76,7 +76,12 @@ export const PAYLOAD_LIMITS = {
 /** Largest `Hello.capacity`: the most leases one worker stream may be granted at once. */
 export const MAX_CAPACITY = 10_000;
 
-/** Most held leases a hello or heartbeat may list: twice the largest capacity. */
+/**
+ * Most entries a hello's or a heartbeat's held leases may have: twice the
+ * largest capacity. The only bound of a hello's list (a worker back with a
+ * smaller capacity lists every lease it holds); a heartbeat's distinct leases
+ * are bounded by its session too (worker-service.ts, `maxHeldLeases`).
+ */
 export const MAX_HELD_LEASES = 2 * MAX_CAPACITY;
 
 /** Most messages in one ConnectRequest batch. */

@@ -318,7 +318,7 @@ export function workerServiceBinding(
           release();
         }
         const open = session;
-        const maxHeld = maxHeldLeases(hello.capacity);
+        const maxHeld = maxHeldLeases(hello.capacity, open.heldAtOpen);
         const deliver = (message: WorkerMessage | Invalid) => {
           if (message.type === "invalid") {
             open.heard();
@@ -460,13 +460,23 @@ function createFlusher(log: Logger) {
 const NONE_HELD: readonly LeaseToken[] = Object.freeze([]);
 
 /**
- * Most leases a worker may list in a hello or heartbeat: twice its capacity,
- * because a lease still stopping after a revoke may overlap the grant that
- * took its slot. Bounds the work a hello costs (each held lease is looked up
- * to be resumed or revoked). limits.ts bounds the list before this, at twice
- * the largest capacity.
+ * Most distinct leases a heartbeat may list: twice the larger of the
+ * capacity and the leases the session held when the stream opened. The
+ * session is granted nothing while it holds its capacity, so it never holds
+ * more than the larger of the two; twice that, because a lease still
+ * stopping after a revoke may overlap the grant that took its slot. A worker
+ * back with a smaller capacity than its leases were granted under may list
+ * them all. limits.ts bounds every list before this, at 20,000 entries: the
+ * work one heartbeat or hello costs (a hello's leases are each looked up to
+ * be resumed or revoked, so a hello may list that many whatever its
+ * capacity: all the leases its worker holds).
  */
-const maxHeldLeases = (capacity: number) => 2 * capacity;
+const maxHeldLeases = (capacity: number, heldAtOpen: number) => 2 * Math.max(capacity, heldAtOpen);
+
+/** How many distinct (action_id, epoch) pairs `leases` holds: a lease listed twice counts once. */
+function distinctLeases(leases: readonly { actionId: string; epoch: bigint }[]): number {
+  return new Set(leases.map((l) => `${l.epoch}:${l.actionId}`)).size;
+}
 
 /** Validates a hello (every violation at once). */
 export function toHelloInput(hello: Hello): HelloInput {
@@ -480,12 +490,7 @@ export function toHelloInput(hello: Hello): HelloInput {
   if (capacity < 1) v.add("hello.capacity", `must be at least 1 (got ${capacity})`);
   else if (capacity > MAX_CAPACITY)
     v.add("hello.capacity", `must be at most ${MAX_CAPACITY} (got ${capacity})`);
-  else if (hello.heldLeases.length > maxHeldLeases(capacity)) {
-    v.add(
-      "hello.held_leases",
-      `must list at most ${maxHeldLeases(capacity)} leases (twice the capacity; got ${hello.heldLeases.length})`,
-    );
-  }
+  // held_leases has no bound of its own here: limits.ts bounds it (see maxHeldLeases).
   hello.heldLeases.forEach((l, i) => {
     if (l.actionId === "") v.add(`hello.held_leases[${i}].action_id`, "is required");
     if (l.epoch === 0n) v.add(`hello.held_leases[${i}].epoch`, "must be the epoch of the grant (at least 1)");
@@ -579,10 +584,11 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
   const m = request.message;
   switch (m.case) {
     case "heartbeat":
-      if (m.value.heldLeases.length > maxHeld) {
+      // Counted again without repeats only when the entries are too many (rare), not per heartbeat.
+      if (m.value.heldLeases.length > maxHeld && distinctLeases(m.value.heldLeases) > maxHeld) {
         throw LeaseholdError.invalidArgument(
           `${at}heartbeat.held_leases`,
-          `must list at most ${maxHeld} leases (twice the capacity; got ${m.value.heldLeases.length})`,
+          `must list at most ${maxHeld} distinct leases (twice the larger of the capacity and the leases the session held when the stream opened; got ${distinctLeases(m.value.heldLeases)})`,
         );
       }
       return {

@@ -16,6 +16,12 @@ export const MAX_SUPERSEDED_PER_HEARTBEAT = 64;
 /** A worker's open stream, as the rpc layer drives it. */
 export interface SessionHandle {
   readonly sessionId: string;
+  /**
+   * Leases the session held when the stream opened: those the welcome
+   * resumed and those sent again after it. More than twice the capacity when
+   * the worker came back with a smaller capacity than they were granted under.
+   */
+  readonly heldAtOpen: number;
   /** Handles one message from the worker. Never throws; replies go through the link. */
   receive(message: WorkerMessage): void;
   /**
@@ -72,6 +78,7 @@ export function createStreamHandle(
   let goodbye: Promise<void> | undefined;
   return {
     sessionId: s.sessionId,
+    heldAtOpen: s.held.size,
     receive(message) {
       if (s.ended) return;
       s.heardAt = performance.now();

@@ -791,7 +791,9 @@ type Hello struct {
 	// On reconnection: every lease the worker still holds, to be resumed
 	// (running, finished but unanswered, or granted and not yet started). See
 	// Connect for what happens to the ones listed and the ones left out.
-	// At most twice the capacity; a lease listed twice counts once.
+	// At most 20,000 entries, whatever the capacity: a worker that comes back
+	// with a smaller capacity than its leases were granted under lists them
+	// all. A lease listed twice counts once.
 	HeldLeases []*HeldLease `protobuf:"bytes,5,rep,name=held_leases,json=heldLeases,proto3" json:"held_leases,omitempty"`
 	// Free-form agent name and version, for operators. At most 256 characters.
 	AgentVersion string `protobuf:"bytes,6,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
@@ -1059,7 +1061,13 @@ type Heartbeat struct {
 	// arrived. A listed lease that is not the session's is answered with a
 	// Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
 	// a lease still listed after that is revoked by a later heartbeat.
-	// At most twice the hello's capacity.
+	// At most 20,000 entries, of which distinct leases at most twice the
+	// larger of the hello's capacity and the number of leases the session
+	// held when the stream opened (those in Welcome.resumed and the grants
+	// sent again after it); more ends the stream with INVALID_ARGUMENT. A
+	// worker never holds more: it is granted nothing while it holds its
+	// capacity, and a lease stopping after a revoke may overlap the grant
+	// that took its slot. A lease listed twice counts once.
 	HeldLeases []*HeldLease `protobuf:"bytes,2,rep,name=held_leases,json=heldLeases,proto3" json:"held_leases,omitempty"`
 }
 

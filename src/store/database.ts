@@ -355,7 +355,11 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
   }
   return {
     ...handle(db, "postgres", async () => {
-      await Promise.all([client.end({ timeout: 5 }), renewer.end({ timeout: 5 }), pinger.end({ timeout: 5 })]);
+      await Promise.all([
+        client.end({ timeout: 5 }),
+        renewer.end({ timeout: 5 }),
+        pinger.end({ timeout: 5 }),
+      ]);
     }),
     renewalDb,
     ping: async () => {

@@ -13,6 +13,7 @@ import {
   countLeaseResources,
   deleteClosedScopeLeases,
   deleteWorkspaceResource,
+  deploymentActionIds,
   expireScopeLeases,
   findResource,
   findScopeLease,
@@ -129,6 +130,11 @@ export interface ScopeLeaseService extends AsyncDisposable {
    * lease, which chooses what of them it sends.
    */
   resourcesOf(leaseId: string): Promise<{ readonly items: ResourceRecord[]; readonly total: number }>;
+  /**
+   * The actions of the deployments created in lease `leaseId`, the newest
+   * first, at most `limit`, including those its close destroyed.
+   */
+  deploymentActionsOf(leaseId: string, limit: number): Promise<string[]>;
   /**
    * File `id`'s content in chunks of `chunkBytes` (the last one shorter; none
    * for an empty file), each read from the database only when the one before
@@ -321,9 +327,18 @@ export function createScopeLeaseService(deps: {
       1000,
     );
     if (found.length === 0) {
+      // One promoted out of the lease is the workspace's now: say so, rather than ask for another.
+      const [promoted] = await listResources(
+        db,
+        { leaseId, kind: "deployment", ownership: "WORKSPACE" },
+        undefined,
+        1,
+      );
       throw LeaseholdError.failedPrecondition(
         "NO_DEPLOYMENT",
-        `cannot ${what}: lease ${leaseId} owns no deployment; create one with CreateDeployment first`,
+        promoted
+          ? `cannot ${what}: lease ${leaseId} owns no deployment: ${promoted.id} was promoted out of it and is no longer the lease's (GetResource shows its phase)`
+          : `cannot ${what}: lease ${leaseId} owns no deployment; create one with CreateDeployment first`,
         { type: "LEASE_CONTENT", subject: `leases/${leaseId}`, description: "no deployment" },
       );
     }
@@ -590,6 +605,7 @@ export function createScopeLeaseService(deps: {
       });
       return { ...page, deployments };
     },
+    deploymentActionsOf: (leaseId, limit) => deploymentActionIds(db, leaseId, limit),
     async resourcesOf(leaseId) {
       const items = await listResources(db, { leaseId }, undefined, SNAPSHOT_RESOURCES);
       const total = items.length < SNAPSHOT_RESOURCES ? items.length : await countLeaseResources(db, leaseId);

@@ -369,6 +369,21 @@ export async function listResources(
   return (await readResources(db, filter, afterId, limit)).map((row) => row.item);
 }
 
+/**
+ * The actions of the deployments created in lease `leaseId`, the newest
+ * first, at most `limit`: from their `deployment_created` events, which
+ * outlive a deployment its lease's close destroyed.
+ */
+export async function deploymentActionIds(db: Db, leaseId: string, limit: number): Promise<string[]> {
+  const rows = await queryRows<{ action_id: string }>(
+    db,
+    sql`select action_id from events
+        where lease_id = ${leaseId} and kind = 'deployment_created' and action_id is not null
+        order by sequence desc limit ${limit}`,
+  );
+  return rows.map((r) => r.action_id);
+}
+
 /** How many resources lease `leaseId` owns or owned and promoted. */
 export async function countLeaseResources(db: Db, leaseId: string): Promise<number> {
   const [row] = await queryRows<{ n: unknown }>(

@@ -373,6 +373,14 @@ describe("deployments", () => {
     expect(last?.deployment?.containers).toMatchObject([{ name: "crash", state: "exited", exitCode: 3 }]);
     expect(last?.deployment?.message).toMatch(/container crash exited 3: config missing/);
     await leases().rollbackLease({ leaseId });
+    // After the rollback destroyed it, DebugLease still says who ran it and why it failed.
+    const debug = await leases().debugLease({ leaseId });
+    expect(debug.deployments).toEqual([]);
+    const kinds = debug.events.map((e) => e.kind);
+    expect(kinds).toEqual(expect.arrayContaining([EventKind.LEASE_GRANTED, EventKind.ACTION_FAILED]));
+    expect(debug.events.find((e) => e.kind === EventKind.ACTION_FAILED)?.message).toMatch(
+      /action failed on worker dep-agent: container crash exited 3: config missing/,
+    );
   });
 
   it("rolls a deployment back when its lease's TTL passes, killing it", async () => {
@@ -492,6 +500,19 @@ describe("deployments", () => {
       second?.child.kill("SIGKILL");
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  it("says a deployment promoted out of the lease is gone from it, rather than asking for one", async () => {
+    const leaseId = await open();
+    const { resource } = await deployWeb(leaseId);
+    await leases().promoteResource({ leaseId, kind: "deployment", resourceId: resource.id });
+    await expectStatus(
+      leases().collectOutputs({ leaseId }),
+      Code.FailedPrecondition,
+      new RegExp(`owns no deployment: ${resource.id} was promoted out of it and is no longer the lease's`),
+    );
+    await resources().deleteResource({ resourceId: resource.id });
+    await leases().rollbackLease({ leaseId });
   });
 
   it("rejects bad deployments with every field to fix, and closed or empty leases by state", async () => {

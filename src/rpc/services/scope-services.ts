@@ -300,9 +300,15 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       const limit = request.eventLimit || 50;
       // The lease's events and its deployments' actions' (who ran each, at which epoch), newest
       // first: only as many of each as asked for are read, however many there are.
+      // Those of deployments the lease's close destroyed too: after a rollback (every `lease run`
+      // ends with one), who ran the deployment and why it failed is what one comes to ask.
+      const actionIds = new Set([
+        ...[...deployments.values()].map((d) => d.actionId),
+        ...(await scope.deploymentActionsOf(leaseId, DEBUG_DEPLOYMENT_EVENTS)),
+      ]);
       const filters = [
         { leaseId },
-        ...[...deployments.values()].slice(0, DEBUG_DEPLOYMENT_EVENTS).map((d) => ({ actionId: d.actionId })),
+        ...[...actionIds].slice(0, DEBUG_DEPLOYMENT_EVENTS).map((actionId) => ({ actionId })),
       ];
       const pages = await Promise.all(filters.map((filter) => events.list(filter, limit, "", true)));
       const recent = [...new Map(pages.flatMap((p) => p.items).map((e) => [e.sequence, e])).values()]

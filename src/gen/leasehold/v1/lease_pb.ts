@@ -674,7 +674,8 @@ export type DebugLeaseResponse = Message<"leasehold.v1.DebugLeaseResponse"> & {
    * Its most recent events, oldest first, but the oldest of them left out to
    * keep the answer under 3 MiB (omitted_events): the lease's own and those of
    * its deployments' actions (grants, lease expiries, completions: which
-   * agent ran each, at which epoch), of its first 32 deployments.
+   * agent ran each, at which epoch), of up to 32 of its deployments, those
+   * its close destroyed included.
    *
    * @generated from field: repeated leasehold.v1.Event events = 4;
    */

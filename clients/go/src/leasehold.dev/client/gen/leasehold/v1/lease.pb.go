@@ -1389,7 +1389,8 @@ type DebugLeaseResponse struct {
 	// Its most recent events, oldest first, but the oldest of them left out to
 	// keep the answer under 3 MiB (omitted_events): the lease's own and those of
 	// its deployments' actions (grants, lease expiries, completions: which
-	// agent ran each, at which epoch), of its first 32 deployments.
+	// agent ran each, at which epoch), of up to 32 of its deployments, those
+	// its close destroyed included.
 	Events []*Event `protobuf:"bytes,4,rep,name=events,proto3" json:"events,omitempty"`
 	// How many deployments were left out of `deployments`, the largest first;
 	// GetResource returns each (its id is among `resources`).

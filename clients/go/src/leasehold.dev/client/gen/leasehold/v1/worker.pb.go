@@ -1206,7 +1206,28 @@ type Grant struct {
 	Epoch uint64 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// 1 for the first attempt, then increasing.
 	Attempt uint32 `protobuf:"varint,3,opt,name=attempt,proto3" json:"attempt,omitempty"`
-	// What to run.
+	// What to run: the submitted action's payload. One shape comes from the
+	// server itself. A scope lease's deployment (ResourceService
+	// CreateDeployment) runs as an action of its runtime cluster whose payload
+	// is {"deployment": {"id", "leaseId", "spec"}}, spec being the
+	// DeploymentSpec in the proto3 JSON mapping. The reference agent runs it,
+	// and a worker serving a cluster that scope leases use as their runtime
+	// must do the same or fail such actions (not retryable):
+	//   - start spec.containers in a fresh work directory holding spec.inputs,
+	//     and send a ProgressReport with phase "starting", then "ready" once
+	//     spec.readinessProbe passes (at once without one), then "stopping"
+	//     when it stops them; details {"containers": [{"name", "state"
+	//     ("waiting", "running" or "exited"), "exitCode", "message"}]} are the
+	//     container states WaitLease and the console show;
+	//   - on a Revoke COLLECT_OUTPUTS, or once every container exited, stop the
+	//     rest, upload each regular file under spec.outputsDir into the lease
+	//     (ResourceService.CreateFile with lease_id, named by its path there),
+	//     and complete with output {"containers": [...], "outputFileIds": [ids],
+	//     "skipped": [{"name", "sizeBytes", "reason"}]}: CollectOutputs answers
+	//     with those files and the skipped list;
+	//   - a container that exits with an error fails the action, not
+	//     retryable, with the same object as the failure's details; the
+	//     deployment is then FAILED.
 	Payload *structpb.Struct `protobuf:"bytes,4,opt,name=payload,proto3" json:"payload,omitempty"`
 	// The run the action belongs to, if any.
 	RunId string `protobuf:"bytes,5,opt,name=run_id,json=runId,proto3" json:"run_id,omitempty"`
@@ -1720,10 +1741,12 @@ func (*CompletionReport_Failed) isCompletionReport_Outcome() {}
 
 // The worker gives one action back; it is queued again without using a
 // retry (or becomes CANCELLED if a cancel was requested). This is the
-// recommended answer to a Revoke with reason CANCELLED or COLLECT_OUTPUTS
-// once the work has stopped (for COLLECT_OUTPUTS, a CompletionReport with the
-// outputs is the usual answer); dropping the lease from the heartbeats'
-// held_leases also counts as a release (see Heartbeat.held_leases).
+// answer to a Revoke with reason CANCELLED once the work has stopped;
+// dropping the lease from the heartbeats' held_leases also counts as a
+// release (see Heartbeat.held_leases). A Revoke COLLECT_OUTPUTS asks for a
+// CompletionReport with the outputs (see Grant.payload): a release there
+// gives the outputs up (CollectOutputs ends ABORTED, reason OUTPUTS_LOST)
+// and the deployment runs again.
 type ReleaseReport struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -1,6 +1,6 @@
 import { connect as http2Connect, constants as http2Constants } from "node:http2";
 import { connect as tcpConnect } from "node:net";
-import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { create } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
@@ -11,7 +11,7 @@ import type { ServerOverrides, StreamLimits } from "../../src/server.js";
 import type { Db } from "../../src/store/database.js";
 import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
-import { connectWorker, type TestWorker } from "../helpers/worker.js";
+import { connectWorker, framedRequest, type TestWorker } from "../helpers/worker.js";
 
 /**
  * Flow control of worker streams (issue 11): grants wait for acknowledgements
@@ -65,7 +65,9 @@ describe("worker stream flow control", () => {
     stream.on("error", () => {});
     const closed = new Promise<number>((resolve) => stream.on("close", () => resolve(stream.rstCode ?? 0)));
     stream.write(
-      framed({ message: { case: "hello", value: { workerId, cluster: "east", capacity, acceptsBatches } } }),
+      framedRequest({
+        message: { case: "hello", value: { workerId, cluster: "east", capacity, acceptsBatches } },
+      }),
     );
     stream.pause();
     return { stream, closed };
@@ -168,7 +170,7 @@ describe("worker stream flow control", () => {
     const sent = 50_000;
     const heartbeats = [];
     for (let i = 1; i <= sent; i++)
-      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+      heartbeats.push(framedRequest({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
     stream.write(Buffer.concat(heartbeats));
 
     // Its unread acks stay under the message bound, so the byte mark (1 MiB) is never reached:
@@ -198,7 +200,7 @@ describe("worker stream flow control", () => {
     await logLine((l) => l.msg === "worker session started" && l.workerId === "stuck");
     const heartbeats = [];
     for (let i = 1; i <= 50_000; i++)
-      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+      heartbeats.push(framedRequest({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
     stream.write(Buffer.concat(heartbeats));
     const ended = await logLine((l) => String(l.msg).startsWith("ending the stream of worker stuck"));
     expect(ended.msg).toMatch(/messages for 3000 ms; the worker is not reading/);
@@ -215,7 +217,7 @@ describe("worker stream flow control", () => {
     await logLine((l) => l.msg === "worker session started" && l.workerId === "batched");
     const heartbeats = [];
     for (let i = 1; i <= 120_000; i++)
-      heartbeats.push(framed({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
+      heartbeats.push(framedRequest({ message: { case: "heartbeat", value: { sequence: BigInt(i) } } }));
     stream.write(Buffer.concat(heartbeats));
     await logLine((l) => String(l.msg).startsWith("ending the stream of worker batched"));
     expect(await closed).toBe(http2Constants.NGHTTP2_ENHANCE_YOUR_CALM);
@@ -326,15 +328,3 @@ describe("worker stream flow control", () => {
     expect(t.logs.some((l) => String(l.msg).includes("partitioned"))).toBe(false);
   });
 });
-
-/** One ConnectRequest in gRPC's framing: a zero flag byte, the length, the message. */
-function framed(message: MessageInitShape<typeof WorkerService.method.connect.input>): Buffer {
-  const bytes = toBinary(
-    WorkerService.method.connect.input,
-    create(WorkerService.method.connect.input, message),
-  );
-  const frame = Buffer.alloc(5 + bytes.length);
-  frame.writeUInt32BE(bytes.length, 1);
-  frame.set(bytes, 5);
-  return frame;
-}

@@ -37,7 +37,11 @@ export interface StartupGate {
    * After `open`: the database is unreachable (`cause`), and new calls fail at
    * once with UNAVAILABLE (reason DATABASE_UNREACHABLE) until `resume`. A
    * database that hangs rather than refuses kept every call waiting until
-   * its deadline, or for the whole hang without one.
+   * its deadline, or for the whole hang without one. Unary calls already
+   * being served are answered the same way at once: their statements may
+   * still commit when the database comes back, so the message says the
+   * outcome is unknown. Streams are left to run: a watch waits for the
+   * database as its client would, and worker streams have rules of their own.
    */
   pause(cause: string): void;
   resume(): void;
@@ -50,6 +54,15 @@ export function createStartupGate(): StartupGate {
   let paused: LeaseholdError | undefined;
   const waiters = new Set<{ resolve(): void; reject(error: LeaseholdError): void }>();
   const deferred: string[] = [];
+  /** How to answer each unary call being served, were the database found unreachable. */
+  const serving = new Set<(error: LeaseholdError) => void>();
+
+  /** The answer of `call`, or the error given to `pause` if that comes first. */
+  const servedUnlessPaused = (call: Promise<unknown>) =>
+    new Promise<unknown>((resolve, reject) => {
+      serving.add(reject);
+      call.then(resolve, reject).finally(() => serving.delete(reject));
+    });
 
   const failWaiters = (error: LeaseholdError) => {
     for (const w of waiters) w.reject(error);
@@ -115,8 +128,11 @@ export function createStartupGate(): StartupGate {
                 const fn = await target(ctx);
                 yield* fn(request, ctx) as AsyncIterable<unknown>;
               }
-            : // Unary and bidi handlers both return a promise.
-              async (request: unknown, ctx: HandlerContext) => (await target(ctx))(request, ctx);
+            : method.methodKind === "unary"
+              ? async (request: unknown, ctx: HandlerContext) =>
+                  servedUnlessPaused(Promise.resolve((await target(ctx))(request, ctx)))
+              : // Bidi handlers return a promise too.
+                async (request: unknown, ctx: HandlerContext) => (await target(ctx))(request, ctx);
       }
       return { service, impl: proxy } as unknown as ServiceBinding;
     },
@@ -153,6 +169,14 @@ export function createStartupGate(): StartupGate {
         `the database cannot be reached (${cause}); retry later`,
         { reason: "DATABASE_UNREACHABLE" },
       );
+      const lost = new LeaseholdError(
+        Code.Unavailable,
+        `the database stopped answering while this call was served (${cause}); ` +
+          "a change it asked for may or may not have been made: retry later (a request_id makes a retry safe)",
+        { reason: "DATABASE_UNREACHABLE" },
+      );
+      for (const fail of serving) fail(lost);
+      serving.clear();
     },
     resume() {
       paused = undefined;

@@ -58,37 +58,65 @@ describe.runIf(runsPostgresTests())("a database that refuses connections", () =>
  * A database that hangs (a stopped process, a stalled disk) answers nothing:
  * once the health watch has found it unreachable, calls fail at once with
  * UNAVAILABLE instead of waiting for the whole hang, as they do when it
- * refuses connections.
+ * refuses connections, and so do the calls it was serving then.
  */
+/** A server whose database is behind a proxy that can freeze it; everything is undone when the test ends. */
+async function serverBehindProxy() {
+  const store = await freshPostgresDatabase();
+  const url = new URL(store.url as string);
+  const proxy = await cuttableProxy(url.hostname, Number(url.port || 5432));
+  url.host = `127.0.0.1:${proxy.port}`;
+  const t = await startTestServer({
+    store: { ...store, url: url.toString() },
+    config: { gracePeriod: "3s", heartbeatInterval: "500ms" },
+  });
+  const health = healthClient(t.address);
+  onTestFinished(async () => {
+    health.close();
+    proxy.thaw();
+    await t[Symbol.asyncDispose]();
+    proxy.close();
+    await store.drop();
+  });
+  return { api: t.client(ActionService), health, proxy };
+}
+
 describe.runIf(runsPostgresTests())("a database that hangs", () => {
   it("answers new calls UNAVAILABLE at once once it is found unreachable, and serves them after", async () => {
-    const store = await freshPostgresDatabase();
-    const url = new URL(store.url as string);
-    const proxy = await cuttableProxy(url.hostname, Number(url.port || 5432));
-    url.host = `127.0.0.1:${proxy.port}`;
-    const t = await startTestServer({
-      store: { ...store, url: url.toString() },
-      config: { gracePeriod: "3s", heartbeatInterval: "500ms" },
+    const { api, health, proxy } = await serverBehindProxy();
+    const id = (await api.submitAction({ cluster: "east" })).action?.id ?? "";
+    proxy.freeze();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
+    const { code, reason } = await failure(
+      api.getAction({ actionId: id }, { deadline: new Date(Date.now() + 10_000) }),
+    );
+    expect({ code, reason }).toEqual({ code: Code.Unavailable, reason: "DATABASE_UNREACHABLE" });
+    proxy.thaw();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
+    expect((await api.getAction({ actionId: id })).action?.id).toBe(id);
+  });
+
+  it("answers a call it was serving when the database hangs at once, and a retry finds one action", async () => {
+    const { api, health, proxy } = await serverBehindProxy();
+    await api.submitAction({ cluster: "east", requestId: "warm" });
+    proxy.freeze();
+    // Sent at once, it is served before the two failed checks (about a second) find the
+    // database unreachable, and waits for the database; the deadline outlasts any test.
+    const answer = await failure(
+      api.submitAction({ cluster: "east", requestId: "r-1" }, { deadline: new Date(Date.now() + 120_000) }),
+    );
+    expect({ code: answer.code, reason: answer.reason }).toEqual({
+      code: Code.Unavailable,
+      reason: "DATABASE_UNREACHABLE",
     });
-    try {
-      const api = t.client(ActionService);
-      const health = healthClient(t.address);
-      onTestFinished(() => health.close());
-      const id = (await api.submitAction({ cluster: "east" })).action?.id ?? "";
-      proxy.freeze();
-      await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
-      const { code, reason } = await failure(
-        api.getAction({ actionId: id }, { deadline: new Date(Date.now() + 10_000) }),
-      );
-      expect({ code, reason }).toEqual({ code: Code.Unavailable, reason: "DATABASE_UNREACHABLE" });
-      proxy.thaw();
-      await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
-      expect((await api.getAction({ actionId: id })).action?.id).toBe(id);
-    } finally {
-      proxy.thaw();
-      await t[Symbol.asyncDispose]();
-      proxy.close();
-      await store.drop();
-    }
+    expect(await health.check("")).toBe("NOT_SERVING");
+    proxy.thaw();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
+    // Whether or not the first try committed, the retry leaves one action for the request.
+    const retried = (await api.submitAction({ cluster: "east", requestId: "r-1" })).action?.id ?? "";
+    const again = (await api.submitAction({ cluster: "east", requestId: "r-1" })).action?.id;
+    expect(again).toBe(retried);
+    const listed = await api.listActions({ cluster: "east" });
+    expect(listed.actions.filter((a) => a.requestId === "r-1").map((a) => a.id)).toEqual([retried]);
   });
 });

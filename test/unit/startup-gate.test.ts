@@ -95,6 +95,48 @@ describe("the startup gate", () => {
     expect(await deferred.getAction("req", context().ctx)).toEqual({ answered: "req" });
   });
 
+  it("answers the unary calls it serves at once when paused, and leaves streams running", async () => {
+    const gate = createStartupGate();
+    const deferred = gate.defer(service).impl as unknown as { getAction: Unary; watchAction: Stream };
+    let answerHung: (value: unknown) => void = () => {};
+    const hung = new Promise((resolve) => {
+      answerHung = resolve;
+    });
+    let streamed = 0;
+    gate.open([
+      {
+        service,
+        impl: {
+          getAction: () => hung,
+          async *watchAction() {
+            yield 1;
+            await hung;
+            streamed += 1;
+            yield 2;
+          },
+        },
+      } as unknown as ServiceBinding,
+    ]);
+    const served = deferred.getAction("req", context().ctx);
+    const stream = deferred.watchAction("req", context().ctx)[Symbol.asyncIterator]();
+    expect((await stream.next()).value).toBe(1);
+    const second = stream.next();
+    gate.pause("no answer within 2000ms");
+    await expect(served).rejects.toMatchObject({
+      code: Code.Unavailable,
+      reason: "DATABASE_UNREACHABLE",
+      message: expect.stringMatching(
+        /^the database stopped answering while this call was served \(no answer within 2000ms\); a change it asked for may or may not have been made/,
+      ),
+    });
+    // The late answer goes nowhere; the stream goes on once the database does.
+    answerHung({ late: true });
+    expect((await second).value).toBe(2);
+    expect(streamed).toBe(1);
+    gate.resume();
+    await expect(deferred.getAction("req", context().ctx)).resolves.toEqual({ late: true });
+  });
+
   it("holds calls again once unblocked", async () => {
     const { gate, deferred, real } = setup();
     gate.block("down");

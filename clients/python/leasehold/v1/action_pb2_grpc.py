@@ -16,7 +16,11 @@ class ActionServiceStub(object):
     Errors: INVALID_ARGUMENT for malformed requests (the message names the
     field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
-    does not allow, UNAVAILABLE when the database cannot be reached.
+    does not allow, UNAVAILABLE when the database cannot be reached. A call
+    being served when the server finds its database unreachable is answered
+    UNAVAILABLE (ErrorInfo reason DATABASE_UNREACHABLE) at once, without
+    waiting for the database: its change may still be made when the database
+    answers again, so retry it (with the same request_id for a submit).
 
     History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
     with its attempts and events, once it has been over for the server's
@@ -103,7 +107,11 @@ class ActionServiceServicer(object):
     Errors: INVALID_ARGUMENT for malformed requests (the message names the
     field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
-    does not allow, UNAVAILABLE when the database cannot be reached.
+    does not allow, UNAVAILABLE when the database cannot be reached. A call
+    being served when the server finds its database unreachable is answered
+    UNAVAILABLE (ErrorInfo reason DATABASE_UNREACHABLE) at once, without
+    waiting for the database: its change may still be made when the database
+    answers again, so retry it (with the same request_id for a submit).
 
     History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
     with its attempts and events, once it has been over for the server's
@@ -284,7 +292,11 @@ class ActionService(object):
     Errors: INVALID_ARGUMENT for malformed requests (the message names the
     field, and a google.rpc.BadRequest detail lists every violation), NOT_FOUND
     for unknown actions, FAILED_PRECONDITION for a transition the action's state
-    does not allow, UNAVAILABLE when the database cannot be reached.
+    does not allow, UNAVAILABLE when the database cannot be reached. A call
+    being served when the server finds its database unreachable is answered
+    UNAVAILABLE (ErrorInfo reason DATABASE_UNREACHABLE) at once, without
+    waiting for the database: its change may still be made when the database
+    answers again, so retry it (with the same request_id for a submit).
 
     History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
     with its attempts and events, once it has been over for the server's

@@ -6,6 +6,7 @@ import { dirname, join, relative, resolve, sep } from "node:path";
 import { fromJson } from "@bufbuild/protobuf";
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { quote } from "../errors.js";
 import {
   type Command,
   type DeploymentSpec,
@@ -283,7 +284,7 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         );
         if (response.resource) outputFileIds.push(response.resource.id);
       } catch (error) {
-        skipped.push({ name, sizeBytes, reason: notSaved(error, sizeBytes) });
+        skipped.push({ name, sizeBytes, reason: notSaved(error, name, sizeBytes) });
       }
     }
     return { outputFileIds, skipped };
@@ -470,13 +471,16 @@ async function walk(dir: string): Promise<OutputEntry[]> {
   return found;
 }
 
-/** Why an output file was not saved, for people: the server's refusal in words, or the error. */
-function notSaved(error: unknown, sizeBytes: number): string {
+/**
+ * Why output file `name` was not saved, for people: the server's refusal in
+ * words, or the error. Either names the file and, for one too large, the limit.
+ */
+function notSaved(error: unknown, name: string, sizeBytes: number): string {
   const limit = receiveLimitOf(error);
   if (limit !== undefined)
-    return `${sizeBytes} bytes is over the server's receive limit of ${limit} bytes (its --max-file-size plus 1 MiB)`;
+    return `file ${quote(name)} (${sizeBytes} bytes) is over the server's receive limit of ${limit} bytes (its --max-file-size plus 1 MiB)`;
   const e = error as { details?: string; message?: string };
-  // The server's own words (e.g. "content: … bytes is over the server's file limit of … bytes").
+  // The server's own words (e.g. `content: file "out.bin" (… bytes) is over the server's file limit of … bytes`).
   return e.details ?? e.message ?? String(error);
 }
 

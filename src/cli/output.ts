@@ -10,7 +10,7 @@ import { parseDuration } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
-import { errorReasonOf, receiveLimitOf } from "../rpc/status.js";
+import { errorInfoOf, errorReasonOf, receiveLimitOf } from "../rpc/status.js";
 import { checkAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
@@ -252,21 +252,35 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
 }
 
 /**
- * The error of an upload (`what`: the file, `sizeBytes` its size) that the
- * server refused for its size before reading it: its receive limit, which
- * grpc-js reports as RESOURCE_EXHAUSTED "Received message larger than max
- * (5000015 vs 4194304)", naming neither the file nor the setting behind it.
- * Any other error is returned as it is: a file over --max-file-size but
- * within the receive limit gets the server's own message, which says both.
+ * The error of an upload (`what`: the file as the user named it, `sizeBytes`
+ * its size) that the server refused for its size, said with the file's path
+ * and the limit: over its receive limit, grpc-js answers RESOURCE_EXHAUSTED
+ * "Received message larger than max (5000015 vs 4194304)" before the server
+ * reads it, naming neither the file nor the setting behind it; over
+ * --max-file-size but within the receive limit, the server answers
+ * FILE_TOO_LARGE with its limit (ErrorInfo `limit_bytes`), naming the file
+ * by the name it was to be stored as. Any other error is returned as it is.
  */
 export function uploadRefused(error: unknown, what: string, sizeBytes: number): unknown {
+  const advice = "upload a smaller file, or raise the server's --max-file-size";
   const limit = receiveLimitOf(error);
-  if (limit === undefined) return error;
-  return new CliError(
-    `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${limit} bytes ` +
-      "(its --max-file-size plus 1 MiB); upload a smaller file, or raise the server's --max-file-size",
-    EXIT.failed,
-  );
+  if (limit !== undefined) {
+    return new CliError(
+      `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${limit} bytes ` +
+        `(its --max-file-size plus 1 MiB); ${advice}`,
+      EXIT.failed,
+    );
+  }
+  const info = (error as { code?: number }).code === 8 ? errorInfoOf(error) : undefined;
+  const fileLimit = Number(info?.metadata.limit_bytes);
+  if (info?.reason === "FILE_TOO_LARGE" && Number.isSafeInteger(fileLimit)) {
+    return new CliError(
+      `${what} (${sizeBytes} bytes) is too large for the server: it accepts files of at most ${fileLimit} bytes ` +
+        `(its --max-file-size); ${advice}`,
+      EXIT.failed,
+    );
+  }
+  return error;
 }
 
 /**

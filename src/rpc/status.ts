@@ -151,12 +151,23 @@ export function toStatusObject(error: unknown, log: Logger, method: string): Sta
  * a client reads it; undefined when there is none or it cannot be read.
  */
 export function errorReasonOf(error: unknown): string | undefined {
+  return errorInfoOf(error)?.reason;
+}
+
+/**
+ * ErrorInfo (reason and metadata) of a failed call's status
+ * (`grpc-status-details-bin`), as a client reads it; undefined when there is
+ * none or it cannot be read.
+ */
+export function errorInfoOf(
+  error: unknown,
+): { readonly reason: string; readonly metadata: Readonly<Record<string, string>> } | undefined {
   const bin = (error as { metadata?: Metadata } | undefined)?.metadata?.get?.("grpc-status-details-bin")?.[0];
   if (!(bin instanceof Buffer)) return undefined;
   try {
     for (const detail of fromBinary(StatusSchema, bin).details) {
       const info = anyUnpack(detail, ErrorInfoSchema);
-      if (info) return info.reason;
+      if (info) return { reason: info.reason, metadata: info.metadata };
     }
   } catch {
     // Not a google.rpc.Status: no reason.

@@ -576,9 +576,16 @@ export function createScopeLeaseService(deps: {
     },
     async createResource(input) {
       if (input.content && input.content.byteLength > limits.maxFileBytes) {
-        const description = `${input.content.byteLength} bytes is over the server's file limit of ${limits.maxFileBytes} bytes`;
+        // Named: an agent saving a deployment's outputs uploads many, and its operator reads which.
+        const name = input.name ?? "";
+        const description = `file ${quote(name)} (${input.content.byteLength} bytes) is over the server's file limit of ${limits.maxFileBytes} bytes (its --max-file-size)`;
         throw new LeaseholdError(Code.ResourceExhausted, `content: ${description}`, {
           reason: "FILE_TOO_LARGE",
+          metadata: {
+            name,
+            size_bytes: String(input.content.byteLength),
+            limit_bytes: String(limits.maxFileBytes),
+          },
           fieldViolations: [{ field: "content", description }],
         });
       }

@@ -44,11 +44,12 @@ describe.runIf(runsDriverNeutralTests())(
       expect(created).toMatchObject({ code: 1, stdout: "" });
       expect(created.stderr).toContain(`${path} ${refusal}`);
       expect(created.stderr).not.toMatch(/Received message larger than max/);
-      // Over --max-file-size but within the receive limit: the server's own message stays.
-      const over = await cli([...server, "file", "create", join(dir, "over.bin")]);
-      expect(over).toMatchObject({ code: 1 });
+      // Over --max-file-size but within the receive limit: refused by the server, said the same way.
+      const overPath = join(dir, "over.bin");
+      const over = await cli([...server, "file", "create", overPath]);
+      expect(over).toMatchObject({ code: 1, stdout: "" });
       expect(over.stderr).toContain(
-        `${MAX_FILE + 1} bytes is over the server's file limit of ${MAX_FILE} bytes`,
+        `${overPath} (${MAX_FILE + 1} bytes) is too large for the server: it accepts files of at most ${MAX_FILE} bytes (its --max-file-size)`,
       );
     });
 
@@ -75,6 +76,30 @@ deployment:
       expect(run.stderr).toContain(`fixture "big.bin" ${refusal}`);
       const { lease } = await t.client(LeaseService).getLease({ leaseId: events[0].lease_id });
       expect(lease?.state).toBe(LeaseState.ROLLED_BACK);
+    });
+
+    it("lease run --test names a fixture over --max-file-size but within the receive limit", async () => {
+      const manifest = join(dir, "manifest-over.yaml");
+      writeFileSync(
+        manifest,
+        `runtime: upload-limit
+fixtures:
+  - path: over.bin
+deployment:
+  containers: [{name: web, argv: [sleep, "60"]}]
+`,
+      );
+      const run = await cli([...server, "lease", "run", "--test", manifest]);
+      expect(run.code).toBe(1);
+      const error = run.stdout
+        .trim()
+        .split("\n")
+        .map((line) => JSON.parse(line))
+        .find((e) => e.event === "error");
+      const said = `fixture "over.bin" (${MAX_FILE + 1} bytes) is too large for the server: it accepts files of at most ${MAX_FILE} bytes (its --max-file-size)`;
+      expect(error).toMatchObject({ step: "upload_fixtures" });
+      expect(error.message).toContain(said);
+      expect(run.stderr).toContain(said);
     });
   },
 );

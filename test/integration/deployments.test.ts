@@ -243,10 +243,14 @@ describe("deployments", () => {
       [
         "big.bin",
         5_000_000n,
-        "5000000 bytes is over the server's receive limit of 4194304 bytes (its --max-file-size plus 1 MiB)",
+        'file "big.bin" (5000000 bytes) is over the server\'s receive limit of 4194304 bytes (its --max-file-size plus 1 MiB)',
       ],
       ["link", 0n, "a symbolic link: only regular files are saved"],
-      ["mid.bin", 3_500_000n, "content: 3500000 bytes is over the server's file limit of 3145728 bytes"],
+      [
+        "mid.bin",
+        3_500_000n,
+        'content: file "mid.bin" (3500000 bytes) is over the server\'s file limit of 3145728 bytes (its --max-file-size)',
+      ],
     ]);
     await leases().rollbackLease({ leaseId });
   });

@@ -297,9 +297,13 @@ describe("scope leases", () => {
     const f = await failure(
       resources().createFile({ name: "huge", content: new Uint8Array(3 * 1024 * 1024 + 1) }),
     );
+    // The refusal names the file and the limit: an agent saving many outputs gets it per file.
     expect(f).toMatchObject({
       code: Code.ResourceExhausted,
-      message: expect.stringMatching(/over the server's file limit/),
+      message: `content: file "huge" (${3 * 1024 * 1024 + 1} bytes) is over the server's file limit of ${3 * 1024 * 1024} bytes (its --max-file-size)`,
+      reason: "FILE_TOO_LARGE",
+      fields: ["content"],
+      info: { name: "huge", size_bytes: String(3 * 1024 * 1024 + 1), limit_bytes: String(3 * 1024 * 1024) },
     });
   });
 

@@ -955,7 +955,9 @@ export const DeploymentPhaseSchema: GenEnum<DeploymentPhase> = /*@__PURE__*/
  */
 export const ResourceService: GenService<{
   /**
-   * Stores a file. RESOURCE_EXHAUSTED above the server's size limit.
+   * Stores a file. RESOURCE_EXHAUSTED above the server's size limit
+   * (--max-file-size): ErrorInfo reason FILE_TOO_LARGE, its message naming
+   * the file and the limit, and metadata name, size_bytes and limit_bytes.
    * Rights (for CreateDeployment and CreateObject too): resource.create in the
    * lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
    * the runtime (worker.connect there) may add files to any lease of it.

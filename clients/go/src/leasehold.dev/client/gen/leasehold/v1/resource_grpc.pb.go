@@ -17,7 +17,9 @@ const _ = grpc.SupportPackageIsVersion7
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type ResourceServiceClient interface {
-	// Stores a file. RESOURCE_EXHAUSTED above the server's size limit.
+	// Stores a file. RESOURCE_EXHAUSTED above the server's size limit
+	// (--max-file-size): ErrorInfo reason FILE_TOO_LARGE, its message naming
+	// the file and the limit, and metadata name, size_bytes and limit_bytes.
 	// Rights (for CreateDeployment and CreateObject too): resource.create in the
 	// lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
 	// the runtime (worker.connect there) may add files to any lease of it.
@@ -158,7 +160,9 @@ func (c *resourceServiceClient) DeleteResource(ctx context.Context, in *DeleteRe
 // All implementations must embed UnimplementedResourceServiceServer
 // for forward compatibility
 type ResourceServiceServer interface {
-	// Stores a file. RESOURCE_EXHAUSTED above the server's size limit.
+	// Stores a file. RESOURCE_EXHAUSTED above the server's size limit
+	// (--max-file-size): ErrorInfo reason FILE_TOO_LARGE, its message naming
+	// the file and the limit, and metadata name, size_bytes and limit_bytes.
 	// Rights (for CreateDeployment and CreateObject too): resource.create in the
 	// lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
 	// the runtime (worker.connect there) may add files to any lease of it.

@@ -211,19 +211,32 @@ export function leaseCommands(): Command {
       "--runtime <cluster>",
       "instead of one id: every closed lease on this runtime (with --label: both must match)",
     )
-    .description("Forget closed leases (housekeeping); open ones are refused.")
+    .description(
+      "Forget closed leases (housekeeping): an open lease id is refused; with --label/--runtime, " +
+        "open leases are left and counted.",
+    )
     .action(async (id: string | undefined, o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
         if (id && (o.label || o.runtime))
           throw new CliError("give either a lease id or --label/--runtime, not both", EXIT.usage);
         if (id) {
           await c.leases.deleteLease({ leaseId: id });
-          return json ? printJson({ deleted: 1 }) : printLine(`${id} deleted`);
+          return json ? printJson({ deleted: 1, skippedOpen: 0 }) : printLine(`${id} deleted`);
         }
         if (!o.label && !o.runtime)
           throw new CliError("give a lease id, or --label and/or --runtime to delete many", EXIT.usage);
-        const { deleted } = await c.leases.deleteLeases({ label: o.label ?? "", runtime: o.runtime ?? "" });
-        json ? printJson({ deleted }) : printLine(`${count(deleted, "closed lease")} deleted`);
+        const { deleted, skippedOpen } = await c.leases.deleteLeases({
+          label: o.label ?? "",
+          runtime: o.runtime ?? "",
+        });
+        if (json) return printJson({ deleted, skippedOpen });
+        // The open ones the filter matched are left: said, so that "deleted" is never read as "all gone".
+        const one = skippedOpen === 1;
+        const left =
+          skippedOpen === 0
+            ? ""
+            : `; ${skippedOpen} still open ${one ? "was" : "were"} left (roll ${one ? "it" : "them"} back or commit ${one ? "it" : "them"} first)`;
+        printLine(`${count(deleted, "closed lease")} deleted${left}`);
       }),
     );
   lease

@@ -100,7 +100,10 @@ export interface ScopeLeaseService extends AsyncDisposable {
   setResult(leaseId: string, result: JsonObject, actor: string): Promise<ScopeLeaseRecord>;
   /** Forgets a closed lease; FAILED_PRECONDITION if it is open. */
   delete(leaseId: string, actor: string): Promise<void>;
-  /** Forgets every closed lease matching `filter`; returns how many. */
+  /**
+   * Forgets every closed lease matching `filter`; returns how many, and how
+   * many open leases it matches (none with `closedBefore`), which it left.
+   */
   deleteMany(
     filter: {
       label?: string | undefined;
@@ -108,7 +111,7 @@ export interface ScopeLeaseService extends AsyncDisposable {
       closedBefore?: Date | undefined;
     },
     actor: string,
-  ): Promise<number>;
+  ): Promise<{ deleted: number; skippedOpen: number }>;
   /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
@@ -567,12 +570,12 @@ export function createScopeLeaseService(deps: {
           { type: "LEASE_STATE", subject: `leases/${leaseId}`, description: "state is OPEN" },
         );
       }
-      if ((await deleteClosedScopeLeases(db, { id: leaseId }, actor)) > 0) feed.publish(EVENTS_TOPIC);
+      if ((await deleteClosedScopeLeases(db, { id: leaseId }, actor)).deleted > 0) feed.publish(EVENTS_TOPIC);
     },
     async deleteMany(filter, actor) {
-      const deleted = await deleteClosedScopeLeases(db, filter, actor);
-      if (deleted > 0) feed.publish(EVENTS_TOPIC);
-      return deleted;
+      const result = await deleteClosedScopeLeases(db, filter, actor);
+      if (result.deleted > 0) feed.publish(EVENTS_TOPIC);
+      return result;
     },
     async createResource(input) {
       if (input.content && input.content.byteLength > limits.maxFileBytes) {

@@ -656,7 +656,8 @@ export async function setScopeLeaseResult(
  * Deletes closed lease records (housekeeping); open ones are never deleted
  * here. One set-based statement deletes them and records a
  * `scope_lease_deleted` event per lease (its runtime as cluster, `actor`).
- * Returns how many were deleted.
+ * Returns how many were deleted, and how many open leases the id, runtime
+ * and label filters match (none with `closedBefore`): those it left.
  */
 export async function deleteClosedScopeLeases(
   db: Db,
@@ -667,18 +668,23 @@ export async function deleteClosedScopeLeases(
     closedBefore?: Date | undefined;
   },
   actor: string,
-): Promise<number> {
-  const conditions: SQL[] = [sql`state <> 'OPEN'`];
-  if (filter.id) conditions.push(sql`id = ${filter.id}`);
-  if (filter.runtime) conditions.push(sql`runtime = ${filter.runtime}`);
-  if (filter.label) conditions.push(sql`label = ${filter.label}`);
-  if (filter.closedBefore)
-    conditions.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
-  const [row] = await queryRows<{ deleted: unknown }>(
+): Promise<{ deleted: number; skippedOpen: number }> {
+  const matches: SQL[] = [];
+  if (filter.id) matches.push(sql`id = ${filter.id}`);
+  if (filter.runtime) matches.push(sql`runtime = ${filter.runtime}`);
+  if (filter.label) matches.push(sql`label = ${filter.label}`);
+  const closed = [sql`state <> 'OPEN'`, ...matches];
+  if (filter.closedBefore) closed.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
+  // Open leases the other filters match are left; counted in the same statement (one snapshot),
+  // so the caller hears of them. None match "closed before".
+  const open = filter.closedBefore
+    ? sql`0`
+    : sql`(select count(*) from scope_leases where ${sql.join([sql`state = 'OPEN'`, ...matches], sql` and `)})`;
+  const [row] = await queryRows<{ deleted: unknown; skipped_open: unknown }>(
     db,
     sql`
       with deleted as (
-        delete from scope_leases where ${sql.join(conditions, sql` and `)}
+        delete from scope_leases where ${sql.join(closed, sql` and `)}
         returning id, runtime, label, state
       ),
       event as (
@@ -687,9 +693,9 @@ export async function deleteClosedScopeLeases(
           jsonb_build_object('label', label, 'state', state), ${actor}
         from deleted order by id
       )
-      select count(*) as deleted from deleted`,
+      select (select count(*) from deleted) as deleted, ${open} as skipped_open`,
   );
-  return toNumber(row?.deleted ?? 0);
+  return { deleted: toNumber(row?.deleted ?? 0), skippedOpen: toNumber(row?.skipped_open ?? 0) };
 }
 
 /**

@@ -667,8 +667,18 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         (await cli([...server, "--json", "lease", "create", "--runtime", "cli-west"])).stdout,
       );
       await t.client(LeaseService).commitLease({ leaseId: other.id });
+      // One still open on that runtime is left, and said so.
+      const open = JSON.parse(
+        (await cli([...server, "--json", "lease", "create", "--runtime", "cli-west"])).stdout,
+      );
       const byRuntime = await cli([...server, "lease", "delete", "--runtime", "cli-west"]);
-      expect(byRuntime).toMatchObject({ code: 0, stdout: "1 closed lease deleted\n" });
+      expect(byRuntime).toMatchObject({
+        code: 0,
+        stdout: "1 closed lease deleted; 1 still open was left (roll it back or commit it first)\n",
+      });
+      const asJson = await cli([...server, "--json", "lease", "delete", "--runtime", "cli-west"]);
+      expect(JSON.parse(asJson.stdout)).toEqual({ deleted: 0, skippedOpen: 1 });
+      await t.client(LeaseService).rollbackLease({ leaseId: open.id });
       const deletedEvents = await cli([
         ...server,
         "events",

@@ -1,5 +1,6 @@
 import { type JsonObject, type Message, toBinary } from "@bufbuild/protobuf";
 import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
@@ -330,13 +331,25 @@ describe("scope leases", () => {
     await open(600, "bulk");
     await leases().rollbackLease({ leaseId: a });
     await leases().rollbackLease({ leaseId: b });
-    expect((await leases().deleteLeases({ label: "bulk" })).deleted).toBe(2);
+    // The open one is left, and the answer says so: a filter never skips leases silently.
+    expect(await leases().deleteLeases({ label: "bulk" })).toMatchObject({ deleted: 2, skippedOpen: 1 });
     expect((await leases().listLeases({ label: "bulk" })).leases).toHaveLength(1);
+    expect(await leases().deleteLeases({ label: "bulk", runtime: "elsewhere" })).toMatchObject({
+      deleted: 0,
+      skippedOpen: 0,
+    });
+    // An open lease has not closed before any time: closed_before matches none of them.
+    expect(
+      await leases().deleteLeases({ label: "bulk", closedBefore: timestampFromDate(new Date()) }),
+    ).toMatchObject({ deleted: 0, skippedOpen: 0 });
     // An empty request deletes nothing: every closed lease takes `all`.
     const empty = await expectStatus(leases().deleteLeases({}), Code.InvalidArgument, /^all: must be true/);
     expect(empty.fields).toEqual(["all"]);
     await leases().rollbackLease({ leaseId: await open(600, "other") });
-    expect((await leases().deleteLeases({ all: true })).deleted).toBeGreaterThan(0);
+    const all = await leases().deleteLeases({ all: true });
+    expect(all.deleted).toBeGreaterThan(0);
+    expect(all.skippedOpen).toBe((await leases().listLeases({ state: LeaseState.OPEN })).leases.length);
+    expect(all.skippedOpen).toBeGreaterThan(0);
     expect((await leases().listLeases({ label: "other" })).leases).toHaveLength(0);
     expect((await leases().listLeases({ label: "bulk" })).leases).toHaveLength(1);
   });

@@ -214,7 +214,8 @@ class LeaseServiceServicer(object):
 
     def DeleteLeases(self, request, context):
         """Deletes the records of many closed leases (housekeeping): those the
-        filters match, or with `all` every one.
+        filters match, or with `all` every one. Open leases are left, never
+        refused: the answer counts those the filters match (skipped_open).
         Right: lease.delete (in the runtime filter, unless held in every cluster).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

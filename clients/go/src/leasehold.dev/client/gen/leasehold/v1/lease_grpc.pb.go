@@ -52,7 +52,8 @@ type LeaseServiceClient interface {
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(ctx context.Context, in *DeleteLeaseRequest, opts ...grpc.CallOption) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping): those the
-	// filters match, or with `all` every one.
+	// filters match, or with `all` every one. Open leases are left, never
+	// refused: the answer counts those the filters match (skipped_open).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(ctx context.Context, in *DeleteLeasesRequest, opts ...grpc.CallOption) (*DeleteLeasesResponse, error)
 	// Records a structured result that survives the close. It may be recorded
@@ -264,7 +265,8 @@ type LeaseServiceServer interface {
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(context.Context, *DeleteLeaseRequest) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping): those the
-	// filters match, or with `all` every one.
+	// filters match, or with `all` every one. Open leases are left, never
+	// refused: the answer counts those the filters match (skipped_open).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(context.Context, *DeleteLeasesRequest) (*DeleteLeasesResponse, error)
 	// Records a structured result that survives the close. It may be recorded

@@ -169,14 +169,33 @@ export interface RawServerOptions {
 
 const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
-/** Parses `500ms`, `10s`, `1.5m`, `2h`, `7d` (a bare number means seconds) into milliseconds. */
-export function parseDuration(option: string, text: string): number {
-  const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(text.trim());
+/**
+ * Parses `500ms`, `10s`, `1.5m`, `2h`, `7d` (a bare number means seconds) into
+ * milliseconds, rounded to the nearest. With `wholeMs`, for a value kept in
+ * whole milliseconds (a lease's TTL), one that is not a whole number of them
+ * (`0.9995s`, compared exactly) is refused instead of rounded.
+ */
+export function parseDuration(
+  option: string,
+  text: string,
+  options: { readonly wholeMs?: boolean } = {},
+): number {
+  const match = /^(\d+)(?:\.(\d+))?(ms|s|m|h|d)?$/.exec(text.trim());
   if (!match && /^-\d/.test(text.trim()))
     throw configError(option, `must not be negative (got ${JSON.stringify(text)})`);
   if (!match)
     throw configError(option, `must be a duration like 500ms, 10s or 2m (got ${JSON.stringify(text)})`);
-  return Math.round(Number(match[1]) * (UNITS[match[2] ?? "s"] ?? 1000));
+  const [, whole = "", fraction = "", unit = "s"] = match;
+  const unitMs = UNITS[unit] ?? 1000;
+  if (options.wholeMs) {
+    // In decimal, exactly: 0.9995 * 1000 is 999.4999999999999 as a float.
+    const scale = 10n ** BigInt(fraction.length);
+    const scaled = (BigInt(whole) * scale + BigInt(fraction || "0")) * BigInt(unitMs);
+    if (scaled % scale !== 0n)
+      throw configError(option, `must be a whole number of milliseconds (got ${JSON.stringify(text)})`);
+    return Number(scaled / scale);
+  }
+  return Math.round(Number(fraction ? `${whole}.${fraction}` : whole) * unitMs);
 }
 
 /** Splits `host:port` (or `[v6]:port`); throws naming the option on anything else. */

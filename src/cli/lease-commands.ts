@@ -100,7 +100,6 @@ const printResource = (r: Resource | undefined, json: boolean) => {
   if (r.body.case === "deployment") printLine(describeDeployment(r.body.value));
   if (r.body.case === "object") printLine(`body: ${JSON.stringify(r.body.value)}`);
 };
-const durationFlag = (flag: string, text: string) => durationFromMs(durationMsFlag(flag, text));
 
 /** `leasehold lease …`: scope leases. */
 export function leaseCommands(): Command {
@@ -111,7 +110,10 @@ export function leaseCommands(): Command {
     .command("create")
     .description("Open a lease; create resources into it with --lease <id>.")
     .requiredOption("--runtime <cluster>", "the runtime (cluster) its deployments run on")
-    .option("--ttl <duration>", "roll back automatically after this long (default: the server's, 1h)")
+    .option(
+      "--ttl <duration>",
+      "roll back automatically after this long: at least 1s, in whole milliseconds (default: the server's, 1h)",
+    )
     .option("--label <label>", "free-form label")
     .option("--request-id <id>", "idempotency key")
     .action(async (o: Record<string, string | undefined>, command: Command) =>
@@ -120,7 +122,10 @@ export function leaseCommands(): Command {
           runtime: o.runtime ?? "",
           label: o.label ?? "",
           requestId: o.requestId ?? "",
-          ...(o.ttl !== undefined ? { ttl: durationFlag("--ttl", o.ttl) } : {}),
+          // Kept in whole milliseconds by the server: a finer one is refused here, not rounded.
+          ...(o.ttl !== undefined
+            ? { ttl: durationFromMs(durationMsFlag("--ttl", o.ttl, { wholeMs: true })) }
+            : {}),
         });
         if (json) printLease(l, true);
         else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);

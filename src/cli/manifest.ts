@@ -181,7 +181,8 @@ export function parseManifest(text: string, options: ParseManifestOptions): Mani
   const label = optionalString(p, "label", top.label) ?? "";
   if (charactersOver(label, LIMITS.labelLength) !== undefined)
     p.add("label", `must be at most ${LIMITS.labelLength} characters`);
-  const ttlMs = duration(p, "ttl", top.ttl, 1000) ?? MANIFEST_DEFAULTS.ttlMs;
+  // The server keeps a TTL in whole milliseconds: a finer one is refused, not rounded.
+  const ttlMs = duration(p, "ttl", top.ttl, 1000, Number.POSITIVE_INFINITY, true) ?? MANIFEST_DEFAULTS.ttlMs;
   const fixtures = readFixtures(p, top.fixtures, options);
   const deployment = readDeployment(p, top.deployment);
   const checks = readChecks(p, top.checks);
@@ -591,6 +592,7 @@ function duration(
   value: unknown,
   minMs: number,
   maxMs = Number.POSITIVE_INFINITY,
+  wholeMs = false,
 ): number | undefined {
   if (absent(value)) return undefined;
   const ms =
@@ -601,6 +603,10 @@ function duration(
         : undefined;
   if (ms === undefined) {
     p.add(at, `must be a duration like 500ms, 10s, 2m or 1h (got ${describe(value)})`);
+    return undefined;
+  }
+  if (wholeMs && !wholeMilliseconds(value as number | string)) {
+    p.add(at, `must be a whole number of milliseconds (got ${describe(value)})`);
     return undefined;
   }
   if (ms < minMs) {
@@ -623,9 +629,21 @@ const formatMs = (ms: number) =>
         ? `${ms / 1000}s`
         : `${ms}ms`;
 
-function tryParseDuration(text: string): number | undefined {
+/**
+ * Whether a duration (a number of seconds, or a string like `1.5s`) is a
+ * whole number of milliseconds, in decimal and exactly: 0.9995 times 1000
+ * is 999.4999999999999 as a float.
+ */
+function wholeMilliseconds(value: number | string): boolean {
+  if (typeof value === "string") return tryParseDuration(value, true) !== undefined;
+  const text = String(value);
+  // 1e+21, 1e-7: no decimal digits to go by, and far from a millisecond's precision anyway.
+  return /e/i.test(text) ? Number.isInteger(value * 1000) : tryParseDuration(text, true) !== undefined;
+}
+
+function tryParseDuration(text: string, wholeMs = false): number | undefined {
   try {
-    return parseDuration("", text);
+    return parseDuration("", text, { wholeMs });
   } catch {
     return undefined;
   }

@@ -328,9 +328,9 @@ export const collect = (value: string, previous: string[] = []) => [...previous,
 
 /** Parses a whole number of at least 1; commander reports a bad value as a usage error. */
 /** A duration flag's value in milliseconds (`500ms`, `10s`); malformed is bad usage naming the flag. */
-export function durationMsFlag(flag: string, text: string): number {
+export function durationMsFlag(flag: string, text: string, options: { wholeMs?: boolean } = {}): number {
   try {
-    return parseDuration(flag, text);
+    return parseDuration(flag, text, options);
   } catch (error) {
     throw new CliError(error instanceof Error ? error.message : String(error), EXIT.usage);
   }

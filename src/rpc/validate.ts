@@ -94,6 +94,10 @@ export function checkLabels(v: Violations, field: string, labels: Record<string,
  * (nanos out of range, mixed signs), negative, shorter than `minMs` or
  * longer than `maxMs` is a violation: one, so that a field is never named
  * twice for one value (a negative probe timeout was also "at least 100ms").
+ * The bounds are compared with the exact value, before it is rounded to
+ * milliseconds (0.9995s is shorter than 1s). With `wholeMs`, for a value the
+ * server keeps and shows in milliseconds (a lease's TTL), one that is not a
+ * whole number of them is a violation too, rather than rounded.
  */
 export function durationField(
   v: Violations,
@@ -102,6 +106,7 @@ export function durationField(
   fallback: number,
   maxMs: number,
   minMs = 0,
+  options: { readonly wholeMs?: boolean } = {},
 ): number {
   if (value === undefined) return fallback;
   const seconds = Number(value.seconds);
@@ -114,10 +119,23 @@ export function durationField(
     v.add(field, "is not a valid duration (nanos out of range or of the wrong sign)");
     return fallback;
   }
+  const nanos = BigInt(value.seconds) * NANOS_PER_SECOND + BigInt(value.nanos);
   const ms = durationMs(value);
-  if (ms < 0) v.add(field, "must not be negative");
-  else if (ms < minMs)
+  if (nanos < 0n) v.add(field, "must not be negative");
+  else if (nanos < BigInt(minMs) * NANOS_PER_MS)
     v.add(field, `must be at least ${minMs % 1000 === 0 ? `${minMs / 1000}s` : `${minMs}ms`}`);
-  else if (ms > maxMs) v.add(field, `must be at most ${maxMs / 1000}s`);
+  else if (Number.isFinite(maxMs) && nanos > BigInt(maxMs) * NANOS_PER_MS)
+    v.add(field, `must be at most ${maxMs / 1000}s`);
+  else if (options.wholeMs && nanos % NANOS_PER_MS !== 0n)
+    v.add(field, `must be a whole number of milliseconds (got ${durationText(nanos)})`);
   return ms;
+}
+
+const NANOS_PER_SECOND = 1_000_000_000n;
+const NANOS_PER_MS = 1_000_000n;
+
+/** A non-negative duration of `nanos` as proto3 JSON writes it: `1.0000005s`, `2s`. */
+function durationText(nanos: bigint): string {
+  const fraction = (nanos % NANOS_PER_SECOND).toString().padStart(9, "0").replace(/0+$/, "");
+  return `${nanos / NANOS_PER_SECOND}${fraction ? `.${fraction}` : ""}s`;
 }

@@ -702,6 +702,15 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         code: 2,
         stderr: expect.stringMatching(/--ttl: must be a duration like/),
       });
+      // Not rounded to 1s: the server keeps a TTL in whole milliseconds, and 0.9995s is none.
+      const fineTtl = await cli([...server, "lease", "create", "--runtime", "east", "--ttl", "0.9995s"]);
+      expect(fineTtl).toMatchObject({
+        code: 2,
+        stdout: "",
+        stderr: expect.stringContaining('--ttl: must be a whole number of milliseconds (got "0.9995s")'),
+      });
+      const shortTtl = await cli([...server, "lease", "create", "--runtime", "east", "--ttl", "999ms"]);
+      expect(shortTtl).toMatchObject({ code: 2, stderr: expect.stringMatching(/ttl: must be at least 1s/) });
       // An unset variable (--ttl "$TTL") is a mistake, not a request for the default.
       const emptyTtl = await cli([...server, "lease", "create", "--runtime", "east", "--ttl", ""]);
       expect(emptyTtl).toMatchObject({

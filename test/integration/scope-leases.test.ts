@@ -506,6 +506,35 @@ describe("scope leases", () => {
       Code.InvalidArgument,
       /^ttl: must not be negative$/,
     );
+    // Compared exactly, never rounded first: 0.9995s is under 1s, and -0.4ms is negative.
+    const under = await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 0n, nanos: 999_500_000 } }),
+      Code.InvalidArgument,
+      /^ttl: must be at least 1s$/,
+    );
+    expect(under.fields).toEqual(["ttl"]);
+    await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 0n, nanos: -400_000 } }),
+      Code.InvalidArgument,
+      /^ttl: must not be negative$/,
+    );
+    // The TTL is kept (and shown) in milliseconds: a finer one is refused, not rounded.
+    const fine = await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 1n, nanos: 500 } }),
+      Code.InvalidArgument,
+      /^ttl: must be a whole number of milliseconds \(got 1\.0000005s\)$/,
+    );
+    expect(fine.fields).toEqual(["ttl"]);
+    await expectStatus(
+      leases().createLease({ runtime: "east", ttl: { seconds: 86_400n, nanos: 1 } }),
+      Code.InvalidArgument,
+      /^ttl: must be a whole number of milliseconds \(got 86400\.000000001s\)$/,
+    );
+    const { lease: exact } = await leases().createLease({
+      runtime: "east",
+      ttl: { seconds: 1n, nanos: 1_000_000 },
+    });
+    expect(exact?.ttl).toMatchObject({ seconds: 1n, nanos: 1_000_000 });
     await expectStatus(
       resources().createObject({ kind: "file" }),
       Code.InvalidArgument,

@@ -44,6 +44,15 @@ describe("server config", () => {
     expect(parseDuration("--x", "7d")).toBe(7 * 86_400_000);
     expect(() => parseDuration("--grace-period", "soon")).toThrow(/^--grace-period: must be a duration like/);
     expect(() => parseDuration("--ttl", "-5s")).toThrow('--ttl: must not be negative (got "-5s")');
+    // Where the value is kept in whole milliseconds (a lease's TTL), a finer one is refused, not rounded.
+    expect(parseDuration("--x", "0.9995s")).toBe(1000);
+    expect(() => parseDuration("--ttl", "0.9995s", { wholeMs: true })).toThrow(
+      '--ttl: must be a whole number of milliseconds (got "0.9995s")',
+    );
+    expect(() => parseDuration("--ttl", "1.5ms", { wholeMs: true })).toThrow(/whole number of milliseconds/);
+    expect(parseDuration("--ttl", "1.001s", { wholeMs: true })).toBe(1001);
+    expect(parseDuration("--ttl", "0.0005h", { wholeMs: true })).toBe(1800);
+    expect(parseDuration("--ttl", "1.5000", { wholeMs: true })).toBe(1500);
     expect(parseServerConfig({ workerRetention: "0" }).workerRetentionMs).toBe(0);
     expect(() => parseServerConfig({ workerRetention: "30s" })).toThrow(
       "--worker-retention: must be 0 (keep every worker) or at least 1m",

@@ -238,6 +238,14 @@ outputs: {collect_timeout: [1]}
       "outputs.collect_timeout: must be a duration like 500ms, 10s, 2m or 1h (got a list)",
     ]);
     expect(problemsOf(`${MINIMAL}ttl: 500ms\n`)).toEqual(["ttl: must be at least 1s"]);
+    // A TTL is kept in whole milliseconds: a finer one is refused, not rounded up to 1s.
+    expect(problemsOf(`${MINIMAL}ttl: 0.9995s\n`)).toEqual([
+      'ttl: must be a whole number of milliseconds (got string "0.9995s")',
+    ]);
+    expect(problemsOf(`${MINIMAL}ttl: 0.9995\n`)).toEqual([
+      "ttl: must be a whole number of milliseconds (got number 0.9995)",
+    ]);
+    expect(parseManifest(`${MINIMAL}ttl: 1.001\n`, options).ttlMs).toBe(1001);
     expect(parseManifest(`${MINIMAL}ttl: 90\n`, options).ttlMs).toBe(90_000);
     expect(parseManifest(`${MINIMAL}ttl: 1.5h\n`, options).ttlMs).toBe(90 * 60_000);
   });

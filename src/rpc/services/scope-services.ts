@@ -194,9 +194,10 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       checkLength(v, "label", request.label, 128);
       checkLength(v, "request_id", request.requestId, 128);
       // No bound of its own beyond what a number holds: the server's maximum (--lease-max-ttl) is
-      // checked by the service, and a message naming another bound would mislead.
+      // checked by the service, and a message naming another bound would mislead. Kept and shown
+      // in milliseconds: a finer TTL is refused, never rounded (0.9995s became 1s).
       const ttlMs = request.ttl
-        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY, 1000)
+        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY, 1000, { wholeMs: true })
         : undefined;
       v.throwIfAny();
       ctx.access.require("lease.create", request.runtime);

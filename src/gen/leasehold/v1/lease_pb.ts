@@ -132,7 +132,10 @@ export type CreateLeaseRequest = Message<"leasehold.v1.CreateLeaseRequest"> & {
   runtime: string;
 
   /**
-   * Optional TTL, at least 1s; default and maximum are server settings.
+   * Optional TTL, at least 1s; default and maximum are server settings. It
+   * is kept in milliseconds: one that is not a whole number of them is
+   * INVALID_ARGUMENT, never rounded, and the bounds are compared with the
+   * exact value (0.9995s is under 1s).
    *
    * @generated from field: google.protobuf.Duration ttl = 2;
    */

@@ -295,7 +295,10 @@ type CreateLeaseRequest struct {
 
 	// Required: the runtime (cluster) the lease's deployments run on.
 	Runtime string `protobuf:"bytes,1,opt,name=runtime,proto3" json:"runtime,omitempty"`
-	// Optional TTL, at least 1s; default and maximum are server settings.
+	// Optional TTL, at least 1s; default and maximum are server settings. It
+	// is kept in milliseconds: one that is not a whole number of them is
+	// INVALID_ARGUMENT, never rounded, and the bounds are compared with the
+	// exact value (0.9995s is under 1s).
 	Ttl *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// Optional label, at most 128 characters.
 	Label string `protobuf:"bytes,3,opt,name=label,proto3" json:"label,omitempty"`

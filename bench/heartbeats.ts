@@ -4,7 +4,7 @@
  *
  *   node --import tsx bench/heartbeats.ts [--streams 10000] [--connections 100]
  *     [--interval 1000] [--seconds 20] [--database-url URL] [--profile-dir DIR]
- *     [--no-batches] [--server-node-args="--trace-gc ..."] [--client raw|grpc]
+ *     [--no-batches] [--server-node-args="--trace-gc ..."] [--client raw|grpc] [--flood 0]
  *
  * The server is a real `leasehold serve` child process (one JavaScript
  * thread, as in production); this process plays the workers: raw
@@ -20,6 +20,10 @@
  * `--profile-dir` writes a CPU profile of the server there (node --cpu-prof).
  * The hellos set accepts_batches, as the agent SDK does (the server may then
  * answer in ConnectResponse batches); `--no-batches` leaves it unset.
+ * `--flood N` runs `flood.ts` with N callers of SubmitActions (1,000 actions
+ * of about 2 KiB a call, back to back) against the server for the measured
+ * window, in a process of its own: heavy unary calls beside the heartbeats.
+ * Its summary is the output's `flood`.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -52,8 +56,10 @@ const { values } = benchArgs(import.meta.url, {
     "no-batches": { type: "boolean", default: false },
     "server-node-args": { type: "string", default: "" },
     client: { type: "string", default: "raw" },
+    flood: { type: "string", default: "0" },
   },
 });
+const floodClients = wholeNumberFlag("--flood", values.flood, 0);
 const rawClient = choiceFlag("--client", values.client, ["raw", "grpc"]) === "raw";
 const acceptsBatches = !values["no-batches"];
 const streams = wholeNumberFlag("--streams", values.streams);
@@ -85,6 +91,39 @@ async function serverLoopLateness(): Promise<{ p99Ms: number; maxMs: number }> {
     return Number((Number(m?.[1]) * 1000).toFixed(2));
   };
   return { p99Ms: ms("0.99"), maxMs: ms("1") };
+}
+
+/**
+ * `flood.ts` against the server for the measured window, in a process of its
+ * own (`--flood N` callers of SubmitActions); `stop` waits for its summary.
+ */
+function startFlood(): { stop(): Promise<unknown> } {
+  const child = spawn(
+    process.execPath,
+    [
+      "--import",
+      "tsx",
+      join(import.meta.dirname, "flood.ts"),
+      "--target",
+      address,
+      "--clients",
+      String(floodClients),
+      "--seconds",
+      String(measureMs / 1000),
+    ],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  let out = "";
+  child.stdout?.on("data", (chunk: Buffer) => {
+    out += chunk.toString();
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  return {
+    async stop() {
+      await exited;
+      return JSON.parse(out.trim().split("\n").at(-1) ?? "null");
+    },
+  };
 }
 
 /** `leasehold serve` on `port`, resolved once it accepts connections. */
@@ -380,8 +419,10 @@ ownDelay.enable();
 await serverLoopLateness(); // restarts the server's sampling: what follows is the measured window's
 measuring = true;
 measuredFrom = performance.now();
+const flood = floodClients > 0 ? startFlood() : undefined;
 await new Promise((r) => setTimeout(r, measureMs));
 measuring = false;
+const flooded = await flood?.stop();
 ownDelay.disable();
 const serverLate = await serverLoopLateness();
 const after = serverUsage();
@@ -413,6 +454,7 @@ console.log(
     workersLoopDelayMaxMs: lateMs(ownDelay.max, 5),
     serverLoopDelayP99Ms: serverLate.p99Ms,
     serverLoopDelayMaxMs: serverLate.maxMs,
+    ...(flooded ? { flood: flooded } : {}),
   }),
 );
 

@@ -263,6 +263,29 @@ export function createCallMetrics(): {
 }
 
 /**
+ * `leasehold_large_calls`: unary calls of 256 KiB or more being served
+ * (`state="running"`) and waiting their turn (`state="waiting"`); see
+ * rpc/large-calls.ts. Calls that keep waiting mean clients send large
+ * requests faster than the process serves them.
+ */
+export function addLargeCallMetrics(
+  registry: Registry,
+  largeCalls: { readonly counts: { readonly running: number; readonly waiting: number } },
+): void {
+  new Gauge({
+    name: "leasehold_large_calls",
+    help: "Unary calls with requests of 256 KiB or more, served one at a time: running, or waiting their turn.",
+    labelNames: ["state"],
+    registers: [registry],
+    collect() {
+      const { running, waiting } = largeCalls.counts;
+      this.set({ state: "running" }, running);
+      this.set({ state: "waiting" }, waiting);
+    },
+  });
+}
+
+/**
  * The process's own health, under the names Prometheus client libraries use:
  * CPU, resident memory, and how late the event loop ran since the last
  * scrape (`nodejs_eventloop_delay_seconds`, quantiles 0.5, 0.99 and 1). A

@@ -14,6 +14,7 @@ import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import {
+  addLargeCallMetrics,
   addProcessMetrics,
   createCallMetrics,
   createMetrics,
@@ -209,6 +210,7 @@ export async function startServer(
     security.close();
     throw isListenError(error) ? listenFailure("--listen", config.listen, error) : error;
   });
+  addLargeCallMetrics(callMetrics.registry, rpc.largeCalls);
   // Bound before the database is opened too: a port another process holds is a usage error at
   // once, not once PostgreSQL answers (never, while it is down). Until then it serves the calls'
   // metrics and the process's; the start behind the port adds the rest.

@@ -1,4 +1,5 @@
 import { constants as http2 } from "node:http2";
+import { setImmediate as nextTurn } from "node:timers/promises";
 import {
   create,
   type DescMessage,
@@ -15,6 +16,7 @@ import type { Logger } from "pino";
 import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
+import { LARGE_REQUEST_BYTES, type LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
@@ -590,6 +592,8 @@ export interface HandlerDeps {
   readonly onRefused?: ((refusal: Refusal) => void) | undefined;
   /** Counts every call and its status; none: nothing is counted. */
   readonly calls?: CallObserver | undefined;
+  /** Turns for large unary requests (large-calls.ts); none: every call runs at once. */
+  readonly largeCalls?: LargeCallLimit | undefined;
 }
 
 /** A call refused for want of credentials or rights, as the log line names it. */
@@ -697,12 +701,19 @@ function unaryHandler(
     calls.started();
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
+    let turnEnded = NO_TURN;
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
       const bytes = call.request as Buffer;
       ctx.requestBytes = bytes.length;
+      if (deps.largeCalls) {
+        const turn = deps.largeCalls.admit(bytes.length, ctx.signal);
+        turnEnded = typeof turn === "function" ? turn : await turn;
+      }
       const request = fast?.(bytes) ?? decode(bytes);
       if (request instanceof RejectedRequest) throw request.error;
+      // Decoding a large request took a turn of the event loop of its own; the handler takes the next.
+      if (bytes.length >= LARGE_REQUEST_BYTES) await nextTurn();
       return fn(request, ctx);
     })()
       .then(
@@ -722,9 +733,14 @@ function unaryHandler(
           callback(status);
         },
       )
-      .finally(() => ctx.done());
+      .finally(() => {
+        turnEnded();
+        ctx.done();
+      });
   };
 }
+
+const NO_TURN = () => {};
 
 function serverStreamHandler(
   method: DescMethod,

@@ -22,6 +22,7 @@ import {
   defaultMaxConnections,
   limitConnections,
 } from "./connection-limits.js";
+import { createLargeCallLimit, type LargeCallLimit } from "./large-calls.js";
 import { pushUncompressedAtOnce } from "./message-push.js";
 import { createPartialRequestLimit, type PartialRequestLimit } from "./partial-requests.js";
 import { perSecond } from "./per-second.js";
@@ -126,6 +127,8 @@ export interface RpcServer extends AsyncDisposable {
    * bodies to share; undefined when grpc-js's call changed shape.
    */
   readonly partialRequests: Pick<PartialRequestLimit, "hold"> | undefined;
+  /** Large unary calls served and waiting their turn (large-calls.ts), for the metrics. */
+  readonly largeCalls: Pick<LargeCallLimit, "counts">;
   /** The bounds on client connections, for the console's port to share. */
   readonly connections: Pick<ConnectionLimit, "add">;
   /**
@@ -200,12 +203,17 @@ export async function createRpcServer(
   // Every open call listens here until it ends (10,000 agent streams is the
   // target), so Node's default warning at 11 listeners would be a false alarm.
   setMaxListeners(0, shutdown.signal);
+  // Large requests waiting their turn share the budget of requests still arriving.
+  const largeCalls = createLargeCallLimit({
+    hold: partialRequests ? (bytes: number) => partialRequests.hold(bytes) : undefined,
+  });
   const deps = {
     log: options.log,
     shutdown: shutdown.signal,
     authenticator: options.authenticator,
     onRefused: refusalLogger(options.log),
     calls: options.calls,
+    largeCalls,
   };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl, fastDecoders } of options.services) {
@@ -289,6 +297,7 @@ export async function createRpcServer(
     port,
     health,
     partialRequests,
+    largeCalls,
     connections,
     markServing: () => {
       if (closing) return;

@@ -65,7 +65,7 @@ export interface ActionService extends AsyncDisposable {
   submitMany(
     actions: readonly NewAction[],
     actor: string,
-    check?: (results: readonly SubmitResult[]) => void,
+    check?: (results: readonly SubmitResult[]) => void | Promise<void>,
   ): Promise<SubmitResult[]>;
   get(id: string): Promise<{ action: ActionRecord; attempts: AttemptRecord[] }>;
   /**
@@ -150,7 +150,7 @@ export function createActionService({
   async function submitMany(
     actions: readonly NewAction[],
     actor: string,
-    check?: (results: readonly SubmitResult[]) => void,
+    check?: (results: readonly SubmitResult[]) => void | Promise<void>,
   ): Promise<SubmitResult[]> {
     const items = actions.map((action) => ({ id: uuidv7(), action }));
     // A race with a concurrent submission of one of the request ids rolls

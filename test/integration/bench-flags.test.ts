@@ -46,6 +46,13 @@ describe.runIf(runsDriverNeutralTests())("benchmark scripts", { timeout: 120_000
     ["actions-e2e.ts", ["--watchers", "1", "--auth", "tls"], "--watchers: only with --auth none"],
     ["heartbeats.ts", ["--connections", "many"], "--connections: expected a whole number of at least 1"],
     ["heartbeats.ts", ["--client", "curl"], "--client: expected one of raw, grpc"],
+    ["heartbeats.ts", ["--flood", "lots"], "--flood: expected a whole number of at least 0"],
+    ["flood.ts", ["--clients", "4"], "--target is required (host:port of the server)"],
+    [
+      "flood.ts",
+      ["--target", "127.0.0.1:1", "--fields", "many"],
+      "--fields: expected a whole number of at least 0",
+    ],
     ["non-reading-worker.ts", ["--seconds", "abc"], "--seconds: expected a whole number of at least 1"],
     ["non-reading-worker.ts", ["--grace-period", "soon"], "--grace-period: must be a duration"],
     ["restart.ts", [...database, "--sessions", "1e3x"], "--sessions: expected a whole number of at least 1"],

@@ -13,8 +13,10 @@ import {
   SubmitActionsResponseSchema,
 } from "../../src/gen/leasehold/v1/action_pb.js";
 import type { Client } from "../../src/rpc/client.js";
+import { LARGE_REQUEST_BYTES } from "../../src/rpc/large-calls.js";
 import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
+import { deferred } from "../helpers/deferred.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -41,6 +43,11 @@ describe("ActionService.SubmitActions", () => {
   const statements: string[] = [];
   /** Transactions the server began for bulk submits. */
   let transactions = 0;
+  /** Bulk submits' transactions open now, and the most open at once. */
+  let openTransactions = 0;
+  let mostOpenTransactions = 0;
+  /** When set, the next bulk submit's transaction starts once it resolves. */
+  let holdNextSubmit: Promise<void> | undefined;
 
   const count = async (where: ReturnType<typeof sql>) => {
     const [row] = await queryRows<{ n: unknown }>(db, sql`select count(*) as n from actions where ${where}`);
@@ -68,8 +75,12 @@ describe("ActionService.SubmitActions", () => {
           // submit's transactions count (the server's sweeps open their own meanwhile).
           const transaction = handle.transaction.bind(handle);
           handle.transaction = ((...args: Parameters<typeof transaction>) => {
-            if (new Error().stack?.includes("insertActionsAtomically")) transactions++;
-            return transaction(...args);
+            if (!new Error().stack?.includes("insertActionsAtomically")) return transaction(...args);
+            transactions++;
+            mostOpenTransactions = Math.max(mostOpenTransactions, ++openTransactions);
+            const hold = holdNextSubmit ?? Promise.resolve();
+            holdNextSubmit = undefined;
+            return hold.then(() => transaction(...args)).finally(() => openTransactions--);
           }) as typeof handle.transaction;
           return handle;
         },
@@ -455,5 +466,52 @@ describe("ActionService.SubmitActions", () => {
     expect([...byRequestId.values()].every((s) => s.size === 1)).toBe(true);
     expect(created).toBe(50);
     expect(await count(sql`run_id = 'race'`)).toBe(50);
+  });
+
+  it("serves large calls one at a time, answering each, and a call that ends while it waits takes no turn", async () => {
+    const blob = "x".repeat(3000);
+    /** A call of about 300 KiB: over LARGE_REQUEST_BYTES, so it waits its turn. */
+    const large = (tag: string) => ({
+      actions: Array.from({ length: 100 }, (_, i) => ({
+        cluster: "bulk-a",
+        requestId: `large-${tag}-${i}`,
+        runId: "large",
+        payload: { blob },
+      })),
+      view: ActionView.BASIC,
+    });
+    expect(
+      toBinary(SubmitActionsRequestSchema, create(SubmitActionsRequestSchema, large("size"))).length,
+    ).toBeGreaterThan(LARGE_REQUEST_BYTES);
+    const largeCalls = async () => {
+      const text = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+      const count = (state: string) =>
+        Number(new RegExp(`^leasehold_large_calls\\{state="${state}"\\} (\\d+)$`, "m").exec(text)?.[1]);
+      return { running: count("running"), waiting: count("waiting") };
+    };
+    // The first call's transaction waits until let go: the others must wait for its turn.
+    const held = deferred<void>();
+    holdNextSubmit = held.promise;
+    mostOpenTransactions = 0;
+    const before = transactions;
+    const first = api.submitActions(large("a"), as("alice"));
+    await expect.poll(() => transactions).toBe(before + 1);
+    const rest = ["b", "c", "d"].map((tag) => api.submitActions(large(tag), as("alice")));
+    const cancel = new AbortController();
+    const cut = api
+      .submitActions(large("cut"), { ...as("alice"), signal: cancel.signal })
+      .catch((error: { code: number }) => error.code);
+    await expect.poll(largeCalls).toEqual({ running: 1, waiting: 4 });
+    expect(transactions).toBe(before + 1);
+    // A waiting call that ends leaves the line; its turn goes to none.
+    cancel.abort();
+    await expect.poll(largeCalls).toEqual({ running: 1, waiting: 3 });
+    held.resolve();
+    const answers = await Promise.all([first, ...rest]);
+    expect(answers.map((a) => a.results.filter((r) => r.created).length)).toEqual([100, 100, 100, 100]);
+    expect(await cut).toBe(grpc.status.CANCELLED);
+    expect(mostOpenTransactions).toBe(1);
+    expect(await largeCalls()).toEqual({ running: 0, waiting: 0 });
+    expect(await count(sql`run_id = 'large'`)).toBe(400);
   });
 });

@@ -36,7 +36,7 @@ describe("bulk submission on PGlite", () => {
     const offQueue = feed.subscribe(QUEUE_TOPIC, () => queueWakeups++);
     const offEvents = feed.subscribe(EVENTS_TOPIC, () => eventWakeups++);
     try {
-      const batch = items(500, "wake");
+      const batch = await items(500, "wake");
       const first = await actions.submitMany(batch, "alice");
       expect(first.map((r) => r.action.requestId)).toEqual(batch.map((a) => a.requestId));
       expect([queueWakeups, eventWakeups]).toEqual([1, 1]);
@@ -50,8 +50,8 @@ describe("bulk submission on PGlite", () => {
   });
 
   it("refuses a request id reused with a different request, naming the item", async () => {
-    await actions.submitMany(items(3, "reuse"), "alice");
-    const changed = items(3, "reuse").map((a, i) => (i === 1 ? { ...a, requestHash: "other" } : a));
+    await actions.submitMany(await items(3, "reuse"), "alice");
+    const changed = (await items(3, "reuse")).map((a, i) => (i === 1 ? { ...a, requestHash: "other" } : a));
     const error = await actions.submitMany(changed, "alice").catch((e: unknown) => e);
     expect(error).toBeInstanceOf(LeaseholdError);
     expect(error).toMatchObject({

@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import { create, type DescMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
@@ -16,8 +17,8 @@ import {
   GetActionResponseSchema,
   ListActionsResponseSchema,
   type SubmitActionRequest,
+  SubmitActionResponseSchema,
   SubmitActionsRequestSchema,
-  SubmitActionsResponseSchema,
   WatchActionResponseSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
 import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
@@ -35,6 +36,7 @@ import { decodeSubmitActionsRequest, encodeBasicSubmitResults } from "../action-
 import { EncodedResponse, type FastDecoders } from "../adapter.js";
 import { actionParts, attemptParts, eventParts, fitAnswer } from "../answer-budget.js";
 import { encodedSize } from "../encoded-size.js";
+import { type Turns, turns } from "../large-calls.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import {
@@ -99,7 +101,8 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
             request.actions.length * (ANSWER_BYTES_PER_ITEM + Buffer.byteLength(ctx.access.actor)),
           "up to ",
         );
-      const items = toNewActions(request.actions);
+      const paced = turns();
+      const items = await toNewActions(request.actions, paced);
       // Every distinct cluster once; the first item naming a refused cluster is the one reported.
       const checked = new Set<string>();
       items.forEach((item, i) => {
@@ -114,24 +117,19 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       const attributes = { "leasehold.actions": items.length };
       return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
         const traced = trace.traceParent ? items.map((item) => ({ ...item, ...trace })) : items;
-        const encodeFull = (results: readonly SubmitResult[]) => {
-          const message = create(SubmitActionsResponseSchema, {
-            results: results.map(({ action, created }) => ({ action: toProto(action), created })),
-          });
-          const bytes = toBinary(SubmitActionsResponseSchema, message);
-          return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-        };
+        const encodeFull = (results: readonly SubmitResult[]) =>
+          encodeResultsInTurns(results, (r) => ({ action: toProto(r.action), created: r.created }), paced);
         // An item whose request id was used before is answered with the action it made, as it is
         // now (its output, its last error): nothing in the request bounds that. The answer is
         // made before the commit, and refused with it.
         let answer: Buffer | undefined;
-        const check = (results: readonly SubmitResult[]) => {
-          const bytes = encodeFull(results);
+        const check = async (results: readonly SubmitResult[]) => {
+          const bytes = await encodeFull(results);
           refuseUnlessFits(bytes.byteLength, "");
           answer = bytes;
         };
         const results = await actions.submitMany(traced, ctx.access.actor, full ? check : undefined);
-        const encoded = full ? (answer ?? encodeFull(results)) : encodeBasicSubmitResults(results);
+        const encoded = full ? (answer ?? (await encodeFull(results))) : encodeBasicSubmitResults(results);
         if (encoded) return new EncodedResponse(encoded);
         return { results: results.map(({ action, created }) => ({ action: toProto(action), created })) };
       });
@@ -375,14 +373,20 @@ export function toNewAction(request: SubmitActionRequest): NewAction {
  * status carries). Two items sharing a request_id are a violation too: a
  * request id names one action of its principal.
  */
-export function toNewActions(requests: readonly SubmitActionRequest[]): NewAction[] {
+export async function toNewActions(
+  requests: readonly SubmitActionRequest[],
+  paced: Turns = turns(),
+): Promise<NewAction[]> {
   const v = new Violations();
   if (requests.length === 0) v.add("actions", "must hold at least 1 action (at most 1000)");
   if (requests.length > MAX_BULK) {
     v.add("actions", `must hold at most ${MAX_BULK} actions (got ${requests.length}); split the call`);
   }
   const firstUse = new Map<string, number>();
-  const actions = requests.map((request, i) => {
+  const actions: NewAction[] = [];
+  for (const [i, request] of requests.entries()) {
+    // Hashing 1,000 payloads takes tens of milliseconds: heartbeats go in between.
+    if (paced.due()) await paced.next();
     const action = checkSubmission(v, request, `actions[${i}].`);
     if (request.requestId !== "") {
       const first = firstUse.get(request.requestId);
@@ -394,10 +398,31 @@ export function toNewActions(requests: readonly SubmitActionRequest[]): NewActio
         );
       }
     }
-    return action;
-  });
+    actions.push(action);
+  }
   v.throwIfAny();
   return actions;
+}
+
+/**
+ * A SubmitActionsResponse of `results`, encoded one result at a time in turns
+ * of the event loop (1,000 actions with their payloads take tens of
+ * milliseconds). The bytes are toBinary's: the message has only its repeated
+ * field 1, which is each element tagged and length-prefixed, in order.
+ */
+export async function encodeResultsInTurns<T>(
+  results: readonly T[],
+  toResult: (result: T) => MessageInitShape<typeof SubmitActionResponseSchema>,
+  paced: Turns,
+): Promise<Buffer> {
+  const writer = new BinaryWriter();
+  for (const result of results) {
+    if (paced.due()) await paced.next();
+    const item = create(SubmitActionResponseSchema, toResult(result));
+    writer.tag(1, WireType.LengthDelimited).bytes(toBinary(SubmitActionResponseSchema, item));
+  }
+  const bytes = writer.finish();
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
 /** Most items of one SubmitActions call (action.proto). */

@@ -231,7 +231,7 @@ export async function insertActionsAtomically(
   clock: Clock,
   actor: string,
   items: readonly { readonly id: string; readonly action: NewAction }[],
-  check?: (results: readonly { action: ActionRecord; created: boolean }[]) => void,
+  check?: (results: readonly { action: ActionRecord; created: boolean }[]) => void | Promise<void>,
 ): Promise<AtomicInsertOutcome> {
   if (items.every(({ action }) => action.requestId === undefined)) {
     // Nothing to look up and nothing to conflict on: one statement, atomic by itself.
@@ -272,7 +272,7 @@ export async function insertActionsAtomically(
         if (created) return { action: created as ActionRecord, created: true };
         return { action: existing.get(action.requestId as string)?.action as ActionRecord, created: false };
       });
-      check?.(results);
+      await check?.(results);
       return { kind: "done", results } as const;
     });
   } catch (error) {

@@ -29,9 +29,11 @@ class ClusterServiceStub(object):
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit. Any
     request but a small one (two network reads, 128 KiB at most) may also be
     RESOURCE_EXHAUSTED while the server holds 256 MiB for requests still
-    arriving (ErrorInfo reason PARTIAL_REQUESTS_OVER_BUDGET: retry later), and
-    so is a request that stops arriving, less than 16 KiB of it in 30 s
-    (reason REQUEST_STALLED).
+    arriving or waiting their turn (ErrorInfo reason
+    PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
+    arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
+    requests of 256 KiB or more are served one at a time, in the order they
+    arrived, so that they never hold up heartbeats; the others wait their turn.
     """
 
     def __init__(self, channel):
@@ -91,9 +93,11 @@ class ClusterServiceServicer(object):
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit. Any
     request but a small one (two network reads, 128 KiB at most) may also be
     RESOURCE_EXHAUSTED while the server holds 256 MiB for requests still
-    arriving (ErrorInfo reason PARTIAL_REQUESTS_OVER_BUDGET: retry later), and
-    so is a request that stops arriving, less than 16 KiB of it in 30 s
-    (reason REQUEST_STALLED).
+    arriving or waiting their turn (ErrorInfo reason
+    PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
+    arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
+    requests of 256 KiB or more are served one at a time, in the order they
+    arrived, so that they never hold up heartbeats; the others wait their turn.
     """
 
     def ListClusters(self, request, context):
@@ -207,9 +211,11 @@ class ClusterService(object):
     RESOURCE_EXHAUSTED, as is a request over the server's receive limit. Any
     request but a small one (two network reads, 128 KiB at most) may also be
     RESOURCE_EXHAUSTED while the server holds 256 MiB for requests still
-    arriving (ErrorInfo reason PARTIAL_REQUESTS_OVER_BUDGET: retry later), and
-    so is a request that stops arriving, less than 16 KiB of it in 30 s
-    (reason REQUEST_STALLED).
+    arriving or waiting their turn (ErrorInfo reason
+    PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
+    arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
+    requests of 256 KiB or more are served one at a time, in the order they
+    arrived, so that they never hold up heartbeats; the others wait their turn.
     """
 
     @staticmethod

@@ -468,7 +468,7 @@ describe("lease upkeep", () => {
     await tick().reap();
     expect(await expiredActions()).toEqual([]);
     await waitForLog(
-      "the database failed since the last reap: live sessions get a grace period from now before any is reaped",
+      "since the last reap, a reap failed (connection lost (injected)): live sessions get a grace period from now before any is reaped",
     );
 
     // The worker is back within the grace period counted from the database's return: nothing lost.

@@ -95,8 +95,12 @@ export function createReaper(deps: {
     again: "reaper works again",
   });
   let stopped = false;
-  /** The database failed since the last reap: extend before reaping (see `databaseFailed`). */
-  let outage = false;
+  /**
+   * What failed for want of the database since the last reap, if anything:
+   * extend before reaping (see `databaseFailed`). Named in the log, as a
+   * busy process (a reap that waited too long to start) is not an outage.
+   */
+  let outage: string | undefined;
   /** The sources whose last statement failed: their next failures extend nothing more. */
   const failedSources = new Set<DatabaseSource>();
 
@@ -176,7 +180,7 @@ export function createReaper(deps: {
     try {
       await reapAll();
     } catch (error) {
-      outage = true;
+      outage ??= `a reap failed (${error instanceof Error ? error.message : String(error)})`;
       throw error;
     }
   }
@@ -207,16 +211,17 @@ export function createReaper(deps: {
   }
 
   async function reapAll(): Promise<void> {
-    if (outage) {
+    if (outage !== undefined) {
       const extended = await extendSessionsAfterOutage(db, clock, {
         graceMs: deps.graceMs,
         maxSilenceMs: deps.maxSilenceMs,
       });
-      outage = false;
+      const cause = outage;
+      outage = undefined;
       if (extended > 0)
         log.warn(
-          { sessions: extended },
-          "the database failed since the last reap: live sessions get a grace period from now before any is reaped",
+          { sessions: extended, cause },
+          `since the last reap, ${cause}: live sessions get a grace period from now before any is reaped`,
         );
     }
     for (;;) {
@@ -245,7 +250,7 @@ export function createReaper(deps: {
     databaseFailed(source) {
       if (failedSources.has(source)) return;
       failedSources.add(source);
-      outage = true;
+      outage ??= source === "check" ? "a database check failed" : "a renewal failed";
     },
     databaseAnswered(source) {
       failedSources.delete(source);

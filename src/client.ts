@@ -17,7 +17,8 @@
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { type Client, createClient } from "./rpc/client.js";
 import { type ClientSecurity, clientChannel } from "./rpc/client-security.js";
-import { grpcTarget, splitAddresses } from "./rpc/targets.js";
+import { withFailover } from "./rpc/failover.js";
+import { expandAddresses, grpcTarget, splitAddresses } from "./rpc/targets.js";
 
 export { Code, LeaseholdError } from "./errors.js";
 export * from "./gen/leasehold/v1/action_pb.js";
@@ -34,7 +35,8 @@ export type { JsonObject } from "./work/action.js";
 
 /**
  * A client of `service` at `servers` (`host:port`, or several separated by
- * commas, tried in order like the CLI's `--server`), with TLS and the bearer
+ * commas, tried in order like the CLI's `--server`; a unary call a server
+ * refuses unserved, its database unreachable, goes to the next), with TLS and the bearer
  * token as `security` says. Throws LeaseholdError (INVALID_ARGUMENT) on a bad
  * combination of options or an unreadable file. Call `close()` when done.
  */
@@ -45,5 +47,10 @@ export async function connectClient<S extends GenServiceMethods>(
 ): Promise<Client<S>> {
   const channel = clientChannel(security, splitAddresses(servers));
   const target = await grpcTarget(servers);
-  return createClient(service, target, channel.credentials, channel.options, channel.interceptors);
+  return withFailover(
+    service,
+    createClient(service, target, channel.credentials, channel.options, channel.interceptors),
+    await expandAddresses(splitAddresses(servers)),
+    (address) => createClient(service, address, channel.credentials, channel.options, channel.interceptors),
+  );
 }

@@ -10,8 +10,9 @@ import { parseDuration } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import { type Client, createClient } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
+import { withFailover } from "../rpc/failover.js";
 import { errorInfoOf, errorReasonOf, receiveLimitOf } from "../rpc/status.js";
-import { checkAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
+import { checkAddresses, expandAddresses, grpcTarget, splitAddresses } from "../rpc/targets.js";
 
 /**
  * Exit codes of every `leasehold` command (also in `leasehold --help`):
@@ -481,8 +482,14 @@ export async function withServer<C extends Record<string, { close(): void }>>(
   const g = globals(command);
   const channel = channelFor(g);
   const target = await grpcTarget(g.server);
+  const addresses = await expandAddresses(splitAddresses(g.server));
   const clients = open((service) =>
-    createClient(service, target, channel.credentials, channel.options, channel.interceptors),
+    withFailover(
+      service,
+      createClient(service, target, channel.credentials, channel.options, channel.interceptors),
+      addresses,
+      (address) => createClient(service, address, channel.credentials, channel.options, channel.interceptors),
+    ),
   );
   try {
     const code = await fn(clients, g);

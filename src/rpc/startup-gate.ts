@@ -38,9 +38,10 @@ export interface StartupGate {
    * once with UNAVAILABLE (reason DATABASE_UNREACHABLE) until `resume`. A
    * database that hangs rather than refuses kept every call waiting until
    * its deadline, or for the whole hang without one. Unary calls already
-   * being served are answered the same way at once: their statements may
-   * still commit when the database comes back, so the message says the
-   * outcome is unknown. Streams are left to run: a watch waits for the
+   * being served are answered UNAVAILABLE at once too, with reason
+   * OUTCOME_UNKNOWN: their statements may still commit when the database
+   * comes back. DATABASE_UNREACHABLE says nothing was done (another server
+   * may take the call as it is); OUTCOME_UNKNOWN does not. Streams are left to run: a watch waits for the
    * database as its client would, and worker streams have rules of their own.
    */
   pause(cause: string): void;
@@ -173,7 +174,7 @@ export function createStartupGate(): StartupGate {
         Code.Unavailable,
         `the database stopped answering while this call was served (${cause}); ` +
           "a change it asked for may or may not have been made: retry later (a request_id makes a retry safe)",
-        { reason: "DATABASE_UNREACHABLE" },
+        { reason: "OUTCOME_UNKNOWN" },
       );
       for (const fail of serving) fail(lost);
       serving.clear();

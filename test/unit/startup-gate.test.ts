@@ -124,7 +124,7 @@ describe("the startup gate", () => {
     gate.pause("no answer within 2000ms");
     await expect(served).rejects.toMatchObject({
       code: Code.Unavailable,
-      reason: "DATABASE_UNREACHABLE",
+      reason: "OUTCOME_UNKNOWN",
       message: expect.stringMatching(
         /^the database stopped answering while this call was served \(no answer within 2000ms\); a change it asked for may or may not have been made/,
       ),

@@ -1193,9 +1193,12 @@ export const ActionViewSchema: GenEnum<ActionView> = /*@__PURE__*/
  * for unknown actions, FAILED_PRECONDITION for a transition the action's state
  * does not allow, UNAVAILABLE when the database cannot be reached. A call
  * being served when the server finds its database unreachable is answered
- * UNAVAILABLE (ErrorInfo reason DATABASE_UNREACHABLE) at once, without
- * waiting for the database: its change may still be made when the database
- * answers again, so retry it (with the same request_id for a submit).
+ * UNAVAILABLE (ErrorInfo reason OUTCOME_UNKNOWN) at once, without waiting for
+ * the database: its change may still be made when the database answers
+ * again, so retry it with the same request_id. A call the server refuses
+ * because its database is unreachable (reason DATABASE_UNREACHABLE) or while
+ * it starts (reason STARTING) was not served at all: any server may take it
+ * as it is.
  *
  * History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
  * with its attempts and events, once it has been over for the server's

@@ -21,6 +21,29 @@ export interface ClusterCounts {
   readonly leased: number;
 }
 
+/** How long a scrape waits for each gauge read from the database. */
+export const DATABASE_GAUGE_MS = 2_000;
+
+/**
+ * `read()`, or undefined when the database fails it or does not answer it
+ * within {@link DATABASE_GAUGE_MS}: the scrape goes on without it. A scrape
+ * during an outage failed as a whole (HTTP 500), or hung while the database
+ * did, and lost every metric of the process exactly when they matter.
+ */
+async function fromDatabase<T>(read: () => Promise<T>): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), DATABASE_GAUGE_MS);
+  });
+  try {
+    return await Promise.race([read(), late]);
+  } catch {
+    return undefined;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * Creates the metrics. Gauges are read when scraped: `hosted` gives what this
  * process holds, `inGrace`, `pausedClusters` and `actions` ask the database.
@@ -67,7 +90,7 @@ export function createMetrics(
     help: "Worker sessions whose stream is lost and whose deadline has not passed (all processes).",
     registers: [registry],
     async collect() {
-      this.set(await sources.inGrace());
+      this.set((await fromDatabase(sources.inGrace)) ?? Number.NaN);
     },
   });
   new Gauge({
@@ -75,7 +98,7 @@ export function createMetrics(
     help: "Clusters marked partitioned whose lease expiries are paused (the mass-disconnect valve, --partition-share; all processes).",
     registers: [registry],
     async collect() {
-      this.set(await sources.pausedClusters());
+      this.set((await fromDatabase(sources.pausedClusters)) ?? Number.NaN);
     },
   });
   new Gauge({
@@ -84,7 +107,7 @@ export function createMetrics(
     labelNames: ["cluster", "state"],
     registers: [registry],
     async collect() {
-      const counts = await sources.actions();
+      const counts = (await fromDatabase(sources.actions)) ?? [];
       // A cluster with nothing left drops out instead of keeping its last value.
       this.reset();
       for (const c of counts) {

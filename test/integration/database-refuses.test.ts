@@ -78,7 +78,7 @@ async function serverBehindProxy() {
     proxy.close();
     await store.drop();
   });
-  return { api: t.client(ActionService), health, proxy };
+  return { api: t.client(ActionService), health, proxy, t };
 }
 
 describe.runIf(runsPostgresTests())("a database that hangs", () => {
@@ -117,5 +117,28 @@ describe.runIf(runsPostgresTests())("a database that hangs", () => {
     expect(again).toBe(retried);
     const listed = await api.listActions({ cluster: "east" });
     expect(listed.actions.filter((a) => a.requestId === "r-1").map((a) => a.id)).toEqual([retried]);
+  });
+
+  it("serves /metrics while it hangs, the gauges read from it NaN", async () => {
+    const { api, health, proxy, t } = await serverBehindProxy();
+    await api.submitAction({ cluster: "east" });
+    const scrape = async () => {
+      const response = await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`);
+      return { status: response.status, text: await response.text() };
+    };
+    expect((await scrape()).text).toMatch(/^leasehold_actions\{cluster="east",state="QUEUED"\} 1$/m);
+    proxy.freeze();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
+    const during = await scrape();
+    expect(during.status).toBe(200);
+    expect(during.text).toMatch(/^leasehold_sessions_in_grace nan$/im);
+    expect(during.text).toMatch(/^leasehold_clusters_expiries_paused nan$/im);
+    expect(during.text).not.toMatch(/^leasehold_actions\{/m);
+    expect(during.text).toMatch(/^leasehold_connected_workers 0$/m);
+    expect(during.text).toMatch(/^grpc_server_started_total\{/m);
+    proxy.thaw();
+    await expect
+      .poll(async () => (await scrape()).text, { timeout: 15_000 })
+      .toMatch(/^leasehold_sessions_in_grace 0$/m);
   });
 });

@@ -315,12 +315,22 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   if (!Number.isInteger(maxFileBytes) || maxFileBytes < 1 || maxFileBytes > 64 * 1024 * 1024) {
     throw configError("--max-file-size", "must be a whole number of bytes between 1 and 67108864 (64 MiB)");
   }
+  const databaseUrl = raw.databaseUrl || undefined;
+  // postgres.js connects to PostgreSQL whatever the scheme says: mysql://… reached a PostgreSQL there.
+  if (databaseUrl !== undefined && !/^postgres(ql)?:\/\//i.test(databaseUrl)) {
+    // Only the scheme is repeated: the rest may hold a password.
+    const scheme = /^[a-z][a-z0-9+.-]*:/i.exec(databaseUrl)?.[0];
+    throw configError(
+      "--database-url",
+      `must be a PostgreSQL URL, postgres://user@host:port/database or postgresql://… (${scheme ? `got scheme ${scheme}` : "it has no scheme"})`,
+    );
+  }
   const logLevel = (raw.logLevel ?? DEFAULTS.logLevel) as LogLevel;
   if (!LOG_LEVELS.includes(logLevel))
     throw configError("--log-level", `must be one of ${LOG_LEVELS.join(", ")}`);
   return Object.freeze({
     listen,
-    databaseUrl: raw.databaseUrl || undefined,
+    databaseUrl,
     dataDir: raw.dataDir ?? DEFAULTS.dataDir,
     gracePeriodMs,
     heartbeatIntervalMs,

@@ -95,6 +95,15 @@ describe("server config", () => {
       );
     }
     expect(parseServerConfig({ partitionShare: "1" }).partitionShare).toBe(1);
+    expect(() => parseServerConfig({ databaseUrl: "mysql://root:secret@127.0.0.1/db" })).toThrow(
+      /^--database-url: must be a PostgreSQL URL, postgres:\/\/user@host:port\/database or postgresql:\/\/… \(got scheme mysql:\)$/,
+    );
+    expect(() => parseServerConfig({ databaseUrl: "root:secret@127.0.0.1/db" })).toThrow(
+      /\(got scheme root:\)$|\(it has no scheme\)$/,
+    );
+    for (const url of ["postgres://u@h:5432/db", "postgresql://u@h/db", "POSTGRES://u@h/db"]) {
+      expect(parseServerConfig({ databaseUrl: url }).databaseUrl).toBe(url);
+    }
   });
 
   it("serves the console only when asked, under the same rules as the gRPC port beyond loopback", () => {

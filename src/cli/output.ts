@@ -243,6 +243,13 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
         EXIT.unreachable,
       );
     }
+    case 1:
+      // Not the user's Ctrl-C, which ends the process: the server (stopping) or the connection ended the call.
+      return new CliError(
+        `the call to the server at ${server} ended before its answer (${e.details || "cancelled"}; the server may be stopping): ` +
+          "a change it asked for may or may not have been made; run it again (with --request-id a submit is not made twice)",
+        EXIT.unreachable,
+      );
     case 5:
       return new CliError(e.details ?? "not found", EXIT.notFound);
     case 3:

@@ -24,6 +24,19 @@ describe("the CLI's exit code for a failed call", () => {
     });
   });
 
+  it("is 3 for a call the server or the connection cancelled, saying its outcome is unknown", () => {
+    const cancelled = Object.assign(new Error("1 CANCELLED: Call cancelled"), {
+      code: 1,
+      details: "Call cancelled",
+    });
+    expect(cliErrorFrom(cancelled, "127.0.0.1:50051")).toMatchObject({
+      exitCode: EXIT.unreachable,
+      message:
+        "the call to the server at 127.0.0.1:50051 ended before its answer (Call cancelled; the server may be stopping): " +
+        "a change it asked for may or may not have been made; run it again (with --request-id a submit is not made twice)",
+    });
+  });
+
   it("is 3 when the call's own deadline passed without an answer, and for UNAVAILABLE", () => {
     const unanswered = Object.assign(new Error("Deadline exceeded"), {
       code: 4,

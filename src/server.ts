@@ -401,7 +401,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       },
       front.callMetrics.registry,
     );
-    // Set by the database watch below: heartbeat acks say so while it lasts (worker.proto).
+    // Set by the database watch below: health is NOT_SERVING while it lasts, and heartbeat acks
+    // say so until a renewal answers (lease-manager.ts, ackSaysUnreachable; worker.proto).
     let databaseUnreachable = false;
     const manager = createLeaseManager({
       databaseUnreachable: () => databaseUnreachable,
@@ -553,9 +554,9 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           feed.publish(QUEUE_TOPIC);
           feed.publish(EVENTS_TOPIC);
         },
-        checked: (check) => {
+        checked: (check, startedAtMs) => {
           // Even one failed check: the deadlines stored meanwhile may be stale (see databaseChecked).
-          manager.databaseChecked(check.ok);
+          manager.databaseChecked(check.ok, !check.ok && check.kind === "timeout" ? startedAtMs : undefined);
           overrides.onDatabaseCheck?.(check);
         },
       });

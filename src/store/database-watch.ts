@@ -14,8 +14,8 @@ export interface DatabaseWatchOptions {
   lost(cause: Error): void;
   /** It answers again after `lost`. */
   back(): void;
-  /** Called after every check (tests await checks instead of sleeping). */
-  checked?(check: DatabaseCheck): void;
+  /** Called after every check, with performance.now() when it began (tests await checks instead of sleeping). */
+  checked?(check: DatabaseCheck, startedAtMs: number): void;
 }
 
 /**
@@ -66,6 +66,7 @@ export function watchDatabase(ping: () => Promise<void>, options: DatabaseWatchO
     next.unref();
   };
   const run = () => {
+    const startedAtMs = performance.now();
     const pending = checkOnce(ping, options.everyMs);
     cancel = pending.cancel;
     void pending.result.then((check) => {
@@ -84,7 +85,7 @@ export function watchDatabase(ping: () => Promise<void>, options: DatabaseWatchO
           options.lost(check.cause);
         }
       }
-      options.checked?.(check);
+      options.checked?.(check, startedAtMs);
       // An error is confirmed at once; everything else waits for the next interval.
       schedule(healthy && !check.ok && check.kind === "error" ? 0 : options.everyMs);
     });

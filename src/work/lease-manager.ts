@@ -173,9 +173,13 @@ export interface LeaseManager extends AsyncDisposable {
    * A check of the database watch: after a failed one the reaper extends
    * every live session before it reaps again, so that an outage shorter than
    * the grace period expires nothing. Checks that keep failing extend once;
-   * a failure after a check that succeeded extends again.
+   * a failure after a check that succeeded extends again. It also tells the
+   * acks, with the renewals, whether the database answered last (see
+   * `ackSaysUnreachable`). `atMs`: performance.now() when the check showed
+   * it, default now; for a check that waited in vain, when it began (the
+   * database may have come back while it waited on a dead connection).
    */
-  databaseChecked(ok: boolean): void;
+  databaseChecked(ok: boolean, atMs?: number): void;
   /** One round of each loop, for tests that drive time by hand. */
   readonly tick: {
     renew(): Promise<void>;
@@ -368,7 +372,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         reports,
         revokes,
         heartbeatAckSeconds: metrics.heartbeatAckSeconds,
-        databaseUnreachable,
+        databaseUnreachable: ackSaysUnreachable,
         handover,
         publishActions,
         queueChanged: scheduleDispatch,
@@ -399,26 +403,42 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         { sessions: sessionIds.length, first: sessionIds.slice(0, 5) },
         "renewal skipped sessions whose rows another transaction kept locked; their stored deadlines count down until it lets go",
       ),
-    // A closing process answers heartbeats through its handover instead. The database watch
-    // says whether the database is reachable, as in every ack (worker.proto): a renewal that
-    // worked once is no proof that it is back, and saying so would reset the SDKs' count of
-    // unreachable acks, which sends them to another address.
+    // A closing process answers heartbeats through its handover instead. This ack carries a
+    // deadline just stored: it says the database answers (answered, below, ran first).
     reack: (s) => {
       if (s.lastBeat === undefined || handover.active()) return;
       s.link.send({
         type: "heartbeat_ack",
         sequence: s.lastBeat,
         remainingMs: remainingMs(s),
-        databaseUnreachable: databaseUnreachable(),
+        databaseUnreachable: ackSaysUnreachable(),
       });
     },
+    answered: (ok) => noteAnswer(ok, performance.now()),
   });
+  /** The watch's verdict (health NOT_SERVING): it changes only at its checks. */
   const databaseUnreachable = options.databaseUnreachable ?? (() => false);
+  /**
+   * What the latest round trip to the database showed (a renewal, or a check
+   * of the watch: `databaseChecked`), and when (performance.now()).
+   */
+  let lastAnswer = { atMs: Number.NEGATIVE_INFINITY, ok: true };
+  const noteAnswer = (ok: boolean, atMs: number) => {
+    if (atMs >= lastAnswer.atMs) lastAnswer = { atMs, ok };
+  };
+  /**
+   * What acks say (HeartbeatAck.database_unreachable): the watch's verdict,
+   * until a renewal answers. A renewal stored while the watch still waits for
+   * its next check would otherwise come in an ack saying the database is
+   * gone, and send the agents away from a server that renews them again; the
+   * next failed check (the database still flapping) says so again.
+   */
+  const ackSaysUnreachable = () => databaseUnreachable() && !lastAnswer.ok;
   const handover = createHandover({
     log,
     hosted,
     renewal,
-    databaseUnreachable,
+    databaseUnreachable: ackSaysUnreachable,
     heartbeatAckSeconds: metrics.heartbeatAckSeconds,
   });
   const reaper = createReaper({
@@ -573,7 +593,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       return outcome;
     },
     nextReap: () => reaper.next(),
-    databaseChecked: (ok) => (ok ? reaper.databaseAnswered("check") : reaper.databaseFailed("check")),
+    databaseChecked(ok, atMs = performance.now()) {
+      noteAnswer(ok, atMs);
+      if (ok) reaper.databaseAnswered("check");
+      else reaper.databaseFailed("check");
+    },
     tick: {
       renew,
       reap: () => reaper.reap(),

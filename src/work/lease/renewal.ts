@@ -90,6 +90,11 @@ export function createRenewal(deps: {
   reack?: (s: Hosted) => void;
   /** Told of sessions a tick left unrenewed because another transaction kept holding their rows. */
   onHeld?: (sessionIds: readonly string[]) => void;
+  /**
+   * Told how every renewal ended, as it ends (before any ack it sends again):
+   * the acks' `database_unreachable` follows it.
+   */
+  answered?: (ok: boolean) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
   // A wait longer than a quarter interval would delay the tick itself.
@@ -143,6 +148,7 @@ export function createRenewal(deps: {
       startedAt = now;
       try {
         await renewChunked(heard);
+        deps.answered?.(true);
         const slow = performance.now() - now > deps.heartbeatIntervalMs;
         // The deadlines it stored count from heartbeats heard before it started: after a stall
         // they are stale already, and other processes would reap these sessions at them before
@@ -154,12 +160,21 @@ export function createRenewal(deps: {
         if (late && deps.reack) for (const s of heard) if (!s.ended) deps.reack(s);
       } catch (error) {
         failed = true;
+        deps.answered?.(false);
         throw error;
       } finally {
         if (startedAt === now) startedAt = undefined;
       }
     },
-    renewNow: (streams) => renewChunked(streams.filter((s) => !s.ended)),
+    async renewNow(streams) {
+      try {
+        await renewChunked(streams.filter((s) => !s.ended));
+        deps.answered?.(true);
+      } catch (error) {
+        deps.answered?.(false);
+        throw error;
+      }
+    },
     keepHosted() {
       const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;
       if (!failed && !stuck) return undefined;

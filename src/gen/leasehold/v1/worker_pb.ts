@@ -587,9 +587,12 @@ export type HeartbeatAck = Message<"leasehold.v1.HeartbeatAck"> & {
 
   /**
    * This server cannot reach its database (its grpc.health.v1 status is
-   * NOT_SERVING): remaining only counts down. A worker given other
-   * addresses may resume its session through one that serves (see Connect).
-   * False while the database answers, even slowly.
+   * NOT_SERVING) and nothing has answered since: remaining only counts down.
+   * A worker given other addresses may resume its session through one that
+   * serves (see Connect). False while the database answers, even slowly, and
+   * once a renewal is stored again, that ack included, even while the health
+   * status stays NOT_SERVING until the server's next check (up to a
+   * heartbeat interval).
    *
    * @generated from field: bool database_unreachable = 3;
    */

@@ -1134,9 +1134,12 @@ type HeartbeatAck struct {
 	// The worker stops its work when it passes without a fresh ack.
 	Remaining *durationpb.Duration `protobuf:"bytes,2,opt,name=remaining,proto3" json:"remaining,omitempty"`
 	// This server cannot reach its database (its grpc.health.v1 status is
-	// NOT_SERVING): remaining only counts down. A worker given other
-	// addresses may resume its session through one that serves (see Connect).
-	// False while the database answers, even slowly.
+	// NOT_SERVING) and nothing has answered since: remaining only counts down.
+	// A worker given other addresses may resume its session through one that
+	// serves (see Connect). False while the database answers, even slowly, and
+	// once a renewal is stored again, that ack included, even while the health
+	// status stays NOT_SERVING until the server's next check (up to a
+	// heartbeat interval).
 	DatabaseUnreachable bool `protobuf:"varint,3,opt,name=database_unreachable,json=databaseUnreachable,proto3" json:"database_unreachable,omitempty"`
 }
 

@@ -16,7 +16,9 @@ export const DEFAULT_REQUEST_STALL_MS = 30_000;
  * A message that holds at most this much memory is never reset for the
  * budget (it is counted, and stall checks still apply): two network reads at
  * Node's read size (64 KiB), so that a heartbeat or report that came split
- * between two reads always goes through, even while the budget is taken.
+ * between two reads always goes through, even while the budget is taken. A
+ * heartbeat listing more than about 1,500 leases is larger than one read, and
+ * can be reset (worker.proto says so).
  */
 export const SMALL_PARTIAL_BYTES = 128 * 1024;
 

@@ -228,11 +228,13 @@ func (x *HeldLease) GetEpoch() uint64 {
 // each value), with finite numbers and no NUL in keys or strings. A request over the server's receive limit (--max-file-size
 // + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED, said by
 // the gRPC layer and so without ErrorInfo. So may any message but a small one
-// (two network reads, 128 KiB at most: heartbeats never are) while the server
-// holds 256 MiB for messages still arriving (ErrorInfo reason
+// (held in at most two network reads, 128 KiB) while the server holds 256 MiB
+// for messages still arriving (ErrorInfo reason
 // PARTIAL_REQUESTS_OVER_BUDGET), and so does a message that stops arriving,
 // less than 16 KiB of it in 30 s (REQUEST_STALLED); reconnect as after any
-// lost stream.
+// lost stream. A heartbeat listing fewer than about 1,500 leases (some 42
+// bytes each with UUID action ids: under 64 KiB) is small as it normally
+// arrives; a larger one can be refused like any large message.
 // A report whose content names no lease (empty action_id, epoch 0, a
 // completion without an outcome), a request holding no message and a second
 // hello are not fatal: each is answered with a ReportResult (INVALID, the

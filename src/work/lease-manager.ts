@@ -23,7 +23,7 @@ import {
   type Hosted,
   persistDeadline,
   remainingMs,
-  TAKEN_OVER_MESSAGE,
+  takenOverMessage,
 } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRenewal } from "./lease/renewal.js";
@@ -273,7 +273,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
 
   // ---- sessions ------------------------------------------------------------------------------------
 
-  const closeTakenOver = (s: Hosted) => hosted.end(s, "SESSION_TAKEN_OVER", TAKEN_OVER_MESSAGE);
+  const closeTakenOver = (s: Hosted) => hosted.end(s, "SESSION_TAKEN_OVER", takenOverMessage());
 
   const hellos = createHelloOpener({
     db,

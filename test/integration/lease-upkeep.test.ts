@@ -1,5 +1,6 @@
 import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
@@ -10,6 +11,7 @@ import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
+import { statusDetails } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 const GRACE_MS = 10_000;
@@ -268,6 +270,25 @@ describe("lease upkeep", () => {
     );
     const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
     expect(metrics).toMatch(/^leasehold_lease_expiries_total 1$/m);
+  });
+
+  it("ends the open stream of a session it reaps, saying what the worker must do with its leases", async () => {
+    const a = await worker("wa");
+    await submit();
+    await tick().dispatch();
+    await a.next("grant");
+    await a.heartbeat(1);
+    await tick().renew();
+    // The worker stops heartbeating (a paused process); its stream stays open.
+    clock.advance(GRACE_MS + 1000);
+    await tick().reap();
+    const ended = await a.ended;
+    expect(ended.code).toBe(Code.Aborted);
+    expect(statusDetails(ended.metadata).reason).toBe("SESSION_REAPED");
+    expect(ended.details).toBe(
+      "this session passed its deadline and was reaped: its leases expired and may run elsewhere; " +
+        "stop their work at once, report nothing more of them and do not list them in the next hello (it opens a new session)",
+    );
   });
 
   it("wakes the reaper at the earliest deadline it knows, bounded by its poll (SPEC §6)", async () => {

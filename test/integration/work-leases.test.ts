@@ -696,9 +696,13 @@ describe("work leases", () => {
     const back = await worker("wa", { held: [{ actionId: id, epoch: grant.epoch }] });
     expect(back.welcome).toMatchObject({ sessionResumed: false, revoked: [{ actionId: id, epoch: 1n }] });
     expect(await back.complete(grant, { output: { n: 1 } })).toMatchObject({ accepted: true });
+    // The answer says what happened and what to do.
     expect(await back.complete(grant, { output: { n: 2 } })).toMatchObject({
       accepted: false,
       rejectReason: RejectReason.FENCED,
+      message: expect.stringMatching(
+        /^completion for action \S+ epoch 1 refused: .*a different report of it landed first.*; stop its work and report nothing more of it$/,
+      ),
     });
     // Another worker sending the same report is no repeat of its own.
     const other = await worker("wo", { held: [{ actionId: id, epoch: grant.epoch }] });
@@ -836,7 +840,9 @@ describe("work leases", () => {
     });
     expect(await first.ended).toMatchObject({
       code: Code.Aborted,
-      details: expect.stringMatching(/took the session over/),
+      details: expect.stringMatching(
+        /^a newer stream of this worker id took the session over; if this process did not open it, another process uses the same worker id: stop all work at once and connect again no sooner than one grace period later$/,
+      ),
     });
     expect(await second.complete(grant, { output: {} })).toMatchObject({ accepted: true });
     const kinds = (await t.client(EventService).listEvents({ workerId: "w1" })).events.map((e) => e.kind);

@@ -5,10 +5,19 @@ import { type Tracing, traceParentOf } from "../../telemetry.js";
 import type { JsonObject } from "../action.js";
 import type { LeaseToken, RevokeReason, WorkerLink } from "../worker-messages.js";
 
-/** How a stream whose session another stream took over ends (ErrorInfo reason SESSION_TAKEN_OVER). */
-export const TAKEN_OVER_MESSAGE = "a newer stream of this worker took the session over";
-/** How a stream whose session passed its deadline ends (ErrorInfo reason SESSION_REAPED). */
-export const REAPED_MESSAGE = "this session passed its deadline and was reaped; reconnect";
+/**
+ * How a stream whose session another stream took over ends (ErrorInfo reason
+ * SESSION_TAKEN_OVER), with what the worker must do (worker.proto, Connect);
+ * `seenBy` says how this process learned of it, if not by the takeover's notice.
+ */
+export const takenOverMessage = (seenBy?: string): string =>
+  `a newer stream of this worker id took the session over${seenBy ? ` (${seenBy})` : ""}; ` +
+  "if this process did not open it, another process uses the same worker id: " +
+  "stop all work at once and connect again no sooner than one grace period later";
+/** How a stream whose session passed its deadline ends (ErrorInfo reason SESSION_REAPED), with what the worker must do. */
+export const REAPED_MESSAGE =
+  "this session passed its deadline and was reaped: its leases expired and may run elsewhere; " +
+  "stop their work at once, report nothing more of them and do not list them in the next hello (it opens a new session)";
 
 /** What a Drain says: the operator's reason, or that the worker is being drained when none was given. */
 export function drainReason(reason: string): string {

@@ -8,7 +8,7 @@ import {
   type HostedSessions,
   persistDeadline,
   REAPED_MESSAGE,
-  TAKEN_OVER_MESSAGE,
+  takenOverMessage,
 } from "./hosted.js";
 
 /** Most sessions one renewal statement carries; a tick renews every hosted stream in as many as it takes. */
@@ -70,7 +70,7 @@ export interface Renewal {
 function endStaleWith(hosted: HostedSessions) {
   return (s: Hosted, why: NotRenewed | undefined): void => {
     if (why === "taken over")
-      hosted.end(s, "SESSION_TAKEN_OVER", `${TAKEN_OVER_MESSAGE} (seen by this process's renewal)`);
+      hosted.end(s, "SESSION_TAKEN_OVER", takenOverMessage("seen by this process's renewal"));
     else if (why === "reaped") hosted.end(s, "SESSION_REAPED", REAPED_MESSAGE);
     else hosted.end(s, "SESSION_ENDED", "this session is no longer attached to this stream; reconnect");
   };

@@ -185,7 +185,11 @@ export function createReports(deps: {
 
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
     deps.fencedReports.inc();
-    const message = `${what} for action ${token.actionId} epoch ${token.epoch} is not the current lease of this session`;
+    // What the worker must do, whichever way the lease ended (worker.proto, Revoke and Connect).
+    const message =
+      `${what} for action ${token.actionId} epoch ${token.epoch} refused: not a current lease of this session ` +
+      "(it expired, was revoked or ended, or a different report of it landed first); " +
+      "stop its work and report nothing more of it";
     if (deps.debug)
       log.debug({ ...token, workerId: s.workerId, sessionId: s.sessionId }, `report fenced: ${message}`);
     s.link.send({

@@ -24,10 +24,13 @@ class WorkerServiceStub(object):
     Refusals at open are final for those credentials: do not retry them at the
     reconnect pace (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, …
     mean "get a new credential"); the SDK waits 1–2 s after the first refusal,
-    doubling up to 15–30 s. UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
-    could not fetch its signing keys yet) is retried with the reconnect backoff
-    below. A token that expires while the stream is open does not end the
-    stream; the next stream needs a fresh one.
+    doubling up to 15–30 s: the n-th refusal in a row waits a random time
+    between half and all of min(2^n s, 30 s), and the reconnect ceiling below
+    (an eighth of the grace period) does not apply to these waits. UNAVAILABLE
+    (e.g. reason JWKS_UNAVAILABLE: the server could not fetch its signing keys
+    yet) is retried with the reconnect backoff below. A token that expires
+    while the stream is open does not end the stream; the next stream needs a
+    fresh one.
 
     "ErrorInfo reason X" means the status's details, in the trailer
     `grpc-status-details-bin`: a google.rpc.Status (googleapis'
@@ -75,10 +78,13 @@ class WorkerServiceServicer(object):
     Refusals at open are final for those credentials: do not retry them at the
     reconnect pace (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, …
     mean "get a new credential"); the SDK waits 1–2 s after the first refusal,
-    doubling up to 15–30 s. UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
-    could not fetch its signing keys yet) is retried with the reconnect backoff
-    below. A token that expires while the stream is open does not end the
-    stream; the next stream needs a fresh one.
+    doubling up to 15–30 s: the n-th refusal in a row waits a random time
+    between half and all of min(2^n s, 30 s), and the reconnect ceiling below
+    (an eighth of the grace period) does not apply to these waits. UNAVAILABLE
+    (e.g. reason JWKS_UNAVAILABLE: the server could not fetch its signing keys
+    yet) is retried with the reconnect backoff below. A token that expires
+    while the stream is open does not end the stream; the next stream needs a
+    fresh one.
 
     "ErrorInfo reason X" means the status's details, in the trailer
     `grpc-status-details-bin`: a google.rpc.Status (googleapis'
@@ -121,9 +127,10 @@ class WorkerServiceServicer(object):
         without closing counts until the session's deadline: its process may
         still be running the leases. Stop all work (the session, its leases and their grants
         belong to the other process: drop them, neither release them nor list
-        them in a later hello) and try again later: the SDKs wait 1-2 s
-        after a first refusal, doubling to 15-30 s, because the other process
-        may be a predecessor whose lost stream the server has not noticed yet.
+        them in a later hello) and try again later: the SDKs wait as after a
+        refusal of credentials (above: 1–2 s, doubling to 15–30 s), because
+        the other process may be a predecessor whose lost stream the server
+        has not noticed yet.
         - A hello with a new instance_id for a session whose stream the server
         recorded lost (a restarted process) ends that session at once instead
         of resuming it: its leases expire as at a deadline, each charged to
@@ -135,8 +142,10 @@ class WorkerServiceServicer(object):
         A client whose own stream ends SESSION_TAKEN_OVER while it opened no
         other has a twin using its id (one without an instance_id, or one that
         came while this client's stream was recorded lost). It must stop all
-        its work at once and connect again no sooner than one grace period
-        later (the SDKs wait one to two, 10 to 20 s before any welcome);
+        its work at once, drop its leases as after WORKER_ID_IN_USE (they are
+        the twin's now: neither release them nor list them in a later hello),
+        and connect again no sooner than one grace period later (the SDKs wait
+        one to two, 10 to 20 s before any welcome);
         otherwise the two take the session from each other over and over, each
         running the other's leases under the same epochs. A session that
         passes its deadline while its stream is still open (the worker stopped
@@ -156,9 +165,12 @@ class WorkerServiceServicer(object):
         A cancel (RST_STREAM) drops what the server has not read yet. A
         server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
         SHUTTING_DOWN): reconnect, to another address if there is one. A hello
-        for a worker whose live session is in another cluster ends
-        FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
-        first, or use another worker_id.
+        that would resume or take over a session (not ended, within its
+        deadline, with the stream open or lost) registered in another cluster
+        ends FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye
+        there first, or use another worker_id. A hello with a new instance_id
+        for a session whose stream was recorded lost ends that session first
+        (as above), so it moves the worker instead (see below).
         Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
         live but no longer attached to it (a server process, starting, found it
         unrenewed for long and put it in grace). Reconnect as after any other
@@ -223,7 +235,11 @@ class WorkerServiceServicer(object):
 
         The Welcome answers the hello once the session is open. A server that is
         starting, or waiting for its database, holds hellos until it is ready:
-        wait for the welcome as long as the stream stays open, as the SDKs do.
+        wait for the welcome as long as the stream stays open, as the SDKs do:
+        the rule on unanswered heartbeats starts with the welcome, and before it
+        the SDKs tell a live server from a hung one (frozen, or a connection
+        dead one way) by HTTP/2 keepalive pings (every 10 s, answered within
+        5 s), which a waiting server answers and a hung one does not.
         A server that has found its database unreachable since it started (its
         acks say database_unreachable) ends a new stream at once with UNAVAILABLE
         (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,
@@ -260,7 +276,9 @@ class WorkerServiceServicer(object):
         and report nothing more (a release sent anyway is answered FENCED, and is
         harmless).
 
-        Self-fence. Keep one local deadline per session: for each HeartbeatAck,
+        Self-fence. Keep one local deadline per process, not per session (it
+        carries over to a new session, whose stored deadline is never earlier
+        than what the old one's acks promised): for each HeartbeatAck,
         candidate = local send time of the acknowledged heartbeat + remaining −
         a safety margin (the SDK uses 500 ms: the time the work needs to stop),
         and deadline = the latest candidate so far (the persisted deadline only
@@ -272,7 +290,9 @@ class WorkerServiceServicer(object):
         is stored: another HeartbeatAck with the same sequence and the new
         remaining. Apply it the same way, from that heartbeat's send time (so
         keep the send time of the last acknowledged heartbeat); an ack of a
-        sequence older than that is no news. Ignoring it is safe; it only lets
+        sequence older than that is no news. Sequences and send times belong to
+        the stream: an ack answers a heartbeat of its own stream, and the SDKs
+        number each stream's heartbeats from 1. Ignoring it is safe; it only lets
         the worker survive a database outage up to a heartbeat interval longer.
         Measure these local times with a monotonic clock (time.monotonic,
         performance.now, Go's time.Now with its monotonic reading), never the
@@ -327,10 +347,11 @@ class WorkerServiceServicer(object):
         the stream promptly, heartbeat acks included.
 
         Completions, releases and progress reports are answered by a
-        ReportResult each once committed. While a stream has more of them
-        unanswered than 1,024 or four times its capacity, whichever is more, or
-        its unanswered progress reports hold more than 8 Mi characters of details
-        and checkpoints (as JSON), the server reads nothing more from it until a
+        ReportResult each once committed (a GrantAck's is sent at once, and
+        GrantAcks count in none of the limits below). While a stream has more
+        of them unanswered than 1,024 or four times its capacity, whichever is
+        more, or its unanswered progress reports hold more than 8 Mi characters
+        of details and checkpoints (as JSON), the server reads nothing more from it until a
         quarter of both is left: its heartbeats wait behind its reports. A worker
         holds at most twice its capacity in leases, with at most one completion
         or release each in flight, and never comes near the count; one that
@@ -341,7 +362,9 @@ class WorkerServiceServicer(object):
         SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
         UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
         with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
-        retry_after_ms) without opening a session: retry with backoff.
+        retry_after_ms) without opening a session: reconnect with the backoff
+        above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep
+        that backoff's ceiling of an eighth of the grace period.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -381,10 +404,13 @@ class WorkerService(object):
     Refusals at open are final for those credentials: do not retry them at the
     reconnect pace (UNAUTHENTICATED reasons TOKEN_EXPIRED, TOKEN_UNKNOWN, …
     mean "get a new credential"); the SDK waits 1–2 s after the first refusal,
-    doubling up to 15–30 s. UNAVAILABLE (e.g. reason JWKS_UNAVAILABLE: the server
-    could not fetch its signing keys yet) is retried with the reconnect backoff
-    below. A token that expires while the stream is open does not end the
-    stream; the next stream needs a fresh one.
+    doubling up to 15–30 s: the n-th refusal in a row waits a random time
+    between half and all of min(2^n s, 30 s), and the reconnect ceiling below
+    (an eighth of the grace period) does not apply to these waits. UNAVAILABLE
+    (e.g. reason JWKS_UNAVAILABLE: the server could not fetch its signing keys
+    yet) is retried with the reconnect backoff below. A token that expires
+    while the stream is open does not end the stream; the next stream needs a
+    fresh one.
 
     "ErrorInfo reason X" means the status's details, in the trailer
     `grpc-status-details-bin`: a google.rpc.Status (googleapis'

@@ -378,7 +378,9 @@ type ConnectRequest_Hello struct {
 }
 
 type ConnectRequest_Heartbeat struct {
-	// Proof of life, sent every heartbeat_interval.
+	// Proof of life: the first at once after the welcome (its ack renews the
+	// deadline the leases run under; see Self-fence), then every
+	// heartbeat_interval.
 	Heartbeat *Heartbeat `protobuf:"bytes,2,opt,name=heartbeat,proto3,oneof"`
 }
 
@@ -1047,7 +1049,9 @@ type Heartbeat struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// Increasing number chosen by the worker, echoed in the ack. Any value.
+	// Increasing number chosen by the worker, echoed in the ack. Any value;
+	// each stream may start again (the SDKs start each one at 1): an ack
+	// answers a heartbeat of its own stream only.
 	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// The complete set of leases the worker is still working on. Keep listing
 	// a lease until the server has answered its completion or release (a
@@ -1885,12 +1889,15 @@ func (x *Goodbye) GetReason() string {
 // listing it. One exception: a completion already sent and not yet answered
 // by a ReportResult is still awaited, and sent again on a new stream if its
 // lease came back in Welcome.revoked (see Connect); a SUPERSEDED Revoke that
-// a heartbeat listing it draws meanwhile is ignored. Its slot is free on the server at once, so a grant may arrive
-// for it while the work is still stopping: hold that grant (acked, listed)
-// and start it when the work has stopped; do not release it, or it comes
-// straight back. That grant may be of the same action at a higher epoch: it
-// too waits until the old epoch's work has stopped. After CANCELLED or
-// COLLECT_OUTPUTS the lease stays valid until the worker lets go: stop (for
+// a heartbeat listing it draws meanwhile is ignored. A release still
+// unanswered is no exception: drop the lease (whether the release landed
+// changes nothing for the worker; its late answer, or a copy sent anyway,
+// is harmless). The lease's slot is free on the server at once, so a grant
+// may arrive for it while the work is still stopping: hold that grant
+// (acked, listed) and start it when the work has stopped; do not release it,
+// or it comes straight back. That grant may be of the same action at a
+// higher epoch: it too waits until the old epoch's work has stopped. After
+// CANCELLED or COLLECT_OUTPUTS the lease stays valid until the worker lets go: stop (for
 // COLLECT_OUTPUTS, save the outputs first), then send a ReleaseReport or
 // CompletionReport, or stop listing the lease in held_leases, which counts as
 // a release (see Heartbeat.held_leases). A cancel wins: after CANCELLED a

@@ -43,9 +43,10 @@ type WorkerServiceClient interface {
 	//     without closing counts until the session's deadline: its process may
 	//     still be running the leases. Stop all work (the session, its leases and their grants
 	//     belong to the other process: drop them, neither release them nor list
-	//     them in a later hello) and try again later: the SDKs wait 1-2 s
-	//     after a first refusal, doubling to 15-30 s, because the other process
-	//     may be a predecessor whose lost stream the server has not noticed yet.
+	//     them in a later hello) and try again later: the SDKs wait as after a
+	//     refusal of credentials (above: 1–2 s, doubling to 15–30 s), because
+	//     the other process may be a predecessor whose lost stream the server
+	//     has not noticed yet.
 	//   - A hello with a new instance_id for a session whose stream the server
 	//     recorded lost (a restarted process) ends that session at once instead
 	//     of resuming it: its leases expire as at a deadline, each charged to
@@ -58,8 +59,10 @@ type WorkerServiceClient interface {
 	// A client whose own stream ends SESSION_TAKEN_OVER while it opened no
 	// other has a twin using its id (one without an instance_id, or one that
 	// came while this client's stream was recorded lost). It must stop all
-	// its work at once and connect again no sooner than one grace period
-	// later (the SDKs wait one to two, 10 to 20 s before any welcome);
+	// its work at once, drop its leases as after WORKER_ID_IN_USE (they are
+	// the twin's now: neither release them nor list them in a later hello),
+	// and connect again no sooner than one grace period later (the SDKs wait
+	// one to two, 10 to 20 s before any welcome);
 	// otherwise the two take the session from each other over and over, each
 	// running the other's leases under the same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
@@ -79,9 +82,12 @@ type WorkerServiceClient interface {
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. A hello
-	// for a worker whose live session is in another cluster ends
-	// FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
-	// first, or use another worker_id.
+	// that would resume or take over a session (not ended, within its
+	// deadline, with the stream open or lost) registered in another cluster
+	// ends FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye
+	// there first, or use another worker_id. A hello with a new instance_id
+	// for a session whose stream was recorded lost ends that session first
+	// (as above), so it moves the worker instead (see below).
 	// Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
 	// live but no longer attached to it (a server process, starting, found it
 	// unrenewed for long and put it in grace). Reconnect as after any other
@@ -146,7 +152,11 @@ type WorkerServiceClient interface {
 	//
 	// The Welcome answers the hello once the session is open. A server that is
 	// starting, or waiting for its database, holds hellos until it is ready:
-	// wait for the welcome as long as the stream stays open, as the SDKs do.
+	// wait for the welcome as long as the stream stays open, as the SDKs do:
+	// the rule on unanswered heartbeats starts with the welcome, and before it
+	// the SDKs tell a live server from a hung one (frozen, or a connection
+	// dead one way) by HTTP/2 keepalive pings (every 10 s, answered within
+	// 5 s), which a waiting server answers and a hung one does not.
 	// A server that has found its database unreachable since it started (its
 	// acks say database_unreachable) ends a new stream at once with UNAVAILABLE
 	// (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,
@@ -183,7 +193,9 @@ type WorkerServiceClient interface {
 	// and report nothing more (a release sent anyway is answered FENCED, and is
 	// harmless).
 	//
-	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
+	// Self-fence. Keep one local deadline per process, not per session (it
+	// carries over to a new session, whose stored deadline is never earlier
+	// than what the old one's acks promised): for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −
 	// a safety margin (the SDK uses 500 ms: the time the work needs to stop),
 	// and deadline = the latest candidate so far (the persisted deadline only
@@ -195,7 +207,9 @@ type WorkerServiceClient interface {
 	// is stored: another HeartbeatAck with the same sequence and the new
 	// remaining. Apply it the same way, from that heartbeat's send time (so
 	// keep the send time of the last acknowledged heartbeat); an ack of a
-	// sequence older than that is no news. Ignoring it is safe; it only lets
+	// sequence older than that is no news. Sequences and send times belong to
+	// the stream: an ack answers a heartbeat of its own stream, and the SDKs
+	// number each stream's heartbeats from 1. Ignoring it is safe; it only lets
 	// the worker survive a database outage up to a heartbeat interval longer.
 	// Measure these local times with a monotonic clock (time.monotonic,
 	// performance.now, Go's time.Now with its monotonic reading), never the
@@ -250,10 +264,11 @@ type WorkerServiceClient interface {
 	// the stream promptly, heartbeat acks included.
 	//
 	// Completions, releases and progress reports are answered by a
-	// ReportResult each once committed. While a stream has more of them
-	// unanswered than 1,024 or four times its capacity, whichever is more, or
-	// its unanswered progress reports hold more than 8 Mi characters of details
-	// and checkpoints (as JSON), the server reads nothing more from it until a
+	// ReportResult each once committed (a GrantAck's is sent at once, and
+	// GrantAcks count in none of the limits below). While a stream has more
+	// of them unanswered than 1,024 or four times its capacity, whichever is
+	// more, or its unanswered progress reports hold more than 8 Mi characters
+	// of details and checkpoints (as JSON), the server reads nothing more from it until a
 	// quarter of both is left: its heartbeats wait behind its reports. A worker
 	// holds at most twice its capacity in leases, with at most one completion
 	// or release each in flight, and never comes near the count; one that
@@ -264,7 +279,9 @@ type WorkerServiceClient interface {
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
 	// UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
 	// with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
-	// retry_after_ms) without opening a session: retry with backoff.
+	// retry_after_ms) without opening a session: reconnect with the backoff
+	// above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep
+	// that backoff's ceiling of an eighth of the grace period.
 	Connect(ctx context.Context, opts ...grpc.CallOption) (WorkerService_ConnectClient, error)
 }
 
@@ -337,9 +354,10 @@ type WorkerServiceServer interface {
 	//     without closing counts until the session's deadline: its process may
 	//     still be running the leases. Stop all work (the session, its leases and their grants
 	//     belong to the other process: drop them, neither release them nor list
-	//     them in a later hello) and try again later: the SDKs wait 1-2 s
-	//     after a first refusal, doubling to 15-30 s, because the other process
-	//     may be a predecessor whose lost stream the server has not noticed yet.
+	//     them in a later hello) and try again later: the SDKs wait as after a
+	//     refusal of credentials (above: 1–2 s, doubling to 15–30 s), because
+	//     the other process may be a predecessor whose lost stream the server
+	//     has not noticed yet.
 	//   - A hello with a new instance_id for a session whose stream the server
 	//     recorded lost (a restarted process) ends that session at once instead
 	//     of resuming it: its leases expire as at a deadline, each charged to
@@ -352,8 +370,10 @@ type WorkerServiceServer interface {
 	// A client whose own stream ends SESSION_TAKEN_OVER while it opened no
 	// other has a twin using its id (one without an instance_id, or one that
 	// came while this client's stream was recorded lost). It must stop all
-	// its work at once and connect again no sooner than one grace period
-	// later (the SDKs wait one to two, 10 to 20 s before any welcome);
+	// its work at once, drop its leases as after WORKER_ID_IN_USE (they are
+	// the twin's now: neither release them nor list them in a later hello),
+	// and connect again no sooner than one grace period later (the SDKs wait
+	// one to two, 10 to 20 s before any welcome);
 	// otherwise the two take the session from each other over and over, each
 	// running the other's leases under the same epochs. A session that
 	// passes its deadline while its stream is still open (the worker stopped
@@ -373,9 +393,12 @@ type WorkerServiceServer interface {
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. A hello
-	// for a worker whose live session is in another cluster ends
-	// FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye there
-	// first, or use another worker_id.
+	// that would resume or take over a session (not ended, within its
+	// deadline, with the stream open or lost) registered in another cluster
+	// ends FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye
+	// there first, or use another worker_id. A hello with a new instance_id
+	// for a session whose stream was recorded lost ends that session first
+	// (as above), so it moves the worker instead (see below).
 	// Rarely a stream ends ABORTED with reason SESSION_ENDED: its session is
 	// live but no longer attached to it (a server process, starting, found it
 	// unrenewed for long and put it in grace). Reconnect as after any other
@@ -440,7 +463,11 @@ type WorkerServiceServer interface {
 	//
 	// The Welcome answers the hello once the session is open. A server that is
 	// starting, or waiting for its database, holds hellos until it is ready:
-	// wait for the welcome as long as the stream stays open, as the SDKs do.
+	// wait for the welcome as long as the stream stays open, as the SDKs do:
+	// the rule on unanswered heartbeats starts with the welcome, and before it
+	// the SDKs tell a live server from a hung one (frozen, or a connection
+	// dead one way) by HTTP/2 keepalive pings (every 10 s, answered within
+	// 5 s), which a waiting server answers and a hung one does not.
 	// A server that has found its database unreachable since it started (its
 	// acks say database_unreachable) ends a new stream at once with UNAVAILABLE
 	// (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,
@@ -477,7 +504,9 @@ type WorkerServiceServer interface {
 	// and report nothing more (a release sent anyway is answered FENCED, and is
 	// harmless).
 	//
-	// Self-fence. Keep one local deadline per session: for each HeartbeatAck,
+	// Self-fence. Keep one local deadline per process, not per session (it
+	// carries over to a new session, whose stored deadline is never earlier
+	// than what the old one's acks promised): for each HeartbeatAck,
 	// candidate = local send time of the acknowledged heartbeat + remaining −
 	// a safety margin (the SDK uses 500 ms: the time the work needs to stop),
 	// and deadline = the latest candidate so far (the persisted deadline only
@@ -489,7 +518,9 @@ type WorkerServiceServer interface {
 	// is stored: another HeartbeatAck with the same sequence and the new
 	// remaining. Apply it the same way, from that heartbeat's send time (so
 	// keep the send time of the last acknowledged heartbeat); an ack of a
-	// sequence older than that is no news. Ignoring it is safe; it only lets
+	// sequence older than that is no news. Sequences and send times belong to
+	// the stream: an ack answers a heartbeat of its own stream, and the SDKs
+	// number each stream's heartbeats from 1. Ignoring it is safe; it only lets
 	// the worker survive a database outage up to a heartbeat interval longer.
 	// Measure these local times with a monotonic clock (time.monotonic,
 	// performance.now, Go's time.Now with its monotonic reading), never the
@@ -544,10 +575,11 @@ type WorkerServiceServer interface {
 	// the stream promptly, heartbeat acks included.
 	//
 	// Completions, releases and progress reports are answered by a
-	// ReportResult each once committed. While a stream has more of them
-	// unanswered than 1,024 or four times its capacity, whichever is more, or
-	// its unanswered progress reports hold more than 8 Mi characters of details
-	// and checkpoints (as JSON), the server reads nothing more from it until a
+	// ReportResult each once committed (a GrantAck's is sent at once, and
+	// GrantAcks count in none of the limits below). While a stream has more
+	// of them unanswered than 1,024 or four times its capacity, whichever is
+	// more, or its unanswered progress reports hold more than 8 Mi characters
+	// of details and checkpoints (as JSON), the server reads nothing more from it until a
 	// quarter of both is left: its heartbeats wait behind its reports. A worker
 	// holds at most twice its capacity in leases, with at most one completion
 	// or release each in flight, and never comes near the count; one that
@@ -558,7 +590,9 @@ type WorkerServiceServer interface {
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
 	// UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
 	// with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
-	// retry_after_ms) without opening a session: retry with backoff.
+	// retry_after_ms) without opening a session: reconnect with the backoff
+	// above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep
+	// that backoff's ceiling of an eighth of the grace period.
 	Connect(WorkerService_ConnectServer) error
 	mustEmbedUnimplementedWorkerServiceServer()
 }

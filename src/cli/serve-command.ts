@@ -265,8 +265,15 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
   // and 12 % less RSS (bench/HISTORY.md, heartbeats, 304a04e); the burn-downs and restart are unchanged.
   setFlagsFromString("--no-allocation-site-pretenuring");
   // Loaded here, not at the top: every other command starts faster without the server's modules.
-  const [{ pino }, { startServer }] = await Promise.all([import("pino"), import("../server.js")]);
-  const log = pino({ level: config.logLevel, base: { service: "leasehold" } }, stdoutLines);
+  const [{ pino }, { startServer }, { serializeError }] = await Promise.all([
+    import("pino"),
+    import("../server.js"),
+    import("../log-errors.js"),
+  ]);
+  const log = pino(
+    { level: config.logLevel, base: { service: "leasehold" }, serializers: { err: serializeError } },
+    stdoutLines,
+  );
   // grpc-js writes its own errors to stderr ("E No address added out of total 1 resolved" before
   // our message naming --listen): into the log with the rest instead.
   const { setLogger } = await import("@grpc/grpc-js");

@@ -1,6 +1,7 @@
 import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2";
 import { pino } from "pino";
 import { parseServerConfig, type RawServerOptions } from "../../src/config.js";
+import { serializeError } from "../../src/log-errors.js";
 import { type Client, createClient } from "../../src/rpc/client.js";
 import { type LeaseholdServer, type ServerOverrides, startServer } from "../../src/server.js";
 import { freshStore, type TestStore } from "./database.js";
@@ -49,7 +50,8 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
   const logs: Record<string, unknown>[] = [];
   const echo = process.env.LEASEHOLD_TEST_LOG !== undefined;
   const log = pino(
-    { level: config.logLevel },
+    // The serve command's error serializer: tests read the lines an operator would.
+    { level: config.logLevel, serializers: { err: serializeError } },
     {
       write(line: string) {
         logs.push(JSON.parse(line));

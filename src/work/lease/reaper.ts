@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import { errorSummary } from "../../log-errors.js";
 import type { Clock } from "../../store/clock.js";
 import { refreshClusterHealth } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
@@ -180,7 +181,7 @@ export function createReaper(deps: {
     try {
       await reapAll();
     } catch (error) {
-      outage ??= `a reap failed (${error instanceof Error ? error.message : String(error)})`;
+      outage ??= `a reap failed (${errorSummary(error)})`;
       throw error;
     }
   }

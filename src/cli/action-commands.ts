@@ -14,6 +14,7 @@ import {
   SubmitActionResponseSchema,
 } from "../gen/leasehold/v1/action_pb.js";
 import type { createClient } from "../rpc/client.js";
+import { refusedUnserved } from "../rpc/failover.js";
 import { type ActionLine, chunkActionLines, parseActionLines } from "./action-lines.js";
 import { jsonObjectOption, readStdin } from "./json-option.js";
 import {
@@ -157,7 +158,7 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
  * The error of a refused SubmitActions call, with `actions[i]` turned into
  * the line it came from, and what the calls before it already submitted.
  */
-function refusedChunk(
+export function refusedChunk(
   error: unknown,
   chunk: readonly ActionLine[],
   sent: number,
@@ -185,13 +186,16 @@ function refusedChunk(
   const neverSent =
     e.code === grpc.status.UNAVAILABLE &&
     /^(No connection established|Name resolution failed)/.test(e.details);
-  const then = REFUSALS.has(e.code)
-    ? `the call for ${range} was refused, so nothing from it on was submitted`
-    : neverSent
-      ? `the call for ${range} never reached the server, so nothing from it on was submitted`
-      : `the call for ${range} was in flight, and may or may not have been submitted; nothing after it ` +
-        "was sent. Run the same file again: lines with a requestId are not submitted twice (lines " +
-        "without one would be)";
+  // So is one a server refused unserved (its database unreachable, or starting), whichever the
+  // code; not one it was serving when it lost its database (OUTCOME_UNKNOWN).
+  const then =
+    REFUSALS.has(e.code) || refusedUnserved(error)
+      ? `the call for ${range} was refused, so nothing from it on was submitted`
+      : neverSent
+        ? `the call for ${range} never reached the server, so nothing from it on was submitted`
+        : `the call for ${range} was in flight, and may or may not have been submitted; nothing after it ` +
+          "was sent. Run the same file again: lines with a requestId are not submitted twice (lines " +
+          "without one would be)";
   return new CliError(`${mapped.message}\n${done ? `${done}; ` : ""}${then}`, mapped.exitCode);
 }
 

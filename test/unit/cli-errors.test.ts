@@ -1,5 +1,6 @@
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
+import { refusedChunk } from "../../src/cli/action-commands.js";
 import { cliErrorFrom, EXIT } from "../../src/cli/output.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { toStatusObject } from "../../src/rpc/status.js";
@@ -50,5 +51,24 @@ describe("the CLI's exit code for a failed call", () => {
       exitCode: EXIT.unreachable,
       message: "the server at 127.0.0.1:50051 is unavailable: the database cannot be reached; retry later",
     });
+  });
+
+  it("tells, for a chunk of submit --from, a call refused unserved from one whose outcome is unknown", () => {
+    const chunk = [1, 2].map((line) => ({ line, request: { cluster: "east" } })) as never;
+    const said = (reason: string) =>
+      refusedChunk(
+        fromServer(new LeaseholdError(Code.Unavailable, reason, { reason })),
+        chunk,
+        0,
+        chunk,
+        "s:1",
+      ).message;
+    expect(said("DATABASE_UNREACHABLE")).toMatch(
+      /the call for lines 1–2 was refused, so nothing from it on was submitted$/,
+    );
+    expect(said("STARTING")).toMatch(/was refused, so nothing from it on was submitted$/);
+    expect(said("OUTCOME_UNKNOWN")).toMatch(
+      /the call for lines 1–2 was in flight, and may or may not have been submitted/,
+    );
   });
 });

@@ -22,7 +22,7 @@ export function createProgram(): Command {
     .addOption(
       new Option(
         "--server <host:port>",
-        "server address(es): comma-separated for several replicas, or a name with several DNS records; the first that answers is used",
+        "server address(es): comma-separated for several replicas, or a name with several DNS records; the first that answers is used, and the next when one refuses a call because it cannot reach its database",
       )
         .env("LEASEHOLD_SERVER")
         .default(DEFAULT_SERVER),

@@ -1,3 +1,4 @@
+import { createServer } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent, LeaseLost } from "../../src/agent/index.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
@@ -138,7 +139,8 @@ describe("the agent SDK against a real server", () => {
     const events = eventsOf();
     const agent = createAgent({
       address: t.address,
-      cluster: "east",
+      // A cluster of its own: were it to reach another test's server, it would take none of its work.
+      cluster: "backoff-only",
       workerId: "backoff",
       onEvent: events.onEvent,
       maxBackoffMs: 60_000,
@@ -146,7 +148,18 @@ describe("the agent SDK against a real server", () => {
     });
     cleanups.push(() => agent.close({ timeoutMs: 100 }));
     const welcomed = await events.until((e): e is AgentEvent => e.type === "connected");
+    const port = Number(t.address.split(":").at(-1));
     await t[Symbol.asyncDispose]();
+    // The port stays taken, every connection cut at once: a test file running beside this one
+    // once started its server on it, and the agent dialling it was welcomed there, ran that
+    // test's deployments as no-ops, and never failed the eight tries this test waits for.
+    const holder = createServer((socket) => socket.destroy());
+    await new Promise<void>((resolve, reject) => {
+      holder.once("error", reject);
+      holder.listen(port, "127.0.0.1", () => resolve());
+    });
+    // Let go after the agent has closed (cleanups run last first).
+    cleanups.unshift(() => new Promise<void>((resolve) => holder.close(() => resolve())));
     // After the welcome that gave the grace: a try before it (a server still starting, on a busy
     // machine) is paced by the 1 s ceiling of an agent that knows no grace yet.
     const retries = () =>

@@ -28,6 +28,8 @@ import { connectWorker } from "../helpers/worker.js";
  * containers are real processes, readiness is probed for real, a rollback or
  * TTL expiry kills them, and collected outputs come back as files.
  */
+const RUNTIME = "deployments-test";
+
 describe("deployments", () => {
   let t: TestServer;
   let agent: LeaseholdProcess;
@@ -38,7 +40,9 @@ describe("deployments", () => {
   beforeAll(async () => {
     t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
     workDir = await mkdtemp(join(tmpdir(), "leasehold-deployments-"));
-    agent = await runReferenceAgent({ server: t.address, cluster: "east", workerId: "dep-agent", workDir });
+    // A runtime no other test's agents serve: an agent left dialling a port this server reused once
+    // joined it as "east" and finished its deployments as no-ops.
+    agent = await runReferenceAgent({ server: t.address, cluster: RUNTIME, workerId: "dep-agent", workDir });
   });
   afterAll(async () => {
     agent.child.kill("SIGKILL");
@@ -47,7 +51,7 @@ describe("deployments", () => {
   });
 
   const open = async (ttlSeconds = 600) =>
-    (await leases().createLease({ runtime: "east", ttl: { seconds: BigInt(ttlSeconds) } })).lease?.id ?? "";
+    (await leases().createLease({ runtime: RUNTIME, ttl: { seconds: BigInt(ttlSeconds) } })).lease?.id ?? "";
 
   /** A node program as a container: `script` runs with the deployment's work directory as cwd. */
   const node = (name: string, script: string, env: Record<string, string> = {}) => ({

@@ -13,7 +13,7 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { FIELD_LIMITS, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../rpc/limits.js";
 import { errorReasonOf } from "../rpc/status.js";
-import { expandTargets, type Target } from "../rpc/targets.js";
+import { anotherAddress, expandTargets, type Target } from "../rpc/targets.js";
 import { checkWorkerNames, Violations } from "../rpc/validate.js";
 import {
   batchRuns,
@@ -25,7 +25,7 @@ import {
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
-import { servesWorkers } from "./health-probe.js";
+import { answersOnConnection, servesWorkers } from "./health-probe.js";
 import { cutToFit, reportViolation, scrubNul, toJson } from "./report-limits.js";
 
 /**
@@ -41,6 +41,8 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
  * could have resumed them.
  */
 const UNANSWERED_HEARTBEATS = 1.5;
+/** The heartbeat interval assumed before the first welcome tells the server's: its default. */
+const DEFAULT_HEARTBEAT_MS = 2000;
 
 /**
  * Heartbeat intervals between two rounds of asking the other addresses
@@ -257,7 +259,9 @@ export interface AgentOptions {
   /**
    * Server address(es) as host:port. A name with several DNS records counts
    * as one address per record. The agent starts at a random one (spreading
-   * agents over replicas) and moves to the next whenever its stream ends.
+   * agents over replicas) and moves to another, at random, whenever its
+   * stream ends; before a welcome, it leaves a server that answers no health
+   * check on the stream's connection within 1.5 heartbeat intervals.
    */
   readonly address: string | readonly string[];
   readonly cluster: string;
@@ -1527,7 +1531,7 @@ export function createAgent(options: AgentOptions): Agent {
       }
       if (closed || conn.saidGoodbye) return;
       // The fence timer keeps running: the deadline from the last ack still applies.
-      addressIndex += 1;
+      addressIndex = anotherAddress(targets, addressIndex);
       const code = (error as { code?: unknown } | undefined)?.code;
       const reason = errorReasonOf(error);
       const takenOver = code === grpc.status.ABORTED && reason === "SESSION_TAKEN_OVER";
@@ -1586,6 +1590,32 @@ export function createAgent(options: AgentOptions): Agent {
       },
     });
     conn.helloStoppedGrants = closing;
+    if (new Set(targets.map((t) => t.address)).size > 1) probeUntilWelcome();
+
+    /**
+     * Before the welcome, the rule on unanswered heartbeats does not apply
+     * yet, and a server may rightly hold the hello for long (starting, or
+     * waiting for its database). A hung one holds it forever, and HTTP/2
+     * keepalive notices only after 15 s, past a 10 s grace: with other
+     * addresses to go to, ask this connection's server for its health every
+     * heartbeat interval, and leave it when an answer takes longer than the
+     * bound on heartbeat acks. Any answer, NOT_SERVING too, means it is alive.
+     */
+    function probeUntilWelcome(): void {
+      if (conn.ended || conn.welcomed || conn.abandoned !== undefined) return;
+      const intervalMs = heartbeatMs > 0 ? heartbeatMs : DEFAULT_HEARTBEAT_MS;
+      const sentAt = performance.now();
+      void answersOnConnection(client.grpcClient, UNANSWERED_HEARTBEATS * intervalMs).then((answered) => {
+        if (conn.ended || conn.welcomed || conn.abandoned !== undefined) return;
+        const waitedMs = performance.now() - sentAt;
+        if (answered) {
+          setTimeout(probeUntilWelcome, Math.max(0, intervalMs - waitedMs)).unref();
+          return;
+        }
+        conn.abandoned = `the server answered no health check for ${Math.round(waitedMs)}ms before welcoming the agent`;
+        call.cancel();
+      });
+    }
   }
 
   /**

@@ -43,13 +43,42 @@ export async function servesWorkers(target: ProbeTarget, timeoutMs: number): Pro
   // async: a channel that cannot even be made (a bad address) is a no too, not a throw.
   const client = new grpc.Client(target.address, target.credentials, target.options);
   return new Promise<boolean>((resolve) => {
-    client.makeUnaryRequest(
-      CHECK,
-      serializeRequest,
-      deserializeResponse,
-      WorkerService.typeName,
+    checkWorkerService(
+      client,
       { deadline: Date.now() + timeoutMs, interceptors: target.interceptors },
       (error, status) => resolve(!error && status === SERVING),
     );
   }).finally(() => client.close());
+}
+
+/**
+ * Whether the server behind `client`'s connection answers a grpc.health.v1
+ * Check within `timeoutMs`, whatever it answers: a server that is starting,
+ * or waits for its database, still answers (NOT_SERVING); a hung one (a
+ * stopped process, a connection dead one way) does not. Only a deadline
+ * passed without an answer is no: a connection that fails ends the client's
+ * other calls anyway.
+ */
+export function answersOnConnection(client: grpc.Client, timeoutMs: number): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
+    checkWorkerService(client, { deadline: Date.now() + timeoutMs }, (error) =>
+      resolve(error?.code !== grpc.status.DEADLINE_EXCEEDED),
+    );
+  });
+}
+
+/** Sends grpc.health.v1 Check for the worker service on `client`. */
+function checkWorkerService(
+  client: grpc.Client,
+  options: grpc.CallOptions,
+  done: (error: grpc.ServiceError | null, status?: number) => void,
+): void {
+  client.makeUnaryRequest(
+    CHECK,
+    serializeRequest,
+    deserializeResponse,
+    WorkerService.typeName,
+    options,
+    done,
+  );
 }

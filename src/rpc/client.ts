@@ -38,6 +38,8 @@ export type ClientMethod<M> = M extends { methodKind: "unary" }
 export type Client<S extends GenServiceMethods> = { [K in keyof S]: ClientMethod<S[K]> } & {
   /** Closes the channel. */
   close(): void;
+  /** The grpc-js client underneath: calls of other services on the same connection (a health check). */
+  readonly grpcClient: grpc.Client;
 };
 
 function callOptions(options: CallOptions | undefined): grpc.CallOptions {
@@ -150,7 +152,7 @@ export function createClient<S extends GenServiceMethods>(
     (...args: unknown[]) => unknown
   > &
     grpc.Client;
-  const client: Record<string, unknown> = { close: () => raw.close() };
+  const client: Record<string, unknown> = { close: () => raw.close(), grpcClient: raw };
   for (const method of service.methods) {
     const fn = raw[method.localName]?.bind(raw) as (...args: unknown[]) => unknown;
     const metadataOf = (o: CallOptions | undefined) => o?.metadata ?? new grpc.Metadata();

@@ -159,3 +159,21 @@ export async function grpcTarget(servers: string): Promise<string> {
   if (v6.length > 0) return `ipv6:${v6.join(",")}`;
   return expanded[0] as string;
 }
+
+/**
+ * The index of the address to try after the one at `index` (taken modulo):
+ * one of the other addresses, at random. Going to the next one in order
+ * would move every agent of a server that went away onto one server, and a
+ * rolling restart of all of them would leave them all on the last one's
+ * successor.
+ */
+export function anotherAddress(
+  targets: readonly { readonly address: string }[],
+  index: number,
+  random: () => number = Math.random,
+): number {
+  const here = index % targets.length;
+  const current = targets[here]?.address;
+  const others = targets.flatMap((t, i) => (t.address === current ? [] : [i]));
+  return others.length === 0 ? here : (others[Math.floor(random() * others.length)] as number);
+}

@@ -27,6 +27,8 @@ export async function scriptedWorkerServer(
     acceptsStopGrants?: boolean;
     remainingMs?: number;
     heartbeatMs?: number;
+    /** The welcome's grace period (one minute by default). */
+    graceMs?: number;
     /** The welcome waits for it (a server slow to open the session). */
     welcomeAfter?: Promise<void>;
   } = {},
@@ -76,7 +78,7 @@ export async function scriptedWorkerServer(
                 value: {
                   sessionId: "s1",
                   heartbeatInterval: durationFromMs(options.heartbeatMs ?? 1000),
-                  gracePeriod: durationFromMs(60_000),
+                  gracePeriod: durationFromMs(options.graceMs ?? 60_000),
                   acceptsBatches: options.acceptsBatches ?? true,
                   acceptsStopGrants: options.acceptsStopGrants ?? false,
                 },
@@ -151,6 +153,10 @@ export async function scriptedWorkerServer(
     answerHeld() {
       holding = false;
       for (const sequence of held.splice(0)) ack(sequence);
+    },
+    /** Ends the open stream with UNAVAILABLE, as a server going away does. */
+    endStream() {
+      stream?.destroy(Object.assign(new Error("going away"), { code: grpc.status.UNAVAILABLE }));
     },
     close: () => server.forceShutdown(),
   };

@@ -1,3 +1,4 @@
+import { createServer, type Socket } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent } from "../../src/agent/index.js";
 import { deferred } from "../helpers/deferred.js";
@@ -78,4 +79,66 @@ describe("the agent SDK, on a server that stops answering", () => {
     expect(silentMs).toBeGreaterThan(4500);
     expect(silentMs).toBeLessThan(5600);
   });
+
+  it("leaves a server that holds its hello without answering a health check, before its leases expire", async () => {
+    // Acks guarantee 8 s; HTTP/2 keepalive would notice the hung server only after 15 s.
+    const good = await scriptedWorkerServer({ heartbeatMs: 1000, remainingMs: 8000, graceMs: 8000 });
+    cleanups.push(good.close);
+    const hung = await silentListener();
+    cleanups.push(hung.close);
+    const events: AgentEvent[] = [];
+    const agent = createAgent({
+      address: [good.address, hung.address],
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: (ctx) => new Promise((resolve) => ctx.signal.addEventListener("abort", () => resolve({}))),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    // Wherever the agent went first, it ends up welcomed here (leaving the silent one).
+    await good.acked;
+    good.send({ message: { case: "grant", value: { actionId: "a1", epoch: 1n, attempt: 1 } } });
+    await good.until(() => good.received.includes("grantAck"));
+    // This server goes away: the only other address is the silent one.
+    const hellos = good.received.filter((k) => k === "hello").length;
+    good.endStream();
+    await hung.connected;
+    await good.until(() => good.received.filter((k) => k === "hello").length > hellos);
+    const hello = good.requests.findLast((r) => r.message.case === "hello")?.message;
+    expect(hello?.case === "hello" && hello.value.heldLeases.map((l) => l.actionId)).toEqual(["a1"]);
+    expect(events).toContainEqual(
+      expect.objectContaining({
+        type: "disconnected",
+        error: expect.stringMatching(
+          /^the server answered no health check for \d+ms before welcoming the agent$/,
+        ),
+      }),
+    );
+    expect(events.filter((e) => e.type === "self_fenced")).toEqual([]);
+  });
 });
+
+/** A TCP listener that takes connections and never writes a byte: a stopped server process. */
+async function silentListener() {
+  const sockets = new Set<Socket>();
+  let connected: () => void = () => {};
+  const first = new Promise<void>((resolve) => {
+    connected = resolve;
+  });
+  const server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on("error", () => {});
+    socket.pause();
+    connected();
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address();
+  return {
+    address: `127.0.0.1:${typeof address === "object" && address ? address.port : 0}`,
+    connected: first,
+    close() {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}

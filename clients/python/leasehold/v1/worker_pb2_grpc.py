@@ -215,7 +215,10 @@ class WorkerServiceServicer(object):
         and a server takes at most --max-connections-per-address (default 1024)
         connections from one address at once, closing those past it as it
         accepts them. With several server
-        addresses, move to the next one on every reconnect. A server that hangs
+        addresses, move to another one on every reconnect, picked at random
+        among the others as the SDKs do (taking the next one in a fixed order
+        moves every worker of a server that went away onto one server, and
+        leaves a whole fleet on one server after a rolling restart). A server that hangs
         (frozen, or a connection dead one way) never ends its streams: leave a
         stream whose oldest unanswered heartbeat is 1.5 heartbeat intervals old,
         as the SDKs do, so that the session is resumed through another address
@@ -235,11 +238,18 @@ class WorkerServiceServicer(object):
 
         The Welcome answers the hello once the session is open. A server that is
         starting, or waiting for its database, holds hellos until it is ready:
-        wait for the welcome as long as the stream stays open, as the SDKs do:
-        the rule on unanswered heartbeats starts with the welcome, and before it
-        the SDKs tell a live server from a hung one (frozen, or a connection
-        dead one way) by HTTP/2 keepalive pings (every 10 s, answered within
-        5 s), which a waiting server answers and a hung one does not.
+        wait for the welcome as long as the stream stays open and the server
+        shows it is alive: the rule on unanswered heartbeats starts with the
+        welcome. Before it, tell a live server from a hung one (frozen, or a
+        connection dead one way) as the SDKs do: with several addresses, send a
+        grpc.health.v1 Check (service "leasehold.v1.WorkerService") on the
+        stream's own connection right after the hello and then every heartbeat
+        interval (that of the last welcome, 2 s before any), and leave the
+        stream when one goes unanswered for 1.5 intervals; any answer, even
+        NOT_SERVING or an error status, shows the server alive. A waiting
+        server answers at once. With one address there is nowhere else to go:
+        the SDKs then rely on HTTP/2 keepalive pings (every 10 s, answered
+        within 5 s).
         A server that has found its database unreachable since it started (its
         acks say database_unreachable) ends a new stream at once with UNAVAILABLE
         (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,

@@ -19,6 +19,7 @@ async function heldHealthServer() {
   const asked = deferred();
   const answer = deferred();
   const answered = deferred<boolean>();
+  let holding = false;
   const server = new grpc.Server();
   server.addService(
     {
@@ -34,6 +35,11 @@ async function heldHealthServer() {
     },
     {
       Check(call: grpc.ServerUnaryCall<Buffer, Buffer>, callback: grpc.sendUnaryData<Buffer>) {
+        // Before `hold`: an agent that started here checks the connection its hello went on.
+        if (!holding) {
+          callback(null, SERVING);
+          return;
+        }
         asked.resolve();
         void answer.promise.then(() => {
           answered.resolve(!call.cancelled);
@@ -51,6 +57,10 @@ async function heldHealthServer() {
     address: `127.0.0.1:${port}`,
     asked: asked.promise,
     answered: answered.promise,
+    /** Holds the checks from now on until `serve`. */
+    hold: () => {
+      holding = true;
+    },
     serve: () => answer.resolve(),
     close: () => server.forceShutdown(),
   };
@@ -98,6 +108,7 @@ describe.runIf(runsDriverNeutralTests())("an agent told its server cannot reach 
     // It starts at a random address; the other one serves no workers, so it ends up on the first.
     await eventOf(events, (e) => e.type === "connected" && e.address === first.address);
     await first.acked;
+    other.hold();
 
     first.databaseUnreachable(true);
     const lost = await eventOf(events, (e) => e.type === "server_database");

@@ -30,6 +30,14 @@ export function createProgram(): Command {
     .option("--json", "machine-readable output: JSON, or NDJSON for streams")
     .addOption(
       new Option(
+        "--request-timeout <duration>",
+        "how long a call may wait for the server's answer before the command gives up (exit 3; the outcome of a change is then unknown); 0 waits as long as it takes. Commands that follow a stream (watch, wait) are not bounded by it",
+      )
+        .env("LEASEHOLD_REQUEST_TIMEOUT")
+        .default("30s"),
+    )
+    .addOption(
+      new Option(
         "--tls-ca <file>",
         "PEM file of the CA(s) that signed the server's certificate; turns TLS on",
       ).env("LEASEHOLD_TLS_CA"),

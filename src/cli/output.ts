@@ -8,7 +8,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { parseDuration } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
-import { type Client, createClient } from "../rpc/client.js";
+import { type Client, createClient, defaultDeadlinePassed, withDefaultDeadline } from "../rpc/client.js";
 import { type ClientChannel, type ClientSecurity, clientChannel } from "../rpc/client-security.js";
 import { withFailover } from "../rpc/failover.js";
 import { errorInfoOf, errorReasonOf, receiveLimitOf } from "../rpc/status.js";
@@ -66,6 +66,8 @@ export interface GlobalOptions {
   readonly json: boolean;
   /** `--tls*`, `--token`, `--token-file` (or their LEASEHOLD_* variables); empty values count as unset. */
   readonly security: ClientSecurity;
+  /** `--request-timeout` in milliseconds: each unary call's deadline; 0 for none. */
+  readonly requestTimeoutMs: number;
 }
 
 /** Whether a boolean flag's variable says off: "", "0", "false" or "no" (any case, spaces around). */
@@ -89,6 +91,7 @@ export function globals(command: Command): GlobalOptions {
     // LEASEHOLD_SERVER="" is unset, as the other variables' empty values are.
     server: text(o.server) ?? DEFAULT_SERVER,
     json: Boolean(o.json),
+    requestTimeoutMs: durationMsFlag("--request-timeout", text(o.requestTimeout) ?? "30s"),
     security: {
       tlsCa: text(o.tlsCa),
       tlsCert: text(o.tlsCert),
@@ -491,17 +494,29 @@ export async function withServer<C extends Record<string, { close(): void }>>(
   const target = await grpcTarget(g.server);
   const addresses = await expandAddresses(splitAddresses(g.server));
   const clients = open((service) =>
-    withFailover(
+    withDefaultDeadline(
       service,
-      createClient(service, target, channel.credentials, channel.options, channel.interceptors),
-      addresses,
-      (address) => createClient(service, address, channel.credentials, channel.options, channel.interceptors),
+      withFailover(
+        service,
+        createClient(service, target, channel.credentials, channel.options, channel.interceptors),
+        addresses,
+        (address) =>
+          createClient(service, address, channel.credentials, channel.options, channel.interceptors),
+      ),
+      g.requestTimeoutMs,
     ),
   );
   try {
     const code = await fn(clients, g);
     if (typeof code === "number" && code !== EXIT.ok) process.exitCode = code;
   } catch (error) {
+    if (defaultDeadlinePassed(error))
+      throw new CliError(
+        `the server at ${g.server} did not answer within ${g.requestTimeoutMs / 1000} s (--request-timeout): ` +
+          "it may be overloaded or hung; a change it asked for may or may not have been made; run it again " +
+          "(with --request-id a submit is not made twice)",
+        EXIT.unreachable,
+      );
     throw error instanceof CliError ? error : cliErrorFrom(error, g.server);
   } finally {
     for (const client of Object.values(clients)) client.close();

@@ -5,6 +5,7 @@ import * as grpc from "@grpc/grpc-js";
 import { ActionService } from "../gen/leasehold/v1/action_pb.js";
 import { decodeBasicSubmitResults } from "./action-wire.js";
 import { createServiceDefinition, encodeMessage, type FastDecoders, keepBytes } from "./adapter.js";
+import { errorReasonOf } from "./status.js";
 
 /** Decoders every client tries first for some unary answers, by service (see `FastDecoders`). */
 const UNARY_DECODERS: Readonly<Record<string, FastDecoders>> = {
@@ -214,3 +215,40 @@ export function createClient<S extends GenServiceMethods>(
   }
   return client as Client<S>;
 }
+
+/**
+ * `client` with a deadline `timeoutMs` after its start on every unary call
+ * that brings none of its own (a call that waits on the server, such as
+ * CollectOutputs, sets a longer one). Streams are left as they are: they
+ * follow changes for as long as asked. A server that hangs (a stopped
+ * process, a connection dead one way) otherwise holds a call forever.
+ */
+export function withDefaultDeadline<S extends GenServiceMethods>(
+  service: GenService<S>,
+  client: Client<S>,
+  timeoutMs: number,
+): Client<S> {
+  if (!(timeoutMs > 0)) return client;
+  const methods = client as unknown as Record<string, unknown>;
+  const wrapped: Record<string, unknown> = { ...methods };
+  for (const method of service.methods) {
+    if (method.methodKind !== "unary") continue;
+    const call = methods[method.localName] as (request: unknown, options?: CallOptions) => Promise<unknown>;
+    wrapped[method.localName] = (request: unknown, options?: CallOptions) => {
+      if (options?.deadline) return call(request, options);
+      return call(request, { ...options, deadline: new Date(Date.now() + timeoutMs) }).catch(
+        (error: unknown) => {
+          // Only the client's own deadline: a server's DEADLINE_EXCEEDED gives a reason.
+          if ((error as { code?: unknown })?.code === grpc.status.DEADLINE_EXCEEDED && !errorReasonOf(error))
+            Object.assign(error as object, { defaultDeadlinePassed: true });
+          throw error;
+        },
+      );
+    };
+  }
+  return wrapped as unknown as Client<S>;
+}
+
+/** Whether `error` is a call's deadline set by {@link withDefaultDeadline} passing. */
+export const defaultDeadlinePassed = (error: unknown): boolean =>
+  (error as { defaultDeadlinePassed?: unknown } | undefined)?.defaultDeadlinePassed === true;

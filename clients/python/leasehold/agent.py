@@ -14,18 +14,27 @@ of proto/leasehold/v1/worker.proto); the TypeScript agent SDK
   the lease is released once the handler returns, after EXPIRED, SUPERSEDED
   or ROLLED_BACK it is dropped without a word;
 * a lost stream is reopened after a delay with full jitter, never longer than
-  an eighth of the grace period;
-* a stream is left for the next address when its heartbeats go unanswered for
+  an eighth of the grace period, on one of the other addresses picked at
+  random (the next one in a fixed order would move every agent of a server
+  that went away onto one server);
+* a stream is left for another address when its heartbeats go unanswered for
   1.5 intervals, or, given several addresses, when its acks have said for an
   interval that the server cannot reach its database and another address's
-  health answers SERVING (at most one round of checks per 4 intervals);
+  health answers SERVING (at most one round of checks per 4 intervals; the
+  stream then goes to that one);
+* before the welcome, given several addresses, the agent asks the server for
+  its health (grpc.health.v1 Check) on the stream's own channel right after
+  the hello and every heartbeat interval, and leaves the stream when a check
+  goes unanswered for 1.5 intervals: a hung server holds a hello forever, and
+  HTTP/2 keepalive would notice it only after 15 s;
 * self-fencing: each heartbeat ack guarantees the session until (send time of
   the acknowledged heartbeat + ``remaining`` - margin); when that local
   deadline passes without a fresh ack, every running handler is cancelled and
   its lease released, never reported as done, and new grants wait for an ack.
 
-Threads: one reads the stream (and reconnects), one sends heartbeats per
-stream (and one asks the other addresses' health while a round of checks,
+Threads: one reads the stream (and reconnects), one asks the server's health
+per stream until its welcome (given several addresses), one sends heartbeats
+per stream (and one asks the other addresses' health while a round of checks,
 started by an ack once the acks have said for an interval that the database
 is unreachable, is out), one watches the self-fence deadline, ``capacity``
 run handlers, and one delivers events to ``on_event``. All agent state is
@@ -54,7 +63,7 @@ from google.protobuf import struct_pb2
 from leasehold.backoff import reconnect_delay, refused_delay
 from leasehold.channels import open_channel
 from leasehold.errors import LeaseholdError
-from leasehold.health import answered_serving, check_health
+from leasehold.health import answered_in_time, answered_serving, check_health
 from leasehold.structs import payload_violation, python_to_struct, scrub_nul, struct_to_python
 from leasehold.v1 import worker_pb2, worker_pb2_grpc
 
@@ -90,8 +99,11 @@ _HEALTH_ROUND_HEARTBEATS = 4
 # starts: servers notice an outage up to an interval apart. Three quarters: the second such ack,
 # about an interval after the first, is enough even when it comes a little early.
 _UNREACHABLE_HEARTBEATS = 0.75
-# The health service name the other addresses are asked about.
+# The health service name the other addresses, and a server that has not welcomed the agent yet,
+# are asked about.
 _HEALTH_SERVICE = "leasehold.v1.WorkerService"
+# The heartbeat interval assumed before the first welcome tells the server's, in seconds: its default.
+_DEFAULT_HEARTBEAT_INTERVAL = 2.0
 
 _REVOKE_REASONS = {
     worker_pb2.REVOKE_REASON_EXPIRED: "expired",
@@ -316,8 +328,9 @@ class _Stream:
         self.grants_stopped = False
         """The server sends no more grants on this stream: the agent is closing and the server takes
         StopGrants (see Agent._stop_grants)."""
-        # Why the agent left this stream itself (the server stopped answering, or cannot reach
-        # its database while another address serves), if it did.
+        # Why the agent left this stream itself (the server stopped answering, answered no health
+        # check before its welcome, or cannot reach its database while another address serves), if
+        # it did.
         self.abandoned: str | None = None
         self.next_index: int | None = None
         """The address the next stream goes to, when the agent left this one for an address that serves."""
@@ -349,6 +362,21 @@ class _Stream:
         """What gRPC writes: the outbox until close_writes()."""
         while (message := self._outbox.get()) is not None:
             yield message
+
+
+def another_address(addresses: Sequence[str], index: int, rand: Callable[[], float] = random.random) -> int:
+    """The index of the address to try after the one at ``index`` (taken modulo): one of the other
+    addresses, each as likely; ``index`` itself (modulo) when there is no other.
+
+    An entry naming the same address as the current one is the same server, not another. Going to
+    the next one in order would move every agent of a server that went away onto one server, and a
+    rolling restart of them all would leave the whole fleet on one.
+    """
+    here = index % len(addresses)
+    others = [i for i, address in enumerate(addresses) if address != addresses[here]]
+    if not others:
+        return here
+    return others[min(int(rand() * len(others)), len(others) - 1)]
 
 
 _NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -402,9 +430,12 @@ class Agent:
 
         Args:
             address: The server's host:port, or several: the agent starts at a
-                random one and moves to the next whenever its stream ends (or to
-                the first, after the current one, whose health answers SERVING,
-                when it leaves a server that cannot reach its database).
+                random one and moves to another one, at random, whenever its
+                stream ends (or to the first, after the current one, whose
+                health answers SERVING, when it leaves a server that cannot
+                reach its database). Before a welcome, it leaves a server that
+                answers no health check on the stream's channel within 1.5
+                heartbeat intervals.
             cluster: The cluster the worker belongs to.
             worker_id: The worker's stable id, unique across all clusters.
             handler: Runs one action (see :data:`Handler`).
@@ -591,6 +622,9 @@ class Agent:
                     stop_grants=stream.hello_stopped_grants,
                 )
                 stream.send(worker_pb2.ConnectRequest(hello=hello))
+            if len(set(self._addresses)) > 1:
+                probe = threading.Thread(target=self._probe_until_welcome, args=(stream,), daemon=True)
+                probe.start()
             error: grpc.RpcError | None = None
             try:
                 for response in worker_pb2_grpc.WorkerServiceStub(stream.channel).Connect(stream.requests()):
@@ -619,7 +653,7 @@ class Agent:
             if stream.next_index is not None:
                 self._address_index = stream.next_index
             else:
-                self._address_index += 1
+                self._address_index = another_address(self._addresses, stream.index)
             code = error.code() if isinstance(error, grpc.Call) else None
             reason = LeaseholdError.from_rpc_error(error).reason if isinstance(error, grpc.Call) else None
             taken_over = (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER")
@@ -731,7 +765,7 @@ class Agent:
                     self._beat(stream)
             # A server that stopped answering (hung, frozen, or a connection dead one way) never
             # ends the stream: leave it once the oldest heartbeat is unanswered for 1.5 intervals,
-            # while the session and its leases can still be resumed through the next address.
+            # while the session and its leases can still be resumed through another address.
             # Looked at again a moment later: after a pause of this process, this thread may run
             # before the one reading the answer that is already waiting.
             if unanswered is not None and not stream.ended.wait(0.2):
@@ -741,6 +775,44 @@ class Agent:
                         stream.abandoned = f"the server answered no heartbeat for {round(unanswered * 1000)}ms"
                         stream.channel.close()
                         return
+
+    def _probe_until_welcome(self, stream: _Stream) -> None:
+        """Asks the server of ``stream`` for its health, on the stream's own channel (so the same
+        connection), right after the hello and then every heartbeat interval until the welcome
+        (or the end of the stream); leaves the stream when a check goes unanswered for 1.5
+        intervals.
+
+        Before the welcome the rule on unanswered heartbeats does not apply yet, and a server may
+        rightly hold the hello for long (starting, or waiting for its database). A hung one holds
+        it forever, and HTTP/2 keepalive notices only after 15 s, past a 10 s grace: with other
+        addresses to go to, leave it while the leases can still be resumed elsewhere. Any answer,
+        NOT_SERVING or an error status too, means the server is alive and merely holds the hello.
+        """
+        while True:
+            with self._lock:
+                if stream.ended.is_set() or stream.welcomed or stream.abandoned is not None:
+                    return
+                interval = self._heartbeat_interval or _DEFAULT_HEARTBEAT_INTERVAL
+            sent_at = time.monotonic()
+            # The check waits on this thread, not the one reading the stream; closing the channel
+            # (the stream ends) cancels it.
+            try:
+                check = check_health(stream.channel, _HEALTH_SERVICE, _UNANSWERED_HEARTBEATS * interval)
+            except ValueError:
+                return  # the channel is closed already: the stream is ending
+            answered = answered_in_time(check)
+            waited = time.monotonic() - sent_at
+            with self._lock:
+                if stream.ended.is_set() or stream.welcomed or stream.abandoned is not None:
+                    return
+                if not answered:
+                    stream.abandoned = (
+                        f"the server answered no health check for {round(waited * 1000)}ms before welcoming the agent"
+                    )
+                    stream.channel.close()
+                    return
+            if stream.ended.wait(max(0.0, interval - waited)):
+                return
 
     def _health_round_due(self, stream: _Stream, interval: float) -> list[tuple[int, str]]:
         """The other addresses (index, address), in order after the stream's, when a round of health

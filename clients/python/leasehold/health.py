@@ -38,3 +38,21 @@ def answered_serving(check: grpc.Future) -> bool:
         return check.result() == SERVING
     except (grpc.RpcError, grpc.FutureCancelledError):
         return False
+
+
+def answered_in_time(check: grpc.Future) -> bool:
+    """Waits for ``check`` (bounded by its deadline): whether the server answered before it.
+
+    Whatever it answered: a server that is starting, or waits for its database,
+    still answers (NOT_SERVING, or an error status); a hung one (a stopped
+    process, a connection dead one way) does not. Only a deadline passed
+    without an answer is no: a call cancelled, or a connection that failed,
+    ends the stream on the same channel anyway.
+    """
+    try:
+        check.result()
+    except grpc.FutureCancelledError:
+        return True
+    except grpc.RpcError as error:
+        return not (isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
+    return True

@@ -1,6 +1,7 @@
 """A scripted WorkerService for the agent's tests, on a free loopback port."""
 
 import queue
+import socket
 import threading
 import time
 import unittest
@@ -18,10 +19,10 @@ HEALTH_NOT_SERVING = 2
 
 
 class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
-    """Welcomes the agent (a grace period of GRACE_SECONDS), acks its heartbeats with as long a
-    guarantee (until ``lose_database()``), accepts every report (completion or release), and writes
-    what the test sends, in one order: ``acked`` is set once the first ack is queued, so a grant
-    sent after it always follows that ack.
+    """Welcomes the agent (a grace period of ``grace``, GRACE_SECONDS by default), acks its heartbeats
+    with a guarantee of ``remaining`` (GRACE_SECONDS by default; until ``lose_database()``), accepts
+    every report (completion or release), and writes what the test sends, in one order: ``acked``
+    is set once the first ack is queued, so a grant sent after it always follows that ack.
     ``break_stream()`` ends the current stream with UNAVAILABLE, as a server that restarts does.
     ``take_over()`` ends the stream as the server does when another stream takes the session (or,
     with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
@@ -30,8 +31,12 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     The welcome sets accepts_stop_grants as ``accepts_stop_grants`` says; ``got`` receives, in
     order, a line for each hello, StopGrants, report and goodbye (see ``described``)."""
 
-    def __init__(self, heartbeat_interval: float = 1.0) -> None:
+    def __init__(
+        self, heartbeat_interval: float = 1.0, grace: float = GRACE_SECONDS, remaining: float = GRACE_SECONDS
+    ) -> None:
         self._heartbeat_interval = heartbeat_interval
+        self._grace = grace
+        self._guarantee = remaining
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._taken_over = threading.Event()
         self._breaking = threading.Event()
@@ -45,12 +50,16 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.accepts_stop_grants = False
         self.got: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Set: acks say database_unreachable and count down to the deadline the last one gave, as
-        # on a server that can no longer write its renewals, instead of guaranteeing GRACE_SECONDS.
+        # on a server that can no longer write its renewals, instead of guaranteeing ``remaining``.
         self.frozen_deadline: float | None = None
         self._last_deadline = 0.0
         # Cleared: heartbeats go unanswered, as on a hung server that keeps the stream open.
         self.acking = threading.Event()
         self.acking.set()
+        # Cleared: hellos wait for it to be set before their welcome, as on a server that is starting
+        # or waiting for its database.
+        self.welcoming = threading.Event()
+        self.welcoming.set()
         self._holding = False
         self._held: list[tuple[queue.SimpleQueue, int]] = []
         """Held heartbeats, oldest first: their stream's outbox and sequence."""
@@ -88,12 +97,15 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                         self.instance_ids.append(request.hello.instance_id)
                         self.hello_leases.append([(held.action_id, held.epoch) for held in request.hello.held_leases])
                         self.hellos.release()
+                        self.welcoming.wait()
                         interval = duration_pb2.Duration()
                         interval.FromNanoseconds(round(self._heartbeat_interval * 1e9))
+                        grace = duration_pb2.Duration()
+                        grace.FromNanoseconds(round(self._grace * 1e9))
                         welcome = worker_pb2.Welcome(
                             session_id="s1",
                             heartbeat_interval=interval,
-                            grace_period=duration_pb2.Duration(seconds=GRACE_SECONDS),
+                            grace_period=grace,
                             accepts_stop_grants=self.accepts_stop_grants,
                         )
                         outbox.put(worker_pb2.ConnectResponse(welcome=welcome))
@@ -162,26 +174,31 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self.frozen_deadline = self._last_deadline
 
     def regain_database(self) -> None:
-        """From now on, acks guarantee GRACE_SECONDS again and no longer say database_unreachable."""
+        """From now on, acks guarantee ``remaining`` again and no longer say database_unreachable."""
         self.frozen_deadline = None
 
     def _remaining(self) -> float:
         now = time.monotonic()
         if self.frozen_deadline is not None:
             return max(0.0, self.frozen_deadline - now)
-        self._last_deadline = now + GRACE_SECONDS
-        return GRACE_SECONDS
+        self._last_deadline = now + self._guarantee
+        return self._guarantee
 
 
 class ScriptedHealth:
-    """grpc.health.v1 Health/Check, for any service name: ``status`` (SERVING at first). Each check
-    puts the service it asked about and its local time in ``checks``. After ``hold_answers()``, a
+    """grpc.health.v1 Health/Check, for any service name: ``status`` (SERVING at first), or the error
+    ``error`` when it is set. Each check
+    puts the service it asked about and its local time in ``checks``, and the seconds its deadline
+    left when it came in ``deadlines`` (the agent's checks of other addresses have one of an
+    interval, its checks of a server that has not welcomed it 1.5 intervals). After ``hold_answers()``, a
     check answers only once ``answer_held()`` is called (or its deadline passed), and then puts in
     ``answered`` whether its caller still waited (the call neither cancelled nor past its deadline)."""
 
     def __init__(self) -> None:
         self.status = HEALTH_SERVING
+        self.error: grpc.StatusCode | None = None
         self.checks: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
+        self.deadlines: list[float] = []
         self.answered: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._release = threading.Event()
         self._release.set()
@@ -195,11 +212,14 @@ class ScriptedHealth:
     def handler(self) -> grpc.GenericRpcHandler:
         # The messages are StringValue and Int32Value on the wire (see leasehold/health.py).
         def check(request: wrappers_pb2.StringValue, context) -> wrappers_pb2.Int32Value:
+            self.deadlines.append(context.time_remaining())
             self.checks.put((request.value, time.monotonic()))
             if not self._release.is_set():
                 # Until the deadline (the agent always sets one): a held check never outlives its call.
                 released = self._release.wait(context.time_remaining())
                 self.answered.put(released and context.is_active() and context.time_remaining() > 0)
+            if self.error is not None:
+                context.abort(self.error, "scripted health error")
             return wrappers_pb2.Int32Value(value=self.status)
 
         method = grpc.unary_unary_rpc_method_handler(
@@ -210,17 +230,25 @@ class ScriptedHealth:
         return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": method})
 
 
-def serve(test: unittest.TestCase, heartbeat_interval: float = 1.0) -> tuple[ScriptedWorkerService, str]:
+def serve(
+    test: unittest.TestCase,
+    heartbeat_interval: float = 1.0,
+    grace: float = GRACE_SECONDS,
+    remaining: float = GRACE_SECONDS,
+) -> tuple[ScriptedWorkerService, str]:
     """Starts a ScriptedWorkerService, stopped when ``test`` ends; returns it and its address."""
-    service, _, address = serve_with_health(test, heartbeat_interval)
+    service, _, address = serve_with_health(test, heartbeat_interval, grace, remaining)
     return service, address
 
 
 def serve_with_health(
-    test: unittest.TestCase, heartbeat_interval: float = 1.0
+    test: unittest.TestCase,
+    heartbeat_interval: float = 1.0,
+    grace: float = GRACE_SECONDS,
+    remaining: float = GRACE_SECONDS,
 ) -> tuple[ScriptedWorkerService, ScriptedHealth, str]:
     """Starts a ScriptedWorkerService and a ScriptedHealth on one port, stopped when ``test`` ends."""
-    service = ScriptedWorkerService(heartbeat_interval)
+    service = ScriptedWorkerService(heartbeat_interval, grace, remaining)
     health = ScriptedHealth()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(service, server)
@@ -229,6 +257,47 @@ def serve_with_health(
     server.start()
     test.addCleanup(server.stop, None)
     return service, health, f"127.0.0.1:{port}"
+
+
+class SilentListener:
+    """A TCP listener on a free loopback port that takes connections and never writes a byte: a
+    stopped (or hung) server process. ``accepted`` counts the connections taken."""
+
+    def __init__(self, test: unittest.TestCase) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._socket.getsockname()[1]}"
+        self.accepted = 0
+        self._changed = threading.Condition()
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            with self._changed:
+                self._connections.append(connection)
+                self.accepted += 1
+                self._changed.notify_all()
+
+    def wait_for_accepted(self, count: int, timeout: float) -> bool:
+        """Waits until ``count`` connections were taken in all."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.accepted >= count, timeout)
+
+    def close(self) -> None:
+        # Wakes the accepting thread (closing alone does not, on Linux).
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._socket.close()
+        with self._changed:
+            for connection in self._connections:
+                connection.close()
 
 
 def described(request: worker_pb2.ConnectRequest) -> str:

@@ -3,8 +3,10 @@
 // action in its own goroutine with a Handler, reports the result fenced by
 // (action_id, epoch), and follows the rest of the wire contract written in
 // proto/leasehold/v1/worker.proto: reconnection with bounded, jittered
-// backoff that lists the held leases so they resume, revokes, drains,
-// self-fencing, and a goodbye on Close.
+// backoff to another of the server's addresses, picked at random, with a
+// hello that lists the held leases so they resume; leaving a server that
+// answers no heartbeat, or, before the welcome, no health check; revokes,
+// drains, self-fencing, and a goodbye on Close.
 //
 // It is a port of the TypeScript agent SDK (src/agent/agent.ts), which stays
 // the reference: the two behave the same on the wire.
@@ -39,12 +41,17 @@ type Handler func(ctx context.Context, action *Action) (*structpb.Struct, error)
 // Options configure an Agent. Cluster, WorkerID, Addresses and Handler are required.
 type Options struct {
 	// Addresses of the server as host:port. The agent starts at a random one
-	// and moves to the next whenever its stream ends. It ends a stream itself
-	// when the server answers no heartbeat for 1.5 heartbeat intervals, and,
-	// with several addresses, when the acks have said for a heartbeat interval
-	// that the server cannot reach its database and another address's
-	// grpc.health.v1 Check says SERVING: the next stream then goes to the
-	// first such address after the current one.
+	// and, whenever its stream ends, moves to another picked at random among
+	// the others (entries naming the same address are one; with a single
+	// address it stays). It ends a stream itself when the server answers no
+	// heartbeat for 1.5 heartbeat intervals, and, with several addresses:
+	// before the welcome, when a grpc.health.v1 Check on the stream's own
+	// connection, sent right after the hello and then every heartbeat
+	// interval (2 s before any welcome), goes unanswered for 1.5 intervals
+	// (any answer, NOT_SERVING too, means the server is alive); and when the
+	// acks have said for a heartbeat interval that the server cannot reach
+	// its database and another address's Check says SERVING: the next stream
+	// then goes to the first such address after the current one.
 	Addresses []string
 	// Cluster the worker belongs to.
 	Cluster string

@@ -50,15 +50,20 @@ type conn struct {
 	// arrived (zero while they do not say so).
 	asking           bool
 	unreachableSince time.Time
+	// probeEvery: until the welcome, the server's health is asked on the
+	// stream's connection this often (see welcome_probe.go); zero for never.
+	probeEvery time.Duration
 }
 
 // dialOptions are added to the caller's: keepalive like the TypeScript SDK,
 // and a connect timeout of 5 s instead of 20 s, so that an address that
-// does not answer (with several, the agent moves on to the next) costs less
-// than the grace period; a server whose event loop is busy (starting up)
-// still gets the time to finish its handshake. Each stream gets its own
-// ClientConn, so the agent's backoff (bounded by grace/8) is the only one
-// between attempts: grpc-go's own connection backoff never comes into play.
+// does not answer costs less than the grace period; a server whose event
+// loop is busy (starting up) still gets the time to finish its handshake
+// when it is the only address (with several, the health checks before the
+// welcome leave it after 1.5 heartbeat intervals: see welcome_probe.go).
+// Each stream gets its own ClientConn, so the agent's backoff (bounded by
+// grace/8) is the only one between attempts: grpc-go's own connection
+// backoff never comes into play.
 func dialOptions() []grpc.DialOption {
 	return []grpc.DialOption{
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{
@@ -76,6 +81,11 @@ func (a *Agent) dial(c *conn) {
 		return
 	}
 	defer cc.Close()
+	if c.probeEvery > 0 {
+		// Started before the stream: opening it waits for the connection's handshake, and so
+		// does the check, which then also finds a server that never finishes it.
+		a.post(func() { a.probe(c, cc) })
+	}
 	stream, err := leaseholdv1.NewWorkerServiceClient(cc).Connect(c.ctx)
 	if err != nil {
 		a.post(func() { a.ended(c, err) })

@@ -59,6 +59,10 @@ type scriptedServer struct {
 	// acceptsStopGrants: the welcome sets accepts_stop_grants.
 	acceptsStopGrants atomic.Bool
 	got               chan string
+	// holdWelcome: the welcome waits for a value on releaseWelcome, as that
+	// of a server starting, or waiting for its database, does.
+	holdWelcome    atomic.Bool
+	releaseWelcome chan struct{}
 }
 
 // described is a line for got: "hello" (with " stop_grants" when it sets
@@ -102,7 +106,10 @@ func (s *scriptedServer) answerOldest(t *testing.T) {
 // still waited: its call was neither cancelled nor past its deadline.
 type scriptedHealth struct {
 	grpc_health_v1.UnimplementedHealthServer
-	status   atomic.Int32
+	status atomic.Int32
+	// failing: checks answer with an error status instead (UNIMPLEMENTED, as a
+	// server without the health service does).
+	failing  atomic.Bool
 	checks   chan time.Time
 	holding  atomic.Bool
 	release  chan struct{}
@@ -131,6 +138,9 @@ func (h *scriptedHealth) Check(ctx context.Context, req *grpc_health_v1.HealthCh
 		default:
 		}
 	}
+	if h.failing.Load() {
+		return nil, status.Error(codes.Unimplemented, "no health service here")
+	}
 	return &grpc_health_v1.HealthCheckResponse{Status: grpc_health_v1.HealthCheckResponse_ServingStatus(h.status.Load())}, nil
 }
 
@@ -153,6 +163,8 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 	}
 	// The heartbeats held back, oldest first.
 	var held []uint64
+	// The welcome held back (holdWelcome), until releaseWelcome.
+	var heldWelcome *leaseholdv1.ConnectResponse
 	var answer func(*leaseholdv1.ConnectRequest)
 	answer = func(req *leaseholdv1.ConnectRequest) {
 		if line := described(req); line != "" {
@@ -169,10 +181,15 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 		case *leaseholdv1.ConnectRequest_Hello:
 			s.instance.Store(m.Hello.GetInstanceId())
 			s.hellos <- m.Hello.GetHeldLeases()
-			send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
+			welcome := &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Welcome{Welcome: &leaseholdv1.Welcome{
 				SessionId: "s1", HeartbeatInterval: durationpb.New(s.timing.heartbeat),
 				GracePeriod: durationpb.New(s.timing.grace), AcceptsBatches: true,
-				AcceptsStopGrants: s.acceptsStopGrants.Load()}}})
+				AcceptsStopGrants: s.acceptsStopGrants.Load()}}}
+			if s.holdWelcome.Load() {
+				heldWelcome = welcome
+			} else {
+				send(welcome)
+			}
 		case *leaseholdv1.ConnectRequest_Heartbeat:
 			switch {
 			case !s.acking.Load():
@@ -218,6 +235,11 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 				ack(held[0])
 				held = held[1:]
 			}
+		case <-s.releaseWelcome:
+			if heldWelcome != nil {
+				send(heldWelcome)
+				heldWelcome = nil
+			}
 		case err := <-s.end:
 			return err
 		}
@@ -240,7 +262,8 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
 		end: make(chan error, 1), address: listener.Addr().String(),
 		held: make(chan uint64, 8), oldest: make(chan struct{}), got: make(chan string, 64),
-		health: &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
+		releaseWelcome: make(chan struct{}),
+		health:         &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
 	script.acking.Store(true)
 	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)

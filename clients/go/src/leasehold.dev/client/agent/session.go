@@ -65,8 +65,9 @@ var revokeReasons = map[leaseholdv1.RevokeReason]string{
 	leaseholdv1.RevokeReason_REVOKE_REASON_DRAINED:         "drained",
 }
 
-// connect opens a stream to the next address with a hello that lists every
-// lease still held, so that they resume.
+// connect opens a stream to the address chosen when the last one ended (a
+// random one at the start) with a hello that lists every lease still held,
+// so that they resume.
 func (a *Agent) connect() {
 	if a.stopped {
 		return
@@ -83,6 +84,7 @@ func (a *Agent) connect() {
 		pending: map[uint64]*run{},
 		// A stream opened while closing takes no work from its start (worker.proto, Hello).
 		helloStoppedGrants: a.closing,
+		probeEvery:         a.probeEvery(),
 	}
 	a.current = c
 	c.out.push(&leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_Hello{Hello: &leaseholdv1.Hello{
@@ -113,8 +115,9 @@ func (a *Agent) heldLeases() []*leaseholdv1.HeldLease {
 	return held
 }
 
-// ended handles the end of a stream: reconnect after a jittered delay,
-// unless it ended on our goodbye or the agent stopped.
+// ended handles the end of a stream: reconnect after a jittered delay to
+// another address, picked at random (see anotherAddress), unless it ended on
+// our goodbye or the agent stopped.
 func (a *Agent) ended(c *conn, err error) {
 	if c.ended {
 		return
@@ -131,7 +134,7 @@ func (a *Agent) ended(c *conn, err error) {
 		return
 	}
 	// The fence timer keeps running: the deadline from the last ack still applies.
-	a.addressIndex++
+	a.addressIndex = anotherAddress(a.opts.Addresses, c.index, a.rng.Intn)
 	e := rpcerr.From(err)
 	if e == nil {
 		e = rpcerr.From(fmt.Errorf("the server ended the stream"))
@@ -236,7 +239,7 @@ func (a *Agent) welcome(c *conn, w *leaseholdv1.Welcome) {
 		r.gone = true
 		a.abort(r, &LeaseLost{Reason: "superseded", Message: "the server revoked this lease when the agent reconnected"})
 	}
-	a.heartbeatInterval = 2 * time.Second
+	a.heartbeatInterval = defaultHeartbeat
 	if w.GetHeartbeatInterval() != nil {
 		a.heartbeatInterval = w.GetHeartbeatInterval().AsDuration()
 	}

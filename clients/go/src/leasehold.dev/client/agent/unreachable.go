@@ -93,10 +93,11 @@ func (a *Agent) healthAnswered(c *conn, next int) {
 		return
 	}
 	// Like a server that stopped answering: the session and its leases are
-	// resumed through the next stream, handlers keep running. ended moves on
-	// by one address, to next.
-	a.addressIndex = next + len(a.opts.Addresses) - 1
+	// resumed through the next stream, handlers keep running. That stream
+	// goes to next, not to the address ended picks at random: it opens later,
+	// on the loop.
 	a.ended(c, fmt.Errorf("the server cannot reach its database; %s serves", a.opts.Addresses[next]))
+	a.addressIndex = next
 }
 
 // firstServing asks every address's grpc.health.v1 Health/Check about the

@@ -127,7 +127,8 @@ describe.runIf(onPglite)("the Python client (clients/python)", () => {
   });
 
   describe.skipIf(missing !== undefined)("against a real server", () => {
-    // About 6 s alone (scripted gRPC servers, an agent's bounded goodbye wait); far more beside
+    // About 40 s alone, nearly all of it waiting (scripted gRPC servers, heartbeat intervals, an
+    // agent's bounded goodbye wait, hung servers left by their health checks); longer beside
     // other test files on a loaded two-core machine.
     it("passes its own unit tests", { timeout: 120_000 }, async () => {
       const { stderr } = await execFileAsync(PYTHON, ["-m", "unittest", "discover", "-s", "tests"], {

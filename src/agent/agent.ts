@@ -1730,6 +1730,8 @@ export function createAgent(options: AgentOptions): Agent {
       await new Promise<void>((resolve) => {
         closeDone = resolve;
         const conn = current;
+        // Never welcomed and no hello in flight: no session to end, and nothing to wait for.
+        if (sessionId === undefined && (conn === undefined || conn.ended)) resolve();
         if (conn) finishClose(conn);
         // The server may have ended the stream on an earlier goodbye already.
         if (conn?.ended && conn.saidGoodbye) resolve();

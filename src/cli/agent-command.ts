@@ -179,20 +179,15 @@ export function agentCommand(): Command {
           security: g.security,
           allow,
         });
-        // Human output says once why the server cannot be reached, not once per try (nor once
-        // per address, with several --server addresses tried in turn).
-        let quiet = false;
+        const disconnects = disconnectNotices();
         const log = (event: AgentEvent) => {
           if (g.json) return printJson({ time: new Date().toISOString(), ...event });
           if (event.type === "disconnected") {
-            if (quiet) return;
-            quiet = true;
-            printLine(
-              `${new Date().toISOString()} disconnected (${unreachableWhy(event.error)}); reconnecting with backoff, quietly until it connects`,
-            );
+            const line = disconnects.noticeOf(unreachableWhy(event.error), Date.now());
+            if (line !== undefined) printLine(`${new Date().toISOString()} ${line}`);
             return;
           }
-          if (event.type === "connected") quiet = false;
+          if (event.type === "connected") disconnects.connected();
           printLine(`${new Date().toISOString()} ${describe(event)}`);
         };
         /** One line of the agent's own (not the SDK's events): `type` and `fields` under --json. */
@@ -237,14 +232,26 @@ export function agentCommand(): Command {
           const nth = interrupts();
           if (nth === undefined) return;
           if (nth === 1) {
-            say(
-              "interrupt_drain",
-              "draining: finishing held actions, then goodbye (Ctrl-C again stops them now)",
-              {
+            if (agent.sessionId === undefined)
+              say("interrupt_unconnected", "never connected to a server: nothing to hand back; exiting", {
                 signal,
-              },
-            );
-            agent.close().then(closed, closed);
+              });
+            else
+              say(
+                "interrupt_drain",
+                "draining: finishing held actions, then goodbye (Ctrl-C again stops them now)",
+                {
+                  signal,
+                },
+              );
+            agent.close().then((result) => {
+              if (!result.goodbye && agent.sessionId !== undefined)
+                say(
+                  "goodbye_unconfirmed",
+                  "the server did not confirm the goodbye: it ends the session at its deadline (the grace period after the last heartbeat)",
+                );
+              closed();
+            }, closed);
           } else if (nth === 2) {
             const held = agent.running;
             if (held > 0) cutShortBy = signal;
@@ -349,4 +356,38 @@ function describe(e: AgentEvent): string {
     case "taken_over":
       return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
   }
+}
+
+/** How often the agent says again that it still cannot connect. */
+const STILL_DISCONNECTED_EVERY_MS = 30_000;
+
+/**
+ * The human lines for a run of failed connection attempts: the first, then
+ * one whenever a reason not yet told comes up (a refusal of the agent's
+ * credentials after a server that was down), and one every 30 s while it
+ * lasts, so that an agent that cannot connect never goes silent; with
+ * several --server addresses tried in turn, each reason is told once.
+ */
+export function disconnectNotices() {
+  let since: number | undefined;
+  let saidAt = 0;
+  const told = new Set<string>();
+  return {
+    noticeOf(why: string, now: number): string | undefined {
+      if (since === undefined) {
+        since = now;
+        saidAt = now;
+        told.add(why);
+        return `disconnected (${why}); reconnecting with backoff`;
+      }
+      if (told.has(why) && now - saidAt < STILL_DISCONNECTED_EVERY_MS) return undefined;
+      told.add(why);
+      saidAt = now;
+      return `still disconnected after ${Math.round((now - since) / 1000)} s (${why}); reconnecting with backoff`;
+    },
+    connected(): void {
+      since = undefined;
+      told.clear();
+    },
+  };
 }

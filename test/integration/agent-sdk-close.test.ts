@@ -1,3 +1,4 @@
+import { createServer } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { createAgent } from "../../src/agent/index.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
@@ -38,6 +39,26 @@ describe("an SDK agent's close() says what it did", () => {
     await t.stop();
     await events.until((e) => e.type === "disconnected");
     expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: false, stillRunning: [] });
+  });
+
+  it("has no goodbye to wait for when it was never welcomed and no hello is out", async () => {
+    // A port that cuts every connection: the agent only ever retries.
+    const holder = createServer((socket) => socket.destroy());
+    await new Promise<void>((resolve) => holder.listen(0, "127.0.0.1", resolve));
+    cleanups.push(() => holder.close());
+    const events = agentEvents();
+    const agent = createAgent({
+      address: `127.0.0.1:${(holder.address() as { port: number }).port}`,
+      cluster: "never-welcomed",
+      workerId: "never",
+      onEvent: events.onEvent,
+      handler: async () => ({}),
+    });
+    await events.until((e) => e.type === "disconnected");
+    // It used to wait 5 s for a goodbye it could never say; the bound leaves room for a busy machine.
+    const started = performance.now();
+    expect(await agent.close()).toEqual({ goodbye: false, stillRunning: [] });
+    expect(performance.now() - started).toBeLessThan(4000);
   });
 
   it("asks for no more grants when close() comes between the hello and the welcome", async () => {

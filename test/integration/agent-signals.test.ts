@@ -1,12 +1,13 @@
 import { readdirSync } from "node:fs";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { SAME_SIGNAL_MS } from "../../src/cli/signals.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
-import { type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
+import { type LeaseholdProcess, runLeasehold, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
 /**
@@ -106,6 +107,40 @@ describe.runIf(runsDriverNeutralTests())(
       const got = await t.client(ActionService).getAction({ actionId });
       return { state: got.action?.state, attempts: got.attempts.map((a) => a.outcome) };
     };
+
+    it("exits on the first Ctrl-C when it never connected: there is no session to end", async () => {
+      // A port that takes connections and cuts each at once: no server, and no other test's on it.
+      const holder = createServer((socket) => socket.destroy());
+      await new Promise<void>((resolve) => holder.listen(0, "127.0.0.1", resolve));
+      const port = (holder.address() as { port: number }).port;
+      try {
+        const workDir = join(dir, "never");
+        const agent = runLeasehold(
+          [
+            "--server",
+            `127.0.0.1:${port}`,
+            "--json",
+            "agent",
+            "--cluster",
+            "never-connected",
+            "--worker-id",
+            "never",
+            "--work-dir",
+            workDir,
+            "--allow-any-command",
+          ],
+          undefined,
+        );
+        agents.push({ agent, workDir, workerId: "never" });
+        await agent.waitForLog((l) => l.type === "disconnected");
+        agent.child.kill("SIGINT");
+        await agent.waitForLog((l) => l.type === "interrupt_unconnected");
+        expect(await agent.exited).toBe(0);
+        expect(agent.logs.filter((l) => l.type === "goodbye_unconfirmed")).toEqual([]);
+      } finally {
+        holder.close();
+      }
+    });
 
     // The drain alone would wait 30 s for the command: the test's timeout fails it long before.
     it("stops the held command on a second Ctrl-C, gives its lease back, and exits 130", {

@@ -31,7 +31,9 @@ describe.runIf(runsDriverNeutralTests())("the CLI's --request-timeout", () => {
     const r = await runCli(["--server", hung.address, "--request-timeout", "500ms", "action", "get", "a1"]);
     expect(hung.calls()).toBe(1);
     expect(r.code).toBe(3);
-    expect(r.stderr).toContain(`the server at ${hung.address} did not answer within 0.5 s (--request-timeout)`);
+    expect(r.stderr).toContain(
+      `the server at ${hung.address} did not answer within 0.5 s (--request-timeout)`,
+    );
     expect(r.stderr).toContain("may or may not have been made");
   });
 

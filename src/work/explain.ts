@@ -72,7 +72,7 @@ function heartbeatStep(attempt: AttemptRecord, session: HoldingSession, now: Dat
     return { at: attempt.startedAt, epoch, summary };
   }
   const summary = attempt.endedAt
-    ? `heartbeats: ${holder} was heard for ${seconds(attempt.startedAt, last)} while it held epoch ${epoch}, last at ${iso(last)}`
+    ? `heartbeats: ${holder} was last heard ${seconds(attempt.startedAt, last)} after the grant of epoch ${epoch}, at ${iso(last)}`
     : `heartbeats: ${holder} holds epoch ${epoch}, last heard ${seconds(last, now)} ago; its deadline is ${iso(session.deadline)}`;
   return { at: last, epoch, summary };
 }
@@ -91,7 +91,9 @@ function tell(
     case "lease_granted":
       return `epoch ${epoch} granted to ${worker} (session ${session})`;
     case "lease_resumed":
-      return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session}): nothing re-runs`;
+      // Not "nothing re-runs": a worker that self-fenced meanwhile still lists the lease until
+      // its release is answered, and the release that follows is told in its own step.
+      return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session}): the lease still holds`;
     case "stream_lost": {
       const deadline = typeof e.details?.deadline === "string" ? new Date(e.details.deadline) : undefined;
       const grace = deadline ? `, in grace until ${iso(deadline)} (${seconds(e.at, deadline)})` : "";

@@ -52,6 +52,9 @@ function actionRow(a: Action): string[] {
     time(a.createTime),
   ];
 }
+/** Characters of the end of a failed command's stdout or stderr that `action get` shows. */
+const TAIL_CHARS = 1000;
+
 const ACTION_HEADERS = ["ID", "STATE", "CLUSTER", "WORKER", "EPOCH", "ATTEMPTS", "PHASE", "CREATED"];
 
 /** JSON on one line, cut to `max` characters. */
@@ -316,17 +319,31 @@ export function actionCommands(): Command {
           return undefined;
         }
         if (a) {
-          // A finished action has no lease: its worker is the last attempt's.
+          // A finished action has no lease: its worker is the last attempt's. A queued one (a
+          // retry waiting) has none yet: the last attempt's worker would read as its holder.
           const row = actionRow(a);
-          if (!a.lease && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
+          const finished = a.state !== ActionState.QUEUED && a.state !== ActionState.LEASED;
+          if (!a.lease && finished && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
           printTable(ACTION_HEADERS, [row]);
         }
         if (a?.createdBy) printLine(`created by: ${a.createdBy}`);
         if (a?.failureReason) printLine(`reason: ${a.failureReason}`);
         if (a?.phase) printLine(`phase: ${phaseText(a)}`);
         if (a?.output) printLine(`output: ${compact(a.output, 2000)}`);
-        if (a?.lastError)
+        if (a?.lastError) {
           printLine(`last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}`);
+          // What a failed command wrote (the reference agent's details): most often the reason.
+          // On one line like every value, its newlines shown as \n; --json gives it whole.
+          for (const [key, name] of [
+            ["stderrTail", "stderr"],
+            ["stdoutTail", "stdout"],
+          ] as const) {
+            const tail = a.lastError.details?.[key];
+            if (typeof tail !== "string" || tail.trim() === "") continue;
+            const end = tail.replace(/\n$/, "");
+            printLine(`${name}: ${end.length > TAIL_CHARS ? `…${end.slice(-TAIL_CHARS)}` : end}`);
+          }
+        }
         if (attempts.length > 0) {
           printLine();
           printTable(

@@ -531,6 +531,30 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     }
   });
 
+  it("shows no worker for a retry waiting in the queue, and the last attempt's for a finished action", async () => {
+    const worker = await connectWorker(t.address, {
+      workerId: "cli-retry",
+      cluster: "cli-retry",
+      capacity: 1,
+    });
+    try {
+      const api = t.client(ActionService);
+      const { action } = await api.submitAction({
+        cluster: "cli-retry",
+        retryPolicy: { maxAttempts: 2, initialBackoff: { seconds: 3600n } },
+      });
+      const id = action?.id ?? "";
+      await worker.complete(await worker.next("grant"), { error: "flaky", retryable: true });
+      const queued = await cli([...server, "action", "get", id]);
+      expect(queued.stdout).toMatch(new RegExp(`^${id} +QUEUED +cli-retry +- `, "m"));
+      await api.cancelAction({ actionId: id });
+      const cancelled = await cli([...server, "action", "get", id]);
+      expect(cancelled.stdout).toMatch(new RegExp(`^${id} +CANCELLED +cli-retry +cli-retry `, "m"));
+    } finally {
+      worker.drop();
+    }
+  });
+
   it("prints what the server sends with its control characters escaped, and --json exact", async () => {
     // ESC (a clear-screen sequence), a carriage return, C1's CSI and DEL, as any submitter may send them.
     const nasty = "ok\u001b[2J\r\u009b31m\u007f";
@@ -545,7 +569,11 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     try {
       const { action } = await t.client(ActionService).submitAction({ cluster: "cli-escapes" });
       const grant = await worker.next("grant");
-      await worker.complete(grant, { error: `boom${nasty}\nsecond line`, retryable: false });
+      await worker.complete(grant, {
+        error: `boom${nasty}\nsecond line`,
+        retryable: false,
+        details: { stderrTail: `bad${nasty}\nlast line\n` },
+      });
       const outputs = await Promise.all([
         cli([...server, "lease", "get", leaseId]),
         cli([...server, "lease", "list", "--runtime", "cli-escapes"]),
@@ -562,6 +590,8 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       // One line each, the newline shown too: nothing the server sends makes a line of its own.
       expect(actionGet).toContain(`reason: failed (not retryable): boom${shown}\\nsecond line\n`);
       expect(actionGet).toContain(`last error: boom${shown}\\nsecond line\n`);
+      // What the failed command wrote (the reference agent's details), on one line too.
+      expect(actionGet).toContain(`\nstderr: bad${shown}\\nlast line\n`);
       expect(events).toContain(`boom${shown}\\nsecond line`);
 
       // --json is the exact JSON of the value, DEL and C1 escaped as JSON escapes them.

@@ -21,7 +21,13 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { createClient } from "../rpc/client.js";
 import { jsonObjectOption } from "./json-option.js";
-import { describeDeployment, type LiveTestEvent, runLiveTest, waitForLease } from "./lease-run.js";
+import {
+  deploymentSpec,
+  describeDeployment,
+  type LiveTestEvent,
+  runLiveTest,
+  waitForLease,
+} from "./lease-run.js";
 import { loadDeploymentSpec, loadManifest, ManifestError } from "./manifest.js";
 import {
   CliError,
@@ -533,7 +539,10 @@ export function resourceCommands(): Command[] {
   );
   deployment
     .command("create")
-    .requiredOption("--spec <path>", "the DeploymentSpec, in its proto3 JSON form, as a .json or .yaml file")
+    .requiredOption(
+      "--spec <path>",
+      "the DeploymentSpec as a .json or .yaml file: its proto3 JSON form (containers[].command.argv, readinessProbe, outputsDir), or a manifest's deployment: (containers[].argv, readiness, outputs_dir; ready_timeout is lease run's only)",
+    )
     .option("--lease <id>", "create it inside this open lease (it runs on the lease's runtime)")
     .option("--runtime <cluster>", "where it runs when created without --lease")
     .description("Create a deployment; follow it with `lease wait`.")
@@ -541,7 +550,7 @@ export function resourceCommands(): Command[] {
       withClients(command, async (c, json) => {
         let spec: ReturnType<typeof loadDeploymentSpec>;
         try {
-          spec = loadDeploymentSpec(o.spec ?? "");
+          spec = loadDeploymentSpec(o.spec ?? "", (plan) => deploymentSpec(plan, []));
         } catch (error) {
           throw error instanceof ManifestError ? new CliError(error.message, EXIT.usage) : error;
         }

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 import { basename, dirname, isAbsolute, resolve } from "node:path";
-import { fromJson, type JsonValue } from "@bufbuild/protobuf";
+import { create, fromJson, type JsonValue, type MessageInitShape } from "@bufbuild/protobuf";
 import { parseDocument } from "yaml";
 import { parseDuration } from "../config.js";
 import { type DeploymentSpec, DeploymentSpecSchema } from "../gen/leasehold/v1/resource_pb.js";
@@ -214,11 +214,17 @@ export function parseManifest(text: string, options: ParseManifestOptions): Mani
 }
 
 /**
- * Reads a DeploymentSpec file for `leasehold deployment create --spec`: the
- * proto3 JSON mapping of leasehold.v1.DeploymentSpec, in JSON or YAML.
- * Throws {@link ManifestError} naming the field.
+ * Reads a DeploymentSpec file for `leasehold deployment create --spec`, in
+ * JSON or YAML: the proto3 JSON mapping of leasehold.v1.DeploymentSpec, or
+ * the shape of a manifest's `deployment:` (containers[].argv, readiness,
+ * outputs_dir), which `fromPlan` turns into the message, as `lease run`
+ * does: people write one after reading the other. Throws
+ * {@link ManifestError} naming the field.
  */
-export function loadDeploymentSpec(path: string): DeploymentSpec {
+export function loadDeploymentSpec(
+  path: string,
+  fromPlan: (plan: DeploymentPlan) => MessageInitShape<typeof DeploymentSpecSchema>,
+): DeploymentSpec {
   let text: string;
   try {
     text = readFileSync(path, "utf8");
@@ -229,12 +235,36 @@ export function loadDeploymentSpec(path: string): DeploymentSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) {
     throw new ManifestError(path, [`must be a DeploymentSpec object (got ${describe(value)})`]);
   }
+  if (inManifestShape(value as Record<string, unknown>)) {
+    const p = new Problems();
+    const plan = readDeployment(p, value);
+    if (p.list.length > 0 || !plan) throw new ManifestError(path, p.list);
+    return create(DeploymentSpecSchema, fromPlan(plan));
+  }
   try {
     return fromJson(DeploymentSpecSchema, value as JsonValue);
   } catch (error) {
     // protobuf-es names the message and field: "cannot decode field leasehold.v1.Command.argv from JSON: …".
-    throw new ManifestError(path, [errorText(error)]);
+    throw new ManifestError(path, [
+      `${errorText(error)}; write the spec as a DeploymentSpec (containers[].command.argv, readinessProbe, ` +
+        "outputsDir) or as a manifest's deployment (containers[].argv, readiness, outputs_dir)",
+    ]);
   }
+}
+
+/**
+ * Whether a spec is written as a manifest's deployment: keys a
+ * DeploymentSpec does not have (a container's own argv, env or cwd;
+ * readiness, ready_timeout). outputs_dir is in both (proto3 JSON takes the
+ * field's own name too).
+ */
+function inManifestShape(value: Record<string, unknown>): boolean {
+  if ("readiness" in value || "ready_timeout" in value) return true;
+  const containers = value.containers;
+  return (
+    Array.isArray(containers) &&
+    containers.some((c) => typeof c === "object" && c !== null && ("argv" in c || "env" in c || "cwd" in c))
+  );
 }
 
 /** YAML (a superset of JSON) into plain values; syntax errors are reported with line and column. */

@@ -468,9 +468,10 @@ describe("deployment spec files", () => {
     writeFileSync(path, text);
     return path;
   };
+  const load = (path: string) => loadDeploymentSpec(path, (plan) => deploymentSpec(plan, []));
 
   it("read the proto3 JSON of a DeploymentSpec, as JSON or YAML", () => {
-    const fromJsonFile = loadDeploymentSpec(
+    const fromJsonFile = load(
       write(
         "spec.json",
         JSON.stringify({
@@ -481,7 +482,7 @@ describe("deployment spec files", () => {
         }),
       ),
     );
-    const fromYamlFile = loadDeploymentSpec(
+    const fromYamlFile = load(
       write(
         "spec.yaml",
         `containers:
@@ -500,7 +501,7 @@ inputs: [{file_id: f1, path: a.txt}]
   it("name the field that is wrong", () => {
     const problems = (text: string) => {
       try {
-        loadDeploymentSpec(write("bad.yaml", text));
+        load(write("bad.yaml", text));
       } catch (error) {
         return (error as ManifestError).problems;
       }
@@ -511,6 +512,48 @@ inputs: [{file_id: f1, path: a.txt}]
     ]);
     expect(problems("containers: []\nreplicas: 2\n")).toEqual([expect.stringContaining('key "replicas"')]);
     expect(problems("- a\n")).toEqual(["must be a DeploymentSpec object (got a list)"]);
-    expect(() => loadDeploymentSpec(join(dir, "missing.json"))).toThrow(/cannot read the spec: ENOENT/);
+    expect(() => load(join(dir, "missing.json"))).toThrow(/cannot read the spec: ENOENT/);
+    // The message says both shapes a spec may take.
+    expect(problems("containers: []\nreplicas: 2\n")).toEqual([
+      expect.stringContaining("or as a manifest's deployment (containers[].argv, readiness, outputs_dir)"),
+    ]);
+  });
+
+  it("read a manifest's deployment as the same spec lease run would send", () => {
+    const asManifest = load(
+      write(
+        "manifest-shape.yaml",
+        `containers:
+  - name: web
+    argv: [python3, -m, http.server, "8080"]
+    env: {A: "1"}
+readiness: {tcp: 8080}
+outputs_dir: out
+`,
+      ),
+    );
+    const asSpec = load(
+      write(
+        "spec-shape.yaml",
+        `containers:
+  - name: web
+    command: {argv: [python3, -m, http.server, "8080"], env: {A: "1"}}
+readinessProbe: {tcpPort: 8080}
+outputsDir: out
+`,
+      ),
+    );
+    expect(asManifest).toEqual(asSpec);
+    // Checked as a manifest's deployment is, every problem named by its path.
+    let problems: readonly string[] = [];
+    try {
+      load(write("manifest-bad.yaml", "containers: [{name: web, argv: []}]\nreadiness: {tcp: 0}\n"));
+    } catch (error) {
+      problems = (error as ManifestError).problems;
+    }
+    expect(problems).toEqual([
+      expect.stringMatching(/^deployment\.containers\[0\]\.argv: /),
+      expect.stringMatching(/^deployment\.readiness\.tcp: /),
+    ]);
   });
 });

@@ -171,8 +171,13 @@ export async function main(argv: readonly string[]): Promise<void> {
   // Every subcommand reports usage errors through the same path.
   const override = (command: Command) => {
     command.exitOverride();
-    // Commander's own usage errors (a missing required option, an unknown one) read like ours.
-    command.configureOutput({ outputError: (text, write) => write(text.replace(/^error: /, "leasehold: ")) });
+    // Commander's own usage errors (a missing required option, an unknown one) read like ours; a
+    // command's own outputError (one that adds a hint) still gets them.
+    const own =
+      command.configureOutput().outputError ?? ((text: string, write: (s: string) => void) => write(text));
+    command.configureOutput({
+      outputError: (text, write) => own(text.replace(/^error: /, "leasehold: "), write),
+    });
     // And --help says which options a command cannot do without.
     command.configureHelp({
       ...command.configureHelp(),

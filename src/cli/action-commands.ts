@@ -215,6 +215,46 @@ const REFUSALS: ReadonlySet<number> = new Set([
   grpc.status.UNAUTHENTICATED,
 ]);
 
+/**
+ * For `leasehold action submit --cluster east ls -la`, where commander took
+ * `-la` for an unknown option of submit: "(the command to run goes after --:
+ * leasehold action submit --cluster east -- ls -la)", the same line with `--`
+ * before the command. Undefined for any other error, and for an unknown
+ * option before any word of a command (more likely a mistyped option).
+ */
+export function afterDashesHint(submit: Command, message: string): string | undefined {
+  const flag = /unknown option '([^']+)'/.exec(message)?.[1];
+  if (flag === undefined) return undefined;
+  // What followed submit and was not one of its options: the command's words, then the unknown
+  // option and everything after it, in the order given.
+  const at = submit.args.indexOf(flag);
+  if (at <= 0) return undefined;
+  const options: string[] = [];
+  for (const option of submit.options) {
+    const key = option.attributeName();
+    if (submit.getOptionValueSource(key) !== "cli" || option.long === undefined) continue;
+    const value = submit.getOptionValue(key) as unknown;
+    for (const one of Array.isArray(value) ? value : [value]) {
+      options.push(option.long);
+      if (option.required || option.optional) options.push(String(one));
+    }
+  }
+  const line = [
+    "leasehold",
+    "action",
+    "submit",
+    ...options.map(shellWord),
+    "--",
+    ...submit.args.map(shellWord),
+  ];
+  return `(the command to run goes after --: ${line.join(" ")})`;
+}
+
+/** A word as a POSIX shell reads it back: as it is when it has nothing special, else single-quoted. */
+function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
+}
+
 /** `leasehold action …`: submit, get, list, cancel, watch. */
 export function actionCommands(): Command {
   const action = new Command("action").description("Submit and follow actions.");
@@ -231,8 +271,16 @@ export function actionCommands(): Command {
       ({ api }, g) => fn(api, g.json),
     );
 
-  action
-    .command("submit")
+  const submit = action.command("submit");
+  submit
+    // `submit --cluster east ls -la` reads -la as an option of submit: say where the command goes.
+    .configureOutput({
+      outputError: (text, write) => {
+        write(text);
+        const hint = afterDashesHint(submit, text);
+        if (hint !== undefined) write(`${hint}\n`);
+      },
+    })
     .description(
       "Queue an action. The command after -- becomes the payload {argv}, run by `leasehold agent`. " +
         "With --from, queue one action per line of an NDJSON file instead.",

@@ -89,6 +89,36 @@ describe.runIf(runsDriverNeutralTests())(
       expect(help).not.toMatch(/--worker-id[^\n]*\(required\)/);
     });
 
+    it("says that the command of action submit goes after -- when commander took its option for submit's", async () => {
+      expect(await cli(["action", "submit", "--cluster", "east", "ls", "-la"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr:
+          "leasehold: unknown option '-la'\n" +
+          "(the command to run goes after --: leasehold action submit --cluster east -- ls -la)\n",
+      });
+      // The line it suggests keeps submit's options, and quotes what the shell would split.
+      const quoted = await cli([
+        "action",
+        "submit",
+        "--label",
+        "a=b",
+        "--cluster",
+        "x",
+        "echo",
+        "it's",
+        "-n",
+      ]);
+      expect(quoted.stderr).toContain(
+        "(the command to run goes after --: leasehold action submit --cluster x --label a=b -- echo 'it'\\''s' -n)",
+      );
+      // Before any word of a command, an unknown option is more likely a mistyped one: no such hint.
+      expect(await cli(["action", "submit", "--cluster", "east", "--bogus", "ls"])).toMatchObject({
+        code: 2,
+        stderr: "leasehold: unknown option '--bogus'\n",
+      });
+    });
+
     it("refuses a malformed --server address with exit 2, naming the flag and the form it takes", async () => {
       const expected = /expected host:port or \[ipv6\]:port, e\.g\. 127\.0\.0\.1:50051/;
       // An empty --server (an unset variable in a script) is not taken for the default address.

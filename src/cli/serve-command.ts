@@ -274,11 +274,16 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     { level: config.logLevel, base: { service: "leasehold" }, serializers: { err: serializeError } },
     stdoutLines,
   );
-  // grpc-js writes its own errors to stderr ("E No address added out of total 1 resolved" before
-  // our message naming --listen): into the log with the rest instead.
+  // grpc-js writes its own errors to stderr: into the log with the rest instead.
   const { setLogger } = await import("@grpc/grpc-js");
   setLogger({
-    error: (...args: unknown[]) => log.warn(`grpc-js: ${format(...args)}`),
+    error: (...args: unknown[]) => {
+      const text = format(...args);
+      // Said just before grpc-js throws the bind error that the message naming --listen reports, with
+      // the reason this line lacks: a log line above that message only adds noise.
+      if (/^No address added out of total \d+ resolved$/.test(text)) return;
+      log.warn(`grpc-js: ${text}`);
+    },
     // Traces asked for with GRPC_VERBOSITY / GRPC_TRACE.
     info: (...args: unknown[]) => log.info(`grpc-js: ${format(...args)}`),
     debug: (...args: unknown[]) => log.debug(`grpc-js: ${format(...args)}`),

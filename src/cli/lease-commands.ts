@@ -356,14 +356,17 @@ export function leaseCommands(): Command {
         const files = await Promise.all(
           fileIds.map(async (fileId) => (await c.resources.getResource({ resourceId: fileId })).resource),
         );
-        printTable(
-          ["FILE", "NAME", "SIZE"],
-          files.map((r, i) => [
-            r?.id ?? fileIds[i] ?? "",
-            r?.body.case === "file" ? r.body.value.name : "-",
-            r?.body.case === "file" ? `${r.body.value.sizeBytes} B` : "-",
-          ]),
-        );
+        // A table of headers alone reads as output gone missing.
+        if (files.length === 0) printLine("no output files were saved");
+        else
+          printTable(
+            ["FILE", "NAME", "SIZE"],
+            files.map((r, i) => [
+              r?.id ?? fileIds[i] ?? "",
+              r?.body.case === "file" ? r.body.value.name : "-",
+              r?.body.case === "file" ? `${r.body.value.sizeBytes} B` : "-",
+            ]),
+          );
         if (skipped.length === 0) return;
         printLine();
         printTable(

@@ -641,6 +641,35 @@ checks:
     await leases().rollbackLease({ leaseId });
   });
 
+  it("lease collect-outputs says when no output file was saved, and --json still lists none", async () => {
+    const port = await freePort();
+    const { lease } = await leases().createLease({ runtime: RUNTIME, label: "no-outputs" });
+    const leaseId = lease?.id ?? "";
+    await resources().createDeployment({
+      leaseId,
+      spec: {
+        containers: [
+          {
+            name: "idle",
+            command: {
+              argv: [process.execPath, "-e", `require("net").createServer().listen(${port}, "127.0.0.1")`],
+            },
+          },
+        ],
+        readinessProbe: { check: { case: "tcpPort", value: port } },
+        outputsDir: "out",
+      },
+    });
+    expect(await cli(["lease", "wait", leaseId, "--timeout", "30s"]).exited).toBe(0);
+    const collected = cli(["lease", "collect-outputs", leaseId]);
+    expect(await collected.exited).toBe(0);
+    expect(collected.events.map((e) => e.text)).toEqual(["no output files were saved"]);
+    const json = cli(["--json", "lease", "collect-outputs", leaseId]);
+    expect(await json.exited).toBe(0);
+    expect(json.events).toEqual([{ fileIds: [], skipped: [] }]);
+    await leases().rollbackLease({ leaseId });
+  });
+
   it("deployment create, lease wait and lease collect-outputs do the same steps one at a time", async () => {
     const port = await freePort();
     const { lease } = await leases().createLease({ runtime: RUNTIME, label: "by-hand" });

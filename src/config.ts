@@ -223,7 +223,33 @@ function configError(option: string, message: string): LeaseholdError {
   return LeaseholdError.invalidArgument(option, message);
 }
 
-/** Validates raw options and fills in defaults. Throws an error naming the option to fix. */
+/**
+ * The error of a --lease-max-ttl shorter than --lease-default-ttl, naming the
+ * flag that was set (--lease-max-ttl when both were) and both values: with
+ * only one set, the other is its default, which the user may not know, so the
+ * message says so and which one to change too.
+ */
+function ttlConflict(raw: RawServerOptions): LeaseholdError {
+  const defaultTtl = raw.leaseDefaultTtl ?? `${DEFAULTS.leaseDefaultTtl}, the default`;
+  const maxTtl = raw.leaseMaxTtl ?? `${DEFAULTS.leaseMaxTtl}, the default`;
+  if (raw.leaseMaxTtl === undefined) {
+    return configError(
+      "--lease-default-ttl",
+      `${raw.leaseDefaultTtl} is longer than --lease-max-ttl (${maxTtl}); raise --lease-max-ttl too`,
+    );
+  }
+  return configError(
+    "--lease-max-ttl",
+    `${raw.leaseMaxTtl} is shorter than --lease-default-ttl (${defaultTtl})` +
+      (raw.leaseDefaultTtl === undefined ? "; lower --lease-default-ttl too" : ""),
+  );
+}
+
+/**
+ * Validates raw options and fills in defaults. Throws an error naming the
+ * option to fix. An option left undefined takes its default (see DEFAULTS),
+ * which a message may then call the default.
+ */
 export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   const listen = raw.listen ?? DEFAULTS.listen;
   const { host } = parseListen(listen);
@@ -309,8 +335,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   );
   const leaseMaxTtlMs = parseDuration("--lease-max-ttl", raw.leaseMaxTtl ?? DEFAULTS.leaseMaxTtl);
   if (leaseDefaultTtlMs < 1000) throw configError("--lease-default-ttl", "must be at least 1s");
-  if (leaseMaxTtlMs < leaseDefaultTtlMs)
-    throw configError("--lease-max-ttl", "must not be shorter than --lease-default-ttl");
+  if (leaseMaxTtlMs < leaseDefaultTtlMs) throw ttlConflict(raw);
   const maxFileBytes = Number(raw.maxFileSize ?? DEFAULTS.maxFileSize);
   if (!Number.isInteger(maxFileBytes) || maxFileBytes < 1 || maxFileBytes > 64 * 1024 * 1024) {
     throw configError("--max-file-size", "must be a whole number of bytes between 1 and 67108864 (64 MiB)");

@@ -221,8 +221,9 @@ export function serveCommand(): Command {
           metricsListen: options.metricsListen as string,
           consoleListen: options.consoleListen as string | undefined,
           otlpEndpoint: options.otlpEndpoint as string | undefined,
-          leaseDefaultTtl: options.leaseDefaultTtl as string,
-          leaseMaxTtl: options.leaseMaxTtl as string,
+          // Undefined when not given, so that a message about the two can say which was the default.
+          leaseDefaultTtl: given(command, "leaseDefaultTtl"),
+          leaseMaxTtl: given(command, "leaseMaxTtl"),
           maxFileSize: options.maxFileSize as string,
           logLevel: options.logLevel as string,
           // Commander turns a boolean on whenever its variable is set; LEASEHOLD_INSECURE="" or "false" is off.
@@ -247,6 +248,13 @@ export function serveCommand(): Command {
       }
       await serve(config);
     });
+}
+
+/** The value of option `key` when it was given (a flag or its variable), else undefined. */
+function given(command: Command, key: string): string | undefined {
+  return command.getOptionValueSource(key) === "default"
+    ? undefined
+    : (command.getOptionValue(key) as string);
 }
 
 /** Whether --insecure came from LEASEHOLD_INSECURE set to "", "0", "false" or "no" (which mean off). */

@@ -124,6 +124,21 @@ describe.runIf(runsDriverNeutralTests())(
       });
     });
 
+    it("serve names the lease TTL flag that was given when the other one's default conflicts with it", async () => {
+      expect(await cli(["serve", "--data-dir", "memory://", "--lease-default-ttl", "48h"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr:
+          "leasehold: --lease-default-ttl: 48h is longer than --lease-max-ttl (24h, the default); raise --lease-max-ttl too\n",
+      });
+      expect(await cli(["serve", "--data-dir", "memory://", "--lease-max-ttl", "30m"])).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining(
+          "--lease-max-ttl: 30m is shorter than --lease-default-ttl (1h, the default)",
+        ),
+      });
+    });
+
     it("refuses a malformed --server address with exit 2, naming the flag and the form it takes", async () => {
       const expected = /expected host:port or \[ipv6\]:port, e\.g\. 127\.0\.0\.1:50051/;
       // An empty --server (an unset variable in a script) is not taken for the default address.

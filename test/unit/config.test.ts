@@ -76,6 +76,16 @@ describe("server config", () => {
     expect(parseServerConfig({ listen: "localhost:0" }).listen).toBe("localhost:0");
   });
 
+  it("names the TTL flag that was set when it conflicts with the other's default, with both values", () => {
+    expect(() => parseServerConfig({ leaseDefaultTtl: "48h" })).toThrow(
+      /^--lease-default-ttl: 48h is longer than --lease-max-ttl \(24h, the default\); raise --lease-max-ttl too$/,
+    );
+    expect(() => parseServerConfig({ leaseMaxTtl: "30m" })).toThrow(
+      /^--lease-max-ttl: 30m is shorter than --lease-default-ttl \(1h, the default\); lower --lease-default-ttl too$/,
+    );
+    expect(parseServerConfig({ leaseDefaultTtl: "24h" }).leaseMaxTtlMs).toBe(86_400_000);
+  });
+
   it("says what to fix for each bad option", () => {
     expect(() => parseServerConfig({ listen: "nope" })).toThrow(/^--listen: must be host:port/);
     expect(() => parseServerConfig({ gracePeriod: "1s" })).toThrow(/^--grace-period: must be at least 2s/);
@@ -84,7 +94,7 @@ describe("server config", () => {
     );
     expect(() => parseServerConfig({ logLevel: "loud" })).toThrow(/^--log-level: must be one of/);
     expect(() => parseServerConfig({ leaseDefaultTtl: "2h", leaseMaxTtl: "1h" })).toThrow(
-      /^--lease-max-ttl: must not be shorter than --lease-default-ttl/,
+      /^--lease-max-ttl: 1h is shorter than --lease-default-ttl \(2h\)$/,
     );
     expect(() => parseServerConfig({ maxFileSize: "lots" })).toThrow(
       /^--max-file-size: must be a whole number of bytes/,

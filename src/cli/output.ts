@@ -222,6 +222,18 @@ export class CliError extends Error {
   }
 }
 
+/**
+ * What Node's TLS says of a server certificate it does not trust (OpenSSL's
+ * verify errors, as Node words them): a private or self-signed CA, an
+ * expired certificate, one not meant for a server. Not the alerts a server
+ * sends when it refuses the client's certificate ("alert certificate
+ * required", "alert unknown ca"): there the server did not trust the client.
+ */
+const UNTRUSTED_CERTIFICATE =
+  /self[- ]signed certificate|unable to get (local )?issuer certificate|unable to verify the first certificate|certificate (has expired|is not yet valid|signature failure|revoked)|unsuitable certificate purpose|invalid CA certificate/i;
+/** Node's words for a certificate issued for another name than the one connected to. */
+const NAME_MISMATCH = /does not match certificate's altnames/i;
+
 /** Maps a failed gRPC call to an exit code and a message that says what to do; a CliError stays as it is. */
 export function cliErrorFrom(error: unknown, server: string): CliError {
   if (error instanceof CliError) return error;
@@ -236,6 +248,35 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
       if (errorReasonOf(error) !== undefined)
         return new CliError(`the server at ${server} is unavailable: ${e.details}`, EXIT.unreachable);
       const why = unreachableWhy(error);
+      // The server answered, but TLS refused its certificate: whether it runs is not the question.
+      if (NAME_MISMATCH.test(why)) {
+        return new CliError(
+          `the server at ${server} answered, but its certificate was not trusted (${why}): it does not ` +
+            "name the host of --server; connect by a name it holds, or pass --tls-server-name <name> with one " +
+            "(and --tls-ca <ca.pem> if a private CA signed it)",
+          EXIT.unreachable,
+        );
+      }
+      if (UNTRUSTED_CERTIFICATE.test(why) && !/\balert\b/.test(why)) {
+        return new CliError(
+          `the server at ${server} answered, but its certificate was not trusted (${why}): pass ` +
+            "--tls-ca <ca.pem> with the CA that signed it (--tls alone trusts only the system's CAs), and " +
+            "--tls-server-name <name> if it was issued for another name than the host of --server",
+          EXIT.unreachable,
+        );
+      }
+      // OpenSSL's alert from a server that refused the client's certificate, or wanted one.
+      const alert =
+        /\b(tlsv1\d? alert (certificate required|unknown ca|bad certificate|certificate unknown|certificate expired|certificate revoked))\b/i.exec(
+          why,
+        )?.[1];
+      if (alert !== undefined) {
+        return new CliError(
+          `the server at ${server} refused the TLS connection (${alert}): it wants a client certificate it ` +
+            "trusts; pass --tls-cert <cert.pem> and --tls-key <key.pem> with one its client CA signed",
+          EXIT.unreachable,
+        );
+      }
       // What grpc-js says when the TCP connection opened but the HTTP/2 handshake failed: most
       // often a plaintext client meeting a TLS port.
       const tls = /^Failed to connect/.test(why)
@@ -304,7 +345,7 @@ export function unreachableWhy(error: unknown): string {
   return (typeof error === "string" ? error : (e.details ?? e.message ?? String(error)))
     .replace(/^\d+ [A-Z_]+: /, "")
     .replace(/\.? ?Resolution note: ?$/, "")
-    .replace(/^No connection established\. Last error: (Error: )?/, "")
+    .replace(/^No connection established\. Last error: (Error( \[[A-Z_]+\])?: )?/, "")
     .trim();
 }
 

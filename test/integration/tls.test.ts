@@ -112,6 +112,49 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
     expect(plaintext.stderr).toMatch(/if it serves TLS, pass --tls-ca <ca\.pem>/);
   });
 
+  it("tells a command line user whose TLS options do not trust the server's certificate which ones to pass", async () => {
+    const port = server.address.split(":")[1];
+    const client = ["--tls-cert", operator.certFile, "--tls-key", operator.keyFile];
+    const list = async (args: string[]) => runCli([...args, "clusters", "list"]);
+    // Only the system's CAs, or the wrong private CA: the certificate's issuer is unknown.
+    for (const trust of [["--tls"], ["--tls-ca", serverCa2.certFile, ...client]]) {
+      const r = await list(["--server", server.address, ...trust]);
+      expect(r.code).toBe(3);
+      expect(r.stderr).toBe(
+        `leasehold: the server at ${server.address} answered, but its certificate was not trusted ` +
+          "(unable to verify the first certificate): pass --tls-ca <ca.pem> with the CA that signed it " +
+          "(--tls alone trusts only the system's CAs), and --tls-server-name <name> if it was issued for " +
+          "another name than the host of --server\n",
+      );
+    }
+    // The right CA, but a name the certificate does not hold (it names 127.0.0.1 only).
+    const byName = await list(["--server", `localhost:${port}`, "--tls-ca", serverCa1.certFile, ...client]);
+    expect(byName.code).toBe(3);
+    expect(byName.stderr).toMatch(
+      /^leasehold: the server at localhost:\d+ answered, but its certificate was not trusted \(Hostname\/IP does not match certificate's altnames: [^)]*\): it does not name the host of --server; connect by a name it holds, or pass --tls-server-name <name> with one/,
+    );
+    expect(
+      await list([
+        "--server",
+        `localhost:${port}`,
+        "--tls-server-name",
+        "127.0.0.1",
+        "--tls-ca",
+        serverCa1.certFile,
+        ...client,
+      ]),
+    ).toMatchObject({ code: 0 });
+    // The server's certificate is trusted, but the server wants the client's.
+    const noClientCert = await list(["--server", server.address, "--tls-ca", serverCa1.certFile]);
+    expect(noClientCert).toMatchObject({
+      code: 3,
+      stderr:
+        `leasehold: the server at ${server.address} refused the TLS connection (tlsv13 alert certificate ` +
+        "required): it wants a client certificate it trusts; pass --tls-cert <cert.pem> and --tls-key " +
+        "<key.pem> with one its client CA signed\n",
+    });
+  });
+
   it("rotates the server certificate under a connected agent: its stream survives, new connections see the new one", async () => {
     const events: AgentEvent[] = [];
     let connected: () => void = () => {};

@@ -71,4 +71,35 @@ describe("the CLI's exit code for a failed call", () => {
       /the call for lines 1–2 was in flight, and may or may not have been submitted/,
     );
   });
+
+  it("says a server's certificate was not trusted, not that the server may not run, whatever TLS found wrong", () => {
+    const unreachable = (lastError: string) =>
+      cliErrorFrom(
+        { code: 14, details: `No connection established. Last error: ${lastError}. Resolution note: ` },
+        "s:1",
+      );
+    for (const why of [
+      "self-signed certificate in certificate chain",
+      "self-signed certificate",
+      "unable to get local issuer certificate",
+      "certificate has expired",
+    ]) {
+      expect(unreachable(`Error: ${why}`)).toMatchObject({
+        exitCode: EXIT.unreachable,
+        message: expect.stringMatching(
+          new RegExp(
+            `^the server at s:1 answered, but its certificate was not trusted \\(${why}\\): pass --tls-ca <ca\\.pem>`,
+          ),
+        ),
+      });
+    }
+    expect(unreachable("Error: connect ECONNREFUSED 127.0.0.1:1").message).toMatch(/is it running\?/);
+    // A server refusing the client's certificate: the client's certificate is the one to fix.
+    const alert =
+      "Error: 80ECE:error:0A000418:SSL routines:ssl3_read_bytes:tlsv1 alert unknown ca:ssl/record/rec_layer_s3.c:1605:SSL alert number 48";
+    expect(unreachable(alert).message).toBe(
+      "the server at s:1 refused the TLS connection (tlsv1 alert unknown ca): it wants a client certificate " +
+        "it trusts; pass --tls-cert <cert.pem> and --tls-key <key.pem> with one its client CA signed",
+    );
+  });
 });

@@ -94,7 +94,7 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
   }
   const lines = parseActionLines(text, {
     cluster: o.cluster as string | undefined,
-    labels: parseLabels(o.label as string[] | undefined, "--label"),
+    labels: parseLabels(o.labels as string[] | undefined, "--label"),
     priority: o.priority as number | undefined,
     runId: o.runId as string | undefined,
     maxAttempts: o.maxAttempts as number | undefined,
@@ -232,10 +232,12 @@ export function afterDashesHint(submit: Command, message: string): string | unde
   const options: string[] = [];
   for (const option of submit.options) {
     const key = option.attributeName();
-    if (submit.getOptionValueSource(key) !== "cli" || option.long === undefined) continue;
+    // The first of two long spellings ("--label, --labels") is commander's short flag.
+    const flag = option.short?.startsWith("--") ? option.short : option.long;
+    if (submit.getOptionValueSource(key) !== "cli" || flag === undefined) continue;
     const value = submit.getOptionValue(key) as unknown;
     for (const one of Array.isArray(value) ? value : [value]) {
-      options.push(option.long);
+      options.push(flag);
       if (option.required || option.optional) options.push(String(one));
     }
   }
@@ -300,7 +302,8 @@ export function actionCommands(): Command {
         return seconds;
       },
     )
-    .option("--label <key=value>", "label a worker must carry (repeatable)", collect)
+    // --labels too: the spelling of `agent`, which labels the worker.
+    .option("--label, --labels <key=value>", "label a worker must carry (repeatable)", collect)
     .option("--priority <n>", "higher runs first (-1000..1000)", intFlag)
     .option("--run-id <id>", "groups actions of one run")
     .option("--request-id <id>", "idempotency key: a retry with the same key returns the same action")
@@ -338,7 +341,7 @@ export function actionCommands(): Command {
         const response = await api.submitAction({
           cluster: o.cluster as string,
           payload: payload as never,
-          labelSelector: parseLabels(o.label as string[] | undefined, "--label"),
+          labelSelector: parseLabels(o.labels as string[] | undefined, "--label"),
           priority: (o.priority as number | undefined) ?? 0,
           runId: (o.runId as string | undefined) ?? "",
           requestId: (o.requestId as string | undefined) ?? "",

@@ -41,6 +41,9 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       "cli",
       "--label",
       "gpu=yes",
+      // The agent's spelling, the same option.
+      "--labels",
+      "disk=ssd",
       "--priority",
       "3",
       "--",
@@ -54,7 +57,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       cluster: "cli",
       state: "ACTION_STATE_QUEUED",
       payload: { argv: ["echo", "hi"] },
-      labelSelector: { gpu: "yes" },
+      labelSelector: { gpu: "yes", disk: "ssd" },
       priority: 3,
     });
     const got = await cli([...server, "--json", "action", "get", action.id]);

@@ -107,6 +107,37 @@ const printResource = (r: Resource | undefined, json: boolean) => {
   if (r.body.case === "object") printLine(`body: ${JSON.stringify(r.body.value)}`);
 };
 
+/**
+ * The error of a CreateLease refused for its TTL, said with the flag: the
+ * server names the request's field (`ttl: must be at most 86400s (the
+ * server's maximum, …)`, from scope-lease-service.ts); the CLI names --ttl,
+ * the maximum as the server's --lease-max-ttl takes it (24h), and how to
+ * raise it. Any other error is returned as it is.
+ */
+export function ttlRefused(error: unknown, ttl: string | undefined): unknown {
+  const e = error as { code?: number; details?: string };
+  if (e.code !== 3 || ttl === undefined || !e.details?.startsWith("ttl: ")) return error;
+  const max = /^ttl: must be at most (\d+)s \(the server's maximum/.exec(e.details)?.[1];
+  if (max === undefined) return new CliError(`--ttl: ${e.details.slice("ttl: ".length)}`, EXIT.usage);
+  return new CliError(
+    `--ttl: ${ttl} is longer than the server's maximum, ${durationText(Number(max) * 1000)}; ask for less, ` +
+      "or raise the maximum with the server's --lease-max-ttl (leasehold serve --lease-max-ttl <duration>)",
+    EXIT.usage,
+  );
+}
+
+/** Milliseconds as a duration flag takes them, in the largest unit that holds them whole: 24h, 90m, 1500ms. */
+export function durationText(ms: number): string {
+  for (const [unit, size] of [
+    ["h", 3_600_000],
+    ["m", 60_000],
+    ["s", 1000],
+  ] as const) {
+    if (ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
+}
+
 /** `leasehold lease …`: scope leases. */
 export function leaseCommands(): Command {
   const lease = new Command("lease").description(
@@ -124,15 +155,19 @@ export function leaseCommands(): Command {
     .option("--request-id <id>", "idempotency key")
     .action(async (o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
-        const { lease: l } = await c.leases.createLease({
-          runtime: o.runtime ?? "",
-          label: o.label ?? "",
-          requestId: o.requestId ?? "",
-          // Kept in whole milliseconds by the server: a finer one is refused here, not rounded.
-          ...(o.ttl !== undefined
-            ? { ttl: durationFromMs(durationMsFlag("--ttl", o.ttl, { wholeMs: true })) }
-            : {}),
-        });
+        const { lease: l } = await c.leases
+          .createLease({
+            runtime: o.runtime ?? "",
+            label: o.label ?? "",
+            requestId: o.requestId ?? "",
+            // Kept in whole milliseconds by the server: a finer one is refused here, not rounded.
+            ...(o.ttl !== undefined
+              ? { ttl: durationFromMs(durationMsFlag("--ttl", o.ttl, { wholeMs: true })) }
+              : {}),
+          })
+          .catch((error: unknown) => {
+            throw ttlRefused(error, o.ttl);
+          });
         if (json) printLease(l, true);
         else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);
       }),
@@ -551,6 +586,17 @@ export function resourceCommands(): Command[] {
     .description("Create a deployment; follow it with `lease wait`.")
     .action(async (o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
+        // Said with the flags before any call; the server would name its fields (runtime, lease_id).
+        if (o.lease === undefined && o.runtime === undefined)
+          throw new CliError(
+            "give --lease <id> (it runs on the lease's runtime) or --runtime <cluster> (without a lease)",
+            EXIT.usage,
+          );
+        if (o.lease !== undefined && o.runtime !== undefined)
+          throw new CliError(
+            "give either --lease or --runtime, not both: in a lease it runs on the lease's runtime",
+            EXIT.usage,
+          );
         let spec: ReturnType<typeof loadDeploymentSpec>;
         try {
           spec = loadDeploymentSpec(o.spec ?? "", (plan) => deploymentSpec(plan, []));

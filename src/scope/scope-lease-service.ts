@@ -337,11 +337,13 @@ export function createScopeLeaseService(deps: {
         undefined,
         1,
       );
+      // Read by gRPC clients and by the CLI's users alike: it names the call and the command.
       throw LeaseholdError.failedPrecondition(
         "NO_DEPLOYMENT",
         promoted
           ? `cannot ${what}: lease ${leaseId} owns no deployment: ${promoted.id} was promoted out of it and is no longer the lease's (GetResource shows its phase)`
-          : `cannot ${what}: lease ${leaseId} owns no deployment; create one with CreateDeployment first`,
+          : `cannot ${what}: lease ${leaseId} owns no deployment; create one with CreateDeployment first ` +
+              `(leasehold deployment create --lease ${leaseId} --spec <file>)`,
         { type: "LEASE_CONTENT", subject: `leases/${leaseId}`, description: "no deployment" },
       );
     }
@@ -510,7 +512,8 @@ export function createScopeLeaseService(deps: {
       if (ttlMs > limits.maxTtlMs) {
         throw LeaseholdError.invalidArgument(
           "ttl",
-          `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum)`,
+          // The CLI reads the maximum from these words (ttlRefused in src/cli/lease-commands.ts).
+          `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum, its --lease-max-ttl)`,
         );
       }
       const { lease, created } = await insertScopeLease(db, clock, { ...input, ttlMs });

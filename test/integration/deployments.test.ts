@@ -554,6 +554,11 @@ describe("deployments", () => {
       /^runtime: must be empty when lease_id is set/,
     );
     await expectStatus(
+      resources().createDeployment({ spec: { containers: [node("x", "")] } }),
+      Code.InvalidArgument,
+      /^runtime: is required without a lease_id: the cluster the deployment runs on \(or set lease_id: it runs on the lease's runtime\)$/,
+    );
+    await expectStatus(
       resources().createDeployment({
         leaseId,
         spec: { containers: [node("x", "")], inputs: [{ fileId: "missing", path: "a" }] },
@@ -564,7 +569,9 @@ describe("deployments", () => {
     await expectStatus(
       leases().collectOutputs({ leaseId }),
       Code.FailedPrecondition,
-      /owns no deployment; create one with CreateDeployment first/,
+      new RegExp(
+        `owns no deployment; create one with CreateDeployment first \\(leasehold deployment create --lease ${leaseId} --spec <file>\\)$`,
+      ),
     );
     await leases().commitLease({ leaseId });
     await expectStatus(

@@ -641,6 +641,38 @@ checks:
     await leases().rollbackLease({ leaseId });
   });
 
+  it("names the command and the flags to fix, not the API's calls and fields", async () => {
+    const { lease } = await leases().createLease({ runtime: RUNTIME, label: "cli-words" });
+    const leaseId = lease?.id ?? "";
+    const wait = cli(["lease", "wait", leaseId, "--timeout", "5s"]);
+    expect(await wait.exited).toBe(1);
+    expect(wait.stderr()).toContain(
+      `owns no deployment; create one with CreateDeployment first (leasehold deployment create --lease ${leaseId} --spec <file>)`,
+    );
+    const spec = join(mkdtempSync(join(scratch, "spec-")), "spec.yaml");
+    writeFileSync(spec, `containers: [{name: c, command: {argv: [${process.execPath}]}}]\n`);
+    const nowhere = cli(["deployment", "create", "--spec", spec]);
+    expect(await nowhere.exited).toBe(2);
+    expect(nowhere.stderr()).toBe(
+      "leasehold: give --lease <id> (it runs on the lease's runtime) or --runtime <cluster> (without a lease)\n",
+    );
+    const both = cli(["deployment", "create", "--spec", spec, "--lease", leaseId, "--runtime", RUNTIME]);
+    expect(await both.exited).toBe(2);
+    expect(both.stderr()).toBe(
+      "leasehold: give either --lease or --runtime, not both: in a lease it runs on the lease's runtime\n",
+    );
+    const long = cli(["lease", "create", "--runtime", RUNTIME, "--ttl", "48h"]);
+    expect(await long.exited).toBe(2);
+    expect(long.stderr()).toBe(
+      "leasehold: --ttl: 48h is longer than the server's maximum, 24h; ask for less, or raise the maximum " +
+        "with the server's --lease-max-ttl (leasehold serve --lease-max-ttl <duration>)\n",
+    );
+    const short = cli(["lease", "create", "--runtime", RUNTIME, "--ttl", "500ms"]);
+    expect(await short.exited).toBe(2);
+    expect(short.stderr()).toBe("leasehold: --ttl: must be at least 1s\n");
+    await leases().rollbackLease({ leaseId });
+  });
+
   it("lease collect-outputs says when no output file was saved, and --json still lists none", async () => {
     const port = await freePort();
     const { lease } = await leases().createLease({ runtime: RUNTIME, label: "no-outputs" });

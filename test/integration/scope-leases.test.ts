@@ -498,7 +498,7 @@ describe("scope leases", () => {
     await expectStatus(
       leases().createLease({ runtime: "east", ttl: { seconds: 10_000n * 365n * 86400n } }),
       Code.InvalidArgument,
-      /^ttl: must be at most 86400s \(the server's maximum\)$/,
+      /^ttl: must be at most 86400s \(the server's maximum, its --lease-max-ttl\)$/,
     );
     // One violation for a negative ttl, not also "at least 1s".
     await expectStatus(

@@ -1,6 +1,7 @@
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { refusedChunk } from "../../src/cli/action-commands.js";
+import { durationText } from "../../src/cli/lease-commands.js";
 import { cliErrorFrom, EXIT } from "../../src/cli/output.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { toStatusObject } from "../../src/rpc/status.js";
@@ -101,5 +102,9 @@ describe("the CLI's exit code for a failed call", () => {
       "the server at s:1 refused the TLS connection (tlsv1 alert unknown ca): it wants a client certificate " +
         "it trusts; pass --tls-cert <cert.pem> and --tls-key <key.pem> with one its client CA signed",
     );
+  });
+
+  it("writes a server's limit as a duration flag takes it, in the largest unit that holds it whole", () => {
+    expect([86_400_000, 5_400_000, 90_000, 1500].map(durationText)).toEqual(["24h", "90m", "90s", "1500ms"]);
   });
 });

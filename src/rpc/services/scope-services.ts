@@ -372,6 +372,11 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       const v = new Violations();
       if (request.leaseId && request.runtime) {
         v.add("runtime", "must be empty when lease_id is set (the deployment runs on the lease's runtime)");
+      } else if (!request.leaseId && !request.runtime) {
+        v.add(
+          "runtime",
+          "is required without a lease_id: the cluster the deployment runs on (or set lease_id: it runs on the lease's runtime)",
+        );
       } else if (!request.leaseId) {
         checkName(v, "runtime", request.runtime);
       }

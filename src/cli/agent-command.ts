@@ -70,7 +70,8 @@ export function agentCommand(): Command {
       )
       // The flag's earlier name, kept working for scripts written against it.
       .addOption(new Option("--slots <n>").argParser(positiveIntFlag).hideHelp())
-      .option("--labels <key=value>", "a label of this worker (repeatable)", collect)
+      // --label too: the spelling of `action submit`, which selects workers by their labels.
+      .option("--label, --labels <key=value>", "a label of this worker (repeatable)", collect)
       .option(
         "--work-dir <dir>",
         "where deployments get their work directories, and the record of started processes and of those " +
@@ -374,14 +375,16 @@ export function disconnectNotices() {
   const told = new Set<string>();
   return {
     noticeOf(why: string, now: number): string | undefined {
+      // grpc-js stamps some reasons with the time ("Failed to connect (2026-…)"): the same reason.
+      const reason = why.replace(/ \(\d{4}-\d\d-\d\dT[^)]*\)/g, "");
       if (since === undefined) {
         since = now;
         saidAt = now;
-        told.add(why);
+        told.add(reason);
         return `disconnected (${why}); reconnecting with backoff`;
       }
-      if (told.has(why) && now - saidAt < STILL_DISCONNECTED_EVERY_MS) return undefined;
-      told.add(why);
+      if (told.has(reason) && now - saidAt < STILL_DISCONNECTED_EVERY_MS) return undefined;
+      told.add(reason);
       saidAt = now;
       return `still disconnected after ${Math.round((now - since) / 1000)} s (${why}); reconnecting with backoff`;
     },

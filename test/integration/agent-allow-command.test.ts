@@ -173,6 +173,12 @@ describe("the reference agent's allowed commands", { timeout: 120_000 }, () => {
     const label = await run("--cluster", "allow", "--labels", "bad key=v");
     expect(label.code).toBe(2);
     expect(label.stderr).toMatch(/--labels\["bad key"\]: keys must be/);
+    // The spelling of action submit is the same option.
+    const singular = await run("--cluster", "allow", "--label", "bad key=v");
+    expect(singular).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--labels\["bad key"\]: keys must be/),
+    });
     await expect(stat(workDir)).rejects.toThrow(/ENOENT/);
   });
 

@@ -451,7 +451,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     expect((await cli(["serve", "--help"])).stdout).not.toMatch(/Global Options/);
   });
 
-  it("says once that the agent cannot connect, however many addresses it tries in turn", async () => {
+  it("says each reason the agent cannot connect once, however many times it tries each address", async () => {
     // The second address accepts connections and drops them at once: a reason of its own,
     // different from the first address's refusal, on every other try.
     let attempts = 0;
@@ -488,7 +488,17 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         counted.add(look);
         look();
       });
-      expect(lines.filter((l) => /disconnected/.test(String(l.text)))).toHaveLength(1);
+      // Both addresses were tried more than once by now (the agent alternates between them): one
+      // line for each reason (the dropping one fails in more than one way), none for the tries after.
+      const said = lines.map((l) => String(l.text)).filter((text) => /disconnected/.test(text));
+      expect(said[0]).toMatch(/ disconnected \(.+\); reconnecting with backoff$/);
+      for (const line of said.slice(1))
+        expect(line).toMatch(/ still disconnected after \d+ s \(.+\); reconnecting with backoff$/);
+      const reasons = said.map((line) =>
+        /\((.+)\); reconnecting/.exec(line)?.[1]?.replace(/ \(\d{4}-[^)]*\)/g, ""),
+      );
+      expect(new Set(reasons).size, said.join("\n")).toBe(said.length);
+      expect(reasons).toContain("connect ECONNREFUSED 127.0.0.1:1");
     } finally {
       agent.kill("SIGKILL");
       dropper.close();

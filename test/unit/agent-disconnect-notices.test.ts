@@ -18,6 +18,9 @@ describe("the reference agent's lines while it cannot connect", () => {
       "still disconnected after 32 s (permission denied); reconnecting with backoff",
     );
     expect(n.noticeOf("permission denied", 40_000)).toBeUndefined();
+    // A reason stamped with the time it happened is the same reason at another time.
+    expect(n.noticeOf("Failed to connect (2026-12-07T01:10:35.670Z)", 41_000)).toMatch(/^still disconnected/);
+    expect(n.noticeOf("Failed to connect (2026-12-07T01:10:36.065Z)", 42_000)).toBeUndefined();
   });
 
   it("starts over once connected", () => {

@@ -67,6 +67,21 @@ export function workerCommands(): Command {
             w.draining ? "yes" : "no",
           ]),
         );
+        // A worker in grace is kept past its deadline while its cluster's expiries are
+        // paused (a partition), which the rows alone do not show.
+        const graceClusters = new Set(
+          list.filter((w) => w.state === WorkerState.IN_GRACE).map((w) => w.cluster),
+        );
+        if (graceClusters.size === 0) return undefined;
+        const { clusters } = await api.listClusters({});
+        for (const c of clusters) {
+          if (!graceClusters.has(c.name) || !c.expiriesPaused) continue;
+          printLine(
+            `cluster ${c.name} is partitioned: its expiries are paused, so sessions past their deadline are kept ` +
+              `(leasehold clusters resume-expiries ${c.name} reaps them)`,
+          );
+        }
+        return undefined;
       }),
     );
   workers

@@ -378,7 +378,6 @@ export function parseLabels(values: readonly string[] | undefined, flag: string)
 /** Collects a repeatable option's values. */
 export const collect = (value: string, previous: string[] = []) => [...previous, value];
 
-/** Parses a whole number of at least 1; commander reports a bad value as a usage error. */
 /** A duration flag's value in milliseconds (`500ms`, `10s`); malformed is bad usage naming the flag. */
 export function durationMsFlag(flag: string, text: string, options: { wholeMs?: boolean } = {}): number {
   try {
@@ -388,6 +387,7 @@ export function durationMsFlag(flag: string, text: string, options: { wholeMs?: 
   }
 }
 
+/** Parses a whole number of at least 1; commander reports a bad value as a usage error. */
 export function positiveIntFlag(value: string): number {
   const n = intFlag(value);
   if (n < 1) throw new InvalidArgumentError("expected a whole number of at least 1");

@@ -9,6 +9,7 @@ import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb
 import { ClusterHealth, ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import { runCli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { statusDetails } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -136,6 +137,21 @@ describe("moving a worker to another cluster", () => {
     expect(await cluster("ca")).toMatchObject({ health: ClusterHealth.PARTITIONED, expiriesPaused: true });
     expect(await expired()).toEqual([]);
     expect(await clusterOf("a-1")).toBe("ca");
+    // The CLI's list says why its workers in grace are kept past their deadlines.
+    const listed = await runCli([
+      "--server",
+      t.address,
+      "--token",
+      tokens.get("op") ?? "",
+      "workers",
+      "list",
+    ]);
+    expect(listed.code).toBe(0);
+    expect(listed.stdout).toMatch(/^a-1 +ca +IN_GRACE /m);
+    expect(listed.stdout).toContain(
+      "cluster ca is partitioned: its expiries are paused, so sessions past their deadline are kept " +
+        "(leasehold clusters resume-expiries ca reaps them)",
+    );
     const [first] = grants;
     if (!first) throw new Error("a grant expected");
     expect(await action(first.actionId)).toMatchObject({ state: ActionState.LEASED, epoch: 1n });

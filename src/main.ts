@@ -112,9 +112,14 @@ function packageVersion(): string {
   return manifest.version;
 }
 
-/** Lists the program's options in the help of `command` and of its subcommands. */
+/**
+ * Lists the program's options in the help of `command`, or of its
+ * subcommands when it has some: a group's help (`leasehold lease --help`)
+ * is read for its list of commands, which about 40 lines of them would push
+ * below the screen.
+ */
 function showGlobalOptions(command: Command): void {
-  command.configureHelp({ showGlobalOptions: true });
+  if (command.commands.length === 0) command.configureHelp({ showGlobalOptions: true });
   for (const sub of command.commands) showGlobalOptions(sub);
 }
 

@@ -449,6 +449,10 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     expect((await cli(["agent", "--help"])).stdout).toMatch(/Global Options:[\s\S]*--server <host:port>/);
     expect((await cli(["action", "submit", "--help"])).stdout).toMatch(/--tls-ca <file>/);
     expect((await cli(["serve", "--help"])).stdout).not.toMatch(/Global Options/);
+    // A group's help is its list of commands, not pushed down by the program's options.
+    const group = (await cli(["lease", "--help"])).stdout;
+    expect(group).toMatch(/Commands:\n +create /);
+    expect(group).not.toMatch(/Global Options/);
   });
 
   it("says each reason the agent cannot connect once, however many times it tries each address", async () => {

@@ -71,14 +71,7 @@ func onUnreachableServer(t *testing.T, otherHealth grpc_health_v1.HealthCheckRes
 		closeWithin(a, 5*time.Second)
 	})
 	// The agent starts at a random address: the one it says hello to is the unreachable one.
-	select {
-	case <-one.hellos:
-		s.current, s.other = one, two
-	case <-two.hellos:
-		s.current, s.other = two, one
-	case <-time.After(30 * time.Second):
-		t.Fatal("no hello")
-	}
+	s.current, s.other = firstHello(t, one, two)
 	s.other.health.set(otherHealth)
 	select {
 	case <-s.current.acked:
@@ -248,15 +241,7 @@ func TestDatabaseBackWhileAskingKeepsTheStream(t *testing.T) {
 	}
 	t.Cleanup(func() { closeWithin(a, 5*time.Second) })
 	// The agent starts at a random address: the other one is asked, and holds its answer.
-	var current, other *scriptedServer
-	select {
-	case <-one.hellos:
-		current, other = one, two
-	case <-two.hellos:
-		current, other = two, one
-	case <-time.After(30 * time.Second):
-		t.Fatal("no hello")
-	}
+	current, other := firstHello(t, one, two)
 	other.health.holding.Store(true)
 	select {
 	case <-current.acked:
@@ -350,4 +335,19 @@ func TestASecondAckOfTheLastHeartbeatMovesTheDeadline(t *testing.T) {
 	if want := sentAt.Add(time.Minute); !a.deadline.Equal(want) {
 		t.Fatalf("deadline after the second ack: %v, want %v", a.deadline, want)
 	}
+}
+
+// firstHello waits for the agent's first hello, to one or two (it starts at a random address),
+// and returns the server that got it, then the other.
+func firstHello(t *testing.T, one, two *scriptedServer) (current, other *scriptedServer) {
+	t.Helper()
+	select {
+	case <-one.hellos:
+		return one, two
+	case <-two.hellos:
+		return two, one
+	case <-time.After(30 * time.Second):
+		t.Fatal("no hello")
+	}
+	return nil, nil
 }

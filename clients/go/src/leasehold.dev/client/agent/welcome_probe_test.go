@@ -251,15 +251,7 @@ func waitsForTheWelcome(t *testing.T, failing bool) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { closeWithin(a, 5*time.Second) })
-	var current, other *scriptedServer
-	select {
-	case <-one.hellos:
-		current, other = one, two
-	case <-two.hellos:
-		current, other = two, one
-	case <-time.After(30 * time.Second):
-		t.Fatal("no hello")
-	}
+	current, other := firstHello(t, one, two)
 	// Three checks, a heartbeat interval (2 s before any welcome) apart: the stream has waited
 	// past the 1.5 intervals that an unanswered check is given.
 	for i := 1; i <= 3; i++ {

@@ -1,15 +1,7 @@
 import { createHash } from "node:crypto";
-import {
-  existsSync,
-  mkdirSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  writeFileSync,
-} from "node:fs";
+import { existsSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { basename, dirname, join, resolve } from "node:path";
+import { makeDirectories } from "../make-directories.js";
 
 /**
  * The process groups an agent started, and the work directories of its
@@ -68,16 +60,24 @@ function writeRecord(file: string, content: object): void {
 /**
  * The work directory, made if missing (readable by its owner only), and
  * refused when it belongs to another user: the records in it say which
- * processes to kill and which directories to remove.
+ * processes to kill and which directories to remove. Says whether it was
+ * made now.
  */
-export function ownWorkDir(workDir: string): void {
-  mkdirSync(workDir, { recursive: true, mode: 0o700 });
+export function ownWorkDir(workDir: string): boolean {
+  let made: boolean;
+  try {
+    made = makeDirectories(workDir, 0o700);
+  } catch (error) {
+    const { code, message } = error as NodeJS.ErrnoException;
+    throw new Error(`cannot make the work directory ${workDir}: ${code ?? message}`);
+  }
   const uid = process.getuid?.();
   const owner = statSync(workDir).uid;
   if (uid !== undefined && owner !== uid)
     throw new Error(
       `the work directory ${workDir} belongs to another user (uid ${owner}): pass a --work-dir of your own`,
     );
+  return made;
 }
 
 /**
@@ -87,7 +87,7 @@ export function ownWorkDir(workDir: string): void {
  */
 export function claimWorkDir(workDir: string, workerId: string): number | undefined {
   const dir = join(workDir, ".processes");
-  mkdirSync(dir, { recursive: true });
+  makeDirectories(dir);
   const file = join(dir, `${workerId}.agent`);
   try {
     const { pid, started } = JSON.parse(readFileSync(file, "utf8")) as { pid: number; started: string };
@@ -125,7 +125,7 @@ function readRecord(path: string): { pid: number; started: string } | { director
  */
 export function createProcessRegistry(workDir: string, workerId: string): ProcessRegistry {
   const dir = join(workDir, ".processes", workerId);
-  mkdirSync(dir, { recursive: true });
+  makeDirectories(dir);
   const root = resolve(workDir);
   const file = (pid: number) => join(dir, String(pid));
   // Named by a hash of the path: a path can be longer than a file name may be.

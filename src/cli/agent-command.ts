@@ -46,7 +46,13 @@ export function agentCommand(): Command {
           "third kills every process group they started, removes deployments' work directories and exits at once.",
       )
       .requiredOption("--cluster <name>", "the cluster this worker belongs to")
-      .option("--worker-id <id>", "stable worker id (default: hostname-pid)")
+      .option(
+        "--worker-id <id>",
+        "this worker's id, kept across restarts: an agent restarted with the same id ends its earlier run's " +
+          "session once the server has seen that run's stream end, so the leases it held are granted again at " +
+          "once instead of after the grace period (default: this machine's hostname; give each agent its own " +
+          "to run several on one machine)",
+      )
       .option(
         "--capacity <n>",
         "actions run at once (the SDK's `capacity`); --capacity plus --prefetch is at most 10000",
@@ -133,14 +139,21 @@ export function agentCommand(): Command {
             EXIT.usage,
           );
         }
-        const workerId = (o.workerId as string | undefined) ?? `${hostname()}-${process.pid}`;
+        const workerId = (o.workerId as string | undefined) ?? hostname();
         const labels = parseLabels(o.labels as string[] | undefined, "--labels");
         // Checked before the work directory exists: the server would refuse every hello.
         const names = new Violations();
         checkWorkerNames(
           names,
           { workerId, cluster: o.cluster as string, labels },
-          { workerId: "--worker-id", cluster: "--cluster", labels: "--labels" },
+          {
+            workerId:
+              o.workerId === undefined
+                ? "the default worker id (this machine's hostname; pass --worker-id)"
+                : "--worker-id",
+            cluster: "--cluster",
+            labels: "--labels",
+          },
         );
         try {
           names.throwIfAny();
@@ -149,8 +162,9 @@ export function agentCommand(): Command {
         }
         const servers = splitAddresses(g.server);
         const workDir = (o.workDir as string | undefined) ?? join(tmpdir(), `leasehold-agent-${workerId}`);
+        let madeWorkDir: boolean;
         try {
-          ownWorkDir(workDir);
+          madeWorkDir = ownWorkDir(workDir);
         } catch (error) {
           throw new CliError((error as Error).message, EXIT.usage);
         }
@@ -196,6 +210,11 @@ export function agentCommand(): Command {
           g.json
             ? printJson({ time: new Date().toISOString(), type, ...fields })
             : printLine(`${new Date().toISOString()} ${human}`);
+        // A mistyped --work-dir is made as asked; this line lets the operator see it happen.
+        if (madeWorkDir && o.workDir !== undefined)
+          say("work_dir_created", `made the work directory ${workDir} (--work-dir): it did not exist`, {
+            directory: workDir,
+          });
         if (leftovers.groups > 0 || leftovers.directories > 0) {
           say("leftovers_stopped", `${leftoversDone(leftovers)} an earlier run left behind`, {
             count: leftovers.groups,

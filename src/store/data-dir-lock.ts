@@ -10,6 +10,7 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 import { Code, LeaseholdError } from "../errors.js";
+import { makeDirectories } from "../make-directories.js";
 
 /** Tries at taking over a stale pid file while another process takes it over too. */
 const TAKEOVER_TRIES = 100;
@@ -98,7 +99,7 @@ function takeOverStale(dataDir: string, file: string): boolean {
 function prepare(dataDir: string): void {
   let entries: string[];
   try {
-    mkdirSync(dataDir, { recursive: true });
+    makeDirectories(dataDir);
     entries = readdirSync(dataDir);
   } catch (error) {
     throw dataDirError(dataDir, error);
@@ -193,7 +194,7 @@ function dataDirError(dataDir: string, error: unknown): LeaseholdError {
       : code === "EACCES" || code === "EPERM"
         ? "cannot be written by this user"
         : code === "ENOENT"
-          ? "does not exist"
+          ? "does not exist and cannot be made there"
           : `cannot be used (${(error as Error).message})`;
   return new LeaseholdError(Code.FailedPrecondition, `--data-dir ${dataDir} ${why}`, {
     reason: "DATA_DIR_UNUSABLE",

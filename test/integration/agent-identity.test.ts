@@ -31,22 +31,20 @@ describe.runIf(runsDriverNeutralTests())("the reference agent's identity and wor
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 
-  /** An agent of cluster `identity` with no --worker-id, its work directory `workDir`. */
+  /** The arguments of an agent of cluster `identity` with no --worker-id, its work directory `workDir`. */
+  const defaultArgs = (workDir: string) => [
+    "--server",
+    t.address,
+    "--json",
+    "agent",
+    "--cluster",
+    "identity",
+    "--work-dir",
+    workDir,
+    "--allow-any-command",
+  ];
   const defaultAgent = (workDir: string) => {
-    const agent = runLeasehold(
-      [
-        "--server",
-        t.address,
-        "--json",
-        "agent",
-        "--cluster",
-        "identity",
-        "--work-dir",
-        workDir,
-        "--allow-any-command",
-      ],
-      undefined,
-    );
+    const agent = runLeasehold(defaultArgs(workDir), undefined);
     agents.push(agent);
     return agent;
   };
@@ -62,16 +60,7 @@ describe.runIf(runsDriverNeutralTests())("the reference agent's identity and wor
     expect(workers.map((w) => w.workerId)).toEqual([hostname()]);
 
     // A second agent of the same default id and work directory is refused before it connects.
-    const twin = await runCli([
-      "--server",
-      t.address,
-      "agent",
-      "--cluster",
-      "identity",
-      "--work-dir",
-      workDir,
-      "--allow-any-command",
-    ]);
+    const twin = await runCli(defaultArgs(workDir));
     expect(twin.code).toBe(2);
     expect(twin.stderr).toContain(`another agent (pid ${first.child.pid}) runs as worker ${hostname()}`);
 

@@ -30,6 +30,12 @@ export interface ServerConfig {
    */
   readonly workerRetentionMs: number;
   /**
+   * How often the process looks at how the open worker streams are spread
+   * over the processes on its database and moves what is over its share; 0
+   * never (see `lease/rebalance.ts`). Only on PostgreSQL.
+   */
+  readonly rebalanceIntervalMs: number;
+  /**
    * How long an ended action (with its attempts and events), a closed scope
    * lease record and any other event are kept; 0 keeps them forever (see
    * `remove-history.ts`).
@@ -119,6 +125,7 @@ export const DEFAULTS = {
   dispatchPoll: "1s",
   partitionShare: "0.5",
   workerRetention: "7d",
+  rebalanceInterval: "30s",
   historyRetention: "7d",
   maxConnectionsPerAddress: "1024",
   metricsListen: "127.0.0.1:9464",
@@ -141,6 +148,7 @@ export interface RawServerOptions {
   readonly heartbeatInterval?: string | undefined;
   readonly maxSilence?: string | undefined;
   readonly workerRetention?: string | undefined;
+  readonly rebalanceInterval?: string | undefined;
   readonly historyRetention?: string | undefined;
   readonly maxConnectionsPerAddress?: string | undefined;
   readonly partitionShare?: string | undefined;
@@ -284,6 +292,12 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
   );
   if (workerRetentionMs !== 0 && workerRetentionMs < 60_000)
     throw configError("--worker-retention", "must be 0 (keep every worker) or at least 1m");
+  const rebalanceIntervalMs = parseDuration(
+    "--rebalance-interval",
+    raw.rebalanceInterval ?? DEFAULTS.rebalanceInterval,
+  );
+  if (rebalanceIntervalMs !== 0 && rebalanceIntervalMs < 1000)
+    throw configError("--rebalance-interval", "must be 0 (never move worker streams) or at least 1s");
   const historyRetentionMs = parseDuration(
     "--history-retention",
     raw.historyRetention ?? DEFAULTS.historyRetention,
@@ -361,6 +375,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     heartbeatIntervalMs,
     maxSilenceMs,
     workerRetentionMs,
+    rebalanceIntervalMs,
     historyRetentionMs,
     maxConnectionsPerAddress,
     partitionShare,

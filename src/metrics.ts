@@ -153,6 +153,11 @@ export function createMetrics(
       help: "Worker reports rejected because their (action, epoch) was not the current lease.",
       registers: [registry],
     }),
+    streamsMoved: new Counter({
+      name: `${prefix}worker_streams_moved_total`,
+      help: "Worker streams this process ended (UNAVAILABLE, reason REBALANCING) because it hosted more than its share of the open streams of the server processes on its database.",
+      registers: [registry],
+    }),
     heartbeatAckSeconds: new Histogram({
       name: `${prefix}heartbeat_ack_seconds`,
       help: "Time from receiving a heartbeat to queuing its ack.",

@@ -417,6 +417,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       heartbeatIntervalMs: config.heartbeatIntervalMs,
       maxSilenceMs: config.maxSilenceMs,
       workerRetentionMs: config.workerRetentionMs,
+      rebalanceMs: config.rebalanceIntervalMs,
       partitionShare: config.partitionShare,
       dispatchPollMs: config.dispatchPollMs,
       alone: database.driver === "pglite",

@@ -61,6 +61,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--rebalance-interval <duration>",
+        "on PostgreSQL, how often this process looks at how the agents' streams are spread over the server processes on the database; when it hosts more than its share it ends a few of them UNAVAILABLE (reason REBALANCING) and their agents reconnect to another address, their sessions and leases intact; 0 never, else at least 1s",
+      )
+        .env("LEASEHOLD_REBALANCE_INTERVAL")
+        .default(DEFAULTS.rebalanceInterval),
+    )
+    .addOption(
+      new Option(
         "--history-retention <duration>",
         "how long an ended action is kept after it ended, with its attempts and events, and a closed scope lease record after it closed; older events of sessions, workers and clusters go too, and a request_id can be used again once its action is gone; 0 keeps everything forever, else at least 1m",
       )
@@ -214,6 +222,7 @@ export function serveCommand(): Command {
           heartbeatInterval: options.heartbeatInterval as string,
           maxSilence: options.maxSilence as string | undefined,
           workerRetention: options.workerRetention as string,
+          rebalanceInterval: options.rebalanceInterval as string,
           historyRetention: options.historyRetention as string,
           maxConnectionsPerAddress: options.maxConnectionsPerAddress as string,
           partitionShare: options.partitionShare as string,

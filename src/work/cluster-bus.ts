@@ -70,7 +70,7 @@ const PEER_CHECK_MS = 1000;
  */
 const WAKE_GAP_MS = 20;
 /** The `application_name` the database layer gives each process's connections. */
-const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
+export const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
 
 /**
  * The bus over PostgreSQL LISTEN/NOTIFY. Sends are batched: everything sent

@@ -7,6 +7,7 @@ import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start
 import { FORGET_BATCH, forgetWorkers } from "../store/queries/forget-workers.js";
 import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
 import type { HelloInput } from "../store/queries/open-session.js";
+import { readStreamSpread } from "../store/queries/stream-spread.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
@@ -26,6 +27,7 @@ import {
   takenOverMessage,
 } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
+import { createRebalancer } from "./lease/rebalance.js";
 import { createRenewal } from "./lease/renewal.js";
 import { createReports, type ReportKind, type ReportResult } from "./lease/reports.js";
 import { createRevokes } from "./lease/revokes.js";
@@ -39,6 +41,8 @@ export interface LeaseMetrics {
   readonly fencedReports: { inc(n?: number): void };
   readonly reports: { inc(labels: { kind: ReportKind; result: ReportResult }): void };
   readonly heartbeatAckSeconds: { observe(seconds: number): void };
+  /** Worker streams this process ended to spread them over the others (lease/rebalance.ts). */
+  readonly streamsMoved?: { inc(n?: number): void };
 }
 
 /** Options of {@link createLeaseManager}. */
@@ -98,6 +102,12 @@ export interface LeaseManagerOptions {
    * NOT_SERVING): heartbeat acks say so. Default: never.
    */
   readonly databaseUnreachable?: () => boolean;
+  /**
+   * How often this process looks at how the open worker streams are spread
+   * over the processes on its database, and moves what is over its share
+   * (lease/rebalance.ts). Only with a `bus`; 0 turns it off. Default 30 s.
+   */
+  readonly rebalanceMs?: number;
   /**
    * Run the renewal, reap and dispatch loops on timers. Default true; tests
    * with a fake clock turn it off and call `tick` themselves.
@@ -201,6 +211,9 @@ export const DEFAULT_GRANT_WINDOW = 32;
 /** Default of `LeaseManagerOptions.grantHighWaterBytes`: 1 MiB. */
 export const DEFAULT_GRANT_HIGH_WATER_BYTES = 1024 * 1024;
 
+/** Default of `LeaseManagerOptions.rebalanceMs`. */
+export const DEFAULT_REBALANCE_MS = 30_000;
+
 export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   const { db, clock, feed, log, metrics, serverId } = options;
   const graceMs = options.gracePeriodMs;
@@ -300,6 +313,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     if (previous) closeTakenOver(previous);
     else if (opened.tookOver)
       bus?.send({ kind: "takeover", sessionId: opened.sessionId, streamToken: opened.streamToken });
+    rebalancer.opened(hello.workerId);
     const s: Hosted = {
       sessionId: opened.sessionId,
       streamToken: opened.streamToken,
@@ -434,6 +448,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    * next failed check (the database still flapping) says so again.
    */
   const ackSaysUnreachable = () => databaseUnreachable() && !lastAnswer.ok;
+  const rebalancer = createRebalancer({
+    hosted,
+    log,
+    spread: () => readStreamSpread(db, serverId),
+    paused: () => closed || databaseUnreachable(),
+    moved: metrics.streamsMoved ?? { inc() {} },
+  });
   const handover = createHandover({
     log,
     hosted,
@@ -525,6 +546,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       }
       // Only notices from other processes can be lost; alone there is nothing to catch up on.
       if (bus) loops.every(pollMs, "lease audit", audit, { phaseMs: Math.round(pollMs / 2) });
+      // Alone (no bus) there is nowhere to move a stream to.
+      const rebalanceMs = options.rebalanceMs ?? DEFAULT_REBALANCE_MS;
+      if (bus && rebalanceMs > 0)
+        loops.every(rebalanceMs, "spreading worker streams", rebalancer.run, {
+          // Not in step with the other processes, which would all move their streams at once.
+          phaseMs: Math.round(rebalanceMs * Math.random()),
+        });
     }
   }
 

@@ -75,6 +75,8 @@ export interface AgentLine {
   /** `connected`: the address the stream went to (a proxy listener). */
   readonly address?: string;
   readonly sessionId?: string;
+  /** `disconnected`: why the stream ended. */
+  readonly error?: string;
 }
 
 /** One agent process: from spawn to SIGKILL (`killed`) or to its exit after SIGTERM at the end. */

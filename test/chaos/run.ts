@@ -286,6 +286,10 @@ export async function runChaos(options: ChaosOptions): Promise<ChaosResult> {
           `${graceMs}ms`,
           "--heartbeat-interval",
           `${heartbeatMs}ms`,
+          // Servers killed and restarted leave the fleet uneven: streams move between them
+          // throughout the run, under the same faults.
+          "--rebalance-interval",
+          "2s",
         ],
         {
           env: { ...process.env, DATABASE_URL: databaseUrl, LEASEHOLD_LOG_LEVEL: "info" },
@@ -783,6 +787,7 @@ function summarize(
     `actions: ${[...byState].map(([s, n]) => `${n} ${s}`).join(", ")}; settled ${seconds(run.settledMs)} after the faults`,
     `executions: ${facts.executions.length}; actions run more than once: ${rerun}; stopped by self-fence: ${facts.selfFenced} (slowest stop ${facts.maxStopMs} ms after the deadline)`,
     `expiries: ${facts.reapedSessions} sessions reaped, ${facts.expiredLeases} leases expired${causes.size > 0 ? ` (explained by: ${[...causes].map(([c, n]) => `${c} ×${n}`).join(", ")})` : ""}; fenced reports: ${facts.fencedReports}; partitions: ${facts.partitions}`,
+    `streams moved to spread them over the servers (REBALANCING): ${record.agentLines.filter((l) => l.type === "disconnected" && /REBALANCING|this server hosts \d+ of the/.test(l.error ?? "")).length}`,
     `wall clock: ${seconds(run.wallMs)}`,
     `violations: ${violations.length}`,
     ...violations

@@ -284,6 +284,77 @@ describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL"
     }
   }, 120_000);
 
+  it("spreads the agents again over a process restarted after the others; their sessions resume, nothing expires", async () => {
+    await using store = await freshPostgresDatabase();
+    const url = store.url as string;
+    const flags = [...TIMING, "--rebalance-interval", "1s"];
+    const { processes, addresses } = await startServers(url, 2, flags);
+    const [a, b] = addresses as [string, string];
+    const agents = ["r1", "r2", "r3", "r4", "r5", "r6"].map((id) =>
+      runSdkAgent([`${a},${b}`, "spread", id, "4"]),
+    );
+    /** Where an agent is connected now, from its last connected or disconnected line. */
+    const where = (agent: AgentProcess) => {
+      let at: string | undefined;
+      for (const l of agent.lines) {
+        if (l.type === "connected") at = l.address as string;
+        else if (l.type === "disconnected") at = undefined;
+      }
+      return at;
+    };
+    let restarted: LeaseholdProcess | undefined;
+    try {
+      const first = await Promise.all(
+        agents.map((agent) => agent.waitForLine((l) => l.type === "connected")),
+      );
+      // B goes away, as in a rolling restart: every agent ends up on A.
+      processes[1]?.child.kill("SIGKILL");
+      await until(agents, () => agents.every((agent) => where(agent) === a), "every agent on A");
+      restarted = runLeasehold(["serve", "--listen", b, "--metrics-listen", "off", ...flags], url);
+      await restarted.waitForLog((l) => l.msg === "leasehold serving");
+      const actions = createClient(ActionService, a);
+      const ids: string[] = [];
+      for (let i = 0; i < 200; i++) {
+        const { action } = await actions.submitAction({ cluster: "spread", payload: { sleepMs: 200 } });
+        ids.push(action?.id ?? "");
+      }
+      // A hosts six of six over two processes: it moves one a round until it is within its share
+      // (three) plus a tenth (at least one).
+      await until(agents, () => agents.filter((agent) => where(agent) === b).length >= 2, "two agents on B");
+      expect(
+        await processes[0]?.waitForLog(
+          (l) => l.msg === "moved worker streams to spread them over the server processes",
+        ),
+      ).toMatchObject({ moved: 1, hosted: 6, openStreams: 6, servers: 2 });
+      for (const agent of agents.filter((x) => where(x) === b)) {
+        const i = agents.indexOf(agent);
+        // Told why, and back to the session it had from the start.
+        expect(
+          agent.lines.some(
+            (l) =>
+              l.type === "disconnected" &&
+              /REBALANCING|this server hosts \d+ of the 6 open worker streams/.test(String(l.error)),
+          ),
+        ).toBe(true);
+        expect(agent.lines.filter((l) => l.type === "connected").at(-1)?.sessionId).toBe(first[i]?.sessionId);
+      }
+      await allCompleted(agents, ids, a);
+      const counts = acceptedCompletions(agents);
+      expect(ids.filter((id) => counts.get(id) !== 1)).toEqual([]);
+      const expired = await createClient(EventService, a).listEvents({ kind: EventKind.LEASE_EXPIRED });
+      expect(expired.events).toEqual([]);
+      // Within its share now: no more moves than the two (the log counts them).
+      const moves =
+        processes[0]?.logs.filter(
+          (l) => l.msg === "moved worker streams to spread them over the server processes",
+        ) ?? [];
+      expect(moves.reduce((n, l) => n + Number(l.moved), 0)).toBe(2);
+    } finally {
+      for (const agent of agents) agent.child.kill("SIGKILL");
+      for (const p of [...processes, ...(restarted ? [restarted] : [])]) p.child.kill("SIGKILL");
+    }
+  }, 120_000);
+
   describe("PostgreSQL restarted during a run", () => {
     let pg: OwnPostgres;
     beforeAll(async () => {

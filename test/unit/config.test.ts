@@ -12,6 +12,7 @@ describe("server config", () => {
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
       workerRetentionMs: 7 * 86_400_000,
+      rebalanceIntervalMs: 30_000,
       historyRetentionMs: 7 * 86_400_000,
       maxConnectionsPerAddress: 1024,
       partitionShare: 0.5,
@@ -56,6 +57,10 @@ describe("server config", () => {
     expect(parseServerConfig({ workerRetention: "0" }).workerRetentionMs).toBe(0);
     expect(() => parseServerConfig({ workerRetention: "30s" })).toThrow(
       "--worker-retention: must be 0 (keep every worker) or at least 1m",
+    );
+    expect(parseServerConfig({ rebalanceInterval: "0" }).rebalanceIntervalMs).toBe(0);
+    expect(() => parseServerConfig({ rebalanceInterval: "500ms" })).toThrow(
+      "--rebalance-interval: must be 0 (never move worker streams) or at least 1s",
     );
     expect(parseServerConfig({ historyRetention: "0" }).historyRetentionMs).toBe(0);
     expect(() => parseServerConfig({ historyRetention: "59s" })).toThrow(

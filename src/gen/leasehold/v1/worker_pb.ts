@@ -1376,8 +1376,14 @@ export const WorkerService: GenService<{
    * session, a message that cannot be read ends the stream with its error.
    * A cancel (RST_STREAM) drops what the server has not read yet. A
    * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
-   * SHUTTING_DOWN): reconnect, to another address if there is one. A hello
-   * that would resume or take over a session (not ended, within its
+   * SHUTTING_DOWN): reconnect, to another address if there is one. So does
+   * one that hosts more than its share of the open streams of the server
+   * processes sharing its database (UNAVAILABLE, reason REBALANCING, metadata
+   * hosted, open_streams, servers): reconnect as after any other ending (see
+   * "Reconnect fast" below), to another address if there is one; the session
+   * and its leases resume there, as after any stream loss within the grace
+   * period.
+   * A hello that would resume or take over a session (not ended, within its
    * deadline, with the stream open or lost) registered in another cluster
    * ends FAILED_PRECONDITION (reason WORKER_IN_OTHER_CLUSTER): say goodbye
    * there first, or use another worker_id. A hello with a new instance_id

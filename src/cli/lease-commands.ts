@@ -20,6 +20,7 @@ import {
   ResourceService,
 } from "../gen/leasehold/v1/resource_pb.js";
 import type { createClient } from "../rpc/client.js";
+import { errorInfoOf } from "../rpc/status.js";
 import { jsonObjectOption } from "./json-option.js";
 import {
   deploymentSpec,
@@ -109,15 +110,17 @@ const printResource = (r: Resource | undefined, json: boolean) => {
 
 /**
  * The error of a CreateLease refused for its TTL, said with the flag: the
- * server names the request's field (`ttl: must be at most 86400s (the
- * server's maximum, …)`, from scope-lease-service.ts); the CLI names --ttl,
- * the maximum as the server's --lease-max-ttl takes it (24h), and how to
- * raise it. Any other error is returned as it is.
+ * server names the request's field (`ttl: …`), and over its maximum says
+ * the maximum (ErrorInfo TTL_OVER_MAXIMUM, metadata max_ttl "86400s"); the
+ * CLI names --ttl, the maximum as the server's --lease-max-ttl takes it
+ * (24h), and how to raise it. Any other error is returned as it is.
  */
 export function ttlRefused(error: unknown, ttl: string | undefined): unknown {
   const e = error as { code?: number; details?: string };
   if (e.code !== 3 || ttl === undefined || !e.details?.startsWith("ttl: ")) return error;
-  const max = /^ttl: must be at most (\d+)s \(the server's maximum/.exec(e.details)?.[1];
+  const info = errorInfoOf(error);
+  const max =
+    info?.reason === "TTL_OVER_MAXIMUM" ? /^(\d+)s$/.exec(info.metadata.max_ttl ?? "")?.[1] : undefined;
   if (max === undefined) return new CliError(`--ttl: ${e.details.slice("ttl: ".length)}`, EXIT.usage);
   return new CliError(
     `--ttl: ${ttl} is longer than the server's maximum, ${durationText(Number(max) * 1000)}; ask for less, ` +

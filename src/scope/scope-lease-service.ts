@@ -510,11 +510,13 @@ export function createScopeLeaseService(deps: {
     async create(input) {
       const ttlMs = input.ttlMs ?? limits.defaultTtlMs;
       if (ttlMs > limits.maxTtlMs) {
-        throw LeaseholdError.invalidArgument(
-          "ttl",
-          // The CLI reads the maximum from these words (ttlRefused in src/cli/lease-commands.ts).
-          `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum, its --lease-max-ttl)`,
-        );
+        const description = `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum, its --lease-max-ttl)`;
+        // The maximum in metadata too: a client tells its user what to ask for without reading prose.
+        throw new LeaseholdError(Code.InvalidArgument, `ttl: ${description}`, {
+          reason: "TTL_OVER_MAXIMUM",
+          metadata: { max_ttl: `${limits.maxTtlMs / 1000}s` },
+          fieldViolations: [{ field: "ttl", description }],
+        });
       }
       const { lease, created } = await insertScopeLease(db, clock, { ...input, ttlMs });
       if (

@@ -489,11 +489,13 @@ describe("scope leases", () => {
 
   it("rejects bad requests with the field to fix", async () => {
     await expectStatus(leases().createLease({ runtime: "" }), Code.InvalidArgument, /^runtime: is required/);
-    await expectStatus(
+    const over = await expectStatus(
       leases().createLease({ runtime: "east", ttl: { seconds: 10n * 86400n } }),
       Code.InvalidArgument,
       /^ttl: must be at most 86400s/,
     );
+    // The maximum, for a client to read without parsing the message.
+    expect(over).toMatchObject({ reason: "TTL_OVER_MAXIMUM", info: { max_ttl: "86400s" }, fields: ["ttl"] });
     // Far past a year too: the bound named is the server's, not a wider one of the request's.
     await expectStatus(
       leases().createLease({ runtime: "east", ttl: { seconds: 10_000n * 365n * 86400n } }),

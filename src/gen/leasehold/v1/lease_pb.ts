@@ -135,7 +135,9 @@ export type CreateLeaseRequest = Message<"leasehold.v1.CreateLeaseRequest"> & {
    * Optional TTL, at least 1s; default and maximum are server settings. It
    * is kept in milliseconds: one that is not a whole number of them is
    * INVALID_ARGUMENT, never rounded, and the bounds are compared with the
-   * exact value (0.9995s is under 1s).
+   * exact value (0.9995s is under 1s). One over the maximum is
+   * INVALID_ARGUMENT with ErrorInfo reason TTL_OVER_MAXIMUM and metadata
+   * max_ttl, the maximum in seconds as a Duration's JSON ("86400s").
    *
    * @generated from field: google.protobuf.Duration ttl = 2;
    */

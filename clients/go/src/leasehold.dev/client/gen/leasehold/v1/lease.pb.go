@@ -298,7 +298,9 @@ type CreateLeaseRequest struct {
 	// Optional TTL, at least 1s; default and maximum are server settings. It
 	// is kept in milliseconds: one that is not a whole number of them is
 	// INVALID_ARGUMENT, never rounded, and the bounds are compared with the
-	// exact value (0.9995s is under 1s).
+	// exact value (0.9995s is under 1s). One over the maximum is
+	// INVALID_ARGUMENT with ErrorInfo reason TTL_OVER_MAXIMUM and metadata
+	// max_ttl, the maximum in seconds as a Duration's JSON ("86400s").
 	Ttl *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
 	// Optional label, at most 128 characters.
 	Label string `protobuf:"bytes,3,opt,name=label,proto3" json:"label,omitempty"`

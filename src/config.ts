@@ -30,7 +30,7 @@ export interface ServerConfig {
    */
   readonly workerRetentionMs: number;
   /**
-   * How often the process looks at how the open worker streams are spread
+   * How often the process looks at how the worker sessions are spread
    * over the processes on its database and moves what is over its share; 0
    * never (see `lease/rebalance.ts`). Only on PostgreSQL.
    */

@@ -155,7 +155,7 @@ export function createMetrics(
     }),
     streamsMoved: new Counter({
       name: `${prefix}worker_streams_moved_total`,
-      help: "Worker streams this process ended (UNAVAILABLE, reason REBALANCING) because it hosted more than its share of the open streams of the server processes on its database.",
+      help: "Worker streams this process ended (UNAVAILABLE, reason REBALANCING) because it hosted more than its share of the live worker sessions of the server processes on its database.",
       registers: [registry],
     }),
     heartbeatAckSeconds: new Histogram({

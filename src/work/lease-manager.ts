@@ -103,7 +103,7 @@ export interface LeaseManagerOptions {
    */
   readonly databaseUnreachable?: () => boolean;
   /**
-   * How often this process looks at how the open worker streams are spread
+   * How often this process looks at how the worker sessions are spread
    * over the processes on its database, and moves what is over its share
    * (lease/rebalance.ts). Only with a `bus`; 0 turns it off. Default 30 s.
    */

@@ -13,11 +13,12 @@ describe("streamsOverShare", () => {
     expect(streamsOverShare({ mine: 367, total: 1000, servers: 3 })).toBe(0);
   });
 
-  it("moves a quarter of the excess over the share, at least one", () => {
-    expect(streamsOverShare({ mine: 6, total: 6, servers: 2 })).toBe(1);
+  it("moves half the excess over the share, at least one", () => {
+    expect(streamsOverShare({ mine: 6, total: 6, servers: 2 })).toBe(2);
     expect(streamsOverShare({ mine: 5, total: 6, servers: 2 })).toBe(1);
-    // The restarted third of a fleet of 1,000: each of the others moves 42 in its first round.
-    expect(streamsOverShare({ mine: 500, total: 1000, servers: 3 })).toBe(42);
+    expect(streamsOverShare({ mine: 8, total: 12, servers: 3 })).toBe(2);
+    // The restarted third of a fleet of 1,000: each of the others moves 83 in its first round.
+    expect(streamsOverShare({ mine: 500, total: 1000, servers: 3 })).toBe(83);
   });
 });
 
@@ -57,9 +58,12 @@ describe("createRebalancer", () => {
       moved: { inc: (n = 1) => (moved += n) },
     });
     await r.run();
-    // A share is 4: a quarter of the excess, one.
-    expect(closed).toEqual([{ workerId: "w7", reason: "REBALANCING", code: 14 }]);
-    expect(moved).toBe(1);
+    // A share is 4: half the excess, two.
+    expect(closed).toEqual([
+      { workerId: "w7", reason: "REBALANCING", code: 14 },
+      { workerId: "w6", reason: "REBALANCING", code: 14 },
+    ]);
+    expect(moved).toBe(2);
   });
 
   it("moves nothing while paused (the database unreachable, or closing)", async () => {

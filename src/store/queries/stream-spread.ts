@@ -3,11 +3,15 @@ import { BUS_CHANNEL, OWN_NAME } from "../../work/cluster-bus.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
 
-/** How the open worker streams are spread over the server processes of one database. */
+/** How the worker sessions are spread over the server processes of one database. */
 export interface StreamSpread {
-  /** Open streams (live sessions not recorded lost) this process hosts. */
+  /** Open streams (of live sessions, not recorded lost) this process hosts. */
   readonly mine: number;
-  /** Open streams of every process. */
+  /**
+   * Live sessions of every process, those in grace included: most of them
+   * are on their way to a process (moved, or their server gone), and a
+   * share counted without them would move more than needed.
+   */
   readonly total: number;
   /** Server processes on the database, this one included. */
   readonly servers: number;
@@ -19,21 +23,20 @@ export interface StreamSpread {
  * process, see database.ts); undefined when this process's name is not one
  * of those (a URL that sets its own), since then processes cannot be told
  * apart. A process killed a moment ago still counts until PostgreSQL drops
- * its connection, and its streams until they are recorded lost: the spread
- * then looks more even than it is, never less.
+ * its connection: the spread then looks more even than it is, never less.
  */
 export async function readStreamSpread(db: Db, serverId: string): Promise<StreamSpread | undefined> {
   const [row] = await queryRows<{ own: string; mine: unknown; total: unknown; others: unknown }>(
     db,
     sql`select current_setting('application_name') as own,
-          count(*) filter (where server_id = ${serverId}) as mine,
+          count(*) filter (where server_id = ${serverId} and stream_lost_at is null) as mine,
           count(*) as total,
           (select count(distinct application_name) from pg_stat_activity
             where datname = current_database() and pid <> pg_backend_pid()
               and application_name <> current_setting('application_name')
               and query ilike ${`listen "${BUS_CHANNEL}"%`}) as others
         from sessions
-        where ended_at is null and stream_lost_at is null and server_id is not null`,
+        where ended_at is null`,
   );
   if (!row || !OWN_NAME.test(row.own)) return undefined;
   return { mine: Number(row.mine), total: Number(row.total), servers: 1 + Number(row.others) };

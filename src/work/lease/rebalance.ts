@@ -9,14 +9,15 @@ import type { Hosted, HostedSessions } from "./hosted.js";
  * Agents given several addresses connect to one and move only when it fails
  * them: after a rolling restart the process restarted last hosts nobody, and
  * one that was down for an hour stays empty. Each process looks at the
- * spread now and then; one that hosts more than its share (the open streams
+ * spread now and then; one that hosts more than its share (the live sessions
  * over the processes, rounded up, plus a tenth) ends some of its streams
  * UNAVAILABLE with reason REBALANCING. Their workers reconnect, to another
  * address if they have one (worker.proto), and their sessions and leases
- * resume there: nothing is lost or run again. A round moves at most a quarter
- * of the excess (at least one), streams holding the fewest leases first, so
- * the processes converge over a few rounds instead of passing a crowd back
- * and forth.
+ * resume there: nothing is lost or run again. A round moves half the excess
+ * over the share (at least one), streams holding the fewest leases first:
+ * a moved worker picks one of its other addresses at random, so some land
+ * on another full process, and the processes converge over a few rounds
+ * instead of passing a crowd back and forth.
  *
  * A worker that comes back to this process after being moved has nowhere
  * else to go (one address, or a load balancer that sent it back): it is
@@ -39,7 +40,7 @@ export function streamsOverShare(spread: StreamSpread): number {
   const share = Math.ceil(spread.total / spread.servers);
   const excess = spread.mine - share - Math.max(1, Math.floor(share / 10));
   if (excess <= 0) return 0;
-  return Math.max(1, Math.ceil((spread.mine - share) / 4));
+  return Math.ceil((spread.mine - share) / 2);
 }
 
 export function createRebalancer(deps: {
@@ -86,7 +87,7 @@ export function createRebalancer(deps: {
       if (chosen.length === 0) return;
       const share = Math.ceil(spread.total / spread.servers);
       const message =
-        `this server hosts ${spread.mine} of the ${spread.total} open worker streams of ${spread.servers} ` +
+        `this server hosts ${spread.mine} of the ${spread.total} live worker sessions of ${spread.servers} ` +
         `server processes (a share is ${share}): reconnect, to another address if you have one; the session ` +
         "and its leases resume there";
       for (const s of chosen) {
@@ -97,7 +98,7 @@ export function createRebalancer(deps: {
             reason: "REBALANCING",
             metadata: {
               hosted: String(spread.mine),
-              open_streams: String(spread.total),
+              live_sessions: String(spread.total),
               servers: String(spread.servers),
             },
           }),
@@ -108,7 +109,7 @@ export function createRebalancer(deps: {
         {
           moved: chosen.length,
           hosted: spread.mine,
-          openStreams: spread.total,
+          liveSessions: spread.total,
           servers: spread.servers,
           share,
         },

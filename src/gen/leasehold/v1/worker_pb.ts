@@ -1377,9 +1377,9 @@ export const WorkerService: GenService<{
    * A cancel (RST_STREAM) drops what the server has not read yet. A
    * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
    * SHUTTING_DOWN): reconnect, to another address if there is one. So does
-   * one that hosts more than its share of the open streams of the server
+   * one that hosts more than its share of the live sessions of the server
    * processes sharing its database (UNAVAILABLE, reason REBALANCING, metadata
-   * hosted, open_streams, servers): reconnect as after any other ending (see
+   * hosted, live_sessions, servers): reconnect as after any other ending (see
    * "Reconnect fast" below), to another address if there is one; the session
    * and its leases resume there, as after any stream loss within the grace
    * period.

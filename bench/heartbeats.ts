@@ -144,6 +144,9 @@ function startServer(): ChildProcess {
     `${Math.max(10_000, intervalMs * 3)}ms`,
     "--log-level",
     "warn",
+    // Every stream comes from this one address, as from behind a NAT: no per-address bounds.
+    "--max-connections-per-address",
+    "0",
     ...(values["database-url"]
       ? ["--database-url", values["database-url"]]
       : ["--data-dir", join(dir, "data")]),

@@ -193,6 +193,9 @@ function startServer(): ChildProcess {
       `${intervalMs}ms`,
       "--log-level",
       "info",
+      // Every agent comes from this one address, as from behind a NAT: no per-address bounds.
+      "--max-connections-per-address",
+      "0",
     ],
     { stdio: ["ignore", out, "inherit"] },
   );

@@ -78,7 +78,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--max-connections-per-address <n>",
-        "client connections one peer address may hold open to the gRPC port and the console's together; one past it is closed as it is accepted, so a peer opening connections without end cannot take every file descriptor; raise it for many agents behind one NAT address; 0 for no limit",
+        "client connections one peer address may hold open to the gRPC port and the console's together; one past it is closed as it is accepted, so a peer opening connections without end cannot take every file descriptor; the address may also hold 4 open gRPC calls per connection (a call past that is refused RESOURCE_EXHAUSTED, CALLS_PER_ADDRESS); raise it for many agents behind one NAT address; 0 for no limit of either",
       )
         .env("LEASEHOLD_MAX_CONNECTIONS_PER_ADDRESS")
         .default(DEFAULTS.maxConnectionsPerAddress),

@@ -16,6 +16,7 @@ import type { Logger } from "pino";
 import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
+import type { CallsPerAddress } from "./calls-per-address.js";
 import { LARGE_REQUEST_BYTES, type LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
@@ -594,6 +595,8 @@ export interface HandlerDeps {
   readonly calls?: CallObserver | undefined;
   /** Turns for large unary requests (large-calls.ts); none: every call runs at once. */
   readonly largeCalls?: LargeCallLimit | undefined;
+  /** Open calls per client address (calls-per-address.ts); none: no limit. */
+  readonly callsPerAddress?: CallsPerAddress | undefined;
 }
 
 /** A call refused for want of credentials or rights, as the log line names it. */
@@ -699,6 +702,8 @@ function unaryHandler(
   return (call, callback) => {
     const start = performance.now();
     calls.started();
+    const left = admit(call, deps, path, calls);
+    if (left instanceof Refused) return callback(left.status);
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     let turnEnded = NO_TURN;
@@ -736,11 +741,30 @@ function unaryHandler(
       .finally(() => {
         turnEnded();
         ctx.done();
+        left();
       });
   };
 }
 
 const NO_TURN = () => {};
+
+/** A call refused at the door, with the status to end it with. */
+class Refused {
+  constructor(readonly status: grpc.StatusObject) {}
+}
+
+/**
+ * Counts the call against its address's open calls: the function that
+ * forgets it when the call ends, or, past the limit, the status it was
+ * refused with (counted as ended, nothing else done for it).
+ */
+function admit(call: CallLike, deps: HandlerDeps, path: string, calls: MethodCalls): (() => void) | Refused {
+  const entered = deps.callsPerAddress?.enter(call.getPeer()) ?? NO_TURN;
+  if (typeof entered === "function") return entered;
+  const status = toStatusObject(entered, deps.log, path);
+  calls.ended(status.code, 0);
+  return new Refused(status);
+}
 
 function serverStreamHandler(
   method: DescMethod,
@@ -752,6 +776,8 @@ function serverStreamHandler(
   return (call) => {
     const start = performance.now();
     calls.started();
+    const left = admit(call, deps, path, calls);
+    if (left instanceof Refused) return void call.emit("error", left.status);
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     (async () => {
@@ -776,7 +802,10 @@ function serverStreamHandler(
           call.emit("error", status);
         },
       )
-      .finally(() => ctx.done());
+      .finally(() => {
+        ctx.done();
+        left();
+      });
   };
 }
 
@@ -790,6 +819,8 @@ function bidiHandler(
   return (call) => {
     const start = performance.now();
     calls.started();
+    const left = admit(call, deps, path, calls);
+    if (left instanceof Refused) return void call.emit("error", left.status);
     const ctx = createContext(call, deps.shutdown);
     const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
     const encode = encoder(method.output);
@@ -866,6 +897,9 @@ function bidiHandler(
           call.emit("error", status);
         },
       )
-      .finally(() => ctx.done());
+      .finally(() => {
+        ctx.done();
+        left();
+      });
   };
 }

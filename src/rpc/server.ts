@@ -14,6 +14,7 @@ import {
   type ServiceImpl,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
+import { CALLS_PER_CONNECTION, limitCallsPerAddress } from "./calls-per-address.js";
 import { closeConnectionsOnClientCaChange } from "./client-ca-change.js";
 import {
   type ConnectionLimit,
@@ -100,8 +101,9 @@ export interface RpcServerOptions {
   /** Counts the calls of `services` (the metrics); none: nothing is counted. */
   readonly calls?: CallObserver | undefined;
   /**
-   * Connections one peer address may hold open at once (`limitConnections`);
-   * 0 for no limit. Default {@link DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}.
+   * Connections one peer address may hold open at once (`limitConnections`),
+   * and a quarter of its open calls (`limitCallsPerAddress`); 0 for no limit
+   * of either. Default {@link DEFAULT_MAX_CONNECTIONS_PER_ADDRESS}.
    */
   readonly maxConnectionsPerAddress?: number;
   /** Connections the process may hold open at once. Default `defaultMaxConnections()`. */
@@ -214,6 +216,12 @@ export async function createRpcServer(
     onRefused: refusalLogger(options.log),
     calls: options.calls,
     largeCalls,
+    // Four calls per connection an address may hold: its connections' HTTP/2 streams alone
+    // would allow 256 each.
+    callsPerAddress: limitCallsPerAddress(
+      CALLS_PER_CONNECTION * (options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+      options.log,
+    ),
   };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl, fastDecoders } of options.services) {

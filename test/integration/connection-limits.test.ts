@@ -4,10 +4,11 @@ import http2 from "node:http2";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { create, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { pino } from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ActionService, WatchActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { type ConnectionRefusal, defaultMaxConnections } from "../../src/rpc/connection-limits.js";
 import { bind, createRpcServer } from "../../src/rpc/server.js";
 import { startTestServer } from "../helpers/server.js";
@@ -72,7 +73,7 @@ describe("connection limits", () => {
     close = undefined;
   });
 
-  async function start(limits: { maxConnectionsPerAddress?: number; maxConnections?: number }) {
+  async function start(limits: { maxConnectionsPerAddress?: number; maxConnections?: number }, held = false) {
     const logged: { msg: string; address?: string }[] = [];
     const log = pino({ level: "warn" }, { write: (line: string) => logged.push(JSON.parse(line)) });
     const refused: ConnectionRefusal[] = [];
@@ -80,7 +81,20 @@ describe("connection limits", () => {
     const closedOne: (() => void)[] = [];
     const server = await createRpcServer("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), {
       log,
-      services: [bind(ActionService, {})],
+      // With `held`, WatchAction streams stay open until their client ends them.
+      services: [
+        bind(
+          ActionService,
+          held
+            ? {
+                async *watchAction(_request, ctx) {
+                  await new Promise((resolve) => ctx.signal.addEventListener("abort", resolve));
+                  yield* [];
+                },
+              }
+            : {},
+        ),
+      ],
       ...limits,
       connections: {
         opened: () => open++,
@@ -119,6 +133,70 @@ describe("connection limits", () => {
     sockets[0]?.destroy();
     await closed;
     expect(await healthCheck(s.port, "127.0.0.1")).toBe("0");
+  });
+
+  it("refuses a call past an address's share of open calls at once, and takes others once one ends", async () => {
+    // One connection per address: four open calls.
+    const s = await start({ maxConnectionsPerAddress: 1 }, true);
+    const session = http2.connect(`http://127.0.0.1:${s.port}`);
+    session.on("error", () => {});
+    try {
+      const call = (path: string, body: Uint8Array) => {
+        const stream = session.request({
+          ":method": "POST",
+          ":path": path,
+          "content-type": "application/grpc",
+          te: "trailers",
+        });
+        stream.on("error", () => {});
+        const frame = Buffer.alloc(5 + body.length);
+        frame.writeUInt32BE(body.length, 1);
+        frame.set(body, 5);
+        stream.end(frame);
+        stream.resume();
+        const status = new Promise<{ code: string | undefined; message: string | undefined }>((resolve) => {
+          stream.once("trailers", (t) =>
+            resolve({ code: t["grpc-status"] as string, message: t["grpc-message"] as string }),
+          );
+          // A status sent without a body comes in the headers.
+          stream.once("response", (h) => {
+            if (h["grpc-status"] !== undefined)
+              resolve({ code: h["grpc-status"] as string, message: h["grpc-message"] as string });
+          });
+        });
+        return { stream, status };
+      };
+      const watch = () =>
+        call(
+          "/leasehold.v1.ActionService/WatchAction",
+          toBinary(WatchActionRequestSchema, create(WatchActionRequestSchema, { actionId: "a" })),
+        );
+      const held = [watch(), watch(), watch(), watch()];
+      const past = await watch().status;
+      expect(past.code).toBe("8");
+      expect(decodeURIComponent(past.message ?? "")).toMatch(
+        /^this address \(127\.0\.0\.1\) has 4 calls open, as many as one address may: end calls/,
+      );
+      expect(s.logged.at(-1)).toMatchObject({
+        msg: "call refused: its address holds as many open calls as one address may",
+        address: "127.0.0.1",
+        limit: 4,
+      });
+      // The four are still open, untouched by the refusal.
+      for (const h of held) expect(h.stream.closed).toBe(false);
+      // One ends: once the server has seen it end, the address may call again (GetAction passes
+      // the door, then is not implemented here).
+      held[0]?.stream.close(http2.constants.NGHTTP2_CANCEL);
+      let code: string | undefined;
+      for (let i = 0; i < 500; i++) {
+        code = (await call("/leasehold.v1.ActionService/GetAction", new Uint8Array()).status).code;
+        if (code !== "8") break;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      expect(code).toBe("12");
+    } finally {
+      session.destroy();
+    }
   });
 
   it("closes connections past the process's bound, whatever their address", async () => {

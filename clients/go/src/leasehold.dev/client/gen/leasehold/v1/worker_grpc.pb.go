@@ -293,7 +293,12 @@ type WorkerServiceClient interface {
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
-	// UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
+	// UNAVAILABLE), and one client address at most 4 open calls (streams and
+	// unary calls, of every service) per connection it may hold
+	// (--max-connections-per-address, 4,096 by default): a call past that is
+	// answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
+	// metadata address, limit) and nothing else is done for it; end calls
+	// you no longer need, then retry. When too many hellos wait to open sessions, a hello ends
 	// with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
 	// retry_after_ms) without opening a session: reconnect with the backoff
 	// above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep
@@ -620,7 +625,12 @@ type WorkerServiceServer interface {
 	//
 	// Limits: one connection holds at most 256 streams (HTTP/2
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
-	// UNAVAILABLE). When too many hellos wait to open sessions, a hello ends
+	// UNAVAILABLE), and one client address at most 4 open calls (streams and
+	// unary calls, of every service) per connection it may hold
+	// (--max-connections-per-address, 4,096 by default): a call past that is
+	// answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
+	// metadata address, limit) and nothing else is done for it; end calls
+	// you no longer need, then retry. When too many hellos wait to open sessions, a hello ends
 	// with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
 	// retry_after_ms) without opening a session: reconnect with the backoff
 	// above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep

@@ -436,12 +436,13 @@ function createContext(
   let deadline: Date | undefined;
   if (Number.isFinite(deadlineMs)) {
     deadline = new Date(deadlineMs);
+    const passed = () =>
+      controller.abort(new LeaseholdError(Code.DeadlineExceeded, "the call's deadline passed"));
+    // Passed as it arrived (a deadline of a microsecond, or spent in transit): aborted now, so
+    // that a unary handler is never started for it (see unaryHandler).
+    if (deadlineMs <= Date.now()) passed();
     // setTimeout takes at most 2^31-1 ms; longer deadlines never fire in practice.
-    const delay = Math.min(Math.max(deadlineMs - Date.now(), 0), 2 ** 31 - 1);
-    timer = setTimeout(
-      () => controller.abort(new LeaseholdError(Code.DeadlineExceeded, "the call's deadline passed")),
-      delay,
-    );
+    else timer = setTimeout(passed, Math.min(deadlineMs - Date.now(), 2 ** 31 - 1));
   }
   return {
     signal: controller.signal,
@@ -719,6 +720,10 @@ function unaryHandler(
       if (request instanceof RejectedRequest) throw request.error;
       // Decoding a large request took a turn of the event loop of its own; the handler takes the next.
       if (bytes.length >= LARGE_REQUEST_BYTES) await nextTurn();
+      // Its deadline passed, or its client cancelled, before it was served (in transit, or while it
+      // waited its turn): not started, so the answer can say that nothing was done. A client that
+      // retries without a request_id then makes no duplicate.
+      if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
       return fn(request, ctx);
     })()
       .then(
@@ -747,6 +752,23 @@ function unaryHandler(
 }
 
 const NO_TURN = () => {};
+
+/** Why a unary call was not started: its deadline or its client's cancel, saying nothing was done. */
+function unserved(reason: unknown): unknown {
+  if (!(reason instanceof LeaseholdError)) return reason;
+  if (reason.code === Code.DeadlineExceeded)
+    return new LeaseholdError(
+      Code.DeadlineExceeded,
+      "the call's deadline passed before it was served: nothing was done; retry with a longer deadline",
+      { reason: "DEADLINE_PASSED_UNSERVED" },
+    );
+  if (reason.code === Code.Canceled)
+    return new LeaseholdError(
+      Code.Canceled,
+      "the client cancelled the call before it was served: nothing was done",
+    );
+  return reason;
+}
 
 /** A call refused at the door, with the status to end it with. */
 class Refused {

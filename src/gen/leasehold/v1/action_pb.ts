@@ -1198,7 +1198,12 @@ export const ActionViewSchema: GenEnum<ActionView> = /*@__PURE__*/
  * again, so retry it with the same request_id. A call the server refuses
  * because its database is unreachable (reason DATABASE_UNREACHABLE) or while
  * it starts (reason STARTING) was not served at all: any server may take it
- * as it is.
+ * as it is. So was a call whose deadline had passed before it was served (in
+ * transit, or waiting its turn): DEADLINE_EXCEEDED with ErrorInfo reason
+ * DEADLINE_PASSED_UNSERVED, nothing done. DEADLINE_EXCEEDED without that
+ * reason is a deadline that passed while the call was served: its change may
+ * have been made, so retry it with the same request_id. This holds for the
+ * unary calls of every service.
  *
  * History: an action that ended (SUCCEEDED, FAILED or CANCELLED) is removed,
  * with its attempts and events, once it has been over for the server's

@@ -1226,8 +1226,9 @@ export const ActionViewSchema: GenEnum<ActionView> = /*@__PURE__*/
  * 2^53 - 1; enums take only their declared values; Timestamps lie in years
  * 1-9999 and Durations within 10,000 years. A google.protobuf.Struct payload
  * nests at most 32 levels, holds at most 10,000 values and keys (itself
- * included) and 1 MiB as JSON, counted in characters (those of its keys
- * and strings, unescaped, and a few for each value), with finite numbers and no NUL in keys or strings; a larger one is
+ * included) and 1 MiB as JSON, counted in UTF-16 code units (those of its
+ * keys and strings, unescaped, and a few for each value; a character beyond
+ * U+FFFF, such as an emoji, counts two, unlike in string fields), with finite numbers and no NUL in keys or strings; a larger one is
  * RESOURCE_EXHAUSTED, as is a request over the server's receive limit. Any
  * request but a small one (two network reads, 128 KiB at most) may also be
  * RESOURCE_EXHAUSTED while the server holds 256 MiB for requests still

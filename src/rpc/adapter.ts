@@ -710,6 +710,8 @@ function unaryHandler(
     let turnEnded = NO_TURN;
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
+      // A request grpc-js could not frame (message-push.ts: refuseMalformedFraming).
+      if (call.request instanceof RejectedRequest) throw call.request.error;
       const bytes = call.request as Buffer;
       ctx.requestBytes = bytes.length;
       if (deps.largeCalls) {

@@ -24,7 +24,7 @@ import {
   limitConnections,
 } from "./connection-limits.js";
 import { createLargeCallLimit, type LargeCallLimit } from "./large-calls.js";
-import { pushUncompressedAtOnce } from "./message-push.js";
+import { pushUncompressedAtOnce, refuseMalformedFraming } from "./message-push.js";
 import { createPartialRequestLimit, type PartialRequestLimit } from "./partial-requests.js";
 import { perSecond } from "./per-second.js";
 import { addReflection } from "./reflection.js";
@@ -178,6 +178,7 @@ export async function createRpcServer(
   // uncompressed message is handed on without a promise of its own.
   releaseDecodedChunks();
   pushUncompressedAtOnce();
+  refuseMalformedFraming();
   // Before anyone is authenticated, grpc-js holds every request message until its last byte.
   const partialRequests = createPartialRequestLimit({
     log: options.log,

@@ -78,7 +78,10 @@ type WorkerServiceClient interface {
 	// message sent before the half-close is handled first, in order, as it
 	// would be on an open stream (even those sent with the hello, before the
 	// welcome): reports are answered before the status, a goodbye ends the
-	// session, a message that cannot be read ends the stream with its error.
+	// session, a message that cannot be read ends the stream with its error
+	// (INTERNAL for framing gRPC forbids: a stream that ends in the middle of
+	// a message, a compressed flag set without grpc-encoding or other than 0
+	// and 1).
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. So does
@@ -410,7 +413,10 @@ type WorkerServiceServer interface {
 	// message sent before the half-close is handled first, in order, as it
 	// would be on an open stream (even those sent with the hello, before the
 	// welcome): reports are answered before the status, a goodbye ends the
-	// session, a message that cannot be read ends the stream with its error.
+	// session, a message that cannot be read ends the stream with its error
+	// (INTERNAL for framing gRPC forbids: a stream that ends in the middle of
+	// a message, a compressed flag set without grpc-encoding or other than 0
+	// and 1).
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. So does

@@ -84,6 +84,13 @@ export interface ScopeLeaseService extends AsyncDisposable {
   }): Promise<ScopeLeaseRecord>;
   get(id: string): Promise<ScopeLeaseRecord>;
   /**
+   * The lease, if it is open (its TTL may have passed: the operation itself
+   * refuses that); else FAILED_PRECONDITION LEASE_CLOSED naming its state, as
+   * the operation `what` would be refused. For checks that would otherwise
+   * fail first for a reason the closed state explains (inputs it destroyed).
+   */
+  requireOpen(id: string, what: string): Promise<ScopeLeaseRecord>;
+  /**
    * One page of leases. With `sizeOf` (a lease's size as the caller sends
    * it), the page also ends before that size passes {@link PAGE_BYTES}, with
    * a next page token; it always holds one lease.
@@ -535,6 +542,12 @@ export function createScopeLeaseService(deps: {
     async get(id) {
       const lease = await findScopeLease(db, id);
       if (!lease) throw notFound(id);
+      return lease;
+    },
+    async requireOpen(id, what) {
+      const lease = await findScopeLease(db, id);
+      if (!lease) throw notFound(id);
+      if (lease.state !== "OPEN") throw refused(id, { refused: "closed", lease }, what);
       return lease;
     },
     async list(filter, size, pageToken, sizeOf) {

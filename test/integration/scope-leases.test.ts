@@ -176,6 +176,22 @@ describe("scope leases", () => {
     );
   });
 
+  it("refuses a deployment in a closed lease for the lease's state, even when its inputs were the lease's files", async () => {
+    const id = await open();
+    const f = await file(id);
+    await leases().rollbackLease({ leaseId: id });
+    const spec = { containers: [{ name: "a", command: { argv: ["true"] } }] };
+    // The rollback destroyed the input: what to say is the lease's state, as without inputs.
+    for (const inputs of [[{ fileId: f, path: "f.txt" }], []]) {
+      const refused = await expectStatus(
+        resources().createDeployment({ leaseId: id, spec: { ...spec, inputs } }),
+        Code.FailedPrecondition,
+        /^cannot create a deployment in it: lease .* is ROLLED_BACK/,
+      );
+      expect(refused.reason).toBe("LEASE_CLOSED");
+    }
+  });
+
   it("rolls back every lease past its TTL at once, however many expire together", async () => {
     // More than one statement's batch (100): all of them in one pass, none left open for later.
     const ids = new Set<string>();

@@ -383,6 +383,9 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       checkDeploymentSpec(v, request.spec);
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId, { runtime: request.runtime });
+      // Before the inputs: a closed lease is why its own files named as inputs are gone (a
+      // rollback destroyed them), and the refusal says its state, as it does without inputs.
+      if (request.leaseId) await scope.requireOpen(request.leaseId, "create a deployment in it");
       const spec = request.spec as DeploymentSpec;
       const inputs: ResourceRecord[] = [];
       for (const [i, input] of spec.inputs.entries()) {

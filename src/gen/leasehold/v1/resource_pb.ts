@@ -976,6 +976,10 @@ export const ResourceService: GenService<{
   /**
    * Creates a deployment, run by an agent of the lease's runtime (or, without
    * a lease, of the request's runtime: resource.create there suffices).
+   * A lease that is not open is FAILED_PRECONDITION (ErrorInfo reason
+   * LEASE_CLOSED) naming its state, checked before the spec's inputs (its own
+   * files named there went with its rollback); an input naming no file is
+   * INVALID_ARGUMENT (spec.inputs[i].file_id).
    *
    * @generated from rpc leasehold.v1.ResourceService.CreateDeployment
    */

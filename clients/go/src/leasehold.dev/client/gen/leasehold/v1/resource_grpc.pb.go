@@ -27,6 +27,10 @@ type ResourceServiceClient interface {
 	CreateFile(ctx context.Context, in *CreateFileRequest, opts ...grpc.CallOption) (*CreateFileResponse, error)
 	// Creates a deployment, run by an agent of the lease's runtime (or, without
 	// a lease, of the request's runtime: resource.create there suffices).
+	// A lease that is not open is FAILED_PRECONDITION (ErrorInfo reason
+	// LEASE_CLOSED) naming its state, checked before the spec's inputs (its own
+	// files named there went with its rollback); an input naming no file is
+	// INVALID_ARGUMENT (spec.inputs[i].file_id).
 	CreateDeployment(ctx context.Context, in *CreateDeploymentRequest, opts ...grpc.CallOption) (*CreateDeploymentResponse, error)
 	// Creates a generic object of a user-given kind.
 	CreateObject(ctx context.Context, in *CreateObjectRequest, opts ...grpc.CallOption) (*CreateObjectResponse, error)
@@ -170,6 +174,10 @@ type ResourceServiceServer interface {
 	CreateFile(context.Context, *CreateFileRequest) (*CreateFileResponse, error)
 	// Creates a deployment, run by an agent of the lease's runtime (or, without
 	// a lease, of the request's runtime: resource.create there suffices).
+	// A lease that is not open is FAILED_PRECONDITION (ErrorInfo reason
+	// LEASE_CLOSED) naming its state, checked before the spec's inputs (its own
+	// files named there went with its rollback); an input naming no file is
+	// INVALID_ARGUMENT (spec.inputs[i].file_id).
 	CreateDeployment(context.Context, *CreateDeploymentRequest) (*CreateDeploymentResponse, error)
 	// Creates a generic object of a user-given kind.
 	CreateObject(context.Context, *CreateObjectRequest) (*CreateObjectResponse, error)

@@ -178,10 +178,18 @@ export interface RawServerOptions {
 const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
 /**
+ * The longest duration {@link parseDuration} takes: a protobuf Duration's
+ * maximum, 315,576,000,000 s (about 10,000 years). Anything longer fits no
+ * request, and past 2^53 ms it is not even a whole number of milliseconds.
+ */
+export const MAX_DURATION_MS = 315_576_000_000_000;
+
+/**
  * Parses `500ms`, `10s`, `1.5m`, `2h`, `7d` (a bare number means seconds) into
  * milliseconds, rounded to the nearest. With `wholeMs`, for a value kept in
  * whole milliseconds (a lease's TTL), one that is not a whole number of them
- * (`0.9995s`, compared exactly) is refused instead of rounded.
+ * (`0.9995s`, compared exactly) is refused instead of rounded. Longer than
+ * {@link MAX_DURATION_MS} is refused too.
  */
 export function parseDuration(
   option: string,
@@ -195,10 +203,17 @@ export function parseDuration(
     throw configError(option, `must be a duration like 500ms, 10s or 2m (got ${JSON.stringify(text)})`);
   const [, whole = "", fraction = "", unit = "s"] = match;
   const unitMs = UNITS[unit] ?? 1000;
+  // In decimal, exactly: 0.9995 * 1000 is 999.4999999999999 as a float, and 999999999999999999999s
+  // is past any float's whole milliseconds.
+  const scale = 10n ** BigInt(fraction.length);
+  const scaled = (BigInt(whole) * scale + BigInt(fraction || "0")) * BigInt(unitMs);
+  if (scaled > BigInt(MAX_DURATION_MS) * scale) {
+    throw configError(
+      option,
+      `must be at most ${MAX_DURATION_MS / 1000}s, about 10,000 years (got ${JSON.stringify(text)})`,
+    );
+  }
   if (options.wholeMs) {
-    // In decimal, exactly: 0.9995 * 1000 is 999.4999999999999 as a float.
-    const scale = 10n ** BigInt(fraction.length);
-    const scaled = (BigInt(whole) * scale + BigInt(fraction || "0")) * BigInt(unitMs);
     if (scaled % scale !== 0n)
       throw configError(option, `must be a whole number of milliseconds (got ${JSON.stringify(text)})`);
     return Number(scaled / scale);

@@ -34,6 +34,7 @@ import {
   CliError,
   count,
   durationMsFlag,
+  durationText,
   EXIT,
   enumFilterOption,
   enumName,
@@ -67,6 +68,10 @@ const withClients = (command: Command, fn: (c: Clients, json: boolean) => Promis
     }),
     (c, g) => fn(c, g.json),
   );
+
+/** The server's longest WaitLease and CollectOutputs timeouts (LeaseService in lease.proto). */
+const WAIT_TIMEOUT_MAX_MS = 24 * 3_600_000;
+const COLLECT_TIMEOUT_MAX_MS = 3_600_000;
 
 const LEASE_HEADERS = ["LEASE", "STATE", "RUNTIME", "LABEL", "OWNED", "EXPIRES"];
 const leaseRow = (l: Lease) => [
@@ -129,17 +134,7 @@ export function ttlRefused(error: unknown, ttl: string | undefined): unknown {
   );
 }
 
-/** Milliseconds as a duration flag takes them, in the largest unit that holds them whole: 24h, 90m, 1500ms. */
-export function durationText(ms: number): string {
-  for (const [unit, size] of [
-    ["h", 3_600_000],
-    ["m", 60_000],
-    ["s", 1000],
-  ] as const) {
-    if (ms % size === 0) return `${ms / size}${unit}`;
-  }
-  return `${ms}ms`;
-}
+export { durationText } from "./output.js";
 
 /** `leasehold lease …`: scope leases. */
 export function leaseCommands(): Command {
@@ -341,14 +336,21 @@ export function leaseCommands(): Command {
   lease
     .command("wait")
     .argument("<lease-id>")
-    .option("--timeout <duration>", "give up after this long; 0 asks once and answers at once", "5m")
+    .option(
+      "--timeout <duration>",
+      "give up after this long, at most 24h; 0 asks once and answers at once",
+      "5m",
+    )
     .description(
       "Follow the lease's deployments until they are ready, one line per change. " +
         "Exit 0 when ready, 1 when failed or timed out.",
     )
     .action(async (id: string, o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) => {
-        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "5m");
+        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "5m", {
+          maxMs: WAIT_TIMEOUT_MAX_MS,
+          why: "the longest wait the server takes",
+        });
         // Said once per outage, not on every try.
         let away = false;
         const waited = await waitForLease(
@@ -375,14 +377,17 @@ export function leaseCommands(): Command {
   lease
     .command("collect-outputs")
     .argument("<lease-id>")
-    .option("--timeout <duration>", "how long the deployment may take to save its files", "60s")
+    .option("--timeout <duration>", "how long the deployment may take to save its files, at most 1h", "60s")
     .description(
       "Stop the lease's deployment, saving the files of its outputs_dir as file resources in the lease; " +
         "print their ids, and what was not saved (too large, a symbolic link, …) and why.",
     )
     .action(async (id: string, o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) => {
-        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "60s");
+        const timeoutMs = durationMsFlag("--timeout", o.timeout ?? "60s", {
+          maxMs: COLLECT_TIMEOUT_MAX_MS,
+          why: "the longest the server waits for outputs",
+        });
         const { fileIds, skipped } = await c.leases.collectOutputs(
           { leaseId: id, timeout: durationFromMs(timeoutMs) },
           // The server waits up to the timeout; the deadline only guards against a silent one.

@@ -1,10 +1,24 @@
 import { readFileSync } from "node:fs";
 import { basename, dirname, isAbsolute, resolve } from "node:path";
-import { create, fromJson, type JsonValue, type MessageInitShape } from "@bufbuild/protobuf";
+import {
+  create,
+  type DescMessage,
+  fromJson,
+  type JsonValue,
+  type MessageInitShape,
+} from "@bufbuild/protobuf";
 import { parseDocument } from "yaml";
-import { parseDuration } from "../config.js";
-import { type DeploymentSpec, DeploymentSpecSchema } from "../gen/leasehold/v1/resource_pb.js";
+import { DEFAULTS, MAX_DURATION_MS, parseDuration } from "../config.js";
+import { CreateLeaseRequestSchema } from "../gen/leasehold/v1/lease_pb.js";
+import {
+  CommandSchema,
+  type DeploymentSpec,
+  DeploymentSpecSchema,
+  FileMountSchema,
+  ReadinessProbeSchema,
+} from "../gen/leasehold/v1/resource_pb.js";
 import { charactersOver } from "../rpc/limits.js";
+import { requestValidator } from "../rpc/request-validator.js";
 
 /*
  * The live-test manifest of `leasehold lease run --test=<manifest.yaml>`, read
@@ -31,7 +45,12 @@ export const MANIFEST_DEFAULTS = {
   exitCode: 0,
 } as const;
 
-/** The server's limits, checked here too so that a manifest fails before any lease exists. */
+/**
+ * The server's limits, checked here too so that a manifest fails before any
+ * lease exists; the limits of every field the server checks on any request
+ * (lengths, counts, NUL characters: `rpc/limits.ts`) are checked with the
+ * server's own validator, see {@link serverLimits}.
+ */
 const LIMITS = {
   /** Runtime and container names: letters, digits, '.', '_', '-', ':'. */
   name: /^[A-Za-z0-9._:-]+$/,
@@ -46,6 +65,8 @@ const LIMITS = {
   readyTimeoutMaxMs: 24 * 3_600_000,
   /** CollectOutputs' timeout. */
   collectTimeoutMaxMs: 3_600_000,
+  /** A check's timeout: a day is more than any check needs, and Node's timers go no further than 24.8. */
+  checkTimeoutMaxMs: 24 * 3_600_000,
 } as const;
 
 /** A file uploaded into the lease and placed in the deployment's work directory. */
@@ -181,10 +202,19 @@ export function parseManifest(text: string, options: ParseManifestOptions): Mani
   const label = optionalString(p, "label", top.label) ?? "";
   if (charactersOver(label, LIMITS.labelLength) !== undefined)
     p.add("label", `must be at most ${LIMITS.labelLength} characters`);
-  // The server keeps a TTL in whole milliseconds: a finer one is refused, not rounded.
-  const ttlMs = duration(p, "ttl", top.ttl, 1000, Number.POSITIVE_INFINITY, true) ?? MANIFEST_DEFAULTS.ttlMs;
+  // The server keeps a TTL in whole milliseconds: a finer one is refused, not rounded. Its maximum is
+  // the server's setting; past the longest duration a request carries, no server takes it.
+  const ttlMs =
+    duration(p, "ttl", top.ttl, 1000, Number.POSITIVE_INFINITY, {
+      wholeMs: true,
+      overMax: `is longer than any server takes: a lease's TTL is at most the server's --lease-max-ttl, ${DEFAULTS.leaseMaxTtl} by default`,
+    }) ?? MANIFEST_DEFAULTS.ttlMs;
+  serverLimits(p, "", CreateLeaseRequestSchema, { runtime, label });
   const fixtures = readFixtures(p, top.fixtures, options);
   const deployment = readDeployment(p, top.deployment);
+  // Each fixture is an input of the deployment: their number is bounded too (the elements are
+  // checked with each fixture).
+  serverLimits(p, "", DeploymentSpecSchema, { inputs: fixtures.map(() => ({})) }, { inputs: "fixtures" });
   const checks = readChecks(p, top.checks);
   const outputs = mapping(p, "outputs", top.outputs, ["promote", "collect_timeout"]) ?? {};
   const promote = stringList(p, "outputs.promote", outputs.promote, { allowEmpty: true }) ?? [];
@@ -302,7 +332,10 @@ function readFixtures(p: Problems, value: unknown, options: ParseManifestOptions
     if (name !== undefined && charactersOver(name, 512) !== undefined)
       p.add(`${at}.name`, "must be at most 512 characters");
     const mount = optionalString(p, `${at}.mount`, f.mount) ?? name;
-    if (mount !== undefined) relativePath(p, absent(f.mount) ? `${at}.name` : `${at}.mount`, mount);
+    if (mount !== undefined) {
+      relativePath(p, absent(f.mount) ? `${at}.name` : `${at}.mount`, mount);
+      serverLimits(p, at, FileMountSchema, { path: mount }, { path: absent(f.mount) ? "name" : "mount" });
+    }
     let content: Uint8Array | undefined;
     if (inline !== undefined) content = new TextEncoder().encode(inline);
     else if (path !== undefined) {
@@ -352,6 +385,7 @@ function readDeployment(p: Problems, value: unknown): DeploymentPlan | undefined
   duplicates(p, "deployment.containers", names, "name");
   const outputsDir = optionalString(p, "deployment.outputs_dir", d.outputs_dir) ?? "";
   if (outputsDir !== "") relativePath(p, "deployment.outputs_dir", outputsDir);
+  serverLimits(p, "deployment", DeploymentSpecSchema, { outputsDir });
   return {
     containers,
     readiness: readReadiness(p, d.readiness),
@@ -373,6 +407,14 @@ function readReadiness(p: Problems, value: unknown): Readiness | undefined {
   switch (exactlyOne(p, at, r, ["http", "tcp", "exec"])) {
     case "http": {
       const url = httpUrl(p, `${at}.http`, r.http);
+      if (url !== undefined)
+        serverLimits(
+          p,
+          at,
+          ReadinessProbeSchema,
+          { check: { case: "httpGet", value: url } },
+          { http_get: "http" },
+        );
       return url === undefined ? undefined : { kind: "http", url, ...timing };
     }
     case "tcp": {
@@ -397,7 +439,9 @@ function readChecks(p: Problems, value: unknown): Check[] {
     const c = mapping(p, at, item, ["name", "timeout", "http", "tcp", "exec"]);
     if (!c) return;
     const named = optionalString(p, `${at}.name`, c.name);
-    const timeoutMs = duration(p, `${at}.timeout`, c.timeout, 1) ?? MANIFEST_DEFAULTS.checkTimeoutMs;
+    const timeoutMs =
+      duration(p, `${at}.timeout`, c.timeout, 1, LIMITS.checkTimeoutMaxMs) ??
+      MANIFEST_DEFAULTS.checkTimeoutMs;
     const check = readCheck(p, at, c);
     // A named check with problems of its own still counts for the duplicate check.
     if (!check) {
@@ -488,6 +532,8 @@ function readCommand(
   }
   const cwd = optionalString(p, `${at}.cwd`, m.cwd) ?? "";
   if (options.workDir && cwd !== "") relativePath(p, `${at}.cwd`, cwd);
+  // A command run by the agent goes to the server; a check's runs here.
+  if (options.workDir && argv) serverLimits(p, at, CommandSchema, { argv, env, cwd });
   return argv ? { argv, env, cwd } : undefined;
 }
 
@@ -499,8 +545,38 @@ function checkName(p: Problems, at: string, value: string, max: number): void {
 /** Problems found so far, each `path: what is wrong`. */
 class Problems {
   readonly list: string[] = [];
+  readonly #paths = new Set<string>();
   add(path: string, message: string): void {
+    this.#paths.add(path);
     this.list.push(path === "" ? message : `${path}: ${message}`);
+  }
+  /** Whether a problem at `path` was reported already. */
+  has(path: string): boolean {
+    return this.#paths.has(path);
+  }
+}
+
+/**
+ * Checks `init`, a part of a request the manifest becomes, with the server's
+ * own request validator (`rpc/request-validator.ts`, limits in
+ * `rpc/limits.ts`), so that a manifest the server would refuse is refused
+ * before anything is created. Each violation is reported at its manifest
+ * path: `at`, then the proto field path with its first field renamed by
+ * `rename` (`argv[1]`, `env["PATH"]`; `http_get` → `http`). A field the
+ * manifest's own checks reported already is not reported twice.
+ */
+function serverLimits<D extends DescMessage>(
+  p: Problems,
+  at: string,
+  schema: D,
+  init: MessageInitShape<D>,
+  rename: Readonly<Record<string, string>> = {},
+): void {
+  const refused = requestValidator(schema)(create(schema, init));
+  for (const v of refused?.fieldViolations ?? []) {
+    const head = /^[a-z_]+/.exec(v.field)?.[0] ?? "";
+    const path = child(at, (rename[head] ?? head) + v.field.slice(head.length));
+    if (!p.has(path)) p.add(path, v.description);
   }
 }
 
@@ -593,6 +669,8 @@ function stringList(
   const out: string[] = [];
   list.forEach((item, i) => {
     if (typeof item === "string") out.push(item);
+    else if (options.scalars && typeof item === "number" && !Number.isFinite(item))
+      p.add(`${at}[${i}]`, outOfRange(item));
     else if (options.scalars && (typeof item === "number" || typeof item === "boolean"))
       out.push(String(item));
     else p.add(`${at}[${i}]`, `must be a string (got ${describe(item)})`);
@@ -609,25 +687,36 @@ function stringMap(p: Problems, at: string, value: unknown): Record<string, stri
     return out;
   }
   for (const [key, v] of Object.entries(value)) {
-    if (typeof v === "string" || typeof v === "number" || typeof v === "boolean") out[key] = String(v);
+    if (typeof v === "number" && !Number.isFinite(v)) p.add(child(at, key), outOfRange(v));
+    else if (typeof v === "string" || typeof v === "number" || typeof v === "boolean") out[key] = String(v);
     else p.add(child(at, key), `must be a string (got ${describe(v)})`);
   }
   return out;
 }
 
-/** A duration: `500ms`, `10s`, `2m`, `1h`, or a number of seconds; from `minMs` to `maxMs`. */
+/** What to say of a YAML number too large for a double (`1e400`), which would become "Infinity". */
+const outOfRange = (n: number) =>
+  `is a number too large to write as text (${n < 0 ? "-" : ""}Infinity); quote it to pass it as it is written`;
+
+/**
+ * A duration: `500ms`, `10s`, `2m`, `1h`, or a number of seconds; from
+ * `minMs` to `maxMs`, and never past the longest duration a request carries
+ * ({@link MAX_DURATION_MS}); `overMax` says what is wrong past that instead.
+ */
 function duration(
   p: Problems,
   at: string,
   value: unknown,
   minMs: number,
   maxMs = Number.POSITIVE_INFINITY,
-  wholeMs = false,
+  options: { wholeMs?: boolean; overMax?: string } = {},
 ): number | undefined {
   if (absent(value)) return undefined;
   const ms =
     typeof value === "number" && Number.isFinite(value) && value >= 0
-      ? Math.round(value * 1000)
+      ? value * 1000 > MAX_DURATION_MS
+        ? Number.POSITIVE_INFINITY
+        : Math.round(value * 1000)
       : typeof value === "string"
         ? tryParseDuration(value)
         : undefined;
@@ -635,16 +724,22 @@ function duration(
     p.add(at, `must be a duration like 500ms, 10s, 2m or 1h (got ${describe(value)})`);
     return undefined;
   }
-  if (wholeMs && !wholeMilliseconds(value as number | string)) {
+  const max = Math.min(maxMs, MAX_DURATION_MS);
+  if (ms > max) {
+    p.add(
+      at,
+      max === maxMs || options.overMax === undefined
+        ? `must be at most ${formatMs(max)}`
+        : `${options.overMax} (got ${describe(value)})`,
+    );
+    return undefined;
+  }
+  if (options.wholeMs && !wholeMilliseconds(value as number | string)) {
     p.add(at, `must be a whole number of milliseconds (got ${describe(value)})`);
     return undefined;
   }
   if (ms < minMs) {
     p.add(at, `must be at least ${formatMs(minMs)}`);
-    return undefined;
-  }
-  if (ms > maxMs) {
-    p.add(at, `must be at most ${formatMs(maxMs)}`);
     return undefined;
   }
   return ms;
@@ -671,13 +766,18 @@ function wholeMilliseconds(value: number | string): boolean {
   return /e/i.test(text) ? Number.isInteger(value * 1000) : tryParseDuration(text, true) !== undefined;
 }
 
+/** Milliseconds; +Infinity for a well-formed duration too long to use; undefined if malformed. */
 function tryParseDuration(text: string, wholeMs = false): number | undefined {
   try {
     return parseDuration("", text, { wholeMs });
   } catch {
-    return undefined;
+    // The one other thing parseDuration refuses without wholeMs is a duration too long.
+    return !wholeMs && DURATION_TEXT.test(text.trim()) ? Number.POSITIVE_INFINITY : undefined;
   }
 }
+
+/** What {@link parseDuration} reads. */
+const DURATION_TEXT = /^\d+(\.\d+)?(ms|s|m|h|d)?$/;
 
 function integer(
   p: Problems,

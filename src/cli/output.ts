@@ -378,13 +378,41 @@ export function parseLabels(values: readonly string[] | undefined, flag: string)
 /** Collects a repeatable option's values. */
 export const collect = (value: string, previous: string[] = []) => [...previous, value];
 
-/** A duration flag's value in milliseconds (`500ms`, `10s`); malformed is bad usage naming the flag. */
-export function durationMsFlag(flag: string, text: string, options: { wholeMs?: boolean } = {}): number {
+/**
+ * A duration flag's value in milliseconds (`500ms`, `10s`); malformed, or
+ * over `maxMs` (the server's limit of the field it goes to, said as `why`),
+ * is bad usage naming the flag.
+ */
+export function durationMsFlag(
+  flag: string,
+  text: string,
+  options: { wholeMs?: boolean; maxMs?: number; why?: string } = {},
+): number {
+  let ms: number;
   try {
-    return parseDuration(flag, text, options);
+    ms = parseDuration(flag, text, options);
   } catch (error) {
     throw new CliError(error instanceof Error ? error.message : String(error), EXIT.usage);
   }
+  if (options.maxMs !== undefined && ms > options.maxMs) {
+    throw new CliError(
+      `${flag}: must be at most ${durationText(options.maxMs)}${options.why ? ` (${options.why})` : ""} (got ${JSON.stringify(text)})`,
+      EXIT.usage,
+    );
+  }
+  return ms;
+}
+
+/** Milliseconds as a duration flag takes them, in the largest unit that holds them whole: 24h, 90m, 1500ms. */
+export function durationText(ms: number): string {
+  for (const [unit, size] of [
+    ["h", 3_600_000],
+    ["m", 60_000],
+    ["s", 1000],
+  ] as const) {
+    if (ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
 }
 
 /** Parses a whole number of at least 1; commander reports a bad value as a usage error. */

@@ -94,6 +94,29 @@ describe.runIf(runsDriverNeutralTests())(
       expect(help).not.toMatch(/--worker-id[^\n]*\(required\)/);
     });
 
+    it("refuses a duration flag too long for its request, naming the flag and the limit, before any call", async () => {
+      const huge = "999999999999999999999s";
+      expect(await cli(["lease", "create", "--runtime", "C", "--ttl", huge])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr: `leasehold: --ttl: must be at most 315576000000s, about 10,000 years (got "${huge}")\n`,
+      });
+      expect(await cli(["lease", "wait", "L", "--timeout", huge])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr: `leasehold: --timeout: must be at most 315576000000s, about 10,000 years (got "${huge}")\n`,
+      });
+      expect(await cli(["lease", "wait", "L", "--timeout", "25h"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr: 'leasehold: --timeout: must be at most 24h (the longest wait the server takes) (got "25h")\n',
+      });
+      expect(await cli(["lease", "collect-outputs", "L", "--timeout", "2h"])).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining("--timeout: must be at most 1h"),
+      });
+    });
+
     it("says that the command of action submit goes after -- when commander took its option for submit's", async () => {
       expect(await cli(["action", "submit", "--cluster", "east", "ls", "-la"])).toEqual({
         code: 2,

@@ -42,6 +42,13 @@ describe("server config", () => {
     expect(parseDuration("--x", "2.5s")).toBe(2500);
     expect(parseDuration("--x", "3")).toBe(3000);
     expect(parseDuration("--x", "1m")).toBe(60_000);
+    // Past a protobuf Duration's maximum no request carries it (and a float has no whole milliseconds).
+    expect(parseDuration("--x", "315576000000s")).toBe(315_576_000_000_000);
+    expect(() => parseDuration("--ttl", "999999999999999999999s")).toThrow(
+      '--ttl: must be at most 315576000000s, about 10,000 years (got "999999999999999999999s")',
+    );
+    expect(() => parseDuration("--x", "315576000000.001s")).toThrow(/--x: must be at most 315576000000s/);
+    expect(() => parseDuration("--x", "100000000h", { wholeMs: true })).toThrow(/--x: must be at most/);
     expect(parseDuration("--x", "7d")).toBe(7 * 86_400_000);
     expect(() => parseDuration("--grace-period", "soon")).toThrow(/^--grace-period: must be a duration like/);
     expect(() => parseDuration("--ttl", "-5s")).toThrow('--ttl: must not be negative (got "-5s")');

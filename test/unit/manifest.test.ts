@@ -283,6 +283,65 @@ outputs: {collect_timeout: 2h}
     ]);
   });
 
+  it("every field the server limits is checked with the server's own validator, at its manifest path", () => {
+    const long = "x".repeat(100 * 1024);
+    expect(
+      problemsOf(`
+runtime: east
+label: ${"L".repeat(300)}
+ttl: 100000000h
+fixtures:
+  - {content: a, name: a.txt, mount: ${"m/".repeat(600)}a.txt}
+deployment:
+  containers:
+    - name: w
+      argv: [echo, ${long}]
+      env: {BIG: ${long}, ${"K".repeat(300)}: v}
+  readiness: {http: "http://127.0.0.1/${"p".repeat(2100)}"}
+  outputs_dir: ${"o".repeat(1100)}
+`),
+    ).toEqual([
+      // Reported once, by the manifest's own check, not again by the server's.
+      "label: must be at most 128 characters",
+      "ttl: is longer than any server takes: a lease's TTL is at most the server's --lease-max-ttl, 24h by default " +
+        '(got string "100000000h")',
+      "fixtures[0].mount: must be at most 1024 characters (got 1205)",
+      "deployment.containers[0].argv[1]: must be at most 65536 characters (got 102400)",
+      'deployment.containers[0].env["BIG"]: must be at most 65536 characters (got 102400)',
+      // The key is cut in the path, as the server cuts it.
+      `deployment.containers[0].env["${"K".repeat(64)}"…]: keys must be at most 256 characters (got 300)`,
+      "deployment.outputs_dir: must be at most 1024 characters (got 1100)",
+      "deployment.readiness.http: must be at most 2048 characters (got 2117)",
+    ]);
+  });
+
+  it("a duration too long for any request is refused with its field, a TTL with the server's maximum", () => {
+    const huge = "999999999999999999999s";
+    expect(
+      problemsOf(`
+runtime: east
+ttl: ${huge}
+deployment:
+  containers:
+    - {name: w, argv: [sleep, 1], env: {PORT: 1e400}}
+  ready_timeout: ${huge}
+checks:
+  - {tcp: {port: 80}, timeout: ${huge}}
+outputs: {collect_timeout: 1e30}
+`),
+    ).toEqual([
+      `ttl: is longer than any server takes: a lease's TTL is at most the server's --lease-max-ttl, 24h by default (got string "${huge}")`,
+      // YAML reads 1e400 as a number no double holds: it would have become the text "Infinity".
+      "deployment.containers[0].env.PORT: is a number too large to write as text (Infinity); quote it to pass it as it is written",
+      "deployment.ready_timeout: must be at most 24h",
+      "checks[0].timeout: must be at most 24h",
+      "outputs.collect_timeout: must be at most 1h",
+    ]);
+    expect(problemsOf(`${MINIMAL}ttl: 1e21\n`)).toEqual([
+      "ttl: is longer than any server takes: a lease's TTL is at most the server's --lease-max-ttl, 24h by default (got number 1e+21)",
+    ]);
+  });
+
   it("a value of the wrong type says what it got", () => {
     expect(
       problemsOf(`

@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import { payloadViolations } from "../rpc/request-validator.js";
 import { CliError, EXIT } from "./output.js";
 
 /** Standard input, whole, as text. */
@@ -12,7 +13,10 @@ export async function readStdin(): Promise<string> {
  * The JSON object a flag gives: written inline, or `@path` to read it from a
  * file (`@-`: standard input), as curl's `--data @file`. A result or payload
  * made by another program is then passed without quoting it for the shell.
- * Anything wrong is a usage error (exit 2) that names the flag.
+ * Anything wrong is a usage error (exit 2) that names the flag, a JSON
+ * object over the server's payload limits (1 MiB as JSON, …) included: it is
+ * refused before it is sent, as the server would refuse it (or, past its
+ * receive limit, grpc-js would, naming no flag).
  */
 export async function jsonObjectOption(flag: string, text: string): Promise<Record<string, unknown>> {
   let json = text;
@@ -35,5 +39,8 @@ export async function jsonObjectOption(flag: string, text: string): Promise<Reco
   }
   if (typeof value !== "object" || value === null || Array.isArray(value))
     throw new CliError(`${flag}: must be a JSON object`, EXIT.usage);
+  const over = payloadViolations(flag, value);
+  if (over.length > 0)
+    throw new CliError(over.map((v) => `${v.field}: ${v.description}`).join("; "), EXIT.usage);
   return value as Record<string, unknown>;
 }

@@ -241,6 +241,17 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
   // The server's own DEADLINE_EXCEEDED (what it waited for did not happen in time, e.g. outputs
   // not saved within --timeout) is the operation failing; the call's own deadline passing is not.
   if (e.code === 4 && errorReasonOf(error) !== undefined) return new CliError(e.details ?? "", EXIT.failed);
+  // grpc-js's words for a request over the server's receive limit, before the server read it.
+  const receiveLimit = receiveLimitOf(error);
+  if (receiveLimit !== undefined) {
+    const size = /^Received message larger than max \((\d+) vs/.exec(e.details ?? "")?.[1];
+    return new CliError(
+      `the request${size ? ` (${size} bytes)` : ""} is too large for the server at ${server}: it refuses ` +
+        `requests over ${receiveLimit} bytes (its --max-file-size plus 1 MiB); send less, or raise the ` +
+        "server's --max-file-size",
+      EXIT.usage,
+    );
+  }
   switch (e.code) {
     case 14:
     case 4: {

@@ -423,6 +423,26 @@ export function violationError(list: readonly (FieldViolation & { size?: boolean
 }
 
 /**
+ * The violations of one Struct payload (a result, an action payload, an
+ * object body) against {@link PAYLOAD_LIMITS}, as the server finds them in
+ * any request that carries it, each at `name` and its path below
+ * (`--result["rows"][3]`); empty when it is within them. For clients that
+ * check what they send before sending it.
+ */
+export function payloadViolations(name: string, payload: object): FieldViolation[] {
+  segments.length = 0;
+  segmentKinds.length = 0;
+  violations = undefined;
+  stopped = false;
+  enter(SEGMENT_FIELD, name);
+  payloadCheck(payload);
+  leave();
+  const found = violations ?? [];
+  violations = undefined;
+  return found.map(({ field, description }) => ({ field, description }));
+}
+
+/**
  * The check of requests of type `desc`, compiled on first use. Throws at
  * compile time for message shapes it cannot bound (Value and ListValue
  * fields), so a new proto field of that kind fails the tests rather than

@@ -1,6 +1,7 @@
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import { refusedChunk } from "../../src/cli/action-commands.js";
+import { jsonObjectOption } from "../../src/cli/json-option.js";
 import { durationText } from "../../src/cli/lease-commands.js";
 import { cliErrorFrom, EXIT } from "../../src/cli/output.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
@@ -11,6 +12,37 @@ const fromServer = (error: LeaseholdError) => {
   const status = toStatusObject(error, pino({ level: "silent" }), "/test");
   return Object.assign(new Error(status.details), status);
 };
+
+describe("a request too large for the server", () => {
+  it("over its receive limit says the limit and what to do, not grpc-js's words (exit 2)", () => {
+    const refused = Object.assign(
+      new Error("8 RESOURCE_EXHAUSTED: Received message larger than max (5242941 vs 4194304)"),
+      {
+        code: 8,
+        details: "Received message larger than max (5242941 vs 4194304)",
+      },
+    );
+    const error = cliErrorFrom(refused, "127.0.0.1:50051");
+    expect(error.exitCode).toBe(EXIT.usage);
+    expect(error.message).toBe(
+      "the request (5242941 bytes) is too large for the server at 127.0.0.1:50051: it refuses requests over " +
+        "4194304 bytes (its --max-file-size plus 1 MiB); send less, or raise the server's --max-file-size",
+    );
+  });
+
+  it("a JSON flag over the server's payload limits is refused before it is sent, naming the flag", async () => {
+    const big = JSON.stringify({ rows: "x".repeat(5 * 1024 * 1024) });
+    await expect(jsonObjectOption("--result", big)).rejects.toMatchObject({
+      exitCode: EXIT.usage,
+      message: "--result: must be at most 1 MiB as JSON",
+    });
+    await expect(jsonObjectOption("--body", '{"a": "b\\u0000"}')).rejects.toMatchObject({
+      exitCode: EXIT.usage,
+      message: '--body["a"]: must not contain NUL (\\u0000) characters',
+    });
+    expect(await jsonObjectOption("--result", '{"passed": true}')).toEqual({ passed: true });
+  });
+});
 
 describe("the CLI's exit code for a failed call", () => {
   it("is 1 for the server's own DEADLINE_EXCEEDED: what it waited for did not happen in time", () => {

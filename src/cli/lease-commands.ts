@@ -51,7 +51,7 @@ import {
   uploadRefused,
   withServer,
 } from "./output.js";
-import { exitOnSignal, interruptCounter } from "./signals.js";
+import { exitOnSignal, interruptCounter, SAME_SIGNAL_MS } from "./signals.js";
 
 type Clients = {
   leases: ReturnType<typeof createClient<(typeof LeaseService)["method"]>>;
@@ -82,13 +82,22 @@ const leaseRow = (l: Lease) => [
   String(l.ownedResources),
   time(l.expireTime),
 ];
-/** One lease: with --json its proto3 JSON; for people its row, then its result if one is recorded. */
+/**
+ * One lease: with --json its proto3 JSON; for people its row with when it
+ * closed and why, then its result if one is recorded.
+ */
 const printLease = (l: Lease | undefined, json: boolean) => {
   if (!l) return;
   if (json) return printJson(messageJson(LeaseSchema, l));
   printTable(
-    [...LEASE_HEADERS, "CLOSED"],
-    [[...leaseRow(l), l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-"]],
+    [...LEASE_HEADERS, "CLOSED", "REASON"],
+    [
+      [
+        ...leaseRow(l),
+        time(l.closeTime),
+        l.closeReason ? enumName(CloseReason, l.closeReason).toLowerCase() : "-",
+      ],
+    ],
   );
   if (l.result) printLine(`result: ${JSON.stringify(l.result)}`);
 };
@@ -425,11 +434,21 @@ export function leaseCommands(): Command {
     .description(
       "Run a live test: lease, fixtures, deployment, wait until ready, checks, result, outputs, rollback. " +
         "Every step is one NDJSON event on stdout. Exit 0 when it passed, 1 when it failed, 2 for a bad " +
-        "manifest, 3 when the server is unreachable, 130/143 when interrupted (the lease is rolled back).",
+        "manifest, 3 when the server is unreachable, 130/143 when interrupted (the lease is rolled back; a " +
+        "second interrupt, a second or more later, exits at once and names the lease left to its TTL).",
     )
     .action(async (o: { test: string; keepLease?: boolean }, command: Command) =>
       withClients(command, async (c) => {
-        const emit = (event: LiveTestEvent) => printJson(event);
+        // What a second interrupt, which exits at once, must say: the lease it may leave open.
+        let open: { id: string; expireTime: string } | undefined;
+        let done = false;
+        const emit = (event: LiveTestEvent) => {
+          if (event.event === "lease_created")
+            open = { id: String(event.lease_id), expireTime: String(event.expire_time) };
+          if (event.event === "lease_rolled_back") open = undefined;
+          if (event.event === "done") done = true;
+          printJson(event);
+        };
         let manifest: ReturnType<typeof loadManifest>;
         try {
           manifest = loadManifest(o.test);
@@ -441,15 +460,40 @@ export function leaseCommands(): Command {
           throw new CliError(error.message, EXIT.usage);
         }
         // An interrupt rolls the lease back before exiting; a second one gives up at once
-        // (the lease's TTL still rolls it back).
+        // (the lease's TTL still rolls it back). One within SAME_SIGNAL_MS of the first is that
+        // one delivered twice (npm forwards the terminal's Ctrl-C), not a second.
         const controller = new AbortController();
         const interrupts = interruptCounter();
+        const giveUp = (name: NodeJS.Signals) => {
+          const exitCode = exitOnSignal(name);
+          // The promised last event, and who is left behind: said before exiting, not never.
+          if (!done)
+            emit({
+              event: "done",
+              time: new Date().toISOString(),
+              passed: false,
+              exit_code: exitCode,
+              ...(open ? { lease_id: open.id } : {}),
+            });
+          printError(
+            open
+              ? `interrupted again: exiting without waiting for the rollback; lease ${open.id} may be left ` +
+                  `open until its TTL rolls it back (at ${open.expireTime}); roll it back now with: ` +
+                  `leasehold lease rollback ${open.id}`
+              : "interrupted again: exiting at once",
+          );
+          process.exit(exitCode);
+        };
         const handlers = (["SIGINT", "SIGTERM"] as const).map((name) => {
           const handler = () => {
             const count = interrupts();
             if (count === undefined) return;
-            if (count > 1) process.exit(exitOnSignal(name));
+            if (count > 1) giveUp(name);
             controller.abort(name);
+            printError(
+              `${name}: rolling the lease back before exiting; a second one (at least ` +
+                `${SAME_SIGNAL_MS / 1000}s later) exits at once, leaving the lease to its TTL`,
+            );
           };
           process.on(name, handler);
           return () => process.off(name, handler);

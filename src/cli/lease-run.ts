@@ -77,7 +77,10 @@ export type LiveTestEventName =
   | "output_promoted"
   /** `name`, `message`: an output the manifest names was not saved (and why, if known); the run fails. */
   | "output_missing"
-  /** `passed`: the result recorded on the lease with SetResult. */
+  /**
+   * `passed`: the result recorded on the lease with SetResult; after an error (or the TTL passing),
+   * the result that says so (`passed: false`, `error`), when it could be recorded.
+   */
   | "result_recorded"
   /** `signal`: SIGINT or SIGTERM; the lease is rolled back. */
   | "interrupted"
@@ -103,7 +106,10 @@ export type LiveTestEventName =
   | "rollback_failed"
   /** `lease_id`, `expire_time`: --keep-lease left it open for debugging. */
   | "lease_kept"
-  /** Always last: `passed`, `exit_code`, `lease_id` when one was created. */
+  /**
+   * Always last: `passed`, `exit_code`, `lease_id` when one was created; also when a second
+   * interrupt exits without waiting for the rollback.
+   */
   | "done";
 
 /** One NDJSON line of a live test. */
@@ -266,7 +272,10 @@ export async function runLiveTest(
       await throughRestarts((deadline) => clients.leases.setResult({ leaseId, result }, { deadline }), {
         withinMs: 10_000,
         onRetry: unavailable,
-      }).catch(() => {});
+      }).then(
+        () => emit("result_recorded", { passed: false }),
+        () => {},
+      );
     }
   }
 

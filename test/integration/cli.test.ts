@@ -703,6 +703,12 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       expect(debug.resources.map((r: { id: string }) => r.id)).toEqual([kept.id]);
       const shown = (await cli([...server, "lease", "get", lease.id])).stdout;
       expect(shown).toContain("created by: anonymous\n");
+      // When it closed, and why, each in its own column.
+      const closedAt = new Date(
+        JSON.parse((await cli([...server, "--json", "lease", "get", lease.id])).stdout).closeTime,
+      ).toISOString();
+      expect(shown).toMatch(/^LEASE .* EXPIRES +CLOSED +REASON\n/);
+      expect(shown).toMatch(new RegExp(`${escapeRegExp(closedAt)} +rolled_back\n`));
       expect(shown).toContain('result: {"passed":true}\n');
       expect((await cli([...server, "lease", "debug", lease.id])).stdout).toContain(
         'result: {"passed":true}\n',

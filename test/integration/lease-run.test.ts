@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SAME_SIGNAL_MS } from "../../src/cli/signals.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { CloseReason, LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
@@ -537,8 +538,15 @@ checks:
       // Said once, plainly; nothing claims a pass, and the rollback the TTL did is no failure.
       // (On a machine slow enough that the TTL passes before the deployment is ready, the checks
       // are skipped instead; the end is the same.)
-      expect(names(run.events).slice(-3)).toEqual(["lease_expired", "lease_rolled_back", "done"]);
-      for (const name of ["result_recorded", "outputs_collect_failed", "rollback_failed", "error"])
+      // The result that says so is recorded, and said to be.
+      expect(names(run.events).slice(-4)).toEqual([
+        "lease_expired",
+        "result_recorded",
+        "lease_rolled_back",
+        "done",
+      ]);
+      expect(run.events.find((e) => e.event === "result_recorded")).toMatchObject({ passed: false });
+      for (const name of ["outputs_collect_failed", "rollback_failed", "error"])
         expect(names(run.events)).not.toContain(name);
       const leaseId = run.events[0]?.lease_id as string;
       expect(run.events.find((e) => e.event === "lease_expired")).toMatchObject({
@@ -594,6 +602,47 @@ checks:
       await expectRolledBack(run.events[0]?.lease_id as string);
     },
   );
+
+  it("a second Ctrl-C while the rollback waits for the server exits at once, with done and the lease left open named", async () => {
+    const [host, port] = t.address.split(":");
+    const proxy = await cuttableProxy(host as string, Number(port));
+    try {
+      const run = runManifest(
+        `runtime: ${RUNTIME}
+deployment:
+  containers:
+    - name: idle
+      argv: [${process.execPath}, -e, "setInterval(() => {}, 1000)"]
+  readiness: {tcp: 1}
+`,
+        `127.0.0.1:${proxy.port}`,
+      );
+      await run.waitFor((e) => e.event === "deployment_phase");
+      proxy.cut();
+      run.child.kill("SIGINT");
+      await run.waitFor((e) => e.event === "server_unavailable" && e.step === "rollback");
+      expect(run.stderr()).toContain("SIGINT: rolling the lease back before exiting");
+      // Past the window in which a signal is the first one delivered twice (npm forwards Ctrl-C).
+      await new Promise((resolve) => setTimeout(resolve, SAME_SIGNAL_MS + 100));
+      run.child.kill("SIGINT");
+      expect(await run.exited).toBe(130);
+      const leaseId = run.events[0]?.lease_id as string;
+      expect(run.events.at(-1)).toMatchObject({
+        event: "done",
+        passed: false,
+        exit_code: 130,
+        lease_id: leaseId,
+      });
+      expect(run.stderr()).toContain(
+        `interrupted again: exiting without waiting for the rollback; lease ${leaseId} may be left open until its TTL rolls it back`,
+      );
+      expect(run.stderr()).toContain(`leasehold lease rollback ${leaseId}`);
+      expect((await leases().getLease({ leaseId })).lease?.state).toBe(LeaseState.OPEN);
+      await leases().rollbackLease({ leaseId });
+    } finally {
+      proxy.close();
+    }
+  });
 
   it("--keep-lease leaves the lease open with everything in it, and says so", async () => {
     const port = await freePort();

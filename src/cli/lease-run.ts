@@ -430,6 +430,7 @@ async function runInLease(
   if (expired) throw new LeaseExpired(expired);
   const files = new Map<string, string>(); // name → file id
   const skipped = new Map<string, SkippedOutput>(); // name → why it was not saved
+  let collectFailed: string | undefined; // why the collect failed: then no output is known
   try {
     // Asked again after a server restart with the time left: the request to save is stored, so the
     // server picks up where it was, and files saved meanwhile are in the answer.
@@ -460,7 +461,8 @@ async function runInLease(
   } catch (error) {
     // A closed lease (its TTL passed meanwhile) ends the run: there is nothing left to go on with.
     if (signal.aborted || leaseClosed(error)) throw error;
-    emit("outputs_collect_failed", { message: cliErrorFrom(error, server).message });
+    collectFailed = cliErrorFrom(error, server).message;
+    emit("outputs_collect_failed", { message: collectFailed });
   }
 
   step.name = "promote_outputs";
@@ -474,9 +476,13 @@ async function runInLease(
       const why = skipped.get(name);
       emit("output_missing", {
         name,
+        // After a failed collect nothing is known of what the deployment saved: "saved no file"
+        // would blame it for what the collect lost.
         message: why
           ? `the deployment did not save ${JSON.stringify(name)} in ${m.deployment.outputsDir}: ${why.reason}`
-          : `the deployment saved no file ${JSON.stringify(name)} in ${m.deployment.outputsDir}`,
+          : collectFailed !== undefined
+            ? `the outputs were not collected, so ${JSON.stringify(name)} is not among them: ${collectFailed}`
+            : `the deployment saved no file ${JSON.stringify(name)} in ${m.deployment.outputsDir}`,
       });
       continue;
     }

@@ -443,10 +443,13 @@ export function createScopeLeaseService(deps: {
     for (;;) {
       const actions = await findActions(db, actionIds);
       await failIfRunLost(actions);
-      // Not running (never started, or its agent was lost): it has nothing to save. Only a
-      // still-queued one is cancelled; one granted meanwhile (a new attempt clears the
-      // request) is asked like the others.
-      const queued = [...actions.values()].filter((a) => a.state === "QUEUED").map((a) => a.id);
+      // Never started: it has nothing to save, and is cancelled. One queued again after a run
+      // that was lost (its agent lost or gone, OUTPUTS_LOST's case) is not: cancelling it would
+      // answer "no outputs" for a deployment that ran, and it would never run again. It is waited
+      // for, and its next run asked like the others once granted (a new attempt clears the request).
+      const queued = [...actions.values()]
+        .filter((a) => a.state === "QUEUED" && a.attemptCount === 0)
+        .map((a) => a.id);
       if (queued.length > 0) {
         await db.transaction(async (tx) => {
           // Not in a lease committed (which keeps its deployments) or rolled back meanwhile.
@@ -475,8 +478,11 @@ export function createScopeLeaseService(deps: {
         const skipped = resources.flatMap((r) => skippedOutputsOf(actions.get(r.actionId as string)));
         return { fileIds: views.flatMap((v) => v.outputFileIds), skipped };
       }
-      if (Date.now() >= until || signal.aborted) {
-        const pending = views.filter((v) => !FINAL_PHASES.has(v.phase)).map((v) => `${v.id} (${v.phase})`);
+      if (Date.now() >= until) {
+        // A pending one says what it waits for (an agent to run it again).
+        const pending = views
+          .filter((v) => !FINAL_PHASES.has(v.phase))
+          .map((v) => `${v.id} (${v.phase}${v.phase === "PENDING" ? `: ${v.message}` : ""})`);
         throw new LeaseholdError(
           Code.DeadlineExceeded,
           `deployments ${pending.join(", ")} did not save their outputs within ${timeoutMs / 1000}s; ` +
@@ -484,6 +490,11 @@ export function createScopeLeaseService(deps: {
         );
       }
       await nextChange(actionIds, signal, until);
+      // Ended from outside (the server shutting down, the client gone): its reason is the answer.
+      // A shutdown is UNAVAILABLE (SHUTTING_DOWN), which clients try again: the request to save is
+      // stored, and the next call picks up where this one was. Never DEADLINE_EXCEEDED, which
+      // says the deployments were too slow, and is not tried again.
+      signal.throwIfAborted();
     }
 
     /**

@@ -270,6 +270,12 @@ class LeaseServiceServicer(object):
         its lease expired (its agent was lost) or its agent gave the lease back.
         What that run wrote is gone; the deployment runs again, and calling again
         collects what the next run saves.
+        A deployment that never ran is cancelled (it has nothing to save); one
+        queued again after its run was lost is not: the call waits for its next
+        run and asks that one to save.
+        UNAVAILABLE (reason SHUTTING_DOWN) if the server shuts down during the
+        call: the request to save is kept, and calling again (on this server
+        once it is back, or on another) picks up where it was.
         A deployment is asked to stop only while its lease is open: a lease
         committed meanwhile keeps its deployments running.
         """

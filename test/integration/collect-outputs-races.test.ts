@@ -1,0 +1,87 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { createClient } from "../../src/rpc/client.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+import { failure } from "../helpers/status.js";
+import { connectWorker } from "../helpers/worker.js";
+
+/**
+ * CollectOutputs against what can happen while a deployment saves: the server
+ * going away, its run lost and queued again. Workers speak the raw protocol,
+ * so each step is awaited, not slept through.
+ */
+describe("CollectOutputs while things happen around it", () => {
+  let t: TestServer;
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+  const leases = () => t.client(LeaseService);
+  const resources = () => t.client(ResourceService);
+
+  it("called again after OUTPUTS_LOST while the deployment waits to run again, collects its next run instead of cancelling it", async () => {
+    const runtime = "collect-again";
+    const lost = await connectWorker(t.address, { workerId: "lost-run", cluster: runtime, capacity: 1 });
+    const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+    const { resource } = await resources().createDeployment({
+      leaseId,
+      spec: { containers: [{ name: "c", command: { argv: ["true"] } }], outputsDir: "out" },
+    });
+    const actionId = resource?.body.case === "deployment" ? resource.body.value.actionId : "";
+    const grant = await lost.next("grant");
+    const first = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+    await lost.next("revoke", (r) => r.actionId === grant.actionId);
+    lost.drop();
+    const f = await first;
+    expect(f.reason).toBe("OUTPUTS_LOST");
+    // As its advice says, at once: the deployment is queued again, and no agent has it yet.
+    expect((await t.client(ActionService).getAction({ actionId })).action?.state).toBe(ActionState.QUEUED);
+    const second = leases().collectOutputs({ leaseId, timeout: { seconds: 60n } });
+    const next = await connectWorker(t.address, { workerId: "next-run", cluster: runtime, capacity: 1 });
+    const regrant = await Promise.race([
+      next.next("grant"),
+      second.then((answer) => {
+        throw new Error(`the collect answered before the deployment ran again: ${JSON.stringify(answer)}`);
+      }),
+    ]);
+    expect(regrant.epoch).toBe(grant.epoch + 1n);
+    // Its next run is asked to save, and what it saves is the answer.
+    const revoke = await next.next("revoke", (r) => r.actionId === actionId);
+    expect(revoke.reason).toBe(RevokeReason.COLLECT_OUTPUTS);
+    const saved = await resources().createFile({ leaseId, name: "report.txt", content: new Uint8Array([1]) });
+    const fileId = saved.resource?.id ?? "";
+    await next.complete(regrant, { output: { containers: [], outputFileIds: [fileId], skipped: [] } });
+    expect((await second).fileIds).toEqual([fileId]);
+    next.drop();
+  }, 60_000);
+
+  // Last: it stops the server.
+  it("ends UNAVAILABLE (SHUTTING_DOWN), which clients try again, when the server shuts down during it", async () => {
+    const runtime = "collect-shutdown";
+    const w = await connectWorker(t.address, { workerId: "slow-saver", cluster: runtime, capacity: 1 });
+    const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+    await resources().createDeployment({
+      leaseId,
+      spec: { containers: [{ name: "c", command: { argv: ["true"] } }], outputsDir: "out" },
+    });
+    const grant = await w.next("grant");
+    // A client of its own: the test server's clients are closed before it stops.
+    const client = createClient(LeaseService, t.address);
+    try {
+      const collecting = failure(client.collectOutputs({ leaseId, timeout: { seconds: 30n } }));
+      await w.next("revoke", (r) => r.actionId === grant.actionId);
+      // The deployment is saving (STOPPING) when the server goes.
+      await t.stop();
+      const f = await collecting;
+      expect({ code: f.code, reason: f.reason }).toEqual({ code: Code.Unavailable, reason: "SHUTTING_DOWN" });
+    } finally {
+      client.close();
+    }
+  }, 60_000);
+});

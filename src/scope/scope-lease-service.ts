@@ -675,8 +675,10 @@ export function createScopeLeaseService(deps: {
       const deleted = await deleteWorkspaceResource(db, id, actor);
       const outcome = deleted.outcome;
       if (deleted.outcome === "deleted") {
-        // The lease is over, not to be confirmed: the agent stops and reports nothing.
-        revokeEnded(deleted.revokes, "SUPERSEDED", `deployment ${id} was deleted`);
+        // The lease is over, not to be confirmed: the agent stops and reports nothing. Destroyed as
+        // a rollback destroys it (README), and said so: SUPERSEDED would tell the agent that
+        // another worker owns it now.
+        revokeEnded(deleted.revokes, "ROLLED_BACK", `deployment ${id} was deleted`);
         feed.publish(EVENTS_TOPIC);
       }
       if (outcome === "not_found") throw LeaseholdError.notFound("resource", id);

@@ -16,7 +16,7 @@ import {
   type Resource,
   ResourceService,
 } from "../../src/gen/leasehold/v1/resource_pb.js";
-import { RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
+import { RejectReason, RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { freePort } from "../helpers/ports.js";
 import { type LeaseholdProcess, runCli, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -360,6 +360,22 @@ describe("deployments", () => {
     // Its completion crossed the revoke: it never landed, and must not be answered as if it had.
     const result = await w.complete(grant, { output: { outputs: [] } });
     expect(result).toMatchObject({ accepted: false, rejectReason: RejectReason.FENCED });
+    w.drop();
+  });
+
+  it("revokes a deleted workspace-owned deployment's lease as destroyed (ROLLED_BACK), not as superseded", async () => {
+    const w = await connectWorker(t.address, { workerId: "raw-delete", cluster: "raw-delete", capacity: 1 });
+    const { resource } = await resources().createDeployment({
+      runtime: "raw-delete",
+      spec: { containers: [node("idle", "")] },
+    });
+    const grant = await w.next("grant");
+    await resources().deleteResource({ resourceId: resource?.id ?? "" });
+    const revoke = await w.next("revoke", (r) => r.actionId === grant.actionId);
+    expect(revoke).toMatchObject({
+      reason: RevokeReason.ROLLED_BACK,
+      message: `deployment ${resource?.id} was deleted`,
+    });
     w.drop();
   });
 

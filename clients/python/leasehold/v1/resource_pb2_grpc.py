@@ -189,7 +189,9 @@ class ResourceServiceServicer(object):
 
     def DeleteResource(self, request, context):
         """Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
-        it (roll the lease back instead).
+        it (roll the lease back instead). A deployment's action is cancelled in
+        the same transaction, and its agent gets a Revoke with reason
+        ROLLED_BACK (destroyed), as for a rollback.
         Right: lease.use.own (a resource of the caller's lease) or lease.use.any
         in the runtime of the lease it was created in; for a deployment created
         without a lease, lease.use.own (the caller created it) or lease.use.any in

@@ -1192,7 +1192,9 @@ export enum RevokeReason {
   SUPERSEDED = 3,
 
   /**
-   * The scope lease the action belongs to was rolled back.
+   * The deployment the action runs was destroyed: its scope lease was
+   * rolled back (or its TTL passed), or the deployment was deleted; the
+   * Revoke's message says which.
    *
    * @generated from enum value: REVOKE_REASON_ROLLED_BACK = 4;
    */

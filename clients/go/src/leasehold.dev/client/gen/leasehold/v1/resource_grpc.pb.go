@@ -57,7 +57,9 @@ type ResourceServiceClient interface {
 	// FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
 	DownloadFile(ctx context.Context, in *DownloadFileRequest, opts ...grpc.CallOption) (ResourceService_DownloadFileClient, error)
 	// Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
-	// it (roll the lease back instead).
+	// it (roll the lease back instead). A deployment's action is cancelled in
+	// the same transaction, and its agent gets a Revoke with reason
+	// ROLLED_BACK (destroyed), as for a rollback.
 	// Right: lease.use.own (a resource of the caller's lease) or lease.use.any
 	// in the runtime of the lease it was created in; for a deployment created
 	// without a lease, lease.use.own (the caller created it) or lease.use.any in
@@ -204,7 +206,9 @@ type ResourceServiceServer interface {
 	// FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
 	DownloadFile(*DownloadFileRequest, ResourceService_DownloadFileServer) error
 	// Deletes a workspace-owned resource. FAILED_PRECONDITION if a lease owns
-	// it (roll the lease back instead).
+	// it (roll the lease back instead). A deployment's action is cancelled in
+	// the same transaction, and its agent gets a Revoke with reason
+	// ROLLED_BACK (destroyed), as for a rollback.
 	// Right: lease.use.own (a resource of the caller's lease) or lease.use.any
 	// in the runtime of the lease it was created in; for a deployment created
 	// without a lease, lease.use.own (the caller created it) or lease.use.any in

@@ -38,7 +38,9 @@ const (
 	RevokeReason_REVOKE_REASON_CANCELLED RevokeReason = 2
 	// Another session or epoch owns the action now (the report was fenced).
 	RevokeReason_REVOKE_REASON_SUPERSEDED RevokeReason = 3
-	// The scope lease the action belongs to was rolled back.
+	// The deployment the action runs was destroyed: its scope lease was
+	// rolled back (or its TTL passed), or the deployment was deleted; the
+	// Revoke's message says which.
 	RevokeReason_REVOKE_REASON_ROLLED_BACK RevokeReason = 4
 	// Stop with file-save semantics: save outputs, then stop.
 	RevokeReason_REVOKE_REASON_COLLECT_OUTPUTS RevokeReason = 5

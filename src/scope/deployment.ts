@@ -55,7 +55,8 @@ const REPORTED: Record<string, DeploymentPhase> = {
  * the phase the agent last reported (STARTING until it says more, STOPPING
  * once outputs were asked for); succeeded or cancelled → STOPPED; failed →
  * FAILED. Container states come from the agent's last report, or its final
- * one once the action ended.
+ * one once the action ended; an action that ended without one (destroyed,
+ * cancelled) shows the containers of its last report stopped, not running.
  */
 export function deploymentView(resource: ResourceRecord, action: ActionRecord | undefined): DeploymentView {
   const spec = resource.body ?? {};
@@ -64,7 +65,14 @@ export function deploymentView(resource: ResourceRecord, action: ActionRecord | 
     return { ...base, phase: "STOPPED", containers: [], message: "its action is gone", outputFileIds: [] };
   }
   const final = finalReport(action);
-  const reported = containersOf(final) ?? containersOf(action.phaseDetails) ?? waiting(spec);
+  const finalContainers = containersOf(final);
+  const last = finalContainers ?? containersOf(action.phaseDetails) ?? waiting(spec);
+  // Ended without a final report of its containers (destroyed, cancelled, its run lost): the last
+  // progress report would show them running forever.
+  const reported =
+    finalContainers === undefined && action.state !== "QUEUED" && action.state !== "LEASED"
+      ? last.map((c) => settled(c, action.failureReason || "the deployment ended"))
+      : last;
   const outputFileIds = stringList(final?.outputFileIds);
   switch (action.state) {
     case "QUEUED":
@@ -126,6 +134,22 @@ export function skippedOutputsOf(action: ActionRecord | undefined): SkippedOutpu
     const size = typeof o.sizeBytes === "number" && Number.isSafeInteger(o.sizeBytes) ? o.sizeBytes : 0;
     return [{ path: o.name, sizeBytes: Math.max(0, size), reason: String(o.reason ?? "") }];
   });
+}
+
+/**
+ * A container of an ended deployment as its last report left it: one still running then was
+ * stopped with it (how it exited was not reported); one still waiting never started.
+ */
+function settled(c: ContainerView, why: string): ContainerView {
+  if (c.state === "exited") return c;
+  if (c.state === "running") {
+    return {
+      ...c,
+      state: "exited",
+      message: `stopped with the deployment (${why}); its exit was not reported`,
+    };
+  }
+  return { ...c, message: c.message || `never started (${why})` };
 }
 
 function containersOf(details: JsonObject | null | undefined): ContainerView[] | undefined {

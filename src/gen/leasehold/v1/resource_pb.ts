@@ -273,14 +273,17 @@ export type ContainerState = Message<"leasehold.v1.ContainerState"> & {
   name: string;
 
   /**
-   * "waiting", "running" or "exited".
+   * "waiting", "running" or "exited". A deployment that ended without its
+   * agent's final report of its containers (destroyed by a rollback, its
+   * TTL or a delete; cancelled) shows those its last report had running as
+   * "exited", and those still waiting as "waiting", the message saying so.
    *
    * @generated from field: string state = 2;
    */
   state: string;
 
   /**
-   * Exit code once exited.
+   * Exit code once exited; 0 when its exit was not reported (see state).
    *
    * @generated from field: int32 exit_code = 3;
    */

@@ -618,9 +618,12 @@ type ContainerState struct {
 
 	// The container's name.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// "waiting", "running" or "exited".
+	// "waiting", "running" or "exited". A deployment that ended without its
+	// agent's final report of its containers (destroyed by a rollback, its
+	// TTL or a delete; cancelled) shows those its last report had running as
+	// "exited", and those still waiting as "waiting", the message saying so.
 	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
-	// Exit code once exited.
+	// Exit code once exited; 0 when its exit was not reported (see state).
 	ExitCode int32 `protobuf:"varint,3,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
 	// Details for people.
 	Message string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`

@@ -469,12 +469,13 @@ export function createScopeLeaseService(deps: {
       if (unasked.length > 0) await ask(unasked.map((a) => a.id));
       const views = resources.map((r) => deploymentView(r, actions.get(r.actionId as string)));
       if (views.every((v) => FINAL_PHASES.has(v.phase))) {
-        // Stopped because the lease closed meanwhile (a rollback, its TTL, a commit)? Then what
-        // they saved went with it, or belongs to a lease that can no longer be collected from:
-        // an empty success would read as "no outputs".
-        // Past its TTL counts as closed, as for every change to a lease (lockOpen).
+        // Rolled back meanwhile (or its TTL passed)? Then what they saved went with it: an empty
+        // success would read as "no outputs". Past its TTL counts as closed, as for every change
+        // to a lease (lockOpen). Committed meanwhile: the commit kept what they saved, before it
+        // and after (insertResource), and the answer says what that is.
         const refusal = await lockOpen(db, clock, leaseId);
-        if (refusal) throw refused(leaseId, refusal, "collect outputs");
+        if (refusal && !(refusal.refused === "closed" && refusal.lease.state === "COMMITTED"))
+          throw refused(leaseId, refusal, "collect outputs");
         const skipped = resources.flatMap((r) => skippedOutputsOf(actions.get(r.actionId as string)));
         return { fileIds: views.flatMap((v) => v.outputFileIds), skipped };
       }

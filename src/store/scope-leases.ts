@@ -250,6 +250,13 @@ export interface NewResource {
  * a lease, and it happens atomically with a check that the lease is open.
  * The same statement records `resource_created` with the lease's runtime as
  * its cluster (none for a resource created without a lease) and `actor`.
+ *
+ * One exception to "open": a file that a deployment of a committed lease
+ * saves (its outputs, uploaded after the commit, while a collect stops it or
+ * its containers end) is kept as the commit kept the deployment: created
+ * workspace-owned in that lease. It is recognised as an output by its
+ * creator: `actor` opened the live session holding the action of one of the
+ * lease's deployments (see {@link savingDeploymentOf}).
  */
 export async function insertResource(
   db: Db,
@@ -258,9 +265,16 @@ export async function insertResource(
 ): Promise<ResourceRecord | LeaseRefusal> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
+    let ownership: Ownership = input.leaseId ? "LEASE" : "WORKSPACE";
     if (input.leaseId) {
       const refusal = await lockOpen(tx, clock, input.leaseId);
-      if (refusal) return refusal;
+      const kept =
+        refusal?.refused === "closed" &&
+        refusal.lease.state === "COMMITTED" &&
+        input.kind === "file" &&
+        (await savingDeploymentOf(tx, input.leaseId, input.actor));
+      if (refusal && !kept) return refusal;
+      if (kept) ownership = "WORKSPACE";
     }
     const content = input.content ? Buffer.from(input.content).toString("base64") : null;
     const [row] = await queryRows<ResourceRow>(
@@ -268,7 +282,7 @@ export async function insertResource(
       sql`
         with inserted as (
           insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body)
-          values (${uuidv7()}, ${input.kind}, ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
+          values (${uuidv7()}, ${input.kind}, ${ownership}, ${input.leaseId ?? null},
                   ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
                   ${input.sha256 ?? null}, ${input.contentType ?? null},
                   case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
@@ -278,7 +292,10 @@ export async function insertResource(
         event as (
           insert into events (kind, lease_id, cluster, message, details, actor)
           select 'resource_created', i.lease_id, l.runtime,
-            i.kind || ' ' || i.id || ' created ' || coalesce('in lease ' || i.lease_id, 'workspace-owned'),
+            i.kind || ' ' || i.id || ' created ' || case
+              when i.lease_id is null then 'workspace-owned'
+              when i.ownership = 'WORKSPACE' then 'in committed lease ' || i.lease_id || ', kept with its deployment'
+              else 'in lease ' || i.lease_id end,
             jsonb_strip_nulls(jsonb_build_object('resource_id', i.id, 'kind', i.kind, 'name', i.name)),
             ${input.actor}
           from inserted i left join scope_leases l on l.id = i.lease_id
@@ -287,6 +304,30 @@ export async function insertResource(
     );
     return resourceFromRow(row as ResourceRow);
   });
+}
+
+/**
+ * Whether `principal` opened the live session that holds the action of one
+ * of lease `leaseId`'s deployments (kept by its commit: workspace-owned, the
+ * lease id kept): that agent is saving the deployment's outputs. Found
+ * through the server's own records (`resources.action_id`, which only
+ * CreateDeployment writes), never through what a request claims. The
+ * lease's row is locked by the caller; the action's is only read: an upload
+ * comes before the completion that ends the action.
+ */
+async function savingDeploymentOf(tx: Db, leaseId: string, principal: string): Promise<boolean> {
+  const [row] = await queryRows<{ found: boolean }>(
+    tx,
+    sql`
+      select exists (
+        select 1 from resources r
+        join actions a on a.id = r.action_id
+        join sessions s on s.id = a.session_id
+        where r.lease_id = ${leaseId} and r.kind = 'deployment' and a.state = 'LEASED'
+          and s.principal = ${principal} and s.ended_at is null
+      ) as found`,
+  );
+  return row?.found === true;
 }
 
 /**

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
-import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -60,6 +60,36 @@ describe("CollectOutputs while things happen around it", () => {
     expect((await second).fileIds).toEqual([fileId]);
     next.drop();
   }, 60_000);
+
+  it("keeps what a deployment saves after its lease was committed during the collect, and returns it", async () => {
+    const runtime = "collect-commit";
+    const w = await connectWorker(t.address, { workerId: "saver", cluster: runtime, capacity: 1 });
+    const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+    await resources().createDeployment({
+      leaseId,
+      spec: { containers: [{ name: "c", command: { argv: ["true"] } }], outputsDir: "out" },
+    });
+    const grant = await w.next("grant");
+    const collecting = leases().collectOutputs({ leaseId, timeout: { seconds: 60n } });
+    await w.next("revoke", (r) => r.actionId === grant.actionId);
+    // Saving: one file is up when the commit lands, the other comes after it.
+    const before = await resources().createFile({ leaseId, name: "a.txt", content: new Uint8Array([1]) });
+    expect((await leases().commitLease({ leaseId })).keptResources).toBe(2);
+    const after = await resources().createFile({ leaseId, name: "late.txt", content: new Uint8Array([2]) });
+    expect(after.resource).toMatchObject({ leaseId, ownership: Ownership.WORKSPACE });
+    const ids = [before.resource?.id ?? "", after.resource?.id ?? ""];
+    await w.complete(grant, { output: { containers: [], outputFileIds: ids, skipped: [] } });
+    expect((await collecting).fileIds).toEqual(ids);
+    const kept = await resources().getResource({ resourceId: ids[1] as string });
+    expect(kept.resource?.ownership).toBe(Ownership.WORKSPACE);
+    // Only its deployment's outputs: once it has stopped, the committed lease takes nothing more.
+    const f = await failure(resources().createFile({ leaseId, name: "x", content: new Uint8Array([3]) }));
+    expect({ code: f.code, reason: f.reason }).toEqual({
+      code: Code.FailedPrecondition,
+      reason: "LEASE_CLOSED",
+    });
+    w.drop();
+  });
 
   // Last: it stops the server.
   it("ends UNAVAILABLE (SHUTTING_DOWN), which clients try again, when the server shuts down during it", async () => {

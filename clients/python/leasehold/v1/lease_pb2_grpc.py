@@ -193,7 +193,9 @@ class LeaseServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def CommitLease(self, request, context):
-        """Closes the lease keeping every resource it still owns.
+        """Closes the lease keeping every resource it still owns. Its deployments
+        keep running (one a CollectOutputs asked to stop goes on stopping), and
+        the files they save after the commit are kept too (see CreateFile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,8 +266,11 @@ class LeaseServiceServicer(object):
         """Stops the lease's deployment with file-save semantics and returns the ids
         of the file resources it produced, and what it did not save and why
         (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
-        (or past its TTL) when the call starts or when the deployments have
-        stopped: an empty list always means they saved no files.
+        (or past its TTL) when the call starts, or is rolled back (or past its
+        TTL) when the deployments have stopped: an empty list always means they
+        saved no files. A lease committed while its deployments save keeps what
+        they save, before the commit and after it (workspace-owned, in the
+        lease): the call returns it.
         ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
         its lease expired (its agent was lost) or its agent gave the lease back.
         What that run wrote is gone; the deployment runs again, and calling again

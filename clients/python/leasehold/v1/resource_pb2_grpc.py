@@ -126,6 +126,11 @@ class ResourceServiceServicer(object):
         lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
         the runtime (worker.connect there) may add files to any lease of it.
         Without a lease_id: resource.create in every cluster.
+        Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
+        outputs of a committed lease's deployment: a file created by the
+        principal whose live session holds the action of one of that lease's
+        deployments (its agent saving its outputs) is kept, workspace-owned, in
+        that lease, as the commit kept the deployment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

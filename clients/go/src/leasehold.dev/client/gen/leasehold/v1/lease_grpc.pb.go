@@ -40,7 +40,9 @@ type LeaseServiceClient interface {
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).
 	PromoteResource(ctx context.Context, in *PromoteResourceRequest, opts ...grpc.CallOption) (*PromoteResourceResponse, error)
-	// Closes the lease keeping every resource it still owns.
+	// Closes the lease keeping every resource it still owns. Its deployments
+	// keep running (one a CollectOutputs asked to stop goes on stopping), and
+	// the files they save after the commit are kept too (see CreateFile).
 	CommitLease(ctx context.Context, in *CommitLeaseRequest, opts ...grpc.CallOption) (*CommitLeaseResponse, error)
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(ctx context.Context, in *RollbackLeaseRequest, opts ...grpc.CallOption) (*RollbackLeaseResponse, error)
@@ -76,8 +78,11 @@ type LeaseServiceClient interface {
 	// Stops the lease's deployment with file-save semantics and returns the ids
 	// of the file resources it produced, and what it did not save and why
 	// (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
-	// (or past its TTL) when the call starts or when the deployments have
-	// stopped: an empty list always means they saved no files.
+	// (or past its TTL) when the call starts, or is rolled back (or past its
+	// TTL) when the deployments have stopped: an empty list always means they
+	// saved no files. A lease committed while its deployments save keeps what
+	// they save, before the commit and after it (workspace-owned, in the
+	// lease): the call returns it.
 	// ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
 	// its lease expired (its agent was lost) or its agent gave the lease back.
 	// What that run wrote is gone; the deployment runs again, and calling again
@@ -259,7 +264,9 @@ type LeaseServiceServer interface {
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).
 	PromoteResource(context.Context, *PromoteResourceRequest) (*PromoteResourceResponse, error)
-	// Closes the lease keeping every resource it still owns.
+	// Closes the lease keeping every resource it still owns. Its deployments
+	// keep running (one a CollectOutputs asked to stop goes on stopping), and
+	// the files they save after the commit are kept too (see CreateFile).
 	CommitLease(context.Context, *CommitLeaseRequest) (*CommitLeaseResponse, error)
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(context.Context, *RollbackLeaseRequest) (*RollbackLeaseResponse, error)
@@ -295,8 +302,11 @@ type LeaseServiceServer interface {
 	// Stops the lease's deployment with file-save semantics and returns the ids
 	// of the file resources it produced, and what it did not save and why
 	// (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
-	// (or past its TTL) when the call starts or when the deployments have
-	// stopped: an empty list always means they saved no files.
+	// (or past its TTL) when the call starts, or is rolled back (or past its
+	// TTL) when the deployments have stopped: an empty list always means they
+	// saved no files. A lease committed while its deployments save keeps what
+	// they save, before the commit and after it (workspace-owned, in the
+	// lease): the call returns it.
 	// ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
 	// its lease expired (its agent was lost) or its agent gave the lease back.
 	// What that run wrote is gone; the deployment runs again, and calling again

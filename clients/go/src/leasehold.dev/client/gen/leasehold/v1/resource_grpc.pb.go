@@ -24,6 +24,11 @@ type ResourceServiceClient interface {
 	// lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
 	// the runtime (worker.connect there) may add files to any lease of it.
 	// Without a lease_id: resource.create in every cluster.
+	// Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
+	// outputs of a committed lease's deployment: a file created by the
+	// principal whose live session holds the action of one of that lease's
+	// deployments (its agent saving its outputs) is kept, workspace-owned, in
+	// that lease, as the commit kept the deployment.
 	CreateFile(ctx context.Context, in *CreateFileRequest, opts ...grpc.CallOption) (*CreateFileResponse, error)
 	// Creates a deployment, run by an agent of the lease's runtime (or, without
 	// a lease, of the request's runtime: resource.create there suffices).
@@ -173,6 +178,11 @@ type ResourceServiceServer interface {
 	// lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
 	// the runtime (worker.connect there) may add files to any lease of it.
 	// Without a lease_id: resource.create in every cluster.
+	// Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
+	// outputs of a committed lease's deployment: a file created by the
+	// principal whose live session holds the action of one of that lease's
+	// deployments (its agent saving its outputs) is kept, workspace-owned, in
+	// that lease, as the commit kept the deployment.
 	CreateFile(context.Context, *CreateFileRequest) (*CreateFileResponse, error)
 	// Creates a deployment, run by an agent of the lease's runtime (or, without
 	// a lease, of the request's runtime: resource.create there suffices).

@@ -89,8 +89,9 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
  * its own process group, reports `starting`, runs the readiness probe, reports
  * `ready` (with per-container states each time), and then keeps it running:
  *
- * - lease revoked (rollback, cancel, expiry, self-fence): every process group
- *   is killed at once; nothing is saved;
+ * - lease revoked or given back (rollback, cancel, expiry, self-fence, the
+ *   agent closing at once), even while it stops to save: every process group
+ *   is killed at once; nothing (more) is saved;
  * - stop requested (CollectOutputs): `stopping`, SIGTERM then SIGKILL after
  *   the grace, the files of `outputs_dir` uploaded as file resources into the
  *   lease, and their ids returned (`outputFileIds`), with what was not saved
@@ -238,7 +239,13 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         : containers.find((c) => c.state === "exited" && c.exitCode !== 0);
       if (ctx.stopRequested.aborted) report("stopping");
       await stopAll(containers, stopGraceMs, ctx.signal);
-      const saved = outputsDir ? await saveOutputs(outputsDir, leaseId) : { outputFileIds: [], skipped: [] };
+      // The lease lost meanwhile (given back by a closing agent, revoked): nothing is saved. A
+      // file uploaded now would sit in the lease in no answer, while the collect says that what
+      // this run wrote went with it.
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+      const saved = outputsDir
+        ? await saveOutputs(outputsDir, leaseId, ctx.signal)
+        : { outputFileIds: [], skipped: [] };
       const result: JsonObject = { containers: states(), ...saved };
       if (failed) {
         throw new ActionFailure(`container ${failed.name} ${failed.message}`, {
@@ -262,14 +269,18 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   /**
    * Uploads every regular file under `outputsDir` into the lease, named by its
    * relative path; what it does not save is in `skipped`, with its size and why.
+   * Stops, throwing its reason, once `lost` aborts (the lease is gone): an
+   * upload under way is cancelled, and no other starts.
    */
   async function saveOutputs(
     outputsDir: string,
     leaseId: string,
+    lost: AbortSignal,
   ): Promise<{ outputFileIds: string[]; skipped: JsonObject[] }> {
     const outputFileIds: string[] = [];
     const skipped: JsonObject[] = [];
     for (const entry of await walk(outputsDir)) {
+      if (lost.aborted) throw lost.reason;
       const name = relative(outputsDir, entry.path).split(sep).join("/");
       if (entry.not !== undefined) {
         skipped.push({ name, sizeBytes: 0, reason: `${entry.not}: only regular files are saved` });
@@ -280,10 +291,11 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         sizeBytes = (await stat(entry.path)).size;
         const content = await readFile(entry.path);
         const response = await withResources((client) =>
-          client.createFile({ leaseId, name, content, contentType: "" }),
+          client.createFile({ leaseId, name, content, contentType: "" }, { signal: lost }),
         );
         if (response.resource) outputFileIds.push(response.resource.id);
       } catch (error) {
+        if (lost.aborted) throw lost.reason;
         skipped.push({ name, sizeBytes, reason: notSaved(error, name, sizeBytes) });
       }
     }

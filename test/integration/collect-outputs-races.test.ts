@@ -1,10 +1,16 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createAgent, createDeploymentHandler } from "../../src/agent/index.js";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { Ownership, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
+import { agentEvents } from "../helpers/agent-events.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { failure } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -90,6 +96,59 @@ describe("CollectOutputs while things happen around it", () => {
     });
     w.drop();
   });
+
+  it("saves nothing once its agent gives the lease back while it stops: no file is left in the lease outside any answer", async () => {
+    const runtime = "collect-giveback";
+    const workDir = await mkdtemp(join(tmpdir(), "leasehold-giveback-"));
+    // The container tells this server when it got SIGTERM, and then never exits by itself.
+    let termed: () => void = () => {};
+    const gotTerm = new Promise<void>((resolve) => {
+      termed = resolve;
+    });
+    const listener = createServer((socket) => {
+      termed();
+      socket.destroy();
+    });
+    await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve));
+    const port = (listener.address() as { port: number }).port;
+    const events = agentEvents();
+    const agent = createAgent({
+      address: t.address,
+      cluster: runtime,
+      workerId: "giving-back",
+      onEvent: events.onEvent,
+      handler: createDeploymentHandler({ address: t.address, workDir, stopGraceMs: 60_000 }),
+    });
+    try {
+      const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+      const script = `require("fs").writeFileSync("out/a.txt", "one");
+        process.on("SIGTERM", () => require("net").connect(${port}, "127.0.0.1").on("error", () => {}));
+        setInterval(() => {}, 1000);`;
+      await resources().createDeployment({
+        leaseId,
+        spec: {
+          containers: [{ name: "w", command: { argv: [process.execPath, "-e", script] } }],
+          readinessProbe: { check: { case: "exec", value: { argv: ["test", "-f", "out/a.txt"] } } },
+          outputsDir: "out",
+        },
+      });
+      for await (const _ of leases().waitLease({ leaseId, timeout: { seconds: 60n } }));
+      const collecting = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+      // Stopping: its container got SIGTERM and takes its time. The agent stops at once (a
+      // second Ctrl-C), giving the lease back.
+      await gotTerm;
+      await agent.close({ timeoutMs: 0 });
+      const f = await collecting;
+      expect(f.reason).toBe("OUTPUTS_LOST");
+      expect(f.message).toMatch(/its agent gave the lease back, and what it wrote went with it/);
+      const files = await resources().listResources({ leaseId, kind: "file" });
+      expect(files.resources.map((r) => (r.body.case === "file" ? r.body.value.name : r.id))).toEqual([]);
+    } finally {
+      await agent.close({ timeoutMs: 0 });
+      listener.close();
+      await rm(workDir, { recursive: true, force: true });
+    }
+  }, 60_000);
 
   // Last: it stops the server.
   it("ends UNAVAILABLE (SHUTTING_DOWN), which clients try again, when the server shuts down during it", async () => {

@@ -71,7 +71,7 @@ export function deploymentView(resource: ResourceRecord, action: ActionRecord | 
   // progress report would show them running forever.
   const reported =
     finalContainers === undefined && action.state !== "QUEUED" && action.state !== "LEASED"
-      ? last.map((c) => settled(c, action.failureReason || "the deployment ended"))
+      ? last.map(settled)
       : last;
   const outputFileIds = stringList(final?.outputFileIds);
   switch (action.state) {
@@ -138,18 +138,15 @@ export function skippedOutputsOf(action: ActionRecord | undefined): SkippedOutpu
 
 /**
  * A container of an ended deployment as its last report left it: one still running then was
- * stopped with it (how it exited was not reported); one still waiting never started.
+ * stopped with it (how it exited was not reported); one still waiting never started. Why the
+ * deployment ended is its own message.
  */
-function settled(c: ContainerView, why: string): ContainerView {
+function settled(c: ContainerView): ContainerView {
   if (c.state === "exited") return c;
   if (c.state === "running") {
-    return {
-      ...c,
-      state: "exited",
-      message: `stopped with the deployment (${why}); its exit was not reported`,
-    };
+    return { ...c, state: "exited", message: "stopped with the deployment; its exit was not reported" };
   }
-  return { ...c, message: c.message || `never started (${why})` };
+  return { ...c, message: c.message || "never started" };
 }
 
 function containersOf(details: JsonObject | null | undefined): ContainerView[] | undefined {

@@ -332,6 +332,24 @@ outputs:
     await expectRolledBack(run.events[0]?.lease_id as string);
   });
 
+  it("an output of a collect that failed is missing because it was not collected, not as never saved", async () => {
+    // It wrote the file, then ignores SIGTERM: it does not stop within the collect's timeout.
+    const run = runManifest(`runtime: ${RUNTIME}
+${nodeDeployment('require("fs").writeFileSync("out/report.txt", "R"); process.on("SIGTERM", () => {})', "-f, out/report.txt")}
+outputs:
+  promote: [report.txt]
+  collect_timeout: 1s
+`);
+    expect(await run.exited).toBe(1);
+    const failed = run.events.find((e) => e.event === "outputs_collect_failed");
+    expect(failed?.message).toMatch(/did not save their outputs within 1s/);
+    expect(run.events.find((e) => e.event === "output_missing")).toMatchObject({
+      name: "report.txt",
+      message: `the outputs were not collected, so "report.txt" is not among them: ${failed?.message}`,
+    });
+    await expectRolledBack(run.events[0]?.lease_id as string);
+  });
+
   it("a deployment that fails skips the checks, still records the result and keeps its outputs, then rolls back", async () => {
     const run = cli([
       "lease",

@@ -484,12 +484,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       const started = performance.now();
       await renewal.renew();
       // A stalled database (a lock on sessions) answers checks but renews nobody meanwhile:
-      // say so, or the agents' self-fences after it look unexplained.
+      // say so, or the agents' self-fences after it look unexplained. The time includes this
+      // process's own lateness (a saturated event loop), which the line cannot tell apart.
       const waitedMs = performance.now() - started;
       if (waitedMs > graceMs / 2) {
         log.warn(
           { waitedMs: Math.round(waitedMs), graceMs },
-          "a renewal waited for the database for more than half the grace period: stored deadlines lagged by as much, and agents may have self-fenced",
+          "a renewal took more than half the grace period (waiting for the database, or for this process's own busy event loop): stored deadlines lagged by as much, and agents may have self-fenced",
         );
       }
       reaper.databaseAnswered("renewal");

@@ -205,7 +205,7 @@ export function createReaper(deps: {
       const waitedMs = Math.round(performance.now() - askedAt);
       if (waitedMs > deps.heartbeatIntervalMs)
         throw new Error(
-          `starting the reap waited ${waitedMs}ms for the database, longer than a heartbeat interval: not reaping by deadlines the renewals could not keep up with`,
+          `starting the reap waited ${waitedMs}ms (for the database, or for this process's own busy event loop), longer than a heartbeat interval: not reaping by deadlines the renewals could not keep up with`,
         );
       return reapSessions(t as unknown as Db, clock, options);
     });

@@ -41,8 +41,7 @@ function interceptingCallPrototype(): InterceptingCallShape | undefined {
       typeof proto?.decompressAndMaybePush === "function" &&
       typeof proto.maybePushNextMessage === "function" &&
       typeof proto.decompressMessage === "function" &&
-      typeof proto.sendStatus === "function" &&
-      typeof proto.handleEndEvent === "function";
+      typeof proto.sendStatus === "function";
     return shaped ? proto : undefined;
   } catch {
     return undefined;
@@ -65,7 +64,7 @@ export function refuseMalformedFraming(): boolean {
   if (framing !== undefined) return framing;
   framing = false;
   const proto = interceptingCallPrototype();
-  if (!proto) return false;
+  if (typeof proto?.handleEndEvent !== "function") return false;
   const unreadable = (message: string): QueueEntry => ({
     type: "READABLE",
     compressedMessage: Buffer.alloc(0),
@@ -121,20 +120,8 @@ export function refuseMalformedFraming(): boolean {
 export function pushUncompressedAtOnce(): boolean {
   if (installed !== undefined) return installed;
   installed = false;
-  let proto: InterceptingCallShape;
-  try {
-    const require = createRequire(import.meta.url);
-    const { BaseServerInterceptingCall } = require("@grpc/grpc-js/build/src/server-interceptors.js");
-    proto = BaseServerInterceptingCall?.prototype;
-    const shaped =
-      typeof proto?.decompressAndMaybePush === "function" &&
-      typeof proto.maybePushNextMessage === "function" &&
-      typeof proto.decompressMessage === "function" &&
-      typeof proto.sendStatus === "function";
-    if (!shaped) return false;
-  } catch {
-    return false;
-  }
+  const proto = interceptingCallPrototype();
+  if (!proto) return false;
   const original = proto.decompressAndMaybePush;
   proto.decompressAndMaybePush = function (this: InterceptingCallShape, entry: QueueEntry): unknown {
     // Compress flag 0: the message follows the prefix as it is.

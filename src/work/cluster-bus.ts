@@ -73,6 +73,17 @@ const WAKE_GAP_MS = 20;
 export const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
 
 /**
+ * The `pg_stat_activity` rows of other processes' connections listening on
+ * the bus: one per process, told apart from this process's own by
+ * `application_name`, which is unique per process (see OWN_NAME). With
+ * `hidden`, also the rows whose query this role may not see (any may be one).
+ */
+export const otherListeners = (hidden: boolean) =>
+  sql`datname = current_database() and pid <> pg_backend_pid()
+    and application_name <> current_setting('application_name')
+    and (query ilike ${`listen "${BUS_CHANNEL}"%`}${hidden ? sql` or query = '<insufficient privilege>'` : sql``})`;
+
+/**
  * The bus over PostgreSQL LISTEN/NOTIFY. Sends are batched: everything sent
  * while a NOTIFY statement is in flight goes out in the next one, wake-up
  * topics deduplicated and packed into as few payloads as fit.
@@ -158,9 +169,7 @@ export async function createPostgresBus(deps: {
       db,
       sql`select current_setting('application_name') as own, count(*) as others
           from pg_stat_activity
-          where datname = current_database() and pid <> pg_backend_pid()
-            and application_name <> current_setting('application_name')
-            and (query ilike ${`listen "${BUS_CHANNEL}"%`} or query = '<insufficient privilege>')`,
+          where ${otherListeners(true)}`,
     );
     // Processes that share one configured name cannot tell each other apart: always notify.
     peers = !row || !OWN_NAME.test(row.own) || Number(row.others) > 0;

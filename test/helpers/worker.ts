@@ -1,5 +1,5 @@
 import { connect as http2Connect } from "node:http2";
-import { create, fromBinary, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
+import { create, fromBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import {
   type ConnectRequestSchema,
@@ -9,6 +9,7 @@ import {
   WorkerService,
 } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createClient } from "../../src/rpc/client.js";
+import { grpcFrame } from "./raw-grpc.js";
 
 type Case = NonNullable<ConnectResponse["message"]["case"]>;
 type ValueOf<C extends Case> = Extract<ConnectResponse["message"], { case: C }>["value"];
@@ -166,14 +167,7 @@ export async function connectWorker(
 
 /** One ConnectRequest in gRPC's framing: a zero flag byte, the length, the message. */
 export function framedRequest(message: MessageInitShape<typeof ConnectRequestSchema>): Buffer {
-  const bytes = toBinary(
-    WorkerService.method.connect.input,
-    create(WorkerService.method.connect.input, message),
-  );
-  const frame = Buffer.alloc(5 + bytes.length);
-  frame.writeUInt32BE(bytes.length, 1);
-  frame.set(bytes, 5);
-  return frame;
+  return grpcFrame(WorkerService.method.connect.input, message);
 }
 
 /** How a stream opened by {@link sendAndHalfClose} ended. */

@@ -1,21 +1,11 @@
 import { once } from "node:events";
 import http2 from "node:http2";
-import { create, type DescMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { GetActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ConnectRequestSchema } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
+import { grpcFrame, rawCall } from "../helpers/raw-grpc.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-
-/** A gRPC message frame: the compressed flag, the length, the bytes. */
-function frame<M extends DescMessage>(schema: M, init: MessageInitShape<M>, flag = 0): Buffer {
-  const body = toBinary(schema, create(schema, init));
-  const out = Buffer.alloc(5 + body.length);
-  out[0] = flag;
-  out.writeUInt32BE(body.length, 1);
-  out.set(body, 5);
-  return out;
-}
 
 /**
  * Framings that gRPC calls protocol errors and grpc-js would let pass: each
@@ -35,34 +25,20 @@ describe.runIf(runsDriverNeutralTests())("malformed gRPC framing", () => {
     await t?.[Symbol.asyncDispose]();
   });
 
-  /** Sends `bytes` on a new call to `path` and ends it: the bytes answered and the status. */
+  /** Sends `bytes` on a new call to `path` and ends it: how many bytes were answered, and the status. */
   async function call(path: string, bytes: Buffer) {
-    const stream = session.request({
-      ":method": "POST",
-      ":path": `/leasehold.v1.${path}`,
-      "content-type": "application/grpc",
-      te: "trailers",
-    });
-    stream.on("error", () => {});
+    const { stream, status } = rawCall(session, `/leasehold.v1.${path}`, bytes);
     let answered = 0;
     stream.on("data", (chunk: Buffer) => {
       answered += chunk.length;
     });
-    stream.end(bytes);
-    const headers = await new Promise<http2.IncomingHttpHeaders>((resolve) => {
-      stream.once("response", (h) => (h["grpc-status"] !== undefined ? resolve(h) : undefined));
-      stream.once("trailers", resolve);
-    });
+    const got = await status;
     if (!stream.closed) await once(stream, "close");
-    return {
-      answered,
-      code: headers["grpc-status"],
-      message: decodeURIComponent(String(headers["grpc-message"] ?? "")),
-    };
+    return { answered, ...got };
   }
 
   it("ends a stream that stops in the middle of a message INTERNAL, after handling the messages before it", async () => {
-    const hello = frame(ConnectRequestSchema, {
+    const hello = grpcFrame(ConnectRequestSchema, {
       message: { case: "hello", value: { workerId: "framing", cluster: "framing", capacity: 1 } },
     });
     // A length prefix of 100 bytes, and three of them.
@@ -79,7 +55,7 @@ describe.runIf(runsDriverNeutralTests())("malformed gRPC framing", () => {
   it("refuses a message whose compressed flag is set without a grpc-encoding, or is not 0 or 1", async () => {
     const flagged = await call(
       "ActionService/GetAction",
-      frame(GetActionRequestSchema, { actionId: "x" }, 1),
+      grpcFrame(GetActionRequestSchema, { actionId: "x" }, 1),
     );
     expect(flagged).toMatchObject({
       code: "13",
@@ -87,13 +63,16 @@ describe.runIf(runsDriverNeutralTests())("malformed gRPC framing", () => {
         /^a message has its compressed flag set but the call names no grpc-encoding/,
       ),
     });
-    const two = await call("ActionService/GetAction", frame(GetActionRequestSchema, { actionId: "x" }, 2));
+    const two = await call(
+      "ActionService/GetAction",
+      grpcFrame(GetActionRequestSchema, { actionId: "x" }, 2),
+    );
     expect(two).toMatchObject({
       code: "13",
       message: expect.stringMatching(/compressed flag is 2: it must be 0/),
     });
     // The same message, flag 0: answered as usual.
-    const plain = await call("ActionService/GetAction", frame(GetActionRequestSchema, { actionId: "x" }));
+    const plain = await call("ActionService/GetAction", grpcFrame(GetActionRequestSchema, { actionId: "x" }));
     expect(plain.code).toBe("5");
   });
 });

@@ -1,9 +1,8 @@
-import { once } from "node:events";
 import http2 from "node:http2";
-import { create, toBinary } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService, SubmitActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
+import { grpcFrame, rawCall } from "../helpers/raw-grpc.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
 /**
@@ -27,31 +26,14 @@ describe.runIf(runsDriverNeutralTests())("a call whose deadline passed on arriva
     try {
       const statuses: (string | undefined)[] = [];
       for (let i = 0; i < 5; i++) {
-        const body = toBinary(
-          SubmitActionRequestSchema,
-          create(SubmitActionRequestSchema, { cluster: "late", payload: { n: i } }),
-        );
-        const frame = Buffer.alloc(5 + body.length);
-        frame.writeUInt32BE(body.length, 1);
-        frame.set(body, 5);
-        const stream = session.request({
-          ":method": "POST",
-          ":path": "/leasehold.v1.ActionService/SubmitAction",
-          "content-type": "application/grpc",
-          te: "trailers",
+        const { status } = rawCall(
+          session,
+          "/leasehold.v1.ActionService/SubmitAction",
+          grpcFrame(SubmitActionRequestSchema, { cluster: "late", payload: { n: i } }),
           // One microsecond: passed by the time the server reads the request.
-          "grpc-timeout": "1u",
-        });
-        stream.on("error", () => {});
-        stream.end(frame);
-        stream.resume();
-        const [headers] = (await Promise.race([once(stream, "trailers"), once(stream, "response")])) as [
-          http2.IncomingHttpHeaders,
-        ];
-        const status =
-          headers["grpc-status"] ??
-          ((await once(stream, "trailers")) as [http2.IncomingHttpHeaders])[0]["grpc-status"];
-        statuses.push(status as string | undefined);
+          { "grpc-timeout": "1u" },
+        );
+        statuses.push((await status).code);
       }
       expect(statuses).toEqual(["4", "4", "4", "4", "4"]);
       const { actions } = await t.client(ActionService).listActions({ cluster: "late" });

@@ -1,5 +1,5 @@
 import { sql } from "drizzle-orm";
-import { BUS_CHANNEL, OWN_NAME } from "../../work/cluster-bus.js";
+import { OWN_NAME, otherListeners } from "../../work/cluster-bus.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
 
@@ -31,10 +31,7 @@ export async function readStreamSpread(db: Db, serverId: string): Promise<Stream
     sql`select current_setting('application_name') as own,
           count(*) filter (where server_id = ${serverId} and stream_lost_at is null) as mine,
           count(*) as total,
-          (select count(distinct application_name) from pg_stat_activity
-            where datname = current_database() and pid <> pg_backend_pid()
-              and application_name <> current_setting('application_name')
-              and query ilike ${`listen "${BUS_CHANNEL}"%`}) as others
+          (select count(distinct application_name) from pg_stat_activity where ${otherListeners(false)}) as others
         from sessions
         where ended_at is null`,
   );

@@ -480,7 +480,14 @@ class GrantContext implements ActionContext {
 
 type PendingReport =
   | { kind: "succeeded"; output: JsonObject | undefined }
-  | { kind: "failed"; message: string; retryable: boolean; details: JsonObject | undefined }
+  | {
+      kind: "failed";
+      message: string;
+      retryable: boolean;
+      details: JsonObject | undefined;
+      /** Sent in place of a report the server refused as INVALID (never replaced again). */
+      refused?: true;
+    }
   | { kind: "released"; reason: string }
   | { kind: "dropped" };
 
@@ -1468,6 +1475,27 @@ export function createAgent(options: AgentOptions): Agent {
           if (!r) break;
           conn.pending.delete(m.value.reportId);
           const report = r.report;
+          if (
+            m.value.rejectReason === 2 /* INVALID */ &&
+            (report?.kind === "succeeded" || (report?.kind === "failed" && !report.refused)) &&
+            running.get(r.actionId) === r
+          ) {
+            // The server's limits differ from the ones this agent fitted the report to (another
+            // version): the lease is still held, and the same report would be refused again. The
+            // action fails with the server's reason instead; nothing re-runs it.
+            r.report = {
+              kind: "failed",
+              message: cutToFit(
+                `the server refused this action's ${report.kind === "succeeded" ? "output" : "failure report"}: ${scrubNul(m.value.message)}`,
+                MAX_FAILURE_MESSAGE,
+              ),
+              retryable: false,
+              details: undefined,
+              refused: true,
+            };
+            sendReport(conn, r);
+            break;
+          }
           if (m.value.rejectReason !== 4 /* UNAVAILABLE */) {
             // Accepted, fenced, invalid or not found: nothing more to say about this grant.
             forget(r);

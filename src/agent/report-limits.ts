@@ -5,10 +5,11 @@ import { requestValidator } from "../rpc/request-validator.js";
 import type { JsonObject } from "../work/action.js";
 
 /**
- * The server ends a Connect stream on a message that breaks its limits (see
- * worker.proto). A report the SDK sends again after every reconnect would
- * then end every stream: a poison pill. So reports are fitted to the limits
- * before they are sent, with the server's own check.
+ * The server refuses a report that breaks its limits (ReportResult INVALID;
+ * an older server ended the stream instead, and a report the SDK sent again
+ * after every reconnect then ended every stream: a poison pill).
+ * So reports are fitted to the limits before they are sent, with the
+ * server's own check; one refused anyway becomes a failure (see agent.ts).
  */
 const check = requestValidator(ConnectRequestSchema);
 

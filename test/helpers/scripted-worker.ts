@@ -4,6 +4,7 @@ import * as grpc from "@grpc/grpc-js";
 import {
   type ConnectRequest,
   type ConnectResponseSchema,
+  RejectReason,
   WorkerService,
 } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createServiceDefinition } from "../../src/rpc/adapter.js";
@@ -31,9 +32,12 @@ export async function scriptedWorkerServer(
     graceMs?: number;
     /** The welcome waits for it (a server slow to open the session). */
     welcomeAfter?: Promise<void>;
+    /** The first completion is answered INVALID with this message (a server with other limits). */
+    refuseFirstCompletion?: string;
   } = {},
 ) {
   const acked = deferred();
+  let refusal = options.refuseFirstCompletion;
   const requests: ConnectRequest[] = [];
   const received: string[] = [];
   const waiters = new Set<() => void>();
@@ -92,6 +96,24 @@ export async function scriptedWorkerServer(
           else ack(m.value.sequence);
         } else if (m.case === "grantAck" || m.case === "completion" || m.case === "release") {
           const { reportId, actionId, epoch } = m.value;
+          if (m.case === "completion" && refusal !== undefined) {
+            const message = refusal;
+            refusal = undefined;
+            write({
+              message: {
+                case: "reportResult",
+                value: {
+                  reportId,
+                  actionId,
+                  epoch,
+                  accepted: false,
+                  rejectReason: RejectReason.INVALID,
+                  message,
+                },
+              },
+            });
+            return;
+          }
           write({ message: { case: "reportResult", value: { reportId, actionId, epoch, accepted: true } } });
         } else if (m.case === "goodbye") call.end();
       };

@@ -18,6 +18,7 @@ import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { ConnectResponseSchema, RejectReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { FIELD_LIMITS } from "../../src/rpc/limits.js";
 import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
@@ -723,6 +724,33 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
    * welcomed stream. Either way with a status naming the field; the only row
    * a refused later message leaves is the stream-loss event of its session.
    */
+  /** A report's field, within a batch or not, holding a value that decodes but breaks the checks. */
+  const answeredInvalid = (mutation: Mutation) =>
+    mutation.path !== undefined &&
+    /^(batch\.messages\[\d+\]\.)?(grant_ack|progress|completion|release)\./.test(mutation.path) &&
+    !/invalid UTF-8|(300|2,000) levels deep/.test(mutation.name);
+
+  /** What is wrong with the answer to such a report: it must be a ReportResult INVALID naming the field. */
+  async function judgeAnswer(
+    stream: { next(): Promise<Buffer | undefined>; ended: Promise<RawOutcome> },
+    mutation: Mutation,
+  ): Promise<string | undefined> {
+    for (;;) {
+      const bytes = await stream.next();
+      if (!bytes)
+        return `ended the stream (${(await stream.ended).status.details.slice(0, 200)}), not answered INVALID`;
+      const m = fromBinary(ConnectResponseSchema, bytes).message;
+      if (m.case !== "reportResult") continue;
+      const r = m.value;
+      if (r.rejectReason !== RejectReason.INVALID)
+        return `answered ${RejectReason[r.rejectReason]}, not INVALID`;
+      if (!r.message.startsWith(`${mutation.path}`))
+        return `answered INVALID without naming ${mutation.path}: ${r.message.slice(0, 200)}`;
+      if (r.message.length > 1100) return `a message of ${r.message.length} characters`;
+      return undefined;
+    }
+  }
+
   async function fuzzConnect(method: DescMethod, path: string, failures: string[]): Promise<void> {
     const perMessage = bases["leasehold.v1.WorkerService.Connect"] as Record<string, Init>;
     const request = (messageCase: string, value: Init) =>
@@ -795,6 +823,8 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
 
     // A refused later message ends a welcomed stream: its session sees a stream
     // loss, and nothing else is written (no action, attempt, lease or resource).
+    // A report whose own fields break the checks (it decodes, but fails them) is
+    // answered INVALID naming the field instead, and its stream goes on.
     // Each needs a session of its own (two writes), so the seed picks one bad
     // value per field here; every value ran as a first message above.
     const later = new Map<string, Mutation[]>();
@@ -815,6 +845,12 @@ describe(`every RPC refuses bad input with a status naming the field (seed ${SEE
         continue;
       }
       stream.write(mutation.bytes);
+      if (answeredInvalid(mutation)) {
+        const problem = await judgeAnswer(stream, mutation);
+        if (problem) failures.push(`${mutation.name}: ${problem}`);
+        stream.cancel();
+        continue;
+      }
       const problem = judge(await stream.ended, mutation);
       if (problem) failures.push(`${mutation.name}: ${problem}`);
     }

@@ -1115,6 +1115,87 @@ describe("work leases", () => {
     });
   });
 
+  describe("a report whose fields break the limits", () => {
+    const held = async () => {
+      const w = await worker("w1");
+      const actionId = await submit();
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      return { w, lease: { actionId, epoch: grant.epoch } };
+    };
+
+    it("is answered INVALID naming the field, and the stream and the lease go on", async () => {
+      const { w, lease } = await held();
+      w.send({
+        message: {
+          case: "completion",
+          value: {
+            reportId: 3n,
+            ...lease,
+            outcome: {
+              case: "failed",
+              value: { message: "asked to fail\u0000core dumped", retryable: true },
+            },
+          },
+        },
+      });
+      const refused = await w.next("reportResult", (r) => r.reportId === 3n);
+      expect(refused).toMatchObject({
+        accepted: false,
+        rejectReason: RejectReason.INVALID,
+        epoch: lease.epoch,
+      });
+      expect(refused.message).toBe("completion.failed.message: must not contain NUL (\\u0000) characters");
+      // Refused, not applied; the same stream goes on, and a report that fits is taken.
+      await w.heartbeat(1, [lease]);
+      expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.LEASED);
+      expect(await w.complete(lease, { output: { ok: true } })).toMatchObject({ accepted: true });
+      expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.SUCCEEDED);
+    });
+
+    it("over its size is answered INVALID with the limit", async () => {
+      const { w, lease } = await held();
+      w.send({
+        message: {
+          case: "completion",
+          value: {
+            reportId: 4n,
+            ...lease,
+            outcome: { case: "succeeded", value: { output: { log: "x".repeat(1_100_000) } } },
+          },
+        },
+      });
+      const refused = await w.next("reportResult", (r) => r.reportId === 4n);
+      expect(refused).toMatchObject({ accepted: false, rejectReason: RejectReason.INVALID });
+      expect(refused.message).toMatch(/^completion\.succeeded\.output: .*1 MiB/);
+      await w.heartbeat(1, [lease]);
+      expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.LEASED);
+    });
+
+    it("does not keep a message that ends the stream from having the reports before it answered", async () => {
+      const { w, lease } = await held();
+      w.send({
+        message: {
+          case: "completion",
+          value: { reportId: 5n, ...lease, outcome: { case: "succeeded", value: {} } },
+        },
+      });
+      // A heartbeat listing a lease id with a NUL ends the stream; the completion is answered first.
+      w.send({
+        message: {
+          case: "heartbeat",
+          value: { sequence: 1n, heldLeases: [{ actionId: "a\u0000b", epoch: 1n }] },
+        },
+      });
+      const ended = await w.ended;
+      expect(ended.code).toBe(Code.InvalidArgument);
+      expect(
+        w.received.filter((m) => m.message.case === "reportResult").map((m) => m.message.value),
+      ).toMatchObject([{ reportId: 5n, accepted: true }]);
+      expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.SUCCEEDED);
+    });
+  });
+
   it("shows an offline worker as last seen when it was last heard from, not at its hello", async () => {
     const seenMs = async (workerId: string) => {
       const { worker: w } = await t.client(ClusterService).getWorker({ workerId });

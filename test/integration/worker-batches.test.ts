@@ -62,27 +62,64 @@ describe("worker stream batches", () => {
     expect(w.welcome.acceptsBatches).toBe(true);
   });
 
-  it("ends the stream INVALID_ARGUMENT naming the path of a bad message inside a batch", async () => {
+  it("ends the stream INVALID_ARGUMENT naming the path of a bad heartbeat inside a batch", async () => {
     await start();
     const w = await worker("w1");
-    w.send(
-      batch(heartbeat(1), {
-        message: {
-          case: "completion",
-          value: {
-            reportId: 1n,
-            actionId: "x".repeat(200),
-            epoch: 1n,
-            outcome: { case: "succeeded", value: {} },
-          },
-        },
-      }),
-    );
+    w.send(batch(heartbeat(1), heartbeat(2, [{ actionId: "x".repeat(200), epoch: 1n }])));
     const r = await refusal(w);
     expect(r.code).toBe(Code.InvalidArgument);
-    expect(r.fields).toEqual(["batch.messages[1].completion.action_id"]);
+    expect(r.fields).toEqual(["batch.messages[1].heartbeat.held_leases[0].action_id"]);
     // Nothing of the batch was handled: the heartbeat before the bad message got no ack.
     expect(w.received.filter((m) => m.message.case === "heartbeatAck")).toEqual([]);
+  });
+
+  it("answers a report inside a batch whose fields break the limits INVALID, naming its place, and handles the rest", async () => {
+    await start();
+    const id = await submit();
+    const w = await worker("w1");
+    await t.server.leases.tick.dispatch();
+    const grant = await w.next("grant");
+    const lease = { actionId: grant.actionId, epoch: grant.epoch };
+    w.send(
+      batch(
+        heartbeat(1, [lease]),
+        {
+          message: {
+            case: "completion",
+            value: {
+              reportId: 1n,
+              actionId: "x".repeat(200),
+              epoch: 1n,
+              outcome: { case: "succeeded", value: {} },
+            },
+          },
+        },
+        {
+          message: {
+            case: "completion",
+            value: {
+              reportId: 2n,
+              ...lease,
+              outcome: { case: "failed", value: { message: "core\u0000dumped", retryable: false } },
+            },
+          },
+        },
+        heartbeat(2, [lease]),
+      ),
+    );
+    const first = await w.next("reportResult", (r) => r.reportId === 1n);
+    expect(first.rejectReason).toBe(RejectReason.INVALID);
+    expect(first.message).toContain("batch.messages[1].completion.action_id: must be at most 128 characters");
+    const second = await w.next("reportResult", (r) => r.reportId === 2n);
+    expect(second).toMatchObject({ accepted: false, rejectReason: RejectReason.INVALID, epoch: lease.epoch });
+    expect(second.message).toContain("batch.messages[2].completion.failed.message");
+    expect(second.message).toContain("NUL");
+    await w.next("heartbeatAck", (a) => a.sequence === 2n);
+    // Nothing was applied: the lease is still held, and a report that fits is taken.
+    expect(await state(id)).toBe(ActionState.LEASED);
+    const done = await w.complete(lease, { error: "core dumped", retryable: false });
+    expect(done.accepted).toBe(true);
+    expect(await state(id)).toBe(ActionState.FAILED);
   });
 
   it("ends the stream on a heartbeat inside a batch listing more leases than twice the capacity", async () => {

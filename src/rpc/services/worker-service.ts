@@ -2,7 +2,7 @@ import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import type { Logger } from "pino";
 import { permissionDenied } from "../../auth/access.js";
-import { Code, LeaseholdError, quote } from "../../errors.js";
+import { Code, type FieldViolation, LeaseholdError, quote } from "../../errors.js";
 import {
   type ConnectRequest,
   type ConnectRequestBatch,
@@ -29,6 +29,7 @@ import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../..
 import { type FastDecoders, READ_PAUSE_MESSAGES } from "../adapter.js";
 import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { DEFAULT_REQUEST_STALL_MS } from "../partial-requests.js";
+import { RejectedRequest, requestDecoder } from "../request-decoder.js";
 import { requestValidator } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkWorkerNames, Violations } from "../validate.js";
@@ -169,6 +170,9 @@ export function workerServiceBinding(
       const requests = stream.requests[Symbol.asyncIterator]();
       const first = await firstRequest(requests, helloTimeoutMs);
       if (first.done || first.value.message.case !== "hello") {
+        // A report that breaks the checks (answered INVALID on a welcomed stream) is refused here as such.
+        const refused = first.done ? undefined : validateConnectRequest(first.value);
+        if (refused) throw refused;
         throw LeaseholdError.invalidArgument(
           "message",
           `the first message on Connect must be a hello (got ${first.done ? "end of stream" : (first.value.message.case ?? "an empty message")})`,
@@ -326,7 +330,8 @@ export function workerServiceBinding(
               type: "report_result",
               reportId: message.reportId,
               actionId: message.actionId,
-              epoch: 0,
+              // Echoed when it can be: a refused report's epoch may be out of range.
+              epoch: message.epoch <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(message.epoch) : 0,
               accepted: false,
               rejectReason: "INVALID",
               message: message.message,
@@ -337,8 +342,11 @@ export function workerServiceBinding(
           // checked it), and reports are fenced by (action, epoch, session).
           open.receive(message);
         };
-        /** The worker half-closed, and every message it sent before was handled. */
-        let halfClosed = false;
+        /**
+         * The reports handled so far are answered before the stream ends: the worker half-closed
+         * (every message it sent before was handled), or a message ended the stream.
+         */
+        let answerFirst = false;
         try {
           // Each message is handled synchronously as it arrives (no promise per message: at
           // 10,000 streams heartbeats are most of what this process does). What throws (a
@@ -356,9 +364,12 @@ export function workerServiceBinding(
               deliver(message);
             }
           });
-          halfClosed = stream.halfClosed && !linkClosed && !ctx.signal.aborted;
+          answerFirst = stream.halfClosed && !linkClosed && !ctx.signal.aborted;
+        } catch (error) {
+          answerFirst = !linkClosed && !ctx.signal.aborted;
+          throw error;
         } finally {
-          await session.streamEnded({ halfClosed, signal: ctx.signal });
+          await session.streamEnded({ answerFirst, signal: ctx.signal });
         }
       } finally {
         offFlushed();
@@ -401,6 +412,7 @@ async function firstRequest(
 }
 
 const validateConnectRequest = requestValidator(ConnectRequestSchema);
+const decodeInFull = requestDecoder(ConnectRequestSchema);
 
 /**
  * Most of what a worker stream carries is bare heartbeats, completions and
@@ -408,11 +420,58 @@ const validateConnectRequest = requestValidator(ConnectRequestSchema);
  * still goes through the request validator; one it refuses is decoded again
  * the ordinary way, which answers it as before.
  */
-function decodeConnectRequest(bytes: Buffer): ConnectRequest | undefined {
+function decodeConnectRequest(bytes: Buffer): object {
   const heartbeat = decodeBareHeartbeat(bytes);
   if (heartbeat) return heartbeat;
   const reports = decodeWorkerReports(bytes);
-  return reports && validateConnectRequest(reports) === undefined ? reports : undefined;
+  if (reports && validateConnectRequest(reports) === undefined) return reports;
+  const decoded = decodeInFull(bytes);
+  return decoded instanceof RejectedRequest ? refuseReportsOnly(decoded) : (decoded as object);
+}
+
+/** The messages a report can be (worker.proto: ReportResult answers them). */
+const REPORTS: ReadonlySet<ConnectRequest["message"]["case"]> = new Set([
+  "grantAck",
+  "progress",
+  "completion",
+  "release",
+]);
+
+/**
+ * Reports whose fields break the checks, with what is wrong (field paths
+ * within the report): {@link toWorkerMessage} answers each with a
+ * ReportResult INVALID, and the stream goes on.
+ */
+const refusedReports = new WeakMap<ConnectRequest, readonly FieldViolation[]>();
+
+/**
+ * A request that failed the checks, when only reports in it did: the request,
+ * each of those reports marked in {@link refusedReports}. Ending the stream
+ * instead made a worker that follows the contract (a completion unanswered
+ * is sent again on the next stream) end every stream it opened, its action
+ * LEASED for as long as it tried: a failure message with a NUL from a
+ * command's stderr was enough. Anything else that fails (a heartbeat, a
+ * hello, a batch's own fields, a message that could not be decoded) still
+ * ends the stream.
+ */
+function refuseReportsOnly(rejected: RejectedRequest): object {
+  const request = rejected.message as ConnectRequest | undefined;
+  const m = request?.message;
+  if (!request || !m?.case) return rejected;
+  if (REPORTS.has(m.case)) {
+    refusedReports.set(request, rejected.error.fieldViolations);
+    return request;
+  }
+  if (m.case !== "batch") return rejected;
+  let refused = 0;
+  for (const inner of m.value.messages) {
+    const error = validateConnectRequest(inner);
+    if (!error) continue;
+    if (!REPORTS.has(inner.message.case)) return rejected;
+    refusedReports.set(inner, error.fieldViolations);
+    refused++;
+  }
+  return refused > 0 ? request : rejected;
 }
 
 /** The composition root gives these to the binding it registers. */
@@ -526,7 +585,8 @@ function uniqueLeases(leases: readonly { actionId: string; epoch: bigint }[]): L
   return unique;
 }
 
-type Invalid = { type: "invalid"; reportId: bigint; actionId: string; message: string };
+/** A message answered with a ReportResult INVALID; `epoch` is the one the report carried (0 if none). */
+type Invalid = { type: "invalid"; reportId: bigint; actionId: string; epoch: bigint; message: string };
 
 /**
  * The messages of a batch, checked as a whole first: 1–1024 messages, none a
@@ -561,6 +621,7 @@ function checkReport(
       type: "invalid",
       reportId: report.reportId,
       actionId: "",
+      epoch: report.epoch,
       message: `${field}.action_id: is required`,
     };
   }
@@ -569,6 +630,7 @@ function checkReport(
       type: "invalid",
       reportId: report.reportId,
       actionId: report.actionId,
+      epoch: 0n,
       message: `${field}.epoch: must be the epoch of the grant (at least 1)`,
     };
   }
@@ -582,6 +644,19 @@ function checkReport(
  */
 function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): WorkerMessage | Invalid {
   const m = request.message;
+  const refused = refusedReports.get(request);
+  if (
+    refused &&
+    (m.case === "grantAck" || m.case === "progress" || m.case === "completion" || m.case === "release")
+  ) {
+    return {
+      type: "invalid",
+      reportId: m.value.reportId,
+      actionId: m.value.actionId,
+      epoch: m.value.epoch,
+      message: refused.map((v) => `${at}${v.field}: ${v.description}`).join("; "),
+    };
+  }
   switch (m.case) {
     case "heartbeat":
       // Counted again without repeats only when the entries are too many (rare), not per heartbeat.
@@ -629,6 +704,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
           type: "invalid",
           reportId: m.value.reportId,
           actionId: m.value.actionId,
+          epoch: m.value.epoch,
           message: `${at}completion.outcome: set succeeded or failed`,
         };
       }
@@ -668,6 +744,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
         type: "invalid",
         reportId: 0n,
         actionId: "",
+        epoch: 0n,
         message: `${at}hello: send it only as the first message`,
       };
     default:
@@ -675,6 +752,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
         type: "invalid",
         reportId: 0n,
         actionId: "",
+        epoch: 0n,
         message: `${at}message: set one of the ConnectRequest fields`,
       };
   }

@@ -31,12 +31,13 @@ export interface SessionHandle {
   heard(): void;
   /**
    * The stream ended. With a goodbye the session ended too; otherwise the
-   * session enters grace. `halfClosed`: the worker ended its side (every
-   * message it sent was received), and the completions, releases and
-   * progress it sent are answered first, unless `signal` aborts (the worker
-   * cancels, the server stops); no grant is sent meanwhile.
+   * session enters grace. `answerFirst`: the worker ended its side (every
+   * message it sent was received) or sent a message that ends the stream,
+   * and the completions, releases and progress it sent before are answered
+   * first, unless `signal` aborts (the worker cancels, the server stops); no
+   * grant is sent meanwhile.
    */
-  streamEnded(end: { halfClosed: boolean; signal: AbortSignal }): Promise<void>;
+  streamEnded(end: { answerFirst: boolean; signal: AbortSignal }): Promise<void>;
   /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
   writable(): void;
 }
@@ -181,7 +182,7 @@ export function createStreamHandle(
       // A worker that half-closes right after its last completion waits for its answer: without
       // one it would send the completion again on its next stream (answered as a repeat, or
       // FENCED if the session ended meanwhile), or treat the action as lost.
-      if (end.halfClosed) await waitUnlessAborted(reports.answeredAll(s), end.signal);
+      if (end.answerFirst) await waitUnlessAborted(reports.answeredAll(s), end.signal);
       try {
         const lost = await deps.markLost({
           sessionId: s.sessionId,

@@ -47,14 +47,25 @@ export const HeldLeaseSchema: GenMessage<HeldLease> = /*@__PURE__*/
  *
  * Every message is checked when it arrives; one that fails ends the stream
  * with INVALID_ARGUMENT (RESOURCE_EXHAUSTED for a payload over its limits)
- * naming the field. Unless a field says otherwise: strings are valid UTF-8 of
- * at most 128 characters without NUL (U+0000); 64-bit integers are at most
- * 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
+ * naming the field, once the reports sent before it are answered. A report
+ * (grant ack, progress, completion, release) whose own fields fail does not:
+ * it is answered with a ReportResult INVALID whose message names the field
+ * and the limit, nothing of it is applied, the lease stays as it was, and
+ * the stream goes on. Never send such a report again unchanged, on this
+ * stream or a later one: it would be refused again, and the lease would stay
+ * held. Report again within the limits (a completion whose output or error
+ * cannot be made to fit: a failure, retryable false, saying why), or
+ * release the lease. Unless a field says otherwise: strings are valid UTF-8
+ * of at most 128 characters without NUL (U+0000); 64-bit integers are at
+ * most 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
  * values and keys (the payload itself included) and 1 MiB as JSON, counted
- * in characters (those of its keys and strings, unescaped, and a few for
- * each value), with finite numbers and no NUL in keys or strings. A request over the server's receive limit (--max-file-size
- * + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED, said by
- * the gRPC layer and so without ErrorInfo. So may any message but a small one
+ * in UTF-16 code units (those of its keys and strings, unescaped, and a few
+ * for each value; a character beyond U+FFFF, such as an emoji, counts two),
+ * with finite numbers and no NUL in keys or strings. A request over the
+ * server's receive limit (--max-file-size + 1 MiB: 4 MiB by default; a batch
+ * counts whole) ends the stream with RESOURCE_EXHAUSTED, said by the gRPC
+ * layer and so without ErrorInfo: keep batches well under it, and send a
+ * report that large alone. So may any message but a small one
  * (held in at most two network reads, 128 KiB) while the server holds 256 MiB
  * for messages still arriving (ErrorInfo reason
  * PARTIAL_REQUESTS_OVER_BUDGET), and so does a message that stops arriving,
@@ -551,7 +562,8 @@ export type Heartbeat = Message<"leasehold.v1.Heartbeat"> & {
    * sent again after it); more ends the stream with INVALID_ARGUMENT. A
    * worker never holds more: it is granted nothing while it holds its
    * capacity, and a lease stopping after a revoke may overlap the grant
-   * that took its slot. A lease listed twice counts once.
+   * that took its slot. A lease listed twice counts once (toward
+   * the limit; each listing of a lease not the session's draws its Revoke).
    *
    * @generated from field: repeated leasehold.v1.HeldLease held_leases = 2;
    */
@@ -935,8 +947,12 @@ export const CompletionReportSchema: GenMessage<CompletionReport> = /*@__PURE__*
  * The worker gives one action back; it is queued again without using a
  * retry (or becomes CANCELLED if a cancel was requested). This is the
  * answer to a Revoke with reason CANCELLED once the work has stopped;
- * dropping the lease from the heartbeats' held_leases also counts as a
- * release (see Heartbeat.held_leases). A Revoke COLLECT_OUTPUTS asks for a
+ * after such a revoke (or COLLECT_OUTPUTS), dropping the lease from the
+ * heartbeats' held_leases also counts as a release (see
+ * Heartbeat.held_leases). Without a revoke, a lease left out of heartbeats
+ * is not released: it stays the session's, its action LEASED, until a
+ * report, the session's end, or a reconnection (whose hello does not list
+ * it: the grant is sent again). A Revoke COLLECT_OUTPUTS asks for a
  * CompletionReport with the outputs (see Grant.payload): a release there
  * gives the outputs up (CollectOutputs ends ABORTED, reason OUTPUTS_LOST)
  * and the deployment runs again.
@@ -1243,7 +1259,9 @@ export enum RejectReason {
   FENCED = 1,
 
   /**
-   * The report is malformed; the message says which field.
+   * The report is malformed or breaks a limit; the message says which field.
+   * Nothing of it was applied and the lease is as it was: do not send it
+   * again unchanged (see ConnectRequest).
    *
    * @generated from enum value: REJECT_REASON_INVALID = 2;
    */
@@ -1258,7 +1276,9 @@ export enum RejectReason {
   NOT_FOUND = 3,
 
   /**
-   * The server could not apply the report now (e.g. database down); retry.
+   * The server could not apply the report now (e.g. database down): send it
+   * again after a pause (the SDKs wait 500 ms), or on the next stream. The
+   * acks say database_unreachable meanwhile.
    *
    * @generated from enum value: REJECT_REASON_UNAVAILABLE = 4;
    */
@@ -1378,7 +1398,7 @@ export const WorkerService: GenService<{
    * session, a message that cannot be read ends the stream with its error
    * (INTERNAL for framing gRPC forbids: a stream that ends in the middle of
    * a message, a compressed flag set without grpc-encoding or other than 0
-   * and 1).
+   * and 1), after the reports before it are answered, as on an open stream.
    * A cancel (RST_STREAM) drops what the server has not read yet. A
    * server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
    * SHUTTING_DOWN): reconnect, to another address if there is one. So does
@@ -1595,7 +1615,8 @@ export const WorkerService: GenService<{
    * SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
    * UNAVAILABLE), and one client address at most 4 open calls (streams and
    * unary calls, of every service) per connection it may hold
-   * (--max-connections-per-address, 4,096 by default): a call past that is
+   * (--max-connections-per-address, 1024 by default: 4,096 calls; 0, no
+   * bound, lifts both): a call past that is
    * answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
    * metadata address, limit) and nothing else is done for it; end calls
    * you no longer need, then retry. When too many hellos wait to open sessions, a hello ends

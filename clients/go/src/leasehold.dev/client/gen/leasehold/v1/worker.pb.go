@@ -106,12 +106,16 @@ const (
 	RejectReason_REJECT_REASON_UNSPECIFIED RejectReason = 0
 	// (action_id, epoch) is not the current lease of this session.
 	RejectReason_REJECT_REASON_FENCED RejectReason = 1
-	// The report is malformed; the message says which field.
+	// The report is malformed or breaks a limit; the message says which field.
+	// Nothing of it was applied and the lease is as it was: do not send it
+	// again unchanged (see ConnectRequest).
 	RejectReason_REJECT_REASON_INVALID RejectReason = 2
 	// Reserved: this server never sends it. A report about an action that does
 	// not exist is FENCED: it is not a lease of this session.
 	RejectReason_REJECT_REASON_NOT_FOUND RejectReason = 3
-	// The server could not apply the report now (e.g. database down); retry.
+	// The server could not apply the report now (e.g. database down): send it
+	// again after a pause (the SDKs wait 500 ms), or on the next stream. The
+	// acks say database_unreachable meanwhile.
 	RejectReason_REJECT_REASON_UNAVAILABLE RejectReason = 4
 )
 
@@ -222,14 +226,25 @@ func (x *HeldLease) GetEpoch() uint64 {
 //
 // Every message is checked when it arrives; one that fails ends the stream
 // with INVALID_ARGUMENT (RESOURCE_EXHAUSTED for a payload over its limits)
-// naming the field. Unless a field says otherwise: strings are valid UTF-8 of
-// at most 128 characters without NUL (U+0000); 64-bit integers are at most
-// 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
+// naming the field, once the reports sent before it are answered. A report
+// (grant ack, progress, completion, release) whose own fields fail does not:
+// it is answered with a ReportResult INVALID whose message names the field
+// and the limit, nothing of it is applied, the lease stays as it was, and
+// the stream goes on. Never send such a report again unchanged, on this
+// stream or a later one: it would be refused again, and the lease would stay
+// held. Report again within the limits (a completion whose output or error
+// cannot be made to fit: a failure, retryable false, saying why), or
+// release the lease. Unless a field says otherwise: strings are valid UTF-8
+// of at most 128 characters without NUL (U+0000); 64-bit integers are at
+// most 2^53 - 1. Struct payloads nest at most 32 levels, hold at most 10,000
 // values and keys (the payload itself included) and 1 MiB as JSON, counted
-// in characters (those of its keys and strings, unescaped, and a few for
-// each value), with finite numbers and no NUL in keys or strings. A request over the server's receive limit (--max-file-size
-// + 1 MiB: 4 MiB by default) ends the stream with RESOURCE_EXHAUSTED, said by
-// the gRPC layer and so without ErrorInfo. So may any message but a small one
+// in UTF-16 code units (those of its keys and strings, unescaped, and a few
+// for each value; a character beyond U+FFFF, such as an emoji, counts two),
+// with finite numbers and no NUL in keys or strings. A request over the
+// server's receive limit (--max-file-size + 1 MiB: 4 MiB by default; a batch
+// counts whole) ends the stream with RESOURCE_EXHAUSTED, said by the gRPC
+// layer and so without ErrorInfo: keep batches well under it, and send a
+// report that large alone. So may any message but a small one
 // (held in at most two network reads, 128 KiB) while the server holds 256 MiB
 // for messages still arriving (ErrorInfo reason
 // PARTIAL_REQUESTS_OVER_BUDGET), and so does a message that stops arriving,
@@ -1075,7 +1090,8 @@ type Heartbeat struct {
 	// sent again after it); more ends the stream with INVALID_ARGUMENT. A
 	// worker never holds more: it is granted nothing while it holds its
 	// capacity, and a lease stopping after a revoke may overlap the grant
-	// that took its slot. A lease listed twice counts once.
+	// that took its slot. A lease listed twice counts once (toward
+	// the limit; each listing of a lease not the session's draws its Revoke).
 	HeldLeases []*HeldLease `protobuf:"bytes,2,rep,name=held_leases,json=heldLeases,proto3" json:"held_leases,omitempty"`
 }
 
@@ -1753,8 +1769,12 @@ func (*CompletionReport_Failed) isCompletionReport_Outcome() {}
 // The worker gives one action back; it is queued again without using a
 // retry (or becomes CANCELLED if a cancel was requested). This is the
 // answer to a Revoke with reason CANCELLED once the work has stopped;
-// dropping the lease from the heartbeats' held_leases also counts as a
-// release (see Heartbeat.held_leases). A Revoke COLLECT_OUTPUTS asks for a
+// after such a revoke (or COLLECT_OUTPUTS), dropping the lease from the
+// heartbeats' held_leases also counts as a release (see
+// Heartbeat.held_leases). Without a revoke, a lease left out of heartbeats
+// is not released: it stays the session's, its action LEASED, until a
+// report, the session's end, or a reconnection (whose hello does not list
+// it: the grant is sent again). A Revoke COLLECT_OUTPUTS asks for a
 // CompletionReport with the outputs (see Grant.payload): a release there
 // gives the outputs up (CollectOutputs ends ABORTED, reason OUTPUTS_LOST)
 // and the deployment runs again.

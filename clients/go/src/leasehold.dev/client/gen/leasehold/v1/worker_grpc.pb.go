@@ -81,7 +81,7 @@ type WorkerServiceClient interface {
 	// session, a message that cannot be read ends the stream with its error
 	// (INTERNAL for framing gRPC forbids: a stream that ends in the middle of
 	// a message, a compressed flag set without grpc-encoding or other than 0
-	// and 1).
+	// and 1), after the reports before it are answered, as on an open stream.
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. So does
@@ -298,7 +298,8 @@ type WorkerServiceClient interface {
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
 	// UNAVAILABLE), and one client address at most 4 open calls (streams and
 	// unary calls, of every service) per connection it may hold
-	// (--max-connections-per-address, 4,096 by default): a call past that is
+	// (--max-connections-per-address, 1024 by default: 4,096 calls; 0, no
+	// bound, lifts both): a call past that is
 	// answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
 	// metadata address, limit) and nothing else is done for it; end calls
 	// you no longer need, then retry. When too many hellos wait to open sessions, a hello ends
@@ -416,7 +417,7 @@ type WorkerServiceServer interface {
 	// session, a message that cannot be read ends the stream with its error
 	// (INTERNAL for framing gRPC forbids: a stream that ends in the middle of
 	// a message, a compressed flag set without grpc-encoding or other than 0
-	// and 1).
+	// and 1), after the reports before it are answered, as on an open stream.
 	// A cancel (RST_STREAM) drops what the server has not read yet. A
 	// server shutting down ends its streams UNAVAILABLE (ErrorInfo reason
 	// SHUTTING_DOWN): reconnect, to another address if there is one. So does
@@ -633,7 +634,8 @@ type WorkerServiceServer interface {
 	// SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
 	// UNAVAILABLE), and one client address at most 4 open calls (streams and
 	// unary calls, of every service) per connection it may hold
-	// (--max-connections-per-address, 4,096 by default): a call past that is
+	// (--max-connections-per-address, 1024 by default: 4,096 calls; 0, no
+	// bound, lifts both): a call past that is
 	// answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
 	// metadata address, limit) and nothing else is done for it; end calls
 	// you no longer need, then retry. When too many hellos wait to open sessions, a hello ends

@@ -208,6 +208,8 @@ class _Report:
     """The failure's message, or why the lease was released."""
     retryable: bool = False
     details: struct_pb2.Struct | None = None
+    refused: bool = False
+    """Sent in place of a completion the server refused as INVALID (never replaced again)."""
 
     def request(self, report_id: int, lease: _Lease) -> worker_pb2.ConnectRequest:
         """The report as a ConnectRequest."""
@@ -984,6 +986,25 @@ class Agent:
             retry = threading.Timer(_UNAVAILABLE_RETRY, self._resend, (stream, lease))
             retry.daemon = True
             retry.start()
+            return
+        if (
+            result.reject_reason == worker_pb2.REJECT_REASON_INVALID
+            and report is not None
+            and report.kind in ("succeeded", "failed")
+            and not report.refused
+            and self._leases.get(lease.action_id) is lease
+        ):
+            # The server's limits differ from the ones this agent fitted the report to (another
+            # version): the lease is still held, and the same report would be refused again. The
+            # action fails with the server's reason instead; nothing re-runs it.
+            what = "output" if report.kind == "succeeded" else "failure report"
+            lease.report = _Report(
+                "failed",
+                message=_clip(f"the server refused this action's {what}: {result.message}", _MAX_FAILURE_MESSAGE),
+                retryable=False,
+                refused=True,
+            )
+            self._send_report(stream, lease)
             return
         # Accepted, fenced, invalid or not found: nothing more to say about this grant.
         self._forget(lease)

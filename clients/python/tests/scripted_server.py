@@ -66,6 +66,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._held_lock = threading.Lock()
         self.held: queue.SimpleQueue[int] = queue.SimpleQueue()
         """The sequence of each heartbeat held back, as it arrives."""
+        self.refuse_first_completion: str | None = None
+        """Set: the next completion is answered INVALID with this message (a server with other limits)."""
+        self.completions: queue.SimpleQueue[worker_pb2.CompletionReport] = queue.SimpleQueue()
+        """Every completion, as it arrives."""
 
     def send(self, response: worker_pb2.ConnectResponse) -> None:
         self._outbox.put(response)
@@ -123,6 +127,13 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                         result = worker_pb2.ReportResult(
                             report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
                         )
+                        if kind == "completion":
+                            self.completions.put(report)
+                            if self.refuse_first_completion is not None:
+                                result.accepted = False
+                                result.reject_reason = worker_pb2.REJECT_REASON_INVALID
+                                result.message = self.refuse_first_completion
+                                self.refuse_first_completion = None
                         outbox.put(worker_pb2.ConnectResponse(report_result=result))
             except grpc.RpcError:
                 pass  # the client cancelled the stream (an agent leaving a server that does not answer)

@@ -1,4 +1,4 @@
-"""Reports are fitted to the server's limits before they are sent (a refused one would end the stream)."""
+"""Reports are fitted to the server's limits before they are sent (a refused one fails the action)."""
 
 import unittest
 

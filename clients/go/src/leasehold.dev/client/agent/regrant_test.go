@@ -63,6 +63,11 @@ type scriptedServer struct {
 	// of a server starting, or waiting for its database, does.
 	holdWelcome    atomic.Bool
 	releaseWelcome chan struct{}
+	// refuseCompletion: when set (a string), the next completion is answered
+	// INVALID with it, as a server with other limits would.
+	refuseCompletion atomic.Value
+	// completions gets every completion as it arrives (dropped when full).
+	completions chan *leaseholdv1.CompletionReport
 }
 
 // described is a line for got: "hello" (with " stop_grants" when it sets
@@ -205,6 +210,16 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 		case *leaseholdv1.ConnectRequest_GrantAck:
 			send(reportResult(m.GrantAck.GetReportId(), m.GrantAck.GetActionId(), m.GrantAck.GetEpoch()))
 		case *leaseholdv1.ConnectRequest_Completion:
+			select {
+			case s.completions <- m.Completion:
+			default:
+			}
+			if refusal, _ := s.refuseCompletion.Swap("").(string); refusal != "" {
+				send(&leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_ReportResult{ReportResult: &leaseholdv1.ReportResult{
+					ReportId: m.Completion.GetReportId(), ActionId: m.Completion.GetActionId(), Epoch: m.Completion.GetEpoch(),
+					RejectReason: leaseholdv1.RejectReason_REJECT_REASON_INVALID, Message: refusal}}})
+				break
+			}
 			send(reportResult(m.Completion.GetReportId(), m.Completion.GetActionId(), m.Completion.GetEpoch()))
 		case *leaseholdv1.ConnectRequest_Release:
 			send(reportResult(m.Release.GetReportId(), m.Release.GetActionId(), m.Release.GetEpoch()))
@@ -262,8 +277,8 @@ func startScripted(t *testing.T, timing scriptTiming) (*scriptedServer, func()) 
 		hellos: make(chan []*leaseholdv1.HeldLease, 8), acked: make(chan struct{}),
 		end: make(chan error, 1), address: listener.Addr().String(),
 		held: make(chan uint64, 8), oldest: make(chan struct{}), got: make(chan string, 64),
-		releaseWelcome: make(chan struct{}),
-		health:         &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
+		releaseWelcome: make(chan struct{}), completions: make(chan *leaseholdv1.CompletionReport, 8),
+		health: &scriptedHealth{checks: make(chan time.Time, 8), release: make(chan struct{}), answered: make(chan bool, 8)}}
 	script.acking.Store(true)
 	script.health.set(grpc_health_v1.HealthCheckResponse_SERVING)
 	leaseholdv1.RegisterWorkerServiceServer(server, script)

@@ -54,6 +54,9 @@ type report struct {
 	retryable bool
 	details   *structpb.Struct
 	reason    string
+	// refused: sent in place of a completion the server refused as INVALID
+	// (never replaced again).
+	refused bool
 }
 
 var revokeReasons = map[leaseholdv1.RevokeReason]string{
@@ -753,6 +756,21 @@ func (a *Agent) reportResult(c *conn, rr *leaseholdv1.ReportResult) {
 				}
 			})
 		})
+		return
+	}
+	if rr.GetRejectReason() == leaseholdv1.RejectReason_REJECT_REASON_INVALID && r.report != nil &&
+		r.report.outcome != Released && !r.report.refused && a.running[r.lease.ActionID] == r {
+		// The server's limits differ from the ones this agent fitted the report
+		// to (another version): the lease is still held, and the same report
+		// would be refused again. The action fails with the server's reason
+		// instead; nothing re-runs it.
+		what := "failure report"
+		if r.report.outcome == Succeeded {
+			what = "output"
+		}
+		r.report = &report{outcome: Failed, refused: true,
+			message: cleanText(fmt.Sprintf("the server refused this action's %s: %s", what, rr.GetMessage()), maxFailureRunes)}
+		a.sendReport(c, r)
 		return
 	}
 	// Accepted, fenced, invalid or not found: nothing more to say about this grant.

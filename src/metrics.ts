@@ -46,13 +46,16 @@ async function fromDatabase<T>(read: () => Promise<T>): Promise<T | undefined> {
 
 /**
  * Creates the metrics. Gauges are read when scraped: `hosted` gives what this
- * process holds, `inGrace`, `pausedClusters` and `actions` ask the database.
+ * process holds, `databaseUp` what it last found of its database, `inGrace`,
+ * `pausedClusters` and `actions` ask the database.
  * `base` holds metrics that outlive this set (the gRPC calls', made once per
  * process, before the database is open): they are served with it.
  */
 export function createMetrics(
   sources: {
     hosted: () => HostedStats;
+    /** Whether this process's last database check found the database answering (the one behind health). */
+    databaseUp: () => boolean;
     inGrace: () => Promise<number>;
     pausedClusters: () => Promise<number>;
     actions: () => Promise<readonly ClusterCounts[]>;
@@ -83,6 +86,14 @@ export function createMetrics(
     registers: [registry],
     collect() {
       this.set(sources.hosted().streamsHeldBack);
+    },
+  });
+  new Gauge({
+    name: `${prefix}database_up`,
+    help: "1 while this process finds its database answering, 0 while it does not (it is then NOT_SERVING, and its acks say database_unreachable). Read without asking the database: the gauges that do are NaN meanwhile.",
+    registers: [registry],
+    collect() {
+      this.set(sources.databaseUp() ? 1 : 0);
     },
   });
   new Gauge({

@@ -383,6 +383,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     const metrics = createMetrics(
       {
         hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0, streamsHeldBack: 0 },
+        databaseUp: () => !databaseUnreachable,
         inGrace: async () => {
           const [row] = await queryRows<{ n: unknown }>(
             db,

@@ -119,7 +119,7 @@ describe.runIf(runsPostgresTests())("a database that hangs", () => {
     expect(listed.actions.filter((a) => a.requestId === "r-1").map((a) => a.id)).toEqual([retried]);
   });
 
-  it("serves /metrics while it hangs, the gauges read from it NaN", async () => {
+  it("serves /metrics while it hangs, the gauges read from it NaN and database_up 0", async () => {
     const { api, health, proxy, t } = await serverBehindProxy();
     await api.submitAction({ cluster: "east" });
     const scrape = async () => {
@@ -127,6 +127,7 @@ describe.runIf(runsPostgresTests())("a database that hangs", () => {
       return { status: response.status, text: await response.text() };
     };
     expect((await scrape()).text).toMatch(/^leasehold_actions\{cluster="east",state="QUEUED"\} 1$/m);
+    expect((await scrape()).text).toMatch(/^leasehold_database_up 1$/m);
     proxy.freeze();
     await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
     const during = await scrape();
@@ -135,10 +136,14 @@ describe.runIf(runsPostgresTests())("a database that hangs", () => {
     expect(during.text).toMatch(/^leasehold_clusters_expiries_paused nan$/im);
     expect(during.text).not.toMatch(/^leasehold_actions\{/m);
     expect(during.text).toMatch(/^leasehold_connected_workers 0$/m);
+    expect(during.text).toMatch(/^leasehold_database_up 0$/m);
     expect(during.text).toMatch(/^grpc_server_started_total\{/m);
     proxy.thaw();
     await expect
       .poll(async () => (await scrape()).text, { timeout: 15_000 })
       .toMatch(/^leasehold_sessions_in_grace 0$/m);
+    await expect
+      .poll(async () => (await scrape()).text, { timeout: 15_000 })
+      .toMatch(/^leasehold_database_up 1$/m);
   });
 });

@@ -181,7 +181,10 @@ inline endSession(w) {
 /* reap-sessions.ts: the mass-disconnect valve. A session counts (as live, and as lost when its
  * stream is lost or its deadline passed) unless it has been silent past MAXSIL. More than
  * --partition-share 0.5 of the counted sessions lost, and at least PARTITION_MIN_LOST = 2:
- * the cluster is partitioned and none of its counted sessions is reaped. */
+ * the cluster is partitioned and none of its counted sessions is reaped. The code counts only
+ * sessions holding leases; with one action, at most one session holds a lease here, so that rule
+ * could never fire, and the model keeps counting every session instead. What the properties need
+ * of the valve holds for either rule: it only withholds reaps, and never past MAXSIL. */
 #define COUNTED(w) (sLive[w] && sSil[w] <= MAXSIL)
 #define LOSTW(w) (COUNTED(w) && (sLost[w] || sDl[w] < 0))
 #define NLOST ((LOSTW(0) -> 1 : 0) + (LOSTW(1) -> 1 : 0))

@@ -44,7 +44,7 @@ export interface ServerConfig {
   /** Connections one peer address may hold open to the gRPC port; 0 for no limit. Default 1024. */
   readonly maxConnectionsPerAddress: number;
   /**
-   * SPEC rule 10: when more than this share of a cluster's live sessions (and at least two)
+   * SPEC rule 10: when more than this share of a cluster's live sessions holding leases (and at least two)
    * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
    * expiries pause, never past `maxSilenceMs`. Default 0.5; 1 turns the valve off.
    */

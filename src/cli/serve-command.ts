@@ -86,7 +86,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--partition-share <fraction>",
-        "when more than this share of a cluster's sessions (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
+        "when more than this share of a cluster's sessions holding leases (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
       )
         .env("LEASEHOLD_PARTITION_SHARE")
         .default(DEFAULTS.partitionShare),

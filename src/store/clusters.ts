@@ -57,7 +57,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
     queued: unknown;
     leased: unknown;
     expiries: unknown;
-    live: unknown;
+    holding: unknown;
     lost: unknown;
     partitioned_at: unknown;
     expiries_resumed_at: unknown;
@@ -68,15 +68,21 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
         (select count(*) from actions a where a.cluster = c.name and a.state = 'QUEUED') as queued,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'LEASED') as leased,
         ${recentExpiries(clock)} as expiries,
-        n.live, n.lost, n.connected, n.in_grace
+        n.holding, n.lost, n.connected, n.in_grace
       from clusters c
       -- One pass over the cluster's live sessions for every count.
       cross join lateral (
-        select count(*) as live,
-               count(*) filter (where s.stream_lost_at is null) as connected,
+        select count(*) filter (where s.stream_lost_at is null) as connected,
                count(*) filter (where s.stream_lost_at is not null) as in_grace,
-               count(*) filter (where s.stream_lost_at is not null or s.deadline < ${clock.now()}) as lost
+               -- The mass-disconnect valve weighs the sessions holding leases (reap-sessions.ts);
+               -- they are looked up only for a partitioned cluster's reason.
+               count(*) filter (where h.holds and (s.stream_lost_at is not null or s.deadline < ${clock.now()})) as lost,
+               count(*) filter (where h.holds) as holding
         from sessions s join workers w on w.worker_id = s.worker_id
+        cross join lateral (
+          select c.partitioned_at is not null
+            and exists (select 1 from actions a where a.session_id = s.id and a.state = 'LEASED') as holds
+        ) h
         where w.cluster = c.name and s.ended_at is null
       ) n
       ${name === undefined ? sql`` : sql`where c.name = ${name}`} order by c.name`,
@@ -91,7 +97,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
       ? {
           health: "PARTITIONED" as const,
           reason:
-            `${toNumber(r.lost)} of ${toNumber(r.live)} sessions lost; partitioned since ` +
+            `${toNumber(r.lost)} of ${toNumber(r.holding)} sessions holding leases lost; partitioned since ` +
             `${partitionedAt.toISOString()}; ` +
             (resumedAt
               ? `an operator resumed lease expiries at ${resumedAt.toISOString()}`

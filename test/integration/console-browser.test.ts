@@ -193,6 +193,23 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
       const agents = await startAgents("west", ["west-1", "west-2", "west-3"]);
       await page.goto(`${consoleUrl}#/clusters`);
       await page.locator('tr[data-cluster="west"][data-health="HEALTHY"]').waitFor();
+      // The valve weighs the sessions holding leases: each agent runs one action.
+      const actions = createClient(ActionService, address);
+      try {
+        for (let i = 0; i < 3; i++)
+          await actions.submitAction({ cluster: "west", payload: { argv: ["sleep", sleepFor] } });
+        await expect
+          .poll(
+            async () =>
+              (await actions.listActions({ cluster: "west", state: ActionState.LEASED })).actions.length,
+            {
+              timeout: 60_000,
+            },
+          )
+          .toBe(3);
+      } finally {
+        actions.close();
+      }
       // Two of three streams gone at once: the network, not the workers, so expiries pause.
       agents.get("west-1")?.child.kill("SIGKILL");
       agents.get("west-2")?.child.kill("SIGKILL");

@@ -1336,18 +1336,18 @@ describe("work leases", () => {
     expect(await clusterEast()).toMatchObject({
       health: ClusterHealth.PARTITIONED,
       healthReason: expect.stringMatching(
-        /^2 of 3 sessions lost; partitioned since .*; lease expiries are paused/,
+        /^2 of 3 sessions holding leases lost; partitioned since .*; lease expiries are paused/,
       ),
       expiriesPaused: true,
       partitionedTime: expect.anything(),
     });
     const line =
-      "cluster east is partitioned: 2 of 3 sessions lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them";
+      "cluster east is partitioned: 2 of 3 sessions holding leases lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them";
     expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([line]);
     const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
     expect(metrics).toMatch(/^leasehold_clusters_expiries_paused 1$/m);
     expect(t.logs.map((l) => l.msg)).toContain(
-      "cluster east is partitioned: 2 of 3 sessions lost; lease expiries are paused",
+      "cluster east is partitioned: 2 of 3 sessions holding leases lost; lease expiries are paused",
     );
     // Past its deadline, pa comes back and loses nothing: same session, same epoch.
     clock.advance(GRACE_MS);
@@ -1363,11 +1363,26 @@ describe("work leases", () => {
     await tick().reap();
     expect(await expiredActions()).toEqual([b.grant.actionId]);
     expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toEqual([
-      "cluster east is no longer partitioned (1 of 3 sessions lost); lease expiries go on",
+      "cluster east is no longer partitioned (1 of 3 sessions holding leases lost); lease expiries go on",
     ]);
     expect(await clusterEast()).toMatchObject({ expiriesPaused: false });
     expect((await clusterEast())?.health).not.toBe(ClusterHealth.PARTITIONED);
     expect(await back.complete(a.grant, { output: { done: true } })).toMatchObject({ accepted: true });
+  });
+
+  it("weighs only sessions holding leases: sessions opened and dropped do not pause a lost holder's expiry", async () => {
+    const [a, c] = await holders("ta", "tc");
+    if (!a || !c) throw new Error("two holders expected");
+    // Five throwaway sessions, as any client could open on a server without authentication.
+    const idle = [];
+    for (let i = 0; i < 5; i++) idle.push({ w: await worker(`idle-${i}`), workerId: `idle-${i}` });
+    await loseStreams(a, ...idle);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(c.w);
+    await tick().reap();
+    // Six of seven sessions lost, but one of the two holding leases: a lost worker, not a partition.
+    expect(await expiredActions()).toEqual([a.grant.actionId]);
+    expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([]);
   });
 
   it("expires as usual when only half of a cluster's sessions are lost", async () => {
@@ -1388,7 +1403,7 @@ describe("work leases", () => {
     await tick().reap();
     expect(await expiredActions()).toEqual([]);
     expect(await clusterEvents(EventKind.CLUSTER_PARTITIONED)).toEqual([
-      expect.stringMatching(/^cluster east is partitioned: 3 of 3 sessions lost/),
+      expect.stringMatching(/^cluster east is partitioned: 3 of 3 sessions holding leases lost/),
     ]);
     // The streams were fine all along: the next renewal brings every deadline back, and the mark clears.
     await keepAlive(...held.map((h) => h.w));

@@ -18,9 +18,9 @@ export interface ExpiredLease {
 export interface PartitionChange {
   readonly cluster: string;
   readonly partitioned: boolean;
-  /** Live sessions of the cluster without a stream. */
+  /** Live sessions of the cluster holding leases, without a stream. */
   readonly lost: number;
-  /** Live sessions of the cluster. */
+  /** Live sessions of the cluster holding leases. */
   readonly live: number;
 }
 
@@ -53,7 +53,7 @@ export interface KeepHosted {
   readonly streamTokens: readonly string[];
 }
 
-/** Fewer lost sessions than this never partition a cluster: one lost worker is just a lost worker. */
+/** Fewer lost sessions holding leases than this never partition a cluster: one lost worker is just a lost worker. */
 export const PARTITION_MIN_LOST = 2;
 
 /**
@@ -69,10 +69,15 @@ export const PARTITION_MIN_LOST = 2;
  * reaped first (then its renewal finds it ended and closes the stream).
  *
  * The mass-disconnect valve (SPEC rule 10) is decided in the same statement.
- * A session counts as lost when its stream is known lost or its deadline has
- * passed (a stream that went silent without closing, or a database outage,
- * looks like that), unless it has been silent longer than `maxSilenceMs`:
- * such a session is neither counted nor kept, as rule 6 bounds restarts. For
+ * It weighs the sessions holding leases, whose work a reap would run again:
+ * a session without one loses nothing when reaped, and counting those let any
+ * client that may open sessions (all of them on a server without
+ * authentication) pause a cluster's expiries by opening and dropping a few
+ * dozen. A session counts as lost when its stream is known lost or its
+ * deadline has passed (a stream that went silent without closing, or a
+ * database outage, looks like that), unless it has been silent longer than
+ * `maxSilenceMs`: such a session is neither counted nor kept, as rule 6
+ * bounds restarts. For
  * each cluster with a session due (or already partitioned), when more than
  * `partitionShare` of its live sessions, and at least
  * {@link PARTITION_MIN_LOST}, are lost, the cluster is marked partitioned
@@ -153,6 +158,7 @@ export async function reapSessions(
                  count(*) as live
           from sessions s join workers w on w.worker_id = s.worker_id
           where w.cluster = c.name and s.ended_at is null and s.last_heard_at >= ${silentSince}
+            and exists (select 1 from actions a where a.session_id = s.id and a.state = 'LEASED')
         ) n
       ),
       entered as (
@@ -169,13 +175,13 @@ export async function reapSessions(
         insert into events (kind, cluster, message, details)
         select 'cluster_partitioned', name,
           'cluster ' || name || ' is partitioned: ' || lost || ' of ' || live
-          || ' sessions lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them',
+          || ' sessions holding leases lost (stream closed or silent past the deadline); lease expiries are paused until they reconnect or an operator resumes them',
           jsonb_build_object('lost', lost, 'live', live)
         from entered
         union all
         select 'cluster_recovered', name,
           'cluster ' || name || ' is no longer partitioned (' || lost || ' of ' || live
-          || ' sessions lost); lease expiries go on',
+          || ' sessions holding leases lost); lease expiries go on',
           jsonb_build_object('lost', lost, 'live', live)
         from recovered
       ),

@@ -158,7 +158,7 @@ export function createReaper(deps: {
       if (p.partitioned)
         log.warn(
           counts,
-          `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions lost; lease expiries are paused`,
+          `cluster ${p.cluster} is partitioned: ${p.lost} of ${p.live} sessions holding leases lost; lease expiries are paused`,
         );
       else log.info(counts, `cluster ${p.cluster} is no longer partitioned; lease expiries go on`);
     }

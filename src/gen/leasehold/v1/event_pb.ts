@@ -507,8 +507,9 @@ export enum EventKind {
   OUTPUTS_REQUESTED = 26,
 
   /**
-   * More than the partition share of a cluster's sessions lost their streams:
-   * its lease expiries are paused (see --partition-share). Details: lost, live.
+   * More than the partition share of a cluster's sessions holding leases lost
+   * their streams: its lease expiries are paused (see --partition-share).
+   * Details: lost, live (sessions holding leases).
    *
    * @generated from enum value: EVENT_KIND_CLUSTER_PARTITIONED = 27;
    */

@@ -34,8 +34,8 @@ const (
 	// Many lease expiries in the recent window.
 	ClusterHealth_CLUSTER_HEALTH_UNHEALTHY ClusterHealth = 3
 	// A session reached its deadline while more than the partition share
-	// (--partition-share, default half) of the cluster's live sessions, and at
-	// least two, were lost (stream closed, or silent past the deadline): the
+	// (--partition-share, default half) of the cluster's live sessions holding
+	// leases, and at least two, were lost (stream closed, or silent past the deadline): the
 	// network or the control plane is the likelier cause. Lease expiries are
 	// paused (see Cluster.expiries_paused) until the share drops or an operator
 	// resumes them (ResumeExpiries); a session silent longer than --max-silence

@@ -95,8 +95,9 @@ const (
 	EventKind_EVENT_KIND_DEPLOYMENT_CREATED EventKind = 25
 	// CollectOutputs asked the agent running a deployment to save its outputs and stop.
 	EventKind_EVENT_KIND_OUTPUTS_REQUESTED EventKind = 26
-	// More than the partition share of a cluster's sessions lost their streams:
-	// its lease expiries are paused (see --partition-share). Details: lost, live.
+	// More than the partition share of a cluster's sessions holding leases lost
+	// their streams: its lease expiries are paused (see --partition-share).
+	// Details: lost, live (sessions holding leases).
 	EventKind_EVENT_KIND_CLUSTER_PARTITIONED EventKind = 27
 	// A partitioned cluster's share of lost sessions dropped: expiries go on.
 	EventKind_EVENT_KIND_CLUSTER_RECOVERED EventKind = 28

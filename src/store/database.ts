@@ -285,13 +285,39 @@ export function reconnectBackoffSeconds(retries: number): number {
   return (0.5 + Math.random() / 2) * Math.min(0.05 * 2 ** retries, 0.5);
 }
 
+/** The most of an `application_name` PostgreSQL shows (NAMEDATALEN - 1 bytes); the rest is cut. */
+const MAX_APPLICATION_NAME = 63;
+
 /**
- * The `application_name` of one process's connections: unique, so a process
- * can tell its own LISTEN connection from the other processes' (the cluster
- * bus skips NOTIFY while nobody else listens). A URL's own
- * `application_name` wins; the bus then always notifies.
+ * The `application_name` of one process's connections, `leasehold/<uuid>`:
+ * unique, so a process can tell its own LISTEN connection from the other
+ * processes' (the cluster bus skips NOTIFY while nobody else listens). One
+ * the URL sets (or PGAPPNAME) is kept in front, `<configured> leasehold/<uuid>`,
+ * cut so that the whole fits in what PostgreSQL shows and the process's own
+ * part stays whole; bytes PostgreSQL would not show as they are (not
+ * printable ASCII) become `?`.
  */
-const processApplicationName = (): string => `leasehold/${randomUUID()}`;
+export function processApplicationName(configured: string | undefined, id: string = randomUUID()): string {
+  const own = `leasehold/${id}`;
+  if (!configured) return own;
+  const prefix = configured.replace(/[^\x20-\x7e]/g, "?").slice(0, MAX_APPLICATION_NAME - own.length - 1);
+  return `${prefix} ${own}`;
+}
+
+/**
+ * `url` without its `application_name` parameter (postgres.js lets the URL's
+ * win over the one this process gives its connections), and that name.
+ */
+export function withoutApplicationName(url: string): { url: string; configured: string | undefined } {
+  const at = url.indexOf("?");
+  if (at < 0) return { url, configured: undefined };
+  const params = new URLSearchParams(url.slice(at + 1));
+  const configured = params.get("application_name") ?? undefined;
+  if (configured === undefined) return { url, configured };
+  params.delete("application_name");
+  const rest = params.toString();
+  return { url: url.slice(0, at) + (rest ? `?${rest}` : ""), configured: configured || undefined };
+}
 
 /**
  * How long PostgreSQL lets one of our transactions sit idle between two
@@ -301,7 +327,8 @@ const processApplicationName = (): string => `leasehold/${randomUUID()}`;
  */
 export const IDLE_TRANSACTION_TIMEOUT_MS = 5000;
 
-async function openPostgres(url: string, poolSize: number, logger: QueryLogger): Promise<Database> {
+async function openPostgres(configuredUrl: string, poolSize: number, logger: QueryLogger): Promise<Database> {
+  const { url, configured } = withoutApplicationName(configuredUrl);
   const quiet = {
     onnotice: () => {},
     backoff: reconnectBackoffSeconds,
@@ -310,7 +337,7 @@ async function openPostgres(url: string, poolSize: number, logger: QueryLogger):
     // tens of thousands of rows, and compiling it took 2.4 s of CPU for 8 ms of work (10,000
     // live sessions, measured with auto_explain).
     connection: {
-      application_name: processApplicationName(),
+      application_name: processApplicationName(configured ?? process.env.PGAPPNAME),
       jit: "off",
       // A process lost in the middle of a transaction (its host gone, its network cut) would hold
       // the transaction's row locks until TCP gives up, two hours by default: a session row

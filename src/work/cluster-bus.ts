@@ -69,8 +69,11 @@ const PEER_CHECK_MS = 1000;
  * drain or takeover ends the wait: it goes at once, with the wake-ups so far.
  */
 const WAKE_GAP_MS = 20;
-/** The `application_name` the database layer gives each process's connections. */
-export const OWN_NAME = /^leasehold\/[0-9a-f-]{36}$/;
+/**
+ * The `application_name` the database layer gives each process's connections
+ * (`leasehold/<uuid>`, after the one the URL sets if any: see database.ts).
+ */
+export const OWN_NAME = /(?:^| )leasehold\/[0-9a-f-]{36}$/;
 
 /**
  * The `pg_stat_activity` rows of other processes' connections listening on
@@ -163,6 +166,8 @@ export async function createPostgresBus(deps: {
     return out;
   }
 
+  /** Whether the warning that this process's connections have no name of their own was logged. */
+  let warnedName = false;
   /** Another process's LISTEN on the channel (a hidden query may be one: counted). */
   async function lookForPeers(): Promise<boolean> {
     const [row] = await queryRows<{ own: string; others: unknown }>(
@@ -172,7 +177,15 @@ export async function createPostgresBus(deps: {
           where ${otherListeners(true)}`,
     );
     // Processes that share one configured name cannot tell each other apart: always notify.
-    peers = !row || !OWN_NAME.test(row.own) || Number(row.others) > 0;
+    const unique = !!row && OWN_NAME.test(row.own);
+    if (row && !unique && !warnedName) {
+      warnedName = true;
+      log.warn(
+        { applicationName: row.own },
+        "this process's database connections do not have their own application_name (something overrides it): the process cannot tell whether other processes listen, and notifies them always",
+      );
+    }
+    peers = !unique || Number(row?.others) > 0;
     return peers;
   }
 
@@ -182,6 +195,10 @@ export async function createPostgresBus(deps: {
       sql`select pg_notify(${BUS_CHANNEL}, ${JSON.stringify({ from: serverId, kind: "wake", topics: [] })})`,
     )
     .catch((error: unknown) => log.warn({ err: error }, "could not announce this process to the others"));
+  // At once: says now if this process's connections are not told apart by their name.
+  await lookForPeers().catch(() => {
+    peers = true;
+  });
   let checking = false;
   const peerTimer = setInterval(() => {
     if (checking) return;

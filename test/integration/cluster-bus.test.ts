@@ -1,6 +1,8 @@
+import { sql } from "drizzle-orm";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Database, openDatabase } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
 import { type BusMessage, type ClusterBus, createPostgresBus } from "../../src/work/cluster-bus.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 
@@ -19,9 +21,14 @@ describe.runIf(runsPostgresTests())("cluster bus", () => {
     await store?.drop();
   });
 
-  async function process(serverId: string, onQuery?: (q: string) => void, wakeGapMs?: number) {
+  async function process(
+    serverId: string,
+    onQuery?: (q: string) => void,
+    wakeGapMs?: number,
+    url: string | undefined = store.url,
+  ) {
     const database = await openDatabase({
-      url: store.url,
+      url,
       dataDir: "",
       ...(onQuery ? { onQuery } : {}),
     });
@@ -57,6 +64,33 @@ describe.runIf(runsPostgresTests())("cluster bus", () => {
     a.send({ kind: "wake", topics: ["together"] });
     expect(await heard).toMatchObject({ kind: "wake", topics: ["together"] });
     expect(statements.filter((q) => q.includes("pg_notify")).length).toBeGreaterThan(0);
+  });
+
+  it("tells the processes apart when the URL sets its own application_name, which it keeps in front", async () => {
+    await using own = await freshPostgresDatabase();
+    const url = `${own.url}?application_name=dba%20tools`;
+    const a = await process("a", undefined, undefined, url);
+    // Before, the URL's name was every process's: each took the others' LISTEN for its own.
+    expect(await a.peersListening()).toBe(false);
+    const b = await process("b", undefined, undefined, url);
+    expect(await a.peersListening()).toBe(true);
+    expect(await b.peersListening()).toBe(true);
+    const names = await Promise.all(
+      opened.slice(-2).map(async ({ database }) => {
+        const [row] = await queryRows<{ name: string }>(
+          database.db,
+          sql`select current_setting('application_name') as name`,
+        );
+        return row?.name;
+      }),
+    );
+    expect(names[0]).toMatch(/^dba tools leasehold\/[0-9a-f-]{36}$/);
+    expect(names[1]).toMatch(/^dba tools leasehold\/[0-9a-f-]{36}$/);
+    expect(names[0]).not.toBe(names[1]);
+    for (const { database, bus } of opened.splice(-2)) {
+      await bus.close();
+      await database.close();
+    }
   });
 
   it("gathers wake-ups sent within the gap into one NOTIFY, and sends them at once with a revoke", async () => {

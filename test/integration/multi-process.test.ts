@@ -44,6 +44,19 @@ function acceptedCompletions(agents: readonly AgentProcess[]): Map<string, numbe
   return counts;
 }
 
+/** Where an agent is connected now, from its last connected or disconnected line. */
+function where(agent: AgentProcess): string | undefined {
+  let at: string | undefined;
+  for (const l of agent.lines) {
+    if (l.type === "connected") at = l.address as string;
+    else if (l.type === "disconnected") at = undefined;
+  }
+  return at;
+}
+
+/** `url` with an `application_name` of its own, as DBAs set to tell clients apart. */
+const withApplicationName = (url: string) => `${url}${url.includes("?") ? "&" : "?"}application_name=dba-tag`;
+
 /**
  * Resolves once `test` holds, checked after every line any of the agents
  * prints; after `limitMs` fails saying what it waited for and what the
@@ -286,22 +299,14 @@ describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL"
 
   it("spreads the agents again over a process restarted after the others; their sessions resume, nothing expires", async () => {
     await using store = await freshPostgresDatabase();
-    const url = store.url as string;
+    // Before, a URL's own application_name made every process look like one: nothing moved.
+    const url = withApplicationName(store.url as string);
     const flags = [...TIMING, "--rebalance-interval", "1s"];
     const { processes, addresses } = await startServers(url, 2, flags);
     const [a, b] = addresses as [string, string];
     const agents = ["r1", "r2", "r3", "r4", "r5", "r6"].map((id) =>
       runSdkAgent([`${a},${b}`, "spread", id, "4"]),
     );
-    /** Where an agent is connected now, from its last connected or disconnected line. */
-    const where = (agent: AgentProcess) => {
-      let at: string | undefined;
-      for (const l of agent.lines) {
-        if (l.type === "connected") at = l.address as string;
-        else if (l.type === "disconnected") at = undefined;
-      }
-      return at;
-    };
     let restarted: LeaseholdProcess | undefined;
     try {
       const first = await Promise.all(

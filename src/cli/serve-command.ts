@@ -62,7 +62,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--rebalance-interval <duration>",
-        "on PostgreSQL, how often this process looks at how the agents' streams are spread over the server processes on the database; when it hosts more than its share it ends a few of them UNAVAILABLE (reason REBALANCING) and their agents reconnect to another address, their sessions and leases intact; 0 never, else at least 1s",
+        "on PostgreSQL, how often this process looks at how the agents' streams are spread over the server processes on the database (those that marked themselves alive within the last three heartbeat intervals and still have a connection open: not a hung one); when it hosts more than its share it ends a few of them UNAVAILABLE (reason REBALANCING) and their agents reconnect to another address, their sessions and leases intact; 0 never, else at least 1s",
       )
         .env("LEASEHOLD_REBALANCE_INTERVAL")
         .default(DEFAULTS.rebalanceInterval),

@@ -347,3 +347,20 @@ export const history = pgTable("history", {
   singleton: boolean("singleton").primaryKey().default(true),
   eventsRemovedThrough: bigint("events_removed_through", { mode: "number" }).notNull().default(0),
 });
+
+/**
+ * The server processes on the database, each marking itself alive every
+ * heartbeat interval (queries/server-liveness.ts): the spreading of worker
+ * streams counts only those whose mark is current and whose connections are
+ * still open, not a process that hangs with its connections open nor one
+ * killed a moment ago. A process deletes its row when it closes; rows of
+ * processes killed long ago are deleted by the others' marks.
+ */
+export const serverProcesses = pgTable("server_processes", {
+  /** The process's server id (new at every start). */
+  id: text("id").primaryKey(),
+  /** Its connections' `application_name` (unique per process: see database.ts). */
+  applicationName: text("application_name").notNull(),
+  /** Counted as a server process until then (its last mark plus a few intervals). */
+  aliveUntil: tstz("alive_until").notNull(),
+});

@@ -7,6 +7,7 @@ import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start
 import { FORGET_BATCH, forgetWorkers } from "../store/queries/forget-workers.js";
 import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
 import type { HelloInput } from "../store/queries/open-session.js";
+import { forgetServer, markServerAlive } from "../store/queries/server-liveness.js";
 import { readStreamSpread } from "../store/queries/stream-spread.js";
 import { setWorkerDraining } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
@@ -221,6 +222,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   // Well above a healthy peer's renewal lag (up to two ticks): a session not renewed for this long
   // has lost its stream, whatever its row says (a crashed process, a half-open connection).
   const staleMs = Math.max(4 * options.heartbeatIntervalMs, graceMs / 2);
+  /**
+   * How long one liveness mark counts (marked every heartbeat interval): three
+   * ticks, so a process late by a tick or two (a busy event loop, a slow
+   * statement) still counts, and one that hangs stops counting soon.
+   */
+  const aliveForMs = Math.max(3 * options.heartbeatIntervalMs, 3000);
   const partitionShare = options.partitionShare ?? 0.5;
   const grantWindow = options.grantWindow ?? DEFAULT_GRANT_WINDOW;
   const grantHighWaterBytes = options.grantHighWaterBytes ?? DEFAULT_GRANT_HIGH_WATER_BYTES;
@@ -530,6 +537,20 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         retryMs: Math.max(1, Math.round(options.heartbeatIntervalMs / 4)),
       });
       reaper.start();
+      if (bus) {
+        // Every tick, one statement: the other processes count this one in their spread for
+        // the next few ticks (a hung process stops counting; store/queries/stream-spread.ts).
+        const markAlive = () => markServerAlive(options.renewalDb ?? db, serverId, aliveForMs);
+        await markAlive().catch((error: unknown) =>
+          log.warn(
+            { err: error },
+            "could not mark this process alive for the others; retrying on every tick",
+          ),
+        );
+        loops.every(options.heartbeatIntervalMs, "marking this process alive", markAlive, {
+          phaseMs: Math.round((options.heartbeatIntervalMs * 3) / 4),
+        });
+      }
       // The loops tick at different phases of the interval: with 10,000 streams the renewal and
       // the audit each hold the event loop for milliseconds, and heartbeat acks wait behind them.
       const pollMs = options.dispatchPollMs ?? 1000;
@@ -592,6 +613,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       await dispatcher.idle();
       // Record what this process heard last, so the sessions' grace counts from it.
       await renewal.renew().catch((error: unknown) => log.warn({ err: error }, "final renewal failed"));
+      // The other processes stop counting this one at once, not a few ticks later.
+      if (bus && timersOn)
+        await forgetServer(db, serverId).catch((error: unknown) =>
+          log.debug({ err: error }, "could not remove this process's liveness mark"),
+        );
     })();
     return closing;
   };

@@ -360,6 +360,39 @@ describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL"
     }
   }, 120_000);
 
+  it("counts only the processes alive: streams are not pushed at one that hangs (SIGSTOP) with its connections open", async () => {
+    await using store = await freshPostgresDatabase();
+    const url = store.url as string;
+    const { processes, addresses } = await startServers(url, 2, [...TIMING, "--rebalance-interval", "1s"]);
+    const [a, b] = addresses as [string, string];
+    const [hosting, hung] = processes as [LeaseholdProcess, LeaseholdProcess];
+    hung.child.kill("SIGSTOP");
+    const stoppedAt = Date.now();
+    const agents = ["h1", "h2", "h3", "h4", "h5", "h6"].map((id) =>
+      runSdkAgent([`${a},${b}`, "hung", id, "4"]),
+    );
+    try {
+      // Those that try the hung process first find it silent (no health answer) and come to A.
+      await until(agents, () => agents.every((agent) => where(agent) === a), "every agent on A");
+      // Rounds every second for a while after the hung process's last liveness mark ran out
+      // (3 heartbeat intervals of 1 s after its last tick).
+      const settledAt = stoppedAt + 4500;
+      await new Promise((r) => setTimeout(r, Math.max(0, settledAt + 8000 - Date.now())));
+      const moves = hosting.logs.filter(
+        (l) =>
+          l.msg === "moved worker streams to spread them over the server processes" &&
+          Number(l.time) > settledAt,
+      );
+      // Before, the hung process counted as long as its LISTEN connection stayed open: A hosting
+      // 6 of 6 over "2 processes" moved 2 streams a round at it, each agent back after 3 s.
+      expect(moves).toEqual([]);
+      expect(agents.filter((agent) => where(agent) !== a).map((agent) => agent.lines.at(-1))).toEqual([]);
+    } finally {
+      for (const agent of agents) agent.child.kill("SIGKILL");
+      for (const p of processes) p.child.kill("SIGKILL");
+    }
+  }, 120_000);
+
   describe("PostgreSQL restarted during a run", () => {
     let pg: OwnPostgres;
     beforeAll(async () => {

@@ -1,5 +1,4 @@
 import { sql } from "drizzle-orm";
-import { OWN_NAME, otherListeners } from "../../work/cluster-bus.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
 
@@ -18,23 +17,33 @@ export interface StreamSpread {
 }
 
 /**
- * The spread, in one statement. A server process is one that listens on the
- * cluster bus, told apart by its connections' `application_name` (unique per
- * process, see database.ts); undefined when this process's name is not one
- * of those (a URL that sets its own), since then processes cannot be told
- * apart. A process killed a moment ago still counts until PostgreSQL drops
- * its connection: the spread then looks more even than it is, never less.
+ * The spread, in one statement. The other server processes are those whose
+ * liveness mark (server-liveness.ts, renewed every heartbeat interval) has
+ * not run out, and which still have a connection open (by its
+ * `application_name`): not a process that hangs (SIGSTOP, a frozen host)
+ * with its connections open, where moved streams find no welcome, nor one
+ * killed a moment ago, whose connections PostgreSQL dropped at once (one on
+ * a vanished host stops counting when its mark runs out). Were the names
+ * not unique (something overrides the one each process sets), a process
+ * would only count a moment longer after it was killed.
  */
-export async function readStreamSpread(db: Db, serverId: string): Promise<StreamSpread | undefined> {
-  const [row] = await queryRows<{ own: string; mine: unknown; total: unknown; others: unknown }>(
+export async function readStreamSpread(db: Db, serverId: string): Promise<StreamSpread> {
+  const [row] = await queryRows<{ mine: unknown; total: unknown; others: unknown }>(
     db,
-    sql`select current_setting('application_name') as own,
+    sql`select
           count(*) filter (where server_id = ${serverId} and stream_lost_at is null) as mine,
           count(*) as total,
-          (select count(distinct application_name) from pg_stat_activity where ${otherListeners(false)}) as others
+          (select count(*) from server_processes p
+           where p.id <> ${serverId} and p.alive_until > now()
+             and exists (select 1 from pg_stat_activity a
+                         where a.datname = current_database() and a.application_name = p.application_name)
+          ) as others
         from sessions
         where ended_at is null`,
   );
-  if (!row || !OWN_NAME.test(row.own)) return undefined;
-  return { mine: Number(row.mine), total: Number(row.total), servers: 1 + Number(row.others) };
+  return {
+    mine: Number(row?.mine ?? 0),
+    total: Number(row?.total ?? 0),
+    servers: 1 + Number(row?.others ?? 0),
+  };
 }

@@ -10,7 +10,8 @@ import type { Hosted, HostedSessions } from "./hosted.js";
  * them: after a rolling restart the process restarted last hosts nobody, and
  * one that was down for an hour stays empty. Each process looks at the
  * spread now and then; one that hosts more than its share (the live sessions
- * over the processes, rounded up, plus a tenth) ends some of its streams
+ * over the processes alive, rounded up, plus a tenth: a hung process, whose
+ * liveness mark ran out, is not one; see stream-spread.ts) ends some of its streams
  * UNAVAILABLE with reason REBALANCING. Their workers reconnect, to another
  * address if they have one (worker.proto), and their sessions and leases
  * resume there: nothing is lost or run again. A round moves half the excess

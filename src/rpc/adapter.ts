@@ -17,7 +17,7 @@ import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
 import type { CallsPerAddress } from "./calls-per-address.js";
-import { LARGE_REQUEST_BYTES, type LargeCallLimit } from "./large-calls.js";
+import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
@@ -720,8 +720,12 @@ function unaryHandler(
       }
       const request = fast?.(bytes) ?? decode(bytes);
       if (request instanceof RejectedRequest) throw request.error;
-      // Decoding a large request took a turn of the event loop of its own; the handler takes the next.
-      if (bytes.length >= LARGE_REQUEST_BYTES) await nextTurn();
+      // The handler starts on the next turn of the event loop. grpc-js hands a request on while
+      // Node is still reading the network chunk it came in, before the frames behind it: a client
+      // that sent HEADERS, DATA and RST_STREAM together (a "rapid reset") had its call run in full,
+      // its cancel seen only once the handler had started. By the next turn the whole chunk has been
+      // read. (Decoding a large request took a turn of its own, and heartbeats go first.)
+      await nextTurn();
       // Its deadline passed, or its client cancelled, before it was served (in transit, or while it
       // waited its turn): not started, so the answer can say that nothing was done. A client that
       // retries without a request_id then makes no duplicate.

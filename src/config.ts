@@ -1,5 +1,6 @@
 import { isIP } from "node:net";
 import { LeaseholdError } from "./errors.js";
+import { DEFAULT_UNARY_CALLS } from "./rpc/unary-calls.js";
 
 /** Log levels pino understands, quietest last. */
 export const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal", "silent"] as const;
@@ -43,6 +44,8 @@ export interface ServerConfig {
   readonly historyRetentionMs: number;
   /** Connections one peer address may hold open to the gRPC port; 0 for no limit. Default 1024. */
   readonly maxConnectionsPerAddress: number;
+  /** Unary calls the process serves at once (--max-unary-calls); 0 for no limit. */
+  readonly maxUnaryCalls: number;
   /**
    * SPEC rule 10: when more than this share of a cluster's live sessions holding leases (and at least two)
    * are lost (stream closed, or silent past the deadline), the cluster is partitioned and its
@@ -128,6 +131,7 @@ export const DEFAULTS = {
   rebalanceInterval: "30s",
   historyRetention: "7d",
   maxConnectionsPerAddress: "1024",
+  maxUnaryCalls: String(DEFAULT_UNARY_CALLS),
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -151,6 +155,7 @@ export interface RawServerOptions {
   readonly rebalanceInterval?: string | undefined;
   readonly historyRetention?: string | undefined;
   readonly maxConnectionsPerAddress?: string | undefined;
+  readonly maxUnaryCalls?: string | undefined;
   readonly partitionShare?: string | undefined;
   readonly dispatchPoll?: string | undefined;
   readonly metricsListen?: string | undefined;
@@ -327,6 +332,14 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
       `must be a whole number of connections, 0 for no limit (got ${JSON.stringify(perAddressText)})`,
     );
   }
+  const unaryText = raw.maxUnaryCalls ?? DEFAULTS.maxUnaryCalls;
+  const maxUnaryCalls = Number(unaryText);
+  if (!/^\d+$/.test(unaryText.trim()) || !Number.isSafeInteger(maxUnaryCalls)) {
+    throw configError(
+      "--max-unary-calls",
+      `must be a whole number of calls, 0 for no limit (got ${JSON.stringify(unaryText)})`,
+    );
+  }
   const shareText = raw.partitionShare ?? DEFAULTS.partitionShare;
   const partitionShare = Number(shareText);
   if (!/^\d+(\.\d+)?$/.test(shareText.trim()) || !(partitionShare > 0 && partitionShare <= 1)) {
@@ -393,6 +406,7 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
     rebalanceIntervalMs,
     historyRetentionMs,
     maxConnectionsPerAddress,
+    maxUnaryCalls,
     partitionShare,
     dispatchPollMs,
     metricsListen,

@@ -325,6 +325,43 @@ export function addLargeCallMetrics(
 }
 
 /**
+ * `leasehold_unary_calls`: unary calls being served (`state="running"`) and
+ * waiting for a turn (`state="waiting"`), against the process's bound (see
+ * rpc/unary-calls.ts); `leasehold_unary_calls_refused_total`: calls answered
+ * RESOURCE_EXHAUSTED (UNARY_CALLS_OVER_LIMIT) because as many waited as may.
+ * Refusals while no one floods the server mean clients send more calls at
+ * once than it serves: raise `--max-unary-calls`, or have them send fewer.
+ */
+export function addUnaryCallMetrics(
+  registry: Registry,
+  unaryCalls: {
+    readonly counts: { readonly running: number; readonly waiting: number };
+    readonly refused: number;
+  },
+): void {
+  new Gauge({
+    name: "leasehold_unary_calls",
+    help: "Unary calls (not worker streams) being served at once, bounded by --max-unary-calls: running, or waiting their turn.",
+    labelNames: ["state"],
+    registers: [registry],
+    collect() {
+      const { running, waiting } = unaryCalls.counts;
+      this.set({ state: "running" }, running);
+      this.set({ state: "waiting" }, waiting);
+    },
+  });
+  new Counter({
+    name: "leasehold_unary_calls_refused_total",
+    help: "Unary calls refused RESOURCE_EXHAUSTED (UNARY_CALLS_OVER_LIMIT): the process served --max-unary-calls and as many waited as may.",
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(unaryCalls.refused);
+    },
+  });
+}
+
+/**
  * The process's own health, under the names Prometheus client libraries use:
  * CPU, resident memory, and how late the event loop ran since the last
  * scrape (`nodejs_eventloop_delay_seconds`, quantiles 0.5, 0.99 and 1). A

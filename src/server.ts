@@ -16,6 +16,7 @@ import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import {
   addLargeCallMetrics,
   addProcessMetrics,
+  addUnaryCallMetrics,
   createCallMetrics,
   createMetrics,
   type Metrics,
@@ -142,6 +143,9 @@ export interface StreamLimits
   readonly maxPartialRequestBytes?: number;
   /** How long an arriving request message may stall (`RpcServerOptions.requestStallMs`). */
   readonly requestStallMs?: number;
+  /** Unary calls served at once, and waiting (`RpcServerOptions.maxUnaryCalls`, `maxUnaryWaiting`). */
+  readonly maxUnaryCalls?: number;
+  readonly maxUnaryWaiting?: number;
 }
 
 /** Every service the port answers; bound before their implementations exist (see StartupGate). */
@@ -201,6 +205,8 @@ export async function startServer(
     ...(limits.maxConnectionIdleMs ? { maxConnectionIdleMs: limits.maxConnectionIdleMs } : {}),
     ...(limits.maxPartialRequestBytes ? { maxPartialRequestBytes: limits.maxPartialRequestBytes } : {}),
     ...(limits.requestStallMs ? { requestStallMs: limits.requestStallMs } : {}),
+    maxUnaryCalls: limits.maxUnaryCalls ?? config.maxUnaryCalls,
+    ...(limits.maxUnaryWaiting !== undefined ? { maxUnaryWaiting: limits.maxUnaryWaiting } : {}),
     // The deferred bindings are what grpc-js registers: each carries its service's decoders.
     services: SERVICES.map((service) => ({
       ...gate.defer(service),
@@ -211,6 +217,7 @@ export async function startServer(
     throw isListenError(error) ? listenFailure("--listen", config.listen, error) : error;
   });
   addLargeCallMetrics(callMetrics.registry, rpc.largeCalls);
+  addUnaryCallMetrics(callMetrics.registry, rpc.unaryCalls);
   // Bound before the database is opened too: a port another process holds is a usage error at
   // once, not once PostgreSQL answers (never, while it is down). Until then it serves the calls'
   // metrics and the process's; the start behind the port adds the rest.

@@ -85,6 +85,14 @@ export function serveCommand(): Command {
     )
     .addOption(
       new Option(
+        "--max-unary-calls <n>",
+        "unary gRPC calls (every call but worker streams and watches) this process serves at once; past it a call waits its turn, up to 7 times as many waiting, and one past those is refused RESOURCE_EXHAUSTED (UNARY_CALLS_OVER_LIMIT) before any work, so that a flood of reads cannot starve heartbeats of the event loop and the database; worker streams, heartbeats and reports are never refused by it; 0 for no limit",
+      )
+        .env("LEASEHOLD_MAX_UNARY_CALLS")
+        .default(DEFAULTS.maxUnaryCalls),
+    )
+    .addOption(
+      new Option(
         "--partition-share <fraction>",
         "when more than this share of a cluster's sessions holding leases (and at least two) are lost, stream closed or silent past the deadline, the cluster is marked partitioned and its lease expiries pause until the share drops or an operator resumes them (never past --max-silence); 1 turns this off",
       )
@@ -225,6 +233,7 @@ export function serveCommand(): Command {
           rebalanceInterval: options.rebalanceInterval as string,
           historyRetention: options.historyRetention as string,
           maxConnectionsPerAddress: options.maxConnectionsPerAddress as string,
+          maxUnaryCalls: options.maxUnaryCalls as string,
           partitionShare: options.partitionShare as string,
           dispatchPoll: options.dispatchPoll as string,
           metricsListen: options.metricsListen as string,

@@ -21,6 +21,7 @@ import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
+import type { UnaryCallLimit } from "./unary-calls.js";
 
 /** What every handler gets besides its request. */
 export interface HandlerContext {
@@ -540,7 +541,7 @@ export function createServiceHandlers<S extends GenServiceMethods>(
         handlers[method.localName] = unaryHandler(
           method,
           fn as UnaryFn,
-          deps,
+          UNLIMITED_UNARY.has(path) ? { ...deps, unaryCalls: undefined } : deps,
           path,
           calls,
           fastDecoders[method.localName],
@@ -598,6 +599,8 @@ export interface HandlerDeps {
   readonly largeCalls?: LargeCallLimit | undefined;
   /** Open calls per client address (calls-per-address.ts); none: no limit. */
   readonly callsPerAddress?: CallsPerAddress | undefined;
+  /** Unary calls served at once by the process (unary-calls.ts); none: no limit. */
+  readonly unaryCalls?: UnaryCallLimit | undefined;
 }
 
 /** A call refused for want of credentials or rights, as the log line names it. */
@@ -708,6 +711,7 @@ function unaryHandler(
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     let turnEnded = NO_TURN;
+    let slotEnded = NO_TURN;
     (async () => {
       access = ctx.access = await authorize(call, deps, path);
       // A request grpc-js could not frame (message-push.ts: refuseMalformedFraming).
@@ -730,6 +734,16 @@ function unaryHandler(
       // waited its turn): not started, so the answer can say that nothing was done. A client that
       // retries without a request_id then makes no duplicate.
       if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
+      if (deps.unaryCalls) {
+        const turn = deps.unaryCalls.admit(ctx.signal);
+        if (turn instanceof LeaseholdError) throw turn;
+        slotEnded =
+          typeof turn === "function"
+            ? turn
+            : await turn.catch((reason: unknown) => Promise.reject(unserved(reason)));
+        // Its client went away while it waited.
+        if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
+      }
       return fn(request, ctx);
     })()
       .then(
@@ -751,6 +765,7 @@ function unaryHandler(
       )
       .finally(() => {
         turnEnded();
+        slotEnded();
         ctx.done();
         left();
       });
@@ -758,6 +773,14 @@ function unaryHandler(
 }
 
 const NO_TURN = () => {};
+
+/**
+ * Unary methods that do not count against the process's unary calls
+ * (unary-calls.ts): they spend their time waiting, not working, and would
+ * hold turns other calls need. CollectOutputs waits up to an hour for a
+ * deployment to save its files.
+ */
+const UNLIMITED_UNARY: ReadonlySet<string> = new Set(["leasehold.v1.LeaseService/CollectOutputs"]);
 
 /** Why a unary call was not started: its deadline or its client's cancel, saying nothing was done. */
 function unserved(reason: unknown): unknown {

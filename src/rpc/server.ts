@@ -31,6 +31,12 @@ import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
 import { releaseDecodedChunks } from "./stream-decoder-release.js";
 import type { TlsMaterialSource } from "./tls.js";
+import {
+  DEFAULT_UNARY_CALLS,
+  limitUnaryCalls,
+  UNARY_WAITING_PER_RUNNING,
+  type UnaryCallLimit,
+} from "./unary-calls.js";
 
 /** A service and its implementation, ready to register. */
 export interface ServiceBinding {
@@ -110,6 +116,16 @@ export interface RpcServerOptions {
   readonly maxConnections?: number;
   /** Counts connections opened, closed and refused (the metrics); none: nothing is counted. */
   readonly connections?: ConnectionObserver | undefined;
+  /**
+   * Unary calls the process serves at once (`limitUnaryCalls`); 0 for no
+   * limit. Default {@link DEFAULT_UNARY_CALLS}.
+   */
+  readonly maxUnaryCalls?: number;
+  /**
+   * Unary calls that may wait for a turn; past it they are refused. Default
+   * {@link UNARY_WAITING_PER_RUNNING} per call of `maxUnaryCalls`.
+   */
+  readonly maxUnaryWaiting?: number;
 }
 
 /** Default of `RpcServerOptions.maxConcurrentStreams`. */
@@ -131,6 +147,8 @@ export interface RpcServer extends AsyncDisposable {
   readonly partialRequests: Pick<PartialRequestLimit, "hold"> | undefined;
   /** Large unary calls served and waiting their turn (large-calls.ts), for the metrics. */
   readonly largeCalls: Pick<LargeCallLimit, "counts">;
+  /** Unary calls served, waiting their turn, and refused (unary-calls.ts), for the metrics. */
+  readonly unaryCalls: Pick<UnaryCallLimit, "counts" | "refused">;
   /** The bounds on client connections, for the console's port to share. */
   readonly connections: Pick<ConnectionLimit, "add">;
   /**
@@ -223,6 +241,11 @@ export async function createRpcServer(
       CALLS_PER_CONNECTION * (options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
       options.log,
     ),
+    unaryCalls: limitUnaryCalls({
+      running: options.maxUnaryCalls,
+      waiting: options.maxUnaryWaiting,
+      log: options.log,
+    }),
   };
   const health = new HealthImplementation(Object.fromEntries(names.map((n) => [n, "NOT_SERVING"])));
   for (const { service, impl, fastDecoders } of options.services) {
@@ -307,6 +330,7 @@ export async function createRpcServer(
     health,
     partialRequests,
     largeCalls,
+    unaryCalls: deps.unaryCalls,
     connections,
     markServing: () => {
       if (closing) return;

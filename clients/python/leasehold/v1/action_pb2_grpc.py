@@ -62,6 +62,20 @@ class ActionServiceStub(object):
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
     requests of 256 KiB or more are served one at a time, in the order they
     arrived, so that they never hold up heartbeats; the others wait their turn.
+
+    Limits: the process serves at most 32 unary calls at once, of every
+    service (--max-unary-calls; 0, no bound), and starts them a few each turn
+    of its event loop, so that a flood of reads never holds up heartbeats; the
+    others wait their turn, in the order they arrived, up to 7 waiting for
+    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
+    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
+    waiting_limit) and nothing is done for it: retry after a backoff, and send
+    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    unary call whose client cancelled it (RST_STREAM) before it started is not
+    run: it ends CANCELLED and nothing was done. Worker streams
+    (WorkerService.Connect), their heartbeats and reports, and other streams
+    (WatchAction) never wait for this bound; LeaseService.CollectOutputs,
+    which waits for a deployment, does not count against it.
     """
 
     def __init__(self, channel):
@@ -164,6 +178,20 @@ class ActionServiceServicer(object):
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
     requests of 256 KiB or more are served one at a time, in the order they
     arrived, so that they never hold up heartbeats; the others wait their turn.
+
+    Limits: the process serves at most 32 unary calls at once, of every
+    service (--max-unary-calls; 0, no bound), and starts them a few each turn
+    of its event loop, so that a flood of reads never holds up heartbeats; the
+    others wait their turn, in the order they arrived, up to 7 waiting for
+    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
+    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
+    waiting_limit) and nothing is done for it: retry after a backoff, and send
+    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    unary call whose client cancelled it (RST_STREAM) before it started is not
+    run: it ends CANCELLED and nothing was done. Worker streams
+    (WorkerService.Connect), their heartbeats and reports, and other streams
+    (WatchAction) never wait for this bound; LeaseService.CollectOutputs,
+    which waits for a deployment, does not count against it.
     """
 
     def SubmitAction(self, request, context):
@@ -360,6 +388,20 @@ class ActionService(object):
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
     requests of 256 KiB or more are served one at a time, in the order they
     arrived, so that they never hold up heartbeats; the others wait their turn.
+
+    Limits: the process serves at most 32 unary calls at once, of every
+    service (--max-unary-calls; 0, no bound), and starts them a few each turn
+    of its event loop, so that a flood of reads never holds up heartbeats; the
+    others wait their turn, in the order they arrived, up to 7 waiting for
+    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
+    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
+    waiting_limit) and nothing is done for it: retry after a backoff, and send
+    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    unary call whose client cancelled it (RST_STREAM) before it started is not
+    run: it ends CANCELLED and nothing was done. Worker streams
+    (WorkerService.Connect), their heartbeats and reports, and other streams
+    (WatchAction) never wait for this bound; LeaseService.CollectOutputs,
+    which waits for a deployment, does not count against it.
     """
 
     @staticmethod

@@ -1619,7 +1619,11 @@ export const WorkerService: GenService<{
    * bound, lifts both): a call past that is
    * answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
    * metadata address, limit) and nothing else is done for it; end calls
-   * you no longer need, then retry. When too many hellos wait to open sessions, a hello ends
+   * you no longer need, then retry. The process's bound on unary calls
+   * (--max-unary-calls, ActionService "Limits") never applies to this stream:
+   * its hello, heartbeats and reports are never refused or held by it, and
+   * a flood of unary reads from other clients is refused before it can
+   * delay their acks. When too many hellos wait to open sessions, a hello ends
    * with RESOURCE_EXHAUSTED (ErrorInfo reason TOO_MANY_HELLOS, metadata
    * retry_after_ms) without opening a session: reconnect with the backoff
    * above. retry_after_ms (1 s) is only a hint; the SDKs ignore it and keep

@@ -16,7 +16,7 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
-import { receiveLimitOf } from "../rpc/status.js";
+import { errorReasonOf, receiveLimitOf } from "../rpc/status.js";
 import type { DeploymentPayload } from "../scope/deployment.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
@@ -100,6 +100,9 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
  * - containers ending on their own: outputs are saved the same way; all
  *   exiting 0 succeeds (stopped), any other exit fails the deployment.
  */
+/** How long an upload or download waits out a server that refuses it as too busy. */
+const BUSY_RETRY_MS = 30_000;
+
 export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   const addresses = typeof options.address === "string" ? [options.address] : [...options.address];
   const channel = channelOf(options, addresses);
@@ -111,6 +114,20 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   /** One client (channel) per address, opened on first use and kept: uploads come in bursts. */
   const clients = new Map<string, Resources>();
   async function withResources<T>(fn: (client: Resources) => Promise<T>): Promise<T> {
+    // A server serving as many unary calls as it takes did nothing with this one (action.proto,
+    // Limits): its outputs and inputs are worth waiting for, within a bound.
+    const started = Date.now();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await onEachAddress(fn);
+      } catch (error) {
+        if (errorReasonOf(error) !== "UNARY_CALLS_OVER_LIMIT" || Date.now() - started > BUSY_RETRY_MS)
+          throw error;
+        await delay(Math.random() * Math.min(2000, 100 * 2 ** attempt));
+      }
+    }
+  }
+  async function onEachAddress<T>(fn: (client: Resources) => Promise<T>): Promise<T> {
     let lastError: unknown;
     for (const address of addresses) {
       let client = clients.get(address);

@@ -1,0 +1,91 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fromBinary } from "@bufbuild/protobuf";
+import * as grpc from "@grpc/grpc-js";
+import pino from "pino";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createAgent, createDeploymentHandler } from "../../src/agent/index.js";
+import { Code, LeaseholdError } from "../../src/errors.js";
+import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { CreateFileRequestSchema, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { createServiceDefinition } from "../../src/rpc/adapter.js";
+import { createClient } from "../../src/rpc/client.js";
+import { toStatusObject } from "../../src/rpc/status.js";
+import { startTestServer, type TestServer } from "../helpers/server.js";
+
+/**
+ * A server serving as many unary calls as it takes refuses more with
+ * RESOURCE_EXHAUSTED, reason UNARY_CALLS_OVER_LIMIT, having done nothing. The
+ * agent saving a deployment's outputs waits that out instead of dropping them.
+ */
+describe("a deployment's outputs, saved through a server too busy for a moment", () => {
+  let t: TestServer;
+  beforeAll(async () => {
+    t = await startTestServer({ config: { gracePeriod: "4s", heartbeatInterval: "1s" } });
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  it("are saved once the server takes calls again", async () => {
+    // The agent's ResourceService calls go through this front, which refuses the first two
+    // uploads as the server does when it is busy, then passes everything on.
+    const real = createClient(ResourceService, t.address);
+    let refused = 0;
+    const front = new grpc.Server();
+    front.addService(createServiceDefinition(ResourceService), {
+      createFile(call: grpc.ServerUnaryCall<Buffer, unknown>, done: grpc.sendUnaryData<unknown>) {
+        if (refused < 2) {
+          refused++;
+          const busy = new LeaseholdError(Code.ResourceExhausted, "serving 32 unary calls, 224 waiting", {
+            reason: "UNARY_CALLS_OVER_LIMIT",
+          });
+          done(toStatusObject(busy, pino({ level: "silent" }), "CreateFile"));
+          return;
+        }
+        // Unary requests reach a handler as bytes (the adapter decodes them in the call).
+        real.createFile(fromBinary(CreateFileRequestSchema, call.request)).then(
+          (response) => done(null, response),
+          (error: unknown) => done(toStatusObject(error, pino({ level: "silent" }), "CreateFile")),
+        );
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      front.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const workDir = await mkdtemp(join(tmpdir(), "leasehold-busy-"));
+    const runtime = "busy";
+    const agent = createAgent({
+      address: t.address,
+      cluster: runtime,
+      workerId: "saver",
+      handler: createDeploymentHandler({ address: `127.0.0.1:${port}`, workDir }),
+    });
+    try {
+      const leases = t.client(LeaseService);
+      const leaseId = (await leases.createLease({ runtime })).lease?.id ?? "";
+      const script = `require("fs").writeFileSync("out/a.txt", "one"); setInterval(() => {}, 1000);`;
+      await t.client(ResourceService).createDeployment({
+        leaseId,
+        spec: {
+          containers: [{ name: "w", command: { argv: [process.execPath, "-e", script] } }],
+          readinessProbe: { check: { case: "exec", value: { argv: ["test", "-f", "out/a.txt"] } } },
+          outputsDir: "out",
+        },
+      });
+      for await (const _ of leases.waitLease({ leaseId, timeout: { seconds: 60n } }));
+      const collected = await leases.collectOutputs({ leaseId, timeout: { seconds: 60n } });
+      expect(refused).toBe(2);
+      expect(collected.skipped).toEqual([]);
+      expect(collected.fileIds).toHaveLength(1);
+    } finally {
+      await agent.close({ timeoutMs: 0 });
+      front.forceShutdown();
+      real.close();
+      await rm(workDir, { recursive: true, force: true });
+    }
+  }, 120_000);
+});

@@ -1061,6 +1061,35 @@ export function createAgent(options: AgentOptions): Agent {
     }
   }
 
+  /**
+   * The stream ended ABORTED, reason SESSION_REAPED: the session passed its
+   * deadline (this process was paused past it, say) and its leases expired;
+   * they may run elsewhere already. worker.proto: stop all work at once,
+   * report nothing more of those leases and do not list them again. So every
+   * handler still running is aborted (it keeps its slot here until it returns,
+   * as after a revoke), and every report not answered yet (a self-fence's
+   * release, a completion) is dropped, not sent again on the next stream:
+   * there it could only be fenced.
+   */
+  function dropReaped(): void {
+    for (const r of running.values()) {
+      r.progressWaiting = undefined;
+      r.progressSent = undefined;
+      const endedHere = r.serverEnded;
+      r.serverEnded = true;
+      if (r.report) {
+        r.report = { kind: "dropped" };
+        forget(r);
+        continue;
+      }
+      if (!endedHere) emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason: "expired" });
+      if (!r.controller.aborted)
+        r.controller.abort(
+          new LeaseLost("expired", "the server reaped this agent's session: its deadline passed unheard"),
+        );
+    }
+  }
+
   /** What to tell the server about an action whose handler was aborted. */
   function afterAbort(r: Running): PendingReport {
     // A lease the server ended is no longer ours to report on (a revoke may confirm a cancel or
@@ -1596,6 +1625,7 @@ export function createAgent(options: AgentOptions): Agent {
         }
         emit({ type: "taken_over", retryInMs });
       }
+      if (code === grpc.status.ABORTED && reason === "SESSION_REAPED") dropReaped();
       emit({ type: "disconnected", error: conn.abandoned ?? error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };

@@ -1,6 +1,8 @@
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
+import { pino } from "pino";
+import { type Code, LeaseholdError } from "../../src/errors.js";
 import {
   type ConnectRequest,
   type ConnectResponseSchema,
@@ -8,6 +10,7 @@ import {
   WorkerService,
 } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createServiceDefinition } from "../../src/rpc/adapter.js";
+import { toStatusObject } from "../../src/rpc/status.js";
 import { deferred } from "./deferred.js";
 
 export type ScriptedResponse = MessageInitShape<typeof ConnectResponseSchema>;
@@ -49,6 +52,8 @@ export async function scriptedWorkerServer(
   /** Heartbeats left unanswered by `holdAcks`, for `answerHeld` to answer. */
   let holding = false;
   const held: bigint[] = [];
+  /** Whether grant acks, completions and releases are answered (see `answerReports`). */
+  let answering = true;
   const ack = (sequence: bigint) => {
     write({
       message: {
@@ -95,6 +100,7 @@ export async function scriptedWorkerServer(
           if (holding) held.push(m.value.sequence);
           else ack(m.value.sequence);
         } else if (m.case === "grantAck" || m.case === "completion" || m.case === "release") {
+          if (!answering) return;
           const { reportId, actionId, epoch } = m.value;
           if (m.case === "completion" && refusal !== undefined) {
             const message = refusal;
@@ -176,9 +182,24 @@ export async function scriptedWorkerServer(
       holding = false;
       for (const sequence of held.splice(0)) ack(sequence);
     },
-    /** Ends the open stream with UNAVAILABLE, as a server going away does. */
-    endStream() {
-      stream?.destroy(Object.assign(new Error("going away"), { code: grpc.status.UNAVAILABLE }));
+    /** Answers no grant ack, completion or release from now on, or again. */
+    answerReports(on: boolean) {
+      answering = on;
+    },
+    /**
+     * Ends the open stream with UNAVAILABLE, as a server going away does; or,
+     * given an ErrorInfo reason, with that status as the server ends it (e.g.
+     * ABORTED, SESSION_REAPED).
+     */
+    endStream(ending?: { code: Code; reason: string; message: string }) {
+      if (!ending) {
+        stream?.destroy(Object.assign(new Error("going away"), { code: grpc.status.UNAVAILABLE }));
+        return;
+      }
+      const error = new LeaseholdError(ending.code, ending.message, { reason: ending.reason });
+      const { code, details, metadata } = toStatusObject(error, pino({ level: "silent" }), "Connect");
+      // Emitted, not destroyed with: grpc-js sends the status of an error emitted on the call.
+      stream?.emit("error", Object.assign(new Error(details), { code, details, metadata }));
     },
     close: () => server.forceShutdown(),
   };

@@ -1,6 +1,7 @@
 import { createServer, type Socket } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, createAgent } from "../../src/agent/index.js";
+import { Code } from "../../src/errors.js";
 import { deferred } from "../helpers/deferred.js";
 import { scriptedWorkerServer } from "../helpers/scripted-worker.js";
 
@@ -44,6 +45,102 @@ describe("the agent SDK, paused past its local deadline", () => {
     await server.until(() => server.received.includes("release"));
     expect(server.received).not.toContain("completion");
     expect(events.some((e) => e.type === "self_fenced")).toBe(true);
+  });
+});
+
+describe("the agent SDK, whose session the server reaped", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+  const reaped = {
+    code: Code.Aborted,
+    reason: "SESSION_REAPED",
+    message: "this session passed its deadline and was reaped",
+  };
+  const helloAfter = (server: Awaited<ReturnType<typeof scriptedWorkerServer>>, index: number) => {
+    const hellos = server.requests.filter((r) => r.message.case === "hello");
+    const hello = hellos[index]?.message;
+    return hello?.case === "hello" ? hello.value : undefined;
+  };
+
+  it("after a pause past its deadline, neither lists the self-fenced leases in its next hello nor releases them", async () => {
+    // Acks guarantee 3 s: the local deadline is 2.5 s after each heartbeat is sent.
+    const server = await scriptedWorkerServer({ remainingMs: 3000 });
+    cleanups.push(server.close);
+    const events: AgentEvent[] = [];
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      capacity: 2,
+      onEvent: (e) => events.push(e),
+      handler: (ctx) => new Promise((resolve) => ctx.signal.addEventListener("abort", () => resolve({}))),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await server.acked;
+    server.send({ message: { case: "grant", value: { actionId: "a1", epoch: 1n, attempt: 1 } } });
+    server.send({ message: { case: "grant", value: { actionId: "a2", epoch: 1n, attempt: 1 } } });
+    await server.until(() => server.received.filter((k) => k === "grantAck").length === 2);
+    // The server reaps the session while the process is stopped (SIGSTOP past the deadline):
+    // on waking, the fence runs first and releases go out on a stream the server has closed.
+    server.answerReports(false);
+    freeze(4000);
+    await server.until(() => server.received.filter((k) => k === "release").length === 2);
+    expect(events.some((e) => e.type === "self_fenced")).toBe(true);
+    server.answerReports(true);
+    const releases = server.received.filter((k) => k === "release").length;
+    server.endStream(reaped);
+    await server.until(() => server.requests.filter((r) => r.message.case === "hello").length === 2);
+    expect(helloAfter(server, 1)?.heldLeases).toEqual([]);
+    // Its heartbeats list nothing either, and the releases are not sent again.
+    await server.next("heartbeat");
+    await server.next("heartbeat");
+    expect(server.received.filter((k) => k === "release").length).toBe(releases);
+    const beats = server.requests.filter((r) => r.message.case === "heartbeat");
+    const last = beats.at(-1)?.message;
+    expect(last?.case === "heartbeat" && last.value.heldLeases).toEqual([]);
+  });
+
+  it("stops the handlers still running and drops unanswered reports, reporting nothing more of them", async () => {
+    const server = await scriptedWorkerServer();
+    cleanups.push(server.close);
+    const events: AgentEvent[] = [];
+    const aborted: unknown[] = [];
+    const agent = createAgent({
+      address: server.address,
+      workerId: "w1",
+      cluster: "east",
+      capacity: 2,
+      onEvent: (e) => events.push(e),
+      handler: (ctx) =>
+        ctx.actionId === "done"
+          ? Promise.resolve({ ok: true })
+          : new Promise((resolve) =>
+              ctx.signal.addEventListener("abort", () => {
+                aborted.push(ctx.signal.reason);
+                resolve({});
+              }),
+            ),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    await server.acked;
+    server.answerReports(false);
+    server.send({ message: { case: "grant", value: { actionId: "running", epoch: 1n, attempt: 1 } } });
+    server.send({ message: { case: "grant", value: { actionId: "done", epoch: 1n, attempt: 1 } } });
+    // The completion is sent and not answered before the server reaps the session.
+    await server.until(() => server.received.includes("completion"));
+    server.answerReports(true);
+    server.endStream(reaped);
+    await server.until(() => server.requests.filter((r) => r.message.case === "hello").length === 2);
+    expect(helloAfter(server, 1)?.heldLeases).toEqual([]);
+    expect(aborted).toEqual([expect.objectContaining({ name: "LeaseLost", reason: "expired" })]);
+    expect(events).toContainEqual({ type: "revoked", actionId: "running", epoch: 1, reason: "expired" });
+    await server.next("heartbeat");
+    await server.next("heartbeat");
+    expect(server.received.filter((k) => k === "completion").length).toBe(1);
+    expect(server.received).not.toContain("release");
+    expect(server.received).not.toContain("progress");
   });
 });
 

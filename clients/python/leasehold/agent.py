@@ -682,12 +682,32 @@ class Agent:
                         lease.gone = True
                         self._cancel(lease, "superseded")
                 self._emit("taken_over", retry_in_ms=round(delay * 1000))
+            if (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_REAPED"):
+                self._drop_reaped()
             if stream.abandoned is not None:
                 why = stream.abandoned
             else:
                 why = f"{code.name}: {error.details()}" if code and isinstance(error, grpc.Call) else "stream ended"
             self._emit("disconnected", error=why, retry_in_ms=round(delay * 1000))
             return delay
+
+    def _drop_reaped(self) -> None:
+        """The session passed its deadline and was reaped (SESSION_REAPED): its leases expired.
+
+        worker.proto: stop all work at once, report nothing more of those leases and do not list
+        them again (they may run elsewhere already). Running handlers are cancelled (expired), and
+        reports not answered yet (a self-fence's release, a completion) are dropped: sent on the
+        next stream, they could only be fenced.
+        """
+        for lease in list(self._leases.values()):
+            was_gone = lease.gone
+            lease.gone = True
+            if lease.report is not None:
+                self._forget(lease)
+                continue
+            if not was_gone:
+                self._emit("revoked", action_id=lease.action_id, epoch=lease.epoch, reason="expired")
+            self._cancel(lease, "expired")
 
     def _handle(self, stream: _Stream, response: worker_pb2.ConnectResponse) -> None:
         """Handles one server message (the hello did not ask for batches, so none come)."""

@@ -25,7 +25,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     is set once the first ack is queued, so a grant sent after it always follows that ack.
     ``break_stream()`` ends the current stream with UNAVAILABLE, as a server that restarts does.
     ``take_over()`` ends the stream as the server does when another stream takes the session (or,
-    with ``in_use``, as it refuses a hello while another process holds it); ``instance_ids`` lists
+    with ``in_use``, as it refuses a hello while another process holds it); ``reap()`` ends the
+    current stream once as the server does when the session passed its deadline (ABORTED,
+    SESSION_REAPED); while ``answering`` is cleared, grant acks and reports go unanswered;
+    ``instance_ids`` lists
     the hellos' instance ids, ``hello_leases`` their held leases as (action_id, epoch) pairs.
     After ``hold_acks()``, heartbeats wait for ``answer_oldest()``, as on a slow server.
     The welcome sets accepts_stop_grants as ``accepts_stop_grants`` says; ``got`` receives, in
@@ -40,6 +43,9 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
         self._outbox: queue.SimpleQueue[worker_pb2.ConnectResponse | None] = queue.SimpleQueue()
         self._taken_over = threading.Event()
         self._breaking = threading.Event()
+        self._reaping = threading.Event()
+        self.answering = threading.Event()
+        self.answering.set()
         self._ending = (grpc.StatusCode.ABORTED, "SESSION_TAKEN_OVER", "a newer stream of this worker took the session over")
         self.acked = threading.Event()
         self.instance_ids: list[str] = []
@@ -76,6 +82,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     def break_stream(self) -> None:
         self._breaking.set()
+        self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
+
+    def reap(self) -> None:
+        self._reaping.set()
         self._outbox.put(worker_pb2.ConnectResponse())  # wakes the writer
 
     def take_over(self, in_use: bool = False) -> None:
@@ -123,6 +133,8 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
                                 continue
                         self._ack(outbox, request.heartbeat.sequence)
                     elif kind in ("grant_ack", "completion", "release"):
+                        if not self.answering.is_set():
+                            continue
                         report = getattr(request, kind)
                         result = worker_pb2.ReportResult(
                             report_id=report.report_id, action_id=report.action_id, epoch=report.epoch, accepted=True
@@ -145,8 +157,15 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
             reply = outbox.get()
             if reply is None:
                 return
-            if self._taken_over.is_set():
-                code, reason, message = self._ending
+            reaped = self._reaping.is_set()
+            if reaped:
+                self._reaping.clear()
+            if self._taken_over.is_set() or reaped:
+                code, reason, message = (
+                    (grpc.StatusCode.ABORTED, "SESSION_REAPED", "this session passed its deadline and was reaped")
+                    if reaped
+                    else self._ending
+                )
                 info = error_details_pb2.ErrorInfo(reason=reason, domain="leasehold.dev")
                 detail = any_pb2.Any()
                 detail.Pack(info)

@@ -27,7 +27,7 @@ import (
 // held leases on hellos, and writes what the test puts on send. Its welcome
 // sets accepts_stop_grants while acceptsStopGrants is on, and got receives,
 // in order, a line for each hello, StopGrants, report and goodbye (see
-// described). One goroutine
+// described). While silent is on, grant acks and reports go unanswered. One goroutine
 // per stream writes everything, so a grant sent after acked follows that
 // first ack. While holding is on, it keeps the heartbeats unanswered, as a
 // slow server does, and answers the oldest of them on answerOldest. It serves
@@ -36,6 +36,8 @@ type scriptedServer struct {
 	leaseholdv1.UnimplementedWorkerServiceServer
 	timing scriptTiming
 	acking atomic.Bool
+	// silent: grant acks and reports go unanswered.
+	silent atomic.Bool
 	send   chan *leaseholdv1.ConnectResponse
 	hellos chan []*leaseholdv1.HeldLease
 	acked  chan struct{}
@@ -176,6 +178,12 @@ func (s *scriptedServer) Connect(stream leaseholdv1.WorkerService_ConnectServer)
 			select {
 			case s.got <- line:
 			default: // the test does not read them
+			}
+		}
+		switch req.GetMessage().(type) {
+		case *leaseholdv1.ConnectRequest_GrantAck, *leaseholdv1.ConnectRequest_Completion, *leaseholdv1.ConnectRequest_Release:
+			if s.silent.Load() {
+				return
 			}
 		}
 		switch m := req.GetMessage().(type) {
@@ -531,6 +539,140 @@ func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("no hello after the takeover")
 	}
+}
+
+// reaped ends a stream as the server does when its session passed its deadline.
+func reaped(t *testing.T) error {
+	st, err := status.New(codes.Aborted, "this session passed its deadline and was reaped").
+		WithDetails(&errdetails.ErrorInfo{Reason: "SESSION_REAPED", Domain: "leasehold.dev"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Err()
+}
+
+// linesUntil reads got until want, failing on any line in refused before it.
+func linesUntil(t *testing.T, got <-chan string, want string, refused ...string) {
+	for {
+		select {
+		case line := <-got:
+			if line == want {
+				return
+			}
+			for _, r := range refused {
+				if line == r {
+					t.Fatalf("the agent sent %q before %q", line, want)
+				}
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("never got %q", want)
+		}
+	}
+}
+
+// A process paused past its deadline wakes to a self-fence and a stream the
+// server ended SESSION_REAPED: the release the fence queued is not sent again,
+// and the next hello lists nothing (worker.proto: report nothing more of those
+// leases and do not list them again).
+func TestAReapedSessionsSelfFencedLeaseIsNeitherListedNorReleased(t *testing.T) {
+	fs, stop := startScripted(t, scriptTiming{heartbeat: time.Second, grace: 200 * time.Millisecond,
+		remaining: 1500 * time.Millisecond})
+	defer stop()
+	started := make(chan struct{})
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		SelfFenceMargin: 200 * time.Millisecond,
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			<-ctx.Done()
+			return nil, ctx.Err()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeWithin(a, 2*time.Second)
+	<-fs.hellos
+	select {
+	case <-fs.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+	fs.silent.Store(true)
+	fs.send <- grantOf(1)
+	<-started
+	fs.acking.Store(false) // acks stop: the agent self-fences and releases the lease
+	linesUntil(t, fs.got, "release a1")
+	fs.acking.Store(true)
+	fs.silent.Store(false)
+	fs.end <- reaped(t)
+	select {
+	case held := <-fs.hellos:
+		if len(held) != 0 {
+			t.Fatalf("the hello after the reap lists %v, a lease that expired", held)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no hello after the reap")
+	}
+	// Reports waiting go out right after the welcome, before the goodbye.
+	closeWithin(a, 2*time.Second)
+	linesUntil(t, fs.got, "goodbye", "release a1", "completion a1")
+}
+
+// A handler still running when the server reaps its session is cancelled
+// (expired) and reports nothing.
+func TestAReapedSessionsRunningHandlerStopsAndReportsNothing(t *testing.T) {
+	fs, stop := startScripted(t, longGuarantee)
+	defer stop()
+	started := make(chan struct{})
+	reasons := make(chan string, 1)
+	revoked := make(chan Revoked, 4)
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		OnEvent: func(e Event) {
+			if r, ok := e.(Revoked); ok {
+				select {
+				case revoked <- r:
+				default: // never block the agent's loop
+				}
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			<-ctx.Done()
+			if lost := action.Lost(); lost != nil {
+				reasons <- lost.Reason
+			} else {
+				reasons <- "not lost"
+			}
+			return nil, ctx.Err()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeWithin(a, 2*time.Second)
+	<-fs.hellos
+	<-fs.acked
+	fs.send <- grantOf(1)
+	<-started
+	fs.end <- reaped(t)
+	select {
+	case reason := <-reasons:
+		if reason != "expired" {
+			t.Fatalf("the handler stopped for %q, not expired", reason)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the handler never stopped")
+	}
+	if r := <-revoked; r.Reason != "expired" || r.ActionID != "a1" {
+		t.Fatalf("revoked event %+v", r)
+	}
+	if held := <-fs.hellos; len(held) != 0 {
+		t.Fatalf("the hello after the reap lists %v, a lease that expired", held)
+	}
+	closeWithin(a, 2*time.Second)
+	linesUntil(t, fs.got, "goodbye", "release a1", "completion a1")
 }
 
 // A server that stops answering heartbeats (hung) never ends the stream: the

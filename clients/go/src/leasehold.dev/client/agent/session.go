@@ -177,8 +177,35 @@ func (a *Agent) ended(c *conn, err error) {
 		}
 		a.emit(TakenOver{RetryIn: delay})
 	}
+	if e.Code == codes.Aborted && e.Reason == "SESSION_REAPED" {
+		a.dropReaped()
+	}
 	a.emit(Disconnected{Err: e, RetryIn: delay})
 	a.reconnectTimer = time.AfterFunc(delay, func() { a.post(a.connect) })
+}
+
+// dropReaped handles a stream ended ABORTED, reason SESSION_REAPED: the
+// session passed its deadline (the process was paused past it, say) and its
+// leases expired; they may run elsewhere already. worker.proto: stop all work
+// at once, report nothing more of those leases and do not list them again.
+// Running handlers are cancelled (expired; each keeps its slot here until it
+// returns, as after a revoke), and reports not answered yet (a self-fence's
+// release, a completion) are dropped: sent on the next stream, they could
+// only be fenced.
+func (a *Agent) dropReaped() {
+	for _, r := range a.running {
+		wasGone := r.gone
+		r.gone = true
+		if r.report != nil {
+			a.forget(r)
+			continue
+		}
+		const message = "the server reaped this agent's session: its deadline passed unheard"
+		if !wasGone {
+			a.emit(Revoked{ActionID: r.lease.ActionID, Epoch: r.lease.Epoch, Reason: "expired", Message: message})
+		}
+		a.abort(r, &LeaseLost{Reason: "expired", Message: message})
+	}
 }
 
 // receive handles one server message; the messages of a batch one by one, in order.

@@ -104,11 +104,13 @@ function tell(
     case "session_taken_over":
       return `a new stream of ${worker} took session ${session} over; the older stream was closed`;
     case "session_reaped":
-      return `session ${session} of ${worker} reaped: its deadline passed with no heartbeat`;
+      return endedByRestart(e, held?.session)
+        ? `session ${session} of ${worker} ended: a new process of the worker connected while the stream of this one was gone`
+        : `session ${session} of ${worker} reaped: its deadline passed with no heartbeat`;
     case "session_closed":
       return `${worker} said goodbye; session ${session} closed`;
     case "lease_expired":
-      return `epoch ${epoch} expired: ${expiryCause(held)}; the action goes back to the queue`;
+      return `epoch ${epoch} expired: ${expiryCause(e, held)}; the action goes back to the queue`;
     case "lease_revoked":
       return `epoch ${epoch} revoked from ${worker}: ${e.message}`;
     case "lease_released":
@@ -128,15 +130,38 @@ function tell(
   }
 }
 
-/** Why a lease expired, from its session's row. */
+/**
+ * Whether a reap's event (session_reaped or lease_expired) ended its session
+ * because a new process of the worker said hello while the session's stream
+ * was gone, rather than at its deadline. The event's `details.cause` says so
+ * (ReapCause); older events have none, and then the session's row does: only
+ * a restart reaps a session before its deadline.
+ */
+function endedByRestart(e: EventRecord, session: HoldingSession | undefined): boolean {
+  const cause = e.details?.cause;
+  if (cause === "restarted") return true;
+  if (cause === "deadline") return false;
+  return session?.endReason === "reaped" && session.endedAt !== null && session.endedAt < session.deadline;
+}
+
+/** Why a lease expired, from its event and its session's row. */
 function expiryCause(
+  e: EventRecord,
   held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,
 ): string {
-  if (!held?.session) return "its session's deadline passed";
+  const restarted = endedByRestart(e, held?.session);
+  if (!held?.session) {
+    return restarted
+      ? "a new process of its worker connected while its session's stream was gone"
+      : "its session's deadline passed";
+  }
   const { attempt, session } = held;
   const holder = `worker ${attempt.workerId}'s session ${attempt.sessionId}`;
   const lost = session.streamLostAt
     ? `lost its stream at ${iso(session.streamLostAt)}`
     : `was last heard at ${iso(session.lastHeardAt)}`;
+  if (restarted) {
+    return `${holder} ${lost} and a new process of the worker connected at ${iso(e.at)}, ending the session instead of resuming it`;
+  }
   return `${holder} ${lost} and did not come back before its deadline ${iso(session.deadline)}`;
 }

@@ -122,6 +122,9 @@ describe("ExplainAction", () => {
     expect(say(3)).toMatch(
       /^stream of worker explain-a lost, in grace until .+Z \(\d\.\d s\); epoch 1 waits/,
     );
+    expect(say(4)).toBe(
+      `session ${a.welcome.sessionId} of worker explain-a reaped: its deadline passed with no heartbeat`,
+    );
     expect(say(5)).toMatch(
       /^epoch 1 expired: worker explain-a's session .+ lost its stream at .+Z and did not come back before its deadline .+Z; the action goes back to the queue$/,
     );
@@ -169,6 +172,38 @@ describe("ExplainAction", () => {
       /^epoch 1 resumed by worker explain-c, reconnected in time \(session .+\): the lease still holds$/,
     );
     expect(explained.attempts[0]?.attempt?.outcome).toBe(AttemptOutcome.RUNNING);
+    stop();
+    again.goodbye();
+  });
+
+  it("tells a restarted worker ending its predecessor's session: a new process, not a deadline", async () => {
+    const api = t.client(ActionService);
+    const hello = { workerId: "explain-r", cluster: "explain-4", capacity: 1 };
+    const a = await connectWorker(t.address, { ...hello, instanceId: "first-process" });
+    const { action } = await api.submitAction({ cluster: "explain-4" });
+    const id = action?.id ?? "";
+    await a.next("grant", (g) => g.actionId === id);
+    a.drop();
+    await waitForEvent(t, "explain-r", EventKind.STREAM_LOST);
+    // A new process of the worker: its hello ends the lost session at once, long before its deadline.
+    const again = await connectWorker(t.address, { ...hello, instanceId: "second-process" });
+    const stop = keepAlive(again, []);
+    const regrant = await again.next("grant", (g) => g.actionId === id);
+    expect(regrant.epoch).toBe(2n);
+
+    const explained = await api.explainAction({ actionId: id });
+    const say = (kind: EventKind) => explained.timeline.find((s) => s.event?.kind === kind)?.summary;
+    expect(say(EventKind.SESSION_REAPED)).toBe(
+      `session ${a.welcome.sessionId} of worker explain-r ended: a new process of the worker connected while the stream of this one was gone`,
+    );
+    expect(say(EventKind.LEASE_EXPIRED)).toMatch(
+      /^epoch 1 expired: worker explain-r's session .+ lost its stream at .+Z and a new process of the worker connected at .+Z, ending the session instead of resuming it; the action goes back to the queue$/,
+    );
+    const { events } = await t.client(EventService).listEvents({
+      workerId: "explain-r",
+      kind: EventKind.SESSION_REAPED,
+    });
+    expect(events.map((e) => e.details)).toEqual([{ cause: "restarted" }]);
     stop();
     again.goodbye();
   });

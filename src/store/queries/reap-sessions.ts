@@ -24,6 +24,14 @@ export interface PartitionChange {
   readonly live: number;
 }
 
+/**
+ * Why a reap ended a session, as its session_reaped and lease_expired events
+ * say in `details.cause`: `deadline`, it passed its deadline unheard (or past
+ * the maximum silence); `restarted`, a new process of its worker said hello
+ * while its stream was gone. Events written before this field have none.
+ */
+export type ReapCause = "deadline" | "restarted";
+
 /** What one reap did. */
 export interface ReapResult {
   readonly sessions: readonly { sessionId: string; workerId: string }[];
@@ -117,6 +125,8 @@ export async function reapSessions(
   const restarted = options.sessionIds !== undefined && options.restarted === true;
   /** Due: past the deadline, or any named session of a restarted worker. */
   const due: SQL = restarted ? sql`true` : sql`s.deadline < ${now}`;
+  /** Why the sessions end, in their session_reaped and lease_expired events' details (see ReapCause). */
+  const cause: ReapCause = restarted ? "restarted" : "deadline";
   const which: SQL = options.sessionIds
     ? sql`and s.id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
     : sql``;
@@ -233,28 +243,30 @@ export async function reapSessions(
         from expired e where t.action_id = e.id and t.epoch = e.epoch
       ),
       expiry_events as (
-        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message)
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, details)
         select 'lease_expired', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
           'lease expired for action ' || e.id || ' (worker ' || e.worker_id || ', cluster ' || e.cluster
-          || ', epoch ' || e.epoch || ')'
+          || ', epoch ' || e.epoch || ')',
+          jsonb_build_object('cause', ${cause}::text)
         from expired e
         union all
         select 'action_failed', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
-          'action failed: system-retry budget exhausted'
+          'action failed: system-retry budget exhausted', null
         from expired e where e.state = 'FAILED'
         union all
         select 'action_cancelled', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
-          'action cancelled (its lease expired while the cancel was pending)'
+          'action cancelled (its lease expired while the cancel was pending)', null
         from expired e where e.state = 'CANCELLED'
       ),
       session_events as (
-        insert into events (kind, worker_id, cluster, session_id, message)
+        insert into events (kind, worker_id, cluster, session_id, message, details)
         select 'session_reaped', ended.worker_id, w.cluster, ended.id,
           'session of worker ' || ended.worker_id || ${
             restarted
               ? " reaped: a new process of the worker connected while the stream of this one was gone"
               : " reaped at its deadline"
-          }
+          },
+          jsonb_build_object('cause', ${cause}::text)
         from ended join workers w on w.worker_id = ended.worker_id
       )
       select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,

@@ -366,7 +366,8 @@ export enum EventKind {
   LEASE_RESUMED = 8,
 
   /**
-   * A lease expired at its session's deadline; the action is re-queued.
+   * A lease expired when its session was reaped; the action is re-queued
+   * (details: cause, as for EVENT_KIND_SESSION_REAPED).
    *
    * @generated from enum value: EVENT_KIND_LEASE_EXPIRED = 9;
    */
@@ -436,7 +437,10 @@ export enum EventKind {
   SESSION_TAKEN_OVER = 16,
 
   /**
-   * A session passed its deadline and was reaped.
+   * A session was reaped (details: cause): "deadline", it passed its deadline
+   * unheard; "restarted", a new process of its worker (another
+   * Hello.instance_id) said hello while its stream was lost. Events written
+   * by older servers have no cause.
    *
    * @generated from enum value: EVENT_KIND_SESSION_REAPED = 17;
    */

@@ -44,7 +44,8 @@ const (
 	EventKind_EVENT_KIND_LEASE_GRANTED EventKind = 7
 	// A reconnecting worker resumed a lease with the same epoch.
 	EventKind_EVENT_KIND_LEASE_RESUMED EventKind = 8
-	// A lease expired at its session's deadline; the action is re-queued.
+	// A lease expired when its session was reaped; the action is re-queued
+	// (details: cause, as for EVENT_KIND_SESSION_REAPED).
 	EventKind_EVENT_KIND_LEASE_EXPIRED EventKind = 9
 	// A worker released a lease.
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
@@ -74,7 +75,10 @@ const (
 	EventKind_EVENT_KIND_SESSION_RESUMED EventKind = 15
 	// A newer stream took a session over; the older stream was closed.
 	EventKind_EVENT_KIND_SESSION_TAKEN_OVER EventKind = 16
-	// A session passed its deadline and was reaped.
+	// A session was reaped (details: cause): "deadline", it passed its deadline
+	// unheard; "restarted", a new process of its worker (another
+	// Hello.instance_id) said hello while its stream was lost. Events written
+	// by older servers have no cause.
 	EventKind_EVENT_KIND_SESSION_REAPED EventKind = 17
 	// A worker said goodbye and its session ended.
 	EventKind_EVENT_KIND_SESSION_CLOSED EventKind = 18

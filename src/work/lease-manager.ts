@@ -193,7 +193,8 @@ export interface LeaseManager extends AsyncDisposable {
   databaseChecked(ok: boolean, atMs?: number): void;
   /** One round of each loop, for tests that drive time by hand. */
   readonly tick: {
-    renew(): Promise<void>;
+    /** Resolves `false` when no stream was hosted, so nothing was written. */
+    renew(): Promise<boolean>;
     reap(): Promise<void>;
     audit(): Promise<void>;
     dispatch(): Promise<void>;
@@ -485,11 +486,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     publishActions,
   });
   const audit = createAudit({ db, hosted, revoke: revokes.revoke });
-  /** A renewal; one that fails tells the reaper that the stored deadlines may be stale. */
-  const renew = async () => {
+  /**
+   * A renewal; one that fails tells the reaper that the stored deadlines may be stale. One with
+   * no stream to renew wrote nothing and proves nothing (`false`, see Loops.every).
+   */
+  const renew = async (): Promise<boolean> => {
     try {
       const started = performance.now();
-      await renewal.renew();
+      if ((await renewal.renew()) === false) return false;
       // A stalled database (a lock on sessions) answers checks but renews nobody meanwhile:
       // say so, or the agents' self-fences after it look unexplained. The time includes this
       // process's own lateness (a saturated event loop), which the line cannot tell apart.
@@ -501,6 +505,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         );
       }
       reaper.databaseAnswered("renewal");
+      return true;
     } catch (error) {
       reaper.databaseFailed("renewal");
       throw error;

@@ -95,6 +95,31 @@ describe("renewSessions", () => {
     expect(deadlinesMs[0]).toBe(await stored("long-grace"));
   });
 
+  it("says a renewal with no stream hosted wrote nothing, whatever the database does", async () => {
+    // A database refusing connections: a renewal that sent a statement would fail.
+    const touched: string[] = [];
+    const refusing = new Proxy(db, {
+      get(_target, key) {
+        touched.push(String(key));
+        return () =>
+          Promise.reject(Object.assign(new Error("connect ECONNREFUSED"), { code: "ECONNREFUSED" }));
+      },
+    });
+    const sessions: Hosted[] = [];
+    const hosted = { values: () => sessions.values() } as unknown as HostedSessions;
+    const renewal = createRenewal({
+      db: refusing,
+      clock,
+      hosted,
+      graceMs: 10_000,
+      heartbeatIntervalMs: 1000,
+      serverId: "this-server",
+    });
+    // Every stream drained (a process shutting down): nothing to write, so no proof it works.
+    expect(await renewal.renew()).toBe(false);
+    expect(touched).toEqual([]);
+  });
+
   it("renews a process's sessions in chunks, and ends the stream of a session another took", async () => {
     const count = 2 * RENEW_CHUNK + 500;
     await db.execute(sql`
@@ -235,7 +260,7 @@ describe("renewSessions", () => {
     try {
       // One timer callback, as after a stall: the heartbeat is in the socket, unread, when the
       // overdue tick runs (timers run before the loop polls its sockets).
-      const renewed = await new Promise<Promise<void>>((resolve) =>
+      const renewed = await new Promise<Promise<boolean>>((resolve) =>
         setTimeout(() => {
           worker.write("heartbeat");
           resolve(renewal.renew());

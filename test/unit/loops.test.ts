@@ -38,6 +38,31 @@ describe("the loops of a process", () => {
     loops.stop();
   });
 
+  it("logs the recovery only after a run that tried: one with nothing to do proves nothing", async () => {
+    const lines: { level: number; msg: string; failures?: number }[] = [];
+    const loops = createLoops(
+      pino({ level: "info" }, { write: (line: string) => lines.push(JSON.parse(line)) }),
+    );
+    // The database refuses connections twice; then the process drains for its shutdown and the
+    // renewal has no stream left to renew (false: nothing written), while the database is still
+    // down; then a run writes again.
+    const outcomes: (() => Promise<unknown>)[] = [
+      () => Promise.reject(new Error("connect ECONNREFUSED")),
+      () => Promise.reject(new Error("connect ECONNREFUSED")),
+      () => Promise.resolve(false),
+      () => Promise.resolve(true),
+    ];
+    loops.every(1000, "session renewal", () => (outcomes.shift() ?? (() => Promise.resolve()))());
+    await vi.advanceTimersByTimeAsync(3000);
+    expect(lines.map((l) => l.msg)).toEqual(["session renewal failed; retrying on every tick"]);
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(lines.map((l) => [l.msg, l.failures])).toEqual([
+      ["session renewal failed; retrying on every tick", undefined],
+      ["session renewal works again", 2],
+    ]);
+    loops.stop();
+  });
+
   it("without retryMs waits for the next tick, and runs nothing once stopped", async () => {
     const loops = createLoops(pino({ level: "silent" }));
     const { runs, fn } = failing(1);

@@ -11,11 +11,16 @@ export interface Loops {
    * at the next tick. With `soonMs`, it also runs once that long after the
    * call: housekeeping on an hourly tick still runs in a process restarted
    * more often than that.
+   *
+   * `fn` resolves `false` when it had nothing to do and so tried nothing
+   * (a renewal with no stream to renew, say, in a process draining for its
+   * shutdown): such a run says nothing of whether the task works again, so
+   * it neither ends a run of failures nor logs the recovery.
    */
   every(
     ms: number,
     name: string,
-    fn: () => Promise<void>,
+    fn: () => Promise<unknown>,
     options?: { phaseMs?: number; retryMs?: number; soonMs?: number },
   ): void;
   /** Stops every loop: no run starts after it (one under way finishes). */
@@ -38,7 +43,9 @@ export function createLoops(log: Logger): Loops {
         running = true;
         fn()
           .then(
-            () => runs.worked(),
+            (tried) => {
+              if (tried !== false) runs.worked();
+            },
             (error: unknown) => {
               // Stopping: the database may close under a run still in progress (a renewal of
               // many sessions takes several statements); whoever stops stands for it.

@@ -45,8 +45,12 @@ export interface Renewal {
    * meanwhile only counted down, and a worker would otherwise learn of the
    * new deadline at its next heartbeat, up to an interval later, which is
    * an interval less of the outage it survives without self-fencing.
+   *
+   * Resolves `false` when no stream was hosted, so nothing was written: that
+   * says nothing of whether the database works (see Loops.every); `true`
+   * once the renewal is written.
    */
-  renew(): Promise<void>;
+  renew(): Promise<boolean>;
   /**
    * SPEC rule 7: a process never reaps a session it hosts whose renewal it
    * failed to write. While the last renewal failed, or one has been running
@@ -143,7 +147,7 @@ export function createRenewal(deps: {
       await new Promise((resolve) => setImmediate(resolve));
       const heard: Hosted[] = [];
       for (const s of hosted.values()) if (!s.ended) heard.push(s);
-      if (heard.length === 0) return;
+      if (heard.length === 0) return false;
       const now = performance.now();
       startedAt = now;
       try {
@@ -158,6 +162,7 @@ export function createRenewal(deps: {
         const late = failed || slow;
         failed = false;
         if (late && deps.reack) for (const s of heard) if (!s.ended) deps.reack(s);
+        return true;
       } catch (error) {
         failed = true;
         deps.answered?.(false);

@@ -130,7 +130,7 @@ describe("ExplainAction", () => {
     );
     expect(say(6)).toMatch(/^epoch 2 granted to worker explain-b/);
     expect(say(7)).toMatch(
-      /^fenced: completion from worker explain-a rejected: epoch 1 is not the current lease/,
+      /^fenced: completion from worker explain-a rejected: epoch 1 is older than the current epoch 2/,
     );
     expect(say(8)).toBe("completed by worker explain-b under epoch 2: accepted (reported as anonymous)");
     back.goodbye();

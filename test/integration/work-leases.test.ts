@@ -281,6 +281,47 @@ describe("work leases", () => {
     expect(new Set(westEvents)).toEqual(new Set(["west"]));
   });
 
+  it("says why it fenced a late report: the action ended, or its epoch is older than the current one", async () => {
+    const w = await worker("wf", { capacity: 2 });
+    const done = await submit();
+    await submit();
+    await tick().dispatch();
+    const grants = [await w.next("grant"), await w.next("grant")];
+    const finished = grants.find((g) => g.actionId === done);
+    const given = grants.find((g) => g.actionId !== done);
+    if (!finished || !given) throw new Error("both actions are granted to wf");
+    expect(await w.complete(finished, { output: {} })).toMatchObject({ accepted: true });
+    expect(await w.release(given)).toMatchObject({ accepted: true });
+    // The freed slot takes the released action again, under epoch 2.
+    expect(await w.next("grant")).toMatchObject({ actionId: given.actionId, epoch: 2n });
+    // Late progress on both leases, under the epochs they were granted with.
+    for (const [n, g] of [finished, given].entries()) {
+      const reportId = BigInt(9000 + n);
+      w.send({
+        message: {
+          case: "progress",
+          value: { reportId, actionId: g.actionId, epoch: g.epoch, phase: "late" },
+        },
+      });
+      expect(await w.next("reportResult", (r) => r.reportId === reportId)).toMatchObject({
+        rejectReason: RejectReason.FENCED,
+      });
+    }
+    await waitForEvent(t, "", "wf", EventKind.REPORT_FENCED, 2);
+    const fenced = (
+      await t.client(EventService).listEvents({ workerId: "wf", kind: EventKind.REPORT_FENCED })
+    ).events;
+    expect(new Map(fenced.map((e) => [e.actionId, e.message]))).toEqual(
+      new Map([
+        [
+          finished.actionId,
+          "progress from worker wf rejected: the action already ended SUCCEEDED (under epoch 1)",
+        ],
+        [given.actionId, "progress from worker wf rejected: epoch 1 is older than the current epoch 2"],
+      ]),
+    );
+  });
+
   it("grants a queued action with epoch 1 and accepts its completion once (a resent copy too)", async () => {
     const w = await worker("w1");
     const id = await submit({ payload: { argv: ["true"] } });

@@ -37,6 +37,19 @@ export interface WorkerEvent {
     readonly never_message: string;
     readonly foreign_message: string;
     readonly foreign_details?: Record<string, unknown> | null;
+    /**
+     * For a fenced report's event: its message up to the reason (e.g.
+     * "progress from worker w rejected: "). When the action is of the
+     * event's cluster and the worker once held that epoch, the reason is
+     * read from the action's row in this statement (off the report path:
+     * these rows are group-committed after the answer), so it says the
+     * real one: the action already ended (and how), the epoch is older than
+     * the current one, another session holds the lease, or the lease ended
+     * and the action waits for its next grant. Otherwise `message` stands.
+     * The row is read a moment after the report was fenced: what it says
+     * may have moved on since (a newer lease that already ended, say).
+     */
+    readonly fenced_prefix?: string;
   };
 }
 
@@ -65,6 +78,7 @@ export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[])
       never_message: e.named?.never_message ?? null,
       foreign_message: e.named?.foreign_message ?? null,
       foreign_details: e.named?.foreign_details ?? null,
+      fenced_prefix: e.named?.fenced_prefix ?? null,
     })),
   );
   await db.execute(sql`
@@ -77,13 +91,23 @@ export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[])
            when a.id is null then x.foreign_message
            when not exists (select 1 from attempts t where t.action_id = a.id and t.epoch = x.named_epoch
                                                        and t.worker_id = x.worker_id) then x.never_message
+           when x.fenced_prefix is null then x.message
+           when a.state in ('SUCCEEDED', 'FAILED', 'CANCELLED') then
+             x.fenced_prefix || 'the action already ended ' || a.state || ' (under epoch ' || a.epoch || ')'
+           when a.epoch > x.named_epoch then
+             x.fenced_prefix || 'epoch ' || x.named_epoch || ' is older than the current epoch ' || a.epoch
+           when a.state = 'LEASED' and a.session_id is distinct from x.session_id then
+             x.fenced_prefix || 'epoch ' || x.named_epoch || ' is the lease of another session (' || a.session_id || ')'
+           when a.state = 'QUEUED' then
+             x.fenced_prefix || 'the lease of epoch ' || x.named_epoch
+             || ' ended (expired, released or revoked); the action waits in the queue for its next grant'
            else x.message end,
       case when x.named_action_id is not null and a.id is null then x.foreign_details else x.details end,
       x.actor
     from jsonb_to_recordset(${input}::jsonb)
       as x(n int, kind text, worker_id text, cluster text, session_id text, actor text, action_id text, epoch bigint,
            message text, details jsonb, named_action_id text, named_epoch bigint, never_message text,
-           foreign_message text, foreign_details jsonb)
+           foreign_message text, foreign_details jsonb, fenced_prefix text)
     left join workers w on w.worker_id = x.worker_id
     left join actions a on a.id = x.named_action_id and a.cluster = coalesce(x.cluster, w.cluster)
     order by x.n`);

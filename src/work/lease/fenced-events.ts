@@ -153,6 +153,9 @@ export function createFencedEvents(deps: {
           message: `${what} from worker ${s.workerId} rejected: epoch ${token.epoch} is not the current lease`,
           named: {
             ...named(token),
+            // The reason, read from the action's row when the event is written (not on the
+            // report's path): insert-worker-events.ts.
+            fenced_prefix: `${what} from worker ${s.workerId} rejected: `,
             never_message: `${what} from worker ${s.workerId} rejected: epoch ${token.epoch} is a lease it never held`,
             foreign_message: `${what} from worker ${s.workerId} rejected: a lease it never held (not an action of cluster ${s.cluster})`,
           },

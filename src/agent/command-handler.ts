@@ -94,7 +94,10 @@ export function killGroup(pid: number, signal: NodeJS.Signals): void {
  * The reference agent's handler: runs the payload's command in its own
  * process group, reports progress (start, then the latest output line at most
  * once a second), and resolves with the exit code and the tails of stdout and
- * stderr. A non-zero exit or a timeout fails the action. When the lease is
+ * stderr. The command's environment is the agent's and the payload's `env`,
+ * plus `LEASEHOLD_ACTION_ID` and `LEASEHOLD_EPOCH` (set last, so a payload
+ * cannot change them): the lease's fencing token, for the command to pass to
+ * what it writes to. A non-zero exit or a timeout fails the action. When the lease is
  * revoked, the whole process group is killed (SIGTERM, then SIGKILL) before
  * the handler returns: no orphans while the agent runs. When the lease is gone
  * or about to be (expired, superseded, or the agent self-fenced), SIGKILL at

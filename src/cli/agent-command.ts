@@ -35,6 +35,11 @@ export function agentCommand(): Command {
       .description(
         "Run the reference agent: actions whose payload is {argv, env, cwd, timeout} run as commands in their own " +
           "process group; the whole group is killed when the lease is revoked or the agent self-fences. " +
+          "A command's environment is the agent's and the payload's env, plus LEASEHOLD_ACTION_ID (the action's " +
+          "id) and LEASEHOLD_EPOCH (its lease's epoch), which the payload cannot override: the fencing token to " +
+          "pass to systems the command writes to, so that they can refuse a stale attempt's writes. " +
+          "Deployment containers get LEASEHOLD_DEPLOYMENT_ID, LEASEHOLD_LEASE_ID, LEASEHOLD_WORK_DIR and " +
+          "LEASEHOLD_OUTPUTS_DIR (when it has one). " +
           "Deployments of scope leases run here too: their containers start in a work directory of their own, " +
           "report starting/ready, are torn down when their lease is rolled back, and save outputs_dir as files " +
           "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +

@@ -92,6 +92,10 @@ describe.runIf(runsDriverNeutralTests())(
       const help = (await cli(["agent", "--help"])).stdout;
       expect(help).toMatch(/--cluster <name> +the cluster this worker belongs to \(required\)/);
       expect(help).not.toMatch(/--worker-id[^\n]*\(required\)/);
+      // The variables a command can read its lease from, where an operator looks.
+      expect(help.replace(/\s+/g, " ")).toMatch(
+        /LEASEHOLD_ACTION_ID \(the action's id\) and LEASEHOLD_EPOCH/,
+      );
     });
 
     it("refuses a duration flag too long for its request, naming the flag and the limit, before any call", async () => {

@@ -97,6 +97,9 @@ function tell(
     case "stream_lost": {
       const deadline = typeof e.details?.deadline === "string" ? new Date(e.details.deadline) : undefined;
       const grace = deadline ? `, in grace until ${iso(deadline)} (${seconds(e.at, deadline)})` : "";
+      // Ended by its server to spread the streams over the processes: the worker reconnects.
+      if (e.details?.reason === "REBALANCING")
+        return `stream of ${worker} ended to rebalance, for it to reconnect to another server${grace}; epoch ${epoch} waits for it to come back`;
       return `stream of ${worker} lost${grace}; epoch ${epoch} waits for it to come back`;
     }
     case "session_resumed":

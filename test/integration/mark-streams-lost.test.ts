@@ -68,6 +68,43 @@ describe("markStreamsLost", () => {
     expect((await row("a")).ms).toBe(recorded(a).deadline.getTime());
   });
 
+  it("tells a stream this server ended to rebalance apart from a lost one, in the same batch", async () => {
+    await session("lost", 1);
+    await session("rebalanced", 1);
+    await markStreamsLost(
+      db,
+      clock,
+      [
+        { sessionId: "lost", streamToken: "t-lost", agoMs: 0 },
+        { sessionId: "rebalanced", streamToken: "t-rebalanced", agoMs: 0, rebalanced: true },
+      ],
+      10_000,
+    );
+    const events = await queryRows<{ session_id: string; message: string; details: Record<string, unknown> }>(
+      db,
+      sql`select session_id, message, details from events
+          where kind = 'stream_lost' and session_id in ('lost', 'rebalanced') order by session_id`,
+    );
+    expect(
+      events.map((e) => [e.session_id, e.message, Object.keys(e.details).sort(), e.details.reason]),
+    ).toEqual([
+      [
+        "lost",
+        expect.stringMatching(/^stream lost for worker w-lost; session in grace until .+Z$/),
+        ["deadline"],
+        undefined,
+      ],
+      [
+        "rebalanced",
+        expect.stringMatching(
+          /^stream of worker w-rebalanced ended to rebalance \(this server hosted more than its share\); it reconnects to another server; session in grace until .+Z$/,
+        ),
+        ["deadline", "reason"],
+        "REBALANCING",
+      ],
+    ]);
+  });
+
   it("records nothing for an empty batch, without a statement", async () => {
     expect(await markStreamsLost(db, clock, [], 10_000)).toEqual([]);
   });

@@ -369,7 +369,9 @@ export function workerServiceBinding(
           answerFirst = !linkClosed && !ctx.signal.aborted;
           throw error;
         } finally {
-          await session.streamEnded({ answerFirst, signal: ctx.signal });
+          // Ended by this server to move the stream elsewhere: recorded as such, not as a loss.
+          const rebalanced = closeError instanceof LeaseholdError && closeError.reason === "REBALANCING";
+          await session.streamEnded({ answerFirst, signal: ctx.signal, rebalanced });
         }
       } finally {
         offFlushed();

@@ -8,6 +8,11 @@ export interface LostStream {
   readonly sessionId: string;
   readonly streamToken: string;
   readonly agoMs: number;
+  /**
+   * This server ended the stream (UNAVAILABLE, reason REBALANCING) to move it
+   * to another process: its event says so (details.reason REBALANCING).
+   */
+  readonly rebalanced?: boolean;
 }
 
 /** A recorded loss: the session's deadline, its worker, and the database time of the statement. */
@@ -43,15 +48,16 @@ export async function markStreamsLost(
   const ids = lost.map((l) => l.sessionId).join(",");
   const tokens = lost.map((l) => l.streamToken).join(",");
   const agos = lost.map((l) => Math.max(0, Math.round(l.agoMs))).join(",");
+  const moved = lost.map((l) => (l.rebalanced ? "t" : "f")).join(",");
   const now = clock.now();
   const rows = await queryRows<{ n: unknown; deadline: unknown; worker_id: string; db_now: unknown }>(
     db,
     sql`
       with input as (
-        select x.id, x.token, x.n, ${now} - x.ago * interval '1 millisecond' as heard
+        select x.id, x.token, x.n, x.moved, ${now} - x.ago * interval '1 millisecond' as heard
         from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
-                    string_to_array(${agos}::text, ',')::bigint[])
-          with ordinality as x(id, token, ago, n)
+                    string_to_array(${agos}::text, ',')::bigint[], string_to_array(${moved}::text, ',')::boolean[])
+          with ordinality as x(id, token, ago, moved, n)
       ),
       lost as (
         update sessions s set
@@ -62,14 +68,19 @@ export async function markStreamsLost(
           deadline = greatest(s.deadline, i.heard + ${graceMs}::bigint * interval '1 millisecond')
         from input i
         where s.id = i.id and s.ended_at is null and s.stream_token = i.token
-        returning i.n, s.id, s.worker_id, s.deadline
+        returning i.n, i.moved, s.id, s.worker_id, s.deadline
       ),
       event as (
         insert into events (kind, worker_id, cluster, session_id, message, details)
         select 'stream_lost', lost.worker_id, w.cluster, lost.id,
-          'stream lost for worker ' || lost.worker_id || '; session in grace until '
+          case when lost.moved
+            then 'stream of worker ' || lost.worker_id || ' ended to rebalance (this server hosted more than its share); '
+              || 'it reconnects to another server; session in grace until '
+            else 'stream lost for worker ' || lost.worker_id || '; session in grace until ' end
             || to_char(lost.deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-          jsonb_build_object('deadline', lost.deadline)
+          case when lost.moved
+            then jsonb_build_object('deadline', lost.deadline, 'reason', 'REBALANCING')
+            else jsonb_build_object('deadline', lost.deadline) end
         from lost join workers w on w.worker_id = lost.worker_id
         order by lost.n
       )

@@ -37,7 +37,7 @@ export interface SessionHandle {
    * first, unless `signal` aborts (the worker cancels, the server stops); no
    * grant is sent meanwhile.
    */
-  streamEnded(end: { answerFirst: boolean; signal: AbortSignal }): Promise<void>;
+  streamEnded(end: { answerFirst: boolean; signal: AbortSignal; rebalanced?: boolean }): Promise<void>;
   /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
   writable(): void;
 }
@@ -184,15 +184,24 @@ export function createStreamHandle(
       // FENCED if the session ended meanwhile), or treat the action as lost.
       if (end.answerFirst) await waitUnlessAborted(reports.answeredAll(s), end.signal);
       try {
+        const rebalanced = end.rebalanced === true;
         const lost = await deps.markLost({
           sessionId: s.sessionId,
           streamToken: s.streamToken,
           agoMs: performance.now() - s.heardAt,
+          rebalanced,
         });
         if (lost) {
           log.info(
-            { workerId: s.workerId, sessionId: s.sessionId, deadline: lost.deadline },
-            "worker stream lost",
+            {
+              workerId: s.workerId,
+              sessionId: s.sessionId,
+              deadline: lost.deadline,
+              ...(rebalanced ? { reason: "REBALANCING" } : {}),
+            },
+            rebalanced
+              ? "worker stream ended to rebalance (this server hosts more than its share); the worker reconnects elsewhere"
+              : "worker stream lost",
           );
           feed.publish(EVENTS_TOPIC);
           deps.streamLost(lost.deadline.getTime(), lost.dbNow.getTime() - Date.now());

@@ -416,7 +416,10 @@ export enum EventKind {
   SESSION_STARTED = 13,
 
   /**
-   * A worker's stream was lost; its session is in grace until its deadline.
+   * A worker's stream was lost; its session is in grace until its deadline
+   * (details: deadline). A stream its server ended to move it to another
+   * server process (UNAVAILABLE, reason REBALANCING) is recorded as this kind
+   * too, with details.reason REBALANCING and a message that says so.
    *
    * @generated from enum value: EVENT_KIND_STREAM_LOST = 14;
    */

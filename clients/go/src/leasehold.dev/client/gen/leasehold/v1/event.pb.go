@@ -69,7 +69,10 @@ const (
 	EventKind_EVENT_KIND_REPORT_FENCED EventKind = 12
 	// A worker started a new session.
 	EventKind_EVENT_KIND_SESSION_STARTED EventKind = 13
-	// A worker's stream was lost; its session is in grace until its deadline.
+	// A worker's stream was lost; its session is in grace until its deadline
+	// (details: deadline). A stream its server ended to move it to another
+	// server process (UNAVAILABLE, reason REBALANCING) is recorded as this kind
+	// too, with details.reason REBALANCING and a message that says so.
 	EventKind_EVENT_KIND_STREAM_LOST EventKind = 14
 	// A worker reconnected within grace and resumed its session.
 	EventKind_EVENT_KIND_SESSION_RESUMED EventKind = 15

@@ -1,0 +1,88 @@
+import { describe, expect, it } from "vitest";
+import type { ActionHistory } from "../../src/store/queries/explain-action.js";
+import type { ActionRecord, AttemptRecord, JsonObject } from "../../src/work/action.js";
+import type { EventKind, EventRecord } from "../../src/work/event.js";
+import { explainHistory } from "../../src/work/explain.js";
+
+const at = (s: number) => new Date(Date.UTC(2026, 11, 7, 6, 0, s));
+const attempt: AttemptRecord = {
+  actionId: "a1",
+  epoch: 1,
+  workerId: "w1",
+  sessionId: "s1",
+  outcome: "LEASE_EXPIRED",
+  error: null,
+  startedAt: at(0),
+  endedAt: at(4),
+};
+let sequence = 0;
+const event = (
+  kind: EventKind,
+  s: number,
+  details: JsonObject | null,
+  epoch: number | null = null,
+): EventRecord => ({
+  sequence: ++sequence,
+  kind,
+  at: at(s),
+  actionId: epoch === null ? null : "a1",
+  workerId: "w1",
+  cluster: "east",
+  sessionId: "s1",
+  epoch,
+  leaseId: null,
+  message: "",
+  details,
+  actor: "",
+});
+
+/** The timeline's sentences of a session s1 lost at 0:02 and ended at 0:04, its deadline 0:12. */
+function told(events: EventRecord[]): string[] {
+  const history: ActionHistory = {
+    action: { id: "a1" } as ActionRecord,
+    attempts: [
+      {
+        attempt,
+        session: {
+          lastHeardAt: at(2),
+          deadline: at(12),
+          streamLostAt: at(2),
+          endedAt: at(4),
+          endReason: "reaped",
+        },
+      },
+    ],
+    events,
+    truncated: false,
+    now: at(20),
+  };
+  return explainHistory(history)
+    .timeline.filter((s) => s.event)
+    .map((s) => s.summary);
+}
+
+describe("explain, on how a session ended", () => {
+  it("tells a stream its server ended to rebalance apart from a lost one", () => {
+    const [summary] = told([
+      event("stream_lost", 2, { deadline: at(12).toISOString(), reason: "REBALANCING" }),
+    ]);
+    expect(summary).toBe(
+      "stream of worker w1 ended to rebalance, for it to reconnect to another server, in grace until 2026-12-07T06:00:12.000Z (10.0 s); epoch 1 waits for it to come back",
+    );
+  });
+
+  it("tells a restart from a session's row when its events are older than their cause", () => {
+    const [reaped, expired] = told([event("session_reaped", 4, null), event("lease_expired", 4, null, 1)]);
+    expect(reaped).toBe(
+      "session s1 of worker w1 ended: a new process of the worker connected while the stream of this one was gone",
+    );
+    expect(expired).toBe(
+      "epoch 1 expired: worker w1's session s1 lost its stream at 2026-12-07T06:00:02.000Z and a new process of the worker connected at 2026-12-07T06:00:04.000Z, ending the session instead of resuming it; the action goes back to the queue",
+    );
+  });
+
+  it("tells a deadline its event names as the cause, whatever the row", () => {
+    const [reaped] = told([event("session_reaped", 4, { cause: "deadline" })]);
+    expect(reaped).toBe("session s1 of worker w1 reaped: its deadline passed with no heartbeat");
+  });
+});

@@ -261,7 +261,7 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
       // this run wrote went with it.
       if (ctx.signal.aborted) throw ctx.signal.reason;
       const saved = outputsDir
-        ? await saveOutputs(outputsDir, leaseId, ctx.signal)
+        ? await saveOutputs(outputsDir, leaseId, { deploymentId: id, epoch: BigInt(ctx.epoch) }, ctx.signal)
         : { outputFileIds: [], skipped: [] };
       const result: JsonObject = { containers: states(), ...saved };
       if (failed) {
@@ -287,11 +287,14 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
    * Uploads every regular file under `outputsDir` into the lease, named by its
    * relative path; what it does not save is in `skipped`, with its size and why.
    * Stops, throwing its reason, once `lost` aborts (the lease is gone): an
-   * upload under way is cancelled, and no other starts.
+   * upload under way is cancelled, and no other starts. Each file names the
+   * run it is an output of (`run`): the server refuses it once that run is
+   * lost, and deletes what it saved if the run is lost before it ends.
    */
   async function saveOutputs(
     outputsDir: string,
     leaseId: string,
+    run: { readonly deploymentId: string; readonly epoch: bigint },
     lost: AbortSignal,
   ): Promise<{ outputFileIds: string[]; skipped: JsonObject[] }> {
     const outputFileIds: string[] = [];
@@ -308,7 +311,7 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         sizeBytes = (await stat(entry.path)).size;
         const content = await readFile(entry.path);
         const response = await withResources((client) =>
-          client.createFile({ leaseId, name, content, contentType: "" }, { signal: lost }),
+          client.createFile({ leaseId, name, content, contentType: "", outputOf: run }, { signal: lost }),
         );
         if (response.resource) outputFileIds.push(response.resource.id);
       } catch (error) {

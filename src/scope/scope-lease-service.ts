@@ -624,6 +624,20 @@ export function createScopeLeaseService(deps: {
       }
       const sha256 = input.content ? createHash("sha256").update(input.content).digest("hex") : undefined;
       const result = await insertResource(db, clock, { ...input, ...(sha256 ? { sha256 } : {}) });
+      if ("refused" in result && result.refused === "run_not_held") {
+        const run = input.outputOf;
+        throw LeaseholdError.failedPrecondition(
+          "RUN_NOT_HELD",
+          `file ${quote(input.name ?? "")} not saved: the run of deployment ${quote(run?.deploymentId ?? "")} at epoch ${run?.epoch} ` +
+            `is not a run of lease ${input.leaseId ?? ""} held by a live session ${quote(input.actor)} opened ` +
+            "(it was lost, ended, or was never its); what a lost run saved is discarded, and the next run saves its own",
+          {
+            type: "RUN",
+            subject: `resources/${run?.deploymentId ?? ""}`,
+            description: `epoch ${run?.epoch} is not held by ${input.actor}`,
+          },
+        );
+      }
       if ("refused" in result) throw refused(input.leaseId ?? "", result, `create a ${input.kind} in it`);
       feed.publish(EVENTS_TOPIC);
       return result;

@@ -328,9 +328,21 @@ export const resources = pgTable(
     body: jsonb("body").$type<Record<string, unknown>>(),
     /** Deployments: the long-running action that runs it on an agent. */
     actionId: text("action_id"),
+    /**
+     * Files saved as a deployment's outputs: the run (action and epoch) that
+     * saved them (CreateFileRequest.output_of). A run lost before it ended
+     * takes the ones its lease still owns with it (trigger
+     * attempts_discard_lost_outputs, migration 0014).
+     */
+    outputActionId: text("output_action_id"),
+    outputEpoch: bigint("output_epoch", { mode: "number" }),
   },
   (t) => [
     index("resources_lease_idx").on(t.leaseId, t.ownership),
+    // Partial: only outputs have a run; the trigger finds a lost run's files through it.
+    index("resources_output_run_idx")
+      .on(t.outputActionId, t.outputEpoch)
+      .where(sql`${t.outputActionId} is not null`),
     index("resources_kind_idx").on(t.kind),
     // A deployment's action is kept past --history-retention while the deployment exists.
     index("resources_action_idx").on(t.actionId).where(sql`${t.actionId} is not null`),

@@ -243,6 +243,18 @@ export interface NewResource {
   readonly body?: JsonObject;
   /** The creating principal: the actor of its `resource_created` event. */
   readonly actor: string;
+  /**
+   * Files an agent saves as a deployment's outputs: the run they are the
+   * outputs of (the deployment, and the epoch of the agent's lease on its
+   * action). The file is created only while that run is held by a live
+   * session `actor` opened, and is deleted if the run is lost before it ends.
+   */
+  readonly outputOf?: { readonly deploymentId: string; readonly epoch: number } | undefined;
+}
+
+/** A file saved as the output of a run that is not (or no longer) held by the saving principal. */
+export interface RunNotHeld {
+  readonly refused: "run_not_held";
 }
 
 /**
@@ -262,17 +274,24 @@ export async function insertResource(
   db: Db,
   clock: Clock,
   input: NewResource,
-): Promise<ResourceRecord | LeaseRefusal> {
+): Promise<ResourceRecord | LeaseRefusal | RunNotHeld> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     let ownership: Ownership = input.leaseId ? "LEASE" : "WORKSPACE";
+    /** The action of the run the file is an output of, checked held (and locked) below. */
+    let outputAction: string | undefined;
     if (input.leaseId) {
       const refusal = await lockOpen(tx, clock, input.leaseId);
+      const committed = refusal?.refused === "closed" && refusal.lease.state === "COMMITTED";
+      // Into a lease that takes no file at all (rolled back, past its TTL), the lease's state is the answer.
+      if (input.outputOf && (!refusal || committed)) {
+        outputAction = await heldRunAction(tx, input.leaseId, input.outputOf, input.actor);
+        if (!outputAction) return { refused: "run_not_held" as const };
+      }
       const kept =
-        refusal?.refused === "closed" &&
-        refusal.lease.state === "COMMITTED" &&
+        committed &&
         input.kind === "file" &&
-        (await savingDeploymentOf(tx, input.leaseId, input.actor));
+        (outputAction !== undefined || (await savingDeploymentOf(tx, input.leaseId, input.actor)));
       if (refusal && !kept) return refusal;
       if (kept) ownership = "WORKSPACE";
     }
@@ -281,12 +300,14 @@ export async function insertResource(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body)
+          insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body,
+                                 output_action_id, output_epoch)
           values (${uuidv7()}, ${input.kind}, ${ownership}, ${input.leaseId ?? null},
                   ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
                   ${input.sha256 ?? null}, ${input.contentType ?? null},
                   case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
-                  ${input.body ? JSON.stringify(input.body) : null}::jsonb)
+                  ${input.body ? JSON.stringify(input.body) : null}::jsonb,
+                  ${outputAction ?? null}, ${outputAction ? (input.outputOf?.epoch ?? null) : null})
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
@@ -304,6 +325,35 @@ export async function insertResource(
     );
     return resourceFromRow(row as ResourceRow);
   });
+}
+
+/**
+ * The action of run `run` (deployment and epoch) when it is a deployment of
+ * lease `leaseId` whose action is leased right now at that epoch to a live
+ * session `principal` opened: the agent saving that run's outputs. The
+ * action's row is locked `for share` until the upload commits, so the run
+ * cannot end meanwhile: a statement ending it waits, and its trigger
+ * (attempts_discard_lost_outputs) then sees this file. One ended first is
+ * not found (the lock re-reads the row): the upload is refused.
+ */
+async function heldRunAction(
+  tx: Db,
+  leaseId: string,
+  run: { readonly deploymentId: string; readonly epoch: number },
+  principal: string,
+): Promise<string | undefined> {
+  const [row] = await queryRows<{ id: string }>(
+    tx,
+    sql`
+      select a.id from resources r
+      join actions a on a.id = r.action_id
+      join sessions s on s.id = a.session_id
+      where r.id = ${run.deploymentId} and r.kind = 'deployment' and r.lease_id = ${leaseId}
+        and a.state = 'LEASED' and a.epoch = ${run.epoch}
+        and s.principal = ${principal} and s.ended_at is null
+      for share of a`,
+  );
+  return row?.id;
 }
 
 /**

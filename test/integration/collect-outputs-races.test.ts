@@ -67,6 +67,64 @@ describe("CollectOutputs while things happen around it", () => {
     next.drop();
   }, 60_000);
 
+  it("a run lost while it saves takes what it saved with it: after the next run the lease owns one set of outputs", async () => {
+    const runtime = "collect-partial";
+    const lost = await connectWorker(t.address, { workerId: "partial-run", cluster: runtime, capacity: 1 });
+    const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+    const { resource } = await resources().createDeployment({
+      leaseId,
+      spec: { containers: [{ name: "c", command: { argv: ["true"] } }], outputsDir: "out" },
+    });
+    const deploymentId = resource?.id ?? "";
+    const grant = await lost.next("grant");
+    const first = failure(leases().collectOutputs({ leaseId, timeout: { seconds: 60n } }));
+    await lost.next("revoke", (r) => r.actionId === grant.actionId);
+    // Half of its outputs are up when its agent dies.
+    const outputOf = { deploymentId, epoch: grant.epoch };
+    const partial = await resources().createFile({
+      leaseId,
+      name: "a.txt",
+      content: new Uint8Array([1]),
+      outputOf,
+    });
+    lost.drop();
+    expect((await first).reason).toBe("OUTPUTS_LOST");
+    const files = async () =>
+      (await resources().listResources({ leaseId, kind: "file" })).resources.map((r) => r.id);
+    // Gone with the loss, in the same transaction: nothing of the lost run is the lease's.
+    expect(await files()).toEqual([]);
+    const discarded = await failure(resources().getResource({ resourceId: partial.resource?.id ?? "" }));
+    expect(discarded.code).toBe(Code.NotFound);
+    // Its late uploads are refused: that run saves nothing more.
+    const late = await failure(
+      resources().createFile({ leaseId, name: "b.txt", content: new Uint8Array([2]), outputOf }),
+    );
+    expect({ code: late.code, reason: late.reason }).toEqual({
+      code: Code.FailedPrecondition,
+      reason: "RUN_NOT_HELD",
+    });
+    // The next run saves the whole set again, and that is the lease's only set.
+    const second = leases().collectOutputs({ leaseId, timeout: { seconds: 60n } });
+    const next = await connectWorker(t.address, { workerId: "whole-run", cluster: runtime, capacity: 1 });
+    const regrant = await next.next("grant");
+    await next.next("revoke", (r) => r.actionId === regrant.actionId);
+    const ids: string[] = [];
+    for (const name of ["a.txt", "b.txt"]) {
+      const saved = await resources().createFile({
+        leaseId,
+        name,
+        content: new Uint8Array([3]),
+        outputOf: { deploymentId, epoch: regrant.epoch },
+      });
+      ids.push(saved.resource?.id ?? "");
+    }
+    await next.complete(regrant, { output: { containers: [], outputFileIds: ids, skipped: [] } });
+    expect((await second).fileIds).toEqual(ids);
+    expect(await files()).toEqual(ids);
+    expect((await leases().commitLease({ leaseId })).keptResources).toBe(3);
+    next.drop();
+  }, 60_000);
+
   it("keeps what a deployment saves after its lease was committed during the collect, and returns it", async () => {
     const runtime = "collect-commit";
     const w = await connectWorker(t.address, { workerId: "saver", cluster: runtime, capacity: 1 });

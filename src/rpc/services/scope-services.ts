@@ -411,6 +411,13 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       if (request.name === "") v.add("name", "is required");
       checkLength(v, "name", request.name, 512);
       checkLength(v, "content_type", request.contentType, 256);
+      const run = request.outputOf;
+      if (run) {
+        if (request.leaseId === "") v.add("lease_id", "is required with output_of (the deployment's lease)");
+        if (run.deploymentId.trim() === "") v.add("output_of.deployment_id", "is required");
+        else checkLength(v, "output_of.deployment_id", run.deploymentId, 128);
+        if (run.epoch < 1n) v.add("output_of.epoch", "must be at least 1 (the epoch of the agent's lease)");
+      }
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId, { upload: true });
       const resource = await scope.createResource({
@@ -420,6 +427,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         content: request.content,
         ...(request.contentType ? { contentType: request.contentType } : {}),
         actor: ctx.access.actor,
+        ...(run ? { outputOf: { deploymentId: run.deploymentId, epoch: Number(run.epoch) } } : {}),
       });
       return { resource: toProtoResource(resource) };
     },

@@ -73,16 +73,18 @@ class CreateDeploymentResponse(_message.Message):
     def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
 
 class CreateFileRequest(_message.Message):
-    __slots__ = ["content", "content_type", "lease_id", "name"]
+    __slots__ = ["content", "content_type", "lease_id", "name", "output_of"]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OF_FIELD_NUMBER: _ClassVar[int]
     content: bytes
     content_type: str
     lease_id: str
     name: str
-    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+    output_of: DeploymentRun
+    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[bytes] = ..., content_type: _Optional[str] = ..., output_of: _Optional[_Union[DeploymentRun, _Mapping]] = ...) -> None: ...
 
 class CreateFileResponse(_message.Message):
     __slots__ = ["resource"]
@@ -133,6 +135,14 @@ class Deployment(_message.Message):
     phase: DeploymentPhase
     spec: DeploymentSpec
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., containers: _Optional[_Iterable[_Union[ContainerState, _Mapping]]] = ..., action_id: _Optional[str] = ..., message: _Optional[str] = ..., output_file_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeploymentRun(_message.Message):
+    __slots__ = ["deployment_id", "epoch"]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    epoch: int
+    def __init__(self, deployment_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
     __slots__ = ["containers", "inputs", "outputs_dir", "readiness_probe"]

@@ -1179,8 +1179,11 @@ export const LeaseService: GenService<{
    * lease): the call returns it.
    * ABORTED (reason OUTPUTS_LOST) if a run asked to save ended without saving:
    * its lease expired (its agent was lost) or its agent gave the lease back.
-   * What that run wrote is gone; the deployment runs again, and calling again
-   * collects what the next run saves.
+   * What that run wrote is gone: the files it had saved (as its outputs,
+   * CreateFileRequest.output_of) are deleted from the lease in the same
+   * transaction that ends the run, and it can save no more. The deployment
+   * runs again, and calling again collects what the next run saves: the
+   * lease then owns that one set of outputs.
    * A deployment that never ran is cancelled (it has nothing to save); one
    * queued again after its run was lost is not: the call waits for its next
    * run and asks that one to save.

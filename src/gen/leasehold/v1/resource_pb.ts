@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/resource.proto.
  */
 export const file_leasehold_v1_resource: GenFile = /*@__PURE__*/
-  fileDesc("ChtsZWFzZWhvbGQvdjEvcmVzb3VyY2UucHJvdG8SDGxlYXNlaG9sZC52MSJSCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGc2hhMjU2GAMgASgJEhQKDGNvbnRlbnRfdHlwZRgEIAEoCSK/AQoOUmVhZGluZXNzUHJvYmUSJQoEZXhlYxgBIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kSAASEgoIdGNwX3BvcnQYAiABKA1IABISCghodHRwX2dldBgDIAEoCUgAEikKBnBlcmlvZBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgcKBWNoZWNrIn0KB0NvbW1hbmQSDAoEYXJndhgBIAMoCRIrCgNlbnYYAiADKAsyHi5sZWFzZWhvbGQudjEuQ29tbWFuZC5FbnZFbnRyeRILCgNjd2QYAyABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJFCg1Db250YWluZXJTcGVjEgwKBG5hbWUYASABKAkSJgoHY29tbWFuZBgCIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kIrYBCg5EZXBsb3ltZW50U3BlYxIvCgpjb250YWluZXJzGAEgAygLMhsubGVhc2Vob2xkLnYxLkNvbnRhaW5lclNwZWMSNQoPcmVhZGluZXNzX3Byb2JlGAIgASgLMhwubGVhc2Vob2xkLnYxLlJlYWRpbmVzc1Byb2JlEhMKC291dHB1dHNfZGlyGAMgASgJEicKBmlucHV0cxgEIAMoCzIXLmxlYXNlaG9sZC52MS5GaWxlTW91bnQiKgoJRmlsZU1vdW50Eg8KB2ZpbGVfaWQYASABKAkSDAoEcGF0aBgCIAEoCSJRCg5Db250YWluZXJTdGF0ZRIMCgRuYW1lGAEgASgJEg0KBXN0YXRlGAIgASgJEhEKCWV4aXRfY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJIuEBCgpEZXBsb3ltZW50EgoKAmlkGAEgASgJEioKBHNwZWMYAiABKAsyHC5sZWFzZWhvbGQudjEuRGVwbG95bWVudFNwZWMSLAoFcGhhc2UYAyABKA4yHS5sZWFzZWhvbGQudjEuRGVwbG95bWVudFBoYXNlEjAKCmNvbnRhaW5lcnMYBCADKAsyHC5sZWFzZWhvbGQudjEuQ29udGFpbmVyU3RhdGUSEQoJYWN0aW9uX2lkGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFwoPb3V0cHV0X2ZpbGVfaWRzGAcgAygJIp4CCghSZXNvdXJjZRIKCgJpZBgBIAEoCRIMCgRraW5kGAIgASgJEioKCW93bmVyc2hpcBgDIAEoDjIXLmxlYXNlaG9sZC52MS5Pd25lcnNoaXASEAoIbGVhc2VfaWQYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBGZpbGUYBiABKAsyFi5sZWFzZWhvbGQudjEuRmlsZUluZm9IABIuCgpkZXBsb3ltZW50GAcgASgLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnRIABIpCgZvYmplY3QYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0SABCBgoEYm9keSJaChFDcmVhdGVGaWxlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIMCgRuYW1lGAIgASgJEg8KB2NvbnRlbnQYAyABKAwSFAoMY29udGVudF90eXBlGAQgASgJIj4KEkNyZWF0ZUZpbGVSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSJoChdDcmVhdGVEZXBsb3ltZW50UmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIqCgRzcGVjGAIgASgLMhwubGVhc2Vob2xkLnYxLkRlcGxveW1lbnRTcGVjEg8KB3J1bnRpbWUYAyABKAkiRAoYQ3JlYXRlRGVwbG95bWVudFJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlIlwKE0NyZWF0ZU9iamVjdFJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEa2luZBgCIAEoCRIlCgRib2R5GAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCJAChRDcmVhdGVPYmplY3RSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSIpChJHZXRSZXNvdXJjZVJlcXVlc3QSEwoLcmVzb3VyY2VfaWQYASABKAkiPwoTR2V0UmVzb3VyY2VSZXNwb25zZRIoCghyZXNvdXJjZRgBIAEoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZSKJAQoUTGlzdFJlc291cmNlc1JlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEa2luZBgCIAEoCRIqCglvd25lcnNoaXAYAyABKA4yFy5sZWFzZWhvbGQudjEuT3duZXJzaGlwEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIlsKFUxpc3RSZXNvdXJjZXNSZXNwb25zZRIpCglyZXNvdXJjZXMYASADKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKE0Rvd25sb2FkRmlsZVJlcXVlc3QSEwoLcmVzb3VyY2VfaWQYASABKAkiJQoURG93bmxvYWRGaWxlUmVzcG9uc2USDQoFY2h1bmsYASABKAwiLAoVRGVsZXRlUmVzb3VyY2VSZXF1ZXN0EhMKC3Jlc291cmNlX2lkGAEgASgJIhgKFkRlbGV0ZVJlc291cmNlUmVzcG9uc2UqVAoJT3duZXJzaGlwEhkKFU9XTkVSU0hJUF9VTlNQRUNJRklFRBAAEhcKE09XTkVSU0hJUF9XT1JLU1BBQ0UQARITCg9PV05FUlNISVBfTEVBU0UQAirmAQoPRGVwbG95bWVudFBoYXNlEiAKHERFUExPWU1FTlRfUEhBU0VfVU5TUEVDSUZJRUQQABIcChhERVBMT1lNRU5UX1BIQVNFX1BFTkRJTkcQARIdChlERVBMT1lNRU5UX1BIQVNFX1NUQVJUSU5HEAISGgoWREVQTE9ZTUVOVF9QSEFTRV9SRUFEWRADEhwKGERFUExPWU1FTlRfUEhBU0VfU1RPUFBFRBAEEhsKF0RFUExPWU1FTlRfUEhBU0VfRkFJTEVEEAUSHQoZREVQTE9ZTUVOVF9QSEFTRV9TVE9QUElORxAGMoAFCg9SZXNvdXJjZVNlcnZpY2USTwoKQ3JlYXRlRmlsZRIfLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVxdWVzdBogLmxlYXNlaG9sZC52MS5DcmVhdGVGaWxlUmVzcG9uc2USYQoQQ3JlYXRlRGVwbG95bWVudBIlLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBomLmxlYXNlaG9sZC52MS5DcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USVQoMQ3JlYXRlT2JqZWN0EiEubGVhc2Vob2xkLnYxLkNyZWF0ZU9iamVjdFJlcXVlc3QaIi5sZWFzZWhvbGQudjEuQ3JlYXRlT2JqZWN0UmVzcG9uc2USUgoLR2V0UmVzb3VyY2USIC5sZWFzZWhvbGQudjEuR2V0UmVzb3VyY2VSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkdldFJlc291cmNlUmVzcG9uc2USWAoNTGlzdFJlc291cmNlcxIiLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVxdWVzdBojLmxlYXNlaG9sZC52MS5MaXN0UmVzb3VyY2VzUmVzcG9uc2USVwoMRG93bmxvYWRGaWxlEiEubGVhc2Vob2xkLnYxLkRvd25sb2FkRmlsZVJlcXVlc3QaIi5sZWFzZWhvbGQudjEuRG93bmxvYWRGaWxlUmVzcG9uc2UwARJbCg5EZWxldGVSZXNvdXJjZRIjLmxlYXNlaG9sZC52MS5EZWxldGVSZXNvdXJjZVJlcXVlc3QaJC5sZWFzZWhvbGQudjEuRGVsZXRlUmVzb3VyY2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChtsZWFzZWhvbGQvdjEvcmVzb3VyY2UucHJvdG8SDGxlYXNlaG9sZC52MSJSCghGaWxlSW5mbxIMCgRuYW1lGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGc2hhMjU2GAMgASgJEhQKDGNvbnRlbnRfdHlwZRgEIAEoCSK/AQoOUmVhZGluZXNzUHJvYmUSJQoEZXhlYxgBIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kSAASEgoIdGNwX3BvcnQYAiABKA1IABISCghodHRwX2dldBgDIAEoCUgAEikKBnBlcmlvZBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uQgcKBWNoZWNrIn0KB0NvbW1hbmQSDAoEYXJndhgBIAMoCRIrCgNlbnYYAiADKAsyHi5sZWFzZWhvbGQudjEuQ29tbWFuZC5FbnZFbnRyeRILCgNjd2QYAyABKAkaKgoIRW52RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJFCg1Db250YWluZXJTcGVjEgwKBG5hbWUYASABKAkSJgoHY29tbWFuZBgCIAEoCzIVLmxlYXNlaG9sZC52MS5Db21tYW5kIrYBCg5EZXBsb3ltZW50U3BlYxIvCgpjb250YWluZXJzGAEgAygLMhsubGVhc2Vob2xkLnYxLkNvbnRhaW5lclNwZWMSNQoPcmVhZGluZXNzX3Byb2JlGAIgASgLMhwubGVhc2Vob2xkLnYxLlJlYWRpbmVzc1Byb2JlEhMKC291dHB1dHNfZGlyGAMgASgJEicKBmlucHV0cxgEIAMoCzIXLmxlYXNlaG9sZC52MS5GaWxlTW91bnQiKgoJRmlsZU1vdW50Eg8KB2ZpbGVfaWQYASABKAkSDAoEcGF0aBgCIAEoCSJRCg5Db250YWluZXJTdGF0ZRIMCgRuYW1lGAEgASgJEg0KBXN0YXRlGAIgASgJEhEKCWV4aXRfY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJIuEBCgpEZXBsb3ltZW50EgoKAmlkGAEgASgJEioKBHNwZWMYAiABKAsyHC5sZWFzZWhvbGQudjEuRGVwbG95bWVudFNwZWMSLAoFcGhhc2UYAyABKA4yHS5sZWFzZWhvbGQudjEuRGVwbG95bWVudFBoYXNlEjAKCmNvbnRhaW5lcnMYBCADKAsyHC5sZWFzZWhvbGQudjEuQ29udGFpbmVyU3RhdGUSEQoJYWN0aW9uX2lkGAUgASgJEg8KB21lc3NhZ2UYBiABKAkSFwoPb3V0cHV0X2ZpbGVfaWRzGAcgAygJIp4CCghSZXNvdXJjZRIKCgJpZBgBIAEoCRIMCgRraW5kGAIgASgJEioKCW93bmVyc2hpcBgDIAEoDjIXLmxlYXNlaG9sZC52MS5Pd25lcnNoaXASEAoIbGVhc2VfaWQYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKBGZpbGUYBiABKAsyFi5sZWFzZWhvbGQudjEuRmlsZUluZm9IABIuCgpkZXBsb3ltZW50GAcgASgLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnRIABIpCgZvYmplY3QYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0SABCBgoEYm9keSKKAQoRQ3JlYXRlRmlsZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSDAoEbmFtZRgCIAEoCRIPCgdjb250ZW50GAMgASgMEhQKDGNvbnRlbnRfdHlwZRgEIAEoCRIuCglvdXRwdXRfb2YYBSABKAsyGy5sZWFzZWhvbGQudjEuRGVwbG95bWVudFJ1biI1Cg1EZXBsb3ltZW50UnVuEhUKDWRlcGxveW1lbnRfaWQYASABKAkSDQoFZXBvY2gYAiABKAQiPgoSQ3JlYXRlRmlsZVJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlImgKF0NyZWF0ZURlcGxveW1lbnRSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEioKBHNwZWMYAiABKAsyHC5sZWFzZWhvbGQudjEuRGVwbG95bWVudFNwZWMSDwoHcnVudGltZRgDIAEoCSJEChhDcmVhdGVEZXBsb3ltZW50UmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiXAoTQ3JlYXRlT2JqZWN0UmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIMCgRraW5kGAIgASgJEiUKBGJvZHkYAyABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0IkAKFENyZWF0ZU9iamVjdFJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlIikKEkdldFJlc291cmNlUmVxdWVzdBITCgtyZXNvdXJjZV9pZBgBIAEoCSI/ChNHZXRSZXNvdXJjZVJlc3BvbnNlEigKCHJlc291cmNlGAEgASgLMhYubGVhc2Vob2xkLnYxLlJlc291cmNlIokBChRMaXN0UmVzb3VyY2VzUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIMCgRraW5kGAIgASgJEioKCW93bmVyc2hpcBgDIAEoDjIXLmxlYXNlaG9sZC52MS5Pd25lcnNoaXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiWwoVTGlzdFJlc291cmNlc1Jlc3BvbnNlEikKCXJlc291cmNlcxgBIAMoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKgoTRG93bmxvYWRGaWxlUmVxdWVzdBITCgtyZXNvdXJjZV9pZBgBIAEoCSIlChREb3dubG9hZEZpbGVSZXNwb25zZRINCgVjaHVuaxgBIAEoDCIsChVEZWxldGVSZXNvdXJjZVJlcXVlc3QSEwoLcmVzb3VyY2VfaWQYASABKAkiGAoWRGVsZXRlUmVzb3VyY2VSZXNwb25zZSpUCglPd25lcnNoaXASGQoVT1dORVJTSElQX1VOU1BFQ0lGSUVEEAASFwoTT1dORVJTSElQX1dPUktTUEFDRRABEhMKD09XTkVSU0hJUF9MRUFTRRACKuYBCg9EZXBsb3ltZW50UGhhc2USIAocREVQTE9ZTUVOVF9QSEFTRV9VTlNQRUNJRklFRBAAEhwKGERFUExPWU1FTlRfUEhBU0VfUEVORElORxABEh0KGURFUExPWU1FTlRfUEhBU0VfU1RBUlRJTkcQAhIaChZERVBMT1lNRU5UX1BIQVNFX1JFQURZEAMSHAoYREVQTE9ZTUVOVF9QSEFTRV9TVE9QUEVEEAQSGwoXREVQTE9ZTUVOVF9QSEFTRV9GQUlMRUQQBRIdChlERVBMT1lNRU5UX1BIQVNFX1NUT1BQSU5HEAYygAUKD1Jlc291cmNlU2VydmljZRJPCgpDcmVhdGVGaWxlEh8ubGVhc2Vob2xkLnYxLkNyZWF0ZUZpbGVSZXF1ZXN0GiAubGVhc2Vob2xkLnYxLkNyZWF0ZUZpbGVSZXNwb25zZRJhChBDcmVhdGVEZXBsb3ltZW50EiUubGVhc2Vob2xkLnYxLkNyZWF0ZURlcGxveW1lbnRSZXF1ZXN0GiYubGVhc2Vob2xkLnYxLkNyZWF0ZURlcGxveW1lbnRSZXNwb25zZRJVCgxDcmVhdGVPYmplY3QSIS5sZWFzZWhvbGQudjEuQ3JlYXRlT2JqZWN0UmVxdWVzdBoiLmxlYXNlaG9sZC52MS5DcmVhdGVPYmplY3RSZXNwb25zZRJSCgtHZXRSZXNvdXJjZRIgLmxlYXNlaG9sZC52MS5HZXRSZXNvdXJjZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuR2V0UmVzb3VyY2VSZXNwb25zZRJYCg1MaXN0UmVzb3VyY2VzEiIubGVhc2Vob2xkLnYxLkxpc3RSZXNvdXJjZXNSZXF1ZXN0GiMubGVhc2Vob2xkLnYxLkxpc3RSZXNvdXJjZXNSZXNwb25zZRJXCgxEb3dubG9hZEZpbGUSIS5sZWFzZWhvbGQudjEuRG93bmxvYWRGaWxlUmVxdWVzdBoiLmxlYXNlaG9sZC52MS5Eb3dubG9hZEZpbGVSZXNwb25zZTABElsKDkRlbGV0ZVJlc291cmNlEiMubGVhc2Vob2xkLnYxLkRlbGV0ZVJlc291cmNlUmVxdWVzdBokLmxlYXNlaG9sZC52MS5EZWxldGVSZXNvdXJjZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A file's metadata.
@@ -481,6 +481,22 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
    * @generated from field: string content_type = 4;
    */
   contentType: string;
+
+  /**
+   * Set by an agent saving a deployment's outputs: the run they are the
+   * outputs of. It must be a run of a deployment of lease_id (required with
+   * it) whose action is leased right now, at that epoch, to a live session
+   * the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo
+   * reason RUN_NOT_HELD): a run that was lost saves nothing more. The file
+   * belongs to that run: if the run is lost before it ends (its lease
+   * expired, or its agent gave the lease back), the files it saved that
+   * the lease still owns are deleted in the same transaction (each with a
+   * resource_deleted event), as CollectOutputs' OUTPUTS_LOST says: what
+   * that run wrote is gone, and the next run saves its own.
+   *
+   * @generated from field: leasehold.v1.DeploymentRun output_of = 5;
+   */
+  outputOf?: DeploymentRun | undefined;
 };
 
 /**
@@ -489,6 +505,35 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
  */
 export const CreateFileRequestSchema: GenMessage<CreateFileRequest> = /*@__PURE__*/
   messageDesc(file_leasehold_v1_resource, 9);
+
+/**
+ * One run of a deployment: its agent's lease on the deployment's action.
+ *
+ * @generated from message leasehold.v1.DeploymentRun
+ */
+export type DeploymentRun = Message<"leasehold.v1.DeploymentRun"> & {
+  /**
+   * Required: the deployment (a resource id).
+   *
+   * @generated from field: string deployment_id = 1;
+   */
+  deploymentId: string;
+
+  /**
+   * Required: the epoch (fencing token, at least 1) of the lease on the
+   * deployment's action that the saving agent holds.
+   *
+   * @generated from field: uint64 epoch = 2;
+   */
+  epoch: bigint;
+};
+
+/**
+ * Describes the message leasehold.v1.DeploymentRun.
+ * Use `create(DeploymentRunSchema)` to create a new message.
+ */
+export const DeploymentRunSchema: GenMessage<DeploymentRun> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_resource, 10);
 
 /**
  * Response of ResourceService.CreateFile.
@@ -509,7 +554,7 @@ export type CreateFileResponse = Message<"leasehold.v1.CreateFileResponse"> & {
  * Use `create(CreateFileResponseSchema)` to create a new message.
  */
 export const CreateFileResponseSchema: GenMessage<CreateFileResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 10);
+  messageDesc(file_leasehold_v1_resource, 11);
 
 /**
  * Request of ResourceService.CreateDeployment.
@@ -545,7 +590,7 @@ export type CreateDeploymentRequest = Message<"leasehold.v1.CreateDeploymentRequ
  * Use `create(CreateDeploymentRequestSchema)` to create a new message.
  */
 export const CreateDeploymentRequestSchema: GenMessage<CreateDeploymentRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 11);
+  messageDesc(file_leasehold_v1_resource, 12);
 
 /**
  * Response of ResourceService.CreateDeployment.
@@ -566,7 +611,7 @@ export type CreateDeploymentResponse = Message<"leasehold.v1.CreateDeploymentRes
  * Use `create(CreateDeploymentResponseSchema)` to create a new message.
  */
 export const CreateDeploymentResponseSchema: GenMessage<CreateDeploymentResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 12);
+  messageDesc(file_leasehold_v1_resource, 13);
 
 /**
  * Request of ResourceService.CreateObject.
@@ -602,7 +647,7 @@ export type CreateObjectRequest = Message<"leasehold.v1.CreateObjectRequest"> & 
  * Use `create(CreateObjectRequestSchema)` to create a new message.
  */
 export const CreateObjectRequestSchema: GenMessage<CreateObjectRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 13);
+  messageDesc(file_leasehold_v1_resource, 14);
 
 /**
  * Response of ResourceService.CreateObject.
@@ -623,7 +668,7 @@ export type CreateObjectResponse = Message<"leasehold.v1.CreateObjectResponse"> 
  * Use `create(CreateObjectResponseSchema)` to create a new message.
  */
 export const CreateObjectResponseSchema: GenMessage<CreateObjectResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 14);
+  messageDesc(file_leasehold_v1_resource, 15);
 
 /**
  * Request of ResourceService.GetResource.
@@ -644,7 +689,7 @@ export type GetResourceRequest = Message<"leasehold.v1.GetResourceRequest"> & {
  * Use `create(GetResourceRequestSchema)` to create a new message.
  */
 export const GetResourceRequestSchema: GenMessage<GetResourceRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 15);
+  messageDesc(file_leasehold_v1_resource, 16);
 
 /**
  * Response of ResourceService.GetResource.
@@ -665,7 +710,7 @@ export type GetResourceResponse = Message<"leasehold.v1.GetResourceResponse"> & 
  * Use `create(GetResourceResponseSchema)` to create a new message.
  */
 export const GetResourceResponseSchema: GenMessage<GetResourceResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 16);
+  messageDesc(file_leasehold_v1_resource, 17);
 
 /**
  * Request of ResourceService.ListResources. Filters combine with AND.
@@ -719,7 +764,7 @@ export type ListResourcesRequest = Message<"leasehold.v1.ListResourcesRequest"> 
  * Use `create(ListResourcesRequestSchema)` to create a new message.
  */
 export const ListResourcesRequestSchema: GenMessage<ListResourcesRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 17);
+  messageDesc(file_leasehold_v1_resource, 18);
 
 /**
  * Response of ResourceService.ListResources.
@@ -747,7 +792,7 @@ export type ListResourcesResponse = Message<"leasehold.v1.ListResourcesResponse"
  * Use `create(ListResourcesResponseSchema)` to create a new message.
  */
 export const ListResourcesResponseSchema: GenMessage<ListResourcesResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 18);
+  messageDesc(file_leasehold_v1_resource, 19);
 
 /**
  * Request of ResourceService.DownloadFile.
@@ -768,7 +813,7 @@ export type DownloadFileRequest = Message<"leasehold.v1.DownloadFileRequest"> & 
  * Use `create(DownloadFileRequestSchema)` to create a new message.
  */
 export const DownloadFileRequestSchema: GenMessage<DownloadFileRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 19);
+  messageDesc(file_leasehold_v1_resource, 20);
 
 /**
  * One chunk of ResourceService.DownloadFile.
@@ -789,7 +834,7 @@ export type DownloadFileResponse = Message<"leasehold.v1.DownloadFileResponse"> 
  * Use `create(DownloadFileResponseSchema)` to create a new message.
  */
 export const DownloadFileResponseSchema: GenMessage<DownloadFileResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 20);
+  messageDesc(file_leasehold_v1_resource, 21);
 
 /**
  * Request of ResourceService.DeleteResource.
@@ -810,7 +855,7 @@ export type DeleteResourceRequest = Message<"leasehold.v1.DeleteResourceRequest"
  * Use `create(DeleteResourceRequestSchema)` to create a new message.
  */
 export const DeleteResourceRequestSchema: GenMessage<DeleteResourceRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 21);
+  messageDesc(file_leasehold_v1_resource, 22);
 
 /**
  * Response of ResourceService.DeleteResource.
@@ -825,7 +870,7 @@ export type DeleteResourceResponse = Message<"leasehold.v1.DeleteResourceRespons
  * Use `create(DeleteResourceResponseSchema)` to create a new message.
  */
 export const DeleteResourceResponseSchema: GenMessage<DeleteResourceResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_resource, 22);
+  messageDesc(file_leasehold_v1_resource, 23);
 
 /**
  * Who owns a resource.

@@ -121,7 +121,10 @@ const (
 	EventKind_EVENT_KIND_RESOURCE_CREATED EventKind = 32
 	// DeleteResource deleted a workspace-owned resource. Its cluster is the
 	// runtime of the lease it was created in (a deployment without one: its
-	// runtime). Details: resource_id, kind.
+	// runtime). Details: resource_id, kind. Also, without an actor, for each
+	// file a deployment's run had saved into its lease when that run was lost
+	// (CreateFileRequest.output_of): action_id and epoch name the run, and
+	// details add the file's name.
 	EventKind_EVENT_KIND_RESOURCE_DELETED EventKind = 33
 )
 

@@ -73,6 +73,12 @@ export type LiveTestEventName =
   | "outputs_collected"
   /** `message`: CollectOutputs failed; the run goes on. */
   | "outputs_collect_failed"
+  /**
+   * `deployment_id`, `checked_epoch`, `epoch`, `phase`, `message`: the run the checks ran
+   * against was lost after it got ready, and the deployment was started again (or waits to be):
+   * the checks did not check the run whose outputs were collected. The run fails (exit 1).
+   */
+  | "deployment_restarted"
   /** `name`, `file_id`: the output survives the rollback. */
   | "output_promoted"
   /** `name`, `message`: an output the manifest names was not saved (and why, if known); the run fails. */
@@ -496,14 +502,34 @@ async function runInLease(
 
   // The deployment as it is now, not as it was when it became ready: one whose container exited
   // with an error since (right after starting, or while the checks ran) failed, and so did the test.
+  // So did one whose run was lost since (its agent died or gave it back) and that was started
+  // again, or waits to be: the checks ran against a run that is gone, and the outputs (if any)
+  // came from another one.
   step.name = "deployment_phase";
   let crashed: Deployment | undefined;
+  let restarted: string | undefined;
   if (waited.ready) {
     const { resource: r } = await retried((deadline) =>
       clients.resources.getResource({ resourceId: last?.id ?? deploymentId }, { signal, deadline }),
     );
-    if (r?.body.case === "deployment" && r.body.value.phase === DeploymentPhase.FAILED) {
-      crashed = r.body.value;
+    const now = r?.body.case === "deployment" ? r.body.value : undefined;
+    const checkedEpoch = last?.epoch ?? 0n;
+    if (now && (now.epoch !== checkedEpoch || now.phase === DeploymentPhase.PENDING)) {
+      restarted =
+        `the run the checks ran against (${last?.message || `epoch ${checkedEpoch}`}) was lost after it got ready, ` +
+        (now.epoch !== checkedEpoch
+          ? `and the deployment was started again (epoch ${now.epoch}, ${phaseName(now.phase)}${now.message ? `: ${now.message}` : ""})`
+          : `and the deployment waits to be started again (${now.message})`) +
+        "; the checks did not check the run whose outputs were collected";
+      emit("deployment_restarted", {
+        deployment_id: now.id,
+        checked_epoch: Number(checkedEpoch),
+        epoch: Number(now.epoch),
+        phase: phaseName(now.phase),
+        message: restarted,
+      });
+    } else if (now?.phase === DeploymentPhase.FAILED) {
+      crashed = now;
       emit("deployment_failed", {
         deployment_id: crashed.id,
         phase: phaseName(crashed.phase),
@@ -515,7 +541,8 @@ async function runInLease(
 
   // Recorded last, so that the result also reflects missing outputs and names the promoted files.
   step.name = "record_result";
-  const passed = waited.ready && !crashed && checks.every((c) => c.passed) && missing.length === 0;
+  const passed =
+    waited.ready && !crashed && !restarted && checks.every((c) => c.passed) && missing.length === 0;
   const result: JsonObject = {
     passed,
     checks: checks.map((c) => ({
@@ -528,7 +555,9 @@ async function runInLease(
       id: last?.id ?? deploymentId,
       ready: waited.ready,
       phase: phaseName((crashed ?? last)?.phase),
-      message: crashed ? crashed.message : waited.ready ? (last?.message ?? "") : waited.reason,
+      message:
+        restarted ?? (crashed ? crashed.message : waited.ready ? (last?.message ?? "") : waited.reason),
+      ...(restarted ? { restarted: true } : {}),
     },
     outputs: promoted,
     ...(missing.length > 0 ? { missing_outputs: missing } : {}),

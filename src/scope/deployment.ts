@@ -24,6 +24,8 @@ export interface DeploymentView {
   readonly actionId: string;
   readonly message: string;
   readonly outputFileIds: readonly string[];
+  /** The epoch of its action's latest lease: which run this is (0 before the first). */
+  readonly epoch: number;
 }
 
 /** An entry of a deployment's outputs_dir its agent did not save (SkippedOutput in lease.proto). */
@@ -60,7 +62,13 @@ const REPORTED: Record<string, DeploymentPhase> = {
  */
 export function deploymentView(resource: ResourceRecord, action: ActionRecord | undefined): DeploymentView {
   const spec = resource.body ?? {};
-  const base = { id: resource.id, leaseId: resource.leaseId, spec, actionId: resource.actionId ?? "" };
+  const base = {
+    id: resource.id,
+    leaseId: resource.leaseId,
+    spec,
+    actionId: resource.actionId ?? "",
+    epoch: action?.epoch ?? 0,
+  };
   if (!action) {
     return { ...base, phase: "STOPPED", containers: [], message: "its action is gone", outputFileIds: [] };
   }

@@ -13,6 +13,7 @@ import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freePort } from "../helpers/ports.js";
 import { BIN, collectLines, type LeaseholdProcess, runReferenceAgent } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
+import { connectWorker } from "../helpers/worker.js";
 
 const EXAMPLE = fileURLToPath(new URL("../../examples/http-smoke", import.meta.url));
 /** The port the example manifest uses; each test swaps in a free one. */
@@ -430,6 +431,70 @@ checks:
       deployment: { phase: "FAILED" },
     });
   });
+
+  it("a deployment whose run is lost and started again while the checks run fails the run, naming the run it checked", async () => {
+    const runtime = "restarted";
+    const worker = await connectWorker(t.address, { workerId: "flaky", cluster: runtime, capacity: 1 });
+    const ready = (grant: { actionId: string; epoch: bigint }) =>
+      worker.send({
+        message: {
+          case: "progress",
+          value: {
+            reportId: grant.epoch * 100n,
+            actionId: grant.actionId,
+            epoch: grant.epoch,
+            phase: "ready",
+          },
+        },
+      });
+    // The check's command connects here; while it runs, the run it checks is given back and the
+    // deployment starts again (epoch 2). Then the check ends, and passes.
+    const trigger = createServer((socket) => {
+      socket.on("error", () => {});
+      (async () => {
+        await worker.release(first);
+        ready(await worker.next("grant", (g) => g.epoch === first.epoch + 1n));
+      })().finally(() => socket.end());
+    });
+    await new Promise<void>((resolve) => trigger.listen(0, "127.0.0.1", resolve));
+    const triggerPort = (trigger.address() as { port: number }).port;
+    const run = runManifest(`runtime: ${runtime}
+deployment:
+  containers:
+    - name: idle
+      argv: [idle]
+  outputs_dir: out
+checks:
+  - name: while it restarts
+    exec: {argv: [${process.execPath}, -e, 'require("net").connect(${triggerPort}, "127.0.0.1").on("close", () => process.exit(0))']}
+    timeout: 60s
+`);
+    const first = await worker.next("grant");
+    ready(first);
+    try {
+      // The collect stops the second run, which saves nothing.
+      const second = await worker.next("revoke", (r) => r.epoch === first.epoch + 1n);
+      await worker.complete(second, { output: { containers: [], outputFileIds: [], skipped: [] } });
+      expect(await run.exited).toBe(1);
+      expect(run.events.find((e) => e.event === "check_passed")).toBeDefined();
+      const restarted = run.events.find((e) => e.event === "deployment_restarted");
+      expect(restarted).toMatchObject({
+        checked_epoch: Number(first.epoch),
+        epoch: Number(first.epoch) + 1,
+        message: expect.stringContaining(`was lost after it got ready, and the deployment was started again`),
+      });
+      expect(run.events.find((e) => e.event === "result_recorded")).toMatchObject({ passed: false });
+      const lease = await expectRolledBack(run.events[0]?.lease_id as string);
+      expect(lease?.result).toMatchObject({
+        passed: false,
+        checks: [{ name: "while it restarts", passed: true }],
+        deployment: { restarted: true, message: restarted?.message },
+      });
+    } finally {
+      trigger.close();
+      worker.drop();
+    }
+  }, 60_000);
 
   it("a bad manifest exits 2 naming every field to fix, before any lease exists", async () => {
     const before = (await leases().listLeases({ pageSize: 1000 })).leases.length;

@@ -573,6 +573,7 @@ function toProtoDeployment(d: DeploymentView): MessageInitShape<typeof Deploymen
     actionId: d.actionId,
     message: d.message,
     outputFileIds: [...d.outputFileIds],
+    epoch: BigInt(d.epoch),
   };
 }
 

@@ -119,9 +119,10 @@ class DeleteResourceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ["action_id", "containers", "id", "message", "output_file_ids", "phase", "spec"]
+    __slots__ = ["action_id", "containers", "epoch", "id", "message", "output_file_ids", "phase", "spec"]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FILE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -129,12 +130,13 @@ class Deployment(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     containers: _containers.RepeatedCompositeFieldContainer[ContainerState]
+    epoch: int
     id: str
     message: str
     output_file_ids: _containers.RepeatedScalarFieldContainer[str]
     phase: DeploymentPhase
     spec: DeploymentSpec
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., containers: _Optional[_Iterable[_Union[ContainerState, _Mapping]]] = ..., action_id: _Optional[str] = ..., message: _Optional[str] = ..., output_file_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., phase: _Optional[_Union[DeploymentPhase, str]] = ..., containers: _Optional[_Iterable[_Union[ContainerState, _Mapping]]] = ..., action_id: _Optional[str] = ..., message: _Optional[str] = ..., output_file_ids: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DeploymentRun(_message.Message):
     __slots__ = ["deployment_id", "epoch"]

@@ -266,9 +266,12 @@ export interface RunNotHeld {
  * One exception to "open": a file that a deployment of a committed lease
  * saves (its outputs, uploaded after the commit, while a collect stops it or
  * its containers end) is kept as the commit kept the deployment: created
- * workspace-owned in that lease. It is recognised as an output by its
- * creator: `actor` opened the live session holding the action of one of the
- * lease's deployments (see {@link savingDeploymentOf}).
+ * workspace-owned in that lease. It is recognised as an output only by the
+ * run it names (`outputOf`): a run of one of the lease's deployments that
+ * `actor`'s live session holds right now (see {@link heldRunAction}). Not by
+ * its creator alone: with authentication off every caller is `anonymous`,
+ * and any of them could add files to the committed lease while an agent
+ * ran one of its deployments.
  */
 export async function insertResource(
   db: Db,
@@ -286,12 +289,10 @@ export async function insertResource(
       // Into a lease that takes no file at all (rolled back, past its TTL), the lease's state is the answer.
       if (input.outputOf && (!refusal || committed)) {
         outputAction = await heldRunAction(tx, input.leaseId, input.outputOf, input.actor);
-        if (!outputAction) return { refused: "run_not_held" as const };
+        // Into a committed lease, a file that is no held run's output is refused as closed (below).
+        if (!outputAction && !refusal) return { refused: "run_not_held" as const };
       }
-      const kept =
-        committed &&
-        input.kind === "file" &&
-        (outputAction !== undefined || (await savingDeploymentOf(tx, input.leaseId, input.actor)));
+      const kept = committed && input.kind === "file" && outputAction !== undefined;
       if (refusal && !kept) return refusal;
       if (kept) ownership = "WORKSPACE";
     }
@@ -354,30 +355,6 @@ async function heldRunAction(
       for share of a`,
   );
   return row?.id;
-}
-
-/**
- * Whether `principal` opened the live session that holds the action of one
- * of lease `leaseId`'s deployments (kept by its commit: workspace-owned, the
- * lease id kept): that agent is saving the deployment's outputs. Found
- * through the server's own records (`resources.action_id`, which only
- * CreateDeployment writes), never through what a request claims. The
- * lease's row is locked by the caller; the action's is only read: an upload
- * comes before the completion that ends the action.
- */
-async function savingDeploymentOf(tx: Db, leaseId: string, principal: string): Promise<boolean> {
-  const [row] = await queryRows<{ found: boolean }>(
-    tx,
-    sql`
-      select exists (
-        select 1 from resources r
-        join actions a on a.id = r.action_id
-        join sessions s on s.id = a.session_id
-        where r.lease_id = ${leaseId} and r.kind = 'deployment' and a.state = 'LEASED'
-          and s.principal = ${principal} and s.ended_at is null
-      ) as found`,
-  );
-  return row?.found === true;
 }
 
 /**

@@ -129,17 +129,46 @@ describe("CollectOutputs while things happen around it", () => {
     const runtime = "collect-commit";
     const w = await connectWorker(t.address, { workerId: "saver", cluster: runtime, capacity: 1 });
     const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
-    await resources().createDeployment({
+    const { resource } = await resources().createDeployment({
       leaseId,
       spec: { containers: [{ name: "c", command: { argv: ["true"] } }], outputsDir: "out" },
     });
     const grant = await w.next("grant");
+    const outputOf = { deploymentId: resource?.id ?? "", epoch: grant.epoch };
     const collecting = leases().collectOutputs({ leaseId, timeout: { seconds: 60n } });
     await w.next("revoke", (r) => r.actionId === grant.actionId);
     // Saving: one file is up when the commit lands, the other comes after it.
-    const before = await resources().createFile({ leaseId, name: "a.txt", content: new Uint8Array([1]) });
+    const before = await resources().createFile({
+      leaseId,
+      name: "a.txt",
+      content: new Uint8Array([1]),
+      outputOf,
+    });
     expect((await leases().commitLease({ leaseId })).keptResources).toBe(2);
-    const after = await resources().createFile({ leaseId, name: "late.txt", content: new Uint8Array([2]) });
+    // While it saves, the committed lease takes only what names the run its agent holds: not any
+    // file of the same principal (with authentication off, every client's), nor another run's.
+    const stranger = await failure(
+      resources().createFile({ leaseId, name: "x", content: new Uint8Array([9]) }),
+    );
+    expect({ code: stranger.code, reason: stranger.reason }).toEqual({
+      code: Code.FailedPrecondition,
+      reason: "LEASE_CLOSED",
+    });
+    const stale = await failure(
+      resources().createFile({
+        leaseId,
+        name: "x",
+        content: new Uint8Array([9]),
+        outputOf: { ...outputOf, epoch: grant.epoch + 1n },
+      }),
+    );
+    expect(stale.reason).toBe("LEASE_CLOSED");
+    const after = await resources().createFile({
+      leaseId,
+      name: "late.txt",
+      content: new Uint8Array([2]),
+      outputOf,
+    });
     expect(after.resource).toMatchObject({ leaseId, ownership: Ownership.WORKSPACE });
     const ids = [before.resource?.id ?? "", after.resource?.id ?? ""];
     await w.complete(grant, { output: { containers: [], outputFileIds: ids, skipped: [] } });
@@ -147,7 +176,9 @@ describe("CollectOutputs while things happen around it", () => {
     const kept = await resources().getResource({ resourceId: ids[1] as string });
     expect(kept.resource?.ownership).toBe(Ownership.WORKSPACE);
     // Only its deployment's outputs: once it has stopped, the committed lease takes nothing more.
-    const f = await failure(resources().createFile({ leaseId, name: "x", content: new Uint8Array([3]) }));
+    const f = await failure(
+      resources().createFile({ leaseId, name: "x", content: new Uint8Array([3]), outputOf }),
+    );
     expect({ code: f.code, reason: f.reason }).toEqual({
       code: Code.FailedPrecondition,
       reason: "LEASE_CLOSED",

@@ -127,10 +127,14 @@ class ResourceServiceServicer(object):
         the runtime (worker.connect there) may add files to any lease of it.
         Without a lease_id: resource.create in every cluster.
         Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
-        outputs of a committed lease's deployment: a file created by the
-        principal whose live session holds the action of one of that lease's
-        deployments (its agent saving its outputs) is kept, workspace-owned, in
-        that lease, as the commit kept the deployment.
+        outputs of a committed lease's deployment: a file whose output_of names
+        a run of one of that lease's deployments that the caller's principal
+        holds right now (its agent saving that run's outputs as it stops) is
+        kept, workspace-owned, in that lease, as the commit kept the deployment.
+        Any other file, whoever sends it, is refused: the principal alone does
+        not make a file an output (with authentication off every caller is
+        "anonymous"). Without authentication this guards against mistakes, not
+        against a client that copies a run's deployment id and epoch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

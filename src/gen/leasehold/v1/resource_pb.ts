@@ -498,7 +498,9 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
    * outputs of. It must be a run of a deployment of lease_id (required with
    * it) whose action is leased right now, at that epoch, to a live session
    * the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo
-   * reason RUN_NOT_HELD): a run that was lost saves nothing more. The file
+   * reason RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any
+   * file that is not a held run's output): a run that was lost saves
+   * nothing more. The file
    * belongs to that run: if the run is lost before it ends (its lease
    * expired, or its agent gave the lease back), the files it saved that
    * the lease still owns are deleted in the same transaction (each with a
@@ -1025,10 +1027,14 @@ export const ResourceService: GenService<{
    * the runtime (worker.connect there) may add files to any lease of it.
    * Without a lease_id: resource.create in every cluster.
    * Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
-   * outputs of a committed lease's deployment: a file created by the
-   * principal whose live session holds the action of one of that lease's
-   * deployments (its agent saving its outputs) is kept, workspace-owned, in
-   * that lease, as the commit kept the deployment.
+   * outputs of a committed lease's deployment: a file whose output_of names
+   * a run of one of that lease's deployments that the caller's principal
+   * holds right now (its agent saving that run's outputs as it stops) is
+   * kept, workspace-owned, in that lease, as the commit kept the deployment.
+   * Any other file, whoever sends it, is refused: the principal alone does
+   * not make a file an output (with authentication off every caller is
+   * "anonymous"). Without authentication this guards against mistakes, not
+   * against a client that copies a run's deployment id and epoch.
    *
    * @generated from rpc leasehold.v1.ResourceService.CreateFile
    */

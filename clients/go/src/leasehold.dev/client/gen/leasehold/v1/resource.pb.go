@@ -970,7 +970,9 @@ type CreateFileRequest struct {
 	// outputs of. It must be a run of a deployment of lease_id (required with
 	// it) whose action is leased right now, at that epoch, to a live session
 	// the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo
-	// reason RUN_NOT_HELD): a run that was lost saves nothing more. The file
+	// reason RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any
+	// file that is not a held run's output): a run that was lost saves
+	// nothing more. The file
 	// belongs to that run: if the run is lost before it ends (its lease
 	// expired, or its agent gave the lease back), the files it saved that
 	// the lease still owns are deleted in the same transaction (each with a

@@ -30,6 +30,7 @@ import {
   limitOption,
   listUpTo,
   messageJson,
+  neverSent,
   parseLabels,
   printJson,
   printLine,
@@ -186,15 +187,13 @@ export function refusedChunk(
       : `lines ${chunk[0]?.line}–${chunk[chunk.length - 1]?.line}`;
   // A refusal is an answer: the call was not applied; nor was one that never reached a server.
   // A call lost in flight (the connection dropped, a deadline) may or may not have been committed.
-  const neverSent =
-    e.code === grpc.status.UNAVAILABLE &&
-    /^(No connection established|Name resolution failed)/.test(e.details);
+  const unsent = neverSent(error);
   // So is one a server refused unserved (its database unreachable, or starting), whichever the
   // code; not one it was serving when it lost its database (OUTCOME_UNKNOWN).
   const then =
     REFUSALS.has(e.code) || refusedUnserved(error)
       ? `the call for ${range} was refused, so nothing from it on was submitted`
-      : neverSent
+      : unsent
         ? `the call for ${range} never reached the server, so nothing from it on was submitted`
         : `the call for ${range} was in flight, and may or may not have been submitted; nothing after it ` +
           "was sent. Run the same file again: lines with a requestId are not submitted twice (lines " +

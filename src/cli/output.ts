@@ -288,6 +288,17 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
           EXIT.unreachable,
         );
       }
+      // The connection was there and the request sent, then it broke before the answer (a server
+      // killed or restarted mid-call): the server may have applied it. "Is it running?" would read
+      // as "nothing happened", and a change (a commit, a collect) may well have been made.
+      if (e.code === 14 && !neverSent(error)) {
+        return new CliError(
+          `the connection to the server at ${server} broke during the call (${why}), after the request was sent: ` +
+            "the outcome of a change it asked for is unknown (it may or may not have been made); check " +
+            "(e.g. with a get) before running it again (with --request-id a submit is not made twice)",
+          EXIT.unreachable,
+        );
+      }
       // What grpc-js says when the TCP connection opened but the HTTP/2 handshake failed: most
       // often a plaintext client meeting a TLS port.
       const tls = /^Failed to connect/.test(why)
@@ -344,6 +355,18 @@ export function uploadRefused(error: unknown, what: string, sizeBytes: number): 
     );
   }
   return error;
+}
+
+/**
+ * Whether a failed call never reached a server, so that nothing it asked for
+ * can have been applied: grpc-js's UNAVAILABLE before any connection (none
+ * established, the name not resolved). Any other UNAVAILABLE without a
+ * server's reason (the connection dropped, reset) came after the request
+ * was sent.
+ */
+export function neverSent(error: unknown): boolean {
+  const e = error as { code?: number; details?: string };
+  return e.code === 14 && /^(No connection established|Name resolution failed)/.test(e.details ?? "");
 }
 
 /**

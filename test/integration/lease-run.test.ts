@@ -496,6 +496,33 @@ checks:
     }
   }, 60_000);
 
+  it("lease collect-outputs cut off in flight says its outcome is unknown, not that the server may not run", async () => {
+    const runtime = "cut-collect";
+    const worker = await connectWorker(t.address, { workerId: "saving", cluster: runtime, capacity: 1 });
+    const [host, port] = t.address.split(":");
+    const proxy = await cuttableProxy(host as string, Number(port));
+    try {
+      const leaseId = (await leases().createLease({ runtime })).lease?.id ?? "";
+      await resources().createDeployment({
+        leaseId,
+        spec: { containers: [{ name: "c", command: { argv: ["idle"] } }], outputsDir: "out" },
+      });
+      const grant = await worker.next("grant");
+      const collect = cli(["lease", "collect-outputs", leaseId], `127.0.0.1:${proxy.port}`);
+      // The server has the request: it asks the agent to save. Then the connection breaks.
+      await worker.next("revoke", (r) => r.actionId === grant.actionId);
+      proxy.cut();
+      expect(await collect.exited).toBe(3);
+      expect(collect.stderr()).toContain(
+        "after the request was sent: the outcome of a change it asked for is unknown",
+      );
+      expect(collect.stderr()).not.toContain("is it running?");
+    } finally {
+      proxy.close();
+      worker.drop();
+    }
+  });
+
   it("a bad manifest exits 2 naming every field to fix, before any lease exists", async () => {
     const before = (await leases().listLeases({ pageSize: 1000 })).leases.length;
     const run = cli([

@@ -139,3 +139,47 @@ function durationText(nanos: bigint): string {
   const fraction = (nanos % NANOS_PER_SECOND).toString().padStart(9, "0").replace(/0+$/, "");
   return `${nanos / NANOS_PER_SECOND}${fraction ? `.${fraction}` : ""}s`;
 }
+
+/**
+ * Characters no file name may hold: C0 and C1 controls and DEL (a newline or
+ * an escape sequence in a name forges lines and terminal output wherever it
+ * is printed), the line and paragraph separators, and the bidirectional-text
+ * controls (U+202E shows "txt.exe" as "exe.txt").
+ */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: matching them is the point.
+const FILE_NAME_FORBIDDEN = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/u;
+
+/** What a file name is, said with every refusal of one. */
+const FILE_NAME_RULE =
+  'a file name is a relative path of "/"-separated segments, like "report.txt" or "logs/run-1.txt"';
+
+/**
+ * Checks a required file name (CreateFileRequest.name): at most `max`
+ * characters; a relative path of "/"-separated segments, none of them empty,
+ * "." or ".." (no leading or trailing "/", no "//"), without "\" and without
+ * the characters of {@link FILE_NAME_FORBIDDEN}. Agents name a deployment's
+ * outputs by their path under its outputs_dir, and whoever downloads a file
+ * may write it under its name: one that climbs out of a directory, or prints
+ * as something else, is refused rather than stored.
+ */
+export function checkFileName(v: Violations, field: string, name: string, max = 512): void {
+  const problem = fileNameProblem(name, max);
+  if (problem !== undefined) v.add(field, problem);
+}
+
+function fileNameProblem(name: string, max: number): string | undefined {
+  if (name === "") return "is required";
+  const over = charactersOver(name, max);
+  if (over !== undefined) return `must be at most ${max} characters (got ${over})`;
+  const forbidden = FILE_NAME_FORBIDDEN.exec(name);
+  if (forbidden) {
+    const code = `U+${(forbidden[0].codePointAt(0) ?? 0).toString(16).toUpperCase().padStart(4, "0")}`;
+    return `must not contain control or bidirectional-text characters (it has ${code} at index ${forbidden.index}); ${FILE_NAME_RULE}`;
+  }
+  if (name.includes("\\")) return `must not contain "\\" (the separator is "/"); ${FILE_NAME_RULE}`;
+  if (name.startsWith("/")) return `must be a relative path, not start with "/"; ${FILE_NAME_RULE}`;
+  if (name.endsWith("/")) return `must name a file, not end with "/"; ${FILE_NAME_RULE}`;
+  const bad = name.split("/").find((segment) => segment === "" || segment === "." || segment === "..");
+  if (bad === undefined) return undefined;
+  return `must not have ${bad === "" ? 'an empty segment ("//")' : `a "${bad}" segment`}; ${FILE_NAME_RULE}`;
+}

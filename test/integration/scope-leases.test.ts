@@ -503,6 +503,48 @@ describe("scope leases", () => {
     expect(debug.resources.at(-1)?.id).toBe(`${first}-0999`);
   });
 
+  it("refuses file names that climb out of a directory or print as something else, and keeps paths like out/a.txt", async () => {
+    const { lease } = await leases().createLease({ runtime: "east" });
+    const leaseId = lease?.id ?? "";
+    const content = new Uint8Array([1]);
+    const refused: [string, RegExp][] = [
+      ["../../etc/passwd", /a "\.\." segment/],
+      ["out/../../x", /a "\.\." segment/],
+      ["/abs", /not start with "\/"/],
+      [".", /a "\." segment/],
+      ["..", /a "\.\." segment/],
+      ["dir/", /not end with "\/"/],
+      ["a//b", /an empty segment/],
+      ["a\\b", /not contain "\\"/],
+      ["line\nforged", /it has U\+000A at index 4/],
+      ["bell\u0001", /it has U\+0001/],
+      ["csi\u009b", /it has U\+009B/],
+      ["invoice\u202Etxt.exe", /it has U\+202E/],
+      ["isolate\u2066x", /it has U\+2066/],
+    ];
+    for (const [name, why] of refused) {
+      const f = await expectStatus(
+        resources().createFile({ leaseId, name, content }),
+        Code.InvalidArgument,
+        new RegExp(`^name: must .*${why.source}.*; a file name is a relative path of "/"-separated segments`),
+      );
+      expect(f.fields).toEqual(["name"]);
+    }
+    // What agents and manifests name files: paths under outputs_dir, any other characters.
+    for (const name of [
+      "a.txt",
+      "out/a.txt",
+      "logs/2026/run 1.log",
+      ".hidden",
+      "a..b",
+      "résumé – v2.txt",
+      "日本.txt",
+    ]) {
+      const { resource } = await resources().createFile({ leaseId, name, content });
+      expect(resource?.body.case === "file" && resource.body.value.name).toBe(name);
+    }
+  });
+
   it("rejects bad requests with the field to fix", async () => {
     await expectStatus(leases().createLease({ runtime: "" }), Code.InvalidArgument, /^runtime: is required/);
     const over = await expectStatus(

@@ -30,6 +30,7 @@ import { pageSize } from "../../work/page-token.js";
 import { encodedSize } from "../encoded-size.js";
 import { bind, type ServiceBinding } from "../server.js";
 import {
+  checkFileName,
   checkFilterName,
   checkLength,
   checkName,
@@ -408,8 +409,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
     },
     async createFile(request, ctx) {
       const v = new Violations();
-      if (request.name === "") v.add("name", "is required");
-      checkLength(v, "name", request.name, 512);
+      checkFileName(v, "name", request.name);
       checkLength(v, "content_type", request.contentType, 256);
       const run = request.outputOf;
       if (run) {

@@ -473,7 +473,15 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
   leaseId: string;
 
   /**
-   * Required: file name, at most 512 characters.
+   * Required: file name, at most 512 characters: a relative path of
+   * "/"-separated segments, like "report.txt" or "logs/run-1.txt" (agents
+   * name a deployment's outputs by their path under its outputs_dir). No
+   * segment may be empty, "." or ".." (so no leading or trailing "/", no
+   * "//"), and the name may not hold "\", control characters (U+0000 to
+   * U+001F, U+007F to U+009F), the line and paragraph separators (U+2028,
+   * U+2029) or bidirectional-text controls (U+061C, U+200E, U+200F, U+202A
+   * to U+202E, U+2066 to U+2069): INVALID_ARGUMENT (field name) says which
+   * rule it breaks. Any other character is allowed.
    *
    * @generated from field: string name = 2;
    */

@@ -960,7 +960,15 @@ type CreateFileRequest struct {
 
 	// Optional: the open lease to create the file in.
 	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	// Required: file name, at most 512 characters.
+	// Required: file name, at most 512 characters: a relative path of
+	// "/"-separated segments, like "report.txt" or "logs/run-1.txt" (agents
+	// name a deployment's outputs by their path under its outputs_dir). No
+	// segment may be empty, "." or ".." (so no leading or trailing "/", no
+	// "//"), and the name may not hold "\", control characters (U+0000 to
+	// U+001F, U+007F to U+009F), the line and paragraph separators (U+2028,
+	// U+2029) or bidirectional-text controls (U+061C, U+200E, U+200F, U+202A
+	// to U+202E, U+2066 to U+2069): INVALID_ARGUMENT (field name) says which
+	// rule it breaks. Any other character is allowed.
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
 	// The content.
 	Content []byte `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`

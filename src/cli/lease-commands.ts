@@ -386,7 +386,11 @@ export function leaseCommands(): Command {
   lease
     .command("collect-outputs")
     .argument("<lease-id>")
-    .option("--timeout <duration>", "how long the deployment may take to save its files, at most 1h", "60s")
+    .option(
+      "--timeout <duration>",
+      "how long the deployment may take to save its files, more than 0 and at most 1h",
+      "60s",
+    )
     .description(
       "Stop the lease's deployment, saving the files of its outputs_dir as file resources in the lease; " +
         "print their ids, and what was not saved (too large, a symbolic link, …) and why.",
@@ -397,6 +401,12 @@ export function leaseCommands(): Command {
           maxMs: COLLECT_TIMEOUT_MAX_MS,
           why: "the longest the server waits for outputs",
         });
+        // The server reads 0 as "unset", its default of 60s: said, rather than waited silently.
+        if (timeoutMs === 0)
+          throw new CliError(
+            "--timeout: must be more than 0 (0 would mean the server's default, 60s); give how long to wait, e.g. 60s",
+            EXIT.usage,
+          );
         const { fileIds, skipped } = await c.leases.collectOutputs(
           { leaseId: id, timeout: durationFromMs(timeoutMs) },
           // The server waits up to the timeout; the deadline only guards against a silent one.
@@ -635,7 +645,10 @@ export function resourceCommands(): Command[] {
     )
     .option("--lease <id>", "create it inside this open lease (it runs on the lease's runtime)")
     .option("--runtime <cluster>", "where it runs when created without --lease")
-    .description("Create a deployment; follow it with `lease wait`.")
+    .description(
+      "Create a deployment. In a lease, follow it with `lease wait <lease-id>`; one created without a lease " +
+        "(--runtime), or promoted out of its lease, has no lease to wait on: follow it with `resource get <id>`.",
+    )
     .action(async (o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
         // Said with the flags before any call; the server would name its fields (runtime, lease_id).

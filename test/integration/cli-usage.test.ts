@@ -119,6 +119,13 @@ describe.runIf(runsDriverNeutralTests())(
         code: 2,
         stderr: expect.stringContaining("--timeout: must be at most 1h"),
       });
+      // Not the server's default of 60s, silently.
+      expect(await cli(["lease", "collect-outputs", "L", "--timeout", "0"])).toEqual({
+        code: 2,
+        stdout: "",
+        stderr:
+          "leasehold: --timeout: must be more than 0 (0 would mean the server's default, 60s); give how long to wait, e.g. 60s\n",
+      });
     });
 
     it("says that the command of action submit goes after -- when commander took its option for submit's", async () => {

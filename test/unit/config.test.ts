@@ -11,6 +11,7 @@ describe("server config", () => {
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
       maxSilenceMs: 100_000,
+      maxUnaryCalls: 32,
       workerRetentionMs: 7 * 86_400_000,
       rebalanceIntervalMs: 30_000,
       historyRetentionMs: 7 * 86_400_000,
@@ -76,6 +77,10 @@ describe("server config", () => {
     expect(parseServerConfig({ maxConnectionsPerAddress: "0" }).maxConnectionsPerAddress).toBe(0);
     expect(() => parseServerConfig({ maxConnectionsPerAddress: "many" })).toThrow(
       '--max-connections-per-address: must be a whole number of connections, 0 for no limit (got "many")',
+    );
+    expect(parseServerConfig({ maxUnaryCalls: "0" }).maxUnaryCalls).toBe(0);
+    expect(() => parseServerConfig({ maxUnaryCalls: "-1" })).toThrow(
+      '--max-unary-calls: must be a whole number of calls, 0 for no limit (got "-1")',
     );
   });
 

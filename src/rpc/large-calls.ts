@@ -1,5 +1,6 @@
 import { setImmediate as nextTurn } from "node:timers/promises";
 import { Code, LeaseholdError } from "../errors.js";
+import { once } from "../work/gate.js";
 
 /**
  * A unary request of at least this many bytes is a large call: decoding,
@@ -60,14 +61,7 @@ export function createLargeCallLimit(options: LargeCallLimitOptions = {}): Large
     running += 1;
     next.start();
   };
-  const onceReleased = () => {
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      release();
-    };
-  };
+  const onceReleased = () => once(release);
 
   return {
     admit(bytes, signal) {

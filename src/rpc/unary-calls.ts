@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
+import { once } from "../work/gate.js";
 import { perSecond } from "./per-second.js";
 
 /**
@@ -113,14 +114,7 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
     running -= 1;
     if (waiting.length > 0) pump();
   };
-  const onceReleased = () => {
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      release();
-    };
-  };
+  const onceReleased = () => once(release);
 
   return {
     admit(signal) {

@@ -47,8 +47,8 @@ export function createGate(
   };
 }
 
-/** `fn`, callable once. */
-function once(fn: () => void): () => void {
+/** `fn`, callable once: a release handed out may be called again harmlessly. */
+export function once(fn: () => void): () => void {
   let called = false;
   return () => {
     if (called) return;

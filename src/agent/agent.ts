@@ -231,8 +231,9 @@ export type AgentEvent =
   /**
    * Another process connected with this worker id and took the session over,
    * or holds it and the server refused this agent's hello (WORKER_ID_IN_USE;
-   * worker ids must be unique): every handler was aborted (superseded), and
-   * the agent connects again after `retryInMs`: at least a grace period after
+   * worker ids must be unique): every handler was aborted (superseded) and
+   * every lease dropped (none is reported on or listed again: they are the
+   * other process's), and the agent connects again after `retryInMs`: at least a grace period after
    * a takeover, 1–2 s after a first refusal, doubling to 15–30 s.
    */
   | { type: "taken_over"; retryInMs: number }
@@ -358,6 +359,9 @@ export interface CloseResult {
   /**
    * Actions whose handler ignored its abort signal and still ran when close
    * gave their leases back: their work may overlap another worker's attempt.
+   * A lease the agent had dropped already (the server ended it, or another
+   * process holds it) is listed too, but not given back: it is not this
+   * agent's to release.
    */
   readonly stillRunning: readonly string[];
 }
@@ -1062,16 +1066,24 @@ export function createAgent(options: AgentOptions): Agent {
   }
 
   /**
-   * The stream ended ABORTED, reason SESSION_REAPED: the session passed its
-   * deadline (this process was paused past it, say) and its leases expired;
-   * they may run elsewhere already. worker.proto: stop all work at once,
-   * report nothing more of those leases and do not list them again. So every
-   * handler still running is aborted (it keeps its slot here until it returns,
-   * as after a revoke), and every report not answered yet (a self-fence's
-   * release, a completion) is dropped, not sent again on the next stream:
-   * there it could only be fenced.
+   * Drops every lease at once, as worker.proto asks of a worker whose stream
+   * ended ABORTED, reason SESSION_REAPED (its leases expired and may run
+   * elsewhere already), or that another process holds the session of
+   * (SESSION_TAKEN_OVER, WORKER_ID_IN_USE: the leases are that process's).
+   * Every handler still running is aborted with `reason` (it keeps its slot
+   * here until it returns, as after a revoke, and reports nothing when it
+   * does), and every report not answered yet (a self-fence's release, a
+   * completion) is dropped, not sent again on the next stream: there it could
+   * only be fenced, or would end the other process's lease. None of them is
+   * listed in a later hello or heartbeat. With `revokedEvents`, a revoked
+   * event tells of each handler aborted here that the server had not ended
+   * already (a takeover has its own event, taken_over).
    */
-  function dropReaped(): void {
+  function dropAll(
+    reason: "expired" | "superseded",
+    message: string,
+    { revokedEvents }: { revokedEvents: boolean },
+  ): void {
     for (const r of running.values()) {
       r.progressWaiting = undefined;
       r.progressSent = undefined;
@@ -1082,11 +1094,9 @@ export function createAgent(options: AgentOptions): Agent {
         forget(r);
         continue;
       }
-      if (!endedHere) emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason: "expired" });
-      if (!r.controller.aborted)
-        r.controller.abort(
-          new LeaseLost("expired", "the server reaped this agent's session: its deadline passed unheard"),
-        );
+      if (revokedEvents && !endedHere)
+        emit({ type: "revoked", actionId: r.actionId, epoch: r.epoch, reason });
+      if (!r.controller.aborted) r.controller.abort(new LeaseLost(reason, message));
     }
   }
 
@@ -1609,23 +1619,20 @@ export function createAgent(options: AgentOptions): Agent {
       if (takenOver || inUse) {
         // This agent never opens a second stream, so another process connected with this
         // worker id and took the session, its leases and its grants (or holds it, and this
-        // agent's hello was refused): stop every handler at once. After a takeover, let that
-        // process keep the session for a grace period before trying again.
+        // agent's hello was refused): stop every handler at once and drop every lease, reports
+        // included (worker.proto). After a takeover, let that process keep the session for a
+        // grace period before trying again.
         const grace = graceMs ?? 10_000;
         if (takenOver) retryInMs = Math.max(retryInMs, grace + Math.random() * grace);
-        for (const r of running.values()) {
-          if (r.report) continue;
-          r.serverEnded = true;
-          r.controller.abort(
-            new LeaseLost(
-              "superseded",
-              `another process connected as worker ${options.workerId} and took over`,
-            ),
-          );
-        }
+        dropAll("superseded", `another process connected as worker ${options.workerId} and took over`, {
+          revokedEvents: false,
+        });
         emit({ type: "taken_over", retryInMs });
       }
-      if (code === grpc.status.ABORTED && reason === "SESSION_REAPED") dropReaped();
+      if (code === grpc.status.ABORTED && reason === "SESSION_REAPED")
+        dropAll("expired", "the server reaped this agent's session: its deadline passed unheard", {
+          revokedEvents: true,
+        });
       emit({ type: "disconnected", error: conn.abandoned ?? error?.message ?? "stream ended", retryInMs });
       reconnectTimer = setTimeout(connect, retryInMs);
     };
@@ -1775,6 +1782,11 @@ export function createAgent(options: AgentOptions): Agent {
       for (const r of running.values()) {
         if (!r.report && !r.start) {
           stillRunning.push(r.actionId);
+          // A lease the server ended, or another process holds, is not this agent's to release.
+          if (r.serverEnded) {
+            settle(r, { kind: "dropped" });
+            continue;
+          }
           r.report = {
             kind: "released",
             reason: "the agent shut down while the handler ignored its abort signal",

@@ -10,6 +10,65 @@ function freeze(ms: number): void {
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
+type ScriptedServer = Awaited<ReturnType<typeof scriptedWorkerServer>>;
+
+/** How many hellos `server` got. */
+const hellos = (server: ScriptedServer) => server.requests.filter((r) => r.message.case === "hello").length;
+
+/** The last heartbeat `server` got. */
+const lastBeat = (server: ScriptedServer) => {
+  const beat = server.requests.filter((r) => r.message.case === "heartbeat").at(-1)?.message;
+  return beat?.case === "heartbeat" ? beat.value : undefined;
+};
+
+/** The `index`th hello `server` got. */
+const helloAt = (server: ScriptedServer, index: number) => {
+  const hello = server.requests.filter((r) => r.message.case === "hello")[index]?.message;
+  return hello?.case === "hello" ? hello.value : undefined;
+};
+
+/**
+ * An agent of capacity 2 on `server` whose action "done" succeeds at once,
+ * and whose other actions wait for their abort (its reason goes to
+ * `aborted`), then return once `stopped` resolves: a handler that takes a
+ * while to stop, as a command waiting for its process group does.
+ */
+function agentWithADoneAction(server: ScriptedServer, workerId: string, stopped: Promise<void>) {
+  const events: AgentEvent[] = [];
+  const aborted: unknown[] = [];
+  const agent = createAgent({
+    address: server.address,
+    workerId,
+    cluster: "east",
+    capacity: 2,
+    onEvent: (e) => events.push(e),
+    handler: (ctx) =>
+      ctx.actionId === "done"
+        ? Promise.resolve({ ok: true })
+        : new Promise((resolve) =>
+            ctx.signal.addEventListener("abort", () => {
+              aborted.push(ctx.signal.reason);
+              void stopped.then(() => resolve({ stopped: true }));
+            }),
+          ),
+  });
+  return { agent, events, aborted };
+}
+
+/**
+ * Grants "running" and "done" once the agent has a guarantee, and resolves
+ * once the completion of "done" was sent, unanswered: the server answers
+ * reports again from then on.
+ */
+async function runningAndAnUnansweredCompletion(server: ScriptedServer): Promise<void> {
+  await server.acked;
+  server.answerReports(false);
+  server.send({ message: { case: "grant", value: { actionId: "running", epoch: 1n, attempt: 1 } } });
+  server.send({ message: { case: "grant", value: { actionId: "done", epoch: 1n, attempt: 1 } } });
+  await server.until(() => server.received.includes("completion"));
+  server.answerReports(true);
+}
+
 describe("the agent SDK, paused past its local deadline", () => {
   const cleanups: (() => Promise<unknown> | unknown)[] = [];
   afterEach(async () => {
@@ -58,12 +117,6 @@ describe("the agent SDK, whose session the server reaped", () => {
     reason: "SESSION_REAPED",
     message: "this session passed its deadline and was reaped",
   };
-  const helloAfter = (server: Awaited<ReturnType<typeof scriptedWorkerServer>>, index: number) => {
-    const hellos = server.requests.filter((r) => r.message.case === "hello");
-    const hello = hellos[index]?.message;
-    return hello?.case === "hello" ? hello.value : undefined;
-  };
-
   it("after a pause past its deadline, neither lists the self-fenced leases in its next hello nor releases them", async () => {
     // Acks guarantee 3 s: the local deadline is 2.5 s after each heartbeat is sent.
     const server = await scriptedWorkerServer({ remainingMs: 3000 });
@@ -91,49 +144,25 @@ describe("the agent SDK, whose session the server reaped", () => {
     server.answerReports(true);
     const releases = server.received.filter((k) => k === "release").length;
     server.endStream(reaped);
-    await server.until(() => server.requests.filter((r) => r.message.case === "hello").length === 2);
-    expect(helloAfter(server, 1)?.heldLeases).toEqual([]);
+    await server.until(() => hellos(server) === 2);
+    expect(helloAt(server, 1)?.heldLeases).toEqual([]);
     // Its heartbeats list nothing either, and the releases are not sent again.
     await server.next("heartbeat");
     await server.next("heartbeat");
     expect(server.received.filter((k) => k === "release").length).toBe(releases);
-    const beats = server.requests.filter((r) => r.message.case === "heartbeat");
-    const last = beats.at(-1)?.message;
-    expect(last?.case === "heartbeat" && last.value.heldLeases).toEqual([]);
+    expect(lastBeat(server)?.heldLeases).toEqual([]);
   });
 
   it("stops the handlers still running and drops unanswered reports, reporting nothing more of them", async () => {
     const server = await scriptedWorkerServer();
     cleanups.push(server.close);
-    const events: AgentEvent[] = [];
-    const aborted: unknown[] = [];
-    const agent = createAgent({
-      address: server.address,
-      workerId: "w1",
-      cluster: "east",
-      capacity: 2,
-      onEvent: (e) => events.push(e),
-      handler: (ctx) =>
-        ctx.actionId === "done"
-          ? Promise.resolve({ ok: true })
-          : new Promise((resolve) =>
-              ctx.signal.addEventListener("abort", () => {
-                aborted.push(ctx.signal.reason);
-                resolve({});
-              }),
-            ),
-    });
+    const { agent, events, aborted } = agentWithADoneAction(server, "w1", Promise.resolve());
     cleanups.push(() => agent.close({ timeoutMs: 100 }));
-    await server.acked;
-    server.answerReports(false);
-    server.send({ message: { case: "grant", value: { actionId: "running", epoch: 1n, attempt: 1 } } });
-    server.send({ message: { case: "grant", value: { actionId: "done", epoch: 1n, attempt: 1 } } });
     // The completion is sent and not answered before the server reaps the session.
-    await server.until(() => server.received.includes("completion"));
-    server.answerReports(true);
+    await runningAndAnUnansweredCompletion(server);
     server.endStream(reaped);
-    await server.until(() => server.requests.filter((r) => r.message.case === "hello").length === 2);
-    expect(helloAfter(server, 1)?.heldLeases).toEqual([]);
+    await server.until(() => hellos(server) === 2);
+    expect(helloAt(server, 1)?.heldLeases).toEqual([]);
     expect(aborted).toEqual([expect.objectContaining({ name: "LeaseLost", reason: "expired" })]);
     expect(events).toContainEqual({ type: "revoked", actionId: "running", epoch: 1, reason: "expired" });
     await server.next("heartbeat");
@@ -142,6 +171,75 @@ describe("the agent SDK, whose session the server reaped", () => {
     expect(server.received).not.toContain("release");
     expect(server.received).not.toContain("progress");
   });
+});
+
+describe("the agent SDK, whose worker id another process uses", () => {
+  const cleanups: (() => Promise<unknown> | unknown)[] = [];
+  afterEach(async () => {
+    for (const fn of cleanups.splice(0).reverse()) await fn();
+  });
+  const endings = [
+    {
+      code: Code.Aborted,
+      reason: "SESSION_TAKEN_OVER",
+      message: "a newer stream of this worker took the session over",
+    },
+    { code: Code.AlreadyExists, reason: "WORKER_ID_IN_USE", message: "connected from another process" },
+  ];
+  it.each(endings)(
+    "($reason) drops every lease: unanswered reports are not sent again, and a handler still stopping is neither listed nor reported on",
+    async (ending) => {
+      // A grace period of 1 s: the agent comes back 1 to 2 s after a takeover.
+      const server = await scriptedWorkerServer({ heartbeatMs: 200, graceMs: 1000 });
+      cleanups.push(server.close);
+      const stopping = deferred();
+      const { agent, events, aborted } = agentWithADoneAction(server, "twin", stopping.promise);
+      cleanups.push(() => agent.close({ timeoutMs: 100 }));
+      // The completion is sent and not answered before the other process takes the session.
+      await runningAndAnUnansweredCompletion(server);
+      server.endStream(ending);
+      await server.until(() => hellos(server) === 2);
+      expect(aborted).toEqual([expect.objectContaining({ name: "LeaseLost", reason: "superseded" })]);
+      expect(events).toContainEqual(expect.objectContaining({ type: "taken_over" }));
+      // The handler of "running" is still stopping: its lease is the other process's all the same.
+      expect(helloAt(server, 1)?.heldLeases).toEqual([]);
+      await server.next("heartbeat");
+      expect(lastBeat(server)?.heldLeases).toEqual([]);
+      stopping.resolve();
+      await server.next("heartbeat");
+      await server.next("heartbeat");
+      expect(server.received.filter((k) => k === "completion").length).toBe(1);
+      expect(server.received).not.toContain("release");
+      expect(lastBeat(server)?.heldLeases).toEqual([]);
+      expect(events.filter((e) => e.type === "finished")).toEqual([]);
+    },
+  );
+
+  it("does not release, on close, the lease of a handler that ignored its abort after a takeover", async () => {
+    const server = await scriptedWorkerServer({ heartbeatMs: 200, graceMs: 1000 });
+    cleanups.push(server.close);
+    const started = deferred();
+    const agent = createAgent({
+      address: server.address,
+      workerId: "twin",
+      cluster: "east",
+      handler: () => {
+        started.resolve();
+        return new Promise(() => {});
+      },
+    });
+    await server.acked;
+    server.send({ message: { case: "grant", value: { actionId: "stubborn", epoch: 1n, attempt: 1 } } });
+    await started.promise;
+    server.endStream(endings[0]);
+    await server.until(() => hellos(server) === 2);
+    await server.next("heartbeat");
+    // Close waits 5 s for the handler, which never returns.
+    const result = await agent.close({ timeoutMs: 100 });
+    expect(result.stillRunning).toEqual(["stubborn"]);
+    expect(server.received).not.toContain("release");
+    expect(server.received).toContain("goodbye");
+  }, 15_000);
 });
 
 describe("the agent SDK, on a server that stops answering", () => {

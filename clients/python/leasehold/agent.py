@@ -84,8 +84,10 @@ AgentEvent = dict[str, Any]
 * ``taken_over``: retry_in_ms. Another process connected with this worker id and
   took the session over, or holds it and the server refused this agent's hello
   (WORKER_ID_IN_USE; worker ids must be unique): every handler was cancelled
-  (superseded), and the agent connects again after retry_in_ms: at least a grace
-  period after a takeover, 1-2 s after a first refusal, doubling to 15-30 s.
+  (superseded) and every lease dropped (none is reported on or listed again: they
+  are the other process's), and the agent connects again after retry_in_ms: at
+  least a grace period after a takeover, 1-2 s after a first refusal, doubling to
+  15-30 s.
 * ``closed``
 """
 
@@ -576,7 +578,8 @@ class Agent:
             for lease in list(self._leases.values()):
                 if lease.report is None:
                     ignored = "the agent shut down while the handler ignored its cancellation"
-                    self._settle(lease, _released(ignored))
+                    # A lease the server ended, or another process holds, is not this agent's to release.
+                    self._settle(lease, None if lease.gone else _released(ignored))
             if self._stream is not None:
                 self._finish_close(self._stream)
         self._goodbye_done.wait(_GOODBYE_WAIT)
@@ -672,18 +675,16 @@ class Agent:
             if taken_over or in_use:
                 # This agent never opens a second stream, so another process connected with this
                 # worker id and took the session, its leases and its grants (or holds it, and this
-                # agent's hello was refused): stop every handler at once. After a takeover, let that
-                # process keep the session for a grace period before trying again.
+                # agent's hello was refused): stop every handler at once and drop every lease,
+                # reports included (worker.proto). After a takeover, let that process keep the
+                # session for a grace period before trying again.
                 grace = self._grace if self._grace is not None else 10.0
                 if taken_over:
                     delay = max(delay, grace * (1 + random.random()))
-                for lease in list(self._leases.values()):
-                    if lease.report is None:
-                        lease.gone = True
-                        self._cancel(lease, "superseded")
+                self._drop_all("superseded", revoked_events=False)
                 self._emit("taken_over", retry_in_ms=round(delay * 1000))
             if (code, reason) == (grpc.StatusCode.ABORTED, "SESSION_REAPED"):
-                self._drop_reaped()
+                self._drop_all("expired", revoked_events=True)
             if stream.abandoned is not None:
                 why = stream.abandoned
             else:
@@ -691,13 +692,18 @@ class Agent:
             self._emit("disconnected", error=why, retry_in_ms=round(delay * 1000))
             return delay
 
-    def _drop_reaped(self) -> None:
-        """The session passed its deadline and was reaped (SESSION_REAPED): its leases expired.
+    def _drop_all(self, reason: str, revoked_events: bool) -> None:
+        """Drops every lease at once, as worker.proto asks of a worker whose stream ended ABORTED,
+        reason SESSION_REAPED (its leases expired and may run elsewhere already), or that another
+        process holds the session of (SESSION_TAKEN_OVER, WORKER_ID_IN_USE: the leases are that
+        process's).
 
-        worker.proto: stop all work at once, report nothing more of those leases and do not list
-        them again (they may run elsewhere already). Running handlers are cancelled (expired), and
-        reports not answered yet (a self-fence's release, a completion) are dropped: sent on the
-        next stream, they could only be fenced.
+        Running handlers are cancelled with ``reason`` (each keeps its thread until it returns, and
+        reports nothing when it does), and reports not answered yet (a self-fence's release, a
+        completion) are dropped: sent on the next stream, they could only be fenced, or would end
+        the other process's lease. None of them is listed in a later hello or heartbeat. With
+        ``revoked_events``, a revoked event tells of each handler cancelled here that the server had
+        not ended already (a takeover has its own event, taken_over).
         """
         for lease in list(self._leases.values()):
             was_gone = lease.gone
@@ -705,9 +711,9 @@ class Agent:
             if lease.report is not None:
                 self._forget(lease)
                 continue
-            if not was_gone:
-                self._emit("revoked", action_id=lease.action_id, epoch=lease.epoch, reason="expired")
-            self._cancel(lease, "expired")
+            if revoked_events and not was_gone:
+                self._emit("revoked", action_id=lease.action_id, epoch=lease.epoch, reason=reason)
+            self._cancel(lease, reason)
 
     def _handle(self, stream: _Stream, response: worker_pb2.ConnectResponse) -> None:
         """Handles one server message (the hello did not ask for batches, so none come)."""

@@ -24,8 +24,8 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
     every report (completion or release), and writes what the test sends, in one order: ``acked``
     is set once the first ack is queued, so a grant sent after it always follows that ack.
     ``break_stream()`` ends the current stream with UNAVAILABLE, as a server that restarts does.
-    ``take_over()`` ends the stream as the server does when another stream takes the session (or,
-    with ``in_use``, as it refuses a hello while another process holds it); ``reap()`` ends the
+    ``take_over()`` ends the current stream once as the server does when another stream takes the
+    session (or, with ``in_use``, as it refuses a hello while another process holds it); ``reap()`` ends the
     current stream once as the server does when the session passed its deadline (ABORTED,
     SESSION_REAPED); while ``answering`` is cleared, grant acks and reports go unanswered;
     ``instance_ids`` lists
@@ -160,7 +160,10 @@ class ScriptedWorkerService(worker_pb2_grpc.WorkerServiceServicer):
             reaped = self._reaping.is_set()
             if reaped:
                 self._reaping.clear()
-            if self._taken_over.is_set() or reaped:
+            taken_over = self._taken_over.is_set()
+            if taken_over:
+                self._taken_over.clear()
+            if taken_over or reaped:
                 code, reason, message = (
                     (grpc.StatusCode.ABORTED, "SESSION_REAPED", "this session passed its deadline and was reaped")
                     if reaped

@@ -255,9 +255,10 @@ type Draining struct {
 // TakenOver: another process connected with this worker id and took the
 // session over, or holds it and the server refused this agent's hello
 // (WORKER_ID_IN_USE; worker ids must be unique). Every handler was cancelled
-// (superseded), and the agent connects again after RetryIn: at least a grace
-// period after a takeover, leaving the session to the other process
-// meanwhile; 1–2 s after a first refusal, doubling to 15–30 s.
+// (superseded) and every lease dropped (none is reported on or listed again:
+// they are the other process's), and the agent connects again after RetryIn:
+// at least a grace period after a takeover, leaving the session to the other
+// process meanwhile; 1–2 s after a first refusal, doubling to 15–30 s.
 type TakenOver struct {
 	RetryIn time.Duration
 }
@@ -505,6 +506,11 @@ func (a *Agent) close(ctx context.Context) error {
 		for _, r := range a.running {
 			if r.report == nil {
 				r.abandoned = true
+				if r.gone {
+					// A lease the server ended, or another process holds, is not this agent's to release.
+					a.forget(r)
+					continue
+				}
 				a.settle(r, &report{outcome: Released, reason: "the agent shut down while the handler ignored its context"})
 			}
 		}

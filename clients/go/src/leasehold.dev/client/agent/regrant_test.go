@@ -531,14 +531,151 @@ func TestSelfFencedLeaseIsNotListedAfterATakeover(t *testing.T) {
 		t.Fatal(err)
 	}
 	fs.end <- st.Err()
+	nextHelloListsNothing(t, fs, "the takeover")
+}
+
+// waitAcked waits for the first heartbeat ack.
+func waitAcked(t *testing.T, fs *scriptedServer) {
+	t.Helper()
+	select {
+	case <-fs.acked:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no heartbeat ack")
+	}
+}
+
+// nextHelloListsNothing waits for the next hello and fails unless it lists no
+// lease; after says what came before it.
+func nextHelloListsNothing(t *testing.T, fs *scriptedServer, after string) {
+	t.Helper()
 	select {
 	case held := <-fs.hellos:
 		if len(held) != 0 {
-			t.Fatalf("the hello after the takeover lists %v, a lease the server ended", held)
+			t.Fatalf("the hello after %s lists %v", after, held)
 		}
 	case <-time.After(30 * time.Second):
-		t.Fatal("no hello after the takeover")
+		t.Fatalf("no hello after %s", after)
 	}
+}
+
+// twinEnding ends a stream as the server does when another process uses the
+// worker id: taking the session over (ABORTED, SESSION_TAKEN_OVER), or
+// refusing a hello while that process holds it (ALREADY_EXISTS,
+// WORKER_ID_IN_USE).
+func twinEnding(t *testing.T, code codes.Code, reason string) error {
+	st, err := status.New(code, "another process uses this worker id").
+		WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: "leasehold.dev"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Err()
+}
+
+func grantFor(actionID string, epoch uint64) *leaseholdv1.ConnectResponse {
+	return &leaseholdv1.ConnectResponse{Message: &leaseholdv1.ConnectResponse_Grant{Grant: &leaseholdv1.Grant{
+		ActionId: actionID, Epoch: epoch, Attempt: uint32(epoch)}}}
+}
+
+// After a takeover the leases are the other process's (worker.proto): the
+// agent drops them all. A completion sent and not answered is not sent again,
+// and a handler still stopping is neither listed in the next hello nor
+// reported on when it returns.
+func TestTakenOverDropsEveryLease(t *testing.T) {
+	droppedAfter(t, codes.Aborted, "SESSION_TAKEN_OVER")
+}
+
+// A hello refused as in use drops every lease the same way.
+func TestWorkerIDInUseDropsEveryLease(t *testing.T) {
+	droppedAfter(t, codes.AlreadyExists, "WORKER_ID_IN_USE")
+}
+
+func droppedAfter(t *testing.T, code codes.Code, reason string) {
+	// A grace period of a second: the agent comes back 1 to 2 s after a takeover.
+	fs, stop := startScripted(t, scriptTiming{heartbeat: time.Second, grace: time.Second, remaining: time.Minute})
+	defer stop()
+	started := make(chan struct{})
+	stopping := make(chan *LeaseLost, 1)
+	letReturn := make(chan struct{})
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "twin", Capacity: 2,
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			if action.ID == "done" {
+				return structpb.NewStruct(map[string]any{"ok": true})
+			}
+			close(started)
+			<-ctx.Done()
+			stopping <- action.Lost()
+			// Still stopping (a command waiting for its process group), then returning a result.
+			<-letReturn
+			return structpb.NewStruct(map[string]any{"finished": true})
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeWithin(a, 2*time.Second)
+	returned := false
+	defer func() {
+		if !returned {
+			close(letReturn)
+		}
+	}()
+	<-fs.hellos
+	waitAcked(t, fs)
+	// The completion goes out and is not answered before the other process takes the session.
+	fs.silent.Store(true)
+	fs.send <- grantFor("running", 1)
+	fs.send <- grantFor("done", 1)
+	<-started
+	linesUntil(t, fs.got, "completion done")
+	fs.silent.Store(false)
+	fs.end <- twinEnding(t, code, reason)
+	select {
+	case lost := <-stopping:
+		if lost == nil || lost.Reason != "superseded" {
+			t.Fatalf("handler stopped with %v, want superseded", lost)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the handler was never cancelled")
+	}
+	// The handler of "running" is still stopping: its lease is the other process's all the same.
+	nextHelloListsNothing(t, fs, "the other process took the session")
+	returned = true
+	close(letReturn)
+	// Reports waiting go out right after the welcome, and the handler's result once it returns:
+	// both before the goodbye.
+	closeWithin(a, 2*time.Second)
+	linesUntil(t, fs.got, "goodbye", "completion done", "completion running", "release running", "release done")
+}
+
+// A handler that ignores its context after a takeover: Close gives up on it,
+// but does not release its lease, which is the other process's.
+func TestCloseDoesNotReleaseALeaseDroppedAfterATakeover(t *testing.T) {
+	fs, stop := startScripted(t, scriptTiming{heartbeat: time.Second, grace: time.Second, remaining: time.Minute})
+	defer stop()
+	started := make(chan struct{})
+	letReturn := make(chan struct{})
+	defer close(letReturn)
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "twin", Capacity: 1,
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			<-letReturn // ignores its context
+			return nil, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-fs.hellos
+	waitAcked(t, fs)
+	fs.send <- grantFor("stubborn", 1)
+	<-started
+	fs.end <- twinEnding(t, codes.Aborted, "SESSION_TAKEN_OVER")
+	nextHelloListsNothing(t, fs, "the takeover")
+	// Close waits 5 s for the handler, which never returns, and then says goodbye.
+	closeWithin(a, 100*time.Millisecond)
+	linesUntil(t, fs.got, "goodbye", "release stubborn")
 }
 
 // reaped ends a stream as the server does when its session passed its deadline.
@@ -593,11 +730,7 @@ func TestAReapedSessionsSelfFencedLeaseIsNeitherListedNorReleased(t *testing.T) 
 	}
 	defer closeWithin(a, 2*time.Second)
 	<-fs.hellos
-	select {
-	case <-fs.acked:
-	case <-time.After(30 * time.Second):
-		t.Fatal("no heartbeat ack")
-	}
+	waitAcked(t, fs)
 	fs.silent.Store(true)
 	fs.send <- grantOf(1)
 	<-started
@@ -606,14 +739,7 @@ func TestAReapedSessionsSelfFencedLeaseIsNeitherListedNorReleased(t *testing.T) 
 	fs.acking.Store(true)
 	fs.silent.Store(false)
 	fs.end <- reaped(t)
-	select {
-	case held := <-fs.hellos:
-		if len(held) != 0 {
-			t.Fatalf("the hello after the reap lists %v, a lease that expired", held)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("no hello after the reap")
-	}
+	nextHelloListsNothing(t, fs, "the reap")
 	// Reports waiting go out right after the welcome, before the goodbye.
 	closeWithin(a, 2*time.Second)
 	linesUntil(t, fs.got, "goodbye", "release a1", "completion a1")
@@ -698,11 +824,7 @@ func TestUnansweredHeartbeatsMakeTheAgentLeaveTheStream(t *testing.T) {
 	}
 	defer closeWithin(a, time.Second)
 	<-fs.hellos
-	select {
-	case <-fs.acked:
-	case <-time.After(30 * time.Second):
-		t.Fatal("no heartbeat ack")
-	}
+	waitAcked(t, fs)
 	fs.acking.Store(false)
 	for e := range events {
 		if d, ok := e.(Disconnected); ok {

@@ -158,8 +158,9 @@ func (a *Agent) ended(c *conn, err error) {
 	if takenOver || inUse {
 		// This agent never opens a second stream, so another process connected with this
 		// worker id and took the session, its leases and its grants (or holds it, and this
-		// agent's hello was refused): stop every handler at once. After a takeover, let that
-		// process keep the session for a grace period before trying again.
+		// agent's hello was refused): stop every handler at once and drop every lease, reports
+		// included (worker.proto). After a takeover, let that process keep the session for a
+		// grace period before trying again.
 		grace := a.grace
 		if grace <= 0 {
 			grace = 10 * time.Second
@@ -167,32 +168,30 @@ func (a *Agent) ended(c *conn, err error) {
 		if least := grace + time.Duration(a.rng.Int63n(int64(grace))); takenOver && delay < least {
 			delay = least
 		}
-		for _, r := range a.running {
-			if r.report != nil {
-				continue
-			}
-			r.gone = true
-			a.abort(r, &LeaseLost{Reason: "superseded",
-				Message: "another process connected as worker " + a.opts.WorkerID + " and took over"})
-		}
+		a.dropAll(LeaseLost{Reason: "superseded",
+			Message: "another process connected as worker " + a.opts.WorkerID + " and took over"}, false)
 		a.emit(TakenOver{RetryIn: delay})
 	}
 	if e.Code == codes.Aborted && e.Reason == "SESSION_REAPED" {
-		a.dropReaped()
+		a.dropAll(LeaseLost{Reason: "expired",
+			Message: "the server reaped this agent's session: its deadline passed unheard"}, true)
 	}
 	a.emit(Disconnected{Err: e, RetryIn: delay})
 	a.reconnectTimer = time.AfterFunc(delay, func() { a.post(a.connect) })
 }
 
-// dropReaped handles a stream ended ABORTED, reason SESSION_REAPED: the
-// session passed its deadline (the process was paused past it, say) and its
-// leases expired; they may run elsewhere already. worker.proto: stop all work
-// at once, report nothing more of those leases and do not list them again.
-// Running handlers are cancelled (expired; each keeps its slot here until it
-// returns, as after a revoke), and reports not answered yet (a self-fence's
-// release, a completion) are dropped: sent on the next stream, they could
-// only be fenced.
-func (a *Agent) dropReaped() {
+// dropAll drops every lease at once, as worker.proto asks of a worker whose
+// stream ended ABORTED, reason SESSION_REAPED (its leases expired and may run
+// elsewhere already), or that another process holds the session of
+// (SESSION_TAKEN_OVER, WORKER_ID_IN_USE: the leases are that process's).
+// Running handlers are cancelled with lost (each keeps its slot here until it
+// returns, as after a revoke, and reports nothing when it does), and reports
+// not answered yet (a self-fence's release, a completion) are dropped: sent
+// on the next stream, they could only be fenced, or would end the other
+// process's lease. None of them is listed in a later hello or heartbeat. With
+// revokedEvents, a Revoked event tells of each handler cancelled here that the
+// server had not ended already (a takeover has its own event, TakenOver).
+func (a *Agent) dropAll(lost LeaseLost, revokedEvents bool) {
 	for _, r := range a.running {
 		wasGone := r.gone
 		r.gone = true
@@ -200,11 +199,11 @@ func (a *Agent) dropReaped() {
 			a.forget(r)
 			continue
 		}
-		const message = "the server reaped this agent's session: its deadline passed unheard"
-		if !wasGone {
-			a.emit(Revoked{ActionID: r.lease.ActionID, Epoch: r.lease.Epoch, Reason: "expired", Message: message})
+		if revokedEvents && !wasGone {
+			a.emit(Revoked{ActionID: r.lease.ActionID, Epoch: r.lease.Epoch, Reason: lost.Reason, Message: lost.Message})
 		}
-		a.abort(r, &LeaseLost{Reason: "expired", Message: message})
+		l := lost
+		a.abort(r, &l)
 	}
 }
 

@@ -122,8 +122,18 @@ const printResource = (r: Resource | undefined, json: boolean) => {
   if (r.body.case === "object") printLine(`body: ${JSON.stringify(r.body.value)}`);
 };
 
+/** The request's ttl from --ttl; kept in whole milliseconds by the server: a finer one is refused here, not rounded. */
+const ttlOption = (ttl: string | undefined) =>
+  ttl === undefined ? {} : { ttl: durationFromMs(durationMsFlag("--ttl", ttl, { wholeMs: true })) };
+
+/** A lease just opened or renewed: its id and until when it stays open. */
+function printOpenLease(l: Lease | undefined, json: boolean): void {
+  if (json) printLease(l, true);
+  else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);
+}
+
 /**
- * The error of a CreateLease refused for its TTL, said with the flag: the
+ * The error of a CreateLease or RenewLease refused for its TTL, said with the flag: the
  * server names the request's field (`ttl: …`), and over its maximum says
  * the maximum (ErrorInfo TTL_OVER_MAXIMUM, metadata max_ttl "86400s"); the
  * CLI names --ttl, the maximum as the server's --lease-max-ttl takes it
@@ -167,16 +177,35 @@ export function leaseCommands(): Command {
             runtime: o.runtime ?? "",
             label: o.label ?? "",
             requestId: o.requestId ?? "",
-            // Kept in whole milliseconds by the server: a finer one is refused here, not rounded.
-            ...(o.ttl !== undefined
-              ? { ttl: durationFromMs(durationMsFlag("--ttl", o.ttl, { wholeMs: true })) }
-              : {}),
+            ...ttlOption(o.ttl),
           })
           .catch((error: unknown) => {
             throw ttlRefused(error, o.ttl);
           });
-        if (json) printLease(l, true);
-        else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);
+        printOpenLease(l, json);
+      }),
+    );
+  lease
+    .command("renew")
+    .argument("<lease-id>")
+    .description(
+      "Push an open lease's TTL rollback later: it rolls back this long from now unless closed or renewed again.",
+    )
+    .option(
+      "--ttl <duration>",
+      "from now until the rollback: at least 1s, at most the server's maximum (default: the TTL the lease was created with)",
+    )
+    .action(async (id: string, o: { ttl?: string }, command: Command) =>
+      withClients(command, async (c, json) => {
+        const { lease: l } = await c.leases
+          .renewLease({
+            leaseId: id,
+            ...ttlOption(o.ttl),
+          })
+          .catch((error: unknown) => {
+            throw ttlRefused(error, o.ttl);
+          });
+        printOpenLease(l, json);
       }),
     );
   lease

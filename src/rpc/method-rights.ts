@@ -28,6 +28,7 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> =
   "leasehold.v1.LeaseService/GetLease": "lease.read",
   "leasehold.v1.LeaseService/ListLeases": "lease.read",
   "leasehold.v1.LeaseService/PromoteResource": "lease.use.own",
+  "leasehold.v1.LeaseService/RenewLease": "lease.use.own",
   "leasehold.v1.LeaseService/CommitLease": "lease.use.own",
   "leasehold.v1.LeaseService/RollbackLease": "lease.use.own",
   "leasehold.v1.LeaseService/DeleteLease": "lease.delete",

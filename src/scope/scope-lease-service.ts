@@ -29,6 +29,7 @@ import {
   promoteResource,
   type ResourceFilter,
   type ResourceRecord,
+  renewScopeLease,
   type ScopeLeaseRecord,
   type ScopeLeaseState,
   setScopeLeaseResult,
@@ -102,6 +103,12 @@ export interface ScopeLeaseService extends AsyncDisposable {
     sizeOf?: (lease: ScopeLeaseRecord) => number,
   ): Promise<Page<ScopeLeaseRecord>>;
   promote(leaseId: string, kind: string, resourceId: string, actor: string): Promise<ResourceRecord>;
+  /**
+   * Moves an open lease's TTL rollback to `ttlMs` from now (its own TTL when
+   * undefined); FAILED_PRECONDITION LEASE_CLOSED once it closed or its TTL
+   * passed, INVALID_ARGUMENT past the server's maximum TTL.
+   */
+  renew(leaseId: string, ttlMs: number | undefined, actor: string): Promise<ScopeLeaseRecord>;
   commit(leaseId: string, actor: string): Promise<Closed>;
   rollback(leaseId: string, actor: string): Promise<Closed>;
   setResult(leaseId: string, result: JsonObject, actor: string): Promise<ScopeLeaseRecord>;
@@ -525,18 +532,22 @@ export function createScopeLeaseService(deps: {
     }
   }
 
+  /** INVALID_ARGUMENT TTL_OVER_MAXIMUM for a TTL past the server's --lease-max-ttl. */
+  function requireTtlWithinMaximum(ttlMs: number): void {
+    if (ttlMs <= limits.maxTtlMs) return;
+    const description = `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum, its --lease-max-ttl)`;
+    // The maximum in metadata too: a client tells its user what to ask for without reading prose.
+    throw new LeaseholdError(Code.InvalidArgument, `ttl: ${description}`, {
+      reason: "TTL_OVER_MAXIMUM",
+      metadata: { max_ttl: `${limits.maxTtlMs / 1000}s` },
+      fieldViolations: [{ field: "ttl", description }],
+    });
+  }
+
   return {
     async create(input) {
       const ttlMs = input.ttlMs ?? limits.defaultTtlMs;
-      if (ttlMs > limits.maxTtlMs) {
-        const description = `must be at most ${limits.maxTtlMs / 1000}s (the server's maximum, its --lease-max-ttl)`;
-        // The maximum in metadata too: a client tells its user what to ask for without reading prose.
-        throw new LeaseholdError(Code.InvalidArgument, `ttl: ${description}`, {
-          reason: "TTL_OVER_MAXIMUM",
-          metadata: { max_ttl: `${limits.maxTtlMs / 1000}s` },
-          fieldViolations: [{ field: "ttl", description }],
-        });
-      }
+      requireTtlWithinMaximum(ttlMs);
       const { lease, created } = await insertScopeLease(db, clock, { ...input, ttlMs });
       if (
         !created &&
@@ -579,6 +590,18 @@ export function createScopeLeaseService(deps: {
           );
         }
         throw refused(leaseId, result, `promote ${kind} ${resourceId}`);
+      }
+      feed.publish(EVENTS_TOPIC);
+      return result;
+    },
+    async renew(leaseId, ttlMs, actor) {
+      if (ttlMs !== undefined) requireTtlWithinMaximum(ttlMs);
+      const result = await renewScopeLease(db, clock, leaseId, ttlMs, actor);
+      if (isRefusal(result)) {
+        // Past its TTL but not rolled back yet: roll it back now, then say so (as a close does).
+        if (result.refused === "closed" && result.lease.state === "OPEN") await expireDue();
+        const lease = result.refused === "closed" ? await findScopeLease(db, leaseId) : undefined;
+        throw refused(leaseId, lease ? { refused: "closed", lease } : result, "renew");
       }
       feed.publish(EVENTS_TOPIC);
       return result;

@@ -694,6 +694,47 @@ export async function expireScopeLeases(
 }
 
 /**
+ * Moves an open lease's TTL rollback to `ttlMs` from now, recording a
+ * `scope_lease_renewed` event with `actor` in the same statement. A lease
+ * whose TTL has passed is not renewed: its rollback has begun (or is due),
+ * and the expiry's `for update skip locked` must not find it open again. The
+ * update waits out an expiry or close holding the row, then sees its result.
+ */
+export async function renewScopeLease(
+  db: Db,
+  clock: Clock,
+  leaseId: string,
+  ttlMs: number | undefined,
+  actor: string,
+): Promise<ScopeLeaseRecord | LeaseRefusal> {
+  const now = clock.now();
+  const [row] = await queryRows<LeaseRow>(
+    db,
+    sql`
+      with renewed as (
+        update scope_leases
+        set expires_at = ${now} + make_interval(secs => coalesce(${ttlMs ?? null}::bigint, ttl_ms) / 1000.0)
+        where id = ${leaseId} and state = 'OPEN' and expires_at > ${now}
+        returning *
+      ),
+      event as (
+        insert into events (kind, lease_id, cluster, message, actor, details)
+        select 'scope_lease_renewed', id, runtime,
+          'scope lease renewed: it rolls back ' || (coalesce(${ttlMs ?? null}::bigint, ttl_ms) / 1000.0)::float8::text
+            || 's from now unless closed or renewed again', ${actor},
+          jsonb_build_object('expire_time', to_json(expires_at) #>> '{}',
+                             'ttl_ms', coalesce(${ttlMs ?? null}::bigint, ttl_ms))
+        from renewed
+      )
+      select r.*, (select count(*) from resources x where x.lease_id = r.id and x.ownership = 'LEASE') as owned
+      from renewed r`,
+  );
+  if (row) return leaseFromRow(row);
+  const lease = await findScopeLease(db, leaseId);
+  return lease ? { refused: "closed", lease } : { refused: "not_found" };
+}
+
+/**
  * Records a lease's result (replacing an earlier one) and, in the same
  * statement, a `scope_lease_result_set` event with `actor`. False if there is
  * no such lease.

@@ -33,6 +33,7 @@ export type EventKind =
   | "cluster_expiries_resumed"
   | "scope_lease_result_set"
   | "scope_lease_deleted"
+  | "scope_lease_renewed"
   | "resource_created"
   | "resource_deleted";
 

@@ -130,6 +130,7 @@ const MATRIX: Record<string, Row> = {
     request: (f) => ({ leaseId: f.leaseId, timeout: durationFromMs(1) }),
     expect: [D, D, K, D, K],
   },
+  "LeaseService/RenewLease": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, D, K] },
   "LeaseService/CommitLease": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, D, K] },
   "LeaseService/RollbackLease": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, K, D, K] },
   "ResourceService/DeleteResource": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, D, K] },

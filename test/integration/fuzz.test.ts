@@ -167,6 +167,7 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
     "leasehold.v1.LeaseService.GetLease": { leaseId: "nope" },
     "leasehold.v1.LeaseService.ListLeases": { state: 1, label: "l", runtime: "fuzz", pageSize: 10 },
     "leasehold.v1.LeaseService.PromoteResource": { leaseId: "nope", kind: "thing", resourceId: "nope" },
+    "leasehold.v1.LeaseService.RenewLease": { leaseId: "nope", ttl: { seconds: 60n } },
     "leasehold.v1.LeaseService.CommitLease": { leaseId: "nope" },
     "leasehold.v1.LeaseService.RollbackLease": { leaseId: "nope" },
     "leasehold.v1.LeaseService.DeleteLease": { leaseId: "nope" },

@@ -4,7 +4,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
-import { EventKind } from "../../src/gen/leasehold/v1/event_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import {
   CloseReason,
   DebugLeaseResponseSchema,
@@ -236,6 +236,67 @@ describe("scope leases", () => {
       state: LeaseState.ROLLED_BACK,
       ownedResources: 0,
     });
+  });
+
+  it("renews a lease: its rollback moves to the TTL from now, as often as it is renewed", async () => {
+    const id = await open(60);
+    const f = await file(id);
+    const created = (await leases().getLease({ leaseId: id })).lease;
+    clock.advance(50_000);
+    // Without a ttl, the lease's own: 60s from now, not from its creation.
+    const renewed = (await leases().renewLease({ leaseId: id })).lease;
+    expect(renewed).toMatchObject({ state: LeaseState.OPEN, ttl: { seconds: 60n }, ownedResources: 1 });
+    const moved = Number(renewed?.expireTime?.seconds) - Number(created?.expireTime?.seconds);
+    expect(moved).toBe(50);
+    clock.advance(50_000);
+    expect(await t.server.scope.expireDue()).toEqual([]);
+    // A ttl of its own sets the rollback, shorter or longer than the lease's.
+    await leases().renewLease({ leaseId: id, ttl: { seconds: 5n } });
+    clock.advance(4_000);
+    expect(await t.server.scope.expireDue()).toEqual([]);
+    clock.advance(2_000);
+    expect(await t.server.scope.expireDue()).toEqual([id]);
+    await expectStatus(resources().getResource({ resourceId: f }), Code.NotFound, /not found/);
+    const events = await t.client(EventService).listEvents({ leaseId: id, kind: EventKind.SCOPE_LEASE_RENEWED });
+    expect(events.events.map((e) => e.details?.ttl_ms)).toEqual([60_000, 5_000]);
+  });
+
+  it("refuses to renew a lease that closed or is past its TTL, and one past the maximum TTL", async () => {
+    const committed = await open();
+    await leases().commitLease({ leaseId: committed });
+    let f = await expectStatus(
+      leases().renewLease({ leaseId: committed }),
+      Code.FailedPrecondition,
+      /cannot renew: lease .* is COMMITTED/,
+    );
+    expect(f.reason).toBe("LEASE_CLOSED");
+    // Past its TTL before the expiry loop ran: the rollback has begun, and a renewal cannot undo it.
+    const late = await open(5);
+    clock.advance(6_000);
+    f = await expectStatus(
+      leases().renewLease({ leaseId: late, ttl: { seconds: 600n } }),
+      Code.FailedPrecondition,
+      /ROLLED_BACK \(its TTL passed\)/,
+    );
+    expect((await leases().getLease({ leaseId: late })).lease?.state).toBe(LeaseState.ROLLED_BACK);
+    const id = await open();
+    f = await expectStatus(
+      leases().renewLease({ leaseId: id, ttl: { seconds: 100n * 86_400n } }),
+      Code.InvalidArgument,
+      /ttl: must be at most 86400s/,
+    );
+    expect(f.reason).toBe("TTL_OVER_MAXIMUM");
+    await expectStatus(
+      leases().renewLease({ leaseId: id, ttl: { seconds: 0n, nanos: 500_000_000 } }),
+      Code.InvalidArgument,
+      /ttl: must be at least 1s/,
+    );
+    await expectStatus(leases().renewLease({ leaseId: "" }), Code.InvalidArgument, /lease_id/);
+    await expectStatus(
+      leases().renewLease({ leaseId: "00000000-0000-7000-8000-000000000000" }),
+      Code.NotFound,
+      /not found/,
+    );
   });
 
   it("rolls back a lease whose TTL passed while the server was down, when it starts", async () => {

@@ -1,5 +1,5 @@
 import { fromJson, type MessageInitShape, toJson } from "@bufbuild/protobuf";
-import { durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { type Duration, durationFromMs, timestampDate, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { type Access, permissionDenied, type Right } from "../../auth/access.js";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import { EventSchema } from "../../gen/leasehold/v1/event_pb.js";
@@ -183,6 +183,16 @@ async function requireCreate(
 }
 
 /**
+ * A lease's TTL in milliseconds (undefined when unset), at least 1s. No bound
+ * of its own beyond what a number holds: the server's maximum
+ * (--lease-max-ttl) is checked by the service, and a message naming another
+ * bound would mislead. Kept and shown in milliseconds: a finer TTL is
+ * refused, never rounded (0.9995s became 1s).
+ */
+const leaseTtlField = (v: Violations, ttl: Duration | undefined): number | undefined =>
+  ttl ? durationField(v, "ttl", ttl, 0, Number.POSITIVE_INFINITY, 1000, { wholeMs: true }) : undefined;
+
+/**
  * LeaseService over the scope-lease service. A lease's runtime is its cluster
  * for every right; using a lease (promote, commit, roll back, set a result,
  * collect outputs) needs `lease.use.own` on one's own leases or `lease.use.any`.
@@ -194,12 +204,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       checkName(v, "runtime", request.runtime);
       checkLength(v, "label", request.label, 128);
       checkLength(v, "request_id", request.requestId, 128);
-      // No bound of its own beyond what a number holds: the server's maximum (--lease-max-ttl) is
-      // checked by the service, and a message naming another bound would mislead. Kept and shown
-      // in milliseconds: a finer TTL is refused, never rounded (0.9995s became 1s).
-      const ttlMs = request.ttl
-        ? durationField(v, "ttl", request.ttl, 0, Number.POSITIVE_INFINITY, 1000, { wholeMs: true })
-        : undefined;
+      const ttlMs = leaseTtlField(v, request.ttl);
       v.throwIfAny();
       ctx.access.require("lease.create", request.runtime);
       const lease = await scope.create({
@@ -246,6 +251,14 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       );
       const deployments = await scope.deploymentsOf([resource]);
       return { resource: toProtoResource(resource, deployments.get(resource.id)) };
+    },
+    async renewLease(request, ctx) {
+      const leaseId = requireId("lease_id", request.leaseId);
+      const v = new Violations();
+      const ttlMs = leaseTtlField(v, request.ttl);
+      v.throwIfAny();
+      await usableLease(scope, ctx.access, leaseId);
+      return { lease: toProtoLease(await scope.renew(leaseId, ttlMs, ctx.access.actor)) };
     },
     async commitLease(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);

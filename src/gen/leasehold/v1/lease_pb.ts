@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/lease.proto.
  */
 export const file_leasehold_v1_lease: GenFile = /*@__PURE__*/
-  fileDesc("ChhsZWFzZWhvbGQvdjEvbGVhc2UucHJvdG8SDGxlYXNlaG9sZC52MSKdAwoFTGVhc2USCgoCaWQYASABKAkSDwoHcnVudGltZRgCIAEoCRINCgVsYWJlbBgDIAEoCRInCgVzdGF0ZRgEIAEoDjIYLmxlYXNlaG9sZC52MS5MZWFzZVN0YXRlEi8KDGNsb3NlX3JlYXNvbhgFIAEoDjIZLmxlYXNlaG9sZC52MS5DbG9zZVJlYXNvbhImCgN0dGwYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjbG9zZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKD293bmVkX3Jlc291cmNlcxgLIAEoDRISCgpjcmVhdGVkX2J5GAwgASgJInAKEkNyZWF0ZUxlYXNlUmVxdWVzdBIPCgdydW50aW1lGAEgASgJEiYKA3R0bBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVsYWJlbBgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIjkKE0NyZWF0ZUxlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UiIwoPR2V0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIjYKEEdldExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UigwEKEUxpc3RMZWFzZXNSZXF1ZXN0EicKBXN0YXRlGAEgASgOMhgubGVhc2Vob2xkLnYxLkxlYXNlU3RhdGUSDQoFbGFiZWwYAiABKAkSDwoHcnVudGltZRgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJSChJMaXN0TGVhc2VzUmVzcG9uc2USIwoGbGVhc2VzGAEgAygLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJNChZQcm9tb3RlUmVzb3VyY2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSEwoLcmVzb3VyY2VfaWQYAyABKAkiQwoXUHJvbW90ZVJlc291cmNlUmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiJgoSQ29tbWl0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIlEKE0NvbW1pdExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2USFgoOa2VwdF9yZXNvdXJjZXMYAiABKA0iKAoUUm9sbGJhY2tMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkiWAoVUm9sbGJhY2tMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhsKE2Rlc3Ryb3llZF9yZXNvdXJjZXMYAiABKA0iJgoSRGVsZXRlTGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIhUKE0RlbGV0ZUxlYXNlUmVzcG9uc2UidQoTRGVsZXRlTGVhc2VzUmVxdWVzdBINCgVsYWJlbBgBIAEoCRIxCg1jbG9zZWRfYmVmb3JlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGAMgASgJEgsKA2FsbBgEIAEoCCI9ChREZWxldGVMZWFzZXNSZXNwb25zZRIPCgdkZWxldGVkGAEgASgNEhQKDHNraXBwZWRfb3BlbhgCIAEoDSJNChBTZXRSZXN1bHRSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEicKBnJlc3VsdBgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiNwoRU2V0UmVzdWx0UmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UiOgoRRGVidWdMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSEwoLZXZlbnRfbGltaXQYAiABKAUiqAIKEkRlYnVnTGVhc2VSZXNwb25zZRIiCgVsZWFzZRgBIAEoCzITLmxlYXNlaG9sZC52MS5MZWFzZRIpCglyZXNvdXJjZXMYAiADKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2USLQoLZGVwbG95bWVudHMYAyADKAsyGC5sZWFzZWhvbGQudjEuRGVwbG95bWVudBIjCgZldmVudHMYBCADKAsyEy5sZWFzZWhvbGQudjEuRXZlbnQSGwoTb21pdHRlZF9kZXBsb3ltZW50cxgFIAEoDRIWCg5vbWl0dGVkX2V2ZW50cxgGIAEoDRIfChdvbWl0dGVkX3Jlc291cmNlX2JvZGllcxgHIAEoDRIZChFvbWl0dGVkX3Jlc291cmNlcxgIIAEoDSJQChBXYWl0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEioKB3RpbWVvdXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iYgoRV2FpdExlYXNlUmVzcG9uc2USLAoKZGVwbG95bWVudBgBIAEoCzIYLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50EgwKBGRvbmUYAiABKAgSEQoJdGltZWRfb3V0GAMgASgIIlUKFUNvbGxlY3RPdXRwdXRzUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRIqCgd0aW1lb3V0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIlgKFkNvbGxlY3RPdXRwdXRzUmVzcG9uc2USEAoIZmlsZV9pZHMYASADKAkSLAoHc2tpcHBlZBgCIAMoCzIbLmxlYXNlaG9sZC52MS5Ta2lwcGVkT3V0cHV0IkEKDVNraXBwZWRPdXRwdXQSDAoEcGF0aBgBIAEoCRISCgpzaXplX2J5dGVzGAIgASgEEg4KBnJlYXNvbhgDIAEoCSp3CgpMZWFzZVN0YXRlEhsKF0xFQVNFX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQTEVBU0VfU1RBVEVfT1BFThABEhkKFUxFQVNFX1NUQVRFX0NPTU1JVFRFRBACEhsKF0xFQVNFX1NUQVRFX1JPTExFRF9CQUNLEAMqfwoLQ2xvc2VSZWFzb24SHAoYQ0xPU0VfUkVBU09OX1VOU1BFQ0lGSUVEEAASGgoWQ0xPU0VfUkVBU09OX0NPTU1JVFRFRBABEhwKGENMT1NFX1JFQVNPTl9ST0xMRURfQkFDSxACEhgKFENMT1NFX1JFQVNPTl9FWFBJUkVEEAMygwgKDExlYXNlU2VydmljZRJSCgtDcmVhdGVMZWFzZRIgLmxlYXNlaG9sZC52MS5DcmVhdGVMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuQ3JlYXRlTGVhc2VSZXNwb25zZRJJCghHZXRMZWFzZRIdLmxlYXNlaG9sZC52MS5HZXRMZWFzZVJlcXVlc3QaHi5sZWFzZWhvbGQudjEuR2V0TGVhc2VSZXNwb25zZRJPCgpMaXN0TGVhc2VzEh8ubGVhc2Vob2xkLnYxLkxpc3RMZWFzZXNSZXF1ZXN0GiAubGVhc2Vob2xkLnYxLkxpc3RMZWFzZXNSZXNwb25zZRJeCg9Qcm9tb3RlUmVzb3VyY2USJC5sZWFzZWhvbGQudjEuUHJvbW90ZVJlc291cmNlUmVxdWVzdBolLmxlYXNlaG9sZC52MS5Qcm9tb3RlUmVzb3VyY2VSZXNwb25zZRJSCgtDb21taXRMZWFzZRIgLmxlYXNlaG9sZC52MS5Db21taXRMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuQ29tbWl0TGVhc2VSZXNwb25zZRJYCg1Sb2xsYmFja0xlYXNlEiIubGVhc2Vob2xkLnYxLlJvbGxiYWNrTGVhc2VSZXF1ZXN0GiMubGVhc2Vob2xkLnYxLlJvbGxiYWNrTGVhc2VSZXNwb25zZRJSCgtEZWxldGVMZWFzZRIgLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZVJlcXVlc3QaIS5sZWFzZWhvbGQudjEuRGVsZXRlTGVhc2VSZXNwb25zZRJVCgxEZWxldGVMZWFzZXMSIS5sZWFzZWhvbGQudjEuRGVsZXRlTGVhc2VzUmVxdWVzdBoiLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZXNSZXNwb25zZRJMCglTZXRSZXN1bHQSHi5sZWFzZWhvbGQudjEuU2V0UmVzdWx0UmVxdWVzdBofLmxlYXNlaG9sZC52MS5TZXRSZXN1bHRSZXNwb25zZRJPCgpEZWJ1Z0xlYXNlEh8ubGVhc2Vob2xkLnYxLkRlYnVnTGVhc2VSZXF1ZXN0GiAubGVhc2Vob2xkLnYxLkRlYnVnTGVhc2VSZXNwb25zZRJOCglXYWl0TGVhc2USHi5sZWFzZWhvbGQudjEuV2FpdExlYXNlUmVxdWVzdBofLmxlYXNlaG9sZC52MS5XYWl0TGVhc2VSZXNwb25zZTABElsKDkNvbGxlY3RPdXRwdXRzEiMubGVhc2Vob2xkLnYxLkNvbGxlY3RPdXRwdXRzUmVxdWVzdBokLmxlYXNlaG9sZC52MS5Db2xsZWN0T3V0cHV0c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_leasehold_v1_event, file_leasehold_v1_resource]);
+  fileDesc("ChhsZWFzZWhvbGQvdjEvbGVhc2UucHJvdG8SDGxlYXNlaG9sZC52MSKdAwoFTGVhc2USCgoCaWQYASABKAkSDwoHcnVudGltZRgCIAEoCRINCgVsYWJlbBgDIAEoCRInCgVzdGF0ZRgEIAEoDjIYLmxlYXNlaG9sZC52MS5MZWFzZVN0YXRlEi8KDGNsb3NlX3JlYXNvbhgFIAEoDjIZLmxlYXNlaG9sZC52MS5DbG9zZVJlYXNvbhImCgN0dGwYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpjbG9zZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYCiABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhcKD293bmVkX3Jlc291cmNlcxgLIAEoDRISCgpjcmVhdGVkX2J5GAwgASgJInAKEkNyZWF0ZUxlYXNlUmVxdWVzdBIPCgdydW50aW1lGAEgASgJEiYKA3R0bBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgVsYWJlbBgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIjkKE0NyZWF0ZUxlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UiIwoPR2V0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIjYKEEdldExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2UigwEKEUxpc3RMZWFzZXNSZXF1ZXN0EicKBXN0YXRlGAEgASgOMhgubGVhc2Vob2xkLnYxLkxlYXNlU3RhdGUSDQoFbGFiZWwYAiABKAkSDwoHcnVudGltZRgDIAEoCRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJSChJMaXN0TGVhc2VzUmVzcG9uc2USIwoGbGVhc2VzGAEgAygLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJNChZQcm9tb3RlUmVzb3VyY2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEgwKBGtpbmQYAiABKAkSEwoLcmVzb3VyY2VfaWQYAyABKAkiQwoXUHJvbW90ZVJlc291cmNlUmVzcG9uc2USKAoIcmVzb3VyY2UYASABKAsyFi5sZWFzZWhvbGQudjEuUmVzb3VyY2UiJgoSQ29tbWl0TGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIlEKE0NvbW1pdExlYXNlUmVzcG9uc2USIgoFbGVhc2UYASABKAsyEy5sZWFzZWhvbGQudjEuTGVhc2USFgoOa2VwdF9yZXNvdXJjZXMYAiABKA0iKAoUUm9sbGJhY2tMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkiWAoVUm9sbGJhY2tMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlEhsKE2Rlc3Ryb3llZF9yZXNvdXJjZXMYAiABKA0iJgoSRGVsZXRlTGVhc2VSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJIhUKE0RlbGV0ZUxlYXNlUmVzcG9uc2UidQoTRGVsZXRlTGVhc2VzUmVxdWVzdBINCgVsYWJlbBgBIAEoCRIxCg1jbG9zZWRfYmVmb3JlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdydW50aW1lGAMgASgJEgsKA2FsbBgEIAEoCCI9ChREZWxldGVMZWFzZXNSZXNwb25zZRIPCgdkZWxldGVkGAEgASgNEhQKDHNraXBwZWRfb3BlbhgCIAEoDSJNChFSZW5ld0xlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iOAoSUmVuZXdMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlIk0KEFNldFJlc3VsdFJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSJwoGcmVzdWx0GAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCI3ChFTZXRSZXN1bHRSZXNwb25zZRIiCgVsZWFzZRgBIAEoCzITLmxlYXNlaG9sZC52MS5MZWFzZSI6ChFEZWJ1Z0xlYXNlUmVxdWVzdBIQCghsZWFzZV9pZBgBIAEoCRITCgtldmVudF9saW1pdBgCIAEoBSKoAgoSRGVidWdMZWFzZVJlc3BvbnNlEiIKBWxlYXNlGAEgASgLMhMubGVhc2Vob2xkLnYxLkxlYXNlEikKCXJlc291cmNlcxgCIAMoCzIWLmxlYXNlaG9sZC52MS5SZXNvdXJjZRItCgtkZXBsb3ltZW50cxgDIAMoCzIYLmxlYXNlaG9sZC52MS5EZXBsb3ltZW50EiMKBmV2ZW50cxgEIAMoCzITLmxlYXNlaG9sZC52MS5FdmVudBIbChNvbWl0dGVkX2RlcGxveW1lbnRzGAUgASgNEhYKDm9taXR0ZWRfZXZlbnRzGAYgASgNEh8KF29taXR0ZWRfcmVzb3VyY2VfYm9kaWVzGAcgASgNEhkKEW9taXR0ZWRfcmVzb3VyY2VzGAggASgNIlAKEFdhaXRMZWFzZVJlcXVlc3QSEAoIbGVhc2VfaWQYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJiChFXYWl0TGVhc2VSZXNwb25zZRIsCgpkZXBsb3ltZW50GAEgASgLMhgubGVhc2Vob2xkLnYxLkRlcGxveW1lbnQSDAoEZG9uZRgCIAEoCBIRCgl0aW1lZF9vdXQYAyABKAgiVQoVQ29sbGVjdE91dHB1dHNSZXF1ZXN0EhAKCGxlYXNlX2lkGAEgASgJEioKB3RpbWVvdXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iWAoWQ29sbGVjdE91dHB1dHNSZXNwb25zZRIQCghmaWxlX2lkcxgBIAMoCRIsCgdza2lwcGVkGAIgAygLMhsubGVhc2Vob2xkLnYxLlNraXBwZWRPdXRwdXQiQQoNU2tpcHBlZE91dHB1dBIMCgRwYXRoGAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAQSDgoGcmVhc29uGAMgASgJKncKCkxlYXNlU3RhdGUSGwoXTEVBU0VfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBMRUFTRV9TVEFURV9PUEVOEAESGQoVTEVBU0VfU1RBVEVfQ09NTUlUVEVEEAISGwoXTEVBU0VfU1RBVEVfUk9MTEVEX0JBQ0sQAyp/CgtDbG9zZVJlYXNvbhIcChhDTE9TRV9SRUFTT05fVU5TUEVDSUZJRUQQABIaChZDTE9TRV9SRUFTT05fQ09NTUlUVEVEEAESHAoYQ0xPU0VfUkVBU09OX1JPTExFRF9CQUNLEAISGAoUQ0xPU0VfUkVBU09OX0VYUElSRUQQAzLUCAoMTGVhc2VTZXJ2aWNlElIKC0NyZWF0ZUxlYXNlEiAubGVhc2Vob2xkLnYxLkNyZWF0ZUxlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5DcmVhdGVMZWFzZVJlc3BvbnNlEkkKCEdldExlYXNlEh0ubGVhc2Vob2xkLnYxLkdldExlYXNlUmVxdWVzdBoeLmxlYXNlaG9sZC52MS5HZXRMZWFzZVJlc3BvbnNlEk8KCkxpc3RMZWFzZXMSHy5sZWFzZWhvbGQudjEuTGlzdExlYXNlc1JlcXVlc3QaIC5sZWFzZWhvbGQudjEuTGlzdExlYXNlc1Jlc3BvbnNlEl4KD1Byb21vdGVSZXNvdXJjZRIkLmxlYXNlaG9sZC52MS5Qcm9tb3RlUmVzb3VyY2VSZXF1ZXN0GiUubGVhc2Vob2xkLnYxLlByb21vdGVSZXNvdXJjZVJlc3BvbnNlEk8KClJlbmV3TGVhc2USHy5sZWFzZWhvbGQudjEuUmVuZXdMZWFzZVJlcXVlc3QaIC5sZWFzZWhvbGQudjEuUmVuZXdMZWFzZVJlc3BvbnNlElIKC0NvbW1pdExlYXNlEiAubGVhc2Vob2xkLnYxLkNvbW1pdExlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5Db21taXRMZWFzZVJlc3BvbnNlElgKDVJvbGxiYWNrTGVhc2USIi5sZWFzZWhvbGQudjEuUm9sbGJhY2tMZWFzZVJlcXVlc3QaIy5sZWFzZWhvbGQudjEuUm9sbGJhY2tMZWFzZVJlc3BvbnNlElIKC0RlbGV0ZUxlYXNlEiAubGVhc2Vob2xkLnYxLkRlbGV0ZUxlYXNlUmVxdWVzdBohLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZVJlc3BvbnNlElUKDERlbGV0ZUxlYXNlcxIhLmxlYXNlaG9sZC52MS5EZWxldGVMZWFzZXNSZXF1ZXN0GiIubGVhc2Vob2xkLnYxLkRlbGV0ZUxlYXNlc1Jlc3BvbnNlEkwKCVNldFJlc3VsdBIeLmxlYXNlaG9sZC52MS5TZXRSZXN1bHRSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLlNldFJlc3VsdFJlc3BvbnNlEk8KCkRlYnVnTGVhc2USHy5sZWFzZWhvbGQudjEuRGVidWdMZWFzZVJlcXVlc3QaIC5sZWFzZWhvbGQudjEuRGVidWdMZWFzZVJlc3BvbnNlEk4KCVdhaXRMZWFzZRIeLmxlYXNlaG9sZC52MS5XYWl0TGVhc2VSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLldhaXRMZWFzZVJlc3BvbnNlMAESWwoOQ29sbGVjdE91dHB1dHMSIy5sZWFzZWhvbGQudjEuQ29sbGVjdE91dHB1dHNSZXF1ZXN0GiQubGVhc2Vob2xkLnYxLkNvbGxlY3RPdXRwdXRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_leasehold_v1_event, file_leasehold_v1_resource]);
 
 /**
  * A scope lease.
@@ -74,7 +74,7 @@ export type Lease = Message<"leasehold.v1.Lease"> & {
   createTime?: Timestamp | undefined;
 
   /**
-   * When it rolls back unless closed first.
+   * When it rolls back unless closed (or renewed, RenewLease) first.
    *
    * @generated from field: google.protobuf.Timestamp expire_time = 8;
    */
@@ -578,6 +578,57 @@ export const DeleteLeasesResponseSchema: GenMessage<DeleteLeasesResponse> = /*@_
   messageDesc(file_leasehold_v1_lease, 16);
 
 /**
+ * Request of LeaseService.RenewLease.
+ *
+ * @generated from message leasehold.v1.RenewLeaseRequest
+ */
+export type RenewLeaseRequest = Message<"leasehold.v1.RenewLeaseRequest"> & {
+  /**
+   * Required: the lease.
+   *
+   * @generated from field: string lease_id = 1;
+   */
+  leaseId: string;
+
+  /**
+   * How long from now until the lease rolls back; at least 1s, at most the
+   * server's maximum (--lease-max-ttl), in whole milliseconds (as
+   * CreateLeaseRequest.ttl). Unset: the TTL the lease was created with.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 2;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message leasehold.v1.RenewLeaseRequest.
+ * Use `create(RenewLeaseRequestSchema)` to create a new message.
+ */
+export const RenewLeaseRequestSchema: GenMessage<RenewLeaseRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_lease, 17);
+
+/**
+ * Response of LeaseService.RenewLease.
+ *
+ * @generated from message leasehold.v1.RenewLeaseResponse
+ */
+export type RenewLeaseResponse = Message<"leasehold.v1.RenewLeaseResponse"> & {
+  /**
+   * The lease with its new expire_time.
+   *
+   * @generated from field: leasehold.v1.Lease lease = 1;
+   */
+  lease?: Lease | undefined;
+};
+
+/**
+ * Describes the message leasehold.v1.RenewLeaseResponse.
+ * Use `create(RenewLeaseResponseSchema)` to create a new message.
+ */
+export const RenewLeaseResponseSchema: GenMessage<RenewLeaseResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_lease, 18);
+
+/**
  * Request of LeaseService.SetResult.
  *
  * @generated from message leasehold.v1.SetResultRequest
@@ -604,7 +655,7 @@ export type SetResultRequest = Message<"leasehold.v1.SetResultRequest"> & {
  * Use `create(SetResultRequestSchema)` to create a new message.
  */
 export const SetResultRequestSchema: GenMessage<SetResultRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 17);
+  messageDesc(file_leasehold_v1_lease, 19);
 
 /**
  * Response of LeaseService.SetResult.
@@ -625,7 +676,7 @@ export type SetResultResponse = Message<"leasehold.v1.SetResultResponse"> & {
  * Use `create(SetResultResponseSchema)` to create a new message.
  */
 export const SetResultResponseSchema: GenMessage<SetResultResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 18);
+  messageDesc(file_leasehold_v1_lease, 20);
 
 /**
  * Request of LeaseService.DebugLease.
@@ -653,7 +704,7 @@ export type DebugLeaseRequest = Message<"leasehold.v1.DebugLeaseRequest"> & {
  * Use `create(DebugLeaseRequestSchema)` to create a new message.
  */
 export const DebugLeaseRequestSchema: GenMessage<DebugLeaseRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 19);
+  messageDesc(file_leasehold_v1_lease, 21);
 
 /**
  * Response of LeaseService.DebugLease.
@@ -734,7 +785,7 @@ export type DebugLeaseResponse = Message<"leasehold.v1.DebugLeaseResponse"> & {
  * Use `create(DebugLeaseResponseSchema)` to create a new message.
  */
 export const DebugLeaseResponseSchema: GenMessage<DebugLeaseResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 20);
+  messageDesc(file_leasehold_v1_lease, 22);
 
 /**
  * Request of LeaseService.WaitLease.
@@ -762,7 +813,7 @@ export type WaitLeaseRequest = Message<"leasehold.v1.WaitLeaseRequest"> & {
  * Use `create(WaitLeaseRequestSchema)` to create a new message.
  */
 export const WaitLeaseRequestSchema: GenMessage<WaitLeaseRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 21);
+  messageDesc(file_leasehold_v1_lease, 23);
 
 /**
  * One message of LeaseService.WaitLease.
@@ -797,7 +848,7 @@ export type WaitLeaseResponse = Message<"leasehold.v1.WaitLeaseResponse"> & {
  * Use `create(WaitLeaseResponseSchema)` to create a new message.
  */
 export const WaitLeaseResponseSchema: GenMessage<WaitLeaseResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 22);
+  messageDesc(file_leasehold_v1_lease, 24);
 
 /**
  * Request of LeaseService.CollectOutputs.
@@ -828,7 +879,7 @@ export type CollectOutputsRequest = Message<"leasehold.v1.CollectOutputsRequest"
  * Use `create(CollectOutputsRequestSchema)` to create a new message.
  */
 export const CollectOutputsRequestSchema: GenMessage<CollectOutputsRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 23);
+  messageDesc(file_leasehold_v1_lease, 25);
 
 /**
  * Response of LeaseService.CollectOutputs.
@@ -860,7 +911,7 @@ export type CollectOutputsResponse = Message<"leasehold.v1.CollectOutputsRespons
  * Use `create(CollectOutputsResponseSchema)` to create a new message.
  */
 export const CollectOutputsResponseSchema: GenMessage<CollectOutputsResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 24);
+  messageDesc(file_leasehold_v1_lease, 26);
 
 /**
  * An entry of a deployment's outputs_dir that was not saved as a file.
@@ -898,7 +949,7 @@ export type SkippedOutput = Message<"leasehold.v1.SkippedOutput"> & {
  * Use `create(SkippedOutputSchema)` to create a new message.
  */
 export const SkippedOutputSchema: GenMessage<SkippedOutput> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_lease, 25);
+  messageDesc(file_leasehold_v1_lease, 27);
 
 /**
  * A scope lease's state.
@@ -1076,6 +1127,26 @@ export const LeaseService: GenService<{
     methodKind: "unary";
     input: typeof PromoteResourceRequestSchema;
     output: typeof PromoteResourceResponseSchema;
+  },
+  /**
+   * Keeps an open lease from its TTL rollback for longer: its expire_time
+   * becomes now (the server's clock) + ttl, the lease's own TTL when the
+   * request names none. It sets, never adds: a shorter ttl brings the
+   * rollback closer. A lease may be renewed any number of times; a client
+   * that renews it every ttl/3 keeps it open while the client lives, and it
+   * rolls back one TTL after the client's last renewal. Each renewal is
+   * recorded (EVENT_KIND_SCOPE_LEASE_RENEWED). FAILED_PRECONDITION
+   * (LEASE_CLOSED) when the lease is closed or its TTL has already passed
+   * (the rollback has begun, and a renewal cannot undo it); INVALID_ARGUMENT
+   * for a ttl under 1s or over the server's maximum, as for CreateLease.
+   * Right: as for CommitLease.
+   *
+   * @generated from rpc leasehold.v1.LeaseService.RenewLease
+   */
+  renewLease: {
+    methodKind: "unary";
+    input: typeof RenewLeaseRequestSchema;
+    output: typeof RenewLeaseResponseSchema;
   },
   /**
    * Closes the lease keeping every resource it still owns. Its deployments

@@ -16,7 +16,7 @@ async function waitForEvent(t: TestServer, workerId: string, kind: EventKind): P
 }
 
 /**
- * Heartbeats `w` every 300 ms (grace 2 s), listing `held` as it is at each beat; returns the stop,
+ * Heartbeats `w` every 300 ms (grace 5 s), listing `held` as it is at each beat; returns the stop,
  * which also runs when the test ends, passed or failed.
  */
 function keepAlive(w: TestWorker, held: readonly { actionId: string; epoch: bigint }[]): () => void {
@@ -31,12 +31,13 @@ function keepAlive(w: TestWorker, held: readonly { actionId: string; epoch: bigi
   return stop;
 }
 
-// Real timers and streams (grace 2 s), both drivers: a lease lost and re-granted, a stale report
+// Real timers and streams (grace 5 s: a worker waits for its grant unheard, and a loaded machine
+// may take seconds to serve it), both drivers: a lease lost and re-granted, a stale report
 // fenced, a completion accepted; and a lease kept across a reconnect within grace.
 describe("ExplainAction", () => {
   let t: TestServer;
   beforeAll(async () => {
-    t = await startTestServer({ config: { gracePeriod: "2s", heartbeatInterval: "500ms" } });
+    t = await startTestServer({ config: { gracePeriod: "5s", heartbeatInterval: "500ms" } });
   });
   afterAll(async () => t?.[Symbol.asyncDispose]());
 

@@ -69,6 +69,19 @@ describe("lease upkeep", () => {
       return m.event;
     throw new Error("the event stream ended");
   };
+  /** Restarts the test's server with a reap statement that fails while `broken` (the database is gone). */
+  const restartWithBreakableReap = async () => {
+    await t[Symbol.asyncDispose]();
+    const reap = { broken: false };
+    t = await start({
+      wrapDb: intercepting((text, execute) =>
+        reap.broken && /with watched as/.test(text)
+          ? Promise.reject(new Error("connection lost (injected)"))
+          : execute(),
+      ),
+    });
+    return reap;
+  };
   /** Waits for the `times`th line `msg` of this test's server (earlier lines count too). */
   const waitForLog = async (msg: string, times = 1) => {
     const until = Date.now() + 10_000;
@@ -467,15 +480,7 @@ describe("lease upkeep", () => {
   });
 
   it("after a database outage the first reap gives every live session a grace period from now, so a short outage expires nothing", async () => {
-    await t[Symbol.asyncDispose]();
-    let reapBroken = false;
-    t = await start({
-      wrapDb: intercepting((text, execute) =>
-        reapBroken && /with watched as/.test(text)
-          ? Promise.reject(new Error("connection lost (injected)"))
-          : execute(),
-      ),
-    });
+    const reap = await restartWithBreakableReap();
     // Its stream gone, the session's stored deadline is what another process would have renewed
     // had the database answered: here nobody vouches for it, as for another process's session.
     const w = await worker("w1");
@@ -486,10 +491,10 @@ describe("lease upkeep", () => {
     await waitForLog("worker stream lost");
 
     // The reaper's own statement fails (the database is gone) and the deadline passes meanwhile.
-    reapBroken = true;
+    reap.broken = true;
     await expect(tick().reap()).rejects.toThrow(/injected/);
     clock.advance(GRACE_MS + 1000);
-    reapBroken = false;
+    reap.broken = false;
     await tick().reap();
     expect(await expiredActions()).toEqual([]);
     await waitForLog(
@@ -531,6 +536,41 @@ describe("lease upkeep", () => {
     clock.advance(GRACE_MS + 1000);
     await tick().reap();
     expect(await expiredActions()).toEqual([id, id]);
+  });
+
+  it("after a database outage longer than the maximum silence, still counts no session's silence through it", async () => {
+    const reap = await restartWithBreakableReap();
+    // Two sessions whose streams are gone, as another process's look from here: one silent
+    // for longer than the maximum silence (100 s) before the outage, one heard just before it.
+    const silent = await worker("silent");
+    const silentId = await submit();
+    await tick().dispatch();
+    const silentGrant = await silent.next("grant", (g) => g.actionId === silentId);
+    silent.drop();
+    await waitForLog("worker stream lost");
+    clock.advance(101_000);
+    const heard = await worker("heard");
+    const heardId = await submit();
+    await tick().dispatch();
+    const heardGrant = await heard.next("grant", (g) => g.actionId === heardId);
+    await heard.heartbeat(1, [lease(heardGrant)]);
+    await tick().renew();
+    heard.drop();
+    await waitForLog("worker stream lost", 2);
+
+    // The database is gone for longer than the maximum silence: nobody could renew meanwhile.
+    reap.broken = true;
+    await expect(tick().reap()).rejects.toThrow(/injected/);
+    clock.advance(111_000);
+    reap.broken = false;
+    await tick().reap();
+    // The session heard just before the outage gets a grace period from now; the one already
+    // silent past the maximum before it does not.
+    expect(await expiredActions()).toEqual([silentId]);
+    expect(silentGrant.epoch).toBe(1n);
+    const back = await worker("heard", { held: [lease(heardGrant)] });
+    expect(back.welcome.resumed.map((l) => l.actionId)).toEqual([heardId]);
+    back.drop();
   });
 });
 

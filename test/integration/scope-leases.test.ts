@@ -257,8 +257,11 @@ describe("scope leases", () => {
     clock.advance(2_000);
     expect(await t.server.scope.expireDue()).toEqual([id]);
     await expectStatus(resources().getResource({ resourceId: f }), Code.NotFound, /not found/);
-    const events = await t.client(EventService).listEvents({ leaseId: id, kind: EventKind.SCOPE_LEASE_RENEWED });
-    expect(events.events.map((e) => e.details?.ttl_ms)).toEqual([60_000, 5_000]);
+    const { events } = await t.client(EventService).listEvents({ kind: EventKind.SCOPE_LEASE_RENEWED });
+    expect(events.map((e) => [e.leaseId, e.details?.ttl_ms])).toEqual([
+      [id, 60_000],
+      [id, 5_000],
+    ]);
   });
 
   it("refuses to renew a lease that closed or is past its TTL, and one past the maximum TTL", async () => {

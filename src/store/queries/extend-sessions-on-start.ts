@@ -76,15 +76,21 @@ async function extendOnce(
  * process's own sessions). Like a start (rule 6): every live session heard
  * within `maxSilenceMs` gets a deadline of at least now + grace; unlike a
  * start, no stream is marked lost (the processes hosting them are alive).
- * Writes only the rows it moves, locking them as {@link extendAwaitedSessions}
- * does. Returns how many it extended.
+ * The silence is counted up to the last heartbeat any process recorded (the
+ * latest `last_heard_at` of a live session), not up to now: no process could
+ * record one during the outage, so its length is nobody's silence (an outage
+ * longer than the maximum silence reaped every connected worker of the other
+ * processes). Only this process's outage (the others kept renewing) leaves
+ * that latest heartbeat at about now, and the cap as at a start. Writes only
+ * the rows it moves, locking them as {@link extendAwaitedSessions} does.
+ * Returns how many it extended.
  */
 export function extendSessionsAfterOutage(
   db: Db,
   clock: Clock,
   options: { graceMs: number; maxSilenceMs: number },
 ): Promise<number> {
-  return extendLiveSessions(db, clock, undefined, options);
+  return extendLiveSessions(db, clock, undefined, { ...options, afterOutage: true });
 }
 
 /**
@@ -106,8 +112,9 @@ export function extendAwaitedSessions(
 }
 
 /**
- * Live sessions heard within `maxSilenceMs` (and, with `heardBefore`, not
- * since then) whose deadline is sooner than now + grace get now + grace.
+ * Live sessions heard within `maxSilenceMs` of now (`afterOutage`: of the
+ * latest heartbeat recorded) and, with `heardBefore`, not since then, whose
+ * deadline is sooner than now + grace get now + grace.
  *
  * Locking: `for update skip locked`. It runs while hellos and renewals lock
  * session rows in their own orders; waiting for them could deadlock (a first
@@ -120,9 +127,12 @@ async function extendLiveSessions(
   db: Db,
   clock: Clock,
   heardBefore: Date | undefined,
-  options: { graceMs: number; maxSilenceMs: number },
+  options: { graceMs: number; maxSilenceMs: number; afterOutage?: boolean },
 ): Promise<number> {
   const now = clock.now();
+  const heardLast = options.afterOutage
+    ? sql`least(${now}, coalesce((select max(last_heard_at) from sessions where ended_at is null), ${now}))`
+    : now;
   const ms = (value: number) => sql`make_interval(secs => ${value} / 1000.0)`;
   const notSince =
     heardBefore === undefined ? sql`` : sql`and last_heard_at < ${heardBefore.toISOString()}::timestamptz`;
@@ -132,7 +142,7 @@ async function extendLiveSessions(
       with awaited as (
         select id from sessions
         where ended_at is null ${notSince}
-          and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}
+          and last_heard_at > ${heardLast} - ${ms(options.maxSilenceMs)}
           and deadline < ${now} + ${ms(options.graceMs)}
         for update skip locked
       ),

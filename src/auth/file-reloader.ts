@@ -1,14 +1,16 @@
 import { readFileSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { open } from "node:fs/promises";
 import type { Logger } from "pino";
 import { LeaseholdError } from "../errors.js";
 
 /**
  * What a reload did: `applied` new contents, found nothing new
- * (`unchanged`), or found new contents it refused (`rejected`: the old ones
- * stay in force).
+ * (`unchanged`), found new contents it refused (`rejected`: the old ones
+ * stay in force), or found contents that changed since the last look
+ * (`pending`: they may still be being written; the next look that finds them
+ * as they are judges them).
  */
-export type ReloadOutcome = "applied" | "unchanged" | "rejected";
+export type ReloadOutcome = "applied" | "unchanged" | "rejected" | "pending";
 
 /**
  * Credential files are small (PEMs, a JWKS, a token list); a bigger file is
@@ -60,7 +62,10 @@ export interface FileReloaderOptions<T> {
 
 /** Re-reads a set of files on demand and on a poll. */
 export interface FileReloader {
-  /** Reads the files now and applies them if they changed and are valid. */
+  /**
+   * Looks at the files now: applies them if they changed, the previous look
+   * read them just as they are, and they are valid (see {@link createFileReloader}).
+   */
   reload(): Promise<ReloadOutcome>;
   /** Stops polling; later reloads do nothing. */
   close(): void;
@@ -69,12 +74,51 @@ export interface FileReloader {
 const sameContents = (a: readonly Buffer[], b: readonly Buffer[]) =>
   a.length === b.length && a.every((buffer, i) => b[i]?.equals(buffer));
 
+/** What one look read: each file's contents, and its size and modification time before the read. */
+interface Snapshot {
+  readonly contents: Buffer[];
+  readonly stamps: string[];
+}
+
+const sameSnapshot = (a: Snapshot, b: Snapshot) =>
+  sameContents(a.contents, b.contents) && a.stamps.every((stamp, i) => b.stamps[i] === stamp);
+
+async function readSnapshot(files: readonly string[]): Promise<Snapshot> {
+  const read = await Promise.all(
+    files.map(async (file) => {
+      const handle = await open(file, "r");
+      try {
+        const { size, mtimeMs } = await handle.stat();
+        if (size > MAX_CREDENTIAL_FILE_BYTES) throw new Error(tooBig(file, size));
+        const content = await handle.readFile();
+        if (content.length > MAX_CREDENTIAL_FILE_BYTES) throw new Error(tooBig(file, content.length));
+        return { content, stamp: `${size}@${mtimeMs}` };
+      } finally {
+        await handle.close();
+      }
+    }),
+  );
+  return { contents: read.map((r) => r.content), stamps: read.map((r) => r.stamp) };
+}
+
 /**
- * Polls `files` and applies their contents when they change.
+ * Polls `files` and applies their contents when they change and then stay
+ * as they are.
  *
  * Changes are found by comparing contents, not modification times: the files
  * are small, mtime can be coarse, and rotations by rename or by a symlink
  * swap (Kubernetes secret volumes) can leave an old mtime behind.
+ *
+ * A file written in place can be read while it is being written, and what
+ * has been written of it so far may well parse: a policy cut after a
+ * binding's `role:` line is valid YAML. So a change is judged only when two
+ * looks in a row (a poll apart) read the same contents, sizes and
+ * modification times: the first look that finds new contents reports
+ * `pending`, the next one applies them if nothing moved in between. A change
+ * is thus applied within two polls of its last write, and a writer that
+ * stops for longer than a poll halfway through is not caught; writing a new
+ * file and renaming it into place is the way that is never read half done.
+ * The first contents, read at start by the caller, are applied at once.
  *
  * A change that fails to read or to parse (a half-written file, a key that
  * does not match its certificate yet) is logged once and the old value stays;
@@ -84,23 +128,18 @@ const sameContents = (a: readonly Buffer[], b: readonly Buffer[]) =>
 export function createFileReloader<T>(options: FileReloaderOptions<T>): FileReloader {
   const { files, log, what } = options;
   let applied: readonly Buffer[] = options.initial;
-  // What the last look saw (contents, or a read error): a state already
-  // judged is not judged (nor warned about) again.
-  let seen: readonly Buffer[] | string = options.initial;
+  // What the last look saw (a snapshot, or a read error), and whether it was
+  // judged: a state already judged is not judged (nor warned about) again.
+  let seen: Snapshot | string | undefined;
+  let judged = false;
   let closed = false;
   let queue: Promise<unknown> = Promise.resolve();
 
   const look = async (): Promise<ReloadOutcome> => {
     if (closed) return "unchanged";
-    let contents: Buffer[];
+    let snapshot: Snapshot;
     try {
-      contents = await Promise.all(
-        files.map(async (file) => {
-          const content = await readFile(file);
-          if (content.length > MAX_CREDENTIAL_FILE_BYTES) throw new Error(tooBig(file, content.length));
-          return content;
-        }),
-      );
+      snapshot = await readSnapshot(files);
     } catch (error) {
       const message = (error as Error).message;
       if (seen === message) return "unchanged";
@@ -109,12 +148,18 @@ export function createFileReloader<T>(options: FileReloaderOptions<T>): FileRelo
       return "rejected";
     }
     if (closed) return "unchanged";
-    if (typeof seen !== "string" && sameContents(seen, contents)) return "unchanged";
-    seen = contents;
-    if (sameContents(applied, contents)) return "unchanged";
+    const previous = seen;
+    seen = snapshot;
+    if (sameContents(applied, snapshot.contents)) return "unchanged";
+    if (previous === undefined || typeof previous === "string" || !sameSnapshot(previous, snapshot)) {
+      judged = false;
+      return "pending";
+    }
+    if (judged) return "unchanged";
+    judged = true;
     let value: T;
     try {
-      value = options.parse(contents);
+      value = options.parse(snapshot.contents);
     } catch (error) {
       log.warn(
         { files },
@@ -122,8 +167,8 @@ export function createFileReloader<T>(options: FileReloaderOptions<T>): FileRelo
       );
       return "rejected";
     }
-    options.apply(value, contents);
-    applied = contents;
+    options.apply(value, snapshot.contents);
+    applied = snapshot.contents;
     return "applied";
   };
 

@@ -13,12 +13,16 @@ import { createFileReloader, type ReloadOutcome } from "./file-reloader.js";
  * bindings:
  *   - principals: ["spiffe://example.org/agent/*"]
  *     role: agent
- *     clusters: ["gpu-*"]       # default ["*"]: every cluster
+ *     clusters: ["gpu-*"]       # required; ["*"] is every cluster
  *     worker_ids: "gpu-*"       # agents only; default "*"
  *   - principals: [ci-bot]
  *     role: submitter
  *     clusters: [staging]
  * ```
+ *
+ * `clusters` has no default: a file cut short after a binding's `role:` line
+ * (read while being written, or truncated) must not grant that role in every
+ * cluster, so a binding without it is refused and names what to write.
  *
  * A principal no binding names may do nothing (deny by default); one that
  * several bindings name holds the union of their rights.
@@ -124,6 +128,13 @@ export function loadReloadingPolicy(
   };
 }
 
+/**
+ * What a binding (or a token's role) without `clusters` is told: there is no
+ * default, so that a file cut short after a `role:` line grants nothing.
+ */
+export const MISSING_CLUSTERS =
+  'missing; write clusters: ["*"] for every cluster, or the clusters it applies to, e.g. clusters: [staging, "eu-*"]';
+
 function parseBinding(item: unknown, at: string, problems: string[]): PolicyBinding | undefined {
   if (item === null || typeof item !== "object" || Array.isArray(item)) {
     problems.push(`${at}: must be a mapping with principals, role and clusters`);
@@ -139,8 +150,8 @@ function parseBinding(item: unknown, at: string, problems: string[]): PolicyBind
   const role = b.role;
   if (typeof role !== "string" || !(ROLES as readonly string[]).includes(role))
     problems.push(`${at}.role: must be one of ${ROLES.join(", ")} (got ${JSON.stringify(role ?? null)})`);
-  const clusters =
-    b.clusters === undefined ? ["*"] : stringList(b.clusters, `${at}.clusters`, problems, false);
+  if (b.clusters === undefined) problems.push(`${at}.clusters: ${MISSING_CLUSTERS}`);
+  const clusters = b.clusters === undefined ? [] : stringList(b.clusters, `${at}.clusters`, problems, false);
   const workerIds = b.worker_ids ?? "*";
   if (typeof workerIds !== "string" || workerIds === "")
     problems.push(`${at}.worker_ids: must be a non-empty glob`);

@@ -16,6 +16,7 @@ import { Document, isMap, isSeq, parseDocument, Scalar } from "yaml";
 import { LeaseholdError, quote } from "../errors.js";
 import { type Identity, ROLE_RIGHTS, ROLES, type Role, type RoleBinding } from "./access.js";
 import { createFileReloader, type ReloadOutcome, readCredentialFileSync } from "./file-reloader.js";
+import { MISSING_CLUSTERS } from "./policy.js";
 
 /** One token of the file: who it is for, the hash of the token, and the roles it brings. */
 export interface StaticTokenEntry {
@@ -162,8 +163,8 @@ function parseBinding(
       `${at}.role`,
       `must be one of ${ROLES.join(", ")} (got ${typeof role === "string" ? quote(role) : String(role)})`,
     );
+  if (clusters === undefined) throw fail(`${at}.clusters`, MISSING_CLUSTERS);
   if (
-    clusters !== undefined &&
     !(
       Array.isArray(clusters) &&
       clusters.length > 0 &&
@@ -179,7 +180,7 @@ function parseBinding(
   }
   return {
     role: role as Role,
-    clusters: (clusters as string[] | undefined) ?? ["*"],
+    clusters: clusters as string[],
     workerIds: workerIds ?? "*",
   };
 }

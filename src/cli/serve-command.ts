@@ -180,7 +180,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--auth-policy <file>",
-        "YAML policy binding principals (exact or globs) to roles (agent, reader, submitter, operator) in clusters; with credentials configured, whatever it does not allow is refused. Re-read when it changes",
+        'YAML policy binding principals (exact or globs) to roles (agent, reader, submitter, operator) in clusters (each binding names them; ["*"] for all); with credentials configured, whatever it does not allow is refused. Re-read when it changes',
       ).env("LEASEHOLD_AUTH_POLICY"),
     )
     .addOption(

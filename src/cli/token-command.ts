@@ -32,7 +32,7 @@ export function tokenCommand(): Command {
     .option("--worker-ids <glob>", "worker ids an agent (or operator) role may use (default *)")
     .addHelpText(
       "after",
-      "\nA running server picks the new token up within a second. Roles the policy gives the principal apply too.",
+      "\nA running server picks the new token up within two seconds. Roles the policy gives the principal apply too.",
     )
     .action(
       (

@@ -72,7 +72,8 @@ const FLAG = { cert: "--tls-cert", key: "--tls-key", ca: "--tls-client-ca" } as 
  * INVALID_ARGUMENT naming its flag (`--tls-cert`, `--tls-key`,
  * `--tls-client-ca`) and path, so `serve` ends with a message saying what to
  * fix. Then they are polled every `pollMs` (1 s by default). A change is
- * applied only when all files are complete and consistent (each PEM parses,
+ * applied only when two polls in a row read the files the same (see
+ * createFileReloader) and all files are complete and consistent (each PEM parses,
  * the key belongs to the certificate, the certificate has not expired, and
  * Node accepts them as a secure context); otherwise the old certificates stay
  * and a warning names the file. A rotation written in several steps

@@ -237,8 +237,10 @@ describe("authorization", () => {
         "    clusters: [a]",
         "  - principals: [reader-bot]",
         "    role: reader",
+        '    clusters: ["*"]',
         "  - principals: [spiffe://test/operator]",
         "    role: operator",
+        '    clusters: ["*"]',
         "",
       ].join("\n"),
     );

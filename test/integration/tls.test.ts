@@ -67,7 +67,7 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
     writeFileSync(
       policy,
       "bindings:\n  - principals: [spiffe://t/agent]\n    role: agent\n    clusters: [tls]\n" +
-        "  - principals: [spiffe://t/op]\n    role: operator\n",
+        '  - principals: [spiffe://t/op]\n    role: operator\n    clusters: ["*"]\n',
     );
     server = await startTestServer({
       config: {
@@ -197,8 +197,10 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
 
     replace(tlsFiles.keyFile, serverCert2.keyFile);
     replace(tlsFiles.certFile, serverCert2.certFile);
-    // The server's own once-a-second look may apply the new files first ("unchanged" here);
-    // what follows checks that the new certificate is the one in force.
+    // Two looks in a row that find the files as they are apply them. The server's own
+    // once-a-second look may do it first ("unchanged" here); what follows checks that the new
+    // certificate is the one in force.
+    await server.server.security.tls?.reload();
     expect(await server.server.security.tls?.reload()).not.toBe("rejected");
 
     // A new connection that trusts only the old CA is refused; one that trusts the new CA gets in.
@@ -258,6 +260,7 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
     await watcher.listEvents({});
 
     replace(caFile, nextCa.certFile);
+    await other.server.security.tls?.reload();
     expect(await other.server.security.tls?.reload()).not.toBe("rejected");
     // The connections the old CA verified carry no new call: the client must connect again, and
     // the new CA refuses its certificate.
@@ -284,7 +287,10 @@ describe.runIf(runsDriverNeutralTests())("TLS and mTLS on a live server", () => 
     // A certificate for the name only: dialing 127.0.0.1 must still check "localhost".
     const named = issueCertificate(serverCa1, { dir, name: "named", dns: ["localhost"] });
     const policy = join(dir, "policy-named.yaml");
-    writeFileSync(policy, "bindings:\n  - principals: [spiffe://t/agent]\n    role: agent\n");
+    writeFileSync(
+      policy,
+      'bindings:\n  - principals: [spiffe://t/agent]\n    role: agent\n    clusters: ["*"]\n',
+    );
     await using other = await startTestServer({
       config: {
         tlsCert: named.certFile,

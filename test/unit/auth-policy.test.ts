@@ -14,6 +14,7 @@ bindings:
     clusters: [staging]
   - principals: [auditor]
     role: reader
+    clusters: ["*"]
   - principals: [alice, "ops-*"]
     role: operator
     clusters: ["*"]
@@ -92,6 +93,23 @@ bindings:
       /bindings\[0\]\.colour: unknown field.*bindings\[0\]\.principals.*bindings\[0\]\.role: must be one of agent, reader, submitter, operator \(got "admin"\).*bindings\[1\]\.worker_ids/s,
     );
     expect(() => parsePolicy("rules: []")).toThrow(/rules: unknown field/);
+  });
+
+  it("a binding without clusters is refused, saying what to write", () => {
+    // What a file cut short after op-a's role line reads like: it must not make op-a an operator everywhere.
+    const cut = `
+bindings:
+  - principals: [op-a]
+    role: operator
+`;
+    expect(() => parsePolicy(cut, "policy.yaml")).toThrow(
+      'policy.yaml: bindings[0].clusters: missing; write clusters: ["*"] for every cluster, or the clusters it applies to, e.g. clusters: [staging, "eu-*"]',
+    );
+    expect(
+      parsePolicy('bindings:\n  - principals: [op-a]\n    role: operator\n    clusters: ["*"]\n').bindingsOf(
+        "op-a",
+      ),
+    ).toMatchObject([{ role: "operator", clusters: ["*"] }]);
     expect(() => parsePolicy("bindings: [")).toThrow(/not valid YAML/);
   });
 });

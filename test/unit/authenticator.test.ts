@@ -17,6 +17,7 @@ const policy = parsePolicy(`
 bindings:
   - principals: ["spiffe://demo/operator"]
     role: operator
+    clusters: ["*"]
   - principals: [ci-bot]
     role: submitter
     clusters: [demo]
@@ -102,12 +103,14 @@ describe("policy reload", () => {
     const withToken = call({ authorization: "Bearer lh_good" });
     expect((await auth.authenticate(withToken)).holdsAnywhere("action.read")).toBe(false);
 
-    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: reader\n");
+    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: reader\n    clusters: [demo]\n");
+    expect(await reloading.reload()).toBe("pending");
     expect(await reloading.reload()).toBe("applied");
     // The cached access of the same token is stale once the policy changed.
     expect((await auth.authenticate(withToken)).can("action.read", "demo")).toBe(true);
 
-    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: admin\n");
+    writeFileSync(file, "bindings:\n  - principals: [ci-bot]\n    role: admin\n    clusters: [demo]\n");
+    expect(await reloading.reload()).toBe("pending");
     expect(await reloading.reload()).toBe("rejected");
     expect((await auth.authenticate(withToken)).can("action.read", "demo")).toBe(true);
     reloading.close();
@@ -153,6 +156,7 @@ describe("JWKS reload", () => {
 
     // The old key is withdrawn: its token, verified and cached a moment ago, is refused at once.
     writeFileSync(file, await jwks([next.publicKey, "next"]));
+    expect(await jwt.reload()).toBe("pending");
     expect(await jwt.reload()).toBe("applied");
     const refused = await refusal(() => auth.authenticate(withOld));
     expect(refused.code).toBe(Code.Unauthenticated);

@@ -231,9 +231,11 @@ describe("JWT verifier", () => {
       const after = await sign({}, { key: second.privateKey });
       await refused(after, "TOKEN_BAD_SIGNATURE", /signature/, v);
       writeFileSync(path, '{"keys": [');
+      expect(await v.reload()).toBe("pending");
       expect(await v.reload()).toBe("rejected");
       expect((await v.verify(before)).principal).toBe("user-1");
       await write(second.publicKey);
+      expect(await v.reload()).toBe("pending");
       expect(await v.reload()).toBe("applied");
       expect((await v.verify(after)).principal).toBe("user-1");
       await refused(before, "TOKEN_BAD_SIGNATURE", /signature/, v);

@@ -81,8 +81,10 @@ describe("static tokens", () => {
         "    created: 2026-12-02T21:40:00.000Z",
         "    roles:",
         "      - role: agent",
+        '        clusters: ["*"]',
         '        worker_ids: "a1-*"',
         "      - role: reader",
+        "        clusters: [eu-1]",
         "  - principal: nobody-special",
         `    sha256: ${hashToken("secret-2")}`,
         "",
@@ -94,7 +96,7 @@ describe("static tokens", () => {
       via: "static-token",
       bindings: [
         { role: "agent", clusters: ["*"], workerIds: "a1-*" },
-        { role: "reader", clusters: ["*"], workerIds: "*" },
+        { role: "reader", clusters: ["eu-1"], workerIds: "*" },
       ],
     });
     expect(tokens.verify("secret-2")).toEqual({
@@ -122,11 +124,16 @@ describe("static tokens", () => {
       "tokens[0].sha256: must be the SHA-256 of the token as 64 hex digits",
     );
     expect(loadError(entry("    role: operator\n")).message).toContain("tokens[0].role: unknown field");
-    expect(loadError(entry("    roles:\n      - role: reader\n        worker_ids: x\n")).message).toContain(
-      "tokens[0].roles[0].worker_ids: applies only to roles that run workers (agent, operator)",
-    );
+    expect(
+      loadError(entry('    roles:\n      - role: reader\n        clusters: ["*"]\n        worker_ids: x\n'))
+        .message,
+    ).toContain("tokens[0].roles[0].worker_ids: applies only to roles that run workers (agent, operator)");
     expect(loadError(entry("    roles:\n      - role: reader\n        clusters: a\n")).message).toContain(
       "tokens[0].roles[0].clusters: must be a non-empty list of cluster globs",
+    );
+    // No default: a file cut short after a role line must not grant the role everywhere.
+    expect(loadError(entry("    roles:\n      - role: operator\n")).message).toContain(
+      'tokens[0].roles[0].clusters: missing; write clusters: ["*"] for every cluster, or the clusters it applies to',
     );
     expect(loadError(`${entry("")}  - principal: b\n    sha256: ${hash}\n`).message).toContain(
       "tokens[1].sha256: the same token as tokens[0]",
@@ -151,6 +158,8 @@ describe("static tokens", () => {
       bindings: [{ role: "agent", clusters: ["eu-*", "us-1"], workerIds: "w-*" }],
     });
     expect(tokens.verify(second)).toBeUndefined();
+    // The first look finds the change; the next one, finding it as it was, applies it.
+    expect(await tokens.reload()).toBe("pending");
     expect(await tokens.reload()).toBe("applied");
     expect(tokens.verify(second)?.bindings).toEqual([
       { role: "agent", clusters: ["eu-*", "us-1"], workerIds: "w-*" },
@@ -159,6 +168,7 @@ describe("static tokens", () => {
 
     const good = readFileSync(path, "utf8");
     writeFileSync(path, `${good}  - principal: third\n    sha256: nope\n`);
+    expect(await tokens.reload()).toBe("pending");
     expect(await tokens.reload()).toBe("rejected");
     expect(logged.find((l) => l.level === 40)?.msg).toContain("tokens[2].sha256");
     expect(tokens.verify(second)?.principal).toBe("second");

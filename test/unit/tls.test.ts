@@ -235,9 +235,11 @@ describe("TLS server credentials", () => {
     const next = serverCert(caB, "rotate-new");
     copyFileSync(next.certFile, live.certFile);
     // Only the certificate so far: it does not match the key, so nothing changes.
+    expect(await server.tls.reload()).toBe("pending");
     expect(await server.tls.reload()).toBe("rejected");
     expect(await client(server.address, caA).whoami()).toBe("-");
     copyFileSync(next.keyFile, live.keyFile);
+    expect(await server.tls.reload()).toBe("pending");
     expect(await server.tls.reload()).toBe("applied");
     expect(await server.tls.reload()).toBe("unchanged");
 
@@ -259,6 +261,7 @@ describe("TLS server credentials", () => {
     copyFileSync(next.certFile, live.certFile);
     const key = readFileSync(next.keyFile);
     writeFileSync(live.keyFile, key.subarray(0, Math.floor(key.length / 2)));
+    expect(await server.tls.reload()).toBe("pending");
     expect(await server.tls.reload()).toBe("rejected");
     const warning = server.logged.find((l) => l.level === 40);
     expect(warning?.msg).toContain(live.keyFile);
@@ -268,6 +271,7 @@ describe("TLS server credentials", () => {
     // The same broken state is not judged again; the completed file is applied.
     expect(await server.tls.reload()).toBe("unchanged");
     writeFileSync(live.keyFile, key);
+    expect(await server.tls.reload()).toBe("pending");
     expect(await server.tls.reload()).toBe("applied");
     expect(await client(server.address, caA).whoami()).toBe("-");
   });
@@ -284,6 +288,7 @@ describe("TLS server credentials", () => {
     const fromB = issueCertificate(caB, { dir, name: "ca-rot-b", client: true, dns: ["b.example.org"] });
     expect(await client(server.address, caA, fromA).whoami()).toBe("a.example.org");
     copyFileSync(caB.certFile, caFile);
+    expect(await server.tls.reload()).toBe("pending");
     expect(await server.tls.reload()).toBe("applied");
     expect(await client(server.address, caA, fromB).whoami()).toBe("b.example.org");
     expect((await failure(client(server.address, caA, fromA).whoami())).code).toBe(grpc.status.UNAVAILABLE);

@@ -4,8 +4,10 @@ import { Code, LeaseholdError, quote } from "../errors.js";
  * Roles a policy grants (README, "Securing Leasehold"):
  * - `agent`: run a worker (`WorkerService.Connect`) in its clusters, with a
  *   worker id matching its pattern; and upload the files its deployments
- *   produce (`CreateFile` in leases of its clusters; no other resource, so
- *   that an agent cannot make other agents run anything); and download the
+ *   produce (`CreateFile` naming `output_of`, a run its session holds, in
+ *   that run's lease; no other file, so that an agent cannot plant files in
+ *   a client's lease, and no other resource, so that it cannot make other
+ *   agents run anything); and download the
  *   input files of the deployments its own sessions hold leased
  *   (`file.download.input`; no other file: an agent is no reader).
  * - `reader`: get, list and watch everything in its clusters, events included.
@@ -119,9 +121,13 @@ export interface Access {
   /** Throws PERMISSION_DENIED naming the right and cluster unless `can(right, cluster)`. */
   require(right: Right, cluster: string): void;
   /**
-   * For a change to something `owner` created: passes with `<right>.any` in
-   * the cluster, or with `<right>.own` when the caller is the owner; throws
-   * PERMISSION_DENIED otherwise.
+   * Whether the caller may change something `owner` created: `<right>.any`
+   * in the cluster, or `<right>.own` when the caller is the owner.
+   */
+  canOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string): boolean;
+  /**
+   * For a change to something `owner` created: passes when {@link canOwned};
+   * throws PERMISSION_DENIED naming the right it lacks otherwise.
    */
   requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string): void;
   /**
@@ -154,6 +160,7 @@ export const OPEN_ACCESS: Access = Object.freeze({
   can: () => true,
   holdsAnywhere: () => true,
   require: () => {},
+  canOwned: () => true,
   requireOwned: () => {},
   requireListScope: () => {},
   requireEverywhere: () => {},
@@ -202,15 +209,17 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
     if (!can(right, cluster))
       throw permissionDenied(actor, right, `in cluster ${quote(cluster)}`, { cluster });
   };
+  const canOwned = (right: "action.cancel" | "lease.use", cluster: string, owner: string) =>
+    can(`${right}.any`, cluster) || (owner !== "" && owner === actor && can(`${right}.own`, cluster));
   return Object.freeze({
     actor,
     enforced: true,
     can,
     holdsAnywhere: (right: Right) => bindings.some((b) => holds(right, b)),
     require,
+    canOwned,
     requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string) {
-      if (can(`${right}.any`, cluster)) return;
-      if (owner !== "" && owner === actor && can(`${right}.own`, cluster)) return;
+      if (canOwned(right, cluster, owner)) return;
       if (can(`${right}.own`, cluster)) {
         throw permissionDenied(
           actor,

@@ -6,7 +6,7 @@ import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
-import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { type Resource, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, statusDetails } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -389,6 +389,65 @@ describe("authorization by cluster, owner and session", () => {
       /"agent-p" lacks the right file\.upload in cluster "cluster-b" \(nor resource\.create there\)/,
     );
     expect(denied.reason).toBe("PERMISSION_DENIED");
+  });
+
+  it("lets an agent add a file to a lease only as the output of a run its session holds", async () => {
+    const leases = t.client(LeaseService);
+    const resources = t.client(ResourceService);
+    const leaseId = (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "";
+    const file = (principal: string, name: string, outputOf?: { deploymentId: string; epoch: bigint }) =>
+      resources.createFile(
+        { leaseId, name, content: new TextEncoder().encode(name), ...(outputOf ? { outputOf } : {}) },
+        as(principal),
+      );
+
+    const nameOf = (r: Resource | undefined) => (r?.body.case === "file" ? r.body.value.name : "");
+
+    // No run named: the agent role alone gives no right to add files to a client's lease.
+    const planted = await expectStatus(
+      file("agent-q", "run.sh"),
+      Code.PermissionDenied,
+      /"agent-q" lacks the right resource\.create in cluster "cluster-a": an agent adds files only as the outputs of a run its session holds; send output_of/,
+    );
+    expect(planted.reason).toBe("PERMISSION_DENIED");
+    expect(planted.info).toMatchObject({
+      principal: "agent-q",
+      right: "resource.create",
+      cluster: "cluster-a",
+    });
+
+    const { resource } = await resources.createDeployment(
+      { leaseId, spec: { containers: [{ name: "c", command: { argv: ["true"] } }] } },
+      as("alice"),
+    );
+    const deploymentId = resource?.id ?? "";
+    const actionId = resource?.body.case === "deployment" ? resource.body.value.actionId : "";
+    const p = await connectWorker(
+      t.address,
+      { workerId: "wa-out-p", cluster: "cluster-a", capacity: 1 },
+      as("agent-p"),
+    );
+    const grant = await p.next("grant", (g) => g.actionId === actionId);
+    const run = { deploymentId, epoch: grant.epoch };
+    // The run's agent saves its outputs; another agent naming that run is not its holder.
+    expect(nameOf((await file("agent-p", "out.txt", run)).resource)).toBe("out.txt");
+    const notHeld = await expectStatus(
+      file("agent-q", "forged.txt", run),
+      Code.FailedPrecondition,
+      /not saved/,
+    );
+    expect(notHeld.reason).toBe("RUN_NOT_HELD");
+    // Even the holder needs to name the run for each file.
+    await expectStatus(file("agent-p", "loose.txt"), Code.PermissionDenied, /send output_of/);
+    // The lease's owner adds files as before, without output_of.
+    expect(nameOf((await file("alice", "notes.txt")).resource)).toBe("notes.txt");
+    const names = (await resources.listResources({ leaseId }, as("alice"))).resources.map(nameOf);
+    expect(names.filter((n) => n !== "").sort()).toEqual(["notes.txt", "out.txt"]);
+
+    expect((await p.complete(grant, { output: {} })).accepted).toBe(true);
+    p.goodbye();
+    await p.ended;
+    await leases.rollbackLease({ leaseId }, as("alice"));
   });
 
   it("records who created and deleted resources outside a lease; a deployment's event carries its runtime", async () => {

@@ -102,8 +102,9 @@ const MATRIX: Record<string, Row> = {
   "LeaseService/DebugLease": { request: (f) => ({ leaseId: f.leaseId }), expect: [D, D, D, D, K] },
   "ResourceService/CreateFile": {
     request: (f, caller) => ({ leaseId: f.leaseId, name: `from-${caller}.txt`, content: Buffer.from("x") }),
-    // agentA uploads into leases of its cluster (its deployments' outputs).
-    expect: [K, D, K, D, K],
+    // agentA adds files only as the outputs of a run its session holds, naming it in output_of
+    // (authorization-scope.test.ts); without output_of, as here, it is refused.
+    expect: [D, D, K, D, K],
   },
   "ResourceService/CreateObject": {
     request: (f) => ({ leaseId: f.leaseId, kind: "note", body: { a: 1 } }),

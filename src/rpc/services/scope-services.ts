@@ -145,9 +145,10 @@ async function requireDownload(
 
 /**
  * Checks a resource creation: `resource.create` in the lease's runtime and
- * the right to use the lease (its creator, or `lease.use.any`). Agents
- * instead upload files (`file.upload`, `upload`) into any lease of their
- * clusters: the outputs of the deployments they run. A resource without a
+ * the right to use the lease (its creator, or `lease.use.any`). A caller
+ * without that right whose `file.upload` (an agent) covers the lease's
+ * cluster may upload a file only naming `output_of`: the outputs of a run
+ * its session holds, which the store checks (RUN_NOT_HELD). A resource without a
  * lease belongs to `runtime` when it has one (a deployment), else to no
  * cluster: then `resource.create` must be held in every cluster.
  */
@@ -155,7 +156,12 @@ async function requireCreate(
   scope: ScopeLeaseService,
   access: Access,
   leaseId: string,
-  options: { readonly upload?: boolean; readonly runtime?: string } = {},
+  options: {
+    readonly upload?: boolean;
+    /** The upload names the run it is an output of (CreateFileRequest.output_of). */
+    readonly outputOf?: boolean;
+    readonly runtime?: string;
+  } = {},
 ): Promise<void> {
   if (!leaseId) {
     if (options.runtime) access.require("resource.create", options.runtime);
@@ -167,7 +173,22 @@ async function requireCreate(
     return;
   }
   const lease = await scope.get(leaseId);
-  if (options.upload && access.can("file.upload", lease.runtime)) return;
+  const asClient = () =>
+    access.can("resource.create", lease.runtime) &&
+    access.canOwned("lease.use", lease.runtime, lease.createdBy);
+  if (options.upload && access.can("file.upload", lease.runtime) && !asClient()) {
+    // The agent role adds files only as the outputs of a run its session holds (SPEC §5:
+    // "only on leases its session holds"): the store checks the run (RUN_NOT_HELD); without
+    // one, the agent would plant files in any open lease of its cluster.
+    if (options.outputOf) return;
+    throw permissionDenied(
+      access.actor,
+      "resource.create",
+      `in cluster ${quote(lease.runtime)}: an agent adds files only as the outputs of a run its session holds; ` +
+        "send output_of (the deployment id and the epoch of the lease on its action that the agent holds)",
+      { cluster: lease.runtime },
+    );
+  }
   // An agent uploads with file.upload: the right it lacks is that one, not the submitter's.
   if (options.upload && access.holdsAnywhere("file.upload") && !access.can("resource.create", lease.runtime))
     throw permissionDenied(
@@ -432,7 +453,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         if (run.epoch < 1n) v.add("output_of.epoch", "must be at least 1 (the epoch of the agent's lease)");
       }
       v.throwIfAny();
-      await requireCreate(scope, ctx.access, request.leaseId, { upload: true });
+      await requireCreate(scope, ctx.access, request.leaseId, { upload: true, outputOf: run !== undefined });
       const resource = await scope.createResource({
         kind: "file",
         leaseId: request.leaseId || undefined,

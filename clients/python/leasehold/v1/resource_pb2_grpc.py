@@ -123,8 +123,12 @@ class ResourceServiceServicer(object):
         (--max-file-size): ErrorInfo reason FILE_TOO_LARGE, its message naming
         the file and the limit, and metadata name, size_bytes and limit_bytes.
         Rights (for CreateDeployment and CreateObject too): resource.create in the
-        lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
-        the runtime (worker.connect there) may add files to any lease of it.
+        lease's runtime and lease.use.own (own lease) or lease.use.any. A caller
+        without them whose agent role covers the runtime (file.upload there) may
+        create a file only as the output of a run its session holds: it must set
+        output_of (checked as that field says); without it, PERMISSION_DENIED
+        (ErrorInfo reason PERMISSION_DENIED, right resource.create) whose message
+        says to send output_of. An agent adds nothing else to a lease.
         Without a lease_id: resource.create in every cluster.
         Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
         outputs of a committed lease's deployment: a file whose output_of names

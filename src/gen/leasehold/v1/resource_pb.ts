@@ -502,18 +502,18 @@ export type CreateFileRequest = Message<"leasehold.v1.CreateFileRequest"> & {
   contentType: string;
 
   /**
-   * Set by an agent saving a deployment's outputs: the run they are the
-   * outputs of. It must be a run of a deployment of lease_id (required with
-   * it) whose action is leased right now, at that epoch, to a live session
-   * the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo
-   * reason RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any
-   * file that is not a held run's output): a run that was lost saves
-   * nothing more. The file
-   * belongs to that run: if the run is lost before it ends (its lease
-   * expired, or its agent gave the lease back), the files it saved that
-   * the lease still owns are deleted in the same transaction (each with a
-   * resource_deleted event), as CollectOutputs' OUTPUTS_LOST says: what
-   * that run wrote is gone, and the next run saves its own.
+   * Set by an agent saving a deployment's outputs: the run they are the outputs
+   * of (required when the caller's only right to create the file is the agent
+   * role's file.upload). It must be a run of a deployment of lease_id (required
+   * with it) whose action is leased right now, at that epoch, to a live session
+   * the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo reason
+   * RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any file that is
+   * not a held run's output): a run that was lost saves nothing more. The file
+   * belongs to that run: if the run is lost before it ends (its lease expired, or
+   * its agent gave the lease back), the files it saved that the lease still owns
+   * are deleted in the same transaction (each with a resource_deleted event), as
+   * CollectOutputs' OUTPUTS_LOST says: what that run wrote is gone, and the next
+   * run saves its own.
    *
    * @generated from field: leasehold.v1.DeploymentRun output_of = 5;
    */
@@ -1031,8 +1031,12 @@ export const ResourceService: GenService<{
    * (--max-file-size): ErrorInfo reason FILE_TOO_LARGE, its message naming
    * the file and the limit, and metadata name, size_bytes and limit_bytes.
    * Rights (for CreateDeployment and CreateObject too): resource.create in the
-   * lease's runtime and lease.use.own (own lease) or lease.use.any; agents of
-   * the runtime (worker.connect there) may add files to any lease of it.
+   * lease's runtime and lease.use.own (own lease) or lease.use.any. A caller
+   * without them whose agent role covers the runtime (file.upload there) may
+   * create a file only as the output of a run its session holds: it must set
+   * output_of (checked as that field says); without it, PERMISSION_DENIED
+   * (ErrorInfo reason PERMISSION_DENIED, right resource.create) whose message
+   * says to send output_of. An agent adds nothing else to a lease.
    * Without a lease_id: resource.create in every cluster.
    * Into a closed lease: FAILED_PRECONDITION (LEASE_CLOSED), but for the
    * outputs of a committed lease's deployment: a file whose output_of names

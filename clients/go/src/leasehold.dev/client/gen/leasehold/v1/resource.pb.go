@@ -974,18 +974,18 @@ type CreateFileRequest struct {
 	Content []byte `protobuf:"bytes,3,opt,name=content,proto3" json:"content,omitempty"`
 	// Optional media type, at most 256 characters.
 	ContentType string `protobuf:"bytes,4,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
-	// Set by an agent saving a deployment's outputs: the run they are the
-	// outputs of. It must be a run of a deployment of lease_id (required with
-	// it) whose action is leased right now, at that epoch, to a live session
-	// the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo
-	// reason RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any
-	// file that is not a held run's output): a run that was lost saves
-	// nothing more. The file
-	// belongs to that run: if the run is lost before it ends (its lease
-	// expired, or its agent gave the lease back), the files it saved that
-	// the lease still owns are deleted in the same transaction (each with a
-	// resource_deleted event), as CollectOutputs' OUTPUTS_LOST says: what
-	// that run wrote is gone, and the next run saves its own.
+	// Set by an agent saving a deployment's outputs: the run they are the outputs
+	// of (required when the caller's only right to create the file is the agent
+	// role's file.upload). It must be a run of a deployment of lease_id (required
+	// with it) whose action is leased right now, at that epoch, to a live session
+	// the caller's principal opened; else FAILED_PRECONDITION (ErrorInfo reason
+	// RUN_NOT_HELD; into a committed lease, LEASE_CLOSED, as for any file that is
+	// not a held run's output): a run that was lost saves nothing more. The file
+	// belongs to that run: if the run is lost before it ends (its lease expired, or
+	// its agent gave the lease back), the files it saved that the lease still owns
+	// are deleted in the same transaction (each with a resource_deleted event), as
+	// CollectOutputs' OUTPUTS_LOST says: what that run wrote is gone, and the next
+	// run saves its own.
 	OutputOf *DeploymentRun `protobuf:"bytes,5,opt,name=output_of,json=outputOf,proto3" json:"output_of,omitempty"`
 }
 

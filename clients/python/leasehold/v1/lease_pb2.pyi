@@ -203,6 +203,20 @@ class PromoteResourceResponse(_message.Message):
     resource: _resource_pb2.Resource
     def __init__(self, resource: _Optional[_Union[_resource_pb2.Resource, _Mapping]] = ...) -> None: ...
 
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ["lease_id", "ttl"]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    ttl: _duration_pb2.Duration
+    def __init__(self, lease_id: _Optional[str] = ..., ttl: _Optional[_Union[_duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ["lease"]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
 class RollbackLeaseRequest(_message.Message):
     __slots__ = ["lease_id"]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]

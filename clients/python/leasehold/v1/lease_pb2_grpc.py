@@ -69,6 +69,11 @@ class LeaseServiceStub(object):
                 request_serializer=leasehold_dot_v1_dot_lease__pb2.PromoteResourceRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_lease__pb2.PromoteResourceResponse.FromString,
                 )
+        self.RenewLease = channel.unary_unary(
+                '/leasehold.v1.LeaseService/RenewLease',
+                request_serializer=leasehold_dot_v1_dot_lease__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_lease__pb2.RenewLeaseResponse.FromString,
+                )
         self.CommitLease = channel.unary_unary(
                 '/leasehold.v1.LeaseService/CommitLease',
                 request_serializer=leasehold_dot_v1_dot_lease__pb2.CommitLeaseRequest.SerializeToString,
@@ -187,6 +192,23 @@ class LeaseServiceServicer(object):
         Right: lease.use.own on a lease the caller created, lease.use.any on
         anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
         SetResult and CollectOutputs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Keeps an open lease from its TTL rollback for longer: its expire_time
+        becomes now (the server's clock) + ttl, the lease's own TTL when the
+        request names none. It sets, never adds: a shorter ttl brings the
+        rollback closer. A lease may be renewed any number of times; a client
+        that renews it every ttl/3 keeps it open while the client lives, and it
+        rolls back one TTL after the client's last renewal. Each renewal is
+        recorded (EVENT_KIND_SCOPE_LEASE_RENEWED). FAILED_PRECONDITION
+        (LEASE_CLOSED) when the lease is closed or its TTL has already passed
+        (the rollback has begun, and a renewal cannot undo it); INVALID_ARGUMENT
+        for a ttl under 1s or over the server's maximum, as for CreateLease.
+        Right: as for CommitLease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -313,6 +335,11 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.PromoteResource,
                     request_deserializer=leasehold_dot_v1_dot_lease__pb2.PromoteResourceRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_lease__pb2.PromoteResourceResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=leasehold_dot_v1_dot_lease__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_lease__pb2.RenewLeaseResponse.SerializeToString,
             ),
             'CommitLease': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitLease,
@@ -464,6 +491,23 @@ class LeaseService(object):
         return grpc.experimental.unary_unary(request, target, '/leasehold.v1.LeaseService/PromoteResource',
             leasehold_dot_v1_dot_lease__pb2.PromoteResourceRequest.SerializeToString,
             leasehold_dot_v1_dot_lease__pb2.PromoteResourceResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/leasehold.v1.LeaseService/RenewLease',
+            leasehold_dot_v1_dot_lease__pb2.RenewLeaseRequest.SerializeToString,
+            leasehold_dot_v1_dot_lease__pb2.RenewLeaseResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -40,6 +40,18 @@ type LeaseServiceClient interface {
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).
 	PromoteResource(ctx context.Context, in *PromoteResourceRequest, opts ...grpc.CallOption) (*PromoteResourceResponse, error)
+	// Keeps an open lease from its TTL rollback for longer: its expire_time
+	// becomes now (the server's clock) + ttl, the lease's own TTL when the
+	// request names none. It sets, never adds: a shorter ttl brings the
+	// rollback closer. A lease may be renewed any number of times; a client
+	// that renews it every ttl/3 keeps it open while the client lives, and it
+	// rolls back one TTL after the client's last renewal. Each renewal is
+	// recorded (EVENT_KIND_SCOPE_LEASE_RENEWED). FAILED_PRECONDITION
+	// (LEASE_CLOSED) when the lease is closed or its TTL has already passed
+	// (the rollback has begun, and a renewal cannot undo it); INVALID_ARGUMENT
+	// for a ttl under 1s or over the server's maximum, as for CreateLease.
+	// Right: as for CommitLease.
+	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
 	// Closes the lease keeping every resource it still owns. Its deployments
 	// keep running (one a CollectOutputs asked to stop goes on stopping), and
 	// the files they save after the commit are kept too (see CreateFile).
@@ -139,6 +151,15 @@ func (c *leaseServiceClient) ListLeases(ctx context.Context, in *ListLeasesReque
 func (c *leaseServiceClient) PromoteResource(ctx context.Context, in *PromoteResourceRequest, opts ...grpc.CallOption) (*PromoteResourceResponse, error) {
 	out := new(PromoteResourceResponse)
 	err := c.cc.Invoke(ctx, "/leasehold.v1.LeaseService/PromoteResource", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *leaseServiceClient) RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error) {
+	out := new(RenewLeaseResponse)
+	err := c.cc.Invoke(ctx, "/leasehold.v1.LeaseService/RenewLease", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -267,6 +288,18 @@ type LeaseServiceServer interface {
 	// anyone's, in the lease's runtime (the same for CommitLease, RollbackLease,
 	// SetResult and CollectOutputs).
 	PromoteResource(context.Context, *PromoteResourceRequest) (*PromoteResourceResponse, error)
+	// Keeps an open lease from its TTL rollback for longer: its expire_time
+	// becomes now (the server's clock) + ttl, the lease's own TTL when the
+	// request names none. It sets, never adds: a shorter ttl brings the
+	// rollback closer. A lease may be renewed any number of times; a client
+	// that renews it every ttl/3 keeps it open while the client lives, and it
+	// rolls back one TTL after the client's last renewal. Each renewal is
+	// recorded (EVENT_KIND_SCOPE_LEASE_RENEWED). FAILED_PRECONDITION
+	// (LEASE_CLOSED) when the lease is closed or its TTL has already passed
+	// (the rollback has begun, and a renewal cannot undo it); INVALID_ARGUMENT
+	// for a ttl under 1s or over the server's maximum, as for CreateLease.
+	// Right: as for CommitLease.
+	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
 	// Closes the lease keeping every resource it still owns. Its deployments
 	// keep running (one a CollectOutputs asked to stop goes on stopping), and
 	// the files they save after the commit are kept too (see CreateFile).
@@ -344,6 +377,9 @@ func (UnimplementedLeaseServiceServer) ListLeases(context.Context, *ListLeasesRe
 }
 func (UnimplementedLeaseServiceServer) PromoteResource(context.Context, *PromoteResourceRequest) (*PromoteResourceResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method PromoteResource not implemented")
+}
+func (UnimplementedLeaseServiceServer) RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RenewLease not implemented")
 }
 func (UnimplementedLeaseServiceServer) CommitLease(context.Context, *CommitLeaseRequest) (*CommitLeaseResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CommitLease not implemented")
@@ -450,6 +486,24 @@ func _LeaseService_PromoteResource_Handler(srv interface{}, ctx context.Context,
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(LeaseServiceServer).PromoteResource(ctx, req.(*PromoteResourceRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LeaseService_RenewLease_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewLeaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LeaseServiceServer).RenewLease(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/leasehold.v1.LeaseService/RenewLease",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LeaseServiceServer).RenewLease(ctx, req.(*RenewLeaseRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -620,6 +674,10 @@ var _LeaseService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PromoteResource",
 			Handler:    _LeaseService_PromoteResource_Handler,
+		},
+		{
+			MethodName: "RenewLease",
+			Handler:    _LeaseService_RenewLease_Handler,
 		},
 		{
 			MethodName: "CommitLease",

@@ -609,21 +609,24 @@ export function createScopeLeaseService(deps: {
     commit: (leaseId, actor) => close(leaseId, "COMMITTED", actor),
     rollback: (leaseId, actor) => close(leaseId, "ROLLED_BACK", actor),
     async setResult(leaseId, result, actor) {
-      if (!(await setScopeLeaseResult(db, leaseId, result, actor))) throw notFound(leaseId);
+      const lease = await setScopeLeaseResult(db, leaseId, result, actor);
+      if (!lease) throw notFound(leaseId);
       feed.publish(EVENTS_TOPIC);
-      return (await findScopeLease(db, leaseId)) as ScopeLeaseRecord;
+      return lease;
     },
     async delete(leaseId, actor) {
-      const lease = await findScopeLease(db, leaseId);
-      if (!lease) throw notFound(leaseId);
-      if (lease.state === "OPEN") {
+      // One statement decides, from one snapshot: a read before it could find the lease, and
+      // another server delete it before this one did (answered OK for a delete that did nothing).
+      const { deleted, skippedOpen } = await deleteClosedScopeLeases(db, { id: leaseId }, actor);
+      if (skippedOpen > 0) {
         throw LeaseholdError.failedPrecondition(
           "LEASE_OPEN",
           `lease ${leaseId} is OPEN; commit or roll it back first (delete only forgets closed leases)`,
           { type: "LEASE_STATE", subject: `leases/${leaseId}`, description: "state is OPEN" },
         );
       }
-      if ((await deleteClosedScopeLeases(db, { id: leaseId }, actor)).deleted > 0) feed.publish(EVENTS_TOPIC);
+      if (deleted === 0) throw notFound(leaseId);
+      feed.publish(EVENTS_TOPIC);
     },
     async deleteMany(filter, actor) {
       const result = await deleteClosedScopeLeases(db, filter, actor);

@@ -736,29 +736,32 @@ export async function renewScopeLease(
 
 /**
  * Records a lease's result (replacing an earlier one) and, in the same
- * statement, a `scope_lease_result_set` event with `actor`. False if there is
- * no such lease.
+ * statement, a `scope_lease_result_set` event with `actor`. Returns the lease
+ * as written, from that statement: a read after it could find the record
+ * deleted meanwhile (DeleteLease on another server). Undefined if there is no
+ * such lease.
  */
 export async function setScopeLeaseResult(
   db: Db,
   leaseId: string,
   result: JsonObject,
   actor: string,
-): Promise<boolean> {
-  const rows = await queryRows<{ id: string }>(
+): Promise<ScopeLeaseRecord | undefined> {
+  const [row] = await queryRows<LeaseRow>(
     db,
     sql`
       with updated as (
         update scope_leases set result = ${JSON.stringify(result)}::jsonb where id = ${leaseId}
-        returning id, runtime
+        returning *
       ),
       event as (
         insert into events (kind, lease_id, cluster, message, actor)
         select 'scope_lease_result_set', id, runtime, 'scope lease result set', ${actor} from updated
       )
-      select id from updated`,
+      select u.*, (select count(*) from resources r where r.lease_id = u.id and r.ownership = 'LEASE') as owned
+      from updated u`,
   );
-  return rows.length > 0;
+  return row && leaseFromRow(row);
 }
 
 /**

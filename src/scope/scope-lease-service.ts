@@ -16,6 +16,7 @@ import {
   deploymentActionIds,
   expireScopeLeases,
   findResource,
+  findResources,
   findScopeLease,
   insertDeployment,
   insertResource,
@@ -129,6 +130,8 @@ export interface ScopeLeaseService extends AsyncDisposable {
   /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
+  /** The resources among `ids` that exist, by id, read at one moment (one statement). */
+  findResources(ids: readonly string[]): Promise<Map<string, ResourceRecord>>;
   /**
    * One page of resources, with the deployments among them. With `sizeOf` (a
    * resource's size as the caller sends it, with its deployment's view), the
@@ -673,6 +676,7 @@ export function createScopeLeaseService(deps: {
       if (!resource) throw LeaseholdError.notFound("resource", id);
       return resource;
     },
+    findResources: (ids) => findResources(db, ids),
     async listResources(filter, size, pageToken, sizeOf) {
       const cursor = decodePageToken(pageToken, issuedFor("resources", filter));
       const { items, cut } = await listResourcePage(db, filter, cursor?.after, size + 1);

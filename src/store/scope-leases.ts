@@ -420,6 +420,17 @@ export async function findResource(db: Db, id: string): Promise<ResourceRecord |
   return row && resourceFromRow(row);
 }
 
+/** The resources among `ids` that exist, by id, read in one statement. */
+export async function findResources(db: Db, ids: readonly string[]): Promise<Map<string, ResourceRecord>> {
+  if (ids.length === 0) return new Map();
+  const rows = await queryRows<ResourceRow>(
+    db,
+    sql`select ${RESOURCE_COLUMNS} from resources
+        where id in (select jsonb_array_elements_text(${JSON.stringify(ids)}::jsonb))`,
+  );
+  return new Map(rows.map((r) => [r.id, resourceFromRow(r)]));
+}
+
 /** Filters of a listing of resources; they combine with AND. */
 export interface ResourceFilter {
   readonly leaseId?: string | undefined;

@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
@@ -87,5 +88,45 @@ describe("scope lease calls racing changes from another server", () => {
     };
     await expectStatus(leases.deleteLease({ leaseId: id }), Code.NotFound, /not found/);
     await expect(other).resolves.toBeDefined();
+  });
+
+  it("refuses a deployment whose own-lease inputs a rollback destroyed after the open check with LEASE_CLOSED", async () => {
+    const server = await start();
+    const leases = server.client(LeaseService);
+    const resources = server.client(ResourceService);
+    const leaseId = (await leases.createLease({ runtime: "east", ttl: { seconds: 600n } })).lease?.id ?? "";
+    const files: string[] = [];
+    for (const name of ["a.txt", "b.txt"]) {
+      const created = await resources.createFile({ leaseId, name, content: new TextEncoder().encode(name) });
+      files.push(created.resource?.id ?? "");
+    }
+    const spec = {
+      containers: [{ name: "c", command: { argv: ["true"] } }],
+      inputs: files.map((fileId, i) => ({ fileId, path: `in${i}` })),
+    };
+    let rolledBack = false;
+    // The inputs' read comes after the open check: the rollback lands between the two.
+    before = {
+      pattern: /from resources\s+where id/,
+      run: async () => {
+        await leases.rollbackLease({ leaseId });
+        rolledBack = true;
+      },
+    };
+    const refused = await expectStatus(
+      resources.createDeployment({ leaseId, spec }),
+      Code.FailedPrecondition,
+      /cannot create a deployment in it: lease .* is ROLLED_BACK/,
+    );
+    expect(rolledBack).toBe(true);
+    expect(refused.reason).toBe("LEASE_CLOSED");
+    // A missing input of an open lease is still the input's fault.
+    const open = (await leases.createLease({ runtime: "east", ttl: { seconds: 600n } })).lease?.id ?? "";
+    const missing = await expectStatus(
+      resources.createDeployment({ leaseId: open, spec }),
+      Code.InvalidArgument,
+      /no file resource/,
+    );
+    expect(missing.fields).toEqual(["spec.inputs[0].file_id", "spec.inputs[1].file_id"]);
   });
 });

@@ -422,13 +422,19 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       // rollback destroyed them), and the refusal says its state, as it does without inputs.
       if (request.leaseId) await scope.requireOpen(request.leaseId, "create a deployment in it");
       const spec = request.spec as DeploymentSpec;
+      const found = await scope.findResources(spec.inputs.map((input) => input.fileId));
       const inputs: ResourceRecord[] = [];
       for (const [i, input] of spec.inputs.entries()) {
-        const file = await scope.getResource(input.fileId).catch(() => undefined);
+        const file = found.get(input.fileId);
         if (file?.kind !== "file")
           v.add(`spec.inputs[${i}].file_id`, `no file resource ${quote(input.fileId)}`);
         else inputs.push(file);
       }
+      // The check above ran before the inputs were read: a rollback (on any server) between the
+      // two destroyed the lease's own files. A lease never opens again, so looking once more
+      // after the read tells whether it was closed when they went missing: its state is the answer.
+      if (request.leaseId && inputs.length < spec.inputs.length)
+        await scope.requireOpen(request.leaseId, "create a deployment in it");
       v.throwIfAny();
       // The deployment's agent downloads its inputs: the caller must be allowed to read them.
       for (const file of inputs) await requireOnResource(scope, ctx.access, "resource.read", file);

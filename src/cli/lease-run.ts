@@ -26,6 +26,7 @@ import {
   cliErrorFrom,
   EXIT,
   enumName,
+  readOnly,
   serverGoneAway,
   time,
   unreachableWhy,
@@ -92,7 +93,7 @@ export type LiveTestEventName =
   | "interrupted"
   /**
    * `step`, `message`: the server went away (a restart, a failover) during a step; its calls are
-   * tried again until it is back or the step's time is up. Once per outage.
+   * tried again until it is back or the step's time is up. Once per outage and step.
    */
   | "server_unavailable"
   /**
@@ -180,15 +181,16 @@ export async function runLiveTest(
 ): Promise<LiveTestOutcome> {
   const { manifest: m, signal } = options;
   const now = options.now ?? (() => new Date());
-  // Whether server_unavailable was said and nothing happened since: said once per outage.
-  let away = false;
+  // The step server_unavailable was said for, while nothing happened since: said once per outage
+  // and step (a wait given up on, then the result and the rollback tried through the same outage).
+  let away: string | undefined;
   const emit = (event: LiveTestEventName, fields: Record<string, unknown> = {}) => {
-    away = event === "server_unavailable";
+    away = event === "server_unavailable" ? (fields.step as string) : undefined;
     options.emit({ event, time: now().toISOString(), ...fields });
   };
   const step = { name: "upload_fixtures" };
   const unavailable = (error: Error) => {
-    if (away) return;
+    if (away === step.name) return;
     emit("server_unavailable", {
       step: step.name,
       message: `the server at ${options.server} is unavailable (${unreachableWhy(error)}); trying again`,
@@ -275,6 +277,8 @@ export async function runLiveTest(
       outcome = { passed: false, exitCode: e.exitCode, error: e.message };
       // Best effort, so that the lease's record says why it closed; the rollback matters more.
       const result = { passed: false, error: `${step.name}: ${e.message}` };
+      // A server away now is waited for by this call: its server_unavailable names it, not the step that failed.
+      step.name = "record_result";
       await throughRestarts((deadline) => clients.leases.setResult({ leaseId, result }, { deadline }), {
         withinMs: 10_000,
         onRetry: unavailable,
@@ -390,7 +394,8 @@ async function runInLease(
         message: d?.message ?? "",
       });
     },
-    { signal, onReconnect: unavailable },
+    // The run created the lease and the deployment on this server: one away now is restarting.
+    { signal, onReconnect: unavailable, reached: true },
   );
   const last = waited.last?.deployment;
   if (waited.ready) emit("deployment_ready", { deployment_id: last?.id ?? deploymentId });
@@ -432,7 +437,7 @@ async function runInLease(
   signal.throwIfAborted();
   // Unless the TTL passed while the checks ran (or the wait): the server then rolled the lease back
   // and destroyed the deployment they ran against, and its outputs with it.
-  const expired = await retried((deadline) => expiredLease(clients, leaseId, deadline));
+  const expired = await readOnly(retried((deadline) => expiredLease(clients, leaseId, deadline)));
   if (expired) throw new LeaseExpired(expired);
   const files = new Map<string, string>(); // name → file id
   const skipped = new Map<string, SkippedOutput>(); // name → why it was not saved
@@ -451,8 +456,8 @@ async function runInLease(
     );
     for (const s of collected.skipped) skipped.set(s.path, s);
     for (const id of collected.fileIds) {
-      const { resource: r } = await retried((deadline) =>
-        clients.resources.getResource({ resourceId: id }, { signal, deadline }),
+      const { resource: r } = await readOnly(
+        retried((deadline) => clients.resources.getResource({ resourceId: id }, { signal, deadline })),
       );
       files.set(r?.body.case === "file" ? r.body.value.name : id, id);
     }
@@ -509,8 +514,10 @@ async function runInLease(
   let crashed: Deployment | undefined;
   let restarted: string | undefined;
   if (waited.ready) {
-    const { resource: r } = await retried((deadline) =>
-      clients.resources.getResource({ resourceId: last?.id ?? deploymentId }, { signal, deadline }),
+    const { resource: r } = await readOnly(
+      retried((deadline) =>
+        clients.resources.getResource({ resourceId: last?.id ?? deploymentId }, { signal, deadline }),
+      ),
     );
     const now = r?.body.case === "deployment" ? r.body.value : undefined;
     const checkedEpoch = last?.epoch ?? 0n;
@@ -644,59 +651,70 @@ export interface WaitOutcome {
 
 /**
  * Follows LeaseService.WaitLease until its last message (done), calling
- * `onChange` for every message. Once the stream has answered, a server
- * restart is ridden through (see {@link throughRestarts}): the wait is asked
- * again with the time left. A server unreachable from the start, or any other
- * error, is thrown.
+ * `onChange` for every message. A server restart is ridden through (see
+ * {@link throughRestarts}): the wait is asked again with the time left, which
+ * is always safe (a wait changes nothing). Once the stream has answered, or
+ * from the start with `reached` (the caller has talked to this server
+ * already, as `lease run` has when it waits): a server unreachable from the
+ * start is more likely a wrong address than a restart, and is thrown at once.
+ * Any other error is thrown, marked as a read-only call's ({@link readOnly}).
  */
 export async function waitForLease(
   leases: LiveTestClients["leases"],
   leaseId: string,
   timeoutMs: number,
   onChange: (message: WaitLeaseResponse) => void,
-  options: { signal?: AbortSignal; onReconnect?: (error: Error) => void; now?: () => number } = {},
+  options: {
+    signal?: AbortSignal;
+    onReconnect?: (error: Error) => void;
+    now?: () => number;
+    /** The caller has talked to this server already: a wait that breaks before its first message is tried again too. */
+    reached?: boolean;
+  } = {},
 ): Promise<WaitOutcome> {
   const now = options.now ?? Date.now;
   const until = now() + timeoutMs;
   let last: WaitLeaseResponse | undefined;
-  let answered = false;
+  let answered = options.reached ?? false;
   let asked = false;
-  return throughRestarts(
-    async () => {
-      // The first try always asks, however little time is left (a timeout of 0 asks once, as
-      // `kubectl wait --timeout=0` does): the server answers with the deployments as they are
-      // (ready, failed, or not yet), waiting at least a millisecond.
-      const left = Math.max(1, until - now());
-      if (asked && until - now() <= 0)
-        return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
-      asked = true;
-      for await (const message of leases.waitLease(
-        { leaseId, timeout: durationFromMs(left) },
-        {
-          ...(options.signal ? { signal: options.signal } : {}),
-          deadline: new Date(now() + left + CALL_SLACK_MS),
-        },
-      )) {
-        answered = true;
-        last = message;
-        onChange(message);
-        if (message.done) return verdict(message, timeoutMs);
-      }
-      return {
-        ready: false,
-        timedOut: false,
-        last,
-        reason: "the server ended the wait without a verdict",
-      };
-    },
-    {
-      // A try after the timeout answers "timed out" without calling: a server away then is no error.
-      withinMs: timeoutMs + CALL_SLACK_MS,
-      retryIf: () => answered,
-      ...(options.signal ? { signal: options.signal } : {}),
-      ...(options.onReconnect ? { onRetry: options.onReconnect } : {}),
-      now,
-    },
+  return readOnly(
+    throughRestarts(
+      async () => {
+        // The first try always asks, however little time is left (a timeout of 0 asks once, as
+        // `kubectl wait --timeout=0` does): the server answers with the deployments as they are
+        // (ready, failed, or not yet), waiting at least a millisecond.
+        const left = Math.max(1, until - now());
+        if (asked && until - now() <= 0)
+          return { ready: false, timedOut: true, last, reason: timeoutReason(timeoutMs) };
+        asked = true;
+        for await (const message of leases.waitLease(
+          { leaseId, timeout: durationFromMs(left) },
+          {
+            ...(options.signal ? { signal: options.signal } : {}),
+            deadline: new Date(now() + left + CALL_SLACK_MS),
+          },
+        )) {
+          answered = true;
+          last = message;
+          onChange(message);
+          if (message.done) return verdict(message, timeoutMs);
+        }
+        return {
+          ready: false,
+          timedOut: false,
+          last,
+          reason: "the server ended the wait without a verdict",
+        };
+      },
+      {
+        // A try after the timeout answers "timed out" without calling: a server away then is no error.
+        withinMs: timeoutMs + CALL_SLACK_MS,
+        retryIf: () => answered,
+        ...(options.signal ? { signal: options.signal } : {}),
+        ...(options.onReconnect ? { onRetry: options.onReconnect } : {}),
+        now,
+      },
+    ),
   );
 }
 

@@ -234,6 +234,23 @@ const UNTRUSTED_CERTIFICATE =
 /** Node's words for a certificate issued for another name than the one connected to. */
 const NAME_MISMATCH = /does not match certificate's altnames/i;
 
+/** Errors of calls that change nothing (a get, a wait): see {@link readOnly}. */
+const readOnlyErrors = new WeakSet<object>();
+
+/**
+ * `call`, whose error (if it fails) is marked as a read-only call's: a call
+ * that asks for no change (a get, a wait). {@link cliErrorFrom} then says that
+ * running it again is safe, not that a change may or may not have been made.
+ */
+export async function readOnly<T>(call: Promise<T>): Promise<T> {
+  try {
+    return await call;
+  } catch (error) {
+    if (typeof error === "object" && error !== null) readOnlyErrors.add(error);
+    throw error;
+  }
+}
+
 /** Maps a failed gRPC call to an exit code and a message that says what to do; a CliError stays as it is. */
 export function cliErrorFrom(error: unknown, server: string): CliError {
   if (error instanceof CliError) return error;
@@ -292,6 +309,12 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
       // killed or restarted mid-call): the server may have applied it. "Is it running?" would read
       // as "nothing happened", and a change (a commit, a collect) may well have been made.
       if (e.code === 14 && !neverSent(error)) {
+        if (readOnlyErrors.has(error as object))
+          return new CliError(
+            `the connection to the server at ${server} broke during the call (${why}): it asked for no ` +
+              "change, so running it again once the server is back is safe",
+            EXIT.unreachable,
+          );
         return new CliError(
           `the connection to the server at ${server} broke during the call (${why}), after the request was sent: ` +
             "the outcome of a change it asked for is unknown (it may or may not have been made); check " +

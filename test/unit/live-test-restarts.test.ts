@@ -1,8 +1,14 @@
 import { create } from "@bufbuild/protobuf";
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
-import { type LiveTestClients, type LiveTestEvent, runLiveTest } from "../../src/cli/lease-run.js";
+import {
+  type LiveTestClients,
+  type LiveTestEvent,
+  runLiveTest,
+  waitForLease,
+} from "../../src/cli/lease-run.js";
 import { parseManifest } from "../../src/cli/manifest.js";
+import { cliErrorFrom, EXIT } from "../../src/cli/output.js";
 import { LeaseholdError } from "../../src/errors.js";
 import {
   CloseReason,
@@ -30,6 +36,13 @@ const refused = () =>
   Object.assign(new Error("14 UNAVAILABLE: No connection established"), {
     code: 14,
     details: "No connection established. Last error: connect ECONNREFUSED 127.0.0.1:50051",
+  });
+
+/** What grpc-js throws for a call whose connection broke after the request was sent (a server killed). */
+const dropped = () =>
+  Object.assign(new Error("14 UNAVAILABLE: Connection dropped"), {
+    code: 14,
+    details: "Connection dropped",
   });
 
 /**
@@ -141,6 +154,72 @@ describe("lease run through a server restart", () => {
     ]);
     expect(outcome).toMatchObject({ passed: false, exitCode: 1, error: "no" });
     expect(calls.rollbackLease).toBe(4);
+  });
+});
+
+describe("lease run's wait through a server restart", () => {
+  it("waits again for a wait whose stream broke before its first message, once the server is back", async () => {
+    const { clients } = clientsDown({});
+    let waits = 0;
+    clients.leases.waitLease = async function* () {
+      waits++;
+      // Killed right after the deployment was created: the first stream breaks before it answers.
+      if (waits === 1) throw dropped();
+      yield create(WaitLeaseResponseSchema, {
+        done: true,
+        deployment: { id: "d1", phase: DeploymentPhase.READY },
+      });
+    } as never;
+    const { outcome, events, names } = await run(clients);
+    expect(names.slice(0, 4)).toEqual([
+      "lease_created",
+      "deployment_created",
+      "server_unavailable",
+      "deployment_ready",
+    ]);
+    expect(events.find((e) => e.event === "server_unavailable")?.step).toBe("wait_ready");
+    expect(outcome).toEqual({ passed: true, exitCode: 0 });
+    expect(waits).toBe(2);
+  });
+
+  it("names the call it waits for in server_unavailable: the result after a failed wait, not the wait", async () => {
+    const { clients, calls } = clientsDown({ setResult: 1 });
+    clients.leases.waitLease = async function* () {
+      yield* [];
+      throw Object.assign(new Error("13 INTERNAL: boom"), { code: 13, details: "boom" });
+    } as never;
+    const { outcome, events, names } = await run(clients);
+    expect(names.slice(-5)).toEqual([
+      "error",
+      "server_unavailable",
+      "result_recorded",
+      "lease_rolled_back",
+      "done",
+    ]);
+    expect(events.find((e) => e.event === "error")?.step).toBe("wait_ready");
+    expect(events.find((e) => e.event === "server_unavailable")?.step).toBe("record_result");
+    expect(outcome).toMatchObject({ passed: false, exitCode: 1 });
+    expect(calls.setResult).toBe(2);
+  });
+
+  it("says of a wait cut off in flight that it asked for no change, not that a change's outcome is unknown", async () => {
+    const { clients } = clientsDown({});
+    clients.leases.waitLease = async function* () {
+      yield* [];
+      throw dropped();
+    } as never;
+    // Never answered, and not known to have reached this server: thrown at once (a wrong address).
+    const error = await waitForLease(clients.leases, "l1", 60_000, () => {}).catch((e: unknown) => e);
+    const e = cliErrorFrom(error, "127.0.0.1:50051");
+    expect(e).toMatchObject({ exitCode: EXIT.unreachable });
+    expect(e.message).toBe(
+      "the connection to the server at 127.0.0.1:50051 broke during the call (Connection dropped): it asked " +
+        "for no change, so running it again once the server is back is safe",
+    );
+    // The same error from a call that asks for a change still says its outcome is unknown.
+    expect(cliErrorFrom(dropped(), "127.0.0.1:50051").message).toContain(
+      "the outcome of a change it asked for is unknown",
+    );
   });
 });
 

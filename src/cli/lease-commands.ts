@@ -294,8 +294,8 @@ export function leaseCommands(): Command {
       "instead of one id: every closed lease on this runtime (with --label: both must match)",
     )
     .description(
-      "Forget closed leases (housekeeping): an open lease id is refused; with --label/--runtime, " +
-        "open leases are left and counted.",
+      "Forget closed leases (housekeeping): an open lease id is refused, and so is a committed one " +
+        "whose kept deployments have not ended; with --label/--runtime, those are left and counted.",
     )
     .action(async (id: string | undefined, o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
@@ -303,22 +303,29 @@ export function leaseCommands(): Command {
           throw new CliError("give either a lease id or --label/--runtime, not both", EXIT.usage);
         if (id) {
           await c.leases.deleteLease({ leaseId: id });
-          return json ? printJson({ deleted: 1, skippedOpen: 0 }) : printLine(`${id} deleted`);
+          return json
+            ? printJson({ deleted: 1, skippedOpen: 0, skippedRunning: 0 })
+            : printLine(`${id} deleted`);
         }
         if (!o.label && !o.runtime)
           throw new CliError("give a lease id, or --label and/or --runtime to delete many", EXIT.usage);
-        const { deleted, skippedOpen } = await c.leases.deleteLeases({
+        const { deleted, skippedOpen, skippedRunning } = await c.leases.deleteLeases({
           label: o.label ?? "",
           runtime: o.runtime ?? "",
         });
-        if (json) return printJson({ deleted, skippedOpen });
-        // The open ones the filter matched are left: said, so that "deleted" is never read as "all gone".
+        if (json) return printJson({ deleted, skippedOpen, skippedRunning });
+        // The ones the filter matched but left are said, so that "deleted" is never read as "all gone".
         const one = skippedOpen === 1;
-        const left =
+        const open =
           skippedOpen === 0
             ? ""
             : `; ${skippedOpen} still open ${one ? "was" : "were"} left (roll ${one ? "it" : "them"} back or commit ${one ? "it" : "them"} first)`;
-        printLine(`${count(deleted, "closed lease")} deleted${left}`);
+        const running =
+          skippedRunning === 0
+            ? ""
+            : `; ${count(skippedRunning, "committed lease")} whose kept deployments have not ended ` +
+              `${skippedRunning === 1 ? "was" : "were"} left (their outputs still go into the lease; delete again once they end)`;
+        printLine(`${count(deleted, "closed lease")} deleted${open}${running}`);
       }),
     );
   lease

@@ -113,11 +113,15 @@ export interface ScopeLeaseService extends AsyncDisposable {
   commit(leaseId: string, actor: string): Promise<Closed>;
   rollback(leaseId: string, actor: string): Promise<Closed>;
   setResult(leaseId: string, result: JsonObject, actor: string): Promise<ScopeLeaseRecord>;
-  /** Forgets a closed lease; FAILED_PRECONDITION if it is open. */
+  /**
+   * Forgets a closed lease; FAILED_PRECONDITION if it is open, or committed
+   * with a deployment it kept that has not ended (its outputs still arrive).
+   */
   delete(leaseId: string, actor: string): Promise<void>;
   /**
-   * Forgets every closed lease matching `filter`; returns how many, and how
-   * many open leases it matches (none with `closedBefore`), which it left.
+   * Forgets every closed lease matching `filter`; returns how many, how many
+   * open leases it matches (none with `closedBefore`), and how many committed
+   * ones whose kept deployments have not ended: those it left.
    */
   deleteMany(
     filter: {
@@ -126,7 +130,7 @@ export interface ScopeLeaseService extends AsyncDisposable {
       closedBefore?: Date | undefined;
     },
     actor: string,
-  ): Promise<{ deleted: number; skippedOpen: number }>;
+  ): Promise<{ deleted: number; skippedOpen: number; skippedRunning: number }>;
   /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
   createResource(input: NewResource): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
@@ -620,12 +624,33 @@ export function createScopeLeaseService(deps: {
     async delete(leaseId, actor) {
       // One statement decides, from one snapshot: a read before it could find the lease, and
       // another server delete it before this one did (answered OK for a delete that did nothing).
-      const { deleted, skippedOpen } = await deleteClosedScopeLeases(db, { id: leaseId }, actor);
+      const { deleted, skippedOpen, skippedRunning, running } = await deleteClosedScopeLeases(
+        db,
+        { id: leaseId },
+        actor,
+      );
       if (skippedOpen > 0) {
         throw LeaseholdError.failedPrecondition(
           "LEASE_OPEN",
           `lease ${leaseId} is OPEN; commit or roll it back first (delete only forgets closed leases)`,
           { type: "LEASE_STATE", subject: `leases/${leaseId}`, description: "state is OPEN" },
+        );
+      }
+      if (skippedRunning > 0) {
+        // As Kubernetes keeps an owner with a foreground-deletion finalizer until its dependents
+        // are gone: the record is what the deployment's outputs are saved into after the commit.
+        const what = running
+          ? `deployment ${running.deploymentId}, which its commit kept, has not ended (its action is ${running.state})`
+          : "a deployment its commit kept has not ended";
+        throw LeaseholdError.failedPrecondition(
+          "DEPLOYMENT_RUNNING",
+          `cannot delete lease ${leaseId}: ${what}, and the files it saves as its outputs go into this lease; ` +
+            "delete again once it has ended, or stop it first (DeleteResource on the deployment)",
+          {
+            type: "LEASE_CONTENT",
+            subject: `resources/${running?.deploymentId ?? ""}`,
+            description: `deployment kept by the commit has not ended${running ? ` (action ${running.state})` : ""}`,
+          },
         );
       }
       if (deleted === 0) throw notFound(leaseId);

@@ -776,11 +776,35 @@ export async function setScopeLeaseResult(
 }
 
 /**
+ * Whether the committed lease `lease` (an SQL reference to its id) has a
+ * deployment whose action has not ended (queued, running, or stopping): one
+ * its commit kept, which may still save outputs into it (see
+ * {@link insertResource}), so its record must stay until that ends. Only
+ * ever goes from true to false: a closed lease gets no new deployment, and an
+ * ended action never runs again; so one snapshot's answer stays safe.
+ */
+export const keptDeploymentRunning = (lease: SQL): SQL => sql`exists (
+  select 1 from resources r join actions a on a.id = r.action_id
+  where r.lease_id = ${lease} and r.kind = 'deployment' and a.state not in ('SUCCEEDED', 'FAILED', 'CANCELLED'))`;
+
+/** What {@link deleteClosedScopeLeases} did, and what it left. */
+export interface DeletedLeases {
+  readonly deleted: number;
+  /** Open leases the id, runtime and label filters match (none with `closedBefore`). */
+  readonly skippedOpen: number;
+  /** Committed leases matched whose kept deployments have not ended ({@link keptDeploymentRunning}). */
+  readonly skippedRunning: number;
+  /** With an id filter, one such deployment of that lease and its action's state, to name it. */
+  readonly running: { readonly deploymentId: string; readonly state: string } | undefined;
+}
+
+/**
  * Deletes closed lease records (housekeeping); open ones are never deleted
- * here. One set-based statement deletes them and records a
- * `scope_lease_deleted` event per lease (its runtime as cluster, `actor`).
- * Returns how many were deleted, and how many open leases the id, runtime
- * and label filters match (none with `closedBefore`): those it left.
+ * here, nor committed ones whose kept deployments have not ended (their
+ * outputs still arrive: {@link keptDeploymentRunning}). One set-based
+ * statement deletes them and records a `scope_lease_deleted` event per lease
+ * (its runtime as cluster, `actor`), and counts, from the same snapshot,
+ * what the filters match that it left.
  */
 export async function deleteClosedScopeLeases(
   db: Db,
@@ -791,23 +815,36 @@ export async function deleteClosedScopeLeases(
     closedBefore?: Date | undefined;
   },
   actor: string,
-): Promise<{ deleted: number; skippedOpen: number }> {
+): Promise<DeletedLeases> {
   const matches: SQL[] = [];
   if (filter.id) matches.push(sql`id = ${filter.id}`);
   if (filter.runtime) matches.push(sql`runtime = ${filter.runtime}`);
   if (filter.label) matches.push(sql`label = ${filter.label}`);
   const closed = [sql`state <> 'OPEN'`, ...matches];
   if (filter.closedBefore) closed.push(sql`closed_at < ${filter.closedBefore.toISOString()}::timestamptz`);
+  const running = sql`state = 'COMMITTED' and ${keptDeploymentRunning(sql`scope_leases.id`)}`;
   // Open leases the other filters match are left; counted in the same statement (one snapshot),
   // so the caller hears of them. None match "closed before".
   const open = filter.closedBefore
     ? sql`0`
     : sql`(select count(*) from scope_leases where ${sql.join([sql`state = 'OPEN'`, ...matches], sql` and `)})`;
-  const [row] = await queryRows<{ deleted: unknown; skipped_open: unknown }>(
+  // The deployment a refused delete of one lease names.
+  const named = filter.id
+    ? sql`(select r.id || ' ' || a.state from resources r join actions a on a.id = r.action_id
+          where r.lease_id = ${filter.id} and r.kind = 'deployment'
+            and a.state not in ('SUCCEEDED', 'FAILED', 'CANCELLED')
+          order by r.id limit 1)`
+    : sql`null`;
+  const [row] = await queryRows<{
+    deleted: unknown;
+    skipped_open: unknown;
+    skipped_running: unknown;
+    running: string | null;
+  }>(
     db,
     sql`
       with deleted as (
-        delete from scope_leases where ${sql.join(closed, sql` and `)}
+        delete from scope_leases where ${sql.join(closed, sql` and `)} and not (${running})
         returning id, runtime, label, state
       ),
       event as (
@@ -816,9 +853,17 @@ export async function deleteClosedScopeLeases(
           jsonb_build_object('label', label, 'state', state), ${actor}
         from deleted order by id
       )
-      select (select count(*) from deleted) as deleted, ${open} as skipped_open`,
+      select (select count(*) from deleted) as deleted, ${open} as skipped_open,
+        (select count(*) from scope_leases where ${sql.join(closed, sql` and `)} and ${running}) as skipped_running,
+        ${named} as running`,
   );
-  return { deleted: toNumber(row?.deleted ?? 0), skippedOpen: toNumber(row?.skipped_open ?? 0) };
+  const [deploymentId, state] = row?.running?.split(" ") ?? [];
+  return {
+    deleted: toNumber(row?.deleted ?? 0),
+    skippedOpen: toNumber(row?.skipped_open ?? 0),
+    skippedRunning: toNumber(row?.skipped_running ?? 0),
+    running: deploymentId && state ? { deploymentId, state } : undefined,
+  };
 }
 
 /**

@@ -730,7 +730,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         stdout: "1 closed lease deleted; 1 still open was left (roll it back or commit it first)\n",
       });
       const asJson = await cli([...server, "--json", "lease", "delete", "--runtime", "cli-west"]);
-      expect(JSON.parse(asJson.stdout)).toEqual({ deleted: 0, skippedOpen: 1 });
+      expect(JSON.parse(asJson.stdout)).toEqual({ deleted: 0, skippedOpen: 1, skippedRunning: 0 });
       await t.client(LeaseService).rollbackLease({ leaseId: open.id });
       const deletedEvents = await cli([
         ...server,

@@ -307,7 +307,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
         v.add("all", "must be true to delete every closed lease; or name a label, runtime or closed_before");
       v.throwIfAny();
       ctx.access.requireListScope("lease.delete", request.runtime);
-      const { deleted, skippedOpen } = await scope.deleteMany(
+      const { deleted, skippedOpen, skippedRunning } = await scope.deleteMany(
         {
           label: request.label || undefined,
           runtime: request.runtime || undefined,
@@ -315,7 +315,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
         },
         ctx.access.actor,
       );
-      return { deleted, skippedOpen };
+      return { deleted, skippedOpen, skippedRunning };
     },
     async setResult(request, ctx) {
       const leaseId = requireId("lease_id", request.leaseId);

@@ -2,6 +2,7 @@ import { type SQL, sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows, toNumber } from "../rows.js";
+import { keptDeploymentRunning } from "../scope-leases.js";
 
 /**
  * Housekeeping past --history-retention, as Temporal drops a closed workflow
@@ -102,8 +103,10 @@ export interface RemovedLeases {
 /**
  * Removes up to `limit` scope lease records closed before the cutoff, with
  * their events; as DeleteLeases does, it leaves the resources a commit made
- * workspace-owned. An event about both a lease and an action still kept (a
- * deployment's) stays with the action.
+ * workspace-owned, and a committed lease whose kept deployments have not
+ * ended (their outputs are saved into it) until they end. An event about
+ * both a lease and an action still kept (a deployment's) stays with the
+ * action.
  */
 export async function removeClosedScopeLeases(
   db: Db,
@@ -120,6 +123,8 @@ export async function removeClosedScopeLeases(
         where l.id < ${idFloor(cutoff)}
           and l.state <> 'OPEN'
           and l.closed_at < ${cutoff}
+          -- Its outputs still arrive: kept until the deployments its commit kept end.
+          and not (l.state = 'COMMITTED' and ${keptDeploymentRunning(sql`l.id`)})
           and not exists (select 1 from events e where e.lease_id = l.id and e.at >= ${cutoff})
         order by l.id
         limit ${limit}

@@ -118,12 +118,14 @@ class DeleteLeasesRequest(_message.Message):
     def __init__(self, label: _Optional[str] = ..., closed_before: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[str] = ..., all: bool = ...) -> None: ...
 
 class DeleteLeasesResponse(_message.Message):
-    __slots__ = ["deleted", "skipped_open"]
+    __slots__ = ["deleted", "skipped_open", "skipped_running"]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_OPEN_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_RUNNING_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     skipped_open: int
-    def __init__(self, deleted: _Optional[int] = ..., skipped_open: _Optional[int] = ...) -> None: ...
+    skipped_running: int
+    def __init__(self, deleted: _Optional[int] = ..., skipped_open: _Optional[int] = ..., skipped_running: _Optional[int] = ...) -> None: ...
 
 class GetLeaseRequest(_message.Message):
     __slots__ = ["lease_id"]

@@ -54,20 +54,32 @@ type LeaseServiceClient interface {
 	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
 	// Closes the lease keeping every resource it still owns. Its deployments
 	// keep running (one a CollectOutputs asked to stop goes on stopping), and
-	// the files they save after the commit are kept too (see CreateFile).
+	// the files they save after the commit are kept too (see CreateFile): in
+	// this lease, whose record therefore stays until every deployment it kept
+	// has ended (see DeleteLease).
 	CommitLease(ctx context.Context, in *CommitLeaseRequest, opts ...grpc.CallOption) (*CommitLeaseResponse, error)
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(ctx context.Context, in *RollbackLeaseRequest, opts ...grpc.CallOption) (*RollbackLeaseResponse, error)
 	// Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
-	// if the lease is still open. The server also removes a closed lease's
-	// record, with its events, once it has been closed for its
-	// --history-retention (default 7 days; 0 keeps it forever); its request_id
-	// is free after that.
+	// (reason LEASE_OPEN) if the lease is still open; FAILED_PRECONDITION
+	// (reason DEPLOYMENT_RUNNING, the PreconditionFailure's subject naming the
+	// deployment) if it was committed and a deployment its commit kept has not
+	// ended (queued, running or stopping): the files that deployment saves as
+	// its outputs go into this lease, and would be lost without its record.
+	// Delete again once it has ended, or stop it first with DeleteResource, as
+	// Kubernetes keeps an owner until its dependents are gone. NOT_FOUND if
+	// there is no such lease (another call deleted it first).
+	// The server also removes a closed lease's record, with its events, once
+	// it has been closed for its --history-retention (default 7 days; 0 keeps
+	// it forever), and not before the deployments a commit kept have ended;
+	// its request_id is free after that.
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(ctx context.Context, in *DeleteLeaseRequest, opts ...grpc.CallOption) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping): those the
 	// filters match, or with `all` every one. Open leases are left, never
-	// refused: the answer counts those the filters match (skipped_open).
+	// refused: the answer counts those the filters match (skipped_open); so
+	// are committed leases whose kept deployments have not ended
+	// (skipped_running; see DeleteLease).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(ctx context.Context, in *DeleteLeasesRequest, opts ...grpc.CallOption) (*DeleteLeasesResponse, error)
 	// Records a structured result that survives the close. It may be recorded
@@ -302,20 +314,32 @@ type LeaseServiceServer interface {
 	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
 	// Closes the lease keeping every resource it still owns. Its deployments
 	// keep running (one a CollectOutputs asked to stop goes on stopping), and
-	// the files they save after the commit are kept too (see CreateFile).
+	// the files they save after the commit are kept too (see CreateFile): in
+	// this lease, whose record therefore stays until every deployment it kept
+	// has ended (see DeleteLease).
 	CommitLease(context.Context, *CommitLeaseRequest) (*CommitLeaseResponse, error)
 	// Closes the lease destroying every resource it still owns.
 	RollbackLease(context.Context, *RollbackLeaseRequest) (*RollbackLeaseResponse, error)
 	// Deletes the record of a closed lease (housekeeping). FAILED_PRECONDITION
-	// if the lease is still open. The server also removes a closed lease's
-	// record, with its events, once it has been closed for its
-	// --history-retention (default 7 days; 0 keeps it forever); its request_id
-	// is free after that.
+	// (reason LEASE_OPEN) if the lease is still open; FAILED_PRECONDITION
+	// (reason DEPLOYMENT_RUNNING, the PreconditionFailure's subject naming the
+	// deployment) if it was committed and a deployment its commit kept has not
+	// ended (queued, running or stopping): the files that deployment saves as
+	// its outputs go into this lease, and would be lost without its record.
+	// Delete again once it has ended, or stop it first with DeleteResource, as
+	// Kubernetes keeps an owner until its dependents are gone. NOT_FOUND if
+	// there is no such lease (another call deleted it first).
+	// The server also removes a closed lease's record, with its events, once
+	// it has been closed for its --history-retention (default 7 days; 0 keeps
+	// it forever), and not before the deployments a commit kept have ended;
+	// its request_id is free after that.
 	// Right: lease.delete in the lease's runtime.
 	DeleteLease(context.Context, *DeleteLeaseRequest) (*DeleteLeaseResponse, error)
 	// Deletes the records of many closed leases (housekeeping): those the
 	// filters match, or with `all` every one. Open leases are left, never
-	// refused: the answer counts those the filters match (skipped_open).
+	// refused: the answer counts those the filters match (skipped_open); so
+	// are committed leases whose kept deployments have not ended
+	// (skipped_running; see DeleteLease).
 	// Right: lease.delete (in the runtime filter, unless held in every cluster).
 	DeleteLeases(context.Context, *DeleteLeasesRequest) (*DeleteLeasesResponse, error)
 	// Records a structured result that survives the close. It may be recorded

@@ -144,8 +144,8 @@ export interface LiveTestOutcome {
   /** Every check passed, the deployment got ready, and every named output was promoted. */
   readonly passed: boolean;
   /**
-   * 0 passed; 1 failed (or the lease's TTL passed); 2 bad manifest or request; 3 server unreachable;
-   * 130/143 interrupted.
+   * 0 passed; 1 failed (or the lease's TTL passed); 2 bad manifest or request (a fixture over the
+   * server's file limit included); 3 server unreachable; 130/143 interrupted.
    */
   readonly exitCode: number;
   /** Set when a call failed: what to tell the user. */
@@ -359,7 +359,14 @@ async function runInLease(
     const { resource } = await clients.resources
       .createFile({ leaseId, name: fixture.name, content: fixture.content }, { signal })
       .catch((error: unknown) => {
-        throw uploadRefused(error, `fixture ${JSON.stringify(fixture.name)}`, fixture.content.byteLength);
+        // A bad manifest for this server (exit 2, as README says), though the lease exists by now:
+        // the server's --max-file-size is its own setting, which no call tells before an upload.
+        throw uploadRefused(
+          error,
+          `fixture ${JSON.stringify(fixture.name)}`,
+          fixture.content.byteLength,
+          EXIT.usage,
+        );
       });
     const fileId = resource?.id ?? "";
     inputs.push({ fileId, path: fixture.mount });

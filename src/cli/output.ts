@@ -357,15 +357,22 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
  * --max-file-size but within the receive limit, the server answers
  * FILE_TOO_LARGE with its limit (ErrorInfo `limit_bytes`), naming the file
  * by the name it was to be stored as. Any other error is returned as it is.
+ * `exitCode` is the refusal's (default 1; `lease run` gives 2: the manifest
+ * names a fixture this server cannot take).
  */
-export function uploadRefused(error: unknown, what: string, sizeBytes: number): unknown {
+export function uploadRefused(
+  error: unknown,
+  what: string,
+  sizeBytes: number,
+  exitCode: number = EXIT.failed,
+): unknown {
   const advice = "upload a smaller file, or raise the server's --max-file-size";
   const limit = receiveLimitOf(error);
   if (limit !== undefined) {
     return new CliError(
       `${what} (${sizeBytes} bytes) is too large for the server: it refuses requests over ${limit} bytes ` +
         `(its --max-file-size plus 1 MiB); ${advice}`,
-      EXIT.failed,
+      exitCode,
     );
   }
   const info = (error as { code?: number }).code === 8 ? errorInfoOf(error) : undefined;
@@ -374,7 +381,7 @@ export function uploadRefused(error: unknown, what: string, sizeBytes: number): 
     return new CliError(
       `${what} (${sizeBytes} bytes) is too large for the server: it accepts files of at most ${fileLimit} bytes ` +
         `(its --max-file-size); ${advice}`,
-      EXIT.failed,
+      exitCode,
     );
   }
   return error;

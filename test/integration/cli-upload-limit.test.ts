@@ -53,7 +53,7 @@ describe.runIf(runsDriverNeutralTests())(
       );
     });
 
-    it("lease run --test names the fixture, its size and the server's limit, and rolls the lease back", async () => {
+    it("lease run --test names the fixture, its size and the server's limit, rolls the lease back and exits 2", async () => {
       const manifest = join(dir, "manifest.yaml");
       writeFileSync(
         manifest,
@@ -65,7 +65,7 @@ deployment:
 `,
       );
       const run = await cli([...server, "lease", "run", "--test", manifest]);
-      expect(run.code).toBe(1);
+      expect(run.code).toBe(2);
       const events = run.stdout
         .trim()
         .split("\n")
@@ -78,7 +78,7 @@ deployment:
       expect(lease?.state).toBe(LeaseState.ROLLED_BACK);
     });
 
-    it("lease run --test names a fixture over --max-file-size but within the receive limit", async () => {
+    it("lease run --test names a fixture over --max-file-size but within the receive limit, exit 2", async () => {
       const manifest = join(dir, "manifest-over.yaml");
       writeFileSync(
         manifest,
@@ -90,7 +90,7 @@ deployment:
 `,
       );
       const run = await cli([...server, "lease", "run", "--test", manifest]);
-      expect(run.code).toBe(1);
+      expect(run.code).toBe(2);
       const error = run.stdout
         .trim()
         .split("\n")

@@ -16,6 +16,7 @@ import type { Logger } from "pino";
 import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
+import type { CallAuthorization } from "./call-authorization.js";
 import type { CallsPerAddress } from "./calls-per-address.js";
 import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
@@ -591,6 +592,12 @@ export interface HandlerDeps {
    * credentials configured).
    */
   readonly authenticator?: Authenticator | undefined;
+  /**
+   * The calls authorized as they started, before their request was read
+   * (call-authorization.ts); a call it did not see is authorized by its
+   * handler.
+   */
+  readonly authorization?: Pick<CallAuthorization, "accessOf"> | undefined;
   /** Logs one refused call (UNAUTHENTICATED or PERMISSION_DENIED). */
   readonly onRefused?: ((refusal: Refusal) => void) | undefined;
   /** Counts every call and its status; none: nothing is counted. */
@@ -616,22 +623,38 @@ export interface Refusal {
 /**
  * The caller's access, checked against the method's right: UNAUTHENTICATED
  * without valid credentials, PERMISSION_DENIED when the principal holds the
- * method's right in no cluster. Runs before the request is validated, so an
- * anonymous caller learns nothing from the shape of its request.
+ * method's right in no cluster. Runs before the request is read (see
+ * call-authorization.ts), so an anonymous caller learns nothing from the
+ * shape of its request, and makes the server hold none of it. Throws, or
+ * returns the access at once when the credential's check was cached.
  */
-export async function authorize(
+export function authorize(
   call: CallCredentials,
   deps: Pick<HandlerDeps, "authenticator">,
   path: string,
-): Promise<Access> {
+): Access | Promise<Access> {
   if (!deps.authenticator) return OPEN_ACCESS;
-  const access = await deps.authenticator.authenticate(call);
+  const access = deps.authenticator.authenticate(call);
+  return access instanceof Promise
+    ? access.then((a) => withMethodRight(a, path))
+    : withMethodRight(access, path);
+}
+
+function withMethodRight(access: Access, path: string): Access {
   const right = METHOD_RIGHTS[path];
   if (right === undefined) throw permissionDenied(access.actor, `to call ${path}`, "(no right grants it)");
   const rights = typeof right === "string" ? [right] : right;
   if (!rights.some((r) => access.holdsAnywhere(r)))
     throw permissionDenied(access.actor, rights.join(" or "), "in any cluster");
   return access;
+}
+
+/**
+ * The access given to the call when it started (`HandlerDeps.authorization`),
+ * else its authorization now.
+ */
+function accessOfCall(call: CallLike, deps: HandlerDeps, path: string): Access | Promise<Access> {
+  return deps.authorization?.accessOf(call.metadata) ?? authorize(call, deps, path);
 }
 
 /** The status of a failed call; refusals are reported to `onRefused` first. */
@@ -713,7 +736,7 @@ function unaryHandler(
     let turnEnded = NO_TURN;
     let slotEnded = NO_TURN;
     (async () => {
-      access = ctx.access = await authorize(call, deps, path);
+      access = ctx.access = await accessOfCall(call, deps, path);
       // A request grpc-js could not frame (message-push.ts: refuseMalformedFraming).
       if (call.request instanceof RejectedRequest) throw call.request.error;
       const bytes = call.request as Buffer;
@@ -832,7 +855,7 @@ function serverStreamHandler(
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     (async () => {
-      access = ctx.access = await authorize(call, deps, path);
+      access = ctx.access = await accessOfCall(call, deps, path);
       if (call.request instanceof RejectedRequest) throw call.request.error;
       const writes = serverWrites(call, ctx.signal);
       for await (const message of fn(call.request, ctx)) {
@@ -932,7 +955,7 @@ function bidiHandler(
     let access: Access | undefined;
     (async () => {
       // Once per stream: what the stream may do is decided when it opens.
-      access = ctx.access = await authorize(call, deps, path);
+      access = ctx.access = await accessOfCall(call, deps, path);
       return fn(stream, ctx);
     })()
       .then(

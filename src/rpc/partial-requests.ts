@@ -133,7 +133,7 @@ const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
 
 /**
  * Bounds what peers make the server hold in request messages that have begun
- * to arrive and not finished (SPEC §5), before any authentication: grpc-js
+ * to arrive and not finished (SPEC §5): grpc-js
  * buffers each message until its last byte, up to the receive limit, with no
  * timeout, so peers that announce large messages and never finish them
  * could hold any amount of memory (two connections of 256 such streams held
@@ -150,7 +150,8 @@ const mib = (bytes: number) => `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
  *   stream is reset (reason REQUEST_STALLED), which frees the budget of
  *   peers that stop sending.
  * A stream between two messages holds nothing and is never checked: a worker
- * stream idle between heartbeats costs nothing here.
+ * stream idle between heartbeats costs nothing here. With authentication on,
+ * only callers it accepted get to send a message (call-authorization.ts).
  *
  * It follows each call through a server interceptor, which grpc-js hands the
  * call itself, and reads its decoder's state after each DATA chunk (its own

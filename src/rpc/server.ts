@@ -14,6 +14,7 @@ import {
   type ServiceImpl,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
+import { createCallAuthorization } from "./call-authorization.js";
 import { CALLS_PER_CONNECTION, limitCallsPerAddress } from "./calls-per-address.js";
 import { closeConnectionsOnClientCaChange } from "./client-ca-change.js";
 import {
@@ -197,7 +198,8 @@ export async function createRpcServer(
   releaseDecodedChunks();
   pushUncompressedAtOnce();
   refuseMalformedFraming();
-  // Before anyone is authenticated, grpc-js holds every request message until its last byte.
+  // grpc-js holds every request message until its last byte (with authentication on, only the
+  // messages of callers it accepted: see createCallAuthorization).
   const partialRequests = createPartialRequestLimit({
     log: options.log,
     maxBytes: options.maxPartialRequestBytes,
@@ -206,8 +208,18 @@ export async function createRpcServer(
   if (!partialRequests) {
     options.log.warn("grpc-js's server call changed shape: request messages still arriving are not bounded");
   }
+  // Callers are authenticated as their calls start, before grpc-js reads their request.
+  const onRefused = refusalLogger(options.log);
+  const authorization = createCallAuthorization(
+    options.services.map((s) => s.service),
+    { authenticator: options.authenticator, onRefused, calls: options.calls, log: options.log },
+  );
+  const interceptors = [partialRequests?.interceptor, authorization?.interceptor].filter(
+    (i): i is grpc.ServerInterceptor => i !== undefined,
+  );
   const server = new grpc.Server({
-    ...(partialRequests ? { interceptors: [partialRequests.interceptor] } : {}),
+    // The partial-request limit first: it needs grpc-js's own call.
+    ...(interceptors.length > 0 ? { interceptors } : {}),
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,
     "grpc.keepalive_timeout_ms": 10_000,
@@ -232,7 +244,8 @@ export async function createRpcServer(
     log: options.log,
     shutdown: shutdown.signal,
     authenticator: options.authenticator,
-    onRefused: refusalLogger(options.log),
+    authorization,
+    onRefused,
     calls: options.calls,
     largeCalls,
     // Four calls per connection an address may hold: its connections' HTTP/2 streams alone

@@ -1,7 +1,12 @@
+import { mkdtempSync, rmSync } from "node:fs";
 import { type ClientHttp2Session, connect as http2Connect, constants as http2Constants } from "node:http2";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fromBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
 import { afterEach, describe, expect, it } from "vitest";
+import { addStaticToken } from "../../src/auth/static-tokens.js";
 import { Code } from "../../src/errors.js";
 import { ErrorInfoSchema } from "../../src/gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../../src/gen/google/rpc/status_pb.js";
@@ -36,9 +41,9 @@ describe("request messages that never finish arriving", () => {
   let t: TestServer;
   const closers: (() => void)[] = [];
 
-  const start = async (limits: StreamLimits) => {
+  const start = async (limits: StreamLimits, authTokens?: string) => {
     t = await startTestServer({
-      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      config: { gracePeriod: "10s", heartbeatInterval: "2s", ...(authTokens ? { authTokens } : {}) },
       overrides: { timers: false, limits },
     });
   };
@@ -72,9 +77,14 @@ describe("request messages that never finish arriving", () => {
     stream.on("error", () => {});
     stream.resume();
     let headers: Record<string, unknown> = {};
-    stream.on("response", (h) => {
-      headers = h;
-    });
+    /** The grpc-status and ErrorInfo reason of a trailers-only answer, once it comes. */
+    const answered = new Promise<{ status: number; reason: string | undefined }>((resolve) =>
+      stream.on("response", (h) => {
+        headers = h;
+        if (h["grpc-status"] !== undefined)
+          resolve({ status: Number(h["grpc-status"]), reason: reasonOf(h["grpc-status-details-bin"]) });
+      }),
+    );
     const ended = new Promise<Ending>((resolve) =>
       stream.on("close", () =>
         resolve({
@@ -103,7 +113,7 @@ describe("request messages that never finish arriving", () => {
       };
       pump();
     });
-    return { stream, ended, written };
+    return { stream, ended, written, answered };
   };
   const logLine = (test: (line: Record<string, unknown>) => boolean) => waitForLog(t.logs, test);
 
@@ -149,6 +159,38 @@ describe("request messages that never finish arriving", () => {
     expect([refused.code, refused.reason]).toEqual([Code.ResourceExhausted, "PARTIAL_REQUESTS_OVER_BUDGET"]);
     expect(refused.message).toMatch(/past its limit of 1\.0 MiB; retry later/);
     expect(first.stream.closed).toBe(false);
+  }, 60_000);
+
+  it("refuses callers without credentials before reading their requests, so they hold none of the budget", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-preauth-"));
+    closers.push(() => rmSync(dir, { recursive: true, force: true }));
+    const tokens = join(dir, "tokens.yaml");
+    const token = addStaticToken(tokens, {
+      principal: "uploader",
+      bindings: [{ role: "operator", clusters: ["*"], workerIds: "*" }],
+    });
+    await start({ maxPartialRequestBytes: 1 * MiB, requestStallMs: 10 * 60_000 }, tokens);
+    const session = await rawSession();
+    // Without credentials: each announces 1 MiB and sends 600 KiB, and never the rest. Read,
+    // the first alone would leave no room for the upload below.
+    const first = halfSent(session, 1 * MiB, 600 * KiB);
+    await first.written;
+    const anonymous = [first, ...Array.from({ length: 3 }, () => halfSent(session, 1 * MiB, 600 * KiB))];
+    const metadata = new grpc.Metadata();
+    metadata.set("authorization", `Bearer ${token}`);
+    const file = await t
+      .client(ResourceService)
+      .createFile({ name: "big.bin", content: new Uint8Array(500 * KiB) }, { metadata });
+    expect(file.resource?.id).toBeTruthy();
+    // Each was answered as it started, as a call with a whole request would be.
+    expect(await Promise.all(anonymous.map((c) => c.answered))).toEqual(
+      Array(4).fill({ status: Code.Unauthenticated, reason: "UNAUTHENTICATED" }),
+    );
+    expect(t.logs.some((l) => l.reason === "PARTIAL_REQUESTS_OVER_BUDGET")).toBe(false);
+    const logged = await logLine((l) => l.reason === "UNAUTHENTICATED");
+    expect(logged.msg).toMatch(
+      /^refused leasehold\.v1\.ResourceService\/CreateFile: this server needs credentials/,
+    );
   }, 60_000);
 
   it("resets a message that stops arriving, which frees its share of the budget, and leaves idle worker streams alone", async () => {

@@ -56,7 +56,9 @@ function unauthenticated(message: string, reason = UNAUTHENTICATED_REASON): Leas
  * static token carries. Streams authenticate once, when they open; unary
  * calls hit a cache keyed by the token (or the certificate's fingerprint),
  * kept no longer than the credential's expiry, and a JWT's entry no longer
- * than the JWKS keys it verified against (a reload drops it).
+ * than the JWKS keys it verified against (a reload drops it). A client
+ * certificate past its notAfter is refused (CERT_EXPIRED) even on a
+ * connection whose handshake verified it before it expired.
  */
 export function createAuthenticator(options: AuthenticatorOptions): Authenticator {
   const now = options.now ?? Date.now;
@@ -143,7 +145,14 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
             "the client certificate has no URI or DNS subject alternative name",
             "CERT_NO_SAN",
           );
+        // Verified when its connection opened, which may have been before it expired: a
+        // connection lives on, and grpc-js reports its certificate verified for every call.
         const validTo = Date.parse(certificate.valid_to);
+        if (validTo <= now())
+          throw unauthenticated(
+            `the client certificate expired at ${new Date(validTo).toISOString()}; connect again with a valid one`,
+            "CERT_EXPIRED",
+          );
         return remember(
           certificates,
           key,

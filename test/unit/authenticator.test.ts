@@ -81,6 +81,29 @@ describe("authenticator", () => {
     });
   });
 
+  it("refuses a client certificate once it expired, on a connection verified before", async () => {
+    let clock = Date.parse("2030-01-01T00:00:00Z");
+    const auth = createAuthenticator({ policy, log: pino({ level: "silent" }), now: () => clock });
+    const expiring = {
+      ...operatorCertificate,
+      fingerprint256: "DD:EE:FF",
+      valid_to: "Jan  1 00:00:40 2030 GMT",
+    } as PeerCertificate;
+    // grpc-js reports the certificate verified for every call of a connection whose handshake was.
+    expect((await auth.authenticate(call({}, expiring))).actor).toBe("spiffe://demo/operator");
+    clock += 30_000;
+    expect((await auth.authenticate(call({}, expiring))).actor).toBe("spiffe://demo/operator");
+    clock += 10_000;
+    for (const _ of [1, 2]) {
+      const error = await refusal(() => auth.authenticate(call({}, expiring)));
+      expect({ code: error.code, reason: error.reason, message: error.message }).toEqual({
+        code: Code.Unauthenticated,
+        reason: "CERT_EXPIRED",
+        message: "the client certificate expired at 2030-01-01T00:00:40.000Z; connect again with a valid one",
+      });
+    }
+  });
+
   it("says what is missing or malformed", async () => {
     const auth = authenticator();
     expect((await refusal(() => auth.authenticate(call({})))).message).toMatch(/needs credentials/);

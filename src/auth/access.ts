@@ -153,6 +153,24 @@ export const UNAUTHENTICATED_REASON = "UNAUTHENTICATED";
 /** The actor of calls when authentication is off. */
 export const ANONYMOUS = "anonymous";
 
+/**
+ * What is wrong with `name` as a principal, to follow its name in a message
+ * (`"anonymous" is reserved: …`), or undefined when nothing is. Every source
+ * of principals refuses these: token file entries, `token create`, a JWT's
+ * principal claim, a client certificate's SAN. {@link ANONYMOUS} is the actor
+ * of everything done while authentication was off, and a credential of that
+ * name would own all of it; surrounding whitespace and control characters
+ * make names that print alike and are not the same.
+ */
+export function principalProblem(name: string): string | undefined {
+  if (name === "") return "is empty";
+  if (name === ANONYMOUS)
+    return "is reserved: it is the caller when authentication is off, and owns what was made then";
+  if (name.trim() !== name) return "has leading or trailing whitespace";
+  if (/\p{Cc}/u.test(name)) return "holds a control character";
+  return undefined;
+}
+
 /** Access when no credentials are configured: everything, as `anonymous`. */
 export const OPEN_ACCESS: Access = Object.freeze({
   actor: ANONYMOUS,

@@ -12,7 +12,7 @@ import {
 } from "jose";
 import type { Logger } from "pino";
 import { Code, LeaseholdError, quote } from "../errors.js";
-import type { Identity } from "./access.js";
+import { type Identity, principalProblem } from "./access.js";
 import { createFileReloader, type ReloadOutcome, readCredentialFileSync } from "./file-reloader.js";
 
 /** How bearer JWTs are checked (`serve --jwt-jwks … --jwt-issuer … --jwt-audience …`). */
@@ -236,6 +236,12 @@ export function createJwtVerifier(
         throw unauthenticated(
           "TOKEN_INVALID",
           `the token has no ${quote(options.principalClaim)} claim with the principal (a non-empty string)`,
+        );
+      const problem = principalProblem(principal);
+      if (problem)
+        throw unauthenticated(
+          "TOKEN_INVALID",
+          `the token's ${quote(options.principalClaim)} claim ${JSON.stringify(principal)} ${problem}; it cannot name a principal`,
         );
       return { principal, via: "jwt", expiresAtMs: (payload.exp as number) * 1000 };
     },

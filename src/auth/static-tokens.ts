@@ -14,7 +14,14 @@ import { basename, dirname, join } from "node:path";
 import type { Logger } from "pino";
 import { Document, isMap, isSeq, parseDocument, Scalar } from "yaml";
 import { LeaseholdError, quote } from "../errors.js";
-import { type Identity, ROLE_RIGHTS, ROLES, type Role, type RoleBinding } from "./access.js";
+import {
+  type Identity,
+  principalProblem,
+  ROLE_RIGHTS,
+  ROLES,
+  type Role,
+  type RoleBinding,
+} from "./access.js";
 import { createFileReloader, type ReloadOutcome, readCredentialFileSync } from "./file-reloader.js";
 import { MISSING_CLUSTERS } from "./policy.js";
 
@@ -126,6 +133,8 @@ export function parseTokenFile(text: string, path: string): StaticTokenEntry[] {
     const { principal, sha256, created, roles } = item;
     if (typeof principal !== "string" || principal.trim() === "")
       throw fail(`${at}.principal`, "must be a non-empty string");
+    const problem = principalProblem(principal);
+    if (problem) throw fail(`${at}.principal`, `${JSON.stringify(principal)} ${problem}`);
     if (typeof sha256 !== "string" || !SHA256_HEX.test(sha256))
       throw fail(
         `${at}.sha256`,
@@ -205,6 +214,9 @@ export function addStaticToken(
   entry: { principal: string; bindings: readonly RoleBinding[]; now?: Date },
 ): string {
   if (entry.principal.trim() === "") throw LeaseholdError.invalidArgument("principal", "must not be empty");
+  const problem = principalProblem(entry.principal);
+  if (problem)
+    throw LeaseholdError.invalidArgument("principal", `${JSON.stringify(entry.principal)} ${problem}`);
   let doc: Document;
   let mode = 0o600;
   let existing: string | undefined;

@@ -1,5 +1,5 @@
 import { Command, InvalidArgumentError } from "commander";
-import { ROLE_RIGHTS, ROLES, type Role, type RoleBinding } from "../auth/access.js";
+import { principalProblem, ROLE_RIGHTS, ROLES, type Role, type RoleBinding } from "../auth/access.js";
 import { addStaticToken } from "../auth/static-tokens.js";
 import { LeaseholdError } from "../errors.js";
 import { CliError, collect, EXIT, globals, toJson } from "./output.js";
@@ -22,7 +22,10 @@ export function tokenCommand(): Command {
     .description(
       "Create a token for a principal: its SHA-256 is appended to the tokens file, and the token is printed once.",
     )
-    .requiredOption("--principal <name>", "who the token is for (the actor recorded for its calls)")
+    .requiredOption(
+      "--principal <name>",
+      'who the token is for (the actor recorded for its calls); not "anonymous" (reserved for callers when authentication is off), without leading or trailing spaces or control characters',
+    )
     .requiredOption(
       "--tokens-file <path>",
       "the tokens file of `serve --auth-tokens` (created with mode 0600 if missing)",
@@ -41,6 +44,8 @@ export function tokenCommand(): Command {
       ) => {
         const roles = o.role ?? [];
         if (o.principal.trim() === "") throw new CliError("--principal must not be empty", EXIT.usage);
+        const problem = principalProblem(o.principal);
+        if (problem) throw new CliError(`--principal ${JSON.stringify(o.principal)} ${problem}`, EXIT.usage);
         if (o.tokensFile === "") throw new CliError("--tokens-file must not be empty", EXIT.usage);
         if (roles.length === 0 && (o.cluster || o.workerIds !== undefined))
           throw new CliError(

@@ -1,7 +1,13 @@
 import type { PeerCertificate } from "node:tls";
 import type * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
-import { type Access, accessOf, type Identity, UNAUTHENTICATED_REASON } from "../auth/access.js";
+import {
+  type Access,
+  accessOf,
+  type Identity,
+  principalProblem,
+  UNAUTHENTICATED_REASON,
+} from "../auth/access.js";
 import type { JwtVerifier } from "../auth/jwt.js";
 import { looksLikeJwt } from "../auth/jwt.js";
 import type { Policy } from "../auth/policy.js";
@@ -144,6 +150,12 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
           throw unauthenticated(
             "the client certificate has no URI or DNS subject alternative name",
             "CERT_NO_SAN",
+          );
+        const problem = principalProblem(principal);
+        if (problem)
+          throw unauthenticated(
+            `the client certificate's principal (its first URI, else DNS, subject alternative name) ${JSON.stringify(principal)} ${problem}`,
+            "CERT_INVALID_PRINCIPAL",
           );
         // Verified when its connection opened, which may have been before it expired: a
         // connection lives on, and grpc-js reports its certificate verified for every call.

@@ -104,6 +104,23 @@ describe("authenticator", () => {
     }
   });
 
+  it("refuses a client certificate whose principal is anonymous, or has surrounding spaces", async () => {
+    const auth = authenticator();
+    for (const [san, problem] of [
+      ["DNS:anonymous", '"anonymous" is reserved'],
+      ['URI:" spiffe://demo/operator"', '" spiffe://demo/operator" has leading or trailing whitespace'],
+    ]) {
+      const certificate = {
+        ...operatorCertificate,
+        subjectaltname: san,
+        fingerprint256: san,
+      } as PeerCertificate;
+      const error = await refusal(() => auth.authenticate(call({}, certificate)));
+      expect([error.code, error.reason]).toEqual([Code.Unauthenticated, "CERT_INVALID_PRINCIPAL"]);
+      expect(error.message).toContain(problem);
+    }
+  });
+
   it("says what is missing or malformed", async () => {
     const auth = authenticator();
     expect((await refusal(() => auth.authenticate(call({})))).message).toMatch(/needs credentials/);

@@ -106,6 +106,16 @@ describe("JWT verifier", () => {
     }
   });
 
+  it("refuse the reserved principal anonymous, and names with surrounding spaces or control characters", async () => {
+    await refused(
+      await sign({ sub: "anonymous" }),
+      "TOKEN_INVALID",
+      /^the token's "sub" claim "anonymous" is reserved/,
+    );
+    await refused(await sign({ sub: "op " }), "TOKEN_INVALID", /"op " has leading or trailing whitespace/);
+    await refused(await sign({ sub: "o\u0000p" }), "TOKEN_INVALID", /"o\\u0000p" holds a control character/);
+  });
+
   it("refuse an expired token beyond the skew, accept one within it", async () => {
     await refused(
       await sign({}, { exp: nowS() - 60 }),

@@ -120,6 +120,24 @@ describe("static tokens", () => {
     expect(loadError(`tokens:\n  - principal: ""\n    sha256: ${hash}\n`).message).toContain(
       "tokens[0].principal: must be a non-empty string",
     );
+    // "anonymous" owns what was made while authentication was off; look-alike names are refused too.
+    for (const [principal, problem] of [
+      ['"anonymous"', '"anonymous" is reserved: it is the caller when authentication is off'],
+      ['" op"', '" op" has leading or trailing whitespace'],
+      ['"op\\t"', '"op\\t" has leading or trailing whitespace'],
+      ['"o\\u0007p"', '"o\\u0007p" holds a control character'],
+    ]) {
+      const file = `tokens:\n  - principal: a\n    sha256: ${hashToken("y")}\n  - principal: ${principal}\n    sha256: ${hash}\n`;
+      const message = loadError(file).message;
+      expect(message).toMatch(/^--auth-tokens: /);
+      expect(message).toContain(`: tokens[1].principal: ${problem}`);
+    }
+    expect(() => addStaticToken(fileName(), { principal: "anonymous", bindings: [] })).toThrow(
+      /principal: "anonymous" is reserved/,
+    );
+    expect(() =>
+      addStaticToken(join(dir, "reserved.yaml"), { principal: "anonymous", bindings: [] }),
+    ).toThrow(/principal: "anonymous" is reserved/);
     expect(loadError("tokens:\n  - principal: a\n    sha256: abc123\n").message).toContain(
       "tokens[0].sha256: must be the SHA-256 of the token as 64 hex digits",
     );

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Command, CommanderError } from "commander";
@@ -151,6 +151,21 @@ describe("leasehold token create", () => {
     ]);
     expect((workerIds.error as CliError).exitCode).toBe(EXIT.usage);
     expect((workerIds.error as Error).message).toMatch(/--worker-ids needs a role that runs workers/);
+  });
+
+  it("refuse the reserved principal anonymous, and names with surrounding spaces or control characters", async () => {
+    for (const [principal, problem] of [
+      ["anonymous", '--principal "anonymous" is reserved: it is the caller when authentication is off'],
+      [" op", '--principal " op" has leading or trailing whitespace'],
+      ["o\np", '--principal "o\\np" holds a control character'],
+    ] as const) {
+      const path = fileName();
+      const out = await run(["token", "create", "--principal", principal, "--tokens-file", path]);
+      expect((out.error as CliError).exitCode).toBe(EXIT.usage);
+      expect((out.error as Error).message).toContain(problem);
+      expect(out.stdout).toBe("");
+      expect(existsSync(path)).toBe(false);
+    }
   });
 
   it("refuse an empty --tokens-file, or one in a directory that does not exist, with exit code 2", async () => {

@@ -5,7 +5,7 @@ import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Refusal } from "../rpc/adapter.js";
-import type { Authenticator } from "../rpc/authenticator.js";
+import { type Authenticator, certificateRefusalOf } from "../rpc/authenticator.js";
 import {
   DEFAULT_REQUEST_STALL_MS,
   type PartialRequestLimit,
@@ -172,5 +172,6 @@ function credentialsOf(request: IncomingMessage) {
     getAuthContext: () => ({
       sslPeerCertificate: certificate && Object.keys(certificate).length > 0 ? certificate : undefined,
     }),
+    certificateRefusal: () => certificateRefusalOf(socket),
   };
 }

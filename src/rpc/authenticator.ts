@@ -20,6 +20,34 @@ export interface CallCredentials {
   readonly metadata: grpc.Metadata;
   /** grpc-js's auth context: the client certificate, only when it verified against the client CA. */
   getAuthContext(): { readonly sslPeerCertificate?: PeerCertificate | undefined };
+  /**
+   * Why the client certificate the peer presented was not accepted (see
+   * {@link certificateRefusalOf}); undefined when it presented none, or it
+   * was accepted, or this is not known. Asked only for a call that proved
+   * nothing else, to say why in its refusal.
+   */
+  certificateRefusal?(): string | undefined;
+}
+
+/**
+ * Why the client certificate presented on `socket` (a TLS socket, or the
+ * proxy of one an HTTP/2 session has) was not accepted: Node's
+ * `authorizationError`, e.g. CERT_HAS_EXPIRED or
+ * UNABLE_TO_VERIFY_LEAF_SIGNATURE. Undefined when the peer presented none,
+ * or it verified, or `socket` is no TLS socket. Under `--tls-client-auth
+ * optional` such a certificate is ignored, and its caller is left without
+ * credentials unless it sent a token.
+ */
+export function certificateRefusalOf(socket: unknown): string | undefined {
+  const tls = socket as
+    | { authorized?: unknown; authorizationError?: unknown; getPeerCertificate?: unknown }
+    | undefined;
+  if (tls?.authorized !== false || typeof tls.getPeerCertificate !== "function") return undefined;
+  const presented = (tls.getPeerCertificate as () => { raw?: unknown } | null)();
+  if (!presented?.raw) return undefined;
+  const why = tls.authorizationError;
+  if (why instanceof Error) return (why as { code?: unknown }).code?.toString() || why.message;
+  return why === undefined || why === null ? "not verified" : String(why);
 }
 
 /** Turns a call's credentials into what the caller may do. */
@@ -172,8 +200,11 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
           Math.min(Number.isFinite(validTo) ? validTo : Number.POSITIVE_INFINITY, now() + CACHE_MS),
         );
       }
+      const refused = call.certificateRefusal?.();
       throw unauthenticated(
-        "this server needs credentials: send `authorization: Bearer <token>` or connect with a client certificate",
+        refused
+          ? `the client certificate was not accepted (${refused}); send \`authorization: Bearer <token>\` or connect with a client certificate the server's client CA verifies`
+          : "this server needs credentials: send `authorization: Bearer <token>` or connect with a client certificate",
       );
     },
   };

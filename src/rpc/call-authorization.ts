@@ -2,7 +2,7 @@ import type { GenService, GenServiceMethods } from "@bufbuild/protobuf/codegenv2
 import * as grpc from "@grpc/grpc-js";
 import type { Access } from "../auth/access.js";
 import { authorize, type HandlerDeps, type MethodCalls, reportRefusal } from "./adapter.js";
-import type { CallCredentials } from "./authenticator.js";
+import { type CallCredentials, certificateRefusalOf } from "./authenticator.js";
 import { toStatusObject } from "./status.js";
 
 /** Authorization of the calls of our services as they start. */
@@ -14,6 +14,15 @@ export interface CallAuthorization {
    * are; undefined for a call it did not see (the handler authorizes it then).
    */
   accessOf(metadata: grpc.Metadata): Access | undefined;
+}
+
+/**
+ * The TLS socket of a call's connection, read from grpc-js's
+ * `BaseServerInterceptingCall` (1.14: `stream.session.socket`, as grpc-js's
+ * own `getAuthContext` reads it); undefined if the call has another shape.
+ */
+function socketOf(call: grpc.ServerInterceptingCallInterface): unknown {
+  return (call as { stream?: { session?: { socket?: unknown } } }).stream?.session?.socket;
 }
 
 /**
@@ -65,6 +74,8 @@ export function createCallAuthorization(
         const credentials: CallCredentials = {
           metadata,
           getAuthContext: () => call.getAuthContext(),
+          // grpc-js's auth context leaves out a certificate that did not verify, as if none came.
+          certificateRefusal: () => certificateRefusalOf(socketOf(call)),
         };
         const pass = (access: Access) => {
           granted.set(metadata, access);

@@ -23,7 +23,7 @@ import {
 import { createClient } from "../../src/rpc/client.js";
 import { createCa, issueCertificate } from "../helpers/pki.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
-import { statusDetails } from "../helpers/status.js";
+import { failure, statusDetails } from "../helpers/status.js";
 
 /**
  * Every RPC of every leasehold.v1 service × every kind of caller → the
@@ -401,6 +401,36 @@ describe("authorization", () => {
       }
     }
     expect(seen).toEqual(wanted);
+  });
+
+  it("says why a client certificate it ignored was not accepted", async () => {
+    const { readFileSync } = await import("node:fs");
+    const ca = { certFile: join(dir, "ca.crt"), keyFile: join(dir, "ca.key") };
+    const operator = { uris: ["spiffe://test/operator"], dir };
+    const unaccepted = [
+      issueCertificate(createCa(dir, "other-ca"), { ...operator, name: "other-ca-op", client: true }),
+      // A server certificate: its extended key usage says it may not be a client's.
+      issueCertificate(ca, { ...operator, name: "server-only-op" }),
+    ];
+    const messages: string[] = [];
+    for (const pair of unaccepted) {
+      const channel = grpc.credentials.createSsl(
+        readFileSync(ca.certFile),
+        readFileSync(pair.keyFile),
+        readFileSync(pair.certFile),
+      );
+      const api = createClient(ClusterService, server.address, channel);
+      closers.push(() => api.close());
+      const refused = await failure(api.listClusters({}));
+      expect([refused.code, refused.reason]).toEqual([Code.Unauthenticated, "UNAUTHENTICATED"]);
+      messages.push(refused.message);
+    }
+    const advice =
+      "send `authorization: Bearer <token>` or connect with a client certificate the server's client CA verifies";
+    expect(messages).toEqual([
+      `the client certificate was not accepted (UNABLE_TO_VERIFY_LEAF_SIGNATURE); ${advice}`,
+      `the client certificate was not accepted (INVALID_PURPOSE); ${advice}`,
+    ]);
   });
 
   it("a refused call is logged with principal, method and reason", () => {

@@ -213,7 +213,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--reflection <who>",
-        "who may use server reflection: open (anyone) or authenticated (callers with valid credentials); health is always open",
+        "who may use server reflection: open (anyone) or authenticated (callers with valid credentials); health needs no credentials (but a client certificate to connect under --tls-client-auth require)",
       )
         .choices(["open", "authenticated"])
         .env("LEASEHOLD_REFLECTION")

@@ -37,7 +37,8 @@ function socketOf(call: grpc.ServerInterceptingCallInterface): unknown {
  * through `onRefused`); its request is never read, and what its client
  * still sends is dropped as it comes. The handler takes the access given
  * here (`accessOf`) and checks what depends on the request (its cluster)
- * once it is decoded. Other methods (health, reflection) pass untouched.
+ * once it is decoded. Other methods (health, reflection, and streams the
+ * client writes to, whose handlers start when they open) pass untouched.
  * Undefined when there is no authenticator: every call is allowed.
  */
 export function createCallAuthorization(
@@ -49,7 +50,9 @@ export function createCallAuthorization(
   for (const service of services) {
     for (const method of service.methods) {
       const path = `${service.typeName}/${method.name}`;
-      if (method.methodKind === "client_streaming") continue;
+      // A stream the client writes to reaches its handler when it opens, which authorizes it before
+      // reading a message (worker streams): wrapping it would only add a layer to every message.
+      if (method.methodKind === "client_streaming" || method.methodKind === "bidi_streaming") continue;
       methods.set(`/${path}`, {
         path,
         calls: deps.calls?.method(method.methodKind, service.typeName, method.name),

@@ -100,7 +100,10 @@ export const isDeploymentPayload = (payload: JsonObject): boolean =>
  * - containers ending on their own: outputs are saved the same way; all
  *   exiting 0 succeeds (stopped), any other exit fails the deployment.
  */
-/** How long an upload or download waits out a server that refuses it as too busy. */
+/**
+ * How long an upload or download waits out a server that refuses it as too
+ * busy, and a download servers that are unavailable (restarting).
+ */
 const BUSY_RETRY_MS = 30_000;
 
 export function createDeploymentHandler(options: DeploymentHandlerOptions) {
@@ -113,7 +116,16 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
   type Resources = ReturnType<typeof createClient<(typeof ResourceService)["method"]>>;
   /** One client (channel) per address, opened on first use and kept: uploads come in bursts. */
   const clients = new Map<string, Resources>();
-  async function withResources<T>(fn: (client: Resources) => Promise<T>): Promise<T> {
+  /**
+   * `fn` on the first address that answers, again (jittered backoff, within
+   * {@link BUSY_RETRY_MS}) while every server is too busy or, for a call that
+   * only reads (`reads`), unavailable: a download can be repeated safely
+   * through a server's restart, an upload (not idempotent) cannot.
+   */
+  async function withResources<T>(
+    fn: (client: Resources) => Promise<T>,
+    { reads = false, signal }: { reads?: boolean; signal?: AbortSignal } = {},
+  ): Promise<T> {
     // A server serving as many unary calls as it takes did nothing with this one (action.proto,
     // Limits): its outputs and inputs are worth waiting for, within a bound.
     const started = Date.now();
@@ -121,8 +133,9 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
       try {
         return await onEachAddress(fn);
       } catch (error) {
-        if (errorReasonOf(error) !== "UNARY_CALLS_OVER_LIMIT" || Date.now() - started > BUSY_RETRY_MS)
-          throw error;
+        const busy = errorReasonOf(error) === "UNARY_CALLS_OVER_LIMIT";
+        const unavailable = reads && (error as { code?: number }).code === grpc.status.UNAVAILABLE;
+        if ((!busy && !unavailable) || Date.now() - started > BUSY_RETRY_MS || signal?.aborted) throw error;
         await delay(Math.random() * Math.min(2000, 100 * 2 ** attempt));
       }
     }
@@ -185,11 +198,15 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
         })),
       });
       for (const input of spec.inputs) {
-        const content = await withResources(async (client) => {
-          const chunks: Uint8Array[] = [];
-          for await (const part of client.downloadFile({ resourceId: input.fileId })) chunks.push(part.chunk);
-          return Buffer.concat(chunks);
-        }).catch((error: Error) => {
+        const content = await withResources(
+          async (client) => {
+            const chunks: Uint8Array[] = [];
+            for await (const part of client.downloadFile({ resourceId: input.fileId }))
+              chunks.push(part.chunk);
+            return Buffer.concat(chunks);
+          },
+          { reads: true, signal: ctx.signal },
+        ).catch((error: Error) => {
           throw new ActionFailure(
             `could not fetch input ${input.path} (file ${input.fileId}): ${error.message}`,
             {

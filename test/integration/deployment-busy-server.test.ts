@@ -8,7 +8,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createAgent, createDeploymentHandler } from "../../src/agent/index.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
-import { CreateFileRequestSchema, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import {
+  CreateFileRequestSchema,
+  DeploymentPhase,
+  type DownloadFileRequest,
+  ResourceService,
+} from "../../src/gen/leasehold/v1/resource_pb.js";
 import { createServiceDefinition } from "../../src/rpc/adapter.js";
 import { createClient } from "../../src/rpc/client.js";
 import { toStatusObject } from "../../src/rpc/status.js";
@@ -17,7 +22,8 @@ import { startTestServer, type TestServer } from "../helpers/server.js";
 /**
  * A server serving as many unary calls as it takes refuses more with
  * RESOURCE_EXHAUSTED, reason UNARY_CALLS_OVER_LIMIT, having done nothing. The
- * agent saving a deployment's outputs waits that out instead of dropping them.
+ * agent saving a deployment's outputs waits that out instead of dropping them,
+ * and one fetching its inputs also waits out servers that are unavailable.
  */
 describe("a deployment's outputs, saved through a server too busy for a moment", () => {
   let t: TestServer;
@@ -81,6 +87,71 @@ describe("a deployment's outputs, saved through a server too busy for a moment",
       expect(refused).toBe(2);
       expect(collected.skipped).toEqual([]);
       expect(collected.fileIds).toHaveLength(1);
+    } finally {
+      await agent.close({ timeoutMs: 0 });
+      front.forceShutdown();
+      real.close();
+      await rm(workDir, { recursive: true, force: true });
+    }
+  }, 120_000);
+  it("fetches its inputs through servers that are unavailable for a moment (a restart)", async () => {
+    // Downloads go through a front that answers the first two UNAVAILABLE, as a server does while
+    // it restarts, then passes them on: a read is safe to repeat.
+    const real = createClient(ResourceService, t.address);
+    let unavailable = 0;
+    const front = new grpc.Server();
+    front.addService(createServiceDefinition(ResourceService), {
+      // A server-streaming request reaches the handler decoded (unlike a unary one).
+      async downloadFile(call: grpc.ServerWritableStream<DownloadFileRequest, unknown>) {
+        if (unavailable < 2) {
+          unavailable++;
+          call.emit("error", { code: grpc.status.UNAVAILABLE, details: "restarting (injected)" });
+          return;
+        }
+        try {
+          for await (const part of real.downloadFile(call.request)) call.write(part);
+          call.end();
+        } catch (error) {
+          call.emit("error", toStatusObject(error, pino({ level: "silent" }), "DownloadFile"));
+        }
+      },
+    });
+    const port = await new Promise<number>((resolve, reject) =>
+      front.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const workDir = await mkdtemp(join(tmpdir(), "leasehold-restarting-"));
+    const runtime = "restarting";
+    const agent = createAgent({
+      address: t.address,
+      cluster: runtime,
+      workerId: "fetcher",
+      handler: createDeploymentHandler({ address: `127.0.0.1:${port}`, workDir }),
+    });
+    try {
+      const leases = t.client(LeaseService);
+      const leaseId = (await leases.createLease({ runtime })).lease?.id ?? "";
+      const file = await t.client(ResourceService).createFile({
+        leaseId,
+        name: "in.txt",
+        content: new TextEncoder().encode("input"),
+      });
+      await t.client(ResourceService).createDeployment({
+        leaseId,
+        spec: {
+          containers: [
+            { name: "w", command: { argv: [process.execPath, "-e", "setInterval(() => {}, 1000)"] } },
+          ],
+          readinessProbe: { check: { case: "exec", value: { argv: ["test", "-f", "in.txt"] } } },
+          inputs: [{ fileId: file.resource?.id ?? "", path: "in.txt" }],
+        },
+      });
+      let last: { phase: DeploymentPhase | undefined; message: string | undefined } | undefined;
+      for await (const m of leases.waitLease({ leaseId, timeout: { seconds: 60n } }))
+        last = { phase: m.deployment?.phase, message: m.deployment?.message };
+      expect(unavailable).toBe(2);
+      expect(last).toEqual({ phase: DeploymentPhase.READY, message: expect.any(String) });
     } finally {
       await agent.close({ timeoutMs: 0 });
       front.forceShutdown();

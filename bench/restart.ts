@@ -1,6 +1,6 @@
 /**
- * A control-plane restart under load (SPEC §6: 100k leases and 10k sessions,
- * serving in < 3 s, no expiry).
+ * A control-plane restart under load (goal, listed in
+ * bench/README.md: 100k leases and 10k sessions, serving in < 3 s, no expiry).
  *
  *   node --import tsx bench/restart.ts --database-url postgres://postgres@127.0.0.1:5432/postgres
  *     [--sessions 10000] [--leases-per-session 10] [--clusters 10] [--grace-period 10s]
@@ -22,7 +22,8 @@
  * Then a real `leasehold serve` child process starts on it, and this process
  * measures, from the spawn: the first log line (loading the compiled
  * code, plus binding the port), `database ready` (connect and migrations
- * check), the restart extension (SPEC rule 6), the `leasehold serving` log
+ * check), the restart extension (every live session's deadline pushed to
+ * now + grace: README.md, Configuration, Starting), the `leasehold serving` log
  * line, and grpc.health answering SERVING.
  *
  * The agents come back: `--reconnect` of the workers (default all) open raw

@@ -258,7 +258,9 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
   // The server's own DEADLINE_EXCEEDED (what it waited for did not happen in time, e.g. outputs
   // not saved within --timeout) is the operation failing; the call's own deadline passing is not.
   if (e.code === 4 && errorReasonOf(error) !== undefined) return new CliError(e.details ?? "", EXIT.failed);
-  // grpc-js's words for a request over the server's receive limit, before the server read it.
+  // grpc-js's words for a request over the server's receive limit, before the server read it. Exit 1,
+  // not 2: nothing was wrong with the command, this server's setting refused it (a file over its
+  // --max-file-size exits 1 the same way; see uploadRefused).
   const receiveLimit = receiveLimitOf(error);
   if (receiveLimit !== undefined) {
     const size = /^Received message larger than max \((\d+) vs/.exec(e.details ?? "")?.[1];
@@ -266,7 +268,7 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
       `the request${size ? ` (${size} bytes)` : ""} is too large for the server at ${server}: it refuses ` +
         `requests over ${receiveLimit} bytes (its --max-file-size plus 1 MiB); send less, or raise the ` +
         "server's --max-file-size",
-      EXIT.usage,
+      EXIT.failed,
     );
   }
   switch (e.code) {

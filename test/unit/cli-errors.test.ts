@@ -14,7 +14,7 @@ const fromServer = (error: LeaseholdError) => {
 };
 
 describe("a request too large for the server", () => {
-  it("over its receive limit says the limit and what to do, not grpc-js's words (exit 2)", () => {
+  it("over its receive limit says the limit and what to do, not grpc-js's words (exit 1: the server refused it, as a file over --max-file-size)", () => {
     const refused = Object.assign(
       new Error("8 RESOURCE_EXHAUSTED: Received message larger than max (5242941 vs 4194304)"),
       {
@@ -23,7 +23,7 @@ describe("a request too large for the server", () => {
       },
     );
     const error = cliErrorFrom(refused, "127.0.0.1:50051");
-    expect(error.exitCode).toBe(EXIT.usage);
+    expect(error.exitCode).toBe(EXIT.failed);
     expect(error.message).toBe(
       "the request (5242941 bytes) is too large for the server at 127.0.0.1:50051: it refuses requests over " +
         "4194304 bytes (its --max-file-size plus 1 MiB); send less, or raise the server's --max-file-size",

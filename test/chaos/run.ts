@@ -11,9 +11,18 @@
  *
  *   npx tsx test/chaos/run.ts --seed 7 --duration 20m --actions 6000
  *   npm run chaos -- --seed 7 --duration 20m --actions 6000
+ *   npm run chaos -- --check <run dir>/record.json
  *
- * Exits 0 when the checker finds nothing, 1 with the violations otherwise.
- * See test/chaos/README.md.
+ * --seed N       the schedule's seed, 0 to 4294967295 (default: random, printed)
+ * --duration D   how long faults are made, e.g. 2m or 20m (default 2m)
+ * --actions N    actions submitted over the run (default one per 150 ms)
+ * --agents N     agents (default 5)
+ * --keep         keep the run's directory (logs, record.json) when it passes too
+ * --check FILE   check a kept run's record.json again, running nothing
+ *
+ * Exits 0 when the checker finds nothing, 1 with the violations otherwise,
+ * 2 for a flag it does not know or a value it cannot use (before it starts
+ * anything). See test/chaos/README.md.
  */
 import { type ChildProcess, spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -33,6 +42,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
 import postgres from "postgres";
 import { parseDuration } from "../../src/config.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
@@ -798,16 +808,40 @@ function summarize(
   return lines.join("\n");
 }
 
+/** A flag the run cannot use: said on stderr with the way to --help, exit 2. */
+class UsageError extends Error {}
+
+/** The value of a whole-number `flag` from `min` to `max`; anything else is a {@link UsageError}. */
+function wholeNumber(flag: string, text: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < min || n > max)
+    throw new UsageError(
+      `${flag}: expected a whole number from ${min} to ${max}, not ${JSON.stringify(text)}`,
+    );
+  return n;
+}
+
 /**
  * The CLI: `tsx test/chaos/run.ts [--seed N] [--duration 20m] [--actions N] [--agents N] [--keep]`,
- * or `--check <run dir>/record.json` to check a kept run again.
+ * or `--check <run dir>/record.json` to check a kept run again; `--help` prints the opening comment.
  */
-async function main(argv: readonly string[]): Promise<number> {
-  const flag = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
-  const recorded = flag("check");
+async function main(argv: string[]): Promise<number> {
+  if (argv.includes("--help") || argv.includes("-h")) {
+    const source = readFileSync(fileURLToPath(import.meta.url), "utf8");
+    const comment = /^\/\*\*\n([\s\S]*?)\n \*\//.exec(source)?.[1] ?? "";
+    process.stdout.write(`${comment.replace(/^ \* ?/gm, "")}\n`);
+    return 0;
+  }
+  let flags: ReturnType<typeof chaosFlags>;
+  try {
+    flags = chaosFlags(argv);
+  } catch (error) {
+    if (!(error instanceof UsageError || (error as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")))
+      throw error;
+    process.stderr.write(`${(error as Error).message}\n(--help says how to run the chaos run)\n`);
+    return 2;
+  }
+  const recorded = flags.check;
   if (recorded) {
     // Checks a kept run again (e.g. after a change of the checker), without running anything.
     const { violations, facts } = checkChaos(JSON.parse(readFileSync(recorded, "utf8")) as ChaosRecord);
@@ -824,10 +858,7 @@ async function main(argv: readonly string[]): Promise<number> {
     );
     return 2;
   }
-  const seed = Number(flag("seed") ?? Math.floor(Math.random() * 2 ** 31));
-  const durationMs = parseDuration("--duration", flag("duration") ?? "2m");
-  const actions = Number(flag("actions") ?? Math.round(durationMs / 150));
-  const agents = Number(flag("agents") ?? 5);
+  const { seed, durationMs, actions, agents } = flags;
   const say = (line: string) => process.stdout.write(`[${new Date().toISOString()}] ${line}\n`);
   process.once("SIGINT", () => process.exit(130));
   process.once("SIGTERM", () => process.exit(143));
@@ -836,12 +867,49 @@ async function main(argv: readonly string[]): Promise<number> {
     durationMs,
     actions,
     agents,
-    keep: argv.includes("--keep"),
+    keep: flags.keep,
     keepOnFailure: true,
     say,
   });
   process.stdout.write(`\n${result.summary}\n`);
   return result.violations.length === 0 ? 0 : 1;
+}
+
+/** The run's flags, checked: a flag it does not know, or a value it cannot use, throws. */
+function chaosFlags(argv: string[]) {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      seed: { type: "string" },
+      duration: { type: "string" },
+      actions: { type: "string" },
+      agents: { type: "string" },
+      keep: { type: "boolean", default: false },
+      check: { type: "string" },
+    },
+  });
+  let durationMs: number;
+  try {
+    durationMs = parseDuration("--duration", values.duration ?? "2m");
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+  return {
+    check: values.check,
+    keep: values.keep,
+    seed:
+      values.seed === undefined
+        ? Math.floor(Math.random() * 2 ** 31)
+        : wholeNumber("--seed", values.seed, 0, 2 ** 32 - 1),
+    durationMs,
+    actions:
+      values.actions === undefined
+        ? Math.round(durationMs / 150)
+        : wholeNumber("--actions", values.actions, 1),
+    agents: values.agents === undefined ? 5 : wholeNumber("--agents", values.agents, 1),
+  };
 }
 
 /** A file of src/ newer than the last build, if any. */

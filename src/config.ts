@@ -226,6 +226,16 @@ export function parseDuration(
   return Math.round(Number(fraction ? `${whole}.${fraction}` : whole) * unitMs);
 }
 
+/**
+ * What a message about a bad address of each listening flag shows as an
+ * example: its default port, and `off` where the flag takes it.
+ */
+const LISTEN_EXAMPLES: Record<string, string> = {
+  "--listen": "127.0.0.1:50051 or [::1]:50051",
+  "--metrics-listen": '127.0.0.1:9464 or [::1]:9464, or "off"',
+  "--console-listen": '127.0.0.1:8090 or [::1]:8090, or "off"',
+};
+
 /** Splits `host:port` (or `[v6]:port`); throws naming the option on anything else. */
 export function parseListen(text: string, option = "--listen"): { host: string; port: number } {
   const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
@@ -234,7 +244,7 @@ export function parseListen(text: string, option = "--listen"): { host: string; 
   if (!host || !(port >= 0 && port <= 65535)) {
     throw configError(
       option,
-      `must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (got ${JSON.stringify(text)})`,
+      `must be host:port, e.g. ${LISTEN_EXAMPLES[option] ?? LISTEN_EXAMPLES["--listen"]} (got ${JSON.stringify(text)})`,
     );
   }
   return { host, port };

@@ -40,7 +40,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--heartbeat-interval <duration>",
-        "how often agents heartbeat (≤ a third of the grace period)",
+        "how often agents heartbeat (at least 100ms, and ≤ a third of the grace period)",
       )
         .env("LEASEHOLD_HEARTBEAT_INTERVAL")
         .default(DEFAULTS.heartbeatInterval),
@@ -102,7 +102,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--dispatch-poll <duration>",
-        "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains and lease ends another process's lost notice carried",
+        "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains and lease ends another process's lost notice carried; at least 100ms",
       )
         .env("LEASEHOLD_DISPATCH_POLL")
         .default(DEFAULTS.dispatchPoll),
@@ -261,10 +261,11 @@ export function serveCommand(): Command {
         });
       } catch (error) {
         // A bad option: say which and how to fix it, and exit 2 like other usage errors.
-        if (error instanceof LeaseholdError) throw new CliError(error.message, EXIT.usage);
+        if (error instanceof LeaseholdError)
+          throw new CliError(saidOfItsSource(error.message, command), EXIT.usage);
         throw error;
       }
-      await serve(config);
+      await serve(config, (message) => saidOfItsSource(message, command));
     });
 }
 
@@ -275,13 +276,30 @@ function given(command: Command, key: string): string | undefined {
     : (command.getOptionValue(key) as string);
 }
 
+/**
+ * A message about a flag (`--grace-period: must be at least 2s`) whose value
+ * came from the flag's environment variable, said of the variable, where the
+ * user has to look: `LEASEHOLD_GRACE_PERIOD (--grace-period): must be at least 2s`.
+ * Any other message is returned as it is.
+ */
+export function saidOfItsSource(message: string, command: Command): string {
+  const flag = /^(--[a-z-]+):/.exec(message)?.[1];
+  const option = flag === undefined ? undefined : command.options.find((o) => o.long === flag);
+  if (!option?.envVar || command.getOptionValueSource(option.attributeName()) !== "env") return message;
+  return `${option.envVar} (${flag})${message.slice((flag as string).length)}`;
+}
+
 /** Whether --insecure came from LEASEHOLD_INSECURE set to "", "0", "false" or "no" (which mean off). */
 function insecureVariableOff(command: Command): boolean {
   if (command.getOptionValueSource("insecure") !== "env") return false;
   return variableSaysOff(process.env.LEASEHOLD_INSECURE);
 }
 
-async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void> {
+/** `sayOfSource` turns a message naming a flag into one naming its variable when the value came from there. */
+async function serve(
+  config: ReturnType<typeof parseServerConfig>,
+  sayOfSource: (message: string) => string,
+): Promise<void> {
   // A closed stdout (`leasehold serve | tee log`, then Ctrl-C) drops the logs, never the server.
   guardOutput("drop");
   // V8 otherwise allocates straight into the old generation the objects of any allocation site
@@ -362,7 +380,7 @@ async function serve(config: ReturnType<typeof parseServerConfig>): Promise<void
     // A certificate, key, token or policy file that cannot be used, or a --listen or --console-listen
     // address that cannot be bound: a usage error naming its flag.
     if (error instanceof LeaseholdError && error.code === Code.InvalidArgument)
-      throw new CliError(error.message, EXIT.usage);
+      throw new CliError(sayOfSource(error.message), EXIT.usage);
     if (error !== stopBeforeReady.signal.reason) throw error;
     log.info("leasehold stopped");
     process.exit(EXIT.ok);

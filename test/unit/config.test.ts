@@ -104,7 +104,16 @@ describe("server config", () => {
   });
 
   it("says what to fix for each bad option", () => {
-    expect(() => parseServerConfig({ listen: "nope" })).toThrow(/^--listen: must be host:port/);
+    expect(() => parseServerConfig({ listen: "nope" })).toThrow(
+      '--listen: must be host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (got "nope")',
+    );
+    // Each listening flag's example is its own address, and "off" where the flag takes it.
+    expect(() => parseServerConfig({ metricsListen: "127.0.0.1" })).toThrow(
+      '--metrics-listen: must be host:port, e.g. 127.0.0.1:9464 or [::1]:9464, or "off" (got "127.0.0.1")',
+    );
+    expect(() => parseServerConfig({ consoleListen: "8080" })).toThrow(
+      '--console-listen: must be host:port, e.g. 127.0.0.1:8090 or [::1]:8090, or "off" (got "8080")',
+    );
     expect(() => parseServerConfig({ gracePeriod: "1s" })).toThrow(/^--grace-period: must be at least 2s/);
     expect(() => parseServerConfig({ gracePeriod: "3s", heartbeatInterval: "2s" })).toThrow(
       /^--heartbeat-interval: must be at most a third of --grace-period/,

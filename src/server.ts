@@ -767,6 +767,9 @@ function keepExtendingWhileTakingBack(deps: {
     if (hellos === 0) return finish();
     try {
       const n = await extendAwaitedSessions(deps.db, deps.clock, deps.since, deps);
+      // Nobody left to wait for (all back, or silent past the maximum), or nobody to take back at
+      // all (a fresh database, whose first agents' hellos come here too): nothing to log.
+      if (n === 0) return finish();
       rounds += 1;
       extended += n;
       if (rounds === 1) {
@@ -775,8 +778,6 @@ function keepExtendingWhileTakingBack(deps: {
           "still taking agents back after the restart; extended the sessions not back yet",
         );
       }
-      // Nobody left to wait for (all back, or silent past the maximum).
-      if (n === 0) return finish();
     } catch (error) {
       deps.log.warn({ err: error }, "could not extend the sessions not back yet; trying again");
     }

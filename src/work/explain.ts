@@ -45,6 +45,10 @@ export function explainHistory(history: ActionHistory): Explanation {
     const epoch = event.epoch ?? heldBy(event)?.attempt.epoch ?? 0;
     return { at: event.at, epoch, summary: tell(event, byEpoch.get(epoch)), event };
   });
+  steps.forEach((step, i) => {
+    if (step.event?.kind === "lease_resumed")
+      steps[i] = { ...step, summary: resumedUntil(step, steps.slice(i + 1)) };
+  });
   for (const { attempt, session } of attempts) {
     if (!session) continue;
     const heartbeats = heartbeatStep(attempt, session, now);
@@ -92,8 +96,8 @@ function tell(
       return `epoch ${epoch} granted to ${worker} (session ${session})`;
     case "lease_resumed":
       // Not "nothing re-runs": a worker that self-fenced meanwhile still lists the lease until
-      // its release is answered, and the release that follows is told in its own step.
-      return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session}): the lease still holds`;
+      // its release is answered. resumedUntil says so when a later step ended the lease.
+      return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session})`;
     case "stream_lost": {
       const deadline = typeof e.details?.deadline === "string" ? new Date(e.details.deadline) : undefined;
       const grace = deadline ? `, in grace until ${iso(deadline)} (${seconds(e.at, deadline)})` : "";
@@ -131,6 +135,33 @@ function tell(
     default:
       return e.message;
   }
+}
+
+/**
+ * The end of a resume's sentence: the lease still holds, unless a later step
+ * ended it. A worker that stopped the work while it was away (it self-fenced:
+ * its guarantee ran out before it reconnected) resumes the lease only to
+ * release it, and the action runs again under a new epoch; "still holds"
+ * would then be the opposite of what happened.
+ */
+function resumedUntil(resumed: TimelineStep, later: readonly TimelineStep[]): string {
+  const epoch = resumed.epoch;
+  for (const step of later) {
+    const kind = step.event?.kind;
+    const after = `${seconds(resumed.at, step.at)} later, at ${iso(step.at)}`;
+    if (step.epoch === epoch && kind === "lease_released")
+      return `${resumed.summary}, but the worker released it ${after}, so the lease no longer holds`;
+    if (step.epoch === epoch && kind === "lease_expired")
+      return `${resumed.summary}; the lease held until it expired ${after}`;
+    if (step.epoch > epoch && kind === "lease_granted")
+      return `${resumed.summary}; the lease ended before epoch ${step.epoch} was granted ${after}`;
+    if (
+      step.epoch === epoch &&
+      (kind === "action_succeeded" || kind === "action_failed" || kind === "action_cancelled")
+    )
+      return `${resumed.summary}; the lease held until the action ended ${after}`;
+  }
+  return `${resumed.summary}: the lease still holds`;
 }
 
 /**

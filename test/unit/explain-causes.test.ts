@@ -86,3 +86,30 @@ describe("explain, on how a session ended", () => {
     expect(reaped).toBe("session s1 of worker w1 reaped: its deadline passed with no heartbeat");
   });
 });
+
+describe("explain, on a lease resumed after a reconnect", () => {
+  it("says the lease still holds while nothing ended it", () => {
+    const [resumed] = told([event("lease_resumed", 3, null, 1)]);
+    expect(resumed).toBe(
+      "epoch 1 resumed by worker w1, reconnected in time (session s1): the lease still holds",
+    );
+  });
+
+  it("does not leave 'still holds' as the last word when the worker released it (it self-fenced while away)", () => {
+    const [resumed] = told([
+      event("lease_resumed", 3, null, 1),
+      event("lease_released", 4, null, 1),
+      event("lease_granted", 4, null, 2),
+    ]);
+    expect(resumed).toBe(
+      "epoch 1 resumed by worker w1, reconnected in time (session s1), but the worker released it 1.0 s later, at 2026-12-07T06:00:04.000Z, so the lease no longer holds",
+    );
+  });
+
+  it("says the lease ended when a later epoch was granted with no release logged in between", () => {
+    const [resumed] = told([event("lease_resumed", 3, null, 1), event("lease_granted", 5, null, 2)]);
+    expect(resumed).toBe(
+      "epoch 1 resumed by worker w1, reconnected in time (session s1); the lease ended before epoch 2 was granted 2.0 s later, at 2026-12-07T06:00:05.000Z",
+    );
+  });
+});

@@ -828,6 +828,16 @@ describe("work leases", () => {
     expect(got.attempts.map((a) => a.outcome)).toEqual([AttemptOutcome.FAILED, AttemptOutcome.FAILED]);
   });
 
+  it("says one attempt in the singular when a retryable failure has no attempt left", async () => {
+    const w = await worker("w1");
+    const id = await submit({ retryPolicy: { maxAttempts: 1 } });
+    await tick().dispatch();
+    await w.complete(await w.next("grant"), { error: "flaky", retryable: true });
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.FAILED, failureCount: 1 });
+    expect(got.action?.failureReason).toBe("failed after 1 attempt (max_attempts 1): flaky");
+  });
+
   it("fails a non-retryable failure at once", async () => {
     const w = await worker("w1");
     const id = await submit();

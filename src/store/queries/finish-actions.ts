@@ -128,7 +128,9 @@ f_input as (
           failure_count = a.failure_count + case when d.kind = 'failed' then 1 else 0 end,
           failure_reason = case
             when d.next_state = 'FAILED' and d.retryable then
-              'failed after ' || (d.failure_count + 1) || ' attempts (max_attempts ' || d.max_attempts || '): '
+              'failed after ' || (d.failure_count + 1)
+              || case when d.failure_count = 0 then ' attempt' else ' attempts' end
+              || ' (max_attempts ' || d.max_attempts || '): '
               || coalesce(d.error->>'message', '')
             when d.next_state = 'FAILED' then 'failed (not retryable): ' || coalesce(d.error->>'message', '')
             else a.failure_reason end,

@@ -13,6 +13,25 @@ import {
   withServer,
 } from "./output.js";
 
+/**
+ * The KIND column is as wide as the longest kind's name, so that every
+ * message starts in one column, with --follow too (where the events to come
+ * cannot be measured first).
+ */
+const KIND_WIDTH = Math.max(
+  ...Object.keys(EventKind)
+    .filter((name) => Number.isNaN(Number(name)))
+    .map((name) => name.length),
+);
+
+/** One event as `leasehold events` prints it: TIME SEQUENCE KIND ACTOR MESSAGE. */
+export function eventLine(e: Event): string {
+  const kind = enumName(EventKind, e.kind).toLowerCase();
+  // The principal whose call caused the event, "-" for the server's own decisions (expiries, TTL rollbacks).
+  const actor = e.actor || "-";
+  return `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(KIND_WIDTH)} ${actor.padEnd(16)} ${e.message}`;
+}
+
 /** `leasehold events [--follow]`. */
 export function eventCommand(): Command {
   return new Command("events")
@@ -35,17 +54,9 @@ export function eventCommand(): Command {
             cluster: (o.cluster as string | undefined) ?? "",
             kind: (o.kind as EventKind | undefined) ?? EventKind.UNSPECIFIED,
           };
-          // Columns: TIME SEQUENCE KIND ACTOR MESSAGE. The actor is the principal whose call caused
-          // the event, "-" for the server's own decisions (expiries, TTL rollbacks).
           const print = (e: Event) => {
             if (g.json) printJson(messageJson(EventSchema, e));
-            else {
-              const kind = enumName(EventKind, e.kind).toLowerCase();
-              const actor = e.actor || "-";
-              printLine(
-                `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(22)} ${actor.padEnd(16)} ${e.message}`,
-              );
-            }
+            else printLine(eventLine(e));
           };
           if (o.follow) {
             // Replays stored events, then follows with no gap; after a server

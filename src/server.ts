@@ -44,6 +44,7 @@ import {
   type Db,
   isTransientConnectError,
   openDatabaseWhenReachable,
+  ReadOnlyDatabase,
   redactUrl,
   retryDelay,
 } from "./store/database.js";
@@ -549,7 +550,12 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       const watch = watchDatabase(database.ping, {
         everyMs: config.heartbeatIntervalMs,
         lost: (cause) => {
-          log.error({ err: cause }, "database unreachable; NOT_SERVING until it answers again");
+          log.error(
+            { err: cause },
+            cause instanceof ReadOnlyDatabase
+              ? "database unreachable for writes (read-only); NOT_SERVING until it takes writes again"
+              : "database unreachable; NOT_SERVING until it answers again",
+          );
           databaseUnreachable = true;
           rpc.markNotServing();
           gate.pause(cause.message);

@@ -15,27 +15,65 @@ import { driverError } from "../store/rows.js";
 export const ERROR_DOMAIN = "leasehold.dev";
 
 /**
- * SQLSTATEs and driver error codes, and the status each becomes. This table
- * and {@link toLeaseholdError} are the one place where storage errors turn
- * into statuses. Serialization failures and deadlocks are retried by the
- * store first; reaching this table means the retries ran out.
+ * ErrorInfo reason of a storage error that says the database refused the
+ * statement before it did anything (see {@link REFUSED}): the same reason
+ * the server gives calls it refuses while its watch finds the database
+ * unreachable (startup-gate.ts), so a client takes the call to another server
+ * as it is (rpc/failover.ts, the agents).
+ */
+const DATABASE_UNREACHABLE = "DATABASE_UNREACHABLE";
+
+/**
+ * SQLSTATEs and driver codes of a database that cannot take the call, and
+ * refused it before running anything of it: nothing was written, so another
+ * server may take the call as it is. Answered UNAVAILABLE, reason
+ * DATABASE_UNREACHABLE. 25006 read_only_sql_transaction is a database that
+ * refuses writes: a hot standby, a primary demoted under the servers, or
+ * `default_transaction_read_only` set; it was INTERNAL, and the CLI did not
+ * try its next --server. The others never got a connection: 57P03
+ * cannot_connect_now (starting up, shutting down, in recovery), 53300
+ * too_many_connections, 08001 and 08004 (the server could not establish one,
+ * or rejected it), a refused or timed-out connect.
+ */
+const REFUSED: ReadonlyArray<readonly [test: (code: string) => boolean, message: string]> = [
+  [
+    (c) => c === "25006",
+    "the database refuses writes (it is read-only: a standby, or a primary demoted or set read-only); nothing was done: retry later, or on another server",
+  ],
+  [
+    (c) => c === "57P03" || c === "53300" || c === "08001" || c === "08004",
+    "the database accepts no connection now; nothing was done: retry later, or on another server",
+  ],
+  [
+    (c) => c === "ECONNREFUSED" || c === "CONNECT_TIMEOUT",
+    "the database cannot be reached; nothing was done: retry later, or on another server",
+  ],
+];
+
+/**
+ * SQLSTATEs and driver error codes, and the status each becomes. This table,
+ * {@link REFUSED} and {@link toLeaseholdError} are the one place where
+ * storage errors turn into statuses. Serialization failures and deadlocks are
+ * retried by the store first; reaching this table means the retries ran out.
+ * The UNAVAILABLE ones here keep a reason of their own (`SQLSTATE_<code>`),
+ * not DATABASE_UNREACHABLE: a connection lost while a statement ran (08006, a
+ * reset, 57P01 admin_shutdown, 57P02 crash_shutdown) may have lost the answer
+ * to a commit that was made, so the call's outcome is not known.
  */
 const SQL_CODES: ReadonlyArray<readonly [test: (code: string) => boolean, Code, string]> = [
   [(c) => c === "23505", Code.AlreadyExists, "the entity already exists"],
   [(c) => c === "23503", Code.FailedPrecondition, "a referenced entity does not exist"],
   [(c) => c === "40001" || c === "40P01", Code.Aborted, "a concurrent change conflicted; retry the call"],
   [(c) => c.startsWith("08"), Code.Unavailable, "the database connection failed; retry later"],
-  [(c) => c === "57P01" || c === "57P02" || c === "57P03", Code.Unavailable, "the database is unavailable"],
+  [(c) => c === "57P01" || c === "57P02", Code.Unavailable, "the database is unavailable"],
   [(c) => c.startsWith("53"), Code.Unavailable, "the database is out of resources; retry later"],
   [
     (c) =>
-      c === "ECONNREFUSED" ||
       c === "ECONNRESET" ||
       c === "ETIMEDOUT" ||
       c === "CONNECTION_CLOSED" ||
       c === "CONNECTION_ENDED" ||
-      c === "CONNECTION_DESTROYED" ||
-      c === "CONNECT_TIMEOUT",
+      c === "CONNECTION_DESTROYED",
     Code.Unavailable,
     "the database cannot be reached; retry later",
   ],
@@ -60,6 +98,14 @@ export function toLeaseholdError(error: unknown): LeaseholdError {
   const driver = driverError(error);
   if (driver !== undefined) {
     const { code, severity } = driver;
+    for (const [test, message] of REFUSED) {
+      if (test(code))
+        return new LeaseholdError(Code.Unavailable, message, {
+          reason: DATABASE_UNREACHABLE,
+          metadata: { sqlstate: code },
+          cause: error,
+        });
+    }
     for (const [test, status, message] of SQL_CODES) {
       if (test(code))
         return new LeaseholdError(status, message, { reason: `SQLSTATE_${code}`, cause: error });

@@ -35,7 +35,9 @@ const MAX_STEP_MS = 100;
  * - A check is one round trip (`ping`) on a connection of its own, every
  *   `everyMs` after the previous check ended.
  * - A check **fails with an error** when the database or the network says no
- *   (connection refused or reset, the server shutting down, an SQL error).
+ *   (connection refused or reset, the server shutting down, an SQL error), or
+ *   when the database answers that it refuses writes (a standby, a demoted
+ *   primary: `ping` reads it in the same round trip).
  *   That is a real answer, so it is acted on quickly: the check is repeated at
  *   once (a fresh connection), and a second error makes the database
  *   unreachable. Detection of a stopped PostgreSQL takes one interval plus a

@@ -32,7 +32,8 @@ export interface Database extends AsyncDisposable {
   /**
    * PostgreSQL only: one round trip on a connection of its own, so that a pool
    * busy with long statements (thousands of sessions renewed at once) is not
-   * mistaken for an unreachable database.
+   * mistaken for an unreachable database. It fails with {@link ReadOnlyDatabase}
+   * when the database answers but cannot take writes.
    */
   readonly ping?: () => Promise<void>;
   /**
@@ -109,6 +110,19 @@ export function isTransientConnectError(error: unknown): boolean {
     e = (e as { cause?: unknown }).cause;
   }
   return false;
+}
+
+/**
+ * A database check found the database answering but refusing writes (in
+ * recovery, or `transaction_read_only` on); `code` is the SQLSTATE its writes
+ * fail with.
+ */
+export class ReadOnlyDatabase extends Error {
+  readonly code = "25006";
+  constructor() {
+    super("the database refuses writes: it is read-only (a standby, or a primary demoted or set read-only)");
+    this.name = "ReadOnlyDatabase";
+  }
 }
 
 /** The URL without its password, for messages and logs. */
@@ -399,10 +413,15 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
         pinger = postgres(url, { ...quiet, max: 1 });
         silent.end({ timeout: 0 }).catch(() => {});
       }
-      const check = pinger`select 1`;
+      // In the same round trip: whether it takes writes. A standby, or a primary demoted or set
+      // read-only, answers every check but refuses every write (SQLSTATE 25006): for the
+      // agents and the clients that is a database lost as much as one that is down.
+      const check = pinger<{ read_only: boolean }[]>`
+        select pg_is_in_recovery() or current_setting('transaction_read_only') = 'on' as read_only`;
       pinging = check;
       try {
-        await check;
+        const [row] = await check;
+        if (row?.read_only) throw new ReadOnlyDatabase();
       } finally {
         if (pinging === check) pinging = undefined;
       }

@@ -42,4 +42,26 @@ describe("statuses", () => {
     toStatusObject(new Error("later"), log, "svc/M");
     expect(lines.at(-1)).toMatchObject({ suppressed: 15, err: { message: "later" } });
   });
+
+  it("answer a database that refused before doing anything UNAVAILABLE, reason DATABASE_UNREACHABLE; one lost mid-statement keeps its own", () => {
+    const log = pino({ level: "silent" });
+    const answer = (code: string, severity = "ERROR") => {
+      const error = Object.assign(new Error("driver"), { name: "PostgresError", code, severity });
+      const status = toStatusObject(error, log, "m");
+      return { code: status.code as number, reason: statusDetails(status.metadata).reason };
+    };
+    const refused = { code: Code.Unavailable, reason: "DATABASE_UNREACHABLE" };
+    // A read-only database: a standby, a demoted primary, default_transaction_read_only.
+    expect(answer("25006")).toEqual(refused);
+    expect(answer("57P03", "FATAL")).toEqual(refused);
+    expect(answer("53300", "FATAL")).toEqual(refused);
+    expect(answer("ECONNREFUSED")).toEqual(refused);
+    // Lost while a statement ran: a commit may have been made, so no claim that nothing was.
+    expect(answer("57P01", "FATAL")).toEqual({ code: Code.Unavailable, reason: "SQLSTATE_57P01" });
+    expect(answer("08006", "FATAL")).toEqual({ code: Code.Unavailable, reason: "SQLSTATE_08006" });
+    expect(answer("CONNECTION_CLOSED")).toEqual({
+      code: Code.Unavailable,
+      reason: "SQLSTATE_CONNECTION_CLOSED",
+    });
+  });
 });

@@ -413,8 +413,52 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     // Set by the database watch below: health is NOT_SERVING while it lasts, and heartbeat acks
     // say so until a renewal answers (lease-manager.ts, ackSaysUnreachable; worker.proto).
     let databaseUnreachable = false;
+    let closing: Promise<void> | undefined;
+    /**
+     * What finds the database lost: the watch's checks, a renewal that hangs on
+     * its connection (lease-manager.ts, renewalHung), or both. It is back once
+     * neither does.
+     */
+    const lostBy = new Set<"checks" | "renewal">();
+    const databaseLost = (by: "checks" | "renewal", cause: Error, message: string) => {
+      const first = lostBy.size === 0;
+      lostBy.add(by);
+      if (!first) return;
+      log.error({ err: cause }, message);
+      databaseUnreachable = true;
+      rpc.markNotServing();
+      gate.pause(cause.message);
+    };
+    const databaseBack = (by: "checks" | "renewal") => {
+      if (!lostBy.delete(by) || lostBy.size > 0) return;
+      log.info("database reachable again; serving");
+      databaseUnreachable = false;
+      gate.resume();
+      if (!closing) rpc.markServing();
+      // Whatever was missed while it was gone: look again.
+      feed.publish(QUEUE_TOPIC);
+      feed.publish(EVENTS_TOPIC);
+    };
+    const abandonRenewalConnection = database.abandonRenewalConnection;
     const manager = createLeaseManager({
       databaseUnreachable: () => databaseUnreachable,
+      // A renewal that hangs is a database lost (PostgreSQL; PGlite runs in this process).
+      ...(timers && abandonRenewalConnection && database.ping
+        ? {
+            renewalHung: {
+              hung: (cause: Error) => {
+                // Not queued behind it: the next renewal runs on a fresh connection.
+                abandonRenewalConnection();
+                databaseLost(
+                  "renewal",
+                  cause,
+                  "database unreachable: a renewal got no answer; NOT_SERVING, and renewing on a fresh connection",
+                );
+              },
+              back: () => databaseBack("renewal"),
+            },
+          }
+        : {}),
       db,
       ...(renewalDb ? { renewalDb } : {}),
       clock,
@@ -533,7 +577,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       });
       cleanup.push((consoleServer as ConsoleServer).close);
     }
-    rpc.markServing();
+    if (!databaseUnreachable) rpc.markServing();
     log.info(
       {
         port: rpc.port,
@@ -549,26 +593,15 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       // The rule that tells an outage from a busy process is in database-watch.ts.
       const watch = watchDatabase(database.ping, {
         everyMs: config.heartbeatIntervalMs,
-        lost: (cause) => {
-          log.error(
-            { err: cause },
+        lost: (cause) =>
+          databaseLost(
+            "checks",
+            cause,
             cause instanceof ReadOnlyDatabase
               ? "database unreachable for writes (read-only); NOT_SERVING until it takes writes again"
               : "database unreachable; NOT_SERVING until it answers again",
-          );
-          databaseUnreachable = true;
-          rpc.markNotServing();
-          gate.pause(cause.message);
-        },
-        back: () => {
-          log.info("database reachable again; serving");
-          databaseUnreachable = false;
-          gate.resume();
-          if (!closing) rpc.markServing();
-          // Whatever was missed while it was gone: look again.
-          feed.publish(QUEUE_TOPIC);
-          feed.publish(EVENTS_TOPIC);
-        },
+          ),
+        back: () => databaseBack("checks"),
         checked: (check, startedAtMs) => {
           // Even one failed check: the deadlines stored meanwhile may be stale (see databaseChecked).
           manager.databaseChecked(check.ok, !check.ok && check.kind === "timeout" ? startedAtMs : undefined);
@@ -591,7 +624,6 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       cleanup.push(async () => takeBack.stop());
     }
 
-    let closing: Promise<void> | undefined;
     const close = () => {
       closing ??= (async () => {
         // While the streams are open: every worker's deadline is made to count a whole grace

@@ -43,6 +43,14 @@ export interface Database extends AsyncDisposable {
    * the agents of healthy streams self-fenced and their work ran again.
    */
   readonly renewalDb?: Db;
+  /**
+   * PostgreSQL only: drops the connection under {@link renewalDb} at once,
+   * without waiting for what runs on it (its statements fail with
+   * CONNECTION_DESTROYED), and puts a fresh one in its place: the next
+   * renewal runs on a new connection, not queued behind a hung backend or a
+   * connection a middlebox forgot, which may never answer.
+   */
+  abandonRenewalConnection?(): void;
   /** Closes the pool (postgres) or the embedded database (PGlite). Idempotent. */
   close(): Promise<void>;
 }
@@ -375,27 +383,37 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
     await migrator.end({ timeout: 5 });
   }
   const client = postgres(url, { ...quiet, max: poolSize });
-  // The renewal's own connection (see Database.renewalDb).
-  const renewer = postgres(url, { ...quiet, max: 1 });
+  // The renewal's own connection (see Database.renewalDb), replaced when it hangs
+  // (abandonRenewalConnection): `renewalDb` runs on whichever is current.
+  const openRenewer = () => postgres(url, { ...quiet, max: 1 });
+  let renewer = openRenewer();
   // The database watch's own connection (see ping below).
   let pinger = postgres(url, { ...quiet, max: 1 });
   /** The check in flight, until it is answered. */
   let pinging: Promise<unknown> | undefined;
+  let closed = false;
   const db = drizzlePostgres(client, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
-  const renewalDb = drizzlePostgres(renewer, { schema, ...(logger ? { logger } : {}) }) as unknown as Db;
+  const renewalDb = drizzlePostgres(
+    forwarding(renewer, () => renewer),
+    {
+      schema,
+      ...(logger ? { logger } : {}),
+    },
+  ) as unknown as Db;
   const dialect = new PgDialect();
   for (const [handle, sql] of [
-    [db, client],
-    [renewalDb, renewer],
+    [db, () => client],
+    [renewalDb, () => renewer],
   ] as const) {
     registerPreparedRunner(handle, (query) => {
       const { sql: text, params } = simpleQueryText(query) ?? dialect.sqlToQuery(query);
       logger?.logQuery(text);
-      return sql.unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
+      return sql().unsafe(text, params as postgres.ParameterOrJSON<never>[], { prepare: true });
     });
   }
   return {
     ...handle(db, "postgres", async () => {
+      closed = true;
       await Promise.all([
         client.end({ timeout: 5 }),
         renewer.end({ timeout: 5 }),
@@ -403,6 +421,14 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
       ]);
     }),
     renewalDb,
+    abandonRenewalConnection() {
+      if (closed) return;
+      const hung = renewer;
+      renewer = openRenewer();
+      // drizzle sets its type parsers on the client it is given; the fresh one needs them too.
+      drizzlePostgres(renewer);
+      hung.end({ timeout: 0 }).catch(() => {});
+    },
     ping: async () => {
       if (pinging) {
         // The last check never got its answer: its connection went silent (a hung backend, a
@@ -431,6 +457,23 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
       return { unlisten };
     },
   };
+}
+
+/**
+ * A postgres.js client that forwards every use to `current()`, so that the
+ * connection under a drizzle handle can be replaced while the handle stays
+ * (drizzle keeps the client it was given). `first` is current at the start.
+ */
+function forwarding(first: postgres.Sql, current: () => postgres.Sql): postgres.Sql {
+  return new Proxy(first, {
+    apply: (_target, thisArg, args) =>
+      Reflect.apply(current() as unknown as (...a: unknown[]) => unknown, thisArg, args),
+    get: (_target, key) => {
+      const client = current();
+      const value: unknown = Reflect.get(client, key, client);
+      return typeof value === "function" ? value.bind(client) : value;
+    },
+  });
 }
 
 function handle(db: Db, driver: Database["driver"], end: () => Promise<void>): Database {

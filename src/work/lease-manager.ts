@@ -3,6 +3,7 @@ import { Code, LeaseholdError } from "../errors.js";
 import { createBatcher } from "../store/batcher.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
+import { checkOnce } from "../store/database-watch.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
 import { FORGET_BATCH, forgetWorkers } from "../store/queries/forget-workers.js";
 import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
@@ -53,6 +54,19 @@ export interface LeaseManagerOptions {
   readonly db: Db;
   /** Where sessions are renewed (Database.renewalDb); default `db`. */
   readonly renewalDb?: Db;
+  /**
+   * PostgreSQL: what to do when a renewal hangs: one of its statements gets
+   * no answer for {@link renewalHangMs} of time this process's event loop was
+   * free to hear one (as the database watch judges a check,
+   * store/database-watch.ts). `hung` with why, for every statement that hangs
+   * (the server reports its database lost, as the watch does, and drops the
+   * renewal's connection for a fresh one, on which the failed renewal is
+   * tried again a quarter interval later), then `back` once a renewal is
+   * stored again, or finds no stream left to renew. Meanwhile heartbeat acks
+   * say database_unreachable. None: a renewal may wait as long as it takes
+   * (PGlite, which runs in this process).
+   */
+  readonly renewalHung?: { hung(cause: Error): void; back(): void };
   readonly clock: Clock;
   readonly feed: ChangeFeed;
   readonly log: Logger;
@@ -437,6 +451,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       });
     },
     answered: (ok) => noteAnswer(ok, performance.now()),
+    ...(options.renewalHung ? { sent: (statement: Promise<unknown>) => watchForHang(statement) } : {}),
   });
   /** The watch's verdict (health NOT_SERVING): it changes only at its checks. */
   const databaseUnreachable = options.databaseUnreachable ?? (() => false);
@@ -453,9 +468,16 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    * until a renewal answers. A renewal stored while the watch still waits for
    * its next check would otherwise come in an ack saying the database is
    * gone, and send the agents away from a server that renews them again; the
-   * next failed check (the database still flapping) says so again.
+   * next failed check (the database still flapping) says so again. And from
+   * a renewal that hangs until one is stored again, whatever the checks say.
    */
-  const ackSaysUnreachable = () => databaseUnreachable() && !lastAnswer.ok;
+  const ackSaysUnreachable = () => renewalHangs || (databaseUnreachable() && !lastAnswer.ok);
+  /**
+   * A renewal statement got no answer for renewalHangMs, and no renewal has
+   * been stored since: the deadlines stored count down, whatever the watch's
+   * checks (on connections of their own) answer.
+   */
+  let renewalHangs = false;
   const rebalancer = createRebalancer({
     hosted,
     log,
@@ -491,25 +513,62 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    * no stream to renew wrote nothing and proves nothing (`false`, see Loops.every).
    */
   const renew = async (): Promise<boolean> => {
+    const started = performance.now();
+    // A stalled database (a lock on sessions), a hung backend: the renewal waits, and the
+    // deadlines stored count down meanwhile. Said as soon as it has waited half the grace
+    // period, not when (if ever) it ends, or the agents' self-fences look unexplained. The
+    // time includes this process's own lateness (a saturated event loop), which the line
+    // cannot tell apart.
+    let warned = false;
+    const halfGrace = setTimeout(() => {
+      warned = true;
+      log.warn(
+        { waitingMs: Math.round(performance.now() - started), graceMs },
+        "a renewal has been waiting for more than half the grace period (for the database, or for this process's own busy event loop): stored deadlines lag by as much, and agents may self-fence",
+      );
+    }, graceMs / 2);
+    halfGrace.unref();
     try {
-      const started = performance.now();
-      if ((await renewal.renew()) === false) return false;
-      // A stalled database (a lock on sessions) answers checks but renews nobody meanwhile:
-      // say so, or the agents' self-fences after it look unexplained. The time includes this
-      // process's own lateness (a saturated event loop), which the line cannot tell apart.
-      const waitedMs = performance.now() - started;
-      if (waitedMs > graceMs / 2) {
-        log.warn(
-          { waitedMs: Math.round(waitedMs), graceMs },
-          "a renewal took more than half the grace period (waiting for the database, or for this process's own busy event loop): stored deadlines lagged by as much, and agents may have self-fenced",
-        );
+      const renewed = await renewal.renew();
+      // Stored on a fresh connection, or no stream is left to renew (one hang must not keep a
+      // process NOT_SERVING that hosts nobody: the watch still judges the database itself).
+      if (renewalHangs) {
+        renewalHangs = false;
+        options.renewalHung?.back();
       }
+      if (renewed === false) return false;
       reaper.databaseAnswered("renewal");
       return true;
     } catch (error) {
       reaper.databaseFailed("renewal");
       throw error;
+    } finally {
+      clearTimeout(halfGrace);
+      if (warned)
+        log.info({ waitedMs: Math.round(performance.now() - started) }, "the slow renewal has ended");
     }
+  };
+  /**
+   * A renewal statement that gets no answer is a database this process has
+   * lost, though its watch's checks (on a connection of their own) answer: it
+   * renews none of its streams, which other processes reap at their stored
+   * deadlines. Judged as the watch judges a check (checkOnce: time the event
+   * loop was busy does not count), so a busy process is not taken for a hung
+   * database; and statement by statement, so a slow renewal that goes on
+   * answering (several chunks, renewed again after a stall) is not either.
+   */
+  const watchForHang = (running: Promise<unknown>) => {
+    const limitMs = renewalHangMs(graceMs, options.heartbeatIntervalMs);
+    void checkOnce(() => running.then(() => undefined), limitMs).result.then((check) => {
+      if (check.ok || check.kind !== "timeout" || closed) return;
+      renewalHangs = true;
+      noteAnswer(false, performance.now());
+      options.renewalHung?.hung(
+        new Error(
+          `a renewal of the sessions' deadlines got no answer on its connection (${check.cause.message})`,
+        ),
+      );
+    });
   };
 
   /** Forgets the workers and sessions past their retention, a batch at a time. */
@@ -679,6 +738,27 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       return { connectedWorkers: hosted.size, leasesHeld, streamsHeldBack };
     },
   };
+}
+
+/**
+ * How long a renewal statement may go unanswered before the process takes its
+ * database as lost (LeaseManagerOptions.renewalHung): two heartbeat intervals,
+ * as many as the database watch's checks in a row (store/database-watch.ts),
+ * so that agents hear of it as early as they would of an outage; less when the
+ * grace period leaves less room. The deadlines stored last count from
+ * heartbeats up to an interval older than that renewal, which ran up to an
+ * interval before the one that hangs, and the renewal tried again on a fresh
+ * connection a quarter interval after the verdict must land before them:
+ * grace − 2¼ intervals, and never less than half an interval (a statement
+ * may wait a quarter interval for a row lock before it renews the others).
+ * With the defaults (10 s, 2 s): 4 s; with a grace of three intervals, the
+ * least allowed: 0.75 interval.
+ */
+export function renewalHangMs(graceMs: number, heartbeatIntervalMs: number): number {
+  return Math.max(
+    heartbeatIntervalMs / 2,
+    Math.min(2 * heartbeatIntervalMs, graceMs - 2.25 * heartbeatIntervalMs),
+  );
 }
 
 /** Streams with the same key can take the same actions: same cluster, same labels. */

@@ -107,9 +107,9 @@ describe("lease upkeep", () => {
 
   /**
    * Starts the server again, with a grace period of 3 s and an interval of 1 s, and renewals
-   * that wait `ms` for the database while `slow` is set.
+   * that wait `ms` for the database while `slow` is set, or until `wait` resolves.
    */
-  const withSlowRenewal = async (ms: number) => {
+  const withSlowRenewal = async (ms: number, wait?: Promise<unknown>) => {
     await t[Symbol.asyncDispose]();
     const renewal = { slow: false };
     t = await startTestServer({
@@ -118,7 +118,8 @@ describe("lease upkeep", () => {
         clock,
         timers: false,
         wrapDb: intercepting(async (text, execute) => {
-          if (renewal.slow && RENEWAL.test(text)) await new Promise((resolve) => setTimeout(resolve, ms));
+          if (renewal.slow && RENEWAL.test(text))
+            await (wait ?? new Promise((resolve) => setTimeout(resolve, ms)));
           return execute();
         }),
       },
@@ -328,20 +329,28 @@ describe("lease upkeep", () => {
     expect(await expiredActions()).toEqual([id]);
   });
 
-  it("warns when a renewal took more than half the grace period", async () => {
-    // A lock on sessions held 1.6 s: more than half of the 3 s grace period.
-    const renewal = await withSlowRenewal(1600);
+  it("warns as soon as a renewal has waited more than half the grace period, not when it ends", async () => {
+    // A lock on sessions held until the warning: more than half of the 3 s grace period.
+    let letGo = () => {};
+    const renewal = await withSlowRenewal(0, new Promise<void>((resolve) => (letGo = resolve)));
     await worker("w1");
     await tick().renew();
     expect(t.logs.some((l) => l.level === 40)).toBe(false);
     renewal.slow = true;
-    await tick().renew();
-    expect(t.logs.find((l) => l.level === 40)).toMatchObject({
-      msg: expect.stringMatching(
-        /^a renewal took more than half the grace period \(waiting for the database, or/,
-      ),
-      graceMs: 3000,
-    });
+    let ended = false;
+    const renewing = tick()
+      .renew()
+      .finally(() => {
+        ended = true;
+      });
+    const warning =
+      "a renewal has been waiting for more than half the grace period (for the database, or for this process's own busy event loop): stored deadlines lag by as much, and agents may self-fence";
+    await waitForLog(warning);
+    expect(ended).toBe(false);
+    expect(t.logs.find((l) => l.level === 40)).toMatchObject({ msg: warning, graceMs: 3000 });
+    letGo();
+    await renewing;
+    await waitForLog("the slow renewal has ended");
   });
 
   it("counts the time its renewal waited against the time left it promises, not in its favour", async () => {

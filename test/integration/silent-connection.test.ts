@@ -1,8 +1,8 @@
-import { createServer, type Server, type Socket, connect as tcpConnect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { checkOnce } from "../../src/store/database-watch.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import { type SilencingProxy, silencingProxy } from "../helpers/silencing-proxy.js";
 
 /**
  * A connection that goes silent (a hung backend, a middlebox that forgot it)
@@ -36,47 +36,3 @@ describe.runIf(runsPostgresTests())("the database check after its connection wen
     expect(await checkOnce(ping, 5000).result).toEqual({ ok: true });
   });
 });
-
-interface SilencingProxy {
-  readonly port: number;
-  /** From now on, nothing more passes on the connections open now; new ones work. */
-  silenceOpenConnections(): void;
-  close(): void;
-}
-
-/** A TCP proxy to host:port whose open connections can be made silent, as a dead peer's are. */
-async function silencingProxy(host: string, port: number): Promise<SilencingProxy> {
-  const open = new Set<{ silent: boolean; sockets: Socket[] }>();
-  const server: Server = createServer((client) => {
-    const upstream = tcpConnect(port, host);
-    const pair = { silent: false, sockets: [client, upstream] };
-    open.add(pair);
-    const forward = (from: Socket, to: Socket) =>
-      from.on("data", (chunk) => {
-        if (!pair.silent) to.write(chunk);
-      });
-    forward(client, upstream);
-    forward(upstream, client);
-    const end = () => {
-      open.delete(pair);
-      client.destroy();
-      upstream.destroy();
-    };
-    for (const s of pair.sockets) {
-      s.on("error", end);
-      s.on("close", end);
-    }
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  return {
-    port: typeof address === "object" && address ? address.port : 0,
-    silenceOpenConnections() {
-      for (const pair of open) pair.silent = true;
-    },
-    close() {
-      for (const pair of open) for (const s of pair.sockets) s.destroy();
-      server.close();
-    },
-  };
-}

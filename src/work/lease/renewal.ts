@@ -99,6 +99,8 @@ export function createRenewal(deps: {
    * the acks' `database_unreachable` follows it.
    */
   answered?: (ok: boolean) => void;
+  /** Given each renewal statement as it is sent, to watch for one that never answers. */
+  sent?: (statement: Promise<unknown>) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
   // A wait longer than a quarter interval would delay the tick itself.
@@ -115,14 +117,9 @@ export function createRenewal(deps: {
     for (let from = 0; from < streams.length; from += RENEW_CHUNK) {
       const chunk = streams.slice(from, from + RENEW_CHUNK);
       // Ages counted at each statement: a later chunk must not gain the time the earlier took.
-      const { deadlinesMs, dbNowMs, atMs, notRenewed } = await renewSessions(
-        db,
-        clock,
-        graceMs,
-        chunk,
-        performance.now(),
-        lockWaitMs,
-      );
+      const statement = renewSessions(db, clock, graceMs, chunk, performance.now(), lockWaitMs);
+      deps.sent?.(statement);
+      const { deadlinesMs, dbNowMs, atMs, notRenewed } = await statement;
       const offsetMs = dbOffsetMs(dbNowMs, atMs);
       const held: string[] = [];
       chunk.forEach((s, i) => {

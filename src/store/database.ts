@@ -78,8 +78,9 @@ export const MIGRATION_LOCK_KEY = 0x6c7365686f6c64n;
 
 /**
  * Driver and SQLSTATE codes of a database that is not reachable *yet*: down,
- * restarting, recovering from a crash, out of connection slots, or a name
- * that does not resolve yet (a database container still starting). Anything
+ * restarting, recovering from a crash, out of connection slots, read-only (a
+ * standby before its promotion), or a name that does not resolve yet (a
+ * database container still starting). Anything
  * else at connect time (28P01 wrong password, 28000 no pg_hba entry, 3D000
  * no such database, a malformed URL) is configuration: waiting would not fix it.
  */
@@ -108,6 +109,8 @@ const TRANSIENT_CONNECT_CODES: ReadonlyArray<(code: string) => boolean> = [
   (c) => c === "57P01" || c === "57P02" || c === "57P03",
   // insufficient_resources, e.g. 53300 too_many_connections
   (c) => c.startsWith("53"),
+  // read_only_sql_transaction: a standby not promoted yet, a demoted primary (the migrations write)
+  (c) => c === "25006",
 ];
 
 /** True when opening the database failed only because it cannot be reached yet. */

@@ -173,6 +173,10 @@ describe("a database error at start", () => {
     ["connection refused", { code: "ECONNREFUSED" }],
     ["the database system is starting up", { code: "57P03" }],
     ["too many connections", { code: "53300" }],
+    [
+      "a read-only database (a standby not promoted yet)",
+      { message: "Failed query", cause: { code: "25006" } },
+    ],
     ["a connect timeout", { code: "CONNECT_TIMEOUT" }],
     ["a name that does not resolve yet", { code: "ENOTFOUND" }],
     ["a wrapped connection reset", { message: "migration failed", cause: { code: "ECONNRESET" } }],

@@ -305,7 +305,14 @@ describe("deployments", () => {
     void next.next("revoke").then(() => {
       askedNext = true;
     });
-    const regrant = await next.next("grant");
+    // Heard while it waits out the lost agent's grace (4 s): unheard, its own session would end
+    // about as soon, and on a loaded machine one reap took both, leaving no one for the re-grant.
+    let beat = 1000;
+    const alive = setInterval(
+      () => next.send({ message: { case: "heartbeat", value: { sequence: BigInt(beat++) } } }),
+      500,
+    );
+    const regrant = await next.next("grant").finally(() => clearInterval(alive));
     expect(regrant.epoch).toBe(grant.epoch + 1n);
     const f = await collecting;
     expect(f.code).toBe(Code.Aborted);

@@ -34,6 +34,26 @@ describe("a deployment's outputs, saved through a server too busy for a moment",
     await t?.[Symbol.asyncDispose]();
   });
 
+  /**
+   * Starts `front` on a port of its own and an agent of cluster `runtime` whose deployment
+   * handler calls the ResourceService through it (its stream goes to the server itself).
+   */
+  async function agentBehind(front: grpc.Server, runtime: string, workerId: string) {
+    const port = await new Promise<number>((resolve, reject) =>
+      front.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
+        error ? reject(error) : resolve(p),
+      ),
+    );
+    const workDir = await mkdtemp(join(tmpdir(), `leasehold-${runtime}-`));
+    const agent = createAgent({
+      address: t.address,
+      cluster: runtime,
+      workerId,
+      handler: createDeploymentHandler({ address: `127.0.0.1:${port}`, workDir }),
+    });
+    return { workDir, agent };
+  }
+
   it("are saved once the server takes calls again", async () => {
     // The agent's ResourceService calls go through this front, which refuses the first two
     // uploads as the server does when it is busy, then passes everything on.
@@ -57,19 +77,8 @@ describe("a deployment's outputs, saved through a server too busy for a moment",
         );
       },
     });
-    const port = await new Promise<number>((resolve, reject) =>
-      front.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
-        error ? reject(error) : resolve(p),
-      ),
-    );
-    const workDir = await mkdtemp(join(tmpdir(), "leasehold-busy-"));
+    const { workDir, agent } = await agentBehind(front, "busy", "saver");
     const runtime = "busy";
-    const agent = createAgent({
-      address: t.address,
-      cluster: runtime,
-      workerId: "saver",
-      handler: createDeploymentHandler({ address: `127.0.0.1:${port}`, workDir }),
-    });
     try {
       const leases = t.client(LeaseService);
       const leaseId = (await leases.createLease({ runtime })).lease?.id ?? "";
@@ -116,19 +125,8 @@ describe("a deployment's outputs, saved through a server too busy for a moment",
         }
       },
     });
-    const port = await new Promise<number>((resolve, reject) =>
-      front.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, p) =>
-        error ? reject(error) : resolve(p),
-      ),
-    );
-    const workDir = await mkdtemp(join(tmpdir(), "leasehold-restarting-"));
+    const { workDir, agent } = await agentBehind(front, "restarting", "fetcher");
     const runtime = "restarting";
-    const agent = createAgent({
-      address: t.address,
-      cluster: runtime,
-      workerId: "fetcher",
-      handler: createDeploymentHandler({ address: `127.0.0.1:${port}`, workDir }),
-    });
     try {
       const leases = t.client(LeaseService);
       const leaseId = (await leases.createLease({ runtime })).lease?.id ?? "";

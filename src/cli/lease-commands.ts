@@ -571,6 +571,10 @@ export function resourceCommands(): Command[] {
     .option("--lease <id>", "create it inside this open lease")
     .option("--name <name>", "name to store (default: the file's base name)")
     .option("--content-type <type>", "media type")
+    .option(
+      "--request-id <id>",
+      "idempotency key: the same command again (after a lost answer) returns the file it created, not a second one",
+    )
     .description("Upload a file as a resource.")
     .action(async (path: string, o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
@@ -586,6 +590,7 @@ export function resourceCommands(): Command[] {
             name: o.name ?? basename(path),
             content,
             contentType: o.contentType ?? "",
+            requestId: o.requestId ?? "",
           })
           .catch((error: unknown) => {
             throw uploadRefused(error, path, content.byteLength);
@@ -613,6 +618,10 @@ export function resourceCommands(): Command[] {
     .requiredOption("--kind <kind>", "object kind (not file or deployment)")
     .option("--lease <id>", "create it inside this open lease")
     .option("--body <json>", "the object's JSON body, or @file to read it from a file (@- for stdin)", "{}")
+    .option(
+      "--request-id <id>",
+      "idempotency key: the same command again (after a lost answer) returns the object it created, not a second one",
+    )
     .description("Create a generic object resource.")
     .action(async (o: Record<string, string>, command: Command) =>
       withClients(command, async (c, json) =>
@@ -622,6 +631,7 @@ export function resourceCommands(): Command[] {
               kind: o.kind ?? "",
               leaseId: o.lease ?? "",
               body: (await jsonObjectOption("--body", o.body ?? "{}")) as never,
+              requestId: o.requestId ?? "",
             })
           ).resource,
           json,
@@ -681,6 +691,10 @@ export function resourceCommands(): Command[] {
     )
     .option("--lease <id>", "create it inside this open lease (it runs on the lease's runtime)")
     .option("--runtime <cluster>", "where it runs when created without --lease")
+    .option(
+      "--request-id <id>",
+      "idempotency key: the same command again (after a lost answer) returns the deployment it created, not a second one",
+    )
     .description(
       "Create a deployment. In a lease, follow it with `lease wait <lease-id>`; one created without a lease " +
         "(--runtime), or promoted out of its lease, has no lease to wait on: follow it with `resource get <id>`.",
@@ -708,6 +722,7 @@ export function resourceCommands(): Command[] {
           leaseId: o.lease ?? "",
           runtime: o.runtime ?? "",
           spec,
+          requestId: o.requestId ?? "",
         });
         printResource(r, json);
       }),

@@ -353,21 +353,27 @@ async function runInLease(
   /** A call that keeps trying through a server restart for `withinMs`, each try given the deadline. */
   const retried = <T>(call: (deadline: Date) => Promise<T>, withinMs = RESTART_WINDOW_MS) =>
     throughRestarts(call, { withinMs, signal, onRetry: unavailable });
+  // Request ids make the creates safe to try again through a restart: a retry whose first try
+  // was done gets what that try made, not a second fixture or a second running deployment.
   const inputs: { fileId: string; path: string }[] = [];
-  for (const fixture of m.fixtures) {
+  for (const [index, fixture] of m.fixtures.entries()) {
     signal.throwIfAborted();
-    const { resource } = await clients.resources
-      .createFile({ leaseId, name: fixture.name, content: fixture.content }, { signal })
-      .catch((error: unknown) => {
-        // A bad manifest for this server (exit 2, as README says), though the lease exists by now:
-        // the server's --max-file-size is its own setting, which no call tells before an upload.
-        throw uploadRefused(
-          error,
-          `fixture ${JSON.stringify(fixture.name)}`,
-          fixture.content.byteLength,
-          EXIT.usage,
-        );
-      });
+    const requestId = `lease-run/${leaseId}/fixture/${index}`;
+    const { resource } = await retried((deadline) =>
+      clients.resources.createFile(
+        { leaseId, name: fixture.name, content: fixture.content, requestId },
+        { signal, deadline },
+      ),
+    ).catch((error: unknown) => {
+      // A bad manifest for this server (exit 2, as README says), though the lease exists by now:
+      // the server's --max-file-size is its own setting, which no call tells before an upload.
+      throw uploadRefused(
+        error,
+        `fixture ${JSON.stringify(fixture.name)}`,
+        fixture.content.byteLength,
+        EXIT.usage,
+      );
+    });
     const fileId = resource?.id ?? "";
     inputs.push({ fileId, path: fixture.mount });
     emit("fixture_uploaded", {
@@ -380,9 +386,11 @@ async function runInLease(
 
   step.name = "create_deployment";
   signal.throwIfAborted();
-  const { resource } = await clients.resources.createDeployment(
-    { leaseId, spec: deploymentSpec(m.deployment, inputs) },
-    { signal },
+  const { resource } = await retried((deadline) =>
+    clients.resources.createDeployment(
+      { leaseId, spec: deploymentSpec(m.deployment, inputs), requestId: `lease-run/${leaseId}/deployment` },
+      { signal, deadline },
+    ),
   );
   const deploymentId = resource?.id ?? "";
   emit("deployment_created", { deployment_id: deploymentId });

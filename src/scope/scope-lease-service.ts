@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import { Code, LeaseholdError, quote } from "../errors.js";
+import { requestHash } from "../request-hash.js";
 import { findActions, listAttempts } from "../store/actions.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
@@ -15,6 +16,7 @@ import {
   deleteWorkspaceResource,
   deploymentActionIds,
   expireScopeLeases,
+  findRequestedResource,
   findResource,
   findResources,
   findScopeLease,
@@ -28,6 +30,7 @@ import {
   lockOpen,
   type NewResource,
   promoteResource,
+  type RequestIdReused,
   type ResourceFilter,
   type ResourceRecord,
   renewScopeLease,
@@ -131,9 +134,18 @@ export interface ScopeLeaseService extends AsyncDisposable {
     },
     actor: string,
   ): Promise<{ deleted: number; skippedOpen: number; skippedRunning: number }>;
-  /** Creates a file or object; `input.actor` is recorded on its `resource_created` event. */
-  createResource(input: NewResource): Promise<ResourceRecord>;
+  /**
+   * Creates a file or object; `input.actor` is recorded on its `resource_created` event.
+   * With `requestId` (the actor's idempotency key), a retry of the same request returns
+   * the resource the first call created, and the key's reuse for another request is
+   * ALREADY_EXISTS REQUEST_ID_REUSED.
+   */
+  createResource(
+    input: Omit<NewResource, "sha256" | "request"> & { readonly requestId?: string | undefined },
+  ): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
+  /** Whether `actor` created a resource with request id `requestId` that still exists. */
+  requested(actor: string, requestId: string): Promise<boolean>;
   /** The resources among `ids` that exist, by id, read at one moment (one statement). */
   findResources(ids: readonly string[]): Promise<Map<string, ResourceRecord>>;
   /**
@@ -174,12 +186,16 @@ export interface ScopeLeaseService extends AsyncDisposable {
    */
   inputLeasedTo(fileId: string, principal: string): Promise<string[]>;
   deleteResource(id: string, actor: string): Promise<void>;
-  /** Creates a deployment and queues the action that runs it on an agent of its runtime. */
+  /**
+   * Creates a deployment and queues the action that runs it on an agent of its runtime;
+   * `requestId` as for {@link createResource}.
+   */
   createDeployment(input: {
     leaseId: string | undefined;
     runtime: string | undefined;
     spec: JsonObject;
     actor: string;
+    requestId?: string | undefined;
   }): Promise<ResourceRecord>;
   /** The deployments among `resources`, with their observed state, by resource id. */
   deploymentsOf(resources: readonly ResourceRecord[]): Promise<Map<string, DeploymentView>>;
@@ -284,6 +300,16 @@ export function createScopeLeaseService(deps: {
     );
   };
   const isRefusal = (value: object): value is LeaseRefusal => "refused" in value;
+  /** ALREADY_EXISTS for a request id the caller used before for a different create request. */
+  const reused = (requestId: string | undefined, refusal: RequestIdReused): LeaseholdError =>
+    new LeaseholdError(
+      Code.AlreadyExists,
+      `request_id ${quote(requestId ?? "")} was already used for a different request (resource ${refusal.resourceId}); use a new request_id for a new resource`,
+      {
+        reason: "REQUEST_ID_REUSED",
+        metadata: { resource_id: refusal.resourceId, request_id: requestId ?? "" },
+      },
+    );
 
   /** Tells the holders of destroyed deployments' leases to stop, once the destroy committed. */
   function revokeEnded(revokes: readonly HeldToken[], reason: RevokeReason, message: string): void {
@@ -677,7 +703,12 @@ export function createScopeLeaseService(deps: {
         });
       }
       const sha256 = input.content ? createHash("sha256").update(input.content).digest("hex") : undefined;
-      const result = await insertResource(db, clock, { ...input, ...(sha256 ? { sha256 } : {}) });
+      const requestId = input.requestId;
+      // The request as sent, its content by hash: a retry of the same file, not just of the name.
+      const sent = { ...input, requestId: undefined, content: undefined, sha256 };
+      const request = requestId ? { id: requestId, hash: requestHash(sent) } : undefined;
+      const result = await insertResource(db, clock, { ...input, ...(sha256 ? { sha256 } : {}), request });
+      if ("refused" in result && result.refused === "request_id_reused") throw reused(requestId, result);
       if ("refused" in result && result.refused === "run_not_held") {
         const run = input.outputOf;
         throw LeaseholdError.failedPrecondition(
@@ -702,6 +733,7 @@ export function createScopeLeaseService(deps: {
       return resource;
     },
     findResources: (ids) => findResources(db, ids),
+    requested: async (actor, requestId) => (await findRequestedResource(db, actor, requestId)) !== undefined,
     async listResources(filter, size, pageToken, sizeOf) {
       const cursor = decodePageToken(pageToken, issuedFor("resources", filter));
       const { items, cut } = await listResourcePage(db, filter, cursor?.after, size + 1);
@@ -761,8 +793,12 @@ export function createScopeLeaseService(deps: {
       }
     },
     async createDeployment(input) {
+      const requestId = input.requestId;
       const result = await insertDeployment(db, clock, {
         ...input,
+        request: requestId
+          ? { id: requestId, hash: requestHash({ ...input, requestId: undefined }) }
+          : undefined,
         action: (deploymentId, runtime) => ({
           requestId: undefined,
           requestHash: undefined,
@@ -778,6 +814,7 @@ export function createScopeLeaseService(deps: {
           maxSystemRetries: ACTION_DEFAULTS.maxSystemRetries,
         }),
       });
+      if ("refused" in result && result.refused === "request_id_reused") throw reused(requestId, result);
       if ("refused" in result) throw refused(input.leaseId ?? "", result, "create a deployment in it");
       feed.publish(QUEUE_TOPIC);
       feed.publish(EVENTS_TOPIC);

@@ -336,6 +336,14 @@ export const resources = pgTable(
      */
     outputActionId: text("output_action_id"),
     outputEpoch: bigint("output_epoch", { mode: "number" }),
+    /**
+     * The client's idempotency key (Create*Request.request_id), unique per
+     * principal (`requested_by`, set with it) like actions' and leases'.
+     */
+    requestId: text("request_id"),
+    requestedBy: text("requested_by"),
+    /** Hash of the create request, to tell a retry from a conflicting reuse of request_id. */
+    requestHash: text("request_hash"),
   },
   (t) => [
     index("resources_lease_idx").on(t.leaseId, t.ownership),
@@ -346,6 +354,7 @@ export const resources = pgTable(
     index("resources_kind_idx").on(t.kind),
     // A deployment's action is kept past --history-retention while the deployment exists.
     index("resources_action_idx").on(t.actionId).where(sql`${t.actionId} is not null`),
+    uniqueIndex("resources_requested_by_request_id_key").on(t.requestedBy, t.requestId),
   ],
 );
 

@@ -250,6 +250,58 @@ export interface NewResource {
    * session `actor` opened, and is deleted if the run is lost before it ends.
    */
   readonly outputOf?: { readonly deploymentId: string; readonly epoch: number } | undefined;
+  /** The client's idempotency key, with a hash of its request (see {@link earlierRequest}). */
+  readonly request?: ResourceRequest | undefined;
+}
+
+/** A create request's idempotency key (per `actor`) and the hash of the request it was sent with. */
+export interface ResourceRequest {
+  readonly id: string;
+  readonly hash: string;
+}
+
+/** A request id that `actor` used before for another request: that one's resource. */
+export interface RequestIdReused {
+  readonly refused: "request_id_reused";
+  readonly resourceId: string;
+}
+
+/**
+ * The resource an earlier create of `actor` with the same request id made,
+ * if one exists: a retry, answered with it; or {@link RequestIdReused} when
+ * that request differed. Run first in the create's transaction: it holds a
+ * transaction-scoped advisory lock on (actor, request id), so two calls with
+ * one key (on any server) are taken one after the other and the second finds
+ * the first's resource; the unique index on (requested_by, request_id) backs
+ * that up.
+ */
+async function earlierRequest(
+  tx: Db,
+  actor: string,
+  request: ResourceRequest,
+): Promise<ResourceRecord | RequestIdReused | undefined> {
+  await queryRows(
+    tx,
+    sql`select pg_advisory_xact_lock(hashtextextended(${JSON.stringify(["resource request", actor, request.id])}, 0))`,
+  );
+  const earlier = await findRequestedResource(tx, actor, request.id);
+  if (!earlier) return undefined;
+  if (earlier.requestHash !== request.hash) return { refused: "request_id_reused", resourceId: earlier.id };
+  return earlier;
+}
+
+/** The resource `actor` created with request id `requestId`, with its request's hash, if it exists. */
+export async function findRequestedResource(
+  db: Db,
+  actor: string,
+  requestId: string,
+): Promise<(ResourceRecord & { readonly requestHash: string | null }) | undefined> {
+  const [row] = await queryRows<ResourceRow & { request_hash: string | null }>(
+    db,
+    sql`select ${RESOURCE_COLUMNS}, request_hash from resources
+        where requested_by = ${actor} and request_id = ${requestId}`,
+  );
+  return row && { ...resourceFromRow(row), requestHash: row.request_hash };
 }
 
 /** A file saved as the output of a run that is not (or no longer) held by the saving principal. */
@@ -277,9 +329,11 @@ export async function insertResource(
   db: Db,
   clock: Clock,
   input: NewResource,
-): Promise<ResourceRecord | LeaseRefusal | RunNotHeld> {
+): Promise<ResourceRecord | LeaseRefusal | RunNotHeld | RequestIdReused> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
+    const earlier = input.request && (await earlierRequest(tx, input.actor, input.request));
+    if (earlier) return earlier;
     let ownership: Ownership = input.leaseId ? "LEASE" : "WORKSPACE";
     /** The action of the run the file is an output of, checked held (and locked) below. */
     let outputAction: string | undefined;
@@ -302,13 +356,14 @@ export async function insertResource(
       sql`
         with inserted as (
           insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body,
-                                 output_action_id, output_epoch)
+                                 output_action_id, output_epoch, request_id, requested_by, request_hash)
           values (${uuidv7()}, ${input.kind}, ${ownership}, ${input.leaseId ?? null},
                   ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
                   ${input.sha256 ?? null}, ${input.contentType ?? null},
                   case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
                   ${input.body ? JSON.stringify(input.body) : null}::jsonb,
-                  ${outputAction ?? null}, ${outputAction ? (input.outputOf?.epoch ?? null) : null})
+                  ${outputAction ?? null}, ${outputAction ? (input.outputOf?.epoch ?? null) : null},
+                  ${requestColumns(input.actor, input.request)})
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
@@ -374,10 +429,14 @@ export async function insertDeployment(
     readonly action: (deploymentId: string, runtime: string) => NewAction;
     /** The creating principal: its action's `created_by` and the event's actor. */
     readonly actor: string;
+    /** The client's idempotency key, with a hash of its request (see {@link earlierRequest}). */
+    readonly request?: ResourceRequest | undefined;
   },
-): Promise<ResourceRecord | LeaseRefusal> {
+): Promise<ResourceRecord | LeaseRefusal | RequestIdReused> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
+    const earlier = input.request && (await earlierRequest(tx, input.actor, input.request));
+    if (earlier) return earlier;
     let runtime = input.runtime ?? "";
     if (input.leaseId) {
       const refusal = await lockOpen(tx, clock, input.leaseId);
@@ -395,9 +454,11 @@ export async function insertDeployment(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, created_at, body, action_id)
+          insert into resources (id, kind, ownership, lease_id, created_at, body, action_id,
+                                 request_id, requested_by, request_hash)
           values (${id}, 'deployment', ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
-                  ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId})
+                  ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId},
+                  ${requestColumns(input.actor, input.request)})
           returning ${RESOURCE_COLUMNS}
         ),
         event as (
@@ -411,6 +472,10 @@ export async function insertDeployment(
     return resourceFromRow(row as ResourceRow);
   });
 }
+
+/** The values of request_id, requested_by and request_hash for a new resource. */
+const requestColumns = (actor: string, request: ResourceRequest | undefined): SQL =>
+  request ? sql`${request.id}, ${actor}, ${request.hash}` : sql`null, null, null`;
 
 export async function findResource(db: Db, id: string): Promise<ResourceRecord | undefined> {
   const [row] = await queryRows<ResourceRow>(

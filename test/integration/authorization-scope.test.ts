@@ -1,12 +1,13 @@
-import * as grpc from "@grpc/grpc-js";
+import type * as grpc from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { accessOf, type RoleBinding } from "../../src/auth/access.js";
+import type { RoleBinding } from "../../src/auth/access.js";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { type Resource, ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { as, policyAccess } from "../helpers/principals.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus, statusDetails } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -29,21 +30,12 @@ const POLICY: Record<string, RoleBinding[]> = {
   admin: [binding("operator", ["*"])],
 };
 
-const as = (principal: string) => {
-  const metadata = new grpc.Metadata();
-  metadata.set("x-test-principal", principal);
-  return { metadata };
-};
-
 describe("authorization by cluster, owner and session", () => {
   let t: TestServer;
   beforeAll(async () => {
     t = await startTestServer({
       overrides: {
-        accessOf: (metadata) => {
-          const principal = String(metadata.get("x-test-principal")[0] ?? "nobody");
-          return accessOf(principal, POLICY[principal] ?? []);
-        },
+        accessOf: policyAccess(POLICY),
       },
     });
   });

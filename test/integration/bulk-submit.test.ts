@@ -2,7 +2,7 @@ import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
 import { sql } from "drizzle-orm";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { accessOf, type RoleBinding } from "../../src/auth/access.js";
+import type { RoleBinding } from "../../src/auth/access.js";
 import { Code } from "../../src/errors.js";
 import {
   ActionService,
@@ -17,6 +17,7 @@ import { LARGE_REQUEST_BYTES } from "../../src/rpc/large-calls.js";
 import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import { deferred } from "../helpers/deferred.js";
+import { as, policyAccess } from "../helpers/principals.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -29,12 +30,6 @@ const POLICY: Record<string, RoleBinding[]> = {
   alice: [...submitter(["bulk-*"]), { role: "agent", clusters: ["bulk-*"], workerIds: "*" }],
   bob: submitter(["bulk-a"]),
 };
-const as = (principal: string) => {
-  const metadata = new grpc.Metadata();
-  metadata.set("x-test-principal", principal);
-  return { metadata };
-};
-
 describe("ActionService.SubmitActions", () => {
   let t: TestServer;
   let db: Db;
@@ -64,10 +59,7 @@ describe("ActionService.SubmitActions", () => {
   beforeAll(async () => {
     t = await startTestServer({
       overrides: {
-        accessOf: (metadata) => {
-          const principal = String(metadata.get("x-test-principal")[0] ?? "nobody");
-          return accessOf(principal, POLICY[principal] ?? []);
-        },
+        accessOf: policyAccess(POLICY),
         onQuery: (query) => statements.push(query),
         wrapDb: (handle) => {
           db = handle;

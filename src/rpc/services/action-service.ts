@@ -1,4 +1,3 @@
-import { createHash } from "node:crypto";
 import { create, type DescMessage, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -21,6 +20,7 @@ import {
   SubmitActionsRequestSchema,
   WatchActionResponseSchema,
 } from "../../gen/leasehold/v1/action_pb.js";
+import { requestHash } from "../../request-hash.js";
 import { NO_TRACING, type Tracing, traceParentOf } from "../../telemetry.js";
 import {
   ACTION_DEFAULTS,
@@ -502,25 +502,8 @@ function checkSubmission(v: Violations, request: SubmitActionRequest, prefix: st
   };
   // Set afterwards, not with a spread (slow in V8: see toProtoAction). The hash is the same
   // as of the action without it: JSON leaves out a key whose value is undefined.
-  if (action.requestId) action.requestHash = hashOf(action);
+  if (action.requestId) action.requestHash = requestHash(action);
   return action;
-}
-
-/** A hash of the normalized request, independent of map and key order. */
-function hashOf(value: unknown): string {
-  const canonical = (x: unknown): unknown =>
-    Array.isArray(x)
-      ? x.map(canonical)
-      : x !== null && typeof x === "object"
-        ? Object.fromEntries(
-            Object.keys(x)
-              .sort()
-              .map((k) => [k, canonical((x as Record<string, unknown>)[k])]),
-          )
-        : x;
-  return createHash("sha256")
-    .update(JSON.stringify(canonical(value)))
-    .digest("hex");
 }
 
 const ts = (date: Date | null) => (date ? timestampFromDate(date) : undefined);

@@ -392,6 +392,37 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
 }
 
 /**
+ * Refuses a deployment that cannot be created now: in a lease that is not
+ * open, with an input that names no file, or one the caller may not read
+ * (the deployment's agent downloads its inputs).
+ */
+async function checkDeploymentCreate(
+  scope: ScopeLeaseService,
+  access: Access,
+  leaseId: string,
+  spec: DeploymentSpec,
+): Promise<void> {
+  // Before the inputs: a closed lease is why its own files named as inputs are gone (a
+  // rollback destroyed them), and the refusal says its state, as it does without inputs.
+  if (leaseId) await scope.requireOpen(leaseId, "create a deployment in it");
+  const v = new Violations();
+  const found = await scope.findResources(spec.inputs.map((input) => input.fileId));
+  const inputs: ResourceRecord[] = [];
+  for (const [i, input] of spec.inputs.entries()) {
+    const file = found.get(input.fileId);
+    if (file?.kind !== "file") v.add(`spec.inputs[${i}].file_id`, `no file resource ${quote(input.fileId)}`);
+    else inputs.push(file);
+  }
+  // The check above ran before the inputs were read: a rollback (on any server) between the
+  // two destroyed the lease's own files. A lease never opens again, so looking once more
+  // after the read tells whether it was closed when they went missing: its state is the answer.
+  if (leaseId && inputs.length < spec.inputs.length)
+    await scope.requireOpen(leaseId, "create a deployment in it");
+  v.throwIfAny();
+  for (const file of inputs) await requireOnResource(scope, access, "resource.read", file);
+}
+
+/**
  * ResourceService over the scope-lease service. A resource's cluster is the
  * runtime of the lease it was created in (kept after a promote or commit), or
  * a lease-less deployment's own runtime; a file or object without a lease
@@ -416,33 +447,21 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         checkName(v, "runtime", request.runtime);
       }
       checkDeploymentSpec(v, request.spec);
+      checkLength(v, "request_id", request.requestId, 128);
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId, { runtime: request.runtime });
-      // Before the inputs: a closed lease is why its own files named as inputs are gone (a
-      // rollback destroyed them), and the refusal says its state, as it does without inputs.
-      if (request.leaseId) await scope.requireOpen(request.leaseId, "create a deployment in it");
       const spec = request.spec as DeploymentSpec;
-      const found = await scope.findResources(spec.inputs.map((input) => input.fileId));
-      const inputs: ResourceRecord[] = [];
-      for (const [i, input] of spec.inputs.entries()) {
-        const file = found.get(input.fileId);
-        if (file?.kind !== "file")
-          v.add(`spec.inputs[${i}].file_id`, `no file resource ${quote(input.fileId)}`);
-        else inputs.push(file);
-      }
-      // The check above ran before the inputs were read: a rollback (on any server) between the
-      // two destroyed the lease's own files. A lease never opens again, so looking once more
-      // after the read tells whether it was closed when they went missing: its state is the answer.
-      if (request.leaseId && inputs.length < spec.inputs.length)
-        await scope.requireOpen(request.leaseId, "create a deployment in it");
-      v.throwIfAny();
-      // The deployment's agent downloads its inputs: the caller must be allowed to read them.
-      for (const file of inputs) await requireOnResource(scope, ctx.access, "resource.read", file);
+      // A retry of a create that made its deployment is answered with it (or refused as the
+      // request id's reuse) by the create below, whatever became of its lease and inputs since.
+      const retried =
+        request.requestId !== "" && (await scope.requested(ctx.access.actor, request.requestId));
+      if (!retried) await checkDeploymentCreate(scope, ctx.access, request.leaseId, spec);
       const resource = await scope.createDeployment({
         leaseId: request.leaseId || undefined,
         runtime: request.runtime || undefined,
         spec: toJson(DeploymentSpecSchema, spec) as JsonObject,
         actor: ctx.access.actor,
+        requestId: request.requestId || undefined,
       });
       const [created] = await withDeployments([resource]);
       return { resource: created };
@@ -458,6 +477,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         else checkLength(v, "output_of.deployment_id", run.deploymentId, 128);
         if (run.epoch < 1n) v.add("output_of.epoch", "must be at least 1 (the epoch of the agent's lease)");
       }
+      checkLength(v, "request_id", request.requestId, 128);
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId, { upload: true, outputOf: run !== undefined });
       const resource = await scope.createResource({
@@ -468,6 +488,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         ...(request.contentType ? { contentType: request.contentType } : {}),
         actor: ctx.access.actor,
         ...(run ? { outputOf: { deploymentId: run.deploymentId, epoch: Number(run.epoch) } } : {}),
+        requestId: request.requestId || undefined,
       });
       return { resource: toProtoResource(resource) };
     },
@@ -477,6 +498,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       if (request.kind === "file" || request.kind === "deployment") {
         v.add("kind", `"${request.kind}" has its own create call; pick another kind for a generic object`);
       }
+      checkLength(v, "request_id", request.requestId, 128);
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId);
       const resource = await scope.createResource({
@@ -484,6 +506,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         leaseId: request.leaseId || undefined,
         body: (request.body ?? {}) as JsonObject,
         actor: ctx.access.actor,
+        requestId: request.requestId || undefined,
       });
       return { resource: toProtoResource(resource) };
     },

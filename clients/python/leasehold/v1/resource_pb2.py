@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bleasehold/v1/resource.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"x\n\x08\x46ileInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x04R\tsizeBytes\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12!\n\x0c\x63ontent_type\x18\x04 \x01(\tR\x0b\x63ontentType\"\xe8\x01\n\x0eReadinessProbe\x12+\n\x04\x65xec\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.CommandH\x00R\x04\x65xec\x12\x1b\n\x08tcp_port\x18\x02 \x01(\rH\x00R\x07tcpPort\x12\x1b\n\x08http_get\x18\x03 \x01(\tH\x00R\x07httpGet\x12\x31\n\x06period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x06period\x12\x33\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeoutB\x07\n\x05\x63heck\"\x99\x01\n\x07\x43ommand\x12\x12\n\x04\x61rgv\x18\x01 \x03(\tR\x04\x61rgv\x12\x30\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x1e.leasehold.v1.Command.EnvEntryR\x03\x65nv\x12\x10\n\x03\x63wd\x18\x03 \x01(\tR\x03\x63wd\x1a\x36\n\x08\x45nvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"T\n\rContainerSpec\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.leasehold.v1.CommandR\x07\x63ommand\"\xe6\x01\n\x0e\x44\x65ploymentSpec\x12;\n\ncontainers\x18\x01 \x03(\x0b\x32\x1b.leasehold.v1.ContainerSpecR\ncontainers\x12\x45\n\x0freadiness_probe\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.ReadinessProbeR\x0ereadinessProbe\x12\x1f\n\x0boutputs_dir\x18\x03 \x01(\tR\noutputsDir\x12/\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.leasehold.v1.FileMountR\x06inputs\"8\n\tFileMount\x12\x17\n\x07\x66ile_id\x18\x01 \x01(\tR\x06\x66ileId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\"q\n\x0e\x43ontainerState\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n\texit_code\x18\x03 \x01(\x05R\x08\x65xitCode\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\"\xb6\x02\n\nDeployment\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x30\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.DeploymentSpecR\x04spec\x12\x33\n\x05phase\x18\x03 \x01(\x0e\x32\x1d.leasehold.v1.DeploymentPhaseR\x05phase\x12<\n\ncontainers\x18\x04 \x03(\x0b\x32\x1c.leasehold.v1.ContainerStateR\ncontainers\x12\x1b\n\taction_id\x18\x05 \x01(\tR\x08\x61\x63tionId\x12\x18\n\x07message\x18\x06 \x01(\tR\x07message\x12&\n\x0foutput_file_ids\x18\x07 \x03(\tR\routputFileIds\x12\x14\n\x05\x65poch\x18\x08 \x01(\x04R\x05\x65poch\"\xe2\x02\n\x08Resource\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x35\n\townership\x18\x03 \x01(\x0e\x32\x17.leasehold.v1.OwnershipR\townership\x12\x19\n\x08lease_id\x18\x04 \x01(\tR\x07leaseId\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12,\n\x04\x66ile\x18\x06 \x01(\x0b\x32\x16.leasehold.v1.FileInfoH\x00R\x04\x66ile\x12:\n\ndeployment\x18\x07 \x01(\x0b\x32\x18.leasehold.v1.DeploymentH\x00R\ndeployment\x12\x31\n\x06object\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructH\x00R\x06objectB\x06\n\x04\x62ody\"\xb9\x01\n\x11\x43reateFileRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n\x07\x63ontent\x18\x03 \x01(\x0cR\x07\x63ontent\x12!\n\x0c\x63ontent_type\x18\x04 \x01(\tR\x0b\x63ontentType\x12\x38\n\toutput_of\x18\x05 \x01(\x0b\x32\x1b.leasehold.v1.DeploymentRunR\x08outputOf\"J\n\rDeploymentRun\x12#\n\rdeployment_id\x18\x01 \x01(\tR\x0c\x64\x65ploymentId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\"H\n\x12\x43reateFileResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"\x80\x01\n\x17\x43reateDeploymentRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x30\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.DeploymentSpecR\x04spec\x12\x18\n\x07runtime\x18\x03 \x01(\tR\x07runtime\"N\n\x18\x43reateDeploymentResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"q\n\x13\x43reateObjectRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12+\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x04\x62ody\"J\n\x14\x43reateObjectResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"5\n\x12GetResourceRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\"I\n\x13GetResourceResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"\xb8\x01\n\x14ListResourcesRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x35\n\townership\x18\x03 \x01(\x0e\x32\x17.leasehold.v1.OwnershipR\townership\x12\x1b\n\tpage_size\x18\x04 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x05 \x01(\tR\tpageToken\"u\n\x15ListResourcesResponse\x12\x34\n\tresources\x18\x01 \x03(\x0b\x32\x16.leasehold.v1.ResourceR\tresources\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"6\n\x13\x44ownloadFileRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\",\n\x14\x44ownloadFileResponse\x12\x14\n\x05\x63hunk\x18\x01 \x01(\x0cR\x05\x63hunk\"8\n\x15\x44\x65leteResourceRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\"\x18\n\x16\x44\x65leteResourceResponse*T\n\tOwnership\x12\x19\n\x15OWNERSHIP_UNSPECIFIED\x10\x00\x12\x17\n\x13OWNERSHIP_WORKSPACE\x10\x01\x12\x13\n\x0fOWNERSHIP_LEASE\x10\x02*\xe6\x01\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_STARTING\x10\x02\x12\x1a\n\x16\x44\x45PLOYMENT_PHASE_READY\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_STOPPED\x10\x04\x12\x1b\n\x17\x44\x45PLOYMENT_PHASE_FAILED\x10\x05\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_STOPPING\x10\x06\x32\x80\x05\n\x0fResourceService\x12O\n\nCreateFile\x12\x1f.leasehold.v1.CreateFileRequest\x1a .leasehold.v1.CreateFileResponse\x12\x61\n\x10\x43reateDeployment\x12%.leasehold.v1.CreateDeploymentRequest\x1a&.leasehold.v1.CreateDeploymentResponse\x12U\n\x0c\x43reateObject\x12!.leasehold.v1.CreateObjectRequest\x1a\".leasehold.v1.CreateObjectResponse\x12R\n\x0bGetResource\x12 .leasehold.v1.GetResourceRequest\x1a!.leasehold.v1.GetResourceResponse\x12X\n\rListResources\x12\".leasehold.v1.ListResourcesRequest\x1a#.leasehold.v1.ListResourcesResponse\x12W\n\x0c\x44ownloadFile\x12!.leasehold.v1.DownloadFileRequest\x1a\".leasehold.v1.DownloadFileResponse0\x01\x12[\n\x0e\x44\x65leteResource\x12#.leasehold.v1.DeleteResourceRequest\x1a$.leasehold.v1.DeleteResourceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bleasehold/v1/resource.proto\x12\x0cleasehold.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"x\n\x08\x46ileInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n\nsize_bytes\x18\x02 \x01(\x04R\tsizeBytes\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12!\n\x0c\x63ontent_type\x18\x04 \x01(\tR\x0b\x63ontentType\"\xe8\x01\n\x0eReadinessProbe\x12+\n\x04\x65xec\x18\x01 \x01(\x0b\x32\x15.leasehold.v1.CommandH\x00R\x04\x65xec\x12\x1b\n\x08tcp_port\x18\x02 \x01(\rH\x00R\x07tcpPort\x12\x1b\n\x08http_get\x18\x03 \x01(\tH\x00R\x07httpGet\x12\x31\n\x06period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x06period\x12\x33\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeoutB\x07\n\x05\x63heck\"\x99\x01\n\x07\x43ommand\x12\x12\n\x04\x61rgv\x18\x01 \x03(\tR\x04\x61rgv\x12\x30\n\x03\x65nv\x18\x02 \x03(\x0b\x32\x1e.leasehold.v1.Command.EnvEntryR\x03\x65nv\x12\x10\n\x03\x63wd\x18\x03 \x01(\tR\x03\x63wd\x1a\x36\n\x08\x45nvEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"T\n\rContainerSpec\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x15.leasehold.v1.CommandR\x07\x63ommand\"\xe6\x01\n\x0e\x44\x65ploymentSpec\x12;\n\ncontainers\x18\x01 \x03(\x0b\x32\x1b.leasehold.v1.ContainerSpecR\ncontainers\x12\x45\n\x0freadiness_probe\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.ReadinessProbeR\x0ereadinessProbe\x12\x1f\n\x0boutputs_dir\x18\x03 \x01(\tR\noutputsDir\x12/\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.leasehold.v1.FileMountR\x06inputs\"8\n\tFileMount\x12\x17\n\x07\x66ile_id\x18\x01 \x01(\tR\x06\x66ileId\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\"q\n\x0e\x43ontainerState\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n\texit_code\x18\x03 \x01(\x05R\x08\x65xitCode\x12\x18\n\x07message\x18\x04 \x01(\tR\x07message\"\xb6\x02\n\nDeployment\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x30\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.DeploymentSpecR\x04spec\x12\x33\n\x05phase\x18\x03 \x01(\x0e\x32\x1d.leasehold.v1.DeploymentPhaseR\x05phase\x12<\n\ncontainers\x18\x04 \x03(\x0b\x32\x1c.leasehold.v1.ContainerStateR\ncontainers\x12\x1b\n\taction_id\x18\x05 \x01(\tR\x08\x61\x63tionId\x12\x18\n\x07message\x18\x06 \x01(\tR\x07message\x12&\n\x0foutput_file_ids\x18\x07 \x03(\tR\routputFileIds\x12\x14\n\x05\x65poch\x18\x08 \x01(\x04R\x05\x65poch\"\xe2\x02\n\x08Resource\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x35\n\townership\x18\x03 \x01(\x0e\x32\x17.leasehold.v1.OwnershipR\townership\x12\x19\n\x08lease_id\x18\x04 \x01(\tR\x07leaseId\x12;\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ncreateTime\x12,\n\x04\x66ile\x18\x06 \x01(\x0b\x32\x16.leasehold.v1.FileInfoH\x00R\x04\x66ile\x12:\n\ndeployment\x18\x07 \x01(\x0b\x32\x18.leasehold.v1.DeploymentH\x00R\ndeployment\x12\x31\n\x06object\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructH\x00R\x06objectB\x06\n\x04\x62ody\"\xd8\x01\n\x11\x43reateFileRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n\x07\x63ontent\x18\x03 \x01(\x0cR\x07\x63ontent\x12!\n\x0c\x63ontent_type\x18\x04 \x01(\tR\x0b\x63ontentType\x12\x38\n\toutput_of\x18\x05 \x01(\x0b\x32\x1b.leasehold.v1.DeploymentRunR\x08outputOf\x12\x1d\n\nrequest_id\x18\x06 \x01(\tR\trequestId\"J\n\rDeploymentRun\x12#\n\rdeployment_id\x18\x01 \x01(\tR\x0c\x64\x65ploymentId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\"H\n\x12\x43reateFileResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"\x9f\x01\n\x17\x43reateDeploymentRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x30\n\x04spec\x18\x02 \x01(\x0b\x32\x1c.leasehold.v1.DeploymentSpecR\x04spec\x12\x18\n\x07runtime\x18\x03 \x01(\tR\x07runtime\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\"N\n\x18\x43reateDeploymentResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"\x90\x01\n\x13\x43reateObjectRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12+\n\x04\x62ody\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructR\x04\x62ody\x12\x1d\n\nrequest_id\x18\x04 \x01(\tR\trequestId\"J\n\x14\x43reateObjectResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"5\n\x12GetResourceRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\"I\n\x13GetResourceResponse\x12\x32\n\x08resource\x18\x01 \x01(\x0b\x32\x16.leasehold.v1.ResourceR\x08resource\"\xb8\x01\n\x14ListResourcesRequest\x12\x19\n\x08lease_id\x18\x01 \x01(\tR\x07leaseId\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x35\n\townership\x18\x03 \x01(\x0e\x32\x17.leasehold.v1.OwnershipR\townership\x12\x1b\n\tpage_size\x18\x04 \x01(\x05R\x08pageSize\x12\x1d\n\npage_token\x18\x05 \x01(\tR\tpageToken\"u\n\x15ListResourcesResponse\x12\x34\n\tresources\x18\x01 \x03(\x0b\x32\x16.leasehold.v1.ResourceR\tresources\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"6\n\x13\x44ownloadFileRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\",\n\x14\x44ownloadFileResponse\x12\x14\n\x05\x63hunk\x18\x01 \x01(\x0cR\x05\x63hunk\"8\n\x15\x44\x65leteResourceRequest\x12\x1f\n\x0bresource_id\x18\x01 \x01(\tR\nresourceId\"\x18\n\x16\x44\x65leteResourceResponse*T\n\tOwnership\x12\x19\n\x15OWNERSHIP_UNSPECIFIED\x10\x00\x12\x17\n\x13OWNERSHIP_WORKSPACE\x10\x01\x12\x13\n\x0fOWNERSHIP_LEASE\x10\x02*\xe6\x01\n\x0f\x44\x65ploymentPhase\x12 \n\x1c\x44\x45PLOYMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_PENDING\x10\x01\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_STARTING\x10\x02\x12\x1a\n\x16\x44\x45PLOYMENT_PHASE_READY\x10\x03\x12\x1c\n\x18\x44\x45PLOYMENT_PHASE_STOPPED\x10\x04\x12\x1b\n\x17\x44\x45PLOYMENT_PHASE_FAILED\x10\x05\x12\x1d\n\x19\x44\x45PLOYMENT_PHASE_STOPPING\x10\x06\x32\x80\x05\n\x0fResourceService\x12O\n\nCreateFile\x12\x1f.leasehold.v1.CreateFileRequest\x1a .leasehold.v1.CreateFileResponse\x12\x61\n\x10\x43reateDeployment\x12%.leasehold.v1.CreateDeploymentRequest\x1a&.leasehold.v1.CreateDeploymentResponse\x12U\n\x0c\x43reateObject\x12!.leasehold.v1.CreateObjectRequest\x1a\".leasehold.v1.CreateObjectResponse\x12R\n\x0bGetResource\x12 .leasehold.v1.GetResourceRequest\x1a!.leasehold.v1.GetResourceResponse\x12X\n\rListResources\x12\".leasehold.v1.ListResourcesRequest\x1a#.leasehold.v1.ListResourcesResponse\x12W\n\x0c\x44ownloadFile\x12!.leasehold.v1.DownloadFileRequest\x1a\".leasehold.v1.DownloadFileResponse0\x01\x12[\n\x0e\x44\x65leteResource\x12#.leasehold.v1.DeleteResourceRequest\x1a$.leasehold.v1.DeleteResourceResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leasehold.v1.resource_pb2', globals())
@@ -25,10 +25,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _COMMAND_ENVENTRY._options = None
   _COMMAND_ENVENTRY._serialized_options = b'8\001'
-  _OWNERSHIP._serialized_start=3177
-  _OWNERSHIP._serialized_end=3261
-  _DEPLOYMENTPHASE._serialized_start=3264
-  _DEPLOYMENTPHASE._serialized_end=3494
+  _OWNERSHIP._serialized_start=3271
+  _OWNERSHIP._serialized_end=3355
+  _DEPLOYMENTPHASE._serialized_start=3358
+  _DEPLOYMENTPHASE._serialized_end=3588
   _FILEINFO._serialized_start=140
   _FILEINFO._serialized_end=260
   _READINESSPROBE._serialized_start=263
@@ -50,35 +50,35 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _RESOURCE._serialized_start=1459
   _RESOURCE._serialized_end=1813
   _CREATEFILEREQUEST._serialized_start=1816
-  _CREATEFILEREQUEST._serialized_end=2001
-  _DEPLOYMENTRUN._serialized_start=2003
-  _DEPLOYMENTRUN._serialized_end=2077
-  _CREATEFILERESPONSE._serialized_start=2079
-  _CREATEFILERESPONSE._serialized_end=2151
-  _CREATEDEPLOYMENTREQUEST._serialized_start=2154
-  _CREATEDEPLOYMENTREQUEST._serialized_end=2282
-  _CREATEDEPLOYMENTRESPONSE._serialized_start=2284
-  _CREATEDEPLOYMENTRESPONSE._serialized_end=2362
-  _CREATEOBJECTREQUEST._serialized_start=2364
-  _CREATEOBJECTREQUEST._serialized_end=2477
-  _CREATEOBJECTRESPONSE._serialized_start=2479
-  _CREATEOBJECTRESPONSE._serialized_end=2553
-  _GETRESOURCEREQUEST._serialized_start=2555
-  _GETRESOURCEREQUEST._serialized_end=2608
-  _GETRESOURCERESPONSE._serialized_start=2610
-  _GETRESOURCERESPONSE._serialized_end=2683
-  _LISTRESOURCESREQUEST._serialized_start=2686
-  _LISTRESOURCESREQUEST._serialized_end=2870
-  _LISTRESOURCESRESPONSE._serialized_start=2872
-  _LISTRESOURCESRESPONSE._serialized_end=2989
-  _DOWNLOADFILEREQUEST._serialized_start=2991
-  _DOWNLOADFILEREQUEST._serialized_end=3045
-  _DOWNLOADFILERESPONSE._serialized_start=3047
-  _DOWNLOADFILERESPONSE._serialized_end=3091
-  _DELETERESOURCEREQUEST._serialized_start=3093
-  _DELETERESOURCEREQUEST._serialized_end=3149
-  _DELETERESOURCERESPONSE._serialized_start=3151
-  _DELETERESOURCERESPONSE._serialized_end=3175
-  _RESOURCESERVICE._serialized_start=3497
-  _RESOURCESERVICE._serialized_end=4137
+  _CREATEFILEREQUEST._serialized_end=2032
+  _DEPLOYMENTRUN._serialized_start=2034
+  _DEPLOYMENTRUN._serialized_end=2108
+  _CREATEFILERESPONSE._serialized_start=2110
+  _CREATEFILERESPONSE._serialized_end=2182
+  _CREATEDEPLOYMENTREQUEST._serialized_start=2185
+  _CREATEDEPLOYMENTREQUEST._serialized_end=2344
+  _CREATEDEPLOYMENTRESPONSE._serialized_start=2346
+  _CREATEDEPLOYMENTRESPONSE._serialized_end=2424
+  _CREATEOBJECTREQUEST._serialized_start=2427
+  _CREATEOBJECTREQUEST._serialized_end=2571
+  _CREATEOBJECTRESPONSE._serialized_start=2573
+  _CREATEOBJECTRESPONSE._serialized_end=2647
+  _GETRESOURCEREQUEST._serialized_start=2649
+  _GETRESOURCEREQUEST._serialized_end=2702
+  _GETRESOURCERESPONSE._serialized_start=2704
+  _GETRESOURCERESPONSE._serialized_end=2777
+  _LISTRESOURCESREQUEST._serialized_start=2780
+  _LISTRESOURCESREQUEST._serialized_end=2964
+  _LISTRESOURCESRESPONSE._serialized_start=2966
+  _LISTRESOURCESRESPONSE._serialized_end=3083
+  _DOWNLOADFILEREQUEST._serialized_start=3085
+  _DOWNLOADFILEREQUEST._serialized_end=3139
+  _DOWNLOADFILERESPONSE._serialized_start=3141
+  _DOWNLOADFILERESPONSE._serialized_end=3185
+  _DELETERESOURCEREQUEST._serialized_start=3187
+  _DELETERESOURCEREQUEST._serialized_end=3243
+  _DELETERESOURCERESPONSE._serialized_start=3245
+  _DELETERESOURCERESPONSE._serialized_end=3269
+  _RESOURCESERVICE._serialized_start=3591
+  _RESOURCESERVICE._serialized_end=4231
 # @@protoc_insertion_point(module_scope)

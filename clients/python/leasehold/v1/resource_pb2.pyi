@@ -57,14 +57,16 @@ class ContainerState(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CreateDeploymentRequest(_message.Message):
-    __slots__ = ["lease_id", "runtime", "spec"]
+    __slots__ = ["lease_id", "request_id", "runtime", "spec"]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
+    request_id: str
     runtime: str
     spec: DeploymentSpec
-    def __init__(self, lease_id: _Optional[str] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., spec: _Optional[_Union[DeploymentSpec, _Mapping]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateDeploymentResponse(_message.Message):
     __slots__ = ["resource"]
@@ -73,18 +75,20 @@ class CreateDeploymentResponse(_message.Message):
     def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
 
 class CreateFileRequest(_message.Message):
-    __slots__ = ["content", "content_type", "lease_id", "name", "output_of"]
+    __slots__ = ["content", "content_type", "lease_id", "name", "output_of", "request_id"]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_OF_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     content: bytes
     content_type: str
     lease_id: str
     name: str
     output_of: DeploymentRun
-    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[bytes] = ..., content_type: _Optional[str] = ..., output_of: _Optional[_Union[DeploymentRun, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., name: _Optional[str] = ..., content: _Optional[bytes] = ..., content_type: _Optional[str] = ..., output_of: _Optional[_Union[DeploymentRun, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateFileResponse(_message.Message):
     __slots__ = ["resource"]
@@ -93,14 +97,16 @@ class CreateFileResponse(_message.Message):
     def __init__(self, resource: _Optional[_Union[Resource, _Mapping]] = ...) -> None: ...
 
 class CreateObjectRequest(_message.Message):
-    __slots__ = ["body", "kind", "lease_id"]
+    __slots__ = ["body", "kind", "lease_id", "request_id"]
     BODY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     body: _struct_pb2.Struct
     kind: str
     lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ..., kind: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., kind: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateObjectResponse(_message.Message):
     __slots__ = ["resource"]

@@ -70,9 +70,32 @@ export interface GlobalOptions {
   readonly requestTimeoutMs: number;
 }
 
-/** Whether a boolean flag's variable says off: "", "0", "false" or "no" (any case, spaces around). */
-export function variableSaysOff(value: string | undefined): boolean {
-  return ["", "0", "false", "no"].includes((value ?? "").trim().toLowerCase());
+/** What a switch's variable may say (any case, spaces around), and whether each is on. */
+const SWITCH_WORDS: ReadonlyMap<string, boolean> = new Map([
+  ["", false],
+  ["0", false],
+  ["false", false],
+  ["no", false],
+  ["off", false],
+  ["1", true],
+  ["true", true],
+  ["yes", true],
+  ["on", true],
+]);
+
+/**
+ * Whether a switch's variable (`LEASEHOLD_TLS`, `LEASEHOLD_INSECURE`) says on: "1", "true",
+ * "yes" or "on"; "", "0", "false", "no" or "off" say off. Any other value is a usage error
+ * naming the variable: a typo must not turn a switch on (commander turns it on for any value).
+ */
+export function variableSwitch(name: string, value: string | undefined): boolean {
+  const on = SWITCH_WORDS.get((value ?? "").trim().toLowerCase());
+  if (on === undefined)
+    throw new CliError(
+      `${name}: ${JSON.stringify(value)} is neither on nor off; use 1, true, yes or on, or 0, false, no, off or empty`,
+      EXIT.usage,
+    );
+  return on;
 }
 
 /** Where the CLI and agents go without --server (or with LEASEHOLD_SERVER empty). */
@@ -82,8 +105,10 @@ export function globals(command: Command): GlobalOptions {
   const o = command.optsWithGlobals() as Record<string, string | boolean | undefined> & { server: string };
   const text = (v: string | boolean | undefined) => (typeof v === "string" && v !== "" ? v : undefined);
   // Commander turns a boolean on whenever its variable is set; LEASEHOLD_TLS="" (or "0", …) is off.
-  const tlsFromEmptyEnv =
-    command.getOptionValueSourceWithGlobals("tls") === "env" && variableSaysOff(process.env.LEASEHOLD_TLS);
+  const tls =
+    command.getOptionValueSourceWithGlobals("tls") === "env"
+      ? variableSwitch("LEASEHOLD_TLS", process.env.LEASEHOLD_TLS)
+      : o.tls === true;
   // Given on the command line, though, an empty address is a mistake (an unset variable in a script).
   if (o.server === "" && command.getOptionValueSourceWithGlobals("server") === "cli")
     throw new CliError(`--server: must not be empty; omit it for ${DEFAULT_SERVER}`, EXIT.usage);
@@ -96,7 +121,7 @@ export function globals(command: Command): GlobalOptions {
       tlsCa: text(o.tlsCa),
       tlsCert: text(o.tlsCert),
       tlsKey: text(o.tlsKey),
-      tls: o.tls === true && !tlsFromEmptyEnv,
+      tls,
       serverName: text(o.tlsServerName),
       token: text(o.token),
       tokenFile: text(o.tokenFile),

@@ -4,7 +4,7 @@ import { Command, Option } from "commander";
 import { DEFAULTS, LOG_LEVELS, parseServerConfig } from "../config.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { LeaseholdServer } from "../server.js";
-import { CliError, EXIT, guardOutput, stdoutLines, variableSaysOff } from "./output.js";
+import { CliError, EXIT, guardOutput, stdoutLines, variableSwitch } from "./output.js";
 import { exitOnSignal, interruptCounter } from "./signals.js";
 
 /** `leasehold serve`: flags and environment become one frozen config, here and nowhere else. */
@@ -245,7 +245,10 @@ export function serveCommand(): Command {
           maxFileSize: options.maxFileSize as string,
           logLevel: options.logLevel as string,
           // Commander turns a boolean on whenever its variable is set; LEASEHOLD_INSECURE="" or "false" is off.
-          insecure: Boolean(options.insecure) && !insecureVariableOff(command),
+          insecure:
+            command.getOptionValueSource("insecure") === "env"
+              ? variableSwitch("LEASEHOLD_INSECURE", process.env.LEASEHOLD_INSECURE)
+              : Boolean(options.insecure),
           tlsCert: options.tlsCert as string | undefined,
           tlsKey: options.tlsKey as string | undefined,
           tlsClientCa: options.tlsClientCa as string | undefined,
@@ -287,12 +290,6 @@ export function saidOfItsSource(message: string, command: Command): string {
   const option = flag === undefined ? undefined : command.options.find((o) => o.long === flag);
   if (!option?.envVar || command.getOptionValueSource(option.attributeName()) !== "env") return message;
   return `${option.envVar} (${flag})${message.slice((flag as string).length)}`;
-}
-
-/** Whether --insecure came from LEASEHOLD_INSECURE set to "", "0", "false" or "no" (which mean off). */
-function insecureVariableOff(command: Command): boolean {
-  if (command.getOptionValueSource("insecure") !== "env") return false;
-  return variableSaysOff(process.env.LEASEHOLD_INSECURE);
 }
 
 /** `sayOfSource` turns a message naming a flag into one naming its variable when the value came from there. */

@@ -44,9 +44,9 @@ export interface LeaseholdProcess {
 export function runLeasehold(
   args: string[],
   databaseUrl: string | undefined,
-  options: { command?: string; cwd?: string } = {},
+  options: { command?: string; cwd?: string; env?: Record<string, string> } = {},
 ): LeaseholdProcess {
-  const env = { ...process.env };
+  const env = { ...process.env, ...options.env };
   delete env.DATABASE_URL;
   if (databaseUrl) env.DATABASE_URL = databaseUrl;
   const [command, argv] = options.command ? [options.command, args] : [process.execPath, [BIN, ...args]];

@@ -53,6 +53,22 @@ describe("leasehold serve as a process", { timeout: PROCESS_TIMEOUT_MS }, () => 
     expect(await server.exited).toBe(2);
     expect(stderr).toMatch(/--listen: 0\.0\.0\.0 accepts connections from other machines.*--insecure/);
   });
+
+  it("reads LEASEHOLD_INSECURE=off as off, and refuses a value that is neither on nor off", async () => {
+    const stderrOf = async (value: string) => {
+      const server = runLeasehold(["serve", "--data-dir", "memory://"], undefined, {
+        env: { LEASEHOLD_LISTEN: "0.0.0.0:0", LEASEHOLD_INSECURE: value },
+      });
+      let stderr = "";
+      server.child.stderr?.on("data", (d) => {
+        stderr += d;
+      });
+      expect(await server.exited).toBe(2);
+      return stderr;
+    };
+    expect(await stderrOf("off")).toMatch(/LEASEHOLD_LISTEN \(--listen\): 0\.0\.0\.0 accepts connections/);
+    expect(await stderrOf("nope")).toContain('LEASEHOLD_INSECURE: "nope" is neither on nor off');
+  });
 });
 
 describe("the embedded PGlite data directory", { timeout: PROCESS_TIMEOUT_MS }, () => {

@@ -70,11 +70,17 @@ describe("the global security options", () => {
     expect(own).toEqual({});
     process.env.LEASEHOLD_TLS = "1";
     expect((await parse(["probe"])).globals?.security.tls).toBe(true);
-    // As LEASEHOLD_INSECURE reads: these say off.
-    for (const off of ["0", "false", " No "]) {
+    // As LEASEHOLD_INSECURE reads: these say off, these on, and anything else is a usage error.
+    for (const off of ["0", "false", " No ", "off", "OFF"]) {
       process.env.LEASEHOLD_TLS = off;
       expect((await parse(["probe"])).globals?.security.tls).toBe(false);
     }
+    for (const on of ["true", "Yes", "on"]) {
+      process.env.LEASEHOLD_TLS = on;
+      expect((await parse(["probe"])).globals?.security.tls).toBe(true);
+    }
+    process.env.LEASEHOLD_TLS = "enabled";
+    await expect(parse(["probe"])).rejects.toThrow('LEASEHOLD_TLS: "enabled" is neither on nor off');
   });
 
   it("gives a subcommand's own --tls-cert/--tls-key (serve's certificate) to the subcommand, not to the globals", async () => {

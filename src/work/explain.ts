@@ -97,6 +97,8 @@ function tell(
     case "lease_resumed":
       // Not "nothing re-runs": a worker that self-fenced meanwhile still lists the lease until
       // its release is answered. resumedUntil says so when a later step ended the lease.
+      if (e.details?.late === true)
+        return `epoch ${epoch} resumed by ${worker}, reconnected after its deadline: its session was kept while its cluster was partitioned (or its server could not renew it) (session ${session})`;
       return `epoch ${epoch} resumed by ${worker}, reconnected in time (session ${session})`;
     case "stream_lost": {
       const deadline = typeof e.details?.deadline === "string" ? new Date(e.details.deadline) : undefined;
@@ -107,6 +109,8 @@ function tell(
       return `stream of ${worker} lost${grace}; epoch ${epoch} waits for it to come back`;
     }
     case "session_resumed":
+      if (e.details?.late === true)
+        return `${worker} reconnected after its deadline; session ${session}, kept while its cluster was partitioned (or its server could not renew it), resumed`;
       return `${worker} reconnected within the grace period; session ${session} resumed`;
     case "session_taken_over":
       return `a new stream of ${worker} took session ${session} over; the older stream was closed`;
@@ -117,7 +121,7 @@ function tell(
     case "session_closed":
       return `${worker} said goodbye; session ${session} closed`;
     case "lease_expired":
-      return `epoch ${epoch} expired: ${expiryCause(e, held)}; the action goes back to the queue`;
+      return `epoch ${epoch} expired: ${expiryCause(e, held)}; ${afterExpiry(e)}`;
     case "lease_revoked":
       return `epoch ${epoch} revoked from ${worker}: ${e.message}`;
     case "lease_released":
@@ -179,6 +183,18 @@ function endedByRestart(e: EventRecord, session: HoldingSession | undefined): bo
 }
 
 /** Why a lease expired, from its event and its session's row. */
+/** What became of the action when its lease expired, from the event's `details.state` (events written before it have none). */
+function afterExpiry(e: EventRecord): string {
+  switch (e.details?.state) {
+    case "CANCELLED":
+      return "the action is cancelled, as was asked while it was leased";
+    case "FAILED":
+      return "the action failed: its system-retry budget is spent";
+    default:
+      return "the action goes back to the queue";
+  }
+}
+
 function expiryCause(
   e: EventRecord,
   held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,

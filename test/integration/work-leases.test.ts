@@ -1409,16 +1409,79 @@ describe("work leases", () => {
       sessionResumed: true,
       resumed: [{ actionId: a.grant.actionId, epoch: 1n }],
     });
-    // One of three is no partition: pb, still gone, expires now.
+    // One of three is no partition: the mark clears. pb, still gone, is not reaped in the same
+    // reap: a worker a moment behind the first ones to return gets a grace period from now.
     await keepAlive(back, c.w);
     await tick().reap();
-    expect(await expiredActions()).toEqual([b.grant.actionId]);
     expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toEqual([
       "cluster east is no longer partitioned (1 of 3 sessions holding leases lost); lease expiries go on",
     ]);
     expect(await clusterEast()).toMatchObject({ expiriesPaused: false });
     expect((await clusterEast())?.health).not.toBe(ClusterHealth.PARTITIONED);
+    expect(await expiredActions()).toEqual([]);
+    clock.advance(GRACE_MS / 2);
+    await keepAlive(back, c.w);
+    await tick().reap();
+    const late = await worker("pb", { held: [{ actionId: b.grant.actionId, epoch: b.grant.epoch }] });
+    expect(late.welcome).toMatchObject({
+      sessionResumed: true,
+      resumed: [{ actionId: b.grant.actionId, epoch: 1n }],
+    });
+    // Back within the grace period the end of the partition gave it: in time, and said so.
+    const resumedEvents = await t.client(EventService).listEvents({ kind: EventKind.SESSION_RESUMED });
+    expect(resumedEvents.events.find((e) => e.workerId === "pb")?.message).toBe(
+      "worker pb reconnected within grace and resumed its session",
+    );
+    expect(resumedEvents.events.find((e) => e.workerId === "pa")?.message).toMatch(
+      /^worker pa reconnected after its deadline and resumed its session, kept while its cluster was partitioned/,
+    );
+    expect(await expiredActions()).toEqual([]);
     expect(await back.complete(a.grant, { output: { done: true } })).toMatchObject({ accepted: true });
+  });
+
+  it("resumes every session the partition kept whose worker says hello before the mark clears", async () => {
+    const [a, b, c] = await holders("ka", "kb", "kc");
+    if (!a || !b || !c) throw new Error("three holders expected");
+    await loseStreams(a, b);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(c.w);
+    await tick().reap();
+    expect(await clusterEast()).toMatchObject({ health: ClusterHealth.PARTITIONED });
+    // Both come back, one right after the other, before any reap: the second hello must not
+    // reap its own session because the first one's return already brought the share down.
+    const first = await worker("ka", { held: [{ actionId: a.grant.actionId, epoch: a.grant.epoch }] });
+    const second = await worker("kb", { held: [{ actionId: b.grant.actionId, epoch: b.grant.epoch }] });
+    for (const [w, h] of [
+      [first, a],
+      [second, b],
+    ] as const) {
+      expect(w.welcome).toMatchObject({
+        sessionResumed: true,
+        resumed: [{ actionId: h.grant.actionId, epoch: 1n }],
+      });
+    }
+    await keepAlive(first, second, c.w);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([]);
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toHaveLength(1);
+  });
+
+  it("expires a session still gone a grace period after its partition ended", async () => {
+    const [a, b, c] = await holders("ga", "gb", "gc");
+    if (!a || !b || !c) throw new Error("three holders expected");
+    await loseStreams(a, b);
+    clock.advance(GRACE_MS + 1000);
+    await keepAlive(c.w);
+    await tick().reap();
+    const back = await worker("ga", { held: [{ actionId: a.grant.actionId, epoch: a.grant.epoch }] });
+    await keepAlive(back, c.w);
+    await tick().reap();
+    expect(await clusterEvents(EventKind.CLUSTER_RECOVERED)).toHaveLength(1);
+    expect(await expiredActions()).toEqual([]);
+    clock.advance(GRACE_MS + 1);
+    await keepAlive(back, c.w);
+    await tick().reap();
+    expect(await expiredActions()).toEqual([b.grant.actionId]);
   });
 
   it("weighs only sessions holding leases: sessions opened and dropped do not pause a lost holder's expiry", async () => {

@@ -85,9 +85,30 @@ describe("explain, on how a session ended", () => {
     const [reaped] = told([event("session_reaped", 4, { cause: "deadline" })]);
     expect(reaped).toBe("session s1 of worker w1 reaped: its deadline passed with no heartbeat");
   });
+
+  it("says what became of the action: cancelled when a cancel was pending, failed when its budget is spent", () => {
+    const afterwards = (state: string) =>
+      told([event("lease_expired", 4, { cause: "deadline", state }, 1)])[0]?.replace(/^.*; /, "");
+    expect(afterwards("QUEUED")).toBe("the action goes back to the queue");
+    expect(afterwards("CANCELLED")).toBe("the action is cancelled, as was asked while it was leased");
+    expect(afterwards("FAILED")).toBe("the action failed: its system-retry budget is spent");
+  });
 });
 
 describe("explain, on a lease resumed after a reconnect", () => {
+  it("says a worker came back after its deadline when its partitioned cluster kept the session", () => {
+    const [session, lease] = told([
+      event("session_resumed", 3, { late: true }),
+      event("lease_resumed", 3, { late: true }, 1),
+    ]);
+    expect(session).toBe(
+      "worker w1 reconnected after its deadline; session s1, kept while its cluster was partitioned (or its server could not renew it), resumed",
+    );
+    expect(lease).toMatch(
+      /^epoch 1 resumed by worker w1, reconnected after its deadline: its session was kept/,
+    );
+  });
+
   it("says the lease still holds while nothing ended it", () => {
     const [resumed] = told([event("lease_resumed", 3, null, 1)]);
     expect(resumed).toBe(

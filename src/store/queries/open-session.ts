@@ -205,7 +205,10 @@ export async function openSession(
               from actions where session_id = ${sessionId} and state = 'LEASED'`,
         );
     const { resumedLeases, revokedLeases, unlistedLeases } = sortHeld(hello, held);
-    const events = helloEvents(hello, resumed, tookOver, resumedLeases, revokedLeases);
+    // Live past its deadline, and not reaped by this hello: its cluster's partition (or its server's
+    // failed renewals) kept it, and the worker is back later than the grace period.
+    const late = resumed && live?.expired === true;
+    const events = helloEvents(hello, resumed, tookOver, resumedLeases, revokedLeases, late);
     await insertWorkerEvents(
       tx,
       events.map((e) => ({
@@ -415,20 +418,28 @@ export type HelloEvent = Omit<WorkerEvent, "worker_id" | "cluster" | "session_id
  */
 export const MAX_REVOKE_EVENTS_PER_HELLO = 64;
 
-/** The events of one hello: the session's start, resume or takeover, then each listed lease's fate. */
+/**
+ * The events of one hello: the session's start, resume or takeover, then each listed lease's fate.
+ * `late`: the session was resumed past its deadline, kept by its cluster's partition (SPEC rule
+ * 10) or by its server's failed renewals (rule 7); its events say so (`details.late`).
+ */
 export function helloEvents(
   hello: HelloInput,
   resumed: boolean,
   tookOver: boolean,
   resumedLeases: readonly HeldGrant[],
   revokedLeases: readonly { actionId: string; epoch: number }[],
+  late = false,
 ): HelloEvent[] {
   const kind = !resumed ? "session_started" : tookOver ? "session_taken_over" : "session_resumed";
   const message = !resumed
     ? `worker ${hello.workerId} started a session (capacity ${hello.capacity})`
     : tookOver
       ? `a new stream of worker ${hello.workerId} took the session over; the older stream is closed`
-      : `worker ${hello.workerId} reconnected within grace and resumed its session`;
+      : late
+        ? `worker ${hello.workerId} reconnected after its deadline and resumed its session, kept while its cluster was partitioned (or while its server could not renew it)`
+        : `worker ${hello.workerId} reconnected within grace and resumed its session`;
+  const details = late ? { late: true } : null;
   const unrecorded = revokedLeases.length - MAX_REVOKE_EVENTS_PER_HELLO;
   const counted =
     unrecorded > 0
@@ -436,12 +447,13 @@ export function helloEvents(
         `the first ${MAX_REVOKE_EVENTS_PER_HELLO} recorded as events`
       : message;
   return [
-    { kind, action_id: null, epoch: null, message: counted },
+    { kind, action_id: null, epoch: null, message: counted, details },
     ...resumedLeases.map((l) => ({
       kind: "lease_resumed",
       action_id: l.actionId,
       epoch: l.epoch,
       message: `lease resumed by worker ${hello.workerId} (epoch ${l.epoch})`,
+      details,
     })),
     // The worker chose these (action, epoch) pairs: an event names only an action of its cluster
     // (insertWorkerEvents), and says whether the worker ever held that lease.

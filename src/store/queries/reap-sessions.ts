@@ -119,6 +119,11 @@ export async function reapSessions(
     obeyValve?: boolean;
     keep?: KeepHosted | undefined;
     restarted?: boolean;
+    /**
+     * The grace period: at a partition's end, the sessions it kept past their
+     * deadline get this long from now to come back (periodic reaps only).
+     */
+    graceMs?: number;
   },
 ): Promise<ReapResult> {
   const now = clock.now();
@@ -159,8 +164,11 @@ export async function reapSessions(
       ),
       verdict as (
         select c.name, c.partitioned_at, c.expiries_resumed_at, n.lost, n.live,
-          ${obeyValve}::boolean and n.lost >= ${PARTITION_MIN_LOST}
-            and n.lost > n.live * ${options.partitionShare}::float8 as over
+          ${obeyValve}::boolean and (n.lost >= ${PARTITION_MIN_LOST}
+            and n.lost > n.live * ${options.partitionShare}::float8
+            -- A hello of a session the mark kept past its deadline: back in time after all, though
+            -- its own return (and those before it) may already have brought the share down.
+            or ${!periodic}::boolean and c.partitioned_at is not null and c.expiries_resumed_at is null) as over
         from watched
         join clusters c on c.name = watched.name
         cross join lateral (
@@ -181,6 +189,18 @@ export async function reapSessions(
         from verdict v where c.name = v.name and not v.over and c.partitioned_at is not null and ${periodic}::boolean
         returning c.name, v.lost, v.live
       ),
+      -- At a partition's end, the sessions it kept past their deadline are not reaped in the same
+      -- statement: the workers came back together, and those a moment behind the first ones
+      -- (reconnecting in the same second) would lose their leases for it. Each gets a grace period
+      -- from now, as at a restart (rule 6), bounded by the maximum silence as the pause was.
+      reprieved as (
+        update sessions s set deadline = ${now} + make_interval(secs => ${options.graceMs ?? 0} / 1000.0)
+        from workers w, verdict v
+        where ${periodic}::boolean and w.worker_id = s.worker_id and v.name = w.cluster
+          and not v.over and v.partitioned_at is not null and v.expiries_resumed_at is null
+          and s.ended_at is null and s.deadline < ${now} and s.last_heard_at >= ${silentSince}
+        returning s.id
+      ),
       partition_events as (
         insert into events (kind, cluster, message, details)
         select 'cluster_partitioned', name,
@@ -198,6 +218,7 @@ export async function reapSessions(
       due as (
         select s.id from sessions s
         where s.ended_at is null and ${due} ${which} ${kept}
+          and s.id not in (select id from reprieved)
           and (s.last_heard_at < ${silentSince} or not exists (
             select 1 from workers w join verdict v on v.name = w.cluster
             where w.worker_id = s.worker_id and v.over and v.expiries_resumed_at is null
@@ -247,7 +268,7 @@ export async function reapSessions(
         select 'lease_expired', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
           'lease expired for action ' || e.id || ' (worker ' || e.worker_id || ', cluster ' || e.cluster
           || ', epoch ' || e.epoch || ')',
-          jsonb_build_object('cause', ${cause}::text)
+          jsonb_build_object('cause', ${cause}::text, 'state', e.state)
         from expired e
         union all
         select 'action_failed', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,

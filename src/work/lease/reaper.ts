@@ -230,6 +230,7 @@ export function createReaper(deps: {
         limit: REAP_BATCH,
         partitionShare: deps.partitionShare,
         maxSilenceMs: deps.maxSilenceMs,
+        graceMs: deps.graceMs,
         keep: deps.keepHosted(),
       });
       await report(result);

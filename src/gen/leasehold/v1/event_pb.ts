@@ -359,15 +359,18 @@ export enum EventKind {
   LEASE_GRANTED = 7,
 
   /**
-   * A reconnecting worker resumed a lease with the same epoch.
+   * A reconnecting worker resumed a lease with the same epoch (details: late,
+   * as for EVENT_KIND_SESSION_RESUMED).
    *
    * @generated from enum value: EVENT_KIND_LEASE_RESUMED = 8;
    */
   LEASE_RESUMED = 8,
 
   /**
-   * A lease expired when its session was reaped; the action is re-queued
-   * (details: cause, as for EVENT_KIND_SESSION_REAPED).
+   * A lease expired when its session was reaped; the action is re-queued, or
+   * cancelled when a cancel was pending, or failed when its system-retry
+   * budget is spent (details: cause, as for EVENT_KIND_SESSION_REAPED; state,
+   * the action's state after it: QUEUED, CANCELLED or FAILED).
    *
    * @generated from enum value: EVENT_KIND_LEASE_EXPIRED = 9;
    */
@@ -426,7 +429,9 @@ export enum EventKind {
   STREAM_LOST = 14,
 
   /**
-   * A worker reconnected within grace and resumed its session.
+   * A worker reconnected and resumed its session: within grace, or after its
+   * deadline when its cluster's partition (or its server's failed renewals)
+   * kept the session; then details.late is true and the message says so.
    *
    * @generated from enum value: EVENT_KIND_SESSION_RESUMED = 15;
    */

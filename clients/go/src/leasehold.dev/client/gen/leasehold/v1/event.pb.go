@@ -42,10 +42,13 @@ const (
 	EventKind_EVENT_KIND_ACTION_RETRY_SCHEDULED EventKind = 6
 	// An action was granted to a worker under a new epoch.
 	EventKind_EVENT_KIND_LEASE_GRANTED EventKind = 7
-	// A reconnecting worker resumed a lease with the same epoch.
+	// A reconnecting worker resumed a lease with the same epoch (details: late,
+	// as for EVENT_KIND_SESSION_RESUMED).
 	EventKind_EVENT_KIND_LEASE_RESUMED EventKind = 8
-	// A lease expired when its session was reaped; the action is re-queued
-	// (details: cause, as for EVENT_KIND_SESSION_REAPED).
+	// A lease expired when its session was reaped; the action is re-queued, or
+	// cancelled when a cancel was pending, or failed when its system-retry
+	// budget is spent (details: cause, as for EVENT_KIND_SESSION_REAPED; state,
+	// the action's state after it: QUEUED, CANCELLED or FAILED).
 	EventKind_EVENT_KIND_LEASE_EXPIRED EventKind = 9
 	// A worker released a lease.
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
@@ -74,7 +77,9 @@ const (
 	// server process (UNAVAILABLE, reason REBALANCING) is recorded as this kind
 	// too, with details.reason REBALANCING and a message that says so.
 	EventKind_EVENT_KIND_STREAM_LOST EventKind = 14
-	// A worker reconnected within grace and resumed its session.
+	// A worker reconnected and resumed its session: within grace, or after its
+	// deadline when its cluster's partition (or its server's failed renewals)
+	// kept the session; then details.late is true and the message says so.
 	EventKind_EVENT_KIND_SESSION_RESUMED EventKind = 15
 	// A newer stream took a session over; the older stream was closed.
 	EventKind_EVENT_KIND_SESSION_TAKEN_OVER EventKind = 16

@@ -450,7 +450,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         databaseUnreachable: ackSaysUnreachable(),
       });
     },
-    answered: (ok) => noteAnswer(ok, performance.now()),
+    answered: (ok) => {
+      noteAnswer(ok, performance.now());
+      // Stored again: said before the acks it sends again go out, which must say the database
+      // answers (worker.proto, HeartbeatAck.database_unreachable: "that ack included").
+      if (ok) renewalStored();
+    },
     ...(options.renewalHung ? { sent: (statement: Promise<unknown>) => watchForHang(statement) } : {}),
   });
   /** The watch's verdict (health NOT_SERVING): it changes only at its checks. */
@@ -478,6 +483,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
    * checks (on connections of their own) answer.
    */
   let renewalHangs = false;
+  /** A renewal was stored (on a fresh connection), or none is left to store: the hang is over. */
+  const renewalStored = () => {
+    if (!renewalHangs) return;
+    renewalHangs = false;
+    options.renewalHung?.back();
+  };
   const rebalancer = createRebalancer({
     hosted,
     log,
@@ -530,13 +541,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     halfGrace.unref();
     try {
       const renewed = await renewal.renew();
-      // Stored on a fresh connection, or no stream is left to renew (one hang must not keep a
-      // process NOT_SERVING that hosts nobody: the watch still judges the database itself).
-      if (renewalHangs) {
-        renewalHangs = false;
-        options.renewalHung?.back();
+      // No stream is left to renew (one hang must not keep a process NOT_SERVING that hosts
+      // nobody: the watch still judges the database itself). One stored said so already
+      // (answered, above), before the acks it sent again.
+      if (renewed === false) {
+        renewalStored();
+        return false;
       }
-      if (renewed === false) return false;
       reaper.databaseAnswered("renewal");
       return true;
     } catch (error) {

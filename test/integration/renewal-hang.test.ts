@@ -29,7 +29,7 @@ describe.runIf(runsPostgresTests())("a renewal whose connection hangs", () => {
     for (const c of cleanups.splice(0).reverse()) await c();
   });
 
-  it("makes the process report its database lost and tell its agents, and renew again on fresh connections", async () => {
+  it("makes the process report its database lost and tell its agents, and renew again on fresh connections, whose first ack says it answers", async () => {
     const store = await freshPostgresDatabase();
     cleanups.push(() => store.drop());
     const url = new URL(store.url as string);
@@ -67,7 +67,12 @@ describe.runIf(runsPostgresTests())("a renewal whose connection hangs", () => {
     // Not left waiting on the hung connection: each renewal tried again opens a fresh one.
     await expect.poll(async () => ((await beat()) ? proxy.carriers() : -1), poll).toBeGreaterThanOrEqual(3);
 
+    // The renewal stored again answers the last heartbeat again (lease/renewal.ts, reack): that
+    // first ack after the outage carries the deadline just stored, and says the database answers.
+    const last = BigInt(sequence - 1);
     proxy.silenceCarriers(false);
+    const reack = await w.next("heartbeatAck", (a) => a.sequence === last);
+    expect(reack.databaseUnreachable).toBe(false);
     await expect.poll(beat, poll).toBe(false);
     expect(await health.check("")).toBe("SERVING");
     expect(index("database reachable again; serving")).toBeGreaterThan(lost);

@@ -303,6 +303,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     tracing,
     debug,
     ...(options.fencedEventsWindowMs ? { fencedEventsWindowMs: options.fencedEventsWindowMs } : {}),
+    // As the acks say (worker.proto, RejectReason UNAVAILABLE): a report is not held for a
+    // database that hangs. Looked at as often as a failed renewal is tried again.
+    databaseLost: () => ackSaysUnreachable(),
+    checkEveryMs: Math.max(1, Math.round(options.heartbeatIntervalMs / 4)),
   });
   const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions, debug });
 

@@ -17,8 +17,9 @@ import type { Hosted, HostedSessions } from "./hosted.js";
  * Who answers reports. Completions and releases go to the dispatcher, which
  * settles them (fenced in SQL by action, epoch and session) in the statement
  * that refills their slots; progress reports are group-committed on their
- * own. Every report is answered once its outcome committed: accepted, or
- * FENCED with a revoke, or UNAVAILABLE when the database could not take it.
+ * own. Every report is answered once: once its outcome committed (accepted,
+ * or FENCED with a revoke), or UNAVAILABLE when the database could not take
+ * it, or while this process finds its database lost (see `databaseLost`).
  */
 export interface Reports {
   finish(s: Hosted, m: Extract<WorkerMessage, { type: "completion" | "release" }>): void;
@@ -88,6 +89,28 @@ export function createReports(deps: {
   debug?: boolean;
   /** The window of a stream's budget of fenced-report events (fenced-events.ts). */
   fencedEventsWindowMs?: number;
+  /**
+   * Whether this process finds its database lost now (what the heartbeat
+   * acks say, HeartbeatAck.database_unreachable): a report that arrives then
+   * is answered UNAVAILABLE at once, and so is every report still waiting
+   * for its answer, looked at every `checkEveryMs`: a database that hangs
+   * rather than refuses would hold them until it answers. None: reports wait
+   * for the database however long it takes (PGlite, in this process).
+   *
+   * Answering before the statement ends is safe because a report whose
+   * statement was sent may still commit after its UNAVAILABLE, and the copy
+   * the worker sends again is then taken as what it is: a completion or
+   * release whose attempt ended the same way is accepted as a repeat
+   * (store/queries/finish-actions.ts, f_repeated); progress is applied again
+   * (the same phase, details and checkpoint, or newer ones coalesced with
+   * them), or FENCED if the lease ended meanwhile, as it would be anyway.
+   * Reports of an action apply in arrival order still: one answered early
+   * keeps its action's turn until its statement ends, and one whose turn had
+   * not come is never applied.
+   */
+  databaseLost?: () => boolean;
+  /** How often the reports waiting are looked at while `databaseLost` may say so; default 500 ms. */
+  checkEveryMs?: number;
 }): Reports {
   const { db, clock, log, feed, hosted, dispatcher, publishActions } = deps;
 
@@ -167,7 +190,16 @@ export function createReports(deps: {
   const drained: (() => void)[] = [];
 
   function settle(...[s, report, done, failed]: Parameters<Dispatcher["settle"]>): void {
-    inTurn(report.actionId, () =>
+    settleUnlessAnswered(undefined, s, report, done, failed);
+  }
+
+  /** {@link settle}, unless `p` was answered before its turn came: then it is never applied. */
+  function settleUnlessAnswered(
+    p: Waiting | undefined,
+    ...[s, report, done, failed]: Parameters<Dispatcher["settle"]>
+  ): void {
+    inTurn(report.actionId, () => {
+      if (p?.answered) return nextInTurn(report.actionId);
       dispatcher.settle(
         s,
         report,
@@ -179,8 +211,8 @@ export function createReports(deps: {
           nextInTurn(report.actionId);
           failed(error);
         },
-      ),
-    );
+      );
+    });
   }
 
   function fenced(s: Hosted, reportId: bigint, token: LeaseToken, what: string): void {
@@ -216,6 +248,94 @@ export function createReports(deps: {
     still: "could not apply a report",
     again: "reports apply again",
   });
+
+  /**
+   * A report received and not answered yet, while `deps.databaseLost` may
+   * answer it early: once answered, what its statement does later tells
+   * nobody (the worker sends it again, and that copy gets its own answer).
+   */
+  interface Waiting {
+    readonly s: Hosted;
+    readonly reportId: bigint;
+    readonly token: LeaseToken;
+    readonly kind: ReportKind;
+    readonly span: Span | undefined;
+    /** Says it was answered to the stream's counts (see {@link hold}). */
+    readonly release: () => void;
+    answered: boolean;
+  }
+  const waiting = new Set<Waiting>();
+  let lookingAtWaiting: ReturnType<typeof setInterval> | undefined;
+
+  /** Counts a report received on `s` until it is answered (see {@link hold}), to be answered once. */
+  function receive(
+    s: Hosted,
+    m: { reportId: bigint; actionId: string; epoch: number },
+    kind: ReportKind,
+    span: Span | undefined,
+    chars: number,
+  ): Waiting {
+    const token = { actionId: m.actionId, epoch: m.epoch };
+    const p: Waiting = {
+      s,
+      reportId: m.reportId,
+      token,
+      kind,
+      span,
+      release: hold(s, chars),
+      answered: false,
+    };
+    if (deps.databaseLost) {
+      waiting.add(p);
+      lookingAtWaiting ??= setInterval(answerWaitingIfLost, deps.checkEveryMs ?? 500);
+      lookingAtWaiting.unref();
+    }
+    return p;
+  }
+
+  /** Marks `p` answered; false if it was already (early): then nothing more is said of it. */
+  function answering(p: Waiting): boolean {
+    if (p.answered) return false;
+    p.answered = true;
+    p.release();
+    waiting.delete(p);
+    if (waiting.size === 0 && lookingAtWaiting) {
+      clearInterval(lookingAtWaiting);
+      lookingAtWaiting = undefined;
+    }
+    return true;
+  }
+
+  const databaseLostError = () =>
+    new Error(
+      "this process finds its database unreachable (it refuses or hangs); reports are not held for it",
+    );
+
+  /** Answers every report waiting UNAVAILABLE, if the database is lost (a hang holds them). */
+  function answerWaitingIfLost(): void {
+    if (!deps.databaseLost?.()) return;
+    const error = databaseLostError();
+    for (const p of [...waiting]) {
+      if (!answering(p)) continue;
+      deps.answered.inc({ kind: p.kind, result: "unavailable" });
+      endSpan(p.span, false, "UNAVAILABLE");
+      unavailable(p.s, p.reportId, p.token, error);
+    }
+  }
+
+  /** Answers a report UNAVAILABLE at once, unread, if the database is lost; false if not. */
+  function refusedWhileLost(
+    s: Hosted,
+    m: { reportId: bigint; actionId: string; epoch: number },
+    kind: ReportKind,
+    span: Span | undefined,
+  ): boolean {
+    if (!deps.databaseLost?.()) return false;
+    deps.answered.inc({ kind, result: "unavailable" });
+    endSpan(span, false, "UNAVAILABLE");
+    unavailable(s, m.reportId, { actionId: m.actionId, epoch: m.epoch }, databaseLostError());
+    return true;
+  }
 
   function unavailable(s: Hosted, reportId: bigint, token: LeaseToken, error: unknown): void {
     unapplied.failed(error, { actionId: token.actionId, workerId: s.workerId });
@@ -293,13 +413,20 @@ export function createReports(deps: {
               },
             };
     const kind = report.kind;
-    const answered = hold(s, 0);
-    settle(
+    if (refusedWhileLost(s, m, kind, span)) return;
+    const p = receive(s, m, kind, span, 0);
+    settleUnlessAnswered(
+      p,
       s,
       report,
       (finished) => {
-        answered();
         unapplied.worked();
+        if (!answering(p)) {
+          // Answered UNAVAILABLE while its statement hung, and committed since: the copy sent
+          // again is accepted as a repeat.
+          if (finished) publishActions([token.actionId]);
+          return;
+        }
         if (!finished) {
           deps.answered.inc({ kind, result: "fenced" });
           endSpan(span, false, "FENCED");
@@ -311,7 +438,7 @@ export function createReports(deps: {
         publishActions([token.actionId]);
       },
       (error) => {
-        answered();
+        if (!answering(p)) return;
         deps.answered.inc({ kind, result: "unavailable" });
         endSpan(span, false, "UNAVAILABLE");
         unavailable(s, m.reportId, token, error);
@@ -362,8 +489,10 @@ export function createReports(deps: {
     const span = reportSpan(s, m);
     const details = m.details === undefined ? undefined : JSON.stringify(m.details);
     const checkpoint = m.checkpoint === undefined ? undefined : JSON.stringify(m.checkpoint);
-    const answered = hold(s, (details?.length ?? 0) + (checkpoint?.length ?? 0));
+    if (refusedWhileLost(s, m, "progress", span)) return;
+    const p = receive(s, m, "progress", span, (details?.length ?? 0) + (checkpoint?.length ?? 0));
     inTurn(m.actionId, () => {
+      if (p.answered) return nextInTurn(m.actionId);
       progressBatch
         .add({
           actionId: m.actionId,
@@ -375,9 +504,13 @@ export function createReports(deps: {
         })
         .then(
           (ok) => {
-            answered();
             nextInTurn(m.actionId);
             unapplied.worked();
+            if (!answering(p)) {
+              // Answered UNAVAILABLE while its statement hung: the copy sent again is applied again.
+              if (ok) feed.publish(actionTopic(token.actionId));
+              return;
+            }
             if (!ok) {
               deps.answered.inc({ kind: "progress", result: "fenced" });
               endSpan(span, false, "FENCED");
@@ -389,8 +522,8 @@ export function createReports(deps: {
             feed.publish(actionTopic(token.actionId));
           },
           (error: unknown) => {
-            answered();
             nextInTurn(m.actionId);
+            if (!answering(p)) return;
             deps.answered.inc({ kind: "progress", result: "unavailable" });
             endSpan(span, false, "UNAVAILABLE");
             unavailable(s, m.reportId, token, error);
@@ -401,6 +534,8 @@ export function createReports(deps: {
 
   async function close(): Promise<void> {
     while (inFlight.size > 0) await new Promise<void>((resolve) => drained.push(resolve));
+    clearInterval(lookingAtWaiting);
+    lookingAtWaiting = undefined;
     await progressBatch.close();
     await fencedEvents.close();
   }

@@ -1278,7 +1278,14 @@ export enum RejectReason {
   /**
    * The server could not apply the report now (e.g. database down): send it
    * again after a pause (the SDKs wait 500 ms), or on the next stream. The
-   * acks say database_unreachable meanwhile.
+   * acks say database_unreachable meanwhile. While they do, reports are
+   * answered so at once, even on a database that hangs rather than refuses,
+   * and so are the reports the server was applying when it found the
+   * database lost. Such a report may still be applied when the database
+   * answers again: the copy sent again is then accepted as a repeat (a
+   * completion or release that ended the attempt the same way), or applied
+   * again (progress); the reports of one action still apply in the order
+   * they were received.
    *
    * @generated from enum value: REJECT_REASON_UNAVAILABLE = 4;
    */

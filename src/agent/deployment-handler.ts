@@ -18,6 +18,7 @@ import { createClient } from "../rpc/client.js";
 import { type ClientSecurity, channelOf } from "../rpc/client-security.js";
 import { errorReasonOf, receiveLimitOf } from "../rpc/status.js";
 import type { DeploymentPayload } from "../scope/deployment.js";
+import { probeUrlRefusal } from "../scope/probe-url.js";
 import type { JsonObject } from "../work/action.js";
 import { type ActionContext, ActionFailure } from "./agent.js";
 import { type commandHandler, killGroup, tail } from "./command-handler.js";
@@ -176,6 +177,15 @@ export function createDeploymentHandler(options: DeploymentHandlerOptions) {
       probe?.case === "exec"
         ? requireAllowedCommand({ argv: probe.value.argv, env: probe.value.env }, policy)
         : undefined;
+    // Checked by the server too, but not by an older one: a probe is this agent's own request.
+    if (probe?.case === "httpGet") {
+      const refusal = probeUrlRefusal(probe.value);
+      if (refusal !== undefined) {
+        throw new ActionFailure(`readiness_probe.http_get ${quote(probe.value)} refused: ${refusal}`, {
+          retryable: false,
+        });
+      }
+    }
     // One directory per attempt: a superseded attempt's cleanup never touches a newer one's.
     const dir = resolve(options.workDir, `${id}.${ctx.epoch}`);
     const containers: Container[] = [];
@@ -439,6 +449,9 @@ async function stopAll(containers: readonly Container[], graceMs: number, lost: 
   lost.removeEventListener("abort", kill);
 }
 
+/** Most redirects an `http_get` probe follows (fetch's own limit is 20). */
+const MAX_PROBE_REDIRECTS = 5;
+
 /**
  * One readiness check: true when it passes within `timeoutMs`. An `exec`
  * probe runs `program` (what the policy allowed and resolved).
@@ -468,9 +481,18 @@ async function check(
       });
     case "httpGet":
       try {
-        const response = await fetch(c.value, { signal: AbortSignal.timeout(timeoutMs) });
-        await response.body?.cancel();
-        return response.ok;
+        // Redirects followed here, and only to URLs a probe may GET: fetch would follow one to
+        // any host.
+        const signal = AbortSignal.timeout(timeoutMs);
+        let url = c.value;
+        for (let redirects = 0; ; redirects++) {
+          const response = await fetch(url, { signal, redirect: "manual" });
+          await response.body?.cancel();
+          const location = response.headers.get("location");
+          if (response.status < 300 || response.status > 399 || location === null) return response.ok;
+          url = new URL(location, url).href;
+          if (redirects === MAX_PROBE_REDIRECTS || probeUrlRefusal(url) !== undefined) return false;
+        }
       } catch {
         return false;
       }

@@ -696,4 +696,49 @@ describe("scope leases", () => {
       /^spec\.readiness_probe\.timeout: must be at least 100ms$/,
     );
   });
+
+  it("refuses an http_get readiness probe off the agent's own host or with a user name and password", async () => {
+    // A runtime no agent serves: nothing would GET these URLs if one were let through.
+    const probe = (url: string) =>
+      resources().createDeployment({
+        runtime: "nobody-probes",
+        spec: {
+          containers: [{ name: "web", command: { argv: ["sleep", "60"] } }],
+          readinessProbe: { check: { case: "httpGet", value: url } },
+        },
+      });
+    for (const [url, why] of [
+      ["http://169.254.169.254/latest/meta-data/", "169.254.169.254"],
+      ["http://10.0.0.1:8080/", "10.0.0.1"],
+      ["http://0.0.0.0:8080/", "0.0.0.0"],
+      ["http://[::ffff:127.0.0.1]/", "[::ffff:7f00:1]"],
+      ["http://metadata.google.internal/", "metadata.google.internal"],
+      ["http://localhost.example.com/", "localhost.example.com"],
+    ]) {
+      const f = await expectStatus(
+        probe(url as string),
+        Code.InvalidArgument,
+        new RegExp(
+          `^spec\\.readiness_probe\\.http_get: must be on the agent's own host \\(localhost, 127\\.0\\.0\\.0/8 or \\[::1\\]\\), not "${(why as string).replace(/[.[\]]/g, "\\$&")}"`,
+        ),
+      );
+      expect(f.fields).toEqual(["spec.readiness_probe.http_get"]);
+    }
+    for (const url of ["http://user:pw@10.0.0.1/", "http://user@127.0.0.1:8080/"]) {
+      await expectStatus(
+        probe(url),
+        Code.InvalidArgument,
+        /^spec\.readiness_probe\.http_get: must not carry a user name or password/,
+      );
+    }
+    for (const url of [
+      "http://localhost:8080/ready",
+      "https://127.0.0.1/",
+      "http://127.8.9.10:1/",
+      "http://[::1]:80/",
+    ]) {
+      const { resource } = await probe(url);
+      expect(resource?.body.case).toBe("deployment");
+    }
+  });
 });

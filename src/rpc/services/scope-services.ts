@@ -21,6 +21,7 @@ import {
 } from "../../gen/leasehold/v1/resource_pb.js";
 import type { DeploymentView } from "../../scope/deployment.js";
 import { fitSnapshot } from "../../scope/lease-snapshot.js";
+import { probeUrlRefusal } from "../../scope/probe-url.js";
 import type { ScopeLeaseService } from "../../scope/scope-lease-service.js";
 import type { ResourceRecord, ScopeLeaseRecord, ScopeLeaseState } from "../../store/scope-leases.js";
 import type { JsonObject } from "../../work/action.js";
@@ -694,8 +695,11 @@ function checkDeploymentSpec(v: Violations, spec: DeploymentSpec | undefined): v
     else if (check.case === "exec") checkCommand(v, "spec.readiness_probe.exec", check.value);
     else if (check.case === "tcpPort" && (check.value < 1 || check.value > 65535)) {
       v.add("spec.readiness_probe.tcp_port", "must be a port number, 1–65535");
-    } else if (check.case === "httpGet" && !/^https?:\/\/[^/]/.test(check.value)) {
-      v.add("spec.readiness_probe.http_get", "must be an http:// or https:// URL");
+    } else if (check.case === "httpGet") {
+      const refusal = /^https?:\/\/[^/]/.test(check.value)
+        ? probeUrlRefusal(check.value)
+        : "must be an http:// or https:// URL";
+      if (refusal !== undefined) v.add("spec.readiness_probe.http_get", refusal);
     }
     durationField(v, "spec.readiness_probe.period", probe.period, 0, PROBE_MAX_MS, PROBE_MIN_MS);
     durationField(v, "spec.readiness_probe.timeout", probe.timeout, 0, PROBE_MAX_MS, PROBE_MIN_MS);

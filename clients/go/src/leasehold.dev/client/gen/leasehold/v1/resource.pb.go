@@ -330,8 +330,14 @@ type ReadinessProbe_TcpPort struct {
 }
 
 type ReadinessProbe_HttpGet struct {
-	// Ready when GET on this URL (on the agent's host) answers 2xx. At most
-	// 2048 characters.
+	// Ready when GET on this URL answers 2xx. The URL must be on the agent's
+	// own host: http:// or https://, host localhost, an address of
+	// 127.0.0.0/8 or [::1], and no user name or password (user:password@).
+	// CreateDeployment refuses any other (INVALID_ARGUMENT on this field), and
+	// so does the agent, for a server that did not (the deployment fails, not
+	// retryable): the probe is the agent's request, as exec probes are held
+	// to its --allow-command policy and tcp_port to 127.0.0.1. A redirect is
+	// followed only to such a URL (at most 5). At most 2048 characters.
 	HttpGet string `protobuf:"bytes,3,opt,name=http_get,json=httpGet,proto3,oneof"`
 }
 

@@ -145,7 +145,8 @@ class WorkerServiceServicer(object):
         its work at once, drop its leases as after WORKER_ID_IN_USE (they are
         the twin's now: neither release them nor list them in a later hello),
         and connect again no sooner than one grace period later (the SDKs wait
-        one to two, 10 to 20 s before any welcome);
+        a random time between one and two grace periods, the grace_period of
+        the last Welcome; 10 to 20 s when no welcome has told it yet);
         otherwise the two take the session from each other over and over, each
         running the other's leases under the same epochs. A session that
         passes its deadline while its stream is still open (the worker stopped
@@ -156,6 +157,21 @@ class WorkerServiceServicer(object):
         report nothing more of those leases and not list them again: they may
         run elsewhere already. Its next hello opens a new session, and leases it
         lists anyway come back in Welcome.revoked.
+        Acks that counted down to remaining=0 do not by themselves end the
+        session. After a database outage, or a freeze of the server process
+        (SIGSTOP, a paused VM), longer than the grace period, a session that no
+        process reaped meanwhile is kept: no process reaps without its database,
+        and one that could not reap in time (its database, or itself, stalled)
+        first gives every live session heard within the server's --max-silence
+        a deadline of at least now + grace. The worker self-fences all the same
+        when its guarantee runs out (it cannot know), and then finds the session
+        alive: acks with remaining > 0 again on the same stream, or
+        Welcome.session_resumed=true with its leases in Welcome.resumed on its
+        next hello, and its reports at the old epochs are accepted (a release
+        of the work it stopped, a completion of work that had finished). Only a
+        session another process reaped (one server process frozen while others
+        ran on) is gone: its stream ends SESSION_REAPED, or the next hello opens
+        a new session, and its leases may run elsewhere, as above.
         A worker that half-closes its side without a goodbye gets the stream
         ended with OK: the session is in grace, as after any other loss. Every
         message sent before the half-close is handled first, in order, as it

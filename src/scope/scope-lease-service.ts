@@ -5,7 +5,7 @@ import { requestHash } from "../request-hash.js";
 import { findActions, listAttempts } from "../store/actions.js";
 import type { Clock } from "../store/clock.js";
 import type { Db } from "../store/database.js";
-import { cancelDeploymentActions, type HeldToken, requestOutputs } from "../store/deployments.js";
+import { cancelDeploymentActions, type EndedActions, requestOutputs } from "../store/deployments.js";
 import { leasedInputClusters } from "../store/queries/leased-input-clusters.js";
 import { readFileChunk } from "../store/queries/read-file-chunk.js";
 import {
@@ -311,12 +311,15 @@ export function createScopeLeaseService(deps: {
       },
     );
 
-  /** Tells the holders of destroyed deployments' leases to stop, once the destroy committed. */
-  function revokeEnded(revokes: readonly HeldToken[], reason: RevokeReason, message: string): void {
-    for (const r of revokes) {
+  /**
+   * Once a destroy committed: tells the holders of its deployments' leases to
+   * stop, and wakes the watchers of every action it ended (WatchAction,
+   * WaitLease), a queued one's too, which no holder would otherwise report.
+   */
+  function revokeEnded(ended: EndedActions, reason: RevokeReason, message: string): void {
+    for (const r of ended.revokes)
       holders?.ended(r.sessionId, { actionId: r.actionId, epoch: r.epoch }, reason, message);
-      feed.publish(actionTopic(r.actionId));
-    }
+    for (const id of ended.actionIds) feed.publish(actionTopic(id));
   }
 
   /**
@@ -327,10 +330,10 @@ export function createScopeLeaseService(deps: {
   async function expireDue(): Promise<string[]> {
     const all: string[] = [];
     for (;;) {
-      const { ids, revokes } = await expireScopeLeases(db, clock, EXPIRE_BATCH);
+      const { ids, ended } = await expireScopeLeases(db, clock, EXPIRE_BATCH);
       if (ids.length > 0) {
         log.info({ leases: ids }, "scope leases rolled back: their TTL passed");
-        revokeEnded(revokes, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
+        revokeEnded(ended, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
         all.push(...ids);
       }
       if (ids.length < EXPIRE_BATCH) break;
@@ -351,7 +354,7 @@ export function createScopeLeaseService(deps: {
       }
       throw refused(leaseId, result, how === "COMMITTED" ? "commit" : "roll back");
     }
-    revokeEnded(result.revokes, "ROLLED_BACK", `the deployment's scope lease ${leaseId} was rolled back`);
+    revokeEnded(result.ended, "ROLLED_BACK", `the deployment's scope lease ${leaseId} was rolled back`);
     feed.publish(EVENTS_TOPIC);
     return result;
   }
@@ -780,7 +783,7 @@ export function createScopeLeaseService(deps: {
         // The lease is over, not to be confirmed: the agent stops and reports nothing. Destroyed as
         // a rollback destroys it (README), and said so: SUPERSEDED would tell the agent that
         // another worker owns it now.
-        revokeEnded(deleted.revokes, "ROLLED_BACK", `deployment ${id} was deleted`);
+        revokeEnded(deleted.ended, "ROLLED_BACK", `deployment ${id} was deleted`);
         feed.publish(EVENTS_TOPIC);
       }
       if (outcome === "not_found") throw LeaseholdError.notFound("resource", id);

@@ -9,12 +9,21 @@ export interface HeldToken {
   readonly sessionId: string;
 }
 
+/** What a destroy's cancel ended: every action, for its watchers; the held ones, for their holders. */
+export interface EndedActions {
+  /** Every action cancelled, queued or leased: its watchers wait for a wake-up. */
+  readonly actionIds: readonly string[];
+  /** The leased ones' leases, to revoke from their holders once the transaction commits. */
+  readonly revokes: readonly HeldToken[];
+}
+
 /**
  * Finishes the actions of destroyed deployments as CANCELLED, in the caller's
  * transaction (a rollback, an expiry, a delete). Queued ones never start; a
  * leased one's lease ends here, so any later report of its holder is fenced.
- * Returns the leases that were held, to revoke from their holders once the
- * transaction commits. `actor` is the principal whose call destroyed them
+ * Returns every action cancelled (their watchers are to be woken, a queued
+ * one's too) and the leases that were held, to revoke from their holders once
+ * the transaction commits. `actor` is the principal whose call destroyed them
  * (empty for a TTL rollback): the events' actor.
  */
 export async function cancelDeploymentActions(
@@ -23,9 +32,9 @@ export async function cancelDeploymentActions(
   message: string,
   actor: string,
   only: "queued" | "queued or leased" = "queued or leased",
-): Promise<HeldToken[]> {
-  if (actionIds.length === 0) return [];
-  const rows = await queryRows<{ id: string; epoch: unknown; session_id: string | null }>(
+): Promise<EndedActions> {
+  if (actionIds.length === 0) return { actionIds: [], revokes: [] };
+  const rows = await queryRows<{ id: string; epoch: unknown; state: string; session_id: string | null }>(
     tx,
     sql`
       with target as (
@@ -48,9 +57,14 @@ export async function cancelDeploymentActions(
         insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
         select 'action_cancelled', id, cluster, worker_id, session_id, epoch, ${message}, ${actor} from cancelled
       )
-      select id, epoch, session_id from cancelled where state = 'LEASED'`,
+      select id, epoch, state, session_id from cancelled`,
   );
-  return rows.map((r) => ({ actionId: r.id, epoch: toNumber(r.epoch), sessionId: r.session_id as string }));
+  return {
+    actionIds: rows.map((r) => r.id),
+    revokes: rows
+      .filter((r) => r.state === "LEASED")
+      .map((r) => ({ actionId: r.id, epoch: toNumber(r.epoch), sessionId: r.session_id as string })),
+  };
 }
 
 /**

@@ -3,7 +3,7 @@ import { Code, LeaseholdError } from "../errors.js";
 import type { JsonObject, NewAction } from "../work/action.js";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
-import { cancelDeploymentActions, type HeldToken } from "./deployments.js";
+import { cancelDeploymentActions, type EndedActions } from "./deployments.js";
 import { uuidv7 } from "./ids.js";
 import { type PAGE_JSON_BYTES, readPage, type SizedRow } from "./page-read.js";
 import { insertActions } from "./queries/insert-actions.js";
@@ -638,8 +638,8 @@ export interface Closed {
   readonly lease: ScopeLeaseRecord;
   /** Resources kept (commit) or destroyed (rollback). */
   readonly resources: readonly { id: string; kind: string }[];
-  /** Leases of destroyed deployments' actions, to revoke from their holders. */
-  readonly revokes: readonly HeldToken[];
+  /** Destroyed deployments' actions, to wake their watchers and revoke from their holders. */
+  readonly ended: EndedActions;
 }
 
 /**
@@ -671,7 +671,7 @@ export async function closeScopeLease(
     }
     const touched = await settleResources(tx, [leaseId], how === "COMMITTED" ? "keep" : "destroy");
     await recordClose(tx, [leaseId], how, actor);
-    const revokes = await cancelDeploymentActions(
+    const ended = await cancelDeploymentActions(
       tx,
       deploymentActions(touched),
       `scope lease ${leaseId} was ${how === "COMMITTED" ? "committed" : "rolled back"}`,
@@ -680,7 +680,7 @@ export async function closeScopeLease(
     return {
       lease: (await findScopeLease(tx, leaseId)) as ScopeLeaseRecord,
       resources: touched.map(({ id, kind }) => ({ id, kind })),
-      revokes,
+      ended,
     };
   });
 }
@@ -741,7 +741,7 @@ export async function expireScopeLeases(
   db: Db,
   clock: Clock,
   limit: number,
-): Promise<{ ids: string[]; revokes: HeldToken[] }> {
+): Promise<{ ids: string[]; ended: EndedActions }> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const now = clock.now();
@@ -756,16 +756,16 @@ export async function expireScopeLeases(
         from due where l.id = due.id returning l.id`,
     );
     const ids = expired.map((r) => r.id);
-    if (ids.length === 0) return { ids, revokes: [] };
+    if (ids.length === 0) return { ids, ended: { actionIds: [], revokes: [] } };
     const destroyed = await settleResources(tx, ids, "destroy");
     await recordClose(tx, ids, "EXPIRED", "");
-    const revokes = await cancelDeploymentActions(
+    const ended = await cancelDeploymentActions(
       tx,
       deploymentActions(destroyed),
       "its scope lease was rolled back: the TTL passed",
       "",
     );
-    return { ids, revokes };
+    return { ids, ended };
   });
 }
 
@@ -941,7 +941,7 @@ export async function deleteWorkspaceResource(
   db: Db,
   id: string,
   actor: string,
-): Promise<{ outcome: "deleted"; revokes: HeldToken[] } | { outcome: "lease_owned" | "not_found" }> {
+): Promise<{ outcome: "deleted"; ended: EndedActions } | { outcome: "lease_owned" | "not_found" }> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const [row] = await queryRows<{ ownership: Ownership; deleted: boolean; action_id: string | null }>(
@@ -963,9 +963,9 @@ export async function deleteWorkspaceResource(
     );
     if (!row) return { outcome: "not_found" as const };
     if (!row.deleted) return { outcome: "lease_owned" as const };
-    const revokes = row.action_id
+    const ended = row.action_id
       ? await cancelDeploymentActions(tx, [row.action_id], `deployment ${id} was deleted`, actor)
-      : [];
-    return { outcome: "deleted" as const, revokes };
+      : { actionIds: [], revokes: [] };
+    return { outcome: "deleted" as const, ended };
   });
 }

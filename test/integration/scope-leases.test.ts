@@ -4,6 +4,7 @@ import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import {
   CloseReason,
@@ -607,6 +608,64 @@ describe("scope leases", () => {
       const { resource } = await resources().createFile({ leaseId, name, content });
       expect(resource?.body.case === "file" && resource.body.value.name).toBe(name);
     }
+  });
+
+  it("ends the watch of a queued deployment's action when a rollback, an expiry or a delete cancels it", async () => {
+    const spec = { containers: [{ name: "web", command: { argv: ["true"] } }] };
+    /** A deployment no agent takes (none serves "east" here): its action stays QUEUED. */
+    const queued = async (leaseId: string) => {
+      const { resource } = await resources().createDeployment(
+        leaseId ? { leaseId, spec } : { runtime: "east", spec },
+      );
+      return {
+        resourceId: resource?.id ?? "",
+        actionId: resource?.body.case === "deployment" ? resource.body.value.actionId : "",
+      };
+    };
+    /**
+     * Watches the action until its stream ends; `end` cancels it meanwhile. Without a wake-up the
+     * watch would wait for the deadline, failing the test with DEADLINE_EXCEEDED.
+     */
+    const watchedTo = async (actionId: string, end: () => Promise<unknown>) => {
+      const states: ActionState[] = [];
+      const stream = t
+        .client(ActionService)
+        .watchAction({ actionId }, { deadline: new Date(Date.now() + 10_000) });
+      const iterator = stream[Symbol.asyncIterator]();
+      const first = await iterator.next();
+      if (!first.done) states.push(first.value.action?.state ?? ActionState.UNSPECIFIED);
+      await end();
+      for (let next = await iterator.next(); !next.done; next = await iterator.next())
+        states.push(next.value.action?.state ?? ActionState.UNSPECIFIED);
+      return states;
+    };
+    const rollback = await open();
+    const rolledBack = await queued(rollback);
+    const rolledBackWatch = await watchedTo(rolledBack.actionId, () =>
+      leases().rollbackLease({ leaseId: rollback }),
+    );
+    expect(rolledBackWatch).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
+
+    const expired = await queued(await open(60));
+    const expiredWatch = await watchedTo(expired.actionId, async () => {
+      clock.advance(61_000);
+      await t.server.scope.expireDue();
+    });
+    expect(expiredWatch).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
+
+    // Kept by a commit, then deleted; and one made outside any lease, deleted.
+    const commit = await open();
+    const committed = await queued(commit);
+    await leases().commitLease({ leaseId: commit });
+    const committedWatch = await watchedTo(committed.actionId, () =>
+      resources().deleteResource({ resourceId: committed.resourceId }),
+    );
+    expect(committedWatch).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
+    const unleased = await queued("");
+    const unleasedWatch = await watchedTo(unleased.actionId, () =>
+      resources().deleteResource({ resourceId: unleased.resourceId }),
+    );
+    expect(unleasedWatch).toEqual([ActionState.QUEUED, ActionState.CANCELLED]);
   });
 
   it("rejects bad requests with the field to fix", async () => {

@@ -329,6 +329,14 @@ export const resources = pgTable(
     /** Deployments: the long-running action that runs it on an agent. */
     actionId: text("action_id"),
     /**
+     * The cluster the resource belongs to, for rights: the runtime of the
+     * lease it was created in (kept after a promote or commit, and after the
+     * lease's record is deleted), or a deployment's runtime (its action's
+     * cluster). Null for a file or object created without a lease: it
+     * belongs to no cluster.
+     */
+    runtime: text("runtime"),
+    /**
      * Files saved as a deployment's outputs: the run (action and epoch) that
      * saved them (CreateFileRequest.output_of). A run lost before it ended
      * takes the ones its lease still owns with it (trigger

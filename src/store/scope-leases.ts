@@ -47,9 +47,10 @@ export interface ResourceRecord {
   /** Deployments: the action that runs it. */
   readonly actionId: string | null;
   /**
-   * Deployments: the cluster it runs on (its action's; the lease's runtime
-   * when created in a lease). It is what places a deployment created without
-   * a lease in a cluster. Null for files and objects.
+   * The cluster it belongs to: the runtime of the lease it was created in
+   * (stored with it, so it outlives the lease's record), or a deployment's
+   * runtime (the cluster it runs on) when created without a lease. Null for
+   * a file or object created without a lease: it belongs to no cluster.
    */
   readonly runtime: string | null;
   /** Deployments: the principal that created it (its action's creator). Null for files and objects. */
@@ -119,12 +120,11 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
 });
 
 /**
- * Every column but the file content, and a deployment's runtime and creator
- * from its action (where they live; actions are never deleted). Also valid in
+ * Every column but the file content, and a deployment's creator from its
+ * action (where it lives; actions are never deleted). Also valid in
  * `returning` of an insert or update of `resources` (unaliased).
  */
-const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id,
-  (select a.cluster from actions a where a.id = resources.action_id) as runtime,
+const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id, runtime,
   (select a.created_by from actions a where a.id = resources.action_id) as created_by`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 
@@ -355,9 +355,10 @@ export async function insertResource(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, content, body,
+          insert into resources (id, kind, ownership, lease_id, runtime, created_at, name, size_bytes, sha256, content_type, content, body,
                                  output_action_id, output_epoch, request_id, requested_by, request_hash)
           values (${uuidv7()}, ${input.kind}, ${ownership}, ${input.leaseId ?? null},
+                  (select runtime from scope_leases where id = ${input.leaseId ?? null}),
                   ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
                   ${input.sha256 ?? null}, ${input.contentType ?? null},
                   case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
@@ -454,10 +455,10 @@ export async function insertDeployment(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, created_at, body, action_id,
+          insert into resources (id, kind, ownership, lease_id, runtime, created_at, body, action_id,
                                  request_id, requested_by, request_hash)
           values (${id}, 'deployment', ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
-                  ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId},
+                  ${runtime}, ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId},
                   ${requestColumns(input.actor, input.request)})
           returning ${RESOURCE_COLUMNS}
         ),
@@ -950,14 +951,13 @@ export async function deleteWorkspaceResource(
         with target as (select id, ownership, action_id from resources where id = ${id}),
         deleted as (
           delete from resources r using target where r.id = target.id and target.ownership = 'WORKSPACE'
-          returning r.id, r.kind, r.lease_id, r.action_id
+          returning r.id, r.kind, r.lease_id, r.action_id, r.runtime
         ),
         event as (
           insert into events (kind, lease_id, action_id, cluster, message, details, actor)
-          select 'resource_deleted', d.lease_id, d.action_id,
-            coalesce(l.runtime, (select a.cluster from actions a where a.id = d.action_id)),
+          select 'resource_deleted', d.lease_id, d.action_id, d.runtime,
             d.kind || ' ' || d.id || ' deleted', jsonb_build_object('resource_id', d.id, 'kind', d.kind), ${actor}
-          from deleted d left join scope_leases l on l.id = d.lease_id
+          from deleted d
         )
         select ownership, action_id, exists (select 1 from deleted) as deleted from target`,
     );

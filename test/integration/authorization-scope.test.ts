@@ -286,6 +286,49 @@ describe("authorization by cluster, owner and session", () => {
     );
   });
 
+  it("keeps what a commit kept in its lease's cluster after the lease's record is deleted", async () => {
+    const leases = t.client(LeaseService);
+    const resources = t.client(ResourceService);
+    const leaseId = (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "";
+    const content = new TextEncoder().encode("kept");
+    const fileId =
+      (await resources.createFile({ leaseId, name: "kept.txt", content }, as("alice"))).resource?.id ?? "";
+    const noteId = (await resources.createObject({ leaseId, kind: "note" }, as("alice"))).resource?.id ?? "";
+    await leases.commitLease({ leaseId }, as("alice"));
+    await leases.deleteLease({ leaseId }, as("ops"));
+
+    const download = async (principal: string) => {
+      const chunks: Uint8Array[] = [];
+      for await (const m of resources.downloadFile({ resourceId: fileId }, as(principal)))
+        chunks.push(m.chunk);
+      return Buffer.concat(chunks).toString();
+    };
+    // Rights in cluster-a alone suffice, as while the record existed.
+    for (const resourceId of [fileId, noteId])
+      expect((await resources.getResource({ resourceId }, as("reader"))).resource?.id).toBe(resourceId);
+    expect(await download("reader")).toBe("kept");
+    // Rights elsewhere do not: the resources are cluster-a's, not every cluster's.
+    for (const resourceId of [fileId, noteId]) {
+      await expectStatus(
+        resources.getResource({ resourceId }, as("carol")),
+        Code.PermissionDenied,
+        /"carol" lacks the right resource\.read in cluster "cluster-a"$/,
+      );
+      await expectStatus(
+        resources.deleteResource({ resourceId }, as("carol")),
+        Code.PermissionDenied,
+        /"carol" lacks the right lease\.use\.own in cluster "cluster-a"$/,
+      );
+    }
+    await expectStatus(download("carol"), Code.PermissionDenied, /resource\.read in cluster "cluster-a"/);
+    for (const resourceId of [fileId, noteId]) await resources.deleteResource({ resourceId }, as("ops"));
+    await expectStatus(
+      resources.getResource({ resourceId: fileId }, as("reader")),
+      Code.NotFound,
+      /not found/,
+    );
+  });
+
   it("lets an agent download the inputs of a deployment its session holds leased, and no other file", async () => {
     const leases = t.client(LeaseService);
     const resources = t.client(ResourceService);

@@ -86,10 +86,12 @@ interface ResourceHome {
 
 /**
  * Where a resource belongs: the lease it was created in while that lease's
- * record exists (its runtime, its creator); else, for a deployment, the
- * deployment's own runtime and creator (a deployment created without a lease
- * runs on the runtime it was created for). A file or object without a lease
- * (or whose lease record was deleted) belongs to no cluster: undefined.
+ * record exists (its runtime, its creator). Once the record is deleted (a
+ * commit's kept resources outlive it), the runtime stored with the resource,
+ * with a deployment's creator; a file's or object's is unknown then (""), so
+ * only `.any` rights reach it. A deployment created without a lease belongs to
+ * its runtime and creator. A file or object created without a lease belongs
+ * to no cluster: undefined.
  */
 async function homeOf(
   scope: ScopeLeaseService,
@@ -425,7 +427,8 @@ async function checkDeploymentCreate(
 
 /**
  * ResourceService over the scope-lease service. A resource's cluster is the
- * runtime of the lease it was created in (kept after a promote or commit), or
+ * runtime of the lease it was created in (kept after a promote or commit, and
+ * after the lease's record is deleted: stored with the resource), or
  * a lease-less deployment's own runtime; a file or object without a lease
  * (workspace-owned from the start) needs the right in every cluster.
  */

@@ -169,9 +169,10 @@ class ResourceServiceServicer(object):
 
     def GetResource(self, request, context):
         """Returns one resource. NOT_FOUND if unknown.
-        Right: resource.read in the runtime of the lease it was created in; for a
-        deployment created without a lease, in its runtime; in every cluster for
-        a file or object created without a lease.
+        Right: resource.read in the runtime of the lease it was created in (still
+        after that lease's record is deleted: the resource keeps its runtime); for
+        a deployment created without a lease, in its runtime; in every cluster
+        for a file or object created without a lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,10 +211,12 @@ class ResourceServiceServicer(object):
         the same transaction, and its agent gets a Revoke with reason
         ROLLED_BACK (destroyed), as for a rollback.
         Right: lease.use.own (a resource of the caller's lease) or lease.use.any
-        in the runtime of the lease it was created in; for a deployment created
-        without a lease, lease.use.own (the caller created it) or lease.use.any in
-        its runtime; lease.use.any in every cluster for a file or object created
-        without a lease.
+        in the runtime of the lease it was created in; once that lease's record
+        is deleted, its creator is no longer known: lease.use.any there (for a
+        deployment, lease.use.own still serves the principal that created it).
+        For a deployment created without a lease, lease.use.own (the caller
+        created it) or lease.use.any in its runtime; lease.use.any in every
+        cluster for a file or object created without a lease.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,9 +48,10 @@ type ResourceServiceClient interface {
 	// Creates a generic object of a user-given kind.
 	CreateObject(ctx context.Context, in *CreateObjectRequest, opts ...grpc.CallOption) (*CreateObjectResponse, error)
 	// Returns one resource. NOT_FOUND if unknown.
-	// Right: resource.read in the runtime of the lease it was created in; for a
-	// deployment created without a lease, in its runtime; in every cluster for
-	// a file or object created without a lease.
+	// Right: resource.read in the runtime of the lease it was created in (still
+	// after that lease's record is deleted: the resource keeps its runtime); for
+	// a deployment created without a lease, in its runtime; in every cluster
+	// for a file or object created without a lease.
 	GetResource(ctx context.Context, in *GetResourceRequest, opts ...grpc.CallOption) (*GetResourceResponse, error)
 	// Lists resources, filtered and paginated, oldest first. A page stays
 	// under 3 MiB as sent (see page_size).
@@ -74,10 +75,12 @@ type ResourceServiceClient interface {
 	// the same transaction, and its agent gets a Revoke with reason
 	// ROLLED_BACK (destroyed), as for a rollback.
 	// Right: lease.use.own (a resource of the caller's lease) or lease.use.any
-	// in the runtime of the lease it was created in; for a deployment created
-	// without a lease, lease.use.own (the caller created it) or lease.use.any in
-	// its runtime; lease.use.any in every cluster for a file or object created
-	// without a lease.
+	// in the runtime of the lease it was created in; once that lease's record
+	// is deleted, its creator is no longer known: lease.use.any there (for a
+	// deployment, lease.use.own still serves the principal that created it).
+	// For a deployment created without a lease, lease.use.own (the caller
+	// created it) or lease.use.any in its runtime; lease.use.any in every
+	// cluster for a file or object created without a lease.
 	DeleteResource(ctx context.Context, in *DeleteResourceRequest, opts ...grpc.CallOption) (*DeleteResourceResponse, error)
 }
 
@@ -210,9 +213,10 @@ type ResourceServiceServer interface {
 	// Creates a generic object of a user-given kind.
 	CreateObject(context.Context, *CreateObjectRequest) (*CreateObjectResponse, error)
 	// Returns one resource. NOT_FOUND if unknown.
-	// Right: resource.read in the runtime of the lease it was created in; for a
-	// deployment created without a lease, in its runtime; in every cluster for
-	// a file or object created without a lease.
+	// Right: resource.read in the runtime of the lease it was created in (still
+	// after that lease's record is deleted: the resource keeps its runtime); for
+	// a deployment created without a lease, in its runtime; in every cluster
+	// for a file or object created without a lease.
 	GetResource(context.Context, *GetResourceRequest) (*GetResourceResponse, error)
 	// Lists resources, filtered and paginated, oldest first. A page stays
 	// under 3 MiB as sent (see page_size).
@@ -236,10 +240,12 @@ type ResourceServiceServer interface {
 	// the same transaction, and its agent gets a Revoke with reason
 	// ROLLED_BACK (destroyed), as for a rollback.
 	// Right: lease.use.own (a resource of the caller's lease) or lease.use.any
-	// in the runtime of the lease it was created in; for a deployment created
-	// without a lease, lease.use.own (the caller created it) or lease.use.any in
-	// its runtime; lease.use.any in every cluster for a file or object created
-	// without a lease.
+	// in the runtime of the lease it was created in; once that lease's record
+	// is deleted, its creator is no longer known: lease.use.any there (for a
+	// deployment, lease.use.own still serves the principal that created it).
+	// For a deployment created without a lease, lease.use.own (the caller
+	// created it) or lease.use.any in its runtime; lease.use.any in every
+	// cluster for a file or object created without a lease.
 	DeleteResource(context.Context, *DeleteResourceRequest) (*DeleteResourceResponse, error)
 	mustEmbedUnimplementedResourceServiceServer()
 }

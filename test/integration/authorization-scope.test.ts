@@ -329,6 +329,35 @@ describe("authorization by cluster, owner and session", () => {
     );
   });
 
+  it("lists a lease's resources by its cluster, NOT_FOUND for a lease that never was, and says why a list without one needs every cluster", async () => {
+    const leases = t.client(LeaseService);
+    const resources = t.client(ResourceService);
+    // No such lease: NOT_FOUND for everyone, whatever their clusters.
+    for (const principal of ["reader", "admin"])
+      await expectStatus(
+        resources.listResources({ leaseId: "no-such-lease" }, as(principal)),
+        Code.NotFound,
+        /lease "no-such-lease" not found/,
+      );
+    // Its record deleted, the lease's kept resources are listed in its cluster, from theirs.
+    const leaseId = (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "";
+    const noteId = (await resources.createObject({ leaseId, kind: "note" }, as("alice"))).resource?.id ?? "";
+    await leases.commitLease({ leaseId }, as("alice"));
+    await leases.deleteLease({ leaseId }, as("ops"));
+    const listed = await resources.listResources({ leaseId }, as("reader"));
+    expect(listed.resources.map((r) => r.id)).toEqual([noteId]);
+    await expectStatus(
+      resources.listResources({ leaseId }, as("carol")),
+      Code.PermissionDenied,
+      /"carol" lacks the right resource\.read in cluster "cluster-a"$/,
+    );
+    await expectStatus(
+      resources.listResources({}, as("reader")),
+      Code.PermissionDenied,
+      /"reader" lacks the right resource\.read in every cluster: listing resources without a lease_id lists every cluster's; name a lease_id$/,
+    );
+  });
+
   it("lets an agent download the inputs of a deployment its session holds leased, and no other file", async () => {
     const leases = t.client(LeaseService);
     const resources = t.client(ResourceService);

@@ -116,6 +116,27 @@ async function requireOnResource(
 }
 
 /**
+ * ListResources' check: `resource.read` in the cluster of lease `leaseId`:
+ * its runtime, or once its record is deleted, the runtime its kept resources
+ * store; NOT_FOUND for a lease that has neither. Without a lease id the list
+ * spans every cluster, and so must the right.
+ */
+async function requireList(scope: ScopeLeaseService, access: Access, leaseId: string): Promise<void> {
+  if (!leaseId) {
+    access.requireEverywhere(
+      "resource.read",
+      "listing resources without a lease_id lists every cluster's; name a lease_id",
+    );
+    return;
+  }
+  const lease = await leaseOf(scope, leaseId);
+  // Every resource created in a lease stores that lease's runtime.
+  const runtime = lease?.runtime ?? (await scope.listResources({ leaseId }, 1, "")).items[0]?.runtime;
+  if (!runtime) throw LeaseholdError.notFound("lease", leaseId);
+  access.require("resource.read", runtime);
+}
+
+/**
  * DownloadFile's check: `resource.read` in the file's cluster, as for
  * GetResource; otherwise `file.download.input`, which lets an agent fetch a
  * file only while it is an input of a deployment whose action is leased to a
@@ -521,7 +542,7 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       return { resource: found };
     },
     async listResources(request, ctx) {
-      await requireOnResource(scope, ctx.access, "resource.read", { leaseId: request.leaseId || null });
+      await requireList(scope, ctx.access, request.leaseId);
       const ownership =
         request.ownership === Ownership.UNSPECIFIED
           ? undefined

@@ -182,7 +182,9 @@ class ResourceServiceServicer(object):
         """Lists resources, filtered and paginated, oldest first. A page stays
         under 3 MiB as sent (see page_size).
         Right: resource.read in the lease_id filter's runtime, or in every
-        cluster without a lease_id.
+        cluster without a lease_id. A lease_id naming no lease is NOT_FOUND
+        (ErrorInfo reason LEASE_NOT_FOUND); one whose record was deleted still
+        lists what its commit kept, with the right in its runtime.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,9 @@ type ResourceServiceClient interface {
 	// Lists resources, filtered and paginated, oldest first. A page stays
 	// under 3 MiB as sent (see page_size).
 	// Right: resource.read in the lease_id filter's runtime, or in every
-	// cluster without a lease_id.
+	// cluster without a lease_id. A lease_id naming no lease is NOT_FOUND
+	// (ErrorInfo reason LEASE_NOT_FOUND); one whose record was deleted still
+	// lists what its commit kept, with the right in its runtime.
 	ListResources(ctx context.Context, in *ListResourcesRequest, opts ...grpc.CallOption) (*ListResourcesResponse, error)
 	// Streams a file's content in chunks of 64 KiB (the last one has the rest;
 	// an empty file sends none), each read from the database as the client
@@ -221,7 +223,9 @@ type ResourceServiceServer interface {
 	// Lists resources, filtered and paginated, oldest first. A page stays
 	// under 3 MiB as sent (see page_size).
 	// Right: resource.read in the lease_id filter's runtime, or in every
-	// cluster without a lease_id.
+	// cluster without a lease_id. A lease_id naming no lease is NOT_FOUND
+	// (ErrorInfo reason LEASE_NOT_FOUND); one whose record was deleted still
+	// lists what its commit kept, with the right in its runtime.
 	ListResources(context.Context, *ListResourcesRequest) (*ListResourcesResponse, error)
 	// Streams a file's content in chunks of 64 KiB (the last one has the rest;
 	// an empty file sends none), each read from the database as the client

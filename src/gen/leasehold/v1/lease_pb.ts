@@ -810,7 +810,7 @@ export type WaitLeaseRequest = Message<"leasehold.v1.WaitLeaseRequest"> & {
   leaseId: string;
 
   /**
-   * How long to wait for the deployment to become ready, at most 24h. Default 5m.
+   * How long to wait for the deployments to become ready, at most 24h. Default 5m.
    *
    * @generated from field: google.protobuf.Duration timeout = 2;
    */
@@ -831,14 +831,15 @@ export const WaitLeaseRequestSchema: GenMessage<WaitLeaseRequest> = /*@__PURE__*
  */
 export type WaitLeaseResponse = Message<"leasehold.v1.WaitLeaseResponse"> & {
   /**
-   * The deployment as it is after the change.
+   * One of the lease's deployments, as it is after the change.
    *
    * @generated from field: leasehold.v1.Deployment deployment = 1;
    */
   deployment?: Deployment | undefined;
 
   /**
-   * True on the last message (ready, failed, or timed out).
+   * True on the last message: all deployments ready, one of them ended, or
+   * timed out (see WaitLease for which deployment it carries).
    *
    * @generated from field: bool done = 2;
    */
@@ -873,7 +874,7 @@ export type CollectOutputsRequest = Message<"leasehold.v1.CollectOutputsRequest"
   leaseId: string;
 
   /**
-   * How long to wait for the deployment to save its files, at most 1h.
+   * How long to wait for the deployments to save their files, at most 1h.
    * Default (unset or 0s) 60s. When it passes first, the call ends
    * DEADLINE_EXCEEDED naming the deployments still stopping; they go on
    * stopping, and calling again returns their files once they have.
@@ -897,16 +898,16 @@ export const CollectOutputsRequestSchema: GenMessage<CollectOutputsRequest> = /*
  */
 export type CollectOutputsResponse = Message<"leasehold.v1.CollectOutputsResponse"> & {
   /**
-   * The file resources the deployment produced, inside the lease.
+   * The file resources the deployments produced, inside the lease.
    *
    * @generated from field: repeated string file_ids = 1;
    */
   fileIds: string[];
 
   /**
-   * What the deployment's outputs_dir held that was not saved, as its agent
+   * What the deployments' outputs_dir held that was not saved, as their agents
    * reported it (files over the server's --max-file-size or receive limit,
-   * symbolic links and other entries that are not regular files, files it
+   * symbolic links and other entries that are not regular files, files they
    * could not read). Empty when everything was saved; an agent that does not
    * report what it skipped leaves it empty too.
    *
@@ -1251,8 +1252,22 @@ export const LeaseService: GenService<{
     output: typeof DebugLeaseResponseSchema;
   },
   /**
-   * Streams the lease's deployment lifecycle until it is ready, failed, or
-   * the timeout passes.
+   * Streams the lifecycle of the lease's deployments (those it owns: not one
+   * promoted out of it; the first 1000 made) until they are all ready, one
+   * of them has ended, or the timeout passes. Each message carries one
+   * deployment: the stream starts with each one's state, oldest first, and
+   * then sends a deployment again whenever its phase, containers or message
+   * change, the deployments' messages interleaved. The last message (done
+   * set) carries one deployment only: the oldest one that ended (STOPPED or
+   * FAILED; the wait does not go on for the others); else, once all are
+   * READY, the newest one; else, on timeout (timed_out set), the oldest one
+   * not READY. Every other deployment's latest state was sent before it, so
+   * a client with several deployments keeps the latest message of each.
+   * NOT_FOUND if there is no such lease; FAILED_PRECONDITION (reason
+   * LEASE_CLOSED) if it is not open; FAILED_PRECONDITION (reason
+   * NO_DEPLOYMENT) if it owns no deployment (create one with
+   * CreateDeployment first; the message says so when one was promoted out
+   * of it).
    * Right: lease.read in the lease's runtime.
    *
    * @generated from rpc leasehold.v1.LeaseService.WaitLease
@@ -1263,9 +1278,15 @@ export const LeaseService: GenService<{
     output: typeof WaitLeaseResponseSchema;
   },
   /**
-   * Stops the lease's deployment with file-save semantics and returns the ids
-   * of the file resources it produced, and what it did not save and why
-   * (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
+   * Stops the lease's deployments with file-save semantics and returns the
+   * ids of the file resources they produced, and what they did not save and
+   * why (skipped). With several deployments (those the lease owns: not one
+   * promoted out of it; the first 1000 made), every one is asked to save and
+   * stop at once, the call returns once all of them have stopped, and the
+   * answer holds all of their files, deployment by deployment, oldest first;
+   * one run whose outputs were lost (OUTPUTS_LOST, below) fails the whole
+   * call. FAILED_PRECONDITION (reason NO_DEPLOYMENT) if the lease owns no
+   * deployment. FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
    * (or past its TTL) when the call starts, or is rolled back (or past its
    * TTL) when the deployments have stopped: an empty list always means they
    * saved no files. A lease committed while its deployments save keeps what

@@ -1639,7 +1639,7 @@ type WaitLeaseRequest struct {
 
 	// Required: the lease.
 	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	// How long to wait for the deployment to become ready, at most 24h. Default 5m.
+	// How long to wait for the deployments to become ready, at most 24h. Default 5m.
 	Timeout *durationpb.Duration `protobuf:"bytes,2,opt,name=timeout,proto3" json:"timeout,omitempty"`
 }
 
@@ -1695,9 +1695,10 @@ type WaitLeaseResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The deployment as it is after the change.
+	// One of the lease's deployments, as it is after the change.
 	Deployment *Deployment `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
-	// True on the last message (ready, failed, or timed out).
+	// True on the last message: all deployments ready, one of them ended, or
+	// timed out (see WaitLease for which deployment it carries).
 	Done bool `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"`
 	// On the last message: true when it ended because the timeout passed.
 	TimedOut bool `protobuf:"varint,3,opt,name=timed_out,json=timedOut,proto3" json:"timed_out,omitempty"`
@@ -1764,7 +1765,7 @@ type CollectOutputsRequest struct {
 
 	// Required: the lease.
 	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	// How long to wait for the deployment to save its files, at most 1h.
+	// How long to wait for the deployments to save their files, at most 1h.
 	// Default (unset or 0s) 60s. When it passes first, the call ends
 	// DEADLINE_EXCEEDED naming the deployments still stopping; they go on
 	// stopping, and calling again returns their files once they have.
@@ -1823,11 +1824,11 @@ type CollectOutputsResponse struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// The file resources the deployment produced, inside the lease.
+	// The file resources the deployments produced, inside the lease.
 	FileIds []string `protobuf:"bytes,1,rep,name=file_ids,json=fileIds,proto3" json:"file_ids,omitempty"`
-	// What the deployment's outputs_dir held that was not saved, as its agent
+	// What the deployments' outputs_dir held that was not saved, as their agents
 	// reported it (files over the server's --max-file-size or receive limit,
-	// symbolic links and other entries that are not regular files, files it
+	// symbolic links and other entries that are not regular files, files they
 	// could not read). Empty when everything was saved; an agent that does not
 	// report what it skipped leaves it empty too.
 	Skipped []*SkippedOutput `protobuf:"bytes,2,rep,name=skipped,proto3" json:"skipped,omitempty"`

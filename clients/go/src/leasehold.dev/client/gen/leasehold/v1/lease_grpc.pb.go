@@ -95,13 +95,33 @@ type LeaseServiceClient interface {
 	// fields count what was left out.
 	// Right: lease.debug in the lease's runtime.
 	DebugLease(ctx context.Context, in *DebugLeaseRequest, opts ...grpc.CallOption) (*DebugLeaseResponse, error)
-	// Streams the lease's deployment lifecycle until it is ready, failed, or
-	// the timeout passes.
+	// Streams the lifecycle of the lease's deployments (those it owns: not one
+	// promoted out of it; the first 1000 made) until they are all ready, one
+	// of them has ended, or the timeout passes. Each message carries one
+	// deployment: the stream starts with each one's state, oldest first, and
+	// then sends a deployment again whenever its phase, containers or message
+	// change, the deployments' messages interleaved. The last message (done
+	// set) carries one deployment only: the oldest one that ended (STOPPED or
+	// FAILED; the wait does not go on for the others); else, once all are
+	// READY, the newest one; else, on timeout (timed_out set), the oldest one
+	// not READY. Every other deployment's latest state was sent before it, so
+	// a client with several deployments keeps the latest message of each.
+	// NOT_FOUND if there is no such lease; FAILED_PRECONDITION (reason
+	// LEASE_CLOSED) if it is not open; FAILED_PRECONDITION (reason
+	// NO_DEPLOYMENT) if it owns no deployment (create one with
+	// CreateDeployment first; the message says so when one was promoted out
+	// of it).
 	// Right: lease.read in the lease's runtime.
 	WaitLease(ctx context.Context, in *WaitLeaseRequest, opts ...grpc.CallOption) (LeaseService_WaitLeaseClient, error)
-	// Stops the lease's deployment with file-save semantics and returns the ids
-	// of the file resources it produced, and what it did not save and why
-	// (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
+	// Stops the lease's deployments with file-save semantics and returns the
+	// ids of the file resources they produced, and what they did not save and
+	// why (skipped). With several deployments (those the lease owns: not one
+	// promoted out of it; the first 1000 made), every one is asked to save and
+	// stop at once, the call returns once all of them have stopped, and the
+	// answer holds all of their files, deployment by deployment, oldest first;
+	// one run whose outputs were lost (OUTPUTS_LOST, below) fails the whole
+	// call. FAILED_PRECONDITION (reason NO_DEPLOYMENT) if the lease owns no
+	// deployment. FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
 	// (or past its TTL) when the call starts, or is rolled back (or past its
 	// TTL) when the deployments have stopped: an empty list always means they
 	// saved no files. A lease committed while its deployments save keeps what
@@ -355,13 +375,33 @@ type LeaseServiceServer interface {
 	// fields count what was left out.
 	// Right: lease.debug in the lease's runtime.
 	DebugLease(context.Context, *DebugLeaseRequest) (*DebugLeaseResponse, error)
-	// Streams the lease's deployment lifecycle until it is ready, failed, or
-	// the timeout passes.
+	// Streams the lifecycle of the lease's deployments (those it owns: not one
+	// promoted out of it; the first 1000 made) until they are all ready, one
+	// of them has ended, or the timeout passes. Each message carries one
+	// deployment: the stream starts with each one's state, oldest first, and
+	// then sends a deployment again whenever its phase, containers or message
+	// change, the deployments' messages interleaved. The last message (done
+	// set) carries one deployment only: the oldest one that ended (STOPPED or
+	// FAILED; the wait does not go on for the others); else, once all are
+	// READY, the newest one; else, on timeout (timed_out set), the oldest one
+	// not READY. Every other deployment's latest state was sent before it, so
+	// a client with several deployments keeps the latest message of each.
+	// NOT_FOUND if there is no such lease; FAILED_PRECONDITION (reason
+	// LEASE_CLOSED) if it is not open; FAILED_PRECONDITION (reason
+	// NO_DEPLOYMENT) if it owns no deployment (create one with
+	// CreateDeployment first; the message says so when one was promoted out
+	// of it).
 	// Right: lease.read in the lease's runtime.
 	WaitLease(*WaitLeaseRequest, LeaseService_WaitLeaseServer) error
-	// Stops the lease's deployment with file-save semantics and returns the ids
-	// of the file resources it produced, and what it did not save and why
-	// (skipped). FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
+	// Stops the lease's deployments with file-save semantics and returns the
+	// ids of the file resources they produced, and what they did not save and
+	// why (skipped). With several deployments (those the lease owns: not one
+	// promoted out of it; the first 1000 made), every one is asked to save and
+	// stop at once, the call returns once all of them have stopped, and the
+	// answer holds all of their files, deployment by deployment, oldest first;
+	// one run whose outputs were lost (OUTPUTS_LOST, below) fails the whole
+	// call. FAILED_PRECONDITION (reason NO_DEPLOYMENT) if the lease owns no
+	// deployment. FAILED_PRECONDITION (LEASE_CLOSED) if the lease is not open
 	// (or past its TTL) when the call starts, or is rolled back (or past its
 	// TTL) when the deployments have stopped: an empty list always means they
 	// saved no files. A lease committed while its deployments save keeps what

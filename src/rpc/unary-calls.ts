@@ -17,17 +17,19 @@ import { perSecond } from "./per-second.js";
  *
  * A unary call (every method but WorkerService.Connect and the server
  * streams) is served while fewer than `running` are; past that it waits,
- * first come first served, while fewer than `waiting` wait; past that it is
- * answered RESOURCE_EXHAUSTED (reason UNARY_CALLS_OVER_LIMIT) at once,
- * before any work. Worker streams, their heartbeats and reports, never pass
+ * first come first served; a call is answered RESOURCE_EXHAUSTED (reason
+ * UNARY_CALLS_OVER_LIMIT) at once, before any work, only when `running`
+ * plus `waiting` calls are served or wait (calls of a burst may wait for a
+ * later turn of the event loop while fewer than `running` are served: they
+ * count against the same total). Worker streams, their heartbeats and reports, never pass
  * here.
  */
 export interface UnaryCallLimit {
   /**
    * Resolves with the function to call once the call has been answered: at
    * once while fewer than `running` calls are served, else after the calls
-   * before it. Returns the error to answer it with when as many calls wait
-   * as may; rejects with the signal's reason when the call ends while it
+   * before it. Returns the error to answer it with when as many calls
+   * are served or wait as may (`running` plus `waiting`); rejects with the signal's reason when the call ends while it
    * waits (it is then not served).
    */
   admit(signal: AbortSignal): (() => void) | Promise<() => void> | LeaseholdError;
@@ -125,7 +127,10 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
         noteStart();
         return onceReleased();
       }
-      if (waiting.length >= maxWaiting) {
+      // Running and waiting calls count together: a call that arrived after this turn's budget
+      // waits for a later turn even while fewer than `limit` run, and takes a free slot then.
+      // Counting only the queue refused calls of a burst at an idle server.
+      if (running + waiting.length >= limit + maxWaiting) {
         refused += 1;
         logRefusal((skipped) =>
           options.log.warn(
@@ -140,8 +145,9 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
         );
         return new LeaseholdError(
           Code.ResourceExhausted,
-          `the server is serving ${running} calls and ${waiting.length} more wait their turn, as many as ` +
-            "it lets wait: nothing was done; retry after a backoff, and send fewer calls at once " +
+          `the server is serving ${running} calls and ${waiting.length} more wait their turn, ` +
+            `${limit + maxWaiting} in all, as many as it takes: nothing was done; retry after a backoff, ` +
+            "and send fewer calls at once " +
             "(bulk submits: SubmitActions, up to 1,000 actions a call)",
           {
             reason: "UNARY_CALLS_OVER_LIMIT",

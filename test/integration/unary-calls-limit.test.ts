@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import { createClient } from "../../src/rpc/client.js";
 import { errorReasonOf } from "../../src/rpc/status.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -49,5 +50,47 @@ describe.runIf(runsDriverNeutralTests())("the bound on unary calls", () => {
     expect(t.logs.some((l) => String(l.msg).startsWith("unary call refused"))).toBe(true);
     // Once they have ended, calls are served again.
     await expect(actions.listActions({ cluster: "busy" })).resolves.toBeDefined();
+  });
+});
+
+describe.runIf(runsDriverNeutralTests())("the default bound on unary calls", () => {
+  let t: TestServer;
+  beforeAll(async () => {
+    t = await startTestServer();
+  });
+  afterAll(async () => {
+    await t?.[Symbol.asyncDispose]();
+  });
+
+  /** `count` ListActions calls at once, on connections of 150 calls (a connection takes 256 streams). */
+  async function burst(count: number): Promise<string[]> {
+    const clients = Array.from({ length: Math.ceil(count / 150) }, () =>
+      createClient(ActionService, t.address, undefined, { "grpc.use_local_subchannel_pool": 1 }),
+    );
+    try {
+      return await Promise.all(
+        Array.from({ length: count }, (_, i) =>
+          (clients[i % clients.length] as (typeof clients)[number]).listActions({ cluster: "idle" }).then(
+            () => "OK",
+            (error: unknown) => `${errorReasonOf(error)}: ${(error as Error).message}`,
+          ),
+        ),
+      );
+    } finally {
+      for (const c of clients) c.close();
+    }
+  }
+
+  it("refuses none of 32 + 224 calls sent at once to an idle server", async () => {
+    const outcomes = await burst(256);
+    expect(outcomes.filter((o) => o !== "OK")).toEqual([]);
+  });
+
+  it("refuses calls past 32 + 224 saying how many it holds", async () => {
+    const refusals = (await burst(300)).filter((o) => o !== "OK");
+    expect(refusals.length).toBeGreaterThan(0);
+    expect(refusals[0]).toMatch(
+      /^UNARY_CALLS_OVER_LIMIT: .*the server is serving \d+ calls and \d+ more wait their turn, 256 in all/,
+    );
   });
 });

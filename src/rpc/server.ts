@@ -24,6 +24,7 @@ import {
   defaultMaxConnections,
   limitConnections,
 } from "./connection-limits.js";
+import { keepEveryAuthorizationHeader } from "./duplicate-authorization.js";
 import { createLargeCallLimit, type LargeCallLimit } from "./large-calls.js";
 import { pushUncompressedAtOnce, refuseMalformedFraming } from "./message-push.js";
 import { createPartialRequestLimit, type PartialRequestLimit } from "./partial-requests.js";
@@ -298,6 +299,11 @@ export async function createRpcServer(
       observer: options.connections,
     },
   );
+  if (listening instanceof Map) keepEveryAuthorizationHeader(listening.keys() as Iterable<NetServer>);
+  else
+    options.log.warn(
+      "grpc-js's server changed shape: a call with several authorization headers is not refused",
+    );
   let stopCaWatch = () => {};
   if (options.tls?.requestCert) {
     if (listening instanceof Map)

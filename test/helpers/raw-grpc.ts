@@ -11,6 +11,15 @@ export function grpcFrame<M extends DescMessage>(schema: M, init: MessageInitSha
   return frame;
 }
 
+/** An HPACK header field, literal without indexing, new name, no Huffman coding (names and values < 127 bytes). */
+export const hpackLiteral = (name: string, value: string): Buffer =>
+  Buffer.concat([
+    Buffer.from([0, name.length]),
+    Buffer.from(name),
+    Buffer.from([value.length]),
+    Buffer.from(value),
+  ]);
+
 /**
  * A gRPC call over a bare HTTP/2 `session` (as a client without a gRPC
  * library sends one): `bytes` as the request, then the end of the stream.

@@ -3,7 +3,7 @@ import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ListActionsRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
-import { grpcFrame } from "../helpers/raw-grpc.js";
+import { grpcFrame, hpackLiteral as literal } from "../helpers/raw-grpc.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 
 /** An HTTP/2 frame: length, type, flags, stream id, payload. */
@@ -15,15 +15,6 @@ function h2Frame(type: number, flags: number, stream: number, payload: Buffer = 
   head.writeUInt32BE(stream, 5);
   return Buffer.concat([head, payload]);
 }
-
-/** An HPACK header field, literal without indexing, new name, no Huffman coding (names and values < 127 bytes). */
-const literal = (name: string, value: string) =>
-  Buffer.concat([
-    Buffer.from([0, name.length]),
-    Buffer.from(name),
-    Buffer.from([value.length]),
-    Buffer.from(value),
-  ]);
 
 const HEADERS = 1;
 const DATA = 0;

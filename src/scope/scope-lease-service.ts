@@ -591,7 +591,7 @@ export function createScopeLeaseService(deps: {
       ) {
         throw new LeaseholdError(
           Code.AlreadyExists,
-          `request_id ${JSON.stringify(input.requestId)} was already used for a different lease (${lease.id}); use a new request_id for a new lease`,
+          `request_id ${quote(input.requestId ?? "")} was already used for a different lease (${lease.id}); use a new request_id for a new lease`,
           { reason: "REQUEST_ID_REUSED", metadata: { lease_id: lease.id } },
         );
       }

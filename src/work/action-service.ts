@@ -139,7 +139,7 @@ export function createActionService({
     if (existing.requestHash !== action.requestHash) {
       throw new LeaseholdError(
         Code.AlreadyExists,
-        `request_id ${JSON.stringify(requestId)} was already used for a different request (action ${existing.action.id}); use a new request_id for a new action`,
+        `request_id ${quote(requestId)} was already used for a different request (action ${existing.action.id}); use a new request_id for a new action`,
         { reason: "REQUEST_ID_REUSED", metadata: { action_id: existing.action.id, request_id: requestId } },
       );
     }

@@ -90,6 +90,17 @@ describe("ActionService", () => {
     expect(f.reason).toBe("REQUEST_ID_REUSED");
   });
 
+  it("echoes at most 64 characters of a long reused request id", async () => {
+    const requestId = "r".repeat(128);
+    await api.submitAction({ requestId, cluster: "c1", payload: { n: 1 } });
+    const f = await expectStatus(
+      api.submitAction({ requestId, cluster: "c1", payload: { n: 2 } }),
+      Code.AlreadyExists,
+      /request_id "r{64}"… was already used for a different request/,
+    );
+    expect(f.reason).toBe("REQUEST_ID_REUSED");
+  });
+
   it("pages through a filtered listing without gaps or repeats", async () => {
     const ids: string[] = [];
     for (let i = 0; i < 7; i++) {

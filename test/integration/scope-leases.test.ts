@@ -75,6 +75,17 @@ describe("scope leases", () => {
     expect(f.reason).toBe("REQUEST_ID_REUSED");
   });
 
+  it("echoes at most 64 characters of a long reused request id", async () => {
+    const request = { runtime: "east", requestId: "r".repeat(128), ttl: { seconds: 120n } };
+    await leases().createLease(request);
+    const f = await expectStatus(
+      leases().createLease({ ...request, runtime: "west" }),
+      Code.AlreadyExists,
+      /request_id "r{64}"… was already used for a different lease/,
+    );
+    expect(f.reason).toBe("REQUEST_ID_REUSED");
+  });
+
   it("puts a resource in a lease only when it is created with the lease id", async () => {
     const id = await open();
     const inLease = await resources().createFile({

@@ -1,6 +1,6 @@
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { type Any, anyPack, anyUnpack } from "@bufbuild/protobuf/wkt";
-import { Metadata, type StatusObject, type status } from "@grpc/grpc-js";
+import { Metadata, type StatusObject, status } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
 import {
@@ -252,7 +252,9 @@ export function toStatus(error: unknown, log: Logger, method: string): StatusPar
     anyPack(
       ErrorInfoSchema,
       create(ErrorInfoSchema, {
-        reason: e.reason ?? Code[e.code] ?? "UNKNOWN",
+        // Without a reason of its own: the code's gRPC name (DEADLINE_EXCEEDED), UPPER_SNAKE like
+        // every documented reason, not the TypeScript enum's name (DeadlineExceeded).
+        reason: e.reason ?? status[e.code] ?? "UNKNOWN",
         domain: ERROR_DOMAIN,
         metadata: Object.fromEntries(
           Object.entries(e.metadata).map(([k, v]) => [cut(k, MAX_FIELD_CHARS), cut(v, MAX_FIELD_CHARS)]),

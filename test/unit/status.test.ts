@@ -24,6 +24,16 @@ describe("statuses", () => {
     expect(bin.byteLength).toBeLessThan(16 * 1024);
   });
 
+  it("give an error without a reason of its own its code's gRPC name as reason", () => {
+    const reasonOf = (code: Code) =>
+      statusDetails(toStatusObject(new LeaseholdError(code, "m"), pino({ level: "silent" }), "m").metadata)
+        .reason;
+    expect(reasonOf(Code.DeadlineExceeded)).toBe("DEADLINE_EXCEEDED");
+    expect(reasonOf(Code.Canceled)).toBe("CANCELLED");
+    expect(reasonOf(Code.FailedPrecondition)).toBe("FAILED_PRECONDITION");
+    expect(reasonOf(Code.NotFound)).toBe("NOT_FOUND");
+  });
+
   it("log unexpected errors of a method at most ten times a minute, then count them", () => {
     vi.useFakeTimers();
     vi.setSystemTime(new Date("2026-12-02T12:00:00Z"));

@@ -87,15 +87,23 @@ export function createEventService({
       // etcd refuses a watch from a compacted revision; 0, "from the oldest kept", is always served.
       // Looked up once, under the gate of the reads behind the tail: many watches resuming at once
       // must not crowd the database.
+      // A resume from past the newest event would wait forever: the events that follow get lower
+      // sequences. The end of the log is the database's, not how far this process's tail has read
+      // (another process may have committed events it has not read yet); read before the removed
+      // sequence, which only grows, so that a removal between the two reads cannot hide the end.
       if (afterSequence !== undefined && afterSequence > 0) {
         const release = await catchUp.enter(signal);
+        let newest: number;
         let through: number;
         try {
+          newest = await lastEventSequence(db);
           through = await eventsRemovedThrough(db);
         } finally {
           release();
         }
         if (afterSequence < through) throw eventsRemoved(afterSequence, through);
+        if (afterSequence > Math.max(newest, through))
+          throw cursorAhead(afterSequence, Math.max(newest, through));
       }
       // From now: the end of the log, not how far the tail has read (it may be waiting at a
       // hole below the end, and must not hand this watch events stored before it opened).
@@ -166,5 +174,16 @@ function eventsRemoved(after: number, through: number): LeaseholdError {
       `is missing after, or 0 for every event kept; the current state of actions and leases is in ` +
       `ListActions and ListLeases`,
     { reason: "EVENTS_REMOVED", metadata: { removed_through: String(through) } },
+  );
+}
+
+/** A watch asked to resume past the newest event: OUT_OF_RANGE, naming the newest sequence. */
+function cursorAhead(after: number, newest: number): LeaseholdError {
+  return new LeaseholdError(
+    Code.OutOfRange,
+    `after_sequence ${after} is past the newest event of the log (sequence ${newest}), so the watch would ` +
+      `never see an event: new ones get the sequences after ${newest}. Watch with an after_sequence you were ` +
+      `sent (at most ${newest}), or without one to follow only new events`,
+    { reason: "CURSOR_AHEAD", metadata: { newest_sequence: String(newest) } },
   );
 }

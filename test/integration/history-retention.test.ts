@@ -189,6 +189,15 @@ describe("history retention", () => {
     });
     expect(refused).toMatchObject({ code: Code.OutOfRange, reason: "EVENTS_REMOVED" });
     expect(refused.info.removed_through).toBe(String(through));
+    // From the mark itself the watch is served: the log ends there, not at the empty table's 0.
+    const resumed = server()
+      .client(EventService)
+      .watchEvents({ afterSequence: BigInt(through) })
+      [Symbol.asyncIterator]();
+    const next = resumed.next();
+    const later = await submit();
+    expect((await next).value?.event?.actionId).toBe(later);
+    await resumed.return?.();
   });
 
   it("works through a backlog larger than a batch", async () => {

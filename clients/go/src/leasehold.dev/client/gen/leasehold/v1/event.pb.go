@@ -583,7 +583,11 @@ type WatchEventsRequest struct {
 	// value from 1 up to below the highest sequence removed is OUT_OF_RANGE
 	// (ErrorInfo reason EVENTS_REMOVED, metadata `removed_through`): the watch
 	// would miss events. Watch again with after_sequence `removed_through` to
-	// go on from where nothing is missing, or 0 for every event kept. Sequence numbers can skip (an insert rolled back): a
+	// go on from where nothing is missing, or 0 for every event kept. A value
+	// past the newest event stored (the database's, read when the watch
+	// starts) is OUT_OF_RANGE (ErrorInfo reason CURSOR_AHEAD, metadata
+	// `newest_sequence`): new events get the sequences after the newest, and
+	// the watch would never send one. Sequence numbers can skip (an insert rolled back): a
 	// follow waits about 2 s at a skipped number for a slower transaction to
 	// commit it, then goes on. An event committed later than that (more than
 	// about 2 s after its number was taken) is in ListEvents but may be missing

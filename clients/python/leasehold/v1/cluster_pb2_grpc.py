@@ -12,11 +12,12 @@ class ClusterServiceStub(object):
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
     read: UNAUTHENTICATED without valid ones (ErrorInfo reason UNAUTHENTICATED),
-    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal,
-    right and cluster) when the principal lacks the right a method names below in
-    the cluster the call touches (checked once the request has come). A principal
-    that holds a list's right only in some clusters must name one of them in the
-    request's cluster (or runtime) filter.
+    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
+    right; cluster when the right was needed in one cluster) when the principal
+    lacks the right a method names below in the cluster the call touches (checked
+    once the request has come). A principal that holds a list's right only in
+    some clusters must name one of them in the request's cluster (or runtime)
+    filter.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -79,11 +80,12 @@ class ClusterServiceServicer(object):
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
     read: UNAUTHENTICATED without valid ones (ErrorInfo reason UNAUTHENTICATED),
-    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal,
-    right and cluster) when the principal lacks the right a method names below in
-    the cluster the call touches (checked once the request has come). A principal
-    that holds a list's right only in some clusters must name one of them in the
-    request's cluster (or runtime) filter.
+    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
+    right; cluster when the right was needed in one cluster) when the principal
+    lacks the right a method names below in the cluster the call touches (checked
+    once the request has come). A principal that holds a list's right only in
+    some clusters must name one of them in the request's cluster (or runtime)
+    filter.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -200,11 +202,12 @@ class ClusterService(object):
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
     read: UNAUTHENTICATED without valid ones (ErrorInfo reason UNAUTHENTICATED),
-    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal,
-    right and cluster) when the principal lacks the right a method names below in
-    the cluster the call touches (checked once the request has come). A principal
-    that holds a list's right only in some clusters must name one of them in the
-    request's cluster (or runtime) filter.
+    PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
+    right; cluster when the right was needed in one cluster) when the principal
+    lacks the right a method names below in the cluster the call touches (checked
+    once the request has come). A principal that holds a list's right only in
+    some clusters must name one of them in the request's cluster (or runtime)
+    filter.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says

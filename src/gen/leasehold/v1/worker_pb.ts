@@ -1305,10 +1305,12 @@ export const RejectReasonSchema: GenEnum<RejectReason> = /*@__PURE__*/
  *
  * Calls need credentials when the server has them configured: UNAUTHENTICATED
  * without valid ones (ErrorInfo reason UNAUTHENTICATED), PERMISSION_DENIED
- * (ErrorInfo reason PERMISSION_DENIED, metadata principal, right and cluster)
- * when the principal may not run a worker in the hello's cluster with the
- * hello's worker_id (right worker.connect, and the worker-id pattern of its
- * role binding).
+ * (ErrorInfo reason PERMISSION_DENIED, metadata principal and right, and the
+ * hello's cluster and worker_id once the hello has come: a principal that
+ * holds worker.connect in no cluster is refused before it, without them) when
+ * the principal may not run a worker in the hello's cluster with the hello's
+ * worker_id (right worker.connect, and the worker-id pattern of its role
+ * binding).
  *
  * An agent proves who it is when it opens the stream, once: with a client
  * certificate (mTLS; its principal is the certificate's first URI SAN, else

@@ -19,6 +19,7 @@ import {
 } from "../gen/leasehold/v1/resource_pb.js";
 import { charactersOver } from "../rpc/limits.js";
 import { requestValidator } from "../rpc/request-validator.js";
+import { probeUrlRefusal } from "../scope/probe-url.js";
 
 /*
  * The live-test manifest of `leasehold lease run --test=<manifest.yaml>`, read
@@ -407,7 +408,10 @@ function readReadiness(p: Problems, value: unknown): Readiness | undefined {
   switch (exactlyOne(p, at, r, ["http", "tcp", "exec"])) {
     case "http": {
       const url = httpUrl(p, `${at}.http`, r.http);
-      if (url !== undefined)
+      // The agent probes its own host only (the server refuses any other): said before a lease exists.
+      const refusal = url === undefined ? undefined : probeUrlRefusal(url);
+      if (refusal !== undefined) p.add(`${at}.http`, refusal);
+      else if (url !== undefined)
         serverLimits(
           p,
           at,

@@ -215,6 +215,22 @@ colour: blue
     ]);
   });
 
+  it("a readiness URL off the agent's own host is refused before any lease exists", () => {
+    const readiness = (url: string) =>
+      problemsOf(`
+runtime: east
+deployment:
+  containers: [{name: web, argv: [ls]}]
+  readiness: {http: "${url}"}
+`);
+    expect(readiness("http://169.254.169.254/latest/meta-data/")).toEqual([
+      'deployment.readiness.http: must be on the agent\'s own host (localhost, 127.0.0.0/8 or [::1]), not "169.254.169.254": the agent probes nothing else',
+    ]);
+    expect(readiness("http://user:pw@127.0.0.1/")).toEqual([
+      "deployment.readiness.http: must not carry a user name or password (user:password@): the agent sends none",
+    ]);
+  });
+
   it("a bad duration names its field; a number means seconds", () => {
     expect(
       problemsOf(`

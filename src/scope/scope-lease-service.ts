@@ -69,6 +69,18 @@ export const SCOPE_DEFAULTS: ScopeLimits = {
   maxFileBytes: 3 * 1024 * 1024,
 };
 
+/** A CreateDeployment request, by the principal `actor`. */
+export interface DeploymentInput {
+  readonly leaseId: string | undefined;
+  readonly runtime: string | undefined;
+  readonly spec: JsonObject;
+  readonly actor: string;
+  readonly requestId?: string | undefined;
+}
+
+/** The hash a deployment's request id is stored with: of the request, all but the id. */
+const deploymentRequestHash = (input: DeploymentInput) => requestHash({ ...input, requestId: undefined });
+
 /**
  * Scope leases (SPEC §3): the transaction boundary around the resources of a
  * run. `actor` arguments name the principal whose call it is: recorded as the
@@ -144,8 +156,13 @@ export interface ScopeLeaseService extends AsyncDisposable {
     input: Omit<NewResource, "sha256" | "request"> & { readonly requestId?: string | undefined },
   ): Promise<ResourceRecord>;
   getResource(id: string): Promise<ResourceRecord>;
-  /** Whether `actor` created a resource with request id `requestId` that still exists. */
-  requested(actor: string, requestId: string): Promise<boolean>;
+  /**
+   * The deployment an earlier call of `input.actor` with the same request id
+   * and the same request created, if it still exists: what a retry of
+   * {@link createDeployment} answers, whatever became of its lease since.
+   * ALREADY_EXISTS REQUEST_ID_REUSED when that earlier request differed.
+   */
+  earlierDeployment(input: DeploymentInput): Promise<ResourceRecord | undefined>;
   /** The resources among `ids` that exist, by id, read at one moment (one statement). */
   findResources(ids: readonly string[]): Promise<Map<string, ResourceRecord>>;
   /**
@@ -190,13 +207,7 @@ export interface ScopeLeaseService extends AsyncDisposable {
    * Creates a deployment and queues the action that runs it on an agent of its runtime;
    * `requestId` as for {@link createResource}.
    */
-  createDeployment(input: {
-    leaseId: string | undefined;
-    runtime: string | undefined;
-    spec: JsonObject;
-    actor: string;
-    requestId?: string | undefined;
-  }): Promise<ResourceRecord>;
+  createDeployment(input: DeploymentInput): Promise<ResourceRecord>;
   /** The deployments among `resources`, with their observed state, by resource id. */
   deploymentsOf(resources: readonly ResourceRecord[]): Promise<Map<string, DeploymentView>>;
   /**
@@ -736,7 +747,13 @@ export function createScopeLeaseService(deps: {
       return resource;
     },
     findResources: (ids) => findResources(db, ids),
-    requested: async (actor, requestId) => (await findRequestedResource(db, actor, requestId)) !== undefined,
+    async earlierDeployment(input) {
+      if (!input.requestId) return undefined;
+      const earlier = await findRequestedResource(db, input.actor, input.requestId);
+      if (earlier && earlier.requestHash !== deploymentRequestHash(input))
+        throw reused(input.requestId, { refused: "request_id_reused", resourceId: earlier.id });
+      return earlier;
+    },
     async listResources(filter, size, pageToken, sizeOf) {
       const cursor = decodePageToken(pageToken, issuedFor("resources", filter));
       const { items, cut } = await listResourcePage(db, filter, cursor?.after, size + 1);
@@ -799,9 +816,7 @@ export function createScopeLeaseService(deps: {
       const requestId = input.requestId;
       const result = await insertDeployment(db, clock, {
         ...input,
-        request: requestId
-          ? { id: requestId, hash: requestHash({ ...input, requestId: undefined }) }
-          : undefined,
+        request: requestId ? { id: requestId, hash: deploymentRequestHash(input) } : undefined,
         action: (deploymentId, runtime) => ({
           requestId: undefined,
           requestHash: undefined,

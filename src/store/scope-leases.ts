@@ -121,10 +121,13 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
 
 /**
  * Every column but the file content, and a deployment's creator from its
- * action (where it lives; actions are never deleted). Also valid in
- * `returning` of an insert or update of `resources` (unaliased).
+ * action (where it lives; actions are never deleted). A deployment without a
+ * runtime of its own (written by a server older than migration 0016 during a
+ * rolling upgrade) takes its action's cluster, as before the column. Also
+ * valid in `returning` of an insert or update of `resources` (unaliased).
  */
-const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id, runtime,
+const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id,
+  coalesce(runtime, (select a.cluster from actions a where a.id = resources.action_id)) as runtime,
   (select a.created_by from actions a where a.id = resources.action_id) as created_by`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 

@@ -124,6 +124,24 @@ describe("request ids of resource creates", () => {
     expect(reused.info).toMatchObject({ resource_id: first?.id });
   });
 
+  it("checks a create whose request id's deployment is gone as any create (its inputs)", async () => {
+    const request = { runtime: "east", spec: spec(["sleep", "60"]), requestId: "deploy-checked" };
+    const first = (await resources().createDeployment(request, as("alice"))).resource;
+    await resources().deleteResource({ resourceId: first?.id ?? "" }, as("alice"));
+    // Only a retry that finds the deployment of the same request skips the checks; this one
+    // finds none (deleted), and names a file that is not there.
+    const unchecked = {
+      ...request,
+      spec: { ...spec(["sleep", "60"]), inputs: [{ fileId: "no-such-file", path: "in.txt" }] },
+    };
+    const f = await expectStatus(
+      resources().createDeployment(unchecked, as("alice")),
+      Code.InvalidArgument,
+      /no file resource "no-such-file"/,
+    );
+    expect(f.fields).toEqual(["spec.inputs[0].file_id"]);
+  });
+
   it("makes one resource of concurrent creates with one key", async () => {
     const leaseId = await openLease();
     const request = { leaseId, spec: spec(["sleep", "60"]), requestId: "deploy-race" };

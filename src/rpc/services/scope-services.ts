@@ -476,18 +476,23 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       v.throwIfAny();
       await requireCreate(scope, ctx.access, request.leaseId, { runtime: request.runtime });
       const spec = request.spec as DeploymentSpec;
-      // A retry of a create that made its deployment is answered with it (or refused as the
-      // request id's reuse) by the create below, whatever became of its lease and inputs since.
-      const retried =
-        request.requestId !== "" && (await scope.requested(ctx.access.actor, request.requestId));
-      if (!retried) await checkDeploymentCreate(scope, ctx.access, request.leaseId, spec);
-      const resource = await scope.createDeployment({
+      const input = {
         leaseId: request.leaseId || undefined,
         runtime: request.runtime || undefined,
         spec: toJson(DeploymentSpecSchema, spec) as JsonObject,
         actor: ctx.access.actor,
         requestId: request.requestId || undefined,
-      });
+      };
+      // A retry of a create that made its deployment is answered with it, whatever became of its
+      // lease and inputs since (the first call checked them); the id's reuse for another request
+      // is refused. Anything else is checked now, before it is created: a create that then finds
+      // the request id taken (a concurrent call) answers in its transaction, and one whose earlier
+      // deployment went meanwhile creates a new one, checked.
+      let resource = await scope.earlierDeployment(input);
+      if (!resource) {
+        await checkDeploymentCreate(scope, ctx.access, request.leaseId, spec);
+        resource = await scope.createDeployment(input);
+      }
       const [created] = await withDeployments([resource]);
       return { resource: created };
     },

@@ -193,13 +193,21 @@ export async function reapSessions(
       -- statement: the workers came back together, and those a moment behind the first ones
       -- (reconnecting in the same second) would lose their leases for it. Each gets a grace period
       -- from now, as at a restart (rule 6), bounded by the maximum silence as the pause was.
+      -- Locked skipping what is locked, as the start extension does: a session locked now is being
+      -- renewed, resumed or reaped, and waiting for it could deadlock against a batch of them.
+      reprieve as (
+        select s.id from sessions s
+        join workers w on w.worker_id = s.worker_id
+        join verdict v on v.name = w.cluster
+        where ${periodic}::boolean and not v.over and v.partitioned_at is not null
+          and v.expiries_resumed_at is null
+          and s.ended_at is null and s.deadline < ${now} and s.last_heard_at >= ${silentSince}
+        for update of s skip locked
+      ),
       reprieved as (
         update sessions s set deadline = ${now} + make_interval(secs => ${options.graceMs ?? 0} / 1000.0)
-        from workers w, verdict v
-        where ${periodic}::boolean and w.worker_id = s.worker_id and v.name = w.cluster
-          and not v.over and v.partitioned_at is not null and v.expiries_resumed_at is null
-          and s.ended_at is null and s.deadline < ${now} and s.last_heard_at >= ${silentSince}
-        returning s.id
+        from reprieve r where s.id = r.id
+        returning s.id, s.deadline
       ),
       partition_events as (
         insert into events (kind, cluster, message, details)
@@ -301,9 +309,11 @@ export async function reapSessions(
       union all
       select 'recovered', null, null, null, null, name, null, lost, live, null, null from recovered
       union all
-      -- The partial index sessions_live_deadline_idx answers this with its first entry past now.
+      -- The partial index sessions_live_deadline_idx answers this with its first entry past now. The
+      -- statement's snapshot does not show the deadlines it gave the reprieved: they count too.
       select 'next', null, null, null, null, null, null, null, null,
-        (select min(deadline) from sessions where ended_at is null and deadline >= ${now}), ${now}`,
+        least((select min(deadline) from sessions where ended_at is null and deadline >= ${now}),
+              (select min(deadline) from reprieved)), ${now}`,
   );
   const next = rows.find((r) => r.kind === "next");
   return {

@@ -106,7 +106,14 @@ export function createReports(deps: {
    * them), or FENCED if the lease ended meanwhile, as it would be anyway.
    * Reports of an action apply in arrival order still: one answered early
    * keeps its action's turn until its statement ends, and one whose turn had
-   * not come is never applied.
+   * not come is never applied. That order is this process's: progress is
+   * fenced by action, epoch and session, not by stream, so a progress
+   * statement hung here can commit after a newer one the worker sent to
+   * another process once it moved (as it could before this early answer,
+   * when the worker moved while its report was held); worker.proto says so.
+   * And a statement hung on a pool connection after the database answers
+   * again keeps its action's turn (the early answers stop with
+   * `databaseLost`): later reports of that action wait for it.
    */
   databaseLost?: () => boolean;
   /** How often the reports waiting are looked at while `databaseLost` may say so; default 500 ms. */

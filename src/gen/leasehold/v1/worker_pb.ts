@@ -1285,7 +1285,12 @@ export enum RejectReason {
    * answers again: the copy sent again is then accepted as a repeat (a
    * completion or release that ended the attempt the same way), or applied
    * again (progress); the reports of one action still apply in the order
-   * they were received.
+   * one server process received them. Across processes there is no such
+   * order: progress answered so on one process and sent again to another
+   * (after a reconnect) may land on the first one later than the newer
+   * progress sent to the second, and its phase, details and checkpoint then
+   * stay as the older report said until the next progress. Send progress
+   * again after such a move.
    *
    * @generated from enum value: REJECT_REASON_UNAVAILABLE = 4;
    */

@@ -337,6 +337,12 @@ export const resources = pgTable(
      */
     runtime: text("runtime"),
     /**
+     * The principal whose `lease.use.own` reaches the resource once its
+     * lease's record is deleted: the lease's creator (recorded when the
+     * resource was made in the lease). Null without a lease.
+     */
+    leaseOwner: text("lease_owner"),
+    /**
      * Files saved as a deployment's outputs: the run (action and epoch) that
      * saved them (CreateFileRequest.output_of). A run lost before it ended
      * takes the ones its lease still owns with it (trigger

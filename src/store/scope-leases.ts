@@ -53,7 +53,10 @@ export interface ResourceRecord {
    * a file or object created without a lease: it belongs to no cluster.
    */
   readonly runtime: string | null;
-  /** Deployments: the principal that created it (its action's creator). Null for files and objects. */
+  /**
+   * Deployments: the principal that created it (its action's creator). Files and objects made in a
+   * lease: the lease's creator. Null otherwise.
+   */
   readonly createdBy: string | null;
 }
 
@@ -121,14 +124,15 @@ const resourceFromRow = (r: ResourceRow): ResourceRecord => ({
 
 /**
  * Every column but the file content, and a deployment's creator from its
- * action (where it lives; actions are never deleted). A deployment without a
+ * action (where it lives; actions are never deleted); a file's or object's
+ * "creator" is its lease's (`lease_owner`), whose lease.use.own reaches it. A deployment without a
  * runtime of its own (written by a server older than migration 0016 during a
  * rolling upgrade) takes its action's cluster, as before the column. Also
  * valid in `returning` of an insert or update of `resources` (unaliased).
  */
 const RESOURCE_COLUMNS = sql`id, kind, ownership, lease_id, created_at, name, size_bytes, sha256, content_type, body, action_id,
   coalesce(runtime, (select a.cluster from actions a where a.id = resources.action_id)) as runtime,
-  (select a.created_by from actions a where a.id = resources.action_id) as created_by`;
+  coalesce((select a.created_by from actions a where a.id = resources.action_id), lease_owner) as created_by`;
 const LEASE_COLUMNS = sql`l.*, (select count(*) from resources r where r.lease_id = l.id and r.ownership = 'LEASE') as owned`;
 
 /**
@@ -358,10 +362,12 @@ export async function insertResource(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, runtime, created_at, name, size_bytes, sha256, content_type, content, body,
-                                 output_action_id, output_epoch, request_id, requested_by, request_hash)
+          insert into resources (id, kind, ownership, lease_id, runtime, lease_owner, created_at, name, size_bytes, sha256,
+                                 content_type, content, body, output_action_id, output_epoch, request_id, requested_by,
+                                 request_hash)
           values (${uuidv7()}, ${input.kind}, ${ownership}, ${input.leaseId ?? null},
                   (select runtime from scope_leases where id = ${input.leaseId ?? null}),
+                  (select created_by from scope_leases where id = ${input.leaseId ?? null}),
                   ${clock.now()}, ${input.name ?? null}, ${input.content ? input.content.byteLength : null},
                   ${input.sha256 ?? null}, ${input.contentType ?? null},
                   case when ${content}::text is null then null else decode(${content}::text, 'base64') end,
@@ -458,10 +464,11 @@ export async function insertDeployment(
       tx,
       sql`
         with inserted as (
-          insert into resources (id, kind, ownership, lease_id, runtime, created_at, body, action_id,
+          insert into resources (id, kind, ownership, lease_id, runtime, lease_owner, created_at, body, action_id,
                                  request_id, requested_by, request_hash)
           values (${id}, 'deployment', ${input.leaseId ? "LEASE" : "WORKSPACE"}, ${input.leaseId ?? null},
-                  ${runtime}, ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId},
+                  ${runtime}, (select created_by from scope_leases where id = ${input.leaseId ?? null}),
+                  ${clock.now()}, ${JSON.stringify(input.spec)}::jsonb, ${actionId},
                   ${requestColumns(input.actor, input.request)})
           returning ${RESOURCE_COLUMNS}
         ),

@@ -321,7 +321,15 @@ describe("authorization by cluster, owner and session", () => {
       );
     }
     await expectStatus(download("carol"), Code.PermissionDenied, /resource\.read in cluster "cluster-a"/);
-    for (const resourceId of [fileId, noteId]) await resources.deleteResource({ resourceId }, as("ops"));
+    // Another submitter of cluster-a may use only its own leases' resources; the lease's creator
+    // still may, as while the record existed.
+    await expectStatus(
+      resources.deleteResource({ resourceId: noteId }, as("bob")),
+      Code.PermissionDenied,
+      /"bob" lacks the right lease\.use\.any in cluster "cluster-a": it may change only what it created, and this was created by "alice"/,
+    );
+    await resources.deleteResource({ resourceId: noteId }, as("alice"));
+    await resources.deleteResource({ resourceId: fileId }, as("ops"));
     await expectStatus(
       resources.getResource({ resourceId: fileId }, as("reader")),
       Code.NotFound,

@@ -88,8 +88,8 @@ interface ResourceHome {
  * Where a resource belongs: the lease it was created in while that lease's
  * record exists (its runtime, its creator). Once the record is deleted (a
  * commit's kept resources outlive it), the runtime stored with the resource,
- * with a deployment's creator; a file's or object's is unknown then (""), so
- * only `.any` rights reach it. A deployment created without a lease belongs to
+ * with a deployment's creator, or a file's or object's lease's creator (""
+ * for rows older than migration 0016: only `.any` rights reach those). A deployment created without a lease belongs to
  * its runtime and creator. A file or object created without a lease belongs
  * to no cluster: undefined.
  */

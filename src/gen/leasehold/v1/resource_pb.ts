@@ -1194,9 +1194,9 @@ export const ResourceService: GenService<{
    * the same transaction, and its agent gets a Revoke with reason
    * ROLLED_BACK (destroyed), as for a rollback.
    * Right: lease.use.own (a resource of the caller's lease) or lease.use.any
-   * in the runtime of the lease it was created in; once that lease's record
-   * is deleted, its creator is no longer known: lease.use.any there (for a
-   * deployment, lease.use.own still serves the principal that created it).
+   * in the runtime of the lease it was created in, still after that lease's
+   * record is deleted (the resource keeps the lease's runtime and creator;
+   * for a deployment, lease.use.own serves the principal that created it).
    * For a deployment created without a lease, lease.use.own (the caller
    * created it) or lease.use.any in its runtime; lease.use.any in every
    * cluster for a file or object created without a lease.

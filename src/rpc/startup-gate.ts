@@ -40,13 +40,18 @@ export interface StartupGate {
    * its deadline, or for the whole hang without one. Unary calls already
    * being served are answered UNAVAILABLE at once too, with reason
    * OUTCOME_UNKNOWN: their statements may still commit when the database
-   * comes back. DATABASE_UNREACHABLE says nothing was done (another server
-   * may take the call as it is); OUTCOME_UNKNOWN does not. Streams are left to run: a watch waits for the
+   * comes back; but those that only read (Get*, List*, ExplainAction,
+   * DebugLease) with DATABASE_UNREACHABLE, as new calls. DATABASE_UNREACHABLE
+   * says nothing was done (another server may take the call as it is);
+   * OUTCOME_UNKNOWN does not. Streams are left to run: a watch waits for the
    * database as its client would, and worker streams have rules of their own.
    */
   pause(cause: string): void;
   resume(): void;
 }
+
+/** The unary methods that change nothing (Get*, List*, ExplainAction, DebugLease), by name. */
+const READS = /^(Get|List|Explain|Debug)[A-Z]/;
 
 export function createStartupGate(): StartupGate {
   let impls: Map<string, Impl> | undefined;
@@ -55,13 +60,17 @@ export function createStartupGate(): StartupGate {
   let paused: LeaseholdError | undefined;
   const waiters = new Set<{ resolve(): void; reject(error: LeaseholdError): void }>();
   const deferred: string[] = [];
-  /** How to answer each unary call being served, were the database found unreachable. */
-  const serving = new Set<(error: LeaseholdError) => void>();
+  /**
+   * How to answer each unary call being served, were the database found
+   * unreachable, and whether the call only reads (then nothing it did can
+   * commit later, and it is answered as a new call would be).
+   */
+  const serving = new Map<(error: LeaseholdError) => void, boolean>();
 
   /** The answer of `call`, or the error given to `pause` if that comes first. */
-  const servedUnlessPaused = (call: Promise<unknown>) =>
+  const servedUnlessPaused = (call: Promise<unknown>, readOnly: boolean) =>
     new Promise<unknown>((resolve, reject) => {
-      serving.add(reject);
+      serving.set(reject, readOnly);
       call.then(resolve, reject).finally(() => serving.delete(reject));
     });
 
@@ -131,7 +140,10 @@ export function createStartupGate(): StartupGate {
               }
             : method.methodKind === "unary"
               ? async (request: unknown, ctx: HandlerContext) =>
-                  servedUnlessPaused(Promise.resolve((await target(ctx))(request, ctx)))
+                  servedUnlessPaused(
+                    Promise.resolve((await target(ctx))(request, ctx)),
+                    READS.test(method.name),
+                  )
               : // Bidi handlers return a promise too.
                 async (request: unknown, ctx: HandlerContext) => (await target(ctx))(request, ctx);
       }
@@ -176,7 +188,7 @@ export function createStartupGate(): StartupGate {
           "a change it asked for may or may not have been made: retry later (a request_id makes a retry safe)",
         { reason: "OUTCOME_UNKNOWN" },
       );
-      for (const fail of serving) fail(lost);
+      for (const [fail, readOnly] of serving) fail(readOnly ? paused : lost);
       serving.clear();
     },
     resume() {

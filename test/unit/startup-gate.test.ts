@@ -97,7 +97,11 @@ describe("the startup gate", () => {
 
   it("answers the unary calls it serves at once when paused, and leaves streams running", async () => {
     const gate = createStartupGate();
-    const deferred = gate.defer(service).impl as unknown as { getAction: Unary; watchAction: Stream };
+    const deferred = gate.defer(service).impl as unknown as {
+      getAction: Unary;
+      cancelAction: Unary;
+      watchAction: Stream;
+    };
     let answerHung: (value: unknown) => void = () => {};
     const hung = new Promise((resolve) => {
       answerHung = resolve;
@@ -108,6 +112,7 @@ describe("the startup gate", () => {
         service,
         impl: {
           getAction: () => hung,
+          cancelAction: () => hung,
           async *watchAction() {
             yield 1;
             await hung;
@@ -117,7 +122,8 @@ describe("the startup gate", () => {
         },
       } as unknown as ServiceBinding,
     ]);
-    const served = deferred.getAction("req", context().ctx);
+    const served = deferred.cancelAction("req", context().ctx);
+    const read = deferred.getAction("req", context().ctx);
     const stream = deferred.watchAction("req", context().ctx)[Symbol.asyncIterator]();
     expect((await stream.next()).value).toBe(1);
     const second = stream.next();
@@ -128,6 +134,12 @@ describe("the startup gate", () => {
       message: expect.stringMatching(
         /^the database stopped answering while this call was served \(no answer within 2000ms\); a change it asked for may or may not have been made/,
       ),
+    });
+    // A call that only reads changed nothing: it is answered as a new call is.
+    await expect(read).rejects.toMatchObject({
+      code: Code.Unavailable,
+      reason: "DATABASE_UNREACHABLE",
+      message: "the database cannot be reached (no answer within 2000ms); retry later",
     });
     // The late answer goes nowhere; the stream goes on once the database does.
     answerHung({ late: true });

@@ -20,7 +20,9 @@ class ActionServiceStub(object):
     being served when the server finds its database unreachable is answered
     UNAVAILABLE (ErrorInfo reason OUTCOME_UNKNOWN) at once, without waiting for
     the database: its change may still be made when the database answers
-    again, so retry it with the same request_id. A call the server refuses
+    again, so retry it with the same request_id. One that only reads (Get*,
+    List*, ExplainAction) is answered DATABASE_UNREACHABLE instead, as below:
+    it changed nothing. A call the server refuses
     because its database is unreachable (reason DATABASE_UNREACHABLE) or while
     it starts (reason STARTING) was not served at all: any server may take it
     as it is. So was a call whose deadline had passed before it was served (in
@@ -139,7 +141,9 @@ class ActionServiceServicer(object):
     being served when the server finds its database unreachable is answered
     UNAVAILABLE (ErrorInfo reason OUTCOME_UNKNOWN) at once, without waiting for
     the database: its change may still be made when the database answers
-    again, so retry it with the same request_id. A call the server refuses
+    again, so retry it with the same request_id. One that only reads (Get*,
+    List*, ExplainAction) is answered DATABASE_UNREACHABLE instead, as below:
+    it changed nothing. A call the server refuses
     because its database is unreachable (reason DATABASE_UNREACHABLE) or while
     it starts (reason STARTING) was not served at all: any server may take it
     as it is. So was a call whose deadline had passed before it was served (in
@@ -352,7 +356,9 @@ class ActionService(object):
     being served when the server finds its database unreachable is answered
     UNAVAILABLE (ErrorInfo reason OUTCOME_UNKNOWN) at once, without waiting for
     the database: its change may still be made when the database answers
-    again, so retry it with the same request_id. A call the server refuses
+    again, so retry it with the same request_id. One that only reads (Get*,
+    List*, ExplainAction) is answered DATABASE_UNREACHABLE instead, as below:
+    it changed nothing. A call the server refuses
     because its database is unreachable (reason DATABASE_UNREACHABLE) or while
     it starts (reason STARTING) was not served at all: any server may take it
     as it is. So was a call whose deadline had passed before it was served (in

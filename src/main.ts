@@ -1,5 +1,5 @@
 import type { EventEmitter } from "node:events";
-import { readFileSync, realpathSync } from "node:fs";
+import { realpathSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 import { Command, CommanderError, Help, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
@@ -10,6 +10,7 @@ import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
 import { CliError, DEFAULT_SERVER, EXIT, guardOutput, printError } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 import { tokenCommand } from "./cli/token-command.js";
+import { packageVersion } from "./version.js";
 
 /**
  * The `leasehold` command line. Flags and environment are read here and in
@@ -98,18 +99,6 @@ export function createProgram(): Command {
   }
   routeSharedOptions(program);
   return program;
-}
-
-/**
- * The version in the package's own package.json, read when the program is
- * built: this file runs as src/main.ts (tests, tsx) and as dist/main.js, both
- * one level below the package root.
- */
-function packageVersion(): string {
-  const manifest = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
-    version: string;
-  };
-  return manifest.version;
 }
 
 /**

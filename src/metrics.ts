@@ -403,6 +403,19 @@ export function addProcessMetrics(registry: Registry): () => void {
 }
 
 /**
+ * `leasehold_build_info{version} 1`: which build this process runs, to tell
+ * the processes of a rolling upgrade apart (and join on it in queries).
+ */
+export function addBuildInfo(registry: Registry, version: string): void {
+  new Gauge({
+    name: "leasehold_build_info",
+    help: "Always 1; version is the leasehold build this process runs.",
+    labelNames: ["version"],
+    registers: [registry],
+  }).set({ version }, 1);
+}
+
+/**
  * How late a timer due every `intervalMs` ran, in ms, one sample per run,
  * kept until {@link take} (the newest 30,000 at most: five minutes). Node's
  * `monitorEventLoopDelay` was not used: its reset also forgets when it last

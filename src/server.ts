@@ -14,6 +14,7 @@ import { LeaseService } from "./gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "./gen/leasehold/v1/resource_pb.js";
 import { WorkerService } from "./gen/leasehold/v1/worker_pb.js";
 import {
+  addBuildInfo,
   addLargeCallMetrics,
   addProcessMetrics,
   addUnaryCallMetrics,
@@ -49,9 +50,11 @@ import {
   retryDelay,
 } from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
+import { DatabaseNewerThanBuild } from "./store/newer-database.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
 import { NO_TRACING, otlpTracing, type Tracing } from "./telemetry.js";
+import { packageVersion } from "./version.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
@@ -227,6 +230,7 @@ export async function startServer(
   if (config.metricsListen) {
     const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
     stopSampling = addProcessMetrics(callMetrics.registry);
+    addBuildInfo(callMetrics.registry, packageVersion());
     // A name that does not resolve, or an address not of this machine: a usage error naming the
     // flag, as a port in use is (serveMetrics names it).
     metricsServer = await serveMetrics(callMetrics.registry, host, port).catch(async (error: unknown) => {
@@ -368,7 +372,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         },
       },
     ).catch((error: unknown) => {
-      throw overrides.signal?.aborted || !config.databaseUrl ? error : openFailure(config.databaseUrl, error);
+      // A database a newer build migrated: its message says what to run; the URL is right.
+      throw overrides.signal?.aborted || !config.databaseUrl || error instanceof DatabaseNewerThanBuild
+        ? error
+        : openFailure(config.databaseUrl, error);
     });
     cleanup.push(() => database.close());
     log.info(
@@ -585,6 +592,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         metricsPort: front.metricsServer?.port,
         console: consoleServer?.url,
         serverId,
+        version: packageVersion(),
       },
       "leasehold serving",
     );

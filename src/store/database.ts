@@ -8,6 +8,7 @@ import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { lockDataDir } from "./data-dir-lock.js";
+import { appliedMigrations, readJournal, refuseNewerDatabase } from "./newer-database.js";
 import { simpleQueryText } from "./query-text.js";
 import { registerPreparedRunner } from "./rows.js";
 import * as schema from "./schema.js";
@@ -260,7 +261,10 @@ function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<vo
   });
 }
 
-/** Opens the database, applying pending migrations first. */
+/**
+ * Opens the database, applying pending migrations first. A database a newer
+ * build migrated is refused (DatabaseNewerThanBuild, newer-database.ts).
+ */
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
   return options.url
@@ -278,6 +282,10 @@ async function openPglite(dataDir: string, logger: QueryLogger): Promise<Databas
     try {
       const db = drizzlePglite(client, { schema, ...(logger ? { logger } : {}) });
       // PGlite is a single session in a single process: no concurrent migrator.
+      refuseNewerDatabase(
+        await appliedMigrations(async (text) => (await client.query<Record<string, unknown>>(text)).rows),
+        readJournal(MIGRATIONS_FOLDER),
+      );
       await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
       return handle(db as unknown as Db, "pglite", async () => {
         await client.close();
@@ -381,6 +389,11 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
   const migrator = postgres(url, { ...quiet, max: 1 });
   try {
     await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
+    // Under the lock: a newer build migrating at the same moment has finished, or not begun.
+    refuseNewerDatabase(
+      await appliedMigrations((text) => migrator.unsafe(text)),
+      readJournal(MIGRATIONS_FOLDER),
+    );
     await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER });
   } finally {
     await migrator.end({ timeout: 5 });

@@ -2,6 +2,7 @@ import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
 import { serveCommand } from "../../src/cli/serve-command.js";
 import {
+  addBuildInfo,
   addLargeCallMetrics,
   addProcessMetrics,
   addUnaryCallMetrics,
@@ -55,6 +56,7 @@ describe("the README's tables", () => {
     addLargeCallMetrics(calls.registry, { counts });
     addUnaryCallMetrics(calls.registry, { counts, refused: 0 });
     const stopSampling = addProcessMetrics(calls.registry);
+    addBuildInfo(calls.registry, "0.0.0");
     try {
       const early = calls.registry.getMetricsAsArray().map((metric) => metric.name);
       const all = createMetrics(

@@ -236,7 +236,7 @@ export function createCallMetrics(): {
   const registry = new Registry();
   const open = new Gauge({
     name: "leasehold_connections_open",
-    help: "Client connections open to the gRPC port of this process.",
+    help: "Client connections open to the gRPC port and the console port of this process.",
     registers: [registry],
   });
   const refused = new Counter({
@@ -370,13 +370,17 @@ export function addUnaryCallMetrics(
  */
 export function addProcessMetrics(registry: Registry): () => void {
   const late = createLatenessSampler(10);
-  new Gauge({
+  // A counter, as the name's `_total` says (rate() on it): raised by what was spent since the last scrape.
+  let cpuCounted = 0;
+  new Counter({
     name: "process_cpu_seconds_total",
     help: "User and system CPU time spent by this process, in seconds.",
     registers: [registry],
     collect() {
       const { user, system } = process.cpuUsage();
-      this.set((user + system) / 1e6);
+      const spent = (user + system) / 1e6;
+      if (spent > cpuCounted) this.inc(spent - cpuCounted);
+      cpuCounted = Math.max(cpuCounted, spent);
     },
   });
   new Gauge({
@@ -449,6 +453,14 @@ export function createLatenessSampler(intervalMs: number): {
 }
 
 /**
+ * `text` with the samples prom-client writes as `Nan` written `NaN`, as the
+ * Prometheus text format spells it (a gauge the database did not answer).
+ */
+function withPrometheusNaN(text: string): string {
+  return text.replace(/^([^#\n][^\n]* )Nan$/gm, "$1NaN");
+}
+
+/**
  * Serves `GET /metrics` of `registry` on its own HTTP port; `use` serves
  * another registry from then on (the server binds the port before the
  * database opens, and has the metrics that read it only after).
@@ -467,7 +479,7 @@ export async function serveMetrics(
     }
     const scraped = served;
     scraped.metrics().then(
-      (text) => response.writeHead(200, { "content-type": scraped.contentType }).end(text),
+      (text) => response.writeHead(200, { "content-type": scraped.contentType }).end(withPrometheusNaN(text)),
       (error: unknown) => response.writeHead(500).end(`metrics failed: ${String(error)}\n`),
     );
   });

@@ -1,7 +1,7 @@
 import { createServer } from "node:net";
-import { Registry } from "prom-client";
+import { Gauge, Registry } from "prom-client";
 import { describe, expect, it } from "vitest";
-import { serveMetrics } from "../../src/metrics.js";
+import { addProcessMetrics, createCallMetrics, serveMetrics } from "../../src/metrics.js";
 
 describe("the metrics endpoint", () => {
   it("serves /metrics with a query string, and names --metrics-listen when its address is taken", async () => {
@@ -22,6 +22,29 @@ describe("the metrics endpoint", () => {
       );
     } finally {
       taken.close();
+    }
+  });
+
+  it("writes NaN as the Prometheus text format spells it, types the CPU time a counter, and says the console's connections count", async () => {
+    const { registry } = createCallMetrics();
+    const stopSampling = addProcessMetrics(registry);
+    new Gauge({
+      name: "unanswered",
+      help: "A gauge the database did not answer.",
+      registers: [registry],
+    }).set(Number.NaN);
+    const served = await serveMetrics(registry, "127.0.0.1", 0);
+    try {
+      const lines = (await (await fetch(`http://127.0.0.1:${served.port}/metrics`)).text()).split("\n");
+      expect(lines).toContain("unanswered NaN");
+      expect(lines.filter((line) => / Nan$/.test(line))).toEqual([]);
+      expect(lines).toContain("# TYPE process_cpu_seconds_total counter");
+      expect(lines.find((line) => line.startsWith("# HELP leasehold_connections_open "))).toMatch(
+        /gRPC port and the console/,
+      );
+    } finally {
+      await served.close();
+      stopSampling();
     }
   });
 });

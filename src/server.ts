@@ -103,6 +103,8 @@ export interface ServerOverrides {
   /**
    * Aborting it while the server waits for its database stops the waiting:
    * `startServer` closes the port and rejects with the signal's reason.
+   * Aborted later (the database answered), the start goes on but never marks
+   * the port SERVING nor logs `leasehold serving`: the caller is to close it.
    */
   readonly signal?: AbortSignal;
   /** Flow control and stream limits; production uses the defaults (README, "Limits"). */
@@ -441,7 +443,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       log.info("database reachable again; serving");
       databaseUnreachable = false;
       gate.resume();
-      if (!closing) rpc.markServing();
+      if (!closing && !overrides.signal?.aborted) rpc.markServing();
       // Whatever was missed while it was gone: look again.
       feed.publish(QUEUE_TOPIC);
       feed.publish(EVENTS_TOPIC);
@@ -584,18 +586,23 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       });
       cleanup.push((consoleServer as ConsoleServer).close);
     }
-    if (!databaseUnreachable) rpc.markServing();
-    log.info(
-      {
-        port: rpc.port,
-        listen: config.listen,
-        metricsPort: front.metricsServer?.port,
-        console: consoleServer?.url,
-        serverId,
-        version: packageVersion(),
-      },
-      "leasehold serving",
-    );
+    // A stop asked for while it started (SIGTERM once the database answered) wins: the caller
+    // closes what this returns at once, and health never says SERVING of a process that is stopping.
+    const stopAsked = () => overrides.signal?.aborted === true;
+    if (!databaseUnreachable && !stopAsked()) rpc.markServing();
+    if (stopAsked()) log.info("started as a stop was asked for; not serving");
+    else
+      log.info(
+        {
+          port: rpc.port,
+          listen: config.listen,
+          metricsPort: front.metricsServer?.port,
+          console: consoleServer?.url,
+          serverId,
+          version: packageVersion(),
+        },
+        "leasehold serving",
+      );
     // PGlite runs in this process: it cannot become unreachable, only busy.
     if (timers && database.ping) {
       // The rule that tells an outage from a busy process is in database-watch.ts.

@@ -364,6 +364,12 @@ export interface CloseResult {
    * agent's to release.
    */
   readonly stillRunning: readonly string[];
+  /**
+   * Leases whose handler still ran when close's wait (`timeoutMs`) ended:
+   * their signal was aborted and their leases given back (released, so
+   * another worker may run them again), unless the handler reported first.
+   */
+  readonly stopped: readonly { readonly actionId: string; readonly epoch: number }[];
 }
 
 /** A running agent. */
@@ -1766,8 +1772,12 @@ export function createAgent(options: AgentOptions): Agent {
         allSettled.then(settled, settled);
       });
       shortenDrain = undefined;
+      const stopped: { actionId: string; epoch: number }[] = [];
       for (const r of running.values()) {
-        if (!r.controller.aborted) r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
+        if (r.controller.aborted) continue;
+        // A handler still running when the wait ended: stopped here, and its lease given back.
+        if (!r.report && !r.start && !r.serverEnded) stopped.push({ actionId: r.actionId, epoch: r.epoch });
+        r.controller.abort(new LeaseLost("closing", "the agent is shutting down"));
       }
       // Handlers that ignore their signal do not hold the agent hostage: release their leases anyway.
       let graceTimer: NodeJS.Timeout | undefined;
@@ -1823,7 +1833,7 @@ export function createAgent(options: AgentOptions): Agent {
           conn.client.close();
         }
       }
-      return { goodbye: goodbyeConfirmed, stillRunning };
+      return { goodbye: goodbyeConfirmed, stillRunning, stopped };
     })();
     return closingPromise;
   };

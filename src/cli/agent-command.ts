@@ -270,6 +270,13 @@ export function agentCommand(): Command {
                 },
               );
             agent.close().then((result) => {
+              // The drain's 30 s passed with actions still running (not a second signal: that says so).
+              if (result.stopped.length > 0 && cutShortBy === undefined)
+                say(
+                  "drain_timeout",
+                  `drain timed out after 30s: stopped ${count(result.stopped.length, "action")} still running and gave ${result.stopped.length === 1 ? "its lease" : "their leases"} back, to run again on another worker (${result.stopped.map((a) => `${a.actionId} epoch ${a.epoch}`).join(", ")}); nothing is lost, exiting 0`,
+                  { stopped: result.stopped.map((a) => ({ action_id: a.actionId, epoch: a.epoch })) },
+                );
               if (!result.goodbye && agent.sessionId !== undefined)
                 say(
                   "goodbye_unconfirmed",

@@ -163,6 +163,23 @@ describe.runIf(runsDriverNeutralTests())(
       });
     });
 
+    // The drain's 30 s are waited out in full: nothing shortens them from outside.
+    it("says which actions its drain stopped at the 30 s limit, gives them back, and exits 0", {
+      timeout: 55_000,
+    }, async () => {
+      const { actionId, pid, agent } = await holding("drain-limit", "exec sleep 300");
+      agent.child.kill("SIGTERM");
+      await agent.waitForLog((l) => l.type === "interrupt_drain");
+      const timedOut = await agent.waitForLog((l) => l.type === "drain_timeout");
+      expect(timedOut.stopped).toEqual([{ action_id: actionId, epoch: 1 }]);
+      expect(await agent.exited).toBe(0);
+      expect(alive(pid)).toBe(false);
+      expect(await outcome(actionId)).toEqual({
+        state: ActionState.QUEUED,
+        attempts: [AttemptOutcome.RELEASED],
+      });
+    });
+
     it("kills a command that ignores SIGTERM on a third Ctrl-C and exits at once", async () => {
       // A long --kill-grace: only the third signal can end the command soon.
       const { pid, agent } = await holding("thrice", "trap '' TERM; while :; do sleep 1; done", [

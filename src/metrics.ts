@@ -11,7 +11,9 @@ export interface Metrics extends LeaseMetrics {
   /** Actions submitted through ActionService: created, or an earlier one answered (a repeated request id). */
   readonly submitted: { inc(labels: { result: "created" | "existing" }, n?: number): void };
   /** Records --history-retention removed, by what they were. */
-  readonly historyRemoved: { inc(labels: { record: "action" | "scope_lease" | "event" }, n: number): void };
+  readonly historyRemoved: {
+    inc(labels: { record: "action" | "scope_lease" | "event" | "cluster" }, n: number): void;
+  };
 }
 
 /** Queued and leased actions of one cluster, as the database counts them. */
@@ -145,7 +147,7 @@ export function createMetrics(
     ),
     historyRemoved: new Counter({
       name: `${prefix}history_removed_total`,
-      help: "Records removed past --history-retention by this process: record action (with its attempts), scope_lease, or event (every event removed, those of removed actions and leases included).",
+      help: "Records removed past --history-retention by this process: record action (with its attempts), scope_lease, event (every event removed, those of removed actions and leases included), or cluster (a cluster nothing was left of).",
       labelNames: ["record"],
       registers: [registry],
     }),

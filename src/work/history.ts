@@ -5,6 +5,7 @@ import type { Db } from "../store/database.js";
 import {
   removeClosedScopeLeases,
   removeFinishedActions,
+  removeIdleClusters,
   removeOldEvents,
 } from "../store/queries/remove-history.js";
 import { createLoops } from "./lease/every.js";
@@ -15,12 +16,16 @@ export const ACTION_BATCH = 500;
 export const LEASE_BATCH = 500;
 /** Events one statement looks at. */
 export const EVENT_SCAN = 5000;
+/** Clusters one statement removes. */
+export const CLUSTER_BATCH = 500;
 
 /** What one pass removed. */
 export interface HistoryRemoved {
   readonly actions: number;
   readonly leases: number;
   readonly events: number;
+  /** Clusters nothing was left of (`removeIdleClusters`). */
+  readonly clusters: number;
 }
 
 /** Removal of what ended before --history-retention (`remove-history.ts`). */
@@ -56,7 +61,7 @@ export function createHistoryKeeper({
   /** 0 keeps everything: the keeper does nothing. */
   retentionMs: number;
   /** Counts what was removed (`leasehold_history_removed_total`). */
-  removed?: { inc(labels: { record: "action" | "scope_lease" | "event" }, n: number): void };
+  removed?: { inc(labels: { record: "action" | "scope_lease" | "event" | "cluster" }, n: number): void };
 }): HistoryKeeper {
   const loops = createLoops(log);
   let closed = false;
@@ -72,7 +77,7 @@ export function createHistoryKeeper({
   };
 
   async function removeDue(): Promise<HistoryRemoved> {
-    const total = { actions: 0, leases: 0, events: 0 };
+    const total = { actions: 0, leases: 0, events: 0, clusters: 0 };
     if (retentionMs === 0) return total;
     await repeat(async () => {
       const r = await removeFinishedActions(db, clock, retentionMs, ACTION_BATCH);
@@ -93,12 +98,19 @@ export function createHistoryKeeper({
       after = r.last;
       return r.scanned === EVENT_SCAN && !r.reachedCutoff;
     });
+    // Last: the actions and events removed above may have been what kept a cluster.
+    await repeat(async () => {
+      const n = await removeIdleClusters(db, clock, retentionMs, CLUSTER_BATCH);
+      total.clusters += n;
+      return n === CLUSTER_BATCH;
+    });
     if (removed) {
       removed.inc({ record: "action" }, total.actions);
       removed.inc({ record: "scope_lease" }, total.leases);
       removed.inc({ record: "event" }, total.events);
+      removed.inc({ record: "cluster" }, total.clusters);
     }
-    if (total.actions + total.leases + total.events > 0)
+    if (total.actions + total.leases + total.events + total.clusters > 0)
       log.info({ ...total, retentionMs }, "removed history past --history-retention");
     return total;
   }

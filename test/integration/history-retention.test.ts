@@ -221,10 +221,38 @@ describe("history retention", () => {
       actions: total,
       leases: 0,
       events: total + EVENT_SCAN + 10,
+      // And "east", which nothing is left of.
+      clusters: 1,
     });
     expect(await count(sql`select count(*) as n from actions`)).toBe(0);
     expect(await count(sql`select count(*) as n from events`)).toBe(0);
     expect(ids).toHaveLength(total);
+  });
+
+  it("forgets a cluster nothing is left of, and keeps one with a worker, an action or a partition", async () => {
+    await start();
+    const w = await connectWorker(server().address, { workerId: "w1", cluster: "worked", capacity: 1 });
+    workers.push(w);
+    for (const cluster of ["typo", "split"]) {
+      const { action } = await actions().submitAction({ cluster });
+      await actions().cancelAction({ actionId: action?.id ?? "" });
+    }
+    await actions().submitAction({ cluster: "busy" });
+    await db.execute(sql`update clusters set partitioned_at = now() where name = 'split'`);
+    const names = async () =>
+      (await queryRows<{ name: string }>(db, sql`select name from clusters order by name`)).map(
+        (r) => r.name,
+      );
+    expect(await names()).toEqual(["busy", "split", "typo", "worked"]);
+    // Within the retention nothing goes, not even the cluster of a cancelled action alone.
+    clock.advance(DAY_MS);
+    expect(await server().server.history.removeDue()).toMatchObject({ clusters: 0 });
+    clock.advance(7 * DAY_MS);
+    expect(await server().server.history.removeDue()).toMatchObject({ actions: 2, clusters: 1 });
+    expect(await names()).toEqual(["busy", "split", "worked"]);
+    // Used again, it is made again.
+    await actions().submitAction({ cluster: "typo" });
+    expect(await names()).toEqual(["busy", "split", "typo", "worked"]);
   });
 
   it("keeps everything with 0", async () => {
@@ -232,7 +260,12 @@ describe("history retention", () => {
     const id = await submit();
     await actions().cancelAction({ actionId: id });
     clock.advance(3650 * DAY_MS);
-    expect(await server().server.history.removeDue()).toEqual({ actions: 0, leases: 0, events: 0 });
+    expect(await server().server.history.removeDue()).toEqual({
+      actions: 0,
+      leases: 0,
+      events: 0,
+      clusters: 0,
+    });
     expect((await actions().getAction({ actionId: id })).action?.id).toBe(id);
   });
 });

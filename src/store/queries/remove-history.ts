@@ -14,7 +14,8 @@ import { keptDeploymentRunning } from "../scope-leases.js";
  * was full:
  * - {@link removeFinishedActions}: ended actions, with their attempts and events;
  * - {@link removeClosedScopeLeases}: closed scope lease records, with their events;
- * - {@link removeOldEvents}: the other events (sessions, workers, clusters).
+ * - {@link removeOldEvents}: the other events (sessions, workers, clusters);
+ * - {@link removeIdleClusters}: clusters nothing is left of.
  *
  * A record goes only when it ended before the cutoff (`now - retention`) and
  * no event about it is newer than the cutoff (a deployment's delete, a result
@@ -203,6 +204,49 @@ export async function removeOldEvents(
     last: toNumber(row?.last ?? after),
     reachedCutoff: row?.reached === true,
   };
+}
+
+/**
+ * Removes up to `limit` clusters nothing is left of: no worker (workers go
+ * past --worker-retention, and their sessions with them), no action in any
+ * state (ended ones go above), not partitioned, made before the cutoff and
+ * with no event newer than it. Without it every cluster name ever used (a
+ * typo, a name per CI run) stayed in ListClusters forever. A hello or a
+ * submit to the name later makes the row again, as the first one did.
+ *
+ * A submit racing with it: one that inserts its cluster row after this
+ * statement's delete makes a new row (the insert waits for the delete's
+ * transaction on the unique key); one that committed its action between this
+ * statement's snapshot and its delete leaves an action whose cluster has no
+ * row until the next hello or submit names it, which only ListClusters sees.
+ */
+export async function removeIdleClusters(
+  db: Db,
+  clock: Clock,
+  retentionMs: number,
+  limit: number,
+): Promise<number> {
+  const cutoff = cutoffOf(clock, retentionMs);
+  const [row] = await queryRows<{ clusters: unknown }>(
+    db,
+    sql`
+      with due as (
+        select c.name from clusters c
+        where c.created_at < ${cutoff}
+          and c.partitioned_at is null
+          and not exists (select 1 from workers w where w.cluster = c.name)
+          and not exists (select 1 from actions a where a.cluster = c.name)
+          and not exists (select 1 from events e where e.cluster = c.name and e.at >= ${cutoff})
+        order by c.name
+        limit ${limit}
+        for update of c skip locked
+      ),
+      removed as (
+        delete from clusters c using due where c.name = due.name returning c.name
+      )
+      select count(*) as clusters from removed`,
+  );
+  return toNumber(row?.clusters ?? 0);
 }
 
 /** The highest event sequence --history-retention removed; 0 when none was. */

@@ -1,6 +1,8 @@
 import { readFileSync } from "node:fs";
+import type { Command } from "commander";
 import { describe, expect, it } from "vitest";
 import { serveCommand } from "../../src/cli/serve-command.js";
+import { createProgram } from "../../src/main.js";
 import {
   addBuildInfo,
   addLargeCallMetrics,
@@ -96,5 +98,27 @@ describe("the README's tables", () => {
     } finally {
       stopSampling();
     }
+  });
+
+  it("the command table names every option of every command but serve (whose are in Configuration)", () => {
+    const rows = readme
+      .slice(readme.indexOf("\n## The command line\n"))
+      .split("\n")
+      .filter((line) => line.startsWith("| `leasehold "));
+    const missing: string[] = [];
+    const visit = (command: Command, path: string[]) => {
+      for (const sub of command.commands) visit(sub, [...path, sub.name()]);
+      if (command.commands.length > 0 || path.length === 0 || path[0] === "serve") return;
+      // The rows that name the command: its group and its own name.
+      const text = rows.filter((row) => path.every((word) => row.includes(word))).join(" ");
+      for (const option of command.options) {
+        if (option.hidden) continue;
+        // Any of its names (`--label, --labels`).
+        const names = option.flags.match(/--[a-z-]+/g) ?? [];
+        if (!names.some((name) => text.includes(name))) missing.push(`${path.join(" ")} ${option.flags}`);
+      }
+    };
+    visit(createProgram(), []);
+    expect(missing).toEqual([]);
   });
 });

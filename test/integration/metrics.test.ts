@@ -2,6 +2,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { createFakeClock } from "../../src/store/clock.js";
+import { packageVersion } from "../../src/version.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -39,6 +40,11 @@ describe("the metrics", () => {
     workers.push(w);
     return w;
   };
+
+  it("says which build runs: leasehold_build_info and the version of the serving line", async () => {
+    expect(sample(await scrape(), `leasehold_build_info{version="${packageVersion()}"}`)).toBe(1);
+    expect(t.logs.find((l) => l.msg === "leasehold serving")).toMatchObject({ version: packageVersion() });
+  });
 
   it("counts calls by method and status code, and unary calls' durations", async () => {
     await api().submitAction({ cluster: "east" });

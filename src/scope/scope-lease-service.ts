@@ -603,7 +603,10 @@ export function createScopeLeaseService(deps: {
         throw new LeaseholdError(
           Code.AlreadyExists,
           `request_id ${quote(input.requestId ?? "")} was already used for a different lease (${lease.id}); use a new request_id for a new lease`,
-          { reason: "REQUEST_ID_REUSED", metadata: { lease_id: lease.id } },
+          {
+            reason: "REQUEST_ID_REUSED",
+            metadata: { lease_id: lease.id, request_id: input.requestId ?? "" },
+          },
         );
       }
       if (created) feed.publish(EVENTS_TOPIC);

@@ -73,6 +73,7 @@ describe("scope leases", () => {
       /request_id "run-42" was already used for a different lease/,
     );
     expect(f.reason).toBe("REQUEST_ID_REUSED");
+    expect(f.info).toMatchObject({ lease_id: first.lease?.id, request_id: "run-42" });
   });
 
   it("echoes at most 64 characters of a long reused request id", async () => {

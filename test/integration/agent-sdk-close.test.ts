@@ -31,14 +31,14 @@ describe("an SDK agent's close() says what it did", () => {
 
   it("the goodbye was confirmed by the server, and no handler was left running", async () => {
     const { agent } = await connectedAgent(async () => ({}));
-    expect(await agent.close()).toEqual({ goodbye: true, stillRunning: [] });
+    expect(await agent.close()).toEqual({ goodbye: true, stillRunning: [], stopped: [] });
   });
 
   it("the goodbye was not confirmed when the server is gone", async () => {
     const { t, agent, events } = await connectedAgent(async () => ({}));
     await t.stop();
     await events.until((e) => e.type === "disconnected");
-    expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: false, stillRunning: [] });
+    expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: false, stillRunning: [], stopped: [] });
   });
 
   it("has no goodbye to wait for when it was never welcomed and no hello is out", async () => {
@@ -57,7 +57,7 @@ describe("an SDK agent's close() says what it did", () => {
     await events.until((e) => e.type === "disconnected");
     // It used to wait 5 s for a goodbye it could never say; the bound leaves room for a busy machine.
     const started = performance.now();
-    expect(await agent.close()).toEqual({ goodbye: false, stillRunning: [] });
+    expect(await agent.close()).toEqual({ goodbye: false, stillRunning: [], stopped: [] });
     expect(performance.now() - started).toBeLessThan(4000);
   });
 
@@ -90,6 +90,10 @@ describe("an SDK agent's close() says what it did", () => {
     });
     const { action } = await t.client(ActionService).submitAction({ cluster: "east" });
     await started.promise;
-    expect(await agent.close({ timeoutMs: 0 })).toEqual({ goodbye: true, stillRunning: [action?.id] });
+    expect(await agent.close({ timeoutMs: 0 })).toEqual({
+      goodbye: true,
+      stillRunning: [action?.id],
+      stopped: [{ actionId: action?.id, epoch: 1 }],
+    });
   });
 });

@@ -163,7 +163,7 @@ describe("StopGrants: a stopping worker takes no more work", () => {
       b.finish(a3);
       await b.events.until(finishedOf(a3));
       a.finish(a2);
-      expect(await closed).toEqual({ goodbye: true, stillRunning: [] });
+      expect(await closed).toEqual({ goodbye: true, stillRunning: [], stopped: [] });
       expect(a.events.seen.filter((e) => e.type === "grant").map((e) => e.actionId)).toEqual([a1, a2]);
     });
 
@@ -184,7 +184,7 @@ describe("StopGrants: a stopping worker takes no more work", () => {
       b.finish(a2);
       await b.events.until(finishedOf(a2));
       a.finish(a1);
-      expect(await closed).toEqual({ goodbye: true, stillRunning: [] });
+      expect(await closed).toEqual({ goodbye: true, stillRunning: [], stopped: [] });
       const { action } = await t.client(ActionService).getAction({ actionId: a1 });
       expect(action?.state).toBe(ActionState.SUCCEEDED);
     });

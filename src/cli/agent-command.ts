@@ -16,6 +16,7 @@ import {
   collect,
   count,
   durationMsFlag,
+  durationText,
   EXIT,
   globals,
   guardOutput,
@@ -45,7 +46,7 @@ export function agentCommand(): Command {
           "of the lease when their outputs are collected. It runs only the commands --allow-command allows, with " +
           "only the environment variables --allow-env allows and in the directories --allow-cwd allows (or " +
           "anything, with --allow-any-command); one of --allow-command and --allow-any-command is required. " +
-          "Ctrl-C (or SIGTERM) drains: no new work, held actions finish (at most 30 s), then goodbye; a second one, " +
+          "Ctrl-C (or SIGTERM) drains: no new work, held actions finish (at most --drain-timeout), then goodbye; a second one, " +
           "a second or more later, stops held actions now (commands get SIGTERM, then SIGKILL after --kill-grace; " +
           "deployments are killed at once) and gives their leases back (exit 130, or 143 if it was SIGTERM); a " +
           "third kills every process group they started, removes deployments' work directories and exits at once.",
@@ -78,6 +79,13 @@ export function agentCommand(): Command {
           "between SIGTERM and SIGKILL to its process group, e.g. 500ms, 10s (one whose lease is gone or " +
           "about to be, self-fenced, expired or superseded, is killed at once)",
         "2s",
+      )
+      .option(
+        "--drain-timeout <duration>",
+        "how long a drain (the first Ctrl-C or SIGTERM) waits for held actions to finish before it stops " +
+          "them as a second Ctrl-C would and gives their leases back, e.g. 5m (at most 24h; 0 stops them at " +
+          "once). Give the agent's supervisor at least this plus --kill-grace before it kills the agent",
+        "30s",
       )
       // The flag's earlier name, kept working for scripts written against it.
       .addOption(new Option("--slots <n>").argParser(positiveIntFlag).hideHelp())
@@ -127,6 +135,9 @@ export function agentCommand(): Command {
         guardOutput("drop");
         const g = globals(command);
         const killGraceMs = durationMsFlag("--kill-grace", o.killGrace as string);
+        const drainTimeoutMs = durationMsFlag("--drain-timeout", o.drainTimeout as string, {
+          maxMs: 24 * 3_600_000,
+        });
         const allow = allowPolicy({
           commands: o.allowCommand as string[] | undefined,
           any: o.allowAnyCommand === true,
@@ -269,12 +280,12 @@ export function agentCommand(): Command {
                   signal,
                 },
               );
-            agent.close().then((result) => {
-              // The drain's 30 s passed with actions still running (not a second signal: that says so).
+            agent.close({ timeoutMs: drainTimeoutMs }).then((result) => {
+              // The drain's time (--drain-timeout) passed with actions still running (not a second signal: that says so).
               if (result.stopped.length > 0 && cutShortBy === undefined)
                 say(
                   "drain_timeout",
-                  `drain timed out after 30s: stopped ${count(result.stopped.length, "action")} still running and gave ${result.stopped.length === 1 ? "its lease" : "their leases"} back, to run again on another worker (${result.stopped.map((a) => `${a.actionId} epoch ${a.epoch}`).join(", ")}); nothing is lost, exiting 0`,
+                  `drain timed out after ${durationText(drainTimeoutMs)}: stopped ${count(result.stopped.length, "action")} still running and gave ${result.stopped.length === 1 ? "its lease" : "their leases"} back, to run again on another worker (${result.stopped.map((a) => `${a.actionId} epoch ${a.epoch}`).join(", ")}); nothing is lost, exiting 0`,
                   { stopped: result.stopped.map((a) => ({ action_id: a.actionId, epoch: a.epoch })) },
                 );
               if (!result.goodbye && agent.sessionId !== undefined)

@@ -202,6 +202,11 @@ describe.runIf(runsDriverNeutralTests())(
           '--kill-grace: must be a duration like 500ms, 10s or 2m (got "soon")',
         ),
       });
+      const drain = await cli(["agent", "--cluster", "c", "--allow-any-command", "--drain-timeout", "25h"]);
+      expect(drain).toMatchObject({
+        code: 2,
+        stderr: expect.stringContaining('--drain-timeout: must be at most 24h (got "25h")'),
+      });
       const noPort = await cli(["--server", "localhost", "events", "--follow"]);
       expect(noPort).toMatchObject({ code: 2, stderr: expect.stringMatching(/"localhost" has no port/) });
       // The forms grpc-js dials are still dialed: nothing listens there, so they are unreachable (3).

@@ -39,6 +39,10 @@ export function eventCommand(): Command {
     .option("--action <id>", "only about this action")
     .option("--worker <id>", "only about this worker")
     .option("--cluster <name>", "only about this cluster")
+    .option(
+      "--lease <id>",
+      "only about this scope lease and its resources (its deployments' actions: --action with the action id)",
+    )
     .addOption(enumFilterOption("--kind <kind>", "only of this kind", EventKind))
     .addOption(limitOption("without --follow: "))
     .option("--newest", "without --follow: the newest events (still printed oldest first)")
@@ -53,6 +57,7 @@ export function eventCommand(): Command {
             workerId: (o.worker as string | undefined) ?? "",
             cluster: (o.cluster as string | undefined) ?? "",
             kind: (o.kind as EventKind | undefined) ?? EventKind.UNSPECIFIED,
+            leaseId: (o.lease as string | undefined) ?? "",
           };
           const print = (e: Event) => {
             if (g.json) printJson(messageJson(EventSchema, e));

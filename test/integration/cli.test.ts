@@ -167,6 +167,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     expect(
       await ids(["events", "--cluster", "cli-case", "--kind", "SCOPE_LEASE_CREATED"], "events", "kind"),
     ).toEqual(["EVENT_KIND_SCOPE_LEASE_CREATED"]);
+    expect(await ids(["events", "--lease", lease?.id ?? ""], "events", "leaseId")).toEqual([lease?.id]);
     const wrong = await cli([...server, "action", "list", "--state", "DONE"]);
     expect(wrong).toMatchObject({
       code: 2,

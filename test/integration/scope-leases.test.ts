@@ -468,6 +468,38 @@ describe("scope leases", () => {
     await expectStatus(leases().setResult({ leaseId: id, result: { passed: 0 } }), Code.NotFound, /./);
   });
 
+  it("lists and follows the events of one lease, its resources' included, by lease_id", async () => {
+    const id = await open();
+    const other = await open();
+    await file(other);
+    const events = t.client(EventService);
+    const watch = events.watchEvents({ leaseId: id, afterSequence: 0n });
+    await file(id);
+    await leases().setResult({ leaseId: other, result: { passed: 1 } });
+    await leases().commitLease({ leaseId: id });
+    const listed = await events.listEvents({ leaseId: id });
+    const kinds = [
+      EventKind.SCOPE_LEASE_CREATED,
+      EventKind.RESOURCE_CREATED,
+      EventKind.SCOPE_LEASE_COMMITTED,
+    ];
+    expect(listed.events.map((e) => e.kind)).toEqual(kinds);
+    expect(new Set(listed.events.map((e) => e.leaseId))).toEqual(new Set([id]));
+    // The watch replays the same events, and no other lease's.
+    const followed: EventKind[] = [];
+    for await (const m of watch) {
+      followed.push(m.event?.kind ?? EventKind.UNSPECIFIED);
+      if (followed.length === kinds.length) break;
+    }
+    expect(followed).toEqual(kinds);
+    // Filters combine with AND: the lease's events are in its runtime's cluster, none in another.
+    expect((await events.listEvents({ leaseId: id, cluster: "east" })).events).toHaveLength(3);
+    expect((await events.listEvents({ leaseId: id, cluster: "west" })).events).toHaveLength(0);
+    const long = await failure(events.listEvents({ leaseId: "x".repeat(129) }));
+    expect(long.code).toBe(Code.InvalidArgument);
+    expect(long.message).toMatch(/lease_id/);
+  });
+
   /** A lease-owned object of kind "blob" with `body`; its id. */
   const object = async (leaseId: string, body: JsonObject) =>
     (await resources().createObject({ leaseId, kind: "blob", body })).resource?.id ?? "";

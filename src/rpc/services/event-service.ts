@@ -98,6 +98,7 @@ function toFilter(request: {
   workerId: string;
   cluster: string;
   kind: EventKind;
+  leaseId: string;
 }): EventFilter {
   let kind: DomainKind | undefined;
   if (request.kind !== EventKind.UNSPECIFIED) {
@@ -111,6 +112,7 @@ function toFilter(request: {
     workerId: request.workerId || undefined,
     cluster: request.cluster || undefined,
     kind,
+    leaseId: request.leaseId || undefined,
   };
 }
 

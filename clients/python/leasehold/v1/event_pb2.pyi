@@ -72,10 +72,11 @@ class Event(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., action_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., lease_id: _Optional[str] = ..., message: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
-    __slots__ = ["action_id", "cluster", "kind", "newest_first", "page_size", "page_token", "worker_id"]
+    __slots__ = ["action_id", "cluster", "kind", "lease_id", "newest_first", "page_size", "page_token", "worker_id"]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -83,11 +84,12 @@ class ListEventsRequest(_message.Message):
     action_id: str
     cluster: str
     kind: EventKind
+    lease_id: str
     newest_first: bool
     page_size: int
     page_token: str
     worker_id: str
-    def __init__(self, action_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: bool = ...) -> None: ...
+    def __init__(self, action_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: bool = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class ListEventsResponse(_message.Message):
     __slots__ = ["events", "next_page_token"]
@@ -98,18 +100,20 @@ class ListEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
-    __slots__ = ["action_id", "after_sequence", "cluster", "kind", "worker_id"]
+    __slots__ = ["action_id", "after_sequence", "cluster", "kind", "lease_id", "worker_id"]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     after_sequence: int
     cluster: str
     kind: EventKind
+    lease_id: str
     worker_id: str
-    def __init__(self, action_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+    def __init__(self, action_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., cluster: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., after_sequence: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class WatchEventsResponse(_message.Message):
     __slots__ = ["event"]

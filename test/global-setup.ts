@@ -3,6 +3,7 @@ import { randomBytes } from "node:crypto";
 import { appendFileSync, readdirSync, rmSync, statSync, utimesSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import postgres from "postgres";
 import type { TestProject } from "vitest/node";
 import { openDatabase } from "../src/store/database.js";
 import { startOwnPostgres } from "./embedded-postgres.js";
@@ -16,6 +17,8 @@ declare module "vitest" {
     driver: "pglite" | "postgres";
     /** A migrated PGlite data directory that fresh PGlite stores are copied from. */
     pgliteTemplate: string;
+    /** A migrated database on postgresAdminUrl's server that fresh PostgreSQL stores are copied from. */
+    postgresTemplate: string;
   }
 }
 
@@ -37,14 +40,43 @@ export default async function setup(project: TestProject): Promise<() => Promise
   const dropTemplate = () => rmSync(template, { recursive: true, force: true });
   if (url) {
     project.provide("postgresAdminUrl", url);
-    return async () => dropTemplate();
+    const dropPostgresTemplate = await providePostgresTemplate(project, url);
+    return async () => {
+      await dropPostgresTemplate();
+      dropTemplate();
+    };
   }
   const pg = await startOwnPostgres();
   project.provide("postgresAdminUrl", pg.url);
+  await providePostgresTemplate(project, pg.url);
   return async () => {
     await pg.destroy();
     dropTemplate();
   };
+}
+
+/**
+ * Makes and migrates the database fresh PostgreSQL stores are copied from
+ * (`create database … template`, which needs nobody connected to it: the
+ * connections that migrated it are closed here); returns what drops it.
+ */
+async function providePostgresTemplate(project: TestProject, adminUrl: string): Promise<() => Promise<void>> {
+  const name = `leasehold_template_${randomBytes(6).toString("hex")}`;
+  const asAdmin = async (statement: string) => {
+    const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
+    try {
+      await admin.unsafe(statement);
+    } finally {
+      await admin.end();
+    }
+  };
+  await asAdmin(`create database ${name}`);
+  const url = new URL(adminUrl);
+  url.pathname = `/${name}`;
+  const migrated = await openDatabase({ url: url.toString(), dataDir: "" });
+  await migrated.close();
+  project.provide("postgresTemplate", name);
+  return () => asAdmin(`drop database if exists ${name} with (force)`);
 }
 
 /**

@@ -18,13 +18,22 @@ export interface TestStore extends AsyncDisposable {
   drop(): Promise<void>;
 }
 
-/** A brand-new, empty PostgreSQL database on the test server (one per test file or test). */
-export async function freshPostgresDatabase(): Promise<TestStore> {
+/**
+ * A brand-new PostgreSQL database on the test server (one per test file or
+ * test): empty, or with `migrated` a copy of the run's migrated template
+ * (about a tenth of the time migrating takes, which the suite paid hundreds
+ * of times).
+ */
+export async function freshPostgresDatabase(options: { migrated?: boolean } = {}): Promise<TestStore> {
   const adminUrl = inject("postgresAdminUrl");
   const name = `leasehold_test_${randomBytes(6).toString("hex")}`;
   const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
   try {
-    await admin.unsafe(`create database ${name}`);
+    await admin.unsafe(
+      options.migrated
+        ? `create database ${name} template ${inject("postgresTemplate")}`
+        : `create database ${name}`,
+    );
   } finally {
     await admin.end();
   }
@@ -71,9 +80,9 @@ export function runsDriverNeutralTests(): boolean {
   return runsPostgresTests();
 }
 
-/** A fresh store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
+/** A fresh, migrated store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
 export async function freshStore(): Promise<TestStore> {
-  return inject("driver") === "postgres" ? freshPostgresDatabase() : freshPgliteDirectory();
+  return inject("driver") === "postgres" ? freshPostgresDatabase({ migrated: true }) : freshPgliteDirectory();
 }
 
 /**

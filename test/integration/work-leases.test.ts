@@ -11,6 +11,7 @@ import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
 import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
+import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
 import { expectStatus, failure, statusDetails } from "../helpers/status.js";
 import { connectWorker, framedRequest, sendAndHalfClose, type TestWorker } from "../helpers/worker.js";
@@ -1027,6 +1028,53 @@ describe("work leases", () => {
     expect((await t.client(ClusterService).getWorker({ workerId: "wa" })).worker?.state).toBe(
       WorkerState.OFFLINE,
     );
+  });
+
+  it("applies a goodbye whose session end failed, though the worker stopped waiting for its answer", async () => {
+    // The database connection is lost under the goodbye's statement, and the worker gives up on
+    // the stream meanwhile (a process exiting): the goodbye is tried again, not dropped, and its
+    // lease is released at once instead of expiring a grace period later, charged a system retry.
+    let reached!: () => void;
+    const statementReached = new Promise<void>((r) => {
+      reached = r;
+    });
+    let letItFail!: () => void;
+    const workerGone = new Promise<void>((r) => {
+      letItFail = r;
+    });
+    let failOnce = true;
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: {
+        clock,
+        timers: false,
+        wrapDb: intercepting(async (text, execute) => {
+          if (failOnce && text.includes("end_reason = 'goodbye'")) {
+            failOnce = false;
+            reached();
+            await workerGone;
+            throw new Error("write CONNECTION_CLOSED 127.0.0.1:5432");
+          }
+          return execute();
+        }),
+      },
+    });
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    await a.next("grant");
+    a.goodbye("shutting down");
+    await statementReached;
+    a.drop();
+    letItFail();
+    await waitForLog(t.logs, (l) => l.msg === "worker said goodbye" && l.workerId === "wa");
+    expect(t.logs.filter((l) => l.msg === "could not end the session on goodbye; trying again")).toHaveLength(
+      1,
+    );
+    const got = await getAction(id);
+    expect(got.action).toMatchObject({ state: ActionState.QUEUED, systemRetryCount: 0 });
+    expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.RELEASED]);
   });
 
   it("applies and answers the reports sent before a goodbye, then ends the session", async () => {

@@ -70,6 +70,11 @@ export function createStreamHandle(
     markLost: (lost: LostStream) => Promise<StreamLoss | undefined>;
     /** The stream was lost: its session is due at `deadline` (database clock, ms). */
     streamLost: (deadlineMs: number, dbOffsetMs: number) => void;
+    /**
+     * How long a goodbye whose session end failed (the database lost, a connection cut) is
+     * tried again, in ms (the maximum silence), and whether this process stopped meanwhile.
+     */
+    goodbyeRetry: { readonly forMs: number; readonly stopped: () => boolean };
   },
   s: Hosted,
 ): SessionHandle {
@@ -77,6 +82,28 @@ export function createStreamHandle(
   // Set on goodbye: the stream ends only after the session's end has committed, so the
   // worker's close returns with the session already over.
   let goodbye: Promise<void> | undefined;
+  /**
+   * The session's end on goodbye, tried again while it fails: the goodbye is applied even when
+   * the database was lost meanwhile and the worker stopped waiting for its answer (its leases
+   * would otherwise expire, each charged a system retry). Ending is conditional on the stream
+   * token, so a try after one that committed unseen changes nothing.
+   */
+  const endUntilDone = async <T>(end: () => Promise<T>): Promise<T> => {
+    const started = performance.now();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await end();
+      } catch (error) {
+        if (deps.goodbyeRetry.stopped() || performance.now() - started >= deps.goodbyeRetry.forMs)
+          throw error;
+        log.warn(
+          { err: error, workerId: s.workerId, sessionId: s.sessionId },
+          "could not end the session on goodbye; trying again",
+        );
+        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)));
+      }
+    }
+  };
   return {
     sessionId: s.sessionId,
     heldAtOpen: s.held.size,
@@ -152,7 +179,7 @@ export function createStreamHandle(
           deps.handover.ended(s);
           goodbye = reports
             .answeredAll(s)
-            .then(() => endSession(db, clock, s.sessionId, s.streamToken, message.reason))
+            .then(() => endUntilDone(() => endSession(db, clock, s.sessionId, s.streamToken, message.reason)))
             .then(
               ({ releasedActionIds }) => {
                 log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");

@@ -313,7 +313,7 @@ export function workerIdInUse(hello: HelloInput): LeaseholdError {
     Code.AlreadyExists,
     `worker ${quote(hello.workerId)} is connected from another process (another instance_id); ` +
       "a worker id belongs to one process: stop this one's work, use another worker_id, " +
-      "or try again after a grace period",
+      "or try again later, backing off from 1–2 s up to 15–30 s (the other may be a predecessor whose lost stream the server has not noticed yet)",
     { reason: WORKER_ID_IN_USE, metadata: { worker_id: hello.workerId } },
   );
 }

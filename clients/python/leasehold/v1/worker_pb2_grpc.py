@@ -291,7 +291,9 @@ class WorkerServiceServicer(object):
         same epoch and keep running; the ones in Welcome.revoked must be stopped
         at once. A grant the worker did not list (or listed at an older epoch of
         its action) is sent again, same epoch, to the same process (a new
-        process's hello ends the session instead: see instance_id above). A
+        process's hello ends the session instead: see instance_id above); grants
+        sent again are not held back by the window of 32 unacknowledged grants
+        (see Flow control): a stream may start with more than 32 unacknowledged. A
         lease stopped by the self-fence is still held until its ReleaseReport is
         answered: list it, and send the release after the welcome. A lease whose
         completion the server applied just before the stream broke comes back in
@@ -373,8 +375,8 @@ class WorkerServiceServicer(object):
         accepts_stop_grants, and set Hello.stop_grants on any stream opened
         while stopping.
 
-        Flow control: a stream gets at most 32 grants it has not acknowledged
-        (see GrantAck), and none while the server holds 1 MiB or more of
+        Flow control: a stream gets at most 32 new grants it has not
+        acknowledged (see GrantAck), and none while the server holds 1 MiB or more of
         messages the worker has not read. While 1,024 messages or 1 MiB wait
         unread, the server reads nothing more from the stream (HTTP/2 flow
         control then holds the worker's sends back). A stream whose unread

@@ -606,6 +606,12 @@ export type HeartbeatAck = Message<"leasehold.v1.HeartbeatAck"> & {
   /**
    * This server cannot reach its database (its grpc.health.v1 status is
    * NOT_SERVING) and nothing has answered since: remaining only counts down.
+   * Not at once: the server checks its database every heartbeat interval and
+   * decides it is unreachable on the second failed check in a row, and a
+   * check that gets no answer fails only after waiting a whole interval. So
+   * the first ack saying so comes up to about two intervals after a database
+   * that refuses connections is lost, up to about four after one that goes
+   * silent; acks before it say false while remaining counts down.
    * A worker given other addresses may resume its session through one that
    * serves (see Connect). False while the database answers, even slowly, and
    * once a renewal is stored again, that ack included, even while the health
@@ -668,7 +674,11 @@ export type Grant = Message<"leasehold.v1.Grant"> & {
    *   container states WaitLease and the console show;
    * - on a Revoke COLLECT_OUTPUTS, or once every container exited, stop the
    *   rest, upload each regular file under spec.outputsDir into the lease
-   *   (ResourceService.CreateFile with lease_id, named by its path there),
+   *   (ResourceService.CreateFile with lease_id, named by its path there,
+   *   and output_of {deployment_id: the payload's deployment id, epoch: this
+   *   grant's epoch}: without it the file is not an output, stays the
+   *   lease's after a lost run, and is refused to a principal that has only
+   *   file.upload),
    *   and complete with output {"containers": [...], "outputFileIds": [ids],
    *   "skipped": [{"name", "sizeBytes", "reason"}]}: CollectOutputs answers
    *   with those files and the skipped list;
@@ -1001,7 +1011,14 @@ export const ReleaseReportSchema: GenMessage<ReleaseReport> = /*@__PURE__*/
  * Reports sent before it on the stream are applied and answered first, in
  * order, so a worker need not wait for their answers: a completion counts,
  * and a checkpoint reaches the next attempt. Then every lease still held is
- * released, the session ends and the stream ends with OK.
+ * released, the session ends and the stream ends with OK. A goodbye the
+ * server received is applied even if the worker stops waiting (cancels the
+ * stream, exits) before that OK: while the database is unreachable it waits,
+ * and a try that fails (a lost connection) is made again, for up to the
+ * server's maximum silence (10 grace periods by default). Until the stream
+ * ends OK the leases are still the session's: a worker that cannot wait
+ * should not start their work elsewhere itself; the server hands them on
+ * once the goodbye is applied, or once the session expires.
  *
  * @generated from message leasehold.v1.Goodbye
  */
@@ -1535,7 +1552,9 @@ export const WorkerService: GenService<{
    * same epoch and keep running; the ones in Welcome.revoked must be stopped
    * at once. A grant the worker did not list (or listed at an older epoch of
    * its action) is sent again, same epoch, to the same process (a new
-   * process's hello ends the session instead: see instance_id above). A
+   * process's hello ends the session instead: see instance_id above); grants
+   * sent again are not held back by the window of 32 unacknowledged grants
+   * (see Flow control): a stream may start with more than 32 unacknowledged. A
    * lease stopped by the self-fence is still held until its ReleaseReport is
    * answered: list it, and send the release after the welcome. A lease whose
    * completion the server applied just before the stream broke comes back in
@@ -1617,8 +1636,8 @@ export const WorkerService: GenService<{
    * accepts_stop_grants, and set Hello.stop_grants on any stream opened
    * while stopping.
    *
-   * Flow control: a stream gets at most 32 grants it has not acknowledged
-   * (see GrantAck), and none while the server holds 1 MiB or more of
+   * Flow control: a stream gets at most 32 new grants it has not
+   * acknowledged (see GrantAck), and none while the server holds 1 MiB or more of
    * messages the worker has not read. While 1,024 messages or 1 MiB wait
    * unread, the server reads nothing more from the stream (HTTP/2 flow
    * control then holds the worker's sends back). A stream whose unread

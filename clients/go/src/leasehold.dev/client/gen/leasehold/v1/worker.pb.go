@@ -1171,6 +1171,12 @@ type HeartbeatAck struct {
 	Remaining *durationpb.Duration `protobuf:"bytes,2,opt,name=remaining,proto3" json:"remaining,omitempty"`
 	// This server cannot reach its database (its grpc.health.v1 status is
 	// NOT_SERVING) and nothing has answered since: remaining only counts down.
+	// Not at once: the server checks its database every heartbeat interval and
+	// decides it is unreachable on the second failed check in a row, and a
+	// check that gets no answer fails only after waiting a whole interval. So
+	// the first ack saying so comes up to about two intervals after a database
+	// that refuses connections is lost, up to about four after one that goes
+	// silent; acks before it say false while remaining counts down.
 	// A worker given other addresses may resume its session through one that
 	// serves (see Connect). False while the database answers, even slowly, and
 	// once a renewal is stored again, that ack included, even while the health
@@ -1260,7 +1266,11 @@ type Grant struct {
 	//     container states WaitLease and the console show;
 	//   - on a Revoke COLLECT_OUTPUTS, or once every container exited, stop the
 	//     rest, upload each regular file under spec.outputsDir into the lease
-	//     (ResourceService.CreateFile with lease_id, named by its path there),
+	//     (ResourceService.CreateFile with lease_id, named by its path there,
+	//     and output_of {deployment_id: the payload's deployment id, epoch: this
+	//     grant's epoch}: without it the file is not an output, stays the
+	//     lease's after a lost run, and is refused to a principal that has only
+	//     file.upload),
 	//     and complete with output {"containers": [...], "outputFileIds": [ids],
 	//     "skipped": [{"name", "sizeBytes", "reason"}]}: CollectOutputs answers
 	//     with those files and the skipped list;
@@ -1869,7 +1879,14 @@ func (x *ReleaseReport) GetReason() string {
 // Reports sent before it on the stream are applied and answered first, in
 // order, so a worker need not wait for their answers: a completion counts,
 // and a checkpoint reaches the next attempt. Then every lease still held is
-// released, the session ends and the stream ends with OK.
+// released, the session ends and the stream ends with OK. A goodbye the
+// server received is applied even if the worker stops waiting (cancels the
+// stream, exits) before that OK: while the database is unreachable it waits,
+// and a try that fails (a lost connection) is made again, for up to the
+// server's maximum silence (10 grace periods by default). Until the stream
+// ends OK the leases are still the session's: a worker that cannot wait
+// should not start their work elsewhere itself; the server hands them on
+// once the goodbye is applied, or once the session expires.
 type Goodbye struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

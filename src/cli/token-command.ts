@@ -31,7 +31,11 @@ export function tokenCommand(): Command {
       "the tokens file of `serve --auth-tokens` (created with mode 0600 if missing)",
     )
     .option("--role <role>", `a role that comes with the token (${ROLES.join(", ")}); repeatable`, roleFlag)
-    .option("--cluster <glob>", "where the roles apply (default every cluster: *); repeatable", collect)
+    .option(
+      "--cluster <glob>",
+      "where the roles apply, required with --role (no default, as in the tokens file: * for every cluster); repeatable",
+      collect,
+    )
     .option("--worker-ids <glob>", "worker ids an agent (or operator) role may use (default *)")
     .addHelpText(
       "after",
@@ -62,7 +66,12 @@ export function tokenCommand(): Command {
               EXIT.usage,
             );
         }
-        const clusters = o.cluster ?? ["*"];
+        if (roles.length > 0 && !o.cluster)
+          throw new CliError(
+            "--role needs --cluster: name the clusters its roles apply in, or --cluster '*' for every cluster",
+            EXIT.usage,
+          );
+        const clusters = o.cluster ?? [];
         const bindings: RoleBinding[] = [...new Set(roles)].map((role) => ({
           role,
           clusters,

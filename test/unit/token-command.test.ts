@@ -97,6 +97,8 @@ describe("leasehold token create", () => {
       path,
       "--role",
       "agent",
+      "--cluster",
+      "*",
       "--worker-ids",
       "a1-*",
     ]);
@@ -151,6 +153,22 @@ describe("leasehold token create", () => {
     ]);
     expect((workerIds.error as CliError).exitCode).toBe(EXIT.usage);
     expect((workerIds.error as Error).message).toMatch(/--worker-ids needs a role that runs workers/);
+    // No cluster is never taken as every cluster: a forgotten --cluster would grant them all.
+    const noCluster = await run([
+      "token",
+      "create",
+      "--principal",
+      "x",
+      "--tokens-file",
+      path,
+      "--role",
+      "operator",
+    ]);
+    expect((noCluster.error as CliError).exitCode).toBe(EXIT.usage);
+    expect((noCluster.error as Error).message).toBe(
+      "--role needs --cluster: name the clusters its roles apply in, or --cluster '*' for every cluster",
+    );
+    expect(() => statSync(path)).toThrow();
   });
 
   it("refuse the reserved principal anonymous, and names with surrounding spaces or control characters", async () => {

@@ -161,6 +161,11 @@ export function createMetrics(
       help: "Work leases expired at their session's deadline.",
       registers: [registry],
     }),
+    selfFencedReleases: new Counter({
+      name: `${prefix}self_fenced_releases_total`,
+      help: "Work leases given back by workers that stopped the work on their self-fence (no heartbeat ack before the lease's guaranteed time ran out): work that runs again because a server or its database was out of reach, not counted as expiries.",
+      registers: [registry],
+    }),
     fencedReports: new Counter({
       name: `${prefix}fenced_reports_total`,
       help: "Worker reports rejected because their (action, epoch) was not the current lease.",

@@ -498,7 +498,11 @@ type PendingReport =
       /** Sent in place of a report the server refused as INVALID (never replaced again). */
       refused?: true;
     }
-  | { kind: "released"; reason: string }
+  | {
+      kind: "released";
+      reason: string /** Stopped by the self-fence (ReleaseReport.self_fenced). */;
+      selfFenced?: true;
+    }
   | { kind: "dropped" };
 
 const REVOKE_NAMES: Record<number, string> = {
@@ -769,7 +773,10 @@ export function createAgent(options: AgentOptions): Agent {
     const actionId = r.actionId;
     const epoch = BigInt(r.epoch);
     if (report.kind === "released") {
-      return { message: { case: "release", value: { reportId, actionId, epoch, reason: report.reason } } };
+      const selfFenced = report.selfFenced === true;
+      return {
+        message: { case: "release", value: { reportId, actionId, epoch, reason: report.reason, selfFenced } },
+      };
     }
     const traceParent = r.traceParent ?? "";
     if (report.kind === "succeeded") {
@@ -1115,7 +1122,10 @@ export function createAgent(options: AgentOptions): Agent {
     const aborted = r.controller;
     const reason = aborted.reason instanceof LeaseLost ? aborted.reason.reason : "closing";
     if (reason === "closing") return { kind: "dropped" };
-    return { kind: "released", reason: aborted.reason instanceof Error ? aborted.reason.message : reason };
+    const message = aborted.reason instanceof Error ? aborted.reason.message : reason;
+    return reason === "self_fenced"
+      ? { kind: "released", reason: message, selfFenced: true }
+      : { kind: "released", reason: message };
   }
 
   /**

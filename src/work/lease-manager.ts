@@ -41,6 +41,8 @@ export interface LeaseMetrics {
   readonly grants: { inc(n?: number): void };
   readonly expiries: { inc(n?: number): void };
   readonly fencedReports: { inc(n?: number): void };
+  /** Releases accepted that their workers made on their self-fence (ReleaseReport.self_fenced). */
+  readonly selfFencedReleases?: { inc(n?: number): void };
   readonly reports: { inc(labels: { kind: ReportKind; result: ReportResult }): void };
   readonly heartbeatAckSeconds: { observe(seconds: number): void };
   /** Worker streams this process ended to spread them over the others (lease/rebalance.ts). */
@@ -299,6 +301,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     dispatcher,
     publishActions,
     fencedReports: metrics.fencedReports,
+    ...(metrics.selfFencedReleases ? { selfFencedReleases: metrics.selfFencedReleases } : {}),
     answered: metrics.reports,
     tracing,
     debug,

@@ -51,6 +51,8 @@ export type WorkerMessage =
       readonly actionId: string;
       readonly epoch: number;
       readonly reason: string;
+      /** The worker stopped it on its self-fence (ReleaseReport.self_fenced). */
+      readonly selfFenced: boolean;
     }
   | { readonly type: "goodbye"; readonly reason: string }
   /** The worker takes no more grants on this stream (it is stopping). */

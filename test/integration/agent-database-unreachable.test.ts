@@ -1,6 +1,7 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { type AgentEvent, type AgentOptions, createAgent } from "../../src/agent/agent.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { type CuttableProxy, cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
@@ -181,6 +182,22 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
       [expect.objectContaining({ type: "connected" })],
     );
     expect(events[fence]).toMatchObject({ actionIds: [submitted.action?.id] });
+    // Once the database is back, the release it made is applied and marked as the self-fence's.
+    for (const proxy of proxies) proxy.restore();
+    const first = healthClient((servers[0] as TestServer).address);
+    cleanups.push(() => first.close());
+    while ((await first.check(WorkerService.typeName)) !== "SERVING") {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const watch = (servers[0] as TestServer).client(EventService).watchEvents({
+      actionId: submitted.action?.id ?? "",
+      kind: EventKind.LEASE_RELEASED,
+      afterSequence: 0n,
+    });
+    for await (const m of watch) {
+      expect(m.event?.details).toEqual({ self_fenced: true });
+      break;
+    }
   }, 60_000);
 });
 

@@ -1030,6 +1030,33 @@ describe("work leases", () => {
     );
   });
 
+  it("counts and marks a release the worker made on its self-fence apart from the others", async () => {
+    const a = await worker("wa", { capacity: 2 });
+    const fenced = await submit();
+    const chosen = await submit();
+    await tick().dispatch();
+    const grants = [await a.next("grant"), await a.next("grant")];
+    const grantOf = (id: string) => {
+      const g = grants.find((x) => x.actionId === id);
+      return { actionId: id, epoch: g?.epoch ?? 0n };
+    };
+    a.send({
+      message: {
+        case: "release",
+        value: { reportId: 901n, ...grantOf(fenced), reason: "no heartbeat ack in time", selfFenced: true },
+      },
+    });
+    expect(await a.next("reportResult", (r) => r.reportId === 901n)).toMatchObject({ accepted: true });
+    expect(await a.release(grantOf(chosen), "by choice")).toMatchObject({ accepted: true });
+    const released = async (id: string) =>
+      (await events(id)).filter((e) => e.kind === EventKind.LEASE_RELEASED).map((e) => e.details);
+    expect(await released(fenced)).toEqual([{ self_fenced: true }]);
+    expect(await released(chosen)).toEqual([undefined]);
+    const metrics = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/^leasehold_self_fenced_releases_total 1$/m);
+    expect(metrics).toMatch(/^leasehold_reports_total\{kind="released",result="accepted"\} 2$/m);
+  });
+
   it("applies a goodbye whose session end failed, though the worker stopped waiting for its answer", async () => {
     // The database connection is lost under the goodbye's statement, and the worker gives up on
     // the stream meanwhile (a process exiting): the goodbye is tried again, not dropped, and its

@@ -212,12 +212,18 @@ class _Report:
     details: struct_pb2.Struct | None = None
     refused: bool = False
     """Sent in place of a completion the server refused as INVALID (never replaced again)."""
+    self_fenced: bool = False
+    """A release made on the self-fence (ReleaseReport.self_fenced)."""
 
     def request(self, report_id: int, lease: _Lease) -> worker_pb2.ConnectRequest:
         """The report as a ConnectRequest."""
         if self.kind == "released":
             release = worker_pb2.ReleaseReport(
-                report_id=report_id, action_id=lease.action_id, epoch=lease.epoch, reason=self.message
+                report_id=report_id,
+                action_id=lease.action_id,
+                epoch=lease.epoch,
+                reason=self.message,
+                self_fenced=self.self_fenced,
             )
             return worker_pb2.ConnectRequest(release=release)
         completion = worker_pb2.CompletionReport(report_id=report_id, action_id=lease.action_id, epoch=lease.epoch)
@@ -233,8 +239,8 @@ class _Report:
         return worker_pb2.ConnectRequest(completion=completion)
 
 
-def _released(reason: str) -> _Report:
-    return _Report("released", message=_clip(reason, _MAX_SHORT_TEXT))
+def _released(reason: str, self_fenced: bool = False) -> _Report:
+    return _Report("released", message=_clip(reason, _MAX_SHORT_TEXT), self_fenced=self_fenced)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -1146,7 +1152,9 @@ class Agent:
         """What to report on a cancelled grant: nothing when the lease is gone, else a release."""
         if reason in _GONE:
             return None
-        return _released(_RELEASE_REASONS.get(reason, f"stopped after a revoke ({reason})"))
+        return _released(
+            _RELEASE_REASONS.get(reason, f"stopped after a revoke ({reason})"), self_fenced=reason == "self_fenced"
+        )
 
     def _cancel(self, lease: _Lease, reason: str) -> None:
         if lease.cancel_reason is not None:

@@ -1,8 +1,9 @@
 """Reports are fitted to the server's limits before they are sent (a refused one fails the action)."""
 
 import unittest
+from types import SimpleNamespace
 
-from leasehold.agent import _clip, _failed, _succeeded
+from leasehold.agent import Agent, _clip, _failed, _succeeded
 from leasehold.structs import struct_to_python
 
 
@@ -31,3 +32,13 @@ class ReportTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class SelfFenceReleaseTest(unittest.TestCase):
+    def test_only_a_release_made_on_the_self_fence_is_marked_so(self) -> None:
+        lease = SimpleNamespace(action_id="a", epoch=3)
+        fenced = Agent._after_cancel(None, "self_fenced")  # type: ignore[arg-type]
+        drained = Agent._after_cancel(None, "drained")  # type: ignore[arg-type]
+        assert fenced is not None and drained is not None
+        self.assertTrue(fenced.request(1, lease).release.self_fenced)  # type: ignore[arg-type]
+        self.assertFalse(drained.request(2, lease).release.self_fenced)  # type: ignore[arg-type]

@@ -735,6 +735,7 @@ function toWorkerMessage(request: ConnectRequest, maxHeld: number, at: string): 
           actionId: m.value.actionId,
           epoch: Number(m.value.epoch),
           reason: m.value.reason,
+          selfFenced: m.value.selfFenced,
         }
       );
     case "goodbye":

@@ -13,6 +13,8 @@ export interface FinishReport {
   readonly output?: JsonObject | undefined;
   readonly error?: ActionErrorInfo | undefined;
   readonly reason?: string | undefined;
+  /** A release the worker made on its self-fence: its event says so. */
+  readonly selfFenced?: boolean | undefined;
   /** The principal of the reporting session (whose hello opened it): the events' actor. */
   readonly actor: string;
 }
@@ -87,6 +89,7 @@ export function finishCtes(reports: readonly FinishReport[], now: SQL): SQL {
       error: r.error ?? null,
       retryable: r.error?.retryable ?? false,
       reason: r.reason ?? "",
+      self_fenced: r.selfFenced === true,
       actor: r.actor,
     })),
   );
@@ -94,7 +97,7 @@ export function finishCtes(reports: readonly FinishReport[], now: SQL): SQL {
 f_input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
           k int, action_id text, epoch bigint, session_id text, kind text,
-          output jsonb, error jsonb, retryable bool, reason text, actor text)
+          output jsonb, error jsonb, retryable bool, reason text, self_fenced bool, actor text)
         -- Always true (k is the report's index in the batch). A range on a column without
         -- statistics makes the planner expect a row instead of the 100 it assumes for any
         -- jsonb_to_recordset, which favours looking each report's action up by primary key.
@@ -103,7 +106,7 @@ f_input as (
       f_current as (
         select a.id, a.epoch, a.cluster, a.worker_id, a.session_id, a.failure_count, a.max_attempts,
                a.initial_backoff_ms, a.backoff_multiplier, a.max_backoff_ms, a.cancel_requested,
-               a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason, i.actor
+               a.attempt_count, i.k, i.kind, i.output, i.error, i.retryable, i.reason, i.self_fenced, i.actor
         -- \`state || ''\`: by primary key, not the session's partial index (see grantCtes, claim-actions.ts).
         from actions a join f_input i
           on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
@@ -143,7 +146,7 @@ f_input as (
         from f_decided d
         where a.id = d.id
         returning a.id, a.state, d.k, d.kind, d.epoch, d.cluster, d.worker_id, d.session_id, d.error, d.reason,
-                  a.not_before, d.actor
+                  d.self_fenced, a.not_before, d.actor
       ),
       f_attempts_ended as (
         update attempts t set
@@ -157,7 +160,7 @@ f_input as (
         from f_updated u where t.action_id = u.id and t.epoch = u.epoch
       ),
       f_report_events as (
-        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, actor)
+        insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, details, actor)
         select
           case
             when u.state = 'CANCELLED' then 'action_cancelled'
@@ -175,6 +178,7 @@ f_input as (
               || case when u.reason <> '' then ': ' || u.reason else '' end
             else 'attempt failed on worker ' || u.worker_id || '; retry after '
               || to_char(u.not_before at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') end,
+          case when u.self_fenced then '{"self_fenced": true}'::jsonb end,
           u.actor
         from f_updated u
       ),

@@ -79,6 +79,8 @@ export function createReports(deps: {
   hosted: HostedSessions;
   dispatcher: Dispatcher;
   fencedReports: { inc(n?: number): void };
+  /** Counts the releases accepted that their workers made on their self-fence. */
+  selfFencedReleases?: { inc(n?: number): void };
   /** Counts every report answered, by what it said and its answer. */
   answered: { inc(labels: { kind: ReportKind; result: ReportResult }): void };
   /** Wakes the watchers of these actions (and of the event feed). */
@@ -404,7 +406,7 @@ export function createReports(deps: {
     const { sessionId, principal: actor } = s;
     const report: FinishReport =
       m.type === "release"
-        ? { actionId, epoch, sessionId, actor, kind: "released", reason: m.reason }
+        ? { actionId, epoch, sessionId, actor, kind: "released", reason: m.reason, selfFenced: m.selfFenced }
         : m.outcome.kind === "succeeded"
           ? { actionId, epoch, sessionId, actor, kind: "succeeded", output: m.outcome.output }
           : {
@@ -440,6 +442,7 @@ export function createReports(deps: {
           return fenced(s, m.reportId, token, m.type);
         }
         deps.answered.inc({ kind, result: "accepted" });
+        if (m.type === "release" && m.selfFenced) deps.selfFencedReleases?.inc();
         accept(s, m.reportId, token, `action is now ${finished.state}`);
         endSpan(span, true, finished.state);
         publishActions([token.actionId]);

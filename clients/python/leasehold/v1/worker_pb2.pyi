@@ -219,16 +219,18 @@ class ProgressReport(_message.Message):
     def __init__(self, report_id: _Optional[int] = ..., action_id: _Optional[str] = ..., epoch: _Optional[int] = ..., phase: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., checkpoint: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ReleaseReport(_message.Message):
-    __slots__ = ["action_id", "epoch", "reason", "report_id"]
+    __slots__ = ["action_id", "epoch", "reason", "report_id", "self_fenced"]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    SELF_FENCED_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     epoch: int
     reason: str
     report_id: int
-    def __init__(self, report_id: _Optional[int] = ..., action_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    self_fenced: bool
+    def __init__(self, report_id: _Optional[int] = ..., action_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ..., self_fenced: bool = ...) -> None: ...
 
 class ReportResult(_message.Message):
     __slots__ = ["accepted", "action_id", "epoch", "message", "reject_reason", "report_id"]

@@ -72,3 +72,15 @@ func TestStartRefusesNamesTheServerWouldRefuseInEveryHello(t *testing.T) {
 		t.Errorf("good names refused: %s", problem)
 	}
 }
+
+func TestOnlyAReleaseMadeOnTheSelfFenceIsMarkedSo(t *testing.T) {
+	l := Lease{ActionID: "a", Epoch: 3}
+	fenced := reportMessage(1, l, afterLoss(&LeaseLost{Reason: "self_fenced", Message: "no ack"}))
+	drained := reportMessage(2, l, afterLoss(&LeaseLost{Reason: "drained", Message: "drained"}))
+	if !fenced.GetRelease().GetSelfFenced() {
+		t.Errorf("a self-fence's release: want self_fenced, got %v", fenced)
+	}
+	if drained.GetRelease().GetSelfFenced() {
+		t.Errorf("a drain's release: want no self_fenced, got %v", drained)
+	}
+}

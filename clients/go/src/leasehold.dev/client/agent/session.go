@@ -57,6 +57,8 @@ type report struct {
 	// refused: sent in place of a completion the server refused as INVALID
 	// (never replaced again).
 	refused bool
+	// selfFenced: a release made on the self-fence (ReleaseReport.self_fenced).
+	selfFenced bool
 }
 
 var revokeReasons = map[leaseholdv1.RevokeReason]string{
@@ -629,7 +631,7 @@ func afterLoss(l *LeaseLost) *report {
 	if l.gone() {
 		return nil
 	}
-	return &report{outcome: Released, reason: l.Message}
+	return &report{outcome: Released, reason: l.Message, selfFenced: l.Reason == "self_fenced"}
 }
 
 // abort cancels a grant's handler (or gives back one still waiting).
@@ -707,7 +709,7 @@ func reportMessage(id uint64, l Lease, rep *report) *leaseholdv1.ConnectRequest 
 	switch rep.outcome {
 	case Released:
 		return &leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_Release{Release: &leaseholdv1.ReleaseReport{
-			ReportId: id, ActionId: l.ActionID, Epoch: l.Epoch, Reason: rep.reason}}}
+			ReportId: id, ActionId: l.ActionID, Epoch: l.Epoch, Reason: rep.reason, SelfFenced: rep.selfFenced}}}
 	case Succeeded:
 		return &leaseholdv1.ConnectRequest{Message: &leaseholdv1.ConnectRequest_Completion{Completion: &leaseholdv1.CompletionReport{
 			ReportId: id, ActionId: l.ActionID, Epoch: l.Epoch,

@@ -497,6 +497,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       clock,
       feed,
       submitted: metrics.submitted,
+      hostedGrants: () => ({ serverId, grantsStopped: manager.grantsStopped() }),
       onCancelRequested: (action) => {
         if (action.sessionId) {
           manager.revoke(

@@ -377,6 +377,10 @@ export function actionCommands(): Command {
           printTable(ACTION_HEADERS, [row]);
         }
         if (a?.createdBy) printLine(`created by: ${a.createdBy}`);
+        // The labels a worker must carry to be granted it: `action explain` tells which workers lack them.
+        const required = Object.entries(a?.labelSelector ?? {}).sort(([x], [y]) => (x < y ? -1 : 1));
+        if (required.length > 0)
+          printLine(`requires labels: ${required.map(([k, v]) => `${k}=${v}`).join(", ")}`);
         if (a?.failureReason) printLine(`reason: ${a.failureReason}`);
         if (a?.phase) printLine(`phase: ${phaseText(a)}`);
         if (a?.output) printLine(`output: ${compact(a.output, 2000)}`);
@@ -419,7 +423,8 @@ export function actionCommands(): Command {
     .command("explain")
     .description(
       "Explain an action's lease history as one timeline: submission, grants (worker, epoch), heartbeats, " +
-        "lost streams and grace deadlines, expiries and why, revokes, fenced reports, the accepted completion.",
+        "lost streams and grace deadlines, expiries and why, revokes, fenced reports, the accepted completion; " +
+        "for a queued action, last, why no worker has it now.",
     )
     .argument("<action-id>")
     .action(async (id: string, _o: unknown, command: Command) =>

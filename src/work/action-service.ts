@@ -12,6 +12,7 @@ import type { Db } from "../store/database.js";
 import { uuidv7 } from "../store/ids.js";
 import { readActionHistory } from "../store/queries/explain-action.js";
 import { insertActions, insertActionsAtomically } from "../store/queries/insert-actions.js";
+import type { HostedGrantState } from "../store/queries/queued-placement.js";
 import {
   type ActionFilter,
   type ActionRecord,
@@ -83,7 +84,10 @@ export interface ActionService extends AsyncDisposable {
   cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
   /** The action now, then after every change; ends after a terminal state. */
   watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
-  /** The action's lease history as one timeline (at most {@link EXPLAIN_EVENTS} of its events). */
+  /**
+   * The action's lease history as one timeline (at most {@link EXPLAIN_EVENTS}
+   * of its events); a queued action's ends with why it is not granted now.
+   */
   explain(id: string): Promise<Explanation>;
   /** Flushes pending submits. */
   close(): Promise<void>;
@@ -99,6 +103,12 @@ export interface ActionServiceDeps {
   readonly onCancelRequested?: (action: ActionRecord) => void;
   /** Counts submissions: created, or an earlier action answered for a repeated request id. */
   readonly submitted?: { inc(labels: { result: "created" | "existing" }, n?: number): void };
+  /**
+   * What this process's hosted streams do that the database does not hold
+   * (a worker that stopped taking grants), for explaining a queued action.
+   * Without it, every session counts as hosted here and none as stopped.
+   */
+  readonly hostedGrants?: () => HostedGrantState;
 }
 
 export function createActionService({
@@ -107,6 +117,7 @@ export function createActionService({
   feed,
   onCancelRequested,
   submitted,
+  hostedGrants,
 }: ActionServiceDeps): ActionService {
   // Submits are group-committed: concurrent calls share one insert statement.
   const submits = createBatcher<{ action: NewAction; actor: string }, ActionRecord | undefined>(
@@ -187,7 +198,7 @@ export function createActionService({
   }
 
   async function explain(id: string): Promise<Explanation> {
-    const history = await readActionHistory(db, id, EXPLAIN_EVENTS);
+    const history = await readActionHistory(db, id, EXPLAIN_EVENTS, hostedGrants?.());
     if (!history) throw notFound(id);
     return explainHistory(history);
   }

@@ -1,4 +1,5 @@
 import type { ActionHistory, HoldingSession } from "../store/queries/explain-action.js";
+import type { Placement } from "../store/queries/queued-placement.js";
 import type { ActionRecord, AttemptRecord } from "./action.js";
 import type { EventRecord } from "./event.js";
 
@@ -58,6 +59,8 @@ export function explainHistory(history: ActionHistory): Explanation {
     const at = attempt.endedAt ? steps.findIndex((s, i) => i > granted && s.at >= heartbeats.at) : -1;
     steps.splice(at === -1 ? steps.length : at, 0, heartbeats);
   }
+  // A queued action's last step is how it is now: why no worker was granted it.
+  if (history.placement) steps.push(queuedStep(history.action, history.placement, now));
   return { action: history.action, attempts, timeline: steps, truncated: history.truncated };
 }
 
@@ -214,4 +217,117 @@ function expiryCause(
     return `${holder} ${lost} and a new process of the worker connected at ${iso(e.at)}, ending the session instead of resuming it`;
   }
   return `${holder} ${lost} and did not come back before its deadline ${iso(session.deadline)}`;
+}
+
+/** Selector labels a sentence names before "and N more"; their values are cut to {@link LABEL_CHARS}. */
+const LABELS_SHOWN = 4;
+const LABEL_CHARS = 64;
+
+const cut = (text: string) => (text.length > LABEL_CHARS ? `${text.slice(0, LABEL_CHARS)}…` : text);
+const pair = (key: string, value: string) => `${cut(key)}=${cut(value)}`;
+/** "a, b and c". */
+const and = (items: readonly string[]) =>
+  items.length <= 1 ? (items[0] ?? "") : `${items.slice(0, -1).join(", ")} and ${items.at(-1)}`;
+/** At most `max` of `items`, then "and N more". */
+const some = (items: readonly string[], max: number) =>
+  items.length <= max ? and(items) : `${items.slice(0, max).join(", ")} and ${items.length - max} more`;
+const plural = (n: number, one: string, many: string) => (n === 1 ? one : many);
+
+/** The selector as "gpu=yes, zone=b", by key, at most {@link LABELS_SHOWN} of them. */
+function labelsText(selector: Readonly<Record<string, string>>): string {
+  const pairs = Object.keys(selector)
+    .sort()
+    .map((k) => pair(k, selector[k] ?? ""));
+  const shown = pairs.slice(0, LABELS_SHOWN).join(", ");
+  return pairs.length > LABELS_SHOWN ? `${shown} and ${pairs.length - LABELS_SHOWN} more` : shown;
+}
+
+/**
+ * The step that ends a queued action's timeline: why it is not granted now,
+ * from where it could go (`placement`, read with the history) and its retry
+ * backoff. Bounded: counts, and at most three workers by name.
+ */
+export function queuedStep(action: ActionRecord, placement: Placement, now: Date): TimelineStep {
+  const backoff =
+    action.notBefore > now
+      ? `its retry backoff lasts until ${iso(action.notBefore)} (${seconds(now, action.notBefore)} from now)`
+      : undefined;
+  const where = placementText(action, placement, backoff !== undefined);
+  return { at: now, epoch: 0, summary: `not granted now: ${backoff ? `${backoff}; then ${where}` : where}` };
+}
+
+/** Why no worker of the action's cluster takes it now, or which ones are free to. */
+function placementText(action: ActionRecord, p: Placement, waiting: boolean): string {
+  const cluster = `cluster ${action.cluster}`;
+  if (p.connected === 0) {
+    const grace =
+      p.inGrace > 0
+        ? ` (${p.inGrace} lost ${plural(p.inGrace, "its stream and gets", "their streams and get")} no grants until ${plural(p.inGrace, "it reconnects", "they reconnect")})`
+        : "";
+    return `no worker of ${cluster} is connected${grace}`;
+  }
+  const selector = action.labelSelector;
+  const required = labelsText(selector);
+  const { draining, stopped, busy, free } = p.fit;
+  const fitting = (draining?.n ?? 0) + (stopped?.n ?? 0) + (busy?.n ?? 0) + (free?.n ?? 0);
+  if (fitting === 0) return noneFits(p, cluster, selector, required);
+
+  const who =
+    Object.keys(selector).length === 0
+      ? `${p.connected} connected ${plural(p.connected, "worker", "workers")} of ${cluster}`
+      : `${fitting} connected ${plural(fitting, "worker", "workers")} of ${cluster} ${plural(fitting, "carries", "carry")} its labels (${required})`;
+  if (free) {
+    const names = p.free.map(
+      (f) => `worker ${f.workerId} (${f.freeSlots} free ${plural(f.freeSlots, "slot", "slots")})`,
+    );
+    const listed =
+      free.n > names.length ? `${names.join(", ")} and ${free.n - names.length} more` : and(names);
+    const here = p.free.some((f) => f.hostedHere);
+    const due = waiting
+      ? "it goes to one of them once its backoff ends"
+      : here
+        ? "a grant is due at the next claim"
+        : // Whether a worker hosted elsewhere stopped taking grants is known to its server only.
+          "a grant is due at their server's next claim, unless they stopped taking grants (which only their server knows)";
+    return `${who}; with a free slot: ${listed}; ${due}`;
+  }
+  const kinds = [
+    draining && (draining.n === 1 ? `worker ${draining.first} is draining` : `${draining.n} are draining`),
+    stopped &&
+      (stopped.n === 1
+        ? `worker ${stopped.first} has stopped taking grants`
+        : `${stopped.n} have stopped taking grants`),
+    busy &&
+      (busy.n === 1 ? `worker ${busy.first} has all its slots busy` : `${busy.n} have all their slots busy`),
+  ].filter((k): k is string => typeof k === "string");
+  const then = busy
+    ? "it waits its turn for a free slot"
+    : "it waits for a worker that can take it to connect";
+  return `${who}: ${and(kinds)}; ${then}`;
+}
+
+/** Why none of the connected workers carries the selector: labels no one carries, or the nearest misses. */
+function noneFits(
+  p: Placement,
+  cluster: string,
+  selector: Readonly<Record<string, string>>,
+  required: string,
+): string {
+  const head =
+    p.connected === 1
+      ? `the one connected worker of ${cluster} does not carry the labels it requires (${required})`
+      : `none of the ${p.connected} connected workers of ${cluster} carries the labels it requires (${required})`;
+  const missing = p.carried.filter((c) => c.workers === 0).map((c) => pair(c.key, c.value));
+  if (missing.length > 0 && p.connected > 1) return `${head}: none carries ${some(missing, LABELS_SHOWN)}`;
+  const near = p.closest.map(({ workerId, labels }) => {
+    const lacks = Object.keys(selector)
+      .sort()
+      .filter((k) => labels[k] !== selector[k])
+      .map((k) => {
+        const has = labels[k];
+        return `${pair(k, selector[k] ?? "")} (${has === undefined ? `has no ${cut(k)}` : `has ${pair(k, has)}`})`;
+      });
+    return `worker ${workerId} lacks ${some(lacks, 2)}`;
+  });
+  return `${head}${p.connected === 1 ? ": " : "; closest: "}${near.join("; ")}`;
 }

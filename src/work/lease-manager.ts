@@ -220,6 +220,11 @@ export interface LeaseManager extends AsyncDisposable {
     settled(): Promise<void>;
   };
   stats(): HostedStats;
+  /**
+   * The hosted sessions whose worker takes no more grants (StopGrants, or
+   * Hello.stop_grants): held by the stream only, not in the database.
+   */
+  grantsStopped(): string[];
 }
 
 const HOUR_MS = 3_600_000;
@@ -755,6 +760,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         if (s.heldBack) streamsHeldBack++;
       }
       return { connectedWorkers: hosted.size, leasesHeld, streamsHeldBack };
+    },
+    grantsStopped() {
+      const ids: string[] = [];
+      for (const s of hosted.values()) if (s.grantsStopped && !s.ended) ids.push(s.sessionId);
+      return ids;
     },
   };
 }

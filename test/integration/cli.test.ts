@@ -65,6 +65,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     expect(JSON.parse(got.stdout)).toEqual(toJson(GetActionResponseSchema, fromServer));
     const human = await cli([...server, "action", "get", action.id]);
     expect(human.stdout).toMatch(new RegExp(`^ID\\s+STATE.*\\n${action.id}\\s+QUEUED\\s+cli`));
+    expect(human.stdout).toMatch(/^requires labels: disk=ssd, gpu=yes$/m);
   });
 
   it("says when a listing stops at --limit with more left, and shows the newest events with --newest", async () => {

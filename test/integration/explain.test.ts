@@ -3,6 +3,7 @@ import { promisify } from "node:util";
 import { status as Code } from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vitest";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { BIN } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
@@ -225,7 +226,117 @@ describe("ExplainAction", () => {
     await waitForEvent(t, "explain-other", EventKind.REPORT_FENCED);
     other.goodbye();
     const explained = await api.explainAction({ actionId: id });
-    expect(explained.timeline.map((s) => s.event?.kind)).toEqual([EventKind.ACTION_SUBMITTED]);
+    // The last step, of no event, says why the action is still queued.
+    expect(explained.timeline.map((s) => s.event?.kind)).toEqual([EventKind.ACTION_SUBMITTED, undefined]);
+  });
+
+  /** The last step of a queued action's explanation: why it is not granted now. */
+  async function whyQueued(actionId: string): Promise<string> {
+    const explained = await t.client(ActionService).explainAction({ actionId });
+    expect(explained.action?.state).toBe(ActionState.QUEUED);
+    const last = explained.timeline.at(-1);
+    expect(last?.epoch).toBe(0n);
+    expect(last?.event).toBeUndefined();
+    return last?.summary ?? "";
+  }
+
+  /** A worker of `cluster` that stays connected until the test ends (it heartbeats `held`). */
+  async function connected(
+    workerId: string,
+    cluster: string,
+    hello: { capacity?: number; labels?: Record<string, string>; stopGrants?: boolean } = {},
+    held: { actionId: string; epoch: bigint }[] = [],
+  ): Promise<TestWorker> {
+    const w = await connectWorker(t.address, { workerId, cluster, capacity: 1, ...hello });
+    keepAlive(w, held);
+    onTestFinished(() => w.goodbye());
+    return w;
+  }
+
+  it("tells why a queued action waits when no worker of its cluster is connected, or only one in grace", async () => {
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "explain-empty" });
+    const id = action?.id ?? "";
+    expect(await whyQueued(id)).toBe("not granted now: no worker of cluster explain-empty is connected");
+    // A worker that lost its stream keeps its session until its deadline, but takes no grant meanwhile.
+    const gone = await connectWorker(t.address, {
+      workerId: "explain-gone",
+      cluster: "explain-empty",
+      capacity: 1,
+      labels: { gpu: "no" },
+    });
+    const { action: picky } = await api.submitAction({
+      cluster: "explain-empty",
+      labelSelector: { gpu: "yes" },
+    });
+    gone.drop();
+    await waitForEvent(t, "explain-gone", EventKind.STREAM_LOST);
+    expect(await whyQueued(picky?.id ?? "")).toBe(
+      "not granted now: no worker of cluster explain-empty is connected (1 lost its stream and gets no grants until it reconnects)",
+    );
+  });
+
+  it("tells which labels a queued action requires that the connected workers lack", async () => {
+    const api = t.client(ActionService);
+    await connected("explain-l1", "explain-labels", { labels: { gpu: "no", zone: "b" } });
+    const submit = async (labelSelector: Record<string, string>) =>
+      (await api.submitAction({ cluster: "explain-labels", labelSelector })).action?.id ?? "";
+    // One worker: what it lacks, and what it has instead.
+    expect(await whyQueued(await submit({ gpu: "yes" }))).toBe(
+      "not granted now: the one connected worker of cluster explain-labels does not carry the labels it requires (gpu=yes): worker explain-l1 lacks gpu=yes (has gpu=no)",
+    );
+    await connected("explain-l2", "explain-labels", { labels: { zone: "b" } });
+    await connected("explain-l3", "explain-labels", { labels: { zone: "c" } });
+    // A label no connected worker carries is the reason.
+    expect(await whyQueued(await submit({ gpu: "yes", zone: "b" }))).toBe(
+      "not granted now: none of the 3 connected workers of cluster explain-labels carries the labels it requires (gpu=yes, zone=b): none carries gpu=yes",
+    );
+    // Each label is carried by some worker, none carries both: the closest ones, and what each lacks.
+    expect(await whyQueued(await submit({ gpu: "no", zone: "c" }))).toBe(
+      "not granted now: none of the 3 connected workers of cluster explain-labels carries the labels it requires (gpu=no, zone=c); closest: " +
+        "worker explain-l1 lacks zone=c (has zone=b); worker explain-l3 lacks gpu=no (has no gpu); " +
+        "worker explain-l2 lacks gpu=no (has no gpu) and zone=c (has zone=b)",
+    );
+  });
+
+  it("tells that every connected worker that could take a queued action is draining or stopped taking grants", async () => {
+    const api = t.client(ActionService);
+    await connected("explain-drained", "explain-drain");
+    await t.client(ClusterService).drainWorker({ workerId: "explain-drained", reason: "maintenance" });
+    const { action } = await api.submitAction({ cluster: "explain-drain" });
+    const id = action?.id ?? "";
+    const waits = "it waits for a worker that can take it to connect";
+    expect(await whyQueued(id)).toBe(
+      `not granted now: 1 connected worker of cluster explain-drain: worker explain-drained is draining; ${waits}`,
+    );
+    // A worker that says it takes no grants from its hello on (an agent reconnecting while it closes).
+    await connected("explain-stopping", "explain-drain", { capacity: 2, stopGrants: true });
+    expect(await whyQueued(id)).toBe(
+      `not granted now: 2 connected workers of cluster explain-drain: worker explain-drained is draining and worker explain-stopping has stopped taking grants; ${waits}`,
+    );
+  });
+
+  it("tells that a queued action waits its turn while every worker that carries its labels is busy", async () => {
+    const api = t.client(ActionService);
+    const held: { actionId: string; epoch: bigint }[] = [];
+    const busy = await connected("explain-busy", "explain-full", { labels: { gpu: "yes" } }, held);
+    await connected("explain-cpu", "explain-full", { labels: { gpu: "no" } });
+    const { action: first } = await api.submitAction({
+      cluster: "explain-full",
+      labelSelector: { gpu: "yes" },
+    });
+    const grant = await busy.next("grant", (g) => g.actionId === first?.id);
+    held.push({ actionId: grant.actionId, epoch: grant.epoch });
+    const { action } = await api.submitAction({ cluster: "explain-full", labelSelector: { gpu: "yes" } });
+    expect(await whyQueued(action?.id ?? "")).toBe(
+      "not granted now: 1 connected worker of cluster explain-full carries its labels (gpu=yes): worker explain-busy has all its slots busy; it waits its turn for a free slot",
+    );
+    // Granted once the slot frees: the explanation was about now, and the step is gone.
+    await busy.complete(grant, { output: {} });
+    const next = await busy.next("grant", (g) => g.actionId === action?.id);
+    held.splice(0, 1, { actionId: next.actionId, epoch: next.epoch });
+    const explained = await api.explainAction({ actionId: action?.id ?? "" });
+    expect(explained.timeline.at(-1)?.summary).not.toMatch(/^not granted now/);
   });
 
   it("answers NOT_FOUND for an unknown action and INVALID_ARGUMENT without an id", async () => {
@@ -274,5 +385,22 @@ describe("ExplainAction", () => {
     ]).catch((e) => e);
     expect(missing.code).toBe(4);
     w.goodbye();
+
+    // A queued action's explanation ends with why it is not granted now.
+    const { action: queued } = await api.submitAction({
+      cluster: "explain-3",
+      labelSelector: { gpu: "yes" },
+    });
+    const waiting = await run(process.execPath, [
+      BIN,
+      "--server",
+      t.address,
+      "action",
+      "explain",
+      queued?.id ?? "",
+    ]);
+    expect(waiting.stdout.trim().split("\n").at(-1)).toMatch(
+      /^\S+Z\s+-\s+not granted now: no worker of cluster explain-3 is connected$/,
+    );
   });
 });

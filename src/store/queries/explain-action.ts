@@ -6,6 +6,7 @@ import type { Db } from "../database.js";
 import { type EventRow, eventFromRow } from "../events.js";
 import { queryRows, toDate, toDateOrNull } from "../rows.js";
 import { PARTITION_EVENT_KINDS, SESSION_EVENT_KINDS } from "../schema.js";
+import { type HostedGrantState, type Placement, readPlacement } from "./queued-placement.js";
 
 /** The session that held an attempt, as its row is now. */
 export interface HoldingSession {
@@ -31,6 +32,8 @@ export interface ActionHistory {
   readonly truncated: boolean;
   /** The database's clock when it was read. */
   readonly now: Date;
+  /** Where the action could go now, read in the same snapshot: only while it is QUEUED. */
+  readonly placement?: Placement;
 }
 
 const list = (kinds: readonly string[]) => sql.raw(`(${kinds.map((k) => `'${k}'`).join(", ")})`);
@@ -40,12 +43,15 @@ const list = (kinds: readonly string[]) => sql.raw(`(${kinds.map((k) => `'${k}'`
  * undefined if the action is unknown. Every part is an index range: the
  * action's events (`events_action_idx`), each holding session's events within
  * its attempt (`events_session_idx`, partial), and the cluster's partition
- * events within the leased span (`events_partition_idx`, partial).
+ * events within the leased span (`events_partition_idx`, partial). A queued
+ * action also gets its {@link Placement} (`readPlacement`), judged with what
+ * `hosted` says of the calling process's streams.
  */
 export async function readActionHistory(
   db: Db,
   actionId: string,
   limit: number,
+  hosted?: HostedGrantState,
 ): Promise<ActionHistory | undefined> {
   return db.transaction(
     async (tx) => {
@@ -104,6 +110,10 @@ export async function readActionHistory(
             order by sequence
             limit ${limit + 1}`,
       );
+      const placement =
+        action.state === "QUEUED"
+          ? await readPlacement(t, action.cluster, action.labelSelector, hosted)
+          : undefined;
       return {
         action,
         attempts: attemptRows.map((r) => ({
@@ -122,6 +132,7 @@ export async function readActionHistory(
         events: eventRows.slice(0, limit).map(eventFromRow),
         truncated: eventRows.length > limit,
         now,
+        ...(placement && { placement }),
       };
     },
     { isolationLevel: "repeatable read", accessMode: "read only" },

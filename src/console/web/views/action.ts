@@ -153,8 +153,10 @@ function step(s: TimelineStep): HTMLLIElement {
     { "data-epoch": String(s.epoch), "data-kind": kind },
     clock(toMs(s.time)),
     h("span", { class: "epoch-tag" }, s.epoch > 0n ? `epoch ${s.epoch}` : ""),
+    // A step of no event is an attempt's heartbeat summary (its epoch), or a queued action's
+    // last step, epoch 0: why it is not granted now.
     kind === ""
-      ? h("span", { class: "kind" }, muted("session"))
+      ? h("span", { class: "kind" }, muted(s.epoch > 0n ? "session" : "now"))
       : h("span", { class: "kind" }, badge(kind, kindLabel(kind))),
     h("span", { class: "step-summary" }, s.summary),
   );

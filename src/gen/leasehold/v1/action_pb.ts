@@ -632,7 +632,11 @@ export type ExplainActionResponse = Message<"leasehold.v1.ExplainActionResponse"
 
   /**
    * What happened to the action, oldest first; a running attempt's heartbeat
-   * summary (how it is now) comes last.
+   * summary (how it is now) comes last, and for a QUEUED action a step
+   * stamped with the time of the call saying why no worker has it now (no
+   * worker of its cluster connected, none carrying its labels, every match
+   * draining, stopped or busy, or its retry backoff), read from the live
+   * sessions at that moment.
    *
    * @generated from field: repeated leasehold.v1.TimelineStep timeline = 3;
    */
@@ -757,7 +761,8 @@ export type TimelineStep = Message<"leasehold.v1.TimelineStep"> & {
 
   /**
    * The logged event the step shows; unset for steps made from an attempt's
-   * session (the summary of its heartbeats).
+   * session (the summary of its heartbeats) and for a queued action's last
+   * step (why it is not granted now).
    *
    * @generated from field: leasehold.v1.Event event = 4;
    */

@@ -1223,7 +1223,11 @@ type ExplainActionResponse struct {
 	// Its attempts, oldest first, each with what its session went through.
 	Attempts []*ExplainedAttempt `protobuf:"bytes,2,rep,name=attempts,proto3" json:"attempts,omitempty"`
 	// What happened to the action, oldest first; a running attempt's heartbeat
-	// summary (how it is now) comes last.
+	// summary (how it is now) comes last, and for a QUEUED action a step
+	// stamped with the time of the call saying why no worker has it now (no
+	// worker of its cluster connected, none carrying its labels, every match
+	// draining, stopped or busy, or its retry backoff), read from the live
+	// sessions at that moment.
 	Timeline []*TimelineStep `protobuf:"bytes,3,rep,name=timeline,proto3" json:"timeline,omitempty"`
 	// More than 1000 events concern the action (a worker that kept sending
 	// fenced reports, say): `timeline` is made of the first 1000 of them (and
@@ -1417,7 +1421,8 @@ type TimelineStep struct {
 	// What happened, in one sentence: who, which epoch, and why.
 	Summary string `protobuf:"bytes,3,opt,name=summary,proto3" json:"summary,omitempty"`
 	// The logged event the step shows; unset for steps made from an attempt's
-	// session (the summary of its heartbeats).
+	// session (the summary of its heartbeats) and for a queued action's last
+	// step (why it is not granted now).
 	Event *Event `protobuf:"bytes,4,opt,name=event,proto3" json:"event,omitempty"`
 }
 

@@ -54,8 +54,8 @@ export interface ServerConfig {
   readonly partitionShare: number;
   /**
    * How often each process looks for what no notification told it: queued
-   * actions (retry backoffs ending), and revokes, drains and lease ends whose
-   * notice from another process was lost. Default 1 s.
+   * actions (retry backoffs ending), and revokes, drains, undrains and lease
+   * ends whose notice from another process was lost. Default 1 s.
    */
   readonly dispatchPollMs: number;
   /** host:port of the Prometheus `/metrics` endpoint, or undefined when off. Default `127.0.0.1:9464`. */

@@ -237,6 +237,13 @@ export type AgentEvent =
    * a takeover, 1–2 s after a first refusal, doubling to 15–30 s.
    */
   | { type: "taken_over"; retryInMs: number }
+  /**
+   * An operator drains this worker (ClusterService.DrainWorker): the server
+   * sends it no more grants while the drain lasts. The agent carries on as
+   * before, connected, finishing what it holds; it takes grants again when
+   * the server sends them, after an undrain (`leasehold workers undrain`),
+   * which no event announces: the next `grant` is the sign.
+   */
   | { type: "drain"; reason: string }
   /**
    * What the heartbeat acks of the server at `address` say about its database

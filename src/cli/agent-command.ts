@@ -389,7 +389,8 @@ function describe(e: AgentEvent): string {
     case "self_fenced":
       return `self-fenced: no heartbeat ack in time; stopped ${e.actionIds.join(", ")}`;
     case "drain":
-      return `asked to drain: ${e.reason}`;
+      // The agent stays connected and idle: say what ends that, since nothing here does.
+      return `asked to drain: ${e.reason} (held actions finish; no new work until \`leasehold workers undrain\` or a restart of this agent)`;
     case "server_database":
       return e.reachable
         ? `server ${e.address} reaches its database again`

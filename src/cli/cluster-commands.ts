@@ -3,6 +3,7 @@ import {
   ClusterHealth,
   ClusterSchema,
   ClusterService,
+  UndrainWorkerResponseSchema,
   WorkerSchema,
   WorkerState,
 } from "../gen/leasehold/v1/cluster_pb.js";
@@ -36,9 +37,9 @@ const inGrace = (n: number) =>
     ? "1 worker without a stream is reaped at its deadline"
     : `${n} workers without a stream are reaped at their deadline`;
 
-/** `leasehold workers …`: list and drain. */
+/** `leasehold workers …`: list, drain and undrain. */
 export function workerCommands(): Command {
-  const workers = new Command("workers").description("Show and drain workers.");
+  const workers = new Command("workers").description("Show workers, drain them and end their drains.");
   workers
     .command("list")
     .description("List workers (by id) with their session, state, deadline and held leases.")
@@ -86,7 +87,11 @@ export function workerCommands(): Command {
     );
   workers
     .command("drain")
-    .description("Stop new grants to a worker and ask it to finish what it holds.")
+    .description(
+      "Stop new grants to a worker and ask it to finish what it holds. The drain lasts until " +
+        "`leasehold workers undrain` or the end of the worker's session (a goodbye, or reaped): the reference " +
+        "agent stays connected and idle meanwhile, and takes work again after an undrain, or once restarted.",
+    )
     .argument("<worker-id>")
     .option("--reason <text>", "why, sent to the worker")
     .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
@@ -94,7 +99,30 @@ export function workerCommands(): Command {
         const { worker } = await api.drainWorker({ workerId, reason: o.reason ?? "" });
         if (json) printJson({ worker: worker && messageJson(WorkerSchema, worker) });
         else
-          printLine(`${workerId} is draining (${count(worker?.heldLeases.length ?? 0, "lease")} still held)`);
+          printLine(
+            `${workerId} is draining (${count(worker?.heldLeases.length ?? 0, "lease")} still held); ` +
+              `\`leasehold workers undrain ${workerId}\` ends the drain`,
+          );
+      }),
+    );
+  workers
+    .command("undrain")
+    .description(
+      "End a worker's drain: its session is granted work again at once. A worker that is not draining is " +
+        "left as it is. A worker that stopped taking grants itself (an agent closing) stays stopped.",
+    )
+    .argument("<worker-id>")
+    .option("--reason <text>", "why, recorded in the event")
+    .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
+      withClient(command, async (api, json) => {
+        const response = await api.undrainWorker({ workerId, reason: o.reason ?? "" });
+        if (json) printJson(messageJson(UndrainWorkerResponseSchema, response));
+        else
+          printLine(
+            response.drainEnded
+              ? `${workerId} is no longer draining: it is granted work again`
+              : `${workerId} was not draining: nothing changed`,
+          );
       }),
     );
   return workers;

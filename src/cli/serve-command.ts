@@ -102,7 +102,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--dispatch-poll <duration>",
-        "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains and lease ends another process's lost notice carried; at least 100ms",
+        "how often to look for what no notification told this process: queued actions (retry backoffs), and revokes, drains, undrains and lease ends another process's lost notice carried; at least 100ms",
       )
         .env("LEASEHOLD_DISPATCH_POLL")
         .default(DEFAULTS.dispatchPoll),

@@ -104,6 +104,7 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   // ClusterService
   "leasehold.v1.ListWorkersRequest.page_token": { maxLength: TEXT },
   "leasehold.v1.DrainWorkerRequest.reason": { maxLength: TEXT },
+  "leasehold.v1.UndrainWorkerRequest.reason": { maxLength: TEXT },
   "leasehold.v1.ResumeExpiriesRequest.reason": { maxLength: TEXT },
   // EventService
   "leasehold.v1.ListEventsRequest.page_token": { maxLength: TEXT },

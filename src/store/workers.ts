@@ -90,7 +90,9 @@ export async function listWorkers(
   const rows = await queryRows<WorkerRow>(
     db,
     sql`
-      select w.worker_id, w.cluster, w.capacity, w.labels, w.agent_version, w.draining, w.last_seen_at,
+      select w.worker_id, w.cluster, w.capacity, w.labels, w.agent_version, w.last_seen_at,
+             -- The flag stays set when the drained session ends (the next hello clears it): only a live session drains.
+             w.draining and s.id is not null as draining,
              s.id as session_id, s.started_at, s.deadline, s.stream_lost_at, s.server_id, s.last_heard_at,
              (select jsonb_agg(jsonb_build_object('id', a.id, 'epoch', a.epoch) order by a.id)
                 from actions a where a.session_id = s.id and a.state = 'LEASED') as held
@@ -115,29 +117,65 @@ export async function setWorkerDraining(
   reason: string,
   actor: string,
 ): Promise<"draining" | "no session" | "not found"> {
-  const [row] = await queryRows<{ live: boolean; drained: boolean }>(
+  const row = await changeDrain(db, workerId, true, reason, actor);
+  if (!row) return "not found";
+  return row.changed ? "draining" : "no session";
+}
+
+/**
+ * Ends a worker's drain (ClusterService.UndrainWorker) and records the event,
+ * with `actor` as who asked. As for a drain, only a worker with a live
+ * session: without one there is no drain to end ("no session"; the next
+ * session is granted work anyway). A worker with a live session that is not
+ * draining is left alone, without an event ("not draining").
+ */
+export async function setWorkerUndrained(
+  db: Db,
+  workerId: string,
+  reason: string,
+  actor: string,
+): Promise<"undrained" | "not draining" | "no session" | "not found"> {
+  const row = await changeDrain(db, workerId, false, reason, actor);
+  if (!row) return "not found";
+  if (row.changed) return "undrained";
+  return row.live ? "not draining" : "no session";
+}
+
+/**
+ * One statement for both: sets the flag while the worker has a live session
+ * (an undrain only while it drains: no event for nothing) and records the
+ * event of what changed. Undefined when the worker is unknown.
+ */
+async function changeDrain(
+  db: Db,
+  workerId: string,
+  drain: boolean,
+  reason: string,
+  actor: string,
+): Promise<{ live: boolean; changed: boolean } | undefined> {
+  const [row] = await queryRows<{ live: boolean; changed: boolean }>(
     db,
     sql`
       with live as (
         select exists (select 1 from sessions where worker_id = ${workerId} and ended_at is null) as live
       ),
-      drained as (
-        update workers set draining = true, drain_reason = ${reason}
-        where worker_id = ${workerId} and (select live from live)
+      changed as (
+        update workers set draining = ${drain}, drain_reason = ${drain ? reason : ""}
+        where worker_id = ${workerId} and (select live from live) ${drain ? sql`` : sql`and draining`}
         returning worker_id, cluster
       ),
       event as (
         insert into events (kind, worker_id, cluster, message, actor)
-        select 'worker_draining', worker_id, cluster,
-          'worker ' || worker_id || ' is draining' || case when ${reason} <> '' then ': ' || ${reason} else '' end,
+        select ${drain ? "worker_draining" : "worker_undrained"}, worker_id, cluster,
+          'worker ' || worker_id || ${drain ? " is draining" : " is no longer draining"}
+            || case when ${reason} <> '' then ': ' || ${reason} else '' end,
           ${actor}
-        from drained
+        from changed
       )
-      select (select live from live) as live, exists (select 1 from drained) as drained
+      select (select live from live) as live, exists (select 1 from changed) as changed
       from workers where worker_id = ${workerId}`,
   );
-  if (!row) return "not found";
-  return row.drained ? "draining" : "no session";
+  return row;
 }
 
 /** Used by tests and the health window: how long ago the database thinks `at` was. */

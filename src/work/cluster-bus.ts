@@ -27,6 +27,8 @@ export type BusMessage =
     }
   /** Tell this worker's streams to drain. */
   | { readonly kind: "drain"; readonly workerId: string; readonly reason: string }
+  /** Tell this worker's streams their drain ended: they take grants again. */
+  | { readonly kind: "undrain"; readonly workerId: string }
   /** This session now belongs to the stream with this token: close any other. */
   | { readonly kind: "takeover"; readonly sessionId: string; readonly streamToken: string };
 
@@ -66,7 +68,7 @@ const PEER_CHECK_MS = 1000;
  * load every dispatch round changes actions, and a NOTIFY per round was a
  * statement per round for the database and a message per round for every
  * other process; gathered over this long, many rounds share one. A revoke,
- * drain or takeover ends the wait: it goes at once, with the wake-ups so far.
+ * drain, undrain or takeover ends the wait: it goes at once, with the wake-ups so far.
  */
 const WAKE_GAP_MS = 20;
 /**

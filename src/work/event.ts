@@ -35,7 +35,8 @@ export type EventKind =
   | "scope_lease_deleted"
   | "scope_lease_renewed"
   | "resource_created"
-  | "resource_deleted";
+  | "resource_deleted"
+  | "worker_undrained";
 
 /** One stored event. */
 export interface EventRecord {

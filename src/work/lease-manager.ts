@@ -10,7 +10,7 @@ import { type LostStream, markStreamsLost, type StreamLoss } from "../store/quer
 import type { HelloInput } from "../store/queries/open-session.js";
 import { forgetServer, markServerAlive } from "../store/queries/server-liveness.js";
 import { readStreamSpread } from "../store/queries/stream-spread.js";
-import { setWorkerDraining } from "../store/workers.js";
+import { setWorkerDraining, setWorkerUndrained } from "../store/workers.js";
 import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
@@ -110,8 +110,9 @@ export interface LeaseManagerOptions {
    */
   readonly fencedEventsWindowMs?: number;
   /**
-   * The other processes sharing the database: revokes, drains and takeovers
-   * for streams this process does not host go through it. Default: none.
+   * The other processes sharing the database: revokes, drains, undrains and
+   * takeovers for streams this process does not host go through it.
+   * Default: none.
    */
   readonly bus?: ClusterBus;
   /**
@@ -189,6 +190,16 @@ export interface LeaseManager extends AsyncDisposable {
    * session can be drained (the drain ends with the session).
    */
   drain(workerId: string, reason: string, actor: string): Promise<"draining" | "no session" | "not found">;
+  /**
+   * Ends a worker's drain (ClusterService.UndrainWorker): its session is
+   * granted work again at once, on whichever process hosts its stream.
+   * `reason` and `actor` go in the event; "not draining" changes nothing.
+   */
+  undrain(
+    workerId: string,
+    reason: string,
+    actor: string,
+  ): Promise<"undrained" | "not draining" | "no session" | "not found">;
   /**
    * When the reaper is due next (database clock): the earliest session
    * deadline this process knows of, or sooner for its fallback poll. With
@@ -363,6 +374,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       lastHeld: hello.heldLeases,
       revoked: undefined,
       draining: opened.draining,
+      drainChanges: 0,
       grantsStopped: hello.stopGrants === true,
       unacked: new Map(),
       blocked: false,
@@ -667,12 +679,10 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   }
 
   function drainHosted(workerId: string, reason: string): void {
-    for (const s of hosted.values()) {
-      if (s.workerId === workerId) {
-        s.draining = true;
-        s.link.send({ type: "drain", reason: drainReason(reason) });
-      }
-    }
+    for (const s of hosted.values()) if (s.workerId === workerId) hosted.drain(s, reason);
+  }
+  function undrainHosted(workerId: string): void {
+    for (const s of hosted.values()) if (s.workerId === workerId) hosted.undrain(s);
   }
 
   // What other processes ask of the streams this one hosts.
@@ -681,6 +691,8 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       revokes.revoke(m.sessionId, { actionId: m.actionId, epoch: m.epoch }, m.reason, m.message, m.ended);
     } else if (m.kind === "drain") {
       drainHosted(m.workerId, m.reason);
+    } else if (m.kind === "undrain") {
+      undrainHosted(m.workerId);
     } else if (m.kind === "takeover") {
       const s = hosted.get(m.sessionId);
       // Tokens are UUIDv7, ordered by creation: a late notice never closes a newer stream.
@@ -732,6 +744,14 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       if (outcome !== "draining") return outcome;
       drainHosted(workerId, reason);
       bus?.send({ kind: "drain", workerId, reason });
+      feed.publish(EVENTS_TOPIC);
+      return outcome;
+    },
+    async undrain(workerId, reason, actor) {
+      const outcome = await setWorkerUndrained(db, workerId, reason, actor);
+      if (outcome !== "undrained") return outcome;
+      undrainHosted(workerId);
+      bus?.send({ kind: "undrain", workerId });
       feed.publish(EVENTS_TOPIC);
       return outcome;
     },

@@ -1,3 +1,4 @@
+import { sql } from "drizzle-orm";
 import { describe, expect, it } from "vitest";
 import { AUDIT_LEASES_PER_ROUND, createAudit } from "../../src/work/lease/audit.js";
 import type { Hosted, HostedSessions } from "../../src/work/lease/hosted.js";
@@ -57,5 +58,37 @@ describe("lease audit rounds", () => {
     revoked.length = 0;
     await audit();
     expect(sessionsOf(revoked)).toEqual(["s4", "s3"]);
+  });
+
+  it("catches up on drains and undrains whose notice was lost, unless the stream's drain changed meanwhile", async () => {
+    const { db } = database.current;
+    await db.execute(sql`insert into workers (worker_id, cluster, capacity, draining, drain_reason) values
+      ('drained', 'east', 1, true, 'maintenance'), ('undrained', 'east', 1, false, ''),
+      ('changed', 'east', 1, false, '')`);
+    const session = (workerId: string, draining: boolean) => ({
+      sessionId: `session-${workerId}`,
+      workerId,
+      ended: false,
+      draining,
+      drainChanges: 0,
+      noticed: new Set<string>(),
+      held: new Map<string, number>(),
+      link: { send() {} },
+    });
+    // Each one's notice was lost: the first was drained, the others undrained, elsewhere.
+    const sessions = [session("drained", false), session("undrained", true), session("changed", true)];
+    const calls: string[] = [];
+    const hosted = {
+      values: () => sessions.values(),
+      get: (id: string) => sessions.find((s) => s.sessionId === id),
+      drain: (s: Hosted, reason: string) => calls.push(`drain ${s.workerId}: ${reason}`),
+      undrain: (s: Hosted) => calls.push(`undrain ${s.workerId}`),
+    } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
+    const audit = createAudit({ db, hosted, revoke: () => {} });
+    const round = audit();
+    // A drain of "changed" comes in while the audit's statement runs: newer than what it reads.
+    (sessions[2] as { drainChanges: number }).drainChanges += 1;
+    await round;
+    expect(calls).toEqual(["drain drained: maintenance", "undrain undrained"]);
   });
 });

@@ -138,6 +138,7 @@ const MATRIX: Record<string, Row> = {
   // The action was submitted by the operator: a submitter cancels only its own.
   "ActionService/CancelAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, D, D, K] },
   "ClusterService/DrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
+  "ClusterService/UndrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
   "ClusterService/ResumeExpiries": { request: () => ({ cluster: "a" }), expect: [D, D, D, D, K] },
   "LeaseService/DeleteLease": { request: (f) => ({ leaseId: f.spareLeaseId }), expect: [D, D, D, D, K] },
   "LeaseService/DeleteLeases": { request: () => ({ runtime: "a" }), expect: [D, D, D, D, K] },

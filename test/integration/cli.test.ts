@@ -268,7 +268,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     }
   });
 
-  it("lists workers and clusters, drains a worker, and shows events", async () => {
+  it("lists workers and clusters, drains and undrains a worker, and shows events", async () => {
     const worker = await connectWorker(t.address, { workerId: "cli-w", cluster: "cli-c", capacity: 2 });
     try {
       const workers = JSON.parse(
@@ -291,6 +291,38 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         "EVENT_KIND_SESSION_STARTED",
         "EVENT_KIND_WORKER_DRAINING",
       ]);
+      // The drain's line says how to end it; undrain ends it, and says when there was none.
+      expect((await cli([...server, "workers", "drain", "cli-w"])).stdout).toBe(
+        "cli-w is draining (0 leases still held); `leasehold workers undrain cli-w` ends the drain\n",
+      );
+      expect(await cli([...server, "workers", "undrain", "cli-w", "--reason", "patched"])).toMatchObject({
+        code: 0,
+        stdout: "cli-w is no longer draining: it is granted work again\n",
+      });
+      expect((await t.client(ClusterService).getWorker({ workerId: "cli-w" })).worker?.draining).toBe(false);
+      expect(await cli([...server, "workers", "undrain", "cli-w"])).toMatchObject({
+        code: 0,
+        stdout: "cli-w was not draining: nothing changed\n",
+      });
+      const undrained = JSON.parse((await cli([...server, "--json", "workers", "undrain", "cli-w"])).stdout);
+      expect(undrained).toEqual({ worker: expect.objectContaining({ workerId: "cli-w" }) });
+      const undrainedEvents = JSON.parse(
+        (await cli([...server, "--json", "events", "--worker", "cli-w", "--kind", "WORKER_UNDRAINED"]))
+          .stdout,
+      );
+      expect(undrainedEvents.events).toEqual([
+        expect.objectContaining({ message: "worker cli-w is no longer draining: patched" }),
+      ]);
+      worker.goodbye();
+      await worker.ended;
+      expect(await cli([...server, "workers", "undrain", "cli-w"])).toMatchObject({
+        code: 1,
+        stderr: expect.stringContaining("worker cli-w has no live session: nothing to undrain"),
+      });
+      // drain --help says how a drain ends.
+      expect((await cli(["workers", "drain", "--help"])).stdout.replace(/\s+/g, " ")).toContain(
+        "The drain lasts until `leasehold workers undrain` or the end of the worker's session",
+      );
     } finally {
       worker.drop();
     }

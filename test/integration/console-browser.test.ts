@@ -226,6 +226,14 @@ describe.runIf(inject("driver") === "pglite" && Boolean(CHROMIUM || process.env.
       page.once("dialog", (dialog) => void dialog.accept(""));
       await page.locator('tr[data-worker="west-3"]').getByRole("button", { name: "Drain" }).click();
       await page.locator('tr[data-worker="west-3"]').getByText("DRAINING").waitFor();
+      // And ends the drain: the Drain button is back.
+      page.once("dialog", (dialog) => void dialog.accept("patched"));
+      await page.locator('tr[data-worker="west-3"]').getByRole("button", { name: "Undrain" }).click();
+      await page
+        .locator('tr[data-worker="west-3"]')
+        .getByRole("button", { name: "Drain", exact: true })
+        .waitFor();
+      expect(await page.locator('tr[data-worker="west-3"]').getByText("DRAINING").count()).toBe(0);
       const events = createClient(EventService, address);
       try {
         const { events: resumed } = await events.listEvents({

@@ -143,6 +143,7 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
     "leasehold.v1.ClusterService.ListWorkers": { cluster: "fuzz", state: 1, pageSize: 10 },
     "leasehold.v1.ClusterService.GetWorker": { workerId: "nope" },
     "leasehold.v1.ClusterService.DrainWorker": { workerId: "nope", reason: "r" },
+    "leasehold.v1.ClusterService.UndrainWorker": { workerId: "nope", reason: "r" },
     "leasehold.v1.ClusterService.ResumeExpiries": { cluster: "nope", reason: "r" },
     "leasehold.v1.EventService.ListEvents": {
       actionId: "a",

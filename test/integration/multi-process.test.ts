@@ -246,6 +246,29 @@ describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL"
       expect(await worker.next("drain")).toMatchObject({ reason: "maintenance" });
       worker.goodbye();
     });
+
+    it("grants on B at once to a worker undrained through A", async () => {
+      const worker = await connectWorker(servers.addresses[b] as string, {
+        workerId: "undrained",
+        cluster: "u",
+        capacity: 1,
+      });
+      const clusters = createClient(ClusterService, servers.addresses[a] as string);
+      await clusters.drainWorker({ workerId: "undrained", reason: "maintenance" });
+      await worker.next("drain");
+      const { action } = await actionsOn(a).submitAction({ cluster: "u" });
+      // Drained on B: the action waits.
+      await worker.heartbeat(1);
+      expect((await actionsOn(a).getAction({ actionId: action?.id ?? "" })).action?.state).toBe(
+        ActionState.QUEUED,
+      );
+      expect(await clusters.undrainWorker({ workerId: "undrained" })).toMatchObject({ drainEnded: true });
+      // Polls are a minute apart: the undrain's notice woke B's dispatcher.
+      const grant = await worker.next("grant");
+      expect(grant.actionId).toBe(action?.id);
+      await worker.complete(grant, { output: {} });
+      worker.goodbye();
+    });
   });
 
   it("survives kill -9 of a server process: its agents resume elsewhere within grace, every action completes once", async () => {

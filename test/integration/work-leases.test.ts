@@ -1011,6 +1011,84 @@ describe("work leases", () => {
     expect(await again.next("grant")).toMatchObject({ actionId: second });
   });
 
+  it("grants work again at once to an undrained worker, on the same stream, and on the streams that resume it", async () => {
+    const w = await worker("w1");
+    const clusters = t.client(ClusterService);
+    await clusters.drainWorker({ workerId: "w1", reason: "maintenance" });
+    await w.next("drain");
+    const first = await submit();
+    await tick().dispatch();
+    expect((await getAction(first)).action?.state).toBe(ActionState.QUEUED);
+    const undrained = await clusters.undrainWorker({ workerId: "w1", reason: "patched" });
+    expect(undrained).toMatchObject({ drainEnded: true, worker: { workerId: "w1", draining: false } });
+    // No dispatch tick: the undrain itself wakes the dispatcher for the stream.
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: first, epoch: 1n });
+    const [event] = (await t.client(EventService).listEvents({ kind: EventKind.WORKER_UNDRAINED })).events;
+    expect(event).toMatchObject({
+      workerId: "w1",
+      cluster: "east",
+      actor: "anonymous",
+      message: "worker w1 is no longer draining: patched",
+    });
+    // Undraining a worker that is not draining changes nothing and records nothing.
+    expect(await clusters.undrainWorker({ workerId: "w1" })).toMatchObject({
+      drainEnded: false,
+      worker: { draining: false },
+    });
+    expect(
+      (await t.client(EventService).listEvents({ kind: EventKind.WORKER_UNDRAINED })).events,
+    ).toHaveLength(1);
+    expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+
+    // Undrained while in grace: the stream that resumes the session gets no Drain, and work.
+    await clusters.drainWorker({ workerId: "w1", reason: "again" });
+    await w.next("drain", (d) => d.reason === "again");
+    w.drop();
+    await w.ended;
+    await clusters.undrainWorker({ workerId: "w1" });
+    const back = await worker("w1");
+    expect(back.welcome.sessionResumed).toBe(true);
+    const second = await submit();
+    expect(await back.next("grant")).toMatchObject({ actionId: second });
+    expect(back.received.filter((m) => m.message.case === "drain")).toEqual([]);
+  });
+
+  it("leaves a worker that stopped grants itself stopped when its drain ends", async () => {
+    const w = await worker("w1");
+    w.send({ message: { case: "stopGrants", value: { reason: "closing" } } });
+    // Messages of a stream are handled in order: once this heartbeat is answered, so was StopGrants.
+    await w.heartbeat(1);
+    await t.client(ClusterService).drainWorker({ workerId: "w1" });
+    await w.next("drain");
+    expect(await t.client(ClusterService).undrainWorker({ workerId: "w1" })).toMatchObject({
+      drainEnded: true,
+    });
+    const id = await submit();
+    await tick().dispatch();
+    expect((await getAction(id)).action?.state).toBe(ActionState.QUEUED);
+    expect(w.received.filter((m) => m.message.case === "grant")).toEqual([]);
+  });
+
+  it("refuses to undrain a worker without a live session, as a drain, and shows it not draining", async () => {
+    await expectStatus(
+      t.client(ClusterService).undrainWorker({ workerId: "nobody" }),
+      Code.NotFound,
+      /worker "nobody" not found/,
+    );
+    const w = await worker("w1");
+    await t.client(ClusterService).drainWorker({ workerId: "w1" });
+    await w.next("drain");
+    w.goodbye("done");
+    await w.ended;
+    // The drain ended with its session: the worker no longer shows it.
+    const { worker: gone } = await t.client(ClusterService).getWorker({ workerId: "w1" });
+    expect(gone).toMatchObject({ state: WorkerState.OFFLINE, draining: false });
+    const refused = await failure(t.client(ClusterService).undrainWorker({ workerId: "w1" }));
+    expect(refused).toMatchObject({ code: Code.FailedPrecondition, reason: "WORKER_NOT_CONNECTED" });
+    expect(refused.message).toMatch(/worker w1 has no live session: nothing to undrain/);
+  });
+
   it("releases every lease at once on goodbye, and another worker takes them with epoch + 1", async () => {
     const a = await worker("wa");
     const id = await submit();

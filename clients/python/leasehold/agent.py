@@ -80,7 +80,9 @@ AgentEvent = dict[str, Any]
 * ``revoked``: action_id, epoch, reason (expired, cancelled, superseded,
   rolled_back, collect_outputs, drained)
 * ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack)
-* ``drain``: reason
+* ``drain``: reason. The server sends no more grants while the drain lasts;
+  the agent stays connected and takes grants again if an operator ends the
+  drain (ClusterService.UndrainWorker), which no event announces.
 * ``taken_over``: retry_in_ms. Another process connected with this worker id and
   took the session over, or holds it and the server refused this agent's hello
   (WORKER_ID_IN_USE; worker ids must be unique): every handler was cancelled

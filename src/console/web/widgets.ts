@@ -65,6 +65,7 @@ const TONES: Record<string, Tone> = {
   CLUSTER_RECOVERED: "ok",
   CLUSTER_EXPIRIES_RESUMED: "busy",
   SCOPE_LEASE_COMMITTED: "ok",
+  WORKER_UNDRAINED: "ok",
 };
 
 /** A coloured badge for an enum short name; `text` defaults to the name with spaces. */

@@ -80,6 +80,24 @@ export function clusterServiceBinding(deps: {
       }
       return { worker: toProtoWorker(await getWorker(workerId)) };
     },
+    async undrainWorker(request, ctx) {
+      const workerId = requireId("worker_id", request.workerId);
+      const v = new Violations();
+      checkLength(v, "reason", request.reason, 1024);
+      v.throwIfAny();
+      ctx.access.require("worker.drain", (await getWorker(workerId)).cluster);
+      const outcome = await leases.undrain(workerId, request.reason, ctx.access.actor);
+      if (outcome === "not found") throw LeaseholdError.notFound("worker", workerId);
+      if (outcome === "no session") {
+        throw LeaseholdError.failedPrecondition(
+          "WORKER_NOT_CONNECTED",
+          `worker ${workerId} has no live session: nothing to undrain (a drain ends with the worker's session, and its next session is granted work)`,
+          { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "no live session" },
+        );
+      }
+      // "not draining" is an answer too: the worker as it is, taking work.
+      return { worker: toProtoWorker(await getWorker(workerId)), drainEnded: outcome === "undrained" };
+    },
     async resumeExpiries(request, ctx) {
       const v = new Violations();
       checkName(v, "cluster", request.cluster);

@@ -23,7 +23,8 @@ export interface LeaseNotice {
  * The catch-up for lost notices between processes: compares the leases this
  * process's streams hold in memory with the database, and returns only the
  * ones a stream must hear about (ended elsewhere, a cancel or an outputs
- * request pending), plus the hosted workers that are draining. One
+ * request pending), plus the hosted workers that are draining (the others
+ * are not: a drain ended elsewhere ends on their streams too). One
  * statement per audit round, a fallback: the notices themselves travel
  * over LISTEN/NOTIFY at once.
  */

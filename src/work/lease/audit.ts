@@ -1,7 +1,7 @@
 import type { Db } from "../../store/database.js";
 import { auditLeases, type HeldLease } from "../../store/queries/audit-leases.js";
 import type { LeaseToken, RevokeReason } from "../worker-messages.js";
-import { drainReason, type Hosted, type HostedSessions } from "./hosted.js";
+import type { Hosted, HostedSessions } from "./hosted.js";
 
 /** Most leases one audit round checks (see {@link createAudit}). */
 export const AUDIT_LEASES_PER_ROUND = 4096;
@@ -11,7 +11,8 @@ export const AUDIT_LEASES_PER_ROUND = 4096;
  * a listener reconnecting, a process dying between its commit and its
  * notice): one statement compares the leases this process's streams hold
  * with the database, then tells the streams about leases that ended
- * elsewhere, stops still pending, and drains. Returns one audit round.
+ * elsewhere, stops still pending, and drains begun or ended. Returns one
+ * audit round.
  *
  * A round checks up to {@link AUDIT_LEASES_PER_ROUND} leases (whole
  * sessions, at least one; a session holding none counts as one), those
@@ -70,6 +71,7 @@ export function createAudit(deps: {
       for (const [actionId, epoch] of s.held) held.push({ sessionId: s.sessionId, actionId, epoch });
     }
     if (slice.length === 0) return;
+    const drainChanges = new Map(slice.map((s) => [s, s.drainChanges]));
     const { notices, draining } = await auditLeases(db, held, [...workers]);
     // Only a round that answered counts: a failed one is checked again first.
     for (const s of slice) checkedIn.set(s, round);
@@ -93,14 +95,14 @@ export function createAudit(deps: {
       if (n.notice === "cancel") revoke(n.sessionId, token, "CANCELLED", "action cancelled", false);
       else revoke(n.sessionId, token, "COLLECT_OUTPUTS", "save the outputs, then stop", false);
     }
-    if (draining.length === 0) return;
+    // Drains and undrains whose notice was lost: the database's word, unless the stream's drain
+    // changed here while the statement ran (a newer notice, or this process's own call).
     const reasons = new Map(draining.map((d) => [d.workerId, d.reason]));
-    for (const s of hosted.values()) {
+    for (const s of slice) {
+      if (s.ended || s.drainChanges !== drainChanges.get(s)) continue;
       const reason = reasons.get(s.workerId);
-      if (reason !== undefined && !s.draining) {
-        s.draining = true;
-        s.link.send({ type: "drain", reason: drainReason(reason) });
-      }
+      if (reason !== undefined && !s.draining) hosted.drain(s, reason);
+      else if (reason === undefined && s.draining) hosted.undrain(s);
     }
   };
 }

@@ -54,8 +54,16 @@ export interface Hosted {
    * them.
    */
   revoked: Map<string, RevokedLease> | undefined;
-  /** An operator drains the worker (ClusterService.DrainWorker): no grants, and a Drain was sent. */
+  /**
+   * An operator drains the worker (ClusterService.DrainWorker): no grants, and a Drain was sent.
+   * Changed only through {@link HostedSessions.drain} and {@link HostedSessions.undrain}.
+   */
   draining: boolean;
+  /**
+   * How many times `draining` changed on this stream: the audit applies what the database said
+   * of the drain only if no drain or undrain came in while its statement ran (that one is newer).
+   */
+  drainChanges: number;
   /** The worker itself takes no more grants on this stream (StopGrants, or Hello.stop_grants). */
   grantsStopped: boolean;
   /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
@@ -137,6 +145,13 @@ export interface HostedSessions {
   acknowledged(s: Hosted, token: LeaseToken): void;
   /** The stream's outbound buffer fell under the high-water mark. */
   writable(s: Hosted): void;
+  /** An operator drains the stream's worker: no grants from now on, and a Drain (again) with `reason`. */
+  drain(s: Hosted, reason: string): void;
+  /**
+   * An operator ended the drain (ClusterService.UndrainWorker): the stream takes grants again at
+   * once (a wake-up for the claimer). Nothing is sent: the next grant tells the worker.
+   */
+  undrain(s: Hosted): void;
   /**
    * How many more grants `s` may take now, counting `freeing` of its held
    * leases as already let go: free slots, within the grant window, none
@@ -273,6 +288,18 @@ export function createHostedSessions(limits: {
     writable(s) {
       if (!s.blocked) return;
       s.blocked = false;
+      mayHaveRoom(s);
+    },
+    drain(s, reason) {
+      if (!s.draining) s.drainChanges += 1;
+      s.draining = true;
+      s.link.send({ type: "drain", reason: drainReason(reason) });
+    },
+    undrain(s) {
+      if (!s.draining) return;
+      s.draining = false;
+      s.drainChanges += 1;
+      // A claim that found the stream drained dropped it from the streams with room.
       mayHaveRoom(s);
     },
     room,

@@ -111,6 +111,22 @@ class ResumeExpiriesResponse(_message.Message):
     cluster: Cluster
     def __init__(self, cluster: _Optional[_Union[Cluster, _Mapping]] = ...) -> None: ...
 
+class UndrainWorkerRequest(_message.Message):
+    __slots__ = ["reason", "worker_id"]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UndrainWorkerResponse(_message.Message):
+    __slots__ = ["drain_ended", "worker"]
+    DRAIN_ENDED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    drain_ended: bool
+    worker: Worker
+    def __init__(self, worker: _Optional[_Union[Worker, _Mapping]] = ..., drain_ended: bool = ...) -> None: ...
+
 class Worker(_message.Message):
     __slots__ = ["agent_version", "capacity", "cluster", "draining", "held_leases", "labels", "last_seen_time", "session", "state", "worker_id"]
     class LabelsEntry(_message.Message):

@@ -7,7 +7,7 @@ from leasehold.v1 import cluster_pb2 as leasehold_dot_v1_dot_cluster__pb2
 
 class ClusterServiceStub(object):
     """ClusterService shows clusters and workers as the server sees them, and
-    drains workers.
+    drains workers and ends their drains.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -66,6 +66,11 @@ class ClusterServiceStub(object):
                 request_serializer=leasehold_dot_v1_dot_cluster__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_cluster__pb2.DrainWorkerResponse.FromString,
                 )
+        self.UndrainWorker = channel.unary_unary(
+                '/leasehold.v1.ClusterService/UndrainWorker',
+                request_serializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.FromString,
+                )
         self.ResumeExpiries = channel.unary_unary(
                 '/leasehold.v1.ClusterService/ResumeExpiries',
                 request_serializer=leasehold_dot_v1_dot_cluster__pb2.ResumeExpiriesRequest.SerializeToString,
@@ -75,7 +80,7 @@ class ClusterServiceStub(object):
 
 class ClusterServiceServicer(object):
     """ClusterService shows clusters and workers as the server sees them, and
-    drains workers.
+    drains workers and ends their drains.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -138,10 +143,31 @@ class ClusterServiceServicer(object):
         The drain lasts as long as the worker's session: it holds across
         reconnections within the grace period (each new stream gets the Drain
         again, with this request's reason), and ends with the session (a
-        goodbye, or reaped), after which a new session is granted work again.
+        goodbye, or reaped), after which a new session is granted work again;
+        UndrainWorker ends it sooner, on the same session.
         NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
         reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
         would then end before it began: drain a worker while its agent runs.
+        Right: worker.drain in the worker's cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainWorker(self, request, context):
+        """Ends the drain of a worker's live session (what Kubernetes calls
+        uncordon): the session is granted work again at once, on whichever
+        server process hosts its stream, and so are the streams that resume it
+        later. Nothing is sent on the stream: the next Grant is the sign (see
+        Drain). A worker that stopped grants itself (StopGrants, or a hello
+        with stop_grants) stays stopped on that stream: that is the worker's
+        decision, not the operator's. Records an event
+        (EVENT_KIND_WORKER_UNDRAINED). A worker that is not draining is left as
+        it is, with no event: the call returns it with drain_ended false, so
+        calling it again is harmless.
+        NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+        reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+        ends with its session and the next one is granted work anyway.
         Right: worker.drain in the worker's cluster.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -183,6 +209,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     request_deserializer=leasehold_dot_v1_dot_cluster__pb2.DrainWorkerRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_cluster__pb2.DrainWorkerResponse.SerializeToString,
             ),
+            'UndrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainWorker,
+                    request_deserializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.SerializeToString,
+            ),
             'ResumeExpiries': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeExpiries,
                     request_deserializer=leasehold_dot_v1_dot_cluster__pb2.ResumeExpiriesRequest.FromString,
@@ -197,7 +228,7 @@ def add_ClusterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ClusterService(object):
     """ClusterService shows clusters and workers as the server sees them, and
-    drains workers.
+    drains workers and ends their drains.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -295,6 +326,23 @@ class ClusterService(object):
         return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ClusterService/DrainWorker',
             leasehold_dot_v1_dot_cluster__pb2.DrainWorkerRequest.SerializeToString,
             leasehold_dot_v1_dot_cluster__pb2.DrainWorkerResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UndrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ClusterService/UndrainWorker',
+            leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.SerializeToString,
+            leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

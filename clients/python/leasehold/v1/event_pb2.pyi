@@ -42,6 +42,7 @@ EVENT_KIND_SESSION_TAKEN_OVER: EventKind
 EVENT_KIND_STREAM_LOST: EventKind
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_WORKER_DRAINING: EventKind
+EVENT_KIND_WORKER_UNDRAINED: EventKind
 
 class Event(_message.Message):
     __slots__ = ["action_id", "actor", "cluster", "details", "epoch", "kind", "lease_id", "message", "sequence", "session_id", "time", "worker_id"]

@@ -58,7 +58,21 @@ export function workersView(ctx: ViewContext): View {
         "td",
         null,
         w.draining
-          ? badge("DRAINING", "draining")
+          ? [
+              badge("DRAINING", "draining"),
+              " ",
+              operatorButton(
+                ctx,
+                "Undrain",
+                {
+                  question:
+                    `End the drain of ${w.workerId}?\n\nIt is granted new actions again at once. ` +
+                    "Why (optional, recorded in the event):",
+                  reasonRequired: false,
+                },
+                (reason) => ctx.api.clusters.undrainWorker({ workerId: w.workerId, reason }),
+              ),
+            ]
           : w.state === WorkerState.OFFLINE
             ? NONE
             : operatorButton(
@@ -66,7 +80,8 @@ export function workersView(ctx: ViewContext): View {
                 "Drain",
                 {
                   question:
-                    `Drain ${w.workerId}?\n\nIt gets no new actions; the ones it holds finish, and then it disconnects. ` +
+                    `Drain ${w.workerId}?\n\nIt gets no new actions until you undrain it or its session ends; ` +
+                    "the ones it holds finish. The reference agent then stays connected and idle. " +
                     "Why (optional, recorded in the event):",
                   reasonRequired: false,
                 },

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/cluster.proto.
  */
 export const file_leasehold_v1_cluster: GenFile = /*@__PURE__*/
-  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxIqgCCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDRI0ChBwYXJ0aXRpb25lZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9leHBpcmllc19wYXVzZWQYCiABKAgiygEKDVdvcmtlclNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQc3RyZWFtX2xvc3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJc2VydmVyX2lkGAUgASgJIoIDCgZXb3JrZXISEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SMAoGbGFiZWxzGAQgAygLMiAubGVhc2Vob2xkLnYxLldvcmtlci5MYWJlbHNFbnRyeRIoCgVzdGF0ZRgFIAEoDjIZLmxlYXNlaG9sZC52MS5Xb3JrZXJTdGF0ZRIsCgdzZXNzaW9uGAYgASgLMhsubGVhc2Vob2xkLnYxLldvcmtlclNlc3Npb24SLAoLaGVsZF9sZWFzZXMYByADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhAKCGRyYWluaW5nGAggASgIEjIKDmxhc3Rfc2Vlbl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hZ2VudF92ZXJzaW9uGAogASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFQoTTGlzdENsdXN0ZXJzUmVxdWVzdCI/ChRMaXN0Q2x1c3RlcnNSZXNwb25zZRInCghjbHVzdGVycxgBIAMoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyInYKEkxpc3RXb3JrZXJzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEigKBXN0YXRlGAIgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RXb3JrZXJzUmVzcG9uc2USJQoHd29ya2VycxgBIAMoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEEdldFdvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJIjkKEUdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiNwoSRHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOwoTRHJhaW5Xb3JrZXJSZXNwb25zZRIkCgZ3b3JrZXIYASABKAsyFC5sZWFzZWhvbGQudjEuV29ya2VyIjgKFVJlc3VtZUV4cGlyaWVzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJAChZSZXN1bWVFeHBpcmllc1Jlc3BvbnNlEiYKB2NsdXN0ZXIYASABKAsyFS5sZWFzZWhvbGQudjEuQ2x1c3RlciqmAQoNQ2x1c3RlckhlYWx0aBIeChpDTFVTVEVSX0hFQUxUSF9VTlNQRUNJRklFRBAAEhoKFkNMVVNURVJfSEVBTFRIX0hFQUxUSFkQARIbChdDTFVTVEVSX0hFQUxUSF9ERUdSQURFRBACEhwKGENMVVNURVJfSEVBTFRIX1VOSEVBTFRIWRADEh4KGkNMVVNURVJfSEVBTFRIX1BBUlRJVElPTkVEEAQqfAoLV29ya2VyU3RhdGUSHAoYV09SS0VSX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWV09SS0VSX1NUQVRFX0NPTk5FQ1RFRBABEhkKFVdPUktFUl9TVEFURV9JTl9HUkFDRRACEhgKFFdPUktFUl9TVEFURV9PRkZMSU5FEAMyugMKDkNsdXN0ZXJTZXJ2aWNlElUKDExpc3RDbHVzdGVycxIhLmxlYXNlaG9sZC52MS5MaXN0Q2x1c3RlcnNSZXF1ZXN0GiIubGVhc2Vob2xkLnYxLkxpc3RDbHVzdGVyc1Jlc3BvbnNlElIKC0xpc3RXb3JrZXJzEiAubGVhc2Vob2xkLnYxLkxpc3RXb3JrZXJzUmVxdWVzdBohLmxlYXNlaG9sZC52MS5MaXN0V29ya2Vyc1Jlc3BvbnNlEkwKCUdldFdvcmtlchIeLmxlYXNlaG9sZC52MS5HZXRXb3JrZXJSZXF1ZXN0Gh8ubGVhc2Vob2xkLnYxLkdldFdvcmtlclJlc3BvbnNlElIKC0RyYWluV29ya2VyEiAubGVhc2Vob2xkLnYxLkRyYWluV29ya2VyUmVxdWVzdBohLmxlYXNlaG9sZC52MS5EcmFpbldvcmtlclJlc3BvbnNlElsKDlJlc3VtZUV4cGlyaWVzEiMubGVhc2Vob2xkLnYxLlJlc3VtZUV4cGlyaWVzUmVxdWVzdBokLmxlYXNlaG9sZC52MS5SZXN1bWVFeHBpcmllc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
+  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxIqgCCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDRI0ChBwYXJ0aXRpb25lZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9leHBpcmllc19wYXVzZWQYCiABKAgiygEKDVdvcmtlclNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQc3RyZWFtX2xvc3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJc2VydmVyX2lkGAUgASgJIoIDCgZXb3JrZXISEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SMAoGbGFiZWxzGAQgAygLMiAubGVhc2Vob2xkLnYxLldvcmtlci5MYWJlbHNFbnRyeRIoCgVzdGF0ZRgFIAEoDjIZLmxlYXNlaG9sZC52MS5Xb3JrZXJTdGF0ZRIsCgdzZXNzaW9uGAYgASgLMhsubGVhc2Vob2xkLnYxLldvcmtlclNlc3Npb24SLAoLaGVsZF9sZWFzZXMYByADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhAKCGRyYWluaW5nGAggASgIEjIKDmxhc3Rfc2Vlbl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hZ2VudF92ZXJzaW9uGAogASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFQoTTGlzdENsdXN0ZXJzUmVxdWVzdCI/ChRMaXN0Q2x1c3RlcnNSZXNwb25zZRInCghjbHVzdGVycxgBIAMoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyInYKEkxpc3RXb3JrZXJzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEigKBXN0YXRlGAIgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RXb3JrZXJzUmVzcG9uc2USJQoHd29ya2VycxgBIAMoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEEdldFdvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJIjkKEUdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiNwoSRHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOwoTRHJhaW5Xb3JrZXJSZXNwb25zZRIkCgZ3b3JrZXIYASABKAsyFC5sZWFzZWhvbGQudjEuV29ya2VyIjkKFFVuZHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiUgoVVW5kcmFpbldvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISEwoLZHJhaW5fZW5kZWQYAiABKAgiOAoVUmVzdW1lRXhwaXJpZXNSZXF1ZXN0Eg8KB2NsdXN0ZXIYASABKAkSDgoGcmVhc29uGAIgASgJIkAKFlJlc3VtZUV4cGlyaWVzUmVzcG9uc2USJgoHY2x1c3RlchgBIAEoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyKqYBCg1DbHVzdGVySGVhbHRoEh4KGkNMVVNURVJfSEVBTFRIX1VOU1BFQ0lGSUVEEAASGgoWQ0xVU1RFUl9IRUFMVEhfSEVBTFRIWRABEhsKF0NMVVNURVJfSEVBTFRIX0RFR1JBREVEEAISHAoYQ0xVU1RFUl9IRUFMVEhfVU5IRUFMVEhZEAMSHgoaQ0xVU1RFUl9IRUFMVEhfUEFSVElUSU9ORUQQBCp8CgtXb3JrZXJTdGF0ZRIcChhXT1JLRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZXT1JLRVJfU1RBVEVfQ09OTkVDVEVEEAESGQoVV09SS0VSX1NUQVRFX0lOX0dSQUNFEAISGAoUV09SS0VSX1NUQVRFX09GRkxJTkUQAzKUBAoOQ2x1c3RlclNlcnZpY2USVQoMTGlzdENsdXN0ZXJzEiEubGVhc2Vob2xkLnYxLkxpc3RDbHVzdGVyc1JlcXVlc3QaIi5sZWFzZWhvbGQudjEuTGlzdENsdXN0ZXJzUmVzcG9uc2USUgoLTGlzdFdvcmtlcnMSIC5sZWFzZWhvbGQudjEuTGlzdFdvcmtlcnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RXb3JrZXJzUmVzcG9uc2USTAoJR2V0V29ya2VyEh4ubGVhc2Vob2xkLnYxLkdldFdvcmtlclJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0V29ya2VyUmVzcG9uc2USUgoLRHJhaW5Xb3JrZXISIC5sZWFzZWhvbGQudjEuRHJhaW5Xb3JrZXJSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkRyYWluV29ya2VyUmVzcG9uc2USWAoNVW5kcmFpbldvcmtlchIiLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVxdWVzdBojLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVzcG9uc2USWwoOUmVzdW1lRXhwaXJpZXMSIy5sZWFzZWhvbGQudjEuUmVzdW1lRXhwaXJpZXNSZXF1ZXN0GiQubGVhc2Vob2xkLnYxLlJlc3VtZUV4cGlyaWVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
 
 /**
  * A named group of workers (a runtime).
@@ -206,7 +206,9 @@ export type Worker = Message<"leasehold.v1.Worker"> & {
   heldLeases: HeldLease[];
 
   /**
-   * True when no new work is granted to the worker.
+   * True while an operator drains the worker's live session (DrainWorker,
+   * until UndrainWorker or the session's end): no new work is granted to
+   * it. Always false for a worker without a live session.
    *
    * @generated from field: bool draining = 8;
    */
@@ -434,6 +436,64 @@ export const DrainWorkerResponseSchema: GenMessage<DrainWorkerResponse> = /*@__P
   messageDesc(file_leasehold_v1_cluster, 10);
 
 /**
+ * Request of ClusterService.UndrainWorker.
+ *
+ * @generated from message leasehold.v1.UndrainWorkerRequest
+ */
+export type UndrainWorkerRequest = Message<"leasehold.v1.UndrainWorkerRequest"> & {
+  /**
+   * Required: the worker's id.
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * Optional reason, recorded in the event (not sent to the worker). At most
+   * 1024 characters.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message leasehold.v1.UndrainWorkerRequest.
+ * Use `create(UndrainWorkerRequestSchema)` to create a new message.
+ */
+export const UndrainWorkerRequestSchema: GenMessage<UndrainWorkerRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 11);
+
+/**
+ * Response of ClusterService.UndrainWorker.
+ *
+ * @generated from message leasehold.v1.UndrainWorkerResponse
+ */
+export type UndrainWorkerResponse = Message<"leasehold.v1.UndrainWorkerResponse"> & {
+  /**
+   * The worker after the call (draining false).
+   *
+   * @generated from field: leasehold.v1.Worker worker = 1;
+   */
+  worker?: Worker | undefined;
+
+  /**
+   * True if this call ended a drain; false if the worker was not draining
+   * (nothing changed, no event).
+   *
+   * @generated from field: bool drain_ended = 2;
+   */
+  drainEnded: boolean;
+};
+
+/**
+ * Describes the message leasehold.v1.UndrainWorkerResponse.
+ * Use `create(UndrainWorkerResponseSchema)` to create a new message.
+ */
+export const UndrainWorkerResponseSchema: GenMessage<UndrainWorkerResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 12);
+
+/**
  * Request of ClusterService.ResumeExpiries.
  *
  * @generated from message leasehold.v1.ResumeExpiriesRequest
@@ -459,7 +519,7 @@ export type ResumeExpiriesRequest = Message<"leasehold.v1.ResumeExpiriesRequest"
  * Use `create(ResumeExpiriesRequestSchema)` to create a new message.
  */
 export const ResumeExpiriesRequestSchema: GenMessage<ResumeExpiriesRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_cluster, 11);
+  messageDesc(file_leasehold_v1_cluster, 13);
 
 /**
  * Response of ClusterService.ResumeExpiries.
@@ -480,7 +540,7 @@ export type ResumeExpiriesResponse = Message<"leasehold.v1.ResumeExpiriesRespons
  * Use `create(ResumeExpiriesResponseSchema)` to create a new message.
  */
 export const ResumeExpiriesResponseSchema: GenMessage<ResumeExpiriesResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_cluster, 12);
+  messageDesc(file_leasehold_v1_cluster, 14);
 
 /**
  * A cluster's health, from its recent lease expiries and stream losses.
@@ -579,7 +639,7 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
 
 /**
  * ClusterService shows clusters and workers as the server sees them, and
- * drains workers.
+ * drains workers and ends their drains.
  *
  * Calls need credentials when the server has them configured, checked when the
  * call starts, from its metadata and client certificate, before its request is
@@ -653,7 +713,8 @@ export const ClusterService: GenService<{
    * The drain lasts as long as the worker's session: it holds across
    * reconnections within the grace period (each new stream gets the Drain
    * again, with this request's reason), and ends with the session (a
-   * goodbye, or reaped), after which a new session is granted work again.
+   * goodbye, or reaped), after which a new session is granted work again;
+   * UndrainWorker ends it sooner, on the same session.
    * NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
    * reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
    * would then end before it began: drain a worker while its agent runs.
@@ -665,6 +726,29 @@ export const ClusterService: GenService<{
     methodKind: "unary";
     input: typeof DrainWorkerRequestSchema;
     output: typeof DrainWorkerResponseSchema;
+  },
+  /**
+   * Ends the drain of a worker's live session (what Kubernetes calls
+   * uncordon): the session is granted work again at once, on whichever
+   * server process hosts its stream, and so are the streams that resume it
+   * later. Nothing is sent on the stream: the next Grant is the sign (see
+   * Drain). A worker that stopped grants itself (StopGrants, or a hello
+   * with stop_grants) stays stopped on that stream: that is the worker's
+   * decision, not the operator's. Records an event
+   * (EVENT_KIND_WORKER_UNDRAINED). A worker that is not draining is left as
+   * it is, with no event: the call returns it with drain_ended false, so
+   * calling it again is harmless.
+   * NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+   * reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+   * ends with its session and the next one is granted work anyway.
+   * Right: worker.drain in the worker's cluster.
+   *
+   * @generated from rpc leasehold.v1.ClusterService.UndrainWorker
+   */
+  undrainWorker: {
+    methodKind: "unary";
+    input: typeof UndrainWorkerRequestSchema;
+    output: typeof UndrainWorkerResponseSchema;
   },
   /**
    * Lets the lease expiries of a partitioned cluster go on (the

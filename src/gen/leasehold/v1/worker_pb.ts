@@ -1171,8 +1171,16 @@ export const ReportResultSchema: GenMessage<ReportResult> = /*@__PURE__*/
 
 /**
  * The worker should take no more work and finish what it holds. It may then
- * stay connected (the session gets no grants while it lasts) or say
- * goodbye; a new session is granted work again.
+ * stay connected (the session gets no grants while the drain lasts) or say
+ * goodbye; a new session is granted work again. An operator may end the
+ * drain sooner (ClusterService.UndrainWorker): no message says so, the
+ * server simply sends grants again on the session's stream, and the worker
+ * takes them as before the Drain. A worker that stays connected should
+ * therefore keep taking grants after a Drain (as the SDKs and the reference
+ * agent do: they stay connected, idle, until an undrain or a restart); one
+ * that answered the Drain with StopGrants stays stopped on that stream, and
+ * takes work again only on a new stream whose hello leaves stop_grants
+ * unset.
  *
  * @generated from message leasehold.v1.Drain
  */

@@ -246,7 +246,9 @@ type SelfFenced struct {
 }
 
 // Draining: the server asks the worker to finish what it holds and take no
-// more work (it stops granting); Deadline is zero when it waits forever.
+// more work (it stops granting); Deadline is zero when it waits forever. The
+// agent stays connected and takes grants again if an operator ends the drain
+// (ClusterService.UndrainWorker); no event says so: the next Granted does.
 type Draining struct {
 	Reason   string
 	Deadline time.Time

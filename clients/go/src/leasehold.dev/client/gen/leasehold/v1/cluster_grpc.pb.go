@@ -31,12 +31,28 @@ type ClusterServiceClient interface {
 	// The drain lasts as long as the worker's session: it holds across
 	// reconnections within the grace period (each new stream gets the Drain
 	// again, with this request's reason), and ends with the session (a
-	// goodbye, or reaped), after which a new session is granted work again.
+	// goodbye, or reaped), after which a new session is granted work again;
+	// UndrainWorker ends it sooner, on the same session.
 	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
 	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
 	// would then end before it began: drain a worker while its agent runs.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(ctx context.Context, in *DrainWorkerRequest, opts ...grpc.CallOption) (*DrainWorkerResponse, error)
+	// Ends the drain of a worker's live session (what Kubernetes calls
+	// uncordon): the session is granted work again at once, on whichever
+	// server process hosts its stream, and so are the streams that resume it
+	// later. Nothing is sent on the stream: the next Grant is the sign (see
+	// Drain). A worker that stopped grants itself (StopGrants, or a hello
+	// with stop_grants) stays stopped on that stream: that is the worker's
+	// decision, not the operator's. Records an event
+	// (EVENT_KIND_WORKER_UNDRAINED). A worker that is not draining is left as
+	// it is, with no event: the call returns it with drain_ended false, so
+	// calling it again is harmless.
+	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+	// ends with its session and the next one is granted work anyway.
+	// Right: worker.drain in the worker's cluster.
+	UndrainWorker(ctx context.Context, in *UndrainWorkerRequest, opts ...grpc.CallOption) (*UndrainWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the
 	// mass-disconnect valve, --partition-share): the operator says its lost
 	// workers are really gone. Holds until the cluster is no longer
@@ -90,6 +106,15 @@ func (c *clusterServiceClient) DrainWorker(ctx context.Context, in *DrainWorkerR
 	return out, nil
 }
 
+func (c *clusterServiceClient) UndrainWorker(ctx context.Context, in *UndrainWorkerRequest, opts ...grpc.CallOption) (*UndrainWorkerResponse, error) {
+	out := new(UndrainWorkerResponse)
+	err := c.cc.Invoke(ctx, "/leasehold.v1.ClusterService/UndrainWorker", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *clusterServiceClient) ResumeExpiries(ctx context.Context, in *ResumeExpiriesRequest, opts ...grpc.CallOption) (*ResumeExpiriesResponse, error) {
 	out := new(ResumeExpiriesResponse)
 	err := c.cc.Invoke(ctx, "/leasehold.v1.ClusterService/ResumeExpiries", in, out, opts...)
@@ -117,12 +142,28 @@ type ClusterServiceServer interface {
 	// The drain lasts as long as the worker's session: it holds across
 	// reconnections within the grace period (each new stream gets the Drain
 	// again, with this request's reason), and ends with the session (a
-	// goodbye, or reaped), after which a new session is granted work again.
+	// goodbye, or reaped), after which a new session is granted work again;
+	// UndrainWorker ends it sooner, on the same session.
 	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
 	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
 	// would then end before it began: drain a worker while its agent runs.
 	// Right: worker.drain in the worker's cluster.
 	DrainWorker(context.Context, *DrainWorkerRequest) (*DrainWorkerResponse, error)
+	// Ends the drain of a worker's live session (what Kubernetes calls
+	// uncordon): the session is granted work again at once, on whichever
+	// server process hosts its stream, and so are the streams that resume it
+	// later. Nothing is sent on the stream: the next Grant is the sign (see
+	// Drain). A worker that stopped grants itself (StopGrants, or a hello
+	// with stop_grants) stays stopped on that stream: that is the worker's
+	// decision, not the operator's. Records an event
+	// (EVENT_KIND_WORKER_UNDRAINED). A worker that is not draining is left as
+	// it is, with no event: the call returns it with drain_ended false, so
+	// calling it again is harmless.
+	// NOT_FOUND if the worker never connected; FAILED_PRECONDITION (ErrorInfo
+	// reason WORKER_NOT_CONNECTED) if it has no live session, since a drain
+	// ends with its session and the next one is granted work anyway.
+	// Right: worker.drain in the worker's cluster.
+	UndrainWorker(context.Context, *UndrainWorkerRequest) (*UndrainWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the
 	// mass-disconnect valve, --partition-share): the operator says its lost
 	// workers are really gone. Holds until the cluster is no longer
@@ -148,6 +189,9 @@ func (UnimplementedClusterServiceServer) GetWorker(context.Context, *GetWorkerRe
 }
 func (UnimplementedClusterServiceServer) DrainWorker(context.Context, *DrainWorkerRequest) (*DrainWorkerResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DrainWorker not implemented")
+}
+func (UnimplementedClusterServiceServer) UndrainWorker(context.Context, *UndrainWorkerRequest) (*UndrainWorkerResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UndrainWorker not implemented")
 }
 func (UnimplementedClusterServiceServer) ResumeExpiries(context.Context, *ResumeExpiriesRequest) (*ResumeExpiriesResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ResumeExpiries not implemented")
@@ -237,6 +281,24 @@ func _ClusterService_DrainWorker_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ClusterService_UndrainWorker_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UndrainWorkerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).UndrainWorker(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/leasehold.v1.ClusterService/UndrainWorker",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).UndrainWorker(ctx, req.(*UndrainWorkerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ClusterService_ResumeExpiries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ResumeExpiriesRequest)
 	if err := dec(in); err != nil {
@@ -274,6 +336,10 @@ var _ClusterService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DrainWorker",
 			Handler:    _ClusterService_DrainWorker_Handler,
+		},
+		{
+			MethodName: "UndrainWorker",
+			Handler:    _ClusterService_UndrainWorker_Handler,
 		},
 		{
 			MethodName: "ResumeExpiries",

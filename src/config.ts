@@ -25,7 +25,7 @@ export interface ServerConfig {
   /** Sessions silent longer than this get no restart extension (SPEC rule 6). Default 10 × grace. */
   readonly maxSilenceMs: number;
   /**
-   * How long a worker without a live session (and not draining) is kept
+   * How long a worker without a live session is kept
    * after it was last seen, and an ended session after it ended; 0 keeps
    * them forever (see `forgetWorkers`).
    */

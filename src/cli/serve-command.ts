@@ -54,7 +54,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--worker-retention <duration>",
-        "how long a worker that is not connected (and not draining) is kept after it was last seen, with its sessions, and an ended session after it ended; then they are forgotten (ListWorkers no longer shows them); 0 keeps them forever, else at least 1m",
+        "how long a worker that is not connected is kept after it was last seen, with its sessions, and an ended session after it ended; then they are forgotten (ListWorkers no longer shows them); 0 keeps them forever, else at least 1m",
       )
         .env("LEASEHOLD_WORKER_RETENTION")
         .default(DEFAULTS.workerRetention),

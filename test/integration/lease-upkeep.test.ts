@@ -137,7 +137,7 @@ describe("lease upkeep", () => {
     await t[Symbol.asyncDispose]();
   });
 
-  it("forgets workers not seen for --worker-retention with their sessions, but never a connected or draining one", async () => {
+  it("forgets workers not seen for --worker-retention with their sessions, a drained one too, but never a connected one", async () => {
     await t[Symbol.asyncDispose]();
     let db: Db | undefined;
     t = await start({ wrapDb: (d) => (db = d) });
@@ -156,12 +156,12 @@ describe("lease upkeep", () => {
     await tick().forget();
 
     const { workers: kept } = await t.client(ClusterService).listWorkers({});
-    expect(kept.map((w) => w.workerId)).toEqual(["connected", "drained", "recent"]);
+    // The drain ended with the drained worker's session: it is forgotten as the others.
+    expect(kept.map((w) => w.workerId)).toEqual(["connected", "recent"]);
     const sessions = await queryRows<{ worker_id: string; live: boolean }>(
       db as Db,
       sql`select worker_id, ended_at is null as live from sessions order by worker_id`,
     );
-    // The drained worker's ended session is older than the retention too; the live one stays.
     expect(sessions).toEqual([
       { worker_id: "connected", live: true },
       { worker_id: "recent", live: false },
@@ -169,7 +169,7 @@ describe("lease upkeep", () => {
     await waitForLog("forgot workers and sessions past --worker-retention");
     expect(t.logs.find((l) => l.msg === "forgot workers and sessions past --worker-retention")).toMatchObject(
       {
-        workers: 1,
+        workers: 2,
         sessions: 2,
       },
     );

@@ -9,8 +9,8 @@ export const FORGET_BATCH = 1000;
 /**
  * Housekeeping, as Nomad collects the nodes it has not heard from: forgets
  * the workers last seen before `now - retentionMs` that have no live session
- * and are not draining (a drain asked for is kept until it is lifted), with
- * all their sessions; and, of the workers kept, the sessions that ended
+ * (a drain ends with its session: a worker drained and gone is forgotten as
+ * any other), with all their sessions; and, of the workers kept, the sessions that ended
  * before then. Without it, every worker id ever seen (a pod name per
  * deployment, say) stayed in ListWorkers and in the tables forever.
  *
@@ -35,7 +35,7 @@ export async function forgetWorkers(
     sql`
       with gone as (
         select w.worker_id from workers w
-        where w.last_seen_at < ${cutoff} and not w.draining
+        where w.last_seen_at < ${cutoff}
           and not exists (select 1 from sessions s where s.worker_id = w.worker_id and s.ended_at is null)
         order by w.last_seen_at
         limit ${FORGET_BATCH}

@@ -745,6 +745,13 @@ export function createAgent(options: AgentOptions): Agent {
     const progress = r.progressWaiting;
     if (!progress || r.serverEnded || !conn || conn.ended || !conn.welcomed || conn.saidGoodbye) return;
     if (!now && r.progressSent?.conn === conn) return;
+    // Once the lease's completion or release is decided, its progress goes only just before that
+    // report (sendReport), never on its own: sent after it (a progress answered UNAVAILABLE and
+    // sent again while the completion awaits its answer), it reaches the server after the action
+    // ended there and is refused as fenced, which reads as a second worker on the lease. It
+    // waits instead: sent before the report if that is sent again (answered UNAVAILABLE, or on
+    // the next stream), dropped with the lease once the report is answered.
+    if (!now && r.report) return;
     nextReportId += 1n;
     const reportId = nextReportId;
     r.progressWaiting = undefined;

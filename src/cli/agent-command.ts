@@ -210,15 +210,35 @@ export function agentCommand(): Command {
           security: g.security,
           allow,
         });
-        const disconnects = disconnectNotices();
+        const disconnects = disconnectNotices(
+          servers.length === 1 ? (servers[0] ?? g.server) : `any of ${servers.join(", ")}`,
+        );
+        /** Whether the stream now open was welcomed (a session), or the agent is between streams or waiting for a welcome. */
+        let inSession = false;
+        /** A taken_over line was just said: the disconnected event of that same stream end says nothing more. */
+        let saidTakenOver = false;
+        /** Leases held now; read only once the agent exists (events come after createAgent returns). */
+        let held = () => 0;
         const log = (event: AgentEvent) => {
           if (g.json) return printJson({ time: new Date().toISOString(), ...event });
           if (event.type === "disconnected") {
+            inSession = false;
             const line = disconnects.noticeOf(unreachableWhy(event.error), Date.now());
-            if (line !== undefined) printLine(`${new Date().toISOString()} ${line}`);
+            if (saidTakenOver) saidTakenOver = false;
+            else if (line !== undefined) printLine(`${new Date().toISOString()} ${line}`);
             return;
           }
-          if (event.type === "connected") disconnects.connected();
+          if (event.type === "connected") {
+            inSession = true;
+            disconnects.connected();
+          }
+          if (event.type === "taken_over") {
+            saidTakenOver = true;
+            // Emitted after the SDK aborted the handlers it held, which stay counted until they return.
+            return printLine(
+              `${new Date().toISOString()} ${takenOverLine(workerId, { hadSession: inSession, stopped: held(), retryInMs: event.retryInMs })}`,
+            );
+          }
           printLine(`${new Date().toISOString()} ${describe(event)}`);
         };
         /** One line of the agent's own (not the SDK's events): `type` and `fields` under --json. */
@@ -255,6 +275,7 @@ export function agentCommand(): Command {
           // before the server may hand the actions on.
           onGuarantee: (ms) => keeper.guaranteed(ms + 250),
         });
+        held = () => agent.running;
         // Ctrl-C (or SIGTERM) once drains; twice stops the held actions now and gives their leases
         // back; three times kills what they started and exits at once.
         const interrupts = interruptCounter();
@@ -269,9 +290,14 @@ export function agentCommand(): Command {
           if (nth === undefined) return;
           if (nth === 1) {
             if (agent.sessionId === undefined)
-              say("interrupt_unconnected", "never connected to a server: nothing to hand back; exiting", {
-                signal,
-              });
+              // Never welcomed: the agent may have reached a server that refused it, but it holds no lease.
+              say(
+                "interrupt_unconnected",
+                "not connected (no session with a server): nothing to hand back; exiting",
+                {
+                  signal,
+                },
+              );
             else
               say(
                 "interrupt_drain",
@@ -397,9 +423,27 @@ function describe(e: AgentEvent): string {
         : `server ${e.address} cannot reach its database: its acks no longer extend the leases' guarantee`;
     case "warning":
       return e.message;
+    // Said by the caller, which knows whether the agent had a session and what it held.
     case "taken_over":
-      return `another process is connected with this worker id and holds the session (worker ids must be unique); stopped every action, reconnecting in ${Math.round(e.retryInMs)}ms`;
+      return `another process holds this worker id's session (worker ids must be unique); trying again in ${Math.round(e.retryInMs)}ms`;
   }
+}
+
+/**
+ * The line for a taken_over event: another process took this agent's
+ * session (`hadSession`), or holds it and the server refused this agent's
+ * hello; the actions it stopped are said only when there were some.
+ */
+export function takenOverLine(
+  workerId: string,
+  { hadSession, stopped, retryInMs }: { hadSession: boolean; stopped: number; retryInMs: number },
+): string {
+  const what = hadSession
+    ? `another process connected as worker ${workerId} and took this agent's session over`
+    : `the server refused this agent: another process is connected as worker ${workerId} and holds its session`;
+  const actions =
+    stopped > 0 ? `stopped ${count(stopped, "held action")} (their leases are that process's); ` : "";
+  return `${what} (worker ids must be unique); ${actions}trying again in ${Math.round(retryInMs)}ms`;
 }
 
 /** How often the agent says again that it still cannot connect. */
@@ -410,11 +454,16 @@ const STILL_DISCONNECTED_EVERY_MS = 30_000;
  * one whenever a reason not yet told comes up (a refusal of the agent's
  * credentials after a server that was down), and one every 30 s while it
  * lasts, so that an agent that cannot connect never goes silent; with
- * several --server addresses tried in turn, each reason is told once.
+ * several --server addresses tried in turn, each reason is told once. A run
+ * before the agent's first session says it cannot connect to `target` (yet);
+ * only one after a session says it was disconnected.
  */
-export function disconnectNotices() {
+export function disconnectNotices(target: string) {
   let since: number | undefined;
   let saidAt = 0;
+  let everConnected = false;
+  /** Whether the run now going on follows a session that ended (else the agent never had one). */
+  let lost = false;
   const told = new Set<string>();
   return {
     noticeOf(why: string, now: number): string | undefined {
@@ -423,16 +472,25 @@ export function disconnectNotices() {
       if (since === undefined) {
         since = now;
         saidAt = now;
+        lost = everConnected;
         told.add(reason);
-        return `disconnected (${why}); reconnecting with backoff`;
+        return lost
+          ? `disconnected (${why}); reconnecting with backoff`
+          : `cannot connect to ${target} yet (${why}); trying again with backoff`;
       }
       if (told.has(reason) && now - saidAt < STILL_DISCONNECTED_EVERY_MS) return undefined;
       told.add(reason);
       saidAt = now;
-      return `still disconnected after ${Math.round((now - since) / 1000)} s (${why}); reconnecting with backoff`;
+      // A second reason can come within the first second (another address): in ms, never "after 0 s".
+      const ms = now - since;
+      const after = ms < 1000 ? `${ms} ms` : `${Math.round(ms / 1000)} s`;
+      return lost
+        ? `still disconnected after ${after} (${why}); reconnecting with backoff`
+        : `still cannot connect after ${after} (${why}); trying again with backoff`;
     },
     connected(): void {
       since = undefined;
+      everConnected = true;
       told.clear();
     },
   };

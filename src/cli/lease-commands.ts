@@ -126,10 +126,27 @@ const printResource = (r: Resource | undefined, json: boolean) => {
 const ttlOption = (ttl: string | undefined) =>
   ttl === undefined ? {} : { ttl: durationFromMs(durationMsFlag("--ttl", ttl, { wholeMs: true })) };
 
-/** A lease just opened or renewed: its id and until when it stays open. */
-function printOpenLease(l: Lease | undefined, json: boolean): void {
+/**
+ * A lease's state in words: until when it stays open, or when it closed and
+ * how (`rolled back at …`, with why when its TTL did it).
+ */
+function leaseStateText(l: Lease): string {
+  if (l.state === LeaseState.OPEN) return `open until ${time(l.expireTime)}`;
+  if (l.state === LeaseState.COMMITTED) return `committed at ${time(l.closeTime)}`;
+  if (l.state === LeaseState.ROLLED_BACK)
+    return `rolled back at ${time(l.closeTime)}${l.closeReason === CloseReason.EXPIRED ? ": its TTL passed" : ""}`;
+  return enumName(LeaseState, l.state).toLowerCase();
+}
+
+/**
+ * A lease a create or renew answered with: its id and its state, as the
+ * server returned it (a create retried with its request id returns the
+ * lease as it is now, closed or not).
+ */
+function printAnsweredLease(l: Lease | undefined, json: boolean): void {
+  if (!l) return;
   if (json) printLease(l, true);
-  else printLine(`${l?.id} (open until ${time(l?.expireTime)})`);
+  else printLine(`${l.id} (${leaseStateText(l)})`);
 }
 
 /**
@@ -169,7 +186,10 @@ export function leaseCommands(): Command {
       "roll back automatically after this long: at least 1s, in whole milliseconds (default: the server's, 1h)",
     )
     .option("--label <label>", "free-form label")
-    .option("--request-id <id>", "idempotency key")
+    .option(
+      "--request-id <id>",
+      "idempotency key: the same command again returns the lease it opened; if that lease has closed since, it is printed and the exit code is 1",
+    )
     .action(async (o: Record<string, string | undefined>, command: Command) =>
       withClients(command, async (c, json) => {
         const { lease: l } = await c.leases
@@ -182,7 +202,19 @@ export function leaseCommands(): Command {
           .catch((error: unknown) => {
             throw ttlRefused(error, o.ttl);
           });
-        printOpenLease(l, json);
+        printAnsweredLease(l, json);
+        // A retry returns the lease its request id opened, which may have closed since: the
+        // caller asked for an open lease and has none, so this fails (1) rather than let a
+        // script go on creating into a closed lease; the line above still names it.
+        if (l && l.state !== LeaseState.OPEN) {
+          printError(
+            `--request-id ${o.requestId}: the lease this request id opened, ${l.id}, is already closed ` +
+              `(${leaseStateText(l)}); a retry returns that lease as it is. ` +
+              "To open a new lease, use a new request id.",
+          );
+          return EXIT.failed;
+        }
+        return EXIT.ok;
       }),
     );
   lease
@@ -205,7 +237,7 @@ export function leaseCommands(): Command {
           .catch((error: unknown) => {
             throw ttlRefused(error, o.ttl);
           });
-        printOpenLease(l, json);
+        printAnsweredLease(l, json);
       }),
     );
   lease

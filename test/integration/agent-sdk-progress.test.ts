@@ -4,6 +4,7 @@ import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb
 import { agentEvents, type Finished, finishedOf } from "../helpers/agent-events.js";
 import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { deferred } from "../helpers/deferred.js";
+import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer } from "../helpers/server.js";
 
 describe("an SDK handler's progress reports", () => {
@@ -84,5 +85,93 @@ describe("an SDK handler's progress reports", () => {
     const got = (await api.getAction({ actionId: action?.id ?? "" })).action;
     expect(got).toMatchObject({ state: ActionState.SUCCEEDED, output: { resumedFrom: { step: 2 } } });
     expect(checkpoints).toEqual([undefined, { step: 2 }]);
+  });
+
+  it("answered UNAVAILABLE after the completion went out, is never sent after it: no fenced progress of an action that ended", {
+    timeout: 60_000,
+  }, async () => {
+    // The progress statement (record-progress.ts) and the completion's (finish-actions.ts).
+    const PROGRESS = /update actions a set\s+phase = case/;
+    const COMPLETION = /f_input as \(/;
+    const progressSeen = deferred();
+    const failProgress = deferred();
+    const completionSeen = deferred();
+    const applyCompletion = deferred();
+    let progressStatements = 0;
+    const t = await startTestServer({
+      config: { heartbeatInterval: "250ms", gracePeriod: "10s" },
+      overrides: {
+        wrapDb: intercepting(async (text, execute) => {
+          if (PROGRESS.test(text)) {
+            progressStatements += 1;
+            if (progressStatements === 1) {
+              // The first progress waits until the completion is at the server, then fails as a
+              // database that went away fails: the server answers it UNAVAILABLE.
+              progressSeen.resolve();
+              await failProgress.promise;
+              throw new Error("Connection terminated unexpectedly");
+            }
+          }
+          if (COMPLETION.test(text)) {
+            // Applied only after the agent's resend of an UNAVAILABLE progress would have gone out.
+            completionSeen.resolve();
+            await applyCompletion.promise;
+          }
+          return execute();
+        }),
+      },
+    });
+    cleanups.push(() => t[Symbol.asyncDispose]());
+    const events = agentEvents();
+    /** Waiters for the next heartbeat acks: an ack says the server read what the agent sent before that heartbeat. */
+    const ackWaiters = new Set<() => void>();
+    const acks = (n: number) =>
+      new Promise<void>((resolve) => {
+        let left = n;
+        const one = () => {
+          if (--left > 0) return;
+          ackWaiters.delete(one);
+          resolve();
+        };
+        ackWaiters.add(one);
+      });
+    const agent = createAgent({
+      address: t.address,
+      cluster: "east",
+      workerId: "resend",
+      onEvent: events.onEvent,
+      onGuarantee: () => {
+        for (const w of [...ackWaiters]) w();
+      },
+      handler: async (ctx) => {
+        ctx.progress("halfway", { percent: 50 });
+        await progressSeen.promise;
+        // Returns while that progress waits for its answer: the completion goes out after it.
+        return { done: true };
+      },
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 1000 }));
+    const api = t.client(ActionService);
+    const { action } = await api.submitAction({ cluster: "east" });
+    const actionId = action?.id ?? "";
+    await progressSeen.promise;
+    // Acks of heartbeats sent after the completion: the server has read it (it waits behind the progress).
+    await acks(3);
+    failProgress.resolve();
+    await completionSeen.promise;
+    // Well past the agent's half-second resend of the progress answered UNAVAILABLE.
+    await acks(6);
+    applyCompletion.resolve();
+    const finished = await events.until(finishedOf(actionId));
+    expect(finished).toMatchObject({ outcome: "succeeded", accepted: true });
+    // The goodbye is confirmed once every report the agent sent is answered: a late progress too.
+    expect(await agent.close({ timeoutMs: 1000 })).toMatchObject({ goodbye: true });
+    // The progress answered UNAVAILABLE was not sent again after the completion: the server
+    // applied no second one, and fenced none (a fenced progress reads as split-brain).
+    const text = await (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+    expect(text).not.toMatch(/^leasehold_reports_total\{kind="progress",result="fenced"\} [1-9]/m);
+    expect(progressStatements).toBe(1);
+    const got = (await api.getAction({ actionId })).action;
+    expect(got).toMatchObject({ state: ActionState.SUCCEEDED, output: { done: true } });
   });
 });

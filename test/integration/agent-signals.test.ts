@@ -4,6 +4,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { createAgent } from "../../src/agent/agent.js";
 import { SAME_SIGNAL_MS } from "../../src/cli/signals.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { runsDriverNeutralTests } from "../helpers/database.js";
@@ -139,6 +140,60 @@ describe.runIf(runsDriverNeutralTests())(
         expect(agent.logs.filter((l) => l.type === "goodbye_unconfirmed")).toEqual([]);
       } finally {
         holder.close();
+      }
+    });
+
+    it("says each refusal of its worker id once, stopping nothing it never held, and has nothing to hand back", async () => {
+      // Another process holds the session of this worker id: every hello of the agent is refused.
+      let holding = () => {};
+      const held = new Promise<void>((resolve) => {
+        holding = resolve;
+      });
+      const holder = createAgent({
+        address: t.address,
+        cluster: "refused",
+        workerId: "refused",
+        handler: async () => ({}),
+        onEvent: (e) => {
+          if (e.type === "connected") holding();
+        },
+      });
+      try {
+        await held;
+        const workDir = join(dir, "refused");
+        const agent = runLeasehold(
+          [
+            "--server",
+            t.address,
+            "agent",
+            "--cluster",
+            "refused",
+            "--worker-id",
+            "refused",
+            "--work-dir",
+            workDir,
+            "--allow-any-command",
+          ],
+          undefined,
+        );
+        agents.push({ agent, workDir, workerId: "refused" });
+        const refusal =
+          /the server refused this agent: another process is connected as worker refused and holds its session \(worker ids must be unique\); trying again in \d+ms$/;
+        const refusals = () => agent.logs.filter((l) => refusal.test(String(l.msg)));
+        await agent.waitForLog(() => refusals().length >= 2);
+        // One line a refusal: no "disconnected" (it never was connected), no actions stopped (it held none).
+        const said = agent.logs.map((l) => String(l.msg)).filter((m) => !/ made the work directory /.test(m));
+        expect(said).toEqual(refusals().map((l) => String(l.msg)));
+        agent.child.kill("SIGTERM");
+        await agent.waitForLog((l) =>
+          / not connected \(no session with a server\): nothing to hand back; exiting$/.test(String(l.msg)),
+        );
+        expect(await agent.exited).toBe(0);
+        expect(agent.logs.some((l) => /never connected|stopped|disconnected/.test(String(l.msg)))).toBe(
+          false,
+        );
+      } finally {
+        await holder.close({ timeoutMs: 100 });
       }
     });
 

@@ -516,7 +516,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     );
     try {
       const { lines, waitFor } = collectLines(agent);
-      await waitFor((l) => /disconnected/.test(String(l.text)));
+      await waitFor((l) => /cannot connect/.test(String(l.text)));
       await new Promise<void>((resolve) => {
         const look = () => {
           if (attempts < 3) return;
@@ -528,12 +528,17 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       });
       // Both addresses were tried more than once by now (the agent alternates between them): one
       // line for each reason (the dropping one fails in more than one way), none for the tries after.
-      const said = lines.map((l) => String(l.text)).filter((text) => /disconnected/.test(text));
-      expect(said[0]).toMatch(/ disconnected \(.+\); reconnecting with backoff$/);
+      // Never connected: it says it cannot connect yet, never that it was disconnected.
+      const said = lines.map((l) => String(l.text)).filter((text) => /connect/.test(text));
+      expect(said[0]).toMatch(
+        new RegExp(
+          ` cannot connect to any of 127\\.0\\.0\\.1:1, 127\\.0\\.0\\.1:${port} yet \\(.+\\); trying again with backoff$`,
+        ),
+      );
       for (const line of said.slice(1))
-        expect(line).toMatch(/ still disconnected after \d+ s \(.+\); reconnecting with backoff$/);
+        expect(line).toMatch(/ still cannot connect after [1-9]\d* m?s \(.+\); trying again with backoff$/);
       const reasons = said.map((line) =>
-        /\((.+)\); reconnecting/.exec(line)?.[1]?.replace(/ \(\d{4}-[^)]*\)/g, ""),
+        /\((.+)\); trying again/.exec(line)?.[1]?.replace(/ \(\d{4}-[^)]*\)/g, ""),
       );
       expect(new Set(reasons).size, said.join("\n")).toBe(said.length);
       expect(reasons).toContain("connect ECONNREFUSED 127.0.0.1:1");
@@ -659,6 +664,31 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       worker.drop();
       await t.client(LeaseService).rollbackLease({ leaseId });
     }
+  });
+
+  it("lease create retried after its lease closed shows the lease's state and exits 1", async () => {
+    const create = ["lease", "create", "--runtime", "cli-retry", "--request-id", "retry-1"];
+    const first = await cli([...server, ...create]);
+    expect(first).toMatchObject({ code: 0, stderr: "" });
+    const id = first.stdout.split(" ")[0] ?? "";
+    expect(first.stdout).toMatch(new RegExp(`^${escapeRegExp(id)} \\(open until \\S+\\)\n$`));
+    // The same request again while the lease is open: the same lease, still a success.
+    expect(await cli([...server, ...create])).toEqual(first);
+    const { lease } = await t.client(LeaseService).rollbackLease({ leaseId: id });
+    if (!lease) throw new Error("the rollback returned no lease");
+    const closedAt = new Date((toJson(LeaseSchema, lease) as { closeTime: string }).closeTime).toISOString();
+    const again = await cli([...server, ...create]);
+    expect(again).toEqual({
+      code: 1,
+      stdout: `${id} (rolled back at ${closedAt})\n`,
+      stderr:
+        `leasehold: --request-id retry-1: the lease this request id opened, ${id}, is already closed ` +
+        `(rolled back at ${closedAt}); a retry returns that lease as it is. ` +
+        "To open a new lease, use a new request id.\n",
+    });
+    const asJson = await cli([...server, "--json", ...create]);
+    expect(asJson.code).toBe(1);
+    expect(JSON.parse(asJson.stdout)).toMatchObject({ id, state: "LEASE_STATE_ROLLED_BACK" });
   });
 
   it("runs a scope lease through create, file upload, promote, rollback and housekeeping", async () => {

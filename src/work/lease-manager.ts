@@ -749,10 +749,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     },
     async undrain(workerId, reason, actor) {
       const outcome = await setWorkerUndrained(db, workerId, reason, actor);
-      if (outcome !== "undrained") return outcome;
+      if (outcome !== "undrained" && outcome !== "not draining") return outcome;
+      // "not draining" too: the processes' notices carry no order, so one that hosts the stream
+      // may have applied a drain after the undrain that followed it. Lifting it again is
+      // harmless, and an operator's undrain that finds nothing to change repairs that.
       undrainHosted(workerId);
       bus?.send({ kind: "undrain", workerId });
-      feed.publish(EVENTS_TOPIC);
+      if (outcome === "undrained") feed.publish(EVENTS_TOPIC);
       return outcome;
     },
     nextReap: () => reaper.next(),

@@ -1,8 +1,9 @@
 import type { Logger } from "pino";
 import type { Clock } from "../../store/clock.js";
-import type { Db } from "../../store/database.js";
+import { type Db, isTransientConnectError } from "../../store/database.js";
 import { endSession } from "../../store/queries/end-session.js";
 import type { LostStream, StreamLoss } from "../../store/queries/mark-stream-lost.js";
+import { driverError } from "../../store/rows.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
 import type { WorkerMessage } from "../worker-messages.js";
 import type { Handover } from "./handover.js";
@@ -94,13 +95,18 @@ export function createStreamHandle(
       try {
         return await end();
       } catch (error) {
-        if (deps.goodbyeRetry.stopped() || performance.now() - started >= deps.goodbyeRetry.forMs)
+        if (
+          !endMayWorkLater(error) ||
+          deps.goodbyeRetry.stopped() ||
+          performance.now() - started >= deps.goodbyeRetry.forMs
+        )
           throw error;
         log.warn(
           { err: error, workerId: s.workerId, sessionId: s.sessionId },
           "could not end the session on goodbye; trying again",
         );
-        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)));
+        // Unreferenced: a process stopping meanwhile is not held up by the wait.
+        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)).unref());
       }
     }
   };
@@ -239,6 +245,18 @@ export function createStreamHandle(
       }
     },
   };
+}
+
+/**
+ * Whether a session end that failed with `error` may work if tried again: the database lost or
+ * refusing for now (a connection closed or reset, a shutdown or start, too many connections, a
+ * read-only standby), a serialization failure, a deadlock or a cancelled statement. Anything
+ * else (a bug in the statement) fails the same way every time: it is not retried.
+ */
+function endMayWorkLater(error: unknown): boolean {
+  if (isTransientConnectError(error)) return true;
+  const code = driverError(error)?.code;
+  return code === "40001" || code === "40P01" || code === "57014";
 }
 
 /** `promise`, or undefined as soon as `signal` aborts. */

@@ -407,7 +407,9 @@ export enum EventKind {
   LEASE_EXPIRED = 9,
 
   /**
-   * A worker released a lease.
+   * A worker released a lease (details: self_fenced true when the worker
+   * stopped the work on its self-fence, ReleaseReport.self_fenced; none
+   * otherwise).
    *
    * @generated from enum value: EVENT_KIND_LEASE_RELEASED = 10;
    */

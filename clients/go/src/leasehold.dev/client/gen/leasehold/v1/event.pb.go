@@ -50,7 +50,9 @@ const (
 	// budget is spent (details: cause, as for EVENT_KIND_SESSION_REAPED; state,
 	// the action's state after it: QUEUED, CANCELLED or FAILED).
 	EventKind_EVENT_KIND_LEASE_EXPIRED EventKind = 9
-	// A worker released a lease.
+	// A worker released a lease (details: self_fenced true when the worker
+	// stopped the work on its self-fence, ReleaseReport.self_fenced; none
+	// otherwise).
 	EventKind_EVENT_KIND_LEASE_RELEASED EventKind = 10
 	// The server revoked a lease (cancel, drain, stale lease on reconnect). Of
 	// the stale leases one hello lists, the first 64 get this event each; the

@@ -1817,7 +1817,8 @@ type ReleaseReport struct {
 	// out without a heartbeat ack (the self-fence; see Connect), not by
 	// choice. The release is applied the same way; the server counts it apart
 	// (leasehold_self_fenced_releases_total) and marks its lease_released
-	// event (details {"self_fenced": true}), so work that runs again because
+	// event, or action_cancelled when a cancel was pending (details
+	// {"self_fenced": true}), so work that runs again because
 	// a server or its database was out of reach shows as such: it is not an
 	// expiry. The SDKs set it.
 	SelfFenced bool `protobuf:"varint,5,opt,name=self_fenced,json=selfFenced,proto3" json:"self_fenced,omitempty"`

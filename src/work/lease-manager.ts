@@ -438,7 +438,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         queueChanged: scheduleDispatch,
         markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
-        goodbyeRetry: { forMs: maxSilenceMs, stopped: () => closed },
+        endRetry: { forMs: maxSilenceMs, stopped: () => closed },
       },
       s,
     );

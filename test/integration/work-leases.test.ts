@@ -1185,6 +1185,44 @@ describe("work leases", () => {
     expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.RELEASED]);
   });
 
+  it("records a lost stream whose first record failed, so the worker back resumes at once", async () => {
+    // The database connection is lost under the statement that records the stream's loss (a
+    // worker dying during an outage): it is tried again, not dropped. Dropped, the session stayed
+    // connected until its deadline, and the restarted worker was refused as WORKER_ID_IN_USE.
+    let failOnce = true;
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: {
+        clock,
+        timers: false,
+        wrapDb: intercepting(async (text, execute) => {
+          if (failOnce && text.includes("'stream_lost'")) {
+            failOnce = false;
+            // As postgres.js fails a statement whose connection closed under it.
+            throw Object.assign(new Error("write CONNECTION_CLOSED 127.0.0.1:5432"), {
+              code: "CONNECTION_CLOSED",
+            });
+          }
+          return execute();
+        }),
+      },
+    });
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    a.drop();
+    await waitForEvent(t, id, "wa", EventKind.STREAM_LOST);
+    expect(t.logs.filter((l) => l.msg === "could not record a lost stream; trying again")).toHaveLength(1);
+    const back = await worker("wa", { held: [{ actionId: id, epoch: grant.epoch }] });
+    expect(back.welcome).toMatchObject({
+      sessionResumed: true,
+      sessionId: a.welcome.sessionId,
+      resumed: [{ actionId: id, epoch: 1n }],
+    });
+  });
+
   it("applies and answers the reports sent before a goodbye, then ends the session", async () => {
     const a = await worker("wa");
     const id = await submit();

@@ -72,10 +72,11 @@ export function createStreamHandle(
     /** The stream was lost: its session is due at `deadline` (database clock, ms). */
     streamLost: (deadlineMs: number, dbOffsetMs: number) => void;
     /**
-     * How long a goodbye whose session end failed (the database lost, a connection cut) is
-     * tried again, in ms (the maximum silence), and whether this process stopped meanwhile.
+     * How long a goodbye's session end or a lost stream's record that failed (the database lost,
+     * a connection cut) is tried again, in ms (the maximum silence), and whether this process
+     * stopped meanwhile.
      */
-    goodbyeRetry: { readonly forMs: number; readonly stopped: () => boolean };
+    endRetry: { readonly forMs: number; readonly stopped: () => boolean };
   },
   s: Hosted,
 ): SessionHandle {
@@ -84,26 +85,28 @@ export function createStreamHandle(
   // worker's close returns with the session already over.
   let goodbye: Promise<void> | undefined;
   /**
-   * The session's end on goodbye, tried again while it fails: the goodbye is applied even when
-   * the database was lost meanwhile and the worker stopped waiting for its answer (its leases
-   * would otherwise expire, each charged a system retry). Ending is conditional on the stream
-   * token, so a try after one that committed unseen changes nothing.
+   * A session's end on goodbye, or the record of its lost stream, tried again while it fails:
+   * either is applied even when the database was lost meanwhile. A goodbye whose worker stopped
+   * waiting for its answer would otherwise leave its leases to expire, each charged a system
+   * retry; a lost stream left unrecorded would keep its session connected, and a restarted
+   * worker refused as WORKER_ID_IN_USE, until a grace period after the database came back. Both
+   * are conditional on the stream token, so a try after one that committed unseen changes nothing.
    */
-  const endUntilDone = async <T>(end: () => Promise<T>): Promise<T> => {
+  const untilApplied = async <T>(what: string, apply: () => Promise<T>): Promise<T> => {
     const started = performance.now();
     for (let attempt = 0; ; attempt++) {
       try {
-        return await end();
+        return await apply();
       } catch (error) {
         if (
           !endMayWorkLater(error) ||
-          deps.goodbyeRetry.stopped() ||
-          performance.now() - started >= deps.goodbyeRetry.forMs
+          deps.endRetry.stopped() ||
+          performance.now() - started >= deps.endRetry.forMs
         )
           throw error;
         log.warn(
           { err: error, workerId: s.workerId, sessionId: s.sessionId },
-          "could not end the session on goodbye; trying again",
+          `could not ${what}; trying again`,
         );
         // Unreferenced: a process stopping meanwhile is not held up by the wait.
         await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)).unref());
@@ -185,7 +188,11 @@ export function createStreamHandle(
           deps.handover.ended(s);
           goodbye = reports
             .answeredAll(s)
-            .then(() => endUntilDone(() => endSession(db, clock, s.sessionId, s.streamToken, message.reason)))
+            .then(() =>
+              untilApplied("end the session on goodbye", () =>
+                endSession(db, clock, s.sessionId, s.streamToken, message.reason),
+              ),
+            )
             .then(
               ({ releasedActionIds }) => {
                 log.info({ workerId: s.workerId, sessionId: s.sessionId }, "worker said goodbye");
@@ -218,12 +225,14 @@ export function createStreamHandle(
       if (end.answerFirst) await waitUnlessAborted(reports.answeredAll(s), end.signal);
       try {
         const rebalanced = end.rebalanced === true;
-        const lost = await deps.markLost({
-          sessionId: s.sessionId,
-          streamToken: s.streamToken,
-          agoMs: performance.now() - s.heardAt,
-          rebalanced,
-        });
+        const lost = await untilApplied("record a lost stream", () =>
+          deps.markLost({
+            sessionId: s.sessionId,
+            streamToken: s.streamToken,
+            agoMs: performance.now() - s.heardAt,
+            rebalanced,
+          }),
+        );
         if (lost) {
           log.info(
             {
@@ -241,7 +250,10 @@ export function createStreamHandle(
         }
       } catch (error) {
         // The deadline stands as last renewed; the reaper acts on it either way.
-        log.warn({ err: error, sessionId: s.sessionId }, "could not record a lost stream");
+        log.warn(
+          { err: error, workerId: s.workerId, sessionId: s.sessionId },
+          "could not record a lost stream; its session stays connected until its deadline",
+        );
       }
     },
   };

@@ -535,7 +535,7 @@ async function walk(dir: string): Promise<OutputEntry[]> {
   const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
   for (const entry of entries.sort((a, b) => a.name.localeCompare(b.name))) {
     const path = join(dir, entry.name);
-    if (entry.isDirectory()) found.push(...(await walk(path)));
+    if (entry.isDirectory()) for (const inner of await walk(path)) found.push(inner);
     else if (entry.isFile()) found.push({ path });
     else found.push({ path, not: entry.isSymbolicLink() ? "a symbolic link" : "a socket, pipe or device" });
   }

@@ -106,7 +106,8 @@ async function submitFrom(o: Record<string, unknown>, argv: string[], command: C
     (connect) => ({ api: connect(ActionService) }),
     async ({ api }, g) => {
       const lineWidth = String(lines.at(-1)?.line ?? 0).length;
-      const clusterWidth = Math.max(7, ...lines.map((l) => l.request.cluster.length));
+      // A loop, not Math.max(...lines): a spread of 125,000 arguments overflows the stack.
+      const clusterWidth = lines.reduce((width, l) => Math.max(width, l.request.cluster.length), 7);
       const row = (cells: readonly string[], widths: readonly number[]) =>
         cells
           .map((c, i) => c.padEnd(widths[i] ?? 0))

@@ -55,6 +55,20 @@ export function parseActionLines(text: string, defaults: LineDefaults): ActionLi
     }
   }
   if (out.length === 0) throw new CliError("no actions to submit: the input has no lines", EXIT.usage);
+  // Checked over the whole input before anything is sent: the server would find a repeat only
+  // within one call of 1,000, after the calls before it were submitted.
+  const firstLineOf = new Map<string, number>();
+  for (const { line, request } of out) {
+    if (request.requestId === "") continue;
+    const first = firstLineOf.get(request.requestId);
+    if (first !== undefined) {
+      throw new CliError(
+        `line ${line}: request id ${JSON.stringify(request.requestId)} repeats line ${first}'s: give each line its own`,
+        EXIT.usage,
+      );
+    }
+    firstLineOf.set(request.requestId, line);
+  }
   return out;
 }
 

@@ -227,7 +227,10 @@ export function messageJson<D extends DescMessage>(schema: D, message: MessageSh
 /** Prints rows as an aligned table with a header; each cell is one line, control characters escaped. */
 export function printTable(headers: readonly string[], rows: readonly (readonly string[])[]): void {
   const safe = rows.map((row) => row.map((cell) => terminalSafe(cell)));
-  const widths = headers.map((h, i) => Math.max(h.length, ...safe.map((r) => (r[i] ?? "").length)));
+  // Folded, not Math.max(...rows): a spread of 125,000 arguments overflows the stack.
+  const widths = headers.map((h, i) =>
+    safe.reduce((width, r) => Math.max(width, (r[i] ?? "").length), h.length),
+  );
   const line = (cells: readonly string[]) =>
     cells
       .map((c, i) => c.padEnd(widths[i] ?? 0))

@@ -37,6 +37,20 @@ describe.runIf(runsDriverNeutralTests())("leasehold action submit --from", { tim
     return all;
   };
 
+  it("reads a file of 130,000 lines (its table once overflowed the stack)", async () => {
+    // Math.max(...lines) took one argument a line, past the stack's room at about 125,000. No
+    // server listens at the address: the command gets as far as trying to reach it.
+    const file = join(dir, "huge.ndjson");
+    writeFileSync(
+      file,
+      ndjson(Array.from({ length: 130_000 }, (_, i) => ({ cluster: "c", requestId: `h${i}`, argv: ["x"] }))),
+    );
+    const run = await cli(["--server", `127.0.0.1:${await freePort()}`, "action", "submit", "--from", file]);
+    expect(run.stderr).not.toContain("Maximum call stack");
+    expect(run.stderr).toContain("cannot reach");
+    expect(run.code).toBe(3);
+  });
+
   it("submits every line of a file in calls of 1,000, prints one row per line, and a rerun creates nothing", async () => {
     const file = join(dir, "many.ndjson");
     const lines = Array.from({ length: 1200 }, (_, i) => ({

@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { chunkActionLines, MAX_ACTIONS_PER_CALL, parseActionLines } from "../../src/cli/action-lines.js";
+import { printTable } from "../../src/cli/output.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 import { SubmitActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { toNewActions } from "../../src/rpc/services/action-service.js";
@@ -81,6 +82,14 @@ describe("submit --from lines", () => {
     expect(chunks.flat().map((c) => c.line)).toEqual(Array.from({ length: 10 }, (_, i) => i + 1));
   });
 
+  it("refuses a request id that two lines give, before anything is sent", () => {
+    const line = (id: string, n: number) => JSON.stringify({ requestId: id, argv: ["echo", String(n)] });
+    const text = [line("a", 1), line("b", 2), line("c", 3), line("b", 4)].join("\n");
+    expect(() => parseActionLines(text, { cluster: "c", labels: {} })).toThrow(
+      /^line 4: request id "b" repeats line 2's: give each line its own$/,
+    );
+  });
+
   it("names the line of a bad one", () => {
     const parse = (text: string) => () => parseActionLines(text, { labels: {} });
     expect(parse('{"cluster":"c","argv":["a"]}\n[1]')).toThrow(/^line 2: must be a JSON object/);
@@ -95,5 +104,24 @@ describe("submit --from lines", () => {
       );
     expect(parse('{"cluster":"c","argv":["a"],"priority":"high"}')).toThrow(/^line 1: .*priority/);
     expect(parse("\n\n")).toThrow(/no actions to submit/);
+  });
+});
+
+describe("printTable", () => {
+  it("prints 200,000 rows (its widths once overflowed the stack)", () => {
+    let printed = 0;
+    const spy = vi.spyOn(process.stdout, "write").mockImplementation(() => {
+      printed++;
+      return true;
+    });
+    try {
+      printTable(
+        ["ID", "NAME"],
+        Array.from({ length: 200_000 }, (_, i) => [String(i), "x"]),
+      );
+    } finally {
+      spy.mockRestore();
+    }
+    expect(printed).toBe(200_001);
   });
 });

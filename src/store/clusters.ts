@@ -7,23 +7,25 @@ import { queryRows, toDate, toNumber } from "./rows.js";
 export type ClusterHealth = "HEALTHY" | "DEGRADED" | "UNHEALTHY" | "PARTITIONED";
 
 /**
- * Health from lease expiries in a sliding window: the same cluster seeing
- * repeated expiries is a sign the cluster (not one worker) is in trouble.
+ * Health from lease expiries in a sliding window, counted by the workers whose leases expired:
+ * expiries of several workers of one cluster are a sign the cluster (not one worker) is in
+ * trouble. One agent of 16 slots killed makes 16 expiries, but one worker.
  */
 export const HEALTH_WINDOW_MS = 5 * 60_000;
-/** Expiries in the window that make a cluster DEGRADED. */
-export const DEGRADED_EXPIRIES = 3;
-/** Expiries in the window that make a cluster UNHEALTHY. */
-export const UNHEALTHY_EXPIRIES = 10;
+/** Workers with lease expiries in the window that make a cluster DEGRADED. */
+export const DEGRADED_WORKERS = 3;
+/** Workers with lease expiries in the window that make a cluster UNHEALTHY. */
+export const UNHEALTHY_WORKERS = 10;
 
-export function healthOf(recentExpiries: number): { health: ClusterHealth; reason: string } {
-  const window = `${HEALTH_WINDOW_MS / 60_000} minutes`;
-  if (recentExpiries >= UNHEALTHY_EXPIRIES) {
-    return { health: "UNHEALTHY", reason: `${recentExpiries} lease expiries in the last ${window}` };
-  }
-  if (recentExpiries >= DEGRADED_EXPIRIES) {
-    return { health: "DEGRADED", reason: `${recentExpiries} lease expiries in the last ${window}` };
-  }
+export function healthOf(
+  recentExpiries: number,
+  expiredWorkers: number,
+): { health: ClusterHealth; reason: string } {
+  const reason = () =>
+    `${recentExpiries} lease ${recentExpiries === 1 ? "expiry" : "expiries"} of ${expiredWorkers} workers ` +
+    `in the last ${HEALTH_WINDOW_MS / 60_000} minutes`;
+  if (expiredWorkers >= UNHEALTHY_WORKERS) return { health: "UNHEALTHY", reason: reason() };
+  if (expiredWorkers >= DEGRADED_WORKERS) return { health: "DEGRADED", reason: reason() };
   return { health: "HEALTHY", reason: "" };
 }
 
@@ -43,10 +45,12 @@ export interface ClusterRecord {
   readonly expiriesPaused: boolean;
 }
 
+/** `x.expiries` and `x.expired_workers` of cluster `c` in the health window, as a lateral join. */
 const recentExpiries = (clock: Clock) => sql`
-  (select count(*) from events e
-   where e.cluster = c.name and e.kind = 'lease_expired'
-     and e.at > ${clock.now()} - make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0))`;
+  cross join lateral (
+    select count(*) as expiries, count(distinct e.worker_id) as expired_workers from events e
+    where e.cluster = c.name and e.kind = 'lease_expired'
+      and e.at > ${clock.now()} - make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0)) x`;
 
 /** Every cluster (or the one named) with live counts, health computed now. */
 export async function listClusters(db: Db, clock: Clock, name?: string): Promise<ClusterRecord[]> {
@@ -57,6 +61,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
     queued: unknown;
     leased: unknown;
     expiries: unknown;
+    expired_workers: unknown;
     holding: unknown;
     lost: unknown;
     partitioned_at: unknown;
@@ -67,9 +72,10 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
       select c.name, c.partitioned_at, c.expiries_resumed_at,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'QUEUED') as queued,
         (select count(*) from actions a where a.cluster = c.name and a.state = 'LEASED') as leased,
-        ${recentExpiries(clock)} as expiries,
+        x.expiries, x.expired_workers,
         n.holding, n.lost, n.connected, n.in_grace
       from clusters c
+      ${recentExpiries(clock)}
       -- One pass over the cluster's live sessions for every count.
       cross join lateral (
         select count(*) filter (where s.stream_lost_at is null) as connected,
@@ -103,7 +109,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
               ? `an operator resumed lease expiries at ${resumedAt.toISOString()}`
               : "lease expiries are paused until they reconnect or an operator resumes them"),
         }
-      : healthOf(expiries);
+      : healthOf(expiries, toNumber(r.expired_workers));
     return {
       name: r.name,
       health,
@@ -170,13 +176,13 @@ export async function resumeExpiries(
  */
 export async function refreshClusterHealth(db: Db, clock: Clock, names: readonly string[]): Promise<void> {
   if (names.length === 0) return;
-  const rows = await queryRows<{ name: string; health: string; expiries: unknown }>(
+  const rows = await queryRows<{ name: string; health: string; expiries: unknown; expired_workers: unknown }>(
     db,
-    sql`select c.name, c.health, ${recentExpiries(clock)} as expiries from clusters c
+    sql`select c.name, c.health, x.expiries, x.expired_workers from clusters c ${recentExpiries(clock)}
         where c.name in (select jsonb_array_elements_text(${JSON.stringify(names)}::jsonb))`,
   );
   for (const r of rows) {
-    const { health, reason } = healthOf(toNumber(r.expiries));
+    const { health, reason } = healthOf(toNumber(r.expiries), toNumber(r.expired_workers));
     if (health === r.health) continue;
     await db.execute(sql`
       with changed as (

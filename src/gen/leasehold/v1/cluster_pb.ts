@@ -563,14 +563,15 @@ export enum ClusterHealth {
   HEALTHY = 1,
 
   /**
-   * Repeated lease expiries in the recent window.
+   * Leases of 3 or more workers expired in the recent window (5 minutes);
+   * one worker counts once, however many of its leases expired.
    *
    * @generated from enum value: CLUSTER_HEALTH_DEGRADED = 2;
    */
   DEGRADED = 2,
 
   /**
-   * Many lease expiries in the recent window.
+   * Leases of 10 or more workers expired in the recent window.
    *
    * @generated from enum value: CLUSTER_HEALTH_UNHEALTHY = 3;
    */

@@ -29,9 +29,10 @@ const (
 	ClusterHealth_CLUSTER_HEALTH_UNSPECIFIED ClusterHealth = 0
 	// No worrying signal.
 	ClusterHealth_CLUSTER_HEALTH_HEALTHY ClusterHealth = 1
-	// Repeated lease expiries in the recent window.
+	// Leases of 3 or more workers expired in the recent window (5 minutes);
+	// one worker counts once, however many of its leases expired.
 	ClusterHealth_CLUSTER_HEALTH_DEGRADED ClusterHealth = 2
-	// Many lease expiries in the recent window.
+	// Leases of 10 or more workers expired in the recent window.
 	ClusterHealth_CLUSTER_HEALTH_UNHEALTHY ClusterHealth = 3
 	// A session reached its deadline while more than the partition share
 	// (--partition-share, default half) of the cluster's live sessions holding

@@ -543,7 +543,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     keepHosted: () => renewal.keepHosted(),
     publishActions,
   });
-  const audit = createAudit({ db, hosted, revoke: revokes.revoke });
+  const audit = createAudit({
+    db,
+    hosted,
+    revoke: revokes.revoke,
+    reporting: (actionId) => reports.inFlight(actionId),
+  });
   /**
    * A renewal; one that fails tells the reaper that the stored deadlines may be stale. One with
    * no stream to renew wrote nothing and proves nothing (`false`, see Loops.every).

@@ -37,6 +37,7 @@ describe("lease audit rounds", () => {
         expect([reason, ended]).toEqual(["SUPERSEDED", true]);
         revoked.push(`${sessionId}/${token.actionId}`);
       },
+      reporting: () => false,
     });
     const sessionsOf = (names: string[]) => [...new Set(names.map((n) => n.split("/")[0]))];
 
@@ -84,11 +85,42 @@ describe("lease audit rounds", () => {
       drain: (s: Hosted, reason: string) => calls.push(`drain ${s.workerId}: ${reason}`),
       undrain: (s: Hosted) => calls.push(`undrain ${s.workerId}`),
     } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
-    const audit = createAudit({ db, hosted, revoke: () => {} });
+    const audit = createAudit({ db, hosted, revoke: () => {}, reporting: () => false });
     const round = audit();
     // A drain of "changed" comes in while the audit's statement runs: newer than what it reads.
     (sessions[2] as { drainChanges: number }).drainChanges += 1;
     await round;
     expect(calls).toEqual(["drain drained: maintenance", "undrain undrained"]);
+  });
+
+  it("does not revoke a lease whose completion this process is applying: its commit is no end elsewhere", async () => {
+    // Both actions are unknown to the database, as an action whose completion committed while
+    // the audit's statement ran is ended there; the completion of a-1 is still being answered.
+    const s = {
+      sessionId: "s",
+      workerId: "w",
+      ended: false,
+      draining: false,
+      drainChanges: 0,
+      noticed: new Set<string>(),
+      held: new Map([
+        ["a-1", 1],
+        ["a-2", 1],
+      ]),
+      link: { send() {} },
+    };
+    const hosted = {
+      values: () => [s].values(),
+      get: (id: string) => (id === "s" ? s : undefined),
+    } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
+    const revoked: string[] = [];
+    const audit = createAudit({
+      db: database.current.db,
+      hosted,
+      revoke: (_sessionId, token) => revoked.push(token.actionId),
+      reporting: (actionId) => actionId === "a-1",
+    });
+    await audit();
+    expect(revoked).toEqual(["a-2"]);
   });
 });

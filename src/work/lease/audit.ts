@@ -32,8 +32,14 @@ export function createAudit(deps: {
     message: string,
     ended: boolean,
   ) => void;
+  /**
+   * Whether a report of the action is being applied in this process: a completion that
+   * committed while the audit's statement ran shows the action ended, though its answer (which
+   * lets the lease go here) has not come yet. That is no lease ended elsewhere.
+   */
+  reporting: (actionId: string) => boolean;
 }): () => Promise<void> {
-  const { db, hosted, revoke } = deps;
+  const { db, hosted, revoke, reporting } = deps;
   /** The round that last checked each session; a session never checked goes first. */
   const checkedIn = new WeakMap<Hosted, number>();
   let round = 0;
@@ -80,6 +86,7 @@ export function createAudit(deps: {
       const token = { actionId: n.actionId, epoch: n.epoch };
       if (!s || s.held.get(n.actionId) !== n.epoch) continue;
       if (n.notice === "ended") {
+        if (reporting(n.actionId)) continue;
         revoke(
           n.sessionId,
           token,

@@ -44,6 +44,8 @@ export interface Reports {
   answeredAll(s: Hosted): Promise<void>;
   /** Resolves once the reports already received are answered, or handed to the dispatcher. */
   close(): Promise<void>;
+  /** Whether a report of `actionId` is being applied (or waits for its turn) in this process. */
+  inFlight(actionId: string): boolean;
 }
 
 /**
@@ -550,5 +552,14 @@ export function createReports(deps: {
     await fencedEvents.close();
   }
 
-  return { finish, progress, settle, accept, fenced, answeredAll, close };
+  return {
+    finish,
+    progress,
+    settle,
+    accept,
+    fenced,
+    answeredAll,
+    close,
+    inFlight: (actionId) => inFlight.has(actionId),
+  };
 }

@@ -439,6 +439,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
         endRetry: { forMs: maxSilenceMs, stopped: () => closed },
+        grantAckLimitMs: graceMs,
       },
       s,
     );

@@ -1223,6 +1223,39 @@ describe("work leases", () => {
     });
   });
 
+  it("ends a stream that heartbeats but leaves a grant unacknowledged for a grace period; the grant comes back on resume", async () => {
+    // A receive loop stuck while the heartbeat loop runs: the grant would stay leased, never run,
+    // for as long as the heartbeats come. The limit is real time (the grace period, 2 s here).
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "2s", heartbeatInterval: "500ms" },
+      overrides: { clock, timers: false },
+    });
+    const a = await worker("deaf");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    // Heartbeats that never list the grant (nor is it acknowledged), until the stream ends.
+    let ended: Awaited<typeof a.ended> | undefined;
+    void a.ended.then((e) => {
+      ended = e;
+    });
+    for (let n = 1; ended === undefined; n++) {
+      await Promise.race([a.heartbeat(n), a.ended]);
+    }
+    expect(ended).toMatchObject({ code: Code.Unavailable });
+    expect(ended?.details).toContain(`the grant of action ${id}`);
+    expect(statusDetails(ended?.metadata)).toMatchObject({
+      reason: "GRANTS_UNACKNOWLEDGED",
+      info: { action_id: id, unacknowledged: "1" },
+    });
+    await waitForEvent(t, id, "deaf", EventKind.STREAM_LOST);
+    // The worker back, listing nothing: same session, and the grant is sent again, same epoch.
+    const back = await worker("deaf");
+    expect(back.welcome).toMatchObject({ sessionResumed: true, sessionId: a.welcome.sessionId });
+    expect(await back.next("grant")).toMatchObject({ actionId: id, epoch: grant.epoch });
+  });
+
   it("applies and answers the reports sent before a goodbye, then ends the session", async () => {
     const a = await worker("wa");
     const id = await submit();

@@ -66,8 +66,11 @@ export interface Hosted {
   drainChanges: number;
   /** The worker itself takes no more grants on this stream (StopGrants, or Hello.stop_grants). */
   grantsStopped: boolean;
-  /** Grants sent and not acknowledged yet: action id → epoch (see `grantWindow`). */
-  readonly unacked: Map<string, number>;
+  /**
+   * Grants sent and not acknowledged yet, oldest first: action id → epoch and when it was sent
+   * (performance.now()); see `grantWindow`, and the stream's limit on how long one may wait.
+   */
+  readonly unacked: Map<string, { readonly epoch: number; readonly sentAt: number }>;
   /** A claim passed this stream over for its full outbound buffer; `writable` lets it in again. */
   blocked: boolean;
   /** performance.now() of the last message from the worker. */
@@ -238,7 +241,7 @@ export function createHostedSessions(limits: {
     sendGrant(s, g) {
       if (s.held.get(g.actionId) === g.epoch) return;
       s.held.set(g.actionId, g.epoch);
-      s.unacked.set(g.actionId, g.epoch);
+      s.unacked.set(g.actionId, { epoch: g.epoch, sentAt: performance.now() });
       let traceParent: string | undefined;
       if (tracing.enabled && g.traceParent) {
         const span = tracing.start(
@@ -277,11 +280,11 @@ export function createHostedSessions(limits: {
       s.held.delete(actionId);
       traces.get(s)?.delete(actionId);
       // A lease that left `held` no longer waits for an ack.
-      if (s.unacked.get(actionId) === epoch) s.unacked.delete(actionId);
+      if (s.unacked.get(actionId)?.epoch === epoch) s.unacked.delete(actionId);
       mayHaveRoom(s, wake);
     },
     acknowledged(s, token) {
-      if (s.unacked.get(token.actionId) !== token.epoch) return;
+      if (s.unacked.get(token.actionId)?.epoch !== token.epoch) return;
       s.unacked.delete(token.actionId);
       if (s.unacked.size === grantWindow - 1) mayHaveRoom(s);
     },

@@ -55,7 +55,7 @@ export function createRevokes(deps: {
       // already showed the grant arrived.
       known:
         lists(s.lastHeld, token.actionId, token.epoch) ||
-        (s.held.get(token.actionId) === token.epoch && s.unacked.get(token.actionId) !== token.epoch),
+        (s.held.get(token.actionId) === token.epoch && s.unacked.get(token.actionId)?.epoch !== token.epoch),
       releasing: false,
     });
   }

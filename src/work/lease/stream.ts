@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import { Code, LeaseholdError } from "../../errors.js";
 import type { Clock } from "../../store/clock.js";
 import { type Db, isTransientConnectError } from "../../store/database.js";
 import { endSession } from "../../store/queries/end-session.js";
@@ -77,6 +78,11 @@ export function createStreamHandle(
      * stopped meanwhile.
      */
     endRetry: { readonly forMs: number; readonly stopped: () => boolean };
+    /**
+     * How long a grant may wait for its acknowledgement while heartbeats still come, in ms (the
+     * grace period): longer, and the stream reads nothing the server sends (worker.proto, GrantAck).
+     */
+    grantAckLimitMs: number;
   },
   s: Hosted,
 ): SessionHandle {
@@ -112,6 +118,37 @@ export function createStreamHandle(
         await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)).unref());
       }
     }
+  };
+  /**
+   * Ends a stream that keeps heartbeating but left a grant unacknowledged for longer than the
+   * limit: it reads nothing the server sends (a receive loop stuck while the heartbeat loop runs,
+   * a peer that never reads), so its grants would stay leased, never run, for as long as it
+   * heartbeats. Ended as lost: the session is in grace; a worker that comes back is sent again
+   * the grants its hello does not list, and one that does not loses them at its deadline.
+   */
+  let endedUnread = false;
+  const endIfGrantsUnread = () => {
+    if (endedUnread || s.unacked.size === 0) return;
+    const [actionId, { sentAt }] = s.unacked.entries().next().value as [string, { sentAt: number }];
+    const waitedMs = performance.now() - sentAt;
+    if (waitedMs <= deps.grantAckLimitMs) return;
+    endedUnread = true;
+    log.warn(
+      { workerId: s.workerId, sessionId: s.sessionId, actionId, unacknowledged: s.unacked.size, waitedMs },
+      "ending a stream that leaves its grants unacknowledged though it heartbeats: it reads nothing",
+    );
+    s.link.close(
+      new LeaseholdError(
+        Code.Unavailable,
+        `the grant of action ${actionId}, sent ${(waitedMs / 1000).toFixed(1)} s ago, is not acknowledged ` +
+          "(a GrantAck, a heartbeat listing it, or a report on it) though heartbeats still come: this stream " +
+          "does not read what the server sends. Reconnect; grants the hello does not list are sent again",
+        {
+          reason: "GRANTS_UNACKNOWLEDGED",
+          metadata: { action_id: actionId, unacknowledged: String(s.unacked.size) },
+        },
+      ),
+    );
   };
   return {
     sessionId: s.sessionId,
@@ -152,6 +189,7 @@ export function createStreamHandle(
           }
           s.lastHeld = message.held;
           if (s.revoked !== undefined) revokes.releaseOmitted(s, message.held);
+          endIfGrantsUnread();
           return;
         }
         case "grant_ack": {

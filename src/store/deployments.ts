@@ -41,6 +41,10 @@ export async function cancelDeploymentActions(
         select id, epoch, state, cluster, worker_id, session_id from actions
         where id in (select jsonb_array_elements_text(${JSON.stringify(actionIds)}::jsonb))
           and state in ('QUEUED', ${only === "queued" ? "QUEUED" : "LEASED"})
+        -- In id order, as every statement that locks several actions takes them (see the actions
+        -- table, schema.ts): in any other order, a rollback of many deployments deadlocks with a
+        -- batch of their agents' reports.
+        order by id
         for update
       ),
       cancelled as (
@@ -72,6 +76,7 @@ export async function cancelDeploymentActions(
  * (stop_reason COLLECT_OUTPUTS; the lease stays valid so the holder can report
  * its files). Returns the leases to send the request to. Queued actions are
  * not touched: the caller cancels them. `actor` is who asked (the events' actor).
+ * The actions are locked in id order first (see `cancelDeploymentActions`).
  */
 export async function requestOutputs(
   db: Db,
@@ -82,11 +87,17 @@ export async function requestOutputs(
   const rows = await queryRows<{ id: string; epoch: unknown; session_id: string; worker_id: string }>(
     db,
     sql`
-      with asked as (
-        update actions set stop_reason = 'COLLECT_OUTPUTS', updated_at = now()
+      with target as (
+        select id from actions
         where id in (select jsonb_array_elements_text(${JSON.stringify(actionIds)}::jsonb))
           and state = 'LEASED'
-        returning id, epoch, session_id, cluster, worker_id
+        order by id
+        for update
+      ),
+      asked as (
+        update actions a set stop_reason = 'COLLECT_OUTPUTS', updated_at = now()
+        from target t where a.id = t.id
+        returning a.id, a.epoch, a.session_id, a.cluster, a.worker_id
       ),
       event as (
         insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)

@@ -55,3 +55,25 @@ export function driverError(error: unknown): DriverError | undefined {
   }
   return undefined;
 }
+
+/** A deadlock (40P01) or a serialization failure (40001): the transaction was rolled back whole. */
+export function isConflict(error: unknown): boolean {
+  const code = driverError(error)?.code;
+  return code === "40P01" || code === "40001";
+}
+
+/**
+ * Runs `attempt`, a whole transaction (or one statement), again while it fails
+ * on a conflict ({@link isConflict}), `tries` times in all; the last failure
+ * is thrown. Only for work that is safe to repeat from the start: a conflict
+ * rolled back everything the failed try did.
+ */
+export async function retryOnConflict<T>(tries: number, attempt: () => Promise<T>): Promise<T> {
+  for (let n = 1; ; n++) {
+    try {
+      return await attempt();
+    } catch (error) {
+      if (n >= tries || !isConflict(error)) throw error;
+    }
+  }
+}

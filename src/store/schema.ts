@@ -116,7 +116,15 @@ export const sessions = pgTable(
   (t) => [uniqueIndex("sessions_one_live_per_worker").on(t.workerId).where(sql`${t.endedAt} is null`)],
 );
 
-/** Units of work. `epoch` increases by one per grant; (id, epoch) is the fencing token. */
+/**
+ * Units of work. `epoch` increases by one per grant; (id, epoch) is the fencing token.
+ *
+ * Lock order: a statement that locks several actions and waits for them
+ * (reports, progress, cancels of deployments, expiries, goodbyes) locks them
+ * in id order (`order by id ... for update`, then updates the locked set), so
+ * two such statements never deadlock on each other's rows. Claims skip what
+ * is locked (`skip locked`) and need no order.
+ */
 export const actions = pgTable(
   "actions",
   {

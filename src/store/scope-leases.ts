@@ -7,7 +7,7 @@ import { cancelDeploymentActions, type EndedActions } from "./deployments.js";
 import { uuidv7 } from "./ids.js";
 import { type PAGE_JSON_BYTES, readPage, type SizedRow } from "./page-read.js";
 import { insertActions } from "./queries/insert-actions.js";
-import { queryRows, toDate, toDateOrNull, toNumber } from "./rows.js";
+import { queryRows, retryOnConflict, toDate, toDateOrNull, toNumber } from "./rows.js";
 
 /** OPEN, or closed by commit or rollback. */
 export type ScopeLeaseState = "OPEN" | "COMMITTED" | "ROLLED_BACK";
@@ -660,8 +660,28 @@ export interface Closed {
  * promotion holding it `for share`); the second runs with a fresh snapshot,
  * so a resource created just before the close is kept or destroyed with the
  * rest, never left behind in a closed lease. `actor` is the closing principal.
+ *
+ * A close that meets a deadlock or a serialization failure (its cancel of
+ * many deployments against their agents' reports, or anything else locking
+ * the same rows) was rolled back whole, and is run again, up to
+ * {@link CLOSE_TRIES} times in all, rather than answered ABORTED: the
+ * caller's retry would do the same. A close another one beat meanwhile is
+ * then refused as closed, as it would have been.
  */
 export async function closeScopeLease(
+  db: Db,
+  clock: Clock,
+  leaseId: string,
+  how: "COMMITTED" | "ROLLED_BACK",
+  actor: string,
+): Promise<Closed | LeaseRefusal> {
+  return retryOnConflict(CLOSE_TRIES, () => closeOnce(db, clock, leaseId, how, actor));
+}
+
+/** Tries of a close before a conflict is answered (ABORTED). */
+const CLOSE_TRIES = 5;
+
+async function closeOnce(
   db: Db,
   clock: Clock,
   leaseId: string,

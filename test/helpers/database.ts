@@ -104,17 +104,22 @@ export function useFreshDatabase(): { readonly current: Database } {
 
 /**
  * Resolves once a statement of the database `db` is on waits for a lock
- * (pg_stat_activity), or once `done()` says there is nothing left to wait for:
- * the moment a test that holds a row lock lets its transaction go on.
+ * (pg_stat_activity), or `waiters` statements do, or once `done()` says there
+ * is nothing left to wait for: the moment a test that holds a row lock lets
+ * its transaction go on.
  */
-export async function untilSomeoneWaitsForALock(db: Db, done: () => boolean = () => false): Promise<void> {
+export async function untilSomeoneWaitsForALock(
+  db: Db,
+  done: () => boolean = () => false,
+  waiters = 1,
+): Promise<void> {
   for (;;) {
     const [row] = await queryRows<{ waiting: number }>(
       db,
       sql`select count(*)::int as waiting from pg_stat_activity
           where datname = current_database() and wait_event_type = 'Lock'`,
     );
-    if (row?.waiting || done()) return;
+    if ((row?.waiting ?? 0) >= waiters || done()) return;
     await new Promise<void>((resolve) => setImmediate(resolve));
   }
 }

@@ -1,5 +1,6 @@
 import { afterEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
+import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { LeaseService, LeaseState } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
 import { intercepting } from "../helpers/intercept-db.js";
@@ -18,12 +19,21 @@ describe("scope lease calls racing changes from another server", () => {
   let after: { pattern: RegExp; run: () => Promise<unknown> } | undefined;
   /** Runs once before the next statement whose text matches `pattern`. */
   let before: { pattern: RegExp; run: () => Promise<unknown> } | undefined;
+  /** Every statement whose text matches it fails as a deadlock victim does (40P01). */
+  let conflicting: RegExp | undefined;
+  /** Deadlocks met (thrown) so far. */
+  let conflicts = 0;
+  const deadlock = (): never => {
+    conflicts++;
+    throw Object.assign(new Error("deadlock detected"), { code: "40P01" });
+  };
 
   const start = async () => {
     t = await startTestServer({
       overrides: {
         timers: false,
         wrapDb: intercepting(async (text, execute) => {
+          if (conflicting?.test(text)) deadlock();
           const first = before;
           if (first?.pattern.test(text)) {
             before = undefined;
@@ -44,6 +54,8 @@ describe("scope lease calls racing changes from another server", () => {
   afterEach(async () => {
     after = undefined;
     before = undefined;
+    conflicting = undefined;
+    conflicts = 0;
     await t?.[Symbol.asyncDispose]();
     t = undefined;
   });
@@ -128,5 +140,43 @@ describe("scope lease calls racing changes from another server", () => {
       /no file resource/,
     );
     expect(missing.fields).toEqual(["spec.inputs[0].file_id", "spec.inputs[1].file_id"]);
+  });
+
+  it("runs a rollback whose cancel met a deadlock again instead of answering ABORTED; a second rollback still loses", async () => {
+    const server = await start();
+    const leases = server.client(LeaseService);
+    const resources = server.client(ResourceService);
+    const actions = server.client(ActionService);
+    const leaseId = (await leases.createLease({ runtime: "east", ttl: { seconds: 600n } })).lease?.id ?? "";
+    const spec = { containers: [{ name: "c", command: { argv: ["sleep", "600"] } }] };
+    const actionIds: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const { resource } = await resources.createDeployment({ leaseId, spec });
+      actionIds.push(resource?.body.case === "deployment" ? resource.body.value.actionId : "");
+    }
+    const cancel = /update actions a set state = 'CANCELLED'/;
+    // The deployments' cancel fails once as PostgreSQL fails the statement its deadlock detector
+    // picks (a batch of reports locking the same rows), which ends its transaction.
+    before = { pattern: cancel, run: async () => deadlock() };
+    const answer = await leases.rollbackLease({ leaseId });
+    expect(conflicts).toBe(1);
+    expect(answer.lease?.state).toBe(LeaseState.ROLLED_BACK);
+    expect(answer.destroyedResources).toBe(3);
+    expect((await resources.listResources({ leaseId })).resources).toEqual([]);
+    for (const actionId of actionIds)
+      expect((await actions.getAction({ actionId })).action?.state).toBe(ActionState.CANCELLED);
+    // One close wins; another is refused as before.
+    await expectStatus(leases.rollbackLease({ leaseId }), Code.FailedPrecondition, /ROLLED_BACK/);
+
+    // A conflict on every try is answered ABORTED in the end; the lease stays open, to close again.
+    const other = (await leases.createLease({ runtime: "east", ttl: { seconds: 600n } })).lease?.id ?? "";
+    await resources.createDeployment({ leaseId: other, spec });
+    conflicts = 0;
+    conflicting = cancel;
+    await expectStatus(leases.rollbackLease({ leaseId: other }), Code.Aborted, /retry the call/);
+    expect(conflicts).toBeGreaterThan(1);
+    conflicting = undefined;
+    expect((await leases.getLease({ leaseId: other })).lease?.state).toBe(LeaseState.OPEN);
+    expect((await leases.rollbackLease({ leaseId: other })).lease?.state).toBe(LeaseState.ROLLED_BACK);
   });
 });

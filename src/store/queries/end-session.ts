@@ -50,12 +50,17 @@ export async function endSession(
     const rows = await queryRows<{ id: string }>(
       tx,
       sql`
-        with released as (
+        -- Locked in id order first (see the actions table, schema.ts).
+        with held as (
+          select id from actions where session_id = ${sessionId} and state = 'LEASED' order by id for update
+        ),
+        released as (
           update actions a set
             state = case when a.cancel_requested then 'CANCELLED' else 'QUEUED' end,
             finished_at = case when a.cancel_requested then ${now} else null end,
             session_id = null, worker_id = null, granted_at = null, not_before = ${now}, updated_at = ${now}
-          where a.session_id = ${sessionId} and a.state = 'LEASED'
+          from held h
+          where a.id = h.id
           returning a.id, a.epoch, a.cluster, a.state
         ),
         attempts_ended as (

@@ -1,7 +1,7 @@
 import { sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { queryRows } from "../rows.js";
+import { queryRows, retryOnConflict } from "../rows.js";
 
 /**
  * SPEC rule 6, run once when a server process starts: every live session's
@@ -21,26 +21,11 @@ export async function extendSessionsOnStart(
   // It locks every live session, in no particular order, while other processes renew theirs
   // in theirs: a deadlock is possible, and whichever statement PostgreSQL picks fails. Failing
   // here would stop the start, so it is tried again (the statement is idempotent).
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await extendOnce(db, clock, options);
-    } catch (error) {
-      if (attempt >= START_ATTEMPTS || !isRetryable(error)) throw error;
-    }
-  }
+  return retryOnConflict(START_ATTEMPTS, () => extendOnce(db, clock, options));
 }
 
 /** Tries of the start extension before a deadlock stops the start. */
 const START_ATTEMPTS = 5;
-
-/** Deadlock or serialization failure, anywhere in the error's cause chain (drizzle wraps the driver's error). */
-function isRetryable(error: unknown): boolean {
-  for (let e: unknown = error, depth = 0; e && depth < 5; e = (e as { cause?: unknown }).cause, depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (code === "40P01" || code === "40001") return true;
-  }
-  return false;
-}
 
 async function extendOnce(
   db: Db,

@@ -33,7 +33,7 @@ export interface Finished {
  *
  * Fencing (SPEC rule 4): a report applies only if (action id, epoch) is the
  * current lease AND the action is LEASED to the reporting session; the join
- * below is that condition, with the row locked (`for update`). A report that
+ * below is that condition, with the row locked (`for update`, in id order). A report that
  * does not come back was fenced and left no trace. Action ids must be unique
  * within one batch.
  *
@@ -111,6 +111,9 @@ f_input as (
         from actions a join f_input i
           on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
             and a.state || '' = 'LEASED'
+        -- In id order, not the batch's (see the actions table, schema.ts): a cancel of many
+        -- deployments locking the same rows in another order would deadlock with it.
+        order by a.id
         for update of a
       ),
       f_decided as (

@@ -245,6 +245,13 @@ export async function reapSessions(
         update workers w set last_seen_at = greatest(w.last_seen_at, ended.last_heard_at)
         from ended where w.worker_id = ended.worker_id
       ),
+      -- The leases of the ended sessions, locked in id order (see the actions table, schema.ts).
+      expiring as (
+        select a.id, ended.id as session_id, ended.worker_id from actions a join ended on a.session_id = ended.id
+        where a.state = 'LEASED'
+        order by a.id
+        for update of a
+      ),
       expired as (
         update actions a set
           state = case
@@ -255,7 +262,7 @@ export async function reapSessions(
           failure_reason = case
             when a.cancel_requested then a.failure_reason
             when a.system_retry_count + 1 > a.max_system_retries then
-              'lease expired ' || (a.system_retry_count + 1) || ' times (last: worker ' || ended.worker_id
+              'lease expired ' || (a.system_retry_count + 1) || ' times (last: worker ' || x.worker_id
               || ', cluster ' || a.cluster || ', epoch ' || a.epoch || '); the system-retry budget of '
               || a.max_system_retries || ' is exhausted'
             else a.failure_reason end,
@@ -263,9 +270,9 @@ export async function reapSessions(
             when a.cancel_requested or a.system_retry_count + 1 > a.max_system_retries then ${now}
             else null end,
           session_id = null, worker_id = null, granted_at = null, not_before = ${now}, updated_at = ${now}
-        from ended
-        where a.session_id = ended.id and a.state = 'LEASED'
-        returning a.id, a.epoch, a.cluster, a.state, ended.id as session_id, ended.worker_id
+        from expiring x
+        where a.id = x.id
+        returning a.id, a.epoch, a.cluster, a.state, x.session_id, x.worker_id
       ),
       attempts_ended as (
         update attempts t set outcome = 'LEASE_EXPIRED', ended_at = ${now}

@@ -44,17 +44,25 @@ export async function recordProgress(
       with input as (
         select * from jsonb_to_recordset(${input}::jsonb) as x(
           k int, action_id text, epoch bigint, session_id text, phase text, details jsonb, checkpoint jsonb)
+      ),
+      -- Locked in id order, not the batch's (see the actions table, schema.ts): a cancel of many
+      -- deployments locking the same rows in another order would deadlock with it.
+      locked as (
+        select a.id, i.k, i.phase, i.details, i.checkpoint from actions a join input i
+        -- \`state || ''\`: by primary key, not the session's partial index (see grantCtes, claim-actions.ts).
+          on a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
+            and a.state || '' = 'LEASED'
+        order by a.id
+        for update of a
       )
       update actions a set
-        phase = case when i.phase <> '' then i.phase else a.phase end,
-        phase_details = case when i.phase <> '' or i.details is not null then i.details else a.phase_details end,
-        checkpoint = coalesce(i.checkpoint, a.checkpoint),
+        phase = case when l.phase <> '' then l.phase else a.phase end,
+        phase_details = case when l.phase <> '' or l.details is not null then l.details else a.phase_details end,
+        checkpoint = coalesce(l.checkpoint, a.checkpoint),
         updated_at = ${clock.now()}
-      from input i
-      -- \`state || ''\`: by primary key, not the session's partial index (see grantCtes, claim-actions.ts).
-      where a.id = i.action_id and a.epoch = i.epoch and a.session_id = i.session_id
-        and a.state || '' = 'LEASED'
-      returning i.k`,
+      from locked l
+      where a.id = l.id
+      returning l.k`,
     { prepared: true },
   );
   return rows.map((r) => r.k);

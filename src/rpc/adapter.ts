@@ -17,12 +17,12 @@ import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
 import type { CallAuthorization } from "./call-authorization.js";
-import type { CallsPerAddress } from "./calls-per-address.js";
 import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
 import type { UnaryCallLimit } from "./unary-calls.js";
+import type { UnsentAnswerLimit } from "./unsent-answers.js";
 
 /** What every handler gets besides its request. */
 export interface HandlerContext {
@@ -604,8 +604,12 @@ export interface HandlerDeps {
   readonly calls?: CallObserver | undefined;
   /** Turns for large unary requests (large-calls.ts); none: every call runs at once. */
   readonly largeCalls?: LargeCallLimit | undefined;
-  /** Open calls per client address (calls-per-address.ts); none: no limit. */
-  readonly callsPerAddress?: CallsPerAddress | undefined;
+  /**
+   * The budget of unary answers not yet sent (unsent-answers.ts); none: not
+   * bounded. (Open calls per address are counted before the handler, by
+   * callsPerAddressInterceptor.)
+   */
+  readonly answers?: Pick<UnsentAnswerLimit, "hold"> | undefined;
   /** Unary calls served at once by the process (unary-calls.ts); none: no limit. */
   readonly unaryCalls?: UnaryCallLimit | undefined;
 }
@@ -729,8 +733,6 @@ function unaryHandler(
   return (call, callback) => {
     const start = performance.now();
     calls.started();
-    const left = admit(call, deps, path, calls);
-    if (left instanceof Refused) return callback(left.status);
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     let turnEnded = NO_TURN;
@@ -767,18 +769,20 @@ function unaryHandler(
         // Its client went away while it waited.
         if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
       }
-      return fn(request, ctx);
+      const response = await fn(request, ctx);
+      // Encoded here to be counted until it is sent; a Buffer passes the response serializer as it is.
+      const answer =
+        response instanceof EncodedResponse
+          ? response.bytes
+          : encodeMessage(method.output, create(method.output, response as MessageInitShape<DescMessage>));
+      const overBudget = deps.answers?.hold(call.metadata, answer.length);
+      if (overBudget) throw overBudget;
+      return answer;
     })()
       .then(
         (response) => {
           calls.ended(OK, since(start));
-          callback(
-            null,
-            // A Buffer passes the response serializer as it is (see `encoder`).
-            response instanceof EncodedResponse
-              ? response.bytes
-              : create(method.output, response as MessageInitShape<DescMessage>),
-          );
+          callback(null, response);
         },
         (error: unknown) => {
           const status = failure(error, deps, path, call, access);
@@ -790,7 +794,6 @@ function unaryHandler(
         turnEnded();
         slotEnded();
         ctx.done();
-        left();
       });
   };
 }
@@ -822,24 +825,6 @@ function unserved(reason: unknown): unknown {
   return reason;
 }
 
-/** A call refused at the door, with the status to end it with. */
-class Refused {
-  constructor(readonly status: grpc.StatusObject) {}
-}
-
-/**
- * Counts the call against its address's open calls: the function that
- * forgets it when the call ends, or, past the limit, the status it was
- * refused with (counted as ended, nothing else done for it).
- */
-function admit(call: CallLike, deps: HandlerDeps, path: string, calls: MethodCalls): (() => void) | Refused {
-  const entered = deps.callsPerAddress?.enter(call.getPeer()) ?? NO_TURN;
-  if (typeof entered === "function") return entered;
-  const status = toStatusObject(entered, deps.log, path);
-  calls.ended(status.code, 0);
-  return new Refused(status);
-}
-
 function serverStreamHandler(
   method: DescMethod,
   fn: ServerStreamFn,
@@ -850,8 +835,6 @@ function serverStreamHandler(
   return (call) => {
     const start = performance.now();
     calls.started();
-    const left = admit(call, deps, path, calls);
-    if (left instanceof Refused) return void call.emit("error", left.status);
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
     (async () => {
@@ -876,10 +859,7 @@ function serverStreamHandler(
           call.emit("error", status);
         },
       )
-      .finally(() => {
-        ctx.done();
-        left();
-      });
+      .finally(() => ctx.done());
   };
 }
 
@@ -893,8 +873,6 @@ function bidiHandler(
   return (call) => {
     const start = performance.now();
     calls.started();
-    const left = admit(call, deps, path, calls);
-    if (left instanceof Refused) return void call.emit("error", left.status);
     const ctx = createContext(call, deps.shutdown);
     const queue = requestQueue(call as grpc.ServerDuplexStream<MessageShape<DescMessage>, unknown>);
     const encode = encoder(method.output);
@@ -971,9 +949,6 @@ function bidiHandler(
           call.emit("error", status);
         },
       )
-      .finally(() => {
-        ctx.done();
-        left();
-      });
+      .finally(() => ctx.done());
   };
 }

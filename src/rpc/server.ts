@@ -10,12 +10,17 @@ import {
   createServiceDefinition,
   createServiceHandlers,
   type FastDecoders,
+  type MethodCalls,
   type Refusal,
   type ServiceImpl,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
 import { createCallAuthorization } from "./call-authorization.js";
-import { CALLS_PER_CONNECTION, limitCallsPerAddress } from "./calls-per-address.js";
+import {
+  CALLS_PER_CONNECTION,
+  callsPerAddressInterceptor,
+  limitCallsPerAddress,
+} from "./calls-per-address.js";
 import { closeConnectionsOnClientCaChange } from "./client-ca-change.js";
 import {
   type ConnectionLimit,
@@ -39,6 +44,7 @@ import {
   UNARY_WAITING_PER_RUNNING,
   type UnaryCallLimit,
 } from "./unary-calls.js";
+import { createUnsentAnswerLimit } from "./unsent-answers.js";
 
 /** A service and its implementation, ready to register. */
 export interface ServiceBinding {
@@ -93,6 +99,13 @@ export interface RpcServerOptions {
    * `DEFAULT_REQUEST_STALL_MS` (30 s).
    */
   readonly requestStallMs?: number;
+  /**
+   * Bytes of unary answers not yet sent the process may hold, across all
+   * connections (`UnsentAnswerOptions.maxBytes`). Default
+   * `DEFAULT_UNSENT_ANSWER_BYTES` (256 MiB). A call whose answer its client
+   * takes none of for `requestStallMs` is reset.
+   */
+  readonly maxUnsentAnswerBytes?: number;
   /** Authentication of every call of `services`; none: every call is allowed (no credentials configured). */
   readonly authenticator?: Authenticator | undefined;
   /**
@@ -215,11 +228,40 @@ export async function createRpcServer(
     options.services.map((s) => s.service),
     { authenticator: options.authenticator, onRefused, calls: options.calls, log: options.log },
   );
-  const interceptors = [partialRequests?.interceptor, authorization?.interceptor].filter(
-    (i): i is grpc.ServerInterceptor => i !== undefined,
+  // Answers handed to grpc-js stay in memory until their client reads them: bounded, and every call
+  // counts against its address until its HTTP/2 stream closes.
+  const answers = createUnsentAnswerLimit({
+    log: options.log,
+    maxBytes: options.maxUnsentAnswerBytes,
+    stallMs: options.requestStallMs,
+  });
+  const callsPerAddress = limitCallsPerAddress(
+    // Four calls per connection an address may hold: its connections' HTTP/2 streams alone
+    // would allow 256 each.
+    CALLS_PER_CONNECTION * (options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+    options.log,
   );
+  const methodCalls = new Map<string, MethodCalls | undefined>();
+  for (const { service } of options.services)
+    for (const method of service.methods)
+      methodCalls.set(
+        `/${service.typeName}/${method.name}`,
+        method.methodKind === "client_streaming"
+          ? undefined
+          : options.calls?.method(method.methodKind, service.typeName, method.name),
+      );
+  // The first three need grpc-js's own call, which the authorization wraps.
+  const interceptors = [
+    partialRequests?.interceptor,
+    answers.interceptor,
+    callsPerAddressInterceptor(callsPerAddress, {
+      log: options.log,
+      methodCalls: (path) => methodCalls.get(path),
+    }),
+    authorization?.interceptor,
+  ].filter((i): i is grpc.ServerInterceptor => i !== undefined);
   const server = new grpc.Server({
-    // The partial-request limit first: it needs grpc-js's own call.
+    // grpc-js's own call goes to the interceptors in this order (see above).
     ...(interceptors.length > 0 ? { interceptors } : {}),
     // Agents hold streams for days; keepalive pings find dead peers quickly.
     "grpc.keepalive_time_ms": 20_000,
@@ -249,12 +291,7 @@ export async function createRpcServer(
     onRefused,
     calls: options.calls,
     largeCalls,
-    // Four calls per connection an address may hold: its connections' HTTP/2 streams alone
-    // would allow 256 each.
-    callsPerAddress: limitCallsPerAddress(
-      CALLS_PER_CONNECTION * (options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
-      options.log,
-    ),
+    answers,
     unaryCalls: limitUnaryCalls({
       running: options.maxUnaryCalls,
       waiting: options.maxUnaryWaiting,
@@ -282,6 +319,7 @@ export async function createRpcServer(
       if (!error) return resolve(boundPort);
       server.forceShutdown();
       partialRequests?.close();
+      answers.close();
       reject(bindFailure(error));
     }),
   );
@@ -341,6 +379,7 @@ export async function createRpcServer(
         });
       });
       partialRequests?.close();
+      answers.close();
     })();
     return closing;
   };

@@ -7,7 +7,11 @@ import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { pino } from "pino";
 import { afterEach, describe, expect, it } from "vitest";
-import { ActionService, WatchActionRequestSchema } from "../../src/gen/leasehold/v1/action_pb.js";
+import {
+  ActionService,
+  GetActionRequestSchema,
+  WatchActionRequestSchema,
+} from "../../src/gen/leasehold/v1/action_pb.js";
 import { type ConnectionRefusal, defaultMaxConnections } from "../../src/rpc/connection-limits.js";
 import { bind, createRpcServer } from "../../src/rpc/server.js";
 import { grpcFrame, rawCall } from "../helpers/raw-grpc.js";
@@ -174,6 +178,74 @@ describe("connection limits", () => {
       session.destroy();
     }
   });
+
+  it("counts a call until its answer is sent: a client that reads none gets calls past its share refused, and its answers reset", async () => {
+    const logged: { msg: string; reason?: string }[] = [];
+    const log = pino({ level: "warn" }, { write: (line: string) => logged.push(JSON.parse(line)) });
+    const server = await createRpcServer("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), {
+      log,
+      // 200 KB answers, past the size always sent; the budget takes one of them.
+      services: [
+        bind(ActionService, {
+          getAction: async (request) => ({
+            action: { id: request.actionId, payload: { pad: "x".repeat(200_000) } },
+          }),
+        }),
+      ],
+      // One connection per address: four open calls.
+      maxConnectionsPerAddress: 1,
+      maxUnsentAnswerBytes: 300_000,
+      requestStallMs: 300,
+    });
+    server.markServing();
+    close = () => server.close();
+    // A client that announces a flow-control window of 0 and never grants more: no answer can be
+    // sent to it, only headers.
+    const session = http2.connect(`http://127.0.0.1:${server.port}`, { settings: { initialWindowSize: 0 } });
+    session.on("error", () => {});
+    try {
+      const health = () => rawCall(session, "/grpc.health.v1.Health/Check", Buffer.from([0, 0, 0, 0, 0]));
+      const getAction = (id: string) =>
+        rawCall(
+          session,
+          "/leasehold.v1.ActionService/GetAction",
+          grpcFrame(GetActionRequestSchema, { actionId: id }),
+        );
+      const answered = (c: ReturnType<typeof rawCall>) =>
+        Promise.race([
+          once(c.stream, "response"),
+          c.status.then((s) => expect.fail(`ended ${s.code}: ${s.message}`)),
+        ]);
+      const closed = (c: ReturnType<typeof rawCall>) =>
+        new Promise<number | undefined>((resolve) => {
+          if (c.stream.closed) resolve(c.stream.rstCode);
+          else c.stream.once("close", () => resolve(c.stream.rstCode));
+        });
+      // Handlers answered all three (headers came); none of their answers could be sent.
+      const held = [health(), health(), getAction("a")];
+      for (const c of held) await answered(c);
+      // A second large answer would take the unsent answers past the budget: not sent.
+      const big = await getAction("b").status;
+      expect(big.code).toBe("8");
+      expect(big.message).toMatch(/^the server holds 0\.2 MiB of answers its clients have not read/);
+      // The fourth call opens; the fifth finds the address's four calls open, answered or not.
+      const fourth = health();
+      await answered(fourth);
+      const past = await health().status;
+      expect(past.code).toBe("8");
+      expect(past.message).toMatch(/^this address \(127\.0\.0\.1\) has 4 calls open/);
+      // Another address is served meanwhile.
+      expect(await healthCheck(server.port, "127.0.0.2")).toBe("0");
+      // The answers nobody takes are reset (ENHANCE_YOUR_CALM), which closes their calls.
+      for (const c of [...held, fourth])
+        expect(await closed(c)).toBe(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+      expect(logged.some((l) => l.reason === "ANSWER_STALLED")).toBe(true);
+      // The address's calls were let go: its next one is served.
+      await answered(health());
+    } finally {
+      session.destroy();
+    }
+  }, 20_000);
 
   it("closes connections past the process's bound, whatever their address", async () => {
     const s = await start({ maxConnections: 2, maxConnectionsPerAddress: 0 });

@@ -402,9 +402,10 @@ class WorkerServiceServicer(object):
         Limits: one connection holds at most 256 streams (HTTP/2
         SETTINGS_MAX_CONCURRENT_STREAMS; a stream opened past it is refused,
         UNAVAILABLE), and one client address at most 4 open calls (streams and
-        unary calls, of every service) per connection it may hold
-        (--max-connections-per-address, 1024 by default: 4,096 calls; 0, no
-        bound, lifts both): a call past that is
+        unary calls, of every service, health checks included) per connection it
+        may hold (--max-connections-per-address, 1024 by default: 4,096 calls; 0,
+        no bound, lifts both), a call counting until its HTTP/2 stream closes (an
+        answer its client has not read keeps it open): a call past that is
         answered RESOURCE_EXHAUSTED at once (ErrorInfo reason CALLS_PER_ADDRESS,
         metadata address, limit) and nothing else is done for it; end calls
         you no longer need, then retry. The process's bound on unary calls

@@ -671,6 +671,13 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
  * arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
  * requests of 256 KiB or more are served one at a time, in the order they
  * arrived, so that they never hold up heartbeats; the others wait their turn.
+ * Answers are held until their client reads them, and that is bounded too: a
+ * unary answer over 128 KiB is not sent, RESOURCE_EXHAUSTED (reason
+ * ANSWERS_OVER_BUDGET; what the call did stands, retry a read later), while
+ * the server holds 256 MiB of answers not yet sent, and a call or stream
+ * whose client takes none of what waits for it in 30 s (a flow-control window
+ * left at 0) is reset 30 to 60 s after it stalled (HTTP/2 ENHANCE_YOUR_CALM,
+ * which gRPC clients report as RESOURCE_EXHAUSTED). Read answers promptly.
  *
  * @generated from service leasehold.v1.ClusterService
  */

@@ -68,6 +68,11 @@ export interface DatabaseOptions {
   readonly onQuery?: (query: string) => void;
 }
 
+/**
+ * drizzle-kit's migrations. One that any commit shipped is never edited, only new ones added:
+ * drizzle runs every migration whose journal `when` is newer than the newest applied one, from
+ * its current text (migrations/README.md says what an edit did).
+ */
 const MIGRATIONS_FOLDER = fileURLToPath(new URL("./migrations", import.meta.url));
 
 /**

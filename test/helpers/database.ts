@@ -80,6 +80,18 @@ export function runsDriverNeutralTests(): boolean {
   return runsPostgresTests();
 }
 
+/**
+ * A store on the driver of this run with nothing in it, not even drizzle's
+ * migrations table: for tests that migrate it themselves (upgrades from what
+ * an earlier build left).
+ */
+export async function emptyStore(): Promise<TestStore> {
+  if (inject("driver") === "postgres") return freshPostgresDatabase();
+  const dir = mkdtempSync(join(scratchDir(), "leasehold-pglite-"));
+  const drop = async () => rmSync(dir, { recursive: true, force: true });
+  return { url: undefined, dataDir: join(dir, "data"), drop, [Symbol.asyncDispose]: drop };
+}
+
 /** A fresh, migrated store on the driver of this run (PGlite, or PostgreSQL when DATABASE_URL is set). */
 export async function freshStore(): Promise<TestStore> {
   return inject("driver") === "postgres" ? freshPostgresDatabase({ migrated: true }) : freshPgliteDirectory();

@@ -1,11 +1,26 @@
 import { execFile } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { PGlite } from "@electric-sql/pglite";
 import { sql } from "drizzle-orm";
+import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
+import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
+import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
+import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
-import { openDatabase } from "../../src/store/database.js";
-import { freshPostgresDatabase, freshStore, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
+import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
+import { type Database, openDatabase } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
+import {
+  emptyStore,
+  freshPostgresDatabase,
+  freshStore,
+  runsPostgresTests,
+  type TestStore,
+} from "../helpers/database.js";
 import { BIN } from "../helpers/process.js";
 import { startTestServer } from "../helpers/server.js";
 
@@ -79,6 +94,142 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
       }
     } finally {
       await Promise.all([a.stop(), b.stop()]);
+    }
+  });
+});
+
+/**
+ * Migrates `store` with the migrations in `folder` alone, as the build that shipped them did,
+ * then runs `statements` (rows that build would have written).
+ */
+async function migrateWith(
+  store: TestStore,
+  folder: string,
+  statements: readonly string[] = [],
+): Promise<void> {
+  if (store.url) {
+    const client = postgres(store.url, { max: 1, onnotice: () => {} });
+    try {
+      await migratePostgres(drizzlePostgres(client), { migrationsFolder: folder });
+      for (const statement of statements) await client.unsafe(statement);
+    } finally {
+      await client.end();
+    }
+  } else {
+    const client = await PGlite.create(store.dataDir);
+    try {
+      await migratePglite(drizzlePglite(client), { migrationsFolder: folder });
+      for (const statement of statements) await client.exec(statement);
+    } finally {
+      await client.close();
+    }
+  }
+}
+
+/**
+ * The schema as pg_dump shows it: columns in their order (with type, nullability and default),
+ * indexes, constraints, triggers and functions.
+ */
+async function schemaOf(database: Database): Promise<Record<string, unknown[]>> {
+  const rows = (text: string) => queryRows<Record<string, unknown>>(database.db, sql.raw(text));
+  return {
+    columns: await rows(
+      `select table_name, column_name, data_type, is_nullable, column_default from information_schema.columns
+       where table_schema = 'public' order by table_name, ordinal_position`,
+    ),
+    indexes: await rows(
+      `select indexname, indexdef from pg_indexes where schemaname = 'public' order by indexname`,
+    ),
+    constraints: await rows(
+      `select conrelid::regclass::text as table_name, conname, pg_get_constraintdef(oid) as def from pg_constraint
+       where connamespace = 'public'::regnamespace order by conname`,
+    ),
+    triggers: await rows(
+      "select tgname, pg_get_triggerdef(oid) as def from pg_trigger where not tgisinternal order by tgname",
+    ),
+    functions: await rows(
+      `select proname, pg_get_functiondef(oid) as def from pg_proc
+       where pronamespace = 'public'::regnamespace order by proname`,
+    ),
+  };
+}
+
+/**
+ * Migration 0016 was edited after builds had applied it (see src/store/migrations/README.md):
+ * test/fixtures/migrations holds the migrations those builds shipped. drizzle applies the
+ * current 0016 over the earlier one, since its journal entry is newer than the earlier's.
+ */
+// Each test migrates a database from empty and starts a server or a process: seconds each on a
+// busy machine. The timeout is a hang guard.
+describe("a database an earlier text of migration 0016 was applied to", { timeout: 120_000 }, () => {
+  const LEASE = "0190a0b0-0000-7000-8000-00000000a001";
+  const OBJECT = "0190a0b0-0000-7000-8000-00000000b001";
+  const seed = [
+    `insert into scope_leases (id, runtime, state, close_reason, ttl_ms, expires_at, closed_at, created_by)
+     values ('${LEASE}', 'east', 'COMMITTED', 'COMMITTED', 600000, now(), now(), 'alice')`,
+    `insert into resources (id, kind, ownership, lease_id, body, request_id, requested_by, request_hash)
+     values ('${OBJECT}', 'report', 'WORKSPACE', '${LEASE}', '{"a": 1}', 'report-1', 'alice', 'h')`,
+  ];
+
+  it.each([
+    ["0016_resource_request_id (builds 6f98e02 to e81a932)", "released-0016-request-id"],
+    ["the first 0016_resource_request_id_and_runtime (builds 270bad0 to 49b310f)", "released-0016-runtime"],
+  ])("upgrades from %s to the schema a fresh database gets, and serves", async (_name, fixture) => {
+    await using store = await emptyStore();
+    await migrateWith(
+      store,
+      fileURLToPath(new URL(`../fixtures/migrations/${fixture}`, import.meta.url)),
+      seed,
+    );
+
+    const upgraded = await openDatabase({ url: store.url, dataDir: store.dataDir });
+    let schema: Record<string, unknown[]>;
+    try {
+      schema = await schemaOf(upgraded);
+      const [row] = await queryRows<Record<string, unknown>>(
+        upgraded.db,
+        sql`select runtime, lease_owner, request_id, requested_by from resources where id = ${OBJECT}`,
+      );
+      // Backfilled from the lease, and what the earlier build recorded is kept.
+      expect(row).toEqual({
+        runtime: "east",
+        lease_owner: "alice",
+        request_id: "report-1",
+        requested_by: "alice",
+      });
+      const [applied] = await queryRows<{ n: number }>(
+        upgraded.db,
+        sql`select count(*)::int as n from drizzle.__drizzle_migrations where created_at = ${newestKnown.when}`,
+      );
+      expect(applied?.n).toBe(1);
+    } finally {
+      await upgraded.close();
+    }
+    await using fresh = await freshStore();
+    const reference = await openDatabase({ url: fresh.url, dataDir: fresh.dataDir });
+    try {
+      expect(schema).toEqual(await schemaOf(reference));
+    } finally {
+      await reference.close();
+    }
+    expect(schema.indexes).toContainEqual({
+      indexname: "resources_requested_by_request_id_key",
+      indexdef: expect.stringMatching(/^CREATE UNIQUE INDEX .* USING btree \(requested_by, request_id\)$/),
+    });
+
+    const t = await startTestServer({ store });
+    try {
+      const resources = t.client(ResourceService);
+      const kept = await resources.getResource({ resourceId: OBJECT });
+      expect(kept.resource?.id).toBe(OBJECT);
+      const leaseId = (await t.client(LeaseService).createLease({ runtime: "east", ttl: { seconds: 600n } }))
+        .lease?.id;
+      const request = { leaseId: leaseId ?? "", kind: "report", body: { a: 2 }, requestId: "report-2" };
+      const first = await resources.createObject(request);
+      const retried = await resources.createObject(request);
+      expect(retried.resource?.id).toBe(first.resource?.id);
+    } finally {
+      await t.stop();
     }
   });
 });

@@ -50,6 +50,7 @@ import {
   retryDelay,
 } from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
+import { MigrationFailed } from "./store/migration-failed.js";
 import { DatabaseNewerThanBuild } from "./store/newer-database.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
@@ -374,8 +375,12 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         },
       },
     ).catch((error: unknown) => {
-      // A database a newer build migrated: its message says what to run; the URL is right.
-      throw overrides.signal?.aborted || !config.databaseUrl || error instanceof DatabaseNewerThanBuild
+      // A database a newer build migrated, or one that refused a migration: their messages say
+      // what to do; the URL is right.
+      throw overrides.signal?.aborted ||
+        !config.databaseUrl ||
+        error instanceof DatabaseNewerThanBuild ||
+        error instanceof MigrationFailed
         ? error
         : openFailure(config.databaseUrl, error);
     });

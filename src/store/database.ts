@@ -8,6 +8,7 @@ import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
 import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { lockDataDir } from "./data-dir-lock.js";
+import { migrateExplained } from "./migration-failed.js";
 import { appliedMigrations, readJournal, refuseNewerDatabase } from "./newer-database.js";
 import { simpleQueryText } from "./query-text.js";
 import { registerPreparedRunner } from "./rows.js";
@@ -287,11 +288,18 @@ async function openPglite(dataDir: string, logger: QueryLogger): Promise<Databas
     try {
       const db = drizzlePglite(client, { schema, ...(logger ? { logger } : {}) });
       // PGlite is a single session in a single process: no concurrent migrator.
-      refuseNewerDatabase(
-        await appliedMigrations(async (text) => (await client.query<Record<string, unknown>>(text)).rows),
-        readJournal(MIGRATIONS_FOLDER),
+      const applied = await appliedMigrations(
+        async (text) => (await client.query<Record<string, unknown>>(text)).rows,
       );
-      await migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER });
+      const journal = readJournal(MIGRATIONS_FOLDER);
+      refuseNewerDatabase(applied, journal);
+      await migrateExplained(() => migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER }), {
+        where: `the database in ${dataDir}`,
+        migrationsFolder: MIGRATIONS_FOLDER,
+        applied,
+        journal,
+        isTransient: () => false,
+      });
       return handle(db as unknown as Db, "pglite", async () => {
         await client.close();
         unlock();
@@ -395,11 +403,19 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
   try {
     await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
     // Under the lock: a newer build migrating at the same moment has finished, or not begun.
-    refuseNewerDatabase(
-      await appliedMigrations((text) => migrator.unsafe(text)),
-      readJournal(MIGRATIONS_FOLDER),
+    const applied = await appliedMigrations((text) => migrator.unsafe(text));
+    const journal = readJournal(MIGRATIONS_FOLDER);
+    refuseNewerDatabase(applied, journal);
+    await migrateExplained(
+      () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
+      {
+        where: `the database at ${redactUrl(configuredUrl)}`,
+        migrationsFolder: MIGRATIONS_FOLDER,
+        applied,
+        journal,
+        isTransient: isTransientConnectError,
+      },
     );
-    await migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER });
   } finally {
     await migrator.end({ timeout: 5 });
   }

@@ -1,5 +1,6 @@
 import { execFile } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
 import { sql } from "drizzle-orm";
@@ -22,6 +23,7 @@ import {
   type TestStore,
 } from "../helpers/database.js";
 import { BIN } from "../helpers/process.js";
+import { scratchDir } from "../helpers/scratch.js";
 import { startTestServer } from "../helpers/server.js";
 
 const journal = JSON.parse(
@@ -41,6 +43,22 @@ async function migrateAsANewerBuild(store: TestStore): Promise<void> {
   }
 }
 
+/** Runs `leasehold serve` on `store` until it exits (a build that serves anyway is stopped): its code and stderr. */
+function serveToExit(store: TestStore): Promise<{ code: number; stderr: string }> {
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith("LEASEHOLD_") && k !== "DATABASE_URL"),
+  );
+  const where = store.url ? ["--database-url", store.url] : ["--data-dir", store.dataDir];
+  return new Promise((resolve) => {
+    execFile(
+      process.execPath,
+      [BIN, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", ...where],
+      { env, timeout: 60_000 },
+      (error, _stdout, stderr) => resolve({ code: error ? Number(error.code ?? 1) : 0, stderr }),
+    );
+  });
+}
+
 describe("a database a newer build migrated", () => {
   it("is refused by openDatabase, naming the newest migration it has and the newest this build knows", async () => {
     await using store = await freshStore();
@@ -54,19 +72,7 @@ describe("a database a newer build migrated", () => {
   it("makes `leasehold serve` exit 1 saying to run a build at least that new", async () => {
     await using store = await freshStore();
     await migrateAsANewerBuild(store);
-    const env = Object.fromEntries(
-      Object.entries(process.env).filter(([k]) => !k.startsWith("LEASEHOLD_") && k !== "DATABASE_URL"),
-    );
-    const where = store.url ? ["--database-url", store.url] : ["--data-dir", store.dataDir];
-    const { code, stderr } = await new Promise<{ code: number; stderr: string }>((resolve) => {
-      execFile(
-        process.execPath,
-        [BIN, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", ...where],
-        // A build that serves on the newer schema anyway is stopped, not left running.
-        { env, timeout: 20_000 },
-        (error, _stdout, stderr) => resolve({ code: error ? Number(error.code ?? 1) : 0, stderr }),
-      );
-    });
+    const { code, stderr } = await serveToExit(store);
     expect(code).toBe(1);
     expect(stderr).toContain(`the newest this build knows is ${newestKnown.tag}`);
     expect(stderr).toContain("Run a leasehold build at least as new as the one that migrated it");
@@ -123,6 +129,24 @@ async function migrateWith(
     } finally {
       await client.close();
     }
+  }
+}
+
+/** Runs one statement on `store` on a connection of its own: its rows. */
+async function queryStore(store: TestStore, text: string): Promise<Record<string, unknown>[]> {
+  if (store.url) {
+    const client = postgres(store.url, { max: 1, onnotice: () => {} });
+    try {
+      return [...(await client.unsafe(text))];
+    } finally {
+      await client.end();
+    }
+  }
+  const client = await PGlite.create(store.dataDir);
+  try {
+    return (await client.query<Record<string, unknown>>(text)).rows;
+  } finally {
+    await client.close();
   }
 }
 
@@ -231,5 +255,78 @@ describe("a database an earlier text of migration 0016 was applied to", { timeou
     } finally {
       await t.stop();
     }
+  });
+});
+
+describe("a migration the database refuses", { timeout: 120_000 }, () => {
+  const MIGRATIONS = fileURLToPath(new URL("../../src/store/migrations", import.meta.url));
+
+  /**
+   * A store migrated up to 0014_server_liveness that already has an index named as one
+   * 0015_discard_lost_run_outputs creates (`CREATE INDEX`, without `IF NOT EXISTS`).
+   */
+  async function storeThatRefuses0015(): Promise<TestStore> {
+    const store = await emptyStore();
+    const folder = mkdtempSync(join(scratchDir(), "leasehold-migrations-"));
+    try {
+      cpSync(MIGRATIONS, folder, { recursive: true });
+      const upTo0014 = journal.entries.slice(
+        0,
+        journal.entries.findIndex((e) => e.tag.startsWith("0015_")),
+      );
+      writeFileSync(join(folder, "meta/_journal.json"), JSON.stringify({ ...journal, entries: upTo0014 }));
+      await migrateWith(store, folder, ['create index "resources_output_run_idx" on resources (id)']);
+    } finally {
+      rmSync(folder, { recursive: true, force: true });
+    }
+    return store;
+  }
+
+  /** What the message must say: the migration, the database's own error, the state it is left in. */
+  const expectExplained = (message: string) => {
+    expect(message).toContain(
+      'migration 0015_discard_lost_run_outputs failed: relation "resources_output_run_idx" already exists (SQLSTATE 42P07), ' +
+        'in: CREATE INDEX "resources_output_run_idx" ON "resources"',
+    );
+    expect(message).toContain(
+      "pending migrations run in one transaction, which was rolled back, so the database is still at migration 0014_server_liveness",
+    );
+    expect(message).toContain("resolve that conflict and start again");
+    expect(message).not.toContain("Failed query");
+  };
+
+  it("fails openDatabase saying which migration, the database's error and that nothing of it was applied", async () => {
+    await using store = await storeThatRefuses0015();
+    const error = await openDatabase({ url: store.url, dataDir: store.dataDir }).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(error).toMatchObject({ name: "MigrationFailed", sqlState: "42P07" });
+    expectExplained((error as Error).message);
+    expect((error as Error).message).toContain(
+      store.url
+        ? `cannot migrate the database at ${store.url}`
+        : `cannot migrate the database in ${store.dataDir}`,
+    );
+
+    // Rolled back: 0015's first statement (a column) left nothing either, and 0015 is not recorded.
+    const [left] = await queryStore(
+      store,
+      `select (select count(*)::int from drizzle.__drizzle_migrations) as applied,
+              (select count(*)::int from information_schema.columns
+               where table_name = 'resources' and column_name = 'output_action_id') as output_columns`,
+    );
+    expect(left).toEqual({
+      applied: journal.entries.findIndex((e) => e.tag.startsWith("0015_")),
+      output_columns: 0,
+    });
+  });
+
+  it("makes `leasehold serve` exit 1 with that message, not advice about --database-url", async () => {
+    await using store = await storeThatRefuses0015();
+    const { code, stderr } = await serveToExit(store);
+    expect(code).toBe(1);
+    expectExplained(stderr);
+    expect(stderr).not.toContain("check --database-url");
   });
 });

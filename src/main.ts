@@ -10,7 +10,7 @@ import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
 import { CliError, DEFAULT_SERVER, EXIT, guardOutput, printError } from "./cli/output.js";
 import { serveCommand } from "./cli/serve-command.js";
 import { tokenCommand } from "./cli/token-command.js";
-import { packageVersion } from "./version.js";
+import { versionText } from "./version.js";
 
 /**
  * The `leasehold` command line. Flags and environment are read here and in
@@ -19,7 +19,11 @@ import { packageVersion } from "./version.js";
 export function createProgram(): Command {
   const program = new Command("leasehold")
     .description("Leasehold: a gRPC control plane that hands work to cluster agents under leases.")
-    .version(packageVersion(), "-V, --version", "print the version of leasehold and exit")
+    .version(
+      versionText(),
+      "-V, --version",
+      "print the version of leasehold and the commit it was built from, and exit",
+    )
     .addOption(
       new Option(
         "--server <host:port>",

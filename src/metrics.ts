@@ -414,16 +414,18 @@ export function addProcessMetrics(registry: Registry): () => void {
 }
 
 /**
- * `leasehold_build_info{version} 1`: which build this process runs, to tell
- * the processes of a rolling upgrade apart (and join on it in queries).
+ * `leasehold_build_info{version,commit} 1`: which build this process runs, to
+ * tell the processes of a rolling upgrade apart (and join on it in queries).
+ * The version is the package's, the same in every build of a release; the
+ * commit (version.ts, buildCommit) tells builds apart.
  */
-export function addBuildInfo(registry: Registry, version: string): void {
+export function addBuildInfo(registry: Registry, version: string, commit: string): void {
   new Gauge({
     name: "leasehold_build_info",
-    help: "Always 1; version is the leasehold build this process runs.",
-    labelNames: ["version"],
+    help: "Always 1; version is the leasehold package version this process runs, commit the commit it was built from (unknown when built outside a git checkout; -dirty with local changes).",
+    labelNames: ["version", "commit"],
     registers: [registry],
-  }).set({ version }, 1);
+  }).set({ version, commit }, 1);
 }
 
 /**

@@ -55,7 +55,7 @@ import { DatabaseNewerThanBuild } from "./store/newer-database.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
 import { NO_TRACING, otlpTracing, type Tracing } from "./telemetry.js";
-import { packageVersion } from "./version.js";
+import { buildCommit, packageVersion } from "./version.js";
 import { createActionService } from "./work/action-service.js";
 import { createChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./work/change-feed.js";
 import { createPostgresBus } from "./work/cluster-bus.js";
@@ -233,7 +233,7 @@ export async function startServer(
   if (config.metricsListen) {
     const { host, port } = parseListen(config.metricsListen, "--metrics-listen");
     stopSampling = addProcessMetrics(callMetrics.registry);
-    addBuildInfo(callMetrics.registry, packageVersion());
+    addBuildInfo(callMetrics.registry, packageVersion(), buildCommit());
     // A name that does not resolve, or an address not of this machine: a usage error naming the
     // flag, as a port in use is (serveMetrics names it).
     metricsServer = await serveMetrics(callMetrics.registry, host, port).catch(async (error: unknown) => {
@@ -606,6 +606,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           console: consoleServer?.url,
           serverId,
           version: packageVersion(),
+          commit: buildCommit(),
         },
         "leasehold serving",
       );

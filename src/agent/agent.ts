@@ -23,6 +23,7 @@ import {
   encodeSuccess,
 } from "../rpc/worker-wire.js";
 import { parseTraceParent, traceParentOf } from "../telemetry.js";
+import { versionText } from "../version.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { answersOnConnection, servesWorkers } from "./health-probe.js";
@@ -1677,7 +1678,7 @@ export function createAgent(options: AgentOptions): Agent {
           capacity: capacity + prefetch,
           labels: { ...(options.labels ?? {}) },
           heldLeases: heldLeases(),
-          agentVersion: options.agentVersion ?? "leasehold-agent-sdk",
+          agentVersion: options.agentVersion ?? `leasehold-agent-sdk ${versionText()}`,
           instanceId,
           acceptsBatches: true,
           stopGrants: closing,

@@ -10,6 +10,7 @@ import { claimWorkDir, createProcessRegistry, ownWorkDir } from "../agent/proces
 import { MAX_CAPACITY } from "../rpc/limits.js";
 import { splitAddresses } from "../rpc/targets.js";
 import { checkWorkerNames, Violations } from "../rpc/validate.js";
+import { versionText } from "../version.js";
 import {
   CliError,
   channelFor,
@@ -269,7 +270,7 @@ export function agentCommand(): Command {
             isDeploymentPayload(ctx.payload)
               ? deployments(ctx)
               : commandHandler(ctx, { registry, allow, killGraceMs }),
-          agentVersion: "leasehold-agent",
+          agentVersion: `leasehold-agent ${versionText()}`,
           onEvent: log,
           // Half the self-fence's 500 ms margin later: the agent's own fence first, and both
           // before the server may hand the actions on.

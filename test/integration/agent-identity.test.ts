@@ -58,6 +58,8 @@ describe.runIf(runsDriverNeutralTests())("the reference agent's identity and wor
     await first.waitForLog((l) => l.type === "connected");
     const { workers } = await t.client(ClusterService).listWorkers({ cluster: "identity" });
     expect(workers.map((w) => w.workerId)).toEqual([hostname()]);
+    // Which build the agent runs: the version and commit `leasehold --version` prints.
+    expect(workers[0]?.agentVersion).toBe(`leasehold-agent ${(await runCli(["--version"])).stdout.trim()}`);
 
     // A second agent of the same default id and work directory is refused before it connects.
     const twin = await runCli(defaultArgs(workDir));

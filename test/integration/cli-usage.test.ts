@@ -5,6 +5,7 @@ import { type AddressInfo, createServer } from "node:net";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
 import { createProgram } from "../../src/main.js";
+import { buildCommit } from "../../src/version.js";
 import { freshPostgresDatabase, runsDriverNeutralTests } from "../helpers/database.js";
 import { freePort } from "../helpers/ports.js";
 import { runCli as cli, runLeasehold } from "../helpers/process.js";
@@ -39,18 +40,28 @@ async function serveUntilExit(
 const { version } = JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as {
   version: string;
 };
+/** The commit `npm run build` recorded for dist/ (version.ts, recordBuild), read when a test needs it. */
+const builtCommit = () =>
+  (
+    JSON.parse(readFileSync(new URL("../../dist/build-info.json", import.meta.url), "utf8")) as {
+      commit: string;
+    }
+  ).commit;
 
 // Every case spawns a CLI process (a second or more on a loaded machine): the timeout is a hang guard.
 describe.runIf(runsDriverNeutralTests())(
   "leasehold --version, and the flags refused before it connects or serves",
   { timeout: 60_000 },
   () => {
-    it("prints the package's version with --version and -V, and exits 0", async () => {
+    it("prints the package's version and the commit the build was made from with --version and -V, and exits 0", async () => {
+      const built = builtCommit();
       for (const flag of ["--version", "-V"]) {
-        expect(await cli([flag])).toEqual({ code: 0, stdout: `${version}\n`, stderr: "" });
+        expect(await cli([flag])).toEqual({ code: 0, stdout: `${version} (commit ${built})\n`, stderr: "" });
       }
-      // Read from src/ here (vitest), as from dist/ in the processes above.
-      expect(createProgram().version()).toBe(version);
+      // `npm run build` recorded the checkout's commit (this is one), with -dirty for local changes.
+      expect(built).toMatch(/^[0-9a-f]{7,}(-dirty)?$/);
+      // Read from src/ here (vitest), which asks git for the checkout's commit now.
+      expect(createProgram().version()).toBe(`${version} (commit ${buildCommit()})`);
       expect((await cli(["--help"])).stdout).toMatch(/-V, --version/);
     });
 
@@ -63,7 +74,11 @@ describe.runIf(runsDriverNeutralTests())(
           );
         });
       // It exited 0 without a word: the file only exported `main`.
-      expect(await run(["--version"])).toEqual({ code: 0, stdout: `${version}\n`, stderr: "" });
+      expect(await run(["--version"])).toEqual({
+        code: 0,
+        stdout: `${version} (commit ${builtCommit()})\n`,
+        stderr: "",
+      });
       expect(await run(["action", "bogus"])).toMatchObject({
         code: 2,
         stderr: expect.stringContaining("unknown command 'bogus'"),

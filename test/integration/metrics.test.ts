@@ -2,7 +2,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { createFakeClock } from "../../src/store/clock.js";
-import { packageVersion } from "../../src/version.js";
+import { buildCommit, packageVersion } from "../../src/version.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { expectStatus } from "../helpers/status.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -41,9 +41,17 @@ describe("the metrics", () => {
     return w;
   };
 
-  it("says which build runs: leasehold_build_info and the version of the serving line", async () => {
-    expect(sample(await scrape(), `leasehold_build_info{version="${packageVersion()}"}`)).toBe(1);
-    expect(t.logs.find((l) => l.msg === "leasehold serving")).toMatchObject({ version: packageVersion() });
+  it("says which build runs: leasehold_build_info and the serving line, with the commit it was built from", async () => {
+    // From src/ (vitest) the commit is the checkout's: its short hash, -dirty with local changes.
+    const commit = buildCommit();
+    expect(commit).toMatch(/^[0-9a-f]{7,}(-dirty)?$/);
+    expect(
+      sample(await scrape(), `leasehold_build_info{version="${packageVersion()}",commit="${commit}"}`),
+    ).toBe(1);
+    expect(t.logs.find((l) => l.msg === "leasehold serving")).toMatchObject({
+      version: packageVersion(),
+      commit,
+    });
   });
 
   it("counts calls by method and status code, and unary calls' durations", async () => {

@@ -58,7 +58,7 @@ describe("the README's tables", () => {
     addLargeCallMetrics(calls.registry, { counts });
     addUnaryCallMetrics(calls.registry, { counts, refused: 0 });
     const stopSampling = addProcessMetrics(calls.registry);
-    addBuildInfo(calls.registry, "0.0.0");
+    addBuildInfo(calls.registry, "0.0.0", "unknown");
     try {
       const early = calls.registry.getMetricsAsArray().map((metric) => metric.name);
       const all = createMetrics(

@@ -9,6 +9,7 @@ import {
 } from "../gen/leasehold/v1/cluster_pb.js";
 import type { createClient } from "../rpc/client.js";
 import {
+  age,
   count,
   enumFilterOption,
   enumName,
@@ -42,7 +43,10 @@ export function workerCommands(): Command {
   const workers = new Command("workers").description("Show workers, drain them and end their drains.");
   workers
     .command("list")
-    .description("List workers (by id) with their session, state, deadline and held leases.")
+    .description(
+      "List workers (by id) with their state, when the server last heard from each, the server process " +
+        "hosting its session, its deadline and held leases (--json adds the session ids and labels).",
+    )
     .option("--cluster <name>", "only of this cluster")
     .addOption(enumFilterOption("--state <state>", "only in this state", WorkerState))
     .addOption(limitOption())
@@ -57,15 +61,19 @@ export function workerCommands(): Command {
         );
         if (json) return printJson({ workers: list.map((w) => messageJson(WorkerSchema, w)) });
         printTable(
-          ["WORKER", "CLUSTER", "STATE", "SLOTS", "HELD", "DEADLINE", "DRAINING"],
+          ["WORKER", "CLUSTER", "STATE", "SLOTS", "HELD", "LAST SEEN", "DEADLINE", "DRAINING", "SERVER"],
           list.map((w) => [
             w.workerId,
             w.cluster,
             enumName(WorkerState, w.state),
             String(w.capacity),
             w.heldLeases.map((l) => `${l.actionId}@${l.epoch}`).join(",") || "-",
+            // A hung agent stays CONNECTED until its deadline: its last contact ageing is what shows it.
+            age(w.lastSeenTime),
             time(w.session?.deadline),
             w.draining ? "yes" : "no",
+            // The id the hosting `leasehold serve` logs when it starts ("serverId").
+            w.session?.serverId || "-",
           ]),
         );
         // A worker in grace is kept past its deadline while its cluster's expiries are

@@ -458,6 +458,23 @@ export function time(ts: { seconds: bigint; nanos: number } | undefined): string
   return ts ? new Date(Number(ts.seconds) * 1000 + Math.floor(ts.nanos / 1e6)).toISOString() : "-";
 }
 
+/**
+ * How long before `now` a protobuf Timestamp was, in its largest whole unit:
+ * "3s ago", "5m ago", "2h ago", "4d ago"; "-" when unset. Measured on this
+ * machine's clock: a time a little ahead of it (clocks a second apart) is "0s ago".
+ */
+export function age(ts: { seconds: bigint; nanos: number } | undefined, now: Date = new Date()): string {
+  if (!ts) return "-";
+  const seconds = Math.max(
+    0,
+    Math.floor((now.getTime() - (Number(ts.seconds) * 1000 + ts.nanos / 1e6)) / 1000),
+  );
+  if (seconds < 120) return `${seconds}s ago`;
+  if (seconds < 2 * 3600) return `${Math.floor(seconds / 60)}m ago`;
+  if (seconds < 2 * 86_400) return `${Math.floor(seconds / 3600)}h ago`;
+  return `${Math.floor(seconds / 86_400)}d ago`;
+}
+
 /** Parses repeated `k=v` flags into a map. */
 export function parseLabels(values: readonly string[] | undefined, flag: string): Record<string, string> {
   const labels: Record<string, string> = {};

@@ -277,6 +277,20 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       expect(workers.workers).toEqual([
         expect.objectContaining({ workerId: "cli-w", state: "WORKER_STATE_CONNECTED", capacity: 2 }),
       ]);
+      // The table says when the server last heard from the worker (a hung agent stays CONNECTED
+      // until its deadline) and which server process hosts its session.
+      const table = (await cli([...server, "workers", "list", "--cluster", "cli-c"])).stdout.split("\n");
+      expect(table[0]).toMatch(
+        /^WORKER\s+CLUSTER\s+STATE\s+SLOTS\s+HELD\s+LAST SEEN\s+DEADLINE\s+DRAINING\s+SERVER$/,
+      );
+      expect(table[1]).toMatch(
+        new RegExp(
+          `^cli-w\\s+cli-c\\s+CONNECTED\\s+2\\s+-\\s+\\d+[smhd] ago\\s+\\S+\\s+no\\s+${t.server.serverId}$`,
+        ),
+      );
+      expect((await cli(["workers", "list", "--help"])).stdout.replace(/\s+/g, " ")).toContain(
+        "the server process hosting its session, its deadline and held leases (--json adds the session ids",
+      );
       const clusters = JSON.parse((await cli([...server, "--json", "clusters", "list"])).stdout);
       expect(clusters.clusters).toEqual(
         expect.arrayContaining([expect.objectContaining({ name: "cli-c", connectedWorkers: 1 })]),

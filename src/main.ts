@@ -59,7 +59,7 @@ export function createProgram(): Command {
     .addOption(
       new Option(
         "--tls",
-        "use TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert); the variable turns it on unless it is empty, 0, false or no",
+        "use TLS, trusting the system's CAs (implied by --tls-ca and --tls-cert); the variable turns it on with 1, true, yes or on, leaves it off when empty, 0, false, no or off, and any other value exits 2",
       ).env("LEASEHOLD_TLS"),
     )
     .addOption(

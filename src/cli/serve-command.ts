@@ -151,7 +151,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--insecure",
-        "allow listening beyond loopback without credentials (anyone who can reach the port can call every method)",
+        "allow listening beyond loopback without credentials (anyone who can reach the port can call every method); the variable turns it on with 1, true, yes or on, leaves it off when empty, 0, false, no or off, and any other value exits 2",
       ).env("LEASEHOLD_INSECURE"),
     )
     .addOption(

@@ -83,6 +83,29 @@ describe("the global security options", () => {
     await expect(parse(["probe"])).rejects.toThrow('LEASEHOLD_TLS: "enabled" is neither on nor off');
   });
 
+  it("says in --help which values of LEASEHOLD_TLS and LEASEHOLD_INSECURE turn them on, off, or exit 2", async () => {
+    const said =
+      "the variable turns it on with 1, true, yes or on, leaves it off when empty, 0, false, no or off, and any other value exits 2";
+    expect(createProgram().helpInformation().replace(/\s+/g, " ")).toContain(said);
+    const serve = createProgram().commands.find((c) => c.name() === "serve");
+    expect(serve?.helpInformation().replace(/\s+/g, " ")).toContain(
+      `(anyone who can reach the port can call every method); ${said}`,
+    );
+    // What the words say is what the code does.
+    for (const [value, on] of [
+      ["on", true],
+      ["yes", true],
+      ["off", false],
+      ["no", false],
+      ["", false],
+    ] as const) {
+      process.env.LEASEHOLD_TLS = value;
+      expect((await parse(["probe"])).globals?.security.tls).toBe(on);
+    }
+    process.env.LEASEHOLD_TLS = "maybe";
+    await expect(parse(["probe"])).rejects.toMatchObject({ exitCode: 2 });
+  });
+
   it("gives a subcommand's own --tls-cert/--tls-key (serve's certificate) to the subcommand, not to the globals", async () => {
     const { own, globals: g } = await parse([
       "--server",

@@ -1,12 +1,15 @@
-import { Command } from "commander";
+import { Command, Option } from "commander";
 import { type Event, EventKind, EventSchema, EventService } from "../gen/leasehold/v1/event_pb.js";
 import {
+  CliError,
+  EXIT,
   enumFilterOption,
   enumName,
   followThroughRestarts,
   limitOption,
   listUpTo,
   messageJson,
+  nonNegativeIntFlag,
   printJson,
   printLine,
   time,
@@ -32,10 +35,16 @@ export function eventLine(e: Event): string {
   return `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(KIND_WIDTH)} ${actor.padEnd(16)} ${e.message}`;
 }
 
+/** How many of the latest events `events --follow` prints before the new ones, without --limit. */
+export const FOLLOW_LIMIT = 20;
+
 /** `leasehold events [--follow]`. */
 export function eventCommand(): Command {
   return new Command("events")
-    .description("List events oldest first; with --follow, keep streaming new ones (NDJSON with --json).")
+    .description(
+      `List events oldest first; with --follow, print the latest ${FOLLOW_LIMIT} (or --limit) and then stream ` +
+        "new ones, as tail -f does (NDJSON with --json).",
+    )
     .option("--action <id>", "only about this action")
     .option("--worker <id>", "only about this worker")
     .option("--cluster <name>", "only about this cluster")
@@ -44,9 +53,24 @@ export function eventCommand(): Command {
       "only about this scope lease and its resources (its deployments' actions: --action with the action id)",
     )
     .addOption(enumFilterOption("--kind <kind>", "only of this kind", EventKind))
-    .addOption(limitOption("without --follow: "))
-    .option("--newest", "without --follow: the newest events (still printed oldest first)")
-    .option("-f, --follow", "after the stored events, stream new ones until interrupted")
+    .addOption(limitOption(`with --follow, the latest ${FOLLOW_LIMIT} unless given; `))
+    .option(
+      "--newest",
+      "the newest events (still printed oldest first); --follow always starts with the newest",
+    )
+    .option(
+      "-f, --follow",
+      `print the latest events (${FOLLOW_LIMIT}, or --limit), then stream new ones until interrupted`,
+    )
+    .addOption(
+      new Option(
+        "--after <sequence>",
+        "with --follow: print every stored event after this sequence, then stream new ones (0 replays " +
+          "every event kept), instead of starting with the latest",
+      )
+        .argParser(nonNegativeIntFlag)
+        .conflicts(["limit", "newest"]),
+    )
     .action(async (o: Record<string, unknown>, command: Command) =>
       withServer(
         command,
@@ -63,14 +87,34 @@ export function eventCommand(): Command {
             if (g.json) printJson(messageJson(EventSchema, e));
             else printLine(eventLine(e));
           };
+          if (o.after !== undefined && !o.follow)
+            throw new CliError(
+              "--after: only with --follow (a listing starts at the oldest event kept)",
+              EXIT.usage,
+            );
           if (o.follow) {
-            // Replays stored events, then follows with no gap; after a server
-            // restart it continues after the last sequence it printed.
-            let after = 0n;
+            // Starts with the latest events (or those after --after), then
+            // follows with no gap; after a server restart it continues after
+            // the last sequence it printed.
+            let after = o.after === undefined ? undefined : BigInt(o.after as number);
             await followThroughRestarts(async (connected) => {
-              // A call that answers says the server is back, before any new event comes.
-              await api.listEvents({ ...filter, pageSize: 1 });
-              connected();
+              if (after === undefined) {
+                const latest = await listUpTo(
+                  (o.limit as number | undefined) ?? FOLLOW_LIMIT,
+                  (page) => api.listEvents({ ...filter, ...page, newestFirst: true }),
+                  (r) => r.events,
+                  { order: "newest", noun: "event", quiet: true },
+                );
+                connected();
+                // Followed from the newest one shown; from 0 when none matched yet, which
+                // replays nothing stored but what was committed since (as ListEvents says).
+                after = latest[0]?.sequence ?? 0n;
+                for (const e of latest.reverse()) print(e);
+              } else {
+                // A call that answers says the server is back, before any new event comes.
+                await api.listEvents({ ...filter, pageSize: 1 });
+                connected();
+              }
               for await (const m of api.watchEvents({ ...filter, afterSequence: after })) {
                 if (!m.event) continue;
                 after = m.event.sequence;

@@ -585,13 +585,19 @@ export function limitOption(when = ""): Option {
  * `call` asks for one page, `itemsOf` takes its items from the answer. When
  * items are left over, stderr says so, e.g. "leasehold: showing the oldest 2
  * actions; there are more (raise --limit)": `order` says which end was shown,
- * `noun` what one item is, `hint` how to see the rest.
+ * `noun` what one item is, `hint` how to see the rest; `quiet` says nothing
+ * (a follow that starts with the latest items, as `tail -f` does).
  */
 export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
   limit: number | undefined,
   call: (page: { pageSize: number; pageToken: string }) => Promise<R>,
   itemsOf: (response: R) => readonly T[],
-  shown: { readonly order: "oldest" | "newest" | "first"; readonly noun: string; readonly hint?: string },
+  shown: {
+    readonly order: "oldest" | "newest" | "first";
+    readonly noun: string;
+    readonly hint?: string;
+    readonly quiet?: boolean;
+  },
 ): Promise<T[]> {
   const most = limit ?? LIST_LIMIT;
   const items: T[] = [];
@@ -601,7 +607,7 @@ export async function listUpTo<R extends { readonly nextPageToken: string }, T>(
     items.push(...itemsOf(response));
     pageToken = response.nextPageToken;
   } while (pageToken && items.length < most);
-  if (pageToken)
+  if (pageToken && !shown.quiet)
     process.stderr.write(
       `leasehold: showing the ${shown.order} ${count(items.length, shown.noun)}; there are more ` +
         `(${shown.hint ?? "raise --limit"})\n`,

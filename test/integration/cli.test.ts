@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { toJson } from "@bufbuild/protobuf";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vitest";
 import { ActionService, ActionState, GetActionResponseSchema } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
@@ -102,6 +102,47 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     const many = await cli([...server, "--json", "events", "--cluster", "cli-more", "--limit", "1500"]);
     expect(many).toMatchObject({ code: 0, stderr: "" });
     expect(JSON.parse(many.stdout).events).toHaveLength(3);
+  });
+
+  it("follows events as tail -f does: the latest 20 (or --limit) first, then new ones; --after 0 replays all", async () => {
+    const api = t.client(ActionService);
+    const ids: string[] = [];
+    for (let i = 0; i < 22; i++) ids.push((await api.submitAction({ cluster: "cli-tail" })).action?.id ?? "");
+    const follow = (args: string[]) => {
+      const child = spawn(
+        process.execPath,
+        [BIN, ...server, "--json", "events", "--follow", "--cluster", "cli-tail", ...args],
+        { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, LEASEHOLD_SERVER: "" } },
+      );
+      // Killed when the test ends, however it ends (a follower that never prints would outlive it).
+      onTestFinished(() => {
+        child.kill("SIGKILL");
+      });
+      return collectLines(child);
+    };
+    const byDefault = follow([]);
+    const latest = follow(["--limit", "2"]);
+    const everything = follow(["--after", "0"]);
+    const all = [byDefault, latest, everything];
+    // Each has printed what it starts with before the next event is made.
+    for (const f of all) await f.waitFor((l) => l.actionId === ids[21]);
+    ids.push((await api.submitAction({ cluster: "cli-tail" })).action?.id ?? "");
+    for (const f of all) await f.waitFor((l) => l.actionId === ids[22]);
+    const printed = (f: (typeof all)[number]) => f.lines.map((l) => l.actionId);
+    expect(printed(byDefault)).toEqual(ids.slice(2));
+    expect(printed(latest)).toEqual(ids.slice(20));
+    expect(printed(everything)).toEqual(ids);
+    expect(await cli([...server, "events", "--after", "0"])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("--after: only with --follow"),
+    });
+    expect(await cli([...server, "events", "--follow", "--after", "0", "--limit", "2"])).toMatchObject({
+      code: 2,
+      stderr: expect.stringMatching(/--after <sequence>.* cannot be used with .*--limit/),
+    });
+    expect((await cli(["events", "--help"])).stdout.replace(/\s+/g, " ")).toContain(
+      "with --follow, print the latest 20 (or --limit) and then stream new ones, as tail -f does",
+    );
   });
 
   it("pages lease, resource and worker listings up to --limit, and says when there are more", async () => {

@@ -102,9 +102,13 @@ const REMOTE_JWKS_TIMEOUT_MS = 5_000;
 
 const PUBLIC_KEY_TYPES = ["RSA", "EC", "OKP"];
 
-/** Whether `token` has the shape of a compact JWS (three base64url segments), to tell it from other bearer tokens. */
+/**
+ * Whether `token` has the shape of a compact JWS (three base64url segments),
+ * to tell it from other bearer tokens. The signature may be empty, as an
+ * unsigned token's (alg "none") is: the verifier then says it is unsigned.
+ */
 export function looksLikeJwt(token: string): boolean {
-  return /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/.test(token);
+  return /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/.test(token);
 }
 
 /**
@@ -112,7 +116,8 @@ export function looksLikeJwt(token: string): boolean {
  * when it changes) or an http(s) URL (fetched with jose's remote set: cached
  * for 10 minutes, refetched at most every 30 s when a token names an unknown
  * key, and at most every 5 s while fetches fail). Tokens must be signed with an asymmetric algorithm, carry the issuer
- * and audience configured, and expire (`exp`), within the tolerated clock
+ * and audience configured, expire (`exp`) and not be issued in the future
+ * (`iat`), within the tolerated clock
  * skew. Throws INVALID_ARGUMENT naming the flag for bad options or a bad
  * JWKS file.
  */
@@ -231,6 +236,20 @@ export function createJwtVerifier(
           throw tokenError(error, options, now(), token);
         }
       }
+      // jose checks iat only against a maxTokenAge (none here): one later than now, beyond the
+      // skew that exp and nbf get, says a clock is wrong.
+      if (typeof payload.iat === "number" && payload.iat * 1000 > now() + options.clockSkewMs)
+        throw tokenError(
+          new errors.JWTClaimValidationFailed(
+            "the token was issued in the future",
+            payload,
+            "iat",
+            "check_failed",
+          ),
+          options,
+          now(),
+          token,
+        );
       const principal = payload[options.principalClaim];
       if (typeof principal !== "string" || principal === "")
         throw unauthenticated(

@@ -202,7 +202,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--jwt-clock-skew <duration>",
-        "clock skew tolerated on exp and nbf (at most 5m; default 30s)",
+        "clock skew tolerated on exp, nbf and iat (at most 5m; default 30s)",
       ).env("LEASEHOLD_JWT_CLOCK_SKEW"),
     )
     .addOption(

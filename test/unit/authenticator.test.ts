@@ -158,6 +158,43 @@ describe("policy reload", () => {
   });
 });
 
+describe("JWT bearer tokens", () => {
+  it("says an unsigned token (alg none, an empty signature) is unsigned, not that it is unknown", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "leasehold-jwks-"));
+    const file = join(dir, "jwks.json");
+    const { publicKey } = await generateKeyPair("ES256");
+    writeFileSync(file, JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid: "k" }] }));
+    const log = pino({ level: "silent" });
+    const jwt = createJwtVerifier(
+      {
+        jwks: file,
+        issuer: "https://issuer.test",
+        audience: "leasehold",
+        clockSkewMs: 0,
+        principalClaim: "sub",
+      },
+      log,
+      { pollMs: 0 },
+    );
+    try {
+      const auth = createAuthenticator({ policy, staticTokens, jwt, log });
+      const part = (o: object) => Buffer.from(JSON.stringify(o)).toString("base64url");
+      const claims = { sub: "ci-bot", iss: "https://issuer.test", aud: "leasehold", exp: 4_102_444_800 };
+      const error = await refusal(() =>
+        auth.authenticate(call({ authorization: `Bearer ${part({ alg: "none" })}.${part(claims)}.` })),
+      );
+      expect({ code: error.code, reason: error.reason }).toEqual({
+        code: Code.Unauthenticated,
+        reason: "TOKEN_INVALID",
+      });
+      expect(error.message).toMatch(/^the token is not signed \(alg "none"\)/);
+    } finally {
+      jwt.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("JWKS reload", () => {
   it("refuses a cached JWT once its signing key is gone from the reloaded JWKS", async () => {
     const dir = mkdtempSync(join(tmpdir(), "leasehold-jwks-"));

@@ -368,7 +368,11 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
             "database not reachable; waiting for it (health NOT_SERVING, calls UNAVAILABLE)",
           );
         },
-        onRetry: (error, attempt) => log.debug({ err: error, attempt }, "database still not reachable"),
+        onRetry: (error, attempt) => {
+          // Calls name the latest attempt's cause, not the first one's (shutting down, then refused).
+          gate.block(errorText(error));
+          log.debug({ err: error, attempt }, "database still not reachable");
+        },
         onReachable: (attempts, waitedMs) => {
           gate.unblock();
           log.info({ attempts, waitedMs }, "database reachable; starting");
@@ -627,6 +631,9 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         checked: (check, startedAtMs) => {
           // Even one failed check: the deadlines stored meanwhile may be stale (see databaseChecked).
           manager.databaseChecked(check.ok, !check.ok && check.kind === "timeout" ? startedAtMs : undefined);
+          // While it lasts, calls are refused naming what the latest check met, not the first one
+          // (a database shutting down, then stopped: the connection is refused by then).
+          if (!check.ok && databaseUnreachable) gate.pause(check.cause.message);
           overrides.onDatabaseCheck?.(check);
         },
       });

@@ -25,7 +25,10 @@ type Impl = Record<string, ((...args: never[]) => unknown) | undefined>;
 export interface StartupGate {
   /** A binding for `service` that forwards each call to the implementation given to `open`. */
   defer(service: GenService<GenServiceMethods>): ServiceBinding;
-  /** Calls fail at once with UNAVAILABLE naming `cause` (the server waits for its database). */
+  /**
+   * Calls fail at once with UNAVAILABLE naming `cause` (the server waits for
+   * its database); called again, with the latest attempt's cause.
+   */
   block(cause: string): void;
   /** Calls wait for `open` again (the database answered; the rest is quick). */
   unblock(): void;
@@ -45,6 +48,8 @@ export interface StartupGate {
    * says nothing was done (another server may take the call as it is);
    * OUTCOME_UNKNOWN does not. Streams are left to run: a watch waits for the
    * database as its client would, and worker streams have rules of their own.
+   * Called again while paused (a later check failed otherwise: a database
+   * shutting down, then stopped), the calls from then on name the new cause.
    */
   pause(cause: string): void;
   resume(): void;

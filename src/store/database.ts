@@ -164,7 +164,7 @@ export interface RetryOptions {
   readonly maxDelayMs?: number;
   /** Called once when an attempt failed transiently and the waiting starts. */
   onWaiting?(error: unknown): void;
-  /** Called after every further failed attempt (for debug logs). */
+  /** Called after every further failed attempt (debug logs; the cause calls are refused with). */
   onRetry?(error: unknown, attempt: number): void;
   /** Called once when the database answered after `onWaiting`. */
   onReachable?(attempts: number, waitedMs: number): void;

@@ -2,6 +2,7 @@ import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, inject, it, onTestFinished } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
+import type { ServerOverrides } from "../../src/server.js";
 import { cuttableProxy } from "../helpers/cuttable-proxy.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
 import { healthClient } from "../helpers/grpc-peers.js";
@@ -61,7 +62,7 @@ describe.runIf(runsPostgresTests())("a database that refuses connections", () =>
  * refuses connections, and so do the calls it was serving then.
  */
 /** A server whose database is behind a proxy that can freeze it; everything is undone when the test ends. */
-async function serverBehindProxy() {
+async function serverBehindProxy(overrides: ServerOverrides = {}) {
   const store = await freshPostgresDatabase();
   const url = new URL(store.url as string);
   const proxy = await cuttableProxy(url.hostname, Number(url.port || 5432));
@@ -69,6 +70,7 @@ async function serverBehindProxy() {
   const t = await startTestServer({
     store: { ...store, url: url.toString() },
     config: { gracePeriod: "3s", heartbeatInterval: "500ms" },
+    overrides,
   });
   const health = healthClient(t.address);
   onTestFinished(async () => {
@@ -94,6 +96,40 @@ describe.runIf(runsPostgresTests())("a database that hangs", () => {
     proxy.thaw();
     await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
     expect((await api.getAction({ actionId: id })).action?.id).toBe(id);
+  });
+
+  it("names the latest check's cause in its refusals, not the one it was found unreachable by", async () => {
+    const errors: string[] = [];
+    let sawError: (() => void) | undefined;
+    const { api, health, proxy } = await serverBehindProxy({
+      onDatabaseCheck: (check) => {
+        if (check.ok || check.kind !== "error") return;
+        errors.push(check.cause.message);
+        sawError?.();
+      },
+    });
+    const id = (await api.submitAction({ cluster: "east" })).action?.id ?? "";
+    proxy.freeze();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("NOT_SERVING");
+    const hung = await failure(api.getAction({ actionId: id }, { deadline: new Date(Date.now() + 10_000) }));
+    expect(hung.message).toMatch(/^the database cannot be reached \(no answer within /);
+    // Then it is gone for good: its connections end and new ones are refused.
+    const failedOtherwise = new Promise<void>((resolve) => {
+      sawError = resolve;
+    });
+    proxy.cut();
+    await failedOtherwise;
+    const gone = await failure(api.getAction({ actionId: id }, { deadline: new Date(Date.now() + 10_000) }));
+    expect({ code: gone.code, reason: gone.reason }).toEqual({
+      code: Code.Unavailable,
+      reason: "DATABASE_UNREACHABLE",
+    });
+    // What a check since the cut met (another may have run before the call).
+    const named = /^the database cannot be reached \((.*)\); retry later$/.exec(gone.message)?.[1];
+    expect(errors).toContain(named);
+    proxy.thaw();
+    proxy.restore();
+    await expect.poll(() => health.check(""), { timeout: 15_000 }).toBe("SERVING");
   });
 
   it("answers a call it was serving when the database hangs at once, and a retry finds one action", async () => {

@@ -139,7 +139,10 @@ export const SHUTDOWN_WAIT_MS = 10_000;
 /** Flow control and stream limits, each defaulted where it is used. */
 export interface StreamLimits
   extends Partial<WorkerStreamLimits>,
-    Pick<LeaseManagerOptions, "grantWindow" | "grantHighWaterBytes" | "fencedEventsWindowMs"> {
+    Pick<
+      LeaseManagerOptions,
+      "grantWindow" | "grantHighWaterBytes" | "fencedEventsWindowMs" | "grantAckLimitMs"
+    > {
   /** HTTP/2 streams one connection may hold open (`RpcServerOptions.maxConcurrentStreams`). */
   readonly maxConcurrentStreams?: number;
   /** Connections the process takes at once (`RpcServerOptions.maxConnections`). */
@@ -495,6 +498,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       ...(limits.grantWindow ? { grantWindow: limits.grantWindow } : {}),
       ...(limits.grantHighWaterBytes ? { grantHighWaterBytes: limits.grantHighWaterBytes } : {}),
       ...(limits.fencedEventsWindowMs ? { fencedEventsWindowMs: limits.fencedEventsWindowMs } : {}),
+      ...(limits.grantAckLimitMs ? { grantAckLimitMs: limits.grantAckLimitMs } : {}),
       ...(bus ? { bus } : {}),
       timers,
       tracing,

@@ -22,7 +22,8 @@ export function healthOf(
   expiredWorkers: number,
 ): { health: ClusterHealth; reason: string } {
   const reason = () =>
-    `${recentExpiries} lease ${recentExpiries === 1 ? "expiry" : "expiries"} of ${expiredWorkers} workers ` +
+    `${recentExpiries} lease ${recentExpiries === 1 ? "expiry" : "expiries"} of ${expiredWorkers} ` +
+    `${expiredWorkers === 1 ? "worker" : "workers"} ` +
     `in the last ${HEALTH_WINDOW_MS / 60_000} minutes`;
   if (expiredWorkers >= UNHEALTHY_WORKERS) return { health: "UNHEALTHY", reason: reason() };
   if (expiredWorkers >= DEGRADED_WORKERS) return { health: "DEGRADED", reason: reason() };

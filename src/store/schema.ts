@@ -122,8 +122,10 @@ export const sessions = pgTable(
  * Lock order: a statement that locks several actions and waits for them
  * (reports, progress, cancels of deployments, expiries, goodbyes) locks them
  * in id order (`order by id ... for update`, then updates the locked set), so
- * two such statements never deadlock on each other's rows. Claims skip what
- * is locked (`skip locked`) and need no order.
+ * two such statements never deadlock on each other's actions rows (rows of
+ * other tables they lock may still meet in another order: the store retries
+ * 40P01 where a caller would otherwise see it). Claims skip what is locked
+ * (`skip locked`) and need no order.
  */
 export const actions = pgTable(
   "actions",

@@ -679,7 +679,7 @@ export async function closeScopeLease(
 }
 
 /** Tries of a close before a conflict is answered (ABORTED). */
-const CLOSE_TRIES = 5;
+export const CLOSE_TRIES = 5;
 
 async function closeOnce(
   db: Db,

@@ -110,6 +110,11 @@ export interface LeaseManagerOptions {
    */
   readonly fencedEventsWindowMs?: number;
   /**
+   * How long heartbeats may keep coming after a grant without acknowledging it before the stream
+   * is ended (GRANTS_UNACKNOWLEDGED), in ms. Default: the grace period.
+   */
+  readonly grantAckLimitMs?: number;
+  /**
    * The other processes sharing the database: revokes, drains, undrains and
    * takeovers for streams this process does not host go through it.
    * Default: none.
@@ -439,7 +444,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
         endRetry: { forMs: maxSilenceMs, stopped: () => closed },
-        grantAckLimitMs: graceMs,
+        grantAckLimitMs: options.grantAckLimitMs ?? graceMs,
       },
       s,
     );

@@ -61,7 +61,14 @@ async function start(options: TestServerOptions, ownsStore: boolean): Promise<Te
   );
   // No handover by default: a close would wait up to 1.5 heartbeat intervals for heartbeats
   // that most tests' workers never send. restart.test.ts turns it on.
-  const server = await startServer(config, log, { handOverMs: 0, ...options.overrides });
+  // Test workers (helpers/worker.ts) acknowledge grants only when a test says so: the limit on
+  // heartbeats that leave a grant unacknowledged (GRANTS_UNACKNOWLEDGED) is far off unless a
+  // test sets it.
+  const server = await startServer(config, log, {
+    handOverMs: 0,
+    ...options.overrides,
+    limits: { grantAckLimitMs: 10 * 60_000, ...options.overrides?.limits },
+  });
   const address = `127.0.0.1:${server.port}`;
   const clients: Client<GenServiceMethods>[] = [];
   const stop = async () => {

@@ -195,7 +195,8 @@ describe("connection limits", () => {
       // One connection per address: four open calls.
       maxConnectionsPerAddress: 1,
       maxUnsentAnswerBytes: 300_000,
-      requestStallMs: 300,
+      // Long enough that the steps before the resets run within it on a loaded machine.
+      requestStallMs: 3000,
     });
     server.markServing();
     close = () => server.close();

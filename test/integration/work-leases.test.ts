@@ -1223,29 +1223,43 @@ describe("work leases", () => {
     });
   });
 
-  it("ends a stream that heartbeats but leaves a grant unacknowledged for a grace period; the grant comes back on resume", async () => {
-    // A receive loop stuck while the heartbeat loop runs: the grant would stay leased, never run,
-    // for as long as the heartbeats come. The limit is real time (the grace period, 2 s here).
+  /** A server whose streams may heartbeat for `limitMs` after a grant without acknowledging it. */
+  const withGrantAckLimit = async (limitMs: number) => {
     await t[Symbol.asyncDispose]();
     t = await startTestServer({
-      config: { gracePeriod: "2s", heartbeatInterval: "500ms" },
-      overrides: { clock, timers: false },
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: { clock, timers: false, limits: { grantAckLimitMs: limitMs } },
     });
+  };
+  /** Heartbeats every 100 ms, listing `held`, until `done` resolves or the stream ends. */
+  const heartbeatUntil = async (
+    w: TestWorker,
+    done: Promise<unknown>,
+    held: { actionId: string; epoch: bigint }[] = [],
+  ) => {
+    let over = false;
+    void Promise.race([done, w.ended]).then(() => {
+      over = true;
+    });
+    for (let n = 1; !over; n++) {
+      await Promise.race([w.heartbeat(n, held), w.ended]);
+      await Promise.race([new Promise((r) => setTimeout(r, 100)), w.ended]);
+    }
+  };
+
+  it("ends a stream whose heartbeats keep coming past the limit without acknowledging a grant; the grant comes back on resume", async () => {
+    // A receive loop stuck while the heartbeat loop runs: the grant would stay leased, never run,
+    // for as long as the heartbeats come.
+    await withGrantAckLimit(500);
     const a = await worker("deaf");
     const id = await submit();
     await tick().dispatch();
     const grant = await a.next("grant");
-    // Heartbeats that never list the grant (nor is it acknowledged), until the stream ends.
-    let ended: Awaited<typeof a.ended> | undefined;
-    void a.ended.then((e) => {
-      ended = e;
-    });
-    for (let n = 1; ended === undefined; n++) {
-      await Promise.race([a.heartbeat(n), a.ended]);
-    }
+    await heartbeatUntil(a, a.ended);
+    const ended = await a.ended;
     expect(ended).toMatchObject({ code: Code.Unavailable });
-    expect(ended?.details).toContain(`the grant of action ${id}`);
-    expect(statusDetails(ended?.metadata)).toMatchObject({
+    expect(ended.details).toContain(`the grant of action ${id} is not acknowledged`);
+    expect(statusDetails(ended.metadata)).toMatchObject({
       reason: "GRANTS_UNACKNOWLEDGED",
       info: { action_id: id, unacknowledged: "1" },
     });
@@ -1254,6 +1268,19 @@ describe("work leases", () => {
     const back = await worker("deaf");
     expect(back.welcome).toMatchObject({ sessionResumed: true, sessionId: a.welcome.sessionId });
     expect(await back.next("grant")).toMatchObject({ actionId: id, epoch: grant.epoch });
+  });
+
+  it("keeps a stream that acknowledges its grant only by listing it in heartbeats, past the limit", async () => {
+    await withGrantAckLimit(300);
+    const a = await worker("lister");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    const held = [{ actionId: id, epoch: grant.epoch }];
+    // Heartbeats listing the lease for three times the limit (the scenario's length, not an
+    // assertion on time), then the completion: accepted, on the same stream.
+    await heartbeatUntil(a, new Promise((r) => setTimeout(r, 900)), held);
+    expect(await a.complete(grant, { output: { ok: true } })).toMatchObject({ accepted: true });
   });
 
   it("applies and answers the reports sent before a goodbye, then ends the session", async () => {

@@ -67,10 +67,11 @@ export interface Hosted {
   /** The worker itself takes no more grants on this stream (StopGrants, or Hello.stop_grants). */
   grantsStopped: boolean;
   /**
-   * Grants sent and not acknowledged yet, oldest first: action id → epoch and when it was sent
-   * (performance.now()); see `grantWindow`, and the stream's limit on how long one may wait.
+   * Grants sent and not acknowledged yet, oldest first: action id → epoch, and when the first
+   * heartbeat read after it came (performance.now(); see `grantWindow`, and the stream's limit
+   * on how long heartbeats may keep coming without acknowledging one).
    */
-  readonly unacked: Map<string, { readonly epoch: number; readonly sentAt: number }>;
+  readonly unacked: Map<string, { readonly epoch: number; firstBeatAt?: number }>;
   /** A claim passed this stream over for its full outbound buffer; `writable` lets it in again. */
   blocked: boolean;
   /** performance.now() of the last message from the worker. */
@@ -241,7 +242,9 @@ export function createHostedSessions(limits: {
     sendGrant(s, g) {
       if (s.held.get(g.actionId) === g.epoch) return;
       s.held.set(g.actionId, g.epoch);
-      s.unacked.set(g.actionId, { epoch: g.epoch, sentAt: performance.now() });
+      // Deleted first: a key set again keeps its old place, and the map is oldest first.
+      s.unacked.delete(g.actionId);
+      s.unacked.set(g.actionId, { epoch: g.epoch });
       let traceParent: string | undefined;
       if (tracing.enabled && g.traceParent) {
         const span = tracing.start(

@@ -79,8 +79,9 @@ export function createStreamHandle(
      */
     endRetry: { readonly forMs: number; readonly stopped: () => boolean };
     /**
-     * How long a grant may wait for its acknowledgement while heartbeats still come, in ms (the
-     * grace period): longer, and the stream reads nothing the server sends (worker.proto, GrantAck).
+     * How long heartbeats may keep coming after a grant without acknowledging it, in ms (the
+     * grace period by default): longer, and the stream reads nothing the server sends
+     * (worker.proto, GrantAck).
      */
     grantAckLimitMs: number;
   },
@@ -120,28 +121,42 @@ export function createStreamHandle(
     }
   };
   /**
-   * Ends a stream that keeps heartbeating but left a grant unacknowledged for longer than the
-   * limit: it reads nothing the server sends (a receive loop stuck while the heartbeat loop runs,
-   * a peer that never reads), so its grants would stay leased, never run, for as long as it
-   * heartbeats. Ended as lost: the session is in grace; a worker that comes back is sent again
-   * the grants its hello does not list, and one that does not loses them at its deadline.
+   * Ends a stream whose heartbeats keep coming, for longer than the limit after the first one
+   * read after a grant, without acknowledging that grant: it reads nothing the server sends (a
+   * receive loop stuck while the heartbeat loop runs, a peer that never reads), so its grants
+   * would stay leased, never run, for as long as it heartbeats. Timed from heartbeats read, not
+   * from the grant: while this server does not read the stream (a throttled backlog of reports,
+   * a stalled event loop) the messages wait, then come together, the acknowledgement among them.
+   * Ended as lost: the session is in grace; a worker that comes back is sent again the grants its
+   * hello does not list, and one that does not loses them at its deadline.
    */
   let endedUnread = false;
   const endIfGrantsUnread = () => {
     if (endedUnread || s.unacked.size === 0) return;
-    const [actionId, { sentAt }] = s.unacked.entries().next().value as [string, { sentAt: number }];
-    const waitedMs = performance.now() - sentAt;
-    if (waitedMs <= deps.grantAckLimitMs) return;
+    const [actionId, oldest] = s.unacked.entries().next().value as [string, { firstBeatAt?: number }];
+    const now = performance.now();
+    if (oldest.firstBeatAt === undefined) {
+      oldest.firstBeatAt = now;
+      return;
+    }
+    const heartbeatingMs = now - oldest.firstBeatAt;
+    if (heartbeatingMs <= deps.grantAckLimitMs) return;
     endedUnread = true;
     log.warn(
-      { workerId: s.workerId, sessionId: s.sessionId, actionId, unacknowledged: s.unacked.size, waitedMs },
+      {
+        workerId: s.workerId,
+        sessionId: s.sessionId,
+        actionId,
+        unacknowledged: s.unacked.size,
+        heartbeatingMs,
+      },
       "ending a stream that leaves its grants unacknowledged though it heartbeats: it reads nothing",
     );
     s.link.close(
       new LeaseholdError(
         Code.Unavailable,
-        `the grant of action ${actionId}, sent ${(waitedMs / 1000).toFixed(1)} s ago, is not acknowledged ` +
-          "(a GrantAck, a heartbeat listing it, or a report on it) though heartbeats still come: this stream " +
+        `the grant of action ${actionId} is not acknowledged (a GrantAck, a heartbeat listing it, or a report on ` +
+          `it) though heartbeats kept coming for ${(heartbeatingMs / 1000).toFixed(1)} s after it: this stream ` +
           "does not read what the server sends. Reconnect; grants the hello does not list are sent again",
         {
           reason: "GRANTS_UNACKNOWLEDGED",

@@ -735,12 +735,13 @@ export const GrantSchema: GenMessage<Grant> = /*@__PURE__*/
  * acknowledged (by a GrantAck, by listing the lease in a heartbeat's
  * held_leases, or by any progress, completion or release report on the
  * lease) count against a window of 32 per stream, and a full
- * window gets no more grants. A grant left unacknowledged for a grace
- * period while heartbeats still come ends the stream UNAVAILABLE (ErrorInfo
- * reason GRANTS_UNACKNOWLEDGED, metadata action_id and unacknowledged): the
- * worker reads nothing the server sends (a receive loop stuck while its
- * heartbeat loop runs), and its grants would otherwise stay leased, never
- * run. Reconnect as after any ending; the grants the hello does not list are
+ * window gets no more grants. A stream whose heartbeats keep coming for a
+ * grace period after the first one the server read after a grant, none of
+ * them listing it and no GrantAck or report for it, is ended UNAVAILABLE
+ * (ErrorInfo reason GRANTS_UNACKNOWLEDGED, metadata action_id and
+ * unacknowledged): its worker reads nothing the server sends (a receive loop
+ * stuck while its heartbeat loop runs), and its grants would otherwise stay
+ * leased, never run. Reconnect as after any ending; the grants the hello does not list are
  * sent again, and a worker that does not come back loses them at its
  * deadline. Answered by a ReportResult; FENCED when the
  * (action, epoch) is not a current lease of this session. A worker whose

@@ -381,6 +381,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       draining: opened.draining,
       drainChanges: 0,
       grantsStopped: hello.stopGrants === true,
+      awaitingRenewal: false,
       unacked: new Map(),
       blocked: false,
       heardAt: performance.now(),
@@ -441,6 +442,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         handover,
         publishActions,
         queueChanged: scheduleDispatch,
+        heard: (heard) => renewal.heard(heard),
         markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
         endRetry: { forMs: maxSilenceMs, stopped: () => closed },
@@ -488,6 +490,11 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       if (ok) renewalStored();
     },
     ...(options.renewalHung ? { sent: (statement: Promise<unknown>) => watchForHang(statement) } : {}),
+    owedFailed: (error, streams) =>
+      log.warn(
+        { err: error, streams },
+        "could not store at once the deadlines of workers heard just before them; the next renewal tries again, and this process reaps none of them meanwhile",
+      ),
   });
   /** The watch's verdict (health NOT_SERVING): it changes only at its checks. */
   const databaseUnreachable = options.databaseUnreachable ?? (() => false);

@@ -1,5 +1,5 @@
 import { sql } from "drizzle-orm";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
@@ -9,6 +9,7 @@ import type { ServerOverrides } from "../../src/server.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
+import { freshPostgresDatabase, runsPostgresTests } from "../helpers/database.js";
 import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { statusDetails } from "../helpers/status.js";
@@ -446,6 +447,118 @@ describe("lease upkeep", () => {
       await tick().renew();
       await w.next("heartbeatAck", (a) => a.sequence === 2n);
       expect(acks(w)).toEqual([1n, 2n, 2n]);
+    });
+  });
+
+  describe("a worker heard again after most of a grace period of silence (rule 1: deadline = last heard + grace)", () => {
+    const ms = (d: { seconds: bigint; nanos: number } | undefined) =>
+      Number(d?.seconds ?? 0n) * 1000 + (d?.nanos ?? 0) / 1e6;
+    /** How far this process's steady clock is moved ahead of the real one. */
+    let ahead = 0;
+    beforeEach(() => {
+      ahead = 0;
+      const real = performance.now.bind(performance);
+      vi.spyOn(performance, "now").mockImplementation(() => real() + ahead);
+    });
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+    /**
+     * Time passes: the fake clock (the database's) and the steady clock the server counts
+     * silences and the acks' time left by (performance.now()) move together, as they do.
+     */
+    const pass = (delayMs: number) => {
+      clock.advance(delayMs);
+      ahead += delayMs;
+    };
+    const options = { config: { gracePeriod: "10s", heartbeatInterval: "2s" } };
+    const reaped = (server: TestServer) =>
+      server.client(EventService).listEvents({ kind: EventKind.SESSION_REAPED });
+
+    /**
+     * A worker silent for 9 s of its 10 s grace (a paused process), then heard: the ticks
+     * meanwhile stored the deadline of its last heartbeat, a second away. Returns its stream.
+     */
+    const silentThenHeard = async (host: TestServer) => {
+      const w = await connectWorker(host.address, { workerId: "paused", cluster: "east", capacity: 1 });
+      workers.push(w);
+      await w.heartbeat(1);
+      await host.server.leases.tick.renew();
+      pass(GRACE_MS - 1000);
+      await host.server.leases.tick.renew();
+      const ack = await w.heartbeat(2);
+      // Answered at once, from what the deadline stored before leaves.
+      expect(ms(ack.remaining)).toBeLessThanOrEqual(1000);
+      return w;
+    };
+
+    // On PostgreSQL in every run (two processes need it), once when a PostgreSQL pass follows.
+    it.runIf(runsPostgresTests())(
+      "stores its deadline at once: no process reaps it at the stale one, and work granted meanwhile is not taken back",
+      async () => {
+        // Two processes on one PostgreSQL database (and clock): the worker's and another.
+        const store = await freshPostgresDatabase({ migrated: true });
+        const overrides = { clock, timers: false };
+        const host = await startTestServer({ store, ...options, overrides });
+        const other = await startTestServer({ store, ...options, overrides });
+        try {
+          const w = await silentThenHeard(host);
+          const id = (await host.client(ActionService).submitAction({ cluster: "east" })).action?.id;
+          await host.server.leases.tick.dispatch();
+          const grant = await w.next("grant");
+          expect(grant).toMatchObject({ actionId: id, epoch: 1n });
+          // Past the deadline stored before it was heard, within a grace period of it.
+          pass(2000);
+          await host.server.leases.tick.reap();
+          await other.server.leases.tick.reap();
+          expect((await reaped(host)).events).toEqual([]);
+          const got = await host.client(ActionService).getAction({ actionId: id ?? "" });
+          expect(got.action).toMatchObject({ state: ActionState.LEASED, epoch: 1n });
+          expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+          // Stored before the grant went out, and heartbeat 2 answered again with it: the worker
+          // would otherwise self-fence before its next heartbeat is answered.
+          const seen = w.received.flatMap((m) => {
+            if (m.message.case === "grant") return ["grant"];
+            if (m.message.case !== "heartbeatAck") return [];
+            const ack = m.message.value;
+            return [`ack ${ack.sequence} ${ms(ack.remaining) > GRACE_MS - 1000 ? "fresh" : "short"}`];
+          });
+          expect(seen).toEqual(["ack 1 fresh", "ack 2 short", "ack 2 fresh", "grant"]);
+        } finally {
+          await other[Symbol.asyncDispose]();
+          await host[Symbol.asyncDispose]();
+          await store.drop();
+        }
+      },
+    );
+
+    it("grants it nothing and does not reap it while it cannot store that deadline, until a renewal does (rule 7)", async () => {
+      const renewal = await withBreakableRenewal();
+      const id = await submit();
+      const w = await worker("paused");
+      await tick().dispatch();
+      const grant = await w.next("grant");
+      await w.heartbeat(1, [lease(grant)]);
+      await tick().renew();
+      pass(GRACE_MS - 1000);
+      renewal.broken = true;
+      // It lets its lease go a second before the deadline stored: its slot would be refilled at once.
+      expect(await w.release(grant)).toMatchObject({ accepted: true });
+      await tick().dispatch();
+      expect((await getAction(id)).action).toMatchObject({ state: ActionState.QUEUED, epoch: 1n });
+      await waitForLog(
+        "could not store at once the deadlines of workers heard just before them; the next renewal tries again, and this process reaps none of them meanwhile",
+      );
+      pass(2000);
+      await tick().reap();
+      expect((await reaped(t)).events).toEqual([]);
+      // The database answers again: the tick stores the deadline, and the slot is filled.
+      renewal.broken = false;
+      await tick().renew();
+      await tick().dispatch();
+      expect(await w.next("grant")).toMatchObject({ actionId: id, epoch: 2n });
+      await tick().reap();
+      expect(await expiredActions()).toEqual([]);
     });
   });
 

@@ -67,6 +67,13 @@ export interface Hosted {
   /** The worker itself takes no more grants on this stream (StopGrants, or Hello.stop_grants). */
   grantsStopped: boolean;
   /**
+   * The worker was heard with the stored deadline about to pass, and its new
+   * one is not stored yet (Renewal.heard): no grants, which the reap at the
+   * stale deadline would take back. Changed only through
+   * {@link HostedSessions.awaitRenewal} and {@link HostedSessions.renewed}.
+   */
+  awaitingRenewal: boolean;
+  /**
    * Grants sent and not acknowledged yet, oldest first: action id → epoch, and when the first
    * heartbeat read after it came (performance.now(); see `grantWindow`, and the stream's limit
    * on how long heartbeats may keep coming without acknowledging one).
@@ -149,6 +156,10 @@ export interface HostedSessions {
   acknowledged(s: Hosted, token: LeaseToken): void;
   /** The stream's outbound buffer fell under the high-water mark. */
   writable(s: Hosted): void;
+  /** The session's stored deadline is about to pass and a renewal out of turn is owed: no grants until {@link renewed}. */
+  awaitRenewal(s: Hosted): void;
+  /** The owed renewal was stored: the stream takes grants again at once (a wake-up for the claimer). */
+  renewed(s: Hosted): void;
   /** An operator drains the stream's worker: no grants from now on, and a Drain (again) with `reason`. */
   drain(s: Hosted, reason: string): void;
   /**
@@ -159,7 +170,8 @@ export interface HostedSessions {
   /**
    * How many more grants `s` may take now, counting `freeing` of its held
    * leases as already let go: free slots, within the grant window, none
-   * while draining, after the worker stopped grants, or while its outbound buffer is at the high-water mark.
+   * while draining, after the worker stopped grants, while its outbound buffer is at the high-water mark,
+   * or while a renewal of its deadline about to pass is owed.
    */
   room(s: Hosted, freeing?: number): number;
   /**
@@ -216,7 +228,7 @@ export function createHostedSessions(limits: {
   };
 
   const room = (s: Hosted, freeing = 0): number => {
-    if (s.ended || s.draining || s.grantsStopped) return 0;
+    if (s.ended || s.draining || s.grantsStopped || s.awaitingRenewal) return 0;
     if (s.link.bufferedBytes() >= grantHighWaterBytes) {
       s.blocked = true;
       return 0;
@@ -294,6 +306,15 @@ export function createHostedSessions(limits: {
     writable(s) {
       if (!s.blocked) return;
       s.blocked = false;
+      mayHaveRoom(s);
+    },
+    awaitRenewal(s) {
+      s.awaitingRenewal = true;
+    },
+    renewed(s) {
+      if (!s.awaitingRenewal) return;
+      s.awaitingRenewal = false;
+      // A claim that found it waiting dropped it from the streams with room.
       mayHaveRoom(s);
     },
     drain(s, reason) {

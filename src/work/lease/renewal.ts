@@ -21,10 +21,25 @@ export const RENEW_CHUNK = 2000;
 export const RENEW_LOCK_WAIT_MS = 500;
 
 /**
+ * How near its stored deadline a stream must be, when its worker is heard,
+ * for its new deadline to be stored out of turn ({@link Renewal.heard}): one
+ * tick, which the next renewal may take to come, and half a tick more for
+ * its lateness and its statement. In the steady state a heartbeat is heard
+ * with the grace period less one interval left (at least two intervals: the
+ * interval is at most a third of the grace period), and a report with at
+ * least the grace period less two: only a worker heard again after most of a
+ * grace period of silence comes this near, but for a report now and then at
+ * a grace period under 3.5 intervals, which shares a statement with the
+ * others heard so meanwhile.
+ */
+export const renewSoonMs = (heartbeatIntervalMs: number): number => 1.5 * heartbeatIntervalMs;
+
+/**
  * Session renewal: once per heartbeat interval, statements of up to
  * {@link RENEW_CHUNK} sessions store every hosted stream's deadline (last
- * heard + grace). It owns what the reaper must know of it: whether the
- * renewals are being written.
+ * heard + grace); a stream heard with its stored deadline about to pass is
+ * renewed at once, out of turn. It owns what the reaper must know of it:
+ * whether the renewals are being written.
  */
 export interface Renewal {
   /**
@@ -57,11 +72,30 @@ export interface Renewal {
    * for longer than a tick (a connection stuck after a database restart),
    * the deadlines of this process's streams in the database may be stale
    * though their workers kept heartbeating; the reap statement then leaves
-   * the sessions of streams still open here alone. Other processes still
-   * reap them at the stored deadline, as they must if this process is dead:
-   * a process that cannot renew is indistinguishable from one that died.
+   * the sessions of streams still open here alone. So it does, at any time,
+   * the sessions of streams heard within the grace period whose new deadline
+   * is owed (see {@link heard}): not stored yet, or not stored for want of
+   * the database. Other processes still reap them at the stored deadline, as
+   * they must if this process is dead: a process that cannot renew is
+   * indistinguishable from one that died.
    */
   keepHosted(): KeepHosted | undefined;
+  /**
+   * The worker of `s` was just heard (`s.heardAt`: any message, a
+   * heartbeat or a report). When its stored deadline is nearer than
+   * {@link renewSoonMs} (its worker was silent for most of the grace
+   * period), the next tick may come too late: reaped at the stale stored
+   * deadline, the session would lose its leases within a grace period of
+   * being heard (SPEC rule 1), and maybe a grant made meanwhile. Its deadline
+   * is then stored at once, out of turn, in one statement with those of the
+   * other streams heard so meanwhile, and its last heartbeat answered again
+   * with it; until it is stored, no grant goes to the stream
+   * (`HostedSessions.awaitRenewal`) and this process's reaper leaves its
+   * session alone ({@link keepHosted}). In the steady state no stream comes
+   * this near: a tick stays one statement (SPEC rule 7), and a heartbeat
+   * costs a subtraction.
+   */
+  heard(s: Hosted): void;
   /**
    * Renews these streams now, out of turn (a closing process's handover).
    * It says nothing of the others' stored deadlines, so it changes neither
@@ -101,14 +135,62 @@ export function createRenewal(deps: {
   answered?: (ok: boolean) => void;
   /** Given each renewal statement as it is sent, to watch for one that never answers. */
   sent?: (statement: Promise<unknown>) => void;
+  /** Told of an out-of-turn renewal that failed ({@link Renewal.heard}); the next tick renews its streams. */
+  owedFailed?: (error: unknown, streams: number) => void;
 }): Renewal {
   const { db, clock, hosted, graceMs } = deps;
+  const soonMs = renewSoonMs(deps.heartbeatIntervalMs);
   // A wait longer than a quarter interval would delay the tick itself.
   const lockWaitMs = Math.min(RENEW_LOCK_WAIT_MS, Math.max(50, deps.heartbeatIntervalMs / 4));
   const endStale = endStaleWith(hosted);
   let failed = false;
   /** performance.now() at the start of the renewal in flight. */
   let startedAt: number | undefined;
+  /**
+   * Streams heard with their stored deadline near (see {@link Renewal.heard})
+   * whose new deadline is not stored yet, with the `heardAt` that found them
+   * so: a renewal that counted their ages from then or later pays the debt.
+   */
+  const owed = new Map<Hosted, number>();
+  /** Owed streams waiting for the next out-of-turn renewal. */
+  let owedQueue: Hosted[] = [];
+  /** Whether out-of-turn renewals run (one after another while streams are queued for them). */
+  let owedFlushing = false;
+
+  /** `s`'s deadline was stored, with ages counted to `atMs`: a debt it pays ends. */
+  function stored(s: Hosted, atMs: number): void {
+    const since = owed.get(s);
+    if (since === undefined || since > atMs) return;
+    owed.delete(s);
+    hosted.renewed(s);
+  }
+
+  /** Renews the queued owed streams, in as many statements as they take, until none is queued. */
+  async function flushOwed(): Promise<void> {
+    while (owedQueue.length > 0) {
+      const streams: Hosted[] = [];
+      for (const s of owedQueue) {
+        if (s.ended) owed.delete(s);
+        else if (owed.has(s)) streams.push(s);
+      }
+      owedQueue = [];
+      if (streams.length === 0) continue;
+      try {
+        await renewChunked(streams);
+        deps.answered?.(true);
+      } catch (error) {
+        // The debts stand: the host's reaper keeps leaving the sessions alone (rule 7: this
+        // process failed to write their renewal), no grant goes to them, and the next tick
+        // renews them with every other stream.
+        deps.answered?.(false);
+        deps.owedFailed?.(error, streams.length);
+        continue;
+      }
+      // The worker's last ack counted down to the stale deadline: it would self-fence before its
+      // next heartbeat is answered.
+      if (deps.reack) for (const s of streams) if (!s.ended && !owed.has(s)) deps.reack(s);
+    }
+  }
 
   /** Renews `streams` in statements of RENEW_CHUNK sessions, one after another. */
   async function renewChunked(streams: readonly Hosted[]): Promise<void> {
@@ -124,7 +206,10 @@ export function createRenewal(deps: {
       const held: string[] = [];
       chunk.forEach((s, i) => {
         const deadlineMs = deadlinesMs[i] as number;
-        if (!Number.isNaN(deadlineMs)) persistDeadline(s, deadlineMs, offsetMs);
+        if (!Number.isNaN(deadlineMs)) {
+          persistDeadline(s, deadlineMs, offsetMs);
+          if (owed.size > 0) stored(s, atMs);
+        }
         // Its row was held by another transaction for longer than the wait: its stored deadline
         // stands, and the next tick tries again.
         else if (notRenewed.get(i) === "busy") held.push(s.sessionId);
@@ -178,11 +263,34 @@ export function createRenewal(deps: {
       }
     },
     keepHosted() {
-      const stuck = startedAt !== undefined && performance.now() - startedAt > deps.heartbeatIntervalMs;
-      if (!failed && !stuck) return undefined;
+      const now = performance.now();
+      const stuck = startedAt !== undefined && now - startedAt > deps.heartbeatIntervalMs;
       const streamTokens: string[] = [];
-      for (const s of hosted.values()) if (!s.ended) streamTokens.push(s.streamToken);
+      if (failed || stuck) {
+        for (const s of hosted.values()) if (!s.ended) streamTokens.push(s.streamToken);
+      } else {
+        for (const s of owed.keys()) {
+          if (s.ended) owed.delete(s);
+          // Heard within the grace period: its deadline (rule 1) has not passed.
+          else if (now - s.heardAt < graceMs) streamTokens.push(s.streamToken);
+        }
+      }
       return streamTokens.length > 0 ? { serverId: deps.serverId, streamTokens } : undefined;
+    },
+    heard(s) {
+      // The steady state ends here: one subtraction, no clock read (heardAt is now).
+      if (s.deadlineMs - (s.heardAt + s.dbOffsetMs) > soonMs || s.ended || owed.has(s)) return;
+      owed.set(s, s.heardAt);
+      hosted.awaitRenewal(s);
+      owedQueue.push(s);
+      // Streams heard in the same turn, or while a renewal of owed streams runs, share the next.
+      if (owedFlushing) return;
+      owedFlushing = true;
+      setImmediate(() => {
+        void flushOwed().finally(() => {
+          owedFlushing = false;
+        });
+      });
     },
   };
 }

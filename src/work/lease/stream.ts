@@ -68,6 +68,11 @@ export function createStreamHandle(
     publishActions: (ids: Iterable<string>) => void;
     /** Actions were re-queued: the dispatcher looks at the queue again. */
     queueChanged: () => void;
+    /**
+     * The worker of the stream was just heard (`heardAt`): a deadline about to pass is stored at
+     * once (Renewal.heard), on a later turn than the ack the message may get.
+     */
+    heard: (s: Hosted) => void;
     /** Records a lost stream (group-committed with the others lost meanwhile: `markStreamsLost`). */
     markLost: (lost: LostStream) => Promise<StreamLoss | undefined>;
     /** The stream was lost: its session is due at `deadline` (database clock, ms). */
@@ -171,6 +176,7 @@ export function createStreamHandle(
     receive(message) {
       if (s.ended) return;
       s.heardAt = performance.now();
+      deps.heard(s);
       switch (message.type) {
         case "heartbeat": {
           const started = s.heardAt;
@@ -262,7 +268,9 @@ export function createStreamHandle(
       }
     },
     heard() {
-      if (!s.ended) s.heardAt = performance.now();
+      if (s.ended) return;
+      s.heardAt = performance.now();
+      deps.heard(s);
     },
     writable() {
       hosted.writable(s);

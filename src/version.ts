@@ -57,7 +57,13 @@ function recordedCommit(): string | undefined {
  */
 export function checkoutCommit(root: string): string {
   const git = (...args: string[]) =>
-    execFileSync("git", args, { cwd: root, encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim();
+    // --no-optional-locks: `git status` would otherwise refresh the index under index.lock, in the
+    // way of the developer's own git commands while tests start many processes from src.
+    execFileSync("git", ["--no-optional-locks", ...args], {
+      cwd: root,
+      encoding: "utf8",
+      stdio: ["ignore", "pipe", "ignore"],
+    }).trim();
   try {
     if (realpathSync(git("rev-parse", "--show-toplevel")) !== realpathSync(root)) return UNKNOWN_COMMIT;
     const head = git("rev-parse", "--short", "HEAD");

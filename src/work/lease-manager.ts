@@ -447,6 +447,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
         endRetry: { forMs: maxSilenceMs, stopped: () => closed },
         grantAckLimitMs: options.grantAckLimitMs ?? graceMs,
+        heartbeatIntervalMs: options.heartbeatIntervalMs,
       },
       s,
     );

@@ -1,7 +1,7 @@
 import type * as grpc from "@grpc/grpc-js";
 import { type SQL, sql } from "drizzle-orm";
 import { PgDialect } from "drizzle-orm/pg-core";
-import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { Code } from "../../src/errors.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterHealth, ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
@@ -1268,6 +1268,32 @@ describe("work leases", () => {
     const back = await worker("deaf");
     expect(back.welcome).toMatchObject({ sessionResumed: true, sessionId: a.welcome.sessionId });
     expect(await back.next("grant")).toMatchObject({ actionId: id, epoch: grant.epoch });
+  });
+
+  it("keeps a stream whose heartbeats were not read for a while, its acknowledgement behind them", async () => {
+    // This server stopped reading the stream (a throttled backlog of reports, a stalled event
+    // loop) past the limit, between a heartbeat read after the grant and the next one: the run of
+    // heartbeats broke there, and the acknowledgement that comes with the next is in time.
+    await withGrantAckLimit(500);
+    const realNow = performance.now.bind(performance);
+    let skewMs = 0;
+    const now = vi.spyOn(performance, "now").mockImplementation(() => realNow() + skewMs);
+    try {
+      const a = await worker("paused-reader");
+      const id = await submit();
+      await tick().dispatch();
+      const grant = await a.next("grant");
+      await a.heartbeat(1);
+      // Longer than the limit and than two heartbeat intervals (2 s here) of not reading.
+      skewMs += 5000;
+      const ack = await Promise.race([a.heartbeat(2), a.ended.then((e) => `ended: ${e.details}`)]);
+      expect(ack).toMatchObject({ sequence: 2n });
+      a.send({ message: { case: "grantAck", value: { reportId: 7n, actionId: id, epoch: grant.epoch } } });
+      expect(await a.next("reportResult", (r) => r.reportId === 7n)).toMatchObject({ accepted: true });
+      expect(await a.heartbeat(3)).toMatchObject({ sequence: 3n });
+    } finally {
+      now.mockRestore();
+    }
   });
 
   it("keeps a stream that acknowledges its grant only by listing it in heartbeats, past the limit", async () => {

@@ -75,10 +75,10 @@ export interface Hosted {
   awaitingRenewal: boolean;
   /**
    * Grants sent and not acknowledged yet, oldest first: action id → epoch, and when the first
-   * heartbeat read after it came (performance.now(); see `grantWindow`, and the stream's limit
-   * on how long heartbeats may keep coming without acknowledging one).
+   * and the last heartbeat of the run read since it came (performance.now(); see `grantWindow`,
+   * and the stream's limit on how long heartbeats may keep coming without acknowledging one).
    */
-  readonly unacked: Map<string, { readonly epoch: number; firstBeatAt?: number }>;
+  readonly unacked: Map<string, { readonly epoch: number; firstBeatAt?: number; lastBeatAt?: number }>;
   /** A claim passed this stream over for its full outbound buffer; `writable` lets it in again. */
   blocked: boolean;
   /** performance.now() of the last message from the worker. */

@@ -28,9 +28,10 @@ export const RENEW_LOCK_WAIT_MS = 500;
  * with the grace period less one interval left (at least two intervals: the
  * interval is at most a third of the grace period), and a report with at
  * least the grace period less two: only a worker heard again after most of a
- * grace period of silence comes this near, but for a report now and then at
- * a grace period under 3.5 intervals, which shares a statement with the
- * others heard so meanwhile.
+ * grace period of silence comes this near, but at a grace period under 3.5
+ * intervals a report now and then, or a heartbeat read while the tick that
+ * renews it is in flight (its deadline still the tick before's): each shares
+ * a statement with the others heard so meanwhile.
  */
 export const renewSoonMs = (heartbeatIntervalMs: number): number => 1.5 * heartbeatIntervalMs;
 
@@ -152,6 +153,8 @@ export function createRenewal(deps: {
    * so: a renewal that counted their ages from then or later pays the debt.
    */
   const owed = new Map<Hosted, number>();
+  /** Settles when the renewal statement in flight has (see renewChunked). */
+  let inTurn: Promise<unknown> = Promise.resolve();
   /** Owed streams waiting for the next out-of-turn renewal. */
   let owedQueue: Hosted[] = [];
   /** Whether out-of-turn renewals run (one after another while streams are queued for them). */
@@ -198,9 +201,16 @@ export function createRenewal(deps: {
     // the event loop for about 10 ms, and every heartbeat ack that came in meanwhile waited for it.
     for (let from = 0; from < streams.length; from += RENEW_CHUNK) {
       const chunk = streams.slice(from, from + RENEW_CHUNK);
-      // Ages counted at each statement: a later chunk must not gain the time the earlier took.
-      const statement = renewSessions(db, clock, graceMs, chunk, performance.now(), lockWaitMs);
-      deps.sent?.(statement);
+      // One renewal statement at a time, the tick's and the out-of-turn ones alike: each locks its
+      // sessions' rows in its own order, and two at once could wait on each other's rows until
+      // their lock timeout. Ages counted at each statement: a later one must not gain the time
+      // the earlier took.
+      const statement = inTurn.then(() => {
+        const sent = renewSessions(db, clock, graceMs, chunk, performance.now(), lockWaitMs);
+        deps.sent?.(sent);
+        return sent;
+      });
+      inTurn = statement.catch(() => {});
       const { deadlinesMs, dbNowMs, atMs, notRenewed } = await statement;
       const offsetMs = dbOffsetMs(dbNowMs, atMs);
       const held: string[] = [];

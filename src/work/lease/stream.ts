@@ -89,6 +89,8 @@ export function createStreamHandle(
      * (worker.proto, GrantAck).
      */
     grantAckLimitMs: number;
+    /** The heartbeat interval, in ms: heartbeats further apart break a run (see endIfGrantsUnread). */
+    heartbeatIntervalMs: number;
   },
   s: Hosted,
 ): SessionHandle {
@@ -126,24 +128,32 @@ export function createStreamHandle(
     }
   };
   /**
-   * Ends a stream whose heartbeats keep coming, for longer than the limit after the first one
-   * read after a grant, without acknowledging that grant: it reads nothing the server sends (a
-   * receive loop stuck while the heartbeat loop runs, a peer that never reads), so its grants
-   * would stay leased, never run, for as long as it heartbeats. Timed from heartbeats read, not
-   * from the grant: while this server does not read the stream (a throttled backlog of reports,
-   * a stalled event loop) the messages wait, then come together, the acknowledgement among them.
+   * Ends a stream whose heartbeats keep coming, for longer than the limit, without acknowledging
+   * a grant sent before them: it reads nothing the server sends (a receive loop stuck while the
+   * heartbeat loop runs, a peer that never reads), so its grants would stay leased, never run,
+   * for as long as it heartbeats. Timed over a run of heartbeats read at most two intervals
+   * apart, not from the grant: while this server does not read the stream (a throttled backlog
+   * of reports, a stalled event loop) or the worker is paused, the run breaks, and the messages
+   * held back come together afterwards, the acknowledgement among them.
    * Ended as lost: the session is in grace; a worker that comes back is sent again the grants its
    * hello does not list, and one that does not loses them at its deadline.
    */
   let endedUnread = false;
   const endIfGrantsUnread = () => {
     if (endedUnread || s.unacked.size === 0) return;
-    const [actionId, oldest] = s.unacked.entries().next().value as [string, { firstBeatAt?: number }];
+    const [actionId, oldest] = s.unacked.entries().next().value as [
+      string,
+      { firstBeatAt?: number; lastBeatAt?: number },
+    ];
     const now = performance.now();
-    if (oldest.firstBeatAt === undefined) {
+    if (
+      oldest.firstBeatAt === undefined ||
+      oldest.lastBeatAt === undefined ||
+      now - oldest.lastBeatAt > 2 * deps.heartbeatIntervalMs
+    ) {
       oldest.firstBeatAt = now;
-      return;
     }
+    oldest.lastBeatAt = now;
     const heartbeatingMs = now - oldest.firstBeatAt;
     if (heartbeatingMs <= deps.grantAckLimitMs) return;
     endedUnread = true;

@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
@@ -105,6 +105,27 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
 });
 
 /**
+ * A migrations folder as the builds of `fixture` (test/fixtures/migrations) shipped it: the
+ * fixture's journal, its own text of what was edited later, and every other migration it names
+ * from src/store/migrations (released migrations are never edited: their text is the same).
+ * The caller removes the folder.
+ */
+function releasedMigrations(fixture: string): string {
+  const from = fileURLToPath(new URL(`../fixtures/migrations/${fixture}/`, import.meta.url));
+  const current = fileURLToPath(new URL("../../src/store/migrations/", import.meta.url));
+  const folder = mkdtempSync(join(scratchDir(), `leasehold-${fixture}-`));
+  cpSync(join(from, "meta"), join(folder, "meta"), { recursive: true });
+  const journal = JSON.parse(readFileSync(join(from, "meta", "_journal.json"), "utf8")) as {
+    entries: { tag: string }[];
+  };
+  for (const { tag } of journal.entries) {
+    const own = join(from, `${tag}.sql`);
+    cpSync(existsSync(own) ? own : join(current, `${tag}.sql`), join(folder, `${tag}.sql`));
+  }
+  return folder;
+}
+
+/**
  * Migrates `store` with the migrations in `folder` alone, as the build that shipped them did,
  * then runs `statements` (rows that build would have written).
  */
@@ -200,11 +221,12 @@ describe("a database an earlier text of migration 0016 was applied to", { timeou
     ["the first 0016_resource_request_id_and_runtime (builds 270bad0 to 49b310f)", "released-0016-runtime"],
   ])("upgrades from %s to the schema a fresh database gets, and serves", async (_name, fixture) => {
     await using store = await emptyStore();
-    await migrateWith(
-      store,
-      fileURLToPath(new URL(`../fixtures/migrations/${fixture}`, import.meta.url)),
-      seed,
-    );
+    const folder = releasedMigrations(fixture);
+    try {
+      await migrateWith(store, folder, seed);
+    } finally {
+      rmSync(folder, { recursive: true, force: true });
+    }
 
     const upgraded = await openDatabase({ url: store.url, dataDir: store.dataDir });
     let schema: Record<string, unknown[]>;

@@ -121,6 +121,15 @@ export interface Access {
   /** Throws PERMISSION_DENIED naming the right and cluster unless `can(right, cluster)`. */
   require(right: Right, cluster: string): void;
   /**
+   * For a call naming one thing by id, once it is read: throws `missing()`
+   * (the NOT_FOUND of an id that does not exist) unless the caller holds
+   * `right`, the read right of that kind of thing, in `cluster`. A caller
+   * learns nothing of what it may not read, not even that its id exists;
+   * a refusal it may see (PERMISSION_DENIED for a change it may not make)
+   * comes after this.
+   */
+  requireVisible(right: Right, cluster: string, missing: () => Error): void;
+  /**
    * Whether the caller may change something `owner` created: `<right>.any`
    * in the cluster, or `<right>.own` when the caller is the owner.
    */
@@ -178,6 +187,7 @@ export const OPEN_ACCESS: Access = Object.freeze({
   can: () => true,
   holdsAnywhere: () => true,
   require: () => {},
+  requireVisible: () => {},
   canOwned: () => true,
   requireOwned: () => {},
   requireListScope: () => {},
@@ -235,6 +245,9 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
     can,
     holdsAnywhere: (right: Right) => bindings.some((b) => holds(right, b)),
     require,
+    requireVisible(right: Right, cluster: string, missing: () => Error) {
+      if (!can(right, cluster)) throw missing();
+    },
     canOwned,
     requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string) {
       if (canOwned(right, cluster, owner)) return;

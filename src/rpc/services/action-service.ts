@@ -3,6 +3,7 @@ import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
+import type { Access } from "../../auth/access.js";
 import { Code, LeaseholdError } from "../../errors.js";
 import {
   ActionSchema,
@@ -135,8 +136,9 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       });
     },
     async getAction(request, ctx) {
-      const { action, attempts } = await actions.get(requireId("action_id", request.actionId));
-      ctx.access.require("action.read", action.cluster);
+      const id = requireId("action_id", request.actionId);
+      const { action, attempts } = await actions.get(id);
+      readable(ctx.access, action, id);
       const whole = { action: toProtoAction(action), attempts: attempts.map(toProtoAttempt) };
       const { answer, omitted, over } = fitAnswer(GetActionResponseSchema, whole, () => [
         ...attemptParts(whole.attempts, (i) => `attempts[${i}]`),
@@ -174,6 +176,7 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
       const { action: current } = await actions.get(actionId);
+      readable(ctx.access, current, actionId);
       ctx.access.requireOwned("action.cancel", current.cluster, current.createdBy);
       const whole = {
         action: toProtoAction(await actions.cancel(actionId, request.reason, ctx.access.actor)),
@@ -183,7 +186,7 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     async explainAction(request, ctx) {
       const id = requireId("action_id", request.actionId);
       // The right first, on the action's row: the history is the expensive read.
-      ctx.access.require("action.read", (await actions.get(id)).action.cluster);
+      readable(ctx.access, (await actions.get(id)).action, id);
       const explained = await actions.explain(id);
       const whole = {
         action: toProtoAction(explained.action),
@@ -223,15 +226,24 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     },
     async *watchAction(request, ctx) {
       let checked = false;
-      for await (const action of actions.watch(requireId("action_id", request.actionId), ctx.signal)) {
+      const id = requireId("action_id", request.actionId);
+      for await (const action of actions.watch(id, ctx.signal)) {
         // The first item is the action as it is now: checked before anything is sent.
-        if (!checked) ctx.access.require("action.read", action.cluster);
+        if (!checked) readable(ctx.access, action, id);
         checked = true;
         const whole = { action: toProtoAction(action) };
         yield fitActions(WatchActionResponseSchema, whole, [{ at: "action", action: whole.action }]);
       }
     },
   });
+}
+
+/**
+ * Passes when the caller may read `action`; NOT_FOUND, as for an id that does
+ * not exist, otherwise: ids are no oracle for another cluster's work.
+ */
+function readable(access: Access, action: Pick<ActionRecord, "cluster">, requestedId: string): void {
+  access.requireVisible("action.read", action.cluster, () => LeaseholdError.notFound("action", requestedId));
 }
 
 /**

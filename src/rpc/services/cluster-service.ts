@@ -1,5 +1,6 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Access } from "../../auth/access.js";
 import { LeaseholdError } from "../../errors.js";
 import {
   ClusterHealth,
@@ -36,6 +37,12 @@ export function clusterServiceBinding(deps: {
     if (!worker) throw LeaseholdError.notFound("worker", workerId);
     return worker;
   };
+  /** The worker if `access` may read it; NOT_FOUND, as for an unknown id, if not: ids are no oracle. */
+  const visibleWorker = async (access: Access, workerId: string) => {
+    const worker = await getWorker(workerId);
+    access.requireVisible("worker.read", worker.cluster, () => LeaseholdError.notFound("worker", workerId));
+    return worker;
+  };
   return bind(ClusterService, {
     async listClusters(_request, ctx) {
       const readable = (await listClusters(db, clock)).filter((c) => ctx.access.can("cluster.read", c.name));
@@ -59,8 +66,7 @@ export function clusterServiceBinding(deps: {
       return { workers: page.items.map(toProtoWorker), nextPageToken: page.nextPageToken };
     },
     async getWorker(request, ctx) {
-      const worker = await getWorker(requireId("worker_id", request.workerId));
-      ctx.access.require("worker.read", worker.cluster);
+      const worker = await visibleWorker(ctx.access, requireId("worker_id", request.workerId));
       return { worker: toProtoWorker(worker) };
     },
     async drainWorker(request, ctx) {
@@ -68,7 +74,7 @@ export function clusterServiceBinding(deps: {
       const v = new Violations();
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
-      ctx.access.require("worker.drain", (await getWorker(workerId)).cluster);
+      ctx.access.require("worker.drain", (await visibleWorker(ctx.access, workerId)).cluster);
       const outcome = await leases.drain(workerId, request.reason, ctx.access.actor);
       if (outcome === "not found") throw LeaseholdError.notFound("worker", workerId);
       if (outcome === "no session") {
@@ -85,7 +91,7 @@ export function clusterServiceBinding(deps: {
       const v = new Violations();
       checkLength(v, "reason", request.reason, 1024);
       v.throwIfAny();
-      ctx.access.require("worker.drain", (await getWorker(workerId)).cluster);
+      ctx.access.require("worker.drain", (await visibleWorker(ctx.access, workerId)).cluster);
       const outcome = await leases.undrain(workerId, request.reason, ctx.access.actor);
       if (outcome === "not found") throw LeaseholdError.notFound("worker", workerId);
       if (outcome === "no session") {

@@ -51,15 +51,25 @@ const CHUNK_BYTES = 64 * 1024;
  * there is no such lease.
  */
 async function usableLease(scope: ScopeLeaseService, access: Access, leaseId: string) {
-  const lease = await scope.get(leaseId);
+  const lease = await visibleLease(scope, access, leaseId);
   access.requireOwned("lease.use", lease.runtime, lease.createdBy);
   return lease;
 }
 
 /** The lease `leaseId` once `access` holds `right` in its runtime. */
 async function leaseWith(scope: ScopeLeaseService, access: Access, right: Right, leaseId: string) {
-  const lease = await scope.get(leaseId);
+  const lease = await visibleLease(scope, access, leaseId);
   access.require(right, lease.runtime);
+  return lease;
+}
+
+/**
+ * The lease `leaseId` if `access` may read it; NOT_FOUND, as for an id that
+ * does not exist, if it may not: ids are no oracle for another cluster's leases.
+ */
+async function visibleLease(scope: ScopeLeaseService, access: Access, leaseId: string) {
+  const lease = await scope.get(leaseId);
+  access.requireVisible("lease.read", lease.runtime, () => LeaseholdError.notFound("lease", leaseId));
   return lease;
 }
 
@@ -103,15 +113,21 @@ async function homeOf(
   return undefined;
 }
 
-/** `right` in the cluster a resource belongs to ({@link homeOf}); in every cluster when none. */
+/**
+ * `right` in the cluster a resource belongs to ({@link homeOf}); in every
+ * cluster when none. With `missing`, a caller without the right there gets
+ * that (the NOT_FOUND of an unknown id) instead of PERMISSION_DENIED.
+ */
 async function requireOnResource(
   scope: ScopeLeaseService,
   access: Access,
   right: Right,
   resource: Parameters<typeof homeOf>[1],
+  missing?: () => Error,
 ): Promise<void> {
   const home = await homeOf(scope, resource);
-  if (home) access.require(right, home.runtime);
+  if (home && missing) access.requireVisible(right, home.runtime, missing);
+  else if (home) access.require(right, home.runtime);
   else access.requireEverywhere(right, "this resource was made outside any lease, and belongs to no cluster");
 }
 
@@ -143,19 +159,28 @@ async function requireList(scope: ScopeLeaseService, access: Access, leaseId: st
  * live session the caller's principal opened (in a cluster where it holds the
  * right). Not any file of its clusters: an agent reads only what a
  * deployment's creator, checked by CreateDeployment for `resource.read` on
- * it, gave its deployment. PERMISSION_DENIED names the right otherwise.
+ * it, gave its deployment. Otherwise an agent gets PERMISSION_DENIED naming
+ * the right, and another caller NOT_FOUND, as for an unknown id.
  */
 async function requireDownload(
   scope: ScopeLeaseService,
   access: Access,
   file: ResourceRecord,
 ): Promise<void> {
+  // An agent's refusal names the right it lacks; another caller learns nothing of a file it may not read.
+  const agent = access.holdsAnywhere("file.download.input");
   try {
-    await requireOnResource(scope, access, "resource.read", file);
+    await requireOnResource(
+      scope,
+      access,
+      "resource.read",
+      file,
+      agent ? undefined : () => LeaseholdError.notFound("resource", file.id),
+    );
     return;
   } catch (error) {
     const denied = error instanceof LeaseholdError && error.code === Code.PermissionDenied;
-    if (!denied || !access.holdsAnywhere("file.download.input")) throw error;
+    if (!denied || !agent) throw error;
   }
   const clusters = await scope.inputLeasedTo(file.id, access.actor);
   if (clusters.some((cluster) => access.can("file.download.input", cluster))) return;
@@ -541,8 +566,11 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       return { resource: toProtoResource(resource) };
     },
     async getResource(request, ctx) {
-      const resource = await scope.getResource(requireId("resource_id", request.resourceId));
-      await requireOnResource(scope, ctx.access, "resource.read", resource);
+      const resourceId = requireId("resource_id", request.resourceId);
+      const resource = await scope.getResource(resourceId);
+      await requireOnResource(scope, ctx.access, "resource.read", resource, () =>
+        LeaseholdError.notFound("resource", resourceId),
+      );
       const [found] = await withDeployments([resource]);
       return { resource: found };
     },
@@ -590,8 +618,11 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
       const resourceId = requireId("resource_id", request.resourceId);
       // The lease's creator owns what was made in it; a lease-less deployment, whoever created it.
       const home = await homeOf(scope, await scope.getResource(resourceId));
-      if (home) ctx.access.requireOwned("lease.use", home.runtime, home.createdBy);
-      else
+      if (home) {
+        const missing = () => LeaseholdError.notFound("resource", resourceId);
+        ctx.access.requireVisible("resource.read", home.runtime, missing);
+        ctx.access.requireOwned("lease.use", home.runtime, home.createdBy);
+      } else
         ctx.access.requireEverywhere(
           "lease.use.any",
           "this resource was made outside any lease, and belongs to no cluster",

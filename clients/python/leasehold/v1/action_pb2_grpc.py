@@ -47,6 +47,9 @@ class ActionServiceStub(object):
     method names below in the cluster the call touches (checked once the request
     has come). A principal that holds a list's right only in some clusters must
     name one of them in the request's cluster (or runtime) filter.
+    A call naming an action by id in a cluster where the principal does not hold
+    action.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -175,6 +178,9 @@ class ActionServiceServicer(object):
     method names below in the cluster the call touches (checked once the request
     has come). A principal that holds a list's right only in some clusters must
     name one of them in the request's cluster (or runtime) filter.
+    A call naming an action by id in a cluster where the principal does not hold
+    action.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -303,7 +309,7 @@ class ActionServiceServicer(object):
         paused while it was partitioned, and the accepted completion and by
         whom. Read in one snapshot from the event log and the attempts'
         sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
-        unknown, PERMISSION_DENIED without the right in the action's cluster.
+        unknown or the action is in a cluster the principal may not read.
         Right: action.read in the action's cluster.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -397,6 +403,9 @@ class ActionService(object):
     method names below in the cluster the call touches (checked once the request
     has come). A principal that holds a list's right only in some clusters must
     name one of them in the request's cluster (or runtime) filter.
+    A call naming an action by id in a cluster where the principal does not hold
+    action.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says

@@ -18,6 +18,9 @@ class ClusterServiceStub(object):
     once the request has come). A principal that holds a list's right only in
     some clusters must name one of them in the request's cluster (or runtime)
     filter.
+    A call naming a worker by id in a cluster where the principal does not hold
+    worker.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -98,6 +101,9 @@ class ClusterServiceServicer(object):
     once the request has come). A principal that holds a list's right only in
     some clusters must name one of them in the request's cluster (or runtime)
     filter.
+    A call naming a worker by id in a cluster where the principal does not hold
+    worker.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -253,6 +259,9 @@ class ClusterService(object):
     once the request has come). A principal that holds a list's right only in
     some clusters must name one of them in the request's cluster (or runtime)
     filter.
+    A call naming a worker by id in a cluster where the principal does not hold
+    worker.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says

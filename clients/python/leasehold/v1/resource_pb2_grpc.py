@@ -22,6 +22,9 @@ class ResourceServiceStub(object):
     the call touches (checked once the request has come). A principal that holds
     a list's right only in some clusters must name one of them in the request's
     cluster (or runtime) filter.
+    A call naming a resource by id in a cluster where the principal does not hold
+    resource.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters (but for an agent's DownloadFile: see there).
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -111,6 +114,9 @@ class ResourceServiceServicer(object):
     the call touches (checked once the request has come). A principal that holds
     a list's right only in some clusters must name one of them in the request's
     cluster (or runtime) filter.
+    A call naming a resource by id in a cluster where the principal does not hold
+    resource.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters (but for an agent's DownloadFile: see there).
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -304,6 +310,9 @@ class ResourceService(object):
     the call touches (checked once the request has come). A principal that holds
     a list's right only in some clusters must name one of them in the request's
     cluster (or runtime) filter.
+    A call naming a resource by id in a cluster where the principal does not hold
+    resource.read answers NOT_FOUND, as for an id that does not exist: ids tell
+    nothing of other clusters (but for an agent's DownloadFile: see there).
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says

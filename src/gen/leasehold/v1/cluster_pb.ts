@@ -651,6 +651,9 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
  * once the request has come). A principal that holds a list's right only in
  * some clusters must name one of them in the request's cluster (or runtime)
  * filter.
+ * A call naming a worker by id in a cluster where the principal does not hold
+ * worker.read answers NOT_FOUND, as for an id that does not exist: ids tell
+ * nothing of other clusters.
  *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says

@@ -1061,6 +1061,9 @@ export const DeploymentPhaseSchema: GenEnum<DeploymentPhase> = /*@__PURE__*/
  * the call touches (checked once the request has come). A principal that holds
  * a list's right only in some clusters must name one of them in the request's
  * cluster (or runtime) filter.
+ * A call naming a resource by id in a cluster where the principal does not hold
+ * resource.read answers NOT_FOUND, as for an id that does not exist: ids tell
+ * nothing of other clusters (but for an agent's DownloadFile: see there).
  *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says

@@ -71,7 +71,7 @@ type ActionServiceClient interface {
 	// paused while it was partitioned, and the accepted completion and by
 	// whom. Read in one snapshot from the event log and the attempts'
 	// sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
-	// unknown, PERMISSION_DENIED without the right in the action's cluster.
+	// unknown or the action is in a cluster the principal may not read.
 	// Right: action.read in the action's cluster.
 	ExplainAction(ctx context.Context, in *ExplainActionRequest, opts ...grpc.CallOption) (*ExplainActionResponse, error)
 }
@@ -228,7 +228,7 @@ type ActionServiceServer interface {
 	// paused while it was partitioned, and the accepted completion and by
 	// whom. Read in one snapshot from the event log and the attempts'
 	// sessions. INVALID_ARGUMENT without an id, NOT_FOUND if the id is
-	// unknown, PERMISSION_DENIED without the right in the action's cluster.
+	// unknown or the action is in a cluster the principal may not read.
 	// Right: action.read in the action's cluster.
 	ExplainAction(context.Context, *ExplainActionRequest) (*ExplainActionResponse, error)
 	mustEmbedUnimplementedActionServiceServer()

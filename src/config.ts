@@ -104,6 +104,8 @@ export interface JwtConfig {
   readonly clockSkewMs: number;
   /** Claim naming the principal. Default `sub`. */
   readonly principalClaim: string;
+  /** Longest validity a token may have, `iat` (or now) to `exp`. Default 24 h. */
+  readonly maxLifetimeMs: number;
 }
 
 /** Who may call (`--auth-*`, `--jwt-*`, `--tls-client-ca`, `--reflection`). */
@@ -139,6 +141,7 @@ export const DEFAULTS = {
   logLevel: "info",
   tlsClientAuth: "require",
   jwtClockSkew: "30s",
+  jwtMaxLifetime: "24h",
   jwtPrincipalClaim: "sub",
   reflection: "open",
 } as const;
@@ -176,6 +179,7 @@ export interface RawServerOptions {
   readonly jwtIssuer?: string | undefined;
   readonly jwtAudience?: string | undefined;
   readonly jwtClockSkew?: string | undefined;
+  readonly jwtMaxLifetime?: string | undefined;
   readonly jwtPrincipalClaim?: string | undefined;
   readonly reflection?: string | undefined;
 }
@@ -488,18 +492,22 @@ function parseAuth(raw: RawServerOptions, tls: TlsConfig | undefined): AuthConfi
       throw configError("--jwt-audience", "is required with --jwt-jwks (the aud every token must carry)");
     const clockSkewMs = parseDuration("--jwt-clock-skew", raw.jwtClockSkew ?? DEFAULTS.jwtClockSkew);
     if (clockSkewMs > 5 * 60_000) throw configError("--jwt-clock-skew", "must be at most 5m");
+    const maxLifetimeMs = parseDuration("--jwt-max-lifetime", raw.jwtMaxLifetime ?? DEFAULTS.jwtMaxLifetime);
+    if (maxLifetimeMs <= 0) throw configError("--jwt-max-lifetime", "must be more than 0");
     jwt = Object.freeze({
       jwks,
       issuer: raw.jwtIssuer,
       audience: raw.jwtAudience,
       clockSkewMs,
       principalClaim: raw.jwtPrincipalClaim || DEFAULTS.jwtPrincipalClaim,
+      maxLifetimeMs,
     });
   } else {
     for (const [flag, value] of [
       ["--jwt-issuer", raw.jwtIssuer],
       ["--jwt-audience", raw.jwtAudience],
       ["--jwt-clock-skew", raw.jwtClockSkew],
+      ["--jwt-max-lifetime", raw.jwtMaxLifetime],
       ["--jwt-principal-claim", raw.jwtPrincipalClaim],
     ] as const) {
       if (value) throw configError(flag, "applies only with --jwt-jwks");

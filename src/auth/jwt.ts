@@ -27,6 +27,11 @@ export interface JwtOptions {
   readonly clockSkewMs: number;
   /** Claim holding the principal; default "sub". */
   readonly principalClaim: string;
+  /**
+   * The longest a token may be valid: from its `iat` (or, without one, from
+   * now) to its `exp`, beyond the clock skew. Default 24 h.
+   */
+  readonly maxLifetimeMs: number;
 }
 
 /** Checks bearer JWTs. */
@@ -35,7 +40,7 @@ export interface JwtVerifier {
    * The identity of a valid token; throws LeaseholdError UNAUTHENTICATED
    * (code 16) with ErrorInfo reason TOKEN_EXPIRED, TOKEN_NOT_YET_VALID,
    * TOKEN_WRONG_AUDIENCE, TOKEN_WRONG_ISSUER, TOKEN_BAD_SIGNATURE or
-   * TOKEN_INVALID and a message saying what is wrong. When the keys of a
+   * TOKEN_LIFETIME_TOO_LONG, TOKEN_INVALID and a message saying what is wrong. When the keys of a
    * JWKS URL cannot be fetched, throws UNAVAILABLE (reason JWKS_UNAVAILABLE):
    * the token may be fine, and the caller may retry.
    */
@@ -56,6 +61,9 @@ export interface JwtVerifier {
   /** Stops watching a JWKS file. */
   close(): void;
 }
+
+/** Default of {@link JwtOptions.maxLifetimeMs}. */
+export const DEFAULT_JWT_MAX_LIFETIME_MS = 24 * 60 * 60_000;
 
 /** Default of {@link JwtOptions.clockSkewMs}. */
 export const DEFAULT_JWT_CLOCK_SKEW_MS = 30_000;
@@ -140,6 +148,11 @@ export function createJwtVerifier(
     );
   if (options.principalClaim === "")
     throw LeaseholdError.invalidArgument("--jwt-principal-claim", "must name a claim, e.g. sub");
+  if (!Number.isFinite(options.maxLifetimeMs) || options.maxLifetimeMs <= 0)
+    throw LeaseholdError.invalidArgument(
+      "--jwt-max-lifetime",
+      `must be a positive duration (got ${options.maxLifetimeMs} ms)`,
+    );
 
   let getKey: JWTVerifyGetKey;
   let keysVersion: () => number | undefined;
@@ -250,6 +263,15 @@ export function createJwtVerifier(
           now(),
           token,
         );
+      // A token valid for a year is as good as a password to whoever copies it: refused, as
+      // Kubernetes bounds service-account tokens. Without iat, what is left of it counts.
+      const expMs = (payload.exp as number) * 1000;
+      const fromMs = typeof payload.iat === "number" ? payload.iat * 1000 : now();
+      if (expMs - fromMs > options.maxLifetimeMs + options.clockSkewMs)
+        throw unauthenticated(
+          "TOKEN_LIFETIME_TOO_LONG",
+          `the token is valid for ${hours(expMs - fromMs)} (${typeof payload.iat === "number" ? `iat ${iso(payload.iat)}` : "from now"} to exp ${iso(payload.exp)}), longer than the server accepts (--jwt-max-lifetime ${hours(options.maxLifetimeMs)}); get a shorter-lived one`,
+        );
       const principal = payload[options.principalClaim];
       if (typeof principal !== "string" || principal === "")
         throw unauthenticated(
@@ -262,7 +284,7 @@ export function createJwtVerifier(
           "TOKEN_INVALID",
           `the token's ${quote(options.principalClaim)} claim ${JSON.stringify(principal)} ${problem}; it cannot name a principal`,
         );
-      return { principal, via: "jwt", expiresAtMs: (payload.exp as number) * 1000 };
+      return { principal, via: "jwt", expiresAtMs: expMs };
     },
     reload: () => reload(),
     keysVersion: () => keysVersion(),
@@ -357,6 +379,9 @@ function unauthenticated(
 
 const iso = (seconds: unknown) =>
   typeof seconds === "number" ? new Date(seconds * 1000).toISOString() : String(seconds);
+
+/** Milliseconds in hours, to two places at most: "24 h", "0.25 h", "8760 h". */
+const hours = (ms: number) => `${Number((ms / 3_600_000).toFixed(2))} h`;
 
 const audiences = (aud: unknown) =>
   Array.isArray(aud) ? aud.map((a) => quote(String(a))).join(", ") : quote(String(aud));

@@ -206,6 +206,12 @@ export function serveCommand(): Command {
       ).env("LEASEHOLD_JWT_CLOCK_SKEW"),
     )
     .addOption(
+      new Option(
+        "--jwt-max-lifetime <duration>",
+        "longest validity of an accepted JWT, from its iat (or now) to its exp (default 24h)",
+      ).env("LEASEHOLD_JWT_MAX_LIFETIME"),
+    )
+    .addOption(
       new Option("--jwt-principal-claim <claim>", "JWT claim naming the principal (default: sub)").env(
         "LEASEHOLD_JWT_PRINCIPAL_CLAIM",
       ),
@@ -259,6 +265,7 @@ export function serveCommand(): Command {
           jwtIssuer: options.jwtIssuer as string | undefined,
           jwtAudience: options.jwtAudience as string | undefined,
           jwtClockSkew: options.jwtClockSkew as string | undefined,
+          jwtMaxLifetime: options.jwtMaxLifetime as string | undefined,
           jwtPrincipalClaim: options.jwtPrincipalClaim as string | undefined,
           reflection: options.reflection as string,
         });

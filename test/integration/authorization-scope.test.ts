@@ -642,8 +642,16 @@ describe("authorization by cluster, owner and session", () => {
 
     expect((await resources.getResource({ resourceId: aId }, as("alice"))).resource?.id).toBe(aId);
     expect((await resources.getResource({ resourceId: aId }, as("reader"))).resource?.id).toBe(aId);
-    await expectStatus(resources.getResource({ resourceId: bId }, as("alice")), Code.NotFound, new RegExp(bId));
-    await expectStatus(resources.deleteResource({ resourceId: bId }, as("alice")), Code.NotFound, new RegExp(bId));
+    await expectStatus(
+      resources.getResource({ resourceId: bId }, as("alice")),
+      Code.NotFound,
+      new RegExp(bId),
+    );
+    await expectStatus(
+      resources.deleteResource({ resourceId: bId }, as("alice")),
+      Code.NotFound,
+      new RegExp(bId),
+    );
     // In its runtime, another submitter may not delete what alice created; an operator there may.
     await expectStatus(
       resources.deleteResource({ resourceId: aId }, as("bob")),

@@ -7,7 +7,7 @@ import { type CryptoKey, exportJWK, generateKeyPair, SignJWT } from "jose";
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
 import type { Identity } from "../../src/auth/access.js";
-import { createJwtVerifier } from "../../src/auth/jwt.js";
+import { createJwtVerifier, DEFAULT_JWT_MAX_LIFETIME_MS } from "../../src/auth/jwt.js";
 import { loadReloadingPolicy, parsePolicy } from "../../src/auth/policy.js";
 import type { StaticTokens } from "../../src/auth/static-tokens.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
@@ -172,6 +172,7 @@ describe("JWT bearer tokens", () => {
         audience: "leasehold",
         clockSkewMs: 0,
         principalClaim: "sub",
+        maxLifetimeMs: DEFAULT_JWT_MAX_LIFETIME_MS,
       },
       log,
       { pollMs: 0 },
@@ -213,6 +214,7 @@ describe("JWKS reload", () => {
         audience: "leasehold",
         clockSkewMs: 0,
         principalClaim: "sub",
+        maxLifetimeMs: DEFAULT_JWT_MAX_LIFETIME_MS,
       },
       log,
       { pollMs: 0 },

@@ -195,6 +195,16 @@ describe("server config", () => {
     expect(() =>
       parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i", jwtAudience: "a", jwtClockSkew: "10m" }),
     ).toThrow(/^--jwt-clock-skew: must be at most 5m/);
+    expect(() =>
+      parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i", jwtAudience: "a", jwtMaxLifetime: "0s" }),
+    ).toThrow(/^--jwt-max-lifetime: must be more than 0/);
+    expect(() => parseServerConfig({ jwtMaxLifetime: "1h" })).toThrow(
+      /^--jwt-max-lifetime: applies only with --jwt-jwks/,
+    );
+    const jwt = (jwtMaxLifetime?: string) =>
+      parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i", jwtAudience: "a", jwtMaxLifetime }).auth.jwt;
+    expect(jwt()?.maxLifetimeMs).toBe(24 * 3600_000);
+    expect(jwt("90m")?.maxLifetimeMs).toBe(90 * 60_000);
   });
 
   it("knows which hosts are loopback", () => {

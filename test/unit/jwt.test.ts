@@ -6,7 +6,13 @@ import { join } from "node:path";
 import { type CryptoKey, exportJWK, generateKeyPair, generateSecret, SignJWT } from "jose";
 import pino from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createJwtVerifier, type JwtOptions, type JwtVerifier, looksLikeJwt } from "../../src/auth/jwt.js";
+import {
+  createJwtVerifier,
+  DEFAULT_JWT_MAX_LIFETIME_MS,
+  type JwtOptions,
+  type JwtVerifier,
+  looksLikeJwt,
+} from "../../src/auth/jwt.js";
 import { Code, LeaseholdError } from "../../src/errors.js";
 
 const ISSUER = "https://issuer.example.org";
@@ -47,6 +53,7 @@ const options = (overrides: Partial<JwtOptions> = {}): JwtOptions => ({
   audience: AUDIENCE,
   clockSkewMs: 30_000,
   principalClaim: "sub",
+  maxLifetimeMs: DEFAULT_JWT_MAX_LIFETIME_MS,
   ...overrides,
 });
 
@@ -114,6 +121,36 @@ describe("JWT verifier", () => {
     );
     await refused(await sign({ sub: "op " }), "TOKEN_INVALID", /"op " has leading or trailing whitespace/);
     await refused(await sign({ sub: "o\u0000p" }), "TOKEN_INVALID", /"o\\u0000p" holds a control character/);
+  });
+
+  it("refuse a token valid for longer than --jwt-max-lifetime, counted from iat or, without one, from now", async () => {
+    const day = 24 * 3600;
+    // 25 h from its iat: too long, even though 24 h of it are left.
+    await refused(
+      await sign({ iat: nowS() - 3600 }, { exp: nowS() + day }),
+      "TOKEN_LIFETIME_TOO_LONG",
+      /^the token is valid for 25 h \(iat .* to exp .*\), longer than the server accepts \(--jwt-max-lifetime 24 h\)/,
+    );
+    // A year, without iat: what is left of it counts.
+    await refused(
+      await sign({ iat: undefined }, { exp: nowS() + 365 * day }),
+      "TOKEN_LIFETIME_TOO_LONG",
+      /^the token is valid for 8760 h \(from now to exp/,
+    );
+    // Exactly the maximum, within the skew, and a shorter one are accepted.
+    expect((await verifier.verify(await sign({ iat: nowS() }, { exp: nowS() + day + 10 }))).principal).toBe(
+      "user-1",
+    );
+    expect((await verifier.verify(await sign({ iat: undefined }, { exp: nowS() + 3600 }))).principal).toBe(
+      "user-1",
+    );
+    // The limit is the server's to set.
+    const v = createJwtVerifier(options({ maxLifetimeMs: 6 * 60_000 }), log, { pollMs: 0 });
+    try {
+      await refused(await sign(), "TOKEN_LIFETIME_TOO_LONG", /--jwt-max-lifetime 0\.1 h/, v);
+    } finally {
+      v.close();
+    }
   });
 
   it("refuse an expired token beyond the skew, accept one within it", async () => {

@@ -201,6 +201,9 @@ export const actions = pgTable(
     index("actions_state_idx")
       .on(t.state, t.cluster)
       .where(sql`${t.state} <> 'QUEUED' and ${t.state} <> 'SUCCEEDED'`),
+    // A cluster's actions in id order (ListActions naming a cluster, as every caller scoped to
+    // some clusters must): without it a page of a small cluster reads the whole table.
+    index("actions_cluster_idx").on(t.cluster, t.id),
   ],
 );
 

@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs";
 import { equals, type MessageShape } from "@bufbuild/protobuf";
 import * as grpc from "@grpc/grpc-js";
-import { Command, InvalidArgumentError } from "commander";
+import { Command, InvalidArgumentError, Option } from "commander";
 import { isCommandTimeout, MAX_COMMAND_TIMEOUT_SECONDS } from "../agent/command-handler.js";
 import {
   ActionSchema,
@@ -78,6 +78,54 @@ function phaseText(a: Action): string {
  * submitted (the message says which lines): with request ids on every line,
  * running the same file again resubmits nothing twice.
  */
+/**
+ * `action cancel` without an id: CancelActions until no matching action is
+ * left, printing what each call did. Exit 0 whatever matched (none is no error).
+ */
+async function cancelMatching(
+  api: ReturnType<typeof createClient<(typeof ActionService)["method"]>>,
+  json: boolean,
+  o: Record<string, unknown>,
+): Promise<undefined> {
+  const cluster = o.cluster as string | undefined;
+  if (cluster === undefined)
+    throw new CliError("give an action id, or --cluster with --run-id or --all to cancel many", EXIT.usage);
+  if (o.runId === undefined && o.all === undefined)
+    throw new CliError(
+      `--cluster ${cluster}: add --run-id to cancel one run's actions, or --all for every action of the cluster`,
+      EXIT.usage,
+    );
+  const request = {
+    cluster,
+    runId: (o.runId as string | undefined) ?? "",
+    state:
+      o.state === "queued"
+        ? ActionState.QUEUED
+        : o.state === "leased"
+          ? ActionState.LEASED
+          : ActionState.UNSPECIFIED,
+    all: o.all === true,
+    reason: (o.reason as string | undefined) ?? "",
+  };
+  const cancelled: string[] = [];
+  const requested: string[] = [];
+  for (let more = true; more; ) {
+    const answer = await api.cancelActions(request);
+    cancelled.push(...answer.cancelledIds);
+    requested.push(...answer.cancelRequestedIds);
+    more = answer.more;
+    if (!json && (answer.cancelledIds.length > 0 || answer.cancelRequestedIds.length > 0))
+      printLine(
+        `cancelled ${count(answer.cancelledIds.length, "queued action")}, cancel requested for ${count(answer.cancelRequestedIds.length, "leased action")} (revoking from their workers)${more ? "; more to go" : ""}`,
+      );
+  }
+  if (json) printJson({ cancelledIds: cancelled, cancelRequestedIds: requested });
+  else if (cancelled.length + requested.length === 0) printLine("no queued or leased action matched");
+  else if (cancelled.length + requested.length > 1000)
+    printLine(`in all: ${cancelled.length} cancelled, ${requested.length} cancel requested`);
+  return undefined;
+}
+
 async function submitFrom(o: Record<string, unknown>, argv: string[], command: Command): Promise<void> {
   for (const [flag, given] of [
     ["the command after --", argv.length > 0],
@@ -486,11 +534,31 @@ export function actionCommands(): Command {
 
   action
     .command("cancel")
-    .description("Cancel an action (a leased one is revoked from its worker).")
-    .argument("<action-id>")
+    .description(
+      "Cancel an action (a leased one is revoked from its worker); or, without an id, every queued and " +
+        "leased action of --cluster that matches --run-id (or --all), a thousand per call until none is left.",
+    )
+    .argument("[action-id]")
     .option("--reason <text>", "why, recorded on the action")
-    .action(async (id: string, o: Record<string, unknown>, command: Command) =>
+    .option("--cluster <name>", "without an id: the cluster whose actions to cancel")
+    .option("--run-id <id>", "without an id: only the actions of this run")
+    .addOption(
+      new Option("--state <state>", "without an id: only queued or only leased actions").choices([
+        "queued",
+        "leased",
+      ]),
+    )
+    .option("--all", "without an id or --run-id: every action of the cluster")
+    .action(async (id: string | undefined, o: Record<string, unknown>, command: Command) =>
       run(command, async (api, json) => {
+        if (id === undefined) return cancelMatching(api, json, o);
+        for (const flag of ["cluster", "runId", "state", "all"] as const) {
+          if (o[flag] !== undefined)
+            throw new CliError(
+              `--${flag === "runId" ? "run-id" : flag} selects actions to cancel: give it or an action id, not both`,
+              EXIT.usage,
+            );
+        }
         const { action: a } = await api.cancelAction({
           actionId: id,
           reason: (o.reason as string | undefined) ?? "",

@@ -99,6 +99,7 @@ export const FIELD_LIMITS: Readonly<Record<string, FieldLimit>> = {
   "leasehold.v1.SubmitActionRequest.label_selector": LABELS,
   "leasehold.v1.ListActionsRequest.page_token": { maxLength: TEXT },
   "leasehold.v1.CancelActionRequest.reason": { maxLength: TEXT },
+  "leasehold.v1.CancelActionsRequest.reason": { maxLength: TEXT },
   // WorkerService
   "leasehold.v1.CompletionReport.trace_parent": { maxLength: 128 },
   // ClusterService

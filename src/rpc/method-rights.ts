@@ -15,6 +15,8 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> =
   "leasehold.v1.ActionService/GetAction": "action.read",
   "leasehold.v1.ActionService/ListActions": "action.read",
   "leasehold.v1.ActionService/CancelAction": "action.cancel.own",
+  // The handler matches only the caller's own actions unless it holds action.cancel.any there.
+  "leasehold.v1.ActionService/CancelActions": "action.cancel.own",
   "leasehold.v1.ActionService/WatchAction": "action.read",
   "leasehold.v1.ActionService/ExplainAction": "action.read",
   "leasehold.v1.ClusterService/ListClusters": "cluster.read",

@@ -174,6 +174,102 @@ export async function cancelAction(
   });
 }
 
+/** Which actions {@link cancelMatchingActions} cancels: always one cluster's. */
+export interface CancelFilter {
+  readonly cluster: string;
+  readonly runId?: string | undefined;
+  readonly actionIds?: readonly string[] | undefined;
+  readonly state?: "QUEUED" | "LEASED" | undefined;
+  /** Only the actions this principal submitted (a caller with action.cancel.own alone). */
+  readonly createdBy?: string | undefined;
+}
+
+/** What {@link cancelMatchingActions} did. */
+export interface CancelledMatching {
+  /** Queued actions now CANCELLED, in id order. */
+  readonly cancelled: readonly string[];
+  /** Leased actions now marked cancel_requested, in id order: their owners are to be sent a revoke. */
+  readonly cancelRequested: readonly ActionRecord[];
+  /** Whether more actions match than were taken. */
+  readonly more: boolean;
+}
+
+/**
+ * Cancels up to `limit` queued or leased actions matching `filter` in one
+ * statement, as {@link cancelAction} cancels one: a queued action becomes
+ * CANCELLED, a leased one is marked cancel_requested (its owner gets a
+ * revoke), each with its event. Actions already cancel_requested are not
+ * matched, so a repeated call goes on where the last stopped. Rows are
+ * locked in id order, as every statement that locks several actions takes
+ * them (schema.ts); a row that changed while waiting for its lock is checked
+ * again by PostgreSQL and left out if it no longer matches.
+ */
+export async function cancelMatchingActions(
+  db: Db,
+  filter: CancelFilter,
+  limit: number,
+  reason: string,
+  actor: string,
+): Promise<CancelledMatching> {
+  const message = reason ? `action cancelled: ${reason}` : "action cancelled";
+  const requested = `cancel requested${reason ? `: ${reason}` : ""}; revoking from `;
+  const conditions: SQL[] = [sql`cluster = ${filter.cluster}`, sql`not cancel_requested`];
+  // Literals, as readActions names them: the partial indexes' predicates must be provable.
+  if (filter.state) conditions.push(sql`state = ${sql.raw(stateLiteral(filter.state))}`);
+  else conditions.push(sql`state in ('QUEUED', 'LEASED')`);
+  if (filter.runId) conditions.push(sql`run_id = ${filter.runId} and run_id <> ''`);
+  if (filter.actionIds)
+    conditions.push(
+      sql`id in (select jsonb_array_elements_text(${JSON.stringify(filter.actionIds)}::jsonb))`,
+    );
+  if (filter.createdBy !== undefined) conditions.push(sql`created_by = ${filter.createdBy}`);
+  const where = sql.join(conditions, sql` and `);
+  const rows = await queryRows<ActionRow & { was: string }>(
+    db,
+    sql`
+      with target as (
+        select id, state from actions where ${where} order by id limit ${limit + 1} for update
+      ),
+      taken as (select id, state from target order by id limit ${limit}),
+      queued as (
+        update actions a set state = 'CANCELLED', failure_reason = ${message}, finished_at = now(),
+          updated_at = now()
+        from taken t where a.id = t.id and t.state = 'QUEUED'
+        returning a.*
+      ),
+      leased as (
+        update actions a set cancel_requested = true, failure_reason = ${message}, updated_at = now()
+        from taken t where a.id = t.id and t.state = 'LEASED'
+        returning a.*
+      ),
+      queued_events as (
+        insert into events (kind, action_id, cluster, message, actor)
+        select 'action_cancelled', id, cluster, ${message}, ${actor} from queued
+      ),
+      leased_events as (
+        insert into events (kind, action_id, cluster, worker_id, session_id, epoch, message, actor)
+        select 'action_cancel_requested', id, cluster, worker_id, session_id, epoch,
+          ${requested} || coalesce(worker_id, ''), ${actor} from leased
+      )
+      select *, 'QUEUED' as was from queued
+      union all select *, 'LEASED' from leased
+      union all select a.*, 'MORE' from actions a
+        where a.id = (select id from target order by id offset ${limit} limit 1)`,
+  );
+  const byId = (a: { id: string }, b: { id: string }) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+  return {
+    cancelled: rows
+      .filter((r) => r.was === "QUEUED")
+      .sort(byId)
+      .map((r) => r.id),
+    cancelRequested: rows
+      .filter((r) => r.was === "LEASED")
+      .sort(byId)
+      .map(actionFromRow),
+    more: rows.some((r) => r.was === "MORE"),
+  };
+}
+
 /**
  * Queued and leased actions by cluster (clusters with neither are left out).
  * Each state is counted through its partial index: the claim index for the

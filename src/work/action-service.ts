@@ -1,6 +1,9 @@
 import { Code, LeaseholdError, quote } from "../errors.js";
 import {
+  type CancelFilter,
+  type CancelledMatching,
   cancelAction,
+  cancelMatchingActions,
   findAction,
   findActionsByRequestId,
   listActions,
@@ -82,6 +85,16 @@ export interface ActionService extends AsyncDisposable {
   ): Promise<Page<ActionRecord>>;
   /** Cancels an action; `actor` is who asked, recorded on the event. */
   cancel(id: string, reason: string, actor: string): Promise<ActionRecord>;
+  /**
+   * Cancels up to `limit` queued or leased actions matching `filter`, each as
+   * {@link cancel} would, in one transaction; `more` when others still match.
+   */
+  cancelMatching(
+    filter: CancelFilter,
+    limit: number,
+    reason: string,
+    actor: string,
+  ): Promise<CancelledMatching>;
   /** The action now, then after every change; ends after a terminal state. */
   watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord>;
   /**
@@ -245,6 +258,22 @@ export function createActionService({
     }
   }
 
+  async function cancelMatching(
+    filter: CancelFilter,
+    limit: number,
+    reason: string,
+    actor: string,
+  ): Promise<CancelledMatching> {
+    const outcome = await cancelMatchingActions(db, filter, limit, reason, actor);
+    for (const action of outcome.cancelRequested) {
+      onCancelRequested?.(action);
+      feed.publish(actionTopic(action.id));
+    }
+    for (const id of outcome.cancelled) feed.publish(actionTopic(id));
+    if (outcome.cancelled.length + outcome.cancelRequested.length > 0) feed.publish(EVENTS_TOPIC);
+    return outcome;
+  }
+
   async function* watch(id: string, signal: AbortSignal): AsyncIterable<ActionRecord> {
     // Subscribe before the first read so no change can slip in between.
     const wakeups = wakeupsOf(feed, actionTopic(id));
@@ -268,5 +297,16 @@ export function createActionService({
   }
 
   const close = () => submits.close();
-  return { submit, submitMany, get, list, cancel, watch, explain, close, [Symbol.asyncDispose]: close };
+  return {
+    submit,
+    submitMany,
+    get,
+    list,
+    cancel,
+    cancelMatching,
+    watch,
+    explain,
+    close,
+    [Symbol.asyncDispose]: close,
+  };
 }

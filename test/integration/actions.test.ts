@@ -235,6 +235,85 @@ describe("ActionService", () => {
     ]);
   });
 
+  it("cancels a run's queued and leased actions in calls of at most `limit`, revoking the leased ones, and nothing else", async () => {
+    const w = await connectWorker(t.address, { workerId: "bulk-cancel", cluster: "bulk", capacity: 2 });
+    try {
+      const submit = (runId: string) => api.submitAction({ cluster: "bulk", runId });
+      const leased: string[] = [];
+      for (const _ of [1, 2]) {
+        const id = (await submit("doomed")).action?.id ?? "";
+        await w.next("grant", (g) => g.actionId === id);
+        leased.push(id);
+      }
+      // The worker is full: these stay queued.
+      const queued: string[] = [];
+      for (const _ of [1, 2, 3]) queued.push((await submit("doomed")).action?.id ?? "");
+      const spared = (await submit("kept")).action?.id ?? "";
+      const elsewhere = (await api.submitAction({ cluster: "bulk-other", runId: "doomed" })).action?.id ?? "";
+
+      const request = { cluster: "bulk", runId: "doomed", reason: "bad batch", limit: 3 };
+      const first = await api.cancelActions(request);
+      // In id order: the two leased ones came first.
+      expect(first).toMatchObject({ cancelledIds: [queued[0]], cancelRequestedIds: leased, more: true });
+      for (const id of leased) {
+        const revoke = await w.next("revoke", (r) => r.actionId === id);
+        expect(revoke.message).toMatch(/cancelled: bad batch/);
+      }
+      const second = await api.cancelActions(request);
+      expect(second).toMatchObject({ cancelledIds: queued.slice(1), cancelRequestedIds: [], more: false });
+      // Nothing is left to match: a retry changes nothing.
+      expect(await api.cancelActions(request)).toMatchObject({
+        cancelledIds: [],
+        cancelRequestedIds: [],
+        more: false,
+      });
+
+      const state = async (id: string) => (await api.getAction({ actionId: id })).action;
+      for (const id of queued)
+        expect(await state(id)).toMatchObject({
+          state: ActionState.CANCELLED,
+          failureReason: "action cancelled: bad batch",
+        });
+      for (const id of leased)
+        expect(await state(id)).toMatchObject({ state: ActionState.LEASED, cancelRequested: true });
+      expect((await state(spared))?.state).toBe(ActionState.QUEUED);
+      expect((await state(elsewhere))?.state).toBe(ActionState.QUEUED);
+      const events = await t.client(EventService).listEvents({ actionId: leased[0] ?? "" });
+      expect(events.events.map((e) => e.kind)).toContain(EventKind.ACTION_CANCEL_REQUESTED);
+
+      // By id, and by state: the spared one, queued, is cancelled only when named.
+      expect(
+        await api.cancelActions({ cluster: "bulk", actionIds: [spared], state: ActionState.LEASED }),
+      ).toMatchObject({ cancelledIds: [], cancelRequestedIds: [] });
+      expect(await api.cancelActions({ cluster: "bulk", actionIds: [spared] })).toMatchObject({
+        cancelledIds: [spared],
+      });
+    } finally {
+      w.goodbye();
+      await w.ended;
+    }
+  });
+
+  it("refuses a bulk cancel that does not say what it means", async () => {
+    const refused = async (
+      request: Parameters<typeof api.cancelActions>[0],
+      field: string,
+      message: RegExp,
+    ) => {
+      const error = await expectStatus(api.cancelActions(request), Code.InvalidArgument, message);
+      expect(error.fields).toContain(field);
+    };
+    await refused({ cluster: "bulk" }, "all", /all: must be true to cancel every action of the cluster/);
+    await refused({ runId: "r" }, "cluster", /cluster: is required/);
+    await refused(
+      { cluster: "bulk", all: true, state: ActionState.SUCCEEDED },
+      "state",
+      /must be QUEUED or LEASED/,
+    );
+    await refused({ cluster: "bulk", all: true, limit: 1001 }, "limit", /must be 1–1000/);
+    await refused({ cluster: "bulk", actionIds: ["a", "a"] }, "action_ids[1]", /repeats "a"/);
+  });
+
   it("streams an action's state and ends once it is cancelled", async () => {
     const { action } = await api.submitAction({ cluster: "watched" });
     const id = action?.id ?? "";

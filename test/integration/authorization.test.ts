@@ -137,6 +137,11 @@ const MATRIX: Record<string, Row> = {
   "ResourceService/DeleteResource": { request: (f) => ({ resourceId: f.fileId }), expect: [D, D, K, D, K] },
   // The action was submitted by the operator: a submitter cancels only its own.
   "ActionService/CancelAction": { request: (f) => ({ actionId: f.actionId }), expect: [D, D, D, D, K] },
+  // A submitter's bulk cancel matches only its own actions: allowed, and it leaves the operator's be.
+  "ActionService/CancelActions": {
+    request: (f) => ({ cluster: "a", actionIds: [f.actionId] }),
+    expect: [D, D, K, D, K],
+  },
   "ClusterService/DrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
   "ClusterService/UndrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
   "ClusterService/ResumeExpiries": { request: () => ({ cluster: "a" }), expect: [D, D, D, D, K] },

@@ -253,6 +253,57 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     );
   });
 
+  it("cancels a run's actions without naming them, and says what a cancel without an id needs", async () => {
+    const api = t.client(ActionService);
+    const ids: string[] = [];
+    for (const _ of [1, 2, 3])
+      ids.push((await api.submitAction({ cluster: "cli-bulk", runId: "r1" })).action?.id ?? "");
+    const other = (await api.submitAction({ cluster: "cli-bulk", runId: "r2" })).action?.id ?? "";
+    const done = await cli([
+      ...server,
+      "action",
+      "cancel",
+      "--cluster",
+      "cli-bulk",
+      "--run-id",
+      "r1",
+      "--reason",
+      "oops",
+    ]);
+    expect(done).toMatchObject({
+      code: 0,
+      stdout: expect.stringMatching(/^cancelled 3 queued actions, cancel requested for 0 leased actions/),
+    });
+    for (const id of ids)
+      expect((await api.getAction({ actionId: id })).action?.state).toBe(ActionState.CANCELLED);
+    expect((await api.getAction({ actionId: other })).action?.state).toBe(ActionState.QUEUED);
+    const again = await cli([
+      ...server,
+      "--json",
+      "action",
+      "cancel",
+      "--cluster",
+      "cli-bulk",
+      "--run-id",
+      "r1",
+    ]);
+    expect(JSON.parse(again.stdout)).toEqual({ cancelledIds: [], cancelRequestedIds: [] });
+
+    expect(await cli([...server, "action", "cancel", "--cluster", "cli-bulk"])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("add --run-id to cancel one run's actions, or --all"),
+    });
+    expect(await cli([...server, "action", "cancel", other, "--run-id", "r2"])).toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining(
+        "--run-id selects actions to cancel: give it or an action id, not both",
+      ),
+    });
+    expect((await cli([...server, "action", "cancel", "--cluster", "cli-bulk", "--all"])).stdout).toMatch(
+      /^cancelled 1 queued action,/,
+    );
+  });
+
   it("shows a running action's phase with its latest line, a cancel requested, and a result", async () => {
     const api = t.client(ActionService);
     const worker = await connectWorker(t.address, {

@@ -4,7 +4,7 @@ import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
 import type { Access } from "../../auth/access.js";
-import { Code, LeaseholdError } from "../../errors.js";
+import { Code, LeaseholdError, quote } from "../../errors.js";
 import {
   ActionSchema,
   ActionService,
@@ -183,6 +183,56 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       };
       return fitActions(CancelActionResponseSchema, whole, [{ at: "action", action: whole.action }]);
     },
+    async cancelActions(request, ctx) {
+      const v = new Violations();
+      checkName(v, "cluster", request.cluster);
+      checkLength(v, "reason", request.reason, 1024);
+      if (request.limit < 0 || request.limit > MAX_CANCEL)
+        v.add("limit", `must be 1–${MAX_CANCEL}, or 0 for ${MAX_CANCEL} (got ${request.limit})`);
+      const named = request.state === ActionState.UNSPECIFIED ? undefined : stateName(request.state);
+      const state = named === "QUEUED" || named === "LEASED" ? named : undefined;
+      if (named !== state)
+        v.add(
+          "state",
+          `must be QUEUED or LEASED, or UNSPECIFIED for both: only those can be cancelled (got ${named})`,
+        );
+      const ids = new Set<string>();
+      request.actionIds.forEach((id, i) => {
+        if (id.trim() === "") v.add(`action_ids[${i}]`, "is empty");
+        else if (ids.has(id)) v.add(`action_ids[${i}]`, `repeats ${quote(id)}`);
+        ids.add(id);
+      });
+      if (!request.runId && ids.size === 0 && !request.all)
+        v.add(
+          "all",
+          "must be true to cancel every action of the cluster; otherwise narrow the call with run_id or action_ids",
+        );
+      v.throwIfAny();
+      const { cluster, runId } = request;
+      // The caller's own actions, unless it may cancel anyone's: others' are not matched, not refused.
+      let createdBy: string | undefined;
+      if (!ctx.access.can("action.cancel.any", cluster)) {
+        ctx.access.require("action.cancel.own", cluster);
+        createdBy = ctx.access.actor;
+      }
+      const outcome = await actions.cancelMatching(
+        {
+          cluster,
+          runId: runId || undefined,
+          actionIds: ids.size > 0 ? [...ids] : undefined,
+          state,
+          createdBy,
+        },
+        request.limit || MAX_CANCEL,
+        request.reason,
+        ctx.access.actor,
+      );
+      return {
+        cancelledIds: [...outcome.cancelled],
+        cancelRequestedIds: outcome.cancelRequested.map((a) => a.id),
+        more: outcome.more,
+      };
+    },
     async explainAction(request, ctx) {
       const id = requireId("action_id", request.actionId);
       // The right first, on the action's row: the history is the expensive read.
@@ -237,6 +287,9 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
     },
   });
 }
+
+/** Most actions one CancelActions call cancels. */
+const MAX_CANCEL = 1000;
 
 /**
  * Passes when the caller may read `action`; NOT_FOUND, as for an id that does

@@ -147,6 +147,34 @@ class CancelActionResponse(_message.Message):
     omitted: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, action: _Optional[_Union[Action, _Mapping]] = ..., omitted: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class CancelActionsRequest(_message.Message):
+    __slots__ = ["action_ids", "all", "cluster", "limit", "reason", "run_id", "state"]
+    ACTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    action_ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    cluster: str
+    limit: int
+    reason: str
+    run_id: str
+    state: ActionState
+    def __init__(self, cluster: _Optional[str] = ..., run_id: _Optional[str] = ..., action_ids: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[ActionState, str]] = ..., all: bool = ..., reason: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class CancelActionsResponse(_message.Message):
+    __slots__ = ["cancel_requested_ids", "cancelled_ids", "more"]
+    CANCELLED_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_IDS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    cancel_requested_ids: _containers.RepeatedScalarFieldContainer[str]
+    cancelled_ids: _containers.RepeatedScalarFieldContainer[str]
+    more: bool
+    def __init__(self, cancelled_ids: _Optional[_Iterable[str]] = ..., cancel_requested_ids: _Optional[_Iterable[str]] = ..., more: bool = ...) -> None: ...
+
 class ExplainActionRequest(_message.Message):
     __slots__ = ["action_id"]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]

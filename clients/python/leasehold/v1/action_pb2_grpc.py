@@ -124,6 +124,11 @@ class ActionServiceStub(object):
                 request_serializer=leasehold_dot_v1_dot_action__pb2.CancelActionRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_action__pb2.CancelActionResponse.FromString,
                 )
+        self.CancelActions = channel.unary_unary(
+                '/leasehold.v1.ActionService/CancelActions',
+                request_serializer=leasehold_dot_v1_dot_action__pb2.CancelActionsRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_action__pb2.CancelActionsResponse.FromString,
+                )
         self.WatchAction = channel.unary_stream(
                 '/leasehold.v1.ActionService/WatchAction',
                 request_serializer=leasehold_dot_v1_dot_action__pb2.WatchActionRequest.SerializeToString,
@@ -291,6 +296,25 @@ class ActionServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelActions(self, request, context):
+        """Cancels the queued and leased actions of one cluster that match a filter,
+        up to `limit` of them (at most 1000) in one transaction, in id order, each
+        as CancelAction would: a queued one becomes CANCELLED, a leased one is
+        marked cancel_requested and its owner sent a revoke. Actions already
+        finished or already cancel_requested are not matched. A caller that holds
+        only action.cancel.own in the cluster matches only the actions it
+        submitted. `more` says that matching actions remain: call again with the
+        same request until it is false (each call is safe to retry; what it
+        cancelled is not matched again). The filter must narrow the call, or say
+        it means the whole cluster: a request with neither run_id nor action_ids
+        nor `all` is INVALID_ARGUMENT.
+        Right: action.cancel.own (only the caller's actions) or action.cancel.any,
+        in the cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchAction(self, request, context):
         """Streams the action: its current state first, then one message per change,
         and ends after the action reaches a terminal state.
@@ -343,6 +367,11 @@ def add_ActionServiceServicer_to_server(servicer, server):
                     servicer.CancelAction,
                     request_deserializer=leasehold_dot_v1_dot_action__pb2.CancelActionRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_action__pb2.CancelActionResponse.SerializeToString,
+            ),
+            'CancelActions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelActions,
+                    request_deserializer=leasehold_dot_v1_dot_action__pb2.CancelActionsRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_action__pb2.CancelActionsResponse.SerializeToString,
             ),
             'WatchAction': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAction,
@@ -531,6 +560,23 @@ class ActionService(object):
         return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ActionService/CancelAction',
             leasehold_dot_v1_dot_action__pb2.CancelActionRequest.SerializeToString,
             leasehold_dot_v1_dot_action__pb2.CancelActionResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CancelActions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ActionService/CancelActions',
+            leasehold_dot_v1_dot_action__pb2.CancelActionsRequest.SerializeToString,
+            leasehold_dot_v1_dot_action__pb2.CancelActionsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -59,6 +59,20 @@ type ActionServiceClient interface {
 	// Right: action.cancel.own for actions the caller submitted, action.cancel.any
 	// for anyone's, in the action's cluster.
 	CancelAction(ctx context.Context, in *CancelActionRequest, opts ...grpc.CallOption) (*CancelActionResponse, error)
+	// Cancels the queued and leased actions of one cluster that match a filter,
+	// up to `limit` of them (at most 1000) in one transaction, in id order, each
+	// as CancelAction would: a queued one becomes CANCELLED, a leased one is
+	// marked cancel_requested and its owner sent a revoke. Actions already
+	// finished or already cancel_requested are not matched. A caller that holds
+	// only action.cancel.own in the cluster matches only the actions it
+	// submitted. `more` says that matching actions remain: call again with the
+	// same request until it is false (each call is safe to retry; what it
+	// cancelled is not matched again). The filter must narrow the call, or say
+	// it means the whole cluster: a request with neither run_id nor action_ids
+	// nor `all` is INVALID_ARGUMENT.
+	// Right: action.cancel.own (only the caller's actions) or action.cancel.any,
+	// in the cluster.
+	CancelActions(ctx context.Context, in *CancelActionsRequest, opts ...grpc.CallOption) (*CancelActionsResponse, error)
 	// Streams the action: its current state first, then one message per change,
 	// and ends after the action reaches a terminal state.
 	// Right: action.read in the action's cluster.
@@ -123,6 +137,15 @@ func (c *actionServiceClient) ListActions(ctx context.Context, in *ListActionsRe
 func (c *actionServiceClient) CancelAction(ctx context.Context, in *CancelActionRequest, opts ...grpc.CallOption) (*CancelActionResponse, error) {
 	out := new(CancelActionResponse)
 	err := c.cc.Invoke(ctx, "/leasehold.v1.ActionService/CancelAction", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *actionServiceClient) CancelActions(ctx context.Context, in *CancelActionsRequest, opts ...grpc.CallOption) (*CancelActionsResponse, error) {
+	out := new(CancelActionsResponse)
+	err := c.cc.Invoke(ctx, "/leasehold.v1.ActionService/CancelActions", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -216,6 +239,20 @@ type ActionServiceServer interface {
 	// Right: action.cancel.own for actions the caller submitted, action.cancel.any
 	// for anyone's, in the action's cluster.
 	CancelAction(context.Context, *CancelActionRequest) (*CancelActionResponse, error)
+	// Cancels the queued and leased actions of one cluster that match a filter,
+	// up to `limit` of them (at most 1000) in one transaction, in id order, each
+	// as CancelAction would: a queued one becomes CANCELLED, a leased one is
+	// marked cancel_requested and its owner sent a revoke. Actions already
+	// finished or already cancel_requested are not matched. A caller that holds
+	// only action.cancel.own in the cluster matches only the actions it
+	// submitted. `more` says that matching actions remain: call again with the
+	// same request until it is false (each call is safe to retry; what it
+	// cancelled is not matched again). The filter must narrow the call, or say
+	// it means the whole cluster: a request with neither run_id nor action_ids
+	// nor `all` is INVALID_ARGUMENT.
+	// Right: action.cancel.own (only the caller's actions) or action.cancel.any,
+	// in the cluster.
+	CancelActions(context.Context, *CancelActionsRequest) (*CancelActionsResponse, error)
 	// Streams the action: its current state first, then one message per change,
 	// and ends after the action reaches a terminal state.
 	// Right: action.read in the action's cluster.
@@ -252,6 +289,9 @@ func (UnimplementedActionServiceServer) ListActions(context.Context, *ListAction
 }
 func (UnimplementedActionServiceServer) CancelAction(context.Context, *CancelActionRequest) (*CancelActionResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CancelAction not implemented")
+}
+func (UnimplementedActionServiceServer) CancelActions(context.Context, *CancelActionsRequest) (*CancelActionsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CancelActions not implemented")
 }
 func (UnimplementedActionServiceServer) WatchAction(*WatchActionRequest, ActionService_WatchActionServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchAction not implemented")
@@ -362,6 +402,24 @@ func _ActionService_CancelAction_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ActionService_CancelActions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelActionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ActionServiceServer).CancelActions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/leasehold.v1.ActionService/CancelActions",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ActionServiceServer).CancelActions(ctx, req.(*CancelActionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ActionService_WatchAction_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(WatchActionRequest)
 	if err := stream.RecvMsg(m); err != nil {
@@ -424,6 +482,10 @@ var _ActionService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelAction",
 			Handler:    _ActionService_CancelAction_Handler,
+		},
+		{
+			MethodName: "CancelActions",
+			Handler:    _ActionService_CancelActions_Handler,
 		},
 		{
 			MethodName: "ExplainAction",

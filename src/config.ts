@@ -18,6 +18,8 @@ export interface ServerConfig {
   readonly databaseUrl: string | undefined;
   /** PGlite data directory (`memory://` for a throw-away one). Default `./.leasehold/data`. */
   readonly dataDir: string;
+  /** Connections of the PostgreSQL pool for client calls and reports, 2–1000. Default 10. */
+  readonly databasePoolSize: number;
   /** How long a silent session is trusted before it is reaped. Default 10 s, at least 2 s. */
   readonly gracePeriodMs: number;
   /** How often agents heartbeat. Default 2 s; must be below a third of the grace period. */
@@ -134,6 +136,7 @@ export const DEFAULTS = {
   historyRetention: "7d",
   maxConnectionsPerAddress: "1024",
   maxUnaryCalls: String(DEFAULT_UNARY_CALLS),
+  databasePoolSize: "10",
   metricsListen: "127.0.0.1:9464",
   leaseDefaultTtl: "1h",
   leaseMaxTtl: "24h",
@@ -150,6 +153,7 @@ export const DEFAULTS = {
 export interface RawServerOptions {
   readonly listen?: string | undefined;
   readonly databaseUrl?: string | undefined;
+  readonly databasePoolSize?: string | undefined;
   readonly dataDir?: string | undefined;
   readonly gracePeriod?: string | undefined;
   readonly heartbeatInterval?: string | undefined;
@@ -406,12 +410,22 @@ export function parseServerConfig(raw: RawServerOptions): ServerConfig {
       `must be a PostgreSQL URL, postgres://user@host:port/database or postgresql://… (${scheme ? `got scheme ${scheme}` : "it has no scheme"})`,
     );
   }
+  const poolText = raw.databasePoolSize ?? DEFAULTS.databasePoolSize;
+  const databasePoolSize = Number(poolText);
+  if (!/^\d+$/.test(poolText.trim()) || databasePoolSize < 2 || databasePoolSize > 1000)
+    throw configError(
+      "--database-pool-size",
+      `must be a whole number of connections from 2 to 1000 (got ${JSON.stringify(poolText)})`,
+    );
+  if (raw.databasePoolSize !== undefined && databaseUrl === undefined)
+    throw configError("--database-pool-size", "applies only with --database-url (PGlite has one connection)");
   const logLevel = (raw.logLevel ?? DEFAULTS.logLevel) as LogLevel;
   if (!LOG_LEVELS.includes(logLevel))
     throw configError("--log-level", `must be one of ${LOG_LEVELS.join(", ")}`);
   return Object.freeze({
     listen,
     databaseUrl,
+    databasePoolSize,
     dataDir: raw.dataDir ?? DEFAULTS.dataDir,
     gracePeriodMs,
     heartbeatIntervalMs,

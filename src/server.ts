@@ -41,9 +41,11 @@ import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-l
 import { countActionsByCluster } from "./store/actions.js";
 import { type Clock, databaseClock } from "./store/clock.js";
 import {
+  connectionShortfalls,
   type DatabaseOptions,
   type Db,
   isTransientConnectError,
+  MIGRATION_LOCK_TIMEOUT_MS,
   openDatabaseWhenReachable,
   ReadOnlyDatabase,
   redactUrl,
@@ -359,7 +361,15 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       {
         url: config.databaseUrl,
         dataDir: config.dataDir,
+        poolSize: config.databasePoolSize,
         ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
+        onMigrationLockWait: ({ tries, waitedMs, retryInMs, holders }) => {
+          gate.block("migrating the database: waiting for a table lock");
+          log.warn(
+            { tries, waitedMs, retryInMs, holders },
+            `migrating the database: a table stayed locked for ${MIGRATION_LOCK_TIMEOUT_MS} ms, so the migration rolled back to let the other processes' statements through; trying again in ${retryInMs} ms. ${holders.length > 0 ? `Sessions holding locks on Leasehold's tables, longest first: ${holders.map((h) => `pid ${h.pid} (${h.applicationName || "no application_name"}, ${h.state}, transaction ${Math.round(h.transactionMs / 1000)} s: ${h.query})`).join("; ")}` : "No session holds a lock on Leasehold's tables now"}`,
+          );
+        },
       },
       {
         ...(overrides.signal ? { signal: overrides.signal } : {}),
@@ -396,6 +406,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",
     );
+    if (database.driver === "postgres")
+      void warnOfConnectionLimits(database.db, config.databasePoolSize, log);
     // The renewal's connection is wrapped too, first: a test that keeps the handle it is given
     // keeps the main one.
     const renewalDb =
@@ -865,4 +877,20 @@ function keepExtendingWhileTakingBack(deps: {
       clearTimeout(timer);
     },
   };
+}
+
+/**
+ * Warns when the database lets this process open fewer connections than it
+ * may use ({@link connectionShortfalls}).
+ */
+async function warnOfConnectionLimits(db: Db, poolSize: number, log: Logger): Promise<void> {
+  try {
+    for (const { limit, needed, what } of await connectionShortfalls(db, poolSize))
+      log.warn(
+        { limit, needed, poolSize },
+        `the database allows ${limit} connections (${what}), fewer than this process may open (${needed}: --database-pool-size ${poolSize} and 3 of its own), before any other process's: calls will fail under load with "the database accepts no connection now"; raise the limit, or lower --database-pool-size`,
+      );
+  } catch (error) {
+    log.debug({ err: error }, "could not read the database's connection limits");
+  }
 }

@@ -25,6 +25,12 @@ export function serveCommand(): Command {
       ).env("DATABASE_URL"),
     )
     .addOption(
+      new Option(
+        "--database-pool-size <n>",
+        "PostgreSQL connections for client calls and reports (2–1000; default 10); a process opens 3 more of its own (LISTEN, the health check, the renewal of deadlines)",
+      ).env("LEASEHOLD_DATABASE_POOL_SIZE"),
+    )
+    .addOption(
       new Option("--data-dir <dir>", "PGlite data directory (memory:// for a throw-away database)")
         .env("LEASEHOLD_DATA_DIR")
         .default(DEFAULTS.dataDir),
@@ -231,6 +237,7 @@ export function serveCommand(): Command {
         config = parseServerConfig({
           listen: options.listen as string,
           databaseUrl: options.databaseUrl as string | undefined,
+          databasePoolSize: options.databasePoolSize as string | undefined,
           dataDir: options.dataDir as string,
           gracePeriod: options.gracePeriod as string,
           heartbeatInterval: options.heartbeatInterval as string,

@@ -67,6 +67,13 @@ const SQL_CODES: ReadonlyArray<readonly [test: (code: string) => boolean, Code, 
   [(c) => c.startsWith("08"), Code.Unavailable, "the database connection failed; retry later"],
   [(c) => c === "57P01" || c === "57P02", Code.Unavailable, "the database is unavailable"],
   [(c) => c.startsWith("53"), Code.Unavailable, "the database is out of resources; retry later"],
+  // A role's or database's statement_timeout or lock_timeout, or an operator's pg_cancel_backend:
+  // the statement (and its transaction) rolled back. Not a bug of the call: it may pass again.
+  [
+    (c) => c === "57014" || c === "55P03",
+    Code.Unavailable,
+    "the database cancelled a statement (statement_timeout, lock_timeout or a cancel request); retry the call",
+  ],
   [
     (c) =>
       c === "ECONNRESET" ||

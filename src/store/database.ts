@@ -1,7 +1,8 @@
 import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import { PGlite } from "@electric-sql/pglite";
-import { type PgDatabase, PgDialect, type PgQueryResultHKT } from "drizzle-orm/pg-core";
+import { getTableName, is, sql } from "drizzle-orm";
+import { type PgDatabase, PgDialect, type PgQueryResultHKT, PgTable } from "drizzle-orm/pg-core";
 import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
 import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
 import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
@@ -11,7 +12,7 @@ import { lockDataDir } from "./data-dir-lock.js";
 import { migrateExplained } from "./migration-failed.js";
 import { appliedMigrations, readJournal, refuseNewerDatabase } from "./newer-database.js";
 import { simpleQueryText } from "./query-text.js";
-import { registerPreparedRunner } from "./rows.js";
+import { driverError, queryRows, registerPreparedRunner } from "./rows.js";
 import * as schema from "./schema.js";
 
 /** The drizzle database type both drivers share; repositories take only this. */
@@ -67,7 +68,47 @@ export interface DatabaseOptions {
   readonly poolSize?: number;
   /** Called with every SQL statement run through drizzle (tests count statements). */
   readonly onQuery?: (query: string) => void;
+  /**
+   * PostgreSQL only: called each time pending migrations gave up waiting for
+   * a table's lock ({@link MIGRATION_LOCK_TIMEOUT_MS}) and will be tried
+   * again, with the sessions holding locks on our tables (to log).
+   */
+  readonly onMigrationLockWait?: (wait: MigrationLockWait) => void;
 }
+
+/** One wait of the migrations for a lock, for {@link DatabaseOptions.onMigrationLockWait}. */
+export interface MigrationLockWait {
+  /** How many tries gave up so far. */
+  readonly tries: number;
+  /** Since the first try. */
+  readonly waitedMs: number;
+  /** The delay before the next try. */
+  readonly retryInMs: number;
+  /** Sessions holding locks on Leasehold's tables, longest transaction first (at most 5). */
+  readonly holders: readonly LockHolder[];
+}
+
+/** A session that holds a lock on one of Leasehold's tables. */
+export interface LockHolder {
+  readonly pid: number;
+  readonly applicationName: string;
+  readonly state: string;
+  /** Its transaction's age. */
+  readonly transactionMs: number;
+  /** The start of its current or last statement. */
+  readonly query: string;
+}
+
+/**
+ * How long one statement of the migrations waits for a table's lock before
+ * they roll back and try again later. A DDL statement waiting for its lock
+ * (behind a pg_dump, a long report, a forgotten `psql` transaction) makes
+ * every later statement on that table wait behind it: the serving processes'
+ * renewals and grants would stop, and their agents self-fence. Giving up
+ * after this long bounds that stall; a migration that cannot get its locks
+ * is tried again until it does, and logged each time.
+ */
+export const MIGRATION_LOCK_TIMEOUT_MS = 2000;
 
 /**
  * drizzle-kit's migrations. One that any commit shipped is never edited, only new ones added:
@@ -274,7 +315,7 @@ function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<vo
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
   return options.url
-    ? openPostgres(options.url, options.poolSize ?? 10, logger)
+    ? openPostgres(options.url, options.poolSize ?? 10, logger, options.onMigrationLockWait)
     : openPglite(options.dataDir, logger);
 }
 
@@ -311,6 +352,42 @@ async function openPglite(dataDir: string, logger: QueryLogger): Promise<Databas
   } catch (error) {
     unlock();
     throw error;
+  }
+}
+
+/** SQLSTATE lock_not_available: a statement gave up waiting for a lock (lock_timeout). */
+const LOCK_NOT_AVAILABLE = "55P03";
+
+/**
+ * The sessions other than `session`'s own that hold a lock on one of Leasehold's
+ * tables, longest transaction first: what a migration waiting for a lock
+ * waits behind. Empty if they let go meanwhile, or if the query fails.
+ */
+async function lockHolders(session: postgres.Sql): Promise<LockHolder[]> {
+  const tables = Object.values(schema)
+    .filter((table) => is(table, PgTable))
+    .map((table) => getTableName(table as PgTable));
+  try {
+    const rows = await session<
+      { pid: number; application_name: string; state: string; ms: string; query: string }[]
+    >`
+      select a.pid, coalesce(a.application_name, '') as application_name, coalesce(a.state, '') as state,
+        coalesce(extract(epoch from now() - a.xact_start) * 1000, 0)::bigint::text as ms,
+        left(coalesce(a.query, ''), 120) as query
+      from pg_stat_activity a
+      where a.pid <> pg_backend_pid()
+        and a.pid in (select l.pid from pg_locks l join pg_class c on c.oid = l.relation
+                      where l.granted and c.relname in ${session(tables)} and c.relnamespace = current_schema()::regnamespace)
+      order by a.xact_start nulls last limit 5`;
+    return rows.map((r) => ({
+      pid: r.pid,
+      applicationName: r.application_name,
+      state: r.state,
+      transactionMs: Number(r.ms),
+      query: r.query,
+    }));
+  } catch {
+    return [];
   }
 }
 
@@ -373,7 +450,12 @@ export function withoutApplicationName(url: string): { url: string; configured: 
  */
 export const IDLE_TRANSACTION_TIMEOUT_MS = 5000;
 
-async function openPostgres(configuredUrl: string, poolSize: number, logger: QueryLogger): Promise<Database> {
+async function openPostgres(
+  configuredUrl: string,
+  poolSize: number,
+  logger: QueryLogger,
+  onMigrationLockWait: DatabaseOptions["onMigrationLockWait"],
+): Promise<Database> {
   const { url, configured } = withoutApplicationName(configuredUrl);
   const quiet = {
     onnotice: () => {},
@@ -406,16 +488,35 @@ async function openPostgres(configuredUrl: string, poolSize: number, logger: Que
     const applied = await appliedMigrations((text) => migrator.unsafe(text));
     const journal = readJournal(MIGRATIONS_FOLDER);
     refuseNewerDatabase(applied, journal);
-    await migrateExplained(
-      () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
-      {
-        where: `the database at ${redactUrl(configuredUrl)}`,
-        migrationsFolder: MIGRATIONS_FOLDER,
-        applied,
-        journal,
-        isTransient: isTransientConnectError,
-      },
-    );
+    await migrator.unsafe(`set lock_timeout = ${MIGRATION_LOCK_TIMEOUT_MS}`);
+    const started = Date.now();
+    for (let tries = 1; ; tries++) {
+      try {
+        await migrateExplained(
+          () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
+          {
+            where: `the database at ${redactUrl(configuredUrl)}`,
+            migrationsFolder: MIGRATIONS_FOLDER,
+            applied,
+            journal,
+            isTransient: (error) =>
+              isTransientConnectError(error) || driverError(error)?.code === LOCK_NOT_AVAILABLE,
+          },
+        );
+        break;
+      } catch (error) {
+        if (driverError(error)?.code !== LOCK_NOT_AVAILABLE) throw error;
+        // Rolled back: nothing holds or waits for a lock now. Another try once the holder may be done.
+        const retryInMs = Math.min(10_000, 500 * 2 ** Math.min(tries - 1, 5));
+        onMigrationLockWait?.({
+          tries,
+          waitedMs: Date.now() - started,
+          retryInMs,
+          holders: await lockHolders(migrator),
+        });
+        await new Promise((resolve) => setTimeout(resolve, retryInMs));
+      }
+    }
   } finally {
     await migrator.end({ timeout: 5 });
   }
@@ -520,4 +621,34 @@ function handle(db: Db, driver: Database["driver"], end: () => Promise<void>): D
     return closing;
   };
   return { db, driver, close, [Symbol.asyncDispose]: close };
+}
+
+/**
+ * The database's limits on connections that leave fewer than one process
+ * may open: its pool of `poolSize` and its three own connections (LISTEN,
+ * the health check, the renewal). Calls would then fail now and then under
+ * load with "the database accepts no connection now", with nothing to say
+ * why beforehand. PostgreSQL only.
+ */
+export async function connectionShortfalls(
+  db: Db,
+  poolSize: number,
+): Promise<{ limit: number; needed: number; what: string }[]> {
+  const needed = poolSize + 3;
+  const [limits] = await queryRows<{ role: number; database: number; server: number }>(
+    db,
+    sql`select (select rolconnlimit from pg_roles where rolname = current_user) as role,
+          (select datconnlimit from pg_database where datname = current_database()) as database,
+          current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int as server`,
+  );
+  if (!limits) return [];
+  return (
+    [
+      ["the role's CONNECTION LIMIT", limits.role],
+      ["the database's CONNECTION LIMIT", limits.database],
+      ["max_connections less superuser_reserved_connections", limits.server],
+    ] as const
+  )
+    .filter(([, limit]) => limit >= 0 && limit < needed)
+    .map(([what, limit]) => ({ limit, needed, what }));
 }

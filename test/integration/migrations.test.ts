@@ -13,7 +13,12 @@ import { describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
 import { LeaseService } from "../../src/gen/leasehold/v1/lease_pb.js";
 import { ResourceService } from "../../src/gen/leasehold/v1/resource_pb.js";
-import { type Database, openDatabase } from "../../src/store/database.js";
+import {
+  connectionShortfalls,
+  type Database,
+  type MigrationLockWait,
+  openDatabase,
+} from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import {
   emptyStore,
@@ -100,6 +105,71 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
       }
     } finally {
       await Promise.all([a.stop(), b.stop()]);
+    }
+  });
+
+  it("names the connection limits that leave fewer connections than a process may open", async () => {
+    await using store = await freshPostgresDatabase({ migrated: true });
+    const database = await openDatabase({ url: store.url, dataDir: "" });
+    try {
+      expect(await connectionShortfalls(database.db, 10)).toEqual([]);
+      const name = new URL(store.url ?? "").pathname.slice(1);
+      await database.db.execute(sql.raw(`alter database "${name}" connection limit 8`));
+      expect(await connectionShortfalls(database.db, 10)).toEqual([
+        { limit: 8, needed: 13, what: "the database's CONNECTION LIMIT" },
+      ]);
+      expect(await connectionShortfalls(database.db, 5)).toEqual([]);
+      // Past what the server allows at all.
+      const [server] = await connectionShortfalls(database.db, 100_000).then((s) =>
+        s.filter((x) => x.what.startsWith("max_connections")),
+      );
+      expect(server).toMatchObject({
+        needed: 100_003,
+        what: "max_connections less superuser_reserved_connections",
+      });
+    } finally {
+      await database.close();
+    }
+  });
+
+  it("gives way to a session holding a table's lock, says who holds it, and migrates once it lets go", async () => {
+    await using store = await freshPostgresDatabase({ migrated: true });
+    const sql = postgres(store.url ?? "", { max: 2 });
+    try {
+      // Back to before the newest migration, which builds an index on actions.
+      await sql`drop index actions_cluster_idx`;
+      await sql`delete from drizzle.__drizzle_migrations where created_at = ${newestKnown.when}`;
+      // A long transaction on actions, as a pg_dump or a forgotten psql holds.
+      const holder = await sql.reserve();
+      await holder`begin`;
+      await holder`lock table actions in row exclusive mode`;
+      const [{ pid }] = (await holder`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
+      const waits: MigrationLockWait[] = [];
+      let firstWait: () => void = () => {};
+      const waited = new Promise<void>((resolve) => {
+        firstWait = resolve;
+      });
+      const opening = openDatabase({
+        url: store.url,
+        dataDir: "",
+        onMigrationLockWait: (wait) => {
+          waits.push(wait);
+          firstWait();
+        },
+      });
+      await waited;
+      expect(waits[0]).toMatchObject({
+        tries: 1,
+        holders: [expect.objectContaining({ pid, state: "idle in transaction" })],
+      });
+      await holder`commit`;
+      holder.release();
+      const database = await opening;
+      await database.close();
+      const [index] = await sql`select indexname from pg_indexes where indexname = 'actions_cluster_idx'`;
+      expect(index?.indexname).toBe("actions_cluster_idx");
+    } finally {
+      await sql.end();
     }
   });
 });

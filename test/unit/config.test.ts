@@ -7,6 +7,7 @@ describe("server config", () => {
     expect(config).toEqual({
       listen: "127.0.0.1:50051",
       databaseUrl: undefined,
+      databasePoolSize: 10,
       dataDir: "./.leasehold/data",
       gracePeriodMs: 10_000,
       heartbeatIntervalMs: 2_000,
@@ -205,6 +206,19 @@ describe("server config", () => {
       parseServerConfig({ jwtJwks: "k.json", jwtIssuer: "i", jwtAudience: "a", jwtMaxLifetime }).auth.jwt;
     expect(jwt()?.maxLifetimeMs).toBe(24 * 3600_000);
     expect(jwt("90m")?.maxLifetimeMs).toBe(90 * 60_000);
+  });
+
+  it("sizes the PostgreSQL pool with --database-pool-size, 2 to 1000, only with --database-url", () => {
+    const url = "postgres://u@h/db";
+    expect(parseServerConfig({}).databasePoolSize).toBe(10);
+    expect(parseServerConfig({ databaseUrl: url, databasePoolSize: "40" }).databasePoolSize).toBe(40);
+    for (const bad of ["1", "1001", "ten", "-3"])
+      expect(() => parseServerConfig({ databaseUrl: url, databasePoolSize: bad })).toThrow(
+        /^--database-pool-size: must be a whole number of connections from 2 to 1000/,
+      );
+    expect(() => parseServerConfig({ databasePoolSize: "5" })).toThrow(
+      /^--database-pool-size: applies only with --database-url/,
+    );
   });
 
   it("knows which hosts are loopback", () => {

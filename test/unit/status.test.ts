@@ -73,5 +73,8 @@ describe("statuses", () => {
       code: Code.Unavailable,
       reason: "SQLSTATE_CONNECTION_CLOSED",
     });
+    // A role's statement_timeout or lock_timeout cancelled the statement: worth a retry, not INTERNAL.
+    expect(answer("57014")).toEqual({ code: Code.Unavailable, reason: "SQLSTATE_57014" });
+    expect(answer("55P03")).toEqual({ code: Code.Unavailable, reason: "SQLSTATE_55P03" });
   });
 });

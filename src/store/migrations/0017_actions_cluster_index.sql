@@ -1,1 +1,1 @@
-CREATE INDEX "actions_cluster_idx" ON "actions" USING btree ("cluster","id");
+CREATE INDEX IF NOT EXISTS "actions_cluster_idx" ON "actions" USING btree ("cluster","id");

@@ -19,6 +19,8 @@ declare module "vitest" {
     pgliteTemplate: string;
     /** A migrated database on postgresAdminUrl's server that fresh PostgreSQL stores are copied from. */
     postgresTemplate: string;
+    /** Names this run's PostgreSQL databases (`leasehold_test_<run>_…`): the teardown drops any left. */
+    postgresRun: string;
   }
 }
 
@@ -61,7 +63,8 @@ export default async function setup(project: TestProject): Promise<() => Promise
  * connections that migrated it are closed here); returns what drops it.
  */
 async function providePostgresTemplate(project: TestProject, adminUrl: string): Promise<() => Promise<void>> {
-  const name = `leasehold_template_${randomBytes(6).toString("hex")}`;
+  const run = randomBytes(6).toString("hex");
+  const name = `leasehold_template_${run}`;
   const asAdmin = async (statement: string) => {
     const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
     try {
@@ -76,7 +79,19 @@ async function providePostgresTemplate(project: TestProject, adminUrl: string): 
   const migrated = await openDatabase({ url: url.toString(), dataDir: "" });
   await migrated.close();
   project.provide("postgresTemplate", name);
-  return () => asAdmin(`drop database if exists ${name} with (force)`);
+  project.provide("postgresRun", run);
+  return async () => {
+    // With the template, any test database of this run a test left behind (its drop never ran).
+    const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
+    try {
+      const left = await admin<{ datname: string }[]>`
+        select datname from pg_database where datname like ${`leasehold_test_${run}_%`}`;
+      for (const { datname } of left) await admin.unsafe(`drop database if exists ${datname} with (force)`);
+    } finally {
+      await admin.end();
+    }
+    await asAdmin(`drop database if exists ${name} with (force)`);
+  };
 }
 
 /**

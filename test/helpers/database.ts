@@ -26,7 +26,7 @@ export interface TestStore extends AsyncDisposable {
  */
 export async function freshPostgresDatabase(options: { migrated?: boolean } = {}): Promise<TestStore> {
   const adminUrl = inject("postgresAdminUrl");
-  const name = `leasehold_test_${randomBytes(6).toString("hex")}`;
+  const name = `leasehold_test_${inject("postgresRun")}_${randomBytes(6).toString("hex")}`;
   const admin = postgres(adminUrl, { max: 1, onnotice: () => {} });
   try {
     await admin.unsafe(

@@ -362,6 +362,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         url: config.databaseUrl,
         dataDir: config.dataDir,
         poolSize: config.databasePoolSize,
+        processId: serverId,
         ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
         onMigrationLockWait: ({ tries, waitedMs, retryInMs, holders }) => {
           gate.block("migrating the database: waiting for a table lock");

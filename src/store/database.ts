@@ -66,6 +66,13 @@ export interface DatabaseOptions {
   readonly dataDir: string;
   /** Pool size for postgres.js. Default 10. */
   readonly poolSize?: number;
+  /**
+   * PostgreSQL only: the id in this process's `application_name`
+   * (`leasehold/<id>`), unique per process; the server passes its server id,
+   * so that `pg_stat_activity` names the process `workers list` shows. A
+   * random UUID by default.
+   */
+  readonly processId?: string;
   /** Called with every SQL statement run through drizzle (tests count statements). */
   readonly onQuery?: (query: string) => void;
   /**
@@ -315,7 +322,7 @@ function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<vo
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
   return options.url
-    ? openPostgres(options.url, options.poolSize ?? 10, logger, options.onMigrationLockWait)
+    ? openPostgres(options.url, options.poolSize ?? 10, logger, options.onMigrationLockWait, options.processId)
     : openPglite(options.dataDir, logger);
 }
 
@@ -455,6 +462,7 @@ async function openPostgres(
   poolSize: number,
   logger: QueryLogger,
   onMigrationLockWait: DatabaseOptions["onMigrationLockWait"],
+  processId: string | undefined,
 ): Promise<Database> {
   const { url, configured } = withoutApplicationName(configuredUrl);
   const quiet = {
@@ -465,7 +473,7 @@ async function openPostgres(
     // tens of thousands of rows, and compiling it took 2.4 s of CPU for 8 ms of work (10,000
     // live sessions, measured with auto_explain).
     connection: {
-      application_name: processApplicationName(configured ?? process.env.PGAPPNAME),
+      application_name: processApplicationName(configured ?? process.env.PGAPPNAME, processId),
       jit: "off",
       // A process lost in the middle of a transaction (its host gone, its network cut) would hold
       // the transaction's row locks until TCP gives up, two hours by default: a session row

@@ -1,10 +1,13 @@
 import { sql } from "drizzle-orm";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import { type BusMessage, type ClusterBus, createPostgresBus } from "../../src/work/cluster-bus.js";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
+import { startTestServer } from "../helpers/server.js";
+import { connectWorker } from "../helpers/worker.js";
 
 // LISTEN/NOTIFY exists only on PostgreSQL; PGlite serves a single process and has no bus.
 describe.runIf(runsPostgresTests())("cluster bus", () => {
@@ -90,6 +93,31 @@ describe.runIf(runsPostgresTests())("cluster bus", () => {
     for (const { database, bus } of opened.splice(-2)) {
       await bus.close();
       await database.close();
+    }
+  });
+
+  it("names a server's connections after its server id, as workers list shows it", async () => {
+    await using own = await freshPostgresDatabase();
+    const t = await startTestServer({ store: own });
+    const w = await connectWorker(t.address, { workerId: "named", cluster: "c", capacity: 1 });
+    try {
+      const { worker } = await t.client(ClusterService).getWorker({ workerId: "named" });
+      const serverId = worker?.session?.serverId ?? "";
+      expect(serverId).toMatch(/^[0-9a-f-]{36}$/);
+      const database = await openDatabase({ url: own.url, dataDir: "" });
+      try {
+        const [row] = await queryRows<{ n: number }>(
+          database.db,
+          sql`select count(*)::int as n from pg_stat_activity where application_name = ${`leasehold/${serverId}`}`,
+        );
+        expect(row?.n).toBeGreaterThan(0);
+      } finally {
+        await database.close();
+      }
+    } finally {
+      w.goodbye();
+      await w.ended;
+      await t[Symbol.asyncDispose]();
     }
   });
 

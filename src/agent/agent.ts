@@ -226,9 +226,11 @@ export type AgentEvent =
   | { type: "revoked"; actionId: string; epoch: number; reason: string }
   /**
    * The local deadline passed without a fresh heartbeat ack: the handlers of
-   * `actionIds` were aborted. `silentMs`: time since the last ack arrived.
+   * `actionIds` were aborted. `silentMs`: time since the last ack arrived;
+   * `databaseUnreachable`: that ack said its server could not reach its
+   * database (acks came, but could not extend the lease).
    */
-  | { type: "self_fenced"; actionIds: string[]; silentMs: number }
+  | { type: "self_fenced"; actionIds: string[]; silentMs: number; databaseUnreachable: boolean }
   /**
    * Another process connected with this worker id and took the session over,
    * or holds it and the server refused this agent's hello (WORKER_ID_IN_USE;
@@ -628,6 +630,8 @@ export function createAgent(options: AgentOptions): Agent {
   // the server's deadline by the size of the step, and a step forward fenced it early.
   /** Local time the last heartbeat ack arrived, for the self_fenced event. */
   let lastAckAt = performance.now();
+  /** Whether the last heartbeat ack said its server could not reach its database. */
+  let lastAckUnreachable = false;
   let fenceTimer: NodeJS.Timeout | undefined;
   /** The deadline `fenceTimer` fires at, while it is set. */
   let fenceArmedFor: number | undefined;
@@ -1165,11 +1169,17 @@ export function createAgent(options: AgentOptions): Agent {
         r.controller.abort(
           new LeaseLost(
             "self_fenced",
-            "no heartbeat ack from the server before the lease's guaranteed time ran out; stopping so the server can hand the action to another worker",
+            // Acks that kept coming but counted down: the server was heard, its database was not.
+            `${lastAckUnreachable ? "the server could not reach its database to extend the lease" : "no heartbeat ack from the server"} before the lease's guaranteed time ran out; stopping so the server can hand the action to another worker`,
           ),
         );
       }
-      emit({ type: "self_fenced", actionIds: affected.map((r) => r.actionId), silentMs });
+      emit({
+        type: "self_fenced",
+        actionIds: affected.map((r) => r.actionId),
+        silentMs,
+        databaseUnreachable: lastAckUnreachable,
+      });
     }
   }
 
@@ -1478,6 +1488,7 @@ export function createAgent(options: AgentOptions): Agent {
           for (const seq of conn.sent.keys()) if (seq <= sequence) conn.sent.delete(seq);
           conn.lastAcked = { sequence, sentAt };
           lastAckAt = performance.now();
+          lastAckUnreachable = m.value.databaseUnreachable;
           const remaining = m.value.remaining ? durationMs(m.value.remaining) : 0;
           deadline = Math.max(deadline, sentAt + remaining - margin);
           armFence();

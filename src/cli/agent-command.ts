@@ -414,7 +414,7 @@ function describe(e: AgentEvent): string {
     case "revoked":
       return `revoked ${e.actionId} (epoch ${e.epoch}): ${e.reason}`;
     case "self_fenced":
-      return `self-fenced: no heartbeat ack in time; stopped ${e.actionIds.join(", ")}`;
+      return `self-fenced: ${e.databaseUnreachable ? "the server could not reach its database to extend the leases in time" : "no heartbeat ack in time"}; stopped ${e.actionIds.join(", ")}`;
     case "drain":
       // The agent stays connected and idle: say what ends that, since nothing here does.
       return `asked to drain: ${e.reason} (held actions finish; no new work until \`leasehold workers undrain\` or a restart of this agent)`;

@@ -181,7 +181,7 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     expect(events.slice(0, fence).filter((e) => e.type === "disconnected" || e.type === "connected")).toEqual(
       [expect.objectContaining({ type: "connected" })],
     );
-    expect(events[fence]).toMatchObject({ actionIds: [submitted.action?.id] });
+    expect(events[fence]).toMatchObject({ actionIds: [submitted.action?.id], databaseUnreachable: true });
     // Once the database is back, the release it made is applied and marked as the self-fence's.
     for (const proxy of proxies) proxy.restore();
     const first = healthClient((servers[0] as TestServer).address);
@@ -196,6 +196,8 @@ describe.runIf(runsPostgresTests())("an agent whose server lost its database", (
     });
     for await (const m of watch) {
       expect(m.event?.details).toEqual({ self_fenced: true });
+      // Acks kept coming: what failed was the server's database, and the release says so.
+      expect(m.event?.message).toMatch(/the server could not reach its database to extend the lease/);
       break;
     }
   }, 60_000);

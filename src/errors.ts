@@ -66,6 +66,8 @@ export interface LeaseholdErrorOptions {
   readonly fieldViolations?: readonly FieldViolation[];
   /** Failed preconditions, sent as google.rpc.PreconditionFailure. */
   readonly preconditionViolations?: readonly PreconditionViolation[];
+  /** How long the caller should wait before it retries, sent as google.rpc.RetryInfo. */
+  readonly retryDelayMs?: number;
   /** The underlying error, logged but never sent to the caller. */
   readonly cause?: unknown;
 }
@@ -96,6 +98,8 @@ export class LeaseholdError extends Error {
   readonly metadata: Readonly<Record<string, string>>;
   readonly fieldViolations: readonly FieldViolation[];
   readonly preconditionViolations: readonly PreconditionViolation[];
+  /** Milliseconds to wait before a retry (google.rpc.RetryInfo); undefined: none said. */
+  readonly retryDelayMs: number | undefined;
   readonly [brand] = true;
 
   constructor(code: Code, message: string, options: LeaseholdErrorOptions = {}) {
@@ -106,6 +110,7 @@ export class LeaseholdError extends Error {
     this.metadata = options.metadata ?? {};
     this.fieldViolations = options.fieldViolations ?? [];
     this.preconditionViolations = options.preconditionViolations ?? [];
+    this.retryDelayMs = options.retryDelayMs;
   }
 
   /** `instanceof` that also holds across duplicated copies of this module. */

@@ -92,7 +92,7 @@ export function serveCommand(): Command {
     .addOption(
       new Option(
         "--max-unary-calls <n>",
-        "unary gRPC calls (every call but worker streams and watches) this process serves at once; past it a call waits its turn, up to 7 times as many waiting, and one past those is refused RESOURCE_EXHAUSTED (UNARY_CALLS_OVER_LIMIT) before any work, so that a flood of reads cannot starve heartbeats of the event loop and the database; worker streams, heartbeats and reports are never refused by it; 0 for no limit",
+        "unary gRPC calls (every call but worker streams and watches) this process serves at once; past it a call waits its turn, callers (principals, else addresses) taking turns, up to 7 times as many waiting, and past those the caller with the most calls waiting is refused RESOURCE_EXHAUSTED (UNARY_CALLS_OVER_LIMIT, with a RetryInfo) before any work, so that a flood of reads cannot starve heartbeats of the event loop and the database; worker streams, heartbeats and reports are never refused by it; 0 for no limit",
       )
         .env("LEASEHOLD_MAX_UNARY_CALLS")
         .default(DEFAULTS.maxUnaryCalls),

@@ -17,6 +17,7 @@ import { type Access, OPEN_ACCESS, permissionDenied } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Authenticator, CallCredentials } from "./authenticator.js";
 import type { CallAuthorization } from "./call-authorization.js";
+import { callerOf } from "./fair-queue.js";
 import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
@@ -743,8 +744,10 @@ function unaryHandler(
       if (call.request instanceof RejectedRequest) throw call.request.error;
       const bytes = call.request as Buffer;
       ctx.requestBytes = bytes.length;
+      // Whose turn a waiting call takes: its principal, or its address without authentication.
+      const caller = callerOf(access, call.getPeer(), path);
       if (deps.largeCalls) {
-        const turn = deps.largeCalls.admit(bytes.length, ctx.signal);
+        const turn = deps.largeCalls.admit(bytes.length, ctx.signal, caller);
         turnEnded = typeof turn === "function" ? turn : await turn;
       }
       const request = fast?.(bytes) ?? decode(bytes);
@@ -760,7 +763,7 @@ function unaryHandler(
       // retries without a request_id then makes no duplicate.
       if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
       if (deps.unaryCalls) {
-        const turn = deps.unaryCalls.admit(ctx.signal);
+        const turn = deps.unaryCalls.admit(ctx.signal, caller);
         if (turn instanceof LeaseholdError) throw turn;
         slotEnded =
           typeof turn === "function"

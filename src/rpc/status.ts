@@ -1,5 +1,5 @@
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { type Any, anyPack, anyUnpack } from "@bufbuild/protobuf/wkt";
+import { type Any, anyPack, anyUnpack, durationFromMs, durationMs } from "@bufbuild/protobuf/wkt";
 import { Metadata, type StatusObject, status } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { Code, LeaseholdError } from "../errors.js";
@@ -7,6 +7,7 @@ import {
   BadRequestSchema,
   ErrorInfoSchema,
   PreconditionFailureSchema,
+  RetryInfoSchema,
 } from "../gen/google/rpc/error_details_pb.js";
 import { StatusSchema } from "../gen/google/rpc/status_pb.js";
 import { driverError } from "../store/rows.js";
@@ -229,6 +230,25 @@ export function errorInfoOf(
 }
 
 /**
+ * The retry delay of a failed call's status (google.rpc.RetryInfo in
+ * `grpc-status-details-bin`), in milliseconds, as a client reads it;
+ * undefined when there is none or it cannot be read.
+ */
+export function retryDelayMsOf(error: unknown): number | undefined {
+  const bin = (error as { metadata?: Metadata } | undefined)?.metadata?.get?.("grpc-status-details-bin")?.[0];
+  if (!(bin instanceof Buffer)) return undefined;
+  try {
+    for (const detail of fromBinary(StatusSchema, bin).details) {
+      const info = anyUnpack(detail, RetryInfoSchema);
+      if (info?.retryDelay) return durationMs(info.retryDelay);
+    }
+  } catch {
+    // Not a google.rpc.Status: no delay.
+  }
+  return undefined;
+}
+
+/**
  * The receive limit a server refused a request for being over, in bytes: what
  * grpc-js says as RESOURCE_EXHAUSTED "Received message larger than max
  * (5000015 vs 4194304)", before the server reads it (for Leasehold, its
@@ -294,6 +314,11 @@ export function toStatus(error: unknown, log: Logger, method: string): StatusPar
           })),
         }),
       ),
+    );
+  }
+  if (e.retryDelayMs !== undefined) {
+    details.push(
+      anyPack(RetryInfoSchema, create(RetryInfoSchema, { retryDelay: durationFromMs(e.retryDelayMs) })),
     );
   }
   return { code: e.code, message, details };

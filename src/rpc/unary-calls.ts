@@ -1,6 +1,7 @@
 import type { Logger } from "pino";
-import { Code, LeaseholdError } from "../errors.js";
+import { Code, LeaseholdError, quote } from "../errors.js";
 import { once } from "../work/gate.js";
+import { type Caller, FairQueue } from "./fair-queue.js";
 import { perSecond } from "./per-second.js";
 
 /**
@@ -16,23 +17,37 @@ import { perSecond } from "./per-second.js";
  * process grew by 360 MiB.
  *
  * A unary call (every method but WorkerService.Connect and the server
- * streams) is served while fewer than `running` are; past that it waits,
- * first come first served; a call is answered RESOURCE_EXHAUSTED (reason
- * UNARY_CALLS_OVER_LIMIT) at once, before any work, only when `running`
- * plus `waiting` calls are served or wait (calls of a burst may wait for a
- * later turn of the event loop while fewer than `running` are served: they
- * count against the same total). Worker streams, their heartbeats and reports, never pass
+ * streams) is served while fewer than `running` are; past that it waits for
+ * a turn. Waiting calls are served round-robin across callers (fair-queue.ts:
+ * the authenticated principal, else the peer's address), each caller's in the
+ * order they came: one team keeping 300 ListActions calls in flight made
+ * another team's single GetAction wait 8 to 16 s behind all of them, or be
+ * refused. A call is answered RESOURCE_EXHAUSTED (reason
+ * UNARY_CALLS_OVER_LIMIT) at once, before any work, only when `running` plus
+ * `waiting` calls are served or wait (calls of a burst may wait for a later
+ * turn of the event loop while fewer than `running` are served: they count
+ * against the same total), and then it is the flooding caller that is
+ * refused: the caller with the most calls waiting gives up its newest one to
+ * a caller with fewer (that call ends RESOURCE_EXHAUSTED, nothing done), and
+ * a call whose caller has the most waiting is refused itself. So one caller
+ * alone may use the whole waiting room, and a caller with a call or a few
+ * waiting is never refused while another has more. Refusals carry a
+ * google.rpc.RetryInfo: about the time the calls served and waiting then take
+ * to be served. Worker streams, their heartbeats and reports, never pass
  * here.
  */
 export interface UnaryCallLimit {
   /**
-   * Resolves with the function to call once the call has been answered: at
-   * once while fewer than `running` calls are served, else after the calls
-   * before it. Returns the error to answer it with when as many calls
-   * are served or wait as may (`running` plus `waiting`); rejects with the signal's reason when the call ends while it
-   * waits (it is then not served).
+   * Resolves with the function to call once the call of `caller` has been
+   * answered: at once while fewer than `running` calls are served, else when
+   * its turn comes (round-robin across callers). Returns the error to answer
+   * it with when as many calls are served or wait as may (`running` plus
+   * `waiting`) and its caller has the most waiting; rejects with that error
+   * when a caller with fewer calls waiting takes its place, and with the
+   * signal's reason when the call ends while it waits (it is then not
+   * served).
    */
-  admit(signal: AbortSignal): (() => void) | Promise<() => void> | LeaseholdError;
+  admit(signal: AbortSignal, caller: Caller): (() => void) | Promise<() => void> | LeaseholdError;
   /** Unary calls being served, and waiting their turn. */
   readonly counts: { readonly running: number; readonly waiting: number };
   /** Calls answered UNARY_CALLS_OVER_LIMIT since the process started. */
@@ -64,8 +79,18 @@ export const UNARY_WAITING_PER_RUNNING = 7;
  */
 export const TURN_BUDGET_MS = 10;
 
+/**
+ * Bounds of the retry delay a refusal gives (RetryInfo): the time the calls
+ * served and waiting then take to be served, from the mean time of a call,
+ * at least 100 ms (a retry sooner finds the same queue) and at most 10 s.
+ */
+export const MIN_RETRY_DELAY_MS = 100;
+export const MAX_RETRY_DELAY_MS = 10_000;
+
 const REFUSALS_PER_SECOND = 5;
 const NOTHING = () => {};
+/** Weight of one call's time in the running mean (an exponential moving average over about 16 calls). */
+const MEAN_WEIGHT = 1 / 16;
 
 /** Options of {@link limitUnaryCalls}. */
 export interface UnaryCallLimitOptions {
@@ -82,7 +107,9 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
   const logRefusal = perSecond(REFUSALS_PER_SECOND);
   let running = 0;
   let refused = 0;
-  const waiting: { start(): void }[] = [];
+  /** Mean milliseconds from a call's turn to its answer, for the retry delay. */
+  let meanCallMs = TURN_BUDGET_MS;
+  const waiting = new FairQueue<Waiting>();
   /** When the first call of this turn of the event loop started (performance.now()); undefined: none yet. */
   let turnStartedAt: number | undefined;
   let pumping = false;
@@ -97,7 +124,7 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
       turnStartedAt = undefined;
     });
   };
-  /** Starts the first waiting call, one a turn, while there is room. */
+  /** Starts the waiting call whose turn it is, one a turn, while there is room. */
   const pump = () => {
     if (pumping) return;
     pumping = true;
@@ -106,77 +133,134 @@ export function limitUnaryCalls(options: UnaryCallLimitOptions): UnaryCallLimit 
       if (running >= limit) return;
       const next = waiting.shift();
       if (next === undefined) return;
-      running += 1;
       noteStart();
+      // Takes its slot (takeSlot) at once.
       next.start();
-      if (waiting.length > 0) pump();
+      if (waiting.size > 0) pump();
     });
   };
-  const release = () => {
-    running -= 1;
-    if (waiting.length > 0) pump();
+  /** Takes a slot; the function that gives it back once (idempotent). */
+  const takeSlot = () => {
+    running += 1;
+    const startedAt = performance.now();
+    return once(() => {
+      meanCallMs += (performance.now() - startedAt - meanCallMs) * MEAN_WEIGHT;
+      running -= 1;
+      if (waiting.size > 0) pump();
+    });
   };
-  const onceReleased = () => once(release);
+
+  /** The refusal of a call of `caller`, which has `callerWaiting` calls waiting; logged (a few a second). */
+  const refusal = (caller: Caller, callerWaiting: number) => {
+    refused += 1;
+    const served = running;
+    const queued = waiting.size;
+    // The time the calls served and waiting now take to be served, `limit` at a time.
+    const retryDelayMs = Math.round(
+      Math.min(
+        MAX_RETRY_DELAY_MS,
+        Math.max(MIN_RETRY_DELAY_MS, (meanCallMs * (served + queued)) / Math.max(limit, 1)),
+      ),
+    );
+    const who =
+      caller.principal === undefined
+        ? `address ${caller.key.slice("address:".length)}`
+        : `principal ${quote(caller.principal)}`;
+    const floods = callerWaiting > 0;
+    logRefusal((skipped) =>
+      options.log.warn(
+        {
+          principal: caller.principal,
+          method: caller.method,
+          peer: caller.peer,
+          callerWaiting,
+          running: served,
+          waiting: queued,
+          callers: waiting.callers,
+          limit,
+          ...(skipped > 0 ? { alsoRefused: skipped } : {}),
+        },
+        floods
+          ? "unary call refused: its caller has the most calls waiting, and the server serves and holds as many as it may"
+          : "unary call refused: the server serves and holds as many calls as it may, each of their callers' first",
+      ),
+    );
+    const message = floods
+      ? `this caller (${who}) has ${callerWaiting} calls waiting their turn, among the most of any caller, ` +
+        `and the server is serving ${served} calls and ${queued} wait, ${limit + maxWaiting} in all, as ` +
+        "many as it takes (callers take turns, one call each): nothing was done; retry after the delay " +
+        `its RetryInfo gives (${retryDelayMs} ms), and send fewer calls at once ` +
+        "(bulk submits: SubmitActions, up to 1,000 actions a call)"
+      : `the server is serving ${served} calls and ${queued} more wait their turn, from ${waiting.callers} ` +
+        `callers with no more than one each, ${limit + maxWaiting} in all, as many as it takes: nothing was ` +
+        `done; retry after the delay its RetryInfo gives (${retryDelayMs} ms)`;
+    return new LeaseholdError(Code.ResourceExhausted, message, {
+      reason: "UNARY_CALLS_OVER_LIMIT",
+      metadata: {
+        running_limit: String(limit),
+        waiting_limit: String(maxWaiting),
+        caller: who,
+        caller_waiting: String(callerWaiting),
+      },
+      retryDelayMs,
+    });
+  };
 
   return {
-    admit(signal) {
+    admit(signal, caller) {
       if (limit <= 0) return NOTHING;
       if (signal.aborted) return Promise.reject(signal.reason);
-      if (running < limit && waiting.length === 0 && turnOpen()) {
-        running += 1;
+      if (running < limit && waiting.size === 0 && turnOpen()) {
         noteStart();
-        return onceReleased();
+        return takeSlot();
       }
       // Running and waiting calls count together: a call that arrived after this turn's budget
       // waits for a later turn even while fewer than `limit` run, and takes a free slot then.
       // Counting only the queue refused calls of a burst at an idle server.
-      if (running + waiting.length >= limit + maxWaiting) {
-        refused += 1;
-        logRefusal((skipped) =>
-          options.log.warn(
-            {
-              running,
-              waiting: waiting.length,
-              limit,
-              ...(skipped > 0 ? { alsoRefused: skipped } : {}),
-            },
-            "unary call refused: the server serves as many calls as it may, and as many wait",
-          ),
-        );
-        return new LeaseholdError(
-          Code.ResourceExhausted,
-          `the server is serving ${running} calls and ${waiting.length} more wait their turn, ` +
-            `${limit + maxWaiting} in all, as many as it takes: nothing was done; retry after a backoff, ` +
-            "and send fewer calls at once " +
-            "(bulk submits: SubmitActions, up to 1,000 actions a call)",
-          {
-            reason: "UNARY_CALLS_OVER_LIMIT",
-            metadata: { running_limit: String(limit), waiting_limit: String(maxWaiting) },
-          },
-        );
+      if (running + waiting.size >= limit + maxWaiting) {
+        const mine = waiting.waitingOf(caller.key);
+        const most = waiting.largest();
+        // The caller with the most calls waiting gives its newest up to one with fewer: after it,
+        // this caller has no more waiting than that one. Otherwise this caller floods: refused.
+        if (most === undefined || most.waiting <= mine + 1) return refusal(caller, mine);
+        const pushedOut = waiting.popNewest(most.key) as Waiting;
+        pushedOut.refuse(refusal(pushedOut.caller, most.waiting));
       }
       return new Promise<() => void>((resolve, reject) => {
         const onAbort = () => {
-          const at = waiting.indexOf(entry);
-          if (at >= 0) waiting.splice(at, 1);
+          waiting.remove(caller.key, entry);
           reject(signal.reason);
         };
-        const entry = {
+        const entry: Waiting = {
+          caller,
           start() {
             signal.removeEventListener("abort", onAbort);
-            resolve(onceReleased());
+            resolve(takeSlot());
+          },
+          refuse(error) {
+            signal.removeEventListener("abort", onAbort);
+            reject(error);
           },
         };
         signal.addEventListener("abort", onAbort, { once: true });
-        waiting.push(entry);
+        waiting.push(caller.key, entry);
         pump();
       });
     },
     get counts() {
-      return { running, waiting: waiting.length };
+      return { running, waiting: waiting.size };
     },
     get refused() {
       return refused;
     },
   };
+}
+
+/** A call waiting its turn. */
+interface Waiting {
+  readonly caller: Caller;
+  /** Its turn: it is served now. */
+  start(): void;
+  /** A caller with fewer calls waiting took its place: it ends with `error`, nothing done. */
+  refuse(error: LeaseholdError): void;
 }

@@ -90,7 +90,7 @@ describe.runIf(runsDriverNeutralTests())("the default bound on unary calls", () 
     const refusals = (await burst(300)).filter((o) => o !== "OK");
     expect(refusals.length).toBeGreaterThan(0);
     expect(refusals[0]).toMatch(
-      /^UNARY_CALLS_OVER_LIMIT: .*the server is serving \d+ calls and \d+ more wait their turn, 256 in all/,
+      /^UNARY_CALLS_OVER_LIMIT: .*this caller \(address 127\.0\.0\.1\) has \d+ calls waiting their turn, .*the server is serving \d+ calls and \d+ wait, 256 in all/,
     );
   });
 });

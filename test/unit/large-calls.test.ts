@@ -50,6 +50,24 @@ describe("turns for large calls", () => {
     expect(limit.counts).toEqual({ running: 0, waiting: 0 });
   });
 
+  it("serves one caller's large call before the backlog of another's", async () => {
+    const limit = createLargeCallLimit();
+    const served: string[] = [];
+    const take = (key: string) =>
+      Promise.resolve(limit.admit(LARGE, live(), { key })).then((done) => {
+        served.push(key);
+        return done;
+      });
+    const first = await take("team-a");
+    const backlog = [take("team-a"), take("team-a"), take("team-a")];
+    const victim = take("team-b");
+    expect(limit.counts).toEqual({ running: 1, waiting: 4 });
+    first();
+    for (const call of [...backlog, victim]) call.then((done) => done());
+    await Promise.all([...backlog, victim]);
+    expect(served).toEqual(["team-a", "team-a", "team-b", "team-a", "team-a"]);
+  });
+
   it("drops a waiting call that ends, and gives its bytes back", async () => {
     let held = 0;
     const limit = createLargeCallLimit({

@@ -68,8 +68,9 @@ class ActionServiceStub(object):
     arriving or waiting their turn (ErrorInfo reason
     PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
-    requests of 256 KiB or more are served one at a time, in the order they
-    arrived, so that they never hold up heartbeats; the others wait their turn.
+    requests of 256 KiB or more are served one at a time, so that they never
+    hold up heartbeats; the others wait their turn, callers taking turns (as in
+    ActionService "Limits"), each caller's in the order they arrived.
     Answers are held until their client reads them, and that is bounded too: a
     unary answer over 128 KiB is not sent, RESOURCE_EXHAUSTED (reason
     ANSWERS_OVER_BUDGET; what the call did stands, retry a read later), while
@@ -81,11 +82,20 @@ class ActionServiceStub(object):
     Limits: the process serves at most 32 unary calls at once, of every
     service (--max-unary-calls; 0, no bound), and starts them a few each turn
     of its event loop, so that a flood of reads never holds up heartbeats; the
-    others wait their turn, in the order they arrived, up to 7 waiting for
-    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
-    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
-    waiting_limit) and nothing is done for it: retry after a backoff, and send
-    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    others wait their turn, up to 7 waiting for each one served (224), and
+    callers take turns: a caller is the authenticated principal, or the peer's
+    address when authentication is off, and each turn goes to the next caller
+    with calls waiting, its oldest call. A caller's one call waits for at most
+    one call of each other caller, however many another keeps in flight. When
+    as many are served and wait as may, the caller with the most calls waiting
+    gives up its newest to a caller with fewer, and a call whose caller has the
+    most waiting is refused: either is answered RESOURCE_EXHAUSTED (ErrorInfo
+    reason UNARY_CALLS_OVER_LIMIT, metadata running_limit, waiting_limit,
+    caller, caller_waiting; a google.rpc.RetryInfo with the delay to wait, about
+    the time the calls then served and waiting take, 0.1 to 10 s) and nothing
+    is done for it: retry after that delay, and send fewer calls at once
+    (SubmitActions submits up to 1,000 actions a call). A caller sending a call
+    at a time is not refused while another caller floods. A
     unary call whose client cancelled it (RST_STREAM) before it started is not
     run: it ends CANCELLED and nothing was done. Worker streams
     (WorkerService.Connect), their heartbeats and reports, and other streams
@@ -204,8 +214,9 @@ class ActionServiceServicer(object):
     arriving or waiting their turn (ErrorInfo reason
     PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
-    requests of 256 KiB or more are served one at a time, in the order they
-    arrived, so that they never hold up heartbeats; the others wait their turn.
+    requests of 256 KiB or more are served one at a time, so that they never
+    hold up heartbeats; the others wait their turn, callers taking turns (as in
+    ActionService "Limits"), each caller's in the order they arrived.
     Answers are held until their client reads them, and that is bounded too: a
     unary answer over 128 KiB is not sent, RESOURCE_EXHAUSTED (reason
     ANSWERS_OVER_BUDGET; what the call did stands, retry a read later), while
@@ -217,11 +228,20 @@ class ActionServiceServicer(object):
     Limits: the process serves at most 32 unary calls at once, of every
     service (--max-unary-calls; 0, no bound), and starts them a few each turn
     of its event loop, so that a flood of reads never holds up heartbeats; the
-    others wait their turn, in the order they arrived, up to 7 waiting for
-    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
-    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
-    waiting_limit) and nothing is done for it: retry after a backoff, and send
-    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    others wait their turn, up to 7 waiting for each one served (224), and
+    callers take turns: a caller is the authenticated principal, or the peer's
+    address when authentication is off, and each turn goes to the next caller
+    with calls waiting, its oldest call. A caller's one call waits for at most
+    one call of each other caller, however many another keeps in flight. When
+    as many are served and wait as may, the caller with the most calls waiting
+    gives up its newest to a caller with fewer, and a call whose caller has the
+    most waiting is refused: either is answered RESOURCE_EXHAUSTED (ErrorInfo
+    reason UNARY_CALLS_OVER_LIMIT, metadata running_limit, waiting_limit,
+    caller, caller_waiting; a google.rpc.RetryInfo with the delay to wait, about
+    the time the calls then served and waiting take, 0.1 to 10 s) and nothing
+    is done for it: retry after that delay, and send fewer calls at once
+    (SubmitActions submits up to 1,000 actions a call). A caller sending a call
+    at a time is not refused while another caller floods. A
     unary call whose client cancelled it (RST_STREAM) before it started is not
     run: it ends CANCELLED and nothing was done. Worker streams
     (WorkerService.Connect), their heartbeats and reports, and other streams
@@ -453,8 +473,9 @@ class ActionService(object):
     arriving or waiting their turn (ErrorInfo reason
     PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
     arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
-    requests of 256 KiB or more are served one at a time, in the order they
-    arrived, so that they never hold up heartbeats; the others wait their turn.
+    requests of 256 KiB or more are served one at a time, so that they never
+    hold up heartbeats; the others wait their turn, callers taking turns (as in
+    ActionService "Limits"), each caller's in the order they arrived.
     Answers are held until their client reads them, and that is bounded too: a
     unary answer over 128 KiB is not sent, RESOURCE_EXHAUSTED (reason
     ANSWERS_OVER_BUDGET; what the call did stands, retry a read later), while
@@ -466,11 +487,20 @@ class ActionService(object):
     Limits: the process serves at most 32 unary calls at once, of every
     service (--max-unary-calls; 0, no bound), and starts them a few each turn
     of its event loop, so that a flood of reads never holds up heartbeats; the
-    others wait their turn, in the order they arrived, up to 7 waiting for
-    each one served (224). A call past those is answered RESOURCE_EXHAUSTED at
-    once (ErrorInfo reason UNARY_CALLS_OVER_LIMIT, metadata running_limit,
-    waiting_limit) and nothing is done for it: retry after a backoff, and send
-    fewer calls at once (SubmitActions submits up to 1,000 actions a call). A
+    others wait their turn, up to 7 waiting for each one served (224), and
+    callers take turns: a caller is the authenticated principal, or the peer's
+    address when authentication is off, and each turn goes to the next caller
+    with calls waiting, its oldest call. A caller's one call waits for at most
+    one call of each other caller, however many another keeps in flight. When
+    as many are served and wait as may, the caller with the most calls waiting
+    gives up its newest to a caller with fewer, and a call whose caller has the
+    most waiting is refused: either is answered RESOURCE_EXHAUSTED (ErrorInfo
+    reason UNARY_CALLS_OVER_LIMIT, metadata running_limit, waiting_limit,
+    caller, caller_waiting; a google.rpc.RetryInfo with the delay to wait, about
+    the time the calls then served and waiting take, 0.1 to 10 s) and nothing
+    is done for it: retry after that delay, and send fewer calls at once
+    (SubmitActions submits up to 1,000 actions a call). A caller sending a call
+    at a time is not refused while another caller floods. A
     unary call whose client cancelled it (RST_STREAM) before it started is not
     run: it ends CANCELLED and nothing was done. Worker streams
     (WorkerService.Connect), their heartbeats and reports, and other streams

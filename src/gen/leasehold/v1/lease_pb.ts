@@ -1083,8 +1083,9 @@ export const CloseReasonSchema: GenEnum<CloseReason> = /*@__PURE__*/
  * arriving or waiting their turn (ErrorInfo reason
  * PARTIAL_REQUESTS_OVER_BUDGET: retry later), and so is a request that stops
  * arriving, less than 16 KiB of it in 30 s (reason REQUEST_STALLED). Unary
- * requests of 256 KiB or more are served one at a time, in the order they
- * arrived, so that they never hold up heartbeats; the others wait their turn.
+ * requests of 256 KiB or more are served one at a time, so that they never
+ * hold up heartbeats; the others wait their turn, callers taking turns (as in
+ * ActionService "Limits"), each caller's in the order they arrived.
  * Answers are held until their client reads them, and that is bounded too: a
  * unary answer over 128 KiB is not sent, RESOURCE_EXHAUSTED (reason
  * ANSWERS_OVER_BUDGET; what the call did stands, retry a read later), while

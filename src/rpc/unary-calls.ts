@@ -30,8 +30,9 @@ import { perSecond } from "./per-second.js";
  * refused: the caller with the most calls waiting gives up its newest one to
  * a caller with fewer (that call ends RESOURCE_EXHAUSTED, nothing done), and
  * a call whose caller has the most waiting is refused itself. So one caller
- * alone may use the whole waiting room, and a caller with a call or a few
- * waiting is never refused while another has more. Refusals carry a
+ * alone may use the whole waiting room, and a caller is refused only while
+ * no other caller has two calls more than it waiting: one sending a call at
+ * a time is not refused while another floods. Refusals carry a
  * google.rpc.RetryInfo: about the time the calls served and waiting then take
  * to be served. Worker streams, their heartbeats and reports, never pass
  * here.

@@ -322,7 +322,13 @@ function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<vo
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
   return options.url
-    ? openPostgres(options.url, options.poolSize ?? 10, logger, options.onMigrationLockWait, options.processId)
+    ? openPostgres(
+        options.url,
+        options.poolSize ?? 10,
+        logger,
+        options.onMigrationLockWait,
+        options.processId,
+      )
     : openPglite(options.dataDir, logger);
 }
 

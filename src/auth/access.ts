@@ -14,8 +14,8 @@ import { Code, LeaseholdError, quote } from "../errors.js";
  * - `submitter`: what a reader may, plus submit and cancel its own actions,
  *   create scope leases and use its own (promote, commit, roll back, set a
  *   result, wait, collect outputs, create and delete their resources).
- * - `operator`: everything in its clusters, others' work included: drain,
- *   resume expiries, delete and debug leases, cancel any action, and run a
+ * - `operator`: everything in its clusters, others' work included: drain
+ *   and forget workers, resume expiries, delete and debug leases, cancel any action, and run a
  *   worker.
  */
 export const ROLES = ["agent", "reader", "submitter", "operator"] as const;
@@ -30,6 +30,8 @@ export const RIGHTS = [
   "worker.connect",
   "worker.read",
   "worker.drain",
+  /** ForgetWorker: free the id of a worker without a live session (operators). */
+  "worker.forget",
   "cluster.read",
   "cluster.resume_expiries",
   "action.submit",

@@ -3,6 +3,7 @@ import {
   ClusterHealth,
   ClusterSchema,
   ClusterService,
+  ForgetWorkerResponseSchema,
   UndrainWorkerResponseSchema,
   WorkerSchema,
   WorkerState,
@@ -38,9 +39,11 @@ const inGrace = (n: number) =>
     ? "1 worker without a stream is reaped at its deadline"
     : `${n} workers without a stream are reaped at their deadline`;
 
-/** `leasehold workers …`: list, drain and undrain. */
+/** `leasehold workers …`: list, drain, undrain and forget. */
 export function workerCommands(): Command {
-  const workers = new Command("workers").description("Show workers, drain them and end their drains.");
+  const workers = new Command("workers").description(
+    "Show workers, drain them and end their drains, and forget workers that are gone.",
+  );
   workers
     .command("list")
     .description(
@@ -130,6 +133,25 @@ export function workerCommands(): Command {
             response.drainEnded
               ? `${workerId} is no longer draining: it is granted work again`
               : `${workerId} was not draining: nothing changed`,
+          );
+      }),
+    );
+  workers
+    .command("forget")
+    .description(
+      "Forget a worker that has no live session, as --worker-retention does once it ages out: its id is free " +
+        "at once for a new worker, in any cluster (its history stays). A worker still connected, or in grace, " +
+        "is refused: stop its agent first.",
+    )
+    .argument("<worker-id>")
+    .option("--reason <text>", "why, recorded in the event")
+    .action(async (workerId: string, o: Record<string, string | undefined>, command: Command) =>
+      withClient(command, async (api, json) => {
+        const response = await api.forgetWorker({ workerId, reason: o.reason ?? "" });
+        if (json) printJson(messageJson(ForgetWorkerResponseSchema, response));
+        else
+          printLine(
+            `${workerId} forgotten (it was in cluster ${response.worker?.cluster ?? "?"}): its id is free`,
           );
       }),
     );

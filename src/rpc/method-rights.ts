@@ -24,6 +24,7 @@ export const METHOD_RIGHTS: Readonly<Record<string, Right | readonly Right[]>> =
   "leasehold.v1.ClusterService/GetWorker": "worker.read",
   "leasehold.v1.ClusterService/DrainWorker": "worker.drain",
   "leasehold.v1.ClusterService/UndrainWorker": "worker.drain",
+  "leasehold.v1.ClusterService/ForgetWorker": "worker.forget",
   "leasehold.v1.ClusterService/ResumeExpiries": "cluster.resume_expiries",
   "leasehold.v1.EventService/ListEvents": "event.read",
   "leasehold.v1.EventService/WatchEvents": "event.read",

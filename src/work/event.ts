@@ -36,7 +36,8 @@ export type EventKind =
   | "scope_lease_renewed"
   | "resource_created"
   | "resource_deleted"
-  | "worker_undrained";
+  | "worker_undrained"
+  | "worker_forgotten";
 
 /** One stored event. */
 export interface EventRecord {

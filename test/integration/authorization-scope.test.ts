@@ -28,6 +28,10 @@ const POLICY: Record<string, RoleBinding[]> = {
   "agent-p": [binding("agent", ["cluster-a"], "wa-*")],
   "agent-q": [binding("agent", ["cluster-a"], "wa-*")],
   admin: [binding("operator", ["*"])],
+  "agent-c": [binding("agent", ["cluster-c"])],
+  "agent-b": [binding("agent", ["cluster-b"], "wb-*")],
+  "ops-b": [binding("operator", ["cluster-b"])],
+  "ops-c": [binding("operator", ["cluster-c"])],
 };
 
 describe("authorization by cluster, owner and session", () => {
@@ -206,6 +210,68 @@ describe("authorization by cluster, owner and session", () => {
     expect((await real.ended).code).toBe(Code.Aborted);
     again.goodbye();
     await again.ended;
+  });
+
+  it("lets an operator of a worker's cluster forget it once its session ended, freeing its id for any cluster", async () => {
+    const clusters = t.client(ClusterService);
+    // agent-c's pattern is the default `*`: it takes the id team b names its workers with.
+    const squatter = await connectWorker(
+      t.address,
+      { workerId: "wb-8", cluster: "cluster-c", capacity: 1 },
+      as("agent-c"),
+    );
+    const hello = { workerId: "wb-8", cluster: "cluster-b", capacity: 1 };
+    await expect(connectWorker(t.address, hello, as("agent-b"))).rejects.toMatchObject({
+      code: Code.PermissionDenied,
+      message: expect.stringMatching(
+        /worker "wb-8" in cluster "cluster-c", where that worker is registered.*an operator of "cluster-c" frees the id at once with ForgetWorker/,
+      ),
+    });
+
+    // Not while its session lives, connected or (stream dropped) in grace.
+    const live = await expectStatus(
+      clusters.forgetWorker({ workerId: "wb-8" }, as("ops-c")),
+      Code.FailedPrecondition,
+      /worker wb-8 has a live session .*stop its agent/,
+    );
+    expect(live.reason).toBe("WORKER_SESSION_LIVE");
+    squatter.drop();
+    await squatter.ended;
+    await expectStatus(
+      clusters.forgetWorker({ workerId: "wb-8" }, as("ops-c")),
+      Code.FailedPrecondition,
+      /has a live session/,
+    );
+    const back = await connectWorker(
+      t.address,
+      { workerId: "wb-8", cluster: "cluster-c", capacity: 1 },
+      as("agent-c"),
+    );
+    back.goodbye();
+    await back.ended;
+
+    // Team b's operator cannot see the worker of cluster c, so to it the id is unknown.
+    await expectStatus(
+      clusters.forgetWorker({ workerId: "wb-8" }, as("ops-b")),
+      Code.NotFound,
+      /^worker "wb-8" not found$/,
+    );
+    const forgotten = await clusters.forgetWorker({ workerId: "wb-8", reason: "team b's id" }, as("ops-c"));
+    expect(forgotten.worker).toMatchObject({ workerId: "wb-8", cluster: "cluster-c" });
+    await expectStatus(clusters.getWorker({ workerId: "wb-8" }, as("admin")), Code.NotFound, /not found/);
+    const { events } = await t
+      .client(EventService)
+      .listEvents({ workerId: "wb-8", kind: EventKind.WORKER_FORGOTTEN }, as("admin"));
+    expect(events.map((e) => [e.cluster, e.actor, e.message])).toEqual([
+      ["cluster-c", "ops-c", "worker wb-8 forgotten (its id is free): team b's id"],
+    ]);
+
+    // The id is free: team b's agent registers it in its own cluster.
+    const own = await connectWorker(t.address, hello, as("agent-b"));
+    expect((await clusters.getWorker({ workerId: "wb-8" }, as("ops-b"))).worker?.cluster).toBe("cluster-b");
+    own.goodbye();
+    await own.ended;
+    await expectStatus(clusters.forgetWorker({ workerId: "wb-8" }, as("ops-c")), Code.NotFound, /not found/);
   });
 
   it("checks scope leases by runtime and creator, and records who changed them", async () => {

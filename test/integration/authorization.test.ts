@@ -144,6 +144,8 @@ const MATRIX: Record<string, Row> = {
   },
   "ClusterService/DrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
   "ClusterService/UndrainWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
+  // The fixture worker is connected: the operator's call is FAILED_PRECONDITION, past the check.
+  "ClusterService/ForgetWorker": { request: (f) => ({ workerId: f.workerId }), expect: [D, D, D, D, K] },
   "ClusterService/ResumeExpiries": { request: () => ({ cluster: "a" }), expect: [D, D, D, D, K] },
   "LeaseService/DeleteLease": { request: (f) => ({ leaseId: f.spareLeaseId }), expect: [D, D, D, D, K] },
   "LeaseService/DeleteLeases": { request: () => ({ runtime: "a" }), expect: [D, D, D, D, K] },

@@ -360,7 +360,7 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
     }
   });
 
-  it("lists workers and clusters, drains and undrains a worker, and shows events", async () => {
+  it("lists workers and clusters, drains and undrains a worker, forgets it once gone, and shows events", async () => {
     const worker = await connectWorker(t.address, { workerId: "cli-w", cluster: "cli-c", capacity: 2 });
     try {
       const workers = JSON.parse(
@@ -429,6 +429,15 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       expect((await cli(["workers", "drain", "--help"])).stdout.replace(/\s+/g, " ")).toContain(
         "The drain lasts until `leasehold workers undrain` or the end of the worker's session",
       );
+      // Gone, it can be forgotten: its id is free at once.
+      expect(await cli([...server, "workers", "forget", "cli-w", "--reason", "retired"])).toMatchObject({
+        code: 0,
+        stdout: "cli-w forgotten (it was in cluster cli-c): its id is free\n",
+      });
+      expect(await cli([...server, "workers", "forget", "cli-w"])).toMatchObject({
+        code: 4,
+        stderr: expect.stringContaining('worker "cli-w" not found'),
+      });
     } finally {
       worker.drop();
     }

@@ -12,6 +12,7 @@ import {
 import type { Clock } from "../../store/clock.js";
 import { type ClusterRecord, listClusters, resumeExpiries } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
+import { forgetWorker } from "../../store/queries/forget-workers.js";
 import { listWorkers, type WorkerState as StoreState, type WorkerRecord } from "../../store/workers.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../../work/change-feed.js";
 import type { LeaseManager } from "../../work/lease-manager.js";
@@ -22,7 +23,7 @@ import { checkFilterName, checkLength, checkName, requireId, Violations } from "
 
 /**
  * The ClusterService handlers: what the database says about clusters and
- * workers. Rights are checked in the cluster of the worker or cluster a call
+ * workers, and the operators' changes to them. Rights are checked in the cluster of the worker or cluster a call
  * touches.
  */
 export function clusterServiceBinding(deps: {
@@ -103,6 +104,26 @@ export function clusterServiceBinding(deps: {
       }
       // "not draining" is an answer too: the worker as it is, taking work.
       return { worker: toProtoWorker(await getWorker(workerId)), drainEnded: outcome === "undrained" };
+    },
+    async forgetWorker(request, ctx) {
+      const workerId = requireId("worker_id", request.workerId);
+      const v = new Violations();
+      checkLength(v, "reason", request.reason, 1024);
+      v.throwIfAny();
+      const worker = await visibleWorker(ctx.access, workerId);
+      ctx.access.require("worker.forget", worker.cluster);
+      const outcome = await forgetWorker(db, workerId, request.reason, ctx.access.actor);
+      if (outcome === "not found") throw LeaseholdError.notFound("worker", workerId);
+      if (outcome === "live") {
+        throw LeaseholdError.failedPrecondition(
+          "WORKER_SESSION_LIVE",
+          `worker ${workerId} has a live session (connected, or in grace until its deadline): stop its agent, ` +
+            "or drain it and let it finish, and forget it once its session has ended",
+          { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "live session" },
+        );
+      }
+      feed.publish(EVENTS_TOPIC);
+      return { worker: toProtoWorker(worker) };
     },
     async resumeExpiries(request, ctx) {
       const v = new Violations();

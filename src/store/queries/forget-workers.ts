@@ -41,9 +41,7 @@ export async function forgetWorkers(
         limit ${FORGET_BATCH}
         for update of w skip locked
       ),
-      their_sessions as (
-        delete from sessions s using gone g where s.worker_id = g.worker_id returning s.id
-      ),
+      ${forgetting},
       old_sessions as (
         delete from sessions s
         where s.id in (
@@ -52,14 +50,79 @@ export async function forgetWorkers(
           order by ended_at limit ${FORGET_BATCH}
         )
         returning s.id
-      ),
-      forgotten as (
-        -- The foreign key from sessions is checked at the end of the statement, once
-        -- their_sessions has deleted theirs.
-        delete from workers w using gone g where w.worker_id = g.worker_id returning w.worker_id
       )
       select (select count(*) from forgotten) as workers,
         (select count(*) from their_sessions) + (select count(*) from old_sessions) as sessions`,
   );
   return { workers: Number(row?.workers ?? 0), sessions: Number(row?.sessions ?? 0) };
+}
+
+/**
+ * What forgetting the workers of a `gone` CTE takes, for both ways of
+ * forgetting (retention above, an operator's {@link forgetWorker}): their
+ * sessions, all ended, then the workers. The foreign key from sessions is
+ * checked at the end of the statement, once their_sessions has deleted theirs.
+ * Nothing else goes: attempts and events name workers and sessions by id, and
+ * an action's lease is held by a live session, which a forgotten worker has
+ * none of.
+ */
+const forgetting = sql`
+  their_sessions as (
+    delete from sessions s using gone g where s.worker_id = g.worker_id returning s.id
+  ),
+  forgotten as (
+    delete from workers w using gone g where w.worker_id = g.worker_id returning w.worker_id, w.cluster
+  )`;
+
+/**
+ * ClusterService.ForgetWorker: forgets one worker now, as retention would
+ * once it ages out, and records the event with `actor` as who asked. Only a
+ * worker without a live session: "live" leaves everything as it was.
+ *
+ * The worker's row is locked first, in a statement of its own: a hello holds
+ * that lock for its whole transaction, so the statement that follows (a new
+ * snapshot, READ COMMITTED) sees the session a hello committed meanwhile, and
+ * a hello that comes later waits, then registers the worker anew. A lease
+ * still held by one of its sessions (none should be: a session's end
+ * releases its leases) counts as live too, so that no lease is left to a
+ * worker the server no longer knows.
+ */
+export async function forgetWorker(
+  db: Db,
+  workerId: string,
+  reason: string,
+  actor: string,
+): Promise<"forgotten" | "live" | "not found"> {
+  return db.transaction(async (t) => {
+    const tx = t as unknown as Db;
+    const [locked] = await queryRows<{ worker_id: string }>(
+      tx,
+      sql`select worker_id from workers where worker_id = ${workerId} for update`,
+    );
+    if (!locked) return "not found";
+    const [row] = await queryRows<{ forgotten: boolean }>(
+      tx,
+      sql`
+        with gone as (
+          select w.worker_id from workers w
+          where w.worker_id = ${workerId}
+            and not exists (select 1 from sessions s where s.worker_id = w.worker_id and s.ended_at is null)
+            and not exists (
+              select 1 from actions a join sessions s on s.id = a.session_id
+              where s.worker_id = w.worker_id and a.state = 'LEASED'
+            )
+        ),
+        ${forgetting},
+        event as (
+          insert into events (kind, worker_id, cluster, message, actor)
+          select 'worker_forgotten', worker_id, cluster,
+            'worker ' || worker_id || ' forgotten (its id is free)'
+              || case when ${reason} <> '' then ': ' || ${reason} else '' end,
+            ${actor}
+          from forgotten
+        )
+        select exists (select 1 from forgotten) as forgotten`,
+    );
+    return row?.forgotten ? "forgotten" : "live";
+  });
 }

@@ -266,7 +266,8 @@ export function notInWorkersCluster(
     `${quote(principal)} lacks the right worker.connect for worker ${quote(hello.workerId)} in cluster ` +
       `${quote(workerCluster)}, where that worker is registered: moving a worker to cluster ${quote(hello.cluster)} ` +
       "takes the right to run it in both; use another worker_id, or connect as a principal allowed to run it in " +
-      `${quote(workerCluster)} too (a worker not seen for --worker-retention is forgotten, and its id is free)`,
+      `${quote(workerCluster)} too; once its session has ended, an operator of ${quote(workerCluster)} frees the id ` +
+      "at once with ForgetWorker (leasehold workers forget), as --worker-retention does after the worker was last seen",
     {
       reason: "PERMISSION_DENIED",
       metadata: { principal, right: "worker.connect", cluster: workerCluster, worker_id: hello.workerId },

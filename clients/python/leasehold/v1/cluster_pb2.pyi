@@ -55,6 +55,20 @@ class DrainWorkerResponse(_message.Message):
     worker: Worker
     def __init__(self, worker: _Optional[_Union[Worker, _Mapping]] = ...) -> None: ...
 
+class ForgetWorkerRequest(_message.Message):
+    __slots__ = ["reason", "worker_id"]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ForgetWorkerResponse(_message.Message):
+    __slots__ = ["worker"]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker: Worker
+    def __init__(self, worker: _Optional[_Union[Worker, _Mapping]] = ...) -> None: ...
+
 class GetWorkerRequest(_message.Message):
     __slots__ = ["worker_id"]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]

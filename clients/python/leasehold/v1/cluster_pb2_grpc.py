@@ -6,8 +6,8 @@ from leasehold.v1 import cluster_pb2 as leasehold_dot_v1_dot_cluster__pb2
 
 
 class ClusterServiceStub(object):
-    """ClusterService shows clusters and workers as the server sees them, and
-    drains workers and ends their drains.
+    """ClusterService shows clusters and workers as the server sees them, drains
+    workers and ends their drains, and forgets workers.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -82,6 +82,11 @@ class ClusterServiceStub(object):
                 request_serializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.SerializeToString,
                 response_deserializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.FromString,
                 )
+        self.ForgetWorker = channel.unary_unary(
+                '/leasehold.v1.ClusterService/ForgetWorker',
+                request_serializer=leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerRequest.SerializeToString,
+                response_deserializer=leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerResponse.FromString,
+                )
         self.ResumeExpiries = channel.unary_unary(
                 '/leasehold.v1.ClusterService/ResumeExpiries',
                 request_serializer=leasehold_dot_v1_dot_cluster__pb2.ResumeExpiriesRequest.SerializeToString,
@@ -90,8 +95,8 @@ class ClusterServiceStub(object):
 
 
 class ClusterServiceServicer(object):
-    """ClusterService shows clusters and workers as the server sees them, and
-    drains workers and ends their drains.
+    """ClusterService shows clusters and workers as the server sees them, drains
+    workers and ends their drains, and forgets workers.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -196,6 +201,24 @@ class ClusterServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetWorker(self, request, context):
+        """Forgets a worker that has no live session: its registration (and the
+        records of its ended sessions) is removed, as --worker-retention does
+        after the worker was last seen, so that its id is free for a new worker
+        in any cluster at once (say, an id another team's agent took by
+        mistake). Its history stays: events and attempts name it by id. Records
+        an event (EVENT_KIND_WORKER_FORGOTTEN) with the caller as its actor.
+        NOT_FOUND if the worker is not known (never connected, or forgotten
+        already); FAILED_PRECONDITION (ErrorInfo reason WORKER_SESSION_LIVE) if it
+        has a live session, connected or in grace: stop its agent (or let the
+        session end) first, so that no lease is ever held by a worker the server
+        no longer knows.
+        Right: worker.forget in the worker's cluster.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResumeExpiries(self, request, context):
         """Lets the lease expiries of a partitioned cluster go on (the
         mass-disconnect valve, --partition-share): the operator says its lost
@@ -236,6 +259,11 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     request_deserializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.FromString,
                     response_serializer=leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.SerializeToString,
             ),
+            'ForgetWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetWorker,
+                    request_deserializer=leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerRequest.FromString,
+                    response_serializer=leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerResponse.SerializeToString,
+            ),
             'ResumeExpiries': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeExpiries,
                     request_deserializer=leasehold_dot_v1_dot_cluster__pb2.ResumeExpiriesRequest.FromString,
@@ -249,8 +277,8 @@ def add_ClusterServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ClusterService(object):
-    """ClusterService shows clusters and workers as the server sees them, and
-    drains workers and ends their drains.
+    """ClusterService shows clusters and workers as the server sees them, drains
+    workers and ends their drains, and forgets workers.
 
     Calls need credentials when the server has them configured, checked when the
     call starts, from its metadata and client certificate, before its request is
@@ -376,6 +404,23 @@ class ClusterService(object):
         return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ClusterService/UndrainWorker',
             leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerRequest.SerializeToString,
             leasehold_dot_v1_dot_cluster__pb2.UndrainWorkerResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ForgetWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/leasehold.v1.ClusterService/ForgetWorker',
+            leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerRequest.SerializeToString,
+            leasehold_dot_v1_dot_cluster__pb2.ForgetWorkerResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file leasehold/v1/cluster.proto.
  */
 export const file_leasehold_v1_cluster: GenFile = /*@__PURE__*/
-  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxIqgCCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDRI0ChBwYXJ0aXRpb25lZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9leHBpcmllc19wYXVzZWQYCiABKAgiygEKDVdvcmtlclNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQc3RyZWFtX2xvc3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJc2VydmVyX2lkGAUgASgJIoIDCgZXb3JrZXISEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SMAoGbGFiZWxzGAQgAygLMiAubGVhc2Vob2xkLnYxLldvcmtlci5MYWJlbHNFbnRyeRIoCgVzdGF0ZRgFIAEoDjIZLmxlYXNlaG9sZC52MS5Xb3JrZXJTdGF0ZRIsCgdzZXNzaW9uGAYgASgLMhsubGVhc2Vob2xkLnYxLldvcmtlclNlc3Npb24SLAoLaGVsZF9sZWFzZXMYByADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhAKCGRyYWluaW5nGAggASgIEjIKDmxhc3Rfc2Vlbl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hZ2VudF92ZXJzaW9uGAogASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFQoTTGlzdENsdXN0ZXJzUmVxdWVzdCI/ChRMaXN0Q2x1c3RlcnNSZXNwb25zZRInCghjbHVzdGVycxgBIAMoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyInYKEkxpc3RXb3JrZXJzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEigKBXN0YXRlGAIgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RXb3JrZXJzUmVzcG9uc2USJQoHd29ya2VycxgBIAMoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEEdldFdvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJIjkKEUdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiNwoSRHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOwoTRHJhaW5Xb3JrZXJSZXNwb25zZRIkCgZ3b3JrZXIYASABKAsyFC5sZWFzZWhvbGQudjEuV29ya2VyIjkKFFVuZHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiUgoVVW5kcmFpbldvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISEwoLZHJhaW5fZW5kZWQYAiABKAgiOAoVUmVzdW1lRXhwaXJpZXNSZXF1ZXN0Eg8KB2NsdXN0ZXIYASABKAkSDgoGcmVhc29uGAIgASgJIkAKFlJlc3VtZUV4cGlyaWVzUmVzcG9uc2USJgoHY2x1c3RlchgBIAEoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyKqYBCg1DbHVzdGVySGVhbHRoEh4KGkNMVVNURVJfSEVBTFRIX1VOU1BFQ0lGSUVEEAASGgoWQ0xVU1RFUl9IRUFMVEhfSEVBTFRIWRABEhsKF0NMVVNURVJfSEVBTFRIX0RFR1JBREVEEAISHAoYQ0xVU1RFUl9IRUFMVEhfVU5IRUFMVEhZEAMSHgoaQ0xVU1RFUl9IRUFMVEhfUEFSVElUSU9ORUQQBCp8CgtXb3JrZXJTdGF0ZRIcChhXT1JLRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZXT1JLRVJfU1RBVEVfQ09OTkVDVEVEEAESGQoVV09SS0VSX1NUQVRFX0lOX0dSQUNFEAISGAoUV09SS0VSX1NUQVRFX09GRkxJTkUQAzKUBAoOQ2x1c3RlclNlcnZpY2USVQoMTGlzdENsdXN0ZXJzEiEubGVhc2Vob2xkLnYxLkxpc3RDbHVzdGVyc1JlcXVlc3QaIi5sZWFzZWhvbGQudjEuTGlzdENsdXN0ZXJzUmVzcG9uc2USUgoLTGlzdFdvcmtlcnMSIC5sZWFzZWhvbGQudjEuTGlzdFdvcmtlcnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RXb3JrZXJzUmVzcG9uc2USTAoJR2V0V29ya2VyEh4ubGVhc2Vob2xkLnYxLkdldFdvcmtlclJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0V29ya2VyUmVzcG9uc2USUgoLRHJhaW5Xb3JrZXISIC5sZWFzZWhvbGQudjEuRHJhaW5Xb3JrZXJSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkRyYWluV29ya2VyUmVzcG9uc2USWAoNVW5kcmFpbldvcmtlchIiLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVxdWVzdBojLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVzcG9uc2USWwoOUmVzdW1lRXhwaXJpZXMSIy5sZWFzZWhvbGQudjEuUmVzdW1lRXhwaXJpZXNSZXF1ZXN0GiQubGVhc2Vob2xkLnYxLlJlc3VtZUV4cGlyaWVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
+  fileDesc("ChpsZWFzZWhvbGQvdjEvY2x1c3Rlci5wcm90bxIMbGVhc2Vob2xkLnYxIqgCCgdDbHVzdGVyEgwKBG5hbWUYASABKAkSKwoGaGVhbHRoGAIgASgOMhsubGVhc2Vob2xkLnYxLkNsdXN0ZXJIZWFsdGgSFQoNaGVhbHRoX3JlYXNvbhgDIAEoCRIZChFjb25uZWN0ZWRfd29ya2VycxgEIAEoDRIYChB3b3JrZXJzX2luX2dyYWNlGAUgASgNEhYKDnF1ZXVlZF9hY3Rpb25zGAYgASgNEhYKDmxlYXNlZF9hY3Rpb25zGAcgASgNEhcKD3JlY2VudF9leHBpcmllcxgIIAEoDRI0ChBwYXJ0aXRpb25lZF90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9leHBpcmllc19wYXVzZWQYCiABKAgiygEKDVdvcmtlclNlc3Npb24SEgoKc2Vzc2lvbl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQc3RyZWFtX2xvc3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJc2VydmVyX2lkGAUgASgJIoIDCgZXb3JrZXISEQoJd29ya2VyX2lkGAEgASgJEg8KB2NsdXN0ZXIYAiABKAkSEAoIY2FwYWNpdHkYAyABKA0SMAoGbGFiZWxzGAQgAygLMiAubGVhc2Vob2xkLnYxLldvcmtlci5MYWJlbHNFbnRyeRIoCgVzdGF0ZRgFIAEoDjIZLmxlYXNlaG9sZC52MS5Xb3JrZXJTdGF0ZRIsCgdzZXNzaW9uGAYgASgLMhsubGVhc2Vob2xkLnYxLldvcmtlclNlc3Npb24SLAoLaGVsZF9sZWFzZXMYByADKAsyFy5sZWFzZWhvbGQudjEuSGVsZExlYXNlEhAKCGRyYWluaW5nGAggASgIEjIKDmxhc3Rfc2Vlbl90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1hZ2VudF92ZXJzaW9uGAogASgJGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiFQoTTGlzdENsdXN0ZXJzUmVxdWVzdCI/ChRMaXN0Q2x1c3RlcnNSZXNwb25zZRInCghjbHVzdGVycxgBIAMoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyInYKEkxpc3RXb3JrZXJzUmVxdWVzdBIPCgdjbHVzdGVyGAEgASgJEigKBXN0YXRlGAIgASgOMhkubGVhc2Vob2xkLnYxLldvcmtlclN0YXRlEhEKCXBhZ2Vfc2l6ZRgDIAEoBRISCgpwYWdlX3Rva2VuGAQgASgJIlUKE0xpc3RXb3JrZXJzUmVzcG9uc2USJQoHd29ya2VycxgBIAMoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiUKEEdldFdvcmtlclJlcXVlc3QSEQoJd29ya2VyX2lkGAEgASgJIjkKEUdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiNwoSRHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiOwoTRHJhaW5Xb3JrZXJSZXNwb25zZRIkCgZ3b3JrZXIYASABKAsyFC5sZWFzZWhvbGQudjEuV29ya2VyIjkKFFVuZHJhaW5Xb3JrZXJSZXF1ZXN0EhEKCXdvcmtlcl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiUgoVVW5kcmFpbldvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXISEwoLZHJhaW5fZW5kZWQYAiABKAgiOAoTRm9yZ2V0V29ya2VyUmVxdWVzdBIRCgl3b3JrZXJfaWQYASABKAkSDgoGcmVhc29uGAIgASgJIjwKFEZvcmdldFdvcmtlclJlc3BvbnNlEiQKBndvcmtlchgBIAEoCzIULmxlYXNlaG9sZC52MS5Xb3JrZXIiOAoVUmVzdW1lRXhwaXJpZXNSZXF1ZXN0Eg8KB2NsdXN0ZXIYASABKAkSDgoGcmVhc29uGAIgASgJIkAKFlJlc3VtZUV4cGlyaWVzUmVzcG9uc2USJgoHY2x1c3RlchgBIAEoCzIVLmxlYXNlaG9sZC52MS5DbHVzdGVyKqYBCg1DbHVzdGVySGVhbHRoEh4KGkNMVVNURVJfSEVBTFRIX1VOU1BFQ0lGSUVEEAASGgoWQ0xVU1RFUl9IRUFMVEhfSEVBTFRIWRABEhsKF0NMVVNURVJfSEVBTFRIX0RFR1JBREVEEAISHAoYQ0xVU1RFUl9IRUFMVEhfVU5IRUFMVEhZEAMSHgoaQ0xVU1RFUl9IRUFMVEhfUEFSVElUSU9ORUQQBCp8CgtXb3JrZXJTdGF0ZRIcChhXT1JLRVJfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZXT1JLRVJfU1RBVEVfQ09OTkVDVEVEEAESGQoVV09SS0VSX1NUQVRFX0lOX0dSQUNFEAISGAoUV09SS0VSX1NUQVRFX09GRkxJTkUQAzLrBAoOQ2x1c3RlclNlcnZpY2USVQoMTGlzdENsdXN0ZXJzEiEubGVhc2Vob2xkLnYxLkxpc3RDbHVzdGVyc1JlcXVlc3QaIi5sZWFzZWhvbGQudjEuTGlzdENsdXN0ZXJzUmVzcG9uc2USUgoLTGlzdFdvcmtlcnMSIC5sZWFzZWhvbGQudjEuTGlzdFdvcmtlcnNSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkxpc3RXb3JrZXJzUmVzcG9uc2USTAoJR2V0V29ya2VyEh4ubGVhc2Vob2xkLnYxLkdldFdvcmtlclJlcXVlc3QaHy5sZWFzZWhvbGQudjEuR2V0V29ya2VyUmVzcG9uc2USUgoLRHJhaW5Xb3JrZXISIC5sZWFzZWhvbGQudjEuRHJhaW5Xb3JrZXJSZXF1ZXN0GiEubGVhc2Vob2xkLnYxLkRyYWluV29ya2VyUmVzcG9uc2USWAoNVW5kcmFpbldvcmtlchIiLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVxdWVzdBojLmxlYXNlaG9sZC52MS5VbmRyYWluV29ya2VyUmVzcG9uc2USVQoMRm9yZ2V0V29ya2VyEiEubGVhc2Vob2xkLnYxLkZvcmdldFdvcmtlclJlcXVlc3QaIi5sZWFzZWhvbGQudjEuRm9yZ2V0V29ya2VyUmVzcG9uc2USWwoOUmVzdW1lRXhwaXJpZXMSIy5sZWFzZWhvbGQudjEuUmVzdW1lRXhwaXJpZXNSZXF1ZXN0GiQubGVhc2Vob2xkLnYxLlJlc3VtZUV4cGlyaWVzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_leasehold_v1_worker]);
 
 /**
  * A named group of workers (a runtime).
@@ -494,6 +494,55 @@ export const UndrainWorkerResponseSchema: GenMessage<UndrainWorkerResponse> = /*
   messageDesc(file_leasehold_v1_cluster, 12);
 
 /**
+ * Request of ClusterService.ForgetWorker.
+ *
+ * @generated from message leasehold.v1.ForgetWorkerRequest
+ */
+export type ForgetWorkerRequest = Message<"leasehold.v1.ForgetWorkerRequest"> & {
+  /**
+   * Required: the worker's id.
+   *
+   * @generated from field: string worker_id = 1;
+   */
+  workerId: string;
+
+  /**
+   * Optional reason, recorded in the event. At most 1024 characters.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message leasehold.v1.ForgetWorkerRequest.
+ * Use `create(ForgetWorkerRequestSchema)` to create a new message.
+ */
+export const ForgetWorkerRequestSchema: GenMessage<ForgetWorkerRequest> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 13);
+
+/**
+ * Response of ClusterService.ForgetWorker.
+ *
+ * @generated from message leasehold.v1.ForgetWorkerResponse
+ */
+export type ForgetWorkerResponse = Message<"leasehold.v1.ForgetWorkerResponse"> & {
+  /**
+   * The worker as it was when it was forgotten (offline).
+   *
+   * @generated from field: leasehold.v1.Worker worker = 1;
+   */
+  worker?: Worker | undefined;
+};
+
+/**
+ * Describes the message leasehold.v1.ForgetWorkerResponse.
+ * Use `create(ForgetWorkerResponseSchema)` to create a new message.
+ */
+export const ForgetWorkerResponseSchema: GenMessage<ForgetWorkerResponse> = /*@__PURE__*/
+  messageDesc(file_leasehold_v1_cluster, 14);
+
+/**
  * Request of ClusterService.ResumeExpiries.
  *
  * @generated from message leasehold.v1.ResumeExpiriesRequest
@@ -519,7 +568,7 @@ export type ResumeExpiriesRequest = Message<"leasehold.v1.ResumeExpiriesRequest"
  * Use `create(ResumeExpiriesRequestSchema)` to create a new message.
  */
 export const ResumeExpiriesRequestSchema: GenMessage<ResumeExpiriesRequest> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_cluster, 13);
+  messageDesc(file_leasehold_v1_cluster, 15);
 
 /**
  * Response of ClusterService.ResumeExpiries.
@@ -540,7 +589,7 @@ export type ResumeExpiriesResponse = Message<"leasehold.v1.ResumeExpiriesRespons
  * Use `create(ResumeExpiriesResponseSchema)` to create a new message.
  */
 export const ResumeExpiriesResponseSchema: GenMessage<ResumeExpiriesResponse> = /*@__PURE__*/
-  messageDesc(file_leasehold_v1_cluster, 14);
+  messageDesc(file_leasehold_v1_cluster, 16);
 
 /**
  * A cluster's health, from its recent lease expiries and stream losses.
@@ -639,8 +688,8 @@ export const WorkerStateSchema: GenEnum<WorkerState> = /*@__PURE__*/
   enumDesc(file_leasehold_v1_cluster, 1);
 
 /**
- * ClusterService shows clusters and workers as the server sees them, and
- * drains workers and ends their drains.
+ * ClusterService shows clusters and workers as the server sees them, drains
+ * workers and ends their drains, and forgets workers.
  *
  * Calls need credentials when the server has them configured, checked when the
  * call starts, from its metadata and client certificate, before its request is
@@ -761,6 +810,27 @@ export const ClusterService: GenService<{
     methodKind: "unary";
     input: typeof UndrainWorkerRequestSchema;
     output: typeof UndrainWorkerResponseSchema;
+  },
+  /**
+   * Forgets a worker that has no live session: its registration (and the
+   * records of its ended sessions) is removed, as --worker-retention does
+   * after the worker was last seen, so that its id is free for a new worker
+   * in any cluster at once (say, an id another team's agent took by
+   * mistake). Its history stays: events and attempts name it by id. Records
+   * an event (EVENT_KIND_WORKER_FORGOTTEN) with the caller as its actor.
+   * NOT_FOUND if the worker is not known (never connected, or forgotten
+   * already); FAILED_PRECONDITION (ErrorInfo reason WORKER_SESSION_LIVE) if it
+   * has a live session, connected or in grace: stop its agent (or let the
+   * session end) first, so that no lease is ever held by a worker the server
+   * no longer knows.
+   * Right: worker.forget in the worker's cluster.
+   *
+   * @generated from rpc leasehold.v1.ClusterService.ForgetWorker
+   */
+  forgetWorker: {
+    methodKind: "unary";
+    input: typeof ForgetWorkerRequestSchema;
+    output: typeof ForgetWorkerResponseSchema;
   },
   /**
    * Lets the lease expiries of a partitioned cluster go on (the

@@ -53,6 +53,19 @@ type ClusterServiceClient interface {
 	// ends with its session and the next one is granted work anyway.
 	// Right: worker.drain in the worker's cluster.
 	UndrainWorker(ctx context.Context, in *UndrainWorkerRequest, opts ...grpc.CallOption) (*UndrainWorkerResponse, error)
+	// Forgets a worker that has no live session: its registration (and the
+	// records of its ended sessions) is removed, as --worker-retention does
+	// after the worker was last seen, so that its id is free for a new worker
+	// in any cluster at once (say, an id another team's agent took by
+	// mistake). Its history stays: events and attempts name it by id. Records
+	// an event (EVENT_KIND_WORKER_FORGOTTEN) with the caller as its actor.
+	// NOT_FOUND if the worker is not known (never connected, or forgotten
+	// already); FAILED_PRECONDITION (ErrorInfo reason WORKER_SESSION_LIVE) if it
+	// has a live session, connected or in grace: stop its agent (or let the
+	// session end) first, so that no lease is ever held by a worker the server
+	// no longer knows.
+	// Right: worker.forget in the worker's cluster.
+	ForgetWorker(ctx context.Context, in *ForgetWorkerRequest, opts ...grpc.CallOption) (*ForgetWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the
 	// mass-disconnect valve, --partition-share): the operator says its lost
 	// workers are really gone. Holds until the cluster is no longer
@@ -115,6 +128,15 @@ func (c *clusterServiceClient) UndrainWorker(ctx context.Context, in *UndrainWor
 	return out, nil
 }
 
+func (c *clusterServiceClient) ForgetWorker(ctx context.Context, in *ForgetWorkerRequest, opts ...grpc.CallOption) (*ForgetWorkerResponse, error) {
+	out := new(ForgetWorkerResponse)
+	err := c.cc.Invoke(ctx, "/leasehold.v1.ClusterService/ForgetWorker", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *clusterServiceClient) ResumeExpiries(ctx context.Context, in *ResumeExpiriesRequest, opts ...grpc.CallOption) (*ResumeExpiriesResponse, error) {
 	out := new(ResumeExpiriesResponse)
 	err := c.cc.Invoke(ctx, "/leasehold.v1.ClusterService/ResumeExpiries", in, out, opts...)
@@ -164,6 +186,19 @@ type ClusterServiceServer interface {
 	// ends with its session and the next one is granted work anyway.
 	// Right: worker.drain in the worker's cluster.
 	UndrainWorker(context.Context, *UndrainWorkerRequest) (*UndrainWorkerResponse, error)
+	// Forgets a worker that has no live session: its registration (and the
+	// records of its ended sessions) is removed, as --worker-retention does
+	// after the worker was last seen, so that its id is free for a new worker
+	// in any cluster at once (say, an id another team's agent took by
+	// mistake). Its history stays: events and attempts name it by id. Records
+	// an event (EVENT_KIND_WORKER_FORGOTTEN) with the caller as its actor.
+	// NOT_FOUND if the worker is not known (never connected, or forgotten
+	// already); FAILED_PRECONDITION (ErrorInfo reason WORKER_SESSION_LIVE) if it
+	// has a live session, connected or in grace: stop its agent (or let the
+	// session end) first, so that no lease is ever held by a worker the server
+	// no longer knows.
+	// Right: worker.forget in the worker's cluster.
+	ForgetWorker(context.Context, *ForgetWorkerRequest) (*ForgetWorkerResponse, error)
 	// Lets the lease expiries of a partitioned cluster go on (the
 	// mass-disconnect valve, --partition-share): the operator says its lost
 	// workers are really gone. Holds until the cluster is no longer
@@ -192,6 +227,9 @@ func (UnimplementedClusterServiceServer) DrainWorker(context.Context, *DrainWork
 }
 func (UnimplementedClusterServiceServer) UndrainWorker(context.Context, *UndrainWorkerRequest) (*UndrainWorkerResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UndrainWorker not implemented")
+}
+func (UnimplementedClusterServiceServer) ForgetWorker(context.Context, *ForgetWorkerRequest) (*ForgetWorkerResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ForgetWorker not implemented")
 }
 func (UnimplementedClusterServiceServer) ResumeExpiries(context.Context, *ResumeExpiriesRequest) (*ResumeExpiriesResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ResumeExpiries not implemented")
@@ -299,6 +337,24 @@ func _ClusterService_UndrainWorker_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ClusterService_ForgetWorker_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForgetWorkerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).ForgetWorker(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/leasehold.v1.ClusterService/ForgetWorker",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).ForgetWorker(ctx, req.(*ForgetWorkerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ClusterService_ResumeExpiries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ResumeExpiriesRequest)
 	if err := dec(in); err != nil {
@@ -340,6 +396,10 @@ var _ClusterService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndrainWorker",
 			Handler:    _ClusterService_UndrainWorker_Handler,
+		},
+		{
+			MethodName: "ForgetWorker",
+			Handler:    _ClusterService_ForgetWorker_Handler,
 		},
 		{
 			MethodName: "ResumeExpiries",

@@ -148,6 +148,12 @@ export interface Access {
    */
   requireListScope(right: Right, cluster: string): void;
   /**
+   * The cluster globs in which the caller holds `right`, for a listing of
+   * all it may read (EventService without a cluster filter); undefined when
+   * it holds `right` in every cluster.
+   */
+  clustersWith(right: Right): readonly string[] | undefined;
+  /**
    * `right` in every cluster, for what belongs to none (a resource made
    * outside any lease); the refusal says `why` it takes that.
    */
@@ -193,6 +199,7 @@ export const OPEN_ACCESS: Access = Object.freeze({
   canOwned: () => true,
   requireOwned: () => {},
   requireListScope: () => {},
+  clustersWith: () => undefined,
   requireEverywhere: () => {},
   mayRunWorker: () => true,
 });
@@ -273,6 +280,10 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
         );
       }
       require(right, cluster);
+    },
+    clustersWith(right: Right) {
+      if (everywhere(right)) return undefined;
+      return [...new Set(bindings.filter((b) => holds(right, b)).flatMap((b) => b.clusters))];
     },
     requireEverywhere(right: Right, why: string) {
       if (!everywhere(right)) throw permissionDenied(actor, right, `in every cluster: ${why}`);

@@ -47,7 +47,10 @@ export function eventCommand(): Command {
     )
     .option("--action <id>", "only about this action")
     .option("--worker <id>", "only about this worker")
-    .option("--cluster <name>", "only about this cluster")
+    .option(
+      "--cluster <name>",
+      "only about this cluster (without it: every cluster, or with credentials bound to some clusters, theirs)",
+    )
     .option(
       "--lease <id>",
       "only about this scope lease and its resources (its deployments' actions: --action with the action id)",

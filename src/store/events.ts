@@ -89,8 +89,29 @@ function filterConditions(filter: EventFilter): SQL[] {
   if (filter.cluster) conditions.push(sql`cluster = ${filter.cluster}`);
   if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
   if (filter.leaseId) conditions.push(sql`lease_id = ${filter.leaseId}`);
+  if (filter.clusterGlobs) conditions.push(clusterGlobsCondition(filter.clusterGlobs));
   return conditions;
 }
+
+/**
+ * Whether an event's cluster matches one of `globs`; false, not null, for an
+ * event without one. A glob without `*` or `?` is an equality, which the index
+ * on the cluster and the sequence serves.
+ */
+function clusterGlobsCondition(globs: readonly string[]): SQL {
+  if (globs.length === 0) return sql`false`;
+  const each = globs.map((g) =>
+    g.includes("*") || g.includes("?") ? sql`cluster like ${likePattern(g)}` : sql`cluster = ${g}`,
+  );
+  return sql`(cluster is not null and (${sql.join(each, sql` or `)}))`;
+}
+
+/** A glob (`*` any run of characters, `?` one) as a LIKE pattern, the glob's `%`, `_` and backslashes escaped. */
+const likePattern = (glob: string): string =>
+  glob
+    .replace(/[\\%_]/g, "\\$&")
+    .replace(/\*/g, "%")
+    .replace(/\?/g, "_");
 
 /**
  * Every event after `afterSequence` (matching or not, so gaps in the sequence
@@ -108,6 +129,7 @@ export async function readEventsAfter(
   if (filter.cluster) conditions.push(sql`cluster is not distinct from ${filter.cluster}`);
   if (filter.kind) conditions.push(sql`kind = ${filter.kind}`);
   if (filter.leaseId) conditions.push(sql`lease_id is not distinct from ${filter.leaseId}`);
+  if (filter.clusterGlobs) conditions.push(clusterGlobsCondition(filter.clusterGlobs));
   const rows = await queryRows<EventRow & { matches: boolean }>(
     db,
     sql`select *, (${sql.join(conditions, sql` and `)}) as matches from events

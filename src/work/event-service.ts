@@ -1,3 +1,4 @@
+import { matchesGlob } from "../auth/access.js";
 import { Code, LeaseholdError } from "../errors.js";
 import type { Db } from "../store/database.js";
 import { lastEventSequence, listEventPage, readEventsAfter } from "../store/events.js";
@@ -66,7 +67,9 @@ export function createEventService({
     sizeOf?: (event: EventRecord) => number,
   ): Promise<Page<EventRecord>> {
     // The direction is part of what a token was issued for: a token of one cannot page the other.
-    const issued = issuedFor("events", newestFirst ? { ...filter, newestFirst } : filter);
+    // The clusters a scoped caller may read are not: its token goes on after a policy change.
+    const { clusterGlobs, ...chosen } = filter;
+    const issued = issuedFor("events", newestFirst ? { ...chosen, newestFirst } : chosen);
     const cursor = decodeSequencePageToken(pageToken, issued);
     // One row more than asked tells whether another page exists.
     const { items, cut } = await listEventPage(
@@ -161,7 +164,9 @@ function matches(filter: EventFilter, event: EventRecord): boolean {
     (!filter.workerId || event.workerId === filter.workerId) &&
     (!filter.cluster || event.cluster === filter.cluster) &&
     (!filter.kind || event.kind === filter.kind) &&
-    (!filter.leaseId || event.leaseId === filter.leaseId)
+    (!filter.leaseId || event.leaseId === filter.leaseId) &&
+    (!filter.clusterGlobs ||
+      (event.cluster !== null && filter.clusterGlobs.some((g) => matchesGlob(g, event.cluster ?? ""))))
   );
 }
 

@@ -67,4 +67,10 @@ export interface EventFilter {
   readonly kind?: EventKind | undefined;
   /** Only events about this scope lease. */
   readonly leaseId?: string | undefined;
+  /**
+   * Only events whose cluster matches one of these globs (`*`, `?`): the
+   * clusters a caller whose right to read events is bound to some clusters
+   * may read. An event without a cluster matches none.
+   */
+  readonly clusterGlobs?: readonly string[] | undefined;
 }

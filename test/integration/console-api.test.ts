@@ -229,6 +229,8 @@ describe("the console with credentials configured", () => {
   let t: TestServer;
   let dir: string;
   let readerToken: string;
+  let teamToken: string;
+  let operatorToken: string;
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), "leasehold-console-auth-"));
@@ -236,6 +238,14 @@ describe("the console with credentials configured", () => {
     readerToken = addStaticToken(tokensFile, {
       principal: "console-reader",
       bindings: [{ role: "reader", clusters: ["*"], workerIds: "*" }],
+    });
+    teamToken = addStaticToken(tokensFile, {
+      principal: "console-team-b",
+      bindings: [{ role: "reader", clusters: ["team-b"], workerIds: "*" }],
+    });
+    operatorToken = addStaticToken(tokensFile, {
+      principal: "console-operator",
+      bindings: [{ role: "operator", clusters: ["*"], workerIds: "*" }],
     });
     t = await startTestServer({
       config: { consoleListen: "127.0.0.1:0", authTokens: tokensFile },
@@ -247,6 +257,17 @@ describe("the console with credentials configured", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
+  const transportWith = (token: string) =>
+    createConnectTransport({
+      baseUrl: `http://127.0.0.1:${t.server.consolePort}`,
+      httpVersion: "1.1",
+      interceptors: [
+        (next) => (request) => {
+          request.header.set("authorization", `Bearer ${token}`);
+          return next(request);
+        },
+      ],
+    });
   const clusters = (token?: string) =>
     createClient(
       ClusterService,
@@ -288,6 +309,28 @@ describe("the console with credentials configured", () => {
     expect(resume.code).toBe(ConnectCode.PermissionDenied);
     // Logged as the gRPC port logs a refusal.
     expect(t.logs.some((l) => l.method === "leasehold.v1.ClusterService/ResumeExpiries")).toBe(true);
+  });
+
+  it("feeds the page of a token bound to some clusters the events of those clusters, live", async () => {
+    const operator = createClient(ActionService, transportWith(operatorToken));
+    const { action: before } = await operator.submitAction({ cluster: "team-b" });
+    await operator.submitAction({ cluster: "team-c" });
+    // The calls of the page's live feed (live.ts), which names no cluster: the latest events, then
+    // a watch after the newest of them.
+    const events = createClient(EventService, transportWith(teamToken));
+    const latest = await events.listEvents({ pageSize: 500, newestFirst: true });
+    expect(latest.events.map((e) => [e.cluster, e.actionId])).toEqual([["team-b", before?.id]]);
+    const abort = new AbortController();
+    const stream = events.watchEvents(
+      { afterSequence: latest.events[0]?.sequence ?? 0n },
+      { signal: abort.signal },
+    );
+    await operator.submitAction({ cluster: "team-c" });
+    const { action: after } = await operator.submitAction({ cluster: "team-b" });
+    // Another cluster's event is not sent; the next of team-b is.
+    const next = await stream[Symbol.asyncIterator]().next();
+    expect(next.value?.event).toMatchObject({ cluster: "team-b", actionId: after?.id });
+    abort.abort();
   });
 });
 

@@ -1,5 +1,6 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Access } from "../../auth/access.js";
 import { Code, LeaseholdError } from "../../errors.js";
 import { EventKind, EventSchema, EventService } from "../../gen/leasehold/v1/event_pb.js";
 import type { EventKind as DomainKind, EventFilter, EventRecord } from "../../work/event.js";
@@ -12,17 +13,17 @@ import { checkFilterName } from "../validate.js";
 
 /**
  * The EventService handlers over the domain's event service. A caller that
- * may read events only in some clusters must filter by one of them; events
- * of a scope lease carry its runtime as their cluster, so they are found by it.
+ * may read events only in some clusters is answered the events of those
+ * clusters when it names none; events of a scope lease carry its runtime as
+ * their cluster, so they are found by it.
  */
 export function eventServiceBinding(events: Events): ServiceBinding {
   return bind(EventService, {
     async listEvents(request, ctx) {
-      ctx.access.requireListScope("event.read", request.cluster);
-      checkFilterName("cluster", request.cluster);
+      const filter = readableFilter(request, ctx.access);
       const sizeOf = (e: EventRecord) => encodedSize(EventSchema, toProtoEvent(e));
       const page = await events.list(
-        toFilter(request),
+        filter,
         pageSize(request.pageSize),
         request.pageToken,
         request.newestFirst,
@@ -42,10 +43,9 @@ export function eventServiceBinding(events: Events): ServiceBinding {
       return { events: page.items.map(toProtoEvent), nextPageToken: page.nextPageToken };
     },
     async *watchEvents(request, ctx) {
-      ctx.access.requireListScope("event.read", request.cluster);
-      checkFilterName("cluster", request.cluster);
+      const filter = readableFilter(request, ctx.access);
       const after = request.afterSequence === undefined ? undefined : Number(request.afterSequence);
-      for await (const event of events.watch(toFilter(request), after, ctx.signal)) {
+      for await (const event of events.watch(filter, after, ctx.signal)) {
         const message = toProtoEvent(event);
         if (mayBeOver(event)) {
           const bytes = encodedSize(EventSchema, message);
@@ -92,6 +92,28 @@ function eventTooLarge(
  */
 const mayBeOver = (event: EventRecord): boolean =>
   event.details !== null || 3 * (event.message.length + event.actor.length) > PAGE_BYTES - 4096;
+
+type FilterRequest = Parameters<typeof toFilter>[0];
+
+/**
+ * The request's filter, limited to what the caller may read: a cluster it
+ * names needs event.read there (PERMISSION_DENIED otherwise); without one, a
+ * caller that holds event.read only in some clusters gets the events of
+ * those clusters, as ListClusters shows it only those. An action, worker or
+ * lease of another cluster then finds no events, as an id that never was:
+ * ids are no oracle. Events without a cluster (resources made outside any
+ * lease) are read only with event.read in every cluster.
+ */
+function readableFilter(request: FilterRequest, access: Access): EventFilter {
+  const filter = toFilter(request);
+  if (request.cluster !== "") {
+    access.require("event.read", request.cluster);
+    checkFilterName("cluster", request.cluster);
+    return filter;
+  }
+  const clusterGlobs = access.clustersWith("event.read");
+  return clusterGlobs === undefined ? filter : { ...filter, clusterGlobs };
+}
 
 function toFilter(request: {
   actionId: string;

@@ -15,9 +15,11 @@ class EventServiceStub(object):
     PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
     right; cluster when the right was needed in one cluster) when the principal
     lacks the right a method names below in the cluster the call touches (checked
-    once the request has come). A principal that holds a list's right only in
-    some clusters must name one of them in the request's cluster (or runtime)
-    filter.
+    once the request has come). A principal that holds event.read only in some
+    clusters is answered the events of those clusters when its request names no
+    cluster (events without a cluster, of resources made outside any lease,
+    only with event.read in every cluster): an action, worker or lease of
+    another cluster then has no events, as an id that never was.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -76,9 +78,11 @@ class EventServiceServicer(object):
     PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
     right; cluster when the right was needed in one cluster) when the principal
     lacks the right a method names below in the cluster the call touches (checked
-    once the request has come). A principal that holds a list's right only in
-    some clusters must name one of them in the request's cluster (or runtime)
-    filter.
+    once the request has come). A principal that holds event.read only in some
+    clusters is answered the events of those clusters when its request names no
+    cluster (events without a cluster, of resources made outside any lease,
+    only with event.read in every cluster): an action, worker or lease of
+    another cluster then has no events, as an id that never was.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says
@@ -114,9 +118,9 @@ class EventServiceServicer(object):
         takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
         ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
         the events past it); no event the server writes is that large today.
-        Right: event.read (in the cluster filter, unless held in every cluster;
-        scope lease and resource events carry the lease's runtime as their
-        cluster).
+        Right: event.read in the cluster filter; without one, only the events of
+        the clusters where the caller holds it are listed (scope lease and
+        resource events carry the lease's runtime as their cluster).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,9 +171,11 @@ class EventService(object):
     PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
     right; cluster when the right was needed in one cluster) when the principal
     lacks the right a method names below in the cluster the call touches (checked
-    once the request has come). A principal that holds a list's right only in
-    some clusters must name one of them in the request's cluster (or runtime)
-    filter.
+    once the request has come). A principal that holds event.read only in some
+    clusters is answered the events of those clusters when its request names no
+    cluster (events without a cluster, of resources made outside any lease,
+    only with event.read in every cluster): an action, worker or lease of
+    another cluster then has no events, as an id that never was.
 
     Every request is checked before it runs; a violation is INVALID_ARGUMENT
     with a google.rpc.BadRequest naming each field. Unless a field says

@@ -182,9 +182,7 @@ export type ListEventsRequest = Message<"leasehold.v1.ListEventsRequest"> & {
    * set, committed, rolled back, deleted) and its resources' (created,
    * promoted, deleted, and a deployment's creation). The events of a
    * deployment's action (grants, completions) name the action, not the
-   * lease: filter by that action_id for them. A caller whose event.read is
-   * bound to some clusters only names one of them in cluster too (the
-   * lease's runtime). At most 128 characters.
+   * lease: filter by that action_id for them. At most 128 characters.
    *
    * @generated from field: string lease_id = 8;
    */
@@ -289,9 +287,7 @@ export type WatchEventsRequest = Message<"leasehold.v1.WatchEventsRequest"> & {
    * set, committed, rolled back, deleted) and its resources' (created,
    * promoted, deleted, and a deployment's creation). The events of a
    * deployment's action (grants, completions) name the action, not the
-   * lease: filter by that action_id for them. A caller whose event.read is
-   * bound to some clusters only names one of them in cluster too (the
-   * lease's runtime). At most 128 characters.
+   * lease: filter by that action_id for them. At most 128 characters.
    *
    * @generated from field: string lease_id = 6;
    */
@@ -651,9 +647,11 @@ export const EventKindSchema: GenEnum<EventKind> = /*@__PURE__*/
  * PERMISSION_DENIED (ErrorInfo reason PERMISSION_DENIED, metadata principal and
  * right; cluster when the right was needed in one cluster) when the principal
  * lacks the right a method names below in the cluster the call touches (checked
- * once the request has come). A principal that holds a list's right only in
- * some clusters must name one of them in the request's cluster (or runtime)
- * filter.
+ * once the request has come). A principal that holds event.read only in some
+ * clusters is answered the events of those clusters when its request names no
+ * cluster (events without a cluster, of resources made outside any lease,
+ * only with event.read in every cluster): an action, worker or lease of
+ * another cluster then has no events, as an id that never was.
  *
  * Every request is checked before it runs; a violation is INVALID_ARGUMENT
  * with a google.rpc.BadRequest naming each field. Unless a field says
@@ -691,9 +689,9 @@ export const EventService: GenService<{
    * takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
    * ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
    * the events past it); no event the server writes is that large today.
-   * Right: event.read (in the cluster filter, unless held in every cluster;
-   * scope lease and resource events carry the lease's runtime as their
-   * cluster).
+   * Right: event.read in the cluster filter; without one, only the events of
+   * the clusters where the caller holds it are listed (scope lease and
+   * resource events carry the lease's runtime as their cluster).
    *
    * @generated from rpc leasehold.v1.EventService.ListEvents
    */

@@ -436,9 +436,7 @@ type ListEventsRequest struct {
 	// set, committed, rolled back, deleted) and its resources' (created,
 	// promoted, deleted, and a deployment's creation). The events of a
 	// deployment's action (grants, completions) name the action, not the
-	// lease: filter by that action_id for them. A caller whose event.read is
-	// bound to some clusters only names one of them in cluster too (the
-	// lease's runtime). At most 128 characters.
+	// lease: filter by that action_id for them. At most 128 characters.
 	LeaseId string `protobuf:"bytes,8,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
 }
 
@@ -625,9 +623,7 @@ type WatchEventsRequest struct {
 	// set, committed, rolled back, deleted) and its resources' (created,
 	// promoted, deleted, and a deployment's creation). The events of a
 	// deployment's action (grants, completions) name the action, not the
-	// lease: filter by that action_id for them. A caller whose event.read is
-	// bound to some clusters only names one of them in cluster too (the
-	// lease's runtime). At most 128 characters.
+	// lease: filter by that action_id for them. At most 128 characters.
 	LeaseId string `protobuf:"bytes,6,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
 }
 

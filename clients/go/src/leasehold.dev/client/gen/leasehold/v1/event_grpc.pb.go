@@ -21,9 +21,9 @@ type EventServiceClient interface {
 	// takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
 	// ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
 	// the events past it); no event the server writes is that large today.
-	// Right: event.read (in the cluster filter, unless held in every cluster;
-	// scope lease and resource events carry the lease's runtime as their
-	// cluster).
+	// Right: event.read in the cluster filter; without one, only the events of
+	// the clusters where the caller holds it are listed (scope lease and
+	// resource events carry the lease's runtime as their cluster).
 	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
 	// Streams events as they happen, optionally starting after a known sequence
 	// (to continue a ListEvents or a dropped watch without gaps). Events older
@@ -94,9 +94,9 @@ type EventServiceServer interface {
 	// takes more than 3 MiB as sent is RESOURCE_EXHAUSTED (ErrorInfo reason
 	// ANSWER_TOO_LARGE, metadata `sequence` and `next_page_token`, the token of
 	// the events past it); no event the server writes is that large today.
-	// Right: event.read (in the cluster filter, unless held in every cluster;
-	// scope lease and resource events carry the lease's runtime as their
-	// cluster).
+	// Right: event.read in the cluster filter; without one, only the events of
+	// the clusters where the caller holds it are listed (scope lease and
+	// resource events carry the lease's runtime as their cluster).
 	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
 	// Streams events as they happen, optionally starting after a known sequence
 	// (to continue a ListEvents or a dropped watch without gaps). Events older

@@ -142,11 +142,13 @@ export interface Access {
    */
   requireOwned(right: "action.cancel" | "lease.use", cluster: string, owner: string): void;
   /**
-   * For a list: undefined when the caller holds `right` in every cluster;
+   * For a list: passes when the caller holds `right` in every cluster;
    * otherwise throws PERMISSION_DENIED unless `cluster` (the request's filter)
-   * is set and allowed. Scoped callers must name the cluster they list.
+   * is set and allowed. Scoped callers must name the cluster they list. The
+   * refusal of an empty filter names `field`, the request's field that holds
+   * it (ErrorInfo metadata `filter`), so that a client can name its own flag.
    */
-  requireListScope(right: Right, cluster: string): void;
+  requireListScope(right: Right, cluster: string, field?: "cluster" | "runtime"): void;
   /**
    * The cluster globs in which the caller holds `right`, for a listing of
    * all it may read (EventService without a cluster filter); undefined when
@@ -270,13 +272,14 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
       }
       throw permissionDenied(actor, `${right}.own`, `in cluster ${quote(cluster)}`, { cluster });
     },
-    requireListScope(right: Right, cluster: string) {
+    requireListScope(right: Right, cluster: string, field: "cluster" | "runtime" = "cluster") {
       if (everywhere(right)) return;
       if (cluster === "") {
         throw permissionDenied(
           actor,
           right,
-          "in every cluster; name one of its clusters in the request's cluster (or runtime) filter",
+          `in every cluster; name one of its clusters in the request's ${field} filter`,
+          { filter: field },
         );
       }
       require(right, cluster);

@@ -371,6 +371,13 @@ export function cliErrorFrom(error: unknown, server: string): CliError {
       );
     case 5:
       return new CliError(e.details ?? "not found", EXIT.notFound);
+    case 7: {
+      // A list refused for naming no cluster names the request's field (cluster, runtime): the
+      // commands' flags have the same names.
+      const field = errorInfoOf(error)?.metadata.filter;
+      const flag = field ? ` (leasehold: --${field} <name>)` : "";
+      return new CliError(`${e.details ?? e.message ?? String(error)}${flag}`, EXIT.failed);
+    }
     case 3:
       return new CliError(e.details ?? "invalid argument", EXIT.usage);
     default:

@@ -1,5 +1,6 @@
 import { pino } from "pino";
 import { describe, expect, it } from "vitest";
+import { accessOf } from "../../src/auth/access.js";
 import { refusedChunk } from "../../src/cli/action-commands.js";
 import { jsonObjectOption } from "../../src/cli/json-option.js";
 import { durationText } from "../../src/cli/lease-commands.js";
@@ -56,6 +57,25 @@ describe("the CLI's exit code for a failed call", () => {
       exitCode: EXIT.failed,
       message: "deployments d1 (STOPPING) did not save their outputs",
     });
+  });
+
+  it("names the flag of the filter a scoped caller's list must set, not only the request's field", () => {
+    const team = accessOf("team-b", [{ role: "reader", clusters: ["b"], workerIds: "*" }]);
+    const refusal = (field?: "cluster" | "runtime") => {
+      try {
+        team.requireListScope("action.read", "", field);
+      } catch (error) {
+        return cliErrorFrom(fromServer(error as LeaseholdError), "127.0.0.1:50051");
+      }
+      throw new Error("not refused");
+    };
+    expect(refusal()).toMatchObject({
+      exitCode: EXIT.failed,
+      message:
+        '"team-b" lacks the right action.read in every cluster; name one of its clusters in the ' +
+        "request's cluster filter (leasehold: --cluster <name>)",
+    });
+    expect(refusal("runtime").message).toMatch(/request's runtime filter \(leasehold: --runtime <name>\)$/);
   });
 
   it("is 3 for a call the server or the connection cancelled, saying its outcome is unknown", () => {

@@ -291,7 +291,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       return { lease: toProtoLease(lease) };
     },
     async listLeases(request, ctx) {
-      ctx.access.requireListScope("lease.read", request.runtime);
+      ctx.access.requireListScope("lease.read", request.runtime, "runtime");
       checkFilterName("runtime", request.runtime);
       let state: ScopeLeaseState | undefined;
       if (request.state !== LeaseState.UNSPECIFIED) {
@@ -355,7 +355,7 @@ export function leaseServiceBinding(scope: ScopeLeaseService, events: Events): S
       if (!request.runtime && !request.label && !request.closedBefore && !request.all)
         v.add("all", "must be true to delete every closed lease; or name a label, runtime or closed_before");
       v.throwIfAny();
-      ctx.access.requireListScope("lease.delete", request.runtime);
+      ctx.access.requireListScope("lease.delete", request.runtime, "runtime");
       const { deleted, skippedOpen, skippedRunning } = await scope.deleteMany(
         {
           label: request.label || undefined,

@@ -1525,7 +1525,10 @@ export function createAgent(options: AgentOptions): Agent {
               if (!r.stop.aborted) r.stop.abort(new LeaseLost(reason, m.value.message || "stop and save"));
             } else if (!r.controller.aborted)
               r.controller.abort(new LeaseLost(reason, m.value.message || `lease revoked (${reason})`));
-            else if (r.report && reason !== "cancelled") forget(r);
+            // Only a lease the server ended is forgotten with its report unanswered; after any other
+            // revoke (a reason this agent does not know included: taken as a cancel, worker.proto)
+            // the report on its way lets go, and is sent again if the server could not apply it.
+            else if (r.report && SERVER_ENDED.has(reason)) forget(r);
           }
           break;
         }

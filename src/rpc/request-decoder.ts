@@ -50,6 +50,34 @@ export function requestDecoder(desc: DescMessage): (bytes: Buffer) => unknown {
   };
 }
 
+/**
+ * `bytes` decoded though some of its strings are not valid UTF-8, with the
+ * paths of those strings (as in a violation; inside a Struct payload, the
+ * payload's field): each is read with its bytes over 0x7F as "?", so nothing
+ * of it can be used but its path. For a caller that refuses only part of a
+ * request (a worker stream's reports: each one is answered on its own).
+ * Undefined when the bytes fail for another reason too. Copies the bytes:
+ * meant for a request that already failed to decode, never the hot path.
+ */
+export function decodeMendingStrings(
+  desc: DescMessage,
+  bytes: Uint8Array,
+): { message: object; badStrings: string[] } | undefined {
+  const copy = Uint8Array.from(bytes);
+  const badStrings: string[] = [];
+  try {
+    if (locateProblem(desc, copy, "", false, 1, (field) => badStrings.push(field))) return undefined;
+    return { message: fromBinary(desc, copy, READ_OPTIONS), badStrings };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Makes the string `data` (bytes within a larger buffer) valid UTF-8 in place, its length kept. */
+function mendString(data: Uint8Array): void {
+  for (let i = 0; i < data.length; i++) if ((data[i] as number) > 0x7f) data[i] = 0x3f;
+}
+
 /** Why a request could not be decoded, naming the field where that can be found. */
 function decodeError(desc: DescMessage, bytes: Uint8Array, error: unknown): LeaseholdError {
   let found: Problem | undefined;
@@ -166,6 +194,8 @@ function scalarWireType(scalar: ScalarType): WireType {
  * with the descriptor (protobuf-es only says that some string was invalid,
  * or that some message was too deep). Runs only for a request that failed to
  * decode. Inside a Struct payload the path stops at the payload's field.
+ * With `mend`, a string of invalid UTF-8 is no problem: it is mended in
+ * place (see {@link mendString}), its path given to `mend`, and the walk goes on.
  */
 function locateProblem(
   desc: DescMessage,
@@ -173,6 +203,7 @@ function locateProblem(
   path: string,
   inPayload: boolean,
   depth: number,
+  mend?: (field: string) => void,
 ): Problem | undefined {
   if (depth > RECURSION_LIMIT) return { kind: "depth", field: path };
   const reader = new BinaryReader(bytes);
@@ -209,9 +240,9 @@ function locateProblem(
     const data = reader.bytes();
     let found: Problem | undefined;
     if (isString(field)) {
-      if (!isUtf8(data)) found = { kind: "utf8", field: fieldPath };
+      if (!isUtf8(data)) found = badString(data, fieldPath, mend);
     } else if (field.fieldKind === "map") {
-      found = locateInMapEntry(field, data, fieldPath, inPayload, depth);
+      found = locateInMapEntry(field, data, fieldPath, inPayload, depth, mend);
     } else if (
       field.fieldKind === "message" ||
       (field.fieldKind === "list" && field.listKind === "message")
@@ -223,10 +254,19 @@ function locateProblem(
         fieldPath,
         inPayload || PAYLOAD_TYPES.has(child.typeName),
         depth + 1,
+        mend,
       );
     }
     if (found) return found;
   }
+  return undefined;
+}
+
+/** A string of invalid UTF-8 at `field`: the problem, or (with `mend`) none once mended. */
+function badString(data: Uint8Array, field: string, mend?: (field: string) => void): Problem | undefined {
+  if (!mend) return { kind: "utf8", field };
+  mendString(data);
+  mend(field);
   return undefined;
 }
 
@@ -237,6 +277,7 @@ function locateInMapEntry(
   path: string,
   inPayload: boolean,
   depth: number,
+  mend?: (field: string) => void,
 ): Problem | undefined {
   const reader = new BinaryReader(bytes);
   let keyPath = path;
@@ -247,24 +288,26 @@ function locateInMapEntry(
       continue;
     }
     const data = reader.bytes();
+    let found: Problem | undefined;
     if (number === 1 && field.mapKey === ScalarType.STRING) {
-      if (!isUtf8(data)) return { kind: "utf8", field: path };
+      if (!isUtf8(data)) found = badString(data, path, mend);
       if (!inPayload) keyPath = `${path}[${quote(Buffer.from(data).toString("utf8"))}]`;
     } else if (number === 2) {
       if (field.mapKind === "scalar" && field.scalar === ScalarType.STRING) {
-        if (!isUtf8(data)) return { kind: "utf8", field: keyPath };
+        if (!isUtf8(data)) found = badString(data, keyPath, mend);
       } else if (field.mapKind === "message") {
         const child = field.message;
-        const found = locateProblem(
+        found = locateProblem(
           child,
           data,
           keyPath,
           inPayload || PAYLOAD_TYPES.has(child.typeName),
           depth + 1,
+          mend,
         );
-        if (found) return found;
       }
     }
+    if (found) return found;
   }
   return undefined;
 }

@@ -22,6 +22,8 @@ export interface TestWorker {
   /** Every ConnectResponse as it arrived (batches whole). */
   readonly responses: ConnectResponse[];
   send(request: MessageInitShape<typeof ConnectRequestSchema>): void;
+  /** Sends one ConnectRequest already in the binary format (e.g. one protobuf would not encode). */
+  sendBytes(bytes: Uint8Array): void;
   /** The next unconsumed message of a kind (optionally matching `test`), waiting for it if needed. */
   next<C extends Case>(kind: C, test?: (value: ValueOf<C>) => boolean): Promise<ValueOf<C>>;
   heartbeat(sequence: number, held?: { actionId: string; epoch: bigint }[]): Promise<ValueOf<"heartbeatAck">>;
@@ -119,6 +121,10 @@ export async function connectWorker(
     received,
     responses,
     send,
+    sendBytes(bytes) {
+      // Serialized already: the client's request serializer hands a Buffer on as it is.
+      call.write(Buffer.from(bytes));
+    },
     next,
     heartbeat(sequence, held = []) {
       send({ message: { case: "heartbeat", value: { sequence: BigInt(sequence), heldLeases: held } } });

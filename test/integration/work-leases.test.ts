@@ -1,3 +1,4 @@
+import { create, type MessageInitShape, toBinary } from "@bufbuild/protobuf";
 import type * as grpc from "@grpc/grpc-js";
 import { type SQL, sql } from "drizzle-orm";
 import { PgDialect } from "drizzle-orm/pg-core";
@@ -6,7 +7,12 @@ import { Code } from "../../src/errors.js";
 import { ActionService, ActionState, AttemptOutcome } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterHealth, ClusterService, WorkerState } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
-import { RejectReason, RevokeReason, WorkerService } from "../../src/gen/leasehold/v1/worker_pb.js";
+import {
+  ConnectRequestSchema,
+  RejectReason,
+  RevokeReason,
+  WorkerService,
+} from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
@@ -933,6 +939,67 @@ describe("work leases", () => {
     expect((await getAction(id)).action?.state).toBe(ActionState.CANCELLED);
   });
 
+  it("cancels an action whose grant was revoked before the worker acknowledged it, once a heartbeat leaves it out (rule 9)", async () => {
+    // A worker that read the grant and the revoke together, and dropped both without a word.
+    await withGrantAckLimit(300);
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    await api().cancelAction({ actionId: id, reason: "user asked" });
+    expect(await w.next("revoke")).toMatchObject({ actionId: id, reason: RevokeReason.CANCELLED });
+    // Heartbeats without it for three times the limit on unacknowledged grants (the scenario's
+    // length, not an assertion on time): the first one releases it, and the stream stays.
+    await heartbeatUntil(w, new Promise((r) => setTimeout(r, 900)));
+    await tick().settled();
+    expect(await Promise.race([w.heartbeat(100), w.ended.then((e) => `ended: ${e.details}`)])).toMatchObject({
+      sequence: 100n,
+    });
+    const got = await getAction(id);
+    expect(got.action?.state).toBe(ActionState.CANCELLED);
+    expect(got.attempts[0]?.outcome).toBe(AttemptOutcome.CANCELLED);
+    // A release that crossed it (a worker that had not read the grant yet) is its repeat.
+    expect(await w.release(grant, "revoked")).toMatchObject({
+      accepted: true,
+      message: "action is now CANCELLED",
+    });
+  });
+
+  it("keeps a stream whose cancelled grant, never acknowledged, waits past the limit for its release to commit", async () => {
+    // The release a heartbeat implies fails (the database refuses it) and is tried again on every
+    // heartbeat: the grant is no sign of a stream that does not read.
+    let failing = true;
+    await t[Symbol.asyncDispose]();
+    t = await startTestServer({
+      config: { gracePeriod: "10s", heartbeatInterval: "2s" },
+      overrides: {
+        clock,
+        timers: false,
+        limits: { grantAckLimitMs: 300 },
+        wrapDb: intercepting(async (text, execute) => {
+          if (failing && text.includes("f_updated")) throw new Error("refused for the test");
+          return execute();
+        }),
+      },
+    });
+    const w = await worker("w1");
+    const id = await submit();
+    await tick().dispatch();
+    await w.next("grant");
+    await api().cancelAction({ actionId: id, reason: "user asked" });
+    await w.next("revoke");
+    await heartbeatUntil(w, new Promise((r) => setTimeout(r, 900)));
+    expect(
+      t.logs.filter((l) => l.msg === "could not release a lease the worker let go of; will retry").length,
+    ).toBeGreaterThan(1);
+    failing = false;
+    expect(await Promise.race([w.heartbeat(100), w.ended.then((e) => `ended: ${e.details}`)])).toMatchObject({
+      sequence: 100n,
+    });
+    await tick().settled();
+    expect((await getAction(id)).action?.state).toBe(ActionState.CANCELLED);
+  });
+
   it("accepts a report sent again as its repeat, on a cancelled action whatever it said, and fences a different one", async () => {
     const w = await worker("w1", { capacity: 2 });
     const done = await submit();
@@ -1324,6 +1391,39 @@ describe("work leases", () => {
     expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.SUCCEEDED]);
   });
 
+  it("reads nothing after a goodbye: what follows it, in its batch or after, is neither applied nor answered", async () => {
+    const a = await worker("wa");
+    const id = await submit();
+    await tick().dispatch();
+    const grant = await a.next("grant");
+    const lease = { actionId: id, epoch: grant.epoch };
+    a.send({
+      message: {
+        case: "batch",
+        value: {
+          messages: [
+            { message: { case: "goodbye", value: { reason: "done" } } },
+            {
+              message: {
+                case: "completion",
+                value: { reportId: 9n, ...lease, outcome: { case: "succeeded", value: {} } },
+              },
+            },
+            // One the server would answer INVALID (no action id), were it read.
+            { message: { case: "release", value: { reportId: 10n, actionId: "", epoch: 1n } } },
+          ],
+        },
+      },
+    });
+    // Bytes that are no message: read, they would end the stream with INVALID_ARGUMENT.
+    a.sendBytes(Buffer.from([0x0a, 0xff, 0xff]));
+    expect(await a.ended).toMatchObject({ code: 0 });
+    expect(a.received.filter((m) => m.message.case === "reportResult")).toEqual([]);
+    const got = await getAction(id);
+    expect(got.action?.state).toBe(ActionState.QUEUED);
+    expect(got.attempts.map((x) => x.outcome)).toEqual([AttemptOutcome.RELEASED]);
+  });
+
   it("hands the next attempt a checkpoint sent just before a release and a goodbye", async () => {
     const a = await worker("wa");
     const id = await submit();
@@ -1482,6 +1582,68 @@ describe("work leases", () => {
       expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.LEASED);
       expect(await w.complete(lease, { output: { ok: true } })).toMatchObject({ accepted: true });
       expect((await getAction(lease.actionId)).action?.state).toBe(ActionState.SUCCEEDED);
+    });
+
+    it("of invalid UTF-8 is answered INVALID naming the field, alone or in a batch, and the stream goes on", async () => {
+      const { w, lease } = await held();
+      /** The request in the binary format, the string "ZQXJZQ" in it turned into bytes that are not UTF-8. */
+      const withBadString = (request: MessageInitShape<typeof ConnectRequestSchema>) => {
+        const bytes = toBinary(ConnectRequestSchema, create(ConnectRequestSchema, request));
+        bytes.set([0xff, 0xfe, 0xc3, 0x28, 0xa0, 0xa1], Buffer.from(bytes).indexOf("ZQXJZQ"));
+        return bytes;
+      };
+      w.sendBytes(
+        withBadString({
+          message: {
+            case: "completion",
+            value: { reportId: 6n, ...lease, outcome: { case: "failed", value: { message: "ZQXJZQ" } } },
+          },
+        }),
+      );
+      expect(await w.next("reportResult", (r) => r.reportId === 6n)).toMatchObject({
+        accepted: false,
+        rejectReason: RejectReason.INVALID,
+        epoch: lease.epoch,
+        message: "completion.failed.message: is not valid UTF-8",
+      });
+      // In a batch: that report alone is refused, the others are applied.
+      w.sendBytes(
+        withBadString({
+          message: {
+            case: "batch",
+            value: {
+              messages: [
+                { message: { case: "progress", value: { reportId: 7n, ...lease, phase: "ZQXJZQ" } } },
+                { message: { case: "progress", value: { reportId: 8n, ...lease, phase: "fine" } } },
+              ],
+            },
+          },
+        }),
+      );
+      expect(await w.next("reportResult", (r) => r.reportId === 7n)).toMatchObject({
+        accepted: false,
+        rejectReason: RejectReason.INVALID,
+        message: "batch.messages[0].progress.phase: is not valid UTF-8",
+      });
+      expect(await w.next("reportResult", (r) => r.reportId === 8n)).toMatchObject({ accepted: true });
+      expect((await getAction(lease.actionId)).action).toMatchObject({
+        state: ActionState.LEASED,
+        phase: "fine",
+      });
+      expect(await w.complete(lease, { output: { ok: true } })).toMatchObject({ accepted: true });
+      // Anything else of invalid UTF-8 still ends the stream, naming it.
+      w.sendBytes(
+        withBadString({
+          message: {
+            case: "heartbeat",
+            value: { sequence: 1n, heldLeases: [{ actionId: "ZQXJZQ", epoch: 1n }] },
+          },
+        }),
+      );
+      expect(await w.ended).toMatchObject({
+        code: Code.InvalidArgument,
+        details: "heartbeat.held_leases[0].action_id: is not valid UTF-8",
+      });
     });
 
     it("over its size is answered INVALID with the limit", async () => {

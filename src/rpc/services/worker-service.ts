@@ -29,8 +29,8 @@ import type { LeaseToken, ServerMessage, WorkerLink, WorkerMessage } from "../..
 import { type FastDecoders, READ_PAUSE_MESSAGES } from "../adapter.js";
 import { charactersOver, MAX_BATCH_MESSAGES, MAX_CAPACITY } from "../limits.js";
 import { DEFAULT_REQUEST_STALL_MS } from "../partial-requests.js";
-import { RejectedRequest, requestDecoder } from "../request-decoder.js";
-import { requestValidator } from "../request-validator.js";
+import { decodeMendingStrings, RejectedRequest, requestDecoder } from "../request-decoder.js";
+import { requestValidator, violationError } from "../request-validator.js";
 import { bind, type ServiceBinding } from "../server.js";
 import { checkWorkerNames, Violations } from "../validate.js";
 import {
@@ -171,7 +171,9 @@ export function workerServiceBinding(
       const first = await firstRequest(requests, helloTimeoutMs);
       if (first.done || first.value.message.case !== "hello") {
         // A report that breaks the checks (answered INVALID on a welcomed stream) is refused here as such.
-        const refused = first.done ? undefined : validateConnectRequest(first.value);
+        const refused = first.done
+          ? undefined
+          : (validateConnectRequest(first.value) ?? badStringsOf(first.value));
         if (refused) throw refused;
         throw LeaseholdError.invalidArgument(
           "message",
@@ -323,6 +325,8 @@ export function workerServiceBinding(
         }
         const open = session;
         const maxHeld = maxHeldLeases(hello.capacity, open.heldAtOpen);
+        /** A goodbye was handled: nothing more is read from the stream. */
+        let saidGoodbye = false;
         const deliver = (message: WorkerMessage | Invalid) => {
           if (message.type === "invalid") {
             open.heard();
@@ -341,6 +345,12 @@ export function workerServiceBinding(
           // Reports need no principal check: this stream's session is the principal's (the hello
           // checked it), and reports are fenced by (action, epoch, session).
           open.receive(message);
+          if (message.type === "goodbye") {
+            // The last message read (worker.proto, Goodbye): what follows it, in its batch or
+            // after, is neither applied nor answered, and cannot change how the stream ends.
+            saidGoodbye = true;
+            stream.stop();
+          }
         };
         /**
          * The reports handled so far are answered before the stream ends: the worker half-closed
@@ -360,7 +370,7 @@ export function workerServiceBinding(
             // handled in order, as if it came alone (none after the stream was closed).
             const messages = toWorkerMessages(request.message.value, maxHeld);
             for (const message of messages) {
-              if (linkClosed || ctx.signal.aborted) break;
+              if (linkClosed || saidGoodbye || ctx.signal.aborted) break;
               deliver(message);
             }
           });
@@ -428,7 +438,8 @@ function decodeConnectRequest(bytes: Buffer): object {
   const reports = decodeWorkerReports(bytes);
   if (reports && validateConnectRequest(reports) === undefined) return reports;
   const decoded = decodeInFull(bytes);
-  return decoded instanceof RejectedRequest ? refuseReportsOnly(decoded) : (decoded as object);
+  if (!(decoded instanceof RejectedRequest)) return decoded as object;
+  return decoded.message === undefined ? refuseBadStrings(bytes, decoded) : refuseReportsOnly(decoded);
 }
 
 /** The messages a report can be (worker.proto: ReportResult answers them). */
@@ -474,6 +485,64 @@ function refuseReportsOnly(rejected: RejectedRequest): object {
     refused++;
   }
   return refused > 0 ? request : rejected;
+}
+
+/**
+ * A request that could not be decoded, when the only reason is strings of
+ * invalid UTF-8 in reports: the request, each of those reports marked in
+ * {@link refusedReports} (naming the string's field) like a report that
+ * breaks a limit. protobuf-es fails the whole request on any such string, and
+ * a failure message cut from a command's output in the middle of a character
+ * would otherwise end every stream that sent it again. Runs only for a
+ * request that failed to decode.
+ */
+function refuseBadStrings(bytes: Buffer, rejected: RejectedRequest): object {
+  const mended = decodeMendingStrings(ConnectRequestSchema, bytes);
+  if (!mended) return rejected;
+  const request = mended.message as ConnectRequest;
+  const bad = new Map<ConnectRequest, FieldViolation[]>();
+  for (const field of mended.badStrings) {
+    // Paths within a batch start with the message's place in it; refused reports' paths do not.
+    const inBatch = /^batch\.messages\[(\d+)\]\.(.+)$/.exec(field);
+    const report =
+      inBatch && request.message.case === "batch"
+        ? request.message.value.messages[Number(inBatch[1])]
+        : request;
+    if (!report || !REPORTS.has(report.message.case)) {
+      // Named itself: the decoder's error names the first bad string, maybe a report's.
+      return new RejectedRequest(violationError([{ field, description: "is not valid UTF-8" }]));
+    }
+    const violations = bad.get(report) ?? [];
+    violations.push({ field: inBatch?.[2] ?? field, description: "is not valid UTF-8" });
+    bad.set(report, violations);
+  }
+  // The rest is checked as any request is: a heartbeat that breaks a limit still ends the stream.
+  const invalid = validateConnectRequest(request);
+  if (invalid) {
+    const checked = refuseReportsOnly(new RejectedRequest(invalid, request));
+    if (checked !== request) return checked;
+  }
+  for (const [report, violations] of bad) {
+    refusedReports.set(report, [...violations, ...(refusedReports.get(report) ?? [])]);
+  }
+  return request;
+}
+
+/**
+ * The strings of invalid UTF-8 in the reports of a request read around them
+ * (see {@link refuseBadStrings}), as an error naming them; undefined if none.
+ * For a report sent before the hello: the stream ends naming the field, as
+ * it does for a report that breaks a limit.
+ */
+function badStringsOf(request: ConnectRequest): LeaseholdError | undefined {
+  const m = request.message;
+  const found =
+    m.case === "batch"
+      ? m.value.messages.flatMap((inner, i) =>
+          (refusedReports.get(inner) ?? []).map((v) => ({ ...v, field: `batch.messages[${i}].${v.field}` })),
+        )
+      : (refusedReports.get(request) ?? []);
+  return found.length > 0 ? LeaseholdError.invalidFields(found) : undefined;
 }
 
 /** The composition root gives these to the binding it registers. */

@@ -108,7 +108,8 @@ export interface RevokedLease {
    * The worker showed it has the lease: listed it in its last heartbeat (or
    * hello) before the revoke, or in a heartbeat or report since. Until then
    * a heartbeat without it proves nothing: it may have been composed before
-   * the grant arrived.
+   * the grant arrived. Needed after COLLECT_OUTPUTS only (see
+   * Revokes.releaseOmitted).
    */
   known: boolean;
   /** A release for it is being committed. */

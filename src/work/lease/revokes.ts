@@ -64,12 +64,21 @@ export function createRevokes(deps: {
    * SPEC rule 9: a revoked lease the worker no longer lists in its heartbeat's
    * held leases counts as released, exactly as if it had sent a ReleaseReport
    * (same group commit, fenced on action, epoch and session; a cancelled
-   * action becomes CANCELLED). Only leases already asked to stop count, and
-   * only once the worker showed it had the lease (see {@link RevokedLease}):
-   * a grant still on its way is never mistaken for a release. A report the
-   * worker sent before this heartbeat is applied first (in its action's turn,
-   * see Reports.settle), so a completion that raced the revoke keeps its result. Runs only
-   * while the session has a revoked lease pending.
+   * action becomes CANCELLED). Only leases already asked to stop count. After
+   * COLLECT_OUTPUTS, only once the worker showed it had the lease (see
+   * {@link RevokedLease}): the release runs the deployment again elsewhere, so
+   * a grant still on its way, left out of a heartbeat sent before it arrived,
+   * must never be mistaken for one. After CANCELLED, any heartbeat read after
+   * the revoke counts, even for a grant the worker never acknowledged (it may
+   * have read the revoke and dropped both): the release ends the action
+   * CANCELLED, which no epoch follows, and a worker that had not seen the grant
+   * yet reads the revoke right after it, so what it then does with the grant
+   * (stops it; its reports are answered as repeats of the release, and a
+   * heartbeat listing it draws a SUPERSEDED revoke) ends the same way as had
+   * it let go itself. A report the worker sent before this heartbeat is
+   * applied first (in its action's turn, see Reports.settle), so a completion
+   * that raced the revoke keeps its result. Runs only while the session has a
+   * revoked lease pending.
    */
   function releaseOmitted(s: Hosted, held: readonly LeaseToken[]): void {
     const revoked = s.revoked;
@@ -85,7 +94,7 @@ export function createRevokes(deps: {
         r.known = true;
         continue;
       }
-      if (!r.known) continue;
+      if (!r.known && r.reason !== "CANCELLED") continue;
       r.releasing = true;
       const token = { actionId, epoch: r.epoch };
       settle(

@@ -136,15 +136,23 @@ export function createStreamHandle(
    * of reports, a stalled event loop) or the worker is paused, the run breaks, and the messages
    * held back come together afterwards, the acknowledgement among them.
    * Ended as lost: the session is in grace; a worker that comes back is sent again the grants its
-   * hello does not list, and one that does not loses them at its deadline.
+   * hello does not list, and one that does not loses them at its deadline. A grant cancelled
+   * before it was acknowledged waits for nothing: a heartbeat that leaves it out releases it
+   * (Revokes.releaseOmitted), so it is passed over here while that release commits.
    */
   let endedUnread = false;
   const endIfGrantsUnread = () => {
     if (endedUnread || s.unacked.size === 0) return;
-    const [actionId, oldest] = s.unacked.entries().next().value as [
-      string,
-      { firstBeatAt?: number; lastBeatAt?: number },
-    ];
+    let actionId: string | undefined;
+    let oldest: { readonly epoch: number; firstBeatAt?: number; lastBeatAt?: number } | undefined;
+    for (const [id, unacked] of s.unacked) {
+      const revoked = s.revoked?.get(id);
+      if (revoked?.reason === "CANCELLED" && revoked.epoch === unacked.epoch) continue;
+      actionId = id;
+      oldest = unacked;
+      break;
+    }
+    if (actionId === undefined || oldest === undefined) return;
     const now = performance.now();
     if (
       oldest.firstBeatAt === undefined ||
@@ -167,12 +175,18 @@ export function createStreamHandle(
       },
       "ending a stream that leaves its grants unacknowledged though it heartbeats: it reads nothing",
     );
+    // Only a COLLECT_OUTPUTS revoke leaves a grant here (see above): its omission is no release.
+    const cause =
+      s.revoked?.get(actionId)?.epoch === oldest.epoch
+        ? "this stream does not read what the server sends, or dropped a grant revoked (COLLECT_OUTPUTS) " +
+          "before acknowledging it without the completion or release it needs"
+        : "this stream does not read what the server sends";
     s.link.close(
       new LeaseholdError(
         Code.Unavailable,
         `the grant of action ${actionId} is not acknowledged (a GrantAck, a heartbeat listing it, or a report on ` +
-          `it) though heartbeats kept coming for ${(heartbeatingMs / 1000).toFixed(1)} s after it: this stream ` +
-          "does not read what the server sends. Reconnect; grants the hello does not list are sent again",
+          `it) though heartbeats kept coming for ${(heartbeatingMs / 1000).toFixed(1)} s after it: ${cause}. ` +
+          "Reconnect; grants the hello does not list are sent again",
         {
           reason: "GRANTS_UNACKNOWLEDGED",
           metadata: { action_id: actionId, unacknowledged: String(s.unacked.size) },

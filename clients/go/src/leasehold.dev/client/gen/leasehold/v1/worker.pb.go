@@ -239,10 +239,13 @@ func (x *HeldLease) GetEpoch() uint64 {
 // Every message is checked when it arrives; one that fails ends the stream
 // with INVALID_ARGUMENT (RESOURCE_EXHAUSTED for a payload over its limits)
 // naming the field, once the reports sent before it are answered. A report
-// (grant ack, progress, completion, release) whose own fields fail does not:
-// it is answered with a ReportResult INVALID whose message names the field
-// and the limit, nothing of it is applied, the lease stays as it was, and
-// the stream goes on. Never send such a report again unchanged, on this
+// (grant ack, progress, completion, release) whose own fields fail does not
+// (a string of invalid UTF-8 in it included, e.g. a failure message cut in
+// the middle of a character): it is answered with a ReportResult INVALID
+// whose message names the field and the limit (or "is not valid UTF-8"),
+// nothing of it is applied, the lease stays as it was, and the stream goes
+// on. A string of invalid UTF-8 anywhere else (a heartbeat's, a goodbye's)
+// ends the stream with INVALID_ARGUMENT naming it. Never send such a report again unchanged, on this
 // stream or a later one: it would be refused again, and the lease would stay
 // held. Report again within the limits (a completion whose output or error
 // cannot be made to fit: a failure, retryable false, saying why), or
@@ -582,6 +585,11 @@ func (x *ConnectRequestBatch) GetMessages() []*ConnectRequest {
 }
 
 // Server → worker.
+//
+// Forward compatibility: ignore a message whose kind this oneof does not list
+// (a newer server's), alone or inside a batch, and fields a message does not
+// list, as the SDKs do; an unknown RevokeReason or RejectReason has a rule of
+// its own (see there).
 type ConnectResponse struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1087,13 +1095,16 @@ type Heartbeat struct {
 	// ReportResult): a lease the worker was asked to stop (a Revoke with reason
 	// CANCELLED or COLLECT_OUTPUTS) and that a heartbeat no longer lists counts
 	// as released, as if a ReleaseReport had been sent (a cancelled action
-	// becomes CANCELLED and the slot is free). The omission counts only once
-	// the server has seen that the worker has the lease on this stream: listed
-	// in the hello or in the last heartbeat before the revoke, acknowledged
-	// (a GrantAck, a ProgressReport, or a heartbeat listing it) before the
-	// revoke, or listed or reported on since. A heartbeat that never
-	// listed a lease proves nothing, as it may have been sent before the grant
-	// arrived. A listed lease that is not the session's is answered with a
+	// becomes CANCELLED and the slot is free). After CANCELLED, any heartbeat
+	// the server reads after it sent the revoke counts, even for a grant the
+	// worker never acknowledged (see Revoke). After COLLECT_OUTPUTS, whose
+	// release runs the deployment again elsewhere, the omission counts only
+	// once the server has seen that the worker has the lease on this stream:
+	// listed in the hello or in the last heartbeat before the revoke,
+	// acknowledged (a GrantAck, a ProgressReport, or a heartbeat listing it)
+	// before the revoke, or listed or reported on since. A heartbeat that never
+	// listed a lease proves nothing there, as it may have been sent before the
+	// grant arrived. A listed lease that is not the session's is answered with a
 	// Revoke (SUPERSEDED): at most 64 of them per heartbeat, the first listed;
 	// a lease still listed after that is revoked by a later heartbeat.
 	// At most 20,000 entries, of which distinct leases at most twice the
@@ -1388,7 +1399,9 @@ func (x *Grant) GetTraceParent() string {
 // (ErrorInfo reason GRANTS_UNACKNOWLEDGED, metadata action_id and
 // unacknowledged): its worker reads nothing the server sends (a receive loop
 // stuck while its heartbeat loop runs), and its grants would otherwise stay
-// leased, never run. Reconnect as after any ending; the grants the hello does not list are
+// leased, never run. A grant revoked CANCELLED never ends a stream so: the
+// first heartbeat after the revoke that leaves it out releases it (see
+// Revoke). Reconnect as after any ending; the grants the hello does not list are
 // sent again, and a worker that does not come back loses them at its
 // deadline. Answered by a ReportResult; FENCED when the
 // (action, epoch) is not a current lease of this session. A worker whose
@@ -1911,6 +1924,11 @@ func (x *ReleaseReport) GetSelfFenced() bool {
 // ends OK the leases are still the session's: a worker that cannot wait
 // should not start their work elsewhere itself; the server hands them on
 // once the goodbye is applied, or once the session expires.
+// The goodbye is the last message the server reads from the stream: whatever
+// the worker sends after it, later in its batch or in later requests, is
+// neither applied nor answered (a report after it is lost: the goodbye
+// released its lease), and cannot change how the stream ends. Send every
+// report before it.
 type Goodbye struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache
@@ -1959,7 +1977,10 @@ func (x *Goodbye) GetReason() string {
 	return ""
 }
 
-// The worker must stop one action. After EXPIRED, SUPERSEDED or ROLLED_BACK
+// The worker must stop one action: the lease (action_id, epoch). A Revoke
+// applies to that epoch only: it says nothing of another epoch of the same
+// action (a grant of it at a higher epoch stays valid), and one naming a lease
+// the worker does not hold is ignored (see below). After EXPIRED, SUPERSEDED or ROLLED_BACK
 // the lease is already gone: stop, report nothing more about it, and stop
 // listing it. One exception: a completion already sent and not yet answered
 // by a ReportResult is still awaited, and sent again on a new stream if its
@@ -1975,9 +1996,20 @@ func (x *Goodbye) GetReason() string {
 // CANCELLED or COLLECT_OUTPUTS the lease stays valid until the worker lets go: stop (for
 // COLLECT_OUTPUTS, save the outputs first), then send a ReleaseReport or
 // CompletionReport, or stop listing the lease in held_leases, which counts as
-// a release (see Heartbeat.held_leases). A cancel wins: after CANCELLED a
-// completion is accepted, but the action ends CANCELLED and its output is
-// not kept. A Revoke may come for a lease the worker has dropped already
+// a release (see Heartbeat.held_leases). After COLLECT_OUTPUTS the omission
+// counts only for a lease the server has seen the worker hold: a grant revoked
+// so before the worker acknowledged it needs a ReleaseReport or a
+// CompletionReport (or a GrantAck, then the omission), else its stream ends
+// GRANTS_UNACKNOWLEDGED (see GrantAck). After CANCELLED the omission counts
+// whether the grant was acknowledged or not: a worker that reads a grant and
+// its CANCELLED revoke together may drop both and send nothing but its
+// heartbeats. So a grant cancelled before the worker acknowledged it may be
+// released by a heartbeat the worker sent before the grant arrived: the
+// action is then CANCELLED, a completion or release of the lease sent later
+// is accepted as a repeat of that release ("action is now CANCELLED"), and a
+// heartbeat listing it draws a Revoke SUPERSEDED; stop its work all the same.
+// A cancel wins: after CANCELLED a completion is accepted, but the action
+// ends CANCELLED and its output is not kept. A Revoke may come for a lease the worker has dropped already
 // (every FENCED report brings one, and so does a heartbeat listing a lease
 // that is no longer the session's): ignore a revoke of a lease not held.
 type Revoke struct {

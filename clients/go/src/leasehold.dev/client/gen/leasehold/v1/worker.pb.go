@@ -245,9 +245,9 @@ func (x *HeldLease) GetEpoch() uint64 {
 // whose message names the field and the limit (or "is not valid UTF-8"),
 // nothing of it is applied, the lease stays as it was, and the stream goes
 // on. A string of invalid UTF-8 anywhere else (a heartbeat's, a goodbye's)
-// ends the stream with INVALID_ARGUMENT naming it. Never send such a report again unchanged, on this
-// stream or a later one: it would be refused again, and the lease would stay
-// held. Report again within the limits (a completion whose output or error
+// ends the stream with INVALID_ARGUMENT naming it. Never send such a report
+// again unchanged, on this stream or a later one: it would be refused
+// again, and the lease would stay held. Report again within the limits (a completion whose output or error
 // cannot be made to fit: a failure, retryable false, saying why), or
 // release the lease. Unless a field says otherwise: strings are valid UTF-8
 // of at most 128 characters without NUL (U+0000); 64-bit integers are at
@@ -1979,9 +1979,9 @@ func (x *Goodbye) GetReason() string {
 
 // The worker must stop one action: the lease (action_id, epoch). A Revoke
 // applies to that epoch only: it says nothing of another epoch of the same
-// action (a grant of it at a higher epoch stays valid), and one naming a lease
-// the worker does not hold is ignored (see below). After EXPIRED, SUPERSEDED or ROLLED_BACK
-// the lease is already gone: stop, report nothing more about it, and stop
+// action (a grant of it at a higher epoch stays valid), and one naming a
+// lease the worker does not hold is ignored (see below). After EXPIRED,
+// SUPERSEDED or ROLLED_BACK the lease is already gone: stop, report nothing more about it, and stop
 // listing it. One exception: a completion already sent and not yet answered
 // by a ReportResult is still awaited, and sent again on a new stream if its
 // lease came back in Welcome.revoked (see Connect); a SUPERSEDED Revoke that
@@ -2009,9 +2009,10 @@ func (x *Goodbye) GetReason() string {
 // is accepted as a repeat of that release ("action is now CANCELLED"), and a
 // heartbeat listing it draws a Revoke SUPERSEDED; stop its work all the same.
 // A cancel wins: after CANCELLED a completion is accepted, but the action
-// ends CANCELLED and its output is not kept. A Revoke may come for a lease the worker has dropped already
-// (every FENCED report brings one, and so does a heartbeat listing a lease
-// that is no longer the session's): ignore a revoke of a lease not held.
+// ends CANCELLED and its output is not kept. A Revoke may come for a lease
+// the worker has dropped already (every FENCED report brings one, and so
+// does a heartbeat listing a lease that is no longer the session's): ignore
+// a revoke of a lease not held.
 type Revoke struct {
 	state         protoimpl.MessageState
 	sizeCache     protoimpl.SizeCache

@@ -71,14 +71,6 @@ function phaseText(a: Action): string {
 }
 
 /**
- * `leasehold action submit --from FILE`: the file's lines (see
- * parseActionLines), read and checked before anything is sent, then sent in
- * SubmitActions calls of up to 1,000. Each call is all or nothing; a refused
- * call ends the command, naming the line, and the calls before it stay
- * submitted (the message says which lines): with request ids on every line,
- * running the same file again resubmits nothing twice.
- */
-/**
  * `action cancel` without an id: CancelActions until no matching action is
  * left, printing what each call did. Exit 0 whatever matched (none is no error).
  */
@@ -126,6 +118,14 @@ async function cancelMatching(
   return undefined;
 }
 
+/**
+ * `leasehold action submit --from FILE`: the file's lines (see
+ * parseActionLines), read and checked before anything is sent, then sent in
+ * SubmitActions calls of up to 1,000. Each call is all or nothing; a refused
+ * call ends the command, naming the line, and the calls before it stay
+ * submitted (the message says which lines): with request ids on every line,
+ * running the same file again resubmits nothing twice.
+ */
 async function submitFrom(o: Record<string, unknown>, argv: string[], command: Command): Promise<void> {
   for (const [flag, given] of [
     ["the command after --", argv.length > 0],

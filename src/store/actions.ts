@@ -214,32 +214,47 @@ export async function cancelMatchingActions(
   const message = reason ? `action cancelled: ${reason}` : "action cancelled";
   const requested = `cancel requested${reason ? `: ${reason}` : ""}; revoking from `;
   const conditions: SQL[] = [sql`cluster = ${filter.cluster}`, sql`not cancel_requested`];
-  // Literals, as readActions names them: the partial indexes' predicates must be provable.
-  if (filter.state) conditions.push(sql`state = ${sql.raw(stateLiteral(filter.state))}`);
-  else conditions.push(sql`state in ('QUEUED', 'LEASED')`);
   if (filter.runId) conditions.push(sql`run_id = ${filter.runId} and run_id <> ''`);
   if (filter.actionIds)
     conditions.push(
       sql`id in (select jsonb_array_elements_text(${JSON.stringify(filter.actionIds)}::jsonb))`,
     );
   if (filter.createdBy !== undefined) conditions.push(sql`created_by = ${filter.createdBy}`);
-  const where = sql.join(conditions, sql` and `);
+  // One branch per state, each naming its state as a literal: the planner then reads a cluster's
+  // queued actions through actions_claim_idx and its leased ones through actions_state_idx. With
+  // `state in (...)` it proved neither partial index's predicate and read every row of the table.
+  const states = filter.state ? [filter.state] : (["QUEUED", "LEASED"] as const);
+  const matching = (after?: SQL) =>
+    sql.join(
+      states.map(
+        (state) =>
+          sql`select id from actions where state = ${sql.raw(stateLiteral(state))} and ${sql.join(
+            after ? [...conditions, after] : conditions,
+            sql` and `,
+          )}`,
+      ),
+      sql` union all `,
+    );
   const rows = await queryRows<ActionRow & { was: string }>(
     db,
     sql`
       with target as (
-        select id, state from actions where ${where} order by id limit ${limit + 1} for update
+        -- Locked in id order. A row that changed while its lock was awaited is checked again
+        -- against the outer conditions: one granted meanwhile is cancelled as leased, one
+        -- finished meanwhile is left out.
+        select id, state from actions
+        where id in (${matching()}) and state in ('QUEUED', 'LEASED') and not cancel_requested
+        order by id limit ${limit} for update
       ),
-      taken as (select id, state from target order by id limit ${limit}),
       queued as (
         update actions a set state = 'CANCELLED', failure_reason = ${message}, finished_at = now(),
           updated_at = now()
-        from taken t where a.id = t.id and t.state = 'QUEUED'
+        from target t where a.id = t.id and t.state = 'QUEUED'
         returning a.*
       ),
       leased as (
         update actions a set cancel_requested = true, failure_reason = ${message}, updated_at = now()
-        from taken t where a.id = t.id and t.state = 'LEASED'
+        from target t where a.id = t.id and t.state = 'LEASED'
         returning a.*
       ),
       queued_events as (
@@ -252,10 +267,21 @@ export async function cancelMatchingActions(
           ${requested} || coalesce(worker_id, ''), ${actor} from leased
       )
       select *, 'QUEUED' as was from queued
-      union all select *, 'LEASED' from leased
-      union all select a.*, 'MORE' from actions a
-        where a.id = (select id from target order by id offset ${limit} limit 1)`,
+      union all select *, 'LEASED' from leased`,
   );
+  // Whether any matches past the last one taken (unlocked: a hint to call again, nothing more).
+  let more = false;
+  const last = rows.reduce<string | undefined>(
+    (max, r) => (max === undefined || r.id > max ? r.id : max),
+    undefined,
+  );
+  if (rows.length === limit && last !== undefined) {
+    const [row] = await queryRows<{ more: boolean }>(
+      db,
+      sql`select exists (${matching(sql`id > ${last}`)}) as more`,
+    );
+    more = row?.more === true;
+  }
   const byId = (a: { id: string }, b: { id: string }) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
   return {
     cancelled: rows
@@ -266,7 +292,7 @@ export async function cancelMatchingActions(
       .filter((r) => r.was === "LEASED")
       .sort(byId)
       .map(actionFromRow),
-    more: rows.some((r) => r.was === "MORE"),
+    more,
   };
 }
 

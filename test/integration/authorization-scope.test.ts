@@ -76,6 +76,35 @@ describe("authorization by cluster, owner and session", () => {
     }
   });
 
+  it("cancels in bulk only what the caller may cancel: a submitter's own actions, an operator's anyone's", async () => {
+    const actions = t.client(ActionService);
+    const submit = async (who: string) =>
+      (await actions.submitAction({ cluster: "cluster-a", runId: "bulk-owners" }, as(who))).action?.id ?? "";
+    const alices = [await submit("alice"), await submit("alice")];
+    const bobs = await submit("bob");
+    // bob names alice's actions and his own: only his is matched; alice's are left as they were.
+    const byBob = await actions.cancelActions(
+      { cluster: "cluster-a", actionIds: [...alices, bobs], reason: "mine" },
+      as("bob"),
+    );
+    expect(byBob).toMatchObject({ cancelledIds: [bobs], cancelRequestedIds: [], more: false });
+    for (const id of alices)
+      expect((await actions.getAction({ actionId: id }, as("alice"))).action?.state).toBe(ActionState.QUEUED);
+    // Nor does his run-wide cancel reach them; an operator's does.
+    expect(
+      (await actions.cancelActions({ cluster: "cluster-a", runId: "bulk-owners" }, as("bob"))).cancelledIds,
+    ).toEqual([]);
+    expect(
+      (await actions.cancelActions({ cluster: "cluster-a", runId: "bulk-owners" }, as("ops"))).cancelledIds,
+    ).toEqual(alices);
+    // Another cluster's actions are out of reach, as they are one by one.
+    await expectStatus(
+      actions.cancelActions({ cluster: "cluster-b", all: true }, as("alice")),
+      Code.PermissionDenied,
+      /"alice" lacks the right action\.cancel\.own in cluster "cluster-b"/,
+    );
+  });
+
   it("lets a submitter cancel only its own actions, and an operator anyone's; events name the actor", async () => {
     const actions = t.client(ActionService);
     const { action } = await actions.submitAction({ cluster: "cluster-a" }, as("alice"));

@@ -600,6 +600,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         log: log.child({ component: "console" }),
         authenticator,
         onRefused: refusalLogger(log),
+        streams: rpc.streams,
         tls: security.tls?.material,
         maxRequestBytes: config.maxFileBytes + 1024 * 1024,
         // Request bodies still arriving share the port's budget and stall rule.

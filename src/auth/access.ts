@@ -99,7 +99,11 @@ export interface Identity {
   readonly via: "mtls" | "jwt" | "static-token";
   /** Roles that come with the credential itself (static tokens created with `--role`). */
   readonly bindings?: readonly RoleBinding[];
-  /** When the credential stops being valid (epoch ms), if it does. Caches must not outlive it. */
+  /**
+   * From when this server refuses the credential (epoch ms), if it ever
+   * does: a JWT's exp plus the tolerated clock skew, a client certificate's
+   * notAfter. Caches must not outlive it, and streams opened with it end then.
+   */
   readonly expiresAtMs?: number;
 }
 
@@ -116,6 +120,12 @@ export interface Access {
   readonly actor: string;
   /** False when no credentials are configured: every call is allowed. */
   readonly enforced: boolean;
+  /**
+   * From when the credential that proved this access is refused (epoch ms;
+   * see {@link Identity.expiresAtMs}); undefined if it does not expire. Open
+   * streams end then (rpc/stream-registry.ts).
+   */
+  readonly expiresAtMs?: number | undefined;
   /** Whether the caller holds `right` in `cluster`. */
   can(right: Right, cluster: string): boolean;
   /** Whether the caller holds `right` in at least one cluster. */
@@ -239,7 +249,11 @@ export function permissionDenied(
  * The access of one identity under the bindings the policy (and the
  * credential) give it.
  */
-export function accessOf(actor: string, bindings: readonly RoleBinding[]): Access {
+export function accessOf(
+  actor: string,
+  bindings: readonly RoleBinding[],
+  expiresAtMs?: number | undefined,
+): Access {
   const holds = (right: Right, binding: RoleBinding) => ROLE_RIGHTS[binding.role].includes(right);
   const can = (right: Right, cluster: string) =>
     bindings.some((b) => holds(right, b) && b.clusters.some((g) => matchesGlob(g, cluster)));
@@ -253,6 +267,7 @@ export function accessOf(actor: string, bindings: readonly RoleBinding[]): Acces
   return Object.freeze({
     actor,
     enforced: true,
+    expiresAtMs,
     can,
     holdsAnywhere: (right: Right) => bindings.some((b) => holds(right, b)),
     require,

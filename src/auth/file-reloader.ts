@@ -67,6 +67,11 @@ export interface FileReloader {
    * read them just as they are, and they are valid (see {@link createFileReloader}).
    */
   reload(): Promise<ReloadOutcome>;
+  /**
+   * Calls `listener` each time new contents are put in force (after
+   * `apply`), e.g. to check open streams against them. Returns its off.
+   */
+  onApplied(listener: () => void): () => void;
   /** Stops polling; later reloads do nothing. */
   close(): void;
 }
@@ -134,6 +139,7 @@ export function createFileReloader<T>(options: FileReloaderOptions<T>): FileRelo
   let judged = false;
   let closed = false;
   let queue: Promise<unknown> = Promise.resolve();
+  const listeners = new Set<() => void>();
 
   const look = async (): Promise<ReloadOutcome> => {
     if (closed) return "unchanged";
@@ -169,6 +175,13 @@ export function createFileReloader<T>(options: FileReloaderOptions<T>): FileRelo
     }
     options.apply(value, snapshot.contents);
     applied = snapshot.contents;
+    for (const listener of [...listeners]) {
+      try {
+        listener();
+      } catch (error) {
+        log.error({ err: error }, `${what}: a listener of the reload failed`);
+      }
+    }
     return "applied";
   };
 
@@ -190,8 +203,13 @@ export function createFileReloader<T>(options: FileReloaderOptions<T>): FileRelo
 
   return {
     reload,
+    onApplied(listener) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
     close() {
       closed = true;
+      listeners.clear();
       if (timer) clearInterval(timer);
     },
   };

@@ -58,6 +58,12 @@ export interface JwtVerifier {
    * cache of verified tokens keeps an entry only while the number stays.
    */
   keysVersion(): number | undefined;
+  /**
+   * Calls `listener` after a changed JWKS file is put in force (never for a
+   * JWKS URL, whose keys are fetched again when a token needs them). Returns
+   * its off.
+   */
+  onReload(listener: () => void): () => void;
   /** Stops watching a JWKS file. */
   close(): void;
 }
@@ -158,6 +164,7 @@ export function createJwtVerifier(
   let keysVersion: () => number | undefined;
   let close = () => {};
   let reload = async (): Promise<ReloadOutcome> => "unchanged";
+  let onReload = (_listener: () => void) => () => {};
   const remote = /^https?:\/\//i.test(options.jwks);
   if (remote) {
     let url: URL;
@@ -225,6 +232,7 @@ export function createJwtVerifier(
     getKey = (header, token) => set(header, token);
     close = reloader.close;
     reload = reloader.reload;
+    onReload = reloader.onApplied;
   }
 
   const verifyOptions = () => ({
@@ -284,10 +292,13 @@ export function createJwtVerifier(
           "TOKEN_INVALID",
           `the token's ${quote(options.principalClaim)} claim ${JSON.stringify(principal)} ${problem}; it cannot name a principal`,
         );
-      return { principal, via: "jwt", expiresAtMs: expMs };
+      // Accepted until the skew past exp: a stream opened with it ends then, not earlier, or its
+      // client would reconnect with the same token and be accepted again.
+      return { principal, via: "jwt", expiresAtMs: expMs + options.clockSkewMs };
     },
     reload: () => reload(),
     keysVersion: () => keysVersion(),
+    onReload: (listener) => onReload(listener),
     close,
   };
 

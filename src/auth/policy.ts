@@ -34,6 +34,8 @@ export interface Policy {
   readonly size: number;
   /** Grows each time a reloaded file is put in force: what was decided under an older one is stale. */
   readonly version: number;
+  /** Calls `listener` after each reloaded file put in force, if the policy reloads. Returns its off. */
+  onReload?(listener: () => void): () => void;
 }
 
 /** A policy read from `--auth-policy` and read again when the file changes. */
@@ -86,8 +88,8 @@ export function parsePolicy(text: string, source = "the policy"): Policy {
  * Reads and checks a policy file (INVALID_ARGUMENT naming `--auth-policy`
  * and the field to fix), then polls it and puts a changed, valid policy in
  * force (a broken edit is logged and the old policy stays). Calls
- * authenticated after the change are judged by the new policy; open streams
- * keep what they were given when they opened.
+ * authenticated after the change are judged by the new policy, and open
+ * streams are checked against it (rpc/stream-registry.ts).
  */
 export function loadReloadingPolicy(
   path: string,
@@ -124,6 +126,7 @@ export function loadReloadingPolicy(
       return version;
     },
     reload: () => reloader.reload(),
+    onReload: reloader.onApplied,
     close: () => reloader.close(),
   };
 }

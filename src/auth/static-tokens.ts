@@ -42,6 +42,13 @@ export interface StaticTokens {
   verify(token: string): Identity | undefined;
   /** Re-reads the file if it changed (a poll does it too). */
   reload(): Promise<ReloadOutcome>;
+  /**
+   * Grows each time a changed file is put in force: what was decided from
+   * an older one (a cached verification) is stale.
+   */
+  readonly version: number;
+  /** Calls `listener` after each change put in force. Returns its off. */
+  onReload(listener: () => void): () => void;
   /** Stops watching the file. */
   close(): void;
 }
@@ -78,6 +85,7 @@ export function generateToken(): string {
 export function loadStaticTokens(path: string, log: Logger, options: { pollMs?: number } = {}): StaticTokens {
   const content = readCredentialFileSync(path, FLAG);
   let byHash = indexEntries(parseTokenFile(content.toString("utf8"), path));
+  let version = 0;
   const reloader = createFileReloader({
     files: [path],
     initial: [content],
@@ -87,6 +95,7 @@ export function loadStaticTokens(path: string, log: Logger, options: { pollMs?: 
     parse: ([next]) => indexEntries(parseTokenFile(next?.toString("utf8") ?? "", path)),
     apply(next) {
       byHash = next;
+      version += 1;
       log.info({ file: path, tokens: next.size }, "static tokens reloaded");
     },
   });
@@ -97,6 +106,10 @@ export function loadStaticTokens(path: string, log: Logger, options: { pollMs?: 
       return { principal: entry.principal, via: "static-token", bindings: entry.bindings };
     },
     reload: reloader.reload,
+    get version() {
+      return version;
+    },
+    onReload: reloader.onApplied,
     close: reloader.close,
   };
 }

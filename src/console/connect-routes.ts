@@ -17,6 +17,7 @@ import {
 import * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import type { Access } from "../auth/access.js";
+import type { LeaseholdError } from "../errors.js";
 import {
   authorize,
   EncodedResponse,
@@ -28,6 +29,7 @@ import type { Authenticator, CallCredentials } from "../rpc/authenticator.js";
 import { requestValidator } from "../rpc/request-validator.js";
 import type { ServiceBinding } from "../rpc/server.js";
 import { toStatus } from "../rpc/status.js";
+import type { StreamRegistry } from "../rpc/stream-registry.js";
 
 /** What the console's Connect routes need from the server. */
 export interface ConsoleRouteDeps {
@@ -38,6 +40,11 @@ export interface ConsoleRouteDeps {
   readonly authenticator: Authenticator | undefined;
   /** Logs one refused call, as the gRPC port does. */
   readonly onRefused?: ((refusal: Refusal) => void) | undefined;
+  /**
+   * The gRPC port's open streams, which the console's join: checked again
+   * on reloads and expiries. None: a stream is checked when it opens.
+   */
+  readonly streams?: Pick<StreamRegistry, "open"> | undefined;
 }
 
 /** What the HTTP request tells of its caller, passed from the Node adapter to the handlers. */
@@ -125,7 +132,9 @@ async function prepare(
   connect: ConnectContext,
   deps: ConsoleRouteDeps,
   validate: ReturnType<typeof requestValidator>,
-): Promise<HandlerContext> {
+  /** Ends the call (a stream whose credentials changed): aborts its signal. */
+  ended?: AbortSignal,
+): Promise<HandlerContext & { readonly credentials: CallCredentials }> {
   const caller = connect.values.get(callerKey);
   const call = credentialsOf(connect, caller);
   const path = `${service.typeName}/${method.name}`;
@@ -134,7 +143,8 @@ async function prepare(
   if (invalid) throw invalid;
   const timeoutMs = connect.timeoutMs();
   return {
-    signal: AbortSignal.any([connect.signal, deps.shutdown]),
+    credentials: call,
+    signal: AbortSignal.any([connect.signal, deps.shutdown, ...(ended ? [ended] : [])]),
     deadline: timeoutMs === undefined ? undefined : new Date(Date.now() + timeoutMs),
     peer: caller.peer,
     metadata: call.metadata,
@@ -193,18 +203,47 @@ function unary(service: DescService, method: DescMethod, fn: unknown, deps: Cons
 
 function serverStream(service: DescService, method: DescMethod, fn: unknown, deps: ConsoleRouteDeps) {
   const validate = requestValidator(method.input);
+  const path = `${service.typeName}/${method.name}`;
   return async function* (request: unknown, connect: ConnectContext) {
     let ctx: HandlerContext | undefined;
+    // Set when the registry ends the stream: its credentials no longer allow it.
+    let revoked: LeaseholdError | undefined;
+    const ending = new AbortController();
+    let forget = () => {};
     try {
-      ctx = await prepare(service, method, request, connect, deps, validate);
+      const prepared = await prepare(service, method, request, connect, deps, validate, ending.signal);
+      ctx = prepared;
+      if (deps.streams && prepared.access.enforced) {
+        const opened = deps.streams.open({
+          credentials: prepared.credentials,
+          path,
+          access: prepared.access,
+          end(error) {
+            revoked ??= error;
+            ending.abort(error);
+          },
+        });
+        forget = opened.close;
+        ctx = { ...prepared, access: opened.access };
+      }
       for await (const message of (fn as StreamFn)(request, ctx)) {
         if (ctx.signal.aborted) break;
         yield message;
       }
+      if (revoked) throw revoked;
       // A stream the console's shutdown ended says so, so that the page reconnects.
       if (deps.shutdown.aborted) throw deps.shutdown.reason;
     } catch (error) {
-      throw toConnectError(error, service, method, deps, connect.values.get(callerKey), ctx?.access);
+      throw toConnectError(
+        revoked ?? error,
+        service,
+        method,
+        deps,
+        connect.values.get(callerKey),
+        ctx?.access,
+      );
+    } finally {
+      forget();
     }
   };
 }

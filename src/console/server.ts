@@ -16,7 +16,7 @@ import type { ConnectionLimit } from "../rpc/connection-limits.js";
 import type { PartialRequestLimit } from "../rpc/partial-requests.js";
 import type { ServiceBinding } from "../rpc/server.js";
 import type { TlsMaterialSource } from "../rpc/tls.js";
-import { callerValues, consoleRoutes } from "./connect-routes.js";
+import { type ConsoleRouteDeps, callerValues, consoleRoutes } from "./connect-routes.js";
 import { createRequestGuard } from "./request-guard.js";
 
 /** Where `npm run build` puts the page (src/console/web bundled); the same from src/ and dist/. */
@@ -33,6 +33,8 @@ export interface ConsoleOptions {
   /** The gRPC port's authentication; undefined when no credentials are configured. */
   readonly authenticator: Authenticator | undefined;
   readonly onRefused?: ((refusal: Refusal) => void) | undefined;
+  /** The gRPC port's open streams, which the console's join (checked again on reloads and expiries). */
+  readonly streams?: ConsoleRouteDeps["streams"];
   /** The gRPC port's certificates (followed when they rotate); undefined serves plain HTTP. */
   readonly tls?: TlsMaterialSource | undefined;
   /** Largest request body accepted, as on the gRPC port. */
@@ -139,6 +141,7 @@ export async function serveConsole(options: ConsoleOptions): Promise<ConsoleServ
       shutdown: shutdown.signal,
       authenticator: options.authenticator,
       onRefused: options.onRefused,
+      streams: options.streams,
     }),
     contextValues: callerValues,
     // Browsers speak Connect; gRPC clients have the gRPC port.

@@ -22,6 +22,7 @@ import type { LargeCallLimit } from "./large-calls.js";
 import { METHOD_RIGHTS } from "./method-rights.js";
 import { RejectedRequest, requestDecoder } from "./request-decoder.js";
 import { toStatusObject } from "./status.js";
+import type { StreamRegistry } from "./stream-registry.js";
 import type { UnaryCallLimit } from "./unary-calls.js";
 import type { UnsentAnswerLimit } from "./unsent-answers.js";
 
@@ -426,7 +427,7 @@ function onShutdownOf(signal: AbortSignal, fn: () => void): () => void {
 function createContext(
   call: CallLike,
   shutdown: AbortSignal,
-): HandlerContext & { access: Access; requestBytes: number; done(): void } {
+): HandlerContext & { access: Access; requestBytes: number; done(): void; end(reason: unknown): void } {
   const controller = new AbortController();
   const onCancelled = () =>
     controller.abort(new LeaseholdError(Code.Canceled, "the client cancelled the call"));
@@ -454,6 +455,10 @@ function createContext(
     metadata: call.metadata,
     access: OPEN_ACCESS,
     requestBytes: 0,
+    /** Aborts the signal with `reason`: the handler stops as if its client had gone. */
+    end(reason) {
+      controller.abort(reason);
+    },
     done() {
       clearTimeout(timer);
       call.off("cancelled", onCancelled);
@@ -543,7 +548,9 @@ export function createServiceHandlers<S extends GenServiceMethods>(
         handlers[method.localName] = unaryHandler(
           method,
           fn as UnaryFn,
-          UNLIMITED_UNARY.has(path) ? { ...deps, unaryCalls: undefined } : deps,
+          // Only the calls that wait long are checked again while they run: the rest are over
+          // within their own moments.
+          UNLIMITED_UNARY.has(path) ? { ...deps, unaryCalls: undefined } : { ...deps, streams: undefined },
           path,
           calls,
           fastDecoders[method.localName],
@@ -613,6 +620,12 @@ export interface HandlerDeps {
   readonly answers?: Pick<UnsentAnswerLimit, "hold"> | undefined;
   /** Unary calls served at once by the process (unary-calls.ts); none: no limit. */
   readonly unaryCalls?: UnaryCallLimit | undefined;
+  /**
+   * Open streams (and unary calls that wait long), checked again when the
+   * credentials are reloaded or the one a call opened with expires
+   * (stream-registry.ts); none: checked once, when they open.
+   */
+  readonly streams?: Pick<StreamRegistry, "open"> | undefined;
 }
 
 /** A call refused for want of credentials or rights, as the log line names it. */
@@ -645,7 +658,11 @@ export function authorize(
     : withMethodRight(access, path);
 }
 
-function withMethodRight(access: Access, path: string): Access {
+/**
+ * Passes `access` on when it holds the right of the method at `path` in some
+ * cluster; PERMISSION_DENIED naming the right otherwise.
+ */
+export function withMethodRight(access: Access, path: string): Access {
   const right = METHOD_RIGHTS[path];
   if (right === undefined) throw permissionDenied(access.actor, `to call ${path}`, "(no right grants it)");
   const rights = typeof right === "string" ? [right] : right;
@@ -661,6 +678,45 @@ function withMethodRight(access: Access, path: string): Access {
 function accessOfCall(call: CallLike, deps: HandlerDeps, path: string): Access | Promise<Access> {
   return deps.authorization?.accessOf(call.metadata) ?? authorize(call, deps, path);
 }
+
+/** A call's registration in `HandlerDeps.streams`: why it was ended, if it was. */
+interface Watched {
+  /** Set when the registry ended the call: its status, whatever the handler did after. */
+  error: LeaseholdError | undefined;
+  /** Forgets the call (when it ends). */
+  close(): void;
+}
+
+/**
+ * Registers a long-lived call in `deps.streams`, when credentials are
+ * checked: the access its handler is to use (recording what it checks), and
+ * the registration. Ending it aborts the handler's signal (for a worker
+ * stream, as a lost stream: its session enters grace), and the call ends
+ * with the registry's error.
+ */
+function watchCredentials(
+  deps: HandlerDeps,
+  call: CallCredentials,
+  path: string,
+  access: Access,
+  ctx: { end(reason: unknown): void },
+): { access: Access; watched: Watched } {
+  const watched: Watched = { error: undefined, close: () => {} };
+  if (!deps.streams || !access.enforced) return { access, watched };
+  const open = deps.streams.open({
+    credentials: call,
+    path,
+    access,
+    end(error) {
+      watched.error ??= error;
+      ctx.end(error);
+    },
+  });
+  watched.close = open.close;
+  return { access: open.access, watched };
+}
+
+const UNWATCHED: Watched = { error: undefined, close: () => {} };
 
 /** The status of a failed call; refusals are reported to `onRefused` first. */
 function failure(
@@ -736,10 +792,12 @@ function unaryHandler(
     calls.started();
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
+    let watched = UNWATCHED;
     let turnEnded = NO_TURN;
     let slotEnded = NO_TURN;
     (async () => {
-      access = ctx.access = await accessOfCall(call, deps, path);
+      access = await accessOfCall(call, deps, path);
+      ({ access: ctx.access, watched } = watchCredentials(deps, call, path, access, ctx));
       // A request grpc-js could not frame (message-push.ts: refuseMalformedFraming).
       if (call.request instanceof RejectedRequest) throw call.request.error;
       const bytes = call.request as Buffer;
@@ -773,6 +831,7 @@ function unaryHandler(
         if (ctx.signal.aborted) throw unserved(ctx.signal.reason);
       }
       const response = await fn(request, ctx);
+      if (watched.error) throw watched.error;
       // Encoded here to be counted until it is sent; a Buffer passes the response serializer as it is.
       const answer =
         response instanceof EncodedResponse
@@ -788,12 +847,13 @@ function unaryHandler(
           callback(null, response);
         },
         (error: unknown) => {
-          const status = failure(error, deps, path, call, access);
+          const status = failure(watched.error ?? error, deps, path, call, access);
           calls.ended(status.code, since(start));
           callback(status);
         },
       )
       .finally(() => {
+        watched.close();
         turnEnded();
         slotEnded();
         ctx.done();
@@ -840,9 +900,11 @@ function serverStreamHandler(
     calls.started();
     const ctx = createContext(call, deps.shutdown);
     let access: Access | undefined;
+    let watched = UNWATCHED;
     (async () => {
-      access = ctx.access = await accessOfCall(call, deps, path);
+      access = await accessOfCall(call, deps, path);
       if (call.request instanceof RejectedRequest) throw call.request.error;
+      ({ access: ctx.access, watched } = watchCredentials(deps, call, path, access, ctx));
       const writes = serverWrites(call, ctx.signal);
       for await (const message of fn(call.request, ctx)) {
         if (ctx.signal.aborted) break;
@@ -853,16 +915,20 @@ function serverStreamHandler(
         await writes.room();
         if (ctx.signal.aborted) break;
       }
+      if (watched.error) throw watched.error;
     })()
       .then(
         () => calls.ended(endedWith(call, endStream(call, deps, path)), since(start)),
         (error: unknown) => {
-          const status = failure(error, deps, path, call, access);
+          const status = failure(watched.error ?? error, deps, path, call, access);
           calls.ended(status.code, since(start));
           call.emit("error", status);
         },
       )
-      .finally(() => ctx.done());
+      .finally(() => {
+        watched.close();
+        ctx.done();
+      });
   };
 }
 
@@ -934,10 +1000,13 @@ function bidiHandler(
     };
     ctx.signal.addEventListener("abort", queue.stop, { once: true });
     let access: Access | undefined;
+    let watched = UNWATCHED;
     (async () => {
-      // Once per stream: what the stream may do is decided when it opens.
-      access = ctx.access = await accessOfCall(call, deps, path);
-      return fn(stream, ctx);
+      // Decided when the stream opens, and again when credentials are reloaded or expire.
+      access = await accessOfCall(call, deps, path);
+      ({ access: ctx.access, watched } = watchCredentials(deps, call, path, access, ctx));
+      await fn(stream, ctx);
+      if (watched.error) throw watched.error;
     })()
       .then(
         () =>
@@ -947,11 +1016,14 @@ function bidiHandler(
           ),
         (error: unknown) => {
           if (reset) return calls.ended(Code.ResourceExhausted, since(start));
-          const status = failure(error, deps, path, call, access);
+          const status = failure(watched.error ?? error, deps, path, call, access);
           calls.ended(status.code, since(start));
           call.emit("error", status);
         },
       )
-      .finally(() => ctx.done());
+      .finally(() => {
+        watched.close();
+        ctx.done();
+      });
   };
 }

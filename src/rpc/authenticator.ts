@@ -54,6 +54,12 @@ export function certificateRefusalOf(socket: unknown): string | undefined {
 export interface Authenticator {
   /** The caller's access; throws UNAUTHENTICATED when it proved nothing (or something invalid). */
   authenticate(call: CallCredentials): Access | Promise<Access>;
+  /**
+   * Calls `listener` whenever what `authenticate` decides may have changed:
+   * the token file, a JWKS file or the policy was reloaded. Open streams are
+   * checked again then (stream-registry.ts). Returns its off.
+   */
+  onChange?(listener: () => void): () => void;
 }
 
 /** Options of {@link createAuthenticator}. */
@@ -87,10 +93,12 @@ function unauthenticated(message: string, reason = UNAUTHENTICATED_REASON): Leas
  *    else its first DNS SAN.
  * 3. Otherwise UNAUTHENTICATED.
  * The principal's rights are the policy's bindings for it plus the roles a
- * static token carries. Streams authenticate once, when they open; unary
- * calls hit a cache keyed by the token (or the certificate's fingerprint),
- * kept no longer than the credential's expiry, and a JWT's entry no longer
- * than the JWKS keys it verified against (a reload drops it). A client
+ * static token carries. Every call, and every open stream when the
+ * credentials change (`onChange`) or its credential expires
+ * (stream-registry.ts), hits a cache keyed by the token (or the
+ * certificate's fingerprint), kept no longer than the credential's expiry,
+ * the policy and token file it was decided under, and a JWT's entry no
+ * longer than the JWKS keys it verified against (a reload drops it). A client
  * certificate past its notAfter is refused (CERT_EXPIRED) even on a
  * connection whose handshake verified it before it expired.
  */
@@ -101,7 +109,13 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
   // otherwise hit a certificate's entry: fingerprints are public).
   // A JWT's entry also holds the verifier's keys version: a key removed from the JWKS must stop
   // working once the reload is seen, not when the entry runs out.
-  type Entry = { access: Access; untilMs: number; policyVersion: number; keysVersion?: number | undefined };
+  type Entry = {
+    access: Access;
+    untilMs: number;
+    policyVersion: number;
+    tokensVersion: number;
+    keysVersion?: number | undefined;
+  };
   const tokens = new Map<string, Entry>();
   const certificates = new Map<string, Entry>();
   const remember = (
@@ -112,24 +126,33 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
     keysVersion?: number,
   ) => {
     if (cache.size >= CACHE_ENTRIES) cache.clear();
-    cache.set(key, { access, untilMs, policyVersion: options.policy.version, keysVersion });
+    cache.set(key, {
+      access,
+      untilMs,
+      policyVersion: options.policy.version,
+      tokensVersion: options.staticTokens?.version ?? 0,
+      keysVersion,
+    });
     return access;
   };
   /**
-   * A cached access still good: the credential not expired, the policy not
-   * changed since, and for a JWT the keys it verified against still the ones
+   * A cached access still good: the credential not expired, the policy and
+   * the token file not changed since (a removed token stops working once the
+   * reload is seen), and for a JWT the keys it verified against still the ones
    * in use (an undefined version, keys due to be fetched, matches nothing).
    */
   const fresh = (hit: Entry | undefined) =>
     hit !== undefined &&
     hit.untilMs > now() &&
     hit.policyVersion === options.policy.version &&
+    hit.tokensVersion === (options.staticTokens?.version ?? 0) &&
     (hit.keysVersion === undefined || hit.keysVersion === options.jwt?.keysVersion());
   const accessFor = (identity: Identity) =>
-    accessOf(identity.principal, [
-      ...options.policy.bindingsOf(identity.principal),
-      ...(identity.bindings ?? []),
-    ]);
+    accessOf(
+      identity.principal,
+      [...options.policy.bindingsOf(identity.principal), ...(identity.bindings ?? [])],
+      identity.expiresAtMs,
+    );
 
   const fromToken = (token: string): Access | Promise<Access> => {
     const hit = tokens.get(token);
@@ -137,7 +160,7 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
     if (token.startsWith("lh_") && options.staticTokens) {
       const identity = options.staticTokens.verify(token);
       if (!identity) throw unauthenticated("the bearer token is not known to this server", "TOKEN_UNKNOWN");
-      // Static tokens do not expire; a short cache lets a removed token stop working soon.
+      // Static tokens do not expire; the cache is short besides the file's version.
       return remember(tokens, token, accessFor(identity), now() + 10_000);
     }
     if (options.jwt && looksLikeJwt(token)) {
@@ -156,7 +179,14 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
     );
   };
 
+  const sources = [options.policy, options.staticTokens, options.jwt];
   return {
+    onChange(listener) {
+      const offs = sources.map((source) => source?.onReload?.(listener));
+      return () => {
+        for (const off of offs) off?.();
+      };
+    },
     authenticate(call) {
       const header = call.metadata.get("authorization");
       if (header.length > 1)
@@ -193,10 +223,11 @@ export function createAuthenticator(options: AuthenticatorOptions): Authenticato
             `the client certificate expired at ${new Date(validTo).toISOString()}; connect again with a valid one`,
             "CERT_EXPIRED",
           );
+        const expiresAtMs = Number.isFinite(validTo) ? validTo : undefined;
         return remember(
           certificates,
           key,
-          accessFor({ principal, via: "mtls" }),
+          accessFor({ principal, via: "mtls", ...(expiresAtMs !== undefined ? { expiresAtMs } : {}) }),
           Math.min(Number.isFinite(validTo) ? validTo : Number.POSITIVE_INFINITY, now() + CACHE_MS),
         );
       }

@@ -13,6 +13,7 @@ import {
   type MethodCalls,
   type Refusal,
   type ServiceImpl,
+  withMethodRight,
 } from "./adapter.js";
 import type { Authenticator } from "./authenticator.js";
 import { createCallAuthorization } from "./call-authorization.js";
@@ -37,6 +38,7 @@ import { perSecond } from "./per-second.js";
 import { addReflection } from "./reflection.js";
 import { toStatusObject } from "./status.js";
 import { releaseDecodedChunks } from "./stream-decoder-release.js";
+import { createStreamRegistry, type StreamRegistry } from "./stream-registry.js";
 import type { TlsMaterialSource } from "./tls.js";
 import {
   DEFAULT_UNARY_CALLS,
@@ -167,6 +169,11 @@ export interface RpcServer extends AsyncDisposable {
   /** The bounds on client connections, for the console's port to share. */
   readonly connections: Pick<ConnectionLimit, "add">;
   /**
+   * Open calls checked again on reloads and expiries (stream-registry.ts),
+   * for the console's streams to share; undefined without authentication.
+   */
+  readonly streams: StreamRegistry | undefined;
+  /**
    * Health NOT_SERVING, stop accepting, give open calls until the timeout,
    * then cut them. Idempotent.
    */
@@ -283,10 +290,20 @@ export async function createRpcServer(
   const largeCalls = createLargeCallLimit({
     hold: partialRequests ? (bytes: number) => partialRequests.hold(bytes) : undefined,
   });
+  // Open streams follow reloads of the credentials and the policy, and their credential's expiry.
+  const authenticator = options.authenticator;
+  const streams = authenticator
+    ? createStreamRegistry({
+        authenticator,
+        requireMethodRight: withMethodRight,
+        log: options.log,
+      })
+    : undefined;
   const deps = {
     log: options.log,
     shutdown: shutdown.signal,
-    authenticator: options.authenticator,
+    authenticator,
+    streams,
     authorization,
     onRefused,
     calls: options.calls,
@@ -306,7 +323,6 @@ export async function createRpcServer(
     );
   }
   health.addToServer(server);
-  const authenticator = options.authenticator;
   addReflection(
     options.reflection === "authenticated" && authenticator
       ? authenticatedRegistry(server, authenticator, deps.log, deps.onRefused)
@@ -320,6 +336,7 @@ export async function createRpcServer(
       server.forceShutdown();
       partialRequests?.close();
       answers.close();
+      streams?.close();
       reject(bindFailure(error));
     }),
   );
@@ -380,6 +397,7 @@ export async function createRpcServer(
       });
       partialRequests?.close();
       answers.close();
+      streams?.close();
     })();
     return closing;
   };
@@ -390,6 +408,7 @@ export async function createRpcServer(
     largeCalls,
     unaryCalls: deps.unaryCalls,
     connections,
+    streams,
     markServing: () => {
       if (closing) return;
       for (const n of names) health.setStatus(n, "SERVING");

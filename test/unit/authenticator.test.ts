@@ -26,6 +26,8 @@ const staticTokens: StaticTokens = {
   verify: (token: string): Identity | undefined =>
     token === "lh_good" ? { principal: "ci-bot", via: "static-token" } : undefined,
   reload: async () => "unchanged",
+  version: 0,
+  onReload: () => () => {},
   close: () => {},
 };
 const operatorCertificate = {

@@ -94,12 +94,12 @@ beforeAll(async () => {
 afterAll(() => verifier.close());
 
 describe("JWT verifier", () => {
-  it("accept a valid token: the principal from sub, expiring with exp", async () => {
+  it("accept a valid token: the principal from sub, accepted until exp plus the clock skew", async () => {
     const exp = nowS() + 600;
     expect(await verifier.verify(await sign({}, { exp }))).toEqual({
       principal: "user-1",
       via: "jwt",
-      expiresAtMs: exp * 1000,
+      expiresAtMs: exp * 1000 + 30_000,
     });
   });
 

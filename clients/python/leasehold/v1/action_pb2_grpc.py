@@ -338,7 +338,12 @@ class ActionServiceServicer(object):
     def WatchAction(self, request, context):
         """Streams the action: its current state first, then one message per change,
         and ends after the action reaches a terminal state.
-        Right: action.read in the action's cluster.
+        Right: action.read in the action's cluster. Like every stream, it is
+        checked again when the server reloads its credentials or policy and when
+        the credential it was opened with expires, and then ends UNAUTHENTICATED
+        (reason CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or
+        PERMISSION_DENIED (the right it lost) if it no longer passes: watch
+        again with a valid credential.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

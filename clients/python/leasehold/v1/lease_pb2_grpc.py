@@ -332,7 +332,12 @@ class LeaseServiceServicer(object):
         NO_DEPLOYMENT) if it owns no deployment (create one with
         CreateDeployment first; the message says so when one was promoted out
         of it).
-        Right: lease.read in the lease's runtime.
+        Right: lease.read in the lease's runtime. The stream is checked again
+        when the server reloads its credentials or policy and when the
+        credential it was opened with expires, and ends UNAUTHENTICATED (reason
+        CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or PERMISSION_DENIED
+        (the right it lost) if it no longer passes: wait again with a valid
+        credential.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -368,6 +373,10 @@ class LeaseServiceServicer(object):
         once it is back, or on another) picks up where it was.
         A deployment is asked to stop only while its lease is open: a lease
         committed meanwhile keeps its deployments running.
+        While it waits, the call is checked again as a stream is (see
+        WaitLease): a credential revoked or expired, or the right lost, ends it
+        UNAUTHENTICATED or PERMISSION_DENIED; the request to save is kept, and
+        calling again with a valid credential picks up where it was.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

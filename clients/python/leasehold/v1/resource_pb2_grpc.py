@@ -227,7 +227,11 @@ class ResourceServiceServicer(object):
         where it holds that right. An agent reads no other file: not the files
         of its clusters, nor an input once its lease has ended. PERMISSION_DENIED
         names file.download.input otherwise. A resource that is not a file is
-        FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE).
+        FAILED_PRECONDITION (ErrorInfo reason NOT_A_FILE). A download is checked
+        again when the server reloads its credentials or policy and when the
+        credential it was opened with expires, and ends UNAUTHENTICATED (reason
+        CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or PERMISSION_DENIED
+        if it no longer passes: what arrived is then not the whole file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

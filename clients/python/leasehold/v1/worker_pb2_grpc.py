@@ -367,6 +367,22 @@ class WorkerServiceServicer(object):
         restart then has the grace period less the margin, counted from that
         heartbeat. Then it ends the stream (UNAVAILABLE, SHUTTING_DOWN).
 
+        Revoked credentials. The stream is checked again, as a new one would be,
+        whenever the server reloads its token file, JWKS file or policy, and
+        when the credential it was opened with expires (a JWT at its exp plus
+        the server's tolerated clock skew, a client certificate at its
+        notAfter); never per message. A credential that no longer authenticates
+        ends it UNAUTHENTICATED (ErrorInfo reason CREDENTIALS_REVOKED, or
+        TOKEN_EXPIRED / CERT_EXPIRED at its expiry); a principal that may no
+        longer run this worker id in this cluster ends it PERMISSION_DENIED
+        (metadata right worker.connect, cluster, worker_id). Either ending is a
+        lost stream: no grant follows it, the session enters grace, and its
+        leases stay the session's until its deadline. Keep the self-fence
+        running, get a valid credential (a fresh JWT, a new token or
+        certificate) and reconnect with it, listing the held leases as on any
+        reconnection; while the server refuses the credential, retry at the
+        pace of refused credentials (the SDKs wait 2 s, doubling to 30 s).
+
         Stop gracefully. A worker shutting down sends StopGrants, lets its
         running actions finish and report, then sends a Goodbye, which gives
         back every lease it still holds. Without StopGrants every slot that

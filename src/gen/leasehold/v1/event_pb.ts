@@ -709,7 +709,13 @@ export const EventService: GenService<{
    * An event that takes more than 3 MiB as sent ends the stream with
    * RESOURCE_EXHAUSTED (ErrorInfo reason ANSWER_TOO_LARGE, metadata
    * `sequence`): watch again with that after_sequence to go on past it.
-   * Right: event.read, as for ListEvents.
+   * Right: event.read, as for ListEvents. The watch is checked again when
+   * the server reloads its token file, JWKS file or policy, and when the
+   * credential it was opened with expires: it ends UNAUTHENTICATED (ErrorInfo
+   * reason CREDENTIALS_REVOKED, or TOKEN_EXPIRED / CERT_EXPIRED at its
+   * expiry) or PERMISSION_DENIED (metadata right and cluster: the right it
+   * lost). Watch again with a valid credential, after_sequence the last
+   * event received, to go on without a gap.
    *
    * @generated from rpc leasehold.v1.EventService.WatchEvents
    */

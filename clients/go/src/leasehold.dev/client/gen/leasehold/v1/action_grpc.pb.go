@@ -75,7 +75,12 @@ type ActionServiceClient interface {
 	CancelActions(ctx context.Context, in *CancelActionsRequest, opts ...grpc.CallOption) (*CancelActionsResponse, error)
 	// Streams the action: its current state first, then one message per change,
 	// and ends after the action reaches a terminal state.
-	// Right: action.read in the action's cluster.
+	// Right: action.read in the action's cluster. Like every stream, it is
+	// checked again when the server reloads its credentials or policy and when
+	// the credential it was opened with expires, and then ends UNAUTHENTICATED
+	// (reason CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or
+	// PERMISSION_DENIED (the right it lost) if it no longer passes: watch
+	// again with a valid credential.
 	WatchAction(ctx context.Context, in *WatchActionRequest, opts ...grpc.CallOption) (ActionService_WatchActionClient, error)
 	// Explains an action's lease history as one timeline, oldest first: the
 	// submission, each grant (worker, session, epoch), what the holding
@@ -255,7 +260,12 @@ type ActionServiceServer interface {
 	CancelActions(context.Context, *CancelActionsRequest) (*CancelActionsResponse, error)
 	// Streams the action: its current state first, then one message per change,
 	// and ends after the action reaches a terminal state.
-	// Right: action.read in the action's cluster.
+	// Right: action.read in the action's cluster. Like every stream, it is
+	// checked again when the server reloads its credentials or policy and when
+	// the credential it was opened with expires, and then ends UNAUTHENTICATED
+	// (reason CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or
+	// PERMISSION_DENIED (the right it lost) if it no longer passes: watch
+	// again with a valid credential.
 	WatchAction(*WatchActionRequest, ActionService_WatchActionServer) error
 	// Explains an action's lease history as one timeline, oldest first: the
 	// submission, each grant (worker, session, epoch), what the holding

@@ -111,7 +111,12 @@ type LeaseServiceClient interface {
 	// NO_DEPLOYMENT) if it owns no deployment (create one with
 	// CreateDeployment first; the message says so when one was promoted out
 	// of it).
-	// Right: lease.read in the lease's runtime.
+	// Right: lease.read in the lease's runtime. The stream is checked again
+	// when the server reloads its credentials or policy and when the
+	// credential it was opened with expires, and ends UNAUTHENTICATED (reason
+	// CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or PERMISSION_DENIED
+	// (the right it lost) if it no longer passes: wait again with a valid
+	// credential.
 	WaitLease(ctx context.Context, in *WaitLeaseRequest, opts ...grpc.CallOption) (LeaseService_WaitLeaseClient, error)
 	// Stops the lease's deployments with file-save semantics and returns the
 	// ids of the file resources they produced, and what they did not save and
@@ -142,6 +147,10 @@ type LeaseServiceClient interface {
 	// once it is back, or on another) picks up where it was.
 	// A deployment is asked to stop only while its lease is open: a lease
 	// committed meanwhile keeps its deployments running.
+	// While it waits, the call is checked again as a stream is (see
+	// WaitLease): a credential revoked or expired, or the right lost, ends it
+	// UNAUTHENTICATED or PERMISSION_DENIED; the request to save is kept, and
+	// calling again with a valid credential picks up where it was.
 	CollectOutputs(ctx context.Context, in *CollectOutputsRequest, opts ...grpc.CallOption) (*CollectOutputsResponse, error)
 }
 
@@ -391,7 +400,12 @@ type LeaseServiceServer interface {
 	// NO_DEPLOYMENT) if it owns no deployment (create one with
 	// CreateDeployment first; the message says so when one was promoted out
 	// of it).
-	// Right: lease.read in the lease's runtime.
+	// Right: lease.read in the lease's runtime. The stream is checked again
+	// when the server reloads its credentials or policy and when the
+	// credential it was opened with expires, and ends UNAUTHENTICATED (reason
+	// CREDENTIALS_REVOKED, TOKEN_EXPIRED or CERT_EXPIRED) or PERMISSION_DENIED
+	// (the right it lost) if it no longer passes: wait again with a valid
+	// credential.
 	WaitLease(*WaitLeaseRequest, LeaseService_WaitLeaseServer) error
 	// Stops the lease's deployments with file-save semantics and returns the
 	// ids of the file resources they produced, and what they did not save and
@@ -422,6 +436,10 @@ type LeaseServiceServer interface {
 	// once it is back, or on another) picks up where it was.
 	// A deployment is asked to stop only while its lease is open: a lease
 	// committed meanwhile keeps its deployments running.
+	// While it waits, the call is checked again as a stream is (see
+	// WaitLease): a credential revoked or expired, or the right lost, ends it
+	// UNAUTHENTICATED or PERMISSION_DENIED; the request to save is kept, and
+	// calling again with a valid credential picks up where it was.
 	CollectOutputs(context.Context, *CollectOutputsRequest) (*CollectOutputsResponse, error)
 	mustEmbedUnimplementedLeaseServiceServer()
 }

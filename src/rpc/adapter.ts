@@ -701,8 +701,8 @@ function watchCredentials(
   access: Access,
   ctx: { end(reason: unknown): void },
 ): { access: Access; watched: Watched } {
+  if (!deps.streams || !access.enforced) return { access, watched: UNWATCHED };
   const watched: Watched = { error: undefined, close: () => {} };
-  if (!deps.streams || !access.enforced) return { access, watched };
   const open = deps.streams.open({
     credentials: call,
     path,
@@ -716,7 +716,8 @@ function watchCredentials(
   return { access: open.access, watched };
 }
 
-const UNWATCHED: Watched = { error: undefined, close: () => {} };
+/** The registration of a call not tracked (never ended by the registry): shared. */
+const UNWATCHED: Watched = Object.freeze({ error: undefined, close: () => {} });
 
 /** The status of a failed call; refusals are reported to `onRefused` first. */
 function failure(

@@ -73,9 +73,27 @@ export function recordChecks(access: Access): RecordedAccess {
       current.requireOwned(right, cluster, owner);
       keep(`owned\0${right}\0${cluster}\0${owner}`, (next) => next.requireOwned(right, cluster, owner));
     },
-    requireListScope(right, cluster) {
-      current.requireListScope(right, cluster);
-      keep(`list\0${right}\0${cluster}`, (next) => next.requireListScope(right, cluster));
+    requireListScope(right, cluster, field) {
+      current.requireListScope(right, cluster, field);
+      keep(`list\0${right}\0${cluster}`, (next) => next.requireListScope(right, cluster, field));
+    },
+    clustersWith(right) {
+      const globs = current.clustersWith(right);
+      // A listing of "every cluster the caller may read" (a watch naming none) was scoped to these:
+      // each must still be held, or the stream would go on with what the caller lost.
+      if (globs !== undefined)
+        keep(`clusters\0${right}\0${globs.join("\0")}`, (next) => {
+          const now = next.clustersWith(right);
+          const lost = now === undefined ? undefined : globs.find((g) => !now.includes(g));
+          if (lost !== undefined)
+            throw permissionDenied(next.actor, right, `in cluster ${quote(lost)}`, { cluster: lost });
+        });
+      else
+        keep(`everywhere\0${right}`, (next) => {
+          if (next.clustersWith(right) !== undefined)
+            throw permissionDenied(next.actor, right, "in every cluster");
+        });
+      return globs;
     },
     requireEverywhere(right, why) {
       current.requireEverywhere(right, why);

@@ -36,7 +36,7 @@ describe("open streams after a revocation", () => {
     "    clusters: [b]",
     "  - principals: [reader-b]",
     "    role: reader",
-    "    clusters: [b]",
+    "    clusters: [b, c]",
     "  - principals: [jwt-reader]",
     "    role: reader",
     "    clusters: [a]",
@@ -169,6 +169,15 @@ describe("open streams after a revocation", () => {
     const revoked = ending(events.watchEvents(request, as("reader-b")), (m) => {
       if ((m as { event?: { actionId: string } }).event?.actionId === live) seenLive();
     });
+    // A watch naming no cluster reads every cluster reader-b may read: b, until the binding goes.
+    let seenEverywhere: () => void = () => {};
+    const everywhereSeen = new Promise<void>((resolve) => {
+      seenEverywhere = resolve;
+    });
+    const revokedEverywhere = ending(events.watchEvents({ ...request, cluster: "" }, as("reader-b")), (m) => {
+      if ((m as { event?: { actionId: string } }).event?.actionId === live) seenEverywhere();
+    });
+    await everywhereSeen;
     const other = events.watchEvents(request, as("team-b"));
     const otherEvents = other[Symbol.asyncIterator]();
     await liveSeen;
@@ -176,7 +185,11 @@ describe("open streams after a revocation", () => {
 
     replaceFile(
       policyFile,
-      POLICY.replace("  - principals: [reader-b]\n    role: reader\n    clusters: [b]\n", ""),
+      // reader-b keeps cluster c: it still reads somewhere, but not b.
+      POLICY.replace(
+        "  - principals: [reader-b]\n    role: reader\n    clusters: [b, c]\n",
+        "  - principals: [reader-b]\n    role: reader\n    clusters: [c]\n",
+      ),
     );
     const end: CallFailure = await revoked;
     expect({ code: end.code, reason: end.reason, right: end.info.right, cluster: end.info.cluster }).toEqual({
@@ -186,6 +199,11 @@ describe("open streams after a revocation", () => {
       cluster: "b",
     });
     expect(end.message).toMatch(/"reader-b" lacks the right event\.read in cluster "b"/);
+    const endEverywhere: CallFailure = await revokedEverywhere;
+    expect({ code: endEverywhere.code, right: endEverywhere.info.right }).toEqual({
+      code: Code.PermissionDenied,
+      right: "event.read",
+    });
 
     // The submitter's watch was checked too, and still holds its right.
     const after = await submit("b", "team-b");

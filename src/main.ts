@@ -5,6 +5,7 @@ import { Command, CommanderError, Help, Option } from "commander";
 import { actionCommands } from "./cli/action-commands.js";
 import { agentCommand } from "./cli/agent-command.js";
 import { clusterCommands, workerCommands } from "./cli/cluster-commands.js";
+import { dbCommand } from "./cli/db-command.js";
 import { eventCommand } from "./cli/event-commands.js";
 import { leaseCommands, resourceCommands } from "./cli/lease-commands.js";
 import { CliError, DEFAULT_SERVER, EXIT, guardOutput, printError } from "./cli/output.js";
@@ -95,11 +96,13 @@ export function createProgram(): Command {
     leaseCommands(),
     ...resourceCommands(),
     tokenCommand(),
+    dbCommand(),
   ]) {
     program.addCommand(command);
     // Every client command's --help lists the options it takes from the program (--server, TLS,
-    // tokens, --json). Not serve's: it has its own TLS options, and the client ones do not apply.
-    if (command.name() !== "serve") showGlobalOptions(command);
+    // tokens, --json). Not serve's: it has its own TLS options, and the client ones do not apply;
+    // nor db's, which opens the database itself.
+    if (command.name() !== "serve" && command.name() !== "db") showGlobalOptions(command);
   }
   routeSharedOptions(program);
   return program;

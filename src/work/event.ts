@@ -37,7 +37,8 @@ export type EventKind =
   | "resource_created"
   | "resource_deleted"
   | "worker_undrained"
-  | "worker_forgotten";
+  | "worker_forgotten"
+  | "database_restored";
 
 /** One stored event. */
 export interface EventRecord {

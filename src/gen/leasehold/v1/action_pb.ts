@@ -215,7 +215,11 @@ export type Action = Message<"leasehold.v1.Action"> & {
   state: ActionState;
 
   /**
-   * Epoch of the latest grant; 0 if never granted. Increases by one per grant.
+   * Epoch of the latest grant; 0 if never granted. Increases with every
+   * grant: by one, except after the database was marked restored (`leasehold
+   * db restored` raises the epoch of every queued or leased action by a
+   * margin, 1,000,000 by default). Then it is the epoch the next grant
+   * counts from. No two grants of an action share an epoch.
    *
    * @generated from field: uint64 epoch = 11;
    */

@@ -460,7 +460,11 @@ type Action struct {
 	MaxSystemRetries uint32 `protobuf:"varint,9,opt,name=max_system_retries,json=maxSystemRetries,proto3" json:"max_system_retries,omitempty"`
 	// Current lifecycle state.
 	State ActionState `protobuf:"varint,10,opt,name=state,proto3,enum=leasehold.v1.ActionState" json:"state,omitempty"`
-	// Epoch of the latest grant; 0 if never granted. Increases by one per grant.
+	// Epoch of the latest grant; 0 if never granted. Increases with every
+	// grant: by one, except after the database was marked restored (`leasehold
+	// db restored` raises the epoch of every queued or leased action by a
+	// margin, 1,000,000 by default). Then it is the epoch the next grant
+	// counts from. No two grants of an action share an epoch.
 	Epoch uint64 `protobuf:"varint,11,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Attempts started so far (grants).
 	AttemptCount uint32 `protobuf:"varint,12,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`

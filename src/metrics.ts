@@ -176,6 +176,11 @@ export function createMetrics(
       help: "Worker streams this process ended (UNAVAILABLE, reason REBALANCING) because it hosted more than its share of the live worker sessions of the server processes on its database.",
       registers: [registry],
     }),
+    epochRegressions: new Counter({
+      name: `${prefix}epoch_regressions_total`,
+      help: "Leases workers listed (in a hello or a heartbeat) at an epoch above the action's stored one, or at the stored one granted to another worker: proof that the database went back in time (restored from an older backup, or a standby promoted after losing commits) without `leasehold db restored`. Each is logged as an error, recorded as an epoch_regression event, and the action's epoch raised; a lease the database held in its place is revoked.",
+      registers: [registry],
+    }),
     heartbeatAckSeconds: new Histogram({
       name: `${prefix}heartbeat_ack_seconds`,
       help: "Time from receiving a heartbeat to queuing its ack.",

@@ -38,7 +38,8 @@ export type EventKind =
   | "resource_deleted"
   | "worker_undrained"
   | "worker_forgotten"
-  | "database_restored";
+  | "database_restored"
+  | "epoch_regression";
 
 /** One stored event. */
 export interface EventRecord {

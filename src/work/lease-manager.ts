@@ -7,7 +7,7 @@ import { checkOnce } from "../store/database-watch.js";
 import { extendSessionsOnStart } from "../store/queries/extend-sessions-on-start.js";
 import { FORGET_BATCH, forgetWorkers } from "../store/queries/forget-workers.js";
 import { type LostStream, markStreamsLost, type StreamLoss } from "../store/queries/mark-stream-lost.js";
-import type { HelloInput } from "../store/queries/open-session.js";
+import type { HeldGrant, HelloInput } from "../store/queries/open-session.js";
 import { forgetServer, markServerAlive } from "../store/queries/server-liveness.js";
 import { readStreamSpread } from "../store/queries/stream-spread.js";
 import { setWorkerDraining, setWorkerUndrained } from "../store/workers.js";
@@ -30,6 +30,7 @@ import {
 } from "./lease/hosted.js";
 import { createReaper } from "./lease/reaper.js";
 import { createRebalancer } from "./lease/rebalance.js";
+import { createRegressionCheck } from "./lease/regressions.js";
 import { createRenewal } from "./lease/renewal.js";
 import { createReports, type ReportKind, type ReportResult } from "./lease/reports.js";
 import { createRevokes } from "./lease/revokes.js";
@@ -47,6 +48,8 @@ export interface LeaseMetrics {
   readonly heartbeatAckSeconds: { observe(seconds: number): void };
   /** Worker streams this process ended to spread them over the others (lease/rebalance.ts). */
   readonly streamsMoved?: { inc(n?: number): void };
+  /** Listed leases that proved the database went back in time (lease/regressions.ts). */
+  readonly epochRegressions?: { inc(n?: number): void };
 }
 
 /** Options of {@link createLeaseManager}. */
@@ -234,6 +237,8 @@ export interface LeaseManager extends AsyncDisposable {
     forget(): Promise<void>;
     /** Resolves once the claims and settlements already asked for are done (none is run). */
     settled(): Promise<void>;
+    /** Resolves once the looks at stray leases for a database gone back in time are done. */
+    regressions(): Promise<void>;
   };
   stats(): HostedStats;
   /**
@@ -333,6 +338,20 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     checkEveryMs: Math.max(1, Math.round(options.heartbeatIntervalMs / 4)),
   });
   const revokes = createRevokes({ log, hosted, settle: reports.settle, publishActions, debug });
+  /** Ends a lease on the server's side: revoked here, and on the process hosting it if another. */
+  const endedEverywhere = (sessionId: string, token: LeaseToken, reason: RevokeReason, message: string) => {
+    revokes.revoke(sessionId, token, reason, message, true);
+    bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
+  };
+  const regressions = createRegressionCheck({
+    db,
+    clock,
+    log,
+    ...(metrics.epochRegressions ? { regressions: metrics.epochRegressions } : {}),
+    ended: endedEverywhere,
+    publishActions,
+    queueChanged: () => scheduleDispatch(),
+  });
 
   // ---- sessions ------------------------------------------------------------------------------------
 
@@ -392,22 +411,40 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       dbOffsetMs: 0,
       ended: false,
     };
+    // Listed leases that are not the session's may prove that the database went back in time
+    // (lease/regressions.ts). Looked at before the stream is hosted, so that no grant reaches it
+    // meanwhile: granted the listed action again at the listed epoch, the worker would run it
+    // twice under one token, and the database would see no collision (the attempt is its own).
+    // A lease of this session the look ended is neither resumed nor sent again.
+    let { resumedLeases, unlistedLeases } = opened;
+    if (opened.revokedLeases.length > 0) {
+      const ended = new Set(
+        (await regressions.check(s, opened.revokedLeases)).flatMap((r) =>
+          r.collided?.sessionId === s.sessionId ? [`${r.actionId}:${r.collided.epoch}`] : [],
+        ),
+      );
+      if (ended.size > 0) {
+        const kept = (l: HeldGrant) => !ended.has(`${l.actionId}:${l.epoch}`);
+        resumedLeases = resumedLeases.filter(kept);
+        unlistedLeases = unlistedLeases.filter(kept);
+      }
+    }
     persistDeadline(s, opened.deadline.getTime(), dbOffsetMs(opened.dbNow.getTime(), sentAt));
-    for (const l of opened.resumedLeases) s.held.set(l.actionId, l.epoch);
+    for (const l of resumedLeases) s.held.set(l.actionId, l.epoch);
     link.send({
       type: "welcome",
       sessionId: s.sessionId,
       heartbeatIntervalMs: options.heartbeatIntervalMs,
       gracePeriodMs: graceMs,
-      resumed: opened.resumedLeases.map((l) => ({ actionId: l.actionId, epoch: l.epoch })),
+      resumed: resumedLeases.map((l) => ({ actionId: l.actionId, epoch: l.epoch })),
       revoked: opened.revokedLeases,
       sessionResumed: opened.resumed,
       serverId,
     });
     // Grants the worker never received (it did not list them) are sent again, same epoch.
-    for (const l of opened.unlistedLeases) hosted.sendGrant(s, l);
+    for (const l of unlistedLeases) hosted.sendGrant(s, l);
     hosted.add(s);
-    for (const l of [...opened.resumedLeases, ...opened.unlistedLeases]) {
+    for (const l of [...resumedLeases, ...unlistedLeases]) {
       const token = { actionId: l.actionId, epoch: l.epoch };
       if (l.cancelRequested) revokes.revoke(s.sessionId, token, "CANCELLED", "action cancelled", false);
       else if (l.stopReason === "COLLECT_OUTPUTS")
@@ -424,7 +461,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       },
       opened.resumed ? "worker session resumed" : "worker session started",
     );
-    publishActions([...opened.resumedLeases, ...opened.revokedLeases].map((l) => l.actionId));
+    publishActions([...resumedLeases, ...opened.revokedLeases].map((l) => l.actionId));
     // Room, not a queue change: an expired earlier session re-queues through reportReap.
     dispatcher.wakeForRoom();
 
@@ -445,6 +482,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         heard: (heard) => renewal.heard(heard),
         markLost: (lost) => lostStreams.add(lost),
         streamLost: (deadline, dbOffsetMs) => reaper.wakeAt(deadline, dbOffsetMs),
+        strays: (stream, stray) => void regressions.check(stream, stray),
         endRetry: { forMs: maxSilenceMs, stopped: () => closed },
         grantAckLimitMs: options.grantAckLimitMs ?? graceMs,
         heartbeatIntervalMs: options.heartbeatIntervalMs,
@@ -727,7 +765,13 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       offBus?.();
       loops.stop();
       reaper.stop();
-      await Promise.all([dispatcher.idle(), reports.close(), hellos.close(), lostStreams.close()]);
+      await Promise.all([
+        dispatcher.idle(),
+        reports.close(),
+        hellos.close(),
+        lostStreams.close(),
+        regressions.idle(),
+      ]);
       // Reports that waited for their action's turn reached the dispatcher only now.
       await dispatcher.idle();
       // Record what this process heard last, so the sessions' grace counts from it.
@@ -754,10 +798,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       revokes.revoke(sessionId, token, reason, message, false);
       bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: false });
     },
-    ended(sessionId, token, reason, message) {
-      revokes.revoke(sessionId, token, reason, message, true);
-      bus?.send({ kind: "revoke", sessionId, ...token, reason, message, ended: true });
-    },
+    ended: endedEverywhere,
     async drain(workerId, reason, actor) {
       const outcome = await setWorkerDraining(db, workerId, reason, actor);
       if (outcome !== "draining") return outcome;
@@ -793,6 +834,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         await dispatcher.idle();
       },
       settled: () => dispatcher.idle(),
+      regressions: () => regressions.idle(),
     },
     stats() {
       let leasesHeld = 0;

@@ -1,24 +1,30 @@
+import { sql } from "drizzle-orm";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
+import type { Db } from "../../src/store/database.js";
 import { runCli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
 
 /**
  * A database that went back in time (restored from an older backup, or a
- * standby promoted after losing commits) under running agents.
+ * standby promoted after losing commits) under running agents. The restore is
+ * simulated by putting an action's row back as it was before its grant: what
+ * the backup holds of an action granted after it was taken.
  */
 describe("a database that went back in time", () => {
   let clock: FakeClock;
   let t: TestServer;
+  let db: Db;
   let workers: TestWorker[];
 
   const start = () =>
     startTestServer({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
-      overrides: { clock, timers: false },
+      overrides: { clock, timers: false, wrapDb: (d) => (db = d) },
     });
   const worker = async (workerId: string, held: { actionId: string; epoch: bigint }[] = []) => {
     const w = await connectWorker(t.address, { workerId, cluster: "rr", capacity: 1, heldLeases: held });
@@ -29,6 +35,16 @@ describe("a database that went back in time", () => {
   const action = async (id: string) => (await t.client(ActionService).getAction({ actionId: id })).action;
   const events = async (actionId: string, kind: EventKind) =>
     (await t.client(EventService).listEvents({ actionId, kind, pageSize: 100 })).events;
+  /** Puts the action's row back as a backup taken before its first grant holds it. */
+  const rollBack = async (id: string) => {
+    await db.execute(sql`delete from attempts where action_id = ${id}`);
+    await db.execute(
+      sql`update actions set state = 'QUEUED', epoch = 0, attempt_count = 0, session_id = null, worker_id = null,
+            granted_at = null where id = ${id}`,
+    );
+  };
+  const scrape = async () => (await fetch(`http://127.0.0.1:${t.server.metricsPort}/metrics`)).text();
+
   beforeEach(async () => {
     clock = createFakeClock();
     workers = [];
@@ -37,6 +53,80 @@ describe("a database that went back in time", () => {
   afterEach(async () => {
     for (const w of workers) w.drop();
     await t[Symbol.asyncDispose]();
+  });
+
+  it("a worker that lists an epoch above the stored one raises it, and the next grant is above it", async () => {
+    const p = await worker("rr-p");
+    const x = await submit();
+    await t.server.leases.tick.dispatch();
+    const grant = await p.next("grant");
+    expect(grant.epoch).toBe(1n);
+    await rollBack(x);
+
+    p.drop();
+    const back = await worker("rr-p", [{ actionId: x, epoch: 1n }]);
+    expect(back.welcome.revoked).toMatchObject([{ actionId: x, epoch: 1n }]);
+    // Looked at before the new stream took any grant: X comes back to it above the listed epoch.
+    expect(await back.next("grant")).toMatchObject({ actionId: x, epoch: 2n });
+
+    const [regression] = await events(x, EventKind.EPOCH_REGRESSION);
+    expect(regression?.message).toMatch(
+      /listed a lease at epoch 1, above the stored epoch 0: the database lost grants/,
+    );
+    expect(regression?.message).toMatch(/the epoch is raised to 1/);
+    // Not "a lease it never held": it held it, the database forgot.
+    const [revoked] = await events(x, EventKind.LEASE_REVOKED);
+    expect(revoked?.message).toMatch(/this database has no record of granting it: the database lost grants/);
+    expect(
+      t.logs.some((l) => l.level === 50 && /went back in time.*leasehold db restored/.test(String(l.msg))),
+    ).toBe(true);
+    expect(await scrape()).toMatch(/^leasehold_epoch_regressions_total 1$/m);
+  });
+
+  it("a lease granted again at the epoch a reconnecting worker lists is revoked from its new holder", async () => {
+    const p = await worker("rr-p");
+    const x = await submit();
+    await t.server.leases.tick.dispatch();
+    expect((await p.next("grant")).epoch).toBe(1n);
+    await rollBack(x);
+    // The restored database grants X again, at the same epoch, while p still runs it.
+    const r = await worker("rr-r");
+    await t.server.leases.tick.dispatch();
+    expect((await r.next("grant")).epoch).toBe(1n);
+
+    p.drop();
+    const back = await worker("rr-p", [{ actionId: x, epoch: 1n }]);
+    expect(back.welcome.revoked).toMatchObject([{ actionId: x, epoch: 1n }]);
+    const revoke = await r.next("revoke");
+    expect(revoke).toMatchObject({ actionId: x, epoch: 1n, reason: RevokeReason.SUPERSEDED });
+    await t.server.leases.tick.regressions();
+
+    const [regression] = await events(x, EventKind.EPOCH_REGRESSION);
+    expect(regression?.message).toMatch(/which this database granted to another worker or never granted/);
+    expect(regression?.message).toMatch(
+      /the lease of worker rr-r at epoch 1 collides with it and is revoked/,
+    );
+    // Queued again as a system retry, and granted above the listed epoch.
+    const regrant = await Promise.race([back.next("grant"), r.next("grant")]);
+    expect(regrant).toMatchObject({ actionId: x, epoch: 2n });
+    expect(await action(x)).toMatchObject({ epoch: 2n, systemRetryCount: 1 });
+  });
+
+  it("a heartbeat that lists an epoch above its own lease's revokes that lease and grants above it", async () => {
+    const q = await worker("rr-q");
+    const x = await submit();
+    expect(await q.next("grant")).toMatchObject({ actionId: x, epoch: 1n });
+    // q runs X at epoch 3, which the database lost: its epoch-1 lease collides.
+    await q.heartbeat(1, [{ actionId: x, epoch: 3n }]);
+    expect(await q.next("revoke")).toMatchObject({ actionId: x, epoch: 3n, reason: RevokeReason.SUPERSEDED });
+    expect(await q.next("revoke")).toMatchObject({ actionId: x, epoch: 1n, reason: RevokeReason.SUPERSEDED });
+    await t.server.leases.tick.regressions();
+    expect(await events(x, EventKind.EPOCH_REGRESSION)).toHaveLength(1);
+    // Looked at once per stream: a later heartbeat listing it again costs nothing more.
+    await q.heartbeat(2, [{ actionId: x, epoch: 3n }]);
+    await t.server.leases.tick.regressions();
+    expect(await events(x, EventKind.EPOCH_REGRESSION)).toHaveLength(1);
+    expect(await q.next("grant")).toMatchObject({ actionId: x, epoch: 4n });
   });
 
   it("`leasehold db restored` raises epochs, ends sessions, requeues leases without a retry and holds grants", async () => {
@@ -66,6 +156,8 @@ describe("a database that went back in time", () => {
     const back = await worker("rr-p", [{ actionId: x, epoch: 1n }]);
     expect(back.welcome.sessionResumed).toBe(false);
     expect(back.welcome.revoked).toMatchObject([{ actionId: x, epoch: 1n }]);
+    await t.server.leases.tick.regressions();
+    expect(await events(x, EventKind.EPOCH_REGRESSION)).toHaveLength(0);
     expect(await action(x)).toMatchObject({
       state: ActionState.QUEUED,
       epoch: 1_000_001n,
@@ -82,8 +174,10 @@ describe("a database that went back in time", () => {
       actions_renumbered: 2,
       epoch_margin: 1_000_000,
     });
-    const [revoked] = await events(x, EventKind.LEASE_REVOKED);
+    const [revoked, listed] = await events(x, EventKind.LEASE_REVOKED);
     expect(revoked?.message).toMatch(/the database was restored from a backup/);
+    // The backup has its grant: it held that lease, and holds it no longer.
+    expect(listed?.message).toBe("worker rr-p listed a lease it no longer holds (epoch 1); revoked");
 
     // Nothing is granted during the hold, which covers every old holder's guarantee.
     await t.server.leases.tick.dispatch();

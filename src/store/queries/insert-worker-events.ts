@@ -35,6 +35,13 @@ export interface WorkerEvent {
     readonly action_id: string;
     readonly epoch: number;
     readonly never_message: string;
+    /**
+     * Instead of `never_message` for a listed lease above the action's epoch,
+     * or at its epoch granted to another worker: not a lease the worker never
+     * held, but one the database no longer knows it granted (it went back in
+     * time: lease/regressions.ts).
+     */
+    readonly lost_message?: string;
     readonly foreign_message: string;
     readonly foreign_details?: Record<string, unknown> | null;
     /**
@@ -76,6 +83,7 @@ export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[])
       named_action_id: e.named?.action_id ?? null,
       named_epoch: e.named?.epoch ?? null,
       never_message: e.named?.never_message ?? null,
+      lost_message: e.named?.lost_message ?? null,
       foreign_message: e.named?.foreign_message ?? null,
       foreign_details: e.named?.foreign_details ?? null,
       fenced_prefix: e.named?.fenced_prefix ?? null,
@@ -89,6 +97,9 @@ export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[])
       case when x.named_action_id is not null and a.id is null then null else x.epoch end,
       case when x.named_action_id is null then x.message
            when a.id is null then x.foreign_message
+           when x.lost_message is not null and (a.epoch < x.named_epoch or (a.epoch = x.named_epoch and not exists (
+             select 1 from attempts t where t.action_id = a.id and t.epoch = x.named_epoch
+                                        and t.worker_id = x.worker_id))) then x.lost_message
            when not exists (select 1 from attempts t where t.action_id = a.id and t.epoch = x.named_epoch
                                                        and t.worker_id = x.worker_id) then x.never_message
            when x.fenced_prefix is null then x.message
@@ -106,7 +117,7 @@ export async function insertWorkerEvents(db: Db, events: readonly WorkerEvent[])
       x.actor
     from jsonb_to_recordset(${input}::jsonb)
       as x(n int, kind text, worker_id text, cluster text, session_id text, actor text, action_id text, epoch bigint,
-           message text, details jsonb, named_action_id text, named_epoch bigint, never_message text,
+           message text, details jsonb, named_action_id text, named_epoch bigint, never_message text, lost_message text,
            foreign_message text, foreign_details jsonb, fenced_prefix text)
     left join workers w on w.worker_id = x.worker_id
     left join actions a on a.id = x.named_action_id and a.cluster = coalesce(x.cluster, w.cluster)

@@ -8,12 +8,13 @@ import { queryRows, toDate, toNumber } from "../rows.js";
  * How far `leasehold db restored` raises the epoch of every action that may
  * still be granted: more than the grants one action can have had since any
  * backup. Failures and expiries are bounded (max_attempts and
- * max_system_retries, at most 100 each), but a release, a drain, a cancel
- * that raced a grant or a collision revoke charge nothing, so no limit of
- * the retry policy bounds them: a million is eleven days of an action
- * released and granted again every second, far past any real history.
- * Raised once per restore, the epochs stay below 2^53 − 1 for nine billion
- * restores.
+ * max_system_retries, at most 100 each), but a release (a drain, a
+ * self-fence, an agent's shutdown) or this command's own requeue charge
+ * nothing, so no limit of the retry policy bounds them: a million is eleven
+ * days of an action released and granted again every second, far past any
+ * real history. A listing above it is still caught: a worker naming an
+ * epoch above the stored one raises it (epoch-regressions.ts). Raised once
+ * per restore, the epochs stay below 2^53 − 1 for nine billion restores.
  */
 export const RESTORE_EPOCH_MARGIN = 1_000_000;
 

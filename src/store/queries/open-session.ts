@@ -466,7 +466,12 @@ export function helloEvents(
       named: {
         action_id: l.actionId,
         epoch: l.epoch,
-        never_message: `worker ${hello.workerId} listed a lease it never held (epoch ${l.epoch}); revoked`,
+        // Not "it never held": after a restore of the database it did, and the database forgot.
+        never_message: `worker ${hello.workerId} listed a lease (epoch ${l.epoch}) this database has no record of granting it; revoked`,
+        lost_message:
+          `worker ${hello.workerId} listed a lease (epoch ${l.epoch}) this database has no record of granting it: ` +
+          "the database lost grants it had made (restored from an older backup, or a standby promoted after " +
+          "losing commits); revoked",
         foreign_message: `worker ${hello.workerId} listed a lease it never held (not an action of cluster ${hello.cluster}); revoked`,
       },
     })),

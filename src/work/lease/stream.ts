@@ -6,7 +6,7 @@ import { endSession } from "../../store/queries/end-session.js";
 import type { LostStream, StreamLoss } from "../../store/queries/mark-stream-lost.js";
 import { driverError } from "../../store/rows.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
-import type { WorkerMessage } from "../worker-messages.js";
+import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
 import type { Handover } from "./handover.js";
 import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
 import type { Reports } from "./reports.js";
@@ -75,6 +75,11 @@ export function createStreamHandle(
     heard: (s: Hosted) => void;
     /** Records a lost stream (group-committed with the others lost meanwhile: `markStreamsLost`). */
     markLost: (lost: LostStream) => Promise<StreamLoss | undefined>;
+    /**
+     * Listed leases a heartbeat drew a SUPERSEDED revoke for: looked at, off this path, for proof
+     * that the database went back in time (lease/regressions.ts).
+     */
+    strays: (s: Hosted, stray: readonly LeaseToken[]) => void;
     /** The stream was lost: its session is due at `deadline` (database clock, ms). */
     streamLost: (deadlineMs: number, dbOffsetMs: number) => void;
     /**
@@ -216,11 +221,14 @@ export function createStreamHandle(
             deps.heartbeatAckSeconds.observe((performance.now() - started) / 1000);
           }
           let superseded = 0;
+          let stray: LeaseToken[] | undefined;
           for (const token of message.held) {
             if (s.held.get(token.actionId) !== token.epoch) {
               // Bounded: a heartbeat listing 20,000 made-up leases drew 20,000 revokes, and a
               // batch of such heartbeats held the process for seconds. The rest wait for later ones.
               if (++superseded > MAX_SUPERSEDED_PER_HEARTBEAT) continue;
+              stray ??= [];
+              stray.push(token);
               s.link.send({
                 type: "revoke",
                 ...token,
@@ -232,6 +240,7 @@ export function createStreamHandle(
               hosted.acknowledged(s, token);
             }
           }
+          if (stray) deps.strays(s, stray);
           s.lastHeld = message.held;
           if (s.revoked !== undefined) revokes.releaseOmitted(s, message.held);
           endIfGrantsUnread();

@@ -41,10 +41,10 @@ export interface EpochRegression {
  * - the action's epoch is raised to the listed one (a queued or leased
  *   action), so that its next grant is above it;
  * - a lease the database holds at an epoch at or below the listed one
- *   collides with it, and ends as at an expiry (a system retry; CANCELLED
- *   when a cancel was pending, FAILED when the budget is spent), so that the
- *   overlap ends as soon as the evidence arrives; the caller revokes it from
- *   its holder;
+ *   collides with it: the action is queued again, charged no retry (the
+ *   database lost the lease; CANCELLED when a cancel was pending), so that
+ *   the overlap ends as soon as the evidence arrives; the caller revokes it
+ *   from its holder;
  * - an `epoch_regression` event records it (and a `lease_revoked` event the
  *   collided lease).
  * Listed epochs more than {@link RESTORE_EPOCH_MARGIN} above the stored one
@@ -96,22 +96,14 @@ export async function settleEpochRegressions(
         changed as (
           update actions a set
             epoch = greatest(a.epoch, f.listed),
+            -- No retry is charged: the database lost the lease, the action did nothing wrong; and an
+            -- agent listing a lease it once held could otherwise spend another's budget until it failed.
             state = case
               when f.state <> 'LEASED' then a.state
               when a.cancel_requested then 'CANCELLED'
-              when a.system_retry_count + 1 > a.max_system_retries then 'FAILED'
               else 'QUEUED' end,
-            system_retry_count = a.system_retry_count
-              + case when f.state = 'LEASED' and not a.cancel_requested then 1 else 0 end,
-            failure_reason = case
-              when f.state = 'LEASED' and not a.cancel_requested and a.system_retry_count + 1 > a.max_system_retries then
-                'lease revoked ' || (a.system_retry_count + 1) || ' times, the last because worker ' || ${listing.workerId}
-                || ' listed epoch ' || f.listed || ' of it, which the database had lost (worker ' || f.worker_id
-                || ', epoch ' || f.stored || '); the system-retry budget of ' || a.max_system_retries || ' is exhausted'
-              else a.failure_reason end,
             finished_at = case
-              when f.state = 'LEASED' and (a.cancel_requested or a.system_retry_count + 1 > a.max_system_retries)
-                then ${now}
+              when f.state = 'LEASED' and a.cancel_requested then ${now}
               else a.finished_at end,
             session_id = case when f.state = 'LEASED' then null else a.session_id end,
             worker_id = case when f.state = 'LEASED' then null else a.worker_id end,
@@ -146,10 +138,9 @@ export async function settleEpochRegressions(
           select 'lease_revoked', f.id, f.worker_id, ${listing.cluster}, f.session_id, f.stored,
             'lease revoked: worker ' || ${listing.workerId} || ' listed epoch ' || f.listed
             || ' of this action, a grant the database lost (restored from an older backup, or failed over with loss); '
-            || case c.state when 'QUEUED' then 'the action is queued again (a system retry), its next epoch above '
+            || case c.state when 'QUEUED' then 'the action is queued again (no retry charged), its next epoch above '
                               || f.listed
-                            when 'CANCELLED' then 'the action is cancelled, as asked'
-                            else 'the action failed: its system-retry budget is spent' end,
+                            else 'the action is cancelled, as asked' end,
             jsonb_build_object('cause', 'epoch_regression', 'state', c.state), ''
           from found f join changed c on c.id = f.id
           where f.state = 'LEASED'

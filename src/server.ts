@@ -363,6 +363,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         dataDir: config.dataDir,
         poolSize: config.databasePoolSize,
         processId: serverId,
+        ...(overrides.signal ? { signal: overrides.signal } : {}),
         ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
         onMigrationLockWait: ({ tries, waitedMs, retryInMs, holders }) => {
           gate.block("migrating the database: waiting for a table lock");
@@ -403,6 +404,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         : openFailure(config.databaseUrl, error);
     });
     cleanup.push(() => database.close());
+    // Calls wait for the rest of the start again, not refused for a lock the migrations got since.
+    gate.unblock();
     log.info(
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",

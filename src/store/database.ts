@@ -81,6 +81,8 @@ export interface DatabaseOptions {
    * again, with the sessions holding locks on our tables (to log).
    */
   readonly onMigrationLockWait?: (wait: MigrationLockWait) => void;
+  /** Stops the wait between two tries of migrations that gave way to a lock (a shutdown). */
+  readonly signal?: AbortSignal;
 }
 
 /** One wait of the migrations for a lock, for {@link DatabaseOptions.onMigrationLockWait}. */
@@ -328,6 +330,7 @@ export async function openDatabase(options: DatabaseOptions): Promise<Database> 
         logger,
         options.onMigrationLockWait,
         options.processId,
+        options.signal,
       )
     : openPglite(options.dataDir, logger);
 }
@@ -469,6 +472,7 @@ async function openPostgres(
   logger: QueryLogger,
   onMigrationLockWait: DatabaseOptions["onMigrationLockWait"],
   processId: string | undefined,
+  signal: AbortSignal | undefined,
 ): Promise<Database> {
   const { url, configured } = withoutApplicationName(configuredUrl);
   const quiet = {
@@ -495,16 +499,21 @@ async function openPostgres(
   };
   // One dedicated session holds the advisory lock and runs the DDL; ending it
   // releases the lock even if migration fails half-way.
-  const migrator = postgres(url, { ...quiet, max: 1 });
+  // lock_timeout as a connection setting, not a SET: it holds on a connection made again too.
+  const migrator = postgres(url, {
+    ...quiet,
+    max: 1,
+    connection: { ...quiet.connection, lock_timeout: MIGRATION_LOCK_TIMEOUT_MS },
+  });
   try {
     await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
     // Under the lock: a newer build migrating at the same moment has finished, or not begun.
     const applied = await appliedMigrations((text) => migrator.unsafe(text));
     const journal = readJournal(MIGRATIONS_FOLDER);
     refuseNewerDatabase(applied, journal);
-    await migrator.unsafe(`set lock_timeout = ${MIGRATION_LOCK_TIMEOUT_MS}`);
     const started = Date.now();
     for (let tries = 1; ; tries++) {
+      signal?.throwIfAborted();
       try {
         await migrateExplained(
           () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
@@ -528,7 +537,7 @@ async function openPostgres(
           retryInMs,
           holders: await lockHolders(migrator),
         });
-        await new Promise((resolve) => setTimeout(resolve, retryInMs));
+        await abortableDelay(retryInMs, signal);
       }
     }
   } finally {

@@ -1,3 +1,5 @@
+import { once } from "node:events";
+import { connect, type Socket } from "node:net";
 import postgres from "postgres";
 import { describe, expect, it } from "vitest";
 import { freshPostgresDatabase, runsPostgresTests, type TestStore } from "../helpers/database.js";
@@ -131,6 +133,37 @@ describe.runIf(runsPostgresTests())("postgres.js after a backend is terminated",
   });
 });
 
+describe.runIf(runsPostgresTests())("postgres.js on a connection reset", () => {
+  it("fails a query sent between the socket's error and its close, instead of dropping it", async () => {
+    await using store = await freshPostgresDatabase();
+    const url = new URL(store.url ?? "");
+    let socket: Socket | undefined;
+    await using sql = pool(store, {
+      max: 1,
+      socket: async () => {
+        const s = connect(Number(url.port || 5432), url.hostname);
+        await once(s, "connect");
+        socket = s;
+        return s;
+      },
+    });
+    await sql`select 1`;
+    const s = socket as Socket;
+    // A reset (ECONNRESET) emits the socket's error at once and its close a turn later; in
+    // between the pool still counts the idle connection as usable, and a caller retrying on
+    // the error (the lease dispatcher looking whether its claim committed) is given it.
+    const late = new Promise<Promise<unknown>>((resolve) =>
+      s.once("error", () => resolve(failure(sql`select 2 as x`.execute()))),
+    );
+    s.destroy(Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" }));
+    const query = await late;
+    // Unpatched: never settles (the test's own timeout fails it); the close forgot the query.
+    expect(await query).toBeInstanceOf(Error);
+    // And the pool opens a new connection for the next one.
+    expect(await sql`select 3 as x`).toEqual([{ x: 3 }]);
+  });
+});
+
 describe.runIf(runsPostgresTests())("postgres.js statements prepared before a migration", () => {
   it("send their parameters once more as they were, not serialized twice", async () => {
     await using store = await freshPostgresDatabase();
@@ -237,7 +270,11 @@ async function terminate(store: TestStore, pid: number): Promise<void> {
 function pool(
   store: TestStore,
   // max_pipeline: how many queries a connection queues (a connection option its types omit).
-  options: postgres.Options<Record<string, never>> & { max_pipeline?: number },
+  // socket: a function opening the connection's socket (also missing from its types).
+  options: postgres.Options<Record<string, never>> & {
+    max_pipeline?: number;
+    socket?: () => Promise<Socket>;
+  },
 ) {
   const sql = postgres(store.url ?? "", { onnotice: () => {}, ...options });
   return Object.assign(sql, { [Symbol.asyncDispose]: () => sql.end({ timeout: 5 }) });

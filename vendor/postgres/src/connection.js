@@ -479,7 +479,12 @@ function Connection(options, queues = {}, { onopen = noop, onend = noop, onclose
     if (initial)
       return reconnect()
 
-    !hadError && (query || sent.length) && error(Errors.connection('CONNECTION_CLOSED', options, socket))
+    // Leasehold patch: fail what is still here even after an error. The socket
+    // reports an error (which failed the queries then waiting) a turn before it
+    // closes, and the pool still counts the connection as usable until then: a
+    // query sent in between (a caller retrying at once on that error) was
+    // dropped below, its promise never settled.
+    ;(query || sent.length) && error(Errors.connection('CONNECTION_CLOSED', options, socket))
     // Leasehold patch: the query in flight, its error and its rows belonged to
     // the closed backend. Left set, the next query to reopen this connection
     // was failed with that old error (a 57P01 after a restart), and end()

@@ -91,6 +91,14 @@ export function createMetrics(
     },
   });
   new Gauge({
+    name: `${prefix}dispatch_waiting_seconds`,
+    help: "How long the lease dispatcher's oldest statement in flight has waited for its answer, 0 if none. It takes milliseconds; while one waits, the completions and releases it settles get no answer and their slots no grant (an error is logged past 30 s).",
+    registers: [registry],
+    collect() {
+      this.set(sources.hosted().dispatchWaitingMs / 1000);
+    },
+  });
+  new Gauge({
     name: `${prefix}database_up`,
     help: "1 while this process finds its database answering, 0 while it does not (it is then NOT_SERVING, and its acks say database_unreachable). Read without asking the database: the gauges that do are NaN meanwhile.",
     registers: [registry],

@@ -118,6 +118,8 @@ export interface ServerOverrides {
    * (lease/handover.ts). Default 1.5 heartbeat intervals; 0 ends them at once.
    */
   readonly handOverMs?: number;
+  /** How long a statement of the lease dispatcher may go unanswered before it is called hung; default 30 s. */
+  readonly dispatchHangMs?: number;
   /**
    * The Access of each call from its metadata, in place of the configured
    * authentication (tests of handler-level checks that need no credentials).
@@ -427,7 +429,8 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     let leases: LeaseManager | undefined;
     const metrics = createMetrics(
       {
-        hosted: () => leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0, streamsHeldBack: 0 },
+        hosted: () =>
+          leases?.stats() ?? { connectedWorkers: 0, leasesHeld: 0, streamsHeldBack: 0, dispatchWaitingMs: 0 },
         databaseUp: () => !databaseUnreachable,
         inGrace: async () => {
           const [row] = await queryRows<{ n: unknown }>(
@@ -478,6 +481,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     };
     const abandonRenewalConnection = database.abandonRenewalConnection;
     const manager = createLeaseManager({
+      ...(overrides.dispatchHangMs ? { dispatchHangMs: overrides.dispatchHangMs } : {}),
       databaseUnreachable: () => databaseUnreachable,
       // A renewal that hangs is a database lost (PostgreSQL; PGlite runs in this process).
       ...(timers && abandonRenewalConnection && database.ping

@@ -88,6 +88,8 @@ export interface LeaseManagerOptions {
   readonly partitionShare?: number;
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
   readonly dispatchPollMs?: number;
+  /** How long a statement of the lease dispatcher may go unanswered (lease/dispatch.ts, `hangMs`). Default 30 s. */
+  readonly dispatchHangMs?: number;
   /**
    * The only process on its database (PGlite, whose data directory is
    * locked): at start every live session's stream is known gone with the
@@ -149,6 +151,8 @@ export interface HostedStats {
   readonly leasesHeld: number;
   /** Streams not read while too many of their reports are unanswered. */
   readonly streamsHeldBack: number;
+  /** How long the lease dispatcher's oldest statement in flight has waited (Dispatcher.waitingMs). */
+  readonly dispatchWaitingMs: number;
 }
 
 /**
@@ -294,6 +298,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     log,
     hosted,
     graceMs,
+    ...(options.dispatchHangMs ? { hangMs: options.dispatchHangMs } : {}),
     granted(grants) {
       metrics.grants.inc(grants.length);
       if (debug) {
@@ -712,9 +717,17 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       // the audit each hold the event loop for milliseconds, and heartbeat acks wait behind them.
       const pollMs = options.dispatchPollMs ?? 1000;
       // A poll for actions queued by other processes or waiting out a retry backoff.
-      loops.every(pollMs, "dispatch poll", async () => scheduleDispatch(), {
-        phaseMs: Math.round(pollMs / 4),
-      });
+      loops.every(
+        pollMs,
+        "dispatch poll",
+        async () => {
+          dispatcher.watch();
+          scheduleDispatch();
+        },
+        {
+          phaseMs: Math.round(pollMs / 4),
+        },
+      );
       // Housekeeping: hourly, or four times per retention if that is shorter.
       if (options.workerRetentionMs) {
         const everyMs = Math.min(HOUR_MS, Math.max(options.workerRetentionMs / 4, 15_000));
@@ -830,6 +843,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
       audit,
       forget,
       dispatch: async () => {
+        dispatcher.watch();
         scheduleDispatch();
         await dispatcher.idle();
       },
@@ -843,7 +857,12 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
         leasesHeld += s.held.size;
         if (s.heldBack) streamsHeldBack++;
       }
-      return { connectedWorkers: hosted.size, leasesHeld, streamsHeldBack };
+      return {
+        connectedWorkers: hosted.size,
+        leasesHeld,
+        streamsHeldBack,
+        dispatchWaitingMs: dispatcher.waitingMs(),
+      };
     },
     grantsStopped() {
       const ids: string[] = [];

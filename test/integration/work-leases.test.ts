@@ -353,7 +353,7 @@ describe("work leases", () => {
    */
   async function serverWithStatements(
     intercept: (query: SQL, text: string, db: Db) => Promise<unknown>,
-    config: { gracePeriod?: string; heartbeatInterval?: string } = {},
+    config: { gracePeriod?: string; heartbeatInterval?: string; dispatchHangMs?: number } = {},
   ) {
     await t[Symbol.asyncDispose]();
     const dialect = new PgDialect();
@@ -365,6 +365,7 @@ describe("work leases", () => {
       overrides: {
         clock,
         timers: false,
+        ...(config.dispatchHangMs ? { dispatchHangMs: config.dispatchHangMs } : {}),
         wrapDb: (db) =>
           new Proxy(db, {
             get(target, property, receiver) {
@@ -518,7 +519,14 @@ describe("work leases", () => {
    */
   async function serverLosingAGrant(
     when: "after commit" | "before commit",
-    options: { gracePeriod?: string; heartbeatInterval?: string; lookFails?: () => boolean } = {},
+    options: {
+      gracePeriod?: string;
+      heartbeatInterval?: string;
+      dispatchHangMs?: number;
+      lookFails?: () => boolean;
+      /** The look gets no answer, ever (a statement the driver dropped), while this says so. */
+      lookHangs?: () => boolean;
+    } = {},
   ) {
     let armed = true;
     let fired!: () => void;
@@ -536,6 +544,7 @@ describe("work leases", () => {
     await serverWithStatements(async (query, text, db) => {
       if (options.lookFails?.() && text.includes("where state = 'LEASED'"))
         throw new Error("connection lost (injected)");
+      if (options.lookHangs?.() && text.includes("where state = 'LEASED'")) return new Promise(() => {});
       if (!armed || !text.includes("insert into attempts")) return db.execute(query);
       if (when === "after commit") {
         const result = await db.execute(query);
@@ -593,6 +602,70 @@ describe("work leases", () => {
     expect(t.logs.map((l) => l.msg)).toContain("sending a grant again whose commit was in doubt");
     await tick().dispatch();
     expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
+  });
+
+  it("gives up a look for such a grant that never gets an answer, and sends the grant once a later look finds it", async () => {
+    // After a run of connection resets the driver lost a statement: the look waited forever, and
+    // every round of the process with it (no grant, no answer to a completion), with no log line.
+    let lookHangs = true;
+    const { faulted } = await serverLosingAGrant("after commit", {
+      dispatchHangMs: 300,
+      lookHangs: () => lookHangs,
+    });
+    const id = await submit();
+    const w = await worker("w1");
+    await faulted;
+    // Unpatched: never resolves (the test's own timeout fails it).
+    await tick().dispatch();
+    expect(t.logs.map((l) => l.msg)).toContain(
+      "the look for grants whose commit was in doubt got no answer; given up, it is tried again on the next wake-up",
+    );
+    lookHangs = false;
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    expect(grant).toMatchObject({ actionId: id, epoch: 1n, attempt: 1 });
+    expect(await w.complete(grant, { output: {} })).toMatchObject({ accepted: true });
+    await tick().dispatch();
+    expect(w.received.filter((m) => m.message.case === "grant")).toHaveLength(1);
+  });
+
+  it("logs an error while a round's statement goes unanswered, and shows how long it has waited", async () => {
+    let holding!: () => void;
+    const held = new Promise<void>((r) => {
+      holding = r;
+    });
+    let release!: () => void;
+    const mayRun = new Promise<void>((r) => {
+      release = r;
+    });
+    let armed = false;
+    await serverWithStatements(
+      async (query, text, db) => {
+        if (armed && text.includes("f_input")) {
+          holding();
+          await mayRun;
+        }
+        return db.execute(query);
+      },
+      { dispatchHangMs: 300 },
+    );
+    await submit();
+    const w = await worker("w1");
+    await tick().dispatch();
+    const grant = await w.next("grant");
+    armed = true;
+    const answer = w.complete(grant, { output: {} });
+    await held;
+    await waitFor(async () => t.server.leases.stats().dispatchWaitingMs > 300);
+    // The dispatch poll's tick: it looks first, then waits for the round like any other.
+    const ticked = tick().dispatch();
+    await waitForLog(t.logs, (l) => String(l.msg).startsWith("the lease dispatcher has waited too long"));
+    release();
+    expect(await answer).toMatchObject({ accepted: true });
+    await ticked;
+    await tick().dispatch();
+    expect(t.logs.map((l) => l.msg)).toContain("the lease dispatcher's hung statement ended");
+    expect(t.server.leases.stats().dispatchWaitingMs).toBe(0);
   });
 
   it("grants again normally when a grant transaction failed before its commit, sending it once", async () => {

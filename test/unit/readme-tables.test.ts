@@ -63,7 +63,7 @@ describe("the README's tables", () => {
       const early = calls.registry.getMetricsAsArray().map((metric) => metric.name);
       const all = createMetrics(
         {
-          hosted: () => ({ workers: 0, leases: 0, streamsHeldBack: 0 }) as never,
+          hosted: () => ({ workers: 0, leases: 0, streamsHeldBack: 0, dispatchWaitingMs: 0 }) as never,
           databaseUp: () => true,
           inGrace: async () => 0,
           pausedClusters: async () => 0,

@@ -47,7 +47,27 @@ export interface Dispatcher {
   wakeForRoom(): void;
   /** Resolves when no round runs or is scheduled. */
   idle(): Promise<void>;
+  /**
+   * How long the oldest statement of the dispatcher in flight (a round, or
+   * the look for in-doubt grants) has waited for its answer; 0 if none.
+   * While one waits, the reports it settles and the slots it claims for wait
+   * with it, and while the look waits nothing else is dispatched.
+   */
+  waitingMs(): number;
+  /**
+   * Logs an error once a statement has waited longer than `hangMs` (and
+   * again, as info, once none has): called on every dispatch poll.
+   */
+  watch(): void;
 }
+
+/**
+ * Default of the dispatcher's `hangMs`. A round's statement takes
+ * milliseconds; one that waits this long has lost its connection's answer
+ * (the driver once dropped a statement sent on a connection that had just
+ * been reset, and the dispatcher then waited for it forever).
+ */
+export const DISPATCH_HANG_MS = 30_000;
 
 /** Largest number of reports settled, and of slots claimed for, per statement. */
 export const BATCH = 256;
@@ -73,11 +93,20 @@ export function createDispatcher(deps: {
   log: Logger;
   hosted: HostedSessions;
   graceMs: number;
+  /**
+   * How long a statement may go unanswered before the dispatcher calls it
+   * hung: the look for in-doubt grants (a read) is then given up as failed and
+   * tried again on the next wake-up, and {@link Dispatcher.watch} logs an
+   * error. A round is not given up: its answer says what it committed. Default
+   * {@link DISPATCH_HANG_MS}.
+   */
+  hangMs?: number;
   /** Called with the grants of every round, after they were sent. */
   granted: (grants: readonly GrantRecord[]) => void;
   stopped: () => boolean;
 }): Dispatcher {
   const { db, clock, log, hosted, graceMs } = deps;
+  const hangMs = deps.hangMs ?? DISPATCH_HANG_MS;
   let queue: Pending[] = [];
   let wanted = false;
   const rounds = failureLog(log, {
@@ -207,7 +236,27 @@ export function createDispatcher(deps: {
    */
   async function reconcile(): Promise<void> {
     const lookedAt = Date.now();
-    for (const g of await actionsLeasedTo(db, [...inDoubt.keys()])) {
+    let timer: NodeJS.Timeout | undefined;
+    // A read: given up when it hangs, it is tried again on the next wake-up. Awaited forever, it
+    // stopped every round of this process (they wait for it: see fill).
+    const hung = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        // A warning each time, not the dispatch's failure line: that one is a debug line while
+        // the dispatch goes on failing, and a hang is worth telling apart from a refusal.
+        log.warn(
+          { hangMs, sessions: inDoubt.size },
+          "the look for grants whose commit was in doubt got no answer; given up, it is tried again on the next wake-up",
+        );
+        reject(new Error(`the look for grants whose commit was in doubt got no answer in ${hangMs} ms`));
+      }, hangMs);
+    });
+    let found: GrantRecord[];
+    try {
+      found = await Promise.race([actionsLeasedTo(db, [...inDoubt.keys()]), hung]);
+    } finally {
+      clearTimeout(timer);
+    }
+    for (const g of found) {
       const s = hosted.get(g.sessionId);
       if (!s || s.ended || s.held.has(g.actionId)) continue;
       inDoubt.delete(g.sessionId);
@@ -228,6 +277,8 @@ export function createDispatcher(deps: {
     readonly claim: ClaimRequest & { groupKeys: string[] };
     readonly wakes: number;
     readonly queueChanges: number;
+    /** When its statement was sent (Date.now()). */
+    readonly sentAt: number;
     /**
      * Another round was in flight at some point during this one: its claim may
      * have skipped rows that round had locked, so it cannot tell a group empty.
@@ -248,7 +299,15 @@ export function createDispatcher(deps: {
     }
     const claim = deps.stopped() ? { groups: [], slots: [], groupKeys: [] } : slotsFor(freeing, claimAll);
     if (batch.length === 0 && claim.slots.length === 0) return undefined;
-    const round: Round = { batch, freeing, claim, wakes, queueChanges, overlapped: inFlight.size > 0 };
+    const round: Round = {
+      batch,
+      freeing,
+      claim,
+      wakes,
+      queueChanges,
+      sentAt: Date.now(),
+      overlapped: inFlight.size > 0,
+    };
     for (const other of inFlight) other.overlapped = true;
     book(round, 1);
     return round;
@@ -338,6 +397,10 @@ export function createDispatcher(deps: {
   let active = 0;
   let scheduled = false;
   let reconciling = false;
+  /** When the look in flight was sent. */
+  let reconcilingSince = 0;
+  /** {@link Dispatcher.watch} logged a statement hung, and none has ended since. */
+  let hangLogged = false;
   let idleWaiters: (() => void)[] = [];
   const isIdle = () => active === 0 && !scheduled && !reconciling;
 
@@ -357,6 +420,7 @@ export function createDispatcher(deps: {
         return;
       }
       reconciling = true;
+      reconcilingSince = Date.now();
       reconcile()
         .catch((error: unknown) => rounds.failed(error))
         .finally(() => {
@@ -392,6 +456,33 @@ export function createDispatcher(deps: {
     settle();
   }
 
+  function waitingMs(): number {
+    let since = reconciling ? reconcilingSince : Number.POSITIVE_INFINITY;
+    for (const round of inFlight) since = Math.min(since, round.sentAt);
+    return since === Number.POSITIVE_INFINITY ? 0 : Date.now() - since;
+  }
+
+  function watch(): void {
+    const waitedMs = waitingMs();
+    if (waitedMs > hangMs && !hangLogged) {
+      hangLogged = true;
+      log.error(
+        {
+          waitedMs,
+          rounds: inFlight.size,
+          lookingForInDoubtGrants: reconciling,
+          reportsWaiting: queue.length,
+        },
+        "the lease dispatcher has waited too long for a statement's answer: until it comes, the completions " +
+          "and releases it settles get no answer and their slots no grant" +
+          (reconciling ? ", and nothing else is dispatched" : ""),
+      );
+    } else if (waitedMs <= hangMs && hangLogged) {
+      hangLogged = false;
+      log.info({ waitingMs: waitedMs }, "the lease dispatcher's hung statement ended");
+    }
+  }
+
   /** Wakes `idle()` callers once nothing runs. */
   function settle(): void {
     if (!isIdle()) return;
@@ -417,6 +508,8 @@ export function createDispatcher(deps: {
       schedule();
     },
     idle: () => (isIdle() ? Promise.resolve() : new Promise<void>((r) => idleWaiters.push(r))),
+    waitingMs,
+    watch,
   };
 }
 

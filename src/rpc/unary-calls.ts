@@ -27,9 +27,10 @@ import { perSecond } from "./per-second.js";
  * `waiting` calls are served or wait (calls of a burst may wait for a later
  * turn of the event loop while fewer than `running` are served: they count
  * against the same total), and then it is the flooding caller that is
- * refused: the caller with the most calls waiting gives up its newest one to
- * a caller with fewer (that call ends RESOURCE_EXHAUSTED, nothing done), and
- * a call whose caller has the most waiting is refused itself. So one caller
+ * refused: a new call takes the place of the newest waiting call of the
+ * caller with the most waiting (that call ends RESOURCE_EXHAUSTED, nothing
+ * done) if that caller has at least two calls more waiting than the new
+ * call's; otherwise the new call is refused itself. So one caller
  * alone may use the whole waiting room, and a caller is refused only while
  * no other caller has two calls more than it waiting: one sending a call at
  * a time is not refused while another floods. Refusals carry a

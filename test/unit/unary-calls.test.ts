@@ -145,6 +145,27 @@ describe("fair turns for unary calls", () => {
     (await (waiting[1] as Promise<() => void>))();
   });
 
+  it("takes a waiting call from another caller only when that one has two calls more waiting", async () => {
+    const limit = limitUnaryCalls({ running: 1, waiting: 9, log: pino({ level: "silent" }) });
+    const signal = new AbortController().signal;
+    limit.admit(signal, callerOf("runner"));
+    const aCalls = Array.from({ length: 5 }, () =>
+      (limit.admit(signal, callerOf("a")) as Promise<() => void>).then(
+        () => "served",
+        (error: LeaseholdError) => error.metadata.caller,
+      ),
+    );
+    for (let i = 0; i < 4; i++) limit.admit(signal, callerOf("b"));
+    // Full: a waits with 5, b with 4. One more is no lead: b's next call is refused itself.
+    const refused = limit.admit(signal, callerOf("b"));
+    expect(refused).toBeInstanceOf(LeaseholdError);
+    expect((refused as LeaseholdError).metadata.caller).toBe('principal "b"');
+    // c, with none waiting, is two behind a: a's newest gives way.
+    expect(limit.admit(signal, callerOf("c"))).toBeInstanceOf(Promise);
+    expect(await aCalls[4]).toBe('principal "a"');
+    expect(limit.counts).toEqual({ running: 1, waiting: 9 });
+  });
+
   it("refuses a caller with one call among many callers with one each only when it already waits", () => {
     const limit = limitUnaryCalls({ running: 1, waiting: 2, log: pino({ level: "silent" }) });
     const signal = new AbortController().signal;

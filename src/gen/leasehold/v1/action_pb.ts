@@ -1376,9 +1376,10 @@ export const ActionViewSchema: GenEnum<ActionView> = /*@__PURE__*/
  * address when authentication is off, and each turn goes to the next caller
  * with calls waiting, its oldest call. A caller's one call waits for at most
  * one call of each other caller, however many another keeps in flight. When
- * as many are served and wait as may, the caller with the most calls waiting
- * gives up its newest to a caller with fewer, and a call whose caller has the
- * most waiting is refused: either is answered RESOURCE_EXHAUSTED (ErrorInfo
+ * as many are served and wait as may, a new call takes the place of the
+ * newest waiting call of the caller with the most waiting, if that caller has
+ * at least two calls more waiting than the new call's; otherwise the new call
+ * is refused: either is answered RESOURCE_EXHAUSTED (ErrorInfo
  * reason UNARY_CALLS_OVER_LIMIT, metadata running_limit, waiting_limit,
  * caller, caller_waiting; a google.rpc.RetryInfo with the delay to wait, about
  * the time the calls then served and waiting take, 0.1 to 10 s) and nothing

@@ -497,10 +497,53 @@ describe("authorization by cluster, owner and session", () => {
     await leases.deleteLease({ leaseId }, as("ops"));
     const listed = await resources.listResources({ leaseId }, as("reader"));
     expect(listed.resources.map((r) => r.id)).toEqual([noteId]);
+    // To carol, who may not read cluster-a, it is a lease that never was.
     await expectStatus(
       resources.listResources({ leaseId }, as("carol")),
-      Code.PermissionDenied,
-      /"carol" lacks the right resource\.read in cluster "cluster-a"$/,
+      Code.NotFound,
+      new RegExp(`^lease "${leaseId}" not found$`),
+    );
+    // Nor does a deployment's input tell her whether a file of cluster-a exists.
+    const fileId =
+      (
+        await resources.createFile(
+          {
+            leaseId: (await leases.createLease({ runtime: "cluster-a" }, as("alice"))).lease?.id ?? "",
+            name: "in.txt",
+            content: new Uint8Array([1]),
+          },
+          as("alice"),
+        )
+      ).resource?.id ?? "";
+    const carolsLease = (await leases.createLease({ runtime: "cluster-b" }, as("carol"))).lease?.id ?? "";
+    for (const id of [fileId, "00000000-0000-4000-8000-000000000000"])
+      await expectStatus(
+        resources.createDeployment(
+          {
+            leaseId: carolsLease,
+            spec: {
+              containers: [{ name: "c", command: { argv: ["true"] } }],
+              inputs: [{ fileId: id, path: "in.txt" }],
+            },
+          },
+          as("carol"),
+        ),
+        Code.InvalidArgument,
+        new RegExp(`spec\\.inputs\\[0\\]\\.file_id: no file resource "${id}"`),
+      );
+    // A resource of no cluster (made outside any lease) is seen only by who reads every cluster.
+    const loose = (await resources.createObject({ kind: "note" }, as("admin"))).resource?.id ?? "";
+    expect((await resources.getResource({ resourceId: loose }, as("admin"))).resource?.id).toBe(loose);
+    const looseMissing = new RegExp(`^resource "${loose}" not found$`);
+    await expectStatus(
+      resources.getResource({ resourceId: loose }, as("carol")),
+      Code.NotFound,
+      looseMissing,
+    );
+    await expectStatus(
+      resources.deleteResource({ resourceId: loose }, as("carol")),
+      Code.NotFound,
+      looseMissing,
     );
     await expectStatus(
       resources.listResources({}, as("reader")),
@@ -593,17 +636,17 @@ describe("authorization by cluster, owner and session", () => {
     await leases.rollbackLease({ leaseId }, as("alice"));
   });
 
-  it("names file.upload when an agent uploads into a lease outside its clusters", async () => {
+  it("answers an agent that uploads into a lease outside its clusters as for a lease that never was", async () => {
     const { lease } = await t.client(LeaseService).createLease({ runtime: "cluster-b" }, as("admin"));
-    const upload = t
-      .client(ResourceService)
-      .createFile({ leaseId: lease?.id ?? "", name: "out.txt", content: new Uint8Array() }, as("agent-p"));
-    const denied = await expectStatus(
-      upload,
-      Code.PermissionDenied,
-      /"agent-p" lacks the right file\.upload in cluster "cluster-b" \(nor resource\.create there\)/,
-    );
-    expect(denied.reason).toBe("PERMISSION_DENIED");
+    const leaseId = lease?.id ?? "";
+    const upload = (id: string) =>
+      t
+        .client(ResourceService)
+        .createFile({ leaseId: id, name: "out.txt", content: new Uint8Array() }, as("agent-p"));
+    for (const id of [leaseId, "00000000-0000-4000-8000-000000000000"]) {
+      const missing = await expectStatus(upload(id), Code.NotFound, new RegExp(`^lease "${id}" not found$`));
+      expect(missing.reason).toBe("LEASE_NOT_FOUND");
+    }
   });
 
   it("lets an agent add a file to a lease only as the output of a run its session holds", async () => {

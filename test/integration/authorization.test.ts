@@ -38,7 +38,7 @@ import { failure, statusDetails } from "../helpers/status.js";
  */
 /** gRPC OK, which the domain code enum leaves out. */
 const OK = 0;
-type Outcome = "ok" | "deny" | "unauth";
+type Outcome = "ok" | "deny" | "unauth" | "hidden";
 const CALLERS = [
   "anonymous",
   "expiredJwt",
@@ -55,6 +55,8 @@ type Caller = (typeof CALLERS)[number];
 const U: Outcome = "unauth";
 const D: Outcome = "deny";
 const K: Outcome = "ok";
+/** Refused as for an id that does not exist (NOT_FOUND): ids of other clusters are no oracle. */
+const H: Outcome = "hidden";
 /** The four callers without valid credentials always get UNAUTHENTICATED. */
 const UNAUTH4 = [U, U, U, U] as const;
 
@@ -103,8 +105,9 @@ const MATRIX: Record<string, Row> = {
   "ResourceService/CreateFile": {
     request: (f, caller) => ({ leaseId: f.leaseId, name: `from-${caller}.txt`, content: Buffer.from("x") }),
     // agentA adds files only as the outputs of a run its session holds, naming it in output_of
-    // (authorization-scope.test.ts); without output_of, as here, it is refused.
-    expect: [D, D, K, D, K],
+    // (authorization-scope.test.ts); without output_of, as here, it is refused. To agentB, whose
+    // cluster is another, the lease is one that does not exist.
+    expect: [D, H, K, D, K],
   },
   "ResourceService/CreateObject": {
     request: (f) => ({ leaseId: f.leaseId, kind: "note", body: { a: 1 } }),
@@ -391,7 +394,13 @@ describe("authorization", () => {
       for (const [i, caller] of CALLERS.entries()) {
         const { code, reason } = await outcomeOf(service, methodName, caller, row);
         const got: Outcome =
-          code === Code.Unauthenticated ? "unauth" : code === Code.PermissionDenied ? "deny" : "ok";
+          code === Code.Unauthenticated
+            ? "unauth"
+            : code === Code.PermissionDenied
+              ? "deny"
+              : code === Code.NotFound && expected[i] === "hidden"
+                ? "hidden"
+                : "ok";
         // An allowed call may fail for its own reasons, never for a server fault.
         expect([Code.Internal, Code.Unknown], `${key} as ${caller}`).not.toContain(code);
         // A refusal always says why, for programs as well as people.

@@ -115,8 +115,9 @@ async function homeOf(
 
 /**
  * `right` in the cluster a resource belongs to ({@link homeOf}); in every
- * cluster when none. With `missing`, a caller without the right there gets
- * that (the NOT_FOUND of an unknown id) instead of PERMISSION_DENIED.
+ * cluster when none. With `missing`, a caller without the right there (or,
+ * for a resource of no cluster, in every cluster) gets that (the NOT_FOUND of
+ * an unknown id) instead of PERMISSION_DENIED.
  */
 async function requireOnResource(
   scope: ScopeLeaseService,
@@ -128,7 +129,11 @@ async function requireOnResource(
   const home = await homeOf(scope, resource);
   if (home && missing) access.requireVisible(right, home.runtime, missing);
   else if (home) access.require(right, home.runtime);
-  else access.requireEverywhere(right, "this resource was made outside any lease, and belongs to no cluster");
+  else if (missing) {
+    // What belongs to no cluster is seen only by a caller holding the right in every cluster.
+    if (access.clustersWith(right) !== undefined) throw missing();
+  } else
+    access.requireEverywhere(right, "this resource was made outside any lease, and belongs to no cluster");
 }
 
 /**
@@ -149,7 +154,7 @@ async function requireList(scope: ScopeLeaseService, access: Access, leaseId: st
   // Every resource created in a lease stores that lease's runtime.
   const runtime = lease?.runtime ?? (await scope.listResources({ leaseId }, 1, "")).items[0]?.runtime;
   if (!runtime) throw LeaseholdError.notFound("lease", leaseId);
-  access.require("resource.read", runtime);
+  access.requireVisible("resource.read", runtime, () => LeaseholdError.notFound("lease", leaseId));
 }
 
 /**
@@ -222,6 +227,10 @@ async function requireCreate(
     return;
   }
   const lease = await scope.get(leaseId);
+  // Ids are no oracle: a lease in a cluster where the caller may neither read leases nor upload
+  // files looks like one that never was.
+  if (!access.can("lease.read", lease.runtime) && !access.can("file.upload", lease.runtime))
+    throw LeaseholdError.notFound("lease", leaseId);
   const asClient = () =>
     access.can("resource.create", lease.runtime) &&
     access.canOwned("lease.use", lease.runtime, lease.createdBy);
@@ -468,7 +477,13 @@ async function checkDeploymentCreate(
   if (leaseId && inputs.length < spec.inputs.length)
     await scope.requireOpen(leaseId, "create a deployment in it");
   v.throwIfAny();
-  for (const file of inputs) await requireOnResource(scope, access, "resource.read", file);
+  // A file the caller may not read is refused as one that does not exist: ids are no oracle.
+  for (const file of inputs) {
+    const i = spec.inputs.findIndex((input) => input.fileId === file.id);
+    await requireOnResource(scope, access, "resource.read", file, () =>
+      LeaseholdError.invalidArgument(`spec.inputs[${i}].file_id`, `no file resource ${quote(file.id)}`),
+    );
+  }
 }
 
 /**
@@ -622,11 +637,15 @@ export function resourceServiceBinding(scope: ScopeLeaseService): ServiceBinding
         const missing = () => LeaseholdError.notFound("resource", resourceId);
         ctx.access.requireVisible("resource.read", home.runtime, missing);
         ctx.access.requireOwned("lease.use", home.runtime, home.createdBy);
-      } else
+      } else {
+        // What belongs to no cluster is seen only by a caller that reads every cluster.
+        if (ctx.access.clustersWith("resource.read") !== undefined)
+          throw LeaseholdError.notFound("resource", resourceId);
         ctx.access.requireEverywhere(
           "lease.use.any",
           "this resource was made outside any lease, and belongs to no cluster",
         );
+      }
       await scope.deleteResource(resourceId, ctx.access.actor);
       return {};
     },

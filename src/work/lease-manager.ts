@@ -353,9 +353,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     clock,
     log,
     ...(metrics.epochRegressions ? { regressions: metrics.epochRegressions } : {}),
-    ended: endedEverywhere,
     publishActions,
-    queueChanged: () => scheduleDispatch(),
   });
 
   // ---- sessions ------------------------------------------------------------------------------------

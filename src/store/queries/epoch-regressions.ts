@@ -14,17 +14,15 @@ export interface EpochRegression {
   /** The action's state as the database had it. */
   readonly state: string;
   /**
-   * The lease the database had given at an epoch at or below the listed one
-   * (to another session, or to the listing session at an older epoch): it
-   * collides with the listed one, and was ended. The action's state after it:
-   * QUEUED, or CANCELLED (a cancel was pending), or FAILED (its system-retry
-   * budget is spent).
+   * The lease the database holds at an epoch at or below the listed one (to
+   * another session, or to the listing session at an older epoch): it may
+   * run the action under the listed lease's fencing token. It is left to its
+   * holder: a worker's word alone ends no other worker's lease.
    */
   readonly collided?: {
     readonly sessionId: string;
     readonly workerId: string;
     readonly epoch: number;
-    readonly state: string;
   };
 }
 
@@ -74,7 +72,6 @@ export async function settleEpochRegressions(
     state: string;
     collided_session: string | null;
     collided_worker: string | null;
-    after: string | null;
   }>(
     db,
     sql`with listed as (
@@ -93,31 +90,15 @@ export async function settleEpochRegressions(
           order by a.id
           for update of a
         ),
+        -- Only a queued action changes: its next grant goes above the listed epoch. A leased one is
+        -- left to its holder: a worker's word alone ends no other worker's lease (an agent listing a
+        -- made-up epoch would otherwise revoke any lease of its cluster); the operator's
+        -- \`leasehold db restored\`, which the error names, ends them all.
         changed as (
-          update actions a set
-            epoch = greatest(a.epoch, f.listed),
-            -- No retry is charged: the database lost the lease, the action did nothing wrong; and an
-            -- agent listing a lease it once held could otherwise spend another's budget until it failed.
-            state = case
-              when f.state <> 'LEASED' then a.state
-              when a.cancel_requested then 'CANCELLED'
-              else 'QUEUED' end,
-            finished_at = case
-              when f.state = 'LEASED' and a.cancel_requested then ${now}
-              else a.finished_at end,
-            session_id = case when f.state = 'LEASED' then null else a.session_id end,
-            worker_id = case when f.state = 'LEASED' then null else a.worker_id end,
-            granted_at = case when f.state = 'LEASED' then null else a.granted_at end,
-            not_before = case when f.state = 'LEASED' then ${now} else a.not_before end,
-            updated_at = ${now}
+          update actions a set epoch = greatest(a.epoch, f.listed), updated_at = ${now}
           from found f
-          where a.id = f.id and f.state in ('QUEUED', 'LEASED')
+          where a.id = f.id and f.state = 'QUEUED' and f.listed > a.epoch
           returning a.id, a.state
-        ),
-        attempts_ended as (
-          update attempts t set outcome = 'LEASE_EXPIRED', ended_at = ${now}
-          from found f
-          where f.state = 'LEASED' and t.action_id = f.id and t.epoch = f.stored and t.outcome = 'RUNNING'
         ),
         regression_events as (
           insert into events (kind, action_id, worker_id, cluster, session_id, epoch, message, details, actor)
@@ -130,34 +111,16 @@ export async function settleEpochRegressions(
             || case when c.id is not null and f.listed > f.stored then '; the epoch is raised to ' || f.listed
                     || ', so that the next grant is above it' else '' end
             || case when f.state = 'LEASED' then '; the lease of worker ' || f.worker_id || ' at epoch ' || f.stored
-                    || ' collides with it and is revoked' else '' end,
+                    || ' may run the same action under the same fencing token: it is left to its holder until '
+                    || 'leasehold db restored ends it' else '' end,
             jsonb_build_object('listed_epoch', f.listed, 'stored_epoch', f.stored, 'state', f.state),
             ${listing.actor}
           from found f left join changed c on c.id = f.id
-          union all
-          select 'lease_revoked', f.id, f.worker_id, ${listing.cluster}, f.session_id, f.stored,
-            'lease revoked: worker ' || ${listing.workerId} || ' listed epoch ' || f.listed
-            || ' of this action, a grant the database lost (restored from an older backup, or failed over with loss); '
-            || case c.state when 'QUEUED' then 'the action is queued again (no retry charged), its next epoch above '
-                              || f.listed
-                            else 'the action is cancelled, as asked' end,
-            jsonb_build_object('cause', 'epoch_regression', 'state', c.state), ''
-          from found f join changed c on c.id = f.id
-          where f.state = 'LEASED'
-          union all
-          select case c.state when 'FAILED' then 'action_failed' else 'action_cancelled' end, f.id, f.worker_id,
-            ${listing.cluster}, f.session_id, f.stored,
-            case c.state when 'FAILED' then 'action failed: system-retry budget exhausted'
-                         else 'action cancelled (its lease was revoked while the cancel was pending)' end,
-            null, ''
-          from found f join changed c on c.id = f.id
-          where f.state = 'LEASED' and c.state in ('FAILED', 'CANCELLED')
         )
         select f.id, f.listed, f.stored, f.state,
           case when f.state = 'LEASED' then f.session_id end as collided_session,
-          case when f.state = 'LEASED' then f.worker_id end as collided_worker,
-          c.state as after
-        from found f left join changed c on c.id = f.id
+          case when f.state = 'LEASED' then f.worker_id end as collided_worker
+        from found f
         order by f.id`,
   );
   return rows.map((r) => ({
@@ -171,7 +134,6 @@ export async function settleEpochRegressions(
             sessionId: r.collided_session,
             workerId: r.collided_worker ?? "",
             epoch: toNumber(r.stored),
-            state: r.after ?? "",
           },
         }
       : {}),

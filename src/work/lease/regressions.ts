@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import type { Clock } from "../../store/clock.js";
 import type { Db } from "../../store/database.js";
 import { type EpochRegression, settleEpochRegressions } from "../../store/queries/epoch-regressions.js";
-import type { LeaseToken, RevokeReason } from "../worker-messages.js";
+import type { LeaseToken } from "../worker-messages.js";
 import type { Hosted } from "./hosted.js";
 
 /**
@@ -14,8 +14,8 @@ const MAX_CHECKED_PER_STREAM = 1024;
 /**
  * Looks at the leases a worker lists that are not its session's (in its hello
  * or a heartbeat) for proof that the database went back in time (see
- * settleEpochRegressions): each is logged as an error, counted, recorded, and
- * the lease the database holds in its place is revoked from its holder.
+ * settleEpochRegressions): each is logged as an error, counted and recorded;
+ * a lease the database holds in its place is named, and left to its holder.
  */
 export interface RegressionCheck {
   /**
@@ -34,12 +34,8 @@ export function createRegressionCheck(deps: {
   log: Logger;
   /** Counts each listed lease that proved a regression (leasehold_epoch_regressions_total). */
   regressions?: { inc(n?: number): void };
-  /** Ends a lease on the server's side: its holder is revoked, here or on the process hosting it. */
-  ended: (sessionId: string, token: LeaseToken, reason: RevokeReason, message: string) => void;
   /** Wakes the watchers of these actions (and of the event feed). */
   publishActions: (ids: Iterable<string>) => void;
-  /** Actions were re-queued: the dispatcher looks at the queue again. */
-  queueChanged: () => void;
 }): RegressionCheck {
   const { db, clock, log } = deps;
   const checked = new WeakMap<Hosted, Set<string>>();
@@ -76,21 +72,12 @@ export function createRegressionCheck(deps: {
           ": the database went back in time (restored from an older backup, or a standby promoted after losing commits) " +
           "and grants it made are lost, so the same (action, epoch) could be granted twice. " +
           (c
-            ? `The lease of worker ${c.workerId} at epoch ${c.epoch} collides with it and is revoked. `
+            ? `The lease of worker ${c.workerId} at epoch ${c.epoch} may run the same action under the same fencing token; it is left to its holder. `
             : "") +
           "Run `leasehold db restored --database-url …` on this database now (README, Backups and restores)",
       );
-      if (c) {
-        deps.ended(
-          c.sessionId,
-          { actionId: r.actionId, epoch: c.epoch },
-          "SUPERSEDED",
-          `worker ${s.workerId} holds action ${r.actionId} at epoch ${r.listedEpoch}, granted before the database went back in time`,
-        );
-      }
     }
     deps.publishActions(found.map((r) => r.actionId));
-    if (found.some((r) => r.collided?.state === "QUEUED")) deps.queueChanged();
     return found;
   }
 

@@ -645,10 +645,11 @@ export enum EventKind {
    * A worker listed a lease (in a hello or a heartbeat) at an epoch above the
    * action's stored one, or at the stored one granted to another worker: the
    * database went back in time (restored from an older backup, or a standby
-   * promoted after losing commits) and was not marked restored. The action's
-   * epoch is raised to the listed one, and a lease at or below it is revoked
-   * from its holder (its own EVENT_KIND_LEASE_REVOKED event). Details:
-   * listed_epoch, stored_epoch, state (the action's, before).
+   * promoted after losing commits) and was not marked restored. A queued
+   * action's epoch is raised to the listed one; a lease the database holds
+   * at or below it is named in the message and left to its holder (a
+   * worker's word ends no other worker's lease; `leasehold db restored`
+   * does). Details: listed_epoch, stored_epoch, state (the action's, before).
    *
    * @generated from enum value: EVENT_KIND_EPOCH_REGRESSION = 38;
    */

@@ -463,10 +463,12 @@ type Action struct {
 	// Epoch of the latest grant; 0 if never granted. Increases with every
 	// grant: by one, except after the database was marked restored (`leasehold
 	// db restored` raises the epoch of every queued or leased action by a
-	// margin, 1,000,000 by default) or a worker listed an epoch of it above
-	// this one (EVENT_KIND_EPOCH_REGRESSION: the database went back in time;
-	// the epoch is raised to the listed one). Then it is the epoch the next
-	// grant counts from. No two grants of an action share an epoch.
+	// margin, 1,000,000 by default) or a worker listed an epoch of it, while
+	// it was queued, above this one (EVENT_KIND_EPOCH_REGRESSION: the database
+	// went back in time; the epoch is raised to the listed one). Then it is the
+	// epoch the next grant counts from. No two grants of an action share an
+	// epoch, unless the database went back in time (a restore, a failover that
+	// lost commits) and was not marked restored.
 	Epoch uint64 `protobuf:"varint,11,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Attempts started so far (grants).
 	AttemptCount uint32 `protobuf:"varint,12,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`

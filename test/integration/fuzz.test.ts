@@ -137,6 +137,15 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
     "leasehold.v1.ActionService.GetAction": { actionId: "nope" },
     "leasehold.v1.ActionService.ListActions": { state: 1, cluster: "fuzz", runId: "run", pageSize: 10 },
     "leasehold.v1.ActionService.CancelAction": { actionId: "nope", reason: "r" },
+    "leasehold.v1.ActionService.CancelActions": {
+      cluster: "fuzz",
+      runId: "run",
+      actionIds: ["nope"],
+      state: 1,
+      all: true,
+      reason: "r",
+      limit: 10,
+    },
     "leasehold.v1.ActionService.WatchAction": { actionId: "nope" },
     "leasehold.v1.ActionService.ExplainAction": { actionId: "nope" },
     "leasehold.v1.ClusterService.ListClusters": {},
@@ -144,6 +153,7 @@ function baseRequests(f: Fixtures): Record<string, Init | Record<string, Init>> 
     "leasehold.v1.ClusterService.GetWorker": { workerId: "nope" },
     "leasehold.v1.ClusterService.DrainWorker": { workerId: "nope", reason: "r" },
     "leasehold.v1.ClusterService.UndrainWorker": { workerId: "nope", reason: "r" },
+    "leasehold.v1.ClusterService.ForgetWorker": { workerId: "nope", reason: "r" },
     "leasehold.v1.ClusterService.ResumeExpiries": { cluster: "nope", reason: "r" },
     "leasehold.v1.EventService.ListEvents": {
       actionId: "a",

@@ -225,11 +225,24 @@ export function globRegExp(glob: string): RegExp {
   return new RegExp(`^${body}$`, "s");
 }
 
+/**
+ * Compiled globs: an events watch matches every event against its caller's
+ * cluster globs, and compiling them each time cost a RegExp per event per
+ * glob. Policies hold a few globs; the cache is emptied past 1,000 anyway.
+ */
+const compiledGlobs = new Map<string, RegExp>();
+
 /** Whether `value` matches `glob`. */
 export function matchesGlob(glob: string, value: string): boolean {
   if (glob === "*") return true;
   if (!glob.includes("*") && !glob.includes("?")) return glob === value;
-  return globRegExp(glob).test(value);
+  let compiled = compiledGlobs.get(glob);
+  if (!compiled) {
+    if (compiledGlobs.size >= 1000) compiledGlobs.clear();
+    compiled = globRegExp(glob);
+    compiledGlobs.set(glob, compiled);
+  }
+  return compiled.test(value);
 }
 
 /** PERMISSION_DENIED with ErrorInfo naming the principal and the right. */

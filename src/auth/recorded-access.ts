@@ -1,5 +1,5 @@
 import { quote } from "../errors.js";
-import { type Access, permissionDenied, type Right } from "./access.js";
+import { type Access, matchesGlob, permissionDenied, type Right } from "./access.js";
 
 /** An access whose passed checks are kept, to be made again under new credentials or a new policy. */
 export interface RecordedAccess {
@@ -84,7 +84,8 @@ export function recordChecks(access: Access): RecordedAccess {
       if (globs !== undefined)
         keep(`clusters\0${right}\0${globs.join("\0")}`, (next) => {
           const now = next.clustersWith(right);
-          const lost = now === undefined ? undefined : globs.find((g) => !now.includes(g));
+          // A glob still held, or covered by a broader one (team-a by team-*), is not lost.
+          const lost = now === undefined ? undefined : globs.find((g) => !now.some((n) => matchesGlob(n, g)));
           if (lost !== undefined)
             throw permissionDenied(next.actor, right, `in cluster ${quote(lost)}`, { cluster: lost });
         });

@@ -15,7 +15,7 @@ import { NO_TRACING, type Tracing } from "../telemetry.js";
 import { actionTopic, type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "./change-feed.js";
 import type { ClusterBus } from "./cluster-bus.js";
 import { createAudit } from "./lease/audit.js";
-import { createDispatcher } from "./lease/dispatch.js";
+import { createDispatcher, DISPATCH_HANG_MS } from "./lease/dispatch.js";
 import { createLoops } from "./lease/every.js";
 import { createHandover } from "./lease/handover.js";
 import { createHelloOpener } from "./lease/hellos.js";
@@ -88,7 +88,10 @@ export interface LeaseManagerOptions {
   readonly partitionShare?: number;
   /** How often to look for queued actions nobody woke this process for. Default 1 s. */
   readonly dispatchPollMs?: number;
-  /** How long a statement of the lease dispatcher may go unanswered (lease/dispatch.ts, `hangMs`). Default 30 s. */
+  /**
+   * How long a statement of the lease dispatcher may go unanswered
+   * (lease/dispatch.ts, `hangMs`). Default half the grace period, 1 s to 30 s.
+   */
   readonly dispatchHangMs?: number;
   /**
    * The only process on its database (PGlite, whose data directory is
@@ -298,7 +301,9 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     log,
     hosted,
     graceMs,
-    ...(options.dispatchHangMs ? { hangMs: options.dispatchHangMs } : {}),
+    // While the in-doubt look waits, this process grants nothing: give it up well within a grace
+    // period, so that a failover does not wait out 30 s on it (at least 1 s: it is a read).
+    hangMs: options.dispatchHangMs ?? Math.min(DISPATCH_HANG_MS, Math.max(1000, graceMs / 2)),
     granted(grants) {
       metrics.grants.inc(grants.length);
       if (debug) {

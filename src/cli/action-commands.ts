@@ -15,6 +15,7 @@ import {
 } from "../gen/leasehold/v1/action_pb.js";
 import type { createClient } from "../rpc/client.js";
 import { refusedUnserved } from "../rpc/failover.js";
+import { retryDelayMsOf } from "../rpc/status.js";
 import { type ActionLine, chunkActionLines, parseActionLines } from "./action-lines.js";
 import { jsonObjectOption, readStdin } from "./json-option.js";
 import {
@@ -70,11 +71,14 @@ function phaseText(a: Action): string {
   return typeof line === "string" && line !== "" ? `${a.phase}: ${line.slice(0, 200)}` : a.phase;
 }
 
+/** Tries of one CancelActions call that a busy server refused, before `action cancel` gives up. */
+const CANCEL_TRIES = 5;
+
 /**
  * `action cancel` without an id: CancelActions until no matching action is
  * left, printing what each call did. Exit 0 whatever matched (none is no error).
  */
-async function cancelMatching(
+export async function cancelMatching(
   api: ReturnType<typeof createClient<(typeof ActionService)["method"]>>,
   json: boolean,
   o: Record<string, unknown>,
@@ -101,8 +105,31 @@ async function cancelMatching(
   };
   const cancelled: string[] = [];
   const requested: string[] = [];
+  // A busy server refuses a call before doing anything (RESOURCE_EXHAUSTED, UNAVAILABLE): wait as
+  // its RetryInfo says, or back off, and call again; a call that may have been applied is safe to
+  // repeat too (what it cancelled is not matched again). Give up after a few tries, saying how far.
+  const call = async () => {
+    for (let tries = 1; ; tries++) {
+      try {
+        return await api.cancelActions(request);
+      } catch (error) {
+        const code = (error as { code?: number }).code;
+        const busy = code === grpc.status.UNAVAILABLE || code === grpc.status.RESOURCE_EXHAUSTED;
+        if (!busy || tries >= CANCEL_TRIES) {
+          if (cancelled.length + requested.length === 0) throw error;
+          const why = (error as { details?: string }).details ?? String(error);
+          throw new CliError(
+            `${why}\nso far ${cancelled.length} cancelled and ${requested.length} cancel requested; run the same command again to go on`,
+            code === grpc.status.UNAVAILABLE ? EXIT.unreachable : EXIT.failed,
+          );
+        }
+        const delayMs = retryDelayMsOf(error) ?? Math.min(5000, 200 * 2 ** (tries - 1));
+        await new Promise((resolve) => setTimeout(resolve, delayMs));
+      }
+    }
+  };
   for (let more = true; more; ) {
-    const answer = await api.cancelActions(request);
+    const answer = await call();
     cancelled.push(...answer.cancelledIds);
     requested.push(...answer.cancelRequestedIds);
     more = answer.more;

@@ -79,7 +79,9 @@ AgentEvent = dict[str, Any]
   accepted (whether the server applied the report), message
 * ``revoked``: action_id, epoch, reason (expired, cancelled, superseded,
   rolled_back, collect_outputs, drained)
-* ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack)
+* ``self_fenced``: action_ids (the handlers cancelled), silent_ms (since the last ack),
+  database_unreachable (acks came, but the last said its server could not reach its
+  database, so they could not extend the leases)
 * ``drain``: reason. The server sends no more grants while the drain lasts;
   the agent stays connected and takes grants again if an operator ends the
   drain (ClusterService.UndrainWorker), which no event announces.
@@ -124,6 +126,9 @@ _GONE = frozenset({"expired", "superseded", "rolled_back"})
 _RELEASE_REASONS = {
     "self_fenced": "no heartbeat ack from the server before the lease's guaranteed time ran out; "
     "stopped so the server can hand the action to another worker",
+    # Acks that kept coming but counted down: the server was heard, its database was not.
+    "self_fenced_unreachable": "the server could not reach its database to extend the lease before the "
+    "lease's guaranteed time ran out; stopped so the server can hand the action to another worker",
     "closing": "the agent is shutting down",
 }
 
@@ -290,6 +295,8 @@ class _Lease:
         self.action_id = grant.action_id
         self.epoch = grant.epoch
         self.cancel_reason: str | None = None
+        self.fenced_unreachable = False
+        """Self-fenced while the last ack said its server could not reach its database."""
         # The server ended this lease (EXPIRED, SUPERSEDED, ROLLED_BACK, or revoked in a welcome),
         # whatever cancelled the handler first: its slot is free there, its outcome not ours.
         self.gone = False
@@ -510,6 +517,8 @@ class Agent:
         grows, so a late ack never shortens it; a new stream does not extend it.
         Minus infinity until the first ack: grants wait for one."""
         self._last_ack_at = time.monotonic()
+        self._last_ack_unreachable = False
+        """Whether the last heartbeat ack said its server could not reach its database."""
         self._closing = False
         self._closed = threading.Event()
         self._goodbye_done = threading.Event()
@@ -937,6 +946,7 @@ class Agent:
             del stream.sent[sequence]
         stream.last_acked = (ack.sequence, sent_at)
         self._last_ack_at = time.monotonic()
+        self._last_ack_unreachable = ack.database_unreachable
         candidate = sent_at + ack.remaining.ToTimedelta().total_seconds() - self._margin
         if candidate > self._deadline:
             self._deadline = candidate
@@ -1146,16 +1156,17 @@ class Agent:
             if lease.report is not None:
                 return  # close() released it while the handler ignored its cancellation
             if lease.cancel_reason is not None:
-                self._settle(lease, None if lease.gone else self._after_cancel(lease.cancel_reason))
+                self._settle(lease, None if lease.gone else self._after_cancel(lease.cancel_reason, lease))
             elif report is not None:
                 self._settle(lease, report)
 
-    def _after_cancel(self, reason: str) -> _Report | None:
+    def _after_cancel(self, reason: str, lease: _Lease) -> _Report | None:
         """What to report on a cancelled grant: nothing when the lease is gone, else a release."""
         if reason in _GONE:
             return None
+        key = "self_fenced_unreachable" if reason == "self_fenced" and lease.fenced_unreachable else reason
         return _released(
-            _RELEASE_REASONS.get(reason, f"stopped after a revoke ({reason})"), self_fenced=reason == "self_fenced"
+            _RELEASE_REASONS.get(key, f"stopped after a revoke ({reason})"), self_fenced=reason == "self_fenced"
         )
 
     def _cancel(self, lease: _Lease, reason: str) -> None:
@@ -1165,7 +1176,7 @@ class Agent:
         lease.context.cancelled.set()
         if lease.waiting:
             lease.waiting = False
-            self._settle(lease, self._after_cancel(reason))
+            self._settle(lease, self._after_cancel(reason, lease))
 
     def _settle(self, lease: _Lease, report: _Report | None) -> None:
         """Records how a grant ended and reports it, or forgets it when it is no longer the worker's."""
@@ -1235,10 +1246,16 @@ class Agent:
             if lease.started and lease.report is None and lease.cancel_reason is None
         ]
         for lease in affected:
+            lease.fenced_unreachable = self._last_ack_unreachable
             self._cancel(lease, "self_fenced")
         if affected:
             silent_ms = round((time.monotonic() - self._last_ack_at) * 1000)
-            self._emit("self_fenced", action_ids=[lease.action_id for lease in affected], silent_ms=silent_ms)
+            self._emit(
+                "self_fenced",
+                action_ids=[lease.action_id for lease in affected],
+                silent_ms=silent_ms,
+                database_unreachable=self._last_ack_unreachable,
+            )
 
     # --- events ------------------------------------------------------------------------------
 

@@ -36,9 +36,19 @@ if __name__ == "__main__":
 
 class SelfFenceReleaseTest(unittest.TestCase):
     def test_only_a_release_made_on_the_self_fence_is_marked_so(self) -> None:
-        lease = SimpleNamespace(action_id="a", epoch=3)
-        fenced = Agent._after_cancel(None, "self_fenced")  # type: ignore[arg-type]
-        drained = Agent._after_cancel(None, "drained")  # type: ignore[arg-type]
+        lease = SimpleNamespace(action_id="a", epoch=3, fenced_unreachable=False)
+        fenced = Agent._after_cancel(None, "self_fenced", lease)  # type: ignore[arg-type]
+        drained = Agent._after_cancel(None, "drained", lease)  # type: ignore[arg-type]
         assert fenced is not None and drained is not None
         self.assertTrue(fenced.request(1, lease).release.self_fenced)  # type: ignore[arg-type]
         self.assertFalse(drained.request(2, lease).release.self_fenced)  # type: ignore[arg-type]
+        self.assertIn("no heartbeat ack", fenced.request(1, lease).release.reason)  # type: ignore[arg-type]
+
+    def test_a_self_fence_while_the_server_lost_its_database_says_so(self) -> None:
+        lease = SimpleNamespace(action_id="a", epoch=3, fenced_unreachable=True)
+        fenced = Agent._after_cancel(None, "self_fenced", lease)  # type: ignore[arg-type]
+        assert fenced is not None
+        release = fenced.request(1, lease).release  # type: ignore[arg-type]
+        self.assertTrue(release.self_fenced)
+        self.assertIn("could not reach its database", release.reason)
+        self.assertNotIn("no heartbeat ack", release.reason)

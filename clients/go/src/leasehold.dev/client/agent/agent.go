@@ -239,10 +239,13 @@ type Revoked struct {
 // SelfFenced: the local deadline passed without a fresh heartbeat ack, so the
 // handlers of ActionIDs were cancelled before the server could hand their
 // work to another worker. They are reported released, never done. Silent is
-// the time since the last ack arrived.
+// the time since the last ack arrived; DatabaseUnreachable, that this ack said
+// its server could not reach its database (acks came, but could not extend
+// the leases).
 type SelfFenced struct {
-	ActionIDs []string
-	Silent    time.Duration
+	ActionIDs           []string
+	Silent              time.Duration
+	DatabaseUnreachable bool
 }
 
 // Draining: the server asks the worker to finish what it holds and take no
@@ -329,11 +332,14 @@ type Agent struct {
 	// stale ack processed late never shortens it. Kept across reconnections:
 	// a new stream does not extend it. Zero until the first ack: a grant that
 	// arrives before any guarantee waits for one instead of running unfenced.
-	deadline       time.Time
-	lastAck        time.Time
-	fenceTimer     *time.Timer
-	reconnectTimer *time.Timer
-	nextReportID   uint64
+	deadline time.Time
+	lastAck  time.Time
+	// lastAckUnreachable: the last heartbeat ack said its server could not
+	// reach its database.
+	lastAckUnreachable bool
+	fenceTimer         *time.Timer
+	reconnectTimer     *time.Timer
+	nextReportID       uint64
 }
 
 type waiter struct {

@@ -398,6 +398,7 @@ func (a *Agent) heartbeatAck(c *conn, ack *leaseholdv1.HeartbeatAck) {
 	}
 	c.lastAcked, c.lastAckedAt = ack.GetSequence(), sentAt
 	a.lastAck = time.Now()
+	a.lastAckUnreachable = ack.GetDatabaseUnreachable()
 	candidate := sentAt.Add(ack.GetRemaining().AsDuration() - a.opts.SelfFenceMargin)
 	if candidate.After(a.deadline) {
 		a.deadline = candidate
@@ -438,16 +439,21 @@ func (a *Agent) selfFence() {
 		a.armFence()
 		return
 	}
+	// Acks that kept coming but counted down: the server was heard, its database was not.
+	why := "no heartbeat ack from the server"
+	if a.lastAckUnreachable {
+		why = "the server could not reach its database to extend the lease"
+	}
 	var ids []string
 	for _, r := range a.running {
 		if r.active && r.report == nil && r.lostReason() == nil {
-			a.abort(r, &LeaseLost{Reason: "self_fenced", Message: "no heartbeat ack from the server before the lease's guaranteed time ran out; " +
+			a.abort(r, &LeaseLost{Reason: "self_fenced", Message: why + " before the lease's guaranteed time ran out; " +
 				"stopping so the server can hand the action to another worker"})
 			ids = append(ids, r.lease.ActionID)
 		}
 	}
 	if len(ids) > 0 {
-		a.emit(SelfFenced{ActionIDs: ids, Silent: time.Since(a.lastAck)})
+		a.emit(SelfFenced{ActionIDs: ids, Silent: time.Since(a.lastAck), DatabaseUnreachable: a.lastAckUnreachable})
 	}
 }
 

@@ -351,3 +351,62 @@ func firstHello(t *testing.T, one, two *scriptedServer) (current, other *scripte
 	}
 	return nil, nil
 }
+
+// A self-fence while the acks said the server could not reach its database
+// says so, in the event and in the reason the handler (and the release) gets,
+// rather than that no ack came.
+func TestSelfFenceWhileTheDatabaseIsUnreachableSaysSo(t *testing.T) {
+	fs, stop := startScripted(t, scriptTiming{heartbeat: time.Second, grace: 200 * time.Millisecond,
+		remaining: 1500 * time.Millisecond})
+	defer stop()
+	// Every ack says so, the first included; with no other address, the agent stays.
+	fs.unreachable.Store(true)
+	started := make(chan struct{})
+	lost := make(chan *LeaseLost, 1)
+	events := make(chan Event, 64)
+	a, err := Start(Options{
+		Addresses: []string{fs.address}, Cluster: "east", WorkerID: "w1", Capacity: 1,
+		SelfFenceMargin: 200 * time.Millisecond,
+		OnEvent: func(e Event) {
+			select {
+			case events <- e:
+			default:
+			}
+		},
+		Handler: func(ctx context.Context, action *Action) (*structpb.Struct, error) {
+			close(started)
+			<-ctx.Done()
+			lost <- action.Lost()
+			return nil, ctx.Err()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeWithin(a, 5*time.Second)
+	<-fs.hellos
+	waitAcked(t, fs)
+	fs.send <- grantOf(1)
+	select {
+	case <-started:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the grant never started")
+	}
+	fs.acking.Store(false)
+	select {
+	case l := <-lost:
+		if l == nil || l.Reason != "self_fenced" || !strings.Contains(l.Message, "could not reach its database") {
+			t.Fatalf("the handler was stopped with %v", l)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no self-fence")
+	}
+	for e := range events {
+		if f, ok := e.(SelfFenced); ok {
+			if !f.DatabaseUnreachable {
+				t.Fatalf("the self-fence event does not say the database was unreachable: %+v", f)
+			}
+			return
+		}
+	}
+}

@@ -186,7 +186,7 @@ export function createMetrics(
     }),
     epochRegressions: new Counter({
       name: `${prefix}epoch_regressions_total`,
-      help: "Leases workers listed (in a hello or a heartbeat) at an epoch above the action's stored one, or at the stored one granted to another worker: proof that the database went back in time (restored from an older backup, or a standby promoted after losing commits) without `leasehold db restored`. Each is logged as an error, recorded as an epoch_regression event, and the action's epoch raised; a lease the database held in its place is revoked.",
+      help: "Leases workers listed (in a hello or a heartbeat) at an epoch above the action's stored one, or at the stored one granted to another worker: proof that the database went back in time (restored from an older backup, or a standby promoted after losing commits) without `leasehold db restored`. Each is logged as an error, recorded as an epoch_regression event, and a queued action's epoch raised; a lease the database holds in its place is named, and left to its holder (`leasehold db restored` ends it).",
       registers: [registry],
     }),
     heartbeatAckSeconds: new Histogram({

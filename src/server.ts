@@ -55,6 +55,7 @@ import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { MigrationFailed } from "./store/migration-failed.js";
 import { DatabaseNewerThanBuild } from "./store/newer-database.js";
 import { extendAwaitedSessions } from "./store/queries/extend-sessions-on-start.js";
+import { recordDatabaseOutage } from "./store/queries/record-database-outage.js";
 import { queryRows, toDate, toNumber } from "./store/rows.js";
 import { NO_TRACING, otlpTracing, type Tracing } from "./telemetry.js";
 import { buildCommit, packageVersion } from "./version.js";
@@ -460,11 +461,18 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
      * neither does.
      */
     const lostBy = new Set<"checks" | "renewal">();
+    /** Since when, and why, while it lasts: recorded as an event once the database answers again. */
+    let outage: { since: Date; cause: string; readOnly: boolean } | undefined;
     const databaseLost = (by: "checks" | "renewal", cause: Error, message: string) => {
       const first = lostBy.size === 0;
       lostBy.add(by);
       if (!first) return;
       log.error({ err: cause }, message);
+      outage = {
+        since: new Date(),
+        cause: cause.message.slice(0, 1000),
+        readOnly: cause instanceof ReadOnlyDatabase,
+      };
       databaseUnreachable = true;
       rpc.markNotServing();
       gate.pause(cause.message);
@@ -473,6 +481,14 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       if (!lostBy.delete(by) || lostBy.size > 0) return;
       log.info("database reachable again; serving");
       databaseUnreachable = false;
+      if (outage) {
+        const { since, cause, readOnly } = outage;
+        outage = undefined;
+        recordDatabaseOutage(db, { serverId, since, until: new Date(), cause, readOnly }).then(
+          () => feed.publish(EVENTS_TOPIC),
+          (error: unknown) => log.warn({ err: error }, "could not record the database outage as an event"),
+        );
+      }
       gate.resume();
       if (!closing && !overrides.signal?.aborted) rpc.markServing();
       // Whatever was missed while it was gone: look again.

@@ -39,7 +39,8 @@ export type EventKind =
   | "worker_undrained"
   | "worker_forgotten"
   | "database_restored"
-  | "epoch_regression";
+  | "epoch_regression"
+  | "database_unreachable";
 
 /** One stored event. */
 export interface EventRecord {

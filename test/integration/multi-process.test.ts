@@ -485,6 +485,23 @@ describe.runIf(runsPostgresTests())("several server processes on one PostgreSQL"
         ).toEqual([]);
         // The agents never lost their sessions.
         for (const agent of agents) expect(agent.lines.filter((l) => l.type === "self_fenced")).toEqual([]);
+        // Each process recorded the outage it saw, once it could write again.
+        const serverIds = processes.map(
+          (p) => p.logs.find((l) => l.msg === "leasehold serving")?.serverId as string,
+        );
+        const events = createClient(EventService, addresses[1] as string);
+        let outages: Awaited<ReturnType<typeof events.listEvents>>["events"] = [];
+        for (const giveUpAt = Date.now() + 30_000; outages.length < 2 && Date.now() < giveUpAt; ) {
+          ({ events: outages } = await events.listEvents({ kind: EventKind.DATABASE_UNREACHABLE }));
+          if (outages.length < 2) await new Promise((r) => setTimeout(r, 100));
+        }
+        expect(outages.map((e) => e.details?.server_id).sort()).toEqual([...serverIds].sort());
+        for (const e of outages) {
+          expect(e.cluster).toBe("");
+          expect(e.details?.duration_ms).toBeGreaterThan(0);
+          expect(e.details?.read_only).toBe(false);
+          expect(e.message).toMatch(/could not reach its database for \d+\.\d s/);
+        }
       } finally {
         for (const agent of agents) agent.child.kill("SIGKILL");
         for (const p of processes) p.child.kill("SIGKILL");

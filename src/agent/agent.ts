@@ -27,6 +27,7 @@ import { versionText } from "../version.js";
 import type { JsonObject } from "../work/action.js";
 import { reconnectDelayMs, refusedDelayMs } from "./backoff.js";
 import { answersOnConnection, servesWorkers } from "./health-probe.js";
+import { closeWithPendingConnections, trackingConnections } from "./pending-connections.js";
 import { cutToFit, reportViolation, scrubNul, toJson } from "./report-limits.js";
 
 /**
@@ -652,7 +653,7 @@ export function createAgent(options: AgentOptions): Agent {
 
   interface Connection {
     readonly call: grpc.ClientDuplexStream<unknown, ConnectResponse>;
-    readonly client: { close(): void };
+    readonly client: { close(): void; readonly grpcClient: grpc.Client };
     /** Writes a message now: the hello, heartbeats, the goodbye. */
     send(message: RequestInit): void;
     /**
@@ -1301,10 +1302,15 @@ export function createAgent(options: AgentOptions): Agent {
         "grpc.keepalive_time_ms": 10_000,
         "grpc.keepalive_timeout_ms": 5_000,
         "grpc.keepalive_permit_without_calls": 1,
+        // A connection of this stream's own: one left stuck before HTTP/2 started (grpc-js waits
+        // for the server's SETTINGS without a bound, and keepalive starts only after them) must
+        // not be shared with the next stream's client from the process-wide pool.
+        "grpc.use_local_subchannel_pool": 1,
       },
       channel.interceptors,
       AGENT_DECODERS,
     );
+    trackingConnections(client.grpcClient);
     const call = client.connect() as grpc.ClientDuplexStream<unknown, ConnectResponse>;
     const conn: Connection = {
       call,
@@ -1634,7 +1640,8 @@ export function createAgent(options: AgentOptions): Agent {
       clearImmediate(conn.flushTimer);
       conn.queued.length = 0;
       conn.reported.clear();
-      client.close();
+      // A connection that never started HTTP/2 stays open in grpc-js after close(): end it too.
+      closeWithPendingConnections(client.grpcClient);
       if (!conn.welcomed) attemptsWithoutWelcome += 1;
       // Ended by the server without an error: it closed the session on the goodbye.
       if (conn.saidGoodbye) {
@@ -1700,16 +1707,21 @@ export function createAgent(options: AgentOptions): Agent {
       },
     });
     conn.helloStoppedGrants = closing;
-    if (new Set(targets.map((t) => t.address)).size > 1) probeUntilWelcome();
+    probeUntilWelcome();
 
     /**
      * Before the welcome, the rule on unanswered heartbeats does not apply
      * yet, and a server may rightly hold the hello for long (starting, or
      * waiting for its database). A hung one holds it forever, and HTTP/2
-     * keepalive notices only after 15 s, past a 10 s grace: with other
-     * addresses to go to, ask this connection's server for its health every
-     * heartbeat interval, and leave it when an answer takes longer than the
-     * bound on heartbeat acks. Any answer, NOT_SERVING too, means it is alive.
+     * keepalive notices only after 15 s, past a 10 s grace, or never: a
+     * peer that accepts the TCP connection but never starts HTTP/2 (a
+     * middlebox with a hung backend, a frozen server) leaves grpc-js waiting
+     * for its SETTINGS without a bound, and keepalive pings start only after
+     * them. So ask this connection's server for its health every heartbeat
+     * interval, and leave it when an answer takes longer than the bound on
+     * heartbeat acks: for another address, or, with one address, for a new
+     * connection to it after the backoff. Any answer, NOT_SERVING too, means
+     * it is alive.
      */
     function probeUntilWelcome(): void {
       if (conn.ended || conn.welcomed || conn.abandoned !== undefined) return;
@@ -1869,7 +1881,7 @@ export function createAgent(options: AgentOptions): Agent {
           conn.flush();
           conn.ended = true;
           conn.call.end();
-          conn.client.close();
+          closeWithPendingConnections(conn.client.grpcClient);
         }
       }
       return { goodbye: goodbyeConfirmed, stillRunning, stopped };

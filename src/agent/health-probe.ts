@@ -1,6 +1,7 @@
 import { BinaryReader, BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import * as grpc from "@grpc/grpc-js";
 import { WorkerService } from "../gen/leasehold/v1/worker_pb.js";
+import { closeWithPendingConnections, trackingConnections } from "./pending-connections.js";
 
 /** grpc.health.v1 `HealthCheckResponse.ServingStatus.SERVING`. */
 const SERVING = 1;
@@ -41,14 +42,20 @@ export interface ProbeTarget {
  */
 export async function servesWorkers(target: ProbeTarget, timeoutMs: number): Promise<boolean> {
   // async: a channel that cannot even be made (a bad address) is a no too, not a throw.
-  const client = new grpc.Client(target.address, target.credentials, target.options);
+  // A connection of its own, closed with the probe even when the server never started HTTP/2.
+  const client = trackingConnections(
+    new grpc.Client(target.address, target.credentials, {
+      ...target.options,
+      "grpc.use_local_subchannel_pool": 1,
+    }),
+  );
   return new Promise<boolean>((resolve) => {
     checkWorkerService(
       client,
       { deadline: Date.now() + timeoutMs, interceptors: target.interceptors },
       (error, status) => resolve(!error && status === SERVING),
     );
-  }).finally(() => client.close());
+  }).finally(() => closeWithPendingConnections(client));
 }
 
 /**

@@ -311,26 +311,80 @@ describe("the agent SDK, on a server that stops answering", () => {
     );
     expect(events.filter((e) => e.type === "self_fenced")).toEqual([]);
   });
+
+  it("leaves a peer that never starts HTTP/2 with one address too, closing each connection it opened", async () => {
+    // A middlebox that accepts TCP and whose backend hangs: grpc-js waits for its HTTP/2
+    // SETTINGS without a bound, and keepalive starts only after them. Before, an agent with one
+    // address sat on the first connection forever, saying nothing.
+    const hung = await silentListener();
+    cleanups.push(hung.close);
+    const events: AgentEvent[] = [];
+    const agent = createAgent({
+      address: hung.address,
+      workerId: "w1",
+      cluster: "east",
+      onEvent: (e) => events.push(e),
+      handler: async () => ({}),
+    });
+    cleanups.push(() => agent.close({ timeoutMs: 100 }));
+    // A third attempt: the first two were left, and their connections closed.
+    await hung.until((c) => c.accepted >= 3 && c.closed >= 2);
+    expect(events.filter((e) => e.type === "disconnected").slice(0, 2)).toEqual([
+      expect.objectContaining({
+        error: expect.stringMatching(/^the server answered no health check for \d+ms before welcoming the agent$/),
+      }),
+      expect.objectContaining({
+        error: expect.stringMatching(/^the server answered no health check for \d+ms before welcoming the agent$/),
+      }),
+    ]);
+  });
 });
 
-/** A TCP listener that takes connections and never writes a byte: a stopped server process. */
+/**
+ * A TCP listener that takes connections, reads what comes and never writes
+ * a byte: a stopped server process, or a middlebox whose backend hangs.
+ * `until` waits for a condition on how many connections it took and saw closed.
+ */
 async function silentListener() {
   const sockets = new Set<Socket>();
   let connected: () => void = () => {};
   const first = new Promise<void>((resolve) => {
     connected = resolve;
   });
+  const counts = { accepted: 0, closed: 0 };
+  const waiters = new Set<() => void>();
+  const changed = () => {
+    for (const w of waiters) w();
+  };
   const server = createServer((socket) => {
     sockets.add(socket);
+    counts.accepted += 1;
     socket.on("error", () => {});
-    socket.pause();
+    socket.on("close", () => {
+      counts.closed += 1;
+      changed();
+    });
+    socket.resume();
     connected();
+    changed();
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const address = server.address();
   return {
     address: `127.0.0.1:${typeof address === "object" && address ? address.port : 0}`,
     connected: first,
+    counts,
+    until(test: (c: typeof counts) => boolean): Promise<void> {
+      return new Promise((resolve) => {
+        const check = () => {
+          if (!test(counts)) return;
+          waiters.delete(check);
+          resolve();
+        };
+        waiters.add(check);
+        check();
+      });
+    },
     close() {
       for (const s of sockets) s.destroy();
       server.close();

@@ -1603,15 +1603,21 @@ export const WorkerService: GenService<{
    * wait for the welcome as long as the stream stays open and the server
    * shows it is alive: the rule on unanswered heartbeats starts with the
    * welcome. Before it, tell a live server from a hung one (frozen, or a
-   * connection dead one way) as the SDKs do: with several addresses, send a
+   * connection dead one way) as the TypeScript SDK does: send a
    * grpc.health.v1 Check (service "leasehold.v1.WorkerService") on the
    * stream's own connection right after the hello and then every heartbeat
    * interval (that of the last welcome, 2 s before any), and leave the
    * stream when one goes unanswered for 1.5 intervals; any answer, even
    * NOT_SERVING or an error status, shows the server alive. A waiting
-   * server answers at once. With one address there is nowhere else to go:
-   * the SDKs then rely on HTTP/2 keepalive pings (every 10 s, answered
-   * within 5 s).
+   * server answers at once. Do so with one address too, and then open a new
+   * connection to it (after the reconnect backoff), closing the old one: a
+   * peer that accepts TCP and never starts HTTP/2 (a middlebox whose backend
+   * hangs, a frozen server) never answers the connection's HTTP/2 setup,
+   * and keepalive pings, which start only after it, never fire (grpc-js
+   * waits for it without a bound). The Python and Go SDKs, with one address,
+   * rely on their transports instead: a 5 s connect timeout (Go) and HTTP/2
+   * keepalive pings (every 10 s, answered within 5 s), which in grpcio also
+   * bound the setup (about 15 s).
    * A server that has found its database unreachable since it started (its
    * acks say database_unreachable) ends a new stream at once with UNAVAILABLE
    * (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,

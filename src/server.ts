@@ -50,6 +50,7 @@ import {
   ReadOnlyDatabase,
   redactUrl,
   retryDelay,
+  vacuumShortfalls,
 } from "./store/database.js";
 import { type DatabaseCheck, watchDatabase } from "./store/database-watch.js";
 import { MigrationFailed } from "./store/migration-failed.js";
@@ -413,8 +414,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
       { driver: database.driver, dataDir: config.databaseUrl ? undefined : config.dataDir },
       "database ready",
     );
-    if (database.driver === "postgres")
+    if (database.driver === "postgres") {
       void warnOfConnectionLimits(database.db, config.databasePoolSize, log);
+      void warnOfNoVacuum(database.db, log);
+    }
     // The renewal's connection is wrapped too, first: a test that keeps the handle it is given
     // keeps the main one.
     const renewalDb =
@@ -902,6 +905,20 @@ function keepExtendingWhileTakingBack(deps: {
       clearTimeout(timer);
     },
   };
+}
+
+/** Warns when PostgreSQL will not vacuum Leasehold's tables ({@link vacuumShortfalls}). */
+async function warnOfNoVacuum(db: Db, log: Logger): Promise<void> {
+  try {
+    const found = await vacuumShortfalls(db);
+    if (found.length > 0)
+      log.warn(
+        { found },
+        `PostgreSQL will not vacuum Leasehold's tables (${found.join("; ")}): rows removed past --history-retention and every update leave dead row versions, so the database's files grow without bound; turn autovacuum on, or run VACUUM (ANALYZE) on a schedule (README, PostgreSQL requirements)`,
+      );
+  } catch (error) {
+    log.debug({ err: error }, "could not read the database's vacuum settings");
+  }
 }
 
 /**

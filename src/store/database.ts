@@ -647,6 +647,30 @@ function handle(db: Db, driver: Database["driver"], end: () => Promise<void>): D
 }
 
 /**
+ * What keeps PostgreSQL from vacuuming Leasehold's busiest tables: autovacuum
+ * off for the server (or its collector, track_counts, that drives it), or
+ * for one of those tables. Every action, attempt and event is deleted at
+ * --history-retention, and every update leaves a dead row version: without
+ * vacuum, rows stay bounded but the tables' files grow without bound (a soak
+ * run at 33 actions/s grew its database by 313 MB an hour). PostgreSQL only.
+ */
+export async function vacuumShortfalls(db: Db): Promise<string[]> {
+  const rows = await queryRows<{ what: string }>(
+    db,
+    sql`select 'autovacuum is off' as what where not current_setting('autovacuum')::bool
+        union all
+        select 'track_counts is off (autovacuum needs it)' where not current_setting('track_counts')::bool
+        union all
+        select 'autovacuum_enabled = false on table ' || c.relname
+        from pg_class c
+        where c.relnamespace = 'public'::regnamespace
+          and c.relname in ('actions', 'attempts', 'events', 'sessions', 'scope_leases')
+          and c.reloptions @> array['autovacuum_enabled=false']`,
+  );
+  return rows.map((r) => r.what);
+}
+
+/**
  * The database's limits on connections that leave fewer than one process
  * may open: its pool of `poolSize` and its three own connections (LISTEN,
  * the health check, the renewal). Calls would then fail now and then under

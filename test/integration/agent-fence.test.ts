@@ -331,10 +331,14 @@ describe("the agent SDK, on a server that stops answering", () => {
     await hung.until((c) => c.accepted >= 3 && c.closed >= 2);
     expect(events.filter((e) => e.type === "disconnected").slice(0, 2)).toEqual([
       expect.objectContaining({
-        error: expect.stringMatching(/^the server answered no health check for \d+ms before welcoming the agent$/),
+        error: expect.stringMatching(
+          /^the server answered no health check for \d+ms before welcoming the agent$/,
+        ),
       }),
       expect.objectContaining({
-        error: expect.stringMatching(/^the server answered no health check for \d+ms before welcoming the agent$/),
+        error: expect.stringMatching(
+          /^the server answered no health check for \d+ms before welcoming the agent$/,
+        ),
       }),
     ]);
   });

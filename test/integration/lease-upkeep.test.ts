@@ -332,7 +332,9 @@ describe("lease upkeep", () => {
     const renewal = await withSlowRenewal(0, new Promise<void>((resolve) => (letGo = resolve)));
     await worker("w1");
     await tick().renew();
-    expect(t.logs.some((l) => l.level === 40)).toBe(false);
+    // (A PostgreSQL without autovacuum gets a warning of its own at start.)
+    const renewalWarnings = () => t.logs.filter((l) => l.level === 40 && /renewal/.test(String(l.msg)));
+    expect(renewalWarnings()).toEqual([]);
     renewal.slow = true;
     let ended = false;
     const renewing = tick()
@@ -344,7 +346,7 @@ describe("lease upkeep", () => {
       "a renewal has been waiting for more than half the grace period (for the database, or for this process's own busy event loop): stored deadlines lag by as much, and agents may self-fence";
     await waitForLog(warning);
     expect(ended).toBe(false);
-    expect(t.logs.find((l) => l.level === 40)).toMatchObject({ msg: warning, graceMs: 3000 });
+    expect(renewalWarnings()).toMatchObject([{ msg: warning, graceMs: 3000 }]);
     letGo();
     await renewing;
     await waitForLog("the slow renewal has ended");

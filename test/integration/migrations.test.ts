@@ -18,6 +18,7 @@ import {
   type Database,
   type MigrationLockWait,
   openDatabase,
+  vacuumShortfalls,
 } from "../../src/store/database.js";
 import { queryRows } from "../../src/store/rows.js";
 import {
@@ -127,6 +128,30 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
         needed: 100_003,
         what: "max_connections less superuser_reserved_connections",
       });
+    } finally {
+      await database.close();
+    }
+  });
+
+  it("names what keeps PostgreSQL from vacuuming Leasehold's tables", async () => {
+    await using store = await freshPostgresDatabase({ migrated: true });
+    const database = await openDatabase({ url: store.url, dataDir: "" });
+    try {
+      // The server-wide settings are the machine's (this one's PostgreSQL may run without autovacuum).
+      const [settings] = await queryRows<{ autovacuum: string; track_counts: string }>(
+        database.db,
+        sql`select current_setting('autovacuum') as autovacuum, current_setting('track_counts') as track_counts`,
+      );
+      const serverWide = [
+        ...(settings?.autovacuum === "off" ? ["autovacuum is off"] : []),
+        ...(settings?.track_counts === "off" ? ["track_counts is off (autovacuum needs it)"] : []),
+      ];
+      expect(await vacuumShortfalls(database.db)).toEqual(serverWide);
+      await database.db.execute(sql`alter table events set (autovacuum_enabled = false)`);
+      expect(await vacuumShortfalls(database.db)).toEqual([
+        ...serverWide,
+        "autovacuum_enabled = false on table events",
+      ]);
     } finally {
       await database.close();
     }

@@ -270,11 +270,12 @@ export async function createRpcServer(
   const server = new grpc.Server({
     // grpc-js's own call goes to the interceptors in this order (see above).
     ...(interceptors.length > 0 ? { interceptors } : {}),
-    // Agents hold streams for days; keepalive pings find dead peers quickly.
+    // Agents hold streams for days; keepalive pings find dead peers quickly. grpc-js's server
+    // enforces no policy on its clients' pings (no too_many_pings), so none is set here (README,
+    // Limits).
     "grpc.keepalive_time_ms": 20_000,
     "grpc.keepalive_timeout_ms": 10_000,
     "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.min_ping_interval_without_data_ms": 5_000,
     "grpc.max_concurrent_streams": options.maxConcurrentStreams ?? DEFAULT_MAX_CONCURRENT_STREAMS,
     "grpc.max_connection_idle_ms": options.maxConnectionIdleMs ?? DEFAULT_MAX_CONNECTION_IDLE_MS,
     ...(options.maxReceiveMessageBytes

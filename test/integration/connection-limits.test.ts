@@ -248,6 +248,43 @@ describe("connection limits", () => {
     }
   }, 20_000);
 
+  it("sets no bound on a client's keepalive pings: a connection pinged every 20 ms stays open and serves", async () => {
+    // README (Limits) and worker.proto tell clients to ping as often as their middleboxes need:
+    // a server that answered too_many_pings (GOAWAY ENHANCE_YOUR_CALM) would end their streams.
+    const s = await start({});
+    const session = http2.connect(`http://127.0.0.1:${s.port}`);
+    session.on("error", () => {});
+    let goaway: number | undefined;
+    session.on("goaway", (code) => {
+      goaway = code;
+    });
+    await once(session, "connect");
+    try {
+      for (let i = 0; i < 100; i++) {
+        await new Promise<void>((resolve, reject) =>
+          session.ping((error) =>
+            error ? reject(new Error(`ping ${i}: ${error.message}, goaway ${goaway}`)) : resolve(),
+          ),
+        );
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(goaway).toBeUndefined();
+      expect(session.closed).toBe(false);
+      const stream = session.request({
+        ":method": "POST",
+        ":path": "/grpc.health.v1.Health/Check",
+        "content-type": "application/grpc",
+        te: "trailers",
+      });
+      stream.end(Buffer.from([0, 0, 0, 0, 0]));
+      stream.resume();
+      const [trailers] = (await once(stream, "trailers")) as [http2.IncomingHttpHeaders];
+      expect(trailers["grpc-status"]).toBe("0");
+    } finally {
+      session.destroy();
+    }
+  });
+
   it("closes connections past the process's bound, whatever their address", async () => {
     const s = await start({ maxConnections: 2, maxConnectionsPerAddress: 0 });
     expect((await s.hold("127.0.0.1")).outcome).toBe("served");

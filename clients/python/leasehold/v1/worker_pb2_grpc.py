@@ -284,7 +284,10 @@ class WorkerServiceServicer(object):
         waits for it without a bound). The Python and Go SDKs, with one address,
         rely on their transports instead: a 5 s connect timeout (Go) and HTTP/2
         keepalive pings (every 10 s, answered within 5 s), which in grpcio also
-        bound the setup (about 15 s).
+        bound the setup (about 15 s). The server pings each connection every
+        20 s (closing it when a ping goes unanswered for 10 s) and sets no bound
+        on a client's own keepalive pings: ping as often as your middleboxes'
+        idle timeouts need, with or without calls.
         A server that has found its database unreachable since it started (its
         acks say database_unreachable) ends a new stream at once with UNAVAILABLE
         (ErrorInfo reason DATABASE_UNREACHABLE): reconnect as after any ending,

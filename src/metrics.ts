@@ -3,6 +3,12 @@ import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { LeaseholdError } from "./errors.js";
 import type { CallKind, CallObserver } from "./rpc/adapter.js";
 import type { ConnectionObserver } from "./rpc/connection-limits.js";
+import {
+  type ClusterHealth,
+  DEGRADED_WORKERS,
+  HEALTH_WINDOW_MS,
+  UNHEALTHY_WORKERS,
+} from "./store/clusters.js";
 import type { HostedStats, LeaseMetrics } from "./work/lease-manager.js";
 
 /** The Prometheus metrics of one server process, in a registry of its own. */
@@ -22,6 +28,8 @@ export interface ClusterCounts {
   readonly queued: number;
   readonly leased: number;
 }
+
+const CLUSTER_HEALTHS: readonly ClusterHealth[] = ["HEALTHY", "DEGRADED", "UNHEALTHY", "PARTITIONED"];
 
 /** How long a scrape waits for each gauge read from the database. */
 export const DATABASE_GAUGE_MS = 2_000;
@@ -61,6 +69,8 @@ export function createMetrics(
     inGrace: () => Promise<number>;
     pausedClusters: () => Promise<number>;
     actions: () => Promise<readonly ClusterCounts[]>;
+    /** Each cluster's stored health (PARTITIONED while the valve holds). */
+    clusterHealth: () => Promise<readonly { cluster: string; health: ClusterHealth }[]>;
   },
   base?: Registry,
 ): Metrics {
@@ -137,6 +147,20 @@ export function createMetrics(
       }
     },
   });
+  new Gauge({
+    name: `${prefix}cluster_health`,
+    help: `Each cluster's health, one series per health (HEALTHY, DEGRADED, UNHEALTHY, PARTITIONED): 1 for the one it is in, 0 for the others. DEGRADED from ${DEGRADED_WORKERS} and UNHEALTHY from ${UNHEALTHY_WORKERS} workers with lease expiries in the last ${HEALTH_WINDOW_MS / 60_000} minutes, as \`clusters list\` counts them (the reapers follow the window within a second or so); PARTITIONED while the mass-disconnect valve holds (all processes).`,
+    labelNames: ["cluster", "health"],
+    registers: [registry],
+    async collect() {
+      const clusters = (await fromDatabase(sources.clusterHealth)) ?? [];
+      // A cluster deleted drops out instead of keeping its last value.
+      this.reset();
+      for (const c of clusters)
+        for (const health of CLUSTER_HEALTHS)
+          this.set({ cluster: c.cluster, health }, c.health === health ? 1 : 0);
+    },
+  });
   return {
     registry,
     submitted: new Counter({
@@ -166,7 +190,7 @@ export function createMetrics(
     }),
     expiries: new Counter({
       name: `${prefix}lease_expiries_total`,
-      help: "Work leases expired at their session's deadline.",
+      help: "Work leases expired with their session, reaped by this process: at its deadline (the worker, or its server process, went silent), or early because a new process of the worker connected while the session's stream was gone (cause restarted).",
       registers: [registry],
     }),
     selfFencedReleases: new Counter({

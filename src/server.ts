@@ -40,6 +40,7 @@ import { createStartupGate } from "./rpc/startup-gate.js";
 import { createScopeLeaseService, type ScopeLeaseService } from "./scope/scope-lease-service.js";
 import { countActionsByCluster } from "./store/actions.js";
 import { type Clock, databaseClock } from "./store/clock.js";
+import { readClusterHealth } from "./store/clusters.js";
 import {
   connectionShortfalls,
   type DatabaseOptions,
@@ -451,6 +452,7 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           return toNumber(row?.n ?? 0);
         },
         actions: () => countActionsByCluster(db),
+        clusterHealth: () => readClusterHealth(db),
       },
       front.callMetrics.registry,
     );

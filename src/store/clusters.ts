@@ -1,4 +1,4 @@
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import type { Clock } from "./clock.js";
 import type { Db } from "./database.js";
 import { queryRows, toDate, toNumber } from "./rows.js";
@@ -171,6 +171,47 @@ export async function resumeExpiries(
   return row.changed ? "resumed" : "already resumed";
 }
 
+/** `x.expired_workers` of cluster `name` in the health window, as a scalar subquery. */
+const expiredWorkersNow = (clock: Clock, name: SQL) => sql`
+  (select count(distinct e.worker_id) from events e
+   where e.cluster = ${name} and e.kind = 'lease_expired'
+     and e.at > ${clock.now()} - make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0))`;
+
+/**
+ * Stores a cluster's new health with its `cluster_health_changed` event, in
+ * one statement conditioned on what was read: the stored health still
+ * `from`, and the window still counting `expiredWorkers` workers. Several
+ * processes may judge the same cluster at once (the reaper of each, the
+ * reports of expiries): one records a transition, the others find the row
+ * changed and record nothing.
+ */
+async function storeHealth(
+  db: Db,
+  clock: Clock,
+  name: string,
+  from: string,
+  expiredWorkers: number,
+  to: { health: ClusterHealth; reason: string },
+): Promise<boolean> {
+  const { health, reason } = to;
+  const rows = await queryRows<{ cluster: string }>(
+    db,
+    sql`
+    with changed as (
+      update clusters c set health = ${health}, health_reason = ${reason}
+      where c.name = ${name} and c.health = ${from}
+        and ${expiredWorkersNow(clock, sql`c.name`)} = ${expiredWorkers}
+      returning c.name
+    )
+    insert into events (kind, cluster, message, details)
+    select 'cluster_health_changed', name, ${`cluster ${name} is now ${health}${reason ? `: ${reason}` : ""}`},
+      ${JSON.stringify({ from, to: health })}::jsonb
+    from changed
+    returning cluster`,
+  );
+  return rows.length > 0;
+}
+
 /**
  * Recomputes the stored health of the given clusters and records a
  * `cluster_health_changed` event for each that changed.
@@ -183,16 +224,67 @@ export async function refreshClusterHealth(db: Db, clock: Clock, names: readonly
         where c.name in (select jsonb_array_elements_text(${JSON.stringify(names)}::jsonb))`,
   );
   for (const r of rows) {
-    const { health, reason } = healthOf(toNumber(r.expiries), toNumber(r.expired_workers));
-    if (health === r.health) continue;
-    await db.execute(sql`
-      with changed as (
-        update clusters set health = ${health}, health_reason = ${reason}
-        where name = ${r.name} and health <> ${health} returning name
-      )
-      insert into events (kind, cluster, message, details)
-      select 'cluster_health_changed', name, ${`cluster ${r.name} is now ${health}${reason ? `: ${reason}` : ""}`},
-        ${JSON.stringify({ from: r.health, to: health })}::jsonb
-      from changed`);
+    const workers = toNumber(r.expired_workers);
+    const now = healthOf(toNumber(r.expiries), workers);
+    if (now.health !== r.health) await storeHealth(db, clock, r.name, r.health, workers, now);
   }
+}
+
+/**
+ * Recomputes the stored health of every cluster stored as not HEALTHY (a
+ * handful at most; the healthy ones are not read), as the window of
+ * {@link HEALTH_WINDOW_MS} moves on: expiries only make a cluster worse, and
+ * are followed by {@link refreshClusterHealth}, but a cluster gets better
+ * only as time passes, with nothing else to say so. Its recovery is
+ * recorded (a `cluster_health_changed` event) once its expiries leave the
+ * window, as `clusters list` shows it, and a later degradation gets its
+ * event too, which a stored health stuck at DEGRADED never gave.
+ *
+ * Returns the clusters whose health it changed, and when the next expiry of
+ * a cluster still unhealthy leaves the window (the clock's time; undefined
+ * when none is): nothing can get better before then, but for a cluster
+ * another process degraded meanwhile.
+ */
+export async function refreshFadingClusterHealth(
+  db: Db,
+  clock: Clock,
+): Promise<{ changed: { cluster: string; health: ClusterHealth }[]; next: Date | undefined }> {
+  const rows = await queryRows<{
+    name: string;
+    health: string;
+    expiries: unknown;
+    expired_workers: unknown;
+    leaves_at: unknown;
+  }>(
+    db,
+    sql`select c.name, c.health, x.expiries, x.expired_workers,
+          (select min(e.at) from events e
+           where e.cluster = c.name and e.kind = 'lease_expired'
+             and e.at > ${clock.now()} - make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0))
+          + make_interval(secs => ${HEALTH_WINDOW_MS} / 1000.0) as leaves_at
+        from clusters c ${recentExpiries(clock)}
+        where c.health <> 'HEALTHY'`,
+  );
+  let next: Date | undefined;
+  const changed: { cluster: string; health: ClusterHealth }[] = [];
+  for (const r of rows) {
+    const workers = toNumber(r.expired_workers);
+    const now = healthOf(toNumber(r.expiries), workers);
+    if (now.health !== r.health && (await storeHealth(db, clock, r.name, r.health, workers, now)))
+      changed.push({ cluster: r.name, health: now.health });
+    if (now.health === "HEALTHY" || r.leaves_at == null) continue;
+    const leaves = toDate(r.leaves_at);
+    if (next === undefined || leaves < next) next = leaves;
+  }
+  return { changed, next };
+}
+
+/** The stored health of every cluster (PARTITIONED while the valve holds), for the metrics. */
+export async function readClusterHealth(db: Db): Promise<{ cluster: string; health: ClusterHealth }[]> {
+  const rows = await queryRows<{ name: string; health: ClusterHealth }>(
+    db,
+    sql`select name, case when partitioned_at is not null then 'PARTITIONED' else health end as health
+        from clusters order by name`,
+  );
+  return rows.map((r) => ({ cluster: r.name, health: r.health }));
 }

@@ -68,6 +68,7 @@ describe("the README's tables", () => {
           inGrace: async () => 0,
           pausedClusters: async () => 0,
           actions: async () => [],
+          clusterHealth: async () => [],
         },
         calls.registry,
       )

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { errorSummary } from "../../log-errors.js";
 import type { Clock } from "../../store/clock.js";
-import { refreshClusterHealth } from "../../store/clusters.js";
+import { refreshClusterHealth, refreshFadingClusterHealth } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
 import { extendSessionsAfterOutage } from "../../store/queries/extend-sessions-on-start.js";
 import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
@@ -11,6 +11,13 @@ import { type HostedSessions, REAPED_MESSAGE } from "./hosted.js";
 
 /** Sessions reaped per statement. */
 const REAP_BATCH = 500;
+
+/**
+ * How often a reaper looks at the clusters stored as not HEALTHY when it
+ * knows of no expiry leaving their window sooner: one another process
+ * degraded (its own reaper would record the recovery, unless it stopped).
+ */
+const HEALTH_RECHECK_MS = 10_000;
 
 /**
  * The reaper: expires the leases of sessions past their deadline (any
@@ -104,6 +111,12 @@ export function createReaper(deps: {
   let outage: string | undefined;
   /** The sources whose last statement failed: their next failures extend nothing more. */
   const failedSources = new Set<DatabaseSource>();
+  /**
+   * When (database clock, epoch ms) the stored health of the clusters stored
+   * as not HEALTHY is due to be recomputed (refreshFadingClusterHealth): at
+   * the first reap, then when the next of their expiries leaves the window.
+   */
+  let healthDueAtMs = Number.NEGATIVE_INFINITY;
 
   /** `replace` sets the plan after a reap; otherwise only an earlier time moves it. */
   function plan(at: number, dbOffsetMs: number, replace: boolean): void {
@@ -172,8 +185,30 @@ export function createReaper(deps: {
       await refreshClusterHealth(db, clock, clusters).catch((error: unknown) =>
         log.warn({ err: error }, "could not refresh cluster health"),
       );
+      // A cluster that got worse recovers when these expiries leave the window: plan for it.
+      healthDueAtMs = Number.NEGATIVE_INFINITY;
     } else if (result.sessions.length > 0) {
       feed.publish(EVENTS_TOPIC);
+    }
+  }
+
+  /**
+   * Follows the health window of the clusters stored as not HEALTHY, as
+   * `clusters list` computes it: their recovery gets its event when their
+   * expiries leave the window, not at the next expiry. One statement over
+   * those clusters only, when the next of their expiries leaves the window
+   * (or every {@link HEALTH_RECHECK_MS}): nothing per heartbeat or per reap.
+   */
+  async function refreshFadingHealth(dbNowMs: number): Promise<void> {
+    try {
+      const { changed, next } = await refreshFadingClusterHealth(db, clock);
+      for (const c of changed)
+        log.info(c, `cluster ${c.cluster} is now ${c.health}: lease expiries left the health window`);
+      if (changed.length > 0) feed.publish(EVENTS_TOPIC);
+      healthDueAtMs = Math.min(next?.getTime() ?? Number.POSITIVE_INFINITY, dbNowMs + HEALTH_RECHECK_MS);
+    } catch (error) {
+      healthDueAtMs = dbNowMs + HEALTH_RECHECK_MS;
+      log.warn({ err: error }, "could not refresh cluster health");
     }
   }
 
@@ -236,6 +271,7 @@ export function createReaper(deps: {
       await report(result);
       if (result.sessions.length < REAP_BATCH) {
         const dbNowMs = result.dbNow.getTime();
+        if (dbNowMs >= healthDueAtMs) await refreshFadingHealth(dbNowMs);
         const next = Math.min(result.nextDeadline?.getTime() ?? Number.POSITIVE_INFINITY, dbNowMs + pollMs);
         plan(next, dbNowMs - Date.now(), true);
         return;

@@ -123,4 +123,49 @@ describe("lease audit rounds", () => {
     await audit();
     expect(revoked).toEqual(["a-2"]);
   });
+
+  it("tells a stream its lease expired (EXPIRED) when its session was reaped elsewhere, and SUPERSEDED when the lease ended otherwise", async () => {
+    const { db } = database.current;
+    // Both leases were this session's at epoch 1. expired-1 expired with the session (another
+    // process reaped it while this one could not renew it) and is queued again; released-1 was
+    // released and granted to another session at epoch 2.
+    await db.execute(sql`insert into actions (id, cluster, max_attempts, initial_backoff_ms, backoff_multiplier,
+        max_backoff_ms, max_system_retries, state, epoch) values
+      ('expired-1', 'east', 3, 1000, 2, 60000, 3, 'QUEUED', 1),
+      ('released-1', 'east', 3, 1000, 2, 60000, 3, 'LEASED', 2)`);
+    await db.execute(sql`insert into attempts (action_id, epoch, worker_id, session_id, outcome) values
+      ('expired-1', 1, 'a4', 'reaped-session', 'LEASE_EXPIRED'),
+      ('released-1', 1, 'a4', 'reaped-session', 'RELEASED'),
+      ('released-1', 2, 'other', 'other-session', 'RUNNING')`);
+    const s = {
+      sessionId: "reaped-session",
+      workerId: "a4",
+      ended: false,
+      draining: false,
+      drainChanges: 0,
+      noticed: new Set<string>(),
+      held: new Map([
+        ["expired-1", 1],
+        ["released-1", 1],
+      ]),
+      link: { send() {} },
+    };
+    const hosted = {
+      values: () => [s].values(),
+      get: (id: string) => (id === s.sessionId ? s : undefined),
+    } as unknown as HostedSessions & { values(): IterableIterator<Hosted> };
+    const revokes: string[] = [];
+    const audit = createAudit({
+      db,
+      hosted,
+      revoke: (_sessionId, token, reason, message, ended) =>
+        revokes.push(`${token.actionId} ${reason} ${ended}: ${message}`),
+      reporting: () => false,
+    });
+    await audit();
+    expect(revokes.sort()).toEqual([
+      "expired-1 EXPIRED true: this lease expired with its session, which was reaped (the action is QUEUED)",
+      "released-1 SUPERSEDED true: this lease ended on the server (the action is LEASED)",
+    ]);
+  });
 });

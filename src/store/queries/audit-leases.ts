@@ -14,8 +14,11 @@ export interface LeaseNotice {
   readonly sessionId: string;
   readonly actionId: string;
   readonly epoch: number;
-  /** ended: no longer this session's lease; cancel / collect: a stop was asked and is still pending. */
-  readonly notice: "ended" | "cancel" | "collect";
+  /**
+   * expired: the lease expired (its session was reaped: attempt LEASE_EXPIRED); ended: no longer
+   * this session's lease otherwise; cancel / collect: a stop was asked and is still pending.
+   */
+  readonly notice: "expired" | "ended" | "cancel" | "collect";
   readonly state: string;
 }
 
@@ -53,7 +56,10 @@ export async function auditLeases(
             select i.s as session_id, i.a as action_id, i.e as epoch, a.state,
               case
                 when a.id is null or a.state <> 'LEASED' or a.session_id is distinct from i.s or a.epoch <> i.e
-                  then 'ended'
+                  -- How the held epoch's attempt ended (by its primary key, for ended leases only):
+                  -- expired with its session, or not.
+                  then case when (select t.outcome from attempts t where t.action_id = i.a and t.epoch = i.e)
+                                 = 'LEASE_EXPIRED' then 'expired' else 'ended' end
                 when a.cancel_requested then 'cancel'
                 else 'collect' end as notice
             from input i left join actions a on a.id = i.a

@@ -85,15 +85,27 @@ export function createAudit(deps: {
       const s = hosted.get(n.sessionId);
       const token = { actionId: n.actionId, epoch: n.epoch };
       if (!s || s.held.get(n.actionId) !== n.epoch) continue;
-      if (n.notice === "ended") {
+      if (n.notice === "ended" || n.notice === "expired") {
         if (reporting(n.actionId)) continue;
-        revoke(
-          n.sessionId,
-          token,
-          "SUPERSEDED",
-          `this lease ended on the server (the action is ${n.state})`,
-          true,
-        );
+        // EXPIRED when the lease expired with its session (reaped by another process, while this
+        // one could not renew it): the worker is told its lease expired, not that another
+        // session or epoch owns the action (worker.proto, RevokeReason).
+        if (n.notice === "expired")
+          revoke(
+            n.sessionId,
+            token,
+            "EXPIRED",
+            `this lease expired with its session, which was reaped (the action is ${n.state})`,
+            true,
+          );
+        else
+          revoke(
+            n.sessionId,
+            token,
+            "SUPERSEDED",
+            `this lease ended on the server (the action is ${n.state})`,
+            true,
+          );
         continue;
       }
       const key = `${n.actionId}:${n.epoch}:${n.notice}`;

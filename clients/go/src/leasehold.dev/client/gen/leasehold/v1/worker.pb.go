@@ -29,10 +29,15 @@ type RevokeReason int32
 const (
 	// Not a reason.
 	RevokeReason_REVOKE_REASON_UNSPECIFIED RevokeReason = 0
-	// The session's deadline passed and the lease expired. Reserved: this
-	// server never sends a Revoke with it. A worker learns of an expiry from
-	// the stream's ending (ABORTED, ErrorInfo reason SESSION_REAPED) or, when
-	// it comes back, from Welcome.revoked, which gives no reason (see Connect).
+	// The lease expired with its session: the session was reaped (its deadline
+	// passed, or a new process of the worker said hello while its stream was
+	// gone). A worker mostly learns of an expiry from the stream's ending
+	// (ABORTED, ErrorInfo reason SESSION_REAPED) or, when it comes back, from
+	// Welcome.revoked, which gives no reason (see Connect). A stream that
+	// outlived its session (another server process reaped it while this one
+	// could not reach its database) may get this Revoke for its leases before
+	// it ends: stop the work and report nothing more about it, as after
+	// SUPERSEDED.
 	RevokeReason_REVOKE_REASON_EXPIRED RevokeReason = 1
 	// A client cancelled the action.
 	RevokeReason_REVOKE_REASON_CANCELLED RevokeReason = 2

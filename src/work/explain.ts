@@ -117,10 +117,14 @@ function tell(
       return `${worker} reconnected within the grace period; session ${session} resumed`;
     case "session_taken_over":
       return `a new stream of ${worker} took session ${session} over; the older stream was closed`;
-    case "session_reaped":
-      return endedByRestart(e, held?.session)
-        ? `session ${session} of ${worker} ended: a new process of the worker connected while the stream of this one was gone`
+    case "session_reaped": {
+      if (endedByRestart(e, held?.session))
+        return `session ${session} of ${worker} ended: a new process of the worker connected while the stream of this one was gone`;
+      const host = silentServer(e);
+      return host
+        ? `session ${session} of ${worker} reaped at its deadline: ${host}`
         : `session ${session} of ${worker} reaped: its deadline passed with no heartbeat`;
+    }
     case "session_closed":
       return `${worker} said goodbye; session ${session} closed`;
     case "lease_expired":
@@ -181,11 +185,24 @@ function resumedUntil(resumed: TimelineStep, later: readonly TimelineStep[]): st
 function endedByRestart(e: EventRecord, session: HoldingSession | undefined): boolean {
   const cause = e.details?.cause;
   if (cause === "restarted") return true;
-  if (cause === "deadline") return false;
+  if (cause === "deadline" || cause === "server_silent") return false;
   return session?.endReason === "reaped" && session.endedAt !== null && session.endedAt < session.deadline;
 }
 
-/** Why a lease expired, from its event and its session's row. */
+/**
+ * A reap's event of cause `server_silent` (ReapCause) told as its cause:
+ * the session's server process stopped renewing it; undefined for another
+ * cause. The worker was connected to that process, and may well have kept
+ * heartbeating it: its silence is not what the record shows.
+ */
+function silentServer(e: EventRecord): string | undefined {
+  if (e.details?.cause !== "server_silent") return undefined;
+  const server = typeof e.details.server_id === "string" ? e.details.server_id : "?";
+  const until =
+    typeof e.details.server_alive_until === "string" ? iso(new Date(e.details.server_alive_until)) : "?";
+  return `its server process ${server} stopped renewing it (its liveness mark ran out at ${until}: it lost its database, hung or died) while the worker was connected to it`;
+}
+
 /** What became of the action when its lease expired, from the event's `details.state` (events written before it have none). */
 function afterExpiry(e: EventRecord): string {
   switch (e.details?.state) {
@@ -198,10 +215,21 @@ function afterExpiry(e: EventRecord): string {
   }
 }
 
+/** Why a lease expired, from its event and its session's row. */
 function expiryCause(
   e: EventRecord,
   held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,
 ): string {
+  const host = silentServer(e);
+  if (host) {
+    const session = held?.session;
+    const holder = held
+      ? `worker ${held.attempt.workerId}'s session ${held.attempt.sessionId}`
+      : "its session";
+    return session
+      ? `${holder} passed its deadline ${iso(session.deadline)} (last renewed at ${iso(session.lastHeardAt)}): ${host}`
+      : `${holder} passed its deadline: ${host}`;
+  }
   const restarted = endedByRestart(e, held?.session);
   if (!held?.session) {
     return restarted

@@ -58,6 +58,7 @@ describe("cluster health follows its window", () => {
         sessionId: `s${counter}`,
         cluster,
         state: "QUEUED" as const,
+        silentServer: undefined,
       });
     }
     const result: ReapResult = {

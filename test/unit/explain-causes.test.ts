@@ -86,6 +86,21 @@ describe("explain, on how a session ended", () => {
     expect(reaped).toBe("session s1 of worker w1 reaped: its deadline passed with no heartbeat");
   });
 
+  it("tells a session reaped because its server process went silent, not its worker", () => {
+    const details = { cause: "server_silent", server_id: "s2", server_alive_until: at(9).toISOString() };
+    const [reaped, expired] = told([
+      event("session_reaped", 13, details),
+      event("lease_expired", 13, { ...details, state: "QUEUED" }, 1),
+    ]);
+    const host =
+      "its server process s2 stopped renewing it (its liveness mark ran out at 2026-12-07T06:00:09.000Z: it lost its database, hung or died) while the worker was connected to it";
+    expect(reaped).toBe(`session s1 of worker w1 reaped at its deadline: ${host}`);
+    expect(expired).toBe(
+      `epoch 1 expired: worker w1's session s1 passed its deadline 2026-12-07T06:00:12.000Z (last renewed at 2026-12-07T06:00:02.000Z): ${host}; the action goes back to the queue`,
+    );
+    expect(`${reaped} ${expired}`).not.toMatch(/no heartbeat|did not come back/);
+  });
+
   it("says what became of the action: cancelled when a cancel was pending, failed when its budget is spent", () => {
     const afterwards = (state: string) =>
       told([event("lease_expired", 4, { cause: "deadline", state }, 1)])[0]?.replace(/^.*; /, "");

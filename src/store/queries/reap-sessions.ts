@@ -12,6 +12,20 @@ export interface ExpiredLease {
   readonly cluster: string;
   /** QUEUED (re-queued), FAILED (system-retry budget exhausted) or CANCELLED (cancel was requested). */
   readonly state: "QUEUED" | "FAILED" | "CANCELLED";
+  /** Set when its session's server process went silent (cause `server_silent`, see {@link SilentServer}). */
+  readonly silentServer: SilentServer | undefined;
+}
+
+/**
+ * The server process a reaped session's stream was on (as last recorded)
+ * when that process had stopped marking itself alive (server-liveness.ts):
+ * its deadline passed because its server stopped renewing it (it lost its
+ * database, hung or died), not because the worker fell silent.
+ */
+export interface SilentServer {
+  readonly serverId: string;
+  /** When the process's last liveness mark ran out (the mark plus a few heartbeat intervals). */
+  readonly aliveUntil: Date;
 }
 
 /** A cluster that entered or left the partitioned state (SPEC rule 10), with the counts that decided. */
@@ -27,14 +41,22 @@ export interface PartitionChange {
 /**
  * Why a reap ended a session, as its session_reaped and lease_expired events
  * say in `details.cause`: `deadline`, it passed its deadline unheard (or past
- * the maximum silence); `restarted`, a new process of its worker said hello
- * while its stream was gone. Events written before this field have none.
+ * the maximum silence); `server_silent`, it passed its deadline while its
+ * stream was on a server process (as last recorded) that had stopped marking
+ * itself alive, so that process stopped renewing it (details `server_id` and
+ * `server_alive_until`, when its last mark ran out); `restarted`, a new
+ * process of its worker said hello while its stream was gone. Events written
+ * before this field have none.
  */
-export type ReapCause = "deadline" | "restarted";
+export type ReapCause = "deadline" | "server_silent" | "restarted";
 
 /** What one reap did. */
 export interface ReapResult {
-  readonly sessions: readonly { sessionId: string; workerId: string }[];
+  readonly sessions: readonly {
+    sessionId: string;
+    workerId: string;
+    silentServer: SilentServer | undefined;
+  }[];
   readonly expired: readonly ExpiredLease[];
   readonly partitions: readonly PartitionChange[];
   /**
@@ -102,6 +124,12 @@ export const PARTITION_MIN_LOST = 2;
  * `keep` names the sessions this process hosts whose renewal it failed to
  * write; they are never reaped here (see {@link KeepHosted}).
  *
+ * A session due while its stream was on a server process whose liveness
+ * mark had run out is reaped all the same (that process may be dead), but
+ * its events say why (cause `server_silent`, see {@link SilentServer}): the
+ * same statement joins the due sessions to server_processes, no round trip
+ * per session.
+ *
  * `restarted` (with `sessionIds` only) reaps the named sessions before their
  * deadline: a new process of their worker said hello while their stream was
  * gone, so the process that held their leases is gone too (or fenced by the
@@ -132,6 +160,14 @@ export async function reapSessions(
   const due: SQL = restarted ? sql`true` : sql`s.deadline < ${now}`;
   /** Why the sessions end, in their session_reaped and lease_expired events' details (see ReapCause). */
   const cause: ReapCause = restarted ? "restarted" : "deadline";
+  /** The cause of a session with its `silent_host` row `h` (left-joined). */
+  const causeOf = (h: string) =>
+    sql.raw(`case when ${h}.id is null then `).append(sql`${cause}::text else 'server_silent' end`);
+  /** The details a silent server adds (nothing without one). */
+  const hostDetails = (h: string) =>
+    sql.raw(
+      `case when ${h}.id is null then '{}'::jsonb else jsonb_build_object('server_id', ${h}.server_id, 'server_alive_until', ${h}.alive_until) end`,
+    );
   const which: SQL = options.sessionIds
     ? sql`and s.id in (select jsonb_array_elements_text(${JSON.stringify(options.sessionIds)}::jsonb))`
     : sql``;
@@ -154,6 +190,8 @@ export async function reapSessions(
     live: unknown;
     next_deadline: unknown;
     db_now: unknown;
+    server_id: string | null;
+    server_alive_until: unknown;
   }>(
     db,
     sql`
@@ -224,7 +262,7 @@ export async function reapSessions(
         from recovered
       ),
       due as (
-        select s.id from sessions s
+        select s.id, s.server_id, s.stream_lost_at from sessions s
         where s.ended_at is null and ${due} ${which} ${kept}
           and s.id not in (select id from reprieved)
           and (s.last_heard_at < ${silentSince} or not exists (
@@ -239,6 +277,16 @@ export async function reapSessions(
         update sessions s set ended_at = ${now}, end_reason = 'reaped', server_id = null, stream_token = null
         from due where s.id = due.id
         returning s.id, s.worker_id, s.last_heard_at
+      ),
+      -- Due sessions whose stream was on a server process (as last recorded: no loss of it
+      -- recorded) whose liveness mark had run out (server-liveness.ts): that process stopped
+      -- renewing them (it lost its database, hung or died) while the worker was connected to it,
+      -- so the worker's silence is not what passed the deadline. A process closed cleanly has no
+      -- row (its streams ended first); with PGlite there are none at all.
+      silent_host as (
+        select due.id, p.id as server_id, p.alive_until from due
+        join server_processes p on p.id = due.server_id
+        where ${!restarted}::boolean and due.stream_lost_at is null and p.alive_until < ${now}
       ),
       -- What ListWorkers shows of an offline worker: when its last session last heard from it.
       seen as (
@@ -274,6 +322,7 @@ export async function reapSessions(
         where a.id = x.id
         returning a.id, a.epoch, a.cluster, a.state, x.session_id, x.worker_id
       ),
+
       attempts_ended as (
         update attempts t set outcome = 'LEASE_EXPIRED', ended_at = ${now}
         from expired e where t.action_id = e.id and t.epoch = e.epoch
@@ -283,8 +332,8 @@ export async function reapSessions(
         select 'lease_expired', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
           'lease expired for action ' || e.id || ' (worker ' || e.worker_id || ', cluster ' || e.cluster
           || ', epoch ' || e.epoch || ')',
-          jsonb_build_object('cause', ${cause}::text, 'state', e.state)
-        from expired e
+          jsonb_build_object('cause', ${causeOf("h")}, 'state', e.state) || ${hostDetails("h")}
+        from expired e left join silent_host h on h.id = e.session_id
         union all
         select 'action_failed', e.id, e.worker_id, e.cluster, e.session_id, e.epoch,
           'action failed: system-retry budget exhausted', null
@@ -301,26 +350,33 @@ export async function reapSessions(
             restarted
               ? " reaped: a new process of the worker connected while the stream of this one was gone"
               : " reaped at its deadline"
-          },
-          jsonb_build_object('cause', ${cause}::text)
+          } || case when h.id is null then '' else
+            ': its server process ' || h.server_id || ' stopped renewing it (its liveness mark ran out at '
+            || to_char(h.alive_until at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+            || ': it lost its database, hung or died) while the worker was connected to it' end,
+          jsonb_build_object('cause', ${causeOf("h")}) || ${hostDetails("h")}
         from ended join workers w on w.worker_id = ended.worker_id
+        left join silent_host h on h.id = ended.id
       )
-      select 'session' as kind, id as session_id, worker_id, null as action_id, null as epoch,
+      select 'session' as kind, ended.id as session_id, worker_id, null as action_id, null as epoch,
              null as cluster, null as state, null::bigint as lost, null::bigint as live,
-             null::timestamptz as next_deadline, null::timestamptz as db_now
-      from ended
+             null::timestamptz as next_deadline, null::timestamptz as db_now,
+             h.server_id, h.alive_until as server_alive_until
+      from ended left join silent_host h on h.id = ended.id
       union all
-      select 'lease', session_id, worker_id, id, epoch, cluster, state, null, null, null, null from expired
+      select 'lease', session_id, worker_id, e.id, epoch, cluster, state, null, null, null, null,
+             h.server_id, h.alive_until
+      from expired e left join silent_host h on h.id = e.session_id
       union all
-      select 'partitioned', null, null, null, null, name, null, lost, live, null, null from entered
+      select 'partitioned', null, null, null, null, name, null, lost, live, null, null, null, null from entered
       union all
-      select 'recovered', null, null, null, null, name, null, lost, live, null, null from recovered
+      select 'recovered', null, null, null, null, name, null, lost, live, null, null, null, null from recovered
       union all
       -- The partial index sessions_live_deadline_idx answers this with its first entry past now. The
       -- statement's snapshot does not show the deadlines it gave the reprieved: they count too.
       select 'next', null, null, null, null, null, null, null, null,
         least((select min(deadline) from sessions where ended_at is null and deadline >= ${now}),
-              (select min(deadline) from reprieved)), ${now}`,
+              (select min(deadline) from reprieved)), ${now}, null, null`,
   );
   const next = rows.find((r) => r.kind === "next");
   return {
@@ -328,7 +384,7 @@ export async function reapSessions(
     dbNow: toDate(next?.db_now),
     sessions: rows
       .filter((r) => r.kind === "session")
-      .map((r) => ({ sessionId: r.session_id, workerId: r.worker_id })),
+      .map((r) => ({ sessionId: r.session_id, workerId: r.worker_id, silentServer: silentServer(r) })),
     expired: rows
       .filter((r) => r.kind === "lease")
       .map((r) => ({
@@ -338,6 +394,7 @@ export async function reapSessions(
         sessionId: r.session_id,
         cluster: r.cluster as string,
         state: r.state as ExpiredLease["state"],
+        silentServer: silentServer(r),
       })),
     partitions: rows
       .filter((r) => r.kind === "partitioned" || r.kind === "recovered")
@@ -348,4 +405,13 @@ export async function reapSessions(
         live: toNumber(r.live),
       })),
   };
+}
+
+function silentServer(r: {
+  server_id: string | null;
+  server_alive_until: unknown;
+}): SilentServer | undefined {
+  return r.server_id == null
+    ? undefined
+    : { serverId: r.server_id, aliveUntil: toDate(r.server_alive_until) };
 }

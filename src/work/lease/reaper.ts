@@ -160,10 +160,26 @@ export function createReaper(deps: {
       if (s) hosted.end(s, "SESSION_REAPED", REAPED_MESSAGE);
     }
     for (const e of result.expired) {
-      // The documented line (SPEC rule 3); operators grep for it.
+      // The documented line (SPEC rule 3); operators grep for it. When the session's server
+      // process went silent, the line says so: the worker was not what fell silent.
+      const host = e.silentServer;
       log.warn(
-        { actionId: e.actionId, workerId: e.workerId, cluster: e.cluster, epoch: e.epoch, state: e.state },
-        `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})`,
+        {
+          actionId: e.actionId,
+          workerId: e.workerId,
+          cluster: e.cluster,
+          epoch: e.epoch,
+          state: e.state,
+          ...(host && {
+            cause: "server_silent",
+            serverId: host.serverId,
+            serverAliveUntil: host.aliveUntil.toISOString(),
+          }),
+        },
+        `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})` +
+          (host
+            ? `: its server process ${host.serverId} stopped renewing the session (its liveness mark ran out at ${host.aliveUntil.toISOString()}: it lost its database, hung or died) while the worker was connected to it`
+            : ""),
       );
     }
     for (const p of result.partitions) {

@@ -474,7 +474,12 @@ export enum EventKind {
 
   /**
    * A session was reaped (details: cause): "deadline", it passed its deadline
-   * unheard; "restarted", a new process of its worker (another
+   * unheard; "server_silent", it passed its deadline while its stream was on
+   * a server process that had stopped marking itself alive (it lost its
+   * database, hung or died), so that process stopped renewing it: details
+   * server_id, and server_alive_until, when the process's last liveness mark
+   * ran out (the mark plus three heartbeat intervals, at least 3 s);
+   * "restarted", a new process of its worker (another
    * Hello.instance_id) said hello while its stream was lost. Events written
    * by older servers have no cause.
    *

@@ -86,7 +86,12 @@ const (
 	// A newer stream took a session over; the older stream was closed.
 	EventKind_EVENT_KIND_SESSION_TAKEN_OVER EventKind = 16
 	// A session was reaped (details: cause): "deadline", it passed its deadline
-	// unheard; "restarted", a new process of its worker (another
+	// unheard; "server_silent", it passed its deadline while its stream was on
+	// a server process that had stopped marking itself alive (it lost its
+	// database, hung or died), so that process stopped renewing it: details
+	// server_id, and server_alive_until, when the process's last liveness mark
+	// ran out (the mark plus three heartbeat intervals, at least 3 s);
+	// "restarted", a new process of its worker (another
 	// Hello.instance_id) said hello while its stream was lost. Events written
 	// by older servers have no cause.
 	EventKind_EVENT_KIND_SESSION_REAPED EventKind = 17

@@ -2,7 +2,7 @@ import { sql } from "drizzle-orm";
 import { pino } from "pino";
 import { beforeEach, describe, expect, it } from "vitest";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
-import { HEALTH_WINDOW_MS, refreshFadingClusterHealth } from "../../src/store/clusters.js";
+import { HEALTH_WINDOW_MS, readClusterHealth, refreshFadingClusterHealth } from "../../src/store/clusters.js";
 import type { Db } from "../../src/store/database.js";
 import type { ReapResult } from "../../src/store/queries/reap-sessions.js";
 import { queryRows } from "../../src/store/rows.js";
@@ -112,6 +112,8 @@ describe("cluster health follows its window", () => {
     clock.advance(60_000);
     await reaper.reap();
     expect(await storedHealth()).toBe("HEALTHY");
+    // What the leasehold_cluster_health gauge reads.
+    expect(await readClusterHealth(db)).toContainEqual({ cluster, health: "HEALTHY" });
     expect(published).toContain("events");
     expect(await healthEvents()).toEqual([
       `cluster ${cluster} is now DEGRADED: 3 lease expiries of 3 workers in the last 5 minutes`,

@@ -370,11 +370,23 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
         processId: serverId,
         ...(overrides.signal ? { signal: overrides.signal } : {}),
         ...(overrides.onQuery ? { onQuery: overrides.onQuery } : {}),
+        onMigrating: (pending) => {
+          log.info(
+            { migrations: pending },
+            `applying ${pending.length} migration${pending.length === 1 ? "" : "s"}: ${pending.join(", ")}`,
+          );
+        },
+        onMigrated: (applied, ms) => {
+          log.info(
+            { migrations: applied, ms: Math.round(ms) },
+            `applied ${applied.length} migration${applied.length === 1 ? "" : "s"} in ${(ms / 1000).toFixed(1)} s`,
+          );
+        },
         onMigrationLockWait: ({ tries, waitedMs, retryInMs, holders }) => {
           gate.block("migrating the database: waiting for a table lock");
           log.warn(
             { tries, waitedMs, retryInMs, holders },
-            `migrating the database: a table stayed locked for ${MIGRATION_LOCK_TIMEOUT_MS} ms, so the migration rolled back to let the other processes' statements through; trying again in ${retryInMs} ms. ${holders.length > 0 ? `Sessions holding locks on Leasehold's tables, longest first: ${holders.map((h) => `pid ${h.pid} (${h.applicationName || "no application_name"}, ${h.state}, transaction ${Math.round(h.transactionMs / 1000)} s: ${h.query})`).join("; ")}` : "No session holds a lock on Leasehold's tables now"}`,
+            `migrating the database: a table stayed locked for ${MIGRATION_LOCK_TIMEOUT_MS} ms, so the migration rolled back to let the other processes' statements through; trying again in ${retryInMs} ms. ${holders.length > 0 ? `Sessions holding the lock it waited for, longest first: ${holders.map((h) => `pid ${h.pid} (${h.applicationName || "no application_name"}, ${h.state}, transaction ${Math.round(h.transactionMs / 1000)} s: ${h.query})`).join("; ")}` : "No session was seen holding the lock it waited for"}`,
           );
         },
       },

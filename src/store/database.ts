@@ -10,7 +10,13 @@ import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { lockDataDir } from "./data-dir-lock.js";
 import { migrateExplained } from "./migration-failed.js";
-import { appliedMigrations, readJournal, refuseNewerDatabase } from "./newer-database.js";
+import {
+  appliedMigrations,
+  type JournalEntry,
+  pendingMigrations,
+  readJournal,
+  refuseNewerDatabase,
+} from "./newer-database.js";
 import { simpleQueryText } from "./query-text.js";
 import { driverError, queryRows, registerPreparedRunner } from "./rows.js";
 import * as schema from "./schema.js";
@@ -18,7 +24,7 @@ import * as schema from "./schema.js";
 /** The drizzle database type both drivers share; repositories take only this. */
 export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
 
-/** An open database with the schema migrated. */
+/** An open database, its schema migrated (unless opened with `migrate: false`). */
 export interface Database extends AsyncDisposable {
   readonly db: Db;
   /** Which driver is behind `db`. */
@@ -76,9 +82,23 @@ export interface DatabaseOptions {
   /** Called with every SQL statement run through drizzle (tests count statements). */
   readonly onQuery?: (query: string) => void;
   /**
+   * False: opens the database with the schema it has, applying no migration
+   * and checking none (`leasehold db restored` checks what it needs itself,
+   * and must leave the schema of a restored backup as it is). Default true.
+   */
+  readonly migrate?: boolean;
+  /**
+   * Called before migrations are applied, with the pending ones (their tags,
+   * oldest first); not called when none is pending. A long one (an index
+   * built over millions of rows) is otherwise silent until it ends.
+   */
+  readonly onMigrating?: (pending: readonly string[]) => void;
+  /** Called once the pending migrations are applied: their tags and how long it took, lock waits included. */
+  readonly onMigrated?: (applied: readonly string[], ms: number) => void;
+  /**
    * PostgreSQL only: called each time pending migrations gave up waiting for
    * a table's lock ({@link MIGRATION_LOCK_TIMEOUT_MS}) and will be tried
-   * again, with the sessions holding locks on our tables (to log).
+   * again, with the sessions that held the lock they waited for (to log).
    */
   readonly onMigrationLockWait?: (wait: MigrationLockWait) => void;
   /** Stops the wait between two tries of migrations that gave way to a lock (a shutdown). */
@@ -93,11 +113,16 @@ export interface MigrationLockWait {
   readonly waitedMs: number;
   /** The delay before the next try. */
   readonly retryInMs: number;
-  /** Sessions holding locks on Leasehold's tables, longest transaction first (at most 5). */
+  /**
+   * The sessions that held the lock the migration waited for
+   * (`pg_blocking_pids` of its backend while it waited), longest transaction
+   * first (at most 5); not those queued behind the migration, which waited
+   * for it. Empty if nobody was seen holding it.
+   */
   readonly holders: readonly LockHolder[];
 }
 
-/** A session that holds a lock on one of Leasehold's tables. */
+/** A session that holds a lock a migration waits for. */
 export interface LockHolder {
   readonly pid: number;
   readonly applicationName: string;
@@ -318,45 +343,59 @@ function abortableDelay(ms: number, signal: AbortSignal | undefined): Promise<vo
 }
 
 /**
- * Opens the database, applying pending migrations first. A database a newer
- * build migrated is refused (DatabaseNewerThanBuild, newer-database.ts).
+ * Opens the database, applying pending migrations first (unless `migrate` is
+ * false). A database a newer build migrated is refused
+ * (DatabaseNewerThanBuild, newer-database.ts).
  */
 export async function openDatabase(options: DatabaseOptions): Promise<Database> {
   const logger = options.onQuery ? { logQuery: options.onQuery } : undefined;
-  return options.url
-    ? openPostgres(
-        options.url,
-        options.poolSize ?? 10,
-        logger,
-        options.onMigrationLockWait,
-        options.processId,
-        options.signal,
-      )
-    : openPglite(options.dataDir, logger);
+  return options.url ? openPostgres(options.url, options, logger) : openPglite(options, logger);
 }
 
 type QueryLogger = { logQuery(query: string): void } | undefined;
 
-async function openPglite(dataDir: string, logger: QueryLogger): Promise<Database> {
+/** The migrations this build ships, oldest first. */
+export function shippedMigrations(): readonly JournalEntry[] {
+  return readJournal(MIGRATIONS_FOLDER);
+}
+
+/**
+ * Tells `options` that `pending` are about to be applied (nothing when none
+ * is); the function returned tells it they were.
+ */
+function migrationProgress(options: DatabaseOptions, pending: readonly JournalEntry[]): () => void {
+  if (pending.length === 0) return () => {};
+  const tags = pending.map((entry) => entry.tag);
+  const started = performance.now();
+  options.onMigrating?.(tags);
+  return () => options.onMigrated?.(tags, performance.now() - started);
+}
+
+async function openPglite(options: DatabaseOptions, logger: QueryLogger): Promise<Database> {
+  const { dataDir } = options;
   let unlock = () => {};
   if (!dataDir.startsWith("memory://")) unlock = lockDataDir(dataDir);
   try {
     const client = await PGlite.create(dataDir);
     try {
       const db = drizzlePglite(client, { schema, ...(logger ? { logger } : {}) });
-      // PGlite is a single session in a single process: no concurrent migrator.
-      const applied = await appliedMigrations(
-        async (text) => (await client.query<Record<string, unknown>>(text)).rows,
-      );
-      const journal = readJournal(MIGRATIONS_FOLDER);
-      refuseNewerDatabase(applied, journal);
-      await migrateExplained(() => migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER }), {
-        where: `the database in ${dataDir}`,
-        migrationsFolder: MIGRATIONS_FOLDER,
-        applied,
-        journal,
-        isTransient: () => false,
-      });
+      if (options.migrate !== false) {
+        // PGlite is a single session in a single process: no concurrent migrator.
+        const applied = await appliedMigrations(
+          async (text) => (await client.query<Record<string, unknown>>(text)).rows,
+        );
+        const journal = readJournal(MIGRATIONS_FOLDER);
+        refuseNewerDatabase(applied, journal);
+        const migrated = migrationProgress(options, pendingMigrations(applied, journal));
+        await migrateExplained(() => migratePglite(db, { migrationsFolder: MIGRATIONS_FOLDER }), {
+          where: `the database in ${dataDir}`,
+          migrationsFolder: MIGRATIONS_FOLDER,
+          applied,
+          journal,
+          isTransient: () => false,
+        });
+        migrated();
+      }
       return handle(db as unknown as Db, "pglite", async () => {
         await client.close();
         unlock();
@@ -374,34 +413,100 @@ async function openPglite(dataDir: string, logger: QueryLogger): Promise<Databas
 /** SQLSTATE lock_not_available: a statement gave up waiting for a lock (lock_timeout). */
 const LOCK_NOT_AVAILABLE = "55P03";
 
+/** A row of pg_stat_activity as {@link LockHolder} takes it. */
+type ActivityRow = { pid: number; application_name: string; state: string; ms: string; query: string };
+
+/** What a holder's row of pg_stat_activity says, for {@link MigrationLockWait.holders}. */
+const ACTIVITY_COLUMNS = `a.pid, coalesce(a.application_name, '') as application_name, coalesce(a.state, '') as state,
+  coalesce(extract(epoch from now() - a.xact_start) * 1000, 0)::bigint::text as ms,
+  left(coalesce(a.query, ''), 120) as query`;
+
+function lockHolder(r: ActivityRow): LockHolder {
+  return {
+    pid: r.pid,
+    applicationName: r.application_name,
+    state: r.state,
+    transactionMs: Number(r.ms),
+    query: r.query,
+  };
+}
+
 /**
- * The sessions other than `session`'s own that hold a lock on one of Leasehold's
- * tables, longest transaction first: what a migration waiting for a lock
- * waits behind. Empty if they let go meanwhile, or if the query fails.
+ * How often, while migrations run, another connection asks who blocks the
+ * migrating backend: a few times within {@link MIGRATION_LOCK_TIMEOUT_MS}, so
+ * that a wait long enough to give up is seen while it lasts.
+ */
+const BLOCKER_SAMPLE_MS = MIGRATION_LOCK_TIMEOUT_MS / 4;
+
+/**
+ * Watches the backend `pid` (the migrating one) while it runs migrations:
+ * every {@link BLOCKER_SAMPLE_MS}, on a connection of its own (opened at the
+ * first sample only, so a quick migration opens none), the sessions that
+ * `pg_blocking_pids` says it waits for. Those hold the lock it waits for (or
+ * wait for it ahead of it in the queue); the statements queued behind the
+ * migration, Leasehold's own among them, are not among them: after the
+ * migration gave up they hold locks as they run, but they were not its cause.
+ * `stop` ends the watch and gives the last sessions seen blocking it.
+ */
+function watchBlockers(open: () => postgres.Sql, pid: number): { stop(): Promise<LockHolder[]> } {
+  let last: LockHolder[] = [];
+  let stopped = false;
+  let session: postgres.Sql | undefined;
+  let wake = () => {};
+  const watching = (async () => {
+    while (!stopped) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, BLOCKER_SAMPLE_MS);
+        wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      if (stopped) return;
+      session ??= open();
+      try {
+        const rows = await session<ActivityRow[]>`
+          select ${session.unsafe(ACTIVITY_COLUMNS)} from pg_stat_activity a
+          where a.pid = any(pg_blocking_pids(${pid}::int))
+          order by a.xact_start nulls last limit 5`;
+        if (rows.length > 0) last = rows.map(lockHolder);
+      } catch {
+        // A sample lost (the watch's connection ended by stop, the database gone): the last one stands.
+      }
+    }
+  })();
+  return {
+    async stop() {
+      stopped = true;
+      wake();
+      await session?.end({ timeout: 1 });
+      await watching;
+      return last;
+    },
+  };
+}
+
+/**
+ * The sessions other than `session`'s own that hold a lock on one of
+ * Leasehold's tables and wait for none themselves, longest transaction
+ * first: what a migration that gave up on a lock waited behind, when
+ * {@link watchBlockers} saw nobody block it (the holder let go before a
+ * sample). Empty if they let go meanwhile, or if the query fails.
  */
 async function lockHolders(session: postgres.Sql): Promise<LockHolder[]> {
   const tables = Object.values(schema)
     .filter((table) => is(table, PgTable))
     .map((table) => getTableName(table as PgTable));
   try {
-    const rows = await session<
-      { pid: number; application_name: string; state: string; ms: string; query: string }[]
-    >`
-      select a.pid, coalesce(a.application_name, '') as application_name, coalesce(a.state, '') as state,
-        coalesce(extract(epoch from now() - a.xact_start) * 1000, 0)::bigint::text as ms,
-        left(coalesce(a.query, ''), 120) as query
+    const rows = await session<ActivityRow[]>`
+      select ${session.unsafe(ACTIVITY_COLUMNS)}
       from pg_stat_activity a
       where a.pid <> pg_backend_pid()
         and a.pid in (select l.pid from pg_locks l join pg_class c on c.oid = l.relation
                       where l.granted and c.relname in ${session(tables)} and c.relnamespace = current_schema()::regnamespace)
+        and not exists (select 1 from pg_locks w where w.pid = a.pid and not w.granted)
       order by a.xact_start nulls last limit 5`;
-    return rows.map((r) => ({
-      pid: r.pid,
-      applicationName: r.application_name,
-      state: r.state,
-      transactionMs: Number(r.ms),
-      query: r.query,
-    }));
+    return rows.map(lockHolder);
   } catch {
     return [];
   }
@@ -468,12 +573,10 @@ export const IDLE_TRANSACTION_TIMEOUT_MS = 5000;
 
 async function openPostgres(
   configuredUrl: string,
-  poolSize: number,
+  options: DatabaseOptions,
   logger: QueryLogger,
-  onMigrationLockWait: DatabaseOptions["onMigrationLockWait"],
-  processId: string | undefined,
-  signal: AbortSignal | undefined,
 ): Promise<Database> {
+  const poolSize = options.poolSize ?? 10;
   const { url, configured } = withoutApplicationName(configuredUrl);
   const quiet = {
     onnotice: () => {},
@@ -483,7 +586,7 @@ async function openPostgres(
     // tens of thousands of rows, and compiling it took 2.4 s of CPU for 8 ms of work (10,000
     // live sessions, measured with auto_explain).
     connection: {
-      application_name: processApplicationName(configured ?? process.env.PGAPPNAME, processId),
+      application_name: processApplicationName(configured ?? process.env.PGAPPNAME, options.processId),
       jit: "off",
       // A process lost in the middle of a transaction (its host gone, its network cut) would hold
       // the transaction's row locks until TCP gives up, two hours by default: a session row
@@ -497,52 +600,8 @@ async function openPostgres(
       tcp_keepalives_count: 3,
     },
   };
-  // One dedicated session holds the advisory lock and runs the DDL; ending it
-  // releases the lock even if migration fails half-way.
-  // lock_timeout as a connection setting, not a SET: it holds on a connection made again too.
-  const migrator = postgres(url, {
-    ...quiet,
-    max: 1,
-    connection: { ...quiet.connection, lock_timeout: MIGRATION_LOCK_TIMEOUT_MS },
-  });
-  try {
-    await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
-    // Under the lock: a newer build migrating at the same moment has finished, or not begun.
-    const applied = await appliedMigrations((text) => migrator.unsafe(text));
-    const journal = readJournal(MIGRATIONS_FOLDER);
-    refuseNewerDatabase(applied, journal);
-    const started = Date.now();
-    for (let tries = 1; ; tries++) {
-      signal?.throwIfAborted();
-      try {
-        await migrateExplained(
-          () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
-          {
-            where: `the database at ${redactUrl(configuredUrl)}`,
-            migrationsFolder: MIGRATIONS_FOLDER,
-            applied,
-            journal,
-            isTransient: (error) =>
-              isTransientConnectError(error) || driverError(error)?.code === LOCK_NOT_AVAILABLE,
-          },
-        );
-        break;
-      } catch (error) {
-        if (driverError(error)?.code !== LOCK_NOT_AVAILABLE) throw error;
-        // Rolled back: nothing holds or waits for a lock now. Another try once the holder may be done.
-        const retryInMs = Math.min(10_000, 500 * 2 ** Math.min(tries - 1, 5));
-        onMigrationLockWait?.({
-          tries,
-          waitedMs: Date.now() - started,
-          retryInMs,
-          holders: await lockHolders(migrator),
-        });
-        await abortableDelay(retryInMs, signal);
-      }
-    }
-  } finally {
-    await migrator.end({ timeout: 5 });
-  }
+  if (options.migrate !== false)
+    await migrateUnderLock(url, quiet, options, `the database at ${redactUrl(configuredUrl)}`);
   const client = postgres(url, { ...quiet, max: poolSize });
   // The renewal's own connection (see Database.renewalDb), replaced when it hangs
   // (abandonRenewalConnection): `renewalDb` runs on whichever is current.
@@ -618,6 +677,75 @@ async function openPostgres(
       return { unlisten };
     },
   };
+}
+
+/**
+ * Applies the pending migrations on PostgreSQL: under the migration lock, so
+ * that processes starting at once apply each exactly once, and each DDL
+ * statement under {@link MIGRATION_LOCK_TIMEOUT_MS}: a migration that cannot
+ * get a lock that long rolls back, reports who held it, and is tried again.
+ */
+async function migrateUnderLock(
+  url: string,
+  quiet: postgres.Options<Record<string, postgres.PostgresType>> & {
+    connection: Record<string, string | number | boolean>;
+  },
+  options: DatabaseOptions,
+  where: string,
+): Promise<void> {
+  // One dedicated session holds the advisory lock and runs the DDL; ending it
+  // releases the lock even if migration fails half-way.
+  // lock_timeout as a connection setting, not a SET: it holds on a connection made again too.
+  const migrator = postgres(url, {
+    ...quiet,
+    max: 1,
+    connection: { ...quiet.connection, lock_timeout: MIGRATION_LOCK_TIMEOUT_MS },
+  });
+  try {
+    await migrator`select pg_advisory_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`;
+    // Under the lock: a newer build migrating at the same moment has finished, or not begun.
+    const applied = await appliedMigrations((text) => migrator.unsafe(text));
+    const journal = readJournal(MIGRATIONS_FOLDER);
+    refuseNewerDatabase(applied, journal);
+    const migrated = migrationProgress(options, pendingMigrations(applied, journal));
+    const started = Date.now();
+    for (let tries = 1; ; tries++) {
+      options.signal?.throwIfAborted();
+      const [backend] = await migrator<{ pid: number }[]>`select pg_backend_pid() as pid`;
+      const blockers = watchBlockers(() => postgres(url, { ...quiet, max: 1 }), backend?.pid ?? 0);
+      let failure: unknown;
+      try {
+        await migrateExplained(
+          () => migratePostgres(drizzlePostgres(migrator), { migrationsFolder: MIGRATIONS_FOLDER }),
+          {
+            where,
+            migrationsFolder: MIGRATIONS_FOLDER,
+            applied,
+            journal,
+            isTransient: (error) =>
+              isTransientConnectError(error) || driverError(error)?.code === LOCK_NOT_AVAILABLE,
+          },
+        );
+      } catch (error) {
+        failure = error;
+      }
+      const seen = await blockers.stop();
+      if (failure === undefined) break;
+      if (driverError(failure)?.code !== LOCK_NOT_AVAILABLE) throw failure;
+      // Rolled back: the migration holds and waits for nothing now. Another try once the holder may be done.
+      const retryInMs = Math.min(10_000, 500 * 2 ** Math.min(tries - 1, 5));
+      options.onMigrationLockWait?.({
+        tries,
+        waitedMs: Date.now() - started,
+        retryInMs,
+        holders: seen.length > 0 ? seen : await lockHolders(migrator),
+      });
+      await abortableDelay(retryInMs, options.signal);
+    }
+    migrated();
+  } finally {
+    await migrator.end({ timeout: 5 });
+  }
 }
 
 /**

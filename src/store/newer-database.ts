@@ -82,3 +82,16 @@ export async function appliedMigrations(
   const rows = await query("select hash, created_at::text as created_at from drizzle.__drizzle_migrations");
   return rows.map((row) => ({ hash: String(row.hash), created_at: row.created_at as string | null }));
 }
+
+/**
+ * The migrations of `journal` that drizzle's migrator applies to a database
+ * that has `applied`: every one newer (by the journal's `when`) than the
+ * newest applied one, oldest first.
+ */
+export function pendingMigrations(
+  applied: readonly AppliedMigration[],
+  journal: readonly JournalEntry[],
+): readonly JournalEntry[] {
+  const newestApplied = Math.max(0, ...applied.map((row) => Number(row.created_at ?? 0)));
+  return journal.filter((entry) => entry.when > newestApplied);
+}

@@ -5,6 +5,8 @@ import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js"
 import { RevokeReason } from "../../src/gen/leasehold/v1/worker_pb.js";
 import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
+import { emptyStore, freshStore, type TestStore } from "../helpers/database.js";
+import { migrateWithFirst, queryStore, shippedJournal } from "../helpers/migrations.js";
 import { runCli } from "../helpers/process.js";
 import { startTestServer, type TestServer } from "../helpers/server.js";
 import { connectWorker, type TestWorker } from "../helpers/worker.js";
@@ -211,5 +213,140 @@ describe("a database that went back in time", () => {
     await t.server.leases.tick.renew();
     await t.server.leases.tick.dispatch();
     expect(await back.next("grant")).toMatchObject({ actionId: x, epoch: 1_000_002n });
+  });
+});
+
+/**
+ * `leasehold db restored` on a restored backup of an older build: it must leave the schema as it
+ * is, so that the older build (which has no such command) serves it after a rollback. That build
+ * is not run here: what it needs is a database with its migrations, no more, and marked.
+ */
+describe("`leasehold db restored` on a database of another build", { timeout: 120_000 }, () => {
+  const entries = shippedJournal.entries;
+  /** How many migrations a database at the oldest one the mark needs has. */
+  const markable = entries.findIndex((e) => e.tag === "0006_authorization") + 1;
+  const where = (store: TestStore) =>
+    store.url ? ["--database-url", store.url] : ["--data-dir", store.dataDir];
+  const markRestored = (store: TestStore) =>
+    runCli(["db", "restored", ...where(store), "--grace-period", "10s"]);
+  const appliedCount = async (store: TestStore) =>
+    Number((await queryStore(store, "select count(*)::int as n from drizzle.__drizzle_migrations"))[0]?.n);
+  /** A worker's live session holding a lease, and an action queued behind it, as builds from 0006 on write them. */
+  const seed = [
+    `insert into workers (worker_id, cluster, capacity) values ('old-p', 'old', 1)`,
+    `insert into sessions (id, worker_id, server_id, deadline, stream_token)
+     values ('s-old', 'old-p', 'server-old', now() + interval '1 hour', 'token')`,
+    `insert into actions (id, cluster, max_attempts, initial_backoff_ms, backoff_multiplier, max_backoff_ms,
+       max_system_retries, state, epoch, attempt_count, session_id, worker_id, granted_at)
+     values ('a-leased', 'old', 3, 1000, 2, 60000, 10, 'LEASED', 1, 1, 's-old', 'old-p', now()),
+            ('a-queued', 'old', 3, 1000, 2, 60000, 10, 'QUEUED', 0, 0, null, null, null)`,
+    `insert into attempts (action_id, epoch, worker_id, session_id, outcome) values ('a-leased', 1, 'old-p', 's-old', 'RUNNING')`,
+  ];
+
+  it("marks a database at the oldest migration it needs without applying any, with every effect of the mark", async () => {
+    await using store = await emptyStore();
+    await migrateWithFirst(store, markable, seed);
+
+    const ran = await markRestored(store);
+    expect(ran).toMatchObject({ code: 0, stderr: "" });
+    expect(ran.stdout).toMatch(
+      /^database marked restored: 1 live sessions ended, 1 leases revoked, the epochs of 2 queued or leased actions raised by 1000000; /,
+    );
+
+    expect(await appliedCount(store)).toBe(markable);
+    // Nothing of a later migration: 0012's column, 0013's table.
+    const [schema] = await queryStore(
+      store,
+      `select to_regclass('history') is null as no_history,
+         not exists (select 1 from information_schema.columns where table_name = 'sessions' and column_name = 'instance_id') as no_instance`,
+    );
+    expect(schema).toEqual({ no_history: true, no_instance: true });
+    expect(
+      await queryStore(
+        store,
+        `select id, state, epoch::int as epoch, session_id, worker_id, system_retry_count,
+           not_before = (select ended_at from sessions) + interval '10 seconds' as held from actions order by id`,
+      ),
+    ).toEqual([
+      {
+        id: "a-leased",
+        state: "QUEUED",
+        epoch: 1_000_001,
+        session_id: null,
+        worker_id: null,
+        system_retry_count: 0,
+        held: true,
+      },
+      {
+        id: "a-queued",
+        state: "QUEUED",
+        epoch: 1_000_000,
+        session_id: null,
+        worker_id: null,
+        system_retry_count: 0,
+        held: true,
+      },
+    ]);
+    expect(
+      await queryStore(
+        store,
+        "select end_reason, server_id, stream_token, ended_at is not null as ended from sessions",
+      ),
+    ).toEqual([{ end_reason: "database_restored", server_id: null, stream_token: null, ended: true }]);
+    expect(await queryStore(store, "select outcome, ended_at is not null as ended from attempts")).toEqual([
+      { outcome: "LEASE_EXPIRED", ended: true },
+    ]);
+    expect(
+      await queryStore(store, "select kind, action_id, actor <> '' as has_actor from events order by kind"),
+    ).toEqual([
+      { kind: "database_restored", action_id: null, has_actor: true },
+      { kind: "lease_revoked", action_id: "a-leased", has_actor: true },
+    ]);
+  });
+
+  it("refuses a database older than the oldest migration it needs, saying what to do, and changes nothing", async () => {
+    await using store = await emptyStore();
+    await migrateWithFirst(store, markable - 1, seed);
+    const ran = await markRestored(store);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toContain(
+      `the database's schema is too old to mark: its newest migration is migration ${entries[markable - 2]?.tag}, and the mark needs 0006_authorization (1 migration later) or newer. Nothing was changed.`,
+    );
+    expect(ran.stderr).toContain("run this command again");
+    expect(await appliedCount(store)).toBe(markable - 1);
+    expect(await queryStore(store, "select ended_at from sessions")).toEqual([{ ended_at: null }]);
+  });
+
+  it("refuses a database with no Leasehold schema, creating none", async () => {
+    await using store = await emptyStore();
+    await queryStore(store, "create table unrelated (id int)");
+    const ran = await markRestored(store);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toContain("the database has no Leasehold schema");
+    const [left] = await queryStore(
+      store,
+      "select to_regclass('drizzle.__drizzle_migrations') is null as no_migrations, to_regclass('actions') is null as no_actions",
+    );
+    expect(left).toEqual({ no_migrations: true, no_actions: true });
+  });
+
+  it("refuses a database a newer build migrated, naming the command to run instead", async () => {
+    await using store = await freshStore();
+    const newest = entries.at(-1)?.when ?? 0;
+    await queryStore(
+      store,
+      `insert into drizzle.__drizzle_migrations (hash, created_at) values ('f0e1d2c3b4a5', ${newest + 86_400_000})`,
+    );
+    const ran = await markRestored(store);
+    expect(ran.code).toBe(2);
+    expect(ran.stderr).toContain(
+      "the database was migrated by a newer leasehold: it has 1 migration this build does not know",
+    );
+    expect(ran.stderr).toContain(
+      "Run `leasehold db restored` of a build at least as new as the one that migrated it: it marks the database on the schema it has",
+    );
+    expect(
+      await queryStore(store, "select count(*)::int as n from events where kind = 'database_restored'"),
+    ).toEqual([{ n: 0 }]);
   });
 });

@@ -1,13 +1,8 @@
 import { execFile } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { PGlite } from "@electric-sql/pglite";
 import { sql } from "drizzle-orm";
-import { drizzle as drizzlePglite } from "drizzle-orm/pglite";
-import { migrate as migratePglite } from "drizzle-orm/pglite/migrator";
-import { drizzle as drizzlePostgres } from "drizzle-orm/postgres-js";
-import { migrate as migratePostgres } from "drizzle-orm/postgres-js/migrator";
 import postgres from "postgres";
 import { describe, expect, it } from "vitest";
 import { ActionService } from "../../src/gen/leasehold/v1/action_pb.js";
@@ -28,6 +23,7 @@ import {
   runsPostgresTests,
   type TestStore,
 } from "../helpers/database.js";
+import { migrateWith, migrateWithFirst, queryStore } from "../helpers/migrations.js";
 import { BIN } from "../helpers/process.js";
 import { scratchDir } from "../helpers/scratch.js";
 import { startTestServer } from "../helpers/server.js";
@@ -85,6 +81,63 @@ describe("a database a newer build migrated", () => {
     expect(stderr).not.toContain("--database-url");
   });
 });
+
+describe("pending migrations", { timeout: 120_000 }, () => {
+  const lastTwo = journal.entries.slice(-2).map((e) => e.tag);
+
+  it("are reported before and after they are applied, and nothing is reported when none is pending", async () => {
+    await using store = await emptyStore();
+    await migrateWithFirst(store, journal.entries.length - 2);
+    const calls: unknown[] = [];
+    const open = () =>
+      openDatabase({
+        url: store.url,
+        dataDir: store.dataDir,
+        onMigrating: (pending) => calls.push(["migrating", pending]),
+        onMigrated: (applied, ms) => calls.push(["migrated", applied, ms]),
+      });
+    await (await open()).close();
+    expect(calls).toEqual([
+      ["migrating", lastTwo],
+      ["migrated", lastTwo, expect.any(Number)],
+    ]);
+    calls.length = 0;
+    await (await open()).close();
+    expect(calls).toEqual([]);
+  });
+
+  it("are logged by a server that applies them, with how long they took", async () => {
+    await using store = await emptyStore();
+    await migrateWithFirst(store, journal.entries.length - 2);
+    const t = await startTestServer({ store });
+    try {
+      const messages = t.logs.map((l) => String(l.msg));
+      expect(messages).toContainEqual(`applying 2 migrations: ${lastTwo.join(", ")}`);
+      expect(messages).toContainEqual(expect.stringMatching(/^applied 2 migrations in \d+\.\d s$/));
+      expect(messages.findIndex((m) => m.startsWith("applied "))).toBeLessThan(
+        messages.indexOf("database ready"),
+      );
+      const again = await t.restart();
+      try {
+        expect(again.logs.some((l) => /^appl(ying|ied) /.test(String(l.msg)))).toBe(false);
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      await t.stop();
+    }
+  });
+});
+
+/** Resolves once a statement of a Leasehold process on `sql`'s database waits for a lock. */
+async function untilMigrationWaits(sql: postgres.Sql): Promise<void> {
+  for (;;) {
+    const [row] = await sql`select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and wait_event_type = 'Lock' and application_name like 'leasehold/%'`;
+    if ((row?.n ?? 0) > 0) return;
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+}
 
 // Always on real PostgreSQL (DATABASE_URL's server, or the embedded one).
 describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
@@ -159,7 +212,7 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
 
   it("gives way to a session holding a table's lock, says who holds it, and migrates once it lets go", async () => {
     await using store = await freshPostgresDatabase({ migrated: true });
-    const sql = postgres(store.url ?? "", { max: 2 });
+    const sql = postgres(store.url ?? "", { max: 3 });
     try {
       // Back to before the newest migration, which builds an index on actions.
       await sql`drop index actions_cluster_idx`;
@@ -182,11 +235,26 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
           firstWait();
         },
       });
+      // A statement of a serving process queued behind the migration, holding a lock on another of
+      // Leasehold's tables meanwhile: it waits for the migration, it does not hold what the migration
+      // waits for.
+      await untilMigrationWaits(sql);
+      const queued = await sql.reserve();
+      await queued`begin`;
+      await queued`lock table sessions in row exclusive mode`;
+      const [{ pid: queuedPid }] = (await queued`select pg_backend_pid() as pid`) as unknown as [
+        { pid: number },
+      ];
+      const queuing = queued`lock table actions in row exclusive mode`.execute();
       await waited;
       expect(waits[0]).toMatchObject({
         tries: 1,
         holders: [expect.objectContaining({ pid, state: "idle in transaction" })],
       });
+      expect(waits[0]?.holders.map((h) => h.pid)).not.toContain(queuedPid);
+      await queuing;
+      await queued`commit`;
+      queued.release();
       await holder`commit`;
       holder.release();
       const database = await opening;
@@ -218,52 +286,6 @@ function releasedMigrations(fixture: string): string {
     cpSync(existsSync(own) ? own : join(current, `${tag}.sql`), join(folder, `${tag}.sql`));
   }
   return folder;
-}
-
-/**
- * Migrates `store` with the migrations in `folder` alone, as the build that shipped them did,
- * then runs `statements` (rows that build would have written).
- */
-async function migrateWith(
-  store: TestStore,
-  folder: string,
-  statements: readonly string[] = [],
-): Promise<void> {
-  if (store.url) {
-    const client = postgres(store.url, { max: 1, onnotice: () => {} });
-    try {
-      await migratePostgres(drizzlePostgres(client), { migrationsFolder: folder });
-      for (const statement of statements) await client.unsafe(statement);
-    } finally {
-      await client.end();
-    }
-  } else {
-    const client = await PGlite.create(store.dataDir);
-    try {
-      await migratePglite(drizzlePglite(client), { migrationsFolder: folder });
-      for (const statement of statements) await client.exec(statement);
-    } finally {
-      await client.close();
-    }
-  }
-}
-
-/** Runs one statement on `store` on a connection of its own: its rows. */
-async function queryStore(store: TestStore, text: string): Promise<Record<string, unknown>[]> {
-  if (store.url) {
-    const client = postgres(store.url, { max: 1, onnotice: () => {} });
-    try {
-      return [...(await client.unsafe(text))];
-    } finally {
-      await client.end();
-    }
-  }
-  const client = await PGlite.create(store.dataDir);
-  try {
-    return (await client.query<Record<string, unknown>>(text)).rows;
-  } finally {
-    await client.close();
-  }
 }
 
 /**
@@ -376,26 +398,17 @@ describe("a database an earlier text of migration 0016 was applied to", { timeou
 });
 
 describe("a migration the database refuses", { timeout: 120_000 }, () => {
-  const MIGRATIONS = fileURLToPath(new URL("../../src/store/migrations", import.meta.url));
-
   /**
    * A store migrated up to 0014_server_liveness that already has an index named as one
    * 0015_discard_lost_run_outputs creates (`CREATE INDEX`, without `IF NOT EXISTS`).
    */
   async function storeThatRefuses0015(): Promise<TestStore> {
     const store = await emptyStore();
-    const folder = mkdtempSync(join(scratchDir(), "leasehold-migrations-"));
-    try {
-      cpSync(MIGRATIONS, folder, { recursive: true });
-      const upTo0014 = journal.entries.slice(
-        0,
-        journal.entries.findIndex((e) => e.tag.startsWith("0015_")),
-      );
-      writeFileSync(join(folder, "meta/_journal.json"), JSON.stringify({ ...journal, entries: upTo0014 }));
-      await migrateWith(store, folder, ['create index "resources_output_run_idx" on resources (id)']);
-    } finally {
-      rmSync(folder, { recursive: true, force: true });
-    }
+    await migrateWithFirst(
+      store,
+      journal.entries.findIndex((e) => e.tag.startsWith("0015_")),
+      ['create index "resources_output_run_idx" on resources (id)'],
+    );
     return store;
   }
 

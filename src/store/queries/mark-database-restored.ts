@@ -1,7 +1,13 @@
 import { sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
-import { MIGRATION_LOCK_KEY } from "../database.js";
+import { MIGRATION_LOCK_KEY, shippedMigrations } from "../database.js";
+import {
+  type AppliedMigration,
+  appliedMigrations,
+  type JournalEntry,
+  pendingMigrations,
+} from "../newer-database.js";
 import { queryRows, toDate, toNumber } from "../rows.js";
 
 /**
@@ -17,6 +23,77 @@ import { queryRows, toDate, toNumber } from "../rows.js";
  * per restore, the epochs stay below 2^53 − 1 for nine billion restores.
  */
 export const RESTORE_EPOCH_MARGIN = 1_000_000;
+
+/**
+ * The oldest migration whose schema has every table and column the mark
+ * reads and writes: `events.actor` came with it, `sessions.stream_token`
+ * with 0002_stream_token, the rest with 0000_initial. The mark runs on any
+ * schema from it to this build's newest, as it is: a restored backup of an
+ * older build is marked without gaining this build's migrations, so that the
+ * older build serves it afterwards (a rollback). A mark that needs more must
+ * move this forward (test/integration/database-restored.test.ts marks a
+ * database at exactly this migration).
+ */
+export const OLDEST_MARKABLE_MIGRATION = "0006_authorization";
+
+/**
+ * The database's schema is not one {@link markDatabaseRestored} can mark:
+ * no Leasehold schema at all, one older than {@link OLDEST_MARKABLE_MIGRATION},
+ * or one a newer build migrated. Nothing was changed.
+ */
+export class DatabaseNotMarkable extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "DatabaseNotMarkable";
+  }
+}
+
+/**
+ * Throws {@link DatabaseNotMarkable} unless the database that has `applied`
+ * has a schema from {@link OLDEST_MARKABLE_MIGRATION} to the newest of
+ * `journal`. A newer build's schema is refused: it may keep state this
+ * build's mark knows nothing of (a new column or table about a lease or a
+ * session), which the mark would leave as it was, and that build would then
+ * serve a database it believes marked. Its own `db restored` marks it.
+ */
+export function refuseUnmarkableSchema(
+  applied: readonly AppliedMigration[],
+  journal: readonly JournalEntry[],
+): void {
+  const oldest = journal.find((entry) => entry.tag === OLDEST_MARKABLE_MIGRATION);
+  const newestKnown = journal.at(-1);
+  if (!oldest || !newestKnown) throw new Error(`this build ships no migration ${OLDEST_MARKABLE_MIGRATION}`);
+  if (applied.length === 0)
+    throw new DatabaseNotMarkable(
+      "the database has no Leasehold schema (no migration was ever applied to it), so there is nothing to mark: " +
+        "give the database the backup was restored into (--database-url, or --data-dir for PGlite)",
+    );
+  const times = applied.map((row) => Number(row.created_at ?? 0));
+  const newest = Math.max(...times);
+  const at = (when: number) => {
+    const entry = journal.find((e) => e.when === when);
+    return entry ? `migration ${entry.tag}` : `a migration from ${new Date(when).toISOString()}`;
+  };
+  const unknown = times.filter((when) => when > newestKnown.when).length;
+  if (unknown > 0)
+    throw new DatabaseNotMarkable(
+      `the database was migrated by a newer leasehold: it has ${unknown} migration${unknown === 1 ? "" : "s"} this build does not know ` +
+        `(the newest from ${new Date(newest).toISOString()}; the newest this build knows is ${newestKnown.tag}), ` +
+        "and that build's schema may keep state this build's mark would leave as it was. Nothing was changed. " +
+        "Run `leasehold db restored` of a build at least as new as the one that migrated it: it marks the database " +
+        "on the schema it has, without migrating it",
+    );
+  if (newest < oldest.when) {
+    const missing = pendingMigrations(applied, journal).filter((entry) => entry.when <= oldest.when).length;
+    throw new DatabaseNotMarkable(
+      `the database's schema is too old to mark: its newest migration is ${at(newest)}, and the mark needs ` +
+        `${OLDEST_MARKABLE_MIGRATION} (${missing} migration${missing === 1 ? "" : "s"} later) or newer. Nothing was changed. ` +
+        `Start a build that ships ${OLDEST_MARKABLE_MIGRATION} (any from 1c6c78a, 2026-12-02, on) on it once, with no agent ` +
+        "able to reach it (leasehold serve applies its migrations at start), stop it, run this command again, and serve it " +
+        "with that build or a newer one",
+    );
+  }
+}
 
 /** What {@link markDatabaseRestored} changed. */
 export interface DatabaseRestored {
@@ -52,7 +129,10 @@ export interface DatabaseRestored {
  *   reconnects;
  * - a `database_restored` event records it, with `actor`.
  * The migration lock is held meanwhile, so that a server starting at the
- * same moment serves only after it. Safe with servers running (their
+ * same moment serves only after it. Applies no migration: under that lock it
+ * checks that the schema is one it can mark as it is
+ * ({@link refuseUnmarkableSchema}), so that a restored backup of an older
+ * build keeps that build's schema. Safe with servers running (their
  * sessions end, their grants wait out the hold), though meant to run before
  * they start on the restored database.
  */
@@ -66,6 +146,11 @@ export async function markDatabaseRestored(
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     await tx.execute(sql`select pg_advisory_xact_lock(${MIGRATION_LOCK_KEY.toString()}::bigint)`);
+    // Under the lock: a server migrating the database at the same moment has finished, or not begun.
+    refuseUnmarkableSchema(
+      await appliedMigrations((text) => queryRows<Record<string, unknown>>(tx, sql.raw(text))),
+      shippedMigrations(),
+    );
     const [top] = await queryRows<{ top: unknown }>(
       tx,
       sql`select max(epoch) as top from actions where state in ('QUEUED', 'LEASED')`,

@@ -27,12 +27,24 @@ const KIND_WIDTH = Math.max(
     .map((name) => name.length),
 );
 
-/** One event as `leasehold events` prints it: TIME SEQUENCE KIND ACTOR MESSAGE. */
+/**
+ * The ACTION column's width: an action id (a UUID, which the commands take
+ * whole: none accepts a short form), so that the columns after it line up.
+ */
+const ACTION_WIDTH = 36;
+
+/**
+ * One event as `leasehold events` prints it: TIME SEQUENCE KIND ACTION WORKER
+ * ACTOR MESSAGE. ACTION and WORKER are the ids to join lines by (two grants
+ * read alike but for them), "-" when the event has none.
+ */
 export function eventLine(e: Event): string {
   const kind = enumName(EventKind, e.kind).toLowerCase();
+  const action = e.actionId || "-";
+  const worker = e.workerId || "-";
   // The principal whose call caused the event, "-" for the server's own decisions (expiries, TTL rollbacks).
   const actor = e.actor || "-";
-  return `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(KIND_WIDTH)} ${actor.padEnd(16)} ${e.message}`;
+  return `${time(e.time)} ${String(e.sequence).padStart(6)} ${kind.padEnd(KIND_WIDTH)} ${action.padEnd(ACTION_WIDTH)} ${worker.padEnd(16)} ${actor.padEnd(16)} ${e.message}`;
 }
 
 /** How many of the latest events `events --follow` prints before the new ones, without --limit. */
@@ -42,8 +54,9 @@ export const FOLLOW_LIMIT = 20;
 export function eventCommand(): Command {
   return new Command("events")
     .description(
-      `List events oldest first; with --follow, print the latest ${FOLLOW_LIMIT} (or --limit) and then stream ` +
-        "new ones, as tail -f does (NDJSON with --json).",
+      `List events oldest first, one a line: TIME SEQUENCE KIND ACTION WORKER ACTOR MESSAGE ("-" for none); ` +
+        `with --follow, print the latest ${FOLLOW_LIMIT} (or --limit) and then stream new ones, as tail -f does ` +
+        "(NDJSON with --json).",
     )
     .option("--action <id>", "only about this action")
     .option("--worker <id>", "only about this worker")

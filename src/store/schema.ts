@@ -222,8 +222,26 @@ export const attempts = pgTable(
     error: jsonb("error").$type<{ message: string; retryable: boolean; details?: unknown }>(),
     startedAt: tstz("started_at").notNull().defaultNow(),
     endedAt: tstz("ended_at"),
+    /**
+     * The holding session's record (`sessions`: last_heard_at, deadline,
+     * stream_lost_at, ended_at, end_reason), copied here when its row is
+     * forgotten (`forgetWorkers`, `forgetWorker`): ExplainAction tells an
+     * attempt's heartbeats and why its lease expired from them, and the
+     * attempt is kept as long as its action, longer than the session's row.
+     * Null while the session's row exists, and for sessions forgotten before
+     * migration 0018.
+     */
+    sessionLastHeardAt: tstz("session_last_heard_at"),
+    sessionDeadline: tstz("session_deadline"),
+    sessionStreamLostAt: tstz("session_stream_lost_at"),
+    sessionEndedAt: tstz("session_ended_at"),
+    sessionEndReason: text("session_end_reason"),
   },
-  (t) => [primaryKey({ columns: [t.actionId, t.epoch] })],
+  (t) => [
+    primaryKey({ columns: [t.actionId, t.epoch] }),
+    // Forgetting sessions copies their records onto the attempts they held (above).
+    index("attempts_session_idx").on(t.sessionId),
+  ],
 );
 
 /** Events about a session, as ExplainAction shows them beside the leases it held. */

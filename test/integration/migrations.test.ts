@@ -214,13 +214,14 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
     await using store = await freshPostgresDatabase({ migrated: true });
     const sql = postgres(store.url ?? "", { max: 3 });
     try {
-      // Back to before the newest migration, which builds an index on actions.
-      await sql`drop index actions_cluster_idx`;
+      // Back to before the newest migration, which builds an index on attempts (and adds
+      // columns to it, if they are not there: here they are, and stay).
+      await sql`drop index attempts_session_idx`;
       await sql`delete from drizzle.__drizzle_migrations where created_at = ${newestKnown.when}`;
-      // A long transaction on actions, as a pg_dump or a forgotten psql holds.
+      // A long transaction on attempts, as a pg_dump or a forgotten psql holds.
       const holder = await sql.reserve();
       await holder`begin`;
-      await holder`lock table actions in row exclusive mode`;
+      await holder`lock table attempts in row exclusive mode`;
       const [{ pid }] = (await holder`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
       const waits: MigrationLockWait[] = [];
       let firstWait: () => void = () => {};
@@ -245,7 +246,7 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
       const [{ pid: queuedPid }] = (await queued`select pg_backend_pid() as pid`) as unknown as [
         { pid: number },
       ];
-      const queuing = queued`lock table actions in row exclusive mode`.execute();
+      const queuing = queued`lock table attempts in row exclusive mode`.execute();
       await waited;
       const [first] = waits;
       await queuing;
@@ -260,8 +261,8 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
         holders: [expect.objectContaining({ pid, state: "idle in transaction" })],
       });
       expect(first?.holders.map((h) => h.pid)).not.toContain(queuedPid);
-      const [index] = await sql`select indexname from pg_indexes where indexname = 'actions_cluster_idx'`;
-      expect(index?.indexname).toBe("actions_cluster_idx");
+      const [index] = await sql`select indexname from pg_indexes where indexname = 'attempts_session_idx'`;
+      expect(index?.indexname).toBe("attempts_session_idx");
     } finally {
       await sql.end();
     }

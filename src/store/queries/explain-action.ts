@@ -8,7 +8,10 @@ import { queryRows, toDate, toDateOrNull } from "../rows.js";
 import { PARTITION_EVENT_KINDS, SESSION_EVENT_KINDS } from "../schema.js";
 import { type HostedGrantState, type Placement, readPlacement } from "./queued-placement.js";
 
-/** The session that held an attempt, as its row is now. */
+/**
+ * The session that held an attempt, as its row is now, or as it was when it
+ * was forgotten (the attempt keeps a copy).
+ */
 export interface HoldingSession {
   readonly lastHeardAt: Date;
   readonly deadline: Date;
@@ -20,7 +23,10 @@ export interface HoldingSession {
 /** What ExplainAction is made from, read in one snapshot. */
 export interface ActionHistory {
   readonly action: ActionRecord;
-  /** Oldest first, each with its session (undefined if the session's row is gone). */
+  /**
+   * Oldest first, each with its session (undefined if the session's row was
+   * forgotten before the attempts kept a copy of it: migration 0018).
+   */
   readonly attempts: readonly { attempt: AttemptRecord; session: HoldingSession | undefined }[];
   /**
    * Oldest first: the action's events, the events of the sessions that held
@@ -73,8 +79,12 @@ export async function readActionHistory(
         }
       >(
         t,
-        sql`select t.*, s.last_heard_at as s_last_heard_at, s.deadline as s_deadline,
-              s.stream_lost_at as s_stream_lost_at, s.ended_at as s_ended_at, s.end_reason as s_end_reason
+        // The session's row, or once it is forgotten the copy of it its attempts kept.
+        sql`select t.*, coalesce(s.last_heard_at, t.session_last_heard_at) as s_last_heard_at,
+              coalesce(s.deadline, t.session_deadline) as s_deadline,
+              case when s.id is null then t.session_stream_lost_at else s.stream_lost_at end as s_stream_lost_at,
+              case when s.id is null then t.session_ended_at else s.ended_at end as s_ended_at,
+              case when s.id is null then t.session_end_reason else s.end_reason end as s_end_reason
             from attempts t left join sessions s on s.id = t.session_id
             where t.action_id = ${actionId} order by t.epoch`,
       );

@@ -1,4 +1,4 @@
-import { sql } from "drizzle-orm";
+import { type SQL, sql } from "drizzle-orm";
 import type { Clock } from "../clock.js";
 import type { Db } from "../database.js";
 import { queryRows } from "../rows.js";
@@ -18,8 +18,8 @@ export const FORGET_BATCH = 1000;
  * statement skips a locked row; one that committed first set `last_seen_at`
  * to now, which the row lock makes this statement see (READ COMMITTED
  * re-checks a row it locks). Sessions keep no row of anything else alive:
- * attempts and events name them by id, and ExplainAction shows an attempt
- * without its session's record once it is gone.
+ * attempts and events name them by id, and the attempts keep a copy of the
+ * record of the sessions that held them, for ExplainAction.
  *
  * Returns how many workers and how many sessions it forgot; the caller runs
  * it again while a batch was full.
@@ -49,12 +49,35 @@ export async function forgetWorkers(
             and worker_id not in (select worker_id from gone)
           order by ended_at limit ${FORGET_BATCH}
         )
-        returning s.id
-      )
+        returning ${sessionRecord}
+      ),
+      ${keepRecords(sql`old_sessions`, sql`kept_old`)}
       select (select count(*) from forgotten) as workers,
         (select count(*) from their_sessions) + (select count(*) from old_sessions) as sessions`,
   );
   return { workers: Number(row?.workers ?? 0), sessions: Number(row?.sessions ?? 0) };
+}
+
+/** What a deleted session's row gives {@link keepRecords}. */
+const sessionRecord = sql.raw(
+  "s.id, s.last_heard_at, s.deadline, s.stream_lost_at, s.ended_at, s.end_reason",
+);
+
+/**
+ * A CTE `name` that copies the records of the sessions a CTE `deleted`
+ * removed (returning {@link sessionRecord}) onto the attempts they held
+ * (`attempts_session_idx`): the attempts outlive the sessions' rows (an
+ * action is kept for --history-retention), and ExplainAction tells their
+ * heartbeats and expiries from these. The sessions are all ended, so the
+ * records are final.
+ */
+function keepRecords(deleted: SQL, name: SQL): SQL {
+  return sql`${name} as (
+    update attempts t set session_last_heard_at = d.last_heard_at, session_deadline = d.deadline,
+      session_stream_lost_at = d.stream_lost_at, session_ended_at = d.ended_at,
+      session_end_reason = d.end_reason
+    from ${deleted} d where t.session_id = d.id
+  )`;
 }
 
 /**
@@ -62,14 +85,16 @@ export async function forgetWorkers(
  * forgetting (retention above, an operator's {@link forgetWorker}): their
  * sessions, all ended, then the workers. The foreign key from sessions is
  * checked at the end of the statement, once their_sessions has deleted theirs.
- * Nothing else goes: attempts and events name workers and sessions by id, and
+ * Nothing else goes: attempts and events name workers and sessions by id (the
+ * attempts get their sessions' records, {@link keepRecords}), and
  * an action's lease is held by a live session, which a forgotten worker has
  * none of.
  */
 const forgetting = sql`
   their_sessions as (
-    delete from sessions s using gone g where s.worker_id = g.worker_id returning s.id
+    delete from sessions s using gone g where s.worker_id = g.worker_id returning ${sessionRecord}
   ),
+  ${keepRecords(sql`their_sessions`, sql`kept_theirs`)},
   forgotten as (
     delete from workers w using gone g where w.worker_id = g.worker_id returning w.worker_id, w.cluster
   )`;

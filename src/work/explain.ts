@@ -44,7 +44,7 @@ export function explainHistory(history: ActionHistory): Explanation {
 
   const steps: TimelineStep[] = history.events.map((event) => {
     const epoch = event.epoch ?? heldBy(event)?.attempt.epoch ?? 0;
-    return { at: event.at, epoch, summary: tell(event, byEpoch.get(epoch)), event };
+    return { at: event.at, epoch, summary: tell(event, byEpoch.get(epoch), history.action), event };
   });
   steps.forEach((step, i) => {
     if (step.event?.kind === "lease_resumed")
@@ -84,10 +84,22 @@ function heartbeatStep(attempt: AttemptRecord, session: HoldingSession, now: Dat
   return { at: last, epoch, summary };
 }
 
+/**
+ * `message` without its leading `prefix` (the part a sentence already says),
+ * else `: message`: what follows "worker a5 released epoch 2" or "cancel
+ * requested by alice-op", as ": ops-cleanup" or nothing.
+ */
+function rest(message: string, prefix: RegExp): string {
+  const cut = message.replace(prefix, "");
+  if (cut === message) return message ? `: ${message}` : "";
+  return cut;
+}
+
 /** One event in a sentence, with the attempt it concerns when there is one. */
 function tell(
   e: EventRecord,
   held: { attempt: AttemptRecord; session: HoldingSession | undefined } | undefined,
+  action: ActionRecord,
 ) {
   const worker = `worker ${e.workerId ?? held?.attempt.workerId ?? "?"}`;
   const session = e.sessionId ?? held?.attempt.sessionId;
@@ -132,17 +144,32 @@ function tell(
     case "lease_revoked":
       return `epoch ${epoch} revoked from ${worker}: ${e.message}`;
     case "lease_released":
-      return `${worker} released epoch ${epoch}: ${e.message}`;
+      return `${worker} released epoch ${epoch}${rest(e.message, /^worker \S+ released the lease/)}`;
     case "report_fenced":
       return `fenced: ${e.message}${e.actor ? ` (sent as ${e.actor})` : ""}`;
     case "action_succeeded":
       return `completed by ${worker} under epoch ${epoch}: accepted${e.actor ? ` (reported as ${e.actor})` : ""}`;
     case "action_failed":
-    case "action_retry_scheduled":
+      // The action's reason says why it ended for good, as GetAction shows it: the failures
+      // that used up max_attempts, or an error not worth retrying, with the last error.
+      if (action.state === "FAILED" && action.failureReason.startsWith("failed "))
+        return `action ${action.failureReason}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
+      return `${e.message}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
+    case "action_retry_scheduled": {
+      // The message says when the retry is due; the attempt's row keeps its error.
+      const error = held?.attempt.error?.message;
+      const retry = /; (retry after .*)$/.exec(e.message)?.[1] ?? "it goes back to the queue";
+      return `attempt of epoch ${epoch} failed on ${worker}${error ? `: ${error}` : ""}; ${retry}`;
+    }
     case "action_cancelled":
       return `${e.message}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
     case "action_cancel_requested":
-      return `cancel requested by ${who(e.actor)}: ${e.message}`;
+      return `cancel requested by ${who(e.actor)}${rest(e.message, /^cancel requested/)}`;
+    case "cluster_expiries_resumed":
+      // Its message says "an operator"; the event's actor is the one who did.
+      return e.actor && e.message.startsWith("an operator ")
+        ? `operator ${e.actor} ${e.message.slice("an operator ".length)}`
+        : `${e.message}${e.actor ? ` (by ${e.actor})` : ""}`;
     default:
       return e.message;
   }

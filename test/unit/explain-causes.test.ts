@@ -149,3 +149,65 @@ describe("explain, on a lease resumed after a reconnect", () => {
     );
   });
 });
+
+describe("explain, without saying a thing twice", () => {
+  /** The sentences of `events` about action a1, its one attempt ending with `error`, the action as `action` says. */
+  const tellAll = (
+    events: EventRecord[],
+    action: Partial<ActionRecord> = {},
+    error: AttemptRecord["error"] = null,
+  ) =>
+    explainHistory({
+      action: { id: "a1", state: "LEASED", failureReason: "", ...action } as ActionRecord,
+      attempts: [{ attempt: { ...attempt, outcome: "FAILED", error }, session: undefined }],
+      events,
+      truncated: false,
+      now: at(20),
+    }).timeline.map((s) => s.summary);
+  const withText = (e: EventRecord, message: string, actor = "") => ({ ...e, message, actor });
+
+  it("names the operator who resumed a partitioned cluster's expiries", () => {
+    const [resumed] = tellAll([
+      withText(
+        event("cluster_expiries_resumed", 3, { reason: "agents-gone" }),
+        "an operator resumed lease expiries of partitioned cluster east: agents-gone",
+        "alice-op",
+      ),
+    ]);
+    expect(resumed).toBe("operator alice-op resumed lease expiries of partitioned cluster east: agents-gone");
+  });
+
+  it("gives a retried attempt's error, and says the retries ran out as GetAction does", () => {
+    const [retry, failed] = tellAll(
+      [
+        withText(
+          event("action_retry_scheduled", 3, null, 1),
+          "attempt failed on worker w1; retry after 2026-12-07T06:00:04.000Z",
+          "agent-east",
+        ),
+        withText(event("action_failed", 8, null, 1), "action failed on worker w1: exit 1", "agent-east"),
+      ],
+      { state: "FAILED", failureReason: "failed after 2 attempts (max_attempts 2): exit 1" },
+      { message: "exit 1", retryable: true },
+    );
+    expect(retry).toBe(
+      "attempt of epoch 1 failed on worker w1: exit 1; retry after 2026-12-07T06:00:04.000Z",
+    );
+    expect(failed).toBe("action failed after 2 attempts (max_attempts 2): exit 1 (epoch 1, worker w1)");
+  });
+
+  it("says a cancel request and a release once each", () => {
+    const [requested, released, bare] = tellAll([
+      withText(
+        event("action_cancel_requested", 3, null, 1),
+        "cancel requested: ops-cleanup; revoking from w1",
+        "alice-op",
+      ),
+      withText(event("lease_released", 4, null, 1), "worker w1 released the lease: shutting down", "agent"),
+      withText(event("lease_released", 5, null, 1), "worker w1 released the lease", "agent"),
+    ]);
+    expect(requested).toBe("cancel requested by alice-op: ops-cleanup; revoking from w1");
+    expect(released).toBe("worker w1 released epoch 1: shutting down");
+    expect(bare).toBe("worker w1 released epoch 1");
+  });
+});

@@ -694,8 +694,11 @@ export type ExplainedAttempt = Message<"leasehold.v1.ExplainedAttempt"> & {
 
   /**
    * The session's last heartbeat the server recorded (renewals are recorded
-   * once per tick, so this is within a heartbeat interval of the last one);
-   * unset if the session's record is gone.
+   * once per tick, so this is within a heartbeat interval of the last one).
+   * These session fields outlive the session's record: when its worker or
+   * the session is forgotten (ForgetWorker, --worker-retention), the attempt
+   * keeps a copy. Unset only for a session forgotten by a server older than
+   * that copy.
    *
    * @generated from field: google.protobuf.Timestamp session_last_heard_time = 2;
    */

@@ -1326,8 +1326,11 @@ type ExplainedAttempt struct {
 	// The attempt: epoch, worker, session, outcome, start and end.
 	Attempt *Attempt `protobuf:"bytes,1,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	// The session's last heartbeat the server recorded (renewals are recorded
-	// once per tick, so this is within a heartbeat interval of the last one);
-	// unset if the session's record is gone.
+	// once per tick, so this is within a heartbeat interval of the last one).
+	// These session fields outlive the session's record: when its worker or
+	// the session is forgotten (ForgetWorker, --worker-retention), the attempt
+	// keeps a copy. Unset only for a session forgotten by a server older than
+	// that copy.
 	SessionLastHeardTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=session_last_heard_time,json=sessionLastHeardTime,proto3" json:"session_last_heard_time,omitempty"`
 	// The session's deadline: when it ends (and its leases expire) unless it
 	// is heard from; its last deadline if it ended.

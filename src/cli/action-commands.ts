@@ -13,6 +13,7 @@ import {
   GetActionResponseSchema,
   SubmitActionResponseSchema,
 } from "../gen/leasehold/v1/action_pb.js";
+import { EventKind, EventService } from "../gen/leasehold/v1/event_pb.js";
 import type { createClient } from "../rpc/client.js";
 import { refusedUnserved } from "../rpc/failover.js";
 import { retryDelayMsOf } from "../rpc/status.js";
@@ -437,62 +438,70 @@ export function actionCommands(): Command {
     .description("Show one action and its attempts.")
     .argument("<action-id>")
     .action(async (id: string, _o: unknown, command: Command) =>
-      run(command, async (api, json) => {
-        const response = await api.getAction({ actionId: id });
-        const { action: a, attempts } = response;
-        if (json) {
-          printJson(messageJson(GetActionResponseSchema, response));
-          return undefined;
-        }
-        if (a) {
-          // A finished action has no lease: its worker is the last attempt's. A queued one (a
-          // retry waiting) has none yet: the last attempt's worker would read as its holder.
-          const row = actionRow(a);
-          const finished = a.state !== ActionState.QUEUED && a.state !== ActionState.LEASED;
-          if (!a.lease && finished && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
-          printTable(ACTION_HEADERS, [row]);
-        }
-        if (a?.createdBy) printLine(`created by: ${a.createdBy}`);
-        // The labels a worker must carry to be granted it: `action explain` tells which workers lack them.
-        const required = Object.entries(a?.labelSelector ?? {}).sort(([x], [y]) => (x < y ? -1 : 1));
-        if (required.length > 0)
-          printLine(`requires labels: ${required.map(([k, v]) => `${k}=${v}`).join(", ")}`);
-        if (a?.failureReason) printLine(`reason: ${a.failureReason}`);
-        if (a?.phase) printLine(`phase: ${phaseText(a)}`);
-        if (a?.output) printLine(`output: ${compact(a.output, 2000)}`);
-        if (a?.lastError) {
-          printLine(`last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}`);
-          // What a failed command wrote (the reference agent's details): most often the reason.
-          // On one line like every value, its newlines shown as \n; --json gives it whole.
-          for (const [key, name] of [
-            ["stderrTail", "stderr"],
-            ["stdoutTail", "stdout"],
-          ] as const) {
-            const tail = a.lastError.details?.[key];
-            if (typeof tail !== "string" || tail.trim() === "") continue;
-            const end = tail.replace(/\n$/, "");
-            printLine(`${name}: ${end.length > TAIL_CHARS ? `…${end.slice(-TAIL_CHARS)}` : end}`);
+      withServer(
+        command,
+        (connect) => ({ api: connect(ActionService), events: connect(EventService) }),
+        async ({ api, events }, { json }) => {
+          const response = await api.getAction({ actionId: id });
+          const { action: a, attempts } = response;
+          if (json) {
+            printJson(messageJson(GetActionResponseSchema, response));
+            return undefined;
           }
-        }
-        if (attempts.length > 0) {
-          printLine();
-          printTable(
-            ["EPOCH", "WORKER", "OUTCOME", "STARTED", "ENDED"],
-            attempts.map((t) => [
-              String(t.epoch),
-              t.workerId,
-              enumName(AttemptOutcome, t.outcome),
-              time(t.startTime),
-              time(t.endTime),
-            ]),
-          );
-        }
-        if (response.omitted.length > 0) {
-          printLine();
-          printLine(`(left out to keep the answer under 3 MiB: ${response.omitted.join(", ")})`);
-        }
-        return undefined;
-      }),
+          if (a) {
+            // A finished action has no lease: its worker is the last attempt's. A queued one (a
+            // retry waiting) has none yet: the last attempt's worker would read as its holder.
+            const row = actionRow(a);
+            const finished = a.state !== ActionState.QUEUED && a.state !== ActionState.LEASED;
+            if (!a.lease && finished && attempts.length > 0) row[3] = attempts.at(-1)?.workerId || "-";
+            printTable(ACTION_HEADERS, [row]);
+          }
+          if (a?.createdBy) printLine(`created by: ${a.createdBy}`);
+          // The labels a worker must carry to be granted it: `action explain` tells which workers lack them.
+          const required = Object.entries(a?.labelSelector ?? {}).sort(([x], [y]) => (x < y ? -1 : 1));
+          if (required.length > 0)
+            printLine(`requires labels: ${required.map(([k, v]) => `${k}=${v}`).join(", ")}`);
+          if (a?.failureReason) printLine(`reason: ${a.failureReason}`);
+          if (a?.state === ActionState.CANCELLED) {
+            const by = await cancelledBy(events, a.id);
+            if (by) printLine(`cancelled by: ${by}`);
+          }
+          if (a?.phase) printLine(`phase: ${phaseText(a)}`);
+          if (a?.output) printLine(`output: ${compact(a.output, 2000)}`);
+          if (a?.lastError) {
+            printLine(`last error: ${a.lastError.message}${a.lastError.retryable ? " (retryable)" : ""}`);
+            // What a failed command wrote (the reference agent's details): most often the reason.
+            // On one line like every value, its newlines shown as \n; --json gives it whole.
+            for (const [key, name] of [
+              ["stderrTail", "stderr"],
+              ["stdoutTail", "stdout"],
+            ] as const) {
+              const tail = a.lastError.details?.[key];
+              if (typeof tail !== "string" || tail.trim() === "") continue;
+              const end = tail.replace(/\n$/, "");
+              printLine(`${name}: ${end.length > TAIL_CHARS ? `…${end.slice(-TAIL_CHARS)}` : end}`);
+            }
+          }
+          if (attempts.length > 0) {
+            printLine();
+            printTable(
+              ["EPOCH", "WORKER", "OUTCOME", "STARTED", "ENDED"],
+              attempts.map((t) => [
+                String(t.epoch),
+                t.workerId,
+                enumName(AttemptOutcome, t.outcome),
+                time(t.startTime),
+                time(t.endTime),
+              ]),
+            );
+          }
+          if (response.omitted.length > 0) {
+            printLine();
+            printLine(`(left out to keep the answer under 3 MiB: ${response.omitted.join(", ")})`);
+          }
+          return undefined;
+        },
+      ),
     );
 
   action
@@ -636,4 +645,33 @@ export function actionCommands(): Command {
       }),
     );
   return action;
+}
+
+/**
+ * Who asked for a cancelled action's cancel, from its events: the
+ * cancel_requested event's actor (a leased action ends CANCELLED when its
+ * worker lets go, and that event's actor is the worker's principal), else the
+ * action_cancelled event's (a queued action is cancelled by the call itself).
+ * Undefined for the server's own cancels (empty actor), or when the caller
+ * may not read the action's events: the line is an extra, not worth failing
+ * `action get` for.
+ */
+async function cancelledBy(
+  events: ReturnType<typeof createClient<(typeof EventService)["method"]>>,
+  actionId: string,
+): Promise<string | undefined> {
+  try {
+    for (const kind of [EventKind.ACTION_CANCEL_REQUESTED, EventKind.ACTION_CANCELLED]) {
+      const { events: [latest] = [] } = await events.listEvents({
+        actionId,
+        kind,
+        newestFirst: true,
+        pageSize: 1,
+      });
+      if (latest) return latest.actor || undefined;
+    }
+  } catch {
+    // Refused (no right to read events) or gone: `action get` shows the rest.
+  }
+  return undefined;
 }

@@ -347,6 +347,9 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
       expect(requested?.message).toBe("cancel requested: enough; revoking from cli-pw");
       await worker.release(grant);
       await watched.waitFor((l) => /CANCELLED/.test(String(l.text)));
+      // Who asked for the cancel: the request's caller (the worker's release only finished it).
+      const cancelled = (await cli([...server, "action", "get", id])).stdout;
+      expect(cancelled).toMatch(/^reason: action cancelled: enough\ncancelled by: anonymous$/m);
       // A finished action: its worker is the last attempt's, and its output is shown.
       const { action: next } = await api.submitAction({ cluster: "cli-progress" });
       const second = await worker.next("grant", (g) => g.actionId === next?.id);

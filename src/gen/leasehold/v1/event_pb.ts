@@ -350,7 +350,11 @@ export enum EventKind {
   ACTION_CANCEL_REQUESTED = 2,
 
   /**
-   * An action was cancelled.
+   * An action was cancelled. A queued one at once: the actor is who cancelled
+   * it. A leased one once its worker let go (a report, a release, a goodbye):
+   * the actor is then the worker's principal, and who asked for the cancel is
+   * the actor of the EVENT_KIND_ACTION_CANCEL_REQUESTED before it (`leasehold
+   * action get` shows that one); empty when the server ended the lease.
    *
    * @generated from enum value: EVENT_KIND_ACTION_CANCELLED = 3;
    */

@@ -32,7 +32,11 @@ const (
 	EventKind_EVENT_KIND_ACTION_SUBMITTED EventKind = 1
 	// A client asked to cancel a leased action; its owner is revoked.
 	EventKind_EVENT_KIND_ACTION_CANCEL_REQUESTED EventKind = 2
-	// An action was cancelled.
+	// An action was cancelled. A queued one at once: the actor is who cancelled
+	// it. A leased one once its worker let go (a report, a release, a goodbye):
+	// the actor is then the worker's principal, and who asked for the cancel is
+	// the actor of the EVENT_KIND_ACTION_CANCEL_REQUESTED before it (`leasehold
+	// action get` shows that one); empty when the server ended the lease.
 	EventKind_EVENT_KIND_ACTION_CANCELLED EventKind = 3
 	// An action succeeded.
 	EventKind_EVENT_KIND_ACTION_SUCCEEDED EventKind = 4

@@ -922,7 +922,9 @@ describe.runIf(runsDriverNeutralTests())("the leasehold CLI", { timeout: 120_000
         "--kind",
         "scope_lease_deleted",
       ]);
-      expect(deletedEvents.stdout).toMatch(/scope_lease_deleted\s+anonymous\s+scope lease record deleted/);
+      expect(deletedEvents.stdout).toMatch(
+        /scope_lease_deleted\s+-\s+-\s+anonymous\s+scope lease record deleted/,
+      );
       const both = await cli([...server, "lease", "delete", other.id, "--runtime", "cli-west"]);
       expect(both).toMatchObject({ code: 2, stderr: expect.stringMatching(/not both/) });
       const again = await cli([...server, "lease", "rollback", lease.id]);

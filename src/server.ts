@@ -134,6 +134,12 @@ export interface ServerOverrides {
   readonly tracing?: Tracing;
   /** How long a close waits for work in flight on the database; default {@link SHUTDOWN_WAIT_MS}. */
   readonly shutdownWaitMs?: number;
+  /**
+   * This process's server id (sessions' `server_id`, every log line's
+   * `serverId`); default a new UUID. `serve` makes it before its logger, so
+   * that its own lines (signals, grpc-js) carry it too.
+   */
+  readonly serverId?: string;
 }
 
 /**
@@ -192,10 +198,14 @@ const FAST_DECODERS: Readonly<Record<string, FastDecoders>> = {
  */
 export async function startServer(
   config: ServerConfig,
-  log: Logger,
+  rootLog: Logger,
   overrides: ServerOverrides = {},
 ): Promise<LeaseholdServer> {
-  const serverId = randomUUID();
+  const serverId = overrides.serverId ?? randomUUID();
+  // Every line of this server names it: with several replicas in one log stream, a line is
+  // joined to its process (and to sessions' server_id) by it. A logger that binds it already
+  // (serve's root logger) is used as it is, not to write the key twice.
+  const log = rootLog.bindings().serverId === serverId ? rootLog : rootLog.child({ serverId });
   const clock = overrides.clock ?? databaseClock;
   const limits = overrides.limits ?? {};
   const timers = overrides.timers ?? true;
@@ -265,7 +275,6 @@ export async function startServer(
       port: rpc.port,
       listen: config.listen,
       metricsPort: metricsServer?.port,
-      serverId,
       tls: Boolean(config.tls),
       auth: config.auth.enabled,
     },
@@ -360,7 +369,10 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
   };
   try {
     const tracing =
-      overrides.tracing ?? (config.otlpEndpoint ? await otlpTracing(config.otlpEndpoint, log) : NO_TRACING);
+      overrides.tracing ??
+      (config.otlpEndpoint
+        ? await otlpTracing(config.otlpEndpoint, log, { instanceId: serverId, version: packageVersion() })
+        : NO_TRACING);
     cleanup.push(() => tracing.close());
     const database = await openDatabaseWhenReachable(
       {
@@ -666,7 +678,6 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
           listen: config.listen,
           metricsPort: front.metricsServer?.port,
           console: consoleServer?.url,
-          serverId,
           version: packageVersion(),
           commit: buildCommit(),
         },

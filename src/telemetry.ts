@@ -70,16 +70,31 @@ export function tracingWith(provider: TracerProvider & { shutdown?(): Promise<vo
   };
 }
 
+/** Who makes the spans: OpenTelemetry's resource attributes `service.*`. */
+export interface TracingService {
+  /** `service.name`; default `leasehold`. */
+  readonly name?: string;
+  /** `service.instance.id`: the server id, which every log line and session's `server_id` carry too. */
+  readonly instanceId: string;
+  /** `service.version`: the package version. */
+  readonly version: string;
+}
+
+/** The resource attributes of a server's spans. */
+export function serviceAttributes(service: TracingService): Attributes {
+  return {
+    "service.name": service.name ?? "leasehold",
+    "service.instance.id": service.instanceId,
+    "service.version": service.version,
+  };
+}
+
 /**
  * Tracing that exports over OTLP/HTTP (JSON) to `endpoint`, e.g.
  * `http://127.0.0.1:4318/v1/traces`, in batches. The SDK is loaded only here,
  * so a server that does not trace never loads it.
  */
-export async function otlpTracing(
-  endpoint: string,
-  log: Logger,
-  serviceName = "leasehold",
-): Promise<Tracing> {
+export async function otlpTracing(endpoint: string, log: Logger, service: TracingService): Promise<Tracing> {
   const [{ TracerProvider, BatchSpanProcessor }, { OTLPTraceExporter }, { resourceFromAttributes }] =
     await Promise.all([
       import("@opentelemetry/sdk-trace"),
@@ -98,7 +113,7 @@ export async function otlpTracing(
     DiagLogLevel.WARN,
   );
   const provider = new TracerProvider({
-    resource: resourceFromAttributes({ "service.name": serviceName }),
+    resource: resourceFromAttributes(serviceAttributes(service)),
     spanProcessors: [
       new BatchSpanProcessor({
         exporter: new OTLPTraceExporter({ url: tracesUrl(endpoint), timeoutMillis: EXPORT_TIMEOUT_MS }),

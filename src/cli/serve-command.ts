@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import { format } from "node:util";
 import { setFlagsFromString } from "node:v8";
 import { Command, Option } from "commander";
@@ -325,8 +326,14 @@ async function serve(
     import("../server.js"),
     import("../log-errors.js"),
   ]);
+  // Made here, not by startServer, so that this function's own lines (signals, grpc-js) name the process too.
+  const serverId = randomUUID();
   const log = pino(
-    { level: config.logLevel, base: { service: "leasehold" }, serializers: { err: serializeError } },
+    {
+      level: config.logLevel,
+      base: { service: "leasehold", serverId },
+      serializers: { err: serializeError },
+    },
     stdoutLines,
   );
   // grpc-js writes its own errors to stderr: into the log with the rest instead.
@@ -386,7 +393,7 @@ async function serve(
     log.error({ err: reason }, "a promise was rejected with nobody to handle it; still serving");
   });
   try {
-    server = await startServer(config, log, { signal: stopBeforeReady.signal });
+    server = await startServer(config, log, { signal: stopBeforeReady.signal, serverId });
   } catch (error) {
     // A certificate, key, token or policy file that cannot be used, or a --listen or --console-listen
     // address that cannot be bound: a usage error naming its flag.

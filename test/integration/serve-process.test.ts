@@ -38,6 +38,9 @@ describe("leasehold serve as a process", { timeout: PROCESS_TIMEOUT_MS }, () => 
       expect(server.logs.map((l) => l.msg)).toEqual(
         expect.arrayContaining(["shutting down", "leasehold stopped"]),
       );
+      // Every line names the process that wrote it, the signal's and the shutdown's too.
+      expect(ready.serverId).toEqual(expect.any(String));
+      expect(server.logs.filter((l) => l.serverId !== ready.serverId)).toEqual([]);
       api.close();
     } finally {
       server.child.kill("SIGKILL");

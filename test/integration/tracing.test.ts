@@ -13,6 +13,7 @@ import { createAgent } from "../../src/agent/index.js";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { createClient } from "../../src/rpc/client.js";
 import { tracingWith } from "../../src/telemetry.js";
+import { packageVersion } from "../../src/version.js";
 import { runLeasehold } from "../helpers/process.js";
 import { startTestServer } from "../helpers/server.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -146,6 +147,9 @@ describe("tracing", () => {
       expect(post?.url).toBe("/v1/traces");
       expect(post?.body).toContain(CLIENT_TRACE);
       expect(post?.body).toContain('"leasehold"'); // service.name
+      // The resource names the process (the serverId of its log lines) and its version.
+      expect(post?.body).toContain(`"service.instance.id","value":{"stringValue":"${serving.serverId}"}`);
+      expect(post?.body).toContain(`"service.version","value":{"stringValue":"${packageVersion()}"}`);
       expect(await server.exited).toBe(0);
     } finally {
       server.child.kill("SIGKILL");

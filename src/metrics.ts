@@ -1,5 +1,5 @@
 import { createServer, type Server } from "node:http";
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, Gauge, Histogram, type MetricValueWithName, Registry, Summary } from "prom-client";
 import { LeaseholdError } from "./errors.js";
 import type { CallKind, CallObserver } from "./rpc/adapter.js";
 import type { ConnectionObserver } from "./rpc/connection-limits.js";
@@ -408,7 +408,8 @@ export function addUnaryCallMetrics(
 /**
  * The process's own health, under the names Prometheus client libraries use:
  * CPU, resident memory, and how late the event loop ran since the last
- * scrape (`nodejs_eventloop_delay_seconds`, quantiles 0.5, 0.99 and 1). A
+ * scrape (`nodejs_eventloop_delay_seconds`, a summary: quantiles 0.5, 0.99 and 1
+ * of the window since the last scrape, `_sum` and `_count` since the start). A
  * loop that runs late delays every heartbeat ack; this tells it apart from
  * a slow network or a slow client. Returns a function that stops sampling.
  */
@@ -435,18 +436,29 @@ export function addProcessMetrics(registry: Registry): () => void {
       this.set(process.memoryUsage.rss());
     },
   });
-  new Gauge({
-    name: "nodejs_eventloop_delay_seconds",
-    help: "How late the event loop ran since the last scrape (10 ms sampling), by quantile.",
-    labelNames: ["quantile"],
-    registers: [registry],
-    collect() {
-      const window = late.take();
-      this.set({ quantile: "0.5" }, window.quantile(0.5) / 1e3);
-      this.set({ quantile: "0.99" }, window.quantile(0.99) / 1e3);
-      this.set({ quantile: "1" }, window.quantile(1) / 1e3);
-    },
-  });
+  // A summary, not a gauge: Prometheus reserves the `quantile` label for summaries (a gauge with it
+  // is refused by some tools and misread by others). prom-client's Summary computes its quantiles from
+  // what is observed; this one reads the sampler's window, so `get` is its own.
+  registry.registerMetric(
+    new (class extends Summary {
+      override async get() {
+        const window = late.take();
+        const name = "nodejs_eventloop_delay_seconds";
+        const values: MetricValueWithName<string>[] = [0.5, 0.99, 1].map((q) => ({
+          labels: { quantile: q },
+          value: window.quantile(q) / 1e3,
+        }));
+        values.push({ metricName: `${name}_sum`, labels: {}, value: window.totalMs / 1e3 });
+        values.push({ metricName: `${name}_count`, labels: {}, value: window.totalCount });
+        return { ...(await super.get()), values };
+      }
+    })({
+      name: "nodejs_eventloop_delay_seconds",
+      help: "How late the event loop ran (10 ms sampling): quantiles since the last scrape; _sum and _count since the start.",
+      percentiles: [0.5, 0.99, 1],
+      registers: [],
+    }),
+  );
   return () => late.stop();
 }
 
@@ -472,17 +484,25 @@ export function addBuildInfo(registry: Registry, version: string, commit: string
  * ran, so a stall that began right after a scrape went unrecorded.
  */
 export function createLatenessSampler(intervalMs: number): {
-  /** The samples since the last call, as a window to read quantiles of (NaN when empty). */
-  take(): { quantile(q: number): number };
+  /**
+   * The samples since the last call, as a window to read quantiles of (NaN
+   * when empty), with the sum and count of every sample since the start.
+   */
+  take(): { quantile(q: number): number; readonly totalMs: number; readonly totalCount: number };
   stop(): void;
 } {
   const samples = new Float64Array(30_000);
   let count = 0;
+  let totalMs = 0;
+  let totalCount = 0;
   let last = performance.now();
   const timer = setInterval(() => {
     const now = performance.now();
-    samples[count % samples.length] = Math.max(0, now - last - intervalMs);
+    const lateMs = Math.max(0, now - last - intervalMs);
+    samples[count % samples.length] = lateMs;
     count++;
+    totalMs += lateMs;
+    totalCount++;
     last = now;
   }, intervalMs);
   timer.unref();
@@ -492,6 +512,8 @@ export function createLatenessSampler(intervalMs: number): {
       count = 0;
       return {
         quantile: (q) => sorted[Math.max(0, Math.ceil(q * sorted.length) - 1)] ?? Number.NaN,
+        totalMs,
+        totalCount,
       };
     },
     stop: () => clearInterval(timer),

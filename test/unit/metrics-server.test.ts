@@ -47,4 +47,29 @@ describe("the metrics endpoint", () => {
       stopSampling();
     }
   });
+
+  it("exports the event loop's lateness as a summary, the type Prometheus reserves the quantile label for", async () => {
+    const registry = new Registry();
+    const stopSampling = addProcessMetrics(registry);
+    const served = await serveMetrics(registry, "127.0.0.1", 0);
+    try {
+      // Wait for the sampler's first samples (every 10 ms), not a fixed time.
+      const scrape = async () =>
+        (await (await fetch(`http://127.0.0.1:${served.port}/metrics`)).text()).split("\n");
+      let lines = await scrape();
+      while (!lines.some((line) => /^nodejs_eventloop_delay_seconds_count [1-9]/.test(line))) {
+        await new Promise((resolve) => setImmediate(resolve));
+        lines = await scrape();
+      }
+      expect(lines).toContain("# TYPE nodejs_eventloop_delay_seconds summary");
+      for (const quantile of ["0.5", "0.99", "1"])
+        expect(
+          lines.some((line) => line.startsWith(`nodejs_eventloop_delay_seconds{quantile="${quantile}"} `)),
+        ).toBe(true);
+      expect(lines.some((line) => /^nodejs_eventloop_delay_seconds_sum \d/.test(line))).toBe(true);
+    } finally {
+      await served.close();
+      stopSampling();
+    }
+  });
 });

@@ -1328,7 +1328,8 @@ describe("work leases", () => {
     // The database connection is lost under the statement that records the stream's loss (a
     // worker dying during an outage): it is tried again, not dropped. Dropped, the session stayed
     // connected until its deadline, and the restarted worker was refused as WORKER_ID_IN_USE.
-    let failOnce = true;
+    // Three failures: one warning, the tries after it at debug, one line when it is recorded.
+    let failures = 3;
     await t[Symbol.asyncDispose]();
     t = await startTestServer({
       config: { gracePeriod: "10s", heartbeatInterval: "2s" },
@@ -1336,8 +1337,8 @@ describe("work leases", () => {
         clock,
         timers: false,
         wrapDb: intercepting(async (text, execute) => {
-          if (failOnce && text.includes("'stream_lost'")) {
-            failOnce = false;
+          if (failures > 0 && text.includes("'stream_lost'")) {
+            failures--;
             // As postgres.js fails a statement whose connection closed under it.
             throw Object.assign(new Error("write CONNECTION_CLOSED 127.0.0.1:5432"), {
               code: "CONNECTION_CLOSED",
@@ -1353,7 +1354,13 @@ describe("work leases", () => {
     const grant = await a.next("grant");
     a.drop();
     await waitForEvent(t, id, "wa", EventKind.STREAM_LOST);
-    expect(t.logs.filter((l) => l.msg === "could not record a lost stream; trying again")).toHaveLength(1);
+    expect(t.logs.filter((l) => l.msg === "could not record a lost stream; trying again")).toEqual([
+      expect.objectContaining({ level: 40, workerId: "wa", sessionId: a.welcome.sessionId }),
+    ]);
+    expect(t.logs.filter((l) => String(l.msg).startsWith("could not record"))).toHaveLength(1);
+    expect(
+      await waitForLog(t.logs, (l) => l.msg === "could record a lost stream after trying again"),
+    ).toMatchObject({ level: 30, failures: 3, workerId: "wa" });
     const back = await worker("wa", { held: [{ actionId: id, epoch: grant.epoch }] });
     expect(back.welcome).toMatchObject({
       sessionResumed: true,

@@ -6,6 +6,7 @@ import { endSession } from "../../store/queries/end-session.js";
 import type { LostStream, StreamLoss } from "../../store/queries/mark-stream-lost.js";
 import { driverError } from "../../store/rows.js";
 import { type ChangeFeed, EVENTS_TOPIC } from "../change-feed.js";
+import { type FailureLog, failureLog } from "../failure-log.js";
 import type { LeaseToken, WorkerMessage } from "../worker-messages.js";
 import type { Handover } from "./handover.js";
 import { type Hosted, type HostedSessions, remainingMs } from "./hosted.js";
@@ -113,9 +114,15 @@ export function createStreamHandle(
    */
   const untilApplied = async <T>(what: string, apply: () => Promise<T>): Promise<T> => {
     const started = performance.now();
+    // Made at the first failure: most ends apply at once. The first failure is a warning, the
+    // tries after it debug lines, and a success after them one info line (an outage of 10 s
+    // wrote seven warnings for one stream).
+    let failures: FailureLog | undefined;
     for (let attempt = 0; ; attempt++) {
       try {
-        return await apply();
+        const applied = await apply();
+        failures?.worked();
+        return applied;
       } catch (error) {
         if (
           !endMayWorkLater(error) ||
@@ -123,10 +130,12 @@ export function createStreamHandle(
           performance.now() - started >= deps.endRetry.forMs
         )
           throw error;
-        log.warn(
-          { err: error, workerId: s.workerId, sessionId: s.sessionId },
-          `could not ${what}; trying again`,
-        );
+        failures ??= failureLog(log.child({ workerId: s.workerId, sessionId: s.sessionId }), {
+          failed: `could not ${what}; trying again`,
+          still: `could not ${what} yet; trying again`,
+          again: `could ${what} after trying again`,
+        });
+        failures.failed(error);
         // Unreferenced: a process stopping meanwhile is not held up by the wait.
         await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** attempt, 2000)).unref());
       }

@@ -552,6 +552,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
   let lastAnswer = { atMs: Number.NEGATIVE_INFINITY, ok: true };
   const noteAnswer = (ok: boolean, atMs: number) => {
     if (atMs >= lastAnswer.atMs) lastAnswer = { atMs, ok };
+    if (ok) reports.databaseAnswered();
   };
   /**
    * What acks say (HeartbeatAck.database_unreachable): the watch's verdict,

@@ -46,6 +46,13 @@ export interface Reports {
   close(): Promise<void>;
   /** Whether a report of `actionId` is being applied (or waits for its turn) in this process. */
   inFlight(actionId: string): boolean;
+  /**
+   * A statement of this process (a renewal, a health check) was answered:
+   * after reports answered UNAVAILABLE, `reports apply again` is logged now,
+   * not when the next report happens to be applied (a minute later, or never
+   * on a process whose workers went elsewhere).
+   */
+  databaseAnswered(): void;
 }
 
 /**
@@ -561,5 +568,6 @@ export function createReports(deps: {
     answeredAll,
     close,
     inFlight: (actionId) => inFlight.has(actionId),
+    databaseAnswered: () => unapplied.worked(),
   };
 }

@@ -628,9 +628,9 @@ async function startBehindPort(front: Front, attempt: number): Promise<Leasehold
     const hellos = countHellos(manager);
     // The API every client reads; the console serves the same implementations but the agents' stream.
     const api = [
-      actionServiceBinding(actions, tracing),
+      actionServiceBinding(actions, tracing, log),
       eventServiceBinding(events),
-      clusterServiceBinding({ db, clock, leases: manager, feed }),
+      clusterServiceBinding({ db, clock, leases: manager, feed, log }),
       leaseServiceBinding(scope, events),
       resourceServiceBinding(scope),
     ];

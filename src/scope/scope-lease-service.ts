@@ -341,9 +341,12 @@ export function createScopeLeaseService(deps: {
   async function expireDue(): Promise<string[]> {
     const all: string[] = [];
     for (;;) {
-      const { ids, ended } = await expireScopeLeases(db, clock, EXPIRE_BATCH);
+      const { ids, runtimes, destroyed, ended } = await expireScopeLeases(db, clock, EXPIRE_BATCH);
       if (ids.length > 0) {
-        log.info({ leases: ids }, "scope leases rolled back: their TTL passed");
+        log.info(
+          { leases: ids, runtimes, resourcesDestroyed: destroyed, actionsCancelled: ended.actionIds.length },
+          "scope leases rolled back: their TTL passed",
+        );
         revokeEnded(ended, "ROLLED_BACK", "the deployment's scope lease was rolled back: its TTL passed");
         all.push(...ids);
       }

@@ -761,6 +761,17 @@ async function recordClose(
     where id in (select jsonb_array_elements_text(${JSON.stringify(leaseIds)}::jsonb))`);
 }
 
+/** What one round of {@link expireScopeLeases} rolled back. */
+export interface ExpiredScopeLeases {
+  /** The leases rolled back. */
+  readonly ids: string[];
+  /** Their runtimes (clusters), each once. */
+  readonly runtimes: string[];
+  /** How many resources they owned were destroyed. */
+  readonly destroyed: number;
+  readonly ended: EndedActions;
+}
+
 /**
  * Rolls back every open lease whose TTL has passed (close reason EXPIRED).
  * Locking: `for update skip locked`, so several processes can run it; a lease
@@ -768,15 +779,11 @@ async function recordClose(
  * from the database clock, so it also catches leases that expired while no
  * server was running.
  */
-export async function expireScopeLeases(
-  db: Db,
-  clock: Clock,
-  limit: number,
-): Promise<{ ids: string[]; ended: EndedActions }> {
+export async function expireScopeLeases(db: Db, clock: Clock, limit: number): Promise<ExpiredScopeLeases> {
   return db.transaction(async (t) => {
     const tx = t as unknown as Db;
     const now = clock.now();
-    const expired = await queryRows<{ id: string }>(
+    const expired = await queryRows<{ id: string; runtime: string }>(
       tx,
       sql`
         with due as (
@@ -784,10 +791,11 @@ export async function expireScopeLeases(
           order by expires_at limit ${limit} for update skip locked
         )
         update scope_leases l set state = 'ROLLED_BACK', close_reason = 'EXPIRED', closed_at = ${now}
-        from due where l.id = due.id returning l.id`,
+        from due where l.id = due.id returning l.id, l.runtime`,
     );
     const ids = expired.map((r) => r.id);
-    if (ids.length === 0) return { ids, ended: { actionIds: [], revokes: [] } };
+    const runtimes = [...new Set(expired.map((r) => r.runtime))].sort();
+    if (ids.length === 0) return { ids, runtimes, destroyed: 0, ended: { actionIds: [], revokes: [] } };
     const destroyed = await settleResources(tx, ids, "destroy");
     await recordClose(tx, ids, "EXPIRED", "");
     const ended = await cancelDeploymentActions(
@@ -796,7 +804,7 @@ export async function expireScopeLeases(
       "its scope lease was rolled back: the TTL passed",
       "",
     );
-    return { ids, ended };
+    return { ids, runtimes, destroyed: destroyed.length, ended };
   });
 }
 

@@ -384,7 +384,7 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     const sentAt = performance.now();
     const opened = await hellos.open(hello, principal, mayRunIn);
     // The worker's previous session expired with this hello: reported as the reaper reports.
-    if (opened.reaped) void reaper.report(opened.reaped);
+    if (opened.reaped) void reaper.report(opened.reaped, opened.reapCause);
     const previous = hosted.get(opened.sessionId);
     // Takeover (rule 8): the older stream is closed, here or on the process hosting it.
     if (previous) closeTakenOver(previous);

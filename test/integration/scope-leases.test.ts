@@ -226,6 +226,12 @@ describe("scope leases", () => {
     expect(await t.server.scope.expireDue()).toEqual([]);
     clock.advance(2_000);
     expect(await t.server.scope.expireDue()).toEqual([id]);
+    // The log line says what the rollback destroyed, and where.
+    expect(t.logs.findLast((l) => l.msg === "scope leases rolled back: their TTL passed")).toMatchObject({
+      leases: [id],
+      runtimes: ["east"],
+      resourcesDestroyed: 1,
+    });
     const { lease } = await leases().getLease({ leaseId: id });
     expect(lease).toMatchObject({ state: LeaseState.ROLLED_BACK, closeReason: CloseReason.EXPIRED });
     await expectStatus(resources().getResource({ resourceId: f }), Code.NotFound, /not found/);

@@ -3,6 +3,7 @@ import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type * as grpc from "@grpc/grpc-js";
 import { type Attributes, SpanKind, SpanStatusCode } from "@opentelemetry/api";
+import type { Logger } from "pino";
 import type { Access } from "../../auth/access.js";
 import { Code, LeaseholdError, quote } from "../../errors.js";
 import {
@@ -73,7 +74,12 @@ export const ACTION_FAST_DECODERS: FastDecoders = {
  * request names only its id); the adapter checked the method's right exists
  * somewhere already.
  */
-export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRACING): ServiceBinding {
+/** `log` gets an audit line for each cancel (who cancelled what); none when omitted (tests). */
+export function actionServiceBinding(
+  actions: Actions,
+  tracing: Tracing = NO_TRACING,
+  log?: Logger,
+): ServiceBinding {
   return bind(ActionService, {
     async submitAction(request, ctx) {
       const action = toNewAction(request);
@@ -178,9 +184,18 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
       const { action: current } = await actions.get(actionId);
       readable(ctx.access, current, actionId);
       ctx.access.requireOwned("action.cancel", current.cluster, current.createdBy);
-      const whole = {
-        action: toProtoAction(await actions.cancel(actionId, request.reason, ctx.access.actor)),
-      };
+      const cancelled = await actions.cancel(actionId, request.reason, ctx.access.actor);
+      log?.info(
+        {
+          principal: ctx.access.actor,
+          actionId,
+          cluster: current.cluster,
+          reason: request.reason,
+          state: cancelled.state,
+        },
+        "audit: cancel action",
+      );
+      const whole = { action: toProtoAction(cancelled) };
       return fitActions(CancelActionResponseSchema, whole, [{ at: "action", action: whole.action }]);
     },
     async cancelActions(request, ctx) {
@@ -226,6 +241,20 @@ export function actionServiceBinding(actions: Actions, tracing: Tracing = NO_TRA
         request.limit || MAX_CANCEL,
         request.reason,
         ctx.access.actor,
+      );
+      log?.info(
+        {
+          principal: ctx.access.actor,
+          cluster,
+          runId: runId || undefined,
+          actionIds: ids.size > 0 ? [...ids] : undefined,
+          state,
+          reason: request.reason,
+          cancelled: outcome.cancelled.length,
+          cancelRequested: outcome.cancelRequested.length,
+          more: outcome.more,
+        },
+        "audit: cancel actions",
       );
       return {
         cancelledIds: [...outcome.cancelled],

@@ -1,5 +1,6 @@
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import type { Logger } from "pino";
 import type { Access } from "../../auth/access.js";
 import { LeaseholdError } from "../../errors.js";
 import {
@@ -31,8 +32,10 @@ export function clusterServiceBinding(deps: {
   clock: Clock;
   leases: LeaseManager;
   feed: ChangeFeed;
+  /** Where each change an operator makes (drain, undrain, forget, resume expiries) is logged, as an audit line. */
+  log: Logger;
 }): ServiceBinding {
-  const { db, clock, leases, feed } = deps;
+  const { db, clock, leases, feed, log } = deps;
   const getWorker = async (workerId: string) => {
     const [worker] = await listWorkers(db, { workerId }, undefined, 1);
     if (!worker) throw LeaseholdError.notFound("worker", workerId);
@@ -85,6 +88,10 @@ export function clusterServiceBinding(deps: {
           { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "no live session" },
         );
       }
+      log.info(
+        { principal: ctx.access.actor, workerId, reason: request.reason, outcome },
+        "audit: drain worker",
+      );
       return { worker: toProtoWorker(await getWorker(workerId)) };
     },
     async undrainWorker(request, ctx) {
@@ -102,6 +109,10 @@ export function clusterServiceBinding(deps: {
           { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "no live session" },
         );
       }
+      log.info(
+        { principal: ctx.access.actor, workerId, reason: request.reason, outcome },
+        "audit: undrain worker",
+      );
       // "not draining" is an answer too: the worker as it is, taking work.
       return { worker: toProtoWorker(await getWorker(workerId)), drainEnded: outcome === "undrained" };
     },
@@ -122,6 +133,10 @@ export function clusterServiceBinding(deps: {
           { type: "WORKER_STATE", subject: `workers/${workerId}`, description: "live session" },
         );
       }
+      log.info(
+        { principal: ctx.access.actor, workerId, cluster: worker.cluster, reason: request.reason },
+        "audit: forget worker",
+      );
       feed.publish(EVENTS_TOPIC);
       return { worker: toProtoWorker(worker) };
     },
@@ -140,6 +155,10 @@ export function clusterServiceBinding(deps: {
           { type: "CLUSTER_STATE", subject: `clusters/${request.cluster}`, description: "not partitioned" },
         );
       }
+      log.info(
+        { principal: ctx.access.actor, cluster: request.cluster, reason: request.reason, outcome },
+        "audit: resume expiries",
+      );
       if (outcome === "resumed") feed.publish(EVENTS_TOPIC);
       const [cluster] = await listClusters(db, clock, request.cluster);
       return { cluster: cluster ? toProtoCluster(cluster) : { name: request.cluster } };

@@ -7,7 +7,7 @@ import { uuidv7 } from "../ids.js";
 import { driverError, queryRows, toDate, toNumber } from "../rows.js";
 import type { GrantRecord } from "./claim-actions.js";
 import { insertWorkerEvents, type WorkerEvent } from "./insert-worker-events.js";
-import { type KeepHosted, type ReapResult, reapSessions } from "./reap-sessions.js";
+import { type KeepHosted, type ReapCause, type ReapResult, reapSessions } from "./reap-sessions.js";
 
 /** A hello, validated. */
 export interface HelloInput {
@@ -65,6 +65,8 @@ export interface OpenedSession {
    * wake-ups) by the caller exactly as the reaper reports its own.
    */
   readonly reaped: ReapResult | undefined;
+  /** Why `reaped` ended the previous session: its deadline had passed, or a new process of its worker said hello. */
+  readonly reapCause?: ReapCause;
 }
 
 /**
@@ -129,6 +131,7 @@ export async function openSession(
     );
     const movingCluster = worker !== undefined && worker.cluster !== hello.cluster;
     let reaped: ReapResult | undefined;
+    let reapCause: ReapCause | undefined;
     /** Reaps the live session (unless its cluster's expiries are paused and `obeyValve`); true if it ended. */
     const reapLive = async (id: string, restarted: boolean, obeyValve: boolean) => {
       reaped = await reapSessions(tx, clock, {
@@ -140,6 +143,7 @@ export async function openSession(
         keep,
         restarted,
       });
+      reapCause = restarted ? "restarted" : "deadline";
       return reaped.sessions.length > 0;
     };
     // Past its deadline: reaped now, unless its cluster's expiries are paused (SPEC rule 10), in
@@ -234,6 +238,7 @@ export async function openSession(
       revokedLeases,
       unlistedLeases,
       reaped,
+      ...(reapCause ? { reapCause } : {}),
     };
   });
 }

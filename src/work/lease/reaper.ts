@@ -4,7 +4,12 @@ import type { Clock } from "../../store/clock.js";
 import { refreshClusterHealth, refreshFadingClusterHealth } from "../../store/clusters.js";
 import type { Db } from "../../store/database.js";
 import { extendSessionsAfterOutage } from "../../store/queries/extend-sessions-on-start.js";
-import { type KeepHosted, type ReapResult, reapSessions } from "../../store/queries/reap-sessions.js";
+import {
+  type KeepHosted,
+  type ReapCause,
+  type ReapResult,
+  reapSessions,
+} from "../../store/queries/reap-sessions.js";
 import { type ChangeFeed, EVENTS_TOPIC, QUEUE_TOPIC } from "../change-feed.js";
 import { failureLog } from "../failure-log.js";
 import { type HostedSessions, REAPED_MESSAGE } from "./hosted.js";
@@ -42,7 +47,7 @@ export interface Reaper {
    * expiry, counts expiries, refreshes cluster health, and wakes watchers
    * and the dispatchers of every process for the re-queued actions.
    */
-  report(result: ReapResult): Promise<void>;
+  report(result: ReapResult, cause?: ReapCause): Promise<void>;
   /**
    * Wakes the reaper at `atDbMs` (database clock; `dbOffsetMs` is the
    * database clock minus ours) if that is earlier than planned.
@@ -154,7 +159,7 @@ export function createReaper(deps: {
       });
   }
 
-  async function report(result: ReapResult): Promise<void> {
+  async function report(result: ReapResult, cause: ReapCause = "deadline"): Promise<void> {
     for (const { sessionId } of result.sessions) {
       const s = hosted.get(sessionId);
       if (s) hosted.end(s, "SESSION_REAPED", REAPED_MESSAGE);
@@ -170,11 +175,9 @@ export function createReaper(deps: {
           cluster: e.cluster,
           epoch: e.epoch,
           state: e.state,
-          ...(host && {
-            cause: "server_silent",
-            serverId: host.serverId,
-            serverAliveUntil: host.aliveUntil.toISOString(),
-          }),
+          sessionId: e.sessionId,
+          cause: host ? "server_silent" : cause,
+          ...(host && { serverId: host.serverId, serverAliveUntil: host.aliveUntil.toISOString() }),
         },
         `lease expired for action ${e.actionId} (worker ${e.workerId}, cluster ${e.cluster}, epoch ${e.epoch})` +
           (host

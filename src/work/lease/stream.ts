@@ -340,6 +340,7 @@ export function createStreamHandle(
           log.info(
             {
               workerId: s.workerId,
+              cluster: s.cluster,
               sessionId: s.sessionId,
               deadline: lost.deadline,
               ...(rebalanced ? { reason: "REBALANCING" } : {}),

@@ -3,6 +3,7 @@ import { status } from "@grpc/grpc-js";
 import { describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
+import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
 import { startTestServer } from "../helpers/server.js";
 import { statusDetails } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -93,6 +94,14 @@ describe("a restart on the same store", { timeout: 120_000 }, () => {
       // The worker comes back to the restarted server with its lease: resumed, same epoch (and
       // named once, though this hello lists it twice).
       t = await t.restart();
+      // Its stream_lost event says the server ended the stream on shutdown: not a crash of the agent.
+      for await (const { event } of t
+        .client(EventService)
+        .watchEvents({ workerId: "hw", kind: EventKind.STREAM_LOST, afterSequence: 0n })) {
+        expect(event?.details).toMatchObject({ reason: "SHUTTING_DOWN" });
+        expect(event?.message).toMatch(/ended by its server shutting down/);
+        break;
+      }
       const again = await connectWorker(t.address, { ...hello, heldLeases: [...held, ...held] });
       expect(again.welcome.resumed).toEqual([expect.objectContaining(held[0])]);
       again.goodbye();

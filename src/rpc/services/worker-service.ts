@@ -381,7 +381,16 @@ export function workerServiceBinding(
         } finally {
           // Ended by this server to move the stream elsewhere: recorded as such, not as a loss.
           const rebalanced = closeError instanceof LeaseholdError && closeError.reason === "REBALANCING";
-          await session.streamEnded({ answerFirst, signal: ctx.signal, rebalanced });
+          // Ended by this server for another reason (its shutdown, a worker not reading): said in
+          // the event, so that it does not read like the worker's crash or a network cut.
+          const ending = closeError ?? (ctx.signal.aborted ? ctx.signal.reason : undefined);
+          const endedBy = ending instanceof LeaseholdError ? ending.reason : undefined;
+          await session.streamEnded({
+            answerFirst,
+            signal: ctx.signal,
+            rebalanced,
+            ...(endedBy ? { endedBy } : {}),
+          });
         }
       } finally {
         offFlushed();

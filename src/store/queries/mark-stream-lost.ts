@@ -13,6 +13,13 @@ export interface LostStream {
    * to another process: its event says so (details.reason REBALANCING).
    */
   readonly rebalanced?: boolean;
+  /**
+   * This server ended the stream itself for another reason (SHUTTING_DOWN: a
+   * handover on shutdown; STREAM_NOT_READ, GRANTS_UNACKNOWLEDGED...): its
+   * event says so in details.reason and its message, so that it does not read
+   * like a transport loss (an agent crash, a network cut).
+   */
+  readonly endedBy?: string;
 }
 
 /** A recorded loss: the session's deadline, its worker, and the database time of the statement. */
@@ -49,15 +56,19 @@ export async function markStreamsLost(
   const tokens = lost.map((l) => l.streamToken).join(",");
   const agos = lost.map((l) => Math.max(0, Math.round(l.agoMs))).join(",");
   const moved = lost.map((l) => (l.rebalanced ? "t" : "f")).join(",");
+  // Reasons are upper-case words (ErrorInfo reasons): no commas to split on.
+  const endedBy = lost.map((l) => (l.rebalanced ? "" : (l.endedBy ?? ""))).join(",");
   const now = clock.now();
   const rows = await queryRows<{ n: unknown; deadline: unknown; worker_id: string; db_now: unknown }>(
     db,
     sql`
       with input as (
-        select x.id, x.token, x.n, x.moved, ${now} - x.ago * interval '1 millisecond' as heard
+        select x.id, x.token, x.n, x.moved, nullif(x.ended_by, '') as ended_by,
+               ${now} - x.ago * interval '1 millisecond' as heard
         from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
-                    string_to_array(${agos}::text, ',')::bigint[], string_to_array(${moved}::text, ',')::boolean[])
-          with ordinality as x(id, token, ago, moved, n)
+                    string_to_array(${agos}::text, ',')::bigint[], string_to_array(${moved}::text, ',')::boolean[],
+                    string_to_array(${endedBy}::text, ','))
+          with ordinality as x(id, token, ago, moved, ended_by, n)
       ),
       lost as (
         update sessions s set
@@ -68,7 +79,7 @@ export async function markStreamsLost(
           deadline = greatest(s.deadline, i.heard + ${graceMs}::bigint * interval '1 millisecond')
         from input i
         where s.id = i.id and s.ended_at is null and s.stream_token = i.token
-        returning i.n, i.moved, s.id, s.worker_id, s.deadline
+        returning i.n, i.moved, i.ended_by, s.id, s.worker_id, s.deadline
       ),
       event as (
         insert into events (kind, worker_id, cluster, session_id, message, details)
@@ -76,10 +87,18 @@ export async function markStreamsLost(
           case when lost.moved
             then 'stream of worker ' || lost.worker_id || ' ended to rebalance (this server hosted more than its share); '
               || 'it reconnects to another server; session in grace until '
+            when lost.ended_by = 'SHUTTING_DOWN'
+            then 'stream of worker ' || lost.worker_id || ' ended by its server shutting down (handed over); '
+              || 'it reconnects to another server; session in grace until '
+            when lost.ended_by is not null
+            then 'stream of worker ' || lost.worker_id || ' ended by the server (' || lost.ended_by
+              || '); session in grace until '
             else 'stream lost for worker ' || lost.worker_id || '; session in grace until ' end
             || to_char(lost.deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
           case when lost.moved
             then jsonb_build_object('deadline', lost.deadline, 'reason', 'REBALANCING')
+            when lost.ended_by is not null
+            then jsonb_build_object('deadline', lost.deadline, 'reason', lost.ended_by)
             else jsonb_build_object('deadline', lost.deadline) end
         from lost join workers w on w.worker_id = lost.worker_id
         order by lost.n

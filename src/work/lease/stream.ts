@@ -40,7 +40,13 @@ export interface SessionHandle {
    * first, unless `signal` aborts (the worker cancels, the server stops); no
    * grant is sent meanwhile.
    */
-  streamEnded(end: { answerFirst: boolean; signal: AbortSignal; rebalanced?: boolean }): Promise<void>;
+  /** `endedBy`: the ErrorInfo reason when this server ended the stream itself (see LostStream.endedBy). */
+  streamEnded(end: {
+    answerFirst: boolean;
+    signal: AbortSignal;
+    rebalanced?: boolean;
+    endedBy?: string;
+  }): Promise<void>;
   /** The stream's outbound buffer fell under the grant high-water mark: grants may go on. */
   writable(): void;
 }
@@ -334,6 +340,7 @@ export function createStreamHandle(
             streamToken: s.streamToken,
             agoMs: performance.now() - s.heardAt,
             rebalanced,
+            ...(end.endedBy ? { endedBy: end.endedBy } : {}),
           }),
         );
         if (lost) {
@@ -343,7 +350,7 @@ export function createStreamHandle(
               cluster: s.cluster,
               sessionId: s.sessionId,
               deadline: lost.deadline,
-              ...(rebalanced ? { reason: "REBALANCING" } : {}),
+              ...(rebalanced ? { reason: "REBALANCING" } : end.endedBy ? { reason: end.endedBy } : {}),
             },
             rebalanced
               ? "worker stream ended to rebalance (this server hosts more than its share); the worker reconnects elsewhere"

@@ -60,10 +60,11 @@ describe("tracing", () => {
         return { ok: true };
       },
     });
+    let id = "";
     try {
       const api = t.client(ActionService);
       const { action } = await api.submitAction({ cluster: "traced" }, { metadata: traced() });
-      const id = action?.id ?? "";
+      id = action?.id ?? "";
       for await (const { action: now } of api.watchAction({ actionId: id })) {
         if (now?.state === ActionState.SUCCEEDED) break;
       }
@@ -86,6 +87,13 @@ describe("tracing", () => {
     expect(parentOf(progress as ReadableSpan)).toBe(grant?.spanContext().spanId);
     expect(progress?.attributes).toMatchObject({ "leasehold.phase": "working", "leasehold.accepted": true });
     expect(grant?.attributes).toMatchObject({ "leasehold.epoch": 1, "leasehold.worker_id": "traced-1" });
+    // The submit span names what it made (or found: created false for a request id used before) and who asked.
+    expect(submit?.attributes).toMatchObject({
+      "leasehold.cluster": "traced",
+      "leasehold.action_id": id,
+      "leasehold.created": true,
+      "leasehold.principal": expect.any(String),
+    });
     expect(report?.attributes).toMatchObject({ "leasehold.accepted": true, "leasehold.result": "SUCCEEDED" });
     expect(seen).toEqual([`00-${CLIENT_TRACE}-${handle?.spanContext().spanId}-01`]);
   });

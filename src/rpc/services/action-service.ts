@@ -88,12 +88,14 @@ export function actionServiceBinding(
         tracing,
         "leasehold.submit",
         ctx.metadata,
-        { "leasehold.cluster": action.cluster },
-        async (trace) => {
+        { "leasehold.cluster": action.cluster, "leasehold.principal": ctx.access.actor },
+        async (trace, note) => {
           const { action: submitted, created } = await actions.submit(
             { ...action, ...trace },
             ctx.access.actor,
           );
+          // created false: the request id was used before, and this is the action it made then.
+          note({ "leasehold.action_id": submitted.id, "leasehold.created": created });
           return { action: toProtoAction(submitted), created };
         },
       );
@@ -121,8 +123,8 @@ export function actionServiceBinding(
           throw atItem(error, `actions[${i}].cluster`);
         }
       });
-      const attributes = { "leasehold.actions": items.length };
-      return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace) => {
+      const attributes = { "leasehold.actions": items.length, "leasehold.principal": ctx.access.actor };
+      return traced(tracing, "leasehold.submit_many", ctx.metadata, attributes, async (trace, note) => {
         const traced = trace.traceParent ? items.map((item) => ({ ...item, ...trace })) : items;
         const encodeFull = (results: readonly SubmitResult[]) =>
           encodeResultsInTurns(results, (r) => ({ action: toProto(r.action), created: r.created }), paced);
@@ -136,6 +138,11 @@ export function actionServiceBinding(
           answer = bytes;
         };
         const results = await actions.submitMany(traced, ctx.access.actor, full ? check : undefined);
+        // The ids of the first hundred (a span is no place for ten thousand), and how many were new.
+        note({
+          "leasehold.action_ids": results.slice(0, 100).map((r) => r.action.id),
+          "leasehold.created": results.filter((r) => r.created).length,
+        });
         const encoded = full ? (answer ?? (await encodeFull(results))) : encodeBasicSubmitResults(results);
         if (encoded) return new EncodedResponse(encoded);
         return { results: results.map(({ action, created }) => ({ action: toProto(action), created })) };
@@ -338,9 +345,9 @@ async function traced<T>(
   name: string,
   metadata: grpc.Metadata,
   attributes: Attributes,
-  fn: (trace: { traceParent?: string }) => Promise<T>,
+  fn: (trace: { traceParent?: string }, note: (attributes: Attributes) => void) => Promise<T>,
 ): Promise<T> {
-  if (!tracing.enabled) return fn({});
+  if (!tracing.enabled) return fn({}, () => {});
   const parent = metadata.get("traceparent")[0];
   const span = tracing.start(
     name,
@@ -349,7 +356,7 @@ async function traced<T>(
     SpanKind.SERVER,
   );
   try {
-    return await fn({ traceParent: traceParentOf(span) });
+    return await fn({ traceParent: traceParentOf(span) }, (more) => span.setAttributes(more));
   } catch (error) {
     span.recordException(error as Error);
     span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });

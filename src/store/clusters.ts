@@ -83,7 +83,7 @@ export async function listClusters(db: Db, clock: Clock, name?: string): Promise
                count(*) filter (where s.stream_lost_at is not null) as in_grace,
                -- The mass-disconnect valve weighs the sessions holding leases (reap-sessions.ts);
                -- they are looked up only for a partitioned cluster's reason.
-               count(*) filter (where h.holds and (s.stream_lost_at is not null or s.deadline < ${clock.now()})) as lost,
+               count(*) filter (where h.holds and (s.deadline < ${clock.now()} or s.stream_lost_at is not null and not s.stream_handed_over)) as lost,
                count(*) filter (where h.holds) as holding
         from sessions s join workers w on w.worker_id = s.worker_id
         cross join lateral (

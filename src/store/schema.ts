@@ -92,6 +92,14 @@ export const sessions = pgTable(
     lastHeardAt: tstz("last_heard_at").notNull().defaultNow(),
     /** Set when the stream is lost; cleared when the worker reconnects. */
     streamLostAt: tstz("stream_lost_at"),
+    /**
+     * With `stream_lost_at`: this server ended the stream on purpose and told
+     * the worker to reconnect elsewhere with its session intact (a closing
+     * process's handover, or a rebalancing move). Until its deadline passes
+     * such a session does not count as lost for the partition valve (SPEC
+     * rule 10); it is reaped at its deadline as any other. False otherwise.
+     */
+    streamHandedOver: boolean("stream_handed_over").notNull().default(false),
     endedAt: tstz("ended_at"),
     /** reaped | goodbye | taken_over */
     endReason: text("end_reason"),

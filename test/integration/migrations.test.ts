@@ -214,14 +214,13 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
     await using store = await freshPostgresDatabase({ migrated: true });
     const sql = postgres(store.url ?? "", { max: 3 });
     try {
-      // Back to before the newest migration, which builds an index on attempts (and adds
-      // columns to it, if they are not there: here they are, and stay).
-      await sql`drop index attempts_session_idx`;
+      // Back to before the newest migration, which adds a column to sessions.
+      await sql`alter table sessions drop column stream_handed_over`;
       await sql`delete from drizzle.__drizzle_migrations where created_at = ${newestKnown.when}`;
-      // A long transaction on attempts, as a pg_dump or a forgotten psql holds.
+      // A long transaction on sessions, as a pg_dump or a forgotten psql holds.
       const holder = await sql.reserve();
       await holder`begin`;
-      await holder`lock table attempts in row exclusive mode`;
+      await holder`lock table sessions in row exclusive mode`;
       const [{ pid }] = (await holder`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
       const waits: MigrationLockWait[] = [];
       let firstWait: () => void = () => {};
@@ -242,11 +241,11 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
       await untilMigrationWaits(sql);
       const queued = await sql.reserve();
       await queued`begin`;
-      await queued`lock table sessions in row exclusive mode`;
+      await queued`lock table actions in row exclusive mode`;
       const [{ pid: queuedPid }] = (await queued`select pg_backend_pid() as pid`) as unknown as [
         { pid: number },
       ];
-      const queuing = queued`lock table attempts in row exclusive mode`.execute();
+      const queuing = queued`lock table sessions in row exclusive mode`.execute();
       await waited;
       const [first] = waits;
       await queuing;
@@ -261,8 +260,9 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
         holders: [expect.objectContaining({ pid, state: "idle in transaction" })],
       });
       expect(first?.holders.map((h) => h.pid)).not.toContain(queuedPid);
-      const [index] = await sql`select indexname from pg_indexes where indexname = 'attempts_session_idx'`;
-      expect(index?.indexname).toBe("attempts_session_idx");
+      const [column] =
+        await sql`select column_name from information_schema.columns where table_name = 'sessions' and column_name = 'stream_handed_over'`;
+      expect(column?.column_name).toBe("stream_handed_over");
     } finally {
       await sql.end();
     }

@@ -1,9 +1,12 @@
 import { durationMs } from "@bufbuild/protobuf/wkt";
 import { status } from "@grpc/grpc-js";
+import { sql } from "drizzle-orm";
 import { describe, expect, it } from "vitest";
 import { ActionService, ActionState } from "../../src/gen/leasehold/v1/action_pb.js";
 import { ClusterService } from "../../src/gen/leasehold/v1/cluster_pb.js";
 import { EventKind, EventService } from "../../src/gen/leasehold/v1/event_pb.js";
+import type { Db } from "../../src/store/database.js";
+import { queryRows } from "../../src/store/rows.js";
 import { startTestServer } from "../helpers/server.js";
 import { statusDetails } from "../helpers/status.js";
 import { connectWorker } from "../helpers/worker.js";
@@ -66,9 +69,17 @@ describe("a restart on the same store", { timeout: 120_000 }, () => {
 
   it("answers a heartbeat during a graceful close with a deadline stored afresh, so the worker's guarantee outlasts the restart", async () => {
     const graceMs = 6_000;
+    /** The database handle of the latest server. */
+    let db: Db | undefined;
     let t = await startTestServer({
       config: { gracePeriod: "6s", heartbeatInterval: "1s" },
-      overrides: { handOverMs: 5_000 },
+      overrides: {
+        handOverMs: 5_000,
+        wrapDb: (d) => {
+          db = d;
+          return d;
+        },
+      },
     });
     try {
       await t.client(ActionService).submitAction({ cluster: "handover", payload: {} });
@@ -102,6 +113,14 @@ describe("a restart on the same store", { timeout: 120_000 }, () => {
         expect(event?.message).toMatch(/ended by its server shutting down/);
         break;
       }
+      // Ended on purpose: until its deadline, the session does not count as lost for the
+      // partition valve (a rolling restart is no partition).
+      const [row] = await queryRows<{ lost: boolean; handed_over: boolean }>(
+        db as Db,
+        sql`select stream_lost_at is not null as lost, stream_handed_over as handed_over
+            from sessions where worker_id = 'hw' and ended_at is null`,
+      );
+      expect(row).toEqual({ lost: true, handed_over: true });
       const again = await connectWorker(t.address, { ...hello, heldLeases: [...held, ...held] });
       expect(again.welcome.resumed).toEqual([expect.objectContaining(held[0])]);
       again.goodbye();

@@ -42,6 +42,8 @@ async function extendOnce(
           deadline = greatest(deadline, ${now} + ${ms(options.graceMs)}),
           stream_lost_at = case when last_heard_at < ${now} - ${ms(options.staleMs)}
                                 then coalesce(stream_lost_at, ${now}) else stream_lost_at end,
+          -- A stream found gone here was not ended on purpose (see schema.ts, stream_handed_over).
+          stream_handed_over = stream_handed_over and stream_lost_at is not null,
           server_id = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else server_id end,
           stream_token = case when last_heard_at < ${now} - ${ms(options.staleMs)} then null else stream_token end
         where ended_at is null and last_heard_at > ${now} - ${ms(options.maxSilenceMs)}

@@ -17,7 +17,10 @@ export interface LostStream {
    * This server ended the stream itself for another reason (SHUTTING_DOWN: a
    * handover on shutdown; STREAM_NOT_READ, GRANTS_UNACKNOWLEDGED...): its
    * event says so in details.reason and its message, so that it does not read
-   * like a transport loss (an agent crash, a network cut).
+   * like a transport loss (an agent crash, a network cut). A rebalancing move
+   * or SHUTTING_DOWN tells the worker to reconnect elsewhere with its session
+   * intact: the session records it (stream_handed_over), and until its
+   * deadline it does not count as lost for the partition valve.
    */
   readonly endedBy?: string;
 }
@@ -58,21 +61,23 @@ export async function markStreamsLost(
   const moved = lost.map((l) => (l.rebalanced ? "t" : "f")).join(",");
   // Reasons are upper-case words (ErrorInfo reasons): no commas to split on.
   const endedBy = lost.map((l) => (l.rebalanced ? "" : (l.endedBy ?? ""))).join(",");
+  const handed = lost.map((l) => (l.rebalanced || l.endedBy === "SHUTTING_DOWN" ? "t" : "f")).join(",");
   const now = clock.now();
   const rows = await queryRows<{ n: unknown; deadline: unknown; worker_id: string; db_now: unknown }>(
     db,
     sql`
       with input as (
-        select x.id, x.token, x.n, x.moved, nullif(x.ended_by, '') as ended_by,
+        select x.id, x.token, x.n, x.moved, nullif(x.ended_by, '') as ended_by, x.handed,
                ${now} - x.ago * interval '1 millisecond' as heard
         from unnest(string_to_array(${ids}::text, ','), string_to_array(${tokens}::text, ','),
                     string_to_array(${agos}::text, ',')::bigint[], string_to_array(${moved}::text, ',')::boolean[],
-                    string_to_array(${endedBy}::text, ','))
-          with ordinality as x(id, token, ago, moved, ended_by, n)
+                    string_to_array(${endedBy}::text, ','), string_to_array(${handed}::text, ',')::boolean[])
+          with ordinality as x(id, token, ago, moved, ended_by, handed, n)
       ),
       lost as (
         update sessions s set
           stream_lost_at = ${now},
+          stream_handed_over = i.handed,
           server_id = null,
           stream_token = null,
           last_heard_at = greatest(s.last_heard_at, i.heard),

@@ -182,7 +182,7 @@ export async function openSession(
       [row] = await queryRows(
         tx,
         sql`update sessions set deadline = greatest(deadline, ${now} + ${grace}), last_heard_at = ${now},
-              stream_lost_at = null, server_id = ${serverId}, stream_token = ${streamToken},
+              stream_lost_at = null, stream_handed_over = false, server_id = ${serverId}, stream_token = ${streamToken},
               instance_id = ${hello.instanceId}
             where id = ${sessionId} returning deadline, ${now} as db_now`,
       );

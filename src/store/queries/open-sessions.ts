@@ -192,7 +192,7 @@ export async function openSessions(
               draining = excluded.draining, drain_reason = excluded.drain_reason),
           resumed as (
             update sessions s set deadline = greatest(s.deadline, ${now} + ${grace}), last_heard_at = ${now},
-              stream_lost_at = null, server_id = ${serverId}, stream_token = i.stream_token,
+              stream_lost_at = null, stream_handed_over = false, server_id = ${serverId}, stream_token = i.stream_token,
               instance_id = i.instance_id
             from input i where i.resume and s.id = i.session_id
             returning s.id, s.deadline),

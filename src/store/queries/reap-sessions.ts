@@ -105,7 +105,9 @@ export const PARTITION_MIN_LOST = 2;
  * authentication) pause a cluster's expiries by opening and dropping a few
  * dozen. A session counts as lost when its stream is known lost or its
  * deadline has passed (a stream that went silent without closing, or a
- * database outage, looks like that), unless it has been silent longer than
+ * database outage, looks like that); a stream a server ended on purpose (its
+ * handover at a close, or a rebalancing move: `stream_handed_over`) is not
+ * lost until its deadline passes. Nor is a session silent longer than
  * `maxSilenceMs`: such a session is neither counted nor kept, as rule 6
  * bounds restarts. For
  * each cluster with a session due (or already partitioned), when more than
@@ -210,7 +212,7 @@ export async function reapSessions(
         from watched
         join clusters c on c.name = watched.name
         cross join lateral (
-          select count(*) filter (where s.stream_lost_at is not null or s.deadline < ${now}) as lost,
+          select count(*) filter (where s.deadline < ${now} or s.stream_lost_at is not null and not s.stream_handed_over) as lost,
                  count(*) as live
           from sessions s join workers w on w.worker_id = s.worker_id
           where w.cluster = c.name and s.ended_at is null and s.last_heard_at >= ${silentSince}

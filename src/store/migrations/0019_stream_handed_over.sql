@@ -1,0 +1,1 @@
+ALTER TABLE "sessions" ADD COLUMN "stream_handed_over" boolean DEFAULT false NOT NULL;

@@ -514,11 +514,28 @@ export function createLeaseManager(options: LeaseManagerOptions): LeaseManager {
     graceMs,
     heartbeatIntervalMs: options.heartbeatIntervalMs,
     serverId,
-    onHeld: (sessionIds) =>
-      log.warn(
-        { sessions: sessionIds.length, first: sessionIds.slice(0, 5) },
-        "renewal skipped sessions whose rows another transaction kept locked; their stored deadlines count down until it lets go",
-      ),
+    // A skip the next tick makes up for costs nothing: said at debug. One whose stored deadline
+    // comes near before a tick renews it is said, each time, with its session and worker.
+    onHeld: (held) => {
+      for (const h of held) {
+        const fields = {
+          sessionId: h.sessionId,
+          workerId: h.workerId,
+          skips: h.skips,
+          deadlineInMs: h.remainingMs,
+        };
+        if (h.atRisk)
+          log.warn(
+            fields,
+            `renewal skipped the session of worker ${h.workerId} ${h.skips === 1 ? "on a tick" : `on ${h.skips} ticks in a row`}: another transaction kept its row locked; its stored deadline passes in ${h.remainingMs} ms unless a renewal gets through`,
+          );
+        else
+          log.debug(
+            fields,
+            "renewal skipped a session whose row another transaction kept locked; the next tick renews it",
+          );
+      }
+    },
     // A closing process answers heartbeats through its handover instead. This ack carries a
     // deadline just stored: it says the database answers (answered, below, ran first).
     reack: (s) => {

@@ -4,7 +4,7 @@ import { databaseClock as clock } from "../../src/store/clock.js";
 import { type Database, openDatabase } from "../../src/store/database.js";
 import { renewSessions } from "../../src/store/queries/renew-sessions.js";
 import type { HostedSessions } from "../../src/work/lease/hosted.js";
-import { createRenewal } from "../../src/work/lease/renewal.js";
+import { createRenewal, type HeldSession } from "../../src/work/lease/renewal.js";
 import {
   freshPostgresDatabase,
   runsPostgresTests,
@@ -159,7 +159,7 @@ describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", (
       // Waits up to 500 ms for a row: the grant commits well within it.
       heartbeatIntervalMs: 60_000,
       serverId: "this-server",
-      onHeld: (ids) => held.push(...ids),
+      onHeld: (h) => held.push(...h.map((x) => x.sessionId)),
     });
     const renewed = renewal.renew();
     // Skipped at once, a session that grants keep busy could miss tick after tick.
@@ -169,6 +169,61 @@ describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", (
     await renewed;
     expect(held).toEqual([]);
     expect(s.deadlineMs).toBeGreaterThan(Date.now() + 5_000);
+  });
+
+  it("says a session skipped once is renewed on the next tick, and one skipped tick after tick is at risk", async () => {
+    const db = renewing.db;
+    await db.execute(sql`insert into workers (worker_id, cluster, capacity) values ('w-busy', 'east', 1)`);
+    await db.execute(sql`
+      insert into sessions (id, worker_id, server_id, stream_token, deadline, principal)
+      values ('busy', 'w-busy', 'this-server', 't-busy', now() + interval '2 seconds', 'anonymous')`);
+    // Another transaction keeps the row for two ticks, longer than each tick waits for it.
+    const locked = deferred();
+    const release = deferred();
+    const other = reaping.db.transaction(async (t) => {
+      await t.execute(sql`select id from sessions where id = 'busy' for update`);
+      locked.resolve();
+      await release.promise;
+    });
+    await locked.promise;
+    const intervalMs = 1_000;
+    // As stored by the tick before: the grace period (3 s) less an interval and a bit.
+    const s = {
+      sessionId: "busy",
+      workerId: "w-busy",
+      streamToken: "t-busy",
+      heardAt: performance.now(),
+      ended: false,
+      deadlineMs: performance.now() + 1_800,
+      dbOffsetMs: 0,
+    };
+    const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
+    const held: HeldSession[][] = [];
+    const renewal = createRenewal({
+      db,
+      clock,
+      hosted,
+      graceMs: 3_000,
+      heartbeatIntervalMs: intervalMs,
+      serverId: "this-server",
+      onHeld: (h) => held.push([...h]),
+    });
+    try {
+      await renewal.renew();
+      expect(held).toEqual([
+        [expect.objectContaining({ sessionId: "busy", workerId: "w-busy", skips: 1, atRisk: false })],
+      ]);
+      await renewal.renew();
+      expect(held[1]).toEqual([expect.objectContaining({ sessionId: "busy", skips: 2, atRisk: true })]);
+      expect(held[1]?.[0]?.remainingMs).toBeLessThanOrEqual(2 * intervalMs);
+    } finally {
+      release.resolve();
+      await other;
+    }
+    // Renewed once the row is free: nothing more is said of it.
+    await renewal.renew();
+    expect(held).toHaveLength(2);
+    expect(s.deadlineMs).toBeGreaterThan(Date.now() + 2_000);
   });
 
   it("says ended, not taken over, for a session a starting process put in grace", async () => {

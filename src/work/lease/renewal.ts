@@ -8,6 +8,7 @@ import {
   type HostedSessions,
   persistDeadline,
   REAPED_MESSAGE,
+  remainingMs,
   takenOverMessage,
 } from "./hosted.js";
 
@@ -105,6 +106,23 @@ export interface Renewal {
   renewNow(streams: readonly Hosted[]): Promise<void>;
 }
 
+/** A session a tick left unrenewed because another transaction kept holding its row. */
+export interface HeldSession {
+  readonly sessionId: string;
+  readonly workerId: string;
+  /** Ticks in a row that skipped it, this one included. */
+  readonly skips: number;
+  /** Milliseconds left until its stored deadline, by the database clock. */
+  readonly remainingMs: number;
+  /**
+   * Whether its deadline is at risk: skipped on two ticks in a row with its
+   * stored deadline within two heartbeat intervals, or with it within one
+   * already (the next tick may come too late). A single skip with a margin
+   * of ticks left is renewed on the next tick and costs nothing.
+   */
+  readonly atRisk: boolean;
+}
+
 /** Ends a hosted stream whose session the renewal found no longer attached to it. */
 function endStaleWith(hosted: HostedSessions) {
   return (s: Hosted, why: NotRenewed | undefined): void => {
@@ -128,7 +146,7 @@ export function createRenewal(deps: {
    */
   reack?: (s: Hosted) => void;
   /** Told of sessions a tick left unrenewed because another transaction kept holding their rows. */
-  onHeld?: (sessionIds: readonly string[]) => void;
+  onHeld?: (held: readonly HeldSession[]) => void;
   /**
    * Told how every renewal ended, as it ends (before any ack it sends again):
    * the acks' `database_unreachable` follows it.
@@ -144,6 +162,8 @@ export function createRenewal(deps: {
   // A wait longer than a quarter interval would delay the tick itself.
   const lockWaitMs = Math.min(RENEW_LOCK_WAIT_MS, Math.max(50, deps.heartbeatIntervalMs / 4));
   const endStale = endStaleWith(hosted);
+  /** Streams whose session the last ticks skipped (busy), and how many ticks in a row. */
+  const skipped = new WeakMap<Hosted, number>();
   let failed = false;
   /** performance.now() at the start of the renewal in flight. */
   let startedAt: number | undefined;
@@ -213,16 +233,29 @@ export function createRenewal(deps: {
       inTurn = statement.catch(() => {});
       const { deadlinesMs, dbNowMs, atMs, notRenewed } = await statement;
       const offsetMs = dbOffsetMs(dbNowMs, atMs);
-      const held: string[] = [];
+      const held: HeldSession[] = [];
+      const intervalMs = deps.heartbeatIntervalMs;
       chunk.forEach((s, i) => {
         const deadlineMs = deadlinesMs[i] as number;
         if (!Number.isNaN(deadlineMs)) {
           persistDeadline(s, deadlineMs, offsetMs);
+          skipped.delete(s);
           if (owed.size > 0) stored(s, atMs);
         }
         // Its row was held by another transaction for longer than the wait: its stored deadline
         // stands, and the next tick tries again.
-        else if (notRenewed.get(i) === "busy") held.push(s.sessionId);
+        else if (notRenewed.get(i) === "busy") {
+          const skips = (skipped.get(s) ?? 0) + 1;
+          skipped.set(s, skips);
+          const left = remainingMs(s);
+          held.push({
+            sessionId: s.sessionId,
+            workerId: s.workerId,
+            skips,
+            remainingMs: left,
+            atRisk: left <= 2 * intervalMs && (skips >= 2 || left < intervalMs),
+          });
+        }
         // Taken over by a stream whose notice did not reach this process, reaped, or ended.
         else if (!s.ended) endStale(s, notRenewed.get(i));
       });

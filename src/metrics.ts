@@ -436,6 +436,24 @@ export function addProcessMetrics(registry: Registry): () => void {
       this.set(process.memoryUsage.rss());
     },
   });
+  // The JavaScript heap, under prom-client's default names: a resident size that grows could be the
+  // heap (a leak: nodejs_heap_size_used_bytes grows across collections) or memory outside it.
+  const heap = (name: string, help: string, read: (m: NodeJS.MemoryUsage) => number) =>
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read(process.memoryUsage()));
+      },
+    });
+  heap("nodejs_heap_size_used_bytes", "JavaScript heap in use, in bytes.", (m) => m.heapUsed);
+  heap("nodejs_heap_size_total_bytes", "JavaScript heap allocated, in bytes.", (m) => m.heapTotal);
+  heap(
+    "nodejs_external_memory_bytes",
+    "Memory of objects outside the JavaScript heap that it holds (Buffers and the like), in bytes.",
+    (m) => m.external,
+  );
   // A summary, not a gauge: Prometheus reserves the `quantile` label for summaries (a gauge with it
   // is refused by some tools and misread by others). prom-client's Summary computes its quantiles from
   // what is observed; this one reads the sampler's window, so `get` is its own.

@@ -72,4 +72,21 @@ describe("the metrics endpoint", () => {
       stopSampling();
     }
   });
+
+  it("exports the JavaScript heap beside resident memory, to tell a leak from churn", async () => {
+    const registry = new Registry();
+    const stopSampling = addProcessMetrics(registry);
+    try {
+      const text = await registry.metrics();
+      const value = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1]);
+      const used = value("nodejs_heap_size_used_bytes");
+      const total = value("nodejs_heap_size_total_bytes");
+      expect(used).toBeGreaterThan(0);
+      expect(total).toBeGreaterThanOrEqual(used);
+      expect(value("nodejs_external_memory_bytes")).toBeGreaterThan(0);
+      expect(value("process_resident_memory_bytes")).toBeGreaterThan(total);
+    } finally {
+      stopSampling();
+    }
+  });
 });

@@ -3,6 +3,11 @@ import type { Placement } from "../store/queries/queued-placement.js";
 import type { ActionRecord, AttemptRecord } from "./action.js";
 import type { EventRecord } from "./event.js";
 
+/** A step names an error by its start: the whole of it is in the attempt (GetAction, ExplainAction). */
+const STEP_TEXT_CHARS = 500;
+const clip = (text: string): string =>
+  text.length <= STEP_TEXT_CHARS ? text : `${text.slice(0, STEP_TEXT_CHARS)}… (${text.length} characters)`;
+
 /** One step of an action's timeline. */
 export interface TimelineStep {
   readonly at: Date;
@@ -153,11 +158,12 @@ function tell(
       // The action's reason says why it ended for good, as GetAction shows it: the failures
       // that used up max_attempts, or an error not worth retrying, with the last error.
       if (action.state === "FAILED" && action.failureReason.startsWith("failed "))
-        return `action ${action.failureReason}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
+        return `action ${clip(action.failureReason)}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
       return `${e.message}${epoch ? ` (epoch ${epoch}, ${worker})` : ""}`;
     case "action_retry_scheduled": {
-      // The message says when the retry is due; the attempt's row keeps its error.
-      const error = held?.attempt.error?.message;
+      // The message says when the retry is due; the attempt's row keeps its error, whole (a step
+      // holds its start: forty errors of 120 KB each would not fit one answer twice).
+      const error = held?.attempt.error?.message && clip(held.attempt.error.message);
       const retry = /; (retry after .*)$/.exec(e.message)?.[1] ?? "it goes back to the queue";
       return `attempt of epoch ${epoch} failed on ${worker}${error ? `: ${error}` : ""}; ${retry}`;
     }

@@ -186,15 +186,17 @@ describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", (
       await release.promise;
     });
     await locked.promise;
-    const intervalMs = 1_000;
-    // As stored by the tick before: the grace period (3 s) less an interval and a bit.
+    // Long ticks, so that a slow first tick (up to about 3 s: its lock wait is bounded by half an
+    // interval) still leaves more than an interval, and is not yet at risk.
+    const intervalMs = 4_000;
+    // As stored by the tick before: not yet within an interval, within two.
     const s = {
       sessionId: "busy",
       workerId: "w-busy",
       streamToken: "t-busy",
       heardAt: performance.now(),
       ended: false,
-      deadlineMs: performance.now() + 1_800,
+      deadlineMs: performance.now() + 7_000,
       dbOffsetMs: 0,
     };
     const hosted = { values: () => [s].values(), end: () => {} } as unknown as HostedSessions;
@@ -220,7 +222,8 @@ describe.runIf(runsPostgresTests())("a renewal meeting a reap of its session", (
       release.resolve();
       await other;
     }
-    // Renewed once the row is free: nothing more is said of it.
+    // Renewed once the row is free, from a heartbeat heard now: nothing more is said of it.
+    s.heardAt = performance.now();
     await renewal.renew();
     expect(held).toHaveLength(2);
     expect(s.deadlineMs).toBeGreaterThan(Date.now() + 2_000);

@@ -107,7 +107,8 @@ export const PARTITION_MIN_LOST = 2;
  * deadline has passed (a stream that went silent without closing, or a
  * database outage, looks like that); a stream a server ended on purpose (its
  * handover at a close, or a rebalancing move: `stream_handed_over`) is not
- * lost until its deadline passes. Nor is a session silent longer than
+ * lost until its worker had a quarter of the grace period to reconnect
+ * (`graceMs`; at once without it), or its deadline passes. Nor is a session silent longer than
  * `maxSilenceMs`: such a session is neither counted nor kept, as rule 6
  * bounds restarts. For
  * each cluster with a session due (or already partitioned), when more than
@@ -158,6 +159,11 @@ export async function reapSessions(
 ): Promise<ReapResult> {
   const now = clock.now();
   const restarted = options.sessionIds !== undefined && options.restarted === true;
+  // How long an agent told to reconnect elsewhere has to do so before its session counts as lost
+  // for the valve: its backoff is at most grace/8 (SPEC rule 11), so grace/4 leaves it room. Not
+  // its whole deadline: handed-over deadlines are spread over an interval, and judged one by one
+  // they would never add up to a partition.
+  const reconnectWindowMs = Math.round((options.graceMs ?? 0) / 4);
   /** Due: past the deadline, or any named session of a restarted worker. */
   const due: SQL = restarted ? sql`true` : sql`s.deadline < ${now}`;
   /** Why the sessions end, in their session_reaped and lease_expired events' details (see ReapCause). */
@@ -212,7 +218,8 @@ export async function reapSessions(
         from watched
         join clusters c on c.name = watched.name
         cross join lateral (
-          select count(*) filter (where s.deadline < ${now} or s.stream_lost_at is not null and not s.stream_handed_over) as lost,
+          select count(*) filter (where s.deadline < ${now} or s.stream_lost_at is not null
+                                   and (not s.stream_handed_over or s.stream_lost_at < ${now} - ${reconnectWindowMs}::bigint * interval '1 millisecond')) as lost,
                  count(*) as live
           from sessions s join workers w on w.worker_id = s.worker_id
           where w.cluster = c.name and s.ended_at is null and s.last_heard_at >= ${silentSince}

@@ -452,9 +452,14 @@ export enum EventKind {
 
   /**
    * A worker's stream was lost; its session is in grace until its deadline
-   * (details: deadline). A stream its server ended to move it to another
-   * server process (UNAVAILABLE, reason REBALANCING) is recorded as this kind
-   * too, with details.reason REBALANCING and a message that says so.
+   * (details: deadline). A stream its server ended itself is recorded as this
+   * kind too, with details.reason the ErrorInfo reason it was ended with and a
+   * message that says so: REBALANCING (moved to another server process),
+   * SHUTTING_DOWN (the server stopping, after its handover), STREAM_NOT_READ,
+   * GRANTS_UNACKNOWLEDGED and the like. No details.reason: a transport loss
+   * (the worker's crash, a network cut). After REBALANCING or SHUTTING_DOWN
+   * the session counts as lost for the partition valve only once its worker
+   * had a quarter of the grace period to reconnect, or its deadline passes.
    *
    * @generated from enum value: EVENT_KIND_STREAM_LOST = 14;
    */

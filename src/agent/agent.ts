@@ -45,6 +45,13 @@ const MAX_REQUEST_BATCH_BYTES = 1024 * 1024;
 const UNANSWERED_HEARTBEATS = 1.5;
 /** The heartbeat interval assumed before the first welcome tells the server's: its default. */
 const DEFAULT_HEARTBEAT_MS = 2000;
+/**
+ * With one address, how long a connection may take to start HTTP/2 before
+ * the agent leaves it for a new one: a peer that accepts TCP and never
+ * answers (a middlebox whose backend hangs) holds grpc-js forever, but a
+ * server busy with a storm of TLS handshakes is only slow.
+ */
+const SETUP_BOUND_MS = 10_000;
 
 /**
  * Heartbeat intervals between two rounds of asking the other addresses
@@ -1707,6 +1714,28 @@ export function createAgent(options: AgentOptions): Agent {
       },
     });
     conn.helloStoppedGrants = closing;
+    // With one address there is nowhere else to go: a server that is merely slow to set up the
+    // connection (TLS handshakes of thousands of agents after a restart) is waited for, up to
+    // SETUP_BOUND_MS, and the probe's clock starts once HTTP/2 is up; otherwise every agent would
+    // leave at 1.5 intervals and come back with a new handshake, feeding the storm.
+    const oneAddress = new Set(targets.map((t) => t.address)).size === 1;
+    const setupStartedAt = performance.now();
+    /** Whether the connection is up; if not, waits for it (or leaves past the bound) and probes then. */
+    function connectionReady(): boolean {
+      const channel = client.grpcClient.getChannel();
+      const state = channel.getConnectivityState(true);
+      if (state === grpc.connectivityState.READY) return true;
+      const waitedMs = performance.now() - setupStartedAt;
+      if (waitedMs >= SETUP_BOUND_MS) {
+        conn.abandoned = `the server did not set up the connection (HTTP/2) within ${Math.round(waitedMs)}ms`;
+        call.cancel();
+        return false;
+      }
+      channel.watchConnectivityState(state, Date.now() + Math.min(1000, SETUP_BOUND_MS - waitedMs), () =>
+        probeUntilWelcome(),
+      );
+      return false;
+    }
     probeUntilWelcome();
 
     /**
@@ -1725,6 +1754,7 @@ export function createAgent(options: AgentOptions): Agent {
      */
     function probeUntilWelcome(): void {
       if (conn.ended || conn.welcomed || conn.abandoned !== undefined) return;
+      if (oneAddress && !connectionReady()) return;
       const intervalMs = heartbeatMs > 0 ? heartbeatMs : DEFAULT_HEARTBEAT_MS;
       const sentAt = performance.now();
       void answersOnConnection(client.grpcClient, UNANSWERED_HEARTBEATS * intervalMs).then((answered) => {

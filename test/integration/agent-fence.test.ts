@@ -312,7 +312,9 @@ describe("the agent SDK, on a server that stops answering", () => {
     expect(events.filter((e) => e.type === "self_fenced")).toEqual([]);
   });
 
-  it("leaves a peer that never starts HTTP/2 with one address too, closing each connection it opened", async () => {
+  it("leaves a peer that never starts HTTP/2 with one address too, closing each connection it opened", {
+    timeout: 90_000,
+  }, async () => {
     // A middlebox that accepts TCP and whose backend hangs: grpc-js waits for its HTTP/2
     // SETTINGS without a bound, and keepalive starts only after them. Before, an agent with one
     // address sat on the first connection forever, saying nothing.
@@ -327,18 +329,11 @@ describe("the agent SDK, on a server that stops answering", () => {
       handler: async () => ({}),
     });
     cleanups.push(() => agent.close({ timeoutMs: 100 }));
-    // A third attempt: the first two were left, and their connections closed.
-    await hung.until((c) => c.accepted >= 3 && c.closed >= 2);
-    expect(events.filter((e) => e.type === "disconnected").slice(0, 2)).toEqual([
+    // A second attempt: the first was left after the setup bound (10 s), and its connection closed.
+    await hung.until((c) => c.accepted >= 2 && c.closed >= 1);
+    expect(events.filter((e) => e.type === "disconnected").slice(0, 1)).toEqual([
       expect.objectContaining({
-        error: expect.stringMatching(
-          /^the server answered no health check for \d+ms before welcoming the agent$/,
-        ),
-      }),
-      expect.objectContaining({
-        error: expect.stringMatching(
-          /^the server answered no health check for \d+ms before welcoming the agent$/,
-        ),
+        error: expect.stringMatching(/^the server did not set up the connection \(HTTP\/2\) within \d+ms$/),
       }),
     ]);
   });

@@ -1614,12 +1614,14 @@ export const WorkerService: GenService<{
    * interval (that of the last welcome, 2 s before any), and leave the
    * stream when one goes unanswered for 1.5 intervals; any answer, even
    * NOT_SERVING or an error status, shows the server alive. A waiting
-   * server answers at once. Do so with one address too, and then open a new
-   * connection to it (after the reconnect backoff), closing the old one: a
-   * peer that accepts TCP and never starts HTTP/2 (a middlebox whose backend
-   * hangs, a frozen server) never answers the connection's HTTP/2 setup,
-   * and keepalive pings, which start only after it, never fire (grpc-js
-   * waits for it without a bound). The Python and Go SDKs, with one address,
+   * server answers at once. With one address there is nowhere else to go,
+   * and a server busy with a storm of TLS handshakes is only slow: the SDK
+   * then starts the checks once the connection is up (HTTP/2 SETTINGS
+   * received), and leaves a connection that is not up within 10 s for a new
+   * one (after the reconnect backoff), closing the old one: a peer that
+   * accepts TCP and never starts HTTP/2 (a middlebox whose backend hangs, a
+   * frozen server) never answers the setup, and keepalive pings, which start
+   * only after it, never fire (grpc-js waits for it without a bound). The Python and Go SDKs, with one address,
    * rely on their transports instead: a 5 s connect timeout (Go) and HTTP/2
    * keepalive pings (every 10 s, answered within 5 s), which in grpcio also
    * bound the setup (about 15 s). The server pings each connection every

@@ -297,6 +297,9 @@ export const events = pgTable(
     index("events_lease_idx").on(t.leaseId, t.sequence).where(sql`${t.leaseId} is not null`),
     index("events_worker_idx").on(t.workerId, t.sequence).where(sql`${t.workerId} is not null`),
     index("events_cluster_idx").on(t.cluster, t.sequence),
+    // A cluster's recent expiries, which its health counts (clusters.ts): read every few seconds
+    // while a cluster is not healthy. Partial: the hot path's events are never expiries.
+    index("events_expiry_idx").on(t.cluster, t.at).where(sql`${t.kind} = 'lease_expired'`),
     // ExplainAction: what the sessions holding an action went through, and when its cluster's
     // expiries paused. Partial, so that the hot path's events (grants, completions) skip them.
     index("events_session_idx")

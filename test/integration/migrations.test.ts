@@ -214,13 +214,13 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
     await using store = await freshPostgresDatabase({ migrated: true });
     const sql = postgres(store.url ?? "", { max: 3 });
     try {
-      // Back to before the newest migration, which adds a column to sessions.
-      await sql`alter table sessions drop column stream_handed_over`;
+      // Back to before the newest migration, which builds an index on events.
+      await sql`drop index events_expiry_idx`;
       await sql`delete from drizzle.__drizzle_migrations where created_at = ${newestKnown.when}`;
-      // A long transaction on sessions, as a pg_dump or a forgotten psql holds.
+      // A long transaction on events, as a pg_dump or a forgotten psql holds.
       const holder = await sql.reserve();
       await holder`begin`;
-      await holder`lock table sessions in row exclusive mode`;
+      await holder`lock table events in row exclusive mode`;
       const [{ pid }] = (await holder`select pg_backend_pid() as pid`) as unknown as [{ pid: number }];
       const waits: MigrationLockWait[] = [];
       let firstWait: () => void = () => {};
@@ -245,7 +245,7 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
       const [{ pid: queuedPid }] = (await queued`select pg_backend_pid() as pid`) as unknown as [
         { pid: number },
       ];
-      const queuing = queued`lock table sessions in row exclusive mode`.execute();
+      const queuing = queued`lock table events in row exclusive mode`.execute();
       await waited;
       const [first] = waits;
       await queuing;
@@ -260,9 +260,8 @@ describe.runIf(runsPostgresTests())("migrations on PostgreSQL", () => {
         holders: [expect.objectContaining({ pid, state: "idle in transaction" })],
       });
       expect(first?.holders.map((h) => h.pid)).not.toContain(queuedPid);
-      const [column] =
-        await sql`select column_name from information_schema.columns where table_name = 'sessions' and column_name = 'stream_handed_over'`;
-      expect(column?.column_name).toBe("stream_handed_over");
+      const [index] = await sql`select indexname from pg_indexes where indexname = 'events_expiry_idx'`;
+      expect(index?.indexname).toBe("events_expiry_idx");
     } finally {
       await sql.end();
     }

@@ -1,0 +1,1 @@
+CREATE INDEX IF NOT EXISTS "events_expiry_idx" ON "events" USING btree ("cluster","at") WHERE "events"."kind" = 'lease_expired';

@@ -52,6 +52,8 @@ const DEFAULT_HEARTBEAT_MS = 2000;
  * server busy with a storm of TLS handshakes is only slow.
  */
 const SETUP_BOUND_MS = 10_000;
+/** How often, meanwhile, the agent looks whether the connection is up. */
+const SETUP_POLL_MS = 100;
 
 /**
  * Heartbeat intervals between two rounds of asking the other addresses
@@ -1731,9 +1733,9 @@ export function createAgent(options: AgentOptions): Agent {
         call.cancel();
         return false;
       }
-      channel.watchConnectivityState(state, Date.now() + Math.min(1000, SETUP_BOUND_MS - waitedMs), () =>
-        probeUntilWelcome(),
-      );
+      // Looked at again shortly, on the steady clock: grpc-js's watchConnectivityState takes a wall
+      // clock deadline, which a clock stepped back (NTP, a resumed VM) would turn into a busy loop.
+      setTimeout(probeUntilWelcome, SETUP_POLL_MS).unref();
       return false;
     }
     probeUntilWelcome();

@@ -17,6 +17,7 @@ import { createFakeClock, type FakeClock } from "../../src/store/clock.js";
 import type { Db } from "../../src/store/database.js";
 import { MAX_REVOKE_EVENTS_PER_HELLO } from "../../src/store/queries/open-session.js";
 import { MAX_SUPERSEDED_PER_HEARTBEAT } from "../../src/work/lease/stream.js";
+import { deferred } from "../helpers/deferred.js";
 import { intercepting } from "../helpers/intercept-db.js";
 import { startTestServer, type TestServer, waitForLog } from "../helpers/server.js";
 import { expectStatus, failure, statusDetails } from "../helpers/status.js";
@@ -630,20 +631,14 @@ describe("work leases", () => {
   });
 
   it("logs an error while a round's statement goes unanswered, and shows how long it has waited", async () => {
-    let holding!: () => void;
-    const held = new Promise<void>((r) => {
-      holding = r;
-    });
-    let release!: () => void;
-    const mayRun = new Promise<void>((r) => {
-      release = r;
-    });
+    const held = deferred();
+    const mayRun = deferred();
     let armed = false;
     await serverWithStatements(
       async (query, text, db) => {
         if (armed && text.includes("f_input")) {
-          holding();
-          await mayRun;
+          held.resolve();
+          await mayRun.promise;
         }
         return db.execute(query);
       },
@@ -655,12 +650,12 @@ describe("work leases", () => {
     const grant = await w.next("grant");
     armed = true;
     const answer = w.complete(grant, { output: {} });
-    await held;
+    await held.promise;
     await waitFor(async () => t.server.leases.stats().dispatchWaitingMs > 300);
     // The dispatch poll's tick: it looks first, then waits for the round like any other.
     const ticked = tick().dispatch();
     await waitForLog(t.logs, (l) => String(l.msg).startsWith("the lease dispatcher has waited too long"));
-    release();
+    mayRun.resolve();
     expect(await answer).toMatchObject({ accepted: true });
     await ticked;
     await tick().dispatch();

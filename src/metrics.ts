@@ -190,7 +190,7 @@ export function createMetrics(
     }),
     expiries: new Counter({
       name: `${prefix}lease_expiries_total`,
-      help: "Work leases expired with their session, reaped by this process: at its deadline (the worker, or its server process, went silent), or early because a new process of the worker connected while the session's stream was gone (cause restarted).",
+      help: "Work leases expired with their session, reaped by this process: at its deadline (the worker, or its server process, went silent), or early because a new process of the worker connected while the session's stream was gone (its lease_expired event says cause: restarted; the counter has no labels).",
       registers: [registry],
     }),
     selfFencedReleases: new Counter({
